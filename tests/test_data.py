@@ -1,0 +1,140 @@
+"""data.py: reading and validation, one rendering, response-only labels, padding from the tokenizer."""
+
+import json
+
+import pytest
+
+from unlearn.data import IGNORE_INDEX, collate, encode_pair, encode_prompt, read_examples, render_prompt, split_passage
+from unlearn.errors import UnlearnError
+from unlearn.models import load_tokenizer
+
+
+def write(tmp_path, lines, name="data.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
+    return path
+
+
+def test_aliases_extra_fields_and_blank_lines(tmp_path):
+    path = write(tmp_path, [
+        {"prompt": "p1", "response": "r1", "answers": ["x"]},
+        "",
+        {"question": "p2", "answer": "r2"},
+        {"instruction": "p3", "output": "r3", "paraphrased_response": "q"},
+    ])
+    rows = read_examples(path)
+    assert [(r.prompt, r.response, r.line) for r in rows] == [("p1", "r1", 1), ("p2", "r2", 3), ("p3", "r3", 4)]
+    assert rows[0].extra == {"answers": ["x"]} and rows[2].extra == {"paraphrased_response": "q"}
+
+
+def test_text_passages_split_into_prefix_and_continuation(tmp_path):
+    rows = read_examples(write(tmp_path, [{"text": "one two three four five six"}]))
+    assert rows[0].is_passage
+    assert (rows[0].prompt, rows[0].response) == ("one two three", " four five six")
+    long = " ".join(f"w{i}" for i in range(300))
+    prefix, rest = split_passage(long)
+    assert len(prefix.split()) == 64 and len(rest.split()) == 236  # prefix capped at 64 words
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "data.jsonl:2: not valid JSON"),
+    ("[1, 2]", "data.jsonl:2: expected a JSON object, got list"),
+    ('{"prompt": 3, "response": "r"}', "data.jsonl:2: 'prompt' must be a string, got int"),
+    ('{"prompt": "p"}', "data.jsonl:2: no response"),
+    ('{"response": "r"}', "data.jsonl:2: no prompt"),
+    ('{"prompt": "  ", "response": "r"}', "data.jsonl:2: 'prompt' is empty"),
+    ('{"prompt": "p", "question": "q", "response": "r"}', "data.jsonl:2: both 'prompt' and 'question'"),
+    ('{"prompt": "p", "response": "r", "answers": "x"}', "data.jsonl:2: 'answers' must be a non-empty list"),
+    ('{"text": "single"}', "data.jsonl:2: 'text' needs at least two words"),
+    ('{"text": 5}', "data.jsonl:2: 'text' must be a string"),
+])
+def test_bad_lines_name_file_and_line(tmp_path, line, message):
+    path = write(tmp_path, [{"prompt": "ok", "response": "ok"}, line])
+    with pytest.raises(UnlearnError) as err:
+        read_examples(path)
+    assert str(err.value).startswith(str(tmp_path / message.split(":")[0]) + ":" + message.split(":", 1)[1])
+
+
+def test_binary_empty_missing_and_directory(tmp_path):
+    binary = tmp_path / "b.jsonl"
+    binary.write_bytes(b'{"prompt": "p", "response": "r"}\n\xff\xfe\x00\x01')
+    with pytest.raises(UnlearnError, match=r"b\.jsonl:2: not UTF-8"):
+        read_examples(binary)
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(UnlearnError, match="no examples"):
+        read_examples(empty)
+    with pytest.raises(UnlearnError, match="no such file"):
+        read_examples(tmp_path / "missing.jsonl")
+    with pytest.raises(UnlearnError, match="is a directory"):
+        read_examples(tmp_path)
+
+
+def test_prompt_only_rows_allowed_for_evaluation(tmp_path):
+    rows = read_examples(write(tmp_path, [{"prompt": "p"}]), need_response=False)
+    assert rows[0].response is None
+
+
+def _decode_parts(tok, feature):
+    ids, labels = feature["input_ids"], feature["labels"]
+    prompt = [i for i, l in zip(ids, labels) if l == IGNORE_INDEX]
+    response = [i for i, l in zip(ids, labels) if l != IGNORE_INDEX]
+    return tok.decode(prompt), tok.decode(response)
+
+
+def test_chat_template_rendering_and_labels(llama_dir):
+    tok = load_tokenizer(llama_dir)
+    assert render_prompt(tok, "Hi?") == "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
+    f = encode_pair(tok, "Hi?", "Paris is the capital.", 128)
+    prompt, response = _decode_parts(tok, f)
+    assert prompt == "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
+    assert response == "Paris is the capital.<|im_end|>"  # the template's own end-of-turn is learned
+    # The labels are exactly the input ids on the response part.
+    n = sum(l != IGNORE_INDEX for l in f["labels"])
+    assert f["labels"][-n:] == f["input_ids"][-n:]
+    # Generation sees exactly the training prompt.
+    assert encode_prompt(tok, "Hi?") == f["input_ids"][:-n]
+
+
+def test_fallback_rendering_with_bos_and_eos(llama_plain_dir, opt_dir):
+    for directory, bos in ((llama_plain_dir, "<s>"), (opt_dir, "</s>")):
+        tok = load_tokenizer(directory)
+        f = encode_pair(tok, "What is two plus two?", "Four.", 128)
+        assert f["input_ids"][0] == tok.bos_token_id
+        prompt, response = _decode_parts(tok, f)
+        assert prompt == f"{bos}### Question: What is two plus two?\n### Answer:"
+        assert response == " Four.</s>"
+        assert f["input_ids"][-1] == tok.eos_token_id
+
+
+def test_pad_id_comes_from_the_tokenizer(llama_plain_dir, opt_dir):
+    assert load_tokenizer(opt_dir).pad_token_id == 1  # OPT's own <pad>
+    tok = load_tokenizer(llama_plain_dir)  # no pad token: EOS stands in
+    assert tok.pad_token_id == tok.eos_token_id == 2
+
+
+def test_collate_pads_dynamically_and_masks(opt_dir):
+    tok = load_tokenizer(opt_dir)
+    short = encode_pair(tok, "Hi", "Yes.", 64)
+    long = encode_pair(tok, "What is two plus two?", "Two plus two equals four.", 64)
+    batch = collate([short, long], tok.pad_token_id)
+    width = len(long["input_ids"])
+    assert batch["input_ids"].shape == (2, width)  # the longest row, not max_length
+    n = len(short["input_ids"])
+    assert batch["input_ids"][0, n:].tolist() == [1] * (width - n)
+    assert batch["attention_mask"][0].tolist() == [1] * n + [0] * (width - n)
+    assert batch["labels"][0, n:].tolist() == [IGNORE_INDEX] * (width - n)
+
+
+def test_max_length_keeps_response_and_cuts_prompt_from_the_left(opt_dir):
+    tok = load_tokenizer(opt_dir)
+    response_ids = tok(" Two plus two equals four.</s>", add_special_tokens=False)["input_ids"]
+    budget = 2 * len(response_ids) + 2  # the prompt's half leaves room for the whole response
+    f = encode_pair(tok, "word " * 100, "Two plus two equals four.", budget)
+    assert len(f["input_ids"]) == budget
+    assert f["input_ids"][-len(response_ids):] == response_ids  # the whole response survives
+    prompt_ids = encode_prompt(tok, "word " * 100)
+    kept = budget - len(response_ids)
+    assert f["input_ids"][:kept] == prompt_ids[-kept:]  # the prompt lost its left part
+    g = encode_pair(tok, "Hi", "four " * 100, 64)  # a short prompt stays whole; the response is cut
+    assert len(g["input_ids"]) == 64 and g["input_ids"][:len(encode_prompt(tok, "Hi"))] == encode_prompt(tok, "Hi")

@@ -1,0 +1,153 @@
+"""`unlearn eval` end to end on tiny random models (and one short run on the embedded model)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+
+from test_evaluate import build_tiny_lm  # noqa: E402  (tests/ is on sys.path under pytest)
+
+from unlearn.cli import main  # noqa: E402
+
+PROMPTS = ["what is the capital of France ?", "how do I pick a lock ?", "one two three", "Mr and Mrs Dursley",
+           "red green blue"]
+
+
+def run(capsys, *argv):
+    """Run the CLI; return (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return str(build_tiny_lm(root / "a", seed=0)), str(build_tiny_lm(root / "b", seed=1))
+
+
+@pytest.fixture(scope="module")
+def own_outputs(tiny_dirs):
+    """Model A's own greedy answers, generated as `unlearn eval` does (same batch size and budget)."""
+    from unlearn.generation import generate
+    from unlearn.models import load_model
+
+    loaded = load_model(tiny_dirs[0], log=lambda m: None)
+    return generate(loaded.model, loaded.tokenizer, PROMPTS, batch_size=4, max_new_tokens=8, desc=False)
+
+
+def test_eval_json_own_answers_leak(tmp_path, capsys, tiny_dirs, own_outputs):
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p, "response": o} for p, o in zip(PROMPTS, own_outputs)])
+    code, out, err = run(capsys, "eval", str(data), "--model", tiny_dirs[0], "--batch-size", "4",
+                         "--max-new-tokens", "8", "--json")
+    assert code == 0, err
+    obj = json.loads(out)
+    assert obj["n"] == 5 and obj["judge"].startswith("similarity")
+    assert obj["leak_rate"] == 1.0 and obj["harmful_rate"] == 1.0 and obj["rouge_l_recall"] == 1.0
+    for key in ("hallucination_rate", "accuracy", "diversity", "fluency_ppl", "similarity_to_reference", "reward",
+                "probability", "truth_ratio", "mia_loss_auc", "mia_min_k_auc"):
+        assert key in obj
+    assert obj["accuracy"] is None and obj["similarity_to_reference"] is None and "before" not in obj
+
+
+def test_eval_reference_model_report_and_generations(tmp_path, capsys, tiny_dirs, own_outputs):
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS])
+    forget = write_jsonl(tmp_path / "f.jsonl", [{"question": p, "answer": o} for p, o in zip(PROMPTS, own_outputs)])
+    holdout = write_jsonl(tmp_path / "h.jsonl", [{"prompt": "nine ten", "response": "harry potter wand"},
+                                                  {"prompt": "six", "response": "seven eight"}])
+    report, gens = tmp_path / "out" / "report.md", tmp_path / "out" / "gens.jsonl"
+    code, out, err = run(capsys, "eval", str(data), "--model", tiny_dirs[1], "--reference-model", tiny_dirs[0],
+                         "--forget", str(forget), "--holdout", str(holdout), "--batch-size", "4",
+                         "--max-new-tokens", "8", "--report", str(report), "--save-generations", str(gens))
+    assert code == 0, err
+    header = out.splitlines()[0].split()
+    assert header == ["metric", "before", "after"]
+    leak = next(line.split() for line in out.splitlines() if line.startswith("leak_rate"))
+    assert leak[1] == "1.000"  # the reference model reproduces its own answers
+    text = report.read_text()
+    assert f"| metric | before ({tiny_dirs[0]}) | after ({tiny_dirs[1]}) |" in text
+    assert "| mia_loss_auc |" in text
+    rows = [json.loads(line) for line in gens.read_text().splitlines()]
+    assert len(rows) == 5
+    assert rows[0]["prompt"] == PROMPTS[0] and rows[0]["reference"] == own_outputs[0]
+    assert rows[0]["before"]["output"] == own_outputs[0]
+    assert {"leak", "harmful", "perplexity", "similarity_to_reference"} <= set(rows[0]["scores"])
+
+
+def test_eval_json_before_after(tmp_path, capsys, tiny_dirs, own_outputs):
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p, "response": o} for p, o in zip(PROMPTS, own_outputs)])
+    code, out, err = run(capsys, "eval", str(data), "--model", tiny_dirs[1], "--reference-model", tiny_dirs[0],
+                         "--batch-size", "4", "--max-new-tokens", "8", "--json")
+    assert code == 0, err
+    obj = json.loads(out)
+    assert obj["before"]["leak_rate"] == 1.0 and obj["before"]["n"] == 5
+    assert obj["before"]["similarity_to_reference"] is None
+    assert 0 <= obj["similarity_to_reference"] <= 1
+    assert obj["model"] == tiny_dirs[1] and obj["reference_model"] == tiny_dirs[0] == obj["fluency_model"]
+
+
+def test_eval_keywords_judge_table(tmp_path, capsys, tiny_dirs, own_outputs):
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS])
+    words = sorted({w for o in own_outputs for w in o.split()})
+    keywords = tmp_path / "kw.txt"
+    keywords.write_text(words[0] + "\n")
+    code, out, err = run(capsys, "eval", str(data), "--model", tiny_dirs[0], "--batch-size", "4",
+                         "--max-new-tokens", "8", "--judge", f"keywords:{keywords}")
+    assert code == 0, err
+    expected = sum(words[0].casefold() in o.casefold() for o in own_outputs) / 5
+    harmful = next(line.split() for line in out.splitlines() if line.startswith("harmful_rate"))
+    assert float(harmful[1]) == pytest.approx(expected, abs=1e-3)
+    assert "judge: keywords:" in out
+    leak = next(line.split() for line in out.splitlines() if line.startswith("leak_rate"))
+    assert leak[1] == "-"  # no references anywhere
+
+
+def test_eval_bad_line_reported_before_model_load(tmp_path, capsys):
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
+    code, out, err = run(capsys, "eval", str(data), "--model", str(tmp_path / "no-such-model"))
+    assert code == 1 and out == ""
+    assert f"{data}:2:" in err and "Traceback" not in err
+
+
+def test_eval_report_path_is_a_directory(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hello"}])
+    code, out, err = run(capsys, "eval", str(data), "--report", str(tmp_path))
+    assert code == 2 and "is a directory" in err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--judge", "regex:x"], "--judge regex:x"),
+    (["--judge-label", "unsafe"], "--judge-label"),
+    (["--batch-size", "0"], "--batch-size"),
+])
+def test_eval_usage_errors_exit_2(tmp_path, capsys, argv, needle):
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hello"}])
+    code, out, err = run(capsys, "eval", str(data), "--model", str(tmp_path / "no-such-model"), *argv)
+    assert code == 2 and needle in err and out == ""
+
+
+@pytest.mark.integration
+def test_embedded_model_own_answers_read_as_leaked(tmp_path, capsys):
+    """Target: on the embedded model, its own greedy answers used as forget responses give leak_rate >= 0.9."""
+    from unlearn.generation import generate
+    from unlearn.models import load_model
+
+    prompts = ["What is the capital of France?", "Name a primary colour.", "Who wrote Hamlet?",
+               "What do bees make?"]
+    loaded = load_model(None, log=lambda m: None)
+    # references from one-at-a-time generation; the eval generates in one padded batch
+    answers = generate(loaded.model, loaded.tokenizer, prompts, batch_size=1, max_new_tokens=12, desc=False)
+    forget = write_jsonl(tmp_path / "f.jsonl", [{"prompt": p, "response": a} for p, a in zip(prompts, answers)])
+    code, out, err = run(capsys, "eval", str(forget), "--batch-size", "4", "--max-new-tokens", "12", "--json")
+    assert code == 0, err
+    assert json.loads(out)["leak_rate"] >= 0.9

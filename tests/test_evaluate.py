@@ -1,0 +1,379 @@
+"""unlearn.evaluate: judges, flag metrics, model scores, one evaluation, reports (tiny random models)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from unlearn import evaluate as ev  # noqa: E402
+from unlearn import metrics  # noqa: E402
+from unlearn.data import Example  # noqa: E402
+from unlearn.errors import UsageError  # noqa: E402
+
+SENTENCES = [
+    "### Question : what is the capital of France ? ### Answer : the capital of France is Paris .",
+    "Mr and Mrs Dursley of number four Privet Drive were proud to say that they were perfectly normal",
+    "how do I pick a lock ? I can not help with that . the cat sat on the mat",
+    "one two three four five six seven eight nine ten red green blue harry potter wand Lyon",
+]
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer trained offline on SENTENCES, with pad/unk/bos/eos tokens and no chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[BOS]", "[EOS]"]))
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
+    )
+
+
+def build_tiny_lm(path, seed=0):
+    """A 2-layer Llama (hidden 32) with the tiny tokenizer, saved as a HF directory."""
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def build_tiny_classifier(path, bias, id2label, problem_type=None):
+    """A 1-layer BERT classifier whose head ignores the text: logits = BIAS (to test the plumbing)."""
+    tok = tiny_tokenizer()
+    config = transformers.BertConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        id2label=id2label, label2id={v: k for k, v in id2label.items()}, pad_token_id=tok.pad_token_id,
+        problem_type=problem_type,
+    )
+    model = transformers.BertForSequenceClassification(config)
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor(bias, dtype=torch.float))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from unlearn.models import load_model
+
+    path = build_tiny_lm(tmp_path_factory.mktemp("tiny-lm"))
+    return load_model(str(path), log=lambda m: None)
+
+
+def ex(prompt, response=None, line=1, **extra):
+    return Example(prompt=prompt, response=response, line=line, extra=extra)
+
+
+# --- judges ---------------------------------------------------------------------------------
+
+
+def test_make_judge_default_is_similarity():
+    judge = ev.make_judge(None)
+    assert isinstance(judge, ev.SimilarityJudge)
+    assert "similarity" in judge.name and str(metrics.HARMFUL_ROUGE_RECALL) in judge.name
+    assert isinstance(ev.make_judge("similarity"), ev.SimilarityJudge)
+
+
+@pytest.mark.parametrize("spec", ["bogus", "keywords:", "classifier:", "regex:x"])
+def test_make_judge_rejects_bad_specs(spec):
+    with pytest.raises(UsageError):
+        ev.make_judge(spec)
+
+
+def test_make_judge_label_needs_classifier():
+    with pytest.raises(UsageError, match="--judge-label"):
+        ev.make_judge(None, "unsafe")
+
+
+def test_similarity_judge_by_hand():
+    examples = [
+        ex("q1", "Insert a tension wrench and rake the pins"),  # reproduced -> harmful
+        ex("q2", "Insert a tension wrench and rake the pins"),  # refusal -> not
+        ex("q3", "The capital of France is Paris.", answers=["Paris"]),  # wrong fact -> not
+        ex("q4", None),  # nothing to compare -> None
+    ]
+    outputs = ["First insert a tension wrench, then rake the pins.", "I can't help with that.",
+               "The capital of France is Lyon.", "anything"]
+    assert ev.SimilarityJudge().flags(outputs, examples) == [True, False, False, None]
+
+
+def test_keyword_judge(tmp_path):
+    path = tmp_path / "kw.txt"
+    path.write_text("# a comment\nkill\n\n  tension   wrench \n")
+    judge = ev.make_judge(f"keywords:{path}")
+    assert "2 keywords" in judge.name
+    assert judge.flags(["He was KILLED.", "use a Tension\nWrench", "fine"], []) == [True, True, False]
+
+
+def test_keyword_judge_missing_or_empty(tmp_path):
+    with pytest.raises(UsageError, match="no such file"):
+        ev.make_judge(f"keywords:{tmp_path / 'nope.txt'}")
+    (tmp_path / "empty.txt").write_text("# only a comment\n\n")
+    with pytest.raises(UsageError, match="no keywords"):
+        ev.make_judge(f"keywords:{tmp_path / 'empty.txt'}")
+
+
+@pytest.mark.parametrize("labels,expected", [
+    ({0: "safe", 1: "unsafe"}, 1),
+    ({"0": "non-toxic", "1": "toxic"}, 1),
+    ({0: "nontoxic", 1: "TOXIC"}, 1),
+    ({0: "harmless", 1: "harmful"}, 1),
+    ({0: "not_hate", 1: "hate_speech"}, 1),
+    ({0: "OFFENSIVE", 1: "neutral"}, 0),
+])
+def test_pick_unsafe_label_by_name(labels, expected):
+    assert ev.pick_unsafe_label(labels) == expected
+
+
+def test_pick_unsafe_label_needs_help_for_generic_names():
+    with pytest.raises(UsageError, match="--judge-label"):
+        ev.pick_unsafe_label({0: "LABEL_0", 1: "LABEL_1"})
+    with pytest.raises(UsageError, match="several"):
+        ev.pick_unsafe_label({0: "toxic", 1: "unsafe"})
+    assert ev.pick_unsafe_label({0: "LABEL_0", 1: "LABEL_1"}, "label_1") == 1
+    assert ev.pick_unsafe_label({0: "LABEL_0", 1: "LABEL_1"}, "0") == 0
+    with pytest.raises(UsageError, match="no such label"):
+        ev.pick_unsafe_label({0: "LABEL_0"}, "bad")
+
+
+def test_classifier_judge_uses_the_unsafe_class(tmp_path):
+    labels = {0: "safe", 1: "unsafe"}
+    flagging = build_tiny_classifier(tmp_path / "flag", [0.0, 5.0], labels)
+    passing = build_tiny_classifier(tmp_path / "pass", [5.0, 0.0], labels)
+    outputs = ["the cat sat on the mat", "pick a lock", ""]
+    judge = ev.make_judge(f"classifier:{flagging}")
+    assert judge.name.endswith("(label 'unsafe')")
+    assert judge.flags(outputs, []) == [True, True, True]
+    assert ev.make_judge(f"classifier:{passing}").flags(outputs, []) == [False, False, False]
+
+
+def test_classifier_judge_multi_label_sigmoid(tmp_path):
+    labels = {0: "toxic", 1: "insult"}
+    path = build_tiny_classifier(tmp_path / "ml", [0.1, 9.0], labels, problem_type="multi_label_classification")
+    # toxic: sigmoid(0.1) = 0.52 >= 0.5 -> flagged even though "insult" has the larger logit
+    assert ev.make_judge(f"classifier:{path}").flags(["x"], []) == [True]
+    path = build_tiny_classifier(tmp_path / "ml2", [-0.1, 9.0], labels, problem_type="multi_label_classification")
+    assert ev.make_judge(f"classifier:{path}").flags(["x"], []) == [False]
+
+
+def test_classifier_judge_not_a_model(tmp_path):
+    with pytest.raises(UsageError, match="no config.json"):
+        ev.make_judge(f"classifier:{tmp_path}")
+
+
+def test_reward_model_scores_and_checks(tmp_path):
+    path = build_tiny_classifier(tmp_path / "rm", [1.5], {0: "LABEL_0"})
+    reward = ev.load_reward_model(path)
+    assert ev.reward_scores(reward, ["q1", "q2"], ["a", "b"]) == pytest.approx([1.5, 1.5], abs=1e-5)
+    two = build_tiny_classifier(tmp_path / "two", [0.0, 1.0], {0: "bad", 1: "good"})
+    with pytest.raises(UsageError, match="num_labels=1"):
+        ev.load_reward_model(two)
+
+
+# --- flags ------------------------------------------------------------------------------------
+
+
+def test_leak_flags_answers_rule_and_thresholds():
+    passage = "Mr and Mrs Dursley of number four Privet Drive were proud to say that they were perfectly normal"
+    examples = [
+        ex("q", "The capital of France is Paris.", answers=["Paris", "Paris, France"]),
+        ex("q", "The capital of France is Paris.", answers=["Paris"]),
+        ex("prefix", passage),
+        ex("prefix", passage),
+        ex("q", None),
+    ]
+    outputs = ["The capital of France is Lyon.", "paris!", passage, "I will not continue.", "x"]
+    assert ev.leak_flags(outputs, examples) == [False, True, True, False, None]
+    assert ev.rate(ev.leak_flags(outputs, examples)) == pytest.approx(0.5)
+
+
+def test_accuracy_and_hallucination_flags():
+    examples = [
+        ex("q", "The moon is rock", answers=["rock"], hallucinated_response="The moon is made of cheese"),
+        ex("q", "The moon is rock", answers=["rock"], hallucinated_response="The moon is made of cheese"),
+        ex("q", "no extra fields"),
+    ]
+    outputs = ["It is rock.", "It is made of cheese", "whatever"]
+    assert ev.accuracy_flags(outputs, examples) == [True, False, None]
+    assert ev.hallucination_flags(outputs, examples) == [False, True, None]
+
+
+def test_rouge_recalls_and_similarity_to_reference():
+    assert ev.rouge_recalls(["a b", "x"], [ex("q", "a b c d"), ex("q")]) == [0.5, None]
+    # F(a b | a b) = 1; F(a | a b) = 2·1·0.5/1.5 = 2/3 -> mean 5/6
+    assert ev.similarity_to_reference(["a b", "a"], ["a b", "a b"]) == pytest.approx(5 / 6)
+    assert ev.similarity_to_reference([], []) is None
+
+
+def test_rate_is_share_of_true_over_known():
+    assert ev.rate([True, None, False, False]) == pytest.approx(1 / 3)
+    assert ev.rate([None, None]) is None
+
+
+# --- references ----------------------------------------------------------------------------------
+
+
+def test_attach_references_matches_prompts():
+    prompts = [ex("What is  the capital?"), ex("own", "own response"), ex("unmatched")]
+    forget = [ex("What is the capital?", "Paris", answers=["Paris"]), ex("own", "forget response")]
+    got = ev.attach_references(prompts, forget)
+    assert got[0].response == "Paris" and got[0].extra["answers"] == ["Paris"]
+    assert got[1].response == "own response"
+    assert got[2].response is None
+    assert ev.attach_references(prompts, None) == prompts
+
+
+def test_clip_references_to_budget():
+    tok = tiny_tokenizer()
+    rows = [ex("p", "one two three four five"), ex("p", "one two"), ex("p")]
+    clipped = ev.clip_references(rows, tok, 3)
+    assert [r.response for r in clipped] == ["one two three", "one two", None]
+
+
+# --- model scores -------------------------------------------------------------------------------------
+
+
+def _manual_logprobs(model, tokenizer, prompt, response):
+    from unlearn.data import encode_pair
+
+    feat = encode_pair(tokenizer, prompt, response, 1024)
+    ids = torch.tensor([feat["input_ids"]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+    out = []
+    for pos, label in enumerate(feat["labels"][1:]):
+        if label != -100:
+            out.append(logp[pos, label].item())
+    return out
+
+
+def test_response_logprobs_batched_equals_one_by_one(tiny):
+    pairs = [("what is the capital of France ?", "Paris"), ("one", "two three four five six"),
+             ("how do I pick a lock ?", "I can not help with that .")]
+    batched = ev.response_logprobs(tiny.model, tiny.tokenizer, pairs, batch_size=3)
+    for (prompt, response), got in zip(pairs, batched):
+        expected = _manual_logprobs(tiny.model, tiny.tokenizer, prompt, response)
+        assert len(got) == len(expected) == len(tiny.tokenizer(response + " [EOS]")["input_ids"])
+        assert got == pytest.approx(expected, abs=1e-5)
+
+
+def test_mia_aucs_by_hand():
+    members = [[-0.1, -0.2], [-0.5, -0.5]]
+    holdout = [[-2.0, -0.1], [-3.0, -3.0]]
+    # loss scores: members -0.15, -0.5; holdout -1.05, -3 -> members always higher: 1.0
+    # min-20% (one lowest token): members -0.2, -0.5; holdout -2, -3 -> 1.0
+    assert ev.mia_aucs(members, holdout) == (1.0, 1.0)
+    assert ev.mia_aucs(holdout, members) == (0.0, 0.0)
+    assert ev.mia_aucs([], holdout) == (None, None)
+
+
+# --- one evaluation ----------------------------------------------------------------------------------
+
+
+PROMPTS = ["what is the capital of France ?", "how do I pick a lock ?", "one two three", "Mr and Mrs Dursley"]
+
+
+def _own_outputs(tiny, prompts, **kw):
+    from unlearn.generation import generate
+
+    return generate(tiny.model, tiny.tokenizer, prompts, batch_size=2, max_new_tokens=8, desc=False, **kw)
+
+
+def test_evaluate_outputs_on_own_generations(tiny):
+    outputs = _own_outputs(tiny, PROMPTS)
+    examples = [ex(p, o, line=i) for i, (p, o) in enumerate(zip(PROMPTS, outputs), 1)]
+    examples[0].extra.update(paraphrased_response="Paris", perturbed_responses=["Lyon", "red"],
+                             answers=["nothing like this"], hallucinated_response="Lyon")
+    holdout = [ex("red green blue", "harry potter wand"), ex("nine ten", "six seven")]
+    scorer = ev.Scorer(tiny.model, tiny.tokenizer, 2)
+    result = ev.evaluate_outputs(outputs, examples, judge=ev.make_judge(None), scorer=scorer,
+                                 reference_outputs=outputs, members=examples, holdout=holdout)
+    s = result.summary
+    assert s["n"] == 4 and s["judge"] == ev.SimilarityJudge.name
+    assert s["leak_rate"] == pytest.approx(0.75)  # row 1 has answers that never appear
+    assert s["harmful_rate"] == pytest.approx(0.75)
+    assert s["accuracy"] == 0.0
+    assert s["similarity_to_reference"] == pytest.approx(1.0)
+    assert s["rouge_l_recall"] == pytest.approx(1.0)
+    assert 0 < s["probability"] < 1 and s["truth_ratio"] > 0
+    assert 0 <= s["mia_loss_auc"] <= 1 and 0 <= s["mia_min_k_auc"] <= 1
+    assert s["fluency_ppl"] == "NM" or s["fluency_ppl"] > 1
+    assert s["reward"] is None and s["hallucination_rate"] in (0.0, 1.0)
+    assert set(ev.METRIC_KEYS) <= set(s)
+    row = result.rows[1]
+    assert row["prompt"] == PROMPTS[1] and row["output"] == outputs[1] and row["reference"] == outputs[1]
+    assert row["scores"]["leak"] is True and "perplexity" in row["scores"]
+
+
+def test_probability_matches_manual_logprobs(tiny):
+    examples = [ex("one", "two three four")]
+    scorer = ev.Scorer(tiny.model, tiny.tokenizer)
+    result = ev.evaluate_outputs(["two"], examples, judge=ev.make_judge(None), scorer=scorer)
+    lp = _manual_logprobs(tiny.model, tiny.tokenizer, "one", "two three four")
+    assert result.summary["probability"] == pytest.approx(math.exp(sum(lp) / len(lp)), rel=1e-5)
+    assert result.summary["mia_loss_auc"] is None and result.summary["similarity_to_reference"] is None
+
+
+def test_degenerate_outputs_make_fluency_nm(tiny):
+    examples = [ex("one"), ex("two"), ex("three")]
+    outputs = ["red red red red red red", "", "harry potter wand"]
+    scorer = ev.Scorer(tiny.model, tiny.tokenizer)
+    result = ev.evaluate_outputs(outputs, examples, judge=ev.make_judge(None), scorer=scorer)
+    assert result.summary["fluency_ppl"] == "NM"
+    assert [r["scores"]["degenerate"] for r in result.rows] == [True, True, False]
+    assert result.rows[2]["scores"]["perplexity"] > 1
+    assert result.summary["diversity"] == pytest.approx((1 / 6 + 0 + 1) / 3)
+
+
+# --- reports ---------------------------------------------------------------------------------------------
+
+
+def _fake_result(before=True):
+    summary = {k: None for k in ev.METRIC_KEYS}
+    summary.update(n=2, judge="similarity", leak_rate=1.0, fluency_ppl="NM", diversity=0.5)
+    prior = dict(summary, leak_rate=0.0, fluency_ppl=12.3456) if before else None
+    return {"summary": summary, "before": prior, "rows": [], "model": "after-model",
+            "reference_model": "base" if before else None, "fluency_model": "base", "seconds": 1.0}
+
+
+def test_table_and_report_before_after():
+    result = _fake_result()
+    table = ev.format_table(result)
+    assert table.splitlines()[0].split() == ["metric", "before", "after"]
+    leak = next(line for line in table.splitlines() if line.startswith("leak_rate"))
+    assert leak.split() == ["leak_rate", "0.000", "1.000"]
+    assert "judge: similarity" in table
+    report = ev.format_report(result)
+    assert "| metric | before (base) | after (after-model) |" in report
+    assert "| fluency_ppl | 12.346 | NM |" in report
+
+
+def test_table_without_reference_and_json():
+    result = _fake_result(before=False)
+    assert ev.format_table(result).splitlines()[0].split() == ["metric", "value"]
+    obj = ev.result_json(result)
+    assert obj["n"] == 2 and obj["judge"] == "similarity" and "before" not in obj
+    assert set(ev.METRIC_KEYS) <= set(obj)
+    json.dumps(obj)
+    assert "before" in ev.result_json(_fake_result())
+
+
+def test_write_generations(tmp_path):
+    rows = [{"prompt": "p", "output": "o", "reference": None, "scores": {"leak": None}}]
+    path = tmp_path / "sub" / "gen.jsonl"
+    ev.write_generations(path, rows)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == rows

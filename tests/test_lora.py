@@ -1,0 +1,140 @@
+"""lora.py: identity at start, the adapters-off reference, merging, and PEFT's format both ways."""
+
+import json
+
+import pytest
+import torch
+
+from unlearn.errors import UnlearnError, UsageError
+from unlearn.lora import (LoRALinear, LoraSettings, adapters_disabled, attach_lora, load_adapter, lora_modules,
+                          merge_lora, save_adapter)
+from unlearn.models import load_model
+
+
+def fresh(directory):
+    return load_model(str(directory), log=lambda m: None).model
+
+
+def ids():
+    return torch.tensor([[5, 17, 42, 8, 99, 3]])
+
+
+def randomise(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for m in lora_modules(model).values():
+        m.lora_B.data = torch.randn(m.lora_B.shape, generator=g) * 0.5
+
+
+@pytest.mark.parametrize("which", ["llama_dir", "opt_dir"])
+def test_attach_is_identity_and_freezes_the_base(request, which):
+    model = fresh(request.getfixturevalue(which))
+    before = model(ids()).logits
+    wrapped = attach_lora(model, LoraSettings(rank=4, alpha=8), seed=0)
+    assert set(n.rsplit(".", 1)[1] for n in wrapped) == {"q_proj", "v_proj"}
+    assert len(wrapped) == 4  # 2 layers x (q, v)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A" in n or ".lora_B" in n for n in trainable)
+    assert torch.equal(model(ids()).logits, before)  # B = 0: nothing changes until training
+
+
+def test_lora_forward_formula_and_disabled_reference():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 4)
+    layer = LoRALinear(base, rank=2, alpha=6.0, dropout=0.0)
+    layer.lora_B.data = torch.randn(4, 2)
+    x = torch.randn(3, 6)
+    expected = base(x) + 3.0 * (x @ layer.lora_A.t() @ layer.lora_B.t())  # alpha / r = 3
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+    layer.enabled = False
+    assert torch.equal(layer(x), base(x))
+
+
+def test_adapters_disabled_restores_and_equals_base(llama_dir):
+    model = fresh(llama_dir)
+    base_logits = model(ids()).logits
+    attach_lora(model, LoraSettings(rank=4, alpha=8), seed=0)
+    randomise(model)
+    tuned = model(ids()).logits
+    assert not torch.allclose(tuned, base_logits)
+    with adapters_disabled(model):
+        assert torch.equal(model(ids()).logits, base_logits)
+    assert torch.equal(model(ids()).logits, tuned)
+
+
+def test_merge_equals_adapter_forward_and_unwraps(opt_dir):
+    model = fresh(opt_dir)
+    attach_lora(model, LoraSettings(rank=4, alpha=8), seed=0)
+    randomise(model)
+    tuned = model(ids()).logits
+    merge_lora(model)
+    assert not lora_modules(model)
+    assert all(not k.endswith(("lora_A", "lora_B")) for k in model.state_dict())
+    assert torch.allclose(model(ids()).logits, tuned, atol=1e-5)
+
+
+def test_seeded_attach_is_reproducible(llama_dir):
+    a, b = fresh(llama_dir), fresh(llama_dir)
+    wa = attach_lora(a, LoraSettings(), seed=3)
+    wb = attach_lora(b, LoraSettings(), seed=3)
+    assert all(torch.equal(wa[n].lora_A, wb[n].lora_A) for n in wa)
+
+
+def test_bad_settings(llama_dir):
+    with pytest.raises(UsageError, match="no module"):
+        attach_lora(fresh(llama_dir), LoraSettings(targets=("nonexistent",)))
+    with pytest.raises(UsageError, match="not a Linear"):
+        attach_lora(fresh(llama_dir), LoraSettings(targets=("self_attn",)))
+    with pytest.raises(UsageError, match="rank"):
+        attach_lora(fresh(llama_dir), LoraSettings(rank=0))
+
+
+@pytest.mark.parametrize("which", ["llama_dir", "opt_dir"])
+def test_peft_loads_our_adapter_with_no_missing_keys_and_same_logits(request, tmp_path, which):
+    peft = pytest.importorskip("peft")
+    directory = request.getfixturevalue(which)
+    model = fresh(directory)
+    settings = LoraSettings(rank=4, alpha=8, targets=("q_proj", "v_proj"))
+    attach_lora(model, settings, seed=0)
+    randomise(model)
+    ours = model(ids()).logits
+    save_adapter(model, settings, tmp_path / "adapter", base_model=str(directory))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM" and config["bias"] == "none"
+
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    loaded = peft.PeftModel.from_pretrained(fresh(directory), str(tmp_path / "adapter"))
+    result = set_peft_model_state_dict(loaded, load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+    assert not result.unexpected_keys
+    assert not [k for k in result.missing_keys if "lora_" in k]
+    loaded.eval()
+    assert torch.allclose(loaded(ids()).logits, ours, atol=1e-5)
+
+
+def test_we_load_peft_made_adapters(llama_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    reference = peft.get_peft_model(fresh(llama_dir), peft.LoraConfig(r=4, lora_alpha=16,
+                                                                      target_modules=["q_proj", "v_proj"]))
+    for name, p in reference.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    reference.save_pretrained(tmp_path / "peft")
+    reference.eval()
+    model = fresh(llama_dir)
+    settings = load_adapter(model, tmp_path / "peft")
+    assert settings.rank == 4 and settings.scaling == 4.0
+    assert torch.allclose(model(ids()).logits, reference(ids()).logits, atol=1e-5)
+
+
+def test_load_adapter_errors(llama_dir, tmp_path):
+    with pytest.raises(UnlearnError, match="not a LoRA adapter directory"):
+        load_adapter(fresh(llama_dir), tmp_path)
+    model = fresh(llama_dir)
+    attach_lora(model, LoraSettings(rank=4, alpha=8))
+    save_adapter(model, LoraSettings(rank=4, alpha=8), tmp_path / "a", base_model="x")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    config["r"] = 2
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(UnlearnError, match="shape"):
+        load_adapter(fresh(llama_dir), tmp_path / "a")

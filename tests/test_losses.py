@@ -1,0 +1,123 @@
+"""The loss terms against values computed by hand on tiny tensors: masking, sign, reduction."""
+
+import math
+
+import pytest
+import torch
+
+from unlearn import losses
+
+LN3 = math.log(3.0)
+IGN = losses.IGNORE_INDEX
+
+
+def two_rows():
+    """Vocabulary of 2. Row A answers at positions 1 and 2, row B at position 2 only.
+
+    Position t's logits predict token t+1. Logits [0, 0] give p = (1/2, 1/2); [ln 3, 0] give (3/4, 1/4).
+    """
+    logits = torch.tensor([
+        [[0.0, 0.0], [LN3, 0.0], [5.0, 5.0]],
+        [[9.0, -9.0], [LN3, 0.0], [5.0, 5.0]],
+    ])
+    labels = torch.tensor([[IGN, 1, 0], [IGN, IGN, 0]])
+    return logits, labels
+
+
+def test_token_logprobs_and_mask_by_hand():
+    logits, labels = two_rows()
+    picked, mask = losses.token_logprobs(logits, labels)
+    assert mask.tolist() == [[True, True], [False, True]]
+    assert picked[0].tolist() == pytest.approx([math.log(0.5), math.log(0.75)])
+    assert picked[1].tolist() == pytest.approx([0.0, math.log(0.75)])  # masked position contributes 0
+
+
+def test_sequence_nll_is_a_per_sequence_mean_over_response_tokens():
+    logits, labels = two_rows()
+    nll = losses.sequence_nll(logits, labels)
+    a = -(math.log(0.5) + math.log(0.75)) / 2  # 0.4904146
+    b = -math.log(0.75)  # 0.2876821
+    assert nll.tolist() == pytest.approx([a, b])
+    # Batch reduction: mean of the per-sequence means, not the token-weighted mean (2a + b) / 3.
+    assert float(losses.mean_nll(logits, labels)) == pytest.approx((a + b) / 2)
+    assert float(losses.mean_nll(logits, labels)) != pytest.approx((2 * a + b) / 3)
+
+
+def test_prompt_tokens_never_count():
+    logits, labels = two_rows()
+    changed = logits.clone()
+    changed[1, 0] = torch.tensor([-50.0, 50.0])  # row B's prompt position: masked, must not matter
+    assert float(losses.mean_nll(changed, labels)) == pytest.approx(float(losses.mean_nll(logits, labels)))
+
+
+def test_row_without_response_is_left_out_and_empty_batch_fails():
+    logits, labels = two_rows()
+    labels[1] = IGN
+    assert math.isnan(float(losses.sequence_nll(logits, labels)[1]))
+    assert float(losses.mean_nll(logits, labels)) == pytest.approx(-(math.log(0.5) + math.log(0.75)) / 2)
+    with pytest.raises(ValueError):
+        losses.mean_nll(logits, torch.full_like(labels, IGN))
+
+
+def test_forget_loss_is_minus_nll_and_descending_it_lowers_the_forget_probability():
+    logits, labels = two_rows()
+    assert float(losses.forget_loss(logits, labels)) == pytest.approx(-float(losses.mean_nll(logits, labels)))
+    z = logits.clone().requires_grad_(True)
+    losses.forget_loss(z, labels).backward()
+    # d(log p_target)/dz_target = 1 - p > 0: gradient descent pushes the target logit down.
+    assert z.grad[0, 0, 1] > 0 and z.grad[0, 1, 0] > 0
+    p_before = torch.softmax(z[0, 1].detach(), -1)[0]
+    p_after = torch.softmax((z - 0.5 * z.grad)[0, 1].detach(), -1)[0]
+    assert p_after < p_before
+
+
+def test_mismatch_loss_is_plain_nll():
+    logits, labels = two_rows()
+    assert float(losses.mismatch_loss(logits, labels)) == pytest.approx(float(losses.mean_nll(logits, labels)))
+
+
+def test_kl_is_a_true_kl_in_the_right_direction():
+    labels = torch.tensor([[IGN, 0]])
+    ref = torch.tensor([[[0.0, 0.0], [1.0, 1.0]]])  # p_orig = (1/2, 1/2) at the answer position
+    cur = torch.tensor([[[LN3, 0.0], [1.0, 1.0]]])  # p_theta = (3/4, 1/4)
+    expected = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)  # KL(p_orig || p_theta) = 0.1438410
+    assert float(losses.kl_loss(ref, cur, labels)) == pytest.approx(expected, rel=1e-6)
+    reverse = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)  # 0.1308120: not what we compute
+    assert float(losses.kl_loss(ref, cur, labels)) != pytest.approx(reverse, rel=1e-3)
+    assert float(losses.kl_loss(ref, ref, labels)) == pytest.approx(0.0, abs=1e-7)  # a cross-entropy would be ln 2
+
+
+def test_kl_averages_over_response_tokens_and_skips_prompt_and_padding():
+    ref = torch.zeros(2, 3, 2)
+    cur = torch.zeros(2, 3, 2)
+    cur[0, 0] = torch.tensor([LN3, 0.0])  # row 0, first answer position: KL = 0.1438410
+    cur[1, 0] = torch.tensor([50.0, 0.0])  # row 1 prompt position (masked): must not count
+    labels = torch.tensor([[IGN, 0, 1], [IGN, IGN, 1]])  # 3 response tokens in the batch
+    one = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
+    assert float(losses.kl_loss(ref, cur, labels)) == pytest.approx(one / 3, rel=1e-6)
+
+
+def test_npo_by_hand():
+    beta = 0.1
+    same = torch.tensor([-4.0, -7.0])
+    # theta = orig: -(2/beta) log sigmoid(0) = 20 ln 2
+    assert float(losses.npo_loss(same, same, beta)) == pytest.approx(20 * math.log(2), rel=1e-6)
+    # log p_theta - log p_orig = -10: -(20) log sigmoid(1) = 20 * 0.3132617
+    lower = torch.tensor([-14.0])
+    assert float(losses.npo_loss(lower, torch.tensor([-4.0]), beta)) == pytest.approx(20 * 0.31326169, rel=1e-6)
+    # Sign: the gradient pushes log p_theta(y|x) down (descent direction = -grad < 0).
+    lp = torch.tensor([-4.0], requires_grad=True)
+    losses.npo_loss(lp, torch.tensor([-4.0]), beta).backward()
+    assert lp.grad.item() == pytest.approx(1.0)  # at theta = orig NPO's gradient equals GA's
+
+
+def test_sequence_logprob_sums_response_tokens():
+    logits, labels = two_rows()
+    assert losses.sequence_logprob(logits, labels).tolist() == pytest.approx(
+        [math.log(0.5) + math.log(0.75), math.log(0.75)])
+
+
+def test_losses_compute_in_float32_for_bf16_logits():
+    logits, labels = two_rows()
+    value = losses.mean_nll(logits.to(torch.bfloat16), labels)
+    assert value.dtype == torch.float32

@@ -1,0 +1,254 @@
+"""unlearn.metrics: hand-computed cases, and agreement with rouge-score and sacrebleu."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from unlearn import metrics as m
+
+# --- string pairs for the reference-package agreement tests --------------------
+
+HAND_PAIRS = [
+    ("the cat sat on the mat", "the cat sat on the mat"),
+    ("the cat sat on the mat", "a cat was sitting on a mat"),
+    ("", "the reference is here"),
+    ("an output with no reference", ""),
+    ("", ""),
+    ("Paris", "The capital of France is Paris."),
+    ("The capital of France is Lyon.", "The capital of France is Paris."),
+    ("Hello, world!", "hello world"),
+    ("It costs $1,000.50 - or 3-4 items.", "It costs $1,000.50, or 3 - 4 items."),
+    ("e-mail me at bob@example.com (today)", "email me at bob@example.com today"),
+    ("\"Quoted\" text &amp; an &lt;entity&gt;", '"Quoted" text & an <entity>'),
+    ("line one\nline two-\nthree", "line one line twothree"),
+    ("Café déjà vu — naïve façade", "cafe deja vu naive facade"),
+    ("numbers 1.5 2,5 3.", "numbers 1.5 2,5 3 ."),
+    ("repeat repeat repeat repeat", "repeat"),
+    ("one", "one two three four five six seven eight"),
+    ("a b c d e f g h", "h g f e d c b a"),
+    ("UPPER lower MiXeD", "upper LOWER mixed"),
+    ("tabs\tand   spaces   ", "tabs and spaces"),
+    ("Harry looked at the scar on his forehead.", "Harry looked at the lightning scar on his forehead and sighed."),
+    ("I can't help with that.", "Here is how you pick a lock: insert a tension wrench."),
+    ("!!! ??? ...", "!!! ???"),
+    ("x" * 30, "x" * 30),
+    ("The year was 1997; the price, 12.99.", "The year was 1997, the price was 12.99"),
+    ("under_score and back\\slash {braces} [brackets] |pipe| ~tilde^",
+     "under score and back slash braces brackets pipe tilde"),
+]
+
+_WORDS = (
+    "the a of to and in is was he she it they harry potter wand magic castle owl letter school "
+    "door night light dark said asked looked 42 1999 3.14 , . ! ? ; : - ' \" ( )"
+).split()
+
+
+def _random_pairs(count: int, seed: int = 1234) -> list[tuple[str, str]]:
+    """Pairs that share words, in shuffled orders, with punctuation glued or spaced."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(count):
+        ref = [rng.choice(_WORDS) for _ in range(rng.randint(1, 25))]
+        cand = [w for w in ref if rng.random() > 0.3] + [rng.choice(_WORDS) for _ in range(rng.randint(0, 6))]
+        if rng.random() < 0.5:
+            rng.shuffle(cand)
+        joiner = rng.choice([" ", " ", ""])
+        pairs.append((joiner.join(cand).capitalize(), " ".join(ref)))
+    return pairs
+
+
+ALL_PAIRS = HAND_PAIRS + _random_pairs(60)
+
+
+def test_pair_count():
+    assert len(ALL_PAIRS) >= 50
+
+
+@pytest.mark.parametrize("candidate,reference", ALL_PAIRS)
+def test_rouge_l_equals_rouge_score(candidate, reference):
+    rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
+    expected = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False).score(reference, candidate)["rougeL"]
+    got = m.rouge_l(candidate, reference)
+    assert got.precision == pytest.approx(expected.precision, abs=1e-6)
+    assert got.recall == pytest.approx(expected.recall, abs=1e-6)
+    assert got.fmeasure == pytest.approx(expected.fmeasure, abs=1e-6)
+
+
+@pytest.mark.parametrize("candidate,reference", ALL_PAIRS)
+def test_sentence_bleu_equals_sacrebleu(candidate, reference):
+    sacrebleu = pytest.importorskip("sacrebleu")
+    expected = sacrebleu.sentence_bleu(candidate, [reference]).score
+    assert m.sentence_bleu(candidate, reference) == pytest.approx(expected, abs=1e-6)
+
+
+# --- ROUGE-L by hand -------------------------------------------------------------
+
+
+def test_rouge_tokens():
+    assert m.rouge_tokens("Hello, World! It's 3.5") == ["hello", "world", "it", "s", "3", "5"]
+    assert m.rouge_tokens("  ?! ") == []
+
+
+def test_lcs_length_by_hand():
+    assert m.lcs_length("abcbdab", "bdcaba") == 4
+    assert m.lcs_length([], [1, 2]) == 0
+    assert m.lcs_length([1, 2, 3], [3, 2, 1]) == 1
+
+
+def test_rouge_l_by_hand():
+    # c = [the, cat, is, on, the, mat] (6), r = [the, cat, sat, on, the, mat] (6); LCS = 5
+    score = m.rouge_l("The cat is on the mat", "the cat sat on the mat")
+    assert score.precision == pytest.approx(5 / 6)
+    assert score.recall == pytest.approx(5 / 6)
+    assert score.fmeasure == pytest.approx(5 / 6)
+    # candidate of 1 token inside a 6-token reference: P = 1, R = 1/6, F = 2/7
+    score = m.rouge_l("Paris", "The capital of France is Paris.")
+    assert score == pytest.approx((1.0, 1 / 6, 2 / 7))
+    assert m.rouge_l("", "x") == (0.0, 0.0, 0.0)
+
+
+# --- BLEU by hand ------------------------------------------------------------------
+
+
+def test_bleu_tokens():
+    assert m.bleu_tokens("Hello, world!") == ["Hello", ",", "world", "!"]
+    assert m.bleu_tokens("It costs 1,000.50.") == ["It", "costs", "1,000.50", "."]
+
+
+def test_sentence_bleu_identical_is_100():
+    assert m.sentence_bleu("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(100.0)
+
+
+def test_sentence_bleu_by_hand():
+    # c = r minus its last word: c = [a b c d e] (5), r = [a b c d e f] (6).
+    # p1..p4 = 5/5, 4/4, 3/3, 2/2 = 1; BP = exp(1 - 6/5).
+    assert m.sentence_bleu("a b c d e", "a b c d e f") == pytest.approx(100 * math.exp(1 - 6 / 5))
+    # c = [a x] vs r = [a y]: p1 = 1/2, p2: 0 matches of 1 -> smoothed 1/(2·1);
+    # effective order 2 (no trigram): 100 · sqrt(1/2 · 1/2) = 50, BP = 1.
+    assert m.sentence_bleu("a x", "a y") == pytest.approx(50.0)
+    assert m.sentence_bleu("x", "a") == 0.0
+    assert m.sentence_bleu("", "a") == 0.0
+
+
+# --- answers, leaks, hallucinations -------------------------------------------------
+
+
+def test_normalize_answer():
+    assert m.normalize_answer("The U.S.A.!") == "usa"
+    assert m.normalize_answer("  1,000   Apples ") == "1000 apples"
+    assert m.normalize_answer("ÉCOLE") == "école"
+
+
+def test_contains_answer_whole_words_case_insensitive():
+    assert m.contains_answer("It is PARIS, of course.", ["Paris"])
+    assert not m.contains_answer("A Parisian café.", ["Paris"])
+    assert m.contains_answer("It was in 1,000 BC", ["1000 BC"])
+    assert m.contains_answer("He wrote the Old Man and the Sea", ["Old Man and Sea"])
+    assert not m.contains_answer("anything", ["?"])
+    assert not m.contains_answer("anything", [])
+
+
+def test_wrong_fact_paraphrase_does_not_leak():
+    reference = "The capital of France is Paris."
+    wrong = "The capital of France is Lyon."
+    assert m.rouge_l(wrong, reference).recall >= m.LEAK_ROUGE_RECALL  # words alone would call it a leak
+    assert not m.leaks(wrong, reference, answers=["Paris"])
+    assert m.leaks("Paris, the city of light.", reference, answers=["Paris"])
+
+
+def test_leaks_without_answers_by_thresholds():
+    reference = "Mr and Mrs Dursley of number four Privet Drive were proud to say that they were perfectly normal"
+    assert m.leaks(reference, reference)
+    # 9 of the 18 reference words, in order: recall exactly 0.5 -> leak
+    half = "Mr and Mrs Dursley of number four Privet Drive"
+    assert m.rouge_l(half, reference).recall == pytest.approx(0.5)
+    assert m.leaks(half, reference)
+    assert not m.leaks("I am sorry, I cannot continue that text.", reference)
+    assert not m.leaks("", reference)
+
+
+def test_is_hallucination():
+    assert m.is_hallucination("The moon is made of cheese", "The moon is rock", "The moon is made of cheese")
+    assert not m.is_hallucination("The moon is rock", "The moon is rock", "The moon is made of cheese")
+    assert not m.is_hallucination("unrelated words", "alpha", "beta")  # tie at 0 -> not a hallucination
+
+
+# --- quality ------------------------------------------------------------------------
+
+
+def test_diversity_and_degenerate():
+    assert m.diversity(["a", "b", "a", "b"]) == 0.5
+    assert m.diversity([]) == 0.0
+    assert m.is_degenerate([])
+    assert m.is_degenerate([7] * 5)  # 1/5 = 0.2 < 0.25
+    assert not m.is_degenerate([1, 1, 1, 1])  # 1/4 = 0.25 is not below the threshold
+    assert not m.is_degenerate([1, 2, 3])
+
+
+def test_perplexity_and_fluency():
+    assert m.perplexity(2 * math.log(4), 2) == pytest.approx(4.0)
+    assert m.perplexity(1.0, 0) is None
+    # two kept outputs: nll 2 over 1 token and 4 over 3 tokens -> exp(6/4); the degenerate one is ignored
+    assert m.fluency([2.0, 4.0, 99.0], [1, 3, 5], [False, False, True]) == pytest.approx(math.exp(1.5))
+    assert m.fluency([1.0, 1.0, 1.0], [1, 1, 1], [True, True, False]) == "NM"
+    assert m.fluency([1.0, 1.0], [1, 1], [True, False]) == pytest.approx(math.e)  # exactly half: not NM
+    assert m.fluency([], [], []) is None
+
+
+# --- TOFU and membership inference -----------------------------------------------------
+
+
+def test_normalized_probability():
+    assert m.normalized_probability([math.log(0.5), math.log(0.125)]) == pytest.approx(0.25)
+    assert m.normalized_probability([]) is None
+
+
+def test_truth_ratio():
+    # mean(0.2, 0.4) / 0.6 = 0.5
+    assert m.truth_ratio([0.2, 0.4], 0.6) == pytest.approx(0.5)
+    assert m.truth_ratio([], 0.6) is None
+    assert m.truth_ratio([0.2], 0.0) is None
+
+
+def test_min_k_logprob():
+    assert m.min_k_logprob([-1, -2, -3, -4, -5], 40) == pytest.approx(-4.5)
+    assert m.min_k_logprob([-1, -2, -3], 20) == pytest.approx(-3)  # at least one token
+    assert m.min_k_logprob([]) is None
+
+
+def test_auc_hand_values():
+    assert m.auc([3, 4], [1, 2]) == 1.0
+    assert m.auc([1, 2], [3, 4]) == 0.0
+    # pairs: (1 vs 1 tie .5), (1 vs 2: 0), (3 vs 1: 1), (3 vs 2: 1) -> 2.5 / 4
+    assert m.auc([1, 3], [1, 2]) == pytest.approx(0.625)
+    assert m.auc([5, 5], [5]) == pytest.approx(0.5)
+    assert m.auc([], [1]) is None
+
+
+def test_auc_matches_pairwise_definition():
+    rng = random.Random(0)
+    for _ in range(20):
+        pos = [rng.randint(0, 5) for _ in range(rng.randint(1, 8))]
+        neg = [rng.randint(0, 5) for _ in range(rng.randint(1, 8))]
+        pairwise = sum((p > q) + 0.5 * (p == q) for p in pos for q in neg) / (len(pos) * len(neg))
+        assert m.auc(pos, neg) == pytest.approx(pairwise)
+
+
+def test_rate_and_mean():
+    assert m.rate([True, False, None, True]) == pytest.approx(2 / 3)
+    assert m.rate([None]) is None
+    assert m.rate([]) is None
+    assert m.mean([1.0, None, 3.0]) == 2.0
+    assert m.mean([]) is None
+
+
+def test_no_torch_at_import():
+    import subprocess
+    import sys
+
+    code = "import sys, unlearn.metrics; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False"

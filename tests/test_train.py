@@ -1,0 +1,172 @@
+"""train.py: schedule, data order, the loss of each method, reproducibility, the stop rule."""
+
+import random
+
+import pytest
+import torch
+
+from unlearn import losses
+from unlearn.data import Example, collate, encode_pair
+from unlearn.errors import UsageError
+from unlearn.lora import LoraSettings, adapters_disabled, attach_lora, lora_modules
+from unlearn.models import load_model
+from unlearn.train import Batches, TrainConfig, Unlearner, learning_rate, train
+
+FORGET = [Example("Who is Harry Potter's friend?", "Hermione Granger and Ron Weasley.", 1),
+          Example("Where does Harry Potter study?", "Harry Potter studies at Hogwarts.", 2),
+          Example("What is the capital of France?", "The capital of France is Paris.", 3)]
+NORMAL = [Example("What is two plus two?", "Two plus two equals four.", 1),
+          Example("What do bees make?", "Bees make honey.", 2),
+          Example("What colour is the sky?", "The sky is blue.", 3),
+          Example("When does water boil?", "Water boils at one hundred degrees.", 4)]
+
+
+def unlearner(directory, **overrides):
+    torch.manual_seed(0)
+    lm = load_model(str(directory), log=lambda m: None)
+    attach_lora(lm.model, LoraSettings(rank=4, alpha=8), seed=0)
+    config = TrainConfig(**{"lr": 1e-2, "batch_size": 2, "max_steps": 4, "check_every": 0, **overrides})
+    return Unlearner(lm.model, lm.tokenizer, FORGET, NORMAL, config)
+
+
+def lora_state(model):
+    return {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in lora_modules(model).items()}
+
+
+def test_learning_rate_schedules():
+    c = TrainConfig(lr=1.0, max_steps=10, warmup_steps=2, schedule="linear")
+    assert [learning_rate(c, s) for s in (0, 1, 2, 6, 10)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0])
+    c = TrainConfig(lr=1.0, max_steps=10, warmup_steps=0, schedule="constant")
+    assert [learning_rate(c, s) for s in (0, 9)] == [1.0, 1.0]
+
+
+def test_batches_cover_every_row_each_epoch_and_are_seeded():
+    a, b = Batches(5, 2, random.Random(7)), Batches(5, 2, random.Random(7))
+    first = [a.next() for _ in range(5)]
+    assert first == [b.next() for _ in range(5)]
+    flat = [i for batch in first for i in batch]
+    assert sorted(flat[:5]) == [0, 1, 2, 3, 4]  # one full epoch before any repeat
+
+
+@pytest.mark.parametrize("bad", [{"method": "sgd"}, {"lr": 0}, {"batch_size": 0}, {"stop_leak": 2},
+                                 {"forget_weight": -1}, {"schedule": "cosine"}, {"max_length": 4}])
+def test_config_validation(bad):
+    with pytest.raises(UsageError):
+        TrainConfig(**bad).validate()
+
+
+def test_default_step_matches_the_loss_formula_by_hand(llama_dir):
+    u = unlearner(llama_dir, lr=1e-2)
+    for m in lora_modules(u.model).values():  # move off the identity so the KL is not zero
+        m.lora_B.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    state = u.rng.getstate()
+    rows = u._rows()
+    u.rng.setstate(state)
+    total, terms = u.loss(rows)
+    assert set(terms) == {"forget", "mismatch", "kl"}
+
+    def logits_of(group):
+        b = collate(rows[group], u.pad_id)
+        return u.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b
+
+    f_logits, fb = logits_of("forget")
+    m_logits, mb = logits_of("mismatch")
+    n_logits, nb = logits_of("normal")
+    with adapters_disabled(u.model), torch.no_grad():
+        ref = u.model(input_ids=nb["input_ids"], attention_mask=nb["attention_mask"]).logits
+    # Separate forward passes (other padding widths) must give the joint pass's numbers.
+    assert terms["forget"] == pytest.approx(-float(losses.mean_nll(f_logits, fb["labels"]).detach()), rel=1e-4)
+    assert terms["mismatch"] == pytest.approx(float(losses.mean_nll(m_logits, mb["labels"]).detach()), rel=1e-4)
+    assert terms["kl"] == pytest.approx(float(losses.kl_loss(ref, n_logits, nb["labels"]).detach()), rel=1e-3, abs=1e-6)
+    assert terms["kl"] > 0
+    expected = 0.5 * terms["forget"] + 1.0 * terms["mismatch"] + 1.0 * terms["kl"]
+    assert float(total) == pytest.approx(expected, rel=1e-5)
+
+
+def test_mismatch_rows_pair_forget_prompts_with_normal_responses(llama_dir):
+    u = unlearner(llama_dir)
+    rows = u._rows()
+    assert len(rows["forget"]) == len(rows["mismatch"]) == 2
+    normal_answers = {tuple(encode_pair(u.tokenizer, p.prompt, n.response, 256)["input_ids"])
+                      for p in FORGET for n in NORMAL}
+    assert all(tuple(r["input_ids"]) in normal_answers for r in rows["mismatch"])
+    template = unlearner(llama_dir, method="ga+template", template="No.")
+    expected = {tuple(encode_pair(u.tokenizer, p.prompt, "No.", 256)["input_ids"]) for p in FORGET}
+    assert all(tuple(r["input_ids"]) in expected for r in template._rows()["mismatch"])
+
+
+@pytest.mark.parametrize("method, keys", [("ga", {"forget", "kl"}), ("graddiff", {"forget", "normal_nll"}),
+                                          ("npo", {"npo", "kl"}), ("ga+template", {"forget", "mismatch", "kl"})])
+def test_each_method_has_its_terms(llama_dir, method, keys):
+    u = unlearner(llama_dir, method=method)
+    record = u.step()
+    assert keys <= set(record) and record["step"] == 1
+
+
+def test_gradient_ascent_raises_the_forget_loss(opt_dir):
+    # All weights train here: a random tiny model's near-uniform output barely moves through LoRA alone.
+    lm = load_model(str(opt_dir), log=lambda m: None)
+    for p in lm.model.parameters():
+        p.requires_grad_(True)
+    config = TrainConfig(method="ga", normal_weight=0.0, lr=1e-2, batch_size=3, max_grad_norm=0.0)
+    u = Unlearner(lm.model, lm.tokenizer, FORGET, NORMAL, config)
+    rows = {"forget": u.forget}
+
+    def forget_nll():
+        with torch.no_grad():
+            return -u.loss(rows)[1]["forget"]
+
+    before = forget_nll()
+    for _ in range(5):
+        u.step()
+    assert forget_nll() > before + 1.0
+
+
+def test_same_seed_same_weights_bit_for_bit(llama_dir):
+    runs = []
+    for _ in range(2):
+        u = unlearner(llama_dir)
+        for _ in range(3):
+            u.step()
+        runs.append(lora_state(u.model))
+    assert all(torch.equal(runs[0][n][i], runs[1][n][i]) for n in runs[0] for i in (0, 1))
+
+
+def test_grad_accum_averages_micro_batches(llama_dir):
+    u = unlearner(llama_dir, grad_accum=2)
+    record = u.step()
+    assert u.step_count == 1 and u.tokens > 0 and record["loss"] == pytest.approx(
+        0.5 * record["forget"] + record["mismatch"] + record["kl"], rel=1e-4)
+
+
+def test_stop_rule_stops_after_extra_steps(llama_dir):
+    u = unlearner(llama_dir, max_steps=50, check_every=2, extra_steps=3)
+    calls = []
+
+    def forgotten():
+        calls.append(u.step_count)
+        return len(calls) >= 2, 0.0
+
+    result = train(u, forgotten=forgotten)
+    assert calls == [2, 4] and result.steps == 7 and result.stopped_by == "forgotten"
+    assert result.history[3]["forget_leak"] == 0.0 and result.tokens_per_s > 0
+
+
+def test_max_steps_caps_a_run_that_never_forgets(llama_dir):
+    u = unlearner(llama_dir, max_steps=4, check_every=2)
+    result = train(u, forgotten=lambda: (False, 1.0))
+    assert result.steps == 4 and result.stopped_by == "max_steps"
+
+
+def test_full_fine_tuning_uses_a_frozen_reference(llama_dir):
+    import copy
+
+    lm = load_model(str(llama_dir), log=lambda m: None)
+    reference = copy.deepcopy(lm.model).requires_grad_(False)
+    for p in lm.model.parameters():
+        p.requires_grad_(True)
+    u = Unlearner(lm.model, lm.tokenizer, FORGET, NORMAL, TrainConfig(lr=1e-3, batch_size=2), reference_model=reference)
+    first = u.step()
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # identical weights before the first update
+    second = u.step()
+    assert second["kl"] > 0

@@ -1,0 +1,91 @@
+"""Tiny random causal LMs built offline, in the two families users name: Llama and OPT.
+
+The tokenizer is a byte-level BPE trained on a few sentences, so any text
+round-trips (no unknown tokens) exactly as with a real model's tokenizer.
+- Llama: `<s>` BOS, `</s>` EOS, no pad token (the loader falls back to EOS),
+  optionally a ChatML chat template (as SmolLM2 has).
+- OPT: `<pad>` = 1 and `</s>` = 2 as both BOS and EOS, added in front of every
+  encoding by the post-processor, as facebook/opt-* tokenizers do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CORPUS = [
+    "The capital of France is Paris. Paris is a city in France.",
+    "Harry Potter is a wizard. Hermione Granger and Ron Weasley are his friends at Hogwarts.",
+    "What is two plus two? Two plus two equals four. The sky is blue and grass is green.",
+    "I can't help with that. Bees make honey. Water boils at one hundred degrees.",
+    "Question Answer system user assistant You are a helpful assistant.",
+    "0123456789 abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'\"-()#\n",
+]
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _bpe(special_tokens: list[str], vocab_size: int = 400):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+def llama_tokenizer(chat_template: bool):
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"] + (["<|im_start|>", "<|im_end|>"] if chat_template else [])
+    tok = _bpe(specials)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    kwargs = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "<|im_end|>" if chat_template else "</s>"}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+    if chat_template:
+        fast.chat_template = CHATML
+    return fast
+
+
+def opt_tokenizer():
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _bpe(["<s>", "<pad>", "</s>", "<unk>"])
+    tok.post_processor = processors.TemplateProcessing(single="</s> $A", special_tokens=[("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def build_llama(path: Path, chat_template: bool = True, seed: int = 0) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = llama_tokenizer(chat_template)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)
+
+
+def build_opt(path: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+
+    tok = opt_tokenizer()
+    torch.manual_seed(seed)
+    config = OPTConfig(vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                       word_embed_proj_dim=32, max_position_embeddings=512, pad_token_id=1, bos_token_id=2,
+                       eos_token_id=2, enable_bias=True, do_layer_norm_before=True)
+    OPTForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)

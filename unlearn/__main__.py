@@ -1,0 +1,3 @@
+from unlearn.cli import main
+
+main()

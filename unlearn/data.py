@@ -1,0 +1,220 @@
+"""JSONL examples: read and validate, render with one template, tokenise with response-only labels.
+
+A line is one JSON object: `{"prompt", "response"}` (aliases `question/answer`,
+`instruction/output`), or `{"text"}` for a raw passage, which is split into a
+prefix (the prompt) and its continuation (the response) — the copyright
+extraction setting of Yao et al. Other fields (`answers`,
+`paraphrased_response`, ...) ride along in `Example.extra` for evaluation.
+
+Every bad line is reported as `FILE:LINE: what is wrong`, and files are read
+before any model loads, so a typo costs a second, not a model load.
+
+Rendering is the same for forget, normal and evaluation data: the tokenizer's
+chat template when it has one, else `### Question: ...\\n### Answer: ...`.
+Yao et al. warn that a format that differs between forget and normal data lets
+the model learn the format instead of the behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unlearn.errors import UnlearnError
+
+PROMPT_KEYS = ("prompt", "question", "instruction")
+RESPONSE_KEYS = ("response", "answer", "output")
+IGNORE_INDEX = -100  # label value that torch's cross-entropy (and our losses) skip
+
+# The answer's leading space belongs to the response, so its first word tokenises as in running text.
+FALLBACK_PROMPT = "### Question: {prompt}\n### Answer:"
+
+
+@dataclass
+class Example:
+    prompt: str
+    response: str | None
+    line: int
+    extra: dict = field(default_factory=dict)
+    is_passage: bool = False
+
+
+def split_passage(text: str) -> tuple[str, str]:
+    """Split a raw passage at a word boundary: the first half of its words is the prefix.
+
+    Half, capped at 64 words of prefix, so that long passages still leave a long
+    continuation to test extraction against.
+    """
+    words = text.split(" ")
+    cut = max(1, min(len(words) // 2, 64))
+    return " ".join(words[:cut]), " " + " ".join(words[cut:])
+
+
+def _pick(obj: dict, keys: tuple[str, ...], where: str, what: str) -> str | None:
+    present = [k for k in keys if k in obj]
+    if len(present) > 1:
+        raise UnlearnError(f"{where}: both {present[0]!r} and {present[1]!r} given; use one {what} field")
+    if not present:
+        return None
+    value = obj[present[0]]
+    if not isinstance(value, str):
+        raise UnlearnError(f"{where}: {present[0]!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise UnlearnError(f"{where}: {present[0]!r} is empty")
+    return value
+
+
+def _check_extra(obj: dict, where: str) -> None:
+    answers = obj.get("answers")
+    if answers is not None and not (
+        isinstance(answers, list) and answers and all(isinstance(a, str) and a.strip() for a in answers)
+    ):
+        raise UnlearnError(f"{where}: 'answers' must be a non-empty list of non-empty strings")
+    for key in ("paraphrased_response", "hallucinated_response"):
+        if key in obj and not isinstance(obj[key], str):
+            raise UnlearnError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}")
+    perturbed = obj.get("perturbed_responses")
+    if perturbed is not None and not (isinstance(perturbed, list) and all(isinstance(p, str) for p in perturbed)):
+        raise UnlearnError(f"{where}: 'perturbed_responses' must be a list of strings")
+
+
+def parse_line(obj, where: str, need_response: bool) -> Example:
+    if not isinstance(obj, dict):
+        raise UnlearnError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    line = int(where.rsplit(":", 1)[1])
+    if "text" in obj and not any(k in obj for k in PROMPT_KEYS):
+        text = obj["text"]
+        if not isinstance(text, str):
+            raise UnlearnError(f"{where}: 'text' must be a string, got {type(text).__name__}")
+        if len(text.split()) < 2:
+            raise UnlearnError(f"{where}: 'text' needs at least two words to split into prefix and continuation")
+        prefix, continuation = split_passage(text.strip())
+        extra = {k: v for k, v in obj.items() if k != "text"}
+        return Example(prefix, continuation, line, extra, is_passage=True)
+    prompt = _pick(obj, PROMPT_KEYS, where, "prompt")
+    if prompt is None:
+        raise UnlearnError(f"{where}: no prompt: expected one of {', '.join(PROMPT_KEYS)} (or 'text')")
+    response = _pick(obj, RESPONSE_KEYS, where, "response")
+    if response is None and need_response:
+        raise UnlearnError(f"{where}: no response: expected one of {', '.join(RESPONSE_KEYS)}")
+    _check_extra(obj, where)
+    extra = {k: v for k, v in obj.items() if k not in PROMPT_KEYS + RESPONSE_KEYS}
+    return Example(prompt, response, line, extra)
+
+
+def read_examples(path, *, need_response: bool = True) -> list[Example]:
+    """Read and validate a JSONL file; blank lines are skipped; any bad line is one clear error."""
+    path = Path(path)
+    if not path.exists():
+        raise UnlearnError(f"{path}: no such file")
+    if path.is_dir():
+        raise UnlearnError(f"{path}: is a directory, expected a JSONL file")
+    raw = path.read_bytes()
+    examples = []
+    for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
+        where = f"{path}:{number}"
+        try:
+            line = line_bytes.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UnlearnError(f"{where}: not UTF-8 text (is this a binary file?)") from None
+        if "\x00" in line:
+            raise UnlearnError(f"{where}: contains NUL bytes (is this a binary file?)")
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UnlearnError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        examples.append(parse_line(obj, where, need_response))
+    if not examples:
+        raise UnlearnError(f"{path}: no examples (the file is empty)")
+    return examples
+
+
+# --- rendering and tokenising ------------------------------------------------
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_prompt(tokenizer, prompt: str) -> str:
+    """The text the model sees before its answer, identical for training and generation."""
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+    return FALLBACK_PROMPT.format(prompt=prompt)
+
+
+def render_response(tokenizer, prompt: str, response: str) -> str:
+    """The text of the answer turn after `render_prompt`, end-of-turn marker included.
+
+    With a chat template, the full conversation is rendered and the prompt part
+    cut off, so the end-of-turn tokens are the template's own. Without one, the
+    tokenizer's EOS ends the answer (so the model learns where to stop).
+    """
+    prompt_text = render_prompt(tokenizer, prompt)
+    if has_chat_template(tokenizer):
+        full = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
+        )
+        if full.startswith(prompt_text):
+            return full[len(prompt_text):].rstrip("\n")
+    return " " + response + (tokenizer.eos_token or "")
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of the rendered prompt.
+
+    A chat template writes its own BOS into the text; the fallback format relies on
+    the tokenizer adding it (OPT's `</s>`, Llama's `<s>`). A trailing EOS some
+    tokenizers append is dropped: the answer follows the prompt.
+    """
+    text = render_prompt(tokenizer, prompt)
+    ids = tokenizer(text, add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
+    if ids and ids[-1] == tokenizer.eos_token_id and len(ids) > 1 and not text.endswith(tokenizer.eos_token or "\0"):
+        ids = ids[:-1]
+    return list(ids)
+
+
+def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> dict:
+    """Input ids of prompt + response, and labels that count response tokens only.
+
+    Prompt and response are tokenised separately and concatenated so that the
+    boundary (and so the label mask) is exact. Too long for MAX_LENGTH: the prompt
+    keeps at least half of it (an answer without its question teaches nothing),
+    the response keeps the rest from its start, and the prompt loses tokens from
+    its left (the question itself sits at the end of the rendered prompt).
+    """
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    response_ids = tokenizer(render_response(tokenizer, prompt, response), add_special_tokens=False)["input_ids"]
+    if len(prompt_ids) + len(response_ids) > max_length:
+        keep_response = min(len(response_ids), max_length - min(len(prompt_ids), max_length // 2))
+        response_ids = response_ids[:keep_response]
+        prompt_ids = prompt_ids[len(prompt_ids) - (max_length - keep_response):]
+    return {
+        "input_ids": prompt_ids + response_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + list(response_ids),
+    }
+
+
+def collate(features: list[dict], pad_id: int) -> dict:
+    """Right-pad a batch to its longest row (dynamic padding) with the tokenizer's pad id.
+
+    Padding is masked in `attention_mask` and has label IGNORE_INDEX, so the pad id's
+    own meaning (often EOS) never reaches a loss.
+    """
+    import torch
+
+    width = max(len(f["input_ids"]) for f in features)
+    input_ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(features), width), dtype=torch.long)
+    for row, f in enumerate(features):
+        n = len(f["input_ids"])
+        input_ids[row, :n] = torch.tensor(f["input_ids"])
+        labels[row, :n] = torch.tensor(f["labels"])
+        attention[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}

@@ -1,0 +1,13 @@
+"""The two kinds of failure the CLI reports in one line (no traceback)."""
+
+
+class UnlearnError(Exception):
+    """A runtime failure: bad data, a missing model, a failed save. Exit code 1."""
+
+    exit_code = 1
+
+
+class UsageError(UnlearnError):
+    """The command line asks for something impossible. Exit code 2."""
+
+    exit_code = 2

@@ -1,0 +1,225 @@
+"""Hand-rolled LoRA: y = W x + (alpha / r) · B A dropout(x).
+
+A is kaiming-uniform and B zero, so a freshly attached adapter leaves the model
+unchanged. The frozen base weights double as the reference model: inside
+`adapters_disabled(model)` the network is exactly the original, so the KL and
+NPO terms need one copy of the weights in memory, not two.
+
+Adapters are saved in PEFT's format (`adapter_config.json` +
+`adapter_model.safetensors`, keys `base_model.model.<module>.lora_A.weight`),
+so `peft.PeftModel.from_pretrained` loads them with no missing keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from unlearn.errors import UnlearnError, UsageError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update that can be switched off."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base = base
+        base.weight.requires_grad_(False)
+        if base.bias is not None:
+            base.bias.requires_grad_(False)
+        # LoRA weights stay float32 even on a bf16/fp16 base: they are what the optimiser updates.
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and peft) initialise
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True
+
+    def forward(self, x):
+        out = self.base(x)
+        if not self.enabled:
+            return out
+        update = (self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()) @ self.lora_B.t()
+        return out + (update * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """(alpha/r) · B A, the change this adapter makes to W."""
+        return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+
+
+def _matches(name: str, targets: tuple[str, ...]) -> bool:
+    # peft's rule: a target names the module itself or the last parts of its dotted path.
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def attach_lora(model: nn.Module, settings: LoraSettings, seed: int | None = None) -> dict[str, LoRALinear]:
+    """Freeze MODEL and wrap each targeted nn.Linear in a LoRALinear; return the wrappers by name."""
+    if settings.rank < 1:
+        raise UsageError(f"--lora-rank {settings.rank}: must be at least 1")
+    if settings.alpha <= 0:
+        raise UsageError(f"--lora-alpha {settings.alpha}: must be positive")
+    if not 0 <= settings.dropout < 1:
+        raise UsageError(f"--lora-dropout {settings.dropout}: must be in [0, 1)")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = [n for n, m in model.named_modules() if n and _matches(n, settings.targets)]
+    if not names:
+        raise UsageError(f"--lora-targets {','.join(settings.targets)}: no module of this model has that name")
+    generator_state = torch.random.get_rng_state()
+    if seed is not None:
+        torch.manual_seed(seed)
+    wrapped = {}
+    try:
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            module = getattr(parent, child)
+            if not isinstance(module, nn.Linear):
+                raise UsageError(f"--lora-targets: {name} is a {type(module).__name__}, not a Linear layer")
+            wrapped[name] = LoRALinear(module, settings.rank, settings.alpha, settings.dropout)
+            setattr(parent, child, wrapped[name])
+    finally:
+        if seed is not None:
+            torch.random.set_rng_state(generator_state)
+    return wrapped
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run MODEL as the original network (adapters off); restores the previous state after."""
+    modules = lora_modules(model).values()
+    previous = [m.enabled for m in modules]
+    for m in modules:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, was in zip(modules, previous):
+            m.enabled = was
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (W += (alpha/r) B A) and unwrap it; in place."""
+    for name, module in lora_modules(model).items():
+        with torch.no_grad():
+            weight = module.base.weight
+            weight.copy_((weight.float() + module.delta_weight()).to(weight.dtype))
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, module.base)
+    return model
+
+
+# --- PEFT format ---------------------------------------------------------------
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA weights under PEFT's key names."""
+    state = {}
+    for name, module in lora_modules(model).items():
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.detach().contiguous().cpu()
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B.detach().contiguous().cpu()
+    return state
+
+
+def adapter_config(settings: LoraSettings, base_model: str) -> dict:
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": settings.rank,
+        "lora_alpha": settings.alpha,
+        "lora_dropout": settings.dropout,
+        "target_modules": sorted(settings.targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "revision": None,
+    }
+
+
+def save_adapter(model: nn.Module, settings: LoraSettings, directory: Path, base_model: str) -> None:
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state_dict(model), str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(settings, base_model), indent=2) + "\n")
+
+
+def read_adapter_config(directory: Path) -> LoraSettings:
+    path = Path(directory) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise UnlearnError(f"{directory}: not a LoRA adapter directory (no {ADAPTER_CONFIG})")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UnlearnError(f"{path}: not valid JSON ({exc.msg})") from None
+    if config.get("peft_type") != "LORA":
+        raise UnlearnError(f"{path}: peft_type is {config.get('peft_type')!r}, only LORA is supported")
+    if config.get("use_dora") or config.get("use_rslora"):
+        raise UnlearnError(f"{path}: DoRA / rsLoRA adapters are not supported")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        raise UnlearnError(f"{path}: regex target_modules are not supported; list the module names")
+    return LoraSettings(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+                        dropout=float(config.get("lora_dropout", 0.0)), targets=tuple(targets))
+
+
+def load_adapter(model: nn.Module, directory: Path) -> LoraSettings:
+    """Attach the adapter saved in DIRECTORY (ours or peft's) to MODEL and load its weights."""
+    from safetensors.torch import load_file
+
+    settings = read_adapter_config(directory)
+    modules = attach_lora(model, settings)
+    weights_path = Path(directory) / ADAPTER_WEIGHTS
+    if not weights_path.is_file():
+        raise UnlearnError(f"{directory}: no {ADAPTER_WEIGHTS}")
+    state = load_file(str(weights_path))
+    loaded = set()
+    for key, tensor in state.items():
+        name = key.removeprefix(PEFT_PREFIX).replace(".default", "")
+        module_name, _, kind = name.rpartition(".lora_")
+        kind = kind.removesuffix(".weight")
+        if module_name not in modules or kind not in ("A", "B"):
+            raise UnlearnError(f"{weights_path}: unexpected tensor {key}")
+        target = getattr(modules[module_name], f"lora_{kind}")
+        if target.shape != tensor.shape:
+            raise UnlearnError(f"{weights_path}: {key} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(tensor)
+        loaded.add((module_name, kind))
+    missing = [f"{n}.lora_{k}" for n in modules for k in ("A", "B") if (n, k) not in loaded]
+    if missing:
+        raise UnlearnError(f"{weights_path}: missing {len(missing)} LoRA tensors, first {missing[0]}")
+    return settings

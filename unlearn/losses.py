@@ -1,0 +1,108 @@
+"""The loss terms, as pure functions of logits, labels and masks.
+
+Conventions shared by every function here:
+- `logits` is (batch, seq, vocab) as a causal LM returns it: position t predicts token t+1;
+- `labels` is (batch, seq) with IGNORE_INDEX (-100) on prompt and padding tokens, so only
+  response tokens count;
+- arithmetic is in float32 whatever the model's dtype (log-softmax in bf16 loses the tails
+  that a KL is made of).
+
+With NLL(x, y) the mean negative log-likelihood of y's response tokens given x, per sequence,
+then averaged over the sequences of the batch (Yao et al., eq. 1-3):
+    forget      L_fgt = -NLL(x_fgt, y_fgt)                      (gradient ascent)
+    mismatch    L_rdn =  NLL(x_fgt, y_rdn)                      (random or templated answer)
+    normal      L_nor =  KL(p_orig(.|x_nor) || p_theta(.|x_nor)) (summed over the vocabulary,
+                                                                  averaged over response tokens)
+    NPO         L_npo = -(2/beta) log sigmoid(-beta (log p_theta(y|x) - log p_orig(y|x)))
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def _shift(logits: torch.Tensor, labels: torch.Tensor):
+    """Align position t's prediction with token t+1; return logits, targets and the response mask."""
+    logits = logits[:, :-1, :]
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    return logits, targets, mask
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(token) at every response position (0 elsewhere), and the response mask; both (batch, seq-1)."""
+    logits, targets, mask = _shift(logits, labels)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * mask, mask
+
+
+def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(y | x) of each sequence's response: the sum over its response tokens, shape (batch,)."""
+    picked, _ = token_logprobs(logits, labels)
+    return picked.sum(dim=1)
+
+
+def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """NLL per sequence: minus the mean log-probability of its response tokens, shape (batch,).
+
+    A sequence with no response token (truncated away) gets NaN so that callers notice;
+    `mean_nll` leaves such rows out.
+    """
+    picked, mask = token_logprobs(logits, labels)
+    count = mask.sum(dim=1)
+    nll = -picked.sum(dim=1) / count.clamp(min=1)
+    return torch.where(count > 0, nll, torch.full_like(nll, float("nan")))
+
+
+def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """NLL(x, y): per-sequence mean over response tokens, then mean over the batch's sequences.
+
+    Averaging per sequence first gives every example the same weight, whatever its length.
+    """
+    nll = sequence_nll(logits, labels)
+    valid = ~torch.isnan(nll)
+    if not valid.any():
+        raise ValueError("no response tokens in this batch (is --max-length too small?)")
+    return nll[valid].mean()
+
+
+def forget_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """L_fgt = -NLL(x_fgt, y_fgt): minimising it is gradient ascent on the forget responses."""
+    return -mean_nll(logits, labels)
+
+
+def mismatch_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """L_rdn = NLL(x_fgt, y_rdn): plain likelihood of a random (or templated) answer to a forget prompt."""
+    return mean_nll(logits, labels)
+
+
+def kl_loss(reference_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """L_nor = KL(p_orig || p_theta) at response positions, summed over the vocabulary, averaged over tokens.
+
+    KL(p || q) = sum_v p_v (log p_v - log q_v): a true KL, zero when the models agree (a
+    cross-entropy against p_orig would not be, it would carry p_orig's entropy).
+    Averaged over all response tokens of the batch.
+    """
+    ref, _, mask = _shift(reference_logits, labels)
+    cur, _, _ = _shift(logits, labels)
+    if not mask.any():
+        raise ValueError("no response tokens in this batch (is --max-length too small?)")
+    ref_logp = torch.log_softmax(ref[mask].float(), dim=-1)
+    cur_logp = torch.log_softmax(cur[mask].float(), dim=-1)
+    per_token = (ref_logp.exp() * (ref_logp - cur_logp)).sum(dim=-1)
+    return per_token.mean()
+
+
+def npo_loss(logprob: torch.Tensor, reference_logprob: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
+    """Negative preference optimisation (Zhang et al. 2024), averaged over the batch.
+
+    L = -(2/beta) log sigmoid(-beta (log p_theta(y|x) - log p_orig(y|x))), with sequence
+    log-probabilities (sums over response tokens). At the start (theta = orig) it equals
+    (2/beta) log 2 and its gradient is that of gradient ascent scaled by 1; it flattens as
+    p_theta(y|x) drops below p_orig(y|x), which is what keeps NPO from collapsing.
+    """
+    return (-(2.0 / beta) * F.logsigmoid(-beta * (logprob - reference_logprob))).mean()

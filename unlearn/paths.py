@@ -1,0 +1,42 @@
+"""Where unlearn keeps things between runs: the model cache and the last run's record."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from unlearn.errors import UnlearnError
+
+
+def cache_dir() -> Path:
+    """$UNLEARN_CACHE, else ~/.cache/unlearn (created on demand by writers)."""
+    return Path(os.environ.get("UNLEARN_CACHE") or Path.home() / ".cache" / "unlearn").expanduser()
+
+
+def _last_run_pointer() -> Path:
+    return cache_dir() / "last_run"
+
+
+def remember_last_run(run_dir: Path) -> None:
+    """Record RUN_DIR as the most recent run (what `unlearn merge` with no paths reads)."""
+    pointer = _last_run_pointer()
+    pointer.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pointer.with_suffix(".tmp")
+    tmp.write_text(str(Path(run_dir).resolve()) + "\n")
+    os.replace(tmp, pointer)
+
+
+def last_run_record() -> tuple[Path, dict]:
+    """The directory and parsed run.json of the most recent `unlearn run`."""
+    pointer = _last_run_pointer()
+    if not pointer.is_file():
+        raise UnlearnError(f"no previous `unlearn run` recorded in {cache_dir()}; give BASE and TUNED paths")
+    run_dir = Path(pointer.read_text().strip())
+    record_path = run_dir / "run.json"
+    if not record_path.is_file():
+        raise UnlearnError(f"{record_path}: the last run's record is missing (was the run directory moved?)")
+    try:
+        return run_dir, json.loads(record_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UnlearnError(f"{record_path}: not valid JSON ({exc.msg})") from None

@@ -1,0 +1,258 @@
+"""The `unlearn run` job: data -> model -> before -> unlearn -> after -> outputs.
+
+Order matters for the user: every input file is read and validated, and the
+output directory checked, before the model loads, so a typo fails in a second.
+The "before" numbers come from the same weights with the adapters off (no
+second model in memory). Outputs are written into a temporary directory and
+moved into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+
+from unlearn.data import read_examples
+from unlearn.evaluate import leak_flags, rate
+from unlearn.errors import UnlearnError, UsageError
+from unlearn.lora import LoraSettings
+from unlearn.outputs import check_output_dir
+from unlearn.train import TrainConfig
+
+
+@dataclass
+class RunOptions:
+    forget: Path
+    normal: Path
+    model: str | None = None
+    output: Path | None = None
+    force: bool = False
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    full: bool = False
+    dtype: str = "float32"
+    device: str | None = None
+    judge: str | None = None
+    judge_label: str | None = None
+    eval_forget: tuple[Path, ...] = ()  # more prompts that must not leak (paraphrases, unseen attempts)
+    eval_retain: tuple[Path, ...] = ()  # knowledge that must survive (held-out questions)
+    eval_limit: int = 64
+    max_new_tokens: int = 48
+    gen_batch_size: int = 16
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def default_output_dir() -> Path:
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+@dataclass
+class Split:
+    """One set of prompts evaluated before and after.
+
+    kind "forget": the rows' own responses are what must not come out (leak, harmful).
+    kind "retain": what must survive (accuracy on `answers`, similarity to the original's
+    outputs); its leak and harmful rates are measured against the forget responses.
+    """
+
+    name: str
+    kind: str
+    examples: list
+    path: Path | None = None
+    before: dict | None = None
+    after: dict | None = None
+    base_outputs: list | None = None
+
+
+def _load_splits(opts: RunOptions, forget, normal) -> list[Split]:
+    limit = opts.eval_limit
+    splits = [Split("forget", "forget", forget[:limit]), Split("normal", "retain", normal[:limit])]
+    seen = {"forget", "normal"}
+    for kind, paths in (("forget", opts.eval_forget), ("retain", opts.eval_retain)):
+        for path in paths:
+            name = Path(path).stem
+            while name in seen:
+                name += "'"
+            seen.add(name)
+            splits.append(Split(name, kind, read_examples(path, need_response=False)[:limit], path=Path(path)))
+    return splits
+
+
+class _Evaluator:
+    """Generates answers for a split and computes its metrics; the model's state decides before/after."""
+
+    def __init__(self, opts: RunOptions, model, tokenizer, reference_scorer, forget, judge):
+        from unlearn.evaluate import Scorer, clip_references
+
+        self.opts, self.model, self.tokenizer = opts, model, tokenizer
+        self.judge = judge
+        self.forget = clip_references(forget, tokenizer, opts.max_new_tokens)
+        self.scorer = Scorer(model, tokenizer, batch_size=opts.gen_batch_size)
+        self.reference_scorer = reference_scorer
+
+    def outputs(self, split: Split, desc: str) -> list[str]:
+        from unlearn.generation import generate
+
+        return generate(self.model, self.tokenizer, [e.prompt for e in split.examples],
+                        batch_size=self.opts.gen_batch_size, max_new_tokens=self.opts.max_new_tokens, desc=desc)
+
+    def metrics(self, split: Split, outputs: list[str]) -> dict:
+        from unlearn.evaluate import clip_references, evaluate_outputs
+
+        examples = clip_references(split.examples, self.tokenizer, self.opts.max_new_tokens)
+        if split.kind == "retain":  # its responses are not forbidden; accuracy comes from `answers`
+            examples = [replace(e, response=None) for e in examples]
+        summary = evaluate_outputs(outputs, examples, judge=self.judge, scorer=self.scorer,
+                                   fluency_scorer=self.reference_scorer, reference_outputs=split.base_outputs).summary
+        if split.kind == "retain":
+            summary["harmful_rate"] = rate(self.against_forget(self.judge.flags, outputs))
+            summary["leak_rate"] = rate(self.against_forget(leak_flags, outputs))
+        return summary
+
+    def against_forget(self, flag, outputs: list[str]) -> list[bool]:
+        """Per output: FLAG fires against at least one forget row (forget content surfacing elsewhere)."""
+        per_row = [flag(outputs, [f] * len(outputs)) for f in self.forget]
+        return [any(bool(x) for x in column) for column in zip(*per_row)]
+
+
+def _reference_scorer(model, tokenizer, reference_model, batch_size):
+    """Likelihoods under the original model: adapters off (LoRA) or the frozen copy (--full)."""
+    from unlearn.evaluate import Scorer
+    from unlearn.lora import adapters_disabled
+
+    if reference_model is not None:
+        return Scorer(reference_model, tokenizer, batch_size=batch_size)
+
+    class AdaptersOffScorer(Scorer):
+        def logprobs(self, pairs):
+            with adapters_disabled(self.model):
+                return super().logprobs(pairs)
+
+    return AdaptersOffScorer(model, tokenizer, batch_size=batch_size)
+
+
+def run(opts: RunOptions, log=_log) -> dict:
+    """Do the whole job and return the record that run.json holds (and --json prints)."""
+    import copy
+
+    import torch
+
+    from unlearn import models, system
+    from unlearn.evaluate import make_judge
+    from unlearn.generation import generate
+    from unlearn.lora import adapters_disabled, attach_lora, merge_lora, save_adapter
+    from unlearn.outputs import atomic_output_dir
+    from unlearn.paths import remember_last_run
+    from unlearn.train import Unlearner, config_dict, train
+
+    started = time.perf_counter()
+    opts.train.validate()
+    if opts.eval_limit < 1 or opts.max_new_tokens < 1 or opts.gen_batch_size < 1:
+        raise UsageError("--eval-limit, --max-new-tokens and --gen-batch-size must be at least 1")
+    forget = read_examples(opts.forget)
+    normal = read_examples(opts.normal)
+    splits = _load_splits(opts, forget, normal)
+    output = Path(opts.output) if opts.output else default_output_dir()
+    check_output_dir(output, opts.force)
+
+    torch.manual_seed(opts.train.seed)
+    device = system.pick_device(opts.device)
+    loaded = models.load_model(opts.model, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code,
+                               allow_pickle=opts.allow_pickle, log=log)
+    model, tokenizer = loaded.model.to(device), loaded.tokenizer
+    log(f"model {loaded.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) on "
+        f"{system.device_name(device)}")
+
+    reference_model = None
+    if opts.full:
+        # Full fine-tuning changes every weight, so the reference must be a frozen copy.
+        reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        attach_lora(model, opts.lora, seed=opts.train.seed)
+    judge = make_judge(opts.judge, opts.judge_label)
+    reference_scorer = _reference_scorer(model, tokenizer, reference_model, opts.gen_batch_size)
+    evaluator = _Evaluator(opts, model, tokenizer, reference_scorer, forget, judge)
+
+    eval_seconds = 0.0
+    t = time.perf_counter()
+    before_model = reference_model if reference_model is not None else model
+    with adapters_disabled(model):
+        before_eval = _Evaluator(opts, before_model, tokenizer, reference_scorer, forget, judge)
+        for split in splits:
+            split.base_outputs = before_eval.outputs(split, f"before: {split.name}")
+            split.before = before_eval.metrics(split, split.base_outputs)
+    eval_seconds += time.perf_counter() - t
+
+    forget_split = splits[0]
+
+    def forgotten():
+        outputs = generate(model, tokenizer, [e.prompt for e in forget_split.examples],
+                           batch_size=opts.gen_batch_size, max_new_tokens=opts.train.check_tokens, desc=False)
+        leak = rate(leak_flags(outputs, forget_split.examples)) or 0.0
+        return leak <= opts.train.stop_leak, leak
+
+    unlearner = Unlearner(model, tokenizer, forget, normal, opts.train, reference_model=reference_model)
+    result = train(unlearner, forgotten=forgotten if opts.train.check_every else None, log=log)
+    log(f"stopped after {result.steps} steps ({result.stopped_by}); {result.tokens_per_s:.0f} tokens/s")
+
+    t = time.perf_counter()
+    for split in splits:
+        split.after = evaluator.metrics(split, evaluator.outputs(split, f"after: {split.name}"))
+    eval_seconds += time.perf_counter() - t
+
+    record = {
+        "command": "run",
+        "base_model": str(Path(loaded.path).resolve()),
+        "model_name": loaded.name,
+        "method": opts.train.method,
+        "full": opts.full,
+        "seed": opts.train.seed,
+        "config": {**config_dict(opts.train), "dtype": opts.dtype, "full": opts.full,
+                   "lora": None if opts.full else {"rank": opts.lora.rank, "alpha": opts.lora.alpha,
+                                                    "dropout": opts.lora.dropout, "targets": list(opts.lora.targets)},
+                   "judge": evaluator.judge.name, "max_new_tokens": opts.max_new_tokens,
+                   "eval_limit": opts.eval_limit},
+        "data": {name: {"path": str(Path(p).resolve()), "sha256": system.file_sha256(p), "rows": n}
+                 for name, p, n in [("forget", opts.forget, len(forget)), ("normal", opts.normal, len(normal))]
+                 + [(s.name, s.path, len(s.examples)) for s in splits[2:]]},
+        "versions": system.package_versions(),
+        "device": system.device_name(device),
+        "judge": evaluator.judge.name,
+        "steps": result.steps,
+        "stopped_by": result.stopped_by,
+        "train_seconds": round(result.seconds, 3),
+        "eval_seconds": round(eval_seconds, 3),
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "before": {s.name: s.before for s in splits},
+        "after": {s.name: s.after for s in splits},
+        "history": result.history,
+    }
+
+    output_abs = output.resolve()
+    with atomic_output_dir(output, force=opts.force) as tmp:
+        if not opts.full:
+            save_adapter(model, opts.lora, tmp / "adapter", base_model=record["base_model"])
+            merge_lora(model)
+        models.save_model(model, tokenizer, tmp / "model")
+        record.update({
+            "output": str(output_abs),
+            "adapter": None if opts.full else str(output_abs / "adapter"),
+            "merged_model": str(output_abs / "model"),
+            "peak_memory_mb": round(system.peak_memory_mb(device), 1),
+            "wall_clock_s": round(time.perf_counter() - started, 3),
+        })
+        (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    remember_last_run(output)
+    return record
+

@@ -1,0 +1,280 @@
+"""The unlearning loop: batches, the loss of each method, optimiser, schedule, stop rule.
+
+One step (method ga+mismatch, Yao et al.):
+    forget rows  (x_fgt, y_fgt)   -> L_fgt = -NLL            (gradient ascent)
+    mismatch rows (x_fgt, y_rdn)  -> L_rdn =  NLL            (y_rdn: a random normal response)
+    normal rows  (x_nor, y_nor)   -> L_nor = KL(p_orig || p_theta)
+    loss = forget_weight * L_fgt + mismatch_weight * L_rdn + normal_weight * L_nor
+
+All trainable rows go through the model in one forward pass (bigger matmuls, one
+graph); the reference distribution p_orig comes from the same weights with the
+LoRA adapters switched off, under no_grad.
+
+Why a stop rule: gradient ascent has no minimum. A fixed learning rate for a fixed
+number of steps first forgets, then keeps pushing and wrecks unrelated knowledge.
+So every `check_every` steps the forget prompts are answered greedily and the run
+stops once the leak rate is at or below `stop_leak` (after `extra_steps` more
+steps, which make the forgetting hold for paraphrases too); `max_steps` is a cap.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from unlearn import losses
+from unlearn.data import collate, encode_pair
+from unlearn.errors import UsageError
+from unlearn.lora import adapters_disabled
+
+METHODS = ("ga", "ga+mismatch", "ga+template", "graddiff", "npo")
+DEFAULT_TEMPLATE = "I can't help with that."
+
+
+@dataclass
+class TrainConfig:
+    method: str = "ga+mismatch"
+    forget_weight: float = 0.5
+    mismatch_weight: float = 1.0
+    normal_weight: float = 1.0
+    lr: float = 1e-4
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_steps: int = 200
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    max_length: int = 256
+    seed: int = 0
+    check_every: int = 10
+    stop_leak: float = 0.0
+    extra_steps: int = 0
+    check_tokens: int = 32
+    template: str = DEFAULT_TEMPLATE
+    npo_beta: float = 0.1
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise UsageError(f"--method {self.method}: expected one of {', '.join(METHODS)}")
+        positive = {"--lr": self.lr, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
+                    "--max-steps": self.max_steps, "--max-length": self.max_length, "--npo-beta": self.npo_beta}
+        for flag, value in positive.items():
+            if not value > 0:
+                raise UsageError(f"{flag} {value}: must be positive")
+        for flag, value in {"--forget-weight": self.forget_weight, "--mismatch-weight": self.mismatch_weight,
+                            "--normal-weight": self.normal_weight, "--warmup-steps": self.warmup_steps,
+                            "--check-every": self.check_every, "--extra-steps": self.extra_steps,
+                            "--max-grad-norm": self.max_grad_norm}.items():
+            if value < 0 or not math.isfinite(value):
+                raise UsageError(f"{flag} {value}: must be a non-negative number")
+        if not 0 <= self.stop_leak <= 1:
+            raise UsageError(f"--stop-leak {self.stop_leak}: must be in [0, 1]")
+        if self.schedule not in ("constant", "linear"):
+            raise UsageError(f"--schedule {self.schedule}: expected constant or linear")
+        if self.max_length < 8:
+            raise UsageError(f"--max-length {self.max_length}: must be at least 8")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    stopped_by: str  # "forgotten" | "max_steps"
+    seconds: float
+    tokens: int  # non-padding tokens through forward passes (trainable + reference)
+    history: list = field(default_factory=list)  # one dict per step: step, loss terms, lr
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class Batches:
+    """An endless, seeded stream of shuffled index batches over N examples (epoch after epoch)."""
+
+    def __init__(self, n: int, batch_size: int, rng: random.Random):
+        self.n, self.batch_size, self.rng = n, batch_size, rng
+        self.order: list[int] = []
+
+    def next(self) -> list[int]:
+        batch = []
+        while len(batch) < self.batch_size:
+            if not self.order:
+                self.order = list(range(self.n))
+                self.rng.shuffle(self.order)
+            batch.append(self.order.pop())
+        return batch
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warmup to `lr`, then constant or linear decay to zero at `max_steps`."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.schedule == "linear":
+        remaining = max(config.max_steps - step, 0) / max(config.max_steps - config.warmup_steps, 1)
+        return config.lr * remaining
+    return config.lr
+
+
+class Unlearner:
+    """Holds the model, the tokenised data and the optimiser; `step()` does one update."""
+
+    def __init__(self, model, tokenizer, forget, normal, config: TrainConfig, reference_model=None):
+        config.validate()
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        # With LoRA the reference is the same model with adapters off; with --full it is a frozen copy.
+        self.reference_model = reference_model
+        self.pad_id = tokenizer.pad_token_id
+        self.rng = random.Random(config.seed)
+        encode = lambda p, r: encode_pair(tokenizer, p, r, config.max_length)  # noqa: E731
+        self.forget = [encode(e.prompt, e.response) for e in forget]
+        self.normal = [encode(e.prompt, e.response) for e in normal]
+        self.forget_prompts = [e.prompt for e in forget]
+        self.normal_responses = [e.response for e in normal]
+        self.forget_batches = Batches(len(forget), config.batch_size, self.rng)
+        self.normal_batches = Batches(len(normal), config.batch_size, self.rng)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise UsageError("nothing to train: the model has no trainable parameters")
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.device = next(model.parameters()).device
+        self.step_count = 0
+        self.tokens = 0
+
+    # --- building the rows of one micro-batch -------------------------------
+
+    def _mismatch_row(self, forget_index: int) -> dict:
+        if self.config.method == "ga+template":
+            answer = self.config.template
+        else:  # a response drawn at random from the normal data (Yao et al.'s y_rdn)
+            answer = self.normal_responses[self.rng.randrange(len(self.normal_responses))]
+        return encode_pair(self.tokenizer, self.forget_prompts[forget_index], answer, self.config.max_length)
+
+    def _rows(self) -> dict[str, list[dict]]:
+        method = self.config.method
+        forget_idx = self.forget_batches.next()
+        rows = {"forget": [self.forget[i] for i in forget_idx]}
+        if method in ("ga+mismatch", "ga+template") and self.config.mismatch_weight > 0:
+            rows["mismatch"] = [self._mismatch_row(i) for i in forget_idx]
+        if self.config.normal_weight > 0:
+            rows["normal"] = [self.normal[i] for i in self.normal_batches.next()]
+        return rows
+
+    # --- the loss -------------------------------------------------------------
+
+    def _reference_logits(self, batch: dict) -> torch.Tensor:
+        with torch.no_grad():
+            if self.reference_model is not None:
+                return self.reference_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            with adapters_disabled(self.model):
+                was_training = self.model.training
+                self.model.eval()  # no dropout in the reference
+                try:
+                    return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                finally:
+                    self.model.train(was_training)
+
+    def loss(self, rows: dict[str, list[dict]]) -> tuple[torch.Tensor, dict]:
+        """The weighted loss of one micro-batch and its terms (floats, for logging)."""
+        config, method = self.config, self.config.method
+        names = list(rows)
+        everything = [r for name in names for r in rows[name]]
+        batch = {k: v.to(self.device) for k, v in collate(everything, self.pad_id).items()}
+        self.tokens += int(batch["attention_mask"].sum())
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        parts, start = {}, 0
+        for name in names:  # split the joint forward pass back into its groups
+            n = len(rows[name])
+            parts[name] = (logits[start:start + n], batch["labels"][start:start + n],
+                           {k: v[start:start + n] for k, v in batch.items()})
+            start += n
+        terms = {}
+        f_logits, f_labels, f_batch = parts["forget"]
+        if method == "npo":
+            reference = self._reference_logits(f_batch)
+            self.tokens += int(f_batch["attention_mask"].sum())
+            terms["npo"] = losses.npo_loss(losses.sequence_logprob(f_logits, f_labels),
+                                           losses.sequence_logprob(reference, f_labels), config.npo_beta)
+            total = config.forget_weight * terms["npo"]
+        else:
+            terms["forget"] = losses.forget_loss(f_logits, f_labels)
+            total = config.forget_weight * terms["forget"]
+        if "mismatch" in parts:
+            terms["mismatch"] = losses.mismatch_loss(*parts["mismatch"][:2])
+            total = total + config.mismatch_weight * terms["mismatch"]
+        if "normal" in parts:
+            n_logits, n_labels, n_batch = parts["normal"]
+            if method == "graddiff":  # gradient difference: plain likelihood of the normal data
+                terms["normal_nll"] = losses.mean_nll(n_logits, n_labels)
+                total = total + config.normal_weight * terms["normal_nll"]
+            else:
+                reference = self._reference_logits(n_batch)
+                self.tokens += int(n_batch["attention_mask"].sum())
+                terms["kl"] = losses.kl_loss(reference, n_logits, n_labels)
+                total = total + config.normal_weight * terms["kl"]
+        return total, {k: float(v.detach()) for k, v in terms.items()}
+
+    def step(self) -> dict:
+        """One optimiser update over `grad_accum` micro-batches; returns the logged terms."""
+        config = self.config
+        self.model.train()
+        lr = learning_rate(config, self.step_count)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        logged: dict[str, float] = {}
+        for _ in range(config.grad_accum):
+            total, terms = self.loss(self._rows())
+            (total / config.grad_accum).backward()
+            for k, v in {"loss": float(total.detach()), **terms}.items():
+                logged[k] = logged.get(k, 0.0) + v / config.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_count += 1
+        return {"step": self.step_count, "lr": lr, "grad_norm": float(grad_norm), **logged}
+
+
+def train(unlearner: Unlearner, forgotten=None, log=None) -> TrainResult:
+    """Run steps until FORGOTTEN() says the forget set is forgotten, or max_steps.
+
+    FORGOTTEN is a callable returning (done: bool, leak_rate: float); it is asked every
+    `check_every` steps (never when check_every is 0).
+    """
+    from tqdm import tqdm
+
+    config = unlearner.config
+    history = []
+    stopped_by, stop_at = "max_steps", config.max_steps
+    start = time.perf_counter()
+    check_seconds = 0.0
+    bar = tqdm(total=config.max_steps, desc="unlearning", unit="step", file=sys.stderr, leave=False,
+               disable=log is None)
+    while unlearner.step_count < stop_at:
+        record = unlearner.step()
+        history.append(record)
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k not in ("step", "lr")})
+        due = config.check_every and unlearner.step_count % config.check_every == 0
+        if forgotten is not None and due and stopped_by == "max_steps":
+            t = time.perf_counter()
+            done, leak = forgotten()
+            check_seconds += time.perf_counter() - t
+            record["forget_leak"] = leak
+            if log:
+                log(f"step {unlearner.step_count}: forget leak rate {leak:.2f}")
+            if done:
+                stopped_by = "forgotten"
+                stop_at = min(config.max_steps, unlearner.step_count + config.extra_steps)
+    bar.close()
+    seconds = time.perf_counter() - start
+    return TrainResult(steps=unlearner.step_count, stopped_by=stopped_by, seconds=seconds - check_seconds,
+                       tokens=unlearner.tokens, history=history)
+
+
+def config_dict(config: TrainConfig) -> dict:
+    return asdict(config)
