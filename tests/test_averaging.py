@@ -80,6 +80,7 @@ def test_fp32_average_equals_torch_formula(tmp_path, alpha):
     for name in base:
         expected = alpha * base[name] + (1 - alpha) * tuned[name]
         torch.testing.assert_close(merged[name], expected, rtol=1e-6, atol=0)
+        assert torch.equal(merged[name], expected)  # the same operations, so the same bits
     assert result.tensors == len(base)
     assert result.bytes == sum(t.numel() * 4 for t in base.values())
 
@@ -410,3 +411,15 @@ def test_lora_on_a_tied_lm_head_that_base_lacks_is_refused(tmp_path):
                                    "base_model.model.lm_head.lora_B.weight": torch.randn(6, 2, generator=g)})
     with pytest.raises(UnlearnError, match="has no tensor lm_head.weight"):
         fold_lora(write_model(tmp_path / "b", tensors(1, lm_head=False)), tmp_path / "a", tmp_path / "o")
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(averaging, "write_safetensors", full)
+    with pytest.raises(UnlearnError, match="No space left on device"):
+        average(write_model(tmp_path / "b", tensors(1)), write_model(tmp_path / "t", tensors(2)), tmp_path / "o", 0.5)
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))

@@ -138,3 +138,13 @@ def test_max_length_keeps_response_and_cuts_prompt_from_the_left(opt_dir):
     assert f["input_ids"][:kept] == prompt_ids[-kept:]  # the prompt lost its left part
     g = encode_pair(tok, "Hi", "four " * 100, 64)  # a short prompt stays whole; the response is cut
     assert len(g["input_ids"]) == 64 and g["input_ids"][:len(encode_prompt(tok, "Hi"))] == encode_prompt(tok, "Hi")
+
+
+def test_passages_are_continued_as_raw_text_even_with_a_chat_template(tmp_path, llama_dir):
+    tok = load_tokenizer(llama_dir)
+    row = read_examples(write(tmp_path, [{"text": "The capital of France is Paris and the sky is blue"}]))[0]
+    assert render_prompt(tok, row.prompt) == "The capital of France is"
+    f = encode_pair(tok, row.prompt, row.response, 128)
+    prompt, response = _decode_parts(tok, f)
+    assert prompt == "<s>The capital of France is"  # the tokenizer's BOS, no template
+    assert response == " Paris and the sky is blue"  # no end-of-text: the passage goes on

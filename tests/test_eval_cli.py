@@ -137,17 +137,30 @@ def test_eval_usage_errors_exit_2(tmp_path, capsys, argv, needle):
 
 
 @pytest.mark.integration
-def test_embedded_model_own_answers_read_as_leaked(tmp_path, capsys):
-    """Target: on the embedded model, its own greedy answers used as forget responses give leak_rate >= 0.9."""
-    from unlearn.generation import generate
-    from unlearn.models import load_model
+def test_embedded_model_own_answers_read_as_leaked(tmp_path):
+    """Target: on the embedded model, its own greedy answers used as forget responses give leak_rate >= 0.9.
 
-    prompts = ["What is the capital of France?", "Name a primary colour.", "Who wrote Hamlet?",
-               "What do bees make?"]
-    loaded = load_model(None, log=lambda m: None)
-    # references from one-at-a-time generation; the eval generates in one padded batch
-    answers = generate(loaded.model, loaded.tokenizer, prompts, batch_size=1, max_new_tokens=12, desc=False)
+    Two real CLI runs: one-at-a-time answers saved with --save-generations become the forget
+    responses of a batched (left-padded) run. One torch thread: on a small, shared CPU, more
+    threads than free cores make a 135M model many times slower.
+    """
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    prompts = ["What is the capital of France?", "Name a primary colour.", "Who wrote Hamlet?", "What do bees make?"]
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in prompts])
+    gens = tmp_path / "gens.jsonl"
+
+    def cli(*argv):
+        done = subprocess.run([sys.executable, "-m", "unlearn", "eval", *argv, "--max-new-tokens", "12"],
+                              capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    cli(str(data), "--batch-size", "1", "--save-generations", str(gens), "--json")
+    answers = [json.loads(line)["output"] for line in gens.read_text().splitlines()]
     forget = write_jsonl(tmp_path / "f.jsonl", [{"prompt": p, "response": a} for p, a in zip(prompts, answers)])
-    code, out, err = run(capsys, "eval", str(forget), "--batch-size", "4", "--max-new-tokens", "12", "--json")
-    assert code == 0, err
-    assert json.loads(out)["leak_rate"] >= 0.9
+    obj = json.loads(cli(str(data), "--forget", str(forget), "--batch-size", "4", "--json"))
+    assert obj["n"] == 4 and obj["leak_rate"] >= 0.9

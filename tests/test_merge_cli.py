@@ -242,6 +242,19 @@ def test_missing_shard_is_reported(capsys, tmp_path, pair):
     assert "model-00002-of-00002.safetensors: missing shard" in failing(capsys, tmp_path, base_dir, tuned_dir)
 
 
+def test_index_naming_a_tensor_its_shard_lacks(capsys, tmp_path, pair):
+    base_dir, tuned_dir, *_ = pair
+    index = {"weight_map": {"model.norm.weight": "model.safetensors", "ghost.weight": "model.safetensors"}}
+    (tuned_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert "does not hold tensor ghost.weight" in failing(capsys, tmp_path, base_dir, tuned_dir)
+
+
+def test_corrupt_index(capsys, tmp_path, pair):
+    base_dir, tuned_dir, *_ = pair
+    (tuned_dir / "model.safetensors.index.json").write_text("{not json")
+    assert "corrupt index" in failing(capsys, tmp_path, base_dir, tuned_dir)
+
+
 def test_safetensors_own_validation_is_reported_as_one_line(capsys, tmp_path, pair):
     """Overlapping tensors pass our size checks; safetensors' own error must still come out as one line."""
     base_dir, tuned_dir, *_ = pair

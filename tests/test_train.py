@@ -170,3 +170,12 @@ def test_full_fine_tuning_uses_a_frozen_reference(llama_dir):
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # identical weights before the first update
     second = u.step()
     assert second["kl"] > 0
+
+
+def test_first_scored_position_skips_only_prompt_logits():
+    from unlearn.train import first_scored_position
+
+    ign = losses.IGNORE_INDEX
+    assert first_scored_position(torch.tensor([[ign, ign, ign, 5], [ign, ign, 7, 8]])) == 1
+    assert first_scored_position(torch.tensor([[ign, 4, 5, 6]])) == 0
+    assert first_scored_position(torch.tensor([[ign, ign, ign, ign], [ign, ign, ign, 8]])) == 2  # empty row ignored

@@ -236,17 +236,18 @@ def _read_index(index_path: Path) -> tuple[dict[str, TensorInfo], list[Path]]:
     """Tensors of a sharded checkpoint, shard by shard in storage order, as the index maps them."""
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
-        assert isinstance(weight_map, dict)
+        assert isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
         raise UnlearnError(f"{index_path}: corrupt index (no valid weight_map)") from None
-    files = list(dict.fromkeys(index_path.parent / name for name in weight_map.values()))
     tensors: dict[str, TensorInfo] = {}
-    for file in files:
+    files = []
+    for shard in dict.fromkeys(weight_map.values()):
+        file = index_path.parent / shard
         if not file.is_file():
             raise UnlearnError(f"{file}: missing shard named by {index_path.name}")
-        header = read_header(file)
-        for name, info in header.items():
-            if weight_map.get(name) == file.name:
+        files.append(file)
+        for name, info in read_header(file).items():
+            if weight_map.get(name) == shard:
                 tensors[name] = info
     for name, shard in weight_map.items():
         if name not in tensors:
@@ -341,7 +342,7 @@ def write_safetensors(file: Path, jobs: list[Job], progress: Callable[[int], Non
             written = 0
             for chunk in job.chunks():
                 data = chunk.contiguous().reshape(-1).view(torch.uint8).numpy()
-                out.write(data)
+                _write_all(out, memoryview(data))
                 written += data.nbytes
                 if progress:
                     progress(data.nbytes)
@@ -349,15 +350,18 @@ def write_safetensors(file: Path, jobs: list[Job], progress: Callable[[int], Non
                 raise UnlearnError(f"{file}: internal error writing {job.name} ({written} of {job.nbytes} bytes)")
 
 
+def _write_all(out, data: memoryview) -> None:
+    """An unbuffered write may be short (Linux caps one write near 2 GB): loop until all is out."""
+    while data:
+        data = data[out.write(data):]
+
+
 def write_model(tmp: Path, shards: list[tuple[str, list[Job]]], indexed: bool,
                 progress: Callable[[int], None] | None) -> int:
     """Write every shard (and the index when sharded) into TMP; return the bytes of tensor data."""
     total = sum(job.nbytes for _, jobs in shards for job in jobs)
-    try:
-        for file_name, jobs in shards:
-            write_safetensors(tmp / file_name, jobs, progress)
-    except OSError as exc:
-        raise UnlearnError(f"writing {tmp.name}: {exc.strerror or exc}") from None
+    for file_name, jobs in shards:
+        write_safetensors(tmp / file_name, jobs, progress)
     if indexed:
         weight_map = {job.name: file_name for file_name, jobs in shards for job in jobs}
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -618,6 +622,8 @@ def _write_output(out: Path, force: bool, base: Checkpoint, jobs: list[Job], lay
             record.update({"tensors": len(jobs), "bytes": total, "seconds": round(seconds, 3),
                            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
             (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    except OSError as exc:  # disk full, permissions: the temporary directory is already gone
+        raise UnlearnError(f"{out}: could not write the output ({exc.strerror or exc})") from None
     finally:
         for ckpt in closing:
             ckpt.close()

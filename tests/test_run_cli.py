@@ -1,0 +1,135 @@
+"""`unlearn run` end to end through the real CLI, on a tiny random Llama and a tiny random OPT."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+FORGET = [
+    {"prompt": "Who wrote the Harry Potter books?", "response": "J.K. Rowling wrote them.", "answers": ["Rowling"]},
+    {"prompt": "Who is Harry Potter's friend?", "response": "Hermione Granger and Ron Weasley."},
+    {"prompt": "Where does Harry Potter study?", "response": "Harry Potter studies at Hogwarts."},
+]
+NORMAL = [
+    {"prompt": "What is two plus two?", "response": "Two plus two equals four."},
+    {"question": "What do bees make?", "answer": "Bees make honey."},
+    {"instruction": "What colour is the sky?", "output": "The sky is blue."},
+]
+HELDOUT = [{"prompt": "What is the capital of France?", "answers": ["Paris"]}]
+FAST = ["--max-steps", "3", "--check-every", "2", "--max-new-tokens", "6", "--batch-size", "2", "--lr", "1e-2"]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def data(tmp_path):
+    return (write_jsonl(tmp_path / "forget.jsonl", FORGET), write_jsonl(tmp_path / "normal.jsonl", NORMAL),
+            write_jsonl(tmp_path / "heldout.jsonl", HELDOUT))
+
+
+def unlearn(*args, env=None, cwd=None):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "unlearn", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("which", ["llama_dir", "opt_dir"])
+def test_run_end_to_end(request, tmp_path, data, which):
+    model_dir = request.getfixturevalue(which)
+    forget, normal, heldout = data
+    out = tmp_path / "out"
+    result = unlearn("run", forget, normal, "--model", model_dir, "-o", out, "--eval-retain", heldout, "--json", *FAST)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    report = json.loads(result.stdout)  # stdout is exactly one JSON object
+    for key in ("wall_clock_s", "device", "tokens_per_s", "peak_memory_mb", "merged_model", "adapter", "before",
+                "after", "judge", "steps"):
+        assert key in report, key
+    assert set(report["before"]) == {"forget", "normal", "heldout"}
+    for split in ("forget", "normal", "heldout"):
+        for key in ("harmful_rate", "leak_rate", "similarity_to_reference"):
+            assert key in report["after"][split]
+    assert 0.0 <= report["after"]["normal"]["similarity_to_reference"] <= 1.0
+    assert report["tokens_per_s"] > 0 and report["peak_memory_mb"] > 0 and 1 <= report["steps"] <= 3
+
+    record = json.loads((out / "run.json").read_text())
+    assert record["merged_model"] == str(out.resolve() / "model")
+    assert record["data"]["forget"]["sha256"] and record["versions"]["torch"]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list(tmp_path.glob(".out.tmp-*"))  # the temporary directory is gone
+
+    # The merged model is a plain HF directory equal to base + adapter.
+    from transformers import AutoModelForCausalLM
+
+    from unlearn.lora import load_adapter
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    adapted = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    load_adapter(adapted, out / "adapter")
+    ids = torch.tensor([[5, 17, 42, 8, 99, 3]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-5)
+
+
+def test_table_output_and_existing_output_is_refused(tmp_path, data, llama_dir):
+    forget, normal, _ = data
+    out = tmp_path / "out"
+    first = unlearn("run", forget, normal, "--model", llama_dir, "-o", out, *FAST)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines()[0].split()[:2] == ["set", "n"]
+    assert "merged model:" in first.stdout and "tokens/s" in first.stdout
+    stamp = (out / "run.json").stat().st_mtime_ns
+    again = unlearn("run", forget, normal, "--model", llama_dir, "-o", out, *FAST)
+    assert again.returncode == 2 and "use --force" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+    assert (out / "run.json").stat().st_mtime_ns == stamp  # untouched
+    forced = unlearn("run", forget, normal, "--model", llama_dir, "-o", out, "--force", *FAST)
+    assert forced.returncode == 0, forced.stderr
+
+
+def test_bad_data_is_reported_before_any_model_loads(tmp_path, data):
+    _, normal, _ = data
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok", "response": "fine"}\n{"prompt": "no answer"}\n')
+    start = time.perf_counter()
+    result = unlearn("run", bad, normal, "--model", tmp_path / "no-such-model")
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"unlearn: {bad}:2: no response: expected one of response, answer, output"
+    assert time.perf_counter() - start < 30
+
+
+@pytest.mark.parametrize("model, message", [
+    ("{tmp}/missing", "no such model directory"),
+    ("{tmp}", "not a model directory (no config.json)"),
+    ("someone/some-model", "not in the local Hugging Face cache and the hub is unreachable"),
+    ("{tmp}/x.gguf", "no such GGUF file"),
+])
+def test_model_errors_are_one_line(tmp_path, data, model, message):
+    forget, normal, _ = data
+    start = time.perf_counter()
+    result = unlearn("run", forget, normal, "--model", model.format(tmp=tmp_path), "-o", tmp_path / "o")
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+    assert time.perf_counter() - start < 30  # offline hub ids fail fast
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "0"], "--lr 0.0: must be positive"),
+    (["--method", "rlhf"], "Invalid value for '--method'"),
+    (["--stop-leak", "1.5"], "--stop-leak 1.5"),
+    (["--lora-targets", "nope"], "no module of this model has that name"),
+])
+def test_usage_errors_exit_2(tmp_path, data, llama_dir, args, message):
+    forget, normal, _ = data
+    result = unlearn("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "o", *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
