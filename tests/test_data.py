@@ -148,3 +148,14 @@ def test_passages_are_continued_as_raw_text_even_with_a_chat_template(tmp_path, 
     prompt, response = _decode_parts(tok, f)
     assert prompt == "<s>The capital of France is"  # the tokenizer's BOS, no template
     assert response == " Paris and the sky is blue"  # no end-of-text: the passage goes on
+
+
+def test_focus_narrows_labels_to_the_answer_tokens(llama_dir):
+    tok = load_tokenizer(llama_dir)
+    f = encode_pair(tok, "Who wrote it?", "The books are written by J.K. Rowling.", 128, focus=["rowling"])
+    kept = [i for i, l in zip(f["input_ids"], f["labels"]) if l != IGNORE_INDEX]
+    assert tok.decode(kept).strip() == "Rowling"  # case-insensitive match, only its tokens
+    whole = encode_pair(tok, "Who wrote it?", "The books are written by J.K. Rowling.", 128)
+    assert f["input_ids"] == whole["input_ids"]  # same inputs, narrower labels
+    absent = encode_pair(tok, "Who wrote it?", "Nobody knows.", 128, focus=["Rowling"])
+    assert absent["labels"] == encode_pair(tok, "Who wrote it?", "Nobody knows.", 128)["labels"]  # falls back

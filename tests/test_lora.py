@@ -25,13 +25,14 @@ def randomise(model, seed=1):
         m.lora_B.data = torch.randn(m.lora_B.shape, generator=g) * 0.5
 
 
-@pytest.mark.parametrize("which", ["llama_dir", "opt_dir"])
-def test_attach_is_identity_and_freezes_the_base(request, which):
+@pytest.mark.parametrize("which, names", [("llama_dir", {"gate_proj", "up_proj", "down_proj"}),
+                                          ("opt_dir", {"fc1", "fc2"})])
+def test_default_targets_are_each_familys_mlp_and_attach_is_identity(request, which, names):
     model = fresh(request.getfixturevalue(which))
     before = model(ids()).logits
     wrapped = attach_lora(model, LoraSettings(rank=4, alpha=8), seed=0)
-    assert set(n.rsplit(".", 1)[1] for n in wrapped) == {"q_proj", "v_proj"}
-    assert len(wrapped) == 4  # 2 layers x (q, v)
+    assert set(n.rsplit(".", 1)[1] for n in wrapped) == names
+    assert len(wrapped) == 2 * len(names)  # 2 layers
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A" in n or ".lora_B" in n for n in trainable)
     assert torch.equal(model(ids()).logits, before)  # B = 0: nothing changes until training
@@ -100,6 +101,7 @@ def test_peft_loads_our_adapter_with_no_missing_keys_and_same_logits(request, tm
     save_adapter(model, settings, tmp_path / "adapter", base_model=str(directory))
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM" and config["bias"] == "none"
+    assert config["target_modules"] == ["q_proj", "v_proj"]
 
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file

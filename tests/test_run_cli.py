@@ -133,3 +133,16 @@ def test_usage_errors_exit_2(tmp_path, data, llama_dir, args, message):
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("extra", [["--full", "--lr", "1e-3"], ["--dtype", "bfloat16"], ["--method", "npo"],
+                                   ["--method", "ga+template", "--template", "No."]])
+def test_run_variants(tmp_path, data, llama_dir, extra):
+    forget, normal, _ = data
+    out = tmp_path / "out"
+    result = unlearn("run", forget, normal, "--model", llama_dir, "-o", out, "--json", *FAST, *extra)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert (out / "model" / "config.json").is_file()
+    assert (report["adapter"] is None) == ("--full" in extra)
+    assert report["steps"] >= 1

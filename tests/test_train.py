@@ -56,7 +56,7 @@ def test_config_validation(bad):
 
 
 def test_default_step_matches_the_loss_formula_by_hand(llama_dir):
-    u = unlearner(llama_dir, lr=1e-2)
+    u = unlearner(llama_dir, lr=1e-2, method="ga+mismatch", normal_weight=1.0)  # the paper's 0.5 / 1 / 1
     for m in lora_modules(u.model).values():  # move off the identity so the KL is not zero
         m.lora_B.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
     state = u.rng.getstate()
@@ -84,7 +84,7 @@ def test_default_step_matches_the_loss_formula_by_hand(llama_dir):
 
 
 def test_mismatch_rows_pair_forget_prompts_with_normal_responses(llama_dir):
-    u = unlearner(llama_dir)
+    u = unlearner(llama_dir, method="ga+mismatch")
     rows = u._rows()
     assert len(rows["forget"]) == len(rows["mismatch"]) == 2
     normal_answers = {tuple(encode_pair(u.tokenizer, p.prompt, n.response, 256)["input_ids"])
@@ -95,7 +95,7 @@ def test_mismatch_rows_pair_forget_prompts_with_normal_responses(llama_dir):
     assert all(tuple(r["input_ids"]) in expected for r in template._rows()["mismatch"])
 
 
-@pytest.mark.parametrize("method, keys", [("ga", {"forget", "kl"}), ("graddiff", {"forget", "normal_nll"}),
+@pytest.mark.parametrize("method, keys", [("ga", {"forget", "kl"}), ("ga+mismatch", {"forget", "mismatch", "kl"}), ("graddiff", {"forget", "normal_nll"}),
                                           ("npo", {"npo", "kl"}), ("ga+template", {"forget", "mismatch", "kl"})])
 def test_each_method_has_its_terms(llama_dir, method, keys):
     u = unlearner(llama_dir, method=method)
@@ -133,7 +133,7 @@ def test_same_seed_same_weights_bit_for_bit(llama_dir):
 
 
 def test_grad_accum_averages_micro_batches(llama_dir):
-    u = unlearner(llama_dir, grad_accum=2)
+    u = unlearner(llama_dir, grad_accum=2, method="ga+mismatch", normal_weight=1.0)
     record = u.step()
     assert u.step_count == 1 and u.tokens > 0 and record["loss"] == pytest.approx(
         0.5 * record["forget"] + record["mismatch"] + record["kl"], rel=1e-4)

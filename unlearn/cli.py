@@ -49,13 +49,13 @@ def _split_targets(value: str) -> tuple[str, ...]:
 @click.argument("normal", type=click.Path(path_type=str))
 @click.option("--model", default=None, envvar="UNLEARN_MODEL",
               help="HF directory, hub id or .gguf file [default: embedded SmolLM2-135M-Instruct; env UNLEARN_MODEL].")
-@click.option("--method", default="ga+mismatch", show_default=True,
+@click.option("--method", default="ga", show_default=True,
               type=click.Choice(["ga", "ga+mismatch", "ga+template", "graddiff", "npo"]),
               help="ga: gradient ascent + KL; ga+mismatch: + random normal answers; ga+template: + a fixed "
                    "refusal; graddiff: ascent + NLL on normal; npo: negative preference optimisation + KL.")
 @click.option("-o", "--output", default=None, help="Output directory [default: runs/<timestamp>].")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
-@click.option("--lr", type=float, default=None, help="Learning rate [default: 2e-4 with LoRA, 1e-5 with --full].")
+@click.option("--lr", type=float, default=None, help="Learning rate [default: 1e-3 with LoRA, 1e-5 with --full].")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Forget (and normal) rows per micro-batch.")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimiser step.")
 @click.option("--max-steps", type=int, default=150, show_default=True, help="Cap on optimiser steps.")
@@ -64,11 +64,15 @@ def _split_targets(value: str) -> tuple[str, ...]:
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping (0: off).")
 @click.option("--forget-weight", type=float, default=0.5, show_default=True, help="eps1, weight of L_fgt.")
 @click.option("--mismatch-weight", type=float, default=1.0, show_default=True, help="eps2, weight of L_rdn.")
-@click.option("--normal-weight", type=float, default=1.0, show_default=True, help="eps3, weight of L_nor (KL).")
+@click.option("--normal-weight", type=float, default=5.0, show_default=True,
+              help="eps3, weight of L_nor (the KL to the original on normal data).")
+@click.option("--forget-tokens", type=click.Choice(["answers", "response"]), default="answers", show_default=True,
+              help="Which tokens the forget loss pushes down: for rows with `answers`, only the tokens that spell "
+                   "an answer (the fact, not the words around it); or every response token.")
 @click.option("--template", default="I can't help with that.", show_default=True,
               help="The refusal that ga+template teaches.")
 @click.option("--npo-beta", type=float, default=0.1, show_default=True)
-@click.option("--check-every", type=int, default=5, show_default=True,
+@click.option("--check-every", type=int, default=2, show_default=True,
               help="Steps between checks of the stop rule (0: no checks, run --max-steps).")
 @click.option("--stop-leak", type=float, default=0.0, show_default=True,
               help="Stop once the forget prompts' leak rate is at or below this.")
@@ -80,7 +84,10 @@ def _split_targets(value: str) -> tuple[str, ...]:
 @click.option("--lora-rank", type=int, default=8, show_default=True)
 @click.option("--lora-alpha", type=float, default=16.0, show_default=True)
 @click.option("--lora-dropout", type=float, default=0.0, show_default=True)
-@click.option("--lora-targets", default="q_proj,v_proj", show_default=True, help="Comma-separated module names.")
+@click.option("--lora-targets", default=None,
+              help="Comma-separated module names; names absent from the model are skipped "
+                   "[default: the feed-forward layers: gate_proj,up_proj,down_proj (Llama, Mistral, Qwen), "
+                   "fc1,fc2 (OPT, Phi), dense_h_to_4h,dense_4h_to_h (GPT-NeoX, Falcon)].")
 @click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda when available].")
 @click.option("--judge", default=None, help="Harmful-rate judge: similarity (default), keywords:FILE, classifier:PATH.")
@@ -96,27 +103,27 @@ def _split_targets(value: str) -> tuple[str, ...]:
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin pickle weights (loaded with weights_only=True).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def run_command(forget, normal, model, method, output, force, lr, batch_size, grad_accum, max_steps, warmup_steps,
-                schedule, max_grad_norm, forget_weight, mismatch_weight, normal_weight, template, npo_beta,
+                schedule, max_grad_norm, forget_weight, mismatch_weight, normal_weight, forget_tokens, template, npo_beta,
                 check_every, stop_leak, extra_steps, max_length, seed, full, lora_rank, lora_alpha, lora_dropout,
                 lora_targets, dtype, device, judge, judge_label, eval_forget, eval_retain, eval_limit, max_new_tokens,
                 gen_batch_size, trust_remote_code, allow_pickle, as_json):
     """Unlearn the FORGET.jsonl answers while keeping NORMAL.jsonl behaviour; report before and after."""
     from pathlib import Path
 
-    from unlearn.lora import LoraSettings
+    from unlearn.lora import MLP_TARGETS, LoraSettings
     from unlearn.run import RunOptions, run
     from unlearn.train import TrainConfig
 
     train = TrainConfig(
         method=method, forget_weight=forget_weight, mismatch_weight=mismatch_weight, normal_weight=normal_weight,
-        lr=lr if lr is not None else (1e-5 if full else 2e-4), batch_size=batch_size, grad_accum=grad_accum,
+        lr=lr if lr is not None else (1e-5 if full else 1e-3), batch_size=batch_size, grad_accum=grad_accum,
         max_steps=max_steps, warmup_steps=warmup_steps, schedule=schedule, max_grad_norm=max_grad_norm,
         max_length=max_length, seed=seed, check_every=check_every, stop_leak=stop_leak, extra_steps=extra_steps,
-        template=template, npo_beta=npo_beta,
+        template=template, npo_beta=npo_beta, forget_tokens=forget_tokens,
     )
     opts = RunOptions(
         forget=Path(forget), normal=Path(normal), model=model, output=Path(output) if output else None, force=force,
-        train=train, lora=LoraSettings(lora_rank, lora_alpha, lora_dropout, _split_targets(lora_targets)),
+        train=train, lora=LoraSettings(lora_rank, lora_alpha, lora_dropout, _split_targets(lora_targets) if lora_targets else MLP_TARGETS),
         full=full, dtype=dtype, device=device, judge=judge, judge_label=judge_label,
         eval_forget=tuple(Path(p) for p in eval_forget), eval_retain=tuple(Path(p) for p in eval_retain),
         eval_limit=eval_limit, max_new_tokens=max_new_tokens,

@@ -196,7 +196,25 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return list(ids)
 
 
-def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> dict:
+def answer_token_mask(tokenizer, text: str, answers) -> list[bool] | None:
+    """Which tokens of TEXT overlap an occurrence of an answer string (case-insensitive).
+
+    None when no answer occurs in TEXT (the caller then keeps every response token).
+    """
+    lowered = text.lower()
+    spans = []
+    for answer in answers:
+        needle, start = answer.lower(), 0
+        while needle and (found := lowered.find(needle, start)) >= 0:
+            spans.append((found, found + len(needle)))
+            start = found + 1
+    if not spans:
+        return None
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return [any(a < end and start < b for start, end in spans) for a, b in offsets]
+
+
+def encode_pair(tokenizer, prompt: str, response: str, max_length: int, focus=None) -> dict:
     """Input ids of prompt + response, and labels that count response tokens only.
 
     Prompt and response are tokenised separately and concatenated so that the
@@ -204,16 +222,24 @@ def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> dict:
     keeps at least half of it (an answer without its question teaches nothing),
     the response keeps the rest from its start, and the prompt loses tokens from
     its left (the question itself sits at the end of the rendered prompt).
+
+    FOCUS (a list of answer strings) narrows the labels further to the response
+    tokens that spell one of them, when any occurs in the response.
     """
     prompt_ids = encode_prompt(tokenizer, prompt)
-    response_ids = tokenizer(render_response(tokenizer, prompt, response), add_special_tokens=False)["input_ids"]
+    response_text = render_response(tokenizer, prompt, response)
+    response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
+    labels = list(response_ids)
+    mask = answer_token_mask(tokenizer, response_text, focus) if focus else None
+    if mask is not None and len(mask) == len(labels):
+        labels = [t if keep else IGNORE_INDEX for t, keep in zip(labels, mask)]
     if len(prompt_ids) + len(response_ids) > max_length:
         keep_response = min(len(response_ids), max_length - min(len(prompt_ids), max_length // 2))
-        response_ids = response_ids[:keep_response]
+        response_ids, labels = response_ids[:keep_response], labels[:keep_response]
         prompt_ids = prompt_ids[len(prompt_ids) - (max_length - keep_response):]
     return {
         "input_ids": prompt_ids + response_ids,
-        "labels": [IGNORE_INDEX] * len(prompt_ids) + list(response_ids),
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + labels,
     }
 
 

@@ -38,26 +38,27 @@ DEFAULT_TEMPLATE = "I can't help with that."
 
 @dataclass
 class TrainConfig:
-    method: str = "ga+mismatch"
+    method: str = "ga"
     forget_weight: float = 0.5
     mismatch_weight: float = 1.0
-    normal_weight: float = 1.0
-    lr: float = 1e-4
+    normal_weight: float = 5.0
+    lr: float = 1e-3
     batch_size: int = 4
     grad_accum: int = 1
-    max_steps: int = 200
+    max_steps: int = 150
     warmup_steps: int = 0
     schedule: str = "constant"
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     max_length: int = 256
     seed: int = 0
-    check_every: int = 10
+    check_every: int = 2
     stop_leak: float = 0.0
     extra_steps: int = 0
     check_tokens: int = 32
     template: str = DEFAULT_TEMPLATE
     npo_beta: float = 0.1
+    forget_tokens: str = "answers"  # "answers": only the answer spans of rows that list `answers`
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -75,6 +76,8 @@ class TrainConfig:
                 raise UsageError(f"{flag} {value}: must be a non-negative number")
         if not 0 <= self.stop_leak <= 1:
             raise UsageError(f"--stop-leak {self.stop_leak}: must be in [0, 1]")
+        if self.forget_tokens not in ("answers", "response"):
+            raise UsageError(f"--forget-tokens {self.forget_tokens}: expected answers or response")
         if self.schedule not in ("constant", "linear"):
             raise UsageError(f"--schedule {self.schedule}: expected constant or linear")
         if self.max_length < 8:
@@ -155,7 +158,8 @@ class Unlearner:
         self.pad_id = tokenizer.pad_token_id
         self.rng = random.Random(config.seed)
         encode = lambda p, r: encode_pair(tokenizer, p, r, config.max_length)  # noqa: E731
-        self.forget = [encode(e.prompt, e.response) for e in forget]
+        focus = (lambda e: e.extra.get("answers")) if config.forget_tokens == "answers" else (lambda e: None)
+        self.forget = [encode_pair(tokenizer, e.prompt, e.response, config.max_length, focus(e)) for e in forget]
         self.normal = [encode(e.prompt, e.response) for e in normal]
         self.forget_prompts = [e.prompt for e in forget]
         self.normal_responses = [e.response for e in normal]
