@@ -39,7 +39,7 @@ def test_run_and_merge_on_the_embedded_model(tmp_path, cache):
     out = tmp_path / "run"
     result = cli("run", EXAMPLES / "forget.jsonl", EXAMPLES / "normal.jsonl", "-o", out, "--json",
                  "--eval-retain", EXAMPLES / "heldout.jsonl", "--max-steps", "2", "--check-every", "0",
-                 "--eval-limit", "3", "--max-new-tokens", "12", cache=cache)
+                 "--eval-limit", "3", "--max-new-tokens", "24", cache=cache)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["steps"] == 2 and report["model_name"] == "SmolLM2-135M-Instruct"
