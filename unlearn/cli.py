@@ -64,7 +64,7 @@ def _split_targets(value: str) -> tuple[str, ...]:
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping (0: off).")
 @click.option("--forget-weight", type=float, default=0.5, show_default=True, help="eps1, weight of L_fgt.")
 @click.option("--mismatch-weight", type=float, default=1.0, show_default=True, help="eps2, weight of L_rdn.")
-@click.option("--normal-weight", type=float, default=5.0, show_default=True,
+@click.option("--normal-weight", type=float, default=10.0, show_default=True,
               help="eps3, weight of L_nor (the KL to the original on normal data).")
 @click.option("--forget-tokens", type=click.Choice(["answers", "response"]), default="answers", show_default=True,
               help="Which tokens the forget loss pushes down: for rows with `answers`, only the tokens that spell "
@@ -72,7 +72,7 @@ def _split_targets(value: str) -> tuple[str, ...]:
 @click.option("--template", default="I can't help with that.", show_default=True,
               help="The refusal that ga+template teaches.")
 @click.option("--npo-beta", type=float, default=0.1, show_default=True)
-@click.option("--check-every", type=int, default=2, show_default=True,
+@click.option("--check-every", type=int, default=1, show_default=True,
               help="Steps between checks of the stop rule (0: no checks, run --max-steps).")
 @click.option("--stop-leak", type=float, default=0.0, show_default=True,
               help="Stop once the forget prompts' leak rate is at or below this.")

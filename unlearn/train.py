@@ -41,7 +41,7 @@ class TrainConfig:
     method: str = "ga"
     forget_weight: float = 0.5
     mismatch_weight: float = 1.0
-    normal_weight: float = 5.0
+    normal_weight: float = 10.0
     lr: float = 1e-3
     batch_size: int = 4
     grad_accum: int = 1
@@ -52,7 +52,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_length: int = 256
     seed: int = 0
-    check_every: int = 2
+    check_every: int = 1
     stop_leak: float = 0.0
     extra_steps: int = 0
     check_tokens: int = 32
