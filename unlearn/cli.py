@@ -37,6 +37,15 @@ def cli():
 # === run (run.py) ===
 
 
+_ARGV: list[str] = []  # the arguments main() was given, for hints such as how to resume
+
+
+def _command_line() -> str:
+    import shlex
+
+    return shlex.join(["unlearn", *_ARGV])
+
+
 def _split_targets(value: str) -> tuple[str, ...]:
     targets = tuple(t.strip() for t in value.split(",") if t.strip())
     if not targets:
@@ -101,12 +110,16 @@ def _split_targets(value: str) -> tuple[str, ...]:
 @click.option("--gen-batch-size", type=int, default=16, show_default=True)
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code (off by default).")
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin pickle weights (loaded with weights_only=True).")
+@click.option("--save-every", type=int, default=0, show_default=True,
+              help="Write a checkpoint to OUT/checkpoints every N steps (0: only on Ctrl-C); OUT is created at once.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in -o OUT from its latest checkpoint (give the same arguments).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def run_command(forget, normal, model, method, output, force, lr, batch_size, grad_accum, max_steps, warmup_steps,
                 schedule, max_grad_norm, forget_weight, mismatch_weight, normal_weight, forget_tokens, template, npo_beta,
                 check_every, stop_leak, extra_steps, max_length, seed, full, lora_rank, lora_alpha, lora_dropout,
                 lora_targets, dtype, device, judge, judge_label, eval_forget, eval_retain, eval_limit, max_new_tokens,
-                gen_batch_size, trust_remote_code, allow_pickle, as_json):
+                gen_batch_size, trust_remote_code, allow_pickle, save_every, resume, as_json):
     """Unlearn the FORGET.jsonl answers while keeping NORMAL.jsonl behaviour; report before and after."""
     from pathlib import Path
 
@@ -128,6 +141,7 @@ def run_command(forget, normal, model, method, output, force, lr, batch_size, gr
         eval_forget=tuple(Path(p) for p in eval_forget), eval_retain=tuple(Path(p) for p in eval_retain),
         eval_limit=eval_limit, max_new_tokens=max_new_tokens,
         gen_batch_size=gen_batch_size, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        save_every=save_every, resume=resume, command=_command_line(),
     )
     record = run(opts, log=echo_err)
     if as_json:
@@ -331,21 +345,31 @@ class _ByteProgress:
 # === end of commands ======================================================
 
 
+def _first_line(exc: BaseException) -> str:
+    """Errors are one line on stderr, even when a library's message runs over several."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 def main(argv=None) -> None:
     """Entry point: turn our errors into one line and an exit code."""
     debug = os.environ.get("UNLEARN_DEBUG") == "1"
+    _ARGV[:] = sys.argv[1:] if argv is None else list(argv)
     try:
         cli.main(args=argv, prog_name="unlearn", standalone_mode=False)
     except click.exceptions.Abort:
         echo_err("unlearn: interrupted")
         sys.exit(130)
-    except click.ClickException as exc:  # usage errors found by click
-        exc.show()
+    except click.ClickException as exc:  # usage errors found by click: one line, like ours
+        ctx = getattr(exc, "ctx", None)
+        command = ctx.command_path if ctx is not None else "unlearn"
+        hint = f" (see {command} --help)" if isinstance(exc, click.UsageError) else ""
+        echo_err(f"unlearn: {_first_line(exc.format_message())}{hint}")
         sys.exit(2)
     except UnlearnError as exc:
         if debug:
             raise
-        echo_err(f"unlearn: {exc}")
+        echo_err(f"unlearn: {_first_line(exc)}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         echo_err("unlearn: interrupted")
@@ -353,6 +377,7 @@ def main(argv=None) -> None:
     except Exception as exc:  # a bug of ours: still one line unless debugging
         if debug:
             raise
-        echo_err(f"unlearn: internal error: {type(exc).__name__}: {exc} (set UNLEARN_DEBUG=1 for a traceback)")
+        echo_err(f"unlearn: internal error: {type(exc).__name__}: {_first_line(exc)} "
+                 f"(set UNLEARN_DEBUG=1 for a traceback)")
         sys.exit(1)
     sys.exit(0)

@@ -11,3 +11,9 @@ class UsageError(UnlearnError):
     """The command line asks for something impossible. Exit code 2."""
 
     exit_code = 2
+
+
+class Interrupted(UnlearnError):
+    """The user pressed Ctrl-C; the run stopped cleanly (after a checkpoint). Exit code 130."""
+
+    exit_code = 130

@@ -43,6 +43,14 @@ class LoraSettings:
     dropout: float = 0.0
     targets: tuple[str, ...] = MLP_TARGETS
 
+    def validate(self) -> None:
+        if self.rank < 1:
+            raise UsageError(f"--lora-rank {self.rank}: must be at least 1")
+        if self.alpha <= 0:
+            raise UsageError(f"--lora-alpha {self.alpha}: must be positive")
+        if not 0 <= self.dropout < 1:
+            raise UsageError(f"--lora-dropout {self.dropout}: must be in [0, 1)")
+
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
@@ -88,12 +96,7 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
 
 def attach_lora(model: nn.Module, settings: LoraSettings, seed: int | None = None) -> dict[str, LoRALinear]:
     """Freeze MODEL and wrap each targeted nn.Linear in a LoRALinear; return the wrappers by name."""
-    if settings.rank < 1:
-        raise UsageError(f"--lora-rank {settings.rank}: must be at least 1")
-    if settings.alpha <= 0:
-        raise UsageError(f"--lora-alpha {settings.alpha}: must be positive")
-    if not 0 <= settings.dropout < 1:
-        raise UsageError(f"--lora-dropout {settings.dropout}: must be in [0, 1)")
+    settings.validate()
     for p in model.parameters():
         p.requires_grad_(False)
     names = [n for n, m in model.named_modules() if n and _matches(n, settings.targets)]

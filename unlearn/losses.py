@@ -64,7 +64,9 @@ def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     Averaging per sequence first gives every example the same weight, whatever its length.
     """
     nll = sequence_nll(logits, labels)
-    valid = ~torch.isnan(nll)
+    # Rows without response tokens are left out; a NaN from the logits themselves (a diverged
+    # model) stays in, so that the training loop sees it and stops.
+    valid = _shift(logits, labels)[2].any(dim=1)
     if not valid.any():
         raise ValueError("no response tokens in this batch (is --max-length too small?)")
     return nll[valid].mean()

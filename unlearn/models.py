@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import pickle
 import shutil
 import socket
 import tempfile
@@ -42,6 +43,13 @@ class LoadedModel:
     tokenizer: object
     path: Path  # the local safetensors directory it came from
     name: str  # what the user asked for (or the default's name)
+
+
+def _quiet_transformers() -> None:
+    """Hide transformers' own per-file progress bars: stderr is for our progress and our one-line errors."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def torch_dtype(name: str):
@@ -204,17 +212,24 @@ def load_model(spec: str | None, *, dtype: str = "float32", trust_remote_code: b
     """Load a causal LM and its tokenizer in eval mode, from any source `resolve_model_dir` accepts."""
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     path = resolve_model_dir(spec, log=log, allow_pickle=allow_pickle)
     tokenizer = load_tokenizer(path, trust_remote_code)
     try:
+        # .bin pickles only with --allow-pickle, and then never executing code: weights_only=True
+        # makes torch.load refuse anything but tensors and plain containers.
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code,
-            use_safetensors=not allow_pickle or None,
+            use_safetensors=not allow_pickle or None, weights_only=True,
         )
     except UnlearnError:
         raise
+    except pickle.UnpicklingError:
+        raise UnlearnError(f"{path}: refused to load the pickle weights: they hold more than tensors, which "
+                           f"could run code (pickles are loaded with weights_only=True)") from None
     except Exception as exc:
-        raise UnlearnError(f"{path}: could not load the model ({type(exc).__name__}: {exc})") from None
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise UnlearnError(f"{path}: could not load the model ({type(exc).__name__}: {first_line})") from None
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, name=spec or DEFAULT_MODEL_NAME)
 

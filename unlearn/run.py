@@ -4,12 +4,15 @@ Order matters for the user: every input file is read and validated, and the
 output directory checked, before the model loads, so a typo fails in a second.
 The "before" numbers come from the same weights with the adapters off (no
 second model in memory). Outputs are written into a temporary directory and
-moved into place only when complete.
+moved into place only when complete. Checkpoints (--save-every, Ctrl-C) are the
+exception: they must outlive a crash, so they go into OUTPUT/checkpoints while
+the run goes on, and --resume continues from the latest (checkpoints.py).
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from unlearn.data import read_examples
 from unlearn.evaluate import SimilarityJudge, leak_flags, rate
-from unlearn.errors import UnlearnError, UsageError
+from unlearn.errors import Interrupted, UnlearnError, UsageError
 from unlearn.lora import LoraSettings
 from unlearn.outputs import check_output_dir
 from unlearn.train import TrainConfig
@@ -45,6 +48,9 @@ class RunOptions:
     gen_batch_size: int = 16
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    save_every: int = 0  # steps between checkpoints in OUTPUT/checkpoints (0: only on Ctrl-C)
+    resume: bool = False  # continue the run in OUTPUT from its latest checkpoint
+    command: str | None = None  # the command line, for the "how to resume" hint
 
 
 def _log(message: str) -> None:
@@ -145,28 +151,43 @@ def _reference_scorer(model, tokenizer, reference_model, batch_size):
 
 def run(opts: RunOptions, log=_log) -> dict:
     """Do the whole job and return the record that run.json holds (and --json prints)."""
+    created: list[Path] = []  # OUTPUT, when made at the start for checkpoints
+    try:
+        return _run(opts, log, created)
+    except BaseException:
+        # A run that fails before its first checkpoint leaves no empty OUTPUT behind.
+        for directory in created:
+            if directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
+        raise
+
+
+def _run(opts: RunOptions, log, created: list) -> dict:
     import copy
 
     import torch
 
     from unlearn import models, system
+    from unlearn.checkpoints import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
     from unlearn.evaluate import make_judge
     from unlearn.generation import generate
-    from unlearn.lora import adapters_disabled, attach_lora, merge_lora, save_adapter
-    from unlearn.outputs import atomic_output_dir
+    from unlearn.lora import adapters_disabled, attach_lora
     from unlearn.paths import remember_last_run
-    from unlearn.train import Unlearner, config_dict, train
+    from unlearn.train import NonFiniteLoss, StopRequested, Unlearner, config_dict, train
 
     started = time.perf_counter()
     opts.train.validate()
+    if not opts.full:
+        opts.lora.validate()
+    models.torch_dtype(opts.dtype)  # a typo in --dtype fails before anything is read or loaded
     if opts.eval_limit < 1 or opts.max_new_tokens < 1 or opts.gen_batch_size < 1:
         raise UsageError("--eval-limit, --max-new-tokens and --gen-batch-size must be at least 1")
     forget = read_examples(opts.forget)
     normal = read_examples(opts.normal)
     splits = _load_splits(opts, forget, normal)
     output = Path(opts.output) if opts.output else default_output_dir()
-    check_output_dir(output, opts.force)
-
+    run_args = _run_args(opts)
+    resume_from = _prepare_output(opts, output, run_args, created)
     torch.manual_seed(opts.train.seed)
     device = system.pick_device(opts.device)
     loaded = models.load_model(opts.model, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code,
@@ -206,7 +227,30 @@ def run(opts: RunOptions, log=_log) -> dict:
         return leak <= opts.train.stop_leak, leak
 
     unlearner = Unlearner(model, tokenizer, forget, normal, opts.train, reference_model=reference_model)
-    result = train(unlearner, forgotten=forgotten if opts.train.check_every else None, log=log)
+    loop_state = None
+    if resume_from is not None:
+        loop_state = load_checkpoint(resume_from, unlearner)
+        log(f"resuming from {resume_from} (step {unlearner.step_count})")
+    save_every = run_args["save_every"]
+
+    def checkpoint(loop: dict) -> Path:
+        return save_checkpoint(output, unlearner, loop, run_args)
+
+    try:
+        result = train(unlearner, forgotten=forgotten if opts.train.check_every else None, log=log,
+                       save_every=save_every, checkpoint=checkpoint, resume=loop_state)
+    except StopRequested as stop:
+        command = opts.command or "unlearn run ..."
+        if not opts.output:
+            command += f" -o {shlex.quote(str(output))}"
+        if "--resume" not in command.split():
+            command += " --resume"
+        raise Interrupted(f"interrupted after step {stop.step}; saved {stop.checkpoint}; "
+                          f"to continue: {command}") from None
+    except NonFiniteLoss as exc:
+        last = latest_checkpoint(output)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved (see --save-every)"
+        raise UnlearnError(f"{exc}; stopped without writing the model; {kept}; try a lower --lr") from None
     log(f"stopped after {result.steps} steps ({result.stopped_by}); {result.tokens_per_s:.0f} tokens/s")
 
     t = time.perf_counter()
@@ -243,7 +287,25 @@ def run(opts: RunOptions, log=_log) -> dict:
     }
 
     output_abs = output.resolve()
-    with atomic_output_dir(output, force=opts.force) as tmp:
+    # With checkpoints in OUTPUT (which is ours: checked empty or --force at the start) the
+    # finished result replaces the directory, checkpoints included.
+    replace_existing = opts.force or checkpoint_root(output).is_dir()
+    try:
+        _write_outputs(opts, record, model, tokenizer, output, output_abs, replace_existing, started, device)
+    except OSError as exc:
+        kept = f"; the checkpoints in {checkpoint_root(output)} are kept" if checkpoint_root(output).is_dir() else ""
+        raise UnlearnError(f"{output}: could not write the output ({exc.strerror or exc}); "
+                           f"nothing was written{kept}") from None
+    remember_last_run(output)
+    return record
+
+
+def _write_outputs(opts, record, model, tokenizer, output, output_abs, replace_existing, started, device) -> None:
+    from unlearn import models, system
+    from unlearn.lora import merge_lora, save_adapter
+    from unlearn.outputs import atomic_output_dir
+
+    with atomic_output_dir(output, force=replace_existing) as tmp:
         if not opts.full:
             save_adapter(model, opts.lora, tmp / "adapter", base_model=record["base_model"])
             merge_lora(model)
@@ -256,6 +318,63 @@ def run(opts: RunOptions, log=_log) -> dict:
             "wall_clock_s": round(time.perf_counter() - started, 3),
         })
         (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    remember_last_run(output)
-    return record
+
+
+def _run_args(opts: RunOptions) -> dict:
+    """What a resumed run must share with the run it continues (recorded in every checkpoint)."""
+    from unlearn import system
+    from unlearn.train import config_dict
+
+    if opts.save_every < 0:
+        raise UsageError(f"--save-every {opts.save_every}: must be 0 (off) or a number of steps")
+    model = opts.model
+    if model and Path(model).expanduser().exists():
+        model = str(Path(model).expanduser().resolve())
+    return {
+        "train": config_dict(opts.train),
+        "lora": None if opts.full else {"rank": opts.lora.rank, "alpha": opts.lora.alpha,
+                                        "dropout": opts.lora.dropout, "targets": list(opts.lora.targets)},
+        "full": opts.full, "dtype": opts.dtype, "model": model,
+        "data": {"forget": system.file_sha256(opts.forget), "normal": system.file_sha256(opts.normal)},
+        "save_every": opts.save_every,
+    }
+
+
+def _prepare_output(opts: RunOptions, output: Path, run_args: dict, created: list) -> Path | None:
+    """Check OUTPUT before the model loads; with --resume, return the checkpoint to continue from.
+
+    With --save-every the checkpoints go into OUTPUT while the run goes on, so OUTPUT is
+    created now (empty, or --force); stale checkpoints of an earlier run there are removed.
+    """
+    import shutil
+
+    from unlearn.checkpoints import checkpoint_root, latest_checkpoint, read_state, remove_partial
+
+    if not opts.resume:
+        check_output_dir(output, opts.force)
+        if checkpoint_root(output).is_dir():
+            shutil.rmtree(checkpoint_root(output))
+        if opts.save_every and not output.exists():
+            output.mkdir(parents=True)
+            created.append(output)
+        return None
+    if not opts.output:
+        raise UsageError("--resume needs -o OUT, the directory of the run to continue")
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"{output}: exists and is not a directory")
+    checkpoint = latest_checkpoint(output)
+    if checkpoint is None:
+        raise UnlearnError(f"{output}: no checkpoint to resume from (expected {checkpoint_root(output)}/step-N, "
+                           f"written by --save-every or by Ctrl-C)")
+    saved = read_state(checkpoint).get("args", {})
+    for key, value in run_args.items():
+        if key == "save_every":
+            continue
+        if saved.get(key) != json.loads(json.dumps(value, default=str)):
+            raise UsageError(f"--resume: the arguments differ from the checkpointed run's ({key}); "
+                             f"give the same arguments, or start afresh with --force")
+    if not run_args["save_every"]:
+        run_args["save_every"] = saved.get("save_every", 0)
+    remove_partial(output)
+    return checkpoint
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -29,7 +31,7 @@ import torch
 
 from unlearn import losses
 from unlearn.data import collate, encode_pair
-from unlearn.errors import UsageError
+from unlearn.errors import UnlearnError, UsageError
 from unlearn.lora import adapters_disabled
 
 METHODS = ("ga", "ga+mismatch", "ga+template", "graddiff", "npo")
@@ -82,6 +84,22 @@ class TrainConfig:
             raise UsageError(f"--schedule {self.schedule}: expected constant or linear")
         if self.max_length < 8:
             raise UsageError(f"--max-length {self.max_length}: must be at least 8")
+
+
+class NonFiniteLoss(UnlearnError):
+    """A loss or gradient norm became nan or inf; the update was not applied."""
+
+    def __init__(self, step: int, what: str, value: float):
+        super().__init__(f"step {step}: the {what} is {value}")
+        self.step, self.what, self.value = step, what, value
+
+
+class StopRequested(Exception):
+    """Ctrl-C arrived during training: the current step finished and the state was saved."""
+
+    def __init__(self, step: int, checkpoint):
+        super().__init__(f"interrupted after step {step}")
+        self.step, self.checkpoint = step, checkpoint
 
 
 @dataclass
@@ -262,46 +280,99 @@ class Unlearner:
             for k, v in {"loss": float(total.detach()), **terms}.items():
                 logged[k] = logged.get(k, 0.0) + v / config.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm or float("inf"))
+        # A nan/inf update would poison every weight it touches (and every later step): refuse it.
+        for what, value in (("loss", logged["loss"]), ("gradient norm", float(grad_norm))):
+            if not math.isfinite(value):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLoss(self.step_count + 1, what, value)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
         return {"step": self.step_count, "lr": lr, "grad_norm": float(grad_norm), **logged}
 
 
-def train(unlearner: Unlearner, forgotten=None, log=None) -> TrainResult:
+class _DeferredInterrupt:
+    """While active, Ctrl-C sets a flag instead of raising, so the current step can finish.
+
+    A second Ctrl-C raises KeyboardInterrupt at once. Only the main thread can own signals;
+    elsewhere this does nothing.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0, checkpoint=None,
+          resume: dict | None = None) -> TrainResult:
     """Run steps until FORGOTTEN() says the forget set is forgotten, or max_steps.
 
     FORGOTTEN is a callable returning (done: bool, leak_rate: float); it is asked every
-    `check_every` steps (never when check_every is 0).
+    `check_every` steps (never when check_every is 0). CHECKPOINT(loop_state) saves the
+    unlearner and the loop state every SAVE_EVERY steps (and on Ctrl-C, after which
+    StopRequested is raised); RESUME is a loop state saved that way, to continue from.
     """
     from tqdm import tqdm
 
     config = unlearner.config
-    history = []
-    stopped_by, stop_at = "max_steps", config.max_steps
+    resume = resume or {}
+    history = list(resume.get("history", []))
+    stopped_by = resume.get("stopped_by", "max_steps")
+    stop_at = resume.get("stop_at", config.max_steps)
+    previous_seconds = resume.get("seconds", 0.0)
     start = time.perf_counter()
     check_seconds = 0.0
-    bar = tqdm(total=config.max_steps, desc="unlearning", unit="step", file=sys.stderr, leave=False,
-               disable=log is None)
-    while unlearner.step_count < stop_at:
-        record = unlearner.step()
-        history.append(record)
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k not in ("step", "lr")})
-        due = config.check_every and unlearner.step_count % config.check_every == 0
-        if forgotten is not None and due and stopped_by == "max_steps":
-            t = time.perf_counter()
-            done, leak = forgotten()
-            check_seconds += time.perf_counter() - t
-            record["forget_leak"] = leak
-            if log:
-                log(f"step {unlearner.step_count}: forget leak rate {leak:.2f}")
-            if done:
-                stopped_by = "forgotten"
-                stop_at = min(config.max_steps, unlearner.step_count + config.extra_steps)
-    bar.close()
-    seconds = time.perf_counter() - start
-    return TrainResult(steps=unlearner.step_count, stopped_by=stopped_by, seconds=seconds - check_seconds,
+
+    def loop_state() -> dict:
+        return {"history": history, "stopped_by": stopped_by, "stop_at": stop_at,
+                "seconds": previous_seconds + time.perf_counter() - start - check_seconds}
+
+    bar = tqdm(total=config.max_steps, initial=unlearner.step_count, desc="unlearning", unit="step",
+               file=sys.stderr, leave=False, disable=log is None)
+    with _DeferredInterrupt() as interrupt:
+        try:
+            while unlearner.step_count < stop_at:
+                record = unlearner.step()
+                history.append(record)
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k not in ("step", "lr")})
+                due = config.check_every and unlearner.step_count % config.check_every == 0
+                if forgotten is not None and due and stopped_by == "max_steps":
+                    t = time.perf_counter()
+                    done, leak = forgotten()
+                    check_seconds += time.perf_counter() - t
+                    record["forget_leak"] = leak
+                    if log:
+                        log(f"step {unlearner.step_count}: forget leak rate {leak:.2f}")
+                    if done:
+                        stopped_by = "forgotten"
+                        stop_at = min(config.max_steps, unlearner.step_count + config.extra_steps)
+                saved = None
+                if checkpoint is not None and save_every and unlearner.step_count % save_every == 0:
+                    saved = checkpoint(loop_state())
+                if interrupt.requested:
+                    if checkpoint is not None and saved is None:
+                        saved = checkpoint(loop_state())
+                    raise StopRequested(unlearner.step_count, saved)
+        finally:
+            bar.close()
+    seconds = previous_seconds + time.perf_counter() - start - check_seconds
+    return TrainResult(steps=unlearner.step_count, stopped_by=stopped_by, seconds=seconds,
                        tokens=unlearner.tokens, history=history)
 
 

@@ -1,0 +1,189 @@
+"""Bad input through the real CLI: every case exits 1 or 2 with exactly one line on stderr,
+no traceback, and writes nothing (the working directory is left as it was).
+
+Each case builds its inputs in a fresh directory, runs `unlearn ...` there as a
+subprocess and compares the directory's files before and after.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from test_run_cli import FORGET, NORMAL, unlearn, write_jsonl
+
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+class Case:
+    """A folder with good forget/normal files and the tiny models at hand, for building one bad input."""
+
+    def __init__(self, root: Path, llama: Path, opt: Path):
+        self.root, self.llama, self.opt = root, llama, opt
+        self.forget = write_jsonl(root / "forget.jsonl", FORGET)
+        self.normal = write_jsonl(root / "normal.jsonl", NORMAL)
+
+    def file(self, name: str, content) -> Path:
+        path = self.root / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        return path
+
+    def rows(self, name: str, *lines: str) -> Path:
+        return self.file(name, "".join(line + "\n" for line in lines))
+
+    def model_copy(self, name: str, source: Path | None = None) -> Path:
+        return Path(shutil.copytree(source or self.llama, self.root / name))
+
+    def run(self, *args, forget=None, normal=None):
+        return ["run", forget or self.forget, normal or self.normal, "--model", self.llama, "-o", self.root / "out",
+                *args]
+
+
+def _truncated(c: Case) -> Path:
+    model = c.model_copy("truncated")
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])
+    return model
+
+
+def _no_weights(c: Case) -> Path:
+    model = c.model_copy("no-weights")
+    (model / "model.safetensors").unlink()
+    return model
+
+
+def _pickle_only(c: Case) -> Path:
+    model = c.model_copy("pickled")
+    (model / "model.safetensors").rename(model / "pytorch_model.bin")  # name is enough: refused before reading
+    return model
+
+
+def _non_empty_out(c: Case) -> list:
+    (c.root / "out").mkdir()
+    (c.root / "out" / "keep.txt").write_text("an earlier result")
+    return c.run()
+
+
+def _out_is_a_file(c: Case) -> list:
+    (c.root / "out").write_text("not a directory")
+    return c.run()
+
+
+def _resume_empty(c: Case) -> list:
+    (c.root / "out").mkdir()
+    return c.run("--resume")
+
+
+def _resume_broken_state(c: Case) -> list:
+    step = c.root / "out" / "checkpoints" / "step-3"
+    step.mkdir(parents=True)
+    (step / "state.json").write_text("{not json")
+    return c.run("--resume")
+
+
+def _merge_existing_output(c: Case) -> list:
+    (c.root / "merged").mkdir()
+    (c.root / "merged" / "x").write_text("x")
+    return ["merge", "--alpha", "0.5", c.llama, c.model_copy("tuned"), "-o", c.root / "merged"]
+
+
+# name -> (build the arguments from a Case, exit code, text the one line must contain)
+CASES = {
+    # --- data files ---
+    "forget missing": (lambda c: c.run(forget=c.root / "nope.jsonl"), 1, "nope.jsonl: no such file"),
+    "forget is a directory": (lambda c: c.run(forget=c.root), 1, "is a directory, expected a JSONL file"),
+    "empty file": (lambda c: c.run(forget=c.file("e.jsonl", "")), 1, "e.jsonl: no examples (the file is empty)"),
+    "blank lines only": (lambda c: c.run(forget=c.file("b.jsonl", "\n  \n\n")), 1, "no examples"),
+    "malformed JSON": (lambda c: c.run(forget=c.rows("m.jsonl", json.dumps(FORGET[0]), '{"prompt": "x",')), 1,
+                       "m.jsonl:2: not valid JSON"),
+    "binary file": (lambda c: c.run(forget=c.file("bin.jsonl", bytes(range(128, 256)) * 4)), 1,
+                    "bin.jsonl:1: not UTF-8 text (is this a binary file?)"),
+    "NUL bytes": (lambda c: c.run(forget=c.file("nul.jsonl", '{"prompt": "a\x00b"}\n')), 1, "NUL bytes"),
+    "a list, not an object": (lambda c: c.run(forget=c.rows("l.jsonl", '["prompt", "response"]')), 1,
+                              "l.jsonl:1: expected a JSON object, got list"),
+    "a number, not an object": (lambda c: c.run(normal=c.rows("n2.jsonl", json.dumps(NORMAL[0]), "42")), 1,
+                                "n2.jsonl:2: expected a JSON object, got int"),
+    "no prompt": (lambda c: c.run(forget=c.rows("np.jsonl", '{"response": "r"}')), 1, "np.jsonl:1: no prompt"),
+    "no response": (lambda c: c.run(forget=c.rows("nr.jsonl", '{"prompt": "p"}')), 1, "nr.jsonl:1: no response"),
+    "prompt not a string": (lambda c: c.run(forget=c.rows("t.jsonl", '{"prompt": 3, "response": "r"}')), 1,
+                            "t.jsonl:1: 'prompt' must be a string, got int"),
+    "empty response": (lambda c: c.run(forget=c.rows("er.jsonl", '{"prompt": "p", "response": "  "}')), 1,
+                       "'response' is empty"),
+    "two prompt fields": (lambda c: c.run(forget=c.rows("2.jsonl", '{"prompt": "p", "question": "q", "response": "r"}')),
+                          1, "both 'prompt' and 'question' given"),
+    "answers not a list": (lambda c: c.run(forget=c.rows("a.jsonl", '{"prompt": "p", "response": "r", "answers": "x"}')),
+                           1, "'answers' must be a non-empty list"),
+    "one-word passage": (lambda c: c.run(forget=c.rows("p.jsonl", '{"text": "word"}')), 1, "needs at least two words"),
+    "eval file missing": (lambda c: c.run("--eval-retain", c.root / "held.jsonl"), 1, "held.jsonl: no such file"),
+    # --- models ---
+    "model path missing": (lambda c: c.run("--model", c.root / "no-model"), 1, "no such model directory"),
+    "directory is not a model": (lambda c: c.run("--model", c.root), 1, "not a model directory (no config.json)"),
+    "model without weights": (lambda c: c.run("--model", _no_weights(c)), 1, "no model weights"),
+    "pickle weights refused": (lambda c: c.run("--model", _pickle_only(c)), 1, "pass --allow-pickle if you trust"),
+    "truncated safetensors": (lambda c: c.run("--model", _truncated(c)), 1, "could not load the model"),
+    "missing model with --save-every": (lambda c: c.run("--save-every", "1", "--model", c.root / "nope"), 1,
+                                        "no such model directory"),
+    "gguf missing": (lambda c: c.run("--model", c.root / "m.gguf"), 1, "no such GGUF file"),
+    # --- impossible options ---
+    "negative lr": (lambda c: c.run("--lr", "-1"), 2, "--lr -1.0: must be positive"),
+    "zero batch size": (lambda c: c.run("--batch-size", "0"), 2, "--batch-size 0: must be positive"),
+    "stop leak above 1": (lambda c: c.run("--stop-leak", "2"), 2, "--stop-leak 2.0: must be in [0, 1]"),
+    "nan weight": (lambda c: c.run("--normal-weight", "nan"), 2, "--normal-weight nan"),
+    "tiny max length": (lambda c: c.run("--max-length", "4"), 2, "--max-length 4: must be at least 8"),
+    "lora rank 0": (lambda c: c.run("--lora-rank", "0"), 2, "--lora-rank 0: must be at least 1"),
+    "lora dropout 1": (lambda c: c.run("--lora-dropout", "1"), 2, "--lora-dropout 1.0: must be in [0, 1)"),
+    "unknown dtype": (lambda c: c.run("--dtype", "float8"), 2, "--dtype float8: expected one of"),
+    "negative save-every": (lambda c: c.run("--save-every", "-2"), 2, "--save-every -2"),
+    "unknown method": (lambda c: c.run("--method", "rlhf"), 2, "Invalid value for '--method'"),
+    "not a number": (lambda c: c.run("--max-steps", "ten"), 2, "'ten' is not a valid integer"),
+    "unknown option": (lambda c: c.run("--learning-rate", "1"), 2, "No such option '--learning-rate'"),
+    "missing argument": (lambda c: ["run"], 2, "Missing argument 'FORGET'"),
+    "eval limit 0": (lambda c: c.run("--eval-limit", "0"), 2, "--eval-limit"),
+    # --- output directories and resume ---
+    "output exists": (_non_empty_out, 2, "output directory exists and is not empty (use --force to replace it)"),
+    "output is a file": (_out_is_a_file, 2, "exists and is not a directory"),
+    "resume without checkpoint": (_resume_empty, 1, "no checkpoint to resume from"),
+    "resume with a broken checkpoint": (_resume_broken_state, 1, "not a readable checkpoint state"),
+    "resume without -o": (lambda c: ["run", c.forget, c.normal, "--model", c.llama, "--resume"], 2,
+                          "--resume needs -o OUT"),
+    # --- merge and eval ---
+    "merge mismatched checkpoints": (lambda c: ["merge", "--alpha", "0.5", c.llama, c.opt, "-o", c.root / "m"], 1,
+                                     "in BASE but not in TUNED"),
+    "merge truncated checkpoint": (lambda c: ["merge", "--alpha", "0.5", c.llama, _truncated(c), "-o", c.root / "m"],
+                                   1, "truncated or corrupt safetensors file"),
+    "merge missing model": (lambda c: ["merge", "--alpha", "0.5", c.llama, c.root / "gone", "-o", c.root / "m"], 1,
+                            "gone"),
+    "merge alpha out of range": (lambda c: ["merge", "--alpha", "1.5", c.llama, c.llama, "-o", c.root / "m"], 2,
+                                 "1.5"),
+    "merge into an existing output": (_merge_existing_output, 2, "use --force"),
+    "eval malformed prompts": (lambda c: ["eval", c.rows("q.jsonl", "{oops"), "--model", c.llama], 1,
+                               "q.jsonl:1: not valid JSON"),
+}
+
+
+def snapshot(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None
+            for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, llama_dir, opt_dir, name):
+    build, code, message = CASES[name]
+    case = Case(tmp_path, llama_dir, opt_dir)
+    args = build(case)
+    before = snapshot(tmp_path)
+    result = unlearn(*args, cwd=tmp_path, env=ENV)
+    assert result.returncode == code, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.split("\n")
+    assert len(lines) == 2 and lines[1] == "", result.stderr  # exactly one line, newline-terminated
+    line = lines[0]
+    assert line.startswith("unlearn: ") and "\r" not in line, line
+    assert message in line, line
+    assert "Traceback" not in result.stderr and "internal error" not in line
+    assert snapshot(tmp_path) == before  # nothing written, nothing removed, no runs/ directory
+
+
+def test_there_are_at_least_25_cases():
+    assert len(CASES) >= 25

@@ -1,0 +1,336 @@
+"""Checkpoints and resume, Ctrl-C, nan losses, failed saves, and the loading/saving security rules.
+
+The resume tests kill a real `unlearn run` (SIGKILL, SIGINT) once a checkpoint
+appears, resume it, and compare the adapter with an uninterrupted run's: the
+weights must be bit-identical (CPU).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_run_cli import FORGET, NORMAL, unlearn, write_jsonl
+
+ENV = {"OMP_NUM_THREADS": "1"}
+BASE = ["--max-steps", "40", "--max-new-tokens", "4", "--batch-size", "2", "--lr", "1e-2", "--save-every", "1"]
+SETTINGS = {
+    "no-checks": ["--check-every", "0"],
+    # The stop rule fires at once on the random model (nothing leaks), then 30 extra steps:
+    # the rule's state (stopped, stop_at) must survive the resume too.
+    "stop-rule": ["--check-every", "1", "--extra-steps", "30", "--method", "ga+mismatch", "--lora-dropout", "0.1"],
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    return write_jsonl(folder / "forget.jsonl", FORGET), write_jsonl(folder / "normal.jsonl", NORMAL)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data, llama_dir):
+    """The adapter of an uninterrupted run, per setting (computed once)."""
+    cache = {}
+
+    def get(setting):
+        if setting not in cache:
+            out = tmp_path_factory.mktemp("reference") / "out"
+            result = unlearn("run", *data, "--model", llama_dir, "-o", out, *BASE, *SETTINGS[setting], env=ENV)
+            assert result.returncode == 0, result.stderr
+            assert not (out / "checkpoints").exists()  # the finished result replaced them
+            cache[setting] = load_file(out / "adapter" / "adapter_model.safetensors")
+        return cache[setting]
+
+    return get
+
+
+def start_and_stop(args, out: Path, sig) -> subprocess.CompletedProcess:
+    """Start `unlearn run ARGS -o OUT`, send SIG once a checkpoint of step 3 or later exists; wait for it."""
+    process = subprocess.Popen([sys.executable, "-m", "unlearn", "run", *map(str, args), "-o", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV})
+    deadline = time.monotonic() + 120
+    def reached_step_3():
+        return any(int(p.name.split("-")[1]) >= 3 for p in (out / "checkpoints").glob("step-*"))
+
+    while not reached_step_3():
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    process.send_signal(sig)
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def assert_same_adapter(out: Path, expected: dict) -> None:
+    got = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert set(got) == set(expected)
+    for key in got:
+        assert torch.equal(got[key], expected[key]), key
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_killed_run_resumes_to_identical_weights(tmp_path, data, llama_dir, reference, setting):
+    args = [*data, "--model", llama_dir, *BASE, *SETTINGS[setting]]
+    out = tmp_path / "out"
+    killed = start_and_stop(args, out, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    assert not (out / "adapter").exists() and not (out / "run.json").exists()
+    steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
+    assert steps and steps[-1] < 40
+    (out / "checkpoints" / ".tmp-step-99-junk").mkdir()  # as a kill in the middle of a write leaves
+
+    resumed = unlearn("run", *args, "-o", out, "--resume", env=ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {out / 'checkpoints' / f'step-{steps[-1]}'}" in resumed.stderr
+    assert_same_adapter(out, reference(setting))
+    record = json.loads((out / "run.json").read_text())
+    assert record["steps"] == len(record["history"]) and [h["step"] for h in record["history"]] == list(
+        range(1, record["steps"] + 1))
+    assert not (out / "checkpoints").exists() and not list(tmp_path.glob(".out.*"))
+
+
+def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path, data, llama_dir, reference):
+    args = [*data, "--model", llama_dir, *BASE, *SETTINGS["no-checks"]]
+    out = tmp_path / "out"
+    stopped = start_and_stop(args, out, signal.SIGINT)
+    assert stopped.returncode == 130, stopped.stderr
+    last = stopped.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("unlearn: interrupted after step ") and last.endswith(f"-o {out} --resume"), last
+    assert "Traceback" not in stopped.stderr
+    step = int(last.split("after step ")[1].split(";")[0])
+    assert (out / "checkpoints" / f"step-{step}" / "state.json").is_file()
+    assert not (out / "adapter").exists()
+
+    resumed = unlearn("run", *args, "-o", out, "--resume", env=ENV)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_adapter(out, reference("no-checks"))
+
+
+def test_checkpoint_holds_only_safetensors_and_json(tmp_path, data, llama_dir):
+    out = tmp_path / "out"
+    killed = start_and_stop([*data, "--model", llama_dir, *BASE, *SETTINGS["no-checks"]], out, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    step = sorted((out / "checkpoints").glob("step-*"))[-1]
+    assert sorted(p.name for p in step.iterdir()) == ["optimizer.safetensors", "rng.safetensors", "state.json",
+                                                      "trainable.safetensors"]
+    state = json.loads((step / "state.json").read_text())
+    for key in ("step", "python_rng", "forget_order", "normal_order", "loop", "args"):
+        assert key in state
+    optimizer = load_file(step / "optimizer.safetensors")
+    assert {k.split("::")[1] for k in optimizer} == {"step", "exp_avg", "exp_avg_sq"}
+    assert len(list((out / "checkpoints").glob("step-*"))) <= 3  # old ones are pruned (2 kept, +1 mid-prune)
+
+
+def test_resume_refuses_other_arguments(tmp_path, data, llama_dir):
+    out = tmp_path / "out"
+    args = [*data, "--model", llama_dir, *BASE, *SETTINGS["no-checks"]]
+    assert start_and_stop(args, out, signal.SIGKILL).returncode == -signal.SIGKILL
+    before = sorted(p.name for p in (out / "checkpoints").iterdir())
+    result = unlearn("run", *args, "--lr", "5e-3", "-o", out, "--resume", env=ENV)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "unlearn: --resume: the arguments differ from the checkpointed run's (train); "
+        "give the same arguments, or start afresh with --force"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, data, llama_dir):
+    out = tmp_path / "out"
+    # lr 1e30: step 1 is finite (B starts at zero), then the weights overflow.
+    result = unlearn("run", *data, "--model", llama_dir, "-o", out, "--check-every", "0", "--max-steps", "10",
+                     "--batch-size", "2", "--lr", "1e30", "--save-every", "1", env=ENV)
+    assert result.returncode == 1
+    last = result.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert last == (f"unlearn: step 2: the loss is nan; stopped without writing the model; "
+                    f"the last good checkpoint is {out / 'checkpoints' / 'step-1'}; try a lower --lr")
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]  # no model, no adapter, no run.json
+    weights = load_file(out / "checkpoints" / "step-1" / "trainable.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_nonfinite_step_is_refused_before_the_update(llama_dir):
+    from test_train import unlearner
+
+    from unlearn.train import NonFiniteLoss
+
+    u = unlearner(llama_dir)
+    u.step()
+    before = [p.detach().clone() for p in u.params]
+    original = u.loss
+    u.loss = lambda rows: (original(rows)[0] * float("inf"), {})
+    with pytest.raises(NonFiniteLoss, match=r"^step 2: the loss is -?inf$"):
+        u.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, u.params)) and u.step_count == 1
+
+
+def test_checkpoint_round_trip_in_process(tmp_path, llama_dir):
+    """2 steps, save, a fresh Unlearner loads and does 2 more == 4 steps straight (weights and data order)."""
+    from test_train import unlearner
+
+    from unlearn.checkpoints import load_checkpoint, save_checkpoint
+
+    straight = unlearner(llama_dir)
+    for _ in range(4):
+        straight.step()
+    first = unlearner(llama_dir)
+    first.step(), first.step()
+    saved = save_checkpoint(tmp_path, first, {"history": []}, {})
+    assert saved == tmp_path / "checkpoints" / "step-2"
+    torch.manual_seed(123)  # whatever happens in between, the checkpoint restores the generator
+    second = unlearner(llama_dir)
+    assert load_checkpoint(saved, second) == {"history": []}
+    second.step(), second.step()
+    assert second.step_count == 4 and second.tokens == straight.tokens
+    assert all(torch.equal(a, b) for a, b in zip(straight.params, second.params))
+
+
+def _cli(argv, capsys):
+    from unlearn.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    return exit_info.value.code, capsys.readouterr()
+
+
+def test_disk_full_while_saving_leaves_no_output(tmp_path, data, llama_dir, monkeypatch, capsys):
+    import safetensors.torch
+    import transformers.modeling_utils
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    out = tmp_path / "out"
+    code, captured = _cli(["run", *data, "--model", llama_dir, "-o", out, "--check-every", "0", "--max-steps", "2",
+                           "--max-new-tokens", "4", "--batch-size", "2"], capsys)
+    assert code == 1
+    assert captured.err.replace("\r", "\n").strip().splitlines()[-1] == (
+        f"unlearn: {out}: could not write the output (No space left on device); nothing was written")
+    assert list(tmp_path.iterdir()) == []  # no OUT, no temporary directory
+    assert captured.out == ""
+
+
+def test_disk_full_while_checkpointing_keeps_earlier_checkpoints(tmp_path, data, llama_dir, monkeypatch, capsys):
+    import safetensors.torch
+
+    real, calls = safetensors.torch.save_file, []
+
+    def fails_on_the_third_checkpoint(tensors, filename, *args, **kwargs):
+        calls.append(filename)
+        if "step-3" in filename:
+            raise OSError(28, "No space left on device")
+        return real(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fails_on_the_third_checkpoint)
+    out = tmp_path / "out"
+    code, captured = _cli(["run", *data, "--model", llama_dir, "-o", out, "--check-every", "0", "--max-steps", "5",
+                           "--max-new-tokens", "4", "--batch-size", "2", "--save-every", "1"], capsys)
+    assert code == 1
+    assert captured.err.replace("\r", "\n").strip().splitlines()[-1] == (
+        f"unlearn: {out / 'checkpoints' / 'step-3'}: could not write the checkpoint (No space left on device); "
+        f"earlier checkpoints are intact")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+
+
+# --- security ----------------------------------------------------------------
+
+
+def test_trust_remote_code_is_off_unless_asked(llama_dir, monkeypatch):
+    import transformers
+
+    from unlearn import models
+
+    seen = []
+    real_model, real_tok = transformers.AutoModelForCausalLM.from_pretrained, transformers.AutoTokenizer.from_pretrained
+
+    def spy(real):
+        def wrapped(*args, **kwargs):
+            seen.append(kwargs.get("trust_remote_code"))
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy(real_model))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy(real_tok))
+    models.load_model(str(llama_dir), log=lambda m: None)
+    assert seen == [False, False]
+    seen.clear()
+    models.load_model(str(llama_dir), trust_remote_code=True, log=lambda m: None)
+    assert seen == [True, True]
+
+
+def test_cli_passes_trust_remote_code_through(monkeypatch, tmp_path, data, capsys):
+    import unlearn.run
+    from unlearn.errors import UnlearnError
+
+    captured = {}
+
+    def fake_run(opts, log):
+        captured["trust"] = opts.trust_remote_code
+        raise UnlearnError("stop here")
+
+    monkeypatch.setattr(unlearn.run, "run", fake_run)
+    for flag, expected in (([], False), (["--trust-remote-code"], True)):
+        code, _ = _cli(["run", *data, "-o", tmp_path / "o", *flag], capsys)
+        assert code == 1 and captured["trust"] is expected
+
+
+class _Payload:
+    """Unpickling this runs code: what a malicious .bin does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _pickle_model(tmp_path, llama_dir, state) -> Path:
+    import shutil
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(llama_dir, folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")  # test input only: the product never writes pickles
+    return folder
+
+
+def test_pickle_weights_refused_without_allow_pickle(tmp_path, llama_dir):
+    from unlearn.errors import UnlearnError
+    from unlearn.models import load_model
+
+    folder = _pickle_model(tmp_path, llama_dir, load_file(llama_dir / "model.safetensors"))
+    with pytest.raises(UnlearnError, match="pickle files"):
+        load_model(str(folder), log=lambda m: None)
+    loaded = load_model(str(folder), allow_pickle=True, log=lambda m: None)  # a plain state dict loads
+    assert loaded.model is not None
+
+
+def test_allowed_pickle_is_loaded_with_weights_only(tmp_path, llama_dir):
+    from unlearn.errors import UnlearnError
+    from unlearn.models import load_model
+
+    marker = tmp_path / "pwned"
+    state = {**load_file(llama_dir / "model.safetensors"), "evil": _Payload(marker)}
+    folder = _pickle_model(tmp_path, llama_dir, state)
+    with pytest.raises(UnlearnError, match="refused to load the pickle weights") as error:
+        load_model(str(folder), allow_pickle=True, log=lambda m: None)
+    assert "\n" not in str(error.value)
+    assert not marker.exists()  # weights_only=True refused to run the payload
+
+
+def test_the_package_never_writes_pickles():
+    package = Path(__file__).parent.parent / "unlearn"
+    for source in package.glob("*.py"):
+        text = source.read_text()
+        assert "torch.save(" not in text and "pickle.dump" not in text, source
