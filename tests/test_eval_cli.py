@@ -164,3 +164,16 @@ def test_embedded_model_own_answers_read_as_leaked(tmp_path):
     forget = write_jsonl(tmp_path / "f.jsonl", [{"prompt": p, "response": a} for p, a in zip(prompts, answers)])
     obj = json.loads(cli(str(data), "--forget", str(forget), "--batch-size", "4", "--json"))
     assert obj["n"] == 4 and obj["leak_rate"] >= 0.9
+
+
+def test_eval_never_overwrites_a_result_without_force(tmp_path, capsys, tiny_dirs):
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS[:2]])
+    report = tmp_path / "report.md"
+    report.write_text("an earlier report\n")
+    args = ["eval", str(data), "--model", tiny_dirs[0], "--max-new-tokens", "4", "--report", str(report)]
+    code, out, err = run(capsys, *args)
+    assert code == 2 and "exists (use --force to replace it)" in err
+    assert report.read_text() == "an earlier report\n"
+    code, out, err = run(capsys, *args, "--force")
+    assert code == 0, err
+    assert report.read_text().startswith("#") and not list(tmp_path.glob(".report.md.tmp-*"))

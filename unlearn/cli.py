@@ -212,10 +212,11 @@ def format_run(record: dict) -> str:
 @click.option("--save-generations", type=click.Path(path_type=str), default=None,
               help="Write one JSON line per prompt: prompt, output, reference, scores.")
 @click.option("--report", type=click.Path(path_type=str), default=None, help="Write a markdown report.")
+@click.option("--force", is_flag=True, help="Replace existing --save-generations / --report files.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def eval_command(prompts, model, reference_model, forget, judge, judge_label, holdout, reward_model, batch_size,
                  max_new_tokens, do_sample, temperature, top_p, seed, min_k, dtype, save_generations, report,
-                 as_json):
+                 force, as_json):
     """Generate answers to PROMPTS and measure harmful, leak and hallucination rates, quality and memorisation.
 
     References for leak and harmful rates are the PROMPTS rows' responses, or
@@ -225,7 +226,7 @@ def eval_command(prompts, model, reference_model, forget, judge, judge_label, ho
 
     from unlearn import evaluate
 
-    evaluate.check_writable(save_generations, report)
+    evaluate.check_writable(save_generations, report, force=force)
     opts = evaluate.EvalOptions(
         prompts=Path(prompts), model=model, reference_model=reference_model,
         forget=Path(forget) if forget else None, holdout=Path(holdout) if holdout else None,

@@ -723,26 +723,38 @@ def format_report(result: dict, title: str = "unlearn eval") -> str:
     return "\n".join(md) + "\n"
 
 
-def check_writable(*paths) -> None:
-    """Fail before any model loads when an output file cannot be written (a directory, a missing parent)."""
+def check_writable(*paths, force: bool = False) -> None:
+    """Fail before any model loads when an output file cannot be written, or exists and FORCE is off."""
     for path in paths:
         if path is None:
             continue
         path = Path(path)
         if path.is_dir():
             raise UsageError(f"{path}: is a directory, expected a file name")
+        if path.exists() and not force:
+            raise UsageError(f"{path}: exists (use --force to replace it)")
         parent = path.parent if str(path.parent) else Path(".")
         if parent.exists() and not parent.is_dir():
             raise UsageError(f"{path}: {parent} is not a directory")
 
 
 def _write_text(path, text: str) -> None:
+    """Write TEXT to PATH atomically: a temporary file beside it, renamed when complete."""
+    import os
+    import tempfile
+
     path = Path(path)
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
     except OSError as exc:
-        raise UnlearnError(f"{path}: could not write ({exc.strerror})") from None
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise UnlearnError(f"{path}: could not write ({exc.strerror}); nothing was written") from None
 
 
 def write_generations(path, rows: Sequence[dict]) -> None:
