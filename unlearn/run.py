@@ -169,7 +169,7 @@ def _run(opts: RunOptions, log, created: list) -> dict:
 
     from unlearn import models, system
     from unlearn.checkpoints import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
-    from unlearn.evaluate import make_judge
+    from unlearn.evaluate import clip_references, make_judge
     from unlearn.generation import generate
     from unlearn.lora import adapters_disabled, attach_lora
     from unlearn.paths import remember_last_run
@@ -218,12 +218,14 @@ def _run(opts: RunOptions, log, created: list) -> dict:
             split.before = before_eval.metrics(split, split.base_outputs)
     eval_seconds += time.perf_counter() - t
 
-    forget_split = splits[0]
+    # The stop rule's references are cut to what its short answers can hold: a long forget
+    # response could otherwise never read as leaked, and the rule would stop too early.
+    check_rows = clip_references(splits[0].examples, tokenizer, opts.train.check_tokens)
 
     def forgotten():
-        outputs = generate(model, tokenizer, [e.prompt for e in forget_split.examples],
+        outputs = generate(model, tokenizer, [e.prompt for e in check_rows],
                            batch_size=opts.gen_batch_size, max_new_tokens=opts.train.check_tokens, desc=False)
-        leak = rate(leak_flags(outputs, forget_split.examples)) or 0.0
+        leak = rate(leak_flags(outputs, check_rows)) or 0.0
         return leak <= opts.train.stop_leak, leak
 
     unlearner = Unlearner(model, tokenizer, forget, normal, opts.train, reference_model=reference_model)
