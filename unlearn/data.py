@@ -49,7 +49,10 @@ class Example:
     response: str | None
     line: int
     extra: dict = field(default_factory=dict)
-    is_passage: bool = False
+
+    @property
+    def is_passage(self) -> bool:
+        return isinstance(self.prompt, Passage)
 
 
 def split_passage(text: str) -> tuple[str, str]:
@@ -103,7 +106,7 @@ def parse_line(obj, where: str, need_response: bool) -> Example:
             raise UnlearnError(f"{where}: 'text' needs at least two words to split into prefix and continuation")
         prefix, continuation = split_passage(text.strip())
         extra = {k: v for k, v in obj.items() if k != "text"}
-        return Example(Passage(prefix), continuation, line, extra, is_passage=True)
+        return Example(Passage(prefix), continuation, line, extra)
     prompt = _pick(obj, PROMPT_KEYS, where, "prompt")
     if prompt is None:
         raise UnlearnError(f"{where}: no prompt: expected one of {', '.join(PROMPT_KEYS)} (or 'text')")

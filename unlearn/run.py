@@ -74,9 +74,23 @@ class Split:
     kind: str
     examples: list
     path: Path | None = None
+    references: list | None = None  # what the metrics compare with (set once the tokenizer is known)
     before: dict | None = None
     after: dict | None = None
     base_outputs: list | None = None
+
+
+def _references(split: Split, tokenizer, budget: int) -> list:
+    """The split's rows as the metrics see them, tokenised once for before and after.
+
+    Responses are cut to the generation budget; a retain split's responses are not
+    forbidden, so they are dropped (its accuracy comes from `answers`).
+    """
+    from unlearn.evaluate import clip_references
+
+    if split.kind == "retain":
+        return [replace(e, response=None) for e in split.examples]
+    return clip_references(split.examples, tokenizer, budget)
 
 
 def _load_splits(opts: RunOptions, forget, normal) -> list[Split]:
@@ -96,12 +110,12 @@ def _load_splits(opts: RunOptions, forget, normal) -> list[Split]:
 class _Evaluator:
     """Generates answers for a split and computes its metrics; the model's state decides before/after."""
 
-    def __init__(self, opts: RunOptions, model, tokenizer, reference_scorer, forget, judge):
-        from unlearn.evaluate import Scorer, clip_references
+    def __init__(self, opts: RunOptions, model, tokenizer, reference_scorer, forget_references, judge):
+        from unlearn.evaluate import Scorer
 
         self.opts, self.model, self.tokenizer = opts, model, tokenizer
         self.judge = judge
-        self.forget = clip_references(forget, tokenizer, opts.max_new_tokens)
+        self.forget = forget_references
         self.scorer = Scorer(model, tokenizer, batch_size=opts.gen_batch_size)
         self.reference_scorer = reference_scorer
 
@@ -112,11 +126,9 @@ class _Evaluator:
                         batch_size=self.opts.gen_batch_size, max_new_tokens=self.opts.max_new_tokens, desc=desc)
 
     def metrics(self, split: Split, outputs: list[str]) -> dict:
-        from unlearn.evaluate import clip_references, evaluate_outputs
+        from unlearn.evaluate import evaluate_outputs
 
-        examples = clip_references(split.examples, self.tokenizer, self.opts.max_new_tokens)
-        if split.kind == "retain":  # its responses are not forbidden; accuracy comes from `answers`
-            examples = [replace(e, response=None) for e in examples]
+        examples = split.references
         summary = evaluate_outputs(outputs, examples, judge=self.judge, scorer=self.scorer,
                                    fluency_scorer=self.reference_scorer, reference_outputs=split.base_outputs).summary
         if split.kind == "retain":
@@ -206,13 +218,16 @@ def _run(opts: RunOptions, log, created: list) -> dict:
         attach_lora(model, opts.lora, seed=opts.train.seed)
     judge = make_judge(opts.judge, opts.judge_label)
     reference_scorer = _reference_scorer(model, tokenizer, reference_model, opts.gen_batch_size)
-    evaluator = _Evaluator(opts, model, tokenizer, reference_scorer, forget, judge)
+    for split in splits:
+        split.references = _references(split, tokenizer, opts.max_new_tokens)
+    forget_references = clip_references(forget, tokenizer, opts.max_new_tokens)
+    evaluator = _Evaluator(opts, model, tokenizer, reference_scorer, forget_references, judge)
 
     eval_seconds = 0.0
     t = time.perf_counter()
     before_model = reference_model if reference_model is not None else model
     with adapters_disabled(model):
-        before_eval = _Evaluator(opts, before_model, tokenizer, reference_scorer, forget, judge)
+        before_eval = _Evaluator(opts, before_model, tokenizer, reference_scorer, forget_references, judge)
         for split in splits:
             split.base_outputs = before_eval.outputs(split, f"before: {split.name}")
             split.before = before_eval.metrics(split, split.base_outputs)
