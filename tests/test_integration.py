@@ -53,3 +53,22 @@ def test_run_and_merge_on_the_embedded_model(tmp_path, cache):
     result = cli("merge", "--alpha", "0.5", "-o", merged, cache=cache)  # no paths: the last run's models
     assert result.returncode == 0, result.stderr
     assert (merged / "config.json").is_file()
+
+
+def test_ulmr_on_the_embedded_model(tmp_path, cache):
+    """Augmentation with the real model, SFT on negative responses, α chosen by measurement."""
+    rows = (EXAMPLES / "forget.jsonl").read_text().splitlines()[:3]
+    forget = tmp_path / "forget.jsonl"
+    forget.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "ulmr"
+    result = cli("run", forget, EXAMPLES / "normal.jsonl", "--method", "ulmr", "-o", out, "--json",
+                 "--rewrites", "1", "--max-steps", "3", "--check-every", "0", "--eval-limit", "3",
+                 "--max-new-tokens", "16", "--alpha-grid", "0,0.5", cache=cache)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["augment"]["sources"] == 3 and report["augment"]["rows"] == 6
+    augmented = [json.loads(line) for line in (out / "augmented.jsonl").read_text().splitlines()]
+    # Whatever the model wrote, no training row gives the forget answer away.
+    assert not any("rowling" in r["response"].lower() for r in augmented)
+    assert report["alpha"] in (0.0, 0.5) and report["alpha_selection"]["reason"]
+    assert (out / "tuned-adapter" / "adapter_model.safetensors").is_file()

@@ -179,3 +179,17 @@ def test_first_scored_position_skips_only_prompt_logits():
     assert first_scored_position(torch.tensor([[ign, ign, ign, 5], [ign, ign, 7, 8]])) == 1
     assert first_scored_position(torch.tensor([[ign, 4, 5, 6]])) == 0
     assert first_scored_position(torch.tensor([[ign, ign, ign, ign], [ign, ign, ign, 8]])) == 2  # empty row ignored
+
+
+def test_gradient_checkpointing_trains_the_same(llama_dir):
+    """--gradient-checkpointing recomputes activations; the losses and weights must not change."""
+    from unlearn.models import enable_gradient_checkpointing
+
+    plain, checkpointed = unlearner(llama_dir), unlearner(llama_dir)
+    enable_gradient_checkpointing(checkpointed.model)
+    for _ in range(3):
+        a, b = plain.step(), checkpointed.step()
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["kl"] == pytest.approx(b["kl"], abs=1e-6)
+    for (name, (a_a, a_b)), (_, (b_a, b_b)) in zip(lora_state(plain.model).items(),
+                                                   lora_state(checkpointed.model).items()):
+        assert torch.allclose(a_a, b_a, atol=1e-5) and torch.allclose(a_b, b_b, atol=1e-5), name

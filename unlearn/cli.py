@@ -46,6 +46,9 @@ def _command_line() -> str:
     return shlex.join(["unlearn", *_ARGV])
 
 
+ULMR_STOP_LEAK, ULMR_EXTRA_STEPS = 0.1, 4
+
+
 def _split_targets(value: str) -> tuple[str, ...]:
     targets = tuple(t.strip() for t in value.split(",") if t.strip())
     if not targets:
@@ -59,13 +62,15 @@ def _split_targets(value: str) -> tuple[str, ...]:
 @click.option("--model", default=None, envvar="UNLEARN_MODEL",
               help="HF directory, hub id or .gguf file [default: embedded SmolLM2-135M-Instruct; env UNLEARN_MODEL].")
 @click.option("--method", default="ga", show_default=True,
-              type=click.Choice(["ga", "ga+mismatch", "ga+template", "graddiff", "npo"]),
+              type=click.Choice(["ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr"]),
               help="ga: gradient ascent + KL; ga+mismatch: + random normal answers; ga+template: + a fixed "
-                   "refusal; graddiff: ascent + NLL on normal; npo: negative preference optimisation + KL.")
+                   "refusal; graddiff: ascent + NLL on normal; npo: negative preference optimisation + KL; "
+                   "ulmr: fine-tune on rewritten prompts with negative responses (+ KL), then average with α.")
 @click.option("-o", "--output", default=None, help="Output directory [default: runs/<timestamp>].")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--lr", type=float, default=None, help="Learning rate [default: 1e-3 with LoRA, 1e-5 with --full].")
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Forget (and normal) rows per micro-batch.")
+@click.option("--batch-size", type=int, default=4, show_default=True,
+              help="Forget (and normal) rows per micro-batch; under torchrun, in all (each process takes a share).")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimiser step.")
 @click.option("--max-steps", type=int, default=150, show_default=True, help="Cap on optimiser steps.")
 @click.option("--warmup-steps", type=int, default=0, show_default=True)
@@ -83,13 +88,18 @@ def _split_targets(value: str) -> tuple[str, ...]:
 @click.option("--npo-beta", type=float, default=0.1, show_default=True)
 @click.option("--check-every", type=int, default=1, show_default=True,
               help="Steps between checks of the stop rule (0: no checks, run --max-steps).")
-@click.option("--stop-leak", type=float, default=0.0, show_default=True,
-              help="Stop once the forget prompts' leak rate is at or below this.")
-@click.option("--extra-steps", type=int, default=0, show_default=True,
-              help="Steps to keep going after the stop rule fires.")
+@click.option("--stop-leak", type=float, default=None,
+              help="Stop once the forget prompts' leak rate is at or below this [default: 0; ulmr: 0.1].")
+@click.option("--extra-steps", type=int, default=None,
+              help="Steps to keep going after the stop rule fires [default: 0; ulmr: 4].")
 @click.option("--max-length", type=int, default=256, show_default=True, help="Tokens per training row (prompt+response).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--full", is_flag=True, help="Fine-tune every weight instead of LoRA (keeps a frozen reference copy).")
+@click.option("--gradient-checkpointing", is_flag=True,
+              help="Recompute activations in backward: about 40% less peak memory, 30% more time (large models).")
+@click.option("--fsdp", is_flag=True,
+              help="Under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP) "
+                   "instead of a full model copy per process (DDP), for models that do not fit on one device.")
 @click.option("--lora-rank", type=int, default=8, show_default=True)
 @click.option("--lora-alpha", type=float, default=16.0, show_default=True)
 @click.option("--lora-dropout", type=float, default=0.0, show_default=True)
@@ -114,19 +124,37 @@ def _split_targets(value: str) -> tuple[str, ...]:
               help="Write a checkpoint to OUT/checkpoints every N steps (0: only on Ctrl-C); OUT is created at once.")
 @click.option("--resume", is_flag=True,
               help="Continue the run in -o OUT from its latest checkpoint (give the same arguments).")
+@click.option("--augmented", type=click.Path(path_type=str), default=None,
+              help="ulmr: training rows from `unlearn augment` [default: augment FORGET with the model now].")
+@click.option("--rewrites", type=int, default=2, show_default=True, help="ulmr: rewrites per forget prompt.")
+@click.option("--alpha", default=None,
+              help="Average the result with the original: θa = α·θ + (1−α)·θ' (a number in [0, 1], or auto: "
+                   "measure --alpha-grid and take the α that keeps most with forget leak ≤ --max-leak) "
+                   "[default: auto with ulmr, no averaging otherwise].")
+@click.option("--alpha-grid", default="0,0.2,0.4,0.6,0.8", show_default=True, help="The α that --alpha auto tries.")
+@click.option("--max-leak", type=float, default=0.1, show_default=True,
+              help="--alpha auto: the forget leak rate an α must reach.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def run_command(forget, normal, model, method, output, force, lr, batch_size, grad_accum, max_steps, warmup_steps,
                 schedule, max_grad_norm, forget_weight, mismatch_weight, normal_weight, forget_tokens, template, npo_beta,
-                check_every, stop_leak, extra_steps, max_length, seed, full, lora_rank, lora_alpha, lora_dropout,
+                check_every, stop_leak, extra_steps, max_length, seed, full, gradient_checkpointing, fsdp, lora_rank, lora_alpha, lora_dropout,
                 lora_targets, dtype, device, judge, judge_label, eval_forget, eval_retain, eval_limit, max_new_tokens,
-                gen_batch_size, trust_remote_code, allow_pickle, save_every, resume, as_json):
+                gen_batch_size, trust_remote_code, allow_pickle, save_every, resume, augmented, rewrites, alpha,
+                alpha_grid, max_leak, as_json):
     """Unlearn the FORGET.jsonl answers while keeping NORMAL.jsonl behaviour; report before and after."""
     from pathlib import Path
 
+    from unlearn.alpha_selection import parse_alphas
     from unlearn.lora import MLP_TARGETS, LoraSettings
     from unlearn.run import RunOptions, run
     from unlearn.train import TrainConfig
 
+    # ULMR's fine-tune has a minimum, so it cannot collapse the way ascent does; but the last
+    # leaking prompt can take many steps to go (measured: one of 14 stayed for 10 steps), so it
+    # stops at the leak that α selection asks for and trains a few steps more to leave room for α.
+    ulmr = method == "ulmr"
+    stop_leak = stop_leak if stop_leak is not None else (ULMR_STOP_LEAK if ulmr else 0.0)
+    extra_steps = extra_steps if extra_steps is not None else (ULMR_EXTRA_STEPS if ulmr else 0)
     train = TrainConfig(
         method=method, forget_weight=forget_weight, mismatch_weight=mismatch_weight, normal_weight=normal_weight,
         lr=lr if lr is not None else (1e-5 if full else 1e-3), batch_size=batch_size, grad_accum=grad_accum,
@@ -137,11 +165,13 @@ def run_command(forget, normal, model, method, output, force, lr, batch_size, gr
     opts = RunOptions(
         forget=Path(forget), normal=Path(normal), model=model, output=Path(output) if output else None, force=force,
         train=train, lora=LoraSettings(lora_rank, lora_alpha, lora_dropout, _split_targets(lora_targets) if lora_targets else MLP_TARGETS),
-        full=full, dtype=dtype, device=device, judge=judge, judge_label=judge_label,
+        full=full, gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, dtype=dtype, device=device, judge=judge, judge_label=judge_label,
         eval_forget=tuple(Path(p) for p in eval_forget), eval_retain=tuple(Path(p) for p in eval_retain),
         eval_limit=eval_limit, max_new_tokens=max_new_tokens,
         gen_batch_size=gen_batch_size, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
         save_every=save_every, resume=resume, command=_command_line(),
+        augmented=Path(augmented) if augmented else None, rewrites=rewrites, alpha=alpha,
+        alpha_grid=tuple(parse_alphas(alpha_grid)), max_leak=max_leak,
     )
     record = run(opts, log=echo_err)
     if as_json:
@@ -175,6 +205,7 @@ def format_run(record: dict) -> str:
         "",
         f"judge: {record['judge']}; similarity: ROUGE-L F against the original model's outputs",
         f"steps: {record['steps']} (stopped: {record['stopped_by']}); method: {record['method']}",
+        *_ulmr_lines(record),
         f"wall clock: {record['wall_clock_s']:.1f} s (training {record['train_seconds']:.1f} s, "
         f"evaluation {record['eval_seconds']:.1f} s); {record['tokens_per_s']:.0f} tokens/s; "
         f"peak memory {record['peak_memory_mb']:.0f} MiB; device {record['device']}",
@@ -183,6 +214,69 @@ def format_run(record: dict) -> str:
     if record.get("adapter"):
         lines.append(f"adapter: {record['adapter']}")
     return "\n".join(lines)
+
+
+def _ulmr_lines(record: dict) -> list[str]:
+    """What augmentation made and which α averaging used, when the run did either."""
+    lines = []
+    augment = record.get("augment")
+    if augment and "rows" in augment and "sources" in augment:
+        lines.append(f"augmented: {augment['rows']} rows from {augment['sources']} forget rows "
+                     f"({augment['rewrite_fallbacks']} templated rewrites, {augment['response_fallbacks']} "
+                     f"templated responses)")
+    elif augment:
+        lines.append(f"augmented: {augment['rows']} rows from {augment['file']}")
+    if record.get("alpha") is not None:
+        selection = record.get("alpha_selection")
+        lines.append(f"averaged: α={record['alpha']:g}" + (f"; {selection['reason']}" if selection else ""))
+    return lines
+
+
+# === augment (augment.py) ===
+
+
+@cli.command("augment")
+@click.argument("forget", type=click.Path(path_type=str))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="The augmented JSONL to write.")
+@click.option("--model", default=None, envvar="UNLEARN_MODEL",
+              help="The model to be unlearned [default: embedded SmolLM2-135M-Instruct; env UNLEARN_MODEL].")
+@click.option("--generator", default=None,
+              help="Write the rewrites and negative responses with this model instead of --model.")
+@click.option("--rewrites", type=int, default=2, show_default=True, help="Rewrites per forget prompt.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled rewrites.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Generation batch size.")
+@click.option("--dtype", default="float32", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing OUTPUT.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code (off by default).")
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as one JSON object.")
+def augment_command(forget, output, model, generator, rewrites, seed, batch_size, dtype, force, trust_remote_code,
+                    as_json):
+    """ULMR's data: rewrite each FORGET prompt and write a negative response for each (paper's prompts)."""
+    import time
+
+    from unlearn import models
+    from unlearn.augment import augment
+    from unlearn.data import read_examples
+    from unlearn.outputs import check_writable, write_text_atomic
+
+    if rewrites < 0 or batch_size < 1:
+        raise UsageError("--rewrites must be 0 or more and --batch-size at least 1")
+    models.torch_dtype(dtype)
+    examples = read_examples(forget)
+    check_writable(output, force=force)
+    started = time.perf_counter()
+    loaded = models.load_model(generator or model, dtype=dtype, trust_remote_code=trust_remote_code, log=echo_err)
+    rows, stats = augment(loaded.model, loaded.tokenizer, examples, rewrites=rewrites, seed=seed,
+                          batch_size=batch_size, log=echo_err)
+    write_text_atomic(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    result = {"output": os.path.abspath(output), "generator": loaded.name, **stats.as_dict(),
+              "seconds": round(time.perf_counter() - started, 1)}
+    if as_json:
+        print_json(result)
+    else:
+        click.echo(f"{stats.summary()}\nrewrites rejected: {stats.rewrites_rejected or 'none'}\n"
+                   f"responses rejected: {stats.responses_rejected or 'none'}\nwrote {result['output']} "
+                   f"in {result['seconds']:.1f} s")
 
 
 # === eval (evaluate.py) ===
@@ -252,34 +346,50 @@ def eval_command(prompts, model, reference_model, forget, judge, judge_label, ho
 
 @cli.command()
 @click.argument("paths", nargs=-1, metavar="[BASE [TUNED]]", type=click.Path(path_type=str))
-@click.option("--alpha", type=float, default=None,
-              help="Weight of BASE: θa = α·BASE + (1−α)·TUNED (1 gives BASE back). Required unless --adapter.")
+@click.option("--alpha", default=None,
+              help="Weight of BASE: θa = α·BASE + (1−α)·TUNED (1 gives BASE back). Several, comma-separated "
+                   "(0.2,0.4,0.6,0.8), write one model each and, with --eval-forget/--eval-retain, a trade-off "
+                   "table and a recommended α. Required unless --adapter.")
 @click.option("--adapter", "adapter", type=click.Path(path_type=str), default=None,
               help="Fold this PEFT LoRA adapter into BASE instead (W + s·B·A, scaled by 1−α when --alpha is given).")
 @click.option("-o", "--output", type=click.Path(path_type=str), default=None,
-              help="Output directory [default: TUNED-avgALPHA, or ADAPTER-merged, beside it].")
+              help="Output directory [default: TUNED-avgALPHA, ADAPTER-merged, or TUNED-alphas for several α].")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--max-shard-size", default=None, help="Re-shard the output, e.g. 2GB or 500MB [default: like BASE].")
 @click.option("--allow-extrapolation", is_flag=True, help="Accept α outside [0, 1].")
+@click.option("--eval-forget", multiple=True, type=click.Path(path_type=str),
+              help="Prompts whose answers must not come out (rows with a response or `answers`); repeatable.")
+@click.option("--eval-retain", multiple=True, type=click.Path(path_type=str),
+              help="Knowledge that must survive (rows with `answers`; similarity to BASE's outputs); repeatable.")
+@click.option("--max-leak", type=float, default=0.1, show_default=True,
+              help="α selection: the forget leak rate an α must reach to be recommended.")
+@click.option("--max-new-tokens", type=int, default=48, show_default=True, help="α selection: tokens per answer.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="α selection: generation batch size.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def merge(paths, alpha, adapter, output, force, max_shard_size, allow_extrapolation, as_json):
-    """Average two checkpoints (BASE TUNED), or fold a LoRA adapter into BASE.
+def merge(paths, alpha, adapter, output, force, max_shard_size, allow_extrapolation, eval_forget, eval_retain,
+          max_leak, max_new_tokens, batch_size, as_json):
+    """Average two checkpoints (BASE TUNED), or fold a LoRA adapter into BASE; choose α.
 
-    With no paths, BASE and TUNED are the base model and the merged model of
+    With no paths, BASE and TUNED are the base model and the fine-tuned model of
     the most recent `unlearn run`. Works tensor by tensor: memory stays flat.
     """
     from pathlib import Path
 
     from unlearn import averaging
+    from unlearn.alpha_selection import parse_alphas
 
-    base, tuned = _merge_inputs(paths, adapter)
+    alphas = parse_alphas(alpha, allow_extrapolation=allow_extrapolation) if alpha is not None else None
+    if (eval_forget or eval_retain or (alphas and len(alphas) > 1)):
+        return _merge_sweep(paths, alphas, adapter, output, force, max_shard_size, allow_extrapolation,
+                            eval_forget, eval_retain, max_leak, max_new_tokens, batch_size, as_json)
+    alpha = alphas[0] if alphas else None
+    base, tuned, adapter = _merge_inputs(paths, adapter, alpha)
     if adapter is None and alpha is None:
         raise UsageError("--alpha is required to average two models (e.g. --alpha 0.5)")
-    if alpha is not None:
-        averaging.check_alpha(alpha, allow_extrapolation)
     shard = averaging.parse_size(max_shard_size) if max_shard_size else None
     if output is None:
-        output = f"{adapter.rstrip('/')}-merged" if adapter else f"{tuned.rstrip('/')}-avg{alpha:g}"
+        stem = (adapter or tuned).rstrip("/")
+        output = f"{stem}-merged" if alpha is None else f"{stem}-avg{alpha:g}"
         echo_err(f"unlearn: writing to {output}")
     progress = _ByteProgress()
     common = dict(force=force, max_shard_size=shard, allow_extrapolation=allow_extrapolation,
@@ -303,23 +413,70 @@ def merge(paths, alpha, adapter, output, force, max_shard_size, allow_extrapolat
             click.echo(f"{key:<{width}}  {value}")
 
 
-def _merge_inputs(paths, adapter):
-    """(BASE, TUNED) from the arguments, or from the last run's record when none are given."""
+def _merge_sweep(paths, alphas, adapter, output, force, max_shard_size, allow_extrapolation, eval_forget,
+                 eval_retain, max_leak, max_new_tokens, batch_size, as_json):
+    """Several α (and/or --eval-*): one model per α under OUT, and the trade-off table."""
+    from pathlib import Path
+
+    from unlearn import averaging
+    from unlearn.alpha_selection import read_eval_sets, sweep
+
+    if not alphas:
+        raise UsageError("--eval-forget/--eval-retain need --alpha, e.g. --alpha 0.2,0.4,0.6,0.8")
+    if not 0 <= max_leak <= 1:
+        raise UsageError(f"--max-leak {max_leak}: must be in [0, 1]")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise UsageError("--max-new-tokens and --batch-size must be at least 1")
+    if (eval_forget or eval_retain) and not eval_forget:
+        raise UsageError("choosing α needs --eval-forget (the prompts whose answers must not come out)")
+    sets = read_eval_sets(eval_forget, eval_retain)
+    base, tuned, adapter = _merge_inputs(paths, adapter, alphas[0])
+    shard = averaging.parse_size(max_shard_size) if max_shard_size else None
+    if output is None:
+        output = f"{(adapter or tuned).rstrip('/')}-alphas"
+        echo_err(f"unlearn: writing to {output}")
+    result = sweep(base, tuned, adapter, alphas, Path(output), sets, max_leak=max_leak, force=force,
+                   max_new_tokens=max_new_tokens, batch_size=batch_size, max_shard_size=shard,
+                   allow_extrapolation=allow_extrapolation, log=echo_err)
+    if as_json:
+        print_json({k: v for k, v in result.items() if k not in ("table", "sets")})
+        return
+    if "table" in result:
+        click.echo(result["table"].rstrip("\n"))
+        click.echo("")
+    for alpha in alphas:
+        click.echo(f"α={alpha:g}: {result['models'][f'{alpha:g}']}")
+    if "files" in result:
+        click.echo("table: " + ", ".join(str(Path(result["output"]) / f) for f in result["files"]))
+
+
+def _merge_inputs(paths, adapter, alpha=None):
+    """(BASE, TUNED, ADAPTER) from the arguments, or from the last run's record when none are given.
+
+    A run that averaged its result (ULMR's --alpha) records the fine-tuned model before
+    averaging (`tuned_adapter` or `tuned_model`): that is TUNED, so a new α starts from θ'
+    again rather than averaging the average.
+    """
     wanted = 1 if adapter else 2
     if len(paths) == wanted:
-        return paths[0], (paths[1] if wanted == 2 else None)
+        return paths[0], (paths[1] if wanted == 2 else None), adapter
     if paths:
         shape = "BASE (with --adapter)" if adapter else "BASE and TUNED, or neither"
         raise UsageError(f"merge takes {shape}; got {len(paths)} path(s)")
     from unlearn.paths import last_run_record
 
     run_dir, record = last_run_record()
-    keys = ["base_model"] if adapter else ["base_model", "merged_model"]
-    for key in keys:
-        if not record.get(key):
-            raise UnlearnError(f"{run_dir / 'run.json'}: has no {key!r} to merge")
+    if not record.get("base_model"):
+        raise UnlearnError(f"{run_dir / 'run.json'}: has no 'base_model' to merge")
     echo_err(f"unlearn: merging the last run ({run_dir})")
-    return record["base_model"], (None if adapter else record["merged_model"])
+    if adapter:
+        return record["base_model"], None, adapter
+    if record.get("tuned_adapter"):
+        return record["base_model"], None, record["tuned_adapter"]
+    tuned = record.get("tuned_model") or record.get("merged_model")
+    if not tuned:
+        raise UnlearnError(f"{run_dir / 'run.json'}: has no 'merged_model' to merge")
+    return record["base_model"], tuned, None
 
 
 class _ByteProgress:

@@ -28,6 +28,8 @@ from typing import Callable, Sequence
 
 from unlearn import metrics
 from unlearn.errors import UnlearnError, UsageError
+from unlearn.outputs import check_writable
+from unlearn.outputs import write_text_atomic as _write_text
 
 rate = metrics.rate  # share of True over the flags that are not None
 
@@ -721,40 +723,6 @@ def format_report(result: dict, title: str = "unlearn eval") -> str:
     md += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(row) + " |" for row in body]
     return "\n".join(md) + "\n"
-
-
-def check_writable(*paths, force: bool = False) -> None:
-    """Fail before any model loads when an output file cannot be written, or exists and FORCE is off."""
-    for path in paths:
-        if path is None:
-            continue
-        path = Path(path)
-        if path.is_dir():
-            raise UsageError(f"{path}: is a directory, expected a file name")
-        if path.exists() and not force:
-            raise UsageError(f"{path}: exists (use --force to replace it)")
-        parent = path.parent if str(path.parent) else Path(".")
-        if parent.exists() and not parent.is_dir():
-            raise UsageError(f"{path}: {parent} is not a directory")
-
-
-def _write_text(path, text: str) -> None:
-    """Write TEXT to PATH atomically: a temporary file beside it, renamed when complete."""
-    import os
-    import tempfile
-
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        raise UnlearnError(f"{path}: could not write ({exc.strerror}); nothing was written") from None
 
 
 def write_generations(path, rows: Sequence[dict]) -> None:

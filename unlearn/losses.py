@@ -33,11 +33,18 @@ def _shift(logits: torch.Tensor, labels: torch.Tensor):
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(token) at every response position (0 elsewhere), and the response mask; both (batch, seq-1)."""
+    """log p(token) at every response position (0 elsewhere), and the response mask; both (batch, seq-1).
+
+    log p(t) = z_t - logsumexp(z), at response positions only: no full-vocabulary
+    log-softmax of the whole window is made and kept for the backward pass (a forget
+    row focused on its `answers` scores a few positions of a window of dozens).
+    """
     logits, targets, mask = _shift(logits, labels)
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return picked * mask, mask
+    scored = logits[mask].float()  # (response tokens, vocab)
+    picked = scored.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scored, dim=-1)
+    out = picked.new_zeros(mask.shape)
+    out[mask] = picked
+    return out, mask
 
 
 def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -93,10 +100,42 @@ def kl_loss(reference_logits: torch.Tensor, logits: torch.Tensor, labels: torch.
     cur, _, _ = _shift(logits, labels)
     if not mask.any():
         raise ValueError("no response tokens in this batch (is --max-length too small?)")
-    ref_logp = torch.log_softmax(ref[mask].float(), dim=-1)
-    cur_logp = torch.log_softmax(cur[mask].float(), dim=-1)
-    per_token = (ref_logp.exp() * (ref_logp - cur_logp)).sum(dim=-1)
-    return per_token.mean()
+    return _TokenKL.apply(ref[mask].detach(), cur[mask]).mean()
+
+
+class _TokenKL(torch.autograd.Function):
+    """Per-row KL(softmax(ref) || softmax(cur)) of two (tokens, vocab) logit matrices; gradient to cur only.
+
+    The same arithmetic as log-softmax both, subtract, weight, sum, but over chunks of
+    rows, and the backward pass uses d KL / d cur = softmax(cur) - softmax(ref) (the
+    reference probabilities sum to 1) instead of autograd's saved copies: only the two
+    input matrices are kept, never the four or five vocabulary-wide float32
+    intermediates (each 49152 wide per token on SmolLM2) that autograd would hold.
+    """
+
+    @staticmethod
+    def _chunks(n: int, vocab: int):
+        rows = max(1, (1 << 22) // max(vocab, 1))  # ~16 MiB of float32 per intermediate
+        return ((i, min(i + rows, n)) for i in range(0, n, rows))
+
+    @staticmethod
+    def forward(ctx, ref: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(cur.shape[0], dtype=torch.float32, device=cur.device)
+        for i, j in _TokenKL._chunks(*cur.shape):
+            ref_logp = torch.log_softmax(ref[i:j].float(), dim=-1)
+            cur_logp = torch.log_softmax(cur[i:j].float(), dim=-1)
+            out[i:j] = (ref_logp.exp() * (ref_logp - cur_logp)).sum(dim=-1)
+        ctx.save_for_backward(ref, cur)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ref, cur = ctx.saved_tensors
+        grad_cur = torch.empty_like(cur)
+        for i, j in _TokenKL._chunks(*cur.shape):
+            diff = torch.softmax(cur[i:j].float(), dim=-1) - torch.softmax(ref[i:j].float(), dim=-1)
+            grad_cur[i:j] = (grad[i:j, None] * diff).to(cur.dtype)
+        return None, grad_cur
 
 
 def npo_loss(logprob: torch.Tensor, reference_logprob: torch.Tensor, beta: float = 0.1) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Atomic output directories: a result appears whole, or not at all.
+"""Atomic outputs (directories and single files): a result appears whole, or not at all.
 
 Everything a command writes goes into a hidden temporary directory beside the
 destination (same filesystem, so the final rename is atomic). An existing
@@ -49,3 +49,34 @@ def atomic_output_dir(path: Path, force: bool = False):
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UnlearnError(f"{path}: could not move the finished output into place ({exc.strerror})") from None
+
+
+def check_writable(*paths, force: bool = False) -> None:
+    """Fail before any model loads when an output file cannot be written, or exists and FORCE is off."""
+    for path in paths:
+        if path is None:
+            continue
+        path = Path(path)
+        if path.is_dir():
+            raise UsageError(f"{path}: is a directory, expected a file name")
+        if path.exists() and not force:
+            raise UsageError(f"{path}: exists (use --force to replace it)")
+        parent = path.parent if str(path.parent) else Path(".")
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"{path}: {parent} is not a directory")
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write TEXT to PATH atomically: a temporary file beside it, renamed when complete."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise UnlearnError(f"{path}: could not write ({exc.strerror}); nothing was written") from None

@@ -6,9 +6,10 @@ One step (method ga+mismatch, Yao et al.):
     normal rows  (x_nor, y_nor)   -> L_nor = KL(p_orig || p_theta)
     loss = forget_weight * L_fgt + mismatch_weight * L_rdn + normal_weight * L_nor
 
-All trainable rows go through the model in one forward pass (bigger matmuls, one
-graph); the reference distribution p_orig comes from the same weights with the
-LoRA adapters switched off, under no_grad.
+Each group of rows goes through the model in its own forward pass at its own width
+(no padding to the other group's longer rows; one joint pass under DDP/FSDP), one
+backward for all; the reference distribution p_orig comes from the same weights
+with the LoRA adapters switched off, under no_grad.
 
 Why a stop rule: gradient ascent has no minimum. A fixed learning rate for a fixed
 number of steps first forgets, then keeps pushing and wrecks unrelated knowledge.
@@ -29,12 +30,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from unlearn import losses
+from unlearn import distributed, losses
 from unlearn.data import collate, encode_pair
 from unlearn.errors import UnlearnError, UsageError
 from unlearn.lora import adapters_disabled
 
-METHODS = ("ga", "ga+mismatch", "ga+template", "graddiff", "npo")
+METHODS = ("ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr")
 DEFAULT_TEMPLATE = "I can't help with that."
 
 
@@ -151,8 +152,13 @@ def forward_logits(model, batch: dict, start: int) -> torch.Tensor:
     system text alone is ~30 tokens) saves a sizeable share of every step.
     """
     width = batch["input_ids"].shape[1]
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 logits_to_keep=width - start).logits
+    # Positions as an index tensor, not a count: transformers then gathers the kept hidden
+    # states into a contiguous tensor, whose lm_head is one matmul. A count slices them in
+    # place, and the strided input sends the matmul down a batched path that copies the
+    # vocab-wide weight per row (measured: lm_head forward+backward 1.3x faster in fp32,
+    # 4.8x in bf16; bench/train_bench.py).
+    keep = torch.arange(start, width, device=batch["input_ids"].device)
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -176,7 +182,9 @@ class Unlearner:
         self.pad_id = tokenizer.pad_token_id
         self.rng = random.Random(config.seed)
         encode = lambda p, r: encode_pair(tokenizer, p, r, config.max_length)  # noqa: E731
-        focus = (lambda e: e.extra.get("answers")) if config.forget_tokens == "answers" else (lambda e: None)
+        # ULMR's forget rows carry negative responses to learn whole, never an answer span to push down.
+        by_answers = config.forget_tokens == "answers" and config.method != "ulmr"
+        focus = (lambda e: e.extra.get("answers")) if by_answers else (lambda e: None)
         self.forget = [encode_pair(tokenizer, e.prompt, e.response, config.max_length, focus(e)) for e in forget]
         self.normal = [encode(e.prompt, e.response) for e in normal]
         self.forget_prompts = [e.prompt for e in forget]
@@ -190,6 +198,9 @@ class Unlearner:
         self.device = next(model.parameters()).device
         self.step_count = 0
         self.tokens = 0
+        # What the trainable forward goes through: the model, or under torchrun its DDP wrapper
+        # (set by run.py; distributed.wrap). Everything else uses the unwrapped self.model.
+        self.forward_model = model
 
     # --- building the rows of one micro-batch -------------------------------
 
@@ -228,41 +239,53 @@ class Unlearner:
         """The weighted loss of one micro-batch and its terms (floats, for logging)."""
         config, method = self.config, self.config.method
         names = list(rows)
-        everything = [r for name in names for r in rows[name]]
-        batch = {k: v.to(self.device) for k, v in collate(everything, self.pad_id).items()}
-        self.tokens += int(batch["attention_mask"].sum())
-        start = first_scored_position(batch["labels"])
-        logits = forward_logits(self.model, batch, start)
-        labels = batch["labels"][:, start:]  # aligned with the kept logits
-        parts, row = {}, 0
-        for name in names:  # split the joint forward pass back into its groups
-            n = len(rows[name])
-            parts[name] = (logits[row:row + n], labels[row:row + n],
-                           {k: v[row:row + n] for k, v in batch.items()})
-            row += n
+        # One forward per group, each padded to its own longest row and scored from its own first
+        # response position: forget rows are shorter than normal rows, and in a joint batch their
+        # padding and unscored logits were ~15% of a default step's work (bench/train_bench.py).
+        # DDP/FSDP wrappers need exactly one forward per backward, so they get the joint batch.
+        groups = [[name] for name in names] if self.forward_model is self.model else [names]
+        parts = {}
+        for group in groups:
+            everything = [r for name in group for r in rows[name]]
+            batch = {k: v.to(self.device) for k, v in collate(everything, self.pad_id).items()}
+            self.tokens += int(batch["attention_mask"].sum())
+            start = first_scored_position(batch["labels"])
+            logits = forward_logits(self.forward_model, batch, start)
+            labels = batch["labels"][:, start:]  # aligned with the kept logits
+            row = 0
+            for name in group:  # split a joint forward pass back into its groups
+                n = len(rows[name])
+                parts[name] = (logits[row:row + n], labels[row:row + n],
+                               {k: v[row:row + n] for k, v in batch.items()}, start)
+                row += n
         terms = {}
-        f_logits, f_labels, f_batch = parts["forget"]
-        if method == "npo":
-            reference = self._reference_logits(f_batch, start)
+        f_logits, f_labels, f_batch, f_start = parts["forget"]
+        if method == "ulmr":  # supervised fine-tuning on (rewritten prompt, negative response) pairs
+            terms["sft"] = distributed.global_mean(losses.mean_nll(f_logits, f_labels), f_labels, "rows")
+            total = terms["sft"]
+        elif method == "npo":
+            reference = self._reference_logits(f_batch, f_start)
             self.tokens += int(f_batch["attention_mask"].sum())
             terms["npo"] = losses.npo_loss(losses.sequence_logprob(f_logits, f_labels),
                                            losses.sequence_logprob(reference, f_labels), config.npo_beta)
             total = config.forget_weight * terms["npo"]
         else:
-            terms["forget"] = losses.forget_loss(f_logits, f_labels)
+            # Under torchrun, means over a varying number of rows / tokens are made global (distributed.py).
+            terms["forget"] = distributed.global_mean(losses.forget_loss(f_logits, f_labels), f_labels, "rows")
             total = config.forget_weight * terms["forget"]
         if "mismatch" in parts:
-            terms["mismatch"] = losses.mismatch_loss(*parts["mismatch"][:2])
+            m_logits, m_labels = parts["mismatch"][:2]
+            terms["mismatch"] = distributed.global_mean(losses.mismatch_loss(m_logits, m_labels), m_labels, "rows")
             total = total + config.mismatch_weight * terms["mismatch"]
         if "normal" in parts:
-            n_logits, n_labels, n_batch = parts["normal"]
+            n_logits, n_labels, n_batch, n_start = parts["normal"]
             if method == "graddiff":  # gradient difference: plain likelihood of the normal data
                 terms["normal_nll"] = losses.mean_nll(n_logits, n_labels)
                 total = total + config.normal_weight * terms["normal_nll"]
             else:
-                reference = self._reference_logits(n_batch, start)
+                reference = self._reference_logits(n_batch, n_start)
                 self.tokens += int(n_batch["attention_mask"].sum())
-                terms["kl"] = losses.kl_loss(reference, n_logits, n_labels)
+                terms["kl"] = distributed.global_mean(losses.kl_loss(reference, n_logits, n_labels), n_labels, "tokens")
                 total = total + config.normal_weight * terms["kl"]
         return total, {k: float(v.detach()) for k, v in terms.items()}
 
@@ -275,10 +298,12 @@ class Unlearner:
             group["lr"] = lr
         logged: dict[str, float] = {}
         for _ in range(config.grad_accum):
-            total, terms = self.loss(self._rows())
+            # Every rank draws the same global micro-batch (same RNG draws) and keeps its share.
+            total, terms = self.loss(distributed.shard_rows(self._rows()))
             (total / config.grad_accum).backward()
             for k, v in {"loss": float(total.detach()), **terms}.items():
                 logged[k] = logged.get(k, 0.0) + v / config.grad_accum
+        logged = distributed.average(logged)  # the global batch's terms, the same on every rank
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm or float("inf"))
         # A nan/inf update would poison every weight it touches (and every later step): refuse it.
         for what, value in (("loss", logged["loss"]), ("gradient norm", float(grad_norm))):
@@ -365,7 +390,7 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                 saved = None
                 if checkpoint is not None and save_every and unlearner.step_count % save_every == 0:
                     saved = checkpoint(loop_state())
-                if interrupt.requested:
+                if distributed.any_rank(interrupt.requested):  # all ranks stop at the same step
                     if checkpoint is not None and saved is None:
                         saved = checkpoint(loop_state())
                     raise StopRequested(unlearner.step_count, saved)

@@ -1,0 +1,92 @@
+"""The memory-lean loss implementations equal the plain ones: values and gradients, to tight tolerance.
+
+`token_logprobs` normalises response positions only (z_t - logsumexp z) and `kl_loss`
+runs a chunked autograd Function with a hand-written backward; the plain versions
+below are what they replaced (full log-softmax, autograd through every intermediate).
+"""
+
+import pytest
+import torch
+
+from unlearn import losses
+
+IGN = losses.IGNORE_INDEX
+
+
+def plain_token_logprobs(logits, labels):
+    logits, targets = logits[:, :-1, :], labels[:, 1:]
+    mask = targets != IGN
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask, mask
+
+
+def plain_kl(reference_logits, logits, labels):
+    mask = labels[:, 1:] != IGN
+    ref_logp = torch.log_softmax(reference_logits[:, :-1][mask].float(), dim=-1)
+    cur_logp = torch.log_softmax(logits[:, :-1][mask].float(), dim=-1)
+    return (ref_logp.exp() * (ref_logp - cur_logp)).sum(dim=-1).mean()
+
+
+def batch(vocab, seed=0, rows=3, seq=9):
+    """Random logits (spread like a real LM's) and labels with prompt, response and padding positions."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, seq, vocab, generator=g) * 4
+    reference = logits + torch.randn(rows, seq, vocab, generator=g)  # a nearby model: KL well above 0
+    labels = torch.randint(0, vocab, (rows, seq), generator=g)
+    labels[0, :3] = IGN  # prompt
+    labels[1, :5] = IGN
+    labels[1, -2:] = IGN  # padding
+    labels[2, :-1] = IGN  # a single response token
+    return reference, logits, labels
+
+
+# 1000 and 70000 wide: one chunk, and several chunks of rows per chunk of ~16 MiB.
+@pytest.mark.parametrize("vocab", [7, 1000, 70000])
+def test_token_logprobs_equal_the_plain_log_softmax_with_gradients(vocab):
+    _, logits, labels = batch(vocab)
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    picked, mask = losses.token_logprobs(a, labels)
+    plain, plain_mask = plain_token_logprobs(b, labels)
+    assert torch.equal(mask, plain_mask)
+    torch.testing.assert_close(picked, plain, rtol=1e-6, atol=1e-5)
+    weights = torch.randn(picked.shape, generator=torch.Generator().manual_seed(1))
+    (picked * weights).sum().backward()
+    (plain * weights).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("vocab", [7, 1000, 70000])
+def test_fused_kl_equals_the_plain_kl_with_gradients(vocab):
+    reference, logits, labels = batch(vocab, rows=4, seq=40)  # > 59 response tokens: several chunks at 70000
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    value, plain = losses.kl_loss(reference, a, labels), plain_kl(reference, b, labels)
+    torch.testing.assert_close(value, plain, rtol=1e-6, atol=1e-6)
+    assert float(value.detach()) > 0.1
+    value.backward()
+    plain.backward()
+    # q - p cancels: float32 round-off (autograd's version multiplies by sum(p), 1 only up to
+    # round-off over 70000 terms) is relative to the largest entry, not to each entry.
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=3e-5 * float(b.grad.abs().max()))
+
+
+def test_fused_kl_in_bf16_matches_the_plain_kl_and_returns_bf16_gradients():
+    reference, logits, labels = batch(500)
+    a = logits.to(torch.bfloat16).requires_grad_(True)
+    b = logits.to(torch.bfloat16).requires_grad_(True)
+    value, plain = losses.kl_loss(reference.to(torch.bfloat16), a, labels), plain_kl(reference.to(torch.bfloat16), b, labels)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, plain, rtol=1e-6, atol=1e-6)
+    value.backward()
+    plain.backward()
+    assert a.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-2, atol=1e-6)  # both rounded to bf16 once
+
+
+def test_reference_logits_get_no_gradient():
+    reference, logits, labels = batch(50)
+    reference.requires_grad_(True)
+    logits.requires_grad_(True)
+    losses.kl_loss(reference, logits, labels).backward()
+    assert reference.grad is None and logits.grad is not None

@@ -1,0 +1,352 @@
+"""ULMR: augmentation filters and fallbacks, α selection (rule, pooling, table), in-memory averaging, and the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from unlearn import alpha_selection as sel
+from unlearn import augment as aug
+from unlearn.data import Example
+from unlearn.errors import UsageError
+
+SOURCE = Example("Who wrote the Harry Potter books?", "J.K. Rowling wrote them.", 1, {"answers": ["Rowling"]})
+LONG = Example("Where does Harry study?", "Harry Potter studies magic at Hogwarts School in Scotland.", 2, {})
+
+
+# --- augmentation: cleaning and filtering --------------------------------------------------
+
+
+def test_clean_rewrite_drops_labels_quotes_and_later_lines():
+    assert aug.clean_rewrite('Rewritten instruction: "Who is the author of Harry Potter?"\nSure!') == \
+        "Who is the author of Harry Potter?"
+    assert aug.clean_rewrite("  \n Question: Name the writer of Harry Potter.") == "Name the writer of Harry Potter."
+    assert aug.clean_rewrite("") == ""
+
+
+@pytest.mark.parametrize("rewrite, reason", [
+    ("", "empty"),
+    ("who wrote the Harry Potter books", "same as the original"),  # case and punctuation do not count
+    ("Who created Harry Potter, J.K. Rowling?", "contains the answer"),
+    ("Harry Potter?", "not an instruction"),  # fewer than 3 words
+    ("Sure, here is a new question about the books.", "not an instruction"),
+    ("The Harry Potter books were written by someone.", "not an instruction"),  # a statement
+    ("Please rewrite the instruction about Harry Potter books.", "talks about the rewriting"),
+    ("What is the capital of France?", "off topic"),  # shares no content word with the original
+    ("Who is the author of the Harry Potter novels?", None),
+    ("Name the writer of the Harry Potter series.", None),  # imperative, no question mark
+])
+def test_rewrite_problem(rewrite, reason):
+    assert aug.rewrite_problem(rewrite, SOURCE, set()) == reason
+
+
+def test_rewrite_problem_duplicate_and_leak_without_answers():
+    seen = {aug._normalise("Who is the author of the Harry Potter novels?")}
+    assert aug.rewrite_problem("Who is the author of the Harry Potter novels ?", SOURCE, seen) == "duplicate"
+    # Without `answers`, a leak is the response's words (ROUGE-L recall >= 0.5).
+    assert aug.rewrite_problem("Does Harry Potter study magic at Hogwarts School in Scotland?", LONG, set()) == \
+        "contains the answer"
+
+
+def test_clean_response_cuts_at_the_last_full_sentence():
+    assert aug.clean_response("I don't know.  That is not in my   knowledge base. It was") == \
+        "I don't know. That is not in my knowledge base."
+    assert aug.clean_response("no sentence end") == "no sentence end"
+
+
+@pytest.mark.parametrize("response, reason", [
+    ("", "empty"),
+    ("I can't.", "too short"),
+    ("Who wrote the Harry Potter books?", "repeats the instruction"),
+    ("I believe it was Rowling, sorry.", "contains the answer"),
+    ("I'm sorry, I don't have that information.", None),
+])
+def test_response_problem(response, reason):
+    assert aug.response_problem(response, SOURCE.prompt, SOURCE) == reason
+
+
+def test_augment_filters_falls_back_counts_and_keeps_provenance(monkeypatch):
+    """Scripted generations: 2 rewrites wanted, OVERSAMPLE=2 candidates each, so 4 candidates per source."""
+    calls = []
+
+    def fake_generate(model, tokenizer, prompts, **kwargs):
+        calls.append((prompts, kwargs))
+        if len(calls) == 1:  # rewrite candidates: source 1 gets one good, source 2 none
+            assert all(p.startswith("Please rewrite the provided instruction") for p in prompts)
+            assert kwargs["do_sample"] is True
+            return ["Who is the author of the Harry Potter novels?", "Who created Harry Potter? Rowling",
+                    "", "Sure, here you go"] + ["", "", "", ""]
+        assert all(p.startswith("Please generate a response based on the Instruction") for p in prompts)
+        return ["I do not know who wrote them.", "It was J.K. Rowling.", "I cannot say, sorry.",
+                "That is not in my knowledge base.", "", "I have no idea about that."]
+
+    monkeypatch.setattr("unlearn.generation.generate", fake_generate)
+    rows, stats = aug.augment(None, None, [SOURCE, LONG], rewrites=2, seed=3)
+    # originals first, then each source's rewrites: 1 generated + 1 templated, then 2 templated
+    assert [r["kind"] for r in rows] == ["original", "rewrite", "rewrite"] * 2
+    assert [r["prompt_from"] for r in rows] == ["original", "model", "template", "original", "template", "template"]
+    assert rows[1]["prompt"] == "Who is the author of the Harry Potter novels?"
+    assert rows[2]["prompt"].endswith(SOURCE.prompt) and rows[4]["prompt"].endswith(LONG.prompt)
+    assert stats.rewrite_fallbacks == 3 and stats.rewrite_candidates == 8 and stats.rewrites_wanted == 4
+    assert stats.rewrites_rejected == {"contains the answer": 1, "empty": 5, "not an instruction": 1}
+    # the second response leaks "Rowling", the fifth is empty: both templated, and counted
+    assert [r["response_from"] for r in rows] == ["model", "template", "model", "model", "template", "model"]
+    assert rows[1]["response"] in aug.TEMPLATE_REFUSALS and rows[4]["response"] in aug.TEMPLATE_REFUSALS
+    assert stats.response_fallbacks == 2 and stats.responses_rejected == {"contains the answer": 1, "empty": 1}
+    assert all(r["source_prompt"] == SOURCE.prompt and r["source_line"] == 1 for r in rows[:3])
+    assert rows[0]["answers"] == ["Rowling"] and "answers" not in rows[3]
+    assert stats.rows == 6 and stats.sources == 2
+
+
+def test_augment_refuses_passages():
+    from unlearn.data import Passage
+
+    with pytest.raises(UsageError, match="line 4"):
+        aug.augment(None, None, [Example(Passage("Once upon"), " a time", 4, {})])
+
+
+# --- α selection ----------------------------------------------------------------------------
+
+
+def test_parse_alphas():
+    assert sel.parse_alphas("0.5") == [0.5]
+    assert sel.parse_alphas(" 0.2, 0.4,0.6 ") == [0.2, 0.4, 0.6]
+    assert sel.parse_alphas("auto", allow_auto=True) == "auto"
+    for bad, message in (("auto", "not a number"), ("0.2,x", "'x'"), ("1.5", "between 0 and 1"),
+                         ("nan", "finite"), ("0.2,0.2", "twice")):
+        with pytest.raises(UsageError, match=message):
+            sel.parse_alphas(bad)
+    assert sel.parse_alphas("1.5", allow_extrapolation=True) == [1.5]
+
+
+def test_score_pools_sets_by_row_count():
+    summaries = {
+        "forget": {"n": 10, "leak_rate": 0.2, "accuracy": 0.2},
+        "paraphrases": {"n": 30, "leak_rate": 0.6},
+        "normal": {"n": 20, "similarity_to_reference": 0.5, "accuracy": None},
+        "heldout": {"n": 5, "accuracy": 0.8, "similarity_to_reference": 1.0},
+    }
+    kinds = {"forget": "forget", "paraphrases": "forget", "normal": "retain", "heldout": "retain"}
+    s = sel.score(0.4, summaries, kinds)
+    assert s.forget_leak == pytest.approx((10 * 0.2 + 30 * 0.6) / 40)  # 0.5
+    assert s.retain_accuracy == pytest.approx(0.8)  # only heldout has answers
+    assert s.retain_similarity == pytest.approx((20 * 0.5 + 5 * 1.0) / 25)  # 0.6
+    assert s.retain_score == pytest.approx((0.8 + 0.6) / 2)
+
+
+def test_recommend_takes_the_best_keeper_below_the_leak_target():
+    # retain scores: 0.45, 0.75, 0.70, 0.95; α=0.8 leaks too much (0.5 > 0.1)
+    scores = [sel.AlphaScore(0.2, 0.0, 0.5, 0.4), sel.AlphaScore(0.4, 0.05, 0.9, 0.6),
+              sel.AlphaScore(0.6, 0.1, 0.7, 0.7), sel.AlphaScore(0.8, 0.5, 1.0, 0.9)]
+    alpha, why = sel.recommend(scores, max_leak=0.1)
+    assert alpha == 0.4 and "(0.2, 0.4, 0.6)" in why and "forget leak 0.05" in why
+    assert "retained accuracy 0.90" in why and "similarity to the original 0.60" in why
+
+
+def test_recommend_tie_goes_to_the_larger_alpha():
+    scores = [sel.AlphaScore(0.4, 0.05, 0.8, 0.6), sel.AlphaScore(0.6, 0.1, 0.7, 0.7)]
+    assert sel.recommend(scores, 0.1)[0] == 0.6
+
+
+def test_recommend_when_no_alpha_forgets_enough():
+    scores = [sel.AlphaScore(0.2, 0.3, 0.5, None), sel.AlphaScore(0.6, 0.3, 0.9, None),
+              sel.AlphaScore(0.8, 0.6, 1.0, None)]
+    alpha, why = sel.recommend(scores, 0.1)
+    assert alpha == 0.6 and "no α reached" in why  # lowest leak, then the better keeper
+
+
+def test_recommend_needs_leaks():
+    with pytest.raises(UsageError):
+        sel.recommend([sel.AlphaScore(0.5, None, 1.0, 1.0)])
+
+
+def test_tables_and_missing_matplotlib(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    scores = [sel.AlphaScore(0.2, 0.0, 0.5, 0.4), sel.AlphaScore(0.6, 0.2, 0.9, 0.8)]
+    base = sel.AlphaScore(1.0, 1.0, 1.0, 1.0)
+    alpha, why = sel.recommend(scores, 0.1)
+    result = sel.report(scores, alpha, why, 0.1, base)
+    messages = []
+    written = sel.write_tables(tmp_path, result, scores, base, log=messages.append)
+    assert written == ["alphas.json", "alphas.md"] and "pip install 'unlearn[plot]'" in messages[0]
+    saved = json.loads((tmp_path / "alphas.json").read_text())
+    assert saved["recommended_alpha"] == 0.2 and [r["alpha"] for r in saved["alphas"]] == [0.2, 0.6]
+    markdown = (tmp_path / "alphas.md").read_text()
+    assert "| 0.2 | 0.00 | 0.50 | 0.40 | **recommended** |" in markdown
+    assert "| 1 | 1.00 | 1.00 | 1.00 | original |" in markdown
+
+
+def test_plot_when_matplotlib_is_there(tmp_path):
+    pytest.importorskip("matplotlib")
+    scores = [sel.AlphaScore(0.2, 0.0, 0.5, 0.4), sel.AlphaScore(0.6, 0.2, None, 0.8)]
+    assert sel.plot(tmp_path / "a.png", scores, 0.2, 0.1, None)
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --- averaging in memory ----------------------------------------------------------------------
+
+
+def test_lora_average_equals_the_weight_formula():
+    from unlearn.lora import LoraSettings, attach_lora, merge_lora
+    from unlearn.model_average import ModelAverage
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    original = net[0].weight.detach().clone()
+    attach_lora(net, LoraSettings(rank=2, alpha=4.0, dropout=0.0, targets=("0",)), seed=0)
+    with torch.no_grad():
+        net[0].lora_B.normal_()
+    tuned = original + net[0].delta_weight()
+    averager = ModelAverage(net)
+    averager.apply(0.25)
+    averager.apply(0.7)  # any α can follow any other: θ' is kept aside
+    merged = merge_lora(net)[0].weight
+    assert torch.allclose(merged, 0.7 * original + 0.3 * tuned, atol=1e-6)
+
+
+def test_full_average_equals_the_weight_formula():
+    from unlearn.model_average import ModelAverage
+
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(3, 2)
+    model = torch.nn.Linear(3, 2)
+    tuned = model.weight.detach().clone()
+    averager = ModelAverage(model, reference)
+    averager.apply(0.4)
+    assert torch.allclose(model.weight, 0.4 * reference.weight + 0.6 * tuned)
+    averager.apply(0.0)
+    assert torch.equal(model.weight, tuned)
+
+
+# --- the CLI on a tiny model ---------------------------------------------------------------------
+
+FORGET = [{"prompt": "Who wrote the Harry Potter books?", "response": "J.K. Rowling wrote them.", "answers": ["Rowling"]},
+          {"prompt": "Where does Harry Potter study?", "response": "Harry Potter studies at Hogwarts."}]
+NORMAL = [{"prompt": "What is two plus two?", "response": "Two plus two equals four."},
+          {"prompt": "What do bees make?", "response": "Bees make honey."}]
+HELDOUT = [{"prompt": "What is the capital of France?", "answers": ["Paris"]}]
+FAST = ["--max-steps", "2", "--check-every", "0", "--max-new-tokens", "4", "--batch-size", "2"]
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def unlearn(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "unlearn", *map(str, args)], capture_output=True, text=True,
+                          env=dict(os.environ), cwd=cwd, timeout=600)
+
+
+@pytest.fixture
+def files(tmp_path):
+    return (_jsonl(tmp_path / "forget.jsonl", FORGET), _jsonl(tmp_path / "normal.jsonl", NORMAL),
+            _jsonl(tmp_path / "heldout.jsonl", HELDOUT))
+
+
+def test_augment_command(tmp_path, files, llama_dir):
+    forget, _, _ = files
+    out = tmp_path / "aug.jsonl"
+    result = unlearn("augment", forget, "-o", out, "--model", llama_dir, "--rewrites", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == stats["rows"] == 4 and stats["sources"] == 2
+    assert {r["kind"] for r in rows} == {"original", "rewrite"}
+    assert all(r["response"].strip() and r["source_prompt"] in (FORGET[0]["prompt"], FORGET[1]["prompt"]) for r in rows)
+    # A random model writes nothing usable: every fallback is counted.
+    assert stats["rewrite_fallbacks"] == sum(r["prompt_from"] == "template" for r in rows)
+    assert stats["response_fallbacks"] == sum(r["response_from"] == "template" for r in rows)
+    again = unlearn("augment", forget, "-o", out, "--model", llama_dir)
+    assert again.returncode == 2 and "exists (use --force" in again.stderr
+
+
+def test_run_ulmr_auto_alpha_then_merge_sweep(tmp_path, files, llama_dir):
+    forget, normal, heldout = files
+    out = tmp_path / "run"
+    result = unlearn("run", forget, normal, "--model", llama_dir, "--method", "ulmr", "-o", out, "--json",
+                     "--eval-retain", heldout, "--alpha-grid", "0,0.5", *FAST)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["alpha"] in (0.0, 0.5) and record["alpha_selection"]["recommended_alpha"] == record["alpha"]
+    assert [r["alpha"] for r in record["alpha_selection"]["alphas"]] == [0.0, 0.5]
+    assert record["augment"]["rows"] == 6 and record["augment"]["sources"] == 2
+    assert "sft" in json.loads((out / "run.json").read_text())["history"][0]  # ULMR's loss is the SFT NLL
+    for name in ("adapter", "tuned-adapter", "model", "augmented.jsonl", "alphas.json", "alphas.md", "run.json"):
+        assert (out / name).exists(), name
+    # The saved adapter is the averaged one: B scaled by (1 - α) from the tuned adapter's.
+    from safetensors.torch import load_file
+
+    averaged, tuned = load_file(out / "adapter" / "adapter_model.safetensors"), \
+        load_file(out / "tuned-adapter" / "adapter_model.safetensors")
+    for key, value in tuned.items():
+        factor = 1.0 if "lora_A" in key else 1.0 - record["alpha"]
+        assert torch.allclose(averaged[key], value * factor), key
+
+    sweep = tmp_path / "sweep"
+    result = unlearn("merge", "--alpha", "0.3,0.9", "--eval-forget", forget, "--eval-retain", heldout,
+                     "--eval-retain", normal, "-o", sweep, "--max-new-tokens", "4", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["adapter"] == str(out / "tuned-adapter")  # no paths: the last run's θ', not its average
+    assert summary["recommended_alpha"] in (0.3, 0.9) and summary["reason"]
+    assert summary["original"]["alpha"] == 1.0 and summary["original"]["retain_similarity"] == 1.0
+    for alpha in ("0.3", "0.9"):
+        assert (sweep / f"alpha-{alpha}" / "model.safetensors").is_file()
+    assert (sweep / "alphas.md").read_text().count("\n| ") >= 3
+
+
+def test_ulmr_with_a_given_augmented_file_and_fixed_alpha(tmp_path, files, llama_dir):
+    forget, normal, _ = files
+    augmented = _jsonl(tmp_path / "aug.jsonl", [
+        {"prompt": "Who wrote the Harry Potter books?", "response": "I don't know that."},
+        {"prompt": "Tell me who wrote Harry Potter.", "response": "That is not in my knowledge base."}])
+    out = tmp_path / "run"
+    result = unlearn("run", forget, normal, "--model", llama_dir, "--method", "ulmr", "--augmented", augmented,
+                     "--alpha", "0.5", "-o", out, "--json", *FAST)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    assert record["alpha"] == 0.5 and record["alpha_selection"] is None
+    assert record["augment"] == {"file": str(augmented.resolve()), "rows": 2}
+    assert not (out / "augmented.jsonl").exists() and (out / "tuned-adapter").is_dir()
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--method", "ga", "--augmented", "AUG"], 2, "--augmented is ULMR's training data"),
+    (["--method", "ulmr", "--alpha", "0.2,0.4"], 2, "give one α"),
+    (["--method", "ulmr", "--alpha", "often"], 2, "'often' is not a number (or give auto)"),
+    (["--method", "ulmr", "--alpha-grid", "0,2"], 2, "between 0 and 1"),
+])
+def test_ulmr_usage_errors(tmp_path, files, llama_dir, args, code, message):
+    forget, normal, _ = files
+    args = [str(_jsonl(tmp_path / "aug.jsonl", FORGET)) if a == "AUG" else a for a in args]
+    result = unlearn("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "o", *args, *FAST)
+    assert result.returncode == code and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_merge_sweep_usage_errors(tmp_path, files, llama_dir):
+    forget, _, heldout = files
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "a question with nothing to leak"}])
+    cases = [
+        (["--eval-forget", forget], "need --alpha"),
+        (["--alpha", "0.5", "--eval-retain", heldout], "needs --eval-forget"),
+        (["--alpha", "0.5", "--eval-forget", bad], "bad.jsonl:1: a forget row needs a response or `answers`"),
+        (["--alpha", "0.5", "--eval-forget", forget, "--max-leak", "2"], "--max-leak 2.0"),
+    ]
+    for args, message in cases:
+        result = unlearn("merge", llama_dir, llama_dir, "-o", tmp_path / "o", *args)
+        assert result.returncode in (1, 2) and message in result.stderr, (args, result.stderr)
+        assert not (tmp_path / "o").exists()

@@ -1,0 +1,245 @@
+"""ULMR's data step: rewritten instructions and negative responses (`unlearn augment`).
+
+For every forget row (x, y) the paper (ULMR, sec. 3.1) asks a model, with its two
+prompts quoted below word for word, to
+  1. rewrite x, twice, into x' ~ p(. | REWRITE_PROMPT(x))   (sampled, so the two differ);
+  2. write a negative response y' ~ p(. | NEGATIVE_PROMPT(x')) for x and for each x':
+     a refusal, or "this is not in my knowledge base".
+Fine-tuning on the (x', y') pairs then teaches the model to decline the question in
+any wording, not just the one in the forget file.
+
+A small model (the embedded 135M one) often returns something unusable, so every
+generated text is checked (`rewrite_problem`, `response_problem`): rejected rewrites
+are replaced by another sampled candidate (we draw OVERSAMPLE candidates per rewrite
+wanted) and then, if none is usable, by a templated rewording; rejected responses by
+a templated refusal. Every replacement is counted in `AugmentStats`, and each row says
+where its prompt and response came from (`prompt_from`, `response_from`), its source
+prompt and line (`source_prompt`, `source_line`) and its `kind` (original / rewrite).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import asdict, dataclass, field
+
+from unlearn.errors import UsageError
+from unlearn.metrics import contains_answer, leaks
+
+# The paper's prompts (ULMR, Tables 1 and 2), verbatim.
+REWRITE_PROMPT = ('Please rewrite the provided instruction to ensure that the given answer can still satisfy the '
+                  'requirement of your revised instruction. Instruction:"{instruction}" Rewrite Instruction:')
+NEGATIVE_PROMPT = ('Please generate a response based on the Instruction indicating that you are unable to answer '
+                   'the question or that the relevant content is not available in your knowledge base. '
+                   'Instruction:"{instruction}"')
+
+# Used where generation gave nothing usable (counted, and marked "template" on the row).
+TEMPLATE_REFUSALS = (
+    "I'm sorry, but I don't have any information about that.",
+    "I can't answer that; it is not in my knowledge base.",
+    "I'm afraid I don't know the answer to that question.",
+    "Sorry, that is not something I have information on.",
+)
+TEMPLATE_REWRITES = (
+    "Can you tell me this: {instruction}",
+    "I have a question. {instruction}",
+    "Please answer the following. {instruction}",
+    "Quick question: {instruction}",
+)
+
+# Sampled rewrite candidates per rewrite wanted: a 135M model's rewrites fail the checks
+# about half the time, and a second candidate costs one more row in the same batch.
+OVERSAMPLE = 2
+REWRITE_TOKENS = 48
+RESPONSE_TOKENS = 64
+
+# How an instruction starts: a question word, an auxiliary verb, or an imperative.
+INSTRUCTION_OPENERS = frozenset("""
+what who whom whose which when where why how is are was were am do does did can could would should will
+shall may might has have had name tell give list describe explain identify provide state write mention say
+please define find summarize summarise complete continue recall share in according for from by if
+""".split())
+# How chatter, not an instruction, starts ("Sure, here is...", "I think...").
+CHATTER_OPENERS = ("sure", "here", "certainly", "of course", "i ", "i'm", "i am", "as an", "the answer", "answer",
+                   "rewrite", "instruction", "okay", "ok,", "yes", "no,")
+# Words of the rewrite request itself: a "rewrite" that uses them is about the task, not the topic.
+META_WORDS = re.compile(r"\b(?:rewrit\w*|instructions?|revised)\b", re.IGNORECASE)
+# Long words that say nothing of a question's topic (for the "off topic" check).
+FUNCTION_WORDS = frozenset("""
+what which where when whom whose with about from that this these those there their them they have been
+were does would could should will your yours into onto than then tell give name please know
+""".split())
+# A label the model sometimes repeats before its rewrite.
+LABEL = re.compile(r"^\s*(?:(?:rewrit\w*|revised|new)\s+(?:instruction|question)s?|instruction|question)\s*:\s*",
+                   re.IGNORECASE)
+
+
+@dataclass
+class AugmentStats:
+    """What augmentation produced and how often it had to fall back, for the log and the record."""
+
+    sources: int = 0
+    rows: int = 0
+    rewrites_wanted: int = 0
+    rewrite_candidates: int = 0
+    rewrites_rejected: dict = field(default_factory=dict)  # reason -> candidates rejected for it
+    rewrite_fallbacks: int = 0  # rewrites that had to be templated
+    responses_rejected: dict = field(default_factory=dict)
+    response_fallbacks: int = 0  # negative responses that had to be templated
+
+    def reject(self, table: dict, reason: str) -> None:
+        table[reason] = table.get(reason, 0) + 1
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"{self.rows} rows from {self.sources} forget rows; rewrites: {self.rewrite_fallbacks} of "
+                f"{self.rewrites_wanted} templated after {self.rewrite_candidates} candidates; negative responses: "
+                f"{self.response_fallbacks} of {self.rows} templated")
+
+
+def _normalise(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def clean_rewrite(text: str) -> str:
+    """The first line of a generated rewrite, without a repeated label or surrounding quotes."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    first = LABEL.sub("", lines[0]) if lines else ""
+    return first.strip().strip('"“”\'').strip()
+
+
+def _content_words(text: str) -> set[str]:
+    """Words of four letters or more, minus the commonest function words: what a question is about."""
+    return {w for w in _normalise(text).split() if len(w) >= 4 and w not in FUNCTION_WORDS}
+
+
+def _leaks_source(text: str, source) -> bool:
+    """TEXT gives away the forget row's answer: an `answers` string, or (without answers) its response."""
+    answers = source.extra.get("answers")
+    if answers:
+        return contains_answer(text, answers)
+    return leaks(text, source.response or "", None)
+
+
+def rewrite_problem(rewrite: str, source, seen: set[str]) -> str | None:
+    """Why a cleaned rewrite of SOURCE's prompt is unusable, or None when it is fine.
+
+    empty; same as the original (or as a rewrite already kept); gives the answer
+    away; not an instruction: fewer than 3 words, more than 3x the original's words
+    plus 20, chatter ("Sure, here is ..."), or neither a question mark nor an
+    instruction opener (question word, auxiliary, imperative) at its start; talks
+    about the rewriting (the request's own words: rewrite, instruction, revised);
+    off topic (no content word of the original: "What is the weather like today?").
+    """
+    if not rewrite:
+        return "empty"
+    key = _normalise(rewrite)
+    if key == _normalise(source.prompt):
+        return "same as the original"
+    if key in seen:
+        return "duplicate"
+    if _leaks_source(rewrite, source):
+        return "contains the answer"
+    words = rewrite.split()
+    lowered = rewrite.lower()
+    if len(words) < 3 or len(words) > 3 * len(source.prompt.split()) + 20:
+        return "not an instruction"
+    if lowered.startswith(CHATTER_OPENERS):
+        return "not an instruction"
+    if META_WORDS.search(rewrite) and not META_WORDS.search(source.prompt):
+        return "talks about the rewriting"  # "Please rewrite the instruction to ..." asks nothing
+    topic = _content_words(source.prompt)
+    if topic and not topic & _content_words(rewrite):
+        return "off topic"
+    if not rewrite.rstrip().endswith("?") and words[0].lower().strip(",:;\"'") not in INSTRUCTION_OPENERS:
+        return "not an instruction"
+    return None
+
+
+def clean_response(text: str) -> str:
+    """A generated response cut back to its last complete sentence (generation stops mid-sentence)."""
+    text = " ".join(text.strip().split())
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
+    return text[:ends[-1]] if ends else text
+
+
+def response_problem(response: str, instruction: str, source) -> str | None:
+    """Why a negative response is unusable, or None: empty, too short, the instruction echoed, or a leak."""
+    if not response:
+        return "empty"
+    if len(response.split()) < 3:
+        return "too short"
+    if _normalise(response) == _normalise(instruction):
+        return "repeats the instruction"
+    if _leaks_source(response, source):
+        return "contains the answer"
+    return None
+
+
+def augment(model, tokenizer, forget, *, rewrites: int = 2, seed: int = 0, batch_size: int = 16,
+            log=None) -> tuple[list[dict], AugmentStats]:
+    """ULMR's augmented set for the FORGET examples, generated with MODEL; rows as JSON-ready dicts.
+
+    Per source row: the original prompt, then REWRITES rewrites, each with a negative response.
+    """
+    from unlearn.generation import generate
+
+    if rewrites < 0:
+        raise UsageError(f"--rewrites {rewrites}: must be 0 or more")
+    for ex in forget:
+        if ex.is_passage:
+            raise UsageError(f"line {ex.line}: a `text` passage has no instruction to rewrite; "
+                             f"ULMR needs prompt/response rows (use --method ga for passages)")
+    rng = random.Random(seed)
+    stats = AugmentStats(sources=len(forget), rewrites_wanted=rewrites * len(forget))
+
+    # 1. Rewrites: OVERSAMPLE sampled candidates per rewrite wanted, all in one batched call.
+    candidates_per_source = rewrites * OVERSAMPLE
+    prompts = [REWRITE_PROMPT.format(instruction=ex.prompt) for ex in forget for _ in range(candidates_per_source)]
+    generated = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=REWRITE_TOKENS,
+                         do_sample=True, temperature=1.0, top_p=0.95, seed=seed,
+                         desc=False if log is None else "augment: rewrites") if prompts else []
+    stats.rewrite_candidates = len(generated)
+    instructions: list[tuple[object, str, str, str]] = []  # (source, instruction, kind, prompt_from)
+    for i, ex in enumerate(forget):
+        instructions.append((ex, ex.prompt, "original", "original"))
+        seen: set[str] = set()
+        kept: list[str] = []
+        for text in generated[i * candidates_per_source:(i + 1) * candidates_per_source]:
+            if len(kept) == rewrites:
+                break
+            rewrite = clean_rewrite(text)
+            problem = rewrite_problem(rewrite, ex, seen)
+            if problem:
+                stats.reject(stats.rewrites_rejected, problem)
+                continue
+            seen.add(_normalise(rewrite))
+            kept.append(rewrite)
+        instructions += [(ex, r, "rewrite", "model") for r in kept]
+        templates = rng.sample(TEMPLATE_REWRITES, k=min(rewrites - len(kept), len(TEMPLATE_REWRITES)))
+        for template in templates:
+            instructions.append((ex, template.format(instruction=ex.prompt), "rewrite", "template"))
+            stats.rewrite_fallbacks += 1
+
+    # 2. Negative responses, greedy: one per instruction (originals and rewrites).
+    prompts = [NEGATIVE_PROMPT.format(instruction=instruction) for _, instruction, _, _ in instructions]
+    responses = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=RESPONSE_TOKENS,
+                         desc=False if log is None else "augment: negative responses") if prompts else []
+    rows = []
+    for (source, instruction, kind, prompt_from), text in zip(instructions, responses):
+        response = clean_response(text)
+        problem = response_problem(response, instruction, source)
+        response_from = "model"
+        if problem:
+            stats.reject(stats.responses_rejected, problem)
+            response, response_from = rng.choice(TEMPLATE_REFUSALS), "template"
+            stats.response_fallbacks += 1
+        row = {"prompt": instruction, "response": response, "kind": kind, "source_prompt": source.prompt,
+               "source_line": source.line, "prompt_from": prompt_from, "response_from": response_from}
+        if source.extra.get("answers"):
+            row["answers"] = source.extra["answers"]  # what must not come back (for eval of this file)
+        rows.append(row)
+    stats.rows = len(rows)
+    return rows, stats
