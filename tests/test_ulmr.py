@@ -179,7 +179,7 @@ def test_tables_and_missing_matplotlib(tmp_path, monkeypatch):
     alpha, why = sel.recommend(scores, 0.1)
     result = sel.report(scores, alpha, why, 0.1, base)
     messages = []
-    written = sel.write_tables(tmp_path, result, scores, base, log=messages.append)
+    written = sel.write_tables(tmp_path, result, log=messages.append)
     assert written == ["alphas.json", "alphas.md"] and "pip install 'unlearn[plot]'" in messages[0]
     saved = json.loads((tmp_path / "alphas.json").read_text())
     assert saved["recommended_alpha"] == 0.2 and [r["alpha"] for r in saved["alphas"]] == [0.2, 0.6]

@@ -143,10 +143,18 @@ def report(scores: list[AlphaScore], chosen: float, reason: str, max_leak: float
             "original": row(base) if base else None, **(extra or {})}
 
 
-def write_tables(directory: Path, result: dict, scores: list[AlphaScore], base: AlphaScore | None,
-                 log=None) -> list[str]:
-    """alphas.json, alphas.md and, when matplotlib is installed, alphas.png into DIRECTORY."""
+def _scores_of(result: dict) -> tuple[list[AlphaScore], AlphaScore | None]:
+    """The AlphaScores (and the original's) back from the JSON form that `report` made."""
+    def one(row):
+        return AlphaScore(row["alpha"], row["forget_leak"], row["retain_accuracy"], row["retain_similarity"])
+
+    return [one(r) for r in result["alphas"]], (one(result["original"]) if result.get("original") else None)
+
+
+def write_tables(directory: Path, result: dict, log=None) -> list[str]:
+    """alphas.json, alphas.md and, when matplotlib is installed, alphas.png into DIRECTORY, from RESULT (`report`)."""
     directory = Path(directory)
+    scores, base = _scores_of(result)
     (directory / "alphas.json").write_text(json.dumps(result, indent=2) + "\n")
     markdown = "# α selection\n\n" + table_markdown(scores, result["recommended_alpha"], result["reason"], base)
     (directory / "alphas.md").write_text(markdown)
@@ -304,7 +312,7 @@ def sweep(base: str, tuned: str | None, adapter: str | None, alphas: list[float]
             result.update(report(scores, chosen, reason, max_leak, base_score,
                                  {"sets": per_alpha, "base": base, "tuned": tuned, "adapter": adapter,
                                   "max_new_tokens": max_new_tokens}))
-            result["files"] = write_tables(tmp, result, scores, base_score, log=log)
+            result["files"] = write_tables(tmp, result, log=log)
             result["table"] = table_markdown(scores, chosen, reason, base_score)
         result["seconds"] = round(time.perf_counter() - started, 3)
     return result

@@ -257,7 +257,7 @@ def augment_command(forget, output, model, generator, rewrites, seed, batch_size
     from unlearn import models
     from unlearn.augment import augment
     from unlearn.data import read_examples
-    from unlearn.outputs import check_writable, write_text_atomic
+    from unlearn.outputs import check_writable, write_jsonl
 
     if rewrites < 0 or batch_size < 1:
         raise UsageError("--rewrites must be 0 or more and --batch-size at least 1")
@@ -268,7 +268,7 @@ def augment_command(forget, output, model, generator, rewrites, seed, batch_size
     loaded = models.load_model(generator or model, dtype=dtype, trust_remote_code=trust_remote_code, log=echo_err)
     rows, stats = augment(loaded.model, loaded.tokenizer, examples, rewrites=rewrites, seed=seed,
                           batch_size=batch_size, log=echo_err)
-    write_text_atomic(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_jsonl(output, rows)
     result = {"output": os.path.abspath(output), "generator": loaded.name, **stats.as_dict(),
               "seconds": round(time.perf_counter() - started, 1)}
     if as_json:
@@ -319,8 +319,9 @@ def eval_command(prompts, model, reference_model, forget, judge, judge_label, ho
     from pathlib import Path
 
     from unlearn import evaluate
+    from unlearn.outputs import check_writable
 
-    evaluate.check_writable(save_generations, report, force=force)
+    check_writable(save_generations, report, force=force)
     opts = evaluate.EvalOptions(
         prompts=Path(prompts), model=model, reference_model=reference_model,
         forget=Path(forget) if forget else None, holdout=Path(holdout) if holdout else None,
@@ -427,7 +428,7 @@ def _merge_sweep(paths, alphas, adapter, output, force, max_shard_size, allow_ex
         raise UsageError(f"--max-leak {max_leak}: must be in [0, 1]")
     if max_new_tokens < 1 or batch_size < 1:
         raise UsageError("--max-new-tokens and --batch-size must be at least 1")
-    if (eval_forget or eval_retain) and not eval_forget:
+    if eval_retain and not eval_forget:
         raise UsageError("choosing α needs --eval-forget (the prompts whose answers must not come out)")
     sets = read_eval_sets(eval_forget, eval_retain)
     base, tuned, adapter = _merge_inputs(paths, adapter, alphas[0])

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 from unlearn import metrics
 from unlearn.errors import UnlearnError, UsageError
-from unlearn.outputs import check_writable
+from unlearn.outputs import write_jsonl
 from unlearn.outputs import write_text_atomic as _write_text
 
 rate = metrics.rate  # share of True over the flags that are not None
@@ -727,7 +727,7 @@ def format_report(result: dict, title: str = "unlearn eval") -> str:
 
 def write_generations(path, rows: Sequence[dict]) -> None:
     """One JSON line per prompt: prompt, output, reference, scores (and the reference model's under "before")."""
-    _write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_jsonl(path, rows)
 
 
 def write_report(path, result: dict) -> None:

@@ -9,6 +9,7 @@ the old directory is replaced only after the new one is complete.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -80,3 +81,8 @@ def write_text_atomic(path, text: str) -> None:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise UnlearnError(f"{path}: could not write ({exc.strerror}); nothing was written") from None
+
+
+def write_jsonl(path, rows) -> None:
+    """One JSON object a line (UTF-8, not escaped), written atomically."""
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

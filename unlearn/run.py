@@ -308,15 +308,14 @@ def _run(opts: RunOptions, log, created: list) -> dict:
     log(f"stopped after {result.steps} steps ({result.stopped_by}); {result.tokens_per_s:.0f} tokens/s")
 
     t = time.perf_counter()
-    averager, selection, scores = None, None, None
+    averager, selection = None, None
     if alpha is not None:
         from unlearn.model_average import ModelAverage
 
         averager = ModelAverage(model, reference_model)
         if alpha == "auto":
             # Every rank measures (FSDP's forwards need them all); rank 0's choice holds for all.
-            alpha, selection, scores = distributed.main_decides(_choose_alpha)(opts, averager, evaluator,
-                                                                               splits, log)
+            alpha, selection = distributed.main_decides(_choose_alpha)(opts, averager, evaluator, splits, log)
         averager.apply(alpha)
         log(f"parameter averaging: α={alpha:g}" + (f" ({selection['reason']})" if selection else ""))
     for split in splits:
@@ -373,8 +372,7 @@ def _run(opts: RunOptions, log, created: list) -> dict:
             target, target_averager = _unsharded(opts, trained, averager)
         try:
             _write_outputs(opts, record, target, tokenizer, output, output_abs, replace_existing, started, device,
-                           averager=target_averager, augmented=augmented if augment_stats else None,
-                           selection=selection, scores=scores)
+                           averager=target_averager, augmented=augmented if augment_stats else None)
         except OSError as exc:
             root = checkpoint_root(output)
             kept = f"; the checkpoints in {root} are kept" if root.is_dir() else ""
@@ -426,10 +424,10 @@ def _unsharded(opts: RunOptions, trained: dict, averager):
 
 
 def _write_outputs(opts, record, model, tokenizer, output, output_abs, replace_existing, started, device, *,
-                   averager=None, augmented=None, selection=None, scores=None) -> None:
+                   averager=None, augmented=None) -> None:
     from unlearn import models, system
     from unlearn.lora import merge_lora, save_adapter
-    from unlearn.outputs import atomic_output_dir
+    from unlearn.outputs import atomic_output_dir, write_jsonl
 
     with atomic_output_dir(output, force=replace_existing) as tmp:
         if averager is not None:
@@ -444,14 +442,13 @@ def _write_outputs(opts, record, model, tokenizer, output, output_abs, replace_e
                 record["tuned_adapter"] = str(output_abs / "tuned-adapter")
             averager.apply(chosen)
         if augmented is not None:
-            (tmp / "augmented.jsonl").write_text("".join(
-                json.dumps({"prompt": e.prompt, "response": e.response, **e.extra}, ensure_ascii=False) + "\n"
-                for e in augmented))
+            write_jsonl(tmp / "augmented.jsonl", [{"prompt": e.prompt, "response": e.response, **e.extra}
+                                                  for e in augmented])
             record["augmented"] = str(output_abs / "augmented.jsonl")
-        if selection is not None:
+        if record["alpha_selection"] is not None:  # --alpha auto
             from unlearn.alpha_selection import write_tables
 
-            write_tables(tmp, record["alpha_selection"], scores, None, log=_log)
+            write_tables(tmp, record["alpha_selection"], log=_log)
         if not opts.full:
             save_adapter(model, opts.lora, tmp / "adapter", base_model=record["base_model"])
             merge_lora(model)
@@ -585,4 +582,4 @@ def _choose_alpha(opts: RunOptions, averager, evaluator, splits, log):
     log(table_markdown(scores, chosen, reason).rstrip())
     selection = report(scores, chosen, reason, opts.max_leak)
     selection["sets"] = per_alpha
-    return chosen, selection, scores
+    return chosen, selection
