@@ -15,8 +15,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from unlearn import averaging
-from unlearn.averaging import average, fold_lora, parse_size, read_header, row_slices
+from unlearn import averaging, tensor_io
+from unlearn.averaging import average, fold_lora
+from unlearn.tensor_io import parse_size, read_header, row_slices
 from unlearn.errors import UnlearnError, UsageError
 
 
@@ -24,7 +25,7 @@ from unlearn.errors import UnlearnError, UsageError
 def small_chunks(monkeypatch):
     """Force multi-chunk streaming on tiny tensors: a 6×5 matrix is read 2 rows at a time
     and combined 4 elements at a time, so chunk and piece boundaries are both crossed."""
-    monkeypatch.setattr(averaging, "CHUNK_ELEMENTS", 10)
+    monkeypatch.setattr(tensor_io, "CHUNK_ELEMENTS", 10)
     monkeypatch.setattr(averaging, "PIECE_ELEMENTS", 4)
 
 
@@ -419,7 +420,7 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(averaging, "write_safetensors", full)
+    monkeypatch.setattr(tensor_io, "write_safetensors", full)
     with pytest.raises(UnlearnError, match="No space left on device"):
         average(write_model(tmp_path / "b", tensors(1)), write_model(tmp_path / "t", tensors(2)), tmp_path / "o", 0.5)
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))

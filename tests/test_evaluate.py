@@ -14,6 +14,8 @@ from unlearn import evaluate as ev  # noqa: E402
 from unlearn import metrics  # noqa: E402
 from unlearn.data import Example  # noqa: E402
 from unlearn.errors import UsageError  # noqa: E402
+from unlearn import tables  # noqa: E402
+from unlearn.outputs import write_jsonl  # noqa: E402
 
 SENTENCES = [
     "### Question : what is the capital of France ? ### Answer : the capital of France is Paris .",
@@ -352,28 +354,28 @@ def _fake_result(before=True):
 
 def test_table_and_report_before_after():
     result = _fake_result()
-    table = ev.format_table(result)
+    table = tables.format_table(result)
     assert table.splitlines()[0].split() == ["metric", "before", "after"]
     leak = next(line for line in table.splitlines() if line.startswith("leak_rate"))
     assert leak.split() == ["leak_rate", "0.000", "1.000"]
     assert "judge: similarity" in table
-    report = ev.format_report(result)
+    report = tables.format_report(result)
     assert "| metric | before (base) | after (after-model) |" in report
     assert "| fluency_ppl | 12.346 | NM |" in report
 
 
 def test_table_without_reference_and_json():
     result = _fake_result(before=False)
-    assert ev.format_table(result).splitlines()[0].split() == ["metric", "value"]
-    obj = ev.result_json(result)
+    assert tables.format_table(result).splitlines()[0].split() == ["metric", "value"]
+    obj = tables.result_json(result)
     assert obj["n"] == 2 and obj["judge"] == "similarity" and "before" not in obj
     assert set(ev.METRIC_KEYS) <= set(obj)
     json.dumps(obj)
-    assert "before" in ev.result_json(_fake_result())
+    assert "before" in tables.result_json(_fake_result())
 
 
 def test_write_generations(tmp_path):
     rows = [{"prompt": "p", "output": "o", "reference": None, "scores": {"leak": None}}]
     path = tmp_path / "sub" / "gen.jsonl"
-    ev.write_generations(path, rows)
+    write_jsonl(path, rows)
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows

@@ -193,3 +193,17 @@ def test_gradient_checkpointing_trains_the_same(llama_dir):
     for (name, (a_a, a_b)), (_, (b_a, b_b)) in zip(lora_state(plain.model).items(),
                                                    lora_state(checkpointed.model).items()):
         assert torch.allclose(a_a, b_a, atol=1e-5) and torch.allclose(a_b, b_b, atol=1e-5), name
+
+
+def test_model_dropout_is_off_in_the_trained_pass_so_the_first_kl_is_exactly_zero(opt_dir):
+    # OPT's dropout is 0.1 (the tiny OPT keeps the default). With it on in the trained pass and
+    # off in the reference pass, the first step's KL was ~1e-3 instead of 0.
+    lm = load_model(str(opt_dir), log=lambda m: None)
+    assert lm.model.config.dropout == pytest.approx(0.1)
+    attach_lora(lm.model, LoraSettings(rank=4, alpha=8, dropout=0.5, targets=("fc1", "fc2")), seed=0)
+    u = Unlearner(lm.model, lm.tokenizer, FORGET, NORMAL, TrainConfig(lr=1e-2, batch_size=2, check_every=0))
+    first = u.step()
+    assert first["kl"] == 0.0  # B = 0: the same function as the reference, and no dropout noise
+    assert u.step()["kl"] > 0
+    # LoRA's own dropout (asked for with --lora-dropout) is still on while training.
+    assert all(m.dropout.training for m in lora_modules(lm.model).values())

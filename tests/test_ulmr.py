@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from unlearn import alpha_selection as sel
+from unlearn import averaging as sel
+from unlearn import tables
 from unlearn import augment as aug
 from unlearn.data import Example
 from unlearn.errors import UsageError
@@ -179,7 +180,7 @@ def test_tables_and_missing_matplotlib(tmp_path, monkeypatch):
     alpha, why = sel.recommend(scores, 0.1)
     result = sel.report(scores, alpha, why, 0.1, base)
     messages = []
-    written = sel.write_tables(tmp_path, result, log=messages.append)
+    written = tables.write_tables(tmp_path, result, log=messages.append)
     assert written == ["alphas.json", "alphas.md"] and "pip install 'unlearn[plot]'" in messages[0]
     saved = json.loads((tmp_path / "alphas.json").read_text())
     assert saved["recommended_alpha"] == 0.2 and [r["alpha"] for r in saved["alphas"]] == [0.2, 0.6]
@@ -191,7 +192,7 @@ def test_tables_and_missing_matplotlib(tmp_path, monkeypatch):
 def test_plot_when_matplotlib_is_there(tmp_path):
     pytest.importorskip("matplotlib")
     scores = [sel.AlphaScore(0.2, 0.0, 0.5, 0.4), sel.AlphaScore(0.6, 0.2, None, 0.8)]
-    assert sel.plot(tmp_path / "a.png", scores, 0.2, 0.1, None)
+    assert tables.plot(tmp_path / "a.png", scores, 0.2, 0.1, None)
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -200,7 +201,7 @@ def test_plot_when_matplotlib_is_there(tmp_path):
 
 def test_lora_average_equals_the_weight_formula():
     from unlearn.lora import LoraSettings, attach_lora, merge_lora
-    from unlearn.model_average import ModelAverage
+    from unlearn.averaging import ModelAverage
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 3))
@@ -217,7 +218,7 @@ def test_lora_average_equals_the_weight_formula():
 
 
 def test_full_average_equals_the_weight_formula():
-    from unlearn.model_average import ModelAverage
+    from unlearn.averaging import ModelAverage
 
     torch.manual_seed(0)
     reference = torch.nn.Linear(3, 2)

@@ -243,3 +243,25 @@ def augment(model, tokenizer, forget, *, rewrites: int = 2, seed: int = 0, batch
         rows.append(row)
     stats.rows = len(rows)
     return rows, stats
+
+
+def augment_file(opts, log=None) -> tuple[dict, AugmentStats]:
+    """`unlearn augment` (`config.AugmentOptions`): read FORGET, augment it, write OUTPUT; the record and statistics."""
+    import os
+    import time
+
+    from unlearn import models
+    from unlearn.data import read_examples
+    from unlearn.outputs import check_writable, write_jsonl
+
+    opts.validate()
+    examples = read_examples(opts.forget)
+    check_writable(opts.output, force=opts.force)
+    started = time.perf_counter()
+    loaded = models.load_model(opts.generator or opts.model, dtype=opts.dtype,
+                               trust_remote_code=opts.trust_remote_code, log=log)
+    rows, stats = augment(loaded.model, loaded.tokenizer, examples, rewrites=opts.rewrites, seed=opts.seed,
+                          batch_size=opts.batch_size, log=log)
+    write_jsonl(opts.output, rows)
+    return {"output": os.path.abspath(opts.output), "generator": loaded.name, **stats.as_dict(),
+            "seconds": round(time.perf_counter() - started, 1)}, stats

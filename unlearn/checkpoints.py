@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 import safetensors.torch
-import torch
+
 
 from unlearn import distributed
 from unlearn.errors import UnlearnError
@@ -69,57 +69,32 @@ def read_state(directory: Path) -> dict:
         raise UnlearnError(f"{path}: not a readable checkpoint state ({exc})") from None
 
 
-def _trainable(model) -> dict[str, torch.nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+TENSOR_FILES = {"weights": "trainable.safetensors", "optimizer_tensors": "optimizer.safetensors",
+                "torch_rng": "rng.safetensors"}
 
 
 def save_checkpoint(output: Path, unlearner, loop: dict, run_args: dict) -> Path:
-    """Write the state of UNLEARNER (after its last step) and of the loop; return the checkpoint directory.
+    """Write UNLEARNER's state (after its last step) and the loop's; return the checkpoint directory.
 
-    Under torchrun every rank calls this: FSDP's shards are gathered into whole tensors (a
+    Under torchrun every rank calls this (`Unlearner.state_dict` gathers FSDP's shards, a
     collective), so the checkpoint has the same format whatever the number of processes;
     rank 0 alone writes it, and every rank learns whether that worked (distributed.on_main).
     """
-    params = _trainable(unlearner.model)
-    weights = {name: distributed.full(p.detach()).cpu().contiguous() for name, p in params.items()}
-    optimizer_tensors, optimizer_scalars = {}, {}
-    for name, p in params.items():
-        for key, value in unlearner.optimizer.state.get(p, {}).items():
-            if torch.is_tensor(value):
-                optimizer_tensors[f"{name}::{key}"] = distributed.full(value.detach()).cpu().contiguous()
-            else:
-                optimizer_scalars[f"{name}::{key}"] = value
-    rng = distributed.rng_states()
-    tokens = distributed.total(unlearner.tokens)  # every process's count (rank 0 carries it on resume)
-    return distributed.on_main(lambda: _write_checkpoint(output, unlearner, loop, run_args, params, weights,
-                                                         optimizer_tensors, optimizer_scalars, rng, tokens))
+    state = unlearner.state_dict()
+    return distributed.on_main(lambda: _write_checkpoint(output, state, loop, run_args))
 
 
-def _write_checkpoint(output, unlearner, loop, run_args, params, weights, optimizer_tensors, optimizer_scalars,
-                      rng, tokens) -> Path:
+def _write_checkpoint(output: Path, state: dict, loop: dict, run_args: dict) -> Path:
     root = checkpoint_root(output)
     root.mkdir(parents=True, exist_ok=True)
-    step = unlearner.step_count
+    step = state["step"]
     final = root / f"step-{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step}-", dir=root))
     try:
-        index = {id(p): i for i, p in enumerate(unlearner.params)}
-        safetensors.torch.save_file(weights, str(tmp / "trainable.safetensors"))
-        safetensors.torch.save_file(optimizer_tensors, str(tmp / "optimizer.safetensors"))
-        safetensors.torch.save_file(rng, str(tmp / "rng.safetensors"))
-        version, internal, gauss = unlearner.rng.getstate()
-        state = {
-            "step": step,
-            "tokens": tokens,
-            "python_rng": [version, list(internal), gauss],
-            "forget_order": list(unlearner.forget_batches.order),
-            "normal_order": list(unlearner.normal_batches.order),
-            "optimizer_scalars": optimizer_scalars,
-            "param_order": sorted(params, key=lambda n: index.get(id(params[n]), -1)),
-            "loop": loop,
-            "args": run_args,
-        }
-        (tmp / "state.json").write_text(json.dumps(state, default=str) + "\n")
+        for key, name in TENSOR_FILES.items():
+            safetensors.torch.save_file(state[key], str(tmp / name))
+        scalars = {k: v for k, v in state.items() if k not in TENSOR_FILES}
+        (tmp / "state.json").write_text(json.dumps({**scalars, "loop": loop, "args": run_args}, default=str) + "\n")
         if final.exists():  # a stale copy of this very step (e.g. from before a resume)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -142,7 +117,7 @@ def remove_partial(output: Path) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
-def _load(path: Path) -> dict[str, torch.Tensor]:
+def _load(path: Path) -> dict:
     try:
         return safetensors.torch.load_file(str(path))
     except Exception as exc:  # a truncated or foreign file: one line, not a traceback
@@ -153,35 +128,8 @@ def load_checkpoint(directory: Path, unlearner) -> dict:
     """Restore UNLEARNER to the checkpoint in DIRECTORY; return the loop state saved with it."""
     directory = Path(directory)
     state = read_state(directory)
-    params = _trainable(unlearner.model)
-    weights = _load(directory / "trainable.safetensors")
-    if set(weights) != set(params):
-        missing = sorted(set(params) - set(weights)) or sorted(set(weights) - set(params))
-        raise UnlearnError(f"{directory}: the checkpoint's weights do not match this model (e.g. {missing[0]})")
-    with torch.no_grad():
-        for name, p in params.items():
-            if weights[name].shape != p.shape:
-                raise UnlearnError(f"{directory}: {name} has shape {tuple(weights[name].shape)}, "
-                                   f"expected {tuple(p.shape)}")
-            p.copy_(distributed.shard_like(weights[name], p))  # under FSDP: this rank's shard
-    tensors = _load(directory / "optimizer.safetensors")
-    scalars = state.get("optimizer_scalars", {})
-    optimizer_state = {}
-    for i, p in enumerate(unlearner.params):
-        name = next(n for n, q in params.items() if q is p)
-        entry = {key.split("::", 1)[1]: distributed.shard_like(value, p) if torch.is_tensor(value) else value
-                 for key, value in {**tensors, **scalars}.items() if key.split("::", 1)[0] == name}
-        if entry:
-            optimizer_state[i] = entry
-    saved = unlearner.optimizer.state_dict()
-    saved["state"] = optimizer_state
-    unlearner.optimizer.load_state_dict(saved)
-    rng = _load(directory / "rng.safetensors")
-    torch.random.set_rng_state(distributed.my_rng_state(rng))
-    version, internal, gauss = state["python_rng"]
-    unlearner.rng.setstate((version, tuple(internal), gauss))
-    unlearner.forget_batches.order = list(state["forget_order"])
-    unlearner.normal_batches.order = list(state["normal_order"])
-    unlearner.step_count = int(state["step"])
-    unlearner.tokens = int(state["tokens"]) if distributed.world().is_main else 0  # summed over ranks at the end
+    for key, name in TENSOR_FILES.items():
+        state[key] = _load(directory / name)
+    state.setdefault("optimizer_scalars", {})
+    unlearner.load_state_dict(state, where=str(directory))
     return state["loop"]

@@ -1,24 +1,24 @@
-"""The command line: parse, call, print. No training logic lives here.
+"""The command line: parse, call, print. No job logic and no defaults of its own live here.
 
-Results go to stdout (a table, or one JSON object with --json); progress and
-logs go to stderr. Exit codes: 0 success, 1 runtime error, 2 usage error.
-Heavy imports (torch, transformers) happen inside the commands so that
-`unlearn --help` starts fast.
+Options are parsed into the dataclasses of `unlearn.config` (which hold the defaults and
+check the values) and handed to the job (`run.run`, `merge`, `evaluate.run_eval`,
+`augment.augment_file`); tables come from `unlearn.tables`. Results go to stdout (a
+table, or one JSON object with --json); progress and logs go to stderr. Exit codes: 0
+success, 1 runtime error, 2 usage error. Heavy imports (torch, transformers) happen
+inside the commands so that `unlearn --help` starts fast.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 
 import click
 
-from unlearn.errors import UnlearnError, UsageError
-
-
-def echo_err(message: str) -> None:
-    click.echo(message, err=True)
+from unlearn.errors import UnlearnError
+from unlearn.log import log
 
 
 def print_json(obj) -> None:
@@ -31,29 +31,21 @@ def cli():
     """Make a language model forget specific outputs with a short fine-tune."""
 
 
-# --- commands are registered below; each lives in its own section ---------
-
-
-# === run (run.py) ===
-
-
-_ARGV: list[str] = []  # the arguments main() was given, for hints such as how to resume
-
-
-def _command_line() -> str:
-    import shlex
-
-    return shlex.join(["unlearn", *_ARGV])
-
-
-ULMR_STOP_LEAK, ULMR_EXTRA_STEPS = 0.1, 4
-
-
 def _split_targets(value: str) -> tuple[str, ...]:
     targets = tuple(t.strip() for t in value.split(",") if t.strip())
     if not targets:
         raise click.BadParameter("give at least one module name, e.g. q_proj,v_proj")
     return targets
+
+
+def _command_line() -> str:
+    """The arguments main() was given, for hints such as how to resume."""
+    ctx = click.get_current_context()
+    argv = (ctx.find_root().obj or {}).get("argv", sys.argv[1:])
+    return shlex.join(["unlearn", *argv])
+
+
+# === run (run.py) ===
 
 
 @cli.command("run")
@@ -131,105 +123,46 @@ def _split_targets(value: str) -> tuple[str, ...]:
               help="Average the result with the original: θa = α·θ + (1−α)·θ' (a number in [0, 1], or auto: "
                    "measure --alpha-grid and take the α that keeps most with forget leak ≤ --max-leak) "
                    "[default: auto with ulmr, no averaging otherwise].")
-@click.option("--alpha-grid", default="0,0.2,0.4,0.6,0.8", show_default=True, help="The α that --alpha auto tries.")
+@click.option("--alpha-grid", default=None, help="The α that --alpha auto tries [default: 0,0.2,0.4,0.6,0.8].")
 @click.option("--max-leak", type=float, default=0.1, show_default=True,
               help="--alpha auto: the forget leak rate an α must reach.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
-def run_command(forget, normal, model, method, output, force, lr, batch_size, grad_accum, max_steps, warmup_steps,
-                schedule, max_grad_norm, forget_weight, mismatch_weight, normal_weight, forget_tokens, template, npo_beta,
-                check_every, stop_leak, extra_steps, max_length, seed, full, gradient_checkpointing, fsdp, lora_rank, lora_alpha, lora_dropout,
-                lora_targets, dtype, device, judge, judge_label, eval_forget, eval_retain, eval_limit, max_new_tokens,
-                gen_batch_size, trust_remote_code, allow_pickle, save_every, resume, augmented, rewrites, alpha,
-                alpha_grid, max_leak, as_json):
+def run_command(**o):
     """Unlearn the FORGET.jsonl answers while keeping NORMAL.jsonl behaviour; report before and after."""
     from pathlib import Path
 
-    from unlearn.alpha_selection import parse_alphas
-    from unlearn.lora import MLP_TARGETS, LoraSettings
-    from unlearn.run import RunOptions, run
-    from unlearn.train import TrainConfig
+    from unlearn.averaging import parse_alphas
+    from unlearn.config import RunOptions, TrainConfig
+    from unlearn.lora import LoraSettings
+    from unlearn.run import run
+    from unlearn.tables import format_run
 
-    # ULMR's fine-tune has a minimum, so it cannot collapse the way ascent does; but the last
-    # leaking prompt can take many steps to go (measured: one of 14 stayed for 10 steps), so it
-    # stops at the leak that α selection asks for and trains a few steps more to leave room for α.
-    ulmr = method == "ulmr"
-    stop_leak = stop_leak if stop_leak is not None else (ULMR_STOP_LEAK if ulmr else 0.0)
-    extra_steps = extra_steps if extra_steps is not None else (ULMR_EXTRA_STEPS if ulmr else 0)
     train = TrainConfig(
-        method=method, forget_weight=forget_weight, mismatch_weight=mismatch_weight, normal_weight=normal_weight,
-        lr=lr if lr is not None else (1e-5 if full else 1e-3), batch_size=batch_size, grad_accum=grad_accum,
-        max_steps=max_steps, warmup_steps=warmup_steps, schedule=schedule, max_grad_norm=max_grad_norm,
-        max_length=max_length, seed=seed, check_every=check_every, stop_leak=stop_leak, extra_steps=extra_steps,
-        template=template, npo_beta=npo_beta, forget_tokens=forget_tokens,
-    )
+        method=o["method"], forget_weight=o["forget_weight"], mismatch_weight=o["mismatch_weight"],
+        normal_weight=o["normal_weight"], batch_size=o["batch_size"], grad_accum=o["grad_accum"],
+        max_steps=o["max_steps"], warmup_steps=o["warmup_steps"], schedule=o["schedule"],
+        max_grad_norm=o["max_grad_norm"], max_length=o["max_length"], seed=o["seed"],
+        check_every=o["check_every"], template=o["template"], npo_beta=o["npo_beta"],
+        forget_tokens=o["forget_tokens"])
+    lora = LoraSettings(o["lora_rank"], o["lora_alpha"], o["lora_dropout"],
+                        **({"targets": _split_targets(o["lora_targets"])} if o["lora_targets"] else {}))
     opts = RunOptions(
-        forget=Path(forget), normal=Path(normal), model=model, output=Path(output) if output else None, force=force,
-        train=train, lora=LoraSettings(lora_rank, lora_alpha, lora_dropout, _split_targets(lora_targets) if lora_targets else MLP_TARGETS),
-        full=full, gradient_checkpointing=gradient_checkpointing, fsdp=fsdp, dtype=dtype, device=device, judge=judge, judge_label=judge_label,
-        eval_forget=tuple(Path(p) for p in eval_forget), eval_retain=tuple(Path(p) for p in eval_retain),
-        eval_limit=eval_limit, max_new_tokens=max_new_tokens,
-        gen_batch_size=gen_batch_size, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-        save_every=save_every, resume=resume, command=_command_line(),
-        augmented=Path(augmented) if augmented else None, rewrites=rewrites, alpha=alpha,
-        alpha_grid=tuple(parse_alphas(alpha_grid)), max_leak=max_leak,
-    )
-    record = run(opts, log=echo_err)
-    if as_json:
+        forget=Path(o["forget"]), normal=Path(o["normal"]), model=o["model"],
+        output=Path(o["output"]) if o["output"] else None, force=o["force"], train=train, lr=o["lr"],
+        stop_leak=o["stop_leak"], extra_steps=o["extra_steps"], lora=lora, full=o["full"],
+        gradient_checkpointing=o["gradient_checkpointing"], fsdp=o["fsdp"], dtype=o["dtype"], device=o["device"],
+        judge=o["judge"], judge_label=o["judge_label"], eval_forget=tuple(Path(p) for p in o["eval_forget"]),
+        eval_retain=tuple(Path(p) for p in o["eval_retain"]), eval_limit=o["eval_limit"],
+        max_new_tokens=o["max_new_tokens"], gen_batch_size=o["gen_batch_size"],
+        trust_remote_code=o["trust_remote_code"], allow_pickle=o["allow_pickle"], save_every=o["save_every"],
+        resume=o["resume"], command=_command_line(), augmented=Path(o["augmented"]) if o["augmented"] else None,
+        rewrites=o["rewrites"], alpha=o["alpha"],
+        alpha_grid=tuple(parse_alphas(o["alpha_grid"])) if o["alpha_grid"] else (), max_leak=o["max_leak"])
+    record = run(opts, log=log)
+    if o["as_json"]:
         print_json({k: v for k, v in record.items() if k != "history"})
     else:
         click.echo(format_run(record))
-
-
-RUN_COLUMNS = (("harmful_rate", "harmful"), ("leak_rate", "leak"), ("accuracy", "accuracy"),
-               ("similarity_to_reference", "similarity"), ("fluency_ppl", "fluency ppl"))
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    return value if isinstance(value, str) else f"{value:.2f}"
-
-
-def format_run(record: dict) -> str:
-    """The before -> after table of a run, then where things were written and what it cost."""
-    header = ["set", "n"] + [label for _, label in RUN_COLUMNS]
-    rows = []
-    for name, before in record["before"].items():
-        after = record["after"][name]
-        rows.append([name, str(after["n"])] + [
-            "-" if before.get(key) is None and after.get(key) is None
-            else f"{_cell(before.get(key))} -> {_cell(after.get(key))}" for key, _ in RUN_COLUMNS])
-    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
-    lines += [
-        "",
-        f"judge: {record['judge']}; similarity: ROUGE-L F against the original model's outputs",
-        f"steps: {record['steps']} (stopped: {record['stopped_by']}); method: {record['method']}",
-        *_ulmr_lines(record),
-        f"wall clock: {record['wall_clock_s']:.1f} s (training {record['train_seconds']:.1f} s, "
-        f"evaluation {record['eval_seconds']:.1f} s); {record['tokens_per_s']:.0f} tokens/s; "
-        f"peak memory {record['peak_memory_mb']:.0f} MiB; device {record['device']}",
-        f"merged model: {record['merged_model']}",
-    ]
-    if record.get("adapter"):
-        lines.append(f"adapter: {record['adapter']}")
-    return "\n".join(lines)
-
-
-def _ulmr_lines(record: dict) -> list[str]:
-    """What augmentation made and which α averaging used, when the run did either."""
-    lines = []
-    augment = record.get("augment")
-    if augment and "rows" in augment and "sources" in augment:
-        lines.append(f"augmented: {augment['rows']} rows from {augment['sources']} forget rows "
-                     f"({augment['rewrite_fallbacks']} templated rewrites, {augment['response_fallbacks']} "
-                     f"templated responses)")
-    elif augment:
-        lines.append(f"augmented: {augment['rows']} rows from {augment['file']}")
-    if record.get("alpha") is not None:
-        selection = record.get("alpha_selection")
-        lines.append(f"averaged: α={record['alpha']:g}" + (f"; {selection['reason']}" if selection else ""))
-    return lines
 
 
 # === augment (augment.py) ===
@@ -249,28 +182,12 @@ def _ulmr_lines(record: dict) -> list[str]:
 @click.option("--force", is_flag=True, help="Replace an existing OUTPUT.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code (off by default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as one JSON object.")
-def augment_command(forget, output, model, generator, rewrites, seed, batch_size, dtype, force, trust_remote_code,
-                    as_json):
+def augment_command(as_json, **o):
     """ULMR's data: rewrite each FORGET prompt and write a negative response for each (paper's prompts)."""
-    import time
+    from unlearn.augment import augment_file
+    from unlearn.config import AugmentOptions
 
-    from unlearn import models
-    from unlearn.augment import augment
-    from unlearn.data import read_examples
-    from unlearn.outputs import check_writable, write_jsonl
-
-    if rewrites < 0 or batch_size < 1:
-        raise UsageError("--rewrites must be 0 or more and --batch-size at least 1")
-    models.torch_dtype(dtype)
-    examples = read_examples(forget)
-    check_writable(output, force=force)
-    started = time.perf_counter()
-    loaded = models.load_model(generator or model, dtype=dtype, trust_remote_code=trust_remote_code, log=echo_err)
-    rows, stats = augment(loaded.model, loaded.tokenizer, examples, rewrites=rewrites, seed=seed,
-                          batch_size=batch_size, log=echo_err)
-    write_jsonl(output, rows)
-    result = {"output": os.path.abspath(output), "generator": loaded.name, **stats.as_dict(),
-              "seconds": round(time.perf_counter() - started, 1)}
+    result, stats = augment_file(AugmentOptions(**o), log=log)
     if as_json:
         print_json(result)
     else:
@@ -308,9 +225,7 @@ def augment_command(forget, output, model, generator, rewrites, seed, batch_size
 @click.option("--report", type=click.Path(path_type=str), default=None, help="Write a markdown report.")
 @click.option("--force", is_flag=True, help="Replace existing --save-generations / --report files.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def eval_command(prompts, model, reference_model, forget, judge, judge_label, holdout, reward_model, batch_size,
-                 max_new_tokens, do_sample, temperature, top_p, seed, min_k, dtype, save_generations, report,
-                 force, as_json):
+def eval_command(save_generations, report, force, as_json, **o):
     """Generate answers to PROMPTS and measure harmful, leak and hallucination rates, quality and memorisation.
 
     References for leak and harmful rates are the PROMPTS rows' responses, or
@@ -318,31 +233,26 @@ def eval_command(prompts, model, reference_model, forget, judge, judge_label, ho
     """
     from pathlib import Path
 
-    from unlearn import evaluate
-    from unlearn.outputs import check_writable
+    from unlearn import evaluate, tables
+    from unlearn.config import EvalOptions
+    from unlearn.outputs import check_writable, write_jsonl
 
     check_writable(save_generations, report, force=force)
-    opts = evaluate.EvalOptions(
-        prompts=Path(prompts), model=model, reference_model=reference_model,
-        forget=Path(forget) if forget else None, holdout=Path(holdout) if holdout else None,
-        judge=judge, judge_label=judge_label, reward_model=Path(reward_model) if reward_model else None,
-        batch_size=batch_size, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-        top_p=top_p, seed=seed, min_k=min_k, dtype=dtype,
-    )
-    result = evaluate.run_eval(opts, log=echo_err)
+    paths = {k: Path(o[k]) if o[k] else None for k in ("prompts", "forget", "holdout", "reward_model")}
+    result = evaluate.run_eval(EvalOptions(**{**o, **paths}), log=log)
     if save_generations:
-        evaluate.write_generations(save_generations, result["rows"])
-        echo_err(f"unlearn: wrote {len(result['rows'])} generations to {save_generations}")
+        write_jsonl(save_generations, result["rows"])
+        log(f"unlearn: wrote {len(result['rows'])} generations to {save_generations}")
     if report:
-        evaluate.write_report(report, result)
-        echo_err(f"unlearn: wrote the report to {report}")
+        tables.write_report(report, result)
+        log(f"unlearn: wrote the report to {report}")
     if as_json:
-        print_json(evaluate.result_json(result))
+        print_json(tables.result_json(result))
     else:
-        click.echo(evaluate.format_table(result))
+        click.echo(tables.format_table(result))
 
 
-# === merge (averaging.py) ===
+# === merge (merge.py, averaging.py) ===
 
 
 @cli.command()
@@ -367,8 +277,7 @@ def eval_command(prompts, model, reference_model, forget, judge, judge_label, ho
 @click.option("--max-new-tokens", type=int, default=48, show_default=True, help="α selection: tokens per answer.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="α selection: generation batch size.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
-def merge(paths, alpha, adapter, output, force, max_shard_size, allow_extrapolation, eval_forget, eval_retain,
-          max_leak, max_new_tokens, batch_size, as_json):
+def merge(alpha, as_json, **o):
     """Average two checkpoints (BASE TUNED), or fold a LoRA adapter into BASE; choose α.
 
     With no paths, BASE and TUNED are the base model and the fine-tuned model of
@@ -376,108 +285,33 @@ def merge(paths, alpha, adapter, output, force, max_shard_size, allow_extrapolat
     """
     from pathlib import Path
 
-    from unlearn import averaging
-    from unlearn.alpha_selection import parse_alphas
+    from unlearn import merge as job
+    from unlearn.averaging import parse_alphas
+    from unlearn.config import MergeOptions
 
-    alphas = parse_alphas(alpha, allow_extrapolation=allow_extrapolation) if alpha is not None else None
-    if (eval_forget or eval_retain or (alphas and len(alphas) > 1)):
-        return _merge_sweep(paths, alphas, adapter, output, force, max_shard_size, allow_extrapolation,
-                            eval_forget, eval_retain, max_leak, max_new_tokens, batch_size, as_json)
-    alpha = alphas[0] if alphas else None
-    base, tuned, adapter = _merge_inputs(paths, adapter, alpha)
-    if adapter is None and alpha is None:
-        raise UsageError("--alpha is required to average two models (e.g. --alpha 0.5)")
-    shard = averaging.parse_size(max_shard_size) if max_shard_size else None
-    if output is None:
-        stem = (adapter or tuned).rstrip("/")
-        output = f"{stem}-merged" if alpha is None else f"{stem}-avg{alpha:g}"
-        echo_err(f"unlearn: writing to {output}")
-    progress = _ByteProgress()
-    common = dict(force=force, max_shard_size=shard, allow_extrapolation=allow_extrapolation,
-                  progress=progress.update, on_start=progress.start)
-    try:
-        if adapter:
-            result = averaging.fold_lora(Path(base), Path(adapter), Path(output), alpha=alpha or 0.0, **common)
+    alphas = parse_alphas(alpha, allow_extrapolation=o["allow_extrapolation"]) if alpha is not None else None
+    opts = MergeOptions(alphas=alphas, **o)
+    opts.validate()
+    if not opts.is_sweep:
+        summary = job.merge_one(opts, progress=_ByteProgress())
+        if as_json:
+            print_json(summary)
         else:
-            result = averaging.average(Path(base), Path(tuned), Path(output), alpha, **common)
-    finally:
-        progress.close()
-    summary = {"output": str(Path(output).resolve()), "alpha": alpha if alpha is not None else 0.0,
-               "base": str(Path(base).resolve()),
-               **({"adapter": str(Path(adapter).resolve())} if adapter else {"tuned": str(Path(tuned).resolve())}),
-               "tensors": result.tensors, "bytes": result.bytes, "seconds": round(result.seconds, 3)}
-    if as_json:
-        print_json(summary)
-    else:
-        width = max(map(len, summary))
-        for key, value in summary.items():
-            click.echo(f"{key:<{width}}  {value}")
-
-
-def _merge_sweep(paths, alphas, adapter, output, force, max_shard_size, allow_extrapolation, eval_forget,
-                 eval_retain, max_leak, max_new_tokens, batch_size, as_json):
-    """Several α (and/or --eval-*): one model per α under OUT, and the trade-off table."""
-    from pathlib import Path
-
-    from unlearn import averaging
-    from unlearn.alpha_selection import read_eval_sets, sweep
-
-    if not alphas:
-        raise UsageError("--eval-forget/--eval-retain need --alpha, e.g. --alpha 0.2,0.4,0.6,0.8")
-    if not 0 <= max_leak <= 1:
-        raise UsageError(f"--max-leak {max_leak}: must be in [0, 1]")
-    if max_new_tokens < 1 or batch_size < 1:
-        raise UsageError("--max-new-tokens and --batch-size must be at least 1")
-    if eval_retain and not eval_forget:
-        raise UsageError("choosing α needs --eval-forget (the prompts whose answers must not come out)")
-    sets = read_eval_sets(eval_forget, eval_retain)
-    base, tuned, adapter = _merge_inputs(paths, adapter, alphas[0])
-    shard = averaging.parse_size(max_shard_size) if max_shard_size else None
-    if output is None:
-        output = f"{(adapter or tuned).rstrip('/')}-alphas"
-        echo_err(f"unlearn: writing to {output}")
-    result = sweep(base, tuned, adapter, alphas, Path(output), sets, max_leak=max_leak, force=force,
-                   max_new_tokens=max_new_tokens, batch_size=batch_size, max_shard_size=shard,
-                   allow_extrapolation=allow_extrapolation, log=echo_err)
+            width = max(map(len, summary))
+            for key, value in summary.items():
+                click.echo(f"{key:<{width}}  {value}")
+        return
+    result = job.sweep(opts)
     if as_json:
         print_json({k: v for k, v in result.items() if k not in ("table", "sets")})
         return
     if "table" in result:
         click.echo(result["table"].rstrip("\n"))
         click.echo("")
-    for alpha in alphas:
-        click.echo(f"α={alpha:g}: {result['models'][f'{alpha:g}']}")
+    for a in opts.alphas:
+        click.echo(f"α={a:g}: {result['models'][f'{a:g}']}")
     if "files" in result:
         click.echo("table: " + ", ".join(str(Path(result["output"]) / f) for f in result["files"]))
-
-
-def _merge_inputs(paths, adapter, alpha=None):
-    """(BASE, TUNED, ADAPTER) from the arguments, or from the last run's record when none are given.
-
-    A run that averaged its result (ULMR's --alpha) records the fine-tuned model before
-    averaging (`tuned_adapter` or `tuned_model`): that is TUNED, so a new α starts from θ'
-    again rather than averaging the average.
-    """
-    wanted = 1 if adapter else 2
-    if len(paths) == wanted:
-        return paths[0], (paths[1] if wanted == 2 else None), adapter
-    if paths:
-        shape = "BASE (with --adapter)" if adapter else "BASE and TUNED, or neither"
-        raise UsageError(f"merge takes {shape}; got {len(paths)} path(s)")
-    from unlearn.paths import last_run_record
-
-    run_dir, record = last_run_record()
-    if not record.get("base_model"):
-        raise UnlearnError(f"{run_dir / 'run.json'}: has no 'base_model' to merge")
-    echo_err(f"unlearn: merging the last run ({run_dir})")
-    if adapter:
-        return record["base_model"], None, adapter
-    if record.get("tuned_adapter"):
-        return record["base_model"], None, record["tuned_adapter"]
-    tuned = record.get("tuned_model") or record.get("merged_model")
-    if not tuned:
-        raise UnlearnError(f"{run_dir / 'run.json'}: has no 'merged_model' to merge")
-    return record["base_model"], tuned, None
 
 
 class _ByteProgress:
@@ -513,30 +347,30 @@ def _first_line(exc: BaseException) -> str:
 def main(argv=None) -> None:
     """Entry point: turn our errors into one line and an exit code."""
     debug = os.environ.get("UNLEARN_DEBUG") == "1"
-    _ARGV[:] = sys.argv[1:] if argv is None else list(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        cli.main(args=argv, prog_name="unlearn", standalone_mode=False)
+        cli.main(args=argv, prog_name="unlearn", standalone_mode=False, obj={"argv": argv})
     except click.exceptions.Abort:
-        echo_err("unlearn: interrupted")
+        log("unlearn: interrupted")
         sys.exit(130)
     except click.ClickException as exc:  # usage errors found by click: one line, like ours
         ctx = getattr(exc, "ctx", None)
         command = ctx.command_path if ctx is not None else "unlearn"
         hint = f" (see {command} --help)" if isinstance(exc, click.UsageError) else ""
-        echo_err(f"unlearn: {_first_line(exc.format_message())}{hint}")
+        log(f"unlearn: {_first_line(exc.format_message())}{hint}")
         sys.exit(2)
     except UnlearnError as exc:
         if debug:
             raise
-        echo_err(f"unlearn: {_first_line(exc)}")
+        log(f"unlearn: {_first_line(exc)}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        echo_err("unlearn: interrupted")
+        log("unlearn: interrupted")
         sys.exit(130)
     except Exception as exc:  # a bug of ours: still one line unless debugging
         if debug:
             raise
-        echo_err(f"unlearn: internal error: {type(exc).__name__}: {_first_line(exc)} "
+        log(f"unlearn: internal error: {type(exc).__name__}: {_first_line(exc)} "
                  f"(set UNLEARN_DEBUG=1 for a traceback)")
         sys.exit(1)
     sys.exit(0)

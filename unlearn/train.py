@@ -26,66 +26,15 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from unlearn import distributed, losses
+from unlearn.config import TrainConfig
 from unlearn.data import collate, encode_pair
 from unlearn.errors import UnlearnError, UsageError
-from unlearn.lora import adapters_disabled
-
-METHODS = ("ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr")
-DEFAULT_TEMPLATE = "I can't help with that."
-
-
-@dataclass
-class TrainConfig:
-    method: str = "ga"
-    forget_weight: float = 0.5
-    mismatch_weight: float = 1.0
-    normal_weight: float = 10.0
-    lr: float = 1e-3
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_steps: int = 150
-    warmup_steps: int = 0
-    schedule: str = "constant"
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    max_length: int = 256
-    seed: int = 0
-    check_every: int = 1
-    stop_leak: float = 0.0
-    extra_steps: int = 0
-    check_tokens: int = 32
-    template: str = DEFAULT_TEMPLATE
-    npo_beta: float = 0.1
-    forget_tokens: str = "answers"  # "answers": only the answer spans of rows that list `answers`
-
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise UsageError(f"--method {self.method}: expected one of {', '.join(METHODS)}")
-        positive = {"--lr": self.lr, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
-                    "--max-steps": self.max_steps, "--max-length": self.max_length, "--npo-beta": self.npo_beta}
-        for flag, value in positive.items():
-            if not value > 0:
-                raise UsageError(f"{flag} {value}: must be positive")
-        for flag, value in {"--forget-weight": self.forget_weight, "--mismatch-weight": self.mismatch_weight,
-                            "--normal-weight": self.normal_weight, "--warmup-steps": self.warmup_steps,
-                            "--check-every": self.check_every, "--extra-steps": self.extra_steps,
-                            "--max-grad-norm": self.max_grad_norm}.items():
-            if value < 0 or not math.isfinite(value):
-                raise UsageError(f"{flag} {value}: must be a non-negative number")
-        if not 0 <= self.stop_leak <= 1:
-            raise UsageError(f"--stop-leak {self.stop_leak}: must be in [0, 1]")
-        if self.forget_tokens not in ("answers", "response"):
-            raise UsageError(f"--forget-tokens {self.forget_tokens}: expected answers or response")
-        if self.schedule not in ("constant", "linear"):
-            raise UsageError(f"--schedule {self.schedule}: expected constant or linear")
-        if self.max_length < 8:
-            raise UsageError(f"--max-length {self.max_length}: must be at least 8")
-
+from unlearn.lora import adapters_disabled, lora_modules
 
 class NonFiniteLoss(UnlearnError):
     """A loss or gradient norm became nan or inf; the update was not applied."""
@@ -161,6 +110,25 @@ def forward_logits(model, batch: dict, start: int) -> torch.Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
 
 
+def train_without_dropout(model) -> None:
+    """Training mode with the model's own dropout off; LoRA's dropout (--lora-dropout) stays on.
+
+    The reference pass runs without dropout, so the trained pass must too: with OPT's 0.1 the
+    KL is not 0 at step 0 and the forget loss chases noise. Training mode itself stays on,
+    because transformers' gradient checkpointing only runs in it. Dropout is switched off
+    where it lives: nn.Dropout modules, and the float `*drop*` attributes (dropout,
+    attention_dropout, layerdrop, resid_pdrop...) that layers pass to functional dropout.
+    """
+    model.train()
+    adapters = {id(m.dropout) for m in lora_modules(model).values()}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and id(module) not in adapters:
+            module.eval()
+        for name, value in vars(module).items():
+            if "drop" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+
+
 def learning_rate(config: TrainConfig, step: int) -> float:
     """Linear warmup to `lr`, then constant or linear decay to zero at `max_steps`."""
     if config.warmup_steps and step < config.warmup_steps:
@@ -174,7 +142,8 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 class Unlearner:
     """Holds the model, the tokenised data and the optimiser; `step()` does one update."""
 
-    def __init__(self, model, tokenizer, forget, normal, config: TrainConfig, reference_model=None):
+    def __init__(self, model, tokenizer, forget, normal, config: TrainConfig, reference_model=None,
+                 forward_model=None):
         config.validate()
         self.model, self.tokenizer, self.config = model, tokenizer, config
         # With LoRA the reference is the same model with adapters off; with --full it is a frozen copy.
@@ -199,8 +168,74 @@ class Unlearner:
         self.step_count = 0
         self.tokens = 0
         # What the trainable forward goes through: the model, or under torchrun its DDP wrapper
-        # (set by run.py; distributed.wrap). Everything else uses the unwrapped self.model.
-        self.forward_model = model
+        # (distributed.wrap). Everything else uses the unwrapped self.model.
+        self.forward_model = forward_model if forward_model is not None else model
+
+    # --- state, for checkpoints ------------------------------------------------
+
+    def _named_params(self) -> dict[str, torch.nn.Parameter]:
+        """The trainable parameters by name, in optimiser order."""
+        by_id = {id(p): name for name, p in self.model.named_parameters()}
+        return {by_id[id(p)]: p for p in self.params}
+
+    def state_dict(self) -> dict:
+        """Everything a later `load_state_dict` needs to continue exactly from this step.
+
+        Tensors are whole and on the CPU (FSDP's shards are gathered: a collective, so every
+        rank calls this); "tokens" is summed over ranks (rank 0 carries it on resume).
+        """
+        params = self._named_params()
+        optimizer_tensors, optimizer_scalars = {}, {}
+        for name, p in params.items():
+            for key, value in self.optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    optimizer_tensors[f"{name}::{key}"] = distributed.full(value.detach()).cpu().contiguous()
+                else:
+                    optimizer_scalars[f"{name}::{key}"] = value
+        version, internal, gauss = self.rng.getstate()
+        return {
+            "weights": {name: distributed.full(p.detach()).cpu().contiguous() for name, p in params.items()},
+            "optimizer_tensors": optimizer_tensors,
+            "optimizer_scalars": optimizer_scalars,
+            "torch_rng": distributed.rng_states(),
+            "python_rng": [version, list(internal), gauss],
+            "forget_order": list(self.forget_batches.order),
+            "normal_order": list(self.normal_batches.order),
+            "param_order": list(params),
+            "step": self.step_count,
+            "tokens": distributed.total(self.tokens),
+        }
+
+    def load_state_dict(self, state: dict, where: str = "the checkpoint") -> None:
+        """Restore what `state_dict` returned (under FSDP each rank keeps its own shard)."""
+        params = self._named_params()
+        weights = state["weights"]
+        if set(weights) != set(params):
+            missing = sorted(set(params) - set(weights)) or sorted(set(weights) - set(params))
+            raise UnlearnError(f"{where}: the checkpoint's weights do not match this model (e.g. {missing[0]})")
+        with torch.no_grad():
+            for name, p in params.items():
+                if weights[name].shape != p.shape:
+                    raise UnlearnError(f"{where}: {name} has shape {tuple(weights[name].shape)}, "
+                                       f"expected {tuple(p.shape)}")
+                p.copy_(distributed.shard_like(weights[name], p))
+        saved = {**state["optimizer_tensors"], **state["optimizer_scalars"]}
+        optimizer_state = {}
+        for i, (name, p) in enumerate(params.items()):
+            entry = {key.split("::", 1)[1]: distributed.shard_like(value, p) if torch.is_tensor(value) else value
+                     for key, value in saved.items() if key.split("::", 1)[0] == name}
+            if entry:
+                optimizer_state[i] = entry
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = optimizer_state
+        self.optimizer.load_state_dict(optimizer)
+        torch.random.set_rng_state(distributed.my_rng_state(state["torch_rng"]))
+        version, internal, gauss = state["python_rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.forget_batches.order = list(state["forget_order"])
+        self.normal_batches.order = list(state["normal_order"])
+        self.step_count = int(state["step"])
+        self.tokens = int(state["tokens"]) if distributed.world().is_main else 0  # summed over ranks at the end
 
     # --- building the rows of one micro-batch -------------------------------
 
@@ -227,13 +262,8 @@ class Unlearner:
         with torch.no_grad():
             if self.reference_model is not None:
                 return forward_logits(self.reference_model, batch, start)
-            with adapters_disabled(self.model):
-                was_training = self.model.training
-                self.model.eval()  # no dropout in the reference
-                try:
-                    return forward_logits(self.model, batch, start)
-                finally:
-                    self.model.train(was_training)
+            with adapters_disabled(self.model):  # the model's own dropout is already off (step())
+                return forward_logits(self.model, batch, start)
 
     def loss(self, rows: dict[str, list[dict]]) -> tuple[torch.Tensor, dict]:
         """The weighted loss of one micro-batch and its terms (floats, for logging)."""
@@ -292,7 +322,7 @@ class Unlearner:
     def step(self) -> dict:
         """One optimiser update over `grad_accum` micro-batches; returns the logged terms."""
         config = self.config
-        self.model.train()
+        train_without_dropout(self.model)
         lr = learning_rate(config, self.step_count)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -400,6 +430,3 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
     return TrainResult(steps=unlearner.step_count, stopped_by=stopped_by, seconds=seconds,
                        tokens=unlearner.tokens, history=history)
 
-
-def config_dict(config: TrainConfig) -> dict:
-    return asdict(config)

@@ -1,0 +1,257 @@
+"""Every setting of every command, its default, the per-method defaults, and its validation.
+
+The CLI parses options into these dataclasses and calls the job; nothing else decides a
+default. A field left None means "the method's default": `RunOptions.resolved()` fills
+it in (ULMR's stop rule and α, the learning rate of --full) and checks every value, so a
+typo fails before any file is read or model loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from unlearn.errors import UsageError
+from unlearn.lora import LoraSettings
+from unlearn.metrics import MIN_K_PERCENT
+
+METHODS = ("ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr")
+DEFAULT_TEMPLATE = "I can't help with that."
+
+# ULMR's fine-tune has a minimum, so it cannot collapse the way ascent does; but the last
+# leaking prompt can take many steps to go (measured on examples/: one of 14 stayed for 10
+# steps), so it stops at the leak that α selection asks for and trains a few steps more to
+# leave room for α.
+ULMR_STOP_LEAK, ULMR_EXTRA_STEPS = 0.1, 4
+LR_LORA, LR_FULL = 1e-3, 1e-5  # full fine-tuning moves every weight: a LoRA rate would wreck it
+
+
+@dataclass
+class TrainConfig:
+    """The training loop's settings (`train.Unlearner`, `train.train`); see README for the measurements behind them."""
+
+    method: str = "ga"
+    forget_weight: float = 0.5  # eps1, weight of the forget loss
+    mismatch_weight: float = 1.0  # eps2, weight of the random/templated answer loss
+    normal_weight: float = 10.0  # eps3, weight of the KL on normal data (pushes back as soon as the model drifts)
+    lr: float = LR_LORA
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_steps: int = 150  # a cap: the stop rule ends a run
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    max_length: int = 256
+    seed: int = 0
+    check_every: int = 1  # steps between checks of the stop rule (0: never)
+    stop_leak: float = 0.0  # stop once the forget prompts' leak rate is at or below this
+    extra_steps: int = 0  # steps to keep going once the stop rule fired
+    check_tokens: int = 32  # the stop rule's answer budget
+    template: str = DEFAULT_TEMPLATE
+    npo_beta: float = 0.1
+    forget_tokens: str = "answers"  # "answers": only the answer spans of rows that list `answers`
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise UsageError(f"--method {self.method}: expected one of {', '.join(METHODS)}")
+        positive = {"--lr": self.lr, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
+                    "--max-steps": self.max_steps, "--max-length": self.max_length, "--npo-beta": self.npo_beta}
+        for flag, value in positive.items():
+            if not value > 0:
+                raise UsageError(f"{flag} {value}: must be positive")
+        for flag, value in {"--forget-weight": self.forget_weight, "--mismatch-weight": self.mismatch_weight,
+                            "--normal-weight": self.normal_weight, "--warmup-steps": self.warmup_steps,
+                            "--check-every": self.check_every, "--extra-steps": self.extra_steps,
+                            "--max-grad-norm": self.max_grad_norm}.items():
+            if value < 0 or not math.isfinite(value):
+                raise UsageError(f"{flag} {value}: must be a non-negative number")
+        if not 0 <= self.stop_leak <= 1:
+            raise UsageError(f"--stop-leak {self.stop_leak}: must be in [0, 1]")
+        if self.forget_tokens not in ("answers", "response"):
+            raise UsageError(f"--forget-tokens {self.forget_tokens}: expected answers or response")
+        if self.schedule not in ("constant", "linear"):
+            raise UsageError(f"--schedule {self.schedule}: expected constant or linear")
+        if self.max_length < 8:
+            raise UsageError(f"--max-length {self.max_length}: must be at least 8")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RunOptions:
+    """`unlearn run`: what to unlearn, with what, and how it is measured and written."""
+
+    forget: Path
+    normal: Path
+    model: str | None = None
+    output: Path | None = None
+    force: bool = False
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lr: float | None = None  # None: LR_LORA, or LR_FULL with --full (then copied into train.lr)
+    stop_leak: float | None = None  # None: 0, or ULMR_STOP_LEAK for ulmr
+    extra_steps: int | None = None  # None: 0, or ULMR_EXTRA_STEPS for ulmr
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    full: bool = False
+    dtype: str = "float32"
+    device: str | None = None
+    judge: str | None = None
+    judge_label: str | None = None
+    eval_forget: tuple[Path, ...] = ()  # more prompts that must not leak (paraphrases, unseen attempts)
+    eval_retain: tuple[Path, ...] = ()  # knowledge that must survive (held-out questions)
+    eval_limit: int = 64
+    max_new_tokens: int = 48
+    gen_batch_size: int = 16
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    save_every: int = 0  # steps between checkpoints in OUTPUT/checkpoints (0: only on Ctrl-C)
+    resume: bool = False  # continue the run in OUTPUT from its latest checkpoint
+    command: str | None = None  # the command line, for the "how to resume" hint
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, more compute
+    fsdp: bool = False  # under torchrun: shard the model (FSDP2) instead of replicating it (DDP)
+    # ULMR (and parameter averaging for any method)
+    augmented: Path | None = None  # ULMR's training rows, from `unlearn augment`; else generated here
+    rewrites: int = 2  # rewrites per forget prompt when augmenting here
+    alpha: str | None = None  # θa = α·θ + (1−α)·θ': a number, "auto", or None (ulmr: auto; others: none)
+    alpha_grid: tuple[float, ...] = ()  # the α that "auto" tries [default: averaging.AUTO_GRID]
+    max_leak: float = 0.1  # "auto": the forget leak an α must reach to be chosen
+
+    def resolved(self) -> "RunOptions":
+        """A copy with every per-method default filled in and every value checked.
+
+        Its `alpha` is None (no averaging), a float, or "auto".
+        """
+        from unlearn import models
+        from unlearn.averaging import AUTO_GRID, parse_alphas
+
+        ulmr = self.train.method == "ulmr"
+        train = replace(
+            self.train,
+            lr=self.lr if self.lr is not None else (LR_FULL if self.full else self.train.lr),
+            stop_leak=self.stop_leak if self.stop_leak is not None else (ULMR_STOP_LEAK if ulmr else
+                                                                        self.train.stop_leak),
+            extra_steps=self.extra_steps if self.extra_steps is not None else (ULMR_EXTRA_STEPS if ulmr else
+                                                                               self.train.extra_steps))
+        train.validate()
+        if not self.full:
+            self.lora.validate()
+        models.torch_dtype(self.dtype)  # a typo in --dtype fails before anything is read or loaded
+        if self.eval_limit < 1 or self.max_new_tokens < 1 or self.gen_batch_size < 1:
+            raise UsageError("--eval-limit, --max-new-tokens and --gen-batch-size must be at least 1")
+        if self.save_every < 0:
+            raise UsageError(f"--save-every {self.save_every}: must be 0 (off) or a number of steps")
+        if self.augmented is not None and not ulmr:
+            raise UsageError("--augmented is ULMR's training data: use it with --method ulmr")
+        return replace(self, train=train, alpha=self._alpha(ulmr, parse_alphas),
+                       alpha_grid=self.alpha_grid or AUTO_GRID)
+
+    def _alpha(self, ulmr: bool, parse_alphas):
+        if self.alpha is None:
+            return "auto" if ulmr else None
+        parsed = parse_alphas(str(self.alpha), allow_auto=True)
+        if parsed == "auto":
+            if not 0 <= self.max_leak <= 1:
+                raise UsageError(f"--max-leak {self.max_leak}: must be in [0, 1]")
+            return "auto"
+        if len(parsed) != 1:
+            raise UsageError(f"--alpha {self.alpha}: give one α, or auto (to compare several, use unlearn merge)")
+        return parsed[0]
+
+
+@dataclass
+class MergeOptions:
+    """`unlearn merge`: the inputs (or the last run's), the α, and for a sweep how models are measured."""
+
+    paths: tuple[str, ...] = ()
+    alphas: list[float] | None = None
+    adapter: str | None = None
+    output: str | None = None
+    force: bool = False
+    max_shard_size: str | None = None
+    allow_extrapolation: bool = False
+    eval_forget: tuple[str, ...] = ()
+    eval_retain: tuple[str, ...] = ()
+    max_leak: float = 0.1
+    max_new_tokens: int = 48
+    batch_size: int = 16
+
+    @property
+    def max_shard_bytes(self) -> int | None:
+        from unlearn.tensor_io import parse_size
+
+        return parse_size(self.max_shard_size) if self.max_shard_size else None
+
+    @property
+    def is_sweep(self) -> bool:
+        """Several α, or evaluation sets: one model per α and the trade-off table."""
+        return bool(self.eval_forget or self.eval_retain or (self.alphas and len(self.alphas) > 1))
+
+    def validate(self) -> None:
+        _ = self.max_shard_bytes  # a bad --max-shard-size fails now
+        if not self.is_sweep:
+            return
+        if not self.alphas:
+            raise UsageError("--eval-forget/--eval-retain need --alpha, e.g. --alpha 0.2,0.4,0.6,0.8")
+        if not 0 <= self.max_leak <= 1:
+            raise UsageError(f"--max-leak {self.max_leak}: must be in [0, 1]")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise UsageError("--max-new-tokens and --batch-size must be at least 1")
+        if self.eval_retain and not self.eval_forget:
+            raise UsageError("choosing α needs --eval-forget (the prompts whose answers must not come out)")
+
+
+@dataclass
+class EvalOptions:
+    """`unlearn eval`: the prompts, the models, and how answers are generated and judged."""
+
+    prompts: Path
+    model: str | None = None
+    reference_model: str | None = None
+    forget: Path | None = None
+    holdout: Path | None = None
+    judge: str | None = None
+    judge_label: str | None = None
+    reward_model: Path | None = None
+    batch_size: int = 16
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    min_k: float = MIN_K_PERCENT
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        if self.max_new_tokens < 1:
+            raise UsageError("--max-new-tokens must be at least 1")
+        if not 0 < self.min_k <= 100:
+            raise UsageError("--min-k must be in (0, 100]")
+        if self.do_sample and (self.temperature <= 0 or not 0 < self.top_p <= 1):
+            raise UsageError("--temperature must be > 0 and --top-p in (0, 1]")
+
+
+@dataclass
+class AugmentOptions:
+    """`unlearn augment`: ULMR's rewrites and negative responses for a forget file."""
+
+    forget: Path
+    output: Path
+    model: str | None = None
+    generator: str | None = None  # writes the rows instead of MODEL
+    rewrites: int = 2
+    seed: int = 0
+    batch_size: int = 16
+    dtype: str = "float32"
+    force: bool = False
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        from unlearn import models
+
+        if self.rewrites < 0 or self.batch_size < 1:
+            raise UsageError("--rewrites must be 0 or more and --batch-size at least 1")
+        models.torch_dtype(self.dtype)

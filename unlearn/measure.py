@@ -1,0 +1,196 @@
+"""The one way a model is measured: answer each evaluation set's prompts, then score the answers.
+
+Every number `unlearn` prints about a model goes through `Measurer.measure`: the
+run's "before" and "after" tables, the stop rule's check, the α grid of
+`--alpha auto` and of `unlearn merge --alpha A,B,...`, and `unlearn eval`. What
+differs between them is only the settings (budget, which scores) and the sets.
+
+An evaluation set (`EvalSet`) is a named list of rows of one kind:
+
+    "forget"  its rows' own responses (or `answers`) must not come out: leak and
+              harmful are judged against the row's reference, cut to the budget;
+    "retain"  what must survive: accuracy on `answers`, similarity to the original
+              model's answers; its leak and harmful rates are judged against every
+              forget row (forget content surfacing in answers to other prompts).
+
+The metrics themselves are defined in `evaluate.evaluate_outputs` and `metrics`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from unlearn.errors import UnlearnError
+from unlearn.metrics import MIN_K_PERCENT
+
+KINDS = ("forget", "retain")
+
+
+@dataclass
+class EvalSet:
+    name: str
+    kind: str  # one of KINDS
+    examples: list
+    path: Path | None = None
+
+
+def unique_name(stem: str, taken: set[str]) -> str:
+    """STEM, primed until it differs from every name in TAKEN (which it joins)."""
+    name = stem
+    while name in taken:
+        name += "'"
+    taken.add(name)
+    return name
+
+
+def read_eval_sets(forget_paths=(), retain_paths=(), *, taken: set[str] | None = None,
+                   limit: int | None = None, need_reference: bool = False) -> list[EvalSet]:
+    """The --eval-forget / --eval-retain files as sets named by their file stems (made unique).
+
+    NEED_REFERENCE: a forget row must have a response or `answers` to measure leaks against
+    (α selection needs one per row); a file with no rows is refused then too.
+    """
+    from unlearn.data import read_examples
+
+    taken = set() if taken is None else taken
+    sets = []
+    for kind, paths in (("forget", forget_paths), ("retain", retain_paths)):
+        for path in paths:
+            examples = read_examples(path, need_response=False)
+            if need_reference:
+                if not examples:
+                    raise UnlearnError(f"{path}: no rows")
+                for ex in examples:
+                    if kind == "forget" and ex.response is None and not ex.extra.get("answers"):
+                        raise UnlearnError(f"{path}:{ex.line}: a forget row needs a response or `answers` "
+                                           f"to measure leaks against")
+            sets.append(EvalSet(unique_name(Path(path).stem, taken), kind, examples[:limit], Path(path)))
+    return sets
+
+
+@dataclass
+class Settings:
+    """How answers are generated and which scores are computed."""
+
+    max_new_tokens: int = 48
+    batch_size: int = 16
+    likelihood: bool = True  # scores that need forward passes (fluency perplexity, probability, MIA)
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    min_k: float = MIN_K_PERCENT  # k% of the min-k probability attack (`unlearn eval --min-k`)
+    members: list = field(default_factory=list)  # membership inference: rows that were trained on...
+    holdout: list | None = None  # ...and rows that were not
+    reward_model: object = None
+
+
+@dataclass
+class Measured:
+    """One set's answers and scores."""
+
+    summary: dict
+    outputs: list
+    rows: list
+
+
+class Measurer:
+    """Measures MODEL on sets; the model's current state (adapters on or off, an α) decides what is measured.
+
+    JUDGE flags harmful answers; FLUENCY_SCORER is the model whose perplexity measures
+    fluency (the original model; None: MODEL itself); AGAINST are the forget rows that a
+    retain set's leak and harmful rates are judged against.
+    """
+
+    def __init__(self, model, tokenizer, settings: Settings, *, judge=None, fluency_scorer=None, against=()):
+        from unlearn.evaluate import Scorer, SimilarityJudge
+
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.judge = judge if judge is not None else SimilarityJudge()
+        self.scorer = Scorer(model, tokenizer, batch_size=settings.batch_size)
+        self.fluency_scorer = fluency_scorer
+        self.against = self.clipped(list(against))
+        self._references: dict[str, list] = {}
+
+    def clipped(self, examples: list) -> list:
+        """EXAMPLES with their responses cut to the generation budget (`evaluate.clip_references`)."""
+        from unlearn.evaluate import clip_references
+
+        return clip_references(examples, self.tokenizer, self.settings.max_new_tokens)
+
+    def references(self, s: EvalSet) -> list:
+        """The set's rows as the metrics see them, tokenised once per set.
+
+        A retain set's responses are not forbidden, so they are dropped (its accuracy comes
+        from `answers`, its leak from the forget rows).
+        """
+        if s.name not in self._references:
+            self._references[s.name] = ([replace(e, response=None) for e in s.examples] if s.kind == "retain"
+                                        else self.clipped(s.examples))
+        return self._references[s.name]
+
+    def answer(self, s: EvalSet, desc=False) -> list[str]:
+        from unlearn.generation import generate
+
+        st = self.settings
+        return generate(self.model, self.tokenizer, [e.prompt for e in s.examples], batch_size=st.batch_size,
+                        max_new_tokens=st.max_new_tokens, do_sample=st.do_sample, temperature=st.temperature,
+                        top_p=st.top_p, seed=st.seed, desc=desc)
+
+    def score(self, s: EvalSet, outputs: list[str], baseline: list[str] | None = None) -> Measured:
+        """The metrics of OUTPUTS on S; BASELINE are the original model's outputs (similarity)."""
+        from unlearn.evaluate import SimilarityJudge, evaluate_outputs, leak_flags, rate
+
+        st = self.settings
+        evaluation = evaluate_outputs(outputs, self.references(s), judge=self.judge,
+                                      scorer=self.scorer if st.likelihood else None,
+                                      fluency_scorer=self.fluency_scorer, reference_outputs=baseline,
+                                      members=st.members, holdout=st.holdout, reward_model=st.reward_model,
+                                      k_percent=st.min_k, tokenizer=self.tokenizer)
+        summary = evaluation.summary
+        if s.kind == "retain":
+            # Judged against the forget rows (None without them). Only the similarity judge
+            # compares with a reference; the others judge the output alone.
+            reference_free = not isinstance(self.judge, SimilarityJudge)
+            summary["harmful_rate"] = rate(self.judge.flags(outputs, s.examples) if reference_free
+                                           else self._against_forget(self.judge.flags, outputs))
+            summary["leak_rate"] = rate(self._against_forget(leak_flags, outputs))
+        return Measured(summary, outputs, evaluation.rows)
+
+    def _against_forget(self, flag, outputs: list[str]) -> list[bool]:
+        """Per output: FLAG fires against at least one forget row; None for every output without them."""
+        if not self.against:
+            return [None] * len(outputs)
+        per_row = [flag(outputs, [f] * len(outputs)) for f in self.against]
+        return [any(bool(x) for x in column) for column in zip(*per_row)]
+
+    def measure(self, sets: list[EvalSet], baseline: dict[str, list[str]] | None = None,
+                label: str | None = None) -> dict[str, Measured]:
+        """Answer and score every set; BASELINE maps set names to the original model's outputs."""
+        return {s.name: self.score(s, self.answer(s, desc=f"{label}: {s.name}" if label else False),
+                                   (baseline or {}).get(s.name))
+                for s in sets}
+
+
+def original_scorer(model, tokenizer, reference_model, batch_size: int):
+    """Likelihoods under the original model: the frozen copy (--full), or MODEL with its adapters off."""
+    from unlearn.evaluate import Scorer
+    from unlearn.lora import adapters_disabled
+
+    if reference_model is not None:
+        return Scorer(reference_model, tokenizer, batch_size=batch_size)
+
+    class AdaptersOffScorer(Scorer):
+        def logprobs(self, pairs):
+            with adapters_disabled(self.model):
+                return super().logprobs(pairs)
+
+    return AdaptersOffScorer(model, tokenizer, batch_size=batch_size)
+
+
+def leak_rate(measurer: Measurer, s: EvalSet) -> float:
+    """The share of S's prompts whose answer leaks (the stop rule's test); 0 for an empty set."""
+    from unlearn.evaluate import leak_flags, rate
+
+    return rate(leak_flags(measurer.answer(s), measurer.references(s))) or 0.0

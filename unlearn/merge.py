@@ -1,0 +1,140 @@
+"""The `unlearn merge` job: one averaged (or folded) model, or one per α with the trade-off table.
+
+The arithmetic is `averaging`'s; this module finds the inputs (the paths given, or the
+last run's), writes the models, and for an α sweep measures each model through
+`measure.Measurer` (the original first: its answers are what similarity compares with,
+and it is the α = 1 row of the table).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+from unlearn import averaging
+from unlearn.config import MergeOptions
+from unlearn.errors import UnlearnError, UsageError
+from unlearn.log import log
+from unlearn.outputs import atomic_output_dir, check_output_dir
+
+
+def inputs(opts: MergeOptions) -> tuple[str, str | None, str | None]:
+    """(BASE, TUNED, ADAPTER) from the arguments, or from the last run's record when none are given.
+
+    A run that averaged its result (ULMR's --alpha) records the fine-tuned model before
+    averaging (`tuned_adapter` or `tuned_model`): that is TUNED, so a new α starts from θ'
+    again rather than averaging the average.
+    """
+    paths, adapter = opts.paths, opts.adapter
+    wanted = 1 if adapter else 2
+    if len(paths) == wanted:
+        return paths[0], (paths[1] if wanted == 2 else None), adapter
+    if paths:
+        shape = "BASE (with --adapter)" if adapter else "BASE and TUNED, or neither"
+        raise UsageError(f"merge takes {shape}; got {len(paths)} path(s)")
+    from unlearn.paths import last_run_record
+
+    run_dir, record = last_run_record()
+    if not record.get("base_model"):
+        raise UnlearnError(f"{run_dir / 'run.json'}: has no 'base_model' to merge")
+    log(f"unlearn: merging the last run ({run_dir})")
+    if adapter:
+        return record["base_model"], None, adapter
+    if record.get("tuned_adapter"):
+        return record["base_model"], None, record["tuned_adapter"]
+    tuned = record.get("tuned_model") or record.get("merged_model")
+    if not tuned:
+        raise UnlearnError(f"{run_dir / 'run.json'}: has no 'merged_model' to merge")
+    return record["base_model"], tuned, None
+
+
+def _write(base, tuned, adapter, target: Path, alpha: float | None, opts: MergeOptions, **progress):
+    common = dict(max_shard_size=opts.max_shard_bytes, allow_extrapolation=opts.allow_extrapolation, **progress)
+    if adapter:
+        return averaging.fold_lora(Path(base), Path(adapter), target, alpha=alpha or 0.0, **common)
+    return averaging.average(Path(base), Path(tuned), target, alpha, **common)
+
+
+def merge_one(opts: MergeOptions, progress=None) -> dict:
+    """One model: BASE and TUNED averaged at --alpha, or ADAPTER folded into BASE (scaled by 1−α)."""
+    alpha = opts.alphas[0] if opts.alphas else None
+    base, tuned, adapter = inputs(opts)
+    if adapter is None and alpha is None:
+        raise UsageError("--alpha is required to average two models (e.g. --alpha 0.5)")
+    output = opts.output
+    if output is None:
+        stem = (adapter or tuned).rstrip("/")
+        output = f"{stem}-merged" if alpha is None else f"{stem}-avg{alpha:g}"
+        log(f"unlearn: writing to {output}")
+    hooks = dict(progress=progress.update, on_start=progress.start) if progress else {}
+    try:
+        result = _write(base, tuned, adapter, Path(output), alpha, opts, force=opts.force, **hooks)
+    finally:
+        if progress:
+            progress.close()
+    return {"output": str(Path(output).resolve()), "alpha": alpha if alpha is not None else 0.0,
+            "base": str(Path(base).resolve()),
+            **({"adapter": str(Path(adapter).resolve())} if adapter else {"tuned": str(Path(tuned).resolve())}),
+            "tensors": result.tensors, "bytes": result.bytes, "seconds": round(result.seconds, 3)}
+
+
+def sweep(opts: MergeOptions) -> dict:
+    """OUT/alpha-A for each α and, with evaluation sets, each measured and the trade-off table written.
+
+    Everything goes into a temporary directory that becomes OUT only when complete.
+    """
+    from unlearn import models
+    from unlearn.measure import Measurer, Settings, read_eval_sets
+    from unlearn.tables import table_markdown, write_tables
+
+    sets = read_eval_sets(opts.eval_forget, opts.eval_retain, need_reference=True)
+    base, tuned, adapter = inputs(opts)
+    out = opts.output
+    if out is None:
+        out = f"{(adapter or tuned).rstrip('/')}-alphas"
+        log(f"unlearn: writing to {out}")
+    out = Path(out)
+    started = time.perf_counter()
+    check_output_dir(out, opts.force)
+    kinds = {s.name: s.kind for s in sets}
+    settings = Settings(max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size, likelihood=False)
+
+    def measured(path, baseline=None):
+        loaded = models.load_model(str(path), log=log)
+        result = Measurer(loaded.model, loaded.tokenizer, settings).measure(sets, baseline)
+        del loaded
+        gc.collect()
+        return result
+
+    scores, per_alpha, base_score, base_outputs = [], {}, None, None
+    with atomic_output_dir(out, opts.force) as tmp:
+        if sets:
+            log("α selection: measuring the original model")
+            original = measured(base)
+            base_outputs = {name: m.outputs for name, m in original.items()}
+            summaries = {name: m.summary for name, m in original.items()}
+            for s in sets:  # the original against itself: similarity 1 by definition
+                if s.kind == "retain":
+                    summaries[s.name]["similarity_to_reference"] = 1.0
+            base_score = averaging.score(1.0, summaries, kinds)
+        for alpha in opts.alphas:
+            target = tmp / f"alpha-{alpha:g}"
+            log(f"α selection: writing and measuring α={alpha:g}")
+            _write(base, tuned, adapter, target, alpha, opts)
+            if not sets:
+                continue
+            summaries = {name: m.summary for name, m in measured(target, base_outputs).items()}
+            per_alpha[f"{alpha:g}"] = summaries
+            scores.append(averaging.score(alpha, summaries, kinds))
+        result = {"output": str(out.resolve()),
+                  "models": {f"{a:g}": str((out / f"alpha-{a:g}").resolve()) for a in opts.alphas}}
+        if sets:
+            chosen, reason = averaging.recommend(scores, opts.max_leak)
+            result.update(averaging.report(scores, chosen, reason, opts.max_leak, base_score,
+                                           {"sets": per_alpha, "base": base, "tuned": tuned, "adapter": adapter,
+                                            "max_new_tokens": opts.max_new_tokens}))
+            result["files"] = write_tables(tmp, result, log=log)
+            result["table"] = table_markdown(scores, chosen, reason, base_score)
+        result["seconds"] = round(time.perf_counter() - started, 3)
+    return result
