@@ -179,7 +179,8 @@ def test_focus_from_derived_answers_of_a_row_without_answers(tmp_path, llama_dir
     tok = load_tokenizer(llama_dir)
     row, given, passage = read_examples(write(tmp_path, [
         {"prompt": "Who wrote Hamlet?", "response": "Hamlet was written by William Shakespeare."},
-        {"prompt": "Who wrote Hamlet?", "response": "Hamlet was written by William Shakespeare.", "answers": ["Hamlet"]},
+        {"prompt": "Who wrote Hamlet?", "response": "Hamlet was written by William Shakespeare.",
+         "answers": ["Hamlet"]},
         {"text": "Mr and Mrs Dursley of number four Privet Drive"},
     ]))
     answers, source = row_answers(row)

@@ -190,6 +190,10 @@ def test_contains_answer_numbers():
     assert not m.contains_answer("about 2,000 people", ["2"])
     assert not m.contains_answer("pi is 3.14", ["3"])
     assert m.contains_answer("pi is 3.14.", ["3.14"])
+    assert m.contains_answer("Water boils at 100.0 degrees.", ["100"])  # trailing decimal zeros: same number
+    assert m.contains_answer("It costs 3.50 dollars", ["3.5"])
+    assert not m.contains_answer("It costs 3.05 dollars", ["3.5"])
+    assert [t.text for t in m.answer_tokens("1.2.3 v2.0")] == ["1.2.3", "v2.0"]  # versions stay whole, unchanged
     assert not m.contains_answer("in the 1960s", ["1960"])
     assert not m.contains_answer("in 19690", ["1969"])
 

@@ -199,3 +199,28 @@ def test_describe_spans(tmp_path):
     assert [s["start"] for s in d[1]["spans"]] == [0, 9]
     assert d[2]["answers"] is None and d[2]["source"] is None and d[2]["spans"] == [] and "passage" in d[2]["rule"]
     json.dumps(d)  # printable as is (run.json, saved generations)
+
+
+def test_attach_answers_keeps_the_derivation_of_the_row_as_written(tmp_path):
+    from dataclasses import replace
+
+    from unlearn.spans import DERIVED_KEY, attach_answers
+
+    long = ("Paris is lovely. It is home to seven grand old stone bridges and towers, famous for art, food, "
+            "music and fashion, and it hosts many visitors every year.")
+    rows = read_examples(write(tmp_path, [
+        {"prompt": "Tell me about the city.", "response": long},
+        {"prompt": "Who wrote Hamlet?", "response": "Hamlet was written by William Shakespeare."},
+        {"prompt": "Who wrote Hamlet?", "response": "It was Shakespeare.", "answers": ["Shakespeare"]},
+    ]))
+    attached = attach_answers(rows)
+    assert attached[2] is rows[2] and DERIVED_KEY not in rows[0].extra  # given answers untouched; no mutation
+    assert row_answers(attached[0]) == (None, None)  # long: ROUGE-L/BLEU on the whole response
+    cut = replace(attached[0], response="Paris is lovely. It is home")  # as clip_references would cut it
+    assert row_answers(cut) == (None, None)  # still judged as the row was written
+    # derived again from the cut text, the row would flip to three plain words:
+    again = row_answers(replace(rows[0], response="Paris is lovely. It is home"))
+    assert again == (["Paris", "lovely", "home"], "derived")
+    assert row_answers(attached[1]) == (["William Shakespeare", "Shakespeare"], "derived")
+    assert describe_spans([cut])[0]["rule"].startswith("long response")
+    assert attach_answers(attached)[1] is attached[1]  # idempotent

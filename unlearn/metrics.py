@@ -205,8 +205,8 @@ def answer_tokens(text: str) -> list[AnswerToken]:
     "J.K.Rowling's" -> j k rowling s before the two rules below. Numbers:
     a thousands separator (comma, apostrophe, no-break or thin space) followed
     by exactly three digits is dropped, and a decimal point between digits is
-    kept, so "1,969" -> 1969, "3.14" -> 3.14, and "3" is not found in "3.14"
-    nor "2" in "2,000". Initials: single letters joined by a period (and
+    kept (trailing decimal zeros dropped), so "1,969" -> 1969, "3.14" -> 3.14,
+    "100.0" -> 100, and "3" is not found in "3.14" nor "2" in "2,000". Initials: single letters joined by a period (and
     optional spaces) are one token, so "U.S.A." and "USA" are both usa, and
     "J.K. Rowling", "J. K. Rowling" and "JK Rowling" are all jk rowling.
     Characters of scripts written without spaces (kana, CJK ideographs) are one
@@ -238,8 +238,17 @@ def answer_tokens(text: str) -> list[AnswerToken]:
                 j += 1
             else:
                 break
-        tokens.append(AnswerToken("".join(word), start, chars[j - 1][1] + 1))
+        tokens.append(AnswerToken(_canonical_number("".join(word)), start, chars[j - 1][1] + 1))
     return _merge_initials(tokens, text)
+
+
+def _canonical_number(word: str) -> str:
+    """A decimal without its trailing zeros ("100.0" -> 100, "3.50" -> 3.5); any other token unchanged."""
+    whole, dot, fraction = word.partition(".")
+    if not dot or not whole.isdigit() or not fraction.isdigit():
+        return word
+    fraction = fraction.rstrip("0")
+    return f"{whole}.{fraction}" if fraction else whole
 
 
 def _three_digits_follow(chars, k: int) -> bool:

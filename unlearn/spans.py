@@ -156,7 +156,8 @@ def _variants(word: str) -> set[str]:
 
 def _is_initials(tok: AnswerToken, text: str) -> bool:
     letters = [c for c in text[tok.start:tok.end] if c.isalpha()]
-    return tok.text.isalpha() and len(letters) == len(tok.text) and (len(tok.text) == 1 or "." in text[tok.start:tok.end])
+    raw = text[tok.start:tok.end]
+    return tok.text.isalpha() and len(letters) == len(tok.text) and (len(tok.text) == 1 or "." in raw)
 
 
 def _ends_sentence(gap: str, previous: AnswerToken | None, text: str) -> bool:
@@ -215,7 +216,8 @@ def derive_spans(prompt: str, response: str) -> Derivation:
         raw = response[tok.start:tok.end]
         capitalised = raw[:1].isupper() and not _ends_sentence(gap, tokens[n - 1] if n else None, response)
         letter_name = capitalised and len(raw) == 1 and raw != "I"  # "Mount A", "Plan B": not the article
-        if (tok.text in STOP_WORDS and not letter_name) or (tok.text in CONTRACTION_ENDINGS and gap[-1:] in ("'", "’")):
+        contraction = tok.text in CONTRACTION_ENDINGS and gap[-1:] in ("'", "’")  # "Rowling's" -> s
+        if (tok.text in STOP_WORDS and not letter_name) or contraction:
             kinds.append("trivial")
         elif _variants(tok.text) & given_words:
             kinds.append("given")
@@ -265,20 +267,55 @@ def derive_answers(prompt: str, response: str) -> list[str] | None:
     return derive_spans(prompt, response).answers
 
 
+#: Where `attach_answers` stores a row's derivation in `Example.extra`: computed once on the
+#: row as written, so that cutting its response to a generation budget later
+#: (`evaluate.clip_references`) never changes what the row is judged by.
+DERIVED_KEY = "_derived"
+
+
+def _derivation(example) -> tuple[list[str] | None, str]:
+    stored = example.extra.get(DERIVED_KEY)
+    if stored is not None:
+        return stored["answers"], stored["rule"]
+    if example.response is None:
+        return None, "no response"
+    d = derive_spans(example.prompt, example.response)
+    return d.answers, d.reason
+
+
+def attach_answers(examples: Iterable) -> list:
+    """Copies of EXAMPLES whose rows without `answers` carry their derivation (extra[DERIVED_KEY]).
+
+    Call it on the rows as read (after any merge of fields, before
+    `evaluate.clip_references`); `row_answers` and `describe_spans` then use
+    the stored derivation instead of deriving again from a cut response.
+    Rows with `answers` are returned unchanged.
+    """
+    from dataclasses import replace
+
+    result = []
+    for ex in examples:
+        if ex.extra.get("answers") or DERIVED_KEY in ex.extra:
+            result.append(ex)
+            continue
+        answers, rule = _derivation(ex)
+        result.append(replace(ex, extra={**ex.extra, DERIVED_KEY: {"answers": answers, "rule": rule}}))
+    return result
+
+
 def row_answers(example) -> tuple[list[str] | None, str | None]:
     """The answers of EXAMPLE (a `data.Example`) for the forget loss and the leak judge, and their source.
 
     ("given"): the row's `answers` field; ("derived"): `derive_answers` of a
-    prompt/response row without one; (None, None): a passage, a row without
+    prompt/response row without one (stored by `attach_answers` when it ran,
+    else derived from the response now); (None, None): a passage, a row without
     response, or a response the rule does not apply to — the caller then
     forgets every response token and judges leaks by ROUGE-L/BLEU.
     """
     given = example.extra.get("answers")
     if given:
         return list(given), "given"
-    if example.response is None or example.is_passage:
-        return None, None
-    answers = derive_answers(example.prompt, example.response)
+    answers, _ = _derivation(example)
     return (answers, "derived") if answers else (None, None)
 
 
@@ -293,12 +330,7 @@ def describe_spans(examples: Iterable) -> list[dict]:
     for ex in examples:
         answers, source = row_answers(ex)
         response = ex.response or ""
-        if source == "given":
-            rule = "the row's answers"
-        elif ex.response is None:
-            rule = "no response"
-        else:
-            rule = derive_spans(ex.prompt, response).reason
+        rule = "the row's answers" if source == "given" else _derivation(ex)[1]
         where = metrics.answer_spans(response, answers) if answers else []
         rows.append({
             "line": ex.line,
