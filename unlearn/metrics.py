@@ -272,13 +272,14 @@ def _merge_initials(tokens: list[AnswerToken], text: str) -> list[AnswerToken]:
     return merged
 
 
-def _match_tokens(text: str) -> list[AnswerToken]:
+@lru_cache(maxsize=65536)  # an output is matched against every forget row's answers: tokenise it once
+def _match_tokens(text: str) -> tuple[AnswerToken, ...]:
     """`answer_tokens` without articles. A capital "A" after the first token is a name or a
     letter ("Mount A", "vitamin A", "grade A"), not an article, and stays; a text made of
     articles only ("A") keeps them, so such an answer can still be found."""
     tokens = answer_tokens(text)
     kept = [tok for n, tok in enumerate(tokens) if tok.text not in ARTICLES or (n and text[tok.start:tok.end] == "A")]
-    return kept or tokens
+    return tuple(kept or tokens)
 
 
 def normalize_answer(text: str) -> str:
@@ -297,7 +298,7 @@ def _occurrences(haystack: Sequence[str], needle: Sequence[str]) -> Iterable[int
     width = len(needle)
     if width:
         for i in range(len(haystack) - width + 1):
-            if list(haystack[i : i + width]) == list(needle):
+            if tuple(haystack[i : i + width]) == tuple(needle):
                 yield i
 
 
