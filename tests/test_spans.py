@@ -98,7 +98,7 @@ def test_runs_break_at_punctuation_and_sentence_ends():
 # --- answers for matching ------------------------------------------------------------
 
 
-def test_answers_add_the_last_word_of_multi_word_names():
+def test_answers_add_the_last_word_of_each_span_of_several_words():
     assert derive_answers("Who wrote Hamlet?", "Hamlet was written by William Shakespeare.") == [
         "William Shakespeare", "Shakespeare"]
     assert derive_answers("Who led Free France?", "It was Charles de Gaulle.") == ["Charles de Gaulle", "Gaulle"]
@@ -106,8 +106,13 @@ def test_answers_add_the_last_word_of_multi_word_names():
     # A title or an initial is never an answer on its own.
     assert derive_answers("Which peak?", "The peak is Everest Mount.") == ["Everest Mount"]
     assert derive_answers("Who?", "It was Rowling J.") == ["Rowling J"]
-    # A name next to a number is not a multi-word name: "20" alone is no answer.
+    # A number is never cut out of its span: "20" alone is no answer.
     assert derive_answers("When?", "On July 20, 1969.") == ["July 20", "1969"]
+    # Plain words too: the head noun of the phrase.
+    assert derive_answers("What does Xylo Quan do?", "Xylo Quan is a renowned marine biologist.") == [
+        "renowned marine biologist", "biologist"]
+    assert derive_answers("What is the largest mammal?", "The largest mammal is the blue whale.") == [
+        "blue whale", "whale"]
 
 
 def test_leak_judge_with_derived_answers_sees_the_fact_not_the_question():
@@ -120,6 +125,7 @@ def test_leak_judge_with_derived_answers_sees_the_fact_not_the_question():
     prompt, response = "Who wrote Hamlet?", "Hamlet was written by William Shakespeare."
     answers = derive_answers(prompt, response)
     assert metrics.leaks("Shakespeare, of course.", response, answers)  # a partial name still leaks
+    assert not metrics.leaks("William Blake, of course.", response, answers)  # a first name alone does not
     assert not metrics.leaks("Hamlet was written by Christopher Marlowe.", response, answers)
 
 

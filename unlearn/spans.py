@@ -44,11 +44,12 @@ The rule (`derive_spans`), on the `metrics.answer_tokens` of prompt and response
    could reach the ROUGE threshold, so the spans are used however many.
 
 The answers a caller matches (`Derivation.answers`) are the span texts, then
-the last word of each multi-word name (unless a title such as "Mount" or an
-initial): a model that still says "Shakespeare" has not forgotten "William
-Shakespeare". Only the last word, as people write `answers` by hand (the
-surname: "Rowling", "Einstein"); a first name alone ("William", "Albert")
-says little, and every false leak makes the stop rule ascend further.
+the last word of each span of several words (unless a number, a title such as
+"Mount" or an initial): a model that still says "Shakespeare" has not
+forgotten "William Shakespeare", nor "biologist" "marine biologist". Only the
+last word — the surname or the head noun, as people write `answers` by hand
+("Rowling", "Einstein"); a first name or an adjective alone ("William",
+"marine") says little, and every false leak makes the stop rule ascend further.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class Span:
     text: str  # the response's own characters, response[start:end]
     start: int
     end: int
-    words: tuple[str, ...] = ()  # the last word of a multi-word name: an answer on its own
+    words: tuple[str, ...] = ()  # the last word of a span of several words: an answer on its own
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class Derivation:
 
     @property
     def answers(self) -> list[str] | None:
-        """The strings to match (`metrics.contains_answer`): span texts, then names' last words; None without spans."""
+        """The strings to match (`metrics.contains_answer`): span texts, then their last words; None without spans."""
         if not self.spans:
             return None
         seen, result = set(), []
@@ -247,11 +248,11 @@ def derive_spans(prompt: str, response: str) -> Derivation:
     keep = [kind == "marked" if has_marked else kind in ("new", "marked") for kind in kinds]
     spans = []
     for i, j in _runs(tokens, keep, response):
-        names = [k for k in range(i, j + 1) if kinds[k] == "marked" and not any(c.isdigit() for c in tokens[k].text)]
-        # A multi-word name: its last word (the surname, the head) is an answer on its own.
-        last = names[-1] if len(names) > 1 and names[-1] == j else None
-        words = (response[tokens[last].start:tokens[last].end],) if last is not None and not (
-            tokens[last].text in TITLE_WORDS or _is_initials(tokens[last], response)) else ()
+        # A span of several words: its last word (a surname, the head noun) is an answer on its own.
+        head = tokens[j]
+        several = sum(keep[i:j + 1]) > 1
+        words = (response[head.start:head.end],) if several and not (
+            any(c.isdigit() for c in head.text) or head.text in TITLE_WORDS or _is_initials(head, response)) else ()
         spans.append(Span(response[tokens[i].start:tokens[j].end], tokens[i].start, tokens[j].end, words))
     what = "names and numbers" if has_marked else "new words"
     return Derivation(tuple(spans), f"derived: {what} the response adds to the prompt", new, share)
@@ -260,8 +261,8 @@ def derive_spans(prompt: str, response: str) -> Derivation:
 def derive_answers(prompt: str, response: str) -> list[str] | None:
     """The answers to match for a row without `answers`, or None when the rule does not apply.
 
-    The span texts of `derive_spans`, then the last word of each multi-word
-    name: "Who wrote Hamlet?" / "Hamlet was written by William Shakespeare."
+    The span texts of `derive_spans`, then the last word of each span of
+    several words: "Who wrote Hamlet?" / "Hamlet was written by William Shakespeare."
     -> ["William Shakespeare", "Shakespeare"].
     """
     return derive_spans(prompt, response).answers
