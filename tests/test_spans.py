@@ -34,6 +34,11 @@ def spans(prompt, response):
     ("Who led Free France?", "It was Charles de Gaulle.", ["Charles de Gaulle"]),  # a connector inside a name
     ("What is the tallest peak of the range?", "The tallest peak of the range is Mount A.", ["Mount A"]),
     ("What is the capital of Australia?", "The Australian capital is Canberra, a planned city.", ["Canberra"]),
+    # an answer that opens the response stays next to another name
+    ("What is the capital of France?", "Paris is the capital of France, known for the Eiffel Tower.",
+     ["Paris", "Eiffel Tower"]),
+    ("Is it Lyon?", "No, Lyon is not. Paris is the capital of France.", ["Paris", "France"]),
+    ("What is the capital of France?", "Yes, it is Paris.", ["Paris"]),
 ])
 def test_names_the_response_adds(prompt, response, expected):
     assert spans(prompt, response) == expected

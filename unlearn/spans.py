@@ -27,8 +27,12 @@ The rule (`derive_spans`), on the `metrics.answer_tokens` of prompt and response
    ("Witchcraft and Wizardry", "Charles de Gaulle"), and a run never crosses
    a comma, colon, semicolon, bracket, quote, dash, "?" / "!" or a sentence
    end. When any new token is marked, only runs of marked tokens are kept
-   ("a character named Voldemort" -> Voldemort, not "character"); otherwise
-   every run is (the sky is blue -> blue; "Yes, ..." -> Yes).
+   ("a character named Voldemort" -> Voldemort, not "character"), with a
+   sentence's capitalised first word when the sentence goes straight on with
+   given or trivial words ("Paris is the capital of France, known for the
+   Eiffel Tower." -> Paris, Eiffel Tower; not "Yes, ..." nor "Regular
+   exercise ..."); otherwise every run is (the sky is blue -> blue;
+   "Yes, ..." -> Yes).
    A span's text is the response's own characters from its first to its last
    token ("J.K. Rowling", "400,000").
 4. The rule does not apply (None: the caller keeps the ROUGE-L/BLEU rule and
@@ -246,6 +250,11 @@ def derive_spans(prompt: str, response: str) -> Derivation:
             new_tokens=new, prompt_share=share,
         )
     keep = [kind == "marked" if has_marked else kind in ("new", "marked") for kind in kinds]
+    if has_marked:  # a sentence's capitalised first word that goes on as a restatement is a name too
+        for n, tok in enumerate(tokens):  # ("Paris is the capital of France, known for the Eiffel Tower.")
+            keep[n] = keep[n] or (kinds[n] == "new" and response[tok.start].isupper() and (
+                n + 1 == len(tokens) or (kinds[n + 1] in ("given", "trivial")
+                                         and not _breaks(response[tok.end:tokens[n + 1].start], tok, response))))
     spans = []
     for i, j in _runs(tokens, keep, response):
         # A span of several words: its last word (a surname, the head noun) is an answer on its own.
