@@ -235,3 +235,17 @@ def test_attach_answers_keeps_the_derivation_of_the_row_as_written(tmp_path):
     assert row_answers(attached[1]) == (["William Shakespeare", "Shakespeare"], "derived")
     assert describe_spans([cut])[0]["rule"].startswith("long response")
     assert attach_answers(attached)[1] is attached[1]  # idempotent
+
+
+def test_every_derived_answer_is_found_in_its_own_response():
+    # So the forget loss always has tokens to focus on, and a verbatim answer always leaks.
+    import random
+
+    rng = random.Random(0)
+    pieces = list("abc ABC.,;:!?'’-—1234567890\n东京é\u0301\u00a0İßﬁ") + ["Mr.", "J.", "the ", "The ", "A ", "is "]
+    for _ in range(2000):
+        prompt = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        response = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 60)))
+        d = derive_spans(prompt, response)
+        assert all(response[s.start:s.end] == s.text and s.text.strip() for s in d.spans)
+        assert all(metrics.contains_answer(response, [a]) for a in d.answers or [])
