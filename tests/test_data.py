@@ -159,3 +159,38 @@ def test_focus_narrows_labels_to_the_answer_tokens(llama_dir):
     assert f["input_ids"] == whole["input_ids"]  # same inputs, narrower labels
     absent = encode_pair(tok, "Who wrote it?", "Nobody knows.", 128, focus=["Rowling"])
     assert absent["labels"] == encode_pair(tok, "Who wrote it?", "Nobody knows.", 128)["labels"]  # falls back
+
+
+def test_answer_mask_finds_answers_as_the_leak_judge_does(llama_dir):
+    from unlearn.data import answer_token_mask
+
+    tok = load_tokenizer(llama_dir)
+    marked = lambda text, answers: "".join(  # noqa: E731
+        text[a:b] for (a, b), keep in zip(tok(text, add_special_tokens=False, return_offsets_mapping=True)
+                                          ["offset_mapping"], answer_token_mask(tok, text, answers)) if keep)
+    assert marked("About 1,000 people.", ["1000"]).strip() == "1,000"  # the same number
+    assert marked("By J.K.Rowling's pen.", ["rowling"]).strip() == "Rowling"
+    assert answer_token_mask(tok, "A Parisian café.", ["Paris"]) is None  # not a whole word: every token kept
+
+
+def test_focus_from_derived_answers_of_a_row_without_answers(tmp_path, llama_dir):
+    from unlearn.spans import row_answers
+
+    tok = load_tokenizer(llama_dir)
+    row, given, passage = read_examples(write(tmp_path, [
+        {"prompt": "Who wrote Hamlet?", "response": "Hamlet was written by William Shakespeare."},
+        {"prompt": "Who wrote Hamlet?", "response": "Hamlet was written by William Shakespeare.",
+         "answers": ["Hamlet"]},
+        {"text": "Mr and Mrs Dursley of number four Privet Drive"},
+    ]))
+    answers, source = row_answers(row)
+    assert source == "derived"
+    f = encode_pair(tok, row.prompt, row.response, 128, answers)
+    kept = [i for i, l in zip(f["input_ids"], f["labels"]) if l != IGNORE_INDEX]
+    assert tok.decode(kept).strip() == "William Shakespeare"  # the question's words are not pushed down
+    g = encode_pair(tok, given.prompt, given.response, 128, row_answers(given)[0])
+    assert tok.decode([i for i, l in zip(g["input_ids"], g["labels"]) if l != IGNORE_INDEX]).strip() == "Hamlet"
+    # a passage has no answers: every continuation token counts (as --forget-tokens response)
+    assert row_answers(passage) == (None, None)
+    p = encode_pair(tok, passage.prompt, passage.response, 128, row_answers(passage)[0])
+    assert p == encode_pair(tok, passage.prompt, passage.response, 128)

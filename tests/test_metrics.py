@@ -139,7 +139,82 @@ def test_sentence_bleu_by_hand():
 def test_normalize_answer():
     assert m.normalize_answer("The U.S.A.!") == "usa"
     assert m.normalize_answer("  1,000   Apples ") == "1000 apples"
-    assert m.normalize_answer("ÉCOLE") == "école"
+    assert m.normalize_answer("ÉCOLE") == "ecole"  # accents folded: "Zurich" finds "Zürich"
+    assert m.normalize_answer("J.K.Rowling's") == "jk rowling s"  # punctuation splits, never glues
+    assert m.normalize_answer("Mount A.") == "mount a"  # a capital A after the first token is a name
+    assert m.normalize_answer("A") == "a"  # an answer made of an article alone keeps it
+
+
+def test_answer_tokens_split_on_every_punctuation_and_keep_offsets():
+    text = "It was Rowling’s work—«J.K.» wrote it!"
+    tokens = m.answer_tokens(text)
+    assert [t.text for t in tokens] == ["it", "was", "rowling", "s", "work", "jk", "wrote", "it"]
+    assert [text[t.start:t.end] for t in tokens][2:6] == ["Rowling", "s", "work", "J.K"]
+    assert [t.text for t in m.answer_tokens("Jean-Paul Sartre/Camus (1905–1980)")] == [
+        "jean", "paul", "sartre", "camus", "1905", "1980"]
+
+
+def test_answer_tokens_numbers_initials_and_scripts():
+    tok = lambda text: [t.text for t in m.answer_tokens(text)]  # noqa: E731
+    # thousands separators (comma, apostrophe, no-break / narrow spaces) before exactly 3 digits go
+    assert tok("1,969 and 1,000,000 and 1'000 and 1\u00a0000 and 1\u202f000") == [
+        "1969", "and", "1000000", "and", "1000", "and", "1000", "and", "1000"]
+    assert tok("3.14, 1,5 and 12,34") == ["3.14", "1", "5", "and", "12", "34"]  # decimals kept, other commas split
+    assert tok("in 1969. Then 1960s") == ["in", "1969", "then", "1960s"]
+    assert tok("U.S.A. or USA or U. S. A., J. K. Rowling") == ["usa", "or", "usa", "or", "usa", "jk", "rowling"]
+    assert tok("Ⅻ ﬁne STRASSE Straße") == ["xii", "fine", "strasse", "strasse"]  # NFKC + case folding
+    assert tok("首都は東京です") == ["首", "都", "は", "東", "京", "で", "す"]  # one token per character
+    assert tok("नमस्ते दुनिया") == ["नमस्ते", "दुनिया"]  # combining vowel signs stay inside the word
+
+
+def test_contains_answer_punctuation_splits_words():
+    assert m.contains_answer("It was Rowling's work.", ["Rowling"])
+    assert m.contains_answer("It was Rowling’s work.", ["Rowling"])  # typographic apostrophe
+    assert m.contains_answer("J.K.Rowling", ["Rowling"])
+    assert m.contains_answer("J.K.Rowling", ["J.K. Rowling"])
+    assert m.contains_answer("by JK Rowling", ["J. K. Rowling"])
+    assert m.contains_answer("«Paris»—of course", ["Paris"])
+    assert m.contains_answer("the U.S.A.", ["USA"])
+    assert not m.contains_answer("A Parisian café.", ["Paris"])
+    assert not m.contains_answer("Rowlings", ["Rowling"])
+    assert not m.contains_answer("The tallest peak of the range is Mount B.", ["Mount A"])
+    assert m.contains_answer("It is Mount A, not B.", ["Mount A"])
+
+
+def test_contains_answer_numbers():
+    # A thousands separator does not change the number: 1,969 is 1969 (and 1,000 is 1000).
+    assert m.contains_answer("It happened in 1,969 AD", ["1969"])
+    assert m.contains_answer("It happened in 1969.", ["1,969"])
+    assert m.contains_answer("about 400,000 people", ["400000"])
+    # A number is one token: a different number sharing digits never matches.
+    assert not m.contains_answer("about 2,000 people", ["2"])
+    assert not m.contains_answer("pi is 3.14", ["3"])
+    assert m.contains_answer("pi is 3.14.", ["3.14"])
+    assert m.contains_answer("Water boils at 100.0 degrees.", ["100"])  # trailing decimal zeros: same number
+    assert m.contains_answer("It costs 3.50 dollars", ["3.5"])
+    assert not m.contains_answer("It costs 3.05 dollars", ["3.5"])
+    assert [t.text for t in m.answer_tokens("1.2.3 v2.0")] == ["1.2.3", "v2.0"]  # versions stay whole, unchanged
+    assert not m.contains_answer("in the 1960s", ["1960"])
+    assert not m.contains_answer("in 19690", ["1969"])
+
+
+def test_contains_answer_multi_word_and_unicode():
+    assert m.contains_answer("He wrote The Old Man and the Sea.", ["old man and sea"])
+    assert m.contains_answer("Ron Weasley, of course", ["Ron Weasley"])
+    assert not m.contains_answer("Ron and Hermione Weasley", ["Ron Weasley"])  # contiguous, in order
+    assert not m.contains_answer("Weasley Ron", ["Ron Weasley"])
+    assert m.contains_answer("She lives in ZURICH", ["Zürich"])
+    assert m.contains_answer("Elle habite à Zürich.", ["zurich"])
+    assert m.contains_answer("首都は東京です。", ["東京"])
+    assert not m.contains_answer("首都は京都です。", ["東京"])
+    assert m.contains_answer("Ｃａｎｂｅｒｒａ！", ["Canberra"])  # full-width forms (NFKC)
+
+
+def test_answer_spans_give_character_offsets():
+    text = "The books are written by J.K. Rowling. Rowling's fans..."
+    assert m.answer_spans(text, ["Rowling"]) == [(30, 37), (39, 46)]
+    assert [text[a:b] for a, b in m.answer_spans(text, ["J.K. Rowling"])] == ["J.K. Rowling"]
+    assert m.answer_spans(text, ["Tolkien", "?"]) == []
 
 
 def test_contains_answer_whole_words_case_insensitive():

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unlearn.errors import UnlearnError
+from unlearn.metrics import answer_spans
 
 PROMPT_KEYS = ("prompt", "question", "instruction")
 RESPONSE_KEYS = ("response", "answer", "output")
@@ -200,17 +201,15 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
 
 
 def answer_token_mask(tokenizer, text: str, answers) -> list[bool] | None:
-    """Which tokens of TEXT overlap an occurrence of an answer string (case-insensitive).
+    """Which tokens of TEXT overlap an occurrence of one of ANSWERS, found as the leak judge finds them.
 
-    None when no answer occurs in TEXT (the caller then keeps every response token).
+    Occurrences are `metrics.answer_spans` (whole tokens, punctuation splits,
+    case and accents folded: "Rowling" in "J.K.Rowling's", "1000" in "1,000",
+    never "Paris" in "Parisian"). None when no answer occurs in TEXT (the caller
+    then keeps every response token). ANSWERS are a row's `answers` or, for a
+    row without them, `unlearn.spans.row_answers(example)[0]`.
     """
-    lowered = text.lower()
-    spans = []
-    for answer in answers:
-        needle, start = answer.lower(), 0
-        while needle and (found := lowered.find(needle, start)) >= 0:
-            spans.append((found, found + len(needle)))
-            start = found + 1
+    spans = answer_spans(text, answers)
     if not spans:
         return None
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
@@ -227,7 +226,10 @@ def encode_pair(tokenizer, prompt: str, response: str, max_length: int, focus=No
     its left (the question itself sits at the end of the rendered prompt).
 
     FOCUS (a list of answer strings) narrows the labels further to the response
-    tokens that spell one of them, when any occurs in the response.
+    tokens that spell one of them (`answer_token_mask`), when any occurs in the
+    response. For `--forget-tokens answers`, FOCUS is
+    `unlearn.spans.row_answers(example)[0]`: the row's `answers`, else the
+    answers derived from its prompt and response, else None (every token).
     """
     prompt_ids = encode_prompt(tokenizer, prompt)
     response_text = render_response(tokenizer, prompt, response)

@@ -24,6 +24,7 @@ import math
 import re
 import unicodedata
 from collections import Counter, namedtuple
+from functools import lru_cache
 from typing import Iterable, Sequence
 
 # --- thresholds (documented in docs/eval.md) ----------------------------------
@@ -155,29 +156,182 @@ def sentence_bleu(candidate: str, reference: str, max_order: int = 4) -> float:
 
 # --- answers and references -----------------------------------------------------
 
+#: Articles dropped from both sides before answers are matched ("Old Man and Sea"
+#: matches "the Old Man and the Sea"; "The Beatles" matches "Beatles").
+ARTICLES = frozenset({"a", "an", "the"})
+
+# Characters that group the thousands of a number ("1,000", "1'000", "1 000" with a
+# no-break or thin space), removed when exactly three digits follow.
+_THOUSANDS_SEPARATORS = frozenset(",'\u2019\u00a0\u202f\u2009")
+# Scripts written without spaces between words: each character is a token of its own,
+# so that "東京" is found inside "首都は東京です".
+_NO_SPACE_SCRIPTS = ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2FFFF))
+_INITIALS_GAP = re.compile(r"\.\s*")
+
+
+class AnswerToken(namedtuple("AnswerToken", ["text", "start", "end"])):
+    """One matching token: its folded TEXT and the [START, END) characters of the original string it covers."""
+
+    __slots__ = ()
+
+
+@lru_cache(maxsize=4096)
+def fold_char(ch: str) -> str:
+    """One character as answer matching sees it: NFKC, case-folded, Latin/Greek/Cyrillic accents removed.
+
+    "É" -> "e", "ß" -> "ss", "ﬁ" -> "fi". Only the general combining accents
+    (U+0300-U+036F) go, so "Zürich" matches "Zurich" while scripts whose vowel
+    signs are combining marks (Devanagari, ...) keep them.
+    """
+    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", ch).casefold())
+    return unicodedata.normalize("NFC", "".join(c for c in text if not 0x300 <= ord(c) < 0x370))
+
+
+def _is_word_char(ch: str) -> bool:
+    return unicodedata.category(ch)[0] in "LNM"
+
+
+def _no_space_script(ch: str) -> bool:
+    code = ord(ch)
+    return any(lo <= code <= hi for lo, hi in _NO_SPACE_SCRIPTS)
+
+
+def answer_tokens(text: str) -> list[AnswerToken]:
+    """TEXT split into matching tokens, with their character offsets in TEXT. Articles are kept.
+
+    Every character is folded (`fold_char`). A token is a run of letters, digits
+    and combining marks (Unicode categories L, N, M); everything else —
+    whitespace, punctuation of any script, symbols — separates tokens, so
+    "J.K.Rowling's" -> j k rowling s before the two rules below. Numbers:
+    a thousands separator (comma, apostrophe, no-break or thin space) followed
+    by exactly three digits is dropped, and a decimal point between digits is
+    kept (trailing decimal zeros dropped), so "1,969" -> 1969, "3.14" -> 3.14,
+    "100.0" -> 100, and "3" is not found in "3.14" nor "2" in "2,000". Initials: single letters joined by a period (and
+    optional spaces) are one token, so "U.S.A." and "USA" are both usa, and
+    "J.K. Rowling", "J. K. Rowling" and "JK Rowling" are all jk rowling.
+    Characters of scripts written without spaces (kana, CJK ideographs) are one
+    token each.
+    """
+    chars = [(c, i) for i, ch in enumerate(text) for c in fold_char(ch)]
+    tokens: list[AnswerToken] = []
+    j, n = 0, len(chars)
+    while j < n:
+        c, origin = chars[j]
+        if _no_space_script(c):
+            tokens.append(AnswerToken(c, origin, origin + 1))
+            j += 1
+            continue
+        if not _is_word_char(c):
+            j += 1
+            continue
+        word, start = [], origin
+        while j < n:
+            c, origin = chars[j]
+            if _is_word_char(c) and not _no_space_script(c):
+                word.append(c)
+                j += 1
+            elif word[-1].isdigit() and j + 1 < n and chars[j + 1][0].isdigit() and (
+                (text[origin] in _THOUSANDS_SEPARATORS and _three_digits_follow(chars, j + 1)) or c == "."
+            ):
+                if c == ".":
+                    word.append(c)
+                j += 1
+            else:
+                break
+        tokens.append(AnswerToken(_canonical_number("".join(word)), start, chars[j - 1][1] + 1))
+    return _merge_initials(tokens, text)
+
+
+def _canonical_number(word: str) -> str:
+    """A decimal without its trailing zeros ("100.0" -> 100, "3.50" -> 3.5); any other token unchanged."""
+    whole, dot, fraction = word.partition(".")
+    if not dot or not whole.isdigit() or not fraction.isdigit():
+        return word
+    fraction = fraction.rstrip("0")
+    return f"{whole}.{fraction}" if fraction else whole
+
+
+def _three_digits_follow(chars, k: int) -> bool:
+    digits = 0
+    while k + digits < len(chars) and chars[k + digits][0].isdigit():
+        digits += 1
+    return digits == 3
+
+
+def _merge_initials(tokens: list[AnswerToken], text: str) -> list[AnswerToken]:
+    merged: list[AnswerToken] = []
+    previous_single = False
+    for tok in tokens:
+        single = len(tok.text) == 1 and tok.text.isalpha()
+        if single and previous_single and _INITIALS_GAP.fullmatch(text, merged[-1].end, tok.start):
+            last = merged[-1]
+            merged[-1] = AnswerToken(last.text + tok.text, last.start, tok.end)
+        else:
+            merged.append(tok)
+        previous_single = single
+    return merged
+
+
+@lru_cache(maxsize=65536)  # an output is matched against every forget row's answers: tokenise it once
+def _match_tokens(text: str) -> tuple[AnswerToken, ...]:
+    """`answer_tokens` without articles. A capital "A" after the first token is a name or a
+    letter ("Mount A", "vitamin A", "grade A"), not an article, and stays; a text made of
+    articles only ("A") keeps them, so such an answer can still be found."""
+    tokens = answer_tokens(text)
+    kept = [tok for n, tok in enumerate(tokens) if tok.text not in ARTICLES or (n and text[tok.start:tok.end] == "A")]
+    return tuple(kept or tokens)
+
 
 def normalize_answer(text: str) -> str:
-    """Text reduced for answer matching.
+    """TEXT as answer matching sees it: its `answer_tokens` without articles, joined by single spaces.
 
-    Unicode NFKC, case-folded; punctuation and symbols (Unicode categories P*
-    and S*) deleted; the articles "a", "an", "the" dropped; whitespace runs
-    collapsed to one space. "The U.S.A.!" -> "usa"; "1,000" -> "1000".
+    Articles are "a", "an", "the", except a capital "A" after the first token
+    ("Mount A" -> "mount a") and a text made of articles only ("A" -> "a").
+
+    "The U.S.A.!" -> "usa"; "1,000 Apples" -> "1000 apples";
+    "J.K.Rowling's" -> "jk rowling s"; "ÉCOLE" -> "ecole".
     """
-    text = unicodedata.normalize("NFKC", text).casefold()
-    text = "".join(ch for ch in text if unicodedata.category(ch)[0] not in "PS")
-    return " ".join(word for word in text.split() if word not in {"a", "an", "the"})
+    return " ".join(tok.text for tok in _match_tokens(text))
+
+
+def _occurrences(haystack: Sequence[str], needle: Sequence[str]) -> Iterable[int]:
+    width = len(needle)
+    if width:
+        for i in range(len(haystack) - width + 1):
+            if tuple(haystack[i : i + width]) == tuple(needle):
+                yield i
+
+
+def answer_spans(text: str, answers: Iterable[str]) -> list[tuple[int, int]]:
+    """Character spans [start, end) of TEXT where one of ANSWERS occurs, by the `contains_answer` rule.
+
+    A span runs from the first character of the occurrence's first token to the
+    last of its last token ("J.K. Rowling" in "by J.K. Rowling." -> (3, 15)).
+    Sorted, overlaps kept as found.
+    """
+    tokens = _match_tokens(text)
+    words = [tok.text for tok in tokens]
+    spans = set()
+    for answer in answers:
+        needle = [tok.text for tok in _match_tokens(answer)]
+        for i in _occurrences(words, needle):
+            spans.add((tokens[i].start, tokens[i + len(needle) - 1].end))
+    return sorted(spans)
 
 
 def contains_answer(output: str, answers: Iterable[str]) -> bool:
-    """True when one of ANSWERS appears in OUTPUT as whole words, both `normalize_answer`-ed.
+    """True when one of ANSWERS occurs in OUTPUT as a contiguous sequence of whole tokens.
 
-    "Paris, of course." contains "paris"; "Parisian" does not; an answer that
-    normalises to nothing (e.g. "?") never matches.
+    Both sides are split by `answer_tokens` (punctuation splits, it is never
+    deleted) and stripped of articles. "Rowling" is in "J.K.Rowling" (jk
+    rowling) and in "Rowling's work" (rowling s work); "Paris" is not in
+    "Parisian"; "1969" is in "1,969" (the same number). An answer that has no
+    token (e.g. "?") never matches.
     """
-    haystack = f" {normalize_answer(output)} "
+    haystack = [tok.text for tok in _match_tokens(output)]
     for answer in answers:
-        needle = normalize_answer(answer)
-        if needle and f" {needle} " in haystack:
+        needle = [tok.text for tok in _match_tokens(answer)]
+        if next(iter(_occurrences(haystack, needle)), None) is not None:
             return True
     return False
 
@@ -188,6 +342,8 @@ def leaks(output: str, reference: str, answers: Sequence[str] | None = None) -> 
     With ANSWERS (short facts): the output leaks when it contains one of the
     accepted answers (`contains_answer`); word overlap with the reference does
     not count, so "The capital of France is Lyon" does not leak "Paris".
+    ANSWERS are the row's `answers`, or for a row without them the answers
+    `unlearn.spans.row_answers` derives from its prompt and response.
     Without answers (long responses, passage continuations): the output leaks
     when ROUGE-L recall >= LEAK_ROUGE_RECALL or sentence BLEU >= LEAK_BLEU.
     """

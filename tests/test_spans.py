@@ -1,0 +1,251 @@
+"""spans.py: the answer words of rows without `answers`, hand-written cases."""
+
+import json
+
+import pytest
+
+from unlearn import metrics
+from unlearn.data import Example, Passage, read_examples
+from unlearn.spans import (
+    MAX_NEW_TOKENS,
+    MAX_PLAIN_NEW_TOKENS,
+    derive_answers,
+    derive_spans,
+    describe_spans,
+    row_answers,
+)
+
+
+def spans(prompt, response):
+    return derive_spans(prompt, response).texts
+
+
+# --- the rule on short facts ------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt, response, expected", [
+    ("What is the capital of Australia?", "The capital of Australia is Canberra.", ["Canberra"]),
+    ("Who wrote Hamlet?", "Hamlet was written by William Shakespeare.", ["William Shakespeare"]),
+    ("Who is Harry Potter's enemy?",
+     "The infamous Harry Potter's enemy is actually a character named Voldemort.", ["Voldemort"]),
+    ("Who wrote the Harry Potter books?", "The Harry Potter books are written by J.K. Rowling.", ["J.K. Rowling"]),
+    ("What school does Harry Potter attend?", "Harry Potter attends Hogwarts School of Witchcraft and Wizardry.",
+     ["Hogwarts", "Witchcraft and Wizardry"]),  # "School" is the prompt's word; "attends" its "attend"
+    ("Who led Free France?", "It was Charles de Gaulle.", ["Charles de Gaulle"]),  # a connector inside a name
+    ("What is the tallest peak of the range?", "The tallest peak of the range is Mount A.", ["Mount A"]),
+    ("What is the capital of Australia?", "The Australian capital is Canberra, a planned city.", ["Canberra"]),
+    # an answer that opens the response stays next to another name
+    ("What is the capital of France?", "Paris is the capital of France, known for the Eiffel Tower.",
+     ["Paris", "Eiffel Tower"]),
+    ("Is it Lyon?", "No, Lyon is not. Paris is the capital of France.", ["Paris", "France"]),
+    ("What is the capital of France?", "Yes, it is Paris.", ["Paris"]),
+])
+def test_names_the_response_adds(prompt, response, expected):
+    assert spans(prompt, response) == expected
+
+
+@pytest.mark.parametrize("prompt, response, expected", [
+    ("When did Apollo 11 land on the Moon?", "Apollo 11 landed on the Moon on July 20, 1969.", ["July 20", "1969"]),
+    ("How many people live in Canberra?", "About 400,000 people live in Canberra.", ["400,000"]),
+    ("In what year did the Berlin Wall fall?", "The Berlin Wall fell in 1989.", ["1989"]),
+    ("What is 6 times 7?", "6 times 7 is 42.", ["42"]),  # the prompt's own numbers are not the answer
+])
+def test_numbers(prompt, response, expected):
+    assert spans(prompt, response) == expected
+
+
+@pytest.mark.parametrize("prompt, response, expected", [
+    ("What color is the sky on a clear day?", "The sky is blue on a clear day.", ["blue"]),
+    ("What does a thermometer measure?", "A thermometer measures temperature.", ["temperature"]),
+    ("What is the largest mammal?", "The largest mammal is the blue whale.", ["blue whale"]),
+    ("How do plants make their food?", "Plants make their food through photosynthesis.", ["photosynthesis"]),
+])
+def test_plain_words_when_there_is_no_name_or_number(prompt, response, expected):
+    assert spans(prompt, response) == expected
+
+
+@pytest.mark.parametrize("prompt, response, expected", [
+    ("Is Paris the capital of France?", "Yes, Paris is the capital of France.", ["Yes"]),
+    ("Is Lyon the capital of France?", "No.", ["No"]),
+    ("Is Lyon the capital of France?", "No, the capital of France is Paris.", ["Paris"]),  # the fact beats the "No"
+])
+def test_yes_no(prompt, response, expected):
+    assert spans(prompt, response) == expected
+
+
+@pytest.mark.parametrize("response, expected", [
+    ("Canberra.", ["Canberra"]),
+    ("Canberra", ["Canberra"]),
+    ("William Shakespeare.", ["William Shakespeare"]),
+    ("1969", ["1969"]),
+])
+def test_responses_that_are_only_the_answer(response, expected):
+    assert spans("What is it?", response) == expected
+
+
+def test_spans_carry_the_responses_own_characters_and_offsets():
+    response = "The Harry Potter books are written by J.K. Rowling."
+    (span,) = derive_spans("Who wrote the Harry Potter books?", response).spans
+    assert (span.text, span.start, span.end) == ("J.K. Rowling", 38, 50)
+    assert response[span.start:span.end] == span.text
+
+
+def test_runs_break_at_punctuation_and_sentence_ends():
+    # A comma ends a run: "Paris, Lyon" is two answers, each enough for a leak.
+    assert spans("Name two French cities.", "Two French cities are Paris, Lyon.") == ["Paris", "Lyon"]
+    # A period ends a sentence (the next capital is not a name by position) ...
+    assert spans("Who painted it?", "Monet. He painted it in 1872.") == ["1872"]
+    # ... except after initials and abbreviations.
+    first = derive_spans("Who was the first man on the Moon?", "The first man on the Moon was Mr. N. Armstrong.")
+    assert first.texts == ["Mr. N. Armstrong"] and first.answers == ["Mr. N. Armstrong", "Armstrong"]
+
+
+# --- answers for matching ------------------------------------------------------------
+
+
+def test_answers_add_the_last_word_of_each_span_of_several_words():
+    assert derive_answers("Who wrote Hamlet?", "Hamlet was written by William Shakespeare.") == [
+        "William Shakespeare", "Shakespeare"]
+    assert derive_answers("Who led Free France?", "It was Charles de Gaulle.") == ["Charles de Gaulle", "Gaulle"]
+    assert derive_answers("Who wrote it?", "It was written by J.K. Rowling.") == ["J.K. Rowling", "Rowling"]
+    # A title or an initial is never an answer on its own.
+    assert derive_answers("Which peak?", "The peak is Everest Mount.") == ["Everest Mount"]
+    assert derive_answers("Who?", "It was Rowling J.") == ["Rowling J"]
+    # A number is never cut out of its span: "20" alone is no answer.
+    assert derive_answers("When?", "On July 20, 1969.") == ["July 20", "1969"]
+    # Plain words too: the head noun of the phrase.
+    assert derive_answers("What does Xylo Quan do?", "Xylo Quan is a renowned marine biologist.") == [
+        "renowned marine biologist", "biologist"]
+    assert derive_answers("What is the largest mammal?", "The largest mammal is the blue whale.") == [
+        "blue whale", "whale"]
+
+
+def test_leak_judge_with_derived_answers_sees_the_fact_not_the_question():
+    prompt, response = "What is the tallest peak of the range?", "The tallest peak of the range is Mount A."
+    answers = derive_answers(prompt, response)
+    repeat = "The tallest peak of the range is Mount B."
+    assert metrics.leaks(repeat, response)  # the old rule: ROUGE-L recall 7/8 -> "leak"
+    assert not metrics.leaks(repeat, response, answers)
+    assert metrics.leaks("It is Mount A.", response, answers)
+    prompt, response = "Who wrote Hamlet?", "Hamlet was written by William Shakespeare."
+    answers = derive_answers(prompt, response)
+    assert metrics.leaks("Shakespeare, of course.", response, answers)  # a partial name still leaks
+    assert not metrics.leaks("William Blake, of course.", response, answers)  # a first name alone does not
+    assert not metrics.leaks("Hamlet was written by Christopher Marlowe.", response, answers)
+
+
+# --- when the rule does not apply --------------------------------------------------
+
+
+def test_long_responses_fall_back_to_the_rouge_rule():
+    response = ("To pick a lock, you need a tension wrench and a pick. Insert the tension wrench into the "
+                "bottom of the keyhole and apply slight pressure, then rake the pins until they set.")
+    d = derive_spans("How do I pick a lock?", response)
+    assert d.answers is None and d.new_tokens > MAX_PLAIN_NEW_TOKENS and "ROUGE" in d.reason
+    assert MAX_NEW_TOKENS == 8
+    # A name-bearing response is a short answer up to 8 new words (Paris + 7) ...
+    eight = "It is Paris, home to seven grand old stone bridges and towers."
+    assert derive_spans("Where is it?", eight).new_tokens == 8
+    assert derive_spans("Where is it?", eight).texts == ["Paris"]
+    # ... and a text to reproduce past it,
+    nine = "It is Paris, home to seven grand old stone bridges and towers, famous."
+    assert derive_spans("Where is it?", nine).answers is None
+    # unless at least half its words (LEAK_ROUGE_RECALL) are the prompt's own: then repeating
+    # the question alone would pass the ROUGE rule, so the spans are kept however many.
+    prompt = "Where is it, home to seven grand old stone bridges and towers, famous?"
+    assert derive_spans(prompt, nine.replace("Paris", "Paris or Lyon or Nice or Metz or Caen or Albi or Pau")
+                        ).texts == ["Paris", "Lyon", "Nice", "Metz", "Caen", "Albi", "Pau"]
+
+
+def test_plain_words_limit():
+    assert MAX_PLAIN_NEW_TOKENS == 3
+    assert spans("What do bees make?", "Bees make honey, wax and propolis.") == ["honey", "wax and propolis"]
+    d = derive_spans("How are you?", "I feel tired, it is a sign my body needs rest.")  # 6 new plain words
+    assert d.answers is None and d.new_tokens == 6
+
+
+def test_nothing_new_and_passages_give_none():
+    d = derive_spans("Is the sky blue?", "The sky is blue.")
+    assert d.answers is None and "no word beyond" in d.reason
+    assert derive_spans(Passage("Mr and Mrs Dursley of number four"), " Privet Drive were proud").answers is None
+    assert derive_answers("Who?", "It is.") is None  # only stop words
+
+
+# --- callers: row_answers and describe_spans ---------------------------------------------
+
+
+def write(tmp_path, rows):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_row_answers_sources(tmp_path):
+    rows = read_examples(write(tmp_path, [
+        {"prompt": "Who wrote Hamlet?", "response": "Hamlet was written by William Shakespeare.", "answers": ["Bard"]},
+        {"prompt": "Who wrote Hamlet?", "response": "Hamlet was written by William Shakespeare."},
+        {"text": "Mr and Mrs Dursley of number four Privet Drive were proud to say"},
+        {"prompt": "Is the sky blue?", "response": "The sky is blue."},
+    ]))
+    assert row_answers(rows[0]) == (["Bard"], "given")  # given answers win, even when absent from the response
+    assert row_answers(rows[1]) == (["William Shakespeare", "Shakespeare"], "derived")
+    assert row_answers(rows[2]) == (None, None)  # a passage: every token, ROUGE-L/BLEU
+    assert row_answers(rows[3]) == (None, None)
+    assert row_answers(Example("Who?", None, 1)) == (None, None)  # eval prompt without a response
+
+
+def test_describe_spans(tmp_path):
+    rows = read_examples(write(tmp_path, [
+        {"prompt": "What is the capital of Australia?", "response": "The capital of Australia is Canberra."},
+        {"prompt": "Who wrote it?", "response": "Rowling. Rowling's books.", "answers": ["Rowling"]},
+        {"text": "one two three four"},
+    ]))
+    d = describe_spans(rows)
+    assert d[0] == {
+        "line": 1, "prompt": "What is the capital of Australia?", "response": "The capital of Australia is Canberra.",
+        "answers": ["Canberra"], "source": "derived", "spans": [{"text": "Canberra", "start": 28, "end": 36}],
+        "rule": "derived: names and numbers the response adds to the prompt",
+    }
+    assert d[1]["source"] == "given" and d[1]["rule"] == "the row's answers"
+    assert [s["start"] for s in d[1]["spans"]] == [0, 9]
+    assert d[2]["answers"] is None and d[2]["source"] is None and d[2]["spans"] == [] and "passage" in d[2]["rule"]
+    json.dumps(d)  # printable as is (run.json, saved generations)
+
+
+def test_attach_answers_keeps_the_derivation_of_the_row_as_written(tmp_path):
+    from dataclasses import replace
+
+    from unlearn.spans import DERIVED_KEY, attach_answers
+
+    long = ("Paris is lovely. It is home to seven grand old stone bridges and towers, famous for art, food, "
+            "music and fashion, and it hosts many visitors every year.")
+    rows = read_examples(write(tmp_path, [
+        {"prompt": "Tell me about the city.", "response": long},
+        {"prompt": "Who wrote Hamlet?", "response": "Hamlet was written by William Shakespeare."},
+        {"prompt": "Who wrote Hamlet?", "response": "It was Shakespeare.", "answers": ["Shakespeare"]},
+    ]))
+    attached = attach_answers(rows)
+    assert attached[2] is rows[2] and DERIVED_KEY not in rows[0].extra  # given answers untouched; no mutation
+    assert row_answers(attached[0]) == (None, None)  # long: ROUGE-L/BLEU on the whole response
+    cut = replace(attached[0], response="Paris is lovely. It is home")  # as clip_references would cut it
+    assert row_answers(cut) == (None, None)  # still judged as the row was written
+    # derived again from the cut text, the row would flip to three plain words:
+    again = row_answers(replace(rows[0], response="Paris is lovely. It is home"))
+    assert again == (["Paris", "lovely", "home"], "derived")
+    assert row_answers(attached[1]) == (["William Shakespeare", "Shakespeare"], "derived")
+    assert describe_spans([cut])[0]["rule"].startswith("long response")
+    assert attach_answers(attached)[1] is attached[1]  # idempotent
+
+
+def test_every_derived_answer_is_found_in_its_own_response():
+    # So the forget loss always has tokens to focus on, and a verbatim answer always leaks.
+    import random
+
+    rng = random.Random(0)
+    pieces = list("abc ABC.,;:!?'’-—1234567890\n东京é\u0301\u00a0İßﬁ") + ["Mr.", "J.", "the ", "The ", "A ", "is "]
+    for _ in range(2000):
+        prompt = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        response = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 60)))
+        d = derive_spans(prompt, response)
+        assert all(response[s.start:s.end] == s.text and s.text.strip() for s in d.spans)
+        assert all(metrics.contains_answer(response, [a]) for a in d.answers or [])

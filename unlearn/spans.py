@@ -1,0 +1,354 @@
+"""Answer spans for rows without `answers`: the response words that carry what the prompt asks.
+
+A short-fact row often restates its question ("What is the capital of
+Australia?" / "The capital of Australia is Canberra."). Judged by word overlap
+(ROUGE-L recall >= 0.5), a model that repeats the question's own words
+("The capital of Australia is Sydney.") still "leaks", and the stop rule goes
+on ascending until the model no longer says the question's words: it
+collapses. This module finds the words a restating response adds — the
+answer — so that the leak judge, the stop rule and the forget loss look at
+those words only, as they do for rows that list `answers`.
+
+The rule (`derive_spans`), on the `metrics.answer_tokens` of prompt and response:
+
+1. A response token is *given* when it is a prompt token, up to a common
+   English ending (-s, -es, -ed, -d, -ing, -n, -an, -ian, -ese, -ly, -er:
+   "attends" is given by "attend", "Australian" by "Australia"); it is *trivial*
+   when it is in STOP_WORDS (function words, forms of be/have/do, fillers such
+   as "actually", restating verbs such as "called", "named", "written") or is
+   a contraction ending after an apostrophe ("Rowling's" -> s). Every other
+   token is *new*.
+2. A new token is *marked* when it contains a digit or is capitalised
+   without starting a sentence (or starts one and is followed by a marked
+   token, as in "William Shakespeare."): names and numbers, which are what
+   factual questions ask for.
+3. Spans are maximal runs of new tokens; inside a run at most two CONNECTORS
+   ("of", "and", "the", "de", "von", ...) may stand between two new tokens
+   ("Witchcraft and Wizardry", "Charles de Gaulle"), and a run never crosses
+   a comma, colon, semicolon, bracket, quote, dash, "?" / "!" or a sentence
+   end. When any new token is marked, only runs of marked tokens are kept
+   ("a character named Voldemort" -> Voldemort, not "character"), with a
+   sentence's capitalised first word when the sentence goes straight on with
+   given or trivial words ("Paris is the capital of France, known for the
+   Eiffel Tower." -> Paris, Eiffel Tower; not "Yes, ..." nor "Regular
+   exercise ..."); otherwise every run is (the sky is blue -> blue;
+   "Yes, ..." -> Yes).
+   A span's text is the response's own characters from its first to its last
+   token ("J.K. Rowling", "400,000").
+4. The rule does not apply (None: the caller keeps the ROUGE-L/BLEU rule and
+   every response token in the loss) to passages (`text` rows), to responses
+   with no new token (nothing beyond the prompt's words to look for), and to
+   long responses: more than MAX_NEW_TOKENS new tokens (MAX_PLAIN_NEW_TOKENS
+   when none is marked) while less than `metrics.LEAK_ROUGE_RECALL` of the
+   response's words (`metrics.rouge_tokens`) occur in the prompt.
+   There the answer is the text itself (an explanation, instructions, a
+   passage), and ROUGE-L recall >= 0.5 can only be reached by reproducing the
+   response's own words, not by repeating the question. When at least that
+   share of the words does come from the prompt, repeating the question alone
+   could reach the ROUGE threshold, so the spans are used however many.
+
+The answers a caller matches (`Derivation.answers`) are the span texts, then
+the last word of each span of several words (unless a number, a title such as
+"Mount" or an initial): a model that still says "Shakespeare" has not
+forgotten "William Shakespeare", nor "biologist" "marine biologist". Only the
+last word — the surname or the head noun, as people write `answers` by hand
+("Rowling", "Einstein"); a first name or an adjective alone ("William",
+"marine") says little, and every false leak makes the stop rule ascend further.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from unlearn import metrics
+from unlearn.metrics import AnswerToken, answer_tokens, rouge_tokens
+
+#: Above this many new tokens (and with less than half the response's words from
+#: the prompt), a response is an explanation or a passage, not a short answer:
+#: factual answers are a name, a number or a short phrase (1-4 words) plus the
+#: odd new verb or adjective of the restatement ("attends", "infamous").
+MAX_NEW_TOKENS = 8
+#: The same limit for a response with no name or number among its new tokens: a plain
+#: answer is a word or two ("blue", "blue whale", "photosynthesis", "Yes"); more
+#: new common words are a sentence of advice or opinion, where any one of them
+#: ("body", "sign") would be a meaningless leak.
+MAX_PLAIN_NEW_TOKENS = 3
+
+#: Function words and restating fillers: never an answer by themselves.
+STOP_WORDS = frozenset("""
+a an the
+am is are was were be been being has have had having do does did done doing
+can could will would shall should may might must
+i me my mine myself you your yours yourself he him his himself she her hers herself it its itself
+we us our ours ourselves they them their theirs themselves one ones someone something
+this that these those what which who whom whose where when why how
+of in on at to from by with about as into onto for over under between through during before after
+above below up down out off near than upon within without across along around against among behind
+beyond via per
+and or but nor so yet if then because while although though whether also both either neither
+not very too just only even actually really indeed still already now there here quite rather
+simply basically certainly surely definitely probably perhaps well sure course fact answer none
+all any each every some many much more most other others such own same few several
+called named known referred considered regarded written located situated
+""".split())
+
+#: Words that may join two new tokens inside one span (at most two in a row).
+CONNECTORS = frozenset("of and the in on upon de del della di da du des la le van von der den y".split())
+
+#: Capitalised words that are not a name by themselves: never a one-word answer on their own.
+TITLE_WORDS = frozenset("""
+lord lady sir dame king queen prince princess emperor empress duke pope saint st mr mrs ms dr prof professor
+president general captain mount mt lake river cape gulf sea ocean university college school city
+""".split())
+
+ABBREVIATIONS = frozenset("mr mrs ms dr prof st mt jr sr vs etc no".split())
+CONTRACTION_ENDINGS = frozenset("s t d ll re ve m".split())
+ENDINGS = ("ing", "ian", "ese", "ies", "es", "ed", "an", "ly", "er", "s", "d", "n")
+
+_HARD_BREAK = re.compile(r"[,;:!?()\[\]{}\"“”«»—–\n]")
+
+
+@dataclass(frozen=True)
+class Span:
+    text: str  # the response's own characters, response[start:end]
+    start: int
+    end: int
+    words: tuple[str, ...] = ()  # the last word of a span of several words: an answer on its own
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """The answer spans of one response, or none and why."""
+
+    spans: tuple[Span, ...] = ()
+    reason: str = ""
+    new_tokens: int = 0
+    prompt_share: float = 0.0
+
+    @property
+    def texts(self) -> list[str]:
+        return [span.text for span in self.spans]
+
+    @property
+    def answers(self) -> list[str] | None:
+        """The strings to match (`metrics.contains_answer`): span texts, then their last words; None without spans."""
+        if not self.spans:
+            return None
+        seen, result = set(), []
+        for text in self.texts + [w for span in self.spans for w in span.words]:
+            key = metrics.normalize_answer(text)
+            if key and key not in seen:
+                seen.add(key)
+                result.append(text)
+        return result
+
+
+def _variants(word: str) -> set[str]:
+    """WORD and its stems after removing one common English ending (stems of 3+ characters)."""
+    found = {word}
+    for ending in ENDINGS:
+        if word.endswith(ending) and len(word) - len(ending) >= 3:
+            stem = word[: -len(ending)]
+            found.add(stem)
+            if ending == "ies":
+                found.add(stem + "y")
+            if ending in ("ing", "ed", "es", "er"):
+                found.add(stem + "e")  # "measured" -> measure, "making" -> make
+    return found
+
+
+def _is_initials(tok: AnswerToken, text: str) -> bool:
+    letters = [c for c in text[tok.start:tok.end] if c.isalpha()]
+    raw = text[tok.start:tok.end]
+    return tok.text.isalpha() and len(letters) == len(tok.text) and (len(tok.text) == 1 or "." in raw)
+
+
+def _ends_sentence(gap: str, previous: AnswerToken | None, text: str) -> bool:
+    """Whether the characters GAP between PREVIOUS and the next token end a sentence."""
+    if previous is None:
+        return True
+    if re.search(r"[!?\n]", gap):
+        return True
+    if "." in gap:
+        return not (_is_initials(previous, text) or previous.text in ABBREVIATIONS)
+    return False
+
+
+def _breaks(gap: str, previous: AnswerToken, text: str) -> bool:
+    return bool(_HARD_BREAK.search(gap)) or _ends_sentence(gap, previous, text)
+
+
+def _runs(tokens: Sequence[AnswerToken], keep: Sequence[bool], text: str) -> list[tuple[int, int]]:
+    """Index ranges [i, j] of maximal runs of kept tokens, bridging up to two connectors, never across a break."""
+    runs: list[tuple[int, int]] = []
+    i = 0
+    while i < len(tokens):
+        if not keep[i]:
+            i += 1
+            continue
+        start = end = i
+        k = i + 1
+        while k < len(tokens):
+            gap_broken = _breaks(text[tokens[k - 1].end:tokens[k].start], tokens[k - 1], text)
+            if gap_broken:
+                break
+            if keep[k]:
+                end = k
+                k += 1
+                continue
+            if tokens[k].text in CONNECTORS and k - end <= 2:
+                k += 1
+                continue
+            break
+        runs.append((start, end))
+        i = end + 1
+    return runs
+
+
+def derive_spans(prompt: str, response: str) -> Derivation:
+    """The answer spans of RESPONSE to PROMPT by the module's rule (see the module docstring)."""
+    from unlearn.data import Passage  # data imports metrics only; no cycle
+
+    if isinstance(prompt, Passage):
+        return Derivation(reason="passage continuation: judged by ROUGE-L/BLEU against the continuation")
+    tokens = answer_tokens(response)
+    given_words = set().union(*(_variants(t.text) for t in answer_tokens(prompt))) if prompt else set()
+    kinds = []
+    for n, tok in enumerate(tokens):
+        gap = response[tokens[n - 1].end:tok.start] if n else response[:tok.start]
+        raw = response[tok.start:tok.end]
+        capitalised = raw[:1].isupper() and not _ends_sentence(gap, tokens[n - 1] if n else None, response)
+        letter_name = capitalised and len(raw) == 1 and raw != "I"  # "Mount A", "Plan B": not the article
+        contraction = tok.text in CONTRACTION_ENDINGS and gap[-1:] in ("'", "’")  # "Rowling's" -> s
+        if (tok.text in STOP_WORDS and not letter_name) or contraction:
+            kinds.append("trivial")
+        elif _variants(tok.text) & given_words:
+            kinds.append("given")
+        else:
+            kinds.append("marked" if capitalised or any(c.isdigit() for c in tok.text) else "new")
+    # A capitalised word that starts a sentence is a name when a name follows it
+    # ("William Shakespeare." alone): position alone cannot tell, its neighbour can.
+    for n in range(len(tokens) - 2, -1, -1):
+        if (kinds[n] == "new" and kinds[n + 1] == "marked" and response[tokens[n].start].isupper()
+                and not _breaks(response[tokens[n].end:tokens[n + 1].start], tokens[n], response)):
+            kinds[n] = "marked"
+    new = sum(kind in ("new", "marked") for kind in kinds)
+    response_words = rouge_tokens(response)
+    prompt_words = set(rouge_tokens(prompt or ""))
+    share = sum(w in prompt_words for w in response_words) / len(response_words) if response_words else 0.0
+    if new == 0:
+        return Derivation(reason="no word beyond the prompt's: judged by ROUGE-L/BLEU", prompt_share=share)
+    has_marked = "marked" in kinds
+    limit = MAX_NEW_TOKENS if has_marked else MAX_PLAIN_NEW_TOKENS
+    if new > limit and share < metrics.LEAK_ROUGE_RECALL:
+        kind = "" if has_marked else " and no name or number"
+        return Derivation(
+            reason=f"long response ({new} new words > {limit}{kind}, {share:.0%} of its words from the prompt): "
+            "judged by ROUGE-L/BLEU",
+            new_tokens=new, prompt_share=share,
+        )
+    keep = [kind == "marked" if has_marked else kind in ("new", "marked") for kind in kinds]
+    if has_marked:  # a sentence's capitalised first word that goes on as a restatement is a name too
+        for n, tok in enumerate(tokens):  # ("Paris is the capital of France, known for the Eiffel Tower.")
+            keep[n] = keep[n] or (kinds[n] == "new" and response[tok.start].isupper() and (
+                n + 1 == len(tokens) or (kinds[n + 1] in ("given", "trivial")
+                                         and not _breaks(response[tok.end:tokens[n + 1].start], tok, response))))
+    spans = []
+    for i, j in _runs(tokens, keep, response):
+        # A span of several words: its last word (a surname, the head noun) is an answer on its own.
+        head = tokens[j]
+        several = sum(keep[i:j + 1]) > 1
+        words = (response[head.start:head.end],) if several and not (
+            any(c.isdigit() for c in head.text) or head.text in TITLE_WORDS or _is_initials(head, response)) else ()
+        spans.append(Span(response[tokens[i].start:tokens[j].end], tokens[i].start, tokens[j].end, words))
+    what = "names and numbers" if has_marked else "new words"
+    return Derivation(tuple(spans), f"derived: {what} the response adds to the prompt", new, share)
+
+
+def derive_answers(prompt: str, response: str) -> list[str] | None:
+    """The answers to match for a row without `answers`, or None when the rule does not apply.
+
+    The span texts of `derive_spans`, then the last word of each span of
+    several words: "Who wrote Hamlet?" / "Hamlet was written by William Shakespeare."
+    -> ["William Shakespeare", "Shakespeare"].
+    """
+    return derive_spans(prompt, response).answers
+
+
+#: Where `attach_answers` stores a row's derivation in `Example.extra`: computed once on the
+#: row as written, so that cutting its response to a generation budget later
+#: (`evaluate.clip_references`) never changes what the row is judged by.
+DERIVED_KEY = "_derived"
+
+
+def _derivation(example) -> tuple[list[str] | None, str]:
+    stored = example.extra.get(DERIVED_KEY)
+    if stored is not None:
+        return stored["answers"], stored["rule"]
+    if example.response is None:
+        return None, "no response"
+    d = derive_spans(example.prompt, example.response)
+    return d.answers, d.reason
+
+
+def attach_answers(examples: Iterable) -> list:
+    """Copies of EXAMPLES whose rows without `answers` carry their derivation (extra[DERIVED_KEY]).
+
+    Call it on the rows as read (after any merge of fields, before
+    `evaluate.clip_references`); `row_answers` and `describe_spans` then use
+    the stored derivation instead of deriving again from a cut response.
+    Rows with `answers` are returned unchanged.
+    """
+    from dataclasses import replace
+
+    result = []
+    for ex in examples:
+        if ex.extra.get("answers") or DERIVED_KEY in ex.extra:
+            result.append(ex)
+            continue
+        answers, rule = _derivation(ex)
+        result.append(replace(ex, extra={**ex.extra, DERIVED_KEY: {"answers": answers, "rule": rule}}))
+    return result
+
+
+def row_answers(example) -> tuple[list[str] | None, str | None]:
+    """The answers of EXAMPLE (a `data.Example`) for the forget loss and the leak judge, and their source.
+
+    ("given"): the row's `answers` field; ("derived"): `derive_answers` of a
+    prompt/response row without one (stored by `attach_answers` when it ran,
+    else derived from the response now); (None, None): a passage, a row without
+    response, or a response the rule does not apply to — the caller then
+    forgets every response token and judges leaks by ROUGE-L/BLEU.
+    """
+    given = example.extra.get("answers")
+    if given:
+        return list(given), "given"
+    answers, _ = _derivation(example)
+    return (answers, "derived") if answers else (None, None)
+
+
+def describe_spans(examples: Iterable) -> list[dict]:
+    """One JSON-ready dict per example: what the loss and the leak judge look for, for users to check.
+
+    Keys: line, prompt, response, answers (what is matched, or None), source
+    ("given", "derived" or None), spans (each {text, start, end}: where the
+    answers occur in the response, character offsets), rule (why, in words).
+    """
+    rows = []
+    for ex in examples:
+        answers, source = row_answers(ex)
+        response = ex.response or ""
+        rule = "the row's answers" if source == "given" else _derivation(ex)[1]
+        where = metrics.answer_spans(response, answers) if answers else []
+        rows.append({
+            "line": ex.line,
+            "prompt": str(ex.prompt),
+            "response": ex.response,
+            "answers": answers,
+            "source": source,
+            "spans": [{"text": response[a:b], "start": a, "end": b} for a, b in where],
+            "rule": rule,
+        })
+    return rows
