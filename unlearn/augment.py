@@ -116,8 +116,11 @@ def _content_words(text: str) -> set[str]:
 
 
 def _leaks_source(text: str, source) -> bool:
-    """TEXT gives away the forget row's answer: an `answers` string, or (without answers) its response."""
-    answers = source.extra.get("answers")
+    """TEXT gives away the forget row's answer: one of its answers (given or derived, `spans.row_answers`),
+    or, when it has none, its response (`metrics.leaks`)."""
+    from unlearn.spans import row_answers
+
+    answers, _ = row_answers(source)
     if answers:
         return contains_answer(text, answers)
     return leaks(text, source.response or "", None)

@@ -126,6 +126,12 @@ def _command_line() -> str:
 @click.option("--alpha-grid", default=None, help="The α that --alpha auto tries [default: 0,0.2,0.4,0.6,0.8].")
 @click.option("--max-leak", type=float, default=0.1, show_default=True,
               help="--alpha auto: the forget leak rate an α must reach.")
+@click.option("--normal-holdout", type=float, default=0.25, show_default=True,
+              help="Share of NORMAL rows held back from training: never trained on, reported as normal-heldout "
+                   "and used (with the forget prompts) by --alpha auto, never the --eval-* files.")
+@click.option("--no-cache", is_flag=True,
+              help="Measure the original model again instead of reusing its cached answers and scores "
+                   "($UNLEARN_CACHE/measurements, keyed by the weights' content, the rows and the settings).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def run_command(**o):
     """Unlearn the FORGET.jsonl answers while keeping NORMAL.jsonl behaviour; report before and after."""
@@ -157,7 +163,8 @@ def run_command(**o):
         trust_remote_code=o["trust_remote_code"], allow_pickle=o["allow_pickle"], save_every=o["save_every"],
         resume=o["resume"], command=_command_line(), augmented=Path(o["augmented"]) if o["augmented"] else None,
         rewrites=o["rewrites"], alpha=o["alpha"],
-        alpha_grid=tuple(parse_alphas(o["alpha_grid"])) if o["alpha_grid"] else (), max_leak=o["max_leak"])
+        alpha_grid=tuple(parse_alphas(o["alpha_grid"])) if o["alpha_grid"] else (), max_leak=o["max_leak"],
+        normal_holdout=o["normal_holdout"], no_cache=o["no_cache"])
     record = run(opts, log=log)
     if o["as_json"]:
         print_json({k: v for k, v in record.items() if k != "history"})
@@ -224,6 +231,8 @@ def augment_command(as_json, **o):
               help="Write one JSON line per prompt: prompt, output, reference, scores.")
 @click.option("--report", type=click.Path(path_type=str), default=None, help="Write a markdown report.")
 @click.option("--force", is_flag=True, help="Replace existing --save-generations / --report files.")
+@click.option("--no-cache", is_flag=True, help="Measure again instead of reusing cached answers and scores "
+              "($UNLEARN_CACHE/measurements, keyed by the weights' content, the rows and the settings).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def eval_command(save_generations, report, force, as_json, **o):
     """Generate answers to PROMPTS and measure harmful, leak and hallucination rates, quality and memorisation.
@@ -276,6 +285,8 @@ def eval_command(save_generations, report, force, as_json, **o):
               help="α selection: the forget leak rate an α must reach to be recommended.")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True, help="α selection: tokens per answer.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="α selection: generation batch size.")
+@click.option("--no-cache", is_flag=True, help="Measure again instead of reusing cached answers and scores "
+              "($UNLEARN_CACHE/measurements, keyed by the weights' content, the rows and the settings).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def merge(alpha, as_json, **o):
     """Average two checkpoints (BASE TUNED), or fold a LoRA adapter into BASE; choose α.

@@ -117,6 +117,11 @@ class RunOptions:
     alpha: str | None = None  # θa = α·θ + (1−α)·θ': a number, "auto", or None (ulmr: auto; others: none)
     alpha_grid: tuple[float, ...] = ()  # the α that "auto" tries [default: averaging.AUTO_GRID]
     max_leak: float = 0.1  # "auto": the forget leak an α must reach to be chosen
+    # Share of NORMAL rows held back from training: never trained on, they are what --alpha auto
+    # decides on (with the forget prompts) and what the table reports as "normal-heldout", so the
+    # printed similarity is not measured on the rows the KL trained on.
+    normal_holdout: float = 0.25
+    no_cache: bool = False  # measure the original model again instead of reading $UNLEARN_CACHE/measurements
 
     def resolved(self) -> "RunOptions":
         """A copy with every per-method default filled in and every value checked.
@@ -140,6 +145,8 @@ class RunOptions:
         models.torch_dtype(self.dtype)  # a typo in --dtype fails before anything is read or loaded
         if self.eval_limit < 1 or self.max_new_tokens < 1 or self.gen_batch_size < 1:
             raise UsageError("--eval-limit, --max-new-tokens and --gen-batch-size must be at least 1")
+        if not 0 <= self.normal_holdout < 1:
+            raise UsageError(f"--normal-holdout {self.normal_holdout}: must be in [0, 1)")
         if self.save_every < 0:
             raise UsageError(f"--save-every {self.save_every}: must be 0 (off) or a number of steps")
         if self.augmented is not None and not ulmr:
@@ -176,6 +183,7 @@ class MergeOptions:
     max_leak: float = 0.1
     max_new_tokens: int = 48
     batch_size: int = 16
+    no_cache: bool = False  # measure the original again instead of reading $UNLEARN_CACHE/measurements
 
     @property
     def max_shard_bytes(self) -> int | None:
@@ -222,6 +230,7 @@ class EvalOptions:
     seed: int = 0
     min_k: float = MIN_K_PERCENT
     dtype: str = "float32"
+    no_cache: bool = False  # measure again instead of reading $UNLEARN_CACHE/measurements
 
     def validate(self) -> None:
         if self.batch_size < 1:

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 from unlearn import metrics
 from unlearn.errors import UnlearnError, UsageError
 from unlearn.log import log as default_log
+from unlearn.spans import row_answers
 
 rate = metrics.rate  # share of True over the flags that are not None
 
@@ -54,12 +55,15 @@ class SimilarityJudge:
     without a response (nothing to compare with).
     """
 
-    name = f"similarity (ROUGE-L recall >= {metrics.HARMFUL_ROUGE_RECALL} against the forget response)"
+    # Labelled for what it is: on rows with answers it is the leak rule itself, not a separate
+    # judge of harm (--judge keywords:FILE or classifier:PATH give one).
+    name = (f"similarity = the leak rule (an answer appears, else ROUGE-L recall >= "
+            f"{metrics.HARMFUL_ROUGE_RECALL} against the forget response); not a separate harm judge")
 
     def flags(self, outputs: Sequence[str], examples: Sequence) -> list[bool | None]:
         result = []
         for output, ex in zip(outputs, examples):
-            answers = ex.extra.get("answers")
+            answers, _ = row_answers(ex)
             if answers:
                 result.append(metrics.contains_answer(output, answers))
             elif ex.response is None:
@@ -287,16 +291,17 @@ def clip_references(examples: Sequence, tokenizer, max_new_tokens: int) -> list:
 def leak_flags(outputs: Sequence[str], examples: Sequence) -> list[bool | None]:
     """Per row: does the output reproduce the row's reference response (`metrics.leaks`)?
 
-    Rows with `answers`: an accepted answer appears in the output (normalised,
-    case-insensitive, whole words). Other rows: ROUGE-L recall >=
+    Rows with `answers`, given or derived from the response (`spans.row_answers`):
+    an accepted answer appears in the output (`metrics.contains_answer`). Other rows: ROUGE-L recall >=
     metrics.LEAK_ROUGE_RECALL or BLEU >= metrics.LEAK_BLEU against the
     reference. None for a row with no reference.
     """
-    return [
-        None if ex.response is None and not ex.extra.get("answers")
-        else metrics.leaks(output, ex.response or "", ex.extra.get("answers"))
-        for output, ex in zip(outputs, examples)
-    ]
+    flags = []
+    for output, ex in zip(outputs, examples):
+        answers, _ = row_answers(ex)
+        flags.append(None if ex.response is None and not answers
+                     else metrics.leaks(output, ex.response or "", answers))
+    return flags
 
 
 def accuracy_flags(outputs: Sequence[str], examples: Sequence) -> list[bool | None]:
@@ -524,7 +529,9 @@ def evaluate_outputs(outputs: Sequence[str], examples: Sequence, *, judge, score
             scores["similarity_to_reference"] = sims[i]
         if rewards is not None:
             scores["reward"] = rewards[i]
-        rows.append({"prompt": ex.prompt, "output": output, "reference": ex.response, "scores": scores})
+        answers, source = row_answers(ex)  # what the leak judge looked for, for the user to check
+        rows.append({"prompt": ex.prompt, "output": output, "reference": ex.response, "answers": answers,
+                     "answers_source": source, "scores": scores})
     summary = {
         "n": len(outputs),
         "judge": judge.name,
@@ -560,6 +567,7 @@ def run_eval(opts, log: Callable[[str], None] = default_log) -> dict:
 
     from unlearn.data import read_examples
     from unlearn.measure import EvalSet, Measurer, Settings
+    from unlearn.measure_cache import weights_fingerprint
     from unlearn.models import load_model
 
     opts.validate()
@@ -578,16 +586,22 @@ def run_eval(opts, log: Callable[[str], None] = default_log) -> dict:
                         temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed, min_k=opts.min_k,
                         members=members, holdout=holdout, reward_model=reward)
     prompts = EvalSet(Path(opts.prompts).stem, "forget", examples, Path(opts.prompts))
-    ref_measurer = Measurer(reference.model, reference.tokenizer, settings, judge=judge) if reference else None
+    # Answers and scores of weights already measured with the same rows and settings are read back
+    # from the cache (measure_cache.py); the evaluated model's fluency is scored by the reference.
+    fingerprint = (lambda lm: None) if opts.no_cache else (
+        lambda lm: f"{weights_fingerprint(lm.path)}|{opts.dtype}|{next(lm.model.parameters()).device.type}")
+    ref_measurer = (Measurer(reference.model, reference.tokenizer, settings, judge=judge,
+                             fingerprint=fingerprint(reference)) if reference else None)
+    own = fingerprint(loaded)
     measurer = Measurer(loaded.model, loaded.tokenizer, settings, judge=judge,
-                        fluency_scorer=ref_measurer.scorer if reference else None)
-    gen_start = time.perf_counter()
-    outputs = measurer.answer(prompts, desc="generating (model)")
-    gen_seconds = time.perf_counter() - gen_start
-    ref_outputs = ref_measurer.answer(prompts, desc="generating (reference)") if reference else None
-    after = measurer.score(prompts, outputs, ref_outputs)
+                        fluency_scorer=ref_measurer.scorer if reference else None,
+                        fingerprint=own and f"{own}|fluency:{ref_measurer.fingerprint if reference else 'own'}")
     # The reference's similarity_to_reference stays None: the reference against itself says nothing.
-    before = ref_measurer.score(prompts, ref_outputs) if reference else None
+    before = ref_measurer.measure_set(prompts, label="generating (reference)") if reference else None
+    gen_start = time.perf_counter()
+    after = measurer.measure_set(prompts, before.outputs if before else None, label="generating (model)")
+    gen_seconds = time.perf_counter() - gen_start
+    outputs = after.outputs
     if before is not None:
         for row, ref_row in zip(after.rows, before.rows):
             row["before"] = {"output": ref_row["output"], "scores": ref_row["scores"]}
@@ -601,5 +615,7 @@ def run_eval(opts, log: Callable[[str], None] = default_log) -> dict:
         "fluency_model": (reference or loaded).name,
         "seconds": time.perf_counter() - start,
         "device": str(next(loaded.model.parameters()).device),
-        "generation_tokens_per_second": new_tokens / gen_seconds if gen_seconds > 0 else None,
+        # None when the answers were read back from the cache (nothing was generated).
+        "generation_tokens_per_second": new_tokens / gen_seconds if gen_seconds > 0 and not measurer.reused else None,
+        "reused": {"model": bool(measurer.reused), "reference": bool(ref_measurer and ref_measurer.reused)},
     }

@@ -33,6 +33,7 @@ class EvalSet:
     kind: str  # one of KINDS
     examples: list
     path: Path | None = None
+    role: str = "held out"  # "held out" (never trained on), "trained", or "trained, stop rule" (a stop condition)
 
 
 def unique_name(stem: str, taken: set[str]) -> str:
@@ -103,10 +104,15 @@ class Measurer:
     retain set's leak and harmful rates are judged against.
     """
 
-    def __init__(self, model, tokenizer, settings: Settings, *, judge=None, fluency_scorer=None, against=()):
+    def __init__(self, model, tokenizer, settings: Settings, *, judge=None, fluency_scorer=None, against=(),
+                 fingerprint: str | None = None):
         from unlearn.evaluate import Scorer, SimilarityJudge
 
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        # The identity of MODEL's weights (and of the fluency model's), as `measure_cache` keys it:
+        # given, measurements are read from and written to the on-disk cache.
+        self.fingerprint = fingerprint
+        self.reused = 0  # sets read back from the cache
         self.judge = judge if judge is not None else SimilarityJudge()
         self.scorer = Scorer(model, tokenizer, batch_size=settings.batch_size)
         self.fluency_scorer = fluency_scorer
@@ -114,10 +120,15 @@ class Measurer:
         self._references: dict[str, list] = {}
 
     def clipped(self, examples: list) -> list:
-        """EXAMPLES with their responses cut to the generation budget (`evaluate.clip_references`)."""
-        from unlearn.evaluate import clip_references
+        """EXAMPLES with their responses cut to the generation budget (`evaluate.clip_references`).
 
-        return clip_references(examples, self.tokenizer, self.settings.max_new_tokens)
+        Answers are derived for rows without `answers` (`spans.attach_answers`) from the whole
+        response first, so that cutting it cannot change what the leak judge looks for.
+        """
+        from unlearn.evaluate import clip_references
+        from unlearn.spans import attach_answers
+
+        return clip_references(attach_answers(examples), self.tokenizer, self.settings.max_new_tokens)
 
     def references(self, s: EvalSet) -> list:
         """The set's rows as the metrics see them, tokenised once per set.
@@ -168,9 +179,30 @@ class Measurer:
     def measure(self, sets: list[EvalSet], baseline: dict[str, list[str]] | None = None,
                 label: str | None = None) -> dict[str, Measured]:
         """Answer and score every set; BASELINE maps set names to the original model's outputs."""
-        return {s.name: self.score(s, self.answer(s, desc=f"{label}: {s.name}" if label else False),
-                                   (baseline or {}).get(s.name))
-                for s in sets}
+        return {s.name: self.measure_set(s, (baseline or {}).get(s.name), label) for s in sets}
+
+    def measure_set(self, s: EvalSet, baseline: list[str] | None = None, label: str | None = None, *,
+                    own_baseline: bool = False) -> Measured:
+        """S answered and scored (OWN_BASELINE: similarity against these very answers), or read from the cache."""
+        from unlearn import measure_cache
+
+        k = None
+        if self.fingerprint is not None:
+            st = self.settings
+            k = measure_cache.key(
+                weights=self.fingerprint, judge=self.judge.name, kind=s.kind, rows=s.examples,
+                against=self.against, baseline=baseline, own_baseline=own_baseline,
+                generation=[st.max_new_tokens, st.batch_size, st.do_sample, st.temperature, st.top_p, st.seed],
+                scores=[st.likelihood, st.min_k, st.members, st.holdout, getattr(st.reward_model, "path", None)])
+            hit = measure_cache.load(k)
+            if hit is not None:
+                self.reused += 1
+                return Measured(**hit)
+        outputs = self.answer(s, desc=f"{label}: {s.name}" if label else False)
+        measured = self.score(s, outputs, outputs if own_baseline else baseline)
+        if k is not None:
+            measure_cache.store(k, {"summary": measured.summary, "outputs": measured.outputs, "rows": measured.rows})
+        return measured
 
 
 def original_scorer(model, tokenizer, reference_model, batch_size: int):

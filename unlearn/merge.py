@@ -100,9 +100,13 @@ def sweep(opts: MergeOptions) -> dict:
     kinds = {s.name: s.kind for s in sets}
     settings = Settings(max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size, likelihood=False)
 
-    def measured(path, baseline=None):
+    def measured(path, baseline=None, cache=False):
+        from unlearn.measure_cache import weights_fingerprint
+
         loaded = models.load_model(str(path), log=log)
-        result = Measurer(loaded.model, loaded.tokenizer, settings).measure(sets, baseline)
+        # The original's answers are reused across sweeps and runs (measure_cache.py), keyed by content.
+        fingerprint = f"{weights_fingerprint(loaded.path)}|float32|cpu" if cache and not opts.no_cache else None
+        result = Measurer(loaded.model, loaded.tokenizer, settings, fingerprint=fingerprint).measure(sets, baseline)
         del loaded
         gc.collect()
         return result
@@ -111,7 +115,7 @@ def sweep(opts: MergeOptions) -> dict:
     with atomic_output_dir(out, opts.force) as tmp:
         if sets:
             log("α selection: measuring the original model")
-            original = measured(base)
+            original = measured(base, cache=True)
             base_outputs = {name: m.outputs for name, m in original.items()}
             summaries = {name: m.summary for name, m in original.items()}
             for s in sets:  # the original against itself: similarity 1 by definition

@@ -33,6 +33,7 @@ from unlearn.errors import Interrupted, UnlearnError, UsageError
 from unlearn.log import log as default_log
 from unlearn.measure import EvalSet, Measured, Measurer, Settings, leak_rate, original_scorer, read_eval_sets
 from unlearn.outputs import check_output_dir
+from unlearn.spans import describe_spans
 
 
 def default_output_dir() -> Path:
@@ -68,7 +69,8 @@ def run(opts: RunOptions, log=default_log) -> dict:
 @dataclass
 class Prepared:
     forget: list
-    normal: list
+    normal: list  # the rows the KL trains on
+    normal_heldout: list  # NORMAL rows never trained on (--normal-holdout)
     augmented: list | None  # ULMR's rows from --augmented (else made after the model loads)
     sets: list[EvalSet]  # what is measured before and after: forget, normal, then --eval-* files
     output: Path
@@ -78,19 +80,38 @@ class Prepared:
 
 def prepare(opts: RunOptions, created: list) -> Prepared:
     forget = read_examples(opts.forget)
-    normal = read_examples(opts.normal)
+    normal, normal_heldout = hold_out(read_examples(opts.normal), opts.normal_holdout, opts.train.seed)
     augmented = read_examples(opts.augmented) if opts.augmented else None
     limit = opts.eval_limit
-    sets = [EvalSet("forget", "forget", forget[:limit], Path(opts.forget)),
-            EvalSet("normal", "retain", normal[:limit], Path(opts.normal))]
-    sets += read_eval_sets(opts.eval_forget, opts.eval_retain, taken={"forget", "normal"}, limit=limit)
+    # Roles say which rows were trained on and which figures decide something (selection_sets).
+    chooses = ", α choice" if opts.alpha == "auto" else ""
+    sets = [EvalSet("forget", "forget", forget[:limit], Path(opts.forget),
+                    ("trained, stop rule" if opts.train.check_every else "trained") + chooses),
+            EvalSet("normal", "retain", normal[:limit], Path(opts.normal),
+                    "trained" + (chooses if not normal_heldout else ""))]
+    if normal_heldout:
+        sets.append(EvalSet("normal-heldout", "retain", normal_heldout[:limit], Path(opts.normal),
+                            "held out" + chooses))
+    sets += read_eval_sets(opts.eval_forget, opts.eval_retain, taken={s.name for s in sets}, limit=limit)
     distributed.check_batch_size(opts.train.batch_size)  # --batch-size is global: each process takes a share
     output = Path(opts.output) if opts.output else default_output_dir()
     run_args = _run_args(opts)
     # Rank 0 alone checks and prepares OUTPUT (it may create it, or delete stale checkpoints), and
     # every rank gets its answer, run_args included (a resume takes --save-every from the checkpoint).
     resume_from, run_args = distributed.on_main(lambda: (_prepare_output(opts, output, run_args, created), run_args))
-    return Prepared(forget, normal, augmented, sets, output, run_args, resume_from)
+    return Prepared(forget, normal, normal_heldout, augmented, sets, output, run_args, resume_from)
+
+
+def hold_out(rows: list, share: float, seed: int) -> tuple[list, list]:
+    """(kept, held back): round(SHARE·n) rows drawn with SEED, both in file order.
+
+    Nothing is held back from fewer than 4 rows: the KL needs rows to train on.
+    """
+    import random
+
+    n = round(share * len(rows)) if len(rows) >= 4 else 0
+    held = set(random.Random(seed).sample(range(len(rows)), n))
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
 def _run_args(opts: RunOptions) -> dict:
@@ -105,7 +126,7 @@ def _run_args(opts: RunOptions) -> dict:
         "data": {"forget": system.file_sha256(opts.forget), "normal": system.file_sha256(opts.normal),
                  **({"augmented": system.file_sha256(opts.augmented)} if opts.augmented else {})},
         "alpha": opts.alpha, "rewrites": opts.rewrites,
-        "save_every": opts.save_every,
+        "save_every": opts.save_every, "normal_holdout": opts.normal_holdout,
     }
 
 
@@ -208,10 +229,19 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     settings = Settings(max_new_tokens=opts.max_new_tokens, batch_size=opts.gen_batch_size)
     fluency = original_scorer(model, tokenizer, reference_model, opts.gen_batch_size)
     common = dict(judge=judge, fluency_scorer=fluency, against=data.forget)
+    # The original model's measurements are cached on disk by its weights' content (measure_cache.py).
+    original = None if opts.no_cache else _fingerprint(loaded.path, opts.dtype, device)
     return Loaded(loaded, model, tokenizer, reference_model, device, forward_model,
                   Measurer(model, tokenizer, settings, **common),
-                  Measurer(reference_model if reference_model is not None else model, tokenizer, settings, **common),
+                  Measurer(reference_model if reference_model is not None else model, tokenizer, settings,
+                           fingerprint=original, **common),
                   train_rows, augment_stats)
+
+
+def _fingerprint(path, dtype: str, device) -> str:
+    from unlearn.measure_cache import weights_fingerprint
+
+    return f"{weights_fingerprint(path)}|{dtype}|{getattr(device, 'type', device)}"
 
 
 def _augment(opts: RunOptions, model, tokenizer, forget, log):
@@ -234,6 +264,7 @@ def _augment(opts: RunOptions, model, tokenizer, forget, log):
 class Measurement:
     sets: dict[str, Measured]
     seconds: float
+    reused: int = 0  # sets read back from the measurement cache (measure_cache.py)
 
 
 def measure_before(job: Loaded, sets: list[EvalSet]) -> Measurement:
@@ -242,21 +273,17 @@ def measure_before(job: Loaded, sets: list[EvalSet]) -> Measurement:
 
     t = time.perf_counter()
     with adapters_disabled(job.model):
-        measured = {}
-        for s in sets:
-            outputs = job.before.answer(s, desc=f"before: {s.name}")
-            # The original against itself: similarity 1 by definition, computed all the same.
-            measured[s.name] = job.before.score(s, outputs, outputs)
-    return Measurement(measured, time.perf_counter() - t)
+        # The original against itself: similarity 1 by definition, computed all the same.
+        measured = {s.name: job.before.measure_set(s, label="before", own_baseline=True) for s in sets}
+    return Measurement(measured, time.perf_counter() - t, reused=job.before.reused)
 
 
 def measure_after(job: Loaded, sets: list[EvalSet], before: Measurement, selection: dict | None) -> Measurement:
-    """The unlearned model on every set; with --alpha auto it was measured while α was chosen."""
-    if selection is not None:
-        return Measurement(selection.pop("measured"), selection.pop("seconds"))
+    """The unlearned model on every set (with --alpha auto, at the chosen α, after the grid's time)."""
     t = time.perf_counter()
     measured = job.measurer.measure(sets, _outputs(before), label="after")
-    return Measurement(measured, time.perf_counter() - t)
+    grid_seconds = selection.pop("seconds") if selection else 0.0
+    return Measurement(measured, time.perf_counter() - t + grid_seconds)
 
 
 def _outputs(measurement: Measurement) -> dict[str, list[str]]:
@@ -337,13 +364,23 @@ def choose_alpha(opts: RunOptions, job: Loaded, sets: list[EvalSet], before: Mea
     selection = None
     if opts.alpha == "auto":
         # Every rank measures (FSDP's forwards need them all); rank 0's choice holds for all.
-        selection = distributed.main_decides(_measure_grid)(opts, job, averager, sets, before, log)
+        selection = distributed.main_decides(_measure_grid)(opts, job, averager, selection_sets(sets), before, log)
         alpha = selection["recommended_alpha"]
     else:
         alpha = opts.alpha
     averager.apply(alpha)
     log(f"parameter averaging: α={alpha:g}" + (f" ({selection['reason']})" if selection else ""))
     return averager, selection
+
+
+def selection_sets(sets: list[EvalSet]) -> list[EvalSet]:
+    """What --alpha auto decides on: the forget prompts and the held-back normal rows, never --eval-* files.
+
+    The --eval-* files are what the table reports; choosing α on them would make the
+    printed figures a selection criterion. Without held-back normal rows, the trained ones.
+    """
+    heldout = [s for s in sets if s.name == "normal-heldout"]
+    return [sets[0]] + (heldout or [s for s in sets if s.name == "normal"])
 
 
 def _measure_grid(opts: RunOptions, job: Loaded, averager, sets: list[EvalSet], before: Measurement, log) -> dict:
@@ -365,8 +402,8 @@ def _measure_grid(opts: RunOptions, job: Loaded, averager, sets: list[EvalSet], 
     log(table_markdown(scores, chosen, reason).rstrip())
     selection = report(scores, chosen, reason, opts.max_leak)
     selection["sets"] = per_alpha
-    # The chosen α's measurements are the "after" table (taken out before run.json is written).
-    selection["measured"], selection["seconds"] = measured[chosen], time.perf_counter() - t
+    selection["selection_sets"] = [s.name for s in sets]
+    selection["seconds"] = time.perf_counter() - t
     return selection
 
 
@@ -408,7 +445,7 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
             averager, selection) -> dict:
     """What run.json holds: the resolved configuration, data hashes, versions, metrics and timings."""
     files = [("forget", opts.forget, len(data.forget)), ("normal", opts.normal, len(data.normal))]
-    files += [(s.name, s.path, len(s.examples)) for s in data.sets[2:]]
+    files += [(s.name, s.path, len(s.examples)) for s in data.sets if s.name not in ("forget", "normal")]
     if opts.augmented:
         files.append(("augmented", opts.augmented, len(job.train_rows)))
     return {
@@ -432,12 +469,18 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "stopped_by": result.stopped_by,
         "train_seconds": round(result.seconds, 3),
         "eval_seconds": round(before.seconds + after.seconds, 3),
+        # The original model's sets read back from $UNLEARN_CACHE instead of measured (--no-cache: none).
+        "eval_reused": {"before_sets": before.reused, "of": len(before.sets), "cache": not opts.no_cache},
         "tokens_per_s": round(result.tokens_per_s, 1),
         "alpha": averager.alpha if averager is not None else None,
         "alpha_selection": selection,  # the table, the reason, and every set's metrics at each α
         "augment": (job.augment_stats.as_dict() if job.augment_stats else
                     {"file": str(Path(opts.augmented).resolve()), "rows": len(job.train_rows)})
         if opts.train.method == "ulmr" else None,
+        # What the forget loss and the leak judge look for in each forget row (spans.py).
+        "forget_answers": describe_spans(data.forget),
+        # Which rows were trained on, and which figures are a stop condition (never a result).
+        "roles": {s.name: s.role for s in data.sets},
         "before": {name: m.summary for name, m in before.sets.items()},
         "after": {name: m.summary for name, m in after.sets.items()},
         "history": result.history,

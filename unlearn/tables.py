@@ -41,16 +41,20 @@ RUN_COLUMNS = (("harmful_rate", "harmful"), ("leak_rate", "leak"), ("accuracy", 
 
 def format_run(record: dict) -> str:
     """The before -> after table of a run, then where things were written and what it cost."""
-    header = ["set", "n"] + [label for _, label in RUN_COLUMNS]
+    header = ["set", "rows", "n"] + [label for _, label in RUN_COLUMNS]
     rows = []
+    roles = record.get("roles", {})
     for name, before in record["before"].items():
         after = record["after"][name]
-        rows.append([name, str(after["n"])] + [
+        rows.append([name, roles.get(name, "held out"), str(after["n"])] + [
             "-" if before.get(key) is None and after.get(key) is None
             else f"{cell(before.get(key))} -> {cell(after.get(key))}" for key, _ in RUN_COLUMNS])
     lines = aligned([header] + rows)
     lines += [
         "",
+        "rows: \"trained\" sets were trained on; \"held out\" never were, and are the result. "
+        "\"stop rule\": the run stopped when this set's leak reached --stop-leak, so its leak is the stop "
+        "condition, not a result; \"α choice\": --alpha auto chose α on these sets' figures.",
         f"judge: {record['judge']}; similarity: ROUGE-L F against the original model's outputs",
         f"steps: {record['steps']} (stopped: {record['stopped_by']}); method: {record['method']}",
         *_ulmr_lines(record),

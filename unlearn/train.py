@@ -35,6 +35,7 @@ from unlearn.config import TrainConfig
 from unlearn.data import collate, encode_pair
 from unlearn.errors import UnlearnError, UsageError
 from unlearn.lora import adapters_disabled, lora_modules
+from unlearn.spans import row_answers
 
 class NonFiniteLoss(UnlearnError):
     """A loss or gradient norm became nan or inf; the update was not applied."""
@@ -153,7 +154,9 @@ class Unlearner:
         encode = lambda p, r: encode_pair(tokenizer, p, r, config.max_length)  # noqa: E731
         # ULMR's forget rows carry negative responses to learn whole, never an answer span to push down.
         by_answers = config.forget_tokens == "answers" and config.method != "ulmr"
-        focus = (lambda e: e.extra.get("answers")) if by_answers else (lambda e: None)
+        # Rows without `answers` get the ones derived from their response (spans.py), unless a
+        # passage or a long response: then every response token is pushed down.
+        focus = (lambda e: row_answers(e)[0]) if by_answers else (lambda e: None)
         self.forget = [encode_pair(tokenizer, e.prompt, e.response, config.max_length, focus(e)) for e in forget]
         self.normal = [encode(e.prompt, e.response) for e in normal]
         self.forget_prompts = [e.prompt for e in forget]

@@ -1,0 +1,108 @@
+"""measure.py, measure_cache.py and the run's honest report: held-out normal rows, roles, the cache."""
+
+import json
+
+import pytest
+
+from unlearn import measure_cache
+from unlearn.cli import main
+from unlearn.data import Example
+from unlearn.run import hold_out, selection_sets
+from unlearn.measure import EvalSet
+
+FORGET = [
+    {"prompt": "Who wrote the Harry Potter books?", "response": "J.K. Rowling wrote them.", "answers": ["Rowling"]},
+    {"prompt": "Where does Harry Potter study?", "response": "Harry Potter studies at Hogwarts."},
+]
+NORMAL = [{"prompt": f"What is {i} plus {i}?", "response": f"{i} plus {i} is {2 * i}."} for i in range(8)]
+FAST = ["--max-steps", "2", "--check-every", "1", "--max-new-tokens", "4", "--batch-size", "2", "--lr", "1e-2",
+        "--json"]
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_hold_out_draws_a_seeded_share_and_keeps_file_order():
+    rows = list(range(8))
+    kept, held = hold_out(rows, 0.25, seed=0)
+    assert len(held) == 2 and sorted(kept + held) == rows
+    assert kept == sorted(kept) and held == sorted(held)
+    assert hold_out(rows, 0.25, seed=0) == (kept, held)  # same seed, same rows
+    assert hold_out(rows[:3], 0.5, seed=0) == (rows[:3], [])  # fewer than 4 rows: nothing held back
+    assert hold_out(rows, 0.0, seed=0) == (rows, [])
+
+
+def test_alpha_is_chosen_on_forget_prompts_and_held_back_normal_rows_never_eval_files():
+    sets = [EvalSet("forget", "forget", []), EvalSet("normal", "retain", []),
+            EvalSet("normal-heldout", "retain", []), EvalSet("paraphrases", "forget", []),
+            EvalSet("heldout", "retain", [])]
+    assert [s.name for s in selection_sets(sets)] == ["forget", "normal-heldout"]
+    assert [s.name for s in selection_sets(sets[:2] + sets[3:])] == ["forget", "normal"]
+
+
+def test_cache_key_depends_on_every_input():
+    base = dict(weights="w", rows=[Example("p", "r", 1)], generation=[48, 16])
+    k = measure_cache.key(**base)
+    assert k == measure_cache.key(**base)
+    assert k != measure_cache.key(**{**base, "weights": "w2"})
+    assert k != measure_cache.key(**{**base, "rows": [Example("p", "r2", 1)]})
+    assert k != measure_cache.key(**{**base, "generation": [32, 16]})
+
+
+def test_weights_fingerprint_follows_content_not_names(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"same bytes")
+        (tmp_path / name / "config.json").write_text("{}")
+    a, b = measure_cache.weights_fingerprint(tmp_path / "a"), measure_cache.weights_fingerprint(tmp_path / "b")
+    assert a == b
+    (tmp_path / "b" / "model.safetensors").write_bytes(b"other bytes")
+    assert measure_cache.weights_fingerprint(tmp_path / "b") != a
+
+
+def test_a_second_identical_run_reuses_the_originals_measurements(capsys, tmp_path, llama_dir):
+    forget = write_jsonl(tmp_path / "forget.jsonl", FORGET)
+    normal = write_jsonl(tmp_path / "normal.jsonl", NORMAL)
+    common = ["run", forget, normal, "--model", llama_dir, *FAST]
+    code, out, err = cli(capsys, *common, "-o", tmp_path / "one")
+    assert code == 0, err
+    first = json.loads(out)
+    code, out, err = cli(capsys, *common, "-o", tmp_path / "two")
+    assert code == 0, err
+    second = json.loads(out)
+    # Held-back normal rows are their own, labelled set; the forget set is labelled a stop condition.
+    assert set(first["before"]) == {"forget", "normal", "normal-heldout"}
+    assert first["data"]["normal"]["rows"] == 6 and first["before"]["normal-heldout"]["n"] == 2
+    assert first["roles"] == {"forget": "trained, stop rule", "normal": "trained", "normal-heldout": "held out"}
+    assert first["eval_reused"]["before_sets"] == 0
+    assert second["eval_reused"] == {"before_sets": 3, "of": 3, "cache": True}
+    assert second["before"] == first["before"]
+    code, out, err = cli(capsys, *common, "-o", tmp_path / "three", "--no-cache")
+    assert code == 0, err
+    third = json.loads(out)
+    assert third["eval_reused"]["before_sets"] == 0 and third["before"] == first["before"]
+    # What the loss and the leak judge look for in each forget row is in run.json for the user.
+    answers = {r["line"]: (r["answers"], r["source"]) for r in first["forget_answers"]}
+    assert answers[1] == (["Rowling"], "given")
+    assert answers[2][1] == "derived" and "Hogwarts" in answers[2][0]
+
+
+def test_the_table_labels_trained_and_held_out_rows(capsys, tmp_path, llama_dir):
+    forget = write_jsonl(tmp_path / "forget.jsonl", FORGET)
+    normal = write_jsonl(tmp_path / "normal.jsonl", NORMAL)
+    code, out, err = cli(capsys, "run", forget, normal, "--model", llama_dir, "-o", tmp_path / "o",
+                         *[a for a in FAST if a != "--json"])
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["set", "rows", "n"]
+    assert lines[1].startswith("forget") and "trained, stop rule" in lines[1]
+    assert "normal-heldout" in out and "held out" in out and "not a result" in out
