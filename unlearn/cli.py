@@ -38,6 +38,17 @@ def _split_targets(value: str) -> tuple[str, ...]:
     return targets
 
 
+def eval_files(forget_help: str, retain_help: str):
+    """The --eval-forget / --eval-retain pair (`measure.read_eval_sets` reads them), with each command's help."""
+    def add(command):
+        for flag, text in (("--eval-retain", retain_help), ("--eval-forget", forget_help)):
+            command = click.option(flag, multiple=True, type=click.Path(path_type=str),
+                                   help=f"{text}; repeatable.")(command)
+        return command
+
+    return add
+
+
 def _command_line() -> str:
     """The arguments main() was given, for hints such as how to resume."""
     ctx = click.get_current_context()
@@ -103,10 +114,8 @@ def _command_line() -> str:
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda when available].")
 @click.option("--judge", default=None, help="Harmful-rate judge: similarity (default), keywords:FILE, classifier:PATH.")
 @click.option("--judge-label", default=None, help="The classifier judge's unsafe label.")
-@click.option("--eval-forget", multiple=True, type=click.Path(path_type=str),
-              help="More prompts whose answers must not come out (e.g. paraphrases); repeatable.")
-@click.option("--eval-retain", multiple=True, type=click.Path(path_type=str),
-              help="Knowledge that must survive (rows with `answers`); repeatable.")
+@eval_files("More prompts whose answers must not come out (e.g. paraphrases)",
+            "Knowledge that must survive (rows with `answers`)")
 @click.option("--eval-limit", type=int, default=64, show_default=True, help="Rows evaluated per set.")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True, help="Tokens generated per evaluated prompt.")
 @click.option("--gen-batch-size", type=int, default=16, show_default=True)
@@ -277,10 +286,8 @@ def eval_command(save_generations, report, force, as_json, **o):
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--max-shard-size", default=None, help="Re-shard the output, e.g. 2GB or 500MB [default: like BASE].")
 @click.option("--allow-extrapolation", is_flag=True, help="Accept α outside [0, 1].")
-@click.option("--eval-forget", multiple=True, type=click.Path(path_type=str),
-              help="Prompts whose answers must not come out (rows with a response or `answers`); repeatable.")
-@click.option("--eval-retain", multiple=True, type=click.Path(path_type=str),
-              help="Knowledge that must survive (rows with `answers`; similarity to BASE's outputs); repeatable.")
+@eval_files("Prompts whose answers must not come out (rows with a response or `answers`)",
+            "Knowledge that must survive (rows with `answers`; similarity to BASE's outputs)")
 @click.option("--max-leak", type=float, default=0.1, show_default=True,
               help="α selection: the forget leak rate an α must reach to be recommended.")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True, help="α selection: tokens per answer.")

@@ -299,8 +299,9 @@ class Unlearner:
         elif method == "npo":
             reference = self._reference_logits(f_batch, f_start)
             self.tokens += int(f_batch["attention_mask"].sum())
-            terms["npo"] = losses.npo_loss(losses.sequence_logprob(f_logits, f_labels),
-                                           losses.sequence_logprob(reference, f_labels), config.npo_beta)
+            terms["npo"] = distributed.global_mean(
+                losses.npo_loss(losses.sequence_logprob(f_logits, f_labels),
+                                losses.sequence_logprob(reference, f_labels), config.npo_beta), f_labels, "rows")
             total = config.forget_weight * terms["npo"]
         else:
             # Under torchrun, means over a varying number of rows / tokens are made global (distributed.py).
@@ -313,7 +314,7 @@ class Unlearner:
         if "normal" in parts:
             n_logits, n_labels, n_batch, n_start = parts["normal"]
             if method == "graddiff":  # gradient difference: plain likelihood of the normal data
-                terms["normal_nll"] = losses.mean_nll(n_logits, n_labels)
+                terms["normal_nll"] = distributed.global_mean(losses.mean_nll(n_logits, n_labels), n_labels, "rows")
                 total = total + config.normal_weight * terms["normal_nll"]
             else:
                 reference = self._reference_logits(n_batch, n_start)
