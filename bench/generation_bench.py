@@ -1,22 +1,23 @@
 """Greedy generation speed against the machine's limit, measured in one run.
 
     .venv/bin/python bench/generation_bench.py [--model M] [--max-new-tokens 48] [--batch-size 16]
-                                               [--threads 2] [--splits forget,normal,...] [--skip-old] [--json]
+                                               [--threads 2] [--splits forget,normal,...] [--skip-old]
+                                               [--rounds 2] [--json]
 
 Workload: what `unlearn run` generates for its before/after table: the prompts of
 examples/{forget,normal,forget_paraphrases,heldout}.jsonl, one `generate` call per
 file, greedy, --max-new-tokens new tokens, batches of --batch-size, on the embedded
-model unless --model. It runs twice, in the order old, new, new, old (so slow
-drift in the machine's load hits both alike): `unlearn.generation.generate_hf`
-(every batch through `model.generate`: the implementation before this bench) and
-`unlearn.generation.generate` (the own decode loop). Outputs must be identical;
-`identical_outputs` counts them.
+model unless --model. Two implementations run in the order old, new, new, old (so
+slow drift in the machine's load hits both alike; --rounds 1: old, new):
+`unlearn.generation.generate_hf` (every batch through `model.generate`: the
+implementation before this bench) and `unlearn.generation.generate` (the own decode
+loop). Outputs must be identical; `identical_outputs` counts them.
 
 tokens_per_s = new tokens / seconds, where new tokens are those each answer really
 has (up to and including its EOS), counted by `generate(record=...)`, and seconds
-the wall clock of the `generate` calls (the better of the two runs of each).
+the wall clock of the `generate` calls (the better of the runs of each).
 
-The limit (the `limit_*` keys). Two rates are measured in the same process, just
+The limit (the `limit_*` keys). Three rates are measured in the same process, just
 before the timed runs:
   R_dec  FLOP/s of torch's matmul at decode shape: x[batch, K] @ W[N', K].T for each
          distinct (N, K) of the model's nn.Linear layers, N' <= N rows of W so that it
@@ -82,6 +83,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads [default: 2]")
     parser.add_argument("--splits", default=",".join(SPLITS), help="which examples/*.jsonl files [default: all four]")
     parser.add_argument("--skip-old", action="store_true", help="time only the new implementation (once)")
+    parser.add_argument("--rounds", type=int, default=2, help="2: old, new, new, old; 1: old, new [default: 2]")
     parser.add_argument("--json", action="store_true")
     return parser.parse_args(argv)
 
@@ -214,7 +216,7 @@ def main(argv=None):
 
     runs = {"new": []} if args.skip_old else {"old": [], "new": []}
     cpu = {name: [] for name in runs}
-    order = ["new"] if args.skip_old else ["old", "new", "new", "old"]
+    order = ["new"] if args.skip_old else (["old", "new", "new", "old"] if args.rounds > 1 else ["old", "new"])
     functions = {"old": generate_hf, "new": generate}
     results = {}
     for name in order:
