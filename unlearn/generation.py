@@ -15,10 +15,11 @@ so its outputs are token-for-token those of `model.generate`
 (tests/test_generation.py checks it on Llama and OPT).
 
 Measured (bench/generation_bench.py, embedded model, the README run's prompts, one
-thread): this loop and `model.generate` take the same CPU time, about 0.8 of the
-machine's limit (the matmul rate and memory bandwidth measured in the same run); the
-rest of a step is the model's own small ops. transformers 5.x's `generate` adds little
-per step on CPU; the loop's gain is the `stop_row` hook and the batch records.
+thread): this loop takes 0.95x the CPU time of `model.generate`, about half the time the
+machine's limit allows (the matmul rate and memory bandwidth measured in the same run).
+The rest goes to rows that have ended but stay in the batch (a quarter of the decode
+rows on that workload, see below), to padding, and to the model's small per-layer ops:
+transformers 5.x's `generate` itself adds little per step on CPU.
 
 Rows that have ended are NOT dropped from the batch: on CPU a float32 matmul's
 result for one row depends on how many rows the batch has (MKL/oneDNN pick
