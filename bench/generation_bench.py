@@ -1,20 +1,65 @@
-"""Batched vs one-at-a-time generation, and the leak-rate sanity target, in one run.
+"""Greedy generation speed against the machine's limit, measured in one run.
 
-    .venv/bin/python bench/generation_bench.py [--model M] [--prompts 40] [--max-new-tokens 32]
-                                               [--batch-size 16] [--threads N] [--json]
+    .venv/bin/python bench/generation_bench.py [--model M] [--max-new-tokens 48] [--batch-size 16]
+                                               [--threads 2] [--splits forget,normal,...] [--skip-old]
+                                               [--rounds 2] [--json]
 
-1. Generates greedy answers to N prompts with `--batch-size 1` (no padding:
-   the plain greedy answer of each prompt), timing it.
-2. Generates them again in batches of --batch-size (left padding, KV cache),
-   timing it. Speed-up = time(1) / time(batched); the target is >= 4x on 40
-   prompts of 32 new tokens with the embedded model.
-3. Uses the one-at-a-time answers as forget responses and scores the batched
-   answers against them with `unlearn.evaluate`: the model's own greedy
-   answers must read as leaked (target leak_rate >= 0.9). This also shows
-   how much left padding changes greedy outputs.
+Workload: what `unlearn run` generates for its before/after table: the prompts of
+examples/{forget,normal,forget_paraphrases,heldout}.jsonl, one `generate` call per
+file, greedy, --max-new-tokens new tokens, batches of --batch-size, on the embedded
+model unless --model. Two implementations run in the order old, new, new, old (so
+slow drift in the machine's load hits both alike; --rounds 1: old, new):
+`unlearn.generation.generate_hf` (every batch through `model.generate`: the
+implementation before this bench) and `unlearn.generation.generate` (the own decode
+loop). Outputs must be identical; `identical_outputs` counts them.
 
-Results go to stdout (a table, or one JSON object with --json); progress to
-stderr. Not part of the test suite: timings depend on the machine and its load.
+tokens_per_s = new tokens / seconds, where new tokens are those each answer really
+has (up to and including its EOS), counted by `generate(record=...)`, and seconds
+the wall clock of the `generate` calls (the better of the runs of each).
+
+The limit (the `limit_*` keys). Three rates are measured in the same process, just
+before the timed runs:
+  R_dec  FLOP/s of torch's matmul at decode shape: x[batch, K] @ W[N', K].T for each
+         distinct (N, K) of the model's nn.Linear layers, N' <= N rows of W so that it
+         stays in cache: the arithmetic rate without waiting on memory.
+  R_pre  the same at prefill shape: x[batch * 40, K].
+  BW     bytes/s of reading a 256 MB float32 tensor (`sum`), far larger than the caches.
+Per-token cost model. Let P_lin be the parameters of the nn.Linear layers (the LM head
+included, once even when tied to the embedding), P_head those of the LM head, and per
+layer H heads of size h, G key/value heads, n_layer layers, b bytes per parameter.
+  - A decode step with `a` rows still generating, each attending to c positions:
+      compute  F = a * (2 * P_lin + n_layer * 4 * c * H * h)            [FLOP]
+      memory   M = b * P_lin + a * n_layer * 2 * c * G * h * b            [bytes]
+               (weights read once per step, shared by the batch, plus the KV cache)
+      time     max(F / R_dec, M / BW)                                    (roofline)
+  - The prefill of a batch with T real prompt tokens (rows r; padding is not counted,
+    the limit is what the work needs, not what a padded batch does):
+      compute  2 * (P_lin - P_head) * T + 2 * P_head * r + attention (4 * i * H * h per
+               layer for the token at position i)
+      memory   b * P_lin (weights once)
+      time     max(F / R_pre, M / BW)
+  - A row with n new tokens needs the prefill (which gives the first token) and n - 1
+    decode steps, so a batch needs max(n) - 1 steps, step s holding the rows with n > s.
+limit_seconds sums these over the workload's batches (the same batches and the same new
+tokens as the measured run), limit_tokens_per_s = new tokens / limit_seconds, and
+fraction_of_limit = tokens_per_s / limit_tokens_per_s.
+
+On a shared machine the rates are the best of 10 short timings (moments when this process
+had its cores), while a run of minutes gets only its share of the cores, so the wall-clock
+fraction mostly measures the load. `fraction_of_limit_cpu` = limit_seconds * threads /
+CPU seconds of the run (time.process_time, all threads) compares the work with the time
+the process actually ran; with more than one thread, time a thread spends spinning while
+waiting for another also counts as CPU time, so it is a lower bound there. `decode_limit_tokens_per_s`
+leaves the prefill out (it counts only the decode steps' time), for comparison with
+estimates that count decoding alone.
+
+The stop-rule hook: `stop_row_check_seconds` is the time to decode, as `generate`'s
+`stop_row` hook does, every live row's text every STOP_CHECK_EVERY tokens for the new
+run's outputs; `stop_row_check_share` divides it by the new run's seconds.
+
+Results: a table (or, with --json, one JSON object as the LAST line) on stdout; progress on
+stderr. The machine may be shared: the 1-minute load average is printed before and after.
+Not part of the test suite: timings depend on the machine and its load.
 """
 
 from __future__ import annotations
@@ -24,88 +69,215 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
-QUESTIONS = [
-    "What is the capital of France?", "Name three primary colours.", "What is 12 times 12?",
-    "Who wrote Romeo and Juliet?", "What do bees make?", "Why is the sky blue?",
-    "How many legs does a spider have?", "What is the boiling point of water?", "Define photosynthesis.",
-    "What is the largest planet in the solar system?", "Give me a synonym for happy.",
-    "What language is spoken in Brazil?", "How do I boil an egg?", "What is a prime number?",
-    "Translate 'thank you' into Spanish.", "What is the speed of light?", "Who painted the Mona Lisa?",
-    "What is the chemical symbol for gold?", "Explain gravity in one sentence.", "What is an adjective?",
-    "Write a haiku about autumn.", "What is the tallest mountain on Earth?", "How many days are in a leap year?",
-    "What is the freezing point of water in Fahrenheit?", "Name a mammal that can fly.",
-    "What is the square root of 81?", "Who was the first person on the Moon?", "What is DNA?",
-    "Suggest a name for a pet cat.", "What causes rain?", "What is the capital of Japan?",
-    "List two renewable energy sources.", "What is the opposite of cold?", "How many continents are there?",
-    "What instrument has 88 keys?", "What is the main ingredient of guacamole?", "Describe a rainbow.",
-    "What is the currency of the United Kingdom?", "Why do leaves change colour in autumn?",
-    "What is the smallest unit of life?",
-]
+SPLITS = ("forget", "normal", "forget_paraphrases", "heldout")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model spec for unlearn.models.load_model [default: embedded]")
-    parser.add_argument("--prompts", type=int, default=40)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads [default: 2]")
+    parser.add_argument("--splits", default=",".join(SPLITS), help="which examples/*.jsonl files [default: all four]")
+    parser.add_argument("--skip-old", action="store_true", help="time only the new implementation (once)")
+    parser.add_argument("--rounds", type=int, default=2, help="2: old, new, new, old; 1: old, new [default: 2]")
     parser.add_argument("--json", action="store_true")
     return parser.parse_args(argv)
 
 
-def timed_generate(loaded, prompts, batch_size, max_new_tokens):
-    from unlearn.generation import generate
+def _best_rate(fn, work: float, repeats: int = 10) -> float:
+    """WORK / the shortest of REPEATS timings of FN (the least disturbed by other processes)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return work / best
 
+
+def measure_machine(model, batch_size: int) -> dict:
+    """R_dec, R_pre (FLOP/s) and BW (bytes/s) as the docstring defines them."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    shapes = sorted({tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)})
+
+    def matmul_rate(rows: int) -> float:
+        # Each timing is ~1e8 FLOP (a few ms): short enough to fall between other processes'
+        # turns on a shared machine, long enough to time. W keeps the layer's K and at most
+        # 4 MB (float32) of its N rows, so it stays in cache.
+        flops, seconds = 0.0, 0.0
+        for n, k in shapes:
+            n_cached = min(n, max(16, 2**20 // k), max(16, int(1e8 // (2 * rows * k))))
+            w = torch.randn(n_cached, k, dtype=dtype)
+            x = torch.randn(rows, k, dtype=dtype)
+            reps = max(1, int(1e8 // (2 * rows * n_cached * k)))
+            work = 2.0 * rows * n_cached * k * reps
+            rate = _best_rate(lambda: [torch.nn.functional.linear(x, w) for _ in range(reps)], work)
+            flops, seconds = flops + work, seconds + work / rate
+        return flops / seconds
+
+    with torch.inference_mode():
+        r_dec = matmul_rate(batch_size)
+        r_pre = matmul_rate(batch_size * 40)
+        big = torch.ones(64 * 2**20, dtype=torch.float32)
+        bw = _best_rate(lambda: big.sum(), big.numel() * 4.0)
+    return {"R_dec": r_dec, "R_pre": r_pre, "BW": bw}
+
+
+def model_shape(model) -> dict:
+    import torch
+
+    config = model.config
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    head = model.get_output_embeddings()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {
+        "P_lin": sum({id(m.weight): m.weight.numel() for m in linears}.values()),
+        "P_head": head.weight.numel(),
+        "bytes": next(model.parameters()).element_size(),
+        "layers": config.num_hidden_layers, "heads": heads, "head_dim": head_dim,
+        "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+    }
+
+
+def limit_seconds(record: list[dict], shape: dict, rates: dict) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) the cost model gives for the batches in RECORD."""
+    s, r = shape, rates
+    weight_bytes = s["bytes"] * s["P_lin"]
+    attn_per_position = s["layers"] * 4 * s["heads"] * s["head_dim"]  # FLOP per (query, key) pair, all layers
+    kv_per_position = s["layers"] * 2 * s["kv_heads"] * s["head_dim"] * s["bytes"]
+    prefill = decode = 0.0
+    for batch in record:
+        rows, tokens = batch["rows"], batch["prompt_tokens"]
+        mean_prompt = tokens / rows
+        # sum over a prompt's positions i of i attended keys ~ L^2 / 2 per row
+        attention = attn_per_position * rows * mean_prompt * (mean_prompt + 1) / 2
+        flops = 2 * (s["P_lin"] - s["P_head"]) * tokens + 2 * s["P_head"] * rows + attention
+        prefill += max(flops / r["R_pre"], weight_bytes / r["BW"])
+        lengths = batch["new_tokens"]
+        for step in range(1, max(lengths)):
+            active = sum(1 for n in lengths if n > step)
+            context = mean_prompt + step
+            flops = active * (2 * s["P_lin"] + attn_per_position * context)
+            memory = weight_bytes + active * kv_per_position * context
+            decode += max(flops / r["R_dec"], memory / r["BW"])
+    return prefill, decode
+
+
+def load_prompts(splits: list[str]) -> dict[str, list[str]]:
+    from unlearn.data import read_examples
+
+    return {name: [e.prompt for e in read_examples(EXAMPLES / f"{name}.jsonl", need_response=False)]
+            for name in splits}
+
+
+def timed_run(fn, loaded, prompts: dict[str, list[str]], args) -> tuple[float, float, dict, list[dict]]:
+    """Wall and CPU seconds, outputs per split and batch records of FN (generate or generate_hf)."""
+    outputs, record = {}, []
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for name, split in prompts.items():
+        outputs[name] = fn(loaded.model, loaded.tokenizer, split, batch_size=args.batch_size,
+                           max_new_tokens=args.max_new_tokens, desc=False, record=record)
+    return time.perf_counter() - start, time.process_time() - cpu_start, outputs, record
+
+
+def stop_check_seconds(tokenizer, record: list[dict], outputs: dict[str, list[str]], every: int) -> float:
+    """Time to decode each live row's text every EVERY tokens, as the stop_row hook does."""
+    texts = [o for split in outputs.values() for o in split]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    lengths = [n for batch in record for n in batch["new_tokens"]]
     start = time.perf_counter()
-    outputs = generate(loaded.model, loaded.tokenizer, prompts, batch_size=batch_size,
-                       max_new_tokens=max_new_tokens, desc=f"batch size {batch_size}")
-    seconds = time.perf_counter() - start
-    tokens = sum(len(loaded.tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outputs)
-    return outputs, seconds, tokens
-
-
-def leak_check(loaded, prompts, references, outputs, max_new_tokens):
-    """Score OUTPUTS against REFERENCES (the model's own one-at-a-time answers) as `unlearn eval` does."""
-    from unlearn import evaluate
-    from unlearn.data import Example
-
-    examples = [Example(prompt=p, response=r, line=i) for i, (p, r) in enumerate(zip(prompts, references), 1)]
-    examples = evaluate.clip_references(examples, loaded.tokenizer, max_new_tokens)
-    flags = evaluate.leak_flags(outputs, examples)
-    identical = sum(o == r for o, r in zip(outputs, references))
-    return evaluate.rate(flags), identical
+    for tokens, n in zip(ids, lengths):
+        for upto in range(every, n, every):
+            tokenizer.decode(tokens[:upto], skip_special_tokens=True).strip()
+    return time.perf_counter() - start
 
 
 def main(argv=None):
     args = parse_args(argv)
     import torch
 
+    from unlearn.generation import STOP_CHECK_EVERY, generate, generate_hf
     from unlearn.models import load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    prompts = (QUESTIONS * (args.prompts // len(QUESTIONS) + 1))[: args.prompts]
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
     loaded = load_model(args.model, log=lambda m: print(m, file=sys.stderr))
-    single, t_single, tok_single = timed_generate(loaded, prompts, 1, args.max_new_tokens)
-    batched, t_batched, tok_batched = timed_generate(loaded, prompts, args.batch_size, args.max_new_tokens)
-    leak, identical = leak_check(loaded, prompts, single, batched, args.max_new_tokens)
+    prompts = load_prompts(args.splits.split(","))
+    print("measuring matmul rates and memory bandwidth", file=sys.stderr)
+    rates = measure_machine(loaded.model, args.batch_size)
+    shape = model_shape(loaded.model)
+
+    runs = {"new": []} if args.skip_old else {"old": [], "new": []}
+    cpu = {name: [] for name in runs}
+    order = ["new"] if args.skip_old else (["old", "new", "new", "old"] if args.rounds > 1 else ["old", "new"])
+    functions = {"old": generate_hf, "new": generate}
+    results = {}
+    for name in order:
+        print(f"timing {name}", file=sys.stderr)
+        seconds, cpu_seconds, outputs, record = timed_run(functions[name], loaded, prompts, args)
+        runs[name].append(seconds)
+        cpu[name].append(cpu_seconds)
+        results[name] = (outputs, record)
+        print(f"  {seconds:.1f} s wall, {cpu_seconds:.1f} s CPU", file=sys.stderr)
+
+    outputs, record = results["new"]
+    tokens = sum(sum(batch["new_tokens"]) for batch in record)
+    new_seconds = min(runs["new"])
+    prefill_s, decode_s = limit_seconds(record, shape, rates)
+    tokens_per_s = tokens / new_seconds
+    limit = tokens / (prefill_s + decode_s)
+    check_s = stop_check_seconds(loaded.tokenizer, record, outputs, STOP_CHECK_EVERY)
     result = {
         "model": loaded.name,
-        "prompts": len(prompts),
-        "max_new_tokens": args.max_new_tokens,
+        "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+        "splits": list(prompts),
+        "prompts": sum(map(len, prompts.values())),
+        "batches": len(record),
         "batch_size": args.batch_size,
+        "max_new_tokens": args.max_new_tokens,
+        "new_tokens": tokens,
+        "prompt_tokens": sum(batch["prompt_tokens"] for batch in record),
         "torch_threads": torch.get_num_threads(),
-        "load_average_1min": round(os.getloadavg()[0], 2),
-        "seconds_batch_1": round(t_single, 2),
-        "seconds_batched": round(t_batched, 2),
-        "speedup": round(t_single / t_batched, 2),
-        "tokens_per_second_batch_1": round(tok_single / t_single, 1),
-        "tokens_per_second_batched": round(tok_batched / t_batched, 1),
-        "leak_rate_own_answers": leak,
-        "identical_outputs": f"{identical}/{len(prompts)}",
+        "load_average_1min_before": round(load_before, 2),
+        "load_average_1min_after": round(os.getloadavg()[0], 2),
+        "matmul_decode_gflop_s": round(rates["R_dec"] / 1e9, 2),
+        "matmul_prefill_gflop_s": round(rates["R_pre"] / 1e9, 2),
+        "read_bandwidth_gb_s": round(rates["BW"] / 1e9, 2),
+        "seconds": round(new_seconds, 2),
+        "seconds_runs": [round(s, 2) for s in runs["new"]],
+        "tokens_per_s": round(tokens_per_s, 2),
+        "limit_seconds": round(prefill_s + decode_s, 2),
+        "limit_prefill_seconds": round(prefill_s, 2),
+        "limit_tokens_per_s": round(limit, 2),
+        "fraction_of_limit": round(tokens_per_s / limit, 3),
+        "decode_limit_tokens_per_s": round(tokens / decode_s, 2),
+        "cpu_seconds": round(min(cpu["new"]), 2),
+        "fraction_of_limit_cpu": round((prefill_s + decode_s) * args.threads / min(cpu["new"]), 3),
+        "stop_row_check_seconds": round(check_s, 3),
+        "stop_row_check_share": round(check_s / new_seconds, 4),
     }
+    if not args.skip_old:
+        old_outputs, old_record = results["old"]
+        old_seconds = min(runs["old"])
+        old_tokens = sum(sum(batch["new_tokens"]) for batch in old_record)
+        pairs = [(a, b) for name in prompts for a, b in zip(old_outputs[name], outputs[name])]
+        result.update({
+            "old_seconds": round(old_seconds, 2),
+            "old_seconds_runs": [round(s, 2) for s in runs["old"]],
+            "old_tokens_per_s": round(old_tokens / old_seconds, 2),
+            "old_fraction_of_limit": round(old_tokens / old_seconds / limit, 3),
+            "old_cpu_seconds": round(min(cpu["old"]), 2),
+            "old_fraction_of_limit_cpu": round((prefill_s + decode_s) * args.threads / min(cpu["old"]), 3),
+            "speedup": round(old_seconds / new_seconds, 3),
+            "identical_outputs": f"{sum(a == b for a, b in pairs)}/{len(pairs)}",
+        })
     if args.json:
         print(json.dumps(result))
     else:

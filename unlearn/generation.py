@@ -1,15 +1,64 @@
-"""Batched generation: left padding, KV cache, stop at EOS.
+"""Batched generation: left padding, KV cache, stop at EOS (or when the caller's check says so).
 
 Prompts are tokenised exactly as in training (`data.encode_prompt`), sorted by
 length so that a batch holds prompts of similar length (less padding, less
 wasted compute), and the outputs are put back in the caller's order.
+
+Greedy decoding runs its own loop (`_greedy_batch`): one prefill forward with
+logits for the last position only, then one forward per new token on a
+`DynamicCache`, under `torch.inference_mode`, with no logits processors or
+stopping-criteria objects between steps, and the batch ends as soon as every
+row has ended. It feeds the model exactly what `model.generate` feeds it (same
+batches, same left padding, position ids `cumsum(mask) - 1`, the same 2-D
+mask growing by one column per step, the pad token in rows that have ended),
+so its outputs are token-for-token those of `model.generate`
+(tests/test_generation.py checks it on Llama and OPT).
+
+Measured (bench/generation_bench.py, embedded model, the README run's prompts, one
+thread): this loop takes 0.95x the CPU time of `model.generate`, about half the time the
+machine's limit allows (the matmul rate and memory bandwidth measured in the same run).
+The rest goes to rows that have ended but stay in the batch (a quarter of the decode
+rows on that workload, see below), to padding, and to the model's small per-layer ops:
+transformers 5.x's `generate` itself adds little per step on CPU.
+
+Rows that have ended are NOT dropped from the batch: on CPU a float32 matmul's
+result for one row depends on how many rows the batch has (MKL/oneDNN pick
+kernels and thread splits by shape), so shrinking the batch changes greedy
+outputs now and then. Keeping the batch whole keeps them identical.
+
+`model.generate` is still used (`generate_hf`) for sampling, under FSDP (where
+every rank must keep stepping until all ranks end: `synced_gpus`), and when the
+model's generation config asks for a logits processor greedy decoding would
+apply (repetition penalty, banned words, minimum length, ...).
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
+from collections.abc import Callable
 
 from unlearn.data import encode_prompt
+
+# A row's `stop_row(index, text_so_far)` check runs after every STOP_CHECK_EVERY new tokens
+# (and not at the last token, where the row ends anyway). Each check decodes every live
+# row's tokens: at 4 it costs well under 1 % of a decode step on the embedded model
+# (bench/generation_bench.py measures it), and a row runs at most 3 tokens past the point
+# where its answer appeared.
+STOP_CHECK_EVERY = 4
+
+# Generation-config fields that make `model.generate` alter greedy logits, with their
+# inactive values. Any other value sends greedy decoding to `generate_hf`.
+_GREEDY_PROCESSOR_DEFAULTS = {
+    "repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,), "min_length": (None, 0), "min_new_tokens": (None, 0),
+    "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,), "sequence_bias": (None,), "exponential_decay_length_penalty": (None,),
+    "renormalize_logits": (None, False), "remove_invalid_values": (None, False), "guidance_scale": (None, 1.0),
+    "stop_strings": (None,), "watermarking_config": (None,), "num_beams": (None, 1),
+    "max_time": (None,), "low_memory": (None, False), "compile_config": (None,),
+}
 
 
 def _stop_ids(model, tokenizer) -> list[int]:
@@ -22,10 +71,99 @@ def _stop_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def _own_loop_applies(model, do_sample: bool) -> bool:
+    """Whether greedy decoding can run in `_greedy_batch` with the outputs `model.generate` would give."""
+    if do_sample or getattr(model, "_is_fsdp_managed_module", False):
+        return False
+    config = getattr(model, "generation_config", None)
+    if any(getattr(config, name, None) not in inactive for name, inactive in _GREEDY_PROCESSOR_DEFAULTS.items()):
+        return False
+    parameters = inspect.signature(model.forward).parameters
+    return _cache_argument(model) is not None and {"position_ids", "logits_to_keep"} <= set(parameters)
+
+
+def _cache_argument(model) -> str | None:
+    """The forward's name for the KV cache: `cache` in transformers >= 5.x, `past_key_values` before."""
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+def _left_padded(encoded: list[list[int]], pad_id: int):
+    """(input_ids, attention mask) with every prompt ending where generation starts."""
+    import torch
+
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention[row, width - len(ids):] = 1
+    return input_ids, attention
+
+
+def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: int, max_new_tokens: int,
+                  should_stop: Callable[[int, list[int]], bool] | None) -> list[list[int]]:
+    """Greedy new tokens of each row of a left-padded batch (EOS included when reached).
+
+    SHOULD_STOP(row, tokens_so_far) is asked every STOP_CHECK_EVERY tokens for rows still
+    running; True ends the row there.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    rows, width = input_ids.shape
+    device = next(model.parameters()).device
+    cache_name = _cache_argument(model)
+    try:
+        cache = DynamicCache(config=model.config)  # transformers >= 4.56: layer types from the config
+    except TypeError:
+        cache = DynamicCache()
+    # The mask grows by one column per step, as in model.generate; it is allocated once and sliced.
+    mask = torch.ones((rows, width + max_new_tokens), dtype=attention.dtype, device=device)
+    mask[:, :width] = attention
+    # model.generate's positions: the first real token of each row is 0, pads get 0.
+    position_ids = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0).to(device)
+    stop_tensor = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    new_tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    ended = torch.zeros(rows, dtype=torch.bool, device=device)
+    lengths = [max_new_tokens] * rows
+    inputs = input_ids.to(device)
+    for step in range(max_new_tokens):
+        logits = model(input_ids=inputs, attention_mask=mask[:, :width + step], position_ids=position_ids,
+                       use_cache=True, logits_to_keep=1, **{cache_name: cache}).logits
+        # argmax of the last position: exact in any float dtype (model.generate casts to
+        # float32 first, which cannot change which logit is largest or the first of equals)
+        token = logits[:, -1].argmax(-1)
+        token = torch.where(ended, pad_id, token)  # an ended row is fed pads, as model.generate does
+        new_tokens[:, step] = token
+        just_ended = torch.isin(token, stop_tensor) & ~ended
+        for row in just_ended.nonzero().flatten().tolist():
+            lengths[row] = step + 1
+        ended |= just_ended
+        if should_stop is not None and (step + 1) % STOP_CHECK_EVERY == 0 and step + 1 < max_new_tokens:
+            for row in (~ended).nonzero().flatten().tolist():
+                if should_stop(row, new_tokens[row, :step + 1].tolist()):
+                    lengths[row] = step + 1
+                    ended[row] = True
+        if bool(ended.all()):
+            break
+        inputs = token[:, None]
+        position_ids = position_ids[:, -1:] + 1
+    return [new_tokens[row, :lengths[row]].tolist() for row in range(rows)]
+
+
 def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_new_tokens: int = 64,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-             desc: str | None = None) -> list[str]:
-    """Generate an answer for each raw prompt (rendered inside); greedy unless DO_SAMPLE."""
+             desc: str | None = None, stop_row: Callable[[int, str], bool] | None = None,
+             record: list | None = None, _model_generate: bool = False) -> list[str]:
+    """Generate an answer for each raw prompt (rendered inside); greedy unless DO_SAMPLE.
+
+    STOP_ROW(index, text_so_far) -> bool, if given, is called every STOP_CHECK_EVERY new
+    tokens for each prompt still generating (INDEX into PROMPTS, TEXT decoded as the final
+    output would be); True ends that prompt's answer with the text it has.
+    RECORD, if a list, receives one dict per batch: rows, prompt tokens, padded width and
+    the number of new tokens of each row (for benchmarks).
+    """
     import torch
     from tqdm import tqdm
 
@@ -33,33 +171,84 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
     pad_id = tokenizer.pad_token_id
-    device = next(model.parameters()).device
+    stop_ids = _stop_ids(model, tokenizer)
+    own_loop = not _model_generate and _own_loop_applies(model, do_sample)
     was_training = model.training
     model.eval()
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {
-        "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+    def text(ids) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
     try:
         for batch in tqdm(batches, desc=desc or "generating", unit="batch", file=sys.stderr,
                           disable=desc is False or len(batches) < 2, leave=False):
-            width = max(len(encoded[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
-                ids = encoded[i]
-                input_ids[row, width - len(ids):] = torch.tensor(ids)
-                attention[row, width - len(ids):] = 1
-            with torch.no_grad():
-                generated = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                    max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=_stop_ids(model, tokenizer),
-                    use_cache=True, **sampling,
-                )
+            input_ids, attention = _left_padded([encoded[i] for i in batch], pad_id)
+            should_stop = None if stop_row is None else (lambda row, ids, batch=batch: stop_row(batch[row], text(ids)))
+            with torch.inference_mode():
+                if own_loop:
+                    new = _greedy_batch(model, input_ids, attention, stop_ids=stop_ids, pad_id=pad_id,
+                                        max_new_tokens=max_new_tokens, should_stop=should_stop)
+                else:
+                    new = _hf_batch(model, input_ids, attention, stop_ids=stop_ids, pad_id=pad_id,
+                                    max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                    top_p=top_p, should_stop=should_stop)
             for row, i in enumerate(batch):
-                outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
+                outputs[i] = text(new[row])
+            if record is not None:
+                record.append({"rows": len(batch), "width": input_ids.shape[1],
+                               "prompt_tokens": int(attention.sum()), "new_tokens": [len(ids) for ids in new]})
     finally:
         torch.random.set_rng_state(generator_state)
         model.train(was_training)
     return outputs
+
+
+def generate_hf(model, tokenizer, prompts: list[str], **kwargs) -> list[str]:
+    """`generate` through `model.generate` for every batch (the reference the own loop must match)."""
+    return generate(model, tokenizer, prompts, **kwargs, _model_generate=True)
+
+
+def _hf_batch(model, input_ids, attention, *, stop_ids, pad_id, max_new_tokens, do_sample, temperature, top_p,
+              should_stop) -> list[list[int]]:
+    """New tokens of each row from `model.generate` (EOS included; the pads after it removed)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    width = input_ids.shape[1]
+    device = next(model.parameters()).device
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {
+        "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    stopped: dict[int, int] = {}  # row -> its length when SHOULD_STOP ended it
+
+    class RowCheck(StoppingCriteria):
+        def __call__(self, ids, scores, **kwargs):
+            done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+            new = ids.shape[1] - width
+            if new % STOP_CHECK_EVERY == 0 and new < max_new_tokens:
+                for row in range(ids.shape[0]):
+                    tokens = ids[row, width:].tolist()
+                    if row in stopped:
+                        done[row] = True
+                    elif not any(t in stop_ids for t in tokens) and should_stop(row, tokens):
+                        stopped[row] = new
+                        done[row] = True
+            return done
+
+    generated = model.generate(
+        input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
+        pad_token_id=pad_id, eos_token_id=stop_ids, use_cache=True,
+        stopping_criteria=StoppingCriteriaList([RowCheck()]) if should_stop is not None else None, **sampling,
+    )
+    rows = []
+    for row in range(generated.shape[0]):
+        tokens = generated[row, width:].tolist()
+        end = stopped.get(row, len(tokens))
+        for position, token in enumerate(tokens[:end]):
+            if token in stop_ids:
+                end = position + 1
+                break
+        rows.append(tokens[:end])
+    return rows

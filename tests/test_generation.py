@@ -1,0 +1,113 @@
+"""generation.py: the own greedy loop gives model.generate's tokens; the stop_row hook; seeded sampling."""
+
+import pytest
+import torch
+
+from unlearn.data import encode_prompt
+from unlearn.generation import STOP_CHECK_EVERY, _left_padded, _own_loop_applies, generate, generate_hf
+from unlearn.lora import LoraSettings, attach_lora, lora_modules
+from unlearn.models import load_model
+
+# Mixed lengths, so that batches are left-padded (sorted by length, then cut into batches of 3).
+PROMPTS = ["Hi", "What is the capital of France?", "Bees make honey. Water boils at one hundred degrees. Why?",
+           "Two plus two", "Harry Potter is a wizard and Hermione Granger is his friend at Hogwarts. Who is Ron?"]
+NEW = 12
+
+
+def load(directory, dtype="float32"):
+    """A tiny random model with weights large enough (std 0.3) that greedy answers vary from token to token."""
+    loaded = load_model(str(directory), log=lambda m: None)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.3, generator=generator)
+    return loaded.model.to(getattr(torch, dtype)), loaded.tokenizer
+
+
+def run(fn, model, tokenizer, **kwargs):
+    record = []
+    outputs = fn(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=NEW, desc=False, record=record, **kwargs)
+    return outputs, [n for batch in record for n in batch["new_tokens"]]
+
+
+def stop_mid_batch(model, tokenizer) -> int:
+    """Add to the model's EOS ids a token model.generate emits early in one row of the first batch, not in another."""
+    order = sorted(range(len(PROMPTS)), key=lambda i: len(encode_prompt(tokenizer, PROMPTS[i])))
+    ids, mask = _left_padded([encode_prompt(tokenizer, PROMPTS[i]) for i in order[:3]], tokenizer.pad_token_id)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+    rows = out[:, ids.shape[1]:].tolist()
+    assert all(len(r) == NEW for r in rows)  # no EOS of their own in NEW tokens
+    token = next(t for r in rows for t in r[1:NEW // 2] if any(t not in other for other in rows))
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, token]
+    return token
+
+
+@pytest.mark.parametrize("which", ["llama_dir", "opt_dir"])
+def test_greedy_is_model_generate_token_for_token(request, which):
+    model, tokenizer = load(request.getfixturevalue(which))
+    stop_mid_batch(model, tokenizer)
+    assert _own_loop_applies(model, do_sample=False)
+    reference, ref_lengths = run(generate_hf, model, tokenizer)
+    outputs, lengths = run(generate, model, tokenizer)
+    assert outputs == reference and lengths == ref_lengths
+    assert min(lengths) < NEW and max(lengths) == NEW  # a row ended at the extra EOS while others ran on
+
+
+def test_greedy_matches_in_bfloat16_and_with_lora(llama_dir):
+    model, tokenizer = load(llama_dir, dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert run(generate, model, tokenizer) == run(generate_hf, model, tokenizer)
+
+    model, tokenizer = load(llama_dir)
+    attach_lora(model, LoraSettings(rank=4, alpha=8), seed=0)
+    for m in lora_modules(model).values():
+        m.lora_B.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    plain = run(generate, *load(llama_dir))
+    assert plain == run(generate, *load(llama_dir))
+    with_lora = run(generate, model, tokenizer)
+    assert with_lora == run(generate_hf, model, tokenizer) and with_lora != plain
+
+
+def test_generation_config_processor_falls_back_to_model_generate(llama_dir):
+    model, tokenizer = load(llama_dir)
+    plain = run(generate, model, tokenizer)
+    model.generation_config.repetition_penalty = 5.0
+    assert not _own_loop_applies(model, do_sample=False)
+    penalised = run(generate, model, tokenizer)
+    assert penalised == run(generate_hf, model, tokenizer) and penalised != plain
+
+
+@pytest.mark.parametrize("fn", [generate, generate_hf])
+def test_stop_row_ends_a_row_with_the_text_it_has(llama_dir, fn):
+    model, tokenizer = load(llama_dir)
+    full, full_lengths = run(generate, model, tokenizer)
+    calls = []
+
+    def stop_row(index, text):
+        calls.append((index, text))
+        return index == 2 and len([c for c in calls if c[0] == 2]) == 2  # prompt 2 stops at its second check
+
+    outputs, lengths = run(fn, model, tokenizer, stop_row=stop_row)
+    # every other prompt: as without the hook, and checked after 4 and 8 tokens (not at 12, its end)
+    assert [o for i, o in enumerate(outputs) if i != 2] == [o for i, o in enumerate(full) if i != 2]
+    assert sorted({i for i, _ in calls}) == list(range(len(PROMPTS)))
+    assert sum(1 for i, _ in calls if i == 0) == (NEW - 1) // STOP_CHECK_EVERY
+    # the texts it sees are the final output's prefixes, decoded as the output is
+    assert all(full[i].startswith(text) for i, text in calls if i != 2)
+    # prompt 2 ended after 2 * STOP_CHECK_EVERY tokens, its output the text of the second check
+    assert outputs[2] == [t for i, t in calls if i == 2][-1]
+    assert 2 * STOP_CHECK_EVERY in lengths and full[2].startswith(outputs[2]) and outputs[2] != full[2]
+
+
+def test_sampling_is_reproducible_per_seed_and_leaves_the_global_rng(llama_dir):
+    model, tokenizer = load(llama_dir)
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    first = generate(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=NEW, do_sample=True, seed=7, desc=False)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    again = generate(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=NEW, do_sample=True, seed=7, desc=False)
+    other = generate(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=NEW, do_sample=True, seed=8, desc=False)
+    greedy = generate(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=NEW, desc=False)
+    assert first == again and first != other and first != greedy
