@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -135,19 +136,35 @@ def _as_a_fresh_process(argv: list[str], cwd, env: dict | None, err: io.StringIO
         hf_handler.stream = saved_hf[2]
 
 
+@contextlib.contextmanager
+def _file_descriptor_captured(fd: int):
+    """What compiled code writes straight to FD (1 or 2) during the body; yields a reader for it."""
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        sys.stdout.flush(), sys.stderr.flush()
+        saved = os.dup(fd)
+        os.dup2(sink.fileno(), fd)
+        try:
+            yield lambda: (sink.seek(0), sink.read().decode("utf-8", "replace"))[1]
+        finally:
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
 def run_cli(*args, cwd=None, env: dict | None = None) -> CliResult:
     """`unlearn ARGS` through `unlearn.cli.main`, in this process: (exit code, stdout, stderr).
 
     ENV adds variables for the call (None removes one); CWD is the working directory. Output is
-    captured at the Python level (sys.stdout / sys.stderr), as the tool writes it; stdout and
-    stderr are not terminals, as with a pipe.
+    captured as a pipe would take it: what Python code prints (sys.stdout / sys.stderr), then
+    what compiled code wrote to file descriptors 1 and 2 (appended: the order between the two
+    is lost). Neither stream is a terminal.
     """
     from unlearn.cli import main
 
     argv = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
     code = 0  # a main() that returns is a process that ends normally
-    with _as_a_fresh_process(argv, cwd, env, err), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with _file_descriptor_captured(1) as fd_out, _file_descriptor_captured(2) as fd_err, \
+            _as_a_fresh_process(argv, cwd, env, err), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             main(argv)
         except SystemExit as exc:
@@ -158,8 +175,8 @@ def run_cli(*args, cwd=None, env: dict | None = None) -> CliResult:
             else:  # sys.exit("message"): Python prints it and exits 1
                 err.write(f"{exc.code}\n")
                 code = 1
-            del exc  # drop the traceback (and the models its frames hold) now
-    return CliResult(code, out.getvalue(), err.getvalue())
+        written = fd_out(), fd_err()
+    return CliResult(code, out.getvalue() + written[0], err.getvalue() + written[1])
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,17 @@ def test_exit_values_read_as_a_shell_would(monkeypatch, cli, exit_with, code, er
     assert cli("x") == (code, "", err)
 
 
+def test_what_compiled_code_writes_to_the_file_descriptors_is_captured(monkeypatch, cli):
+    def body(argv):
+        print("python out")
+        os.write(1, b"fd out\n")
+        os.write(2, b"fd err\n")
+        return 0
+
+    monkeypatch.setattr("unlearn.cli.main", fake_main(body))
+    assert cli("x") == (0, "python out\nfd out\n", "fd err\n")
+
+
 def test_a_main_that_returns_is_exit_0(monkeypatch, cli):
     monkeypatch.setattr("unlearn.cli.main", lambda argv=None: None)
     assert cli("x") == (0, "", "")
