@@ -80,14 +80,16 @@ def _as_a_fresh_process(argv: list[str], cwd, env: dict | None, err: io.StringIO
     """Give the body the process state a new `unlearn` process would have, and put this one's back after.
 
     What a run can change or read in the interpreter, and how each is isolated:
-    environment and working directory (restored whole, so a leak from the tool cannot reach
-    the next test either); the global random generators of torch, random and numpy (reseeded
-    unpredictably as at start-up, so a hidden dependence on them shows up as it would in a
-    shell; then restored); the torch thread count (1, as the subprocess tests ran with
-    OMP_NUM_THREADS=1, and so that in-process results are bit-identical to subprocess ones);
-    the SIGINT handler; Python warnings (shown on stderr with start-up filters, not swallowed by
-    pytest); transformers' log handler (pointed at this call's stderr, its once-only warnings
-    forgotten), verbosity and progress-bar switch; the root logger's handlers.
+    - environment and working directory: restored whole, so a leak from the tool cannot reach
+      the next test either;
+    - the global random generators of torch, random and numpy: reseeded unpredictably, as at
+      start-up, so a hidden dependence on them shows up as it would in a shell; then restored;
+    - torch: one thread (the subprocess tests ran with OMP_NUM_THREADS=1, and in-process results
+      must be bit-identical to a process's), default dtype, grad mode, matmul precision;
+    - the SIGINT handler; the root logger's handlers and level;
+    - Python warnings: shown on stderr under start-up filters, not swallowed by pytest;
+    - transformers' log handler: pointed at this call's stderr, its once-only warnings
+      forgotten; its verbosity and progress-bar switch restored.
     """
     import numpy
     import torch
@@ -96,7 +98,8 @@ def _as_a_fresh_process(argv: list[str], cwd, env: dict | None, err: io.StringIO
     hf_handler = hf_logging.get_logger("transformers").handlers[0]  # getting a logger installs it
     saved_env, saved_cwd, saved_argv = dict(os.environ), os.getcwd(), sys.argv[:]
     saved_rng = torch.get_rng_state(), random.getstate(), numpy.random.get_state()
-    saved_threads, saved_dtype = torch.get_num_threads(), torch.get_default_dtype()
+    saved_torch = (torch.get_num_threads(), torch.get_default_dtype(), torch.is_grad_enabled(),
+                   torch.get_float32_matmul_precision())
     saved_sigint = signal.getsignal(signal.SIGINT)
     root = logging.getLogger()
     saved_root_handlers, saved_root_level = root.handlers[:], root.level
@@ -112,6 +115,8 @@ def _as_a_fresh_process(argv: list[str], cwd, env: dict | None, err: io.StringIO
         sys.argv = ["unlearn", *argv]
         torch.seed(), random.seed(), numpy.random.seed()
         torch.set_num_threads(1)
+        torch.set_default_dtype(torch.float32), torch.set_grad_enabled(True)  # as at start-up
+        torch.set_float32_matmul_precision("highest")
         hf_handler.stream = err  # not setStream: that flushes the old stream, maybe a closed capture
         logging.Logger.warning_once.cache_clear()
         with warnings.catch_warnings():
@@ -127,7 +132,8 @@ def _as_a_fresh_process(argv: list[str], cwd, env: dict | None, err: io.StringIO
         os.chdir(saved_cwd)
         sys.argv = saved_argv
         torch.set_rng_state(saved_rng[0]), random.setstate(saved_rng[1]), numpy.random.set_state(saved_rng[2])
-        torch.set_num_threads(saved_threads), torch.set_default_dtype(saved_dtype)
+        torch.set_num_threads(saved_torch[0]), torch.set_default_dtype(saved_torch[1])
+        torch.set_grad_enabled(saved_torch[2]), torch.set_float32_matmul_precision(saved_torch[3])
         signal.signal(signal.SIGINT, saved_sigint)
         root.handlers[:] = saved_root_handlers
         root.setLevel(saved_root_level)
