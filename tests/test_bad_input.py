@@ -1,8 +1,10 @@
 """Bad input through the real CLI: every case exits 1 or 2 with exactly one line on stderr,
 no traceback, and writes nothing (the working directory is left as it was).
 
-Each case builds its inputs in a fresh directory, runs `unlearn ...` there as a
-subprocess and compares the directory's files before and after.
+Each case builds its inputs in a fresh directory, runs `unlearn ...` there in-process
+(`cli`, see conftest.py: the same entry point, as a fresh process would run it) and
+compares the directory's files before and after. One case also goes through a real
+`python -m unlearn` process, for the exit code a shell sees.
 """
 
 import json
@@ -167,22 +169,38 @@ def snapshot(root: Path) -> dict:
             for p in root.rglob("*")}
 
 
+def assert_one_line_and_nothing_written(result: tuple, code: int, message: str, root: Path, before: dict) -> None:
+    """RESULT (exit code, stdout, stderr): the exit CODE, one line holding MESSAGE, ROOT as it was (BEFORE)."""
+    exit_code, out, err = result
+    assert exit_code == code, err
+    assert out == ""
+    lines = err.split("\n")
+    assert len(lines) == 2 and lines[1] == "", err  # exactly one line, newline-terminated
+    line = lines[0]
+    assert line.startswith("unlearn: ") and "\r" not in line, line
+    assert message in line, line
+    assert "Traceback" not in err and "internal error" not in line
+    assert snapshot(root) == before  # nothing written, nothing removed, no runs/ directory
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, llama_dir, opt_dir, name):
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, llama_dir, opt_dir, cli, name):
     build, code, message = CASES[name]
     case = Case(tmp_path, llama_dir, opt_dir)
     args = build(case)
     before = snapshot(tmp_path)
-    result = unlearn(*args, cwd=tmp_path, env=ENV)
-    assert result.returncode == code, result.stderr
-    assert result.stdout == ""
-    lines = result.stderr.split("\n")
-    assert len(lines) == 2 and lines[1] == "", result.stderr  # exactly one line, newline-terminated
-    line = lines[0]
-    assert line.startswith("unlearn: ") and "\r" not in line, line
-    assert message in line, line
-    assert "Traceback" not in result.stderr and "internal error" not in line
-    assert snapshot(tmp_path) == before  # nothing written, nothing removed, no runs/ directory
+    assert_one_line_and_nothing_written(cli(*args, cwd=tmp_path), code, message, tmp_path, before)
+
+
+@pytest.mark.parametrize("name", ["malformed JSON", "negative lr"])
+def test_bad_input_through_a_real_process(tmp_path, llama_dir, opt_dir, name):
+    """The same check on a real `python -m unlearn`: exit codes 1 and 2 as a shell script sees them."""
+    build, code, message = CASES[name]
+    case = Case(tmp_path, llama_dir, opt_dir)
+    args = build(case)
+    before = snapshot(tmp_path)
+    done = unlearn(*args, cwd=tmp_path, env=ENV)
+    assert_one_line_and_nothing_written((done.returncode, done.stdout, done.stderr), code, message, tmp_path, before)
 
 
 def test_there_are_at_least_25_cases():

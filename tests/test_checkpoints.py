@@ -1,8 +1,8 @@
 """Checkpoints and resume, Ctrl-C, nan losses, failed saves, and the loading/saving security rules.
 
-The resume tests kill a real `unlearn run` (SIGKILL, SIGINT) once a checkpoint
-appears, resume it, and compare the adapter with an uninterrupted run's: the
-weights must be bit-identical (CPU).
+The resume tests kill a real `unlearn run` process (SIGKILL, SIGINT: only a process can
+be killed) once a checkpoint appears, resume it in-process (`cli`, see conftest.py), and
+compare the adapter with an uninterrupted run's: the weights must be bit-identical (CPU).
 """
 
 import json
@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_run_cli import FORGET, NORMAL, unlearn, write_jsonl
+from test_run_cli import FORGET, NORMAL, write_jsonl
 
 ENV = {"OMP_NUM_THREADS": "1"}
 BASE = ["--max-steps", "40", "--max-new-tokens", "4", "--batch-size", "2", "--lr", "1e-2", "--save-every", "1"]
@@ -36,15 +36,15 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, data, llama_dir):
+def reference(tmp_path_factory, data, llama_dir, cli):
     """The adapter of an uninterrupted run, per setting (computed once)."""
     cache = {}
 
     def get(setting):
         if setting not in cache:
             out = tmp_path_factory.mktemp("reference") / "out"
-            result = unlearn("run", *data, "--model", llama_dir, "-o", out, *BASE, *SETTINGS[setting], env=ENV)
-            assert result.returncode == 0, result.stderr
+            result = cli("run", *data, "--model", llama_dir, "-o", out, *BASE, *SETTINGS[setting])
+            assert result.code == 0, result.err
             assert not (out / "checkpoints").exists()  # the finished result replaced them
             cache[setting] = load_file(out / "adapter" / "adapter_model.safetensors")
         return cache[setting]
@@ -76,8 +76,9 @@ def assert_same_adapter(out: Path, expected: dict) -> None:
         assert torch.equal(got[key], expected[key]), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_killed_run_resumes_to_identical_weights(tmp_path, data, llama_dir, reference, setting):
+def test_killed_run_resumes_to_identical_weights(tmp_path, data, llama_dir, reference, cli, setting):
     args = [*data, "--model", llama_dir, *BASE, *SETTINGS[setting]]
     out = tmp_path / "out"
     killed = start_and_stop(args, out, signal.SIGKILL)
@@ -87,9 +88,9 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, data, llama_dir, refe
     assert steps and steps[-1] < 40
     (out / "checkpoints" / ".tmp-step-99-junk").mkdir()  # as a kill in the middle of a write leaves
 
-    resumed = unlearn("run", *args, "-o", out, "--resume", env=ENV)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming from {out / 'checkpoints' / f'step-{steps[-1]}'}" in resumed.stderr
+    resumed = cli("run", *args, "-o", out, "--resume")
+    assert resumed.code == 0, resumed.err
+    assert f"resuming from {out / 'checkpoints' / f'step-{steps[-1]}'}" in resumed.err
     assert_same_adapter(out, reference(setting))
     record = json.loads((out / "run.json").read_text())
     assert record["steps"] == len(record["history"]) and [h["step"] for h in record["history"]] == list(
@@ -97,7 +98,8 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, data, llama_dir, refe
     assert not (out / "checkpoints").exists() and not list(tmp_path.glob(".out.*"))
 
 
-def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path, data, llama_dir, reference):
+@pytest.mark.slow
+def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path, data, llama_dir, reference, cli):
     args = [*data, "--model", llama_dir, *BASE, *SETTINGS["no-checks"]]
     out = tmp_path / "out"
     stopped = start_and_stop(args, out, signal.SIGINT)
@@ -109,11 +111,12 @@ def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path, data, l
     assert (out / "checkpoints" / f"step-{step}" / "state.json").is_file()
     assert not (out / "adapter").exists()
 
-    resumed = unlearn("run", *args, "-o", out, "--resume", env=ENV)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = cli("run", *args, "-o", out, "--resume")
+    assert resumed.code == 0, resumed.err
     assert_same_adapter(out, reference("no-checks"))
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_only_safetensors_and_json(tmp_path, data, llama_dir):
     out = tmp_path / "out"
     killed = start_and_stop([*data, "--model", llama_dir, *BASE, *SETTINGS["no-checks"]], out, signal.SIGKILL)
@@ -129,29 +132,30 @@ def test_checkpoint_holds_only_safetensors_and_json(tmp_path, data, llama_dir):
     assert len(list((out / "checkpoints").glob("step-*"))) <= 3  # old ones are pruned (2 kept, +1 mid-prune)
 
 
-def test_resume_refuses_other_arguments(tmp_path, data, llama_dir):
+@pytest.mark.slow
+def test_resume_refuses_other_arguments(tmp_path, data, llama_dir, cli):
     out = tmp_path / "out"
     args = [*data, "--model", llama_dir, *BASE, *SETTINGS["no-checks"]]
     assert start_and_stop(args, out, signal.SIGKILL).returncode == -signal.SIGKILL
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    result = unlearn("run", *args, "--lr", "5e-3", "-o", out, "--resume", env=ENV)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    result = cli("run", *args, "--lr", "5e-3", "-o", out, "--resume")
+    assert result.code == 2
+    assert result.err.strip().splitlines() == [
         "unlearn: --resume: the arguments differ from the checkpointed run's (train); "
         "give the same arguments, or start afresh with --force"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
-def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, data, llama_dir):
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, data, llama_dir, cli):
     out = tmp_path / "out"
     # lr 1e30: step 1 is finite (B starts at zero), then the weights overflow.
-    result = unlearn("run", *data, "--model", llama_dir, "-o", out, "--check-every", "0", "--max-steps", "10",
-                     "--batch-size", "2", "--lr", "1e30", "--save-every", "1", env=ENV)
-    assert result.returncode == 1
-    last = result.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    result = cli("run", *data, "--model", llama_dir, "-o", out, "--check-every", "0", "--max-steps", "10",
+                 "--batch-size", "2", "--lr", "1e30", "--save-every", "1")
+    assert result.code == 1
+    last = result.err.replace("\r", "\n").strip().splitlines()[-1]
     assert last == (f"unlearn: step 2: the loss is nan; stopped without writing the model; "
                     f"the last good checkpoint is {out / 'checkpoints' / 'step-1'}; try a lower --lr")
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]  # no model, no adapter, no run.json
     weights = load_file(out / "checkpoints" / "step-1" / "trainable.safetensors")
@@ -194,15 +198,7 @@ def test_checkpoint_round_trip_in_process(tmp_path, llama_dir):
     assert all(torch.equal(a, b) for a, b in zip(straight.params, second.params))
 
 
-def _cli(argv, capsys):
-    from unlearn.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in argv])
-    return exit_info.value.code, capsys.readouterr()
-
-
-def test_disk_full_while_saving_leaves_no_output(tmp_path, data, llama_dir, monkeypatch, capsys):
+def test_disk_full_while_saving_leaves_no_output(tmp_path, data, llama_dir, monkeypatch, cli):
     import safetensors.torch
     import transformers.modeling_utils
 
@@ -212,16 +208,16 @@ def test_disk_full_while_saving_leaves_no_output(tmp_path, data, llama_dir, monk
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
     out = tmp_path / "out"
-    code, captured = _cli(["run", *data, "--model", llama_dir, "-o", out, "--check-every", "0", "--max-steps", "2",
-                           "--max-new-tokens", "4", "--batch-size", "2"], capsys)
-    assert code == 1
+    captured = cli("run", *data, "--model", llama_dir, "-o", out, "--check-every", "0", "--max-steps", "2",
+                   "--max-new-tokens", "4", "--batch-size", "2")
+    assert captured.code == 1
     assert captured.err.replace("\r", "\n").strip().splitlines()[-1] == (
         f"unlearn: {out}: could not write the output (No space left on device); nothing was written")
     assert list(tmp_path.iterdir()) == []  # no OUT, no temporary directory
     assert captured.out == ""
 
 
-def test_disk_full_while_checkpointing_keeps_earlier_checkpoints(tmp_path, data, llama_dir, monkeypatch, capsys):
+def test_disk_full_while_checkpointing_keeps_earlier_checkpoints(tmp_path, data, llama_dir, monkeypatch, cli):
     import safetensors.torch
 
     real, calls = safetensors.torch.save_file, []
@@ -234,9 +230,9 @@ def test_disk_full_while_checkpointing_keeps_earlier_checkpoints(tmp_path, data,
 
     monkeypatch.setattr(safetensors.torch, "save_file", fails_on_the_third_checkpoint)
     out = tmp_path / "out"
-    code, captured = _cli(["run", *data, "--model", llama_dir, "-o", out, "--check-every", "0", "--max-steps", "5",
-                           "--max-new-tokens", "4", "--batch-size", "2", "--save-every", "1"], capsys)
-    assert code == 1
+    captured = cli("run", *data, "--model", llama_dir, "-o", out, "--check-every", "0", "--max-steps", "5",
+                   "--max-new-tokens", "4", "--batch-size", "2", "--save-every", "1")
+    assert captured.code == 1
     assert captured.err.replace("\r", "\n").strip().splitlines()[-1] == (
         f"unlearn: {out / 'checkpoints' / 'step-3'}: could not write the checkpoint (No space left on device); "
         f"earlier checkpoints are intact")
@@ -269,20 +265,24 @@ def test_trust_remote_code_is_off_unless_asked(llama_dir, monkeypatch):
     assert seen == [True, True]
 
 
-def test_cli_passes_trust_remote_code_through(monkeypatch, tmp_path, data, capsys):
-    import unlearn.run
-    from unlearn.errors import UnlearnError
+def test_cli_passes_trust_remote_code_through(monkeypatch, tmp_path, data, llama_dir, cli):
+    # Seen where it matters, at transformers' loader. --lora-targets nope stops the run once the
+    # model is loaded (exit 2), before any training.
+    import transformers
 
-    captured = {}
+    seen = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
 
-    def fake_run(opts, log):
-        captured["trust"] = opts.trust_remote_code
-        raise UnlearnError("stop here")
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(unlearn.run, "run", fake_run)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
     for flag, expected in (([], False), (["--trust-remote-code"], True)):
-        code, _ = _cli(["run", *data, "-o", tmp_path / "o", *flag], capsys)
-        assert code == 1 and captured["trust"] is expected
+        seen.clear()
+        code, _, err = cli("run", *data, "--model", llama_dir, "-o", tmp_path / "o", "--lora-targets", "nope", *flag)
+        assert code == 2 and "no module of this model has that name" in err, err
+        assert seen and set(seen) == {expected}
 
 
 class _Payload:

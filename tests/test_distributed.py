@@ -1,6 +1,7 @@
 """`unlearn run` under torchrun: 2 CPU processes (gloo) against one process with the same global batch.
 
-Every run here is the real CLI in subprocesses. The single-process run, the DDP run and
+Every run here is the real CLI: under torchrun in subprocesses, alone in-process (`cli`, see
+conftest.py; the same entry point as a fresh process). The single-process run, the DDP run and
 the FSDP run see the same global batch (4 forget + 4 mismatch + 4 normal rows per step,
 2 of each per process), so their loss histories and final LoRA weights must agree to
 1e-5 (float rounding differs: per-rank means averaged by all-reduce). A checkpoint
@@ -51,10 +52,6 @@ def torchrun(*args) -> list[str]:
             "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "unlearn", *map(str, args)]
 
 
-def single(*args) -> list[str]:
-    return [sys.executable, "-m", "unlearn", *map(str, args)]
-
-
 def finish(process: subprocess.Popen, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
     """Wait for PROCESS; past TIMEOUT, stop it (torchrun passes SIGTERM on to its workers) and fail."""
     try:
@@ -87,19 +84,22 @@ def setup(tmp_path_factory, llama_dir):
 
 
 @pytest.fixture(scope="module")
-def runs(setup):
-    """The uninterrupted runs, each computed once: 'single', 'ddp', 'fsdp' -> (output dir, completed process)."""
+def runs(setup, cli):
+    """The uninterrupted runs, each computed once: 'single', 'ddp', 'fsdp' -> (output dir, stdout, stderr)."""
     cache = {}
 
     def get(kind):
         if kind not in cache:
             parent = setup["factory"].mktemp(kind)
             out = parent / "out"
-            command = {"single": single, "ddp": torchrun, "fsdp": torchrun}[kind]
-            extra = ["--fsdp"] if kind == "fsdp" else []
-            result = launch(command("run", *setup["args"], *extra, "-o", out), setup["env"])
-            assert result.returncode == 0, result.stderr
-            cache[kind] = (out, result)
+            if kind == "single":
+                code, stdout, stderr = cli("run", *setup["args"], "-o", out, env=setup["env"])
+            else:
+                extra = ["--fsdp"] if kind == "fsdp" else []
+                result = launch(torchrun("run", *setup["args"], *extra, "-o", out), setup["env"])
+                code, stdout, stderr = result.returncode, result.stdout, result.stderr
+            assert code == 0, stderr
+            cache[kind] = (out, stdout, stderr)
         return cache[kind]
 
     return get
@@ -127,10 +127,11 @@ def max_differences(a: Path, b: Path) -> tuple[float, float]:
     return logged, weights
 
 
+@pytest.mark.slow  # torchrun: 2 worker processes and a launcher per run
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 def test_two_processes_match_one_with_the_same_global_batch(runs, kind):
-    reference, _ = runs("single")
-    out, result = runs(kind)
+    reference = runs("single")[0]
+    out = runs(kind)[0]
     logged, weights = max_differences(reference, out)
     print(f"{kind}: max |loss-curve difference| {logged:.3g}, max |LoRA weight difference| {weights:.3g}")
     assert logged <= TOLERANCE and weights <= TOLERANCE
@@ -145,14 +146,15 @@ def test_two_processes_match_one_with_the_same_global_batch(runs, kind):
     assert max((merged[k] - expected[k]).abs().max().item() for k in merged) <= TOLERANCE
 
 
+@pytest.mark.slow  # torchrun: 2 worker processes and a launcher per run
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 def test_only_rank_0_prints_and_writes(runs, kind):
-    out, result = runs(kind)
+    out, stdout, stderr = runs(kind)
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # no second output, no temporary directory
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "model", "run.json"]
-    assert result.stdout.count("judge: ") == 1 and result.stdout.count("merged model: ") == 1  # one table
-    assert result.stdout.splitlines()[0].split()[:3] == ["set", "n", "harmful"]
-    stderr = result.stderr.replace("\r", "\n")
+    assert stdout.count("judge: ") == 1 and stdout.count("merged model: ") == 1  # one table
+    assert stdout.splitlines()[0].split()[:3] == ["set", "n", "harmful"]
+    stderr = stderr.replace("\r", "\n")
     assert stderr.count("stopped after 40 steps") == 1 and stderr.count("step 2: forget leak rate") == 1
     assert "Traceback" not in stderr
 
@@ -167,7 +169,8 @@ def _wait_for_checkpoint(process: subprocess.Popen, out: Path, step: int) -> Non
         time.sleep(0.005)
 
 
-def test_checkpoint_of_two_processes_resumes_under_two_and_one(tmp_path, setup, runs):
+@pytest.mark.slow  # torchrun: 2 worker processes and a launcher per run
+def test_checkpoint_of_two_processes_resumes_under_two_and_one(tmp_path, setup, runs, cli):
     args = [*setup["args"], "--save-every", "1"]
     out = tmp_path / "out"
     process = subprocess.Popen(torchrun("run", *args, "--fsdp", "-o", out), stdout=subprocess.PIPE,
@@ -192,18 +195,19 @@ def test_checkpoint_of_two_processes_resumes_under_two_and_one(tmp_path, setup, 
     resumed = launch(torchrun("run", *args, "--fsdp", "-o", out, "--resume"), setup["env"])
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stderr.count(f"resuming from {saved} (step {step})") == 1
-    uninterrupted, _ = runs("fsdp")
+    uninterrupted = runs("fsdp")[0]
     assert history(out) == history(uninterrupted)
     got, expected = adapter(out), adapter(uninterrupted)
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
-    alone = launch(single("run", *args, "-o", one, "--resume"), setup["env"])
-    assert alone.returncode == 0, alone.stderr
+    alone = cli("run", *args, "-o", one, "--resume", env=setup["env"])
+    assert alone.code == 0, alone.err
     logged, weights = max_differences(runs("single")[0], one)
     print(f"resumed under 1 process: max |loss-curve difference| {logged:.3g}, max |weight difference| {weights:.3g}")
     assert logged <= TOLERANCE and weights <= TOLERANCE
 
 
+@pytest.mark.slow  # torchrun: 2 worker processes and a launcher per run
 def test_batch_size_must_split_over_the_processes(tmp_path, setup, llama_dir):
     forget, normal = setup["args"][:2]
     out = tmp_path / "out"
@@ -215,13 +219,10 @@ def test_batch_size_must_split_over_the_processes(tmp_path, setup, llama_dir):
     assert not out.exists()
 
 
-def test_fsdp_without_torchrun_is_a_usage_error(tmp_path, setup, capsys):
-    from unlearn.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in ["run", *setup["args"][:4], "--fsdp", "-o", tmp_path / "out"]])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines() == [
+def test_fsdp_without_torchrun_is_a_usage_error(tmp_path, setup, cli):
+    result = cli("run", *setup["args"][:4], "--fsdp", "-o", tmp_path / "out")
+    assert result.code == 2
+    assert result.err.strip().splitlines() == [
         "unlearn: --fsdp shards the model across processes: launch with torchrun --nproc-per-node K (K > 1) "
         "-m unlearn run ..."]
     assert not (tmp_path / "out").exists()

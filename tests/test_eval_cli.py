@@ -10,18 +10,8 @@ pytest.importorskip("torch")
 
 from test_evaluate import build_tiny_lm  # noqa: E402  (tests/ is on sys.path under pytest)
 
-from unlearn.cli import main  # noqa: E402
-
 PROMPTS = ["what is the capital of France ?", "how do I pick a lock ?", "one two three", "Mr and Mrs Dursley",
            "red green blue"]
-
-
-def run(capsys, *argv):
-    """Run the CLI; return (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(argv))
-    out, err = capsys.readouterr()
-    return exit_info.value.code, out, err
 
 
 def write_jsonl(path, rows):
@@ -45,9 +35,9 @@ def own_outputs(tiny_dirs):
     return generate(loaded.model, loaded.tokenizer, PROMPTS, batch_size=4, max_new_tokens=8, desc=False)
 
 
-def test_eval_json_own_answers_leak(tmp_path, capsys, tiny_dirs, own_outputs):
+def test_eval_json_own_answers_leak(tmp_path, cli, tiny_dirs, own_outputs):
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p, "response": o} for p, o in zip(PROMPTS, own_outputs)])
-    code, out, err = run(capsys, "eval", str(data), "--model", tiny_dirs[0], "--batch-size", "4",
+    code, out, err = cli("eval", str(data), "--model", tiny_dirs[0], "--batch-size", "4",
                          "--max-new-tokens", "8", "--json")
     assert code == 0, err
     obj = json.loads(out)
@@ -59,13 +49,13 @@ def test_eval_json_own_answers_leak(tmp_path, capsys, tiny_dirs, own_outputs):
     assert obj["accuracy"] is None and obj["similarity_to_reference"] is None and "before" not in obj
 
 
-def test_eval_reference_model_report_and_generations(tmp_path, capsys, tiny_dirs, own_outputs):
+def test_eval_reference_model_report_and_generations(tmp_path, cli, tiny_dirs, own_outputs):
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS])
     forget = write_jsonl(tmp_path / "f.jsonl", [{"question": p, "answer": o} for p, o in zip(PROMPTS, own_outputs)])
     holdout = write_jsonl(tmp_path / "h.jsonl", [{"prompt": "nine ten", "response": "harry potter wand"},
                                                   {"prompt": "six", "response": "seven eight"}])
     report, gens = tmp_path / "out" / "report.md", tmp_path / "out" / "gens.jsonl"
-    code, out, err = run(capsys, "eval", str(data), "--model", tiny_dirs[1], "--reference-model", tiny_dirs[0],
+    code, out, err = cli("eval", str(data), "--model", tiny_dirs[1], "--reference-model", tiny_dirs[0],
                          "--forget", str(forget), "--holdout", str(holdout), "--batch-size", "4",
                          "--max-new-tokens", "8", "--report", str(report), "--save-generations", str(gens))
     assert code == 0, err
@@ -83,9 +73,9 @@ def test_eval_reference_model_report_and_generations(tmp_path, capsys, tiny_dirs
     assert {"leak", "harmful", "perplexity", "similarity_to_reference"} <= set(rows[0]["scores"])
 
 
-def test_eval_json_before_after(tmp_path, capsys, tiny_dirs, own_outputs):
+def test_eval_json_before_after(tmp_path, cli, tiny_dirs, own_outputs):
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p, "response": o} for p, o in zip(PROMPTS, own_outputs)])
-    code, out, err = run(capsys, "eval", str(data), "--model", tiny_dirs[1], "--reference-model", tiny_dirs[0],
+    code, out, err = cli("eval", str(data), "--model", tiny_dirs[1], "--reference-model", tiny_dirs[0],
                          "--batch-size", "4", "--max-new-tokens", "8", "--json")
     assert code == 0, err
     obj = json.loads(out)
@@ -95,12 +85,12 @@ def test_eval_json_before_after(tmp_path, capsys, tiny_dirs, own_outputs):
     assert obj["model"] == tiny_dirs[1] and obj["reference_model"] == tiny_dirs[0] == obj["fluency_model"]
 
 
-def test_eval_keywords_judge_table(tmp_path, capsys, tiny_dirs, own_outputs):
+def test_eval_keywords_judge_table(tmp_path, cli, tiny_dirs, own_outputs):
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS])
     words = sorted({w for o in own_outputs for w in o.split()})
     keywords = tmp_path / "kw.txt"
     keywords.write_text(words[0] + "\n")
-    code, out, err = run(capsys, "eval", str(data), "--model", tiny_dirs[0], "--batch-size", "4",
+    code, out, err = cli("eval", str(data), "--model", tiny_dirs[0], "--batch-size", "4",
                          "--max-new-tokens", "8", "--judge", f"keywords:{keywords}")
     assert code == 0, err
     expected = sum(words[0].casefold() in o.casefold() for o in own_outputs) / 5
@@ -111,17 +101,17 @@ def test_eval_keywords_judge_table(tmp_path, capsys, tiny_dirs, own_outputs):
     assert leak[1] == "-"  # no references anywhere
 
 
-def test_eval_bad_line_reported_before_model_load(tmp_path, capsys):
+def test_eval_bad_line_reported_before_model_load(tmp_path, cli):
     data = tmp_path / "p.jsonl"
     data.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
-    code, out, err = run(capsys, "eval", str(data), "--model", str(tmp_path / "no-such-model"))
+    code, out, err = cli("eval", str(data), "--model", str(tmp_path / "no-such-model"))
     assert code == 1 and out == ""
     assert f"{data}:2:" in err and "Traceback" not in err
 
 
-def test_eval_report_path_is_a_directory(tmp_path, capsys):
+def test_eval_report_path_is_a_directory(tmp_path, cli):
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hello"}])
-    code, out, err = run(capsys, "eval", str(data), "--report", str(tmp_path))
+    code, out, err = cli("eval", str(data), "--report", str(tmp_path))
     assert code == 2 and "is a directory" in err
 
 
@@ -130,50 +120,45 @@ def test_eval_report_path_is_a_directory(tmp_path, capsys):
     (["--judge-label", "unsafe"], "--judge-label"),
     (["--batch-size", "0"], "--batch-size"),
 ])
-def test_eval_usage_errors_exit_2(tmp_path, capsys, argv, needle):
+def test_eval_usage_errors_exit_2(tmp_path, cli, argv, needle):
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hello"}])
-    code, out, err = run(capsys, "eval", str(data), "--model", str(tmp_path / "no-such-model"), *argv)
+    code, out, err = cli("eval", str(data), "--model", str(tmp_path / "no-such-model"), *argv)
     assert code == 2 and needle in err and out == ""
 
 
 @pytest.mark.integration
-def test_embedded_model_own_answers_read_as_leaked(tmp_path):
+@pytest.mark.slow
+def test_embedded_model_own_answers_read_as_leaked(tmp_path, cli):
     """Target: on the embedded model, its own greedy answers used as forget responses give leak_rate >= 0.9.
 
-    Two real CLI runs: one-at-a-time answers saved with --save-generations become the forget
-    responses of a batched (left-padded) run. One torch thread: on a small, shared CPU, more
-    threads than free cores make a 135M model many times slower.
+    Two CLI runs: one-at-a-time answers saved with --save-generations become the forget
+    responses of a batched (left-padded) run. (In-process runs use one torch thread: on a
+    small, shared CPU, more threads than free cores make a 135M model many times slower.)
     """
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     prompts = ["What is the capital of France?", "Name a primary colour.", "Who wrote Hamlet?", "What do bees make?"]
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in prompts])
     gens = tmp_path / "gens.jsonl"
 
-    def cli(*argv):
-        done = subprocess.run([sys.executable, "-m", "unlearn", "eval", *argv, "--max-new-tokens", "12"],
-                              capture_output=True, text=True, env=env)
-        assert done.returncode == 0, done.stderr[-2000:]
-        return done.stdout
+    def evaluate(*argv):
+        code, out, err = cli("eval", *argv, "--max-new-tokens", "12")
+        assert code == 0, err[-2000:]
+        return out
 
-    cli(str(data), "--batch-size", "1", "--save-generations", str(gens), "--json")
+    evaluate(data, "--batch-size", "1", "--save-generations", gens, "--json")
     answers = [json.loads(line)["output"] for line in gens.read_text().splitlines()]
     forget = write_jsonl(tmp_path / "f.jsonl", [{"prompt": p, "response": a} for p, a in zip(prompts, answers)])
-    obj = json.loads(cli(str(data), "--forget", str(forget), "--batch-size", "4", "--json"))
+    obj = json.loads(evaluate(data, "--forget", forget, "--batch-size", "4", "--json"))
     assert obj["n"] == 4 and obj["leak_rate"] >= 0.9
 
 
-def test_eval_never_overwrites_a_result_without_force(tmp_path, capsys, tiny_dirs):
+def test_eval_never_overwrites_a_result_without_force(tmp_path, cli, tiny_dirs):
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS[:2]])
     report = tmp_path / "report.md"
     report.write_text("an earlier report\n")
     args = ["eval", str(data), "--model", tiny_dirs[0], "--max-new-tokens", "4", "--report", str(report)]
-    code, out, err = run(capsys, *args)
+    code, out, err = cli(*args)
     assert code == 2 and "exists (use --force to replace it)" in err
     assert report.read_text() == "an earlier report\n"
-    code, out, err = run(capsys, *args, "--force")
+    code, out, err = cli(*args, "--force")
     assert code == 0, err
     assert report.read_text().startswith("#") and not list(tmp_path.glob(".report.md.tmp-*"))

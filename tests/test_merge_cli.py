@@ -1,7 +1,7 @@
 """`unlearn merge` through the real command line: outputs, exit codes, one-line errors, LoRA vs peft.
 
-Most cases call unlearn.cli.main in-process (it ends with sys.exit, caught
-here) to stay fast; two run the installed module as a subprocess end to end.
+Most cases run the command in-process (`cli`, see conftest.py) to stay fast; one test runs
+the installed module as a subprocess end to end, for the exit codes a shell sees.
 """
 
 from __future__ import annotations
@@ -15,17 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from unlearn.cli import main
-
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    """Run `unlearn ARGS` in-process: (exit code, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def weights(seed: int, dtype=torch.float32) -> dict[str, torch.Tensor]:
@@ -59,9 +49,9 @@ def assert_nothing_written(out: Path):
 # -- success ---------------------------------------------------------------------
 
 
-def test_json_result_on_stdout_and_exact_weights(capsys, tmp_path, pair):
+def test_json_result_on_stdout_and_exact_weights(cli, tmp_path, pair):
     base_dir, tuned_dir, base, tuned = pair
-    code, out, err = run(capsys, "merge", "--alpha", "0.3", base_dir, tuned_dir, "-o", tmp_path / "out", "--json")
+    code, out, err = cli("merge", "--alpha", "0.3", base_dir, tuned_dir, "-o", tmp_path / "out", "--json")
     assert code == 0, err
     result = json.loads(out)  # exactly one JSON object, nothing else on stdout
     assert result["output"] == str((tmp_path / "out").resolve())
@@ -75,25 +65,25 @@ def test_json_result_on_stdout_and_exact_weights(capsys, tmp_path, pair):
     assert json.loads((tmp_path / "out" / "merge.json").read_text())["tuned"] == str(tuned_dir.resolve())
 
 
-def test_table_output_by_default(capsys, tmp_path, pair):
+def test_table_output_by_default(cli, tmp_path, pair):
     base_dir, tuned_dir, *_ = pair
-    code, out, _ = run(capsys, "merge", "--alpha", "0.5", base_dir, tuned_dir, "-o", tmp_path / "out")
+    code, out, _ = cli("merge", "--alpha", "0.5", base_dir, tuned_dir, "-o", tmp_path / "out")
     assert code == 0
     rows = dict(line.split(None, 1) for line in out.strip().splitlines())
     assert rows["tensors"] == "4" and rows["alpha"] == "0.5"
 
 
-def test_default_output_sits_beside_tuned(capsys, tmp_path, pair):
+def test_default_output_sits_beside_tuned(cli, tmp_path, pair):
     base_dir, tuned_dir, *_ = pair
-    code, _, err = run(capsys, "merge", "--alpha", "0.5", base_dir, tuned_dir)
+    code, _, err = cli("merge", "--alpha", "0.5", base_dir, tuned_dir)
     assert code == 0
     assert (tmp_path / "tuned-avg0.5" / "model.safetensors").is_file()
     assert "tuned-avg0.5" in err
 
 
-def test_bf16_merge_is_within_bf16_rounding(capsys, tmp_path):
+def test_bf16_merge_is_within_bf16_rounding(cli, tmp_path):
     base, tuned = weights(1, torch.bfloat16), weights(2, torch.bfloat16)
-    code, _, _ = run(capsys, "merge", "--alpha", "0.5", model_dir(tmp_path / "b", base),
+    code, _, _ = cli("merge", "--alpha", "0.5", model_dir(tmp_path / "b", base),
                      model_dir(tmp_path / "t", tuned), "-o", tmp_path / "o")
     assert code == 0
     merged = load_file(tmp_path / "o" / "model.safetensors")
@@ -103,7 +93,7 @@ def test_bf16_merge_is_within_bf16_rounding(capsys, tmp_path):
         torch.testing.assert_close(merged[name].float(), exact, rtol=2 ** -8, atol=0)
 
 
-def test_no_paths_merges_the_last_run(capsys, tmp_path, pair, monkeypatch):
+def test_no_paths_merges_the_last_run(cli, tmp_path, pair, monkeypatch):
     base_dir, tuned_dir, base, tuned = pair
     monkeypatch.setenv("UNLEARN_CACHE", str(tmp_path / "cache"))
     from unlearn.paths import remember_last_run
@@ -112,45 +102,45 @@ def test_no_paths_merges_the_last_run(capsys, tmp_path, pair, monkeypatch):
     run_dir.mkdir(parents=True)
     (run_dir / "run.json").write_text(json.dumps({"base_model": str(base_dir), "merged_model": str(tuned_dir)}))
     remember_last_run(run_dir)
-    code, out, err = run(capsys, "merge", "--alpha", "0.5", "-o", tmp_path / "avg", "--json")
+    code, out, err = cli("merge", "--alpha", "0.5", "-o", tmp_path / "avg", "--json")
     assert code == 0, err
     assert json.loads(out)["base"] == str(base_dir.resolve())
     merged = load_file(tmp_path / "avg" / "model.safetensors")
     torch.testing.assert_close(merged["model.norm.weight"], 0.5 * base["model.norm.weight"] + 0.5 * tuned["model.norm.weight"])
 
 
-def test_no_paths_and_no_recorded_run_is_an_error(capsys, tmp_path, monkeypatch):
+def test_no_paths_and_no_recorded_run_is_an_error(cli, tmp_path, monkeypatch):
     monkeypatch.setenv("UNLEARN_CACHE", str(tmp_path / "empty-cache"))
-    code, out, err = run(capsys, "merge", "--alpha", "0.5", "-o", tmp_path / "o")
+    code, out, err = cli("merge", "--alpha", "0.5", "-o", tmp_path / "o")
     assert code == 1 and out == ""
     assert err.startswith("unlearn: no previous `unlearn run`") and err.count("\n") == 1
 
 
-def test_existing_output_is_refused_then_replaced_with_force(capsys, tmp_path, pair):
+def test_existing_output_is_refused_then_replaced_with_force(cli, tmp_path, pair):
     base_dir, tuned_dir, base, _ = pair
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    code, _, err = run(capsys, "merge", "--alpha", "1", base_dir, tuned_dir, "-o", out)
+    code, _, err = cli("merge", "--alpha", "1", base_dir, tuned_dir, "-o", out)
     assert code == 2 and "--force" in err
     assert (out / "keep.txt").read_text() == "precious"
-    code, _, _ = run(capsys, "merge", "--alpha", "1", base_dir, tuned_dir, "-o", out, "--force")
+    code, _, _ = cli("merge", "--alpha", "1", base_dir, tuned_dir, "-o", out, "--force")
     assert code == 0 and not (out / "keep.txt").exists()
     assert torch.equal(load_file(out / "model.safetensors")["lm_head.weight"], base["lm_head.weight"])
 
 
-def test_extrapolation_needs_the_flag(capsys, tmp_path, pair):
+def test_extrapolation_needs_the_flag(cli, tmp_path, pair):
     base_dir, tuned_dir, *_ = pair
-    code, _, err = run(capsys, "merge", "--alpha", "1.5", base_dir, tuned_dir, "-o", tmp_path / "o")
+    code, _, err = cli("merge", "--alpha", "1.5", base_dir, tuned_dir, "-o", tmp_path / "o")
     assert code == 2 and "--allow-extrapolation" in err
     assert_nothing_written(tmp_path / "o")
-    code, _, _ = run(capsys, "merge", "--alpha", "1.5", "--allow-extrapolation", base_dir, tuned_dir, "-o", tmp_path / "o")
+    code, _, _ = cli("merge", "--alpha", "1.5", "--allow-extrapolation", base_dir, tuned_dir, "-o", tmp_path / "o")
     assert code == 0
 
 
-def test_re_sharding_through_the_cli(capsys, tmp_path, pair):
+def test_re_sharding_through_the_cli(cli, tmp_path, pair):
     base_dir, tuned_dir, *_ = pair
-    code, _, err = run(capsys, "merge", "--alpha", "0.5", base_dir, tuned_dir, "-o", tmp_path / "o", "--max-shard-size", "150B")
+    code, _, err = cli("merge", "--alpha", "0.5", base_dir, tuned_dir, "-o", tmp_path / "o", "--max-shard-size", "150B")
     assert code == 0, err
     index = json.loads((tmp_path / "o" / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == (8 * 4 + 6 * 4 + 4 + 8 * 4) * 4
@@ -173,19 +163,19 @@ def usage_cases(base_dir, tuned_dir, out):
     ]
 
 
-def test_usage_errors_exit_2(capsys, tmp_path, pair):
+def test_usage_errors_exit_2(cli, tmp_path, pair):
     base_dir, tuned_dir, *_ = pair
     for args, message in usage_cases(base_dir, tuned_dir, tmp_path / "o"):
-        code, out, err = run(capsys, *args)
+        code, out, err = cli(*args)
         assert code == 2, (args, err)
         assert message in err and out == ""
         assert_nothing_written(tmp_path / "o")
     assert (tuned_dir / "model.safetensors").is_file()
 
 
-def failing(capsys, tmp_path, base_dir, tuned_dir) -> str:
+def failing(cli, tmp_path, base_dir, tuned_dir) -> str:
     out = tmp_path / "o"
-    code, stdout, err = run(capsys, "merge", "--alpha", "0.5", base_dir, tuned_dir, "-o", out)
+    code, stdout, err = cli("merge", "--alpha", "0.5", base_dir, tuned_dir, "-o", out)
     assert code == 1 and stdout == ""
     assert err.startswith("unlearn: ") and err.count("\n") == 1 and "Traceback" not in err
     assert_nothing_written(out)
@@ -198,64 +188,64 @@ def failing(capsys, tmp_path, base_dir, tuned_dir) -> str:
     (lambda t: t.update({"model.norm.weight": torch.zeros(5)}), "tensor model.norm.weight: shape [4] in BASE but [5]"),
     (lambda t: t.update({"lm_head.weight": t["lm_head.weight"].bfloat16()}), "tensor lm_head.weight: dtype F32 in BASE but BF16"),
 ])
-def test_mismatches_name_the_first_offending_tensor(capsys, tmp_path, edit, message):
+def test_mismatches_name_the_first_offending_tensor(cli, tmp_path, edit, message):
     tuned = weights(2)
     edit(tuned)
-    err = failing(capsys, tmp_path, model_dir(tmp_path / "b", weights(1)), model_dir(tmp_path / "t", tuned))
+    err = failing(cli, tmp_path, model_dir(tmp_path / "b", weights(1)), model_dir(tmp_path / "t", tuned))
     assert message in err
 
 
-def test_missing_directory(capsys, tmp_path, pair):
+def test_missing_directory(cli, tmp_path, pair):
     base_dir, *_ = pair
-    assert "TUNED" in failing(capsys, tmp_path, base_dir, tmp_path / "nowhere")
+    assert "TUNED" in failing(cli, tmp_path, base_dir, tmp_path / "nowhere")
 
 
-def test_directory_without_safetensors(capsys, tmp_path, pair):
+def test_directory_without_safetensors(cli, tmp_path, pair):
     base_dir, *_ = pair
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "pytorch_model.bin").write_bytes(b"x")
-    assert "no model.safetensors" in failing(capsys, tmp_path, base_dir, empty)
+    assert "no model.safetensors" in failing(cli, tmp_path, base_dir, empty)
 
 
-def test_truncated_safetensors_names_the_file(capsys, tmp_path, pair):
+def test_truncated_safetensors_names_the_file(cli, tmp_path, pair):
     base_dir, tuned_dir, *_ = pair
     file = tuned_dir / "model.safetensors"
     file.write_bytes(file.read_bytes()[:-10])
-    err = failing(capsys, tmp_path, base_dir, tuned_dir)
+    err = failing(cli, tmp_path, base_dir, tuned_dir)
     assert str(file) in err and "truncated" in err
 
 
-def test_corrupt_header_names_the_file(capsys, tmp_path, pair):
+def test_corrupt_header_names_the_file(cli, tmp_path, pair):
     base_dir, tuned_dir, *_ = pair
     file = base_dir / "model.safetensors"
     data = bytearray(file.read_bytes())
     data[8:12] = b"\x00\x01\x02\x03"
     file.write_bytes(bytes(data))
-    assert str(file) in failing(capsys, tmp_path, base_dir, tuned_dir)
+    assert str(file) in failing(cli, tmp_path, base_dir, tuned_dir)
 
 
-def test_missing_shard_is_reported(capsys, tmp_path, pair):
+def test_missing_shard_is_reported(cli, tmp_path, pair):
     base_dir, tuned_dir, *_ = pair
     index = {"metadata": {}, "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}
     (base_dir / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert "model-00002-of-00002.safetensors: missing shard" in failing(capsys, tmp_path, base_dir, tuned_dir)
+    assert "model-00002-of-00002.safetensors: missing shard" in failing(cli, tmp_path, base_dir, tuned_dir)
 
 
-def test_index_naming_a_tensor_its_shard_lacks(capsys, tmp_path, pair):
+def test_index_naming_a_tensor_its_shard_lacks(cli, tmp_path, pair):
     base_dir, tuned_dir, *_ = pair
     index = {"weight_map": {"model.norm.weight": "model.safetensors", "ghost.weight": "model.safetensors"}}
     (tuned_dir / "model.safetensors.index.json").write_text(json.dumps(index))
-    assert "does not hold tensor ghost.weight" in failing(capsys, tmp_path, base_dir, tuned_dir)
+    assert "does not hold tensor ghost.weight" in failing(cli, tmp_path, base_dir, tuned_dir)
 
 
-def test_corrupt_index(capsys, tmp_path, pair):
+def test_corrupt_index(cli, tmp_path, pair):
     base_dir, tuned_dir, *_ = pair
     (tuned_dir / "model.safetensors.index.json").write_text("{not json")
-    assert "corrupt index" in failing(capsys, tmp_path, base_dir, tuned_dir)
+    assert "corrupt index" in failing(cli, tmp_path, base_dir, tuned_dir)
 
 
-def test_safetensors_own_validation_is_reported_as_one_line(capsys, tmp_path, pair):
+def test_safetensors_own_validation_is_reported_as_one_line(cli, tmp_path, pair):
     """Overlapping tensors pass our size checks; safetensors' own error must still come out as one line."""
     base_dir, tuned_dir, *_ = pair
     file = tuned_dir / "model.safetensors"
@@ -269,13 +259,13 @@ def test_safetensors_own_validation_is_reported_as_one_line(capsys, tmp_path, pa
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     file.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
-    assert str(file) in failing(capsys, tmp_path, base_dir, tuned_dir)
+    assert str(file) in failing(cli, tmp_path, base_dir, tuned_dir)
 
 
 # -- LoRA adapters ---------------------------------------------------------------
 
 
-def test_adapter_needs_a_base_tensor_it_names(capsys, tmp_path, pair):
+def test_adapter_needs_a_base_tensor_it_names(cli, tmp_path, pair):
     base_dir, *_ = pair
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -283,16 +273,16 @@ def test_adapter_needs_a_base_tensor_it_names(capsys, tmp_path, pair):
     save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 4),
                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(4, 2)},
               adapter / "adapter_model.safetensors")
-    code, _, err = run(capsys, "merge", "--adapter", adapter, base_dir, "-o", tmp_path / "o")
+    code, _, err = cli("merge", "--adapter", adapter, base_dir, "-o", tmp_path / "o")
     assert code == 1 and "has no tensor model.layers.0.self_attn.q_proj.weight" in err
     assert_nothing_written(tmp_path / "o")
 
 
-def test_adapter_directory_without_weights(capsys, tmp_path, pair):
+def test_adapter_directory_without_weights(cli, tmp_path, pair):
     base_dir, *_ = pair
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 2}))
-    code, _, err = run(capsys, "merge", "--adapter", tmp_path / "adapter", base_dir, "-o", tmp_path / "o")
+    code, _, err = cli("merge", "--adapter", tmp_path / "adapter", base_dir, "-o", tmp_path / "o")
     assert code == 1 and "no adapter_model.safetensors" in err
 
 
@@ -322,10 +312,10 @@ def llama_and_adapter(tmp_path_factory):
     return root, ids, expected, plain
 
 
-def test_fold_lora_matches_peft_merge_and_unload(capsys, llama_and_adapter):
+def test_fold_lora_matches_peft_merge_and_unload(cli, llama_and_adapter):
     transformers = pytest.importorskip("transformers")
     root, ids, expected, plain = llama_and_adapter
-    code, out, err = run(capsys, "merge", "--adapter", root / "adapter", root / "base", "-o", root / "folded", "--json")
+    code, out, err = cli("merge", "--adapter", root / "adapter", root / "base", "-o", root / "folded", "--json")
     assert code == 0, err
     assert json.loads(out)["tensors"] > 0
     folded = transformers.LlamaForCausalLM.from_pretrained(root / "folded").eval()

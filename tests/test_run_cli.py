@@ -1,4 +1,8 @@
-"""`unlearn run` end to end through the real CLI, on a tiny random Llama and a tiny random OPT."""
+"""`unlearn run` end to end through the real CLI, on a tiny random Llama and a tiny random OPT.
+
+Runs are in-process (`cli`, see conftest.py); one test starts a real `python -m unlearn`
+because what it measures is a whole process (see it).
+"""
 
 import json
 import os
@@ -35,20 +39,21 @@ def data(tmp_path):
 
 
 def unlearn(*args, env=None, cwd=None):
+    """`python -m unlearn ARGS` in a new process (for the tests that need a real process)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "unlearn", *map(str, args)], capture_output=True, text=True,
                           env=full_env, cwd=cwd, timeout=600)
 
 
 @pytest.mark.parametrize("which", ["llama_dir", "opt_dir"])
-def test_run_end_to_end(request, tmp_path, data, which):
+def test_run_end_to_end(request, tmp_path, data, cli, which):
     model_dir = request.getfixturevalue(which)
     forget, normal, heldout = data
     out = tmp_path / "out"
-    result = unlearn("run", forget, normal, "--model", model_dir, "-o", out, "--eval-retain", heldout, "--json", *FAST)
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    report = json.loads(result.stdout)  # stdout is exactly one JSON object
+    result = cli("run", forget, normal, "--model", model_dir, "-o", out, "--eval-retain", heldout, "--json", *FAST)
+    assert result.code == 0, result.err
+    assert "Traceback" not in result.err
+    report = json.loads(result.out)  # stdout is exactly one JSON object
     for key in ("wall_clock_s", "device", "tokens_per_s", "peak_memory_mb", "merged_model", "adapter", "before",
                 "after", "judge", "steps"):
         assert key in report, key
@@ -78,23 +83,25 @@ def test_run_end_to_end(request, tmp_path, data, which):
         assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-5)
 
 
-def test_table_output_and_existing_output_is_refused(tmp_path, data, llama_dir):
+def test_table_output_and_existing_output_is_refused(tmp_path, data, llama_dir, cli):
     forget, normal, _ = data
     out = tmp_path / "out"
-    first = unlearn("run", forget, normal, "--model", llama_dir, "-o", out, *FAST)
-    assert first.returncode == 0, first.stderr
-    assert first.stdout.splitlines()[0].split()[:2] == ["set", "n"]
-    assert "merged model:" in first.stdout and "tokens/s" in first.stdout
+    first = cli("run", forget, normal, "--model", llama_dir, "-o", out, *FAST)
+    assert first.code == 0, first.err
+    assert first.out.splitlines()[0].split()[:2] == ["set", "n"]
+    assert "merged model:" in first.out and "tokens/s" in first.out
     stamp = (out / "run.json").stat().st_mtime_ns
-    again = unlearn("run", forget, normal, "--model", llama_dir, "-o", out, *FAST)
-    assert again.returncode == 2 and "use --force" in again.stderr
-    assert len(again.stderr.strip().splitlines()) == 1
+    again = cli("run", forget, normal, "--model", llama_dir, "-o", out, *FAST)
+    assert again.code == 2 and "use --force" in again.err
+    assert len(again.err.strip().splitlines()) == 1
     assert (out / "run.json").stat().st_mtime_ns == stamp  # untouched
-    forced = unlearn("run", forget, normal, "--model", llama_dir, "-o", out, "--force", *FAST)
-    assert forced.returncode == 0, forced.stderr
+    forced = cli("run", forget, normal, "--model", llama_dir, "-o", out, "--force", *FAST)
+    assert forced.code == 0, forced.err
 
 
 def test_bad_data_is_reported_before_any_model_loads(tmp_path, data):
+    # A real process on purpose: the 30 s bound covers a whole `unlearn` start (imports included),
+    # which an in-process call, with torch and transformers already imported, would not measure.
     _, normal, _ = data
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok", "response": "fine"}\n{"prompt": "no answer"}\n')
@@ -111,13 +118,13 @@ def test_bad_data_is_reported_before_any_model_loads(tmp_path, data):
     ("someone/some-model", "not in the local Hugging Face cache and the hub is unreachable"),
     ("{tmp}/x.gguf", "no such GGUF file"),
 ])
-def test_model_errors_are_one_line(tmp_path, data, model, message):
+def test_model_errors_are_one_line(tmp_path, data, cli, model, message):
     forget, normal, _ = data
     start = time.perf_counter()
-    result = unlearn("run", forget, normal, "--model", model.format(tmp=tmp_path), "-o", tmp_path / "o")
-    assert result.returncode == 1, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+    result = cli("run", forget, normal, "--model", model.format(tmp=tmp_path), "-o", tmp_path / "o")
+    assert result.code == 1, result.err
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.err
     assert time.perf_counter() - start < 30  # offline hub ids fail fast
 
 
@@ -127,22 +134,22 @@ def test_model_errors_are_one_line(tmp_path, data, model, message):
     (["--stop-leak", "1.5"], "--stop-leak 1.5"),
     (["--lora-targets", "nope"], "no module of this model has that name"),
 ])
-def test_usage_errors_exit_2(tmp_path, data, llama_dir, args, message):
+def test_usage_errors_exit_2(tmp_path, data, llama_dir, cli, args, message):
     forget, normal, _ = data
-    result = unlearn("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "o", *args)
-    assert result.returncode == 2, result.stderr
-    assert message in result.stderr and "Traceback" not in result.stderr
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "o", *args)
+    assert result.code == 2, result.err
+    assert message in result.err and "Traceback" not in result.err
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("extra", [["--full", "--lr", "1e-3"], ["--dtype", "bfloat16"], ["--method", "npo"],
                                    ["--method", "ga+template", "--template", "No."]])
-def test_run_variants(tmp_path, data, llama_dir, extra):
+def test_run_variants(tmp_path, data, llama_dir, cli, extra):
     forget, normal, _ = data
     out = tmp_path / "out"
-    result = unlearn("run", forget, normal, "--model", llama_dir, "-o", out, "--json", *FAST, *extra)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", out, "--json", *FAST, *extra)
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
     assert (out / "model" / "config.json").is_file()
     assert (report["adapter"] is None) == ("--full" in extra)
     assert report["steps"] >= 1

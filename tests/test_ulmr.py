@@ -1,9 +1,6 @@
 """ULMR: augmentation filters and fallbacks, α selection (rule, pooling, table), in-memory averaging, and the CLI."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -246,23 +243,18 @@ def _jsonl(path, rows):
     return path
 
 
-def unlearn(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "unlearn", *map(str, args)], capture_output=True, text=True,
-                          env=dict(os.environ), cwd=cwd, timeout=600)
-
-
 @pytest.fixture
 def files(tmp_path):
     return (_jsonl(tmp_path / "forget.jsonl", FORGET), _jsonl(tmp_path / "normal.jsonl", NORMAL),
             _jsonl(tmp_path / "heldout.jsonl", HELDOUT))
 
 
-def test_augment_command(tmp_path, files, llama_dir):
+def test_augment_command(tmp_path, files, llama_dir, cli):
     forget, _, _ = files
     out = tmp_path / "aug.jsonl"
-    result = unlearn("augment", forget, "-o", out, "--model", llama_dir, "--rewrites", "1", "--json")
-    assert result.returncode == 0, result.stderr
-    stats = json.loads(result.stdout)
+    result = cli("augment", forget, "-o", out, "--model", llama_dir, "--rewrites", "1", "--json")
+    assert result.code == 0, result.err
+    stats = json.loads(result.out)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == stats["rows"] == 4 and stats["sources"] == 2
     assert {r["kind"] for r in rows} == {"original", "rewrite"}
@@ -270,17 +262,17 @@ def test_augment_command(tmp_path, files, llama_dir):
     # A random model writes nothing usable: every fallback is counted.
     assert stats["rewrite_fallbacks"] == sum(r["prompt_from"] == "template" for r in rows)
     assert stats["response_fallbacks"] == sum(r["response_from"] == "template" for r in rows)
-    again = unlearn("augment", forget, "-o", out, "--model", llama_dir)
-    assert again.returncode == 2 and "exists (use --force" in again.stderr
+    again = cli("augment", forget, "-o", out, "--model", llama_dir)
+    assert again.code == 2 and "exists (use --force" in again.err
 
 
-def test_run_ulmr_auto_alpha_then_merge_sweep(tmp_path, files, llama_dir):
+def test_run_ulmr_auto_alpha_then_merge_sweep(tmp_path, files, llama_dir, cli):
     forget, normal, heldout = files
     out = tmp_path / "run"
-    result = unlearn("run", forget, normal, "--model", llama_dir, "--method", "ulmr", "-o", out, "--json",
-                     "--eval-retain", heldout, "--alpha-grid", "0,0.5", *FAST)
-    assert result.returncode == 0, result.stderr
-    record = json.loads(result.stdout)
+    result = cli("run", forget, normal, "--model", llama_dir, "--method", "ulmr", "-o", out, "--json",
+                 "--eval-retain", heldout, "--alpha-grid", "0,0.5", *FAST)
+    assert result.code == 0, result.err
+    record = json.loads(result.out)
     assert record["alpha"] in (0.0, 0.5) and record["alpha_selection"]["recommended_alpha"] == record["alpha"]
     assert [r["alpha"] for r in record["alpha_selection"]["alphas"]] == [0.0, 0.5]
     assert record["augment"]["rows"] == 6 and record["augment"]["sources"] == 2
@@ -297,10 +289,10 @@ def test_run_ulmr_auto_alpha_then_merge_sweep(tmp_path, files, llama_dir):
         assert torch.allclose(averaged[key], value * factor), key
 
     sweep = tmp_path / "sweep"
-    result = unlearn("merge", "--alpha", "0.3,0.9", "--eval-forget", forget, "--eval-retain", heldout,
-                     "--eval-retain", normal, "-o", sweep, "--max-new-tokens", "4", "--json")
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout)
+    result = cli("merge", "--alpha", "0.3,0.9", "--eval-forget", forget, "--eval-retain", heldout,
+                 "--eval-retain", normal, "-o", sweep, "--max-new-tokens", "4", "--json")
+    assert result.code == 0, result.err
+    summary = json.loads(result.out)
     assert summary["adapter"] == str(out / "tuned-adapter")  # no paths: the last run's θ', not its average
     assert summary["recommended_alpha"] in (0.3, 0.9) and summary["reason"]
     assert summary["original"]["alpha"] == 1.0 and summary["original"]["retain_similarity"] == 1.0
@@ -309,16 +301,16 @@ def test_run_ulmr_auto_alpha_then_merge_sweep(tmp_path, files, llama_dir):
     assert (sweep / "alphas.md").read_text().count("\n| ") >= 3
 
 
-def test_ulmr_with_a_given_augmented_file_and_fixed_alpha(tmp_path, files, llama_dir):
+def test_ulmr_with_a_given_augmented_file_and_fixed_alpha(tmp_path, files, llama_dir, cli):
     forget, normal, _ = files
     augmented = _jsonl(tmp_path / "aug.jsonl", [
         {"prompt": "Who wrote the Harry Potter books?", "response": "I don't know that."},
         {"prompt": "Tell me who wrote Harry Potter.", "response": "That is not in my knowledge base."}])
     out = tmp_path / "run"
-    result = unlearn("run", forget, normal, "--model", llama_dir, "--method", "ulmr", "--augmented", augmented,
-                     "--alpha", "0.5", "-o", out, "--json", *FAST)
-    assert result.returncode == 0, result.stderr
-    record = json.loads(result.stdout)
+    result = cli("run", forget, normal, "--model", llama_dir, "--method", "ulmr", "--augmented", augmented,
+                 "--alpha", "0.5", "-o", out, "--json", *FAST)
+    assert result.code == 0, result.err
+    record = json.loads(result.out)
     assert record["alpha"] == 0.5 and record["alpha_selection"] is None
     assert record["augment"] == {"file": str(augmented.resolve()), "rows": 2}
     assert not (out / "augmented.jsonl").exists() and (out / "tuned-adapter").is_dir()
@@ -330,15 +322,15 @@ def test_ulmr_with_a_given_augmented_file_and_fixed_alpha(tmp_path, files, llama
     (["--method", "ulmr", "--alpha", "often"], 2, "'often' is not a number (or give auto)"),
     (["--method", "ulmr", "--alpha-grid", "0,2"], 2, "between 0 and 1"),
 ])
-def test_ulmr_usage_errors(tmp_path, files, llama_dir, args, code, message):
+def test_ulmr_usage_errors(tmp_path, files, llama_dir, cli, args, code, message):
     forget, normal, _ = files
     args = [str(_jsonl(tmp_path / "aug.jsonl", FORGET)) if a == "AUG" else a for a in args]
-    result = unlearn("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "o", *args, *FAST)
-    assert result.returncode == code and message in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "o").exists()
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "o", *args, *FAST)
+    assert result.code == code and message in result.err, result.err
+    assert "Traceback" not in result.err and not (tmp_path / "o").exists()
 
 
-def test_merge_sweep_usage_errors(tmp_path, files, llama_dir):
+def test_merge_sweep_usage_errors(tmp_path, files, llama_dir, cli):
     forget, _, heldout = files
     bad = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "a question with nothing to leak"}])
     cases = [
@@ -348,6 +340,6 @@ def test_merge_sweep_usage_errors(tmp_path, files, llama_dir):
         (["--alpha", "0.5", "--eval-forget", forget, "--max-leak", "2"], "--max-leak 2.0"),
     ]
     for args, message in cases:
-        result = unlearn("merge", llama_dir, llama_dir, "-o", tmp_path / "o", *args)
-        assert result.returncode in (1, 2) and message in result.stderr, (args, result.stderr)
+        result = cli("merge", llama_dir, llama_dir, "-o", tmp_path / "o", *args)
+        assert result.code in (1, 2) and message in result.err, (args, result.err)
         assert not (tmp_path / "o").exists()
