@@ -2,13 +2,10 @@
 
 import json
 
-import pytest
-
 from unlearn import measure_cache
-from unlearn.cli import main
 from unlearn.data import Example
-from unlearn.run import hold_out, selection_sets
 from unlearn.measure import EvalSet
+from unlearn.run import hold_out, selection_sets
 
 FORGET = [
     {"prompt": "Who wrote the Harry Potter books?", "response": "J.K. Rowling wrote them.", "answers": ["Rowling"]},
@@ -17,13 +14,6 @@ FORGET = [
 NORMAL = [{"prompt": f"What is {i} plus {i}?", "response": f"{i} plus {i} is {2 * i}."} for i in range(8)]
 FAST = ["--max-steps", "2", "--check-every", "1", "--max-new-tokens", "4", "--batch-size", "2", "--lr", "1e-2",
         "--json"]
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def write_jsonl(path, rows):
@@ -69,14 +59,14 @@ def test_weights_fingerprint_follows_content_not_names(tmp_path):
     assert measure_cache.weights_fingerprint(tmp_path / "b") != a
 
 
-def test_a_second_identical_run_reuses_the_originals_measurements(capsys, tmp_path, llama_dir):
+def test_a_second_identical_run_reuses_the_originals_measurements(cli, tmp_path, llama_dir):
     forget = write_jsonl(tmp_path / "forget.jsonl", FORGET)
     normal = write_jsonl(tmp_path / "normal.jsonl", NORMAL)
     common = ["run", forget, normal, "--model", llama_dir, *FAST]
-    code, out, err = cli(capsys, *common, "-o", tmp_path / "one")
+    code, out, err = cli(*common, "-o", tmp_path / "one")
     assert code == 0, err
     first = json.loads(out)
-    code, out, err = cli(capsys, *common, "-o", tmp_path / "two")
+    code, out, err = cli(*common, "-o", tmp_path / "two")
     assert code == 0, err
     second = json.loads(out)
     # Held-back normal rows are their own, labelled set; the forget set is labelled a stop condition.
@@ -86,7 +76,7 @@ def test_a_second_identical_run_reuses_the_originals_measurements(capsys, tmp_pa
     assert first["eval_reused"]["before_sets"] == 0
     assert second["eval_reused"] == {"before_sets": 3, "of": 3, "cache": True}
     assert second["before"] == first["before"]
-    code, out, err = cli(capsys, *common, "-o", tmp_path / "three", "--no-cache")
+    code, out, err = cli(*common, "-o", tmp_path / "three", "--no-cache")
     assert code == 0, err
     third = json.loads(out)
     assert third["eval_reused"]["before_sets"] == 0 and third["before"] == first["before"]
@@ -96,10 +86,10 @@ def test_a_second_identical_run_reuses_the_originals_measurements(capsys, tmp_pa
     assert answers[2][1] == "derived" and "Hogwarts" in answers[2][0]
 
 
-def test_the_table_labels_trained_and_held_out_rows(capsys, tmp_path, llama_dir):
+def test_the_table_labels_trained_and_held_out_rows(cli, tmp_path, llama_dir):
     forget = write_jsonl(tmp_path / "forget.jsonl", FORGET)
     normal = write_jsonl(tmp_path / "normal.jsonl", NORMAL)
-    code, out, err = cli(capsys, "run", forget, normal, "--model", llama_dir, "-o", tmp_path / "o",
+    code, out, err = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "o",
                          *[a for a in FAST if a != "--json"])
     assert code == 0, err
     lines = out.splitlines()

@@ -88,7 +88,7 @@ def test_table_output_and_existing_output_is_refused(tmp_path, data, llama_dir, 
     out = tmp_path / "out"
     first = cli("run", forget, normal, "--model", llama_dir, "-o", out, *FAST)
     assert first.code == 0, first.err
-    assert first.out.splitlines()[0].split()[:2] == ["set", "n"]
+    assert first.out.splitlines()[0].split()[:3] == ["set", "rows", "n"]
     assert "merged model:" in first.out and "tokens/s" in first.out
     stamp = (out / "run.json").stat().st_mtime_ns
     again = cli("run", forget, normal, "--model", llama_dir, "-o", out, *FAST)

@@ -141,13 +141,13 @@ class Measurer:
                                         else self.clipped(s.examples))
         return self._references[s.name]
 
-    def answer(self, s: EvalSet, desc=False) -> list[str]:
+    def answer(self, s: EvalSet, desc=False, stop_row=None) -> list[str]:
         from unlearn.generation import generate
 
         st = self.settings
         return generate(self.model, self.tokenizer, [e.prompt for e in s.examples], batch_size=st.batch_size,
                         max_new_tokens=st.max_new_tokens, do_sample=st.do_sample, temperature=st.temperature,
-                        top_p=st.top_p, seed=st.seed, desc=desc)
+                        top_p=st.top_p, seed=st.seed, desc=desc, stop_row=stop_row)
 
     def score(self, s: EvalSet, outputs: list[str], baseline: list[str] | None = None) -> Measured:
         """The metrics of OUTPUTS on S; BASELINE are the original model's outputs (similarity)."""
@@ -222,7 +222,20 @@ def original_scorer(model, tokenizer, reference_model, batch_size: int):
 
 
 def leak_rate(measurer: Measurer, s: EvalSet) -> float:
-    """The share of S's prompts whose answer leaks (the stop rule's test); 0 for an empty set."""
+    """The share of S's prompts whose answer leaks (the stop rule's test); 0 for an empty set.
+
+    A prompt stops generating as soon as its answer has leaked: the verdict cannot change
+    any more, since an answer that appears stays (tested on the text without its last,
+    possibly unfinished, word: "Paris" of "Parisian" is not a leak yet), and ROUGE-L
+    recall, the LCS with the reference over its length, never falls as the answer grows.
+    (BLEU can; a leak it flags early only keeps the run training, never stops it sooner.)
+    """
     from unlearn.evaluate import leak_flags, rate
 
-    return rate(leak_flags(measurer.answer(s), measurer.references(s))) or 0.0
+    references = measurer.references(s)
+
+    def leaked(i: int, text: str) -> bool:
+        finished = text.rsplit(maxsplit=1)[0] if " " in text.strip() else ""
+        return bool(finished) and bool(leak_flags([finished], [references[i]])[0])
+
+    return rate(leak_flags(measurer.answer(s, stop_row=leaked), references)) or 0.0
