@@ -303,7 +303,9 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log):
     if data.resume_from is not None:
         loop_state = load_checkpoint(data.resume_from, unlearner)
         log(f"resuming from {data.resume_from} (step {unlearner.step_count})")
-    forgotten = stop_rule(opts, job, data.sets[0]) if opts.train.check_every else None
+    # The stop rule checks every forget prompt, whatever --eval-limit cuts from the printed table.
+    forget = EvalSet("forget", "forget", data.forget, Path(opts.forget))
+    forgotten = stop_rule(opts, job, forget) if opts.train.check_every else None
     try:
         result = train(unlearner, forgotten=forgotten, log=log, save_every=data.run_args["save_every"],
                        checkpoint=lambda loop: save_checkpoint(data.output, unlearner, loop, data.run_args),
