@@ -652,6 +652,7 @@ def main(argv=None):
     for variant in variants:
         _log(f"variant {variant} ...")
         runs[variant] = spawn(variant, args)
+        _log(f"{variant}: {json.dumps(runs[variant])}")  # each variant's numbers survive a later failure
     first = next(iter(runs.values()))
     result = {
         "model": first["model"],
