@@ -665,6 +665,10 @@ def main(argv=None):
         "timed_steps": args.steps,
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
     }
+    # The fp32 variant's, or with --dtype bfloat16 (no fp32 variant) the first variant's; named beside it.
+    headline = "fp32" if "fp32" in runs else variants[0]
+    result["rss_over_weights"] = round(runs[headline]["rss_over_weights"], 3)
+    result["rss_over_weights_variant"] = headline
     if "fp32" in runs:
         fp32 = runs["fp32"]
         fp32_rate = fp32["matmul_gflops"]
@@ -681,7 +685,6 @@ def main(argv=None):
             "loss_fp32_first_step": round(fp32["loss_first_step"], 5),
             "peak_rss_mb": round(fp32["peak_rss_mb"], 1),
             "rss_loaded_mb": round(fp32["rss_loaded_mb"], 1),
-            "rss_over_weights": round(fp32["rss_over_weights"], 3),
         })
     if "bf16" in runs:
         bf16 = runs["bf16"]

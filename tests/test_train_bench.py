@@ -48,3 +48,24 @@ def test_lengthened_rows_have_exactly_the_asked_length(llama_dir):
     for example in forget + normal:
         assert len(encode_pair(tokenizer, example.prompt, example.response, max_length)["input_ids"]) == 40
     assert forget[0].extra.get("answers")  # the forget rows keep their answer spans
+
+
+def test_report_keeps_its_json_keys(monkeypatch, capsys):
+    """The --json line: mfu_fp32 and mfu_bf16 (as before) and rss_over_weights, computed from the children's numbers."""
+    def child(variant, args):
+        rate = 100.0 if variant == "fp32" else 200.0
+        return {"variant": variant, "model": "m", "threads": 1, "params": 1000, "matmul_gflops": rate,
+                "step_s_median": 2.0, "tokens_per_s": 10.0, "useful_gflop_per_step": 100.0,
+                "executed_gflop_per_step": 110.0, "achieved_gflops": 50.0, "executed_gflops": 55.0,
+                "padding_waste": 0.1, "tokens_per_step": 20, "loss_first_step": -0.1, "peak_rss_mb": 12.0,
+                "rss_loaded_mb": 5.0, "weights_fp32_mb": 4000 / 2**20, "rss_over_weights": 3.0,
+                "memory": {}, "load_average_1min": 1.0}
+
+    monkeypatch.setattr(train_bench, "spawn", child)
+    train_bench.main(["--json", "--variants", "fp32,bf16"])
+    import json
+
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["mfu_fp32"] == 0.5 and result["mfu_bf16"] == 0.25
+    assert result["rss_over_weights"] == 3.0 and result["rss_over_weights_variant"] == "fp32"
+    assert set(result["variants"]) == {"fp32", "bf16"}
