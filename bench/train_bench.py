@@ -81,12 +81,14 @@ REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("fp32", "bf16", "naive", "ckpt")
 # Modifiers, appended to a variant with "+": "ckpt" (gradient checkpointing, as `unlearn run
 # --gradient-checkpointing`); and three changes measured here before they are made in the
-# library (PROPOSED, not what `unlearn run` does today; bench/README: /work/helpers/h3-proposed.diff):
+# library (PROPOSED for unlearn/train.py, lora.py and models.py; not what `unlearn run` does
+# today; each monkeypatched into the variant's process by `apply_proposed`):
 # "math" runs attention with SDPA's math kernel in bf16 (the CPU flash kernel's bf16 backward is
 # ~2x slower than the matmuls and softmax it replaces), "lora16" computes LoRA's two small matmuls
 # in the activations' dtype (the fp32 adapter weights are cast, instead of every activation),
 # "mmap" fixes glibc's mmap threshold at 128 KiB (glibc otherwise raises it to the size of the
-# largest block freed, up to 32 MiB, and activations freed into the heap stay resident).
+# largest block freed, up to 32 MiB, and activations freed into the heap stay resident); set
+# through glibc's MALLOC_MMAP_THRESHOLD_ in the variant's environment, as mallopt would.
 MODIFIERS = ("ckpt", "math", "lora16", "mmap")
 DTYPE_VARIANT = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16"}
 
