@@ -1,6 +1,7 @@
-"""Speed and memory of `unlearn run`'s training step against this machine's matmul rate and a two-copy baseline.
+"""Speed and memory of `unlearn run`'s training step against this machine's matmul rate and the weights' size.
 
-    .venv/bin/python bench/train_bench.py [--json] [--steps N] [--warmup W] [--threads T] [--model M]
+    .venv/bin/python bench/train_bench.py [--json] [--shape default|opt-1.3b|opt-2.7b] [--dtype D]
+        [--steps N] [--warmup W] [--threads T] [--model M] [--rows examples|N] [--variants V,...]
 
 What it measures, in one run (each step variant in its own subprocess, because
 peak RSS is per process; each subprocess sets the same thread count):
@@ -12,15 +13,36 @@ peak RSS is per process; each subprocess sets the same thread count):
    and after, so that a machine shared with other jobs is sampled around the steps.
 2. Our real training step: `unlearn.train.Unlearner.step()` built as `unlearn run`
    builds it (default TrainConfig: method ga, KL on normal data, batch 4, max
-   length 256; LoRA via `attach_lora(LoraSettings())`; examples/forget.jsonl and
-   examples/normal.jsonl; the embedded model), W warm-up steps untimed, then N
-   timed steps. Variants: `fp32` (the default), `bf16` (what `--dtype bfloat16`
-   does: the model is loaded in bfloat16, LoRA weights stay fp32; no autocast),
-   and `naive` (the same step with `reference_model=copy.deepcopy(model)`, a
-   second full copy as the paper's code and other toolkits keep; the `--full`
-   code path of Unlearner supports it), and `ckpt` (fp32 with transformers'
-   gradient checkpointing of the decoder layers: activations recomputed in the
-   backward pass instead of kept; the recomputation is not counted as useful).
+   length 256; LoRA via `attach_lora(LoraSettings())`, i.e. the feed-forward
+   projections: gate/up/down on Llama, fc1/fc2 on OPT), W warm-up steps untimed,
+   then N timed steps.
+   The model (`--shape`):
+   - `default`: the embedded model (or `--model M`), rows from examples/forget.jsonl
+     and examples/normal.jsonl as they are (51-65 and 61-88 tokens with SmolLM2's
+     chat template);
+   - `opt-1.3b`, `opt-2.7b`: the paper's models (Yao et al. unlearn OPT-1.3B and
+     OPT-2.7B), built as `OPTForCausalLM` from the configuration values of
+     facebook/opt-1.3b and facebook/opt-2.7b written in `SHAPES` below, with
+     RANDOM weights (nothing is downloaded; time and memory do not depend on the
+     values). The model is built directly in the step's dtype, each weight
+     allocated and initialised once, so building never holds two copies.
+     Tokenizer: the embedded SmolLM2 one (a byte-level BPE like OPT's GPT-2 BPE,
+     with a chat template). Its 49152 ids are all below OPT's vocabulary size
+     50272, so its ids are used as OPT ids unchanged; the lm_head keeps OPT's real
+     width (50272), which is what the logits' memory and FLOPs depend on.
+     Rows (`--rows`, default 128 for these shapes): the example rows lengthened to
+     exactly 128 tokens (each response followed by other normal responses, then
+     cut by max length 128). The examples' own 51-88 tokens are shorter than the
+     paper's (PKU-SafeRLHF answers run to a few hundred tokens); 128 is the size
+     the memory estimate below is written for. `--rows examples` uses them as they are.
+   Variants: `fp32` (the default), `bf16` (what `--dtype bfloat16` does: the model
+   in bfloat16, LoRA weights stay fp32; no autocast), `naive` (the same step with
+   `reference_model=copy.deepcopy(model)`, a second full copy as the paper's code
+   and other toolkits keep; the `--full` code path of Unlearner supports it), and
+   `ckpt` (fp32 with transformers' gradient checkpointing of the decoder layers:
+   activations recomputed in the backward pass instead of kept; the recomputation
+   is not counted as useful). `bf16+ckpt` combines the two. `--dtype bfloat16`
+   (or float32) is a shorthand for the variant of that dtype alone.
 3. FLOPs of each step, counted from the rows that step actually used (see
    `step_flops`: the derivation is written there), so achieved GFLOP/s = useful
    FLOPs / step time (the median over timed steps of each step's rate: one step
@@ -30,6 +52,14 @@ peak RSS is per process; each subprocess sets the same thread count):
    (`/proc/self/clear_refs` = 5) once the model is loaded and the Unlearner built,
    so that load-time transients do not count; the resident weights, Python and
    torch do count (what the machine must have free while training).
+   `rss_over_weights` = peak RSS / (the model's parameter count x 4 bytes), the
+   fp32 size of its weights (LoRA's not counted: they are <0.5% of them).
+   Where the peak is (`memory`): the high-water mark is also reset at the start of
+   each step's loss and again when the loss returns, so the peak of the forward
+   passes and the loss and the peak of the backward pass and optimiser step are
+   read apart; with them the bytes autograd keeps for the backward (every tensor
+   it saves, counted once per storage, weights excluded), the logits of each
+   forward call, and the optimiser state.
 
 Results go to stdout (a table, or with --json the table's JSON object as the
 last line); progress to stderr. Not part of the test suite: timings depend on
@@ -49,18 +79,64 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("fp32", "bf16", "naive", "ckpt")
+# Modifiers, appended to a variant with "+": "ckpt" (gradient checkpointing, as `unlearn run
+# --gradient-checkpointing`); and three changes measured here before they are made in the
+# library (PROPOSED for unlearn/train.py, lora.py and models.py; not what `unlearn run` does
+# today; each monkeypatched into the variant's process by `apply_proposed`):
+# "math" runs attention with SDPA's math kernel in bf16 (the CPU flash kernel's bf16 backward is
+# ~2x slower than the matmuls and softmax it replaces), "lora16" computes LoRA's two small matmuls
+# in the activations' dtype (the fp32 adapter weights are cast, instead of every activation),
+# "mmap" fixes glibc's mmap threshold at 128 KiB (glibc otherwise raises it to the size of the
+# largest block freed, up to 32 MiB, and activations freed into the heap stay resident); set
+# through glibc's MALLOC_MMAP_THRESHOLD_ in the variant's environment, as mallopt would.
+MODIFIERS = ("ckpt", "math", "lora16", "mmap")
+DTYPE_VARIANT = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16"}
+
+# The configuration values of the paper's models (config.json of facebook/opt-1.3b and
+# facebook/opt-2.7b on the Hugging Face hub); everything else is OPTConfig's default, which
+# those files repeat: relu, layer norm before, dropout 0.1, biases, tied lm_head, pad 1, bos/eos 2.
+SHAPES = {
+    "opt-1.3b": {"hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 32, "ffn_dim": 8192,
+                 "vocab_size": 50272, "max_position_embeddings": 2048, "word_embed_proj_dim": 2048},
+    "opt-2.7b": {"hidden_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 32, "ffn_dim": 10240,
+                 "vocab_size": 50272, "max_position_embeddings": 2048, "word_embed_proj_dim": 2560},
+}
+OPT_COMMON = {"activation_function": "relu", "do_layer_norm_before": True, "dropout": 0.1,
+              "attention_dropout": 0.0, "enable_bias": True, "pad_token_id": 1, "bos_token_id": 2,
+              "eos_token_id": 2, "tie_word_embeddings": True}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="model spec for unlearn.models.load_model [default: embedded]")
+    parser.add_argument("--shape", default="default", choices=("default", *SHAPES),
+                        help="the embedded model, or an OPT of the paper's sizes with random weights")
+    parser.add_argument("--model", default=None, help="model spec for unlearn.models.load_model "
+                        "[default: embedded; --shape default only]")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPE_VARIANT),
+                        help="run only the variant of this dtype (shorthand for --variants fp32 or bf16)")
+    parser.add_argument("--rows", default=None, help="'examples' (as they are) or a token count to lengthen "
+                        "them to [default: examples; 128 for the OPT shapes]")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (allocator, caches)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads [default: torch's choice]")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    parser.add_argument("--variants", default=None, help=f"comma-separated, each one of {VARIANTS} "
+                        f"with any of the modifiers +{', +'.join(MODIFIERS)} (e.g. bf16+ckpt) "
+                        "[default: all for --shape default; fp32,bf16 for the OPT shapes]")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one variant
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.model and args.shape != "default":
+        parser.error("--model and --shape opt-*: pick one")
+    if args.rows is None:
+        args.rows = "examples" if args.shape == "default" else "128"
+    if args.rows != "examples" and not (args.rows.isdigit() and int(args.rows) >= 16):
+        parser.error(f"--rows {args.rows}: 'examples' or a token count of at least 16")
+    if args.variants is None:
+        args.variants = (DTYPE_VARIANT[args.dtype] if args.dtype else
+                         ",".join(VARIANTS[:4]) if args.shape == "default" else "fp32,bf16")
+    elif args.dtype:
+        parser.error("--dtype and --variants: pick one")
+    return args
 
 
 def _log(message: str) -> None:
@@ -86,9 +162,23 @@ def matmul_gflops(dtype, n: int = 4096, reps: int = 3) -> float:
 
 # -- FLOPs of one step ----------------------------------------------------------------
 
+# The projections of a decoder layer by the role they play, in the two families the
+# FLOP count is written for (Llama-style and OPT): attention's inputs and output, the
+# feed-forward's inputs and output.
+ATTN_IN = ("q_proj", "k_proj", "v_proj")
+ATTN_OUT = ("o_proj", "out_proj")
+MLP_IN = ("gate_proj", "up_proj", "fc1")
+MLP_OUT = ("down_proj", "fc2")
+
+
+def decoder_layers(model):
+    """The decoder layers: model.model.layers (Llama-style) or model.model.decoder.layers (OPT)."""
+    inner = model.model
+    return inner.layers if hasattr(inner, "layers") else inner.decoder.layers
+
 
 def _linear_shapes(layer) -> dict[str, tuple[int, int]]:
-    """(in, out) of each projection of a Llama-style decoder layer, read from the modules themselves."""
+    """(in, out) of each projection of a Llama-style or OPT decoder layer, read from the modules themselves."""
     from torch import nn
 
     shapes = {}
@@ -98,9 +188,10 @@ def _linear_shapes(layer) -> dict[str, tuple[int, int]]:
             shapes[leaf] = (module.in_features, module.out_features)
         elif hasattr(module, "base") and isinstance(module.base, nn.Linear):  # a LoRALinear
             shapes[leaf] = (module.base.in_features, module.base.out_features)
-    expected = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    if set(shapes) != expected:
-        raise SystemExit(f"the FLOP count is written for Llama-style layers ({sorted(expected)}), got {sorted(shapes)}")
+    roles = [[p for p in group if p in shapes] for group in (ATTN_IN, ATTN_OUT, MLP_IN, MLP_OUT)]
+    known = {p for group in roles for p in group}
+    if set(shapes) != known or roles[0] != list(ATTN_IN) or len(roles[1]) != 1 or not roles[2] or len(roles[3]) != 1:
+        raise SystemExit(f"the FLOP count is written for Llama-style and OPT layers, got {sorted(shapes)}")
     return shapes
 
 
@@ -108,21 +199,22 @@ class FlopModel:
     """Per-token and per-position FLOP counts of the model, written out from its shapes.
 
     Only matrix multiplications count (2 FLOPs per multiply-add); norms, activations,
-    rotary embeddings, softmaxes and the loss are elementwise and left out. The
-    embedding lookup is a gather, not a matmul: it counts 0. The tied lm_head is a
-    matmul (2 d V per position), counted only at the positions `forward_logits`
-    computes it for (from `first_scored_position` on).
+    biases, dropout, rotary or learned position embeddings, softmaxes and the loss are
+    elementwise or gathers and left out. The embedding lookup is a gather, not a
+    matmul: it counts 0. The tied lm_head is a matmul (2 d V per position), counted
+    only at the positions `forward_logits` computes it for (from `first_scored_position` on).
 
-    Forward, per token of a layer: 2 (in x out) for each of q, k, v, o, gate, up,
-    down; attention scores QK^T and the weighted sum PV: 2 * 2 * H * hd per key
-    attended to (a causal row of length n attends to 1, 2, ..., n keys).
+    Forward, per token of a layer: 2 (in x out) for each projection (q, k, v, o, gate,
+    up, down on Llama; q, k, v, out, fc1, fc2 on OPT); attention scores QK^T and the
+    weighted sum PV: 2 * 2 * H * hd per key attended to (a causal row of length n
+    attends to 1, 2, ..., n keys).
     LoRA (enabled in the trainable forward only; the reference runs with adapters
     off): 2 r (in + out) per adapted projection per token.
 
     Backward, trainable forward only: activation gradients 2 (in x out) per
     projection whose input needs a gradient, i.e. one with a trainable weight
     upstream of it (autograd computes nothing below the first adapter: with LoRA
-    on every layer's MLP, layer 0's attention and its gate/up input gradients are
+    on every layer's MLP, layer 0's attention and its MLP-input gradients are
     skipped, and the lm_head's input gradient counts). Attention backward is 4
     matmuls of the forward's 2 sizes (dP, dV, dQ, dK): 2 x its forward, in layers
     whose q, k or v needs a gradient. Weight gradients: only LoRA's A and B
@@ -133,8 +225,9 @@ class FlopModel:
         from unlearn.lora import lora_modules
 
         config = model.config
-        self.layers = len(model.model.layers)
-        self.shapes = [_linear_shapes(layer) for layer in model.model.layers]
+        layers = decoder_layers(model)
+        self.layers = len(layers)
+        self.shapes = [_linear_shapes(layer) for layer in layers]
         self.hidden = config.hidden_size
         self.vocab = model.get_output_embeddings().weight.shape[0]
         self.heads = config.num_attention_heads
@@ -156,6 +249,9 @@ class FlopModel:
             mm = lambda p: 2 * shapes[p][0] * shapes[p][1]  # noqa: E731
             lora = lambda p: 2 * self.rank[(i, p)] * sum(shapes[p]) if (i, p) in self.rank else 0  # noqa: E731
             trained = lambda p: (i, p) in self.rank  # noqa: E731
+            attn_out = next(p for p in ATTN_OUT if p in shapes)
+            mlp_in = [p for p in MLP_IN if p in shapes]
+            mlp_out = next(p for p in MLP_OUT if p in shapes)
 
             def backward(p, input_needs_grad):
                 """Activation gradient of projection p (if its input needs one) + LoRA's weight and inner gradients."""
@@ -170,15 +266,15 @@ class FlopModel:
             for p in shapes:
                 fwd_base += mm(p)
                 fwd_lora += lora(p)
-            qkv_out = stream or any(trained(p) for p in ("q_proj", "k_proj", "v_proj"))
-            bwd += sum(backward(p, stream) for p in ("q_proj", "k_proj", "v_proj"))
+            qkv_out = stream or any(trained(p) for p in ATTN_IN)
+            bwd += sum(backward(p, stream) for p in ATTN_IN)
             attn_bwd_layers += qkv_out
-            bwd += backward("o_proj", qkv_out)
-            stream = qkv_out or trained("o_proj")
-            act_out = stream or trained("gate_proj") or trained("up_proj")
-            bwd += backward("gate_proj", stream) + backward("up_proj", stream)
-            bwd += backward("down_proj", act_out)
-            stream = act_out or trained("down_proj")
+            bwd += backward(attn_out, qkv_out)
+            stream = qkv_out or trained(attn_out)
+            act_out = stream or any(trained(p) for p in mlp_in)
+            bwd += sum(backward(p, stream) for p in mlp_in)
+            bwd += backward(mlp_out, act_out)
+            stream = act_out or trained(mlp_out)
         self.fwd_base, self.fwd_lora, self.bwd_layers = fwd_base, fwd_lora, bwd
         self.attn_bwd_layers = attn_bwd_layers
         self.head_needs_grad = stream
@@ -258,7 +354,65 @@ def step_flops(flop_model: FlopModel, calls: list) -> dict:
     return out
 
 
-# -- one variant, in its own process ----------------------------------------------------
+
+# -- the model and the rows ------------------------------------------------------------
+
+
+def build_model(args, dtype: str):
+    """(model in eval mode, tokenizer, name) for --shape: the embedded model, or a random-weight OPT."""
+    import torch
+
+    from unlearn.models import load_model, load_tokenizer, resolve_model_dir, torch_dtype
+
+    if args.shape == "default":
+        loaded = load_model(args.model, dtype=dtype, log=_log)
+        return loaded.model, loaded.tokenizer, loaded.name
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(**SHAPES[args.shape], **OPT_COMMON)
+    # Built in the target dtype: each weight is allocated once, in that dtype, and initialised in
+    # place (normal, std 0.02, as OPT's _init_weights), so no float32 copy exists on the way to bf16.
+    model = OPTForCausalLM._from_config(config, dtype=torch_dtype(dtype)).eval()
+    assert next(model.parameters()).dtype == torch_dtype(dtype) and torch.get_default_dtype() == torch.float32
+    tokenizer = load_tokenizer(resolve_model_dir(None, log=_log))  # the embedded SmolLM2 tokenizer (see top)
+    if len(tokenizer) > config.vocab_size:
+        raise SystemExit(f"the tokenizer's {len(tokenizer)} ids do not fit the model's vocabulary {config.vocab_size}")
+    return model, tokenizer, f"{args.shape} (random weights)"
+
+
+def read_rows(args, tokenizer):
+    """(forget, normal, max_length): the example rows, as they are or lengthened to --rows tokens.
+
+    Lengthened: each response is followed by the next normal responses (in file order,
+    wrapping) until prompt + response is at least N tokens; max_length N then cuts every
+    row to exactly N (encode_pair keeps the prompt and the start of the response, so a
+    forget row's answer span, near the start of its response, is still scored).
+    """
+    from dataclasses import replace
+
+    from unlearn.data import read_examples
+    from unlearn.train import TrainConfig
+
+    forget = read_examples(REPO / "examples" / "forget.jsonl")
+    normal = read_examples(REPO / "examples" / "normal.jsonl")
+    if args.rows == "examples":
+        return forget, normal, TrainConfig().max_length
+    n = int(args.rows)
+    filler = [e.response for e in normal]
+
+    def lengthen(example, start):
+        response, k = example.response, start
+        count = lambda text: len(tokenizer(example.prompt + " " + text)["input_ids"])  # noqa: E731
+        while count(response) < n + 8:  # + 8: the chat template's own tokens vary by family
+            response += " " + filler[k % len(filler)]
+            k += 1
+        return replace(example, response=response)
+
+    return ([lengthen(e, i) for i, e in enumerate(forget)],
+            [lengthen(e, i + 1) for i, e in enumerate(normal)], n)
+
+
+# -- where the memory goes -------------------------------------------------------------
 
 
 def _status_mb(field: str) -> float:
@@ -268,67 +422,177 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def reset_peak() -> None:
+    """Reset VmHWM to the current RSS (Linux: write 5 to /proc/self/clear_refs)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+class MemoryProbe:
+    """Per step: the peak RSS of its forwards + loss and of its backward + optimiser step, read apart.
+
+    The high-water mark is reset when `Unlearner.loss` starts and again when it
+    returns (its result, the loss graph, lives on into the backward), so
+    `forward_peak_mb` is the highest RSS while the forward passes and the loss run
+    and `backward_peak_mb` the highest during backward, clipping and the optimiser
+    step. The step's peak is the larger. Also counted, once per step:
+    - `saved_mb`: bytes autograd saves for the backward (every tensor packed by
+      saved_tensors_hooks, counted once per storage, parameters excluded): the
+      activations. Under gradient checkpointing transformers' own hooks take
+      over inside each layer, so only what they keep outside is counted;
+    - `logits_mb`: the logits each forward call returns, summed over the calls.
+    """
+
+    def __init__(self, model, unlearner):
+        import torch
+
+        self.torch = torch
+        self.param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.steps: list[dict] = []
+        self.current: dict = {}
+        self.saved: dict[int, int] = {}
+        inner_loss = unlearner.loss
+
+        def loss(rows):
+            reset_peak()
+            self.current["rss_before_loss_mb"] = _status_mb("VmRSS")
+            out = inner_loss(rows)
+            self.current["forward_peak_mb"] = _status_mb("VmHWM")
+            self.current["rss_after_loss_mb"] = _status_mb("VmRSS")
+            reset_peak()
+            return out
+
+        unlearner.loss = loss  # an instance attribute: step() calls self.loss(...)
+        model.register_forward_hook(self._logits)
+
+    def _logits(self, module, args, output):
+        self.current["logits_mb"] = self.current.get("logits_mb", 0.0) + output.logits.nbytes / 2**20
+
+    def _pack(self, tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.param_storages:
+            self.saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    def step(self, unlearner) -> dict:
+        self.current, self.saved = {}, {}
+        with self.torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
+            record = unlearner.step()
+        self.current["backward_peak_mb"] = _status_mb("VmHWM")
+        self.current["saved_mb"] = sum(self.saved.values()) / 2**20
+        self.steps.append(self.current)
+        return record
+
+    def summary(self, optimizer) -> dict:
+        state = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if self.torch.is_tensor(t))
+        worst = max(self.steps, key=lambda s: max(s["forward_peak_mb"], s["backward_peak_mb"]))
+        return {**{k: round(v, 1) for k, v in worst.items()}, "optimizer_state_mb": round(state / 2**20, 1)}
+
+
+# -- proposed library changes, measured before they are made --------------------------
+
+
+def apply_proposed(mods: set) -> None:
+    """Monkeypatch the PROPOSED changes named in MODS into this process (see MODIFIERS)."""
+    import torch
+
+    from unlearn import lora, train
+
+    if "math" in mods:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        inner_forward_logits = train.forward_logits
+
+        def forward_logits(model, batch, start):
+            low = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+            if not low:
+                return inner_forward_logits(model, batch, start)
+            with sdpa_kernel(SDPBackend.MATH):  # the backward runs where the forward chose
+                return inner_forward_logits(model, batch, start)
+
+        train.forward_logits = forward_logits
+    if "lora16" in mods:
+        def forward(self, x):
+            out = self.base(x)
+            if not self.enabled:
+                return out
+            a, b = self.lora_A.to(x.dtype), (self.lora_B * self.scaling).to(x.dtype)
+            return out + (self.dropout(x) @ a.t()) @ b.t()
+
+        lora.LoRALinear.forward = forward
+
+
+# -- one variant, in its own process ----------------------------------------------------
+
+
 def run_child(args) -> dict:
-    """Build the step as `unlearn run` does, time it, count its FLOPs, report peak RSS."""
+    """Build the step as `unlearn run` does, time it, count its FLOPs, report peak RSS and where it is."""
     variant = args.child
     rss_start = _status_mb("VmRSS")
     import copy
 
     import torch
 
-    from unlearn.data import read_examples
     from unlearn.lora import LoraSettings, attach_lora
-    from unlearn.models import enable_gradient_checkpointing, load_model
+    from unlearn.models import enable_gradient_checkpointing
     from unlearn.train import TrainConfig, Unlearner
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = TrainConfig()  # the defaults of `unlearn run`
-    forget = read_examples(REPO / "examples" / "forget.jsonl")
-    normal = read_examples(REPO / "examples" / "normal.jsonl")
+    bf16 = variant.startswith("bf16")
     rss_imported = _status_mb("VmRSS")
-    torch.manual_seed(config.seed)  # as run.py, before loading
-    loaded = load_model(args.model, dtype="bfloat16" if variant == "bf16" else "float32", log=_log)
-    model = loaded.model
+    torch.manual_seed(TrainConfig().seed)  # as run.py, before loading
+    model, tokenizer, name = build_model(args, "bfloat16" if bf16 else "float32")
+    forget, normal, max_length = read_rows(args, tokenizer)
+    config = TrainConfig(max_length=max_length)  # otherwise the defaults of `unlearn run`
+    # fp32 size of the weights, each counted once (the lm_head is tied to the embedding).
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     # The naive baseline's reference: a plain deep copy of the original model, as other code keeps it.
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if variant == "naive" else None
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if variant.split("+")[0] == "naive" else None
     attach_lora(model, LoraSettings(), seed=config.seed)
-    if variant == "ckpt":
+    mods = set(variant.split("+")[1:])
+    apply_proposed(mods)
+    if variant.startswith("ckpt") or "ckpt" in mods:
         enable_gradient_checkpointing(model)  # what `unlearn run --gradient-checkpointing` does
-    unlearner = Unlearner(model, loaded.tokenizer, forget, normal, config, reference_model=reference)
+    unlearner = Unlearner(model, tokenizer, forget, normal, config, reference_model=reference)
     flop_model = FlopModel(model)
     calls = []
     for m in {id(model): model, id(reference): reference}.values():
         if m is not None:
             record_forwards(m, calls)
+    probe = MemoryProbe(model, unlearner)
     per_step = []  # the forward calls of each step
     rss_loaded = _status_mb("VmRSS")
-    mm_dtype = torch.bfloat16 if variant == "bf16" else torch.float32
+    mm_dtype = torch.bfloat16 if bf16 else torch.float32
     mm_rates = [matmul_gflops(mm_dtype)]
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: load-time transients do not count
 
     records, seconds, tokens = [], [], []
     for i in range(args.warmup + args.steps):
         before_tokens = unlearner.tokens
         calls.clear()
         start = time.perf_counter()
-        records.append(unlearner.step())
+        records.append(probe.step(unlearner))
         elapsed = time.perf_counter() - start
         per_step.append(list(calls))
         if i >= args.warmup:
             seconds.append(elapsed)
             tokens.append(unlearner.tokens - before_tokens)
         _log(f"{variant}: step {i + 1} {elapsed:.2f} s loss {records[-1]['loss']:.4f}"
-             + (" (warm-up)" if i < args.warmup else ""))
-    peak = _status_mb("VmHWM")  # read before the matmul below, whose 3 x 64 MiB matrices are not the step's
+             + (" (warm-up)" if i < args.warmup else "") + f" load {os.getloadavg()[0]:.1f}")
+    # The steps' peak (the probe resets the high-water mark inside each step; the matmul
+    # below, whose 3 x 64 MiB matrices are not the step's, runs after it is read).
+    peak = max(max(s["forward_peak_mb"], s["backward_peak_mb"]) for s in probe.steps)
     mm_rates.append(matmul_gflops(mm_dtype))
     counts = [step_flops(flop_model, step_calls) for step_calls in per_step[args.warmup:]]
     total = sum(seconds)
     useful = sum(c["useful"] for c in counts)
     executed = sum(c["executed"] for c in counts)
+    weights_mb = params * 4 / 2**20
     return {
         "variant": variant,
+        "model": name,
+        "rows": args.rows,
         "threads": torch.get_num_threads(),
+        "params": params,
         "matmul_gflops": max(mm_rates),
         "step_s_median": statistics.median(seconds),
         "step_s_mean": total / len(seconds),
@@ -339,23 +603,31 @@ def run_child(args) -> dict:
         "achieved_gflops": statistics.median(c["useful"] / s for c, s in zip(counts, seconds)) / 1e9,
         "executed_gflops": statistics.median(c["executed"] / s for c, s in zip(counts, seconds)) / 1e9,
         "padding_waste": 1 - sum(c["real_tokens"] for c in counts) / sum(c["computed_tokens"] for c in counts),
+        "tokens_per_step": sum(c["real_tokens"] for c in counts) / len(counts),
         "loss_first_step": records[0]["loss"],
         "loss_by_step": [r["loss"] for r in records],
         "rss_start_mb": rss_start,
         "rss_imported_mb": rss_imported,
         "rss_loaded_mb": rss_loaded,
         "peak_rss_mb": peak,
+        "weights_fp32_mb": weights_mb,
+        "rss_over_weights": peak / weights_mb,
+        "memory": probe.summary(unlearner.optimizer),
+        "load_average_1min": os.getloadavg()[0],
     }
 
 
 def spawn(variant: str, args) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", variant,
-               "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", variant, "--shape", args.shape,
+               "--rows", args.rows, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     if args.threads:
         command += ["--threads", str(args.threads)]
     if args.model:
         command += ["--model", args.model]
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    env = dict(os.environ)
+    if "mmap" in variant.split("+")[1:]:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)  # a fixed value also turns off glibc's raising it
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
     if done.returncode != 0:
         raise SystemExit(f"variant {variant} failed (exit {done.returncode})")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -370,33 +642,52 @@ def main(argv=None):
         print(json.dumps(run_child(args)))
         return
     variants = [v for v in args.variants.split(",") if v]
-    if not set(variants) <= set(VARIANTS) or "fp32" not in variants:
-        raise SystemExit(f"--variants: a subset of {VARIANTS} that includes fp32")
+    for variant in variants:
+        base, *mods = variant.split("+")
+        if base not in VARIANTS or not set(mods) <= set(MODIFIERS):
+            raise SystemExit(f"--variants {variant}: expected one of {VARIANTS}, each with any of "
+                             f"the modifiers +{', +'.join(MODIFIERS)}")
+    if not variants:
+        raise SystemExit("--variants: none given")
     load_before = os.getloadavg()[0]
     runs = {}
     for variant in variants:
         _log(f"variant {variant} ...")
         runs[variant] = spawn(variant, args)
-    fp32 = runs["fp32"]
-    fp32_rate = fp32["matmul_gflops"]
+        _log(f"{variant}: {json.dumps(runs[variant])}")  # each variant's numbers survive a later failure
+    first = next(iter(runs.values()))
     result = {
-        "model": args.model or "SmolLM2-135M-Instruct (embedded)",
-        "threads": fp32["threads"],
+        "model": first["model"],
+        "shape": args.shape,
+        "rows": args.rows,
+        "tokens_per_step": round(first["tokens_per_step"], 1),
+        "params": first["params"],
+        "weights_fp32_mb": round(first["weights_fp32_mb"], 1),
+        "threads": first["threads"],
         "timed_steps": args.steps,
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
-        "matmul_fp32_gflops": round(fp32_rate, 1),
-        "step_s": round(fp32["step_s_median"], 3),
-        "tokens_per_s": round(fp32["tokens_per_s"], 1),
-        "useful_gflop_per_step": round(fp32["useful_gflop_per_step"], 1),
-        "executed_gflop_per_step": round(fp32["executed_gflop_per_step"], 1),
-        "padding_waste": round(fp32["padding_waste"], 3),
-        "achieved_gflops": round(fp32["achieved_gflops"], 1),
-        "mfu_fp32": round(fp32["achieved_gflops"] / fp32_rate, 3),
-        "mfu_fp32_executed": round(fp32["executed_gflops"] / fp32_rate, 3),
-        "loss_fp32_first_step": round(fp32["loss_first_step"], 5),
-        "peak_rss_mb": round(fp32["peak_rss_mb"], 1),
-        "rss_loaded_mb": round(fp32["rss_loaded_mb"], 1),
     }
+    # The fp32 variant's, or with --dtype bfloat16 (no fp32 variant) the first variant's; named beside it.
+    headline = "fp32" if "fp32" in runs else variants[0]
+    result["rss_over_weights"] = round(runs[headline]["rss_over_weights"], 3)
+    result["rss_over_weights_variant"] = headline
+    if "fp32" in runs:
+        fp32 = runs["fp32"]
+        fp32_rate = fp32["matmul_gflops"]
+        result.update({
+            "matmul_fp32_gflops": round(fp32_rate, 1),
+            "step_s": round(fp32["step_s_median"], 3),
+            "tokens_per_s": round(fp32["tokens_per_s"], 1),
+            "useful_gflop_per_step": round(fp32["useful_gflop_per_step"], 1),
+            "executed_gflop_per_step": round(fp32["executed_gflop_per_step"], 1),
+            "padding_waste": round(fp32["padding_waste"], 3),
+            "achieved_gflops": round(fp32["achieved_gflops"], 1),
+            "mfu_fp32": round(fp32["achieved_gflops"] / fp32_rate, 3),
+            "mfu_fp32_executed": round(fp32["executed_gflops"] / fp32_rate, 3),
+            "loss_fp32_first_step": round(fp32["loss_first_step"], 5),
+            "peak_rss_mb": round(fp32["peak_rss_mb"], 1),
+            "rss_loaded_mb": round(fp32["rss_loaded_mb"], 1),
+        })
     if "bf16" in runs:
         bf16 = runs["bf16"]
         bf16_rate = bf16["matmul_gflops"]
@@ -408,23 +699,33 @@ def main(argv=None):
             "mfu_bf16": round(bf16["achieved_gflops"] / bf16_rate, 3),
             "loss_bf16_first_step": round(bf16["loss_first_step"], 5),
             "bf16_peak_rss_mb": round(bf16["peak_rss_mb"], 1),
+            "bf16_rss_over_weights": round(bf16["rss_over_weights"], 3),
         })
     if "naive" in runs:
         naive = runs["naive"]
         result.update({
             "naive_step_s": round(naive["step_s_median"], 3),
             "naive_peak_rss_mb": round(naive["peak_rss_mb"], 1),
-            "rss_ratio_vs_two_copy": round(fp32["peak_rss_mb"] / naive["peak_rss_mb"], 3),
         })
+        if "fp32" in runs:
+            result["rss_ratio_vs_two_copy"] = round(runs["fp32"]["peak_rss_mb"] / naive["peak_rss_mb"], 3)
     if "ckpt" in runs:
         ckpt = runs["ckpt"]
         result.update({
             "ckpt_step_s": round(ckpt["step_s_median"], 3),
             "mfu_fp32_ckpt": round(ckpt["achieved_gflops"] / ckpt["matmul_gflops"], 3),
             "ckpt_peak_rss_mb": round(ckpt["peak_rss_mb"], 1),
+            "ckpt_rss_over_weights": round(ckpt["rss_over_weights"], 3),
         })
-        if "naive" in runs:  # ours with checkpointing against the two-copy step without (as other code runs)
-            result["rss_ratio_ckpt_vs_two_copy"] = round(ckpt["peak_rss_mb"] / runs["naive"]["peak_rss_mb"], 3)
+    # Every variant, the ones above included, under its own name.
+    result["variants"] = {v: {
+        "step_s": round(r["step_s_median"], 3), "mfu": round(r["achieved_gflops"] / r["matmul_gflops"], 3),
+        "matmul_gflops": round(r["matmul_gflops"], 1), "loss_first_step": round(r["loss_first_step"], 5),
+        "peak_rss_mb": round(r["peak_rss_mb"], 1), "rss_over_weights": round(r["rss_over_weights"], 3),
+        "load_average_1min": round(r["load_average_1min"], 2)} for v, r in runs.items()}
+    if "ckpt" in runs and "naive" in runs:  # ours with checkpointing against the two-copy step without
+        result["rss_ratio_ckpt_vs_two_copy"] = round(runs["ckpt"]["peak_rss_mb"] / runs["naive"]["peak_rss_mb"], 3)
+    result["memory"] = {v: {"rss_loaded_mb": round(r["rss_loaded_mb"], 1), **r["memory"]} for v, r in runs.items()}
     width = max(map(len, result))
     for key, value in result.items():
         print(f"{key:<{width}}  {value}")

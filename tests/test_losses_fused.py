@@ -90,3 +90,27 @@ def test_reference_logits_get_no_gradient():
     logits.requires_grad_(True)
     losses.kl_loss(reference, logits, labels).backward()
     assert reference.grad is None and logits.grad is not None
+
+
+def test_fused_kl_keeps_neither_logits_tensor_and_one_matrix_for_the_backward():
+    """The graph must not hold the logits (they are the largest tensors of a step at 50k vocab)."""
+    import weakref
+
+    reference, logits, labels = batch(300, rows=3, seq=12)
+    logits.requires_grad_(True)
+    cur = logits * 1.0  # a non-leaf, as the lm_head's output is
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        value = losses.kl_loss(reference, cur, labels)
+    scored = int((labels[:, 1:] != IGN).sum())
+    big = [t for t in saved if t.numel() >= 300]
+    assert [tuple(t.shape) for t in big] == [(scored, 300)]  # softmax(cur) - softmax(ref), nothing else
+    gone_ref, gone_cur = weakref.ref(reference), weakref.ref(cur)
+    del reference, cur
+    assert gone_ref() is None and gone_cur() is None
+    value.backward()
+    # No gradient at positions the KL does not score: prompt, padding, and each row's last position.
+    unscored = torch.ones(labels.shape, dtype=torch.bool)
+    unscored[:, :-1] = labels[:, 1:] == IGN
+    assert torch.count_nonzero(logits.grad[unscored]) == 0
+    assert torch.count_nonzero(logits.grad[~unscored]) > 0

@@ -96,21 +96,27 @@ def kl_loss(reference_logits: torch.Tensor, logits: torch.Tensor, labels: torch.
     cross-entropy against p_orig would not be, it would carry p_orig's entropy).
     Averaged over all response tokens of the batch.
     """
-    ref, _, mask = _shift(reference_logits, labels)
-    cur, _, _ = _shift(logits, labels)
+    mask = labels[:, 1:] != IGNORE_INDEX  # position t (of logits[:, :-1]) predicts label t+1
     if not mask.any():
         raise ValueError("no response tokens in this batch (is --max-length too small?)")
-    return _TokenKL.apply(ref[mask].detach(), cur[mask]).mean()
+    # Rows of the (batch * seq, vocab) view of the logits at the scored positions: indices, not
+    # a masked copy, so neither logits tensor is copied (each is ~batch x seq x 50k floats).
+    batch, seq = labels.shape
+    b, t = mask.nonzero(as_tuple=True)
+    rows = b * seq + t
+    return _TokenKL.apply(reference_logits.detach(), logits, rows).mean()
 
 
 class _TokenKL(torch.autograd.Function):
-    """Per-row KL(softmax(ref) || softmax(cur)) of two (tokens, vocab) logit matrices; gradient to cur only.
+    """Per-row KL(softmax(ref) || softmax(cur)) over the ROWS of two (batch, seq, vocab) logit tensors.
 
     The same arithmetic as log-softmax both, subtract, weight, sum, but over chunks of
-    rows, and the backward pass uses d KL / d cur = softmax(cur) - softmax(ref) (the
-    reference probabilities sum to 1) instead of autograd's saved copies: only the two
-    input matrices are kept, never the four or five vocabulary-wide float32
-    intermediates (each 49152 wide per token on SmolLM2) that autograd would hold.
+    rows, and the gradient, d KL / d cur = softmax(cur) - softmax(ref) (the reference
+    probabilities sum to 1), is made in the forward pass from the chunk's log-softmaxes
+    and kept, in the logits' dtype: one (rows, vocab) matrix is all that is kept for the
+    backward. Neither logits tensor is kept, so both are freed as soon as the caller
+    drops them (the reference's right after the loss), and no vocabulary-wide float32
+    intermediate outlives its chunk. Its gradient to `cur` is zero outside ROWS.
     """
 
     @staticmethod
@@ -119,23 +125,29 @@ class _TokenKL(torch.autograd.Function):
         return ((i, min(i + rows, n)) for i in range(0, n, rows))
 
     @staticmethod
-    def forward(ctx, ref: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(cur.shape[0], dtype=torch.float32, device=cur.device)
-        for i, j in _TokenKL._chunks(*cur.shape):
-            ref_logp = torch.log_softmax(ref[i:j].float(), dim=-1)
-            cur_logp = torch.log_softmax(cur[i:j].float(), dim=-1)
-            out[i:j] = (ref_logp.exp() * (ref_logp - cur_logp)).sum(dim=-1)
-        ctx.save_for_backward(ref, cur)
+    def forward(ctx, ref: torch.Tensor, cur: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        vocab = cur.shape[-1]
+        ref_flat, cur_flat = ref.reshape(-1, vocab), cur.reshape(-1, vocab)  # views of contiguous logits
+        out = torch.empty(rows.shape[0], dtype=torch.float32, device=cur.device)
+        diff = torch.empty(rows.shape[0], vocab, dtype=cur.dtype, device=cur.device)
+        for i, j in _TokenKL._chunks(rows.shape[0], vocab):
+            ref_logp = torch.log_softmax(ref_flat.index_select(0, rows[i:j]).float(), dim=-1)
+            cur_logp = torch.log_softmax(cur_flat.index_select(0, rows[i:j]).float(), dim=-1)
+            ref_p = ref_logp.exp()
+            out[i:j] = (ref_p * (ref_logp - cur_logp)).sum(dim=-1)
+            diff[i:j] = cur_logp.exp_() - ref_p
+        ctx.save_for_backward(diff, rows)
+        ctx.cur_shape = cur.shape
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ref, cur = ctx.saved_tensors
-        grad_cur = torch.empty_like(cur)
-        for i, j in _TokenKL._chunks(*cur.shape):
-            diff = torch.softmax(cur[i:j].float(), dim=-1) - torch.softmax(ref[i:j].float(), dim=-1)
-            grad_cur[i:j] = (grad[i:j, None] * diff).to(cur.dtype)
-        return None, grad_cur
+        diff, rows = ctx.saved_tensors
+        grad_cur = diff.new_zeros(ctx.cur_shape)
+        flat = grad_cur.view(-1, diff.shape[-1])
+        for i, j in _TokenKL._chunks(*diff.shape):
+            flat.index_copy_(0, rows[i:j], (grad[i:j, None] * diff[i:j]).to(diff.dtype))
+        return None, grad_cur, None
 
 
 def npo_loss(logprob: torch.Tensor, reference_logprob: torch.Tensor, beta: float = 0.1) -> torch.Tensor:

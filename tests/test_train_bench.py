@@ -1,0 +1,71 @@
+"""bench/train_bench.py: its FLOP count equals torch's own count, and its lengthened rows have the asked length."""
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import train_bench  # noqa: E402
+
+from unlearn.data import encode_pair  # noqa: E402
+from unlearn.lora import LoraSettings, attach_lora  # noqa: E402
+from unlearn.models import load_model  # noqa: E402
+
+
+@pytest.mark.parametrize("family", ["llama_dir", "opt_dir"])
+def test_flop_model_equals_torch_flop_counter_for_a_lora_step(family, request):
+    """Forward + backward with LoRA on the MLPs, logits from position 4: every matmul autograd runs.
+
+    With SDPA's math kernel, attention is two bmm's that torch's FlopCounterMode counts
+    (the CPU flash kernel has no FLOP formula); padded=True counts the full 12 x 12
+    attention square, as a padding-masked SDPA computes it.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = load_model(str(request.getfixturevalue(family))).model.train()
+    attach_lora(model, LoraSettings(), seed=0)
+    flop_model = train_bench.FlopModel(model)
+    ids = torch.randint(3, 50, (2, 12))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=torch.arange(4, 12)).logits
+        logits.sum().backward()
+    assert flop_model.rows([12, 12], 12, 4, trainable=True, padded=True) == counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), logits_to_keep=torch.arange(4, 12))
+    assert flop_model.rows([12, 12], 12, 4, trainable=False, padded=True) + 2 * 12 * flop_model.fwd_lora \
+        == counter.get_total_flops()  # adapters on in this no_grad pass: LoRA's forward counted too
+
+
+def test_lengthened_rows_have_exactly_the_asked_length(llama_dir):
+    tokenizer = load_model(str(llama_dir)).tokenizer
+    forget, normal, max_length = train_bench.read_rows(SimpleNamespace(rows="40"), tokenizer)
+    assert max_length == 40
+    for example in forget + normal:
+        assert len(encode_pair(tokenizer, example.prompt, example.response, max_length)["input_ids"]) == 40
+    assert forget[0].extra.get("answers")  # the forget rows keep their answer spans
+
+
+def test_report_keeps_its_json_keys(monkeypatch, capsys):
+    """The --json line: mfu_fp32 and mfu_bf16 (as before) and rss_over_weights, computed from the children's numbers."""
+    def child(variant, args):
+        rate = 100.0 if variant == "fp32" else 200.0
+        return {"variant": variant, "model": "m", "threads": 1, "params": 1000, "matmul_gflops": rate,
+                "step_s_median": 2.0, "tokens_per_s": 10.0, "useful_gflop_per_step": 100.0,
+                "executed_gflop_per_step": 110.0, "achieved_gflops": 50.0, "executed_gflops": 55.0,
+                "padding_waste": 0.1, "tokens_per_step": 20, "loss_first_step": -0.1, "peak_rss_mb": 12.0,
+                "rss_loaded_mb": 5.0, "weights_fp32_mb": 4000 / 2**20, "rss_over_weights": 3.0,
+                "memory": {}, "load_average_1min": 1.0}
+
+    monkeypatch.setattr(train_bench, "spawn", child)
+    train_bench.main(["--json", "--variants", "fp32,bf16"])
+    import json
+
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["mfu_fp32"] == 0.5 and result["mfu_bf16"] == 0.25
+    assert result["rss_over_weights"] == 3.0 and result["rss_over_weights_variant"] == "fp32"
+    assert set(result["variants"]) == {"fp32", "bf16"}
