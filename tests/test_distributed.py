@@ -153,7 +153,7 @@ def test_only_rank_0_prints_and_writes(runs, kind):
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # no second output, no temporary directory
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "model", "run.json"]
     assert stdout.count("judge: ") == 1 and stdout.count("merged model: ") == 1  # one table
-    assert stdout.splitlines()[0].split()[:3] == ["set", "n", "harmful"]
+    assert stdout.splitlines()[0].split()[:4] == ["set", "rows", "n", "harmful"]
     stderr = stderr.replace("\r", "\n")
     assert stderr.count("stopped after 40 steps") == 1 and stderr.count("step 2: forget leak rate") == 1
     assert "Traceback" not in stderr

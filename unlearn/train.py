@@ -299,9 +299,10 @@ class Unlearner:
         elif method == "npo":
             reference = self._reference_logits(f_batch, f_start)
             self.tokens += int(f_batch["attention_mask"].sum())
-            terms["npo"] = distributed.global_mean(
-                losses.npo_loss(losses.sequence_logprob(f_logits, f_labels),
-                                losses.sequence_logprob(reference, f_labels), config.npo_beta), f_labels, "rows")
+            # A mean over every row of this rank's share, and every rank has the same number of rows
+            # (--batch-size divides evenly), so the mean over ranks is already the global mean.
+            terms["npo"] = losses.npo_loss(losses.sequence_logprob(f_logits, f_labels),
+                                           losses.sequence_logprob(reference, f_labels), config.npo_beta)
             total = config.forget_weight * terms["npo"]
         else:
             # Under torchrun, means over a varying number of rows / tokens are made global (distributed.py).
