@@ -173,6 +173,10 @@ from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ROOT / "bench/scenarios"
+# The tool's own before/after evaluation is not used: one generated token per row makes it cheap.
+# Not `--eval-limit`: today the stop rule checks only the first --eval-limit forget rows, so
+# limiting the evaluation would change the training.
+CHEAP_EVAL = ["--max-new-tokens", "1"]
 PROBE_SETS = ("forget", "paraphrases", "neighbours", "same_subject", "unrelated")
 # Column name, result key, kind of measure ("leak": lower is better, else higher is better).
 COLUMNS = [("forget leak", "forget_leak"), ("paraphrase leak", "paraphrase_leak"),
@@ -308,8 +312,7 @@ def run_one(scenario: Scenario, spec: str | None, method: str, seed: int, run_ar
             threads: int, base: dict, keep_models: bool) -> dict:
     out_dir = work / f"{scenario.name}-{method}-s{seed}"
     cmd = unlearn_cli() + ["run", str(scenario.forget_file), str(scenario.normal_train), "--method", method,
-                           "--seed", str(seed), "-o", str(out_dir), "--force", "--json",
-                           "--eval-limit", "1", "--max-new-tokens", "1"]
+                           "--seed", str(seed), "-o", str(out_dir), "--force", "--json"] + CHEAP_EVAL
     if spec:
         cmd += ["--model", spec]
     cmd += shlex.split(run_args)
