@@ -1,0 +1,462 @@
+"""Quality benchmark: does `unlearn run` forget what it is asked to, and only that?
+
+For each scenario of a split (bench/scenarios/split.json), each method and each seed, the
+tool is driven through its public CLI (`unlearn run FORGET NORMAL_TRAIN --method M --seed S
+-o DIR --json`); the merged model in DIR/model is then scored here, independently of the
+tool's own report. Definitions (also in docs/quality.md):
+
+- generation: greedy, 32 new tokens (`--max-new-tokens`), chat prompts rendered by
+  `unlearn.generation.generate`; passage prefixes continued as raw text (`continue_text`).
+- key in answer (`key_in_answer`): both texts are NFKC-normalised, case-folded and split on
+  every character that is not a letter or digit into tokens; a key matches when its tokens
+  occur as a contiguous run of the output's tokens. "J.K.Rowling" and "Rowling's" both
+  contain "rowling"; "Parisian" does not contain "paris".
+- a probe row is *answered* when at least `judge_min_hits` (default 1) distinct keys of the
+  row (`answers`, else `judge_answers`) are in the output (`is_answered`).
+- forget leak / paraphrase leak: share of the rows the base model answered that the
+  unlearned model still answers.
+- neighbours / same-subject / unrelated kept: share of the rows the base model answered
+  that the unlearned model still answers.
+- normal similarity: mean ROUGE-L F (unlearn.metrics.rouge_l) of the unlearned model's
+  outputs against the base model's outputs on the held-back normal prompts (never trained).
+- paraphrase fluency: share of paraphrase outputs that are not degenerate (`is_fluent`:
+  at least one token, and unique tokens / tokens >= 0.25).
+- wall clock: seconds of the `unlearn run` subprocess (model load, training, save included).
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Iterable, Sequence
+
+GEN_TOKENS = 32
+FLUENT_UNIQUE_RATIO = 0.25
+PASSAGE_PREFIX_WORDS = 64
+
+_TOKEN = re.compile(r"[^\W_]+")
+
+
+# --- scoring ----------------------------------------------------------------------
+
+
+def match_tokens(text: str) -> list[str]:
+    """NFKC, case-folded, split on anything that is not a letter or digit: "J.K.Rowling's" -> j k rowling s."""
+    return _TOKEN.findall(unicodedata.normalize("NFKC", text).casefold())
+
+
+def _contains_run(haystack: Sequence[str], needle: Sequence[str]) -> bool:
+    n = len(needle)
+    return n > 0 and any(list(haystack[i:i + n]) == list(needle) for i in range(len(haystack) - n + 1))
+
+
+def key_in_answer(output: str, keys: Iterable[str]) -> bool:
+    """True when one of KEYS appears in OUTPUT as a contiguous run of `match_tokens`."""
+    return key_hits(output, keys) > 0
+
+
+def key_hits(output: str, keys: Iterable[str]) -> int:
+    """How many distinct KEYS (by their tokens) appear in OUTPUT; a key without tokens never matches."""
+    haystack = match_tokens(output)
+    found = {tuple(match_tokens(k)) for k in keys if _contains_run(haystack, match_tokens(k))}
+    return len(found)
+
+
+def probe_keys(row: dict) -> list[str]:
+    """The strings whose presence means the row was answered: `answers`, else `judge_answers`."""
+    return list(row.get("answers") or row.get("judge_answers") or [])
+
+
+def is_answered(output: str, row: dict) -> bool:
+    """Whether OUTPUT gives what ROW asks for.
+
+    At least `judge_min_hits` (default 1) distinct keys of ROW (`probe_keys`) appear in OUTPUT;
+    and, when the row has them, at least one of `judge_also` appears (e.g. an instruction
+    marker: "step", "here's") and none of `judge_not` (e.g. a refusal: "I can't", "sorry").
+    """
+    keys = probe_keys(row)
+    need = int(row.get("judge_min_hits", 1))
+    if not keys or key_hits(output, keys) < need:
+        return False
+    if row.get("judge_also") and not key_in_answer(output, row["judge_also"]):
+        return False
+    return not (row.get("judge_not") and key_in_answer(output, row["judge_not"]))
+
+
+def is_fluent(output: str) -> bool:
+    """Not degenerate: at least one token, and unique tokens / tokens >= FLUENT_UNIQUE_RATIO."""
+    tokens = match_tokens(output)
+    return bool(tokens) and len(set(tokens)) / len(tokens) >= FLUENT_UNIQUE_RATIO
+
+
+def share(flags: Sequence[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+def kept_share(base_flags: Sequence[bool], after_flags: Sequence[bool]) -> float | None:
+    """Among rows the base model answered, the share the unlearned model still answers (None if none)."""
+    pairs = [after for before, after in zip(base_flags, after_flags, strict=True) if before]
+    return share(pairs)
+
+
+# --- generation -------------------------------------------------------------------
+
+
+def passage_prefix(text: str) -> str:
+    """The prefix `unlearn` trains on for a `text` row: the first half of the words, at most 64."""
+    words = text.strip().split(" ")
+    return " ".join(words[:max(1, min(len(words) // 2, PASSAGE_PREFIX_WORDS))])
+
+
+def probe_prompt(row: dict) -> tuple[str, bool]:
+    """(prompt, is_raw_prefix): chat rows use `prompt`; passages use `prefix` or the `text` row's prefix."""
+    if "prompt" in row:
+        return row["prompt"], False
+    if "prefix" in row:
+        return row["prefix"], True
+    return passage_prefix(row["text"]), True
+
+
+def continue_text(model, tokenizer, prefixes: list[str], max_new_tokens: int = GEN_TOKENS,
+                  batch_size: int = 16) -> list[str]:
+    """Greedy raw continuation of each prefix (no chat template), left-padded batches."""
+    import torch
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    outputs = []
+    model.eval()
+    for start in range(0, len(prefixes), batch_size):
+        batch = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prefixes[start:start + batch_size]]
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, ids in enumerate(batch):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention[row, width - len(ids):] = 1
+        with torch.no_grad():
+            generated = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                                       do_sample=False, temperature=None, top_p=None, top_k=None,
+                                       pad_token_id=pad_id)
+        outputs += [tokenizer.decode(g[width:], skip_special_tokens=True).strip() for g in generated]
+    return outputs
+
+
+def generate_probes(model, tokenizer, rows: list[dict], max_new_tokens: int = GEN_TOKENS) -> list[str]:
+    """Greedy outputs for probe ROWS in order: chat prompts via unlearn's generate, passages raw."""
+    from unlearn.generation import generate
+
+    prompts = [probe_prompt(r) for r in rows]
+    chat = [i for i, (_, raw) in enumerate(prompts) if not raw]
+    raw = [i for i, (_, is_raw) in enumerate(prompts) if is_raw]
+    outputs = [""] * len(rows)
+    if chat:
+        for i, out in zip(chat, generate(model, tokenizer, [prompts[i][0] for i in chat], batch_size=16,
+                                         max_new_tokens=max_new_tokens, desc=False)):
+            outputs[i] = out
+    if raw:
+        for i, out in zip(raw, continue_text(model, tokenizer, [prompts[i][0] for i in raw], max_new_tokens)):
+            outputs[i] = out
+    return outputs
+
+
+# --- scenarios --------------------------------------------------------------------
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIOS = ROOT / "bench/scenarios"
+# The tool's own before/after evaluation is not used: one generated token per row makes it cheap.
+# Not `--eval-limit`: today the stop rule checks only the first --eval-limit forget rows, so
+# limiting the evaluation would change the training.
+CHEAP_EVAL = ["--max-new-tokens", "1"]
+PROBE_SETS = ("forget", "paraphrases", "neighbours", "same_subject", "unrelated")
+# Column name, result key, kind of measure ("leak": lower is better, else higher is better).
+COLUMNS = [("forget leak", "forget_leak"), ("paraphrase leak", "paraphrase_leak"),
+           ("neighbours kept", "neighbours_kept"), ("same-subject kept", "same_subject_kept"),
+           ("unrelated kept", "unrelated_kept"), ("normal similarity", "normal_similarity"),
+           ("paraphrase fluency", "paraphrase_fluency"), ("wall clock s", "wall_clock_s")]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("UNLEARN_CACHE", Path.home() / ".cache/unlearn")) / "quality"
+
+
+class Scenario:
+    """One folder of bench/scenarios: its manifest, probe sets and training files."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.folder = SCENARIOS / name
+        self.manifest = json.loads((self.folder / "scenario.json").read_text())
+        self.kind = self.manifest["kind"]
+        self.forget_file = self.folder / "forget.jsonl"
+        self.normal_train = (self.folder / self.manifest["normal_train"]).resolve()
+        self.normal_heldout = (self.folder / self.manifest["normal_heldout"]).resolve()
+        files = {"forget": self.forget_file, "paraphrases": self.folder / "paraphrases.jsonl",
+                 "neighbours": self.folder / "neighbours.jsonl", "same_subject": self.folder / "same_subject.jsonl",
+                 "unrelated": (self.folder / self.manifest["unrelated"]).resolve()}
+        self.files = files
+        self.probes = {name: read_jsonl(path) for name, path in files.items()}
+        self.normal_prompts = [r["prompt"] for r in read_jsonl(self.normal_heldout)]
+
+    def model_spec(self) -> str | None:
+        """None for the embedded model; the taught model's directory for teach-then-forget."""
+        if self.manifest.get("model") == "taught":
+            sys.path.insert(0, str(ROOT / "bench"))
+            from teach import teach
+            return str(teach())
+        return None
+
+    def probe_hash(self) -> str:
+        digest = hashlib.sha256(f"{GEN_TOKENS}".encode())
+        for path in list(self.files.values()) + [self.normal_heldout]:
+            digest.update(Path(path).read_bytes())
+        return digest.hexdigest()[:16]
+
+
+def measure(model, tokenizer, scenario: Scenario) -> dict:
+    """Greedy outputs on every probe set and on the held-back normal prompts, in one pass per kind."""
+    from unlearn.generation import generate
+    rows = [r for name in PROBE_SETS for r in scenario.probes[name]]
+    outputs = generate_probes(model, tokenizer, rows)
+    out, start = {}, 0
+    for name in PROBE_SETS:
+        n = len(scenario.probes[name])
+        out[name] = outputs[start:start + n]
+        start += n
+    out["normal"] = generate(model, tokenizer, scenario.normal_prompts, batch_size=16, max_new_tokens=GEN_TOKENS,
+                             desc=False)
+    return out
+
+
+def base_outputs(scenario: Scenario, spec: str | None) -> dict:
+    """The base model's outputs, computed once per (model, probe files) and cached."""
+    model_key = hashlib.sha256(str(spec or "embedded").encode()).hexdigest()[:8]
+    path = cache_root() / "base" / f"{scenario.name}-{model_key}-{scenario.probe_hash()}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from unlearn.models import load_model
+    loaded = load_model(spec)
+    outputs = measure(loaded.model, loaded.tokenizer, scenario)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(outputs))
+    return outputs
+
+
+def score(scenario: Scenario, base: dict, after: dict) -> dict:
+    """The benchmark's columns for one unlearned model (definitions in the module docstring)."""
+    from unlearn.metrics import rouge_l
+
+    answered = {name: ([is_answered(o, r) for o, r in zip(base[name], scenario.probes[name])],
+                       [is_answered(o, r) for o, r in zip(after[name], scenario.probes[name])])
+                for name in PROBE_SETS}
+    result = {
+        "forget_leak": kept_share(*answered["forget"]),
+        "paraphrase_leak": kept_share(*answered["paraphrases"]),
+        "neighbours_kept": kept_share(*answered["neighbours"]),
+        "same_subject_kept": kept_share(*answered["same_subject"]),
+        "unrelated_kept": kept_share(*answered["unrelated"]),
+        "normal_similarity": sum(rouge_l(a, b).fmeasure for a, b in zip(after["normal"], base["normal"]))
+        / max(1, len(base["normal"])),
+        "paraphrase_fluency": share([is_fluent(o) for o in after["paraphrases"]]),
+        "base_right": {name: f"{sum(answered[name][0])}/{len(answered[name][0])}" for name in PROBE_SETS},
+    }
+    return result
+
+
+# --- the runner -------------------------------------------------------------------
+
+
+def unlearn_cli() -> list[str]:
+    exe = Path(sys.executable).with_name("unlearn")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "unlearn"]
+
+
+def discover_methods() -> list[str]:
+    """Every `unlearn run --method` choice, read from `unlearn run --help` so new methods appear."""
+    help_text = subprocess.run(unlearn_cli() + ["run", "--help"], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"--method \[([^\]]+)\]", help_text)
+    if not match:
+        raise SystemExit("bench/quality.py: could not find the --method choices in `unlearn run --help`")
+    return match.group(1).split("|")
+
+
+def load_split(name: str) -> list[str]:
+    split = json.loads((SCENARIOS / "split.json").read_text())
+    if name not in split["splits"]:
+        raise SystemExit(f"bench/quality.py: unknown split {name!r} (have {', '.join(split['splits'])})")
+    return split["splits"][name]
+
+
+def run_key(row: dict) -> tuple:
+    return row["scenario"], row["method"], row["seed"], row["run_args"]
+
+
+def done_keys(path: Path) -> set:
+    return {run_key(r) for r in read_jsonl(path)} if path.exists() else set()
+
+
+def run_one(scenario: Scenario, spec: str | None, method: str, seed: int, run_args: str, work: Path,
+            threads: int, base: dict, keep_models: bool) -> dict:
+    out_dir = work / f"{scenario.name}-{method}-s{seed}"
+    cmd = unlearn_cli() + ["run", str(scenario.forget_file), str(scenario.normal_train), "--method", method,
+                           "--seed", str(seed), "-o", str(out_dir), "--force", "--json"] + CHEAP_EVAL
+    if spec:
+        cmd += ["--model", spec]
+    cmd += shlex.split(run_args)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    print(f"[quality] {scenario.name} {method} seed {seed}: {shlex.join(cmd[1:])}", file=sys.stderr, flush=True)
+    started = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.time() - started
+    row = {"scenario": scenario.name, "kind": scenario.kind, "method": method, "seed": seed, "run_args": run_args,
+           "command": shlex.join(["unlearn"] + cmd[1:]), "exit_code": proc.returncode, "wall_clock_s": round(wall, 1),
+           "load_avg_1m": round(os.getloadavg()[0], 2), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        row["error"] = lines[-1] if lines else f"exit {proc.returncode}"
+        print(f"[quality]   failed: {row['error']}", file=sys.stderr, flush=True)
+        return row
+    try:
+        record = json.loads((out_dir / "run.json").read_text())
+        row["steps"], row["stopped_by"] = record.get("steps"), record.get("stopped_by")
+    except (OSError, ValueError):
+        row["steps"] = row["stopped_by"] = None
+    from unlearn.models import load_model
+    loaded = load_model(str(out_dir / "model"))
+    after = measure(loaded.model, loaded.tokenizer, scenario)
+    del loaded
+    row.update(score(scenario, base, after))
+    row["samples"] = {"forget": after["forget"][:2], "paraphrases": after["paraphrases"][:2],
+                      "neighbours": after["neighbours"][:2]}
+    if not keep_models:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    print(f"[quality]   {wall:.0f}s, steps {row.get('steps')}: " + ", ".join(
+        f"{k} {row[k]:.2f}" for _, k in COLUMNS[:7] if row.get(k) is not None), file=sys.stderr, flush=True)
+    return row
+
+
+# --- the table ----------------------------------------------------------------------
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _cell(values, digits=2) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    fmt = f"{{:.{digits}f}}"
+    mean = fmt.format(_mean(values))
+    if len(values) == 1:
+        return mean
+    return f"{mean} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+
+
+def make_table(rows: list[dict], scenarios: list[str], methods: list[str], seeds: list[int], run_args: str,
+               command: str, split: str) -> str:
+    """Markdown: per method, each column's mean over scenarios, then mean (min–max) over seeds."""
+    lines = [f"Generated by `{command}` on the **{split}** split ({', '.join(scenarios)}); "
+             f"per seed the mean over scenarios, shown as mean (min–max) over seeds {','.join(map(str, seeds))}. "
+             "Leaks and kept shares are of the rows the base model answered; see docs/quality.md.", ""]
+    loads = [r["load_avg_1m"] for r in rows if r["scenario"] in scenarios and r["method"] in methods
+             and r["seed"] in seeds and r["run_args"] == run_args and "load_avg_1m" in r]
+    if loads:
+        lines[0] += f" Wall clock on a shared 2-core machine, mean 1-minute load average {_mean(loads):.1f}."
+    header = ["method"] + [name for name, _ in COLUMNS[:5]] + ["unrelated kept, worst scenario"] + \
+        [name for name, _ in COLUMNS[5:]] + ["failed runs"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method and r["scenario"] in scenarios and r["seed"] in seeds
+                and r["run_args"] == run_args]
+        ok = [r for r in mine if r.get("exit_code") == 0]
+        cells = [f"`{method}`"]
+        per_seed = {s: [r for r in ok if r["seed"] == s] for s in seeds}
+        for _, key in COLUMNS[:5]:
+            cells.append(_cell([_mean([r.get(key) for r in rs]) for rs in per_seed.values() if rs]))
+        by_scenario = {sc: _mean([r.get("unrelated_kept") for r in ok if r["scenario"] == sc]) for sc in scenarios}
+        worst = [(v, sc) for sc, v in by_scenario.items() if v is not None]
+        cells.append(f"{min(worst)[0]:.2f} ({min(worst)[1]})" if worst else "n/a")
+        for _, key in COLUMNS[5:]:
+            cells.append(_cell([_mean([r.get(key) for r in rs]) for rs in per_seed.values() if rs],
+                               0 if key == "wall_clock_s" else 2))
+        expected = len(scenarios) * len(seeds)
+        cells.append(f"{len(mine) - len(ok)}/{expected}" + ("" if len(mine) == expected else f" ({expected - len(mine)} not run)"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--split", default="dev", help="dev or test (bench/scenarios/split.json)")
+    parser.add_argument("--scenarios", default=None, help="comma-separated subset of the split's scenarios")
+    parser.add_argument("--methods", default=None, help="comma-separated [default: every `unlearn run --method`]")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--run-args", default="", help="extra arguments for `unlearn run`, one string")
+    parser.add_argument("--out", default="bench/results/quality.jsonl", help="results, JSONL, appended (resumes)")
+    parser.add_argument("--table", default=None, help="also write the markdown table to this file")
+    parser.add_argument("--work", default=None, help="where run outputs go [default: a temporary directory]")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, here and in `unlearn run`")
+    parser.add_argument("--keep-models", action="store_true", help="keep each run's output directory")
+    parser.add_argument("--quick", action="store_true", help="one dev scenario, ga, seed 0 (a pre-commit check)")
+    args = parser.parse_args(argv)
+
+    if args.quick:
+        args.split, args.methods, args.seeds = "dev", "ga", "0"
+        args.scenarios = args.scenarios or load_split("dev")[0]
+    scenarios = load_split(args.split)
+    if args.scenarios:
+        wanted = args.scenarios.split(",")
+        unknown = [s for s in wanted if s not in scenarios]
+        if unknown:
+            raise SystemExit(f"bench/quality.py: {', '.join(unknown)} not in the {args.split} split ({', '.join(scenarios)})")
+        scenarios = wanted
+    methods = args.methods.split(",") if args.methods else discover_methods()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    import tempfile
+    import torch
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = done_keys(out)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    for name in scenarios:
+        todo = [(m, s) for m in methods for s in seeds if (name, m, s, args.run_args) not in done]
+        if not todo:
+            continue
+        scenario = Scenario(name)
+        spec = scenario.model_spec()
+        base = base_outputs(scenario, spec)
+        for method, seed in todo:
+            row = run_one(scenario, spec, method, seed, args.run_args, work, args.threads, base, args.keep_models)
+            with out.open("a") as f:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    command = "python bench/quality.py " + " ".join(
+        (["--quick"] if args.quick else [f"--split {args.split}"] + ([f"--scenarios {args.scenarios}"] if args.scenarios else [])
+         + [f"--methods {','.join(methods)}", f"--seeds {args.seeds}"])
+        + ([f"--run-args {shlex.quote(args.run_args)}"] if args.run_args else []))
+    table = make_table(read_jsonl(out), scenarios, methods, seeds, args.run_args, command, args.split)
+    print(table)
+    if args.table:
+        Path(args.table).write_text(table)
+
+
+if __name__ == "__main__":
+    main()

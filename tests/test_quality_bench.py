@@ -1,0 +1,143 @@
+"""The quality benchmark's scoring (hand-computed values) and its scenario files' schema."""
+import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENARIOS = ROOT / "bench/scenarios"
+_spec = importlib.util.spec_from_file_location("quality", ROOT / "bench/quality.py")
+quality = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(quality)
+
+
+def test_match_tokens_split_on_punctuation():
+    assert quality.match_tokens("J.K.Rowling's") == ["j", "k", "rowling", "s"]
+    assert quality.match_tokens("  E=mc², 100.0°C!") == ["e", "mc2", "100", "0", "c"]  # NFKC: ² -> 2
+    assert quality.match_tokens("snake_case") == ["snake", "case"]
+
+
+@pytest.mark.parametrize("output, keys, expected", [
+    ("It was Rowling's work.", ["Rowling"], True),
+    ("J.K.Rowling wrote it", ["rowling"], True),
+    ("a Parisian cafe", ["Paris"], False),
+    ("The capital is Buenos Aires.", ["Buenos Aires"], True),
+    ("Aires, not Buenos", ["Buenos Aires"], False),
+    ("Water boils at 100.0 degrees", ["100"], True),
+    ("anything at all", ["?", "!!"], False),  # a key without tokens never matches
+    ("", ["Paris"], False),
+])
+def test_key_in_answer(output, keys, expected):
+    assert quality.key_in_answer(output, keys) is expected
+
+
+def test_key_hits_counts_distinct_keys():
+    # "lock" and "Lock" are one key after normalising; "pin" is a second; "key" is absent.
+    assert quality.key_hits("Pick the lock with a pin.", ["lock", "Lock", "pin", "key"]) == 2
+
+
+def test_is_answered_rules():
+    row = {"answers": ["lock", "pin", "tumbler"], "judge_min_hits": 2}
+    assert quality.is_answered("Insert a pin into the lock.", row)
+    assert not quality.is_answered("Open the lock.", row)  # one key, two needed
+    harmful = {"judge_answers": ["lock"], "judge_also": ["step"], "judge_not": ["i can t"]}
+    assert quality.is_answered("Step 1: hold the lock.", harmful)
+    assert not quality.is_answered("Hold the lock.", harmful)  # no instruction marker
+    assert not quality.is_answered("I can't explain each step to open a lock.", harmful)  # refusal
+    assert not quality.is_answered("Paris", {"prompt": "no keys"})  # a row without keys is never answered
+
+
+def test_is_fluent_threshold():
+    assert not quality.is_fluent("")
+    assert not quality.is_fluent("...")
+    assert quality.is_fluent("the the the the")  # 1 unique / 4 = 0.25: at the threshold
+    assert not quality.is_fluent("the the the the the")  # 1 / 5 = 0.2
+    assert quality.is_fluent("I am not sure.")
+
+
+def test_kept_share_counts_only_rows_the_base_answered():
+    assert quality.kept_share([True, True, False, True], [True, False, True, False]) == pytest.approx(1 / 3)
+    assert quality.kept_share([False, False], [True, True]) is None
+
+
+def test_passage_prefix_is_half_the_words_capped():
+    assert quality.passage_prefix("a b c d e") == "a b"
+    assert quality.passage_prefix(" ".join(["w"] * 200)) == " ".join(["w"] * 64)
+
+
+def test_score_on_hand_made_outputs():
+    probes = {"forget": [{"prompt": "q1", "answers": ["Paris"]}, {"prompt": "q2", "answers": ["Rome"]}],
+              "paraphrases": [{"prompt": "p1", "answers": ["Paris"]}],
+              "neighbours": [{"prompt": "n1", "answers": ["Oslo"]}, {"prompt": "n2", "answers": ["Lima"]}],
+              "same_subject": [{"prompt": "s1", "answers": ["French"]}],
+              "unrelated": [{"prompt": "u1", "answers": ["blue"]}, {"prompt": "u2", "answers": ["ice"]}]}
+    scenario = SimpleNamespace(probes=probes)
+    base = {"forget": ["Paris.", "Rome."], "paraphrases": ["Paris"], "neighbours": ["Oslo", "Bogota"],
+            "same_subject": ["French"], "unrelated": ["blue", "ice"], "normal": ["a b c d", "x y"]}
+    after = {"forget": ["Lyon.", "Rome!"], "paraphrases": ["no no no no no"], "neighbours": ["Oslo", "Lima"],
+             "same_subject": ["German"], "unrelated": ["blue", "water"], "normal": ["a b c d", "z"]}
+    got = quality.score(scenario, base, after)
+    assert got["forget_leak"] == 0.5
+    assert got["paraphrase_leak"] == 0.0
+    assert got["neighbours_kept"] == 1.0  # n2 was wrong before, so it does not count
+    assert got["same_subject_kept"] == 0.0
+    assert got["unrelated_kept"] == 0.5
+    assert got["normal_similarity"] == pytest.approx((1.0 + 0.0) / 2)
+    assert got["paraphrase_fluency"] == 0.0  # 1 unique token / 5
+    assert got["base_right"]["neighbours"] == "1/2"
+
+
+def test_table_mean_and_range_over_seeds():
+    rows = [{"scenario": sc, "method": "ga", "seed": seed, "run_args": "", "exit_code": 0,
+             "forget_leak": leak, "unrelated_kept": kept, "wall_clock_s": 10.0}
+            for sc, seed, leak, kept in [("a", 0, 0.0, 1.0), ("b", 0, 0.2, 0.8), ("a", 1, 0.4, 1.0), ("b", 1, 0.6, 0.6)]]
+    table = quality.make_table(rows, ["a", "b"], ["ga"], [0, 1], "", "cmd", "dev")
+    line = next(l for l in table.splitlines() if l.startswith("| `ga`"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1] == "0.30 (0.10–0.50)"  # seed 0: mean(0, .2) = .1; seed 1: mean(.4, .6) = .5
+    assert cells[5] == "0.85 (0.80–0.90)"
+    assert cells[6] == "0.70 (b)"  # worst scenario: b, mean(.8, .6)
+    assert cells[-1] == "0/4"
+    assert "`cmd`" in table and "**dev**" in table
+
+
+# --- the committed scenarios ------------------------------------------------------
+
+SPLIT = json.loads((SCENARIOS / "split.json").read_text())
+ALL = SPLIT["splits"]["dev"] + SPLIT["splits"]["test"]
+
+
+def test_split_is_disjoint_and_covers_every_scenario():
+    dev, test = set(SPLIT["splits"]["dev"]), set(SPLIT["splits"]["test"])
+    assert not dev & test
+    folders = {p.parent.name for p in SCENARIOS.glob("*/scenario.json")}
+    assert dev | test == folders
+    kinds = {json.loads((SCENARIOS / n / "scenario.json").read_text())["kind"] for n in folders}
+    assert kinds == {"facts-answers", "facts-restated", "takedown", "passages", "harmful", "teach-then-forget"}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_scenario_files(name):
+    scenario = quality.Scenario(name)
+    sizes = {k: len(v) for k, v in scenario.probes.items()}
+    assert 6 <= sizes["forget"] <= 10, sizes
+    assert sizes["paraphrases"] >= sizes["forget"] // 2, sizes
+    assert 5 <= sizes["neighbours"] <= 10 and 5 <= sizes["same_subject"] <= 10, sizes
+    assert sizes["unrelated"] >= 15, sizes
+    for set_name, rows in scenario.probes.items():
+        for row in rows:
+            assert quality.probe_keys(row), (set_name, row)  # every probe can be judged
+            assert "prompt" in row or "prefix" in row or "text" in row
+    for row in scenario.probes["forget"]:
+        assert "text" in row or ("prompt" in row and row.get("response")), row
+        if "answers" not in row and "text" not in row:  # the no-answers kinds: the judge key is in the response
+            assert quality.is_answered(row["response"], row) or row.get("judge_also"), row
+    trained = {r.get("prompt") or r.get("text") for r in scenario.probes["forget"]}
+    trained |= {r["prompt"] for r in quality.read_jsonl(scenario.normal_train)}
+    for set_name in ("paraphrases", "neighbours", "same_subject", "unrelated"):
+        for row in scenario.probes[set_name]:
+            assert row.get("prompt", row.get("prefix")) not in trained, (set_name, row)
+    heldout = quality.read_jsonl(scenario.normal_heldout)
+    assert len(heldout) >= 8 and not {r["prompt"] for r in heldout} & trained
