@@ -35,7 +35,7 @@ from unlearn.edit_rows import (keep_row, neighbour_prompts, probe_prompt, refusa
                                unlikely_rows, with_prefix)
 from unlearn.edit_solve import LowRankDelta, SecondMoment, least_squares_update
 from unlearn.edit_subject import Located, locate_subject, subject_last_token
-from unlearn.edit_target import TargetSettings, optimise_targets
+from unlearn.edit_target import TargetResult, TargetSettings, optimise_targets
 from unlearn.errors import UsageError
 
 TARGETS = ("refusal", "lower", "both")
@@ -50,11 +50,11 @@ class EditSettings:
     prefixes: tuple[str, ...] = ("", "Quick question: ")
     probes: tuple[str, ...] = ("{subject} is a", "Tell me about {subject}.")
     probe_tokens: int = 8  # original continuation of each probe kept under the KL
-    normal_weight: float = 1000.0  # weight of the normal text's mean key second moment
+    normal_weight: float = 1e4  # weight of the normal text's mean key second moment
     neighbour_weight: float = 1.0  # weight of each neighbour key (1 = as strong as one edited key)
     neighbours_per_fact: int = 4
     same_subject_weight: float = 0.0  # weight of each same-subject (probe / normal row) key
-    ridge: float = 1e-2  # times the mean diagonal of the normal second moment
+    ridge: float = 1.0  # times the mean diagonal of the normal second moment (see docs/edit.md)
     steps: int = 12
     lr: float = 0.2  # Adam step on the target shift, ~ this share of the residual's norm at the subject
     kl_weight: float = 1.0
@@ -138,8 +138,13 @@ def _keys_at(model, sequences, positions, groups, n_groups, layers, residual, se
 
 
 def edit_to_forget(model, tokenizer, forget: list[Example], normal: list[Example], settings: EditSettings | None = None,
-                   log=None) -> EditResult:
-    """Edit MODEL in place so that the FORGET facts are refused (see module doc)."""
+                   log=None, target_shift: torch.Tensor | None = None) -> EditResult:
+    """Edit MODEL in place so that the FORGET facts are refused (see module doc).
+
+    TARGET_SHIFT: the `target_shift` of an earlier result on the same rows with the same target
+    settings and last layer, to skip the target optimisation (ablations of the preservation
+    terms, or of the lower layers, share it).
+    """
     settings = settings or EditSettings()
     settings.validate()
     say = log or (lambda _m: None)
@@ -159,7 +164,7 @@ def edit_to_forget(model, tokenizer, forget: list[Example], normal: list[Example
     # Target rows: every wording of each fact, and the keep rows about its subject.
     clock = time.perf_counter()
     rows = []
-    for i, (ex, found) in enumerate(zip(forget, subjects)):
+    for i, (ex, found) in enumerate(zip(forget, subjects) if target_shift is None else ()):
         if settings.target in ("refusal", "both"):
             rows += refusal_rows(tokenizer, ex.prompt, found.subject, i, settings.refusal, settings.prefixes)
         if settings.target in ("lower", "both"):
@@ -176,11 +181,17 @@ def edit_to_forget(model, tokenizer, forget: list[Example], normal: list[Example
             fact_seqs.append(ids), fact_pos.append(pos), fact_group.append(i)
     n = len(forget)
     _, original_z = _keys_at(model, fact_seqs, fact_pos, fact_group, n, layers, top, settings, pad_id)
-    targets = optimise_targets(
-        model, rows, n, top, original_z.norm(dim=-1), pad_id,
-        TargetSettings(settings.steps, settings.lr, settings.unlikely_weight if settings.target != "refusal" else 0.0,
-                       settings.kl_weight, settings.decay, settings.clamp),
-        seed=settings.seed, log=log)
+    if target_shift is not None:
+        if tuple(target_shift.shape) != tuple(original_z.shape):
+            raise UsageError(f"target_shift has shape {tuple(target_shift.shape)}, expected {tuple(original_z.shape)}")
+        targets = TargetResult(target_shift, [float("nan")] * n, 0)
+    else:
+        targets = optimise_targets(
+            model, rows, n, top, original_z.norm(dim=-1), pad_id,
+            TargetSettings(settings.steps, settings.lr,
+                           settings.unlikely_weight if settings.target != "refusal" else 0.0,
+                           settings.kl_weight, settings.decay, settings.clamp),
+            seed=settings.seed, log=log)
     target_z = original_z + targets.deltas
     timings["targets"] = time.perf_counter() - clock
 

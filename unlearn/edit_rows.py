@@ -58,6 +58,9 @@ def probe_prompt(template: str, subject: str) -> str:
 def keep_row(model, tokenizer, prompt: str, subject: str, fact: int, continue_tokens: int, weight: float) -> Row:
     """PROMPT continued greedily by the original model; every position from the subject on is scored."""
     ids, pos = subject_last_token(tokenizer, prompt, subject)
+    if pos == 0:  # raw text that opens with the subject and a tokenizer that adds no BOS: start a document
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ids, pos = [start] + ids, 1
     if continue_tokens:
         out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
                              max_new_tokens=continue_tokens, do_sample=False, temperature=None, top_p=None,
