@@ -53,6 +53,7 @@ class EditSettings:
     normal_weight: float = 1e4  # weight of the normal text's mean key second moment
     neighbour_weight: float = 1.0  # weight of each neighbour key (1 = as strong as one edited key)
     neighbours_per_fact: int = 4
+    neighbour_tokens: str = "subject"  # subject: the neighbour's subject token only; all: every prompt token
     same_subject_weight: float = 0.0  # weight of each same-subject (probe / normal row) key
     ridge: float = 1.0  # times the mean diagonal of the normal second moment (see docs/edit.md)
     steps: int = 12
@@ -71,6 +72,8 @@ class EditSettings:
             raise UsageError(f"edit subject {self.subject!r}: expected auto, heuristic or trace")
         if min(self.normal_weight, self.neighbour_weight, self.same_subject_weight) < 0 or self.ridge <= 0:
             raise UsageError("edit weights must be >= 0 and the ridge > 0")
+        if self.neighbour_tokens not in ("subject", "all"):
+            raise UsageError(f"edit neighbour_tokens {self.neighbour_tokens!r}: expected subject or all")
         if self.steps < 1 or not self.prefixes:
             raise UsageError("edit needs at least one target step and one prefix")
 
@@ -226,6 +229,14 @@ def edit_to_forget(model, tokenizer, forget: list[Example], normal: list[Example
         for l in layers:
             k = keys[l].double()
             preserve[l] = preserve[l] + (k.T * weights) @ k
+    if settings.neighbour_tokens == "all" and neighbours:
+        # Every token of each neighbour prompt, not only its subject: the refusal can also reach a
+        # neighbour through the relation's tokens ("capital of").
+        seqs = [text_ids(tokenizer, p, None) for p in neighbours]
+        for _, mlp_in, _ in _batched(model, seqs, settings.batch_size, pad_id, layers, None):
+            for l in layers:
+                k = mlp_in[l].double()
+                preserve[l] = preserve[l] + settings.neighbour_weight * k.T @ k
     ridge = {l: settings.ridge * float(normal_moment[l].mean().diagonal().mean()) if normal_moment[l].count else
              settings.ridge for l in layers}
     timings["preserved_keys"] = time.perf_counter() - clock
