@@ -53,7 +53,7 @@ class EditSettings:
     normal_weight: float = 1e4  # weight of the normal text's mean key second moment
     neighbour_weight: float = 1.0  # weight of each neighbour key (1 = as strong as one edited key)
     neighbours_per_fact: int = 4
-    neighbour_tokens: str = "subject"  # subject: the neighbour's subject token only; all: every prompt token
+    neighbour_tokens: str = "all"  # all: every token of the neighbour prompts; subject: their subject token only
     same_subject_weight: float = 0.0  # weight of each same-subject (probe / normal row) key
     ridge: float = 1.0  # times the mean diagonal of the normal second moment (see docs/edit.md)
     steps: int = 12
