@@ -96,3 +96,28 @@ def test_the_table_labels_trained_and_held_out_rows(cli, tmp_path, llama_dir):
     assert lines[0].split()[:3] == ["set", "rows", "n"]
     assert lines[1].startswith("forget") and "trained, stop rule" in lines[1]
     assert "normal-heldout" in out and "held out" in out and "not a result" in out
+
+
+def test_method_edit_runs_end_to_end_and_writes_the_edited_model(cli, tmp_path, llama_dir):
+    from safetensors.torch import load_file
+
+    forget = write_jsonl(tmp_path / "forget.jsonl", FORGET)
+    normal = write_jsonl(tmp_path / "normal.jsonl", NORMAL)
+    code, out, err = cli("run", forget, normal, "--model", llama_dir, "--method", "edit", "-o", tmp_path / "o",
+                         "--max-new-tokens", "4", "--json")
+    assert code == 0, err
+    record = json.loads(out)
+    assert record["method"] == "edit" and record["stopped_by"] == "edit" and record["adapter"] is None
+    edited = load_file(tmp_path / "o" / "model" / "model.safetensors")
+    original = load_file(llama_dir / "model.safetensors")
+    changed = sorted(k for k in original if not torch_equal(edited[k], original[k]))
+    assert changed and all("mlp.down_proj" in k for k in changed)  # only the edited MLP output layers
+    code, _, err = cli("run", forget, normal, "--model", llama_dir, "--method", "edit", "--alpha", "0.5",
+                       "-o", tmp_path / "p")
+    assert code == 2 and "--method edit" in err
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)

@@ -65,10 +65,11 @@ def _command_line() -> str:
 @click.option("--model", default=None, envvar="UNLEARN_MODEL",
               help="HF directory, hub id or .gguf file [default: embedded SmolLM2-135M-Instruct; env UNLEARN_MODEL].")
 @click.option("--method", default="ga", show_default=True,
-              type=click.Choice(["ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr"]),
+              type=click.Choice(["ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr", "edit"]),
               help="ga: gradient ascent + KL; ga+mismatch: + random normal answers; ga+template: + a fixed "
                    "refusal; graddiff: ascent + NLL on normal; npo: negative preference optimisation + KL; "
-                   "ulmr: fine-tune on rewritten prompts with negative responses (+ KL), then average with α.")
+                   "ulmr: fine-tune on rewritten prompts with negative responses (+ KL), then average with α; "
+                   "edit: a MEMIT-style edit of a few MLP layers so that the facts are refused (docs/edit.md).")
 @click.option("-o", "--output", default=None, help="Output directory [default: runs/<timestamp>].")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--lr", type=float, default=None, help="Learning rate [default: 1e-3 with LoRA, 1e-5 with --full].")

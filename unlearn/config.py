@@ -16,7 +16,7 @@ from unlearn.errors import UsageError
 from unlearn.lora import LoraSettings
 from unlearn.metrics import MIN_K_PERCENT
 
-METHODS = ("ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr")
+METHODS = ("ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr", "edit")
 DEFAULT_TEMPLATE = "I can't help with that."
 
 # ULMR's fine-tune has a minimum, so it cannot collapse the way ascent does; but the last
@@ -140,7 +140,7 @@ class RunOptions:
             extra_steps=self.extra_steps if self.extra_steps is not None else (ULMR_EXTRA_STEPS if ulmr else
                                                                                self.train.extra_steps))
         train.validate()
-        if not self.full:
+        if self.adapters:
             self.lora.validate()
         models.torch_dtype(self.dtype)  # a typo in --dtype fails before anything is read or loaded
         if self.eval_limit < 1 or self.max_new_tokens < 1 or self.gen_batch_size < 1:
@@ -149,10 +149,18 @@ class RunOptions:
             raise UsageError(f"--normal-holdout {self.normal_holdout}: must be in [0, 1)")
         if self.save_every < 0:
             raise UsageError(f"--save-every {self.save_every}: must be 0 (off) or a number of steps")
+        if self.train.method == "edit" and (self.alpha is not None or self.resume or self.save_every or self.full):
+            raise UsageError("--method edit is one least-squares edit, not a training run: it takes no "
+                             "--alpha, --resume, --save-every or --full")
         if self.augmented is not None and not ulmr:
             raise UsageError("--augmented is ULMR's training data: use it with --method ulmr")
         return replace(self, train=train, alpha=self._alpha(ulmr, parse_alphas),
                        alpha_grid=self.alpha_grid or AUTO_GRID)
+
+    @property
+    def adapters(self) -> bool:
+        """Training goes through LoRA adapters (not --full, and not the edit, which changes weights directly)."""
+        return not self.full and self.train.method != "edit"
 
     def _alpha(self, ulmr: bool, parse_alphas):
         if self.alpha is None:

@@ -121,7 +121,7 @@ def _run_args(opts: RunOptions) -> dict:
         model = str(Path(model).expanduser().resolve())
     return {
         "train": opts.train.as_dict(),
-        "lora": None if opts.full else _lora_record(opts),
+        "lora": _lora_record(opts) if opts.adapters else None,
         "full": opts.full, "dtype": opts.dtype, "model": model,
         "data": {"forget": system.file_sha256(opts.forget), "normal": system.file_sha256(opts.normal),
                  **({"augmented": system.file_sha256(opts.augmented)} if opts.augmented else {})},
@@ -178,7 +178,7 @@ class Loaded:
     loaded: models.LoadedModel
     model: object
     tokenizer: object
-    reference_model: object | None  # --full: a frozen copy of the original; LoRA: None (adapters off)
+    reference_model: object | None  # --full and edit: a frozen copy of the original; LoRA: None (adapters off)
     device: object
     forward_model: object  # what the trainable forward goes through (DDP's wrapper under torchrun)
     measurer: Measurer  # measures MODEL as it is now (after training, at an α)
@@ -215,11 +215,11 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
             train_rows, augment_stats = distributed.main_decides(_augment)(opts, model, tokenizer, data.forget, log)
 
     reference_model = None
-    if opts.full:
-        # Full fine-tuning changes every weight, so the reference must be a frozen copy.
+    if not opts.adapters:
+        # Full fine-tuning and the edit change the weights themselves, so the reference is a frozen copy.
         reference_model = copy.deepcopy(model).eval().requires_grad_(False)
         for p in model.parameters():
-            p.requires_grad_(True)
+            p.requires_grad_(opts.full)
     else:
         attach_lora(model, opts.lora, seed=opts.train.seed)
     if opts.gradient_checkpointing:
@@ -297,6 +297,8 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log):
     """The training loop with the stop rule, checkpoints and resume (train.train)."""
     from unlearn.train import NonFiniteLoss, StopRequested, Unlearner, train
 
+    if opts.train.method == "edit":
+        return edit_model(opts, job, data, log)
     unlearner = Unlearner(job.model, job.tokenizer, job.train_rows, data.normal, opts.train,
                           reference_model=job.reference_model, forward_model=job.forward_model)
     loop_state = None
@@ -320,6 +322,21 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log):
     result.tokens = distributed.total(result.tokens)  # every process's tokens
     log(f"stopped after {result.steps} steps ({result.stopped_by}); {result.tokens_per_s:.0f} tokens/s")
     return result
+
+
+def edit_model(opts: RunOptions, job: Loaded, data: Prepared, log):
+    """--method edit: one locate-then-edit update of a few MLP output layers (edit.py), no training loop."""
+    from unlearn.edit import EditSettings, edit_to_forget
+    from unlearn.train import TrainResult
+
+    if distributed.world().active:
+        raise UsageError("--method edit runs in one process: launch it without torchrun")
+    t = time.perf_counter()
+    result = edit_to_forget(job.model, job.tokenizer, data.forget, data.normal, EditSettings(seed=opts.train.seed),
+                            log=log)
+    seconds = time.perf_counter() - t
+    log(f"edited layers {result.layers} in {seconds:.0f} s")
+    return TrainResult(steps=0, stopped_by="edit", seconds=seconds, tokens=0, history=[result.summary()])
 
 
 def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet):
@@ -458,7 +475,7 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "full": opts.full,
         "seed": opts.train.seed,
         "config": {**opts.train.as_dict(), "dtype": opts.dtype, "full": opts.full,
-                   "lora": None if opts.full else _lora_record(opts),
+                   "lora": _lora_record(opts) if opts.adapters else None,
                    "judge": job.measurer.judge.name, "max_new_tokens": opts.max_new_tokens,
                    "eval_limit": opts.eval_limit},
         "data": {name: {"path": str(Path(p).resolve()), "sha256": system.file_sha256(p), "rows": n}
@@ -513,7 +530,7 @@ def _unsharded(opts: RunOptions, trained: dict, averager):
                                  allow_pickle=opts.allow_pickle, log=quiet).model
 
     copy = base()
-    if not opts.full:
+    if opts.adapters:
         attach_lora(copy, opts.lora, seed=opts.train.seed)
     unexpected = copy.load_state_dict(trained["weights"], strict=False).unexpected_keys
     if unexpected:
@@ -550,13 +567,13 @@ def _write_outputs(opts, record, model, tokenizer, output, output_abs, replace_e
             from unlearn.tables import write_tables
 
             write_tables(tmp, record["alpha_selection"], log=log)
-        if not opts.full:
+        if opts.adapters:
             save_adapter(model, opts.lora, tmp / "adapter", base_model=record["base_model"])
             merge_lora(model)
         models.save_model(model, tokenizer, tmp / "model")
         record.update({
             "output": str(output_abs),
-            "adapter": None if opts.full else str(output_abs / "adapter"),
+            "adapter": str(output_abs / "adapter") if opts.adapters else None,
             "merged_model": str(output_abs / "model"),
             "peak_memory_mb": round(system.peak_memory_mb(device), 1),
             "wall_clock_s": round(time.perf_counter() - started, 3),
