@@ -107,11 +107,16 @@ def test_method_edit_runs_end_to_end_and_writes_the_edited_model(cli, tmp_path, 
                          "--max-new-tokens", "4", "--json")
     assert code == 0, err
     record = json.loads(out)
-    assert record["method"] == "edit" and record["stopped_by"] == "edit" and record["adapter"] is None
+    assert record["method"] == "edit" and record["stopped_by"] == "edit"
     edited = load_file(tmp_path / "o" / "model" / "model.safetensors")
     original = load_file(llama_dir / "model.safetensors")
     changed = sorted(k for k in original if not torch_equal(edited[k], original[k]))
     assert changed and all("mlp.down_proj" in k for k in changed)  # only the edited MLP output layers
+    # The update is also saved as a PEFT adapter: folding it into the base gives the edited model.
+    code, _, err = cli("merge", llama_dir, "--adapter", record["adapter"], "-o", tmp_path / "folded")
+    assert code == 0, err
+    folded = load_file(tmp_path / "folded" / "model.safetensors")
+    assert max((folded[k] - edited[k]).abs().max().item() for k in edited) < 1e-5
     code, _, err = cli("run", forget, normal, "--model", llama_dir, "--method", "edit", "--alpha", "0.5",
                        "-o", tmp_path / "p")
     assert code == 2 and "--method edit" in err

@@ -192,14 +192,36 @@ def adapter_config(settings: LoraSettings, base_model: str, targets: list[str]) 
 
 
 def save_adapter(model: nn.Module, settings: LoraSettings, directory: Path, base_model: str) -> None:
+    # The names that matched in this model (the defaults list several families' names).
+    targets = sorted({name.rsplit(".", 1)[-1] for name in lora_modules(model)})
+    _write_adapter(adapter_state_dict(model), adapter_config(settings, base_model, targets), directory)
+
+
+def save_factors(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], directory: Path, base_model: str) -> None:
+    """A weight update W + B·A per named module (scaling 1) as a PEFT LoRA adapter (`--method edit`).
+
+    Ranks are zero-padded to the largest, which leaves every B·A unchanged, so that one `r`
+    serves all modules; `lora_alpha` = r makes the scaling 1. Targets are the full module
+    names: only those modules, not every module of that kind, carry an update.
+    """
+    rank = max(a.shape[0] for a, _ in factors.values())
+    state = {}
+    for name, (a, b) in factors.items():
+        pad = rank - a.shape[0]
+        a = torch.cat([a.float(), a.new_zeros(pad, a.shape[1], dtype=torch.float32)])
+        b = torch.cat([b.float(), b.new_zeros(b.shape[0], pad, dtype=torch.float32)], dim=1)
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous().cpu()
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous().cpu()
+    settings = LoraSettings(rank=rank, alpha=float(rank), dropout=0.0, targets=tuple(sorted(factors)))
+    _write_adapter(state, adapter_config(settings, base_model, sorted(factors)), directory)
+
+
+def _write_adapter(state: dict, config: dict, directory: Path) -> None:
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state_dict(model), str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    # The names that matched in this model (the defaults list several families' names).
-    targets = sorted({name.rsplit(".", 1)[-1] for name in lora_modules(model)})
-    config = adapter_config(settings, base_model, targets)
+    save_file(state, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 

@@ -336,7 +336,8 @@ def edit_model(opts: RunOptions, job: Loaded, data: Prepared, log):
                             log=log)
     seconds = time.perf_counter() - t
     log(f"edited layers {result.layers} in {seconds:.0f} s")
-    return TrainResult(steps=0, stopped_by="edit", seconds=seconds, tokens=0, history=[result.summary()])
+    return TrainResult(steps=0, stopped_by="edit", seconds=seconds, tokens=0, history=[result.summary()],
+                       update=result.lora_factors())
 
 
 def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet):
@@ -448,7 +449,7 @@ def write(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, af
         try:
             _write_outputs(opts, record, model, job.tokenizer, data.output, output_abs, replace_existing, started,
                            job.device, averager=model_averager,
-                           augmented=job.train_rows if job.augment_stats else None, log=log)
+                           augmented=job.train_rows if job.augment_stats else None, update=result.update, log=log)
         except OSError as exc:
             root = checkpoint_root(data.output)
             kept = f"; the checkpoints in {root} are kept" if root.is_dir() else ""
@@ -543,8 +544,8 @@ def _unsharded(opts: RunOptions, trained: dict, averager):
 
 
 def _write_outputs(opts, record, model, tokenizer, output, output_abs, replace_existing, started, device, *,
-                   averager=None, augmented=None, log=default_log) -> None:
-    from unlearn.lora import merge_lora, save_adapter
+                   averager=None, augmented=None, update=None, log=default_log) -> None:
+    from unlearn.lora import merge_lora, save_adapter, save_factors
     from unlearn.outputs import atomic_output_dir, write_jsonl
 
     with atomic_output_dir(output, force=replace_existing) as tmp:
@@ -570,10 +571,12 @@ def _write_outputs(opts, record, model, tokenizer, output, output_abs, replace_e
         if opts.adapters:
             save_adapter(model, opts.lora, tmp / "adapter", base_model=record["base_model"])
             merge_lora(model)
+        elif update:  # --method edit: its update, loadable with peft or `unlearn merge --adapter`
+            save_factors(update, tmp / "adapter", base_model=record["base_model"])
         models.save_model(model, tokenizer, tmp / "model")
         record.update({
             "output": str(output_abs),
-            "adapter": str(output_abs / "adapter") if opts.adapters else None,
+            "adapter": str(output_abs / "adapter") if opts.adapters or update else None,
             "merged_model": str(output_abs / "model"),
             "peak_memory_mb": round(system.peak_memory_mb(device), 1),
             "wall_clock_s": round(time.perf_counter() - started, 3),

@@ -60,6 +60,7 @@ class TrainResult:
     seconds: float
     tokens: int  # non-padding tokens through forward passes (trainable + reference)
     history: list = field(default_factory=list)  # one dict per step: step, loss terms, lr
+    update: dict | None = None  # --method edit: {module name: (A, B)}, the weight change W + B·A
 
     @property
     def tokens_per_s(self) -> float:
