@@ -50,6 +50,23 @@ def test_lora_forward_formula_and_disabled_reference():
     assert torch.equal(layer(x), base(x))
 
 
+def test_lora_on_a_bf16_base_computes_in_bf16_and_trains_float32_weights():
+    torch.manual_seed(0)
+    base32 = torch.nn.Linear(6, 4)
+    layer32 = LoRALinear(base32, rank=2, alpha=6.0, dropout=0.0)
+    layer32.lora_B.data = torch.randn(4, 2)
+    base16 = torch.nn.Linear(6, 4).to(torch.bfloat16)
+    base16.load_state_dict({k: v.to(torch.bfloat16) for k, v in base32.state_dict().items()})
+    layer16 = LoRALinear(base16, rank=2, alpha=6.0, dropout=0.0)
+    layer16.lora_A.data, layer16.lora_B.data = layer32.lora_A.data.clone(), layer32.lora_B.data.clone()
+    x = torch.randn(3, 6)
+    out = layer16(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and layer16.lora_A.dtype == torch.float32
+    assert torch.allclose(out.float(), layer32(x), atol=0.1)  # bf16 keeps ~3 significant digits
+    out.float().sum().backward()
+    assert layer16.lora_B.grad is not None and layer16.lora_B.grad.dtype == torch.float32
+
+
 def test_adapters_disabled_restores_and_equals_base(llama_dir):
     model = fresh(llama_dir)
     base_logits = model(ids()).logits

@@ -89,7 +89,14 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         if not self.enabled:
             return out
-        update = (self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.t()) @ self.lora_B.t()
+        # The two small matmuls run in the activations' dtype: the rank-r weights are cast
+        # (r x d values), not every activation (tokens x d, forward and backward). On a bf16
+        # model the float32 copies of the activations were most of the step's casting time,
+        # and autograd kept them for the backward (~40 KB per token per layer at OPT-1.3B).
+        # The weights and their optimiser state stay float32; their gradients arrive
+        # rounded to bf16, as under autocast. In float32 every cast is a no-op: same numbers.
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        update = (self.dropout(x) @ a.t()) @ b.t()
         return out + (update * self.scaling).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
