@@ -400,6 +400,16 @@ def make_table(rows: list[dict], scenarios: list[str], methods: list[str], seeds
     return "\n".join(lines) + "\n"
 
 
+def replace_block(text: str, name: str, table: str) -> str:
+    """TEXT with the lines between `<!-- quality-table:NAME -->` and `<!-- /quality-table:NAME -->` replaced by TABLE."""
+    start, end = f"<!-- quality-table:{name} -->", f"<!-- /quality-table:{name} -->"
+    if text.count(start) != 1 or text.count(end) != 1 or text.index(start) > text.index(end):
+        raise SystemExit(f"bench/quality.py: README.md needs one `{start}` line followed by one `{end}` line")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    return f"{head}{start}\n{table.rstrip()}\n{end}{tail}"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--split", default="dev", help="dev or test (bench/scenarios/split.json)")
@@ -409,6 +419,8 @@ def main(argv=None) -> None:
     parser.add_argument("--run-args", default="", help="extra arguments for `unlearn run`, one string")
     parser.add_argument("--out", default="bench/results/quality.jsonl", help="results, JSONL, appended (resumes)")
     parser.add_argument("--table", default=None, help="also write the markdown table to this file")
+    parser.add_argument("--readme", default=None, metavar="NAME",
+                        help="also write the table into README.md between <!-- quality-table:NAME --> markers")
     parser.add_argument("--work", default=None, help="where run outputs go [default: a temporary directory]")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, here and in `unlearn run`")
     parser.add_argument("--keep-models", action="store_true", help="keep each run's output directory")
@@ -456,6 +468,9 @@ def main(argv=None) -> None:
     print(table)
     if args.table:
         Path(args.table).write_text(table)
+    if args.readme:
+        readme = ROOT / "README.md"
+        readme.write_text(replace_block(readme.read_text(), args.readme, table))
 
 
 if __name__ == "__main__":

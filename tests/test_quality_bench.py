@@ -141,3 +141,11 @@ def test_scenario_files(name):
             assert row.get("prompt", row.get("prefix")) not in trained, (set_name, row)
     heldout = quality.read_jsonl(scenario.normal_heldout)
     assert len(heldout) >= 8 and not {r["prompt"] for r in heldout} & trained
+
+
+def test_readme_block_is_replaced_between_its_markers_only():
+    text = "intro\n<!-- quality-table:test -->\nold table\n<!-- /quality-table:test -->\nrest\n"
+    out = quality.replace_block(text, "test", "| new |\n")
+    assert out == "intro\n<!-- quality-table:test -->\n| new |\n<!-- /quality-table:test -->\nrest\n"
+    with pytest.raises(SystemExit, match="quality-table:dev"):
+        quality.replace_block(text, "dev", "| new |")
