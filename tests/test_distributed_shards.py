@@ -214,9 +214,10 @@ def _fail(tmp_path, llama_dir, rank: int, hang: bool):
     return result, said, seconds
 
 
-# Measured on the shared 2-core machine: 2.6-3.1 s from the failure to torchrun's exit (poll 0.1 s,
-# settle 0.5 s, grace 1.5 s, then torchrun's own reaction). Without the failure notice a failing
-# rank whose teardown hangs held the other in all_reduce for as long as it hung (122 s for 120 s).
+# Measured on the shared 2-core machine (load average 8.6): 2.3-2.5 s from the failure to torchrun's
+# exit (poll 0.1 s, settle 0.5 s, grace 1.0 s, then torchrun's own reaction). Without the failure
+# notice a failing rank whose teardown hangs held the other in all_reduce for as long as it hung
+# (122.7 s for a 120 s hang).
 PROMPT_SECONDS = 20
 
 

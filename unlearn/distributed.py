@@ -211,7 +211,7 @@ def session(fsdp: bool = False, device: str | None = None):
 # long a failing rank waits for rank 0 to say that it printed the message.
 POLL_SECONDS = 0.1
 SETTLE_SECONDS = 0.5
-GRACE_SECONDS = 1.5
+GRACE_SECONDS = 1.0
 SHOWN_SECONDS = 5.0
 
 
