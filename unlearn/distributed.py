@@ -26,6 +26,20 @@ The design, in the order a run meets it:
   Errors in the input (data, options) are found identically by every rank before
   the first collective, so they need no agreement.
 
+- Failing alone. An error raised on one rank only (a file missing on one machine,
+  a bug) must not leave the others blocked in a collective: with NCCL, or when the
+  failing process's teardown hangs, they would wait for the process group's
+  30-minute timeout (measured with gloo and a teardown that hangs: the others
+  waited as long as it did). So every rank watches a flag in torchrun's key-value
+  store (`_Watch`): a rank that fails posts its one-line message there BEFORE
+  tearing anything down; every other rank's watcher sees it within POLL_SECONDS,
+  interrupts its main thread (a signal, whose handler raises `ElsewhereError`) and,
+  if that thread is stuck in a collective, ends the process after GRACE_SECONDS.
+  Rank 0 is the voice: it prints the failing rank's message ("unlearn: rank 1:
+  ...") and exits with its exit code; the failing rank, silenced, waits a moment
+  for rank 0 to confirm it printed and prints the line itself if rank 0 did not.
+  An error every rank meets alike is printed once, by rank 0, as its own.
+
 - Data. `--batch-size` stays the GLOBAL number of forget (and normal) rows per
   micro-batch. Every rank draws the same global batch from the same seeded stream
   (`train.Batches`, and the same random mismatch responses), and `shard_rows` keeps
@@ -52,6 +66,19 @@ The design, in the order a run meets it:
   Under DDP the reference forward goes through the unwrapped module, under no_grad:
   it never touches DDP's reducer.
 
+- Evaluation. Every rank runs the same measurements (the before/after tables, the stop
+  rule, the α grid), but under DDP each answers only its share of the prompts
+  (`sharded`): the generation batches one process would form (prompts sorted by
+  length, cut every --gen-batch-size) are dealt out whole, batch i to rank i mod K,
+  and the answers gathered on every rank in the caller's order. Whole batches,
+  because a greedy answer on CPU can depend on its batch (left padding sets the
+  width, and matmul kernels are picked by shape), so each batch must be the one a
+  single process forms; then the answers, and every score computed from them on
+  every rank, are those of one process. Likelihood scores are sharded the same way.
+  Under FSDP every forward is a collective over all ranks, so every rank answers
+  every prompt (as before); sampling is not sharded either (its random stream runs
+  through the batches in order).
+
 - Checkpoints have one format whatever the number of processes: full (gathered)
   trainable weights and optimiser tensors, written by rank 0 (`full`), loaded by
   every rank and re-sharded locally (`shard_like`). So a checkpoint of a K-process
@@ -63,6 +90,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -149,9 +179,8 @@ def session(fsdp: bool = False, device: str | None = None):
     import torch.distributed as dist
 
     rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK", 0)
-    # Errors that every rank meets alike (options, data) are said once, by rank 0. Another rank
-    # failing alone (a file missing on one machine) shows in torchrun's report; UNLEARN_DEBUG=1
-    # lets every rank print.
+    # Errors that every rank meets alike (options, data) are said once, by rank 0, which also
+    # relays the message of a rank failing alone (`_Watch`); UNLEARN_DEBUG=1 lets every rank print.
     saved_stderr = _silence() if rank != 0 and os.environ.get("UNLEARN_DEBUG") != "1" else None
     where = _pick_device(device, local_rank)
     backend = "nccl" if where.type == "cuda" else "gloo"
@@ -164,17 +193,181 @@ def session(fsdp: bool = False, device: str | None = None):
     except (ValueError, RuntimeError) as exc:
         raise UnlearnError(f"torch.distributed: could not join the process group ({exc})") from None
     _WORLD = World(rank=rank, size=size, local_rank=local_rank, fsdp=fsdp, device=where, backend=backend)
+    watch = _Watch(rank, size, saved_stderr if saved_stderr is not None else 2)
     try:
         yield _WORLD
-    except Exception as exc:
-        if saved_stderr is not None and not isinstance(exc, UnlearnError):
-            # Not an error every rank shares (those rank 0 reports): this rank's own crash.
-            first = (str(exc).strip().splitlines() or [""])[0]
-            os.write(saved_stderr, f"unlearn: rank {rank}: internal error: {type(exc).__name__}: {first}\n".encode())
+    except GeneratorExit:
         raise
+    except BaseException as exc:
+        raise watch.failed(exc) from None
     finally:
+        watch.stop()
         _WORLD = World()
         dist.destroy_process_group()
+
+
+# How often a rank looks for another's failure; how long it then lets its own error (if every
+# rank fails alike) or the interrupted main thread end the process before ending it itself; how
+# long a failing rank waits for rank 0 to say that it printed the message.
+POLL_SECONDS = 0.1
+SETTLE_SECONDS = 0.5
+GRACE_SECONDS = 1.0
+SHOWN_SECONDS = 5.0
+
+
+def _one_line(exc: BaseException) -> tuple[str, int]:
+    """What `cli.main` prints for EXC (without "unlearn: ") and the exit code it gives."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    if isinstance(exc, UnlearnError):
+        return first, exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", 130
+    return f"internal error: {type(exc).__name__}: {first} (set UNLEARN_DEBUG=1 for a traceback)", 1
+
+
+def _say(fd: int, line: str) -> None:
+    """LINE on its own line of FD, which may hold an unfinished progress bar (cleared on a terminal)."""
+    start = "\r\033[K" if os.isatty(fd) else "\n"
+    os.write(fd, f"{start}{line}\n".encode())
+
+
+class _Watch:
+    """One rank's side of the failure notices in torchrun's key-value store (see the module's "Failing alone").
+
+    Keys (prefixed per torchrun restart): "failures", a counter; "failure/N", the N-th failure
+    as "rank<TAB>exit code<TAB>message"; "shown", set by rank 0 once a failure was printed.
+    A thread polls the counter. The store is a separate client of the one the process group
+    uses (MASTER_ADDR:MASTER_PORT), so the thread never shares a connection with a collective.
+    If the store cannot be reached, nothing is watched: the collectives themselves then fail.
+    """
+
+    def __init__(self, rank: int, size: int, stderr_fd: int):
+        self.rank, self.size, self.stderr_fd = rank, size, stderr_fd
+        self.store = None
+        self.failing = threading.Event()  # this rank's main thread is on its way out
+        self.done = threading.Event()
+        self.elsewhere: tuple[int, int, str] | None = None  # (rank, exit code, message) of another rank
+        self.interruptible = False  # a SIGUSR1 handler of ours is installed in the main thread
+        self.previous_handler = None
+        try:
+            import torch.distributed as dist
+
+            restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                   timeout=datetime.timedelta(seconds=10))
+            self.store = dist.PrefixStore(f"unlearn/{restart}/", client)
+        except (KeyError, ValueError, RuntimeError):
+            return
+        if threading.current_thread() is threading.main_thread():
+            self.previous_handler = signal.signal(signal.SIGUSR1, self._interrupt)
+            self.interruptible = True
+        self.thread = threading.Thread(target=self._run, name="unlearn-failure-watch", daemon=True)
+        self.thread.start()
+
+    # --- the watching thread -------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self.done.wait(POLL_SECONDS):
+                if self.store.add("failures", 0):
+                    elsewhere = self._posted_elsewhere()
+                    if elsewhere is not None:
+                        return self._stop_for(elsewhere)
+        except Exception:  # noqa: BLE001 - the store is gone (the run is ending): stop watching
+            return
+
+    def _stop_for(self, elsewhere: tuple[int, int, str]) -> None:
+        """Another rank failed: end this one, through its main thread if possible, else at once."""
+        if self.failing.wait(SETTLE_SECONDS) or self.done.is_set():
+            return  # this rank fails too (an error every rank meets) and says so itself, or the run is over
+        self.elsewhere = elsewhere
+        if self.interruptible:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+        if self.done.wait(GRACE_SECONDS):
+            return
+        # The main thread is stuck (a collective waiting for the failed rank): say it and go.
+        self._say_elsewhere()
+        os._exit(elsewhere[1])
+
+    def _interrupt(self, signum, frame) -> None:
+        if self.elsewhere is not None and not self.failing.is_set():
+            raise ElsewhereError(f"rank {self.elsewhere[0]}: {self.elsewhere[2]}", self.elsewhere[1])
+
+    # --- the main thread's way out ---------------------------------------------------
+
+    def _say_elsewhere(self) -> None:
+        """Rank 0 prints the failing rank's message (the others are silent), then tells it so."""
+        rank, _, message = self.elsewhere
+        if self.rank == 0:
+            _say(self.stderr_fd, f"unlearn: rank {rank}: {message}")
+            self._mark_shown()
+
+    def _mark_shown(self) -> None:
+        with contextlib.suppress(Exception):
+            self.store.set("shown", "1")
+
+    def failed(self, exc: BaseException) -> BaseException:
+        """The exception the session re-raises for EXC, after telling the other ranks (and printing) as needed."""
+        self.failing.set()
+        if self.store is None:
+            return exc
+        message, code = _one_line(exc)
+        if self.elsewhere is None and not isinstance(exc, UnlearnError):
+            # A collective broken because another rank failed (and left) is that rank's failure;
+            # the same error on both (a bug every rank meets) is this rank's own.
+            posted = self._posted_elsewhere()
+            if posted is not None and posted[2] != message:
+                self.elsewhere = posted
+        if self.elsewhere is not None:
+            # Rank 0 prints the failing rank's line here (and exits with that rank's code) rather
+            # than letting the command line print this rank's consequence of it.
+            self._say_elsewhere()
+            return SystemExit(self.elsewhere[1])
+        if isinstance(exc, (ElsewhereError, SystemExit)):
+            return exc  # rank 0's own error, which every rank already knows (`on_main`)
+        try:
+            n = self.store.add("failures", 1)
+            self.store.set(f"failure/{n}", f"{self.rank}\t{code}\t{message}")
+        except Exception:  # noqa: BLE001 - no store: the other ranks learn it from the collectives
+            return exc
+        if self.rank == 0:
+            # Printed here, not by the command line after the teardown, which can hang (NCCL).
+            if os.environ.get("UNLEARN_DEBUG") == "1":
+                return exc  # the command line shows the traceback
+            _say(self.stderr_fd, f"unlearn: {message}")
+            self._mark_shown()
+            return SystemExit(code)
+        else:
+            deadline = time.monotonic() + SHOWN_SECONDS
+            while time.monotonic() < deadline and not self._shown():
+                time.sleep(POLL_SECONDS / 2)
+            if not self._shown():  # rank 0 is gone or stuck: say it here
+                _say(self.stderr_fd, f"unlearn: rank {self.rank}: {message}")
+        return exc
+
+    def _posted_elsewhere(self) -> tuple[int, int, str] | None:
+        """The first failure another rank posted, if any."""
+        try:
+            for n in range(1, self.store.add("failures", 0) + 1):
+                rank, code, message = self.store.get(f"failure/{n}").decode().split("\t", 2)
+                if int(rank) != self.rank:
+                    return int(rank), int(code), message
+        except Exception:  # noqa: BLE001
+            pass
+        return None
+
+    def _shown(self) -> bool:
+        try:
+            return self.store.check(["shown"])
+        except Exception:  # noqa: BLE001
+            return False
+
+    def stop(self) -> None:
+        self.done.set()
+        if self.interruptible:
+            signal.signal(signal.SIGUSR1, self.previous_handler if self.previous_handler is not None
+                          else signal.SIG_DFL)
 
 
 def _silence() -> int:
@@ -265,6 +458,44 @@ def average(logged: dict[str, float]) -> dict[str, float]:
     return {**logged, **{k: v / _WORLD.size for k, v in zip(keys, values)}}
 
 
+# --- evaluation: whole batches dealt out, answers gathered ------------------------------------
+
+
+def shares_work() -> bool:
+    """Whether this world splits evaluation rows between the ranks (DDP; not FSDP, whose forwards need every rank)."""
+    return _WORLD.active and not _WORLD.fsdp
+
+
+def sharded(n: int, batches, work) -> list:
+    """WORK(indices) -> one value per index, for N rows; returns the N values, in row order, on every rank.
+
+    BATCHES() gives the batches one process would form over the N rows (lists of row
+    indices, every batch full but the last, in the order one process runs them). Rank r
+    runs batches r, r+K, r+2K, ... in one call of WORK, with the indices in that order,
+    so that WORK, cutting them into batches the same way, forms exactly those batches;
+    the values are then gathered (all_gather_object: any backend). One process, or FSDP,
+    calls WORK(range(N)) once, as before.
+    """
+    if not shares_work():
+        return work(list(range(n)))
+    import torch.distributed as dist
+
+    mine = [i for batch in batches()[_WORLD.rank::_WORLD.size] for i in batch]
+    values = work(mine) if mine else []
+    if len(values) != len(mine):
+        raise RuntimeError(f"sharded work returned {len(values)} values for {len(mine)} rows")
+    shares = [None] * _WORLD.size
+    dist.all_gather_object(shares, (mine, list(values)))
+    result, filled = [None] * n, 0
+    for indices, share in shares:
+        for i, value in zip(indices, share):
+            result[i] = value
+        filled += len(indices)
+    if filled != n:
+        raise RuntimeError(f"sharded work covered {filled} of {n} rows")
+    return result
+
+
 # --- the data and the loss -----------------------------------------------------
 
 
@@ -317,6 +548,8 @@ def wrap(model, reference_model=None):
     """
     if not _WORLD.active:
         return model
+    if not any(p.requires_grad for p in model.parameters()):
+        return model  # nothing trains (--method edit, which refuses torchrun itself): nothing to synchronise
     if _WORLD.fsdp:
         _shard(model)
         if reference_model is not None:

@@ -14,6 +14,12 @@ An evaluation set (`EvalSet`) is a named list of rows of one kind:
               forget row (forget content surfacing in answers to other prompts).
 
 The metrics themselves are defined in `evaluate.evaluate_outputs` and `metrics`.
+
+Under torchrun (DDP) every rank measures the same sets, but generates the answers, and
+scores the likelihoods, of its share of the batches only (`distributed.sharded`); the
+values are gathered on every rank before anything is scored, so every rank computes the
+same figures, those of one process. `generation_batches` and `scoring_batches` say which
+batches one process forms (they must: a greedy answer can depend on its batch).
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from unlearn import distributed
 from unlearn.errors import UnlearnError
+from unlearn.evaluate import Scorer
 from unlearn.metrics import MIN_K_PERCENT
 
 KINDS = ("forget", "retain")
@@ -96,6 +104,41 @@ class Measured:
     rows: list
 
 
+def _cut(order: list[int], batch_size: int) -> list[list[int]]:
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def generation_batches(tokenizer, prompts: list[str], batch_size: int) -> list[list[int]]:
+    """The batches `generation.generate` forms over PROMPTS: indices sorted by rendered prompt length
+    (a stable sort: equal lengths keep their order), cut every BATCH_SIZE."""
+    from unlearn.data import encode_prompt
+
+    lengths = [len(encode_prompt(tokenizer, p)) for p in prompts]
+    return _cut(sorted(range(len(prompts)), key=lengths.__getitem__), batch_size)
+
+
+def scoring_batches(tokenizer, pairs: list[tuple[str, str]], batch_size: int) -> list[list[int]]:
+    """The batches `evaluate.response_logprobs` forms over PAIRS (at its default max_length): indices
+    sorted by encoded pair length (stable), cut every BATCH_SIZE."""
+    import inspect
+
+    from unlearn.data import encode_pair
+    from unlearn.evaluate import response_logprobs
+
+    max_length = inspect.signature(response_logprobs).parameters["max_length"].default
+    lengths = [len(encode_pair(tokenizer, p, r, max_length)["input_ids"]) for p, r in pairs]
+    return _cut(sorted(range(len(pairs)), key=lengths.__getitem__), batch_size)
+
+
+class ShardedScorer(Scorer):
+    """A `Scorer` whose forward passes are shared out between the ranks under torchrun (whole batches)."""
+
+    def logprobs(self, pairs):
+        pairs = list(pairs)
+        return distributed.sharded(len(pairs), lambda: scoring_batches(self.tokenizer, pairs, self.batch_size),
+                                   lambda indices: super(ShardedScorer, self).logprobs([pairs[i] for i in indices]))
+
+
 class Measurer:
     """Measures MODEL on sets; the model's current state (adapters on or off, an α) decides what is measured.
 
@@ -106,7 +149,7 @@ class Measurer:
 
     def __init__(self, model, tokenizer, settings: Settings, *, judge=None, fluency_scorer=None, against=(),
                  fingerprint: str | None = None):
-        from unlearn.evaluate import Scorer, SimilarityJudge
+        from unlearn.evaluate import SimilarityJudge
 
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         # The identity of MODEL's weights (and of the fluency model's), as `measure_cache` keys it:
@@ -114,7 +157,7 @@ class Measurer:
         self.fingerprint = fingerprint
         self.reused = 0  # sets read back from the cache
         self.judge = judge if judge is not None else SimilarityJudge()
-        self.scorer = Scorer(model, tokenizer, batch_size=settings.batch_size)
+        self.scorer = ShardedScorer(model, tokenizer, batch_size=settings.batch_size)
         self.fluency_scorer = fluency_scorer
         self.against = self.clipped(list(against))
         self._references: dict[str, list] = {}
@@ -142,12 +185,22 @@ class Measurer:
         return self._references[s.name]
 
     def answer(self, s: EvalSet, desc=False, stop_row=None) -> list[str]:
+        """S's answers; under torchrun each rank generates its share of the batches (`distributed.sharded`)."""
         from unlearn.generation import generate
 
         st = self.settings
-        return generate(self.model, self.tokenizer, [e.prompt for e in s.examples], batch_size=st.batch_size,
-                        max_new_tokens=st.max_new_tokens, do_sample=st.do_sample, temperature=st.temperature,
-                        top_p=st.top_p, seed=st.seed, desc=desc, stop_row=stop_row)
+        prompts = [e.prompt for e in s.examples]
+
+        def work(indices: list[int]) -> list[str]:
+            row_stop = None if stop_row is None else (lambda j, text: stop_row(indices[j], text))
+            return generate(self.model, self.tokenizer, [prompts[i] for i in indices], batch_size=st.batch_size,
+                            max_new_tokens=st.max_new_tokens, do_sample=st.do_sample, temperature=st.temperature,
+                            top_p=st.top_p, seed=st.seed, desc=desc, stop_row=row_stop)
+
+        if st.do_sample:  # one random stream runs through the batches in order: not shared out
+            return work(list(range(len(prompts))))
+        return distributed.sharded(len(prompts), lambda: generation_batches(self.tokenizer, prompts, st.batch_size),
+                                   work)
 
     def score(self, s: EvalSet, outputs: list[str], baseline: list[str] | None = None) -> Measured:
         """The metrics of OUTPUTS on S; BASELINE are the original model's outputs (similarity)."""
@@ -194,26 +247,27 @@ class Measurer:
                 against=self.against, baseline=baseline, own_baseline=own_baseline,
                 generation=[st.max_new_tokens, st.batch_size, st.do_sample, st.temperature, st.top_p, st.seed],
                 scores=[st.likelihood, st.min_k, st.members, st.holdout, getattr(st.reward_model, "path", None)])
-            hit = measure_cache.load(k)
+            # Rank 0 reads the cache and every rank takes its answer: ranks on other machines (another
+            # cache, or none) must still measure, or skip, together.
+            hit = distributed.on_main(lambda: measure_cache.load(k))
             if hit is not None:
                 self.reused += 1
                 return Measured(**hit)
         outputs = self.answer(s, desc=f"{label}: {s.name}" if label else False)
         measured = self.score(s, outputs, outputs if own_baseline else baseline)
-        if k is not None:
+        if k is not None and distributed.world().is_main:  # every rank holds the same measurement
             measure_cache.store(k, {"summary": measured.summary, "outputs": measured.outputs, "rows": measured.rows})
         return measured
 
 
 def original_scorer(model, tokenizer, reference_model, batch_size: int):
     """Likelihoods under the original model: the frozen copy (--full), or MODEL with its adapters off."""
-    from unlearn.evaluate import Scorer
     from unlearn.lora import adapters_disabled
 
     if reference_model is not None:
-        return Scorer(reference_model, tokenizer, batch_size=batch_size)
+        return ShardedScorer(reference_model, tokenizer, batch_size=batch_size)
 
-    class AdaptersOffScorer(Scorer):
+    class AdaptersOffScorer(ShardedScorer):
         def logprobs(self, pairs):
             with adapters_disabled(self.model):
                 return super().logprobs(pairs)
