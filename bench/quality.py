@@ -308,6 +308,18 @@ def done_keys(path: Path) -> set:
     return {run_key(r) for r in read_jsonl(path)} if path.exists() else set()
 
 
+def git_commit() -> str | None:
+    """The checkout's commit (with "+dirty" when files differ from it), so a result line says what code made it."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "unlearn"],
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def run_one(scenario: Scenario, spec: str | None, method: str, seed: int, run_args: str, work: Path,
             threads: int, base: dict, keep_models: bool) -> dict:
     out_dir = work / f"{scenario.name}-{method}-s{seed}"
@@ -323,7 +335,8 @@ def run_one(scenario: Scenario, spec: str | None, method: str, seed: int, run_ar
     wall = time.time() - started
     row = {"scenario": scenario.name, "kind": scenario.kind, "method": method, "seed": seed, "run_args": run_args,
            "command": shlex.join(["unlearn"] + cmd[1:]), "exit_code": proc.returncode, "wall_clock_s": round(wall, 1),
-           "load_avg_1m": round(os.getloadavg()[0], 2), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+           "load_avg_1m": round(os.getloadavg()[0], 2), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "commit": git_commit()}
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
         row["error"] = lines[-1] if lines else f"exit {proc.returncode}"
