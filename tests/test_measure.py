@@ -126,3 +126,21 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return torch.equal(a, b)
+
+
+def test_state_fingerprint_follows_the_weights_in_memory_and_the_adapters_switch(llama_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from unlearn.lora import LoraSettings, attach_lora, lora_modules
+
+    one, two = (AutoModelForCausalLM.from_pretrained(llama_dir) for _ in range(2))
+    assert measure_cache.state_fingerprint(one) == measure_cache.state_fingerprint(two)
+    with torch.no_grad():
+        next(two.parameters()).view(-1)[0] += 1e-6  # one value, barely changed
+    assert measure_cache.state_fingerprint(one) != measure_cache.state_fingerprint(two)
+    attach_lora(one, LoraSettings(rank=2, alpha=4), seed=0)
+    on = measure_cache.state_fingerprint(one)
+    for module in lora_modules(one).values():
+        module.enabled = False
+    assert measure_cache.state_fingerprint(one) != on
