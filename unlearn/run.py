@@ -50,7 +50,8 @@ def run(opts: RunOptions, log=default_log) -> dict:
             started = time.perf_counter()
             data = prepare(opts, created)
             job = load(opts, data, log)
-            before = measure_before(job, data.sets)
+            probed = make_probes(opts, job, data, log) if opts.probes else {}
+            before = measure_before(job, data.sets, probed)
             result = train_model(opts, job, data, log)
             averager, selection = choose_alpha(opts, job, data.sets, before, log)
             after = measure_after(job, data.sets, before, selection)
@@ -71,17 +72,20 @@ class Prepared:
     forget: list
     normal: list  # the rows the KL trains on
     normal_heldout: list  # NORMAL rows never trained on (--normal-holdout)
+    retain: list  # the --retain rows: trained on (their own KL term) and reported, never held back
     augmented: list | None  # ULMR's rows from --augmented (else made after the model loads)
     sets: list[EvalSet]  # what is measured before and after: forget, normal, then --eval-* files
     output: Path
     run_args: dict  # what a --resume must share with the run it continues
     resume_from: Path | None
+    probes: dict | None = None  # the automatic probes' records and counts (make_probes), for run.json
 
 
 def prepare(opts: RunOptions, created: list) -> Prepared:
     forget = read_examples(opts.forget)
     normal, normal_heldout = hold_out(read_examples(opts.normal), opts.normal_holdout, opts.train.seed)
     augmented = read_examples(opts.augmented) if opts.augmented else None
+    retain = read_retain(opts.retain, forget, Path(opts.forget))
     limit = opts.eval_limit
     # Roles say which rows were trained on and which figures decide something (selection_sets).
     chooses = ", α choice" if opts.alpha == "auto" else ""
@@ -92,6 +96,8 @@ def prepare(opts: RunOptions, created: list) -> Prepared:
     if normal_heldout:
         sets.append(EvalSet("normal-heldout", "retain", normal_heldout[:limit], Path(opts.normal),
                             "held out" + chooses))
+    if retain:
+        sets.append(EvalSet("retain", "retain", retain[:limit], Path(opts.retain[0]), "trained"))
     sets += read_eval_sets(opts.eval_forget, opts.eval_retain, taken={s.name for s in sets}, limit=limit)
     distributed.check_batch_size(opts.train.batch_size)  # --batch-size is global: each process takes a share
     output = Path(opts.output) if opts.output else default_output_dir()
@@ -99,7 +105,22 @@ def prepare(opts: RunOptions, created: list) -> Prepared:
     # Rank 0 alone checks and prepares OUTPUT (it may create it, or delete stale checkpoints), and
     # every rank gets its answer, run_args included (a resume takes --save-every from the checkpoint).
     resume_from, run_args = distributed.on_main(lambda: (_prepare_output(opts, output, run_args, created), run_args))
-    return Prepared(forget, normal, normal_heldout, augmented, sets, output, run_args, resume_from)
+    return Prepared(forget, normal, normal_heldout, retain, augmented, sets, output, run_args, resume_from)
+
+
+def read_retain(paths, forget: list, forget_path: Path) -> list:
+    """The --retain files' rows, in order. A row whose prompt is also a forget prompt is refused:
+    the forget loss would push its answer down while the retain KL holds it, and neither would win."""
+    forget_lines = {" ".join(str(e.prompt).split()): e.line for e in forget}
+    rows = []
+    for path in paths:
+        for ex in read_examples(path):
+            line = forget_lines.get(" ".join(str(ex.prompt).split()))
+            if line is not None:
+                raise UnlearnError(f"{path}:{ex.line}: the same prompt as {forget_path}:{line}; a row cannot be "
+                                   f"both forgotten and kept")
+            rows.append(ex)
+    return rows
 
 
 def hold_out(rows: list, share: float, seed: int) -> tuple[list, list]:
@@ -124,7 +145,8 @@ def _run_args(opts: RunOptions) -> dict:
         "lora": _lora_record(opts) if opts.adapters else None,
         "full": opts.full, "dtype": opts.dtype, "model": model,
         "data": {"forget": system.file_sha256(opts.forget), "normal": system.file_sha256(opts.normal),
-                 **({"augmented": system.file_sha256(opts.augmented)} if opts.augmented else {})},
+                 **({"augmented": system.file_sha256(opts.augmented)} if opts.augmented else {}),
+                 **({"retain": [system.file_sha256(p) for p in opts.retain]} if opts.retain else {})},
         "alpha": opts.alpha, "rewrites": opts.rewrites,
         "save_every": opts.save_every, "normal_holdout": opts.normal_holdout,
     }
@@ -267,15 +289,63 @@ class Measurement:
     reused: int = 0  # sets read back from the measurement cache (measure_cache.py)
 
 
-def measure_before(job: Loaded, sets: list[EvalSet]) -> Measurement:
-    """The original model on every set (its answers are what similarity compares with later)."""
+def measure_before(job: Loaded, sets: list[EvalSet], done: dict[str, Measured] | None = None) -> Measurement:
+    """The original model on every set (its answers are what similarity compares with later).
+
+    DONE: sets already measured on the original (the probes, whose answers had to exist to build them).
+    """
     from unlearn.lora import adapters_disabled
 
+    done = done or {}
     t = time.perf_counter()
     with adapters_disabled(job.model):
         # The original against itself: similarity 1 by definition, computed all the same.
-        measured = {s.name: job.before.measure_set(s, label="before", own_baseline=True) for s in sets}
+        measured = {s.name: done[s.name] if s.name in done else
+                    job.before.measure_set(s, label="before", own_baseline=True) for s in sets}
     return Measurement(measured, time.perf_counter() - t, reused=job.before.reused)
+
+
+def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str, Measured]:
+    """The neighbour and same-subject probes (probes.py), answered once by the original model.
+
+    Their sets join DATA.sets (role "held out": never trained on); returns their "before"
+    measurements, scored through the same Measurer from those very answers (not generated
+    twice). DATA.probes gets every probe, kept or dropped and why, for probes.jsonl and run.json.
+    """
+    from unlearn import probes
+    from unlearn.lora import adapters_disabled
+    from unlearn.measure import unique_name
+
+    t = time.perf_counter()
+    original = job.reference_model if job.reference_model is not None else job.model
+
+    def build():
+        with adapters_disabled(job.model):
+            made = probes.build(original, job.tokenizer, data.forget, opts.probe_limit)
+            asked = EvalSet("probes", "retain", [p.example(i) for i, p in enumerate(made, start=1)])
+            return made, (job.before.answer(asked, desc="probes: original answers") if made else [])
+
+    made, outputs = distributed.main_decides(build)()  # every rank generates; rank 0's probes hold for all
+    taken = {s.name for s in data.sets}
+    measured, records, counts = {}, [], {}
+    for kind in (probes.NEIGHBOURS, probes.SAME_SUBJECT):
+        mine = [i for i, p in enumerate(made) if p.kind == kind]
+        kept, kind_records = probes.keep_answered([made[i] for i in mine], [outputs[i] for i in mine], data.forget)
+        records += kind_records
+        counts[kind] = {"made": len(mine), "kept": len(kept)}
+        if not kept:
+            log(f"probes: no {kind} probe to measure ({len(mine)} made, none with answer words to check)")
+            continue
+        s = EvalSet(unique_name(kind, taken), "retain", kept, None, "held out")
+        answers = [e.response for e in kept]
+        with adapters_disabled(job.model):
+            measured[s.name] = job.before.score(s, answers, answers)
+        data.sets.append(s)
+    seconds = time.perf_counter() - t
+    log(f"probes: " + ", ".join(f"{k} {c['kept']}/{c['made']}" for k, c in counts.items())
+        + f" kept for measurement ({seconds:.0f} s)")
+    data.probes = {"rows": records, "sets": counts, "seconds": round(seconds, 3)}
+    return measured
 
 
 def measure_after(job: Loaded, sets: list[EvalSet], before: Measurement, selection: dict | None) -> Measurement:
@@ -303,7 +373,7 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log):
     if opts.train.method == "edit":
         return edit_model(opts, job, data, log)
     unlearner = Unlearner(job.model, job.tokenizer, job.train_rows, data.normal, opts.train,
-                          reference_model=job.reference_model, forward_model=job.forward_model)
+                          reference_model=job.reference_model, forward_model=job.forward_model, retain=data.retain)
     loop_state = None
     if data.resume_from is not None:
         loop_state = load_checkpoint(data.resume_from, unlearner)
@@ -335,8 +405,9 @@ def edit_model(opts: RunOptions, job: Loaded, data: Prepared, log):
     if distributed.world().active:
         raise UsageError("--method edit runs in one process: launch it without torchrun")
     t = time.perf_counter()
-    result = edit_to_forget(job.model, job.tokenizer, data.forget, data.normal, EditSettings(seed=opts.train.seed),
-                            log=log)
+    # The retain rows join the normal text whose keys the edit preserves (its covariance).
+    result = edit_to_forget(job.model, job.tokenizer, data.forget, data.normal + data.retain,
+                            EditSettings(seed=opts.train.seed), log=log)
     seconds = time.perf_counter() - t
     log(f"edited layers {result.layers} in {seconds:.0f} s")
     return TrainResult(steps=0, stopped_by="edit", seconds=seconds, tokens=0, history=[result.summary()],
@@ -452,7 +523,8 @@ def write(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, af
         try:
             _write_outputs(opts, record, model, job.tokenizer, data.output, output_abs, replace_existing, started,
                            job.device, averager=model_averager,
-                           augmented=job.train_rows if job.augment_stats else None, update=result.update, log=log)
+                           augmented=job.train_rows if job.augment_stats else None, update=result.update,
+                           probe_rows=data.probes["rows"] if data.probes is not None else None, log=log)
         except OSError as exc:
             root = checkpoint_root(data.output)
             kept = f"; the checkpoints in {root} are kept" if root.is_dir() else ""
@@ -468,7 +540,10 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
             averager, selection) -> dict:
     """What run.json holds: the resolved configuration, data hashes, versions, metrics and timings."""
     files = [("forget", opts.forget, len(data.forget)), ("normal", opts.normal, len(data.normal))]
-    files += [(s.name, s.path, len(s.examples)) for s in data.sets if s.name not in ("forget", "normal")]
+    files += [("retain" if len(opts.retain) == 1 else f"retain[{i}]", p, n)
+              for i, (p, n) in enumerate(zip(opts.retain, _rows_per_file(opts.retain)), start=1)]
+    files += [(s.name, s.path, len(s.examples)) for s in data.sets
+              if s.name not in ("forget", "normal", "retain") and s.path is not None]
     if opts.augmented:
         files.append(("augmented", opts.augmented, len(job.train_rows)))
     return {
@@ -504,10 +579,17 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "forget_answers": describe_spans(data.forget),
         # Which rows were trained on, and which figures are a stop condition (never a result).
         "roles": {s.name: s.role for s in data.sets},
+        # The automatic probes (probes.py): how many were made and kept per set; the rows are in probes.jsonl.
+        "probes": ({"file": None, "sets": data.probes["sets"], "seconds": data.probes["seconds"],
+                    "max_per_set": opts.probe_limit} if data.probes is not None else None),
         "before": {name: m.summary for name, m in before.sets.items()},
         "after": {name: m.summary for name, m in after.sets.items()},
         "history": result.history,
     }
+
+
+def _rows_per_file(paths) -> list[int]:
+    return [len(read_examples(p)) for p in paths]
 
 
 def _gather_trained(model, averager) -> dict | None:
@@ -547,7 +629,7 @@ def _unsharded(opts: RunOptions, trained: dict, averager):
 
 
 def _write_outputs(opts, record, model, tokenizer, output, output_abs, replace_existing, started, device, *,
-                   averager=None, augmented=None, update=None, log=default_log) -> None:
+                   averager=None, augmented=None, update=None, probe_rows=None, log=default_log) -> None:
     from unlearn.lora import merge_lora, save_adapter, save_factors
     from unlearn.outputs import atomic_output_dir, write_jsonl
 
@@ -567,6 +649,9 @@ def _write_outputs(opts, record, model, tokenizer, output, output_abs, replace_e
             write_jsonl(tmp / "augmented.jsonl", [{"prompt": e.prompt, "response": e.response, **e.extra}
                                                   for e in augmented])
             record["augmented"] = str(output_abs / "augmented.jsonl")
+        if probe_rows is not None:  # every probe with the original's answer, its answer words, or why it was dropped
+            write_jsonl(tmp / "probes.jsonl", probe_rows)
+            record["probes"]["file"] = str(output_abs / "probes.jsonl")
         if record["alpha_selection"] is not None:  # --alpha auto
             from unlearn.tables import write_tables
 
