@@ -19,22 +19,28 @@ is a sentence start, not a name, and a subject of fewer than 3 letters ("I", "E"
 is no subject: such rows get no probes. Causal tracing is not used here (it
 needs the answer's log-probabilities for every candidate span of every row).
 
-Replacements (`Neighbourhood.candidates`) come from the model's own vocabulary,
-never from outside: the whole-word capitalised tokens (a leading space, a
-capital, letters only, at least 3 of them) whose input embeddings are nearest
-(cosine) to the embedding of the subject's last word (the mean of its tokens'
-embeddings when it takes several: "Einstein" for "Albert Einstein", since full
-names are rarely one token). Excluded: every word of every forget subject, every
-word of every forget answer, and near-duplicates, i.e. words sharing their first
-4 letters with one of those ("French" for "France", "Kenyan" for "Kenya"). A token
-is a whole word when the model, reading "The word <token>", gives at least
-WHOLE_WORD_P to a next token that starts a new word or is punctuation: that
-removes the fragments of longer words ("Mesopotam", "Bhag") that the vocabulary
-is full of. Measured on the embedded SmolLM2 (docs/architecture.md; README): for
-one-token subjects of a common kind (countries, famous people) the nearest
-tokens are of the same kind (France -> Spain, Germany, Italy; Einstein -> Gandhi,
-Edison, Picasso); for invented names and titles of several tokens they are not
-("Elara Voss" -> unrelated words), so those rows' neighbours measure less.
+Replacements come from the model itself, never from outside, in two steps.
+`Neighbourhood.candidates`: the whole-word Title-case tokens of the vocabulary (a
+leading space, a capital then lower-case letters, at least 3 letters) whose input
+embeddings are nearest (cosine) to the embedding of the subject's last word (the
+mean of its tokens' embeddings when it takes several; "Einstein" for "Albert
+Einstein", since full names are rarely one token). Excluded: every word of every
+forget subject, every word of every forget answer, and near-duplicates of those
+(`near_duplicate`: "French" for "France", "Kenyan" for "Kenya"). A token is a whole
+word when the model, reading "The word <token>", gives at least WHOLE_WORD_P to a
+next token that starts a new word or is punctuation: that removes the fragments of
+longer words ("Mesopotam", "Bhag") that the vocabulary is full of.
+`Neighbourhood.plausible`: of those, the ones that read in the forget prompt about
+as naturally as the subject does (pointwise mutual information with the prompt,
+under the model, at most PMI_MARGIN nats below the subject's), most natural first.
+Embedding neighbours alone are often of another kind ("Who wrote Knee?"); the
+prompt itself says which kind it wants ("Who wrote Hamlet?").
+Measured on the embedded SmolLM2 (README, "Collateral-damage probes"): countries
+get countries (France -> Poland, Canada, Nepal...), famous people get famous people
+(Einstein -> Galileo, Copernicus, Edison); titles of several words and invented
+names get weaker neighbours (Harry Potter -> Pokémon, Riley, Kafka; Elara Voss ->
+Sarah, Quinn, California), so those neighbours measure less. Rows whose subject
+has no plausible replacement get no neighbour.
 
 References and the "kept" score: the original model answers every probe once,
 greedily, before training (through `measure.Measurer`). `keep_answered` then
@@ -67,7 +73,8 @@ PMI_MARGIN = 2.0  # nats: how much less natural in the prompt than the subject a
 SCORE_PREFIX = "Question: "  # context before a scored text, so that its first word is scored too
 WHOLE_WORD_P = 0.5
 MIN_LETTERS = 3
-PREFIX = 4  # near-duplicate: the same first PREFIX letters ("France" / "French")
+PREFIX = 4  # near-duplicates: the same first PREFIX letters ("Kenya" / "Kenyan"), or ...
+NEAR_RATIO = 0.65  # ... the same first two letters and this similarity ("France" / "French": 0.67)
 
 #: Generic questions about any named thing; "in one sentence" keeps the answer short enough
 #: for `spans` to find its answer words (a paragraph has none it will vouch for).
@@ -112,6 +119,17 @@ def probe_subject(example) -> str | None:
     return found
 
 
+def near_duplicate(a: str, b: str) -> bool:
+    """A and B (lower case) are forms of one word: the same first PREFIX letters ("kenya" / "kenyan"), or
+    the same first two letters and a `difflib` similarity ratio of at least NEAR_RATIO ("france" / "french",
+    "spain" / "spanish"; not "china" / "chile", 0.6)."""
+    from difflib import SequenceMatcher
+
+    if len(a) >= PREFIX and len(b) >= PREFIX and a[:PREFIX] == b[:PREFIX]:
+        return True
+    return a[:2] == b[:2] and SequenceMatcher(None, a, b).ratio() >= NEAR_RATIO
+
+
 def _letters(text: str) -> list[str]:
     return [t.text for t in metrics.answer_tokens(text)]
 
@@ -142,12 +160,11 @@ class Neighbourhood:
                 self.words[i] = word
         self.ids = torch.tensor(sorted(self.words))
         self.exclude = {w.lower() for w in exclude_words}
-        self.prefixes = {w[:PREFIX] for w in self.exclude if len(w) >= PREFIX}
         self._alone: dict[str, float] = {}
 
     def _excluded(self, word: str) -> bool:
         w = word.lower()
-        return w in self.exclude or (len(w) >= PREFIX and w[:PREFIX] in self.prefixes)
+        return w in self.exclude or any(near_duplicate(w, x) for x in self.exclude)
 
     def candidates(self, subject: str, k: int = POOL) -> list[str]:
         """Up to K whole words nearest to SUBJECT's last word, nearest first (2K nearest are tested)."""
