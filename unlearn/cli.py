@@ -154,6 +154,9 @@ def _command_line() -> str:
                    "built from the forget prompts; probes.jsonl).")
 @click.option("--probe-limit", type=int, default=12, show_default=True,
               help="Probes of each kind at most (each is answered before and after training).")
+@click.option("--retain-probes", is_flag=True,
+              help="Also train on the probes: each probe whose original answer holds no forget answer joins the "
+                   "--retain rows with that answer as its response (their report lines are then `trained`).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def run_command(**o):
     """Unlearn the FORGET.jsonl answers while keeping NORMAL.jsonl behaviour; report before and after."""
@@ -187,7 +190,7 @@ def run_command(**o):
         rewrites=o["rewrites"], alpha=o["alpha"],
         alpha_grid=tuple(parse_alphas(o["alpha_grid"])) if o["alpha_grid"] else (), max_leak=o["max_leak"],
         normal_holdout=o["normal_holdout"], no_cache=o["no_cache"], retain=tuple(Path(p) for p in o["retain"]),
-        probes=not o["no_probes"], probe_limit=o["probe_limit"])
+        probes=not o["no_probes"], probe_limit=o["probe_limit"], retain_probes=o["retain_probes"])
     record = run(opts, log=log)
     if o["as_json"]:
         print_json({k: v for k, v in record.items() if k != "history"})

@@ -109,6 +109,7 @@ class RunOptions:
     retain: tuple[Path, ...] = ()  # rows that must be kept: trained on (KL, --retain-weight) and reported
     probes: bool = True  # the automatic neighbour / same-subject probes (probes.py) in the report
     probe_limit: int = 12  # probes of each kind at most (each costs a generation before and after)
+    retain_probes: bool = False  # train on the probes too: their original answers join the retain rows
     eval_forget: tuple[Path, ...] = ()  # more prompts that must not leak (paraphrases, unseen attempts)
     eval_retain: tuple[Path, ...] = ()  # knowledge that must survive (held-out questions)
     eval_limit: int = 64
@@ -157,6 +158,8 @@ class RunOptions:
             raise UsageError("--eval-limit, --max-new-tokens and --gen-batch-size must be at least 1")
         if not 0 <= self.normal_holdout < 1:
             raise UsageError(f"--normal-holdout {self.normal_holdout}: must be in [0, 1)")
+        if self.retain_probes and not self.probes:
+            raise UsageError("--retain-probes trains on the automatic probes: it cannot go with --no-probes")
         if self.probe_limit < 1:
             raise UsageError(f"--probe-limit {self.probe_limit}: must be at least 1 (--no-probes turns them off)")
         if self.save_every < 0:

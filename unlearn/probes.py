@@ -57,7 +57,7 @@ appears in the output) is the share of probes whose answer words still appear:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from unlearn import metrics
 from unlearn.data import Example
@@ -71,6 +71,8 @@ DEFAULT_LIMIT = 12  # probes of each kind per run: two sets of 12 add about a mi
 POOL = 12  # nearest whole-word candidates per subject, before the plausibility test
 PMI_MARGIN = 2.0  # nats: how much less natural in the prompt than the subject a replacement may read
 SCORE_PREFIX = "Question: "  # context before a scored text, so that its first word is scored too
+ANSWER_TOKENS = 32  # the probes' answer budget, before and after (whatever --max-new-tokens is)
+HOLDS_FORGET = "the original answer contains a forget answer"  # why a probe is dropped, and never retained
 WHOLE_WORD_P = 0.5
 MIN_LETTERS = 3
 PREFIX = 4  # near-duplicates: the same first PREFIX letters ("Kenya" / "Kenyan"), or ...
@@ -92,7 +94,6 @@ class Probe:
     line: int  # the forget row it was made from
     subject: str
     replacement: str | None = None  # neighbours: the entity put in place of the subject
-    extra: dict = field(default_factory=dict)
 
     def example(self, index: int) -> Example:
         return Example(self.prompt, None, index, {"forget_line": self.line, "subject": self.subject,
@@ -330,10 +331,10 @@ def keep_answered(probes: list[Probe], outputs: list[str], forget: list) -> tupl
                   "forget_line": probe.line, "subject": probe.subject}
         if probe.replacement:
             record["replacement"] = probe.replacement
-        if not answers:
+        if any(metrics.contains_answer(output, a) for a in forget_answers):
+            record["dropped"] = f"{HOLDS_FORGET}: expected to change"
+        elif not answers:
             record["dropped"] = "the original answer has no answer words to check (spans.py)"
-        elif any(metrics.contains_answer(output, a) for a in forget_answers):
-            record["dropped"] = "the original answer contains a forget answer: expected to change"
         else:
             example = probe.example(len(kept) + 1)
             example.response = output

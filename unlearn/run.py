@@ -149,6 +149,8 @@ def _run_args(opts: RunOptions) -> dict:
                  **({"retain": [system.file_sha256(p) for p in opts.retain]} if opts.retain else {})},
         "alpha": opts.alpha, "rewrites": opts.rewrites,
         "save_every": opts.save_every, "normal_holdout": opts.normal_holdout,
+        # --retain-probes trains on the probes, so how many there may be changes the training rows.
+        "retain_probes": opts.probe_limit if opts.retain_probes else None,
     }
 
 
@@ -207,6 +209,9 @@ class Loaded:
     before: Measurer  # measures the original: adapters off, or the frozen copy
     train_rows: list  # the forget rows, or ULMR's augmented rows
     augment_stats: object | None
+    probe_before: Measurer | None = None  # the probes' measurers (make_probes): their own answer budget
+    probe_after: Measurer | None = None
+    probe_names: tuple = ()  # the probe sets measured by them
 
 
 def load(opts: RunOptions, data: Prepared, log) -> Loaded:
@@ -308,43 +313,60 @@ def measure_before(job: Loaded, sets: list[EvalSet], done: dict[str, Measured] |
 def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str, Measured]:
     """The neighbour and same-subject probes (probes.py), answered once by the original model.
 
-    Their sets join DATA.sets (role "held out": never trained on); returns their "before"
-    measurements, scored through the same Measurer from those very answers (not generated
-    twice). DATA.probes gets every probe, kept or dropped and why, for probes.jsonl and run.json.
+    Their sets join DATA.sets (role "held out": never trained on, unless --retain-probes) and are
+    measured with their own answer budget, probes.ANSWER_TOKENS (their answer words come from the
+    original's first clause, which --max-new-tokens 1 would cut away); returns their "before"
+    measurements, scored through a Measurer from those very answers (not generated twice).
+    DATA.probes gets every probe, kept or dropped and why, for probes.jsonl and run.json; with
+    --retain-probes, every probe whose original answer holds no forget answer joins the retain rows,
+    that answer as its response.
     """
+    from dataclasses import replace
+
     from unlearn import probes
     from unlearn.lora import adapters_disabled
     from unlearn.measure import unique_name
 
     t = time.perf_counter()
     original = job.reference_model if job.reference_model is not None else job.model
+    settings = replace(job.measurer.settings, max_new_tokens=probes.ANSWER_TOKENS)
+    common = dict(judge=job.measurer.judge, fluency_scorer=job.measurer.fluency_scorer, against=data.forget)
+    job.probe_before = Measurer(job.before.model, job.tokenizer, settings, **common)
+    job.probe_after = Measurer(job.model, job.tokenizer, settings, **common)
 
     def build():
         with adapters_disabled(job.model):
             made = probes.build(original, job.tokenizer, data.forget, opts.probe_limit)
             asked = EvalSet("probes", "retain", [p.example(i) for i, p in enumerate(made, start=1)])
-            return made, (job.before.answer(asked, desc="probes: original answers") if made else [])
+            return made, (job.probe_before.answer(asked, desc="probes: original answers") if made else [])
 
     made, outputs = distributed.main_decides(build)()  # every rank generates; rank 0's probes hold for all
     taken = {s.name for s in data.sets}
-    measured, records, counts = {}, [], {}
+    measured, records, counts, trained = {}, [], {}, []
+    role = "trained" if opts.retain_probes else "held out"
     for kind in (probes.NEIGHBOURS, probes.SAME_SUBJECT):
         mine = [i for i, p in enumerate(made) if p.kind == kind]
         kept, kind_records = probes.keep_answered([made[i] for i in mine], [outputs[i] for i in mine], data.forget)
         records += kind_records
         counts[kind] = {"made": len(mine), "kept": len(kept)}
+        if opts.retain_probes:
+            trained += [Example(r["prompt"], r["reference"], len(trained) + 1, {"probe": kind}) for r in kind_records
+                        if r["reference"].strip() and not r.get("dropped", "").startswith(probes.HOLDS_FORGET)]
         if not kept:
             log(f"probes: no {kind} probe to measure ({len(mine)} made, none with answer words to check)")
             continue
-        s = EvalSet(unique_name(kind, taken), "retain", kept, None, "held out")
+        s = EvalSet(unique_name(kind, taken), "retain", kept, None, role)
         answers = [e.response for e in kept]
         with adapters_disabled(job.model):
-            measured[s.name] = job.before.score(s, answers, answers)
+            measured[s.name] = job.probe_before.score(s, answers, answers)
         data.sets.append(s)
+    data.retain += trained
+    job.probe_names = tuple(measured)
     seconds = time.perf_counter() - t
-    log(f"probes: " + ", ".join(f"{k} {c['kept']}/{c['made']}" for k, c in counts.items())
-        + f" kept for measurement ({seconds:.0f} s)")
-    data.probes = {"rows": records, "sets": counts, "seconds": round(seconds, 3)}
+    log("probes: " + ", ".join(f"{k} {c['kept']}/{c['made']}" for k, c in counts.items())
+        + f" kept for measurement ({seconds:.0f} s)" + (f"; {len(trained)} join the retain rows" if trained else ""))
+    data.probes = {"rows": records, "sets": counts, "seconds": round(seconds, 3), "names": list(measured),
+                   "retained": len(trained) if opts.retain_probes else None}
     return measured
 
 
@@ -354,8 +376,12 @@ def measure_after(job: Loaded, sets: list[EvalSet], before: Measurement, selecti
     t = time.perf_counter()
     done = selection.pop("measured") if selection else {}
     grid_seconds = selection.pop("seconds") if selection else 0.0
-    measured = {**done, **job.measurer.measure([s for s in sets if s.name not in done], _outputs(before),
-                                               label="after")}
+    probe_names = set(job.probe_names)
+    measured = {**done, **job.measurer.measure([s for s in sets if s.name not in set(done) | probe_names],
+                                               _outputs(before), label="after")}
+    if probe_names:  # the probes keep their own answer budget (make_probes)
+        measured.update(job.probe_after.measure([s for s in sets if s.name in probe_names], _outputs(before),
+                                                label="after"))
     return Measurement({s.name: measured[s.name] for s in sets}, time.perf_counter() - t + grid_seconds)
 
 
@@ -581,11 +607,18 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "roles": {s.name: s.role for s in data.sets},
         # The automatic probes (probes.py): how many were made and kept per set; the rows are in probes.jsonl.
         "probes": ({"file": None, "sets": data.probes["sets"], "seconds": data.probes["seconds"],
-                    "max_per_set": opts.probe_limit} if data.probes is not None else None),
+                    "max_per_set": opts.probe_limit, "answer_tokens": probes_answer_tokens(),
+                    "retained": data.probes["retained"]} if data.probes is not None else None),
         "before": {name: m.summary for name, m in before.sets.items()},
         "after": {name: m.summary for name, m in after.sets.items()},
         "history": result.history,
     }
+
+
+def probes_answer_tokens() -> int:
+    from unlearn.probes import ANSWER_TOKENS
+
+    return ANSWER_TOKENS
 
 
 def _rows_per_file(paths) -> list[int]:
