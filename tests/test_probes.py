@@ -173,3 +173,35 @@ def test_run_reports_and_saves_the_probes(tmp_path, llama_dir, cli):
     off = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "off", "--json", "--max-steps", "1",
               "--check-every", "0", "--max-new-tokens", "8", "--batch-size", "1", "--no-probes")
     assert off.code == 0 and json.loads(off.out)["probes"] is None and not (tmp_path / "off" / "probes.jsonl").exists()
+
+
+def test_retain_probes_trains_on_the_probes_answers(tmp_path, llama_dir, cli, monkeypatch):
+    from unlearn.measure import Measurer
+
+    answer = Measurer.answer
+
+    def scripted(self, s, **kwargs):  # the tiny random model answers nothing: script the original's answers
+        if s.name != "probes":
+            return answer(self, s, **kwargs)
+        return ["It is in Paris." if i == 0 else "It is Lyon, in Europe." for i in range(len(s.examples))]
+
+    monkeypatch.setattr(Measurer, "answer", scripted)
+    forget = tmp_path / "f.jsonl"
+    forget.write_text(json.dumps({"prompt": "What is the capital of France?", "response": "It is Paris.",
+                                  "answers": ["Paris"]}) + "\n")
+    normal = tmp_path / "n.jsonl"
+    normal.write_text(json.dumps({"prompt": "What do bees make?", "response": "Bees make honey."}) + "\n")
+    out = tmp_path / "out"
+    args = ["--model", llama_dir, "--max-steps", "1", "--check-every", "0", "--max-new-tokens", "8",
+            "--batch-size", "1"]
+    result = cli("run", forget, normal, "-o", out, "--retain-probes", *args)
+    assert result.code == 0, result.err
+    record = json.loads((out / "run.json").read_text())
+    rows = [json.loads(line) for line in (out / "probes.jsonl").read_text().splitlines()]
+    expected = [r for r in rows if r["reference"].strip() and "forget answer" not in r.get("dropped", "")]
+    assert record["probes"]["retained"] == len(expected) == len(rows) - 1 >= 1  # not the one saying "Paris"
+    assert "forget answer" in rows[0]["dropped"]
+    assert all("retain_kl" in step for step in record["history"])
+    assert all(record["roles"][name] == "trained" for name in record["probes"]["sets"] if name in record["roles"])
+    refused = cli("run", forget, normal, "-o", tmp_path / "x", "--retain-probes", "--no-probes", *args)
+    assert refused.code == 2 and "--retain-probes" in refused.err

@@ -77,7 +77,8 @@ def _probe_lines(record: dict) -> list[str]:
     if not probes:
         return []
     counts = ", ".join(f"{name} {c['kept']} of {c['made']} made" for name, c in probes["sets"].items())
-    return [f"probes (held out, built from the forget prompts; accuracy = share whose original answer words "
+    role = "trained on (--retain-probes)" if probes.get("retained") is not None else "held out"
+    return [f"probes ({role}, built from the forget prompts; accuracy = share whose original answer words "
             f"still appear): {counts}; {probes['file'] or 'probes.jsonl'}"]
 
 
