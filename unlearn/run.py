@@ -592,7 +592,8 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "steps": result.steps,
         "stopped_by": result.stopped_by,
         "train_seconds": round(result.seconds, 3),
-        "eval_seconds": round(before.seconds + after.seconds, 3),
+        # The probes' building and original answers count as evaluation too (make_probes).
+        "eval_seconds": round(before.seconds + after.seconds + (data.probes or {}).get("seconds", 0.0), 3),
         # The original model's sets read back from $UNLEARN_CACHE instead of measured (--no-cache: none).
         "eval_reused": {"before_sets": before.reused, "of": len(before.sets), "cache": not opts.no_cache},
         "tokens_per_s": round(result.tokens_per_s, 1),
