@@ -253,6 +253,14 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
         models.enable_gradient_checkpointing(model)
     # Under torchrun: DDP's wrapper (the training forward goes through it), or FSDP2 sharding in place.
     forward_model = distributed.wrap(model, reference_model)
+    if world.fsdp:
+        # FSDP2 sets itself up at its first forward. Were that a generation (under inference_mode:
+        # the probes, or the original's answers when not cached), the tensors it keeps would be
+        # inference tensors and the first training step would fail ("Inplace update to inference
+        # tensor outside InferenceMode"). One plain no-grad forward first, on every rank.
+        with torch.no_grad():
+            for m in (model, reference_model) if reference_model is not None else (model,):
+                m(input_ids=torch.tensor([[tokenizer.pad_token_id or 0]], device=device))
     settings = Settings(max_new_tokens=opts.max_new_tokens, batch_size=opts.gen_batch_size)
     fluency = original_scorer(model, tokenizer, reference_model, opts.gen_batch_size)
     common = dict(judge=judge, fluency_scorer=fluency, against=data.forget)
