@@ -30,8 +30,8 @@ forget subject, every word of every forget answer, and near-duplicates of those
 word when the model, reading "The word <token>", gives at least WHOLE_WORD_P to a
 next token that starts a new word or is punctuation: that removes the fragments of
 longer words ("Mesopotam", "Bhag") that the vocabulary is full of.
-`Neighbourhood.plausible`: of those, the ones that read in the forget prompt about
-as naturally as the subject does (pointwise mutual information with the prompt,
+`Neighbourhood.plausible`: of those, the ones that read in the subject's first
+forget prompt about as naturally as the subject does (pointwise mutual information with the prompt,
 under the model, at most PMI_MARGIN nats below the subject's), most natural first.
 Embedding neighbours alone are often of another kind ("Who wrote Knee?"); the
 prompt itself says which kind it wants ("Who wrote Hamlet?").
@@ -277,11 +277,11 @@ def build(model, tokenizer, forget: list, limit: int = DEFAULT_LIMIT) -> list[Pr
         subject = subjects[i]
         if subject is None:
             continue
-        if subject not in pools:
-            pools[subject] = hood.candidates(subject)
+        if subject not in pools:  # ranked once per subject, in its first prompt (the model's time is the cost)
+            pools[subject] = hood.plausible(str(ex.prompt), subject, hood.candidates(subject))
         start = turns.get(subject, 0)
         turns[subject] = start + PER_ROW
-        pool = hood.plausible(str(ex.prompt), subject, pools[subject])
+        pool = pools[subject]
         neighbours = []
         for n in range(min(PER_ROW, len(pool))):
             replacement = pool[(start + n) % len(pool)]
