@@ -30,8 +30,8 @@ forget subject, every word of every forget answer, and near-duplicates of those
 word when the model, reading "The word <token>", gives at least WHOLE_WORD_P to a
 next token that starts a new word or is punctuation: that removes the fragments of
 longer words ("Mesopotam", "Bhag") that the vocabulary is full of.
-`Neighbourhood.plausible`: of those, the ones that read in the subject's first
-forget prompt about as naturally as the subject does (pointwise mutual information with the prompt,
+`Neighbourhood.plausible`: of those, the ones that read in the forget prompt about
+as naturally as the subject does (pointwise mutual information with the prompt,
 under the model, at most PMI_MARGIN nats below the subject's), most natural first.
 Embedding neighbours alone are often of another kind ("Who wrote Knee?"); the
 prompt itself says which kind it wants ("Who wrote Hamlet?").
@@ -68,7 +68,7 @@ NEIGHBOURS = "neighbours"
 SAME_SUBJECT = "same subject"
 PER_ROW = 2  # probes of each kind per forget row
 DEFAULT_LIMIT = 12  # probes of each kind per run: two sets of 12 add about a minute on 2 cores (README)
-POOL = 12  # nearest whole-word candidates per subject, before the plausibility test
+POOL = 10  # nearest whole-word candidates per subject, before the plausibility test
 PMI_MARGIN = 2.0  # nats: how much less natural in the prompt than the subject a replacement may read
 SCORE_PREFIX = "Question: "  # context before a scored text, so that its first word is scored too
 ANSWER_TOKENS = 32  # the probes' answer budget, before and after (whatever --max-new-tokens is)
@@ -259,52 +259,54 @@ def build(model, tokenizer, forget: list, limit: int = DEFAULT_LIMIT) -> list[Pr
     """The probe prompts (not yet answered): at most PER_ROW of each kind per forget row, LIMIT of each kind.
 
     Rows take turns (the first probe of every row, then the second...), so a small LIMIT
-    still spreads over the forget rows; prompts equal to a forget prompt, or made twice, are skipped.
+    still spreads over the forget rows; rows about one subject start at different places in
+    its list of replacements; prompts equal to a forget prompt, or made twice, are skipped.
+    A row's replacements are ranked in its own prompt (`Neighbourhood.plausible`), and only
+    for rows whose turn comes before LIMIT is reached: that ranking is the model's time.
     """
-    subjects = {i: probe_subject(ex) for i, ex in enumerate(forget)}
+    rows, offsets = [], {}
+    for ex in forget:
+        subject = probe_subject(ex)
+        if subject is not None:
+            rows.append((ex, subject, offsets.get(subject, 0)))
+            offsets[subject] = offsets.get(subject, 0) + PER_ROW
     exclude = set()
-    for i, ex in enumerate(forget):
-        exclude.update(_letters(subjects[i] or ""))
-        answers, _ = row_answers(ex)
-        for answer in answers or ():
-            exclude.update(_letters(answer))
-    exclude = {w for w in exclude if w not in ("the", "of", "and", "a", "an")}
-    hood = Neighbourhood(model, tokenizer, exclude)
-    pools: dict[str, list[str]] = {}
-    turns: dict[str, int] = {}
-    per_row: dict[str, list[list[Probe]]] = {NEIGHBOURS: [], SAME_SUBJECT: []}
-    for i, ex in enumerate(forget):
-        subject = subjects[i]
-        if subject is None:
-            continue
-        if subject not in pools:  # ranked once per subject, in its first prompt (the model's time is the cost)
-            pools[subject] = hood.plausible(str(ex.prompt), subject, hood.candidates(subject))
-        start = turns.get(subject, 0)
-        turns[subject] = start + PER_ROW
-        pool = pools[subject]
-        neighbours = []
-        for n in range(min(PER_ROW, len(pool))):
-            replacement = pool[(start + n) % len(pool)]
-            neighbours.append(Probe(NEIGHBOURS, str(ex.prompt).replace(subject, replacement), ex.line, subject,
-                                    replacement))
-        per_row[NEIGHBOURS].append(neighbours)
-        templates = [SAME_SUBJECT_TEMPLATES[(start // PER_ROW + n) % len(SAME_SUBJECT_TEMPLATES)]
-                     for n in range(PER_ROW)]
-        per_row[SAME_SUBJECT].append([Probe(SAME_SUBJECT, t.format(subject=subject), ex.line, subject)
-                                      for t in templates])
+    for ex in forget:
+        exclude.update(_letters(probe_subject(ex) or ""))
+        exclude.update(w for answer in row_answers(ex)[0] or () for w in _letters(answer))
+    exclude -= {"the", "of", "and", "a", "an"}
     seen = {" ".join(str(ex.prompt).split()) for ex in forget}
-    probes = []
-    for kind, rows in per_row.items():
-        taken = 0
-        for turn in range(PER_ROW):
-            for row in rows:
-                if turn < len(row) and taken < limit:
-                    key = " ".join(row[turn].prompt.split())
-                    if key not in seen:
-                        seen.add(key)
-                        probes.append(row[turn])
-                        taken += 1
-    return probes
+
+    def add(probe: Probe, taken: list) -> None:
+        key = " ".join(probe.prompt.split())
+        if key not in seen:
+            seen.add(key)
+            taken.append(probe)
+
+    hood = Neighbourhood(model, tokenizer, exclude) if rows else None
+    candidates: dict[str, list[str]] = {}
+    ranked: dict[int, list[str]] = {}
+    neighbours: list[Probe] = []
+    for turn in range(PER_ROW):
+        for n, (ex, subject, offset) in enumerate(rows):
+            if len(neighbours) >= limit:
+                break
+            if subject not in candidates:
+                candidates[subject] = hood.candidates(subject)
+            if n not in ranked:
+                ranked[n] = hood.plausible(str(ex.prompt), subject, candidates[subject])
+            pool = ranked[n]
+            if turn < len(pool):
+                replacement = pool[(offset + turn) % len(pool)]
+                add(Probe(NEIGHBOURS, str(ex.prompt).replace(subject, replacement), ex.line, subject, replacement),
+                    neighbours)
+    same: list[Probe] = []
+    for turn in range(PER_ROW):
+        for ex, subject, offset in rows:
+            if len(same) < limit:
+                template = SAME_SUBJECT_TEMPLATES[(offset // PER_ROW + turn) % len(SAME_SUBJECT_TEMPLATES)]
+                add(Probe(SAME_SUBJECT, template.format(subject=subject), ex.line, subject), same)
+    return neighbours + same
 
 
 def first_clause(text: str) -> str:
