@@ -160,6 +160,7 @@ def test_run_reports_and_saves_the_probes(tmp_path, llama_dir, cli):
     record = json.loads((out / "run.json").read_text())
     probe_record = record["probes"]
     assert probe_record["file"] == str((out / "probes.jsonl").resolve()) and probe_record["max_per_set"] == 12
+    assert probe_record["seconds"] > 0 and probe_record["answer_tokens"] == 32
     rows = [json.loads(line) for line in (out / "probes.jsonl").read_text().splitlines()]
     assert {r["set"] for r in rows} <= {"neighbours", "same subject"} and rows
     assert sum(1 for r in rows if r["set"] == "same subject") == probe_record["sets"]["same subject"]["made"] == 2

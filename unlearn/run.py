@@ -212,6 +212,7 @@ class Loaded:
     probe_before: Measurer | None = None  # the probes' measurers (make_probes): their own answer budget
     probe_after: Measurer | None = None
     probe_names: tuple = ()  # the probe sets measured by them
+    probe_seconds: float = 0.0  # everything the probes cost: building, the original's answers, the "after" answers
 
 
 def load(opts: RunOptions, data: Prepared, log) -> Loaded:
@@ -373,7 +374,8 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
     seconds = time.perf_counter() - t
     log("probes: " + ", ".join(f"{k} {c['kept']}/{c['made']}" for k, c in counts.items())
         + f" kept for measurement ({seconds:.0f} s)" + (f"; {len(trained)} join the retain rows" if trained else ""))
-    data.probes = {"rows": records, "sets": counts, "seconds": round(seconds, 3), "names": list(measured),
+    job.probe_seconds += seconds
+    data.probes = {"rows": records, "sets": counts, "names": list(measured), "before_seconds": seconds,
                    "retained": len(trained) if opts.retain_probes else None}
     return measured
 
@@ -388,8 +390,10 @@ def measure_after(job: Loaded, sets: list[EvalSet], before: Measurement, selecti
     measured = {**done, **job.measurer.measure([s for s in sets if s.name not in set(done) | probe_names],
                                                _outputs(before), label="after")}
     if probe_names:  # the probes keep their own answer budget (make_probes)
+        t_probes = time.perf_counter()
         measured.update(job.probe_after.measure([s for s in sets if s.name in probe_names], _outputs(before),
                                                 label="after"))
+        job.probe_seconds += time.perf_counter() - t_probes
     return Measurement({s.name: measured[s.name] for s in sets}, time.perf_counter() - t + grid_seconds)
 
 
@@ -601,7 +605,7 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "stopped_by": result.stopped_by,
         "train_seconds": round(result.seconds, 3),
         # The probes' building and original answers count as evaluation too (make_probes).
-        "eval_seconds": round(before.seconds + after.seconds + (data.probes or {}).get("seconds", 0.0), 3),
+        "eval_seconds": round(before.seconds + after.seconds + (data.probes or {}).get("before_seconds", 0.0), 3),
         # The original model's sets read back from $UNLEARN_CACHE instead of measured (--no-cache: none).
         "eval_reused": {"before_sets": before.reused, "of": len(before.sets), "cache": not opts.no_cache},
         "tokens_per_s": round(result.tokens_per_s, 1),
@@ -615,7 +619,7 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         # Which rows were trained on, and which figures are a stop condition (never a result).
         "roles": {s.name: s.role for s in data.sets},
         # The automatic probes (probes.py): how many were made and kept per set; the rows are in probes.jsonl.
-        "probes": ({"file": None, "sets": data.probes["sets"], "seconds": data.probes["seconds"],
+        "probes": ({"file": None, "sets": data.probes["sets"], "seconds": round(job.probe_seconds, 3),
                     "max_per_set": opts.probe_limit, "answer_tokens": probes_answer_tokens(),
                     "retained": data.probes["retained"]} if data.probes is not None else None),
         "before": {name: m.summary for name, m in before.sets.items()},
