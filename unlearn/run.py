@@ -375,7 +375,7 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
     log("probes: " + ", ".join(f"{k} {c['kept']}/{c['made']}" for k, c in counts.items())
         + f" kept for measurement ({seconds:.0f} s)" + (f"; {len(trained)} join the retain rows" if trained else ""))
     job.probe_seconds += seconds
-    data.probes = {"rows": records, "sets": counts, "names": list(measured), "before_seconds": seconds,
+    data.probes = {"rows": records, "sets": counts, "before_seconds": seconds,
                    "retained": len(trained) if opts.retain_probes else None}
     return measured
 
