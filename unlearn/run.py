@@ -606,8 +606,10 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "train_seconds": round(result.seconds, 3),
         # The probes' building and original answers count as evaluation too (make_probes).
         "eval_seconds": round(before.seconds + after.seconds + (data.probes or {}).get("before_seconds", 0.0), 3),
-        # The original model's sets read back from $UNLEARN_CACHE instead of measured (--no-cache: none).
-        "eval_reused": {"before_sets": before.reused, "of": len(before.sets), "cache": not opts.no_cache},
+        # The original model's sets read back from $UNLEARN_CACHE instead of measured (--no-cache: none);
+        # the probes are measured afresh in every run, so they are not counted.
+        "eval_reused": {"before_sets": before.reused, "of": len(before.sets) - len(job.probe_names),
+                        "cache": not opts.no_cache},
         "tokens_per_s": round(result.tokens_per_s, 1),
         "alpha": averager.alpha if averager is not None else None,
         "alpha_selection": selection,  # the table, the reason, and every set's metrics at each α
