@@ -170,7 +170,8 @@ def run_command(**o):
 
     train = TrainConfig(
         method=o["method"], forget_weight=o["forget_weight"], mismatch_weight=o["mismatch_weight"],
-        normal_weight=o["normal_weight"], retain_weight=o["retain_weight"], batch_size=o["batch_size"], grad_accum=o["grad_accum"],
+        normal_weight=o["normal_weight"], retain_weight=o["retain_weight"], batch_size=o["batch_size"],
+        grad_accum=o["grad_accum"],
         max_steps=o["max_steps"], warmup_steps=o["warmup_steps"], schedule=o["schedule"],
         max_grad_norm=o["max_grad_norm"], max_length=o["max_length"], seed=o["seed"],
         check_every=o["check_every"], template=o["template"], npo_beta=o["npo_beta"],
