@@ -84,6 +84,13 @@ def _command_line() -> str:
 @click.option("--mismatch-weight", type=float, default=1.0, show_default=True, help="eps2, weight of L_rdn.")
 @click.option("--normal-weight", type=float, default=10.0, show_default=True,
               help="eps3, weight of L_nor (the KL to the original on normal data).")
+@click.option("--retain", multiple=True, type=click.Path(path_type=str),
+              help="JSONL of rows that must be kept (NORMAL's format; `answers` score their accuracy): trained on "
+                   "with their own KL to the original (--retain-weight), a micro-batch every step, and reported "
+                   "as the `retain` line; repeatable.")
+@click.option("--retain-weight", type=float, default=10.0, show_default=True,
+              help="Weight of the KL on the --retain rows (the normal term's default: rows you vouch for get at "
+                   "least the push-back normal rows get).")
 @click.option("--forget-tokens", type=click.Choice(["answers", "response"]), default="answers", show_default=True,
               help="Which tokens the forget loss pushes down: for rows with `answers`, only the tokens that spell "
                    "an answer (the fact, not the words around it); or every response token.")
@@ -142,6 +149,14 @@ def _command_line() -> str:
 @click.option("--no-cache", is_flag=True,
               help="Measure the original model again instead of reusing its cached answers and scores "
                    "($UNLEARN_CACHE/measurements, keyed by the weights' content, the rows and the settings).")
+@click.option("--no-probes", is_flag=True,
+              help="Skip the automatic collateral-damage probes (the `neighbours` and `same subject` lines, "
+                   "built from the forget prompts; probes.jsonl).")
+@click.option("--probe-limit", type=int, default=12, show_default=True,
+              help="Probes of each kind at most (each is answered before and after training).")
+@click.option("--retain-probes", is_flag=True,
+              help="Also train on the probes: each probe whose original answer holds no forget answer joins the "
+                   "--retain rows with that answer as its response (their report lines are then `trained`).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def run_command(**o):
     """Unlearn the FORGET.jsonl answers while keeping NORMAL.jsonl behaviour; report before and after."""
@@ -155,7 +170,8 @@ def run_command(**o):
 
     train = TrainConfig(
         method=o["method"], forget_weight=o["forget_weight"], mismatch_weight=o["mismatch_weight"],
-        normal_weight=o["normal_weight"], batch_size=o["batch_size"], grad_accum=o["grad_accum"],
+        normal_weight=o["normal_weight"], retain_weight=o["retain_weight"], batch_size=o["batch_size"],
+        grad_accum=o["grad_accum"],
         max_steps=o["max_steps"], warmup_steps=o["warmup_steps"], schedule=o["schedule"],
         max_grad_norm=o["max_grad_norm"], max_length=o["max_length"], seed=o["seed"],
         check_every=o["check_every"], template=o["template"], npo_beta=o["npo_beta"],
@@ -174,7 +190,8 @@ def run_command(**o):
         resume=o["resume"], command=_command_line(), augmented=Path(o["augmented"]) if o["augmented"] else None,
         rewrites=o["rewrites"], alpha=o["alpha"],
         alpha_grid=tuple(parse_alphas(o["alpha_grid"])) if o["alpha_grid"] else (), max_leak=o["max_leak"],
-        normal_holdout=o["normal_holdout"], no_cache=o["no_cache"])
+        normal_holdout=o["normal_holdout"], no_cache=o["no_cache"], retain=tuple(Path(p) for p in o["retain"]),
+        probes=not o["no_probes"], probe_limit=o["probe_limit"], retain_probes=o["retain_probes"])
     record = run(opts, log=log)
     if o["as_json"]:
         print_json({k: v for k, v in record.items() if k != "history"})

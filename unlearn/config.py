@@ -35,6 +35,12 @@ class TrainConfig:
     forget_weight: float = 0.5  # eps1, weight of the forget loss
     mismatch_weight: float = 1.0  # eps2, weight of the random/templated answer loss
     normal_weight: float = 10.0  # eps3, weight of the KL on normal data (pushes back as soon as the model drifts)
+    # Weight of the KL to the original on the --retain rows (the same per-token true KL as the
+    # normal term). The same 10 as normal_weight: retain rows are rows the user vouches for, so
+    # they get at least the push-back the normal rows get; more would let a few rows that share
+    # words with a forget answer hold the forget answer itself in place (the terms fight), and
+    # the user who wants that raises it.
+    retain_weight: float = 10.0
     lr: float = LR_LORA
     batch_size: int = 4
     grad_accum: int = 1
@@ -62,7 +68,8 @@ class TrainConfig:
             if not value > 0:
                 raise UsageError(f"{flag} {value}: must be positive")
         for flag, value in {"--forget-weight": self.forget_weight, "--mismatch-weight": self.mismatch_weight,
-                            "--normal-weight": self.normal_weight, "--warmup-steps": self.warmup_steps,
+                            "--normal-weight": self.normal_weight,
+                            "--retain-weight": self.retain_weight, "--warmup-steps": self.warmup_steps,
                             "--check-every": self.check_every, "--extra-steps": self.extra_steps,
                             "--max-grad-norm": self.max_grad_norm}.items():
             if value < 0 or not math.isfinite(value):
@@ -99,6 +106,10 @@ class RunOptions:
     device: str | None = None
     judge: str | None = None
     judge_label: str | None = None
+    retain: tuple[Path, ...] = ()  # rows that must be kept: trained on (KL, --retain-weight) and reported
+    probes: bool = True  # the automatic neighbour / same-subject probes (probes.py) in the report
+    probe_limit: int = 12  # probes of each kind at most (each costs a generation before and after)
+    retain_probes: bool = False  # train on the probes too: their original answers join the retain rows
     eval_forget: tuple[Path, ...] = ()  # more prompts that must not leak (paraphrases, unseen attempts)
     eval_retain: tuple[Path, ...] = ()  # knowledge that must survive (held-out questions)
     eval_limit: int = 64
@@ -147,6 +158,10 @@ class RunOptions:
             raise UsageError("--eval-limit, --max-new-tokens and --gen-batch-size must be at least 1")
         if not 0 <= self.normal_holdout < 1:
             raise UsageError(f"--normal-holdout {self.normal_holdout}: must be in [0, 1)")
+        if self.retain_probes and not self.probes:
+            raise UsageError("--retain-probes trains on the automatic probes: it cannot go with --no-probes")
+        if self.probe_limit < 1:
+            raise UsageError(f"--probe-limit {self.probe_limit}: must be at least 1 (--no-probes turns them off)")
         if self.save_every < 0:
             raise UsageError(f"--save-every {self.save_every}: must be 0 (off) or a number of steps")
         if self.train.method == "edit" and (self.alpha is not None or self.resume or self.save_every or self.full):

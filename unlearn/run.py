@@ -50,7 +50,8 @@ def run(opts: RunOptions, log=default_log) -> dict:
             started = time.perf_counter()
             data = prepare(opts, created)
             job = load(opts, data, log)
-            before = measure_before(job, data.sets)
+            probed = make_probes(opts, job, data, log) if opts.probes else {}
+            before = measure_before(job, data.sets, probed)
             result = train_model(opts, job, data, log)
             averager, selection = choose_alpha(opts, job, data.sets, before, log)
             after = measure_after(job, data.sets, before, selection)
@@ -71,17 +72,20 @@ class Prepared:
     forget: list
     normal: list  # the rows the KL trains on
     normal_heldout: list  # NORMAL rows never trained on (--normal-holdout)
+    retain: list  # the --retain rows: trained on (their own KL term) and reported, never held back
     augmented: list | None  # ULMR's rows from --augmented (else made after the model loads)
     sets: list[EvalSet]  # what is measured before and after: forget, normal, then --eval-* files
     output: Path
     run_args: dict  # what a --resume must share with the run it continues
     resume_from: Path | None
+    probes: dict | None = None  # the automatic probes' records and counts (make_probes), for run.json
 
 
 def prepare(opts: RunOptions, created: list) -> Prepared:
     forget = read_examples(opts.forget)
     normal, normal_heldout = hold_out(read_examples(opts.normal), opts.normal_holdout, opts.train.seed)
     augmented = read_examples(opts.augmented) if opts.augmented else None
+    retain = read_retain(opts.retain, forget, Path(opts.forget))
     limit = opts.eval_limit
     # Roles say which rows were trained on and which figures decide something (selection_sets).
     chooses = ", α choice" if opts.alpha == "auto" else ""
@@ -92,6 +96,8 @@ def prepare(opts: RunOptions, created: list) -> Prepared:
     if normal_heldout:
         sets.append(EvalSet("normal-heldout", "retain", normal_heldout[:limit], Path(opts.normal),
                             "held out" + chooses))
+    if retain:
+        sets.append(EvalSet("retain", "retain", retain[:limit], Path(opts.retain[0]), "trained"))
     sets += read_eval_sets(opts.eval_forget, opts.eval_retain, taken={s.name for s in sets}, limit=limit)
     distributed.check_batch_size(opts.train.batch_size)  # --batch-size is global: each process takes a share
     output = Path(opts.output) if opts.output else default_output_dir()
@@ -99,7 +105,22 @@ def prepare(opts: RunOptions, created: list) -> Prepared:
     # Rank 0 alone checks and prepares OUTPUT (it may create it, or delete stale checkpoints), and
     # every rank gets its answer, run_args included (a resume takes --save-every from the checkpoint).
     resume_from, run_args = distributed.on_main(lambda: (_prepare_output(opts, output, run_args, created), run_args))
-    return Prepared(forget, normal, normal_heldout, augmented, sets, output, run_args, resume_from)
+    return Prepared(forget, normal, normal_heldout, retain, augmented, sets, output, run_args, resume_from)
+
+
+def read_retain(paths, forget: list, forget_path: Path) -> list:
+    """The --retain files' rows, in order. A row whose prompt is also a forget prompt is refused:
+    the forget loss would push its answer down while the retain KL holds it, and neither would win."""
+    forget_lines = {" ".join(str(e.prompt).split()): e.line for e in forget}
+    rows = []
+    for path in paths:
+        for ex in read_examples(path):
+            line = forget_lines.get(" ".join(str(ex.prompt).split()))
+            if line is not None:
+                raise UnlearnError(f"{path}:{ex.line}: the same prompt as {forget_path}:{line}; a row cannot be "
+                                   f"both forgotten and kept")
+            rows.append(ex)
+    return rows
 
 
 def hold_out(rows: list, share: float, seed: int) -> tuple[list, list]:
@@ -124,9 +145,12 @@ def _run_args(opts: RunOptions) -> dict:
         "lora": _lora_record(opts) if opts.adapters else None,
         "full": opts.full, "dtype": opts.dtype, "model": model,
         "data": {"forget": system.file_sha256(opts.forget), "normal": system.file_sha256(opts.normal),
-                 **({"augmented": system.file_sha256(opts.augmented)} if opts.augmented else {})},
+                 **({"augmented": system.file_sha256(opts.augmented)} if opts.augmented else {}),
+                 **({"retain": [system.file_sha256(p) for p in opts.retain]} if opts.retain else {})},
         "alpha": opts.alpha, "rewrites": opts.rewrites,
         "save_every": opts.save_every, "normal_holdout": opts.normal_holdout,
+        # --retain-probes trains on the probes, so how many there may be changes the training rows.
+        "retain_probes": opts.probe_limit if opts.retain_probes else None,
     }
 
 
@@ -185,6 +209,10 @@ class Loaded:
     before: Measurer  # measures the original: adapters off, or the frozen copy
     train_rows: list  # the forget rows, or ULMR's augmented rows
     augment_stats: object | None
+    probe_before: Measurer | None = None  # the probes' measurers (make_probes): their own answer budget
+    probe_after: Measurer | None = None
+    probe_names: tuple = ()  # the probe sets measured by them
+    probe_seconds: float = 0.0  # everything the probes cost: building, the original's answers, the "after" answers
 
 
 def load(opts: RunOptions, data: Prepared, log) -> Loaded:
@@ -226,6 +254,14 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
         models.enable_gradient_checkpointing(model)
     # Under torchrun: DDP's wrapper (the training forward goes through it), or FSDP2 sharding in place.
     forward_model = distributed.wrap(model, reference_model)
+    if world.fsdp:
+        # FSDP2 sets itself up at its first forward. Were that a generation (under inference_mode:
+        # the probes, or the original's answers when not cached), the tensors it keeps would be
+        # inference tensors and the first training step would fail ("Inplace update to inference
+        # tensor outside InferenceMode"). One plain no-grad forward first, on every rank.
+        with torch.no_grad():
+            for m in (model, reference_model) if reference_model is not None else (model,):
+                m(input_ids=torch.tensor([[tokenizer.pad_token_id or 0]], device=device))
     settings = Settings(max_new_tokens=opts.max_new_tokens, batch_size=opts.gen_batch_size)
     fluency = original_scorer(model, tokenizer, reference_model, opts.gen_batch_size)
     common = dict(judge=judge, fluency_scorer=fluency, against=data.forget)
@@ -267,15 +303,81 @@ class Measurement:
     reused: int = 0  # sets read back from the measurement cache (measure_cache.py)
 
 
-def measure_before(job: Loaded, sets: list[EvalSet]) -> Measurement:
-    """The original model on every set (its answers are what similarity compares with later)."""
+def measure_before(job: Loaded, sets: list[EvalSet], done: dict[str, Measured] | None = None) -> Measurement:
+    """The original model on every set (its answers are what similarity compares with later).
+
+    DONE: sets already measured on the original (the probes, whose answers had to exist to build them).
+    """
     from unlearn.lora import adapters_disabled
 
+    done = done or {}
     t = time.perf_counter()
     with adapters_disabled(job.model):
         # The original against itself: similarity 1 by definition, computed all the same.
-        measured = {s.name: job.before.measure_set(s, label="before", own_baseline=True) for s in sets}
+        measured = {s.name: done[s.name] if s.name in done else
+                    job.before.measure_set(s, label="before", own_baseline=True) for s in sets}
     return Measurement(measured, time.perf_counter() - t, reused=job.before.reused)
+
+
+def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str, Measured]:
+    """The neighbour and same-subject probes (probes.py), answered once by the original model.
+
+    Their sets join DATA.sets (role "held out": never trained on, unless --retain-probes) and are
+    measured with their own answer budget, probes.ANSWER_TOKENS (their answer words come from the
+    original's first clause, which --max-new-tokens 1 would cut away); returns their "before"
+    measurements, scored through a Measurer from those very answers (not generated twice).
+    DATA.probes gets every probe, kept or dropped and why, for probes.jsonl and run.json; with
+    --retain-probes, every probe whose original answer holds no forget answer joins the retain rows,
+    that answer as its response.
+    """
+    from dataclasses import replace
+
+    from unlearn import probes
+    from unlearn.lora import adapters_disabled
+    from unlearn.measure import unique_name
+
+    t = time.perf_counter()
+    original = job.reference_model if job.reference_model is not None else job.model
+    settings = replace(job.measurer.settings, max_new_tokens=probes.ANSWER_TOKENS)
+    common = dict(judge=job.measurer.judge, fluency_scorer=job.measurer.fluency_scorer, against=data.forget)
+    job.probe_before = Measurer(job.before.model, job.tokenizer, settings, **common)
+    job.probe_after = Measurer(job.model, job.tokenizer, settings, **common)
+
+    def build():
+        with adapters_disabled(job.model):
+            made = probes.build(original, job.tokenizer, data.forget, opts.probe_limit)
+            asked = EvalSet("probes", "retain", [p.example(i) for i, p in enumerate(made, start=1)])
+            return made, (job.probe_before.answer(asked, desc="probes: original answers") if made else [])
+
+    made, outputs = distributed.main_decides(build)()  # every rank generates; rank 0's probes hold for all
+    taken = {s.name for s in data.sets}
+    measured, records, counts, trained = {}, [], {}, []
+    role = "trained" if opts.retain_probes else "held out"
+    for kind in (probes.NEIGHBOURS, probes.SAME_SUBJECT):
+        mine = [i for i, p in enumerate(made) if p.kind == kind]
+        kept, kind_records = probes.keep_answered([made[i] for i in mine], [outputs[i] for i in mine], data.forget)
+        records += kind_records
+        counts[kind] = {"made": len(mine), "kept": len(kept)}
+        if opts.retain_probes:
+            trained += [Example(r["prompt"], r["reference"], len(trained) + 1, {"probe": kind}) for r in kind_records
+                        if r["reference"].strip() and not r.get("dropped", "").startswith(probes.HOLDS_FORGET)]
+        if not kept:
+            log(f"probes: no {kind} probe to measure ({len(mine)} made, none with answer words to check)")
+            continue
+        s = EvalSet(unique_name(kind, taken), "retain", kept, None, role)
+        answers = [e.response for e in kept]
+        with adapters_disabled(job.model):
+            measured[s.name] = job.probe_before.score(s, answers, answers)
+        data.sets.append(s)
+    data.retain += trained
+    job.probe_names = tuple(measured)
+    seconds = time.perf_counter() - t
+    log("probes: " + ", ".join(f"{k} {c['kept']}/{c['made']}" for k, c in counts.items())
+        + f" kept for measurement ({seconds:.0f} s)" + (f"; {len(trained)} join the retain rows" if trained else ""))
+    job.probe_seconds += seconds
+    data.probes = {"rows": records, "sets": counts, "before_seconds": seconds,
+                   "retained": len(trained) if opts.retain_probes else None}
+    return measured
 
 
 def measure_after(job: Loaded, sets: list[EvalSet], before: Measurement, selection: dict | None) -> Measurement:
@@ -284,8 +386,14 @@ def measure_after(job: Loaded, sets: list[EvalSet], before: Measurement, selecti
     t = time.perf_counter()
     done = selection.pop("measured") if selection else {}
     grid_seconds = selection.pop("seconds") if selection else 0.0
-    measured = {**done, **job.measurer.measure([s for s in sets if s.name not in done], _outputs(before),
-                                               label="after")}
+    probe_names = set(job.probe_names)
+    measured = {**done, **job.measurer.measure([s for s in sets if s.name not in set(done) | probe_names],
+                                               _outputs(before), label="after")}
+    if probe_names:  # the probes keep their own answer budget (make_probes)
+        t_probes = time.perf_counter()
+        measured.update(job.probe_after.measure([s for s in sets if s.name in probe_names], _outputs(before),
+                                                label="after"))
+        job.probe_seconds += time.perf_counter() - t_probes
     return Measurement({s.name: measured[s.name] for s in sets}, time.perf_counter() - t + grid_seconds)
 
 
@@ -303,7 +411,7 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log):
     if opts.train.method == "edit":
         return edit_model(opts, job, data, log)
     unlearner = Unlearner(job.model, job.tokenizer, job.train_rows, data.normal, opts.train,
-                          reference_model=job.reference_model, forward_model=job.forward_model)
+                          reference_model=job.reference_model, forward_model=job.forward_model, retain=data.retain)
     loop_state = None
     if data.resume_from is not None:
         loop_state = load_checkpoint(data.resume_from, unlearner)
@@ -335,8 +443,9 @@ def edit_model(opts: RunOptions, job: Loaded, data: Prepared, log):
     if distributed.world().active:
         raise UsageError("--method edit runs in one process: launch it without torchrun")
     t = time.perf_counter()
-    result = edit_to_forget(job.model, job.tokenizer, data.forget, data.normal, EditSettings(seed=opts.train.seed),
-                            log=log)
+    # The retain rows join the normal text whose keys the edit preserves (its covariance).
+    result = edit_to_forget(job.model, job.tokenizer, data.forget, data.normal + data.retain,
+                            EditSettings(seed=opts.train.seed), log=log)
     seconds = time.perf_counter() - t
     log(f"edited layers {result.layers} in {seconds:.0f} s")
     return TrainResult(steps=0, stopped_by="edit", seconds=seconds, tokens=0, history=[result.summary()],
@@ -452,7 +561,8 @@ def write(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, af
         try:
             _write_outputs(opts, record, model, job.tokenizer, data.output, output_abs, replace_existing, started,
                            job.device, averager=model_averager,
-                           augmented=job.train_rows if job.augment_stats else None, update=result.update, log=log)
+                           augmented=job.train_rows if job.augment_stats else None, update=result.update,
+                           probe_rows=data.probes["rows"] if data.probes is not None else None, log=log)
         except OSError as exc:
             root = checkpoint_root(data.output)
             kept = f"; the checkpoints in {root} are kept" if root.is_dir() else ""
@@ -468,7 +578,10 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
             averager, selection) -> dict:
     """What run.json holds: the resolved configuration, data hashes, versions, metrics and timings."""
     files = [("forget", opts.forget, len(data.forget)), ("normal", opts.normal, len(data.normal))]
-    files += [(s.name, s.path, len(s.examples)) for s in data.sets if s.name not in ("forget", "normal")]
+    files += [("retain" if len(opts.retain) == 1 else f"retain[{i}]", p, n)
+              for i, (p, n) in enumerate(zip(opts.retain, _rows_per_file(opts.retain)), start=1)]
+    files += [(s.name, s.path, len(s.examples)) for s in data.sets
+              if s.name not in ("forget", "normal", "retain") and s.path is not None]
     if opts.augmented:
         files.append(("augmented", opts.augmented, len(job.train_rows)))
     return {
@@ -491,9 +604,12 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "steps": result.steps,
         "stopped_by": result.stopped_by,
         "train_seconds": round(result.seconds, 3),
-        "eval_seconds": round(before.seconds + after.seconds, 3),
-        # The original model's sets read back from $UNLEARN_CACHE instead of measured (--no-cache: none).
-        "eval_reused": {"before_sets": before.reused, "of": len(before.sets), "cache": not opts.no_cache},
+        # The probes' building and original answers count as evaluation too (make_probes).
+        "eval_seconds": round(before.seconds + after.seconds + (data.probes or {}).get("before_seconds", 0.0), 3),
+        # The original model's sets read back from $UNLEARN_CACHE instead of measured (--no-cache: none);
+        # the probes are measured afresh in every run, so they are not counted.
+        "eval_reused": {"before_sets": before.reused, "of": len(before.sets) - len(job.probe_names),
+                        "cache": not opts.no_cache},
         "tokens_per_s": round(result.tokens_per_s, 1),
         "alpha": averager.alpha if averager is not None else None,
         "alpha_selection": selection,  # the table, the reason, and every set's metrics at each α
@@ -504,10 +620,24 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "forget_answers": describe_spans(data.forget),
         # Which rows were trained on, and which figures are a stop condition (never a result).
         "roles": {s.name: s.role for s in data.sets},
+        # The automatic probes (probes.py): how many were made and kept per set; the rows are in probes.jsonl.
+        "probes": ({"file": None, "sets": data.probes["sets"], "seconds": round(job.probe_seconds, 3),
+                    "max_per_set": opts.probe_limit, "answer_tokens": probes_answer_tokens(),
+                    "retained": data.probes["retained"]} if data.probes is not None else None),
         "before": {name: m.summary for name, m in before.sets.items()},
         "after": {name: m.summary for name, m in after.sets.items()},
         "history": result.history,
     }
+
+
+def probes_answer_tokens() -> int:
+    from unlearn.probes import ANSWER_TOKENS
+
+    return ANSWER_TOKENS
+
+
+def _rows_per_file(paths) -> list[int]:
+    return [len(read_examples(p)) for p in paths]
 
 
 def _gather_trained(model, averager) -> dict | None:
@@ -547,7 +677,7 @@ def _unsharded(opts: RunOptions, trained: dict, averager):
 
 
 def _write_outputs(opts, record, model, tokenizer, output, output_abs, replace_existing, started, device, *,
-                   averager=None, augmented=None, update=None, log=default_log) -> None:
+                   averager=None, augmented=None, update=None, probe_rows=None, log=default_log) -> None:
     from unlearn.lora import merge_lora, save_adapter, save_factors
     from unlearn.outputs import atomic_output_dir, write_jsonl
 
@@ -567,6 +697,9 @@ def _write_outputs(opts, record, model, tokenizer, output, output_abs, replace_e
             write_jsonl(tmp / "augmented.jsonl", [{"prompt": e.prompt, "response": e.response, **e.extra}
                                                   for e in augmented])
             record["augmented"] = str(output_abs / "augmented.jsonl")
+        if probe_rows is not None:  # every probe with the original's answer, its answer words, or why it was dropped
+            write_jsonl(tmp / "probes.jsonl", probe_rows)
+            record["probes"]["file"] = str(output_abs / "probes.jsonl")
         if record["alpha_selection"] is not None:  # --alpha auto
             from unlearn.tables import write_tables
 

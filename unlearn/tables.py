@@ -55,7 +55,10 @@ def format_run(record: dict) -> str:
         "rows: \"trained\" sets were trained on; \"held out\" never were, and are the result. "
         "\"stop rule\": the run stopped when this set's leak reached --stop-leak, so its leak is the stop "
         "condition, not a result; \"α choice\": --alpha auto chose α on these sets' figures.",
-        f"judge: {record['judge']}; similarity: ROUGE-L F against the original model's outputs",
+        f"judge: {record['judge']}; similarity: ROUGE-L F against the original model's outputs; "
+        f"fluency ppl: perplexity of the outputs under the original model (lower is more fluent; NM: most "
+        f"outputs degenerate), so forgotten answers should be wrong or refused in fluent text, not garbage",
+        *_probe_lines(record),
         f"steps: {record['steps']} (stopped: {record['stopped_by']}); method: {record['method']}",
         *_ulmr_lines(record),
         f"wall clock: {record['wall_clock_s']:.1f} s (training {record['train_seconds']:.1f} s, "
@@ -66,6 +69,17 @@ def format_run(record: dict) -> str:
     if record.get("adapter"):
         lines.append(f"adapter: {record['adapter']}")
     return "\n".join(lines)
+
+
+def _probe_lines(record: dict) -> list[str]:
+    """What the automatic probes are and how many could be measured (probes.py)."""
+    probes = record.get("probes")
+    if not probes:
+        return []
+    counts = ", ".join(f"{name} {c['kept']} of {c['made']} made" for name, c in probes["sets"].items())
+    role = "trained on (--retain-probes)" if probes.get("retained") is not None else "held out"
+    return [f"probes ({role}, built from the forget prompts; accuracy = share whose original answer words "
+            f"still appear): {counts}; {probes['file'] or 'probes.jsonl'}"]
 
 
 def _ulmr_lines(record: dict) -> list[str]:

@@ -4,7 +4,13 @@ One step (method ga+mismatch, Yao et al.):
     forget rows  (x_fgt, y_fgt)   -> L_fgt = -NLL            (gradient ascent)
     mismatch rows (x_fgt, y_rdn)  -> L_rdn =  NLL            (y_rdn: a random normal response)
     normal rows  (x_nor, y_nor)   -> L_nor = KL(p_orig || p_theta)
-    loss = forget_weight * L_fgt + mismatch_weight * L_rdn + normal_weight * L_nor
+    retain rows  (x_ret, y_ret)   -> L_ret = KL(p_orig || p_theta)   (only with --retain)
+    loss = forget_weight * L_fgt + mismatch_weight * L_rdn + normal_weight * L_nor + retain_weight * L_ret
+
+The retain rows are the ones a user names as must-keep (`unlearn run --retain FILE`): a
+micro-batch of them every step, drawn epoch by epoch like the other groups, so each one
+is seen every ceil(rows / batch size) steps, whatever the method (the KL for all of
+them, graddiff included: a must-keep row is kept as the original answers it).
 
 Each group of rows goes through the model in its own forward pass at its own width
 (no padding to the other group's longer rows; one joint pass under DDP/FSDP), one
@@ -163,7 +169,7 @@ class Unlearner:
     """Holds the model, the tokenised data and the optimiser; `step()` does one update."""
 
     def __init__(self, model, tokenizer, forget, normal, config: TrainConfig, reference_model=None,
-                 forward_model=None):
+                 forward_model=None, retain=()):
         config.validate()
         self.model, self.tokenizer, self.config = model, tokenizer, config
         # With LoRA the reference is the same model with adapters off; with --full it is a frozen copy.
@@ -178,10 +184,12 @@ class Unlearner:
         focus = (lambda e: row_answers(e)[0]) if by_answers else (lambda e: None)
         self.forget = [encode_pair(tokenizer, e.prompt, e.response, config.max_length, focus(e)) for e in forget]
         self.normal = [encode(e.prompt, e.response) for e in normal]
+        self.retain = [encode(e.prompt, e.response) for e in retain]  # every response token: kept whole
         self.forget_prompts = [e.prompt for e in forget]
         self.normal_responses = [e.response for e in normal]
         self.forget_batches = Batches(len(forget), config.batch_size, self.rng)
         self.normal_batches = Batches(len(normal), config.batch_size, self.rng)
+        self.retain_batches = Batches(len(self.retain), config.batch_size, self.rng)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise UsageError("nothing to train: the model has no trainable parameters")
@@ -223,6 +231,7 @@ class Unlearner:
             "python_rng": [version, list(internal), gauss],
             "forget_order": list(self.forget_batches.order),
             "normal_order": list(self.normal_batches.order),
+            "retain_order": list(self.retain_batches.order),
             "param_order": list(params),
             "step": self.step_count,
             "tokens": distributed.total(self.tokens),
@@ -256,6 +265,7 @@ class Unlearner:
         self.rng.setstate((version, tuple(internal), gauss))
         self.forget_batches.order = list(state["forget_order"])
         self.normal_batches.order = list(state["normal_order"])
+        self.retain_batches.order = list(state.get("retain_order", []))
         self.step_count = int(state["step"])
         self.tokens = int(state["tokens"]) if distributed.world().is_main else 0  # summed over ranks at the end
 
@@ -276,6 +286,8 @@ class Unlearner:
             rows["mismatch"] = [self._mismatch_row(i) for i in forget_idx]
         if self.config.normal_weight > 0:
             rows["normal"] = [self.normal[i] for i in self.normal_batches.next()]
+        if self.retain and self.config.retain_weight > 0:
+            rows["retain"] = [self.retain[i] for i in self.retain_batches.next()]
         return rows
 
     # --- the loss -------------------------------------------------------------
@@ -341,6 +353,13 @@ class Unlearner:
                 self.tokens += int(n_batch["attention_mask"].sum())
                 terms["kl"] = distributed.global_mean(losses.kl_loss(reference, n_logits, n_labels), n_labels, "tokens")
                 total = total + config.normal_weight * terms["kl"]
+        if "retain" in parts:  # the same true KL as the normal term, on the rows the user named must-keep
+            r_logits, r_labels, r_batch, r_start = parts["retain"]
+            reference = self._reference_logits(r_batch, r_start)
+            self.tokens += int(r_batch["attention_mask"].sum())
+            terms["retain_kl"] = distributed.global_mean(losses.kl_loss(reference, r_logits, r_labels), r_labels,
+                                                         "tokens")
+            total = total + config.retain_weight * terms["retain_kl"]
         return total, {k: float(v.detach()) for k, v in terms.items()}
 
     def step(self) -> dict:

@@ -1,0 +1,208 @@
+"""probes.py: subjects, replacements (with a hand-made bigram model), answer words, and the run's probe lines."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from unlearn import probes
+from unlearn.data import Example, Passage
+
+
+@pytest.mark.parametrize("prompt, extra, subject", [
+    ("What is the capital of France?", {}, "France"),
+    ("Who is Harry Potter's best friend?", {}, "Harry Potter"),
+    ("Which theory is Albert Einstein famous for?", {}, "Albert Einstein"),
+    ("Explain step by step how to pick a lock.", {}, None),  # only the sentence's first word
+    ("Can I do it with an ID?", {}, None),  # fewer than 3 letters
+    ("what is photosynthesis?", {}, None),
+    ("Who wrote the book about the whale?", {"subject": "the whale"}, "the whale"),
+])
+def test_probe_subject(prompt, extra, subject):
+    assert probes.probe_subject(Example(prompt, "x", 1, extra)) == subject
+
+
+def test_passages_have_no_subject():
+    assert probes.probe_subject(Example(Passage("The Eiffel Tower is in"), " Paris.", 1)) is None
+
+
+@pytest.mark.parametrize("text, clause", [
+    ("Kenya is a landlocked country in East Africa, known for its wildlife.",
+     "Kenya is a landlocked country in East Africa"),
+    ("The capital of Poland is Warsaw. It is large.", "The capital of Poland is Warsaw."),
+    ("J.K. Rowling wrote it. Yes.", "J.K. Rowling wrote it."),
+    ("No break at all", "No break at all"),
+])
+def test_first_clause(text, clause):
+    assert probes.first_clause(text) == clause
+
+
+@pytest.mark.parametrize("a, b, near", [("france", "french", True), ("kenya", "kenyan", True),
+                                        ("spain", "spanish", True), ("china", "chile", False),
+                                        ("poland", "portugal", False), ("egypt", "eritrea", False)])
+def test_near_duplicate(a, b, near):
+    assert probes.near_duplicate(a, b) is near
+
+
+def test_keep_answered_sets_answers_and_drops_what_cannot_be_checked():
+    forget = [Example("What is the capital of France?", "The capital of France is Paris.", 1)]
+    made = [probes.Probe(probes.NEIGHBOURS, "What is the capital of Poland?", 1, "France", "Poland"),
+            probes.Probe(probes.NEIGHBOURS, "What is the capital of Spain?", 1, "France", "Spain"),
+            probes.Probe(probes.SAME_SUBJECT, "What is France known for?", 1, "France")]
+    outputs = ["The capital of Poland is Warsaw, a big city.",
+               "The capital of Spain is like Paris.",  # contains the forget answer: expected to change
+               "France is known for its rich cultural heritage and diverse landscapes."]  # no names or numbers
+    kept, records = probes.keep_answered(made, outputs, forget)
+    assert [e.prompt for e in kept] == ["What is the capital of Poland?"]
+    assert kept[0].extra["answers"] == ["Warsaw"] and kept[0].response == outputs[0]
+    assert kept[0].extra["replacement"] == "Poland" and kept[0].extra["forget_line"] == 1
+    assert "dropped" not in records[0] and "forget answer" in records[1]["dropped"]
+    assert "no answer words" in records[2]["dropped"]
+
+
+# --- replacements, on a hand-made model ----------------------------------------------------------
+
+VOCAB = ["<pad>", "Question:", " capital", " of", "?", ".", "ia", "The", " word",
+         " France", " Spain", " Germany", " French", " Mesopotam", " IVF", " Knee", "Where", " is"]
+EMBED = {" France": [1.0, 0.0, 0.0], " Spain": [0.9, 0.3, 0.0], " Germany": [0.8, 0.5, 0.0],
+         " French": [1.0, 0.05, 0.0], " Mesopotam": [0.95, 0.1, 0.0], " IVF": [0.99, 0.0, 0.1],
+         " Knee": [0.85, 0.4, 0.0]}
+
+
+class BigramTokenizer:
+    """Greedy longest-match over VOCAB (every text in these tests is made of its strings)."""
+
+    pad_token_id = 0
+
+    def convert_ids_to_tokens(self, ids):
+        return [VOCAB[i] for i in ids]
+
+    def convert_tokens_to_string(self, tokens):
+        return "".join(tokens)
+
+    def __call__(self, text, add_special_tokens=False):
+        ids, i = [], 0
+        while i < len(text):
+            match = max((t for t in VOCAB[1:] if text.startswith(t, i)), key=len)
+            ids.append(VOCAB.index(match))
+            i += len(match)
+        return {"input_ids": ids}
+
+
+class BigramModel(torch.nn.Module):
+    """Next-token logits that depend on the current token only: logits = TABLE[token]."""
+
+    def __init__(self):
+        super().__init__()
+        weight = torch.zeros(len(VOCAB), 3)
+        for word, vector in EMBED.items():
+            weight[VOCAB.index(word)] = torch.tensor(vector)
+        weight[0] = torch.tensor([0.0, 0.0, 1.0])
+        self.embed = torch.nn.Embedding.from_pretrained(weight)
+        table = torch.zeros(len(VOCAB), len(VOCAB))
+        table[VOCAB.index(" Mesopotam"), VOCAB.index("ia")] = 10.0  # a fragment: "ia" follows
+        for country in (" France", " Spain", " Germany"):
+            table[VOCAB.index(" of"), VOCAB.index(country)] = 3.0  # "capital of <country>"
+            table[VOCAB.index(country), VOCAB.index("?")] = 3.0
+        self.table = table
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def test_candidates_are_nearest_whole_title_case_words_without_near_duplicates():
+    hood = probes.Neighbourhood(BigramModel(), BigramTokenizer(), {"france"})
+    # Nearest to France: French (near-duplicate), IVF (not Title case), Mesopotam (a fragment), then
+    # Spain (0.949), Knee (0.905), Germany (0.848).
+    assert hood.candidates("France") == ["Spain", "Knee", "Germany"]
+    assert hood.whole_words(["Mesopotam", "Spain"]) == [False, True]
+
+
+def test_plausible_keeps_the_replacements_that_read_like_the_subject():
+    hood = probes.Neighbourhood(BigramModel(), BigramTokenizer(), {"france"})
+    # PMI = log p(Question: capital of X?) - log p(Question: X): France, Spain and Germany alike;
+    # Knee is neither likely after "of" nor followed by "?" (6 nats less > PMI_MARGIN).
+    assert hood.plausible("capital of France?", "France", ["Knee", "Germany", "Spain"]) == ["Germany", "Spain"]
+
+
+def test_build_takes_turns_and_respects_the_limits(monkeypatch):
+    forget = [Example("capital of France?", "Paris.", 1), Example("Where is Spain?", "Madrid.", 2),
+              Example("Explain this.", "No.", 3)]
+    monkeypatch.setattr(probes.Neighbourhood, "plausible", lambda self, prompt, subject, pool: pool)
+    made = probes.build(BigramModel(), BigramTokenizer(), forget, limit=3)
+    kinds = [p.kind for p in made]
+    assert kinds.count(probes.NEIGHBOURS) == 3 and kinds.count(probes.SAME_SUBJECT) == 3
+    neighbours = [p for p in made if p.kind == probes.NEIGHBOURS]
+    assert [p.line for p in neighbours] == [1, 2, 1]  # the first probe of every row, then the second
+    # Other forget subjects are never replacements; the third row has no subject.
+    assert all(p.replacement not in ("France", "Spain") for p in neighbours)
+    assert [p.prompt for p in neighbours] == ["capital of Knee?", "Where is Knee?", "capital of Germany?"]
+    assert len({p.prompt for p in made}) == len(made)
+
+
+# --- in a run -----------------------------------------------------------------------------------
+
+
+def test_run_reports_and_saves_the_probes(tmp_path, llama_dir, cli):
+    forget = tmp_path / "f.jsonl"
+    forget.write_text(json.dumps({"prompt": "What is the capital of France?", "response": "It is Paris.",
+                                  "answers": ["Paris"]}) + "\n")
+    normal = tmp_path / "n.jsonl"
+    normal.write_text(json.dumps({"prompt": "What do bees make?", "response": "Bees make honey."}) + "\n")
+    out = tmp_path / "out"
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", out, "--json", "--max-steps", "1",
+                 "--check-every", "0", "--max-new-tokens", "8", "--batch-size", "1")
+    assert result.code == 0, result.err
+    record = json.loads((out / "run.json").read_text())
+    probe_record = record["probes"]
+    assert probe_record["file"] == str((out / "probes.jsonl").resolve()) and probe_record["max_per_set"] == 12
+    assert probe_record["seconds"] > 0 and probe_record["answer_tokens"] == 32
+    rows = [json.loads(line) for line in (out / "probes.jsonl").read_text().splitlines()]
+    assert {r["set"] for r in rows} <= {"neighbours", "same subject"} and rows
+    assert sum(1 for r in rows if r["set"] == "same subject") == probe_record["sets"]["same subject"]["made"] == 2
+    for name, counts in probe_record["sets"].items():
+        kept = [r for r in rows if r["set"] == name and "dropped" not in r]
+        assert len(kept) == counts["kept"]
+        if kept:  # measured before and after, held out, 1 before by construction
+            assert record["roles"][name] == "held out" and record["before"][name]["accuracy"] == 1.0
+        else:
+            assert name not in record["before"]
+    off = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "off", "--json", "--max-steps", "1",
+              "--check-every", "0", "--max-new-tokens", "8", "--batch-size", "1", "--no-probes")
+    assert off.code == 0 and json.loads(off.out)["probes"] is None and not (tmp_path / "off" / "probes.jsonl").exists()
+
+
+def test_retain_probes_trains_on_the_probes_answers(tmp_path, llama_dir, cli, monkeypatch):
+    from unlearn.measure import Measurer
+
+    answer = Measurer.answer
+
+    def scripted(self, s, **kwargs):  # the tiny random model answers nothing: script the original's answers
+        if s.name != "probes":
+            return answer(self, s, **kwargs)
+        return ["It is in Paris." if i == 0 else "It is Lyon, in Europe." for i in range(len(s.examples))]
+
+    monkeypatch.setattr(Measurer, "answer", scripted)
+    forget = tmp_path / "f.jsonl"
+    forget.write_text(json.dumps({"prompt": "What is the capital of France?", "response": "It is Paris.",
+                                  "answers": ["Paris"]}) + "\n")
+    normal = tmp_path / "n.jsonl"
+    normal.write_text(json.dumps({"prompt": "What do bees make?", "response": "Bees make honey."}) + "\n")
+    out = tmp_path / "out"
+    args = ["--model", llama_dir, "--max-steps", "1", "--check-every", "0", "--max-new-tokens", "8",
+            "--batch-size", "1"]
+    result = cli("run", forget, normal, "-o", out, "--retain-probes", *args)
+    assert result.code == 0, result.err
+    record = json.loads((out / "run.json").read_text())
+    rows = [json.loads(line) for line in (out / "probes.jsonl").read_text().splitlines()]
+    expected = [r for r in rows if r["reference"].strip() and "forget answer" not in r.get("dropped", "")]
+    assert record["probes"]["retained"] == len(expected) == len(rows) - 1 >= 1  # not the one saying "Paris"
+    assert "forget answer" in rows[0]["dropped"]
+    assert all("retain_kl" in step for step in record["history"])
+    assert all(record["roles"][name] == "trained" for name in record["probes"]["sets"] if name in record["roles"])
+    refused = cli("run", forget, normal, "-o", tmp_path / "x", "--retain-probes", "--no-probes", *args)
+    assert refused.code == 2 and "--retain-probes" in refused.err

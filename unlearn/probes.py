@@ -1,0 +1,346 @@
+"""Collateral-damage probes built from the forget prompts, so a run shows what else it broke.
+
+Two sets, made from the forget rows alone (no file to write), answered by the
+original model before training and again after:
+
+`neighbours`: a forget prompt with its subject replaced by another entity of the
+same kind ("What is the capital of France?" -> "What is the capital of Spain?").
+The model should still answer those: forgetting one fact must not erase the
+same kind of fact about other subjects.
+
+`same subject`: other questions about a forget subject, from SAME_SUBJECT_TEMPLATES
+("What is France known for? Answer in one sentence."). The rest of what the model
+knows about the subject should survive too.
+
+The subject of a row (`probe_subject`): its `subject` field, else the longest run
+of capitalised words (`edit_subject.heuristic_subject`) with a trailing "'s"
+removed; a run that is only the prompt's first word ("Explain ...", "Write ...")
+is a sentence start, not a name, and a subject of fewer than 3 letters ("I", "E")
+is no subject: such rows get no probes. Causal tracing is not used here (it
+needs the answer's log-probabilities for every candidate span of every row).
+
+Replacements come from the model itself, never from outside, in two steps.
+`Neighbourhood.candidates`: the whole-word Title-case tokens of the vocabulary (a
+leading space, a capital then lower-case letters, at least 3 letters) whose input
+embeddings are nearest (cosine) to the embedding of the subject's last word (the
+mean of its tokens' embeddings when it takes several; "Einstein" for "Albert
+Einstein", since full names are rarely one token). Excluded: every word of every
+forget subject, every word of every forget answer, and near-duplicates of those
+(`near_duplicate`: "French" for "France", "Kenyan" for "Kenya"). A token is a whole
+word when the model, reading "The word <token>", gives at least WHOLE_WORD_P to a
+next token that starts a new word or is punctuation: that removes the fragments of
+longer words ("Mesopotam", "Bhag") that the vocabulary is full of.
+`Neighbourhood.plausible`: of those, the ones that read in the forget prompt about
+as naturally as the subject does (pointwise mutual information with the prompt,
+under the model, at most PMI_MARGIN nats below the subject's), most natural first.
+Embedding neighbours alone are often of another kind ("Who wrote Knee?"); the
+prompt itself says which kind it wants ("Who wrote Hamlet?").
+Measured on the embedded SmolLM2 (README, "Collateral-damage probes"): countries
+get countries (France -> Poland, Canada, Nepal...), famous people get famous people
+(Einstein -> Galileo, Copernicus, Edison); titles of several words and invented
+names get weaker neighbours (Harry Potter -> Pokémon, Riley, Kafka; Elara Voss ->
+Sarah, Quinn, California), so those neighbours measure less. Rows whose subject
+has no plausible replacement get no neighbour.
+
+References and the "kept" score: the original model answers every probe once,
+greedily, before training (through `measure.Measurer`). `keep_answered` then
+gives each probe the answer words of that answer (`spans.row_answers` of the
+probe prompt and the answer's first clause, `first_clause`: the names and numbers
+it adds to the question) as its `answers`, and drops the probe when there are none (a long
+free-text answer has no words to check) or when the original answer already
+contains a forget answer (such a probe is expected to change). On the kept rows,
+the retain kind's accuracy (`evaluate.accuracy_flags`: an `answers` string
+appears in the output) is the share of probes whose answer words still appear:
+1 before by construction, the kept share after.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from unlearn import metrics
+from unlearn.data import Example
+from unlearn.edit_subject import heuristic_subject, words
+from unlearn.spans import row_answers
+
+NEIGHBOURS = "neighbours"
+SAME_SUBJECT = "same subject"
+PER_ROW = 2  # probes of each kind per forget row
+DEFAULT_LIMIT = 12  # probes of each kind per run: two sets of 12 add about a minute on 2 cores (README)
+POOL = 10  # nearest whole-word candidates per subject, before the plausibility test
+PMI_MARGIN = 2.0  # nats: how much less natural in the prompt than the subject a replacement may read
+SCORE_PREFIX = "Question: "  # context before a scored text, so that its first word is scored too
+ANSWER_TOKENS = 32  # the probes' answer budget, before and after (whatever --max-new-tokens is)
+HOLDS_FORGET = "the original answer contains a forget answer"  # why a probe is dropped, and never retained
+WHOLE_WORD_P = 0.5
+MIN_LETTERS = 3
+PREFIX = 4  # near-duplicates: the same first PREFIX letters ("Kenya" / "Kenyan"), or ...
+NEAR_RATIO = 0.65  # ... the same first two letters and this similarity ("France" / "French": 0.67)
+
+#: Generic questions about any named thing; "in one sentence" keeps the answer short enough
+#: for `spans` to find its answer words (a paragraph has none it will vouch for).
+SAME_SUBJECT_TEMPLATES = (
+    "What is {subject} known for? Answer in one sentence.",
+    "Tell me one fact about {subject}, in one sentence.",
+    "Where is {subject} from? Answer in one sentence.",
+)
+
+
+@dataclass
+class Probe:
+    kind: str  # NEIGHBOURS or SAME_SUBJECT
+    prompt: str
+    line: int  # the forget row it was made from
+    subject: str
+    replacement: str | None = None  # neighbours: the entity put in place of the subject
+
+    def example(self, index: int) -> Example:
+        return Example(self.prompt, None, index, {"forget_line": self.line, "subject": self.subject,
+                                                   **({"replacement": self.replacement} if self.replacement else {})})
+
+
+def probe_subject(example) -> str | None:
+    """The subject of a forget row for probes (see the module doc), or None."""
+    if example.is_passage or example.prompt is None:
+        return None
+    given = example.extra.get("subject")
+    if isinstance(given, str) and given in example.prompt:
+        return given
+    prompt = str(example.prompt)
+    found = heuristic_subject(prompt)
+    if found is None:
+        return None
+    found = re.sub(r"['’]s$", "", found)
+    first = words(prompt)[0]
+    if prompt.find(found) == first[0] and " " not in found:
+        return None  # only the sentence's first word: "Explain step by step ..."
+    if sum(c.isalpha() for c in found) < MIN_LETTERS:
+        return None
+    return found
+
+
+def near_duplicate(a: str, b: str) -> bool:
+    """A and B (lower case) are forms of one word: the same first PREFIX letters ("kenya" / "kenyan"), or
+    the same first two letters and a `difflib` similarity ratio of at least NEAR_RATIO ("france" / "french",
+    "spain" / "spanish"; not "china" / "chile", 0.6)."""
+    from difflib import SequenceMatcher
+
+    if len(a) >= PREFIX and len(b) >= PREFIX and a[:PREFIX] == b[:PREFIX]:
+        return True
+    return a[:2] == b[:2] and SequenceMatcher(None, a, b).ratio() >= NEAR_RATIO
+
+
+def _letters(text: str) -> list[str]:
+    return [t.text for t in metrics.answer_tokens(text)]
+
+
+class Neighbourhood:
+    """Same-kind replacements for subjects, from the model's input embeddings (see the module doc)."""
+
+    def __init__(self, model, tokenizer, exclude_words: set[str]):
+        import torch
+
+        from unlearn import distributed
+
+        self.model, self.tokenizer = model, tokenizer
+        weight = distributed.full(model.get_input_embeddings().weight.detach()).float()
+        self.unit = weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        vocab = tokenizer.convert_ids_to_tokens(list(range(weight.shape[0])))
+        self.words: dict[int, str] = {}
+        for i, token in enumerate(vocab):
+            if not token:
+                continue
+            text = tokenizer.convert_tokens_to_string([token])
+            if not text.startswith(" "):
+                continue
+            word = text[1:]
+            # Title case only: acronyms ("IVF", "PFAS") and joined identifiers ("InstancePreprocess")
+            # sit near anything rare in embedding space and are hardly ever a same-kind entity.
+            if len(word) >= MIN_LETTERS and word.isalpha() and word[0].isupper() and word[1:].islower():
+                self.words[i] = word
+        self.ids = torch.tensor(sorted(self.words))
+        self.exclude = {w.lower() for w in exclude_words}
+        self._alone: dict[str, float] = {}
+
+    def _excluded(self, word: str) -> bool:
+        w = word.lower()
+        return w in self.exclude or any(near_duplicate(w, x) for x in self.exclude)
+
+    def candidates(self, subject: str, k: int = POOL) -> list[str]:
+        """Up to K whole words nearest to SUBJECT's last word, nearest first (2K nearest are tested)."""
+        import torch
+
+        head = subject.split()[-1]
+        ids = self.tokenizer(" " + head, add_special_tokens=False)["input_ids"]
+        if not ids or not len(self.ids):
+            return []
+        query = self.unit[ids].mean(0)
+        similarity = self.unit[self.ids] @ (query / query.norm().clamp_min(1e-12))
+        nearest = []
+        for j in torch.argsort(similarity, descending=True).tolist():
+            word = self.words[int(self.ids[j])]
+            if not self._excluded(word):
+                nearest.append(word)
+                if len(nearest) == 2 * k:
+                    break
+        return [w for w, whole in zip(nearest, self.whole_words(nearest)) if whole][:k]
+
+    def plausible(self, prompt: str, subject: str, candidates: list[str]) -> list[str]:
+        """CANDIDATES that read as naturally in PROMPT as SUBJECT does, most natural first.
+
+        Naturalness is the pointwise mutual information of a word with the prompt around it:
+        log p(prompt with the word) − log p(the word alone), both after SCORE_PREFIX, under
+        the model. A candidate is kept when its PMI is at least the subject's own minus
+        PMI_MARGIN nats: "Who wrote Hamlet?" reads like "Who wrote Romeo and Juliet?",
+        "Who wrote Knee?" does not.
+        """
+        if not candidates:
+            return []
+        texts = [prompt.replace(subject, c) for c in candidates]
+        together = self._logprobs([SCORE_PREFIX + t for t in [prompt] + texts])
+        missing = [w for w in [subject] + candidates if w not in self._alone]
+        if missing:  # a word's score alone is the same in every prompt: scored once
+            self._alone.update(zip(missing, self._logprobs([SCORE_PREFIX + w for w in missing])))
+        alone = [self._alone[w] for w in [subject] + candidates]
+        pmi = [t - a for t, a in zip(together, alone)]
+        threshold = pmi[0] - PMI_MARGIN
+        ranked = sorted(range(len(candidates)), key=lambda i: -pmi[i + 1])
+        return [candidates[i] for i in ranked if pmi[i + 1] >= threshold]
+
+    def _logprobs(self, texts: list[str]) -> list[float]:
+        """log p(text) of each text's tokens after its first, under the model, in one padded batch."""
+        import torch
+
+        ids, mask = self._padded([self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts])
+        with torch.no_grad():
+            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        picked = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+        return (picked * mask[:, 1:]).sum(-1).tolist()
+
+    def whole_words(self, words: list[str]) -> list[bool]:
+        """Per word: the model reads it as a whole word, i.e. after "The word WORD" it gives at least
+        WHOLE_WORD_P to a next token that starts a new word or is punctuation. One batched forward."""
+        import torch
+
+        if not words:
+            return []
+        encoded = [self.tokenizer("The word " + w, add_special_tokens=False)["input_ids"] for w in words]
+        ids, mask = self._padded(encoded)
+        last = torch.tensor([len(e) - 1 for e in encoded], device=ids.device)
+        with torch.no_grad():
+            logits = self.model(input_ids=ids, attention_mask=mask).logits[torch.arange(len(words)), last]
+        p = logits.float().softmax(-1)
+        return (p[:, self._word_starts(p.shape[-1])].sum(-1) >= WHOLE_WORD_P).tolist()
+
+    def _padded(self, encoded: list[list[int]]):
+        import torch
+
+        width = max(len(e) for e in encoded)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([e + [pad] * (width - len(e)) for e in encoded], device=self.unit.device)
+        mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded], device=self.unit.device)
+        return ids, mask
+
+    def _word_starts(self, n: int):
+        import torch
+
+        if not hasattr(self, "_starts"):
+            vocab = self.tokenizer.convert_ids_to_tokens(list(range(n)))
+            starts = []
+            for token in vocab:
+                text = self.tokenizer.convert_tokens_to_string([token]) if token else ""
+                starts.append(bool(text) and not text[0].isalnum())
+            self._starts = torch.tensor(starts, device=self.unit.device)
+        return self._starts
+
+
+def build(model, tokenizer, forget: list, limit: int = DEFAULT_LIMIT) -> list[Probe]:
+    """The probe prompts (not yet answered): at most PER_ROW of each kind per forget row, LIMIT of each kind.
+
+    Rows take turns (the first probe of every row, then the second...), so a small LIMIT
+    still spreads over the forget rows; rows about one subject start at different places in
+    its list of replacements; prompts equal to a forget prompt, or made twice, are skipped.
+    A row's replacements are ranked in its own prompt (`Neighbourhood.plausible`), and only
+    for rows whose turn comes before LIMIT is reached: that ranking is the model's time.
+    """
+    rows, offsets = [], {}
+    for ex in forget:
+        subject = probe_subject(ex)
+        if subject is not None:
+            rows.append((ex, subject, offsets.get(subject, 0)))
+            offsets[subject] = offsets.get(subject, 0) + PER_ROW
+    exclude = set()
+    for ex in forget:
+        exclude.update(_letters(probe_subject(ex) or ""))
+        exclude.update(w for answer in row_answers(ex)[0] or () for w in _letters(answer))
+    exclude -= {"the", "of", "and", "a", "an"}
+    seen = {" ".join(str(ex.prompt).split()) for ex in forget}
+
+    def add(probe: Probe, taken: list) -> None:
+        key = " ".join(probe.prompt.split())
+        if key not in seen:
+            seen.add(key)
+            taken.append(probe)
+
+    hood = Neighbourhood(model, tokenizer, exclude) if rows else None
+    candidates: dict[str, list[str]] = {}
+    ranked: dict[int, list[str]] = {}
+    neighbours: list[Probe] = []
+    for turn in range(PER_ROW):
+        for n, (ex, subject, offset) in enumerate(rows):
+            if len(neighbours) >= limit:
+                break
+            if subject not in candidates:
+                candidates[subject] = hood.candidates(subject)
+            if n not in ranked:
+                ranked[n] = hood.plausible(str(ex.prompt), subject, candidates[subject])
+            pool = ranked[n]
+            if turn < len(pool):
+                replacement = pool[(offset + turn) % len(pool)]
+                add(Probe(NEIGHBOURS, str(ex.prompt).replace(subject, replacement), ex.line, subject, replacement),
+                    neighbours)
+    same: list[Probe] = []
+    for turn in range(PER_ROW):
+        for ex, subject, offset in rows:
+            if len(same) < limit:
+                template = SAME_SUBJECT_TEMPLATES[(offset // PER_ROW + turn) % len(SAME_SUBJECT_TEMPLATES)]
+                add(Probe(SAME_SUBJECT, template.format(subject=subject), ex.line, subject), same)
+    return neighbours + same
+
+
+def first_clause(text: str) -> str:
+    """TEXT up to its first clause break: a sentence end ("." "!" "?" before a space or the end, not
+    after a lone capital as in "J.K."), a comma, semicolon, colon or line break.
+
+    A free answer runs on past what was asked ("Kenya is a landlocked country in East Africa,
+    known for its ..."); its first clause is the answer, short enough for `spans` to name
+    its words (measured: with whole answers almost every same-subject probe had none).
+    """
+    text = text.strip()
+    match = re.search(r"(?<!\b[A-Z])[.!?](?=\s|$)|[,;:\n]", text)
+    return text[:match.start() + (match.group() in ".!?")].strip() if match else text
+
+
+def keep_answered(probes: list[Probe], outputs: list[str], forget: list) -> tuple[list[Example], list[dict]]:
+    """The probes the original model's OUTPUTS make checkable, as retain rows with `answers`; and every
+    probe's record (for probes.jsonl), kept or not and why."""
+    forget_answers = [a for a in (row_answers(ex)[0] for ex in forget) if a]
+    kept, records = [], []
+    for probe, output in zip(probes, outputs):
+        answers, _ = row_answers(Example(probe.prompt, first_clause(output), 0))
+        record = {"set": probe.kind, "prompt": probe.prompt, "reference": output, "answers": answers,
+                  "forget_line": probe.line, "subject": probe.subject}
+        if probe.replacement:
+            record["replacement"] = probe.replacement
+        if any(metrics.contains_answer(output, a) for a in forget_answers):
+            record["dropped"] = f"{HOLDS_FORGET}: expected to change"
+        elif not answers:
+            record["dropped"] = "the original answer has no answer words to check (spans.py)"
+        else:
+            example = probe.example(len(kept) + 1)
+            example.response = output
+            example.extra["answers"] = answers
+            kept.append(example)
+        records.append(record)
+    return kept, records
