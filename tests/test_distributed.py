@@ -151,7 +151,7 @@ def test_two_processes_match_one_with_the_same_global_batch(runs, kind):
 def test_only_rank_0_prints_and_writes(runs, kind):
     out, stdout, stderr = runs(kind)
     assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # no second output, no temporary directory
-    assert sorted(p.name for p in out.iterdir()) == ["adapter", "model", "run.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "model", "probes.jsonl", "run.json"]
     assert stdout.count("judge: ") == 1 and stdout.count("merged model: ") == 1  # one table
     assert stdout.splitlines()[0].split()[:4] == ["set", "rows", "n", "harmful"]
     stderr = stderr.replace("\r", "\n")

@@ -26,6 +26,16 @@ DEFAULT_TEMPLATE = "I can't help with that."
 ULMR_STOP_LEAK, ULMR_EXTRA_STEPS = 0.1, 4
 LR_LORA, LR_FULL = 1e-3, 1e-5  # full fine-tuning moves every weight: a LoRA rate would wreck it
 
+# The default method trains on the automatic probes (--retain-probes: neighbour and same-subject
+# prompts with the original model's answers) with the retain KL at 50. Chosen on the quality
+# benchmark's dev split only (docs/quality.md, seed 0): the selection score went 0.65 -> 0.73;
+# on capitals paraphrase leak 0.76 -> 0.12, unrelated facts kept 0.71 -> 0.96, normal similarity
+# 0.74 -> 0.87; neighbours barely moved (0.00 -> 0.10). At the user's weight of 10 the probes
+# changed little (capitals paraphrase leak 0.65). Other methods were not measured with it and
+# keep it off; RETAIN_WEIGHT is also --retain's weight when the probes are not trained on.
+RETAIN_PROBES_METHODS = ("ga",)
+RETAIN_WEIGHT, RETAIN_WEIGHT_WITH_PROBES = 10.0, 50.0
+
 
 @dataclass
 class TrainConfig:
@@ -40,7 +50,7 @@ class TrainConfig:
     # they get at least the push-back the normal rows get; more would let a few rows that share
     # words with a forget answer hold the forget answer itself in place (the terms fight), and
     # the user who wants that raises it.
-    retain_weight: float = 10.0
+    retain_weight: float = RETAIN_WEIGHT
     lr: float = LR_LORA
     batch_size: int = 4
     grad_accum: int = 1
@@ -109,7 +119,8 @@ class RunOptions:
     retain: tuple[Path, ...] = ()  # rows that must be kept: trained on (KL, --retain-weight) and reported
     probes: bool = True  # the automatic neighbour / same-subject probes (probes.py) in the report
     probe_limit: int = 12  # probes of each kind at most (each costs a generation before and after)
-    retain_probes: bool = False  # train on the probes too: their original answers join the retain rows
+    retain_probes: bool | None = None  # train on the probes too (None: on for RETAIN_PROBES_METHODS)
+    retain_weight: float | None = None  # None: RETAIN_WEIGHT_WITH_PROBES when training on probes, else RETAIN_WEIGHT
     eval_forget: tuple[Path, ...] = ()  # more prompts that must not leak (paraphrases, unseen attempts)
     eval_retain: tuple[Path, ...] = ()  # knowledge that must survive (held-out questions)
     eval_limit: int = 64
@@ -143,8 +154,14 @@ class RunOptions:
         from unlearn.averaging import AUTO_GRID, parse_alphas
 
         ulmr = self.train.method == "ulmr"
+        if self.retain_probes and not self.probes:
+            raise UsageError("--retain-probes trains on the automatic probes: it cannot go with --no-probes")
+        retain_probes = self.retain_probes if self.retain_probes is not None else (
+            self.probes and self.train.method in RETAIN_PROBES_METHODS)
         train = replace(
             self.train,
+            retain_weight=self.retain_weight if self.retain_weight is not None else (
+                RETAIN_WEIGHT_WITH_PROBES if retain_probes else RETAIN_WEIGHT),
             lr=self.lr if self.lr is not None else (LR_FULL if self.full else self.train.lr),
             stop_leak=self.stop_leak if self.stop_leak is not None else (ULMR_STOP_LEAK if ulmr else
                                                                         self.train.stop_leak),
@@ -158,8 +175,6 @@ class RunOptions:
             raise UsageError("--eval-limit, --max-new-tokens and --gen-batch-size must be at least 1")
         if not 0 <= self.normal_holdout < 1:
             raise UsageError(f"--normal-holdout {self.normal_holdout}: must be in [0, 1)")
-        if self.retain_probes and not self.probes:
-            raise UsageError("--retain-probes trains on the automatic probes: it cannot go with --no-probes")
         if self.probe_limit < 1:
             raise UsageError(f"--probe-limit {self.probe_limit}: must be at least 1 (--no-probes turns them off)")
         if self.save_every < 0:
@@ -169,7 +184,7 @@ class RunOptions:
                              "--alpha, --resume, --save-every or --full")
         if self.augmented is not None and not ulmr:
             raise UsageError("--augmented is ULMR's training data: use it with --method ulmr")
-        return replace(self, train=train, alpha=self._alpha(ulmr, parse_alphas),
+        return replace(self, train=train, retain_probes=retain_probes, retain_weight=train.retain_weight, alpha=self._alpha(ulmr, parse_alphas),
                        alpha_grid=self.alpha_grid or AUTO_GRID)
 
     @property
