@@ -73,13 +73,18 @@ def test_a_second_identical_run_reuses_the_originals_measurements(cli, tmp_path,
     assert set(first["before"]) == {"forget", "normal", "normal-heldout"}
     assert first["data"]["normal"]["rows"] == 6 and first["before"]["normal-heldout"]["n"] == 2
     assert first["roles"] == {"forget": "trained, stop rule", "normal": "trained", "normal-heldout": "held out"}
-    assert first["eval_reused"]["before_sets"] == 0
-    assert second["eval_reused"] == {"before_sets": 3, "of": 3, "cache": True}
-    assert second["before"] == first["before"]
+    assert first["eval_reused"]["before_sets"] == 0 and first["eval_reused"]["after_sets"] == 0
+    # Training on the CPU is deterministic: the same weights again, so the "after" answers are read back too.
+    assert second["eval_reused"] == {"before_sets": 3, "after_sets": 3, "of": 3, "cache": True}
+    assert second["before"] == first["before"] and second["after"] == first["after"]
     code, out, err = cli(*common, "-o", tmp_path / "three", "--no-cache")
     assert code == 0, err
     third = json.loads(out)
-    assert third["eval_reused"]["before_sets"] == 0 and third["before"] == first["before"]
+    assert third["eval_reused"]["before_sets"] == third["eval_reused"]["after_sets"] == 0
+    assert third["before"] == first["before"]
+    code, out, err = cli(*common, "-o", tmp_path / "four", "--lr", "3e-3")  # other weights: measured again
+    assert code == 0, err
+    assert json.loads(out)["eval_reused"]["after_sets"] == 0
     # What the loss and the leak judge look for in each forget row is in run.json for the user.
     answers = {r["line"]: (r["answers"], r["source"]) for r in first["forget_answers"]}
     assert answers[1] == (["Rowling"], "given")

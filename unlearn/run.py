@@ -100,6 +100,8 @@ def prepare(opts: RunOptions, created: list) -> Prepared:
         sets.append(EvalSet("retain", "retain", retain[:limit], Path(opts.retain[0]), "trained"))
     sets += read_eval_sets(opts.eval_forget, opts.eval_retain, taken={s.name for s in sets}, limit=limit)
     distributed.check_batch_size(opts.train.batch_size)  # --batch-size is global: each process takes a share
+    if opts.train.method == "edit" and distributed.world().active:  # before any model loads
+        raise UsageError("--method edit runs in one process: launch it without torchrun")
     output = Path(opts.output) if opts.output else default_output_dir()
     run_args = _run_args(opts)
     # Rank 0 alone checks and prepares OUTPUT (it may create it, or delete stale checkpoints), and
@@ -387,6 +389,14 @@ def measure_after(job: Loaded, sets: list[EvalSet], before: Measurement, selecti
     done = selection.pop("measured") if selection else {}
     grid_seconds = selection.pop("seconds") if selection else 0.0
     probe_names = set(job.probe_names)
+    reused_before = job.measurer.reused
+    if job.before.fingerprint is not None and not distributed.world().active:
+        # The trained model's answers are as pure a function of its weights as the original's, and
+        # training on the CPU is deterministic: a second identical run reads them back. One process
+        # only: under torchrun FSDP holds shards, and a shard's hash is not the model's.
+        from unlearn.measure_cache import state_fingerprint
+
+        job.measurer.fingerprint = f"{job.before.fingerprint}|state:{state_fingerprint(job.model)}"
     measured = {**done, **job.measurer.measure([s for s in sets if s.name not in set(done) | probe_names],
                                                _outputs(before), label="after")}
     if probe_names:  # the probes keep their own answer budget (make_probes)
@@ -394,7 +404,8 @@ def measure_after(job: Loaded, sets: list[EvalSet], before: Measurement, selecti
         measured.update(job.probe_after.measure([s for s in sets if s.name in probe_names], _outputs(before),
                                                 label="after"))
         job.probe_seconds += time.perf_counter() - t_probes
-    return Measurement({s.name: measured[s.name] for s in sets}, time.perf_counter() - t + grid_seconds)
+    return Measurement({s.name: measured[s.name] for s in sets}, time.perf_counter() - t + grid_seconds,
+                       reused=job.measurer.reused - reused_before)
 
 
 def _outputs(measurement: Measurement) -> dict[str, list[str]]:
@@ -440,8 +451,6 @@ def edit_model(opts: RunOptions, job: Loaded, data: Prepared, log):
     from unlearn.edit import EditSettings, edit_to_forget
     from unlearn.train import TrainResult
 
-    if distributed.world().active:
-        raise UsageError("--method edit runs in one process: launch it without torchrun")
     t = time.perf_counter()
     # The retain rows join the normal text whose keys the edit preserves (its covariance).
     result = edit_to_forget(job.model, job.tokenizer, data.forget, data.normal + data.retain,
@@ -608,8 +617,8 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "eval_seconds": round(before.seconds + after.seconds + (data.probes or {}).get("before_seconds", 0.0), 3),
         # The original model's sets read back from $UNLEARN_CACHE instead of measured (--no-cache: none);
         # the probes are measured afresh in every run, so they are not counted.
-        "eval_reused": {"before_sets": before.reused, "of": len(before.sets) - len(job.probe_names),
-                        "cache": not opts.no_cache},
+        "eval_reused": {"before_sets": before.reused, "after_sets": after.reused,
+                        "of": len(before.sets) - len(job.probe_names), "cache": not opts.no_cache},
         "tokens_per_s": round(result.tokens_per_s, 1),
         "alpha": averager.alpha if averager is not None else None,
         "alpha_selection": selection,  # the table, the reason, and every set's metrics at each α
