@@ -226,3 +226,34 @@ def test_fsdp_without_torchrun_is_a_usage_error(tmp_path, setup, cli):
         "unlearn: --fsdp shards the model across processes: launch with torchrun --nproc-per-node K (K > 1) "
         "-m unlearn run ..."]
     assert not (tmp_path / "out").exists()
+
+
+def test_global_mean_weights_by_units_and_a_rank_without_units_contributes_zero(monkeypatch):
+    from unlearn import distributed
+    from unlearn.losses import IGNORE_INDEX
+
+    I = IGNORE_INDEX
+    # This rank: 2 rows, one with scored tokens (the first label never counts: the shift).
+    labels = torch.tensor([[I, 5, 6], [I, I, I]])
+    logits = torch.ones(2, 3, 4, requires_grad=True)
+    assert distributed.global_mean(lambda: torch.tensor(2.0), labels, "rows", logits) == 2.0  # one process
+
+    world = distributed.World(rank=0, size=2)
+    monkeypatch.setattr(distributed, "_WORLD", world)
+    everywhere = {"n": 4.0}
+    monkeypatch.setattr(distributed, "_all_reduce", lambda values, op="sum": [everywhere["n"]])
+    # 1 row here of 4 in all, over 2 ranks: 2.0 * 1 * 2 / 4 = 1.0 (rows); 2 tokens here of 4: 2.0 * 2 * 2 / 4.
+    assert distributed.global_mean(lambda: torch.tensor(2.0), labels, "rows", logits) == 1.0
+    assert distributed.global_mean(lambda: torch.tensor(2.0), labels, "tokens", logits) == 2.0
+
+    def raises():
+        raise ValueError("no response tokens in this batch")
+
+    empty = torch.full((1, 3), I)
+    zero = distributed.global_mean(raises, empty, "rows", logits)  # units elsewhere: 0, with a graph
+    assert zero == 0.0
+    zero.backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+    everywhere["n"] = 0.0  # no unit on any rank: the same error as one process
+    with pytest.raises(ValueError, match="no response tokens"):
+        distributed.global_mean(raises, empty, "rows", logits)

@@ -520,19 +520,28 @@ def scored_count(labels: torch.Tensor, unit: str) -> int:
     return int(scored.sum() if unit == "tokens" else scored.any(dim=1).sum())
 
 
-def global_mean(term: torch.Tensor, labels: torch.Tensor, unit: str) -> torch.Tensor:
-    """TERM, a mean over this rank's units of LABELS, scaled so that averaging over ranks gives the global mean.
+def global_mean(compute, labels: torch.Tensor, unit: str, logits: torch.Tensor) -> torch.Tensor:
+    """COMPUTE(), a mean over this rank's units of LABELS, scaled so that averaging over ranks gives the global mean.
 
     With count_r units on rank r and N = sum_r count_r, rank r's term becomes mean_r * count_r * K / N;
     the average over the K ranks, which DDP and FSDP take of the gradients and `average` of the
     logged value, is then sum_r mean_r * count_r / N: the mean over every unit of the global
-    batch, as one process computes it. A single process gets TERM back untouched.
+    batch, as one process computes it. A single process gets COMPUTE() back untouched.
+
+    The mean is taken lazily because a rank's share can hold no unit at all (its forget rows'
+    answers cut off by --max-length) while other ranks' shares do: one process computes that
+    loss, so this rank contributes 0 (LOGITS · 0, which keeps every weight in the backward, as
+    DDP needs) instead of raising alone and ending the run. With no unit anywhere COMPUTE()
+    raises on every rank, as it does in one process.
     """
     if not _WORLD.active:
-        return term
+        return compute()
     count = scored_count(labels, unit)
     everywhere = _all_reduce([float(count)])[0]
-    return term * (count * _WORLD.size / everywhere)
+    if everywhere == 0 or count > 0:
+        term = compute()
+        return term * (count * _WORLD.size / everywhere) if everywhere else term
+    return logits.sum() * 0.0
 
 
 # --- wrapping the model --------------------------------------------------------

@@ -325,7 +325,7 @@ class Unlearner:
         terms = {}
         f_logits, f_labels, f_batch, f_start = parts["forget"]
         if method == "ulmr":  # supervised fine-tuning on (rewritten prompt, negative response) pairs
-            terms["sft"] = distributed.global_mean(losses.mean_nll(f_logits, f_labels), f_labels, "rows")
+            terms["sft"] = distributed.global_mean(lambda: losses.mean_nll(f_logits, f_labels), f_labels, "rows", f_logits)
             total = terms["sft"]
         elif method == "npo":
             reference = self._reference_logits(f_batch, f_start)
@@ -337,28 +337,32 @@ class Unlearner:
             total = config.forget_weight * terms["npo"]
         else:
             # Under torchrun, means over a varying number of rows / tokens are made global (distributed.py).
-            terms["forget"] = distributed.global_mean(losses.forget_loss(f_logits, f_labels), f_labels, "rows")
+            terms["forget"] = distributed.global_mean(lambda: losses.forget_loss(f_logits, f_labels), f_labels, "rows",
+                                                      f_logits)
             total = config.forget_weight * terms["forget"]
         if "mismatch" in parts:
             m_logits, m_labels = parts["mismatch"][:2]
-            terms["mismatch"] = distributed.global_mean(losses.mismatch_loss(m_logits, m_labels), m_labels, "rows")
+            terms["mismatch"] = distributed.global_mean(lambda: losses.mismatch_loss(m_logits, m_labels), m_labels, "rows",
+                                                        m_logits)
             total = total + config.mismatch_weight * terms["mismatch"]
         if "normal" in parts:
             n_logits, n_labels, n_batch, n_start = parts["normal"]
             if method == "graddiff":  # gradient difference: plain likelihood of the normal data
-                terms["normal_nll"] = distributed.global_mean(losses.mean_nll(n_logits, n_labels), n_labels, "rows")
+                terms["normal_nll"] = distributed.global_mean(lambda: losses.mean_nll(n_logits, n_labels), n_labels, "rows",
+                                                              n_logits)
                 total = total + config.normal_weight * terms["normal_nll"]
             else:
                 reference = self._reference_logits(n_batch, n_start)
                 self.tokens += int(n_batch["attention_mask"].sum())
-                terms["kl"] = distributed.global_mean(losses.kl_loss(reference, n_logits, n_labels), n_labels, "tokens")
+                terms["kl"] = distributed.global_mean(lambda: losses.kl_loss(reference, n_logits, n_labels), n_labels,
+                                                      "tokens", n_logits)
                 total = total + config.normal_weight * terms["kl"]
         if "retain" in parts:  # the same true KL as the normal term, on the rows the user named must-keep
             r_logits, r_labels, r_batch, r_start = parts["retain"]
             reference = self._reference_logits(r_batch, r_start)
             self.tokens += int(r_batch["attention_mask"].sum())
-            terms["retain_kl"] = distributed.global_mean(losses.kl_loss(reference, r_logits, r_labels), r_labels,
-                                                         "tokens")
+            terms["retain_kl"] = distributed.global_mean(lambda: losses.kl_loss(reference, r_logits, r_labels),
+                                                         r_labels, "tokens", r_logits)
             total = total + config.retain_weight * terms["retain_kl"]
         return total, {k: float(v.detach()) for k, v in terms.items()}
 
