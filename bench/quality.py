@@ -429,7 +429,9 @@ def main(argv=None) -> None:
     parser.add_argument("--scenarios", default=None, help="comma-separated subset of the split's scenarios")
     parser.add_argument("--methods", default=None, help="comma-separated [default: every `unlearn run --method`]")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--run-args", default="", help="extra arguments for `unlearn run`, one string")
+    parser.add_argument("--run-args", default="", help="extra arguments for `unlearn run`, one string; write "
+                        "--run-args=\"--lr 3e-4\" (with `=`: argparse takes a separate value that starts with - "
+                        "for an option)")
     parser.add_argument("--out", default="bench/results/quality.jsonl", help="results, JSONL, appended (resumes)")
     parser.add_argument("--table", default=None, help="also write the markdown table to this file")
     parser.add_argument("--readme", default=None, metavar="NAME",
@@ -437,6 +439,8 @@ def main(argv=None) -> None:
     parser.add_argument("--work", default=None, help="where run outputs go [default: a temporary directory]")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, here and in `unlearn run`")
     parser.add_argument("--keep-models", action="store_true", help="keep each run's output directory")
+    parser.add_argument("--no-run", action="store_true",
+                        help="run nothing: only make the table from the results already in --out")
     parser.add_argument("--quick", action="store_true", help="one dev scenario, ga, seed 0 (a pre-commit check)")
     args = parser.parse_args(argv)
 
@@ -460,7 +464,7 @@ def main(argv=None) -> None:
     done = done_keys(out)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="quality-"))
     work.mkdir(parents=True, exist_ok=True)
-    for name in scenarios:
+    for name in [] if args.no_run else scenarios:
         todo = [(m, s) for m in methods for s in seeds if (name, m, s, args.run_args) not in done]
         if not todo:
             continue
@@ -476,7 +480,8 @@ def main(argv=None) -> None:
     command = "python bench/quality.py " + " ".join(
         (["--quick"] if args.quick else [f"--split {args.split}"] + ([f"--scenarios {args.scenarios}"] if args.scenarios else [])
          + [f"--methods {','.join(methods)}", f"--seeds {args.seeds}"])
-        + ([f"--run-args {shlex.quote(args.run_args)}"] if args.run_args else []))
+        + ([f"--run-args={shlex.quote(args.run_args)}"] if args.run_args else [])
+        + ([f"--out {args.out}"] if args.out != parser.get_default("out") else []))
     table = make_table(read_jsonl(out), scenarios, methods, seeds, args.run_args, command, args.split)
     print(table)
     if args.table:
