@@ -365,6 +365,12 @@ class _Watch:
 
     def stop(self) -> None:
         self.done.set()
+        # Joined, not left to die with the interpreter: a daemon thread still inside a store call
+        # (C++, the GIL released) when the process exits can abort it (exit code -6, seen once in
+        # the resume test under load). The poll wakes within POLL_SECONDS; a store call is short.
+        thread = getattr(self, "thread", None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=15)
         if self.interruptible:
             signal.signal(signal.SIGUSR1, self.previous_handler if self.previous_handler is not None
                           else signal.SIG_DFL)
