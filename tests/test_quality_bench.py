@@ -101,6 +101,12 @@ def test_table_mean_and_range_over_seeds():
     assert cells[6] == "0.70 (b)"  # worst scenario: b, mean(.8, .6)
     assert cells[-1] == "0/4"
     assert "`cmd`" in table and "**dev**" in table
+    # Seed 2 ran on one scenario only: it does not count, and the row says which seeds do.
+    partial = rows + [{**rows[0], "seed": 2, "forget_leak": 1.0}]
+    line = next(l for l in quality.make_table(partial, ["a", "b"], ["ga"], [0, 1, 2], "", "cmd", "dev").splitlines()
+                if l.startswith("| `ga`"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[0] == "`ga` (seeds 0,1)" and cells[1] == "0.30 (0.10–0.50)" and cells[-1] == "0/6 (1 not run)"
 
 
 # --- the committed scenarios ------------------------------------------------------
