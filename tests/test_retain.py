@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,3 +181,27 @@ def test_resume_refuses_a_different_retain_file(tmp_path):
     without = RunOptions(forget=forget, normal=normal, output=out, resume=True).resolved()
     with pytest.raises(UsageError, match=r"\(data\)"):
         _prepare_output(without, out, _run_args(without), [])
+
+
+@pytest.mark.parametrize("method, flags, expected", [
+    ("ga", {}, (True, 50.0)),                                   # the default method trains on its probes
+    ("npo", {}, (False, 10.0)),                                 # other methods were not measured with them
+    ("ga", {"probes": False}, (False, 10.0)),                   # no probes, nothing to train on
+    ("ga", {"retain_probes": False}, (False, 10.0)),            # --no-retain-probes: the previous default
+    ("npo", {"retain_probes": True}, (True, 50.0)),
+    ("ga", {"retain_weight": 3.0}, (True, 3.0)),                # an explicit weight wins
+])
+def test_retain_probes_and_weight_defaults_per_method(method, flags, expected):
+    from unlearn.config import RunOptions, TrainConfig
+
+    opts = RunOptions(forget=Path("f.jsonl"), normal=Path("n.jsonl"), train=TrainConfig(method=method),
+                      **flags).resolved()
+    assert (opts.retain_probes, opts.train.retain_weight) == expected
+
+
+def test_retain_probes_need_probes():
+    from unlearn.config import RunOptions
+    from unlearn.errors import UsageError
+
+    with pytest.raises(UsageError, match="--no-probes"):
+        RunOptions(forget=Path("f.jsonl"), normal=Path("n.jsonl"), probes=False, retain_probes=True).resolved()
