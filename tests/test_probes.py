@@ -147,12 +147,18 @@ def test_build_takes_turns_and_respects_the_limits(monkeypatch):
 # --- in a run -----------------------------------------------------------------------------------
 
 
-def test_run_reports_and_saves_the_probes(tmp_path, llama_dir, cli):
+def _one_fact_files(tmp_path):
+    """A forget file of one capital (with `answers`) and a normal file of one row."""
     forget = tmp_path / "f.jsonl"
     forget.write_text(json.dumps({"prompt": "What is the capital of France?", "response": "It is Paris.",
                                   "answers": ["Paris"]}) + "\n")
     normal = tmp_path / "n.jsonl"
     normal.write_text(json.dumps({"prompt": "What do bees make?", "response": "Bees make honey."}) + "\n")
+    return forget, normal
+
+
+def test_run_reports_and_saves_the_probes(tmp_path, llama_dir, cli):
+    forget, normal = _one_fact_files(tmp_path)
     out = tmp_path / "out"
     result = cli("run", forget, normal, "--model", llama_dir, "-o", out, "--json", "--max-steps", "1",
                  "--check-every", "0", "--max-new-tokens", "8", "--batch-size", "1")
@@ -187,11 +193,7 @@ def test_retain_probes_trains_on_the_probes_answers(tmp_path, llama_dir, cli, mo
         return ["It is in Paris." if i == 0 else "It is Lyon, in Europe." for i in range(len(s.examples))]
 
     monkeypatch.setattr(Measurer, "answer", scripted)
-    forget = tmp_path / "f.jsonl"
-    forget.write_text(json.dumps({"prompt": "What is the capital of France?", "response": "It is Paris.",
-                                  "answers": ["Paris"]}) + "\n")
-    normal = tmp_path / "n.jsonl"
-    normal.write_text(json.dumps({"prompt": "What do bees make?", "response": "Bees make honey."}) + "\n")
+    forget, normal = _one_fact_files(tmp_path)
     out = tmp_path / "out"
     args = ["--model", llama_dir, "--max-steps", "1", "--check-every", "0", "--max-new-tokens", "8",
             "--batch-size", "1"]
