@@ -148,10 +148,13 @@ class Neighbourhood:
         self.unit = weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
         vocab = tokenizer.convert_ids_to_tokens(list(range(weight.shape[0])))
         self.words: dict[int, str] = {}
+        # One decoding pass over the vocabulary serves both uses: the candidate words, and which
+        # tokens start a new word or are punctuation (`whole_words`' test, over the same ids: a
+        # causal LM's output vocabulary is its input embeddings' rows).
+        word_starts = []
         for i, token in enumerate(vocab):
-            if not token:
-                continue
-            text = tokenizer.convert_tokens_to_string([token])
+            text = tokenizer.convert_tokens_to_string([token]) if token else ""
+            word_starts.append(bool(text) and not text[0].isalnum())
             if not text.startswith(" "):
                 continue
             word = text[1:]
@@ -160,6 +163,7 @@ class Neighbourhood:
             if len(word) >= MIN_LETTERS and word.isalpha() and word[0].isupper() and word[1:].islower():
                 self.words[i] = word
         self.ids = torch.tensor(sorted(self.words))
+        self.word_starts = torch.tensor(word_starts, device=self.unit.device)
         self.exclude = {w.lower() for w in exclude_words}
         self._alone: dict[str, float] = {}
 
@@ -231,7 +235,7 @@ class Neighbourhood:
         with torch.no_grad():
             logits = self.model(input_ids=ids, attention_mask=mask).logits[torch.arange(len(words)), last]
         p = logits.float().softmax(-1)
-        return (p[:, self._word_starts(p.shape[-1])].sum(-1) >= WHOLE_WORD_P).tolist()
+        return (p[:, self.word_starts].sum(-1) >= WHOLE_WORD_P).tolist()
 
     def _padded(self, encoded: list[list[int]]):
         import torch
@@ -241,18 +245,6 @@ class Neighbourhood:
         ids = torch.tensor([e + [pad] * (width - len(e)) for e in encoded], device=self.unit.device)
         mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded], device=self.unit.device)
         return ids, mask
-
-    def _word_starts(self, n: int):
-        import torch
-
-        if not hasattr(self, "_starts"):
-            vocab = self.tokenizer.convert_ids_to_tokens(list(range(n)))
-            starts = []
-            for token in vocab:
-                text = self.tokenizer.convert_tokens_to_string([token]) if token else ""
-                starts.append(bool(text) and not text[0].isalnum())
-            self._starts = torch.tensor(starts, device=self.unit.device)
-        return self._starts
 
 
 def build(model, tokenizer, forget: list, limit: int = DEFAULT_LIMIT) -> list[Probe]:
