@@ -1,6 +1,6 @@
 """Greedy generation speed against the machine's limit, measured in one run.
 
-    .venv/bin/python bench/generation_bench.py [--model M] [--max-new-tokens 48] [--batch-size 16]
+    .venv/bin/python bench/generation_bench.py [--model M] [--max-new-tokens 48] [--batch-size 64]
                                                [--threads 2] [--splits forget,normal,...] [--skip-old]
                                                [--rounds 2] [--json]
 
@@ -33,7 +33,9 @@ layer H heads of size h, G key/value heads, n_layer layers, b bytes per paramete
                (weights read once per step, shared by the batch, plus the KV cache)
       time     max(F / R_dec, M / BW)                                    (roofline)
   - The prefill of a batch with T real prompt tokens (rows r; padding is not counted,
-    the limit is what the work needs, not what a padded batch does):
+    the limit is what the work needs, not what a padded batch does; the prompt prefix all
+    rows of a batch share, which `generate` computes once (unlearn/kv_cache.py), counts
+    once, so T = shared prefix + each row's own tokens):
       compute  2 * (P_lin - P_head) * T + 2 * P_head * r + attention (4 * i * H * h per
                layer for the token at position i)
       memory   b * P_lin (weights once)
@@ -79,7 +81,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model spec for unlearn.models.load_model [default: embedded]")
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=64, help="as config.GEN_BATCH_SIZE, the tool's default [default: 64]")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads [default: 2]")
     parser.add_argument("--splits", default=",".join(SPLITS), help="which examples/*.jsonl files [default: all four]")
     parser.add_argument("--skip-old", action="store_true", help="time only the new implementation (once)")
@@ -154,8 +156,9 @@ def limit_seconds(record: list[dict], shape: dict, rates: dict) -> tuple[float, 
     kv_per_position = s["layers"] * 2 * s["kv_heads"] * s["head_dim"] * s["bytes"]
     prefill = decode = 0.0
     for batch in record:
-        rows, tokens = batch["rows"], batch["prompt_tokens"]
-        mean_prompt = tokens / rows
+        rows, shared = batch["rows"], batch.get("shared_prefix", 0)
+        mean_prompt = batch["prompt_tokens"] / rows
+        tokens = shared + batch["prompt_tokens"] - rows * shared  # the work: the shared prefix once
         # sum over a prompt's positions i of i attended keys ~ L^2 / 2 per row
         attention = attn_per_position * rows * mean_prompt * (mean_prompt + 1) / 2
         flops = 2 * (s["P_lin"] - s["P_head"]) * tokens + 2 * s["P_head"] * rows + attention

@@ -62,8 +62,9 @@ def _formed_generation_batches(monkeypatch, model, tokenizer, prompts, batch_siz
     by_ids = {tuple(encode_prompt(tokenizer, p)): p for p in prompts}
     formed, real = [], generation._left_padded
 
-    def spy(encoded, pad_id):
-        formed.append([by_ids[tuple(ids)] for ids in encoded])
+    def spy(encoded, pad_id):  # the rows' own tokens: the prefix they share runs apart (kv_cache.py)
+        formed.append([next(p for full, p in by_ids.items() if full[len(full) - len(ids):] == tuple(ids))
+                       for ids in encoded])
         return real(encoded, pad_id)
 
     monkeypatch.setattr(generation, "_left_padded", spy)

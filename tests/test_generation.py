@@ -50,9 +50,13 @@ def test_greedy_is_model_generate_token_for_token(request, which):
     stop_mid_batch(model, tokenizer)
     assert _own_loop_applies(model, do_sample=False)
     reference, ref_lengths = run(generate_hf, model, tokenizer)
-    outputs, lengths = run(generate, model, tokenizer)
+    record = []
+    outputs = generate(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=NEW, desc=False, record=record)
+    lengths = [n for batch in record for n in batch["new_tokens"]]
     assert outputs == reference and lengths == ref_lengths
     assert min(lengths) < NEW and max(lengths) == NEW  # a row ended at the extra EOS while others ran on
+    if which == "llama_dir":  # its chat template starts every prompt alike: that prefix ran once per batch
+        assert all(batch["shared_prefix"] > 0 for batch in record)
 
 
 def test_greedy_matches_in_bfloat16_and_with_lora(llama_dir):
@@ -111,3 +115,28 @@ def test_sampling_is_reproducible_per_seed_and_leaves_the_global_rng(llama_dir):
     other = generate(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=NEW, do_sample=True, seed=8, desc=False)
     greedy = generate(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=NEW, desc=False)
     assert first == again and first != other and first != greedy
+
+
+def test_preallocated_cache_returns_what_concatenation_would(llama_dir):
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from unlearn.kv_cache import new_cache
+    from unlearn.models import load_model
+
+    model = load_model(str(llama_dir)).model
+    cache = new_cache(model, capacity=6)
+    layer = cache.layers[0]
+    assert type(layer) is not DynamicLayer and isinstance(layer, DynamicLayer)
+    plain = DynamicLayer()
+    torch.manual_seed(0)
+    steps = [torch.randn(3, 2, 4, 5)] + [torch.randn(3, 2, 1, 5) for _ in range(2)]
+    for i, new in enumerate(steps):
+        if i == 2:  # the middle row ends: both drop it
+            layer.batch_select_indices(torch.tensor([0, 2]))
+            plain.batch_select_indices(torch.tensor([0, 2]))
+            new = new[[0, 2]]
+        keys, values = layer.update(new, -new)
+        expected_keys, expected_values = plain.update(new, -new)
+        assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
+    assert layer.get_seq_length() == 6 and keys.shape == (2, 2, 6, 5)

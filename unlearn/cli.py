@@ -17,6 +17,7 @@ import sys
 
 import click
 
+from unlearn.config import GEN_BATCH_SIZE
 from unlearn.errors import UnlearnError
 from unlearn.log import log
 
@@ -126,7 +127,8 @@ def _command_line() -> str:
             "Knowledge that must survive (rows with `answers`)")
 @click.option("--eval-limit", type=int, default=64, show_default=True, help="Rows evaluated per set.")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True, help="Tokens generated per evaluated prompt.")
-@click.option("--gen-batch-size", type=int, default=16, show_default=True)
+@click.option("--gen-batch-size", type=int, default=GEN_BATCH_SIZE, show_default=True,
+              help="Prompts generated together (likelihoods are scored in batches of at most 16).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code (off by default).")
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin pickle weights (loaded with weights_only=True).")
 @click.option("--save-every", type=int, default=0, show_default=True,
@@ -248,7 +250,8 @@ def augment_command(as_json, **o):
               help="JSONL of unseen rows: membership-inference AUCs of the forget rows against these.")
 @click.option("--reward-model", type=click.Path(path_type=str), default=None,
               help="A one-output HF sequence classifier: mean reward of (prompt, output).")
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--batch-size", type=int, default=GEN_BATCH_SIZE, show_default=True,
+              help="Prompts generated together (likelihoods are scored in batches of at most 16).")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--do-sample", is_flag=True, help="Sample instead of greedy decoding.")
 @click.option("--temperature", type=float, default=1.0, show_default=True)
@@ -311,7 +314,7 @@ def eval_command(save_generations, report, force, as_json, **o):
 @click.option("--max-leak", type=float, default=0.1, show_default=True,
               help="α selection: the forget leak rate an α must reach to be recommended.")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True, help="α selection: tokens per answer.")
-@click.option("--batch-size", type=int, default=16, show_default=True, help="α selection: generation batch size.")
+@click.option("--batch-size", type=int, default=GEN_BATCH_SIZE, show_default=True, help="α selection: generation batch size.")
 @click.option("--no-cache", is_flag=True, help="Measure again instead of reusing cached answers and scores "
               "($UNLEARN_CACHE/measurements, keyed by the weights' content, the rows and the settings).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")

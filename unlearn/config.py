@@ -16,6 +16,13 @@ from unlearn.errors import UsageError
 from unlearn.lora import LoraSettings
 from unlearn.metrics import MIN_K_PERCENT
 
+# Greedy generation's default batch (run, eval, the merge sweep). Larger batches read the
+# weights once for more rows: on the embedded model, 2 threads, the README run's 91 prompts
+# generated at 117 tokens/s in batches of 16 and 173 in batches of 64 (bench/generation_bench.py,
+# fraction_of_limit 0.40 -> 0.53 with the own decode loop's row dropping and preallocated cache).
+# Scoring (likelihoods over whole sequences and the vocabulary) keeps measure.SCORE_BATCH_SIZE.
+GEN_BATCH_SIZE = 64
+
 METHODS = ("ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr", "edit")
 DEFAULT_TEMPLATE = "I can't help with that."
 
@@ -125,7 +132,7 @@ class RunOptions:
     eval_retain: tuple[Path, ...] = ()  # knowledge that must survive (held-out questions)
     eval_limit: int = 64
     max_new_tokens: int = 48
-    gen_batch_size: int = 16
+    gen_batch_size: int = GEN_BATCH_SIZE
     trust_remote_code: bool = False
     allow_pickle: bool = False
     save_every: int = 0  # steps between checkpoints in OUTPUT/checkpoints (0: only on Ctrl-C)
@@ -220,7 +227,7 @@ class MergeOptions:
     eval_retain: tuple[str, ...] = ()
     max_leak: float = 0.1
     max_new_tokens: int = 48
-    batch_size: int = 16
+    batch_size: int = GEN_BATCH_SIZE
     no_cache: bool = False  # measure the original again instead of reading $UNLEARN_CACHE/measurements
 
     @property
@@ -260,7 +267,7 @@ class EvalOptions:
     judge: str | None = None
     judge_label: str | None = None
     reward_model: Path | None = None
-    batch_size: int = 16
+    batch_size: int = GEN_BATCH_SIZE
     max_new_tokens: int = 64
     do_sample: bool = False
     temperature: float = 1.0

@@ -353,8 +353,11 @@ def response_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], *, bat
 
     from unlearn.data import collate, encode_pair
     from unlearn.losses import token_logprobs
+    from unlearn.kv_cache import cache_argument, new_cache, prefix_applies, run_prefix, shared_length
+    from unlearn.train import first_scored_position, forward_logits
 
     features = [encode_pair(tokenizer, p, r, max_length) for p, r in pairs]
+    prefix_ok = prefix_applies(model)
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     result: list[list[float]] = [[] for _ in features]
     device = next(model.parameters()).device
@@ -362,10 +365,24 @@ def response_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], *, bat
         chunk = order[start:start + batch_size]
         batch = collate([features[i] for i in chunk], tokenizer.pad_token_id)
         labels = batch["labels"].to(device)
+        # Logits from the first response position on: the prompt's would only be masked out
+        # (the vocabulary projection is a fifth of the embedded model's forward).
+        start = first_scored_position(labels)
+        inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
         with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits
-            picked, mask = token_logprobs(logits, labels)
+            rows = [features[i]["input_ids"] for i in chunk]
+            shared = shared_length(rows, start) if prefix_ok and len(rows) > 1 else 0
+            if shared:  # the prompt prefix the batch shares runs once (kv_cache.py)
+                cache = new_cache(model)
+                run_prefix(model, cache, rows[0][:shared], len(rows))
+                width = inputs["input_ids"].shape[1]
+                logits = model(input_ids=inputs["input_ids"][:, shared:], attention_mask=inputs["attention_mask"],
+                               position_ids=torch.arange(shared, width, device=device)[None].expand(len(rows), -1),
+                               logits_to_keep=torch.arange(start - shared, width - shared, device=device),
+                               use_cache=True, **{cache_argument(model): cache}).logits
+            else:
+                logits = forward_logits(model, inputs, start)
+            picked, mask = token_logprobs(logits, labels[:, start:])
         for row, i in enumerate(chunk):
             result[i] = picked[row][mask[row]].tolist()
     return result

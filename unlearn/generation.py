@@ -14,17 +14,19 @@ mask growing by one column per step, the pad token in rows that have ended),
 so its outputs are token-for-token those of `model.generate`
 (tests/test_generation.py checks it on Llama and OPT).
 
-Measured (bench/generation_bench.py, embedded model, the README run's prompts, one
-thread): this loop takes 0.95x the CPU time of `model.generate`, about half the time the
-machine's limit allows (the matmul rate and memory bandwidth measured in the same run).
-The rest goes to rows that have ended but stay in the batch (a quarter of the decode
-rows on that workload, see below), to padding, and to the model's small per-layer ops:
-transformers 5.x's `generate` itself adds little per step on CPU.
+Two things differ from `model.generate` in how the work is done, not in what is computed:
+- Rows that have ended leave the batch (with their keys and values): each step computes only
+  rows still generating. On CPU a float32 matmul's result for one row can depend on how many
+  rows the batch has (MKL/oneDNN pick kernels by shape), so in principle a greedy output could
+  differ from `model.generate`'s at a near-tie; on the README run's 91 prompts every output is
+  identical (bench/generation_bench.py counts them), as in tests/test_generation.py.
+- Keys and values are written into buffers allocated at the prefill (`_preallocated_cache`),
+  not concatenated at every step.
 
-Rows that have ended are NOT dropped from the batch: on CPU a float32 matmul's
-result for one row depends on how many rows the batch has (MKL/oneDNN pick
-kernels and thread splits by shape), so shrinking the batch changes greedy
-outputs now and then. Keeping the batch whole keeps them identical.
+Measured (bench/generation_bench.py, embedded model, the README run's prompts, 2 threads, a
+quiet machine): batches of 16 ran at 117 tokens/s (0.40 of the limit the same run measures);
+with rows dropping out, the preallocated cache and batches of 64 (config.GEN_BATCH_SIZE), 173
+tokens/s (0.53). Matrix products are 77 % of the time; the rest is the model's small per-layer ops.
 
 `model.generate` is still used (`generate_hf`) for sampling, under FSDP (where
 every rank must keep stepping until all ranks end: `synced_gpus`), and when the
@@ -39,6 +41,7 @@ import sys
 from collections.abc import Callable
 
 from unlearn.data import encode_prompt
+from unlearn.kv_cache import cache_argument, new_cache, prefix_applies, run_prefix, shared_length
 
 # A row's `stop_row(index, text_so_far)` check runs after every STOP_CHECK_EVERY new tokens
 # (and not at the last token, where the row ends anyway). Each check decodes every live
@@ -79,13 +82,7 @@ def _own_loop_applies(model, do_sample: bool) -> bool:
     if any(getattr(config, name, None) not in inactive for name, inactive in _GREEDY_PROCESSOR_DEFAULTS.items()):
         return False
     parameters = inspect.signature(model.forward).parameters
-    return _cache_argument(model) is not None and {"position_ids", "logits_to_keep"} <= set(parameters)
-
-
-def _cache_argument(model) -> str | None:
-    """The forward's name for the KV cache: `cache` in transformers >= 5.x, `past_key_values` before."""
-    parameters = inspect.signature(model.forward).parameters
-    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+    return cache_argument(model) is not None and {"position_ids", "logits_to_keep"} <= set(parameters)
 
 
 def _left_padded(encoded: list[list[int]], pad_id: int):
@@ -102,31 +99,34 @@ def _left_padded(encoded: list[list[int]], pad_id: int):
 
 
 def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: int, max_new_tokens: int,
-                  should_stop: Callable[[int, list[int]], bool] | None) -> list[list[int]]:
+                  should_stop: Callable[[int, list[int]], bool] | None, prefix: list[int] = ()) -> list[list[int]]:
     """Greedy new tokens of each row of a left-padded batch (EOS included when reached).
 
+    PREFIX: token ids every row's prompt starts with, left out of INPUT_IDS and run once for
+    the batch (kv_cache.run_prefix); the rows' tokens and padding follow it.
     SHOULD_STOP(row, tokens_so_far) is asked every STOP_CHECK_EVERY tokens for rows still
     running; True ends the row there.
     """
     import torch
-    from transformers import DynamicCache
 
     rows, width = input_ids.shape
     device = next(model.parameters()).device
-    cache_name = _cache_argument(model)
-    try:
-        cache = DynamicCache(config=model.config)  # transformers >= 4.56: layer types from the config
-    except TypeError:
-        cache = DynamicCache()
+    cache_name = cache_argument(model)
+    shared = len(prefix)
+    cache = new_cache(model, capacity=shared + width + max_new_tokens)
+    if shared:
+        run_prefix(model, cache, list(prefix), rows)
+    width += shared
+    attention = torch.cat([torch.ones((rows, shared), dtype=attention.dtype), attention], dim=1)
     # The mask grows by one column per step, as in model.generate; it is allocated once and sliced.
     mask = torch.ones((rows, width + max_new_tokens), dtype=attention.dtype, device=device)
     mask[:, :width] = attention
     # model.generate's positions: the first real token of each row is 0, pads get 0.
-    position_ids = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0).to(device)
+    position_ids = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0)[:, shared:].to(device)
     stop_tensor = torch.tensor(stop_ids, dtype=torch.long, device=device)
     new_tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    ended = torch.zeros(rows, dtype=torch.bool, device=device)
     lengths = [max_new_tokens] * rows
+    live = torch.arange(rows, device=device)  # the batch's rows still in the computation, in order
     inputs = input_ids.to(device)
     for step in range(max_new_tokens):
         logits = model(input_ids=inputs, attention_mask=mask[:, :width + step], position_ids=position_ids,
@@ -134,19 +134,24 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
         # argmax of the last position: exact in any float dtype (model.generate casts to
         # float32 first, which cannot change which logit is largest or the first of equals)
         token = logits[:, -1].argmax(-1)
-        token = torch.where(ended, pad_id, token)  # an ended row is fed pads, as model.generate does
-        new_tokens[:, step] = token
-        just_ended = torch.isin(token, stop_tensor) & ~ended
-        for row in just_ended.nonzero().flatten().tolist():
-            lengths[row] = step + 1
-        ended |= just_ended
+        new_tokens[live, step] = token
+        ended = torch.isin(token, stop_tensor)
+        for position in ended.nonzero().flatten().tolist():
+            lengths[int(live[position])] = step + 1
         if should_stop is not None and (step + 1) % STOP_CHECK_EVERY == 0 and step + 1 < max_new_tokens:
-            for row in (~ended).nonzero().flatten().tolist():
+            for position in (~ended).nonzero().flatten().tolist():
+                row = int(live[position])
                 if should_stop(row, new_tokens[row, :step + 1].tolist()):
                     lengths[row] = step + 1
-                    ended[row] = True
+                    ended[position] = True
         if bool(ended.all()):
             break
+        if bool(ended.any()):
+            # Rows that have ended leave the batch (their keys and values with them), so each
+            # step computes only rows still generating (see the module docstring).
+            keep = (~ended).nonzero().flatten()
+            cache.batch_select_indices(keep)
+            live, token, mask, position_ids = live[keep], token[keep], mask[keep], position_ids[keep]
         inputs = token[:, None]
         position_ids = position_ids[:, -1:] + 1
     return [new_tokens[row, :lengths[row]].tolist() for row in range(rows)]
@@ -173,6 +178,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     pad_id = tokenizer.pad_token_id
     stop_ids = _stop_ids(model, tokenizer)
     own_loop = not _model_generate and _own_loop_applies(model, do_sample)
+    prefix_ok = prefix_applies(model)
     was_training = model.training
     model.eval()
     generator_state = torch.random.get_rng_state()
@@ -185,12 +191,18 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     try:
         for batch in tqdm(batches, desc=desc or "generating", unit="batch", file=sys.stderr,
                           disable=desc is False or len(batches) < 2, leave=False):
-            input_ids, attention = _left_padded([encoded[i] for i in batch], pad_id)
+            prompts_ids = [encoded[i] for i in batch]
+            # The prompt prefix the batch shares runs once (kv_cache.py); each row keeps at least
+            # one token of its own, whose logits give its first new token.
+            shared = (shared_length(prompts_ids, min(map(len, prompts_ids)) - 1)
+                      if own_loop and prefix_ok and len(batch) > 1 else 0)
+            input_ids, attention = _left_padded([ids[shared:] for ids in prompts_ids], pad_id)
             should_stop = None if stop_row is None else (lambda row, ids, batch=batch: stop_row(batch[row], text(ids)))
             with torch.inference_mode():
                 if own_loop:
                     new = _greedy_batch(model, input_ids, attention, stop_ids=stop_ids, pad_id=pad_id,
-                                        max_new_tokens=max_new_tokens, should_stop=should_stop)
+                                        max_new_tokens=max_new_tokens, should_stop=should_stop,
+                                        prefix=prompts_ids[0][:shared])
                 else:
                     new = _hf_batch(model, input_ids, attention, stop_ids=stop_ids, pad_id=pad_id,
                                     max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
@@ -198,8 +210,8 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
             for row, i in enumerate(batch):
                 outputs[i] = text(new[row])
             if record is not None:
-                record.append({"rows": len(batch), "width": input_ids.shape[1],
-                               "prompt_tokens": int(attention.sum()), "new_tokens": [len(ids) for ids in new]})
+                record.append({"rows": len(batch), "width": input_ids.shape[1] + shared, "shared_prefix": shared,
+                               "prompt_tokens": sum(map(len, prompts_ids)), "new_tokens": [len(ids) for ids in new]})
     finally:
         torch.random.set_rng_state(generator_state)
         model.train(was_training)

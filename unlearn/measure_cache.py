@@ -25,7 +25,7 @@ from pathlib import Path
 
 from unlearn.paths import cache_dir
 
-VERSION = 1  # bump when what a measurement contains changes
+VERSION = 2  # bump when what a measurement contains changes (2: generation drops rows that have ended)
 
 
 def weights_fingerprint(model_dir: Path) -> str:

@@ -316,9 +316,9 @@ def measure_before(job: Loaded, sets: list[EvalSet], done: dict[str, Measured] |
     t = time.perf_counter()
     with adapters_disabled(job.model):
         # The original against itself: similarity 1 by definition, computed all the same.
-        measured = {s.name: done[s.name] if s.name in done else
-                    job.before.measure_set(s, label="before", own_baseline=True) for s in sets}
-    return Measurement(measured, time.perf_counter() - t, reused=job.before.reused)
+        measured = {**done, **job.before.measure([s for s in sets if s.name not in done], label="before",
+                                                 own_baseline=True)}
+    return Measurement({s.name: measured[s.name] for s in sets}, time.perf_counter() - t, reused=job.before.reused)
 
 
 def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str, Measured]:

@@ -1,0 +1,104 @@
+"""Key/value caches for inference: preallocated buffers, and the prompt prefix a batch shares computed once.
+
+A chat template puts the same tokens in front of every prompt: SmolLM2's default system
+message is 24 of a short question's 36 prompt tokens. Under causal attention those
+positions' keys and values are the same in every row of a batch, so `run_prefix` computes
+them once, at batch size 1, and every row attends to copies of that one result. The rows'
+own tokens then run as usual, their positions counted on from the prefix. Generation's
+prefill and likelihood scoring both do this (generation.py, evaluate.response_logprobs).
+The numbers are those of the whole-sequence pass up to float rounding (different matmul
+shapes): tests/test_kv_cache.py compares logits, and bench/generation_bench.py counts greedy
+outputs identical to `model.generate`'s.
+
+Not under FSDP: there every rank must run the same forwards in the same order (each one
+gathers parameters), and whether a batch has a shared prefix depends on the batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+
+def cache_argument(model) -> str | None:
+    """The forward's name for the KV cache: `cache` in transformers >= 5.x, `past_key_values` before."""
+    parameters = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+def prefix_applies(model) -> bool:
+    """Whether MODEL can run a batch's shared prefix once (see the module docstring)."""
+    if getattr(model, "_is_fsdp_managed_module", False) or cache_argument(model) is None:
+        return False
+    return "position_ids" in inspect.signature(model.forward).parameters
+
+
+def shared_length(rows: list[list[int]], limit: int) -> int:
+    """The length of the longest token prefix every row of ROWS starts with, at most LIMIT."""
+    if not rows:
+        return 0
+    first, n = rows[0], min(limit, *(len(r) for r in rows))
+    for row in rows[1:]:
+        same = 0
+        while same < n and row[same] == first[same]:
+            same += 1
+        n = same
+    return max(n, 0)
+
+
+def new_cache(model, capacity: int | None = None):
+    """An empty DynamicCache for MODEL; with CAPACITY, its full-attention layers write each step's keys
+    and values into buffers of that many positions allocated at the first update, instead of
+    concatenating (a copy of the whole cache per layer per step: 6 % of decoding on the embedded
+    model, torch.profiler). Other layer kinds (sliding windows) keep their own class."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized or self.keys.numel() == 0:
+                self.is_initialized, self.device, self.length = True, key_states.device, 0
+                self._key_buffer = key_states.new_empty(key_states.shape[:2] + (capacity, key_states.shape[3]))
+                self._value_buffer = value_states.new_empty(value_states.shape[:2] + (capacity, value_states.shape[3]))
+            end = self.length + key_states.shape[-2]
+            self._key_buffer[:, :, self.length:end] = key_states
+            self._value_buffer[:, :, self.length:end] = value_states
+            self.length = end
+            self._views()
+            return self.keys, self.values
+
+        def _views(self):
+            self.keys, self.values = self._key_buffer[:, :, :self.length], self._value_buffer[:, :, :self.length]
+
+        def batch_select_indices(self, indices):
+            if self.get_seq_length() > 0:
+                self._key_buffer, self._value_buffer = self._key_buffer[indices], self._value_buffer[indices]
+                self._views()
+
+        def batch_repeat_interleave(self, repeats: int):
+            if self.get_seq_length() > 0:
+                self._key_buffer = self._key_buffer.repeat_interleave(repeats, dim=0)
+                self._value_buffer = self._value_buffer.repeat_interleave(repeats, dim=0)
+                self._views()
+
+    try:
+        cache = DynamicCache(config=model.config)  # transformers >= 4.56: layer types from the config
+    except TypeError:
+        return DynamicCache()
+    layers = getattr(cache, "layers", None)
+    if capacity is not None and layers is not None:
+        for i, layer in enumerate(layers):
+            if type(layer) is DynamicLayer:
+                layers[i] = PreallocatedLayer()
+    return cache
+
+
+def run_prefix(model, cache, prefix: list[int], rows: int) -> None:
+    """Fill CACHE with the keys and values of the token ids PREFIX (positions 0..) for ROWS rows:
+    one forward at batch size 1, then the rows' copies."""
+    import torch
+
+    device = next(model.parameters()).device
+    ids = torch.tensor([prefix], dtype=torch.long, device=device)
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(len(prefix), device=device)[None],
+          use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
+    cache.batch_repeat_interleave(rows)
