@@ -5,28 +5,26 @@ length so that a batch holds prompts of similar length (less padding, less
 wasted compute), and the outputs are put back in the caller's order.
 
 Greedy decoding runs its own loop (`_greedy_batch`): one prefill forward with
-logits for the last position only, then one forward per new token on a
-`DynamicCache`, under `torch.inference_mode`, with no logits processors or
-stopping-criteria objects between steps, and the batch ends as soon as every
-row has ended. It feeds the model exactly what `model.generate` feeds it (same
-batches, same left padding, position ids `cumsum(mask) - 1`, the same 2-D
-mask growing by one column per step, the pad token in rows that have ended),
-so its outputs are token-for-token those of `model.generate`
-(tests/test_generation.py checks it on Llama and OPT).
-
-Two things differ from `model.generate` in how the work is done, not in what is computed:
-- Rows that have ended leave the batch (with their keys and values): each step computes only
-  rows still generating. On CPU a float32 matmul's result for one row can depend on how many
-  rows the batch has (MKL/oneDNN pick kernels by shape), so in principle a greedy output could
-  differ from `model.generate`'s at a near-tie; on the README run's 91 prompts every output is
-  identical (bench/generation_bench.py counts them), as in tests/test_generation.py.
-- Keys and values are written into buffers allocated at the prefill (`_preallocated_cache`),
-  not concatenated at every step.
+logits for the last position only, then one forward per new token, under
+`torch.inference_mode`, with no logits processors or stopping-criteria objects
+between steps, and the batch ends as soon as every row has ended. It computes what
+`model.generate` computes (same batches, same left padding, position ids
+`cumsum(mask) - 1`, the same 2-D mask growing by one column per step), with three
+differences in how the work is done, not in what is computed:
+- the prompt prefix every row of the batch shares runs once (kv_cache.run_prefix);
+- rows that have ended leave the batch, with their keys and values;
+- keys and values go into buffers allocated once (kv_cache.new_cache), not concatenated.
+A float32 matmul's result for one row can depend on the shapes around it (MKL/oneDNN pick
+kernels by shape), so an output could differ from `model.generate`'s at a near-tie of two
+logits; none does on the README run's 91 prompts (bench/generation_bench.py counts them)
+or in tests/test_generation.py (Llama and OPT, token for token).
 
 Measured (bench/generation_bench.py, embedded model, the README run's prompts, 2 threads, a
 quiet machine): batches of 16 ran at 117 tokens/s (0.40 of the limit the same run measures);
-with rows dropping out, the preallocated cache and batches of 64 (config.GEN_BATCH_SIZE), 173
-tokens/s (0.53). Matrix products are 77 % of the time; the rest is the model's small per-layer ops.
+rows leaving, the preallocated buffers and batches of 64 (config.GEN_BATCH_SIZE): 173 tokens/s
+(0.53). With the shared prefix as well, one thread: 0.545 of the limit, 1.27x `model.generate`
+on the same batches. Matrix products are 77 % of decoding; the rest is the model's small
+per-layer operations.
 
 `model.generate` is still used (`generate_hf`) for sampling, under FSDP (where
 every rank must keep stepping until all ranks end: `synced_gpus`), and when the
