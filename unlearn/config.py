@@ -15,8 +15,9 @@ from pathlib import Path
 from unlearn.errors import UsageError
 from unlearn.lora import LoraSettings
 from unlearn.metrics import MIN_K_PERCENT
+from unlearn.rmu import DEFAULT_SCALE as RMU_SCALE
 
-METHODS = ("ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr", "edit")
+METHODS = ("ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr", "edit", "rmu")
 DEFAULT_TEMPLATE = "I can't help with that."
 
 # ULMR's fine-tune has a minimum, so it cannot collapse the way ascent does; but the last
@@ -68,6 +69,8 @@ class TrainConfig:
     template: str = DEFAULT_TEMPLATE
     npo_beta: float = 0.1
     forget_tokens: str = "answers"  # "answers": only the answer spans of rows that list `answers`
+    rmu_layer: int | None = None  # rmu's layer ℓ (None: rmu.default_layer, a quarter of the depth)
+    rmu_scale: float = RMU_SCALE  # rmu's target norm c, in mean norms of h_ℓ on the normal rows
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -92,6 +95,10 @@ class TrainConfig:
             raise UsageError(f"--schedule {self.schedule}: expected constant or linear")
         if self.max_length < 8:
             raise UsageError(f"--max-length {self.max_length}: must be at least 8")
+        if self.rmu_layer is not None and self.rmu_layer < 0:
+            raise UsageError(f"--rmu-layer {self.rmu_layer}: must be a layer index, 0 or more")
+        if not (self.rmu_scale > 0 and math.isfinite(self.rmu_scale)):
+            raise UsageError(f"--rmu-scale {self.rmu_scale}: must be positive")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -182,6 +189,9 @@ class RunOptions:
         if self.train.method == "edit" and (self.alpha is not None or self.resume or self.save_every or self.full):
             raise UsageError("--method edit is one least-squares edit, not a training run: it takes no "
                              "--alpha, --resume, --save-every or --full")
+        if self.train.method == "rmu" and self.gradient_checkpointing:
+            raise UsageError("--method rmu stops each forward pass at its layer (little memory to save): "
+                             "it takes no --gradient-checkpointing")
         if self.augmented is not None and not ulmr:
             raise UsageError("--augmented is ULMR's training data: use it with --method ulmr")
         return replace(self, train=train, retain_probes=retain_probes, retain_weight=train.retain_weight, alpha=self._alpha(ulmr, parse_alphas),
