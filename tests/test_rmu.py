@@ -156,3 +156,15 @@ def test_rmu_bad_settings_are_one_line(tmp_path, files, cli, llama_dir, flags, m
                  "--max-steps", "1", "--no-probes", *flags)
     assert result.code == 2, result.err
     assert message in result.err and "Traceback" not in result.err
+
+
+def test_rmu_learning_rate_default_and_explicit_lr():
+    from pathlib import Path
+
+    from unlearn.config import LR_LORA, LR_RMU, RunOptions
+
+    def lr(method, **kw):
+        return RunOptions(Path("f"), Path("n"), train=TrainConfig(method=method), **kw).resolved().train.lr
+
+    assert lr("rmu") == LR_RMU == 5e-3 and lr("ga") == LR_LORA
+    assert lr("rmu", lr=1e-4) == 1e-4 and lr("rmu", full=True) == 1e-5

@@ -74,7 +74,7 @@ def _command_line() -> str:
                    "pulled onto a random vector, the other rows' held at the original's.")
 @click.option("-o", "--output", default=None, help="Output directory [default: runs/<timestamp>].")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
-@click.option("--lr", type=float, default=None, help="Learning rate [default: 1e-3 with LoRA, 1e-5 with --full].")
+@click.option("--lr", type=float, default=None, help="Learning rate [default: 1e-3 with LoRA (rmu: 5e-3), 1e-5 with --full].")
 @click.option("--batch-size", type=int, default=4, show_default=True,
               help="Forget (and normal) rows per micro-batch; under torchrun, in all (each process takes a share).")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimiser step.")

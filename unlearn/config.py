@@ -26,6 +26,9 @@ DEFAULT_TEMPLATE = "I can't help with that."
 # leave room for α.
 ULMR_STOP_LEAK, ULMR_EXTRA_STEPS = 0.1, 4
 LR_LORA, LR_FULL = 1e-3, 1e-5  # full fine-tuning moves every weight: a LoRA rate would wreck it
+# rmu's LoRA rate: at 1e-3 its hidden-state distance fell ~2 % a step and 30 steps did not forget the
+# quality benchmark's dev `capitals` (leak 0.44); at 5e-3 it forgot in 9 steps (docs/quality.md).
+LR_RMU = 5e-3
 
 # The default method trains on the automatic probes (--retain-probes: neighbour and same-subject
 # prompts with the original model's answers) with the retain KL at 50. Chosen on the quality
@@ -114,7 +117,7 @@ class RunOptions:
     output: Path | None = None
     force: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
-    lr: float | None = None  # None: LR_LORA, or LR_FULL with --full (then copied into train.lr)
+    lr: float | None = None  # None: LR_LORA, LR_RMU for rmu, or LR_FULL with --full (then copied into train.lr)
     stop_leak: float | None = None  # None: 0, or ULMR_STOP_LEAK for ulmr
     extra_steps: int | None = None  # None: 0, or ULMR_EXTRA_STEPS for ulmr
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -169,7 +172,8 @@ class RunOptions:
             self.train,
             retain_weight=self.retain_weight if self.retain_weight is not None else (
                 RETAIN_WEIGHT_WITH_PROBES if retain_probes else RETAIN_WEIGHT),
-            lr=self.lr if self.lr is not None else (LR_FULL if self.full else self.train.lr),
+            lr=self.lr if self.lr is not None else (LR_FULL if self.full else
+                                                    LR_RMU if self.train.method == "rmu" else self.train.lr),
             stop_leak=self.stop_leak if self.stop_leak is not None else (ULMR_STOP_LEAK if ulmr else
                                                                         self.train.stop_leak),
             extra_steps=self.extra_steps if self.extra_steps is not None else (ULMR_EXTRA_STEPS if ulmr else
