@@ -26,8 +26,9 @@ DEFAULT_TEMPLATE = "I can't help with that."
 # leave room for α.
 ULMR_STOP_LEAK, ULMR_EXTRA_STEPS = 0.1, 4
 LR_LORA, LR_FULL = 1e-3, 1e-5  # full fine-tuning moves every weight: a LoRA rate would wreck it
-# rmu's LoRA rate: at 1e-3 its hidden-state distance fell ~2 % a step and 30 steps did not forget the
-# quality benchmark's dev `capitals` (leak 0.44); at 5e-3 it forgot in 9 steps (docs/quality.md).
+# rmu's LoRA rate: at 1e-3 its hidden-state distance fell ~2 % a step and after 30 steps the stop rule
+# still found 4 of the 9 dev `capitals` facts answered (an exploration run, not in the results file);
+# at 5e-3 it forgot them in 9 steps (docs/quality.md, "RMU on the dev split").
 LR_RMU = 5e-3
 
 # The default method trains on the automatic probes (--retain-probes: neighbour and same-subject
