@@ -128,12 +128,14 @@ def files(tmp_path):
     return write_jsonl(tmp_path / "forget.jsonl", forget), write_jsonl(tmp_path / "normal.jsonl", normal)
 
 
-def test_rmu_run_through_the_cli(tmp_path, files, cli, llama_dir):
+@pytest.mark.parametrize("which, extra", [("llama_dir", ["--lr", "1e-2"]),
+                                          ("opt_dir", ["--full", "--lr", "1e-3"])])  # OPT: model.decoder.layers.N
+def test_rmu_run_through_the_cli(request, tmp_path, files, cli, which, extra):
     forget, normal = files
     out = tmp_path / "out"
-    result = cli("run", forget, normal, "--model", llama_dir, "--method", "rmu", "-o", out, "--json", "--seed", "0",
-                 "--max-steps", "6", "--check-every", "0", "--max-new-tokens", "4", "--batch-size", "2",
-                 "--lr", "1e-2", "--no-probes", "--normal-holdout", "0")
+    result = cli("run", forget, normal, "--model", request.getfixturevalue(which), "--method", "rmu", "-o", out,
+                 "--json", "--seed", "0", "--max-steps", "6", "--check-every", "0", "--max-new-tokens", "4",
+                 "--batch-size", "2", "--no-probes", "--normal-holdout", "0", *extra)
     assert result.code == 0, result.err
     assert "rmu: layer 0, trained layers 0-0, target norm c = 2 ×" in result.err
     record = json.loads((out / "run.json").read_text())
