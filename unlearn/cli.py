@@ -66,14 +66,16 @@ def _command_line() -> str:
 @click.option("--model", default=None, envvar="UNLEARN_MODEL",
               help="HF directory, hub id or .gguf file [default: embedded SmolLM2-135M-Instruct; env UNLEARN_MODEL].")
 @click.option("--method", default="ga", show_default=True,
-              type=click.Choice(["ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr", "edit"]),
+              type=click.Choice(["ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr", "edit", "rmu"]),
               help="ga: gradient ascent + KL; ga+mismatch: + random normal answers; ga+template: + a fixed "
                    "refusal; graddiff: ascent + NLL on normal; npo: negative preference optimisation + KL; "
                    "ulmr: fine-tune on rewritten prompts with negative responses (+ KL), then average with α; "
-                   "edit: a MEMIT-style edit of a few MLP layers so that the facts are refused (docs/edit.md).")
+                   "edit: a MEMIT-style edit of a few MLP layers so that the facts are refused (docs/edit.md); "
+                   "rmu: representation misdirection (WMDP): the forget answers' hidden states at one layer "
+                   "pulled onto a random vector, the other rows' held at the original's.")
 @click.option("-o", "--output", default=None, help="Output directory [default: runs/<timestamp>].")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
-@click.option("--lr", type=float, default=None, help="Learning rate [default: 1e-3 with LoRA, 1e-5 with --full].")
+@click.option("--lr", type=float, default=None, help="Learning rate [default: 1e-3 with LoRA (rmu: 5e-3), 1e-5 with --full].")
 @click.option("--batch-size", type=int, default=4, show_default=True,
               help="Forget (and normal) rows per micro-batch; under torchrun, in all (each process takes a share).")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimiser step.")
@@ -98,6 +100,11 @@ def _command_line() -> str:
 @click.option("--template", default="I can't help with that.", show_default=True,
               help="The refusal that ga+template teaches.")
 @click.option("--npo-beta", type=float, default=0.1, show_default=True)
+@click.option("--rmu-layer", type=int, default=None,
+              help="rmu: the layer whose hidden states are misdirected; it and the two below it are trained "
+                   "[default: a quarter of the depth, 8 of SmolLM2's 30].")
+@click.option("--rmu-scale", type=float, default=2.0, show_default=True,
+              help="rmu: the random target's norm c, in mean norms of that layer's hidden states on the normal rows.")
 @click.option("--check-every", type=int, default=1, show_default=True,
               help="Steps between checks of the stop rule (0: no checks, run --max-steps).")
 @click.option("--stop-leak", type=float, default=None,
@@ -178,7 +185,7 @@ def run_command(**o):
         max_steps=o["max_steps"], warmup_steps=o["warmup_steps"], schedule=o["schedule"],
         max_grad_norm=o["max_grad_norm"], max_length=o["max_length"], seed=o["seed"],
         check_every=o["check_every"], template=o["template"], npo_beta=o["npo_beta"],
-        forget_tokens=o["forget_tokens"])
+        forget_tokens=o["forget_tokens"], rmu_layer=o["rmu_layer"], rmu_scale=o["rmu_scale"])
     lora = LoraSettings(o["lora_rank"], o["lora_alpha"], o["lora_dropout"],
                         **({"targets": _split_targets(o["lora_targets"])} if o["lora_targets"] else {}))
     opts = RunOptions(

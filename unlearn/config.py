@@ -15,6 +15,7 @@ from pathlib import Path
 from unlearn.errors import UsageError
 from unlearn.lora import LoraSettings
 from unlearn.metrics import MIN_K_PERCENT
+from unlearn.rmu import DEFAULT_SCALE as RMU_SCALE
 
 # Greedy generation's default batch (run, eval, the merge sweep). Larger batches read the
 # weights once for more rows: on the embedded model, 2 threads, the README run's 91 prompts
@@ -23,7 +24,7 @@ from unlearn.metrics import MIN_K_PERCENT
 # Scoring (likelihoods over whole sequences and the vocabulary) keeps measure.SCORE_BATCH_SIZE.
 GEN_BATCH_SIZE = 64
 
-METHODS = ("ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr", "edit")
+METHODS = ("ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr", "edit", "rmu")
 DEFAULT_TEMPLATE = "I can't help with that."
 
 # ULMR's fine-tune has a minimum, so it cannot collapse the way ascent does; but the last
@@ -32,6 +33,10 @@ DEFAULT_TEMPLATE = "I can't help with that."
 # leave room for α.
 ULMR_STOP_LEAK, ULMR_EXTRA_STEPS = 0.1, 4
 LR_LORA, LR_FULL = 1e-3, 1e-5  # full fine-tuning moves every weight: a LoRA rate would wreck it
+# rmu's LoRA rate: at 1e-3 its hidden-state distance fell ~2 % a step and after 30 steps the stop rule
+# still found 4 of the 9 dev `capitals` facts answered (an exploration run, not in the results file);
+# at 5e-3 it forgot them in 9 steps (docs/quality.md, "RMU on the dev split").
+LR_RMU = 5e-3
 
 # The default method trains on the automatic probes (--retain-probes: neighbour and same-subject
 # prompts with the original model's answers) with the retain KL at 50. Chosen on the quality
@@ -75,6 +80,8 @@ class TrainConfig:
     template: str = DEFAULT_TEMPLATE
     npo_beta: float = 0.1
     forget_tokens: str = "answers"  # "answers": only the answer spans of rows that list `answers`
+    rmu_layer: int | None = None  # rmu's layer ℓ (None: rmu.default_layer, a quarter of the depth)
+    rmu_scale: float = RMU_SCALE  # rmu's target norm c, in mean norms of h_ℓ on the normal rows
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -99,6 +106,10 @@ class TrainConfig:
             raise UsageError(f"--schedule {self.schedule}: expected constant or linear")
         if self.max_length < 8:
             raise UsageError(f"--max-length {self.max_length}: must be at least 8")
+        if self.rmu_layer is not None and self.rmu_layer < 0:
+            raise UsageError(f"--rmu-layer {self.rmu_layer}: must be a layer index, 0 or more")
+        if not (self.rmu_scale > 0 and math.isfinite(self.rmu_scale)):
+            raise UsageError(f"--rmu-scale {self.rmu_scale}: must be positive")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -114,7 +125,7 @@ class RunOptions:
     output: Path | None = None
     force: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
-    lr: float | None = None  # None: LR_LORA, or LR_FULL with --full (then copied into train.lr)
+    lr: float | None = None  # None: LR_LORA, LR_RMU for rmu, or LR_FULL with --full (then copied into train.lr)
     stop_leak: float | None = None  # None: 0, or ULMR_STOP_LEAK for ulmr
     extra_steps: int | None = None  # None: 0, or ULMR_EXTRA_STEPS for ulmr
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -169,7 +180,8 @@ class RunOptions:
             self.train,
             retain_weight=self.retain_weight if self.retain_weight is not None else (
                 RETAIN_WEIGHT_WITH_PROBES if retain_probes else RETAIN_WEIGHT),
-            lr=self.lr if self.lr is not None else (LR_FULL if self.full else self.train.lr),
+            lr=self.lr if self.lr is not None else (LR_FULL if self.full else
+                                                    LR_RMU if self.train.method == "rmu" else self.train.lr),
             stop_leak=self.stop_leak if self.stop_leak is not None else (ULMR_STOP_LEAK if ulmr else
                                                                         self.train.stop_leak),
             extra_steps=self.extra_steps if self.extra_steps is not None else (ULMR_EXTRA_STEPS if ulmr else
@@ -189,6 +201,9 @@ class RunOptions:
         if self.train.method == "edit" and (self.alpha is not None or self.resume or self.save_every or self.full):
             raise UsageError("--method edit is one least-squares edit, not a training run: it takes no "
                              "--alpha, --resume, --save-every or --full")
+        if self.train.method == "rmu" and self.gradient_checkpointing:
+            raise UsageError("--method rmu stops each forward pass at its layer (little memory to save): "
+                             "it takes no --gradient-checkpointing")
         if self.augmented is not None and not ulmr:
             raise UsageError("--augmented is ULMR's training data: use it with --method ulmr")
         return replace(self, train=train, retain_probes=retain_probes, retain_weight=train.retain_weight, alpha=self._alpha(ulmr, parse_alphas),

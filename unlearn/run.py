@@ -100,8 +100,8 @@ def prepare(opts: RunOptions, created: list) -> Prepared:
         sets.append(EvalSet("retain", "retain", retain[:limit], Path(opts.retain[0]), "trained"))
     sets += read_eval_sets(opts.eval_forget, opts.eval_retain, taken={s.name for s in sets}, limit=limit)
     distributed.check_batch_size(opts.train.batch_size)  # --batch-size is global: each process takes a share
-    if opts.train.method == "edit" and distributed.world().active:  # before any model loads
-        raise UsageError("--method edit runs in one process: launch it without torchrun")
+    if opts.train.method in ("edit", "rmu") and distributed.world().active:  # before any model loads
+        raise UsageError(f"--method {opts.train.method} runs in one process: launch it without torchrun")
     output = Path(opts.output) if opts.output else default_output_dir()
     run_args = _run_args(opts)
     # Rank 0 alone checks and prepares OUTPUT (it may create it, or delete stale checkpoints), and

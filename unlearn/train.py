@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from unlearn import distributed, losses
+from unlearn import distributed, losses, rmu
 from unlearn.config import TrainConfig
 from unlearn.data import collate, encode_pair
 from unlearn.errors import UnlearnError, UsageError
@@ -190,11 +190,16 @@ class Unlearner:
         self.forget_batches = Batches(len(forget), config.batch_size, self.rng)
         self.normal_batches = Batches(len(normal), config.batch_size, self.rng)
         self.retain_batches = Batches(len(self.retain), config.batch_size, self.rng)
+        self.device = next(model.parameters()).device
+        self.rmu = None
+        if config.method == "rmu":  # before the trainable parameters are collected: it freezes layers
+            self.rmu = rmu.Misdirection(model, config.rmu_layer, config.rmu_scale, config.seed)
+            rmu.restrict_training(model, self.rmu.layer)
+            self.rmu.calibrate(self._original_hidden_on_normal())
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise UsageError("nothing to train: the model has no trainable parameters")
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
-        self.device = next(model.parameters()).device
         self.step_count = 0
         self.tokens = 0
         # What the trainable forward goes through: the model, or under torchrun its DDP wrapper
@@ -299,9 +304,51 @@ class Unlearner:
             with adapters_disabled(self.model):  # the model's own dropout is already off (step())
                 return forward_logits(self.model, batch, start)
 
+    def _original_hidden(self, batch: dict) -> torch.Tensor:
+        """RMU: the original model's h_ℓ (adapters off, or the frozen copy), without gradient."""
+        with torch.no_grad():
+            if self.reference_model is not None:
+                return rmu.hidden_at(self.reference_model, self.rmu.layer_of(self.reference_model), batch)
+            with adapters_disabled(self.model):
+                return rmu.hidden_at(self.model, self.rmu.module, batch)
+
+    def _original_hidden_on_normal(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """RMU's calibration: the original's h_ℓ and scored positions on every normal row."""
+        out = []
+        for i in range(0, len(self.normal), self.config.batch_size):
+            batch = {k: v.to(self.device) for k, v in collate(self.normal[i:i + self.config.batch_size],
+                                                               self.pad_id).items()}
+            out.append((self._original_hidden(batch), rmu.scored_positions(batch["labels"])))
+        return out
+
+    def _rmu_loss(self, rows: dict[str, list[dict]]) -> tuple[torch.Tensor, dict]:
+        """RMU: forget rows' h_ℓ pulled onto c·u, normal and retain rows' h_ℓ held at the original's.
+
+        One forward per group, each stopping at layer ℓ. Runs in one process only (run.prepare
+        refuses rmu under torchrun), so these means are the batch's own.
+        """
+        config = self.config
+        weights = {"forget": config.forget_weight, "normal": config.normal_weight, "retain": config.retain_weight}
+        terms, total = {}, None
+        for name, group in rows.items():
+            batch = {k: v.to(self.device) for k, v in collate(group, self.pad_id).items()}
+            self.tokens += int(batch["attention_mask"].sum())
+            hidden = rmu.hidden_at(self.model, self.rmu.module, batch)
+            mask = rmu.scored_positions(batch["labels"])
+            if name == "forget":
+                term = rmu.forget_loss(hidden, mask, self.rmu.target.to(hidden.device))
+            else:
+                self.tokens += int(batch["attention_mask"].sum())
+                term = rmu.retain_loss(hidden, mask, self._original_hidden(batch))
+            terms[f"rmu_{name}"] = term
+            total = weights[name] * term if total is None else total + weights[name] * term
+        return total, {k: float(v.detach()) for k, v in terms.items()}
+
     def loss(self, rows: dict[str, list[dict]]) -> tuple[torch.Tensor, dict]:
         """The weighted loss of one micro-batch and its terms (floats, for logging)."""
         config, method = self.config, self.config.method
+        if method == "rmu":
+            return self._rmu_loss(rows)
         names = list(rows)
         # One forward per group, each padded to its own longest row and scored from its own first
         # response position: forget rows are shorter than normal rows, and in a joint batch their
@@ -444,6 +491,8 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
         return {"history": history, "stopped_by": stopped_by, "stop_at": stop_at,
                 "seconds": previous_seconds + time.perf_counter() - start - check_seconds}
 
+    if log and unlearner.rmu is not None:
+        log(unlearner.rmu.describe())
     bar = tqdm(total=config.max_steps, initial=unlearner.step_count, desc="unlearning", unit="step",
                file=sys.stderr, leave=False, disable=log is None)
     with _DeferredInterrupt() as interrupt:

@@ -1,0 +1,179 @@
+"""Representation misdirection for unlearning (RMU; Li et al. 2024, "The WMDP Benchmark", section 5).
+
+Instead of pushing the forget answers' probability down (ascent), RMU moves the model's
+hidden state at one layer ℓ, on the forget positions, onto a fixed random vector, and keeps
+it where the original model had it on every other row:
+
+    forget  L_f = mean over forget positions of ||h_ℓ(x) − c·u||² / d
+    retain  L_r = mean over retain positions of ||h_ℓ(x) − h_ℓ^orig(x)||² / d
+    (d the hidden size: the paper's mean squared error over the elements)
+
+u is a unit vector drawn once from a seeded Gaussian (a uniformly random direction), c a
+scale. Later layers receive a vector that carries nothing about the prompt, so what they
+would have said is lost; the retain term holds every other row's state in place.
+
+How this project applies it (train.Unlearner._rmu_loss):
+- Positions: a position counts when the losses of the other methods read its logits, i.e.
+  position t where token t+1 is a scored response token (labels[:, 1:] != IGNORE). For a
+  forget row with `answers` those are the positions that predict an answer token, so the
+  state that would produce the answer is the one misdirected (the answer token's own state
+  only shapes what comes after it). Prompt and padding positions never count.
+- Retain rows: the normal rows (weight --normal-weight), and the --retain rows, which
+  include the automatic probes under --retain-probes (weight --retain-weight); the forget
+  term has --forget-weight.
+- ℓ: --rmu-layer, by default the layer at DEPTH_FRACTION of the depth (the paper: 7 of
+  Zephyr-7B's 32); only the parameters of layers ℓ−TRAINED_LAYERS+1..ℓ are trained (the
+  paper: the MLPs of ℓ−2..ℓ; with LoRA, the adapters in those layers). Nothing after ℓ
+  could get a gradient anyway.
+- c: --rmu-scale times the mean norm of the original model's h_ℓ on the normal rows'
+  scored positions, measured once before training, so that the target has the same size
+  relative to the activations whatever the model (the paper set c per model by hand: its
+  norms grow with depth and differ between models).
+- The forward pass stops at layer ℓ (a hook raises once h_ℓ is recorded): the layers after
+  it, the vocabulary projection and the softmax are never computed, for the trained pass
+  and for the original's.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from unlearn.errors import UsageError
+from unlearn.losses import IGNORE_INDEX
+
+DEPTH_FRACTION = 0.25  # the default ℓ: a quarter of the depth (SmolLM2-135M: 8 of 0..29; the paper: 7 of 32)
+TRAINED_LAYERS = 3  # layers ℓ−2..ℓ are trained, as in the paper
+# c = 2 × the mean norm of h_ℓ: a target well off the activations' own scale, as in the paper. On the dev
+# split 1 and 0.5 were tried too (docs/quality.md, "RMU on the dev split"): no better, and slower to forget.
+DEFAULT_SCALE = 2.0
+
+
+_DECODER_LAYER = re.compile(r"^(?:.*\.)?layers\.(\d+)$")
+
+
+def decoder_layers(model) -> dict[int, torch.nn.Module]:
+    """Layer index -> decoder layer: the modules named `….layers.N` (Llama, Mistral, Qwen: model.layers.N;
+    OPT: model.decoder.layers.N; GPT-NeoX: gpt_neox.layers.N), whatever is attached inside them."""
+    found = {int(m[1]): module for name, module in model.named_modules() if (m := _DECODER_LAYER.match(name))}
+    if not found:
+        raise UsageError(f"--method rmu: {type(model).__name__} has no decoder layers named layers.N")
+    return dict(sorted(found.items()))
+
+
+def default_layer(n_layers: int) -> int:
+    return min(n_layers - 1, max(0, round(n_layers * DEPTH_FRACTION)))
+
+
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) bool: position t counts when token t+1 is a scored response token.
+
+    The last position predicts nothing and never counts; padding has IGNORE labels, so the
+    position before it counts only when that position predicts a real response token.
+    """
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+def _mean_square(diff: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of the squared norm divided by the hidden size (the paper's MSE)."""
+    if diff.shape[0] == 0:
+        raise ValueError("no scored positions in this batch (is --max-length too small?)")
+    return diff.float().pow(2).mean()
+
+
+def forget_loss(hidden: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L_f = mean over MASK positions of ||hidden − target||² / d; HIDDEN (batch, seq, d), TARGET (d,)."""
+    return _mean_square(hidden[mask].float() - target.float())
+
+
+def retain_loss(hidden: torch.Tensor, mask: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """L_r = mean over MASK positions of ||hidden − original||² / d; ORIGINAL is held fixed (no gradient)."""
+    return _mean_square(hidden[mask].float() - original.detach()[mask].float())
+
+
+def random_direction(size: int, seed: int) -> torch.Tensor:
+    """A unit vector of SIZE floats in a uniformly random direction, the same for the same seed."""
+    u = torch.randn(size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (u / u.norm()).float()
+
+
+class _Reached(Exception):
+    """Raised by the hook once h_ℓ is recorded: the rest of the forward pass is not needed."""
+
+
+def hidden_at(model, layer_module, batch: dict) -> torch.Tensor:
+    """h_ℓ: the output of LAYER_MODULE (a decoder layer of MODEL) for BATCH, (batch, seq, d).
+
+    Inside autograd when called with gradients on; the forward stops there.
+    """
+    captured = {}
+
+    def hook(_module, _args, output):
+        captured["h"] = output[0] if isinstance(output, tuple) else output
+        raise _Reached
+
+    handle = layer_module.register_forward_hook(hook)
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    except _Reached:
+        pass
+    finally:
+        handle.remove()
+    if "h" not in captured:
+        raise RuntimeError("the forward pass never reached the RMU layer")
+    return captured["h"]
+
+
+def trained_layers(layer: int) -> list[int]:
+    return list(range(max(0, layer - TRAINED_LAYERS + 1), layer + 1))
+
+
+def restrict_training(model, layer: int) -> list[int]:
+    """Turn off the gradient of every trainable parameter outside layers ℓ−2..ℓ; return those layers.
+
+    With LoRA the adapters elsewhere stay attached with B = 0 (the saved adapter keeps PEFT's
+    shape); with --full every weight outside the window is frozen.
+    """
+    layers = decoder_layers(model)
+    window = trained_layers(layer)
+    keep = {id(p) for i in window for p in layers[i].parameters()}
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in keep:
+            p.requires_grad_(False)
+    return window
+
+
+class Misdirection:
+    """The fixed parts of RMU for one model: the layer ℓ, its module, the target c·u."""
+
+    def __init__(self, model, layer: int | None, scale: float, seed: int):
+        layers = decoder_layers(model)
+        self.layer = default_layer(len(layers)) if layer is None else layer
+        if self.layer not in layers:
+            raise UsageError(f"--rmu-layer {self.layer}: the model has layers 0..{max(layers)}")
+        self.module = layers[self.layer]
+        self.scale = scale
+        self.seed = seed
+        self.window = trained_layers(self.layer)
+        self.target: torch.Tensor | None = None  # c·u, set by calibrate()
+        self.norm: float | None = None  # the mean norm of the original's h_ℓ on normal rows
+
+    def layer_of(self, model):
+        """Layer ℓ's module in MODEL (the frozen copy under --full has its own)."""
+        return decoder_layers(model)[self.layer]
+
+    def calibrate(self, original_hidden: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """c = scale × mean ||h_ℓ|| over the scored positions of ORIGINAL_HIDDEN ((hidden, mask) pairs)."""
+        norms = torch.cat([h[mask].float().norm(dim=-1) for h, mask in original_hidden])
+        if norms.numel() == 0:
+            raise UsageError("RMU: the normal rows have no response tokens to measure the activations on")
+        self.norm = float(norms.mean())
+        u = random_direction(original_hidden[0][0].shape[-1], self.seed)
+        self.target = u * (self.scale * self.norm)
+
+    def describe(self) -> str:
+        return (f"rmu: layer {self.layer}, trained layers {self.window[0]}-{self.window[-1]}, target norm "
+                f"c = {self.scale:g} × {self.norm:.3g} (mean norm of h_{self.layer} on the normal rows)")
