@@ -22,8 +22,8 @@ or in tests/test_generation.py (Llama and OPT, token for token).
 Measured (bench/generation_bench.py, embedded model, the README run's prompts, 2 threads, a
 quiet machine): batches of 16 ran at 117 tokens/s (0.40 of the limit the same run measures);
 rows leaving, the preallocated buffers and batches of 64 (config.GEN_BATCH_SIZE): 173 tokens/s
-(0.53). With the shared prefix as well, one thread: 0.545 of the limit, 1.27x `model.generate`
-on the same batches. Matrix products are 77 % of decoding; the rest is the model's small
+(0.53). With the shared prefix as well: one thread 0.545 of the limit (1.27x `model.generate`
+on the same batches); two threads 188 tokens/s but 0.39 of a limit the prefix raised to 486. Matrix products are 77 % of decoding; the rest is the model's small
 per-layer operations.
 
 `model.generate` is still used (`generate_hf`) for sampling, under FSDP (where
