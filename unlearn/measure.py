@@ -104,9 +104,9 @@ class Measured:
     rows: list
 
 
-# Likelihood scoring computes logits over every position and the whole vocabulary: a batch of
-# 16 rows of 100 tokens on a 49k vocabulary is 300 MB of float32 already, so scoring batches stay
-# at most this size whatever the generation batch is.
+# Likelihood scoring computes logits over the whole vocabulary at every response position: a
+# batch of 16 rows of 50 response tokens on a 49k vocabulary is 150 MB of float32 already, so
+# scoring batches stay at most this size whatever the generation batch is.
 SCORE_BATCH_SIZE = 16
 
 
@@ -279,9 +279,8 @@ class Measurer:
                 self.reused += 1
                 measured[s.name] = Measured(**hit)
         todo = [s for s in sets if s.name not in measured]
-        if todo:
-            names = ", ".join(s.name for s in todo)
-            answers = self.answer_sets(todo, desc=f"{label}: {names}" if label else False)
+        names = ", ".join(s.name for s in todo)
+        answers = self.answer_sets(todo, desc=f"{label}: {names}" if label else False) if todo else {}
         for s in todo:
             outputs = answers[s.name]
             measured[s.name] = self.score(s, outputs, outputs if own_baseline else baseline.get(s.name))
