@@ -131,8 +131,8 @@ def trained_layers(layer: int) -> list[int]:
     return list(range(max(0, layer - TRAINED_LAYERS + 1), layer + 1))
 
 
-def restrict_training(model, layer: int) -> list[int]:
-    """Turn off the gradient of every trainable parameter outside layers ℓ−2..ℓ; return those layers.
+def restrict_training(model, layer: int) -> None:
+    """Turn off the gradient of every trainable parameter outside layers ℓ−2..ℓ.
 
     With LoRA the adapters elsewhere stay attached with B = 0 (the saved adapter keeps PEFT's
     shape); with --full every weight outside the window is frozen.
@@ -143,27 +143,24 @@ def restrict_training(model, layer: int) -> list[int]:
     for p in model.parameters():
         if p.requires_grad and id(p) not in keep:
             p.requires_grad_(False)
-    return window
 
 
 class Misdirection:
     """The fixed parts of RMU for one model: the layer ℓ, its module, the target c·u."""
 
-    def __init__(self, model, layer: int | None, scale: float, seed: int):
+    def __init__(self, model, layer: int | None, scale: float, seed: int, original=None):
+        """ORIGINAL: the frozen copy under --full (its layer ℓ is its own module); None: MODEL with adapters off."""
         layers = decoder_layers(model)
         self.layer = default_layer(len(layers)) if layer is None else layer
         if self.layer not in layers:
             raise UsageError(f"--rmu-layer {self.layer}: the model has layers 0..{max(layers)}")
         self.module = layers[self.layer]
+        self.original_module = self.module if original is None else decoder_layers(original)[self.layer]
         self.scale = scale
         self.seed = seed
         self.window = trained_layers(self.layer)
         self.target: torch.Tensor | None = None  # c·u, set by calibrate()
         self.norm: float | None = None  # the mean norm of the original's h_ℓ on normal rows
-
-    def layer_of(self, model):
-        """Layer ℓ's module in MODEL (the frozen copy under --full has its own)."""
-        return decoder_layers(model)[self.layer]
 
     def calibrate(self, original_hidden: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """c = scale × mean ||h_ℓ|| over the scored positions of ORIGINAL_HIDDEN ((hidden, mask) pairs)."""

@@ -193,7 +193,7 @@ class Unlearner:
         self.device = next(model.parameters()).device
         self.rmu = None
         if config.method == "rmu":  # before the trainable parameters are collected: it freezes layers
-            self.rmu = rmu.Misdirection(model, config.rmu_layer, config.rmu_scale, config.seed)
+            self.rmu = rmu.Misdirection(model, config.rmu_layer, config.rmu_scale, config.seed, reference_model)
             rmu.restrict_training(model, self.rmu.layer)
             self.rmu.calibrate(self._original_hidden_on_normal())
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -308,7 +308,7 @@ class Unlearner:
         """RMU: the original model's h_ℓ (adapters off, or the frozen copy), without gradient."""
         with torch.no_grad():
             if self.reference_model is not None:
-                return rmu.hidden_at(self.reference_model, self.rmu.layer_of(self.reference_model), batch)
+                return rmu.hidden_at(self.reference_model, self.rmu.original_module, batch)
             with adapters_disabled(self.model):
                 return rmu.hidden_at(self.model, self.rmu.module, batch)
 
