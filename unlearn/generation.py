@@ -74,13 +74,13 @@ def _stop_ids(model, tokenizer) -> list[int]:
 
 def _own_loop_applies(model, do_sample: bool) -> bool:
     """Whether greedy decoding can run in `_greedy_batch` with the outputs `model.generate` would give."""
-    if do_sample or getattr(model, "_is_fsdp_managed_module", False):
+    # prefix_applies: not under FSDP, a KV cache argument and position ids (the loop runs the prefix apart)
+    if do_sample or not prefix_applies(model):
         return False
     config = getattr(model, "generation_config", None)
     if any(getattr(config, name, None) not in inactive for name, inactive in _GREEDY_PROCESSOR_DEFAULTS.items()):
         return False
-    parameters = inspect.signature(model.forward).parameters
-    return cache_argument(model) is not None and {"position_ids", "logits_to_keep"} <= set(parameters)
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def _left_padded(encoded: list[list[int]], pad_id: int):
@@ -176,7 +176,6 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     pad_id = tokenizer.pad_token_id
     stop_ids = _stop_ids(model, tokenizer)
     own_loop = not _model_generate and _own_loop_applies(model, do_sample)
-    prefix_ok = prefix_applies(model)
     was_training = model.training
     model.eval()
     generator_state = torch.random.get_rng_state()
@@ -193,7 +192,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
             # The prompt prefix the batch shares runs once (kv_cache.py); each row keeps at least
             # one token of its own, whose logits give its first new token.
             shared = (shared_length(prompts_ids, min(map(len, prompts_ids)) - 1)
-                      if own_loop and prefix_ok and len(batch) > 1 else 0)
+                      if own_loop and len(batch) > 1 else 0)
             input_ids, attention = _left_padded([ids[shared:] for ids in prompts_ids], pad_id)
             should_stop = None if stop_row is None else (lambda row, ids, batch=batch: stop_row(batch[row], text(ids)))
             with torch.inference_mode():
