@@ -26,6 +26,8 @@ SETTINGS = {
     # The stop rule fires at once on the random model (nothing leaks), then 30 extra steps:
     # the rule's state (stopped, stop_at) must survive the resume too.
     "stop-rule": ["--check-every", "1", "--extra-steps", "30", "--method", "ga+mismatch", "--lora-dropout", "0.1"],
+    # rmu's target c·u is recomputed on resume (the seed's direction, the original's norms): it must match.
+    "rmu": ["--check-every", "0", "--method", "rmu"],
 }
 
 

@@ -139,6 +139,7 @@ def test_rmu_run_through_the_cli(request, tmp_path, files, cli, which, extra):
     assert result.code == 0, result.err
     assert "rmu: layer 0, trained layers 0-0, target norm c = 2 ×" in result.err
     record = json.loads((out / "run.json").read_text())
+    assert record["config"]["rmu_layer"] == 0  # the default layer as trained, not null
     history = record["history"]
     assert len(history) == 6
     assert history[-1]["rmu_forget"] < history[0]["rmu_forget"]   # pulled onto c·u

@@ -583,6 +583,15 @@ def write(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, af
     return distributed.on_main(write_on_main)  # every rank returns rank 0's completed record
 
 
+def _resolved_rmu_layer(opts: RunOptions, job: Loaded) -> dict:
+    """rmu's layer as trained: --rmu-layer, or the default `rmu.Misdirection` picked (not null in run.json)."""
+    from unlearn import rmu
+
+    if opts.train.method != "rmu" or opts.train.rmu_layer is not None:
+        return {}
+    return {"rmu_layer": rmu.default_layer(len(rmu.decoder_layers(job.model)))}
+
+
 def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, after: Measurement, result,
             averager, selection) -> dict:
     """What run.json holds: the resolved configuration, data hashes, versions, metrics and timings."""
@@ -600,7 +609,7 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "method": opts.train.method,
         "full": opts.full,
         "seed": opts.train.seed,
-        "config": {**opts.train.as_dict(), "dtype": opts.dtype, "full": opts.full,
+        "config": {**opts.train.as_dict(), **_resolved_rmu_layer(opts, job), "dtype": opts.dtype, "full": opts.full,
                    "lora": _lora_record(opts) if opts.adapters else None,
                    "judge": job.measurer.judge.name, "max_new_tokens": opts.max_new_tokens,
                    "eval_limit": opts.eval_limit},
