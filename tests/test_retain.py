@@ -190,6 +190,8 @@ def test_resume_refuses_a_different_retain_file(tmp_path):
     ("ga", {"retain_probes": False}, (False, 10.0)),            # --no-retain-probes: the previous default
     ("npo", {"retain_probes": True}, (True, 50.0)),
     ("ga", {"retain_weight": 3.0}, (True, 3.0)),                # an explicit weight wins
+    ("rmu", {}, (True, 10.0)),                                  # rmu's dev choice: probes at 10
+    ("rmu", {"retain_probes": False}, (False, 10.0)),
 ])
 def test_retain_probes_and_weight_defaults_per_method(method, flags, expected):
     from unlearn.config import RunOptions, TrainConfig

@@ -171,3 +171,17 @@ def test_rmu_learning_rate_default_and_explicit_lr():
 
     assert lr("rmu") == LR_RMU == 5e-3 and lr("ga") == LR_LORA
     assert lr("rmu", lr=1e-4) == 1e-4 and lr("rmu", full=True) == 1e-5
+
+
+def test_rmu_normal_weight_default_and_explicit_weight():
+    from pathlib import Path
+
+    from unlearn.config import RunOptions
+
+    def weight(method, **kw):
+        opts = RunOptions(Path("f"), Path("n"), train=TrainConfig(method=method), **kw).resolved()
+        assert opts.normal_weight == opts.train.normal_weight  # what run.json records is what trains
+        return opts.train.normal_weight
+
+    assert weight("rmu") == 50.0 and weight("ga") == weight("npo") == 10.0  # rmu's dev choice (setting G)
+    assert weight("rmu", normal_weight=3.0) == 3.0 and weight("ga", normal_weight=0.0) == 0.0

@@ -85,15 +85,17 @@ def _command_line() -> str:
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping (0: off).")
 @click.option("--forget-weight", type=float, default=0.5, show_default=True, help="eps1, weight of L_fgt.")
 @click.option("--mismatch-weight", type=float, default=1.0, show_default=True, help="eps2, weight of L_rdn.")
-@click.option("--normal-weight", type=float, default=10.0, show_default=True,
-              help="eps3, weight of L_nor (the KL to the original on normal data).")
+@click.option("--normal-weight", type=float, default=None,
+              help="eps3, weight of L_nor (the KL to the original on normal data) [default: 10; rmu: 50, "
+                   "chosen on the quality benchmark's dev split].")
 @click.option("--retain", multiple=True, type=click.Path(path_type=str),
               help="JSONL of rows that must be kept (NORMAL's format; `answers` score their accuracy): trained on "
                    "with their own KL to the original (--retain-weight), a micro-batch every step, and reported "
                    "as the `retain` line; repeatable.")
 @click.option("--retain-weight", type=float, default=None,
               help="Weight of the KL on the retain rows [default: 50 when the probes are trained on (ga's "
-                   "default), else 10, the normal term's weight; chosen on the quality benchmark's dev split].")
+                   "default; rmu: 10), else 10, the normal term's weight; chosen on the quality benchmark's dev "
+                   "split].")
 @click.option("--forget-tokens", type=click.Choice(["answers", "response"]), default="answers", show_default=True,
               help="Which tokens the forget loss pushes down: for rows with `answers`, only the tokens that spell "
                    "an answer (the fact, not the words around it); or every response token.")
@@ -166,7 +168,7 @@ def _command_line() -> str:
 @click.option("--retain-probes/--no-retain-probes", default=None,
               help="Also train on the probes: each probe whose original answer holds no forget answer joins the "
                    "retain rows with that answer as its response (their report lines are then `trained`) "
-                   "[default: on for ga, off for the other methods].")
+                   "[default: on for ga and rmu, off for the other methods].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def run_command(**o):
     """Unlearn the FORGET.jsonl answers while keeping NORMAL.jsonl behaviour; report before and after."""
@@ -180,7 +182,7 @@ def run_command(**o):
 
     train = TrainConfig(
         method=o["method"], forget_weight=o["forget_weight"], mismatch_weight=o["mismatch_weight"],
-        normal_weight=o["normal_weight"], batch_size=o["batch_size"],
+        batch_size=o["batch_size"],
         grad_accum=o["grad_accum"],
         max_steps=o["max_steps"], warmup_steps=o["warmup_steps"], schedule=o["schedule"],
         max_grad_norm=o["max_grad_norm"], max_length=o["max_length"], seed=o["seed"],
@@ -202,7 +204,7 @@ def run_command(**o):
         alpha_grid=tuple(parse_alphas(o["alpha_grid"])) if o["alpha_grid"] else (), max_leak=o["max_leak"],
         normal_holdout=o["normal_holdout"], no_cache=o["no_cache"], retain=tuple(Path(p) for p in o["retain"]),
         probes=not o["no_probes"], probe_limit=o["probe_limit"], retain_probes=o["retain_probes"],
-        retain_weight=o["retain_weight"])
+        retain_weight=o["retain_weight"], normal_weight=o["normal_weight"])
     record = run(opts, log=log)
     if o["as_json"]:
         print_json({k: v for k, v in record.items() if k != "history"})

@@ -45,8 +45,14 @@ LR_RMU = 5e-3
 # 0.74 -> 0.87; neighbours barely moved (0.00 -> 0.10). At the user's weight of 10 the probes
 # changed little (capitals paraphrase leak 0.65). Other methods were not measured with it and
 # keep it off; RETAIN_WEIGHT is also --retain's weight when the probes are not trained on.
-RETAIN_PROBES_METHODS = ("ga",)
+RETAIN_PROBES_METHODS = ("ga", "rmu")
 RETAIN_WEIGHT, RETAIN_WEIGHT_WITH_PROBES = 10.0, 50.0
+NORMAL_WEIGHT = 10.0
+# rmu's defaults are its best eligible setting on the dev split (docs/quality.md, "RMU on the dev
+# split", setting G: selection score 0.644, forget leak 0.04): the probes trained on at the retain
+# weight of 10 (at 25 and more it no longer forgot `capitals` in 60 steps), and the normal KL at 50
+# (at 10, setting A, it took every how-to answer of `harmful` along: unrelated kept 0.33).
+PER_METHOD = {"rmu": {"retain_weight_with_probes": 10.0, "normal_weight": 50.0}}
 
 
 @dataclass
@@ -56,7 +62,7 @@ class TrainConfig:
     method: str = "ga"
     forget_weight: float = 0.5  # eps1, weight of the forget loss
     mismatch_weight: float = 1.0  # eps2, weight of the random/templated answer loss
-    normal_weight: float = 10.0  # eps3, weight of the KL on normal data (pushes back as soon as the model drifts)
+    normal_weight: float = NORMAL_WEIGHT  # eps3, weight of the KL on normal data (pushes back as soon as the model drifts)
     # Weight of the KL to the original on the --retain rows (the same per-token true KL as the
     # normal term). The same 10 as normal_weight: retain rows are rows the user vouches for, so
     # they get at least the push-back the normal rows get; more would let a few rows that share
@@ -139,6 +145,7 @@ class RunOptions:
     probe_limit: int = 12  # probes of each kind at most (each costs a generation before and after)
     retain_probes: bool | None = None  # train on the probes too (None: on for RETAIN_PROBES_METHODS)
     retain_weight: float | None = None  # None: RETAIN_WEIGHT_WITH_PROBES when training on probes, else RETAIN_WEIGHT
+    normal_weight: float | None = None  # None: NORMAL_WEIGHT, or the method's (PER_METHOD); copied into train
     eval_forget: tuple[Path, ...] = ()  # more prompts that must not leak (paraphrases, unseen attempts)
     eval_retain: tuple[Path, ...] = ()  # knowledge that must survive (held-out questions)
     eval_limit: int = 64
@@ -176,10 +183,13 @@ class RunOptions:
             raise UsageError("--retain-probes trains on the automatic probes: it cannot go with --no-probes")
         retain_probes = self.retain_probes if self.retain_probes is not None else (
             self.probes and self.train.method in RETAIN_PROBES_METHODS)
+        own = PER_METHOD.get(self.train.method, {})
         train = replace(
             self.train,
             retain_weight=self.retain_weight if self.retain_weight is not None else (
-                RETAIN_WEIGHT_WITH_PROBES if retain_probes else RETAIN_WEIGHT),
+                own.get("retain_weight_with_probes", RETAIN_WEIGHT_WITH_PROBES) if retain_probes else RETAIN_WEIGHT),
+            normal_weight=self.normal_weight if self.normal_weight is not None else own.get("normal_weight",
+                                                                                              NORMAL_WEIGHT),
             lr=self.lr if self.lr is not None else (LR_FULL if self.full else
                                                     LR_RMU if self.train.method == "rmu" else self.train.lr),
             stop_leak=self.stop_leak if self.stop_leak is not None else (ULMR_STOP_LEAK if ulmr else
@@ -206,7 +216,8 @@ class RunOptions:
                              "it takes no --gradient-checkpointing")
         if self.augmented is not None and not ulmr:
             raise UsageError("--augmented is ULMR's training data: use it with --method ulmr")
-        return replace(self, train=train, retain_probes=retain_probes, retain_weight=train.retain_weight, alpha=self._alpha(ulmr, parse_alphas),
+        return replace(self, train=train, retain_probes=retain_probes, retain_weight=train.retain_weight,
+                       normal_weight=train.normal_weight, alpha=self._alpha(ulmr, parse_alphas),
                        alpha_grid=self.alpha_grid or AUTO_GRID)
 
     @property
