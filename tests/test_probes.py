@@ -23,8 +23,27 @@ def test_probe_subject(prompt, extra, subject):
     assert probes.probe_subject(Example(prompt, "x", 1, extra)) == subject
 
 
-def test_passages_have_no_subject():
-    assert probes.probe_subject(Example(Passage("The Eiffel Tower is in"), " Paris.", 1)) is None
+@pytest.mark.parametrize("text, extra, subject", [
+    ("The Eiffel Tower is in", {}, "Eiffel Tower"),                       # the leading article dropped
+    ("The Battle of Waterloo was fought in 1815 between", {}, "Battle of Waterloo"),  # a joiner inside
+    ("Isaac Newton was an English mathematician", {}, "Isaac Newton"),
+    ("Isaac. Newton was", {}, "Isaac"),                                  # punctuation ends the name
+    ("On July 20, 1969, the Apollo 11 mission", {}, None),               # a sentence opener names nothing
+    ("the tower of Pisa leans", {}, None),                               # opens in lower case
+    ("Ur is old", {}, None),                                             # fewer than 3 letters
+    ("On July 20 the Apollo 11 mission landed", {"subject": "Apollo 11"}, "Apollo 11"),  # the field wins
+])
+def test_passage_subject_is_the_name_it_opens_with(text, extra, subject):
+    assert probes.probe_subject(Example(Passage(text), " more.", 1, extra)) == subject
+
+
+def test_passages_get_same_subject_probes_only(monkeypatch):
+    forget = [Example(Passage("The Eiffel Tower is a tower in"), " Paris.", 1), Example("capital of France?", "Paris.", 2)]
+    monkeypatch.setattr(probes.Neighbourhood, "plausible", lambda self, prompt, subject, pool: pool)
+    made = probes.build(BigramModel(), BigramTokenizer(), forget, limit=4)
+    assert {p.line for p in made if p.kind == probes.NEIGHBOURS} == {2}
+    assert [p.prompt for p in made if p.kind == probes.SAME_SUBJECT and p.line == 1] == [
+        "What is Eiffel Tower known for? Answer in one sentence.", "Tell me one fact about Eiffel Tower, in one sentence."]
 
 
 @pytest.mark.parametrize("text, clause", [

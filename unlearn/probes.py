@@ -12,7 +12,9 @@ same kind of fact about other subjects.
 ("What is France known for? Answer in one sentence."). The rest of what the model
 knows about the subject should survive too.
 
-The subject of a row (`probe_subject`): its `subject` field, else the longest run
+The subject of a row (`probe_subject`): its `subject` field; for a passage (`text`
+row) the capitalised words it opens with (`passage_subject`), which get same-subject
+probes only; else the longest run
 of capitalised words (`edit_subject.heuristic_subject`) with a trailing "'s"
 removed; a run that is only the prompt's first word ("Explain ...", "Write ...")
 is a sentence start, not a name, and a subject of fewer than 3 letters ("I", "E")
@@ -61,7 +63,7 @@ from dataclasses import dataclass
 
 from unlearn import metrics
 from unlearn.data import Example
-from unlearn.edit_subject import heuristic_subject, words
+from unlearn.edit_subject import JOINERS, heuristic_subject, words
 from unlearn.spans import row_answers
 
 NEIGHBOURS = "neighbours"
@@ -77,6 +79,10 @@ WHOLE_WORD_P = 0.5
 MIN_LETTERS = 3
 PREFIX = 4  # near-duplicates: the same first PREFIX letters ("Kenya" / "Kenyan"), or ...
 NEAR_RATIO = 0.65  # ... the same first two letters and this similarity ("France" / "French": 0.67)
+ARTICLES = frozenset({"the", "a", "an"})
+#: Capitalised only because they start the sentence: a passage opening with one names no subject first.
+SENTENCE_OPENERS = frozenset("on in at it its this that these those there during after before when while "
+                             "from for as by since although if once".split())
 
 #: Generic questions about any named thing; "in one sentence" keeps the answer short enough
 #: for `spans` to find its answer words (a paragraph has none it will vouch for).
@@ -102,12 +108,14 @@ class Probe:
 
 def probe_subject(example) -> str | None:
     """The subject of a forget row for probes (see the module doc), or None."""
-    if example.is_passage or example.prompt is None:
+    if example.prompt is None:
         return None
     given = example.extra.get("subject")
     if isinstance(given, str) and given in example.prompt:
         return given
     prompt = str(example.prompt)
+    if example.is_passage:
+        return passage_subject(prompt)
     found = heuristic_subject(prompt)
     if found is None:
         return None
@@ -118,6 +126,33 @@ def probe_subject(example) -> str | None:
     if sum(c.isalpha() for c in found) < MIN_LETTERS:
         return None
     return found
+
+
+def passage_subject(text: str) -> str | None:
+    """A passage's subject: the capitalised words it opens with, a leading article dropped ("The Battle
+    of Waterloo was fought ..." -> "Battle of Waterloo"), since encyclopedic text names its subject
+    first. None when it opens with a word that names nothing ("On July 20, 1969, ...": SENTENCE_OPENERS)
+    or with a lower-case word. The longest-run rule of prompts would cross sentences in a passage
+    ("Moon. Neil Armstrong , Buzz Aldi")."""
+    run: list[tuple[int, int]] = []
+    for a, b in words(text):
+        word = text[a:b]
+        if run and text[run[-1][1]:a].strip():
+            break  # punctuation between two words ends the opening name
+        if word[0].isupper() or (run and word.lower() in JOINERS):
+            run.append((a, b))
+        else:
+            break
+    while run and text[run[-1][0]:run[-1][1]].lower() in JOINERS:
+        run.pop()
+    if run and text[run[0][0]:run[0][1]].lower() in ARTICLES:
+        run.pop(0)
+    elif run and text[run[0][0]:run[0][1]].lower() in SENTENCE_OPENERS:
+        return None
+    if not run:
+        return None
+    found = text[run[0][0]:run[-1][1]]
+    return found if sum(c.isalpha() for c in found) >= MIN_LETTERS else None
 
 
 def near_duplicate(a: str, b: str) -> bool:
@@ -283,6 +318,8 @@ def build(model, tokenizer, forget: list, limit: int = DEFAULT_LIMIT) -> list[Pr
         for n, (ex, subject, offset) in enumerate(rows):
             if len(neighbours) >= limit:
                 break
+            if ex.is_passage:
+                continue  # another subject in a passage's sentences is no question of the same kind
             if subject not in candidates:
                 candidates[subject] = hood.candidates(subject)
             if n not in ranked:
