@@ -379,3 +379,43 @@ def test_write_generations(tmp_path):
     path = tmp_path / "sub" / "gen.jsonl"
     write_jsonl(path, rows)
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows
+
+
+def test_own_logprobs_takes_generation_values_only_for_the_exact_tokens(tiny):
+    from unlearn.data import IGNORE_INDEX, encode_pair
+    from unlearn.generation import Scored
+
+    tok = tiny.tokenizer
+    pair = encode_pair(tok, "one", "two three", 1024)
+    scored = [t for t, label in zip(pair["input_ids"], pair["labels"]) if label != IGNORE_INDEX]
+    assert len(scored) == 3  # "two", "three" and the EOS that ends the answer (no chat template)
+    values = [-0.5, -1.0, -2.0]
+    assert ev.own_logprobs(tok, "one", "two three", Scored(scored, values)) == values  # ended by itself
+    # Cut by the budget before EOS: the one step more gives EOS its log-probability.
+    cut = Scored(scored[:-1], values[:-1], {scored[-1]: -2.0, 999: -9.0})
+    assert ev.own_logprobs(tok, "one", "two three", cut) == values
+    assert ev.own_logprobs(tok, "one", "two three", Scored(scored[:-1], values[:-1])) is None  # EOS unknown
+    assert ev.own_logprobs(tok, "one", "two three", Scored([scored[1], scored[0], scored[2]], values)) is None
+    assert ev.own_logprobs(tok, "one", "two three", None) is None
+
+
+def test_fluency_from_generation_equals_a_scoring_pass(tiny, monkeypatch):
+    """The original's own answers: fluency from generation's log-probabilities, no second forward pass."""
+    from unlearn.generation import generate
+
+    examples = [ex("one"), ex("what is the capital of France ?"), ex("the cat sat on the")]
+    own = []
+    outputs = generate(tiny.model, tiny.tokenizer, [e.prompt for e in examples], max_new_tokens=6, desc=False,
+                       scored=own)
+    scorer = ev.Scorer(tiny.model, tiny.tokenizer)
+    judge = ev.make_judge(None)
+    scored = ev.evaluate_outputs(outputs, examples, judge=judge, scorer=scorer)
+    passes = []
+    original = ev.Scorer.logprobs
+    monkeypatch.setattr(ev.Scorer, "logprobs", lambda self, pairs: passes.append(len(pairs)) or original(self, pairs))
+    reused = ev.evaluate_outputs(outputs, examples, judge=judge, scorer=scorer, own_scores=own)
+    assert passes == []  # word-level tokens: every answer's text gives back its generated tokens
+    for a, b in zip(scored.rows, reused.rows):
+        if a["scores"]["perplexity"] is not None:
+            assert b["scores"]["perplexity"] == pytest.approx(a["scores"]["perplexity"], rel=1e-4)
+    assert reused.summary["fluency_ppl"] == pytest.approx(scored.summary["fluency_ppl"], rel=1e-4)

@@ -140,3 +140,41 @@ def test_preallocated_cache_returns_what_concatenation_would(llama_dir):
         expected_keys, expected_values = plain.update(new, -new)
         assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)
     assert layer.get_seq_length() == 6 and keys.shape == (2, 2, 6, 5)
+
+
+@pytest.mark.parametrize("which", ["llama_dir", "opt_dir"])
+def test_scored_logprobs_are_the_teacher_forced_ones(request, which):
+    """Scored: log p of every generated token, and after a budget cut log p of each stop token next,
+    equal to one whole forward pass over prompt + answer (float rounding apart)."""
+    from unlearn.generation import _stop_ids
+
+    model, tokenizer = load(request.getfixturevalue(which))
+    stop_mid_batch(model, tokenizer)
+    scored = []
+    outputs = generate(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=NEW, desc=False, scored=scored)
+    assert len(scored) == len(outputs) == len(PROMPTS)
+    stops = _stop_ids(model, tokenizer)
+    assert any(s.end is None for s in scored) and any(s.end is not None for s in scored)  # ended, and cut
+    for prompt, s in zip(PROMPTS, scored):
+        prompt_ids = encode_prompt(tokenizer, prompt)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt_ids + s.ids])).logits[0].float().log_softmax(-1)
+        start = len(prompt_ids) - 1
+        expected = [float(logits[start + i, t]) for i, t in enumerate(s.ids)]
+        assert s.logprobs == pytest.approx(expected, abs=1e-4)
+        if s.end is None:
+            assert len(s.ids) < NEW and s.ids[-1] in stops
+        else:
+            assert len(s.ids) == NEW and set(s.end) == set(stops)
+            assert [s.end[t] for t in stops] == pytest.approx([float(logits[-1, t]) for t in stops], abs=1e-4)
+
+
+def test_scored_is_none_where_not_computed(llama_dir):
+    model, tokenizer = load(llama_dir)
+    scored = []
+    generate(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=4, desc=False, scored=scored,
+             stop_row=lambda i, text: False)
+    assert scored == [None] * len(PROMPTS)  # a stop_row check may end a row: nothing is claimed
+    scored = []
+    generate_hf(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=4, desc=False, scored=scored)
+    assert scored == [None] * len(PROMPTS)

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from unlearn import measure_cache
 from unlearn.data import Example
 from unlearn.measure import EvalSet
@@ -149,3 +151,40 @@ def test_state_fingerprint_follows_the_weights_in_memory_and_the_adapters_switch
     for module in lora_modules(one).values():
         module.enabled = False
     assert measure_cache.state_fingerprint(one) != on
+
+
+def test_fluency_comes_from_generation_for_the_originals_answers_and_for_identical_ones(tmp_path, monkeypatch):
+    """The original measuring itself takes fluency from generation; another measurer whose answers are token
+    for token the original's takes it from the original's (fluency_hints); the figures are a scoring pass's."""
+    from unlearn.data import Example
+    from unlearn.evaluate import Scorer
+    from unlearn.measure import EvalSet, Measurer, Settings
+    from unlearn.models import load_model
+
+    # A word-level tokenizer: answers' text gives back their tokens (a random byte-level model's
+    # answers are broken UTF-8 that no text gives back, and would always be scored again).
+    from test_evaluate import build_tiny_lm
+
+    loaded = load_model(str(build_tiny_lm(tmp_path)), log=lambda m: None)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    rows = [Example(p, None, i) for i, p in enumerate(["one", "what is the capital of France ?", "the cat sat"], 1)]
+    sets = [EvalSet("qs", "retain", rows)]
+    settings = Settings(max_new_tokens=6, batch_size=4)
+    passes = []
+    score = Scorer.logprobs
+    monkeypatch.setattr(Scorer, "logprobs", lambda self, pairs: passes.append(len(pairs)) or score(self, pairs))
+    scorer = Scorer(model, tokenizer)
+    plain = Measurer(model, tokenizer, settings, fluency_scorer=scorer).measure(sets)["qs"]
+    assert sum(passes) == 3  # every answer scored by a forward pass
+    passes.clear()
+    original = Measurer(model, tokenizer, settings, fluency_scorer=scorer, own_fluency=True)
+    own = original.measure(sets)["qs"]
+    reused_own = 3 - sum(passes)
+    passes.clear()
+    hinted = Measurer(model, tokenizer, settings, fluency_scorer=scorer)
+    hinted.fluency_hints = original.own_scores
+    again = hinted.measure(sets)["qs"]
+    assert reused_own == 3 and sum(passes) == 0  # the same answers: reused from the original's
+    for m in (own, again):
+        assert m.outputs == plain.outputs
+        assert m.summary["fluency_ppl"] == pytest.approx(plain.summary["fluency_ppl"], rel=1e-4)

@@ -495,23 +495,64 @@ def _likelihood_scores(scorer: Scorer, examples: Sequence, members: Sequence, ho
     return {"probability": prob, "truth_ratio": ratios, "mia_loss_auc": loss_auc, "mia_min_k_auc": mink_auc}
 
 
-def _fluency(fluency_scorer: Scorer, examples, outputs, tokenizer) -> tuple[list, list, list, list]:
-    """Per row: diversity, degenerate?, NLL sum and token count of the output under FLUENCY_SCORER (if any)."""
+def own_logprobs(tokenizer, prompt: str, output: str, own) -> list[float] | None:
+    """The log-probabilities `response_logprobs` would compute for (PROMPT, OUTPUT), taken from OWN
+    (a `generation.Scored`: the answer's generation by the scoring model itself), or None.
+
+    Exact in what is scored: only when the pair `response_logprobs` encodes is the prompt its
+    generation saw followed by the generated tokens (the end-of-turn marker included: generated,
+    or the stop token `Scored.end` has after a budget cut). An answer whose text tokenises
+    otherwise, or whose pair would be truncated, returns None and is scored by a forward pass.
+    The numbers differ from that pass's only by float rounding (a decoding step's matmuls have
+    other shapes than a whole sequence's).
+    """
+    import inspect
+
+    from unlearn.data import IGNORE_INDEX, encode_pair, encode_prompt
+
+    if own is None:
+        return None
+    max_length = inspect.signature(response_logprobs).parameters["max_length"].default
+    pair = encode_pair(tokenizer, prompt, output, max_length)
+    scored = [t for t, label in zip(pair["input_ids"], pair["labels"]) if label != IGNORE_INDEX]
+    if pair["input_ids"][:len(pair["input_ids"]) - len(scored)] != encode_prompt(tokenizer, prompt):
+        return None
+    if scored == own.ids:
+        return list(own.logprobs)
+    if own.end and scored[:-1] == own.ids and scored[-1] in own.end:
+        return [*own.logprobs, own.end[scored[-1]]]
+    return None
+
+
+def _fluency(fluency_scorer: Scorer, examples, outputs, tokenizer, own_scores=None) -> tuple[list, list, list, list]:
+    """Per row: diversity, degenerate?, NLL sum and token count of the output under FLUENCY_SCORER (if any).
+
+    OWN_SCORES: per output, its `generation.Scored` when FLUENCY_SCORER's model generated it (the
+    original model's own answers): those rows take their log-probabilities from generation
+    (`own_logprobs`) instead of a second forward pass over prompt and answer.
+    """
     token_ids = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in outputs]
     div = [metrics.diversity(ids) for ids in token_ids]
     degenerate = [metrics.is_degenerate(ids) for ids in token_ids]
     kept = [i for i, bad in enumerate(degenerate) if not bad] if fluency_scorer is not None else []
-    scored = fluency_scorer.logprobs([(examples[i].prompt, outputs[i]) for i in kept]) if kept else []
+    known = {}
+    for i in kept if own_scores is not None else ():
+        lp = own_logprobs(tokenizer, examples[i].prompt, outputs[i], own_scores[i])
+        if lp is not None:
+            known[i] = lp
+    todo = [i for i in kept if i not in known]
+    scored = fluency_scorer.logprobs([(examples[i].prompt, outputs[i]) for i in todo]) if todo else []
+    known.update(zip(todo, scored))
     nll, count = [None] * len(outputs), [0] * len(outputs)
-    for i, lp in zip(kept, scored):
-        nll[i], count[i] = _nll(lp), len(lp)
+    for i in kept:
+        nll[i], count[i] = _nll(known[i]), len(known[i])
     return div, degenerate, nll, count
 
 
 def evaluate_outputs(outputs: Sequence[str], examples: Sequence, *, judge, scorer: Scorer | None,
                      fluency_scorer: Scorer | None = None, reference_outputs: Sequence[str] | None = None,
                      members: Sequence = (), holdout: Sequence | None = None, reward_model=None,
-                     k_percent: float = metrics.MIN_K_PERCENT, tokenizer=None) -> Evaluation:
+                     k_percent: float = metrics.MIN_K_PERCENT, tokenizer=None, own_scores=None) -> Evaluation:
     """All metrics of one model's OUTPUTS on EXAMPLES (references already attached and clipped).
 
     SCORER is the evaluated model (probability, truth ratio, membership
@@ -530,7 +571,7 @@ def evaluate_outputs(outputs: Sequence[str], examples: Sequence, *, judge, score
         "correct": accuracy_flags(outputs, examples),
     }
     recall = rouge_recalls(outputs, examples)
-    div, degenerate, nll, count = _fluency(fluency_scorer, examples, outputs, tokenizer)
+    div, degenerate, nll, count = _fluency(fluency_scorer, examples, outputs, tokenizer, own_scores)
     likely = (_likelihood_scores(scorer, examples, members, holdout, k_percent) if scorer is not None
               else {"probability": {}, "truth_ratio": {}, "mia_loss_auc": None, "mia_min_k_auc": None})
     rewards = reward_scores(reward_model, [e.prompt for e in examples], outputs) if reward_model else None
@@ -608,9 +649,9 @@ def run_eval(opts, log: Callable[[str], None] = default_log) -> dict:
     fingerprint = (lambda lm: None) if opts.no_cache else (
         lambda lm: f"{weights_fingerprint(lm.path)}|{opts.dtype}|{next(lm.model.parameters()).device.type}")
     ref_measurer = (Measurer(reference.model, reference.tokenizer, settings, judge=judge,
-                             fingerprint=fingerprint(reference)) if reference else None)
+                             fingerprint=fingerprint(reference), own_fluency=True) if reference else None)
     own = fingerprint(loaded)
-    measurer = Measurer(loaded.model, loaded.tokenizer, settings, judge=judge,
+    measurer = Measurer(loaded.model, loaded.tokenizer, settings, judge=judge, own_fluency=not reference,
                         fluency_scorer=ref_measurer.scorer if reference else None,
                         fingerprint=own and f"{own}|fluency:{ref_measurer.fingerprint if reference else 'own'}")
     # The reference's similarity_to_reference stays None: the reference against itself says nothing.

@@ -37,6 +37,7 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from unlearn.data import encode_prompt
 from unlearn.kv_cache import cache_argument, new_cache, prefix_applies, run_prefix, shared_length
@@ -96,14 +97,33 @@ def _left_padded(encoded: list[list[int]], pad_id: int):
     return input_ids, attention
 
 
+@dataclass
+class Scored:
+    """A greedy answer's own log-probabilities under the model that generated it.
+
+    LOGPROBS[i] = log p(IDS[i] | prompt, IDS[:i]), from the decoding step's logits (EOS
+    included when the answer reached it). END: for an answer cut by the token budget, log p
+    of each stop token after its last token (one decoding step more), so that a scorer
+    that appends the end-of-turn marker finds that token's log-probability too; None when
+    the answer ended by itself.
+    """
+
+    ids: list[int]
+    logprobs: list[float]
+    end: dict[int, float] | None = None
+
+
 def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: int, max_new_tokens: int,
-                  should_stop: Callable[[int, list[int]], bool] | None, prefix: list[int] = ()) -> list[list[int]]:
+                  should_stop: Callable[[int, list[int]], bool] | None, prefix: list[int] = (),
+                  scored: list | None = None) -> list[list[int]]:
     """Greedy new tokens of each row of a left-padded batch (EOS included when reached).
 
     PREFIX: token ids every row's prompt starts with, left out of INPUT_IDS and run once for
     the batch (kv_cache.run_prefix); the rows' tokens and padding follow it.
     SHOULD_STOP(row, tokens_so_far) is asked every STOP_CHECK_EVERY tokens for rows still
     running; True ends the row there.
+    SCORED, a list: receives one `Scored` per row (the log-softmax of the logits each step
+    computes anyway: one logsumexp over the vocabulary per row and step).
     """
     import torch
 
@@ -123,7 +143,9 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
     position_ids = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0)[:, shared:].to(device)
     stop_tensor = torch.tensor(stop_ids, dtype=torch.long, device=device)
     new_tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    new_logprobs = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
     lengths = [max_new_tokens] * rows
+    cut: dict[int, dict[int, float]] = {}  # rows the budget cut -> log p of each stop token next
     live = torch.arange(rows, device=device)  # the batch's rows still in the computation, in order
     inputs = input_ids.to(device)
     for step in range(max_new_tokens):
@@ -133,6 +155,8 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
         # float32 first, which cannot change which logit is largest or the first of equals)
         token = logits[:, -1].argmax(-1)
         new_tokens[live, step] = token
+        if scored is not None:
+            new_logprobs[live, step] = _picked_logprobs(logits[:, -1], token)
         ended = torch.isin(token, stop_tensor)
         for position in ended.nonzero().flatten().tolist():
             lengths[int(live[position])] = step + 1
@@ -144,6 +168,16 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
                     ended[position] = True
         if bool(ended.all()):
             break
+        if scored is not None and step + 1 == max_new_tokens:
+            # The budget cuts the rows still running: one step more gives log p(stop token) after them.
+            keep = (~ended).nonzero().flatten()
+            cache.batch_select_indices(keep)
+            end = model(input_ids=token[keep][:, None], attention_mask=mask[keep][:, :width + step + 1],
+                        position_ids=position_ids[keep][:, -1:] + 1, use_cache=True, logits_to_keep=1,
+                        **{cache_name: cache}).logits[:, -1].float().log_softmax(-1)[:, stop_tensor]
+            for position, row in enumerate(live[keep].tolist()):
+                cut[row] = dict(zip(stop_ids, end[position].tolist()))
+            break
         if bool(ended.any()):
             # Rows that have ended leave the batch (their keys and values with them), so each
             # step computes only rows still generating (see the module docstring).
@@ -152,13 +186,22 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
             live, token, mask, position_ids = live[keep], token[keep], mask[keep], position_ids[keep]
         inputs = token[:, None]
         position_ids = position_ids[:, -1:] + 1
+    if scored is not None:
+        scored.extend(Scored(new_tokens[row, :lengths[row]].tolist(), new_logprobs[row, :lengths[row]].tolist(),
+                             cut.get(row)) for row in range(rows))
     return [new_tokens[row, :lengths[row]].tolist() for row in range(rows)]
+
+
+def _picked_logprobs(logits, token):
+    """log p(TOKEN) per row from one position's LOGITS (rows × vocabulary), in float32 as scoring computes it."""
+    logits = logits.float()
+    return logits.gather(1, token[:, None])[:, 0] - logits.logsumexp(-1)
 
 
 def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_new_tokens: int = 64,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              desc: str | None = None, stop_row: Callable[[int, str], bool] | None = None,
-             record: list | None = None, _model_generate: bool = False) -> list[str]:
+             record: list | None = None, scored: list | None = None, _model_generate: bool = False) -> list[str]:
     """Generate an answer for each raw prompt (rendered inside); greedy unless DO_SAMPLE.
 
     STOP_ROW(index, text_so_far) -> bool, if given, is called every STOP_CHECK_EVERY new
@@ -166,6 +209,8 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     output would be); True ends that prompt's answer with the text it has.
     RECORD, if a list, receives one dict per batch: rows, prompt tokens, padded width and
     the number of new tokens of each row (for benchmarks).
+    SCORED, if a list, receives per prompt (in PROMPTS' order) its answer's `Scored` log-probabilities
+    under MODEL, or None where they are not computed (`model.generate`, or a STOP_ROW ending).
     """
     import torch
     from tqdm import tqdm
@@ -173,6 +218,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
+    own_scores: list = [None] * len(prompts)
     pad_id = tokenizer.pad_token_id
     stop_ids = _stop_ids(model, tokenizer)
     own_loop = not _model_generate and _own_loop_applies(model, do_sample)
@@ -195,23 +241,28 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
                       if own_loop and len(batch) > 1 else 0)
             input_ids, attention = _left_padded([ids[shared:] for ids in prompts_ids], pad_id)
             should_stop = None if stop_row is None else (lambda row, ids, batch=batch: stop_row(batch[row], text(ids)))
+            batch_scores = [] if scored is not None and stop_row is None else None
             with torch.inference_mode():
                 if own_loop:
                     new = _greedy_batch(model, input_ids, attention, stop_ids=stop_ids, pad_id=pad_id,
                                         max_new_tokens=max_new_tokens, should_stop=should_stop,
-                                        prefix=prompts_ids[0][:shared])
+                                        prefix=prompts_ids[0][:shared], scored=batch_scores)
                 else:
                     new = _hf_batch(model, input_ids, attention, stop_ids=stop_ids, pad_id=pad_id,
                                     max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                                     top_p=top_p, should_stop=should_stop)
             for row, i in enumerate(batch):
                 outputs[i] = text(new[row])
+                if batch_scores:
+                    own_scores[i] = batch_scores[row]
             if record is not None:
                 record.append({"rows": len(batch), "width": input_ids.shape[1] + shared, "shared_prefix": shared,
                                "prompt_tokens": sum(map(len, prompts_ids)), "new_tokens": [len(ids) for ids in new]})
     finally:
         torch.random.set_rng_state(generator_state)
         model.train(was_training)
+    if scored is not None:
+        scored.extend(own_scores)
     return outputs
 
 

@@ -154,10 +154,14 @@ class Measurer:
     """
 
     def __init__(self, model, tokenizer, settings: Settings, *, judge=None, fluency_scorer=None, against=(),
-                 fingerprint: str | None = None):
+                 fingerprint: str | None = None, own_fluency: bool = False):
+        """OWN_FLUENCY: MODEL, as it is when measured, is FLUENCY_SCORER's model (the original measuring its
+        own answers; or no FLUENCY_SCORER): fluency comes from the log-probabilities generation computed
+        (`evaluate.own_logprobs`) instead of a second forward pass."""
         from unlearn.evaluate import SimilarityJudge
 
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.own_fluency = own_fluency
         # The identity of MODEL's weights (and of the fluency model's), as `measure_cache` keys it:
         # given, measurements are read from and written to the on-disk cache.
         self.fingerprint = fingerprint
@@ -167,6 +171,11 @@ class Measurer:
         self.fluency_scorer = fluency_scorer
         self.against = self.clipped(list(against))
         self._references: dict[str, list] = {}
+        # Set name -> its answers' `generation.Scored` (OWN_FLUENCY measurers keep them: `fluency_hints`).
+        self.own_scores: dict[str, list | None] = {}
+        # Set name -> the fluency model's own `Scored` answers to that set's prompts (the original's, for
+        # the unlearned model's measurer): an answer that is token for token the same is not scored again.
+        self.fluency_hints: dict[str, list | None] = {}
 
     def clipped(self, examples: list) -> list:
         """EXAMPLES with their responses cut to the generation budget (`evaluate.clip_references`).
@@ -204,27 +213,38 @@ class Measurer:
         (like the thread count), so the cache keys a set by its own rows and settings.
         """
         prompts = [e.prompt for s in sets for e in s.examples]
-        outputs = self._answer(prompts, desc)
+        scored = [] if self.own_fluency and self.settings.likelihood else None
+        outputs = self._answer(prompts, desc, scored=scored)
         answers, start = {}, 0
         for s in sets:
-            answers[s.name], start = outputs[start:start + len(s.examples)], start + len(s.examples)
+            answers[s.name] = outputs[start:start + len(s.examples)]
+            self.own_scores[s.name] = scored[start:start + len(s.examples)] if scored is not None else None
+            start += len(s.examples)
         return answers
 
-    def _answer(self, prompts: list[str], desc=False, stop_row=None) -> list[str]:
+    def _answer(self, prompts: list[str], desc=False, stop_row=None, scored: list | None = None) -> list[str]:
+        """The answers to PROMPTS; SCORED, a list, receives each answer's `generation.Scored` (or None)."""
         from unlearn.generation import generate
 
         st = self.settings
 
-        def work(indices: list[int]) -> list[str]:
+        def work(indices: list[int]) -> list:
             row_stop = None if stop_row is None else (lambda j, text: stop_row(indices[j], text))
-            return generate(self.model, self.tokenizer, [prompts[i] for i in indices], batch_size=st.batch_size,
-                            max_new_tokens=st.max_new_tokens, do_sample=st.do_sample, temperature=st.temperature,
-                            top_p=st.top_p, seed=st.seed, desc=desc, stop_row=row_stop)
+            own = [] if scored is not None else None
+            texts = generate(self.model, self.tokenizer, [prompts[i] for i in indices], batch_size=st.batch_size,
+                             max_new_tokens=st.max_new_tokens, do_sample=st.do_sample, temperature=st.temperature,
+                             top_p=st.top_p, seed=st.seed, desc=desc, stop_row=row_stop, scored=own)
+            return texts if own is None else list(zip(texts, own))  # gathered together under torchrun
 
         if st.do_sample:  # one random stream runs through the batches in order: not shared out
-            return work(list(range(len(prompts))))
-        return distributed.sharded(len(prompts), lambda: generation_batches(self.tokenizer, prompts, st.batch_size),
-                                   work)
+            values = work(list(range(len(prompts))))
+        else:
+            values = distributed.sharded(len(prompts),
+                                         lambda: generation_batches(self.tokenizer, prompts, st.batch_size), work)
+        if scored is None:
+            return values
+        scored.extend(own for _, own in values)
+        return [text for text, _ in values]
 
     def score(self, s: EvalSet, outputs: list[str], baseline: list[str] | None = None) -> Measured:
         """The metrics of OUTPUTS on S; BASELINE are the original model's outputs (similarity)."""
@@ -235,7 +255,9 @@ class Measurer:
                                       scorer=self.scorer if st.likelihood else None,
                                       fluency_scorer=self.fluency_scorer, reference_outputs=baseline,
                                       members=st.members, holdout=st.holdout, reward_model=st.reward_model,
-                                      k_percent=st.min_k, tokenizer=self.tokenizer)
+                                      k_percent=st.min_k, tokenizer=self.tokenizer,
+                                      own_scores=(self.own_scores.get(s.name) if self.own_fluency
+                                                  else self.fluency_hints.get(s.name)))
         summary = evaluation.summary
         if s.kind == "retain":
             # Judged against the forget rows (None without them). Only the similarity judge

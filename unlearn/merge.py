@@ -106,7 +106,8 @@ def sweep(opts: MergeOptions) -> dict:
         loaded = models.load_model(str(path), log=log)
         # The original's answers are reused across sweeps and runs (measure_cache.py), keyed by content.
         fingerprint = f"{weights_fingerprint(loaded.path)}|float32|cpu" if cache and not opts.no_cache else None
-        result = Measurer(loaded.model, loaded.tokenizer, settings, fingerprint=fingerprint).measure(sets, baseline)
+        result = Measurer(loaded.model, loaded.tokenizer, settings, fingerprint=fingerprint,
+                          own_fluency=True).measure(sets, baseline)  # no fluency scorer: each model scores itself
         del loaded
         gc.collect()
         return result

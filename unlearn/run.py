@@ -269,10 +269,13 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     common = dict(judge=judge, fluency_scorer=fluency, against=data.forget)
     # The original model's measurements are cached on disk by its weights' content (measure_cache.py).
     original = None if opts.no_cache else _fingerprint(loaded.path, opts.dtype, device)
-    return Loaded(loaded, model, tokenizer, reference_model, device, forward_model,
-                  Measurer(model, tokenizer, settings, **common),
-                  Measurer(reference_model if reference_model is not None else model, tokenizer, settings,
-                           fingerprint=original, **common),
+    before = Measurer(reference_model if reference_model is not None else model, tokenizer, settings,
+                      fingerprint=original, own_fluency=True, **common)  # the original: fluency from its generation
+    after = Measurer(model, tokenizer, settings, **common)
+    # Fluency is the original's perplexity: an answer the unlearned model gives token for token as the
+    # original did has the original's log-probabilities already (measure.Measurer.fluency_hints).
+    after.fluency_hints = before.own_scores
+    return Loaded(loaded, model, tokenizer, reference_model, device, forward_model, after, before,
                   train_rows, augment_stats)
 
 
