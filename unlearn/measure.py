@@ -201,6 +201,8 @@ class Measurer:
 
     def answer(self, s: EvalSet, desc=False, stop_row=None) -> list[str]:
         """S's answers; under torchrun each rank generates its share of the batches (`distributed.sharded`)."""
+        if stop_row is None:
+            return self.answer_sets([s], desc)[s.name]
         return self._answer([e.prompt for e in s.examples], desc, stop_row)
 
     def answer_sets(self, sets: list[EvalSet], desc=False) -> dict[str, list[str]]:

@@ -345,8 +345,9 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
     original = job.reference_model if job.reference_model is not None else job.model
     settings = replace(job.measurer.settings, max_new_tokens=probes.ANSWER_TOKENS)
     common = dict(judge=job.measurer.judge, fluency_scorer=job.measurer.fluency_scorer, against=data.forget)
-    job.probe_before = Measurer(job.before.model, job.tokenizer, settings, **common)
+    job.probe_before = Measurer(job.before.model, job.tokenizer, settings, own_fluency=True, **common)
     job.probe_after = Measurer(job.model, job.tokenizer, settings, **common)
+    job.probe_after.fluency_hints = job.probe_before.own_scores  # as for the other sets (load)
 
     def build():
         with adapters_disabled(job.model):
@@ -371,6 +372,9 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
             continue
         s = EvalSet(unique_name(kind, taken), "retain", kept, None, role)
         answers = [e.response for e in kept]
+        # The kept probes' own log-probabilities, from the generation of all probes (fluency).
+        generated = dict(zip((p.prompt for p in made), job.probe_before.own_scores.get("probes") or ()))
+        job.probe_before.own_scores[s.name] = [generated.get(e.prompt) for e in kept]
         with adapters_disabled(job.model):
             measured[s.name] = job.probe_before.score(s, answers, answers)
         data.sets.append(s)
