@@ -85,3 +85,17 @@ def test_the_unlearner_trains_on_the_forget_pair(tmp_path, llama_dir, monkeypatc
     u = Unlearner(lm.model, lm.tokenizer, [passage_row(tmp_path)], normal, config)
     assert labelled(lm.tokenizer, u.forget[0]) == list(range(9, len(TOKENS)))
     assert u.forget_prompts == ["The capital of France is"]  # mismatch rows keep the leak test's prefix
+
+
+def test_answers_of_a_passage_are_found_in_the_whole_trained_text(tmp_path, llama_dir, monkeypatch):
+    """--forget-tokens answers on a `text` row that lists `answers`: only their tokens, wherever they are
+    after the context — here in the first half, which the leak test's continuation does not contain."""
+    from unlearn.spans import row_answers
+
+    monkeypatch.setattr(data, "PASSAGE_CONTEXT_WORDS", 1)
+    tok = load_tokenizer(llama_dir)
+    path = tmp_path / "forget.jsonl"
+    path.write_text(json.dumps({"text": TEXT, "answers": ["France"]}) + "\n")
+    row = read_examples(path)[0]
+    f = encode_pair(tok, *forget_pair(row), 128, row_answers(row)[0])
+    assert labelled(tok, f) == [TOKENS.index("ĠFrance")]
