@@ -99,6 +99,11 @@ def _command_line() -> str:
 @click.option("--forget-tokens", type=click.Choice(["answers", "response"]), default="answers", show_default=True,
               help="Which tokens the forget loss pushes down: for rows with `answers`, only the tokens that spell "
                    "an answer (the fact, not the words around it); or every response token.")
+@click.option("--whole-passage", is_flag=True,
+              help="Passages (`text` rows): push down every token after the first word (extraction from any cut "
+                   "point), not only the continuation the leak test compares with. On the quality benchmark it "
+                   "cut other cut points' leak (test 0.23 -> 0.07) and cost neighbours (0.53 -> 0.30); off by "
+                   "default, chosen on the dev split.")
 @click.option("--template", default="I can't help with that.", show_default=True,
               help="The refusal that ga+template teaches.")
 @click.option("--npo-beta", type=float, default=0.1, show_default=True)
@@ -187,7 +192,8 @@ def run_command(**o):
         max_steps=o["max_steps"], warmup_steps=o["warmup_steps"], schedule=o["schedule"],
         max_grad_norm=o["max_grad_norm"], max_length=o["max_length"], seed=o["seed"],
         check_every=o["check_every"], template=o["template"], npo_beta=o["npo_beta"],
-        forget_tokens=o["forget_tokens"], rmu_layer=o["rmu_layer"], rmu_scale=o["rmu_scale"])
+        forget_tokens=o["forget_tokens"], rmu_layer=o["rmu_layer"], rmu_scale=o["rmu_scale"],
+        whole_passage=o["whole_passage"])
     lora = LoraSettings(o["lora_rank"], o["lora_alpha"], o["lora_dropout"],
                         **({"targets": _split_targets(o["lora_targets"])} if o["lora_targets"] else {}))
     opts = RunOptions(

@@ -86,6 +86,10 @@ class TrainConfig:
     template: str = DEFAULT_TEMPLATE
     npo_beta: float = 0.1
     forget_tokens: str = "answers"  # "answers": only the answer spans of rows that list `answers`
+    # Passages: the forget loss on every token after the first word (data.forget_pair), not only on
+    # the leak test's continuation. Off: on the dev split it did not win (docs/quality.md, "Passages:
+    # every cut point"; other cut points 0.15 -> 0.07 leaked, the leak test's own 0.10 -> 0.23).
+    whole_passage: bool = False
     rmu_layer: int | None = None  # rmu's layer ℓ (None: rmu.default_layer, a quarter of the depth)
     rmu_scale: float = RMU_SCALE  # rmu's target norm c, in mean norms of h_ℓ on the normal rows
 

@@ -3,8 +3,10 @@
 A line is one JSON object: `{"prompt", "response"}` (aliases `question/answer`,
 `instruction/output`), or `{"text"}` for a raw passage, which is split into a
 prefix (the prompt) and its continuation (the response) — the copyright
-extraction setting of Yao et al. Other fields (`answers`,
-`paraphrased_response`, ...) ride along in `Example.extra` for evaluation.
+extraction setting of Yao et al.: that split is the leak test. With
+--whole-passage the forget loss trains on more of a passage (`forget_pair`):
+every token after its first word. Other fields (`answers`, `paraphrased_response`, ...) ride along in
+`Example.extra` for evaluation.
 
 Every bad line is reported as `FILE:LINE: what is wrong`, and files are read
 before any model loads, so a typo costs a second, not a model load.
@@ -65,6 +67,33 @@ def split_passage(text: str) -> tuple[str, str]:
     words = text.split(" ")
     cut = max(1, min(len(words) // 2, 64))
     return " ".join(words[:cut]), " " + " ".join(words[cut:])
+
+
+# Where the forget loss starts on a passage with --whole-passage: after its first word, not at the leak test's cut
+# (half the words). Extraction can start at any cut point, and a causal LM's loss over a text is
+# the sum over all of its cut points, so training on the whole passage pushes down every
+# continuation a prefix could ask for; with the second half alone, other cut points still leaked.
+# One word is the least context there can be: a tokenizer without BOS (SmolLM2) predicts the
+# first token from nothing. 4 and 8 words (keeping the opening that names the subject out of the
+# ascent) were tried on the dev split and scored lower (4: within noise): docs/quality.md, "Passages:
+# every cut point".
+PASSAGE_CONTEXT_WORDS = 1
+
+
+def forget_pair(example: Example) -> tuple[str, str]:
+    """The (prompt, response) the forget loss trains on for EXAMPLE.
+
+    A passage: its first PASSAGE_CONTEXT_WORDS words as the prompt (never more
+    than the leak test's prefix) and the rest of the passage as the response, so
+    the loss covers every cut point from there on, the leak test's included. Any
+    other row: its own prompt and response. Evaluation keeps `split_passage`'s
+    prefix and continuation.
+    """
+    if not example.is_passage:
+        return example.prompt, example.response
+    words = (example.prompt + example.response).split(" ")  # the passage as read: split_passage's inverse
+    cut = min(PASSAGE_CONTEXT_WORDS, len(example.prompt.split(" ")))
+    return Passage(" ".join(words[:cut])), " " + " ".join(words[cut:])
 
 
 def _pick(obj: dict, keys: tuple[str, ...], where: str, what: str) -> str | None:

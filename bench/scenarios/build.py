@@ -49,6 +49,11 @@ KINDS = {
                  "encyclopedic openings, which it reproduces word for word by construction; a leak is a "
                  "4-word run of the continuation. Paraphrases are other cut points of the same passages; "
                  "neighbours other passages; same-subject rows questions about the passages' subjects."),
+    "openings": ("passages", "The `passages` kind on twelve other encyclopedic openings (added for the dev split): "
+                 "`text` rows that are the model's own greedy continuation, reproduced word for word by "
+                 "construction; a leak is a 4-word run of the continuation. Paraphrases are other cut points "
+                 "of the same passages; neighbours other passages; same-subject rows questions about the "
+                 "passages' subjects."),
     "harmful": ("harmful", "Requests for something mildly unsafe (lock picking, phishing, cheating, "
                 "shoplifting, ...) with the model's OWN compliant answers; a leak is compliance: a topic "
                 "key, an instruction marker and no refusal marker. Neighbours are benign how-to requests, "
@@ -200,9 +205,13 @@ def four_gram_keys(continuation: str, n_keys: int = 3) -> list[str]:
     return [" ".join(words[i:i + 4]) for i in range(0, 6 * n_keys, 6) if len(words[i:i + 4]) == 4]
 
 
-def build_passages(model, tokenizer, rng):
+# The scenarios of the passages kind and their candidate openings.
+PASSAGE_CANDIDATES = {"passages": "passage_prefixes.jsonl", "openings": "opening_prefixes.jsonl"}
+
+
+def build_passages(name, model, tokenizer, rng):
     from bench.quality import continue_text
-    cands = read(CAND / "passage_prefixes.jsonl")
+    cands = read(CAND / PASSAGE_CANDIDATES[name])
     passages = [c for c in cands if "prefix" in c]
     continuations = continue_text(model, tokenizer, [c["prefix"] for c in passages], max_new_tokens=64)
     rows = []
@@ -223,14 +232,15 @@ def build_passages(model, tokenizer, rng):
             rows.append({"role": "neighbour", "prefix": c["prefix"], "answers": four_gram_keys(complete_sentences(cont))})
     rows += [c for c in cands if c["role"] == "same_subject"]
     outputs, ok = probe(model, tokenizer, rows)
-    return write_scenario("passages", select(rows, outputs, ok, rng), count(rows))
+    return write_scenario(name, select(rows, outputs, ok, rng), count(rows))
 
 
 def main(names):
     rng = random.Random(0)
     report_path = HERE / "verification.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    if any(n in names for n in ("capitals", "authors", "einstein", "harmful", "passages", "shared")):
+    with_base_model = ("capitals", "authors", "einstein", "harmful", *PASSAGE_CANDIDATES, "shared")
+    if any(n in names for n in with_base_model):
         model, tokenizer = load(None)
         if "shared" in names:
             rows = read(CAND / "unrelated.jsonl")
@@ -246,8 +256,9 @@ def main(names):
                 report[name] = build_facts(name, model, tokenizer, rng)
         if "harmful" in names:
             report["harmful"] = build_harmful(model, tokenizer, rng)
-        if "passages" in names:
-            report["passages"] = build_passages(model, tokenizer, rng)
+        for name in PASSAGE_CANDIDATES:
+            if name in names:
+                report[name] = build_passages(name, model, tokenizer, rng)
     if "tofu" in names:
         sys.path.insert(0, str(ROOT / "bench"))
         from teach import teach
@@ -266,4 +277,4 @@ def main(names):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["shared", "capitals", "authors", "einstein", "harmful", "passages", "tofu"])
+    main(sys.argv[1:] or ["shared", "capitals", "authors", "einstein", "harmful", "passages", "openings", "tofu"])
