@@ -430,8 +430,9 @@ class Unlearner:
     # so 2^24 is at most ~700 MiB of activations in float32. The default step on the embedded
     # 135M model (4 rows of <= 88 tokens x 576 x 30 layers, 6.1 M) keeps one forward per group;
     # at OPT-1.3B (128 tokens x 2048 x 24 = 6.3 M per row) rows go two by two, at OPT-2.7B one by
-    # one. Smaller pieces cost time: one row at a time was ~12% slower than four at OPT-1.3B's
-    # widths (fewer rows per matmul), for 280 MB less.
+    # one (peak RSS 1.58x -> 1.23x the fp32 weights at OPT-1.3B, bench/train_bench.py). Smaller
+    # pieces cost time: one row per piece was ~12% slower than one forward per group at
+    # OPT-1.3B's widths (4 layers, fp32 and bf16: fewer rows per matmul), for ~280 MB less.
     piece_values = 1 << 24
 
     def _pieces(self, rows: list[dict]) -> list[list[dict]]:
