@@ -54,12 +54,12 @@ peak RSS is per process; each subprocess sets the same thread count):
    torch do count (what the machine must have free while training).
    `rss_over_weights` = peak RSS / (the model's parameter count x 4 bytes), the
    fp32 size of its weights (LoRA's not counted: they are <0.5% of them).
-   Where the peak is (`memory`): the high-water mark is also reset at the start of
-   each step's loss and again when the loss returns, so the peak of the forward
-   passes and the loss and the peak of the backward pass and optimiser step are
-   read apart; with them the bytes autograd keeps for the backward (every tensor
-   it saves, counted once per storage, weights excluded), the logits of each
-   forward call, and the optimiser state.
+   Where the peak is (`memory`, see `MemoryProbe`): the high-water mark is also
+   reset around each backward pass, so the peak of the forward passes and losses and
+   the peak of the backward passes and optimiser step are read apart; with them the
+   most bytes autograd keeps for one backward (every tensor it saves, counted once
+   per storage, weights excluded), the logits of each forward call, and the
+   optimiser state.
 
 Results go to stdout (a table, or with --json the table's JSON object as the
 last line); progress to stderr. Not part of the test suite: timings depend on
@@ -80,9 +80,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("fp32", "bf16", "naive", "ckpt")
 # Modifiers, appended to a variant with "+": "ckpt" (gradient checkpointing, as `unlearn run
-# --gradient-checkpointing`); and three changes measured here before they are made in the
-# library (PROPOSED for unlearn/train.py, lora.py and models.py; not what `unlearn run` does
-# today; each monkeypatched into the variant's process by `apply_proposed`):
+# --gradient-checkpointing`); and three changes measured here before they were made in the
+# library (each monkeypatched into the variant's process by `apply_proposed`; all three are now
+# what `unlearn run` does, in train._attention_kernel, lora.LoRALinear and
+# models.return_freed_memory_if_large, so on the shapes they apply to they change nothing):
 # "math" runs attention with SDPA's math kernel in bf16 (the CPU flash kernel's bf16 backward is
 # ~2x slower than the matmuls and softmax it replaces), "lora16" computes LoRA's two small matmuls
 # in the activations' dtype (the fp32 adapter weights are cast, instead of every activation),
@@ -362,7 +363,7 @@ def build_model(args, dtype: str):
     """(model in eval mode, tokenizer, name) for --shape: the embedded model, or a random-weight OPT."""
     import torch
 
-    from unlearn.models import load_model, load_tokenizer, resolve_model_dir, torch_dtype
+    from unlearn.models import load_model, load_tokenizer, resolve_model_dir, return_freed_memory_if_large, torch_dtype
 
     if args.shape == "default":
         loaded = load_model(args.model, dtype=dtype, log=_log)
@@ -374,6 +375,7 @@ def build_model(args, dtype: str):
     # place (normal, std 0.02, as OPT's _init_weights), so no float32 copy exists on the way to bf16.
     model = OPTForCausalLM._from_config(config, dtype=torch_dtype(dtype)).eval()
     assert next(model.parameters()).dtype == torch_dtype(dtype) and torch.get_default_dtype() == torch.float32
+    return_freed_memory_if_large(model)  # as load_model does after loading: the allocator `unlearn run` has
     tokenizer = load_tokenizer(resolve_model_dir(None, log=_log))  # the embedded SmolLM2 tokenizer (see top)
     if len(tokenizer) > config.vocab_size:
         raise SystemExit(f"the tokenizer's {len(tokenizer)} ids do not fit the model's vocabulary {config.vocab_size}")
@@ -428,18 +430,21 @@ def reset_peak() -> None:
 
 
 class MemoryProbe:
-    """Per step: the peak RSS of its forwards + loss and of its backward + optimiser step, read apart.
+    """Per step: the peak RSS of its forwards + losses and of its backwards + optimiser step, read apart.
 
-    The high-water mark is reset when `Unlearner.loss` starts and again when it
-    returns (its result, the loss graph, lives on into the backward), so
-    `forward_peak_mb` is the highest RSS while the forward passes and the loss run
-    and `backward_peak_mb` the highest during backward, clipping and the optimiser
-    step. The step's peak is the larger. Also counted, once per step:
-    - `saved_mb`: bytes autograd saves for the backward (every tensor packed by
-      saved_tensors_hooks, counted once per storage, parameters excluded): the
-      activations. Under gradient checkpointing transformers' own hooks take
-      over inside each layer, so only what they keep outside is counted;
-    - `logits_mb`: the logits each forward call returns, summed over the calls.
+    The high-water mark is reset when the step starts, before and after each backward
+    pass (torch.autograd.backward, which Tensor.backward calls, is wrapped in this
+    process), and read at those points, so `forward_peak_mb` is the highest RSS while the
+    forward passes and the losses run (the graph of each is alive: the activations) and
+    `backward_peak_mb` the highest during the backward passes, clipping and the optimiser
+    step, whether the step makes one backward or one per piece of its rows
+    (`Unlearner._backward_in_pieces`). The step's peak is the larger. Also counted:
+    - `saved_mb`: the most bytes autograd holds for a backward at once (every tensor
+      packed by saved_tensors_hooks between two backward passes, counted once per storage,
+      parameters excluded): the activations. Under gradient checkpointing transformers'
+      own hooks take over inside each layer, so only what they keep outside is counted;
+    - `logits_mb`: the logits each forward call returns, summed over the step's calls;
+    - `backward_passes`: how many backward passes the step made.
     """
 
     def __init__(self, model, unlearner):
@@ -450,19 +455,24 @@ class MemoryProbe:
         self.steps: list[dict] = []
         self.current: dict = {}
         self.saved: dict[int, int] = {}
-        inner_loss = unlearner.loss
+        inner_backward = torch.autograd.backward
 
-        def loss(rows):
-            reset_peak()
-            self.current["rss_before_loss_mb"] = _status_mb("VmRSS")
-            out = inner_loss(rows)
-            self.current["forward_peak_mb"] = _status_mb("VmHWM")
-            self.current["rss_after_loss_mb"] = _status_mb("VmRSS")
-            reset_peak()
+        def backward(*args, **kwargs):
+            self._peak("forward_peak_mb")
+            self.current["saved_mb"] = max(self.current.get("saved_mb", 0.0), sum(self.saved.values()) / 2**20)
+            self.saved = {}
+            self.current["backward_passes"] = self.current.get("backward_passes", 0) + 1
+            out = inner_backward(*args, **kwargs)
+            self._peak("backward_peak_mb")
             return out
 
-        unlearner.loss = loss  # an instance attribute: step() calls self.loss(...)
+        torch.autograd.backward = backward  # Tensor.backward looks it up on the module at each call
         model.register_forward_hook(self._logits)
+
+    def _peak(self, key: str) -> None:
+        """Fold the high-water mark since the last reset into KEY, and reset it."""
+        self.current[key] = max(self.current.get(key, 0.0), _status_mb("VmHWM"))
+        reset_peak()
 
     def _logits(self, module, args, output):
         self.current["logits_mb"] = self.current.get("logits_mb", 0.0) + output.logits.nbytes / 2**20
@@ -474,11 +484,12 @@ class MemoryProbe:
         return tensor
 
     def step(self, unlearner) -> dict:
-        self.current, self.saved = {}, {}
+        self.current, self.saved = {"rss_before_step_mb": _status_mb("VmRSS")}, {}
+        reset_peak()
         with self.torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
             record = unlearner.step()
-        self.current["backward_peak_mb"] = _status_mb("VmHWM")
-        self.current["saved_mb"] = sum(self.saved.values()) / 2**20
+        self._peak("backward_peak_mb")  # and the optimiser step's
+        self.current["rss_after_step_mb"] = _status_mb("VmRSS")
         self.steps.append(self.current)
         return record
 
@@ -492,7 +503,7 @@ class MemoryProbe:
 
 
 def apply_proposed(mods: set) -> None:
-    """Monkeypatch the PROPOSED changes named in MODS into this process (see MODIFIERS)."""
+    """Monkeypatch the changes named in MODS into this process (see MODIFIERS; now in the library)."""
     import torch
 
     from unlearn import lora, train

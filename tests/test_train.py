@@ -207,3 +207,50 @@ def test_model_dropout_is_off_in_the_trained_pass_so_the_first_kl_is_exactly_zer
     assert u.step()["kl"] > 0
     # LoRA's own dropout (asked for with --lora-dropout) is still on while training.
     assert all(m.dropout.training for m in lora_modules(lm.model).values())
+
+
+# --- the step backpropagated piece by piece (big models) -----------------------------
+
+
+def _grads(u):
+    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in u.params]
+
+
+@pytest.mark.parametrize("method", ["ga", "ga+mismatch", "npo", "graddiff", "ulmr", "retain"])
+def test_pieces_give_the_one_backward_gradient_and_terms(llama_dir, method):
+    """Every row its own forward and backward (piece_values 1) == one backward of `loss(rows)`, every method."""
+    from test_retain import retainer
+
+    u = retainer(llama_dir) if method == "retain" else unlearner(llama_dir, method=method, normal_weight=1.0)
+    for m in lora_modules(u.model).values():  # off the identity: non-zero KL and gradients into A
+        m.lora_B.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    rows = u._rows()
+    total, terms = u.loss(rows)
+    (total * 0.5).backward()
+    expected = _grads(u)
+    u.optimizer.zero_grad(set_to_none=True)
+    u.piece_values = 1
+    assert all(len(u._pieces(group)) == len(group) > 1 for group in rows.values())
+    logged = u._backward_in_pieces(rows, 0.5)
+    assert logged == pytest.approx({"loss": float(total.detach()), **terms}, rel=1e-5, abs=1e-6)
+    for got, want in zip(_grads(u), expected):
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in expected)  # a gradient was compared, not zeros
+
+
+def test_step_in_pieces_is_the_same_update(llama_dir):
+    whole, pieces = unlearner(llama_dir), unlearner(llama_dir)
+    pieces.piece_values = 1
+    for _ in range(2):
+        a, b = whole.step(), pieces.step()
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    for (na, (a_A, a_B)), (nb, (b_A, b_B)) in zip(lora_state(whole.model).items(), lora_state(pieces.model).items()):
+        assert na == nb and torch.allclose(a_A, b_A, atol=1e-6) and torch.allclose(a_B, b_B, atol=1e-6)
+
+
+def test_pieces_cut_rows_in_order_within_the_budget(llama_dir):
+    u = unlearner(llama_dir)
+    per_token = u.model.config.hidden_size * u.model.config.num_hidden_layers
+    rows = [{"input_ids": [0] * n} for n in (10, 12, 30, 5, 5, 5)]
+    u.piece_values = 24 * per_token  # two rows of <= 12 tokens, or one row of 30 (over, but alone)
+    assert [[len(r["input_ids"]) for r in p] for p in u._pieces(rows)] == [[10, 12], [30], [5, 5, 5]]

@@ -69,3 +69,21 @@ def test_report_keeps_its_json_keys(monkeypatch, capsys):
     assert result["mfu_fp32"] == 0.5 and result["mfu_bf16"] == 0.25
     assert result["rss_over_weights"] == 3.0 and result["rss_over_weights_variant"] == "fp32"
     assert set(result["variants"]) == {"fp32", "bf16"}
+
+
+def test_memory_probe_reads_each_backward_of_a_step_in_pieces(llama_dir, monkeypatch):
+    """One backward per piece (every row its own here): the probe counts them and reads peaks around them."""
+    from test_train import unlearner
+
+    monkeypatch.setattr(torch.autograd, "backward", torch.autograd.backward)  # restored after the test
+    u = unlearner(llama_dir)
+    u.piece_values = 1
+    probe = train_bench.MemoryProbe(u.model, u)
+    probe.step(u)
+    step = probe.steps[0]
+    assert step["backward_passes"] == 2 * u.config.batch_size  # forget and normal rows, one each
+    assert step["saved_mb"] > 0 and step["logits_mb"] > 0
+    assert step["forward_peak_mb"] > 0 and step["backward_peak_mb"] > 0
+    u.piece_values = 1 << 40  # one backward for the whole loss
+    probe.step(u)
+    assert probe.steps[1]["backward_passes"] == 1 and probe.steps[1]["saved_mb"] > step["saved_mb"]

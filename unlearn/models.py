@@ -227,9 +227,14 @@ def load_model(spec: str | None, *, dtype: str = "float32", trust_remote_code: b
         first_line = (str(exc).strip().splitlines() or [""])[0]
         raise UnlearnError(f"{path}: could not load the model ({type(exc).__name__}: {first_line})") from None
     model.eval()
+    return_freed_memory_if_large(model)
+    return LoadedModel(model=model, tokenizer=tokenizer, path=path, name=spec or DEFAULT_MODEL_NAME)
+
+
+def return_freed_memory_if_large(model) -> None:
+    """`return_freed_memory` for a model whose weights exceed 1 GiB (see there why not below)."""
     if sum(p.numel() * p.element_size() for p in model.parameters()) > 2**30:
         return_freed_memory()
-    return LoadedModel(model=model, tokenizer=tokenizer, path=path, name=spec or DEFAULT_MODEL_NAME)
 
 
 def return_freed_memory(threshold: int = 128 * 1024) -> None:

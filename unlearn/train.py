@@ -14,8 +14,11 @@ them, graddiff included: a must-keep row is kept as the original answers it).
 
 Each group of rows goes through the model in its own forward pass at its own width
 (no padding to the other group's longer rows; one joint pass under DDP/FSDP), one
-backward for all; the reference distribution p_orig comes from the same weights
-with the LoRA adapters switched off, under no_grad.
+backward for all; on a model whose activations for a group would be large (OPT-1.3B),
+one forward and backward per piece of a group's rows instead, so that one piece's
+activations are alive at a time (`_backward_in_pieces`, the same gradient). The
+reference distribution p_orig comes from the same weights with the LoRA adapters
+switched off, under no_grad.
 
 Why a stop rule: gradient ascent has no minimum. A fixed learning rate for a fixed
 number of steps first forgets, then keeps pushing and wrecks unrelated knowledge.
@@ -163,6 +166,11 @@ def learning_rate(config: TrainConfig, step: int) -> float:
         remaining = max(config.max_steps - step, 0) / max(config.max_steps - config.warmup_steps, 1)
         return config.lr * remaining
     return config.lr
+
+
+def _units(labels: torch.Tensor, unit: str) -> int:
+    """How many units of LABELS a term averages over: distributed.scored_count's "rows" or "tokens", or "all rows"."""
+    return labels.shape[0] if unit == "all rows" else distributed.scored_count(labels, unit)
 
 
 class Unlearner:
@@ -345,10 +353,54 @@ class Unlearner:
             total = weights[name] * term if total is None else total + weights[name] * term
         return total, {k: float(v.detach()) for k, v in terms.items()}
 
+    def _group_terms(self, name: str, logits, labels, batch: dict, start: int) -> list[tuple[str, float, str, torch.Tensor]]:
+        """The loss terms one group's logits give: (term, weight, unit, value) each.
+
+        UNIT is what the term is a mean over (distributed.scored_count's "rows" or "tokens", or
+        "all rows" for NPO's mean over every row), which is what lets a group's term be summed
+        from pieces of its rows (`_backward_in_pieces`).
+        """
+        config, method = self.config, self.config.method
+        if name == "forget":
+            if method == "ulmr":  # supervised fine-tuning on (rewritten prompt, negative response) pairs
+                return [("sft", 1.0, "rows", distributed.global_mean(lambda: losses.mean_nll(logits, labels),
+                                                                     labels, "rows", logits))]
+            if method == "npo":
+                reference = self._reference_logits(batch, start)
+                self.tokens += int(batch["attention_mask"].sum())
+                # A mean over every row of this rank's share, and every rank has the same number of rows
+                # (--batch-size divides evenly), so the mean over ranks is already the global mean.
+                return [("npo", config.forget_weight, "all rows",
+                         losses.npo_loss(losses.sequence_logprob(logits, labels),
+                                         losses.sequence_logprob(reference, labels), config.npo_beta))]
+            # Under torchrun, means over a varying number of rows / tokens are made global (distributed.py).
+            return [("forget", config.forget_weight, "rows",
+                     distributed.global_mean(lambda: losses.forget_loss(logits, labels), labels, "rows", logits))]
+        if name == "mismatch":
+            return [("mismatch", config.mismatch_weight, "rows",
+                     distributed.global_mean(lambda: losses.mismatch_loss(logits, labels), labels, "rows", logits))]
+        if name == "normal" and method == "graddiff":  # gradient difference: plain likelihood of the normal data
+            return [("normal_nll", config.normal_weight, "rows",
+                     distributed.global_mean(lambda: losses.mean_nll(logits, labels), labels, "rows", logits))]
+        # normal: KL(p_orig || p_theta); retain: the same true KL, on the rows the user named must-keep
+        reference = self._reference_logits(batch, start)
+        self.tokens += int(batch["attention_mask"].sum())
+        kl = distributed.global_mean(lambda: losses.kl_loss(reference, logits, labels), labels, "tokens", logits)
+        if name == "normal":
+            return [("kl", config.normal_weight, "tokens", kl)]
+        return [("retain_kl", config.retain_weight, "tokens", kl)]
+
+    def _group_forward(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, dict, int]:
+        """The trainable forward of ROWS: logits from their first scored position on, labels aligned, batch, start."""
+        batch = {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
+        self.tokens += int(batch["attention_mask"].sum())
+        start = first_scored_position(batch["labels"])
+        logits = forward_logits(self.forward_model, batch, start)
+        return logits, batch["labels"][:, start:], batch, start
+
     def loss(self, rows: dict[str, list[dict]]) -> tuple[torch.Tensor, dict]:
         """The weighted loss of one micro-batch and its terms (floats, for logging)."""
-        config, method = self.config, self.config.method
-        if method == "rmu":
+        if self.config.method == "rmu":
             return self._rmu_loss(rows)
         names = list(rows)
         # One forward per group, each padded to its own longest row and scored from its own first
@@ -358,61 +410,82 @@ class Unlearner:
         groups = [[name] for name in names] if self.forward_model is self.model else [names]
         parts = {}
         for group in groups:
-            everything = [r for name in group for r in rows[name]]
-            batch = {k: v.to(self.device) for k, v in collate(everything, self.pad_id).items()}
-            self.tokens += int(batch["attention_mask"].sum())
-            start = first_scored_position(batch["labels"])
-            logits = forward_logits(self.forward_model, batch, start)
-            labels = batch["labels"][:, start:]  # aligned with the kept logits
+            logits, labels, batch, start = self._group_forward([r for name in group for r in rows[name]])
             row = 0
             for name in group:  # split a joint forward pass back into its groups
                 n = len(rows[name])
                 parts[name] = (logits[row:row + n], labels[row:row + n],
                                {k: v[row:row + n] for k, v in batch.items()}, start)
                 row += n
-        terms = {}
-        f_logits, f_labels, f_batch, f_start = parts["forget"]
-        if method == "ulmr":  # supervised fine-tuning on (rewritten prompt, negative response) pairs
-            terms["sft"] = distributed.global_mean(lambda: losses.mean_nll(f_logits, f_labels), f_labels, "rows", f_logits)
-            total = terms["sft"]
-        elif method == "npo":
-            reference = self._reference_logits(f_batch, f_start)
-            self.tokens += int(f_batch["attention_mask"].sum())
-            # A mean over every row of this rank's share, and every rank has the same number of rows
-            # (--batch-size divides evenly), so the mean over ranks is already the global mean.
-            terms["npo"] = losses.npo_loss(losses.sequence_logprob(f_logits, f_labels),
-                                           losses.sequence_logprob(reference, f_labels), config.npo_beta)
-            total = config.forget_weight * terms["npo"]
-        else:
-            # Under torchrun, means over a varying number of rows / tokens are made global (distributed.py).
-            terms["forget"] = distributed.global_mean(lambda: losses.forget_loss(f_logits, f_labels), f_labels, "rows",
-                                                      f_logits)
-            total = config.forget_weight * terms["forget"]
-        if "mismatch" in parts:
-            m_logits, m_labels = parts["mismatch"][:2]
-            terms["mismatch"] = distributed.global_mean(lambda: losses.mismatch_loss(m_logits, m_labels), m_labels, "rows",
-                                                        m_logits)
-            total = total + config.mismatch_weight * terms["mismatch"]
-        if "normal" in parts:
-            n_logits, n_labels, n_batch, n_start = parts["normal"]
-            if method == "graddiff":  # gradient difference: plain likelihood of the normal data
-                terms["normal_nll"] = distributed.global_mean(lambda: losses.mean_nll(n_logits, n_labels), n_labels, "rows",
-                                                              n_logits)
-                total = total + config.normal_weight * terms["normal_nll"]
-            else:
-                reference = self._reference_logits(n_batch, n_start)
-                self.tokens += int(n_batch["attention_mask"].sum())
-                terms["kl"] = distributed.global_mean(lambda: losses.kl_loss(reference, n_logits, n_labels), n_labels,
-                                                      "tokens", n_logits)
-                total = total + config.normal_weight * terms["kl"]
-        if "retain" in parts:  # the same true KL as the normal term, on the rows the user named must-keep
-            r_logits, r_labels, r_batch, r_start = parts["retain"]
-            reference = self._reference_logits(r_batch, r_start)
-            self.tokens += int(r_batch["attention_mask"].sum())
-            terms["retain_kl"] = distributed.global_mean(lambda: losses.kl_loss(reference, r_logits, r_labels),
-                                                         r_labels, "tokens", r_logits)
-            total = total + config.retain_weight * terms["retain_kl"]
+        terms, total = {}, None
+        for name in names:  # forget, mismatch, normal, retain: the order of the sum
+            for term, weight, _, value in self._group_terms(name, *parts[name]):
+                terms[term] = value
+                total = weight * value if total is None else total + weight * value
         return total, {k: float(v.detach()) for k, v in terms.items()}
+
+    # The most residual-stream values (rows x padded width x hidden size x layers) one trainable
+    # forward of `_backward_in_pieces` covers. Autograd keeps ~11 values per such value for the
+    # backward (measured at OPT-1.3B: 88 KiB per token per layer at hidden size 2048: the layer
+    # norms' inputs, q, k, v and attention's output, fc1's input and the 8192-wide ReLU output),
+    # so 2^24 is at most ~700 MiB of activations in float32. The default step on the embedded
+    # 135M model (4 rows of <= 88 tokens x 576 x 30 layers, 6.1 M) keeps one forward per group;
+    # at OPT-1.3B (128 tokens x 2048 x 24 = 6.3 M per row) rows go two by two, at OPT-2.7B one by
+    # one (peak RSS 1.58x -> 1.23x the fp32 weights at OPT-1.3B, bench/train_bench.py). Smaller
+    # pieces cost time: one row per piece was ~12% slower than one forward per group at
+    # OPT-1.3B's widths (4 layers, fp32 and bf16: fewer rows per matmul), for ~280 MB less.
+    piece_values = 1 << 24
+
+    def _pieces(self, rows: list[dict]) -> list[list[dict]]:
+        """ROWS cut, in order, into runs whose padded forward stays within `piece_values` (one row at least)."""
+        config = getattr(self.model, "config", None)
+        per_token = getattr(config, "hidden_size", 0) * getattr(config, "num_hidden_layers", 0)
+        if not per_token:  # an unknown shape: no estimate, one forward for the group
+            return [rows]
+        pieces, piece, width = [], [], 0
+        for row in rows:
+            wider = max(width, len(row["input_ids"]))
+            if piece and (len(piece) + 1) * wider * per_token > self.piece_values:
+                pieces.append(piece)
+                piece, wider = [], len(row["input_ids"])
+            piece.append(row)
+            width = wider
+        return pieces + [piece]
+
+    def _backward_in_pieces(self, rows: dict[str, list[dict]], scale: float) -> dict | None:
+        """Backpropagate SCALE x the loss of ROWS group by group, and big groups piece by piece.
+
+        The same gradient as `loss(rows)` then one backward (to float32 rounding): the loss is a
+        weighted sum of terms, each a mean over its group's units (rows or response tokens), so
+        a piece holding count_p of a group's N units adds its own mean x count_p / N. But only
+        one piece's activations are alive at a time, not every group's: at OPT-1.3B they were
+        2.1 GB of a 1.65x-the-weights peak. Returns the logged terms and "loss", or None when a
+        piece would hold no unit of a term that its group has (its own mean would be undefined
+        or raise): the caller then takes the one-backward path, which handles those rows.
+        """
+        plan = {name: self._pieces(group) for name, group in rows.items()}
+        counts = {}  # per group: the units of each kind in the whole group and in each piece
+        for name, pieces in plan.items():
+            labels = [collate(piece, self.pad_id)["labels"] for piece in pieces]
+            per_piece = [{unit: _units(l, unit) for unit in ("rows", "tokens", "all rows")} for l in labels]
+            if len(pieces) > 1 and any(c[unit] == 0 for c in per_piece for unit in c):
+                return None
+            counts[name] = ({unit: sum(c[unit] for c in per_piece) for unit in per_piece[0]}, per_piece)
+        logged, weights = {}, {}
+        for name, pieces in plan.items():
+            whole, per_piece = counts[name]
+            for piece, piece_counts in zip(pieces, per_piece):
+                total = None
+                for term, weight, unit, value in self._group_terms(name, *self._group_forward(piece)):
+                    share = piece_counts[unit] / whole[unit] if len(pieces) > 1 else 1.0
+                    logged[term] = logged.get(term, 0.0) + float(value.detach()) * share
+                    weights[term] = weight
+                    part = weight * value * share
+                    total = part if total is None else total + part
+                (total * scale).backward()
+                del total  # this piece's graph, activations and logits go before the next forward
+        logged["loss"] = sum(weights[term] * value for term, value in logged.items())
+        return logged
 
     def step(self) -> dict:
         """One optimiser update over `grad_accum` micro-batches; returns the logged terms."""
@@ -424,9 +497,17 @@ class Unlearner:
         logged: dict[str, float] = {}
         for _ in range(config.grad_accum):
             # Every rank draws the same global micro-batch (same RNG draws) and keeps its share.
-            total, terms = self.loss(distributed.shard_rows(self._rows()))
-            (total / config.grad_accum).backward()
-            for k, v in {"loss": float(total.detach()), **terms}.items():
+            rows = distributed.shard_rows(self._rows())
+            # One process and a group too big for one forward (`_pieces`): backward piece by piece.
+            # Otherwise one backward of the whole loss (DDP/FSDP need one forward per backward).
+            split = (config.method != "rmu" and self.forward_model is self.model and not distributed.world().active
+                     and any(len(self._pieces(group)) > 1 for group in rows.values()))
+            step_terms = self._backward_in_pieces(rows, 1 / config.grad_accum) if split else None
+            if step_terms is None:
+                total, terms = self.loss(rows)
+                (total / config.grad_accum).backward()
+                step_terms = {"loss": float(total.detach()), **terms}
+            for k, v in step_terms.items():
                 logged[k] = logged.get(k, 0.0) + v / config.grad_accum
         logged = distributed.average(logged)  # the global batch's terms, the same on every rank
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm or float("inf"))
