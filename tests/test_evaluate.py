@@ -399,6 +399,19 @@ def test_own_logprobs_takes_generation_values_only_for_the_exact_tokens(tiny):
     assert ev.own_logprobs(tok, "one", "two three", None) is None
 
 
+def test_own_logprobs_refuses_a_pair_the_scoring_pass_could_cut(tiny, monkeypatch):
+    from unlearn.data import IGNORE_INDEX, encode_pair
+    from unlearn.generation import Scored
+
+    pair = encode_pair(tiny.tokenizer, "one", "two three", 1024)
+    scored = [t for t, label in zip(pair["input_ids"], pair["labels"]) if label != IGNORE_INDEX]
+    own = Scored(scored, [-0.5, -1.0, -2.0])
+    monkeypatch.setattr(ev, "SCORE_MAX_LENGTH", len(pair["input_ids"]))  # it fits, but could have been cut
+    assert ev.own_logprobs(tiny.tokenizer, "one", "two three", own) is None
+    monkeypatch.setattr(ev, "SCORE_MAX_LENGTH", len(pair["input_ids"]) + 1)
+    assert ev.own_logprobs(tiny.tokenizer, "one", "two three", own) == own.logprobs
+
+
 def test_fluency_from_generation_equals_a_scoring_pass(tiny, monkeypatch):
     """The original's own answers: fluency from generation's log-probabilities, no second forward pass."""
     from unlearn.generation import generate

@@ -341,8 +341,12 @@ def similarity_to_reference(outputs: Sequence[str], reference_outputs: Sequence[
 # --- model scores -----------------------------------------------------------------------------
 
 
+# Pairs longer than this lose prompt tokens from the left when scored (`data.encode_pair`).
+SCORE_MAX_LENGTH = 1024
+
+
 def response_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], *, batch_size: int = 16,
-                      max_length: int = 1024) -> list[list[float]]:
+                      max_length: int = SCORE_MAX_LENGTH) -> list[list[float]]:
     """log p(y_t | x, y_<t) of every response token, per (prompt, response) pair.
 
     Pairs are rendered and masked exactly as in training (`data.encode_pair`:
@@ -500,23 +504,22 @@ def own_logprobs(tokenizer, prompt: str, output: str, own) -> list[float] | None
     (a `generation.Scored`: the answer's generation by the scoring model itself), or None.
 
     Exact in what is scored: only when the pair `response_logprobs` encodes is the prompt its
-    generation saw followed by the generated tokens (the end-of-turn marker included: generated,
-    or the stop token `Scored.end` has after a budget cut). An answer whose text tokenises
-    otherwise, or whose pair would be truncated, returns None and is scored by a forward pass.
+    generation saw (`encode_prompt`, as `encode_pair` encodes it, uncut: shorter than
+    SCORE_MAX_LENGTH) followed by the generated tokens (the end-of-turn marker included:
+    generated, or the stop token `Scored.end` has after a budget cut). An answer whose text
+    tokenises otherwise, or whose pair could be truncated, returns None and is scored by a
+    forward pass.
     The numbers differ from that pass's only by float rounding (a decoding step's matmuls have
     other shapes than a whole sequence's).
     """
-    import inspect
-
-    from unlearn.data import IGNORE_INDEX, encode_pair, encode_prompt
+    from unlearn.data import IGNORE_INDEX, encode_pair
 
     if own is None:
         return None
-    max_length = inspect.signature(response_logprobs).parameters["max_length"].default
-    pair = encode_pair(tokenizer, prompt, output, max_length)
-    scored = [t for t, label in zip(pair["input_ids"], pair["labels"]) if label != IGNORE_INDEX]
-    if pair["input_ids"][:len(pair["input_ids"]) - len(scored)] != encode_prompt(tokenizer, prompt):
+    pair = encode_pair(tokenizer, prompt, output, SCORE_MAX_LENGTH)
+    if len(pair["input_ids"]) >= SCORE_MAX_LENGTH:  # a cut pair lost prompt tokens: not what generation saw
         return None
+    scored = [t for t, label in zip(pair["input_ids"], pair["labels"]) if label != IGNORE_INDEX]
     if scored == own.ids:
         return list(own.logprobs)
     if own.end and scored[:-1] == own.ids and scored[-1] in own.end:

@@ -186,10 +186,11 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
             live, token, mask, position_ids = live[keep], token[keep], mask[keep], position_ids[keep]
         inputs = token[:, None]
         position_ids = position_ids[:, -1:] + 1
+    tokens = [new_tokens[row, :lengths[row]].tolist() for row in range(rows)]
     if scored is not None:
-        scored.extend(Scored(new_tokens[row, :lengths[row]].tolist(), new_logprobs[row, :lengths[row]].tolist(),
-                             cut.get(row)) for row in range(rows))
-    return [new_tokens[row, :lengths[row]].tolist() for row in range(rows)]
+        scored.extend(Scored(tokens[row], new_logprobs[row, :lengths[row]].tolist(), cut.get(row))
+                      for row in range(rows))
+    return tokens
 
 
 def _picked_logprobs(logits, token):

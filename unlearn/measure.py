@@ -126,13 +126,10 @@ def generation_batches(tokenizer, prompts: list[str], batch_size: int) -> list[l
 def scoring_batches(tokenizer, pairs: list[tuple[str, str]], batch_size: int) -> list[list[int]]:
     """The batches `evaluate.response_logprobs` forms over PAIRS (at its default max_length): indices
     sorted by encoded pair length (stable), cut every BATCH_SIZE."""
-    import inspect
-
     from unlearn.data import encode_pair
-    from unlearn.evaluate import response_logprobs
+    from unlearn.evaluate import SCORE_MAX_LENGTH
 
-    max_length = inspect.signature(response_logprobs).parameters["max_length"].default
-    lengths = [len(encode_pair(tokenizer, p, r, max_length)["input_ids"]) for p, r in pairs]
+    lengths = [len(encode_pair(tokenizer, p, r, SCORE_MAX_LENGTH)["input_ids"]) for p, r in pairs]
     return _cut(sorted(range(len(pairs)), key=lengths.__getitem__), batch_size)
 
 

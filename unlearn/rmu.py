@@ -62,6 +62,11 @@ def decoder_layers(model) -> dict[int, torch.nn.Module]:
     return dict(sorted(found.items()))
 
 
+def resolved_layer(model, layer: int | None) -> int:
+    """The layer ℓ a run misdirects: LAYER (--rmu-layer), or `default_layer` of MODEL's depth."""
+    return default_layer(len(decoder_layers(model))) if layer is None else layer
+
+
 def default_layer(n_layers: int) -> int:
     return min(n_layers - 1, max(0, round(n_layers * DEPTH_FRACTION)))
 
@@ -151,7 +156,7 @@ class Misdirection:
     def __init__(self, model, layer: int | None, scale: float, seed: int, original=None):
         """ORIGINAL: the frozen copy under --full (its layer ℓ is its own module); None: MODEL with adapters off."""
         layers = decoder_layers(model)
-        self.layer = default_layer(len(layers)) if layer is None else layer
+        self.layer = resolved_layer(model, layer)
         if self.layer not in layers:
             raise UsageError(f"--rmu-layer {self.layer}: the model has layers 0..{max(layers)}")
         self.module = layers[self.layer]

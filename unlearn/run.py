@@ -594,9 +594,7 @@ def _resolved_rmu_layer(opts: RunOptions, job: Loaded) -> dict:
     """rmu's layer as trained: --rmu-layer, or the default `rmu.Misdirection` picked (not null in run.json)."""
     from unlearn import rmu
 
-    if opts.train.method != "rmu" or opts.train.rmu_layer is not None:
-        return {}
-    return {"rmu_layer": rmu.default_layer(len(rmu.decoder_layers(job.model)))}
+    return {"rmu_layer": rmu.resolved_layer(job.model, opts.train.rmu_layer)} if opts.train.method == "rmu" else {}
 
 
 def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, after: Measurement, result,

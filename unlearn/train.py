@@ -452,8 +452,9 @@ class Unlearner:
             width = wider
         return pieces + [piece]
 
-    def _backward_in_pieces(self, rows: dict[str, list[dict]], scale: float) -> dict | None:
-        """Backpropagate SCALE x the loss of ROWS group by group, and big groups piece by piece.
+    def _backward_in_pieces(self, plan: dict[str, list[list[dict]]], scale: float) -> dict | None:
+        """Backpropagate SCALE x the loss of a micro-batch group by group, and big groups piece by piece
+        (PLAN: each group's rows cut by `_pieces`).
 
         The same gradient as `loss(rows)` then one backward (to float32 rounding): the loss is a
         weighted sum of terms, each a mean over its group's units (rows or response tokens), so
@@ -463,7 +464,6 @@ class Unlearner:
         piece would hold no unit of a term that its group has (its own mean would be undefined
         or raise): the caller then takes the one-backward path, which handles those rows.
         """
-        plan = {name: self._pieces(group) for name, group in rows.items()}
         counts = {}  # per group: the units of each kind in the whole group and in each piece
         for name, pieces in plan.items():
             labels = [collate(piece, self.pad_id)["labels"] for piece in pieces]
@@ -500,9 +500,10 @@ class Unlearner:
             rows = distributed.shard_rows(self._rows())
             # One process and a group too big for one forward (`_pieces`): backward piece by piece.
             # Otherwise one backward of the whole loss (DDP/FSDP need one forward per backward).
-            split = (config.method != "rmu" and self.forward_model is self.model and not distributed.world().active
-                     and any(len(self._pieces(group)) > 1 for group in rows.values()))
-            step_terms = self._backward_in_pieces(rows, 1 / config.grad_accum) if split else None
+            plan = ({name: self._pieces(group) for name, group in rows.items()} if config.method != "rmu"
+                    and self.forward_model is self.model and not distributed.world().active else {})
+            split = any(len(pieces) > 1 for pieces in plan.values())
+            step_terms = self._backward_in_pieces(plan, 1 / config.grad_accum) if split else None
             if step_terms is None:
                 total, terms = self.loss(rows)
                 (total / config.grad_accum).backward()
