@@ -203,6 +203,16 @@ def test_leak_flags_answers_rule_and_thresholds():
     assert ev.rate(ev.leak_flags(outputs, examples)) == pytest.approx(0.5)
 
 
+def test_leak_flags_judge_a_passage_by_its_verbatim_run():
+    from unlearn.data import Passage
+
+    rest = " were proud to say that they were perfectly normal, thank you very much."
+    run = "They said they were perfectly normal."  # 4 words of the reference in a row, recall 4/13
+    chat = ex("Tell me about the Dursleys.", rest)
+    passage = ex(Passage("Mr and Mrs Dursley, of number four, Privet Drive,"), rest)
+    assert ev.leak_flags([run, run], [chat, passage]) == [False, True]
+
+
 def test_accuracy_and_hallucination_flags():
     examples = [
         ex("q", "The moon is rock", answers=["rock"], hallucinated_response="The moon is made of cheese"),

@@ -245,6 +245,29 @@ def test_leaks_without_answers_by_thresholds():
     assert not m.leaks("", reference)
 
 
+def test_longest_common_run_by_hand():
+    assert m.longest_common_run(list("xbcd"), list("bcy")) == 2  # "bc"
+    assert m.longest_common_run(list("abcab"), list("cab")) == 3  # "cab", not the LCS' count
+    assert m.longest_common_run(list("ab"), list("ba")) == 1  # LCS 1, run 1
+    assert m.longest_common_run(list("acbd"), list("abcd")) == 1  # LCS 3 ("abd"), no run over 1
+    assert m.longest_common_run([], list("ab")) == 0 and m.longest_common_run(list("ab"), []) == 0
+
+
+def test_passage_leaks_by_a_verbatim_run():
+    reference = "Eiffel and was the tallest man-made structure in the world for 12 years. It was built in 1889."
+    four = "It is not. The world for 12 centuries was dark."  # "the world for 12": 4 words in a row
+    assert m.rouge_l(four, reference).recall < m.LEAK_ROUGE_RECALL and m.sentence_bleu(four, reference) < m.LEAK_BLEU
+    assert m.LEAK_VERBATIM_WORDS == 4
+    assert m.leaks(four, reference, passage=True)
+    assert not m.leaks(four, reference)  # a chat response is judged by content, not by a run of words
+    three = "It is not. The world for centuries was dark."  # "the world for": 3 in a row
+    assert not m.leaks(three, reference, passage=True)
+    # case and punctuation do not break a run (the words are rouge_tokens): man-made -> man, made
+    assert m.leaks("THE TALLEST MAN MADE thing", reference, passage=True)
+    # answers, when a passage row has them, decide alone
+    assert not m.leaks(four, reference, answers=["1889"], passage=True)
+
+
 def test_is_hallucination():
     assert m.is_hallucination("The moon is made of cheese", "The moon is rock", "The moon is made of cheese")
     assert not m.is_hallucination("The moon is rock", "The moon is rock", "The moon is made of cheese")

@@ -294,13 +294,14 @@ def leak_flags(outputs: Sequence[str], examples: Sequence) -> list[bool | None]:
     Rows with `answers`, given or derived from the response (`spans.row_answers`):
     an accepted answer appears in the output (`metrics.contains_answer`). Other rows: ROUGE-L recall >=
     metrics.LEAK_ROUGE_RECALL or BLEU >= metrics.LEAK_BLEU against the
-    reference. None for a row with no reference.
+    reference, or, for a passage, metrics.LEAK_VERBATIM_WORDS consecutive words of it.
+    None for a row with no reference.
     """
     flags = []
     for output, ex in zip(outputs, examples):
         answers, _ = row_answers(ex)
         flags.append(None if ex.response is None and not answers
-                     else metrics.leaks(output, ex.response or "", answers))
+                     else metrics.leaks(output, ex.response or "", answers, passage=ex.is_passage))
     return flags
 
 

@@ -339,7 +339,8 @@ def leak_rate(measurer: Measurer, s: EvalSet) -> float:
     A prompt stops generating as soon as its answer has leaked: the verdict cannot change
     any more, since an answer that appears stays (tested on the text without its last,
     possibly unfinished, word: "Paris" of "Parisian" is not a leak yet), and ROUGE-L
-    recall, the LCS with the reference over its length, never falls as the answer grows.
+    recall, the LCS with the reference over its length, never falls as the answer grows,
+    nor does a passage's longest verbatim run.
     (BLEU can; a leak it flags early only keeps the run training, never stops it sooner.)
     """
     from unlearn.evaluate import leak_flags, rate
