@@ -210,6 +210,21 @@ def test_describe_spans(tmp_path):
     assert [s["start"] for s in d[1]["spans"]] == [0, 9]
     assert d[2]["answers"] is None and d[2]["source"] is None and d[2]["spans"] == [] and "passage" in d[2]["rule"]
     json.dumps(d)  # printable as is (run.json, saved generations)
+    assert "loss_response" not in d[2]  # without --whole-passage the loss trains on the row's own pair
+
+
+def test_describe_spans_shows_what_whole_passage_trains_on(tmp_path):
+    from unlearn.data import forget_pair
+
+    rows = read_examples(write(tmp_path, [
+        {"prompt": "Who wrote it?", "response": "Rowling.", "answers": ["Rowling"]},
+        {"text": "one two three four"},  # prefix "one two", continuation " three four"
+    ]))
+    d = describe_spans(rows, forget_pair)
+    assert "loss_response" not in d[0]  # a chat row trains on its own pair either way
+    assert d[1]["prompt"] == "one two" and d[1]["response"] == " three four"  # what the leak judge reads
+    assert d[1]["loss_prompt"] == "one" and d[1]["loss_response"] == " two three four"
+    assert "every cut point" in d[1]["rule"]
 
 
 def test_attach_answers_keeps_the_derivation_of_the_row_as_written(tmp_path):
