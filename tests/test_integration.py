@@ -18,28 +18,17 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    from unlearn.models import default_gguf_path
-
-    try:
-        default_gguf_path()
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"embedded model not installed: {exc}")
-    return tmp_path_factory.mktemp("integration-cache")
-
-
 def cli(*args, cache):
     env = {**os.environ, "UNLEARN_CACHE": str(cache)}
     return subprocess.run([sys.executable, "-m", "unlearn", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=900)
 
 
-def test_run_and_merge_on_the_embedded_model(tmp_path, cache):
+def test_run_and_merge_on_the_embedded_model(tmp_path, embedded_cache):
     out = tmp_path / "run"
     result = cli("run", EXAMPLES / "forget.jsonl", EXAMPLES / "normal.jsonl", "-o", out, "--json",
                  "--eval-retain", EXAMPLES / "heldout.jsonl", "--max-steps", "2", "--check-every", "0",
-                 "--eval-limit", "3", "--max-new-tokens", "24", cache=cache)
+                 "--eval-limit", "3", "--max-new-tokens", "24", "--probe-limit", "3", cache=embedded_cache)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["steps"] == 2 and report["model_name"] == "SmolLM2-135M-Instruct"
@@ -50,12 +39,12 @@ def test_run_and_merge_on_the_embedded_model(tmp_path, cache):
     assert (out / "adapter" / "adapter_config.json").is_file()
 
     merged = tmp_path / "avg"
-    result = cli("merge", "--alpha", "0.5", "-o", merged, cache=cache)  # no paths: the last run's models
+    result = cli("merge", "--alpha", "0.5", "-o", merged, cache=embedded_cache)  # no paths: the last run's models
     assert result.returncode == 0, result.stderr
     assert (merged / "config.json").is_file()
 
 
-def test_ulmr_on_the_embedded_model(tmp_path, cache):
+def test_ulmr_on_the_embedded_model(tmp_path, embedded_cache):
     """Augmentation with the real model, SFT on negative responses, α chosen by measurement."""
     rows = (EXAMPLES / "forget.jsonl").read_text().splitlines()[:3]
     forget = tmp_path / "forget.jsonl"
@@ -63,7 +52,7 @@ def test_ulmr_on_the_embedded_model(tmp_path, cache):
     out = tmp_path / "ulmr"
     result = cli("run", forget, EXAMPLES / "normal.jsonl", "--method", "ulmr", "-o", out, "--json",
                  "--rewrites", "1", "--max-steps", "3", "--check-every", "0", "--eval-limit", "3",
-                 "--max-new-tokens", "16", "--alpha-grid", "0,0.5", cache=cache)
+                 "--max-new-tokens", "16", "--alpha-grid", "0,0.5", "--no-probes", cache=embedded_cache)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["augment"]["sources"] == 3 and report["augment"]["rows"] == 6

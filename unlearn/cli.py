@@ -122,7 +122,9 @@ def _command_line() -> str:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--full", is_flag=True, help="Fine-tune every weight instead of LoRA (keeps a frozen reference copy).")
 @click.option("--gradient-checkpointing", is_flag=True,
-              help="Recompute activations in backward: about 40% less peak memory, 30% more time (large models).")
+              help="Recompute activations in backward: on the 135M default peak memory 2404 -> 1481 MB, step "
+                   "5.0 -> 6.8 s (README, Speed). In one process a big model already backpropagates in pieces of "
+                   "rows (OPT-1.3B: peak 1.23x its fp32 weights without this); under torchrun it does not.")
 @click.option("--fsdp", is_flag=True,
               help="Under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP) "
                    "instead of a full model copy per process (DDP), for models that do not fit on one device.")
