@@ -207,7 +207,8 @@ def test_leak_flags_judge_a_passage_by_its_verbatim_run():
     from unlearn.data import Passage
 
     rest = " were proud to say that they were perfectly normal, thank you very much."
-    run = "They said they were perfectly normal."  # 4 words of the reference in a row, recall 4/13
+    # 6 words of the reference in a row ("they were perfectly normal thank you"); recall 6/13, BLEU 24
+    run = "Nobody on the street ever asked, but they were perfectly normal, thank you, said Ann to a man at the door."
     chat = ex("Tell me about the Dursleys.", rest)
     passage = ex(Passage("Mr and Mrs Dursley, of number four, Privet Drive,"), rest)
     assert ev.leak_flags([run, run], [chat, passage]) == [False, True]

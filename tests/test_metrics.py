@@ -255,17 +255,19 @@ def test_longest_common_run_by_hand():
 
 def test_passage_leaks_by_a_verbatim_run():
     reference = "Eiffel and was the tallest man-made structure in the world for 12 years. It was built in 1889."
-    four = "It is not. The world for 12 centuries was dark."  # "the world for 12": 4 words in a row
-    assert m.rouge_l(four, reference).recall < m.LEAK_ROUGE_RECALL and m.sentence_bleu(four, reference) < m.LEAK_BLEU
-    assert m.LEAK_VERBATIM_WORDS == 4
-    assert m.leaks(four, reference, passage=True)
-    assert not m.leaks(four, reference)  # a chat response is judged by content, not by a run of words
-    three = "It is not. The world for centuries was dark."  # "the world for": 3 in a row
-    assert not m.leaks(three, reference, passage=True)
+    words = m.rouge_tokens(reference)  # eiffel and was the tallest man made structure in the world ...
+    k = m.LEAK_VERBATIM_WORDS
+    assert k == 6  # chosen on the dev split (docs/quality.md); the cases below are written for it
+    run = "Not so. " + " ".join(words[3:3 + k]) + " of Rome."  # "the tallest man made structure in"
+    assert m.rouge_l(run, reference).recall < m.LEAK_ROUGE_RECALL and m.sentence_bleu(run, reference) < m.LEAK_BLEU
+    assert m.leaks(run, reference, passage=True)
+    assert not m.leaks(run, reference)  # a chat response is judged by content, not by a run of words
+    short = "Not so. " + " ".join(words[3:3 + k - 1]) + " of Rome."  # one word fewer in a row
+    assert not m.leaks(short, reference, passage=True)
     # case and punctuation do not break a run (the words are rouge_tokens): man-made -> man, made
-    assert m.leaks("THE TALLEST MAN MADE thing", reference, passage=True)
+    assert m.leaks("THE TALLEST MAN MADE STRUCTURE, IN Rome", reference, passage=True)
     # answers, when a passage row has them, decide alone
-    assert not m.leaks(four, reference, answers=["1889"], passage=True)
+    assert not m.leaks(run, reference, answers=["1889"], passage=True)
 
 
 def test_is_hallucination():
