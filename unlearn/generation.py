@@ -39,22 +39,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from unlearn.cpu_parts import Cancelled, parallel_pieces, run_pieces
 from unlearn.data import encode_prompt
 from unlearn.kv_cache import cache_argument, new_cache, prefix_applies, run_prefix, shared_length
 
 # On a CPU with T >= 2 torch threads, a batch of at least T * MIN_ROWS_PER_WORKER rows is
-# decoded as T parts side by side, one Python thread per part with one torch thread each
-# (`_greedy_parts`), instead of one decode whose every operator is shared out between T
-# threads. A decode step is about 1,200 operator calls on the embedded model (most on
-# 64 x 576 tensors): split over threads, each call ends in a barrier where the threads
-# wait for each other, and the Python between calls runs on one core while the other
-# waits. Parts need no barrier at all, and one part's Python overlaps the other's
-# arithmetic (torch releases the GIL inside each operator). When other processes share
-# the cores, a barrier also waits for a thread the OS has set aside, which a part never
-# does. Measured (embedded model, README prompts, two cores, load average ~4 from other
-# work): see bench/generation_bench.py's docstring. Below 8 rows a part's matmuls read
-# the weights for too few rows to be worth a second read of them.
-MIN_ROWS_PER_WORKER = 8
+# decoded as T parts side by side, one thread each with one torch thread (`_greedy_parts`,
+# cpu_parts.py says why). With load from other processes on the 2-core machine, the stop
+# rule's 14 rows x 32 tokens took 8-9 s as 2 parts of 7 and 20-26 s as one decode with 2
+# threads (identical answers). Below 4 rows a part reads all the weights for too few rows.
+MIN_ROWS_PER_WORKER = 4
 
 # A row's `stop_row(index, text_so_far)` check runs after every STOP_CHECK_EVERY new tokens
 # (and not at the last token, where the row ends anyway). Each check decodes every live
@@ -138,7 +132,7 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
     running; True ends the row there.
     SCORED, a list: receives one `Scored` per row (the log-softmax of the logits each step
     computes anyway: one logsumexp over the vocabulary per row and step).
-    CANCELLED() -> True ends the batch with `_Cancelled` before its next step (`_greedy_parts`).
+    CANCELLED() -> True ends the batch with `cpu_parts.Cancelled` before its next step (`_greedy_parts`).
     """
     import torch
 
@@ -165,7 +159,7 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
     inputs = input_ids.to(device)
     for step in range(max_new_tokens):
         if cancelled is not None and cancelled():
-            raise _Cancelled()
+            raise Cancelled()
         logits = model(input_ids=inputs, attention_mask=mask[:, :width + step], position_ids=position_ids,
                        use_cache=True, logits_to_keep=1, **{cache_name: cache}).logits
         # argmax of the last position: exact in any float dtype (model.generate casts to
@@ -210,79 +204,30 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
     return tokens
 
 
-def _parts(model, rows: int) -> int:
-    """How many parts `_greedy_parts` decodes a batch of ROWS rows in (1: one decode, torch's threads inside)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    if next(model.parameters()).device.type != "cpu" or threads < 2 or rows < threads * MIN_ROWS_PER_WORKER:
-        return 1
-    return threads
-
-
-class _Cancelled(Exception):
-    """Another part of the same batch failed (or was interrupted): this one stops too."""
-
-
 def _greedy_parts(model, input_ids, attention, parts: int, *, should_stop, scored, **options) -> list[list[int]]:
-    """`_greedy_batch` over PARTS contiguous slices of the batch's rows, each on its own thread with
-    one torch thread (see MIN_ROWS_PER_WORKER), joined in row order.
+    """`_greedy_batch` over PARTS contiguous slices of the batch's rows side by side (cpu_parts.run_pieces),
+    joined in row order.
 
     Each slice keeps the batch's padded width, so a row attends to the same positions as in one
     decode; only the number of rows around it in each matmul changes (float rounding, as with the
     thread count: bench/generation_bench.py counts outputs identical to `model.generate`'s).
-    Part 0 runs on the calling thread (so Ctrl-C interrupts it); the others on daemon threads,
-    which stop at their next step once any part has failed.
     """
-    import threading
-
-    import torch
-
     rows = input_ids.shape[0]
     bounds = [round(i * rows / parts) for i in range(parts + 1)]
-    results: list = [None] * parts
-    failed = threading.Event()
 
-    def part(i: int) -> None:
-        lo, hi = bounds[i], bounds[i + 1]
-        check = None if should_stop is None else (lambda row, ids: should_stop(lo + row, ids))
-        own = [] if scored is not None else None
-        try:
-            with torch.inference_mode():  # thread-local: each part enters it
-                tokens = _greedy_batch(model, input_ids[lo:hi], attention[lo:hi], should_stop=check, scored=own,
-                                       cancelled=failed.is_set, **options)
-            results[i] = (tokens, own)
-        except BaseException as exc:
-            failed.set()
-            results[i] = exc
+    def part(lo: int, hi: int):
+        def run(cancelled):
+            check = None if should_stop is None else (lambda row, ids: should_stop(lo + row, ids))
+            own = [] if scored is not None else None
+            tokens = _greedy_batch(model, input_ids[lo:hi], attention[lo:hi], should_stop=check, scored=own,
+                                   cancelled=cancelled, **options)
+            return tokens, own
+        return run
 
-    threads = torch.get_num_threads()
-    # New threads take torch's thread count as they start (and keep it): 1, set here for them and
-    # for this thread; restored for everything after the batch.
-    torch.set_num_threads(1)
-    try:
-        helpers = [threading.Thread(target=part, args=(i,), daemon=True, name=f"unlearn-decode-{i}")
-                   for i in range(1, parts)]
-        for helper in helpers:
-            helper.start()
-        try:
-            part(0)
-            if isinstance(results[0], BaseException):
-                failed.set()
-            for helper in helpers:
-                helper.join()
-        except BaseException:  # interrupted while waiting: the helpers stop at their next step
-            failed.set()
-            raise
-    finally:
-        torch.set_num_threads(threads)
-    errors = [r for r in results if isinstance(r, BaseException)]
-    if errors:  # the first real error, not another part's cancellation
-        raise next((e for e in errors if not isinstance(e, _Cancelled)), errors[0])
-    tokens = [row for ids, _ in results for row in ids]
+    results = run_pieces([part(bounds[i], bounds[i + 1]) for i in range(parts)])
     if scored is not None:
         scored.extend(s for _, own in results for s in own)
-    return tokens
+    return [row for tokens, _ in results for row in tokens]
 
 
 def _picked_logprobs(logits, token):
@@ -339,7 +284,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
                 if own_loop:
                     options = dict(stop_ids=stop_ids, pad_id=pad_id, max_new_tokens=max_new_tokens,
                                    prefix=prompts_ids[0][:shared])
-                    parts = _parts(model, len(batch))
+                    parts = parallel_pieces(model, len(batch), MIN_ROWS_PER_WORKER)
                     new = (_greedy_parts(model, input_ids, attention, parts, should_stop=should_stop,
                                          scored=batch_scores, **options) if parts > 1 else
                            _greedy_batch(model, input_ids, attention, should_stop=should_stop,
