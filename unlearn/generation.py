@@ -9,11 +9,13 @@ logits for the last position only, then one forward per new token, under
 `torch.inference_mode`, with no logits processors or stopping-criteria objects
 between steps, and the batch ends as soon as every row has ended. It computes what
 `model.generate` computes (same batches, same left padding, position ids
-`cumsum(mask) - 1`, the same 2-D mask growing by one column per step), with three
+`cumsum(mask) - 1`, the same 2-D mask growing by one column per step), with four
 differences in how the work is done, not in what is computed:
 - the prompt prefix every row of the batch shares runs once (kv_cache.run_prefix);
 - rows that have ended leave the batch, with their keys and values;
-- keys and values go into buffers allocated once (kv_cache.new_cache), not concatenated.
+- keys and values go into buffers allocated once (kv_cache.new_cache), not concatenated;
+- on a CPU with T >= 2 torch threads, a batch of at least 4T rows runs as T slices side by
+  side, one thread each (`_greedy_parts`, cpu_parts.py).
 A float32 matmul's result for one row can depend on the shapes around it (MKL/oneDNN pick
 kernels by shape), so an output could differ from `model.generate`'s at a near-tie of two
 logits; none does on the README run's 91 prompts (bench/generation_bench.py counts them)
