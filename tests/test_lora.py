@@ -7,7 +7,7 @@ import torch
 
 from unlearn.errors import UnlearnError, UsageError
 from unlearn.lora import (LoRALinear, LoraSettings, adapters_disabled, attach_lora, load_adapter, lora_modules,
-                          merge_lora, merged_for_inference, save_adapter)
+                          merge_lora, save_adapter)
 from unlearn.models import load_model
 
 
@@ -88,46 +88,6 @@ def test_merge_equals_adapter_forward_and_unwraps(opt_dir):
     assert not lora_modules(model)
     assert all(not k.endswith(("lora_A", "lora_B")) for k in model.state_dict())
     assert torch.allclose(model(ids()).logits, tuned, atol=1e-5)
-
-
-@pytest.mark.parametrize("which", ["llama_dir", "opt_dir"])
-def test_merged_for_inference_is_the_saved_merge_and_leaves_the_base_weights_untouched(request, which):
-    directory = request.getfixturevalue(which)
-    model = fresh(directory)
-    original = model(ids()).logits
-    attach_lora(model, LoraSettings(rank=4, alpha=8), seed=0)
-    randomise(model)
-    tuned = model(ids()).logits
-    modules = lora_modules(model)
-    weights = {n: m.base.weight for n, m in modules.items()}
-    copies = {n: w.detach().clone() for n, w in weights.items()}
-    saved = fresh(directory)
-    attach_lora(saved, LoraSettings(rank=4, alpha=8), seed=0)
-    randomise(saved)
-    merge_lora(saved)  # what the tool writes
-    with merged_for_inference(model):
-        assert all(m.merged is not None and m.merged is not m.base.weight for m in modules.values())
-        merged = model(ids()).logits
-        with adapters_disabled(model):  # the KL reference inside: still exactly the original
-            assert torch.equal(model(ids()).logits, original)
-    assert torch.equal(merged, saved(ids()).logits)  # bit for bit the saved merged model
-    assert torch.allclose(merged, tuned, atol=1e-5) and not torch.allclose(merged, original)
-    for name, m in modules.items():  # the same weight objects, bit-identical, and nothing merged left
-        assert m.base.weight is weights[name] and torch.equal(m.base.weight, copies[name]) and m.merged is None
-    assert torch.equal(model(ids()).logits, tuned)
-
-
-def test_merged_for_inference_keeps_disabled_adapters_off_and_restores_after_an_error(llama_dir):
-    model = fresh(llama_dir)
-    original = model(ids()).logits
-    attach_lora(model, LoraSettings(rank=4, alpha=8), seed=0)
-    randomise(model)
-    with adapters_disabled(model), merged_for_inference(model):
-        assert all(m.merged is None for m in lora_modules(model).values())
-        assert torch.equal(model(ids()).logits, original)
-    with pytest.raises(RuntimeError, match="boom"), merged_for_inference(model):
-        raise RuntimeError("boom")
-    assert all(m.merged is None for m in lora_modules(model).values())
 
 
 def test_seeded_attach_is_reproducible(llama_dir):

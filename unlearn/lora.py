@@ -84,15 +84,11 @@ class LoRALinear(nn.Module):
         self.scaling = lora_scaling(alpha, rank, rslora)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True
-        # W + s·B·A as one weight while `merged_for_inference` is active, else None.
-        self.merged: torch.Tensor | None = None
 
     def forward(self, x):
-        if not self.enabled:
-            return self.base(x)
-        if self.merged is not None:
-            return nn.functional.linear(x, self.merged, self.base.bias)
         out = self.base(x)
+        if not self.enabled:
+            return out
         # The two small matmuls run in the activations' dtype: the rank-r weights are cast
         # (r x d values), not every activation (tokens x d, forward and backward). On a bf16
         # model the float32 copies of the activations were most of the step's casting time,
@@ -158,52 +154,12 @@ def adapters_disabled(model: nn.Module):
             m.enabled = was
 
 
-def _merged_weight(module: LoRALinear) -> torch.Tensor:
-    """W + (alpha/r) B A in a new tensor of W's dtype (summed in float32): what `merge_lora` saves."""
-    weight = module.base.weight
-    return (weight.float() + module.delta_weight()).to(weight.dtype)
-
-
-@contextlib.contextmanager
-def merged_for_inference(model: nn.Module):
-    """Run MODEL's adapters as merged weights (one matmul per layer) for forwards without gradients.
-
-    Unmerged, each adapted layer costs its base matmul plus two small matmuls, a scale, an
-    add and a cast, each its own operator call: per generated token that is five extra calls
-    per adapted layer (90 layers on the embedded model). Merged, it is the base matmul alone.
-    The merged weight W + s·B·A is a NEW tensor, computed as `merge_lora` computes what the
-    tool saves; the frozen base weights, which are also the KL reference, are never written.
-    It costs one copy of the adapted layers' weights while active (at OPT-1.3B with the
-    default fc1/fc2 targets: 24 layers x 2 x 2048 x 8192 = 805 M values, 3.2 GB in float32).
-
-    Only adapters enabled on entry are merged; `adapters_disabled` inside still gives the
-    original network (a disabled adapter ignores its merged weight). Merged forwards carry
-    no gradient to the adapters and skip their dropout: for inference (eval mode) only.
-    Under FSDP (sharded parameters) nothing is merged.
-    """
-    sharded = getattr(model, "_is_fsdp_managed_module", False)  # distributed.wrap marks FSDP2 models
-    modules = [] if sharded else [m for m in lora_modules(model).values()
-                                  if m.enabled and m.merged is None and not _sharded(m)]
-    try:
-        with torch.no_grad():
-            for m in modules:
-                m.merged = _merged_weight(m)
-        yield model
-    finally:
-        for m in modules:
-            m.merged = None
-
-
-def _sharded(module: nn.Module) -> bool:
-    # FSDP2 keeps parameters as DTensors (a shard per rank).
-    return any(type(p).__name__ == "DTensor" for p in module.parameters())
-
-
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (W += (alpha/r) B A) and unwrap it; in place."""
     for name, module in lora_modules(model).items():
         with torch.no_grad():
-            module.base.weight.copy_(_merged_weight(module))
+            weight = module.base.weight
+            weight.copy_((weight.float() + module.delta_weight()).to(weight.dtype))
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, module.base)

@@ -247,19 +247,15 @@ class Measurer:
     def _answer(self, prompts: list[str], desc=False, stop_row=None, scored: list | None = None) -> list[str]:
         """The answers to PROMPTS; SCORED, a list, receives each answer's `generation.Scored` (or None)."""
         from unlearn.generation import generate
-        from unlearn.lora import merged_for_inference
 
         st = self.settings
 
         def work(indices: list[int]) -> list:
             row_stop = None if stop_row is None else (lambda j, text: stop_row(indices[j], text))
             own = [] if scored is not None else None
-            # Enabled adapters run merged (lora.merged_for_inference): the weights the tool saves.
-            with merged_for_inference(self.model):
-                texts = generate(self.model, self.tokenizer, [prompts[i] for i in indices],
-                                 batch_size=st.batch_size, max_new_tokens=st.max_new_tokens,
-                                 do_sample=st.do_sample, temperature=st.temperature, top_p=st.top_p, seed=st.seed,
-                                 desc=desc, stop_row=row_stop, scored=own)
+            texts = generate(self.model, self.tokenizer, [prompts[i] for i in indices], batch_size=st.batch_size,
+                             max_new_tokens=st.max_new_tokens, do_sample=st.do_sample, temperature=st.temperature,
+                             top_p=st.top_p, seed=st.seed, desc=desc, stop_row=row_stop, scored=own)
             return texts if own is None else list(zip(texts, own))  # gathered together under torchrun
 
         if st.do_sample:  # one random stream runs through the batches in order: not shared out
