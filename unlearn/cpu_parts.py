@@ -8,9 +8,10 @@ Pieces that need no result from each other (the rows of a greedy batch, whole sc
 batches) can instead run one per core with one torch thread each: no barrier at all, and
 one piece's Python overlaps another's arithmetic (torch releases the GIL inside operators).
 When other processes share the cores, a barrier also waits for a thread the OS has set
-aside, which a piece never does: measured with load average ~4 from other work on the
-2-core machine, the README run's 91 prompts took 31 s this way and 91-120 s with 2 torch
-threads in one decode (identical answers; bench/generation_bench.py).
+aside, which a piece never does. Measured on the 2-core machine, the README run's 91
+prompts in one `generate` call (identical answers either way): with load average ~4 from
+other work, 31 s this way and 91-120 s with 2 torch threads in one decode; with no other
+work (load ~1.8 including this run), 20.9-21.8 s and 20.9-22.0 s: no loss, and no gain.
 
 A piece's numbers can differ from the one-decode result only by float rounding (a matmul
 with fewer rows or one thread may pick another kernel), as they can with the thread count.
