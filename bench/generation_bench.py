@@ -11,7 +11,9 @@ model unless --model. Two implementations run in the order old, new, new, old (s
 slow drift in the machine's load hits both alike; --rounds 1: old, new):
 `unlearn.generation.generate_hf` (every batch through `model.generate`: the
 implementation before this bench) and `unlearn.generation.generate` (the own decode
-loop). Outputs must be identical; `identical_outputs` counts them.
+loop; with --threads T >= 2, batches of 4T rows or more run as T slices side by side, one
+torch thread each: generation._greedy_parts). Outputs must be identical;
+`identical_outputs` counts them.
 
 tokens_per_s = new tokens / seconds, where new tokens are those each answer really
 has (up to and including its EOS), counted by `generate(record=...)`, and seconds

@@ -178,3 +178,67 @@ def test_scored_is_none_where_not_computed(llama_dir):
     scored = []
     generate_hf(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=4, desc=False, scored=scored)
     assert scored == [None] * len(PROMPTS)
+
+
+@pytest.fixture
+def two_parts(monkeypatch):
+    """2 torch threads and MIN_ROWS_PER_WORKER 1: a batch of 2+ rows is decoded as 2 parts (`_greedy_parts`)."""
+    import unlearn.generation as generation
+
+    monkeypatch.setattr(generation, "MIN_ROWS_PER_WORKER", 1)
+    parts = []
+    split = generation._greedy_parts
+    monkeypatch.setattr(generation, "_greedy_parts", lambda *a, **k: parts.append(a[3]) or split(*a, **k))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield parts
+    torch.set_num_threads(threads)
+
+
+def test_parts_give_one_decodes_tokens_scores_and_stop_checks(llama_dir, two_parts, monkeypatch):
+    import unlearn.generation as generation
+
+    model, tokenizer = load(llama_dir)
+    stop_mid_batch(model, tokenizer)
+    options = dict(batch_size=len(PROMPTS), max_new_tokens=NEW, desc=False)
+    scored = []
+    outputs = generate(model, tokenizer, PROMPTS, scored=scored, **options)
+    assert two_parts == [2] and torch.get_num_threads() == 2  # split, and the thread count restored
+    assert outputs == generate_hf(model, tokenizer, PROMPTS, **options)
+    monkeypatch.setattr(generation, "MIN_ROWS_PER_WORKER", 100)  # one decode, for the scores
+    one = []
+    assert generate(model, tokenizer, PROMPTS, scored=one, **options) == outputs and two_parts == [2]
+    for a, b in zip(scored, one):
+        assert a.ids == b.ids and a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+        assert (a.end is None) == (b.end is None) and (a.end is None or a.end == pytest.approx(b.end, abs=1e-5))
+    assert any(s.end is None for s in scored) and any(s.end is not None for s in scored)
+
+    # stop_row sees the caller's prompt indices from every part; the longest prompt is in the last part
+    monkeypatch.setattr(generation, "MIN_ROWS_PER_WORKER", 1)
+    longest = max(range(len(PROMPTS)), key=lambda i: len(encode_prompt(tokenizer, PROMPTS[i])))
+    seen = []
+
+    def stop_row(index, text):
+        seen.append((index, text))
+        return index == longest
+
+    stopped = generate(model, tokenizer, PROMPTS, stop_row=stop_row, **options)
+    order = sorted(range(len(PROMPTS)), key=lambda i: len(encode_prompt(tokenizer, PROMPTS[i])))
+    checked = {i for i, _ in seen}  # rows of both parts (a row that ended early was never checked)
+    assert two_parts == [2, 2] and checked & set(order[:2]) and checked & set(order[2:])
+    assert stopped[longest] == next(t for i, t in seen if i == longest) != outputs[longest]
+    assert [o for i, o in enumerate(stopped) if i != longest] == [o for i, o in enumerate(outputs) if i != longest]
+
+
+def test_an_error_in_one_part_ends_the_batch_with_it(llama_dir, two_parts):
+    model, tokenizer = load(llama_dir)
+    longest = max(range(len(PROMPTS)), key=lambda i: len(encode_prompt(tokenizer, PROMPTS[i])))
+
+    def stop_row(index, text):
+        if index == longest:
+            raise ValueError("bad row")
+        return False
+
+    with pytest.raises(ValueError, match="bad row"):
+        generate(model, tokenizer, PROMPTS, batch_size=len(PROMPTS), max_new_tokens=NEW, desc=False, stop_row=stop_row)
+    assert two_parts == [2] and torch.get_num_threads() == 2

@@ -188,3 +188,38 @@ def test_fluency_comes_from_generation_for_the_originals_answers_and_for_identic
     for m in (own, again):
         assert m.outputs == plain.outputs
         assert m.summary["fluency_ppl"] == pytest.approx(plain.summary["fluency_ppl"], rel=1e-4)
+
+
+def test_scoring_batches_side_by_side_give_one_calls_logprobs(tmp_path, monkeypatch):
+    """On 2 torch threads ShardedScorer deals whole batches to 2 threads (cpu_parts.py): each batch is the one
+    a single call forms, and every pair's log-probabilities are the single call's (float rounding apart)."""
+    import threading
+
+    import torch
+
+    from unlearn.evaluate import Scorer
+    from unlearn.measure import ShardedScorer, scoring_batches
+    from unlearn.models import load_model
+
+    from test_evaluate import build_tiny_lm
+
+    loaded = load_model(str(build_tiny_lm(tmp_path)), log=lambda m: None)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    words = "what is the capital of France ? the cat sat one".split()
+    pairs = [(" ".join(words[i % 4:i % 4 + 3]), " ".join(words[:1 + i % 9])) for i in range(11)]
+    one = Scorer(model, tokenizer, batch_size=3).logprobs(pairs)
+    batches = scoring_batches(tokenizer, pairs, 3)
+    calls = []
+    score = Scorer.logprobs
+    monkeypatch.setattr(Scorer, "logprobs",
+                        lambda self, p: calls.append((threading.current_thread().name, list(p))) or score(self, p))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        side = ShardedScorer(model, tokenizer, batch_size=3).logprobs(pairs)
+        assert torch.get_num_threads() == 2  # restored after the pieces
+    finally:
+        torch.set_num_threads(threads)
+    assert len({name for name, _ in calls}) == 2  # two threads, one call each
+    assert sorted(p for _, p in calls) == sorted([pairs[i] for b in batches[r::2] for i in b] for r in range(2))
+    assert len(side) == len(one) and all(a == pytest.approx(b, abs=1e-5) for a, b in zip(side, one))

@@ -9,11 +9,13 @@ logits for the last position only, then one forward per new token, under
 `torch.inference_mode`, with no logits processors or stopping-criteria objects
 between steps, and the batch ends as soon as every row has ended. It computes what
 `model.generate` computes (same batches, same left padding, position ids
-`cumsum(mask) - 1`, the same 2-D mask growing by one column per step), with three
+`cumsum(mask) - 1`, the same 2-D mask growing by one column per step), with four
 differences in how the work is done, not in what is computed:
 - the prompt prefix every row of the batch shares runs once (kv_cache.run_prefix);
 - rows that have ended leave the batch, with their keys and values;
-- keys and values go into buffers allocated once (kv_cache.new_cache), not concatenated.
+- keys and values go into buffers allocated once (kv_cache.new_cache), not concatenated;
+- on a CPU with T >= 2 torch threads, a batch of at least 4T rows runs as T slices side by
+  side, one thread each (`_greedy_parts`, cpu_parts.py).
 A float32 matmul's result for one row can depend on the shapes around it (MKL/oneDNN pick
 kernels by shape), so an output could differ from `model.generate`'s at a near-tie of two
 logits; none does on the README run's 91 prompts (bench/generation_bench.py counts them)
@@ -39,8 +41,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from unlearn.cpu_parts import Cancelled, parallel_pieces, run_pieces
 from unlearn.data import encode_prompt
 from unlearn.kv_cache import cache_argument, new_cache, prefix_applies, run_prefix, shared_length
+
+# On a CPU with T >= 2 torch threads, a batch of at least T * MIN_ROWS_PER_WORKER rows is
+# decoded as T parts side by side, one thread each with one torch thread (`_greedy_parts`,
+# cpu_parts.py says why). With load from other processes on the 2-core machine, the stop
+# rule's 14 rows x 32 tokens took 8-9 s as 2 parts of 7 and 20-26 s as one decode with 2
+# threads (identical answers). Below 4 rows a part reads all the weights for too few rows.
+MIN_ROWS_PER_WORKER = 4
 
 # A row's `stop_row(index, text_so_far)` check runs after every STOP_CHECK_EVERY new tokens
 # (and not at the last token, where the row ends anyway). Each check decodes every live
@@ -115,7 +125,7 @@ class Scored:
 
 def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: int, max_new_tokens: int,
                   should_stop: Callable[[int, list[int]], bool] | None, prefix: list[int] = (),
-                  scored: list | None = None) -> list[list[int]]:
+                  scored: list | None = None, cancelled: Callable[[], bool] | None = None) -> list[list[int]]:
     """Greedy new tokens of each row of a left-padded batch (EOS included when reached).
 
     PREFIX: token ids every row's prompt starts with, left out of INPUT_IDS and run once for
@@ -124,6 +134,7 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
     running; True ends the row there.
     SCORED, a list: receives one `Scored` per row (the log-softmax of the logits each step
     computes anyway: one logsumexp over the vocabulary per row and step).
+    CANCELLED() -> True ends the batch with `cpu_parts.Cancelled` before its next step (`_greedy_parts`).
     """
     import torch
 
@@ -149,6 +160,8 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
     live = torch.arange(rows, device=device)  # the batch's rows still in the computation, in order
     inputs = input_ids.to(device)
     for step in range(max_new_tokens):
+        if cancelled is not None and cancelled():
+            raise Cancelled()
         logits = model(input_ids=inputs, attention_mask=mask[:, :width + step], position_ids=position_ids,
                        use_cache=True, logits_to_keep=1, **{cache_name: cache}).logits
         # argmax of the last position: exact in any float dtype (model.generate casts to
@@ -191,6 +204,32 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
         scored.extend(Scored(tokens[row], new_logprobs[row, :lengths[row]].tolist(), cut.get(row))
                       for row in range(rows))
     return tokens
+
+
+def _greedy_parts(model, input_ids, attention, parts: int, *, should_stop, scored, **options) -> list[list[int]]:
+    """`_greedy_batch` over PARTS contiguous slices of the batch's rows side by side (cpu_parts.run_pieces),
+    joined in row order.
+
+    Each slice keeps the batch's padded width, so a row attends to the same positions as in one
+    decode; only the number of rows around it in each matmul changes (float rounding, as with the
+    thread count: bench/generation_bench.py counts outputs identical to `model.generate`'s).
+    """
+    rows = input_ids.shape[0]
+    bounds = [round(i * rows / parts) for i in range(parts + 1)]
+
+    def part(lo: int, hi: int):
+        def run(cancelled):
+            check = None if should_stop is None else (lambda row, ids: should_stop(lo + row, ids))
+            own = [] if scored is not None else None
+            tokens = _greedy_batch(model, input_ids[lo:hi], attention[lo:hi], should_stop=check, scored=own,
+                                   cancelled=cancelled, **options)
+            return tokens, own
+        return run
+
+    results = run_pieces([part(bounds[i], bounds[i + 1]) for i in range(parts)])
+    if scored is not None:
+        scored.extend(s for _, own in results for s in own)
+    return [row for tokens, _ in results for row in tokens]
 
 
 def _picked_logprobs(logits, token):
@@ -245,9 +284,13 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
             batch_scores = [] if scored is not None and stop_row is None else None
             with torch.inference_mode():
                 if own_loop:
-                    new = _greedy_batch(model, input_ids, attention, stop_ids=stop_ids, pad_id=pad_id,
-                                        max_new_tokens=max_new_tokens, should_stop=should_stop,
-                                        prefix=prompts_ids[0][:shared], scored=batch_scores)
+                    options = dict(stop_ids=stop_ids, pad_id=pad_id, max_new_tokens=max_new_tokens,
+                                   prefix=prompts_ids[0][:shared])
+                    parts = parallel_pieces(model, len(batch), MIN_ROWS_PER_WORKER)
+                    new = (_greedy_parts(model, input_ids, attention, parts, should_stop=should_stop,
+                                         scored=batch_scores, **options) if parts > 1 else
+                           _greedy_batch(model, input_ids, attention, should_stop=should_stop,
+                                         scored=batch_scores, **options))
                 else:
                     new = _hf_batch(model, input_ids, attention, stop_ids=stop_ids, pad_id=pad_id,
                                     max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,

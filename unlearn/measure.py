@@ -134,12 +134,35 @@ def scoring_batches(tokenizer, pairs: list[tuple[str, str]], batch_size: int) ->
 
 
 class ShardedScorer(Scorer):
-    """A `Scorer` whose forward passes are shared out between the ranks under torchrun (whole batches)."""
+    """A `Scorer` whose forward passes are shared out between the ranks under torchrun (whole batches), and
+    within a process on a CPU between its torch threads (whole batches side by side: cpu_parts.py)."""
 
     def logprobs(self, pairs):
         pairs = list(pairs)
         return distributed.sharded(len(pairs), lambda: scoring_batches(self.tokenizer, pairs, self.batch_size),
-                                   lambda indices: super(ShardedScorer, self).logprobs([pairs[i] for i in indices]))
+                                   lambda indices: self._side_by_side([pairs[i] for i in indices]))
+
+    def _side_by_side(self, pairs: list) -> list:
+        """Scorer.logprobs of PAIRS, its batches dealt out to the pieces in turn (batches r, r+K, ...).
+
+        A piece's pairs, given in batch order, sort and cut into exactly those batches again
+        (every batch but the last is full, and the last is the longest), so each forward is
+        the one a single call would run, on one torch thread.
+        """
+        from unlearn.cpu_parts import parallel_pieces, run_pieces
+
+        batches = scoring_batches(self.tokenizer, pairs, self.batch_size)
+        pieces = parallel_pieces(self.model, len(batches), 1)
+        if pieces == 1:
+            return Scorer.logprobs(self, pairs)
+        shares = [[i for batch in batches[r::pieces] for i in batch] for r in range(pieces)]
+        values = run_pieces([lambda cancelled, share=share: Scorer.logprobs(self, [pairs[i] for i in share])
+                             for share in shares])
+        result = [None] * len(pairs)
+        for share, share_values in zip(shares, values):
+            for i, value in zip(share, share_values):
+                result[i] = value
+        return result
 
 
 class Measurer:

@@ -1,0 +1,82 @@
+"""Independent pieces of inference work side by side on a CPU: one Python thread per piece, one torch thread each.
+
+With T torch threads, every operator of a forward is shared out between T threads and
+ends in a barrier where they wait for each other; the Python between operators runs on
+one core while the others wait. A decode step of the embedded model is about 1,200
+operator calls, most on 64 x 576 tensors, so that overhead is a large share of each one.
+Pieces that need no result from each other (the rows of a greedy batch, whole scoring
+batches) can instead run one per core with one torch thread each: no barrier at all, and
+one piece's Python overlaps another's arithmetic (torch releases the GIL inside operators).
+When other processes share the cores, a barrier also waits for a thread the OS has set
+aside, which a piece never does. Measured on the 2-core machine, the README run's 91
+prompts in one `generate` call (identical answers either way): with load average ~4 from
+other work, 31 s this way and 91-120 s with 2 torch threads in one decode; with no other
+work (load ~1.8 including this run), 20.9-21.8 s and 20.9-22.0 s: no loss, and no gain.
+
+A piece's numbers can differ from the one-decode result only by float rounding (a matmul
+with fewer rows or one thread may pick another kernel), as they can with the thread count.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+
+def parallel_pieces(model, units: int, min_units: int) -> int:
+    """How many pieces to cut work of UNITS units into: torch's thread count on a CPU when every piece gets
+    at least MIN_UNITS units, else 1 (one piece, torch's threads inside each operator)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if next(model.parameters()).device.type != "cpu" or threads < 2 or units < threads * min_units:
+        return 1
+    return threads
+
+
+def run_pieces(pieces: list[Callable[[Callable[[], bool]], object]]) -> list:
+    """Each PIECE(cancelled) on its own thread with one torch thread (the first on the calling thread, so that
+    Ctrl-C interrupts it); their results in order. CANCELLED() turns True once any piece has failed, so that
+    the others can stop early; the first failure (not a cancellation) is raised after all have ended.
+    The caller's grad and inference modes (thread-local in torch) hold in every piece.
+    """
+    import torch
+
+    results: list = [None] * len(pieces)
+    failed = threading.Event()
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def run(i: int) -> None:
+        try:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                results[i] = (pieces[i](failed.is_set),)
+        except BaseException as exc:
+            failed.set()
+            results[i] = exc
+
+    threads = torch.get_num_threads()
+    # A new thread takes torch's thread count when it starts and keeps it: 1, set here for the
+    # helpers and this thread, and restored for everything after.
+    torch.set_num_threads(1)
+    try:
+        helpers = [threading.Thread(target=run, args=(i,), daemon=True, name=f"unlearn-piece-{i}")
+                   for i in range(1, len(pieces))]
+        for helper in helpers:
+            helper.start()
+        try:
+            run(0)
+            for helper in helpers:
+                helper.join()
+        except BaseException:  # interrupted while waiting: the others stop at their next check
+            failed.set()
+            raise
+    finally:
+        torch.set_num_threads(threads)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise next((e for e in errors if not isinstance(e, Cancelled)), errors[0])
+    return [r[0] for r in results]
+
+
+class Cancelled(Exception):
+    """Another piece of the same work failed (or was interrupted): this one stopped too."""
