@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import distributed_worker as worker
-from test_distributed import TIMEOUT, _env, _free_port, finish, launch
+from test_distributed import _env, _free_port, launch
 from test_run_cli import FORGET, NORMAL, write_jsonl
 
 TESTS = Path(__file__).parent
