@@ -152,6 +152,22 @@ def test_stop_rule_stops_after_extra_steps(llama_dir):
     assert result.history[3]["forget_leak"] == 0.0 and result.tokens_per_s > 0
 
 
+def test_the_stop_rules_checks_are_timed_apart_from_training(llama_dir):
+    import time
+
+    u = unlearner(llama_dir, max_steps=2, check_every=1)
+
+    def forgotten():
+        time.sleep(0.3)  # a check that costs 0.3 s, like a generation
+        return False, 1.0
+
+    t = time.perf_counter()
+    result = train(u, forgotten=forgotten)
+    wall = time.perf_counter() - t
+    assert result.check_seconds == pytest.approx(0.6, abs=0.1)
+    assert result.seconds + result.check_seconds == pytest.approx(wall, abs=0.05)
+
+
 def test_max_steps_caps_a_run_that_never_forgets(llama_dir):
     u = unlearner(llama_dir, max_steps=4, check_every=2)
     result = train(u, forgotten=lambda: (False, 1.0))

@@ -627,6 +627,8 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "steps": result.steps,
         "stopped_by": result.stopped_by,
         "train_seconds": round(result.seconds, 3),
+        # The stop rule's checks: generation between steps, counted in neither training nor evaluation.
+        "stop_rule_seconds": round(result.check_seconds, 3),
         # The probes' building and original answers count as evaluation too (make_probes).
         "eval_seconds": round(before.seconds + after.seconds + (data.probes or {}).get("before_seconds", 0.0), 3),
         # The original model's sets read back from $UNLEARN_CACHE instead of measured (--no-cache: none);

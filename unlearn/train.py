@@ -71,6 +71,7 @@ class TrainResult:
     seconds: float
     tokens: int  # non-padding tokens through forward passes (trainable + reference)
     history: list = field(default_factory=list)  # one dict per step: step, loss terms, lr
+    check_seconds: float = 0.0  # the stop rule's checks (generation), not in SECONDS
     update: dict | None = None  # --method edit: {module name: (A, B)}, the weight change W + B·A
 
     @property
@@ -568,11 +569,13 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
     stop_at = resume.get("stop_at", config.max_steps)
     previous_seconds = resume.get("seconds", 0.0)
     start = time.perf_counter()
-    check_seconds = 0.0
+    check_seconds = resume.get("check_seconds", 0.0)
+    previous_checks = check_seconds
 
     def loop_state() -> dict:
         return {"history": history, "stopped_by": stopped_by, "stop_at": stop_at,
-                "seconds": previous_seconds + time.perf_counter() - start - check_seconds}
+                "seconds": previous_seconds + time.perf_counter() - start - (check_seconds - previous_checks),
+                "check_seconds": check_seconds}
 
     if log and unlearner.rmu is not None:
         log(unlearner.rmu.describe())
@@ -605,7 +608,7 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                     raise StopRequested(unlearner.step_count, saved)
         finally:
             bar.close()
-    seconds = previous_seconds + time.perf_counter() - start - check_seconds
+    seconds = previous_seconds + time.perf_counter() - start - (check_seconds - previous_checks)
     return TrainResult(steps=unlearner.step_count, stopped_by=stopped_by, seconds=seconds,
-                       tokens=unlearner.tokens, history=history)
+                       tokens=unlearner.tokens, history=history, check_seconds=check_seconds)
 
