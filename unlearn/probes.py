@@ -79,7 +79,6 @@ WHOLE_WORD_P = 0.5
 MIN_LETTERS = 3
 PREFIX = 4  # near-duplicates: the same first PREFIX letters ("Kenya" / "Kenyan"), or ...
 NEAR_RATIO = 0.65  # ... the same first two letters and this similarity ("France" / "French": 0.67)
-ARTICLES = frozenset({"the", "a", "an"})
 #: Capitalised only because they start the sentence: a passage opening with one names no subject first.
 SENTENCE_OPENERS = frozenset("on in at it its this that these those there during after before when while "
                              "from for as by since although if once".split())
@@ -145,7 +144,7 @@ def passage_subject(text: str) -> str | None:
             break
     while run and text[run[-1][0]:run[-1][1]].lower() in JOINERS:
         run.pop()
-    if run and text[run[0][0]:run[0][1]].lower() in ARTICLES:
+    if run and text[run[0][0]:run[0][1]].lower() in metrics.ARTICLES:
         run.pop(0)
     elif run and text[run[0][0]:run[0][1]].lower() in SENTENCE_OPENERS:
         return None
