@@ -214,13 +214,11 @@ def test_describe_spans(tmp_path):
 
 
 def test_describe_spans_shows_what_whole_passage_trains_on(tmp_path):
-    from unlearn.data import forget_pair
-
     rows = read_examples(write(tmp_path, [
         {"prompt": "Who wrote it?", "response": "Rowling.", "answers": ["Rowling"]},
         {"text": "one two three four"},  # prefix "one two", continuation " three four"
     ]))
-    d = describe_spans(rows, forget_pair)
+    d = describe_spans(rows, whole_passage=True)
     assert "loss_response" not in d[0]  # a chat row trains on its own pair either way
     assert d[1]["prompt"] == "one two" and d[1]["response"] == " three four"  # what the leak judge reads
     assert d[1]["loss_prompt"] == "one" and d[1]["loss_response"] == " two three four"

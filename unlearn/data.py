@@ -96,6 +96,11 @@ def forget_pair(example: Example) -> tuple[str, str]:
     return Passage(" ".join(words[:cut])), " " + " ".join(words[cut:])
 
 
+def loss_pair(example: Example, whole_passage: bool) -> tuple[str, str]:
+    """The (prompt, response) the forget loss trains on: `forget_pair` under --whole-passage, else the row's own."""
+    return forget_pair(example) if whole_passage else (example.prompt, example.response)
+
+
 def _pick(obj: dict, keys: tuple[str, ...], where: str, what: str) -> str | None:
     present = [k for k in keys if k in obj]
     if len(present) > 1:

@@ -28,7 +28,7 @@ from unlearn import distributed, models, system
 from unlearn.checkpoints import checkpoint_root, latest_checkpoint, load_checkpoint, read_state, remove_partial
 from unlearn.checkpoints import save_checkpoint
 from unlearn.config import RunOptions
-from unlearn.data import Example, forget_pair, read_examples
+from unlearn.data import Example, read_examples
 from unlearn.errors import Interrupted, UnlearnError, UsageError
 from unlearn.log import log as default_log
 from unlearn.measure import EvalSet, Measured, Measurer, Settings, leak_rate, original_scorer, read_eval_sets
@@ -642,7 +642,7 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
                     {"file": str(Path(opts.augmented).resolve()), "rows": len(job.train_rows)})
         if opts.train.method == "ulmr" else None,
         # What the forget loss and the leak judge look for in each forget row (spans.py).
-        "forget_answers": describe_spans(data.forget, forget_pair if opts.train.whole_passage else None),
+        "forget_answers": describe_spans(data.forget, whole_passage=opts.train.whole_passage),
         # Which rows were trained on, and which figures are a stop condition (never a result).
         "roles": {s.name: s.role for s in data.sets},
         # The automatic probes (probes.py): how many were made and kept per set; the rows are in probes.jsonl.

@@ -329,20 +329,21 @@ def row_answers(example) -> tuple[list[str] | None, str | None]:
     return (answers, "derived") if answers else (None, None)
 
 
-def describe_spans(examples: Iterable, loss_pair=None) -> list[dict]:
+def describe_spans(examples: Iterable, *, whole_passage: bool = False) -> list[dict]:
     """One JSON-ready dict per example: what the loss and the leak judge look for, for users to check.
 
     Keys: line, prompt, response, answers (what is matched, or None), source
     ("given", "derived" or None), spans (each {text, start, end}: where the
     answers occur in the response, character offsets), rule (why, in words).
-    LOSS_PAIR (example -> (prompt, response)) is what the forget loss trains on when
-    that is not the row's own pair (`data.forget_pair` under --whole-passage): a row it
-    changes also gets loss_prompt and loss_response, since the leak judge still reads
-    the response after the evaluation prefix.
+    A row whose forget loss trains on another pair than its own (`data.loss_pair`: a passage
+    under WHOLE_PASSAGE) also gets loss_prompt and loss_response, since the leak judge
+    still reads the response after the evaluation prefix.
     """
+    from unlearn.data import loss_pair
+
     rows = []
     for ex in examples:
-        loss = loss_pair(ex) if loss_pair is not None else (ex.prompt, ex.response)
+        loss = loss_pair(ex, whole_passage)
         answers, source = row_answers(ex)
         response = ex.response or ""
         rule = "the row's answers" if source == "given" else _derivation(ex)[1]

@@ -43,7 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from unlearn import distributed, losses, rmu
 from unlearn.config import TrainConfig
-from unlearn.data import collate, encode_pair, forget_pair
+from unlearn.data import collate, encode_pair, loss_pair
 from unlearn.errors import UnlearnError, UsageError
 from unlearn.lora import adapters_disabled, lora_modules
 from unlearn.spans import row_answers
@@ -191,8 +191,8 @@ class Unlearner:
         # Rows without `answers` get the ones derived from their response (spans.py), unless a
         # passage or a long response: then every response token is pushed down.
         focus = (lambda e: row_answers(e)[0]) if by_answers else (lambda e: None)
-        pair = forget_pair if config.whole_passage else (lambda e: (e.prompt, e.response))
-        self.forget = [encode_pair(tokenizer, *pair(e), config.max_length, focus(e)) for e in forget]
+        self.forget = [encode_pair(tokenizer, *loss_pair(e, config.whole_passage), config.max_length, focus(e))
+                       for e in forget]
         self.normal = [encode(e.prompt, e.response) for e in normal]
         self.retain = [encode(e.prompt, e.response) for e in retain]  # every response token: kept whole
         self.forget_prompts = [e.prompt for e in forget]
