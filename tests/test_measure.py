@@ -223,3 +223,63 @@ def test_scoring_batches_side_by_side_give_one_calls_logprobs(tmp_path, monkeypa
     assert len({name for name, _ in calls}) == 2  # two threads, one call each
     assert sorted(p for _, p in calls) == sorted([pairs[i] for b in batches[r::2] for i in b] for r in range(2))
     assert len(side) == len(one) and all(a == pytest.approx(b, abs=1e-5) for a, b in zip(side, one))
+
+
+class _StreamingMeasurer:
+    """A Measurer stand-in whose rows "generate" one word per step in lockstep, asking STOP_ROW
+    every step as generation does every STOP_CHECK_EVERY tokens; it records each row's words."""
+
+    def __init__(self, streams: list[str]):
+        self.streams = [text.split() for text in streams]
+        self.words = [0] * len(streams)
+
+    def references(self, s):
+        return s.examples
+
+    def answer(self, s, desc=False, stop_row=None):
+        running = set(range(len(self.streams)))
+        for step in range(1, max(map(len, self.streams)) + 1):
+            for i in sorted(running):
+                self.words[i] = min(step, len(self.streams[i]))
+                if step >= len(self.streams[i]) or stop_row(i, " ".join(self.streams[i][:step])):
+                    running.discard(i)
+        return [" ".join(words[:n]) for words, n in zip(self.streams, self.words)]
+
+
+def _rows(n):
+    return [Example(prompt=f"Where is city {i}?", response=f"It is in Paris {i}.", line=i + 1,
+                    extra={"answers": ["Paris"]}) for i in range(n)]
+
+
+QUIET = "It is somewhere in a country far away from here, I think, though I am not sure."
+
+
+def test_a_stop_rule_check_ends_at_its_verdict():
+    from unlearn.measure import leak_rate
+
+    # row 1 says Paris at its 4th word (tested once a word follows it); the others never do
+    streams = [QUIET, "The city is Paris of course and more", QUIET, QUIET]
+    forget = EvalSet("forget", "forget", _rows(4))
+
+    full = _StreamingMeasurer(streams)
+    assert leak_rate(full, forget) == 0.25  # no verdict asked for: only the leaked row stops early
+    assert full.words == [17, 5, 17, 17]
+
+    decided = _StreamingMeasurer(streams)
+    # --stop-leak 0: the first leak decides; row 1 is seen leaking at word 5 and every other row
+    # stops at its next question (rows after it in this step at 5 words, row 0 at 6)
+    assert leak_rate(decided, forget, decided_above=0.0) == 0.25
+    assert decided.words == [6, 5, 5, 5]
+
+    # --stop-leak 0.25: one leak of four is not above it, so nothing is cut and the rate is exact
+    tolerant = _StreamingMeasurer(streams)
+    assert leak_rate(tolerant, forget, decided_above=0.25) == 0.25
+    assert tolerant.words == [17, 5, 17, 17]
+
+
+def test_a_check_that_forgot_runs_every_row_to_its_end():
+    from unlearn.measure import leak_rate
+
+    m = _StreamingMeasurer([QUIET, QUIET])
+    assert leak_rate(m, EvalSet("forget", "forget", _rows(2)), decided_above=0.0) == 0.0
+    assert m.words == [17, 17]

@@ -356,7 +356,7 @@ def original_scorer(model, tokenizer, reference_model, batch_size: int):
     return AdaptersOffScorer(model, tokenizer, batch_size=batch_size)
 
 
-def leak_rate(measurer: Measurer, s: EvalSet) -> float:
+def leak_rate(measurer: Measurer, s: EvalSet, decided_above: float | None = None) -> float:
     """The share of S's prompts whose answer leaks (the stop rule's test); 0 for an empty set.
 
     A prompt stops generating as soon as its answer has leaked: the verdict cannot change
@@ -365,13 +365,28 @@ def leak_rate(measurer: Measurer, s: EvalSet) -> float:
     recall, the LCS with the reference over its length, never falls as the answer grows,
     nor does a passage's longest verbatim run.
     (BLEU can; a leak it flags early only keeps the run training, never stops it sooner.)
+
+    DECIDED_ABOVE (the stop rule's --stop-leak): once enough prompts have leaked that the rate
+    is above it whatever the others say, every prompt stops, so the check costs only what its
+    verdict needs (a rule that stops at 0 is decided by the first leak). A rate above
+    DECIDED_ABOVE is then a lower bound; at or below it nothing was cut and it is exact.
     """
     from unlearn.evaluate import leak_flags, rate
 
     references = measurer.references(s)
+    n = len(s.examples)
+    # the fewest leaked prompts whose rate exceeds DECIDED_ABOVE (the rule's own comparison)
+    enough = (next((k for k in range(1, n + 1) if k / n > decided_above), None)
+              if decided_above is not None and n else None)
+    leaked_rows: set[int] = set()  # added to from the generation threads (cpu_parts): set.add is atomic
 
-    def leaked(i: int, text: str) -> bool:
+    def stop(i: int, text: str) -> bool:
+        if enough is not None and len(leaked_rows) >= enough:
+            return True  # the verdict is reached: the rest cannot change it
         finished = text.rsplit(maxsplit=1)[0] if " " in text.strip() else ""
-        return bool(finished) and bool(leak_flags([finished], [references[i]])[0])
+        if finished and leak_flags([finished], [references[i]])[0]:
+            leaked_rows.add(i)
+            return True
+        return False
 
-    return rate(leak_flags(measurer.answer(s, stop_row=leaked), references)) or 0.0
+    return rate(leak_flags(measurer.answer(s, stop_row=stop), references)) or 0.0

@@ -471,6 +471,9 @@ def edit_model(opts: RunOptions, job: Loaded, data: Prepared, log):
 def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet):
     """forgotten() -> (done, leak): the forget prompts answered greedily in a short budget.
 
+    The check ends as soon as its verdict is reached (`leak_rate`'s DECIDED_ABOVE), so a leak
+    above --stop-leak is a lower bound: the first leak decides a rule that stops at 0.
+
     The references are cut to that budget (`Measurer.references`): a long forget response
     could otherwise never read as leaked, and the rule would stop too early.
     """
@@ -478,7 +481,7 @@ def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet):
                                                           batch_size=opts.gen_batch_size, likelihood=False))
 
     def forgotten():
-        leak = leak_rate(checker, forget)
+        leak = leak_rate(checker, forget, decided_above=opts.train.stop_leak)
         return leak <= opts.train.stop_leak, leak
 
     return distributed.main_decides(forgotten)  # every rank generates; rank 0's verdict holds for all

@@ -555,7 +555,8 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
           resume: dict | None = None) -> TrainResult:
     """Run steps until FORGOTTEN() says the forget set is forgotten, or max_steps.
 
-    FORGOTTEN is a callable returning (done: bool, leak_rate: float); it is asked every
+    FORGOTTEN is a callable returning (done: bool, leak_rate: float), the rate a lower bound
+    when not done (run.stop_rule's check ends at its verdict); it is asked every
     `check_every` steps (never when check_every is 0). CHECKPOINT(loop_state) saves the
     unlearner and the loop state every SAVE_EVERY steps (and on Ctrl-C, after which
     StopRequested is raised); RESUME is a loop state saved that way, to continue from.
@@ -594,8 +595,8 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                     done, leak = forgotten()
                     check_seconds += time.perf_counter() - t
                     record["forget_leak"] = leak
-                    if log:
-                        log(f"step {unlearner.step_count}: forget leak rate {leak:.2f}")
+                    if log:  # a check that is not done ended at its verdict: its rate is a lower bound
+                        log(f"step {unlearner.step_count}: forget leak rate {'' if done else '≥ '}{leak:.2f}")
                     if done:
                         stopped_by = "forgotten"
                         stop_at = min(config.max_steps, unlearner.step_count + config.extra_steps)
