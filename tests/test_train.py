@@ -271,3 +271,19 @@ def test_pieces_cut_rows_in_order_within_the_budget(llama_dir):
     rows = [{"input_ids": [0] * n} for n in (10, 12, 30, 5, 5, 5)]
     u.piece_values = 24 * per_token  # two rows of <= 12 tokens, or one row of 30 (over, but alone)
     assert [[len(r["input_ids"]) for r in p] for p in u._pieces(rows)] == [[10, 12], [30], [5, 5, 5]]
+
+
+def test_kept_reference_logits_train_as_recomputed_ones(llama_dir):
+    """The original's logits on the 4 normal rows, computed once, give the update that running it on
+    each step's 2 rows gives (6 steps: 4 row forwards instead of 12)."""
+    kept, fresh = unlearner(llama_dir, max_steps=6), unlearner(llama_dir, max_steps=6)
+    fresh.reference_cache = None  # every step runs the original on its rows, as under torchrun
+    for _ in range(6):
+        a, b = kept.step(), fresh.step()
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-3, abs=1e-7)  # float rounding of other batch shapes
+    assert kept.reference_cache.prepared == {"normal": True} and len(kept.reference_cache.kept) == 4
+    normal_tokens = sum(len(row["input_ids"]) for row in kept.normal)
+    assert fresh.tokens - kept.tokens == 3 * normal_tokens - normal_tokens  # 12 row forwards vs 4
+    for (a_A, a_B), (b_A, b_B) in zip(lora_state(kept.model).values(), lora_state(fresh.model).values()):
+        torch.testing.assert_close(a_A, b_A, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a_B, b_B, rtol=1e-4, atol=1e-6)

@@ -46,6 +46,7 @@ from unlearn.config import TrainConfig
 from unlearn.data import collate, encode_pair, loss_pair
 from unlearn.errors import UnlearnError, UsageError
 from unlearn.lora import adapters_disabled, lora_modules
+from unlearn.reference_cache import ReferenceLogits
 from unlearn.spans import row_answers
 
 class NonFiniteLoss(UnlearnError):
@@ -215,6 +216,10 @@ class Unlearner:
         # What the trainable forward goes through: the model, or under torchrun its DDP wrapper
         # (distributed.wrap). Everything else uses the unwrapped self.model.
         self.forward_model = forward_model if forward_model is not None else model
+        # The original's logits on the normal and retain rows, computed once (reference_cache.py),
+        # keyed by the row objects of self.normal and self.retain, which live as long as this object.
+        self.reference_cache = (None if distributed.world().active else
+                                ReferenceLogits(model.get_output_embeddings().weight.shape[0]))
 
     # --- state, for checkpoints ------------------------------------------------
 
@@ -247,6 +252,7 @@ class Unlearner:
             "forget_order": list(self.forget_batches.order),
             "normal_order": list(self.normal_batches.order),
             "retain_order": list(self.retain_batches.order),
+            "reference_groups": dict(self.reference_cache.groups) if self.reference_cache else {},
             "param_order": list(params),
             "step": self.step_count,
             "tokens": distributed.total(self.tokens),
@@ -281,6 +287,8 @@ class Unlearner:
         self.forget_batches.order = list(state["forget_order"])
         self.normal_batches.order = list(state["normal_order"])
         self.retain_batches.order = list(state.get("retain_order", []))
+        if self.reference_cache is not None:  # the resumed run groups its reference forwards as before
+            self.reference_cache.groups = {k: [list(g) for g in v] for k, v in state.get("reference_groups", {}).items()}
         self.step_count = int(state["step"])
         self.tokens = int(state["tokens"]) if distributed.world().is_main else 0  # summed over ranks at the end
 
@@ -307,12 +315,44 @@ class Unlearner:
 
     # --- the loss -------------------------------------------------------------
 
-    def _reference_logits(self, batch: dict, start: int) -> torch.Tensor:
+    def _reference_logits(self, batch: dict, start: int, kept: str | None = None) -> torch.Tensor:
+        """The original's logits (adapters off, or the frozen copy) from START on, without gradient.
+
+        KEPT, the name of the set the batch's rows come from ("normal", "retain": drawn again and
+        again): read from the logits computed once per run (`reference_cache`), when they are kept.
+        """
+        if kept is not None and self.reference_cache is not None:
+            rows = {"normal": self.normal, "retain": self.retain}[kept]
+            self.reference_cache.prepare(kept, rows, lambda: self._first_epoch(kept, batch["rows"]),
+                                         self._reference_of_rows)
+            logits = self.reference_cache.logits(kept, batch["rows"], batch["labels"][:, start:])
+            if logits is not None:
+                return logits
+        self.tokens += int(batch["attention_mask"].sum())
         with torch.no_grad():
             if self.reference_model is not None:
                 return forward_logits(self.reference_model, batch, start)
             with adapters_disabled(self.model):  # the model's own dropout is already off (step())
                 return forward_logits(self.model, batch, start)
+
+    def _first_epoch(self, name: str, first: list[dict]) -> list[list[int]]:
+        """The batches of set NAME's rows in the order training draws them from now: FIRST (the rows
+        of the batch asking), then the rest of its epoch as the sampler will pop it, then any row
+        not in them (an epoch that ends inside a batch), in BATCH_SIZE groups. reference_cache.py."""
+        rows, sampler = {"normal": (self.normal, self.normal_batches),
+                         "retain": (self.retain, self.retain_batches)}[name]
+        index = {id(row): i for i, row in enumerate(rows)}
+        head = [index[id(row)] for row in first]
+        rest = [i for i in reversed(sampler.order) if i not in head]
+        rest += [i for i in range(len(rows)) if i not in head and i not in rest]
+        size = self.config.batch_size
+        return [head] + [rest[lo:lo + size] for lo in range(0, len(rest), size)]
+
+    def _reference_of_rows(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The original's logits on ROWS, from their first scored position on, and their labels from there."""
+        batch = {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
+        start = first_scored_position(batch["labels"])
+        return self._reference_logits(batch, start), batch["labels"][:, start:]
 
     def _original_hidden(self, batch: dict) -> torch.Tensor:
         """RMU: the original model's h_ℓ (adapters off, or the frozen copy), without gradient."""
@@ -368,7 +408,6 @@ class Unlearner:
                                                                      labels, "rows", logits))]
             if method == "npo":
                 reference = self._reference_logits(batch, start)
-                self.tokens += int(batch["attention_mask"].sum())
                 # A mean over every row of this rank's share, and every rank has the same number of rows
                 # (--batch-size divides evenly), so the mean over ranks is already the global mean.
                 return [("npo", config.forget_weight, "all rows",
@@ -384,8 +423,7 @@ class Unlearner:
             return [("normal_nll", config.normal_weight, "rows",
                      distributed.global_mean(lambda: losses.mean_nll(logits, labels), labels, "rows", logits))]
         # normal: KL(p_orig || p_theta); retain: the same true KL, on the rows the user named must-keep
-        reference = self._reference_logits(batch, start)
-        self.tokens += int(batch["attention_mask"].sum())
+        reference = self._reference_logits(batch, start, kept=name)
         kl = distributed.global_mean(lambda: losses.kl_loss(reference, logits, labels), labels, "tokens", logits)
         if name == "normal":
             return [("kl", config.normal_weight, "tokens", kl)]
@@ -395,6 +433,7 @@ class Unlearner:
         """The trainable forward of ROWS: logits from their first scored position on, labels aligned, batch, start."""
         batch = {k: v.to(self.device) for k, v in collate(rows, self.pad_id).items()}
         self.tokens += int(batch["attention_mask"].sum())
+        batch["rows"] = rows  # the row objects, which key the reference logits kept between steps
         start = first_scored_position(batch["labels"])
         logits = forward_logits(self.forward_model, batch, start)
         return logits, batch["labels"][:, start:], batch, start

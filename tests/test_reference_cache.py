@@ -1,0 +1,74 @@
+"""reference_cache.py: the original's logits on normal and retain rows, computed once per run."""
+
+import torch
+
+from unlearn.losses import IGNORE_INDEX
+from unlearn.reference_cache import ReferenceLogits, scored_positions
+
+VOCAB = 3
+
+
+def batch_of(rows):
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX)
+    for i, r in enumerate(rows):
+        ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
+        labels[i, :len(r["labels"])] = torch.tensor(r["labels"])
+    return ids, labels
+
+
+def fake_run(calls):
+    """RUN(rows) of a model whose logit v at a position is 10 * that position's token + v."""
+    def run(rows):
+        calls.append(len(rows))
+        ids, labels = batch_of(rows)
+        return ids[..., None].float() * 10 + torch.arange(VOCAB).float(), labels
+    return run
+
+
+# prompt tokens, then response tokens (their labels); right-padded in a batch
+A = {"input_ids": [1, 2, 3, 4], "labels": [IGNORE_INDEX, IGNORE_INDEX, 3, 4]}
+B = {"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]}
+C = {"input_ids": [8, 9, 1, 2, 3], "labels": [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 2, 3]}
+
+
+def test_scored_positions_are_those_that_predict_a_response_token():
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4], [IGNORE_INDEX, 6, 7, IGNORE_INDEX]])
+    assert scored_positions(labels).tolist() == [[False, True, True, False], [True, True, False, False]]
+
+
+def test_every_row_runs_once_in_its_group_then_batches_are_rebuilt_from_them():
+    calls = []
+    cache = ReferenceLogits(VOCAB)
+    cache.prepare("normal", [A, B, C], lambda: [[2, 0], [1]], fake_run(calls))
+    cache.prepare("normal", [A, B, C], lambda: [[0, 1, 2]], fake_run(calls))  # prepared once
+    assert calls == [2, 1] and cache.groups == {"normal": [[2, 0], [1]]}
+    assert cache.bytes == 6 * VOCAB * 4  # 2 + 2 + 2 positions, float32
+    # A's positions 1 and 2 (tokens 2 and 3) predict its response; B's 0 and 1; C's 2 and 3
+    ids, labels = batch_of([C, A])
+    got = cache.logits("normal", [C, A], labels[:, 1:])  # a batch scored from position 1 on
+    assert got.shape == (2, 4, VOCAB)
+    assert got[1, :2].tolist() == [[20, 21, 22], [30, 31, 32]]  # A at 1, 2 -> 0, 1
+    assert got[0, 1:3].tolist() == [[10, 11, 12], [20, 21, 22]]  # C at 2, 3 -> 1, 2
+    mask = scored_positions(labels[:, 1:])
+    assert got[~mask].abs().sum() == 0  # the positions no loss reads are zeros
+    fresh = ids[:, 1:, None].float() * 10 + torch.arange(VOCAB).float()
+    assert torch.equal(got[mask], fresh[mask])  # where the KL reads: a fresh forward's numbers
+
+
+def test_a_set_beyond_the_budget_is_not_kept():
+    calls = []
+    cache = ReferenceLogits(VOCAB, budget=5 * VOCAB * 4)
+    cache.prepare("normal", [A, B], lambda: [[0, 1]], fake_run(calls))  # 4 positions: kept
+    cache.prepare("retain", [C, A], lambda: [[0, 1]], fake_run(calls))  # 4 more would pass 5: not run
+    assert calls == [2] and cache.logits("retain", [C], batch_of([C])[1]) is None
+    assert cache.logits("normal", [B], batch_of([B])[1]) is not None
+
+
+def test_groups_given_by_a_checkpoint_are_the_ones_run():
+    calls = []
+    cache = ReferenceLogits(VOCAB)
+    cache.groups = {"normal": [[1], [0, 2]]}
+    cache.prepare("normal", [A, B, C], lambda: [[0, 1, 2]], fake_run(calls))
+    assert calls == [1, 2]

@@ -1,0 +1,94 @@
+"""The original model's logits on the rows its KL terms read, computed once per run.
+
+The reference of `ga`'s KL terms (and every method's that has them) is the original model:
+the same weights with the LoRA adapters off, or the frozen copy of `--full`. It never changes
+during a run, yet every step ran it again on the normal and retain rows it drew: a forward
+pass over those rows for no new number, about a quarter of a step's work on the embedded
+model (the trainable pass costs a forward and a backward, ~3 forwards). So, the first time a
+step needs them, every normal (or retain) row is run once through the original, and each row's
+logits at the positions its KL reads are kept; every step then rebuilds its batch's reference
+from them.
+
+Which rows run together matters, to float rounding: a row's logits depend on the rows beside
+it (the batch's width, the matmuls' shapes) only through rounding, but at step 0 the KL must be
+exactly 0 (the trained pass is the original then), and a resumed run must train on the very
+same numbers as one never stopped (tests/test_checkpoints.py). So the rows run in the batches
+training draws in its first epoch (the batch that asks first, then the rest of its epoch in
+the order the sampler will draw them: `Unlearner._first_epoch`), and those groups of rows, a
+few integers, are saved in the checkpoint for a resumed run to run them the same way. Kept are
+the logits, not their log-softmax, so the loss computes from them exactly as from a fresh
+forward (`losses.kl_loss` reads only the kept positions; the rest of a rebuilt tensor is zeros).
+
+Memory: a position holds the vocabulary's width of logits (49152 floats, 192 KiB, on the
+embedded model). A set of rows whose logits would pass `BUDGET_BYTES` is not kept at all and
+runs through the original at every step, as before: counted before anything runs.
+
+One process only: under torchrun a forward of an FSDP-sharded model is a collective that every
+rank must join, and ranks hold different rows, so there each rank runs its reference as before.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from unlearn.losses import IGNORE_INDEX
+
+# 256 MiB: the README run's normal and probe rows take ~150 MB on the embedded model (27 + 13
+# rows); a normal file of thousands of rows is recomputed at every step instead.
+BUDGET_BYTES = 256 << 20
+
+
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(rows, width) mask of the logits positions the KL reads: position t predicts label t+1
+    (`losses.kl_loss`); the last position predicts nothing."""
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return mask
+
+
+class ReferenceLogits:
+    """Per set of rows (normal, retain): the original's logits of each row, keyed by the row
+    object (which lives as long as the run), at the positions its loss reads."""
+
+    def __init__(self, vocab_size: int, budget: int = BUDGET_BYTES):
+        self.vocab_size, self.budget = vocab_size, budget
+        self.kept: dict[int, torch.Tensor] = {}
+        self.prepared: dict[str, bool] = {}  # set name -> whether its rows are kept
+        self.groups: dict[str, list[list[int]]] = {}  # set name -> the row indices run together
+        self.bytes = 0
+
+    def prepare(self, name: str, rows: list[dict], groups: Callable[[], list[list[int]]],
+                run: Callable[[list[dict]], tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep the logits of every row of set NAME, if they fit the budget. RUN(rows) gives a batch's
+        logits and its labels from the same position on; GROUPS() the indices of ROWS run together,
+        unless a checkpoint already gave them (`self.groups`)."""
+        if name in self.prepared:
+            return
+        positions = sum(sum(label != IGNORE_INDEX for label in row["labels"][1:]) for row in rows)
+        size = positions * self.vocab_size * 4  # float32 logits; half precision ones take half
+        self.prepared[name] = bool(rows) and self.bytes + size <= self.budget
+        if not self.prepared[name]:
+            return
+        if name not in self.groups:
+            self.groups[name] = groups()
+        for group in self.groups[name]:
+            part = [rows[i] for i in group]
+            logits, labels = run(part)
+            mask = scored_positions(labels)
+            for i, row in enumerate(part):
+                kept = self.kept[id(row)] = logits[i][mask[i]].clone()  # its own storage: the batch's can go
+                self.bytes += kept.numel() * kept.element_size()
+
+    def logits(self, name: str, rows: list[dict], labels: torch.Tensor) -> torch.Tensor | None:
+        """The original's logits for a batch of ROWS of set NAME whose LABELS start where its logits
+        do; None when that set is not kept."""
+        if not self.prepared.get(name):
+            return None
+        mask = scored_positions(labels)
+        first = self.kept[id(rows[0])]
+        out = first.new_zeros((len(rows), labels.shape[1], self.vocab_size))
+        for i, row in enumerate(rows):
+            out[i][mask[i]] = self.kept[id(row)]
+        return out
