@@ -38,16 +38,19 @@ def test_scored_positions_are_those_that_predict_a_response_token():
     assert scored_positions(labels).tolist() == [[False, True, True, False], [True, True, False, False]]
 
 
-def test_every_row_runs_once_in_its_group_then_batches_are_rebuilt_from_them():
+def test_a_row_runs_once_with_its_group_then_batches_are_rebuilt_from_it():
     calls = []
     cache = ReferenceLogits(VOCAB)
-    cache.prepare("normal", [A, B, C], lambda: [[2, 0], [1]], fake_run(calls))
-    cache.prepare("normal", [A, B, C], lambda: [[0, 1, 2]], fake_run(calls))  # prepared once
-    assert calls == [2, 1] and cache.groups == {"normal": [[2, 0], [1]]}
-    assert cache.bytes == 6 * VOCAB * 4  # 2 + 2 + 2 positions, float32
-    # A's positions 1 and 2 (tokens 2 and 3) predict its response; B's 0 and 1; C's 2 and 3
+    rows = [A, B, C]
     ids, labels = batch_of([C, A])
-    got = cache.logits("normal", [C, A], labels[:, 1:])  # a batch scored from position 1 on
+
+    def ask(batch_rows, labels, start=0):
+        return cache.logits("normal", rows, batch_rows, labels[:, start:], lambda: [[2, 0], [1]], fake_run(calls))
+
+    got = ask([C, A], labels, 1)  # a batch scored from position 1 on: its group [C, A] runs
+    assert calls == [2] and cache.groups == {"normal": [[2, 0], [1]]}
+    assert cache.reserved == 6 * VOCAB * 4 and cache.bytes == 4 * VOCAB * 4  # 2 positions a row, float32
+    # A's positions 1 and 2 (tokens 2 and 3) predict its response; C's 2 and 3
     assert got.shape == (2, 4, VOCAB)
     assert got[1, :2].tolist() == [[20, 21, 22], [30, 31, 32]]  # A at 1, 2 -> 0, 1
     assert got[0, 1:3].tolist() == [[10, 11, 12], [20, 21, 22]]  # C at 2, 3 -> 1, 2
@@ -55,20 +58,23 @@ def test_every_row_runs_once_in_its_group_then_batches_are_rebuilt_from_them():
     assert got[~mask].abs().sum() == 0  # the positions no loss reads are zeros
     fresh = ids[:, 1:, None].float() * 10 + torch.arange(VOCAB).float()
     assert torch.equal(got[mask], fresh[mask])  # where the KL reads: a fresh forward's numbers
+    ask([A, B], batch_of([A, B])[1])  # B's group runs, A is read back
+    ask([B, C], batch_of([B, C])[1])  # nothing runs
+    assert calls == [2, 1] and cache.bytes == cache.reserved
 
 
 def test_a_set_beyond_the_budget_is_not_kept():
     calls = []
     cache = ReferenceLogits(VOCAB, budget=5 * VOCAB * 4)
-    cache.prepare("normal", [A, B], lambda: [[0, 1]], fake_run(calls))  # 4 positions: kept
-    cache.prepare("retain", [C, A], lambda: [[0, 1]], fake_run(calls))  # 4 more would pass 5: not run
-    assert calls == [2] and cache.logits("retain", [C], batch_of([C])[1]) is None
-    assert cache.logits("normal", [B], batch_of([B])[1]) is not None
+    # 4 positions: kept; 4 more would pass 5: that set is never run through here, nor kept
+    assert cache.logits("normal", [A, B], [A], batch_of([A])[1], lambda: [[0, 1]], fake_run(calls)) is not None
+    assert cache.logits("retain", [C, A], [C], batch_of([C])[1], lambda: [[0, 1]], fake_run(calls)) is None
+    assert calls == [2] and cache.keeps == {"normal": True, "retain": False}
 
 
 def test_groups_given_by_a_checkpoint_are_the_ones_run():
     calls = []
     cache = ReferenceLogits(VOCAB)
     cache.groups = {"normal": [[1], [0, 2]]}
-    cache.prepare("normal", [A, B, C], lambda: [[0, 1, 2]], fake_run(calls))
-    assert calls == [1, 2]
+    cache.logits("normal", [A, B, C], [C], batch_of([C])[1], lambda: [[0, 1, 2]], fake_run(calls))
+    assert calls == [2]  # C's group from the checkpoint: A and C

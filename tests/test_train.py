@@ -281,7 +281,7 @@ def test_kept_reference_logits_train_as_recomputed_ones(llama_dir):
     for _ in range(6):
         a, b = kept.step(), fresh.step()
         assert a["kl"] == pytest.approx(b["kl"], rel=1e-3, abs=1e-7)  # float rounding of other batch shapes
-    assert kept.reference_cache.prepared == {"normal": True} and len(kept.reference_cache.kept) == 4
+    assert kept.reference_cache.keeps == {"normal": True} and len(kept.reference_cache.kept) == 4
     normal_tokens = sum(len(row["input_ids"]) for row in kept.normal)
     assert fresh.tokens - kept.tokens == 3 * normal_tokens - normal_tokens  # 12 row forwards vs 4
     for (a_A, a_B), (b_A, b_B) in zip(lora_state(kept.model).values(), lora_state(fresh.model).values()):

@@ -4,18 +4,19 @@ The reference of `ga`'s KL terms (and every method's that has them) is the origi
 the same weights with the LoRA adapters off, or the frozen copy of `--full`. It never changes
 during a run, yet every step ran it again on the normal and retain rows it drew: a forward
 pass over those rows for no new number, about a quarter of a step's work on the embedded
-model (the trainable pass costs a forward and a backward, ~3 forwards). So, the first time a
-step needs them, every normal (or retain) row is run once through the original, and each row's
-logits at the positions its KL reads are kept; every step then rebuilds its batch's reference
-from them.
+model (the trainable pass costs a forward and a backward, ~3 forwards). So each normal (or
+retain) row is run once through the original, and its logits at the positions its KL reads are
+kept; every step then rebuilds its batch's reference from them.
 
 Which rows run together matters, to float rounding: a row's logits depend on the rows beside
 it (the batch's width, the matmuls' shapes) only through rounding, but at step 0 the KL must be
 exactly 0 (the trained pass is the original then), and a resumed run must train on the very
 same numbers as one never stopped (tests/test_checkpoints.py). So the rows run in the batches
 training draws in its first epoch (the batch that asks first, then the rest of its epoch in
-the order the sampler will draw them: `Unlearner._first_epoch`), and those groups of rows, a
-few integers, are saved in the checkpoint for a resumed run to run them the same way. Kept are
+the order the sampler will draw them: `Unlearner._first_epoch`), each group when a batch first
+needs one of its rows (in the first epoch, the very batch: no forward is added, and a short
+run computes no row it never draws), and those groups of rows, a few integers, are saved in
+the checkpoint for a resumed run to run them the same way. Kept are
 the logits, not their log-softmax, so the loss computes from them exactly as from a fresh
 forward (`losses.kl_loss` reads only the kept positions; the rest of a rebuilt tensor is zeros).
 
@@ -55,40 +56,45 @@ class ReferenceLogits:
     def __init__(self, vocab_size: int, budget: int = BUDGET_BYTES):
         self.vocab_size, self.budget = vocab_size, budget
         self.kept: dict[int, torch.Tensor] = {}
-        self.prepared: dict[str, bool] = {}  # set name -> whether its rows are kept
         self.groups: dict[str, list[list[int]]] = {}  # set name -> the row indices run together
-        self.bytes = 0
+        self.keeps: dict[str, bool] = {}  # set name -> whether its rows are kept (within the budget)
+        self.reserved = 0  # bytes the kept sets will take once every row has run
+        self.bytes = 0  # bytes kept so far
+        self._group_of: dict[str, dict[int, list[int]]] = {}  # set name -> id(row) -> its group
 
-    def prepare(self, name: str, rows: list[dict], groups: Callable[[], list[list[int]]],
-                run: Callable[[list[dict]], tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Keep the logits of every row of set NAME, if they fit the budget. RUN(rows) gives a batch's
-        logits and its labels from the same position on; GROUPS() the indices of ROWS run together,
-        unless a checkpoint already gave them (`self.groups`)."""
-        if name in self.prepared:
-            return
-        positions = sum(sum(label != IGNORE_INDEX for label in row["labels"][1:]) for row in rows)
-        size = positions * self.vocab_size * 4  # float32 logits; half precision ones take half
-        self.prepared[name] = bool(rows) and self.bytes + size <= self.budget
-        if not self.prepared[name]:
-            return
-        if name not in self.groups:
-            self.groups[name] = groups()
-        for group in self.groups[name]:
-            part = [rows[i] for i in group]
-            logits, labels = run(part)
-            mask = scored_positions(labels)
-            for i, row in enumerate(part):
-                kept = self.kept[id(row)] = logits[i][mask[i]].clone()  # its own storage: the batch's can go
-                self.bytes += kept.numel() * kept.element_size()
+    def logits(self, name: str, rows: list[dict], batch_rows: list[dict], labels: torch.Tensor,
+               groups: Callable[[], list[list[int]]],
+               run: Callable[[list[dict]], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+        """The original's logits for BATCH_ROWS, rows of set NAME (ROWS, in order), whose LABELS start
+        where its logits do; None when the set does not fit the budget.
 
-    def logits(self, name: str, rows: list[dict], labels: torch.Tensor) -> torch.Tensor | None:
-        """The original's logits for a batch of ROWS of set NAME whose LABELS start where its logits
-        do; None when that set is not kept."""
-        if not self.prepared.get(name):
+        The first call decides for the set: its size is counted before anything runs, and GROUPS()
+        gives the indices of ROWS to run together, unless a checkpoint gave them (`self.groups`).
+        A row not kept yet runs with its group: RUN(rows) gives a batch's logits and its labels
+        from the same position on.
+        """
+        if name not in self.keeps:
+            positions = sum(sum(label != IGNORE_INDEX for label in row["labels"][1:]) for row in rows)
+            size = positions * self.vocab_size * 4  # float32 logits; half precision ones take half
+            self.keeps[name] = bool(rows) and self.reserved + size <= self.budget
+            if not self.keeps[name]:
+                return None
+            self.reserved += size
+            self.groups.setdefault(name, groups())
+            self._group_of[name] = {id(rows[i]): group for group in self.groups[name] for i in group}
+        if not self.keeps[name]:
             return None
+        for row in batch_rows:
+            if id(row) not in self.kept:
+                part = [rows[i] for i in self._group_of[name][id(row)]]
+                logits, part_labels = run(part)
+                mask = scored_positions(part_labels)
+                for i, member in enumerate(part):
+                    kept = self.kept[id(member)] = logits[i][mask[i]].clone()  # own storage: the batch's can go
+                    self.bytes += kept.numel() * kept.element_size()
         mask = scored_positions(labels)
-        first = self.kept[id(rows[0])]
-        out = first.new_zeros((len(rows), labels.shape[1], self.vocab_size))
-        for i, row in enumerate(rows):
+        first = self.kept[id(batch_rows[0])]
+        out = first.new_zeros((len(batch_rows), labels.shape[1], self.vocab_size))
+        for i, row in enumerate(batch_rows):
             out[i][mask[i]] = self.kept[id(row)]
         return out

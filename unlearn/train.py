@@ -323,9 +323,9 @@ class Unlearner:
         """
         if kept is not None and self.reference_cache is not None:
             rows = {"normal": self.normal, "retain": self.retain}[kept]
-            self.reference_cache.prepare(kept, rows, lambda: self._first_epoch(kept, batch["rows"]),
-                                         self._reference_of_rows)
-            logits = self.reference_cache.logits(kept, batch["rows"], batch["labels"][:, start:])
+            logits = self.reference_cache.logits(kept, rows, batch["rows"], batch["labels"][:, start:],
+                                                 lambda: self._first_epoch(kept, batch["rows"]),
+                                                 self._reference_of_rows)
             if logits is not None:
                 return logits
         self.tokens += int(batch["attention_mask"].sum())
