@@ -61,6 +61,10 @@ def test_a_row_runs_once_with_its_group_then_batches_are_rebuilt_from_it():
     ask([A, B], batch_of([A, B])[1])  # B's group runs, A is read back
     ask([B, C], batch_of([B, C])[1])  # nothing runs
     assert calls == [2, 1] and cache.bytes == cache.reserved
+    cache.release()  # training is over
+    assert cache.bytes == 0 and not cache.kept
+    ask([B], batch_of([B])[1])  # a later step runs B's group again, the same group
+    assert calls == [2, 1, 1]
 
 
 def test_a_set_beyond_the_budget_is_not_kept():

@@ -98,3 +98,9 @@ class ReferenceLogits:
         for i, row in enumerate(batch_rows):
             out[i][mask[i]] = self.kept[id(row)]
         return out
+
+    def release(self) -> None:
+        """Free the kept logits (training is over: evaluation should not carry them); the groups
+        stay, so a later step would run them again the same way."""
+        self.kept.clear()
+        self.bytes = 0

@@ -648,6 +648,8 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                     raise StopRequested(unlearner.step_count, saved)
         finally:
             bar.close()
+            if unlearner.reference_cache is not None:
+                unlearner.reference_cache.release()
     seconds = previous_seconds + time.perf_counter() - start - (check_seconds - previous_checks)
     return TrainResult(steps=unlearner.step_count, stopped_by=stopped_by, seconds=seconds,
                        tokens=unlearner.tokens, history=history, check_seconds=check_seconds)
