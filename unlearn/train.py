@@ -635,7 +635,8 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                     check_seconds += time.perf_counter() - t
                     record["forget_leak"] = leak
                     if log:  # a check that is not done ended at its verdict: its rate is a lower bound
-                        log(f"step {unlearner.step_count}: forget leak rate {'' if done else '≥ '}{leak:.2f}")
+                        log(f"step {unlearner.step_count}: forget leak rate {'≥ ' if not done and leak < 1 else ''}"
+                            f"{leak:.2f}")
                     if done:
                         stopped_by = "forgotten"
                         stop_at = min(config.max_steps, unlearner.step_count + config.extra_steps)
