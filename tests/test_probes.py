@@ -227,3 +227,23 @@ def test_retain_probes_trains_on_the_probes_answers(tmp_path, llama_dir, cli, mo
     assert all(record["roles"][name] == "trained" for name in record["probes"]["sets"] if name in record["roles"])
     refused = cli("run", forget, normal, "-o", tmp_path / "x", "--retain-probes", "--no-probes", *args)
     assert refused.code == 2 and "--retain-probes" in refused.err
+
+
+def test_scores_side_by_side_on_a_cpu_are_the_one_batch_scores(monkeypatch):
+    from unlearn import cpu_parts
+
+    hood = probes.Neighbourhood(BigramModel(), BigramTokenizer(), {"france"})
+    texts = [f"Question: capital of {c}?" for c in ("France", "Spain", "Germany", "Knee")] + \
+            [f"Question: {c}" for c in ("France", "Spain", "Germany", "Knee", "Mesopotamia")]
+    one = hood._batch_logprobs(texts)
+    pieces = []
+    real = cpu_parts.run_pieces
+    monkeypatch.setattr(cpu_parts, "run_pieces", lambda work: pieces.append(len(work)) or real(work))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        side_by_side = hood._logprobs(texts)  # 9 texts: two pieces of 4 and 5
+        alone = hood._logprobs(texts[:7])  # 7 texts: fewer than 4 a piece, one batch
+    finally:
+        torch.set_num_threads(threads)
+    assert pieces == [2] and side_by_side == pytest.approx(one, abs=1e-6) and alone == pytest.approx(one[:7], abs=1e-6)

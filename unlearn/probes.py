@@ -71,6 +71,9 @@ SAME_SUBJECT = "same subject"
 PER_ROW = 2  # probes of each kind per forget row
 DEFAULT_LIMIT = 12  # probes of each kind per run: two sets of 12 add about a minute on 2 cores (README)
 POOL = 10  # nearest whole-word candidates per subject, before the plausibility test
+# The fewest texts a piece of `Neighbourhood._logprobs` runs side by side (cpu_parts.py), as generation's
+# fewest rows per worker.
+MIN_TEXTS_PER_PIECE = 4
 PMI_MARGIN = 2.0  # nats: how much less natural in the prompt than the subject a replacement may read
 SCORE_PREFIX = "Question: "  # context before a scored text, so that its first word is scored too
 ANSWER_TOKENS = 32  # the probes' answer budget, before and after (whatever --max-new-tokens is)
@@ -247,7 +250,22 @@ class Neighbourhood:
         return [candidates[i] for i in ranked if pmi[i + 1] >= threshold]
 
     def _logprobs(self, texts: list[str]) -> list[float]:
-        """log p(text) of each text's tokens after its first, under the model, in one padded batch."""
+        """log p(text) of each text's tokens after its first, under the model: one padded batch, or on a
+        CPU with T >= 2 torch threads and at least MIN_TEXTS_PER_PIECE texts a piece, T batches of
+        consecutive texts side by side, one torch thread each (cpu_parts.py: the same numbers to float
+        rounding, and under load from other processes no barrier waiting on a thread set aside)."""
+        from unlearn.cpu_parts import parallel_pieces, run_pieces
+
+        pieces = parallel_pieces(self.model, len(texts), MIN_TEXTS_PER_PIECE)
+        if pieces == 1:
+            return self._batch_logprobs(texts)
+        bounds = [round(i * len(texts) / pieces) for i in range(pieces + 1)]
+        parts = run_pieces([lambda cancelled, part=texts[lo:hi]: self._batch_logprobs(part)
+                            for lo, hi in zip(bounds, bounds[1:])])
+        return [value for part in parts for value in part]
+
+    def _batch_logprobs(self, texts: list[str]) -> list[float]:
+        """`_logprobs` of TEXTS in one padded batch."""
         import torch
 
         ids, mask = self._padded([self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts])
