@@ -16,9 +16,9 @@ training draws in its first epoch (the batch that asks first, then the rest of i
 the order the sampler will draw them: `Unlearner._first_epoch`), each group when a batch first
 needs one of its rows (in the first epoch, the very batch: no forward is added, and a short
 run computes no row it never draws), and those groups of rows, a few integers, are saved in
-the checkpoint for a resumed run to run them the same way. Kept are
-the logits, not their log-softmax, so the loss computes from them exactly as from a fresh
-forward (`losses.kl_loss` reads only the kept positions; the rest of a rebuilt tensor is zeros).
+the checkpoint for a resumed run to run them the same way. Kept are the logits, not their
+log-softmax, so the loss computes from them exactly as from a fresh forward
+(`losses.kl_loss` reads only the kept positions; the rest of a rebuilt tensor is zeros).
 
 Memory: a position holds the vocabulary's width of logits (49152 floats, 192 KiB, on the
 embedded model). A set of rows whose logits would pass `BUDGET_BYTES` is not kept at all and
