@@ -242,3 +242,11 @@ def test_an_error_in_one_part_ends_the_batch_with_it(llama_dir, two_parts):
     with pytest.raises(ValueError, match="bad row"):
         generate(model, tokenizer, PROMPTS, batch_size=len(PROMPTS), max_new_tokens=NEW, desc=False, stop_row=stop_row)
     assert two_parts == [2] and torch.get_num_threads() == 2
+
+
+def test_slices_are_consecutive_and_as_equal_as_can_be():
+    from unlearn.cpu_parts import slices
+
+    assert slices(9, 2) == [(0, 4), (4, 9)]  # round(4.5) is 4: the banker's rounding of Python
+    assert slices(8, 2) == [(0, 4), (4, 8)]
+    assert slices(10, 3) == [(0, 3), (3, 7), (7, 10)]

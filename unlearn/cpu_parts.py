@@ -34,6 +34,12 @@ def parallel_pieces(model, units: int, min_units: int) -> int:
     return threads
 
 
+def slices(units: int, pieces: int) -> list[tuple[int, int]]:
+    """(start, end) of PIECES consecutive runs of UNITS units, as equal as can be, in order."""
+    bounds = [round(i * units / pieces) for i in range(pieces + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
 def run_pieces(pieces: list[Callable[[Callable[[], bool]], object]]) -> list:
     """Each PIECE(cancelled) on its own thread with one torch thread (the first on the calling thread, so that
     Ctrl-C interrupts it); their results in order. CANCELLED() turns True once any piece has failed, so that

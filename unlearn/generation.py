@@ -41,7 +41,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from unlearn.cpu_parts import Cancelled, parallel_pieces, run_pieces
+from unlearn.cpu_parts import Cancelled, parallel_pieces, run_pieces, slices
 from unlearn.data import encode_prompt
 from unlearn.kv_cache import cache_argument, new_cache, prefix_applies, run_prefix, shared_length
 
@@ -214,9 +214,6 @@ def _greedy_parts(model, input_ids, attention, parts: int, *, should_stop, score
     decode; only the number of rows around it in each matmul changes (float rounding, as with the
     thread count: bench/generation_bench.py counts outputs identical to `model.generate`'s).
     """
-    rows = input_ids.shape[0]
-    bounds = [round(i * rows / parts) for i in range(parts + 1)]
-
     def part(lo: int, hi: int):
         def run(cancelled):
             check = None if should_stop is None else (lambda row, ids: should_stop(lo + row, ids))
@@ -226,7 +223,7 @@ def _greedy_parts(model, input_ids, attention, parts: int, *, should_stop, score
             return tokens, own
         return run
 
-    results = run_pieces([part(bounds[i], bounds[i + 1]) for i in range(parts)])
+    results = run_pieces([part(lo, hi) for lo, hi in slices(input_ids.shape[0], parts)])
     if scored is not None:
         scored.extend(s for _, own in results for s in own)
     return [row for tokens, _ in results for row in tokens]

@@ -254,14 +254,13 @@ class Neighbourhood:
         CPU with T >= 2 torch threads and at least MIN_TEXTS_PER_PIECE texts a piece, T batches of
         consecutive texts side by side, one torch thread each (cpu_parts.py: the same numbers to float
         rounding, and under load from other processes no barrier waiting on a thread set aside)."""
-        from unlearn.cpu_parts import parallel_pieces, run_pieces
+        from unlearn.cpu_parts import parallel_pieces, run_pieces, slices
 
         pieces = parallel_pieces(self.model, len(texts), MIN_TEXTS_PER_PIECE)
         if pieces == 1:
             return self._batch_logprobs(texts)
-        bounds = [round(i * len(texts) / pieces) for i in range(pieces + 1)]
         parts = run_pieces([lambda cancelled, part=texts[lo:hi]: self._batch_logprobs(part)
-                            for lo, hi in zip(bounds, bounds[1:])])
+                            for lo, hi in slices(len(texts), pieces)])
         return [value for part in parts for value in part]
 
     def _batch_logprobs(self, texts: list[str]) -> list[float]:
