@@ -322,7 +322,7 @@ class Unlearner:
         again): read from the logits computed once per run (`reference_cache`), when they are kept.
         """
         if kept is not None and self.reference_cache is not None:
-            rows = {"normal": self.normal, "retain": self.retain}[kept]
+            rows, _ = self._kept_set(kept)
             logits = self.reference_cache.logits(kept, rows, batch["rows"], batch["labels"][:, start:],
                                                  lambda: self._first_epoch(kept, batch["rows"]),
                                                  self._reference_of_rows)
@@ -335,12 +335,15 @@ class Unlearner:
             with adapters_disabled(self.model):  # the model's own dropout is already off (step())
                 return forward_logits(self.model, batch, start)
 
+    def _kept_set(self, name: str) -> tuple[list[dict], Batches]:
+        """The rows of set NAME ("normal", "retain") whose reference logits are kept, and their sampler."""
+        return {"normal": (self.normal, self.normal_batches), "retain": (self.retain, self.retain_batches)}[name]
+
     def _first_epoch(self, name: str, first: list[dict]) -> list[list[int]]:
         """The batches of set NAME's rows in the order training draws them from now: FIRST (the rows
         of the batch asking), then the rest of its epoch as the sampler will pop it, then any row
         not in them (an epoch that ends inside a batch), in BATCH_SIZE groups. reference_cache.py."""
-        rows, sampler = {"normal": (self.normal, self.normal_batches),
-                         "retain": (self.retain, self.retain_batches)}[name]
+        rows, sampler = self._kept_set(name)
         index = {id(row): i for i, row in enumerate(rows)}
         head = [index[id(row)] for row in first]
         rest = [i for i in reversed(sampler.order) if i not in head]
