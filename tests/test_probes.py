@@ -57,22 +57,6 @@ def test_first_clause(text, clause):
     assert probes.first_clause(text) == clause
 
 
-def test_retain_rows_hold_each_original_answers_first_clause():
-    records = [
-        {"prompt": "What is the capital of Spain?", "reference": "The capital of Spain is Madrid, a large city."},
-        {"prompt": "What is the capital of Peru?", "reference": "Lima, of course.", "dropped": "no answer words"},
-        {"prompt": "Capital of France?", "reference": "It is Paris.", "dropped": probes.HOLDS_FORGET + ": expected"},
-        {"prompt": "Anything?", "reference": "  "},
-        {"prompt": "Why?", "reference": "..."},
-    ]
-    rows = probes.retain_rows(records, probes.NEIGHBOURS, first_line=3)
-    assert [(r.prompt, r.response, r.line, r.extra) for r in rows] == [
-        ("What is the capital of Spain?", "The capital of Spain is Madrid", 3, {"probe": probes.NEIGHBOURS}),
-        ("What is the capital of Peru?", "Lima", 4, {"probe": probes.NEIGHBOURS}),  # unmeasured, still the original's
-        ("Why?", "...", 5, {"probe": probes.NEIGHBOURS})]  # no clause to cut: the whole answer
-    assert [r.get("trained_on") for r in records] == ["The capital of Spain is Madrid", "Lima", None, None, "..."]
-
-
 @pytest.mark.parametrize("a, b, near", [("france", "french", True), ("kenya", "kenyan", True),
                                         ("spain", "spanish", True), ("china", "chile", False),
                                         ("poland", "portugal", False), ("egypt", "eritrea", False)])
@@ -238,9 +222,7 @@ def test_retain_probes_trains_on_the_probes_answers(tmp_path, llama_dir, cli, mo
     rows = [json.loads(line) for line in (out / "probes.jsonl").read_text().splitlines()]
     expected = [r for r in rows if r["reference"].strip() and "forget answer" not in r.get("dropped", "")]
     assert record["probes"]["retained"] == len(expected) == len(rows) - 1 >= 1  # not the one saying "Paris"
-    assert "forget answer" in rows[0]["dropped"] and "trained_on" not in rows[0]
-    # the KL holds the first clause of each original answer, the words that state the fact
-    assert {r["trained_on"] for r in rows[1:]} == {"It is Lyon"}
+    assert "forget answer" in rows[0]["dropped"]
     assert all("retain_kl" in step for step in record["history"])
     assert all(record["roles"][name] == "trained" for name in record["probes"]["sets"] if name in record["roles"])
     refused = cli("run", forget, normal, "-o", tmp_path / "x", "--retain-probes", "--no-probes", *args)

@@ -367,28 +367,6 @@ def first_clause(text: str) -> str:
     return text[:match.start() + (match.group() in ".!?")].strip() if match else text
 
 
-def retain_rows(records: list[dict], kind: str, first_line: int = 1) -> list[Example]:
-    """The probes of RECORDS (keep_answered's) that --retain-probes trains on, as retain rows; each
-    record trained on gets a `trained_on` field (probes.jsonl) with the response the KL holds.
-
-    Every probe whose original answer holds no forget answer, kept for measurement or not (its
-    answer is still what the original says). The response is the answer's first clause, not the
-    whole answer: the retain KL is a mean over response tokens, and a 32-token answer that runs on
-    past the fact ("The capital of Canada is Ottawa, which is located in ...") gives the tokens
-    that state it a thirtieth of the weight, while the ascent pushes on the forget answer's tokens
-    alone. Measured on the quality benchmark's dev split (docs/quality.md, "Retain probes cut at
-    their first clause"): on `capitals` neighbours kept went 0.03 -> 0.30 over seeds 0-2.
-    """
-    rows = []
-    for record in records:
-        reference = record["reference"].strip()
-        if not reference or record.get("dropped", "").startswith(HOLDS_FORGET):
-            continue
-        record["trained_on"] = first_clause(reference) or reference  # "...": no clause to cut
-        rows.append(Example(record["prompt"], record["trained_on"], first_line + len(rows), {"probe": kind}))
-    return rows
-
-
 def keep_answered(probes: list[Probe], outputs: list[str], forget: list) -> tuple[list[Example], list[dict]]:
     """The probes the original model's OUTPUTS make checkable, as retain rows with `answers`; and every
     probe's record (for probes.jsonl), kept or not and why."""

@@ -333,7 +333,7 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
     measurements, scored through a Measurer from those very answers (not generated twice).
     DATA.probes gets every probe, kept or dropped and why, for probes.jsonl and run.json; with
     --retain-probes, every probe whose original answer holds no forget answer joins the retain rows,
-    that answer's first clause as its response (probes.retain_rows).
+    that answer as its response.
     """
     from dataclasses import replace
 
@@ -365,7 +365,8 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
         records += kind_records
         counts[kind] = {"made": len(mine), "kept": len(kept)}
         if opts.retain_probes:
-            trained += probes.retain_rows(kind_records, kind, first_line=len(trained) + 1)
+            trained += [Example(r["prompt"], r["reference"], len(trained) + 1, {"probe": kind}) for r in kind_records
+                        if r["reference"].strip() and not r.get("dropped", "").startswith(probes.HOLDS_FORGET)]
         if not kept:
             log(f"probes: no {kind} probe to measure ({len(mine)} made, none with answer words to check)")
             continue
