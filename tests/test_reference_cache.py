@@ -1,5 +1,6 @@
 """reference_cache.py: the original's logits on normal and retain rows, computed once per run."""
 
+import pytest
 import torch
 
 from unlearn.losses import IGNORE_INDEX
@@ -80,5 +81,5 @@ def test_groups_given_by_a_checkpoint_are_the_ones_run():
     calls = []
     cache = ReferenceLogits(VOCAB)
     cache.groups = {"normal": [[1], [0, 2]]}
-    cache.logits("normal", [A, B, C], [C], batch_of([C])[1], lambda: [[0, 1, 2]], fake_run(calls))
+    cache.logits("normal", [A, B, C], [C], batch_of([C])[1], lambda: pytest.fail("groups asked for"), fake_run(calls))
     assert calls == [2]  # C's group from the checkpoint: A and C

@@ -174,6 +174,16 @@ def test_max_steps_caps_a_run_that_never_forgets(llama_dir):
     assert result.steps == 4 and result.stopped_by == "max_steps"
 
 
+def test_a_check_that_ended_at_its_verdict_logs_its_rate_as_a_lower_bound(llama_dir):
+    u = unlearner(llama_dir, max_steps=3, check_every=1)
+    verdicts = iter([(False, 0.25), (False, 1.0), (True, 0.0)])  # (done, leak rate) of each check
+    lines = []
+    train(u, forgotten=lambda: next(verdicts), log=lines.append)
+    # not done below 1: the check stopped counting once the verdict was clear; 1 cannot be exceeded
+    assert [line for line in lines if "forget leak" in line] == [
+        "step 1: forget leak rate ≥ 0.25", "step 2: forget leak rate 1.00", "step 3: forget leak rate 0.00"]
+
+
 def test_full_fine_tuning_uses_a_frozen_reference(llama_dir):
     import copy
 

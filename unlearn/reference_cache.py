@@ -77,11 +77,11 @@ class ReferenceLogits:
             positions = sum(sum(label != IGNORE_INDEX for label in row["labels"][1:]) for row in rows)
             size = positions * self.vocab_size * 4  # float32 logits; half precision ones take half
             self.keeps[name] = bool(rows) and self.reserved + size <= self.budget
-            if not self.keeps[name]:
-                return None
-            self.reserved += size
-            self.groups.setdefault(name, groups())
-            self._group_of[name] = {id(rows[i]): group for group in self.groups[name] for i in group}
+            if self.keeps[name]:
+                self.reserved += size
+                if name not in self.groups:  # a checkpoint's groups stand; else the first epoch's
+                    self.groups[name] = groups()
+                self._group_of[name] = {id(rows[i]): group for group in self.groups[name] for i in group}
         if not self.keeps[name]:
             return None
         for row in batch_rows:
