@@ -1,13 +1,14 @@
 """Greedy generation speed against the machine's limit, measured in one run.
 
-    .venv/bin/python bench/generation_bench.py [--model M] [--max-new-tokens 48] [--batch-size 64]
-                                               [--threads 2] [--splits forget,normal,...] [--skip-old]
-                                               [--rounds 2] [--json]
+    .venv/bin/python bench/generation_bench.py [--model M] [--max-new-tokens 48] [--batch-size 128]
+                                               [--threads 2] [--splits forget,normal,...] [--per-file]
+                                               [--skip-old] [--rounds 2] [--json]
 
 Workload: what `unlearn run` generates for its before/after table: the prompts of
-examples/{forget,normal,forget_paraphrases,heldout}.jsonl, one `generate` call per
-file, greedy, --max-new-tokens new tokens, batches of --batch-size, on the embedded
-model unless --model. Two implementations run in the order old, new, new, old (so
+examples/{forget,normal,forget_paraphrases,heldout}.jsonl in one `generate` call, as
+`measure.Measurer.answer_sets` pools a run's sets (--per-file: one call per file, the
+workload before the sets were pooled: smaller batches), greedy, --max-new-tokens new
+tokens, batches of --batch-size, on the embedded model unless --model. Two implementations run in the order old, new, new, old (so
 slow drift in the machine's load hits both alike; --rounds 1: old, new):
 `unlearn.generation.generate_hf` (every batch through `model.generate`: the
 implementation before this bench) and `unlearn.generation.generate` (the own decode
@@ -21,10 +22,13 @@ the wall clock of the `generate` calls (the better of the runs of each).
 
 The limit (the `limit_*` keys). Three rates are measured in the same process, just
 before the timed runs:
-  R_dec  FLOP/s of torch's matmul at decode shape: x[batch, K] @ W[N', K].T for each
+  R_dec  FLOP/s of torch's matmul at decode shape: x[rows, K] @ W[N', K].T for each
          distinct (N, K) of the model's nn.Linear layers, N' <= N rows of W so that it
-         stays in cache: the arithmetic rate without waiting on memory.
-  R_pre  the same at prefill shape: x[batch * 40, K].
+         stays in cache: the arithmetic rate without waiting on memory. The best over
+         rows in DECODE_ROWS (and --batch-size): a limit that does not depend on the batch
+         size the run chose (at 2 threads the rate peaks near 64 rows: 172 GFLOP/s there,
+         138 at 128 in one run).
+  R_pre  the same at prefill shape: x[rows * 40, K], the best over the same rows.
   BW     bytes/s of reading a 256 MB float32 tensor (`sum`), far larger than the caches.
 Per-token cost model. Let P_lin be the parameters of the nn.Linear layers (the LM head
 included, once even when tied to the embedding), P_head those of the LM head, and per
@@ -83,13 +87,20 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model spec for unlearn.models.load_model [default: embedded]")
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--batch-size", type=int, default=64, help="as config.GEN_BATCH_SIZE, the tool's default [default: 64]")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="rows per batch [default: config.GEN_BATCH_SIZE, the tool's default]")
+    parser.add_argument("--per-file", action="store_true", help="one generate call per file, not one for all")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads [default: 2]")
     parser.add_argument("--splits", default=",".join(SPLITS), help="which examples/*.jsonl files [default: all four]")
     parser.add_argument("--skip-old", action="store_true", help="time only the new implementation (once)")
     parser.add_argument("--rounds", type=int, default=2, help="2: old, new, new, old; 1: old, new [default: 2]")
     parser.add_argument("--json", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.batch_size is None:
+        from unlearn.config import GEN_BATCH_SIZE
+
+        args.batch_size = GEN_BATCH_SIZE
+    return args
 
 
 def _best_rate(fn, work: float, repeats: int = 10) -> float:
@@ -101,6 +112,10 @@ def _best_rate(fn, work: float, repeats: int = 10) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return work / best
+
+
+# The row counts R_dec and R_pre are measured at (the best one counts).
+DECODE_ROWS = (16, 32, 64, 128, 256)
 
 
 def measure_machine(model, batch_size: int) -> dict:
@@ -126,8 +141,9 @@ def measure_machine(model, batch_size: int) -> dict:
         return flops / seconds
 
     with torch.inference_mode():
-        r_dec = matmul_rate(batch_size)
-        r_pre = matmul_rate(batch_size * 40)
+        row_counts = sorted({*DECODE_ROWS, batch_size})
+        r_dec = max(matmul_rate(rows) for rows in row_counts)
+        r_pre = max(matmul_rate(rows * 40) for rows in row_counts)
         big = torch.ones(64 * 2**20, dtype=torch.float32)
         bw = _best_rate(lambda: big.sum(), big.numel() * 4.0)
     return {"R_dec": r_dec, "R_pre": r_pre, "BW": bw}
@@ -185,11 +201,19 @@ def load_prompts(splits: list[str]) -> dict[str, list[str]]:
 def timed_run(fn, loaded, prompts: dict[str, list[str]], args) -> tuple[float, float, dict, list[dict]]:
     """Wall and CPU seconds, outputs per split and batch records of FN (generate or generate_hf)."""
     outputs, record = {}, []
+    calls = (dict(prompts) if args.per_file
+             else {"all": [p for split in prompts.values() for p in split]})
     start, cpu_start = time.perf_counter(), time.process_time()
+    answers = {name: fn(loaded.model, loaded.tokenizer, split, batch_size=args.batch_size,
+                        max_new_tokens=args.max_new_tokens, desc=False, record=record)
+               for name, split in calls.items()}
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    if args.per_file:
+        return seconds, cpu_seconds, answers, record
+    pooled, first = answers["all"], 0
     for name, split in prompts.items():
-        outputs[name] = fn(loaded.model, loaded.tokenizer, split, batch_size=args.batch_size,
-                           max_new_tokens=args.max_new_tokens, desc=False, record=record)
-    return time.perf_counter() - start, time.process_time() - cpu_start, outputs, record
+        outputs[name], first = pooled[first:first + len(split)], first + len(split)
+    return seconds, cpu_seconds, outputs, record
 
 
 def stop_check_seconds(tokenizer, record: list[dict], outputs: dict[str, list[str]], every: int) -> float:
@@ -246,6 +270,7 @@ def main(argv=None):
         "prompts": sum(map(len, prompts.values())),
         "batches": len(record),
         "batch_size": args.batch_size,
+        "workload": "per-file" if args.per_file else "pooled",
         "max_new_tokens": args.max_new_tokens,
         "new_tokens": tokens,
         "prompt_tokens": sum(batch["prompt_tokens"] for batch in record),

@@ -250,3 +250,31 @@ def test_slices_are_consecutive_and_as_equal_as_can_be():
     assert slices(9, 2) == [(0, 4), (4, 9)]  # round(4.5) is 4: the banker's rounding of Python
     assert slices(8, 2) == [(0, 4), (4, 8)]
     assert slices(10, 3) == [(0, 3), (3, 7), (7, 10)]
+
+
+@pytest.mark.parametrize("which", ["llama_dir", "opt_dir"])
+def test_batches_are_capped_by_the_kv_cache_budget(request, which, monkeypatch):
+    from unlearn import generation
+    from unlearn.measure import generation_batches, generation_rows
+
+    model, tokenizer = load(request.getfixturevalue(which))
+    c = model.config
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    # keys and values, every layer, float32
+    per_position = 2 * c.num_hidden_layers * kv_heads * (c.hidden_size // c.num_attention_heads) * 4
+    assert generation.kv_bytes_per_position(model) == per_position
+    assert generation.kv_bytes_per_position(model.to(torch.bfloat16)) == per_position // 2
+    model.to(torch.float32)
+    longest = max(len(encode_prompt(tokenizer, p)) for p in PROMPTS)
+    # a budget for exactly 2 rows of the longest prompt plus NEW tokens (and a byte short of 3)
+    monkeypatch.setattr(generation, "KV_CACHE_BUDGET", per_position * (longest + NEW) * 3 - 1)
+    assert generation.batch_rows(model, 64, longest + NEW) == 2
+    assert generation.batch_rows(model, 1, longest + NEW) == 1
+    assert generation_rows(model, tokenizer, PROMPTS, 64, NEW) == 2
+    record = []
+    outputs = generate(model, tokenizer, PROMPTS, batch_size=64, max_new_tokens=NEW, desc=False, record=record)
+    assert [batch["rows"] for batch in record] == [2, 2, 1]
+    assert [len(b) for b in generation_batches(tokenizer, PROMPTS, 2)] == [2, 2, 1]
+    monkeypatch.setattr(generation, "KV_CACHE_BUDGET", 1)  # never below one row
+    assert generation.batch_rows(model, 64, longest + NEW) == 1
+    assert generate(model, tokenizer, PROMPTS, batch_size=2, max_new_tokens=NEW, desc=False) == outputs

@@ -144,7 +144,7 @@ def _command_line() -> str:
 @click.option("--eval-limit", type=int, default=64, show_default=True, help="Rows evaluated per set.")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True, help="Tokens generated per evaluated prompt.")
 @click.option("--gen-batch-size", type=int, default=GEN_BATCH_SIZE, show_default=True,
-              help="Prompts generated together (likelihoods are scored in batches of at most 16).")
+              help="Prompts generated together (fewer when their KV cache would pass 4 GiB; likelihoods are scored in batches of at most 16).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code (off by default).")
 @click.option("--allow-pickle", is_flag=True, help="Allow .bin pickle weights (loaded with weights_only=True).")
 @click.option("--save-every", type=int, default=0, show_default=True,
@@ -268,7 +268,7 @@ def augment_command(as_json, **o):
 @click.option("--reward-model", type=click.Path(path_type=str), default=None,
               help="A one-output HF sequence classifier: mean reward of (prompt, output).")
 @click.option("--batch-size", type=int, default=GEN_BATCH_SIZE, show_default=True,
-              help="Prompts generated together (likelihoods are scored in batches of at most 16).")
+              help="Prompts generated together (fewer when their KV cache would pass 4 GiB; likelihoods are scored in batches of at most 16).")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--do-sample", is_flag=True, help="Sample instead of greedy decoding.")
 @click.option("--temperature", type=float, default=1.0, show_default=True)

@@ -18,11 +18,14 @@ from unlearn.metrics import MIN_K_PERCENT
 from unlearn.rmu import DEFAULT_SCALE as RMU_SCALE
 
 # Greedy generation's default batch (run, eval, the merge sweep). Larger batches read the
-# weights once for more rows: on the embedded model, 2 threads, the README run's 91 prompts
-# generated at 117 tokens/s in batches of 16 and 173 in batches of 64 (bench/generation_bench.py,
-# fraction_of_limit 0.40 -> 0.53 with the own decode loop's row dropping and preallocated cache).
-# Scoring (likelihoods over whole sequences and the vocabulary) keeps measure.SCORE_BATCH_SIZE.
-GEN_BATCH_SIZE = 64
+# weights once for more rows, and on a CPU each thread's matmul then runs nearer its peak (one
+# thread, the embedded model's 576x1536 layer with its weights read from memory: 35 GFLOP/s at
+# 8 rows, 53 at 16, 71 at 32, 87 at 64). Batches of 16 -> 64 took the README run's 91 prompts from
+# 117 to 173 tokens/s (bench/generation_bench.py); 64 -> 128, where that run's 99 pooled prompts make
+# one batch instead of 64 + 35, took its evaluation from 60.2 to 53.3 s with the same answers.
+# generation.KV_CACHE_BUDGET caps the rows of larger models. Scoring (likelihoods over whole
+# sequences and the vocabulary) keeps measure.SCORE_BATCH_SIZE.
+GEN_BATCH_SIZE = 128
 
 METHODS = ("ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr", "edit", "rmu")
 DEFAULT_TEMPLATE = "I can't help with that."

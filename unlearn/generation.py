@@ -59,6 +59,13 @@ MIN_ROWS_PER_WORKER = 4
 # where its answer appeared.
 STOP_CHECK_EVERY = 4
 
+# A batch's key/value cache holds rows x (longest prompt + new tokens) positions of
+# `kv_bytes_per_position(model)` bytes. Batches are cut to at most --gen-batch-size rows and,
+# whatever that asks, to what fits in this many bytes: 128 rows (config.GEN_BATCH_SIZE) of
+# 110 positions are 0.65 GB on the embedded model, 5.5 GB at OPT-1.3B and 9.2 GB at OPT-2.7B
+# in float32, which the cap brings to 97 and 59 rows (at most 4 GiB beside the weights).
+KV_CACHE_BUDGET = 4 * 2**30
+
 # Generation-config fields that make `model.generate` alter greedy logits, with their
 # inactive values. Any other value sends greedy decoding to `generate_hf`.
 _GREEDY_PROCESSOR_DEFAULTS = {
@@ -81,6 +88,28 @@ def _stop_ids(model, tokenizer) -> list[int]:
     elif configured:
         ids.update(configured)
     return sorted(i for i in ids if i is not None)
+
+
+def kv_bytes_per_position(model) -> int | None:
+    """Bytes one token position takes in MODEL's key/value cache (keys and values, every layer), from its
+    config; None when the config does not say."""
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not (layers and heads and hidden):
+        return None
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return 2 * layers * kv_heads * head_dim * next(model.parameters()).element_size()
+
+
+def batch_rows(model, batch_size: int, positions: int) -> int:
+    """BATCH_SIZE, lowered so that a batch's KV cache of POSITIONS per row stays within KV_CACHE_BUDGET."""
+    per_position = kv_bytes_per_position(model)
+    if not per_position:
+        return batch_size
+    return max(1, min(batch_size, KV_CACHE_BUDGET // (per_position * max(1, positions))))
 
 
 def _own_loop_applies(model, do_sample: bool) -> bool:
@@ -241,6 +270,9 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
              record: list | None = None, scored: list | None = None, _model_generate: bool = False) -> list[str]:
     """Generate an answer for each raw prompt (rendered inside); greedy unless DO_SAMPLE.
 
+    Batches hold BATCH_SIZE prompts of similar length, fewer if their KV cache would not fit
+    in KV_CACHE_BUDGET (`batch_rows`).
+
     STOP_ROW(index, text_so_far) -> bool, if given, is called every STOP_CHECK_EVERY new
     tokens for each prompt still generating (INDEX into PROMPTS, TEXT decoded as the final
     output would be); True ends that prompt's answer with the text it has.
@@ -263,6 +295,8 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     model.eval()
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
+    if encoded:
+        batch_size = batch_rows(model, batch_size, max(map(len, encoded)) + max_new_tokens)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
     def text(ids) -> str:

@@ -115,12 +115,25 @@ def _cut(order: list[int], batch_size: int) -> list[list[int]]:
 
 
 def generation_batches(tokenizer, prompts: list[str], batch_size: int) -> list[list[int]]:
-    """The batches `generation.generate` forms over PROMPTS: indices sorted by rendered prompt length
-    (a stable sort: equal lengths keep their order), cut every BATCH_SIZE."""
+    """The batches `generation.generate` forms over PROMPTS when given BATCH_SIZE (already capped:
+    `generation_rows`): indices sorted by rendered prompt length (a stable sort: equal lengths keep
+    their order), cut every BATCH_SIZE."""
     from unlearn.data import encode_prompt
 
     lengths = [len(encode_prompt(tokenizer, p)) for p in prompts]
     return _cut(sorted(range(len(prompts)), key=lengths.__getitem__), batch_size)
+
+
+def generation_rows(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int) -> int:
+    """The batch size `generation.generate` uses over all of PROMPTS (`generation.batch_rows`). Given to
+    it for any subset, it forms the same batches: a subset's cap can only be higher."""
+    from unlearn.data import encode_prompt
+    from unlearn.generation import batch_rows
+
+    if not prompts:
+        return batch_size
+    longest = max(len(encode_prompt(tokenizer, p)) for p in prompts)
+    return batch_rows(model, batch_size, longest + max_new_tokens)
 
 
 def scoring_batches(tokenizer, pairs: list[tuple[str, str]], batch_size: int) -> list[list[int]]:
@@ -249,11 +262,12 @@ class Measurer:
         from unlearn.generation import generate
 
         st = self.settings
+        rows = generation_rows(self.model, self.tokenizer, prompts, st.batch_size, st.max_new_tokens)
 
         def work(indices: list[int]) -> list:
             row_stop = None if stop_row is None else (lambda j, text: stop_row(indices[j], text))
             own = [] if scored is not None else None
-            texts = generate(self.model, self.tokenizer, [prompts[i] for i in indices], batch_size=st.batch_size,
+            texts = generate(self.model, self.tokenizer, [prompts[i] for i in indices], batch_size=rows,
                              max_new_tokens=st.max_new_tokens, do_sample=st.do_sample, temperature=st.temperature,
                              top_p=st.top_p, seed=st.seed, desc=desc, stop_row=row_stop, scored=own)
             return texts if own is None else list(zip(texts, own))  # gathered together under torchrun
@@ -262,7 +276,7 @@ class Measurer:
             values = work(list(range(len(prompts))))
         else:
             values = distributed.sharded(len(prompts),
-                                         lambda: generation_batches(self.tokenizer, prompts, st.batch_size), work)
+                                         lambda: generation_batches(self.tokenizer, prompts, rows), work)
         if scored is None:
             return values
         scored.extend(own for _, own in values)
