@@ -26,7 +26,9 @@ quiet machine): batches of 16 ran at 117 tokens/s (0.40 of the limit the same ru
 rows leaving, the preallocated buffers and batches of 64 (config.GEN_BATCH_SIZE): 173 tokens/s
 (0.53). With the shared prefix as well: one thread 0.545 of the limit (1.27x `model.generate`
 on the same batches); two threads 188 tokens/s but 0.39 of a limit the prefix raised to 486. Matrix products are 77 % of decoding; the rest is the model's small
-per-layer operations.
+per-layer operations. Batches of 128 (the run's 91 prompts in one call, as `unlearn run` pools
+its sets, so each thread's slice has ~45 rows): 286 tokens/s, 0.60 of a limit that takes the
+best matmul rate over 16-256 rows (478 tokens/s); the same prompts one call per file: 0.29.
 
 `model.generate` is still used (`generate_hf`) for sampling, under FSDP (where
 every rank must keep stepping until all ranks end: `synced_gpus`), and when the

@@ -244,7 +244,7 @@ class Measurer:
         Sets of 8 to 30 rows, each generated alone, make small batches; together they fill
         batches of `--gen-batch-size`, and a batch of 64 rows reads the weights once where four
         of 16 read them four times (one thread: 88 GFLOP/s at 64 rows, 56 at 16 on the embedded
-        model's matmuls). A row's answer can depend on its batch only through float rounding
+        model's matmuls; config.GEN_BATCH_SIZE has the figures). A row's answer can depend on its batch only through float rounding
         (like the thread count), so the cache keys a set by its own rows and settings.
         """
         prompts = [e.prompt for s in sets for e in s.examples]
