@@ -65,7 +65,7 @@ STOP_CHECK_EVERY = 4
 # `kv_bytes_per_position(model)` bytes. Batches are cut to at most --gen-batch-size rows and,
 # whatever that asks, to what fits in this many bytes: 128 rows (config.GEN_BATCH_SIZE) of
 # 110 positions are 0.65 GB on the embedded model, 5.5 GB at OPT-1.3B and 9.2 GB at OPT-2.7B
-# in float32, which the cap brings to 97 and 59 rows (at most 4 GiB beside the weights).
+# in float32, which the cap brings to 99 and 59 rows (at most 4 GiB beside the weights).
 KV_CACHE_BUDGET = 4 * 2**30
 
 # Generation-config fields that make `model.generate` alter greedy logits, with their
