@@ -78,7 +78,7 @@ def test_generation_batches_are_the_ones_generate_forms_and_a_share_forms_them_a
     from unlearn.measure import generation_batches
 
     model, tokenizer = tiny
-    plan = generation_batches(tokenizer, PROMPTS, batch_size)
+    plan = generation_batches(model, tokenizer, PROMPTS, batch_size, 2)
     assert sorted(i for b in plan for i in b) == list(range(len(PROMPTS)))
     expected = [[PROMPTS[i] for i in b] for b in plan]
     assert _formed_generation_batches(monkeypatch, model, tokenizer, PROMPTS, batch_size) == expected

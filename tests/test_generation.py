@@ -255,7 +255,7 @@ def test_slices_are_consecutive_and_as_equal_as_can_be():
 @pytest.mark.parametrize("which", ["llama_dir", "opt_dir"])
 def test_batches_are_capped_by_the_kv_cache_budget(request, which, monkeypatch):
     from unlearn import generation
-    from unlearn.measure import generation_batches, generation_rows
+    from unlearn.measure import generation_batches
 
     model, tokenizer = load(request.getfixturevalue(which))
     c = model.config
@@ -270,11 +270,12 @@ def test_batches_are_capped_by_the_kv_cache_budget(request, which, monkeypatch):
     monkeypatch.setattr(generation, "KV_CACHE_BUDGET", per_position * (longest + NEW) * 3 - 1)
     assert generation.batch_rows(model, 64, longest + NEW) == 2
     assert generation.batch_rows(model, 1, longest + NEW) == 1
-    assert generation_rows(model, tokenizer, PROMPTS, 64, NEW) == 2
     record = []
     outputs = generate(model, tokenizer, PROMPTS, batch_size=64, max_new_tokens=NEW, desc=False, record=record)
     assert [batch["rows"] for batch in record] == [2, 2, 1]
-    assert [len(b) for b in generation_batches(tokenizer, PROMPTS, 2)] == [2, 2, 1]
+    assert [len(b) for b in generation_batches(model, tokenizer, PROMPTS, 64, NEW)] == [2, 2, 1]
     monkeypatch.setattr(generation, "KV_CACHE_BUDGET", 1)  # never below one row
     assert generation.batch_rows(model, 64, longest + NEW) == 1
-    assert generate(model, tokenizer, PROMPTS, batch_size=2, max_new_tokens=NEW, desc=False) == outputs
+    record = []
+    assert generate(model, tokenizer, PROMPTS, batch_size=2, max_new_tokens=NEW, desc=False, record=record) == outputs
+    assert [batch["rows"] for batch in record] == [1] * len(PROMPTS)

@@ -114,26 +114,19 @@ def _cut(order: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def generation_batches(tokenizer, prompts: list[str], batch_size: int) -> list[list[int]]:
-    """The batches `generation.generate` forms over PROMPTS when given BATCH_SIZE (already capped:
-    `generation_rows`): indices sorted by rendered prompt length (a stable sort: equal lengths keep
-    their order), cut every BATCH_SIZE."""
-    from unlearn.data import encode_prompt
-
-    lengths = [len(encode_prompt(tokenizer, p)) for p in prompts]
-    return _cut(sorted(range(len(prompts)), key=lengths.__getitem__), batch_size)
-
-
-def generation_rows(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int) -> int:
-    """The batch size `generation.generate` uses over all of PROMPTS (`generation.batch_rows`). Given to
-    it for any subset, it forms the same batches: a subset's cap can only be higher."""
+def generation_batches(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int) -> list[list[int]]:
+    """The batches `generation.generate` forms over PROMPTS: indices sorted by rendered prompt length
+    (a stable sort: equal lengths keep their order), cut every BATCH_SIZE rows, or fewer where the KV
+    cache would pass its budget (`generation.batch_rows`, over the longest prompt). The first batch's
+    size, given to `generate` with any whole batches of these, forms them again: a share's cap can
+    only be higher."""
     from unlearn.data import encode_prompt
     from unlearn.generation import batch_rows
 
-    if not prompts:
-        return batch_size
-    longest = max(len(encode_prompt(tokenizer, p)) for p in prompts)
-    return batch_rows(model, batch_size, longest + max_new_tokens)
+    lengths = [len(encode_prompt(tokenizer, p)) for p in prompts]
+    if lengths:
+        batch_size = batch_rows(model, batch_size, max(lengths) + max_new_tokens)
+    return _cut(sorted(range(len(prompts)), key=lengths.__getitem__), batch_size)
 
 
 def scoring_batches(tokenizer, pairs: list[tuple[str, str]], batch_size: int) -> list[list[int]]:
@@ -244,8 +237,9 @@ class Measurer:
         Sets of 8 to 30 rows, each generated alone, make small batches; together they fill
         batches of `--gen-batch-size`, and a batch of 64 rows reads the weights once where four
         of 16 read them four times (one thread: 88 GFLOP/s at 64 rows, 56 at 16 on the embedded
-        model's matmuls; config.GEN_BATCH_SIZE has the figures). A row's answer can depend on its batch only through float rounding
-        (like the thread count), so the cache keys a set by its own rows and settings.
+        model's matmuls; config.GEN_BATCH_SIZE has the figures). A row's answer can depend on its
+        batch only through float rounding (like the thread count), so the cache keys a set by its
+        own rows and settings.
         """
         prompts = [e.prompt for s in sets for e in s.examples]
         scored = [] if self.own_fluency and self.settings.likelihood else None
@@ -262,7 +256,8 @@ class Measurer:
         from unlearn.generation import generate
 
         st = self.settings
-        rows = generation_rows(self.model, self.tokenizer, prompts, st.batch_size, st.max_new_tokens)
+        batches = generation_batches(self.model, self.tokenizer, prompts, st.batch_size, st.max_new_tokens)
+        rows = len(batches[0]) if batches else st.batch_size  # the capped batch size (see generation_batches)
 
         def work(indices: list[int]) -> list:
             row_stop = None if stop_row is None else (lambda j, text: stop_row(indices[j], text))
@@ -276,7 +271,7 @@ class Measurer:
             values = work(list(range(len(prompts))))
         else:
             values = distributed.sharded(len(prompts),
-                                         lambda: generation_batches(self.tokenizer, prompts, rows), work)
+                                         lambda: batches, work)
         if scored is None:
             return values
         scored.extend(own for _, own in values)
