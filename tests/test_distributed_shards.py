@@ -89,6 +89,7 @@ def test_generation_batches_are_the_ones_generate_forms_and_a_share_forms_them_a
 
 def test_scoring_batches_are_the_ones_response_logprobs_forms(monkeypatch, tiny):
     import unlearn.data
+    import unlearn.train  # noqa: F401  imported before the spy: it binds `collate` at import, which would keep the spy
     from unlearn.evaluate import response_logprobs
     from unlearn.measure import scoring_batches
 
