@@ -197,10 +197,12 @@ def test_checkpoint_round_trip_in_process(tmp_path, llama_dir):
     assert load_checkpoint(saved, second) == {"history": []}
     second.step(), second.step()
     # the resumed run ran the original on the normal rows once more (reference_cache.py): in the groups
-    # the first run chose, which the checkpoint carries, so the weights are the same to the bit
-    assert second.reference_cache.groups == first.reference_cache.groups == {"normal": [[0, 1], [2, 3]]}
-    normal_tokens = sum(len(row["input_ids"]) for row in straight.normal)
-    assert second.step_count == 4 and second.tokens == straight.tokens + normal_tokens
+    # the first run chose, which the checkpoint carries, so the weights are the same to the bit (step 2's
+    # rows lead them: step 1 runs no KL, the model being the original then)
+    assert second.reference_cache.groups == first.reference_cache.groups == {"normal": [[2, 3], [0, 1]]}
+    # the first run's original forwards up to its checkpoint (step 2's group) run again after the resume
+    rerun = sum(len(straight.normal[i]["input_ids"]) for i in first.reference_cache.groups["normal"][0])
+    assert second.step_count == 4 and second.tokens == straight.tokens + rerun
     assert all(torch.equal(a, b) for a, b in zip(straight.params, second.params))
 
 

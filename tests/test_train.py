@@ -192,8 +192,8 @@ def test_full_fine_tuning_uses_a_frozen_reference(llama_dir):
     for p in lm.model.parameters():
         p.requires_grad_(True)
     u = Unlearner(lm.model, lm.tokenizer, FORGET, NORMAL, TrainConfig(lr=1e-3, batch_size=2), reference_model=reference)
-    first = u.step()
-    assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # identical weights before the first update
+    assert u.loss(u._rows())[1]["kl"] == pytest.approx(0.0, abs=1e-6)  # identical weights before the first update
+    u.step()
     second = u.step()
     assert second["kl"] > 0
 
@@ -228,8 +228,9 @@ def test_model_dropout_is_off_in_the_trained_pass_so_the_first_kl_is_exactly_zer
     assert lm.model.config.dropout == pytest.approx(0.1)
     attach_lora(lm.model, LoraSettings(rank=4, alpha=8, dropout=0.5, targets=("fc1", "fc2")), seed=0)
     u = Unlearner(lm.model, lm.tokenizer, FORGET, NORMAL, TrainConfig(lr=1e-2, batch_size=2, check_every=0))
-    first = u.step()
-    assert first["kl"] == 0.0  # B = 0: the same function as the reference, and no dropout noise
+    terms = u.loss(u._rows())[1]  # step() runs no KL before the first update: the loss itself
+    assert terms["kl"] == 0.0  # B = 0: the same function as the reference, and no dropout noise
+    u.step()
     assert u.step()["kl"] > 0
     # LoRA's own dropout (asked for with --lora-dropout) is still on while training.
     assert all(m.dropout.training for m in lora_modules(lm.model).values())
@@ -288,6 +289,9 @@ def test_kept_reference_logits_train_as_recomputed_ones(llama_dir):
     each step's 2 rows gives (6 steps: 4 row forwards instead of 12)."""
     kept, fresh = unlearner(llama_dir, max_steps=6), unlearner(llama_dir, max_steps=6)
     fresh.reference_cache = None  # every step runs the original on its rows, as under torchrun
+    for u in (kept, fresh):  # off the identity, so that the first step computes its KL too
+        for m in lora_modules(u.model).values():
+            m.lora_B.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
     for _ in range(6):
         a, b = kept.step(), fresh.step()
         assert a["kl"] == pytest.approx(b["kl"], rel=1e-3, abs=1e-7)  # float rounding of other batch shapes
@@ -297,3 +301,59 @@ def test_kept_reference_logits_train_as_recomputed_ones(llama_dir):
     for (a_A, a_B), (b_A, b_B) in zip(lora_state(kept.model).values(), lora_state(fresh.model).values()):
         torch.testing.assert_close(a_A, b_A, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(a_B, b_B, rtol=1e-4, atol=1e-6)
+
+
+# --- the first step: the model is the original, its KL terms are zero -------------------
+
+
+def _forwarded_groups(u, monkeypatch) -> list[int]:
+    """Spy on U's trainable forwards: the list receives the rows of each."""
+    seen = []
+    real = u._group_forward
+    monkeypatch.setattr(u, "_group_forward", lambda rows: seen.append(len(rows)) or real(rows))
+    return seen
+
+
+def test_the_first_step_runs_no_kl_and_makes_the_update_the_kl_would_have(llama_dir, monkeypatch):
+    """Before the first update the trained model is the original: its KL terms and their gradients are
+    exactly 0, so step 1 leaves out the normal and retain rows and must update the weights as with them."""
+    from test_retain import retainer
+
+    skipping, computing = retainer(llama_dir), retainer(llama_dir)
+    monkeypatch.setattr(computing, "_terms_zero_at_the_original", lambda rows: {})
+    seen, seen_computing = _forwarded_groups(skipping, monkeypatch), _forwarded_groups(computing, monkeypatch)
+    a, b = skipping.step(), computing.step()
+    assert seen == [2] and seen_computing == [2, 2, 2]  # forget only, against forget, normal and retain
+    assert a["kl"] == 0.0 and a["retain_kl"] == 0.0 and abs(b["kl"]) < 1e-6 and abs(b["retain_kl"]) < 1e-6
+    assert a["forget"] == b["forget"] and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    for p, q in zip(skipping.params, computing.params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    assert any(p.detach().abs().sum() > 0 for p in skipping.params)
+    seen.clear()
+    skipping.step()
+    assert seen == [2, 2, 2]  # from the second step on, every group
+
+
+def test_full_fine_tuning_skips_the_first_kl_too(llama_dir, monkeypatch):
+    import copy
+
+    lm = load_model(str(llama_dir), log=lambda m: None)
+    reference = copy.deepcopy(lm.model).requires_grad_(False)
+    for p in lm.model.parameters():
+        p.requires_grad_(True)
+    u = Unlearner(lm.model, lm.tokenizer, FORGET, NORMAL, TrainConfig(lr=1e-3, batch_size=2), reference_model=reference)
+    seen = _forwarded_groups(u, monkeypatch)
+    assert u.step()["kl"] == 0.0 and seen == [2]
+
+
+def test_the_first_kl_runs_when_the_model_does_not_start_at_the_original(llama_dir, monkeypatch):
+    """Adapters that already change the model (a non-zero B), and graddiff's normal likelihood (not a
+    KL: its gradient is not zero), are computed at step 1."""
+    moved = unlearner(llama_dir)
+    for m in lora_modules(moved.model).values():
+        m.lora_B.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    seen = _forwarded_groups(moved, monkeypatch)
+    assert moved.step()["kl"] > 0 and seen == [2, 2]
+    graddiff = unlearner(llama_dir, method="graddiff")
+    seen = _forwarded_groups(graddiff, monkeypatch)
+    assert graddiff.step()["normal_nll"] > 0 and seen == [2, 2]

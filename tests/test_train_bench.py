@@ -77,6 +77,7 @@ def test_memory_probe_reads_each_backward_of_a_step_in_pieces(llama_dir, monkeyp
 
     monkeypatch.setattr(torch.autograd, "backward", torch.autograd.backward)  # restored after the test
     u = unlearner(llama_dir)
+    u.step()  # the first step runs no KL (the model is the original): the normal rows run from the second
     u.piece_values = 1
     probe = train_bench.MemoryProbe(u.model, u)
     probe.step(u)

@@ -9,10 +9,11 @@ retain) row is run once through the original, and its logits at the positions it
 kept; every step then rebuilds its batch's reference from them.
 
 Which rows run together matters, to float rounding: a row's logits depend on the rows beside
-it (the batch's width, the matmuls' shapes) only through rounding, but at step 0 the KL must be
-exactly 0 (the trained pass is the original then), and a resumed run must train on the very
-same numbers as one never stopped (tests/test_checkpoints.py). So the rows run in the batches
-training draws in its first epoch (the batch that asks first, then the rest of its epoch in
+it (the batch's width, the matmuls' shapes) only through rounding, but a KL of the original
+against itself must be exactly 0 (the loss before any update; `Unlearner.step` skips that one),
+and a resumed run must train on the very same numbers as one never stopped
+(tests/test_checkpoints.py). So the rows run in the batches training draws in its first epoch,
+from the first batch whose KL runs (the batch that asks first, then the rest of its epoch in
 the order the sampler will draw them: `Unlearner._first_epoch`), each group when a batch first
 needs one of its rows (in the first epoch, the very batch: no forward is added, and a short
 run computes no row it never draws), and those groups of rows, a few integers, are saved in

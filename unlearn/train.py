@@ -530,6 +530,32 @@ class Unlearner:
         logged["loss"] = sum(weights[term] * value for term, value in logged.items())
         return logged
 
+    def _terms_zero_at_the_original(self, rows: dict[str, list[dict]]) -> dict[str, float]:
+        """Before the first update, take the KL groups out of ROWS and return their terms' values (0.0).
+
+        The trained model is then the original itself (LoRA's B starts at zero, so the adapters add
+        exactly nothing; --full's reference is a frozen copy of the same weights), so
+        KL(p_orig || p_theta) is 0 and so is its gradient (p_theta - p_orig per logit): the forward
+        and backward of those rows would change the update by float rounding only. The README run's
+        first step took ~4.5 s with them, three groups of rows; the rows are still drawn, so every
+        later batch is the one it was. Not for rmu (its own loss) or a model that does not start at
+        the original (a resumed run: step_count > 0; adapters with a non-zero B).
+        """
+        if self.step_count or self.config.method == "rmu":
+            return {}
+        if self.reference_model is None:
+            adapters = lora_modules(self.model)
+            if not adapters or any(bool(m.lora_B.detach().any()) for m in adapters.values()):
+                return {}
+        kl_groups = {"normal": "kl", "retain": "retain_kl"}
+        if self.config.method == "graddiff":  # its normal term is a likelihood, not a KL
+            del kl_groups["normal"]
+        zero = {}
+        for name, term in kl_groups.items():
+            if rows.pop(name, None) is not None:
+                zero[term] = 0.0
+        return zero
+
     def step(self) -> dict:
         """One optimiser update over `grad_accum` micro-batches; returns the logged terms."""
         config = self.config
@@ -541,6 +567,7 @@ class Unlearner:
         for _ in range(config.grad_accum):
             # Every rank draws the same global micro-batch (same RNG draws) and keeps its share.
             rows = distributed.shard_rows(self._rows())
+            at_zero = self._terms_zero_at_the_original(rows)
             # One process and a group too big for one forward (`_pieces`): backward piece by piece.
             # Otherwise one backward of the whole loss (DDP/FSDP need one forward per backward).
             plan = ({name: self._pieces(group) for name, group in rows.items()} if config.method != "rmu"
@@ -551,6 +578,7 @@ class Unlearner:
                 total, terms = self.loss(rows)
                 (total / config.grad_accum).backward()
                 step_terms = {"loss": float(total.detach()), **terms}
+            step_terms.update(at_zero)
             for k, v in step_terms.items():
                 logged[k] = logged.get(k, 0.0) + v / config.grad_accum
         logged = distributed.average(logged)  # the global batch's terms, the same on every rank
