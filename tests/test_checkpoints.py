@@ -206,6 +206,25 @@ def test_checkpoint_round_trip_in_process(tmp_path, llama_dir):
     assert all(torch.equal(a, b) for a, b in zip(straight.params, second.params))
 
 
+def test_npo_resumed_trains_on_the_same_kept_reference_numbers(tmp_path, llama_dir):
+    """NPO keeps each forget row's original log-probability, computed in fixed groups of rows: a resumed
+    run computes them again the same way, so its weights equal a run never stopped, to the bit."""
+    from test_train import unlearner
+
+    from unlearn.checkpoints import load_checkpoint, save_checkpoint
+
+    straight = unlearner(llama_dir, method="npo")
+    for _ in range(4):
+        straight.step()
+    first = unlearner(llama_dir, method="npo")
+    first.step(), first.step()
+    saved = save_checkpoint(tmp_path, first, {"history": []}, {})
+    second = unlearner(llama_dir, method="npo")
+    load_checkpoint(saved, second)
+    second.step(), second.step()
+    assert all(torch.equal(a, b) for a, b in zip(straight.params, second.params))
+
+
 def test_disk_full_while_saving_leaves_no_output(tmp_path, data, llama_dir, monkeypatch, cli):
     import safetensors.torch
     import transformers.modeling_utils

@@ -238,7 +238,7 @@ class _StreamingMeasurer:
 
     def answer(self, s, desc=False, stop_row=None):
         running = set(range(len(self.streams)))
-        for step in range(1, max(map(len, self.streams)) + 1):
+        for step in range(1, max(map(len, self.streams), default=0) + 1):
             for i in sorted(running):
                 self.words[i] = min(step, len(self.streams[i]))
                 if step >= len(self.streams[i]) or stop_row(i, " ".join(self.streams[i][:step])):

@@ -357,3 +357,36 @@ def test_the_first_kl_runs_when_the_model_does_not_start_at_the_original(llama_d
     graddiff = unlearner(llama_dir, method="graddiff")
     seen = _forwarded_groups(graddiff, monkeypatch)
     assert graddiff.step()["normal_nll"] > 0 and seen == [2, 2]
+
+
+def test_npo_keeps_each_forget_rows_original_logprob_and_trains_as_recomputed(llama_dir, monkeypatch):
+    """NPO's reference, log p_orig(y|x) of each forget row, computed once in fixed groups, gives the
+    update that running the original on every step's rows gives."""
+    kept, fresh = unlearner(llama_dir, method="npo", max_steps=4), unlearner(llama_dir, method="npo", max_steps=4)
+    fresh.reference_cache = None  # every step runs the original on its rows, as under torchrun
+    originals = {"kept": 0, "fresh": 0}  # forget rows run through the original
+
+    def spy(u, label):
+        real = u._reference_logits
+
+        def counted(batch, start, kept=None):  # a forget row is a batch row that starts with its ids
+            originals[label] += sum(any(row[:len(f["input_ids"])] == f["input_ids"] for f in u.forget)
+                                    for row in batch["input_ids"].tolist())
+            return real(batch, start, kept)
+        monkeypatch.setattr(u, "_reference_logits", counted)
+
+    spy(kept, "kept")
+    spy(fresh, "fresh")
+    for _ in range(4):
+        a, b = kept.step(), fresh.step()
+        assert a["npo"] == pytest.approx(b["npo"], rel=1e-4, abs=1e-6)
+    assert originals == {"kept": 3, "fresh": 4 * 2}  # each of the 3 forget rows once, against 2 a step
+    assert sorted(kept._forget_reference) == [0, 1, 2]
+    with adapters_disabled(kept.model), torch.no_grad():
+        b = collate(kept.forget, kept.pad_id)
+        by_hand = losses.sequence_logprob(kept.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                          b["labels"])
+    assert [kept._forget_reference[i] for i in range(3)] == pytest.approx(by_hand.tolist(), rel=1e-5)
+    for (a_A, a_B), (b_A, b_B) in zip(lora_state(kept.model).values(), lora_state(fresh.model).values()):
+        torch.testing.assert_close(a_A, b_A, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a_B, b_B, rtol=1e-4, atol=1e-6)

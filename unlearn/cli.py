@@ -116,6 +116,10 @@ def _command_line() -> str:
               help="Steps between checks of the stop rule (0: no checks, run --max-steps).")
 @click.option("--stop-leak", type=float, default=None,
               help="Stop once the forget prompts' leak rate is at or below this [default: 0; ulmr: 0.1].")
+@click.option("--stop-probes", type=float, default=0.0, show_default=True,
+              help="Also wait, once the forget prompts stop leaking, until the automatic probes keep this share "
+                   "of their answers (checked only then; at most as many steps again as forgetting took; 0: off). "
+                   "Not a default: one dev trace (docs/quality.md).")
 @click.option("--extra-steps", type=int, default=None,
               help="Steps to keep going after the stop rule fires [default: 0; ulmr: 4].")
 @click.option("--max-length", type=int, default=256, show_default=True, help="Tokens per training row (prompt+response).")
@@ -195,7 +199,7 @@ def run_command(**o):
         max_grad_norm=o["max_grad_norm"], max_length=o["max_length"], seed=o["seed"],
         check_every=o["check_every"], template=o["template"], npo_beta=o["npo_beta"],
         forget_tokens=o["forget_tokens"], rmu_layer=o["rmu_layer"], rmu_scale=o["rmu_scale"],
-        whole_passage=o["whole_passage"])
+        whole_passage=o["whole_passage"], stop_probes=o["stop_probes"])
     lora = LoraSettings(o["lora_rank"], o["lora_alpha"], o["lora_dropout"],
                         **({"targets": _split_targets(o["lora_targets"])} if o["lora_targets"] else {}))
     opts = RunOptions(

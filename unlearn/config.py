@@ -84,6 +84,10 @@ class TrainConfig:
     seed: int = 0
     check_every: int = 1  # steps between checks of the stop rule (0: never)
     stop_leak: float = 0.0  # stop once the forget prompts' leak rate is at or below this
+    # ... and, when above 0, once the automatic probes keep at least this share of their answers (the
+    # stop rule waits for them at most as many steps again as the forget set took: run.stop_rule). Off:
+    # measured on one dev trace only (docs/quality.md, "The stop rule stops at the worst moment").
+    stop_probes: float = 0.0
     extra_steps: int = 0  # steps to keep going once the stop rule fired
     check_tokens: int = 32  # the stop rule's answer budget
     template: str = DEFAULT_TEMPLATE
@@ -113,6 +117,8 @@ class TrainConfig:
                 raise UsageError(f"{flag} {value}: must be a non-negative number")
         if not 0 <= self.stop_leak <= 1:
             raise UsageError(f"--stop-leak {self.stop_leak}: must be in [0, 1]")
+        if not 0 <= self.stop_probes <= 1:
+            raise UsageError(f"--stop-probes {self.stop_probes}: must be in [0, 1]")
         if self.forget_tokens not in ("answers", "response"):
             raise UsageError(f"--forget-tokens {self.forget_tokens}: expected answers or response")
         if self.schedule not in ("constant", "linear"):

@@ -24,6 +24,7 @@ batches one process forms (they must: a greedy answer can depend on its batch).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -392,10 +393,41 @@ def leak_rate(measurer: Measurer, s: EvalSet, decided_above: float | None = None
     def stop(i: int, text: str) -> bool:
         if enough is not None and len(leaked_rows) >= enough:
             return True  # the verdict is reached: the rest cannot change it
-        finished = text.rsplit(maxsplit=1)[0] if " " in text.strip() else ""
+        finished = _finished(text)
         if finished and leak_flags([finished], [references[i]])[0]:
             leaked_rows.add(i)
             return True
         return False
 
     return rate(leak_flags(measurer.answer(s, stop_row=stop), references)) or 0.0
+
+
+def kept_rate(measurer: Measurer, s: EvalSet, enough: float | None = None) -> float:
+    """The share of S's rows (each with `answers`) whose answer words still appear in the greedy answer:
+    the retain kind's accuracy (`evaluate.accuracy_flags`); 0 for a set without such rows.
+
+    A row stops generating as soon as an answer appears (on the text without its last word, as in
+    `leak_rate`: it stays once there). ENOUGH: once that share of the rows has it, every row stops,
+    and a rate at or above ENOUGH is a lower bound.
+    """
+    from unlearn.evaluate import accuracy_flags, rate
+
+    n = sum(1 for e in s.examples if e.extra.get("answers"))
+    needed = math.ceil(enough * n - 1e-9) if enough is not None and n else None
+    kept_rows: set[int] = set()
+
+    def stop(i: int, text: str) -> bool:
+        if needed is not None and len(kept_rows) >= needed:
+            return True
+        finished = _finished(text)
+        if finished and accuracy_flags([finished], [s.examples[i]])[0]:
+            kept_rows.add(i)
+            return True
+        return False
+
+    return rate(accuracy_flags(measurer.answer(s, stop_row=stop), s.examples)) or 0.0
+
+
+def _finished(text: str) -> str:
+    """TEXT without its last word, which generation may not have finished ("Paris" of "Parisian")."""
+    return text.rsplit(maxsplit=1)[0] if " " in text.strip() else ""

@@ -31,7 +31,7 @@ from unlearn.config import RunOptions
 from unlearn.data import Example, read_examples
 from unlearn.errors import Interrupted, UnlearnError, UsageError
 from unlearn.log import log as default_log
-from unlearn.measure import EvalSet, Measured, Measurer, Settings, leak_rate, original_scorer, read_eval_sets
+from unlearn.measure import EvalSet, Measured, Measurer, Settings, kept_rate, leak_rate, original_scorer, read_eval_sets
 from unlearn.outputs import check_output_dir
 from unlearn.spans import describe_spans
 
@@ -359,6 +359,8 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
     taken = {s.name for s in data.sets}
     measured, records, counts, trained = {}, [], {}, []
     role = "trained" if opts.retain_probes else "held out"
+    if opts.train.stop_probes and opts.train.check_every:  # the run waited for them: a stop condition
+        role = "trained, stop rule" if opts.retain_probes else "stop rule"
     for kind in (probes.NEIGHBOURS, probes.SAME_SUBJECT):
         mine = [i for i, p in enumerate(made) if p.kind == kind]
         kept, kind_records = probes.keep_answered([made[i] for i in mine], [outputs[i] for i in mine], data.forget)
@@ -436,7 +438,10 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log):
         log(f"resuming from {data.resume_from} (step {unlearner.step_count})")
     # The stop rule checks every forget prompt, whatever --eval-limit cuts from the printed table.
     forget = EvalSet("forget", "forget", data.forget, Path(opts.forget))
-    forgotten = stop_rule(opts, job, forget) if opts.train.check_every else None
+    probe_sets = [s for s in data.sets if s.name in job.probe_names]
+    history = (loop_state or {}).get("history", [])
+    forgotten = (stop_rule(opts, job, forget, probe_sets, lambda: unlearner.step_count, history, log)
+                 if opts.train.check_every else None)
     try:
         result = train(unlearner, forgotten=forgotten, log=log, save_every=data.run_args["save_every"],
                        checkpoint=lambda loop: save_checkpoint(data.output, unlearner, loop, data.run_args),
@@ -468,7 +473,8 @@ def edit_model(opts: RunOptions, job: Loaded, data: Prepared, log):
                        update=result.lora_factors())
 
 
-def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet):
+def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet, probe_sets=(), steps=lambda: 0, history=(),
+              log=default_log):
     """forgotten() -> (done, leak): the forget prompts answered greedily in a short budget.
 
     The check ends as soon as its verdict is reached (`leak_rate`'s DECIDED_ABOVE), so a leak
@@ -476,13 +482,40 @@ def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet):
 
     The references are cut to that budget (`Measurer.references`): a long forget response
     could otherwise never read as leaked, and the rule would stop too early.
+
+    --stop-probes X: once the forget prompts stop leaking, the run also waits until the automatic
+    probes (PROBE_SETS) keep X of their answers (`kept_rate`, the probes' own budget), because the
+    first step that forgets is often the most damaged one: the ascent has overshot and the KL terms
+    have not yet pulled the neighbours back (docs/quality.md). It waits at most as many steps again
+    as the forget set took (first forgotten at step s: from step 2s on the forget check alone
+    decides), so a neighbourhood that does not come back cannot keep the ascent going. STEPS() is
+    the step just taken; HISTORY, a resumed run's records, gives the step first forgotten.
     """
+    from unlearn import probes
+
     checker = Measurer(job.model, job.tokenizer, Settings(max_new_tokens=opts.train.check_tokens,
                                                           batch_size=opts.gen_batch_size, likelihood=False))
+    wanted = opts.train.stop_probes
+    probe_rows = [e for s in probe_sets for e in s.examples]
+    probe_checker = (Measurer(job.model, job.tokenizer, Settings(max_new_tokens=probes.ANSWER_TOKENS,
+                                                                 batch_size=opts.gen_batch_size, likelihood=False))
+                     if wanted and probe_rows else None)
+    asked = EvalSet("probes", "retain", probe_rows)
+    first = {"step": next((r["step"] for r in history
+                           if r.get("forget_leak") is not None and r["forget_leak"] <= opts.train.stop_leak), None)}
 
     def forgotten():
         leak = leak_rate(checker, forget, decided_above=opts.train.stop_leak)
-        return leak <= opts.train.stop_leak, leak
+        done = leak <= opts.train.stop_leak
+        if done and probe_checker is not None:
+            step = steps()
+            first["step"] = first["step"] or step
+            if step < 2 * first["step"]:
+                kept = kept_rate(probe_checker, asked, enough=wanted)
+                done = kept >= wanted
+                log(f"step {step}: the probes keep {'≥ ' if done and kept < 1 else ''}{kept:.2f} of their answers "
+                    f"(a stop condition: --stop-probes {wanted:g}; waiting at most until step {2 * first['step']})")
+        return done, leak
 
     return distributed.main_decides(forgotten)  # every rank generates; rank 0's verdict holds for all
 

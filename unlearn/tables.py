@@ -53,8 +53,9 @@ def format_run(record: dict) -> str:
     lines += [
         "",
         "rows: \"trained\" sets were trained on; \"held out\" never were, and are the result. "
-        "\"stop rule\": the run stopped when this set's leak reached --stop-leak, so its leak is the stop "
-        "condition, not a result; \"α choice\": --alpha auto chose α on these sets' figures.",
+        "\"stop rule\": the run stopped when this set's leak reached --stop-leak (a probe set: when the probes' "
+        "accuracy reached --stop-probes), so that figure is the stop condition, not a result; \"α choice\": "
+        "--alpha auto chose α on these sets' figures.",
         f"harmful column, judge: {record['judge']}; similarity column: ROUGE-L F against the original model's "
         f"outputs; fluency ppl: perplexity of the outputs under the original model (lower is more fluent; NM: "
         f"most outputs degenerate), so forgotten answers should be wrong or refused in fluent text, not garbage",

@@ -220,6 +220,9 @@ class Unlearner:
         # keyed by the row objects of self.normal and self.retain, which live as long as this object.
         self.reference_cache = (None if distributed.world().active else
                                 ReferenceLogits(model.get_output_embeddings().weight.shape[0]))
+        # NPO's reference on the forget rows, one number a row (`_original_sequence_logprobs`)
+        self._forget_index = {id(row): i for i, row in enumerate(self.forget)}
+        self._forget_reference: dict[int, float] = {}
 
     # --- state, for checkpoints ------------------------------------------------
 
@@ -335,6 +338,29 @@ class Unlearner:
             with adapters_disabled(self.model):  # the model's own dropout is already off (step())
                 return forward_logits(self.model, batch, start)
 
+    def _original_sequence_logprobs(self, batch: dict, start: int, labels: torch.Tensor) -> torch.Tensor:
+        """NPO's reference: log p_orig(y | x) of each forget row of BATCH (LABELS from START on).
+
+        The original never changes, so in one process each forget row's value is computed once and
+        kept (a number a row): the rows run through the original in fixed groups of --batch-size
+        consecutive rows, each group when a batch first needs one of its rows, so a resumed run
+        computes the very same numbers (float rounding depends on the rows run together). That is a
+        forward over the batch's forget rows less per step. Under torchrun each rank runs its batch's
+        rows through the original at every step, as the KL's reference does there (reference_cache.py).
+        """
+        if self.reference_cache is None:
+            return losses.sequence_logprob(self._reference_logits(batch, start), labels)
+        size = self.config.batch_size
+        for row in batch["rows"]:
+            i = self._forget_index[id(row)]
+            if i not in self._forget_reference:
+                group = list(range(i - i % size, min(i - i % size + size, len(self.forget))))
+                logits, group_labels = self._reference_of_rows([self.forget[j] for j in group])
+                values = losses.sequence_logprob(logits, group_labels)
+                self._forget_reference.update(zip(group, values.tolist()))
+        return torch.tensor([self._forget_reference[self._forget_index[id(row)]] for row in batch["rows"]],
+                            dtype=torch.float32, device=labels.device)
+
     def _kept_set(self, name: str) -> tuple[list[dict], Batches]:
         """The rows of set NAME ("normal", "retain") whose reference logits are kept, and their sampler."""
         return {"normal": (self.normal, self.normal_batches), "retain": (self.retain, self.retain_batches)}[name]
@@ -410,12 +436,11 @@ class Unlearner:
                 return [("sft", 1.0, "rows", distributed.global_mean(lambda: losses.mean_nll(logits, labels),
                                                                      labels, "rows", logits))]
             if method == "npo":
-                reference = self._reference_logits(batch, start)
                 # A mean over every row of this rank's share, and every rank has the same number of rows
                 # (--batch-size divides evenly), so the mean over ranks is already the global mean.
                 return [("npo", config.forget_weight, "all rows",
                          losses.npo_loss(losses.sequence_logprob(logits, labels),
-                                         losses.sequence_logprob(reference, labels), config.npo_beta))]
+                                         self._original_sequence_logprobs(batch, start, labels), config.npo_beta))]
             # Under torchrun, means over a varying number of rows / tokens are made global (distributed.py).
             return [("forget", config.forget_weight, "rows",
                      distributed.global_mean(lambda: losses.forget_loss(logits, labels), labels, "rows", logits))]

@@ -1,0 +1,91 @@
+"""The stop rule: the probes' kept share (`measure.kept_rate`) and --stop-probes' wait (`run.stop_rule`)."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from unlearn import run
+from unlearn.config import RunOptions, TrainConfig
+from unlearn.data import Example
+from unlearn.errors import UsageError
+from unlearn.measure import EvalSet, kept_rate
+
+from test_measure import _StreamingMeasurer as _Streaming
+
+
+def _probes(n):
+    return EvalSet("probes", "retain", [Example(f"What is the capital of country {i}?", None, i + 1,
+                                                {"answers": ["Lyon"]}) for i in range(n)])
+
+
+NOTHING = "I am not sure which city that would be, it is hard to say."
+
+
+def test_kept_rate_counts_the_rows_whose_answer_still_appears_and_stops_at_its_verdict():
+    streams = [NOTHING, "It is Lyon of course", NOTHING, "The city is Lyon and more"]
+    full = _Streaming(streams)
+    assert kept_rate(full, _probes(4)) == 0.5  # rows 1 and 3 say Lyon
+    assert full.words == [14, 4, 14, 5]  # each stops once "Lyon" is followed by a word (it stays)
+    half = _Streaming(streams)
+    assert kept_rate(half, _probes(4), enough=0.5) == 0.5
+    assert half.words == [6, 4, 6, 5]  # row 3 keeps it second, at word 5: the others stop at their next ask
+    most = _Streaming(streams)
+    assert kept_rate(most, _probes(4), enough=0.75) == 0.5  # 3 of 4 never reached: every row runs out
+    assert most.words == [14, 4, 14, 5]
+    assert kept_rate(_Streaming([]), EvalSet("probes", "retain", [])) == 0.0
+
+
+def _job():
+    return SimpleNamespace(model=None, tokenizer=None)
+
+
+def _rule(monkeypatch, leaks, kept, stop_probes, history=(), with_probes=True):
+    """run.stop_rule over scripted checks: LEAKS per step, KEPT per probe check; returns the
+    step the run stops at, the probe checks made, and the log."""
+    monkeypatch.setattr(run, "leak_rate", lambda checker, s, decided_above=None: leaks[state["step"] - 1])
+    checks = []
+
+    def fake_kept(checker, s, enough=None):
+        checks.append(state["step"])
+        return kept.pop(0)
+    monkeypatch.setattr(run, "kept_rate", fake_kept)
+    monkeypatch.setattr(run, "Measurer", lambda *a, **k: object())
+    opts = SimpleNamespace(train=TrainConfig(stop_probes=stop_probes), gen_batch_size=8)
+    state, logged = {"step": len(history)}, []
+    probes = [_probes(3)] if with_probes else []
+    forgotten = run.stop_rule(opts, _job(), EvalSet("forget", "forget", []), probes, lambda: state["step"],
+                              history, logged.append)
+    while state["step"] < len(leaks):
+        state["step"] += 1
+        done, _ = forgotten()
+        if done:
+            return state["step"], checks, logged
+    return None, checks, logged
+
+
+def test_stop_probes_waits_for_the_probes_once_forgotten(monkeypatch):
+    # forgotten first at step 3; the probes keep 0.3, then 0.8 of their answers at the checks made when
+    # the forget set does not leak (step 4 leaks again: no probe check there)
+    step, checks, logged = _rule(monkeypatch, [0.5, 0.5, 0, 0.1, 0, 0], [0.3, 0.8], 0.75)
+    assert step == 5 and checks == [3, 5]
+    assert logged[-1].startswith("step 5: the probes keep ≥ 0.80 of their answers (a stop condition")
+
+
+def test_stop_probes_waits_at_most_as_many_steps_again_as_forgetting_took(monkeypatch):
+    # forgotten first at step 2: from step 4 on, the forget check alone decides
+    step, checks, _ = _rule(monkeypatch, [0.5, 0, 0, 0, 0], [0.1, 0.1, 0.1], 0.75)
+    assert step == 4 and checks == [2, 3]
+    # a resumed run takes the step first forgotten from its history: here 1, so step 2 decides alone
+    history = [{"step": 1, "forget_leak": 0.0}]
+    step, checks, _ = _rule(monkeypatch, [0.0, 0.0], [0.1], 0.75, history=history)
+    assert step == 2 and checks == []
+
+
+def test_without_stop_probes_or_probes_the_forget_check_decides(monkeypatch):
+    assert _rule(monkeypatch, [0.5, 0, 0], [0.1], 0.0)[:2] == (2, [])
+    assert _rule(monkeypatch, [0.5, 0, 0], [0.1], 0.75, with_probes=False)[:2] == (2, [])
+
+
+def test_stop_probes_must_be_a_share():
+    with pytest.raises(UsageError, match="--stop-probes 1.5"):
+        RunOptions(forget="f", normal="n", train=TrainConfig(stop_probes=1.5)).resolved()
