@@ -36,7 +36,7 @@ def test_kept_rate_counts_the_rows_whose_answer_still_appears_and_stops_at_its_v
 
 
 def _job():
-    return SimpleNamespace(model=None, tokenizer=None)
+    return SimpleNamespace(model=None, tokenizer=None, probe_after=object())
 
 
 def _rule(monkeypatch, leaks, kept, stop_probes, history=(), with_probes=True):

@@ -119,7 +119,7 @@ def _command_line() -> str:
 @click.option("--stop-probes", type=float, default=0.0, show_default=True,
               help="Also wait, once the forget prompts stop leaking, until the automatic probes keep this share "
                    "of their answers (checked only then; at most as many steps again as forgetting took; 0: off). "
-                   "Not a default: one dev trace (docs/quality.md).")
+                   "Not a default: measured on the dev split only (docs/quality.md).")
 @click.option("--extra-steps", type=int, default=None,
               help="Steps to keep going after the stop rule fires [default: 0; ulmr: 4].")
 @click.option("--max-length", type=int, default=256, show_default=True, help="Tokens per training row (prompt+response).")

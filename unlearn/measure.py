@@ -381,25 +381,15 @@ def leak_rate(measurer: Measurer, s: EvalSet, decided_above: float | None = None
     verdict needs (a rule that stops at 0 is decided by the first leak). A rate above
     DECIDED_ABOVE is then a lower bound; at or below it nothing was cut and it is exact.
     """
-    from unlearn.evaluate import leak_flags, rate
+    from unlearn.evaluate import leak_flags
 
     references = measurer.references(s)
     n = len(s.examples)
     # the fewest leaked prompts whose rate exceeds DECIDED_ABOVE (the rule's own comparison)
     enough = (next((k for k in range(1, n + 1) if k / n > decided_above), None)
               if decided_above is not None and n else None)
-    leaked_rows: set[int] = set()  # added to from the generation threads (cpu_parts): set.add is atomic
-
-    def stop(i: int, text: str) -> bool:
-        if enough is not None and len(leaked_rows) >= enough:
-            return True  # the verdict is reached: the rest cannot change it
-        finished = _finished(text)
-        if finished and leak_flags([finished], [references[i]])[0]:
-            leaked_rows.add(i)
-            return True
-        return False
-
-    return rate(leak_flags(measurer.answer(s, stop_row=stop), references)) or 0.0
+    return _rate_until_verdict(measurer, s, lambda outputs, rows: leak_flags(outputs, [references[i] for i in rows]),
+                               enough)
 
 
 def kept_rate(measurer: Measurer, s: EvalSet, enough: float | None = None) -> float:
@@ -410,24 +400,33 @@ def kept_rate(measurer: Measurer, s: EvalSet, enough: float | None = None) -> fl
     `leak_rate`: it stays once there). ENOUGH: once that share of the rows has it, every row stops,
     and a rate at or above ENOUGH is a lower bound.
     """
-    from unlearn.evaluate import accuracy_flags, rate
+    from unlearn.evaluate import accuracy_flags
 
     n = sum(1 for e in s.examples if e.extra.get("answers"))
     needed = math.ceil(enough * n - 1e-9) if enough is not None and n else None
-    kept_rows: set[int] = set()
+    return _rate_until_verdict(measurer, s, lambda outputs, rows: accuracy_flags(outputs, [s.examples[i] for i in rows]),
+                               needed)
+
+
+def _rate_until_verdict(measurer: Measurer, s: EvalSet, flags, enough: int | None) -> float:
+    """The rate of FLAGS(outputs, rows) over S's greedy answers (rows: their indices in S), each row
+    stopping as soon as its text without its last word (which generation may not have finished:
+    "Paris" of "Parisian") is flagged, and every row once ENOUGH rows are (None: never).
+
+    For flags that cannot be unset by more text (an answer that appears stays), a stopped row's
+    verdict is its final one, so the rate is exact unless ENOUGH cut rows, and then a lower bound.
+    """
+    from unlearn.evaluate import rate
+
+    flagged: set[int] = set()  # added to from the generation threads (cpu_parts): set.add is atomic
 
     def stop(i: int, text: str) -> bool:
-        if needed is not None and len(kept_rows) >= needed:
-            return True
-        finished = _finished(text)
-        if finished and accuracy_flags([finished], [s.examples[i]])[0]:
-            kept_rows.add(i)
+        if enough is not None and len(flagged) >= enough:
+            return True  # the verdict is reached: the rest cannot change it
+        finished = text.rsplit(maxsplit=1)[0] if " " in text.strip() else ""
+        if finished and flags([finished], [i])[0]:
+            flagged.add(i)
             return True
         return False
 
-    return rate(accuracy_flags(measurer.answer(s, stop_row=stop), s.examples)) or 0.0
-
-
-def _finished(text: str) -> str:
-    """TEXT without its last word, which generation may not have finished ("Paris" of "Parisian")."""
-    return text.rsplit(maxsplit=1)[0] if " " in text.strip() else ""
+    return rate(flags(measurer.answer(s, stop_row=stop), range(len(s.examples)))) or 0.0

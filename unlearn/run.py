@@ -491,30 +491,26 @@ def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet, probe_sets=(), ste
     decides), so a neighbourhood that does not come back cannot keep the ascent going. STEPS() is
     the step just taken; HISTORY, a resumed run's records, gives the step first forgotten.
     """
-    from unlearn import probes
-
     checker = Measurer(job.model, job.tokenizer, Settings(max_new_tokens=opts.train.check_tokens,
                                                           batch_size=opts.gen_batch_size, likelihood=False))
     wanted = opts.train.stop_probes
-    probe_rows = [e for s in probe_sets for e in s.examples]
-    probe_checker = (Measurer(job.model, job.tokenizer, Settings(max_new_tokens=probes.ANSWER_TOKENS,
-                                                                 batch_size=opts.gen_batch_size, likelihood=False))
-                     if wanted and probe_rows else None)
-    asked = EvalSet("probes", "retain", probe_rows)
-    first = {"step": next((r["step"] for r in history
-                           if r.get("forget_leak") is not None and r["forget_leak"] <= opts.train.stop_leak), None)}
+    asked = EvalSet("probes", "retain", [e for s in probe_sets for e in s.examples])
+    waits = bool(wanted and asked.examples)  # the probes' own measurer (make_probes) answers them
+    first_forgotten = next((r["step"] for r in history
+                            if r.get("forget_leak") is not None and r["forget_leak"] <= opts.train.stop_leak), None)
 
     def forgotten():
+        nonlocal first_forgotten
         leak = leak_rate(checker, forget, decided_above=opts.train.stop_leak)
         done = leak <= opts.train.stop_leak
-        if done and probe_checker is not None:
+        if done and waits:
             step = steps()
-            first["step"] = first["step"] or step
-            if step < 2 * first["step"]:
-                kept = kept_rate(probe_checker, asked, enough=wanted)
+            first_forgotten = first_forgotten or step
+            if step < 2 * first_forgotten:
+                kept = kept_rate(job.probe_after, asked, enough=wanted)
                 done = kept >= wanted
                 log(f"step {step}: the probes keep {'≥ ' if done and kept < 1 else ''}{kept:.2f} of their answers "
-                    f"(a stop condition: --stop-probes {wanted:g}; waiting at most until step {2 * first['step']})")
+                    f"(a stop condition: --stop-probes {wanted:g}; waiting at most until step {2 * first_forgotten})")
         return done, leak
 
     return distributed.main_decides(forgotten)  # every rank generates; rank 0's verdict holds for all
