@@ -120,6 +120,10 @@ def _command_line() -> str:
               help="Also wait, once the forget prompts stop leaking, until the automatic probes keep this share "
                    "of their answers (checked only then; at most as many steps again as forgetting took; 0: off). "
                    "Not a default: measured on the dev split only (docs/quality.md).")
+@click.option("--protect", is_flag=True,
+              help="Project the forget loss's gradient off the span of the retain rows' gradients (--retain and the "
+                   "automatic probes trained on), recomputed every step. LoRA, one process; each step costs about "
+                   "three. Not a default: measured on the dev split only (docs/quality.md).")
 @click.option("--extra-steps", type=int, default=None,
               help="Steps to keep going after the stop rule fires [default: 0; ulmr: 4].")
 @click.option("--max-length", type=int, default=256, show_default=True, help="Tokens per training row (prompt+response).")
@@ -199,7 +203,7 @@ def run_command(**o):
         max_grad_norm=o["max_grad_norm"], max_length=o["max_length"], seed=o["seed"],
         check_every=o["check_every"], template=o["template"], npo_beta=o["npo_beta"],
         forget_tokens=o["forget_tokens"], rmu_layer=o["rmu_layer"], rmu_scale=o["rmu_scale"],
-        whole_passage=o["whole_passage"], stop_probes=o["stop_probes"])
+        whole_passage=o["whole_passage"], stop_probes=o["stop_probes"], protect=o["protect"])
     lora = LoraSettings(o["lora_rank"], o["lora_alpha"], o["lora_dropout"],
                         **({"targets": _split_targets(o["lora_targets"])} if o["lora_targets"] else {}))
     opts = RunOptions(

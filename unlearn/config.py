@@ -86,9 +86,13 @@ class TrainConfig:
     stop_leak: float = 0.0  # stop once the forget prompts' leak rate is at or below this
     # ... and, when above 0, once the automatic probes keep at least this share of their answers (the
     # stop rule waits for them at most as many steps again as the forget set took: run.stop_rule). Off:
-    # at 0.75 it changed only `capitals` on the dev split, and the test split has not run it
-    # (docs/quality.md, "The stop rule stops at the worst moment").
+    # at 0.75 it changed only `capitals` on the dev split (score +0.020, at the rule's margin), and its
+    # probe check made the README command 4-8 % slower (docs/quality.md, "The README pair, and the decision").
     stop_probes: float = 0.0
+    # Project the forget loss's gradient off the span of the retain rows' (probes') NLL gradients
+    # (protect.py). Off: measured on the dev split only, and it makes each step cost about three
+    # (docs/quality.md, "Protecting the probes' gradients").
+    protect: bool = False
     extra_steps: int = 0  # steps to keep going once the stop rule fired
     check_tokens: int = 32  # the stop rule's answer budget
     template: str = DEFAULT_TEMPLATE
@@ -228,6 +232,9 @@ class RunOptions:
         if self.train.method == "rmu" and self.gradient_checkpointing:
             raise UsageError("--method rmu stops each forward pass at its layer (little memory to save): "
                              "it takes no --gradient-checkpointing")
+        if self.train.protect and (self.full or self.fsdp or self.train.method in ("edit", "rmu", "ulmr")):
+            raise UsageError("--protect projects the forget loss's LoRA gradient in one process: it takes no "
+                             "--full or --fsdp, and no --method edit, rmu or ulmr")
         if self.augmented is not None and not ulmr:
             raise UsageError("--augmented is ULMR's training data: use it with --method ulmr")
         return replace(self, train=train, retain_probes=retain_probes, retain_weight=train.retain_weight,

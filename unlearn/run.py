@@ -432,6 +432,9 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log):
         return edit_model(opts, job, data, log)
     unlearner = Unlearner(job.model, job.tokenizer, job.train_rows, data.normal, opts.train,
                           reference_model=job.reference_model, forward_model=job.forward_model, retain=data.retain)
+    if opts.train.protect:
+        log(f"--protect: the forget gradient is projected off {len(data.retain)} retain rows' gradients"
+            if data.retain else "--protect: no retain rows or probes to protect; the gradient is not projected")
     loop_state = None
     if data.resume_from is not None:
         loop_state = load_checkpoint(data.resume_from, unlearner)

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from unlearn import distributed, losses, rmu
+from unlearn import distributed, losses, protect, rmu
 from unlearn.config import TrainConfig
 from unlearn.data import collate, encode_pair, loss_pair
 from unlearn.errors import UnlearnError, UsageError
@@ -210,6 +210,13 @@ class Unlearner:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise UsageError("nothing to train: the model has no trainable parameters")
+        if config.protect:
+            if config.method in ("rmu", "ulmr"):
+                raise UsageError(f"--protect projects the forget loss's gradient: --method {config.method} has none")
+            if not all(id(p) in protect.adapter_parameters(model) for p in self.params):
+                raise UsageError("--protect projects LoRA updates: it does not work with --full")
+            if distributed.world().active:
+                raise UsageError("--protect runs in one process (not under torchrun)")
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.step_count = 0
         self.tokens = 0
@@ -581,6 +588,23 @@ class Unlearner:
                 zero[term] = 0.0
         return zero
 
+    def _protected_backward(self, rows: dict[str, list[dict]], basis: torch.Tensor, scale: float) -> dict[str, float]:
+        """Take the forget side (forget, mismatch) out of ROWS and add SCALE x its loss's gradient to the
+        parameters' .grad, projected off BASIS (protect.py); return its logged terms and "loss".
+
+        Only that side is projected: the KL terms' gradients are added whole by the usual backward, so
+        they still pull the model back wherever it drifted. (Projecting Adam's whole update instead
+        also took their pull off the protected directions, and normal similarity fell on the dev
+        split: docs/quality.md, "Protecting the probes' gradients".)
+        """
+        side = {name: rows.pop(name) for name in ("forget", "mismatch") if name in rows}
+        total, terms = self.loss(side)
+        grads = torch.autograd.grad(total * scale, self.params, allow_unused=True)
+        projected = protect.project_out(protect.flat(g if g is not None else torch.zeros_like(p)
+                                                     for g, p in zip(grads, self.params)), basis)
+        protect.accumulate(self.params, projected)
+        return {"loss": float(total.detach()), **terms}
+
     def step(self) -> dict:
         """One optimiser update over `grad_accum` micro-batches; returns the logged terms."""
         config = self.config
@@ -588,21 +612,29 @@ class Unlearner:
         lr = learning_rate(config, self.step_count)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        # --protect: the span of the retain rows' gradients at the weights this update starts from.
+        protected = (protect.basis(protect.row_gradients(self.model, self.params, self.retain, self.pad_id,
+                                                         forward_logits))
+                     if config.protect and self.retain else None)
         logged: dict[str, float] = {}
         for _ in range(config.grad_accum):
             # Every rank draws the same global micro-batch (same RNG draws) and keeps its share.
             rows = distributed.shard_rows(self._rows())
             at_zero = self._terms_zero_at_the_original(rows)
-            # One process and a group too big for one forward (`_pieces`): backward piece by piece.
-            # Otherwise one backward of the whole loss (DDP/FSDP need one forward per backward).
-            plan = ({name: self._pieces(group) for name, group in rows.items()} if config.method != "rmu"
-                    and self.forward_model is self.model and not distributed.world().active else {})
-            split = any(len(pieces) > 1 for pieces in plan.values())
-            step_terms = self._backward_in_pieces(plan, 1 / config.grad_accum) if split else None
-            if step_terms is None:
-                total, terms = self.loss(rows)
-                (total / config.grad_accum).backward()
-                step_terms = {"loss": float(total.detach()), **terms}
+            # --protect: the forget side's gradient goes in first, projected (`_protected_backward`).
+            step_terms = {} if protected is None else self._protected_backward(rows, protected, 1 / config.grad_accum)
+            if rows:  # (a protected run's first step has nothing left: its KL rows are out)
+                # One process and a group too big for one forward (`_pieces`): backward piece by piece.
+                # Otherwise one backward of the whole loss (DDP/FSDP need one forward per backward).
+                plan = ({name: self._pieces(group) for name, group in rows.items()} if config.method != "rmu"
+                        and self.forward_model is self.model and not distributed.world().active else {})
+                split = any(len(pieces) > 1 for pieces in plan.values())
+                rest = self._backward_in_pieces(plan, 1 / config.grad_accum) if split else None
+                if rest is None:
+                    total, terms = self.loss(rows)
+                    (total / config.grad_accum).backward()
+                    rest = {"loss": float(total.detach()), **terms}
+                step_terms = {**rest, **step_terms, "loss": step_terms.get("loss", 0.0) + rest["loss"]}
             step_terms.update(at_zero)
             for k, v in step_terms.items():
                 logged[k] = logged.get(k, 0.0) + v / config.grad_accum

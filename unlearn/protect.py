@@ -1,0 +1,121 @@
+"""The forget loss's gradient with the protected rows' directions taken out (`--protect`).
+
+Why: a few steps of ascent on "The capital of France is Paris" remove the skill of naming
+capitals at all (the benchmark's neighbours, docs/quality.md): the gradient that lowers
+"Paris" after "France" is mostly a direction shared with every capital. The automatic probes
+(neighbours and same-subject questions, with the original's answers) carry that direction in
+their own gradients. So at each step, with g_i = ∇θ NLL(retain row i) at the current weights
+and Q an orthonormal basis of span{g_1 … g_k}, the forget side's gradient is replaced by
+
+    g' = g − Q (Qᵀ g)
+
+before the KL terms' gradients are added whole (train.Unlearner._protected_backward). The
+shared direction is taken out of the push; what is particular to the forget rows' subjects is
+left; the KL terms still pull back wherever the model drifted. Adam's per-coordinate scaling
+means the update itself is not exactly orthogonal to the g_i: projecting Adam's whole update
+instead (exactly orthogonal) also took the KL terms' pull off those directions, and normal
+similarity fell on the dev split (docs/quality.md, "Protecting the probes' gradients").
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unlearn import losses
+from unlearn.data import collate
+
+# Directions whose QR diagonal is below this share of the largest are dependent on the others
+# (or zero: a row whose gradient vanished) and are dropped from the basis.
+RANK_TOLERANCE = 1e-6
+
+
+def flat(tensors) -> torch.Tensor:
+    """The tensors' values as one float32 vector (a parameter list's order)."""
+    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+
+
+def row_gradients(model, params: list[torch.nn.Parameter], rows: list[dict], pad_id: int, forward) -> torch.Tensor:
+    """(k, P): per row of ROWS, the gradient of its mean response-token NLL w.r.t. PARAMS, flattened in
+    PARAMS' order (`flat`). PARAMS must be LoRA adapters' A and B (lora.LoRALinear).
+
+    One batched forward and backward, not one per row: a LoRA update y += s·(x Aᵀ) Bᵀ has, for row
+    i with inputs x_it and output gradients δ_it (the loss is the sum of the rows' NLLs, so each
+    row's δ is its own NLL's),
+        ∂NLL_i/∂B = s Σ_t δ_itᵀ (x_it Aᵀ),    ∂NLL_i/∂A = s Σ_t (δ_it B)ᵀ x_it
+    which the hooks below collect per row. FORWARD(model, batch, start) -> logits from START
+    (train.forward_logits).
+    """
+    from unlearn.lora import lora_modules
+    from unlearn.train import first_scored_position
+
+    modules = lora_modules(model)
+    owner = adapter_parameters(model)
+    if any(id(p) not in owner for p in params):
+        raise ValueError("row_gradients: every trained parameter must be a LoRA adapter's A or B")
+    inputs, per_row, hooks = {}, {}, []
+
+    def keep_input(module, args, output):
+        inputs[module] = args[0].detach()
+        if output.requires_grad:
+            output.register_hook(lambda grad, m=module: per_row.__setitem__(m, _adapter_gradients(m, inputs[m], grad)))
+
+    for m in modules.values():
+        hooks.append(m.register_forward_hook(keep_input))
+    device = params[0].device
+    try:
+        batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
+        start = first_scored_position(batch["labels"])
+        nll = losses.sequence_nll(forward(model, batch, start), batch["labels"][:, start:])
+        torch.autograd.grad(torch.nan_to_num(nll).sum(), params, allow_unused=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    columns = []
+    for p in params:
+        module, which = owner[id(p)]
+        got = per_row.get(module)
+        columns.append(got[which].reshape(len(rows), -1) if got is not None else p.new_zeros(len(rows), p.numel()))
+    return torch.cat(columns, dim=1).float()
+
+
+def adapter_parameters(model) -> dict[int, tuple]:
+    """id(parameter) -> (its LoRALinear, "A" or "B") for every LoRA adapter weight of MODEL."""
+    from unlearn.lora import lora_modules
+
+    owner = {}
+    for m in lora_modules(model).values():
+        owner[id(m.lora_A)], owner[id(m.lora_B)] = (m, "A"), (m, "B")
+    return owner
+
+
+def _adapter_gradients(module, x: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per row: the gradients of LoRALinear MODULE's A and B, from its input X and output gradient GRAD."""
+    a, b = module.lora_A.to(x.dtype), module.lora_B.to(x.dtype)
+    grad = grad.to(x.dtype)
+    return {"B": module.scaling * torch.einsum("bto,btr->bor", grad, x @ a.t()),
+            "A": module.scaling * torch.einsum("btr,bti->bri", grad @ b, x)}
+
+
+def basis(gradients: torch.Tensor) -> torch.Tensor:
+    """(P, r): an orthonormal basis of the span of GRADIENTS' rows (dependent or zero rows dropped)."""
+    if gradients.shape[0] == 0:
+        return gradients.new_zeros(gradients.shape[1], 0)
+    q, r = torch.linalg.qr(gradients.t())
+    diagonal = r.diagonal().abs()
+    keep = diagonal > RANK_TOLERANCE * diagonal.max().clamp_min(torch.finfo(diagonal.dtype).tiny)
+    return q[:, keep]
+
+
+def project_out(vector: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """VECTOR without its components along Q's (orthonormal) columns."""
+    return vector - q @ (q.t() @ vector) if q.shape[1] else vector
+
+
+def accumulate(params: list[torch.nn.Parameter], vector: torch.Tensor) -> None:
+    """Add the flat VECTOR (`flat`'s layout) to PARAMS' .grad, as a backward would."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        part = vector[offset:offset + n].view_as(p).to(p.dtype)
+        p.grad = part.clone() if p.grad is None else p.grad.add_(part)
+        offset += n
