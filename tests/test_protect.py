@@ -21,6 +21,13 @@ def test_basis_spans_the_rows_and_drops_dependent_and_zero_ones():
     # (1, 2, 3) without its components along e1 and e2 is (0, 0, 3), by hand.
     assert torch.allclose(protect.project_out(torch.tensor([1.0, 2.0, 3.0]), q), torch.tensor([0.0, 0.0, 3.0]),
                           atol=1e-6)
+    # A repeated row and a zero row before an independent one: the basis still spans e1 and e2.
+    for g in (torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),
+              torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])):
+        q = protect.basis(g)
+        assert q.shape == (3, 2) and torch.allclose(q.t() @ q, torch.eye(2), atol=1e-6)
+        assert torch.allclose(protect.project_out(torch.tensor([1.0, 2.0, 3.0]), q), torch.tensor([0.0, 0.0, 3.0]),
+                              atol=1e-6)
     assert protect.basis(torch.zeros(0, 3)).shape == (3, 0)
     assert torch.equal(protect.project_out(torch.tensor([1.0, 2.0]), torch.zeros(2, 0)), torch.tensor([1.0, 2.0]))
 

@@ -24,8 +24,8 @@ import torch
 from unlearn import losses
 from unlearn.data import collate
 
-# Directions whose QR diagonal is below this share of the largest are dependent on the others
-# (or zero: a row whose gradient vanished) and are dropped from the basis.
+# Singular values below this share of the largest are rounding: their directions are not in the
+# span of the rows (a repeated row, or one whose gradient vanished), and are left out of the basis.
 RANK_TOLERANCE = 1e-6
 
 
@@ -97,13 +97,20 @@ def _adapter_gradients(module, x: torch.Tensor, grad: torch.Tensor) -> dict[str,
 
 
 def basis(gradients: torch.Tensor) -> torch.Tensor:
-    """(P, r): an orthonormal basis of the span of GRADIENTS' rows (dependent or zero rows dropped)."""
+    """(P, r): an orthonormal basis of the span of GRADIENTS' rows, r its rank.
+
+    Gᵀ = Q R (thin QR, P x k). When a row depends on earlier ones (a repeated row, or a zero
+    gradient) R is singular and Q has a column outside the span, which later rows may still
+    use, so dropping Q's columns by R's diagonal would lose span. The span is Q times R's
+    column space: Q U_r, U_r the left singular vectors of the k x k R whose singular values
+    are not negligible. Full rank (the usual case): Q itself.
+    """
     if gradients.shape[0] == 0:
         return gradients.new_zeros(gradients.shape[1], 0)
     q, r = torch.linalg.qr(gradients.t())
-    diagonal = r.diagonal().abs()
-    keep = diagonal > RANK_TOLERANCE * diagonal.max().clamp_min(torch.finfo(diagonal.dtype).tiny)
-    return q[:, keep]
+    u, values, _ = torch.linalg.svd(r)
+    keep = values > RANK_TOLERANCE * values.max().clamp_min(torch.finfo(values.dtype).tiny)
+    return q if bool(keep.all()) else q @ u[:, keep]
 
 
 def project_out(vector: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
