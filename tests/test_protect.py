@@ -1,4 +1,4 @@
-"""--protect: updates projected off the span of the retain rows' gradients (protect.py)."""
+"""--protect: the forget loss's gradient projected off the span of the retain rows' gradients (protect.py)."""
 
 import json
 

@@ -90,8 +90,8 @@ class TrainConfig:
     # probe check made the README command 4-8 % slower (docs/quality.md, "The README pair, and the decision").
     stop_probes: float = 0.0
     # Project the forget loss's gradient off the span of the retain rows' (probes') NLL gradients
-    # (protect.py). Off: measured on the dev split only, and it makes each step cost about three
-    # (docs/quality.md, "Protecting the probes' gradients").
+    # (protect.py). Off: measured on the dev split only, and each step costs two to three times as
+    # much: the README command 20 % slower (docs/quality.md, "Protecting the probes' gradients").
     protect: bool = False
     extra_steps: int = 0  # steps to keep going once the stop rule fired
     check_tokens: int = 32  # the stop rule's answer budget
