@@ -124,6 +124,9 @@ class TrainConfig:
             raise UsageError(f"--stop-leak {self.stop_leak}: must be in [0, 1]")
         if not 0 <= self.stop_probes <= 1:
             raise UsageError(f"--stop-probes {self.stop_probes}: must be in [0, 1]")
+        if self.protect and self.method in ("edit", "rmu", "ulmr"):
+            raise UsageError(f"--protect projects the forget loss's gradient: it takes no --method edit, rmu or "
+                             f"ulmr (here {self.method})")
         if self.forget_tokens not in ("answers", "response"):
             raise UsageError(f"--forget-tokens {self.forget_tokens}: expected answers or response")
         if self.schedule not in ("constant", "linear"):
@@ -232,9 +235,9 @@ class RunOptions:
         if self.train.method == "rmu" and self.gradient_checkpointing:
             raise UsageError("--method rmu stops each forward pass at its layer (little memory to save): "
                              "it takes no --gradient-checkpointing")
-        if self.train.protect and (self.full or self.fsdp or self.train.method in ("edit", "rmu", "ulmr")):
+        if self.train.protect and (self.full or self.fsdp):
             raise UsageError("--protect projects the forget loss's LoRA gradient in one process: it takes no "
-                             "--full or --fsdp, and no --method edit, rmu or ulmr")
+                             "--full or --fsdp")
         if self.augmented is not None and not ulmr:
             raise UsageError("--augmented is ULMR's training data: use it with --method ulmr")
         return replace(self, train=train, retain_probes=retain_probes, retain_weight=train.retain_weight,

@@ -45,10 +45,8 @@ def row_gradients(model, params: list[torch.nn.Parameter], rows: list[dict], pad
     which the hooks below collect per row. FORWARD(model, batch, start) -> logits from START
     (train.forward_logits).
     """
-    from unlearn.lora import lora_modules
     from unlearn.train import first_scored_position
 
-    modules = lora_modules(model)
     owner = adapter_parameters(model)
     if any(id(p) not in owner for p in params):
         raise ValueError("row_gradients: every trained parameter must be a LoRA adapter's A or B")
@@ -59,7 +57,7 @@ def row_gradients(model, params: list[torch.nn.Parameter], rows: list[dict], pad
         if output.requires_grad:
             output.register_hook(lambda grad, m=module: per_row.__setitem__(m, _adapter_gradients(m, inputs[m], grad)))
 
-    for m in modules.values():
+    for m in {module for module, _ in owner.values()}:
         hooks.append(m.register_forward_hook(keep_input))
     device = params[0].device
     try:

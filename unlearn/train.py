@@ -210,9 +210,7 @@ class Unlearner:
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise UsageError("nothing to train: the model has no trainable parameters")
-        if config.protect:
-            if config.method in ("rmu", "ulmr"):
-                raise UsageError(f"--protect projects the forget loss's gradient: --method {config.method} has none")
+        if config.protect:  # (its methods are checked by config.validate)
             if not all(id(p) in protect.adapter_parameters(model) for p in self.params):
                 raise UsageError("--protect projects LoRA updates: it does not work with --full")
             if distributed.world().active:
