@@ -45,19 +45,24 @@ def test_row_gradients_from_one_batched_pass_equal_each_rows_own_backward(llama_
     u = retainer(llama_dir)
     for m in lora_modules(u.model).values():  # off B = 0, where every A gradient vanishes
         m.lora_B.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
-    batched = protect.row_gradients(u.model, u.params, u.retain, u.pad_id, forward_logits)
+    batched = protect.row_gradients(u.model, u.params, u.retain, u.pad_id, forward_logits, low_precision=False)
     for i, row in enumerate(u.retain):  # the retain rows have different lengths: padding is in play
         batch = collate([row], u.pad_id)
         start = first_scored_position(batch["labels"])
         loss = losses.mean_nll(forward_logits(u.model, batch, start), batch["labels"][:, start:])
         own = protect.flat(torch.autograd.grad(loss, u.params))
         assert torch.allclose(batched[i], own, rtol=1e-4, atol=1e-6)
+    # The default bf16 pass: each row's gradient keeps its direction (its span is what is used).
+    rough = protect.row_gradients(u.model, u.params, u.retain, u.pad_id, forward_logits)
+    assert rough.dtype == torch.float32 and rough.shape == batched.shape
+    cosines = torch.nn.functional.cosine_similarity(rough, batched, dim=1)
+    assert cosines.min() > 0.99 and not torch.equal(rough, batched)  # (it did run in bf16)
 
 
 def test_the_forget_sides_gradient_is_projected_off_every_retain_rows_gradient_and_the_kl_is_not(llama_dir):
     u = retainer(llama_dir, protect=True, retain_weight=1.0)
     u.step()  # off B = 0, where the gradients w.r.t. A vanish: the general case
-    gradients = protect.row_gradients(u.model, u.params, u.retain, u.pad_id, forward_logits)
+    gradients = protect.row_gradients(u.model, u.params, u.retain, u.pad_id, forward_logits, low_precision=False)
     basis = protect.basis(gradients)
     rows = u._rows()
     forget_rows, kl_rows = rows["forget"], {k: v for k, v in rows.items() if k != "forget"}

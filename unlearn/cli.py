@@ -122,8 +122,8 @@ def _command_line() -> str:
                    "Not a default: measured on the dev split only (docs/quality.md).")
 @click.option("--protect", is_flag=True,
               help="Project the forget loss's gradient off the span of the retain rows' gradients (--retain and the "
-                   "automatic probes trained on), recomputed every step. LoRA, one process; each step costs two to "
-                   "three times as much. Not a default: measured on the dev split only (docs/quality.md).")
+                   "automatic probes trained on), recomputed every step in bf16. LoRA, one process; about 2 s more a "
+                   "step on the embedded model. Not a default: it leaks more passages on the dev split (docs/quality.md).")
 @click.option("--extra-steps", type=int, default=None,
               help="Steps to keep going after the stop rule fires [default: 0; ulmr: 4].")
 @click.option("--max-length", type=int, default=256, show_default=True, help="Tokens per training row (prompt+response).")

@@ -90,8 +90,9 @@ class TrainConfig:
     # probe check made the README command 4-8 % slower (docs/quality.md, "The README pair, and the decision").
     stop_probes: float = 0.0
     # Project the forget loss's gradient off the span of the retain rows' (probes') NLL gradients
-    # (protect.py). Off: measured on the dev split only, and each step costs two to three times as
-    # much: the README command 20 % slower (docs/quality.md, "Protecting the probes' gradients").
+    # (protect.py). Off: on the dev split it scores higher but leaks more passages (mean dev forget
+    # leak 0.070, over the rule's gate of 0.05); each step costs ~2 s more on the README command
+    # (docs/quality.md, "`--protect` in bf16").
     protect: bool = False
     extra_steps: int = 0  # steps to keep going once the stop rule fired
     check_tokens: int = 32  # the stop rule's answer budget

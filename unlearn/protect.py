@@ -19,6 +19,8 @@ similarity fell on the dev split (docs/quality.md, "Protecting the probes' gradi
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from unlearn import losses
@@ -34,7 +36,8 @@ def flat(tensors) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1).float() for t in tensors])
 
 
-def row_gradients(model, params: list[torch.nn.Parameter], rows: list[dict], pad_id: int, forward) -> torch.Tensor:
+def row_gradients(model, params: list[torch.nn.Parameter], rows: list[dict], pad_id: int, forward,
+                  low_precision: bool = True) -> torch.Tensor:
     """(k, P): per row of ROWS, the gradient of its mean response-token NLL w.r.t. PARAMS, flattened in
     PARAMS' order (`flat`). PARAMS must be LoRA adapters' A and B (lora.LoRALinear).
 
@@ -44,6 +47,13 @@ def row_gradients(model, params: list[torch.nn.Parameter], rows: list[dict], pad
         ∂NLL_i/∂B = s Σ_t δ_itᵀ (x_it Aᵀ),    ∂NLL_i/∂A = s Σ_t (δ_it B)ᵀ x_it
     which the hooks below collect per row. FORWARD(model, batch, start) -> logits from START
     (train.forward_logits).
+
+    LOW_PRECISION: the forward and backward run under bfloat16 autocast (on a float32 model; the
+    parameters and the returned gradients stay float32). Only the span of the gradients is used, and
+    bf16 moves it little: on 13 of the README run's probes (their original answers, 66-77 tokens,
+    adapters with B != 0) each row's bf16 gradient had cosine 0.9995-0.9998 with its float32 one,
+    and the bf16 span held 0.9995 or more of every float32 gradient's norm, for 2.7x less time
+    (5.2 s -> 1.9 s a pass on 2 cores). The tests take float32, where the hooks' gradients are exact.
     """
     from unlearn.train import first_scored_position
 
@@ -63,7 +73,12 @@ def row_gradients(model, params: list[torch.nn.Parameter], rows: list[dict], pad
     try:
         batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
         start = first_scored_position(batch["labels"])
-        nll = losses.sequence_nll(forward(model, batch, start), batch["labels"][:, start:])
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
+                    if low_precision and params[0].dtype == torch.float32 and _has_bf16(device)
+                    else contextlib.nullcontext())
+        with autocast:
+            logits = forward(model, batch, start)
+        nll = losses.sequence_nll(logits.float(), batch["labels"][:, start:])
         torch.autograd.grad(torch.nan_to_num(nll).sum(), params, allow_unused=True)
     finally:
         for h in hooks:
@@ -74,6 +89,13 @@ def row_gradients(model, params: list[torch.nn.Parameter], rows: list[dict], pad
         got = per_row.get(module)
         columns.append(got[which].reshape(len(rows), -1) if got is not None else p.new_zeros(len(rows), p.numel()))
     return torch.cat(columns, dim=1).float()
+
+
+def _has_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast runs natively on DEVICE (every CPU torch supports; CUDA from Ampere on)."""
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
 def adapter_parameters(model) -> dict[int, tuple]:
@@ -89,7 +111,7 @@ def adapter_parameters(model) -> dict[int, tuple]:
 def _adapter_gradients(module, x: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per row: the gradients of LoRALinear MODULE's A and B, from its input X and output gradient GRAD."""
     a, b = module.lora_A.to(x.dtype), module.lora_B.to(x.dtype)
-    grad = grad.to(x.dtype)
+    grad = grad.to(x.dtype)  # (under autocast x and grad may be bf16: the einsums then are too)
     return {"B": module.scaling * torch.einsum("bto,btr->bor", grad, x @ a.t()),
             "A": module.scaling * torch.einsum("btr,bti->bri", grad @ b, x)}
 
