@@ -73,8 +73,10 @@ def row_gradients(model, params: list[torch.nn.Parameter], rows: list[dict], pad
     try:
         batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
         start = first_scored_position(batch["labels"])
+        # The base weights' dtype decides (the adapters are float32 on every base: lora.LoRALinear).
+        base_dtype = next(iter(owner.values()))[0].base.weight.dtype
         autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
-                    if low_precision and params[0].dtype == torch.float32 and _has_bf16(device)
+                    if low_precision and base_dtype == torch.float32 and _has_bf16(device)
                     else contextlib.nullcontext())
         with autocast:
             logits = forward(model, batch, start)
