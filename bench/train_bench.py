@@ -83,7 +83,7 @@ VARIANTS = ("fp32", "bf16", "naive", "ckpt")
 # --gradient-checkpointing`); and three changes measured here before they were made in the
 # library (each monkeypatched into the variant's process by `apply_proposed`; all three are now
 # what `unlearn run` does, in train._attention_kernel, lora.LoRALinear and
-# models.return_freed_memory_if_large, so on the shapes they apply to they change nothing):
+# models.tune_allocator, so on the shapes they apply to they change nothing):
 # "math" runs attention with SDPA's math kernel in bf16 (the CPU flash kernel's bf16 backward is
 # ~2x slower than the matmuls and softmax it replaces), "lora16" computes LoRA's two small matmuls
 # in the activations' dtype (the fp32 adapter weights are cast, instead of every activation),
@@ -363,7 +363,7 @@ def build_model(args, dtype: str):
     """(model in eval mode, tokenizer, name) for --shape: the embedded model, or a random-weight OPT."""
     import torch
 
-    from unlearn.models import load_model, load_tokenizer, resolve_model_dir, return_freed_memory_if_large, torch_dtype
+    from unlearn.models import load_model, load_tokenizer, resolve_model_dir, tune_allocator, torch_dtype
 
     if args.shape == "default":
         loaded = load_model(args.model, dtype=dtype, log=_log)
@@ -375,7 +375,7 @@ def build_model(args, dtype: str):
     # place (normal, std 0.02, as OPT's _init_weights), so no float32 copy exists on the way to bf16.
     model = OPTForCausalLM._from_config(config, dtype=torch_dtype(dtype)).eval()
     assert next(model.parameters()).dtype == torch_dtype(dtype) and torch.get_default_dtype() == torch.float32
-    return_freed_memory_if_large(model)  # as load_model does after loading: the allocator `unlearn run` has
+    tune_allocator(model)  # as load_model does after loading: the allocator `unlearn run` has
     tokenizer = load_tokenizer(resolve_model_dir(None, log=_log))  # the embedded SmolLM2 tokenizer (see top)
     if len(tokenizer) > config.vocab_size:
         raise SystemExit(f"the tokenizer's {len(tokenizer)} ids do not fit the model's vocabulary {config.vocab_size}")

@@ -50,6 +50,25 @@ def test_lora_forward_formula_and_disabled_reference():
     assert torch.equal(layer(x), base(x))
 
 
+def test_lora_on_batched_input_gives_the_formulas_output_and_gradients():
+    # (batch, seq, features) input: the layer flattens it for its one addmm and restores the shape.
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(6, 4), rank=2, alpha=6.0, dropout=0.0)
+    layer.lora_B.data = torch.randn(4, 2)
+    x, weights = torch.randn(2, 3, 6), torch.randn(2, 3, 4)
+    a, b = layer.lora_A.detach().clone().requires_grad_(), layer.lora_B.detach().clone().requires_grad_()
+    expected = layer.base(x) + 3.0 * (x @ a.t() @ b.t())
+    (expected * weights).sum().backward()
+    out = layer(x)
+    (out * weights).sum().backward()
+    assert out.shape == (2, 3, 4) and torch.allclose(out, expected, atol=1e-6)
+    # By hand: d/dB = 3 · Σ_tokens w (x Aᵀ), d/dA = 3 · Σ_tokens (w B)ᵀ x
+    flat_x, flat_w = x.reshape(-1, 6), weights.reshape(-1, 4)
+    assert torch.allclose(layer.lora_B.grad, 3.0 * flat_w.t() @ (flat_x @ a.detach().t()), atol=1e-5)
+    assert torch.allclose(layer.lora_A.grad, 3.0 * (flat_w @ b.detach()).t() @ flat_x, atol=1e-5)
+    assert torch.allclose(layer.lora_A.grad, a.grad, atol=1e-6) and torch.allclose(layer.lora_B.grad, b.grad, atol=1e-6)
+
+
 def test_lora_on_a_bf16_base_computes_in_bf16_and_trains_float32_weights():
     torch.manual_seed(0)
     base32 = torch.nn.Linear(6, 4)

@@ -96,8 +96,13 @@ class LoRALinear(nn.Module):
         # The weights and their optimiser state stay float32; their gradients arrive
         # rounded to bf16, as under autocast. In float32 every cast is a no-op: same numbers.
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        update = (self.dropout(x) @ a.t()) @ b.t()
-        return out + (update * self.scaling).to(out.dtype)
+        low = self.dropout(x) @ a.t()
+        # out + s · (low Bᵀ) in one addmm: no (tokens x out) product, scaled copy and sum in
+        # between, each an activation-sized tensor. At the default step's gate/up shape (352
+        # tokens, 1536 outputs) 132 -> 66 µs in bf16, 218 -> 137 µs in float32 (two threads); the
+        # whole step's gain was within the machine's noise. Under autocast it runs in bf16.
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), b.t(), alpha=self.scaling)
+        return flat.view(out.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha/r) · B A, the change this adapter makes to W."""

@@ -134,8 +134,10 @@ class _TokenKL(torch.autograd.Function):
             ref_logp = torch.log_softmax(ref_flat.index_select(0, rows[i:j]).float(), dim=-1)
             cur_logp = torch.log_softmax(cur_flat.index_select(0, rows[i:j]).float(), dim=-1)
             ref_p = ref_logp.exp()
-            out[i:j] = (ref_p * (ref_logp - cur_logp)).sum(dim=-1)
-            diff[i:j] = cur_logp.exp_() - ref_p
+            # In place from here: each vocabulary-wide temporary is a fresh block to fault in.
+            log_ratio = ref_logp.sub_(cur_logp)  # log p_ref - log p_cur
+            torch.sub(cur_logp.exp_(), ref_p, out=diff[i:j])  # p_cur - p_ref, rounded once to the logits' dtype
+            out[i:j] = ref_p.mul_(log_ratio).sum(dim=-1)
         ctx.save_for_backward(diff, rows)
         ctx.cur_shape = cur.shape
         return out
