@@ -89,7 +89,8 @@ VARIANTS = ("fp32", "bf16", "naive", "ckpt")
 # in the activations' dtype (the fp32 adapter weights are cast, instead of every activation),
 # "mmap" fixes glibc's mmap threshold at 128 KiB (glibc otherwise raises it to the size of the
 # largest block freed, up to 32 MiB, and activations freed into the heap stay resident); set
-# through glibc's MALLOC_MMAP_THRESHOLD_ in the variant's environment, as mallopt would.
+# through glibc's MALLOC_MMAP_THRESHOLD_ in the variant's environment, as mallopt would (on a model
+# under 1 GiB, `tune_allocator`'s mallopt after loading then replaces it: +mmap measures nothing there).
 MODIFIERS = ("ckpt", "math", "lora16", "mmap")
 DTYPE_VARIANT = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16"}
 
