@@ -231,6 +231,11 @@ def load_model(spec: str | None, *, dtype: str = "float32", trust_remote_code: b
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, name=spec or DEFAULT_MODEL_NAME)
 
 
+# glibc's mallopt options (malloc.h), and the largest mmap threshold it takes on 64-bit (HEAP_MAX_SIZE / 2).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_MAX = 32 * 2**20
+
+
 def tune_allocator(model) -> None:
     """Set glibc's allocator for MODEL's size: return freed memory above 1 GiB of weights, keep it below.
 
@@ -253,10 +258,6 @@ def _mallopt(option: int, value: int) -> None:
         libc.mallopt(option, value)
     except (OSError, AttributeError):
         pass
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's largest mmap threshold on 64-bit (HEAP_MAX_SIZE / 2)
 
 
 def return_freed_memory(threshold: int = 128 * 1024) -> None:
