@@ -63,6 +63,10 @@ def test_run_end_to_end(request, tmp_path, data, cli, which):
             assert key in report["after"][split]
     assert 0.0 <= report["after"]["normal"]["similarity_to_reference"] <= 1.0
     assert report["tokens_per_s"] > 0 and report["peak_memory_mb"] > 0 and 1 <= report["steps"] <= 3
+    # The phases are parts of the wall clock, disjoint: together they cannot exceed it.
+    phases = [report[k] for k in ("load_seconds", "train_seconds", "stop_rule_seconds", "eval_seconds")]
+    assert all(p > 0 for p in phases) and sum(phases) < report["wall_clock_s"], (phases, report["wall_clock_s"])
+    assert report["augment_seconds"] is None  # not ulmr
 
     record = json.loads((out / "run.json").read_text())
     assert record["merged_model"] == str(out.resolve() / "model")

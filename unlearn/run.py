@@ -215,6 +215,10 @@ class Loaded:
     probe_after: Measurer | None = None
     probe_names: tuple = ()  # the probe sets measured by them
     probe_seconds: float = 0.0  # everything the probes cost: building, the original's answers, the "after" answers
+    # Loading the model (the embedded GGUF's one-time conversion included), hashing its weights for the
+    # measurement cache, attaching LoRA or copying the reference; ULMR's rewrites are counted apart.
+    load_seconds: float = 0.0
+    augment_seconds: float = 0.0  # ULMR's rewrites and negative responses, made once the model is loaded
 
 
 def load(opts: RunOptions, data: Prepared, log) -> Loaded:
@@ -227,6 +231,7 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
 
     world = distributed.world()
     judge = make_judge(opts.judge, opts.judge_label)  # a bad --judge fails before the model loads
+    started = time.perf_counter()
     torch.manual_seed(opts.train.seed)
     device = world.device if world.active else system.pick_device(opts.device)
     # A GGUF conversion or a download into the cache happens once, on rank 0, before every rank loads.
@@ -238,11 +243,13 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     log(f"model {loaded.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) on "
         f"{system.device_name(device)}")
 
-    train_rows, augment_stats = data.forget, None
+    train_rows, augment_stats, augment_seconds = data.forget, None, 0.0
     if opts.train.method == "ulmr":
         train_rows = data.augmented
         if train_rows is None:  # every rank trains on rank 0's rows (sampling may differ between devices)
+            t = time.perf_counter()
             train_rows, augment_stats = distributed.main_decides(_augment)(opts, model, tokenizer, data.forget, log)
+            augment_seconds = time.perf_counter() - t
 
     reference_model = None
     if not opts.adapters:
@@ -276,7 +283,8 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     # original did has the original's log-probabilities already (measure.Measurer.fluency_hints).
     after.fluency_hints = before.own_scores
     return Loaded(loaded, model, tokenizer, reference_model, device, forward_model, after, before,
-                  train_rows, augment_stats)
+                  train_rows, augment_stats, load_seconds=time.perf_counter() - started - augment_seconds,
+                  augment_seconds=augment_seconds)
 
 
 def _fingerprint(path, dtype: str, device) -> str:
@@ -661,6 +669,10 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "judge": job.measurer.judge.name,
         "steps": result.steps,
         "stopped_by": result.stopped_by,
+        # Loading (Loaded.load_seconds says what it covers); with training, the stop rule's checks,
+        # evaluation and ULMR's rewrites, what wall_clock_s leaves is reading the data and writing OUTPUT.
+        "load_seconds": round(job.load_seconds, 3),
+        "augment_seconds": round(job.augment_seconds, 3) if job.augment_stats else None,  # None: none made here
         "train_seconds": round(result.seconds, 3),
         # The stop rule's checks: generation between steps, counted in neither training nor evaluation.
         "stop_rule_seconds": round(result.check_seconds, 3),

@@ -62,9 +62,11 @@ def format_run(record: dict) -> str:
         *_probe_lines(record),
         f"steps: {record['steps']} (stopped: {record['stopped_by']}); method: {record['method']}",
         *_ulmr_lines(record),
-        f"wall clock: {record['wall_clock_s']:.1f} s (training {record['train_seconds']:.1f} s, "
-        f"stop-rule checks {record['stop_rule_seconds']:.1f} s, "
-        f"evaluation {record['eval_seconds']:.1f} s); {record['tokens_per_s']:.0f} tokens/s; "
+        f"wall clock: {record['wall_clock_s']:.1f} s (loading {record['load_seconds']:.1f} s, "
+        + (f"ULMR's rewrites {record['augment_seconds']:.1f} s, " if record.get("augment_seconds") is not None else "")
+        + f"training {record['train_seconds']:.1f} s, stop-rule checks {record['stop_rule_seconds']:.1f} s, "
+        f"evaluation {record['eval_seconds']:.1f} s, reading and writing the rest); "
+        f"{record['tokens_per_s']:.0f} tokens/s; "
         f"peak memory {record['peak_memory_mb']:.0f} MiB; device {record['device']}",
         f"merged model: {record['merged_model']}",
     ]
