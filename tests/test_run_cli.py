@@ -6,6 +6,7 @@ because what it measures is a whole process (see it).
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -94,6 +95,7 @@ def test_table_output_and_existing_output_is_refused(tmp_path, data, llama_dir, 
     assert first.code == 0, first.err
     assert first.out.splitlines()[0].split()[:3] == ["set", "rows", "n"]
     assert "merged model:" in first.out and "tokens/s" in first.out
+    assert re.search(r"wall clock: [\d.]+ s \(loading [\d.]+ s, training .* reading and writing [\d.]+ s\)", first.out)
     stamp = (out / "run.json").stat().st_mtime_ns
     again = cli("run", forget, normal, "--model", llama_dir, "-o", out, *FAST)
     assert again.code == 2 and "use --force" in again.err
@@ -157,3 +159,16 @@ def test_run_variants(tmp_path, data, llama_dir, cli, extra):
     assert (out / "model" / "config.json").is_file()
     assert (report["adapter"] is None) == ("--full" in extra)
     assert report["steps"] >= 1
+
+
+def test_wall_clock_parts_add_up_to_the_whole():
+    from unlearn.tables import _wall_clock_parts
+
+    record = {"wall_clock_s": 100.0, "load_seconds": 2.5, "augment_seconds": None, "train_seconds": 20.0,
+              "stop_rule_seconds": 10.25, "eval_seconds": 60.0}
+    # 100 - (2.5 + 20 + 10.25 + 60) = 7.25 s left for reading and writing; no ULMR part when none was made
+    assert _wall_clock_parts(record) == ("loading 2.5 s, training 20.0 s, stop-rule checks 10.2 s, "
+                                         "evaluation 60.0 s, reading and writing 7.2 s")
+    record["augment_seconds"] = 5.0
+    assert "ULMR's rewrites 5.0 s, training" in _wall_clock_parts(record)
+    assert _wall_clock_parts(record).endswith("reading and writing 2.2 s")
