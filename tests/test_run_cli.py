@@ -165,10 +165,10 @@ def test_wall_clock_parts_add_up_to_the_whole():
     from unlearn.tables import _wall_clock_parts
 
     record = {"wall_clock_s": 100.0, "load_seconds": 2.5, "augment_seconds": None, "train_seconds": 20.0,
-              "stop_rule_seconds": 10.25, "eval_seconds": 60.0}
-    # 100 - (2.5 + 20 + 10.25 + 60) = 7.25 s left for reading and writing; no ULMR part when none was made
-    assert _wall_clock_parts(record) == ("loading 2.5 s, training 20.0 s, stop-rule checks 10.2 s, "
+              "stop_rule_seconds": 10.3, "eval_seconds": 60.0}
+    # 100 - (2.5 + 20 + 10.3 + 60) = 7.2 s left for reading and writing; no ULMR part when none was made
+    assert _wall_clock_parts(record) == ("loading 2.5 s, training 20.0 s, stop-rule checks 10.3 s, "
                                          "evaluation 60.0 s, reading and writing 7.2 s")
-    record["augment_seconds"] = 5.0
+    record["augment_seconds"] = 5.0  # 7.2 - 5 = 2.2 s left
     assert "ULMR's rewrites 5.0 s, training" in _wall_clock_parts(record)
     assert _wall_clock_parts(record).endswith("reading and writing 2.2 s")
