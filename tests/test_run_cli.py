@@ -139,6 +139,8 @@ def test_model_errors_are_one_line(tmp_path, data, cli, model, message):
     (["--method", "rlhf"], "Invalid value for '--method'"),
     (["--stop-leak", "1.5"], "--stop-leak 1.5"),
     (["--lora-targets", "nope"], "no module of this model has that name"),
+    (["--repair-steps", "some"], "--repair-steps some: expected auto or a number of steps"),
+    (["--repair-steps", "2", "--extra-steps", "1"], "give one"),
 ])
 def test_usage_errors_exit_2(tmp_path, data, llama_dir, cli, args, message):
     forget, normal, _ = data
@@ -159,6 +161,22 @@ def test_run_variants(tmp_path, data, llama_dir, cli, extra):
     assert (out / "model" / "config.json").is_file()
     assert (report["adapter"] is None) == ("--full" in extra)
     assert report["steps"] >= 1
+
+
+def test_repair_steps_are_recorded_and_printed(tmp_path, data, llama_dir, cli):
+    """A random model never says the forget answers: forgotten at the first check (step 1), then 2 repair
+    steps of the keep terms alone, the run ending at the check after step 3."""
+    forget, normal, _ = data
+    out = tmp_path / "out"
+    args = ["--max-steps", "6", "--check-every", "1", "--max-new-tokens", "6", "--batch-size", "2", "--lr", "1e-2"]
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", out, *args, "--repair-steps", "2")
+    assert result.code == 0, result.err
+    record = json.loads((out / "run.json").read_text())
+    assert record["steps"] == 3 and record["stopped_by"] == "forgotten"
+    assert record["repair"] == {"first_forgotten": 1, "end": 3, "keep_terms_only_steps": 2, "whole_loss_steps": 0}
+    assert [bool(h.get("keep_terms_only")) for h in record["history"]] == [False, True, True]
+    assert "first forgotten after step 1, then 2 repair steps of the keep terms alone and 0 of the whole loss" in result.out
+    assert "step 1: forget leak rate 0.00; repair: up to 2 more steps" in result.err
 
 
 def test_wall_clock_parts_add_up_to_the_whole():

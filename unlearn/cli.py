@@ -19,6 +19,7 @@ import click
 
 from unlearn.config import GEN_BATCH_SIZE
 from unlearn.errors import UnlearnError
+from unlearn.repair import AUTO_CAP
 from unlearn.log import log
 
 
@@ -126,6 +127,11 @@ def _command_line() -> str:
                    "step on the embedded model. Not a default: it leaks more passages on the dev split (docs/quality.md).")
 @click.option("--extra-steps", type=int, default=None,
               help="Steps to keep going after the stop rule fires [default: 0; ulmr: 4].")
+@click.option("--repair-steps", default=None, metavar="N|auto",
+              help="Once the stop rule first fires: up to N more steps that train only the terms that keep (normal, "
+                   "retain and probe KL) while nothing leaks, the whole loss after a leak; the run ends at the first "
+                   f"check after them that finds nothing leaking. auto: as many as forgetting took, at most {AUTO_CAP} "
+                   "[default: 0 (off); docs/quality.md, \"Repair steps\"]. Not with --extra-steps.")
 @click.option("--max-length", type=int, default=256, show_default=True, help="Tokens per training row (prompt+response).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--full", is_flag=True, help="Fine-tune every weight instead of LoRA (keeps a frozen reference copy).")
@@ -209,7 +215,8 @@ def run_command(**o):
     opts = RunOptions(
         forget=Path(o["forget"]), normal=Path(o["normal"]), model=o["model"],
         output=Path(o["output"]) if o["output"] else None, force=o["force"], train=train, lr=o["lr"],
-        stop_leak=o["stop_leak"], extra_steps=o["extra_steps"], lora=lora, full=o["full"],
+        stop_leak=o["stop_leak"], extra_steps=o["extra_steps"], repair_steps=o["repair_steps"], lora=lora,
+        full=o["full"],
         gradient_checkpointing=o["gradient_checkpointing"], fsdp=o["fsdp"], dtype=o["dtype"], device=o["device"],
         judge=o["judge"], judge_label=o["judge_label"], eval_forget=tuple(Path(p) for p in o["eval_forget"]),
         eval_retain=tuple(Path(p) for p in o["eval_retain"]), eval_limit=o["eval_limit"],

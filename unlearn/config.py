@@ -56,6 +56,9 @@ NORMAL_WEIGHT = 10.0
 # weight of 10 (at 25 and more it no longer forgot `capitals` in 60 steps), and the normal KL at 50
 # (at 10, setting A, it took every how-to answer of `harmful` along: unrelated kept 0.33).
 PER_METHOD = {"rmu": {"retain_weight_with_probes": 10.0, "normal_weight": 50.0}}
+# The methods whose runs repair by default (--repair-steps auto: repair.py). None yet: the dev runs that
+# decide it for the default method are under way (docs/quality.md, "Repair steps").
+REPAIR_METHODS: tuple[str, ...] = ()
 
 
 @dataclass
@@ -95,6 +98,10 @@ class TrainConfig:
     # (docs/quality.md, "`--protect` in bf16").
     protect: bool = False
     extra_steps: int = 0  # steps to keep going once the stop rule fired
+    # Once the stop rule first fires (step s): up to this many more steps that train the keep terms
+    # alone while the last check found nothing leaking (repair.py); None: auto, s steps but at most
+    # repair.AUTO_CAP; 0: off. `unlearn run` resolves it per method (RunOptions.resolved).
+    repair_steps: int | None = 0
     check_tokens: int = 32  # the stop rule's answer budget
     template: str = DEFAULT_TEMPLATE
     npo_beta: float = 0.1
@@ -123,6 +130,11 @@ class TrainConfig:
                 raise UsageError(f"{flag} {value}: must be a non-negative number")
         if not 0 <= self.stop_leak <= 1:
             raise UsageError(f"--stop-leak {self.stop_leak}: must be in [0, 1]")
+        if self.repair_steps is not None and self.repair_steps < 0:
+            raise UsageError(f"--repair-steps {self.repair_steps}: must be auto or a number of steps, 0 or more")
+        if self.repair_steps != 0 and self.extra_steps:
+            raise UsageError("--repair-steps and --extra-steps both go on once the stop rule fires: give one "
+                             "(--repair-steps 0 turns the repair off)")
         if not 0 <= self.stop_probes <= 1:
             raise UsageError(f"--stop-probes {self.stop_probes}: must be in [0, 1]")
         if self.protect and self.method in ("edit", "rmu", "ulmr"):
@@ -156,6 +168,7 @@ class RunOptions:
     lr: float | None = None  # None: LR_LORA, LR_RMU for rmu, or LR_FULL with --full (then copied into train.lr)
     stop_leak: float | None = None  # None: 0, or ULMR_STOP_LEAK for ulmr
     extra_steps: int | None = None  # None: 0, or ULMR_EXTRA_STEPS for ulmr
+    repair_steps: str | None = None  # "auto", a number, or None: auto for REPAIR_METHODS (without --extra-steps), else 0
     lora: LoraSettings = field(default_factory=LoraSettings)
     full: bool = False
     dtype: str = "float32"
@@ -218,6 +231,7 @@ class RunOptions:
                                                                         self.train.stop_leak),
             extra_steps=self.extra_steps if self.extra_steps is not None else (ULMR_EXTRA_STEPS if ulmr else
                                                                                self.train.extra_steps))
+        train = replace(train, repair_steps=self._repair_steps(train))
         train.validate()
         if self.adapters:
             self.lora.validate()
@@ -230,9 +244,10 @@ class RunOptions:
             raise UsageError(f"--probe-limit {self.probe_limit}: must be at least 1 (--no-probes turns them off)")
         if self.save_every < 0:
             raise UsageError(f"--save-every {self.save_every}: must be 0 (off) or a number of steps")
-        if self.train.method == "edit" and (self.alpha is not None or self.resume or self.save_every or self.full):
+        if self.train.method == "edit" and (self.alpha is not None or self.resume or self.save_every or self.full
+                                            or train.repair_steps != 0):
             raise UsageError("--method edit is one least-squares edit, not a training run: it takes no "
-                             "--alpha, --resume, --save-every or --full")
+                             "--alpha, --resume, --save-every, --repair-steps or --full")
         if self.train.method == "rmu" and self.gradient_checkpointing:
             raise UsageError("--method rmu stops each forward pass at its layer (little memory to save): "
                              "it takes no --gradient-checkpointing")
@@ -249,6 +264,17 @@ class RunOptions:
     def adapters(self) -> bool:
         """Training goes through LoRA adapters (not --full, and not the edit, which changes weights directly)."""
         return not self.full and self.train.method != "edit"
+
+    def _repair_steps(self, train: TrainConfig) -> int | None:
+        """--repair-steps as TrainConfig takes it: None for auto, else a number of steps (0: off)."""
+        if self.repair_steps is None:  # the method's default; an explicit --extra-steps takes the repair's place
+            return None if train.method in REPAIR_METHODS and not train.extra_steps else 0
+        if str(self.repair_steps).strip().lower() == "auto":
+            return None
+        try:
+            return int(self.repair_steps)
+        except ValueError:
+            raise UsageError(f"--repair-steps {self.repair_steps}: expected auto or a number of steps") from None
 
     def _alpha(self, ulmr: bool, parse_alphas):
         if self.alpha is None:

@@ -669,6 +669,7 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "judge": job.measurer.judge.name,
         "steps": result.steps,
         "stopped_by": result.stopped_by,
+        "repair": repair_record(result),
         # Loading (Loaded.load_seconds says what it covers); with training, the stop rule's checks,
         # evaluation and ULMR's rewrites, what wall_clock_s leaves is reading the data and writing OUTPUT.
         "load_seconds": round(job.load_seconds, 3),
@@ -700,6 +701,18 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "after": {name: m.summary for name, m in after.sets.items()},
         "history": result.history,
     }
+
+
+def repair_record(result) -> dict | None:
+    """The repair phase (repair.py) in run.json, when it began: the step after which the stop rule first found
+    nothing leaking, the first step whose check could end the run, and how its steps trained (counted from the
+    history: a repair step's record says keep_terms_only)."""
+    if not result.repair:
+        return None
+    steps = [r for r in result.history if r["step"] > result.repair["first_forgotten"]]
+    kept = sum(1 for r in steps if r.get("keep_terms_only"))
+    return {"first_forgotten": result.repair["first_forgotten"], "end": result.repair["end"],
+            "keep_terms_only_steps": kept, "whole_loss_steps": len(steps) - kept}
 
 
 def probes_answer_tokens() -> int:

@@ -60,7 +60,7 @@ def format_run(record: dict) -> str:
         f"outputs; fluency ppl: perplexity of the outputs under the original model (lower is more fluent; NM: "
         f"most outputs degenerate), so forgotten answers should be wrong or refused in fluent text, not garbage",
         *_probe_lines(record),
-        f"steps: {record['steps']} (stopped: {record['stopped_by']}); method: {record['method']}",
+        f"steps: {record['steps']} (stopped: {record['stopped_by']}{_repair_note(record)}); method: {record['method']}",
         *_ulmr_lines(record),
         f"wall clock: {record['wall_clock_s']:.1f} s ({_wall_clock_parts(record)}); "
         f"{record['tokens_per_s']:.0f} tokens/s; "
@@ -70,6 +70,15 @@ def format_run(record: dict) -> str:
     if record.get("adapter"):
         lines.append(f"adapter: {record['adapter']}")
     return "\n".join(lines)
+
+
+def _repair_note(record: dict) -> str:
+    """The repair phase's steps (run.repair_record), after the stop reason."""
+    repair = record.get("repair")
+    if not repair:
+        return ""
+    return (f"; first forgotten after step {repair['first_forgotten']}, then {repair['keep_terms_only_steps']} "
+            f"repair steps of the keep terms alone and {repair['whole_loss_steps']} of the whole loss")
 
 
 def _wall_clock_parts(record: dict) -> str:

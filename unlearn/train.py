@@ -24,7 +24,9 @@ Why a stop rule: gradient ascent has no minimum. A fixed learning rate for a fix
 number of steps first forgets, then keeps pushing and wrecks unrelated knowledge.
 So every `check_every` steps the forget prompts are answered greedily and the run
 stops once the leak rate is at or below `stop_leak` (after `extra_steps` more
-steps, which make the forgetting hold for paraphrases too); `max_steps` is a cap.
+steps, which make the forgetting hold for paraphrases too, or after the repair
+phase: steps of the keep terms alone while nothing leaks, repair.py); `max_steps`
+is a cap.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from unlearn import distributed, losses, protect, rmu
+from unlearn import distributed, losses, protect, repair, rmu
 from unlearn.config import TrainConfig
 from unlearn.data import collate, encode_pair, loss_pair
 from unlearn.errors import UnlearnError, UsageError
@@ -74,6 +76,7 @@ class TrainResult:
     history: list = field(default_factory=list)  # one dict per step: step, loss terms, lr
     check_seconds: float = 0.0  # the stop rule's checks (generation), not in SECONDS
     update: dict | None = None  # --method edit: {module name: (A, B)}, the weight change W + B·A
+    repair: dict | None = None  # the repair phase's last state (repair.Repair), when it began
 
     @property
     def tokens_per_s(self) -> float:
@@ -228,6 +231,14 @@ class Unlearner:
         # NPO's reference on the forget rows, one number a row (`_original_sequence_logprobs`)
         self._forget_index = {id(row): i for i, row in enumerate(self.forget)}
         self._forget_reference: dict[int, float] = {}
+        # A repair step (repair.py) trains the keep terms alone: the normal rows' KL (graddiff: their
+        # likelihood) and the retain rows' KL. Set by `train` from the stop rule's last check.
+        self.keep_terms_only = False
+
+    @property
+    def has_keep_terms(self) -> bool:
+        """Whether a step without the forget side would train anything (a repair step needs this)."""
+        return bool((self.normal and self.config.normal_weight > 0) or (self.retain and self.config.retain_weight > 0))
 
     # --- state, for checkpoints ------------------------------------------------
 
@@ -315,6 +326,8 @@ class Unlearner:
         rows = {"forget": [self.forget[i] for i in forget_idx]}
         if method in ("ga+mismatch", "ga+template") and self.config.mismatch_weight > 0:
             rows["mismatch"] = [self._mismatch_row(i) for i in forget_idx]
+        if self.keep_terms_only:  # a repair step (repair.py): the forget side drawn, as ever, but not trained
+            rows = {}
         if self.config.normal_weight > 0:
             rows["normal"] = [self.normal[i] for i in self.normal_batches.next()]
         if self.retain and self.config.retain_weight > 0:
@@ -596,6 +609,8 @@ class Unlearner:
         split: docs/quality.md, "Protecting the probes' gradients".)
         """
         side = {name: rows.pop(name) for name in ("forget", "mismatch") if name in rows}
+        if not side:  # a repair step: nothing to project
+            return {}
         total, terms = self.loss(side)
         grads = torch.autograd.grad(total * scale, self.params, allow_unused=True)
         projected = protect.project_out(protect.flat(g if g is not None else torch.zeros_like(p)
@@ -646,7 +661,10 @@ class Unlearner:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
-        return {"step": self.step_count, "lr": lr, "grad_norm": float(grad_norm), **logged}
+        record = {"step": self.step_count, "lr": lr, "grad_norm": float(grad_norm), **logged}
+        if self.keep_terms_only:
+            record["keep_terms_only"] = True
+        return record
 
 
 class _DeferredInterrupt:
@@ -697,11 +715,13 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
     start = time.perf_counter()
     check_seconds = resume.get("check_seconds", 0.0)
     previous_checks = check_seconds
+    phase = repair.Repair.from_state(resume.get("repair"))  # the repair phase, once it has begun (repair.py)
+    unlearner.keep_terms_only = bool(phase and phase.kl_only and not phase.finished)
 
     def loop_state() -> dict:
         return {"history": history, "stopped_by": stopped_by, "stop_at": stop_at,
                 "seconds": previous_seconds + time.perf_counter() - start - (check_seconds - previous_checks),
-                "check_seconds": check_seconds}
+                "check_seconds": check_seconds, "repair": phase.state() if phase else None}
 
     if log and unlearner.rmu is not None:
         log(unlearner.rmu.describe())
@@ -715,17 +735,32 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k not in ("step", "lr")})
                 due = config.check_every and unlearner.step_count % config.check_every == 0
-                if forgotten is not None and due and stopped_by == "max_steps":
+                repairing = phase is not None and not phase.finished
+                if forgotten is not None and due and (stopped_by == "max_steps" or repairing):
+                    step = unlearner.step_count
                     t = time.perf_counter()
                     done, leak = forgotten()
                     check_seconds += time.perf_counter() - t
                     record["forget_leak"] = leak
-                    if log:  # a check that is not done ended at its verdict: its rate is a lower bound
-                        log(f"step {unlearner.step_count}: forget leak rate {'≥ ' if not done and leak < 1 else ''}"
-                            f"{leak:.2f}")
-                    if done:
+                    note = ""
+                    if repairing:
+                        phase.checked(step, done)
+                        stopped_by = "forgotten" if done else "max_steps"  # what the last check found
+                        stop_at = step if phase.finished else config.max_steps
+                        note = f"; {phase.describe(step)}"
+                    elif done:
                         stopped_by = "forgotten"
-                        stop_at = min(config.max_steps, unlearner.step_count + config.extra_steps)
+                        steps = repair.budget(config.repair_steps, step) if unlearner.has_keep_terms else 0
+                        if steps:
+                            phase = repair.Repair.start(step, steps)
+                            stop_at = config.max_steps
+                            note = (f"; repair: up to {steps} more steps train the keep terms alone while nothing "
+                                    f"leaks (--repair-steps)")
+                        else:
+                            stop_at = min(config.max_steps, step + config.extra_steps)
+                    unlearner.keep_terms_only = bool(phase and phase.kl_only and not phase.finished)
+                    if log:  # a check that is not done ended at its verdict: its rate is a lower bound
+                        log(f"step {step}: forget leak rate {'≥ ' if not done and leak < 1 else ''}{leak:.2f}{note}")
                 saved = None
                 if checkpoint is not None and save_every and unlearner.step_count % save_every == 0:
                     saved = checkpoint(loop_state())
@@ -735,9 +770,11 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                     raise StopRequested(unlearner.step_count, saved)
         finally:
             bar.close()
+            unlearner.keep_terms_only = False
             if unlearner.reference_cache is not None:
                 unlearner.reference_cache.release()
     seconds = previous_seconds + time.perf_counter() - start - (check_seconds - previous_checks)
     return TrainResult(steps=unlearner.step_count, stopped_by=stopped_by, seconds=seconds,
-                       tokens=unlearner.tokens, history=history, check_seconds=check_seconds)
+                       tokens=unlearner.tokens, history=history, check_seconds=check_seconds,
+                       repair=phase.state() if phase else None)
 
