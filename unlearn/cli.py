@@ -19,8 +19,8 @@ import click
 
 from unlearn.config import GEN_BATCH_SIZE
 from unlearn.errors import UnlearnError
-from unlearn.repair import AUTO_CAP
 from unlearn.log import log
+from unlearn.repair import AUTO_CAP
 
 
 def print_json(obj) -> None:

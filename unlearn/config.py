@@ -56,8 +56,10 @@ NORMAL_WEIGHT = 10.0
 # weight of 10 (at 25 and more it no longer forgot `capitals` in 60 steps), and the normal KL at 50
 # (at 10, setting A, it took every how-to answer of `harmful` along: unrelated kept 0.33).
 PER_METHOD = {"rmu": {"retain_weight_with_probes": 10.0, "normal_weight": 50.0}}
-# The methods whose runs repair by default (--repair-steps auto: repair.py). None yet: the dev runs that
-# decide it for the default method are under way (docs/quality.md, "Repair steps").
+# The methods whose runs repair by default (--repair-steps auto: repair.py). None: on the dev split the
+# repair won for `ga` (selection score 0.788 against 0.7515, forget leak 0.008 against 0.054) but made the
+# README command ~40 % slower (8 steps instead of 4), and a default must leave it no slower
+# (docs/quality.md, "Repair steps").
 REPAIR_METHODS: tuple[str, ...] = ()
 
 
