@@ -27,11 +27,11 @@ def test_auto_budget_is_the_steps_forgetting_took_at_most_the_cap():
 
 def test_the_phase_follows_the_last_check_and_ends_at_a_check_without_leak():
     phase = repair.Repair.start(2, 2)  # forgotten after step 2: a check from step 4 on may end the run
-    assert (phase.end, phase.kl_only, phase.finished) == (4, True, False)
+    assert (phase.end, phase.keep_terms_only, phase.finished) == (4, True, False)
     phase.checked(3, True)
-    assert phase.kl_only and not phase.finished  # before the end: go on, keep terms alone
+    assert phase.keep_terms_only and not phase.finished  # before the end: go on, keep terms alone
     phase.checked(4, False)
-    assert not phase.kl_only and not phase.finished  # a leak at the end: the whole loss until none
+    assert not phase.keep_terms_only and not phase.finished  # a leak at the end: the whole loss until none
     phase.checked(5, True)
     assert phase.finished
     assert repair.Repair.from_state(phase.state()) == phase and repair.Repair.from_state(None) is None
@@ -48,7 +48,7 @@ def test_repair_steps_train_the_keep_terms_alone_while_nothing_leaks(llama_dir):
     for r in result.history:
         assert ("forget" in r) != r.get("keep_terms_only", False)  # a repair step has no forget term
         assert "kl" in r or r["step"] == 1  # (step 1's KL is 0 by construction and not run)
-    assert result.repair == {"first_forgotten": 2, "end": 4, "kl_only": True, "finished": True}
+    assert result.repair == {"first_forgotten": 2, "end": 4, "keep_terms_only": True, "finished": True}
     assert "step 2: forget leak rate 0.00; repair: up to 2 more steps" in "\n".join(lines)
     assert [line.split("; ", 1)[1] for line in lines if line.startswith(("step 3:", "step 4:", "step 5:"))] == [
         "next step trains the keep terms alone (nothing leaks); repair until step 4",
@@ -105,7 +105,7 @@ def test_a_run_resumed_in_its_repair_phase_ends_as_one_never_stopped(tmp_path, l
               checkpoint=lambda loop: saved.append(save_checkpoint(tmp_path, first, loop, {})) or _stop())
     second = unlearner(llama_dir, max_steps=20, check_every=1, repair_steps=3)
     loop = load_checkpoint(saved[0], second)
-    assert loop["repair"] == {"first_forgotten": 2, "end": 5, "kl_only": True, "finished": False}
+    assert loop["repair"] == {"first_forgotten": 2, "end": 5, "keep_terms_only": True, "finished": False}
     rest = train(second, forgotten=verdicts(*leaks[3:]), resume=loop)
     assert rest.steps == whole.steps and [r.get("keep_terms_only") for r in rest.history] == [
         r.get("keep_terms_only") for r in whole.history]

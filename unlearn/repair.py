@@ -39,11 +39,12 @@ def budget(setting: int | None, first_forgotten: int) -> int:
 
 @dataclass
 class Repair:
-    """Where a run is in its repair phase. `kl_only`: the next step trains the keep terms alone."""
+    """Where a run is in its repair phase. `keep_terms_only`: the last check found nothing leaking, so the next
+    step (unless the phase is `finished`) trains the keep terms alone."""
 
     first_forgotten: int  # the step after which the stop rule first found nothing leaking
     end: int  # the first step whose check may end the run
-    kl_only: bool = True  # the check that started the phase found nothing leaking
+    keep_terms_only: bool = True  # the check that started the phase found nothing leaking
     finished: bool = False
 
     @classmethod
@@ -52,14 +53,14 @@ class Repair:
 
     def checked(self, step: int, done: bool) -> None:
         """The check after STEP found nothing leaking (DONE) or a leak: decide the next step, or the end."""
-        self.kl_only = done
+        self.keep_terms_only = done
         self.finished = done and step >= self.end
 
     def describe(self, step: int) -> str:
         """What the next step does, for the log line of the check after STEP."""
         if self.finished:
             return "repair over: stop"
-        what = "the keep terms alone (nothing leaks)" if self.kl_only else "the whole loss again (a leak)"
+        what = "the keep terms alone (nothing leaks)" if self.keep_terms_only else "the whole loss again (a leak)"
         until = (f"repair until step {self.end}" if step < self.end
                  else "repair over, stopping at the first check that finds no leak")
         return f"next step trains {what}; {until}"
@@ -70,3 +71,8 @@ class Repair:
     @classmethod
     def from_state(cls, state: dict | None) -> "Repair | None":
         return cls(**state) if state else None
+
+
+def next_step_keeps_only(phase: Repair | None) -> bool:
+    """Whether the next step trains the keep terms alone: inside a phase that is not over, after a clean check."""
+    return bool(phase and phase.keep_terms_only and not phase.finished)

@@ -716,7 +716,7 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
     check_seconds = resume.get("check_seconds", 0.0)
     previous_checks = check_seconds
     phase = repair.Repair.from_state(resume.get("repair"))  # the repair phase, once it has begun (repair.py)
-    unlearner.keep_terms_only = bool(phase and phase.kl_only and not phase.finished)
+    unlearner.keep_terms_only = repair.next_step_keeps_only(phase)
 
     def loop_state() -> dict:
         return {"history": history, "stopped_by": stopped_by, "stop_at": stop_at,
@@ -758,7 +758,7 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                                     f"leaks (--repair-steps)")
                         else:
                             stop_at = min(config.max_steps, step + config.extra_steps)
-                    unlearner.keep_terms_only = bool(phase and phase.kl_only and not phase.finished)
+                    unlearner.keep_terms_only = repair.next_step_keeps_only(phase)
                     if log:  # a check that is not done ended at its verdict: its rate is a lower bound
                         log(f"step {step}: forget leak rate {'≥ ' if not done and leak < 1 else ''}{leak:.2f}{note}")
                 saved = None
