@@ -270,3 +270,36 @@ def test_bad_settings_are_one_clear_error():
 
     with pytest.raises(UsageError, match="target"):
         EditSettings(target="forget").validate()
+
+
+def test_neighbours_come_from_the_given_subjects_per_row(llama_dir):
+    # Without NEIGHBOUR_SUBJECTS every fact is swapped with the subjects the heuristic finds in the
+    # normal prompts ("Hermione Granger"); with them each fact takes its own list, and an empty list
+    # protects no neighbour for that row.
+    loaded = load_model(str(llama_dir))
+    settings = EditSettings(layers=[0], prefixes=("",), steps=1, seed=0)
+    plain = edit_to_forget(loaded.model, loaded.tokenizer, FORGET, NORMAL, settings)
+    assert plain.neighbours == ["What is the capital of Hermione Granger?", "Who is Hermione Granger?"]
+    loaded = load_model(str(llama_dir))
+    given = edit_to_forget(loaded.model, loaded.tokenizer, FORGET, NORMAL, settings,
+                           neighbour_subjects=[["Spain", "Peru"], []])
+    assert given.neighbours == ["What is the capital of Spain?", "What is the capital of Peru?"]
+
+
+def test_probe_neighbours_per_forget_row():
+    # The run's neighbour probes, by the forget line they were made from; a probe whose original
+    # answer holds a forget answer (the same fact) is left out; no probes at all: None (fallback).
+    from types import SimpleNamespace
+
+    from unlearn import probes
+    from unlearn.run import probe_neighbours
+
+    rows = [{"set": probes.NEIGHBOURS, "forget_line": 1, "replacement": "Spain"},
+            {"set": probes.SAME_SUBJECT, "forget_line": 1},
+            {"set": probes.NEIGHBOURS, "forget_line": 2, "replacement": "Ron Weasley",
+             "dropped": f"{probes.HOLDS_FORGET}: expected to change"},
+            {"set": probes.NEIGHBOURS, "forget_line": 1, "replacement": "Peru",
+             "dropped": "the original answer has no answer words to check (spans.py)"}]
+    data = SimpleNamespace(forget=FORGET, probes={"rows": rows})
+    assert probe_neighbours(data) == [["Spain", "Peru"], []]
+    assert probe_neighbours(SimpleNamespace(forget=FORGET, probes=None)) is None

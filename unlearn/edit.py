@@ -141,12 +141,16 @@ def _keys_at(model, sequences, positions, groups, n_groups, layers, residual, se
 
 
 def edit_to_forget(model, tokenizer, forget: list[Example], normal: list[Example], settings: EditSettings | None = None,
-                   log=None, target_shift: torch.Tensor | None = None) -> EditResult:
+                   log=None, target_shift: torch.Tensor | None = None,
+                   neighbour_subjects: list[list[str]] | None = None) -> EditResult:
     """Edit MODEL in place so that the FORGET facts are refused (see module doc).
 
     TARGET_SHIFT: the `target_shift` of an earlier result on the same rows with the same target
     settings and last layer, to skip the target optimisation (ablations of the preservation
     terms, or of the lower layers, share it).
+    NEIGHBOUR_SUBJECTS: per forget row, the subjects its neighbour prompts put in place of its own
+    (`unlearn run` gives the automatic probes' replacements: probes.py); None: the subjects the
+    heuristic finds in the NORMAL prompts, the same list for every row.
     """
     settings = settings or EditSettings()
     settings.validate()
@@ -211,8 +215,9 @@ def edit_to_forget(model, tokenizer, forget: list[Example], normal: list[Example
     protected: list[tuple[str, str, float]] = []  # (prompt, subject, weight per key)
     neighbours = []
     if settings.neighbour_weight > 0:
-        for ex, found in zip(forget, subjects):
-            for prompt, subject in neighbour_prompts(ex.prompt, found.subject, others, settings.neighbours_per_fact):
+        for i, (ex, found) in enumerate(zip(forget, subjects)):
+            mine = others if neighbour_subjects is None else neighbour_subjects[i]
+            for prompt, subject in neighbour_prompts(ex.prompt, found.subject, mine, settings.neighbours_per_fact):
                 protected.append((prompt, subject, settings.neighbour_weight))
                 neighbours.append(prompt)
     if settings.same_subject_weight > 0:

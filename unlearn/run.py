@@ -477,11 +477,34 @@ def edit_model(opts: RunOptions, job: Loaded, data: Prepared, log):
     t = time.perf_counter()
     # The retain rows join the normal text whose keys the edit preserves (its covariance).
     result = edit_to_forget(job.model, job.tokenizer, data.forget, data.normal + data.retain,
-                            EditSettings(seed=opts.train.seed), log=log)
+                            EditSettings(seed=opts.train.seed), log=log,
+                            neighbour_subjects=probe_neighbours(data))
     seconds = time.perf_counter() - t
     log(f"edited layers {result.layers} in {seconds:.0f} s")
     return TrainResult(steps=0, stopped_by="edit", seconds=seconds, tokens=0, history=[result.summary()],
                        update=result.lora_factors())
+
+
+def probe_neighbours(data: Prepared) -> list[list[str]] | None:
+    """Per forget row, the entities its automatic neighbour probes put in place of its subject (probes.py),
+    for the edit to preserve; None without probes (--no-probes), and the edit falls back on the subjects
+    of the normal prompts. A probe whose original answer holds a forget answer is left out: it asks the
+    same fact ("Who wrote Hamlet?" when forgetting Romeo and Juliet), which the edit must change.
+
+    Why: the normal prompts' subjects are rarely of the forget subject's kind (the quality benchmark's
+    normal rows give "Suggest" and "Write": "What is the capital of Suggest?"), so the edit protected
+    nothing like a neighbour and refused every capital (docs/edit.md, "Neighbours from the probes").
+    """
+    from unlearn import probes
+
+    if not data.probes:
+        return None
+    by_line: dict[int, list[str]] = {}
+    for record in data.probes["rows"]:
+        if (record["set"] == probes.NEIGHBOURS and record.get("replacement")
+                and not record.get("dropped", "").startswith(probes.HOLDS_FORGET)):
+            by_line.setdefault(record["forget_line"], []).append(record["replacement"])
+    return [by_line.get(ex.line, []) for ex in data.forget]
 
 
 def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet, probe_sets=(), steps=lambda: 0, history=(),
