@@ -115,6 +115,10 @@ def test_method_edit_runs_end_to_end_and_writes_the_edited_model(cli, tmp_path, 
     assert code == 0, err
     record = json.loads(out)
     assert record["method"] == "edit" and record["stopped_by"] == "edit"
+    # The edit preserves the neighbour probes' prompts (run.probe_neighbours): their line is not held out.
+    assert record["probes"]["edit_preserves"] == "neighbours"
+    assert all(role == "trained" for name, role in record["roles"].items() if name.startswith("neighbours"))
+    assert all(role == "held out" for name, role in record["roles"].items() if name.startswith("same subject"))
     edited = load_file(tmp_path / "o" / "model" / "model.safetensors")
     original = load_file(llama_dir / "model.safetensors")
     changed = sorted(k for k in original if not torch_equal(edited[k], original[k]))

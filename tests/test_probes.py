@@ -247,3 +247,16 @@ def test_scores_side_by_side_on_a_cpu_are_the_one_batch_scores(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert pieces == [2] and side_by_side == pytest.approx(one, abs=1e-6) and alone == pytest.approx(one[:7], abs=1e-6)
+
+
+def test_probe_line_says_when_the_edit_preserved_the_neighbours():
+    from unlearn.tables import _probe_lines
+
+    record = {"probes": {"sets": {"neighbours": {"made": 3, "kept": 2}}, "file": "o/probes.jsonl",
+                         "retained": None, "edit_preserves": "neighbours"}}
+    assert _probe_lines(record) == [
+        "probes (neighbours trained: the edit preserved their prompts; the others held out, built from the forget "
+        "prompts; accuracy = share whose original answer words still appear): neighbours 2 of 3 made; "
+        "o/probes.jsonl"]
+    record["probes"]["edit_preserves"] = None
+    assert _probe_lines(record)[0].startswith("probes (held out, built")

@@ -369,6 +369,9 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
     role = "trained" if opts.retain_probes else "held out"
     if opts.train.stop_probes and opts.train.check_every:  # the run waited for them: a stop condition
         role = "trained, stop rule" if opts.retain_probes else "stop rule"
+    # --method edit preserves the neighbour probes' prompts in its update (probe_neighbours): that line
+    # then shows what the edit was asked to keep, not held-out evidence.
+    edit_keeps = probes.NEIGHBOURS if opts.train.method == "edit" else None
     for kind in (probes.NEIGHBOURS, probes.SAME_SUBJECT):
         mine = [i for i, p in enumerate(made) if p.kind == kind]
         kept, kind_records = probes.keep_answered([made[i] for i in mine], [outputs[i] for i in mine], data.forget)
@@ -380,7 +383,7 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
         if not kept:
             log(f"probes: no {kind} probe to measure ({len(mine)} made, none with answer words to check)")
             continue
-        s = EvalSet(unique_name(kind, taken), "retain", kept, None, role)
+        s = EvalSet(unique_name(kind, taken), "retain", kept, None, "trained" if kind == edit_keeps else role)
         answers = [e.response for e in kept]
         # The kept probes' own log-probabilities, from the generation of all probes (fluency).
         generated = dict(zip((p.prompt for p in made), job.probe_before.own_scores.get("probes") or ()))
@@ -395,7 +398,7 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
         + f" kept for measurement ({seconds:.0f} s)" + (f"; {len(trained)} join the retain rows" if trained else ""))
     job.probe_seconds += seconds
     data.probes = {"rows": records, "sets": counts, "before_seconds": seconds,
-                   "retained": len(trained) if opts.retain_probes else None}
+                   "retained": len(trained) if opts.retain_probes else None, "edit_preserves": edit_keeps}
     return measured
 
 
@@ -719,7 +722,8 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         # The automatic probes (probes.py): how many were made and kept per set; the rows are in probes.jsonl.
         "probes": ({"file": None, "sets": data.probes["sets"], "seconds": round(job.probe_seconds, 3),
                     "max_per_set": opts.probe_limit, "answer_tokens": probes_answer_tokens(),
-                    "retained": data.probes["retained"]} if data.probes is not None else None),
+                    "retained": data.probes["retained"], "edit_preserves": data.probes["edit_preserves"]}
+                   if data.probes is not None else None),
         "before": {name: m.summary for name, m in before.sets.items()},
         "after": {name: m.summary for name, m in after.sets.items()},
         "history": result.history,

@@ -99,6 +99,8 @@ def _probe_lines(record: dict) -> list[str]:
         return []
     counts = ", ".join(f"{name} {c['kept']} of {c['made']} made" for name, c in probes["sets"].items())
     role = "trained on (--retain-probes)" if probes.get("retained") is not None else "held out"
+    if probes.get("edit_preserves") and probes.get("retained") is None:
+        role = f"{probes['edit_preserves']} trained: the edit preserved their prompts; the others held out"
     return [f"probes ({role}, built from the forget prompts; accuracy = share whose original answer words "
             f"still appear): {counts}; {probes['file'] or 'probes.jsonl'}"]
 
