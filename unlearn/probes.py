@@ -367,6 +367,12 @@ def first_clause(text: str) -> str:
     return text[:match.start() + (match.group() in ".!?")].strip() if match else text
 
 
+def holds_forget(record: dict) -> bool:
+    """Whether a probe's record (`keep_answered`) was dropped because its original answer holds a forget
+    answer: it asks the same fact, so it is expected to change and is neither trained on nor preserved."""
+    return record.get("dropped", "").startswith(HOLDS_FORGET)
+
+
 def keep_answered(probes: list[Probe], outputs: list[str], forget: list) -> tuple[list[Example], list[dict]]:
     """The probes the original model's OUTPUTS make checkable, as retain rows with `answers`; and every
     probe's record (for probes.jsonl), kept or not and why."""

@@ -379,7 +379,7 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
         counts[kind] = {"made": len(mine), "kept": len(kept)}
         if opts.retain_probes:
             trained += [Example(r["prompt"], r["reference"], len(trained) + 1, {"probe": kind}) for r in kind_records
-                        if r["reference"].strip() and not r.get("dropped", "").startswith(probes.HOLDS_FORGET)]
+                        if r["reference"].strip() and not probes.holds_forget(r)]
         if not kept:
             log(f"probes: no {kind} probe to measure ({len(mine)} made, none with answer words to check)")
             continue
@@ -504,8 +504,7 @@ def probe_neighbours(data: Prepared) -> list[list[str]] | None:
         return None
     by_line: dict[int, list[str]] = {}
     for record in data.probes["rows"]:
-        if (record["set"] == probes.NEIGHBOURS and record.get("replacement")
-                and not record.get("dropped", "").startswith(probes.HOLDS_FORGET)):
+        if record["set"] == probes.NEIGHBOURS and record.get("replacement") and not probes.holds_forget(record):
             by_line.setdefault(record["forget_line"], []).append(record["replacement"])
     return [by_line.get(ex.line, []) for ex in data.forget]
 
