@@ -279,3 +279,44 @@ def test_batches_are_capped_by_the_kv_cache_budget(request, which, monkeypatch):
     record = []
     assert generate(model, tokenizer, PROMPTS, batch_size=2, max_new_tokens=NEW, desc=False, record=record) == outputs
     assert [batch["rows"] for batch in record] == [1] * len(PROMPTS)
+
+
+@pytest.mark.parametrize("parts", [1, 2])
+def test_per_prompt_budgets_give_what_each_budget_gives_alone(llama_dir, monkeypatch, parts):
+    # Budgets 5, 12, 8, 12, 3 in one call: each answer and its Scored (its log-probabilities, and for a row
+    # its budget cut, log p of the stop tokens after it) are those of a call with that budget alone, and
+    # the row with the extra EOS still ends where it did. Decoded in one batch, and in two parts.
+    import unlearn.generation as generation
+
+    model, tokenizer = load(llama_dir)
+    stop_mid_batch(model, tokenizer)
+    if parts == 2:
+        monkeypatch.setattr(generation, "MIN_ROWS_PER_WORKER", 1)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+    try:
+        budgets = [5, NEW, 8, NEW, 3]
+        pooled, record = [], []
+        outputs = generate(model, tokenizer, PROMPTS, batch_size=len(PROMPTS), max_new_tokens=budgets,
+                           desc=False, scored=pooled, record=record)
+        assert record[0]["rows"] == len(PROMPTS)  # one batch of mixed budgets
+        for budget in sorted(set(budgets)):
+            alone = []
+            expected = generate(model, tokenizer, PROMPTS, batch_size=len(PROMPTS), max_new_tokens=budget,
+                                desc=False, scored=alone)
+            for i in (i for i, b in enumerate(budgets) if b == budget):
+                a, b = pooled[i], alone[i]
+                assert outputs[i] == expected[i] and a.ids == b.ids and len(a.ids) <= budget
+                assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+                assert (a.end is None) == (b.end is None) and (a.end is None or a.end == pytest.approx(b.end, abs=1e-5))
+        assert any(pooled[i].end is not None and budgets[i] < NEW for i in range(len(PROMPTS)))  # a short budget cut
+        # without scores, and through model.generate, the same answers
+        assert generate(model, tokenizer, PROMPTS, batch_size=len(PROMPTS), max_new_tokens=budgets,
+                        desc=False) == outputs
+        assert generate_hf(model, tokenizer, PROMPTS, batch_size=len(PROMPTS), max_new_tokens=budgets,
+                           desc=False) == outputs
+    finally:
+        if parts == 2:
+            torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="budgets"):
+        generate(model, tokenizer, PROMPTS, max_new_tokens=[4, 4], desc=False)

@@ -287,3 +287,37 @@ def test_a_check_that_forgot_runs_every_row_to_its_end():
     m = _StreamingMeasurer([QUIET, QUIET])
     assert leak_rate(m, EvalSet("forget", "forget", _rows(2)), decided_above=0.0) == 0.0
     assert m.words == [17, 17]
+
+
+def test_pooled_sets_come_from_one_generation_each_with_its_own_budget(tmp_path, monkeypatch):
+    """A measurer's sets and another measurer's (same model, another token budget) are answered in one
+    `generate` call; the other's answers and own log-probabilities wait in its `ahead` and are those it
+    would generate alone. A measurer of another model is not pooled."""
+    import unlearn.generation as generation
+    from test_evaluate import build_tiny_lm
+    from unlearn.measure import Measurer, Settings
+    from unlearn.models import load_model
+
+    loaded = load_model(str(build_tiny_lm(tmp_path)), log=lambda m: None)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    first = EvalSet("a", "retain", [Example(p, None, i) for i, p in enumerate(["one", "the cat sat"], 1)])
+    second = EvalSet("b", "retain", [Example(p, None, i) for i, p in enumerate(["what is the capital of France ?",
+                                                                                 "one two"], 1)])
+    calls = []
+    generate = generation.generate
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: calls.append(k["max_new_tokens"]) or generate(*a, **k))
+    long, short = Settings(max_new_tokens=8, batch_size=8), Settings(max_new_tokens=3, batch_size=8)
+    main, probe = Measurer(model, tokenizer, long), Measurer(model, tokenizer, short, own_fluency=True)
+    answers = main.answer_sets([first], pool=[(probe, [second])])
+    assert sorted(calls[0]) == [3, 3, 8, 8] and len(calls) == 1 and set(probe.ahead) == {"b"}  # one call
+    pooled = probe.answer_sets([second])
+    assert len(calls) == 1 and not probe.ahead  # taken from ahead, not generated
+    alone_probe = Measurer(model, tokenizer, short, own_fluency=True)
+    assert pooled == alone_probe.answer_sets([second]) and answers == Measurer(model, tokenizer, long).answer_sets([first])
+    for a, b in zip(probe.own_scores["b"], alone_probe.own_scores["b"]):
+        assert a.ids == b.ids and a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    calls.clear()
+    other = load_model(str(build_tiny_lm(tmp_path)), log=lambda m: None)
+    stranger = Measurer(other.model, other.tokenizer, short)
+    main.answer_sets([first], pool=[(stranger, [second])])
+    assert calls == [[8, 8]] and not stranger.ahead

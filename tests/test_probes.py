@@ -204,14 +204,14 @@ def test_run_reports_and_saves_the_probes(tmp_path, llama_dir, cli):
 def test_retain_probes_trains_on_the_probes_answers(tmp_path, llama_dir, cli, monkeypatch):
     from unlearn.measure import Measurer
 
-    answer = Measurer.answer
+    answer_sets = Measurer.answer_sets
 
-    def scripted(self, s, **kwargs):  # the tiny random model answers nothing: script the original's answers
-        if s.name != "probes":
-            return answer(self, s, **kwargs)
-        return ["It is in Paris." if i == 0 else "It is Lyon, in Europe." for i in range(len(s.examples))]
+    def scripted(self, sets, *args, **kwargs):  # the tiny random model answers nothing: script the original's
+        if [s.name for s in sets] != ["probes"]:  # answers to the probes (the sets pooled with them answer later)
+            return answer_sets(self, sets, *args, **kwargs)
+        return {"probes": ["It is in Paris." if i == 0 else "It is Lyon, in Europe." for i in range(len(sets[0].examples))]}
 
-    monkeypatch.setattr(Measurer, "answer", scripted)
+    monkeypatch.setattr(Measurer, "answer_sets", scripted)
     forget, normal = _one_fact_files(tmp_path)
     out = tmp_path / "out"
     args = ["--model", llama_dir, "--max-steps", "1", "--check-every", "0", "--max-new-tokens", "8",

@@ -154,10 +154,14 @@ class Scored:
     end: dict[int, float] | None = None
 
 
-def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: int, max_new_tokens: int,
+def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: int, max_new_tokens: int | list[int],
                   should_stop: Callable[[int, list[int]], bool] | None, prefix: list[int] = (),
                   scored: list | None = None, cancelled: Callable[[], bool] | None = None) -> list[list[int]]:
     """Greedy new tokens of each row of a left-padded batch (EOS included when reached).
+
+    MAX_NEW_TOKENS: one budget for every row, or a list, one per row: a row ends at its own budget
+    exactly as in a batch of that budget (with SCORED, it stays one step longer for the
+    log-probabilities of the stop tokens after it, `Scored.end`, and that step's token is dropped).
 
     PREFIX: token ids every row's prompt starts with, left out of INPUT_IDS and run once for
     the batch (kv_cache.run_prefix); the rows' tokens and padding follow it.
@@ -170,6 +174,8 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
     import torch
 
     rows, width = input_ids.shape
+    budgets = [max_new_tokens] * rows if isinstance(max_new_tokens, int) else [int(b) for b in max_new_tokens]
+    max_new_tokens = max(budgets)
     device = next(model.parameters()).device
     cache_name = cache_argument(model)
     shared = len(prefix)
@@ -186,8 +192,9 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
     stop_tensor = torch.tensor(stop_ids, dtype=torch.long, device=device)
     new_tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
     new_logprobs = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
-    lengths = [max_new_tokens] * rows
+    lengths = list(budgets)
     cut: dict[int, dict[int, float]] = {}  # rows the budget cut -> log p of each stop token next
+    pending: set[int] = set()  # rows cut by a budget below the batch's, kept one step for their `cut`
     live = torch.arange(rows, device=device)  # the batch's rows still in the computation, in order
     inputs = input_ids.to(device)
     for step in range(max_new_tokens):
@@ -198,17 +205,32 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
         # argmax of the last position: exact in any float dtype (model.generate casts to
         # float32 first, which cannot change which logit is largest or the first of equals)
         token = logits[:, -1].argmax(-1)
-        new_tokens[live, step] = token
+        new_tokens[live, step] = token  # a pending row's token lies past its length: never read
         if scored is not None:
             new_logprobs[live, step] = _picked_logprobs(logits[:, -1], token)
         ended = torch.isin(token, stop_tensor)
-        for position in ended.nonzero().flatten().tolist():
-            lengths[int(live[position])] = step + 1
+        at_budget = []  # positions of rows whose own budget ends with this step's token
+        stopped = ended.tolist()
+        for position, row in enumerate(live.tolist()):
+            if row in pending:  # its answer ended last step; this step's logits follow its last token
+                cut[row] = dict(zip(stop_ids, logits[position, -1].float().log_softmax(-1)[stop_tensor].tolist()))
+                ended[position] = True
+            elif stopped[position]:
+                lengths[row] = step + 1
+            elif budgets[row] == step + 1 < max_new_tokens:
+                at_budget.append(position)
+        pending.clear()
         if should_stop is not None and (step + 1) % STOP_CHECK_EVERY == 0 and step + 1 < max_new_tokens:
             for position in (~ended).nonzero().flatten().tolist():
                 row = int(live[position])
-                if should_stop(row, new_tokens[row, :step + 1].tolist()):
+                if step + 1 < budgets[row] and should_stop(row, new_tokens[row, :step + 1].tolist()):
                     lengths[row] = step + 1
+                    ended[position] = True
+        for position in at_budget:
+            if not bool(ended[position]):
+                if scored is not None:
+                    pending.add(int(live[position]))
+                else:
                     ended[position] = True
         if bool(ended.all()):
             break
@@ -245,12 +267,15 @@ def _greedy_parts(model, input_ids, attention, parts: int, *, should_stop, score
     decode; only the number of rows around it in each matmul changes (float rounding, as with the
     thread count: bench/generation_bench.py counts outputs identical to `model.generate`'s).
     """
+    budget = options.pop("max_new_tokens")
+
     def part(lo: int, hi: int):
         def run(cancelled):
             check = None if should_stop is None else (lambda row, ids: should_stop(lo + row, ids))
             own = [] if scored is not None else None
             tokens = _greedy_batch(model, input_ids[lo:hi], attention[lo:hi], should_stop=check, scored=own,
-                                   cancelled=cancelled, **options)
+                                   cancelled=cancelled, max_new_tokens=budget if isinstance(budget, int)
+                                   else budget[lo:hi], **options)
             return tokens, own
         return run
 
@@ -266,7 +291,7 @@ def _picked_logprobs(logits, token):
     return logits.gather(1, token[:, None])[:, 0] - logits.logsumexp(-1)
 
 
-def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_new_tokens: int = 64,
+def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_new_tokens: int | list[int] = 64,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              desc: str | None = None, stop_row: Callable[[int, str], bool] | None = None,
              record: list | None = None, scored: list | None = None, _model_generate: bool = False) -> list[str]:
@@ -274,6 +299,11 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
 
     Batches hold BATCH_SIZE prompts of similar length, fewer if their KV cache would not fit
     in KV_CACHE_BUDGET (`batch_rows`).
+
+    MAX_NEW_TOKENS: one budget, or one per prompt, so that sets with different budgets share
+    batches (`Measurer.answer_sets`' pool): a greedy answer is then the one its own budget gives
+    alone (the same tokens and `Scored`, to float rounding); a sampled one (`model.generate`)
+    is cut at its budget.
 
     STOP_ROW(index, text_so_far) -> bool, if given, is called every STOP_CHECK_EVERY new
     tokens for each prompt still generating (INDEX into PROMPTS, TEXT decoded as the final
@@ -297,8 +327,11 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     model.eval()
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(prompts):
+        raise ValueError(f"{len(budgets)} token budgets for {len(prompts)} prompts")
     if encoded:
-        batch_size = batch_rows(model, batch_size, max(map(len, encoded)) + max_new_tokens)
+        batch_size = batch_rows(model, batch_size, max(map(len, encoded)) + max(budgets))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
     def text(ids) -> str:
@@ -315,9 +348,11 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
             input_ids, attention = _left_padded([ids[shared:] for ids in prompts_ids], pad_id)
             should_stop = None if stop_row is None else (lambda row, ids, batch=batch: stop_row(batch[row], text(ids)))
             batch_scores = [] if scored is not None and stop_row is None else None
+            mine = [budgets[i] for i in batch]
+            budget = mine[0] if len(set(mine)) == 1 else mine
             with torch.inference_mode():
                 if own_loop:
-                    options = dict(stop_ids=stop_ids, pad_id=pad_id, max_new_tokens=max_new_tokens,
+                    options = dict(stop_ids=stop_ids, pad_id=pad_id, max_new_tokens=budget,
                                    prefix=prompts_ids[0][:shared])
                     parts = parallel_pieces(model, len(batch), MIN_ROWS_PER_WORKER)
                     new = (_greedy_parts(model, input_ids, attention, parts, should_stop=should_stop,
@@ -326,8 +361,9 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
                                          scored=batch_scores, **options))
                 else:
                     new = _hf_batch(model, input_ids, attention, stop_ids=stop_ids, pad_id=pad_id,
-                                    max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                    max_new_tokens=max(mine), do_sample=do_sample, temperature=temperature,
                                     top_p=top_p, should_stop=should_stop)
+                    new = [ids[:b] for ids, b in zip(new, mine)]
             for row, i in enumerate(batch):
                 outputs[i] = text(new[row])
                 if batch_scores:

@@ -203,6 +203,9 @@ class Measurer:
         # Set name -> the fluency model's own `Scored` answers to that set's prompts (the original's, for
         # the unlearned model's measurer): an answer that is token for token the same is not scored again.
         self.fluency_hints: dict[str, list | None] = {}
+        # Set name -> its answers, generated ahead in another measurer's generation (`answer_sets`' POOL);
+        # the next `answer_sets` of that set takes them instead of generating.
+        self.ahead: dict[str, list[str]] = {}
 
     def clipped(self, examples: list) -> list:
         """EXAMPLES with their responses cut to the generation budget (`evaluate.clip_references`).
@@ -232,7 +235,8 @@ class Measurer:
             return self.answer_sets([s], desc)[s.name]
         return self._answer([e.prompt for e in s.examples], desc, stop_row)
 
-    def answer_sets(self, sets: list[EvalSet], desc=False) -> dict[str, list[str]]:
+    def answer_sets(self, sets: list[EvalSet], desc=False, pool: list[tuple["Measurer", list[EvalSet]]] = ()
+                    ) -> dict[str, list[str]]:
         """Every set's answers from one generation over all their prompts.
 
         Sets of 8 to 30 rows, each generated alone, make small batches; together they fill
@@ -241,30 +245,56 @@ class Measurer:
         model's matmuls; config.GEN_BATCH_SIZE has the figures). A row's answer can depend on its
         batch only through float rounding (like the thread count), so the cache keys a set by its
         own rows and settings.
-        """
-        prompts = [e.prompt for s in sets for e in s.examples]
-        scored = [] if self.own_fluency and self.settings.likelihood else None
-        outputs = self._answer(prompts, desc, scored=scored)
-        answers, start = {}, 0
-        for s in sets:
-            answers[s.name] = outputs[start:start + len(s.examples)]
-            self.own_scores[s.name] = scored[start:start + len(s.examples)] if scored is not None else None
-            start += len(s.examples)
-        return answers
 
-    def _answer(self, prompts: list[str], desc=False, stop_row=None, scored: list | None = None) -> list[str]:
-        """The answers to PROMPTS; SCORED, a list, receives each answer's `generation.Scored` (or None)."""
+        POOL: (measurer, sets) pairs answered in the same generation when `poolable` (the same model
+        and settings but the token budget: each row keeps its own, `generation.generate`), their
+        answers left in each measurer's `ahead` for its own `answer_sets` to take; otherwise left
+        alone. A set with answers ahead is not generated again.
+        """
+        groups = [(self, [s for s in sets if s.name not in self.ahead])]
+        groups += [(m, list(theirs)) for m, theirs in pool if theirs and self.poolable(m)]
+        prompts, budgets, wanted = [], [], False
+        for m, theirs in groups:
+            for s in theirs:
+                prompts += [e.prompt for e in s.examples]
+                budgets += [m.settings.max_new_tokens] * len(s.examples)
+            wanted = wanted or bool(theirs and m.own_fluency and m.settings.likelihood)
+        scored = [] if wanted else None
+        outputs = self._answer(prompts, desc, scored=scored, budgets=budgets) if prompts else []
+        start = 0
+        for m, theirs in groups:
+            keeps = m.own_fluency and m.settings.likelihood
+            for s in theirs:
+                m.ahead[s.name] = outputs[start:start + len(s.examples)]
+                m.own_scores[s.name] = scored[start:start + len(s.examples)] if keeps else None
+                start += len(s.examples)
+        return {s.name: self.ahead.pop(s.name) for s in sets}
+
+    def poolable(self, other: "Measurer") -> bool:
+        """Whether OTHER's answers can come from this measurer's generation: the same model and tokenizer,
+        greedy both, and the same generation settings but the token budget."""
+        mine, theirs = self.settings, other.settings
+        return (other.model is self.model and other.tokenizer is self.tokenizer and not mine.do_sample
+                and not theirs.do_sample and mine.batch_size == theirs.batch_size)
+
+    def _answer(self, prompts: list[str], desc=False, stop_row=None, scored: list | None = None,
+                budgets: list[int] | None = None) -> list[str]:
+        """The answers to PROMPTS; SCORED, a list, receives each answer's `generation.Scored` (or None);
+        BUDGETS: each prompt's token budget (default: the settings' max_new_tokens)."""
         from unlearn.generation import generate
 
         st = self.settings
-        batches = generation_batches(self.model, self.tokenizer, prompts, st.batch_size, st.max_new_tokens)
+        budgets = budgets or [st.max_new_tokens] * len(prompts)
+        longest = max(budgets, default=st.max_new_tokens)
+        batches = generation_batches(self.model, self.tokenizer, prompts, st.batch_size, longest)
         rows = len(batches[0]) if batches else st.batch_size  # the capped batch size (see generation_batches)
 
         def work(indices: list[int]) -> list:
             row_stop = None if stop_row is None else (lambda j, text: stop_row(indices[j], text))
             own = [] if scored is not None else None
+            mine = [budgets[i] for i in indices]
             texts = generate(self.model, self.tokenizer, [prompts[i] for i in indices], batch_size=rows,
-                             max_new_tokens=st.max_new_tokens, do_sample=st.do_sample, temperature=st.temperature,
+                             max_new_tokens=mine, do_sample=st.do_sample, temperature=st.temperature,
                              top_p=st.top_p, seed=st.seed, desc=desc, stop_row=row_stop, scored=own)
             return texts if own is None else list(zip(texts, own))  # gathered together under torchrun
 
@@ -307,38 +337,57 @@ class Measurer:
         per_row = [flag(outputs, [f] * len(outputs)) for f in self.against]
         return [any(bool(x) for x in column) for column in zip(*per_row)]
 
+    def _cache_key(self, s: EvalSet, baseline: list[str] | None, own_baseline: bool) -> str | None:
+        """S's key in the on-disk cache (`measure_cache`); None without a fingerprint."""
+        from unlearn import measure_cache
+
+        if self.fingerprint is None:
+            return None
+        st = self.settings
+        return measure_cache.key(
+            weights=self.fingerprint, judge=self.judge.name, kind=s.kind, rows=s.examples,
+            against=self.against, baseline=baseline, own_baseline=own_baseline,
+            generation=[st.max_new_tokens, st.batch_size, st.do_sample, st.temperature, st.top_p, st.seed],
+            scores=[st.likelihood, st.min_k, st.members, st.holdout, getattr(st.reward_model, "path", None)])
+
+    def _cached(self, key: str | None) -> dict | None:
+        # Rank 0 reads the cache and every rank takes its answer: ranks on other machines (another
+        # cache, or none) must still measure, or skip, together.
+        from unlearn import measure_cache
+
+        return None if key is None else distributed.on_main(lambda: measure_cache.load(key))
+
+    def uncached(self, sets: list[EvalSet], baseline: dict[str, list[str]] | None = None, *,
+                 own_baseline: bool = False) -> list[EvalSet]:
+        """The SETS `measure` (with the same arguments) would generate answers for: those the cache does not hold."""
+        baseline = baseline or {}
+        return [s for s in sets if self._cached(self._cache_key(s, baseline.get(s.name), own_baseline)) is None]
+
     def measure(self, sets: list[EvalSet], baseline: dict[str, list[str]] | None = None,
-                label: str | None = None, *, own_baseline: bool = False) -> dict[str, Measured]:
+                label: str | None = None, *, own_baseline: bool = False,
+                pool: list[tuple["Measurer", list[EvalSet]]] = ()) -> dict[str, Measured]:
         """Answer and score every set, or read it from the cache; BASELINE maps set names to the
         original model's outputs (similarity), OWN_BASELINE compares each set with its own answers.
 
-        The sets the cache does not hold are answered together (`answer_sets`)."""
+        The sets the cache does not hold are answered together (`answer_sets`), with POOL's sets
+        when there are any to answer (their answers wait in their measurers' `ahead`)."""
         from unlearn import measure_cache
 
         baseline = baseline or {}
         keys, measured = {}, {}
         for s in sets:
-            if self.fingerprint is None:
-                continue
-            st = self.settings
-            keys[s.name] = measure_cache.key(
-                weights=self.fingerprint, judge=self.judge.name, kind=s.kind, rows=s.examples,
-                against=self.against, baseline=baseline.get(s.name), own_baseline=own_baseline,
-                generation=[st.max_new_tokens, st.batch_size, st.do_sample, st.temperature, st.top_p, st.seed],
-                scores=[st.likelihood, st.min_k, st.members, st.holdout, getattr(st.reward_model, "path", None)])
-            # Rank 0 reads the cache and every rank takes its answer: ranks on other machines (another
-            # cache, or none) must still measure, or skip, together.
-            hit = distributed.on_main(lambda k=keys[s.name]: measure_cache.load(k))
+            keys[s.name] = self._cache_key(s, baseline.get(s.name), own_baseline)
+            hit = self._cached(keys[s.name])
             if hit is not None:
                 self.reused += 1
                 measured[s.name] = Measured(**hit)
         todo = [s for s in sets if s.name not in measured]
         names = ", ".join(s.name for s in todo)
-        answers = self.answer_sets(todo, desc=f"{label}: {names}" if label else False) if todo else {}
+        answers = self.answer_sets(todo, desc=f"{label}: {names}" if label else False, pool=pool) if todo else {}
         for s in todo:
             outputs = answers[s.name]
             measured[s.name] = self.score(s, outputs, outputs if own_baseline else baseline.get(s.name))
-            if s.name in keys and distributed.world().is_main:  # every rank holds the same measurement
+            if keys[s.name] is not None and distributed.world().is_main:  # every rank holds the same measurement
                 m = measured[s.name]
                 measure_cache.store(keys[s.name], {"summary": m.summary, "outputs": m.outputs, "rows": m.rows})
         return {s.name: measured[s.name] for s in sets}

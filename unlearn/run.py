@@ -214,7 +214,10 @@ class Loaded:
     probe_before: Measurer | None = None  # the probes' measurers (make_probes): their own answer budget
     probe_after: Measurer | None = None
     probe_names: tuple = ()  # the probe sets measured by them
-    probe_seconds: float = 0.0  # everything the probes cost: building, the original's answers, the "after" answers
+    # What the probes cost apart: building and scoring them. Their answers come from the before and after
+    # measurements' generations (pooled: Measurer.answer_sets), whose time counts there.
+    probe_seconds: float = 0.0
+    pooled_before_seconds: float = 0.0  # the original's answers generated while building the probes
     # Loading the model (the embedded GGUF's one-time conversion included), hashing its weights for the
     # measurement cache, attaching LoRA or copying the reference; ULMR's rewrites are counted apart.
     load_seconds: float = 0.0
@@ -329,7 +332,8 @@ def measure_before(job: Loaded, sets: list[EvalSet], done: dict[str, Measured] |
         # The original against itself: similarity 1 by definition, computed all the same.
         measured = {**done, **job.before.measure([s for s in sets if s.name not in done], label="before",
                                                  own_baseline=True)}
-    return Measurement({s.name: measured[s.name] for s in sets}, time.perf_counter() - t, reused=job.before.reused)
+    return Measurement({s.name: measured[s.name] for s in sets}, time.perf_counter() - t + job.pooled_before_seconds,
+                       reused=job.before.reused)
 
 
 def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str, Measured]:
@@ -361,7 +365,15 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
         with adapters_disabled(job.model):
             made = probes.build(original, job.tokenizer, data.forget, opts.probe_limit)
             asked = EvalSet("probes", "retain", [p.example(i) for i, p in enumerate(made, start=1)])
-            return made, (job.probe_before.answer(asked, desc="probes: original answers") if made else [])
+            if not made:
+                return made, []
+            # The before measurement's answers come from the same generation, each row with its own
+            # budget (Measurer.answer_sets' pool): the probes' ~20 rows alone made a batch of their own.
+            pool = [(job.before, job.before.uncached(data.sets, own_baseline=True))]
+            started = time.perf_counter()
+            answers = job.probe_before.answer_sets([asked], desc="original answers", pool=pool)["probes"]
+            job.pooled_before_seconds = time.perf_counter() - started  # measure_before counts it
+            return made, answers
 
     made, outputs = distributed.main_decides(build)()  # every rank generates; rank 0's probes hold for all
     taken = {s.name for s in data.sets}
@@ -393,7 +405,7 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
         data.sets.append(s)
     data.retain += trained
     job.probe_names = tuple(measured)
-    seconds = time.perf_counter() - t
+    seconds = time.perf_counter() - t - job.pooled_before_seconds
     log("probes: " + ", ".join(f"{k} {c['kept']}/{c['made']}" for k, c in counts.items())
         + f" kept for measurement ({seconds:.0f} s)" + (f"; {len(trained)} join the retain rows" if trained else ""))
     job.probe_seconds += seconds
@@ -417,12 +429,13 @@ def measure_after(job: Loaded, sets: list[EvalSet], before: Measurement, selecti
         from unlearn.measure_cache import state_fingerprint
 
         job.measurer.fingerprint = f"{job.before.fingerprint}|state:{state_fingerprint(job.model)}"
+    asked = [s for s in sets if s.name in probe_names]
+    # The probes' answers come from the same generation, with their own budget (Measurer.answer_sets' pool).
     measured = {**done, **job.measurer.measure([s for s in sets if s.name not in set(done) | probe_names],
-                                               _outputs(before), label="after")}
+                                               _outputs(before), label="after", pool=[(job.probe_after, asked)])}
     if probe_names:  # the probes keep their own answer budget (make_probes)
         t_probes = time.perf_counter()
-        measured.update(job.probe_after.measure([s for s in sets if s.name in probe_names], _outputs(before),
-                                                label="after"))
+        measured.update(job.probe_after.measure(asked, _outputs(before), label="after"))
         job.probe_seconds += time.perf_counter() - t_probes
     return Measurement({s.name: measured[s.name] for s in sets}, time.perf_counter() - t + grid_seconds,
                        reused=job.measurer.reused - reused_before)
