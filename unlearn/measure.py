@@ -272,7 +272,8 @@ class Measurer:
 
     def poolable(self, other: "Measurer") -> bool:
         """Whether OTHER's answers can come from this measurer's generation: the same model and tokenizer,
-        greedy both, and the same generation settings but the token budget."""
+        greedy both (temperature, top-p and seed then play no part) and the same batch size; the token
+        budget may differ (each row keeps its own)."""
         mine, theirs = self.settings, other.settings
         return (other.model is self.model and other.tokenizer is self.tokenizer and not mine.do_sample
                 and not theirs.do_sample and mine.batch_size == theirs.batch_size)

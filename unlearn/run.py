@@ -337,7 +337,8 @@ def measure_before(job: Loaded, sets: list[EvalSet], done: dict[str, Measured] |
 
 
 def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str, Measured]:
-    """The neighbour and same-subject probes (probes.py), answered once by the original model.
+    """The neighbour and same-subject probes (probes.py), answered once by the original model, in one
+    generation with the before sets the cache lacks (their answers wait for measure_before).
 
     Their sets join DATA.sets (role "held out": never trained on, unless --retain-probes) and are
     measured with their own answer budget, probes.ANSWER_TOKENS (their answer words come from the
