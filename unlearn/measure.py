@@ -206,6 +206,7 @@ class Measurer:
         # Set name -> its answers, generated ahead in another measurer's generation (`answer_sets`' POOL);
         # the next `answer_sets` of that set takes them instead of generating.
         self.ahead: dict[str, list[str]] = {}
+        self._hits: dict[str, dict] = {}  # cache key -> the entry read for it (`uncached`, then `measure`, read once)
 
     def clipped(self, examples: list) -> list:
         """EXAMPLES with their responses cut to the generation budget (`evaluate.clip_references`).
@@ -356,7 +357,14 @@ class Measurer:
         # cache, or none) must still measure, or skip, together.
         from unlearn import measure_cache
 
-        return None if key is None else distributed.on_main(lambda: measure_cache.load(key))
+        if key is None:
+            return None
+        if key not in self._hits:
+            hit = distributed.on_main(lambda: measure_cache.load(key))
+            if hit is None:
+                return None
+            self._hits[key] = hit
+        return self._hits[key]
 
     def uncached(self, sets: list[EvalSet], baseline: dict[str, list[str]] | None = None, *,
                  own_baseline: bool = False) -> list[EvalSet]:
