@@ -135,6 +135,8 @@ CASES = {
     "tiny max length": (lambda c: c.run("--max-length", "4"), 2, "--max-length 4: must be at least 8"),
     "lora rank 0": (lambda c: c.run("--lora-rank", "0"), 2, "--lora-rank 0: must be at least 1"),
     "lora dropout 1": (lambda c: c.run("--lora-dropout", "1"), 2, "--lora-dropout 1.0: must be in [0, 1)"),
+    "lora layers backwards": (lambda c: c.run("--lora-layers", "9-2"), 2,
+                              "--lora-layers 9-2: expected all, upper or FIRST-LAST"),
     "unknown dtype": (lambda c: c.run("--dtype", "float8"), 2, "--dtype float8: expected one of"),
     "negative save-every": (lambda c: c.run("--save-every", "-2"), 2, "--save-every -2"),
     "unknown method": (lambda c: c.run("--method", "rlhf"), 2, "Invalid value for '--method'"),

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from unlearn.errors import UnlearnError, UsageError
-from unlearn.lora import (LoRALinear, LoraSettings, adapters_disabled, attach_lora, load_adapter, lora_modules,
-                          merge_lora, save_adapter)
+from unlearn.lora import (LoRALinear, LoraSettings, adapters_disabled, attach_lora, layer_index, layer_indices,
+                          load_adapter, lora_modules, merge_lora, save_adapter)
 from unlearn.models import load_model
 
 
@@ -176,3 +176,50 @@ def test_load_adapter_errors(llama_dir, tmp_path):
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(UnlearnError, match="shape"):
         load_adapter(fresh(llama_dir), tmp_path / "a")
+
+
+def test_layer_index_and_the_layers_a_spec_names():
+    assert layer_index("model.layers.12.mlp.up_proj") == 12
+    assert layer_index("model.decoder.layers.3.fc1") == 3  # OPT
+    assert layer_index("transformer.h.7.mlp.c_fc") == 7  # GPT-2
+    assert layer_index("lm_head") is None and layer_index("model.layers") is None
+    assert list(layer_indices("all", 4)) == [0, 1, 2, 3]
+    assert list(layer_indices("upper", 30)) == list(range(15, 30))
+    assert list(layer_indices("upper", 5)) == [2, 3, 4] and list(layer_indices("upper", 2)) == [1]
+    assert list(layer_indices("3-5", 30)) == [3, 4, 5]
+    for bad in ("5-3", "up", "3", "-2", "a-b"):
+        with pytest.raises(UsageError, match="expected all, upper or FIRST-LAST"):
+            layer_indices(bad, 30)
+    with pytest.raises(UsageError, match="has 30 decoder layers"):
+        layer_indices("10-30", 30)
+
+
+@pytest.mark.parametrize("which, names", [("llama_dir", {"model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj",
+                                                        "model.layers.1.mlp.down_proj"}),
+                                          ("opt_dir", {"model.decoder.layers.1.fc1", "model.decoder.layers.1.fc2"})])
+def test_upper_layers_only_get_adapters(request, which, names):
+    model = fresh(request.getfixturevalue(which))  # two decoder layers: the upper half is layer 1
+    assert set(attach_lora(model, LoraSettings(layers="upper"), seed=0)) == names
+    assert set(lora_modules(model)) == names
+    with pytest.raises(UsageError, match="has 2 decoder layers"):
+        attach_lora(fresh(request.getfixturevalue(which)), LoraSettings(layers="1-2"))
+
+
+def test_an_adapter_on_some_layers_names_its_modules_and_loads_back_exactly(llama_dir, tmp_path):
+    settings = LoraSettings(rank=4, alpha=8, layers="upper")
+    model = fresh(llama_dir)
+    attach_lora(model, settings, seed=0)
+    randomise(model)
+    ours = model(ids()).logits
+    save_adapter(model, settings, tmp_path / "adapter", base_model=str(llama_dir))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    # "up_proj" alone would make peft (and load_adapter) attach adapters to layer 0 too
+    assert config["target_modules"] == sorted(lora_modules(model))
+    again = fresh(llama_dir)
+    load_adapter(again, tmp_path / "adapter")
+    assert set(lora_modules(again)) == set(lora_modules(model))
+    assert torch.allclose(again(ids()).logits, ours, atol=1e-6)
+    peft = pytest.importorskip("peft")
+    loaded = peft.PeftModel.from_pretrained(fresh(llama_dir), str(tmp_path / "adapter")).eval()
+    assert sum(".lora_A." in n for n, _ in loaded.named_parameters()) == 3
+    assert torch.allclose(loaded(ids()).logits, ours, atol=1e-5)

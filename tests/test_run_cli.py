@@ -163,6 +163,31 @@ def test_run_variants(tmp_path, data, llama_dir, cli, extra):
     assert report["steps"] >= 1
 
 
+def test_lora_on_the_upper_layers_is_recorded_and_saved_as_such(tmp_path, data, llama_dir, cli):
+    forget, normal, _ = data
+    out = tmp_path / "out"
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", out, "--json", "--lora-layers", "upper", *FAST)
+    assert result.code == 0, result.err
+    record = json.loads((out / "run.json").read_text())
+    assert record["config"]["lora"]["layers"] == "upper"
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == [f"model.layers.1.mlp.{p}" for p in ("down_proj", "gate_proj", "up_proj")]
+    from transformers import AutoModelForCausalLM
+
+    from unlearn.lora import load_adapter
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    adapted = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    load_adapter(adapted, out / "adapter")
+    ids = torch.tensor([[5, 17, 42, 8, 99, 3]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-5)
+    base = AutoModelForCausalLM.from_pretrained(llama_dir)
+    # layer 0 is the original's, weight for weight
+    for name, weight in base.model.layers[0].state_dict().items():
+        assert torch.equal(merged.model.layers[0].state_dict()[name], weight), name
+
+
 def test_repair_steps_are_recorded_and_printed(tmp_path, data, llama_dir, cli):
     """A random model never says the forget answers: forgotten at the first check (step 1), then 2 repair
     steps of the keep terms alone, the run ending at the check after step 3."""

@@ -149,6 +149,9 @@ def _command_line() -> str:
               help="Comma-separated module names; names absent from the model are skipped "
                    "[default: the feed-forward layers: gate_proj,up_proj,down_proj (Llama, Mistral, Qwen), "
                    "fc1,fc2 (OPT, Phi), dense_h_to_4h,dense_4h_to_h (GPT-NeoX, Falcon)].")
+@click.option("--lora-layers", default="all", show_default=True,
+              help="Which decoder layers get adapters: all, upper (the upper half: layers n/2 to n-1 of n) or "
+                   "FIRST-LAST (0-based, e.g. 12-23).")
 @click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda when available].")
 @click.option("--judge", default=None, help="Harmful-rate judge: similarity (default), keywords:FILE, classifier:PATH.")
@@ -210,7 +213,7 @@ def run_command(**o):
         check_every=o["check_every"], template=o["template"], npo_beta=o["npo_beta"],
         forget_tokens=o["forget_tokens"], rmu_layer=o["rmu_layer"], rmu_scale=o["rmu_scale"],
         whole_passage=o["whole_passage"], stop_probes=o["stop_probes"], protect=o["protect"])
-    lora = LoraSettings(o["lora_rank"], o["lora_alpha"], o["lora_dropout"],
+    lora = LoraSettings(o["lora_rank"], o["lora_alpha"], o["lora_dropout"], layers=o["lora_layers"],
                         **({"targets": _split_targets(o["lora_targets"])} if o["lora_targets"] else {}))
     opts = RunOptions(
         forget=Path(o["forget"]), normal=Path(o["normal"]), model=o["model"],

@@ -42,6 +42,11 @@ LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "dense_h_to_4h", "dense_4h_to_h")
 
 
+# A decoder layer's index in a module name: `model.layers.3.mlp.up_proj` (Llama, Mistral, Qwen),
+# `model.decoder.layers.3.fc1` (OPT), `gpt_neox.layers.3...`, `transformer.h.3...` (GPT-2, Falcon, BLOOM).
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+
+
 @dataclass
 class LoraSettings:
     rank: int = 8
@@ -49,6 +54,9 @@ class LoraSettings:
     dropout: float = 0.0
     targets: tuple[str, ...] = MLP_TARGETS
     rslora: bool = False  # rank-stabilised scaling alpha/√r (read from adapters that use it)
+    # Which decoder layers get adapters (`--lora-layers`): "all", "upper" (the upper half, layers
+    # n//2 .. n-1 of n) or "A-B" (0-based, both ends included). `layer_indices` resolves it.
+    layers: str = "all"
 
     def validate(self) -> None:
         if self.rank < 1:
@@ -57,6 +65,7 @@ class LoraSettings:
             raise UsageError(f"--lora-alpha {self.alpha}: must be positive")
         if not 0 <= self.dropout < 1:
             raise UsageError(f"--lora-dropout {self.dropout}: must be in [0, 1)")
+        layer_indices(self.layers, 1 << 30)  # the form only; the range is checked against the model
 
     @property
     def scaling(self) -> float:
@@ -114,6 +123,39 @@ def _matches(name: str, targets: tuple[str, ...]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def layer_index(name: str) -> int | None:
+    """The decoder layer a module NAME sits in (`model.layers.12.mlp.up_proj` -> 12), or None."""
+    match = _LAYER_INDEX.search(name + ".")
+    return int(match[1]) if match else None
+
+
+def layer_indices(spec: str, depth: int) -> range:
+    """The layers SPEC (`LoraSettings.layers`) names in a model of DEPTH decoder layers."""
+    if spec == "all":
+        return range(depth)
+    if spec == "upper":
+        return range(depth // 2, depth)
+    first, dash, last = spec.partition("-")
+    if not (dash and first.isdigit() and last.isdigit()) or int(first) > int(last):
+        raise UsageError(f"--lora-layers {spec}: expected all, upper or FIRST-LAST (0-based, e.g. 12-23)")
+    if int(last) >= depth:
+        raise UsageError(f"--lora-layers {spec}: the model has {depth} decoder layers (0-{depth - 1})")
+    return range(int(first), int(last) + 1)
+
+
+def _in_layers(names: list[str], spec: str) -> list[str]:
+    """NAMES whose decoder layer SPEC selects (every name for "all")."""
+    if spec == "all":
+        return names
+    index = {name: layer_index(name) for name in names}
+    known = [i for i in index.values() if i is not None]
+    if not known:
+        raise UsageError(f"--lora-layers {spec}: no targeted module sits in a numbered decoder layer "
+                         f"(layers.N, h.N or blocks.N)")
+    wanted = layer_indices(spec, max(known) + 1)
+    return [name for name in names if index[name] in wanted]
+
+
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -126,6 +168,7 @@ def attach_lora(model: nn.Module, settings: LoraSettings, seed: int | None = Non
     names = [n for n, m in model.named_modules() if n and _matches(n, settings.targets)]
     if not names:
         raise UsageError(f"--lora-targets {','.join(settings.targets)}: no module of this model has that name")
+    names = _in_layers(names, settings.layers)
     generator_state = torch.random.get_rng_state()
     if seed is not None:
         torch.manual_seed(seed)
@@ -204,9 +247,17 @@ def adapter_config(settings: LoraSettings, base_model: str, targets: list[str]) 
 
 
 def save_adapter(model: nn.Module, settings: LoraSettings, directory: Path, base_model: str) -> None:
-    # The names that matched in this model (the defaults list several families' names).
-    targets = sorted({name.rsplit(".", 1)[-1] for name in lora_modules(model)})
-    _write_adapter(adapter_state_dict(model), adapter_config(settings, base_model, targets), directory)
+    _write_adapter(adapter_state_dict(model), adapter_config(settings, base_model, adapter_targets(model)), directory)
+
+
+def adapter_targets(model: nn.Module) -> list[str]:
+    """`target_modules` for MODEL's adapters: the kinds that matched (`up_proj`: the defaults list several
+    families' names) when every module of those kinds has one; else (some layers only: `--lora-layers`, a
+    layer's name in `--lora-targets`) the full names, so that peft and `load_adapter` attach exactly those."""
+    adapted = sorted(lora_modules(model))
+    kinds = tuple(sorted({name.rsplit(".", 1)[-1] for name in adapted}))
+    of_kind = [n for n, m in model.named_modules() if _matches(n, kinds) and isinstance(m, (nn.Linear, LoRALinear))]
+    return list(kinds) if sorted(of_kind) == adapted else adapted
 
 
 def save_factors(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], directory: Path, base_model: str) -> None:

@@ -158,7 +158,7 @@ def _run_args(opts: RunOptions) -> dict:
 
 def _lora_record(opts: RunOptions) -> dict:
     return {"rank": opts.lora.rank, "alpha": opts.lora.alpha, "dropout": opts.lora.dropout,
-            "targets": list(opts.lora.targets)}
+            "targets": list(opts.lora.targets), "layers": opts.lora.layers}
 
 
 def _prepare_output(opts: RunOptions, output: Path, run_args: dict, created: list) -> Path | None:
