@@ -75,7 +75,11 @@ def test_run_end_to_end(request, tmp_path, data, cli, which):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert not list(tmp_path.glob(".out.tmp-*"))  # the temporary directory is gone
 
-    # The merged model is a plain HF directory equal to base + adapter.
+    merged_is_base_plus_adapter(out, model_dir)
+
+
+def merged_is_base_plus_adapter(out, model_dir):
+    """OUT/model, a plain HF directory, computes what the base model with OUT/adapter loaded does; returns it."""
     from transformers import AutoModelForCausalLM
 
     from unlearn.lora import load_adapter
@@ -86,6 +90,7 @@ def test_run_end_to_end(request, tmp_path, data, cli, which):
     ids = torch.tensor([[5, 17, 42, 8, 99, 3]])
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-5)
+    return merged
 
 
 def test_table_output_and_existing_output_is_refused(tmp_path, data, llama_dir, cli):
@@ -172,16 +177,9 @@ def test_lora_on_the_upper_layers_is_recorded_and_saved_as_such(tmp_path, data, 
     assert record["config"]["lora"]["layers"] == "upper"
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["target_modules"] == [f"model.layers.1.mlp.{p}" for p in ("down_proj", "gate_proj", "up_proj")]
+    merged = merged_is_base_plus_adapter(out, llama_dir)
     from transformers import AutoModelForCausalLM
 
-    from unlearn.lora import load_adapter
-
-    merged = AutoModelForCausalLM.from_pretrained(out / "model").eval()
-    adapted = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
-    load_adapter(adapted, out / "adapter")
-    ids = torch.tensor([[5, 17, 42, 8, 99, 3]])
-    with torch.no_grad():
-        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-5)
     base = AutoModelForCausalLM.from_pretrained(llama_dir)
     # layer 0 is the original's, weight for weight
     for name, weight in base.model.layers[0].state_dict().items():
