@@ -158,7 +158,9 @@ def _run_args(opts: RunOptions) -> dict:
 
 def _lora_record(opts: RunOptions) -> dict:
     return {"rank": opts.lora.rank, "alpha": opts.lora.alpha, "dropout": opts.lora.dropout,
-            "targets": list(opts.lora.targets), "layers": opts.lora.layers}
+            "targets": list(opts.lora.targets),
+            # only when not "all", so that a checkpoint written before --lora-layers still resumes
+            **({"layers": opts.lora.layers} if opts.lora.layers != "all" else {})}
 
 
 def _prepare_output(opts: RunOptions, output: Path, run_args: dict, created: list) -> Path | None:
