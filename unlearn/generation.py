@@ -154,13 +154,13 @@ class Scored:
     end: dict[int, float] | None = None
 
 
-def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: int, max_new_tokens: int | list[int],
+def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: int, budgets: list[int],
                   should_stop: Callable[[int, list[int]], bool] | None, prefix: list[int] = (),
                   scored: list | None = None, cancelled: Callable[[], bool] | None = None) -> list[list[int]]:
     """Greedy new tokens of each row of a left-padded batch (EOS included when reached).
 
-    MAX_NEW_TOKENS: one budget for every row, or a list, one per row: a row ends at its own budget
-    exactly as in a batch of that budget (with SCORED, it stays one step longer for the
+    BUDGETS: each row's number of new tokens: a row ends at its own budget exactly as in a batch of
+    that budget (with SCORED, it stays one step longer for the
     log-probabilities of the stop tokens after it, `Scored.end`, and that step's token is dropped).
 
     PREFIX: token ids every row's prompt starts with, left out of INPUT_IDS and run once for
@@ -174,8 +174,7 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
     import torch
 
     rows, width = input_ids.shape
-    budgets = [max_new_tokens] * rows if isinstance(max_new_tokens, int) else [int(b) for b in max_new_tokens]
-    max_new_tokens = max(budgets)
+    max_new_tokens = max(budgets)  # the batch's steps at most
     device = next(model.parameters()).device
     cache_name = cache_argument(model)
     shared = len(prefix)
@@ -267,15 +266,14 @@ def _greedy_parts(model, input_ids, attention, parts: int, *, should_stop, score
     decode; only the number of rows around it in each matmul changes (float rounding, as with the
     thread count: bench/generation_bench.py counts outputs identical to `model.generate`'s).
     """
-    budget = options.pop("max_new_tokens")
+    budgets = options.pop("budgets")
 
     def part(lo: int, hi: int):
         def run(cancelled):
             check = None if should_stop is None else (lambda row, ids: should_stop(lo + row, ids))
             own = [] if scored is not None else None
             tokens = _greedy_batch(model, input_ids[lo:hi], attention[lo:hi], should_stop=check, scored=own,
-                                   cancelled=cancelled, max_new_tokens=budget if isinstance(budget, int)
-                                   else budget[lo:hi], **options)
+                                   cancelled=cancelled, budgets=budgets[lo:hi], **options)
             return tokens, own
         return run
 
@@ -349,10 +347,9 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
             should_stop = None if stop_row is None else (lambda row, ids, batch=batch: stop_row(batch[row], text(ids)))
             batch_scores = [] if scored is not None and stop_row is None else None
             mine = [budgets[i] for i in batch]
-            budget = mine[0] if len(set(mine)) == 1 else mine
             with torch.inference_mode():
                 if own_loop:
-                    options = dict(stop_ids=stop_ids, pad_id=pad_id, max_new_tokens=budget,
+                    options = dict(stop_ids=stop_ids, pad_id=pad_id, budgets=mine,
                                    prefix=prompts_ids[0][:shared])
                     parts = parallel_pieces(model, len(batch), MIN_ROWS_PER_WORKER)
                     new = (_greedy_parts(model, input_ids, attention, parts, should_stop=should_stop,
