@@ -11,39 +11,30 @@ residual of every later layer at the same position by the same amount.
 from __future__ import annotations
 
 import contextlib
-import re
 
 import torch
 from torch import nn
 
 from unlearn.errors import UsageError
+from unlearn.layer_names import decoder_layer_names, decoder_layers
 
-# Suffixes of the MLP output projection inside a decoder layer, by family.
+# Paths of the MLP output projection inside a decoder layer, by family (Falcon and BLOOM: transformer.h.N.…).
 MLP_OUT_NAMES = ("mlp.down_proj", "fc2", "mlp.dense_4h_to_h")
-_LAYER_RE = re.compile(r"^(?P<prefix>.*\.layers)\.(?P<index>\d+)\.(?P<suffix>.+)$")
 
 
 def mlp_out_modules(model: nn.Module) -> dict[int, tuple[str, nn.Linear]]:
-    """Layer index -> (qualified name, the MLP output projection) for every decoder layer."""
+    """Layer index -> (qualified name, the MLP output projection) for every decoder layer that has one."""
+    modules = dict(model.named_modules())
     found: dict[int, tuple[str, nn.Linear]] = {}
-    for name, module in model.named_modules():
-        match = _LAYER_RE.match(name)
-        if match and match["suffix"] in MLP_OUT_NAMES and isinstance(module, nn.Linear):
-            found[int(match["index"])] = (name, module)
+    for index, layer_name in decoder_layer_names(model).items():
+        for path in MLP_OUT_NAMES:
+            name = f"{layer_name}.{path}"
+            if isinstance(modules.get(name), nn.Linear):
+                found[index] = (name, modules[name])
     if not found:
         raise UsageError(f"{type(model).__name__}: no MLP output projection found "
-                         f"(looked for layers.N.{{{', '.join(MLP_OUT_NAMES)}}})")
-    return dict(sorted(found.items()))
-
-
-def decoder_layers(model: nn.Module) -> dict[int, nn.Module]:
-    """Layer index -> decoder layer module (the parent of the MLP output projection's block)."""
-    modules = dict(model.named_modules())
-    layers = {}
-    for index, (name, _) in mlp_out_modules(model).items():
-        match = _LAYER_RE.match(name)
-        layers[index] = modules[f"{match['prefix']}.{index}"]
-    return layers
+                         f"(looked for {{layers,h,blocks}}.N.{{{', '.join(MLP_OUT_NAMES)}}})")
+    return found
 
 
 def default_layers(n_layers: int, width: int = 4, depth_fraction: float = 0.25) -> list[int]:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from unlearn.errors import UnlearnError, UsageError
+from unlearn.layer_names import layer_index
 
 # PEFT's adapter format, used by `save_adapter`/`load_adapter` here and by `averaging.fold_lora`.
 ADAPTER_CONFIG = "adapter_config.json"
@@ -40,11 +41,6 @@ LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A
 # ROME), so adapting them forgets a fact with less damage elsewhere than adapting attention.
 # Measured on examples/: see README, "How the defaults were chosen".
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "dense_h_to_4h", "dense_4h_to_h")
-
-
-# A decoder layer's index in a module name: `model.layers.3.mlp.up_proj` (Llama, Mistral, Qwen),
-# `model.decoder.layers.3.fc1` (OPT), `gpt_neox.layers.3...`, `transformer.h.3...` (GPT-2, Falcon, BLOOM).
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
 
 
 @dataclass
@@ -123,12 +119,6 @@ def _matches(name: str, targets: tuple[str, ...]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
-def layer_index(name: str) -> int | None:
-    """The decoder layer a module NAME sits in (`model.layers.12.mlp.up_proj` -> 12), or None."""
-    match = _LAYER_INDEX.search(name + ".")
-    return int(match[1]) if match else None
-
-
 def layer_indices(spec: str, depth: int) -> range:
     """The layers SPEC (`LoraSettings.layers`) names in a model of DEPTH decoder layers."""
     if spec == "all":
@@ -147,7 +137,7 @@ def _in_layers(names: list[str], spec: str) -> list[str]:
     """NAMES whose decoder layer SPEC selects (every name for "all")."""
     if spec == "all":
         return names
-    index = {name: layer_index(name) for name in names}
+    index = {name: layer_index(name) for name in names}  # layers.N, h.N or blocks.N: see layer_names.py
     known = [i for i in index.values() if i is not None]
     if not known:
         raise UsageError(f"--lora-layers {spec}: no targeted module sits in a numbered decoder layer "

@@ -36,10 +36,9 @@ How this project applies it (train.Unlearner._rmu_loss):
 
 from __future__ import annotations
 
-import re
-
 import torch
 
+from unlearn import layer_names
 from unlearn.errors import UsageError
 from unlearn.losses import IGNORE_INDEX
 
@@ -50,16 +49,13 @@ TRAINED_LAYERS = 3  # layers ℓ−2..ℓ are trained, as in the paper
 DEFAULT_SCALE = 2.0
 
 
-_DECODER_LAYER = re.compile(r"^(?:.*\.)?layers\.(\d+)$")
-
-
 def decoder_layers(model) -> dict[int, torch.nn.Module]:
-    """Layer index -> decoder layer: the modules named `….layers.N` (Llama, Mistral, Qwen: model.layers.N;
-    OPT: model.decoder.layers.N; GPT-NeoX: gpt_neox.layers.N), whatever is attached inside them."""
-    found = {int(m[1]): module for name, module in model.named_modules() if (m := _DECODER_LAYER.match(name))}
+    """Layer index -> decoder layer (`layer_names.decoder_layers`: model.layers.N, model.decoder.layers.N,
+    gpt_neox.layers.N, transformer.h.N, ...), whatever is attached inside them; a usage error if there are none."""
+    found = layer_names.decoder_layers(model)
     if not found:
-        raise UsageError(f"--method rmu: {type(model).__name__} has no decoder layers named layers.N")
-    return dict(sorted(found.items()))
+        raise UsageError(f"--method rmu: {type(model).__name__} has no decoder layers named layers.N, h.N or blocks.N")
+    return found
 
 
 def resolved_layer(model, layer: int | None) -> int:
