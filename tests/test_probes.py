@@ -260,3 +260,13 @@ def test_probe_line_says_when_the_edit_preserved_the_neighbours():
         "o/probes.jsonl"]
     record["probes"]["edit_preserves"] = None
     assert _probe_lines(record)[0].startswith("probes (held out, built")
+
+
+def test_a_probe_kind_with_nothing_to_measure_says_why_and_what_measures_it_instead():
+    from unlearn.run import no_probe_message
+
+    assert no_probe_message("neighbours", 3) == "probes: no neighbours probe to measure (3 made, none with answer words to check)"
+    none_made = no_probe_message("neighbours", 0)
+    assert none_made.startswith("probes: no neighbours probe made: no same-kind replacement")
+    assert none_made.endswith("rows of your own in --eval-retain FILE measure them")
+    assert "no subject found in the forget prompts" in no_probe_message("same subject", 0)

@@ -396,7 +396,7 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
             trained += [Example(r["prompt"], r["reference"], len(trained) + 1, {"probe": kind}) for r in kind_records
                         if r["reference"].strip() and not probes.holds_forget(r)]
         if not kept:
-            log(f"probes: no {kind} probe to measure ({len(mine)} made, none with answer words to check)")
+            log(no_probe_message(kind, len(mine)))
             continue
         s = EvalSet(unique_name(kind, taken), "retain", kept, None, "trained" if kind == edit_keeps else role)
         answers = [e.response for e in kept]
@@ -415,6 +415,22 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
     data.probes = {"rows": records, "sets": counts, "before_seconds": seconds,
                    "retained": len(trained) if opts.retain_probes else None, "edit_preserves": edit_keeps}
     return measured
+
+
+def no_probe_message(kind: str, made: int) -> str:
+    """The log line for a probe KIND with nothing to measure: MADE probes, none kept (`probes.keep_answered`).
+
+    None made says why and what measures that damage instead: a neighbour needs a same-kind replacement
+    that reads naturally in the prompt (probes.Neighbourhood), which a title of several words
+    ("War and Peace") rarely gets from the vocabulary; a same-subject probe needs a subject (probes.py).
+    """
+    from unlearn import probes
+
+    if made:
+        return f"probes: no {kind} probe to measure ({made} made, none with answer words to check)"
+    why = ("no same-kind replacement of the forget subjects reads naturally in their prompts (titles of several "
+           "words rarely get one)" if kind == probes.NEIGHBOURS else "no subject found in the forget prompts")
+    return f"probes: no {kind} probe made: {why}; rows of your own in --eval-retain FILE measure them"
 
 
 def measure_after(job: Loaded, sets: list[EvalSet], before: Measurement, selection: dict | None) -> Measurement:
