@@ -267,6 +267,6 @@ def test_a_probe_kind_with_nothing_to_measure_says_why_and_what_measures_it_inst
 
     assert no_probe_message("neighbours", 3) == "probes: no neighbours probe to measure (3 made, none with answer words to check)"
     none_made = no_probe_message("neighbours", 0)
-    assert none_made.startswith("probes: no neighbours probe made: no same-kind replacement")
+    assert none_made.startswith("probes: no neighbours probe made: a forget prompt gets one when it names a subject")
     assert none_made.endswith("rows of your own in --eval-retain FILE measure them")
-    assert "no subject found in the forget prompts" in no_probe_message("same subject", 0)
+    assert "no forget row names a subject" in no_probe_message("same subject", 0)

@@ -420,16 +420,18 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
 def no_probe_message(kind: str, made: int) -> str:
     """The log line for a probe KIND with nothing to measure: MADE probes, none kept (`probes.keep_answered`).
 
-    None made says why and what measures that damage instead: a neighbour needs a same-kind replacement
-    that reads naturally in the prompt (probes.Neighbourhood), which a title of several words
-    ("War and Peace") rarely gets from the vocabulary; a same-subject probe needs a subject (probes.py).
+    None made says when probes are made, and what measures that damage instead (probes.py): a neighbour
+    needs a chat row that names a subject and a same-kind word that reads naturally in its place
+    (probes.Neighbourhood), which a title of several words ("War and Peace") rarely finds in the
+    vocabulary, and passages get none; a same-subject probe needs a subject.
     """
     from unlearn import probes
 
     if made:
         return f"probes: no {kind} probe to measure ({made} made, none with answer words to check)"
-    why = ("no same-kind replacement of the forget subjects reads naturally in their prompts (titles of several "
-           "words rarely get one)" if kind == probes.NEIGHBOURS else "no subject found in the forget prompts")
+    why = ("a forget prompt gets one when it names a subject (passages get none) and a same-kind word reads "
+           "naturally in its place, which titles of several words rarely find" if kind == probes.NEIGHBOURS
+           else "no forget row names a subject")
     return f"probes: no {kind} probe made: {why}; rows of your own in --eval-retain FILE measure them"
 
 
