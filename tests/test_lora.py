@@ -223,3 +223,12 @@ def test_an_adapter_on_some_layers_names_its_modules_and_loads_back_exactly(llam
     loaded = peft.PeftModel.from_pretrained(fresh(llama_dir), str(tmp_path / "adapter")).eval()
     assert sum(".lora_A." in n for n, _ in loaded.named_parameters()) == 3
     assert torch.allclose(loaded(ids()).logits, ours, atol=1e-5)
+
+
+def test_upper_is_the_models_upper_half_whatever_the_targets_name(llama_dir):
+    # Targets in layer 0 only: the upper half of the 2-layer model is layer 1, so nothing is left to adapt
+    # (read from the targets alone, layer 0 would have been "the upper half of 1 layer").
+    with pytest.raises(UsageError, match="no targeted module in layers 1-1"):
+        attach_lora(fresh(llama_dir), LoraSettings(targets=("model.layers.0.mlp.up_proj",), layers="upper"))
+    targets = ("model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj")
+    assert set(attach_lora(fresh(llama_dir), LoraSettings(targets=targets, layers="upper"))) == {targets[1]}

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from unlearn.errors import UnlearnError, UsageError
-from unlearn.layer_names import layer_index
+from unlearn.layer_names import decoder_layer_names, layer_index
 
 # PEFT's adapter format, used by `save_adapter`/`load_adapter` here and by `averaging.fold_lora`.
 ADAPTER_CONFIG = "adapter_config.json"
@@ -133,8 +133,8 @@ def layer_indices(spec: str, depth: int) -> range:
     return range(int(first), int(last) + 1)
 
 
-def _in_layers(names: list[str], spec: str) -> list[str]:
-    """NAMES whose decoder layer SPEC selects (every name for "all")."""
+def _in_layers(model: nn.Module, names: list[str], spec: str) -> list[str]:
+    """NAMES whose decoder layer SPEC selects among MODEL's decoder layers (every name for "all")."""
     if spec == "all":
         return names
     index = {name: layer_index(name) for name in names}  # layers.N, h.N or blocks.N: see layer_names.py
@@ -142,8 +142,13 @@ def _in_layers(names: list[str], spec: str) -> list[str]:
     if not known:
         raise UsageError(f"--lora-layers {spec}: no targeted module sits in a numbered decoder layer "
                          f"(layers.N, h.N or blocks.N)")
-    wanted = layer_indices(spec, max(known) + 1)
-    return [name for name in names if index[name] in wanted]
+    # The model's depth, not the targeted names': "upper" of a 30-layer model is 15-29 even when
+    # --lora-targets names modules of a few layers only.
+    wanted = layer_indices(spec, max(decoder_layer_names(model), default=max(known)) + 1)
+    chosen = [name for name in names if index[name] in wanted]
+    if not chosen:
+        raise UsageError(f"--lora-layers {spec}: no targeted module in layers {wanted.start}-{wanted.stop - 1}")
+    return chosen
 
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
@@ -158,7 +163,7 @@ def attach_lora(model: nn.Module, settings: LoraSettings, seed: int | None = Non
     names = [n for n, m in model.named_modules() if n and _matches(n, settings.targets)]
     if not names:
         raise UsageError(f"--lora-targets {','.join(settings.targets)}: no module of this model has that name")
-    names = _in_layers(names, settings.layers)
+    names = _in_layers(model, names, settings.layers)
     generator_state = torch.random.get_rng_state()
     if seed is not None:
         torch.manual_seed(seed)
