@@ -1,5 +1,7 @@
 """generation.py: the own greedy loop gives model.generate's tokens; the stop_row hook; seeded sampling."""
 
+import copy
+
 import pytest
 import torch
 
@@ -59,10 +61,42 @@ def test_greedy_is_model_generate_token_for_token(request, which):
         assert all(batch["shared_prefix"] > 0 for batch in record)
 
 
-def test_greedy_matches_in_bfloat16_and_with_lora(llama_dir):
+def new_ids(fn, model, tokenizer) -> list[list[int]]:
+    """Each prompt's new token ids (in PROMPTS' order) as FN generates them."""
+    record, ids = [], [None] * len(PROMPTS)
+    fn(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=NEW, desc=False, record=record)
+    for batch in record:
+        for i, row in zip(batch["indices"], batch["new_ids"]):
+            ids[i] = row
+    return ids
+
+
+def test_greedy_matches_in_bfloat16_up_to_near_ties(llama_dir):
+    """In bf16 a logit is rounded to 8 significant bits, and the own loop's shapes (the shared prefix run
+    once, rows leaving) round differently from model.generate's: two tokens whose logits nearly tie can
+    swap. So each row must match token for token up to its first difference, and there the two tokens'
+    logits, from a float32 copy of the same weights, must be within one bf16 rounding step of the
+    largest logit (2⁻⁸ of it) of each other. On an AVX2 EPYC one row swapped at its 12th token, where
+    the two logits differed by 0.002 and the third-best was 0.04 below. A wrong mask, position or
+    cache picks tokens far from the top instead."""
     model, tokenizer = load(llama_dir, dtype="bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
-    assert run(generate, model, tokenizer) == run(generate_hf, model, tokenizer)
+    ours, theirs = new_ids(generate, model, tokenizer), new_ids(generate_hf, model, tokenizer)
+    exact = copy.deepcopy(model).float()
+    swaps = 0
+    for prompt, a, b in zip(PROMPTS, ours, theirs):
+        first = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if first is None:
+            assert a == b
+            continue
+        swaps += 1
+        with torch.no_grad():
+            logits = exact(torch.tensor([encode_prompt(tokenizer, prompt) + a[:first]])).logits[0, -1]
+        assert abs(logits[a[first]] - logits[b[first]]) <= 2 ** -8 * logits.abs().max(), (prompt, first)
+    assert swaps <= 2  # a tie now and then, not a different computation
+
+
+def test_greedy_matches_with_lora(llama_dir):
 
     model, tokenizer = load(llama_dir)
     attach_lora(model, LoraSettings(rank=4, alpha=8), seed=0)

@@ -53,7 +53,10 @@ def test_token_logprobs_equal_the_plain_log_softmax_with_gradients(vocab):
     weights = torch.randn(picked.shape, generator=torch.Generator().manual_seed(1))
     (picked * weights).sum().backward()
     (plain * weights).sum().backward()
-    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    # rtol 5e-5: the two sum 70000 exponentials in different orders (chunks); on an AVX2 EPYC the
+    # picked tokens' gradients (about w) differed by up to 1.3e-5 relative. A wrong gradient
+    # formula errs by orders of magnitude more.
+    torch.testing.assert_close(a.grad, b.grad, rtol=5e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("vocab", [7, 1000, 70000])

@@ -306,8 +306,8 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     STOP_ROW(index, text_so_far) -> bool, if given, is called every STOP_CHECK_EVERY new
     tokens for each prompt still generating (INDEX into PROMPTS, TEXT decoded as the final
     output would be); True ends that prompt's answer with the text it has.
-    RECORD, if a list, receives one dict per batch: rows, prompt tokens, padded width and
-    the number of new tokens of each row (for benchmarks).
+    RECORD, if a list, receives one dict per batch: its prompts' indices, prompt tokens, padded
+    width, the number of new tokens of each row and those tokens (for benchmarks and tests).
     SCORED, if a list, receives per prompt (in PROMPTS' order) its answer's `Scored` log-probabilities
     under MODEL, or None where they are not computed (`model.generate`, or a STOP_ROW ending).
     """
@@ -366,7 +366,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
                 if batch_scores:
                     own_scores[i] = batch_scores[row]
             if record is not None:
-                record.append({"rows": len(batch), "width": input_ids.shape[1] + shared, "shared_prefix": shared,
+                record.append({"rows": len(batch), "indices": list(batch), "new_ids": new, "width": input_ids.shape[1] + shared, "shared_prefix": shared,
                                "prompt_tokens": sum(map(len, prompts_ids)), "new_tokens": [len(ids) for ids in new]})
     finally:
         torch.random.set_rng_state(generator_state)
