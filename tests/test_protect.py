@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from unlearn import losses, protect
+from unlearn import losses, protect, system
 from unlearn.data import collate
 from unlearn.lora import lora_modules
 from unlearn.train import first_scored_position, forward_logits
@@ -41,7 +41,8 @@ def test_accumulate_adds_a_flat_vector_to_the_gradients_as_flat_lays_them_out():
     assert torch.equal(protect.flat(p.grad for p in params), torch.tensor([0.0, 1, 2, 3, 4, 5, 7, 8, 9, 10]))
 
 
-def test_row_gradients_from_one_batched_pass_equal_each_rows_own_backward(llama_dir):
+def test_row_gradients_from_one_batched_pass_equal_each_rows_own_backward(llama_dir, monkeypatch):
+    monkeypatch.setattr(protect, "_has_bf16", lambda device: True)  # bf16 as on a CPU with bf16 instructions
     u = retainer(llama_dir)
     for m in lora_modules(u.model).values():  # off B = 0, where every A gradient vanishes
         m.lora_B.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
@@ -57,6 +58,18 @@ def test_row_gradients_from_one_batched_pass_equal_each_rows_own_backward(llama_
     assert rough.dtype == torch.float32 and rough.shape == batched.shape
     cosines = torch.nn.functional.cosine_similarity(rough, batched, dim=1)
     assert cosines.min() > 0.99 and not torch.equal(rough, batched)  # (it did run in bf16)
+
+
+def test_a_cpu_whose_bf16_is_slow_gets_the_float32_pass(llama_dir, monkeypatch):
+    u = retainer(llama_dir)
+    for m in lora_modules(u.model).values():
+        m.lora_B.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+    exact = protect.row_gradients(u.model, u.params, u.retain, u.pad_id, forward_logits, low_precision=False)
+    monkeypatch.setattr(system, "slow_low_precision_note", lambda name: "35x slower")
+    assert not protect._has_bf16(torch.device("cpu"))
+    assert torch.equal(protect.row_gradients(u.model, u.params, u.retain, u.pad_id, forward_logits), exact)
+    monkeypatch.setattr(system, "slow_low_precision_note", lambda name: None)
+    assert protect._has_bf16(torch.device("cpu"))
 
 
 def test_the_forget_sides_gradient_is_projected_off_every_retain_rows_gradient_and_the_kl_is_not(llama_dir):

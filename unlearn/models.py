@@ -256,7 +256,25 @@ def load_model(spec: str | None, *, dtype: str = "float32", trust_remote_code: b
         raise UnlearnError(f"{path}: could not load the model ({type(exc).__name__}: {first_line})") from None
     model.eval()
     tune_allocator(model)
+    _say_if_low_precision_is_slow(model, log)
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, name=spec or DEFAULT_MODEL_NAME)
+
+
+def _say_if_low_precision_is_slow(model, log) -> None:
+    """A bf16/fp16 model that will run on a CPU without instructions for that dtype gets one line saying
+    so, and that --dtype float32 is faster there (system.slow_low_precision_note); the user's choice
+    stands. Where CUDA is available the run uses it (system.pick_device), so nothing is measured."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    if dtype not in (torch.bfloat16, torch.float16) or torch.cuda.is_available():
+        return
+    from unlearn.system import slow_low_precision_note
+
+    name = str(dtype).removeprefix("torch.")
+    note = slow_low_precision_note(name)
+    if note:
+        log(f"--dtype {name}: {note}; --dtype float32 is faster on this machine")
 
 
 # glibc's mallopt options (malloc.h), and the largest mmap threshold it takes on 64-bit (HEAP_MAX_SIZE / 2).

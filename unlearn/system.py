@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
+import time
 import resource
 import sys
 from pathlib import Path
@@ -32,6 +34,46 @@ def device_name(device) -> str:
     except OSError:
         pass
     return f"cpu ({model}, {torch.get_num_threads()} threads)"
+
+
+# torch runs bfloat16 and float16 matrix products on a CPU fast only where the CPU has instructions for
+# them (AVX512-BF16, AMX, AVX512-FP16); elsewhere it takes a reference path. On an AVX2 AMD EPYC (torch
+# 2.13, two threads) a 256 x 256 product ran at 1.3 GFLOP/s in bfloat16 against 47 in float32, so a
+# bf16 model or bf16 autocast made everything about 35x slower there. Half precision is used or
+# recommended only where its rate is at least this share of float32's; where it is native it is
+# faster than float32, not a little slower.
+LOW_PRECISION_MIN_SHARE = 0.5
+_RATE_SIDE = 256  # a small product: at 1.3 GFLOP/s its four runs (one warm-up) take about 0.1 s
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_matmul_rate(dtype_name: str) -> float:
+    """GFLOP/s of a 256 x 256 x 256 matrix product in DTYPE_NAME ("float32", "bfloat16", "float16") on
+    this CPU with torch's current threads: the best of 3 after one warm-up. Measured once a process."""
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(_RATE_SIDE, _RATE_SIDE).to(dtype), torch.randn(_RATE_SIDE, _RATE_SIDE).to(dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * _RATE_SIDE**3 / max(best, 1e-9) / 1e9
+
+
+def slow_low_precision_note(dtype_name: str) -> str | None:
+    """None if DTYPE_NAME's matrix products run on this CPU at LOW_PRECISION_MIN_SHARE or more of
+    float32's rate (float32 itself: always None); else one line saying how much slower it is."""
+    if dtype_name == "float32":
+        return None
+    low, full = cpu_matmul_rate(dtype_name), cpu_matmul_rate("float32")
+    if low >= LOW_PRECISION_MIN_SHARE * full:
+        return None
+    return (f"this CPU multiplies {dtype_name} matrices at {low:.1f} GFLOP/s against {full:.0f} in float32 "
+            f"(measured just now), so {dtype_name} work runs about {full / max(low, 1e-9):.0f}x "
+            f"slower here")
 
 
 def peak_memory_mb(device) -> float:
