@@ -366,8 +366,9 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
                 if batch_scores:
                     own_scores[i] = batch_scores[row]
             if record is not None:
-                record.append({"rows": len(batch), "indices": list(batch), "new_ids": new, "width": input_ids.shape[1] + shared, "shared_prefix": shared,
-                               "prompt_tokens": sum(map(len, prompts_ids)), "new_tokens": [len(ids) for ids in new]})
+                record.append({"rows": len(batch), "indices": list(batch), "width": input_ids.shape[1] + shared,
+                               "shared_prefix": shared, "prompt_tokens": sum(map(len, prompts_ids)),
+                               "new_tokens": [len(ids) for ids in new], "new_ids": new})
     finally:
         torch.random.set_rng_state(generator_state)
         model.train(was_training)

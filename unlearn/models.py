@@ -116,7 +116,7 @@ def convert_gguf(gguf: Path, log=log) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log(f"converting {gguf.name} to safetensors in {target} (once; ~10 s)")
+    log(f"converting {gguf.name} to safetensors in {target} (once; 10-20 s)")
     try:
         with _gguf_parsed_once():
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -95,7 +95,7 @@ def row_gradients(model, params: list[torch.nn.Parameter], rows: list[dict], pad
 
 def _has_bf16(device: torch.device) -> bool:
     """Whether bf16 autocast runs natively on DEVICE: a CPU whose bf16 matrix products are not much slower
-    than its float32 ones (system.slow_low_precision_note: without AVX512-BF16 or AMX they ran 35x slower),
+    than its float32 ones (system.slow_low_precision_note: on an AVX2 EPYC they ran about 40x slower),
     CUDA from Ampere on."""
     if device.type == "cpu":
         from unlearn.system import slow_low_precision_note

@@ -5,9 +5,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import platform
-import time
 import resource
 import sys
+import time
 from pathlib import Path
 
 
@@ -38,8 +38,8 @@ def device_name(device) -> str:
 
 # torch runs bfloat16 and float16 matrix products on a CPU fast only where the CPU has instructions for
 # them (AVX512-BF16, AMX, AVX512-FP16); elsewhere it takes a reference path. On an AVX2 AMD EPYC (torch
-# 2.13, two threads) a 256 x 256 product ran at 1.3 GFLOP/s in bfloat16 against 47 in float32, so a
-# bf16 model or bf16 autocast made everything about 35x slower there. Half precision is used or
+# 2.13, two threads) a 256 x 256 product ran at 1.3 GFLOP/s in bfloat16 (and in float16) against 47-62 in
+# float32, so a bf16 model or bf16 autocast made everything about 40x slower there. Half precision is used or
 # recommended only where its rate is at least this share of float32's; where it is native it is
 # faster than float32, not a little slower.
 LOW_PRECISION_MIN_SHARE = 0.5
