@@ -42,7 +42,10 @@ peak RSS is per process; each subprocess sets the same thread count):
    `ckpt` (fp32 with transformers' gradient checkpointing of the decoder layers:
    activations recomputed in the backward pass instead of kept; the recomputation
    is not counted as useful). `bf16+ckpt` combines the two. `--dtype bfloat16`
-   (or float32) is a shorthand for the variant of that dtype alone.
+   (or float32) is a shorthand for the variant of that dtype alone. On a CPU whose
+   bf16 matmuls run at under half the float32 rate (no bf16 instructions:
+   `unlearn.system.slow_low_precision_note`) the default list leaves bf16 out and
+   says why; asked for by name it runs.
 3. FLOPs of each step, counted from the rows that step actually used (see
    `step_flops`: the derivation is written there), so achieved GFLOP/s = useful
    FLOPs / step time (the median over timed steps of each step's rate: one step
@@ -133,6 +136,7 @@ def parse_args(argv=None):
         args.rows = "examples" if args.shape == "default" else "128"
     if args.rows != "examples" and not (args.rows.isdigit() and int(args.rows) >= 16):
         parser.error(f"--rows {args.rows}: 'examples' or a token count of at least 16")
+    args.chosen_variants = args.variants is not None or args.dtype is not None  # asked for, not the default list
     if args.variants is None:
         args.variants = (DTYPE_VARIANT[args.dtype] if args.dtype else
                          ",".join(VARIANTS[:4]) if args.shape == "default" else "fp32,bf16")
@@ -648,6 +652,28 @@ def spawn(variant: str, args) -> dict:
 # -- the report ------------------------------------------------------------------------
 
 
+def _without_slow_bf16(variants: list[str], args) -> list[str]:
+    """VARIANTS, less the bf16 ones when this CPU runs bf16 matmuls far slower than float32 (no bf16
+    instructions: on an AVX2 EPYC 1.3 GFLOP/s against 47-62, so a bf16 step would take many minutes) and
+    the list is the default one; a bf16 variant asked for by name runs, with the same warning."""
+    if not any(v.split("+")[0] == "bf16" for v in variants):
+        return variants
+    import torch
+
+    from unlearn.system import slow_low_precision_note
+
+    if args.threads:
+        torch.set_num_threads(args.threads)  # as the children do: the rates are those their steps get
+    note = slow_low_precision_note("bfloat16")
+    if not note:
+        return variants
+    if args.chosen_variants:
+        _log(f"bf16: {note}; its steps take that much longer")
+        return variants
+    _log(f"bf16 variants left out: {note}; --variants bf16 runs them anyway")
+    return [v for v in variants if v.split("+")[0] != "bf16"]
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.child:
@@ -661,6 +687,7 @@ def main(argv=None):
                              f"the modifiers +{', +'.join(MODIFIERS)}")
     if not variants:
         raise SystemExit("--variants: none given")
+    variants = _without_slow_bf16(variants, args)
     load_before = os.getloadavg()[0]
     runs = {}
     for variant in variants:

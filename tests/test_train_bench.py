@@ -62,6 +62,7 @@ def test_report_keeps_its_json_keys(monkeypatch, capsys):
                 "memory": {}, "load_average_1min": 1.0}
 
     monkeypatch.setattr(train_bench, "spawn", child)
+    monkeypatch.setattr("unlearn.system.slow_low_precision_note", lambda name: None)
     train_bench.main(["--json", "--variants", "fp32,bf16"])
     import json
 
@@ -88,3 +89,16 @@ def test_memory_probe_reads_each_backward_of_a_step_in_pieces(llama_dir, monkeyp
     u.piece_values = 1 << 40  # one backward for the whole loss
     probe.step(u)
     assert probe.steps[1]["backward_passes"] == 1 and probe.steps[1]["saved_mb"] > step["saved_mb"]
+
+
+@pytest.mark.parametrize("asked", [None, ["--variants", "fp32,bf16"], ["--dtype", "bfloat16"]])
+def test_bf16_is_left_out_of_the_default_list_where_this_cpu_runs_it_slowly(monkeypatch, asked, capsys):
+    monkeypatch.setattr("unlearn.system.slow_low_precision_note", lambda name: "1.3 GFLOP/s against 60")
+    args = train_bench.parse_args(asked or [])
+    kept = train_bench._without_slow_bf16(args.variants.split(","), args)
+    if asked is None:
+        assert kept == ["fp32", "naive", "ckpt"] and "bf16 variants left out" in capsys.readouterr().err
+    else:
+        assert "bf16" in kept and "its steps take that much longer" in capsys.readouterr().err
+    monkeypatch.setattr("unlearn.system.slow_low_precision_note", lambda name: None)  # a CPU with bf16
+    assert train_bench._without_slow_bf16(["fp32", "bf16"], train_bench.parse_args([])) == ["fp32", "bf16"]
