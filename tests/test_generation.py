@@ -97,7 +97,6 @@ def test_greedy_matches_in_bfloat16_up_to_near_ties(llama_dir):
 
 
 def test_greedy_matches_with_lora(llama_dir):
-
     model, tokenizer = load(llama_dir)
     attach_lora(model, LoraSettings(rank=4, alpha=8), seed=0)
     for m in lora_modules(model).values():
