@@ -281,6 +281,17 @@ def test_a_stop_rule_check_ends_at_its_verdict():
     assert tolerant.words == [17, 5, 17, 17]
 
 
+def test_a_decided_check_reports_the_count_that_decided_it_not_how_far_the_others_got():
+    from unlearn.measure import leak_rate
+
+    # rows 0 and 1 both leak at word 4: in one step here, but run side by side (cpu_parts) which of
+    # them is seen first, and whether the other is seen at all before it is cut, is timing
+    streams = ["So Paris it is then", "Well Paris it is then", QUIET, QUIET]
+    m = _StreamingMeasurer(streams)
+    assert leak_rate(m, EvalSet("forget", "forget", _rows(4)), decided_above=0.0) == 0.25  # 1 of 4 decided
+    assert leak_rate(_StreamingMeasurer(streams), EvalSet("forget", "forget", _rows(4))) == 0.5  # undecided: exact
+
+
 def test_a_check_that_forgot_runs_every_row_to_its_end():
     from unlearn.measure import leak_rate
 

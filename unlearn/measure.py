@@ -436,8 +436,9 @@ def leak_rate(measurer: Measurer, s: EvalSet, decided_above: float | None = None
 
     DECIDED_ABOVE (the stop rule's --stop-leak): once enough prompts have leaked that the rate
     is above it whatever the others say, every prompt stops, so the check costs only what its
-    verdict needs (a rule that stops at 0 is decided by the first leak). A rate above
-    DECIDED_ABOVE is then a lower bound; at or below it nothing was cut and it is exact.
+    verdict needs (a rule that stops at 0 is decided by the first leak). The rate is then the
+    share that decided it (`_rate_until_verdict`), a lower bound; at or below DECIDED_ABOVE
+    nothing was cut and it is exact.
     """
     from unlearn.evaluate import leak_flags
 
@@ -447,7 +448,7 @@ def leak_rate(measurer: Measurer, s: EvalSet, decided_above: float | None = None
     enough = (next((k for k in range(1, n + 1) if k / n > decided_above), None)
               if decided_above is not None and n else None)
     return _rate_until_verdict(measurer, s, lambda outputs, rows: leak_flags(outputs, [references[i] for i in rows]),
-                               enough)
+                               enough, n)
 
 
 def kept_rate(measurer: Measurer, s: EvalSet, enough: float | None = None) -> float:
@@ -456,23 +457,27 @@ def kept_rate(measurer: Measurer, s: EvalSet, enough: float | None = None) -> fl
 
     A row stops generating as soon as an answer appears (on the text without its last word, as in
     `leak_rate`: it stays once there). ENOUGH: once that share of the rows has it, every row stops,
-    and a rate at or above ENOUGH is a lower bound.
+    and the rate is the share that decided it (`_rate_until_verdict`), a lower bound.
     """
     from unlearn.evaluate import accuracy_flags
 
     n = sum(1 for e in s.examples if e.extra.get("answers"))
     needed = math.ceil(enough * n - 1e-9) if enough is not None and n else None
     return _rate_until_verdict(measurer, s, lambda outputs, rows: accuracy_flags(outputs, [s.examples[i] for i in rows]),
-                               needed)
+                               needed, n)
 
 
-def _rate_until_verdict(measurer: Measurer, s: EvalSet, flags, enough: int | None) -> float:
+def _rate_until_verdict(measurer: Measurer, s: EvalSet, flags, enough: int | None, out_of: int) -> float:
     """The rate of FLAGS(outputs, rows) over S's greedy answers (rows: their indices in S), each row
     stopping as soon as its text without its last word (which generation may not have finished:
     "Paris" of "Parisian") is flagged, and every row once ENOUGH rows are (None: never).
 
     For flags that cannot be unset by more text (an answer that appears stays), a stopped row's
-    verdict is its final one, so the rate is exact unless ENOUGH cut rows, and then a lower bound.
+    verdict is its final one, so the rate is exact unless ENOUGH rows cut the rest. Then it is
+    ENOUGH / OUT_OF (OUT_OF: the rows the rate is a share of), the count that decided: how many
+    more rows had their answer when they were cut depends on how far each half of the batch had
+    got (cpu_parts runs them side by side), and reported as such the same run logged "≥ 0.14" once
+    and 0.50 another time.
     """
     from unlearn.evaluate import rate
 
@@ -487,4 +492,7 @@ def _rate_until_verdict(measurer: Measurer, s: EvalSet, flags, enough: int | Non
             return True
         return False
 
-    return rate(flags(measurer.answer(s, stop_row=stop), range(len(s.examples)))) or 0.0
+    outputs = measurer.answer(s, stop_row=stop)
+    if enough is not None and len(flagged) >= enough:
+        return enough / out_of
+    return rate(flags(outputs, range(len(s.examples)))) or 0.0
