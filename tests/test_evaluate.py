@@ -443,3 +443,46 @@ def test_fluency_from_generation_equals_a_scoring_pass(tiny, monkeypatch):
         if a["scores"]["perplexity"] is not None:
             assert b["scores"]["perplexity"] == pytest.approx(a["scores"]["perplexity"], rel=1e-4)
     assert reused.summary["fluency_ppl"] == pytest.approx(scored.summary["fluency_ppl"], rel=1e-4)
+
+
+def test_remembered_scorer_scores_ahead_once_and_passes_the_rest_on():
+    from unlearn.evaluate import RememberedScorer
+
+    calls = []
+
+    class Counting:
+        tokenizer = None
+
+        def logprobs(self, pairs):
+            calls.append(list(pairs))
+            return [[-float(len(p) + len(r))] for p, r in pairs]
+
+    ahead = [("a", "bc"), ("d", "e"), ("a", "bc")]
+    scorer = RememberedScorer(Counting(), ahead)
+    assert calls == [[("a", "bc"), ("d", "e")]]  # one call, each pair once
+    assert scorer.logprobs([("d", "e"), ("a", "bc")]) == [[-2.0], [-3.0]] and len(calls) == 1
+    assert scorer.logprobs([("x", "yz"), ("d", "e"), ("x", "yz")]) == [[-3.0], [-2.0], [-3.0]]
+    assert calls[1] == [("x", "yz")]  # only what was not scored ahead
+    assert RememberedScorer(Counting(), []).logprobs([]) == [] and len(calls) == 2
+
+
+def test_a_measure_of_several_sets_scores_them_in_one_call_with_the_same_figures(tmp_path, monkeypatch):
+    from unlearn.data import Example
+    from unlearn.measure import EvalSet, Measurer, Settings, ShardedScorer
+    from unlearn.models import load_model
+
+    loaded = load_model(str(build_tiny_lm(tmp_path)), log=lambda m: None)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    sets = [EvalSet("f", "forget", [Example("one", "the cat sat", 1), Example("the cat", "one two", 2)]),
+            EvalSet("g", "forget", [Example("what is the capital of France ?", "the cat", 1)])]
+    settings = Settings(max_new_tokens=5, batch_size=4)
+    calls = []
+    score = ShardedScorer.logprobs
+    monkeypatch.setattr(ShardedScorer, "logprobs", lambda self, pairs: calls.append(len(pairs)) or score(self, pairs))
+    together = Measurer(model, tokenizer, settings).measure(sets)
+    assert len(calls) == 1  # likelihood and fluency of both sets (one model, no other fluency scorer)
+    alone = {s.name: Measurer(model, tokenizer, settings).measure([s])[s.name] for s in sets}
+    assert len(calls) == 3
+    for name in alone:
+        for key in ("probability", "fluency_ppl", "leak_rate"):
+            assert together[name].summary[key] == pytest.approx(alone[name].summary[key], rel=1e-5)

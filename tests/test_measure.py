@@ -332,3 +332,40 @@ def test_pooled_sets_come_from_one_generation_each_with_its_own_budget(tmp_path,
     stranger = Measurer(other.model, other.tokenizer, short)
     main.answer_sets([first], pool=[(stranger, [second])])
     assert calls == [[8, 8]] and not stranger.ahead
+
+
+def test_stop_rule_checks_draft_from_the_last_checks_answers(tmp_path, monkeypatch):
+    """`answer` with a stop_row (the stop rule's check) passes the set's drafts to `generate` (the openings
+    given, then each check's answers, the longer one kept where a cut answer agrees with it) and gives
+    the answers a check without drafts gives."""
+    import unlearn.generation as generation
+    from test_evaluate import build_tiny_lm
+    from unlearn.measure import Measurer, Settings, leak_rate
+    from unlearn.models import load_model
+
+    loaded = load_model(str(build_tiny_lm(tmp_path)), log=lambda m: None)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    forget = EvalSet("forget", "forget", [Example(p, "Paris is the capital", i) for i, p in
+                                          enumerate(["one", "what is the capital of France ?", "the cat sat"], 1)])
+    seen = []
+    generate = generation.generate
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: seen.append(k.get("drafts")) or generate(*a, **k))
+    settings = Settings(max_new_tokens=8, batch_size=8, likelihood=False)
+    plain = Measurer(model, tokenizer, settings)
+    expected = plain.answer(forget, stop_row=lambda i, text: False)
+    assert seen == [None]
+
+    checker = Measurer(model, tokenizer, settings)
+    checker.drafts["forget"] = ["one two", "", "the the"]
+    seen.clear()
+    assert checker.answer(forget, stop_row=lambda i, text: False) == expected
+    assert seen[0] == [tokenizer("one two", add_special_tokens=False)["input_ids"], None,
+                       tokenizer("the the", add_special_tokens=False)["input_ids"]]
+    assert checker.drafts["forget"] == expected  # the next check's drafts
+    full = list(expected)
+    assert leak_rate(checker, forget) == leak_rate(plain, forget)
+    # a check cut short keeps, for a row whose cut answer opens its last draft, the longer draft
+    checker.drafts["forget"] = full
+    cut = checker.answer(forget, stop_row=lambda i, text: i == 0)
+    assert len(cut[0]) < len(full[0]) and full[0].startswith(cut[0])
+    assert checker.drafts["forget"] == full

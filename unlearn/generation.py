@@ -30,6 +30,22 @@ per-layer operations. Batches of 128 (the run's 91 prompts in one call, as `unle
 its sets, so each thread's slice has ~45 rows): 286 tokens/s, 0.60 of a limit that takes the
 best matmul rate over 16-256 rows (478 tokens/s); the same prompts one call per file: 0.29.
 
+Drafts (`generate`'s DRAFTS): a row may come with a guess of its answer's opening. Each forward
+then runs, for every drafting row, its last token and up to DRAFT_BLOCK draft tokens after it:
+the logits at each position give the greedy token there, the draft is kept as far as it agrees,
+the first disagreeing position gives the next token, and the rejected draft positions are masked
+out of the cache for good (their columns stay, with attention mask 0). The answers are the ones
+decoding one token per forward gives, up to float rounding at near-ties (the shapes differ, as
+with the thread count); tests/test_drafts.py compares them, their `Scored`, budget cuts and stop
+checks. A forward costs its positions for every row of the batch, so drafts are offered only
+while at least half of the live rows draft. Where they pay: small batches, where a forward reads
+all the weights whatever its width. The stop rule's check (14 forget prompts, 7 rows a thread,
+32 tokens) drafting from the last check's answers: the README run's four checks 23.0 -> 17.7 s
+(forwards 3.3 / 4.8 / 6.1 / 8.8 -> 2.3 / 3.5 / 5.1 / 6.8 s), the same verdicts and table. Blocks
+of 4, 8 and 16 timed alike on the last check's workload (5.8-6.6 s against 6.6-8.0 s without).
+In the pooled after measurement (50 rows a thread, bound by arithmetic) drafts of the original's
+answers gained nothing (24.1-24.2 s without, 24.9-27.0 s with), so it has none.
+
 `model.generate` is still used (`generate_hf`) for sampling, under FSDP (where
 every rank must keep stepping until all ranks end: `synced_gpus`), and when the
 model's generation config asks for a logits processor greedy decoding would
@@ -60,6 +76,11 @@ MIN_ROWS_PER_WORKER = 4
 # (bench/generation_bench.py measures it), and a row runs at most 3 tokens past the point
 # where its answer appeared.
 STOP_CHECK_EVERY = 4
+
+# Draft tokens a row offers per forward (`generate`'s DRAFTS): the forward then runs 1 + this
+# many positions for the row, and its logits check each guess at once. 4, 8 and 16 timed alike
+# on the stop rule's check (the module docstring).
+DRAFT_BLOCK = 8
 
 # A batch's key/value cache holds rows x (longest prompt + new tokens) positions of
 # `kv_bytes_per_position(model)` bytes. Batches are cut to at most --gen-batch-size rows and,
@@ -156,7 +177,8 @@ class Scored:
 
 def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: int, budgets: list[int],
                   should_stop: Callable[[int, list[int]], bool] | None, prefix: list[int] = (),
-                  scored: list | None = None, cancelled: Callable[[], bool] | None = None) -> list[list[int]]:
+                  scored: list | None = None, cancelled: Callable[[], bool] | None = None,
+                  drafts: list | None = None, forwards: list | None = None) -> list[list[int]]:
     """Greedy new tokens of each row of a left-padded batch (EOS included when reached).
 
     BUDGETS: each row's number of new tokens: a row ends at its own budget exactly as in a batch of
@@ -170,91 +192,126 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
     SCORED, a list: receives one `Scored` per row (the log-softmax of the logits each step
     computes anyway: one logsumexp over the vocabulary per row and step).
     CANCELLED() -> True ends the batch with `cpu_parts.Cancelled` before its next step (`_greedy_parts`).
+    DRAFTS: per row, token ids its answer may well start with (or None): verified DRAFT_BLOCK at a
+    time (see the module docstring); they change how many forwards run, not the answer.
+    FORWARDS, a list: receives the number of forward passes the batch ran (the prefix's apart).
     """
     import torch
 
     rows, width = input_ids.shape
-    max_new_tokens = max(budgets)  # the batch's steps at most
+    max_new_tokens = max(budgets)  # the batch's new tokens at most
     device = next(model.parameters()).device
     cache_name = cache_argument(model)
+    drafts = [list(d or ())[:b] for d, b in zip(drafts or [None] * rows, budgets)]
+    block = DRAFT_BLOCK if any(drafts) else 0
     shared = len(prefix)
-    cache = new_cache(model, capacity=shared + width + max_new_tokens)
+    # Columns: the prompts, one per step, and a block's rejected draft tokens (the cache grows past this).
+    cache = new_cache(model, capacity=shared + width + max_new_tokens + 1 + 2 * block)
     if shared:
         run_prefix(model, cache, list(prefix), rows)
-    width += shared
-    attention = torch.cat([torch.ones((rows, shared), dtype=attention.dtype), attention], dim=1)
-    # The mask grows by one column per step, as in model.generate; it is allocated once and sliced.
-    mask = torch.ones((rows, width + max_new_tokens), dtype=attention.dtype, device=device)
-    mask[:, :width] = attention
+    attention = torch.cat([torch.ones((rows, shared), dtype=attention.dtype), attention], dim=1).to(device)
     # model.generate's positions: the first real token of each row is 0, pads get 0.
-    position_ids = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0)[:, shared:].to(device)
-    stop_tensor = torch.tensor(stop_ids, dtype=torch.long, device=device)
-    new_tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    new_logprobs = torch.zeros((rows, max_new_tokens), dtype=torch.float32, device=device)
-    lengths = list(budgets)
+    positions = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 0)
+    stop_set, stop_tensor = set(stop_ids), torch.tensor(stop_ids, dtype=torch.long, device=device)
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    logprobs: list[list[float]] = [[] for _ in range(rows)]
     cut: dict[int, dict[int, float]] = {}  # rows the budget cut -> log p of each stop token next
-    pending: set[int] = set()  # rows cut by a budget below the batch's, kept one step for their `cut`
-    live = torch.arange(rows, device=device)  # the batch's rows still in the computation, in order
-    inputs = input_ids.to(device)
-    for step in range(max_new_tokens):
+    pending: set[int] = set()  # rows cut by their budget, run one step more for their `cut`
+    drafting = [bool(d) for d in drafts]  # the row's answer so far is its draft's opening
+    live = list(range(rows))  # the batch's rows still in the computation, in order
+    # The first forward's head is each row's prompt; later ones', its last new token (not in the cache yet).
+    head, head_positions = input_ids.to(device), positions[:, shared:]
+    mask = attention  # one column per cache position: 0 for padding and rejected draft tokens
+    runs = 0
+    while live:
         if cancelled is not None and cancelled():
             raise Cancelled()
-        logits = model(input_ids=inputs, attention_mask=mask[:, :width + step], position_ids=position_ids,
-                       use_cache=True, logits_to_keep=1, **{cache_name: cache}).logits
-        # argmax of the last position: exact in any float dtype (model.generate casts to
-        # float32 first, which cannot change which logit is largest or the first of equals)
-        token = logits[:, -1].argmax(-1)
-        new_tokens[live, step] = token  # a pending row's token lies past its length: never read
-        if scored is not None:
-            new_logprobs[live, step] = _picked_logprobs(logits[:, -1], token)
-        ended = torch.isin(token, stop_tensor)
-        at_budget = []  # positions of rows whose own budget ends with this step's token
-        stopped = ended.tolist()
-        for position, row in enumerate(live.tolist()):
-            if row in pending:  # its answer ended last step; this step's logits follow its last token
-                cut[row] = dict(zip(stop_ids, logits[position, -1].float().log_softmax(-1)[stop_tensor].tolist()))
-                ended[position] = True
-            elif stopped[position]:
-                lengths[row] = step + 1
-            elif budgets[row] == step + 1 < max_new_tokens:
-                at_budget.append(position)
-        pending.clear()
-        if should_stop is not None and (step + 1) % STOP_CHECK_EVERY == 0 and step + 1 < max_new_tokens:
-            for position in (~ended).nonzero().flatten().tolist():
-                row = int(live[position])
-                if step + 1 < budgets[row] and should_stop(row, new_tokens[row, :step + 1].tolist()):
-                    lengths[row] = step + 1
-                    ended[position] = True
-        for position in at_budget:
-            if not bool(ended[position]):
-                if scored is not None:
-                    pending.add(int(live[position]))
-                else:
-                    ended[position] = True
-        if bool(ended.all()):
-            break
-        if scored is not None and step + 1 == max_new_tokens:
-            # The budget cuts the rows still running: one step more gives log p(stop token) after them.
-            keep = (~ended).nonzero().flatten()
-            cache.batch_select_indices(keep)
-            end = model(input_ids=token[keep][:, None], attention_mask=mask[keep][:, :width + step + 1],
-                        position_ids=position_ids[keep][:, -1:] + 1, use_cache=True, logits_to_keep=1,
-                        **{cache_name: cache}).logits[:, -1].float().log_softmax(-1)[:, stop_tensor]
-            for position, row in enumerate(live[keep].tolist()):
-                cut[row] = dict(zip(stop_ids, end[position].tolist()))
-            break
-        if bool(ended.any()):
+        # Each drafting row appends up to DRAFT_BLOCK tokens of its draft after its head: the logits
+        # at the head's last position and at each draft token give the greedy token after it.
+        # A forward runs 1 + the widest offer positions for every row: only while at least half of the
+        # rows draft (rows whose drafts went wrong would otherwise compute padding).
+        drafters = sum(drafting[r] and r not in pending for r in live)
+        offered = [drafts[r][len(tokens[r]):len(tokens[r]) + block]
+                   if drafting[r] and r not in pending and 2 * drafters >= len(live) else [] for r in live]
+        width = max(map(len, offered))
+        inputs, new_mask, new_positions = head, torch.ones_like(head), head_positions
+        if width:
+            guess = torch.full((len(live), width), pad_id, dtype=torch.long, device=device)
+            real = torch.zeros((len(live), width), dtype=mask.dtype, device=device)
+            for i, d in enumerate(offered):
+                guess[i, :len(d)] = torch.tensor(d, dtype=torch.long)
+                real[i, :len(d)] = 1
+            after = head_positions[:, -1:] + torch.arange(1, width + 1, device=device)
+            inputs = torch.cat([head, guess], 1)
+            new_mask = torch.cat([new_mask, real], 1)
+            new_positions = torch.cat([head_positions, after], 1)
+        if runs:  # the prompt's columns are in MASK already
+            mask = torch.cat([mask, new_mask], 1)
+        else:
+            mask = torch.cat([mask, new_mask[:, head.shape[1]:]], 1)
+        logits = model(input_ids=inputs, attention_mask=mask, position_ids=new_positions, use_cache=True,
+                       logits_to_keep=width + 1, **{cache_name: cache}).logits
+        runs += 1
+        # argmax: exact in any float dtype (model.generate casts to float32 first, which cannot
+        # change which logit is largest or the first of equals)
+        picked = logits.argmax(-1)  # (rows, width + 1): the greedy token after each position
+        token_logprobs = (_picked_logprobs(logits.flatten(0, 1), picked.flatten()).view(picked.shape).tolist()
+                          if scored is not None else None)
+        picks = picked.tolist()
+        keep, heads = [], []
+        columns = mask.shape[1] - width  # where this forward's draft tokens start
+        for i, row in enumerate(live):
+            if row in pending:  # its answer ended last step; these logits follow its last token
+                cut[row] = dict(zip(stop_ids, logits[i, 0].float().log_softmax(-1)[stop_tensor].tolist()))
+                pending.discard(row)
+                continue
+            d = offered[i]
+            accepted = 0  # draft tokens equal to the greedy token at their place
+            while accepted < len(d) and d[accepted] == picks[i][accepted]:
+                accepted += 1
+            mask[i, columns + accepted:] = 0  # the rest of its draft (and padding) is no context
+            ended = False
+            for j in range(accepted + 1):
+                token = picks[i][j]
+                tokens[row].append(token)
+                if token_logprobs is not None:
+                    logprobs[row].append(token_logprobs[i][j])
+                n = len(tokens[row])
+                if token in stop_set:
+                    ended = True
+                elif n == budgets[row]:
+                    if scored is None:
+                        ended = True
+                    elif j < accepted:  # the next position's logits follow this token
+                        cut[row] = dict(zip(stop_ids, logits[i, j + 1].float().log_softmax(-1)[stop_tensor].tolist()))
+                        ended = True
+                    else:
+                        pending.add(row)
+                elif (should_stop is not None and n % STOP_CHECK_EVERY == 0 and n < max_new_tokens
+                      and should_stop(row, tokens[row])):
+                    ended = True
+                if ended or row in pending:
+                    break
+            if ended:
+                continue
+            drafting[row] = drafting[row] and drafts[row][:len(tokens[row])] == tokens[row]
+            drafting[row] = drafting[row] and len(drafts[row]) > len(tokens[row])
+            keep.append(i)
+            heads.append((tokens[row][-1], int(new_positions[i, -width - 1]) + 1 + accepted))
+        if len(keep) < len(live):
             # Rows that have ended leave the batch (their keys and values with them), so each
             # step computes only rows still generating (see the module docstring).
-            keep = (~ended).nonzero().flatten()
-            cache.batch_select_indices(keep)
-            live, token, mask, position_ids = live[keep], token[keep], mask[keep], position_ids[keep]
-        inputs = token[:, None]
-        position_ids = position_ids[:, -1:] + 1
-    tokens = [new_tokens[row, :lengths[row]].tolist() for row in range(rows)]
+            index = torch.tensor(keep, dtype=torch.long, device=device)
+            cache.batch_select_indices(index)
+            mask = mask[index]
+            live = [live[i] for i in keep]
+        if live:
+            head = torch.tensor([[t] for t, _ in heads], dtype=torch.long, device=device)
+            head_positions = torch.tensor([[p] for _, p in heads], dtype=torch.long, device=device)
+    if forwards is not None:
+        forwards.append(runs)
     if scored is not None:
-        scored.extend(Scored(tokens[row], new_logprobs[row, :lengths[row]].tolist(), cut.get(row))
-                      for row in range(rows))
+        scored.extend(Scored(tokens[row], logprobs[row], cut.get(row)) for row in range(rows))
     return tokens
 
 
@@ -266,14 +323,15 @@ def _greedy_parts(model, input_ids, attention, parts: int, *, should_stop, score
     decode; only the number of rows around it in each matmul changes (float rounding, as with the
     thread count: bench/generation_bench.py counts outputs identical to `model.generate`'s).
     """
-    budgets = options.pop("budgets")
+    budgets, drafts, forwards = options.pop("budgets"), options.pop("drafts", None), options.pop("forwards", None)
 
     def part(lo: int, hi: int):
         def run(cancelled):
             check = None if should_stop is None else (lambda row, ids: should_stop(lo + row, ids))
             own = [] if scored is not None else None
             tokens = _greedy_batch(model, input_ids[lo:hi], attention[lo:hi], should_stop=check, scored=own,
-                                   cancelled=cancelled, budgets=budgets[lo:hi], **options)
+                                   cancelled=cancelled, budgets=budgets[lo:hi], forwards=forwards,
+                                   drafts=None if drafts is None else drafts[lo:hi], **options)
             return tokens, own
         return run
 
@@ -292,7 +350,8 @@ def _picked_logprobs(logits, token):
 def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_new_tokens: int | list[int] = 64,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              desc: str | None = None, stop_row: Callable[[int, str], bool] | None = None,
-             record: list | None = None, scored: list | None = None, _model_generate: bool = False) -> list[str]:
+             record: list | None = None, scored: list | None = None, drafts: list | None = None,
+             _model_generate: bool = False) -> list[str]:
     """Generate an answer for each raw prompt (rendered inside); greedy unless DO_SAMPLE.
 
     Batches hold BATCH_SIZE prompts of similar length, fewer if their KV cache would not fit
@@ -307,9 +366,13 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     tokens for each prompt still generating (INDEX into PROMPTS, TEXT decoded as the final
     output would be); True ends that prompt's answer with the text it has.
     RECORD, if a list, receives one dict per batch: its prompts' indices, prompt tokens, padded
-    width, the number of new tokens of each row and those tokens (for benchmarks and tests).
+    width, the number of new tokens of each row and those tokens, and the forward passes the
+    own loop ran (summed over its parts; None from `model.generate`), for benchmarks and tests.
     SCORED, if a list, receives per prompt (in PROMPTS' order) its answer's `Scored` log-probabilities
     under MODEL, or None where they are not computed (`model.generate`, or a STOP_ROW ending).
+    DRAFTS: per prompt, token ids its greedy answer is likely to start with (another model's
+    answer, the last check's), or None: the own loop verifies them several tokens per forward
+    (see the module docstring); the answers are the same, the forwards fewer when drafts hold.
     """
     import torch
     from tqdm import tqdm
@@ -347,10 +410,12 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
             should_stop = None if stop_row is None else (lambda row, ids, batch=batch: stop_row(batch[row], text(ids)))
             batch_scores = [] if scored is not None and stop_row is None else None
             mine = [budgets[i] for i in batch]
+            runs: list[int] = []
             with torch.inference_mode():
                 if own_loop:
-                    options = dict(stop_ids=stop_ids, pad_id=pad_id, budgets=mine,
-                                   prefix=prompts_ids[0][:shared])
+                    options = dict(stop_ids=stop_ids, pad_id=pad_id, budgets=mine, forwards=runs,
+                                   prefix=prompts_ids[0][:shared],
+                                   drafts=None if drafts is None else [drafts[i] for i in batch])
                     parts = parallel_pieces(model, len(batch), MIN_ROWS_PER_WORKER)
                     new = (_greedy_parts(model, input_ids, attention, parts, should_stop=should_stop,
                                          scored=batch_scores, **options) if parts > 1 else
@@ -368,7 +433,8 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
             if record is not None:
                 record.append({"rows": len(batch), "indices": list(batch), "width": input_ids.shape[1] + shared,
                                "shared_prefix": shared, "prompt_tokens": sum(map(len, prompts_ids)),
-                               "new_tokens": [len(ids) for ids in new], "new_ids": new})
+                               "new_tokens": [len(ids) for ids in new], "new_ids": new,
+                               "forwards": sum(runs) if own_loop else None})
     finally:
         torch.random.set_rng_state(generator_state)
         model.train(was_training)

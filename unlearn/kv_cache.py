@@ -60,6 +60,13 @@ def new_cache(model, capacity: int | None = None):
                 self._key_buffer = key_states.new_empty(key_states.shape[:2] + (capacity, key_states.shape[3]))
                 self._value_buffer = value_states.new_empty(value_states.shape[:2] + (capacity, value_states.shape[3]))
             end = self.length + key_states.shape[-2]
+            if end > self._key_buffer.shape[2]:  # more positions than foreseen (draft tokens): grow
+                grown = max(end, 2 * self._key_buffer.shape[2])
+                for name in ("_key_buffer", "_value_buffer"):
+                    old = getattr(self, name)
+                    buffer = old.new_empty(old.shape[:2] + (grown, old.shape[3]))
+                    buffer[:, :, :self.length] = old[:, :, :self.length]
+                    setattr(self, name, buffer)
             self._key_buffer[:, :, self.length:end] = key_states
             self._value_buffer[:, :, self.length:end] = value_states
             self.length = end

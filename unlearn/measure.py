@@ -207,6 +207,14 @@ class Measurer:
         # the next `answer_sets` of that set takes them instead of generating.
         self.ahead: dict[str, list[str]] = {}
         self._hits: dict[str, dict] = {}  # cache key -> the entry read for it (`uncached`, then `measure`, read once)
+        # Set name -> per row, a text its next greedy answer probably starts with, for `answer`'s checks
+        # (the stop rule's): the original's answer, then the last check's. Generation verifies such drafts several
+        # tokens per forward (`generation.generate`'s DRAFTS): the same answers in fewer forwards. Only
+        # the checks have them: a check decodes 7 rows a thread, where a forward costs about the same
+        # for 1 or 9 positions a row (it reads the weights either way); the after measurement's pooled
+        # batches (50 rows a thread) are bound by arithmetic, and drafts of the original's answers
+        # made them 0-11 % slower there (the README run's sets, the unlearned model, blocks of 4-16).
+        self.drafts: dict[str, list[str]] = {}
 
     def clipped(self, examples: list) -> list:
         """EXAMPLES with their responses cut to the generation budget (`evaluate.clip_references`).
@@ -234,7 +242,13 @@ class Measurer:
         """S's answers; under torchrun each rank generates its share of the batches (`distributed.sharded`)."""
         if stop_row is None:
             return self.answer_sets([s], desc)[s.name]
-        return self._answer([e.prompt for e in s.examples], desc, stop_row)
+        outputs = self._answer([e.prompt for e in s.examples], desc, stop_row, drafts=self.drafts.get(s.name))
+        # The next check's drafts: a check's answers open the next one's, a training step later (the
+        # README run: 61-64 % of a check's tokens are its predecessor's opening). A row the verdict cut
+        # short keeps the longer draft its answer so far agrees with.
+        previous = self.drafts.get(s.name) or [""] * len(outputs)
+        self.drafts[s.name] = [old if old.startswith(new) else new for new, old in zip(outputs, previous)]
+        return outputs
 
     def answer_sets(self, sets: list[EvalSet], desc=False, pool: list[tuple["Measurer", list[EvalSet]]] = ()
                     ) -> dict[str, list[str]]:
@@ -280,9 +294,10 @@ class Measurer:
                 and not theirs.do_sample and mine.batch_size == theirs.batch_size)
 
     def _answer(self, prompts: list[str], desc=False, stop_row=None, scored: list | None = None,
-                budgets: list[int] | None = None) -> list[str]:
+                budgets: list[int] | None = None, drafts: list[str] | None = None) -> list[str]:
         """The answers to PROMPTS; SCORED, a list, receives each answer's `generation.Scored` (or None);
-        BUDGETS: each prompt's token budget (default: the settings' max_new_tokens)."""
+        BUDGETS: each prompt's token budget (default: the settings' max_new_tokens); DRAFTS: per prompt,
+        a text its answer probably starts with (`self.drafts`)."""
         from unlearn.generation import generate
 
         st = self.settings
@@ -295,9 +310,12 @@ class Measurer:
             row_stop = None if stop_row is None else (lambda j, text: stop_row(indices[j], text))
             own = [] if scored is not None else None
             mine = [budgets[i] for i in indices]
+            guesses = None if drafts is None else [self.tokenizer(drafts[i], add_special_tokens=False)["input_ids"]
+                                                    if drafts[i] else None for i in indices]
             texts = generate(self.model, self.tokenizer, [prompts[i] for i in indices], batch_size=rows,
                              max_new_tokens=mine, do_sample=st.do_sample, temperature=st.temperature,
-                             top_p=st.top_p, seed=st.seed, desc=desc, stop_row=row_stop, scored=own)
+                             top_p=st.top_p, seed=st.seed, desc=desc, stop_row=row_stop, scored=own,
+                             drafts=guesses)
             return texts if own is None else list(zip(texts, own))  # gathered together under torchrun
 
         if st.do_sample:  # one random stream runs through the batches in order: not shared out
@@ -310,18 +328,42 @@ class Measurer:
         scored.extend(own for _, own in values)
         return [text for text, _ in values]
 
-    def score(self, s: EvalSet, outputs: list[str], baseline: list[str] | None = None) -> Measured:
-        """The metrics of OUTPUTS on S; BASELINE are the original model's outputs (similarity)."""
+    def _fluency_own(self, s: EvalSet) -> list | None:
+        """S's answers' `generation.Scored` that spare fluency a forward pass (`evaluate.own_logprobs`)."""
+        return self.own_scores.get(s.name) if self.own_fluency else self.fluency_hints.get(s.name)
+
+    def _scorers(self, sets: list[EvalSet], answers: dict[str, list[str]]) -> tuple:
+        """(scorer, fluency scorer) for `score` of SETS' ANSWERS, each with every pair the sets need from it
+        scored ahead in one call (`evaluate.RememberedScorer`); (None, None) without likelihoods."""
+        from unlearn.evaluate import RememberedScorer, fluency_pairs, likelihood_pairs
+
+        st = self.settings
+        if not st.likelihood or not sets:
+            return None, None
+        fluency = self.fluency_scorer or self.scorer
+        wanted = {id(self.scorer): [], id(fluency): []}
+        for s in sets:
+            wanted[id(self.scorer)] += likelihood_pairs(self.references(s), st.members, st.holdout)[0]
+            wanted[id(fluency)] += fluency_pairs(self.references(s), answers[s.name], self.tokenizer,
+                                                 self._fluency_own(s))
+        remembered = {id(self.scorer): RememberedScorer(self.scorer, wanted[id(self.scorer)])}
+        if fluency is not self.scorer:  # else one call for both kinds of pairs
+            remembered[id(fluency)] = RememberedScorer(fluency, wanted[id(fluency)])
+        return remembered[id(self.scorer)], remembered[id(fluency)]
+
+    def score(self, s: EvalSet, outputs: list[str], baseline: list[str] | None = None, scorers: tuple = (None, None)
+              ) -> Measured:
+        """The metrics of OUTPUTS on S; BASELINE are the original model's outputs (similarity); SCORERS, the
+        (scorer, fluency scorer) to use instead of the measurer's own (`_scorers`)."""
         from unlearn.evaluate import SimilarityJudge, evaluate_outputs, leak_flags, rate
 
         st = self.settings
+        scorer, fluency = scorers
         evaluation = evaluate_outputs(outputs, self.references(s), judge=self.judge,
-                                      scorer=self.scorer if st.likelihood else None,
-                                      fluency_scorer=self.fluency_scorer, reference_outputs=baseline,
+                                      scorer=(scorer or self.scorer) if st.likelihood else None,
+                                      fluency_scorer=fluency or self.fluency_scorer, reference_outputs=baseline,
                                       members=st.members, holdout=st.holdout, reward_model=st.reward_model,
-                                      k_percent=st.min_k, tokenizer=self.tokenizer,
-                                      own_scores=(self.own_scores.get(s.name) if self.own_fluency
-                                                  else self.fluency_hints.get(s.name)))
+                                      k_percent=st.min_k, tokenizer=self.tokenizer, own_scores=self._fluency_own(s))
         summary = evaluation.summary
         if s.kind == "retain":
             # Judged against the forget rows (None without them). Only the similarity judge
@@ -393,9 +435,10 @@ class Measurer:
         todo = [s for s in sets if s.name not in measured]
         names = ", ".join(s.name for s in todo)
         answers = self.answer_sets(todo, desc=f"{label}: {names}" if label else False, pool=pool) if todo else {}
+        scorers = self._scorers(todo, answers)
         for s in todo:
             outputs = answers[s.name]
-            measured[s.name] = self.score(s, outputs, outputs if own_baseline else baseline.get(s.name))
+            measured[s.name] = self.score(s, outputs, outputs if own_baseline else baseline.get(s.name), scorers)
             if keys[s.name] is not None and distributed.world().is_main:  # every rank holds the same measurement
                 m = measured[s.name]
                 measure_cache.store(keys[s.name], {"summary": m.summary, "outputs": m.outputs, "rows": m.rows})

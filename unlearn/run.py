@@ -52,7 +52,7 @@ def run(opts: RunOptions, log=default_log) -> dict:
             job = load(opts, data, log)
             probed = make_probes(opts, job, data, log) if opts.probes else {}
             before = measure_before(job, data.sets, probed)
-            result = train_model(opts, job, data, log)
+            result = train_model(opts, job, data, log, before)
             averager, selection = choose_alpha(opts, job, data.sets, before, log)
             after = measure_after(job, data.sets, before, selection)
             return write(opts, job, data, before, after, result, averager, selection, started, log)
@@ -469,8 +469,9 @@ def _outputs(measurement: Measurement) -> dict[str, list[str]]:
 # --- train ------------------------------------------------------------------------------------
 
 
-def train_model(opts: RunOptions, job: Loaded, data: Prepared, log):
-    """The training loop with the stop rule, checkpoints and resume (train.train)."""
+def train_model(opts: RunOptions, job: Loaded, data: Prepared, log, before: Measurement | None = None):
+    """The training loop with the stop rule, checkpoints and resume (train.train); BEFORE, the original's
+    answers, open the stop rule's first check (`Measurer.drafts`)."""
     from unlearn.train import NonFiniteLoss, StopRequested, Unlearner, train
 
     if opts.train.method == "edit":
@@ -488,7 +489,11 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log):
     forget = EvalSet("forget", "forget", data.forget, Path(opts.forget))
     probe_sets = [s for s in data.sets if s.name in job.probe_names]
     history = (loop_state or {}).get("history", [])
-    forgotten = (stop_rule(opts, job, forget, probe_sets, lambda: unlearner.step_count, history, log)
+    # The original's answers to the forget prompts the printed table has (--eval-limit may cut it).
+    original = dict(zip((e.prompt for s in data.sets if s.name == "forget" for e in s.examples),
+                        before.sets["forget"].outputs)) if before is not None and "forget" in before.sets else {}
+    forgotten = (stop_rule(opts, job, forget, probe_sets, lambda: unlearner.step_count, history, log,
+                           openings=[original.get(e.prompt, "") for e in forget.examples])
                  if opts.train.check_every else None)
     try:
         result = train(unlearner, forgotten=forgotten, log=log, save_every=data.run_args["save_every"],
@@ -544,7 +549,7 @@ def probe_neighbours(data: Prepared) -> list[list[str]] | None:
 
 
 def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet, probe_sets=(), steps=lambda: 0, history=(),
-              log=default_log):
+              log=default_log, openings: list[str] | None = None):
     """forgotten() -> (done, leak): the forget prompts answered greedily in a short budget.
 
     The check ends as soon as its verdict is reached (`leak_rate`'s DECIDED_ABOVE), so a leak
@@ -563,6 +568,8 @@ def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet, probe_sets=(), ste
     """
     checker = Measurer(job.model, job.tokenizer, Settings(max_new_tokens=opts.train.check_tokens,
                                                           batch_size=opts.gen_batch_size, likelihood=False))
+    if openings and any(openings):  # OPENINGS: per forget row, the original's answer: the first check's drafts
+        checker.drafts[forget.name] = list(openings)
     wanted = opts.train.stop_probes
     asked = EvalSet("probes", "retain", [e for s in probe_sets for e in s.examples])
     waits = bool(wanted and asked.examples)  # the probes' own measurer (make_probes) answers them

@@ -1,0 +1,114 @@
+"""generation.py's drafts: guessed answer openings verified several tokens per forward change how many
+forwards run, never the answer, its log-probabilities, its budget cut or its stop checks."""
+
+import pytest
+import torch
+
+from unlearn import kv_cache
+from unlearn.generation import DRAFT_BLOCK, generate, generate_hf
+from unlearn.models import load_model
+
+from test_generation import NEW, PROMPTS, load, stop_mid_batch
+
+
+def answer_ids(model, tokenizer, **options) -> tuple[list[list[int]], int]:
+    """Each prompt's new token ids (PROMPTS' order) and the forwards the own loop ran."""
+    record, ids = [], [None] * len(PROMPTS)
+    generate(model, tokenizer, PROMPTS, desc=False, record=record, **options)
+    for batch in record:
+        for i, row in zip(batch["indices"], batch["new_ids"]):
+            ids[i] = row
+    return ids, sum(batch["forwards"] for batch in record)
+
+
+def wrong_drafts(right: list[list[int]]) -> list:
+    """Drafts that hold for a while, then go wrong (one token off, at a different place in each row),
+    one that is wrong from its first token, one past its answer's end, one empty and one None."""
+    drafts = []
+    for i, ids in enumerate(right):
+        d = list(ids) + [7, 7, 7]  # past its end: tokens after an EOS or the budget are never used
+        if i == 0:
+            d[0] = (d[0] + 1) % 50
+        elif i in (1, 2):
+            where = min(len(ids) - 1, 3 * i + 1)
+            d[where] = (d[where] + 1) % 50
+        drafts.append(d)
+    drafts[3] = []
+    drafts[4] = None
+    return drafts
+
+
+@pytest.mark.parametrize("which", ["llama_dir", "opt_dir"])
+def test_drafts_give_the_same_answers_scores_and_cuts_in_fewer_forwards(request, which):
+    model, tokenizer = load(request.getfixturevalue(which))
+    stop_mid_batch(model, tokenizer)  # one row ends at an EOS mid-batch
+    budgets = [5, NEW, 8, NEW, 3]  # and some at short budgets (Scored.end after them)
+    options = dict(batch_size=3, max_new_tokens=budgets)
+    plain_scored = []
+    plain, plain_forwards = answer_ids(model, tokenizer, scored=plain_scored, **options)
+    expected = generate_hf(model, tokenizer, PROMPTS, desc=False, **options)
+    assert generate(model, tokenizer, PROMPTS, desc=False, **options) == expected
+
+    for drafts in (plain, wrong_drafts(plain)):
+        scored = []
+        outputs = generate(model, tokenizer, PROMPTS, desc=False, drafts=drafts, scored=scored, **options)
+        ids, forwards = answer_ids(model, tokenizer, drafts=drafts, **options)
+        assert outputs == expected and ids == plain
+        for a, b in zip(scored, plain_scored):
+            assert a.ids == b.ids and a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+            assert (a.end is None) == (b.end is None) and (a.end is None or a.end == pytest.approx(b.end, abs=1e-5))
+        assert forwards < plain_forwards
+    assert any(s.end is None for s in plain_scored) and any(s.end is not None for s in plain_scored)
+    # The right drafts: every row's answer in one forward per DRAFT_BLOCK + 1 tokens of its batch's
+    # longest (and the forward after a budget cut, for the stop tokens' log-probabilities).
+    _, forwards = answer_ids(model, tokenizer, drafts=plain, scored=[], **options)
+    assert forwards <= 2 * -(-NEW // (DRAFT_BLOCK + 1)) + 2
+
+
+def test_drafts_keep_the_stop_checks(llama_dir):
+    model, tokenizer = load(llama_dir)
+    plain, _ = answer_ids(model, tokenizer, batch_size=len(PROMPTS), max_new_tokens=NEW)
+    seen = {}
+
+    def stop_row(index, text):  # ends rows 1 and 3 at their second check, the others never
+        seen.setdefault(index, []).append(text)
+        return index in (1, 3) and len(seen[index]) == 2
+
+    expected = generate(model, tokenizer, PROMPTS, batch_size=len(PROMPTS), max_new_tokens=NEW, desc=False,
+                        stop_row=stop_row)
+    checks, seen = seen, {}
+    for drafts in (plain, wrong_drafts(plain)):
+        got = generate(model, tokenizer, PROMPTS, batch_size=len(PROMPTS), max_new_tokens=NEW, desc=False,
+                       stop_row=stop_row, drafts=drafts)
+        assert got == expected and seen == checks  # the same texts checked, in each row's order
+        seen = {}
+    assert len(expected[1]) < len(generate(model, tokenizer, PROMPTS, max_new_tokens=NEW, desc=False)[1])
+
+
+def test_drafts_in_two_parts(llama_dir, monkeypatch):
+    import unlearn.generation as generation
+
+    model, tokenizer = load(llama_dir)
+    stop_mid_batch(model, tokenizer)
+    plain, _ = answer_ids(model, tokenizer, batch_size=len(PROMPTS), max_new_tokens=NEW)
+    monkeypatch.setattr(generation, "MIN_ROWS_PER_WORKER", 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ids, _ = answer_ids(model, tokenizer, batch_size=len(PROMPTS), max_new_tokens=NEW,
+                            drafts=wrong_drafts(plain))
+    finally:
+        torch.set_num_threads(threads)
+    assert ids == plain
+
+
+def test_the_preallocated_cache_grows_past_its_capacity(llama_dir):
+    model = load_model(str(llama_dir), log=lambda m: None).model.eval()
+    ids = torch.tensor([[5, 9, 11, 4, 7, 8, 3, 2, 6, 6]])
+    with torch.no_grad():
+        whole = model(input_ids=ids).logits
+        cache = kv_cache.new_cache(model, capacity=3)  # 10 positions: grows twice
+        parts = [model(input_ids=ids[:, lo:hi], position_ids=torch.arange(lo, hi)[None], use_cache=True,
+                       **{kv_cache.cache_argument(model): cache}).logits for lo, hi in ((0, 2), (2, 5), (5, 10))]
+    assert cache.get_seq_length() == 10
+    assert torch.allclose(torch.cat(parts, 1), whole, atol=1e-5)
