@@ -39,7 +39,7 @@ def test_passage_subject_is_the_name_it_opens_with(text, extra, subject):
 
 def test_passages_get_same_subject_probes_only(monkeypatch):
     forget = [Example(Passage("The Eiffel Tower is a tower in"), " Paris.", 1), Example("capital of France?", "Paris.", 2)]
-    monkeypatch.setattr(probes.Neighbourhood, "plausible", lambda self, prompt, subject, pool: pool)
+    monkeypatch.setattr(probes.Neighbourhood, "plausible_many", lambda self, items: [pool for _, _, pool in items])
     made = probes.build(BigramModel(), BigramTokenizer(), forget, limit=4)
     assert {p.line for p in made if p.kind == probes.NEIGHBOURS} == {2}
     assert [p.prompt for p in made if p.kind == probes.SAME_SUBJECT and p.line == 1] == [
@@ -151,7 +151,7 @@ def test_plausible_keeps_the_replacements_that_read_like_the_subject():
 def test_build_takes_turns_and_respects_the_limits(monkeypatch):
     forget = [Example("capital of France?", "Paris.", 1), Example("Where is Spain?", "Madrid.", 2),
               Example("Explain this.", "No.", 3)]
-    monkeypatch.setattr(probes.Neighbourhood, "plausible", lambda self, prompt, subject, pool: pool)
+    monkeypatch.setattr(probes.Neighbourhood, "plausible_many", lambda self, items: [pool for _, _, pool in items])
     made = probes.build(BigramModel(), BigramTokenizer(), forget, limit=3)
     kinds = [p.kind for p in made]
     assert kinds.count(probes.NEIGHBOURS) == 3 and kinds.count(probes.SAME_SUBJECT) == 3
@@ -236,17 +236,36 @@ def test_scores_side_by_side_on_a_cpu_are_the_one_batch_scores(monkeypatch):
     texts = [f"Question: capital of {c}?" for c in ("France", "Spain", "Germany", "Knee")] + \
             [f"Question: {c}" for c in ("France", "Spain", "Germany", "Knee", "Mesopotamia")]
     one = hood._batch_logprobs(texts)
-    pieces = []
-    real = cpu_parts.run_pieces
+    pieces, batches = [], []
+    real, batch = cpu_parts.run_pieces, probes.Neighbourhood._batch_logprobs
     monkeypatch.setattr(cpu_parts, "run_pieces", lambda work: pieces.append(len(work)) or real(work))
+    monkeypatch.setattr(probes.Neighbourhood, "_batch_logprobs", lambda self, t: batches.append(t) or batch(self, t))
+    monkeypatch.setattr(probes, "TEXTS_PER_BATCH", 4)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        side_by_side = hood._logprobs(texts)  # 9 texts: two pieces of 4 and 5
-        alone = hood._logprobs(texts[:7])  # 7 texts: fewer than 4 a piece, one batch
+        side_by_side = hood._logprobs(texts)  # 9 texts: batches of 4, 4 and 1, on two pieces
+        assert pieces == [2] and sorted(map(len, batches)) == [1, 4, 4]
+        # each batch holds texts of neighbouring lengths (sorted, stable), so little padding
+        tokens = BigramTokenizer()
+        by_length = sorted(texts, key=lambda t: len(tokens(t, add_special_tokens=False)["input_ids"]))
+        assert sorted(batches) == sorted([by_length[:4], by_length[4:8], by_length[8:]])
+        alone = hood._logprobs(texts[:3])  # one batch: one piece
     finally:
         torch.set_num_threads(threads)
-    assert pieces == [2] and side_by_side == pytest.approx(one, abs=1e-6) and alone == pytest.approx(one[:7], abs=1e-6)
+    assert pieces == [2] and side_by_side == pytest.approx(one, abs=1e-6) and alone == pytest.approx(one[:3], abs=1e-6)
+
+
+def test_plausible_many_ranks_each_row_as_plausible_does_in_one_scoring_call(monkeypatch):
+    hood = probes.Neighbourhood(BigramModel(), BigramTokenizer(), {"france"})
+    items = [("capital of France?", "France", ["Knee", "Germany", "Spain"]), ("Where is Spain?", "Spain", []),
+             ("capital of Germany?", "Germany", ["Spain", "Knee"])]
+    alone = [probes.Neighbourhood(BigramModel(), BigramTokenizer(), {"france"}).plausible(*item) for item in items]
+    calls = []
+    real = probes.Neighbourhood._logprobs
+    monkeypatch.setattr(probes.Neighbourhood, "_logprobs", lambda self, t: calls.append(t) or real(self, t))
+    assert hood.plausible_many(items) == alone and alone[0] == ["Germany", "Spain"] and alone[1] == []
+    assert len(calls) == 1 and len(calls[0]) == 4 + 3 + 4  # the prompts' texts, each word alone once
 
 
 def test_probe_line_says_when_the_edit_preserved_the_neighbours():

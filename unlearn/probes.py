@@ -71,9 +71,8 @@ SAME_SUBJECT = "same subject"
 PER_ROW = 2  # probes of each kind per forget row
 DEFAULT_LIMIT = 12  # probes of each kind per run: two sets of 12 add about a minute on 2 cores (README)
 POOL = 10  # nearest whole-word candidates per subject, before the plausibility test
-# The fewest texts a piece of `Neighbourhood._logprobs` runs side by side (cpu_parts.py), as generation's
-# fewest rows per worker.
-MIN_TEXTS_PER_PIECE = 4
+# The most texts `Neighbourhood._logprobs` runs in one padded batch (texts of ~3-17 tokens).
+TEXTS_PER_BATCH = 16
 PMI_MARGIN = 2.0  # nats: how much less natural in the prompt than the subject a replacement may read
 SCORE_PREFIX = "Question: "  # context before a scored text, so that its first word is scored too
 ANSWER_TOKENS = 32  # the probes' answer budget, before and after (whatever --max-new-tokens is)
@@ -236,32 +235,63 @@ class Neighbourhood:
         PMI_MARGIN nats: "Who wrote Hamlet?" reads like "Who wrote Romeo and Juliet?",
         "Who wrote Knee?" does not.
         """
-        if not candidates:
-            return []
-        texts = [prompt.replace(subject, c) for c in candidates]
-        together = self._logprobs([SCORE_PREFIX + t for t in [prompt] + texts])
-        missing = [w for w in [subject] + candidates if w not in self._alone]
-        if missing:  # a word's score alone is the same in every prompt: scored once
-            self._alone.update(zip(missing, self._logprobs([SCORE_PREFIX + w for w in missing])))
-        alone = [self._alone[w] for w in [subject] + candidates]
-        pmi = [t - a for t, a in zip(together, alone)]
-        threshold = pmi[0] - PMI_MARGIN
-        ranked = sorted(range(len(candidates)), key=lambda i: -pmi[i + 1])
-        return [candidates[i] for i in ranked if pmi[i + 1] >= threshold]
+        return self.plausible_many([(prompt, subject, candidates)])[0]
+
+    def plausible_many(self, items: list[tuple[str, str, list[str]]]) -> list[list[str]]:
+        """`plausible` of each (prompt, subject, candidates) item, every text scored in one `_logprobs` call.
+
+        Ranked one row at a time, the README run's rows made 18 calls of ~10 short texts (1714
+        tokens in all), each thread's batch ~5 texts that read all the weights for ~50 tokens:
+        8.3 s. Pooled, the texts fill batches (`_logprobs`).
+        """
+        texts, spans = [], []
+        for prompt, subject, candidates in items:
+            start = len(texts)
+            if candidates:
+                texts += [SCORE_PREFIX + t for t in [prompt] + [prompt.replace(subject, c) for c in candidates]]
+            spans.append((start, len(texts)))
+        # a word's score alone is the same in every prompt: scored once
+        words = list(dict.fromkeys(w for _, subject, candidates in items if candidates
+                                   for w in [subject] + candidates if w not in self._alone))
+        scored = self._logprobs(texts + [SCORE_PREFIX + w for w in words]) if texts else []
+        self._alone.update(zip(words, scored[len(texts):]))
+        ranked = []
+        for (prompt, subject, candidates), (lo, hi) in zip(items, spans):
+            if not candidates:
+                ranked.append([])
+                continue
+            alone = [self._alone[w] for w in [subject] + candidates]
+            pmi = [t - a for t, a in zip(scored[lo:hi], alone)]
+            threshold = pmi[0] - PMI_MARGIN
+            order = sorted(range(len(candidates)), key=lambda i: -pmi[i + 1])
+            ranked.append([candidates[i] for i in order if pmi[i + 1] >= threshold])
+        return ranked
 
     def _logprobs(self, texts: list[str]) -> list[float]:
-        """log p(text) of each text's tokens after its first, under the model: one padded batch, or on a
-        CPU with T >= 2 torch threads and at least MIN_TEXTS_PER_PIECE texts a piece, T batches of
-        consecutive texts side by side, one torch thread each (cpu_parts.py: the same numbers to float
-        rounding, and under load from other processes no barrier waiting on a thread set aside)."""
-        from unlearn.cpu_parts import parallel_pieces, run_pieces, slices
+        """log p(text) of each text's tokens after its first, under the model: the texts sorted by length
+        (little padding) into batches of at most TEXTS_PER_BATCH, and on a CPU with T >= 2 torch threads
+        and at least T batches, the batches dealt out to T pieces side by side, one torch thread each
+        (cpu_parts.py: the same numbers to float rounding, and under load from other processes no
+        barrier waiting on a thread set aside)."""
+        from unlearn.cpu_parts import parallel_pieces, run_pieces
 
-        pieces = parallel_pieces(self.model, len(texts), MIN_TEXTS_PER_PIECE)
+        lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        order = sorted(range(len(texts)), key=lengths.__getitem__)
+        batches = [order[i:i + TEXTS_PER_BATCH] for i in range(0, len(order), TEXTS_PER_BATCH)]
+        pieces = parallel_pieces(self.model, len(batches), 1)
+
+        def run(share: list[list[int]]) -> list[tuple[int, float]]:
+            return [(i, v) for batch in share for i, v in zip(batch, self._batch_logprobs([texts[i] for i in batch]))]
+
         if pieces == 1:
-            return self._batch_logprobs(texts)
-        parts = run_pieces([lambda cancelled, part=texts[lo:hi]: self._batch_logprobs(part)
-                            for lo, hi in slices(len(texts), pieces)])
-        return [value for part in parts for value in part]
+            parts = [run(batches)]
+        else:
+            parts = run_pieces([lambda cancelled, share=batches[r::pieces]: run(share) for r in range(pieces)])
+        result = [0.0] * len(texts)
+        for part in parts:
+            for i, value in part:
+                result[i] = value
+        return result
 
     def _batch_logprobs(self, texts: list[str]) -> list[float]:
         """`_logprobs` of TEXTS in one padded batch."""
@@ -270,7 +300,8 @@ class Neighbourhood:
         ids, mask = self._padded([self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts])
         with torch.no_grad():
             logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        picked = logits.log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+        # log p(token) = z_token - logsumexp(z): no vocabulary-wide log-softmax tensor is made
+        picked = logits.gather(-1, ids[:, 1:, None])[..., 0] - logits.logsumexp(-1)
         return (picked * mask[:, 1:]).sum(-1).tolist()
 
     def whole_words(self, words: list[str]) -> list[bool]:
@@ -336,10 +367,16 @@ def build(model, tokenizer, forget: list, limit: int = DEFAULT_LIMIT) -> list[Pr
                 break
             if ex.is_passage:
                 continue  # another subject in a passage's sentences is no question of the same kind
-            if subject not in candidates:
-                candidates[subject] = hood.candidates(subject)
             if n not in ranked:
-                ranked[n] = hood.plausible(str(ex.prompt), subject, candidates[subject])
+                # This row and the next ones a turn may still need (each gives at most one probe a
+                # turn), ranked together: the rows one at a time would rank these same rows.
+                ahead = [m for m, (other, _, _) in enumerate(rows) if m >= n and m not in ranked
+                         and not other.is_passage][:max(1, limit - len(neighbours))]
+                for m in ahead:
+                    if rows[m][1] not in candidates:
+                        candidates[rows[m][1]] = hood.candidates(rows[m][1])
+                ranked.update(zip(ahead, hood.plausible_many([(str(rows[m][0].prompt), rows[m][1],
+                                                                candidates[rows[m][1]]) for m in ahead])))
             pool = ranked[n]
             if turn < len(pool):
                 replacement = pool[(offset + turn) % len(pool)]
