@@ -145,7 +145,7 @@ def test_plausible_keeps_the_replacements_that_read_like_the_subject():
     hood = probes.Neighbourhood(BigramModel(), BigramTokenizer(), {"france"})
     # PMI = log p(Question: capital of X?) - log p(Question: X): France, Spain and Germany alike;
     # Knee is neither likely after "of" nor followed by "?" (6 nats less > PMI_MARGIN).
-    assert hood.plausible("capital of France?", "France", ["Knee", "Germany", "Spain"]) == ["Germany", "Spain"]
+    assert hood.plausible_many([("capital of France?", "France", ["Knee", "Germany", "Spain"])]) == [["Germany", "Spain"]]
 
 
 def test_build_takes_turns_and_respects_the_limits(monkeypatch):
@@ -256,11 +256,12 @@ def test_scores_side_by_side_on_a_cpu_are_the_one_batch_scores(monkeypatch):
     assert pieces == [2] and side_by_side == pytest.approx(one, abs=1e-6) and alone == pytest.approx(one[:3], abs=1e-6)
 
 
-def test_plausible_many_ranks_each_row_as_plausible_does_in_one_scoring_call(monkeypatch):
+def test_plausible_many_ranks_each_row_as_alone_in_one_scoring_call(monkeypatch):
     hood = probes.Neighbourhood(BigramModel(), BigramTokenizer(), {"france"})
     items = [("capital of France?", "France", ["Knee", "Germany", "Spain"]), ("Where is Spain?", "Spain", []),
              ("capital of Germany?", "Germany", ["Spain", "Knee"])]
-    alone = [probes.Neighbourhood(BigramModel(), BigramTokenizer(), {"france"}).plausible(*item) for item in items]
+    alone = [probes.Neighbourhood(BigramModel(), BigramTokenizer(), {"france"}).plausible_many([item])[0]
+             for item in items]
     calls = []
     real = probes.Neighbourhood._logprobs
     monkeypatch.setattr(probes.Neighbourhood, "_logprobs", lambda self, t: calls.append(t) or real(self, t))

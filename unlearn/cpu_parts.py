@@ -40,6 +40,26 @@ def slices(units: int, pieces: int) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:]))
 
 
+def dealt_batches(model, batches: list[list[int]], work: Callable[[list[int]], list]) -> list:
+    """WORK's values for the items of BATCHES (lists of item indices, together 0..n-1), in item order.
+
+    On a CPU with T >= 2 torch threads and at least T batches, the batches are dealt out in turn
+    to T pieces (batches r, r+T, ...) run side by side (`run_pieces`); otherwise one piece has them
+    all. WORK(indices) gets a piece's items in batch order and returns one value per item: cut
+    again every len(BATCHES[0]) items, they give back exactly the piece's batches when every
+    batch but the last is full (the last is then at its piece's end).
+    """
+    pieces = parallel_pieces(model, len(batches), 1) if batches else 1
+    shares = [[i for batch in batches[r::pieces] for i in batch] for r in range(pieces)]
+    values = (run_pieces([lambda cancelled, share=share: work(share) for share in shares]) if pieces > 1
+              else [work(shares[0])])
+    result: list = [None] * sum(map(len, shares))
+    for share, share_values in zip(shares, values):
+        for i, value in zip(share, share_values):
+            result[i] = value
+    return result
+
+
 def run_pieces(pieces: list[Callable[[Callable[[], bool]], object]]) -> list:
     """Each PIECE(cancelled) on its own thread with one torch thread (the first on the calling thread, so that
     Ctrl-C interrupts it); their results in order. CANCELLED() turns True once any piece has failed, so that

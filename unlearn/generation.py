@@ -294,8 +294,9 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
                     break
             if ended:
                 continue
-            drafting[row] = drafting[row] and drafts[row][:len(tokens[row])] == tokens[row]
-            drafting[row] = drafting[row] and len(drafts[row]) > len(tokens[row])
+            # still the draft's opening (the accepted tokens are; the last one may not be), with more to offer
+            n = len(tokens[row])
+            drafting[row] = drafting[row] and len(drafts[row]) > n and drafts[row][n - 1] == tokens[row][-1]
             keep.append(i)
             heads.append((tokens[row][-1], int(new_positions[i, -width - 1]) + 1 + accepted))
         if len(keep) < len(live):

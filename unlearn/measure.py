@@ -150,26 +150,15 @@ class ShardedScorer(Scorer):
                                    lambda indices: self._side_by_side([pairs[i] for i in indices]))
 
     def _side_by_side(self, pairs: list) -> list:
-        """Scorer.logprobs of PAIRS, its batches dealt out to the pieces in turn (batches r, r+K, ...).
-
-        A piece's pairs, given in batch order, sort and cut into exactly those batches again
-        (every batch but the last is full, and the last is the longest), so each forward is
-        the one a single call would run, on one torch thread.
+        """Scorer.logprobs of PAIRS, its batches dealt out to the pieces in turn (`cpu_parts.dealt_batches`):
+        a piece's pairs, given in batch order, sort and cut into exactly those batches again (every
+        batch but the last is full, and the last is the longest), so each forward is the one a
+        single call would run, on one torch thread.
         """
-        from unlearn.cpu_parts import parallel_pieces, run_pieces
+        from unlearn.cpu_parts import dealt_batches
 
-        batches = scoring_batches(self.tokenizer, pairs, self.batch_size)
-        pieces = parallel_pieces(self.model, len(batches), 1)
-        if pieces == 1:
-            return Scorer.logprobs(self, pairs)
-        shares = [[i for batch in batches[r::pieces] for i in batch] for r in range(pieces)]
-        values = run_pieces([lambda cancelled, share=share: Scorer.logprobs(self, [pairs[i] for i in share])
-                             for share in shares])
-        result = [None] * len(pairs)
-        for share, share_values in zip(shares, values):
-            for i, value in zip(share, share_values):
-                result[i] = value
-        return result
+        return dealt_batches(self.model, scoring_batches(self.tokenizer, pairs, self.batch_size),
+                             lambda share: Scorer.logprobs(self, [pairs[i] for i in share]))
 
 
 class Measurer:
@@ -340,16 +329,13 @@ class Measurer:
         st = self.settings
         if not st.likelihood or not sets:
             return None, None
-        fluency = self.fluency_scorer or self.scorer
-        wanted = {id(self.scorer): [], id(fluency): []}
-        for s in sets:
-            wanted[id(self.scorer)] += likelihood_pairs(self.references(s), st.members, st.holdout)[0]
-            wanted[id(fluency)] += fluency_pairs(self.references(s), answers[s.name], self.tokenizer,
-                                                 self._fluency_own(s))
-        remembered = {id(self.scorer): RememberedScorer(self.scorer, wanted[id(self.scorer)])}
-        if fluency is not self.scorer:  # else one call for both kinds of pairs
-            remembered[id(fluency)] = RememberedScorer(fluency, wanted[id(fluency)])
-        return remembered[id(self.scorer)], remembered[id(fluency)]
+        likely = [p for s in sets for p in likelihood_pairs(self.references(s), st.members, st.holdout)[0]]
+        fluent = [p for s in sets for p in fluency_pairs(self.references(s), answers[s.name], self.tokenizer,
+                                                          self._fluency_own(s))]
+        if self.fluency_scorer is None or self.fluency_scorer is self.scorer:  # one model: one call for both
+            both = RememberedScorer(self.scorer, likely + fluent)
+            return both, both
+        return RememberedScorer(self.scorer, likely), RememberedScorer(self.fluency_scorer, fluent)
 
     def score(self, s: EvalSet, outputs: list[str], baseline: list[str] | None = None, scorers: tuple = (None, None)
               ) -> Measured:

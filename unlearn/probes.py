@@ -32,7 +32,7 @@ forget subject, every word of every forget answer, and near-duplicates of those
 word when the model, reading "The word <token>", gives at least WHOLE_WORD_P to a
 next token that starts a new word or is punctuation: that removes the fragments of
 longer words ("Mesopotam", "Bhag") that the vocabulary is full of.
-`Neighbourhood.plausible`: of those, the ones that read in the forget prompt about
+`Neighbourhood.plausible_many`: of those, the ones that read in the forget prompt about
 as naturally as the subject does (pointwise mutual information with the prompt,
 under the model, at most PMI_MARGIN nats below the subject's), most natural first.
 Embedding neighbours alone are often of another kind ("Who wrote Knee?"); the
@@ -226,23 +226,19 @@ class Neighbourhood:
                     break
         return [w for w, whole in zip(nearest, self.whole_words(nearest)) if whole][:k]
 
-    def plausible(self, prompt: str, subject: str, candidates: list[str]) -> list[str]:
-        """CANDIDATES that read as naturally in PROMPT as SUBJECT does, most natural first.
+    def plausible_many(self, items: list[tuple[str, str, list[str]]]) -> list[list[str]]:
+        """For each (prompt, subject, candidates) item: the candidates that read as naturally in the
+        prompt as the subject does, most natural first.
 
         Naturalness is the pointwise mutual information of a word with the prompt around it:
         log p(prompt with the word) − log p(the word alone), both after SCORE_PREFIX, under
         the model. A candidate is kept when its PMI is at least the subject's own minus
         PMI_MARGIN nats: "Who wrote Hamlet?" reads like "Who wrote Romeo and Juliet?",
         "Who wrote Knee?" does not.
-        """
-        return self.plausible_many([(prompt, subject, candidates)])[0]
 
-    def plausible_many(self, items: list[tuple[str, str, list[str]]]) -> list[list[str]]:
-        """`plausible` of each (prompt, subject, candidates) item, every text scored in one `_logprobs` call.
-
-        Ranked one row at a time, the README run's rows made 18 calls of ~10 short texts (1714
-        tokens in all), each thread's batch ~5 texts that read all the weights for ~50 tokens:
-        8.3 s. Pooled, the texts fill batches (`_logprobs`).
+        Every item's texts are scored in one `_logprobs` call. Ranked one row at a time, the README
+        run's rows made 18 calls of ~10 short texts (1714 tokens in all), each thread's batch ~5
+        texts that read all the weights for ~50 tokens: 8.3 s. Pooled, the texts fill batches.
         """
         texts, spans = [], []
         for prompt, subject, candidates in items:
@@ -273,25 +269,17 @@ class Neighbourhood:
         and at least T batches, the batches dealt out to T pieces side by side, one torch thread each
         (cpu_parts.py: the same numbers to float rounding, and under load from other processes no
         barrier waiting on a thread set aside)."""
-        from unlearn.cpu_parts import parallel_pieces, run_pieces
+        from unlearn.cpu_parts import dealt_batches
 
         lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
         order = sorted(range(len(texts)), key=lengths.__getitem__)
         batches = [order[i:i + TEXTS_PER_BATCH] for i in range(0, len(order), TEXTS_PER_BATCH)]
-        pieces = parallel_pieces(self.model, len(batches), 1)
 
-        def run(share: list[list[int]]) -> list[tuple[int, float]]:
-            return [(i, v) for batch in share for i, v in zip(batch, self._batch_logprobs([texts[i] for i in batch]))]
+        def work(share: list[int]) -> list[float]:  # a piece's batches, in turn
+            return [v for lo in range(0, len(share), TEXTS_PER_BATCH)
+                    for v in self._batch_logprobs([texts[i] for i in share[lo:lo + TEXTS_PER_BATCH]])]
 
-        if pieces == 1:
-            parts = [run(batches)]
-        else:
-            parts = run_pieces([lambda cancelled, share=batches[r::pieces]: run(share) for r in range(pieces)])
-        result = [0.0] * len(texts)
-        for part in parts:
-            for i, value in part:
-                result[i] = value
-        return result
+        return dealt_batches(self.model, batches, work)
 
     def _batch_logprobs(self, texts: list[str]) -> list[float]:
         """`_logprobs` of TEXTS in one padded batch."""
@@ -335,7 +323,7 @@ def build(model, tokenizer, forget: list, limit: int = DEFAULT_LIMIT) -> list[Pr
     Rows take turns (the first probe of every row, then the second...), so a small LIMIT
     still spreads over the forget rows; rows about one subject start at different places in
     its list of replacements; prompts equal to a forget prompt, or made twice, are skipped.
-    A row's replacements are ranked in its own prompt (`Neighbourhood.plausible`), and only
+    A row's replacements are ranked in its own prompt (`Neighbourhood.plausible_many`), and only
     for rows whose turn comes before LIMIT is reached: that ranking is the model's time.
     """
     rows, offsets = [], {}

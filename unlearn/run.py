@@ -490,8 +490,8 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log, before: Meas
     probe_sets = [s for s in data.sets if s.name in job.probe_names]
     history = (loop_state or {}).get("history", [])
     # The original's answers to the forget prompts the printed table has (--eval-limit may cut it).
-    original = dict(zip((e.prompt for s in data.sets if s.name == "forget" for e in s.examples),
-                        before.sets["forget"].outputs)) if before is not None and "forget" in before.sets else {}
+    original = ({row["prompt"]: row["output"] for row in before.sets["forget"].rows}
+                if before is not None and "forget" in before.sets else {})
     forgotten = (stop_rule(opts, job, forget, probe_sets, lambda: unlearner.step_count, history, log,
                            openings=[original.get(e.prompt, "") for e in forget.examples])
                  if opts.train.check_every else None)
