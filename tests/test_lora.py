@@ -103,8 +103,13 @@ def test_merge_equals_adapter_forward_and_unwraps(opt_dir):
     attach_lora(model, LoraSettings(rank=4, alpha=8), seed=0)
     randomise(model)
     tuned = model(ids()).logits
+    loaded = {name: m.base.weight.data for name, m in lora_modules(model).items()}
+    kept = {name: w.clone() for name, w in loaded.items()}
     merge_lora(model)
     assert not lora_modules(model)
+    # the merged weights are new tensors: the loaded ones (a mapping of the model file) are not written to
+    assert all(torch.equal(loaded[n], kept[n]) for n in loaded)
+    assert not any(torch.equal(model.get_submodule(n).weight, kept[n]) for n in loaded)
     assert all(not k.endswith(("lora_A", "lora_B")) for k in model.state_dict())
     assert torch.allclose(model(ids()).logits, tuned, atol=1e-5)
 

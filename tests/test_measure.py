@@ -235,19 +235,25 @@ class _StreamingMeasurer:
 
     def __init__(self, streams: list[str]):
         self.streams = [text.split() for text in streams]
-        self.words = [0] * len(streams)
+        self.words = [0] * len(streams)  # words streamed, summed over the calls
+        self.calls = []  # the rows of each call
+        self.drafts, self.deciders = {}, {}
 
     def references(self, s):
         return s.examples
 
-    def answer(self, s, desc=False, stop_row=None):
-        running = set(range(len(self.streams)))
+    def answer(self, s, desc=False, stop_row=None, rows=None):
+        rows = list(range(len(self.streams))) if rows is None else list(rows)
+        self.calls.append(rows)
+        running, said = set(rows), {i: 0 for i in rows}
         for step in range(1, max(map(len, self.streams), default=0) + 1):
             for i in sorted(running):
-                self.words[i] = min(step, len(self.streams[i]))
+                said[i] = min(step, len(self.streams[i]))
                 if step >= len(self.streams[i]) or stop_row(i, " ".join(self.streams[i][:step])):
                     running.discard(i)
-        return [" ".join(words[:n]) for words, n in zip(self.streams, self.words)]
+        for i in rows:
+            self.words[i] += said[i]
+        return [" ".join(self.streams[i][:said[i]]) if i in said else "" for i in range(len(self.streams))]
 
 
 def _rows(n):
@@ -298,6 +304,60 @@ def test_a_check_that_forgot_runs_every_row_to_its_end():
     m = _StreamingMeasurer([QUIET, QUIET])
     assert leak_rate(m, EvalSet("forget", "forget", _rows(2)), decided_above=0.0) == 0.0
     assert m.words == [17, 17]
+
+
+def test_the_row_that_decided_the_last_check_is_answered_first_and_alone():
+    from unlearn.measure import leak_rate
+
+    leaking = "The city is Paris of course and more"
+    streams = [QUIET, leaking, QUIET, QUIET]
+    forget = EvalSet("forget", "forget", _rows(4))
+    m = _StreamingMeasurer(streams)
+    m.drafts["forget"], m.deciders["forget"] = list(streams), [1]
+    assert leak_rate(m, forget, decided_above=0.0) == 0.25
+    assert m.calls == [[1]] and m.words == [0, 5, 0, 0]  # it leaked again: nothing else was generated
+    assert m.deciders["forget"] == [1]
+
+    # the row that decided leaves its draft at its first word: it stops there, and every row is answered
+    m = _StreamingMeasurer(streams)
+    m.drafts["forget"], m.deciders["forget"] = ["The city is Paris", leaking, QUIET, QUIET], [0]
+    assert leak_rate(m, forget, decided_above=0.0) == 0.25
+    assert m.calls == [[0], [0, 1, 2, 3]] and m.words[0] == 1 + 6 and m.deciders["forget"] == [1]
+
+    # a check that forgot: the first row ran to the end of its draft without leaking; every row is
+    # answered, and the rate is exact
+    m = _StreamingMeasurer([QUIET] * 4)
+    m.drafts["forget"], m.deciders["forget"] = [QUIET] * 4, [2]
+    assert leak_rate(m, forget, decided_above=0.0) == 0.0
+    assert m.calls == [[2], [0, 1, 2, 3]] and m.deciders["forget"] == []
+
+    # without a verdict asked for, or without drafts, every row is answered in one call
+    m = _StreamingMeasurer(streams)
+    m.drafts["forget"], m.deciders["forget"] = list(streams), [1]
+    assert leak_rate(m, forget) == 0.25 and m.calls == [[0, 1, 2, 3]]
+    m = _StreamingMeasurer(streams)
+    m.deciders["forget"] = [1]
+    assert leak_rate(m, forget, decided_above=0.0) == 0.25 and m.calls == [[0, 1, 2, 3]]
+
+
+def test_a_row_cut_where_it_left_its_draft_is_not_judged_on_its_unfinished_word():
+    from unlearn.measure import leak_rate
+
+    # row 0 has just said "Paris" when it leaves its draft: the word may be unfinished ("Parisian" in
+    # tokens), so it does not decide; every row is answered, and the whole answer is then judged
+    m = _StreamingMeasurer(["The city is Paris", QUIET])
+    m.drafts["forget"], m.deciders["forget"] = ["The city is Lyon", QUIET], [0]
+    assert leak_rate(m, EvalSet("forget", "forget", _rows(2)), decided_above=0.0) == 0.5
+    assert m.calls == [[0], [0, 1]]
+
+
+def test_answered_first_takes_the_last_deciders_then_the_first_rows():
+    from unlearn.measure import answered_first
+
+    assert answered_first([5, 2], 1, 4) == [2]  # a row past the set's end is dropped
+    assert answered_first([3], 2, 5) == [3, 0]
+    assert answered_first([], 2, 5) == [0, 1]
+    assert answered_first([1], None, 5) == [] and answered_first([1], 5, 5) == []  # every row is needed
 
 
 def test_pooled_sets_come_from_one_generation_each_with_its_own_budget(tmp_path, monkeypatch):
@@ -369,3 +429,10 @@ def test_stop_rule_checks_draft_from_the_last_checks_answers(tmp_path, monkeypat
     cut = checker.answer(forget, stop_row=lambda i, text: i == 0)
     assert len(cut[0]) < len(full[0]) and full[0].startswith(cut[0])
     assert checker.drafts["forget"] == full
+    # some rows only: theirs are the answers the whole set gets, the others '' and their drafts kept
+    checker.drafts["forget"] = ["one two", "", "the the"]
+    seen.clear()
+    assert checker.answer(forget, stop_row=lambda i, text: False, rows=[2, 0]) == [expected[0], "", expected[2]]
+    assert seen == [[tokenizer("the the", add_special_tokens=False)["input_ids"],
+                     tokenizer("one two", add_special_tokens=False)["input_ids"]]]
+    assert checker.drafts["forget"] == [expected[0], "", expected[2]]

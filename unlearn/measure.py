@@ -204,6 +204,9 @@ class Measurer:
         # batches (50 rows a thread) are bound by arithmetic, and drafts of the original's answers
         # made them 0-11 % slower there (the README run's sets, the unlearned model, blocks of 4-16).
         self.drafts: dict[str, list[str]] = {}
+        # Set name -> the rows that decided its last check's verdict (`_rate_until_verdict`): the next
+        # check answers them first, since a row that leaked a step ago mostly leaks again.
+        self.deciders: dict[str, list[int]] = {}
 
     def clipped(self, examples: list) -> list:
         """EXAMPLES with their responses cut to the generation budget (`evaluate.clip_references`).
@@ -227,16 +230,27 @@ class Measurer:
                                         else self.clipped(s.examples))
         return self._references[s.name]
 
-    def answer(self, s: EvalSet, desc=False, stop_row=None) -> list[str]:
-        """S's answers; under torchrun each rank generates its share of the batches (`distributed.sharded`)."""
+    def answer(self, s: EvalSet, desc=False, stop_row=None, rows: list[int] | None = None) -> list[str]:
+        """S's answers; under torchrun each rank generates its share of the batches (`distributed.sharded`).
+
+        With STOP_ROW (a check: `_rate_until_verdict`), ROWS, if given, are the only rows of S answered
+        (the others' answers are ''), and the set's drafts open them.
+        """
         if stop_row is None:
             return self.answer_sets([s], desc)[s.name]
-        outputs = self._answer([e.prompt for e in s.examples], desc, stop_row, drafts=self.drafts.get(s.name))
+        n = len(s.examples)
+        rows = list(range(n)) if rows is None else list(rows)
+        drafts = self.drafts.get(s.name)
+        texts = self._answer([s.examples[i].prompt for i in rows], desc, lambda j, text: stop_row(rows[j], text),
+                             drafts=None if drafts is None else [drafts[i] for i in rows])
         # The next check's drafts: a check's answers open the next one's, a training step later (the
         # README run: 61-64 % of a check's tokens are its predecessor's opening). A row the verdict cut
-        # short keeps the longer draft its answer so far agrees with.
-        previous = self.drafts.get(s.name) or [""] * len(outputs)
-        self.drafts[s.name] = [old if old.startswith(new) else new for new, old in zip(outputs, previous)]
+        # short keeps the longer draft its answer so far agrees with; a row not answered keeps its own.
+        outputs, following = [""] * n, list(drafts or [""] * n)
+        for i, new in zip(rows, texts):
+            outputs[i] = new
+            following[i] = following[i] if following[i].startswith(new) else new
+        self.drafts[s.name] = following
         return outputs
 
     def answer_sets(self, sets: list[EvalSet], desc=False, pool: list[tuple["Measurer", list[EvalSet]]] = ()
@@ -512,16 +526,57 @@ def _rate_until_verdict(measurer: Measurer, s: EvalSet, flags, enough: int | Non
 
     flagged: set[int] = set()  # added to from the generation threads (cpu_parts): set.add is atomic
 
+    def flagged_so_far(i: int, text: str) -> bool:
+        finished = text.rsplit(maxsplit=1)[0] if " " in text.strip() else ""
+        return bool(finished) and flags([finished], [i])[0]
+
     def stop(i: int, text: str) -> bool:
         if enough is not None and len(flagged) >= enough:
             return True  # the verdict is reached: the rest cannot change it
-        finished = text.rsplit(maxsplit=1)[0] if " " in text.strip() else ""
-        if finished and flags([finished], [i])[0]:
+        if flagged_so_far(i, text):
             flagged.add(i)
             return True
         return False
 
-    outputs = measurer.answer(s, stop_row=stop)
+    # A verdict needs ENOUGH flagged rows. The rows most likely to give it (`answered_first`: those
+    # that decided the last check) are answered first, alone: a row answered alone reads the weights
+    # for one row (the README run's leaking checks 2.1 -> 0.4 s). Such a row stops as soon as its answer
+    # leaves its draft (the last check's answer, which ended where it leaked): it is then unlikely to
+    # leak as it did, and its answer would cost a forward a token. Unless those rows decide, every row
+    # not yet flagged is answered, side by side, the stopped ones drafting from where they stopped.
+    n = len(s.examples)
+    drafts = measurer.drafts.get(s.name) or [""] * n
+    first = [i for i in answered_first(measurer.deciders.get(s.name, []), enough, n) if drafts[i]]
+    outputs = [""] * n
+    if first:
+        def stop_first(i: int, text: str) -> bool:
+            return stop(i, text) or not drafts[i].startswith(text)
+
+        got = measurer.answer(s, stop_row=stop_first, rows=first)
+        # judged on the answers, which every rank has (`distributed.sharded` gathers them), not on
+        # FLAGGED, which holds the rows this rank generated: all ranks go on alike; and without their
+        # last word, as STOP judges, since a row that left its draft was cut mid-answer
+        hits = [i for i in first if flagged_so_far(i, got[i])]
+        if len(hits) >= enough:
+            measurer.deciders[s.name] = hits
+            return enough / out_of
+        for i in hits:
+            outputs[i] = got[i]
+    rest = [i for i in range(n) if not outputs[i]]
+    for i, text in enumerate(measurer.answer(s, stop_row=stop, rows=rest)):
+        if i in rest:
+            outputs[i] = text
+    found = flags(outputs, range(n))
+    measurer.deciders[s.name] = [i for i in range(n) if found[i]]
     if enough is not None and len(flagged) >= enough:
         return enough / out_of
-    return rate(flags(outputs, range(len(s.examples)))) or 0.0
+    return rate(found) or 0.0
+
+
+def answered_first(last: list[int], enough: int | None, n: int) -> list[int]:
+    """The ENOUGH rows of N a check answers before the others: the rows that decided the last check
+    (LAST), then the first rows. None when no verdict is asked (ENOUGH None) or it needs every row."""
+    if enough is None or enough >= n:
+        return []
+    picked = [i for i in last if i < n][:enough]
+    return picked + [i for i in range(n) if i not in picked][:enough - len(picked)]

@@ -296,12 +296,17 @@ def tune_allocator(model) -> None:
 
 def _mallopt(option: int, value: int) -> None:
     """glibc's mallopt(OPTION, VALUE); a no-op where libc has none."""
+    _libc_call("mallopt", option, value)
+
+
+def _libc_call(name: str, *args: int) -> None:
+    """libc's function NAME(*ARGS), an allocator setting or hint; a no-op where libc lacks it."""
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(option, value)
+        getattr(libc, name)(*args)
     except (OSError, AttributeError):
         pass
 
@@ -336,6 +341,12 @@ def keep_freed_memory() -> None:
 
 def save_model(model, tokenizer, directory: Path) -> None:
     """Write a plain Hugging Face directory (safetensors only) that from_pretrained loads."""
+    # The file's page cache is new memory for the kernel. Pages a process has just given back cost
+    # far less to hand out again than pages not touched for a while (on this project's 2-core VMs:
+    # 512 MB written in 1.3-1.9 s to a new file, 0.14 s right after another file was deleted). The
+    # heap's free memory, kept for reuse while the run measured (`keep_freed_memory`), is no longer
+    # needed: given back first, it makes the README run's 538 MB model 1.9 -> 0.3 s to write.
+    _libc_call("malloc_trim", 0)
     model.save_pretrained(str(directory), safe_serialization=True)
     tokenizer.save_pretrained(str(directory))
 
