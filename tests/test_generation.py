@@ -234,9 +234,14 @@ def test_parts_give_one_decodes_tokens_scores_and_stop_checks(llama_dir, two_par
     model, tokenizer = load(llama_dir)
     stop_mid_batch(model, tokenizer)
     options = dict(batch_size=len(PROMPTS), max_new_tokens=NEW, desc=False)
-    scored = []
+    scored, widths = [], []
+    batch = generation._greedy_batch
+    monkeypatch.setattr(generation, "_greedy_batch", lambda m, ids, *a, **k: widths.append(ids.shape[1]) or
+                        batch(m, ids, *a, **k))
     outputs = generate(model, tokenizer, PROMPTS, scored=scored, **options)
     assert two_parts == [2] and torch.get_num_threads() == 2  # split, and the thread count restored
+    # each part runs its own prompts' width: the shorter prompts' part none of the longer ones' padding
+    assert len(widths) == 2 and min(widths) < max(widths)
     assert outputs == generate_hf(model, tokenizer, PROMPTS, **options)
     monkeypatch.setattr(generation, "MIN_ROWS_PER_WORKER", 100)  # one decode, for the scores
     one = []
