@@ -105,3 +105,22 @@ def test_process_state_is_fresh_inside_and_restored_after(monkeypatch, tmp_path,
 def test_each_test_has_a_fresh_cache():
     assert not Path(os.environ["UNLEARN_CACHE"]).exists()  # no other test's "last run" pointer
     assert "UNLEARN_MODEL" not in os.environ and "UNLEARN_DEBUG" not in os.environ
+
+
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["run"], 2), (["run", "missing.jsonl", "also-missing.jsonl"], 1)])
+def test_the_command_ends_at_once_with_its_code_streams_and_exit_handlers(tmp_path, argv, code):
+    """`unlearn` (cli.entry) skips the interpreter's teardown: the exit code, everything printed and
+    every exit handler must still be there."""
+    import subprocess
+
+    script = ("import atexit, sys; atexit.register(lambda: print('handler ran', file=sys.stderr)); "
+              f"sys.argv = ['unlearn'] + {argv!r}; print('buffered', end=''); "
+              "from unlearn.cli import entry; entry(); print('after entry')")
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == code
+    assert done.stdout.startswith("buffered") and "after entry" not in done.stdout
+    assert done.stderr.endswith("handler ran\n")
+    assert ("Usage" in done.stdout) == (code == 0)
+    assert code == 0 or len(done.stderr.splitlines()) == 2  # the one error line, then the handler's

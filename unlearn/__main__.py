@@ -1,3 +1,3 @@
-from unlearn.cli import main
+from unlearn.cli import entry
 
-main()
+entry()
