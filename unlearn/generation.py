@@ -15,7 +15,7 @@ differences in how the work is done, not in what is computed:
 - rows that have ended leave the batch, with their keys and values;
 - keys and values go into buffers allocated once (kv_cache.new_cache), not concatenated;
 - on a CPU with T >= 2 torch threads, a batch of at least 4T rows runs as T slices side by
-  side, one thread each (`_greedy_parts`, cpu_parts.py).
+  side, one thread each (`_greedy_parts`, cpu_parts.py), each slice as wide as its own prompts.
 A float32 matmul's result for one row can depend on the shapes around it (MKL/oneDNN pick
 kernels by shape), so an output could differ from `model.generate`'s at a near-tie of two
 logits; none does on the README run's 91 prompts (bench/generation_bench.py counts them)
