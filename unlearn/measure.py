@@ -575,7 +575,7 @@ def _rate_until_verdict(measurer: Measurer, s: EvalSet, flags, enough: int | Non
 
 def answered_first(last: list[int], enough: int | None, n: int) -> list[int]:
     """The ENOUGH rows of N a check answers before the others: the rows that decided the last check
-    (LAST), then the first rows. None when no verdict is asked (ENOUGH None) or it needs every row."""
+    (LAST), then the first rows; none when no verdict is asked (ENOUGH None) or it needs every row."""
     if enough is None or enough >= n:
         return []
     picked = [i for i in last if i < n][:enough]
