@@ -563,9 +563,9 @@ def _rate_until_verdict(measurer: Measurer, s: EvalSet, flags, enough: int | Non
         for i in hits:
             outputs[i] = got[i]
     rest = [i for i in range(n) if not outputs[i]]
-    for i, text in enumerate(measurer.answer(s, stop_row=stop, rows=rest)):
-        if i in rest:
-            outputs[i] = text
+    got = measurer.answer(s, stop_row=stop, rows=rest)
+    for i in rest:
+        outputs[i] = got[i]
     found = flags(outputs, range(n))
     measurer.deciders[s.name] = [i for i in range(n) if found[i]]
     if enough is not None and len(flagged) >= enough:
