@@ -71,6 +71,36 @@ def test_forget_loss_is_minus_nll_and_descending_it_lowers_the_forget_probabilit
     assert p_after < p_before
 
 
+def test_unlikelihood_by_hand_and_its_push_fades_as_the_token_goes():
+    logits, labels = two_rows()
+    # Row A: p = 1/2 then 3/4 -> -log(1/2) and -log(1/4); row B: p = 3/4 -> -log(1/4).
+    a = (math.log(2.0) + math.log(4.0)) / 2
+    b = math.log(4.0)
+    assert float(losses.unlikelihood_loss(logits, labels)) == pytest.approx((a + b) / 2)
+    z = logits.clone().requires_grad_(True)
+    losses.unlikelihood_loss(z, labels).backward()
+    # d(-log(1 - p_y))/dz_y = p_y, over 2 tokens in row A and 2 rows: 3/4 / 2 / 2 at row A's second
+    # position, 1/2 / 2 / 2 at its first: the likelier token gets the larger push (ascent: the smaller).
+    assert float(z.grad[0, 1, 0]) == pytest.approx(0.75 / 4)
+    assert float(z.grad[0, 0, 1]) == pytest.approx(0.5 / 4)
+    ascent = logits.clone().requires_grad_(True)
+    losses.forget_loss(ascent, labels).backward()
+    assert float(ascent.grad[0, 1, 0]) == pytest.approx(0.25 / 4)  # 1 - p_y
+    assert float(z.grad[1, 0].abs().sum()) == 0.0  # row B's prompt position: masked
+
+
+def test_unlikelihood_is_exact_where_p_rounds_to_one():
+    # A margin of 40 nats: p(y) is 1 in float32, log(1 - exp(log p)) would be log 0 = -inf.
+    z = torch.tensor([[[0.0, 40.0], [0.0, 0.0]]], requires_grad=True)
+    labels = torch.tensor([[IGN, 1]])
+    loss = losses.unlikelihood_loss(z, labels)
+    assert float(loss) == pytest.approx(40.0, abs=1e-4)  # -log(1 - p) = log(1 + e^40) ~ 40
+    loss.backward()
+    assert float(z.grad[0, 0, 1]) == pytest.approx(1.0) and float(z.grad[0, 0, 0]) == pytest.approx(-1.0)
+    with pytest.raises(ValueError):
+        losses.unlikelihood_loss(z, torch.full_like(labels, IGN))
+
+
 def test_mismatch_loss_is_plain_nll():
     logits, labels = two_rows()
     assert float(losses.mismatch_loss(logits, labels)) == pytest.approx(float(losses.mean_nll(logits, labels)))

@@ -146,6 +146,8 @@ def test_model_errors_are_one_line(tmp_path, data, cli, model, message):
     (["--lora-targets", "nope"], "no module of this model has that name"),
     (["--repair-steps", "some"], "--repair-steps some: expected auto or a number of steps"),
     (["--repair-steps", "2", "--extra-steps", "1"], "give one"),
+    (["--method", "npo", "--forget-loss", "unlikelihood"], "--forget-loss unlikelihood: only the methods"),
+    (["--stop-margin", "1"], "--stop-margin 1.0: must be in [0, 1)"),
 ])
 def test_usage_errors_exit_2(tmp_path, data, llama_dir, cli, args, message):
     forget, normal, _ = data
@@ -166,6 +168,18 @@ def test_run_variants(tmp_path, data, llama_dir, cli, extra):
     assert (out / "model" / "config.json").is_file()
     assert (report["adapter"] is None) == ("--full" in extra)
     assert report["steps"] >= 1
+
+
+def test_unlikelihood_and_the_stop_margin_are_recorded(tmp_path, data, llama_dir, cli):
+    forget, normal, _ = data
+    out = tmp_path / "out"
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", out, "--json", *FAST,
+                 "--forget-loss", "unlikelihood", "--stop-margin", "0.5")
+    assert result.code == 0, result.err
+    record = json.loads((out / "run.json").read_text())
+    assert record["config"]["forget_loss"] == "unlikelihood" and record["config"]["stop_margin"] == 0.5
+    checked = record["history"][1]  # --check-every 2: the margin is read at step 2
+    assert 0 <= checked["forget_answer_p"] <= 1 and record["history"][1]["forget"] > 0  # -log(1 - p) > 0
 
 
 def test_lora_on_the_upper_layers_is_recorded_and_saved_as_such(tmp_path, data, llama_dir, cli):

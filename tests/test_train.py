@@ -1,5 +1,6 @@
 """train.py: schedule, data order, the loss of each method, reproducibility, the stop rule."""
 
+import math
 import random
 
 import pytest
@@ -49,7 +50,9 @@ def test_batches_cover_every_row_each_epoch_and_are_seeded():
 
 
 @pytest.mark.parametrize("bad", [{"method": "sgd"}, {"lr": 0}, {"batch_size": 0}, {"stop_leak": 2},
-                                 {"forget_weight": -1}, {"schedule": "cosine"}, {"max_length": 4}])
+                                 {"forget_weight": -1}, {"schedule": "cosine"}, {"max_length": 4},
+                                 {"forget_loss": "hinge"}, {"forget_loss": "unlikelihood", "method": "npo"},
+                                 {"stop_margin": 1.0}, {"stop_margin": -0.1}])
 def test_config_validation(bad):
     with pytest.raises(UsageError):
         TrainConfig(**bad).validate()
@@ -166,6 +169,62 @@ def test_the_stop_rules_checks_are_timed_apart_from_training(llama_dir):
     wall = time.perf_counter() - t
     assert result.check_seconds == pytest.approx(0.6, abs=0.1)
     assert result.seconds + result.check_seconds == pytest.approx(wall, abs=0.05)
+
+
+def test_unlikelihood_is_the_forget_term_when_asked(llama_dir):
+    u = unlearner(llama_dir, forget_loss="unlikelihood")
+    rows = {"forget": u.forget[:2]}
+    batch = {k: v for k, v in collate(rows["forget"], u.pad_id).items()}
+    with torch.no_grad():
+        logits = u.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        expected = float(losses.unlikelihood_loss(logits, batch["labels"]))
+        assert u.loss(rows)[1]["forget"] == pytest.approx(expected, rel=1e-5)
+    assert expected > 0  # -log(1 - p) > 0, where ascent's -NLL is < 0
+
+
+def test_stop_margin_waits_until_no_forget_answer_is_likely(llama_dir, monkeypatch):
+    u = unlearner(llama_dir, max_steps=10, check_every=1, stop_margin=0.05)
+    margins = iter([0.5, 0.2, 0.04])
+    monkeypatch.setattr(u, "likeliest_forget_answer", lambda: next(margins))
+    lines, generated = [], []
+
+    def forgotten():  # the greedy check: nothing leaks
+        generated.append(u.step_count)
+        return True, 0.0
+
+    result = train(u, forgotten=forgotten, log=lines.append)
+    assert result.steps == 3 and result.stopped_by == "forgotten"
+    assert [r["forget_answer_p"] for r in result.history] == [0.5, 0.2, 0.04]
+    # the margin is read first: answers are generated only once it is met
+    assert generated == [3] and [r["forget_leak"] for r in result.history] == [None, None, 0.0]
+    assert sum("--stop-margin 0.05" in line for line in lines) == 3
+    # no margin: the first check that finds nothing leaking stops the run, and nothing else is read
+    u = unlearner(llama_dir, max_steps=10, check_every=1)
+    monkeypatch.setattr(u, "likeliest_forget_answer", lambda: pytest.fail("read without --stop-margin"))
+    assert train(u, forgotten=lambda: (True, 0.0)).steps == 1
+
+
+def test_likeliest_forget_answer_is_the_likeliest_rows_response_probability(llama_dir):
+    u = unlearner(llama_dir, forget_tokens="response")  # every response token scored: one run per row
+    for m in lora_modules(u.model).values():  # adapters that change the output
+        torch.nn.init.normal_(m.lora_B, std=0.05)
+    by_hand = []
+    with torch.no_grad():
+        for row in u.forget:  # one row at a time, no padding, no shared prefix: log p of each response token
+            ids = torch.tensor([row["input_ids"]])
+            logp = u.model(input_ids=ids).logits[0].log_softmax(-1)
+            by_hand.append(sum(float(logp[t - 1, row["input_ids"][t]]) for t, label in enumerate(row["labels"])
+                               if label != losses.IGNORE_INDEX))
+    assert u.likeliest_forget_answer() == pytest.approx(math.exp(max(by_hand)), rel=1e-4)
+
+
+def test_the_margin_reads_the_first_run_of_labelled_tokens():
+    from unlearn.train import _first_run_length
+
+    ign = losses.IGNORE_INDEX
+    assert _first_run_length([ign, 5, 6, ign, 7]) == 2  # an answer written twice: its first occurrence
+    assert _first_run_length([ign, ign, 5]) == 1 and _first_run_length([ign, ign]) == 0
+    assert _first_run_length([4, 5, 6]) == 3
 
 
 def test_max_steps_caps_a_run_that_never_forgets(llama_dir):

@@ -100,6 +100,14 @@ def _command_line() -> str:
 @click.option("--forget-tokens", type=click.Choice(["answers", "response"]), default="answers", show_default=True,
               help="Which tokens the forget loss pushes down: for rows with `answers`, only the tokens that spell "
                    "an answer (the fact, not the words around it); or every response token.")
+@click.option("--forget-loss", type=click.Choice(["ascent", "unlikelihood"]), default=None,
+              help="The forget term of ga, ga+mismatch, ga+template and graddiff: ascent, -NLL of the forget tokens "
+                   "(Yao et al.), or unlikelihood, -log(1 - p) per token, whose push fades as a token goes "
+                   "[default: ascent].")
+@click.option("--stop-margin", type=float, default=None,
+              help="The stop rule also waits until no forget row's answer has a probability above this, read "
+                   "teacher-forced (0: off) [default: 0]. Greedy answers that just stopped leaking come back "
+                   "within a few steps of the keep terms; a margin makes the forgetting hold.")
 @click.option("--whole-passage", is_flag=True,
               help="Passages (`text` rows): push down every token after the first word (extraction from any cut "
                    "point), not only the continuation the leak test compares with. On the quality benchmark it "
@@ -218,7 +226,8 @@ def run_command(**o):
     opts = RunOptions(
         forget=Path(o["forget"]), normal=Path(o["normal"]), model=o["model"],
         output=Path(o["output"]) if o["output"] else None, force=o["force"], train=train, lr=o["lr"],
-        stop_leak=o["stop_leak"], extra_steps=o["extra_steps"], repair_steps=o["repair_steps"], lora=lora,
+        stop_leak=o["stop_leak"], extra_steps=o["extra_steps"], forget_loss=o["forget_loss"],
+        stop_margin=o["stop_margin"], repair_steps=o["repair_steps"], lora=lora,
         full=o["full"],
         gradient_checkpointing=o["gradient_checkpointing"], fsdp=o["fsdp"], dtype=o["dtype"], device=o["device"],
         judge=o["judge"], judge_label=o["judge_label"], eval_forget=tuple(Path(p) for p in o["eval_forget"]),

@@ -354,14 +354,22 @@ def response_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], *, bat
     chat template, response tokens only, end-of-turn marker included), sorted
     by length into right-padded batches, and returned in the caller's order.
     """
+    from unlearn.data import encode_pair
+
+    return labelled_logprobs(model, tokenizer, [encode_pair(tokenizer, p, r, max_length) for p, r in pairs],
+                             batch_size=batch_size)
+
+
+def labelled_logprobs(model, tokenizer, features: Sequence[dict], *, batch_size: int = 16) -> list[list[float]]:
+    """log p of every labelled token of FEATURES (`data.encode_pair` rows: all response tokens, or a
+    forget row's answer tokens), per row, in position order; `response_logprobs`' batching."""
     import torch
 
-    from unlearn.data import collate, encode_pair
+    from unlearn.data import collate
     from unlearn.losses import token_logprobs
     from unlearn.kv_cache import cache_argument, new_cache, prefix_applies, run_prefix, shared_length
     from unlearn.train import first_scored_position, forward_logits
 
-    features = [encode_pair(tokenizer, p, r, max_length) for p, r in pairs]
     prefix_ok = prefix_applies(model)
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     result: list[list[float]] = [[] for _ in features]

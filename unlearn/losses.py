@@ -10,6 +10,7 @@ Conventions shared by every function here:
 With NLL(x, y) the mean negative log-likelihood of y's response tokens given x, per sequence,
 then averaged over the sequences of the batch (Yao et al., eq. 1-3):
     forget      L_fgt = -NLL(x_fgt, y_fgt)                      (gradient ascent)
+       or       L_ul  = mean_t -log(1 - p_theta(y_t | x, y_<t))  (unlikelihood, --forget-loss)
     mismatch    L_rdn =  NLL(x_fgt, y_rdn)                      (random or templated answer)
     normal      L_nor =  KL(p_orig(.|x_nor) || p_theta(.|x_nor)) (summed over the vocabulary,
                                                                   averaged over response tokens)
@@ -82,6 +83,30 @@ def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def forget_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """L_fgt = -NLL(x_fgt, y_fgt): minimising it is gradient ascent on the forget responses."""
     return -mean_nll(logits, labels)
+
+
+def unlikelihood_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """L_ul = mean over response tokens of -log(1 - p(y_t)), per sequence, then over the batch's sequences.
+
+    Minimising it pushes the forget tokens down, as ascent does, but with a push that fades as
+    they go: d L_ul / d z_y = p(y), where ascent's d(log p(y)) / d z_y = 1 - p(y) is largest for a
+    token already unlikely. So a row that no longer leaks stops pulling the update, and the keep
+    terms (KL) take over (docs/quality.md, "Unlikelihood").
+
+    log(1 - p(y)) = logsumexp over the other tokens - logsumexp over all: exact when p(y) rounds
+    to 1 in float32 (where log(1 - exp(log p)) would be log 0), and its gradient flows.
+    """
+    logits, targets, mask = _shift(logits, labels)
+    scored = logits[mask].float()  # (response tokens, vocab)
+    others = scored.scatter(-1, targets[mask].unsqueeze(-1), float("-inf"))
+    per_token = torch.logsumexp(scored, dim=-1) - torch.logsumexp(others, dim=-1)  # -log(1 - p)
+    per_row = per_token.new_zeros(mask.shape)
+    per_row[mask] = per_token
+    count = mask.sum(dim=1)
+    valid = count > 0
+    if not valid.any():
+        raise ValueError("no response tokens in this batch (is --max-length too small?)")
+    return (per_row.sum(dim=1)[valid] / count[valid]).mean()
 
 
 def mismatch_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

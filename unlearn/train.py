@@ -83,6 +83,12 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def _first_run_length(labels) -> int:
+    """How many labelled tokens LABELS' first run of consecutive labelled positions holds."""
+    positions = [t for t, label in enumerate(labels) if label != losses.IGNORE_INDEX]
+    return next((k for k in range(1, len(positions)) if positions[k] != positions[0] + k), len(positions))
+
+
 class Batches:
     """An endless, seeded stream of shuffled index batches over N examples (epoch after epoch)."""
 
@@ -320,6 +326,23 @@ class Unlearner:
             answer = self.normal_responses[self.rng.randrange(len(self.normal_responses))]
         return encode_pair(self.tokenizer, self.forget_prompts[forget_index], answer, self.config.max_length)
 
+    def likeliest_forget_answer(self) -> float:
+        """The stop rule's margin (--stop-margin): the highest probability, over the forget rows, of the
+        first run of each row's scored tokens (its answer's first occurrence, a passage's continuation)
+        given the tokens before it, teacher-forced, with the weights as they are now.
+
+        A greedy check reads only whether an answer is still the likeliest continuation; one that has
+        just stopped being it comes back within a few steps once the forget push fades (unlikelihood)
+        and the keep terms pull back (docs/quality.md, "Unlikelihood"). A stop condition, not a result.
+        """
+        from unlearn.evaluate import labelled_logprobs
+
+        # with the scorer's batching: 16 rows a forward, the chat template's shared prefix run once
+        scored = labelled_logprobs(self.forward_model, self.tokenizer, self.forget)
+        worst = max((math.exp(sum(lp[:_first_run_length(row["labels"])])) for lp, row in zip(scored, self.forget)
+                     if lp), default=0.0)  # a row truncated to no scored token has no answer to read
+        return distributed.broadcast(worst)  # every rank ran the forwards (FSDP needs them all); rank 0's holds
+
     def _rows(self) -> dict[str, list[dict]]:
         method = self.config.method
         forget_idx = self.forget_batches.next()
@@ -460,8 +483,9 @@ class Unlearner:
                          losses.npo_loss(losses.sequence_logprob(logits, labels),
                                          self._original_sequence_logprobs(batch, start, labels), config.npo_beta))]
             # Under torchrun, means over a varying number of rows / tokens are made global (distributed.py).
+            forget_loss = losses.unlikelihood_loss if config.forget_loss == "unlikelihood" else losses.forget_loss
             return [("forget", config.forget_weight, "rows",
-                     distributed.global_mean(lambda: losses.forget_loss(logits, labels), labels, "rows", logits))]
+                     distributed.global_mean(lambda: forget_loss(logits, labels), labels, "rows", logits))]
         if name == "mismatch":
             return [("mismatch", config.mismatch_weight, "rows",
                      distributed.global_mean(lambda: losses.mismatch_loss(logits, labels), labels, "rows", logits))]
@@ -739,9 +763,20 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                 if forgotten is not None and due and (stopped_by == "max_steps" or repairing):
                     step = unlearner.step_count
                     t = time.perf_counter()
-                    done, leak = forgotten()
+                    # --stop-margin first: one forward over the forget rows, where the greedy check
+                    # generates; while an answer is likelier than the margin the run is not done anyway.
+                    likeliest = unlearner.likeliest_forget_answer() if config.stop_margin else None
+                    if likeliest is not None and likeliest > config.stop_margin:
+                        done, leak = False, None
+                    else:
+                        done, leak = forgotten()
                     check_seconds += time.perf_counter() - t
                     record["forget_leak"] = leak
+                    if likeliest is not None:
+                        record["forget_answer_p"] = likeliest
+                        if log:
+                            log(f"step {step}: the likeliest forget answer has p = {likeliest:.3f} (a stop condition: "
+                                f"--stop-margin {config.stop_margin:g}){'' if leak is not None else '; not generated'}")
                     note = ""
                     if repairing:
                         phase.checked(step, done)
@@ -759,7 +794,7 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                         else:
                             stop_at = min(config.max_steps, step + config.extra_steps)
                     unlearner.keep_terms_only = repair.next_step_keeps_only(phase)
-                    if log:  # a check that is not done ended at its verdict: its rate is a lower bound
+                    if log and leak is not None:  # a check that is not done ended at its verdict: a lower bound
                         log(f"step {step}: forget leak rate {'≥ ' if not done and leak < 1 else ''}{leak:.2f}{note}")
                 saved = None
                 if checkpoint is not None and save_every and unlearner.step_count % save_every == 0:
