@@ -107,7 +107,8 @@ def _command_line() -> str:
 @click.option("--stop-margin", type=float, default=None,
               help="The stop rule also waits until no forget row's answer has a probability above this, read "
                    "teacher-forced (0: off) [default: 0]. Greedy answers that just stopped leaking come back "
-                   "within a few steps of the keep terms; a margin makes the forgetting hold.")
+                   "within a few steps of the keep terms; a margin makes the forgetting hold. A margin that no "
+                   "step meets runs the rule on to --max-steps.")
 @click.option("--whole-passage", is_flag=True,
               help="Passages (`text` rows): push down every token after the first word (extraction from any cut "
                    "point), not only the continuation the leak test compares with. On the quality benchmark it "
