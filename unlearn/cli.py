@@ -100,13 +100,12 @@ def _command_line() -> str:
 @click.option("--forget-tokens", type=click.Choice(["answers", "response"]), default="answers", show_default=True,
               help="Which tokens the forget loss pushes down: for rows with `answers`, only the tokens that spell "
                    "an answer (the fact, not the words around it); or every response token.")
-@click.option("--forget-loss", type=click.Choice(["ascent", "unlikelihood"]), default=None,
+@click.option("--forget-loss", type=click.Choice(["ascent", "unlikelihood"]), default="ascent", show_default=True,
               help="The forget term of ga, ga+mismatch, ga+template and graddiff: ascent, -NLL of the forget tokens "
-                   "(Yao et al.), or unlikelihood, -log(1 - p) per token, whose push fades as a token goes "
-                   "[default: ascent].")
-@click.option("--stop-margin", type=float, default=None,
+                   "(Yao et al.), or unlikelihood, -log(1 - p) per token, whose push fades as a token goes.")
+@click.option("--stop-margin", type=float, default=0.0, show_default=True,
               help="The stop rule also waits until no forget row's answer has a probability above this, read "
-                   "teacher-forced (0: off) [default: 0]. Greedy answers that just stopped leaking come back "
+                   "teacher-forced (0: off). Greedy answers that just stopped leaking come back "
                    "within a few steps of the keep terms; a margin makes the forgetting hold. A margin that no "
                    "step meets runs the rule on to --max-steps.")
 @click.option("--whole-passage", is_flag=True,
@@ -221,14 +220,14 @@ def run_command(**o):
         max_grad_norm=o["max_grad_norm"], max_length=o["max_length"], seed=o["seed"],
         check_every=o["check_every"], template=o["template"], npo_beta=o["npo_beta"],
         forget_tokens=o["forget_tokens"], rmu_layer=o["rmu_layer"], rmu_scale=o["rmu_scale"],
-        whole_passage=o["whole_passage"], stop_probes=o["stop_probes"], protect=o["protect"])
+        whole_passage=o["whole_passage"], stop_probes=o["stop_probes"], protect=o["protect"],
+        forget_loss=o["forget_loss"], stop_margin=o["stop_margin"])
     lora = LoraSettings(o["lora_rank"], o["lora_alpha"], o["lora_dropout"], layers=o["lora_layers"],
                         **({"targets": _split_targets(o["lora_targets"])} if o["lora_targets"] else {}))
     opts = RunOptions(
         forget=Path(o["forget"]), normal=Path(o["normal"]), model=o["model"],
         output=Path(o["output"]) if o["output"] else None, force=o["force"], train=train, lr=o["lr"],
-        stop_leak=o["stop_leak"], extra_steps=o["extra_steps"], forget_loss=o["forget_loss"],
-        stop_margin=o["stop_margin"], repair_steps=o["repair_steps"], lora=lora,
+        stop_leak=o["stop_leak"], extra_steps=o["extra_steps"], repair_steps=o["repair_steps"], lora=lora,
         full=o["full"],
         gradient_checkpointing=o["gradient_checkpointing"], fsdp=o["fsdp"], dtype=o["dtype"], device=o["device"],
         judge=o["judge"], judge_label=o["judge_label"], eval_forget=tuple(Path(p) for p in o["eval_forget"]),

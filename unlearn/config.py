@@ -188,8 +188,6 @@ class RunOptions:
     lr: float | None = None  # None: LR_LORA, LR_RMU for rmu, or LR_FULL with --full (then copied into train.lr)
     stop_leak: float | None = None  # None: 0, or ULMR_STOP_LEAK for ulmr
     extra_steps: int | None = None  # None: 0, or ULMR_EXTRA_STEPS for ulmr
-    forget_loss: str | None = None  # None: the method's (PER_METHOD), else "ascent"
-    stop_margin: float | None = None  # None: the method's (PER_METHOD), else 0 (off)
     repair_steps: str | None = None  # "auto", a number, or None: auto for REPAIR_METHODS (without --extra-steps), else 0
     lora: LoraSettings = field(default_factory=LoraSettings)
     full: bool = False
@@ -252,9 +250,7 @@ class RunOptions:
             stop_leak=self.stop_leak if self.stop_leak is not None else (ULMR_STOP_LEAK if ulmr else
                                                                         self.train.stop_leak),
             extra_steps=self.extra_steps if self.extra_steps is not None else (ULMR_EXTRA_STEPS if ulmr else
-                                                                               self.train.extra_steps),
-            forget_loss=self.forget_loss if self.forget_loss is not None else own.get("forget_loss", "ascent"),
-            stop_margin=self.stop_margin if self.stop_margin is not None else own.get("stop_margin", 0.0))
+                                                                               self.train.extra_steps))
         train = replace(train, repair_steps=self._repair_steps(train))
         train.validate()
         if self.adapters:

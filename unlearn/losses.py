@@ -71,13 +71,21 @@ def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     Averaging per sequence first gives every example the same weight, whatever its length.
     """
-    nll = sequence_nll(logits, labels)
-    # Rows without response tokens are left out; a NaN from the logits themselves (a diverged
-    # model) stays in, so that the training loop sees it and stops.
-    valid = _shift(logits, labels)[2].any(dim=1)
+    picked, mask = token_logprobs(logits, labels)
+    return _mean_of_row_means(-picked, mask)
+
+
+def _mean_of_row_means(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """VALUES (batch, seq; 0 outside MASK) averaged over each row's MASK positions, then over the rows.
+
+    Rows without response tokens are left out; a NaN from the logits themselves (a diverged
+    model) stays in, so that the training loop sees it and stops.
+    """
+    count = mask.sum(dim=1)
+    valid = count > 0
     if not valid.any():
         raise ValueError("no response tokens in this batch (is --max-length too small?)")
-    return nll[valid].mean()
+    return (values.sum(dim=1)[valid] / count[valid]).mean()
 
 
 def forget_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -100,13 +108,9 @@ def unlikelihood_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     scored = logits[mask].float()  # (response tokens, vocab)
     others = scored.scatter(-1, targets[mask].unsqueeze(-1), float("-inf"))
     per_token = torch.logsumexp(scored, dim=-1) - torch.logsumexp(others, dim=-1)  # -log(1 - p)
-    per_row = per_token.new_zeros(mask.shape)
-    per_row[mask] = per_token
-    count = mask.sum(dim=1)
-    valid = count > 0
-    if not valid.any():
-        raise ValueError("no response tokens in this batch (is --max-length too small?)")
-    return (per_row.sum(dim=1)[valid] / count[valid]).mean()
+    per_position = per_token.new_zeros(mask.shape)
+    per_position[mask] = per_token
+    return _mean_of_row_means(per_position, mask)
 
 
 def mismatch_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
