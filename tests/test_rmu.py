@@ -169,7 +169,7 @@ def test_rmu_learning_rate_default_and_explicit_lr():
     def lr(method, **kw):
         return RunOptions(Path("f"), Path("n"), train=TrainConfig(method=method), **kw).resolved().train.lr
 
-    assert lr("rmu") == LR_RMU == 5e-3 and lr("ga") == LR_LORA
+    assert lr("rmu") == LR_RMU == 5e-3 and lr("npo") == LR_LORA and lr("ga") == 2e-3  # ga's: PER_METHOD
     assert lr("rmu", lr=1e-4) == 1e-4 and lr("rmu", full=True) == 1e-5
 
 

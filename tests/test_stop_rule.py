@@ -89,3 +89,22 @@ def test_without_stop_probes_or_probes_the_forget_check_decides(monkeypatch):
 def test_stop_probes_must_be_a_share():
     with pytest.raises(UsageError, match="--stop-probes 1.5"):
         RunOptions(forget="f", normal="n", train=TrainConfig(stop_probes=1.5)).resolved()
+
+
+def test_a_methods_own_forget_loss_margin_and_rate_fill_only_what_is_not_given(monkeypatch):
+    from pathlib import Path
+
+    from unlearn import config
+
+    monkeypatch.setitem(config.PER_METHOD, "graddiff", {"forget_loss": "unlikelihood", "stop_margin": 0.1,
+                                                        "lr": 3e-3})
+
+    def resolved(method, **kw):
+        opts = RunOptions(Path("f"), Path("n"), train=TrainConfig(method=method), **kw).resolved()
+        assert (opts.forget_loss, opts.stop_margin) == (opts.train.forget_loss, opts.train.stop_margin)
+        return opts.train.forget_loss, opts.train.stop_margin, opts.train.lr
+
+    assert resolved("graddiff") == ("unlikelihood", 0.1, 3e-3)
+    assert resolved("graddiff", forget_loss="ascent", stop_margin=0.0, lr=1e-4) == ("ascent", 0.0, 1e-4)
+    assert resolved("graddiff", full=True)[2] == 1e-5  # --full's rate, not the method's LoRA rate
+    assert resolved("npo") == ("ascent", 0.0, 1e-3)  # a method without its own: TrainConfig's

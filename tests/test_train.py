@@ -185,7 +185,7 @@ def test_unlikelihood_is_the_forget_term_when_asked(llama_dir):
 def test_stop_margin_waits_until_no_forget_answer_is_likely(llama_dir, monkeypatch):
     u = unlearner(llama_dir, max_steps=10, check_every=1, stop_margin=0.05)
     margins = iter([0.5, 0.2, 0.04])
-    monkeypatch.setattr(u, "likeliest_forget_answer", lambda: next(margins))
+    monkeypatch.setattr(u, "likeliest_forget_answer", lambda above: (next(margins), True))
     lines, generated = [], []
 
     def forgotten():  # the greedy check: nothing leaks
@@ -198,10 +198,31 @@ def test_stop_margin_waits_until_no_forget_answer_is_likely(llama_dir, monkeypat
     # the margin is read first: answers are generated only once it is met
     assert generated == [3] and [r["forget_leak"] for r in result.history] == [None, None, 0.0]
     assert sum("--stop-margin 0.05" in line for line in lines) == 3
+    # each failed margin doubles the forget term's weight for the steps after it; a met one keeps it
+    assert [r["forget_scale"] for r in result.history] == [2.0, 4.0, 4.0] and u.forget_scale == 4.0
     # no margin: the first check that finds nothing leaking stops the run, and nothing else is read
     u = unlearner(llama_dir, max_steps=10, check_every=1)
-    monkeypatch.setattr(u, "likeliest_forget_answer", lambda: pytest.fail("read without --stop-margin"))
+    monkeypatch.setattr(u, "likeliest_forget_answer", lambda above: pytest.fail("read without --stop-margin"))
     assert train(u, forgotten=lambda: (True, 0.0)).steps == 1
+
+
+def test_the_margins_multiplier_weighs_the_forget_term_and_is_capped_and_saved(llama_dir, monkeypatch):
+    from unlearn.train import MAX_FORGET_SCALE
+
+    u = unlearner(llama_dir, forget_loss="unlikelihood", forget_weight=0.5, normal_weight=0.0)
+    rows = {"forget": u.forget[:2]}
+    total, terms = u.loss(rows)
+    u.forget_scale = 8.0
+    scaled, terms8 = u.loss(rows)
+    assert terms8["forget"] == pytest.approx(terms["forget"], rel=1e-6)  # the term itself is unchanged
+    assert total.item() == pytest.approx(0.5 * terms["forget"], rel=1e-5)
+    assert scaled.item() == pytest.approx(0.5 * 8 * terms["forget"], rel=1e-5)
+    assert u.state_dict()["forget_scale"] == 8.0  # a resumed run goes on with the same weight
+    # a margin never met: the multiplier stops at its cap
+    u = unlearner(llama_dir, max_steps=12, check_every=1, stop_margin=0.05)
+    monkeypatch.setattr(u, "likeliest_forget_answer", lambda above: (0.9, False))
+    result = train(u, forgotten=lambda: pytest.fail("generated before the margin was met"))
+    assert result.stopped_by == "max_steps" and u.forget_scale == MAX_FORGET_SCALE == 2.0 ** 10
 
 
 def test_likeliest_forget_answer_is_the_likeliest_rows_response_probability(llama_dir):
@@ -215,7 +236,19 @@ def test_likeliest_forget_answer_is_the_likeliest_rows_response_probability(llam
             logp = u.model(input_ids=ids).logits[0].log_softmax(-1)
             by_hand.append(sum(float(logp[t - 1, row["input_ids"][t]]) for t, label in enumerate(row["labels"])
                                if label != losses.IGNORE_INDEX))
-    assert u.likeliest_forget_answer() == pytest.approx(math.exp(max(by_hand)), rel=1e-4)
+    worst = max(range(len(by_hand)), key=by_hand.__getitem__)
+    p, exact = u.likeliest_forget_answer(above=0.0)
+    assert exact and p == pytest.approx(math.exp(by_hand[worst]), rel=1e-4)
+    # the next read starts from that row; above the margin, it is the only row read (a lower bound)
+    read = []
+    original = u._answer_probabilities
+    u._answer_probabilities = lambda indices: read.append(list(indices)) or original(indices)
+    p, exact = u.likeliest_forget_answer(above=0.0)
+    assert not exact and read == [[worst]] and p == pytest.approx(math.exp(by_hand[worst]), rel=1e-4)
+    read.clear()  # under the margin: every other row is read too, and the value is exact again
+    p, exact = u.likeliest_forget_answer(above=1.0)
+    assert exact and read == [[worst], [i for i in range(len(by_hand)) if i != worst]]
+    assert p == pytest.approx(math.exp(by_hand[worst]), rel=1e-4)
 
 
 def test_the_margin_reads_the_first_run_of_labelled_tokens():

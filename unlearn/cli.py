@@ -76,7 +76,8 @@ def _command_line() -> str:
                    "pulled onto a random vector, the other rows' held at the original's.")
 @click.option("-o", "--output", default=None, help="Output directory [default: runs/<timestamp>].")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
-@click.option("--lr", type=float, default=None, help="Learning rate [default: 1e-3 with LoRA (rmu: 5e-3), 1e-5 with --full].")
+@click.option("--lr", type=float, default=None,
+              help="Learning rate [default: 1e-3 with LoRA (ga: 2e-3, rmu: 5e-3), 1e-5 with --full].")
 @click.option("--batch-size", type=int, default=4, show_default=True,
               help="Forget (and normal) rows per micro-batch; under torchrun, in all (each process takes a share).")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimiser step.")
@@ -100,14 +101,16 @@ def _command_line() -> str:
 @click.option("--forget-tokens", type=click.Choice(["answers", "response"]), default="answers", show_default=True,
               help="Which tokens the forget loss pushes down: for rows with `answers`, only the tokens that spell "
                    "an answer (the fact, not the words around it); or every response token.")
-@click.option("--forget-loss", type=click.Choice(["ascent", "unlikelihood"]), default="ascent", show_default=True,
+@click.option("--forget-loss", type=click.Choice(["ascent", "unlikelihood"]), default=None,
               help="The forget term of ga, ga+mismatch, ga+template and graddiff: ascent, -NLL of the forget tokens "
-                   "(Yao et al.), or unlikelihood, -log(1 - p) per token, whose push fades as a token goes.")
-@click.option("--stop-margin", type=float, default=0.0, show_default=True,
+                   "(Yao et al.), or unlikelihood, -log(1 - p) per token, whose push fades as a token goes "
+                   "[default: unlikelihood for ga, else ascent].")
+@click.option("--stop-margin", type=float, default=None,
               help="The stop rule also waits until no forget row's answer has a probability above this, read "
                    "teacher-forced (0: off). Greedy answers that just stopped leaking come back "
-                   "within a few steps of the keep terms; a margin makes the forgetting hold. A margin that no "
-                   "step meets runs the rule on to --max-steps.")
+                   "within a few steps of the keep terms; a margin makes the forgetting hold. Each check it "
+                   "fails doubles the forget term's weight (up to 1024x), so a row cannot stall the run "
+                   "[default: 0.05 for ga, else 0].")
 @click.option("--whole-passage", is_flag=True,
               help="Passages (`text` rows): push down every token after the first word (extraction from any cut "
                    "point), not only the continuation the leak test compares with. On the quality benchmark it "
@@ -220,13 +223,13 @@ def run_command(**o):
         max_grad_norm=o["max_grad_norm"], max_length=o["max_length"], seed=o["seed"],
         check_every=o["check_every"], template=o["template"], npo_beta=o["npo_beta"],
         forget_tokens=o["forget_tokens"], rmu_layer=o["rmu_layer"], rmu_scale=o["rmu_scale"],
-        whole_passage=o["whole_passage"], stop_probes=o["stop_probes"], protect=o["protect"],
-        forget_loss=o["forget_loss"], stop_margin=o["stop_margin"])
+        whole_passage=o["whole_passage"], stop_probes=o["stop_probes"], protect=o["protect"])
     lora = LoraSettings(o["lora_rank"], o["lora_alpha"], o["lora_dropout"], layers=o["lora_layers"],
                         **({"targets": _split_targets(o["lora_targets"])} if o["lora_targets"] else {}))
     opts = RunOptions(
         forget=Path(o["forget"]), normal=Path(o["normal"]), model=o["model"],
         output=Path(o["output"]) if o["output"] else None, force=o["force"], train=train, lr=o["lr"],
+        forget_loss=o["forget_loss"], stop_margin=o["stop_margin"],
         stop_leak=o["stop_leak"], extra_steps=o["extra_steps"], repair_steps=o["repair_steps"], lora=lora,
         full=o["full"],
         gradient_checkpointing=o["gradient_checkpointing"], fsdp=o["fsdp"], dtype=o["dtype"], device=o["device"],

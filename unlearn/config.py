@@ -55,7 +55,13 @@ NORMAL_WEIGHT = 10.0
 # split", setting G: selection score 0.644, forget leak 0.04): the probes trained on at the retain
 # weight of 10 (at 25 and more it no longer forgot `capitals` in 60 steps), and the normal KL at 50
 # (at 10, setting A, it took every how-to answer of `harmful` along: unrelated kept 0.33).
-PER_METHOD = {"rmu": {"retain_weight_with_probes": 10.0, "normal_weight": 50.0}}
+# ga's forget term is the unlikelihood loss, its stop rule waits for the margin 0.05 (doubling the forget
+# weight at each check that fails it), at the LoRA rate 2e-3: on the dev split the selection score went
+# 0.7515 -> 0.782, mean forget leak 0.054 -> 0.044. At 1e-3 it scored 0.840 but took 7-10 steps of the
+# README command against 4; at 2e-3 it takes 4 (docs/quality.md, "The margin's forget weight, and a rate
+# to pay for it").
+PER_METHOD = {"rmu": {"retain_weight_with_probes": 10.0, "normal_weight": 50.0},
+              "ga": {"forget_loss": "unlikelihood", "stop_margin": 0.05, "lr": 2e-3}}
 # The methods whose runs repair by default (--repair-steps auto: repair.py). None: on the dev split the
 # repair won for `ga` (selection score 0.788 against 0.7515, forget leak 0.008 against 0.054) but made the
 # README command ~40 % slower (8 steps instead of 4), and a default must leave it no slower
@@ -114,9 +120,7 @@ class TrainConfig:
     # graddiff): "ascent", -NLL (Yao et al.), or "unlikelihood", -log(1 - p) per token (losses.py).
     # When above 0, the stop rule also waits until no forget row's answer has a probability above
     # stop_margin (teacher-forced: `Unlearner.likeliest_forget_answer`); a stop condition, not a result.
-    # Neither is a default: together (unlikelihood, margin 0.05) they scored 0.840 against 0.7515 on the
-    # dev split, and made the README command 52 % slower, 10 steps against 4 (docs/quality.md,
-    # "Unlikelihood, and a margin for the stop rule").
+    # Both are ga's default (PER_METHOD); the other methods keep ascent and no margin, not measured with them.
     forget_loss: str = "ascent"
     stop_margin: float = 0.0
     # Passages: the forget loss on every token after the first word (data.forget_pair), not only on
@@ -185,7 +189,9 @@ class RunOptions:
     output: Path | None = None
     force: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
-    lr: float | None = None  # None: LR_LORA, LR_RMU for rmu, or LR_FULL with --full (then copied into train.lr)
+    lr: float | None = None  # None: the method's LoRA rate (PER_METHOD, else LR_LORA; LR_RMU for rmu), or LR_FULL with --full
+    forget_loss: str | None = None  # None: the method's (PER_METHOD), else train.forget_loss; copied into train
+    stop_margin: float | None = None  # None: the method's (PER_METHOD), else train.stop_margin; copied into train
     stop_leak: float | None = None  # None: 0, or ULMR_STOP_LEAK for ulmr
     extra_steps: int | None = None  # None: 0, or ULMR_EXTRA_STEPS for ulmr
     repair_steps: str | None = None  # "auto", a number, or None: auto for REPAIR_METHODS (without --extra-steps), else 0
@@ -246,7 +252,12 @@ class RunOptions:
             normal_weight=self.normal_weight if self.normal_weight is not None else own.get("normal_weight",
                                                                                               NORMAL_WEIGHT),
             lr=self.lr if self.lr is not None else (LR_FULL if self.full else
-                                                    LR_RMU if self.train.method == "rmu" else self.train.lr),
+                                                    LR_RMU if self.train.method == "rmu" else
+                                                    own.get("lr", self.train.lr)),
+            forget_loss=self.forget_loss if self.forget_loss is not None else own.get("forget_loss",
+                                                                                      self.train.forget_loss),
+            stop_margin=self.stop_margin if self.stop_margin is not None else own.get("stop_margin",
+                                                                                      self.train.stop_margin),
             stop_leak=self.stop_leak if self.stop_leak is not None else (ULMR_STOP_LEAK if ulmr else
                                                                         self.train.stop_leak),
             extra_steps=self.extra_steps if self.extra_steps is not None else (ULMR_EXTRA_STEPS if ulmr else
@@ -277,7 +288,8 @@ class RunOptions:
         if self.augmented is not None and not ulmr:
             raise UsageError("--augmented is ULMR's training data: use it with --method ulmr")
         return replace(self, train=train, retain_probes=retain_probes, retain_weight=train.retain_weight,
-                       normal_weight=train.normal_weight, alpha=self._alpha(ulmr, parse_alphas),
+                       normal_weight=train.normal_weight, forget_loss=train.forget_loss,
+                       stop_margin=train.stop_margin, alpha=self._alpha(ulmr, parse_alphas),
                        alpha_grid=self.alpha_grid or AUTO_GRID)
 
     @property

@@ -51,6 +51,12 @@ from unlearn.lora import adapters_disabled, lora_modules
 from unlearn.reference_cache import ReferenceLogits
 from unlearn.spans import row_answers
 
+# --stop-margin doubles the forget term's weight at each check the margin fails: ten failed checks
+# reach this cap, where the keep terms weigh ~1/1000 as much as at the start. A cap, not a setting:
+# Adam's step size does not grow with the loss's scale, only the forget term's share of the direction.
+MAX_FORGET_SCALE = 1024.0
+
+
 class NonFiniteLoss(UnlearnError):
     """A loss or gradient norm became nan or inf; the update was not applied."""
 
@@ -240,6 +246,11 @@ class Unlearner:
         # A repair step (repair.py) trains the keep terms alone: the normal rows' KL (graddiff: their
         # likelihood) and the retain rows' KL. Set by `train` from the stop rule's last check.
         self.keep_terms_only = False
+        # --stop-margin's multiplier on the forget term's weight: doubled at each check the margin
+        # fails (`train`), so a row held where the fading push of unlikelihood meets the keep terms'
+        # pull is pushed harder until it goes, instead of stalling the run to --max-steps.
+        self.forget_scale = 1.0
+        self._likeliest_row: int | None = None  # the forget row the margin found likeliest last (its first read)
 
     @property
     def has_keep_terms(self) -> bool:
@@ -281,6 +292,7 @@ class Unlearner:
             "param_order": list(params),
             "step": self.step_count,
             "tokens": distributed.total(self.tokens),
+            "forget_scale": self.forget_scale,
         }
 
     def load_state_dict(self, state: dict, where: str = "the checkpoint") -> None:
@@ -315,6 +327,7 @@ class Unlearner:
         if self.reference_cache is not None:  # the resumed run groups its reference forwards as before
             self.reference_cache.groups = {k: [list(g) for g in v] for k, v in state.get("reference_groups", {}).items()}
         self.step_count = int(state["step"])
+        self.forget_scale = float(state.get("forget_scale", 1.0))
         self.tokens = int(state["tokens"]) if distributed.world().is_main else 0  # summed over ranks at the end
 
     # --- building the rows of one micro-batch -------------------------------
@@ -326,7 +339,7 @@ class Unlearner:
             answer = self.normal_responses[self.rng.randrange(len(self.normal_responses))]
         return encode_pair(self.tokenizer, self.forget_prompts[forget_index], answer, self.config.max_length)
 
-    def likeliest_forget_answer(self) -> float:
+    def likeliest_forget_answer(self, above: float | None = None) -> tuple[float, bool]:
         """The stop rule's margin (--stop-margin): the highest probability, over the forget rows, of the
         first run of each row's scored tokens (its answer's first occurrence, a passage's continuation)
         given the tokens before it, teacher-forced, with the weights as they are now.
@@ -334,14 +347,32 @@ class Unlearner:
         A greedy check reads only whether an answer is still the likeliest continuation; one that has
         just stopped being it comes back within a few steps once the forget push fades (unlikelihood)
         and the keep terms pull back (docs/quality.md, "Unlikelihood"). A stop condition, not a result.
+
+        Returns (p, exact). With ABOVE, the row that was the likeliest at the last read goes first,
+        alone: if its p is above ABOVE, the verdict is known and the other rows are not read (p is
+        then a lower bound, exact False). Most checks fail on that row, for a fourteenth of the forwards.
         """
+        first = self._likeliest_row if above is not None and len(self.forget) > 1 else None
+        if first is not None:
+            p = distributed.broadcast(self._answer_probabilities([first])[0])
+            if p > above:
+                return p, False
+        rest = [i for i in range(len(self.forget)) if i != first]
+        probabilities = dict(zip(rest, self._answer_probabilities(rest)))
+        if first is not None:
+            probabilities[first] = p
+        self._likeliest_row = max(probabilities, key=probabilities.get)
+        # every rank ran the forwards (FSDP needs them all); rank 0's value holds
+        return distributed.broadcast(probabilities[self._likeliest_row]), True
+
+    def _answer_probabilities(self, indices: list[int]) -> list[float]:
+        """p of the first run of scored tokens of the forget rows INDICES (0 for a row truncated to none)."""
         from unlearn.evaluate import labelled_logprobs
 
+        rows = [self.forget[i] for i in indices]
         # with the scorer's batching: 16 rows a forward, the chat template's shared prefix run once
-        scored = labelled_logprobs(self.forward_model, self.tokenizer, self.forget)
-        worst = max((math.exp(sum(lp[:_first_run_length(row["labels"])])) for lp, row in zip(scored, self.forget)
-                     if lp), default=0.0)  # a row truncated to no scored token has no answer to read
-        return distributed.broadcast(worst)  # every rank ran the forwards (FSDP needs them all); rank 0's holds
+        scored = labelled_logprobs(self.forward_model, self.tokenizer, rows)
+        return [math.exp(sum(lp[:_first_run_length(row["labels"])])) if lp else 0.0 for lp, row in zip(scored, rows)]
 
     def _rows(self) -> dict[str, list[dict]]:
         method = self.config.method
@@ -448,7 +479,7 @@ class Unlearner:
         refuses rmu under torchrun), so these means are the batch's own.
         """
         config = self.config
-        weights = {"forget": config.forget_weight, "normal": config.normal_weight, "retain": config.retain_weight}
+        weights = {"forget": self.forget_weight, "normal": config.normal_weight, "retain": config.retain_weight}
         terms, total = {}, None
         for name, group in rows.items():
             batch = {k: v.to(self.device) for k, v in collate(group, self.pad_id).items()}
@@ -463,6 +494,11 @@ class Unlearner:
             terms[f"rmu_{name}"] = term
             total = weights[name] * term if total is None else total + weights[name] * term
         return total, {k: float(v.detach()) for k, v in terms.items()}
+
+    @property
+    def forget_weight(self) -> float:
+        """The forget term's weight this step: --forget-weight times --stop-margin's multiplier."""
+        return self.config.forget_weight * self.forget_scale
 
     def _group_terms(self, name: str, logits, labels, batch: dict, start: int) -> list[tuple[str, float, str, torch.Tensor]]:
         """The loss terms one group's logits give: (term, weight, unit, value) each.
@@ -479,12 +515,12 @@ class Unlearner:
             if method == "npo":
                 # A mean over every row of this rank's share, and every rank has the same number of rows
                 # (--batch-size divides evenly), so the mean over ranks is already the global mean.
-                return [("npo", config.forget_weight, "all rows",
+                return [("npo", self.forget_weight, "all rows",
                          losses.npo_loss(losses.sequence_logprob(logits, labels),
                                          self._original_sequence_logprobs(batch, start, labels), config.npo_beta))]
             # Under torchrun, means over a varying number of rows / tokens are made global (distributed.py).
             forget_loss = losses.unlikelihood_loss if config.forget_loss == "unlikelihood" else losses.forget_loss
-            return [("forget", config.forget_weight, "rows",
+            return [("forget", self.forget_weight, "rows",
                      distributed.global_mean(lambda: forget_loss(logits, labels), labels, "rows", logits))]
         if name == "mismatch":
             return [("mismatch", config.mismatch_weight, "rows",
@@ -763,20 +799,26 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                 if forgotten is not None and due and (stopped_by == "max_steps" or repairing):
                     step = unlearner.step_count
                     t = time.perf_counter()
-                    # --stop-margin first: one forward over the forget rows, where the greedy check
-                    # generates; while an answer is likelier than the margin the run is not done anyway.
-                    likeliest = unlearner.likeliest_forget_answer() if config.stop_margin else None
+                    # --stop-margin first: forwards over the forget rows (the last likeliest row alone first),
+                    # where the greedy check generates; while an answer is likelier than the margin the run
+                    # is not done anyway.
+                    likeliest, exact = (unlearner.likeliest_forget_answer(above=config.stop_margin)
+                                        if config.stop_margin else (None, True))
                     if likeliest is not None and likeliest > config.stop_margin:
                         done, leak = False, None
+                        # dual ascent on the margin's constraint: the forget term weighs more until it holds
+                        unlearner.forget_scale = min(unlearner.forget_scale * 2, MAX_FORGET_SCALE)
                     else:
                         done, leak = forgotten()
                     check_seconds += time.perf_counter() - t
                     record["forget_leak"] = leak
                     if likeliest is not None:
-                        record["forget_answer_p"] = likeliest
+                        record["forget_answer_p"] = likeliest  # a lower bound when the check stopped at its verdict
+                        record["forget_scale"] = unlearner.forget_scale  # the next step's multiplier
                         if log:
-                            log(f"step {step}: the likeliest forget answer has p = {likeliest:.3f} (a stop condition: "
-                                f"--stop-margin {config.stop_margin:g}){'' if leak is not None else '; not generated'}")
+                            log(f"step {step}: the likeliest forget answer has p {'=' if exact else '≥'} {likeliest:.3f} "
+                                f"(a stop condition: --stop-margin {config.stop_margin:g})"
+                                + ('' if leak is not None else f"; not generated; forget weight ×{unlearner.forget_scale:g}"))
                     note = ""
                     if repairing:
                         phase.checked(step, done)
