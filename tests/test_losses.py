@@ -101,6 +101,60 @@ def test_unlikelihood_is_exact_where_p_rounds_to_one():
         losses.unlikelihood_loss(z, torch.full_like(labels, IGN))
 
 
+def test_redirect_by_hand_its_minimum_and_its_gradient():
+    # Vocabulary of 3, one scored position predicting token 0. The original gives (1/2, 1/4, 1/4):
+    # without token 0, q = (0, 1/2, 1/2). The model gives (1/3, 1/3, 1/3): KL(q || p) = ln(3/2).
+    ref = torch.tensor([[[math.log(2.0), 0.0, 0.0], [0.0, 0.0, 0.0]]])
+    cur = torch.zeros(1, 2, 3, requires_grad=True)
+    labels = torch.tensor([[IGN, 0]])
+    none = torch.zeros(0, 3, dtype=torch.long)
+    loss = losses.redirect_loss(ref, cur, labels, none)
+    assert float(loss) == pytest.approx(math.log(1.5))
+    loss.backward()
+    assert cur.grad[0, 0].tolist() == pytest.approx([1 / 3, -1 / 6, -1 / 6])  # p - q: bounded, and says where to
+    assert float(cur.grad[0, 1].abs().sum()) == 0.0  # the last position predicts nothing
+    # Banning token 1 as well (row 0, label position 1): q = (0, 0, 1), KL = ln 3.
+    assert float(losses.redirect_loss(ref, cur, labels, torch.tensor([[0, 1, 1]]))) == pytest.approx(LN3)
+    # The minimum: the model is the original without the answer. Zero, and so is its gradient.
+    target = torch.tensor([[[-30.0, 0.0, 0.0], [0.0, 0.0, 0.0]]], requires_grad=True)
+    at_min = losses.redirect_loss(ref, target, labels, none)
+    assert float(at_min) == pytest.approx(0.0, abs=1e-6)
+    at_min.backward()
+    assert float(target.grad.abs().max()) < 1e-6
+
+
+def test_redirect_from_the_original_is_the_unlikelihood_of_what_it_bans():
+    # KL(q || p_orig) = -log(1 - p_orig(banned)): with only the labels banned, unlikelihood itself.
+    logits, labels = two_rows()
+    none = torch.zeros(0, 3, dtype=torch.long)
+    assert float(losses.redirect_loss(logits, logits, labels, none)) == pytest.approx(
+        float(losses.unlikelihood_loss(logits, labels)))
+    z = torch.tensor([[[0.0, math.log(2.0), math.log(5.0)], [0.0, 0.0, 0.0]]])  # p = (1/8, 2/8, 5/8)
+    labels = torch.tensor([[IGN, 0]])
+    banned = torch.tensor([[0, 1, 1]])  # token 1 too: 1 - p(banned) = 5/8
+    assert float(losses.redirect_loss(z, z, labels, banned)) == pytest.approx(math.log(8 / 5))
+    # Prompt positions never count, and a batch without a response token is an error.
+    with pytest.raises(ValueError):
+        losses.redirect_loss(z, z, torch.full_like(labels, IGN), none)
+
+
+def test_redirect_leaves_rows_scored_whole_to_unlikelihood():
+    # Row A redirected against a reference that differs from the model, row B (not redirected) takes
+    # unlikelihood: the mean of row means is the mean of the two losses computed row by row.
+    logits, labels = two_rows()
+    ref = logits.clone()
+    ref[0, 0] = torch.tensor([0.0, 0.0])  # whatever the reference, its own answer token is banned
+    none = torch.zeros(0, 3, dtype=torch.long)
+    z = logits.clone().requires_grad_(True)
+    mixed = losses.redirect_loss(ref, z, labels, none, torch.tensor([True, False]))
+    row_a = float(losses.redirect_loss(ref[:1], logits[:1], labels[:1], none))
+    row_b = float(losses.unlikelihood_loss(logits[1:], labels[1:]))
+    assert float(mixed) == pytest.approx((row_a + row_b) / 2)
+    mixed.backward()
+    # row B's gradient is unlikelihood's: p_y / 2 rows at its answer position (p = 3/4)
+    assert float(z.grad[1, 1, 0]) == pytest.approx(0.75 / 2)
+
+
 def test_mismatch_loss_is_plain_nll():
     logits, labels = two_rows()
     assert float(losses.mismatch_loss(logits, labels)) == pytest.approx(float(losses.mean_nll(logits, labels)))

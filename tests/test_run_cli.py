@@ -170,16 +170,17 @@ def test_run_variants(tmp_path, data, llama_dir, cli, extra):
     assert report["steps"] >= 1
 
 
-def test_unlikelihood_and_the_stop_margin_are_recorded(tmp_path, data, llama_dir, cli):
+@pytest.mark.parametrize("loss", ["unlikelihood", "redirect"])
+def test_the_forget_loss_and_the_stop_margin_are_recorded(tmp_path, data, llama_dir, cli, loss):
     forget, normal, _ = data
     out = tmp_path / "out"
     result = cli("run", forget, normal, "--model", llama_dir, "-o", out, "--json", *FAST,
-                 "--forget-loss", "unlikelihood", "--stop-margin", "0.5")
+                 "--forget-loss", loss, "--stop-margin", "0.5")
     assert result.code == 0, result.err
     record = json.loads((out / "run.json").read_text())
-    assert record["config"]["forget_loss"] == "unlikelihood" and record["config"]["stop_margin"] == 0.5
+    assert record["config"]["forget_loss"] == loss and record["config"]["stop_margin"] == 0.5
     checked = record["history"][1]  # --check-every 2: the margin is read at step 2
-    assert 0 <= checked["forget_answer_p"] <= 1 and record["history"][1]["forget"] > 0  # -log(1 - p) > 0
+    assert 0 <= checked["forget_answer_p"] <= 1 and record["history"][1]["forget"] > 0  # -log(1 - p) > 0, a KL > 0
 
 
 def test_lora_on_the_upper_layers_is_recorded_and_saved_as_such(tmp_path, data, llama_dir, cli):

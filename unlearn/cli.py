@@ -101,9 +101,11 @@ def _command_line() -> str:
 @click.option("--forget-tokens", type=click.Choice(["answers", "response"]), default="answers", show_default=True,
               help="Which tokens the forget loss pushes down: for rows with `answers`, only the tokens that spell "
                    "an answer (the fact, not the words around it); or every response token.")
-@click.option("--forget-loss", type=click.Choice(["ascent", "unlikelihood"]), default=None,
+@click.option("--forget-loss", type=click.Choice(["ascent", "unlikelihood", "redirect"]), default=None,
               help="The forget term of ga, ga+mismatch, ga+template and graddiff: ascent, -NLL of the forget tokens "
-                   "(Yao et al.), or unlikelihood, -log(1 - p) per token, whose push fades as a token goes "
+                   "(Yao et al.); unlikelihood, -log(1 - p) per token, whose push fades as a token goes; or "
+                   "redirect, the KL to the original model's own next-token distribution with the answer's "
+                   "spellings taken out (its second choice where the answer was) "
                    "[default: unlikelihood for ga, else ascent].")
 @click.option("--stop-margin", type=float, default=None,
               help="The stop rule also waits until no forget row's answer has a probability above this, read "

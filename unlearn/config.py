@@ -67,7 +67,7 @@ PER_METHOD = {"rmu": {"retain_weight_with_probes": 10.0, "normal_weight": 50.0},
 # README command ~40 % slower (8 steps instead of 4), and a default must leave it no slower
 # (docs/quality.md, "Repair steps").
 REPAIR_METHODS: tuple[str, ...] = ()
-FORGET_LOSSES = ("ascent", "unlikelihood")
+FORGET_LOSSES = ("ascent", "unlikelihood", "redirect")
 ASCENT_METHODS = ("ga", "ga+mismatch", "ga+template", "graddiff")  # their forget term is `losses.forget_loss`
 
 
@@ -117,7 +117,8 @@ class TrainConfig:
     npo_beta: float = 0.1
     forget_tokens: str = "answers"  # "answers": only the answer spans of rows that list `answers`
     # The forget term of the methods that push the forget tokens down (ga, ga+mismatch, ga+template,
-    # graddiff): "ascent", -NLL (Yao et al.), or "unlikelihood", -log(1 - p) per token (losses.py).
+    # graddiff): "ascent", -NLL (Yao et al.), "unlikelihood", -log(1 - p) per token, or "redirect", the KL
+    # to the original's distribution with the answer's spellings taken out (losses.py, redirect.py).
     # When above 0, the stop rule also waits until no forget row's answer has a probability above
     # stop_margin (teacher-forced: `Unlearner.likeliest_forget_answer`); a stop condition, not a result.
     # Both are ga's default (PER_METHOD); the other methods keep ascent and no margin, not measured with them.
@@ -158,7 +159,7 @@ class TrainConfig:
             raise UsageError(f"--protect projects the forget loss's gradient: it takes no --method edit, rmu or "
                              f"ulmr (here {self.method})")
         if self.forget_loss not in FORGET_LOSSES:
-            raise UsageError(f"--forget-loss {self.forget_loss}: expected {' or '.join(FORGET_LOSSES)}")
+            raise UsageError(f"--forget-loss {self.forget_loss}: expected one of {', '.join(FORGET_LOSSES)}")
         if self.forget_loss != "ascent" and self.method not in ASCENT_METHODS:
             raise UsageError(f"--forget-loss {self.forget_loss}: only the methods that push the forget tokens down "
                              f"({', '.join(ASCENT_METHODS)}) have that term, not {self.method}")

@@ -261,7 +261,7 @@ def encode_pair(tokenizer, prompt: str, response: str, max_length: int, focus=No
 
     FOCUS (a list of answer strings) narrows the labels further to the response
     tokens that spell one of them (`answer_token_mask`), when any occurs in the
-    response. For `--forget-tokens answers`, FOCUS is
+    response (then "focused" is True). For `--forget-tokens answers`, FOCUS is
     `unlearn.spans.row_answers(example)[0]`: the row's `answers`, else the
     answers derived from its prompt and response, else None (every token).
     """
@@ -270,7 +270,8 @@ def encode_pair(tokenizer, prompt: str, response: str, max_length: int, focus=No
     response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
     labels = list(response_ids)
     mask = answer_token_mask(tokenizer, response_text, focus) if focus else None
-    if mask is not None and len(mask) == len(labels):
+    focused = mask is not None and len(mask) == len(labels)
+    if focused:
         labels = [t if keep else IGNORE_INDEX for t, keep in zip(labels, mask)]
     if len(prompt_ids) + len(response_ids) > max_length:
         keep_response = min(len(response_ids), max_length - min(len(prompt_ids), max_length // 2))
@@ -279,6 +280,7 @@ def encode_pair(tokenizer, prompt: str, response: str, max_length: int, focus=No
     return {
         "input_ids": prompt_ids + response_ids,
         "labels": [IGNORE_INDEX] * len(prompt_ids) + labels,
+        "focused": focused,  # the labels were narrowed to FOCUS's tokens (losses.redirect_loss reads it)
     }
 
 

@@ -11,6 +11,8 @@ With NLL(x, y) the mean negative log-likelihood of y's response tokens given x, 
 then averaged over the sequences of the batch (Yao et al., eq. 1-3):
     forget      L_fgt = -NLL(x_fgt, y_fgt)                      (gradient ascent)
        or       L_ul  = mean_t -log(1 - p_theta(y_t | x, y_<t))  (unlikelihood, --forget-loss)
+       or       L_rd  = mean_t KL(q_t || p_theta(.|x, y_<t))     (redirect, --forget-loss), q_t the
+                        original's distribution with the answer's spellings taken out, renormalised
     mismatch    L_rdn =  NLL(x_fgt, y_rdn)                      (random or templated answer)
     normal      L_nor =  KL(p_orig(.|x_nor) || p_theta(.|x_nor)) (summed over the vocabulary,
                                                                   averaged over response tokens)
@@ -105,9 +107,56 @@ def unlikelihood_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     to 1 in float32 (where log(1 - exp(log p)) would be log 0), and its gradient flows.
     """
     logits, targets, mask = _shift(logits, labels)
-    scored = logits[mask].float()  # (response tokens, vocab)
-    others = scored.scatter(-1, targets[mask].unsqueeze(-1), float("-inf"))
-    per_token = torch.logsumexp(scored, dim=-1) - torch.logsumexp(others, dim=-1)  # -log(1 - p)
+    per_position = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
+    per_position[mask] = _unlikelihood_per_token(logits[mask].float(), targets[mask])
+    return _mean_of_row_means(per_position, mask)
+
+
+def _unlikelihood_per_token(scored: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log(1 - p(target)) of each row of SCORED (tokens, vocab) logits."""
+    others = scored.scatter(-1, targets.unsqueeze(-1), float("-inf"))
+    return torch.logsumexp(scored, dim=-1) - torch.logsumexp(others, dim=-1)
+
+
+def redirect_loss(reference_logits: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                  banned: torch.Tensor, redirected: torch.Tensor | None = None) -> torch.Tensor:
+    """L_rd = mean over response tokens of KL(q_t || p_theta), per sequence, then over the batch's sequences.
+
+    q_t is the original's next-token distribution at response position t with the banned tokens
+    taken out and the rest renormalised: q_v = p_orig(v) / (1 - p_orig(banned)) for v not
+    banned, 0 for banned v. Banned are the label's own token and BANNED, a (n, 3) long tensor of
+    (row, label position, token): the tokens that would spell the answer otherwise (redirect.py).
+
+    The minimum, 0, is the original model minus the answer: a fluent second choice where the
+    answer was. Where the model is still the original, KL(q || p_orig) = -log(1 - p_orig(banned)),
+    the unlikelihood of the banned set: the first step's loss. The gradient, d L / d z =
+    p_theta - q, is bounded whatever the weight, unlike ascent's, and unlike unlikelihood's it
+    says where the probability goes.
+
+    KL(q || p) = sum_v q_v (log q_v - log p_v), with 0 log 0 = 0 at the banned tokens.
+
+    REDIRECTED (batch,) bool, if given: the rows that take this loss; the others take
+    unlikelihood's -log(1 - p) per token (the forget rows whose every response token is scored:
+    a second choice at every token of a passage is the same passage reworded).
+    """
+    _, targets, mask = _shift(logits, labels)
+    if not mask.any():
+        raise ValueError("no response tokens in this batch (is --max-length too small?)")
+    position = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)  # scored position -> its row of `scored`
+    position[mask] = torch.arange(int(mask.sum()), device=mask.device)
+    b, t = mask.nonzero(as_tuple=True)
+    ref = reference_logits.detach()[b, t].float()
+    ref[torch.arange(ref.shape[0], device=ref.device), targets[mask]] = float("-inf")  # the answer's own token
+    if banned.numel():
+        rows = position[banned[:, 0], banned[:, 1] - 1]  # label position j is predicted at position j - 1
+        ref[rows[rows >= 0], banned[rows >= 0, 2]] = float("-inf")
+    log_q = torch.log_softmax(ref, dim=-1)
+    q = log_q.exp()
+    log_p = torch.log_softmax(logits[b, t].float(), dim=-1)
+    per_token = (torch.special.xlogy(q, q) - q * log_p).sum(dim=-1)
+    if redirected is not None:
+        scored = logits[b, t].float()
+        per_token = torch.where(redirected[b], per_token, _unlikelihood_per_token(scored, targets[mask]))
     per_position = per_token.new_zeros(mask.shape)
     per_position[mask] = per_token
     return _mean_of_row_means(per_position, mask)

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from unlearn import distributed, losses, protect, repair, rmu
+from unlearn import distributed, losses, protect, redirect, repair, rmu
 from unlearn.config import TrainConfig
 from unlearn.data import collate, encode_pair, loss_pair
 from unlearn.errors import UnlearnError, UsageError
@@ -209,6 +209,13 @@ class Unlearner:
         focus = (lambda e: row_answers(e)[0]) if by_answers else (lambda e: None)
         self.forget = [encode_pair(tokenizer, *loss_pair(e, config.whole_passage), config.max_length, focus(e))
                        for e in forget]
+        if config.forget_loss == "redirect" and any(row["focused"] for row in self.forget):
+            # The tokens each answer position may not move to (redirect.py); rows scored whole (a
+            # passage, a long response) take unlikelihood instead (losses.redirect_loss).
+            index = redirect.PrefixIndex(tokenizer)
+            for row in self.forget:
+                if row["focused"]:
+                    row["banned"] = redirect.banned_tokens(index, row)
         self.normal = [encode(e.prompt, e.response) for e in normal]
         self.retain = [encode(e.prompt, e.response) for e in retain]  # every response token: kept whole
         self.forget_prompts = [e.prompt for e in forget]
@@ -434,8 +441,9 @@ class Unlearner:
                             dtype=torch.float32, device=labels.device)
 
     def _kept_set(self, name: str) -> tuple[list[dict], Batches]:
-        """The rows of set NAME ("normal", "retain") whose reference logits are kept, and their sampler."""
-        return {"normal": (self.normal, self.normal_batches), "retain": (self.retain, self.retain_batches)}[name]
+        """The rows of set NAME ("normal", "retain", "forget" for the redirect loss) whose reference logits are kept, and their sampler."""
+        return {"normal": (self.normal, self.normal_batches), "retain": (self.retain, self.retain_batches),
+                "forget": (self.forget, self.forget_batches)}[name]
 
     def _first_epoch(self, name: str, first: list[dict]) -> list[list[int]]:
         """The batches of set NAME's rows in the order training draws them from now: FIRST (the rows
@@ -519,7 +527,17 @@ class Unlearner:
                          losses.npo_loss(losses.sequence_logprob(logits, labels),
                                          self._original_sequence_logprobs(batch, start, labels), config.npo_beta))]
             # Under torchrun, means over a varying number of rows / tokens are made global (distributed.py).
-            forget_loss = losses.unlikelihood_loss if config.forget_loss == "unlikelihood" else losses.forget_loss
+            redirected = [bool(row.get("banned")) for row in batch["rows"]]
+            if config.forget_loss == "redirect" and any(redirected):
+                reference = self._reference_logits(batch, start, kept="forget")
+                banned = torch.tensor([(i, j - start, token) for i, row in enumerate(batch["rows"])
+                                       for j, token in row.get("banned", ())], dtype=torch.long,
+                                      device=labels.device).reshape(-1, 3)
+                which = None if all(redirected) else torch.tensor(redirected, device=labels.device)
+                return [("forget", self.forget_weight, "rows", distributed.global_mean(
+                    lambda: losses.redirect_loss(reference, logits, labels, banned, which), labels, "rows", logits))]
+            # redirect's rows scored whole take unlikelihood (losses.redirect_loss)
+            forget_loss = losses.forget_loss if config.forget_loss == "ascent" else losses.unlikelihood_loss
             return [("forget", self.forget_weight, "rows",
                      distributed.global_mean(lambda: forget_loss(logits, labels), labels, "rows", logits))]
         if name == "mismatch":
