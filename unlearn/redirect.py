@@ -5,7 +5,10 @@ original model's own next-token distribution with the answer taken out: the orig
 second choices ("Albert" → "Schweitzer" rather than "Einstein"), a fluent wrong answer. The
 unlikelihood loss only pushes the answer down and leaves to chance where the probability
 goes; pushed hard (the stop margin's doubling weight), it went to whatever the model had
-at hand, "Albert Albert Albert ..." on the test scenario `einstein` (docs/quality.md).
+at hand, "Albert Albert Albert ..." on the test scenario `einstein`. (Redirect does not cure
+that one: after "Albert" the original's second choices are other first names. Opt-in: on the
+dev split it kept more neighbours, but the README command took a step more; docs/quality.md,
+"Redirect".)
 
 Taking out the answer's own token is not enough: a byte-level BPE spells a word many ways,
 and the original's second choice after "Albert" may well be " Ein" (then "stein"), which
@@ -15,8 +18,8 @@ text from that position (both NFKC-normalised and case-folded, as the leak judge
 " Ein", "Ein", " E", " einstein", ... at the first token of " Einstein". Tokens made of
 whitespace alone are not banned (they would be banned at every position; the original
 gives them next to nothing inside a word). The remaining text is the rest of the scored
-run (the answer span, or for a passage the rest of the passage), cut at REMAINDER_CHARS:
-no token of these vocabularies is longer.
+run (the answer span; rows scored whole are not redirected), at most REMAINDER_CHARS tokens
+decoded and cut at REMAINDER_CHARS characters: no token of these vocabularies is longer.
 """
 
 from __future__ import annotations
