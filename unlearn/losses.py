@@ -152,10 +152,9 @@ def redirect_loss(reference_logits: torch.Tensor, logits: torch.Tensor, labels: 
         ref[rows[rows >= 0], banned[rows >= 0, 2]] = float("-inf")
     log_q = torch.log_softmax(ref, dim=-1)
     q = log_q.exp()
-    log_p = torch.log_softmax(logits[b, t].float(), dim=-1)
-    per_token = (torch.special.xlogy(q, q) - q * log_p).sum(dim=-1)
+    scored = logits[b, t].float()
+    per_token = (torch.special.xlogy(q, q) - q * torch.log_softmax(scored, dim=-1)).sum(dim=-1)
     if redirected is not None:
-        scored = logits[b, t].float()
         per_token = torch.where(redirected[b], per_token, _unlikelihood_per_token(scored, targets[mask]))
     per_position = per_token.new_zeros(mask.shape)
     per_position[mask] = per_token

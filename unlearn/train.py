@@ -527,8 +527,8 @@ class Unlearner:
                          losses.npo_loss(losses.sequence_logprob(logits, labels),
                                          self._original_sequence_logprobs(batch, start, labels), config.npo_beta))]
             # Under torchrun, means over a varying number of rows / tokens are made global (distributed.py).
-            redirected = [bool(row.get("banned")) for row in batch["rows"]]
-            if config.forget_loss == "redirect" and any(redirected):
+            redirected = [row["focused"] for row in batch["rows"]] if config.forget_loss == "redirect" else []
+            if any(redirected):
                 reference = self._reference_logits(batch, start, kept="forget")
                 banned = torch.tensor([(i, j - start, token) for i, row in enumerate(batch["rows"])
                                        for j, token in row.get("banned", ())], dtype=torch.long,
