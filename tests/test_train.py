@@ -225,17 +225,19 @@ def test_the_margins_multiplier_weighs_the_forget_term_and_is_capped_and_saved(l
     assert result.stopped_by == "max_steps" and u.forget_scale == MAX_FORGET_SCALE == 2.0 ** 10
 
 
-def test_likeliest_forget_answer_is_the_likeliest_rows_response_probability(llama_dir):
-    u = unlearner(llama_dir, forget_tokens="response")  # every response token scored: one run per row
+def test_likeliest_forget_answer_is_the_likeliest_rows_answer_probability(llama_dir):
+    u = unlearner(llama_dir)  # each row narrowed to its derived answer (Hermione Granger ..., Hogwarts, Paris)
+    assert all(row["focused"] for row in u.forget)
     for m in lora_modules(u.model).values():  # adapters that change the output
         torch.nn.init.normal_(m.lora_B, std=0.05)
     by_hand = []
     with torch.no_grad():
-        for row in u.forget:  # one row at a time, no padding, no shared prefix: log p of each response token
+        for row in u.forget:  # one row at a time, no padding, no shared prefix: log p of the answer's tokens
             ids = torch.tensor([row["input_ids"]])
             logp = u.model(input_ids=ids).logits[0].log_softmax(-1)
-            by_hand.append(sum(float(logp[t - 1, row["input_ids"][t]]) for t, label in enumerate(row["labels"])
-                               if label != losses.IGNORE_INDEX))
+            scored = [t for t, label in enumerate(row["labels"]) if label != losses.IGNORE_INDEX]
+            first_run = [t for k, t in enumerate(scored) if t == scored[0] + k]  # the answer's first occurrence
+            by_hand.append(sum(float(logp[t - 1, row["input_ids"][t]]) for t in first_run))
     worst = max(range(len(by_hand)), key=by_hand.__getitem__)
     p, exact = u.likeliest_forget_answer(above=0.0)
     assert exact and p == pytest.approx(math.exp(by_hand[worst]), rel=1e-4)
@@ -249,6 +251,30 @@ def test_likeliest_forget_answer_is_the_likeliest_rows_response_probability(llam
     p, exact = u.likeliest_forget_answer(above=1.0)
     assert exact and read == [[worst], [i for i in range(len(by_hand)) if i != worst]]
     assert p == pytest.approx(math.exp(by_hand[worst]), rel=1e-4)
+
+
+def test_the_margin_reads_only_rows_focused_on_an_answer(llama_dir):
+    # every response token scored (a passage, a long response): no answer to read, nothing is read
+    u = unlearner(llama_dir, forget_tokens="response")
+    u._answer_probabilities = lambda indices: pytest.fail(f"read rows scored whole: {indices}")
+    assert u.likeliest_forget_answer(above=0.05) == (None, True)
+    # a row whose answers are not in its response is scored whole too: the others are read, it is not
+    lm = load_model(str(llama_dir), log=lambda m: None)
+    attach_lora(lm.model, LoraSettings(rank=4, alpha=8), seed=0)
+    forget = FORGET + [Example("Who painted it?", "A painter did.", 4, {"answers": ["Vermeer"]})]
+    u = Unlearner(lm.model, lm.tokenizer, forget, NORMAL, TrainConfig(lr=1e-2, batch_size=2, stop_margin=0.05))
+    assert [row["focused"] for row in u.forget] == [True, True, True, False]
+    read = []
+    original = u._answer_probabilities
+    u._answer_probabilities = lambda indices: read.append(list(indices)) or original(indices)
+    p, exact = u.likeliest_forget_answer(above=1.0)
+    assert exact and read == [[0, 1, 2]] and 0 < p < 1
+    # in the loop: with no focused row the greedy check alone decides, no margin is logged or raised
+    u = unlearner(llama_dir, forget_tokens="response", max_steps=5, check_every=1, stop_margin=0.05)
+    lines = []
+    result = train(u, forgotten=lambda: (True, 0.0), log=lines.append)
+    assert result.steps == 1 and "forget_answer_p" not in result.history[0] and u.forget_scale == 1.0
+    assert not any("--stop-margin" in line for line in lines)
 
 
 def test_the_margin_reads_the_first_run_of_labelled_tokens():

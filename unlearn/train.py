@@ -346,10 +346,16 @@ class Unlearner:
             answer = self.normal_responses[self.rng.randrange(len(self.normal_responses))]
         return encode_pair(self.tokenizer, self.forget_prompts[forget_index], answer, self.config.max_length)
 
-    def likeliest_forget_answer(self, above: float | None = None) -> tuple[float, bool]:
-        """The stop rule's margin (--stop-margin): the highest probability, over the forget rows, of the
-        first run of each row's scored tokens (its answer's first occurrence, a passage's continuation)
-        given the tokens before it, teacher-forced, with the weights as they are now.
+    def likeliest_forget_answer(self, above: float | None = None) -> tuple[float | None, bool]:
+        """The stop rule's margin (--stop-margin): the highest probability, over the forget rows focused on
+        an answer, of the first run of each row's scored tokens (the answer's first occurrence) given the
+        tokens before it, teacher-forced, with the weights as they are now. None when no row is focused.
+
+        A row scored whole (a passage, a long response, a row whose answers are not in its response) has
+        no answer to read, and its whole response's probability is no margin: at the original model the
+        dev and test passages' and harmful responses' were at most 1e-5, so they never decided a verdict,
+        yet reading them was a forward over every forget row at every check (~2 s on 10 passages, two
+        threads; 35-47 checks a `passages` run). Their leaks are judged by the greedy check alone.
 
         A greedy check reads only whether an answer is still the likeliest continuation; one that has
         just stopped being it comes back within a few steps once the forget push fades (unlikelihood)
@@ -359,12 +365,15 @@ class Unlearner:
         alone: if its p is above ABOVE, the verdict is known and the other rows are not read (p is
         then a lower bound, exact False). Most checks fail on that row, for a fourteenth of the forwards.
         """
-        first = self._likeliest_row if above is not None and len(self.forget) > 1 else None
+        focused = [i for i, row in enumerate(self.forget) if row["focused"]]
+        if not focused:
+            return None, True
+        first = self._likeliest_row if above is not None and len(focused) > 1 else None
         if first is not None:
             p = distributed.broadcast(self._answer_probabilities([first])[0])
             if p > above:
                 return p, False
-        rest = [i for i in range(len(self.forget)) if i != first]
+        rest = [i for i in focused if i != first]
         probabilities = dict(zip(rest, self._answer_probabilities(rest)))
         if first is not None:
             probabilities[first] = p
