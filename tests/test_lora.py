@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from unlearn.errors import UnlearnError, UsageError
-from unlearn.lora import (LoRALinear, LoraSettings, adapters_disabled, attach_lora, layer_index, layer_indices,
+from unlearn.lora import (LoRALinear, LoraSettings, adapters_disabled, adapters_folded, attach_lora, layer_index,
+                          layer_indices,
                           load_adapter, lora_modules, merge_lora, save_adapter)
 from unlearn.models import load_model
 
@@ -112,6 +113,29 @@ def test_merge_equals_adapter_forward_and_unwraps(opt_dir):
     assert not any(torch.equal(model.get_submodule(n).weight, kept[n]) for n in loaded)
     assert all(not k.endswith(("lora_A", "lora_B")) for k in model.state_dict())
     assert torch.allclose(model(ids()).logits, tuned, atol=1e-5)
+
+
+def test_folded_adapters_run_the_merged_weights_and_leave_the_base_alone(llama_dir):
+    import copy
+
+    model = fresh(llama_dir)
+    base_logits = model(ids()).logits
+    attach_lora(model, LoraSettings(rank=4, alpha=8), seed=0)
+    randomise(model)
+    with torch.no_grad():
+        tuned = model(ids()).logits
+        merged = merge_lora(copy.deepcopy(model))(ids()).logits
+        weights = {n: m.base.weight.clone() for n, m in lora_modules(model).items()}
+        with adapters_folded(model):
+            # the model merge_lora writes, bit for bit: the same weights, one matmul a layer
+            assert torch.equal(model(ids()).logits, merged)
+            assert torch.allclose(merged, tuned, atol=1e-5) and not torch.allclose(merged, base_logits)
+            with adapters_disabled(model):  # the original, exactly, as the fluency scorer needs
+                assert torch.equal(model(ids()).logits, base_logits)
+            assert torch.equal(model(ids()).logits, merged)
+        assert all(m.folded is None for m in lora_modules(model).values())
+        assert torch.equal(model(ids()).logits, tuned)  # unfolded again: the adapters' own three matmuls
+    assert all(torch.equal(m.base.weight, weights[n]) for n, m in lora_modules(model).items())
 
 
 def test_seeded_attach_is_reproducible(llama_dir):

@@ -16,6 +16,7 @@ must agree (the augmented rows, the stop rule, α) are rank 0's, and only rank 0
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import shutil
@@ -451,13 +452,19 @@ def measure_after(job: Loaded, sets: list[EvalSet], before: Measurement, selecti
 
         job.measurer.fingerprint = f"{job.before.fingerprint}|state:{state_fingerprint(job.model)}"
     asked = [s for s in sets if s.name in probe_names]
-    # The probes' answers come from the same generation, with their own budget (Measurer.answer_sets' pool).
-    measured = {**done, **job.measurer.measure([s for s in sets if s.name not in set(done) | probe_names],
-                                               _outputs(before), label="after", pool=[(job.probe_after, asked)])}
-    if probe_names:  # the probes keep their own answer budget (make_probes)
-        t_probes = time.perf_counter()
-        measured.update(job.probe_after.measure(asked, _outputs(before), label="after"))
-        job.probe_seconds += time.perf_counter() - t_probes
+    # The adapters run folded into their weights (lora.adapters_folded): the merged model that is
+    # written, one matmul a layer. Under torchrun the wrapped shards are left as they are.
+    from unlearn.lora import adapters_folded
+
+    folded = adapters_folded(job.model) if not distributed.world().active else contextlib.nullcontext()
+    with folded:
+        # The probes' answers come from the same generation, with their own budget (Measurer.answer_sets' pool).
+        measured = {**done, **job.measurer.measure([s for s in sets if s.name not in set(done) | probe_names],
+                                                   _outputs(before), label="after", pool=[(job.probe_after, asked)])}
+        if probe_names:  # the probes keep their own answer budget (make_probes)
+            t_probes = time.perf_counter()
+            measured.update(job.probe_after.measure(asked, _outputs(before), label="after"))
+            job.probe_seconds += time.perf_counter() - t_probes
     return Measurement({s.name: measured[s.name] for s in sets}, time.perf_counter() - t + grid_seconds,
                        reused=job.measurer.reused - reused_before)
 
