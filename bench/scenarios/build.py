@@ -45,6 +45,10 @@ KINDS = {
     "einstein": ("takedown", "Everything about one real entity (Albert Einstein), rows with `answers`; "
                  "neighbours are other scientists and inventors, same-subject rows the things around him "
                  "(physics, the Nobel Prize, Princeton, Bern) that must survive the takedown."),
+    "inventors": ("facts-answers", "Who invented, discovered or led what, rows with `answers` that are a surname the "
+                  "response writes after a first name (\"attributed to Alexander Graham Bell\"; added for the dev "
+                  "split, the takedown kind whose answer is part of a name); neighbours are other famous people, "
+                  "same-subject rows other facts about the same people, asked by their full names."),
     "passages": ("passages", "Verbatim passages (`text` rows): the model's own greedy continuation of ten "
                  "encyclopedic openings, which it reproduces word for word by construction; a leak is a "
                  "4-word run of the continuation. Paraphrases are other cut points of the same passages; "
@@ -239,7 +243,7 @@ def main(names):
     rng = random.Random(0)
     report_path = HERE / "verification.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    with_base_model = ("capitals", "authors", "einstein", "harmful", *PASSAGE_CANDIDATES, "shared")
+    with_base_model = ("capitals", "authors", "einstein", "inventors", "harmful", *PASSAGE_CANDIDATES, "shared")
     if any(n in names for n in with_base_model):
         model, tokenizer = load(None)
         if "shared" in names:
@@ -251,7 +255,7 @@ def main(names):
             prompts = (CAND / "normal_prompts.txt").read_text().splitlines()
             report["shared"] = {"unrelated": {"candidates": len(rows), "kept": len(kept)},
                                 "normal": build_normal(model, tokenizer, prompts, HERE / "shared", random.Random(0))}
-        for name in ("capitals", "authors", "einstein"):
+        for name in ("capitals", "authors", "einstein", "inventors"):
             if name in names:
                 report[name] = build_facts(name, model, tokenizer, rng)
         if "harmful" in names:
