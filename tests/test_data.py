@@ -155,6 +155,11 @@ def test_focus_narrows_labels_to_the_answer_tokens(llama_dir):
     f = encode_pair(tok, "Who wrote it?", "The books are written by J.K. Rowling.", 128, focus=["rowling"])
     kept = [i for i, l in zip(f["input_ids"], f["labels"]) if l != IGNORE_INDEX]
     assert tok.decode(kept).strip() == "Rowling"  # case-insensitive match, only its tokens
+    # --forget-tokens names: and the rest of the name it ends (spans.whole_names)
+    named = encode_pair(tok, "Who wrote it?", "The books are written by J.K. Rowling.", 128, focus=["rowling"],
+                        names=True)
+    assert tok.decode([i for i, l in zip(named["input_ids"], named["labels"]) if l != IGNORE_INDEX]).strip() \
+        == "J.K. Rowling"
     whole = encode_pair(tok, "Who wrote it?", "The books are written by J.K. Rowling.", 128)
     assert f["input_ids"] == whole["input_ids"]  # same inputs, narrower labels
     absent = encode_pair(tok, "Who wrote it?", "Nobody knows.", 128, focus=["Rowling"])
@@ -170,6 +175,13 @@ def test_answer_mask_finds_answers_as_the_leak_judge_does(llama_dir):
                                           ["offset_mapping"], answer_token_mask(tok, text, answers)) if keep)
     assert marked("About 1,000 people.", ["1000"]).strip() == "1,000"  # the same number
     assert marked("By J.K.Rowling's pen.", ["rowling"]).strip() == "Rowling"
+    # the leak judge's occurrences (and --method edit's) stay the answer's own; the loss's focus is the name
+    assert marked("Developed by Albert Einstein.", ["Einstein"]).strip() == "Einstein"
+    named = [(a, b) for (a, b), keep in zip(tok("Developed by Albert Einstein.", add_special_tokens=False,
+                                                  return_offsets_mapping=True)["offset_mapping"],
+                                              answer_token_mask(tok, "Developed by Albert Einstein.", ["Einstein"],
+                                                                names=True)) if keep]
+    assert "Developed by Albert Einstein."[named[0][0]:named[-1][1]].strip() == "Albert Einstein"
     assert answer_token_mask(tok, "A Parisian café.", ["Paris"]) is None  # not a whole word: every token kept
 
 

@@ -13,6 +13,7 @@ from unlearn.spans import (
     derive_spans,
     describe_spans,
     row_answers,
+    whole_names,
 )
 
 
@@ -262,3 +263,26 @@ def test_every_derived_answer_is_found_in_its_own_response():
         d = derive_spans(prompt, response)
         assert all(response[s.start:s.end] == s.text and s.text.strip() for s in d.spans)
         assert all(metrics.contains_answer(response, [a]) for a in d.answers or [])
+
+
+@pytest.mark.parametrize("text, answer, expected", [
+    ("The theory was developed by Albert Einstein in 1905.", "Einstein", "Albert Einstein"),
+    ("Albert Einstein's equation is E=mc².", "mc2", "mc²"),  # "=" is no space: not part of a name
+    ("J.K. Rowling wrote them.", "Rowling", "J.K. Rowling"),  # initials, at the sentence's start
+    ("It is by J. K. Rowling.", "Rowling", "J. K. Rowling"),
+    ("Gravity is attributed to Sir Isaac Newton, a physicist.", "Newton", "Sir Isaac Newton"),
+    ("It was invented by Alexander Graham Bell.", "Bell", "Alexander Graham Bell"),
+    ("The capital of France is Paris.", "Paris", "Paris"),  # a lower-case word stops it
+    ("In Paris it rains.", "Paris", "Paris"),  # "In": a stop word, capitalised at a sentence's start
+    ("He worked in Germany. Einstein was there.", "Einstein", "Einstein"),  # a sentence end
+    ("His friend, Einstein, came.", "Einstein", "Einstein"),  # a comma
+])
+def test_whole_names_widen_an_answer_over_the_name_it_ends(text, answer, expected):
+    (start, end), = whole_names(text, metrics.answer_spans(text, [answer]))
+    assert text[start:end] == expected
+
+
+def test_whole_names_widens_every_occurrence_and_keeps_their_order():
+    text = "Albert Einstein met Einstein's friend Mileva Einstein."
+    found = whole_names(text, metrics.answer_spans(text, ["Einstein"]))
+    assert [text[a:b] for a, b in found] == ["Albert Einstein", "Einstein", "Mileva Einstein"]

@@ -277,6 +277,19 @@ def test_the_margin_reads_only_rows_focused_on_an_answer(llama_dir):
     assert not any("--stop-margin" in line for line in lines)
 
 
+def test_forget_tokens_names_push_the_whole_name_an_answer_ends(llama_dir):
+    lm = load_model(str(llama_dir), log=lambda m: None)
+    row = Example("Who discovered gravity?", "It was discovered by Sir Isaac Newton.", 1, {"answers": ["Newton"]})
+    scored = {}
+    for tokens in ("answers", "names"):
+        u = Unlearner(lm.model, lm.tokenizer, [row], NORMAL, TrainConfig(batch_size=1, forget_tokens=tokens))
+        (encoded,) = u.forget
+        scored[tokens] = lm.tokenizer.decode([t for t in encoded["labels"] if t != losses.IGNORE_INDEX]).strip()
+    assert scored == {"answers": "Newton", "names": "Sir Isaac Newton"}
+    with pytest.raises(UsageError, match="answers, names or response"):
+        TrainConfig(forget_tokens="words").validate()
+
+
 def test_the_margin_reads_the_first_run_of_labelled_tokens():
     from unlearn.train import _first_run_length
 

@@ -98,9 +98,12 @@ def _command_line() -> str:
               help="Weight of the KL on the retain rows [default: 50 when the probes are trained on (ga's "
                    "default; rmu: 10), else 10, the normal term's weight; chosen on the quality benchmark's dev "
                    "split].")
-@click.option("--forget-tokens", type=click.Choice(["answers", "response"]), default="answers", show_default=True,
+@click.option("--forget-tokens", type=click.Choice(["answers", "names", "response"]), default="answers",
+              show_default=True,
               help="Which tokens the forget loss pushes down: for rows with `answers`, only the tokens that spell "
-                   "an answer (the fact, not the words around it); or every response token.")
+                   "an answer (the fact, not the words around it); names, the same, but an answer that ends a "
+                   "name covers the whole name (\"Albert Einstein\" for Einstein: pushed alone, a surname teaches "
+                   "\"Albert, then anything else\"); or every response token.")
 @click.option("--forget-loss", type=click.Choice(["ascent", "unlikelihood", "redirect"]), default=None,
               help="The forget term of ga, ga+mismatch, ga+template and graddiff: ascent, -NLL of the forget tokens "
                    "(Yao et al.); unlikelihood, -log(1 - p) per token, whose push fades as a token goes; or "

@@ -115,7 +115,9 @@ class TrainConfig:
     check_tokens: int = 32  # the stop rule's answer budget
     template: str = DEFAULT_TEMPLATE
     npo_beta: float = 0.1
-    forget_tokens: str = "answers"  # "answers": only the answer spans of rows that list `answers`
+    # "answers": only the answer spans of rows that list `answers` (or derive them); "names": the same, an
+    # answer that ends a name widened to the whole name (spans.whole_names); "response": every token
+    forget_tokens: str = "answers"
     # The forget term of the methods that push the forget tokens down (ga, ga+mismatch, ga+template,
     # graddiff): "ascent", -NLL (Yao et al.), "unlikelihood", -log(1 - p) per token, or "redirect", the KL
     # to the original's distribution with the answer's spellings taken out (losses.py, redirect.py).
@@ -165,8 +167,8 @@ class TrainConfig:
                              f"({', '.join(ASCENT_METHODS)}) have that term, not {self.method}")
         if not 0 <= self.stop_margin < 1:
             raise UsageError(f"--stop-margin {self.stop_margin}: must be in [0, 1) (0: off)")
-        if self.forget_tokens not in ("answers", "response"):
-            raise UsageError(f"--forget-tokens {self.forget_tokens}: expected answers or response")
+        if self.forget_tokens not in ("answers", "names", "response"):
+            raise UsageError(f"--forget-tokens {self.forget_tokens}: expected answers, names or response")
         if self.schedule not in ("constant", "linear"):
             raise UsageError(f"--schedule {self.schedule}: expected constant or linear")
         if self.max_length < 8:

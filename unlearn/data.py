@@ -234,23 +234,28 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return list(ids)
 
 
-def answer_token_mask(tokenizer, text: str, answers) -> list[bool] | None:
+def answer_token_mask(tokenizer, text: str, answers, names: bool = False) -> list[bool] | None:
     """Which tokens of TEXT overlap an occurrence of one of ANSWERS, found as the leak judge finds them.
 
     Occurrences are `metrics.answer_spans` (whole tokens, punctuation splits,
     case and accents folded: "Rowling" in "J.K.Rowling's", "1000" in "1,000",
     never "Paris" in "Parisian"). None when no answer occurs in TEXT (the caller
     then keeps every response token). ANSWERS are a row's `answers` or, for a
-    row without them, `unlearn.spans.row_answers(example)[0]`.
+    row without them, `unlearn.spans.row_answers(example)[0]`. NAMES: each
+    occurrence that ends a name covers the whole name (`spans.whole_names`).
     """
     spans = answer_spans(text, answers)
+    if names:  # the forget loss's focus: an answer that ends a name covers the whole name
+        from unlearn.spans import whole_names
+
+        spans = whole_names(text, spans)
     if not spans:
         return None
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     return [any(a < end and start < b for start, end in spans) for a, b in offsets]
 
 
-def encode_pair(tokenizer, prompt: str, response: str, max_length: int, focus=None) -> dict:
+def encode_pair(tokenizer, prompt: str, response: str, max_length: int, focus=None, names: bool = False) -> dict:
     """Input ids of prompt + response, and labels that count response tokens only.
 
     Prompt and response are tokenised separately and concatenated so that the
@@ -264,12 +269,13 @@ def encode_pair(tokenizer, prompt: str, response: str, max_length: int, focus=No
     response (then "focused" is True). For `--forget-tokens answers`, FOCUS is
     `unlearn.spans.row_answers(example)[0]`: the row's `answers`, else the
     answers derived from its prompt and response, else None (every token).
+    NAMES (`--forget-tokens names`): an answer that ends a name covers the whole name.
     """
     prompt_ids = encode_prompt(tokenizer, prompt)
     response_text = render_response(tokenizer, prompt, response)
     response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
     labels = list(response_ids)
-    mask = answer_token_mask(tokenizer, response_text, focus) if focus else None
+    mask = answer_token_mask(tokenizer, response_text, focus, names) if focus else None
     focused = mask is not None and len(mask) == len(labels)
     if focused:
         labels = [t if keep else IGNORE_INDEX for t, keep in zip(labels, mask)]

@@ -313,6 +313,34 @@ def attach_answers(examples: Iterable) -> list:
     return result
 
 
+def whole_names(text: str, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """SPANS of TEXT, each widened to the left over the rest of a name it ends: the capitalised words
+    and initials right before it, one space apart ("Albert Einstein" for `Einstein`, "J.K. Rowling"
+    for `Rowling`, "Sir Isaac Newton" for `Newton`). A word of STOP_WORDS ("The", "In"), a lower-case
+    word, punctuation other than an initial's period, or a sentence end stops it.
+
+    For the forget loss (`data.encode_pair`): pushed down alone, a surname is unlikely only after its
+    first name, so the model learns "Albert, then anything but Einstein", and every sentence that
+    names him degenerates ("Albert Albert Abraham ...", the test scenario `einstein`). Pushing the
+    whole name down teaches instead not to start it where the answer was asked for. The leak
+    judge still matches the answers as given.
+    """
+    tokens = answer_tokens(text)
+    starts = {tok.start: k for k, tok in enumerate(tokens)}
+    widened = []
+    for start, end in spans:
+        k = starts.get(start)
+        while k:
+            previous, gap = tokens[k - 1], text[tokens[k - 1].end:tokens[k].start]
+            initial = _is_initials(previous, text) and gap in (". ", ".")
+            if not (gap == " " or initial) or previous.text in STOP_WORDS or not text[previous.start].isupper():
+                break
+            k -= 1
+            start = previous.start
+        widened.append((start, end))
+    return widened
+
+
 def row_answers(example) -> tuple[list[str] | None, str | None]:
     """The answers of EXAMPLE (a `data.Example`) for the forget loss and the leak judge, and their source.
 

@@ -203,12 +203,13 @@ class Unlearner:
         self.rng = random.Random(config.seed)
         encode = lambda p, r: encode_pair(tokenizer, p, r, config.max_length)  # noqa: E731
         # ULMR's forget rows carry negative responses to learn whole, never an answer span to push down.
-        by_answers = config.forget_tokens == "answers" and config.method != "ulmr"
+        by_answers = config.forget_tokens in ("answers", "names") and config.method != "ulmr"
+        names = config.forget_tokens == "names"
         # Rows without `answers` get the ones derived from their response (spans.py), unless a
         # passage or a long response: then every response token is pushed down.
         focus = (lambda e: row_answers(e)[0]) if by_answers else (lambda e: None)
-        self.forget = [encode_pair(tokenizer, *loss_pair(e, config.whole_passage), config.max_length, focus(e))
-                       for e in forget]
+        self.forget = [encode_pair(tokenizer, *loss_pair(e, config.whole_passage), config.max_length, focus(e),
+                                   names=names) for e in forget]
         if config.forget_loss == "redirect" and any(row["focused"] for row in self.forget):
             # The tokens each answer position may not move to (redirect.py); rows scored whole (a
             # passage, a long response) take unlikelihood instead (losses.redirect_loss).
