@@ -319,7 +319,9 @@ def whole_names(text: str, spans: Sequence[tuple[int, int]]) -> list[tuple[int, 
     for `Rowling`, "Sir Isaac Newton" for `Newton`). A word of STOP_WORDS ("The", "In"), a lower-case
     word, punctuation other than an initial's period, or a sentence end stops it.
 
-    For the forget loss (`data.encode_pair`): pushed down alone, a surname is unlikely only after its
+    For the forget loss under `--forget-tokens names` (`data.encode_pair`; opt-in: on the dev scenario
+    `inventors` it forgot in 4-12 steps where the default ran 150, but kept fewer neighbours, and lost
+    on the dev score, docs/quality.md). Pushed down alone, a surname is unlikely only after its
     first name, so the model learns "Albert, then anything but Einstein", and every sentence that
     names him degenerates ("Albert Albert Abraham ...", the test scenario `einstein`). Pushing the
     whole name down teaches instead not to start it where the answer was asked for. The leak
