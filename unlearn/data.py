@@ -25,6 +25,7 @@ from pathlib import Path
 
 from unlearn.errors import UnlearnError
 from unlearn.metrics import answer_spans
+from unlearn.spans import whole_names  # spans imports data only inside functions: no cycle
 
 PROMPT_KEYS = ("prompt", "question", "instruction")
 RESPONSE_KEYS = ("response", "answer", "output")
@@ -246,8 +247,6 @@ def answer_token_mask(tokenizer, text: str, answers, names: bool = False) -> lis
     """
     spans = answer_spans(text, answers)
     if names:  # the forget loss's focus: an answer that ends a name covers the whole name
-        from unlearn.spans import whole_names
-
         spans = whole_names(text, spans)
     if not spans:
         return None
