@@ -148,6 +148,7 @@ def test_model_errors_are_one_line(tmp_path, data, cli, model, message):
     (["--repair-steps", "2", "--extra-steps", "1"], "give one"),
     (["--method", "npo", "--forget-loss", "unlikelihood"], "--forget-loss unlikelihood: only the methods"),
     (["--stop-margin", "1"], "--stop-margin 1.0: must be in [0, 1)"),
+    (["--method", "npo", "--leaked-rows", "4"], "--leaked-rows 4: adds the answers that leak while --stop-margin"),
 ])
 def test_usage_errors_exit_2(tmp_path, data, llama_dir, cli, args, message):
     forget, normal, _ = data
@@ -158,7 +159,7 @@ def test_usage_errors_exit_2(tmp_path, data, llama_dir, cli, args, message):
 
 
 @pytest.mark.parametrize("extra", [["--full", "--lr", "1e-3"], ["--dtype", "bfloat16"], ["--method", "npo"],
-                                   ["--method", "ga+template", "--template", "No."]])
+                                   ["--method", "ga+template", "--template", "No."], ["--leaked-rows", "2"]])
 def test_run_variants(tmp_path, data, llama_dir, cli, extra):
     forget, normal, _ = data
     out = tmp_path / "out"
@@ -168,6 +169,7 @@ def test_run_variants(tmp_path, data, llama_dir, cli, extra):
     assert (out / "model" / "config.json").is_file()
     assert (report["adapter"] is None) == ("--full" in extra)
     assert report["steps"] >= 1
+    assert isinstance(report["forget_rows_added"], list)  # the stop rule's added rows (--leaked-rows)
 
 
 @pytest.mark.parametrize("loss", ["unlikelihood", "redirect"])

@@ -13,6 +13,7 @@ from unlearn.spans import (
     derive_spans,
     describe_spans,
     row_answers,
+    through_first_answer,
     whole_names,
 )
 
@@ -286,3 +287,16 @@ def test_whole_names_widens_every_occurrence_and_keeps_their_order():
     text = "Albert Einstein met Einstein's friend Mileva Einstein."
     found = whole_names(text, metrics.answer_spans(text, ["Einstein"]))
     assert [text[a:b] for a, b in found] == ["Albert Einstein", "Einstein", "Mileva Einstein"]
+
+
+@pytest.mark.parametrize("text, answers, expected", [
+    # the leak judge's occurrence (case folded, whole words), the first one, the text after it dropped
+    ("It is attributed to Christopher COLUMBUS, an explorer. Columbus sailed.", ["Columbus"],
+     "It is attributed to Christopher COLUMBUS"),
+    ("It was Rowling's work, by J.K.Rowling.", ["Rowling"], "It was Rowling"),
+    ("Bell, or Alexander Graham Bell", ["Graham Bell", "Bell"], "Bell"),  # the earliest start
+    ("by Alexander Graham Bell in 1876", ["Graham", "Graham Bell"], "by Alexander Graham Bell"),  # its longest
+    ("The Parisian way", ["Paris"], None),  # no whole-word occurrence: nothing to cut
+])
+def test_through_first_answer_cuts_a_leaked_answer_after_its_first_occurrence(text, answers, expected):
+    assert through_first_answer(text, answers) == expected

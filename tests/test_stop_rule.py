@@ -108,3 +108,27 @@ def test_a_methods_own_forget_loss_margin_and_rate_fill_only_what_is_not_given(m
     assert resolved("graddiff", forget_loss="ascent", stop_margin=0.0, lr=1e-4) == ("ascent", 0.0, 1e-4)
     assert resolved("graddiff", full=True)[2] == 1e-5  # --full's rate, not the method's LoRA rate
     assert resolved("npo") == ("ascent", 0.0, 1e-3)  # a method without its own: TrainConfig's
+
+
+def test_leaked_answers_are_the_checks_leaking_rows_cut_after_their_answer(monkeypatch):
+    checker = SimpleNamespace(drafts={}, deciders={})
+    monkeypatch.setattr(run, "Measurer", lambda *a, **k: checker)
+    forget = EvalSet("forget", "forget", [
+        Example("Who discovered America in 1492?", "It was Christopher Columbus.", 1, {"answers": ["Columbus"]}),
+        Example("Who wrote Hamlet?", "William Shakespeare wrote it.", 2, {"answers": ["Shakespeare"]}),
+        Example("Tell me the opening.", "It was the best of times, it was the worst of times.", 3),
+    ])
+
+    def check(checker_, s, decided_above=None):  # rows 0 and 2 leak; a check's drafts end where they leaked
+        checker.drafts["forget"] = ["The story of Christopher COLUMBUS, who sailed", "I cannot say.",
+                                    "It was the best of times, it was the worst"]
+        checker.deciders["forget"] = [0, 2]
+        return 2 / 3
+    monkeypatch.setattr(run, "leak_rate", check)
+    opts = SimpleNamespace(train=TrainConfig(), gen_batch_size=8)
+    forgotten = run.stop_rule(opts, _job(), forget, [], lambda: 1, (), lambda m: None)
+    assert forgotten() == (False, 2 / 3)
+    # row 2 has no answer (its leak is the ROUGE rule's): a whole passage is not the model's answer path
+    assert forgotten.leaked_answers() == [{"prompt": "Who discovered America in 1492?",
+                                           "response": "The story of Christopher COLUMBUS",
+                                           "answers": ["Columbus"]}]

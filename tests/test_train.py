@@ -521,3 +521,56 @@ def test_npo_keeps_each_forget_rows_original_logprob_and_trains_as_recomputed(ll
     for (a_A, a_B), (b_A, b_B) in zip(lora_state(kept.model).values(), lora_state(fresh.model).values()):
         torch.testing.assert_close(a_A, b_A, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(a_B, b_B, rtol=1e-4, atol=1e-6)
+
+
+def test_a_leaked_greedy_answer_joins_the_forget_rows_focused_on_its_answer(llama_dir):
+    u = unlearner(llama_dir, batch_size=2, stop_margin=0.05, leaked_rows=4)
+    leak = {"prompt": "What is the capital of France?", "response": "It is surely PARIS", "answers": ["Paris"]}
+    added = u.add_leaked_answers([leak], step=3)
+    assert added == [{"step": 3, **leak}] and u.added_forget_rows == added and len(u.forget) == 4
+    row = u.forget[3]
+    scored = [t for t in row["labels"] if t != losses.IGNORE_INDEX]
+    assert row["focused"] and u.tokenizer.decode(scored).strip() == "PARIS"  # the answer's tokens alone
+    assert row["input_ids"] == encode_pair(u.tokenizer, leak["prompt"], leak["response"], u.config.max_length)["input_ids"]
+    assert u.forget_prompts[3] == leak["prompt"] and u.forget_batches.next()[0] == 3  # drawn in the very next batch
+    # the margin reads it like any focused row
+    assert 3 in [i for i, r in enumerate(u.forget) if r["focused"]]
+    # skipped: the same answer again, an answer not in the response, and past the cap a prompt
+    assert u.add_leaked_answers([leak, {**leak, "response": "It is Lyon"}], step=4) == []
+    others = [{**leak, "response": f"It is PARIS, {k}"} for k in range(4)]
+    assert len(u.add_leaked_answers(others, step=5)) == 3  # --leaked-rows 4 a prompt
+    assert len(u.forget) == 3 + 4
+    # a checkpoint carries them: a resumed run trains on the same rows, drawn in the same order
+    state = u.state_dict()
+    resumed = unlearner(llama_dir, batch_size=2, stop_margin=0.05, leaked_rows=4)
+    resumed.load_state_dict(state)
+    assert [r["input_ids"] for r in resumed.forget] == [r["input_ids"] for r in u.forget]
+    assert [r["labels"] for r in resumed.forget] == [r["labels"] for r in u.forget]
+    assert resumed.added_forget_rows == u.added_forget_rows and resumed.forget_batches.n == u.forget_batches.n
+    assert [resumed.forget_batches.next() for _ in range(5)] == [u.forget_batches.next() for _ in range(5)]
+
+
+def test_the_loop_adds_the_checks_leaked_answers_only_when_the_margin_held(llama_dir, monkeypatch):
+    u = unlearner(llama_dir, max_steps=10, check_every=1, stop_margin=0.05, leaked_rows=4)
+    monkeypatch.setattr(u, "likeliest_forget_answer", lambda above: (0.01, True))  # the margin holds
+    verdicts = iter([(False, 1 / 3), (True, 0.0)])
+    leak = {"prompt": "What is the capital of France?", "response": "It is surely PARIS", "answers": ["Paris"]}
+
+    def forgotten():
+        return next(verdicts)
+    forgotten.leaked_answers = lambda: [leak]
+    lines = []
+    result = train(u, forgotten=forgotten, log=lines.append)
+    assert result.steps == 2 and result.added_forget_rows == [{"step": 1, **leak}] and len(u.forget) == 4
+    assert any(line.startswith("step 1: the margin held but the greedy answer to 'What is the capital of France?'")
+               for line in lines)
+    # off (--leaked-rows 0, the default) the check's leaks are not read; without a margin it is refused
+    u = unlearner(llama_dir, max_steps=10, check_every=1, stop_margin=0.05)
+    monkeypatch.setattr(u, "likeliest_forget_answer", lambda above: (0.01, True))
+    verdicts = iter([(False, 1 / 3), (True, 0.0)])
+    forgotten.leaked_answers = lambda: pytest.fail("read with --leaked-rows 0")
+    assert train(u, forgotten=forgotten).added_forget_rows == [] and len(u.forget) == 3
+    with pytest.raises(UsageError, match="--leaked-rows 4: .* needs a margin above 0"):
+        TrainConfig(leaked_rows=4).validate()
+    with pytest.raises(UsageError, match="--leaked-rows -1: must be a non-negative number"):
+        TrainConfig(leaked_rows=-1, stop_margin=0.05).validate()

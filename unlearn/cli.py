@@ -116,6 +116,13 @@ def _command_line() -> str:
                    "within a few steps of the keep terms; a margin makes the forgetting hold. Each check it "
                    "fails doubles the forget term's weight (up to 1024x), so a row cannot stall the run "
                    "[default: 0.05 for ga, else 0].")
+@click.option("--leaked-rows", type=int, default=0, show_default=True, metavar="N",
+              help="With --stop-margin: a check that finds a forget answer while the margin holds adds the "
+                   "model's own greedy answer, cut after the answer, to the forget rows (focused on the answer), "
+                   "at most N a prompt; the margin then reads it too. The margin reads each answer after the "
+                   "row's own words, and the model may reach it by another path (\"Christopher COLUMBUS\"); "
+                   "then the run goes on to --max-steps. 0: off (on the dev split it forgot such a scenario in "
+                   "5 steps instead of 150, but kept fewer neighbours).")
 @click.option("--whole-passage", is_flag=True,
               help="Passages (`text` rows): push down every token after the first word (extraction from any cut "
                    "point), not only the continuation the leak test compares with. On the quality benchmark it "
@@ -228,7 +235,8 @@ def run_command(**o):
         max_grad_norm=o["max_grad_norm"], max_length=o["max_length"], seed=o["seed"],
         check_every=o["check_every"], template=o["template"], npo_beta=o["npo_beta"],
         forget_tokens=o["forget_tokens"], rmu_layer=o["rmu_layer"], rmu_scale=o["rmu_scale"],
-        whole_passage=o["whole_passage"], stop_probes=o["stop_probes"], protect=o["protect"])
+        whole_passage=o["whole_passage"], stop_probes=o["stop_probes"], protect=o["protect"],
+        leaked_rows=o["leaked_rows"])
     lora = LoraSettings(o["lora_rank"], o["lora_alpha"], o["lora_dropout"], layers=o["lora_layers"],
                         **({"targets": _split_targets(o["lora_targets"])} if o["lora_targets"] else {}))
     opts = RunOptions(

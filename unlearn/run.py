@@ -34,7 +34,7 @@ from unlearn.errors import Interrupted, UnlearnError, UsageError
 from unlearn.log import log as default_log
 from unlearn.measure import EvalSet, Measured, Measurer, Settings, kept_rate, leak_rate, original_scorer, read_eval_sets
 from unlearn.outputs import check_output_dir
-from unlearn.spans import describe_spans
+from unlearn.spans import describe_spans, row_answers, through_first_answer
 
 
 def default_output_dir() -> Path:
@@ -597,7 +597,21 @@ def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet, probe_sets=(), ste
                     f"(a stop condition: --stop-probes {wanted:g}; waiting at most until step {2 * first_forgotten})")
         return done, leak
 
-    return distributed.main_decides(forgotten)  # every rank generates; rank 0's verdict holds for all
+    def leaked_answers() -> list[dict]:
+        """The last check's leaking forget rows that have answers: the prompt, the greedy answer cut
+        after the answer's first occurrence (its draft: the answer ended where it leaked), the answers."""
+        drafts = checker.drafts.get(forget.name) or []
+        leaked = []
+        for i in checker.deciders.get(forget.name, []):
+            answers, _ = row_answers(forget.examples[i])
+            response = through_first_answer(drafts[i], answers) if answers and i < len(drafts) else None
+            if response:
+                leaked.append({"prompt": forget.examples[i].prompt, "response": response, "answers": answers})
+        return leaked
+
+    check = distributed.main_decides(forgotten)  # every rank generates; rank 0's verdict holds for all
+    check.leaked_answers = distributed.main_decides(leaked_answers)
+    return check
 
 
 def _resume_command(opts: RunOptions, output: Path) -> str:
@@ -743,6 +757,8 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "steps": result.steps,
         "stopped_by": result.stopped_by,
         "repair": repair_record(result),
+        # The stop rule's leaked greedy answers that joined the forget rows (train.Unlearner.add_leaked_answers)
+        "forget_rows_added": result.added_forget_rows,
         # Loading (Loaded.load_seconds says what it covers); with training, the stop rule's checks,
         # evaluation and ULMR's rewrites, what wall_clock_s leaves is reading the data and writing OUTPUT.
         "load_seconds": round(job.load_seconds, 3),

@@ -343,6 +343,18 @@ def whole_names(text: str, spans: Sequence[tuple[int, int]]) -> list[tuple[int, 
     return widened
 
 
+def through_first_answer(text: str, answers: Sequence[str]) -> str | None:
+    """TEXT up to the end of the first occurrence of one of ANSWERS (`metrics.answer_spans`, the leak
+    judge's rule), None when none occurs: "... attributed to Christopher COLUMBUS" of a greedy answer
+    that goes on, for the stop rule's leaked-answer rows (`train.Unlearner.add_leaked_answers`). The
+    cut keeps one occurrence to push down, the one the model reached first."""
+    spans = metrics.answer_spans(text, answers)
+    if not spans:
+        return None
+    first = min(start for start, _ in spans)  # answers that start there ("Graham Bell", "Graham"): the longest
+    return text[:max(end for start, end in spans if start == first)]
+
+
 def row_answers(example) -> tuple[list[str] | None, str | None]:
     """The answers of EXAMPLE (a `data.Example`) for the forget loss and the leak judge, and their source.
 

@@ -57,6 +57,7 @@ from unlearn.spans import row_answers
 MAX_FORGET_SCALE = 1024.0
 
 
+
 class NonFiniteLoss(UnlearnError):
     """A loss or gradient norm became nan or inf; the update was not applied."""
 
@@ -83,6 +84,7 @@ class TrainResult:
     check_seconds: float = 0.0  # the stop rule's checks (generation), not in SECONDS
     update: dict | None = None  # --method edit: {module name: (A, B)}, the weight change W + B·A
     repair: dict | None = None  # the repair phase's last state (repair.Repair), when it began
+    added_forget_rows: list = field(default_factory=list)  # the forget rows the stop rule added (Unlearner.add_leaked_answers)
 
     @property
     def tokens_per_s(self) -> float:
@@ -210,13 +212,16 @@ class Unlearner:
         focus = (lambda e: row_answers(e)[0]) if by_answers else (lambda e: None)
         self.forget = [encode_pair(tokenizer, *loss_pair(e, config.whole_passage), config.max_length, focus(e),
                                    names=names) for e in forget]
+        self._redirect_index = None
         if config.forget_loss == "redirect" and any(row["focused"] for row in self.forget):
             # The tokens each answer position may not move to (redirect.py); rows scored whole (a
             # passage, a long response) take unlikelihood instead (losses.redirect_loss).
-            index = redirect.PrefixIndex(tokenizer)
+            self._redirect_index = redirect.PrefixIndex(tokenizer)
             for row in self.forget:
                 if row["focused"]:
-                    row["banned"] = redirect.banned_tokens(index, row)
+                    row["banned"] = redirect.banned_tokens(self._redirect_index, row)
+        # The stop rule's leaked greedy answers added to the forget rows (`add_leaked_answers`), in order.
+        self.added_forget_rows: list[dict] = []
         self.normal = [encode(e.prompt, e.response) for e in normal]
         self.retain = [encode(e.prompt, e.response) for e in retain]  # every response token: kept whole
         self.forget_prompts = [e.prompt for e in forget]
@@ -301,6 +306,7 @@ class Unlearner:
             "step": self.step_count,
             "tokens": distributed.total(self.tokens),
             "forget_scale": self.forget_scale,
+            "added_forget_rows": list(self.added_forget_rows),
         }
 
     def load_state_dict(self, state: dict, where: str = "the checkpoint") -> None:
@@ -329,6 +335,9 @@ class Unlearner:
         torch.random.set_rng_state(distributed.my_rng_state(state["torch_rng"]))
         version, internal, gauss = state["python_rng"]
         self.rng.setstate((version, tuple(internal), gauss))
+        if state.get("added_forget_rows") and not self.added_forget_rows:  # the rows the stop rule added, as they were
+            for record in state["added_forget_rows"]:
+                self.add_leaked_answers([record], record["step"])
         self.forget_batches.order = list(state["forget_order"])
         self.normal_batches.order = list(state["normal_order"])
         self.retain_batches.order = list(state.get("retain_order", []))
@@ -391,6 +400,48 @@ class Unlearner:
         scored = labelled_logprobs(self.forward_model, self.tokenizer, rows)
         return [math.exp(sum(lp[:_first_run_length(row["labels"])])) if lp else 0.0 for lp, row in zip(scored, rows)]
 
+    def add_leaked_answers(self, leaked: list[dict], step: int) -> list[dict]:
+        """Add the stop rule's leaked greedy answers to the forget rows; returns the ones added.
+
+        LEAKED: {"prompt", "response", "answers"} per forget prompt the last check found leaking, the
+        response the model's own answer cut after the answer's first occurrence
+        (`spans.through_first_answer`). Each becomes a forget row focused on that occurrence.
+
+        Why: the margin (`likeliest_forget_answer`) reads each answer after the forget row's own words,
+        and the model can reach it by another path. On the dev scenario `inventors` the margin read
+        p ~2e-5 for every row from step 4 on, yet the greedy answer to "Who discovered America in
+        1492?" went "... attributed to Christopher COLUMBUS": the capitals spelling, other tokens, which
+        nothing pushed down, so every run went on to --max-steps (150 steps, ~20 minutes). Added, the
+        model's own path is pushed down like the rest, and the margin reads it too, so the next greedy
+        check runs only once that path is unlikely.
+
+        An added row is drawn in the next batch. Skipped: a response already added, one without an
+        answer, and past --leaked-rows rows a prompt (each costs a row in every epoch and in every
+        margin read).
+        """
+        added = []
+        for leak in leaked:
+            same_prompt = [r for r in self.added_forget_rows if r["prompt"] == leak["prompt"]]
+            if len(same_prompt) >= self.config.leaked_rows or any(r["response"] == leak["response"] for r in same_prompt):
+                continue
+            row = encode_pair(self.tokenizer, leak["prompt"], leak["response"], self.config.max_length,
+                              list(leak["answers"]), names=self.config.forget_tokens == "names")
+            if not row["focused"]:
+                continue
+            if self._redirect_index is not None:
+                row["banned"] = redirect.banned_tokens(self._redirect_index, row)
+            index = len(self.forget)
+            self.forget.append(row)
+            self.forget_prompts.append(leak["prompt"])
+            self._forget_index[id(row)] = index
+            self.forget_batches.n += 1
+            self.forget_batches.order.append(index)  # popped first: the next batch pushes it down
+            record = {"step": step, "prompt": leak["prompt"], "response": leak["response"],
+                      "answers": list(leak["answers"])}
+            self.added_forget_rows.append(record)
+            added.append(record)
+        return added
+
     def _rows(self) -> dict[str, list[dict]]:
         method = self.config.method
         forget_idx = self.forget_batches.next()
@@ -446,7 +497,9 @@ class Unlearner:
                 group = list(range(i - i % size, min(i - i % size + size, len(self.forget))))
                 logits, group_labels = self._reference_of_rows([self.forget[j] for j in group])
                 values = losses.sequence_logprob(logits, group_labels)
-                self._forget_reference.update(zip(group, values.tolist()))
+                # a group grown by an added row (`add_leaked_answers`) keeps its rows' first values
+                self._forget_reference.update((j, v) for j, v in zip(group, values.tolist())
+                                              if j not in self._forget_reference)
         return torch.tensor([self._forget_reference[self._forget_index[id(row)]] for row in batch["rows"]],
                             dtype=torch.float32, device=labels.device)
 
@@ -788,7 +841,9 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
 
     FORGOTTEN is a callable returning (done: bool, leak_rate: float), the rate a lower bound
     when not done (run.stop_rule's check ends at its verdict); it is asked every
-    `check_every` steps (never when check_every is 0). CHECKPOINT(loop_state) saves the
+    `check_every` steps (never when check_every is 0). With --stop-margin, its optional
+    `leaked_answers()` lists the leaking rows of the check just made (run.stop_rule), which
+    join the forget rows (`Unlearner.add_leaked_answers`). CHECKPOINT(loop_state) saves the
     unlearner and the loop state every SAVE_EVERY steps (and on Ctrl-C, after which
     StopRequested is raised); RESUME is a loop state saved that way, to continue from.
     """
@@ -838,6 +893,13 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                         unlearner.forget_scale = min(unlearner.forget_scale * 2, MAX_FORGET_SCALE)
                     else:
                         done, leak = forgotten()
+                        leaked = getattr(forgotten, "leaked_answers", None)
+                        if not done and config.stop_margin and config.leaked_rows and leaked is not None:
+                            # the margin held, the greedy answer did not: its own path joins the forget rows
+                            for row in unlearner.add_leaked_answers(leaked(), step):
+                                if log:
+                                    log(f"step {step}: the margin held but the greedy answer to {row['prompt']!r} "
+                                        f"leaks (\"...{row['response'][-40:]}\"); it joins the forget rows")
                     check_seconds += time.perf_counter() - t
                     record["forget_leak"] = leak
                     if likeliest is not None:
@@ -881,5 +943,5 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
     seconds = previous_seconds + time.perf_counter() - start - (check_seconds - previous_checks)
     return TrainResult(steps=unlearner.step_count, stopped_by=stopped_by, seconds=seconds,
                        tokens=unlearner.tokens, history=history, check_seconds=check_seconds,
-                       repair=phase.state() if phase else None)
+                       repair=phase.state() if phase else None, added_forget_rows=list(unlearner.added_forget_rows))
 
