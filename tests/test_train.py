@@ -572,5 +572,8 @@ def test_the_loop_adds_the_checks_leaked_answers_only_when_the_margin_held(llama
     assert train(u, forgotten=forgotten).added_forget_rows == [] and len(u.forget) == 3
     with pytest.raises(UsageError, match="--leaked-rows 4: .* needs a margin above 0"):
         TrainConfig(leaked_rows=4).validate()
+    for other in ({"method": "ulmr"}, {"method": "rmu"}, {"forget_tokens": "response"}):
+        with pytest.raises(UsageError, match="--leaked-rows 4: the added rows are pushed down on their answers"):
+            TrainConfig(leaked_rows=4, stop_margin=0.05, **other).validate()
     with pytest.raises(UsageError, match="--leaked-rows -1: must be a non-negative number"):
         TrainConfig(leaked_rows=-1, stop_margin=0.05).validate()

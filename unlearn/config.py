@@ -176,6 +176,12 @@ class TrainConfig:
         if self.leaked_rows and not self.stop_margin:
             raise UsageError(f"--leaked-rows {self.leaked_rows}: adds the answers that leak while --stop-margin "
                              f"holds; it needs a margin above 0")
+        if self.leaked_rows and (self.method not in ASCENT_METHODS + ("npo",) or self.forget_tokens == "response"):
+            # the added rows are pushed down on their answer's tokens, as the forget rows of these methods are
+            raise UsageError(f"--leaked-rows {self.leaked_rows}: the added rows are pushed down on their answers; "
+                             f"it takes --forget-tokens answers or names and a method that pushes the forget "
+                             f"tokens down ({', '.join(ASCENT_METHODS)}, npo), not --method {self.method} "
+                             f"--forget-tokens {self.forget_tokens}")
         if self.forget_tokens not in ("answers", "names", "response"):
             raise UsageError(f"--forget-tokens {self.forget_tokens}: expected answers, names or response")
         if self.schedule not in ("constant", "linear"):
