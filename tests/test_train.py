@@ -577,3 +577,26 @@ def test_the_loop_adds_the_checks_leaked_answers_only_when_the_margin_held(llama
             TrainConfig(leaked_rows=4, stop_margin=0.05, **other).validate()
     with pytest.raises(UsageError, match="--leaked-rows -1: must be a non-negative number"):
         TrainConfig(leaked_rows=-1, stop_margin=0.05).validate()
+
+
+def test_a_margin_that_holds_while_the_answer_leaks_is_named_once_without_leaked_rows(llama_dir, monkeypatch):
+    from unlearn.train import HINT_AFTER_CHECKS
+
+    u = unlearner(llama_dir, max_steps=20, check_every=1, stop_margin=0.05)
+    margins = iter([0.5] + [0.01] * 19)  # the margin fails once (the count starts after it), then holds
+    monkeypatch.setattr(u, "likeliest_forget_answer", lambda above: (next(margins), True))
+    leaks = iter([(False, 0.1)] * (HINT_AFTER_CHECKS + 3) + [(True, 0.0)])
+    leak = {"prompt": "What is the capital of France?", "response": "It is surely PARIS", "answers": ["Paris"]}
+
+    def forgotten():
+        return next(leaks)
+    forgotten.leaked_answers = lambda: [leak]
+    lines = []
+    result = train(u, forgotten=forgotten, log=lines.append)
+    hints = [line for line in lines if "--leaked-rows 4 adds such answers" in line]
+    # checks 2..6 held and leaked: named at the fifth, once; nothing is added
+    assert hints == [f"step {1 + HINT_AFTER_CHECKS}: the margin has held for {HINT_AFTER_CHECKS} checks while the "
+                     f"greedy answer to 'What is the capital of France?' leaks (\"...It is surely PARIS\"): the model "
+                     f"reaches the answer by words the forget rows do not spell, and the run may go on to "
+                     f"--max-steps; --leaked-rows 4 adds such answers to the forget rows"]
+    assert result.added_forget_rows == [] and len(u.forget) == 3 and result.steps == HINT_AFTER_CHECKS + 5

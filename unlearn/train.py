@@ -58,6 +58,12 @@ MAX_FORGET_SCALE = 1024.0
 
 
 
+# Consecutive checks where the margin held and the greedy answer still leaked after which a run without
+# --leaked-rows says so, once: on the dev scenario `inventors` that state lasted from step 4 to --max-steps
+# (150 steps, ~20 minutes), where a check's leaking answer spelled the answer another way.
+HINT_AFTER_CHECKS = 5
+
+
 class NonFiniteLoss(UnlearnError):
     """A loss or gradient norm became nan or inf; the update was not applied."""
 
@@ -859,6 +865,7 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
     check_seconds = resume.get("check_seconds", 0.0)
     previous_checks = check_seconds
     phase = repair.Repair.from_state(resume.get("repair"))  # the repair phase, once it has begun (repair.py)
+    held_leaks = 0  # consecutive checks where the margin held and the greedy answer leaked (HINT_AFTER_CHECKS)
     unlearner.keep_terms_only = repair.next_step_keeps_only(phase)
 
     def loop_state() -> dict:
@@ -888,7 +895,7 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                     likeliest, exact = (unlearner.likeliest_forget_answer(above=config.stop_margin)
                                         if config.stop_margin else (None, True))
                     if likeliest is not None and likeliest > config.stop_margin:
-                        done, leak = False, None
+                        done, leak, held_leaks = False, None, 0
                         # dual ascent on the margin's constraint: the forget term weighs more until it holds
                         unlearner.forget_scale = min(unlearner.forget_scale * 2, MAX_FORGET_SCALE)
                     else:
@@ -900,6 +907,14 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                                 if log:
                                     log(f"step {step}: the margin held but the greedy answer to {row['prompt']!r} "
                                         f"leaks (\"...{row['response'][-40:]}\"); it joins the forget rows")
+                        held_leaks = held_leaks + 1 if likeliest is not None and not done else 0
+                        if held_leaks == HINT_AFTER_CHECKS and not config.leaked_rows and leaked is not None and log:
+                            shown = leaked()[:1]
+                            for row in shown:
+                                log(f"step {step}: the margin has held for {held_leaks} checks while the greedy answer "
+                                    f"to {row['prompt']!r} leaks (\"...{row['response'][-40:]}\"): the model "
+                                    f"reaches the answer by words the forget rows do not spell, and the run may go "
+                                    f"on to --max-steps; --leaked-rows 4 adds such answers to the forget rows")
                     check_seconds += time.perf_counter() - t
                     record["forget_leak"] = leak
                     if likeliest is not None:
