@@ -56,8 +56,6 @@ from unlearn.spans import row_answers
 # Adam's step size does not grow with the loss's scale, only the forget term's share of the direction.
 MAX_FORGET_SCALE = 1024.0
 
-
-
 # Consecutive checks where the margin held and the greedy answer still leaked after which a run without
 # --leaked-rows says so, once: on the dev scenario `inventors` that state lasted from step 4 to --max-steps
 # (150 steps, ~20 minutes), where a check's leaking answer spelled the answer another way.
@@ -908,13 +906,13 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                                     log(f"step {step}: the margin held but the greedy answer to {row['prompt']!r} "
                                         f"leaks (\"...{row['response'][-40:]}\"); it joins the forget rows")
                         held_leaks = held_leaks + 1 if likeliest is not None and not done else 0
-                        if held_leaks == HINT_AFTER_CHECKS and not config.leaked_rows and leaked is not None and log:
-                            shown = leaked()[:1]
-                            for row in shown:
-                                log(f"step {step}: the margin has held for {held_leaks} checks while the greedy answer "
-                                    f"to {row['prompt']!r} leaks (\"...{row['response'][-40:]}\"): the model "
-                                    f"reaches the answer by words the forget rows do not spell, and the run may go "
-                                    f"on to --max-steps; --leaked-rows 4 adds such answers to the forget rows")
+                        if held_leaks == HINT_AFTER_CHECKS and not config.leaked_rows and leaked is not None:
+                            for row in leaked()[:1]:  # asked on every rank (under torchrun, a broadcast)
+                                if log:
+                                    log(f"step {step}: the margin has held for {held_leaks} checks while the greedy "
+                                        f"answer to {row['prompt']!r} leaks (\"...{row['response'][-40:]}\"): the "
+                                        f"model reaches the answer by words the forget rows do not spell, and the run "
+                                        f"may go on to --max-steps; --leaked-rows 4 adds such answers to the forget rows")
                     check_seconds += time.perf_counter() - t
                     record["forget_leak"] = leak
                     if likeliest is not None:
