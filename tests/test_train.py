@@ -523,9 +523,13 @@ def test_npo_keeps_each_forget_rows_original_logprob_and_trains_as_recomputed(ll
         torch.testing.assert_close(a_B, b_B, rtol=1e-4, atol=1e-6)
 
 
+# a greedy answer the stop rule found leaking, cut after its answer (run.stop_rule's leaked_answers)
+LEAK = {"prompt": "What is the capital of France?", "response": "It is surely PARIS", "answers": ["Paris"]}
+
+
 def test_a_leaked_greedy_answer_joins_the_forget_rows_focused_on_its_answer(llama_dir):
     u = unlearner(llama_dir, batch_size=2, stop_margin=0.05, leaked_rows=4)
-    leak = {"prompt": "What is the capital of France?", "response": "It is surely PARIS", "answers": ["Paris"]}
+    leak = LEAK
     added = u.add_leaked_answers([leak], step=3)
     assert added == [{"step": 3, **leak}] and u.added_forget_rows == added and len(u.forget) == 4
     row = u.forget[3]
@@ -550,24 +554,28 @@ def test_a_leaked_greedy_answer_joins_the_forget_rows_focused_on_its_answer(llam
     assert [resumed.forget_batches.next() for _ in range(5)] == [u.forget_batches.next() for _ in range(5)]
 
 
-def test_the_loop_adds_the_checks_leaked_answers_only_when_the_margin_held(llama_dir, monkeypatch):
-    u = unlearner(llama_dir, max_steps=10, check_every=1, stop_margin=0.05, leaked_rows=4)
-    monkeypatch.setattr(u, "likeliest_forget_answer", lambda above: (0.01, True))  # the margin holds
-    verdicts = iter([(False, 1 / 3), (True, 0.0)])
-    leak = {"prompt": "What is the capital of France?", "response": "It is surely PARIS", "answers": ["Paris"]}
+def _scripted_checks(verdicts, leaked):
+    """A stop rule's forgotten() giving VERDICTS in turn, its leaked_answers() always LEAKED."""
+    verdicts = iter(verdicts)
 
     def forgotten():
         return next(verdicts)
-    forgotten.leaked_answers = lambda: [leak]
+    forgotten.leaked_answers = lambda: leaked
+    return forgotten
+
+
+def test_the_loop_adds_the_checks_leaked_answers_only_when_the_margin_held(llama_dir, monkeypatch):
+    u = unlearner(llama_dir, max_steps=10, check_every=1, stop_margin=0.05, leaked_rows=4)
+    monkeypatch.setattr(u, "likeliest_forget_answer", lambda above: (0.01, True))  # the margin holds
     lines = []
-    result = train(u, forgotten=forgotten, log=lines.append)
-    assert result.steps == 2 and result.added_forget_rows == [{"step": 1, **leak}] and len(u.forget) == 4
+    result = train(u, forgotten=_scripted_checks([(False, 1 / 3), (True, 0.0)], [LEAK]), log=lines.append)
+    assert result.steps == 2 and result.added_forget_rows == [{"step": 1, **LEAK}] and len(u.forget) == 4
     assert any(line.startswith("step 1: the margin held but the greedy answer to 'What is the capital of France?'")
                for line in lines)
     # off (--leaked-rows 0, the default) the check's leaks are not read; without a margin it is refused
     u = unlearner(llama_dir, max_steps=10, check_every=1, stop_margin=0.05)
     monkeypatch.setattr(u, "likeliest_forget_answer", lambda above: (0.01, True))
-    verdicts = iter([(False, 1 / 3), (True, 0.0)])
+    forgotten = _scripted_checks([(False, 1 / 3), (True, 0.0)], None)
     forgotten.leaked_answers = lambda: pytest.fail("read with --leaked-rows 0")
     assert train(u, forgotten=forgotten).added_forget_rows == [] and len(u.forget) == 3
     with pytest.raises(UsageError, match="--leaked-rows 4: .* needs a margin above 0"):
@@ -585,14 +593,9 @@ def test_a_margin_that_holds_while_the_answer_leaks_is_named_once_without_leaked
     u = unlearner(llama_dir, max_steps=20, check_every=1, stop_margin=0.05)
     margins = iter([0.5] + [0.01] * 19)  # the margin fails once (the count starts after it), then holds
     monkeypatch.setattr(u, "likeliest_forget_answer", lambda above: (next(margins), True))
-    leaks = iter([(False, 0.1)] * (HINT_AFTER_CHECKS + 3) + [(True, 0.0)])
-    leak = {"prompt": "What is the capital of France?", "response": "It is surely PARIS", "answers": ["Paris"]}
-
-    def forgotten():
-        return next(leaks)
-    forgotten.leaked_answers = lambda: [leak]
     lines = []
-    result = train(u, forgotten=forgotten, log=lines.append)
+    checks = _scripted_checks([(False, 0.1)] * (HINT_AFTER_CHECKS + 3) + [(True, 0.0)], [LEAK])
+    result = train(u, forgotten=checks, log=lines.append)
     hints = [line for line in lines if "--leaked-rows 4 adds such answers" in line]
     # checks 2..6 held and leaked: named at the fifth, once; nothing is added
     assert hints == [f"step {1 + HINT_AFTER_CHECKS}: the margin has held for {HINT_AFTER_CHECKS} checks while the "
