@@ -538,7 +538,10 @@ def test_a_leaked_greedy_answer_joins_the_forget_rows_focused_on_its_answer(llam
     assert row["input_ids"] == encode_pair(u.tokenizer, leak["prompt"], leak["response"], u.config.max_length)["input_ids"]
     assert u.forget_prompts[3] == leak["prompt"] and u.forget_batches.next()[0] == 3  # drawn in the very next batch
     # the margin reads it like any focused row
-    assert 3 in [i for i, r in enumerate(u.forget) if r["focused"]]
+    read = []
+    u._answer_probabilities = lambda indices: read.append(list(indices)) or [0.0] * len(indices)
+    u.likeliest_forget_answer()
+    assert read == [[0, 1, 2, 3]]
     # skipped: the same answer again, an answer not in the response, and past the cap a prompt
     assert u.add_leaked_answers([leak, {**leak, "response": "It is Lyon"}], step=4) == []
     others = [{**leak, "response": f"It is PARIS, {k}"} for k in range(4)]
@@ -603,3 +606,16 @@ def test_a_margin_that_holds_while_the_answer_leaks_is_named_once_without_leaked
                      f"reaches the answer by words the forget rows do not spell, and the run may go on to "
                      f"--max-steps; --leaked-rows 4 adds such answers to the forget rows"]
     assert result.added_forget_rows == [] and len(u.forget) == 3 and result.steps == HINT_AFTER_CHECKS + 5
+
+
+def test_a_leaked_answer_added_under_redirect_gets_its_banned_tokens_even_as_the_first_focused_row(llama_dir):
+    lm = load_model(str(llama_dir), log=lambda m: None)
+    attach_lora(lm.model, LoraSettings(rank=4, alpha=8), seed=0)
+    unfocused = [Example("Who painted it?", "A painter did.", 1, {"answers": ["Vermeer"]})]  # answer not in it
+    config = TrainConfig(lr=1e-2, batch_size=1, forget_loss="redirect", stop_margin=0.05, leaked_rows=4)
+    u = Unlearner(lm.model, lm.tokenizer, unfocused, NORMAL, config)
+    assert not u.forget[0]["focused"] and "banned" not in u.forget[0]
+    leak = {"prompt": "Who painted it?", "response": "It was surely VERMEER", "answers": ["Vermeer"]}
+    assert len(u.add_leaked_answers([leak], step=1)) == 1
+    assert u.forget[1]["focused"] and u.forget[1]["banned"]  # redirect's banned spellings, built on demand
+    assert math.isfinite(u.step()["loss"])  # the added row is drawn next and trained with redirect

@@ -173,6 +173,8 @@ class TrainConfig:
                              f"({', '.join(ASCENT_METHODS)}) have that term, not {self.method}")
         if not 0 <= self.stop_margin < 1:
             raise UsageError(f"--stop-margin {self.stop_margin}: must be in [0, 1) (0: off)")
+        if self.forget_tokens not in ("answers", "names", "response"):
+            raise UsageError(f"--forget-tokens {self.forget_tokens}: expected answers, names or response")
         if self.leaked_rows and not self.stop_margin:
             raise UsageError(f"--leaked-rows {self.leaked_rows}: adds the answers that leak while --stop-margin "
                              f"holds; it needs a margin above 0")
@@ -182,8 +184,6 @@ class TrainConfig:
                              f"it takes --forget-tokens answers or names and a method that pushes the forget "
                              f"tokens down ({', '.join(ASCENT_METHODS)}, npo), not --method {self.method} "
                              f"--forget-tokens {self.forget_tokens}")
-        if self.forget_tokens not in ("answers", "names", "response"):
-            raise UsageError(f"--forget-tokens {self.forget_tokens}: expected answers, names or response")
         if self.schedule not in ("constant", "linear"):
             raise UsageError(f"--schedule {self.schedule}: expected constant or linear")
         if self.max_length < 8:

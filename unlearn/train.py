@@ -210,20 +210,15 @@ class Unlearner:
         encode = lambda p, r: encode_pair(tokenizer, p, r, config.max_length)  # noqa: E731
         # ULMR's forget rows carry negative responses to learn whole, never an answer span to push down.
         by_answers = config.forget_tokens in ("answers", "names") and config.method != "ulmr"
-        names = config.forget_tokens == "names"
+        self._names = config.forget_tokens == "names"
         # Rows without `answers` get the ones derived from their response (spans.py), unless a
         # passage or a long response: then every response token is pushed down.
         focus = (lambda e: row_answers(e)[0]) if by_answers else (lambda e: None)
         self.forget = [encode_pair(tokenizer, *loss_pair(e, config.whole_passage), config.max_length, focus(e),
-                                   names=names) for e in forget]
-        self._redirect_index = None
-        if config.forget_loss == "redirect" and any(row["focused"] for row in self.forget):
-            # The tokens each answer position may not move to (redirect.py); rows scored whole (a
-            # passage, a long response) take unlikelihood instead (losses.redirect_loss).
-            self._redirect_index = redirect.PrefixIndex(tokenizer)
-            for row in self.forget:
-                if row["focused"]:
-                    row["banned"] = redirect.banned_tokens(self._redirect_index, row)
+                                   names=self._names) for e in forget]
+        self._redirect_index = None  # redirect.PrefixIndex, built for the first focused row (`_ban`)
+        for row in self.forget:
+            self._ban(row)
         # The stop rule's leaked greedy answers added to the forget rows (`add_leaked_answers`), in order.
         self.added_forget_rows: list[dict] = []
         self.normal = [encode(e.prompt, e.response) for e in normal]
@@ -353,6 +348,16 @@ class Unlearner:
 
     # --- building the rows of one micro-batch -------------------------------
 
+    def _ban(self, row: dict) -> None:
+        """With --forget-loss redirect, the tokens each answer position of forget ROW may not move to
+        (redirect.py); rows scored whole (a passage, a long response) take unlikelihood instead
+        (losses.redirect_loss) and get none."""
+        if self.config.forget_loss != "redirect" or not row["focused"]:
+            return
+        if self._redirect_index is None:
+            self._redirect_index = redirect.PrefixIndex(self.tokenizer)
+        row["banned"] = redirect.banned_tokens(self._redirect_index, row)
+
     def _mismatch_row(self, forget_index: int) -> dict:
         if self.config.method == "ga+template":
             answer = self.config.template
@@ -429,11 +434,10 @@ class Unlearner:
             if len(same_prompt) >= self.config.leaked_rows or any(r["response"] == leak["response"] for r in same_prompt):
                 continue
             row = encode_pair(self.tokenizer, leak["prompt"], leak["response"], self.config.max_length,
-                              list(leak["answers"]), names=self.config.forget_tokens == "names")
+                              list(leak["answers"]), names=self._names)
             if not row["focused"]:
                 continue
-            if self._redirect_index is not None:
-                row["banned"] = redirect.banned_tokens(self._redirect_index, row)
+            self._ban(row)
             index = len(self.forget)
             self.forget.append(row)
             self.forget_prompts.append(leak["prompt"])
@@ -899,7 +903,7 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                     else:
                         done, leak = forgotten()
                         leaked = getattr(forgotten, "leaked_answers", None)
-                        if not done and config.stop_margin and config.leaked_rows and leaked is not None:
+                        if not done and config.leaked_rows and leaked is not None:  # (validate: with a margin)
                             # the margin held, the greedy answer did not: its own path joins the forget rows
                             for row in unlearner.add_leaked_answers(leaked(), step):
                                 if log:
