@@ -194,6 +194,43 @@ def test_fluency_comes_from_generation_for_the_originals_answers_and_for_identic
         assert m.summary["fluency_ppl"] == pytest.approx(plain.summary["fluency_ppl"], rel=1e-4)
 
 
+def test_a_pooled_measurers_fluency_pairs_join_the_first_measurers_call(tmp_path, monkeypatch):
+    """Sets pooled into another measurer's generation (the probes' into the after measurement) have their
+    fluency pairs scored in that measurer's call, with the same figures as scored alone."""
+    from test_evaluate import build_tiny_lm
+    from unlearn.evaluate import Scorer
+    from unlearn.measure import Measurer, Settings
+    from unlearn.models import load_model
+
+    loaded = load_model(str(build_tiny_lm(tmp_path)), log=lambda m: None)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    first = EvalSet("a", "retain", [Example(p, None, i) for i, p in enumerate(["one", "the cat sat"], 1)])
+    second = EvalSet("b", "retain", [Example(p, None, i) for i, p in enumerate(["what is the capital of France ?",
+                                                                                 "one two", "cat"], 1)])
+    passes = []
+    score = Scorer.logprobs
+    monkeypatch.setattr(Scorer, "logprobs", lambda self, pairs: passes.append(len(pairs)) or score(self, pairs))
+    fluency = Scorer(model, tokenizer)  # one scorer for both, as the run's original-model scorer
+    long, short = Settings(max_new_tokens=6, batch_size=8), Settings(max_new_tokens=3, batch_size=8)
+    alone_a = Measurer(model, tokenizer, long, fluency_scorer=fluency).measure([first])["a"]
+    alone_b = Measurer(model, tokenizer, short, fluency_scorer=fluency).measure([second])["b"]
+    passes.clear()
+    main, probe = (Measurer(model, tokenizer, long, fluency_scorer=fluency),
+                   Measurer(model, tokenizer, short, fluency_scorer=fluency))
+    pooled_a = main.measure([first], pool=[(probe, [second])])["a"]
+    assert passes == [5]  # one call: 2 answers of the first set, 3 of the pooled one
+    pooled_b = probe.measure([second])["b"]
+    assert passes == [5] and probe.fluency_ahead is None  # none of its own, and not kept for another call
+    for pooled, alone in ((pooled_a, alone_a), (pooled_b, alone_b)):
+        assert pooled.outputs == alone.outputs
+        assert pooled.summary["fluency_ppl"] == pytest.approx(alone.summary["fluency_ppl"], rel=1e-4)
+    # a measurer with another fluency scorer is not pooled
+    passes.clear()
+    stranger = Measurer(model, tokenizer, short, fluency_scorer=Scorer(model, tokenizer))
+    Measurer(model, tokenizer, long, fluency_scorer=fluency).measure([first], pool=[(stranger, [second])])
+    assert passes == [2] and stranger.fluency_ahead is None
+
+
 def test_scoring_batches_side_by_side_give_one_calls_logprobs(tmp_path, monkeypatch):
     """On 2 torch threads ShardedScorer deals whole batches to 2 threads (cpu_parts.py): each batch is the one
     a single call forms, and every pair's log-probabilities are the single call's (float rounding apart)."""
@@ -392,6 +429,42 @@ def test_pooled_sets_come_from_one_generation_each_with_its_own_budget(tmp_path,
     stranger = Measurer(other.model, other.tokenizer, short)
     main.answer_sets([first], pool=[(stranger, [second])])
     assert calls == [[8, 8]] and not stranger.ahead
+
+
+def test_a_checks_drafts_are_the_token_ids_the_last_check_generated(tmp_path, monkeypatch):
+    """The next check drafts from the ids the last one generated, not from its stripped text tokenised
+    again (a passage's continuation starts with a space its text has lost: every draft failed at its first
+    token); a draft set from outside (the openings) is tokenised."""
+    import unlearn.generation as generation
+    from test_evaluate import build_tiny_lm
+    from unlearn.measure import Measurer, Settings
+    from unlearn.models import load_model
+
+    loaded = load_model(str(build_tiny_lm(tmp_path)), log=lambda m: None)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    forget = EvalSet("forget", "forget", [Example(p, "Paris", i) for i, p in enumerate(["one", "the cat sat"], 1)])
+    calls = []
+    generate = generation.generate
+
+    def spy(*a, **k):
+        out = generate(*a, **k)
+        calls.append((k.get("drafts"), list(k["token_ids"])))
+        return out
+
+    monkeypatch.setattr(generation, "generate", spy)
+    checker = Measurer(model, tokenizer, Settings(max_new_tokens=6, batch_size=8, likelihood=False))
+    checker.drafts["forget"] = ["one two", "cat"]
+    first = checker.answer(forget, stop_row=lambda i, text: False)
+    generated = calls[0][1]
+    assert calls[0][0] == [tokenizer(d, add_special_tokens=False)["input_ids"] for d in ["one two", "cat"]]
+    assert [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in generated] == first
+    # made to differ from the text's own tokens, as a stripped leading space makes them
+    checker.draft_ids["forget"] = [(text, ids + [7]) for text, ids in zip(first, generated)]
+    assert checker.answer(forget, stop_row=lambda i, text: False) == first
+    assert calls[1][0] == [ids + [7] for ids in generated]
+    checker.drafts["forget"] = ["one two", first[1]]  # set from outside: row 0's ids no longer its draft's
+    checker.answer(forget, stop_row=lambda i, text: False)
+    assert calls[2][0] == [tokenizer("one two", add_special_tokens=False)["input_ids"], generated[1] + [7]]
 
 
 def test_stop_rule_checks_draft_from_the_last_checks_answers(tmp_path, monkeypatch):

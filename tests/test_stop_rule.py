@@ -132,3 +132,20 @@ def test_leaked_answers_are_the_checks_leaking_rows_cut_after_their_answer(monke
     assert forgotten.leaked_answers() == [{"prompt": "Who discovered America in 1492?",
                                            "response": "The story of Christopher COLUMBUS",
                                            "answers": ["Columbus"]}]
+
+
+def test_the_first_check_drafts_from_the_originals_answers_as_generated(monkeypatch):
+    """OPENINGS give each forget row the original's answer and, where generation kept them, its token ids:
+    the ids draft while the text is the draft (a stripped continuation tokenises otherwise)."""
+    checker = SimpleNamespace(drafts={}, draft_ids={}, deciders={})
+    monkeypatch.setattr(run, "Measurer", lambda *a, **k: checker)
+    forget = EvalSet("forget", "forget", [Example(f"q{i}", "a", i + 1) for i in range(3)])
+    opts = SimpleNamespace(train=TrainConfig(), gen_batch_size=8)
+    run.stop_rule(opts, _job(), forget, [], lambda: 1, (), lambda m: None,
+                  openings=[("was built", [13, 14]), ("", None), ("It is", None)])
+    assert checker.drafts["forget"] == ["was built", "", "It is"]
+    assert checker.draft_ids["forget"] == [("was built", [13, 14]), None, None]
+    empty = SimpleNamespace(drafts={}, draft_ids={}, deciders={})
+    monkeypatch.setattr(run, "Measurer", lambda *a, **k: empty)
+    run.stop_rule(opts, _job(), forget, [], lambda: 1, (), lambda m: None, openings=[("", None)] * 3)
+    assert empty.drafts == {} and empty.draft_ids == {}  # no answer of the original's: no drafts

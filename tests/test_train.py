@@ -11,7 +11,7 @@ from unlearn.data import Example, collate, encode_pair
 from unlearn.errors import UsageError
 from unlearn.lora import LoraSettings, adapters_disabled, attach_lora, lora_modules
 from unlearn.models import load_model
-from unlearn.train import Batches, TrainConfig, Unlearner, learning_rate, train
+from unlearn.train import Batches, TrainConfig, Unlearner, learning_rate, through_first_run, train
 
 FORGET = [Example("Who is Harry Potter's friend?", "Hermione Granger and Ron Weasley.", 1),
           Example("Where does Harry Potter study?", "Harry Potter studies at Hogwarts.", 2),
@@ -251,6 +251,19 @@ def test_likeliest_forget_answer_is_the_likeliest_rows_answer_probability(llama_
     p, exact = u.likeliest_forget_answer(above=1.0)
     assert exact and read == [[worst], [i for i in range(len(by_hand)) if i != worst]]
     assert p == pytest.approx(math.exp(by_hand[worst]), rel=1e-4)
+
+
+def test_the_margin_reads_each_row_through_its_answers_first_run():
+    x = losses.IGNORE_INDEX
+    # prompt 3 tokens, answer at 4-5, again at 7: cut after position 5
+    row = {"input_ids": [1, 2, 3, 4, 5, 6, 7, 8, 9], "labels": [x, x, x, x, 5, 6, x, 8, x], "focused": True}
+    cut = through_first_run(row)
+    assert cut["input_ids"] == [1, 2, 3, 4, 5, 6] and cut["labels"] == [x, x, x, x, 5, 6] and cut["focused"]
+    assert row["input_ids"] == [1, 2, 3, 4, 5, 6, 7, 8, 9]  # the row itself is kept whole for training
+    # an answer that ends the row, and a row without labels, stay whole
+    whole = {"input_ids": [1, 2, 3], "labels": [x, 2, 3]}
+    assert through_first_run(whole) == whole
+    assert through_first_run({"input_ids": [1, 2], "labels": [x, x]})["input_ids"] == [1, 2]
 
 
 def test_the_margin_reads_only_rows_focused_on_an_answer(llama_dir):

@@ -358,7 +358,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              desc: str | None = None, stop_row: Callable[[int, str], bool] | None = None,
              record: list | None = None, scored: list | None = None, drafts: list | None = None,
-             _model_generate: bool = False) -> list[str]:
+             token_ids: list | None = None, _model_generate: bool = False) -> list[str]:
     """Generate an answer for each raw prompt (rendered inside); greedy unless DO_SAMPLE.
 
     Batches hold BATCH_SIZE prompts of similar length, fewer if their KV cache would not fit
@@ -380,6 +380,9 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     DRAFTS: per prompt, token ids its greedy answer is likely to start with (another model's
     answer, the last check's), or None: the own loop verifies them several tokens per forward
     (see the module docstring); the answers are the same, the forwards fewer when drafts hold.
+    TOKEN_IDS, if a list, receives per prompt the new token ids its text decodes (a stop token
+    included when generated): a draft to give back as it was generated, since the text is stripped
+    and may tokenise otherwise.
     """
     import torch
     from tqdm import tqdm
@@ -388,6 +391,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
     own_scores: list = [None] * len(prompts)
+    new_ids: list = [None] * len(prompts)
     pad_id = tokenizer.pad_token_id
     stop_ids = _stop_ids(model, tokenizer)
     own_loop = not _model_generate and _own_loop_applies(model, do_sample)
@@ -435,6 +439,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
                     new = [ids[:b] for ids, b in zip(new, mine)]
             for row, i in enumerate(batch):
                 outputs[i] = text(new[row])
+                new_ids[i] = [int(t) for t in new[row]]
                 if batch_scores:
                     own_scores[i] = batch_scores[row]
             if record is not None:
@@ -447,6 +452,8 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
         model.train(was_training)
     if scored is not None:
         scored.extend(own_scores)
+    if token_ids is not None:
+        token_ids.extend(new_ids)
     return outputs
 
 

@@ -195,6 +195,9 @@ class Measurer:
         # Set name -> its answers, generated ahead in another measurer's generation (`answer_sets`' POOL);
         # the next `answer_sets` of that set takes them instead of generating.
         self.ahead: dict[str, list[str]] = {}
+        # The fluency scorer with this measurer's next sets' pairs scored ahead, in another measurer's call
+        # (`measure`'s POOL); the next `_scorers` takes it instead of scoring them in a call of its own.
+        self.fluency_ahead = None
         self._hits: dict[str, dict] = {}  # cache key -> the entry read for it (`uncached`, then `measure`, read once)
         # Set name -> per row, a text its next greedy answer probably starts with, for `answer`'s checks
         # (the stop rule's): the original's answer, then the last check's. Generation verifies such drafts several
@@ -204,6 +207,12 @@ class Measurer:
         # batches (50 rows a thread) are bound by arithmetic, and drafts of the original's answers
         # made them 0-11 % slower there (the README run's sets, the unlearned model, blocks of 4-16).
         self.drafts: dict[str, list[str]] = {}
+        # Set name -> per row, (its draft's text, the token ids a check generated it as), or None: the ids
+        # are the draft's while the text is (else the text is tokenised). A continued passage's answer starts with a space that its text, stripped, has lost,
+        # and tokenised again its first token is another ("was" for " was"), so that every draft of a
+        # passage failed at its first token: its checks decoded a token a forward (`openings`: 1.8 s for
+        # one 28-token row; its own ids, 4 forwards).
+        self.draft_ids: dict[str, list[tuple[str, list[int]] | None]] = {}
         # Set name -> the rows that decided its last check's verdict (`_rate_until_verdict`): the next
         # check answers them first, since a row that leaked a step ago mostly leaks again.
         self.deciders: dict[str, list[int]] = {}
@@ -241,17 +250,25 @@ class Measurer:
         n = len(s.examples)
         rows = list(range(n)) if rows is None else list(rows)
         drafts = self.drafts.get(s.name)
+        known = self.draft_ids.get(s.name) or [None] * n
+        guesses = None if drafts is None else [known[i][1] if known[i] and known[i][0] == drafts[i]
+                                               else self._tokens(drafts[i]) for i in rows]
+        new_ids: list = []
         texts = self._answer([s.examples[i].prompt for i in rows], desc, lambda j, text: stop_row(rows[j], text),
-                             drafts=None if drafts is None else [drafts[i] for i in rows])
+                             drafts=guesses, token_ids=new_ids)
         # The next check's drafts: a check's answers open the next one's, a training step later (the
         # README run: 61-64 % of a check's tokens are its predecessor's opening). A row the verdict cut
         # short keeps the longer draft its answer so far agrees with; a row not answered keeps its own.
-        outputs, following = [""] * n, list(drafts or [""] * n)
-        for i, new in zip(rows, texts):
+        outputs, following, following_ids = [""] * n, list(drafts or [""] * n), list(known)
+        for i, new, ids in zip(rows, texts, new_ids):
             outputs[i] = new
-            following[i] = following[i] if following[i].startswith(new) else new
-        self.drafts[s.name] = following
+            if not following[i].startswith(new):
+                following[i], following_ids[i] = new, (new, ids)
+        self.drafts[s.name], self.draft_ids[s.name] = following, following_ids
         return outputs
+
+    def _tokens(self, draft: str) -> list[int] | None:
+        return self.tokenizer(draft, add_special_tokens=False)["input_ids"] if draft else None
 
     def answer_sets(self, sets: list[EvalSet], desc=False, pool: list[tuple["Measurer", list[EvalSet]]] = ()
                     ) -> dict[str, list[str]]:
@@ -297,10 +314,12 @@ class Measurer:
                 and not theirs.do_sample and mine.batch_size == theirs.batch_size)
 
     def _answer(self, prompts: list[str], desc=False, stop_row=None, scored: list | None = None,
-                budgets: list[int] | None = None, drafts: list[str] | None = None) -> list[str]:
+                budgets: list[int] | None = None, drafts: list | None = None,
+                token_ids: list | None = None) -> list[str]:
         """The answers to PROMPTS; SCORED, a list, receives each answer's `generation.Scored` (or None);
         BUDGETS: each prompt's token budget (default: the settings' max_new_tokens); DRAFTS: per prompt,
-        a text its answer probably starts with (`self.drafts`)."""
+        token ids its answer probably starts with, or None (`self.drafts`); TOKEN_IDS, a list, receives
+        each answer's generated token ids."""
         from unlearn.generation import generate
 
         st = self.settings
@@ -311,33 +330,39 @@ class Measurer:
 
         def work(indices: list[int]) -> list:
             row_stop = None if stop_row is None else (lambda j, text: stop_row(indices[j], text))
-            own = [] if scored is not None else None
+            own, ids = [], []
             mine = [budgets[i] for i in indices]
-            guesses = None if drafts is None else [self.tokenizer(drafts[i], add_special_tokens=False)["input_ids"]
-                                                    if drafts[i] else None for i in indices]
             texts = generate(self.model, self.tokenizer, [prompts[i] for i in indices], batch_size=rows,
                              max_new_tokens=mine, do_sample=st.do_sample, temperature=st.temperature,
-                             top_p=st.top_p, seed=st.seed, desc=desc, stop_row=row_stop, scored=own,
-                             drafts=guesses)
-            return texts if own is None else list(zip(texts, own))  # gathered together under torchrun
+                             top_p=st.top_p, seed=st.seed, desc=desc, stop_row=row_stop,
+                             scored=own if scored is not None else None,
+                             token_ids=ids, drafts=None if drafts is None else [drafts[i] for i in indices])
+            return list(zip(texts, own or [None] * len(texts), ids))  # gathered together under torchrun
 
         if st.do_sample:  # one random stream runs through the batches in order: not shared out
             values = work(list(range(len(prompts))))
         else:
             values = distributed.sharded(len(prompts),
                                          lambda: batches, work)
-        if scored is None:
-            return values
-        scored.extend(own for _, own in values)
-        return [text for text, _ in values]
+        if scored is not None:
+            scored.extend(own for _, own, _ in values)
+        if token_ids is not None:
+            token_ids.extend(ids for _, _, ids in values)
+        return [text for text, _, _ in values]
 
     def _fluency_own(self, s: EvalSet) -> list | None:
         """S's answers' `generation.Scored` that spare fluency a forward pass (`evaluate.own_logprobs`)."""
         return self.own_scores.get(s.name) if self.own_fluency else self.fluency_hints.get(s.name)
 
-    def _scorers(self, sets: list[EvalSet], answers: dict[str, list[str]]) -> tuple:
+    def _scorers(self, sets: list[EvalSet], answers: dict[str, list[str]],
+                 pool: list[tuple["Measurer", list[EvalSet]]] = ()) -> tuple:
         """(scorer, fluency scorer) for `score` of SETS' ANSWERS, each with every pair the sets need from it
-        scored ahead in one call (`evaluate.RememberedScorer`); (None, None) without likelihoods."""
+        scored ahead in one call (`evaluate.RememberedScorer`); (None, None) without likelihoods.
+
+        POOL: (measurer, sets) whose answers wait in the measurer's `ahead`: when it scores fluency with
+        the same scorer, its pairs join that call and it gets the result (`fluency_ahead`). The README
+        run's 8 neighbour-probe pairs alone were a 1.0 s call of their own after the 70 others' 9 s.
+        """
         from unlearn.evaluate import RememberedScorer, fluency_pairs, likelihood_pairs
 
         st = self.settings
@@ -349,7 +374,19 @@ class Measurer:
         if self.fluency_scorer is None or self.fluency_scorer is self.scorer:  # one model: one call for both
             both = RememberedScorer(self.scorer, likely + fluent)
             return both, both
-        return RememberedScorer(self.scorer, likely), RememberedScorer(self.fluency_scorer, fluent)
+        if self.fluency_ahead is not None:
+            fluency, self.fluency_ahead = self.fluency_ahead, None
+            fluency.logprobs(fluent)  # any pair it does not hold yet, in one call
+        else:
+            sharing = [(m, [s for s in theirs if s.name in m.ahead]) for m, theirs in pool
+                       if m is not self and m.settings.likelihood and m.fluency_scorer is self.fluency_scorer]
+            theirs = [p for m, ss in sharing for s in ss
+                      for p in fluency_pairs(m.references(s), m.ahead[s.name], m.tokenizer, m._fluency_own(s))]
+            fluency = RememberedScorer(self.fluency_scorer, fluent + theirs)
+            for m, ss in sharing:
+                if ss:
+                    m.fluency_ahead = fluency
+        return RememberedScorer(self.scorer, likely), fluency
 
     def score(self, s: EvalSet, outputs: list[str], baseline: list[str] | None = None, scorers: tuple = (None, None)
               ) -> Measured:
@@ -435,7 +472,7 @@ class Measurer:
         todo = [s for s in sets if s.name not in measured]
         names = ", ".join(s.name for s in todo)
         answers = self.answer_sets(todo, desc=f"{label}: {names}" if label else False, pool=pool) if todo else {}
-        scorers = self._scorers(todo, answers)
+        scorers = self._scorers(todo, answers, pool)
         for s in todo:
             outputs = answers[s.name]
             measured[s.name] = self.score(s, outputs, outputs if own_baseline else baseline.get(s.name), scorers)

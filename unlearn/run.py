@@ -499,8 +499,12 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log, before: Meas
     # The original's answers to the forget prompts the printed table has (--eval-limit may cut it).
     original = ({row["prompt"]: row["output"] for row in before.sets["forget"].rows}
                 if before is not None and "forget" in before.sets else {})
+    # and the token ids they were generated as, where the generation kept them (not read from the cache)
+    shown = next((s for s in data.sets if s.name == "forget"), None)
+    scored = job.before.own_scores.get("forget") if before is not None and shown is not None else None
+    generated = {e.prompt: own.ids for e, own in zip(shown.examples, scored or ()) if own is not None}
     forgotten = (stop_rule(opts, job, forget, probe_sets, lambda: unlearner.step_count, history, log,
-                           openings=[original.get(e.prompt, "") for e in forget.examples])
+                           openings=[(original.get(e.prompt, ""), generated.get(e.prompt)) for e in forget.examples])
                  if opts.train.check_every else None)
     try:
         result = train(unlearner, forgotten=forgotten, log=log, save_every=data.run_args["save_every"],
@@ -556,7 +560,7 @@ def probe_neighbours(data: Prepared) -> list[list[str]] | None:
 
 
 def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet, probe_sets=(), steps=lambda: 0, history=(),
-              log=default_log, openings: list[str] | None = None):
+              log=default_log, openings: list[tuple[str, list[int] | None]] | None = None):
     """forgotten() -> (done, leak): the forget prompts answered greedily in a short budget.
 
     The check ends as soon as its verdict is reached (`leak_rate`'s DECIDED_ABOVE), so a leak
@@ -575,8 +579,10 @@ def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet, probe_sets=(), ste
     """
     checker = Measurer(job.model, job.tokenizer, Settings(max_new_tokens=opts.train.check_tokens,
                                                           batch_size=opts.gen_batch_size, likelihood=False))
-    if openings and any(openings):  # OPENINGS: per forget row, the original's answer: the first check's drafts
-        checker.drafts[forget.name] = list(openings)
+    if openings and any(text for text, _ in openings):
+        # OPENINGS: per forget row, the original's answer and its token ids (or None): the first check's drafts
+        checker.drafts[forget.name] = [text for text, _ in openings]
+        checker.draft_ids[forget.name] = [(text, ids) if ids is not None else None for text, ids in openings]
     wanted = opts.train.stop_probes
     asked = EvalSet("probes", "retain", [e for s in probe_sets for e in s.examples])
     waits = bool(wanted and asked.examples)  # the probes' own measurer (make_probes) answers them
