@@ -229,6 +229,10 @@ def test_a_pooled_measurers_fluency_pairs_join_the_first_measurers_call(tmp_path
     stranger = Measurer(model, tokenizer, short, fluency_scorer=Scorer(model, tokenizer))
     Measurer(model, tokenizer, long, fluency_scorer=fluency).measure([first], pool=[(stranger, [second])])
     assert passes == [2] and stranger.fluency_ahead is None
+    # a run without probes pools nothing (no measurer, no sets)
+    passes.clear()
+    Measurer(model, tokenizer, long, fluency_scorer=fluency).measure([first], pool=[(None, [])])
+    assert passes == [2]
 
 
 def test_scoring_batches_side_by_side_give_one_calls_logprobs(tmp_path, monkeypatch):

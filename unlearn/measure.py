@@ -379,7 +379,7 @@ class Measurer:
             fluency.logprobs(fluent)  # any pair it does not hold yet, in one call
         else:
             sharing = [(m, [s for s in theirs if s.name in m.ahead]) for m, theirs in pool
-                       if m is not self and m.settings.likelihood and m.fluency_scorer is self.fluency_scorer]
+                       if theirs and m is not self and m.settings.likelihood and m.fluency_scorer is self.fluency_scorer]
             theirs = [p for m, ss in sharing for s in ss
                       for p in fluency_pairs(m.references(s), m.ahead[s.name], m.tokenizer, m._fluency_own(s))]
             fluency = RememberedScorer(self.fluency_scorer, fluent + theirs)
