@@ -207,11 +207,11 @@ class Measurer:
         # batches (50 rows a thread) are bound by arithmetic, and drafts of the original's answers
         # made them 0-11 % slower there (the README run's sets, the unlearned model, blocks of 4-16).
         self.drafts: dict[str, list[str]] = {}
-        # Set name -> per row, (its draft's text, the token ids a check generated it as), or None: the ids
-        # are the draft's while the text is (else the text is tokenised). A continued passage's answer starts with a space that its text, stripped, has lost,
-        # and tokenised again its first token is another ("was" for " was"), so that every draft of a
-        # passage failed at its first token: its checks decoded a token a forward (`openings`: 1.8 s for
-        # one 28-token row; its own ids, 4 forwards).
+        # Set name -> per row, (its draft's text, the token ids a check generated it as), or None; the ids
+        # draft while that text is the row's draft, else the text is tokenised. A continued passage's
+        # answer starts with a space that its stripped text has lost, and tokenised again its first
+        # token is another ("was" for " was"): every passage draft failed at its first token, and its
+        # checks decoded a token a forward (`openings`: 1.8 s for one 28-token row; its own ids, 4 forwards).
         self.draft_ids: dict[str, list[tuple[str, list[int]] | None]] = {}
         # Set name -> the rows that decided its last check's verdict (`_rate_until_verdict`): the next
         # check answers them first, since a row that leaked a step ago mostly leaks again.
