@@ -513,3 +513,48 @@ def test_stop_rule_checks_draft_from_the_last_checks_answers(tmp_path, monkeypat
     assert seen == [[tokenizer("the the", add_special_tokens=False)["input_ids"],
                      tokenizer("one two", add_special_tokens=False)["input_ids"]]]
     assert checker.drafts["forget"] == [expected[0], "", expected[2]]
+
+
+def test_the_unlearned_models_answers_are_scored_from_where_they_part_from_the_originals(tmp_path):
+    """An original measurer that keeps its answers' keys and values (keep_kv) lets the other model's answers
+    be scored under the original from where they part from its own: the same fluency, fewer positions run."""
+    import copy
+
+    import torch
+
+    from test_evaluate import build_tiny_lm
+    from unlearn.measure import Measurer, Settings, ShardedScorer
+    from unlearn.models import load_model
+
+    loaded = load_model(str(build_tiny_lm(tmp_path)), log=lambda m: None)
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    changed = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in changed.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.5)
+    rows = [Example(p, None, i) for i, p in enumerate(["one", "what is the capital of France ?", "the cat sat",
+                                                        "cat", "one two"], 1)]
+    sets = [EvalSet("qs", "retain", rows)]
+    settings = Settings(max_new_tokens=6, batch_size=8)
+    measured, ran = {}, {}
+    for keep in (0, 2**30):
+        scorer = ShardedScorer(model, tokenizer)
+        original = Measurer(model, tokenizer, settings, fluency_scorer=scorer, own_fluency=True)
+        original.keep_kv = keep
+        before = original.measure(sets)["qs"]
+        assert all((own.kv is not None) == bool(keep) for own in original.own_scores["qs"])
+        after = Measurer(changed, tokenizer, settings, fluency_scorer=scorer)
+        after.fluency_hints = original.own_scores
+        positions = []
+        hook = model.register_forward_pre_hook(lambda m, a, kw: positions.append(kw["input_ids"].numel()),
+                                               with_kwargs=True)
+        try:
+            measured[keep] = after.measure(sets)["qs"]
+        finally:
+            hook.remove()
+        ran[keep] = sum(positions)
+    assert measured[0].outputs != before.outputs  # answers of another model, scored under the original
+    assert measured[2**30].outputs == measured[0].outputs
+    assert 0 < ran[2**30] < ran[0]
+    assert measured[2**30].summary["fluency_ppl"] == pytest.approx(measured[0].summary["fluency_ppl"], rel=1e-4)

@@ -474,10 +474,12 @@ class RememberedScorer:
     every set's pairs together (fuller batches, side by side on the threads: 12 -> 10 s on the README
     sets' 91 reference pairs) and each set's metrics then read them; other pairs go to SCORER."""
 
-    def __init__(self, scorer: Scorer, pairs: Sequence[tuple[str, str]]):
+    def __init__(self, scorer: Scorer, pairs: Sequence[tuple[str, str]], contexts: dict | None = None):
+        """CONTEXTS: `measure.ShardedScorer.logprobs`' (kept caches of the scoring model's own answers)."""
         self.scorer, self.tokenizer = scorer, scorer.tokenizer
         unique = list(dict.fromkeys(pairs))
-        self.known = dict(zip(unique, scorer.logprobs(unique))) if unique else {}
+        scored = scorer.logprobs(unique, contexts) if contexts else scorer.logprobs(unique) if unique else []
+        self.known = dict(zip(unique, scored))
 
     def logprobs(self, pairs):
         pairs = list(pairs)
@@ -576,10 +578,17 @@ def _fluency_plan(examples, outputs, tokenizer, own_scores, scored: bool):
     return div, degenerate, kept, known, [i for i in kept if i not in known]
 
 
-def fluency_pairs(examples, outputs, tokenizer, own_scores=None) -> list[tuple[str, str]]:
-    """The (prompt, output) pairs `_fluency` sends to its scorer."""
+def fluency_pairs(examples, outputs, tokenizer, own_scores=None, contexts: dict | None = None
+                  ) -> list[tuple[str, str]]:
+    """The (prompt, output) pairs `_fluency` sends to its scorer. CONTEXTS, a dict, receives pair -> the
+    scorer's own answer to that prompt (OWN_SCORES') where generation kept its keys and values
+    (continued_scoring.py)."""
     todo = _fluency_plan(examples, outputs, tokenizer, own_scores, scored=True)[-1]
-    return [(examples[i].prompt, outputs[i]) for i in todo]
+    pairs = [(examples[i].prompt, outputs[i]) for i in todo]
+    if contexts is not None and own_scores is not None:
+        contexts.update((pair, own_scores[i]) for pair, i in zip(pairs, todo)
+                        if own_scores[i] is not None and own_scores[i].kv is not None)
+    return pairs
 
 
 def _fluency(fluency_scorer: Scorer, examples, outputs, tokenizer, own_scores=None) -> tuple[list, list, list, list]:

@@ -173,12 +173,19 @@ class Scored:
     ids: list[int]
     logprobs: list[float]
     end: dict[int, float] | None = None
+    # With generate's KEEP_KV: the rendered prompt's token ids, and per layer the (keys, values) the
+    # model computed for that prompt and then the answer's tokens fed back (all but the last, or all
+    # after a budget cut's extra step), each heads x positions x head size. A later scoring of another
+    # answer to this prompt by the same model starts where the two answers part
+    # (`continued_scoring.py`): the original model's fluency of the unlearned model's answers.
+    prompt_ids: list[int] | None = None
+    kv: list | None = None
 
 
 def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: int, budgets: list[int],
                   should_stop: Callable[[int, list[int]], bool] | None, prefix: list[int] = (),
                   scored: list | None = None, cancelled: Callable[[], bool] | None = None,
-                  drafts: list | None = None, forwards: list | None = None) -> list[list[int]]:
+                  drafts: list | None = None, forwards: list | None = None, keep_kv: int = 0) -> list[list[int]]:
     """Greedy new tokens of each row of a left-padded batch (EOS included when reached).
 
     BUDGETS: each row's number of new tokens: a row ends at its own budget exactly as in a batch of
@@ -195,10 +202,17 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
     DRAFTS: per row, token ids its answer may well start with (or None): verified DRAFT_BLOCK at a
     time (see the module docstring); they change how many forwards run, not the answer.
     FORWARDS, a list: receives the number of forward passes the batch ran (the prefix's apart).
+    KEEP_KV: with SCORED, up to this many bytes of the rows' keys and values are copied out as each row
+    ends, into its `Scored.prompt_ids` and `Scored.kv` (rows in order until the bytes run out).
     """
     import torch
 
     rows, width = input_ids.shape
+    kept: dict[int, tuple[list[int], list]] = {}
+    keep_kv = keep_kv if scored is not None and kv_keepable(model) else 0
+    if keep_kv:
+        contexts = [list(prefix) + input_ids[r][attention[r].bool()].tolist() for r in range(rows)]
+        per_position = kv_bytes_per_position(model)
     max_new_tokens = max(budgets)  # the batch's new tokens at most
     device = next(model.parameters()).device
     cache_name = cache_argument(model)
@@ -300,6 +314,10 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
             keep.append(i)
             heads.append((tokens[row][-1], int(new_positions[i, -width - 1]) + 1 + accepted))
         if len(keep) < len(live):
+            if keep_kv:
+                for i in sorted(set(range(len(live))) - set(keep)):
+                    kept[live[i]], taken = _keep_row(cache, i, mask[i], contexts[live[i]], keep_kv, per_position)
+                    keep_kv -= taken
             # Rows that have ended leave the batch (their keys and values with them), so each
             # step computes only rows still generating (see the module docstring).
             index = torch.tensor(keep, dtype=torch.long, device=device)
@@ -312,8 +330,31 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
     if forwards is not None:
         forwards.append(runs)
     if scored is not None:
-        scored.extend(Scored(tokens[row], logprobs[row], cut.get(row)) for row in range(rows))
+        scored.extend(Scored(tokens[row], logprobs[row], cut.get(row), *(kept.get(row) or (None, None)))
+                      for row in range(rows))
     return tokens
+
+
+def kv_keepable(model) -> bool:
+    """Whether a row's keys and values can be copied out of MODEL's decoding cache: every layer keeps every
+    position (full attention: `kv_cache.new_cache`'s buffers, not a sliding window) and the config says
+    how many bytes a position takes."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(new_cache(model), "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers) and bool(kv_bytes_per_position(model))
+
+
+def _keep_row(cache, i: int, mask_row, prompt: list[int], budget: int,
+              per_position: int) -> tuple[tuple[list[int], list] | None, int]:
+    """The ended row I of CACHE as (PROMPT, per-layer (keys, values)), and the bytes it takes; (None, 0)
+    when they would pass BUDGET. The cache's columns that count (MASK_ROW 1: not padding, not a rejected
+    draft) are PROMPT's, then the answer's tokens fed back."""
+    columns = mask_row.nonzero()[:, 0]
+    if len(columns) * per_position > budget:
+        return None, 0
+    kv = [(layer.keys[i][:, columns], layer.values[i][:, columns]) for layer in cache.layers]  # copies
+    return (prompt, kv), len(columns) * per_position
 
 
 def _greedy_parts(model, input_ids, attention, parts: int, *, should_stop, scored, **options) -> list[list[int]]:
@@ -328,6 +369,7 @@ def _greedy_parts(model, input_ids, attention, parts: int, *, should_stop, score
     thread count: bench/generation_bench.py counts outputs identical to `model.generate`'s).
     """
     budgets, drafts, forwards = options.pop("budgets"), options.pop("drafts", None), options.pop("forwards", None)
+    options["keep_kv"] = options.get("keep_kv", 0) // parts  # each slice its share of the bytes
 
     def part(lo: int, hi: int):
         used = attention[lo:hi].any(0).nonzero()
@@ -358,7 +400,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              desc: str | None = None, stop_row: Callable[[int, str], bool] | None = None,
              record: list | None = None, scored: list | None = None, drafts: list | None = None,
-             token_ids: list | None = None, _model_generate: bool = False) -> list[str]:
+             token_ids: list | None = None, keep_kv: int = 0, _model_generate: bool = False) -> list[str]:
     """Generate an answer for each raw prompt (rendered inside); greedy unless DO_SAMPLE.
 
     Batches hold BATCH_SIZE prompts of similar length, fewer if their KV cache would not fit
@@ -383,6 +425,8 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     TOKEN_IDS, if a list, receives per prompt the new token ids its text decodes (a stop token
     included when generated): a draft to give back as it was generated, since the text is stripped
     and may tokenise otherwise.
+    KEEP_KV: with SCORED, up to this many bytes of the answers' keys and values (the whole call) are
+    kept in their `Scored` (`Scored.kv`; the own loop only).
     """
     import torch
     from tqdm import tqdm
@@ -425,7 +469,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
             with torch.inference_mode():
                 if own_loop:
                     options = dict(stop_ids=stop_ids, pad_id=pad_id, budgets=mine, forwards=runs,
-                                   prefix=prompts_ids[0][:shared],
+                                   prefix=prompts_ids[0][:shared], keep_kv=keep_kv if batch_scores is not None else 0,
                                    drafts=None if drafts is None else [drafts[i] for i in batch])
                     parts = parallel_pieces(model, len(batch), MIN_ROWS_PER_WORKER)
                     new = (_greedy_parts(model, input_ids, attention, parts, should_stop=should_stop,
@@ -442,6 +486,8 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
                 new_ids[i] = [int(t) for t in new[row]]
                 if batch_scores:
                     own_scores[i] = batch_scores[row]
+                    if own_scores[i].kv is not None:
+                        keep_kv -= own_scores[i].kv[0][0].shape[1] * kv_bytes_per_position(model)
             if record is not None:
                 record.append({"rows": len(batch), "indices": list(batch), "width": input_ids.shape[1] + shared,
                                "shared_prefix": shared, "prompt_tokens": sum(map(len, prompts_ids)),

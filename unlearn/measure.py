@@ -110,6 +110,12 @@ class Measured:
 # scoring batches stay at most this size whatever the generation batch is.
 SCORE_BATCH_SIZE = 16
 
+# The original model's keys and values an `unlearn run` keeps from its own answers (`Measurer.keep_kv`),
+# so that the unlearned model's answers are scored under it only from where they part from its own
+# (continued_scoring.py). A position is 46 KB on the embedded model (the README run's 112 answers:
+# ~0.4 GB), 0.4 MB at OPT-1.3B, where this keeps ~30 answers and scores the others whole.
+KEPT_KV_BUDGET = 2**30
+
 
 def _cut(order: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -140,14 +146,46 @@ def scoring_batches(tokenizer, pairs: list[tuple[str, str]], batch_size: int) ->
     return _cut(sorted(range(len(pairs)), key=lengths.__getitem__), batch_size)
 
 
+def resumable(tokenizer, pairs: list[tuple[str, str]], contexts: dict) -> dict[int, tuple]:
+    """Index -> (encoded pair, its context's `Scored`, where to resume) for the PAIRS that CONTEXTS lets
+    continue from a kept cache (`continued_scoring.resume_point`)."""
+    from unlearn.continued_scoring import resume_point
+    from unlearn.data import encode_pair
+    from unlearn.evaluate import SCORE_MAX_LENGTH
+
+    found = {}
+    for i, pair in enumerate(pairs):
+        own = contexts.get(pair)
+        if own is not None and own.kv is not None:
+            feature = encode_pair(tokenizer, *pair, SCORE_MAX_LENGTH)
+            start = resume_point(feature, own)
+            if start:
+                found[i] = (feature, own, start)
+    return found
+
+
 class ShardedScorer(Scorer):
     """A `Scorer` whose forward passes are shared out between the ranks under torchrun (whole batches), and
     within a process on a CPU between its torch threads (whole batches side by side: cpu_parts.py)."""
 
-    def logprobs(self, pairs):
+    def logprobs(self, pairs, contexts: dict | None = None):
+        """CONTEXTS: pair -> this model's own `generation.Scored` answer to the pair's prompt, with its keys
+        and values kept: such a pair runs only from where it parts from that answer (continued_scoring.py;
+        one process only, as under torchrun the pairs are shared out by length)."""
         pairs = list(pairs)
-        return distributed.sharded(len(pairs), lambda: scoring_batches(self.tokenizer, pairs, self.batch_size),
-                                   lambda indices: self._side_by_side([pairs[i] for i in indices]))
+        resumed = {}
+        if contexts and not distributed.shares_work():
+            resumed = resumable(self.tokenizer, pairs, contexts)
+        rest = [i for i in range(len(pairs)) if i not in resumed]
+        values = dict(zip(rest, distributed.sharded(
+            len(rest), lambda: scoring_batches(self.tokenizer, [pairs[i] for i in rest], self.batch_size),
+            lambda indices: self._side_by_side([pairs[rest[i]] for i in indices])))) if rest else {}
+        if resumed:
+            from unlearn.continued_scoring import continued_logprobs
+
+            values.update(zip(resumed, continued_logprobs(self.model, self.tokenizer.pad_token_id,
+                                                          list(resumed.values()), self.batch_size)))
+        return [values[i] for i in range(len(pairs))]
 
     def _side_by_side(self, pairs: list) -> list:
         """Scorer.logprobs of PAIRS, its batches dealt out to the pieces in turn (`cpu_parts.dealt_batches`):
@@ -192,6 +230,9 @@ class Measurer:
         # Set name -> the fluency model's own `Scored` answers to that set's prompts (the original's, for
         # the unlearned model's measurer): an answer that is token for token the same is not scored again.
         self.fluency_hints: dict[str, list | None] = {}
+        # Bytes of its answers' keys and values an OWN_FLUENCY measurer keeps in their `Scored` (0: none),
+        # for the unlearned model's measurer to score its answers' fluency from (continued_scoring.py).
+        self.keep_kv = 0
         # Set name -> its answers, generated ahead in another measurer's generation (`answer_sets`' POOL);
         # the next `answer_sets` of that set takes them instead of generating.
         self.ahead: dict[str, list[str]] = {}
@@ -288,14 +329,17 @@ class Measurer:
         """
         groups = [(self, [s for s in sets if s.name not in self.ahead])]
         groups += [(m, list(theirs)) for m, theirs in pool if theirs and self.poolable(m)]
-        prompts, budgets, wanted = [], [], False
+        prompts, budgets, wanted, keep = [], [], False, 0
         for m, theirs in groups:
             for s in theirs:
                 prompts += [e.prompt for e in s.examples]
                 budgets += [m.settings.max_new_tokens] * len(s.examples)
-            wanted = wanted or bool(theirs and m.own_fluency and m.settings.likelihood)
+            if theirs and m.own_fluency and m.settings.likelihood:
+                wanted, keep = True, max(keep, m.keep_kv)
         scored = [] if wanted else None
-        outputs = self._answer(prompts, desc, scored=scored, budgets=budgets) if prompts else []
+        # under torchrun the answers are gathered between ranks: not with their caches
+        keep = 0 if distributed.shares_work() else keep
+        outputs = self._answer(prompts, desc, scored=scored, budgets=budgets, keep_kv=keep) if prompts else []
         start = 0
         for m, theirs in groups:
             keeps = m.own_fluency and m.settings.likelihood
@@ -315,11 +359,11 @@ class Measurer:
 
     def _answer(self, prompts: list[str], desc=False, stop_row=None, scored: list | None = None,
                 budgets: list[int] | None = None, drafts: list | None = None,
-                token_ids: list | None = None) -> list[str]:
+                token_ids: list | None = None, keep_kv: int = 0) -> list[str]:
         """The answers to PROMPTS; SCORED, a list, receives each answer's `generation.Scored` (or None);
         BUDGETS: each prompt's token budget (default: the settings' max_new_tokens); DRAFTS: per prompt,
         token ids its answer probably starts with, or None (`self.drafts`); TOKEN_IDS, a list, receives
-        each answer's generated token ids."""
+        each answer's generated token ids; KEEP_KV: `generation.generate`'s (bytes of keys and values kept)."""
         from unlearn.generation import generate
 
         st = self.settings
@@ -336,7 +380,8 @@ class Measurer:
                              max_new_tokens=mine, do_sample=st.do_sample, temperature=st.temperature,
                              top_p=st.top_p, seed=st.seed, desc=desc, stop_row=row_stop,
                              scored=own if scored is not None else None,
-                             token_ids=ids, drafts=None if drafts is None else [drafts[i] for i in indices])
+                             token_ids=ids, drafts=None if drafts is None else [drafts[i] for i in indices],
+                             keep_kv=keep_kv)
             return list(zip(texts, own or [None] * len(texts), ids))  # gathered together under torchrun
 
         if st.do_sample:  # one random stream runs through the batches in order: not shared out
@@ -369,8 +414,9 @@ class Measurer:
         if not st.likelihood or not sets:
             return None, None
         likely = [p for s in sets for p in likelihood_pairs(self.references(s), st.members, st.holdout)[0]]
+        contexts: dict = {}  # pairs the fluency scorer continues from its own answer's kept cache
         fluent = [p for s in sets for p in fluency_pairs(self.references(s), answers[s.name], self.tokenizer,
-                                                          self._fluency_own(s))]
+                                                          self._fluency_own(s), contexts)]
         if self.fluency_scorer is None or self.fluency_scorer is self.scorer:  # one model: one call for both
             both = RememberedScorer(self.scorer, likely + fluent)
             return both, both
@@ -381,8 +427,9 @@ class Measurer:
             sharing = [(m, [s for s in theirs if s.name in m.ahead]) for m, theirs in pool
                        if theirs and m is not self and m.settings.likelihood and m.fluency_scorer is self.fluency_scorer]
             theirs = [p for m, ss in sharing for s in ss
-                      for p in fluency_pairs(m.references(s), m.ahead[s.name], m.tokenizer, m._fluency_own(s))]
-            fluency = RememberedScorer(self.fluency_scorer, fluent + theirs)
+                      for p in fluency_pairs(m.references(s), m.ahead[s.name], m.tokenizer, m._fluency_own(s),
+                                             contexts)]
+            fluency = RememberedScorer(self.fluency_scorer, fluent + theirs, contexts)
             for m, ss in sharing:
                 if ss:
                     m.fluency_ahead = fluency
@@ -497,9 +544,9 @@ def original_scorer(model, tokenizer, reference_model, batch_size: int):
         return ShardedScorer(reference_model, tokenizer, batch_size=batch_size)
 
     class AdaptersOffScorer(ShardedScorer):
-        def logprobs(self, pairs):
+        def logprobs(self, pairs, contexts: dict | None = None):
             with adapters_disabled(self.model):
-                return super().logprobs(pairs)
+                return super().logprobs(pairs, contexts)
 
     return AdaptersOffScorer(model, tokenizer, batch_size=batch_size)
 

@@ -32,7 +32,8 @@ from unlearn.config import RunOptions
 from unlearn.data import Example, read_examples
 from unlearn.errors import Interrupted, UnlearnError, UsageError
 from unlearn.log import log as default_log
-from unlearn.measure import EvalSet, Measured, Measurer, Settings, kept_rate, leak_rate, original_scorer, read_eval_sets
+from unlearn.measure import (KEPT_KV_BUDGET, EvalSet, Measured, Measurer, Settings, kept_rate, leak_rate, original_scorer,
+                             read_eval_sets)
 from unlearn.outputs import check_output_dir
 from unlearn.spans import describe_spans, row_answers, through_first_answer
 
@@ -288,6 +289,7 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     # Fluency is the original's perplexity: an answer the unlearned model gives token for token as the
     # original did has the original's log-probabilities already (measure.Measurer.fluency_hints).
     after.fluency_hints = before.own_scores
+    before.keep_kv = KEPT_KV_BUDGET  # and with their keys and values, it scores the others from where they part
     return Loaded(loaded, model, tokenizer, reference_model, device, forward_model, after, before,
                   train_rows, augment_stats, load_seconds=time.perf_counter() - started - augment_seconds,
                   augment_seconds=augment_seconds)
@@ -364,6 +366,7 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
     job.probe_before = Measurer(job.before.model, job.tokenizer, settings, own_fluency=True, **common)
     job.probe_after = Measurer(job.model, job.tokenizer, settings, **common)
     job.probe_after.fluency_hints = job.probe_before.own_scores  # as for the other sets (load)
+    job.probe_before.keep_kv = KEPT_KV_BUDGET
 
     def build():
         with adapters_disabled(job.model):
