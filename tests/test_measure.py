@@ -558,3 +558,40 @@ def test_the_unlearned_models_answers_are_scored_from_where_they_part_from_the_o
     assert measured[2**30].outputs == measured[0].outputs
     assert 0 < ran[2**30] < ran[0]
     assert measured[2**30].summary["fluency_ppl"] == pytest.approx(measured[0].summary["fluency_ppl"], rel=1e-4)
+
+
+def test_the_originals_likelihoods_of_the_responses_run_from_its_own_kept_answers(tmp_path):
+    """The original measuring itself with keep_kv scores a forget set's responses from where they part from
+    its own answers to their prompts: the same probabilities and truth ratios, fewer positions run."""
+    from test_evaluate import build_tiny_lm
+    from unlearn.measure import Measurer, Settings
+    from unlearn.models import load_model
+
+    loaded = load_model(str(build_tiny_lm(tmp_path)), log=lambda m: None)
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    prompts = ["one", "what is the capital of France ?", "the cat sat"]
+    first = Measurer(model, tokenizer, Settings(max_new_tokens=6, batch_size=8), own_fluency=True)
+    answers = first.answer_sets([EvalSet("q", "retain", [Example(p, None, i) for i, p in enumerate(prompts)])])["q"]
+    # responses that open like the model's own answers, then go elsewhere; one with a truth-ratio set
+    rows = [Example(p, (a.split(" ")[0] + " cat one").strip(), i,
+                    {"paraphrased_response": "the cat", "perturbed_responses": ["one two", "France"]} if i == 0 else {})
+            for i, (p, a) in enumerate(zip(prompts, answers))]
+    sets = [EvalSet("forget", "forget", rows)]
+    measured, ran = {}, {}
+    for keep in (0, 2**30):
+        original = Measurer(model, tokenizer, Settings(max_new_tokens=6, batch_size=8), own_fluency=True)
+        original.keep_kv = keep
+        positions = []
+        # every forward's positions: generation runs the same ones either way, scoring fewer
+        hook = model.register_forward_pre_hook(lambda m, a, kw: positions.append(kw["input_ids"].numel()),
+                                               with_kwargs=True)
+        try:
+            measured[keep] = original.measure(sets)["forget"]
+        finally:
+            hook.remove()
+        ran[keep] = sum(positions)
+    assert measured[2**30].outputs == measured[0].outputs
+    for key in ("probability", "truth_ratio", "fluency_ppl"):
+        assert measured[0].summary[key] is not None
+        assert measured[2**30].summary[key] == pytest.approx(measured[0].summary[key], rel=1e-4)
+    assert ran[2**30] < ran[0]

@@ -413,12 +413,20 @@ class Measurer:
         st = self.settings
         if not st.likelihood or not sets:
             return None, None
-        likely = [p for s in sets for p in likelihood_pairs(self.references(s), st.members, st.holdout)[0]]
-        contexts: dict = {}  # pairs the fluency scorer continues from its own answer's kept cache
+        # Pairs a scorer continues from its own answer's kept cache (continued_scoring.py): the original's
+        # likelihoods of the sets' responses (its own answers, by this measurer's model as it is now) ...
+        likely, own_contexts = [], {}
+        for s in sets:
+            pairs, slots = likelihood_pairs(self.references(s), st.members, st.holdout)
+            likely += pairs
+            own = self.own_scores.get(s.name) if self.own_fluency else None
+            own_contexts.update((pair, own[i]) for pair, (kind, i) in zip(pairs, slots)
+                                if own and kind in ("ref", "para", "pert") and getattr(own[i], "kv", None) is not None)
+        contexts: dict = {}  # ... and the fluency of another model's answers, by the original's answers
         fluent = [p for s in sets for p in fluency_pairs(self.references(s), answers[s.name], self.tokenizer,
                                                           self._fluency_own(s), contexts)]
         if self.fluency_scorer is None or self.fluency_scorer is self.scorer:  # one model: one call for both
-            both = RememberedScorer(self.scorer, likely + fluent)
+            both = RememberedScorer(self.scorer, likely + fluent, own_contexts)
             return both, both
         if self.fluency_ahead is not None:
             fluency, self.fluency_ahead = self.fluency_ahead, None
@@ -433,7 +441,7 @@ class Measurer:
             for m, ss in sharing:
                 if ss:
                     m.fluency_ahead = fluency
-        return RememberedScorer(self.scorer, likely), fluency
+        return RememberedScorer(self.scorer, likely, own_contexts), fluency
 
     def score(self, s: EvalSet, outputs: list[str], baseline: list[str] | None = None, scorers: tuple = (None, None)
               ) -> Measured:
