@@ -560,9 +560,11 @@ def test_the_unlearned_models_answers_are_scored_from_where_they_part_from_the_o
     assert measured[2**30].summary["fluency_ppl"] == pytest.approx(measured[0].summary["fluency_ppl"], rel=1e-4)
 
 
-def test_the_originals_likelihoods_of_the_responses_run_from_its_own_kept_answers(tmp_path):
-    """The original measuring itself with keep_kv scores a forget set's responses from where they part from
-    its own answers to their prompts: the same probabilities and truth ratios, fewer positions run."""
+@pytest.mark.parametrize("own_fluency", [True, False])
+def test_a_sets_likelihoods_of_the_responses_run_from_the_measurers_own_kept_answers(tmp_path, own_fluency):
+    """A measurer with keep_kv scores a forget set's responses from where they part from its own answers to
+    their prompts (the original measuring itself, and the unlearned model's measurer): the same probabilities
+    and truth ratios, fewer positions run; the latter's caches last for that `measure` call only."""
     from test_evaluate import build_tiny_lm
     from unlearn.measure import Measurer, Settings
     from unlearn.models import load_model
@@ -579,7 +581,7 @@ def test_the_originals_likelihoods_of_the_responses_run_from_its_own_kept_answer
     sets = [EvalSet("forget", "forget", rows)]
     measured, ran = {}, {}
     for keep in (0, 2**30):
-        original = Measurer(model, tokenizer, Settings(max_new_tokens=6, batch_size=8), own_fluency=True)
+        original = Measurer(model, tokenizer, Settings(max_new_tokens=6, batch_size=8), own_fluency=own_fluency)
         original.keep_kv = keep
         positions = []
         # every forward's positions: generation runs the same ones either way, scoring fewer
@@ -590,6 +592,7 @@ def test_the_originals_likelihoods_of_the_responses_run_from_its_own_kept_answer
         finally:
             hook.remove()
         ran[keep] = sum(positions)
+        assert not original.own_contexts
     assert measured[2**30].outputs == measured[0].outputs
     for key in ("probability", "truth_ratio", "fluency_ppl"):
         assert measured[0].summary[key] is not None

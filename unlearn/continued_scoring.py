@@ -18,9 +18,11 @@ the logits of the first different one (and F is at most the kept positions). The
 whole pass's up to float rounding (other matmul shapes, as with the thread count):
 tests/test_continued_scoring.py compares them.
 
-Measured on the README run (the unlearned model's 60 answers that differ from the original's):
-1,024 positions of prompt beyond the shared system message and 2,512 of answers, 991 of which
-open like the original's answer. Scored this way, 1,581 positions run instead of 3,536.
+Measured on the README command's model after its run (its forget, paraphrase, held-out and normal
+prompts, 32 and 48 tokens): 60 of 85 answers differ from the original's; they have 1,024 prompt
+positions beyond the shared system message and 2,512 answer tokens, 991 of which open like the
+original's answer. Scored this way, 1,581 positions run instead of 3,536 (and logits at 1,581
+instead of 2,512).
 """
 
 from __future__ import annotations

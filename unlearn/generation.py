@@ -185,7 +185,8 @@ class Scored:
 def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: int, budgets: list[int],
                   should_stop: Callable[[int, list[int]], bool] | None, prefix: list[int] = (),
                   scored: list | None = None, cancelled: Callable[[], bool] | None = None,
-                  drafts: list | None = None, forwards: list | None = None, keep_kv: int = 0) -> list[list[int]]:
+                  drafts: list | None = None, forwards: list | None = None, keep_kv: int = 0,
+                  keep_rows: list[bool] | None = None) -> list[list[int]]:
     """Greedy new tokens of each row of a left-padded batch (EOS included when reached).
 
     BUDGETS: each row's number of new tokens: a row ends at its own budget exactly as in a batch of
@@ -203,7 +204,8 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
     time (see the module docstring); they change how many forwards run, not the answer.
     FORWARDS, a list: receives the number of forward passes the batch ran (the prefix's apart).
     KEEP_KV: with SCORED, up to this many bytes of the rows' keys and values are copied out as each row
-    ends, into its `Scored.prompt_ids` and `Scored.kv` (rows in order until the bytes run out).
+    ends, into its `Scored.prompt_ids` and `Scored.kv` (rows in order until the bytes run out); KEEP_ROWS, per
+    row, whether to (None: every row).
     """
     import torch
 
@@ -316,6 +318,8 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
         if len(keep) < len(live):
             if keep_kv:
                 for i in sorted(set(range(len(live))) - set(keep)):
+                    if keep_rows is not None and not keep_rows[live[i]]:
+                        continue
                     kept[live[i]], taken = _keep_row(cache, i, mask[i], contexts[live[i]], keep_kv, per_position)
                     keep_kv -= taken
             # Rows that have ended leave the batch (their keys and values with them), so each
@@ -370,6 +374,7 @@ def _greedy_parts(model, input_ids, attention, parts: int, *, should_stop, score
     """
     budgets, drafts, forwards = options.pop("budgets"), options.pop("drafts", None), options.pop("forwards", None)
     options["keep_kv"] = options.get("keep_kv", 0) // parts  # each slice its share of the bytes
+    keep_rows = options.pop("keep_rows", None)
 
     def part(lo: int, hi: int):
         used = attention[lo:hi].any(0).nonzero()
@@ -380,7 +385,8 @@ def _greedy_parts(model, input_ids, attention, parts: int, *, should_stop, score
             own = [] if scored is not None else None
             tokens = _greedy_batch(model, input_ids[lo:hi, start:], attention[lo:hi, start:], should_stop=check,
                                    scored=own, cancelled=cancelled, budgets=budgets[lo:hi], forwards=forwards,
-                                   drafts=None if drafts is None else drafts[lo:hi], **options)
+                                   drafts=None if drafts is None else drafts[lo:hi],
+                                   keep_rows=None if keep_rows is None else keep_rows[lo:hi], **options)
             return tokens, own
         return run
 
@@ -400,7 +406,8 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
              desc: str | None = None, stop_row: Callable[[int, str], bool] | None = None,
              record: list | None = None, scored: list | None = None, drafts: list | None = None,
-             token_ids: list | None = None, keep_kv: int = 0, _model_generate: bool = False) -> list[str]:
+             token_ids: list | None = None, keep_kv: int = 0, keep_rows: list[bool] | None = None,
+             _model_generate: bool = False) -> list[str]:
     """Generate an answer for each raw prompt (rendered inside); greedy unless DO_SAMPLE.
 
     Batches hold BATCH_SIZE prompts of similar length, fewer if their KV cache would not fit
@@ -426,7 +433,8 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     included when generated): a draft to give back as it was generated, since the text is stripped
     and may tokenise otherwise.
     KEEP_KV: with SCORED, up to this many bytes of the answers' keys and values (the whole call) are
-    kept in their `Scored` (`Scored.kv`; the own loop only).
+    kept in their `Scored` (`Scored.kv`; the own loop only); KEEP_ROWS, per prompt, whether its answer keeps
+    them (None: every prompt's).
     """
     import torch
     from tqdm import tqdm
@@ -470,6 +478,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
                 if own_loop:
                     options = dict(stop_ids=stop_ids, pad_id=pad_id, budgets=mine, forwards=runs,
                                    prefix=prompts_ids[0][:shared], keep_kv=keep_kv if batch_scores is not None else 0,
+                                   keep_rows=None if keep_rows is None else [keep_rows[i] for i in batch],
                                    drafts=None if drafts is None else [drafts[i] for i in batch])
                     parts = parallel_pieces(model, len(batch), MIN_ROWS_PER_WORKER)
                     new = (_greedy_parts(model, input_ids, attention, parts, should_stop=should_stop,

@@ -110,10 +110,11 @@ class Measured:
 # scoring batches stay at most this size whatever the generation batch is.
 SCORE_BATCH_SIZE = 16
 
-# The original model's keys and values an `unlearn run` keeps from its own answers (`Measurer.keep_kv`),
-# so that the unlearned model's answers are scored under it only from where they part from its own
-# (continued_scoring.py). A position is 46 KB on the embedded model (the README run's 112 answers:
-# ~0.4 GB), 0.4 MB at OPT-1.3B, where this keeps ~30 answers and scores the others whole.
+# The keys and values an `unlearn run` keeps from each model's own answers (`Measurer.keep_kv`), so that
+# pairs are scored only from where they part from those answers (continued_scoring.py): the original's
+# for its likelihoods and the unlearned model's fluency (the whole run), the unlearned model's for its
+# likelihoods (one measurement). A position is 46 KB on the embedded model (the README run's 112
+# original answers: ~0.4 GB), 0.4 MB at OPT-1.3B, where this keeps ~30 answers and scores the others whole.
 KEPT_KV_BUDGET = 2**30
 
 
@@ -230,9 +231,13 @@ class Measurer:
         # Set name -> the fluency model's own `Scored` answers to that set's prompts (the original's, for
         # the unlearned model's measurer): an answer that is token for token the same is not scored again.
         self.fluency_hints: dict[str, list | None] = {}
-        # Bytes of its answers' keys and values an OWN_FLUENCY measurer keeps in their `Scored` (0: none),
-        # for the unlearned model's measurer to score its answers' fluency from (continued_scoring.py).
+        # Bytes of its answers' keys and values a measurer keeps in their `Scored` (0: none), to score pairs
+        # from where they part from its answers (continued_scoring.py): an OWN_FLUENCY measurer (the
+        # original) keeps every answer's, for its own likelihoods and for the unlearned model's fluency;
+        # another keeps those of rows with likelihood pairs (`_likely_rows`), for this `measure` call only
+        # (`own_contexts`: its model changes between calls).
         self.keep_kv = 0
+        self.own_contexts: dict[str, list | None] = {}
         # Set name -> its answers, generated ahead in another measurer's generation (`answer_sets`' POOL);
         # the next `answer_sets` of that set takes them instead of generating.
         self.ahead: dict[str, list[str]] = {}
@@ -329,25 +334,41 @@ class Measurer:
         """
         groups = [(self, [s for s in sets if s.name not in self.ahead])]
         groups += [(m, list(theirs)) for m, theirs in pool if theirs and self.poolable(m)]
-        prompts, budgets, wanted, keep = [], [], False, 0
+        prompts, budgets, wanted, keep, keep_rows = [], [], False, 0, []
+        # under torchrun the answers are gathered between ranks: not with their caches
+        gathered = distributed.shares_work()
         for m, theirs in groups:
+            kv = 0 if gathered or not m.settings.likelihood else m.keep_kv
             for s in theirs:
                 prompts += [e.prompt for e in s.examples]
                 budgets += [m.settings.max_new_tokens] * len(s.examples)
-            if theirs and m.own_fluency and m.settings.likelihood:
-                wanted, keep = True, max(keep, m.keep_kv)
+                mine = (set(range(len(s.examples))) if m.own_fluency else m._likely_rows(s)) if kv else ()
+                keep_rows += [i in mine for i in range(len(s.examples))]
+            wanted = wanted or bool(theirs and m.settings.likelihood and (m.own_fluency or kv))
+            keep = max(keep, kv if theirs else 0)
         scored = [] if wanted else None
-        # under torchrun the answers are gathered between ranks: not with their caches
-        keep = 0 if distributed.shares_work() else keep
-        outputs = self._answer(prompts, desc, scored=scored, budgets=budgets, keep_kv=keep) if prompts else []
+        outputs = (self._answer(prompts, desc, scored=scored, budgets=budgets, keep_kv=keep, keep_rows=keep_rows)
+                   if prompts else [])
         start = 0
         for m, theirs in groups:
-            keeps = m.own_fluency and m.settings.likelihood
             for s in theirs:
                 m.ahead[s.name] = outputs[start:start + len(s.examples)]
-                m.own_scores[s.name] = scored[start:start + len(s.examples)] if keeps else None
+                mine = scored[start:start + len(s.examples)] if scored is not None and m.settings.likelihood else None
+                if m.own_fluency:
+                    m.own_scores[s.name] = mine
+                elif keep and m.keep_kv:
+                    m.own_contexts[s.name] = mine  # read by this measure call's `_scorers`, then dropped
                 start += len(s.examples)
         return {s.name: self.ahead.pop(s.name) for s in sets}
+
+    def _likely_rows(self, s: EvalSet) -> set[int]:
+        """The rows of S whose prompt has likelihood pairs (`evaluate.likelihood_pairs`: its response, a
+        paraphrased or perturbed one), scored by this measurer's own model."""
+        from unlearn.evaluate import likelihood_pairs
+
+        st = self.settings
+        return {i for kind, i in likelihood_pairs(self.references(s), st.members, st.holdout)[1]
+                if kind in ("ref", "para", "pert")}
 
     def poolable(self, other: "Measurer") -> bool:
         """Whether OTHER's answers can come from this measurer's generation: the same model and tokenizer,
@@ -359,11 +380,12 @@ class Measurer:
 
     def _answer(self, prompts: list[str], desc=False, stop_row=None, scored: list | None = None,
                 budgets: list[int] | None = None, drafts: list | None = None,
-                token_ids: list | None = None, keep_kv: int = 0) -> list[str]:
+                token_ids: list | None = None, keep_kv: int = 0, keep_rows: list[bool] | None = None) -> list[str]:
         """The answers to PROMPTS; SCORED, a list, receives each answer's `generation.Scored` (or None);
         BUDGETS: each prompt's token budget (default: the settings' max_new_tokens); DRAFTS: per prompt,
         token ids its answer probably starts with, or None (`self.drafts`); TOKEN_IDS, a list, receives
-        each answer's generated token ids; KEEP_KV: `generation.generate`'s (bytes of keys and values kept)."""
+        each answer's generated token ids; KEEP_KV, KEEP_ROWS: `generation.generate`'s (bytes of keys and values
+        kept, and the prompts whose answers keep them)."""
         from unlearn.generation import generate
 
         st = self.settings
@@ -381,7 +403,7 @@ class Measurer:
                              top_p=st.top_p, seed=st.seed, desc=desc, stop_row=row_stop,
                              scored=own if scored is not None else None,
                              token_ids=ids, drafts=None if drafts is None else [drafts[i] for i in indices],
-                             keep_kv=keep_kv)
+                             keep_kv=keep_kv, keep_rows=None if keep_rows is None else [keep_rows[i] for i in indices])
             return list(zip(texts, own or [None] * len(texts), ids))  # gathered together under torchrun
 
         if st.do_sample:  # one random stream runs through the batches in order: not shared out
@@ -419,7 +441,7 @@ class Measurer:
         for s in sets:
             pairs, slots = likelihood_pairs(self.references(s), st.members, st.holdout)
             likely += pairs
-            own = self.own_scores.get(s.name) if self.own_fluency else None
+            own = self.own_scores.get(s.name) if self.own_fluency else self.own_contexts.get(s.name)
             own_contexts.update((pair, own[i]) for pair, (kind, i) in zip(pairs, slots)
                                 if own and kind in ("ref", "para", "pert") and getattr(own[i], "kv", None) is not None)
         contexts: dict = {}  # ... and the fluency of another model's answers, by the original's answers
@@ -528,6 +550,8 @@ class Measurer:
         names = ", ".join(s.name for s in todo)
         answers = self.answer_sets(todo, desc=f"{label}: {names}" if label else False, pool=pool) if todo else {}
         scorers = self._scorers(todo, answers, pool)
+        for s in todo:
+            self.own_contexts.pop(s.name, None)  # scored: the model may change before the next call
         for s in todo:
             outputs = answers[s.name]
             measured[s.name] = self.score(s, outputs, outputs if own_baseline else baseline.get(s.name), scorers)

@@ -289,7 +289,9 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     # Fluency is the original's perplexity: an answer the unlearned model gives token for token as the
     # original did has the original's log-probabilities already (measure.Measurer.fluency_hints).
     after.fluency_hints = before.own_scores
-    before.keep_kv = KEPT_KV_BUDGET  # and with their keys and values, it scores the others from where they part
+    # With their keys and values kept, the other answers and the responses are scored from where they part
+    # from each model's own answers (continued_scoring.py).
+    before.keep_kv = after.keep_kv = KEPT_KV_BUDGET
     return Loaded(loaded, model, tokenizer, reference_model, device, forward_model, after, before,
                   train_rows, augment_stats, load_seconds=time.perf_counter() - started - augment_seconds,
                   augment_seconds=augment_seconds)
