@@ -28,9 +28,10 @@ def _tiny(request, which):
 @pytest.mark.parametrize("which", ["llama_dir", "opt_dir"])
 def test_kept_keys_and_values_are_those_of_a_pass_over_the_same_tokens(request, which):
     model, tokenizer = _tiny(request, which)
-    for prompt, own in zip(PROMPTS, _own_answers(model, tokenizer)):
+    owns = _own_answers(model, tokenizer)
+    for prompt, own in zip(PROMPTS, owns):
         assert own.prompt_ids == encode_prompt(tokenizer, prompt)
-        positions = own.kv[0][0].shape[1]
+        positions = own.kept_positions()
         fed = positions - len(own.prompt_ids)
         # every answer token but the last was fed back (a budget cut's extra step feeds the last too)
         assert fed in (len(own.ids) - 1, len(own.ids))
@@ -39,9 +40,12 @@ def test_kept_keys_and_values_are_those_of_a_pass_over_the_same_tokens(request, 
         with torch.no_grad():
             model(input_ids=ids, use_cache=True, **{kv_cache.cache_argument(model): cache})
         assert len(own.kv) == len(cache.layers)
-        for (keys, values), layer in zip(own.kv, cache.layers):
+        for n, layer in enumerate(cache.layers):
+            keys, values = own.kept_kv(n, positions)
             assert torch.allclose(keys, layer.keys[0], atol=1e-5)
             assert torch.allclose(values, layer.values[0], atol=1e-5)
+    # the batch's shared prompt prefix is kept once for all its rows (the tiny template's opening)
+    assert len({id(own.kv_prefix) for own in owns}) == 1 and owns[0].kv_prefix is not None
 
 
 def test_the_byte_budget_bounds_what_is_kept(llama_dir):
@@ -49,11 +53,12 @@ def test_the_byte_budget_bounds_what_is_kept(llama_dir):
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     per_position = kv_bytes_per_position(model)
     everything = _own_answers(model, tokenizer)
-    first = everything[0].kv[0][0].shape[1] * per_position
+    first = everything[0].kept_positions() * per_position
     budget = first + per_position  # room for some answers, not all
     some = _own_answers(model, tokenizer, keep_kv=budget)
     kept = [own.kv[0][0].shape[1] * per_position for own in some if own.kv is not None]
-    assert 0 < len(kept) < len(PROMPTS) and sum(kept) <= budget
+    prefix = next(own for own in some if own.kv is not None).kv_prefix[0][0].shape[1] * per_position  # kept once
+    assert 0 < len(kept) < len(PROMPTS) and sum(kept) + prefix <= budget
     assert [own.ids for own in some] == [own.ids for own in everything]  # the answers do not change
     assert all(own.kv is None for own in _own_answers(model, tokenizer, keep_kv=0))
 

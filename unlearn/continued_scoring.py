@@ -36,7 +36,7 @@ def resume_point(feature: dict, own) -> int:
     the pair's prompt is not the one generation saw: cut for length, or another template)."""
     from unlearn.data import IGNORE_INDEX
 
-    if own is None or own.kv is None or own.prompt_ids is None:
+    if own is None or not own.kept_positions() or own.prompt_ids is None:
         return 0
     ids, labels, prompt = feature["input_ids"], feature["labels"], own.prompt_ids
     first = next((p for p, label in enumerate(labels) if label != IGNORE_INDEX), len(ids))
@@ -47,8 +47,7 @@ def resume_point(feature: dict, own) -> int:
         if token != generated:
             break
         agree += 1
-    kept_positions = own.kv[0][0].shape[1]
-    return max(0, min(agree - 1, kept_positions, len(ids) - 1))
+    return max(0, min(agree - 1, own.kept_positions(), len(ids) - 1))
 
 
 def continued_logprobs(model, pad_id: int, items: Sequence[tuple[dict, object, int]], batch_size: int = 16
@@ -84,11 +83,14 @@ def _batch(items: list, model, pad_id: int) -> list[list[float]]:
     logits = None
     if width:
         cache = new_cache(model, capacity=kept + width)
-        for layer, pieces in zip(cache.layers, zip(*(own.kv for _, own, _ in items))):
-            keys = pieces[0][0].new_zeros((len(items), pieces[0][0].shape[0], kept, pieces[0][0].shape[2]))
-            values = torch.zeros_like(keys)
-            for row, ((k, v), f) in enumerate(zip(pieces, starts)):
-                keys[row, :, kept - f:], values[row, :, kept - f:] = k[:, :f], v[:, :f]
+        for n, layer in enumerate(cache.layers):
+            keys = values = None
+            for row, (_, own, f) in enumerate(items):
+                k, v = own.kept_kv(n, f)
+                if keys is None:
+                    keys = k.new_zeros((len(items), k.shape[0], kept, k.shape[2]))
+                    values = torch.zeros_like(keys)
+                keys[row, :, kept - f:], values[row, :, kept - f:] = k, v
             layer.update(keys, values)
         ids = torch.full((len(items), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(items), kept + width), dtype=torch.long)

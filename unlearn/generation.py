@@ -175,11 +175,33 @@ class Scored:
     end: dict[int, float] | None = None
     # With generate's KEEP_KV: the rendered prompt's token ids, and per layer the (keys, values) the
     # model computed for that prompt and then the answer's tokens fed back (all but the last, or all
-    # after a budget cut's extra step), each heads x positions x head size. A later scoring of another
-    # answer to this prompt by the same model starts where the two answers part
-    # (`continued_scoring.py`): the original model's fluency of the unlearned model's answers.
+    # after a budget cut's extra step), each heads x positions x head size: KV_PREFIX holds the
+    # positions of the prompt prefix the batch shared (one object for all its rows: the chat
+    # template's system message is 24 of the README answers' ~80 positions), KV the row's own after
+    # them. A later scoring of another answer to this prompt by the same model starts where the two
+    # answers part (`continued_scoring.py`): the original model's fluency of the unlearned model's answers.
     prompt_ids: list[int] | None = None
     kv: list | None = None
+    kv_prefix: list | None = None
+
+    def kept_positions(self) -> int:
+        """How many positions' keys and values are kept (0: none)."""
+        if self.kv is None:
+            return 0
+        return self.kv[0][0].shape[1] + (self.kv_prefix[0][0].shape[1] if self.kv_prefix else 0)
+
+    def kept_kv(self, layer: int, n: int):
+        """(keys, values) of LAYER's first N kept positions, heads x N x head size."""
+        import torch
+
+        own = self.kv[layer]
+        if not self.kv_prefix:
+            return own[0][:, :n], own[1][:, :n]
+        prefix = self.kv_prefix[layer]
+        shared = prefix[0].shape[1]
+        if n <= shared:
+            return prefix[0][:, :n], prefix[1][:, :n]
+        return (torch.cat([prefix[0], own[0][:, :n - shared]], 1), torch.cat([prefix[1], own[1][:, :n - shared]], 1))
 
 
 def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: int, budgets: list[int],
@@ -210,7 +232,8 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
     import torch
 
     rows, width = input_ids.shape
-    kept: dict[int, tuple[list[int], list]] = {}
+    kept: dict[int, tuple[list[int], list, list | None]] = {}
+    kv_prefix = None  # the shared prefix's keys and values, copied once (at the first row kept)
     keep_kv = keep_kv if scored is not None and kv_keepable(model) else 0
     if keep_kv:
         contexts = [list(prefix) + input_ids[r][attention[r].bool()].tolist() for r in range(rows)]
@@ -320,7 +343,15 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
                 for i in sorted(set(range(len(live))) - set(keep)):
                     if keep_rows is not None and not keep_rows[live[i]]:
                         continue
-                    kept[live[i]], taken = _keep_row(cache, i, mask[i], contexts[live[i]], keep_kv, per_position)
+                    if shared and kv_prefix is None and shared * per_position <= keep_kv:
+                        kv_prefix = [(layer.keys[i][:, :shared].clone(), layer.values[i][:, :shared].clone())
+                                     for layer in cache.layers]
+                        keep_kv -= shared * per_position
+                    if shared and kv_prefix is None:
+                        continue
+                    own, taken = _keep_row(cache, i, mask[i], shared, keep_kv, per_position)
+                    if own is not None:
+                        kept[live[i]] = (contexts[live[i]], own, kv_prefix)
                     keep_kv -= taken
             # Rows that have ended leave the batch (their keys and values with them), so each
             # step computes only rows still generating (see the module docstring).
@@ -334,7 +365,7 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
     if forwards is not None:
         forwards.append(runs)
     if scored is not None:
-        scored.extend(Scored(tokens[row], logprobs[row], cut.get(row), *(kept.get(row) or (None, None)))
+        scored.extend(Scored(tokens[row], logprobs[row], cut.get(row), *(kept.get(row) or (None, None, None)))
                       for row in range(rows))
     return tokens
 
@@ -349,16 +380,14 @@ def kv_keepable(model) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers) and bool(kv_bytes_per_position(model))
 
 
-def _keep_row(cache, i: int, mask_row, prompt: list[int], budget: int,
-              per_position: int) -> tuple[tuple[list[int], list] | None, int]:
-    """The ended row I of CACHE as (PROMPT, per-layer (keys, values)), and the bytes it takes; (None, 0)
-    when they would pass BUDGET. The cache's columns that count (MASK_ROW 1: not padding, not a rejected
-    draft) are PROMPT's, then the answer's tokens fed back."""
-    columns = mask_row.nonzero()[:, 0]
+def _keep_row(cache, i: int, mask_row, shared: int, budget: int, per_position: int) -> tuple[list | None, int]:
+    """The ended row I of CACHE's keys and values after its first SHARED columns (the batch's shared prefix),
+    per layer, and the bytes they take; (None, 0) when they would pass BUDGET. The columns that count
+    (MASK_ROW 1: not padding, not a rejected draft) are the prompt's, then the answer's tokens fed back."""
+    columns = mask_row[shared:].nonzero()[:, 0] + shared
     if len(columns) * per_position > budget:
         return None, 0
-    kv = [(layer.keys[i][:, columns], layer.values[i][:, columns]) for layer in cache.layers]  # copies
-    return (prompt, kv), len(columns) * per_position
+    return [(layer.keys[i][:, columns], layer.values[i][:, columns]) for layer in cache.layers], len(columns) * per_position
 
 
 def _greedy_parts(model, input_ids, attention, parts: int, *, should_stop, scored, **options) -> list[list[int]]:
@@ -495,8 +524,11 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
                 new_ids[i] = [int(t) for t in new[row]]
                 if batch_scores:
                     own_scores[i] = batch_scores[row]
-                    if own_scores[i].kv is not None:
+                    if own_scores[i].kv is not None:  # each row's own part, and each part's prefix once (below)
                         keep_kv -= own_scores[i].kv[0][0].shape[1] * kv_bytes_per_position(model)
+            keep_kv -= sum(p[0][0].shape[1] * kv_bytes_per_position(model) for p in
+                           {id(own_scores[i].kv_prefix): own_scores[i].kv_prefix for i in batch
+                            if own_scores[i] is not None and own_scores[i].kv_prefix}.values())
             if record is not None:
                 record.append({"rows": len(batch), "indices": list(batch), "width": input_ids.shape[1] + shared,
                                "shared_prefix": shared, "prompt_tokens": sum(map(len, prompts_ids)),

@@ -114,7 +114,8 @@ SCORE_BATCH_SIZE = 16
 # pairs are scored only from where they part from those answers (continued_scoring.py): the original's
 # for its likelihoods and the unlearned model's fluency (the whole run), the unlearned model's for its
 # likelihoods (one measurement). A position is 46 KB on the embedded model (the README run's 112
-# original answers: ~0.4 GB), 0.4 MB at OPT-1.3B, where this keeps ~30 answers and scores the others whole.
+# original answers: ~0.3 GB, their shared system message kept once a batch part), 0.4 MB at OPT-1.3B,
+# where this keeps ~40 answers and scores the others whole. Peak memory of the README run: +~130 MB.
 KEPT_KV_BUDGET = 2**30
 
 
