@@ -91,7 +91,7 @@ def _batch(items: list, model, pad_id: int) -> list[list[float]]:
                     keys = k.new_zeros((len(items), k.shape[0], kept, k.shape[2]))
                     values = torch.zeros_like(keys)
                 keys[row, :, kept - f:], values[row, :, kept - f:] = k, v
-            layer.update(keys, values)
+            layer.update(keys.to(device), values.to(device))  # kept in host memory (generation._keep_row)
         ids = torch.full((len(items), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(items), kept + width), dtype=torch.long)
         for row, (run, f) in enumerate(zip(runs, starts)):

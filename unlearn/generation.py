@@ -344,8 +344,8 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
                     if keep_rows is not None and not keep_rows[live[i]]:
                         continue
                     if shared and kv_prefix is None and shared * per_position <= keep_kv:
-                        kv_prefix = [(layer.keys[i][:, :shared].clone(), layer.values[i][:, :shared].clone())
-                                     for layer in cache.layers]
+                        kv_prefix = [(layer.keys[i][:, :shared].cpu().clone(),  # (host memory: `_keep_row`)
+                                      layer.values[i][:, :shared].cpu().clone()) for layer in cache.layers]
                         keep_kv -= shared * per_position
                     if shared and kv_prefix is None:
                         continue
@@ -387,7 +387,9 @@ def _keep_row(cache, i: int, mask_row, shared: int, budget: int, per_position: i
     columns = mask_row[shared:].nonzero()[:, 0] + shared
     if len(columns) * per_position > budget:
         return None, 0
-    return [(layer.keys[i][:, columns], layer.values[i][:, columns]) for layer in cache.layers], len(columns) * per_position
+    # in host memory: on an accelerator they would hold its memory through training
+    return ([(layer.keys[i][:, columns].cpu(), layer.values[i][:, columns].cpu()) for layer in cache.layers],
+            len(columns) * per_position)
 
 
 def _greedy_parts(model, input_ids, attention, parts: int, *, should_stop, scored, **options) -> list[list[int]]:
