@@ -515,6 +515,17 @@ def test_stop_rule_checks_draft_from_the_last_checks_answers(tmp_path, monkeypat
     assert checker.drafts["forget"] == [expected[0], "", expected[2]]
 
 
+def _with_positions_run(model, work):
+    """WORK()'s value, and how many input positions MODEL's forwards ran meanwhile."""
+    positions = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: positions.append(kw["input_ids"].numel()),
+                                           with_kwargs=True)
+    try:
+        return work(), sum(positions)
+    finally:
+        hook.remove()
+
+
 def test_the_unlearned_models_answers_are_scored_from_where_they_part_from_the_originals(tmp_path):
     """An original measurer that keeps its answers' keys and values (keep_kv) lets the other model's answers
     be scored under the original from where they part from its own: the same fluency, fewer positions run."""
@@ -546,14 +557,7 @@ def test_the_unlearned_models_answers_are_scored_from_where_they_part_from_the_o
         assert all((own.kv is not None) == bool(keep) for own in original.own_scores["qs"])
         after = Measurer(changed, tokenizer, settings, fluency_scorer=scorer)
         after.fluency_hints = original.own_scores
-        positions = []
-        hook = model.register_forward_pre_hook(lambda m, a, kw: positions.append(kw["input_ids"].numel()),
-                                               with_kwargs=True)
-        try:
-            measured[keep] = after.measure(sets)["qs"]
-        finally:
-            hook.remove()
-        ran[keep] = sum(positions)
+        measured[keep], ran[keep] = _with_positions_run(model, lambda: after.measure(sets)["qs"])
     assert measured[0].outputs != before.outputs  # answers of another model, scored under the original
     assert measured[2**30].outputs == measured[0].outputs
     assert 0 < ran[2**30] < ran[0]
@@ -583,15 +587,8 @@ def test_a_sets_likelihoods_of_the_responses_run_from_the_measurers_own_kept_ans
     for keep in (0, 2**30):
         original = Measurer(model, tokenizer, Settings(max_new_tokens=6, batch_size=8), own_fluency=own_fluency)
         original.keep_kv = keep
-        positions = []
-        # every forward's positions: generation runs the same ones either way, scoring fewer
-        hook = model.register_forward_pre_hook(lambda m, a, kw: positions.append(kw["input_ids"].numel()),
-                                               with_kwargs=True)
-        try:
-            measured[keep] = original.measure(sets)["forget"]
-        finally:
-            hook.remove()
-        ran[keep] = sum(positions)
+        # generation runs the same positions either way, scoring fewer
+        measured[keep], ran[keep] = _with_positions_run(model, lambda: original.measure(sets)["forget"])
         assert not original.own_contexts
     assert measured[2**30].outputs == measured[0].outputs
     for key in ("probability", "truth_ratio", "fluency_ppl"):
