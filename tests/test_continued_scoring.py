@@ -56,15 +56,15 @@ def test_the_byte_budget_bounds_what_is_kept(llama_dir):
     first = everything[0].kept_positions() * per_position
     budget = first + per_position  # room for some answers, not all
     some = _own_answers(model, tokenizer, keep_kv=budget)
-    kept = [own.kv[0][0].shape[1] * per_position for own in some if own.kv is not None]
-    prefix = next(own for own in some if own.kv is not None).kv_prefix[0][0].shape[1] * per_position  # kept once
+    kept = [own.kv.shape[3] * per_position for own in some if own.kv is not None]
+    prefix = next(own for own in some if own.kv is not None).kv_prefix.shape[3] * per_position  # kept once
     assert 0 < len(kept) < len(PROMPTS) and sum(kept) + prefix <= budget
     assert [own.ids for own in some] == [own.ids for own in everything]  # the answers do not change
     assert all(own.kv is None for own in _own_answers(model, tokenizer, keep_kv=0))
 
 
 def test_resume_point_by_hand():
-    kv = [(torch.zeros(1, 6, 2), torch.zeros(1, 6, 2))]  # 6 positions kept: the prompt and 3 fed tokens
+    kv = torch.zeros(1, 2, 1, 6, 2)  # 1 layer, keys and values, 1 head, 6 positions: the prompt, 3 fed tokens
     own = Scored(ids=[4, 5, 6, 7], logprobs=[-1.0, -2.0, -3.0, -4.0], prompt_ids=[1, 2, 3], kv=kv)
     ignore = [IGNORE_INDEX] * 3
     # the answers part after 2 tokens: the last shared one (position 4) runs again for the first different one

@@ -173,12 +173,13 @@ class Scored:
     ids: list[int]
     logprobs: list[float]
     end: dict[int, float] | None = None
-    # With generate's KEEP_KV: the rendered prompt's token ids, and per layer the (keys, values) the
-    # model computed for that prompt and then the answer's tokens fed back (all but the last, or all
-    # after a budget cut's extra step), each heads x positions x head size: KV_PREFIX holds the
-    # positions of the prompt prefix the batch shared (one object for all its rows: the chat
-    # template's system message is 24 of the README answers' ~80 positions), KV the row's own after
-    # them. A later scoring of another answer to this prompt by the same model starts where the two
+    # With generate's KEEP_KV: the rendered prompt's token ids, and the keys and values the model
+    # computed for that prompt and then the answer's tokens fed back (all but the last, or all after a
+    # budget cut's extra step), one tensor of layers x 2 (keys, values) x heads x positions x head size
+    # (one allocation a row: thousands of small ones fragmented the heap, +480 MB of peak memory on a
+    # --full run): KV_PREFIX holds the positions of the prompt prefix the batch shared (one tensor for
+    # all its rows: the chat template's system message is 24 of the README answers' ~80 positions), KV
+    # the row's own after them. A later scoring of another answer to this prompt by the same model starts where the two
     # answers part (`continued_scoring.py`): the original model's fluency of the unlearned model's answers.
     prompt_ids: list[int] | None = None
     kv: list | None = None
@@ -188,20 +189,18 @@ class Scored:
         """How many positions' keys and values are kept (0: none)."""
         if self.kv is None:
             return 0
-        return self.kv[0][0].shape[1] + (self.kv_prefix[0][0].shape[1] if self.kv_prefix else 0)
+        return self.kv.shape[3] + (self.kv_prefix.shape[3] if self.kv_prefix is not None else 0)
 
     def kept_kv(self, layer: int, n: int):
         """(keys, values) of LAYER's first N kept positions, heads x N x head size."""
         import torch
 
-        own = self.kv[layer]
-        if not self.kv_prefix:
-            return own[0][:, :n], own[1][:, :n]
-        prefix = self.kv_prefix[layer]
-        shared = prefix[0].shape[1]
-        if n <= shared:
-            return prefix[0][:, :n], prefix[1][:, :n]
-        return (torch.cat([prefix[0], own[0][:, :n - shared]], 1), torch.cat([prefix[1], own[1][:, :n - shared]], 1))
+        both = self.kv[layer][:, :, :n]  # 2 x heads x positions x head size
+        if self.kv_prefix is not None:
+            prefix = self.kv_prefix[layer]
+            shared = prefix.shape[2]
+            both = prefix[:, :, :n] if n <= shared else torch.cat([prefix, self.kv[layer][:, :, :n - shared]], 2)
+        return both[0], both[1]
 
 
 def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: int, budgets: list[int],
@@ -344,8 +343,7 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
                     if keep_rows is not None and not keep_rows[live[i]]:
                         continue
                     if shared and kv_prefix is None and shared * per_position <= keep_kv:
-                        kv_prefix = [(layer.keys[i][:, :shared].cpu().clone(),  # (host memory: `_keep_row`)
-                                      layer.values[i][:, :shared].cpu().clone()) for layer in cache.layers]
+                        kv_prefix = _kv_of_row(cache, i, slice(0, shared))
                         keep_kv -= shared * per_position
                     if shared and kv_prefix is None:
                         continue
@@ -387,9 +385,17 @@ def _keep_row(cache, i: int, mask_row, shared: int, budget: int, per_position: i
     columns = mask_row[shared:].nonzero()[:, 0] + shared
     if len(columns) * per_position > budget:
         return None, 0
-    # in host memory: on an accelerator they would hold its memory through training
-    return ([(layer.keys[i][:, columns].cpu(), layer.values[i][:, columns].cpu()) for layer in cache.layers],
-            len(columns) * per_position)
+    return _kv_of_row(cache, i, columns), len(columns) * per_position
+
+
+def _kv_of_row(cache, i: int, columns):
+    """Row I's keys and values at COLUMNS (a slice or an index tensor) of every layer of CACHE, copied into one
+    tensor (layers x 2 x heads x positions x head size) in host memory: on an accelerator they would hold
+    its memory through training."""
+    import torch
+
+    return torch.stack([torch.stack([layer.keys[i][:, columns], layer.values[i][:, columns]])
+                        for layer in cache.layers]).cpu()
 
 
 def _greedy_parts(model, input_ids, attention, parts: int, *, should_stop, scored, **options) -> list[list[int]]:
@@ -527,10 +533,10 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
                 if batch_scores:
                     own_scores[i] = batch_scores[row]
                     if own_scores[i].kv is not None:  # each row's own part, and each part's prefix once (below)
-                        keep_kv -= own_scores[i].kv[0][0].shape[1] * kv_bytes_per_position(model)
-            keep_kv -= sum(p[0][0].shape[1] * kv_bytes_per_position(model) for p in
+                        keep_kv -= own_scores[i].kv.shape[3] * kv_bytes_per_position(model)
+            keep_kv -= sum(p.shape[3] * kv_bytes_per_position(model) for p in
                            {id(own_scores[i].kv_prefix): own_scores[i].kv_prefix for i in batch
-                            if own_scores[i] is not None and own_scores[i].kv_prefix}.values())
+                            if own_scores[i] is not None and own_scores[i].kv_prefix is not None}.values())
             if record is not None:
                 record.append({"rows": len(batch), "indices": list(batch), "width": input_ids.shape[1] + shared,
                                "shared_prefix": shared, "prompt_tokens": sum(map(len, prompts_ids)),

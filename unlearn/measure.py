@@ -115,7 +115,8 @@ SCORE_BATCH_SIZE = 16
 # for its likelihoods and the unlearned model's fluency (the whole run), the unlearned model's for its
 # likelihoods (one measurement). A position is 46 KB on the embedded model (the README run's 112
 # original answers: ~0.3 GB, their shared system message kept once a batch part), 0.4 MB at OPT-1.3B,
-# where this keeps ~40 answers and scores the others whole. Peak memory of the README run: +~130 MB.
+# where this keeps ~40 answers and scores the others whole. Peak memory: the README run's as before (3472
+# MiB, 3384-3486 without), a --full run's +430 MB (its training peak holds them).
 KEPT_KV_BUDGET = 2**30
 
 
