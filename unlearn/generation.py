@@ -176,8 +176,8 @@ class Scored:
     # With generate's KEEP_KV: the rendered prompt's token ids, and the keys and values the model
     # computed for that prompt and then the answer's tokens fed back (all but the last, or all after a
     # budget cut's extra step), one tensor of layers x 2 (keys, values) x heads x positions x head size
-    # (one allocation a row: thousands of small ones fragmented the heap, +480 MB of peak memory on a
-    # --full run): KV_PREFIX holds the positions of the prompt prefix the batch shared (one tensor for
+    # (one allocation a row: as 60 small tensors a row, the README run's peak memory was ~100 MB
+    # higher): KV_PREFIX holds the positions of the prompt prefix the batch shared (one tensor for
     # all its rows: the chat template's system message is 24 of the README answers' ~80 positions), KV
     # the row's own after them. A later scoring of another answer to this prompt by the same model starts where the two
     # answers part (`continued_scoring.py`): the original model's fluency of the unlearned model's answers.
