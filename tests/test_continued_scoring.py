@@ -121,3 +121,22 @@ def test_a_scorer_given_contexts_runs_fewer_positions_for_the_same_figures(llama
     assert ran_continued < ran_whole
     for c, w in zip(continued, whole):
         assert torch.allclose(torch.tensor(c), torch.tensor(w), atol=1e-4)
+
+
+def test_answers_scored_without_their_ends_take_no_step_more(llama_dir):
+    """SCORED_ENDS False (answers scored only to keep their caches): the same tokens and log-probabilities,
+    no `Scored.end`, and no forward for the end tokens after a budget cut."""
+    loaded = load_model(str(llama_dir), log=lambda m: None)
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    runs = {}
+    for ends in (True, False):
+        scored, record = [], []
+        generate(model, tokenizer, PROMPTS, batch_size=4, max_new_tokens=6, scored=scored, record=record,
+                 scored_ends=ends)
+        runs[ends] = scored, record[0]["forwards"]
+    (with_ends, forwards), (without, fewer) = runs[True], runs[False]
+    assert any(own.end is not None for own in with_ends)  # some answer was cut by the budget
+    assert all(own.end is None for own in without) and fewer == forwards - 1
+    assert [own.ids for own in without] == [own.ids for own in with_ends]
+    for a, b in zip(without, with_ends):
+        assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)

@@ -207,11 +207,11 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
                   should_stop: Callable[[int, list[int]], bool] | None, prefix: list[int] = (),
                   scored: list | None = None, cancelled: Callable[[], bool] | None = None,
                   drafts: list | None = None, forwards: list | None = None, keep_kv: int = 0,
-                  keep_rows: list[bool] | None = None) -> list[list[int]]:
+                  keep_rows: list[bool] | None = None, ends: bool = True) -> list[list[int]]:
     """Greedy new tokens of each row of a left-padded batch (EOS included when reached).
 
     BUDGETS: each row's number of new tokens: a row ends at its own budget exactly as in a batch of
-    that budget (with SCORED, it stays one step longer for the
+    that budget (with SCORED and ENDS, it stays one step longer for the
     log-probabilities of the stop tokens after it, `Scored.end`, and that step's token is dropped).
 
     PREFIX: token ids every row's prompt starts with, left out of INPUT_IDS and run once for
@@ -318,7 +318,7 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
                 if token in stop_set:
                     ended = True
                 elif n == budgets[row]:
-                    if scored is None:
+                    if scored is None or not ends:
                         ended = True
                     elif j < accepted:  # the next position's logits follow this token
                         cut[row] = dict(zip(stop_ids, logits[i, j + 1].float().log_softmax(-1)[stop_tensor].tolist()))
@@ -444,7 +444,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
              desc: str | None = None, stop_row: Callable[[int, str], bool] | None = None,
              record: list | None = None, scored: list | None = None, drafts: list | None = None,
              token_ids: list | None = None, keep_kv: int = 0, keep_rows: list[bool] | None = None,
-             _model_generate: bool = False) -> list[str]:
+             scored_ends: bool = True, _model_generate: bool = False) -> list[str]:
     """Generate an answer for each raw prompt (rendered inside); greedy unless DO_SAMPLE.
 
     Batches hold BATCH_SIZE prompts of similar length, fewer if their KV cache would not fit
@@ -471,7 +471,8 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     and may tokenise otherwise.
     KEEP_KV: with SCORED, up to this many bytes of the answers' keys and values (the whole call) are
     kept in their `Scored` (`Scored.kv`; the own loop only); KEEP_ROWS, per prompt, whether its answer keeps
-    them (None: every prompt's).
+    them (None: every prompt's). SCORED_ENDS False: no `Scored.end` (a row cut by its budget then needs no
+    step more: an answer scored only to keep its caches).
     """
     import torch
     from tqdm import tqdm
@@ -516,6 +517,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
                     options = dict(stop_ids=stop_ids, pad_id=pad_id, budgets=mine, forwards=runs,
                                    prefix=prompts_ids[0][:shared], keep_kv=keep_kv if batch_scores is not None else 0,
                                    keep_rows=None if keep_rows is None else [keep_rows[i] for i in batch],
+                                   ends=scored_ends,
                                    drafts=None if drafts is None else [drafts[i] for i in batch])
                     parts = parallel_pieces(model, len(batch), MIN_ROWS_PER_WORKER)
                     new = (_greedy_parts(model, input_ids, attention, parts, should_stop=should_stop,

@@ -349,8 +349,10 @@ class Measurer:
             wanted = wanted or bool(theirs and m.settings.likelihood and (m.own_fluency or kv))
             keep = max(keep, kv if theirs else 0)
         scored = [] if wanted else None
-        outputs = (self._answer(prompts, desc, scored=scored, budgets=budgets, keep_kv=keep, keep_rows=keep_rows)
-                   if prompts else [])
+        # a budget-cut answer's end-token scores serve only an original's own fluency (`evaluate.own_logprobs`)
+        ends = any(theirs and m.own_fluency and m.settings.likelihood for m, theirs in groups)
+        outputs = (self._answer(prompts, desc, scored=scored, budgets=budgets, keep_kv=keep, keep_rows=keep_rows,
+                                scored_ends=ends) if prompts else [])
         start = 0
         for m, theirs in groups:
             for s in theirs:
@@ -382,12 +384,13 @@ class Measurer:
 
     def _answer(self, prompts: list[str], desc=False, stop_row=None, scored: list | None = None,
                 budgets: list[int] | None = None, drafts: list | None = None,
-                token_ids: list | None = None, keep_kv: int = 0, keep_rows: list[bool] | None = None) -> list[str]:
+                token_ids: list | None = None, keep_kv: int = 0, keep_rows: list[bool] | None = None,
+                scored_ends: bool = True) -> list[str]:
         """The answers to PROMPTS; SCORED, a list, receives each answer's `generation.Scored` (or None);
         BUDGETS: each prompt's token budget (default: the settings' max_new_tokens); DRAFTS: per prompt,
         token ids its answer probably starts with, or None (`self.drafts`); TOKEN_IDS, a list, receives
-        each answer's generated token ids; KEEP_KV, KEEP_ROWS: `generation.generate`'s (bytes of keys and values
-        kept, and the prompts whose answers keep them)."""
+        each answer's generated token ids; KEEP_KV, KEEP_ROWS, SCORED_ENDS: `generation.generate`'s (bytes of
+        keys and values kept, the prompts whose answers keep them, whether budget-cut answers get `Scored.end`)."""
         from unlearn.generation import generate
 
         st = self.settings
@@ -405,7 +408,8 @@ class Measurer:
                              top_p=st.top_p, seed=st.seed, desc=desc, stop_row=row_stop,
                              scored=own if scored is not None else None,
                              token_ids=ids, drafts=None if drafts is None else [drafts[i] for i in indices],
-                             keep_kv=keep_kv, keep_rows=None if keep_rows is None else [keep_rows[i] for i in indices])
+                             keep_kv=keep_kv, keep_rows=None if keep_rows is None else [keep_rows[i] for i in indices],
+                             scored_ends=scored_ends)
             return list(zip(texts, own or [None] * len(texts), ids))  # gathered together under torchrun
 
         if st.do_sample:  # one random stream runs through the batches in order: not shared out
