@@ -179,11 +179,12 @@ class Scored:
     # (one allocation a row: as 60 small tensors a row, the README run's peak memory was ~100 MB
     # higher): KV_PREFIX holds the positions of the prompt prefix the batch shared (one tensor for
     # all its rows: the chat template's system message is 24 of the README answers' ~80 positions), KV
-    # the row's own after them. A later scoring of another answer to this prompt by the same model starts where the two
-    # answers part (`continued_scoring.py`): the original model's fluency of the unlearned model's answers.
+    # the row's own after them. A later scoring of another answer to this prompt by the same model
+    # starts where the two answers part (`continued_scoring.py`): the original model's fluency of the
+    # unlearned model's answers.
     prompt_ids: list[int] | None = None
-    kv: list | None = None
-    kv_prefix: list | None = None
+    kv: object | None = None  # torch.Tensor
+    kv_prefix: object | None = None  # torch.Tensor
 
     def kept_positions(self) -> int:
         """How many positions' keys and values are kept (0: none)."""
@@ -378,9 +379,9 @@ def kv_keepable(model) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers) and bool(kv_bytes_per_position(model))
 
 
-def _keep_row(cache, i: int, mask_row, shared: int, budget: int, per_position: int) -> tuple[list | None, int]:
+def _keep_row(cache, i: int, mask_row, shared: int, budget: int, per_position: int) -> tuple[object | None, int]:
     """The ended row I of CACHE's keys and values after its first SHARED columns (the batch's shared prefix),
-    per layer, and the bytes they take; (None, 0) when they would pass BUDGET. The columns that count
+    as `_kv_of_row` gives them, and the bytes they take; (None, 0) when they would pass BUDGET. The columns that count
     (MASK_ROW 1: not padding, not a rejected draft) are the prompt's, then the answer's tokens fed back."""
     columns = mask_row[shared:].nonzero()[:, 0] + shared
     if len(columns) * per_position > budget:
