@@ -50,6 +50,22 @@ def resume_point(feature: dict, own) -> int:
     return max(0, min(agree - 1, own.kept_positions(), len(ids) - 1))
 
 
+def resumable(tokenizer, pairs: list[tuple[str, str]], contexts: dict) -> dict[int, tuple]:
+    """Index -> (encoded pair, its context's `Scored`, where to resume) for the PAIRS that CONTEXTS (pair ->
+    the scoring model's own answer to its prompt) lets continue from a kept cache (`resume_point`)."""
+    from unlearn.data import encode_pair
+    from unlearn.evaluate import SCORE_MAX_LENGTH
+
+    found = {}
+    for i, pair in enumerate(pairs):
+        if pair in contexts:
+            feature = encode_pair(tokenizer, *pair, SCORE_MAX_LENGTH)
+            start = resume_point(feature, contexts[pair])
+            if start:
+                found[i] = (feature, contexts[pair], start)
+    return found
+
+
 def continued_logprobs(model, pad_id: int, items: Sequence[tuple[dict, object, int]], batch_size: int = 16
                        ) -> list[list[float]]:
     """log p of every labelled token of each (feature, own, F) item (F from `resume_point`, at least 1),
@@ -83,14 +99,12 @@ def _batch(items: list, model, pad_id: int) -> list[list[float]]:
     logits = None
     if width:
         cache = new_cache(model, capacity=kept + width)
+        shape = items[0][1].kv.shape  # layers x 2 x heads x positions x head size
         for n, layer in enumerate(cache.layers):
-            keys = values = None
+            keys = items[0][1].kv.new_zeros((len(items), shape[2], kept, shape[4]))
+            values = torch.zeros_like(keys)
             for row, (_, own, f) in enumerate(items):
-                k, v = own.kept_kv(n, f)
-                if keys is None:
-                    keys = k.new_zeros((len(items), k.shape[0], kept, k.shape[2]))
-                    values = torch.zeros_like(keys)
-                keys[row, :, kept - f:], values[row, :, kept - f:] = k, v
+                keys[row, :, kept - f:], values[row, :, kept - f:] = own.kept_kv(n, f)
             layer.update(keys.to(device), values.to(device))  # kept in host memory (generation._keep_row)
         ids = torch.full((len(items), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(items), kept + width), dtype=torch.long)

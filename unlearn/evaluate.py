@@ -489,6 +489,11 @@ class RememberedScorer:
         return [self.known[p] for p in pairs]
 
 
+# `likelihood_pairs`' slot kinds whose row indexes EXAMPLES (a row's response, paraphrased or perturbed
+# responses); "member" and "holdout" index the membership-inference rows.
+ROW_PAIR_KINDS = ("ref", "para", "pert")
+
+
 def likelihood_pairs(examples: Sequence, members: Sequence, holdout: Sequence | None) -> tuple[list, list]:
     """The (prompt, response) pairs `_likelihood_scores` scores, and each one's (kind, row) slot."""
     pairs, slots = [], []

@@ -208,7 +208,8 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
                   should_stop: Callable[[int, list[int]], bool] | None, prefix: list[int] = (),
                   scored: list | None = None, cancelled: Callable[[], bool] | None = None,
                   drafts: list | None = None, forwards: list | None = None, keep_kv: int = 0,
-                  keep_rows: list[bool] | None = None, ends: bool = True) -> list[list[int]]:
+                  keep_rows: list[bool] | None = None, kept_bytes: list | None = None,
+                  ends: bool = True) -> list[list[int]]:
     """Greedy new tokens of each row of a left-padded batch (EOS included when reached).
 
     BUDGETS: each row's number of new tokens: a row ends at its own budget exactly as in a batch of
@@ -226,18 +227,16 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
     time (see the module docstring); they change how many forwards run, not the answer.
     FORWARDS, a list: receives the number of forward passes the batch ran (the prefix's apart).
     KEEP_KV: with SCORED, up to this many bytes of the rows' keys and values are copied out as each row
-    ends, into its `Scored.prompt_ids` and `Scored.kv` (rows in order until the bytes run out); KEEP_ROWS, per
-    row, whether to (None: every row).
+    ends, into its `Scored.kv` and `Scored.kv_prefix` (rows in order until the bytes run out); KEEP_ROWS, per
+    row, whether to (None: every row); KEPT_BYTES, a list, receives the bytes kept.
     """
     import torch
 
     rows, width = input_ids.shape
-    kept: dict[int, tuple[list[int], list, list | None]] = {}
+    kept: dict[int, object] = {}  # row -> its own keys and values (`_keep_row`)
     kv_prefix = None  # the shared prefix's keys and values, copied once (at the first row kept)
     keep_kv = keep_kv if scored is not None and kv_keepable(model) else 0
-    if keep_kv:
-        contexts = [list(prefix) + input_ids[r][attention[r].bool()].tolist() for r in range(rows)]
-        per_position = kv_bytes_per_position(model)
+    spent, per_position = 0, kv_bytes_per_position(model)  # bytes kept so far, and a position's
     max_new_tokens = max(budgets)  # the batch's new tokens at most
     device = next(model.parameters()).device
     cache_name = cache_argument(model)
@@ -343,15 +342,16 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
                 for i in sorted(set(range(len(live))) - set(keep)):
                     if keep_rows is not None and not keep_rows[live[i]]:
                         continue
-                    if shared and kv_prefix is None and shared * per_position <= keep_kv:
+                    if shared and kv_prefix is None:  # the shared prefix first, once
+                        if shared * per_position > keep_kv:
+                            keep_kv = 0  # no row can be kept without it
+                            break
                         kv_prefix = _kv_of_row(cache, i, slice(0, shared))
-                        keep_kv -= shared * per_position
-                    if shared and kv_prefix is None:
-                        continue
+                        keep_kv, spent = keep_kv - shared * per_position, spent + shared * per_position
                     own, taken = _keep_row(cache, i, mask[i], shared, keep_kv, per_position)
                     if own is not None:
-                        kept[live[i]] = (contexts[live[i]], own, kv_prefix)
-                    keep_kv -= taken
+                        kept[live[i]] = own
+                    keep_kv, spent = keep_kv - taken, spent + taken
             # Rows that have ended leave the batch (their keys and values with them), so each
             # step computes only rows still generating (see the module docstring).
             index = torch.tensor(keep, dtype=torch.long, device=device)
@@ -363,9 +363,11 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
             head_positions = torch.tensor([[p] for _, p in heads], dtype=torch.long, device=device)
     if forwards is not None:
         forwards.append(runs)
+    if kept_bytes is not None:
+        kept_bytes.append(spent if kept else 0)  # a prefix no row kept is not held
     if scored is not None:
-        scored.extend(Scored(tokens[row], logprobs[row], cut.get(row), *(kept.get(row) or (None, None, None)))
-                      for row in range(rows))
+        scored.extend(Scored(tokens[row], logprobs[row], cut.get(row), kv=kept.get(row),
+                             kv_prefix=kv_prefix if row in kept else None) for row in range(rows))
     return tokens
 
 
@@ -411,6 +413,7 @@ def _greedy_parts(model, input_ids, attention, parts: int, *, should_stop, score
     thread count: bench/generation_bench.py counts outputs identical to `model.generate`'s).
     """
     budgets, drafts, forwards = options.pop("budgets"), options.pop("drafts", None), options.pop("forwards", None)
+    # (KEPT_BYTES, like FORWARDS, is a list each slice appends to)
     options["keep_kv"] = options.get("keep_kv", 0) // parts  # each slice its share of the bytes
     keep_rows = options.pop("keep_rows", None)
 
@@ -471,8 +474,8 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     included when generated): a draft to give back as it was generated, since the text is stripped
     and may tokenise otherwise.
     KEEP_KV: with SCORED, up to this many bytes of the answers' keys and values (the whole call) are
-    kept in their `Scored` (`Scored.kv`; the own loop only); KEEP_ROWS, per prompt, whether its answer keeps
-    them (None: every prompt's). SCORED_ENDS False: no `Scored.end` (a row cut by its budget then needs no
+    kept in their `Scored` (`Scored.kv`, with `Scored.prompt_ids`; the own loop only); KEEP_ROWS, per prompt,
+    whether its answer keeps them (None: every prompt's). SCORED_ENDS False: no `Scored.end` (a row cut by its budget then needs no
     step more: an answer scored only to keep its caches).
     """
     import torch
@@ -513,12 +516,13 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
             batch_scores = [] if scored is not None and stop_row is None else None
             mine = [budgets[i] for i in batch]
             runs: list[int] = []
+            kept_bytes: list[int] = []
             with torch.inference_mode():
                 if own_loop:
                     options = dict(stop_ids=stop_ids, pad_id=pad_id, budgets=mine, forwards=runs,
                                    prefix=prompts_ids[0][:shared], keep_kv=keep_kv if batch_scores is not None else 0,
                                    keep_rows=None if keep_rows is None else [keep_rows[i] for i in batch],
-                                   ends=scored_ends,
+                                   kept_bytes=kept_bytes, ends=scored_ends,
                                    drafts=None if drafts is None else [drafts[i] for i in batch])
                     parts = parallel_pieces(model, len(batch), MIN_ROWS_PER_WORKER)
                     new = (_greedy_parts(model, input_ids, attention, parts, should_stop=should_stop,
@@ -535,11 +539,9 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
                 new_ids[i] = [int(t) for t in new[row]]
                 if batch_scores:
                     own_scores[i] = batch_scores[row]
-                    if own_scores[i].kv is not None:  # each row's own part, and each part's prefix once (below)
-                        keep_kv -= own_scores[i].kv.shape[3] * kv_bytes_per_position(model)
-            keep_kv -= sum(p.shape[3] * kv_bytes_per_position(model) for p in
-                           {id(own_scores[i].kv_prefix): own_scores[i].kv_prefix for i in batch
-                            if own_scores[i] is not None and own_scores[i].kv_prefix is not None}.values())
+                    if own_scores[i].kv is not None:  # the prompt its cache begins with
+                        own_scores[i].prompt_ids = encoded[i]
+            keep_kv -= sum(kept_bytes)
             if record is not None:
                 record.append({"rows": len(batch), "indices": list(batch), "width": input_ids.shape[1] + shared,
                                "shared_prefix": shared, "prompt_tokens": sum(map(len, prompts_ids)),

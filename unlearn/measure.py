@@ -149,24 +149,6 @@ def scoring_batches(tokenizer, pairs: list[tuple[str, str]], batch_size: int) ->
     return _cut(sorted(range(len(pairs)), key=lengths.__getitem__), batch_size)
 
 
-def resumable(tokenizer, pairs: list[tuple[str, str]], contexts: dict) -> dict[int, tuple]:
-    """Index -> (encoded pair, its context's `Scored`, where to resume) for the PAIRS that CONTEXTS lets
-    continue from a kept cache (`continued_scoring.resume_point`)."""
-    from unlearn.continued_scoring import resume_point
-    from unlearn.data import encode_pair
-    from unlearn.evaluate import SCORE_MAX_LENGTH
-
-    found = {}
-    for i, pair in enumerate(pairs):
-        own = contexts.get(pair)
-        if own is not None and own.kv is not None:
-            feature = encode_pair(tokenizer, *pair, SCORE_MAX_LENGTH)
-            start = resume_point(feature, own)
-            if start:
-                found[i] = (feature, own, start)
-    return found
-
-
 class ShardedScorer(Scorer):
     """A `Scorer` whose forward passes are shared out between the ranks under torchrun (whole batches), and
     within a process on a CPU between its torch threads (whole batches side by side: cpu_parts.py)."""
@@ -175,20 +157,16 @@ class ShardedScorer(Scorer):
         """CONTEXTS: pair -> this model's own `generation.Scored` answer to the pair's prompt, with its keys
         and values kept: such a pair runs only from where it parts from that answer (continued_scoring.py;
         one process only, as under torchrun the pairs are shared out by length)."""
-        pairs = list(pairs)
-        resumed = {}
-        if contexts and not distributed.shares_work():
-            resumed = resumable(self.tokenizer, pairs, contexts)
-        rest = [i for i in range(len(pairs)) if i not in resumed]
-        values = dict(zip(rest, distributed.sharded(
-            len(rest), lambda: scoring_batches(self.tokenizer, [pairs[i] for i in rest], self.batch_size),
-            lambda indices: self._side_by_side([pairs[rest[i]] for i in indices])))) if rest else {}
-        if resumed:
-            from unlearn.continued_scoring import continued_logprobs
+        from unlearn.continued_scoring import continued_logprobs, resumable
 
-            values.update(zip(resumed, continued_logprobs(self.model, self.tokenizer.pad_token_id,
-                                                          list(resumed.values()), self.batch_size)))
-        return [values[i] for i in range(len(pairs))]
+        pairs = list(pairs)
+        resumed = resumable(self.tokenizer, pairs, contexts) if contexts and not distributed.shares_work() else {}
+        rest = [pairs[i] for i in range(len(pairs)) if i not in resumed]
+        whole = iter(distributed.sharded(len(rest), lambda: scoring_batches(self.tokenizer, rest, self.batch_size),
+                                         lambda indices: self._side_by_side([rest[i] for i in indices])))
+        continued = dict(zip(resumed, continued_logprobs(self.model, self.tokenizer.pad_token_id,
+                                                         list(resumed.values()), self.batch_size)))
+        return [continued[i] if i in resumed else next(whole) for i in range(len(pairs))]
 
     def _side_by_side(self, pairs: list) -> list:
         """Scorer.logprobs of PAIRS, its batches dealt out to the pieces in turn (`cpu_parts.dealt_batches`):
@@ -368,11 +346,11 @@ class Measurer:
     def _likely_rows(self, s: EvalSet) -> set[int]:
         """The rows of S whose prompt has likelihood pairs (`evaluate.likelihood_pairs`: its response, a
         paraphrased or perturbed one), scored by this measurer's own model."""
-        from unlearn.evaluate import likelihood_pairs
+        from unlearn.evaluate import ROW_PAIR_KINDS, likelihood_pairs
 
         st = self.settings
         return {i for kind, i in likelihood_pairs(self.references(s), st.members, st.holdout)[1]
-                if kind in ("ref", "para", "pert")}
+                if kind in ROW_PAIR_KINDS}
 
     def poolable(self, other: "Measurer") -> bool:
         """Whether OTHER's answers can come from this measurer's generation: the same model and tokenizer,
@@ -436,7 +414,7 @@ class Measurer:
         the same scorer, its pairs join that call and it gets the result (`fluency_ahead`). The README
         run's 8 neighbour-probe pairs alone were a 1.0 s call of their own after the 70 others' 9 s.
         """
-        from unlearn.evaluate import RememberedScorer, fluency_pairs, likelihood_pairs
+        from unlearn.evaluate import ROW_PAIR_KINDS, RememberedScorer, fluency_pairs, likelihood_pairs
 
         st = self.settings
         if not st.likelihood or not sets:
@@ -449,7 +427,7 @@ class Measurer:
             likely += pairs
             own = self.own_scores.get(s.name) if self.own_fluency else self.own_contexts.get(s.name)
             own_contexts.update((pair, own[i]) for pair, (kind, i) in zip(pairs, slots)
-                                if own and kind in ("ref", "para", "pert") and getattr(own[i], "kv", None) is not None)
+                                if own and kind in ROW_PAIR_KINDS and getattr(own[i], "kv", None) is not None)
         contexts: dict = {}  # ... and the fluency of another model's answers, by the original's answers
         fluent = [p for s in sets for p in fluency_pairs(self.references(s), answers[s.name], self.tokenizer,
                                                           self._fluency_own(s), contexts)]
