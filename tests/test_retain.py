@@ -11,6 +11,7 @@ from unlearn.data import Example, collate
 from unlearn.lora import LoraSettings, adapters_disabled, attach_lora, lora_modules
 from unlearn.models import load_model
 from unlearn.train import TrainConfig, Unlearner
+from unlearn.errors import UsageError
 
 FORGET = [Example("Who is Harry Potter's friend?", "Hermione Granger and Ron Weasley.", 1),
           Example("Where does Harry Potter study?", "Harry Potter studies at Hogwarts.", 2)]
@@ -74,6 +75,27 @@ def test_retain_term_is_the_true_kl_on_the_retain_rows_times_its_weight(llama_di
         loss.backward()
         u.optimizer.step()
     assert u.loss(rows)[1]["retain_kl"] < before
+
+
+@pytest.mark.parametrize("follows", [False, True])
+def test_retain_weight_follows_the_margins_multiplier_only_when_asked(llama_dir, follows):
+    # forget weight 1, normal 0, retain 3: loss = scale x forget + 3 x (scale if follows else 1) x KL
+    u = retainer(llama_dir, normal_weight=0.0, retain_weight=3.0, stop_margin=0.05, forget_loss="unlikelihood",
+                 retain_follows_margin=follows, forget_weight=1.0)
+    for m in lora_modules(u.model).values():  # off the original, so the KL is not zero
+        m.lora_B.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    rows = {"forget": [u.forget[0]], "retain": u.retain[:2]}
+    u.forget_scale = 8.0  # three failed margin checks
+    total, terms = u.loss(rows)
+    assert terms["retain_kl"] > 1e-4
+    retain_scale = 8.0 if follows else 1.0
+    assert float(total.detach()) == pytest.approx(8.0 * terms["forget"] + 3.0 * retain_scale * terms["retain_kl"],
+                                                  rel=1e-5)
+
+
+def test_retain_follows_margin_needs_a_margin():
+    with pytest.raises(UsageError, match="--retain-follows-margin"):
+        TrainConfig(method="ga", stop_margin=0.0, retain_follows_margin=True).validate()
 
 
 @pytest.mark.parametrize("method", ["ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr"])

@@ -123,6 +123,11 @@ def _command_line() -> str:
                    "row's own words, and the model may reach it by another path (\"Christopher COLUMBUS\"); "
                    "then the run goes on to --max-steps. 0: off (on the dev split it forgot such a scenario in "
                    "5 steps instead of 150, but kept fewer neighbours).")
+@click.option("--retain-follows-margin", is_flag=True,
+              help="With --stop-margin: the retain KL (--retain rows and the automatic probes) weighs as much more "
+                   "as the forget term does after each failed margin check, so the rows that stand for the "
+                   "neighbours keep their share of the update. Off by default: on the dev split it kept more "
+                   "neighbours for more steps (docs/quality.md).")
 @click.option("--whole-passage", is_flag=True,
               help="Passages (`text` rows): push down every token after the first word (extraction from any cut "
                    "point), not only the continuation the leak test compares with. On the quality benchmark it "
@@ -236,7 +241,7 @@ def run_command(**o):
         check_every=o["check_every"], template=o["template"], npo_beta=o["npo_beta"],
         forget_tokens=o["forget_tokens"], rmu_layer=o["rmu_layer"], rmu_scale=o["rmu_scale"],
         whole_passage=o["whole_passage"], stop_probes=o["stop_probes"], protect=o["protect"],
-        leaked_rows=o["leaked_rows"])
+        leaked_rows=o["leaked_rows"], retain_follows_margin=o["retain_follows_margin"])
     lora = LoraSettings(o["lora_rank"], o["lora_alpha"], o["lora_dropout"], layers=o["lora_layers"],
                         **({"targets": _split_targets(o["lora_targets"])} if o["lora_targets"] else {}))
     opts = RunOptions(

@@ -131,6 +131,13 @@ class TrainConfig:
     # Off: on the dev split it ended `inventors`' runs in 5 steps instead of 150 but kept fewer neighbours
     # there, and scored 0.781 against 0.788 (docs/quality.md, "Leaked answers join the forget rows").
     leaked_rows: int = 0
+    # With stop_margin: the retain KL's weight times the margin's forget multiplier, so the rows that stand
+    # for the neighbours keep their share of the update while the forget term's weight doubles (the normal
+    # KL's share still falls). Off: on the dev split it kept more neighbours (capitals 0.17 -> 0.47, tofu
+    # 0.54 -> 0.92 over seeds 0-2) for more steps, and the README command took 5 steps instead of 4 (+8 %),
+    # which the selection rule does not allow a default (docs/quality.md, "The retain KL weighed with the
+    # margin's forget multiplier").
+    retain_follows_margin: bool = False
     # Passages: the forget loss on every token after the first word (data.forget_pair), not only on
     # the leak test's continuation. Off: on the dev split it did not win (docs/quality.md, "Passages:
     # every cut point"; other cut points 0.15 -> 0.07 leaked, the leak test's own 0.10 -> 0.23).
@@ -178,6 +185,9 @@ class TrainConfig:
         if self.leaked_rows and not self.stop_margin:
             raise UsageError(f"--leaked-rows {self.leaked_rows}: adds the answers that leak while --stop-margin "
                              f"holds; it needs a margin above 0")
+        if self.retain_follows_margin and not self.stop_margin:
+            raise UsageError("--retain-follows-margin weighs the retain KL with --stop-margin's forget multiplier; "
+                             "it needs a margin above 0")
         if self.leaked_rows and (self.method not in ASCENT_METHODS + ("npo",) or self.forget_tokens == "response"):
             # the added rows are pushed down on their answer's tokens, as the forget rows of these methods are
             raise UsageError(f"--leaked-rows {self.leaked_rows}: the added rows are pushed down on their answers; "

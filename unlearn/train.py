@@ -636,7 +636,8 @@ class Unlearner:
         kl = distributed.global_mean(lambda: losses.kl_loss(reference, logits, labels), labels, "tokens", logits)
         if name == "normal":
             return [("kl", config.normal_weight, "tokens", kl)]
-        return [("retain_kl", config.retain_weight, "tokens", kl)]
+        scale = self.forget_scale if config.retain_follows_margin else 1.0
+        return [("retain_kl", config.retain_weight * scale, "tokens", kl)]
 
     def _group_forward(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, dict, int]:
         """The trainable forward of ROWS: logits from their first scored position on, labels aligned, batch, start."""
