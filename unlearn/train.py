@@ -572,7 +572,7 @@ class Unlearner:
         refuses rmu under torchrun), so these means are the batch's own.
         """
         config = self.config
-        weights = {"forget": self.forget_weight, "normal": config.normal_weight, "retain": config.retain_weight}
+        weights = {"forget": self.forget_weight, "normal": config.normal_weight, "retain": self.retain_weight}
         terms, total = {}, None
         for name, group in rows.items():
             batch = {k: v.to(self.device) for k, v in collate(group, self.pad_id).items()}
@@ -592,6 +592,12 @@ class Unlearner:
     def forget_weight(self) -> float:
         """The forget term's weight this step: --forget-weight times --stop-margin's multiplier."""
         return self.config.forget_weight * self.forget_scale
+
+    @property
+    def retain_weight(self) -> float:
+        """The retain term's weight this step: --retain-weight, times --stop-margin's multiplier with
+        --retain-follows-margin (the rows that stand for the neighbours keep their share as the forget term grows)."""
+        return self.config.retain_weight * (self.forget_scale if self.config.retain_follows_margin else 1.0)
 
     def _group_terms(self, name: str, logits, labels, batch: dict, start: int) -> list[tuple[str, float, str, torch.Tensor]]:
         """The loss terms one group's logits give: (term, weight, unit, value) each.
@@ -636,8 +642,7 @@ class Unlearner:
         kl = distributed.global_mean(lambda: losses.kl_loss(reference, logits, labels), labels, "tokens", logits)
         if name == "normal":
             return [("kl", config.normal_weight, "tokens", kl)]
-        scale = self.forget_scale if config.retain_follows_margin else 1.0
-        return [("retain_kl", config.retain_weight * scale, "tokens", kl)]
+        return [("retain_kl", self.retain_weight, "tokens", kl)]
 
     def _group_forward(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, dict, int]:
         """The trainable forward of ROWS: logits from their first scored position on, labels aligned, batch, start."""
