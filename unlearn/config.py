@@ -134,9 +134,9 @@ class TrainConfig:
     # With stop_margin: the retain KL's weight times the margin's forget multiplier, so the rows that stand
     # for the neighbours keep their share of the update while the forget term's weight doubles (the normal
     # KL's share still falls). Off: on the dev split it kept more neighbours (capitals 0.17 -> 0.47, tofu
-    # 0.54 -> 0.92 over seeds 0-2) for more steps, and the README command took 5 steps instead of 4 (+8 %),
-    # which the selection rule does not allow a default (docs/quality.md, "The retain KL weighed with the
-    # margin's forget multiplier").
+    # 0.54 -> 0.92 over seeds 0-2) for more steps, but with or without --leaked-rows 4 it leaked above the
+    # selection rule's 0.05 there, and the README command took 5 steps instead of 4 (+8.5 %), which the rule
+    # does not allow a default (docs/quality.md, "The retain KL follows the margin, with leaked answers").
     retain_follows_margin: bool = False
     # Passages: the forget loss on every token after the first word (data.forget_pair), not only on
     # the leak test's continuation. Off: on the dev split it did not win (docs/quality.md, "Passages:
