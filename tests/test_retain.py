@@ -164,6 +164,19 @@ def test_cli_retain_is_trained_reported_and_recorded(tmp_path, llama_dir, cli):
     assert table.code == 0 and any(line.split()[:2] == ["retain", "trained"] for line in table.out.splitlines())
 
 
+def test_cli_retain_follows_margin_is_recorded_and_says_when_it_has_nothing_to_weigh(tmp_path, llama_dir, cli):
+    forget, normal = write_jsonl(tmp_path / "f.jsonl", CLI_FORGET), write_jsonl(tmp_path / "n.jsonl", CLI_NORMAL)
+    retain = write_jsonl(tmp_path / "keep.jsonl", CLI_RETAIN)
+    note = "--retain-follows-margin: no retain rows or probes to weigh"
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "a", "--retain", retain,
+                 "--retain-follows-margin", *FAST)
+    assert result.code == 0, result.err
+    assert note not in result.err
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["config"]["retain_follows_margin"] is True
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "b", "--retain-follows-margin", *FAST)
+    assert result.code == 0 and note in result.err
+
+
 def test_cli_retain_bad_input_is_one_line(tmp_path, llama_dir, cli):
     forget, normal = write_jsonl(tmp_path / "f.jsonl", CLI_FORGET), write_jsonl(tmp_path / "n.jsonl", CLI_NORMAL)
     bad = tmp_path / "bad.jsonl"

@@ -493,6 +493,8 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log, before: Meas
     if opts.train.protect:
         log(f"--protect: the forget gradient is projected off {len(data.retain)} retain rows' gradients"
             if data.retain else "--protect: no retain rows or probes to protect; the gradient is not projected")
+    if opts.train.retain_follows_margin and not data.retain:
+        log("--retain-follows-margin: no retain rows or probes to weigh; it changes nothing in this run")
     loop_state = None
     if data.resume_from is not None:
         loop_state = load_checkpoint(data.resume_from, unlearner)
