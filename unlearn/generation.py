@@ -196,11 +196,14 @@ class Scored:
         """(keys, values) of LAYER's first N kept positions, heads x N x head size."""
         import torch
 
-        both = self.kv[layer][:, :, :n]  # 2 x heads x positions x head size
-        if self.kv_prefix is not None:
-            prefix = self.kv_prefix[layer]
-            shared = prefix.shape[2]
-            both = prefix[:, :, :n] if n <= shared else torch.cat([prefix, self.kv[layer][:, :, :n - shared]], 2)
+        own = self.kv[layer]  # 2 x heads x positions x head size
+        shared = self.kv_prefix.shape[3] if self.kv_prefix is not None else 0
+        if n <= shared:
+            both = self.kv_prefix[layer][:, :, :n]
+        elif shared:
+            both = torch.cat([self.kv_prefix[layer], own[:, :, :n - shared]], 2)
+        else:
+            both = own[:, :, :n]
         return both[0], both[1]
 
 
