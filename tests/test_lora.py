@@ -70,6 +70,52 @@ def test_lora_on_batched_input_gives_the_formulas_output_and_gradients():
     assert torch.allclose(layer.lora_A.grad, a.grad, atol=1e-6) and torch.allclose(layer.lora_B.grad, b.grad, atol=1e-6)
 
 
+def _formula_and_gradients(layer, x, weights):
+    """The layer's output and the gradients of Σ weights · output w.r.t. x, A and B, by autograd on the formula."""
+    x = x.detach().clone().requires_grad_()
+    a, b = layer.lora_A.detach().clone().requires_grad_(), layer.lora_B.detach().clone().requires_grad_()
+    out = layer.base(x) + layer.scaling * (x @ a.t() @ b.t())
+    (out * weights).sum().backward()
+    return out.detach(), x.grad, a.grad, b.grad
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_written_out_float32_backward_gives_autograds_gradients(bias):
+    # The float32 training forward runs `_LowRankLinear`, whose backward is written by hand
+    # (the rank-r products transposed, the input's gradient one addmm): it must give what autograd
+    # gives on the formula, for the input too (an upper layer's input needs its gradient).
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(6, 5, bias=bias), rank=2, alpha=6.0, dropout=0.0)
+    layer.lora_B.data = torch.randn(5, 2)
+    x, weights = torch.randn(2, 3, 6, requires_grad=True), torch.randn(2, 3, 5)
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "_LowRankLinearBackward"  # the written-out path ran
+    (out * weights).sum().backward()
+    expected, dx, da, db = _formula_and_gradients(layer, x, weights)
+    assert out.shape == (2, 3, 5) and torch.allclose(out, expected, atol=1e-6)
+    assert torch.allclose(x.grad, dx, atol=1e-5)
+    assert torch.allclose(layer.lora_A.grad, da, atol=1e-5) and torch.allclose(layer.lora_B.grad, db, atol=1e-5)
+    # By hand, on one token: d/dx = W^T w + s A^T (B^T w); the sum over tokens is autograd's business.
+    w0, x0 = weights[0, 0], x[0, 0].detach()
+    by_hand = layer.base.weight.t() @ w0 + 3.0 * layer.lora_A.detach().t() @ (layer.lora_B.detach().t() @ w0)
+    assert torch.allclose(x.grad[0, 0], by_hand, atol=1e-5)
+    assert layer.base.weight.grad is None  # the base stays frozen
+
+
+def test_the_written_out_backward_is_skipped_where_it_was_not_measured():
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(6, 5), rank=2, alpha=6.0, dropout=0.0)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        assert layer(x).grad_fn is None
+    with_dropout = LoRALinear(torch.nn.Linear(6, 5), rank=2, alpha=6.0, dropout=0.5)
+    assert type(with_dropout(x).grad_fn).__name__ != "_LowRankLinearBackward"
+    bf16 = LoRALinear(torch.nn.Linear(6, 5).to(torch.bfloat16), rank=2, alpha=6.0, dropout=0.0)
+    assert type(bf16(x.to(torch.bfloat16)).grad_fn).__name__ != "_LowRankLinearBackward"
+    layer.base.weight.requires_grad_(True)  # a trainable base (not LoRA's use) keeps autograd's path
+    assert type(layer(x).grad_fn).__name__ != "_LowRankLinearBackward"
+
+
 def test_lora_on_a_bf16_base_computes_in_bf16_and_trains_float32_weights():
     torch.manual_seed(0)
     base32 = torch.nn.Linear(6, 4)
