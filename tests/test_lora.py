@@ -96,7 +96,7 @@ def test_the_written_out_float32_backward_gives_autograds_gradients(bias):
     assert torch.allclose(x.grad, dx, atol=1e-5)
     assert torch.allclose(layer.lora_A.grad, da, atol=1e-5) and torch.allclose(layer.lora_B.grad, db, atol=1e-5)
     # By hand, on one token: d/dx = W^T w + s A^T (B^T w); the sum over tokens is autograd's business.
-    w0, x0 = weights[0, 0], x[0, 0].detach()
+    w0 = weights[0, 0]
     by_hand = layer.base.weight.t() @ w0 + 3.0 * layer.lora_A.detach().t() @ (layer.lora_B.detach().t() @ w0)
     assert torch.allclose(x.grad[0, 0], by_hand, atol=1e-5)
     assert layer.base.weight.grad is None  # the base stays frozen
