@@ -358,3 +358,13 @@ def test_per_prompt_budgets_give_what_each_budget_gives_alone(llama_dir, monkeyp
             torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="budgets"):
         generate(model, tokenizer, PROMPTS, max_new_tokens=[4, 4], desc=False)
+
+
+def test_last_positions_are_indices_below_the_width_and_a_count_at_it():
+    # A count below the width would slice the hidden states into a strided view, whose head matmul
+    # copies the vocabulary-wide weight per row; indices are gathered into a contiguous tensor.
+    from unlearn.generation import last_positions
+
+    assert last_positions(5, 2).tolist() == [3, 4]
+    assert last_positions(5, 1).tolist() == [4]
+    assert last_positions(1, 1) == 1 and last_positions(3, 3) == 3

@@ -107,5 +107,6 @@ def run_prefix(model, cache, prefix: list[int], rows: int) -> None:
     device = next(model.parameters()).device
     ids = torch.tensor([prefix], dtype=torch.long, device=device)
     model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(len(prefix), device=device)[None],
-          use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
+          use_cache=True, logits_to_keep=torch.arange(len(prefix) - 1, len(prefix), device=device),
+          **{cache_argument(model): cache})  # indices, not a count: see generation.last_positions
     cache.batch_repeat_interleave(rows)
