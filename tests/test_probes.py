@@ -290,3 +290,44 @@ def test_a_probe_kind_with_nothing_to_measure_says_why_and_what_measures_it_inst
     assert none_made.startswith("probes: no neighbours probe made: a forget prompt gets one when it names a subject")
     assert none_made.endswith("rows of your own in --eval-retain FILE measure them")
     assert "no forget row names a subject" in no_probe_message("same subject", 0)
+
+
+def test_a_second_run_reads_the_probes_and_the_originals_answers_back(tmp_path, llama_dir, cli, monkeypatch):
+    from unlearn.measure import Measurer
+
+    answer_sets, build = Measurer.answer_sets, probes.build
+    calls = {"build": 0, "probe answers": 0}
+
+    def scripted(self, sets, *args, **kwargs):  # the original's answers to the probes, scripted (as above)
+        if [s.name for s in sets] != ["probes"]:
+            return answer_sets(self, sets, *args, **kwargs)
+        calls["probe answers"] += 1
+        return {"probes": ["It is Lyon, in Europe." for _ in sets[0].examples]}
+
+    def counted(*args, **kwargs):
+        calls["build"] += 1
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(Measurer, "answer_sets", scripted)
+    monkeypatch.setattr(probes, "build", counted)
+    forget, normal = _one_fact_files(tmp_path)
+    args = ["--model", llama_dir, "--json", "--max-steps", "1", "--check-every", "0", "--max-new-tokens", "8",
+            "--batch-size", "1"]
+    records = []
+    for name, extra in (("one", []), ("two", []), ("three", ["--no-cache"]), ("four", ["--probe-limit", "1"])):
+        result = cli("run", forget, normal, "-o", tmp_path / name, *args, *extra)
+        assert result.code == 0, result.err
+        records.append(json.loads(result.out))
+    one, two, three, four = records
+    # run one builds and answers them; two (the same original, rows and settings) reads both back
+    assert one["eval_reused"]["probes"]["built"] is False and two["eval_reused"]["probes"]["built"] is True
+    assert (tmp_path / "one" / "probes.jsonl").read_text() == (tmp_path / "two" / "probes.jsonl").read_text()
+    kept = [name for name in one["probes"]["sets"] if name in one["before"]]
+    assert kept and all(two["before"][name] == one["before"][name] for name in kept)
+    # the same training gives the same weights, so the unlearned model's probe answers are read back too
+    assert one["eval_reused"]["probes"]["after_sets"] == 0 and two["eval_reused"]["probes"]["after_sets"] == len(kept)
+    assert all(two["after"][name] == one["after"][name] for name in kept)
+    # --no-cache neither reads nor writes; another --probe-limit is another key
+    assert three["eval_reused"]["probes"] == {"built": False, "after_sets": 0}
+    assert four["eval_reused"]["probes"]["built"] is False
+    assert calls == {"build": 3, "probe answers": 3}

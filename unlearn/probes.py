@@ -94,6 +94,21 @@ SAME_SUBJECT_TEMPLATES = (
 )
 
 
+def rules_fingerprint() -> str:
+    """SHA-256 of the source of the modules whose rules decide which probes `build` makes (this one, the
+    subject heuristic, answer spans, answer tokens): a cached build (run.make_probes) is read back only
+    by the code that made it, whether or not anyone remembered to bump a version."""
+    import hashlib
+    from pathlib import Path
+
+    from unlearn import edit_subject, spans
+
+    digest = hashlib.sha256()
+    for module in (__file__, edit_subject.__file__, spans.__file__, metrics.__file__):
+        digest.update(Path(module).read_bytes())
+    return digest.hexdigest()
+
+
 @dataclass
 class Probe:
     kind: str  # NEIGHBOURS or SAME_SUBJECT

@@ -222,6 +222,7 @@ class Loaded:
     # measurements' generations (pooled: Measurer.answer_sets), whose time counts there.
     probe_seconds: float = 0.0
     pooled_before_seconds: float = 0.0  # the original's answers generated while building the probes
+    probes_reused: bool = False  # the probes and the original's answers to them came from the measurement cache
     # Loading the model (the embedded GGUF's one-time conversion included), hashing its weights for the
     # measurement cache, attaching LoRA or copying the reference; ULMR's rewrites are counted apart.
     load_seconds: float = 0.0
@@ -355,9 +356,9 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
     --retain-probes, every probe whose original answer holds no forget answer joins the retain rows,
     that answer as its response.
     """
-    from dataclasses import replace
+    from dataclasses import asdict, replace
 
-    from unlearn import probes
+    from unlearn import measure_cache, probes
     from unlearn.lora import adapters_disabled
     from unlearn.measure import unique_name
 
@@ -384,7 +385,21 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
             job.pooled_before_seconds = time.perf_counter() - started  # measure_before counts it
             return made, answers
 
-    made, outputs = distributed.main_decides(build)()  # every rank generates; rank 0's probes hold for all
+    # The probes and the original's answers to them are a pure function of the original's weights, the
+    # forget rows, --probe-limit, the answer settings and the rules' code: read back from the measurement
+    # cache (measure_cache.py) when a run with the same ones made them, as every run of a settings sweep does.
+    key = None if job.before.fingerprint is None else measure_cache.key(
+        weights=job.before.fingerprint, what="probes", rules=probes.rules_fingerprint(), forget=data.forget,
+        limit=opts.probe_limit, generation=[settings.max_new_tokens, settings.batch_size, settings.do_sample,
+                                            settings.temperature, settings.top_p, settings.seed])
+    hit = distributed.on_main(lambda: measure_cache.load(key)) if key is not None else None  # every rank: the same
+    if hit is not None:
+        made, outputs = [probes.Probe(**p) for p in hit["probes"]], hit["answers"]
+    else:
+        made, outputs = distributed.main_decides(build)()  # every rank generates; rank 0's probes hold for all
+        if key is not None and distributed.world().is_main:
+            measure_cache.store(key, {"probes": [asdict(p) for p in made], "answers": list(outputs)})
+    job.probes_reused = hit is not None
     taken = {s.name for s in data.sets}
     measured, records, counts, trained = {}, [], {}, []
     role = "trained" if opts.retain_probes else "held out"
@@ -416,7 +431,8 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
     job.probe_names = tuple(measured)
     seconds = time.perf_counter() - t - job.pooled_before_seconds
     log("probes: " + ", ".join(f"{k} {c['kept']}/{c['made']}" for k, c in counts.items())
-        + f" kept for measurement ({seconds:.0f} s)" + (f"; {len(trained)} join the retain rows" if trained else ""))
+        + f" kept for measurement ({seconds:.0f} s{', read back from the cache' if job.probes_reused else ''})"
+        + (f"; {len(trained)} join the retain rows" if trained else ""))
     job.probe_seconds += seconds
     data.probes = {"rows": records, "sets": counts, "before_seconds": seconds,
                    "retained": len(trained) if opts.retain_probes else None, "edit_preserves": edit_keeps}
@@ -456,7 +472,10 @@ def measure_after(job: Loaded, sets: list[EvalSet], before: Measurement, selecti
         from unlearn.measure_cache import state_fingerprint
 
         job.measurer.fingerprint = f"{job.before.fingerprint}|state:{state_fingerprint(job.model)}"
+        if job.probe_after is not None:  # the probes' answers too (their own budget keys them apart)
+            job.probe_after.fingerprint = job.measurer.fingerprint
     asked = [s for s in sets if s.name in probe_names]
+    asked_now = job.probe_after.uncached(asked, _outputs(before)) if asked else []
     # The adapters run folded into their weights (lora.adapters_folded): the merged model that is
     # written, one matmul a layer. Under torchrun the wrapped shards are left as they are.
     from unlearn.lora import adapters_folded
@@ -465,7 +484,7 @@ def measure_after(job: Loaded, sets: list[EvalSet], before: Measurement, selecti
     with folded:
         # The probes' answers come from the same generation, with their own budget (Measurer.answer_sets' pool).
         measured = {**done, **job.measurer.measure([s for s in sets if s.name not in set(done) | probe_names],
-                                                   _outputs(before), label="after", pool=[(job.probe_after, asked)])}
+                                                   _outputs(before), label="after", pool=[(job.probe_after, asked_now)])}
         if probe_names:  # the probes keep their own answer budget (make_probes)
             t_probes = time.perf_counter()
             measured.update(job.probe_after.measure(asked, _outputs(before), label="after"))
@@ -782,9 +801,13 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         # The probes' building and original answers count as evaluation too (make_probes).
         "eval_seconds": round(before.seconds + after.seconds + (data.probes or {}).get("before_seconds", 0.0), 3),
         # The original model's sets read back from $UNLEARN_CACHE instead of measured (--no-cache: none);
-        # the probes are measured afresh in every run, so they are not counted.
+        # the probe sets are counted apart: "probes" says whether the probes and the original's answers to
+        # them were read back ("built"), and how many probe sets the unlearned model's answers were read
+        # back for ("after_sets").
         "eval_reused": {"before_sets": before.reused, "after_sets": after.reused,
-                        "of": len(before.sets) - len(job.probe_names), "cache": not opts.no_cache},
+                        "of": len(before.sets) - len(job.probe_names), "cache": not opts.no_cache,
+                        "probes": {"built": job.probes_reused,
+                                   "after_sets": job.probe_after.reused if job.probe_after is not None else 0}},
         "tokens_per_s": round(result.tokens_per_s, 1),
         "alpha": averager.alpha if averager is not None else None,
         "alpha_selection": selection,  # the table, the reason, and every set's metrics at each α
