@@ -331,3 +331,15 @@ def test_a_second_run_reads_the_probes_and_the_originals_answers_back(tmp_path, 
     assert three["eval_reused"]["probes"] == {"built": False, "after_sets": 0}
     assert four["eval_reused"]["probes"]["built"] is False
     assert calls == {"build": 3, "probe answers": 3}
+    # an entry that is not what the run writes (edited by hand, another tool's) is built again, no traceback
+    import os
+    from pathlib import Path
+
+    stored = [f for f in (Path(os.environ["UNLEARN_CACHE"]) / "measurements").glob("*.json")
+              if "probes" in json.loads(f.read_text())]
+    assert len(stored) == 2  # the default limit's and --probe-limit 1's
+    for f in stored:
+        f.write_text(json.dumps({"probes": [{"bad": 1}], "answers": ["x"]}))
+    result = cli("run", forget, normal, "-o", tmp_path / "five", *args)
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["eval_reused"]["probes"]["built"] is False and calls["build"] == 4

@@ -392,9 +392,9 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
         weights=job.before.fingerprint, what="probes", rules=probes.rules_fingerprint(), forget=data.forget,
         limit=opts.probe_limit, generation=[settings.max_new_tokens, settings.batch_size, settings.do_sample,
                                             settings.temperature, settings.top_p, settings.seed])
-    hit = distributed.on_main(lambda: measure_cache.load(key)) if key is not None else None  # every rank: the same
+    hit = distributed.on_main(lambda: _cached_probes(key)) if key is not None else None  # every rank: the same
     if hit is not None:
-        made, outputs = [probes.Probe(**p) for p in hit["probes"]], hit["answers"]
+        made, outputs = hit
     else:
         made, outputs = distributed.main_decides(build)()  # every rank generates; rank 0's probes hold for all
         if key is not None and distributed.world().is_main:
@@ -437,6 +437,21 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
     data.probes = {"rows": records, "sets": counts, "before_seconds": seconds,
                    "retained": len(trained) if opts.retain_probes else None, "edit_preserves": edit_keeps}
     return measured
+
+
+def _cached_probes(key: str):
+    """The probes and the original's answers stored under KEY (make_probes), or None when there are none
+    or the entry is not what make_probes writes (an edited or foreign file: build them again)."""
+    from unlearn import measure_cache, probes
+
+    entry = measure_cache.load(key)
+    try:
+        made, answers = [probes.Probe(**p) for p in entry["probes"]], entry["answers"]
+    except (TypeError, KeyError, AttributeError):
+        return None
+    if len(answers) != len(made) or not all(isinstance(a, str) for a in answers):
+        return None
+    return made, answers
 
 
 def no_probe_message(kind: str, made: int) -> str:
