@@ -595,3 +595,52 @@ def test_a_sets_likelihoods_of_the_responses_run_from_the_measurers_own_kept_ans
         assert measured[0].summary[key] is not None
         assert measured[2**30].summary[key] == pytest.approx(measured[0].summary[key], rel=1e-4)
     assert ran[2**30] < ran[0]
+
+
+def test_an_original_read_back_from_the_cache_still_spares_fluency_its_own_answers(tmp_path, monkeypatch):
+    """The original's answers' own log-probabilities are stored beside its cached measurement, so that a run
+    whose original is read back (another --lr, say) takes the fluency of an unlearned answer that is the
+    original's, token for token, from them, as a run that generated the original does."""
+    import os
+    from pathlib import Path
+
+    from test_evaluate import build_tiny_lm
+    from unlearn import measure
+    from unlearn.evaluate import Scorer
+    from unlearn.measure import EvalSet, Measurer, Settings
+    from unlearn.models import load_model
+
+    loaded = load_model(str(build_tiny_lm(tmp_path)), log=lambda m: None)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    rows = [Example(p, None, i) for i, p in enumerate(["one", "what is the capital of France ?", "the cat sat"], 1)]
+    sets = [EvalSet("qs", "retain", rows)]
+    settings = Settings(max_new_tokens=6, batch_size=4)
+    passes = []
+    score = Scorer.logprobs
+    monkeypatch.setattr(Scorer, "logprobs", lambda self, pairs: passes.append(len(pairs)) or score(self, pairs))
+    scorer = Scorer(model, tokenizer)
+
+    def original():
+        return Measurer(model, tokenizer, settings, fluency_scorer=scorer, own_fluency=True, fingerprint="w")
+
+    def unlearned_answers_scored(hints) -> int:
+        passes.clear()
+        hinted = Measurer(model, tokenizer, settings, fluency_scorer=scorer)
+        hinted.fluency_hints = hints
+        hinted.measure(sets)
+        return sum(passes)
+
+    first = original()
+    first.measure(sets)  # generated: its own scores, and stored
+    assert unlearned_answers_scored(first.own_scores) == 0
+    again = original()
+    assert again.measure(sets)["qs"].outputs and again.reused == 1  # read back
+    assert [(s.ids, s.logprobs, s.end) for s in again.own_scores["qs"]] == \
+        [(s.ids, s.logprobs, s.end) for s in first.own_scores["qs"]]
+    assert unlearned_answers_scored(again.own_scores) == 0
+    stored = list((Path(os.environ["UNLEARN_CACHE"]) / "measurements").glob("*" + measure.SCORES_SUFFIX + ".json"))
+    assert len(stored) == 1
+    stored[0].write_text(json.dumps([{"ids": "x"}]))  # not what is stored: no hints, every answer scored
+    third = original()
+    third.measure(sets)
+    assert third.reused == 1 and third.own_scores["qs"] is None and unlearned_answers_scored(third.own_scores) == 3

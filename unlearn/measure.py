@@ -530,6 +530,8 @@ class Measurer:
             if hit is not None:
                 self.reused += 1
                 measured[s.name] = Measured(**hit)
+                if self.own_fluency and self.settings.likelihood:
+                    self.own_scores[s.name] = distributed.on_main(lambda: _stored_scores(keys[s.name], len(hit["outputs"])))
         todo = [s for s in sets if s.name not in measured]
         names = ", ".join(s.name for s in todo)
         answers = self.answer_sets(todo, desc=f"{label}: {names}" if label else False, pool=pool) if todo else {}
@@ -542,6 +544,8 @@ class Measurer:
             if keys[s.name] is not None and distributed.world().is_main:  # every rank holds the same measurement
                 m = measured[s.name]
                 measure_cache.store(keys[s.name], {"summary": m.summary, "outputs": m.outputs, "rows": m.rows})
+                if self.own_fluency and self.own_scores.get(s.name):
+                    _store_scores(keys[s.name], self.own_scores[s.name])
         return {s.name: measured[s.name] for s in sets}
 
     def measure_set(self, s: EvalSet, baseline: list[str] | None = None, label: str | None = None, *,
@@ -549,6 +553,40 @@ class Measurer:
         """S answered and scored (OWN_BASELINE: similarity against these very answers), or read from the cache."""
         return self.measure([s], {s.name: baseline} if baseline is not None else None, label,
                             own_baseline=own_baseline)[s.name]
+
+
+# The original's answers' own log-probabilities (`generation.Scored`: ids, log-probabilities, end-token
+# scores; no keys and values), stored beside its cached measurement: a later run whose unlearned model
+# answers a prompt token for token as the original did takes that answer's fluency from them
+# (`fluency_hints`, `evaluate.own_logprobs`) instead of a forward pass; without them a run whose original
+# was read back scored all of its answers (the README command with another --lr: 100 pairs, 11.5 s; 22
+# of its answers were the original's). Their own entry, so that a measurement entry keeps its fields.
+SCORES_SUFFIX = ".scores"
+
+
+def _store_scores(key: str, scores: list) -> None:
+    from unlearn import measure_cache
+
+    measure_cache.store(key + SCORES_SUFFIX, [None if sc is None else
+                                              {"ids": list(sc.ids), "logprobs": list(sc.logprobs),
+                                               "end": None if sc.end is None else {str(t): v for t, v in sc.end.items()}}
+                                              for sc in scores])
+
+
+def _stored_scores(key: str, rows: int) -> list | None:
+    """The scores `_store_scores` kept for KEY's ROWS answers, or None (none kept, or not what it writes)."""
+    from unlearn import measure_cache
+    from unlearn.generation import Scored
+
+    stored = measure_cache.load(key + SCORES_SUFFIX)
+    try:
+        scores = [None if sc is None else
+                  Scored([int(t) for t in sc["ids"]], [float(v) for v in sc["logprobs"]],
+                         None if sc["end"] is None else {int(t): float(v) for t, v in sc["end"].items()})
+                  for sc in stored]
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return None
+    return scores if len(scores) == rows else None
 
 
 def original_scorer(model, tokenizer, reference_model, batch_size: int):
