@@ -157,27 +157,33 @@ def test_state_fingerprint_follows_the_weights_in_memory_and_the_adapters_switch
     assert measure_cache.state_fingerprint(one) != on
 
 
-def test_fluency_comes_from_generation_for_the_originals_answers_and_for_identical_ones(tmp_path, monkeypatch):
-    """The original measuring itself takes fluency from generation; another measurer whose answers are token
-    for token the original's takes it from the original's (fluency_hints); the figures are a scoring pass's."""
+def _three_questions_counting_passes(tmp_path, monkeypatch):
+    """A tiny word-level model, one retain set of three questions, generation settings, a Scorer, and the
+    list that receives the number of pairs of every forward-pass scoring call (`Scorer.logprobs`).
+    Word-level: answers' text gives back their tokens (a random byte-level model's answers are broken
+    UTF-8 that no text gives back, and would always be scored again)."""
+    from test_evaluate import build_tiny_lm
     from unlearn.data import Example
     from unlearn.evaluate import Scorer
-    from unlearn.measure import EvalSet, Measurer, Settings
+    from unlearn.measure import EvalSet, Settings
     from unlearn.models import load_model
-
-    # A word-level tokenizer: answers' text gives back their tokens (a random byte-level model's
-    # answers are broken UTF-8 that no text gives back, and would always be scored again).
-    from test_evaluate import build_tiny_lm
 
     loaded = load_model(str(build_tiny_lm(tmp_path)), log=lambda m: None)
     model, tokenizer = loaded.model, loaded.tokenizer
     rows = [Example(p, None, i) for i, p in enumerate(["one", "what is the capital of France ?", "the cat sat"], 1)]
-    sets = [EvalSet("qs", "retain", rows)]
-    settings = Settings(max_new_tokens=6, batch_size=4)
     passes = []
     score = Scorer.logprobs
     monkeypatch.setattr(Scorer, "logprobs", lambda self, pairs: passes.append(len(pairs)) or score(self, pairs))
-    scorer = Scorer(model, tokenizer)
+    return (model, tokenizer, [EvalSet("qs", "retain", rows)], Settings(max_new_tokens=6, batch_size=4),
+            Scorer(model, tokenizer), passes)
+
+
+def test_fluency_comes_from_generation_for_the_originals_answers_and_for_identical_ones(tmp_path, monkeypatch):
+    """The original measuring itself takes fluency from generation; another measurer whose answers are token
+    for token the original's takes it from the original's (fluency_hints); the figures are a scoring pass's."""
+    from unlearn.measure import Measurer
+
+    model, tokenizer, sets, settings, scorer, passes = _three_questions_counting_passes(tmp_path, monkeypatch)
     plain = Measurer(model, tokenizer, settings, fluency_scorer=scorer).measure(sets)["qs"]
     assert sum(passes) == 3  # every answer scored by a forward pass
     passes.clear()
@@ -604,21 +610,10 @@ def test_an_original_read_back_from_the_cache_still_spares_fluency_its_own_answe
     import os
     from pathlib import Path
 
-    from test_evaluate import build_tiny_lm
     from unlearn import measure
-    from unlearn.evaluate import Scorer
-    from unlearn.measure import EvalSet, Measurer, Settings
-    from unlearn.models import load_model
+    from unlearn.measure import Measurer
 
-    loaded = load_model(str(build_tiny_lm(tmp_path)), log=lambda m: None)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    rows = [Example(p, None, i) for i, p in enumerate(["one", "what is the capital of France ?", "the cat sat"], 1)]
-    sets = [EvalSet("qs", "retain", rows)]
-    settings = Settings(max_new_tokens=6, batch_size=4)
-    passes = []
-    score = Scorer.logprobs
-    monkeypatch.setattr(Scorer, "logprobs", lambda self, pairs: passes.append(len(pairs)) or score(self, pairs))
-    scorer = Scorer(model, tokenizer)
+    model, tokenizer, sets, settings, scorer, passes = _three_questions_counting_passes(tmp_path, monkeypatch)
 
     def original():
         return Measurer(model, tokenizer, settings, fluency_scorer=scorer, own_fluency=True, fingerprint="w")
