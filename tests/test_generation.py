@@ -363,7 +363,7 @@ def test_per_prompt_budgets_give_what_each_budget_gives_alone(llama_dir, monkeyp
 def test_last_positions_are_indices_below_the_width_and_a_count_at_it():
     # A count below the width would slice the hidden states into a strided view, whose head matmul
     # copies the vocabulary-wide weight per row; indices are gathered into a contiguous tensor.
-    from unlearn.generation import last_positions
+    from unlearn.kv_cache import last_positions
 
     assert last_positions(5, 2).tolist() == [3, 4]
     assert last_positions(5, 1).tolist() == [4]

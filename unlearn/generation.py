@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 from unlearn.cpu_parts import Cancelled, parallel_pieces, run_pieces, slices
 from unlearn.data import encode_prompt
-from unlearn.kv_cache import cache_argument, new_cache, prefix_applies, run_prefix, shared_length
+from unlearn.kv_cache import cache_argument, last_positions, new_cache, prefix_applies, run_prefix, shared_length
 
 # On a CPU with T >= 2 torch threads, a batch of at least T * MIN_ROWS_PER_WORKER rows is
 # decoded as T parts side by side, one thread each with one torch thread (`_greedy_parts`,
@@ -392,21 +392,6 @@ def _keep_row(cache, i: int, mask_row, shared: int, budget: int, per_position: i
     if len(columns) * per_position > budget:
         return None, 0
     return _kv_of_row(cache, i, columns), len(columns) * per_position
-
-
-def last_positions(width: int, keep: int, device=None):
-    """`logits_to_keep` for the last KEEP of WIDTH positions: a count when that is every position, else
-    their indices.
-
-    A count below the width slices the hidden states in place; the strided (rows, keep, d) view sends
-    the head's matmul down a batched path that copies the vocabulary-wide weight once per row (the
-    prefill of 56 prompts, one thread: 539 ms for its last position's logits, against 61 ms with
-    indices, which transformers gathers into a contiguous tensor first). Decoding steps keep every
-    position of their input, so they pass the count: nothing to gather.
-    """
-    import torch
-
-    return keep if keep >= width else torch.arange(width - keep, width, device=device)
 
 
 def _kv_of_row(cache, i: int, columns):
