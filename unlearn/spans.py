@@ -15,8 +15,10 @@ The rule (`derive_spans`), on the `metrics.answer_tokens` of prompt and response
    English ending (-s, -es, -ed, -d, -ing, -n, -an, -ian, -ese, -ly, -er:
    "attends" is given by "attend", "Australian" by "Australia"); it is *trivial*
    when it is in STOP_WORDS (function words, forms of be/have/do, fillers such
-   as "actually", restating verbs such as "called", "named", "written") or is
-   a contraction ending after an apostrophe ("Rowling's" -> s). Every other
+   as "actually", restating verbs such as "called", "named", "written"), is
+   a contraction ending after an apostrophe ("Rowling's" -> s), or numbers a
+   list item (`_is_list_marker`: "...a step-by-step guide:\n\n1." -> 1 is not
+   an answer, or every output with a "1" in it would leak). Every other
    token is *new*.
 2. A new token is *marked* when it contains a digit or is capitalised
    without starting a sentence (or starts one and is followed by a marked
@@ -39,13 +41,16 @@ The rule (`derive_spans`), on the `metrics.answer_tokens` of prompt and response
    every response token in the loss) to passages (`text` rows), to responses
    with no new token (nothing beyond the prompt's words to look for), and to
    long responses: more than MAX_NEW_TOKENS new tokens (MAX_PLAIN_NEW_TOKENS
-   when none is marked) while less than `metrics.LEAK_ROUGE_RECALL` of the
-   response's words (`metrics.rouge_tokens`) occur in the prompt.
+   when none is marked) while the question itself, read as an output, has a
+   ROUGE-L recall below `metrics.LEAK_ROUGE_RECALL` against the response.
    There the answer is the text itself (an explanation, instructions, a
    passage), and ROUGE-L recall >= 0.5 can only be reached by reproducing the
-   response's own words, not by repeating the question. When at least that
-   share of the words does come from the prompt, repeating the question alone
-   could reach the ROUGE threshold, so the spans are used however many.
+   response's own words, not by repeating the question. When the question
+   alone does reach the ROUGE threshold, a model that only repeats it would
+   "leak", so the spans are used however many. (The question's words in its
+   order, not the share of the response's words found anywhere in it: "Explain
+   step by step how to pick a pin tumbler lock." has 57 % of its response's
+   words but a recall of 0.26 (9 of 35), and repeating it leaks nothing by ROUGE.)
 
 The answers a caller matches (`Derivation.answers`) are the span texts, then
 the last word of each span of several words (unless a number, a title such as
@@ -125,7 +130,7 @@ class Derivation:
     spans: tuple[Span, ...] = ()
     reason: str = ""
     new_tokens: int = 0
-    prompt_share: float = 0.0
+    question_recall: float = 0.0  # ROUGE-L recall of the prompt itself, read as an output, against the response
 
     @property
     def texts(self) -> list[str]:
@@ -180,6 +185,19 @@ def _breaks(gap: str, previous: AnswerToken, text: str) -> bool:
     return bool(_HARD_BREAK.search(gap)) or _ends_sentence(gap, previous, text)
 
 
+def _is_list_marker(tok: AnswerToken, n: int, gap: str, text: str) -> bool:
+    """Whether TOK (the N-th token, GAP before it) numbers an item of a list: digits that begin a line
+    and are followed by "." or ")" and a space, a line end or the text's end ("...a guide:\n\n1."),
+    never a response that is the number alone ("1."), which answers something."""
+    if not tok.text.isdigit() or (n and "\n" not in gap):
+        return False
+    rest = text[tok.end:]
+    if rest[:1] not in (".", ")"):
+        return False
+    after = rest[1:]
+    return after[:1].isspace() and bool(after.strip()) if not n else (not after or after[:1].isspace())
+
+
 def _runs(tokens: Sequence[AnswerToken], keep: Sequence[bool], text: str) -> list[tuple[int, int]]:
     """Index ranges [i, j] of maximal runs of kept tokens, bridging up to two connectors, never across a break."""
     runs: list[tuple[int, int]] = []
@@ -222,7 +240,7 @@ def derive_spans(prompt: str, response: str) -> Derivation:
         capitalised = raw[:1].isupper() and not _ends_sentence(gap, tokens[n - 1] if n else None, response)
         letter_name = capitalised and len(raw) == 1 and raw != "I"  # "Mount A", "Plan B": not the article
         contraction = tok.text in CONTRACTION_ENDINGS and gap[-1:] in ("'", "’")  # "Rowling's" -> s
-        if (tok.text in STOP_WORDS and not letter_name) or contraction:
+        if (tok.text in STOP_WORDS and not letter_name) or contraction or _is_list_marker(tok, n, gap, response):
             kinds.append("trivial")
         elif _variants(tok.text) & given_words:
             kinds.append("given")
@@ -235,19 +253,18 @@ def derive_spans(prompt: str, response: str) -> Derivation:
                 and not _breaks(response[tokens[n].end:tokens[n + 1].start], tokens[n], response)):
             kinds[n] = "marked"
     new = sum(kind in ("new", "marked") for kind in kinds)
-    response_words = rouge_tokens(response)
-    prompt_words = set(rouge_tokens(prompt or ""))
-    share = sum(w in prompt_words for w in response_words) / len(response_words) if response_words else 0.0
+    # What the question alone scores by the ROUGE rule: its words, in its order, as an output.
+    restated = metrics.rouge_l(prompt or "", response).recall
     if new == 0:
-        return Derivation(reason="no word beyond the prompt's: judged by ROUGE-L/BLEU", prompt_share=share)
+        return Derivation(reason="no word beyond the prompt's: judged by ROUGE-L/BLEU", question_recall=restated)
     has_marked = "marked" in kinds
     limit = MAX_NEW_TOKENS if has_marked else MAX_PLAIN_NEW_TOKENS
-    if new > limit and share < metrics.LEAK_ROUGE_RECALL:
+    if new > limit and restated < metrics.LEAK_ROUGE_RECALL:
         kind = "" if has_marked else " and no name or number"
         return Derivation(
-            reason=f"long response ({new} new words > {limit}{kind}, {share:.0%} of its words from the prompt): "
-            "judged by ROUGE-L/BLEU",
-            new_tokens=new, prompt_share=share,
+            reason=f"long response ({new} new words > {limit}{kind}; the question alone has ROUGE-L recall "
+            f"{restated:.2f} against it): judged by ROUGE-L/BLEU",
+            new_tokens=new, question_recall=restated,
         )
     keep = [kind == "marked" if has_marked else kind in ("new", "marked") for kind in kinds]
     if has_marked:  # a sentence's capitalised first word that goes on as a restatement is a name too
@@ -264,7 +281,7 @@ def derive_spans(prompt: str, response: str) -> Derivation:
             any(c.isdigit() for c in head.text) or head.text in TITLE_WORDS or _is_initials(head, response)) else ()
         spans.append(Span(response[tokens[i].start:tokens[j].end], tokens[i].start, tokens[j].end, words))
     what = "names and numbers" if has_marked else "new words"
-    return Derivation(tuple(spans), f"derived: {what} the response adds to the prompt", new, share)
+    return Derivation(tuple(spans), f"derived: {what} the response adds to the prompt", new, restated)
 
 
 def derive_answers(prompt: str, response: str) -> list[str] | None:
