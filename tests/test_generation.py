@@ -282,12 +282,36 @@ def test_an_error_in_one_part_ends_the_batch_with_it(llama_dir, two_parts):
     assert two_parts == [2] and torch.get_num_threads() == 2
 
 
-def test_slices_are_consecutive_and_as_equal_as_can_be():
-    from unlearn.cpu_parts import slices
+def test_balanced_slices_least_largest_work():
+    import itertools
+    import random
 
-    assert slices(9, 2) == [(0, 4), (4, 9)]  # round(4.5) is 4: the banker's rounding of Python
-    assert slices(8, 2) == [(0, 4), (4, 8)]
-    assert slices(10, 3) == [(0, 3), (3, 7), (7, 10)]
+    from unlearn.cpu_parts import balanced_slices
+
+    # work of a run = its rows x its widest prompt + its budgets
+    assert balanced_slices([1, 1, 1, 1], [1, 1, 1, 1], 2) == [(0, 2), (2, 4)]  # 2+2 and 2+2
+    # by row count, 1,2 | 3,10 would be 2*2+10 = 14 and 2*10+10 = 30; the last row alone is 10+5 = 15,
+    # the first three 3*3+15 = 24
+    assert balanced_slices([1, 2, 3, 10], [5, 5, 5, 5], 2) == [(0, 3), (3, 4)]
+    assert balanced_slices([3] * 10, [32] * 10, 3) == [(0, 4), (4, 8), (8, 10)]  # 140, 140, 70
+    assert balanced_slices([2, 2], [1, 1], 2) == [(0, 1), (1, 2)]
+    assert balanced_slices([4, 5, 6], [8, 8, 8], 1) == [(0, 3)]
+
+    def work(widths, budgets, lo, hi):
+        return (hi - lo) * max(widths[lo:hi]) + sum(budgets[lo:hi])
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n, pieces = rng.randint(2, 9), rng.randint(2, 4)
+        widths = sorted(rng.randint(1, 30) for _ in range(n))
+        budgets = [rng.choice([8, 32, 48]) for _ in range(n)]
+        got = balanced_slices(widths, budgets, pieces)
+        # consecutive, covering, min(pieces, n) runs of at least one row each
+        assert got[0][0] == 0 and got[-1][1] == n and all(a[1] == b[0] for a, b in zip(got, got[1:]))
+        assert len(got) == min(pieces, n) and all(hi > lo for lo, hi in got)
+        best = min(max(work(widths, budgets, lo, hi) for lo, hi in zip((0,) + cut, cut + (n,)))
+                   for cut in itertools.combinations(range(1, n), min(pieces, n) - 1))
+        assert max(work(widths, budgets, lo, hi) for lo, hi in got) == best
 
 
 @pytest.mark.parametrize("which", ["llama_dir", "opt_dir"])

@@ -15,7 +15,8 @@ differences in how the work is done, not in what is computed:
 - rows that have ended leave the batch, with their keys and values;
 - keys and values go into buffers allocated once (kv_cache.new_cache), not concatenated;
 - on a CPU with T >= 2 torch threads, a batch of at least 4T rows runs as T slices side by
-  side, one thread each (`_greedy_parts`, cpu_parts.py), each slice as wide as its own prompts.
+  side, one thread each (`_greedy_parts`, cpu_parts.py), each slice as wide as its own prompts
+  and cut so that the slices' forward positions are as even as can be (`balanced_slices`).
 A float32 matmul's result for one row can depend on the shapes around it (MKL/oneDNN pick
 kernels by shape), so an output could differ from `model.generate`'s at a near-tie of two
 logits; none does on the README run's 91 prompts (bench/generation_bench.py counts them)
@@ -59,7 +60,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from unlearn.cpu_parts import Cancelled, parallel_pieces, run_pieces, slices
+from unlearn.cpu_parts import Cancelled, balanced_slices, parallel_pieces, run_pieces
 from unlearn.data import encode_prompt
 from unlearn.kv_cache import cache_argument, last_positions, new_cache, prefix_applies, run_prefix, shared_length
 
@@ -406,7 +407,7 @@ def _kv_of_row(cache, i: int, columns):
 
 def _greedy_parts(model, input_ids, attention, parts: int, *, should_stop, scored, **options) -> list[list[int]]:
     """`_greedy_batch` over PARTS contiguous slices of the batch's rows side by side (cpu_parts.run_pieces),
-    joined in row order.
+    joined in row order; the slices are cut by their work (`cpu_parts.balanced_slices`), not by row count.
 
     A slice drops the padding columns none of its rows uses: the rows are sorted by prompt length,
     so the shorter half of a pooled batch no longer runs the longer half's padding through every
@@ -434,7 +435,8 @@ def _greedy_parts(model, input_ids, attention, parts: int, *, should_stop, score
             return tokens, own
         return run
 
-    results = run_pieces([part(lo, hi) for lo, hi in slices(input_ids.shape[0], parts)])
+    widths = [int(w) for w in attention.sum(1)]  # each row's prompt tokens (the batch is sorted by them)
+    results = run_pieces([part(lo, hi) for lo, hi in balanced_slices(widths, budgets, parts)])
     if scored is not None:
         scored.extend(s for _, own in results for s in own)
     return [row for tokens, _ in results for row in tokens]
