@@ -68,7 +68,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from unlearn import metrics
-from unlearn.metrics import AnswerToken, answer_tokens, rouge_tokens
+from unlearn.metrics import AnswerToken, answer_tokens
 
 #: Above this many new tokens (and with less than half the response's words from
 #: the prompt), a response is an explanation or a passage, not a short answer:
