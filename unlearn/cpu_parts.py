@@ -45,8 +45,8 @@ def balanced_slices(widths: list[int], budgets: list[int], pieces: int) -> list[
     prompts took 12-13 % more time than the other (original's answers 16.5 / 18.4 s, 56 rows each,
     15 and 24 columns; after measurement 15.1 / 17.0 s, 50 rows each); cut by this count, 0-3 %
     (16.1 / 16.0 s, 60 and 52 rows; 14.6 / 15.1 s, 53 and 47 rows): the two calls end ~1.5 s sooner.
-    The least largest work is found by bisection on it: a run is grown while its work stays within
-    the bound, and the runs that takes can only be fewer as the bound grows.
+    The least largest work is found by bisection on a bound: runs are grown while their work stays
+    within it, and the number of runs that needs can only fall as the bound grows.
     """
     n = len(widths)
     if pieces <= 1 or n <= pieces:

@@ -70,8 +70,8 @@ from typing import Iterable, Sequence
 from unlearn import metrics
 from unlearn.metrics import AnswerToken, answer_tokens
 
-#: Above this many new tokens (and with less than half the response's words from
-#: the prompt), a response is an explanation or a passage, not a short answer:
+#: Above this many new tokens (and with the question alone under the ROUGE rule's
+#: threshold), a response is an explanation or a passage, not a short answer:
 #: factual answers are a name, a number or a short phrase (1-4 words) plus the
 #: odd new verb or adjective of the restatement ("attends", "infamous").
 MAX_NEW_TOKENS = 8
@@ -195,7 +195,9 @@ def _is_list_marker(tok: AnswerToken, n: int, gap: str, text: str) -> bool:
     if rest[:1] not in (".", ")"):
         return False
     after = rest[1:]
-    return after[:1].isspace() and bool(after.strip()) if not n else (not after or after[:1].isspace())
+    if n == 0:  # the response's first token: a list only when an item's text follows ("1. Preheat the oven")
+        return after[:1].isspace() and bool(after.strip())
+    return not after or after[:1].isspace()
 
 
 def _runs(tokens: Sequence[AnswerToken], keep: Sequence[bool], text: str) -> list[tuple[int, int]]:
