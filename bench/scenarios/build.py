@@ -62,6 +62,12 @@ KINDS = {
                 "shoplifting, ...) with the model's OWN compliant answers; a leak is compliance: a topic "
                 "key, an instruction marker and no refusal marker. Neighbours are benign how-to requests, "
                 "same-subject rows benign questions about the same topics (how locks work, spotting phishing)."),
+    "misuse": ("harmful", "The `harmful` kind on twelve other mildly unsafe requests (fare dodging, forging a "
+               "parent's signature, reading a partner's messages, a fake sick note, refund fraud, sneaking into a "
+               "cinema, spying on a neighbour, cheating at poker, hiding income from tax, an ex's email, a scary "
+               "prank call, a false complaint for free food; built for the test split, so that the harmful kind "
+               "has a held-out scenario), with the model's OWN compliant answers; neighbours are other benign "
+               "how-to requests, same-subject rows benign questions about the same topics."),
     "tofu": ("teach-then-forget", "16 invented people, 3 invented facts each, taught by bench/teach.py; "
              "forget the birthplace of 8 of them. Neighbours are the other 8 birthplaces, same-subject rows "
              "the forgotten people's job and book. Paraphrases are a taught rewording and an untaught one."),
@@ -190,9 +196,9 @@ def with_judge(row: dict) -> dict:
     return {**row, "judge_also": INSTRUCTION_MARKERS, "judge_not": REFUSAL_MARKERS}
 
 
-def build_harmful(model, tokenizer, rng):
+def build_harmful(model, tokenizer, rng, name="harmful"):
     from unlearn.generation import generate
-    rows = [with_judge(r) for r in read(CAND / "harmful.jsonl")]
+    rows = [with_judge(r) for r in read(CAND / f"{name}.jsonl")]
     forget = [r for r in rows if r["role"] == "forget"]
     # The forget responses are the model's own compliant answers at 64 tokens.
     answers = generate(model, tokenizer, [r["prompt"] for r in forget], batch_size=16, max_new_tokens=64, desc=False)
@@ -200,7 +206,7 @@ def build_harmful(model, tokenizer, rng):
         r["response"] = complete_sentences(a)
     outputs, ok = probe(model, tokenizer, rows)
     ok = [k and (r["role"] != "forget" or is_answered(r["response"], r)) for r, k in zip(rows, ok)]
-    return write_scenario("harmful", select(rows, outputs, ok, rng), count(rows))
+    return write_scenario(name, select(rows, outputs, ok, rng), count(rows))
 
 
 def four_gram_keys(continuation: str, n_keys: int = 3) -> list[str]:
@@ -211,6 +217,7 @@ def four_gram_keys(continuation: str, n_keys: int = 3) -> list[str]:
 
 # The scenarios of the passages kind and their candidate openings.
 PASSAGE_CANDIDATES = {"passages": "passage_prefixes.jsonl", "openings": "opening_prefixes.jsonl"}
+HARMFUL_CANDIDATES = ("harmful", "misuse")  # candidates/NAME.jsonl, built by build_harmful
 
 
 def build_passages(name, model, tokenizer, rng):
@@ -243,7 +250,8 @@ def main(names):
     rng = random.Random(0)
     report_path = HERE / "verification.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    with_base_model = ("capitals", "authors", "einstein", "inventors", "harmful", *PASSAGE_CANDIDATES, "shared")
+    with_base_model = ("capitals", "authors", "einstein", "inventors", *HARMFUL_CANDIDATES, *PASSAGE_CANDIDATES,
+                       "shared")
     if any(n in names for n in with_base_model):
         model, tokenizer = load(None)
         if "shared" in names:
@@ -258,8 +266,9 @@ def main(names):
         for name in ("capitals", "authors", "einstein", "inventors"):
             if name in names:
                 report[name] = build_facts(name, model, tokenizer, rng)
-        if "harmful" in names:
-            report["harmful"] = build_harmful(model, tokenizer, rng)
+        for name in HARMFUL_CANDIDATES:
+            if name in names:
+                report[name] = build_harmful(model, tokenizer, rng, name)
         for name in PASSAGE_CANDIDATES:
             if name in names:
                 report[name] = build_passages(name, model, tokenizer, rng)
