@@ -49,8 +49,10 @@ def balanced_slices(widths: list[int], budgets: list[int], pieces: int) -> list[
     within it, and the number of runs that needs can only fall as the bound grows.
     """
     n = len(widths)
-    if pieces <= 1 or n <= pieces:
-        return [(i, i + 1) for i in range(n)] if 1 < pieces and n else [(0, n)]
+    if pieces <= 1 or n == 0:
+        return [(0, n)]
+    if n <= pieces:  # a row each
+        return [(i, i + 1) for i in range(n)]
 
     def cut(bound: int) -> list[int] | None:
         """The runs' ends when each is grown while its work is within BOUND; None past PIECES runs."""
