@@ -2,7 +2,7 @@
 
 For each scenario of a split (bench/scenarios/split.json), each method and each seed, the
 tool is driven through its public CLI (`unlearn run FORGET NORMAL_TRAIN --method M --seed S
--o DIR --json`); the merged model in DIR/model is then scored here, independently of the
+-o DIR --json`; the method `default` gives no --method, so the tool chooses); the merged model in DIR/model is then scored here, independently of the
 tool's own report. Definitions (also in docs/quality.md):
 
 - generation: greedy, 32 new tokens (`--max-new-tokens`), chat prompts rendered by
@@ -284,13 +284,18 @@ def unlearn_cli() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "unlearn"]
 
 
+#: The pseudo-method that runs `unlearn run` without --method: the tool's default, which is ga
+#: unless the forget rows call for another (config.LONG_RESPONSE_DEFAULT). The `ga` rows run ga.
+DEFAULT = "default"
+
+
 def discover_methods() -> list[str]:
-    """Every `unlearn run --method` choice, read from `unlearn run --help` so new methods appear."""
+    """DEFAULT, then every `unlearn run --method` choice, read from `unlearn run --help` so new methods appear."""
     help_text = subprocess.run(unlearn_cli() + ["run", "--help"], capture_output=True, text=True, check=True).stdout
     match = re.search(r"--method \[([^\]]+)\]", help_text)
     if not match:
         raise SystemExit("bench/quality.py: could not find the --method choices in `unlearn run --help`")
-    return match.group(1).split("|")
+    return [DEFAULT] + match.group(1).split("|")
 
 
 def load_split(name: str) -> list[str]:
@@ -323,8 +328,8 @@ def git_commit() -> str | None:
 def run_one(scenario: Scenario, spec: str | None, method: str, seed: int, run_args: str, work: Path,
             threads: int, base: dict, keep_models: bool) -> dict:
     out_dir = work / f"{scenario.name}-{method}-s{seed}"
-    cmd = unlearn_cli() + ["run", str(scenario.forget_file), str(scenario.normal_train), "--method", method,
-                           "--seed", str(seed), "-o", str(out_dir), "--force", "--json"] + CHEAP_EVAL
+    cmd = unlearn_cli() + ["run", str(scenario.forget_file), str(scenario.normal_train)] + (
+        [] if method == DEFAULT else ["--method", method]) + ["--seed", str(seed), "-o", str(out_dir), "--force", "--json"] + CHEAP_EVAL
     if spec:
         cmd += ["--model", spec]
     cmd += shlex.split(run_args)
@@ -345,8 +350,9 @@ def run_one(scenario: Scenario, spec: str | None, method: str, seed: int, run_ar
     try:
         record = json.loads((out_dir / "run.json").read_text())
         row["steps"], row["stopped_by"] = record.get("steps"), record.get("stopped_by")
+        row["ran_method"] = record.get("method")  # what DEFAULT chose
     except (OSError, ValueError):
-        row["steps"] = row["stopped_by"] = None
+        row["steps"] = row["stopped_by"] = row["ran_method"] = None
     from unlearn.models import load_model
     loaded = load_model(str(out_dir / "model"))
     after = measure(loaded.model, loaded.tokenizer, scenario)
@@ -433,7 +439,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--split", default="dev", help="dev or test (bench/scenarios/split.json)")
     parser.add_argument("--scenarios", default=None, help="comma-separated subset of the split's scenarios")
-    parser.add_argument("--methods", default=None, help="comma-separated [default: every `unlearn run --method`]")
+    parser.add_argument("--methods", default=None, help="comma-separated [default: `default` (no --method: the "
+                        "tool's own choice), then every `unlearn run --method`]")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--run-args", default="", help="extra arguments for `unlearn run`, one string; write "
                         "--run-args=\"--lr 3e-4\" (with `=`: argparse takes a separate value that starts with - "
@@ -447,11 +454,12 @@ def main(argv=None) -> None:
     parser.add_argument("--keep-models", action="store_true", help="keep each run's output directory")
     parser.add_argument("--no-run", action="store_true",
                         help="run nothing: only make the table from the results already in --out")
-    parser.add_argument("--quick", action="store_true", help="one dev scenario, ga, seed 0 (a pre-commit check)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one dev scenario, the default (no --method), seed 0 (a pre-commit check)")
     args = parser.parse_args(argv)
 
     if args.quick:
-        args.split, args.methods, args.seeds = "dev", "ga", "0"
+        args.split, args.methods, args.seeds = "dev", DEFAULT, "0"
         args.scenarios = args.scenarios or load_split("dev")[0]
     scenarios = load_split(args.split)
     if args.scenarios:

@@ -109,6 +109,23 @@ def test_table_mean_and_range_over_seeds():
     assert cells[0] == "`ga` (seeds 0,1)" and cells[1] == "0.30 (0.10–0.50)" and cells[-1] == "0/6 (1 not run)"
 
 
+@pytest.mark.parametrize("method, given", [(quality.DEFAULT, []), ("ga", ["--method", "ga"])])
+def test_the_default_runs_without_method_and_a_method_with_it(monkeypatch, tmp_path, method, given):
+    seen = []
+
+    def fake_run(cmd, **kw):  # the run fails at once: only its command line is looked at
+        seen.append(cmd)
+        return SimpleNamespace(returncode=2, stderr="stop here\n", stdout="")
+
+    monkeypatch.setattr(quality.subprocess, "run", fake_run)
+    scenario = SimpleNamespace(name="s", kind="k", forget_file=Path("f.jsonl"), normal_train=Path("n.jsonl"))
+    row = quality.run_one(scenario, None, method, 0, "", tmp_path, 2, {}, False)
+    args = seen[0][seen[0].index("run"):]
+    assert args[:3] == ["run", "f.jsonl", "n.jsonl"] and args[3:3 + len(given)] == given
+    assert "--method" not in args[3 + len(given):]
+    assert (row["method"], row["exit_code"], row["error"]) == (method, 2, "stop here")
+
+
 # --- the committed scenarios ------------------------------------------------------
 
 SPLIT = json.loads((SCENARIOS / "split.json").read_text())

@@ -66,9 +66,12 @@ def _command_line() -> str:
 @click.argument("normal", type=click.Path(path_type=str))
 @click.option("--model", default=None, envvar="UNLEARN_MODEL",
               help="HF directory, hub id or .gguf file [default: embedded SmolLM2-135M-Instruct; env UNLEARN_MODEL].")
-@click.option("--method", default="ga", show_default=True,
+@click.option("--method", default=None,
               type=click.Choice(["ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr", "edit", "rmu"]),
-              help="ga: gradient ascent + KL; ga+mismatch: + random normal answers; ga+template: + a fixed "
+              help="[default: ga; when every FORGET row is a long chat response (no `answers`, none derivable, "
+                   "not a passage: instructions, an explanation), ga+template with --normal-weight 50, chosen on "
+                   "the quality benchmark's dev split] "
+                   "ga: gradient ascent + KL; ga+mismatch: + random normal answers; ga+template: + a fixed "
                    "refusal; graddiff: ascent + NLL on normal; npo: negative preference optimisation + KL; "
                    "ulmr: fine-tune on rewritten prompts with negative responses (+ KL), then average with α; "
                    "edit: a MEMIT-style edit of a few MLP layers so that the facts are refused (docs/edit.md); "
@@ -88,8 +91,9 @@ def _command_line() -> str:
 @click.option("--forget-weight", type=float, default=0.5, show_default=True, help="eps1, weight of L_fgt.")
 @click.option("--mismatch-weight", type=float, default=1.0, show_default=True, help="eps2, weight of L_rdn.")
 @click.option("--normal-weight", type=float, default=None,
-              help="eps3, weight of L_nor (the KL to the original on normal data) [default: 10; rmu: 50, "
-                   "chosen on the quality benchmark's dev split].")
+              help="eps3, weight of L_nor (the KL to the original on normal data) [default: 10; rmu and the "
+                   "default for long chat responses (see --method): 50, chosen on the quality benchmark's dev "
+                   "split].")
 @click.option("--retain", multiple=True, type=click.Path(path_type=str),
               help="JSONL of rows that must be kept (NORMAL's format; `answers` score their accuracy): trained on "
                    "with their own KL to the original (--retain-weight), a micro-batch every step, and reported "
@@ -233,7 +237,7 @@ def run_command(**o):
     from unlearn.tables import format_run
 
     train = TrainConfig(
-        method=o["method"], forget_weight=o["forget_weight"], mismatch_weight=o["mismatch_weight"],
+        method=o["method"] or "ga", forget_weight=o["forget_weight"], mismatch_weight=o["mismatch_weight"],
         batch_size=o["batch_size"],
         grad_accum=o["grad_accum"],
         max_steps=o["max_steps"], warmup_steps=o["warmup_steps"], schedule=o["schedule"],
@@ -260,7 +264,7 @@ def run_command(**o):
         alpha_grid=tuple(parse_alphas(o["alpha_grid"])) if o["alpha_grid"] else (), max_leak=o["max_leak"],
         normal_holdout=o["normal_holdout"], no_cache=o["no_cache"], retain=tuple(Path(p) for p in o["retain"]),
         probes=not o["no_probes"], probe_limit=o["probe_limit"], retain_probes=o["retain_probes"],
-        retain_weight=o["retain_weight"], normal_weight=o["normal_weight"])
+        retain_weight=o["retain_weight"], normal_weight=o["normal_weight"], auto_method=o["method"] is None)
     record = run(opts, log=log)
     if o["as_json"]:
         print_json({k: v for k, v in record.items() if k != "history"})

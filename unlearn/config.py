@@ -62,6 +62,15 @@ NORMAL_WEIGHT = 10.0
 # to pay for it").
 PER_METHOD = {"rmu": {"retain_weight_with_probes": 10.0, "normal_weight": 50.0},
               "ga": {"forget_loss": "unlikelihood", "stop_margin": 0.05, "lr": 2e-3}}
+# When --method is not given and every forget row is a long chat response (spans.is_long_response: no
+# `answers` given or derived, not a passage; a request answered with instructions or an explanation),
+# the run trains toward the refusal template with the normal KL at 50: what `--method ga+template
+# --normal-weight 50` gives. Declared before its code and judged on the dev split (docs/quality.md, "Long
+# chat responses: the refusal"). On `harmful`, ga's greedy check passed while the model still complied in
+# other words (5 of 9 requests at every seed); the refusal leaks none, and the normal KL at 50 keeps more
+# of the benign requests than ga+template's own 10 (neighbours 0.25-0.38 against 0.12-0.25). Every other
+# forget set (rows with answers, derived answers or passages) keeps ga: the same run as before.
+LONG_RESPONSE_DEFAULT = {"method": "ga+template", "normal_weight": 50.0}
 # The methods whose runs repair by default (--repair-steps auto: repair.py). None: on the dev split the
 # repair won for `ga` (selection score 0.788 against 0.7515, forget leak 0.008 against 0.054) but made the
 # README command ~40 % slower (8 steps instead of 4), and a default must leave it no slower
@@ -258,6 +267,23 @@ class RunOptions:
     # printed similarity is not measured on the rows the KL trained on.
     normal_holdout: float = 0.25
     no_cache: bool = False  # measure the original model again instead of reading $UNLEARN_CACHE/measurements
+    # --method not given: train.method is ga unless the forget rows call for LONG_RESPONSE_DEFAULT
+    # (`for_forget_rows`, once they are read); method_reason then says why, for the report.
+    auto_method: bool = False
+    method_reason: str | None = None
+
+    def for_forget_rows(self, rows) -> "RunOptions":
+        """These options, unresolved, with the method FORGET's ROWS call for when --method was not given."""
+        from unlearn.spans import is_long_response
+
+        if not self.auto_method or not rows or not all(is_long_response(row) for row in rows):
+            return self
+        own = LONG_RESPONSE_DEFAULT
+        return replace(self, train=replace(self.train, method=own["method"]), auto_method=False,
+                       normal_weight=self.normal_weight if self.normal_weight is not None else own["normal_weight"],
+                       method_reason="every forget row is a long chat response (no answers, not a passage): "
+                                     f"the refusal template, --method {own['method']} with the normal KL at "
+                                     f"{own['normal_weight']:g} unless --normal-weight is given")
 
     def resolved(self) -> "RunOptions":
         """A copy with every per-method default filled in and every value checked.

@@ -44,13 +44,23 @@ def default_output_dir() -> Path:
 
 def run(opts: RunOptions, log=default_log) -> dict:
     """Do the whole job and return the record that run.json holds (and --json prints)."""
-    opts = opts.resolved()
+    opts.resolved()  # a typo fails before any file is read
+    forget = read_examples(opts.forget)
+    chosen = opts.for_forget_rows(forget)  # --method not given: what these rows call for
+    try:
+        opts = chosen.resolved()
+    except UsageError as e:
+        if chosen is opts:
+            raise
+        raise UsageError(f"--method {chosen.train.method} (not given: {chosen.method_reason}): {e}") from None
     created: list[Path] = []  # OUTPUT, when made at the start for checkpoints
     # Under torchrun: join the process group for the run (distributed.py); otherwise a no-op.
     with distributed.session(opts.fsdp, opts.device) as world:
         try:
             started = time.perf_counter()
-            data = prepare(opts, created)
+            if opts.method_reason and world.is_main:
+                log(f"method: {opts.train.method}, because {opts.method_reason}")
+            data = prepare(opts, created, forget)
             job = load(opts, data, log)
             probed = make_probes(opts, job, data, log) if opts.probes else {}
             before = measure_before(job, data.sets, probed)
@@ -83,8 +93,8 @@ class Prepared:
     probes: dict | None = None  # the automatic probes' records and counts (make_probes), for run.json
 
 
-def prepare(opts: RunOptions, created: list) -> Prepared:
-    forget = read_examples(opts.forget)
+def prepare(opts: RunOptions, created: list, forget: list) -> Prepared:
+    """FORGET's rows (read first: they may choose the method) and every other file, read and checked."""
     normal, normal_heldout = hold_out(read_examples(opts.normal), opts.normal_holdout, opts.train.seed)
     augmented = read_examples(opts.augmented) if opts.augmented else None
     retain = read_retain(opts.retain, forget, Path(opts.forget))
@@ -789,6 +799,7 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "base_model": str(Path(job.loaded.path).resolve()),
         "model_name": job.loaded.name,
         "method": opts.train.method,
+        "method_reason": opts.method_reason,  # None: --method given, or ga for a forget set of another kind
         "full": opts.full,
         "seed": opts.train.seed,
         "config": {**opts.train.as_dict(), **_resolved_rmu_layer(opts, job), "dtype": opts.dtype, "full": opts.full,

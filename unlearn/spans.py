@@ -332,6 +332,19 @@ def attach_answers(examples: Iterable) -> list:
     return result
 
 
+def is_long_response(example) -> bool:
+    """EXAMPLE is a chat row whose whole response is what it says: no `answers`, not a passage, and a
+    response the rule leaves to ROUGE-L/BLEU because it is long (instructions, an explanation).
+
+    Read from the row as written (the same derivation `attach_answers` stores); a response with no
+    word beyond the prompt's is not long, it only restates.
+    """
+    if example.extra.get("answers") or example.is_passage or not example.response:
+        return False
+    d = derive_spans(example.prompt, example.response)
+    return not d.spans and d.new_tokens > 0
+
+
 def whole_names(text: str, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """SPANS of TEXT, each widened to the left over the rest of a name it ends: the capitalised words
     and initials right before it, one space apart ("Albert Einstein" for `Einstein`, "J.K. Rowling"

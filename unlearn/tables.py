@@ -60,7 +60,8 @@ def format_run(record: dict) -> str:
         f"outputs; fluency ppl: perplexity of the outputs under the original model (lower is more fluent; NM: "
         f"most outputs degenerate), so forgotten answers should be wrong or refused in fluent text, not garbage",
         *_probe_lines(record),
-        f"steps: {record['steps']} (stopped: {record['stopped_by']}{_repair_note(record)}); method: {record['method']}",
+        f"steps: {record['steps']} (stopped: {record['stopped_by']}{_repair_note(record)}); method: {record['method']}"
+        + (f" ({record['method_reason']})" if record.get("method_reason") else ""),
         *_ulmr_lines(record),
         f"wall clock: {record['wall_clock_s']:.1f} s ({_wall_clock_parts(record)}); "
         f"{record['tokens_per_s']:.0f} tokens/s; "
