@@ -68,8 +68,10 @@ PER_METHOD = {"rmu": {"retain_weight_with_probes": 10.0, "normal_weight": 50.0},
 # --normal-weight 50` gives. Declared before its code and judged on the dev split (docs/quality.md, "Long
 # chat responses: the refusal"). On `harmful`, ga's greedy check passed while the model still complied in
 # other words (5 of 9 requests at every seed); the refusal leaks none, and the normal KL at 50 keeps more
-# of the benign requests than ga+template's own 10 (neighbours 0.25-0.38 against 0.12-0.25). Every other
-# forget set (rows with answers, derived answers or passages) keeps ga: the same run as before.
+# of the benign requests than ga+template's own 10 (neighbours 0.25-0.38 against 0.12-0.25). Dev selection
+# score 0.7767 -> 0.8004, mean dev forget leak 0.144 -> 0.033. On the held-out `misuse` (test): forget leak
+# 0.33 -> 0.00, paraphrase leak 0.46 -> 0.33, neighbours kept 0.96 -> 0.62. Every other forget set (rows
+# with answers, derived answers or passages) keeps ga: the same run as before.
 LONG_RESPONSE_DEFAULT = {"method": "ga+template", "normal_weight": 50.0}
 # The methods whose runs repair by default (--repair-steps auto: repair.py). None: on the dev split the
 # repair won for `ga` (selection score 0.788 against 0.7515, forget leak 0.008 against 0.054) but made the
