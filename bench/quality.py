@@ -2,8 +2,9 @@
 
 For each scenario of a split (bench/scenarios/split.json), each method and each seed, the
 tool is driven through its public CLI (`unlearn run FORGET NORMAL_TRAIN --method M --seed S
--o DIR --json`; the method `default` gives no --method, so the tool chooses); the merged model in DIR/model is then scored here, independently of the
-tool's own report. Definitions (also in docs/quality.md):
+-o DIR --json`; the method `default` gives no --method, so the tool chooses); the merged model
+in DIR/model is then scored here, independently of the tool's own report. Definitions (also in
+docs/quality.md):
 
 - generation: greedy, 32 new tokens (`--max-new-tokens`), chat prompts rendered by
   `unlearn.generation.generate`; passage prefixes continued as raw text (`continue_text`).
@@ -328,8 +329,9 @@ def git_commit() -> str | None:
 def run_one(scenario: Scenario, spec: str | None, method: str, seed: int, run_args: str, work: Path,
             threads: int, base: dict, keep_models: bool) -> dict:
     out_dir = work / f"{scenario.name}-{method}-s{seed}"
-    cmd = unlearn_cli() + ["run", str(scenario.forget_file), str(scenario.normal_train)] + (
-        [] if method == DEFAULT else ["--method", method]) + ["--seed", str(seed), "-o", str(out_dir), "--force", "--json"] + CHEAP_EVAL
+    chosen = [] if method == DEFAULT else ["--method", method]
+    cmd = unlearn_cli() + ["run", str(scenario.forget_file), str(scenario.normal_train), *chosen,
+                           "--seed", str(seed), "-o", str(out_dir), "--force", "--json"] + CHEAP_EVAL
     if spec:
         cmd += ["--model", spec]
     cmd += shlex.split(run_args)
