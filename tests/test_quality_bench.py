@@ -129,15 +129,14 @@ def test_the_default_runs_without_method_and_a_method_with_it(monkeypatch, tmp_p
 # --- the committed scenarios ------------------------------------------------------
 
 SPLIT = json.loads((SCENARIOS / "split.json").read_text())
-ALL = SPLIT["splits"]["dev"] + SPLIT["splits"]["test"] + SPLIT.get("test_pending", [])
+ALL = SPLIT["splits"]["dev"] + SPLIT["splits"]["test"]
 
 
 def test_split_is_disjoint_and_covers_every_scenario():
     dev, test = set(SPLIT["splits"]["dev"]), set(SPLIT["splits"]["test"])
-    pending = set(SPLIT.get("test_pending", []))  # held out for test, not run yet (split.json says why)
-    assert not dev & test and not (dev | test) & pending
+    assert not dev & test
     folders = {p.parent.name for p in SCENARIOS.glob("*/scenario.json")}
-    assert dev | test | pending == folders
+    assert dev | test == folders
     kinds = {json.loads((SCENARIOS / n / "scenario.json").read_text())["kind"] for n in folders}
     assert kinds == {"facts-answers", "facts-restated", "takedown", "passages", "harmful", "teach-then-forget"}
 

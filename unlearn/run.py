@@ -44,14 +44,12 @@ def default_output_dir() -> Path:
 
 def run(opts: RunOptions, log=default_log) -> dict:
     """Do the whole job and return the record that run.json holds (and --json prints)."""
-    opts.resolved()  # a typo fails before any file is read
+    checked = opts.resolved()  # a typo fails before any file is read
     forget = read_examples(opts.forget)
     chosen = opts.for_forget_rows(forget)  # --method not given: what these rows call for
     try:
-        opts = chosen.resolved()
+        opts = checked if chosen is opts else chosen.resolved()
     except UsageError as e:
-        if chosen is opts:
-            raise
         raise UsageError(f"--method {chosen.train.method} (not given: {chosen.method_reason}): {e}") from None
     created: list[Path] = []  # OUTPUT, when made at the start for checkpoints
     # Under torchrun: join the process group for the run (distributed.py); otherwise a no-op.

@@ -133,6 +133,11 @@ class Derivation:
     question_recall: float = 0.0  # ROUGE-L recall of the prompt itself, read as an output, against the response
 
     @property
+    def is_long(self) -> bool:
+        """No spans because the response is long (rule 4's third case), not because it adds no word."""
+        return not self.spans and self.new_tokens > 0
+
+    @property
     def texts(self) -> list[str]:
         return [span.text for span in self.spans]
 
@@ -341,8 +346,7 @@ def is_long_response(example) -> bool:
     """
     if example.extra.get("answers") or example.is_passage or not example.response:
         return False
-    d = derive_spans(example.prompt, example.response)
-    return not d.spans and d.new_tokens > 0
+    return derive_spans(example.prompt, example.response).is_long
 
 
 def whole_names(text: str, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
