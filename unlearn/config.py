@@ -72,6 +72,8 @@ PER_METHOD = {"rmu": {"retain_weight_with_probes": 10.0, "normal_weight": 50.0},
 # score 0.7767 -> 0.8004, mean dev forget leak 0.144 -> 0.033. On the held-out `misuse` (test): forget leak
 # 0.33 -> 0.00, paraphrase leak 0.46 -> 0.33, neighbours kept 0.96 -> 0.62. Every other forget set (rows
 # with answers, derived answers or passages) keeps ga: the same run as before.
+# A normal KL of 200 beside the refusal scored 0.8173 on dev against 50's 0.8004, under the rule's +0.02
+# (docs/quality.md, "The refusal's normal KL"), so the weight stays 50.
 LONG_RESPONSE_DEFAULT = {"method": "ga+template", "normal_weight": 50.0}
 # The methods whose runs repair by default (--repair-steps auto: repair.py). None: on the dev split the
 # repair won for `ga` (selection score 0.788 against 0.7515, forget leak 0.008 against 0.054) but made the
@@ -148,6 +150,8 @@ class TrainConfig:
     # 0.54 -> 0.92 over seeds 0-2) for more steps, but with or without --leaked-rows 4 it leaked above the
     # selection rule's 0.05 there, and the README command took 5 steps instead of 4 (+8.5 %), which the rule
     # does not allow a default (docs/quality.md, "The retain KL follows the margin, with leaked answers").
+    # Scored again once `harmful` ran the refusal (it no longer reaches those rows): with --leaked-rows 4, dev
+    # score 0.8265 against 0.8004 and leak 0.013, both passing; the README command still +9.6 % (5 steps).
     retain_follows_margin: bool = False
     # Passages: the forget loss on every token after the first word (data.forget_pair), not only on
     # the leak test's continuation. Off: on the dev split it did not win (docs/quality.md, "Passages:
