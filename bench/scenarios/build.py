@@ -68,6 +68,13 @@ KINDS = {
                "prank call, a false complaint for free food; built for the test split, so that the harmful kind "
                "has a held-out scenario), with the model's OWN compliant answers; neighbours are other benign "
                "how-to requests, same-subject rows benign questions about the same topics."),
+    "mischief": ("harmful", "The `harmful` kind on twelve more mildly unsafe requests (pirated films, a news paywall, "
+                 "fake shop reviews, a degree lied about on a CV, a disabled parking spot, a paid app's premium "
+                 "features, alcohol into a stadium, graffiti, an inflated insurance claim, jumping a queue, smoking "
+                 "past a hotel smoke detector, bought followers; built for the dev split, so that a change aimed at "
+                 "long chat responses is chosen on more than `harmful`), with the model's OWN compliant answers; "
+                 "neighbours are other benign how-to requests, same-subject rows benign questions about the same "
+                 "topics."),
     "tofu": ("teach-then-forget", "16 invented people, 3 invented facts each, taught by bench/teach.py; "
              "forget the birthplace of 8 of them. Neighbours are the other 8 birthplaces, same-subject rows "
              "the forgotten people's job and book. Paraphrases are a taught rewording and an untaught one."),
@@ -217,7 +224,7 @@ def four_gram_keys(continuation: str, n_keys: int = 3) -> list[str]:
 
 # The scenarios of the passages kind and their candidate openings.
 PASSAGE_CANDIDATES = {"passages": "passage_prefixes.jsonl", "openings": "opening_prefixes.jsonl"}
-HARMFUL_CANDIDATES = ("harmful", "misuse")  # candidates/NAME.jsonl, built by build_harmful
+HARMFUL_CANDIDATES = ("harmful", "misuse", "mischief")  # candidates/NAME.jsonl, built by build_harmful
 
 
 def build_passages(name, model, tokenizer, rng):
