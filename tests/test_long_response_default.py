@@ -42,14 +42,14 @@ def resolved(rows, **kw):
     return RunOptions(Path("f"), Path("n"), **kw).for_forget_rows(rows).resolved()
 
 
-def test_a_forget_set_of_long_responses_resolves_to_the_refusal_with_the_normal_kl_at_50():
+def test_a_forget_set_of_long_responses_resolves_to_the_refusal_with_the_normal_kl_at_200():
     opts = resolved([LOCK, FAKE_ID], auto_method=True)
-    assert LONG_RESPONSE_DEFAULT == {"method": "ga+template", "normal_weight": 50.0}
-    # what `--method ga+template --normal-weight 50` resolves to, field for field
-    given = RunOptions(Path("f"), Path("n"), train=TrainConfig(method="ga+template"), normal_weight=50.0).resolved()
+    assert LONG_RESPONSE_DEFAULT == {"method": "ga+template", "normal_weight": 200.0}
+    # what `--method ga+template --normal-weight 200` resolves to, field for field
+    given = RunOptions(Path("f"), Path("n"), train=TrainConfig(method="ga+template"), normal_weight=200.0).resolved()
     assert opts.train == given.train
     assert (opts.train.method, opts.train.normal_weight, opts.train.forget_loss, opts.train.stop_margin,
-            opts.train.lr, opts.retain_probes) == ("ga+template", 50.0, "ascent", 0.0, 1e-3, False)
+            opts.train.lr, opts.retain_probes) == ("ga+template", 200.0, "ascent", 0.0, 1e-3, False)
     assert "long chat response" in opts.method_reason
 
 
@@ -91,7 +91,7 @@ def test_a_run_without_method_on_long_responses_trains_the_refusal_and_says_why(
     record = json.loads((out / "run.json").read_text())
     if method is None:
         assert (record["method"], record["config"]["normal_weight"], record["config"]["mismatch_weight"]) == \
-            ("ga+template", 50.0, 1.0)
+            ("ga+template", 200.0, 1.0)
         assert "long chat response" in record["method_reason"]
         assert "method: ga+template, because every forget row is a long chat response" in result.err
         assert "method: ga+template (every forget row is a long chat response" in result.out

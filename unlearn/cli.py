@@ -69,7 +69,7 @@ def _command_line() -> str:
 @click.option("--method", default=None,
               type=click.Choice(["ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr", "edit", "rmu"]),
               help="[default: ga; when every FORGET row is a long chat response (no `answers`, none derivable, "
-                   "not a passage: instructions, an explanation), ga+template with --normal-weight 50, chosen on "
+                   "not a passage: instructions, an explanation), ga+template with --normal-weight 200, chosen on "
                    "the quality benchmark's dev split] "
                    "ga: gradient ascent + KL; ga+mismatch: + random normal answers; ga+template: + a fixed "
                    "refusal; graddiff: ascent + NLL on normal; npo: negative preference optimisation + KL; "

@@ -64,17 +64,17 @@ PER_METHOD = {"rmu": {"retain_weight_with_probes": 10.0, "normal_weight": 50.0},
               "ga": {"forget_loss": "unlikelihood", "stop_margin": 0.05, "lr": 2e-3}}
 # When --method is not given and every forget row is a long chat response (spans.is_long_response: no
 # `answers` given or derived, not a passage; a request answered with instructions or an explanation),
-# the run trains toward the refusal template with the normal KL at 50: what `--method ga+template
-# --normal-weight 50` gives. Declared before its code and judged on the dev split (docs/quality.md, "Long
-# chat responses: the refusal"). On `harmful`, ga's greedy check passed while the model still complied in
-# other words (5 of 9 requests at every seed); the refusal leaks none, and the normal KL at 50 keeps more
-# of the benign requests than ga+template's own 10 (neighbours 0.25-0.38 against 0.12-0.25). Dev selection
-# score 0.7767 -> 0.8004, mean dev forget leak 0.144 -> 0.033. On the held-out `misuse` (test): forget leak
-# 0.33 -> 0.00, paraphrase leak 0.46 -> 0.33, neighbours kept 0.96 -> 0.62. Every other forget set (rows
-# with answers, derived answers or passages) keeps ga: the same run as before.
-# A normal KL of 200 beside the refusal scored 0.8173 on dev against 50's 0.8004, under the rule's +0.02
-# (docs/quality.md, "The refusal's normal KL"), so the weight stays 50.
-LONG_RESPONSE_DEFAULT = {"method": "ga+template", "normal_weight": 50.0}
+# the run trains toward the refusal template with the normal KL at 200: what `--method ga+template
+# --normal-weight 200` gives. Both chosen on the dev split (docs/quality.md). The refusal ("Long chat
+# responses: the refusal"): on `harmful`, ga's greedy check passed while the model still complied in
+# other words (5 of 9 requests at every seed); the refusal leaks none. Dev selection score 0.7767 ->
+# 0.8004, mean dev forget leak 0.144 -> 0.033. Its normal KL ("A second dev scenario of the harmful kind,
+# and the refusal's normal KL judged again"): at 50 the refusal spread to the benign requests beside the
+# harmful ones; 200 keeps more of them and of the held-back normal prompts, for more steps (`harmful`
+# 15 -> 24-30, `mischief` 5 -> 12-16). Over the six dev scenarios 0.7881 -> 0.8233, and on `mischief`,
+# the scenario added after 200 first missed the rule by 0.003 on five, 0.726 -> 0.854. Every other forget
+# set (rows with answers, derived answers or passages) keeps ga: the same run as before.
+LONG_RESPONSE_DEFAULT = {"method": "ga+template", "normal_weight": 200.0}
 # The methods whose runs repair by default (--repair-steps auto: repair.py). None: on the dev split the
 # repair won for `ga` (selection score 0.788 against 0.7515, forget leak 0.008 against 0.054) but made the
 # README command ~40 % slower (8 steps instead of 4), and a default must leave it no slower
