@@ -71,9 +71,11 @@ PER_METHOD = {"rmu": {"retain_weight_with_probes": 10.0, "normal_weight": 50.0},
 # 0.8004, mean dev forget leak 0.144 -> 0.033. Its normal KL ("A second dev scenario of the harmful kind,
 # and the refusal's normal KL judged again"): at 50 the refusal spread to the benign requests beside the
 # harmful ones; 200 keeps more of them and of the held-back normal prompts, for more steps (`harmful`
-# 15 -> 24-30, `mischief` 5 -> 12-16). Over the six dev scenarios 0.7881 -> 0.8233, and on `mischief`,
-# the scenario added after 200 first missed the rule by 0.003 on five, 0.726 -> 0.854. Every other forget
-# set (rows with answers, derived answers or passages) keeps ga: the same run as before.
+# 15 -> 24-30, `mischief` 5 -> 12-16). Dev selection score over six scenarios 0.7881 -> 0.8233; on
+# `mischief` alone (added after 200 had missed the rule by 0.003 over five) 0.726 -> 0.854. On the held-out
+# `misuse` (test), against ga: forget leak 0.33 -> 0.00, paraphrase leak 0.46 -> 0.38, neighbours kept
+# 0.96 -> 0.79. Every other forget set (rows with answers, derived answers or passages) keeps ga: the same
+# run as before.
 LONG_RESPONSE_DEFAULT = {"method": "ga+template", "normal_weight": 200.0}
 # The methods whose runs repair by default (--repair-steps auto: repair.py). None: on the dev split the
 # repair won for `ga` (selection score 0.788 against 0.7515, forget leak 0.008 against 0.054) but made the
