@@ -153,7 +153,8 @@ class TrainConfig:
     # selection rule's 0.05 there, and the README command took 5 steps instead of 4 (+8.5 %), which the rule
     # does not allow a default (docs/quality.md, "The retain KL follows the margin, with leaked answers").
     # Scored again once `harmful` ran the refusal (it no longer reaches those rows): with --leaked-rows 4, dev
-    # score 0.8265 against 0.8004 and leak 0.013, both passing; the README command still +9.6 % (5 steps).
+    # score 0.8265 against 0.8004 and leak 0.013 over the five dev scenarios before `mischief`, both passing;
+    # the README command still +9.6 % (5 steps).
     retain_follows_margin: bool = False
     # Passages: the forget loss on every token after the first word (data.forget_pair), not only on
     # the leak test's continuation. Off: on the dev split it did not win (docs/quality.md, "Passages:
