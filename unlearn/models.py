@@ -358,6 +358,10 @@ def enable_gradient_checkpointing(model) -> None:
     Non-reentrant checkpointing: it needs no gradient on the inputs, so it works with a
     frozen base and LoRA.
     """
+    from unlearn.attention import checkpoint_contexts
+
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise UsageError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # the recomputation inside the backward runs the attention the forward ran (attention.py)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+        "use_reentrant": False, "context_fn": checkpoint_contexts(model)})

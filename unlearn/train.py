@@ -31,7 +31,6 @@ is a cap.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import signal
@@ -41,9 +40,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from unlearn import distributed, losses, protect, redirect, repair, rmu
+from unlearn.attention import training_attention
 from unlearn.config import TrainConfig
 from unlearn.data import collate, encode_pair, loss_pair
 from unlearn.errors import UnlearnError, UsageError
@@ -154,23 +153,8 @@ def forward_logits(model, batch: dict, start: int) -> torch.Tensor:
     # vocab-wide weight per row (measured: lm_head forward+backward 1.3x faster in fp32,
     # 4.8x in bf16; bench/train_bench.py).
     keep = torch.arange(start, width, device=batch["input_ids"].device)
-    with _attention_kernel(model):
+    with training_attention(model):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
-
-
-def _attention_kernel(model):
-    """SDPA's math kernel for a bf16/fp16 model on CPU; torch's own choice otherwise.
-
-    On CPU the flash kernel's bf16 backward ran at about half the speed of the math
-    kernel's plain matmuls and softmax (attention forward+backward at the default step's
-    shapes: 45 -> 21 ms, one thread; bench/train_bench.py). In float32 both are as fast and
-    flash keeps no (heads, seq, seq) matrix, so float32 keeps torch's choice. The backward
-    runs the kernel the forward chose, so wrapping the forward is enough.
-    """
-    param = next(model.parameters())
-    if param.device.type == "cpu" and param.dtype in (torch.bfloat16, torch.float16):
-        return sdpa_kernel(SDPBackend.MATH)
-    return contextlib.nullcontext()
 
 
 def train_without_dropout(model) -> None:
