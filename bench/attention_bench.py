@@ -32,6 +32,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--pairs", type=int, default=10)
+    parser.add_argument("--shape", default="default", help="as bench/train_bench.py's --shape (its rows too)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="the result as a JSON object on the last line")
     args = parser.parse_args(argv)
@@ -44,7 +45,7 @@ def main(argv=None):
     from unlearn.lora import LoraSettings, attach_lora
 
     torch.set_num_threads(args.threads)
-    shape = train_bench.parse_args([])
+    shape = train_bench.parse_args(["--shape", args.shape])
     torch.manual_seed(train.TrainConfig().seed)
     model, tokenizer, name = train_bench.build_model(shape, args.dtype)
     forget, normal, max_length = train_bench.read_rows(shape, tokenizer)
@@ -68,7 +69,7 @@ def main(argv=None):
             unlearner.step()
             times[arm].append(time.perf_counter() - start)
     train.training_attention = attention.training_attention
-    result = {"model": name, "dtype": args.dtype, "threads": args.threads, "pairs": args.pairs,
+    result = {"model": name, "shape": args.shape, "dtype": args.dtype, "threads": args.threads, "pairs": args.pairs,
               "eager_step_s": round(statistics.median(times["eager"]), 4),
               "sdpa_step_s": round(statistics.median(times["sdpa"]), 4),
               "eager_over_sdpa": round(statistics.median(e / s for e, s in zip(times["eager"], times["sdpa"])), 4)}
