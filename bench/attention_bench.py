@@ -1,18 +1,19 @@
 """Eager attention against SDPA in `unlearn run`'s training step, alternating in one process.
 
-    .venv/bin/python bench/attention_bench.py [--dtype bfloat16|float32] [--pairs N] [--threads T] [--json]
+    .venv/bin/python bench/attention_bench.py [--dtype bfloat16|float32] [--shape default|opt-1.3b|opt-2.7b]
+        [--pairs N] [--threads T] [--json]
 
 Why one process: between processes the same step's time moves by about +-8 % on the 2-core
 machines here (bench/train_bench.py's MFU over five runs: 0.539-0.646), more than the difference
 measured. So one process builds the step as bench/train_bench.py does (the embedded model, the
 example rows, default TrainConfig, LoRA), draws one step's rows once and keeps them (every step
-then does the same work), and times N pairs of steps: one with the attention `unlearn run` runs
-with transformers' eager attention (`attention.training_attention`, which `unlearn run` enters for
-bf16/fp16 on CPU; here in either dtype) and one with SDPA as before it (in bf16 under the math
-kernel, the old `train._attention_kernel`; in float32 torch's own choice, which `unlearn run` still
-runs), in alternating order. Reported: each arm's median step time and the
-median over pairs of eager / SDPA (below 1: eager is faster). The loss is not compared: the
-weights move at every step, so the two arms' losses are those of different weights.
+then does the same work), and times N pairs of steps, in alternating order: one with transformers'
+eager attention (`attention.training_attention`, which `unlearn run` enters for bf16/fp16 on CPU;
+here in either dtype) and one with SDPA as before it (in bf16 under the math kernel, the old
+`train._attention_kernel`; in float32 torch's own kernel choice, which `unlearn run` still makes).
+Reported: each arm's median step time and the median over pairs of eager / SDPA (below 1: eager is
+faster). The losses are not compared: the weights move at every step, so the two arms' losses are
+those of different weights (tests/test_attention.py compares the logits).
 """
 
 from __future__ import annotations
