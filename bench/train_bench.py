@@ -85,9 +85,8 @@ VARIANTS = ("fp32", "bf16", "naive", "ckpt")
 # Modifiers, appended to a variant with "+": "ckpt" (gradient checkpointing, as `unlearn run
 # --gradient-checkpointing`); and three changes measured here before they were made in the
 # library (each monkeypatched into the variant's process by `apply_proposed`; all three are now
-# in `unlearn run`, in lora.LoRALinear and models.tune_allocator, and "math" replaced by
-# attention.py's eager attention, which runs no SDPA kernel at all, so on the shapes they apply to
-# they change nothing):
+# what `unlearn run` does, in attention.training_attention, lora.LoRALinear and
+# models.tune_allocator, so on the shapes they apply to they change nothing):
 # "math" runs attention with SDPA's math kernel in bf16 (the CPU flash kernel's bf16 backward is
 # ~2x slower than the matmuls and softmax it replaces), "lora16" computes LoRA's two small matmuls
 # in the activations' dtype (the fp32 adapter weights are cast, instead of every activation),
