@@ -22,9 +22,9 @@ NORMAL = [Example("What is two plus two?", "Two plus two equals four.", 1),
           Example("When does water boil?", "Water boils at one hundred degrees.", 4)]
 
 
-def unlearner(directory, **overrides):
+def unlearner(directory, dtype="float32", **overrides):
     torch.manual_seed(0)
-    lm = load_model(str(directory), log=lambda m: None)
+    lm = load_model(str(directory), dtype=dtype, log=lambda m: None)
     attach_lora(lm.model, LoraSettings(rank=4, alpha=8), seed=0)
     config = TrainConfig(**{"lr": 1e-2, "batch_size": 2, "max_steps": 4, "check_every": 0, **overrides})
     return Unlearner(lm.model, lm.tokenizer, FORGET, NORMAL, config)
@@ -351,18 +351,26 @@ def test_first_scored_position_skips_only_prompt_logits():
     assert first_scored_position(torch.tensor([[ign, ign, ign, ign], [ign, ign, ign, 8]])) == 2  # empty row ignored
 
 
-def test_gradient_checkpointing_trains_the_same(llama_dir):
-    """--gradient-checkpointing recomputes activations; the losses and weights must not change."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gradient_checkpointing_trains_the_same(llama_dir, dtype):
+    """--gradient-checkpointing recomputes activations; the losses and weights must not change.
+
+    bf16 on CPU trains under SDPA's math kernel (attention.py): before the recomputation ran under it
+    too (attention.checkpoint_contexts), it ran SDPA's default kernel, which saves other tensors, and the
+    backward failed with torch.utils.checkpoint.CheckpointError. bf16 agrees to its own rounding.
+    """
     from unlearn.models import enable_gradient_checkpointing
 
-    plain, checkpointed = unlearner(llama_dir), unlearner(llama_dir)
+    plain, checkpointed = unlearner(llama_dir, dtype), unlearner(llama_dir, dtype)
     enable_gradient_checkpointing(checkpointed.model)
+    loss, kl, weights = ({"rel": 1e-6, "abs": 1e-5}, 1e-6, 1e-5) if dtype == "float32" else \
+        ({"rel": 1e-2, "abs": 1e-3}, 1e-3, 1e-3)
     for _ in range(3):
         a, b = plain.step(), checkpointed.step()
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["kl"] == pytest.approx(b["kl"], abs=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], **loss) and a["kl"] == pytest.approx(b["kl"], abs=kl)
     for (name, (a_a, a_b)), (_, (b_a, b_b)) in zip(lora_state(plain.model).items(),
                                                    lora_state(checkpointed.model).items()):
-        assert torch.allclose(a_a, b_a, atol=1e-5) and torch.allclose(a_b, b_b, atol=1e-5), name
+        assert torch.allclose(a_a, b_a, atol=weights) and torch.allclose(a_b, b_b, atol=weights), name
 
 
 def test_model_dropout_is_off_in_the_trained_pass_so_the_first_kl_is_exactly_zero(opt_dir):
