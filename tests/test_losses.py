@@ -101,6 +101,28 @@ def test_unlikelihood_is_exact_where_p_rounds_to_one():
         losses.unlikelihood_loss(z, torch.full_like(labels, IGN))
 
 
+def test_spellings_pushes_the_banned_set_down_by_hand():
+    # p = (1/8, 2/8, 5/8) at the one scored position, whose label is token 0. With token 1 listed as
+    # a spelling of the same answer: -log(1 - p({0, 1})) = -log(5/8) = log(8/5), where plain
+    # unlikelihood gives -log(7/8).
+    z = torch.tensor([[[0.0, math.log(2.0), math.log(5.0)], [0.0, 0.0, 0.0]]], requires_grad=True)
+    labels = torch.tensor([[IGN, 0]])
+    banned = torch.tensor([[0, 1, 1]])  # (row, label position, token)
+    loss = losses.unlikelihood_loss(z, labels, banned)
+    assert float(loss) == pytest.approx(math.log(8 / 5))
+    assert float(losses.unlikelihood_loss(z, labels)) == pytest.approx(math.log(8 / 7))
+    loss.backward()
+    # With P = p(set) = 3/8: dL/dz_u = p_u ([u in set] - P) / (1 - P), so p_u for a token of the set
+    # (unlikelihood's own p_y, now at every spelling) and -p_u P / (1 - P) for the others.
+    assert z.grad[0, 0].tolist() == pytest.approx([1 / 8, 2 / 8, -3 / 8])
+    # An empty list, or one for another row, is plain unlikelihood.
+    none = torch.zeros(0, 3, dtype=torch.long)
+    assert float(losses.unlikelihood_loss(z, labels, none)) == pytest.approx(math.log(8 / 7))
+    two = torch.cat([z.detach(), z.detach()])
+    mixed = losses.unlikelihood_loss(two, torch.cat([labels, labels]), banned)
+    assert float(mixed) == pytest.approx((math.log(8 / 5) + math.log(8 / 7)) / 2)
+
+
 def test_redirect_by_hand_its_minimum_and_its_gradient():
     # Vocabulary of 3, one scored position predicting token 0. The original gives (1/2, 1/4, 1/4):
     # without token 0, q = (0, 1/2, 1/2). The model gives (1/3, 1/3, 1/3): KL(q || p) = ln(3/2).

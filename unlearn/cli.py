@@ -17,7 +17,7 @@ import sys
 
 import click
 
-from unlearn.config import GEN_BATCH_SIZE
+from unlearn.config import FORGET_LOSSES, GEN_BATCH_SIZE
 from unlearn.errors import UnlearnError
 from unlearn.log import log
 from unlearn.repair import AUTO_CAP
@@ -108,11 +108,12 @@ def _command_line() -> str:
                    "an answer (the fact, not the words around it); names, the same, but an answer that ends a "
                    "name covers the whole name (\"Albert Einstein\" for Einstein: pushed alone, a surname teaches "
                    "\"Albert, then anything else\"); or every response token.")
-@click.option("--forget-loss", type=click.Choice(["ascent", "unlikelihood", "redirect"]), default=None,
+@click.option("--forget-loss", type=click.Choice(list(FORGET_LOSSES)), default=None,
               help="The forget term of ga, ga+mismatch, ga+template and graddiff: ascent, -NLL of the forget tokens "
                    "(Yao et al.); unlikelihood, -log(1 - p) per token, whose push fades as a token goes; or "
                    "redirect, the KL to the original model's own next-token distribution with the answer's "
-                   "spellings taken out (its second choice where the answer was) "
+                   "spellings taken out (its second choice where the answer was); or spellings, unlikelihood "
+                   "of the answer's token and every token that starts spelling the rest of the answer "
                    "[default: unlikelihood for ga, else ascent].")
 @click.option("--stop-margin", type=float, default=None,
               help="The stop rule also waits until no forget row's answer has a probability above this, read "

@@ -82,7 +82,7 @@ LONG_RESPONSE_DEFAULT = {"method": "ga+template", "normal_weight": 200.0}
 # README command ~40 % slower (8 steps instead of 4), and a default must leave it no slower
 # (docs/quality.md, "Repair steps").
 REPAIR_METHODS: tuple[str, ...] = ()
-FORGET_LOSSES = ("ascent", "unlikelihood", "redirect")
+FORGET_LOSSES = ("ascent", "unlikelihood", "redirect", "spellings")
 ASCENT_METHODS = ("ga", "ga+mismatch", "ga+template", "graddiff")  # their forget term is `losses.forget_loss`
 
 
@@ -134,8 +134,9 @@ class TrainConfig:
     # answer that ends a name widened to the whole name (spans.whole_names); "response": every token
     forget_tokens: str = "answers"
     # The forget term of the methods that push the forget tokens down (ga, ga+mismatch, ga+template,
-    # graddiff): "ascent", -NLL (Yao et al.), "unlikelihood", -log(1 - p) per token, or "redirect", the KL
-    # to the original's distribution with the answer's spellings taken out (losses.py, redirect.py).
+    # graddiff): "ascent", -NLL (Yao et al.), "unlikelihood", -log(1 - p) per token, "redirect", the KL
+    # to the original's distribution with the answer's spellings taken out, or "spellings", unlikelihood
+    # of the answer's token together with those spellings (losses.py, redirect.py).
     # When above 0, the stop rule also waits until no forget row's answer has a probability above
     # stop_margin (teacher-forced: `Unlearner.likeliest_forget_answer`); a stop condition, not a result.
     # Both are ga's default (PER_METHOD); the other methods keep ascent and no margin, not measured with them.

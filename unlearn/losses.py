@@ -11,6 +11,8 @@ With NLL(x, y) the mean negative log-likelihood of y's response tokens given x, 
 then averaged over the sequences of the batch (Yao et al., eq. 1-3):
     forget      L_fgt = -NLL(x_fgt, y_fgt)                      (gradient ascent)
        or       L_ul  = mean_t -log(1 - p_theta(y_t | x, y_<t))  (unlikelihood, --forget-loss)
+       or       L_sp  = mean_t -log(1 - p_theta(S_t | x, y_<t))  (spellings, --forget-loss), S_t = y_t and
+                        every token that starts spelling the rest of the answer from t (redirect.py)
        or       L_rd  = mean_t KL(q_t || p_theta(.|x, y_<t))     (redirect, --forget-loss), q_t the
                         original's distribution with the answer's spellings taken out, renormalised
     mismatch    L_rdn =  NLL(x_fgt, y_rdn)                      (random or templated answer)
@@ -95,7 +97,7 @@ def forget_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -mean_nll(logits, labels)
 
 
-def unlikelihood_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def unlikelihood_loss(logits: torch.Tensor, labels: torch.Tensor, banned: torch.Tensor | None = None) -> torch.Tensor:
     """L_ul = mean over response tokens of -log(1 - p(y_t)), per sequence, then over the batch's sequences.
 
     Minimising it pushes the forget tokens down, as ascent does, but with a push that fades as
@@ -105,11 +107,28 @@ def unlikelihood_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
     log(1 - p(y)) = logsumexp over the other tokens - logsumexp over all: exact when p(y) rounds
     to 1 in float32 (where log(1 - exp(log p)) would be log 0), and its gradient flows.
+
+    BANNED, a (n, 3) long tensor of (row, label position, token) as `redirect_loss` takes it
+    (`--forget-loss spellings`): at those positions y_t stands for the set {y_t} and the listed
+    tokens, -log(1 - p(set)): the answer's other spellings (" TOK", "Tokyo" after "**") are pushed
+    down with the one its response spells. Positions without a listed token are unchanged.
     """
     logits, targets, mask = _shift(logits, labels)
+    scored = logits[mask].float()
+    others = scored.scatter(-1, targets[mask].unsqueeze(-1), float("-inf"))
+    if banned is not None and banned.numel():
+        rows = _scored_rows(mask)[banned[:, 0], banned[:, 1] - 1]  # label position j is predicted at j - 1
+        others[rows[rows >= 0], banned[rows >= 0, 2]] = float("-inf")
     per_position = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
-    per_position[mask] = _unlikelihood_per_token(logits[mask].float(), targets[mask])
+    per_position[mask] = torch.logsumexp(scored, dim=-1) - torch.logsumexp(others, dim=-1)
     return _mean_of_row_means(per_position, mask)
+
+
+def _scored_rows(mask: torch.Tensor) -> torch.Tensor:
+    """(batch, seq-1) long: each scored position's row in `logits[mask]`, -1 at the others."""
+    position = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)
+    position[mask] = torch.arange(int(mask.sum()), device=mask.device)
+    return position
 
 
 def _unlikelihood_per_token(scored: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -142,8 +161,7 @@ def redirect_loss(reference_logits: torch.Tensor, logits: torch.Tensor, labels: 
     _, targets, mask = _shift(logits, labels)
     if not mask.any():
         raise ValueError("no response tokens in this batch (is --max-length too small?)")
-    position = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)  # scored position -> its row of `scored`
-    position[mask] = torch.arange(int(mask.sum()), device=mask.device)
+    position = _scored_rows(mask)
     b, t = mask.nonzero(as_tuple=True)
     ref = reference_logits.detach()[b, t].float()
     ref[torch.arange(ref.shape[0], device=ref.device), targets[mask]] = float("-inf")  # the answer's own token

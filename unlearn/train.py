@@ -345,9 +345,10 @@ class Unlearner:
 
     def _ban(self, row: dict) -> None:
         """With --forget-loss redirect, the tokens each answer position of forget ROW may not move to
-        (redirect.py); rows scored whole (a passage, a long response) take unlikelihood instead
-        (losses.redirect_loss) and get none."""
-        if self.config.forget_loss != "redirect" or not row["focused"]:
+        (redirect.py); with spellings, the tokens pushed down with the answer's own. Rows scored
+        whole (a passage, a long response) take plain unlikelihood (losses.redirect_loss,
+        losses.unlikelihood_loss) and get none."""
+        if self.config.forget_loss not in ("redirect", "spellings") or not row["focused"]:
             return
         if self._redirect_index is None:
             self._redirect_index = redirect.PrefixIndex(self.tokenizer)
@@ -602,12 +603,14 @@ class Unlearner:
                          losses.npo_loss(losses.sequence_logprob(logits, labels),
                                          self._original_sequence_logprobs(batch, start, labels), config.npo_beta))]
             # Under torchrun, means over a varying number of rows / tokens are made global (distributed.py).
+            if config.forget_loss == "spellings":  # unlikelihood of each answer position's banned set
+                banned = self._banned(batch, start, labels)
+                return [("forget", self.forget_weight, "rows", distributed.global_mean(
+                    lambda: losses.unlikelihood_loss(logits, labels, banned), labels, "rows", logits))]
             redirected = [row["focused"] for row in batch["rows"]] if config.forget_loss == "redirect" else []
             if any(redirected):
                 reference = self._reference_logits(batch, start, kept="forget")
-                banned = torch.tensor([(i, j - start, token) for i, row in enumerate(batch["rows"])
-                                       for j, token in row.get("banned", ())], dtype=torch.long,
-                                      device=labels.device).reshape(-1, 3)
+                banned = self._banned(batch, start, labels)
                 which = None if all(redirected) else torch.tensor(redirected, device=labels.device)
                 return [("forget", self.forget_weight, "rows", distributed.global_mean(
                     lambda: losses.redirect_loss(reference, logits, labels, banned, which), labels, "rows", logits))]
@@ -627,6 +630,13 @@ class Unlearner:
         if name == "normal":
             return [("kl", config.normal_weight, "tokens", kl)]
         return [("retain_kl", self.retain_weight, "tokens", kl)]
+
+    @staticmethod
+    def _banned(batch: dict, start: int, labels: torch.Tensor) -> torch.Tensor:
+        """(n, 3) long: (row, label position from START, token) of the batch rows' banned tokens (`_ban`)."""
+        return torch.tensor([(i, j - start, token) for i, row in enumerate(batch["rows"])
+                             for j, token in row.get("banned", ())], dtype=torch.long,
+                            device=labels.device).reshape(-1, 3)
 
     def _group_forward(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor, dict, int]:
         """The trainable forward of ROWS: logits from their first scored position on, labels aligned, batch, start."""
