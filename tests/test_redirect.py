@@ -1,5 +1,6 @@
 """redirect.py: the tokens a forget position may not move to, on a hand-made vocabulary; and the
-redirect term in training, against losses.redirect_loss computed by hand from the original's logits."""
+redirect and spellings terms in training, against losses.redirect_loss and losses.unlikelihood_loss
+computed by hand from the model's logits."""
 
 import pytest
 import torch
@@ -103,3 +104,19 @@ def test_rows_scored_whole_are_not_redirected_and_a_batch_of_them_is_plain_unlik
         banned = torch.tensor([(0, j, t) for j, t in u.forget[0]["banned"]])
         expected = float(losses.redirect_loss(logits, logits, mixed["labels"], banned, torch.tensor([True, False])))
         assert u.loss({"forget": [u.forget[0], u.forget[3]]})[1]["forget"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_spellings_term_in_training_pushes_each_answer_position_s_banned_set(llama_dir):
+    u = unlearner(llama_dir, forget_loss="spellings")
+    assert all(row["banned"] for row in u.forget)  # every row of FORGET is narrowed to its answer
+    rows = {"forget": u.forget[:2]}
+    batch = collate(rows["forget"], u.pad_id)
+    banned = torch.tensor([(i, j, t) for i, row in enumerate(rows["forget"]) for j, t in row["banned"]])
+    for _ in range(2):  # at the original, then after an update (no reference: the term reads the model alone)
+        with torch.no_grad():
+            logits = u.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            expected = float(losses.unlikelihood_loss(logits, batch["labels"], banned))
+            assert u.loss(rows)[1]["forget"] == pytest.approx(expected, rel=1e-5)
+            # the set includes the label: never below the answer's own unlikelihood
+            assert expected >= float(losses.unlikelihood_loss(logits, batch["labels"])) - 1e-6
+        u.step()

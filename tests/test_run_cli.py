@@ -172,7 +172,7 @@ def test_run_variants(tmp_path, data, llama_dir, cli, extra):
     assert isinstance(report["forget_rows_added"], list)  # the stop rule's added rows (--leaked-rows)
 
 
-@pytest.mark.parametrize("loss", ["unlikelihood", "redirect"])
+@pytest.mark.parametrize("loss", ["unlikelihood", "redirect", "spellings"])
 def test_the_forget_loss_and_the_stop_margin_are_recorded(tmp_path, data, llama_dir, cli, loss):
     forget, normal, _ = data
     out = tmp_path / "out"
