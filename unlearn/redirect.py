@@ -29,11 +29,6 @@ import unicodedata
 from unlearn.losses import IGNORE_INDEX
 
 REMAINDER_CHARS = 32
-# `--forget-loss spellings` pushes down only the spellings of at least this many characters (the
-# label always): the shorter ones (" B", " be", " to", " co" at " Bell", " Tokyo", " Columbus")
-# start thousands of words, and pushing them down is a push on the language, not on the answer.
-# Redirect bans every spelling: its second choice must not start the answer again.
-SPELLING_MIN_CHARS = 3
 
 
 def _fold(text: str) -> str:
@@ -53,16 +48,16 @@ class PrefixIndex:
             if key:
                 self.by_text.setdefault(key, []).append(token)
 
-    def spelling(self, remainder: str, min_chars: int = 1) -> set[int]:
-        """The tokens whose text starts REMAINDER: its prefixes of at least MIN_CHARS characters, looked up."""
+    def spelling(self, remainder: str) -> set[int]:
+        """The tokens whose text starts REMAINDER: its non-empty prefixes, looked up."""
         folded = _fold(remainder.lstrip())[:REMAINDER_CHARS]
-        return {t for k in range(max(min_chars, 1), len(folded) + 1) for t in self.by_text.get(folded[:k], ())}
+        return {t for k in range(1, len(folded) + 1) for t in self.by_text.get(folded[:k], ())}
 
 
-def banned_tokens(index: PrefixIndex, row: dict, min_chars: int = 1) -> list[tuple[int, int]]:
+def banned_tokens(index: PrefixIndex, row: dict) -> list[tuple[int, int]]:
     """(label position, token) pairs of an encoded forget ROW (`data.encode_pair`): at each
     scored position, its own label and every token that would start spelling what remains of
-    the scored run from there, in at least MIN_CHARS characters (whitespace dropped, folded)."""
+    the scored run from there."""
     ids, labels = row["input_ids"], row["labels"]
     out: list[tuple[int, int]] = []
     end = len(labels)
@@ -71,5 +66,5 @@ def banned_tokens(index: PrefixIndex, row: dict, min_chars: int = 1) -> list[tup
             end = j
             continue
         remainder = index.tokenizer.decode(ids[j:min(end, j + REMAINDER_CHARS)])
-        out.extend((j, t) for t in sorted(index.spelling(remainder, min_chars) | {labels[j]}))
+        out.extend((j, t) for t in sorted(index.spelling(remainder) | {labels[j]}))
     return sorted(out)

@@ -352,8 +352,7 @@ class Unlearner:
             return
         if self._redirect_index is None:
             self._redirect_index = redirect.PrefixIndex(self.tokenizer)
-        shortest = redirect.SPELLING_MIN_CHARS if self.config.forget_loss == "spellings" else 1
-        row["banned"] = redirect.banned_tokens(self._redirect_index, row, shortest)
+        row["banned"] = redirect.banned_tokens(self._redirect_index, row)
 
     def _mismatch_row(self, forget_index: int) -> dict:
         if self.config.method == "ga+template":
