@@ -110,17 +110,16 @@ def unlikelihood_loss(logits: torch.Tensor, labels: torch.Tensor, banned: torch.
 
     BANNED, a (n, 3) long tensor of (row, label position, token) as `redirect_loss` takes it
     (`--forget-loss spellings`): at those positions y_t stands for the set {y_t} and the listed
-    tokens, -log(1 - p(set)): the answer's other spellings (" TOK", "Tokyo" after "**") are pushed
-    down with the one its response spells. Positions without a listed token are unchanged.
+    tokens, -log(1 - p(set)): the answer's other spellings (" Tok", "To", " tok" at " Tokyo") are
+    pushed down with the one its response spells. Positions without a listed token are unchanged.
     """
     logits, targets, mask = _shift(logits, labels)
-    scored = logits[mask].float()
-    others = scored.scatter(-1, targets[mask].unsqueeze(-1), float("-inf"))
+    also = None
     if banned is not None and banned.numel():
         rows = _scored_rows(mask)[banned[:, 0], banned[:, 1] - 1]  # label position j is predicted at j - 1
-        others[rows[rows >= 0], banned[rows >= 0, 2]] = float("-inf")
+        also = (rows[rows >= 0], banned[rows >= 0, 2])
     per_position = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
-    per_position[mask] = torch.logsumexp(scored, dim=-1) - torch.logsumexp(others, dim=-1)
+    per_position[mask] = _unlikelihood_per_token(logits[mask].float(), targets[mask], also)
     return _mean_of_row_means(per_position, mask)
 
 
@@ -131,9 +130,13 @@ def _scored_rows(mask: torch.Tensor) -> torch.Tensor:
     return position
 
 
-def _unlikelihood_per_token(scored: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """-log(1 - p(target)) of each row of SCORED (tokens, vocab) logits."""
+def _unlikelihood_per_token(scored: torch.Tensor, targets: torch.Tensor,
+                            also: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """-log(1 - p(target)) of each row of SCORED (tokens, vocab) logits; with ALSO, (rows, tokens),
+    those tokens count with their row's target."""
     others = scored.scatter(-1, targets.unsqueeze(-1), float("-inf"))
+    if also is not None:
+        others[also] = float("-inf")
     return torch.logsumexp(scored, dim=-1) - torch.logsumexp(others, dim=-1)
 
 
