@@ -625,7 +625,8 @@ def test_a_margin_that_holds_while_the_answer_leaks_is_named_once_without_leaked
     assert hints == [f"step {1 + HINT_AFTER_CHECKS}: the margin has held for {HINT_AFTER_CHECKS} checks while the "
                      f"greedy answer to 'What is the capital of France?' leaks (\"...It is surely PARIS\"): the model "
                      f"reaches the answer by words the forget rows do not spell, and the run may go on to "
-                     f"--max-steps; --leaked-rows 4 adds such answers to the forget rows"]
+                     f"--max-steps; --forget-loss spellings pushes down every spelling of the answer, and "
+                     f"--leaked-rows 4 adds such answers to the forget rows"]
     assert result.added_forget_rows == [] and len(u.forget) == 3 and result.steps == HINT_AFTER_CHECKS + 5
 
 
