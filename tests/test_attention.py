@@ -31,4 +31,3 @@ def test_a_bf16_first_kl_is_exactly_zero(llama_dir):
     # The trained and the reference pass run the same kernel, so at the original they are one function.
     u = unlearner(llama_dir, "bfloat16")
     assert u.loss(u._rows())[1]["kl"] == 0.0
-

@@ -611,10 +611,12 @@ def test_the_loop_adds_the_checks_leaked_answers_only_when_the_margin_held(llama
         TrainConfig(leaked_rows=-1, stop_margin=0.05).validate()
 
 
-def test_a_margin_that_holds_while_the_answer_leaks_is_named_once_without_leaked_rows(llama_dir, monkeypatch):
+@pytest.mark.parametrize("forget_loss", ["unlikelihood", "spellings"])
+def test_a_margin_that_holds_while_the_answer_leaks_is_named_once_without_leaked_rows(llama_dir, monkeypatch,
+                                                                                     forget_loss):
     from unlearn.train import HINT_AFTER_CHECKS
 
-    u = unlearner(llama_dir, max_steps=20, check_every=1, stop_margin=0.05)
+    u = unlearner(llama_dir, max_steps=20, check_every=1, stop_margin=0.05, forget_loss=forget_loss)
     margins = iter([0.5] + [0.01] * 19)  # the margin fails once (the count starts after it), then holds
     monkeypatch.setattr(u, "likeliest_forget_answer", lambda above: (next(margins), True))
     lines = []
@@ -625,8 +627,9 @@ def test_a_margin_that_holds_while_the_answer_leaks_is_named_once_without_leaked
     assert hints == [f"step {1 + HINT_AFTER_CHECKS}: the margin has held for {HINT_AFTER_CHECKS} checks while the "
                      f"greedy answer to 'What is the capital of France?' leaks (\"...It is surely PARIS\"): the model "
                      f"reaches the answer by words the forget rows do not spell, and the run may go on to "
-                     f"--max-steps; --forget-loss spellings pushes down every spelling of the answer, and "
-                     f"--leaked-rows 4 adds such answers to the forget rows"]
+                     f"--max-steps; " + ("" if forget_loss == "spellings" else  # already on: not offered
+                                          "--forget-loss spellings pushes down every spelling of the answer, and ")
+                     + "--leaked-rows 4 adds such answers to the forget rows"]
     assert result.added_forget_rows == [] and len(u.forget) == 3 and result.steps == HINT_AFTER_CHECKS + 5
 
 

@@ -59,11 +59,10 @@ MAX_FORGET_SCALE = 1024.0
 # --leaked-rows says so, once: on the dev scenario `inventors` that state lasted from step 4 to --max-steps
 # (150 steps, ~20 minutes), where a check's leaking answer spelled the answer another way.
 HINT_AFTER_CHECKS = 5
-# What the hint offers, without and with --forget-loss spellings already on. Each finished the dev scenario
+# What the hint offers (the first only while --forget-loss spellings is off). Each finished the dev scenario
 # `inventors` (the default: 150 steps at every seed, ~20 minutes) in 3-5 steps (docs/quality.md).
-_LEAK_HINT = ("--forget-loss spellings pushes down every spelling of the answer, and --leaked-rows 4 adds "
-              "such answers to the forget rows",
-              "--leaked-rows 4 adds such answers to the forget rows")
+SPELLINGS_HINT = "--forget-loss spellings pushes down every spelling of the answer, and "
+LEAKED_ROWS_HINT = "--leaked-rows 4 adds such answers to the forget rows"
 
 
 class NonFiniteLoss(UnlearnError):
@@ -935,7 +934,8 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                                     log(f"step {step}: the margin has held for {held_leaks} checks while the greedy "
                                         f"answer to {row['prompt']!r} leaks (\"...{row['response'][-40:]}\"): the "
                                         f"model reaches the answer by words the forget rows do not spell, and the run "
-                                        f"may go on to --max-steps; {_LEAK_HINT[config.forget_loss == 'spellings']}")
+                                        f"may go on to --max-steps; "
+                                        f"{'' if config.forget_loss == 'spellings' else SPELLINGS_HINT}{LEAKED_ROWS_HINT}")
                     check_seconds += time.perf_counter() - t
                     record["forget_leak"] = leak
                     if likeliest is not None:
