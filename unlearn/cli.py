@@ -170,7 +170,7 @@ def _command_line() -> str:
 @click.option("--full", is_flag=True, help="Fine-tune every weight instead of LoRA (keeps a frozen reference copy).")
 @click.option("--gradient-checkpointing", is_flag=True,
               help="Recompute activations in backward: on the 135M default peak memory 2404 -> 1481 MB, step "
-                   "5.0 -> 6.8 s (README, Speed). In one process a big model already backpropagates in pieces of "
+                   "5.0 -> 6.8 s (docs/speed.md). In one process a big model already backpropagates in pieces of "
                    "rows (OPT-1.3B: peak 1.23x its fp32 weights without this); under torchrun it does not.")
 @click.option("--fsdp", is_flag=True,
               help="Under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP) "
