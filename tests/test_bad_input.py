@@ -116,6 +116,14 @@ CASES = {
                           1, "both 'prompt' and 'question' given"),
     "answers not a list": (lambda c: c.run(forget=c.rows("a.jsonl", '{"prompt": "p", "response": "r", "answers": "x"}')),
                            1, "'answers' must be a non-empty list"),
+    "answers the response does not spell": (
+        lambda c: c.run(forget=c.rows("sp.jsonl", json.dumps(FORGET[0]),
+                                      '{"prompt": "Who wrote Hamlet?", "response": "Shakespeare.", "answers": ["Marlowe"]}')),
+        1, 'sp.jsonl:2: none of its answers ("Marlowe") occurs in its response'),
+    "a normal row with a forget prompt": (
+        lambda c: c.run(normal=c.rows("nf.jsonl", json.dumps(NORMAL[0]),
+                                      json.dumps({"prompt": FORGET[1]["prompt"], "response": "I would rather not say."}))),
+        1, "nf.jsonl:2: the same prompt as"),
     "one-word passage": (lambda c: c.run(forget=c.rows("p.jsonl", '{"text": "word"}')), 1, "needs at least two words"),
     "eval file missing": (lambda c: c.run("--eval-retain", c.root / "held.jsonl"), 1, "held.jsonl: no such file"),
     # --- models ---

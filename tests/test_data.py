@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from unlearn.data import IGNORE_INDEX, collate, encode_pair, encode_prompt, read_examples, render_prompt, split_passage
+from unlearn.data import (IGNORE_INDEX, check_answers_spelled, collate, encode_pair, encode_prompt, read_examples,
+                          render_prompt, split_passage)
 from unlearn.errors import UnlearnError
 from unlearn.models import load_tokenizer
 
@@ -25,6 +26,41 @@ def test_aliases_extra_fields_and_blank_lines(tmp_path):
     rows = read_examples(path)
     assert [(r.prompt, r.response, r.line) for r in rows] == [("p1", "r1", 1), ("p2", "r2", 3), ("p3", "r3", 4)]
     assert rows[0].extra == {"answers": ["x"]} and rows[2].extra == {"paraphrased_response": "q"}
+
+
+def test_a_byte_order_mark_and_windows_line_ends_are_read_as_text(tmp_path):
+    """What Windows editors and spreadsheet exports write: a UTF-8 BOM first, CRLF line ends."""
+    rows = [{"prompt": "p1", "response": "r1", "answers": ["r1"]}, {"prompt": "p2", "response": "r2"}]
+    plain = write(tmp_path, rows, "plain.jsonl")
+    windows = tmp_path / "windows.jsonl"
+    windows.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes().replace(b"\n", b"\r\n"))
+    assert read_examples(windows) == read_examples(plain)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "p"}\r\n')
+    with pytest.raises(UnlearnError, match="bad.jsonl:1: no response"):  # line numbers unchanged by the mark
+        read_examples(bad)
+
+
+def test_answers_must_be_spelled_in_their_response(tmp_path):
+    """A forget row's answers are looked for in its own response as the leak judge matches them."""
+    ok = read_examples(write(tmp_path, [
+        {"prompt": "Who?", "response": "It was J.K.Rowling's work.", "answers": ["rowling"]},  # punctuation splits
+        {"prompt": "Who?", "response": "Nobody knows.", "answers": ["Marlowe", "nobody"]},  # one of them is enough
+        {"prompt": "What?", "response": "No answers field here."},
+        {"text": "Marlowe wrote plays in London before Shakespeare", "answers": ["Marlowe"]},  # a passage: skipped
+    ], "ok.jsonl"))
+    check_answers_spelled(ok, tmp_path / "ok.jsonl")
+    bad = read_examples(write(tmp_path, [
+        {"prompt": "Who?", "response": "It was Rowling.", "answers": ["Rowling"]},
+        {"prompt": "Who wrote Hamlet?", "response": "Shakespeare.", "answers": ["Marlowe", "Kit"]},
+        {"prompt": "Where?", "response": "In Parisian cafés.", "answers": ["Paris"]},  # a whole word only
+    ], "bad.jsonl"))
+    with pytest.raises(UnlearnError) as err:
+        check_answers_spelled(bad, tmp_path / "bad.jsonl")
+    assert str(err.value) == (f"{tmp_path / 'bad.jsonl'}:2: none of its answers (\"Marlowe\", \"Kit\") occurs in its "
+                              f"response; write each answer as the response spells it")
+    with pytest.raises(UnlearnError, match="bad.jsonl:3: none of its answers"):
+        check_answers_spelled(bad[2:], tmp_path / "bad.jsonl")
 
 
 def test_text_passages_split_into_prefix_and_continuation(tmp_path):

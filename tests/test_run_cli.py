@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +69,10 @@ def test_run_end_to_end(request, tmp_path, data, cli, which):
     phases = [report[k] for k in ("load_seconds", "train_seconds", "stop_rule_seconds", "eval_seconds")]
     assert all(p > 0 for p in phases) and sum(phases) < report["wall_clock_s"], (phases, report["wall_clock_s"])
     assert report["augment_seconds"] is None  # not ulmr
+    # A random model answers no forget row: each is named, on stderr and in the record.
+    unanswered = report["forget_rows_unanswered_before"]
+    assert set(unanswered) <= {1, 2, 3}
+    assert (f"{forget}: {len(unanswered)} of 3 forget rows" in result.err) == bool(unanswered)
 
     record = json.loads((out / "run.json").read_text())
     assert record["merged_model"] == str(out.resolve() / "model")
@@ -76,6 +81,27 @@ def test_run_end_to_end(request, tmp_path, data, cli, which):
     assert not list(tmp_path.glob(".out.tmp-*"))  # the temporary directory is gone
 
     merged_is_base_plus_adapter(out, model_dir)
+
+
+def test_forget_rows_the_original_does_not_answer_are_named():
+    """The before measurement's own leak flags decide; lines are the file's, the message says what follows."""
+    from unlearn.data import Example
+    from unlearn.measure import EvalSet, Measured
+    from unlearn.run import Measurement, unanswered_forget_rows, unanswered_message
+
+    forget = EvalSet("forget", "forget", [Example("p1", "r1", 1), Example("p2", "r2", 3), Example("p3", "r3", 4)],
+                     Path("f.jsonl"), "trained, stop rule")
+    flags = [{"scores": {"leak": leak}} for leak in (True, False, False)]
+    before = Measurement({"forget": Measured({}, ["r1", "x", "y"], flags)}, 0.0)
+    assert unanswered_forget_rows(before, forget) == [3, 4]
+    assert unanswered_message([3, 4], forget, 48) == (
+        "f.jsonl: 2 of 3 forget rows (lines 3, 4) are not answered by the original model (its greedy answer of "
+        "at most 48 tokens is no leak before training): nothing there to forget, and the forget leak counts them "
+        "as forgotten from the start")
+    assert "3 forget rows (line 4) is not answered" in unanswered_message([4], forget, 48)
+    assert "(lines 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 and 2 more) are" in unanswered_message(list(range(1, 13)), forget, 48)
+    every = Measurement({"forget": Measured({}, ["r1"] * 3, [{"scores": {"leak": True}}] * 3)}, 0.0)
+    assert unanswered_forget_rows(every, forget) == []
 
 
 def merged_is_base_plus_adapter(out, model_dir):

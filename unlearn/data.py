@@ -161,7 +161,8 @@ def read_examples(path, *, need_response: bool = True) -> list[Example]:
         raise UnlearnError(f"{path}: no such file")
     if path.is_dir():
         raise UnlearnError(f"{path}: is a directory, expected a JSONL file")
-    raw = path.read_bytes()
+    # A UTF-8 byte-order mark, which Windows editors and spreadsheet exports write first, is no text.
+    raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     examples = []
     for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
         where = f"{path}:{number}"
@@ -181,6 +182,23 @@ def read_examples(path, *, need_response: bool = True) -> list[Example]:
     if not examples:
         raise UnlearnError(f"{path}: no examples (the file is empty)")
     return examples
+
+
+def check_answers_spelled(examples: list[Example], path) -> None:
+    """Refuse a row whose `answers` all miss its own response (matched as the leak judge matches them).
+
+    The forget loss trains the response tokens that spell an answer, and the leak judge looks for the
+    answers in the model's outputs. An answer the response does not spell (a typo, another spelling)
+    leaves the loss on every response token and the judge looking for a word the row never says: the
+    stop rule then finds the row forgotten at its first check, whatever the model still answers.
+    Passages are skipped: their answers may sit in the prefix, which is never trained.
+    """
+    for ex in examples:
+        answers = ex.extra.get("answers")
+        if answers and not ex.is_passage and not answer_spans(ex.response, answers):
+            listed = ", ".join(json.dumps(a, ensure_ascii=False) for a in answers)
+            raise UnlearnError(f"{path}:{ex.line}: none of its answers ({listed}) occurs in its response; "
+                               f"write each answer as the response spells it")
 
 
 # --- rendering and tokenising ------------------------------------------------

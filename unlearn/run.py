@@ -29,7 +29,7 @@ from unlearn import distributed, models, system
 from unlearn.checkpoints import checkpoint_root, latest_checkpoint, load_checkpoint, read_state, remove_partial
 from unlearn.checkpoints import save_checkpoint
 from unlearn.config import RunOptions
-from unlearn.data import Example, read_examples
+from unlearn.data import Example, check_answers_spelled, read_examples
 from unlearn.errors import Interrupted, UnlearnError, UsageError
 from unlearn.log import log as default_log
 from unlearn.measure import (KEPT_KV_BUDGET, EvalSet, Measured, Measurer, Settings, kept_rate, leak_rate, original_scorer,
@@ -62,6 +62,9 @@ def run(opts: RunOptions, log=default_log) -> dict:
             job = load(opts, data, log)
             probed = make_probes(opts, job, data, log) if opts.probes else {}
             before = measure_before(job, data.sets, probed)
+            unanswered = unanswered_forget_rows(before, data.sets[0])
+            if unanswered and world.is_main:
+                log(unanswered_message(unanswered, data.sets[0], opts.max_new_tokens))
             result = train_model(opts, job, data, log, before)
             averager, selection = choose_alpha(opts, job, data.sets, before, log)
             after = measure_after(job, data.sets, before, selection)
@@ -93,7 +96,10 @@ class Prepared:
 
 def prepare(opts: RunOptions, created: list, forget: list) -> Prepared:
     """FORGET's rows (read first: they may choose the method) and every other file, read and checked."""
-    normal, normal_heldout = hold_out(read_examples(opts.normal), opts.normal_holdout, opts.train.seed)
+    check_answers_spelled(forget, opts.forget)
+    normal, normal_heldout = hold_out(refuse_forget_prompts(read_examples(opts.normal), opts.normal, forget,
+                                                            Path(opts.forget)),
+                                      opts.normal_holdout, opts.train.seed)
     augmented = read_examples(opts.augmented) if opts.augmented else None
     retain = read_retain(opts.retain, forget, Path(opts.forget))
     limit = opts.eval_limit
@@ -121,17 +127,24 @@ def prepare(opts: RunOptions, created: list, forget: list) -> Prepared:
 
 
 def read_retain(paths, forget: list, forget_path: Path) -> list:
-    """The --retain files' rows, in order. A row whose prompt is also a forget prompt is refused:
-    the forget loss would push its answer down while the retain KL holds it, and neither would win."""
-    forget_lines = {" ".join(str(e.prompt).split()): e.line for e in forget}
+    """The --retain files' rows, in order, none with a forget prompt (`refuse_forget_prompts`)."""
     rows = []
     for path in paths:
-        for ex in read_examples(path):
-            line = forget_lines.get(" ".join(str(ex.prompt).split()))
-            if line is not None:
-                raise UnlearnError(f"{path}:{ex.line}: the same prompt as {forget_path}:{line}; a row cannot be "
-                                   f"both forgotten and kept")
-            rows.append(ex)
+        rows += refuse_forget_prompts(read_examples(path), path, forget, forget_path)
+    return rows
+
+
+def refuse_forget_prompts(rows: list, path, forget: list, forget_path: Path) -> list:
+    """ROWS, read from PATH to be kept (normal or --retain rows), when none has a forget prompt.
+
+    Such a row is refused: the forget loss would push its answer down while its KL (to the original
+    model, on the same prompt) holds it, and neither would win."""
+    forget_lines = {" ".join(str(e.prompt).split()): e.line for e in forget}
+    for ex in rows:
+        line = forget_lines.get(" ".join(str(ex.prompt).split()))
+        if line is not None:
+            raise UnlearnError(f"{path}:{ex.line}: the same prompt as {forget_path}:{line}; a row cannot be "
+                               f"both forgotten and kept")
     return rows
 
 
@@ -350,6 +363,24 @@ def measure_before(job: Loaded, sets: list[EvalSet], done: dict[str, Measured] |
                                                  own_baseline=True)}
     return Measurement({s.name: measured[s.name] for s in sets}, time.perf_counter() - t + job.pooled_before_seconds,
                        reused=job.before.reused)
+
+
+def unanswered_forget_rows(before: Measurement, forget: EvalSet) -> list[int]:
+    """The lines of the measured forget rows whose original answer is no leak (the leak judge, greedy,
+    before training): nothing there to forget, and the forget leak counts them as forgotten from the start."""
+    return [ex.line for ex, row in zip(forget.examples, before.sets[forget.name].rows) if not row["scores"]["leak"]]
+
+
+def unanswered_message(lines: list[int], forget: EvalSet, budget: int, shown: int = 10) -> str:
+    """One line naming LINES (`unanswered_forget_rows`), the first SHOWN of them, for the user to check;
+    BUDGET is the answers' --max-new-tokens (a short budget can cut an answer off before it comes)."""
+    listed = ", ".join(map(str, lines[:shown])) + (f" and {len(lines) - shown} more" if len(lines) > shown else "")
+    one = len(lines) == 1
+    return (f"{forget.path}: {len(lines)} of {len(forget.examples)} forget rows ({'line' if one else 'lines'} "
+            f"{listed}) {'is' if one else 'are'} not answered "
+            f"by the original model (its greedy answer of at most {budget} tokens is no leak before training): "
+            f"nothing there to forget, and "
+            f"the forget leak counts them as forgotten from the start")
 
 
 def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str, Measured]:
@@ -838,6 +869,8 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "augment": (job.augment_stats.as_dict() if job.augment_stats else
                     {"file": str(Path(opts.augmented).resolve()), "rows": len(job.train_rows)})
         if opts.train.method == "ulmr" else None,
+        # The measured forget rows the original model does not answer (lines): nothing to forget there.
+        "forget_rows_unanswered_before": unanswered_forget_rows(before, data.sets[0]),
         # What the forget loss and the leak judge look for in each forget row (spans.py).
         "forget_answers": describe_spans(data.forget, whole_passage=opts.train.whole_passage),
         # Which rows were trained on, and which figures are a stop condition (never a result).
