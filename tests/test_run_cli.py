@@ -83,6 +83,21 @@ def test_run_end_to_end(request, tmp_path, data, cli, which):
     merged_is_base_plus_adapter(out, model_dir)
 
 
+def test_eval_files_that_repeat_training_prompts_are_labelled_trained(tmp_path, data, llama_dir, cli):
+    """Training rows given again as --eval-* files are not printed as held-out results."""
+    forget, normal, heldout = data
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [NORMAL[1], HELDOUT[0]])  # one normal row, one new
+    out = tmp_path / "out"
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", out, "--normal-holdout", "0",
+                 "--eval-forget", forget, "--eval-retain", heldout, "--eval-retain", mixed, *FAST)
+    assert result.code == 0, result.err
+    roles = json.loads((out / "run.json").read_text())["roles"]
+    assert roles["forget"].startswith("trained") and roles["normal"] == "trained"
+    assert roles["forget'"] == "trained" and roles["heldout"] == "held out" and roles["mixed"] == "1 of 2 trained"
+    table = {line.split()[0]: line for line in result.out.splitlines()[1:6]}
+    assert "1 of 2 trained" in table["mixed"] and "held out" in table["heldout"]
+
+
 def test_forget_rows_the_original_does_not_answer_are_named():
     """The before measurement's own leak flags decide; lines are the file's, the message says what follows."""
     from unlearn.data import Example

@@ -114,7 +114,8 @@ def prepare(opts: RunOptions, created: list, forget: list) -> Prepared:
                             "held out" + chooses))
     if retain:
         sets.append(EvalSet("retain", "retain", retain[:limit], Path(opts.retain[0]), "trained"))
-    sets += read_eval_sets(opts.eval_forget, opts.eval_retain, taken={s.name for s in sets}, limit=limit)
+    sets += label_trained_rows(read_eval_sets(opts.eval_forget, opts.eval_retain, taken={s.name for s in sets},
+                                              limit=limit), forget + normal + retain)
     distributed.check_batch_size(opts.train.batch_size)  # --batch-size is global: each process takes a share
     if opts.train.method in ("edit", "rmu") and distributed.world().active:  # before any model loads
         raise UsageError(f"--method {opts.train.method} runs in one process: launch it without torchrun")
@@ -134,18 +135,37 @@ def read_retain(paths, forget: list, forget_path: Path) -> list:
     return rows
 
 
+def prompt_key(prompt) -> str:
+    """A prompt as rows are matched across files: its words, whitespace normalised."""
+    return " ".join(str(prompt).split())
+
+
 def refuse_forget_prompts(rows: list, path, forget: list, forget_path: Path) -> list:
     """ROWS, read from PATH to be kept (normal or --retain rows), when none has a forget prompt.
 
     Such a row is refused: the forget loss would push its answer down while its KL (to the original
     model, on the same prompt) holds it, and neither would win."""
-    forget_lines = {" ".join(str(e.prompt).split()): e.line for e in forget}
+    forget_lines = {prompt_key(e.prompt): e.line for e in forget}
     for ex in rows:
-        line = forget_lines.get(" ".join(str(ex.prompt).split()))
+        line = forget_lines.get(prompt_key(ex.prompt))
         if line is not None:
             raise UnlearnError(f"{path}:{ex.line}: the same prompt as {forget_path}:{line}; a row cannot be "
                                f"both forgotten and kept")
     return rows
+
+
+def label_trained_rows(sets: list[EvalSet], trained: list) -> list[EvalSet]:
+    """SETS (the --eval-* files), each labelled "held out" unless its prompts are among the TRAINED rows'.
+
+    A file that repeats training prompts (the forget file given again as --eval-forget, or normal rows in
+    --eval-retain) would otherwise print training figures as results: it is labelled "trained", or
+    "K of N trained" when only some of its rows are."""
+    seen = {prompt_key(e.prompt) for e in trained}
+    for s in sets:
+        k = sum(prompt_key(e.prompt) in seen for e in s.examples)
+        if k:
+            s.role = "trained" if k == len(s.examples) else f"{k} of {len(s.examples)} trained"
+    return sets
 
 
 def hold_out(rows: list, share: float, seed: int) -> tuple[list, list]:

@@ -52,7 +52,8 @@ def format_run(record: dict) -> str:
     lines = aligned([header] + rows)
     lines += [
         "",
-        "rows: \"trained\" sets were trained on; \"held out\" never were, and are the result. "
+        "rows: \"trained\" sets were trained on (\"K of N trained\": K of their rows); \"held out\" never were, "
+        "and are the result. "
         "\"stop rule\": the run stopped when this set's leak reached --stop-leak (a probe set: when the probes' "
         "accuracy reached --stop-probes), so that figure is the stop condition, not a result; \"α choice\": "
         "--alpha auto chose α on these sets' figures.",
