@@ -395,12 +395,10 @@ def unanswered_message(lines: list[int], forget: EvalSet, budget: int, shown: in
     """One line naming LINES (`unanswered_forget_rows`), the first SHOWN of them, for the user to check;
     BUDGET is the answers' --max-new-tokens (a short budget can cut an answer off before it comes)."""
     listed = ", ".join(map(str, lines[:shown])) + (f" and {len(lines) - shown} more" if len(lines) > shown else "")
-    one = len(lines) == 1
-    return (f"{forget.path}: {len(lines)} of {len(forget.examples)} forget rows ({'line' if one else 'lines'} "
-            f"{listed}) {'is' if one else 'are'} not answered "
-            f"by the original model (its greedy answer of at most {budget} tokens is no leak before training): "
-            f"nothing there to forget, and "
-            f"the forget leak counts them as forgotten from the start")
+    rows, verb = (f"line {listed}", "is") if len(lines) == 1 else (f"lines {listed}", "are")
+    return (f"{forget.path}: {len(lines)} of {len(forget.examples)} forget rows ({rows}) {verb} not answered by the "
+            f"original model (its greedy answer of at most {budget} tokens is no leak before training): nothing "
+            f"there to forget, and the forget leak counts them as forgotten from the start")
 
 
 def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str, Measured]:
