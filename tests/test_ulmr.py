@@ -184,6 +184,9 @@ def test_tables_and_missing_matplotlib(tmp_path, monkeypatch):
     markdown = (tmp_path / "alphas.md").read_text()
     assert "| 0.2 | 0.00 | 0.50 | 0.40 | **recommended** |" in markdown
     assert "| 1 | 1.00 | 1.00 | 1.00 | original |" in markdown
+    # The figures that picked α are labelled as such, under the recommendation; no recommendation, no label.
+    assert markdown.rstrip().endswith(f"Recommended: {why}.\n{tables.SELECTION_NOTE}")
+    assert tables.SELECTION_NOTE not in tables.table_markdown(scores)
 
 
 def test_plot_when_matplotlib_is_there(tmp_path):

@@ -126,6 +126,12 @@ def _ulmr_lines(record: dict) -> list[str]:
 # --- α selection ------------------------------------------------------------------------------
 
 
+# Under every α table that recommends one: its figures picked the α, so for the chosen model they are
+# flattered by the choice (the best of several draws on the same rows).
+SELECTION_NOTE = ("These figures chose α: a selection criterion, not a result. For a result, measure the chosen "
+                  "model on rows it was not chosen on (`unlearn eval`).")
+
+
 def table_markdown(scores: list[AlphaScore], chosen: float | None = None, reason: str | None = None,
                    base: AlphaScore | None = None) -> str:
     """The trade-off table (one row per α; the original model as α = 1 when BASE is given)."""
@@ -136,7 +142,7 @@ def table_markdown(scores: list[AlphaScore], chosen: float | None = None, reason
         lines.append(f"| {s.alpha:g} | {cell(s.forget_leak)} | {cell(s.retain_accuracy)} | "
                      f"{cell(s.retain_similarity)} | {mark} |")
     if reason:
-        lines += ["", f"Recommended: {reason}."]
+        lines += ["", f"Recommended: {reason}.", SELECTION_NOTE]
     return "\n".join(lines) + "\n"
 
 
