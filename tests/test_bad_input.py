@@ -134,6 +134,8 @@ CASES = {
     "truncated safetensors": (lambda c: c.run("--model", _truncated(c)), 1, "could not load the model"),
     "missing model with --save-every": (lambda c: c.run("--save-every", "1", "--model", c.root / "nope"), 1,
                                         "no such model directory"),
+    "missing model, no -o": (lambda c: ["run", c.forget, c.normal, "--model", c.root / "no-model"], 1,
+                             "no such model directory"),  # runs/<date-time>, made at the start, is removed
     "gguf missing": (lambda c: c.run("--model", c.root / "m.gguf"), 1, "no such GGUF file"),
     # --- impossible options ---
     "negative lr": (lambda c: c.run("--lr", "-1"), 2, "--lr -1.0: must be positive"),

@@ -98,6 +98,35 @@ def test_eval_files_that_repeat_training_prompts_are_labelled_trained(tmp_path, 
     assert "1 of 2 trained" in table["mixed"] and "held out" in table["heldout"]
 
 
+def test_default_output_directories_never_collide(tmp_path, monkeypatch):
+    """Runs started in the same second (a shell loop's background jobs) get runs/<date-time>, then -2, -3."""
+    from datetime import datetime
+
+    import unlearn.run as run_module
+
+    class Frozen(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 12, 5, 19, 0, 0)
+
+    monkeypatch.setattr(run_module, "datetime", Frozen)
+    root, created = tmp_path / "runs", []
+    first = run_module.reserve_output_dir(created, root)
+    second = run_module.reserve_output_dir(created, root)
+    third = run_module.reserve_output_dir(created, root)
+    assert [p.name for p in (first, second, third)] == ["20261205-190000", "20261205-190000-2", "20261205-190000-3"]
+    assert all(p.is_dir() and not any(p.iterdir()) for p in (first, second, third))
+    assert created == [first, root, second, third]  # the root once, after the first run's own directory
+
+
+def test_a_run_without_o_writes_runs_date_time(tmp_path, data, llama_dir, cli):
+    forget, normal, _ = data
+    result = cli("run", forget, normal, "--model", llama_dir, *FAST, cwd=tmp_path)
+    assert result.code == 0, result.err
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert (run_dir / "run.json").is_file() and (run_dir / "model").is_dir()
+
+
 def test_forget_rows_the_original_does_not_answer_are_named():
     """The before measurement's own leak flags decide; lines are the file's, the message says what follows."""
     from unlearn.data import Example

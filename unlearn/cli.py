@@ -77,7 +77,7 @@ def _command_line() -> str:
                    "edit: a MEMIT-style edit of a few MLP layers so that the facts are refused (docs/edit.md); "
                    "rmu: representation misdirection (WMDP): the forget answers' hidden states at one layer "
                    "pulled onto a random vector, the other rows' held at the original's.")
-@click.option("-o", "--output", default=None, help="Output directory [default: runs/<timestamp>].")
+@click.option("-o", "--output", default=None, help="Output directory [default: runs/<timestamp>, or <timestamp>-2 ... when taken].")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--lr", type=float, default=None,
               help="Learning rate [default: 1e-3 with LoRA (ga: 2e-3, rmu: 5e-3), 1e-5 with --full].")

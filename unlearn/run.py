@@ -17,6 +17,7 @@ must agree (the augmented rows, the stop rule, α) are rank 0's, and only rank 0
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import shlex
 import shutil
@@ -38,8 +39,21 @@ from unlearn.outputs import check_output_dir
 from unlearn.spans import describe_spans, row_answers, through_first_answer
 
 
-def default_output_dir() -> Path:
-    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+def reserve_output_dir(created: list, root: Path = Path("runs")) -> Path:
+    """ROOT/<date-time>, made now (empty) so that it is this run's: a run started in the same second
+    (a shell loop's background jobs) takes ROOT/<date-time>-2, and so on. CREATED gets every directory
+    made here, the run's before its parent, so that a run that fails leaves none of them behind."""
+    made_root = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in itertools.count(1):
+        path = root / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir()  # atomic: of two runs racing for a name, one gets it
+        except FileExistsError:
+            continue
+        created += [path] + ([root] if made_root else [])
+        return path
 
 
 def run(opts: RunOptions, log=default_log) -> dict:
@@ -51,7 +65,7 @@ def run(opts: RunOptions, log=default_log) -> dict:
         opts = checked if chosen is opts else chosen.resolved()
     except UsageError as e:
         raise UsageError(f"--method {chosen.train.method} (not given: {chosen.method_reason}): {e}") from None
-    created: list[Path] = []  # OUTPUT, when made at the start for checkpoints
+    created: list[Path] = []  # directories made at the start: OUTPUT for checkpoints, or runs/<date-time>
     # Under torchrun: join the process group for the run (distributed.py); otherwise a no-op.
     with distributed.session(opts.fsdp, opts.device) as world:
         try:
@@ -119,7 +133,12 @@ def prepare(opts: RunOptions, created: list, forget: list) -> Prepared:
     distributed.check_batch_size(opts.train.batch_size)  # --batch-size is global: each process takes a share
     if opts.train.method in ("edit", "rmu") and distributed.world().active:  # before any model loads
         raise UsageError(f"--method {opts.train.method} runs in one process: launch it without torchrun")
-    output = Path(opts.output) if opts.output else default_output_dir()
+    if opts.output:
+        output = Path(opts.output)
+    elif opts.resume:
+        raise UsageError("--resume needs -o OUT, the directory of the run to continue")
+    else:  # made on rank 0 and its name sent to every rank, whose clocks may cross a second apart
+        output = distributed.on_main(lambda: reserve_output_dir(created))
     run_args = _run_args(opts)
     # Rank 0 alone checks and prepares OUTPUT (it may create it, or delete stale checkpoints), and
     # every rank gets its answer, run_args included (a resume takes --save-every from the checkpoint).
@@ -220,8 +239,6 @@ def _prepare_output(opts: RunOptions, output: Path, run_args: dict, created: lis
             output.mkdir(parents=True)
             created.append(output)
         return None
-    if not opts.output:
-        raise UsageError("--resume needs -o OUT, the directory of the run to continue")
     if output.exists() and not output.is_dir():
         raise UsageError(f"{output}: exists and is not a directory")
     checkpoint = latest_checkpoint(output)
