@@ -143,6 +143,7 @@ def test_forget_rows_the_original_does_not_answer_are_named():
         "at most 48 tokens is no leak before training): nothing there to forget, and the forget leak counts them "
         "as forgotten from the start")
     assert "3 forget rows (line 4) is not answered" in unanswered_message([4], forget, 48)
+    assert "answer of at most 1 token is no leak" in unanswered_message([4], forget, 1)
     assert "(lines 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 and 2 more) are" in unanswered_message(list(range(1, 13)), forget, 48)
     every = Measurement({"forget": Measured({}, ["r1"] * 3, [{"scores": {"leak": True}}] * 3)}, 0.0)
     assert unanswered_forget_rows(every, forget) == []

@@ -414,8 +414,8 @@ def unanswered_message(lines: list[int], forget: EvalSet, budget: int, shown: in
     listed = ", ".join(map(str, lines[:shown])) + (f" and {len(lines) - shown} more" if len(lines) > shown else "")
     rows, verb = (f"line {listed}", "is") if len(lines) == 1 else (f"lines {listed}", "are")
     return (f"{forget.path}: {len(lines)} of {len(forget.examples)} forget rows ({rows}) {verb} not answered by the "
-            f"original model (its greedy answer of at most {budget} tokens is no leak before training): nothing "
-            f"there to forget, and the forget leak counts them as forgotten from the start")
+            f"original model (its greedy answer of at most {budget} token{'s' * (budget != 1)} is no leak before "
+            f"training): nothing there to forget, and the forget leak counts them as forgotten from the start")
 
 
 def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str, Measured]:
