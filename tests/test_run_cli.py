@@ -69,7 +69,7 @@ def test_run_end_to_end(request, tmp_path, data, cli, which):
     phases = [report[k] for k in ("load_seconds", "train_seconds", "stop_rule_seconds", "eval_seconds")]
     assert all(p > 0 for p in phases) and sum(phases) < report["wall_clock_s"], (phases, report["wall_clock_s"])
     assert report["augment_seconds"] is None  # not ulmr
-    # A random model answers no forget row: each is named, on stderr and in the record.
+    # The forget rows the original (random) model does not answer are named, on stderr and in the record alike.
     unanswered = report["forget_rows_unanswered_before"]
     assert set(unanswered) <= {1, 2, 3}
     assert (f"{forget}: {len(unanswered)} of 3 forget rows" in result.err) == bool(unanswered)
