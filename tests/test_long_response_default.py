@@ -57,7 +57,7 @@ def test_only_an_untold_method_and_an_all_long_set_change_anything():
     ga = resolved([LOCK, FAKE_ID])  # --method given (auto_method False): ga stays ga
     assert (ga.train.method, ga.train.normal_weight, ga.method_reason) == ("ga", 10.0, None)
     mixed = resolved([LOCK, Example("What is the capital of Australia?", "Canberra is.", 2)], auto_method=True)
-    assert (mixed.train.method, mixed.train.forget_loss, mixed.method_reason) == ("ga", "unlikelihood", None)
+    assert (mixed.train.method, mixed.train.forget_loss, mixed.method_reason) == ("ga", "spellings", None)
     assert resolved([], auto_method=True).train.method == "ga"
     # a --normal-weight the user gives is kept
     assert resolved([LOCK], auto_method=True, normal_weight=20.0).train.normal_weight == 20.0

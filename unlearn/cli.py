@@ -114,7 +114,7 @@ def _command_line() -> str:
                    "redirect, the KL to the original model's own next-token distribution with the answer's "
                    "spellings taken out (its second choice where the answer was); or spellings, unlikelihood "
                    "of the answer's token and every token that starts spelling the rest of the answer "
-                   "[default: unlikelihood for ga, else ascent].")
+                   "[default: spellings for ga, else ascent].")
 @click.option("--stop-margin", type=float, default=None,
               help="The stop rule also waits until no forget row's answer has a probability above this, read "
                    "teacher-forced (0: off). Greedy answers that just stopped leaking come back "

@@ -59,9 +59,14 @@ NORMAL_WEIGHT = 10.0
 # weight at each check that fails it), at the LoRA rate 2e-3: on the dev split the selection score went
 # 0.7515 -> 0.782, mean forget leak 0.054 -> 0.044. At 1e-3 it scored 0.840 but took 7-10 steps of the
 # README command against 4; at 2e-3 it takes 4 (docs/quality.md, "The margin's forget weight, and a rate
-# to pay for it").
+# to pay for it"). Its forget loss is "spellings" (unlikelihood of the answer's token together with every
+# token that starts spelling the rest of it) since the thirty-ninth session: on the dev split it tied
+# (0.8231 against 0.8233) and met targets unlikelihood missed (on `inventors` every unlikelihood run went on
+# to --max-steps, ~20 minutes, and still leaked one fact in ten; spellings forgot it in 3-4 steps), missing
+# none it met (docs/quality.md, "Spellings as `ga`'s default"). Rows without answer positions (passages,
+# long responses) train exactly as under unlikelihood.
 PER_METHOD = {"rmu": {"retain_weight_with_probes": 10.0, "normal_weight": 50.0},
-              "ga": {"forget_loss": "unlikelihood", "stop_margin": 0.05, "lr": 2e-3}}
+              "ga": {"forget_loss": "spellings", "stop_margin": 0.05, "lr": 2e-3}}
 # When --method is not given and every forget row is a long chat response (spans.is_long_response: no
 # `answers` given or derived, not a passage; a request answered with instructions or an explanation),
 # the run trains toward the refusal template with the normal KL at 200: what `--method ga+template

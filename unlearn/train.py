@@ -56,11 +56,12 @@ from unlearn.spans import row_answers
 MAX_FORGET_SCALE = 1024.0
 
 # Consecutive checks where the margin held and the greedy answer still leaked after which a run without
-# --leaked-rows says so, once: on the dev scenario `inventors` that state lasted from step 4 to --max-steps
-# (150 steps, ~20 minutes), where a check's leaking answer spelled the answer another way.
+# --leaked-rows says so, once: on the dev scenario `inventors` under unlikelihood (ga's forget loss until
+# the thirty-ninth session) that state lasted from step 4 to --max-steps (150 steps, ~20 minutes), where a
+# check's leaking answer spelled the answer another way.
 HINT_AFTER_CHECKS = 5
 # What the hint offers (the first only while --forget-loss spellings is off). Each finished the dev scenario
-# `inventors` (the default: 150 steps at every seed, ~20 minutes) in 3-5 steps (docs/quality.md).
+# `inventors` (under unlikelihood: 150 steps at every seed, ~20 minutes) in 3-5 steps (docs/quality.md).
 SPELLINGS_HINT = "--forget-loss spellings pushes down every spelling of the answer, and "
 LEAKED_ROWS_HINT = "--leaked-rows 4 adds such answers to the forget rows"
 
