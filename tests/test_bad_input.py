@@ -90,6 +90,29 @@ def _merge_existing_output(c: Case) -> list:
     return ["merge", "--alpha", "0.5", c.llama, c.model_copy("tuned"), "-o", c.root / "merged"]
 
 
+def _merge_sweep_into_base(c: Case) -> list:
+    base = c.model_copy("base")
+    return ["merge", "--alpha", "0.2,0.4", base, c.model_copy("tuned"), "-o", base, "--force"]
+
+
+def _merge_into_parent_of_inputs(c: Case) -> list:
+    (c.root / "models").mkdir()
+    base, tuned = c.model_copy("models/base"), c.model_copy("models/tuned")
+    return ["merge", "--alpha", "0.5", base, tuned, "-o", c.root / "models", "--force"]
+
+
+def _run_into_its_model(c: Case) -> list:
+    model = c.model_copy("model")
+    return ["run", c.forget, c.normal, "--model", model, "-o", model, "--force"]
+
+
+def _run_into_its_data_directory(c: Case) -> list:
+    data = c.root / "data"
+    data.mkdir()
+    forget, normal = shutil.copy(c.forget, data), shutil.copy(c.normal, data)
+    return ["run", forget, normal, "--model", c.llama, "-o", data, "--force"]
+
+
 # name -> (build the arguments from a Case, exit code, text the one line must contain)
 CASES = {
     # --- data files ---
@@ -124,6 +147,8 @@ CASES = {
         lambda c: c.run(normal=c.rows("nf.jsonl", json.dumps(NORMAL[0]),
                                       json.dumps({"prompt": FORGET[1]["prompt"], "response": "I would rather not say."}))),
         1, "nf.jsonl:2: the same prompt as"),
+    "a lone surrogate": (lambda c: c.run(forget=c.rows("su.jsonl", '{"prompt": "Who wrote \\ud800 it?", "response": "Rowling."}')),
+                         1, "su.jsonl:1: holds a lone surrogate escape"),
     "one-word passage": (lambda c: c.run(forget=c.rows("p.jsonl", '{"text": "word"}')), 1, "needs at least two words"),
     "eval file missing": (lambda c: c.run("--eval-retain", c.root / "held.jsonl"), 1, "held.jsonl: no such file"),
     # --- models ---
@@ -157,6 +182,13 @@ CASES = {
     # --- output directories and resume ---
     "output exists": (_non_empty_out, 2, "output directory exists and is not empty (use --force to replace it)"),
     "output is a file": (_out_is_a_file, 2, "exists and is not a directory"),
+    "output is the current directory": (lambda c: c.run("-o", ".", "--force")[:-3] + ["-o", ".", "--force"], 2,
+                                        "-o .: is the current directory"),
+    "output under a file": (lambda c: c.run()[:-2] + ["-o", c.forget / "sub"], 2, "forget.jsonl is not a directory"),
+    "output where nothing can be written": (lambda c: c.run()[:-2] + ["-o", "/proc/unlearn-out"], 2,
+                                            "cannot write in /proc"),
+    "run into its own model directory": (_run_into_its_model, 2, "is an input"),
+    "run into the directory of its data": (_run_into_its_data_directory, 2, "holds an input"),
     "resume without checkpoint": (_resume_empty, 1, "no checkpoint to resume from"),
     "resume with a broken checkpoint": (_resume_broken_state, 1, "not a readable checkpoint state"),
     "resume without -o": (lambda c: ["run", c.forget, c.normal, "--model", c.llama, "--resume"], 2,
@@ -171,6 +203,16 @@ CASES = {
     "merge alpha out of range": (lambda c: ["merge", "--alpha", "1.5", c.llama, c.llama, "-o", c.root / "m"], 2,
                                  "1.5"),
     "merge into an existing output": (_merge_existing_output, 2, "use --force"),
+    "merge sweep into its base model": (_merge_sweep_into_base, 2, "is an input"),
+    "merge into the directory of its models": (_merge_into_parent_of_inputs, 2, "holds an input"),
+    "eval writes two outputs to one file": (lambda c: ["eval", c.forget, "--model", c.llama, "--save-generations",
+                                                       c.root / "same.out", "--report", c.root / "same.out"], 2,
+                                            "the same file is given for two outputs"),
+    "eval temperature nan": (lambda c: ["eval", c.forget, "--model", c.llama, "--do-sample", "--temperature", "nan"],
+                             2, "--temperature must be a finite number"),
+    "ulmr max leak nan": (lambda c: c.run("--method", "ulmr", "--max-leak", "nan"), 2, "--max-leak nan"),
+    "alpha grid not a number": (lambda c: c.run("--alpha", "auto", "--alpha-grid", "0.2,abc"), 2,
+                                "--alpha-grid 0.2,abc: 'abc' is not a number"),
     "eval malformed prompts": (lambda c: ["eval", c.rows("q.jsonl", "{oops"), "--model", c.llama], 1,
                                "q.jsonl:1: not valid JSON"),
 }

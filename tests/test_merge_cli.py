@@ -158,7 +158,7 @@ def usage_cases(base_dir, tuned_dir, out):
         (["merge", "--alpha", "nan", base_dir, tuned_dir, "-o", out], "finite"),
         (["merge", "--alpha", "half", base_dir, tuned_dir, "-o", out], "half"),
         (["merge", "--alpha", "0.5", base_dir, tuned_dir, "-o", out, "--max-shard-size", "big"], "--max-shard-size"),
-        (["merge", "--alpha", "0.5", base_dir, tuned_dir, "-o", tuned_dir, "--force"], "input model directory"),
+        (["merge", "--alpha", "0.5", base_dir, tuned_dir, "-o", tuned_dir, "--force"], "is an input"),
         (["merge", "--adapter", out, base_dir, tuned_dir, "-o", out], "BASE (with --adapter)"),
     ]
 

@@ -29,7 +29,7 @@ import torch
 from unlearn.errors import UnlearnError, UsageError
 from unlearn.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_KEY, PEFT_PREFIX, lora_modules, lora_rank_and_scale
 from unlearn.lora import read_adapter_config
-from unlearn.outputs import atomic_output_dir, check_output_dir
+from unlearn.outputs import atomic_output_dir, check_output_dir, refuse_output_over_inputs
 from unlearn.tensor_io import (FLOAT_DTYPES, LM_HEAD, RECORD_FILE, TORCH_DTYPES, UNSUPPORTED_FLOATS, Checkpoint, Job,
                                TensorInfo, _layout, copy_side_files, open_checkpoint, plan_shards, read_header,
                                row_slices, write_model)
@@ -209,7 +209,7 @@ def average(base_path: Path, tuned_path: Path, out: Path, alpha: float, *, force
     check_output_dir(out, force)
     base = open_checkpoint(base_path, "BASE")
     tuned = open_checkpoint(tuned_path, "TUNED")
-    _refuse_overwriting_inputs(out, [base.path, tuned.path])
+    refuse_output_over_inputs(out, [base.path, tuned.path], inside_too=True)
     base_map, tuned_map, config_updates = _pair_tensors(base, tuned)
     check_compatible(base_map, tuned_map, base, tuned)
 
@@ -225,15 +225,6 @@ def average(base_path: Path, tuned_path: Path, out: Path, alpha: float, *, force
               "base": str(base.path.resolve()), "tuned": str(tuned.path.resolve())}
     return _write_output(out, force, base, jobs, layout, max_shard_size, config_updates, record,
                          started, progress, on_start, closing=[base, tuned])
-
-
-def _refuse_overwriting_inputs(out: Path, inputs: list[Path]) -> None:
-    """--force on an input directory would replace the model being read: refuse it plainly."""
-    target = out.resolve()
-    for path in inputs:
-        source = path.resolve()
-        if target == source or source in target.parents:
-            raise UsageError(f"-o {out}: is an input model directory (or inside one); choose another output")
 
 
 def _write_output(out: Path, force: bool, base: Checkpoint, jobs: list[Job], layout, max_shard_size,
@@ -390,7 +381,7 @@ def fold_lora(base_path: Path, adapter_path: Path, out: Path, *, alpha: float = 
     check_output_dir(out, force)
     base = open_checkpoint(base_path, "BASE")
     config, adapter = read_adapter(adapter_path)
-    _refuse_overwriting_inputs(out, [base.path, adapter.path])
+    refuse_output_over_inputs(out, [base.path, adapter.path], inside_too=True)
     pairs, replacements = plan_lora(config, adapter, base)
 
     buffers = Buffers()
@@ -460,8 +451,10 @@ DEFAULT_MAX_LEAK = 0.1
 AUTO_GRID = (0.0, 0.2, 0.4, 0.6, 0.8)
 
 
-def parse_alphas(text: str, *, allow_auto: bool = False, allow_extrapolation: bool = False) -> list[float] | str:
-    """'0.5' -> [0.5]; '0.2,0.4' -> [0.2, 0.4]; 'auto' (where allowed) -> 'auto'. Each α is checked."""
+def parse_alphas(text: str, *, allow_auto: bool = False, allow_extrapolation: bool = False,
+                 flag: str = "--alpha") -> list[float] | str:
+    """'0.5' -> [0.5]; '0.2,0.4' -> [0.2, 0.4]; 'auto' (where allowed) -> 'auto'. Each α is checked;
+    FLAG names the option in the messages."""
     text = text.strip()
     if allow_auto and text.lower() == "auto":
         return "auto"
@@ -470,14 +463,16 @@ def parse_alphas(text: str, *, allow_auto: bool = False, allow_extrapolation: bo
         try:
             value = float(part)
         except ValueError:
-            raise UsageError(f"--alpha {text}: {part.strip()!r} is not a number"
+            raise UsageError(f"{flag} {text}: {part.strip()!r} is not a number"
                              + (" (or give auto)" if allow_auto else "")) from None
         if not math.isfinite(value):
-            raise UsageError(f"--alpha {text}: {part.strip()!r} is not a finite number")
-        check_alpha(value, allow_extrapolation)
-        values.append(value)
+            raise UsageError(f"{flag} {text}: {part.strip()!r} is not a finite number")
+        if not 0.0 <= value <= 1.0 and not allow_extrapolation:
+            raise UsageError(f"{flag} {text}: {part.strip()!r} must be between 0 and 1"
+                             + ("" if flag != "--alpha" else " (use --allow-extrapolation to go beyond)"))
+        values.append(value + 0.0)  # + 0.0: "-0" is 0.0, not -0.0, in every message and record
     if len(set(values)) != len(values):
-        raise UsageError(f"--alpha {text}: an α is listed twice")
+        raise UsageError(f"{flag} {text}: an α is listed twice")
     return values
 
 

@@ -262,7 +262,7 @@ def run_command(**o):
         trust_remote_code=o["trust_remote_code"], allow_pickle=o["allow_pickle"], save_every=o["save_every"],
         resume=o["resume"], command=_command_line(), augmented=Path(o["augmented"]) if o["augmented"] else None,
         rewrites=o["rewrites"], alpha=o["alpha"],
-        alpha_grid=tuple(parse_alphas(o["alpha_grid"])) if o["alpha_grid"] else (), max_leak=o["max_leak"],
+        alpha_grid=tuple(parse_alphas(o["alpha_grid"], flag="--alpha-grid")) if o["alpha_grid"] else (), max_leak=o["max_leak"],
         normal_holdout=o["normal_holdout"], no_cache=o["no_cache"], retain=tuple(Path(p) for p in o["retain"]),
         probes=not o["no_probes"], probe_limit=o["probe_limit"], retain_probes=o["retain_probes"],
         retain_weight=o["retain_weight"], normal_weight=o["normal_weight"], auto_method=o["method"] is None)

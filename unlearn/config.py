@@ -378,6 +378,8 @@ class RunOptions:
             raise UsageError(f"--repair-steps {self.repair_steps}: expected auto or a number of steps") from None
 
     def _alpha(self, ulmr: bool, parse_alphas):
+        if not 0 <= self.max_leak <= 1:  # also when ulmr's α is auto by default, and nan
+            raise UsageError(f"--max-leak {self.max_leak}: must be in [0, 1]")
         if self.alpha is None:
             return "auto" if ulmr else None
         parsed = parse_alphas(str(self.alpha), allow_auto=True)
@@ -462,8 +464,8 @@ class EvalOptions:
             raise UsageError("--max-new-tokens must be at least 1")
         if not 0 < self.min_k <= 100:
             raise UsageError("--min-k must be in (0, 100]")
-        if self.do_sample and (self.temperature <= 0 or not 0 < self.top_p <= 1):
-            raise UsageError("--temperature must be > 0 and --top-p in (0, 1]")
+        if self.do_sample and (not 0 < self.temperature < math.inf or not 0 < self.top_p <= 1):  # nan fails too
+            raise UsageError("--temperature must be a finite number > 0 and --top-p in (0, 1]")
 
 
 @dataclass

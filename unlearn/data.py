@@ -178,6 +178,11 @@ def read_examples(path, *, need_response: bool = True) -> list[Example]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UnlearnError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        try:  # JSON may escape half of a character ("\ud800"); no tokenizer or file can take it later
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise UnlearnError(f"{where}: holds a lone surrogate escape (such as \\ud800), half of a character; "
+                               f"write the character itself") from None
         examples.append(parse_line(obj, where, need_response))
     if not examples:
         raise UnlearnError(f"{path}: no examples (the file is empty)")

@@ -16,7 +16,7 @@ from unlearn import averaging
 from unlearn.config import MergeOptions
 from unlearn.errors import UnlearnError, UsageError
 from unlearn.log import log
-from unlearn.outputs import atomic_output_dir, check_output_dir
+from unlearn.outputs import atomic_output_dir, check_output_dir, refuse_output_over_inputs
 
 
 def inputs(opts: MergeOptions) -> tuple[str, str | None, str | None]:
@@ -49,6 +49,12 @@ def inputs(opts: MergeOptions) -> tuple[str, str | None, str | None]:
     return record["base_model"], tuned, None
 
 
+def _stem(path: str) -> str:
+    """The name a default output is made from: PATH itself, or its full path when PATH is "." or ".."
+    (run from inside TUNED, "." would give ".-avg0.5" in the same directory)."""
+    return str(Path(path).resolve()) if Path(path).name in ("", ".", "..") else path.rstrip("/")
+
+
 def _write(base, tuned, adapter, target: Path, alpha: float | None, opts: MergeOptions, **progress):
     common = dict(max_shard_size=opts.max_shard_bytes, allow_extrapolation=opts.allow_extrapolation, **progress)
     if adapter:
@@ -64,7 +70,7 @@ def merge_one(opts: MergeOptions, progress=None) -> dict:
         raise UsageError("--alpha is required to average two models (e.g. --alpha 0.5)")
     output = opts.output
     if output is None:
-        stem = (adapter or tuned).rstrip("/")
+        stem = _stem(adapter or tuned)
         output = f"{stem}-merged" if alpha is None else f"{stem}-avg{alpha:g}"
         log(f"unlearn: writing to {output}")
     hooks = dict(progress=progress.update, on_start=progress.start) if progress else {}
@@ -92,11 +98,15 @@ def sweep(opts: MergeOptions) -> dict:
     base, tuned, adapter = inputs(opts)
     out = opts.output
     if out is None:
-        out = f"{(adapter or tuned).rstrip('/')}-alphas"
+        out = f"{_stem(adapter or tuned)}-alphas"
         log(f"unlearn: writing to {out}")
     out = Path(out)
     started = time.perf_counter()
     check_output_dir(out, opts.force)
+    # each α's model goes to OUT/alpha-A, and OUT is replaced whole: refuse an OUT that is, or holds, a
+    # model or file this sweep reads (with --force it would be deleted), as one α's merge does
+    refuse_output_over_inputs(out, [base, tuned, adapter], inside_too=True)
+    refuse_output_over_inputs(out, [*opts.eval_forget, *opts.eval_retain])
     kinds = {s.name: s.kind for s in sets}
     settings = Settings(max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size, likelihood=False)
 

@@ -21,10 +21,19 @@ from unlearn.errors import UnlearnError, UsageError
 def check_output_dir(path: Path, force: bool) -> None:
     """Refuse, before any work starts, to overwrite a result the user did not ask to replace."""
     path = Path(path)
+    target, here, home = path.resolve(), Path.cwd().resolve(), Path.home().resolve()
+    if target == here or target in here.parents:
+        # The finished output replaces PATH whole by a rename, which the directory a shell stands in
+        # (or one holding it) cannot take: the run would fail at its very end and lose its result.
+        raise UsageError(f"-o {path}: is the current directory (or holds it); name a new directory")
+    if force and (target == home or target in home.parents):
+        raise UsageError(f"-o {path}: is the home directory (or holds it), which --force would replace whole; "
+                         f"name a new directory")
     if path.exists() and not path.is_dir():
         raise UsageError(f"{path}: exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not force:
         raise UsageError(f"{path}: output directory exists and is not empty (use --force to replace it)")
+    check_parent_writable(path)  # the result is made beside PATH, then renamed into place
 
 
 @contextlib.contextmanager
@@ -39,7 +48,9 @@ def atomic_output_dir(path: Path, force: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    old = None
     try:
+        _usual_mode(tmp, directory=True)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "x")
@@ -49,22 +60,69 @@ def atomic_output_dir(path: Path, force: bool = False):
             os.replace(tmp, path)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / "x").exists():  # the new result did not go in: put the old one back
+            os.replace(old / "x", path)
+            shutil.rmtree(old, ignore_errors=True)
         raise UnlearnError(f"{path}: could not move the finished output into place ({exc.strerror})") from None
+
+
+def _usual_mode(path: Path, directory: bool) -> None:
+    """Give PATH the permissions a plain mkdir or open would have (the umask's): mkdtemp and mkstemp make
+    their results private (0700, 0600), and a result others should read would stay so after the rename."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
+
+
+def refuse_output_over_inputs(out: Path, inputs, *, inside_too: bool = False) -> None:
+    """Refuse, before any work starts, an output directory that is one of the command's INPUTS (files
+    or directories) or holds one: with --force the finished output replaces OUT whole, so the input
+    would be deleted (a model read from OUT, or the data files in it). With INSIDE_TOO, an OUT inside
+    an input directory is refused as well (merge: its output must not land inside a model it reads)."""
+    target = Path(out).resolve()
+    for path in inputs:
+        if path is None or not Path(path).exists():
+            continue
+        source = Path(path).resolve()
+        if target == source:
+            raise UsageError(f"-o {out}: is an input ({path}); choose another output")
+        if target in source.parents:
+            raise UsageError(f"-o {out}: holds an input ({path}), which replacing it would delete; "
+                             f"choose another output")
+        if inside_too and source in target.parents:
+            raise UsageError(f"-o {out}: is inside an input model directory ({path}); choose another output")
 
 
 def check_writable(*paths, force: bool = False) -> None:
     """Fail before any model loads when an output file cannot be written, or exists and FORCE is off."""
+    seen = set()
     for path in paths:
         if path is None:
             continue
         path = Path(path)
+        if path.resolve() in seen:  # the second write would silently replace the first
+            raise UsageError(f"{path}: the same file is given for two outputs")
+        seen.add(path.resolve())
         if path.is_dir():
             raise UsageError(f"{path}: is a directory, expected a file name")
         if path.exists() and not force:
             raise UsageError(f"{path}: exists (use --force to replace it)")
-        parent = path.parent if str(path.parent) else Path(".")
-        if parent.exists() and not parent.is_dir():
-            raise UsageError(f"{path}: {parent} is not a directory")
+        check_parent_writable(path)
+
+
+def check_parent_writable(path: Path) -> None:
+    """Fail before any work when PATH could not be created: its nearest existing ancestor is a file,
+    or a directory this process may not write into (what is missing below it is made when written)."""
+    path = Path(path)
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{path}: {parent} is not a directory")
+    try:  # a real try, not os.access: root passes access() on file systems that refuse (/sys, read-only mounts)
+        os.rmdir(tempfile.mkdtemp(prefix=".unlearn-probe-", dir=parent))
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write in {parent} ({exc.strerror})") from None
 
 
 def write_text_atomic(path, text: str) -> None:
@@ -76,6 +134,7 @@ def write_text_atomic(path, text: str) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        _usual_mode(Path(tmp), directory=False)
         os.replace(tmp, path)
     except OSError as exc:
         if tmp is not None and os.path.exists(tmp):

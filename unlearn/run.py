@@ -35,7 +35,7 @@ from unlearn.errors import Interrupted, UnlearnError, UsageError
 from unlearn.log import log as default_log
 from unlearn.measure import (KEPT_KV_BUDGET, EvalSet, Measured, Measurer, Settings, kept_rate, leak_rate, original_scorer,
                              read_eval_sets)
-from unlearn.outputs import check_output_dir
+from unlearn.outputs import check_output_dir, refuse_output_over_inputs
 from unlearn.spans import describe_spans, row_answers, through_first_answer
 
 
@@ -231,8 +231,16 @@ def _prepare_output(opts: RunOptions, output: Path, run_args: dict, created: lis
     With --save-every the checkpoints go into OUTPUT while the run goes on, so OUTPUT is
     created now (empty, or --force); stale checkpoints of an earlier run there are removed.
     """
+    from unlearn.paths import cache_dir
+
+    # The model read (a local directory or file; the embedded one lives in the cache) and every data
+    # file: an OUTPUT that is or holds one would be deleted by --force when the result replaces it.
+    model = Path(opts.model) if opts.model and Path(opts.model).exists() else cache_dir()
     if not opts.resume:
         check_output_dir(output, opts.force)
+    refuse_output_over_inputs(output, [model, opts.forget, opts.normal, *opts.retain, *opts.eval_forget,
+                                       *opts.eval_retain, opts.augmented])
+    if not opts.resume:
         if checkpoint_root(output).is_dir():
             shutil.rmtree(checkpoint_root(output))
         if opts.save_every and not output.exists():
