@@ -203,6 +203,9 @@ CASES = {
     "merge alpha out of range": (lambda c: ["merge", "--alpha", "1.5", c.llama, c.llama, "-o", c.root / "m"], 2,
                                  "1.5"),
     "merge into an existing output": (_merge_existing_output, 2, "use --force"),
+    "merge sweep of mismatched checkpoints": (
+        lambda c: ["merge", "--alpha", "0.2,0.4", c.llama, c.opt, "-o", c.root / "m", "--eval-forget", c.forget], 1,
+        "in BASE but not in TUNED"),  # found before the original model is measured
     "merge sweep into its base model": (_merge_sweep_into_base, 2, "is an input"),
     "merge into the directory of its models": (_merge_into_parent_of_inputs, 2, "holds an input"),
     "eval writes two outputs to one file": (lambda c: ["eval", c.forget, "--model", c.llama, "--save-generations",

@@ -227,6 +227,28 @@ def average(base_path: Path, tuned_path: Path, out: Path, alpha: float, *, force
                          started, progress, on_start, closing=[base, tuned])
 
 
+def check_mergeable(base_path: Path, tuned_path: Path | None, adapter_path: Path | None) -> None:
+    """What `average` and `fold_lora` check before writing, done once up front: a sweep measures the
+    original model first (minutes), and a BASE/TUNED mismatch should not wait for it."""
+    base = open_checkpoint(base_path, "BASE")
+    try:
+        if adapter_path is not None:
+            config, adapter = read_adapter(adapter_path)
+            try:
+                plan_lora(config, adapter, base)
+            finally:
+                adapter.close()
+        else:
+            tuned = open_checkpoint(tuned_path, "TUNED")
+            try:
+                base_map, tuned_map, _ = _pair_tensors(base, tuned)
+                check_compatible(base_map, tuned_map, base, tuned)
+            finally:
+                tuned.close()
+    finally:
+        base.close()
+
+
 def _write_output(out: Path, force: bool, base: Checkpoint, jobs: list[Job], layout, max_shard_size,
                   config_updates: dict, record: dict, started: float, progress, on_start,
                   closing: list[Checkpoint]) -> MergeResult:

@@ -107,6 +107,7 @@ def sweep(opts: MergeOptions) -> dict:
     # model or file this sweep reads (with --force it would be deleted), as one α's merge does
     refuse_output_over_inputs(out, [base, tuned, adapter], inside_too=True)
     refuse_output_over_inputs(out, [*opts.eval_forget, *opts.eval_retain])
+    averaging.check_mergeable(Path(base), Path(tuned) if tuned else None, Path(adapter) if adapter else None)
     kinds = {s.name: s.kind for s in sets}
     settings = Settings(max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size, likelihood=False)
 
@@ -135,7 +136,7 @@ def sweep(opts: MergeOptions) -> dict:
             base_score = averaging.score(1.0, summaries, kinds)
         for alpha in opts.alphas:
             target = tmp / f"alpha-{alpha:g}"
-            log(f"α selection: writing and measuring α={alpha:g}")
+            log(f"α selection: writing and measuring α={alpha:g}" if sets else f"writing α={alpha:g}")
             _write(base, tuned, adapter, target, alpha, opts)
             if not sets:
                 continue
