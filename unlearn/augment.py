@@ -12,9 +12,11 @@ A small model (the embedded 135M one) often returns something unusable, so every
 generated text is checked (`rewrite_problem`, `response_problem`): rejected rewrites
 are replaced by another sampled candidate (we draw OVERSAMPLE candidates per rewrite
 wanted) and then, if none is usable, by a templated rewording; rejected responses by
-a templated refusal. Every replacement is counted in `AugmentStats`, and each row says
-where its prompt and response came from (`prompt_from`, `response_from`), its source
-prompt and line (`source_prompt`, `source_line`) and its `kind` (original / rewrite).
+a templated refusal. So every source row gets exactly REWRITES rewrites, and --rewrites
+above MAX_REWRITES is refused before any model loads (`check_request`). Every replacement
+is counted in `AugmentStats`, and each row says where its prompt and response came from
+(`prompt_from`, `response_from`), its source prompt and line (`source_prompt`,
+`source_line`) and its `kind` (original / rewrite).
 """
 
 from __future__ import annotations
@@ -46,6 +48,13 @@ TEMPLATE_REWRITES = (
     "Please answer the following. {instruction}",
     "Quick question: {instruction}",
 )
+
+# The most rewrites per prompt we can promise. Every rewrite the model fails to write falls back to
+# a distinct templated rewording, and a 135M model often writes none usable (3 of 56 on examples/),
+# so only as many rewrites as there are templates can be delivered. A user asking for more wants that
+# many rows, not fewer written silently, nor the same templated prompt twice (a duplicate row teaches
+# nothing new and inflates the counts): refused up front, before the model loads.
+MAX_REWRITES = len(TEMPLATE_REWRITES)
 
 # Sampled rewrite candidates per rewrite wanted: a 135M model's rewrites fail the checks
 # about half the time, and a second candidate costs one more row in the same batch.
@@ -161,15 +170,45 @@ def rewrite_problem(rewrite: str, source, seen: set[str]) -> str | None:
     return None
 
 
+# A sentence end: . ! or ? with any closing quotes or brackets, then a space or the end of the text.
+SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*(?=\s|$)")
+# A period after these does not end a sentence: they lead into a name, and a cut there keeps the lead-in
+# and drops the name ("written by J.K." | "Rowling"), which the leak filter cannot see. Initials are
+# single letters, each with its period ("J.", "J.K.", "U.S.", "e.g."); titles are the few below.
+INITIALS = re.compile(r"(?:[A-Za-z]\.)+")
+TITLES = frozenset("mr mrs ms mx dr prof rev st mt gen sen gov capt col lt sgt vs".split())
+
+
+def _ends_sentence(text: str, end) -> bool:
+    """The SENTENCE_END match END really ends a sentence: its period does not close initials or a title."""
+    if "." not in end.group():
+        return True
+    word = text[:end.end()].split()[-1].lstrip("\"'“‘([").rstrip("\"'”’)]")
+    return not (INITIALS.fullmatch(word) or word[:-1].lower() in TITLES)
+
+
 def clean_response(text: str) -> str:
-    """A generated response cut back to its last complete sentence (generation stops mid-sentence)."""
+    """A generated response cut back to its last complete sentence (generation stops mid-sentence).
+
+    Without a complete sentence it is returned whole, and `response_problem` rejects it as cut off.
+    """
     text = " ".join(text.strip().split())
-    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
+    ends = [m.end() for m in SENTENCE_END.finditer(text) if _ends_sentence(text, m)]
     return text[:ends[-1]] if ends else text
 
 
+def _is_complete(text: str) -> bool:
+    """TEXT ends at a sentence end (`SENTENCE_END`, not after initials or a title)."""
+    return any(m.end() == len(text) and _ends_sentence(text, m) for m in SENTENCE_END.finditer(text))
+
+
 def response_problem(response: str, instruction: str, source) -> str | None:
-    """Why a negative response is unusable, or None: empty, too short, the instruction echoed, or a leak."""
+    """Why a negative response is unusable, or None: empty, too short, the instruction echoed, a leak, or cut off.
+
+    Cut off: it does not end a sentence, so generation stopped inside it, possibly right before the
+    answer ("... were written by J.K." for "Rowling"). The leak filter judges only what is written, and a
+    refusal says all it has to say, so an unfinished response is not kept.
+    """
     if not response:
         return "empty"
     if len(response.split()) < 3:
@@ -178,23 +217,38 @@ def response_problem(response: str, instruction: str, source) -> str | None:
         return "repeats the instruction"
     if _leaks_source(response, source):
         return "contains the answer"
+    if not _is_complete(response):
+        return "cut off mid-sentence"
     return None
 
 
-def augment(model, tokenizer, forget, *, rewrites: int = 2, seed: int = 0, batch_size: int = 16,
-            log=None) -> tuple[list[dict], AugmentStats]:
-    """ULMR's augmented set for the FORGET examples, generated with MODEL; rows as JSON-ready dicts.
+def check_request(forget, rewrites: int, path=None) -> None:
+    """Refuse what `augment` cannot do, before any model loads: REWRITES out of range, or a passage row.
 
-    Per source row: the original prompt, then REWRITES rewrites, each with a negative response.
+    PATH, the forget file, names the bad line (`FILE:LINE: ...`).
+    """
+    if rewrites < 0:
+        raise UsageError(f"--rewrites {rewrites}: must be 0 or more")
+    if rewrites > MAX_REWRITES:
+        raise UsageError(f"--rewrites {rewrites}: at most {MAX_REWRITES}, so that every prompt gets them all "
+                         f"(a rewrite the model fails to write falls back to one of {MAX_REWRITES} templated "
+                         f"rewordings)")
+    for ex in forget:
+        if ex.is_passage:
+            where = f"{path}:{ex.line}" if path is not None else f"line {ex.line}"
+            raise UsageError(f"{where}: a `text` passage has no instruction to rewrite; "
+                             f"ULMR needs prompt/response rows (use --method ga for passages)")
+
+
+def augment(model, tokenizer, forget, *, rewrites: int = 2, seed: int = 0, batch_size: int = 16,
+            log=None, path=None) -> tuple[list[dict], AugmentStats]:
+    """ULMR's augmented set for the FORGET examples (read from PATH), generated with MODEL; rows as JSON-ready dicts.
+
+    Per source row: the original prompt, then exactly REWRITES rewrites, each with a negative response.
     """
     from unlearn.generation import generate
 
-    if rewrites < 0:
-        raise UsageError(f"--rewrites {rewrites}: must be 0 or more")
-    for ex in forget:
-        if ex.is_passage:
-            raise UsageError(f"line {ex.line}: a `text` passage has no instruction to rewrite; "
-                             f"ULMR needs prompt/response rows (use --method ga for passages)")
+    check_request(forget, rewrites, path)
     rng = random.Random(seed)
     stats = AugmentStats(sources=len(forget), rewrites_wanted=rewrites * len(forget))
 
@@ -221,9 +275,12 @@ def augment(model, tokenizer, forget, *, rewrites: int = 2, seed: int = 0, batch
             seen.add(_normalise(rewrite))
             kept.append(rewrite)
         instructions += [(ex, r, "rewrite", "model") for r in kept]
-        templates = rng.sample(TEMPLATE_REWRITES, k=min(rewrites - len(kept), len(TEMPLATE_REWRITES)))
-        for template in templates:
-            instructions.append((ex, template.format(instruction=ex.prompt), "rewrite", "template"))
+        # Templates a kept rewrite already equals would repeat it. Each kept rewrite rules out at most one,
+        # so with rewrites <= MAX_REWRITES there are always enough left for the rewrites still missing.
+        fresh = [t.format(instruction=ex.prompt) for t in TEMPLATE_REWRITES]
+        fresh = [t for t in fresh if _normalise(t) not in seen]
+        for template in rng.sample(fresh, k=rewrites - len(kept)):
+            instructions.append((ex, template, "rewrite", "template"))
             stats.rewrite_fallbacks += 1
 
     # 2. Negative responses, greedy: one per instruction (originals and rewrites).
@@ -259,12 +316,13 @@ def augment_file(opts, log=None) -> tuple[dict, AugmentStats]:
 
     opts.validate()
     examples = read_examples(opts.forget)
+    check_request(examples, opts.rewrites, opts.forget)  # before the model loads: a bad request costs no load
     check_writable(opts.output, force=opts.force)
     started = time.perf_counter()
     loaded = models.load_model(opts.generator or opts.model, dtype=opts.dtype,
                                trust_remote_code=opts.trust_remote_code, log=log)
     rows, stats = augment(loaded.model, loaded.tokenizer, examples, rewrites=opts.rewrites, seed=opts.seed,
-                          batch_size=opts.batch_size, log=log)
+                          batch_size=opts.batch_size, log=log, path=opts.forget)
     write_jsonl(opts.output, rows)
     return {"output": os.path.abspath(opts.output), "generator": loaded.name, **stats.as_dict(),
             "seconds": round(time.perf_counter() - started, 1)}, stats

@@ -203,7 +203,7 @@ def _command_line() -> str:
               help="Continue the run in -o OUT from its latest checkpoint (give the same arguments).")
 @click.option("--augmented", type=click.Path(path_type=str), default=None,
               help="ulmr: training rows from `unlearn augment` [default: augment FORGET with the model now].")
-@click.option("--rewrites", type=int, default=2, show_default=True, help="ulmr: rewrites per forget prompt.")
+@click.option("--rewrites", type=int, default=2, show_default=True, help="ulmr: rewrites per forget prompt (at most 4).")
 @click.option("--alpha", default=None,
               help="Average the result with the original: θa = α·θ + (1−α)·θ' (a number in [0, 1], or auto: "
                    "measure --alpha-grid and take the α that keeps most with forget leak ≤ --max-leak) "
@@ -283,7 +283,7 @@ def run_command(**o):
               help="The model to be unlearned [default: embedded SmolLM2-135M-Instruct; env UNLEARN_MODEL].")
 @click.option("--generator", default=None,
               help="Write the rewrites and negative responses with this model instead of --model.")
-@click.option("--rewrites", type=int, default=2, show_default=True, help="Rewrites per forget prompt.")
+@click.option("--rewrites", type=int, default=2, show_default=True, help="Rewrites per forget prompt (at most 4).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled rewrites.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Generation batch size.")
 @click.option("--dtype", default="float32", show_default=True)

@@ -111,6 +111,10 @@ class Prepared:
 def prepare(opts: RunOptions, created: list, forget: list) -> Prepared:
     """FORGET's rows (read first: they may choose the method) and every other file, read and checked."""
     check_answers_spelled(forget, opts.forget)
+    if opts.train.method == "ulmr" and not opts.augmented:  # the run augments FORGET: refuse what it cannot do
+        from unlearn.augment import check_request
+
+        check_request(forget, opts.rewrites, opts.forget)
     normal, normal_heldout = hold_out(refuse_forget_prompts(read_examples(opts.normal), opts.normal, forget,
                                                             Path(opts.forget)),
                                       opts.normal_holdout, opts.train.seed)
@@ -376,7 +380,7 @@ def _augment(opts: RunOptions, model, tokenizer, forget, log):
 
     t = time.perf_counter()
     rows, stats = augment(model, tokenizer, forget, rewrites=opts.rewrites, seed=opts.train.seed,
-                          batch_size=opts.gen_batch_size, log=log)
+                          batch_size=opts.gen_batch_size, log=log, path=opts.forget)
     log(f"augment: {stats.summary()} ({time.perf_counter() - t:.0f} s)")
     examples = [Example(r["prompt"], r["response"], i, {k: v for k, v in r.items() if k not in ("prompt", "response")})
                 for i, r in enumerate(rows, start=1)]
