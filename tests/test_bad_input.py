@@ -161,6 +161,12 @@ CASES = {
                                         "no such model directory"),
     "missing model, no -o": (lambda c: ["run", c.forget, c.normal, "--model", c.root / "no-model"], 1,
                              "no such model directory"),  # runs/<date-time>, made at the start, is removed
+    "a prompt past OPT's positions": (
+        lambda c: c.run("--model", c.opt, "--eval-retain",
+                        c.rows("long.jsonl", json.dumps({"prompt": "Who? " + "word " * 600, "response": "No one."}))),
+        1, "long.jsonl:1: the rendered prompt is"),
+    "--max-length past OPT's positions": (lambda c: c.run("--model", c.opt, "--max-length", "1024"), 2,
+                                          "--max-length 1024: past the context of --model"),
     "gguf missing": (lambda c: c.run("--model", c.root / "m.gguf"), 1, "no such GGUF file"),
     # --- impossible options ---
     "negative lr": (lambda c: c.run("--lr", "-1"), 2, "--lr -1.0: must be positive"),

@@ -232,6 +232,31 @@ def test_rouge_recalls_and_similarity_to_reference():
     assert ev.similarity_to_reference([], []) is None
 
 
+def test_similarity_of_answers_without_tokens():
+    # Two empty answers are the same answer (the original against itself, an α that changed nothing): 1.
+    assert ev.answer_similarity("", "") == 1.0
+    assert ev.similarity_to_reference(["", "a b"], ["", "a b"]) == 1.0  # was 0.5: ROUGE-L F('', '') is 0
+    # One empty and one not: nothing kept.
+    assert ev.answer_similarity("", "a b") == 0.0 and ev.answer_similarity("a b", "") == 0.0
+    # Token-less texts (ROUGE sees no [a-z0-9] token) count as the same only when they are the same text.
+    assert ev.answer_similarity("...", " ... ") == 1.0 and ev.answer_similarity("...", "?!") == 0.0
+    # rows: ('', '') 1; (a b c | a c): L 2, P 2/3, R 1, F 2·(2/3)·1/(5/3) = 0.8; ('x', '') 0 -> mean 0.6
+    assert ev.similarity_to_reference(["", "a b c", "x"], ["", "a c", ""]) == pytest.approx(0.6)
+    assert metrics.rouge_l("", "").fmeasure == 0.0  # the leak judge's ROUGE-L is unchanged
+
+
+def test_evaluate_outputs_gives_empty_answers_against_themselves_similarity_one():
+    outputs = ["", "a b", ""]
+    result = ev.evaluate_outputs(outputs, [ex("q"), ex("r"), ex("s")], judge=ev.make_judge(None), scorer=None,
+                                 tokenizer=tiny_tokenizer(), reference_outputs=outputs)
+    assert [row["scores"]["similarity_to_reference"] for row in result.rows] == [1.0, 1.0, 1.0]
+    assert result.summary["similarity_to_reference"] == 1.0  # was 1/3
+    other = ev.evaluate_outputs(["", "a", "x y"], [ex("q"), ex("r"), ex("s")], judge=ev.make_judge(None),
+                                scorer=None, tokenizer=tiny_tokenizer(), reference_outputs=outputs)
+    # rows: ('', '') 1; (a | a b): P 1, R 1/2, F 2/3; ('x y', '') 0 -> mean 5/9
+    assert other.summary["similarity_to_reference"] == pytest.approx(5 / 9)
+
+
 def test_rate_is_share_of_true_over_known():
     assert ev.rate([True, None, False, False]) == pytest.approx(1 / 3)
     assert ev.rate([None, None]) is None
@@ -282,6 +307,56 @@ def test_response_logprobs_batched_equals_one_by_one(tiny):
         expected = _manual_logprobs(tiny.model, tiny.tokenizer, prompt, response)
         assert len(got) == len(expected) == len(tiny.tokenizer(response + " [EOS]")["input_ids"])
         assert got == pytest.approx(expected, abs=1e-5)
+
+
+def test_scoring_cuts_pairs_to_a_learned_position_table(opt_dir, llama_dir):
+    """A pair longer than OPT's position table (the tiny OPT's 512 positions) was an IndexError ("index out of
+    range in self"); it is cut to the table as `data.encode_pair` cuts any long pair: prompt tokens from the left."""
+    from unlearn.data import encode_pair
+    from unlearn.models import load_model
+
+    opt = load_model(str(opt_dir), log=lambda m: None)
+    llama = load_model(str(llama_dir), log=lambda m: None)
+    assert ev.score_max_length(opt.model) == 512  # max_position_embeddings 512 < SCORE_MAX_LENGTH 1024
+    assert ev.score_max_length(llama.model) == ev.SCORE_MAX_LENGTH == 1024  # rotary: no table, no cut
+    pair = ("Who wrote it? " + "word " * 300, "Rowling wrote it.")
+    assert len(encode_pair(opt.tokenizer, *pair, 1024)["input_ids"]) > 512
+    got = ev.response_logprobs(opt.model, opt.tokenizer, [pair])[0]
+    feat = encode_pair(opt.tokenizer, *pair, 512)
+    assert len(feat["input_ids"]) == 512
+    with torch.no_grad():
+        logp = torch.log_softmax(opt.model(input_ids=torch.tensor([feat["input_ids"]])).logits[0, :-1].float(), -1)
+    expected = [logp[pos, label].item() for pos, label in enumerate(feat["labels"][1:]) if label != -100]
+    assert len(got) == len(expected) > 0
+    assert got == pytest.approx(expected, abs=1e-5)
+
+
+def test_eval_refuses_a_prompt_past_the_models_context_with_its_line(cli, tmp_path, opt_dir):
+    """`unlearn eval` on OPT with a prompt (or prompt + budget) past its learned positions: one line naming the
+    row, its tokens, the budget and the context, exit 1, before anything is generated (was an IndexError)."""
+    from unlearn.data import encode_prompt
+    from unlearn.models import load_tokenizer
+
+    tokenizer = load_tokenizer(opt_dir)
+    short, long = "Who wrote it?", "Who wrote it? " + "word " * 5000
+    n, big = len(encode_prompt(tokenizer, short)), len(encode_prompt(tokenizer, long))
+    data = tmp_path / "p.jsonl"
+    data.write_text(json.dumps({"prompt": short}) + "\n" + json.dumps({"prompt": long}) + "\n")
+    context = f"past the context of --model {opt_dir} (512 positions: learned position embeddings, " \
+              f"max_position_embeddings 512)"
+    code, out, err = cli("eval", str(data), "--model", str(opt_dir), "--max-new-tokens", "8")
+    assert code == 1 and out == ""
+    assert err.strip() == (f"unlearn: {data}:2: the rendered prompt is {big} tokens; with --max-new-tokens 8 "
+                           f"that is {big + 8} positions, {context}; shorten the prompt")
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"prompt": short}) + "\n")
+    code, out, err = cli("eval", str(one), "--model", str(opt_dir), "--max-new-tokens", "600")
+    assert code == 1
+    assert err.strip() == (f"unlearn: {one}:1: the rendered prompt is {n} tokens; with --max-new-tokens 600 "
+                           f"that is {n + 600} positions, {context}; lower --max-new-tokens to {512 - n} "
+                           f"or shorten the prompt")
+    code, out, err = cli("eval", str(one), "--model", str(opt_dir), "--max-new-tokens", str(512 - n), "--json")
+    assert code == 0, err  # the whole context is usable
 
 
 def test_mia_aucs_by_hand():

@@ -392,3 +392,79 @@ def test_last_positions_are_indices_below_the_width_and_a_count_at_it():
     assert last_positions(5, 2).tolist() == [3, 4]
     assert last_positions(5, 1).tolist() == [4]
     assert last_positions(1, 1) == 1 and last_positions(3, 3) == 3
+
+
+# --- the model's context -----------------------------------------------------------------------------
+
+
+def test_position_limit_is_the_learned_table_less_its_offset(opt_dir, llama_dir):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from unlearn.generation import position_limit
+
+    opt, _ = load(opt_dir)
+    assert opt.model.decoder.embed_positions.num_embeddings == 514  # max_position_embeddings 512 + offset 2
+    assert position_limit(opt) == 512
+    llama, _ = load(llama_dir)
+    assert position_limit(llama) is None  # rotary: no table, no hard limit (max_position_embeddings is 512)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=64, n_embd=16, n_layer=1, n_head=2))
+    assert position_limit(gpt2) == 64  # `wpe`, no offset
+
+
+def test_generate_fills_a_learned_context_exactly_and_refuses_one_more(opt_dir, monkeypatch):
+    """A prompt of n tokens and a budget of b take n + b positions (the last new token's position computes a
+    budget-cut answer's end-token scores): b = 512 - n runs to position 511; b = 513 - n was an IndexError."""
+    from unlearn import generation
+    from unlearn.errors import UnlearnError
+
+    model, tokenizer = load(opt_dir)
+    monkeypatch.setattr(generation, "_stop_ids", lambda model, tokenizer: [])  # every row runs its whole budget
+    prompt = "Who wrote it?"
+    n = len(encode_prompt(tokenizer, prompt))
+    record, scored = [], []
+    generate(model, tokenizer, [prompt], max_new_tokens=512 - n, desc=False, record=record, scored=scored)
+    assert record[0]["new_tokens"] == [512 - n] and len(scored[0].logprobs) == 512 - n
+    sampled = generate(model, tokenizer, [prompt], max_new_tokens=512 - n, desc=False, do_sample=True)
+    assert len(sampled) == 1  # model.generate's path fits too
+    context = "past the context of the model (512 positions: learned position embeddings, max_position_embeddings 512)"
+    with pytest.raises(UnlearnError) as caught:
+        generate(model, tokenizer, [prompt], max_new_tokens=513 - n, desc=False, scored=[])
+    assert str(caught.value) == (f"prompt 1 of 1 ('Who wrote it?'): the rendered prompt is {n} tokens; with a budget "
+                                 f"of {513 - n} new tokens that is 513 positions, {context}; lower the budget to "
+                                 f"{512 - n} or shorten the prompt")
+    long = "Who wrote it? " + "word " * 5000
+    big = len(encode_prompt(tokenizer, long))
+    with pytest.raises(UnlearnError) as caught:
+        generate(model, tokenizer, ["Hi", long], max_new_tokens=[4, 8], desc=False)
+    assert str(caught.value) == (f"prompt 2 of 2 ('Who wrote it? word word word word word w...'): the rendered "
+                                 f"prompt is {big} tokens; with a budget of 8 new tokens that is {big + 8} "
+                                 f"positions, {context}; shorten the prompt")
+
+
+def test_check_sets_fit_names_file_and_line_and_leaves_rotary_models_alone(opt_dir, llama_dir):
+    from pathlib import Path
+
+    from unlearn.data import Example
+    from unlearn.errors import UnlearnError
+    from unlearn.generation import check_sets_fit
+    from unlearn.measure import EvalSet
+
+    long = "Who wrote it? " + "word " * 110
+    rows = [Example("Hi", None, 1), Example(long, None, 3), Example(long + "more", None, 5)]
+    sets = [EvalSet("p", "forget", rows, Path("data/p.jsonl"))]
+    opt, opt_tokenizer = load(opt_dir)
+    n = len(encode_prompt(opt_tokenizer, long))
+    assert n < 512 < n + 64  # fits alone, not with a budget of 64
+    check_sets_fit(opt, opt_tokenizer, sets, 512 - len(encode_prompt(opt_tokenizer, long + "more")))
+    with pytest.raises(UnlearnError) as caught:
+        check_sets_fit(opt, opt_tokenizer, sets, 64, "--max-new-tokens", whose="--model tiny-opt")
+    assert str(caught.value) == (
+        f"data/p.jsonl:3: the rendered prompt is {n} tokens; with --max-new-tokens 64 that is {n + 64} positions, "
+        f"past the context of --model tiny-opt (512 positions: learned position embeddings, max_position_embeddings"
+        f" 512); lower --max-new-tokens to {512 - n} or shorten the prompt (1 more row too: data/p.jsonl:5)")
+    # Llama's rotary positions have no table: 600 positions are not refused, and generation runs past 512.
+    llama, llama_tokenizer = load(llama_dir)
+    far = "Who wrote it? " + "word " * 300
+    assert len(encode_prompt(llama_tokenizer, far)) > 512
+    check_sets_fit(llama, llama_tokenizer, [EvalSet("p", "forget", [Example(far, None, 1)])], 64)
+    assert len(generate(llama, llama_tokenizer, [far], max_new_tokens=4, desc=False)) == 1

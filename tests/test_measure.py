@@ -639,3 +639,101 @@ def test_an_original_read_back_from_the_cache_still_spares_fluency_its_own_answe
     third = original()
     third.measure(sets)
     assert third.reused == 1 and third.own_scores["qs"] is None and unlearned_answers_scored(third.own_scores) == 3
+
+
+# --- the fingerprint covers every file that shapes a measurement (not only the weights) ----------------
+
+
+def _model_dir(path):
+    """A fake model directory: weights, config, and the files that tokenise, render and generate."""
+    path.mkdir(parents=True, exist_ok=True)
+    files = {"model.safetensors": "weights", "config.json": "{}", "generation_config.json": '{"eos_token_id": 2}',
+             "tokenizer.json": '{"model": {}}', "tokenizer_config.json": '{"chat_template": "A"}',
+             "special_tokens_map.json": '{"eos_token": "</s>"}', "chat_template.jinja": "{{ messages }}",
+             "tokenizer.model": "spm", "vocab.json": "{}", "merges.txt": "a b", "added_tokens.json": "{}"}
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                                  "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                                  "generation_config.json", "config.json", "model.safetensors"])
+def test_weights_fingerprint_changes_with_each_file_that_shapes_answers(tmp_path, name):
+    model = _model_dir(tmp_path / "m")
+    before = measure_cache.weights_fingerprint(model)
+    (model / name).write_text((model / name).read_text() + " changed")
+    assert measure_cache.weights_fingerprint(model) != before
+    (model / name).unlink()  # a file gone is a change too
+    assert measure_cache.weights_fingerprint(model) != before
+
+
+def test_weights_fingerprint_sees_new_templates_and_code_but_not_documentation(tmp_path):
+    model = _model_dir(tmp_path / "m")
+    before = measure_cache.weights_fingerprint(model)
+    # Documentation, version-control files and weight formats the loader never reads change nothing.
+    for name, text in {"README.md": "# card", ".gitattributes": "*.bin lfs", "LICENSE": "MIT",
+                       "optimizer.pt": "state", "model.gguf": "copy"}.items():
+        (model / name).write_text(text)
+    assert measure_cache.weights_fingerprint(model) == before
+    # A named chat template (transformers reads additional_chat_templates/) and custom code do.
+    (model / "additional_chat_templates").mkdir()
+    (model / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools }}")
+    with_template = measure_cache.weights_fingerprint(model)
+    assert with_template != before
+    (model / "modeling_custom.py").write_text("x = 1")
+    assert measure_cache.weights_fingerprint(model) not in (before, with_template)
+
+
+def test_weights_fingerprint_hashes_each_file_once(tmp_path, monkeypatch):
+    """The per-file index: after a template change only the template is read again, not the weights."""
+    from unlearn import system
+
+    model = _model_dir(tmp_path / "m")
+    hashed = []
+    real = system.file_sha256
+    monkeypatch.setattr(system, "file_sha256", lambda path: hashed.append(path.name) or real(path))
+    measure_cache.weights_fingerprint(model)
+    assert len(hashed) == 11  # the 11 files of _model_dir, each once
+    hashed.clear()
+    measure_cache.weights_fingerprint(model)
+    assert hashed == []
+    (model / "chat_template.jinja").write_text("{{ other }}")
+    measure_cache.weights_fingerprint(model)
+    assert hashed == ["chat_template.jinja"]
+
+
+def test_eval_measures_again_when_only_the_chat_template_changes(tmp_path, llama_dir):
+    """Same weights, another chat template: `unlearn eval` must not read back the old template's answers."""
+    import torch
+
+    from unlearn.config import EvalOptions
+    from unlearn.evaluate import run_eval
+    from unlearn.models import load_model, save_model
+
+    # The tiny Llama with larger random weights (std 0.3), whose answers depend on every prompt token
+    # (at its own scale it answers nothing at all), saved as a directory of its own.
+    loaded = load_model(str(llama_dir), log=lambda m: None)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in loaded.model.parameters():
+            if p.ndim == 2:
+                p.normal_(0, 0.3, generator=generator)
+    model = tmp_path / "model"
+    save_model(loaded.model, loaded.tokenizer, model)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": r["prompt"]} for r in FORGET + NORMAL[:2]])
+
+    def evaluate(**kw):
+        opts = EvalOptions(prompts=prompts, model=str(model), batch_size=4, max_new_tokens=6, **kw)
+        return run_eval(opts, log=lambda m: None)
+
+    first, second = evaluate(), evaluate()
+    assert first["reused"]["model"] is False and second["reused"]["model"] is True
+    assert second["rows"] == first["rows"]
+    template = model / "chat_template.jinja"
+    assert template.is_file()  # where transformers keeps the tiny Llama's ChatML template
+    template.write_text("{{ 'You answer in one word.\n' }}" + template.read_text())
+    third, fresh = evaluate(), evaluate(no_cache=True)
+    assert third["reused"]["model"] is False  # the key changed: measured again
+    assert [r["output"] for r in third["rows"]] == [r["output"] for r in fresh["rows"]]
+    assert [r["output"] for r in third["rows"]] != [r["output"] for r in first["rows"]]

@@ -50,16 +50,19 @@ def resume_point(feature: dict, own) -> int:
     return max(0, min(agree - 1, own.kept_positions(), len(ids) - 1))
 
 
-def resumable(tokenizer, pairs: list[tuple[str, str]], contexts: dict) -> dict[int, tuple]:
+def resumable(tokenizer, pairs: list[tuple[str, str]], contexts: dict, max_length: int | None = None
+              ) -> dict[int, tuple]:
     """Index -> (encoded pair, its context's `Scored`, where to resume) for the PAIRS that CONTEXTS (pair ->
-    the scoring model's own answer to its prompt) lets continue from a kept cache (`resume_point`)."""
+    the scoring model's own answer to its prompt) lets continue from a kept cache (`resume_point`). Pairs
+    are cut to MAX_LENGTH (default SCORE_MAX_LENGTH; `evaluate.score_max_length` of the scoring model, so
+    that a pair never passes an OPT's position table) as `response_logprobs` cuts them."""
     from unlearn.data import encode_pair
     from unlearn.evaluate import SCORE_MAX_LENGTH
 
     found = {}
     for i, pair in enumerate(pairs):
         if pair in contexts:
-            feature = encode_pair(tokenizer, *pair, SCORE_MAX_LENGTH)
+            feature = encode_pair(tokenizer, *pair, max_length or SCORE_MAX_LENGTH)
             start = resume_point(feature, contexts[pair])
             if start:
                 found[i] = (feature, contexts[pair], start)

@@ -330,32 +330,64 @@ def rouge_recalls(outputs: Sequence[str], examples: Sequence) -> list[float | No
     return [None if ex.response is None else metrics.rouge_l(o, ex.response).recall for o, ex in zip(outputs, examples)]
 
 
+def answer_similarity(output: str, reference_output: str) -> float:
+    """How much of the reference model's answer OUTPUT keeps: ROUGE-L F of OUTPUT against REFERENCE_OUTPUT
+    (`metrics.rouge_l`, over `metrics.rouge_tokens`), except where neither has a ROUGE token: then 1.0 when
+    they are the same text (whitespace runs aside; two empty answers are the same answer), else 0.0.
+    One with no token against one with tokens is 0.0, as ROUGE-L F gives.
+
+    ROUGE-L itself gives 0 whenever a side has no token, which is right for the leak judge (an empty
+    answer reproduces nothing) but called a model that answers nothing where the original answered
+    nothing a changed model: the original against itself read 0.00-0.88 on tiny models instead of 1.00.
+    Two different token-less texts ("..." and "?!", or answers in a script `rouge_tokens` drops)
+    are not called the same: ROUGE cannot compare them, so only their equality counts.
+    """
+    if not metrics.rouge_tokens(output) and not metrics.rouge_tokens(reference_output):
+        return 1.0 if output.split() == reference_output.split() else 0.0
+    return metrics.rouge_l(output, reference_output).fmeasure
+
+
 def similarity_to_reference(outputs: Sequence[str], reference_outputs: Sequence[str]) -> float | None:
-    """Mean ROUGE-L F of each output against the reference model's output for the same prompt.
+    """Mean `answer_similarity` of each output against the reference model's output for the same prompt:
+    ROUGE-L F, and for a row where neither answer has a ROUGE token 1.0 if they are the same text, else 0.0.
 
     1.0 = the same words in the same order as the original model (utility kept);
     the paper uses BLEURT, this is the dependency-free stand-in. None for no rows.
     """
-    return metrics.mean(metrics.rouge_l(o, r).fmeasure for o, r in zip(outputs, reference_outputs))
+    return metrics.mean(answer_similarity(o, r) for o, r in zip(outputs, reference_outputs))
 
 
 # --- model scores -----------------------------------------------------------------------------
 
 
-# Pairs longer than this lose prompt tokens from the left when scored (`data.encode_pair`).
+# Pairs longer than this lose prompt tokens from the left when scored (`data.encode_pair`), or longer
+# than the model's context where that is less (`score_max_length`).
 SCORE_MAX_LENGTH = 1024
 
 
+def score_max_length(model) -> int:
+    """The longest pair `response_logprobs` scores on MODEL whole: SCORE_MAX_LENGTH, or the model's context
+    where a learned position table makes it shorter (`generation.position_limit`: tests' tiny OPT has 512,
+    GPT-2 1024); a longer pair was an IndexError in the forward pass. Rotary models keep SCORE_MAX_LENGTH."""
+    from unlearn.generation import position_limit
+
+    limit = position_limit(model)
+    return SCORE_MAX_LENGTH if limit is None else min(SCORE_MAX_LENGTH, limit)
+
+
 def response_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], *, batch_size: int = 16,
-                      max_length: int = SCORE_MAX_LENGTH) -> list[list[float]]:
+                      max_length: int | None = None) -> list[list[float]]:
     """log p(y_t | x, y_<t) of every response token, per (prompt, response) pair.
 
     Pairs are rendered and masked exactly as in training (`data.encode_pair`:
-    chat template, response tokens only, end-of-turn marker included), sorted
-    by length into right-padded batches, and returned in the caller's order.
+    chat template, response tokens only, end-of-turn marker included), cut to MAX_LENGTH tokens
+    (default and at most `score_max_length(model)`), sorted by length into right-padded batches,
+    and returned in the caller's order.
     """
     from unlearn.data import encode_pair
 
+    cap = score_max_length(model)
+    max_length = cap if max_length is None else min(max_length, cap)
     return labelled_logprobs(model, tokenizer, [encode_pair(tokenizer, p, r, max_length) for p, r in pairs],
                              batch_size=batch_size)
 
@@ -639,7 +671,7 @@ def evaluate_outputs(outputs: Sequence[str], examples: Sequence, *, judge, score
     likely = (_likelihood_scores(scorer, examples, members, holdout, k_percent) if scorer is not None
               else {"probability": {}, "truth_ratio": {}, "mia_loss_auc": None, "mia_min_k_auc": None})
     rewards = reward_scores(reward_model, [e.prompt for e in examples], outputs) if reward_model else None
-    sims = ([metrics.rouge_l(o, r).fmeasure for o, r in zip(outputs, reference_outputs)]
+    sims = ([answer_similarity(o, r) for o, r in zip(outputs, reference_outputs)]
             if reference_outputs is not None else None)
     rows = []
     for i, (output, ex) in enumerate(zip(outputs, examples)):
@@ -664,6 +696,7 @@ def evaluate_outputs(outputs: Sequence[str], examples: Sequence, *, judge, score
         "diversity": metrics.mean(div),
         "fluency_ppl": (metrics.fluency([x or 0.0 for x in nll], count, degenerate)
                         if fluency_scorer is not None else None),
+        # similarity_to_reference(outputs, reference_outputs), from the rows' values
         "similarity_to_reference": metrics.mean(sims) if sims is not None else None,
         "reward": metrics.mean(rewards) if rewards is not None else None,
         "probability": metrics.mean(likely["probability"].values()),
@@ -688,6 +721,7 @@ def run_eval(opts, log: Callable[[str], None] = default_log) -> dict:
     import time
 
     from unlearn.data import read_examples
+    from unlearn.generation import check_sets_fit
     from unlearn.measure import EvalSet, Measurer, Settings
     from unlearn.measure_cache import weights_fingerprint
     from unlearn.models import load_model
@@ -708,6 +742,12 @@ def run_eval(opts, log: Callable[[str], None] = default_log) -> dict:
                         temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed, min_k=opts.min_k,
                         members=members, holdout=holdout, reward_model=reward)
     prompts = EvalSet(Path(opts.prompts).stem, "forget", examples, Path(opts.prompts))
+    # A prompt that with its answer would pass a learned position table (OPT's) is refused with its
+    # FILE:LINE before anything is generated, instead of an IndexError from inside the forward pass.
+    for lm, flag in ((loaded, "--model"), (reference, "--reference-model")):
+        if lm is not None:
+            check_sets_fit(lm.model, lm.tokenizer, [prompts], opts.max_new_tokens, "--max-new-tokens",
+                           whose=f"{flag} {lm.name}")
     # Answers and scores of weights already measured with the same rows and settings are read back
     # from the cache (measure_cache.py); the evaluated model's fluency is scored by the reference.
     fingerprint = (lambda lm: None) if opts.no_cache else (

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 
 from unlearn.cpu_parts import Cancelled, balanced_slices, parallel_pieces, run_pieces
 from unlearn.data import encode_prompt
+from unlearn.errors import UnlearnError
 from unlearn.kv_cache import cache_argument, last_positions, new_cache, prefix_applies, run_prefix, shared_length
 
 # On a CPU with T >= 2 torch threads, a batch of at least T * MIN_ROWS_PER_WORKER rows is
@@ -134,6 +135,96 @@ def batch_rows(model, batch_size: int, positions: int) -> int:
     if not per_position:
         return batch_size
     return max(1, min(batch_size, KV_CACHE_BUDGET // (per_position * max(1, positions))))
+
+
+# --- the model's context ------------------------------------------------------------------------
+
+# Module names of a learned table of position embeddings, one row per position, in the causal LMs
+# transformers ships: OPT and BioGPT `embed_positions` (whose indices are offset by 2: the module's
+# `offset`), GPT-2, GPT-Neo, GPT-BigCode and MPT without ALiBi `wpe`. A position past the table is an
+# IndexError ("index out of range in self") deep inside the forward pass. Rotary and ALiBi models
+# have no such table: they compute positions and have no hard limit, so they are never refused here.
+POSITION_TABLE_NAMES = ("embed_positions", "wpe", "position_embeddings")
+
+# Config fields that state the size of that table, named in the error for the user to recognise.
+_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx")
+
+
+def position_limit(model) -> int | None:
+    """How many positions MODEL can embed: the rows of its learned position table (`POSITION_TABLE_NAMES`,
+    an `nn.Embedding`) less the module's index offset; None when it has none (rotary, ALiBi: no hard
+    limit). A sequence of N tokens takes positions 0 .. N-1, so N may be at most this."""
+    import torch
+
+    limits = [module.num_embeddings - int(getattr(module, "offset", 0) or 0)
+              for name, module in model.named_modules()
+              if name.rsplit(".", 1)[-1] in POSITION_TABLE_NAMES and isinstance(module, torch.nn.Embedding)]
+    return min(limits) if limits else None
+
+
+def _context_words(model, limit: int, whose: str | None) -> str:
+    """The model's context as the error states it: whose, the limit and the config field that sets it."""
+    config = getattr(model, "config", None)
+    field = next((f for f in _CONTEXT_FIELDS if getattr(config, f, None) == limit), None)
+    return f"the context of {whose or 'the model'} ({limit} positions: learned position embeddings" + (
+        f", {field} {limit})" if field else ")")
+
+
+def refuse_past_context(model, lengths: list[int], budgets: list[int], where: Callable[[int], str],
+                        budget_name: str | None = None, whose: str | None = None) -> None:
+    """Raise UnlearnError, naming the first row, when a prompt of LENGTHS[i] tokens and BUDGETS[i] new tokens
+    does not fit in MODEL's `position_limit`; nothing for a model without one.
+
+    A row needs prompt tokens + new tokens positions: generation feeds back every new token but the
+    last (the position the last one would take is where a budget-cut answer's end-token scores and a
+    draft's last token are computed: `_greedy_batch`), so this is exactly what the own loop runs and one
+    more than `model.generate` does. WHERE(i) names row i (FILE:LINE where the caller knows it);
+    BUDGET_NAME the option that sets the budget (None: "a budget of N new tokens"); WHOSE names the model
+    (None: "the model").
+    """
+    limit = position_limit(model)
+    if limit is None:
+        return
+    over = [i for i, (n, b) in enumerate(zip(lengths, budgets)) if n + b > limit]
+    if not over:
+        return
+    i = over[0]
+    n, b = lengths[i], budgets[i]
+    asked = f"{budget_name} {b}" if budget_name else f"a budget of {b} new tokens"
+    fix = ("shorten the prompt" if n >= limit else
+           f"lower {budget_name or 'the budget'} to {limit - n} or shorten the prompt")
+    more = ""
+    if len(over) > 1:
+        shown = ", ".join(where(j) for j in over[1:4]) + (", ..." if len(over) > 4 else "")
+        more = f" ({len(over) - 1} more row{'s' if len(over) > 2 else ''} too: {shown})"
+    raise UnlearnError(f"{where(i)}: the rendered prompt is {n} tokens; with {asked} that is {n + b} positions, "
+                       f"past {_context_words(model, limit, whose)}; {fix}{more}")
+
+
+def check_prompts_fit(model, tokenizer, rows, budget: int, budget_name: str | None = None,
+                      whose: str | None = None) -> None:
+    """Refuse, before anything is generated, ROWS (pairs of where, prompt: FILE:LINE and the row's prompt)
+    whose rendered prompt (`data.encode_prompt`, as generation encodes it) and BUDGET new tokens pass
+    MODEL's context (`refuse_past_context`). `generate` refuses them too, but knows no file or line."""
+    rows = list(rows)
+    if position_limit(model) is None or not rows:
+        return
+    lengths = [len(encode_prompt(tokenizer, prompt)) for _, prompt in rows]
+    refuse_past_context(model, lengths, [budget] * len(rows), lambda i: rows[i][0], budget_name, whose)
+
+
+def check_sets_fit(model, tokenizer, sets, budget: int, budget_name: str | None = None,
+                   whose: str | None = None) -> None:
+    """`check_prompts_fit` over the rows of SETS (`measure.EvalSet`s: each row named FILE:LINE by its set's
+    path and its `Example.line`, or by the set's name without a path)."""
+    rows = [(f"{s.path or s.name}:{ex.line}", ex.prompt) for s in sets for ex in s.examples]
+    check_prompts_fit(model, tokenizer, rows, budget, budget_name, whose)
+
+
+def _prompt_label(prompts: list[str], i: int, width: int = 40) -> str:
+    """Prompt I of PROMPTS as an error names it when no file and line are known: its number and opening."""
+    text = " ".join(str(prompts[i]).split())
+    return f"prompt {i + 1} of {len(prompts)} ({text[:width] + '...' if len(text) > width else text!r})"
 
 
 def _own_loop_applies(model, do_sample: bool) -> bool:
@@ -487,6 +578,12 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     from tqdm import tqdm
 
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(prompts):
+        raise ValueError(f"{len(budgets)} token budgets for {len(prompts)} prompts")
+    # A row past a learned position table would end in an IndexError mid-forward: one line instead.
+    # (Callers that know the rows' files check first, with FILE:LINE: `check_prompts_fit`.)
+    refuse_past_context(model, [len(ids) for ids in encoded], budgets, lambda i: _prompt_label(prompts, i))
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(prompts)
     own_scores: list = [None] * len(prompts)
@@ -498,9 +595,6 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     model.eval()
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    if len(budgets) != len(prompts):
-        raise ValueError(f"{len(budgets)} token budgets for {len(prompts)} prompts")
     if encoded:
         batch_size = batch_rows(model, batch_size, max(map(len, encoded)) + max(budgets))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

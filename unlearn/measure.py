@@ -158,9 +158,11 @@ class ShardedScorer(Scorer):
         and values kept: such a pair runs only from where it parts from that answer (continued_scoring.py;
         one process only, as under torchrun the pairs are shared out by length)."""
         from unlearn.continued_scoring import continued_logprobs, resumable
+        from unlearn.evaluate import score_max_length
 
         pairs = list(pairs)
-        resumed = resumable(self.tokenizer, pairs, contexts) if contexts and not distributed.shares_work() else {}
+        resumed = (resumable(self.tokenizer, pairs, contexts, score_max_length(self.model))
+                   if contexts and not distributed.shares_work() else {})
         rest = [pairs[i] for i in range(len(pairs)) if i not in resumed]
         whole = iter(distributed.sharded(len(rest), lambda: scoring_batches(self.tokenizer, rest, self.batch_size),
                                          lambda indices: self._side_by_side([rest[i] for i in indices])))

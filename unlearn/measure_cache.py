@@ -3,7 +3,9 @@
 Every `unlearn run` measures the original model again on the same prompts with the same
 settings, and users run many settings in a row. A measurement is a pure function of
 
-    the weights (their content: a SHA-256 over the weight files' bytes),
+    the model directory's content (`weights_fingerprint`: a SHA-256 over the bytes of the weight
+    files and of every file that shapes how a prompt is tokenised, rendered and answered: config,
+    tokenizer, chat template, generation config, custom code),
     the dtype and device kind they ran in,
     the set (its kind and every row: prompt, response, answers, ...), the rows a retain
     set is judged against, the judge, and the generation settings (budget, batch size:
@@ -11,7 +13,7 @@ settings, and users run many settings in a row. A measurement is a pure function
 
 so it is stored under `$UNLEARN_CACHE/measurements/<sha256 of all that>.json` and read
 back when the same key comes again. `--no-cache` bypasses it (neither read nor written).
-A weight file's hash is itself remembered by (path, size, mtime), so a second run does not
+A file's hash is itself remembered by (path, size, mtime), so a second run does not
 read 500 MB to find its key.
 """
 
@@ -25,11 +27,61 @@ from pathlib import Path
 
 from unlearn.paths import cache_dir
 
-VERSION = 2  # bump when what a measurement contains changes (2: generation drops rows that have ended)
+# Bump when what a measurement contains changes (2: generation drops rows that have ended; 3: similarity 1
+# for an empty answer against an empty original answer, `evaluate.answer_similarity`).
+VERSION = 3
+
+
+# Files of a model directory that cannot change what `unlearn` measures, left out of `weights_fingerprint`:
+# documentation and pictures, version-control and editor files (hidden names), and weight formats the
+# loader never reads (it reads safetensors, or with --allow-pickle the .bin pickles: models.load_model),
+# such as a GGUF copy or a Trainer checkpoint's optimizer.pt, which would cost a read of gigabytes
+# for nothing. Everything else counts: a file nobody listed (a new tokenizer's vocabulary, a custom
+# code file) costs at worst a measurement made again, where a file left out returns stale answers.
+_INERT_SUFFIXES = frozenset({
+    ".md", ".rst", ".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp", ".pdf",
+    ".h5", ".msgpack", ".onnx", ".gguf", ".ckpt", ".pt", ".pth", ".tflite", ".ot", ".mlmodel",
+})
+_INERT_NAMES = ("license", "licence", "notice", "copying", "readme")
+
+# The one subdirectory a tokenizer reads (transformers' CHAT_TEMPLATE_DIR): named chat templates.
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+
+
+def fingerprinted_files(model_dir: Path) -> list[Path]:
+    """The files of MODEL_DIR `weights_fingerprint` hashes, sorted by their path within it.
+
+    A measurement depends on more than the weights: the tokenizer's files (tokenizer.json,
+    tokenizer.model, vocab and merges, added and special tokens), tokenizer_config.json and
+    chat_template.jinja / chat_template.json (the chat template that renders every prompt:
+    `data.render_prompt`), generation_config.json (end-of-text ids and the logits processors that send
+    greedy decoding to `model.generate`: `generation._own_loop_applies`), config.json and custom code.
+    So every regular file of the directory counts (and the chat templates under CHAT_TEMPLATE_DIR), but
+    hidden ones and those with an _INERT_SUFFIXES suffix or an _INERT_NAMES stem. Symbolic links are
+    followed (a Hugging Face cache snapshot is made of them)."""
+    model_dir = Path(model_dir)
+
+    def counts(path: Path) -> bool:
+        name = path.name
+        return (path.is_file() and not name.startswith(".") and path.suffix.lower() not in _INERT_SUFFIXES
+                and name.split(".")[0].lower() not in _INERT_NAMES)
+
+    files = [p for p in model_dir.iterdir() if counts(p)]
+    templates = model_dir / CHAT_TEMPLATE_DIR
+    if templates.is_dir():
+        files += [p for p in templates.iterdir() if counts(p)]
+    return sorted(files, key=lambda p: p.relative_to(model_dir).as_posix())
 
 
 def weights_fingerprint(model_dir: Path) -> str:
-    """SHA-256 over the model directory's weight files (safetensors/bin) and config, by content."""
+    """SHA-256 over the content of MODEL_DIR's `fingerprinted_files` (weights, config, tokenizer, chat
+    template, generation config, ...), each named by its path within the directory.
+
+    The name is older than its scope: it keys every measurement of the model in that directory, and
+    the rows are in the key as written, not as rendered, so a changed chat template or tokenizer must
+    change it. Each file's hash is remembered by (resolved path, size, mtime) in the cache's
+    weight_hashes.json: the weights are read once, not at every run.
+    """
     from unlearn.system import file_sha256
 
     model_dir = Path(model_dir)
@@ -38,18 +90,21 @@ def weights_fingerprint(model_dir: Path) -> str:
         known = json.loads(index_path.read_text())
     except (OSError, json.JSONDecodeError):
         known = {}
-    files = sorted(p for p in model_dir.iterdir()
-                   if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name == "config.json"))
+    if not isinstance(known, dict):
+        known = {}
     parts, changed = [], False
-    for path in files:
+    for path in fingerprinted_files(model_dir):
         stat = path.stat()
         key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
         if key not in known:
             known[key] = file_sha256(path)
             changed = True
-        parts.append(f"{path.name}:{known[key]}")
+        parts.append(f"{path.relative_to(model_dir).as_posix()}:{known[key]}")
     if changed:
-        _write_json(index_path, known)
+        try:
+            _write_json(index_path, known)
+        except OSError:
+            pass  # a read-only or full cache costs the hashing again next time, never the result
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

@@ -112,9 +112,12 @@ def sweep(opts: MergeOptions) -> dict:
     settings = Settings(max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size, likelihood=False)
 
     def measured(path, baseline=None, cache=False):
+        from unlearn.generation import check_sets_fit
         from unlearn.measure_cache import weights_fingerprint
 
         loaded = models.load_model(str(path), log=log)
+        check_sets_fit(loaded.model, loaded.tokenizer, sets, opts.max_new_tokens, "--max-new-tokens",
+                       whose=str(path))  # FILE:LINE for a row past OPT's position table, not an IndexError
         # The original's answers are reused across sweeps and runs (measure_cache.py), keyed by content.
         fingerprint = f"{weights_fingerprint(loaded.path)}|float32|cpu" if cache and not opts.no_cache else None
         result = Measurer(loaded.model, loaded.tokenizer, settings, fingerprint=fingerprint,

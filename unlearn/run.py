@@ -299,6 +299,23 @@ class Loaded:
     augment_seconds: float = 0.0  # ULMR's rewrites and negative responses, made once the model is loaded
 
 
+def _refuse_rows_past_context(opts: RunOptions, data: Prepared, model, tokenizer, whose: str) -> None:
+    """On a model with a learned position table (OPT's), refuse with FILE:LINE, before any training, a
+    training length or a row whose answer budget would pass it: an IndexError inside the forward pass
+    otherwise (`generation.position_limit`; rotary models have no such limit and pass)."""
+    from unlearn.generation import check_sets_fit, position_limit
+
+    limit = position_limit(model)
+    if limit is None:
+        return
+    if opts.train.max_length > limit:
+        raise UsageError(f"--max-length {opts.train.max_length}: past the context of {whose} ({limit} positions: "
+                         f"learned position embeddings); use --max-length {limit} or less")
+    check_sets_fit(model, tokenizer, data.sets, opts.max_new_tokens, "--max-new-tokens", whose=whose)
+    forget = EvalSet("forget", "forget", data.forget, Path(opts.forget))
+    check_sets_fit(model, tokenizer, [forget], opts.train.check_tokens, whose=whose)  # the stop rule's answers
+
+
 def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     import copy
 
@@ -318,6 +335,7 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
                                allow_pickle=opts.allow_pickle, log=log)
     # Under FSDP each rank moves only its shard to the device (distributed.wrap), never the whole model.
     model, tokenizer = (loaded.model if world.fsdp else loaded.model.to(device)), loaded.tokenizer
+    _refuse_rows_past_context(opts, data, model, tokenizer, f"--model {loaded.name}")
     log(f"model {loaded.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) on "
         f"{system.device_name(device)}")
 
