@@ -13,7 +13,9 @@ peak RSS is per process; each subprocess sets the same thread count):
    and after, so that a machine shared with other jobs is sampled around the steps.
 2. Our real training step: `unlearn.train.Unlearner.step()` built as `unlearn run`
    builds it (default TrainConfig: method ga, KL on normal data, batch 4, max
-   length 256; LoRA via `attach_lora(LoraSettings())`, i.e. the feed-forward
+   length 256, with ga's forget loss from config.PER_METHOD (spellings since the thirty-ninth
+   session; before it the step ran TrainConfig's own, ascent); without the automatic probes'
+   retain KL, which `unlearn run` adds when it builds probes; LoRA via `attach_lora(LoraSettings())`, i.e. the feed-forward
    projections: gate/up/down on Llama, fc1/fc2 on OPT), W warm-up steps untimed,
    then N timed steps.
    The model (`--shape`):
@@ -550,6 +552,7 @@ def run_child(args) -> dict:
 
     from unlearn.lora import LoraSettings, attach_lora
     from unlearn.models import enable_gradient_checkpointing
+    from unlearn.config import PER_METHOD
     from unlearn.train import TrainConfig, Unlearner
 
     if args.threads:
@@ -559,7 +562,9 @@ def run_child(args) -> dict:
     torch.manual_seed(TrainConfig().seed)  # as run.py, before loading
     model, tokenizer, name = build_model(args, "bfloat16" if bf16 else "float32")
     forget, normal, max_length = read_rows(args, tokenizer)
-    config = TrainConfig(max_length=max_length)  # otherwise the defaults of `unlearn run`
+    # `unlearn run`'s step for ga: TrainConfig's defaults with ga's forget loss (config.PER_METHOD; its rate and
+    # stop margin change no work in a step). The automatic probes' retain KL is not in it (see the docstring).
+    config = TrainConfig(max_length=max_length, forget_loss=PER_METHOD["ga"]["forget_loss"])
     # fp32 size of the weights, each counted once (the lm_head is tied to the embedding).
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     # The naive baseline's reference: a plain deep copy of the original model, as other code keeps it.
