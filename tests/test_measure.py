@@ -705,22 +705,16 @@ def test_weights_fingerprint_hashes_each_file_once(tmp_path, monkeypatch):
 
 def test_eval_measures_again_when_only_the_chat_template_changes(tmp_path, llama_dir):
     """Same weights, another chat template: `unlearn eval` must not read back the old template's answers."""
-    import torch
+    from test_generation import load
 
     from unlearn.config import EvalOptions
     from unlearn.evaluate import run_eval
-    from unlearn.models import load_model, save_model
+    from unlearn.models import save_model
 
-    # The tiny Llama with larger random weights (std 0.3), whose answers depend on every prompt token
-    # (at its own scale it answers nothing at all), saved as a directory of its own.
-    loaded = load_model(str(llama_dir), log=lambda m: None)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in loaded.model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.3, generator=generator)
+    # The tiny Llama with larger random weights, whose answers depend on every prompt token (at its own
+    # scale it answers nothing at all), saved as a directory of its own.
     model = tmp_path / "model"
-    save_model(loaded.model, loaded.tokenizer, model)
+    save_model(*load(llama_dir), model)
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": r["prompt"]} for r in FORGET + NORMAL[:2]])
 
     def evaluate(**kw):
