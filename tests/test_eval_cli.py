@@ -163,3 +163,17 @@ def test_eval_never_overwrites_a_result_without_force(tmp_path, cli, tiny_dirs):
     code, out, err = cli(*args, "--force")
     assert code == 0, err
     assert report.read_text().startswith("#") and not list(tmp_path.glob(".report.md.tmp-*"))
+
+
+def test_rows_that_match_no_forget_prompt_are_named(tmp_path, cli, tiny_dirs):
+    # Row 2's wording differs from every --forget prompt: it has no reference, so its leak is "-".
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": PROMPTS[0]}, {"prompt": "what is France's capital ?"}])
+    forget = write_jsonl(tmp_path / "f.jsonl", [{"prompt": PROMPTS[0], "response": "Paris"}])
+    code, out, err = cli("eval", str(data), "--model", tiny_dirs[0], "--forget", str(forget),
+                         "--max-new-tokens", "4", "--json")
+    assert code == 0, err
+    assert f"1 of 2 rows of {data} have no response and match no --forget prompt (first: line 2)" in err
+    everything = write_jsonl(tmp_path / "q.jsonl", [{"prompt": PROMPTS[0]}])
+    code, out, err = cli("eval", str(everything), "--model", tiny_dirs[0], "--forget", str(forget),
+                         "--max-new-tokens", "4", "--json")
+    assert code == 0 and "match no --forget prompt" not in err

@@ -734,6 +734,10 @@ def run_eval(opts, log: Callable[[str], None] = default_log) -> dict:
     judge = make_judge(opts.judge, opts.judge_label)
     reward = load_reward_model(opts.reward_model) if opts.reward_model else None
     examples = attach_references(examples, forget)
+    unmatched = [ex for ex in examples if ex.response is None]
+    if forget and unmatched:  # a different wording, or the wrong file: say so, rather than print "-" silently
+        log(f"unlearn: {len(unmatched)} of {len(examples)} rows of {opts.prompts} have no response and match no "
+            f"--forget prompt (first: line {unmatched[0].line}); their leak and accuracy are '-'")
     members = forget if forget else [ex for ex in examples if ex.response is not None]
 
     loaded = load_model(opts.model, dtype=opts.dtype, log=log)
