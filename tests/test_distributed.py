@@ -37,8 +37,11 @@ TIMEOUT = 240
 
 def _env(tmp_root: Path) -> dict:
     # Module-scoped runs start before conftest's per-test cache fixture: give the cache explicitly.
+    # TMPDIR: torchrun leaves a torchelastic_* log directory in the temporary directory at every launch;
+    # under the test's own directory, the suite leaves none in /tmp.
+    (tmp_root / "tmp").mkdir(exist_ok=True)
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "UNLEARN_CACHE": str(tmp_root / "unlearn-cache")}
+            "UNLEARN_CACHE": str(tmp_root / "unlearn-cache"), "TMPDIR": str(tmp_root / "tmp")}
 
 
 def _free_port() -> int:
