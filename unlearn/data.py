@@ -189,6 +189,12 @@ def read_examples(path, *, need_response: bool = True) -> list[Example]:
     return examples
 
 
+def prompt_key(prompt) -> str:
+    """A prompt as rows are matched across files (a forget row's references, a kept row that repeats a
+    forget prompt, an eval row that was trained on): its words, whitespace runs collapsed."""
+    return " ".join(str(prompt).split())
+
+
 def check_answers_spelled(examples: list[Example], path) -> None:
     """Refuse a row whose `answers` all miss its own response (matched as the leak judge matches them).
 

@@ -237,10 +237,6 @@ def make_judge(spec: str | None, label: str | None = None):
 # --- references -------------------------------------------------------------------------
 
 
-def _prompt_key(prompt: str) -> str:
-    return " ".join(prompt.split())
-
-
 def attach_references(examples: Sequence, forget: Sequence | None) -> list:
     """PROMPTS rows with their references: a row's own response, else the FORGET row with the same prompt.
 
@@ -249,14 +245,16 @@ def attach_references(examples: Sequence, forget: Sequence | None) -> list:
     Rows with no match keep response None (they count in the output-quality
     metrics only).
     """
+    from unlearn.data import prompt_key
+
     if not forget:
         return list(examples)
     by_prompt = {}
     for ex in forget:
-        by_prompt.setdefault(_prompt_key(ex.prompt), ex)
+        by_prompt.setdefault(prompt_key(ex.prompt), ex)
     result = []
     for ex in examples:
-        match = by_prompt.get(_prompt_key(ex.prompt))
+        match = by_prompt.get(prompt_key(ex.prompt))
         if match is None:
             result.append(ex)
             continue

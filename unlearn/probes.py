@@ -62,7 +62,7 @@ import re
 from dataclasses import dataclass
 
 from unlearn import metrics
-from unlearn.data import Example
+from unlearn.data import Example, prompt_key
 from unlearn.edit_subject import JOINERS, heuristic_subject, words
 from unlearn.spans import row_answers
 
@@ -352,10 +352,10 @@ def build(model, tokenizer, forget: list, limit: int = DEFAULT_LIMIT) -> list[Pr
         exclude.update(_letters(probe_subject(ex) or ""))
         exclude.update(w for answer in row_answers(ex)[0] or () for w in _letters(answer))
     exclude -= {"the", "of", "and", "a", "an"}
-    seen = {" ".join(str(ex.prompt).split()) for ex in forget}
+    seen = {prompt_key(ex.prompt) for ex in forget}
 
     def add(probe: Probe, taken: list) -> None:
-        key = " ".join(probe.prompt.split())
+        key = prompt_key(probe.prompt)
         if key not in seen:
             seen.add(key)
             taken.append(probe)

@@ -30,7 +30,7 @@ from unlearn import distributed, models, system
 from unlearn.checkpoints import checkpoint_root, latest_checkpoint, load_checkpoint, read_state, remove_partial
 from unlearn.checkpoints import save_checkpoint
 from unlearn.config import RunOptions
-from unlearn.data import Example, check_answers_spelled, read_examples
+from unlearn.data import Example, check_answers_spelled, prompt_key, read_examples
 from unlearn.errors import Interrupted, UnlearnError, UsageError
 from unlearn.log import log as default_log
 from unlearn.measure import (KEPT_KV_BUDGET, EvalSet, Measured, Measurer, Settings, kept_rate, leak_rate, original_scorer,
@@ -156,11 +156,6 @@ def read_retain(paths, forget: list, forget_path: Path) -> list:
     for path in paths:
         rows += refuse_forget_prompts(read_examples(path), path, forget, forget_path)
     return rows
-
-
-def prompt_key(prompt) -> str:
-    """A prompt as rows are matched across files: its words, whitespace normalised."""
-    return " ".join(str(prompt).split())
 
 
 def refuse_forget_prompts(rows: list, path, forget: list, forget_path: Path) -> list:
