@@ -125,12 +125,15 @@ def average_job(name: str, base: Checkpoint, b: TensorInfo, tuned: Checkpoint, t
 # Averaging
 
 
-def check_alpha(alpha: float, allow_extrapolation: bool) -> None:
-    """α outside [0, 1] extrapolates past one of the models: allowed only when asked for."""
+def check_alpha(alpha: float, allow_extrapolation: bool, flag: str = "--alpha", given=None) -> None:
+    """α outside [0, 1] extrapolates past one of the models: allowed only when asked for (`--alpha`'s
+    --allow-extrapolation). FLAG and GIVEN (the option's text) name it in the message."""
+    given = alpha if given is None else given
     if math.isnan(alpha) or math.isinf(alpha):
-        raise UsageError(f"--alpha {alpha}: must be a finite number")
+        raise UsageError(f"{flag} {given}: must be a finite number")
     if not 0.0 <= alpha <= 1.0 and not allow_extrapolation:
-        raise UsageError(f"--alpha {alpha}: must be between 0 and 1 (use --allow-extrapolation to go beyond)")
+        raise UsageError(f"{flag} {given}: must be between 0 and 1"
+                         + (" (use --allow-extrapolation to go beyond)" if flag == "--alpha" else ""))
 
 
 def _pair_tensors(base: Checkpoint, tuned: Checkpoint) -> tuple[dict, dict, dict]:
@@ -489,9 +492,7 @@ def parse_alphas(text: str, *, allow_auto: bool = False, allow_extrapolation: bo
                              + (" (or give auto)" if allow_auto else "")) from None
         if not math.isfinite(value):
             raise UsageError(f"{flag} {text}: {part.strip()!r} is not a finite number")
-        if not 0.0 <= value <= 1.0 and not allow_extrapolation:
-            raise UsageError(f"{flag} {text}: {part.strip()!r} must be between 0 and 1"
-                             + ("" if flag != "--alpha" else " (use --allow-extrapolation to go beyond)"))
+        check_alpha(value, allow_extrapolation, flag, text)
         values.append(value + 0.0)  # + 0.0: "-0" is 0.0, not -0.0, in every message and record
     if len(set(values)) != len(values):
         raise UsageError(f"{flag} {text}: an α is listed twice")
