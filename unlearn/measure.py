@@ -139,13 +139,15 @@ def generation_batches(model, tokenizer, prompts: list[str], batch_size: int, ma
     return _cut(sorted(range(len(prompts)), key=lengths.__getitem__), batch_size)
 
 
-def scoring_batches(tokenizer, pairs: list[tuple[str, str]], batch_size: int) -> list[list[int]]:
-    """The batches `evaluate.response_logprobs` forms over PAIRS (at its default max_length): indices
-    sorted by encoded pair length (stable), cut every BATCH_SIZE."""
+def scoring_batches(tokenizer, pairs: list[tuple[str, str]], batch_size: int, max_length: int | None = None
+                    ) -> list[list[int]]:
+    """The batches `evaluate.response_logprobs` forms over PAIRS (at MAX_LENGTH, default SCORE_MAX_LENGTH:
+    give the scoring model's `evaluate.score_max_length`): indices sorted by encoded pair length (stable),
+    cut every BATCH_SIZE."""
     from unlearn.data import encode_pair
     from unlearn.evaluate import SCORE_MAX_LENGTH
 
-    lengths = [len(encode_pair(tokenizer, p, r, SCORE_MAX_LENGTH)["input_ids"]) for p, r in pairs]
+    lengths = [len(encode_pair(tokenizer, p, r, max_length or SCORE_MAX_LENGTH)["input_ids"]) for p, r in pairs]
     return _cut(sorted(range(len(pairs)), key=lengths.__getitem__), batch_size)
 
 
@@ -160,11 +162,11 @@ class ShardedScorer(Scorer):
         from unlearn.continued_scoring import continued_logprobs, resumable
         from unlearn.evaluate import score_max_length
 
-        pairs = list(pairs)
-        resumed = (resumable(self.tokenizer, pairs, contexts, score_max_length(self.model))
+        pairs, cap = list(pairs), score_max_length(self.model)
+        resumed = (resumable(self.tokenizer, pairs, contexts, cap)
                    if contexts and not distributed.shares_work() else {})
         rest = [pairs[i] for i in range(len(pairs)) if i not in resumed]
-        whole = iter(distributed.sharded(len(rest), lambda: scoring_batches(self.tokenizer, rest, self.batch_size),
+        whole = iter(distributed.sharded(len(rest), lambda: scoring_batches(self.tokenizer, rest, self.batch_size, cap),
                                          lambda indices: self._side_by_side([rest[i] for i in indices])))
         continued = dict(zip(resumed, continued_logprobs(self.model, self.tokenizer.pad_token_id,
                                                          list(resumed.values()), self.batch_size)))
@@ -177,8 +179,10 @@ class ShardedScorer(Scorer):
         single call would run, on one torch thread.
         """
         from unlearn.cpu_parts import dealt_batches
+        from unlearn.evaluate import score_max_length
 
-        return dealt_batches(self.model, scoring_batches(self.tokenizer, pairs, self.batch_size),
+        return dealt_batches(self.model, scoring_batches(self.tokenizer, pairs, self.batch_size,
+                                                         score_max_length(self.model)),
                              lambda share: Scorer.logprobs(self, [pairs[i] for i in share]))
 
 
