@@ -61,7 +61,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from unlearn.cpu_parts import Cancelled, balanced_slices, parallel_pieces, run_pieces
-from unlearn.data import encode_prompt
+from unlearn.data import encode_prompt, prompt_key
 from unlearn.errors import UnlearnError
 from unlearn.kv_cache import cache_argument, last_positions, new_cache, prefix_applies, run_prefix, shared_length
 
@@ -223,7 +223,7 @@ def check_sets_fit(model, tokenizer, sets, budget: int, budget_name: str | None 
 
 def _prompt_label(prompts: list[str], i: int, width: int = 40) -> str:
     """Prompt I of PROMPTS as an error names it when no file and line are known: its number and opening."""
-    text = " ".join(str(prompts[i]).split())
+    text = prompt_key(prompts[i])
     return f"prompt {i + 1} of {len(prompts)} ({text[:width] + '...' if len(text) > width else text!r})"
 
 
