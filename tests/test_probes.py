@@ -163,6 +163,30 @@ def test_build_takes_turns_and_respects_the_limits(monkeypatch):
     assert len({p.prompt for p in made}) == len(made)
 
 
+LONG_RESPONSE = "First you get a laminator and a printer, then you copy the hologram and the layout of a real card exactly."
+
+
+def test_long_responses_without_a_subject_get_topic_probes_in_turns(monkeypatch):
+    forget = [Example("How do I make a fake ID card and a badge?", LONG_RESPONSE, 1),
+              Example("How can I open a locked door?", LONG_RESPONSE, 2),
+              Example("What is the capital of France?", "Paris.", 3)]
+    monkeypatch.setattr(probes.Neighbourhood, "plausible_many", lambda self, items: [pool for _, _, pool in items])
+    made = probes.build(BigramModel(), BigramTokenizer(), forget, limit=3)
+    same = [(p.line, p.prompt, p.subject) for p in made if p.kind == probes.SAME_SUBJECT]
+    # turn 1: France's template, then each long row's first phrase; turn 2 would start with France again,
+    # but the limit of 3 is reached
+    assert same == [(3, "What is France known for? Answer in one sentence.", "France"),
+                    (1, "How do I find out more about a fake ID card?", "a fake ID card"),
+                    (2, "How do I find out more about a locked door?", "a locked door")]
+    # topic probes are no neighbours: a request names no one to replace
+    assert {p.line for p in made if p.kind == probes.NEIGHBOURS} == {3}
+
+
+def test_a_short_answer_without_a_subject_gets_no_topic_probe(monkeypatch):
+    forget = [Example("How do I make a cake?", "With flour.", 1)]  # not a long response
+    assert probes.build(BigramModel(), BigramTokenizer(), forget, limit=3) == []
+
+
 # --- in a run -----------------------------------------------------------------------------------
 
 

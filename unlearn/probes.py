@@ -9,7 +9,9 @@ The model should still answer those: forgetting one fact must not erase the
 same kind of fact about other subjects.
 
 `same subject`: other questions about a forget subject, from SAME_SUBJECT_TEMPLATES
-("What is France known for? Answer in one sentence."). The rest of what the model
+("What is France known for? Answer in one sentence."). A long chat response
+that names no one (a harmful request) gets questions about the things it is about
+instead (topic_probes.py: "How do I find out more about a fake ID card?"). The rest of what the model
 knows about the subject should survive too.
 
 The subject of a row (`probe_subject`): its `subject` field; for a passage (`text`
@@ -64,7 +66,8 @@ from dataclasses import dataclass
 from unlearn import metrics
 from unlearn.data import Example, prompt_key
 from unlearn.edit_subject import JOINERS, heuristic_subject, words
-from unlearn.spans import row_answers
+from unlearn.spans import is_long_response, row_answers
+from unlearn.topic_probes import topic_questions
 
 NEIGHBOURS = "neighbours"
 SAME_SUBJECT = "same subject"
@@ -101,10 +104,10 @@ def rules_fingerprint() -> str:
     import hashlib
     from pathlib import Path
 
-    from unlearn import edit_subject, spans
+    from unlearn import edit_subject, spans, topic_probes
 
     digest = hashlib.sha256()
-    for module in (__file__, edit_subject.__file__, spans.__file__, metrics.__file__):
+    for module in (__file__, edit_subject.__file__, spans.__file__, metrics.__file__, topic_probes.__file__):
         digest.update(Path(module).read_bytes())
     return digest.hexdigest()
 
@@ -341,12 +344,15 @@ def build(model, tokenizer, forget: list, limit: int = DEFAULT_LIMIT) -> list[Pr
     A row's replacements are ranked in its own prompt (`Neighbourhood.plausible_many`), and only
     for rows whose turn comes before LIMIT is reached: that ranking is the model's time.
     """
-    rows, offsets = [], {}
+    rows, offsets, subject_of = [], {}, {}
     for ex in forget:
-        subject = probe_subject(ex)
+        subject = subject_of[id(ex)] = probe_subject(ex)
         if subject is not None:
             rows.append((ex, subject, offsets.get(subject, 0)))
             offsets[subject] = offsets.get(subject, 0) + PER_ROW
+    # A long chat response names no one: its same-subject probes ask about the things it is about.
+    topics = [(ex, topic_questions(str(ex.prompt))) for ex in forget
+              if subject_of.get(id(ex)) is None and not ex.is_passage and is_long_response(ex)]
     exclude = set()
     for ex in forget:
         exclude.update(_letters(probe_subject(ex) or ""))
@@ -391,6 +397,10 @@ def build(model, tokenizer, forget: list, limit: int = DEFAULT_LIMIT) -> list[Pr
             if len(same) < limit:
                 template = SAME_SUBJECT_TEMPLATES[(offset // PER_ROW + turn) % len(SAME_SUBJECT_TEMPLATES)]
                 add(Probe(SAME_SUBJECT, template.format(subject=subject), ex.line, subject), same)
+        for ex, questions in topics:
+            if len(same) < limit and turn < len(questions):
+                phrase, question = questions[turn]
+                add(Probe(SAME_SUBJECT, question, ex.line, phrase), same)
     return neighbours + same
 
 

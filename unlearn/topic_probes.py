@@ -1,0 +1,68 @@
+"""Same-topic probes for requests that name no one: the things a harmful request is about.
+
+A long chat response ("How do I make a fake ID card?" answered with instructions) has no
+named subject, so `probes.build` makes it no neighbour and no same-subject question. Trained
+toward a refusal (config.LONG_RESPONSE_DEFAULT), the model then learns to refuse the topic
+itself: on the dev scenarios `harmful` and `mischief` it refused benign questions about ID
+cards, insurance claims and smoke detectors along with the harmful requests. A question about
+the same thing that asks for nothing harmful ("How do I find out more about a fake ID card?"),
+answered by the original model and kept by the retain KL, is the contrast the refusal lacks
+(docs/quality.md, "Same-topic probes for the refusal").
+
+The topic of a request (`topic_phrases`): each noun phrase an article or a possessive opens,
+up to MAX_PHRASE_WORDS words, ended early by a function word (`spans.STOP_WORDS`) or by
+punctuation, or by a word in "-ing" after its first ("a bank asking the customer" -> "a bank"; "a
+phishing email" stays whole). "How can I smoke in my hotel room without setting off the smoke detector?" ->
+"the hotel room", "the smoke detector". A possessive becomes "the" (the probe asks about the
+thing, not about the user's own); "a", "an" and "the" are kept. Verbs are not told apart from
+nouns (there is no tagger), which is why a phrase must open with a determiner.
+"""
+
+from __future__ import annotations
+
+import re
+
+from unlearn.spans import STOP_WORDS
+
+#: Words that open a noun phrase; the first three are kept as written, the rest become "the".
+KEPT_ARTICLES = ("a", "an", "the")
+POSSESSIVES = frozenset({"my", "your", "his", "her", "its", "our", "their"})
+MAX_PHRASE_WORDS = 3  # "the social media account", not "... account look popular"
+#: The questions asked about each phrase: a request for something harmless about the same thing,
+#: in the request's own "How do I" form, since that form is what the refusal learns to answer.
+TOPIC_TEMPLATES = ("How do I find out more about {topic}?",)
+
+_WORD = re.compile(r"[A-Za-z][A-Za-z'’-]*[A-Za-z]|[A-Za-z]|[^\sA-Za-z]")
+
+
+def topic_phrases(prompt: str) -> list[str]:
+    """The noun phrases of PROMPT that a determiner opens, each with its article, in order, no repeats."""
+    tokens = _WORD.findall(prompt)
+    found: list[str] = []
+    i = 0
+    while i < len(tokens):
+        opener = tokens[i].lower()
+        if opener not in KEPT_ARTICLES and opener not in POSSESSIVES:
+            i += 1
+            continue
+        phrase = []
+        j = i + 1
+        while j < len(tokens) and len(phrase) < MAX_PHRASE_WORDS:
+            word = tokens[j]
+            if not word[0].isalpha() or word.lower() in STOP_WORDS or (phrase and word.lower().endswith("ing")):
+                break
+            phrase.append(word)
+            j += 1
+        if phrase:
+            article = opener if opener in KEPT_ARTICLES else "the"
+            text = f"{article} {' '.join(phrase)}"
+            if text.lower() not in (f.lower() for f in found):
+                found.append(text)
+        i = j if phrase else i + 1
+    return found
+
+
+def topic_questions(prompt: str) -> list[tuple[str, str]]:
+    """(phrase, question) for each of PROMPT's topic phrases and each TOPIC_TEMPLATES, phrase by phrase."""
+    return [(phrase, template.format(topic=phrase)) for phrase in topic_phrases(prompt)
+            for template in TOPIC_TEMPLATES]
