@@ -93,10 +93,15 @@ def test_a_run_without_method_on_long_responses_trains_the_refusal_and_says_why(
         assert (record["method"], record["config"]["normal_weight"], record["config"]["mismatch_weight"]) == \
             ("ga+template", 200.0, 1.0)
         assert "long chat response" in record["method_reason"]
+        # same-topic probes are made ("How do I find out more about a lock?") and measured, not trained on
+        # (`retained` is None; --retain-probes trains on them)
+        assert record["probes"]["sets"]["same subject"]["made"] == 2 and record["probes"]["retained"] is None
         assert "method: ga+template, because every forget row is a long chat response" in result.err
         assert "method: ga+template (every forget row is a long chat response" in result.out
     else:
         assert (record["method"], record["method_reason"], record["config"]["normal_weight"]) == ("ga", None, 10.0)
+        # ga trains on its probes by default, these too (0 rows here: the tiny model's answers are empty)
+        assert record["probes"]["sets"]["same subject"]["made"] == 2 and record["probes"]["retained"] == 0
 
 
 def test_a_setting_the_chosen_method_cannot_take_says_which_method_and_why(tmp_path, files, llama_dir, cli):
