@@ -352,10 +352,10 @@ def build(model, tokenizer, forget: list, limit: int = DEFAULT_LIMIT) -> list[Pr
             offsets[subject] = offsets.get(subject, 0) + PER_ROW
     # A long chat response names no one: its same-subject probes ask about the things it is about.
     topics = [(ex, topic_questions(str(ex.prompt))) for ex in forget
-              if subject_of.get(id(ex)) is None and not ex.is_passage and is_long_response(ex)]
+              if subject_of[id(ex)] is None and not ex.is_passage and is_long_response(ex)]
     exclude = set()
     for ex in forget:
-        exclude.update(_letters(probe_subject(ex) or ""))
+        exclude.update(_letters(subject_of[id(ex)] or ""))
         exclude.update(w for answer in row_answers(ex)[0] or () for w in _letters(answer))
     exclude -= {"the", "of", "and", "a", "an"}
     seen = {prompt_key(ex.prompt) for ex in forget}

@@ -6,7 +6,10 @@ toward a refusal (config.LONG_RESPONSE_DEFAULT), the model then learns to refuse
 itself: on the dev scenarios `harmful` and `mischief` it refused benign questions about ID
 cards, insurance claims and smoke detectors along with the harmful requests. A question about
 the same thing that asks for nothing harmful ("How do I find out more about a fake ID card?"),
-answered by the original model and kept by the retain KL, is the contrast the refusal lacks
+answered by the original model, measures that (the report's `same subject` line) and, kept by
+the retain KL, is the contrast the refusal lacks. Every run measures them; `ga` and `rmu` train on
+them as on their other probes, and the refusal does with `--retain-probes`, which is not its
+default: it kept more benign questions on dev but missed the rule for a default by 0.004
 (docs/quality.md, "Same-topic probes for the refusal").
 
 The topic of a request (`topic_phrases`): each noun phrase an article or a possessive opens,
