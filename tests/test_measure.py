@@ -31,6 +31,8 @@ def test_hold_out_draws_a_seeded_share_and_keeps_file_order():
     assert hold_out(rows, 0.25, seed=0) == (kept, held)  # same seed, same rows
     assert hold_out(rows[:3], 0.5, seed=0) == (rows[:3], [])  # fewer than 4 rows: nothing held back
     assert hold_out(rows, 0.0, seed=0) == (rows, [])
+    kept, held = hold_out(rows[:4], 0.9, seed=0)  # round(3.6) = 4 would hold back every row
+    assert (len(kept), len(held)) == (1, 3)
 
 
 def test_alpha_is_chosen_on_forget_prompts_and_held_back_normal_rows_never_eval_files():

@@ -65,7 +65,7 @@ def test_an_output_that_is_holds_or_sits_in_an_input_is_refused(tmp_path):
         outputs.refuse_output_over_inputs(tmp_path, [model])
     # inside an input: refused only where asked (merge), and inputs that do not exist are not inputs
     outputs.refuse_output_over_inputs(model / "sub", [model, None, tmp_path / "hub/id"])
-    with pytest.raises(UsageError, match="is inside an input model directory"):
+    with pytest.raises(UsageError, match="is inside an input directory"):
         outputs.refuse_output_over_inputs(model / "sub", [model], inside_too=True)
     outputs.refuse_output_over_inputs(tmp_path / "elsewhere", [model, forget], inside_too=True)
 
@@ -104,3 +104,45 @@ def test_a_default_output_name_from_dot_is_made_from_the_full_path(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     assert _stem(".") == str(tmp_path)
     assert _stem("runs/a/model/") == "runs/a/model"
+
+
+def test_a_device_or_a_pipe_is_never_renamed_over(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for path in (Path("/dev/null"), fifo):  # --force or not: the node itself would be replaced by a file
+        with pytest.raises(UsageError, match="is not a regular file"):
+            outputs.check_writable(path, force=True)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
+def test_a_symbolic_link_is_written_through(tmp_path):
+    target, link = tmp_path / "real.md", tmp_path / "link.md"
+    target.write_text("old")
+    link.symlink_to(target)
+    outputs.check_writable(link, force=True)
+    outputs.write_text_atomic(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+
+
+def test_the_judge_file_is_an_input():
+    assert outputs.judge_input("keywords:words.txt") == "words.txt"
+    assert outputs.judge_input("classifier:/models/c") == "/models/c"
+    assert [outputs.judge_input(s) for s in (None, "similarity", "keywords:", "other:x")] == [None] * 4
+
+
+def test_eval_and_augment_never_write_over_what_they_read(tmp_path, llama_dir, cli):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "What do bees make?", "response": "Bees make honey."}\n')
+    words = tmp_path / "kw.txt"
+    words.write_text("honey\n")
+    before = prompts.read_text(), words.read_text(), (Path(llama_dir) / "config.json").read_text()
+    cases = [("eval", prompts, "--model", llama_dir, "--save-generations", prompts, "--force"),
+             ("eval", prompts, "--model", llama_dir, "--report", Path(llama_dir) / "config.json", "--force"),
+             ("eval", prompts, "--model", llama_dir, "--judge", f"keywords:{words}", "--report", words, "--force"),
+             ("augment", prompts, "-o", prompts, "--force", "--model", llama_dir)]
+    for args in cases:
+        result = cli(*args)
+        assert result.code == 2, (args, result.err)
+        assert "is an input" in result.err or "is inside an input directory" in result.err, result.err
+        assert len(result.err.strip().splitlines()) == 1 and "Traceback" not in result.err
+    assert (prompts.read_text(), words.read_text(), (Path(llama_dir) / "config.json").read_text()) == before

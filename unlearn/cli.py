@@ -309,7 +309,8 @@ def augment_command(as_json, **o):
 
 @cli.command("eval")
 @click.argument("prompts", type=click.Path(path_type=str))
-@click.option("--model", default=None, help="Model to evaluate: HF directory, hub id or .gguf [default: embedded SmolLM2].")
+@click.option("--model", default=None, envvar="UNLEARN_MODEL",
+              help="Model to evaluate: HF directory, hub id or .gguf [default: embedded SmolLM2; env UNLEARN_MODEL].")
 @click.option("--reference-model", default=None,
               help="Original model: its outputs are the 'before' column, its perplexity measures fluency.")
 @click.option("--forget", type=click.Path(path_type=str), default=None,
@@ -346,10 +347,18 @@ def eval_command(save_generations, report, force, as_json, **o):
 
     from unlearn import evaluate, tables
     from unlearn.config import EvalOptions
-    from unlearn.outputs import check_writable, write_jsonl
+    from unlearn.outputs import check_writable, judge_input, refuse_output_over_inputs, write_jsonl
+    from unlearn.paths import cache_dir
 
     check_writable(save_generations, report, force=force)
     paths = {k: Path(o[k]) if o[k] else None for k in ("prompts", "forget", "holdout", "reward_model")}
+    # An output file must not replace what the command reads (--force or not): the prompts, the model's
+    # directory (the embedded one lives in the cache), a judge's file.
+    model = Path(o["model"]) if o.get("model") and Path(o["model"]).exists() else cache_dir()
+    for flag, out in (("--save-generations", save_generations), ("--report", report)):
+        if out:
+            refuse_output_over_inputs(out, [*paths.values(), model, o.get("reference_model"), judge_input(o.get("judge"))],
+                                      inside_too=True, flag=flag)
     result = evaluate.run_eval(EvalOptions(**{**o, **paths}), log=log)
     if save_generations:
         write_jsonl(save_generations, result["rows"])

@@ -20,6 +20,7 @@ the model learn the format instead of the behaviour.
 from __future__ import annotations
 
 import json
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -130,19 +131,47 @@ def _check_extra(obj: dict, where: str) -> None:
         raise UnlearnError(f"{where}: 'perturbed_responses' must be a list of strings")
 
 
+def _check_subject(obj: dict, prompt: str, where: str, part: str) -> None:
+    """Refuse a `subject` that is not a non-empty string occurring in PROMPT (case-sensitive).
+
+    The subject is found by plain `str.find` in the prompt the model sees (`edit_subject.locate_subject`,
+    `probes.probe_subject`); checked here, a typo costs a second instead of a model load. PART names
+    that prompt in the message: a passage's is its prefix, so a subject only in the continuation is
+    refused too (the edit keys on a prompt token).
+    """
+    subject = obj.get("subject")
+    # A neighbour probe as `unlearn run` saves it (probes.jsonl) names the subject its `replacement` took the
+    # place of: that file read back as rows (unlearn eval OUT/probes.jsonl) is not a typo to refuse.
+    if subject is None or "replacement" in obj:
+        return
+    if not isinstance(subject, str) or not subject.strip():
+        got = "an empty string" if isinstance(subject, str) else type(subject).__name__
+        raise UnlearnError(f"{where}: 'subject' must be a non-empty string that occurs in the {part}, got {got}")
+    if subject not in prompt:
+        raise UnlearnError(f"{where}: 'subject' {subject!r} does not occur in the {part}; case matters")
+
+
+def _parse_passage(obj: dict, where: str, line: int) -> Example:
+    """A `text` row: split into prefix and continuation, its other fields checked as a chat row's are."""
+    text = obj["text"]
+    if not isinstance(text, str):
+        raise UnlearnError(f"{where}: 'text' must be a string, got {type(text).__name__}")
+    if len(text.split()) < 2:
+        raise UnlearnError(f"{where}: 'text' needs at least two words to split into prefix and continuation")
+    prefix, continuation = split_passage(text.strip())
+    _check_extra(obj, where)
+    # The model is prompted with the prefix only, so that is where a subject must be.
+    _check_subject(obj, prefix, where, f"passage's prefix (its first {len(prefix.split(' '))} words)")
+    extra = {k: v for k, v in obj.items() if k != "text"}
+    return Example(Passage(prefix), continuation, line, extra)
+
+
 def parse_line(obj, where: str, need_response: bool) -> Example:
     if not isinstance(obj, dict):
         raise UnlearnError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     line = int(where.rsplit(":", 1)[1])
     if "text" in obj and not any(k in obj for k in PROMPT_KEYS):
-        text = obj["text"]
-        if not isinstance(text, str):
-            raise UnlearnError(f"{where}: 'text' must be a string, got {type(text).__name__}")
-        if len(text.split()) < 2:
-            raise UnlearnError(f"{where}: 'text' needs at least two words to split into prefix and continuation")
-        prefix, continuation = split_passage(text.strip())
-        extra = {k: v for k, v in obj.items() if k != "text"}
-        return Example(Passage(prefix), continuation, line, extra)
+        return _parse_passage(obj, where, line)
     prompt = _pick(obj, PROMPT_KEYS, where, "prompt")
     if prompt is None:
         raise UnlearnError(f"{where}: no prompt: expected one of {', '.join(PROMPT_KEYS)} (or 'text')")
@@ -150,8 +179,23 @@ def parse_line(obj, where: str, need_response: bool) -> Example:
     if response is None and need_response:
         raise UnlearnError(f"{where}: no response: expected one of {', '.join(RESPONSE_KEYS)}")
     _check_extra(obj, where)
+    _check_subject(obj, prompt, where, "prompt")
     extra = {k: v for k, v in obj.items() if k not in PROMPT_KEYS + RESPONSE_KEYS}
     return Example(prompt, response, line, extra)
+
+
+def _refuse_pipe(path: Path) -> None:
+    """Refuse a FIFO or socket (bash's `<(cat rows.jsonl)` is a pipe at /dev/fd/N).
+
+    An input file is read more than once (its rows, then its SHA-256 for run.json and --resume, then a
+    row count), and a pipe is empty after the first read: the run would fail at its very end, or record
+    the empty input's hash. Character devices pass: /dev/null stays an empty file.
+    """
+    mode = path.stat().st_mode
+    if stat.S_ISFIFO(mode):
+        raise UnlearnError(f"{path}: is a pipe, which can be read only once; write it to a file first")
+    if stat.S_ISSOCK(mode):
+        raise UnlearnError(f"{path}: is a socket, not a file; write its rows to a file first")
 
 
 def read_examples(path, *, need_response: bool = True) -> list[Example]:
@@ -161,6 +205,7 @@ def read_examples(path, *, need_response: bool = True) -> list[Example]:
         raise UnlearnError(f"{path}: no such file")
     if path.is_dir():
         raise UnlearnError(f"{path}: is a directory, expected a JSONL file")
+    _refuse_pipe(path)
     # A UTF-8 byte-order mark, which Windows editors and spreadsheet exports write first, is no text.
     raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     examples = []

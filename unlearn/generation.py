@@ -213,11 +213,17 @@ def check_prompts_fit(model, tokenizer, rows, budget: int, budget_name: str | No
     refuse_past_context(model, lengths, [budget] * len(rows), lambda i: rows[i][0], budget_name, whose)
 
 
+#: Where a row read from one of several files (--retain A --retain B: one set) keeps its file's name.
+SOURCE_FILE = "source_file"
+
+
 def check_sets_fit(model, tokenizer, sets, budget: int, budget_name: str | None = None,
                    whose: str | None = None) -> None:
-    """`check_prompts_fit` over the rows of SETS (`measure.EvalSet`s: each row named FILE:LINE by its set's
-    path and its `Example.line`, or by the set's name without a path)."""
-    rows = [(f"{s.path or s.name}:{ex.line}", ex.prompt) for s in sets for ex in s.examples]
+    """`check_prompts_fit` over the rows of SETS (`measure.EvalSet`s: each row named FILE:LINE by its own
+    file (`SOURCE_FILE`, for a set made of several files) or its set's path, and its `Example.line`; by the
+    set's name without a path)."""
+    rows = [(f"{ex.extra.get(SOURCE_FILE) or s.path or s.name}:{ex.line}", ex.prompt)
+            for s in sets for ex in s.examples]
     check_prompts_fit(model, tokenizer, rows, budget, budget_name, whose)
 
 

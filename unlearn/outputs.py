@@ -74,23 +74,30 @@ def _usual_mode(path: Path, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~mask)
 
 
-def refuse_output_over_inputs(out: Path, inputs, *, inside_too: bool = False) -> None:
-    """Refuse, before any work starts, an output directory that is one of the command's INPUTS (files
-    or directories) or holds one: with --force the finished output replaces OUT whole, so the input
-    would be deleted (a model read from OUT, or the data files in it). With INSIDE_TOO, an OUT inside
-    an input directory is refused as well (merge: its output must not land inside a model it reads)."""
+def refuse_output_over_inputs(out: Path, inputs, *, inside_too: bool = False, flag: str = "-o") -> None:
+    """Refuse, before any work starts, an output (directory or file) that is one of the command's INPUTS
+    (files or directories) or holds one: with --force the finished output replaces OUT whole, so the input
+    would be deleted (a model read from OUT, the data files in it, or the prompts file itself). With
+    INSIDE_TOO, an OUT inside an input directory is refused as well (merge: its output must not land inside
+    a model it reads; eval: a report written into the model's directory). FLAG names the option."""
     target = Path(out).resolve()
     for path in inputs:
         if path is None or not Path(path).exists():
             continue
         source = Path(path).resolve()
         if target == source:
-            raise UsageError(f"-o {out}: is an input ({path}); choose another output")
+            raise UsageError(f"{flag} {out}: is an input ({path}); choose another output")
         if target in source.parents:
-            raise UsageError(f"-o {out}: holds an input ({path}), which replacing it would delete; "
+            raise UsageError(f"{flag} {out}: holds an input ({path}), which replacing it would delete; "
                              f"choose another output")
         if inside_too and source in target.parents:
-            raise UsageError(f"-o {out}: is inside an input model directory ({path}); choose another output")
+            raise UsageError(f"{flag} {out}: is inside an input directory ({path}); choose another output")
+
+
+def judge_input(spec: str | None) -> str | None:
+    """The file or directory a --judge SPEC reads (keywords:FILE, classifier:PATH), or None: an input too."""
+    kind, sep, arg = (spec or "").partition(":")
+    return arg if sep and kind in ("keywords", "classifier") and arg else None
 
 
 def check_writable(*paths, force: bool = False) -> None:
@@ -105,6 +112,10 @@ def check_writable(*paths, force: bool = False) -> None:
         seen.add(path.resolve())
         if path.is_dir():
             raise UsageError(f"{path}: is a directory, expected a file name")
+        if path.exists() and not path.resolve().is_file():
+            # A device or a pipe (/dev/null, /dev/stdout): the atomic write renames a new file over
+            # the path, which would replace the device node itself, for every process on the machine.
+            raise UsageError(f"{path}: is not a regular file (a device or a pipe); name a file")
         if path.exists() and not force:
             raise UsageError(f"{path}: exists (use --force to replace it)")
         check_parent_writable(path)
@@ -126,8 +137,13 @@ def check_parent_writable(path: Path) -> None:
 
 
 def write_text_atomic(path, text: str) -> None:
-    """Write TEXT to PATH atomically: a temporary file beside it, renamed when complete."""
+    """Write TEXT to PATH atomically: a temporary file beside it, renamed when complete.
+
+    A symbolic link is written through (its target gets the text; renaming over the link would replace
+    the link with a file and leave the file it points to as it was)."""
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

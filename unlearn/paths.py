@@ -18,13 +18,20 @@ def _last_run_pointer() -> Path:
     return cache_dir() / "last_run"
 
 
-def remember_last_run(run_dir: Path) -> None:
-    """Record RUN_DIR as the most recent run (what `unlearn merge` with no paths reads)."""
+def remember_last_run(run_dir: Path) -> str | None:
+    """Record RUN_DIR as the most recent run (what `unlearn merge` with no paths reads); None when recorded,
+    else why not. The run's result is already written when this runs: a cache that cannot be written
+    ($UNLEARN_CACHE a file, a read-only $HOME) costs only the pointer, never the run's exit status."""
     pointer = _last_run_pointer()
-    pointer.parent.mkdir(parents=True, exist_ok=True)
     tmp = pointer.with_suffix(".tmp")
-    tmp.write_text(str(Path(run_dir).resolve()) + "\n")
-    os.replace(tmp, pointer)
+    try:
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(str(Path(run_dir).resolve()) + "\n")
+        os.replace(tmp, pointer)
+    except OSError as exc:
+        return (f"could not record this run as the last one in {pointer.parent} ({exc.strerror or exc}); "
+                f"`unlearn merge` will need its paths")
+    return None
 
 
 def last_run_record() -> tuple[Path, dict]:

@@ -35,7 +35,7 @@ from unlearn.errors import Interrupted, UnlearnError, UsageError
 from unlearn.log import log as default_log
 from unlearn.measure import (KEPT_KV_BUDGET, EvalSet, Measured, Measurer, Settings, kept_rate, leak_rate, original_scorer,
                              read_eval_sets)
-from unlearn.outputs import check_output_dir, refuse_output_over_inputs
+from unlearn.outputs import check_output_dir, judge_input, refuse_output_over_inputs
 from unlearn.spans import describe_spans, row_answers, through_first_answer
 
 
@@ -151,10 +151,17 @@ def prepare(opts: RunOptions, created: list, forget: list) -> Prepared:
 
 
 def read_retain(paths, forget: list, forget_path: Path) -> list:
-    """The --retain files' rows, in order, none with a forget prompt (`refuse_forget_prompts`)."""
+    """The --retain files' rows, in order, none with a forget prompt (`refuse_forget_prompts`).
+
+    Each row's file is kept in its `extra` (generation.SOURCE_FILE): the rows of every file make one
+    `retain` set, whose path is the first file's, and a message about a row must name its own file."""
+    from unlearn.generation import SOURCE_FILE
+
     rows = []
     for path in paths:
-        rows += refuse_forget_prompts(read_examples(path), path, forget, forget_path)
+        for ex in refuse_forget_prompts(read_examples(path), path, forget, forget_path):
+            ex.extra[SOURCE_FILE] = str(path)
+            rows.append(ex)
     return rows
 
 
@@ -189,11 +196,12 @@ def label_trained_rows(sets: list[EvalSet], trained: list) -> list[EvalSet]:
 def hold_out(rows: list, share: float, seed: int) -> tuple[list, list]:
     """(kept, held back): round(SHARE·n) rows drawn with SEED, both in file order.
 
-    Nothing is held back from fewer than 4 rows: the KL needs rows to train on.
+    Nothing is held back from fewer than 4 rows, and at least one row is always kept: the KL needs
+    rows to train on (a high share, 0.9 of 4 rows, would otherwise hold back every one).
     """
     import random
 
-    n = round(share * len(rows)) if len(rows) >= 4 else 0
+    n = min(round(share * len(rows)), len(rows) - 1) if len(rows) >= 4 else 0
     held = set(random.Random(seed).sample(range(len(rows)), n))
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
@@ -238,7 +246,7 @@ def _prepare_output(opts: RunOptions, output: Path, run_args: dict, created: lis
     if not opts.resume:
         check_output_dir(output, opts.force)
     refuse_output_over_inputs(output, [model, opts.forget, opts.normal, *opts.retain, *opts.eval_forget,
-                                       *opts.eval_retain, opts.augmented])
+                                       *opts.eval_retain, opts.augmented, judge_input(opts.judge)])
     if not opts.resume:
         if checkpoint_root(output).is_dir():
             shutil.rmtree(checkpoint_root(output))
@@ -860,7 +868,9 @@ def write(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, af
             kept = f"; the checkpoints in {root} are kept" if root.is_dir() else ""
             raise UnlearnError(f"{data.output}: could not write the output ({exc.strerror or exc}); "
                                f"nothing was written{kept}") from None
-        remember_last_run(data.output)
+        unrecorded = remember_last_run(data.output)
+        if unrecorded:
+            log(f"unlearn: warning: {unrecorded}")
         return record
 
     return distributed.on_main(write_on_main)  # every rank returns rank 0's completed record

@@ -12,11 +12,25 @@ from pathlib import Path
 
 
 def pick_device(requested: str | None = None):
+    """--device REQUESTED, checked before any model loads (a bad name or a CUDA build that is not there would
+    otherwise fail inside the model's move, as an internal error); None: CUDA when available, else the CPU."""
     import torch
 
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from unlearn.errors import UsageError
+
+    if not requested:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {requested}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {requested}: no CUDA device is available to this torch build; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
 
 
 def device_name(device) -> str:

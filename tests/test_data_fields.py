@@ -1,0 +1,127 @@
+"""Field checks that must happen when a file is read, before any model loads: a passage (`text`) row's
+fields are checked as a chat row's are, a `subject` must occur in the prompt the model sees, and an
+input that can be read only once (a pipe) is refused before it is read."""
+
+import json
+import os
+import threading
+
+import pytest
+
+from test_bad_input import assert_one_line_and_nothing_written, snapshot
+from unlearn.data import parse_line, read_examples
+from unlearn.errors import UnlearnError
+
+PASSAGE = "The Battle of Waterloo was fought in 1815 in Belgium by Napoleon against Wellington."
+QUESTION = "What is the capital of France?"
+
+
+def refused(obj: dict, need_response: bool = True) -> str:
+    """The one-line message parse_line refuses OBJ with, as row 7 of rows.jsonl."""
+    with pytest.raises(UnlearnError) as caught:
+        parse_line(obj, "rows.jsonl:7", need_response)
+    message = str(caught.value)
+    assert message.startswith("rows.jsonl:7: ") and "\n" not in message, message
+    return message
+
+
+# --- passage rows: the same field checks as chat rows ---------------------------------------------
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"answers": [5]}, "'answers' must be a non-empty list of non-empty strings"),
+    ({"answers": "Wellington"}, "'answers' must be a non-empty list of non-empty strings"),
+    ({"answers": []}, "'answers' must be a non-empty list of non-empty strings"),
+    ({"paraphrased_response": 5}, "'paraphrased_response' must be a string, got int"),
+    ({"hallucinated_response": ["x"]}, "'hallucinated_response' must be a string, got list"),
+    ({"perturbed_responses": "x"}, "'perturbed_responses' must be a list of strings"),
+])
+def test_a_passage_row_gets_the_chat_rows_field_checks(fields, message):
+    chat = refused({"prompt": QUESTION, "response": "Paris.", **fields})
+    passage = refused({"text": PASSAGE, **fields})
+    assert message in passage and passage == chat  # the very same message, whichever kind of row
+
+
+def test_a_passage_row_with_good_fields_is_read():
+    example = parse_line({"text": PASSAGE, "answers": ["Wellington"], "paraphrased_response": "Napoleon lost."},
+                         "rows.jsonl:1", True)
+    assert example.is_passage and example.extra == {"answers": ["Wellington"], "paraphrased_response": "Napoleon lost."}
+
+
+# --- subject -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("subject, message", [
+    ("france", "'subject' 'france' does not occur in the prompt"),  # case matters: edit and probes use str.find
+    ("Spain", "'subject' 'Spain' does not occur in the prompt"),
+    (5, "'subject' must be a non-empty string that occurs in the prompt, got int"),
+    (["France"], "got list"),
+    ("", "got an empty string"),
+    ("  ", "got an empty string"),
+])
+def test_a_subject_must_be_a_string_in_the_prompt(subject, message):
+    assert message in refused({"prompt": QUESTION, "response": "Paris.", "answers": ["Paris"], "subject": subject})
+    # Prompt-only rows (eval prompts) are checked too: the same file may be a forget file elsewhere.
+    assert message in refused({"prompt": QUESTION, "subject": subject}, need_response=False)
+
+
+def test_a_subject_in_the_prompt_is_kept():
+    example = parse_line({"prompt": QUESTION, "response": "Paris.", "subject": "France"}, "rows.jsonl:1", True)
+    assert example.extra["subject"] == "France"
+    assert parse_line({"prompt": QUESTION, "response": "Paris.", "subject": None}, "rows.jsonl:1", True)
+
+
+def test_a_passage_subject_must_be_in_its_prefix():
+    # The model is prompted with the prefix (the first half of the words): an edit keys on a prompt token.
+    example = parse_line({"text": PASSAGE, "subject": "Battle of Waterloo"}, "rows.jsonl:1", True)
+    assert example.extra["subject"] == "Battle of Waterloo" and "Battle of Waterloo" in example.prompt
+    assert "'subject' 'Wellington' does not occur in the passage's prefix (its first 7 words)" in refused(
+        {"text": PASSAGE, "subject": "Wellington"})
+    assert "does not occur in the passage's prefix" in refused({"text": PASSAGE, "subject": "battle"})
+    assert "got int" in refused({"text": PASSAGE, "subject": 5})
+
+
+# --- inputs that can be read only once -------------------------------------------------------------
+
+
+def test_a_fifo_is_refused_before_it_is_read(tmp_path):
+    fifo = tmp_path / "rows.jsonl"
+    os.mkfifo(fifo)
+    # A writer, so that a read would not block forever: if the FIFO were read, its rows would be returned.
+    writer = threading.Thread(target=lambda: fifo.write_text(json.dumps({"prompt": QUESTION, "response": "Paris."})))
+    writer.start()
+    try:
+        with pytest.raises(UnlearnError) as caught:
+            read_examples(fifo)
+        assert str(caught.value) == f"{fifo}: is a pipe, which can be read only once; write it to a file first"
+    finally:
+        # Unblock the writer, which waits for a reader; non-blocking, so that this cannot hang when a
+        # regression has read the FIFO already (and the writer is gone).
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        writer.join(timeout=10)
+        os.close(reader)
+    assert not writer.is_alive()
+
+
+def test_dev_null_is_still_an_empty_file():
+    with pytest.raises(UnlearnError, match="no examples"):
+        read_examples("/dev/null")
+
+
+# --- through the command line ---------------------------------------------------------------------
+
+
+def test_eval_refuses_a_bad_passage_row_in_one_line(tmp_path, llama_dir, cli):
+    rows = tmp_path / "t.jsonl"
+    rows.write_text(json.dumps({"text": PASSAGE, "answers": [5]}) + "\n")
+    before = snapshot(tmp_path)
+    result = cli("eval", rows, "--model", llama_dir, "--max-new-tokens", "8", cwd=tmp_path)
+    # Data errors exit 1, as every data case of test_bad_input does (2 is for bad options).
+    assert_one_line_and_nothing_written(result, 1, f"{rows}:1: 'answers' must be a non-empty list", tmp_path, before)
+
+
+def test_a_saved_neighbour_probe_read_back_keeps_its_replaced_subject():
+    from unlearn.data import parse_line
+
+    row = {"prompt": "What is the capital of Spain?", "subject": "France", "replacement": "Spain"}
+    assert parse_line(row, "probes.jsonl:1", need_response=False).extra["subject"] == "France"
