@@ -143,7 +143,7 @@ def test_resume_refuses_other_arguments(tmp_path, data, llama_dir, cli):
     result = cli("run", *args, "--lr", "5e-3", "-o", out, "--resume")
     assert result.code == 2
     assert result.err.strip().splitlines() == [
-        "unlearn: --resume: the arguments differ from the checkpointed run's (train); "
+        "unlearn: --resume: the arguments differ from the checkpointed run's (train.lr: 0.01 then, 0.005 now); "
         "give the same arguments, or start afresh with --force"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
@@ -361,3 +361,13 @@ def test_the_package_never_writes_pickles():
     for source in package.glob("*.py"):
         text = source.read_text()
         assert "torch.save(" not in text and "pickle.dump" not in text, source
+
+
+def test_the_first_difference_names_the_setting_and_both_values():
+    from unlearn.run import _first_difference
+
+    assert _first_difference("train", {"lr": 0.01, "seed": 0}, {"lr": 0.005, "seed": 0}) == \
+        "train.lr: 0.01 then, 0.005 now"
+    assert _first_difference("lora", {"rank": 8, "layers": {"a": 1}}, {"rank": 8, "layers": {"a": 2}}) == \
+        "lora.layers.a: 1 then, 2 now"
+    assert _first_difference("retain_probes", 12, None) == "retain_probes: 12 then, null now"

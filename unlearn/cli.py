@@ -85,8 +85,10 @@ def _command_line() -> str:
               help="Forget (and normal) rows per micro-batch; under torchrun, in all (each process takes a share).")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimiser step.")
 @click.option("--max-steps", type=int, default=150, show_default=True, help="Cap on optimiser steps.")
-@click.option("--warmup-steps", type=int, default=0, show_default=True)
-@click.option("--schedule", type=click.Choice(["constant", "linear"]), default="constant", show_default=True)
+@click.option("--warmup-steps", type=int, default=0, show_default=True,
+              help="Steps over which the learning rate rises linearly from 0 to --lr.")
+@click.option("--schedule", type=click.Choice(["constant", "linear"]), default="constant", show_default=True,
+              help="Learning rate after warm-up: constant, or linear decay to 0 at --max-steps.")
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping (0: off).")
 @click.option("--forget-weight", type=float, default=0.5, show_default=True, help="eps1, weight of L_fgt.")
 @click.option("--mismatch-weight", type=float, default=1.0, show_default=True, help="eps2, weight of L_rdn.")
@@ -140,7 +142,7 @@ def _command_line() -> str:
                    "default, chosen on the dev split.")
 @click.option("--template", default="I can't help with that.", show_default=True,
               help="The refusal that ga+template teaches.")
-@click.option("--npo-beta", type=float, default=0.1, show_default=True)
+@click.option("--npo-beta", type=float, default=0.1, show_default=True, help="npo: β, the inverse temperature of its loss.")
 @click.option("--rmu-layer", type=int, default=None,
               help="rmu: the layer whose hidden states are misdirected; it and the two below it are trained "
                    "[default: a quarter of the depth, 8 of SmolLM2's 30].")
@@ -166,7 +168,8 @@ def _command_line() -> str:
                    f"check after them that finds nothing leaking. auto: as many as forgetting took, at most {AUTO_CAP} "
                    "[default: 0 (off); docs/quality.md, \"Repair steps\"]. Not with --extra-steps.")
 @click.option("--max-length", type=int, default=256, show_default=True, help="Tokens per training row (prompt+response).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the row order, LoRA's initialisation and the held-back normal rows.")
 @click.option("--full", is_flag=True, help="Fine-tune every weight instead of LoRA (keeps a frozen reference copy).")
 @click.option("--gradient-checkpointing", is_flag=True,
               help="Recompute activations in backward: on the 135M default peak memory 2404 -> 1481 MB, step "
@@ -175,9 +178,9 @@ def _command_line() -> str:
 @click.option("--fsdp", is_flag=True,
               help="Under torchrun: shard parameters, gradients and optimiser state over the processes (FSDP) "
                    "instead of a full model copy per process (DDP), for models that do not fit on one device.")
-@click.option("--lora-rank", type=int, default=8, show_default=True)
-@click.option("--lora-alpha", type=float, default=16.0, show_default=True)
-@click.option("--lora-dropout", type=float, default=0.0, show_default=True)
+@click.option("--lora-rank", type=int, default=8, show_default=True, help="LoRA rank r.")
+@click.option("--lora-alpha", type=float, default=16.0, show_default=True, help="LoRA α: the update is scaled by α / r.")
+@click.option("--lora-dropout", type=float, default=0.0, show_default=True, help="Dropout on the LoRA input.")
 @click.option("--lora-targets", default=None,
               help="Comma-separated module names; names absent from the model are skipped "
                    "[default: the feed-forward layers: gate_proj,up_proj,down_proj (Llama, Mistral, Qwen), "
@@ -286,7 +289,7 @@ def run_command(**o):
 @click.option("--rewrites", type=int, default=2, show_default=True, help="Rewrites per forget prompt (at most 4).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled rewrites.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Generation batch size.")
-@click.option("--dtype", default="float32", show_default=True)
+@click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")
 @click.option("--force", is_flag=True, help="Replace an existing OUTPUT.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code (off by default).")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as one JSON object.")
@@ -325,9 +328,9 @@ def augment_command(as_json, **o):
               help="Prompts generated together (fewer when their KV cache would pass 4 GiB; likelihoods are scored in batches of at most 16).")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--do-sample", is_flag=True, help="Sample instead of greedy decoding.")
-@click.option("--temperature", type=float, default=1.0, show_default=True)
-@click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature (with --do-sample).")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling's p (with --do-sample).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of sampled answers (with --do-sample).")
 @click.option("--min-k", type=float, default=20.0, show_default=True, help="k (percent) of the min-k probability attack.")
 @click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")
 @click.option("--save-generations", type=click.Path(path_type=str), default=None,

@@ -228,6 +228,8 @@ def make_judge(spec: str | None, label: str | None = None):
         return SimilarityJudge()
     kind, sep, arg = spec.partition(":")
     if sep and kind == "keywords" and arg:
+        if label is not None:
+            raise UsageError("--judge-label only applies to --judge classifier:PATH")
         return KeywordJudge(arg)
     if sep and kind == "classifier" and arg:
         return ClassifierJudge(arg, label)

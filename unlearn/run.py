@@ -264,13 +264,25 @@ def _prepare_output(opts: RunOptions, output: Path, run_args: dict, created: lis
     for key, value in run_args.items():
         if key == "save_every":
             continue
-        if saved.get(key) != json.loads(json.dumps(value, default=str)):
-            raise UsageError(f"--resume: the arguments differ from the checkpointed run's ({key}); "
+        now = json.loads(json.dumps(value, default=str))
+        if saved.get(key) != now:
+            differs = _first_difference(key, saved.get(key), now)
+            raise UsageError(f"--resume: the arguments differ from the checkpointed run's ({differs}); "
                              f"give the same arguments, or start afresh with --force")
     if not run_args["save_every"]:
         run_args["save_every"] = saved.get("save_every", 0)
     remove_partial(output)
     return checkpoint
+
+
+def _first_difference(name: str, saved, now) -> str:
+    """Where two recorded argument values first differ, with both values: "train.lr: 0.002 then, 0.001 now"
+    (a whole group's name alone, "train", leaves the user to guess which of its forty settings moved)."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for key in sorted(set(saved) | set(now), key=str):
+            if saved.get(key) != now.get(key):
+                return _first_difference(f"{name}.{key}", saved.get(key), now.get(key))
+    return f"{name}: {json.dumps(saved)} then, {json.dumps(now)} now"
 
 
 # --- load: the model, its adapters (or frozen reference), and the measurers -------------------
