@@ -97,6 +97,9 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, data, llama_dir, refe
     record = json.loads((out / "run.json").read_text())
     assert record["steps"] == len(record["history"]) and [h["step"] for h in record["history"]] == list(
         range(1, record["steps"] + 1))
+    # the wall clock is this process's, training counts every process: the table says so, with no rest
+    assert record["resumed_from"] == str(out / "checkpoints" / f"step-{steps[-1]}")
+    assert "this process, resumed" in resumed.out and "reading and writing" not in resumed.out
     assert not (out / "checkpoints").exists() and not list(tmp_path.glob(".out.*"))
 
 

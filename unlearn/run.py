@@ -932,6 +932,9 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         # evaluation and ULMR's rewrites, what wall_clock_s leaves is reading the data and writing OUTPUT.
         "load_seconds": round(job.load_seconds, 3),
         "augment_seconds": round(job.augment_seconds, 3) if job.augment_stats else None,  # None: none made here
+        # After --resume: the checkpoint continued; train_seconds and stop_rule_seconds then count every
+        # process since the first start, wall_clock_s this one only (tables._wall_clock_parts says so).
+        "resumed_from": str(data.resume_from) if data.resume_from is not None else None,
         "train_seconds": round(result.seconds, 3),
         # The stop rule's checks: generation between steps, counted in neither training nor evaluation.
         "stop_rule_seconds": round(result.check_seconds, 3),

@@ -85,11 +85,16 @@ def _repair_note(record: dict) -> str:
 
 def _wall_clock_parts(record: dict) -> str:
     """The run's wall clock in its parts (run.py's *_seconds); what they leave is reading the data and writing
-    the outputs, so the parts add up to the whole."""
+    the outputs, so the parts add up to the whole (not after --resume: see below)."""
     parts = [("loading", record["load_seconds"]), ("ULMR's rewrites", record.get("augment_seconds")),
              ("training", record["train_seconds"]), ("stop-rule checks", record["stop_rule_seconds"]),
              ("evaluation", record["eval_seconds"])]
     parts = [(name, seconds) for name, seconds in parts if seconds is not None]
+    if record.get("resumed_from"):
+        # The wall clock is this process's; training and the checks count every process since the first
+        # (the checkpoint carries their seconds), so the parts do not add up to it and no rest is shown.
+        return "this process, resumed; training and stop-rule checks since the first start: " + ", ".join(
+            f"{name} {seconds:.1f} s" for name, seconds in parts)
     rest = max(record["wall_clock_s"] - sum(seconds for _, seconds in parts), 0.0)
     return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in parts + [("reading and writing", rest)])
 
