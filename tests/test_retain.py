@@ -211,10 +211,10 @@ def test_resume_refuses_a_different_retain_file(tmp_path):
     (step / "state.json").write_text(json.dumps({"args": args}))
     assert _prepare_output(opts, out, _run_args(opts), []) == step  # the same retain file: resumes
     write_jsonl(retain, CLI_RETAIN[:1])
-    with pytest.raises(UsageError, match=r"differ from the checkpointed run's \(data\)"):
+    with pytest.raises(UsageError, match=r"differ from the checkpointed run's \(data\.retain: \["):
         _prepare_output(opts, out, _run_args(opts), [])
     without = RunOptions(forget=forget, normal=normal, output=out, resume=True).resolved()
-    with pytest.raises(UsageError, match=r"\(data\)"):
+    with pytest.raises(UsageError, match=r"\(data\.retain: \[\"[0-9a-f]{64}\"\] then, null now\)"):
         _prepare_output(without, out, _run_args(without), [])
 
 

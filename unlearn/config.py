@@ -91,6 +91,16 @@ FORGET_LOSSES = ("ascent", "unlikelihood", "redirect", "spellings")
 ASCENT_METHODS = ("ga", "ga+mismatch", "ga+template", "graddiff")  # their forget term is `losses.forget_loss`
 
 
+def check_positive_finite(flag: str, value: float) -> None:
+    """Refuse VALUE for FLAG unless it is a number above 0 and below inf.
+
+    `not value > 0` refuses nan but takes inf: --lr inf made every adapter weight nan at the first
+    step, and --npo-beta inf a nan loss.
+    """
+    if not (value > 0 and math.isfinite(value)):
+        raise UsageError(f"{flag} {value}: must be positive and finite")
+
+
 @dataclass
 class TrainConfig:
     """The training loop's settings (`train.Unlearner`, `train.train`); see README for the measurements behind them."""
@@ -172,11 +182,13 @@ class TrainConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise UsageError(f"--method {self.method}: expected one of {', '.join(METHODS)}")
-        positive = {"--lr": self.lr, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
-                    "--max-steps": self.max_steps, "--max-length": self.max_length, "--npo-beta": self.npo_beta}
+        positive = {"--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
+                    "--max-steps": self.max_steps, "--max-length": self.max_length}
         for flag, value in positive.items():
             if not value > 0:
                 raise UsageError(f"{flag} {value}: must be positive")
+        for flag, value in {"--lr": self.lr, "--npo-beta": self.npo_beta}.items():
+            check_positive_finite(flag, value)
         for flag, value in {"--forget-weight": self.forget_weight, "--mismatch-weight": self.mismatch_weight,
                             "--normal-weight": self.normal_weight,
                             "--retain-weight": self.retain_weight, "--warmup-steps": self.warmup_steps,

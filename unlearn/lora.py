@@ -57,8 +57,8 @@ class LoraSettings:
     def validate(self) -> None:
         if self.rank < 1:
             raise UsageError(f"--lora-rank {self.rank}: must be at least 1")
-        if self.alpha <= 0:
-            raise UsageError(f"--lora-alpha {self.alpha}: must be positive")
+        if not (self.alpha > 0 and math.isfinite(self.alpha)):  # (`alpha <= 0` took nan and inf)
+            raise UsageError(f"--lora-alpha {self.alpha}: must be positive and finite")
         if not 0 <= self.dropout < 1:
             raise UsageError(f"--lora-dropout {self.dropout}: must be in [0, 1)")
         layer_indices(self.layers, 1 << 30)  # the form only; the range is checked against the model

@@ -74,6 +74,40 @@ class NonFiniteLoss(UnlearnError):
         self.step, self.what, self.value = step, what, value
 
 
+class NonFiniteWeights(NonFiniteLoss):
+    """An update made a trainable weight nan or inf (a finite loss and gradient, an overflowing step:
+    --lr 1e39 in float32); the run stops before the model is written."""
+
+    def __init__(self, step: int, name: str | None):
+        UnlearnError.__init__(self, f"step {step}: the update made the trained weights non-finite (nan or inf"
+                                    + (f", first in {name})" if name else ")"))
+        self.step, self.what, self.value = step, "trained weights", math.nan
+
+
+def first_non_finite(params: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first of PARAMS holding a nan or inf, or None when every one is finite.
+
+    One host sync for all of them (a flag a tensor, stacked), not one a tensor: a step of the embedded
+    model has ~200 adapter tensors. Under FSDP each rank reads its own shards (`to_local`).
+    """
+    if not params:
+        return None
+    local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in params.values()]
+    finite = torch.stack([torch.isfinite(t).all() for t in local]).cpu()
+    if bool(finite.all()):
+        return None
+    return list(params)[int((~finite).nonzero()[0])]
+
+
+def margin_holds(likeliest: float | None, margin: float) -> bool:
+    """Whether --stop-margin holds: no forget answer likelier than MARGIN (LIKELIEST None: no answer to read).
+
+    A nan never holds: `nan > margin` is False, so the test the other way round counted a broken model's
+    margin as met, and the run stopped as "forgotten" and wrote it.
+    """
+    return likeliest is None or likeliest <= margin
+
+
 class StopRequested(Exception):
     """Ctrl-C arrived during training: the current step finished and the state was saved."""
 
@@ -397,7 +431,8 @@ class Unlearner:
         probabilities = dict(zip(rest, self._answer_probabilities(rest)))
         if first is not None:
             probabilities[first] = p
-        self._likeliest_row = max(probabilities, key=probabilities.get)
+        # a nan row counts as the likeliest: max() would pass over it, and the margin must not hold on it
+        self._likeliest_row = max(probabilities, key=lambda i: (math.isnan(probabilities[i]), probabilities[i]))
         # every rank ran the forwards (FSDP needs them all); rank 0's value holds
         return distributed.broadcast(probabilities[self._likeliest_row]), True
 
@@ -829,10 +864,34 @@ class Unlearner:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
+        self._check_weights()
         record = {"step": self.step_count, "lr": lr, "grad_norm": float(grad_norm), **logged}
         if self.keep_terms_only:
             record["keep_terms_only"] = True
         return record
+
+    def _check_weights(self) -> None:
+        """Raise NonFiniteWeights if the update just taken made a trainable weight nan or inf.
+
+        A finite loss and gradient norm do not make a finite update: Adam moves each weight by about
+        the learning rate, so --lr 1e39 overflows float32 (and bf16's smaller rates), and every later
+        loss is nan. Only the trainable parameters can have changed, so only they are read.
+        """
+        name = first_non_finite(self._named_params())
+        if distributed.any_rank(name is not None):  # (FSDP: a shard of another rank's)
+            raise NonFiniteWeights(self.step_count, name)
+
+    def outputs_finite(self) -> bool:
+        """Whether the trained model gives finite log-probabilities on the first forget row's scored tokens.
+
+        Finite weights can still overflow in the forward pass (the tiny test Llama at --lr 1e30: weights
+        ~1e30, logits nan), and a run whose last step made them so is otherwise written: no later loss
+        is computed, and a greedy check of nan logits leaks nothing. One row's forward, once a run.
+        """
+        from unlearn.evaluate import labelled_logprobs
+
+        scored = labelled_logprobs(self.forward_model, self.tokenizer, [through_first_run(self.forget[0])])[0]
+        return not distributed.any_rank(not all(math.isfinite(lp) for lp in scored))
 
 
 class _DeferredInterrupt:
@@ -915,7 +974,9 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                     # is not done anyway.
                     likeliest, exact = (unlearner.likeliest_forget_answer(above=config.stop_margin)
                                         if config.stop_margin else (None, True))
-                    if likeliest is not None and likeliest > config.stop_margin:
+                    if likeliest is not None and not math.isfinite(likeliest):  # a nan forward: a broken model
+                        raise NonFiniteLoss(step, "likeliest forget answer's probability", likeliest)
+                    if not margin_holds(likeliest, config.stop_margin):
                         done, leak, held_leaks = False, None, 0
                         # dual ascent on the margin's constraint: the forget term weighs more until it holds
                         unlearner.forget_scale = min(unlearner.forget_scale * 2, MAX_FORGET_SCALE)
@@ -972,6 +1033,9 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                     if checkpoint is not None and saved is None:
                         saved = checkpoint(loop_state())
                     raise StopRequested(unlearner.step_count, saved)
+            if unlearner.forget and not unlearner.outputs_finite():  # what is about to be written
+                raise NonFiniteLoss(unlearner.step_count, "trained model's log-probability of a forget answer",
+                                    math.nan)
         finally:
             bar.close()
             unlearner.keep_terms_only = False
