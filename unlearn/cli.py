@@ -358,10 +358,10 @@ def eval_command(save_generations, report, force, as_json, **o):
     # An output file must not replace what the command reads (--force or not): the prompts, the model's
     # directory (the embedded one lives in the cache), a judge's file.
     model = Path(o["model"]) if o.get("model") and Path(o["model"]).exists() else cache_dir()
+    inputs = [*paths.values(), model, o.get("reference_model"), judge_input(o.get("judge"))]
     for flag, out in (("--save-generations", save_generations), ("--report", report)):
         if out:
-            refuse_output_over_inputs(out, [*paths.values(), model, o.get("reference_model"), judge_input(o.get("judge"))],
-                                      inside_too=True, flag=flag)
+            refuse_output_over_inputs(out, inputs, inside_too=True, flag=flag)
     result = evaluate.run_eval(EvalOptions(**{**o, **paths}), log=log)
     if save_generations:
         write_jsonl(save_generations, result["rows"])
