@@ -170,6 +170,13 @@ CASES = {
     "gguf missing": (lambda c: c.run("--model", c.root / "m.gguf"), 1, "no such GGUF file"),
     # --- impossible options ---
     "negative lr": (lambda c: c.run("--lr", "-1"), 2, "--lr -1.0: must be positive"),
+    "a setting the stop rule's checks would apply, with the checks off": (
+        lambda c: c.run("--check-every", "0", "--stop-probes", "0.5", "--leaked-rows", "2"), 2,
+        "--stop-probes, --leaked-rows act at the stop rule's checks, which --check-every 0 turns off"),
+    "--stop-probes without probes": (lambda c: c.run("--stop-probes", "0.5", "--no-probes"), 2,
+                                     "--stop-probes waits for the automatic probes, which --no-probes turns off"),
+    "a keywords judge that is a directory": (lambda c: c.run("--judge", f"keywords:{c.root}"), 2,
+                                             "is a directory, expected a file of keywords"),
     "zero batch size": (lambda c: c.run("--batch-size", "0"), 2, "--batch-size 0: must be positive"),
     "stop leak above 1": (lambda c: c.run("--stop-leak", "2"), 2, "--stop-leak 2.0: must be in [0, 1]"),
     "nan weight": (lambda c: c.run("--normal-weight", "nan"), 2, "--normal-weight nan"),

@@ -368,6 +368,15 @@ class RunOptions:
                              "--full or --fsdp")
         if self.augmented is not None and not ulmr:
             raise UsageError("--augmented is ULMR's training data: use it with --method ulmr")
+        # Settings that act only through the stop rule's checks or the probes would otherwise do nothing, silently.
+        if not train.check_every:
+            given = [flag for flag, on in (("--stop-probes", train.stop_probes), ("--leaked-rows", train.leaked_rows),
+                                           ("--repair-steps", self.repair_steps is not None and train.repair_steps != 0))
+                     if on]
+            if given:
+                raise UsageError(f"{', '.join(given)} act at the stop rule's checks, which --check-every 0 turns off")
+        if train.stop_probes and not self.probes:
+            raise UsageError("--stop-probes waits for the automatic probes, which --no-probes turns off")
         return replace(self, train=train, retain_probes=retain_probes, retain_weight=train.retain_weight,
                        normal_weight=train.normal_weight, forget_loss=train.forget_loss,
                        stop_margin=train.stop_margin, alpha=self._alpha(ulmr, parse_alphas),

@@ -83,6 +83,8 @@ class KeywordJudge:
 
     def __init__(self, path):
         path = Path(path)
+        if path.is_dir():
+            raise UsageError(f"--judge keywords:{path}: is a directory, expected a file of keywords")
         if not path.is_file():
             raise UsageError(f"--judge keywords:{path}: no such file")
         try:
