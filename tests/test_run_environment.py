@@ -33,7 +33,8 @@ def test_a_cache_that_cannot_be_written_costs_the_pointer_not_the_run(tmp_path, 
 
 def test_remember_last_run_says_why_it_could_not(tmp_path, monkeypatch):
     monkeypatch.setenv("UNLEARN_CACHE", str(tmp_path / "cache"))
-    assert paths.remember_last_run(tmp_path) is None and paths.last_run_record  # recorded
+    assert paths.remember_last_run(tmp_path) is None
+    assert (tmp_path / "cache" / "last_run").read_text().strip() == str(tmp_path.resolve())  # recorded
     (tmp_path / "file").write_text("x")
     monkeypatch.setenv("UNLEARN_CACHE", str(tmp_path / "file"))
     assert "could not record" in paths.remember_last_run(tmp_path)

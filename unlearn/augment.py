@@ -312,18 +312,15 @@ def augment_file(opts, log=None) -> tuple[dict, AugmentStats]:
 
     from unlearn import models
     from unlearn.data import read_examples
-    from pathlib import Path
-
     from unlearn.outputs import check_writable, refuse_output_over_inputs, write_jsonl
-    from unlearn.paths import cache_dir
+    from unlearn.paths import model_input
 
     opts.validate()
     examples = read_examples(opts.forget)
     check_request(examples, opts.rewrites, opts.forget)  # before the model loads: a bad request costs no load
     check_writable(opts.output, force=opts.force)
-    spec = opts.generator or opts.model
-    model = Path(spec) if spec and Path(spec).exists() else cache_dir()
-    refuse_output_over_inputs(opts.output, [opts.forget, model], inside_too=True)  # --force or not
+    refuse_output_over_inputs(opts.output, [opts.forget, model_input(opts.generator or opts.model)],
+                              inside_too=True)  # --force or not
     started = time.perf_counter()
     loaded = models.load_model(opts.generator or opts.model, dtype=opts.dtype,
                                trust_remote_code=opts.trust_remote_code, log=log)

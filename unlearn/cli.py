@@ -351,14 +351,13 @@ def eval_command(save_generations, report, force, as_json, **o):
     from unlearn import evaluate, tables
     from unlearn.config import EvalOptions
     from unlearn.outputs import check_writable, judge_input, refuse_output_over_inputs, write_jsonl
-    from unlearn.paths import cache_dir
+    from unlearn.paths import model_input
 
     check_writable(save_generations, report, force=force)
     paths = {k: Path(o[k]) if o[k] else None for k in ("prompts", "forget", "holdout", "reward_model")}
     # An output file must not replace what the command reads (--force or not): the prompts, the model's
     # directory (the embedded one lives in the cache), a judge's file.
-    model = Path(o["model"]) if o.get("model") and Path(o["model"]).exists() else cache_dir()
-    inputs = [*paths.values(), model, o.get("reference_model"), judge_input(o.get("judge"))]
+    inputs = [*paths.values(), model_input(o.get("model")), o.get("reference_model"), judge_input(o.get("judge"))]
     for flag, out in (("--save-generations", save_generations), ("--report", report)):
         if out:
             refuse_output_over_inputs(out, inputs, inside_too=True, flag=flag)

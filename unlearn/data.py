@@ -48,6 +48,11 @@ class Passage(str):
     __slots__ = ()
 
 
+#: The `Example.extra` key where a row read from one of several files that make one set (--retain A
+#: --retain B) keeps its file's name, so that a message about the row names its own file.
+SOURCE_FILE = "source_file"
+
+
 @dataclass
 class Example:
     prompt: str

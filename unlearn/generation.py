@@ -61,7 +61,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from unlearn.cpu_parts import Cancelled, balanced_slices, parallel_pieces, run_pieces
-from unlearn.data import encode_prompt, prompt_key
+from unlearn.data import SOURCE_FILE, encode_prompt, prompt_key
 from unlearn.errors import UnlearnError
 from unlearn.kv_cache import cache_argument, last_positions, new_cache, prefix_applies, run_prefix, shared_length
 
@@ -211,10 +211,6 @@ def check_prompts_fit(model, tokenizer, rows, budget: int, budget_name: str | No
         return
     lengths = [len(encode_prompt(tokenizer, prompt)) for _, prompt in rows]
     refuse_past_context(model, lengths, [budget] * len(rows), lambda i: rows[i][0], budget_name, whose)
-
-
-#: Where a row read from one of several files (--retain A --retain B: one set) keeps its file's name.
-SOURCE_FILE = "source_file"
 
 
 def check_sets_fit(model, tokenizer, sets, budget: int, budget_name: str | None = None,

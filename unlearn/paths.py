@@ -14,6 +14,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("UNLEARN_CACHE") or Path.home() / ".cache" / "unlearn").expanduser()
 
 
+def model_input(spec: str | None) -> Path:
+    """What a command reads for --model SPEC, for the outputs that must not replace it: the local directory
+    or file SPEC names, else the cache (where the embedded model and downloaded ones live)."""
+    return Path(spec) if spec and Path(spec).exists() else cache_dir()
+
+
 def _last_run_pointer() -> Path:
     return cache_dir() / "last_run"
 

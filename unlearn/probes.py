@@ -344,18 +344,18 @@ def build(model, tokenizer, forget: list, limit: int = DEFAULT_LIMIT) -> list[Pr
     A row's replacements are ranked in its own prompt (`Neighbourhood.plausible_many`), and only
     for rows whose turn comes before LIMIT is reached: that ranking is the model's time.
     """
-    rows, offsets, subject_of = [], {}, {}
-    for ex in forget:
-        subject = subject_of[id(ex)] = probe_subject(ex)
+    subjects = [probe_subject(ex) for ex in forget]
+    rows, offsets = [], {}
+    for ex, subject in zip(forget, subjects):
         if subject is not None:
             rows.append((ex, subject, offsets.get(subject, 0)))
             offsets[subject] = offsets.get(subject, 0) + PER_ROW
     # A long chat response names no one: its same-subject probes ask about the things it is about.
-    topics = [(ex, topic_questions(str(ex.prompt))) for ex in forget
-              if subject_of[id(ex)] is None and not ex.is_passage and is_long_response(ex)]
+    topics = [(ex, topic_questions(str(ex.prompt))) for ex, subject in zip(forget, subjects)
+              if subject is None and not ex.is_passage and is_long_response(ex)]
     exclude = set()
-    for ex in forget:
-        exclude.update(_letters(subject_of[id(ex)] or ""))
+    for ex, subject in zip(forget, subjects):
+        exclude.update(_letters(subject or ""))
         exclude.update(w for answer in row_answers(ex)[0] or () for w in _letters(answer))
     exclude -= {"the", "of", "and", "a", "an"}
     seen = {prompt_key(ex.prompt) for ex in forget}

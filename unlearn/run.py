@@ -30,7 +30,7 @@ from unlearn import distributed, models, system
 from unlearn.checkpoints import checkpoint_root, latest_checkpoint, load_checkpoint, read_state, remove_partial
 from unlearn.checkpoints import save_checkpoint
 from unlearn.config import RunOptions
-from unlearn.data import Example, check_answers_spelled, prompt_key, read_examples
+from unlearn.data import SOURCE_FILE, Example, check_answers_spelled, prompt_key, read_examples
 from unlearn.errors import Interrupted, UnlearnError, UsageError
 from unlearn.log import log as default_log
 from unlearn.measure import (KEPT_KV_BUDGET, EvalSet, Measured, Measurer, Settings, kept_rate, leak_rate, original_scorer,
@@ -153,10 +153,8 @@ def prepare(opts: RunOptions, created: list, forget: list) -> Prepared:
 def read_retain(paths, forget: list, forget_path: Path) -> list:
     """The --retain files' rows, in order, none with a forget prompt (`refuse_forget_prompts`).
 
-    Each row's file is kept in its `extra` (generation.SOURCE_FILE): the rows of every file make one
+    Each row's file is kept in its `extra` (data.SOURCE_FILE): the rows of every file make one
     `retain` set, whose path is the first file's, and a message about a row must name its own file."""
-    from unlearn.generation import SOURCE_FILE
-
     rows = []
     for path in paths:
         for ex in refuse_forget_prompts(read_examples(path), path, forget, forget_path):
@@ -238,11 +236,11 @@ def _prepare_output(opts: RunOptions, output: Path, run_args: dict, created: lis
     With --save-every the checkpoints go into OUTPUT while the run goes on, so OUTPUT is
     created now (empty, or --force); stale checkpoints of an earlier run there are removed.
     """
-    from unlearn.paths import cache_dir
+    from unlearn.paths import model_input
 
     # The model read (a local directory or file; the embedded one lives in the cache) and every data
     # file: an OUTPUT that is or holds one would be deleted by --force when the result replaces it.
-    model = Path(opts.model) if opts.model and Path(opts.model).exists() else cache_dir()
+    model = model_input(opts.model)
     if not opts.resume:
         check_output_dir(output, opts.force)
     refuse_output_over_inputs(output, [model, opts.forget, opts.normal, *opts.retain, *opts.eval_forget,

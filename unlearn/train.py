@@ -75,8 +75,10 @@ class NonFiniteLoss(UnlearnError):
 
 
 class NonFiniteWeights(NonFiniteLoss):
-    """An update made a trainable weight nan or inf (a finite loss and gradient, an overflowing step:
-    --lr 1e39 in float32); the run stops before the model is written."""
+    """An update made a trainable weight nan or inf from a finite loss and gradient (an overflowing step);
+    the run stops before the model is written. No --lr that passes validation reached it on the tiny test
+    model (there the weights stay finite and the outputs overflow: `Unlearner.outputs_finite`), so the
+    test puts the inf in by hand; it names the first such tensor, where a nan loss a step later would not."""
 
     def __init__(self, step: int, name: str | None):
         UnlearnError.__init__(self, f"step {step}: the update made the trained weights non-finite (nan or inf"
@@ -874,8 +876,8 @@ class Unlearner:
         """Raise NonFiniteWeights if the update just taken made a trainable weight nan or inf.
 
         A finite loss and gradient norm do not make a finite update: Adam moves each weight by about
-        the learning rate, so --lr 1e39 overflows float32 (and bf16's smaller rates), and every later
-        loss is nan. Only the trainable parameters can have changed, so only they are read.
+        the learning rate, which can overflow the weights' dtype (bf16's range sooner than float32's), and
+        every later loss is nan. Only the trainable parameters can have changed, so only they are read.
         """
         name = first_non_finite(self._named_params())
         if distributed.any_rank(name is not None):  # (FSDP: a shard of another rank's)
