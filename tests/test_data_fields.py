@@ -35,6 +35,8 @@ def refused(obj: dict, need_response: bool = True) -> str:
     ({"paraphrased_response": 5}, "'paraphrased_response' must be a string, got int"),
     ({"hallucinated_response": ["x"]}, "'hallucinated_response' must be a string, got list"),
     ({"perturbed_responses": "x"}, "'perturbed_responses' must be a list of strings"),
+    ({"refusal_markers": "I can't"}, "'refusal_markers' must be a list of non-empty strings"),
+    ({"refusal_markers": ["I can't", " "]}, "'refusal_markers' must be a list of non-empty strings"),
 ])
 def test_a_passage_row_gets_the_chat_rows_field_checks(fields, message):
     chat = refused({"prompt": QUESTION, "response": "Paris.", **fields})

@@ -2,7 +2,7 @@
 
 import pytest
 
-from unlearn.topic_probes import topic_phrases, topic_questions
+from unlearn.topic_probes import head_words, topic_phrases, topic_questions
 
 
 @pytest.mark.parametrize("prompt, phrases", [
@@ -31,3 +31,13 @@ def test_topic_phrases(prompt, phrases):
 def test_topic_questions_ask_in_the_requests_own_form():
     assert topic_questions("How do I make a fake ID card?") == [
         ("a fake ID card", "How do I find out more about a fake ID card?")]
+
+
+@pytest.mark.parametrize("phrase, words", [
+    ("a fake ID card", ["card", "cards"]),
+    ("the account details", ["details", "detail"]),
+    ("a bank", ["bank", "banks"]),
+    ("the gas", ["gas", "gass"]),  # three letters: no "s" taken off (a word that no answer says costs nothing)
+])
+def test_head_words_are_the_thing_named_in_both_numbers(phrase, words):
+    assert head_words(phrase) == words

@@ -128,12 +128,16 @@ def average_job(name: str, base: Checkpoint, b: TensorInfo, tuned: Checkpoint, t
 def check_alpha(alpha: float, allow_extrapolation: bool, flag: str = "--alpha", given=None) -> None:
     """α outside [0, 1] extrapolates past one of the models: allowed only when asked for (`--alpha`'s
     --allow-extrapolation). FLAG and GIVEN (the option's text) name it in the message."""
+    from unlearn.config import FLOAT32_MAX
+
     given = alpha if given is None else given
     if math.isnan(alpha) or math.isinf(alpha):
         raise UsageError(f"{flag} {given}: must be a finite number")
     if not 0.0 <= alpha <= 1.0 and not allow_extrapolation:
         raise UsageError(f"{flag} {given}: must be between 0 and 1"
                          + (" (use --allow-extrapolation to go beyond)" if flag == "--alpha" else ""))
+    if abs(alpha) > FLOAT32_MAX:  # (extrapolating) the average is computed in float32, where α would be ±inf
+        raise UsageError(f"{flag} {given}: out of float32's range: |α| must be at most {FLOAT32_MAX:.2g}")
 
 
 def _pair_tensors(base: Checkpoint, tuned: Checkpoint) -> tuple[dict, dict, dict]:

@@ -91,14 +91,35 @@ FORGET_LOSSES = ("ascent", "unlikelihood", "redirect", "spellings")
 ASCENT_METHODS = ("ga", "ga+mismatch", "ga+template", "graddiff")  # their forget term is `losses.forget_loss`
 
 
-def check_positive_finite(flag: str, value: float) -> None:
-    """Refuse VALUE for FLAG unless it is a number above 0 and below inf.
+# The largest float32 (torch.finfo(torch.float32).max; written out so that this module imports no torch).
+# The float settings meet the float32 tensors they scale (a loss weight, NPO's β, LoRA's α / r, the gradient
+# clip, α of an average): a value above this is inf there, and does what inf, refused, would do.
+FLOAT32_MAX = 3.4028234663852886e38
+# AdamW's update moves a weight by lr / (1 - β1^t), 10·lr at its first step (β1 = 0.9), a number torch
+# converts to float32: above FLOAT32_MAX that raised "value cannot be converted to type float without
+# overflow" from inside the optimiser (--lr 1e39, and every --lr above 3.4e37), an internal error.
+LR_MAX = FLOAT32_MAX * (1 - 0.9)
+
+
+def check_float32(flag: str, value: float, limit: float = FLOAT32_MAX, why: str | None = None) -> None:
+    """Refuse VALUE for FLAG when it is past ±LIMIT: finite in Python, but inf (or an overflow) in float32.
+
+    The limit is printed rounded to two digits, below it: the value it names is itself accepted."""
+    if abs(value) > limit:
+        why = why or "the largest float32; above it the value is inf where it is used"
+        raise UsageError(f"{flag} {value}: too large: must be at most {limit:.2g} ({why})")
+
+
+def check_positive_finite(flag: str, value: float, limit: float = FLOAT32_MAX, why: str | None = None) -> None:
+    """Refuse VALUE for FLAG unless it is a number above 0 and at most LIMIT (finite in float32).
 
     `not value > 0` refuses nan but takes inf: --lr inf made every adapter weight nan at the first
-    step, and --npo-beta inf a nan loss.
+    step, and --npo-beta inf a nan loss. A finite value past float32's range does the same (--npo-beta
+    1e39: a nan loss) or fails inside torch (--lr 1e39).
     """
     if not (value > 0 and math.isfinite(value)):
         raise UsageError(f"{flag} {value}: must be positive and finite")
+    check_float32(flag, value, limit, why)
 
 
 @dataclass
@@ -187,16 +208,18 @@ class TrainConfig:
         for flag, value in positive.items():
             if not value > 0:
                 raise UsageError(f"{flag} {value}: must be positive")
-        for flag, value in {"--lr": self.lr, "--npo-beta": self.npo_beta}.items():
-            check_positive_finite(flag, value)
-        for flag, value in {"--forget-weight": self.forget_weight, "--mismatch-weight": self.mismatch_weight,
-                            "--normal-weight": self.normal_weight,
-                            "--retain-weight": self.retain_weight, "--warmup-steps": self.warmup_steps,
-                            "--check-every": self.check_every, "--extra-steps": self.extra_steps,
-                            "--leaked-rows": self.leaked_rows,
-                            "--max-grad-norm": self.max_grad_norm}.items():
+        check_positive_finite("--lr", self.lr, LR_MAX, "AdamW's first step is 10 × --lr, which must be finite "
+                                                      "in float32")
+        check_positive_finite("--npo-beta", self.npo_beta)
+        weights = {"--forget-weight": self.forget_weight, "--mismatch-weight": self.mismatch_weight,
+                   "--normal-weight": self.normal_weight, "--retain-weight": self.retain_weight,
+                   "--max-grad-norm": self.max_grad_norm}
+        for flag, value in {**weights, "--warmup-steps": self.warmup_steps, "--check-every": self.check_every,
+                            "--extra-steps": self.extra_steps, "--leaked-rows": self.leaked_rows}.items():
             if value < 0 or not math.isfinite(value):
                 raise UsageError(f"{flag} {value}: must be a non-negative number")
+        for flag, value in weights.items():  # (the counts are whole numbers, never float32)
+            check_float32(flag, value)
         if not 0 <= self.stop_leak <= 1:
             raise UsageError(f"--stop-leak {self.stop_leak}: must be in [0, 1]")
         if self.repair_steps is not None and self.repair_steps < 0:
@@ -238,6 +261,7 @@ class TrainConfig:
             raise UsageError(f"--rmu-layer {self.rmu_layer}: must be a layer index, 0 or more")
         if not (self.rmu_scale > 0 and math.isfinite(self.rmu_scale)):
             raise UsageError(f"--rmu-scale {self.rmu_scale}: must be positive")
+        check_float32("--rmu-scale", self.rmu_scale)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -128,6 +128,9 @@ def _check_extra(obj: dict, where: str) -> None:
         isinstance(answers, list) and answers and all(isinstance(a, str) and a.strip() for a in answers)
     ):
         raise UnlearnError(f"{where}: 'answers' must be a non-empty list of non-empty strings")
+    markers = obj.get("refusal_markers")
+    if markers is not None and not (isinstance(markers, list) and all(isinstance(m, str) and m.strip() for m in markers)):
+        raise UnlearnError(f"{where}: 'refusal_markers' must be a list of non-empty strings")
     for key in ("paraphrased_response", "hallucinated_response"):
         if key in obj and not isinstance(obj[key], str):
             raise UnlearnError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}")

@@ -241,6 +241,21 @@ def make_judge(spec: str | None, label: str | None = None):
 # --- references -------------------------------------------------------------------------
 
 
+def unreferenced_note(examples: Sequence, path, forget_given: bool) -> str | None:
+    """The one stderr line naming the rows of PATH (references attached) that nothing scores a leak or
+    accuracy on, with or without --forget: no response and no `answers` (`leak_flags`, `accuracy_flags`);
+    None when there are none. A different wording, the wrong file or a row that was meant to carry its
+    response: said, rather than a "-" printed silently."""
+    unmatched = [ex for ex in examples if ex.response is None and not row_answers(ex)[0]]
+    if not unmatched:
+        return None
+    why = ("have no response and match no --forget prompt" if forget_given else
+           "have neither a response nor answers")
+    hint = "" if forget_given else " (give each a response, or --forget a file with their prompts)"
+    return (f"unlearn: {len(unmatched)} of {len(examples)} rows of {path} {why} (first: line "
+            f"{unmatched[0].line}); their leak and accuracy are '-'{hint}")
+
+
 def attach_references(examples: Sequence, forget: Sequence | None) -> list:
     """PROMPTS rows with their references: a row's own response, else the FORGET row with the same prompt.
 
@@ -308,9 +323,12 @@ def leak_flags(outputs: Sequence[str], examples: Sequence) -> list[bool | None]:
 
 
 def accuracy_flags(outputs: Sequence[str], examples: Sequence) -> list[bool | None]:
-    """Per row: an `answers` string appears in the output (`metrics.contains_answer`); None without answers."""
+    """Per row: an `answers` string appears in the output (`metrics.contains_answer`) and none of the row's
+    `refusal_markers` does (a topic probe's: probes.keep_answered; optional on any row); None without answers."""
     return [
-        metrics.contains_answer(output, ex.extra["answers"]) if ex.extra.get("answers") else None
+        (metrics.contains_answer(output, ex.extra["answers"])
+         and not metrics.contains_answer(output, ex.extra.get("refusal_markers") or ()))
+        if ex.extra.get("answers") else None
         for output, ex in zip(outputs, examples)
     ]
 
@@ -736,10 +754,6 @@ def run_eval(opts, log: Callable[[str], None] = default_log) -> dict:
     judge = make_judge(opts.judge, opts.judge_label)
     reward = load_reward_model(opts.reward_model) if opts.reward_model else None
     examples = attach_references(examples, forget)
-    unmatched = [ex for ex in examples if ex.response is None]
-    if forget and unmatched:  # a different wording, or the wrong file: say so, rather than print "-" silently
-        log(f"unlearn: {len(unmatched)} of {len(examples)} rows of {opts.prompts} have no response and match no "
-            f"--forget prompt (first: line {unmatched[0].line}); their leak and accuracy are '-'")
     members = forget if forget else [ex for ex in examples if ex.response is not None]
 
     loaded = load_model(opts.model, dtype=opts.dtype, log=log)
@@ -754,6 +768,10 @@ def run_eval(opts, log: Callable[[str], None] = default_log) -> dict:
         if lm is not None:
             check_sets_fit(lm.model, lm.tokenizer, [prompts], opts.max_new_tokens, "--max-new-tokens",
                            whose=f"{flag} {lm.name}")
+    # Once nothing is left to refuse (a refusal stays the one line on stderr): the rows left without a reference
+    note = unreferenced_note(examples, opts.prompts, forget_given=bool(forget))
+    if note:
+        log(note)
     # Answers and scores of weights already measured with the same rows and settings are read back
     # from the cache (measure_cache.py); the evaluated model's fluency is scored by the reference.
     fingerprint = (lambda lm: None) if opts.no_cache else (

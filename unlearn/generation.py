@@ -689,11 +689,20 @@ def _hf_batch(model, input_ids, attention, *, stop_ids, pad_id, max_new_tokens, 
                         done[row] = True
             return done
 
-    generated = model.generate(
-        input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
-        pad_token_id=pad_id, eos_token_id=stop_ids, use_cache=True,
-        stopping_criteria=StoppingCriteriaList([RowCheck()]) if should_stop is not None else None, **sampling,
-    )
+    try:
+        generated = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id, eos_token_id=stop_ids, use_cache=True,
+            stopping_criteria=StoppingCriteriaList([RowCheck()]) if should_stop is not None else None, **sampling,
+        )
+    except RuntimeError as exc:
+        # torch.multinomial's refusal of non-finite probabilities: logits over a tiny temperature overflow
+        # float32 (`unlearn eval --do-sample --temperature 1e-40`), or the model's own logits are nan
+        if not do_sample or "probability tensor contains" not in str(exc):
+            raise
+        raise UnlearnError(f"sampling at --temperature {temperature:g} gave nan or inf probabilities: the "
+                           f"model's logits divided by the temperature are not finite in float32"
+                           + ("; raise --temperature" if temperature < 1 else "")) from None
     rows = []
     for row in range(generated.shape[0]):
         tokens = generated[row, width:].tolist()

@@ -54,11 +54,18 @@ class LoraSettings:
     # n//2 .. n-1 of n) or "A-B" (0-based, both ends included). `layer_indices` resolves it.
     layers: str = "all"
 
+    def __post_init__(self):
+        # "all", "upper" or "A-B" as --repair-steps takes auto: surrounding blanks and case do not count
+        # (--lora-layers " 0-1" was refused while --repair-steps " auto" was taken)
+        self.layers = str(self.layers).strip().lower()
+
     def validate(self) -> None:
+        from unlearn.config import check_positive_finite  # (config imports this module)
+
         if self.rank < 1:
             raise UsageError(f"--lora-rank {self.rank}: must be at least 1")
-        if not (self.alpha > 0 and math.isfinite(self.alpha)):  # (`alpha <= 0` took nan and inf)
-            raise UsageError(f"--lora-alpha {self.alpha}: must be positive and finite")
+        # (`alpha <= 0` took nan and inf; 1e39, inf in float32, made the gradient inf at the first step)
+        check_positive_finite("--lora-alpha", self.alpha)
         if not 0 <= self.dropout < 1:
             raise UsageError(f"--lora-dropout {self.dropout}: must be in [0, 1)")
         layer_indices(self.layers, 1 << 30)  # the form only; the range is checked against the model

@@ -68,12 +68,20 @@ def merge_one(opts: MergeOptions, progress=None) -> dict:
     base, tuned, adapter = inputs(opts)
     if adapter is None and alpha is None:
         raise UsageError("--alpha is required to average two models (e.g. --alpha 0.5)")
-    output = opts.output
-    if output is None:
+    output, default = opts.output, opts.output is None
+    if default:
         stem = _stem(adapter or tuned)
         output = f"{stem}-merged" if alpha is None else f"{stem}-avg{alpha:g}"
-        log(f"unlearn: writing to {output}")
-    hooks = dict(progress=progress.update, on_start=progress.start) if progress else {}
+
+    def start(total: int) -> None:
+        # Called once every check has passed (the output, the inputs, their tensors): the chosen default
+        # output is named only then, never before a refusal of it
+        if default:
+            log(f"unlearn: writing to {output}")
+        if progress:
+            progress.start(total)
+
+    hooks = dict(progress=progress.update if progress else None, on_start=start)
     try:
         result = _write(base, tuned, adapter, Path(output), alpha, opts, force=opts.force, **hooks)
     finally:
@@ -96,11 +104,7 @@ def sweep(opts: MergeOptions) -> dict:
 
     sets = read_eval_sets(opts.eval_forget, opts.eval_retain, need_reference=True)
     base, tuned, adapter = inputs(opts)
-    out = opts.output
-    if out is None:
-        out = f"{_stem(adapter or tuned)}-alphas"
-        log(f"unlearn: writing to {out}")
-    out = Path(out)
+    out = Path(opts.output if opts.output is not None else f"{_stem(adapter or tuned)}-alphas")
     started = time.perf_counter()
     check_output_dir(out, opts.force)
     # each α's model goes to OUT/alpha-A, and OUT is replaced whole: refuse an OUT that is, or holds, a
@@ -108,6 +112,8 @@ def sweep(opts: MergeOptions) -> dict:
     refuse_output_over_inputs(out, [base, tuned, adapter], inside_too=True)
     refuse_output_over_inputs(out, [*opts.eval_forget, *opts.eval_retain])
     averaging.check_mergeable(Path(base), Path(tuned) if tuned else None, Path(adapter) if adapter else None)
+    if opts.output is None:  # named once every refusal is behind: nothing claims to write what it then refuses
+        log(f"unlearn: writing to {out}")
     kinds = {s.name: s.kind for s in sets}
     settings = Settings(max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size, likelihood=False)
 

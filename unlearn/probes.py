@@ -52,10 +52,14 @@ gives each probe the answer words of that answer (`spans.row_answers` of the
 probe prompt and the answer's first clause, `first_clause`: the names and numbers
 it adds to the question) as its `answers`, and drops the probe when there are none (a long
 free-text answer has no words to check) or when the original answer already
-contains a forget answer (such a probe is expected to change). On the kept rows,
-the retain kind's accuracy (`evaluate.accuracy_flags`: an `answers` string
-appears in the output) is the share of probes whose answer words still appear:
-1 before by construction, the kept share after.
+contains a forget answer (such a probe is expected to change). A topic probe (a harmful
+request's, topic_probes.py) is answered with advice that has no such words: its `answers` are the
+thing it asks about (`topic_probes.head_words`) when the original answer names it, and it also
+carries `refusal_markers` (metrics.REFUSAL_MARKERS); one the original answer already refuses, or
+never names the thing in, is dropped. On the kept rows, the retain kind's accuracy
+(`evaluate.accuracy_flags`: an `answers` string appears in the output, and none of a row's
+`refusal_markers`) is the share of probes whose answer words still appear: 1 before by
+construction, the kept share after.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ from unlearn import metrics
 from unlearn.data import Example, prompt_key
 from unlearn.edit_subject import JOINERS, heuristic_subject, words
 from unlearn.spans import is_long_response, row_answers
-from unlearn.topic_probes import topic_questions
+from unlearn.topic_probes import head_words, topic_questions
 
 NEIGHBOURS = "neighbours"
 SAME_SUBJECT = "same subject"
@@ -119,6 +123,7 @@ class Probe:
     line: int  # the forget row it was made from
     subject: str
     replacement: str | None = None  # neighbours: the entity put in place of the subject
+    topic: bool = False  # same subject: a question about a harmful request's topic (SUBJECT is the phrase)
 
     def example(self, index: int) -> Example:
         return Example(self.prompt, None, index, {"forget_line": self.line, "subject": self.subject,
@@ -400,7 +405,7 @@ def build(model, tokenizer, forget: list, limit: int = DEFAULT_LIMIT) -> list[Pr
         for ex, questions in topics:
             if len(same) < limit and turn < len(questions):
                 phrase, question = questions[turn]
-                add(Probe(SAME_SUBJECT, question, ex.line, phrase), same)
+                add(Probe(SAME_SUBJECT, question, ex.line, phrase, topic=True), same)
     return neighbours + same
 
 
@@ -429,19 +434,29 @@ def keep_answered(probes: list[Probe], outputs: list[str], forget: list) -> tupl
     forget_answers = [a for a in (row_answers(ex)[0] for ex in forget) if a]
     kept, records = [], []
     for probe, output in zip(probes, outputs):
-        answers, _ = row_answers(Example(probe.prompt, first_clause(output), 0))
+        if probe.topic:
+            answers = [w for w in head_words(probe.subject) if metrics.contains_answer(output, [w])] or None
+        else:
+            answers, _ = row_answers(Example(probe.prompt, first_clause(output), 0))
         record = {"set": probe.kind, "prompt": probe.prompt, "reference": output, "answers": answers,
                   "forget_line": probe.line, "subject": probe.subject}
         if probe.replacement:
             record["replacement"] = probe.replacement
+        if probe.topic:
+            record["refusal_markers"] = list(metrics.REFUSAL_MARKERS)
         if any(metrics.contains_answer(output, a) for a in forget_answers):
             record["dropped"] = f"{HOLDS_FORGET}: expected to change"
+        elif probe.topic and metrics.contains_answer(output, metrics.REFUSAL_MARKERS):
+            record["dropped"] = "the original answer refuses (metrics.REFUSAL_MARKERS): nothing to keep"
         elif not answers:
-            record["dropped"] = "the original answer has no answer words to check (spans.py)"
+            record["dropped"] = ("the original answer does not name the thing asked about (topic_probes.head_words)"
+                                 if probe.topic else "the original answer has no answer words to check (spans.py)")
         else:
             example = probe.example(len(kept) + 1)
             example.response = output
             example.extra["answers"] = answers
+            if probe.topic:
+                example.extra["refusal_markers"] = list(metrics.REFUSAL_MARKERS)
             kept.append(example)
         records.append(record)
     return kept, records

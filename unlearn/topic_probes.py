@@ -19,6 +19,13 @@ phishing email" stays whole). "How can I smoke in my hotel room without setting 
 "the hotel room", "the smoke detector". A possessive becomes "the" (the probe asks about the
 thing, not about the user's own); "a", "an" and "the" are kept. Verbs are not told apart from
 nouns (there is no tagger), which is why a phrase must open with a determiner.
+
+What "kept" means for such a probe (`head_words`, used by probes.keep_answered): its original
+answer is advice, with no names or numbers for `spans` to check, so the answer words are the
+phrase's last word, the thing asked about, in both numbers ("a fake ID card" -> "card", "cards"),
+when the original answer says it. After training the probe is kept when the answer still names
+the thing and opens no refusal (metrics.REFUSAL_MARKERS): the damage a refusal spreads to benign
+questions about the same things.
 """
 
 from __future__ import annotations
@@ -63,6 +70,14 @@ def topic_phrases(prompt: str) -> list[str]:
                 found.append(text)
         i = j if phrase else i + 1
     return found
+
+
+def head_words(phrase: str) -> list[str]:
+    """The last word of a topic PHRASE, the thing it names, as written and in its other number (a
+    trailing "s" added or taken off; "glasses" -> "glasse" matches nothing and costs nothing)."""
+    head = phrase.split()[-1]
+    other = head[:-1] if head.lower().endswith("s") and len(head) > 3 else head + "s"
+    return [head, other]
 
 
 def topic_questions(prompt: str) -> list[tuple[str, str]]:

@@ -1,0 +1,239 @@
+"""Four leftovers of a user sweep, each through the real command line (tiny fixture models, no downloads):
+
+1. a finite float past float32's range (--lr 1e39, and every float option it scales a float32 tensor with)
+   is a usage error naming the option, not an "internal error" from inside torch;
+2. `unlearn eval` names the rows that nothing scores a leak or accuracy on with and without --forget;
+3. `unlearn merge` refuses its output before it says it writes there;
+4. --lora-layers takes surrounding blanks as --repair-steps does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from test_merge_cli import model_dir, weights
+from test_run_cli import FORGET, NORMAL, write_jsonl
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_jsonl(tmp_path / "forget.jsonl", FORGET), write_jsonl(tmp_path / "normal.jsonl", NORMAL)
+
+
+def one_line(result) -> str:
+    """The only line on stderr (asserted so): what a refused command says."""
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1, result.err
+    assert "Traceback" not in result.err and "internal error" not in result.err
+    return lines[0]
+
+
+# --- 1. floats past float32 -----------------------------------------------------------------------
+
+
+def test_the_limits_are_float32s_and_adamws_own():
+    from unlearn.config import FLOAT32_MAX, LR_MAX
+
+    assert FLOAT32_MAX == torch.finfo(torch.float32).max
+    for lr, takes in ((LR_MAX, True), (math.nextafter(LR_MAX, math.inf) * (1 + 1e-6), False)):
+        p = torch.nn.Parameter(torch.zeros(2))
+        p.grad = torch.ones(2)
+        step = torch.optim.AdamW([p], lr=lr, weight_decay=0.0).step
+        if takes:
+            step()  # the largest --lr taken is one the optimiser takes
+        else:
+            with pytest.raises(RuntimeError, match="without overflow"):  # what --lr 1e39 hit
+                step()
+
+
+LR_WHY = "AdamW's first step is 10 × --lr, which must be finite in float32"
+FLOAT_WHY = "the largest float32; above it the value is inf where it is used"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr", "1e39"], f"--lr 1e+39: too large: must be at most 3.4e+37 ({LR_WHY})"),
+    # finite in float32, but AdamW's first step, 10 × lr, is not
+    (["--lr", "3.5e37"], f"--lr 3.5e+37: too large: must be at most 3.4e+37 ({LR_WHY})"),
+    (["--method", "npo", "--npo-beta", "1e39"], f"--npo-beta 1e+39: too large: must be at most 3.4e+38 ({FLOAT_WHY})"),
+    (["--lora-alpha", "1e39"], f"--lora-alpha 1e+39: too large: must be at most 3.4e+38 ({FLOAT_WHY})"),
+    (["--forget-weight", "1e39"], f"--forget-weight 1e+39: too large: must be at most 3.4e+38 ({FLOAT_WHY})"),
+    (["--method", "ga+mismatch", "--mismatch-weight", "1e39"],
+     f"--mismatch-weight 1e+39: too large: must be at most 3.4e+38 ({FLOAT_WHY})"),
+    (["--normal-weight", "1e39"], f"--normal-weight 1e+39: too large: must be at most 3.4e+38 ({FLOAT_WHY})"),
+    (["--retain-weight", "1e39"], f"--retain-weight 1e+39: too large: must be at most 3.4e+38 ({FLOAT_WHY})"),
+    (["--max-grad-norm", "1e39"], f"--max-grad-norm 1e+39: too large: must be at most 3.4e+38 ({FLOAT_WHY})"),
+    (["--method", "rmu", "--rmu-scale", "1e39"], f"--rmu-scale 1e+39: too large: must be at most 3.4e+38 ({FLOAT_WHY})"),
+])
+def test_a_float_past_float32_is_a_usage_error_naming_its_option(tmp_path, data, llama_dir, cli, args, message):
+    out = tmp_path / "o"
+    result = cli("run", *data, "--model", llama_dir, "-o", out, "--no-probes", *args)
+    assert result.code == 2, result.err
+    assert one_line(result) == f"unlearn: {message}"
+    assert not out.exists() and result.out == ""
+
+
+def test_the_largest_lr_taken_still_runs_to_a_one_line_end(tmp_path, data, llama_dir, cli):
+    # 3.4e37 passes validation; what the run does with it is the run's own non-finite checks' business (exit 1,
+    # one line), never an internal error from inside the optimiser
+    out = tmp_path / "o"
+    result = cli("run", *data, "--model", llama_dir, "-o", out, "--no-probes", "--lr", "3.4e37", "--max-steps", "2",
+                 "--max-new-tokens", "4")
+    assert result.code == 1, result.err
+    assert "internal error" not in result.err and "Traceback" not in result.err
+    assert result.err.strip().splitlines()[-1].startswith("unlearn: step ")
+
+
+def test_merge_refuses_an_extrapolated_alpha_past_float32(tmp_path, cli):
+    base, tuned = model_dir(tmp_path / "base", weights(1)), model_dir(tmp_path / "tuned", weights(2))
+    out = tmp_path / "out"
+    result = cli("merge", "--alpha", "1e39", "--allow-extrapolation", base, tuned, "-o", out)
+    assert result.code == 2, result.err  # it wrote a model of inf and nan, exit 0
+    assert one_line(result) == "unlearn: --alpha 1e39: out of float32's range: |α| must be at most 3.4e+38"
+    assert not out.exists()
+    result = cli("merge", "--alpha", "1e39", base, tuned, "-o", out)  # without the flag: the [0, 1] rule first
+    assert result.code == 2 and one_line(result) == ("unlearn: --alpha 1e39: must be between 0 and 1 "
+                                                     "(use --allow-extrapolation to go beyond)")
+
+
+def test_eval_sampling_at_a_temperature_that_overflows_is_one_line(tmp_path, llama_dir, cli):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Who wrote it?", "response": "Rowling wrote it."}])
+    report = tmp_path / "report.md"
+    result = cli("eval", prompts, "--model", llama_dir, "--do-sample", "--temperature", "1e-40",
+                 "--max-new-tokens", "4", "--no-cache", "--report", report)
+    assert result.code == 1, result.err
+    assert one_line(result) == ("unlearn: sampling at --temperature 1e-40 gave nan or inf probabilities: the model's "
+                                "logits divided by the temperature are not finite in float32; raise --temperature")
+    assert not report.exists() and result.out == ""
+
+
+# --- 2. eval names the rows without a reference, with or without --forget ---------------------------
+
+
+def test_eval_names_rows_without_a_reference_without_forget_too(tmp_path, llama_dir, cli):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Who wrote it?", "response": "Rowling wrote it."},
+                                                  {"prompt": "What is the capital of France?"},
+                                                  {"prompt": "Name a colour."}])
+    result = cli("eval", prompts, "--model", llama_dir, "--max-new-tokens", "4", "--json")
+    assert result.code == 0, result.err
+    notes = [line for line in result.err.splitlines() if "their leak and accuracy are '-'" in line]
+    assert notes == [f"unlearn: 2 of 3 rows of {prompts} have neither a response nor answers (first: line 2); "
+                     f"their leak and accuracy are '-' (give each a response, or --forget a file with their prompts)"]
+    assert json.loads(result.out)["n"] == 3  # still evaluated: a note, not a refusal
+
+
+def test_eval_names_them_once_with_forget_and_not_rows_that_answers_score(tmp_path, llama_dir, cli):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Who wrote it?"}, {"prompt": "Who wrote that?"},
+                                                  {"prompt": "What is the capital of France?", "answers": ["Paris"]}])
+    forget = write_jsonl(tmp_path / "f.jsonl", [{"prompt": "Who wrote it?", "response": "Rowling wrote it."}])
+    result = cli("eval", prompts, "--model", llama_dir, "--forget", forget, "--max-new-tokens", "4", "--json")
+    assert result.code == 0, result.err
+    notes = [line for line in result.err.splitlines() if "their leak and accuracy are '-'" in line]
+    # row 3 has no response but its `answers` score its leak and accuracy: not named
+    assert notes == [f"unlearn: 1 of 3 rows of {prompts} have no response and match no --forget prompt "
+                     f"(first: line 2); their leak and accuracy are '-'"]
+    scored = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "What is the capital of France?", "answers": ["Paris"]}])
+    result = cli("eval", scored, "--model", llama_dir, "--max-new-tokens", "4", "--json")
+    assert result.code == 0 and "their leak and accuracy" not in result.err, result.err
+
+
+@pytest.mark.parametrize("forget", [False, True])
+def test_a_refused_eval_says_only_the_refusal(tmp_path, cli, forget):
+    # the note comes after every check (it came before the model loaded with --forget): one line still
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is the capital of France?"}])
+    given = write_jsonl(tmp_path / "f.jsonl", [{"prompt": "Who wrote it?", "response": "Rowling wrote it."}])
+    missing = tmp_path / "missing-model"
+    result = cli("eval", prompts, "--model", missing, "--max-new-tokens", "4", *(["--forget", given] if forget else []))
+    assert result.code == 1, result.err
+    line = one_line(result)
+    assert line.startswith("unlearn: ") and str(missing) in line and "their leak and accuracy" not in line
+
+
+# --- 3. merge refuses before it says it writes -----------------------------------------------------
+
+
+@pytest.fixture
+def pair(tmp_path):
+    return model_dir(tmp_path / "base", weights(1)), model_dir(tmp_path / "tuned", weights(2))
+
+
+def occupied(path):
+    path.mkdir()
+    (path / "keep.txt").write_text("an earlier result\n")
+    return path
+
+
+def test_merge_refuses_an_existing_default_output_without_saying_it_writes_there(tmp_path, pair, cli):
+    base, tuned = pair
+    out = occupied(tmp_path / "tuned-avg0.5")
+    result = cli("merge", "--alpha", "0.5", base, tuned)
+    assert result.code == 2, result.err
+    assert one_line(result) == f"unlearn: {out}: output directory exists and is not empty (use --force to replace it)"
+    assert "writing" not in result.err
+    assert (out / "keep.txt").read_text() == "an earlier result\n"
+
+
+def test_a_merge_sweep_refuses_its_default_output_first(tmp_path, pair, cli):
+    base, tuned = pair
+    out = occupied(tmp_path / "tuned-alphas")
+    result = cli("merge", "--alpha", "0.2,0.5", base, tuned)
+    assert result.code == 2, result.err
+    assert one_line(result) == f"unlearn: {out}: output directory exists and is not empty (use --force to replace it)"
+    assert "writing" not in result.err and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_merge_refuses_a_default_output_that_is_its_input_first(tmp_path, cli):
+    tuned = model_dir(tmp_path / "tuned", weights(2))
+    base = model_dir(tmp_path / "tuned-avg0.3", weights(1))  # TUNED-avgALPHA: the default output is BASE
+    result = cli("merge", "--alpha", "0.3", base, tuned, "--force")
+    assert result.code == 2, result.err
+    assert one_line(result) == f"unlearn: -o {base}: is an input ({base}); choose another output"
+    assert "writing" not in result.err and (base / "model.safetensors").is_file()
+
+
+def test_merge_still_names_the_default_output_it_writes(tmp_path, pair, cli):
+    base, tuned = pair
+    result = cli("merge", "--alpha", "0.5", base, tuned)
+    assert result.code == 0, result.err
+    assert f"unlearn: writing to {tmp_path / 'tuned-avg0.5'}" in result.err.splitlines()
+    assert (tmp_path / "tuned-avg0.5" / "model.safetensors").is_file()
+
+
+# --- 4. surrounding blanks in option values ----------------------------------------------------------
+
+
+def test_lora_layers_takes_surrounding_blanks(tmp_path, data, llama_dir, cli):
+    from unlearn.lora import LoraSettings
+
+    assert LoraSettings(layers=" 0-1 ").layers == "0-1" and LoraSettings(layers=" Upper").layers == "upper"
+    out = tmp_path / "o"
+    result = cli("run", *data, "--model", llama_dir, "-o", out, "--no-probes", "--lora-layers", " 1-1 ",
+                 "--max-steps", "1", "--max-new-tokens", "4", "--json")
+    assert result.code == 0, result.err  # was: --lora-layers  1-1 : expected all, upper or FIRST-LAST
+    assert json.loads((out / "run.json").read_text())["config"]["lora"]["layers"] == "1-1"
+    modules = json.loads((out / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert modules and all(".layers.1." in name for name in modules), modules
+    # what is inside the blanks is still checked
+    result = cli("run", *data, "--model", llama_dir, "-o", tmp_path / "p", "--lora-layers", " 0-x ")
+    assert result.code == 2
+    assert one_line(result) == ("unlearn: --lora-layers 0-x: expected all, upper or FIRST-LAST (0-based, "
+                                "e.g. 12-23)")
+
+
+@pytest.mark.parametrize("given, steps", [(" auto ", None), (" 3 ", 3)])
+def test_repair_steps_takes_surrounding_blanks(tmp_path, data, llama_dir, cli, given, steps):
+    from pathlib import Path
+
+    from unlearn.config import RunOptions
+
+    assert RunOptions(Path("f"), Path("n"), repair_steps=given).resolved().train.repair_steps == steps
+    # through the command line: taken, so the next option checked (--dtype) is the one refused
+    result = cli("run", *data, "--model", llama_dir, "-o", tmp_path / "o", "--repair-steps", given,
+                 "--dtype", "float64")
+    assert result.code == 2
+    assert one_line(result) == "unlearn: --dtype float64: expected one of float32, bfloat16, float16"
+    result = cli("run", *data, "--model", llama_dir, "-o", tmp_path / "o", "--repair-steps", " x ")
+    assert result.code == 2 and one_line(result) == "unlearn: --repair-steps  x : expected auto or a number of steps"
