@@ -5,6 +5,14 @@
 2. `unlearn eval` names the rows that nothing scores a leak or accuracy on with and without --forget;
 3. `unlearn merge` refuses its output before it says it writes there;
 4. --lora-layers takes surrounding blanks as --repair-steps does.
+
+And four of the round after:
+
+5. a finite extrapolated α whose average overflows float32 (--alpha 1e38) is refused before the output is committed,
+   naming α and the first tensor that is not finite (it wrote a model of inf and nan, exit 0);
+6. an --lr that is 0 in float32 (1e-50) is a usage error naming the smallest --lr taken (every update was 0);
+7. --dtype takes surrounding blanks and any case, as --lora-layers and --repair-steps do, in run, eval and augment;
+8. a merge whose default output (no -o) is one of its inputs says so, not "-o X: is an input".
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from test_merge_cli import model_dir, weights
 from test_run_cli import FORGET, NORMAL, write_jsonl
@@ -190,7 +199,8 @@ def test_merge_refuses_a_default_output_that_is_its_input_first(tmp_path, cli):
     base = model_dir(tmp_path / "tuned-avg0.3", weights(1))  # TUNED-avgALPHA: the default output is BASE
     result = cli("merge", "--alpha", "0.3", base, tuned, "--force")
     assert result.code == 2, result.err
-    assert one_line(result) == f"unlearn: -o {base}: is an input ({base}); choose another output"
+    # (was "-o BASE: is an input", an option the user never gave: case 8 below)
+    assert one_line(result) == f"unlearn: the default output {base} (no -o given) is one of the inputs; give -o"
     assert "writing" not in result.err and (base / "model.safetensors").is_file()
 
 
@@ -237,3 +247,235 @@ def test_repair_steps_takes_surrounding_blanks(tmp_path, data, llama_dir, cli, g
     assert one_line(result) == "unlearn: --dtype float64: expected one of float32, bfloat16, float16"
     result = cli("run", *data, "--model", llama_dir, "-o", tmp_path / "o", "--repair-steps", " x ")
     assert result.code == 2 and one_line(result) == "unlearn: --repair-steps  x : expected auto or a number of steps"
+
+
+# --- 5. an extrapolated α whose average overflows float32 --------------------------------------------
+
+
+def zeros_but(name: str, value: float, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """weights(0)'s names and shapes, all 0 but NAME, whose every element is VALUE: which tensor a merge finds
+    not finite is then known, whatever order the file keeps them in."""
+    return {key: torch.full_like(t, value) if key == name else torch.zeros_like(t)
+            for key, t in weights(0, dtype).items()}
+
+
+def no_output(out):
+    """Neither OUT nor a temporary directory beside it: nothing of a refused merge is left."""
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.*")), list(out.parent.iterdir())
+
+
+OVERFLOW = "α·BASE + (1−α)·TUNED is past {}'s range"
+
+
+def test_merge_refuses_an_alpha_whose_average_overflows_float32(tmp_path, cli):
+    # 1e38 is finite in float32 (check_alpha takes it), but 1e38 × 4 is not
+    base = model_dir(tmp_path / "base", zeros_but("model.norm.weight", 4.0))
+    tuned = model_dir(tmp_path / "tuned", zeros_but("model.norm.weight", 0.0))
+    out = tmp_path / "out"
+    result = cli("merge", "--alpha", "1e38", "--allow-extrapolation", base, tuned, "-o", out)
+    assert result.code == 1, result.err  # was 0, with a model of inf written
+    assert one_line(result) == ("unlearn: --alpha 1e+38: the merged tensor model.norm.weight is not finite ("
+                                + OVERFLOW.format("float32") + "); nothing was written")
+    assert result.out == ""
+    no_output(out)
+
+
+def test_the_random_pair_of_the_report_is_refused_too_and_the_old_output_kept(tmp_path, pair, cli):
+    # the command of the report, over an earlier result with --force: that result stays as it was
+    base, tuned = pair
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier result\n")
+    result = cli("merge", "--alpha", "1e38", "--allow-extrapolation", base, tuned, "-o", out, "--force")
+    assert result.code == 1, result.err
+    line = one_line(result)
+    assert line.startswith("unlearn: --alpha 1e+38: the merged tensor ") and line.endswith(
+        f"is not finite ({OVERFLOW.format('float32')}); nothing was written"), line
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_merge_takes_a_result_whose_values_are_finite_though_their_sum_is_not(tmp_path, cli):
+    # the check sums each piece first (cheap) and looks at every element only when the sum is not finite:
+    # 32 values of 3e38 sum to inf in float32, and each is finite, so the model is written
+    base = model_dir(tmp_path / "base", zeros_but("lm_head.weight", 3e38))
+    tuned = model_dir(tmp_path / "tuned", zeros_but("lm_head.weight", 0.0))
+    out = tmp_path / "out"
+    result = cli("merge", "--alpha", "1", base, tuned, "-o", out)
+    assert result.code == 0, result.err
+    assert torch.equal(load_file(out / "model.safetensors")["lm_head.weight"], torch.full((8, 4), 3e38))
+
+
+def test_merge_checks_the_result_in_the_checkpoints_own_dtype(tmp_path, cli):
+    # 10 × 10⁴ is finite in float32, the compute dtype, but not in float16, the dtype written
+    base = model_dir(tmp_path / "base", zeros_but("lm_head.weight", 1e4, torch.float16))
+    tuned = model_dir(tmp_path / "tuned", zeros_but("lm_head.weight", 0.0, torch.float16))
+    out = tmp_path / "out"
+    result = cli("merge", "--alpha", "10", "--allow-extrapolation", base, tuned, "-o", out)
+    assert result.code == 1, result.err
+    assert one_line(result) == ("unlearn: --alpha 10: the merged tensor lm_head.weight is not finite ("
+                                + OVERFLOW.format("float16") + "); nothing was written")
+    no_output(out)
+
+
+def test_merge_says_when_an_input_brought_the_inf(tmp_path, cli):
+    base = model_dir(tmp_path / "base", zeros_but("model.layers.0.mlp.up_proj.weight", math.inf))
+    tuned = model_dir(tmp_path / "tuned", zeros_but("model.norm.weight", 1.0))
+    out = tmp_path / "out"
+    result = cli("merge", "--alpha", "0.5", base, tuned, "-o", out)
+    assert result.code == 1, result.err
+    assert one_line(result) == ("unlearn: --alpha 0.5: the merged tensor model.layers.0.mlp.up_proj.weight is not "
+                                "finite (BASE already holds inf or nan there); nothing was written")
+    no_output(out)
+
+
+def test_folding_an_adapter_at_an_alpha_that_overflows_is_refused(tmp_path, cli):
+    from safetensors.torch import save_file
+
+    base = model_dir(tmp_path / "base", weights(1))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    save_file({"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.ones(2, 4),
+               "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": torch.ones(6, 2)},
+              adapter / "adapter_model.safetensors")
+    out = tmp_path / "out"
+    # 1−α = 2e38 is finite in float32; times B·A (all 2) it is not
+    result = cli("merge", "--adapter", adapter, "--alpha", "-2e38", "--allow-extrapolation", base, "-o", out)
+    assert result.code == 1, result.err
+    assert one_line(result) == ("unlearn: --alpha -2e+38: the merged tensor model.layers.0.mlp.up_proj.weight is "
+                                "not finite (W + (1−α)·s·B·A is past float32's range); nothing was written")
+    no_output(out)
+    result = cli("merge", "--adapter", adapter, base, "-o", out)  # the same fold at α = 0: written
+    assert result.code == 0, result.err
+    assert (out / "model.safetensors").is_file()
+
+
+def test_a_sweep_with_an_alpha_that_overflows_writes_none_of_its_models(tmp_path, cli):
+    base = model_dir(tmp_path / "base", zeros_but("model.norm.weight", 4.0))
+    tuned = model_dir(tmp_path / "tuned", zeros_but("model.norm.weight", 0.0))
+    out = tmp_path / "sweep"
+    result = cli("merge", "--alpha", "0.5,1e38", "--allow-extrapolation", base, tuned, "-o", out)
+    assert result.code == 1, result.err
+    lines = result.err.strip().splitlines()  # "writing α=…" as each model starts, then the refusal
+    assert lines[-1] == ("unlearn: --alpha 1e+38: the merged tensor model.norm.weight is not finite ("
+                         + OVERFLOW.format("float32") + "); nothing was written")
+    assert "Traceback" not in result.err and result.out == ""
+    no_output(out)  # α = 0.5 was written first, into the temporary directory that went with it
+
+
+# --- 6. an --lr that is 0 in float32 -----------------------------------------------------------------
+
+
+LR_FLOOR_WHY = ("the smallest normal float32; below it the step size is 0, or flushed to 0, in float32 and no "
+                "weight moves")
+
+
+def test_the_smallest_lr_is_float32s_smallest_normal_and_the_optimiser_moves_with_it():
+    from unlearn.config import LR_MIN, TrainConfig
+
+    assert LR_MIN == torch.finfo(torch.float32).tiny
+    assert torch.tensor(1e-50, dtype=torch.float32) == 0  # what --lr 1e-50 was where it is used
+    for lr, moves in ((1e-50, False), (LR_MIN, True)):
+        p = torch.nn.Parameter(torch.zeros(2))  # as LoRA's B starts
+        p.grad = torch.ones(2)
+        torch.optim.AdamW([p], lr=lr, weight_decay=0.0).step()
+        assert bool((p != 0).all()) is moves, (lr, p)
+    TrainConfig(lr=LR_MIN).validate()  # the floor itself is taken
+    TrainConfig(lr=1.2e-38).validate()  # and so is the number the message names
+
+
+@pytest.mark.parametrize("lr", ["1e-50", "1e-40"])  # 0 in float32; a subnormal, which kernels may flush to 0
+def test_an_lr_that_is_0_in_float32_is_a_usage_error(tmp_path, data, llama_dir, cli, lr):
+    out = tmp_path / "o"
+    result = cli("run", *data, "--model", llama_dir, "-o", out, "--no-probes", "--lr", lr)
+    assert result.code == 2, result.err  # 1e-50 trained every step with updates of 0 and ended "normally"
+    assert one_line(result) == f"unlearn: --lr {float(lr)}: too small: must be at least 1.2e-38 ({LR_FLOOR_WHY})"
+    assert not out.exists() and result.out == ""
+
+
+# --- 7. --dtype takes surrounding blanks and any case --------------------------------------------------
+
+
+def test_dtype_takes_surrounding_blanks_and_any_case_in_every_option_class():
+    from pathlib import Path
+
+    from unlearn.config import AugmentOptions, EvalOptions, RunOptions
+    from unlearn.models import torch_dtype
+
+    assert torch_dtype(" BFloat16 ") == torch.bfloat16 and torch_dtype("\tfp16") == torch.float16
+    assert RunOptions(Path("f"), Path("n"), dtype=" Float32 ").resolved().dtype == "float32"
+    assert EvalOptions(Path("p"), dtype=" BF16").dtype == "bf16"
+    options = AugmentOptions(Path("f"), Path("o"), dtype="FLOAT16 ")
+    options.validate()
+    assert options.dtype == "float16"
+
+
+def test_run_takes_a_dtype_with_blanks_and_records_it_plain(tmp_path, data, llama_dir, cli):
+    out = tmp_path / "o"
+    result = cli("run", *data, "--model", llama_dir, "-o", out, "--no-probes", "--dtype", " Float32 ",
+                 "--max-steps", "1", "--max-new-tokens", "4", "--json")
+    assert result.code == 0, result.err  # was: --dtype  Float32 : expected one of float32, bfloat16, float16
+    assert json.loads((out / "run.json").read_text())["config"]["dtype"] == "float32"
+    # what is inside the blanks is still checked
+    result = cli("run", *data, "--model", llama_dir, "-o", tmp_path / "p", "--dtype", " Float64 ")
+    assert result.code == 2
+    assert one_line(result) == "unlearn: --dtype float64: expected one of float32, bfloat16, float16"
+    assert not (tmp_path / "p").exists()
+
+
+def test_eval_takes_a_dtype_with_blanks(tmp_path, llama_dir, cli):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Who wrote it?", "response": "Rowling wrote it."}])
+    result = cli("eval", prompts, "--model", llama_dir, "--dtype", " FLOAT32", "--max-new-tokens", "4", "--json")
+    assert result.code == 0, result.err  # was: --dtype  FLOAT32: expected one of ...
+    assert json.loads(result.out)["n"] == 1
+    report = tmp_path / "report.md"
+    result = cli("eval", prompts, "--model", llama_dir, "--dtype", "float8 ", "--max-new-tokens", "4",
+                 "--report", report)
+    assert result.code == 2
+    assert one_line(result) == "unlearn: --dtype float8: expected one of float32, bfloat16, float16"
+    assert not report.exists()
+
+
+# --- 8. a default output that is an input says it is the default -----------------------------------------
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]])
+def test_a_default_output_that_is_an_input_is_named_as_the_default(tmp_path, cli, force):
+    tuned = model_dir(tmp_path / "tuned", weights(2))
+    base = model_dir(tmp_path / "tuned-avg0.5", weights(1))
+    result = cli("merge", "--alpha", "0.5", base, tuned, *force)
+    assert result.code == 2, result.err
+    # without --force it said "exists and is not empty (use --force ...)", which --force then refused
+    assert one_line(result) == f"unlearn: the default output {base} (no -o given) is one of the inputs; give -o"
+    assert sorted(p.name for p in base.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert not list(tmp_path.glob(".tuned-avg0.5.*"))
+
+
+def test_a_sweeps_default_output_that_is_an_input_is_named_as_the_default(tmp_path, cli):
+    tuned = model_dir(tmp_path / "tuned", weights(2))
+    base = model_dir(tmp_path / "tuned-alphas", weights(1))
+    result = cli("merge", "--alpha", "0.2,0.5", base, tuned, "--force")
+    assert result.code == 2, result.err
+    assert one_line(result) == f"unlearn: the default output {base} (no -o given) is one of the inputs; give -o"
+    assert "writing" not in result.err and (base / "model.safetensors").is_file()
+    assert not list(tmp_path.glob(".tuned-alphas.*"))
+
+
+def test_a_default_output_that_holds_an_input_is_named_as_the_default(tmp_path, cli):
+    tuned = model_dir(tmp_path / "tuned", weights(2))
+    base = model_dir(tmp_path / "tuned-avg0.5" / "base", weights(1))  # the default output holds BASE
+    result = cli("merge", "--alpha", "0.5", base, tuned, "--force")
+    assert result.code == 2, result.err
+    assert one_line(result) == (f"unlearn: the default output {tmp_path / 'tuned-avg0.5'} (no -o given) holds an "
+                                f"input ({base}), which replacing it would delete; give -o")
+    assert (base / "model.safetensors").is_file()
+
+
+def test_an_explicit_o_that_is_an_input_keeps_its_message(tmp_path, pair, cli):
+    base, tuned = pair
+    result = cli("merge", "--alpha", "0.5", base, tuned, "-o", base, "--force")
+    assert result.code == 2, result.err
+    assert one_line(result) == f"unlearn: -o {base}: is an input ({base}); choose another output"
+    assert (base / "model.safetensors").is_file()

@@ -112,12 +112,35 @@ def copy_job(ckpt: Checkpoint, info: TensorInfo, name: str | None = None) -> Job
     return Job(name or info.name, info.dtype, info.shape, chunks)
 
 
+def check_finite(piece: torch.Tensor, name: str, alpha: float | None, formula: str, inputs) -> None:
+    """Refuse a merged PIECE of tensor NAME that holds inf or nan, before it is written: a finite α can
+    still overflow (--alpha 1e38 --allow-extrapolation: α·BASE is past float32's range), and so can the
+    cast back to a half-precision checkpoint's dtype. The output's temporary directory is then removed
+    (`outputs.atomic_output_dir`), so nothing is written. The test is the piece's float32 sum, one read of a
+    piece in the CPU cache already: any inf or nan makes it inf or nan, and only then is every element
+    looked at (a sum of finite values can overflow too). isfinite(piece).all() on every piece made the
+    averaging arithmetic 3x slower (16M elements: 0.022 -> 0.071 s; the sum, 0.022 s). Only on failure are
+    the input pieces read again (INPUTS: (label, read) pairs), to say whether an input brought the inf or
+    nan rather than the arithmetic."""
+    if bool(torch.isfinite(piece.sum(dtype=torch.float32))) or bool(torch.isfinite(piece).all()):
+        return
+    brought = [label for label, read in inputs if not bool(torch.isfinite(read()).all())]
+    at = f"--alpha {alpha:g}: " if alpha is not None else ""
+    dtype = str(piece.dtype).removeprefix("torch.")
+    why = (f"{' and '.join(brought)} already hold{'s' if len(brought) == 1 else ''} inf or nan there" if brought
+           else f"{formula} is past {dtype}'s range")
+    raise UnlearnError(f"{at}the merged tensor {name} is not finite ({why}); nothing was written")
+
+
 def average_job(name: str, base: Checkpoint, b: TensorInfo, tuned: Checkpoint, t: TensorInfo,
                 alpha: float, buffers: Buffers) -> Job:
-    """α·BASE + (1−α)·TUNED for one tensor, row chunk by row chunk."""
+    """α·BASE + (1−α)·TUNED for one tensor, row chunk by row chunk, each piece checked finite."""
     def chunks():
         for rows in row_slices(b.shape):
-            yield from average_pieces(base.read(b, rows), tuned.read(t, rows), alpha, buffers)
+            inputs = (("BASE", lambda: base.read(b, rows)), ("TUNED", lambda: tuned.read(t, rows)))
+            for piece in average_pieces(base.read(b, rows), tuned.read(t, rows), alpha, buffers):
+                check_finite(piece, name, alpha, "α·BASE + (1−α)·TUNED", inputs)
+                yield piece
     return Job(name, b.dtype, b.shape, chunks)
 
 
@@ -365,11 +388,12 @@ def _check_target(base: Checkpoint, target: str, key: str, shape: tuple[int, ...
 
 
 def fold_job(base: Checkpoint, info: TensorInfo, adapter: Checkpoint, pair: LoraPair, factor: float,
-             buffers: Buffers) -> Job:
-    """W + factor·scale·B·A for one weight, row chunk by row chunk, in float32.
+             buffers: Buffers, alpha: float | None = None) -> Job:
+    """W + factor·scale·B·A for one weight, row chunk by row chunk, in float32, each piece checked finite.
 
     Written as peft's merge writes it, W + (B·A)·s, so folded weights match
-    `merge_and_unload()`; FACTOR is 1−α when averaging with the folded model.
+    `merge_and_unload()`; FACTOR is 1−α when averaging with the folded model
+    (ALPHA, when given, names it in the refusal of a result that is not finite).
     """
     def chunks():
         ctype = compute_dtype(info.dtype)
@@ -381,7 +405,11 @@ def fold_job(base: Checkpoint, info: TensorInfo, adapter: Checkpoint, pair: Lora
             x = scaled(w, 1.0, buffers.get("x", w.numel(), ctype))
             delta = (left[rows] @ right).mul_(pair.scale * factor)
             x.add_(delta.reshape(-1))
-            yield x if w.dtype == ctype else x.to(w.dtype)
+            piece = x if w.dtype == ctype else x.to(w.dtype)
+            check_finite(piece, info.name, alpha, "W + (1−α)·s·B·A",
+                         (("BASE", lambda: base.read(info, rows)), ("ADAPTER", lambda: torch.cat([a.reshape(-1),
+                                                                                                   b.reshape(-1)]))))
+            yield piece
     return Job(info.name, info.dtype, info.shape, chunks)
 
 
@@ -417,7 +445,7 @@ def fold_lora(base_path: Path, adapter_path: Path, out: Path, *, alpha: float = 
     jobs = []
     for name, info in base.tensors.items():
         if name in pairs:
-            jobs.append(fold_job(base, info, adapter, pairs[name], 1.0 - alpha, buffers))
+            jobs.append(fold_job(base, info, adapter, pairs[name], 1.0 - alpha, buffers, alpha or None))
         elif name in replacements:
             jobs.append(replace_job(info, adapter, replacements[name]))
         else:

@@ -99,6 +99,14 @@ FLOAT32_MAX = 3.4028234663852886e38
 # converts to float32: above FLOAT32_MAX that raised "value cannot be converted to type float without
 # overflow" from inside the optimiser (--lr 1e39, and every --lr above 3.4e37), an internal error.
 LR_MAX = FLOAT32_MAX * (1 - 0.9)
+# The smallest --lr taken: the smallest normal float32 (torch.finfo(torch.float32).tiny, written out as above).
+# The optimiser's step size is a float32 scalar: below 2^-149 (1.4e-45, the smallest subnormal) it is exactly 0,
+# every update is 0 and the run "ends" without having changed a weight (--lr 1e-50). The floor is the smallest
+# normal rather than that subnormal: between the two a step size may still be 0, since kernels that flush
+# subnormals to zero (torch.set_flush_denormal, CUDA's flush-to-zero) make it so, while from this floor up
+# LoRA's B, which starts at 0, moves to a float32 that is not 0 at the first step. Nothing that small is a
+# learning rate anyone means; the floor only turns a silent no-op into a usage error.
+LR_MIN = 1.1754943508222875e-38
 
 
 def check_float32(flag: str, value: float, limit: float = FLOAT32_MAX, why: str | None = None) -> None:
@@ -110,15 +118,24 @@ def check_float32(flag: str, value: float, limit: float = FLOAT32_MAX, why: str 
         raise UsageError(f"{flag} {value}: too large: must be at most {limit:.2g} ({why})")
 
 
-def check_positive_finite(flag: str, value: float, limit: float = FLOAT32_MAX, why: str | None = None) -> None:
-    """Refuse VALUE for FLAG unless it is a number above 0 and at most LIMIT (finite in float32).
+def check_positive_finite(flag: str, value: float, limit: float = FLOAT32_MAX, why: str | None = None, *,
+                          floor: float = 0.0, floor_why: str | None = None) -> None:
+    """Refuse VALUE for FLAG unless it is a number above 0 (and at least FLOOR, when given) and at most LIMIT
+    (finite in float32).
 
     `not value > 0` refuses nan but takes inf: --lr inf made every adapter weight nan at the first
     step, and --npo-beta inf a nan loss. A finite value past float32's range does the same (--npo-beta
-    1e39: a nan loss) or fails inside torch (--lr 1e39).
+    1e39: a nan loss) or fails inside torch (--lr 1e39). FLOOR is printed rounded up to two digits: the
+    value it names is itself accepted.
     """
     if not (value > 0 and math.isfinite(value)):
         raise UsageError(f"{flag} {value}: must be positive and finite")
+    if value < floor:
+        mantissa, exponent = f"{floor:.1e}".split("e")
+        shown = float(f"{mantissa}e{exponent}")
+        if shown < floor:  # rounded down: the next two-digit number up
+            shown = float(f"{float(mantissa) + 0.1:.1f}e{exponent}")
+        raise UsageError(f"{flag} {value}: too small: must be at least {shown:.2g} ({floor_why})")
     check_float32(flag, value, limit, why)
 
 
@@ -209,7 +226,9 @@ class TrainConfig:
             if not value > 0:
                 raise UsageError(f"{flag} {value}: must be positive")
         check_positive_finite("--lr", self.lr, LR_MAX, "AdamW's first step is 10 × --lr, which must be finite "
-                                                      "in float32")
+                                                      "in float32",
+                              floor=LR_MIN, floor_why="the smallest normal float32; below it the step size is 0, "
+                                                      "or flushed to 0, in float32 and no weight moves")
         check_positive_finite("--npo-beta", self.npo_beta)
         weights = {"--forget-weight": self.forget_weight, "--mismatch-weight": self.mismatch_weight,
                    "--normal-weight": self.normal_weight, "--retain-weight": self.retain_weight,
@@ -322,6 +341,11 @@ class RunOptions:
     # (`for_forget_rows`, once they are read); method_reason then says why, for the report.
     auto_method: bool = False
     method_reason: str | None = None
+
+    def __post_init__(self):
+        from unlearn.models import dtype_name
+
+        self.dtype = dtype_name(self.dtype)  # " float32", "BFloat16": what the others take, --dtype takes too
 
     def for_forget_rows(self, rows) -> "RunOptions":
         """These options, unresolved, with the method FORGET's ROWS call for when --method was not given."""
@@ -502,6 +526,11 @@ class EvalOptions:
     dtype: str = "float32"
     no_cache: bool = False  # measure again instead of reading $UNLEARN_CACHE/measurements
 
+    def __post_init__(self):
+        from unlearn.models import dtype_name
+
+        self.dtype = dtype_name(self.dtype)  # " float32", "BFloat16": what the others take, --dtype takes too
+
     def validate(self) -> None:
         if self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
@@ -527,6 +556,11 @@ class AugmentOptions:
     dtype: str = "float32"
     force: bool = False
     trust_remote_code: bool = False
+
+    def __post_init__(self):
+        from unlearn.models import dtype_name
+
+        self.dtype = dtype_name(self.dtype)  # " float32", "BFloat16": what the others take, --dtype takes too
 
     def validate(self) -> None:
         from unlearn import models

@@ -72,6 +72,9 @@ def merge_one(opts: MergeOptions, progress=None) -> dict:
     if default:
         stem = _stem(adapter or tuned)
         output = f"{stem}-merged" if alpha is None else f"{stem}-avg{alpha:g}"
+        # checked first, so the refusal says the name was chosen here: "-o X: is an input" quoted an option the
+        # user never gave (TUNED-avgALPHA can be BASE), and a non-empty X would have asked for --force
+        refuse_output_over_inputs(output, [base, tuned, adapter], inside_too=True, default=True)
 
     def start(total: int) -> None:
         # Called once every check has passed (the output, the inputs, their tensors): the chosen default
@@ -106,6 +109,9 @@ def sweep(opts: MergeOptions) -> dict:
     base, tuned, adapter = inputs(opts)
     out = Path(opts.output if opts.output is not None else f"{_stem(adapter or tuned)}-alphas")
     started = time.perf_counter()
+    if opts.output is None:  # the name chosen here: a refusal says so, before any "exists, use --force"
+        refuse_output_over_inputs(out, [base, tuned, adapter], inside_too=True, default=True)
+        refuse_output_over_inputs(out, [*opts.eval_forget, *opts.eval_retain], default=True)
     check_output_dir(out, opts.force)
     # each α's model goes to OUT/alpha-A, and OUT is replaced whole: refuse an OUT that is, or holds, a
     # model or file this sweep reads (with --force it would be deleted), as one α's merge does

@@ -49,13 +49,20 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def dtype_name(name: str) -> str:
+    """--dtype as the options keep it: surrounding blanks and case do not count, as for --lora-layers and
+    --repair-steps (--dtype " float32" was refused while --lora-layers " 0-1" was taken). Run, eval and
+    augment hold this form, so their records and measurement-cache keys do not depend on the spelling."""
+    return str(name).strip().lower()
+
+
 def torch_dtype(name: str):
     import torch
 
     try:
-        return getattr(torch, DTYPES[name.lower()])
+        return getattr(torch, DTYPES[dtype_name(name)])
     except KeyError:
-        raise UsageError(f"--dtype {name}: expected one of float32, bfloat16, float16") from None
+        raise UsageError(f"--dtype {dtype_name(name)}: expected one of float32, bfloat16, float16") from None
 
 
 # --- resolving a model spec to a local directory ---------------------------

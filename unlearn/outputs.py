@@ -74,24 +74,30 @@ def _usual_mode(path: Path, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~mask)
 
 
-def refuse_output_over_inputs(out: Path, inputs, *, inside_too: bool = False, flag: str = "-o") -> None:
+def refuse_output_over_inputs(out: Path, inputs, *, inside_too: bool = False, flag: str = "-o",
+                              default: bool = False) -> None:
     """Refuse, before any work starts, an output (directory or file) that is one of the command's INPUTS
     (files or directories) or holds one: with --force the finished output replaces OUT whole, so the input
     would be deleted (a model read from OUT, the data files in it, or the prompts file itself). With
     INSIDE_TOO, an OUT inside an input directory is refused as well (merge: its output must not land inside
-    a model it reads; eval: a report written into the model's directory). FLAG names the option."""
+    a model it reads; eval: a report written into the model's directory). FLAG names the option; DEFAULT
+    says OUT is the command's own default (FLAG not given), which the message then says instead of
+    quoting an option the user never typed (merge's TUNED-avgALPHA can be BASE)."""
     target = Path(out).resolve()
+    subject, remedy = (f"the default output {out} (no {flag} given)", f"give {flag}") if default else (
+        f"{flag} {out}:", "choose another output")
     for path in inputs:
         if path is None or not Path(path).exists():
             continue
         source = Path(path).resolve()
         if target == source:
-            raise UsageError(f"{flag} {out}: is an input ({path}); choose another output")
+            if default:
+                raise UsageError(f"{subject} is one of the inputs; {remedy}")
+            raise UsageError(f"{subject} is an input ({path}); {remedy}")
         if target in source.parents:
-            raise UsageError(f"{flag} {out}: holds an input ({path}), which replacing it would delete; "
-                             f"choose another output")
+            raise UsageError(f"{subject} holds an input ({path}), which replacing it would delete; {remedy}")
         if inside_too and source in target.parents:
-            raise UsageError(f"{flag} {out}: is inside an input directory ({path}); choose another output")
+            raise UsageError(f"{subject} is inside an input directory ({path}); {remedy}")
 
 
 def judge_input(spec: str | None) -> str | None:
