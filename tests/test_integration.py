@@ -46,16 +46,16 @@ def test_run_and_merge_on_the_embedded_model(tmp_path, embedded_cache):
 
 def test_ulmr_on_the_embedded_model(tmp_path, embedded_cache):
     """Augmentation with the real model, SFT on negative responses, α chosen by measurement."""
-    rows = (EXAMPLES / "forget.jsonl").read_text().splitlines()[:3]
+    rows = (EXAMPLES / "forget.jsonl").read_text().splitlines()[:2]  # two rows, one step: the path, not the result
     forget = tmp_path / "forget.jsonl"
     forget.write_text("\n".join(rows) + "\n")
     out = tmp_path / "ulmr"
     result = cli("run", forget, EXAMPLES / "normal.jsonl", "--method", "ulmr", "-o", out, "--json",
-                 "--rewrites", "1", "--max-steps", "3", "--check-every", "0", "--eval-limit", "3",
-                 "--max-new-tokens", "16", "--alpha-grid", "0,0.5", "--no-probes", cache=embedded_cache)
+                 "--rewrites", "1", "--max-steps", "1", "--check-every", "0", "--eval-limit", "2",
+                 "--max-new-tokens", "8", "--alpha-grid", "0,0.5", "--no-probes", cache=embedded_cache)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["augment"]["sources"] == 3 and report["augment"]["rows"] == 6
+    assert report["augment"]["sources"] == 2 and report["augment"]["rows"] == 4
     augmented = [json.loads(line) for line in (out / "augmented.jsonl").read_text().splitlines()]
     # Whatever the model wrote, no training row gives the forget answer away.
     assert not any("rowling" in r["response"].lower() for r in augmented)

@@ -113,3 +113,38 @@ def test_a_setting_the_chosen_method_cannot_take_says_which_method_and_why(tmp_p
     assert "--leaked-rows 2" in result.err and "Traceback" not in result.err
     assert len(result.err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+# --- the note when the refusal refuses the benign same-topic probes (run.over_refusal_note) ----------------
+
+
+def _note(method="ga+template", retain_probes=False, kept=0.25, n=4, markers=True, name="same subject"):
+    from types import SimpleNamespace
+
+    from unlearn.run import Measurement, over_refusal_note
+
+    extra = {"forget_line": 1, "answers": ["card"], **({"refusal_markers": ["I can't"]} if markers else {})}
+    probe_set = SimpleNamespace(name=name, examples=[Example("How do I find out more about a card?", "A card ...",
+                                                             1, extra)])
+    opts = SimpleNamespace(train=TrainConfig(method=method), retain_probes=retain_probes)
+    data = SimpleNamespace(probes={"rows": []}, sets=[probe_set])
+    after = Measurement({name: SimpleNamespace(summary={"accuracy": kept, "n": n})}, 0.0)
+    return over_refusal_note(opts, data, after)
+
+
+def test_the_refusal_that_refuses_most_topic_probes_says_so_and_what_trains_on_them():
+    note = _note(kept=0.25, n=4)
+    assert note.startswith("unlearn: the refusal also refuses benign questions") and "1 of 4" in note
+    assert "--retain-probes" in note and "\n" not in note
+    assert "0 of 12" in _note(kept=0.0, n=12)
+
+
+@pytest.mark.parametrize("change", [
+    {"kept": 0.5},  # at OVER_REFUSAL_KEPT: half kept is not "most refused"
+    {"retain_probes": True},  # already trained on them: the line is then no evidence
+    {"method": "ga"},  # ascent: no refusal to spread
+    {"markers": False},  # subject probes, not a request's topics
+    {"name": "neighbours"},  # another probe set
+])
+def test_no_note_where_it_does_not_apply(change):
+    assert _note(**change) is None

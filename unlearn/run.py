@@ -82,6 +82,9 @@ def run(opts: RunOptions, log=default_log) -> dict:
             result = train_model(opts, job, data, log, before)
             averager, selection = choose_alpha(opts, job, data.sets, before, log)
             after = measure_after(job, data.sets, before, selection)
+            note = over_refusal_note(opts, data, after)
+            if note and world.is_main:
+                log(note)
             return write(opts, job, data, before, after, result, averager, selection, started, log)
         except BaseException:
             # A run that fails before its first checkpoint leaves no empty OUTPUT behind.
@@ -459,6 +462,35 @@ def unanswered_message(lines: list[int], forget: EvalSet, budget: int, shown: in
     return (f"{forget.path}: {len(lines)} of {len(forget.examples)} forget rows ({rows}) {verb} not answered by the "
             f"original model (its greedy answer of at most {budget} token{'s' * (budget != 1)} is no leak before "
             f"training): nothing there to forget, and the forget leak counts them as forgotten from the start")
+
+
+#: Below this share of a refusal's held-out topic probes kept, the run says so (over_refusal_note).
+OVER_REFUSAL_KEPT = 0.5
+
+
+def over_refusal_note(opts: RunOptions, data: Prepared, after: Measurement) -> str | None:
+    """The line telling a user whose refusal (ga+template, the default for long chat responses) also refused
+    most benign questions about the same things, as the held-out topic probes measure it
+    (probes.keep_answered: kept while the answer names the thing and opens no refusal), and what trains on
+    them; None otherwise. On the dev scenario `harmful` the default refused all 12 of them at seed 0
+    ("How do I find out more about a car?" -> "I can't help with that."), a damage the report did not
+    show while those probes had no answer words."""
+    from unlearn import probes
+
+    if opts.train.method != "ga+template" or opts.retain_probes or not data.probes:
+        return None
+    # the measured same-subject probe set (its name made unique beside the user's sets) with topic probes in it
+    named = [s.name for s in data.sets if s.name.startswith(probes.SAME_SUBJECT) and s.name in after.sets
+             and any(e.extra.get("refusal_markers") and "forget_line" in e.extra for e in s.examples)]
+    measured = after.sets[named[0]] if named else None
+    if measured is None or measured.summary.get("accuracy") is None:
+        return None
+    kept, n = measured.summary["accuracy"], measured.summary["n"]
+    if kept >= OVER_REFUSAL_KEPT:
+        return None
+    return (f"unlearn: the refusal also refuses benign questions about the same things: {round(kept * n)} of {n} "
+            f"same-subject probes kept (OUT/probes.jsonl); --retain-probes trains on them (on the quality "
+            f"benchmark's dev scenarios it kept more such questions, for more steps: docs/quality.md)")
 
 
 def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str, Measured]:
