@@ -127,7 +127,7 @@ def _note(method="ga+template", retain_probes=False, kept=0.25, n=4, markers=Tru
     probe_set = SimpleNamespace(name=name, examples=[Example("How do I find out more about a card?", "A card ...",
                                                              1, extra)])
     opts = SimpleNamespace(train=TrainConfig(method=method), retain_probes=retain_probes)
-    data = SimpleNamespace(probes={"rows": []}, sets=[probe_set])
+    data = SimpleNamespace(probes={"rows": []}, sets=[probe_set], output=Path("runs/a"))
     after = Measurement({name: SimpleNamespace(summary={"accuracy": kept, "n": n})}, 0.0)
     return over_refusal_note(opts, data, after)
 
@@ -135,7 +135,7 @@ def _note(method="ga+template", retain_probes=False, kept=0.25, n=4, markers=Tru
 def test_the_refusal_that_refuses_most_topic_probes_says_so_and_what_trains_on_them():
     note = _note(kept=0.25, n=4)
     assert note.startswith("unlearn: the refusal also refuses benign questions") and "1 of 4" in note
-    assert "--retain-probes" in note and "\n" not in note
+    assert "--retain-probes" in note and "\n" not in note and "(runs/a/probes.jsonl)" in note
     assert "0 of 12" in _note(kept=0.0, n=12)
 
 

@@ -322,6 +322,12 @@ def test_probe_line_says_when_the_edit_preserved_the_neighbours():
         "o/probes.jsonl"]
     record["probes"]["edit_preserves"] = None
     assert _probe_lines(record)[0].startswith("probes (held out, built")
+    # a harmful request's topic probes are kept only without a refusal: the definition says so when there are any
+    assert "no refusal" not in _probe_lines(record)[0]
+    record["probes"].update(topic_probes=9, sets={"same subject": {"made": 9, "kept": 9}})
+    assert _probe_lines(record) == [
+        "probes (held out, built from the forget prompts; accuracy = share whose original answer words still "
+        "appear, and no refusal (a harmful request's topic probes)): same subject 9 of 9 made; o/probes.jsonl"]
 
 
 def test_a_probe_kind_with_nothing_to_measure_says_why_and_what_measures_it_instead():

@@ -489,7 +489,7 @@ def over_refusal_note(opts: RunOptions, data: Prepared, after: Measurement) -> s
     if kept >= OVER_REFUSAL_KEPT:
         return None
     return (f"unlearn: the refusal also refuses benign questions about the same things: {round(kept * n)} of {n} "
-            f"same-subject probes kept (OUT/probes.jsonl); --retain-probes trains on them (on the quality "
+            f"same-subject probes kept ({data.output / 'probes.jsonl'}); --retain-probes trains on them (on the quality "
             f"benchmark's dev scenarios it kept more such questions, for more steps: docs/quality.md)")
 
 
@@ -993,7 +993,10 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         # The automatic probes (probes.py): how many were made and kept per set; the rows are in probes.jsonl.
         "probes": ({"file": None, "sets": data.probes["sets"], "seconds": round(job.probe_seconds, 3),
                     "max_per_set": opts.probe_limit, "answer_tokens": probes_answer_tokens(),
-                    "retained": data.probes["retained"], "edit_preserves": data.probes["edit_preserves"]}
+                    "retained": data.probes["retained"], "edit_preserves": data.probes["edit_preserves"],
+                    # measured topic probes (a harmful request's: kept only without a refusal, probes.keep_answered)
+                    "topic_probes": sum(1 for r in data.probes["rows"]
+                                        if r.get("refusal_markers") and "dropped" not in r)}
                    if data.probes is not None else None),
         "before": {name: m.summary for name, m in before.sets.items()},
         "after": {name: m.summary for name, m in after.sets.items()},

@@ -108,8 +108,9 @@ def _probe_lines(record: dict) -> list[str]:
     role = "trained on (--retain-probes)" if probes.get("retained") is not None else "held out"
     if probes.get("edit_preserves") and probes.get("retained") is None:
         role = f"{probes['edit_preserves']} trained: the edit preserved their prompts; the others held out"
+    topics = ", and no refusal (a harmful request's topic probes)" if probes.get("topic_probes") else ""
     return [f"probes ({role}, built from the forget prompts; accuracy = share whose original answer words "
-            f"still appear): {counts}; {probes['file'] or 'probes.jsonl'}"]
+            f"still appear{topics}): {counts}; {probes['file'] or 'probes.jsonl'}"]
 
 
 def _ulmr_lines(record: dict) -> list[str]:
