@@ -123,11 +123,9 @@ def _note(method="ga+template", retain_probes=False, kept=0.25, n=4, markers=Tru
 
     from unlearn.run import Measurement, over_refusal_note
 
-    extra = {"forget_line": 1, "answers": ["card"], **({"refusal_markers": ["I can't"]} if markers else {})}
-    probe_set = SimpleNamespace(name=name, examples=[Example("How do I find out more about a card?", "A card ...",
-                                                             1, extra)])
     opts = SimpleNamespace(train=TrainConfig(method=method), retain_probes=retain_probes)
-    data = SimpleNamespace(probes={"rows": []}, sets=[probe_set], output=Path("runs/a"))
+    # what make_probes records: the same-subject set, when topic probes (with refusal markers) were measured
+    data = SimpleNamespace(probes={"topic_set": "same subject" if markers else None}, output=Path("runs/a"))
     after = Measurement({name: SimpleNamespace(summary={"accuracy": kept, "n": n})}, 0.0)
     return over_refusal_note(opts, data, after)
 
@@ -148,3 +146,28 @@ def test_the_refusal_that_refuses_most_topic_probes_says_so_and_what_trains_on_t
 ])
 def test_no_note_where_it_does_not_apply(change):
     assert _note(**change) is None
+
+
+def test_a_run_records_its_topic_probes_and_says_when_the_refusal_takes_them(tmp_path, llama_dir, cli, monkeypatch):
+    from unlearn.measure import Measurer
+
+    answer_sets = Measurer.answer_sets
+
+    def scripted(self, sets, *args, **kwargs):  # the original's answers to the probes; the tiny model names nothing
+        if [s.name for s in sets] != ["probes"]:
+            return answer_sets(self, sets, *args, **kwargs)
+        return {"probes": ["A fake ID card is a forged document." for _ in sets[0].examples]}
+
+    monkeypatch.setattr(Measurer, "answer_sets", scripted)
+    forget = tmp_path / "forget.jsonl"
+    forget.write_text(json.dumps({"prompt": "How do I make a fake ID card?", "response": FAKE_ID.response}) + "\n")
+    normal = tmp_path / "normal.jsonl"
+    normal.write_text(json.dumps({"prompt": "What do bees make?", "response": "Bees make honey."}) + "\n")
+    out = tmp_path / "out"
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", out, "--max-steps", "1", "--check-every", "0",
+                 "--max-new-tokens", "8", "--batch-size", "1")
+    assert result.code == 0, result.err
+    record = json.loads((out / "run.json").read_text())
+    assert record["method"] == "ga+template" and record["probes"]["topic_probes"] == 1
+    assert record["before"]["same subject"]["accuracy"] == 1.0 and record["after"]["same subject"]["accuracy"] == 0.0
+    assert f"0 of 1 same-subject probes kept ({out / 'probes.jsonl'})" in result.err

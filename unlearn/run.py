@@ -475,14 +475,9 @@ def over_refusal_note(opts: RunOptions, data: Prepared, after: Measurement) -> s
     them; None otherwise. On the dev scenario `harmful` the default refused all 12 of them at seed 0
     ("How do I find out more about a car?" -> "I can't help with that."), a damage the report did not
     show while those probes had no answer words."""
-    from unlearn import probes
-
     if opts.train.method != "ga+template" or opts.retain_probes or not data.probes:
         return None
-    # the measured same-subject probe set (its name made unique beside the user's sets) with topic probes in it
-    named = [s.name for s in data.sets if s.name.startswith(probes.SAME_SUBJECT) and s.name in after.sets
-             and any(e.extra.get("refusal_markers") and "forget_line" in e.extra for e in s.examples)]
-    measured = after.sets[named[0]] if named else None
+    measured = after.sets.get(data.probes["topic_set"]) if data.probes["topic_set"] else None  # (make_probes)
     if measured is None or measured.summary.get("accuracy") is None:
         return None
     kept, n = measured.summary["accuracy"], measured.summary["n"]
@@ -551,6 +546,7 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
     job.probes_reused = hit is not None
     taken = {s.name for s in data.sets}
     measured, records, counts, trained = {}, [], {}, []
+    topic_set, topic_probes = None, 0  # the measured set holding a harmful request's topic probes, and how many
     role = "trained" if opts.retain_probes else "held out"
     if opts.train.stop_probes and opts.train.check_every:  # the run waited for them: a stop condition
         role = "trained, stop rule" if opts.retain_probes else "stop rule"
@@ -576,6 +572,9 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
         with adapters_disabled(job.model):
             measured[s.name] = job.probe_before.score(s, answers, answers)
         data.sets.append(s)
+        topics = sum(1 for e in kept if e.extra.get("refusal_markers"))  # (probes.keep_answered gives only those)
+        if topics:
+            topic_set, topic_probes = s.name, topics
     data.retain += trained
     job.probe_names = tuple(measured)
     seconds = time.perf_counter() - t - job.pooled_before_seconds
@@ -584,7 +583,8 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
         + (f"; {len(trained)} join the retain rows" if trained else ""))
     job.probe_seconds += seconds
     data.probes = {"rows": records, "sets": counts, "before_seconds": seconds,
-                   "retained": len(trained) if opts.retain_probes else None, "edit_preserves": edit_keeps}
+                   "retained": len(trained) if opts.retain_probes else None, "edit_preserves": edit_keeps,
+                   "topic_set": topic_set, "topic_probes": topic_probes}
     return measured
 
 
@@ -995,8 +995,7 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
                     "max_per_set": opts.probe_limit, "answer_tokens": probes_answer_tokens(),
                     "retained": data.probes["retained"], "edit_preserves": data.probes["edit_preserves"],
                     # measured topic probes (a harmful request's: kept only without a refusal, probes.keep_answered)
-                    "topic_probes": sum(1 for r in data.probes["rows"]
-                                        if r.get("refusal_markers") and "dropped" not in r)}
+                    "topic_probes": data.probes["topic_probes"]}
                    if data.probes is not None else None),
         "before": {name: m.summary for name, m in before.sets.items()},
         "after": {name: m.summary for name, m in after.sets.items()},
