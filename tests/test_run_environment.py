@@ -5,23 +5,15 @@ import json
 
 import pytest
 
+from test_probes import _one_fact_files
 from unlearn import paths, system
 from unlearn.errors import UsageError
 
 FAST = ["--max-steps", "1", "--max-new-tokens", "4", "--no-probes"]
 
 
-def _files(tmp_path):
-    forget = tmp_path / "forget.jsonl"
-    forget.write_text(json.dumps({"prompt": "What is the capital of France?", "response": "It is Paris.",
-                                  "answers": ["Paris"]}) + "\n")
-    normal = tmp_path / "normal.jsonl"
-    normal.write_text(json.dumps({"prompt": "What do bees make?", "response": "Bees make honey."}) + "\n")
-    return forget, normal
-
-
 def test_a_cache_that_cannot_be_written_costs_the_pointer_not_the_run(tmp_path, llama_dir, cli):
-    forget, normal = _files(tmp_path)
+    forget, normal = _one_fact_files(tmp_path)
     blocker = tmp_path / "cache-is-a-file"
     blocker.write_text("x")
     result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "out", *FAST,
@@ -55,14 +47,14 @@ def test_a_device_that_is_not_there_is_a_usage_error(requested, message):
 
 
 def test_a_bad_device_stops_the_run_before_the_model_loads(tmp_path, llama_dir, cli):
-    forget, normal = _files(tmp_path)
+    forget, normal = _one_fact_files(tmp_path)
     result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "out", "--device", "gpu", *FAST)
     assert result.code == 2 and result.err.strip() == "unlearn: --device gpu: expected cpu, cuda or cuda:N"
     assert not (tmp_path / "out").exists()
 
 
 def test_a_row_of_a_second_retain_file_is_named_by_its_own_file(tmp_path, opt_dir, cli):
-    forget, normal = _files(tmp_path)
+    forget, normal = _one_fact_files(tmp_path)
     keep, long = tmp_path / "keep.jsonl", tmp_path / "long.jsonl"
     keep.write_text(json.dumps({"prompt": "What is the capital of Italy?", "response": "Rome."}) + "\n")
     long.write_text(json.dumps({"prompt": "Tell me " + "Paris is a city in France. " * 120,
