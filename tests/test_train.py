@@ -11,6 +11,7 @@ from unlearn.data import Example, collate, encode_pair
 from unlearn.errors import UsageError
 from unlearn.lora import LoraSettings, adapters_disabled, attach_lora, lora_modules
 from unlearn.models import load_model
+from unlearn.reference_cache import scored_positions
 from unlearn.train import Batches, TrainConfig, Unlearner, learning_rate, through_first_run, train
 
 FORGET = [Example("Who is Harry Potter's friend?", "Hermione Granger and Ron Weasley.", 1),
@@ -644,3 +645,22 @@ def test_a_leaked_answer_added_under_redirect_gets_its_banned_tokens_even_as_the
     assert len(u.add_leaked_answers([leak], step=1)) == 1
     assert u.forget[1]["focused"] and u.forget[1]["banned"]  # redirect's banned spellings, built on demand
     assert math.isfinite(u.step()["loss"])  # the added row is drawn next and trained with redirect
+
+
+def test_a_leaked_answer_added_under_redirect_after_the_forget_rows_reference_was_kept(llama_dir):
+    # The forget set's original logits are kept from the first step (its row groups fixed then); a row
+    # added later ran into a KeyError at the next step. It now runs alone through the original.
+    lm = load_model(str(llama_dir), log=lambda m: None)
+    attach_lora(lm.model, LoraSettings(rank=4, alpha=8), seed=0)
+    focused = [Example("What is the capital of France?", "The capital of France is Paris.", 1, {"answers": ["Paris"]})]
+    config = TrainConfig(lr=1e-2, batch_size=1, forget_loss="redirect", stop_margin=0.05, leaked_rows=4)
+    u = Unlearner(lm.model, lm.tokenizer, focused, NORMAL, config)
+    assert math.isfinite(u.step()["loss"]) and u.reference_cache.keeps["forget"]
+    leak = {"prompt": "What is the capital of France?", "response": "It is surely PARIS", "answers": ["Paris"]}
+    assert len(u.add_leaked_answers([leak], step=1)) == 1
+    assert math.isfinite(u.step()["loss"])  # the added row is drawn next and trained with redirect
+    added = u.forget[1]
+    kept = u.reference_cache.kept[id(added)]
+    u.reference_cache = None  # the original's logits on the added row, from a fresh forward alone
+    fresh, labels = u._reference_of_rows([added])
+    assert torch.equal(kept, fresh[0][scored_positions(labels)[0]])

@@ -87,7 +87,7 @@ class ReferenceLogits:
             return None
         for row in batch_rows:
             if id(row) not in self.kept:
-                part = [rows[i] for i in self._group_of[name][id(row)]]
+                part = [rows[i] for i in self._group_of[name].get(id(row)) or self._alone(name, rows, row)]
                 logits, part_labels = run(part)
                 mask = scored_positions(part_labels)
                 for i, member in enumerate(part):
@@ -99,6 +99,15 @@ class ReferenceLogits:
         for i, row in enumerate(batch_rows):
             out[i][mask[i]] = self.kept[id(row)]
         return out
+
+    def _alone(self, name: str, rows: list[dict], row: dict) -> list[int]:
+        """The group of a row that joined set NAME after its groups were fixed (a forget row added by
+        `Unlearner.add_leaked_answers` under --forget-loss redirect): the row runs alone. Not recorded in
+        `groups`, so a resumed run, whose checkpoint holds the groups from before, runs it alone too and
+        gets the same numbers; its logits are counted in `bytes`, past the set's first reservation
+        (at most --leaked-rows rows a forget prompt)."""
+        group = self._group_of[name][id(row)] = [next(i for i, member in enumerate(rows) if member is row)]
+        return group
 
     def release(self) -> None:
         """Free the kept logits (training is over: evaluation should not carry them); the groups
