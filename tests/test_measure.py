@@ -347,6 +347,37 @@ def test_a_decided_check_reports_the_count_that_decided_it_not_how_far_the_other
     assert leak_rate(_StreamingMeasurer(streams), EvalSet("forget", "forget", _rows(4))) == 0.5  # undecided: exact
 
 
+class _PieceMeasurer:
+    """A Measurer stand-in whose rows "generate" the given text pieces, asking STOP_ROW after each
+    (a piece may hold any whitespace, where `_StreamingMeasurer` streams blank-separated words)."""
+
+    def __init__(self, pieces: list[list[str]]):
+        self.pieces, self.drafts, self.deciders = pieces, {}, {}
+
+    def references(self, s):
+        return s.examples
+
+    def answer(self, s, desc=False, stop_row=None, rows=None):
+        out = [""] * len(self.pieces)
+        for i in range(len(self.pieces)) if rows is None else rows:
+            for piece in self.pieces[i]:
+                out[i] += piece
+                if stop_row(i, out[i]):
+                    break
+        return out
+
+
+def test_a_number_grouped_by_a_no_break_space_is_not_judged_before_its_last_group():
+    from unlearn.measure import leak_rate
+
+    # "2\u00a0000" is the number 2000 to the answer matcher: the check must not read "about 2" as the
+    # answer "2" while the "000" is on its way (str.split took U+00A0 for a word break: 0.5 here)
+    pieces = [["It", " is", " about", " 2", "\u00a0000", " people", "."], ["It", " is", " Lyon", "."]]
+    rows = [Example("How many people?", "About 2 people.", 1, {"answers": ["2"]}),
+            Example("Capital?", "Paris.", 2, {"answers": ["Paris"]})]
+    assert leak_rate(_PieceMeasurer(pieces), EvalSet("forget", "forget", rows), decided_above=0.0) == 0.0
+
+
 def test_a_check_that_forgot_runs_every_row_to_its_end():
     from unlearn.measure import leak_rate
 

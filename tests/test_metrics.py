@@ -352,3 +352,14 @@ def test_no_torch_at_import():
     code = "import sys, unlearn.metrics; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+@pytest.mark.parametrize("text, finished", [
+    ("", ""), ("Paris", ""), ("  Paris  ", ""),          # one word: it may still be growing
+    ("It is Par", "It is"), ("It is Paris ", "It is"),  # the last word goes, a trailing blank first
+    ("It is\nPar", "It is"), ("It\tis Paris", "It\tis"),  # a newline or tab ends a word too
+    ("about 2\u00a0000", "about"), ("about 2\u202f000 people", "about 2\u202f000"),  # no-break and
+    ("about 2\u2009000", "about"),                       # thin spaces join a number's digit groups
+])
+def test_without_last_word(text, finished):
+    assert m.without_last_word(text) == finished

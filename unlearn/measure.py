@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from unlearn import distributed
+from unlearn import distributed, metrics
 from unlearn.errors import UnlearnError
 from unlearn.evaluate import Scorer
 from unlearn.metrics import MIN_K_PERCENT
@@ -671,7 +671,7 @@ def _rate_until_verdict(measurer: Measurer, s: EvalSet, flags, enough: int | Non
     flagged: set[int] = set()  # added to from the generation threads (cpu_parts): set.add is atomic
 
     def flagged_so_far(i: int, text: str) -> bool:
-        finished = text.rsplit(maxsplit=1)[0] if " " in text.strip() else ""
+        finished = metrics.without_last_word(text)
         return bool(finished) and flags([finished], [i])[0]
 
     def stop(i: int, text: str) -> bool:

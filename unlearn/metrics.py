@@ -197,10 +197,25 @@ ARTICLES = frozenset({"a", "an", "the"})
 # Characters that group the thousands of a number ("1,000", "1'000", "1 000" with a
 # no-break or thin space), removed when exactly three digits follow.
 _THOUSANDS_SEPARATORS = frozenset(",'\u2019\u00a0\u202f\u2009")
+# Whitespace that ends a word: any but the spaces above, which join a number's digit groups.
+_WORD_BREAK = re.compile(r"[^\S\u00a0\u202f\u2009]+")
 # Scripts written without spaces between words: each character is a token of its own,
 # so that "東京" is found inside "首都は東京です".
 _NO_SPACE_SCRIPTS = ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2FFFF))
 _INITIALS_GAP = re.compile(r"\.\s*")
+
+
+def without_last_word(text: str) -> str:
+    """TEXT (stripped) up to its last word, which may still be growing: "" when it has one word.
+
+    A generation judged while it runs (the stop rule's check) is judged on this, so a word cut
+    mid-way ("Par" of "Parisian") is not read as an answer. The no-break and thin spaces do not
+    end a word here, as they do not for `answer_tokens` ("2\u00a0000" is the number 2000, so
+    "It is about 2" is not judged before the "000" has come).
+    """
+    text = text.strip()
+    breaks = [m.start() for m in _WORD_BREAK.finditer(text)]
+    return text[:breaks[-1]] if breaks else ""
 
 
 class AnswerToken(namedtuple("AnswerToken", ["text", "start", "end"])):
