@@ -217,6 +217,22 @@ def test_npo_by_hand():
     assert lp.grad.item() == pytest.approx(1.0)  # at theta = orig NPO's gradient equals GA's
 
 
+def test_npo_leaves_out_a_row_without_response_tokens():
+    # row 1's only label is at position 0, which nothing predicts: no response token, log p = 0 on both
+    # sides; kept, it added (2/beta) ln 2 = 13.86 and halved row 0's gradient
+    labels = torch.tensor([[IGN, 0, 1], [3, IGN, IGN]])
+    assert losses.scored_rows(labels).tolist() == [True, False]
+    lp = torch.tensor([-14.0, 0.0], requires_grad=True)
+    loss = losses.npo_loss(lp, torch.tensor([-4.0, 0.0]), 0.1, scored=losses.scored_rows(labels))
+    assert float(loss.detach()) == pytest.approx(20 * 0.31326169, rel=1e-6)  # row 0 alone, as in test_npo_by_hand
+    loss.backward()
+    # d/d lp of -(2/beta) log sigmoid(-beta (lp - ref)) = 2 sigmoid(beta (lp - ref)) = 2 sigmoid(-1), row 0's
+    # whole (the mean is over one row); none for row 1
+    assert lp.grad.tolist() == pytest.approx([2 / (1 + math.e), 0.0], rel=1e-6)
+    with pytest.raises(ValueError, match="no response tokens"):
+        losses.npo_loss(lp, lp.detach(), 0.1, scored=torch.tensor([False, False]))
+
+
 def test_sequence_logprob_sums_response_tokens():
     logits, labels = two_rows()
     assert losses.sequence_logprob(logits, labels).tolist() == pytest.approx(

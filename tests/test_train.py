@@ -545,6 +545,17 @@ def test_npo_keeps_each_forget_rows_original_logprob_and_trains_as_recomputed(ll
         torch.testing.assert_close(a_B, b_B, rtol=1e-4, atol=1e-6)
 
 
+def test_npo_leaves_out_a_forget_row_whose_answer_was_cut_off(llama_dir):
+    # such a row has log p = 0 under both models: kept, it added (2/beta) ln 2 to the mean (13.86)
+    u = unlearner(llama_dir, method="npo")
+    for m in lora_modules(u.model).values():  # away from the original, where every row's NPO is that constant
+        m.lora_B.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    u.reference_cache = None  # the original runs on the batch itself (the cut row is not one of u.forget)
+    whole = u.forget[0]
+    cut = dict(u.forget[1], labels=[losses.IGNORE_INDEX] * len(u.forget[1]["labels"]))  # as --max-length cuts it
+    assert u.loss({"forget": [whole, cut]})[1]["npo"] == pytest.approx(u.loss({"forget": [whole]})[1]["npo"], rel=1e-5)
+
+
 # a greedy answer the stop rule found leaking, cut after its answer (run.stop_rule's leaked_answers)
 LEAK = {"prompt": "What is the capital of France?", "response": "It is surely PARIS", "answers": ["Paris"]}
 

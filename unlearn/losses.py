@@ -250,12 +250,28 @@ class _TokenKL(torch.autograd.Function):
         return None, grad_cur, None
 
 
-def npo_loss(logprob: torch.Tensor, reference_logprob: torch.Tensor, beta: float = 0.1) -> torch.Tensor:
-    """Negative preference optimisation (Zhang et al. 2024), averaged over the batch.
+def npo_loss(logprob: torch.Tensor, reference_logprob: torch.Tensor, beta: float = 0.1,
+             scored: torch.Tensor | None = None) -> torch.Tensor:
+    """Negative preference optimisation (Zhang et al. 2024), averaged over the batch's SCORED rows.
 
     L = -(2/beta) log sigmoid(-beta (log p_theta(y|x) - log p_orig(y|x))), with sequence
     log-probabilities (sums over response tokens). At the start (theta = orig) it equals
     (2/beta) log 2 and its gradient is that of gradient ascent scaled by 1; it flattens as
     p_theta(y|x) drops below p_orig(y|x), which is what keeps NPO from collapsing.
+
+    SCORED (`scored_rows`; default every row): the rows that have a response token. One without
+    (its answer cut off by --max-length) has log-probabilities 0 on both sides, so it would add the
+    constant (2/beta) log 2 and dilute the others' gradient; it is left out, as every other loss
+    leaves it out (`_mean_of_row_means`).
     """
+    if scored is not None:
+        if not scored.any():
+            raise ValueError("no response tokens in this batch (is --max-length too small?)")
+        logprob, reference_logprob = logprob[scored], reference_logprob[scored]
     return (-(2.0 / beta) * F.logsigmoid(-beta * (logprob - reference_logprob))).mean()
+
+
+def scored_rows(labels: torch.Tensor) -> torch.Tensor:
+    """(batch,) bool: the rows with at least one response token (position t predicts label t+1, so
+    the first label never counts, as in `token_logprobs`)."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(dim=1)

@@ -227,11 +227,6 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr
 
 
-def _units(labels: torch.Tensor, unit: str) -> int:
-    """How many units of LABELS a term averages over: distributed.scored_count's "rows" or "tokens", or "all rows"."""
-    return labels.shape[0] if unit == "all rows" else distributed.scored_count(labels, unit)
-
-
 class Unlearner:
     """Holds the model, the tokenised data and the optimiser; `step()` does one update."""
 
@@ -629,21 +624,19 @@ class Unlearner:
     def _group_terms(self, name: str, logits, labels, batch: dict, start: int) -> list[tuple[str, float, str, torch.Tensor]]:
         """The loss terms one group's logits give: (term, weight, unit, value) each.
 
-        UNIT is what the term is a mean over (distributed.scored_count's "rows" or "tokens", or
-        "all rows" for NPO's mean over every row), which is what lets a group's term be summed
-        from pieces of its rows (`_backward_in_pieces`).
+        UNIT is what the term is a mean over (distributed.scored_count's "rows" or "tokens"), which
+        is what lets a group's term be summed from pieces of its rows (`_backward_in_pieces`).
         """
         config, method = self.config, self.config.method
         if name == "forget":
             if method == "ulmr":  # supervised fine-tuning on (rewritten prompt, negative response) pairs
                 return [("sft", 1.0, "rows", distributed.global_mean(lambda: losses.mean_nll(logits, labels),
                                                                      labels, "rows", logits))]
-            if method == "npo":
-                # A mean over every row of this rank's share, and every rank has the same number of rows
-                # (--batch-size divides evenly), so the mean over ranks is already the global mean.
-                return [("npo", self.forget_weight, "all rows",
-                         losses.npo_loss(losses.sequence_logprob(logits, labels),
-                                         self._original_sequence_logprobs(batch, start, labels), config.npo_beta))]
+            if method == "npo":  # a mean over the rows that have a response token (losses.npo_loss)
+                return [("npo", self.forget_weight, "rows", distributed.global_mean(
+                    lambda: losses.npo_loss(losses.sequence_logprob(logits, labels),
+                                            self._original_sequence_logprobs(batch, start, labels), config.npo_beta,
+                                            scored=losses.scored_rows(labels)), labels, "rows", logits))]
             # Under torchrun, means over a varying number of rows / tokens are made global (distributed.py).
             if config.forget_loss == "spellings":  # unlikelihood of each answer position's banned set
                 banned = self._banned(batch, start, labels)
@@ -758,7 +751,7 @@ class Unlearner:
         counts = {}  # per group: the units of each kind in the whole group and in each piece
         for name, pieces in plan.items():
             labels = [collate(piece, self.pad_id)["labels"] for piece in pieces]
-            per_piece = [{unit: _units(l, unit) for unit in ("rows", "tokens", "all rows")} for l in labels]
+            per_piece = [{unit: distributed.scored_count(l, unit) for unit in ("rows", "tokens")} for l in labels]
             if len(pieces) > 1 and any(c[unit] == 0 for c in per_piece for unit in c):
                 return None
             counts[name] = ({unit: sum(c[unit] for c in per_piece) for unit in per_piece[0]}, per_piece)
