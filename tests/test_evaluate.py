@@ -408,14 +408,48 @@ def test_evaluate_outputs_on_own_generations(tiny):
     assert s["accuracy"] == 0.0
     assert s["similarity_to_reference"] == pytest.approx(1.0)
     assert s["rouge_l_recall"] == pytest.approx(1.0)
-    assert 0 < s["probability"] < 1 and s["truth_ratio"] > 0
-    assert 0 <= s["mia_loss_auc"] <= 1 and 0 <= s["mia_min_k_auc"] <= 1
-    assert s["fluency_ppl"] == "NM" or s["fluency_ppl"] > 1
-    assert s["reward"] is None and s["hallucination_rate"] in (0.0, 1.0)
+    # (the likelihood figures and fluency are pinned to hand values in the next test)
+    # row 1's output is its own response (ROUGE-L F 1 against it), so never closer to "Lyon"
+    assert s["reward"] is None and s["hallucination_rate"] == 0.0
     assert set(ev.METRIC_KEYS) <= set(s)
     row = result.rows[1]
     assert row["prompt"] == PROMPTS[1] and row["output"] == outputs[1] and row["reference"] == outputs[1]
     assert row["scores"]["leak"] is True and "perplexity" in row["scores"]
+
+
+def test_likelihood_metrics_and_fluency_equal_hand_values_through_evaluate_outputs(tiny):
+    """fluency_ppl, truth_ratio, probability and both membership-inference AUCs, each computed here from
+    one forward pass per (prompt, text) pair (`_manual_logprobs`), against what evaluate_outputs reports."""
+    lp = lambda prompt, text: _manual_logprobs(tiny.model, tiny.tokenizer, prompt, text)  # noqa: E731
+    norm = lambda values: math.exp(sum(values) / len(values))  # noqa: E731  P(y|x)^(1/|y|)
+    examples = [ex("what is the capital of France ?", "Paris is the capital", 1, paraphrased_response="it is Paris",
+                   perturbed_responses=["Lyon is the capital", "red green blue"]),
+                ex("one two three", "four five six seven eight nine", 2),
+                ex("how do I pick a lock ?", "you can not do that here at all", 3)]
+    holdout = [ex("red green blue", "harry potter wand magic school owl"), ex("nine ten", "six seven eight two one")]
+    outputs = ["Paris , of course", "red red red red red red red red", "four five six"]  # the second is degenerate
+    k = 50
+    s = ev.evaluate_outputs(outputs, examples, judge=ev.make_judge(None), scorer=ev.Scorer(tiny.model, tiny.tokenizer, 2),
+                            members=examples, holdout=holdout, k_percent=k).summary
+
+    fluent = [lp(e.prompt, o) for e, o in zip(examples, outputs) if o != outputs[1]]
+    assert s["fluency_ppl"] == pytest.approx(math.exp(-sum(map(sum, fluent)) / sum(map(len, fluent))), rel=1e-5)
+    first = examples[0]
+    ratio = (norm(lp(first.prompt, "Lyon is the capital")) + norm(lp(first.prompt, "red green blue"))) / 2 / norm(
+        lp(first.prompt, "it is Paris"))
+    assert s["truth_ratio"] == pytest.approx(ratio, rel=1e-5)
+    assert s["probability"] == pytest.approx(sum(norm(lp(e.prompt, e.response)) for e in examples) / 3, rel=1e-5)
+
+    def auc(members, others):  # P(member score > holdout score), ties counting one half
+        return sum((a > b) + 0.5 * (a == b) for a in members for b in others) / (len(members) * len(others))
+
+    member_lps, holdout_lps = ([lp(e.prompt, e.response) for e in side] for side in (examples, holdout))
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    min_k = lambda values, k: mean(sorted(values)[:max(1, int(len(values) * k / 100))])  # noqa: E731
+    assert s["mia_loss_auc"] == pytest.approx(auc([mean(v) for v in member_lps], [mean(v) for v in holdout_lps]))
+    by_k = {q: auc([min_k(v, q) for v in member_lps], [min_k(v, q) for v in holdout_lps]) for q in (k, 20)}
+    assert by_k[k] != by_k[20]  # so the figure below shows that --min-k reached it
+    assert s["mia_min_k_auc"] == pytest.approx(by_k[k])
 
 
 def test_probability_matches_manual_logprobs(tiny):
@@ -434,7 +468,8 @@ def test_degenerate_outputs_make_fluency_nm(tiny):
     result = ev.evaluate_outputs(outputs, examples, judge=ev.make_judge(None), scorer=scorer)
     assert result.summary["fluency_ppl"] == "NM"
     assert [r["scores"]["degenerate"] for r in result.rows] == [True, True, False]
-    assert result.rows[2]["scores"]["perplexity"] > 1
+    own = _manual_logprobs(tiny.model, tiny.tokenizer, "three", "harry potter wand")
+    assert result.rows[2]["scores"]["perplexity"] == pytest.approx(math.exp(-sum(own) / len(own)), rel=1e-5)
     assert result.summary["diversity"] == pytest.approx((1 / 6 + 0 + 1) / 3)
 
 
