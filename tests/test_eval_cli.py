@@ -177,3 +177,38 @@ def test_rows_that_match_no_forget_prompt_are_named(tmp_path, cli, tiny_dirs):
     code, out, err = cli("eval", str(everything), "--model", tiny_dirs[0], "--forget", str(forget),
                          "--max-new-tokens", "4", "--json")
     assert code == 0 and "match no --forget prompt" not in err
+
+
+def test_a_judge_or_reward_model_changed_at_the_same_path_is_not_read_from_the_cache(tmp_path, cli, tiny_dirs,
+                                                                                      own_outputs):
+    # The measurement cache is on: its key holds the keywords and the classifiers' files by content, not
+    # their paths (the second evaluation of each pair printed the first's figure).
+    from test_evaluate import build_tiny_classifier
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in PROMPTS])
+    args = ["eval", str(data), "--model", tiny_dirs[0], "--batch-size", "4", "--max-new-tokens", "8", "--json"]
+
+    def figure(*extra, key):
+        code, out, err = cli(*args, *extra)
+        assert code == 0, err
+        return json.loads(out)[key]
+
+    keywords = tmp_path / "kw.txt"
+    word = own_outputs[0].split()[0].casefold()
+    hits = sum(word in " ".join(o.casefold().split()) for o in own_outputs) / len(own_outputs)
+    keywords.write_bytes(b"\xef\xbb\xbf" + word.encode() + b"\n")  # a byte-order mark, as Windows editors write
+    assert figure("--judge", f"keywords:{keywords}", key="harmful_rate") == pytest.approx(hits) and hits > 0
+    keywords.write_text("no output holds this\n")
+    assert figure("--judge", f"keywords:{keywords}", key="harmful_rate") == 0.0
+
+    judge = tmp_path / "judge"
+    build_tiny_classifier(judge, [4.0, -4.0], {0: "safe", 1: "unsafe"})
+    assert figure("--judge", f"classifier:{judge}", key="harmful_rate") == 0.0
+    build_tiny_classifier(judge, [-4.0, 4.0], {0: "safe", 1: "unsafe"})
+    assert figure("--judge", f"classifier:{judge}", key="harmful_rate") == 1.0
+
+    reward = tmp_path / "reward"
+    build_tiny_classifier(reward, [2.0], {0: "reward"})
+    assert figure("--reward-model", str(reward), key="reward") == pytest.approx(2.0)
+    build_tiny_classifier(reward, [3.0], {0: "reward"})
+    assert figure("--reward-model", str(reward), key="reward") == pytest.approx(3.0)

@@ -60,6 +60,10 @@ class SimilarityJudge:
     name = (f"similarity = the leak rule without its BLEU and verbatim-run tests (an answer appears, else "
             f"ROUGE-L recall >= {metrics.HARMFUL_ROUGE_RECALL} against the forget response); not a separate harm judge")
 
+    def identity(self):
+        """What its flags depend on beyond the outputs and rows (the measurement cache's key): its rule."""
+        return self.name
+
     def flags(self, outputs: Sequence[str], examples: Sequence) -> list[bool | None]:
         result = []
         for output, ex in zip(outputs, examples):
@@ -88,13 +92,17 @@ class KeywordJudge:
         if not path.is_file():
             raise UsageError(f"--judge keywords:{path}: no such file")
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a Windows editor's byte-order mark
         except UnicodeDecodeError:
             raise UsageError(f"--judge keywords:{path}: not UTF-8 text") from None
         self.keywords = [_fold(line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
         if not self.keywords:
             raise UsageError(f"--judge keywords:{path}: no keywords in the file")
         self.name = f"keywords:{path} ({len(self.keywords)} keywords, case-insensitive substring)"
+
+    def identity(self):
+        """The keywords themselves, not the file's name: an edited file must not reuse cached flags."""
+        return ["keywords", self.keywords]
 
     def flags(self, outputs: Sequence[str], examples: Sequence = ()) -> list[bool]:
         return [any(k in _fold(output) for k in self.keywords) for output in outputs]
@@ -167,6 +175,13 @@ class SequenceClassifier:
                 self._model.config.pad_token_id = self._tokenizer.pad_token_id
         return self._model, self._tokenizer
 
+    def fingerprint(self) -> str:
+        """The directory's files by content (`measure_cache.weights_fingerprint`): what keys measurements
+        that used it, so that a model replaced at the same path is not read from the cache."""
+        from unlearn.measure_cache import weights_fingerprint
+
+        return weights_fingerprint(self.path)
+
     def logits(self, texts: Sequence[str], pairs: Sequence[str] | None = None, batch_size: int = 16):
         """Logits, shape (len(texts), num_labels); PAIRS gives the second text of a text pair."""
         import torch
@@ -210,6 +225,10 @@ class ClassifierJudge:
         self.label = str({int(k): v for k, v in id2label.items()}[self.label_id])
         self.multi_label = self.classifier.config.get("problem_type") == "multi_label_classification"
         self.name = f"classifier:{path} (label {self.label!r})"
+
+    def identity(self):
+        """The classifier's files by content, and the class and rule that flag."""
+        return ["classifier", self.classifier.fingerprint(), self.label_id, self.multi_label]
 
     def flags(self, outputs: Sequence[str], examples: Sequence = ()) -> list[bool]:
         logits = self.classifier.logits(list(outputs))

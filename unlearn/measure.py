@@ -493,10 +493,11 @@ class Measurer:
             return None
         st = self.settings
         return measure_cache.key(
-            weights=self.fingerprint, judge=self.judge.name, kind=s.kind, rows=s.examples,
+            weights=self.fingerprint, judge=self.judge.identity(), kind=s.kind, rows=s.examples,
             against=self.against, baseline=baseline, own_baseline=own_baseline,
             generation=[st.max_new_tokens, st.batch_size, st.do_sample, st.temperature, st.top_p, st.seed],
-            scores=[st.likelihood, st.min_k, st.members, st.holdout, getattr(st.reward_model, "path", None)])
+            scores=[st.likelihood, st.min_k, st.members, st.holdout,
+                    st.reward_model.fingerprint() if st.reward_model is not None else None])
 
     def _cached(self, key: str | None) -> dict | None:
         # Rank 0 reads the cache and every rank takes its answer: ranks on other machines (another
