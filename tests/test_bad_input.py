@@ -224,6 +224,9 @@ CASES = {
     "eval writes two outputs to one file": (lambda c: ["eval", c.forget, "--model", c.llama, "--save-generations",
                                                        c.root / "same.out", "--report", c.root / "same.out"], 2,
                                             "the same file is given for two outputs"),
+    "eval writes one output inside another": (lambda c: ["eval", c.forget, "--model", c.llama, "--save-generations",
+                                                         c.root / "outx", "--report", c.root / "outx" / "r.md"], 2,
+                                              "would lie inside the other"),  # it wrote outx, then failed
     "eval temperature nan": (lambda c: ["eval", c.forget, "--model", c.llama, "--do-sample", "--temperature", "nan"],
                              2, "--temperature must be a finite number"),
     "ulmr max leak nan": (lambda c: c.run("--method", "ulmr", "--max-leak", "nan"), 2, "--max-leak nan"),

@@ -96,6 +96,9 @@ def test_unwritable_places_are_found_before_any_work(tmp_path):
         outputs.check_writable(Path("/proc/unlearn-report.md"))
     with pytest.raises(UsageError, match="the same file is given for two outputs"):
         outputs.check_writable(tmp_path / "x.md", None, tmp_path / "." / "x.md")
+    for pair in ((tmp_path / "g", tmp_path / "g" / "r.md"), (tmp_path / "g" / "r.md", tmp_path / "g")):
+        with pytest.raises(UsageError, match="would lie inside the other"):  # either order
+            outputs.check_writable(*pair)
     outputs.check_writable(tmp_path / "new" / "deeper" / "x.md")  # missing directories are made when written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.jsonl"]  # the checks leave nothing behind
 

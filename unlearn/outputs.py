@@ -113,9 +113,14 @@ def check_writable(*paths, force: bool = False) -> None:
         if path is None:
             continue
         path = Path(path)
-        if path.resolve() in seen:  # the second write would silently replace the first
+        resolved = path.resolve()
+        if resolved in seen:  # the second write would silently replace the first
             raise UsageError(f"{path}: the same file is given for two outputs")
-        seen.add(path.resolve())
+        for other in seen:  # the first written would be the other's missing directory, as a file
+            if other in resolved.parents or resolved in other.parents:
+                raise UsageError(f"{path}: one output file would lie inside the other ({other}); name two "
+                                 f"separate files")
+        seen.add(resolved)
         if path.is_dir():
             raise UsageError(f"{path}: is a directory, expected a file name")
         if path.exists() and not path.resolve().is_file():
