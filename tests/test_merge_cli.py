@@ -345,3 +345,26 @@ def test_subprocess_success_and_failure(tmp_path, pair):
     assert failed.returncode == 1 and failed.stdout == ""
     assert failed.stderr.count("\n") == 1 and failed.stderr.startswith("unlearn: TUNED")
     assert_nothing_written(tmp_path / "o2")
+
+
+def test_sigterm_during_a_sweep_leaves_no_partial_models(cli, tmp_path, pair, monkeypatch):
+    # as `timeout` or a cancelled CI job sends it: the process died where it stood, and its hidden
+    # .o.tmp-* directory of written models stayed behind
+    import os
+    import signal
+
+    from unlearn import merge
+
+    base_dir, tuned_dir, _, _ = pair
+    written = merge._write
+
+    def write_then_terminated(*args, **kw):
+        written(*args, **kw)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(merge, "_write", write_then_terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    code, out, err = cli("merge", "--alpha", "0.2,0.4", base_dir, tuned_dir, "-o", tmp_path / "o")
+    assert code == 143 and err.strip().splitlines()[-1] == "unlearn: terminated (SIGTERM); nothing half-written is left"
+    assert_nothing_written(tmp_path / "o")
+    assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is gone again

@@ -10,15 +10,18 @@ inside the commands so that `unlearn --help` starts fast.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
+import signal
 import sys
+import threading
 
 import click
 
 from unlearn.config import FORGET_LOSSES, GEN_BATCH_SIZE
-from unlearn.errors import UnlearnError
+from unlearn.errors import Terminated, UnlearnError
 from unlearn.log import log
 from unlearn.repair import AUTO_CAP
 
@@ -493,12 +496,39 @@ def entry() -> None:
     os._exit(code)
 
 
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While the command runs, SIGTERM raises `Terminated` in the main thread instead of killing the process
+    where it stands, which left a merge's hidden `.OUT.tmp-*` directory of partial models behind.
+
+    Not under torchrun: a rank waiting in a collective runs no Python until the wait ends, so a handler
+    would keep it alive past the launcher's SIGTERM; there the default (ending at once) stays. The
+    previous handler comes back afterwards (the tests call `main` in their own process).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None) -> None:
     """Entry point: turn our errors into one line and an exit code."""
     debug = os.environ.get("UNLEARN_DEBUG") == "1"
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        cli.main(args=argv, prog_name="unlearn", standalone_mode=False, obj={"argv": argv})
+        with _sigterm_unwinds():
+            cli.main(args=argv, prog_name="unlearn", standalone_mode=False, obj={"argv": argv})
+    except Terminated:
+        log("unlearn: terminated (SIGTERM); nothing half-written is left")
+        sys.exit(Terminated.exit_code)
     except click.exceptions.Abort:
         log("unlearn: interrupted")
         sys.exit(130)

@@ -17,3 +17,13 @@ class Interrupted(UnlearnError):
     """The user pressed Ctrl-C; the run stopped cleanly (after a checkpoint). Exit code 130."""
 
     exit_code = 130
+
+
+class Terminated(BaseException):
+    """SIGTERM (`timeout`, a cancelled CI job, `kill`), raised in the main thread so that every cleanup runs
+    as for Ctrl-C: a merge's or run's temporary output directory, a run's empty OUT. Exit code 143.
+
+    A BaseException, as KeyboardInterrupt is: code that catches Exception must not swallow it.
+    """
+
+    exit_code = 143
