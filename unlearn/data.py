@@ -131,12 +131,16 @@ def _check_extra(obj: dict, where: str) -> None:
     markers = obj.get("refusal_markers")
     if markers is not None and not (isinstance(markers, list) and all(isinstance(m, str) and m.strip() for m in markers)):
         raise UnlearnError(f"{where}: 'refusal_markers' must be a list of non-empty strings")
+    # An empty answer here would be scored as the end-of-turn token alone (a "probability" of one token) or
+    # silently drop the row from the truth ratio: refused, as an empty response is.
     for key in ("paraphrased_response", "hallucinated_response"):
-        if key in obj and not isinstance(obj[key], str):
-            raise UnlearnError(f"{where}: {key!r} must be a string, got {type(obj[key]).__name__}")
+        if key in obj and not (isinstance(obj[key], str) and obj[key].strip()):
+            got = "an empty string" if isinstance(obj[key], str) else type(obj[key]).__name__
+            raise UnlearnError(f"{where}: {key!r} must be a non-empty string, got {got}")
     perturbed = obj.get("perturbed_responses")
-    if perturbed is not None and not (isinstance(perturbed, list) and all(isinstance(p, str) for p in perturbed)):
-        raise UnlearnError(f"{where}: 'perturbed_responses' must be a list of strings")
+    if perturbed is not None and not (isinstance(perturbed, list) and perturbed
+                                      and all(isinstance(p, str) and p.strip() for p in perturbed)):
+        raise UnlearnError(f"{where}: 'perturbed_responses' must be a non-empty list of non-empty strings")
 
 
 def _check_subject(obj: dict, prompt: str, where: str, part: str) -> None:
