@@ -227,6 +227,10 @@ CASES = {
     "eval writes one output inside another": (lambda c: ["eval", c.forget, "--model", c.llama, "--save-generations",
                                                          c.root / "outx", "--report", c.root / "outx" / "r.md"], 2,
                                               "would lie inside the other"),  # it wrote outx, then failed
+    "eval temperature without sampling": (lambda c: ["eval", c.forget, "--model", c.llama, "--temperature", "0.7"], 2,
+                                          "apply only with --do-sample"),  # greedy answers, silently
+    "merge max leak out of range without a sweep": (
+        lambda c: ["merge", "--alpha", "0.5", c.llama, c.llama, "-o", c.root / "m", "--max-leak", "5"], 2, "--max-leak 5"),
     "eval temperature nan": (lambda c: ["eval", c.forget, "--model", c.llama, "--do-sample", "--temperature", "nan"],
                              2, "--temperature must be a finite number"),
     "ulmr max leak nan": (lambda c: c.run("--method", "ulmr", "--max-leak", "nan"), 2, "--max-leak nan"),

@@ -492,14 +492,15 @@ class MergeOptions:
 
     def validate(self) -> None:
         _ = self.max_shard_bytes  # a bad --max-shard-size fails now
-        if not self.is_sweep:
-            return
-        if not self.alphas:
-            raise UsageError("--eval-forget/--eval-retain need --alpha, e.g. --alpha 0.2,0.4,0.6,0.8")
+        # checked whether or not this merge measures anything: a bad value is a typo either way
         if not 0 <= self.max_leak <= 1:
             raise UsageError(f"--max-leak {self.max_leak}: must be in [0, 1]")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise UsageError("--max-new-tokens and --batch-size must be at least 1")
+        if not self.is_sweep:
+            return
+        if not self.alphas:
+            raise UsageError("--eval-forget/--eval-retain need --alpha, e.g. --alpha 0.2,0.4,0.6,0.8")
         if self.eval_retain and not self.eval_forget:
             raise UsageError("choosing α needs --eval-forget (the prompts whose answers must not come out)")
 
@@ -538,8 +539,11 @@ class EvalOptions:
             raise UsageError("--max-new-tokens must be at least 1")
         if not 0 < self.min_k <= 100:
             raise UsageError("--min-k must be in (0, 100]")
-        if self.do_sample and (not 0 < self.temperature < math.inf or not 0 < self.top_p <= 1):  # nan fails too
+        if not 0 < self.temperature < math.inf or not 0 < self.top_p <= 1:  # nan fails too
             raise UsageError("--temperature must be a finite number > 0 and --top-p in (0, 1]")
+        if not self.do_sample and (self.temperature != 1.0 or self.top_p != 1.0):
+            # greedy decoding reads neither: a script that forgot --do-sample would get greedy answers
+            raise UsageError("--temperature and --top-p apply only with --do-sample (greedy decoding ignores them)")
 
 
 @dataclass
