@@ -25,7 +25,7 @@ import random
 import re
 from dataclasses import asdict, dataclass, field
 
-from unlearn.errors import UsageError
+from unlearn.errors import UnlearnError, UsageError
 from unlearn.metrics import contains_answer, leaks
 
 # The paper's prompts (ULMR, Tables 1 and 2), verbatim.
@@ -240,15 +240,68 @@ def check_request(forget, rewrites: int, path=None) -> None:
                              f"ULMR needs prompt/response rows (use --method ga for passages)")
 
 
+def _requests(ex, rewrites: int) -> list[tuple[str, str, int]]:
+    """What generation will be asked for forget row EX, as far as it is known before anything is generated:
+    (what, prompt, new tokens) for the rewrite request around its prompt, and for the negative-response
+    requests around its prompt and around each templated rewrite that may stand in for a rejected one."""
+    asked = [("the negative-response request around this row's prompt",
+              NEGATIVE_PROMPT.format(instruction=ex.prompt), RESPONSE_TOKENS)]
+    if rewrites:
+        asked.append(("the rewrite request around this row's prompt", REWRITE_PROMPT.format(instruction=ex.prompt),
+                      REWRITE_TOKENS))
+        asked += [("the negative-response request around a templated rewrite of this row's prompt",
+                   NEGATIVE_PROMPT.format(instruction=t.format(instruction=ex.prompt)), RESPONSE_TOKENS)
+                  for t in TEMPLATE_REWRITES]
+    return asked
+
+
+def check_fits(model, tokenizer, forget, rewrites: int, path=None, whose: str | None = None) -> None:
+    """Refuse, before anything is generated, a FORGET row (read from PATH) whose requests (`_requests`) with
+    their new tokens pass MODEL's learned position table (`generation.position_limit`: OPT's). `generate`
+    would refuse the request itself, as "prompt 5 of 8 ('Please rewrite ...')": a text the user never wrote,
+    in no file. Here the line names the row (FILE:LINE), the request, and by how much it is too long."""
+    from unlearn.data import encode_prompt
+    from unlearn.generation import position_limit
+
+    limit = position_limit(model) if model is not None else None  # no model: generation is scripted (tests)
+    if limit is None:
+        return
+    over = []  # (row, prompt tokens, new tokens, what) of the longest request of each row that does not fit
+    for ex in forget:
+        n, budget, what = max(((len(encode_prompt(tokenizer, prompt)), budget, what)
+                               for what, prompt, budget in _requests(ex, rewrites)), key=lambda r: r[0] + r[1])
+        if n + budget > limit:
+            over.append((ex, n, budget, what))
+    if not over:
+        return
+
+    def where(ex) -> str:
+        return f"{path}:{ex.line}" if path is not None else f"line {ex.line}"
+
+    ex, n, budget, what = over[0]
+    excess = n + budget - limit
+    more = ""
+    if len(over) > 1:
+        shown = ", ".join(where(row[0]) for row in over[1:4]) + (", ..." if len(over) > 4 else "")
+        more = f" ({len(over) - 1} more row{'s' if len(over) > 2 else ''} too: {shown})"
+    raise UnlearnError(f"{where(ex)}: {what} is {n} tokens; with its {budget} new tokens that is {n + budget} "
+                       f"positions, {excess} past the {limit} of {whose or 'the model'} (learned position "
+                       f"embeddings); shorten the prompt by about {excess} tokens{more}")
+
+
 def augment(model, tokenizer, forget, *, rewrites: int = 2, seed: int = 0, batch_size: int = 16,
-            log=None, path=None) -> tuple[list[dict], AugmentStats]:
+            log=None, path=None, whose: str | None = None) -> tuple[list[dict], AugmentStats]:
     """ULMR's augmented set for the FORGET examples (read from PATH), generated with MODEL; rows as JSON-ready dicts.
 
     Per source row: the original prompt, then exactly REWRITES rewrites, each with a negative response.
+    WHOSE names MODEL in a refusal of a row too long for it.
     """
-    from unlearn.generation import generate
+    from unlearn.data import encode_prompt
+    from unlearn.generation import generate, position_limit
 
     check_request(forget, rewrites, path)
+    check_fits(model, tokenizer, forget, rewrites, path, whose)
+    limit = position_limit(model) if model is not None else None
     rng = random.Random(seed)
     stats = AugmentStats(sources=len(forget), rewrites_wanted=rewrites * len(forget))
 
@@ -269,6 +322,10 @@ def augment(model, tokenizer, forget, *, rewrites: int = 2, seed: int = 0, batch
                 break
             rewrite = clean_rewrite(text)
             problem = rewrite_problem(rewrite, ex, seen)
+            if problem is None and limit is not None and len(encode_prompt(
+                    tokenizer, NEGATIVE_PROMPT.format(instruction=rewrite))) + RESPONSE_TOKENS > limit:
+                # its negative-response request would pass the context (`check_fits` vouches for the templates)
+                problem = "too long for the model's context"
             if problem:
                 stats.reject(stats.rewrites_rejected, problem)
                 continue
@@ -325,7 +382,7 @@ def augment_file(opts, log=None) -> tuple[dict, AugmentStats]:
     loaded = models.load_model(opts.generator or opts.model, dtype=opts.dtype,
                                trust_remote_code=opts.trust_remote_code, log=log)
     rows, stats = augment(loaded.model, loaded.tokenizer, examples, rewrites=opts.rewrites, seed=opts.seed,
-                          batch_size=opts.batch_size, log=log, path=opts.forget)
+                          batch_size=opts.batch_size, log=log, path=opts.forget, whose=loaded.name)
     write_jsonl(opts.output, rows)
     return {"output": os.path.abspath(opts.output), "generator": loaded.name, **stats.as_dict(),
             "seconds": round(time.perf_counter() - started, 1)}, stats

@@ -125,7 +125,7 @@ def check_finite(piece: torch.Tensor, name: str, alpha: float | None, formula: s
     if bool(torch.isfinite(piece.sum(dtype=torch.float32))) or bool(torch.isfinite(piece).all()):
         return
     brought = [label for label, read in inputs if not bool(torch.isfinite(read()).all())]
-    at = f"--alpha {alpha:g}: " if alpha is not None else ""
+    at = f"--alpha {alpha_label(alpha)}: " if alpha is not None else ""
     dtype = str(piece.dtype).removeprefix("torch.")
     why = (f"{' and '.join(brought)} already hold{'s' if len(brought) == 1 else ''} inf or nan there" if brought
            else f"{formula} is past {dtype}'s range")
@@ -146,6 +146,15 @@ def average_job(name: str, base: Checkpoint, b: TensorInfo, tuned: Checkpoint, t
 
 # --------------------------------------------------------------------------
 # Averaging
+
+
+def alpha_label(alpha: float) -> str:
+    """α as every directory name, JSON key, log line and default output name shows it: `%g` (0.3, 1), unless
+    that reads back as another float (0.30000001 is not 0.3, 0.9999999 is not 1), then the shortest exact
+    form (repr). Two α of one list then never share a label (`alpha-A`, a JSON key), and no label names a
+    model averaged at another α."""
+    short = f"{alpha:g}"
+    return short if float(short) == alpha else repr(alpha)
 
 
 def check_alpha(alpha: float, allow_extrapolation: bool, flag: str = "--alpha", given=None) -> None:
@@ -585,11 +594,11 @@ def recommend(scores: list[AlphaScore], max_leak: float = DEFAULT_MAX_LEAK) -> t
     passing = [s for s in scores if s.forget_leak <= max_leak]
     if passing:
         best = max(passing, key=lambda s: (retain(s), s.alpha))
-        why = (f"α={best.alpha:g}: of the α with forget leak ≤ {max_leak:g} "
-               f"({', '.join(f'{s.alpha:g}' for s in passing)}), it keeps the most")
+        why = (f"α={alpha_label(best.alpha)}: of the α with forget leak ≤ {max_leak:g} "
+               f"({', '.join(alpha_label(s.alpha) for s in passing)}), it keeps the most")
     else:
         best = min(scores, key=lambda s: (s.forget_leak, -retain(s), -s.alpha))
-        why = (f"α={best.alpha:g}: no α reached forget leak ≤ {max_leak:g}; this one leaks least")
+        why = (f"α={alpha_label(best.alpha)}: no α reached forget leak ≤ {max_leak:g}; this one leaks least")
     details = [f"forget leak {best.forget_leak:.2f}"]
     if best.retain_accuracy is not None:
         details.append(f"retained accuracy {best.retain_accuracy:.2f}")

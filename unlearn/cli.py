@@ -411,7 +411,7 @@ def merge(alpha, as_json, **o):
     from pathlib import Path
 
     from unlearn import merge as job
-    from unlearn.averaging import parse_alphas
+    from unlearn.averaging import alpha_label, parse_alphas
     from unlearn.config import MergeOptions
 
     alphas = parse_alphas(alpha, allow_extrapolation=o["allow_extrapolation"]) if alpha is not None else None
@@ -434,7 +434,7 @@ def merge(alpha, as_json, **o):
         click.echo(result["table"].rstrip("\n"))
         click.echo("")
     for a in opts.alphas:
-        click.echo(f"α={a:g}: {result['models'][f'{a:g}']}")
+        click.echo(f"α={alpha_label(a)}: {result['models'][alpha_label(a)]}")
     if "files" in result:
         click.echo("table: " + ", ".join(str(Path(result["output"]) / f) for f in result["files"]))
 

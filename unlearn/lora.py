@@ -377,9 +377,10 @@ def read_adapter_config(directory: Path) -> dict:
         raise UnlearnError(f"{directory}: not a LoRA adapter directory (no {ADAPTER_CONFIG})")
     try:
         config = json.loads(path.read_text())
-        assert isinstance(config, dict)
-    except (OSError, ValueError, AssertionError):
+    except (OSError, ValueError):
         raise UnlearnError(f"{path}: not valid JSON") from None
+    if not isinstance(config, dict):
+        raise UnlearnError(f"{path}: not a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
         raise UnlearnError(f"{path}: peft_type {config['peft_type']} is not LORA")
     if config.get("use_dora"):
@@ -387,13 +388,33 @@ def read_adapter_config(directory: Path) -> dict:
     r, lora_alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(r, int) or r <= 0 or not isinstance(lora_alpha, (int, float)):
         raise UnlearnError(f"{path}: needs a positive integer r and a numeric lora_alpha")
+    # checked here, not where they are used (`_pattern_value`, `lora_scaling`), which would fail as an internal
+    # error: a string value divides nothing, and a key is a regular expression matched against module names
+    for field, wanted in (("rank_pattern", "positive integer ranks"), ("alpha_pattern", "numbers")):
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict):
+            raise UnlearnError(f"{path}: {field} must map module-name patterns to {wanted}")
+        for key, value in patterns.items():
+            kinds = (int,) if field == "rank_pattern" else (int, float)
+            if not isinstance(value, kinds) or isinstance(value, bool) or (field == "rank_pattern" and value <= 0):
+                raise UnlearnError(f"{path}: {field} {key!r} is {json.dumps(value)}; it must map module-name "
+                                   f"patterns to {wanted}")
+            try:
+                re.compile(_pattern_regex(key))
+            except re.error as exc:
+                raise UnlearnError(f"{path}: {field} key {key!r} is not a valid regular expression ({exc})") from None
     return config
+
+
+def _pattern_regex(key: str) -> str:
+    """The regular expression peft matches a rank_pattern / alpha_pattern KEY with: the end of a module's name."""
+    return rf"(.*\.)?({key})$"
 
 
 def _pattern_value(patterns: dict, module: str, default):
     """peft's rank_pattern / alpha_pattern lookup: a key matches the end of the module's name."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if re.match(_pattern_regex(key), module):
             return value
     return default
 

@@ -9,6 +9,7 @@ and it is the α = 1 row of the table).
 from __future__ import annotations
 
 import gc
+import json
 import time
 from pathlib import Path
 
@@ -36,17 +37,25 @@ def inputs(opts: MergeOptions) -> tuple[str, str | None, str | None]:
     from unlearn.paths import last_run_record
 
     run_dir, record = last_run_record()
+    # the record is a file anyone can edit: a field that is not a path would fail later as an internal error
+    if not isinstance(record, dict):
+        raise UnlearnError(f"{run_dir / 'run.json'}: not a JSON object (the record of an `unlearn run`)")
+    for field in ("base_model", "tuned_adapter", "tuned_model", "merged_model"):
+        if record.get(field) is not None and not isinstance(record[field], str):
+            raise UnlearnError(f"{run_dir / 'run.json'}: '{field}' is not a path (a string): "
+                               f"{json.dumps(record[field])}")
     if not record.get("base_model"):
         raise UnlearnError(f"{run_dir / 'run.json'}: has no 'base_model' to merge")
-    log(f"unlearn: merging the last run ({run_dir})")
     if adapter:
-        return record["base_model"], None, adapter
-    if record.get("tuned_adapter"):
-        return record["base_model"], None, record["tuned_adapter"]
-    tuned = record.get("tuned_model") or record.get("merged_model")
-    if not tuned:
+        found = record["base_model"], None, adapter
+    elif record.get("tuned_adapter"):
+        found = record["base_model"], None, record["tuned_adapter"]
+    elif record.get("tuned_model") or record.get("merged_model"):
+        found = record["base_model"], record.get("tuned_model") or record["merged_model"], None
+    else:
         raise UnlearnError(f"{run_dir / 'run.json'}: has no 'merged_model' to merge")
-    return record["base_model"], tuned, None
+    log(f"unlearn: merging the last run ({run_dir})")  # once the record is found usable: a refusal is one line
+    return found
 
 
 def _stem(path: str) -> str:
@@ -65,13 +74,14 @@ def _write(base, tuned, adapter, target: Path, alpha: float | None, opts: MergeO
 def merge_one(opts: MergeOptions, progress=None) -> dict:
     """One model: BASE and TUNED averaged at --alpha, or ADAPTER folded into BASE (scaled by 1−α)."""
     alpha = opts.alphas[0] if opts.alphas else None
-    base, tuned, adapter = inputs(opts)
-    if adapter is None and alpha is None:
+    # before the last run is read (`inputs`): a usage error is one line, and the same whether a run is recorded
+    if opts.adapter is None and alpha is None:
         raise UsageError("--alpha is required to average two models (e.g. --alpha 0.5)")
+    base, tuned, adapter = inputs(opts)
     output, default = opts.output, opts.output is None
     if default:
         stem = _stem(adapter or tuned)
-        output = f"{stem}-merged" if alpha is None else f"{stem}-avg{alpha:g}"
+        output = f"{stem}-merged" if alpha is None else f"{stem}-avg{averaging.alpha_label(alpha)}"
         # checked first, so the refusal says the name was chosen here: "-o X: is an input" quoted an option the
         # user never gave (TUNED-avgALPHA can be BASE), and a non-empty X would have asked for --force
         refuse_output_over_inputs(output, [base, tuned, adapter], inside_too=True, default=True)
@@ -150,16 +160,18 @@ def sweep(opts: MergeOptions) -> dict:
                     summaries[s.name]["similarity_to_reference"] = 1.0
             base_score = averaging.score(1.0, summaries, kinds)
         for alpha in opts.alphas:
-            target = tmp / f"alpha-{alpha:g}"
-            log(f"α selection: writing and measuring α={alpha:g}" if sets else f"writing α={alpha:g}")
+            label = averaging.alpha_label(alpha)
+            target = tmp / f"alpha-{label}"
+            log(f"α selection: writing and measuring α={label}" if sets else f"writing α={label}")
             _write(base, tuned, adapter, target, alpha, opts)
             if not sets:
                 continue
             summaries = {name: m.summary for name, m in measured(target, base_outputs).items()}
-            per_alpha[f"{alpha:g}"] = summaries
+            per_alpha[label] = summaries
             scores.append(averaging.score(alpha, summaries, kinds))
         result = {"output": str(out.resolve()),
-                  "models": {f"{a:g}": str((out / f"alpha-{a:g}").resolve()) for a in opts.alphas}}
+                  "models": {label: str((out / f"alpha-{label}").resolve())
+                             for label in map(averaging.alpha_label, opts.alphas)}}
         if sets:
             chosen, reason = averaging.recommend(scores, opts.max_leak)
             result.update(averaging.report(scores, chosen, reason, opts.max_leak, base_score,

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from unlearn import metrics
-from unlearn.averaging import AlphaScore
+from unlearn.averaging import AlphaScore, alpha_label
 from unlearn.evaluate import METRIC_KEYS
 from unlearn.outputs import write_text_atomic
 
@@ -125,7 +125,7 @@ def _ulmr_lines(record: dict) -> list[str]:
         lines.append(f"augmented: {augment['rows']} rows from {augment['file']}")
     if record.get("alpha") is not None:
         selection = record.get("alpha_selection")
-        lines.append(f"averaged: α={record['alpha']:g}" + (f"; {selection['reason']}" if selection else ""))
+        lines.append(f"averaged: α={alpha_label(record['alpha'])}" + (f"; {selection['reason']}" if selection else ""))
     return lines
 
 
@@ -145,7 +145,7 @@ def table_markdown(scores: list[AlphaScore], chosen: float | None = None, reason
     rows = sorted(scores + ([base] if base else []), key=lambda s: s.alpha)
     for s in rows:
         mark = "original" if base is not None and s is base else ("**recommended**" if s.alpha == chosen else "")
-        lines.append(f"| {s.alpha:g} | {cell(s.forget_leak)} | {cell(s.retain_accuracy)} | "
+        lines.append(f"| {alpha_label(s.alpha)} | {cell(s.forget_leak)} | {cell(s.retain_accuracy)} | "
                      f"{cell(s.retain_similarity)} | {mark} |")
     if reason:
         lines += ["", f"Recommended: {reason}.", SELECTION_NOTE]
@@ -193,7 +193,7 @@ def plot(path: Path, scores: list[AlphaScore], chosen: float, max_leak: float, b
         if any(v is not None for v in values):
             ax.plot(alphas, [math.nan if v is None else v for v in values], style, label=label)
     ax.axhline(max_leak, color="grey", linestyle=":", linewidth=1, label=f"leak target {max_leak:g}")
-    ax.axvline(chosen, color="black", linestyle="--", linewidth=1, label=f"recommended α={chosen:g}")
+    ax.axvline(chosen, color="black", linestyle="--", linewidth=1, label=f"recommended α={alpha_label(chosen)}")
     ax.set_xlabel("α (weight of the original model)")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8)
