@@ -843,7 +843,9 @@ def choose_alpha(opts: RunOptions, job: Loaded, sets: list[EvalSet], before: Mea
     else:
         alpha = opts.alpha
     averager.apply(alpha)
-    log(f"parameter averaging: α={alpha:g}" + (f" ({selection['reason']})" if selection else ""))
+    from unlearn.averaging import alpha_label
+
+    log(f"parameter averaging: α={alpha_label(alpha)}" + (f" ({selection['reason']})" if selection else ""))
     return averager, selection
 
 
@@ -858,7 +860,7 @@ def selection_sets(sets: list[EvalSet]) -> list[EvalSet]:
 
 
 def _measure_grid(opts: RunOptions, job: Loaded, averager, sets: list[EvalSet], before: Measurement, log) -> dict:
-    from unlearn.averaging import recommend, report, score
+    from unlearn.averaging import alpha_label, recommend, report, score
     from unlearn.tables import table_markdown
 
     t = time.perf_counter()
@@ -866,11 +868,12 @@ def _measure_grid(opts: RunOptions, job: Loaded, averager, sets: list[EvalSet], 
     per_alpha, measured, scores = {}, {}, []
     for alpha in opts.alpha_grid:
         averager.apply(alpha)
-        measured[alpha] = job.measurer.measure(sets, _outputs(before), label=f"α={alpha:g}")
-        per_alpha[f"{alpha:g}"] = {name: m.summary for name, m in measured[alpha].items()}
-        scores.append(score(alpha, per_alpha[f"{alpha:g}"], kinds))
+        label = alpha_label(alpha)
+        measured[alpha] = job.measurer.measure(sets, _outputs(before), label=f"α={label}")
+        per_alpha[label] = {name: m.summary for name, m in measured[alpha].items()}
+        scores.append(score(alpha, per_alpha[label], kinds))
         last = scores[-1]
-        log(f"α={alpha:g}: forget leak {last.forget_leak:.2f}, retain score "
+        log(f"α={label}: forget leak {last.forget_leak:.2f}, retain score "
             f"{last.retain_score if last.retain_score is not None else float('nan'):.2f}")
     chosen, reason = recommend(scores, opts.max_leak)
     log(table_markdown(scores, chosen, reason).rstrip())
