@@ -395,6 +395,20 @@ def test_an_lr_that_is_0_in_float32_is_a_usage_error(tmp_path, data, llama_dir, 
     assert not out.exists() and result.out == ""
 
 
+def test_the_choice_options_take_surrounding_blanks_and_any_case(tmp_path, data, llama_dir, cli):
+    # --method, --forget-loss, --forget-tokens and --schedule, as --dtype and --lora-layers: the value as listed
+    out = tmp_path / "o"
+    result = cli("run", *data, "--model", llama_dir, "-o", out, "--no-probes", "--method", " GA ", "--forget-loss",
+                 "Ascent ", "--forget-tokens", " response", "--schedule", "LINEAR", "--max-steps", "1",
+                 "--max-new-tokens", "4", "--json")
+    assert result.code == 0, result.err  # was: Invalid value for '--method': ' GA ' is not one of 'ga', ...
+    config = json.loads((out / "run.json").read_text())["config"]
+    assert (config["method"], config["forget_loss"], config["forget_tokens"], config["schedule"]) == (
+        "ga", "ascent", "response", "linear")
+    result = cli("run", *data, "--model", llama_dir, "-o", tmp_path / "p", "--method", " gax ")
+    assert result.code == 2 and "'gax' is not one of" in one_line(result)  # what is inside is still checked
+
+
 # --- 7. --dtype takes surrounding blanks and any case --------------------------------------------------
 
 

@@ -30,6 +30,17 @@ def print_json(obj) -> None:
     click.echo(json.dumps(obj, indent=None, sort_keys=False, default=str))
 
 
+class _Choice(click.Choice):
+    """A click.Choice that takes surrounding blanks and any case ("ga ", "GA"), as --dtype and --lora-layers do;
+    the value passed on is the choice as listed."""
+
+    def __init__(self, choices):
+        super().__init__(choices, case_sensitive=False)
+
+    def convert(self, value, param, ctx):
+        return super().convert(value.strip() if isinstance(value, str) else value, param, ctx)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="unlearn")
 def cli():
@@ -70,7 +81,7 @@ def _command_line() -> str:
 @click.option("--model", default=None, envvar="UNLEARN_MODEL",
               help="HF directory, hub id or .gguf file [default: embedded SmolLM2-135M-Instruct; env UNLEARN_MODEL].")
 @click.option("--method", default=None,
-              type=click.Choice(["ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr", "edit", "rmu"]),
+              type=_Choice(["ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr", "edit", "rmu"]),
               help="[default: ga; when every FORGET row is a long chat response (no `answers`, none derivable, "
                    "not a passage: instructions, an explanation), ga+template with --normal-weight 200, chosen on "
                    "the quality benchmark's dev split] "
@@ -90,7 +101,7 @@ def _command_line() -> str:
 @click.option("--max-steps", type=int, default=150, show_default=True, help="Cap on optimiser steps.")
 @click.option("--warmup-steps", type=int, default=0, show_default=True,
               help="Steps over which the learning rate rises linearly from 0 to --lr.")
-@click.option("--schedule", type=click.Choice(["constant", "linear"]), default="constant", show_default=True,
+@click.option("--schedule", type=_Choice(["constant", "linear"]), default="constant", show_default=True,
               help="Learning rate after warm-up: constant, or linear decay to 0 at --max-steps.")
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping (0: off).")
 @click.option("--forget-weight", type=float, default=0.5, show_default=True, help="eps1, weight of L_fgt.")
@@ -107,13 +118,13 @@ def _command_line() -> str:
               help="Weight of the KL on the retain rows [default: 50 when the probes are trained on (ga's "
                    "default; rmu: 10), else 10, the normal term's weight; chosen on the quality benchmark's dev "
                    "split].")
-@click.option("--forget-tokens", type=click.Choice(["answers", "names", "response"]), default="answers",
+@click.option("--forget-tokens", type=_Choice(["answers", "names", "response"]), default="answers",
               show_default=True,
               help="Which tokens the forget loss pushes down: for rows with `answers`, only the tokens that spell "
                    "an answer (the fact, not the words around it); names, the same, but an answer that ends a "
                    "name covers the whole name (\"Albert Einstein\" for Einstein: pushed alone, a surname teaches "
                    "\"Albert, then anything else\"); or every response token.")
-@click.option("--forget-loss", type=click.Choice(list(FORGET_LOSSES)), default=None,
+@click.option("--forget-loss", type=_Choice(list(FORGET_LOSSES)), default=None,
               help="The forget term of ga, ga+mismatch, ga+template and graddiff: ascent, -NLL of the forget tokens "
                    "(Yao et al.); unlikelihood, -log(1 - p) per token, whose push fades as a token goes; or "
                    "redirect, the KL to the original model's own next-token distribution with the answer's "
