@@ -493,3 +493,29 @@ def test_an_explicit_o_that_is_an_input_keeps_its_message(tmp_path, pair, cli):
     assert result.code == 2, result.err
     assert one_line(result) == f"unlearn: -o {base}: is an input ({base}); choose another output"
     assert (base / "model.safetensors").is_file()
+
+
+def test_run_alpha_out_of_range_names_no_option_run_lacks():
+    # `unlearn run --alpha 1.5` suggested --allow-extrapolation, which only `unlearn merge` has
+    from pathlib import Path
+
+    from unlearn.averaging import parse_alphas
+    from unlearn.config import RunOptions
+    from unlearn.errors import UsageError
+
+    with pytest.raises(UsageError) as refused:
+        RunOptions(Path("f"), Path("n"), alpha="1.5").resolved()
+    assert str(refused.value) == "--alpha 1.5: must be between 0 and 1"
+    with pytest.raises(UsageError, match=r"^--alpha 1.5: must be between 0 and 1 \(use --allow-extrapolation"):
+        parse_alphas("1.5")  # merge's, which has the option
+
+
+@pytest.mark.parametrize("template", ["", "  "])
+def test_a_blank_refusal_template_is_refused(template):
+    from pathlib import Path
+
+    from unlearn.config import RunOptions, TrainConfig
+    from unlearn.errors import UsageError
+
+    with pytest.raises(UsageError, match="--template is blank"):
+        RunOptions(Path("f"), Path("n"), train=TrainConfig(method="ga+template", template=template)).resolved()

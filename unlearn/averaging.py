@@ -157,9 +157,11 @@ def alpha_label(alpha: float) -> str:
     return short if float(short) == alpha else repr(alpha)
 
 
-def check_alpha(alpha: float, allow_extrapolation: bool, flag: str = "--alpha", given=None) -> None:
+def check_alpha(alpha: float, allow_extrapolation: bool, flag: str = "--alpha", given=None,
+                offers_extrapolation: bool = True) -> None:
     """α outside [0, 1] extrapolates past one of the models: allowed only when asked for (`--alpha`'s
-    --allow-extrapolation). FLAG and GIVEN (the option's text) name it in the message."""
+    --allow-extrapolation). FLAG and GIVEN (the option's text) name it in the message; the hint to
+    --allow-extrapolation only where the command has it (OFFERS_EXTRAPOLATION: `merge`, not `run`)."""
     from unlearn.config import FLOAT32_MAX
 
     given = alpha if given is None else given
@@ -167,7 +169,8 @@ def check_alpha(alpha: float, allow_extrapolation: bool, flag: str = "--alpha", 
         raise UsageError(f"{flag} {given}: must be a finite number")
     if not 0.0 <= alpha <= 1.0 and not allow_extrapolation:
         raise UsageError(f"{flag} {given}: must be between 0 and 1"
-                         + (" (use --allow-extrapolation to go beyond)" if flag == "--alpha" else ""))
+                         + (" (use --allow-extrapolation to go beyond)" if flag == "--alpha" and offers_extrapolation
+                            else ""))
     if abs(alpha) > FLOAT32_MAX:  # (extrapolating) the average is computed in float32, where α would be ±inf
         raise UsageError(f"{flag} {given}: out of float32's range: |α| must be at most {FLOAT32_MAX:.2g}")
 
@@ -518,9 +521,9 @@ AUTO_GRID = (0.0, 0.2, 0.4, 0.6, 0.8)
 
 
 def parse_alphas(text: str, *, allow_auto: bool = False, allow_extrapolation: bool = False,
-                 flag: str = "--alpha") -> list[float] | str:
-    """'0.5' -> [0.5]; '0.2,0.4' -> [0.2, 0.4]; 'auto' (where allowed) -> 'auto'. Each α is checked;
-    FLAG names the option in the messages."""
+                 flag: str = "--alpha", offers_extrapolation: bool = True) -> list[float] | str:
+    """'0.5' -> [0.5]; '0.2,0.4' -> [0.2, 0.4]; 'auto' (where allowed) -> 'auto'. Each α is checked
+    (`check_alpha`); FLAG names the option in the messages."""
     text = text.strip()
     if allow_auto and text.lower() == "auto":
         return "auto"
@@ -533,7 +536,7 @@ def parse_alphas(text: str, *, allow_auto: bool = False, allow_extrapolation: bo
                              + (" (or give auto)" if allow_auto else "")) from None
         if not math.isfinite(value):
             raise UsageError(f"{flag} {text}: {part.strip()!r} is not a finite number")
-        check_alpha(value, allow_extrapolation, flag, text)
+        check_alpha(value, allow_extrapolation, flag, text, offers_extrapolation)
         values.append(value + 0.0)  # + 0.0: "-0" is 0.0, not -0.0, in every message and record
     if len(set(values)) != len(values):
         raise UsageError(f"{flag} {text}: an α is listed twice")

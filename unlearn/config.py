@@ -220,6 +220,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise UsageError(f"--method {self.method}: expected one of {', '.join(METHODS)}")
+        if not self.template.strip():  # the refusal would train toward the end-of-turn token alone
+            raise UsageError("--template is blank: give the refusal text the forget prompts should get")
         positive = {"--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
                     "--max-steps": self.max_steps, "--max-length": self.max_length}
         for flag, value in positive.items():
@@ -451,7 +453,7 @@ class RunOptions:
             raise UsageError(f"--max-leak {self.max_leak}: must be in [0, 1]")
         if self.alpha is None:
             return "auto" if ulmr else None
-        parsed = parse_alphas(str(self.alpha), allow_auto=True)
+        parsed = parse_alphas(str(self.alpha), allow_auto=True, offers_extrapolation=False)  # run has no such option
         if parsed == "auto":
             if not 0 <= self.max_leak <= 1:
                 raise UsageError(f"--max-leak {self.max_leak}: must be in [0, 1]")
