@@ -124,3 +124,33 @@ def test_the_command_ends_at_once_with_its_code_streams_and_exit_handlers(tmp_pa
     assert done.stderr.endswith("handler ran\n")
     assert ("Usage" in done.stdout) == (code == 0)
     assert code == 0 or len(done.stderr.splitlines()) == 2  # the one error line, then the handler's
+
+
+@pytest.mark.parametrize("where", ["importing", "handling the first"])
+def test_a_ctrl_c_outside_main_is_one_line_and_exit_130(tmp_path, where):
+    """A Ctrl-C while `unlearn.cli` (torch) is being imported, or a second one inside main's handling of the
+    first, ended in a traceback (and in the second case exit 1, which a script reads as a failure)."""
+    import subprocess
+
+    if where == "importing":  # the import of unlearn.cli is where the interrupt lands
+        script = ("import sys\n"
+                  "class Interrupting:\n"
+                  "    def find_spec(self, name, path=None, target=None):\n"
+                  "        if name == 'unlearn.cli':\n"
+                  "            raise KeyboardInterrupt\n"
+                  "sys.meta_path.insert(0, Interrupting())\n"
+                  "from unlearn.command import entry; entry()\n")
+    else:  # main has decided 130 for a first Ctrl-C when the second lands
+        script = ("import os, signal, sys, unlearn.cli as c\n"
+                  "def main():\n"
+                  "    try:\n"
+                  "        raise KeyboardInterrupt\n"
+                  "    except KeyboardInterrupt:\n"
+                  "        os.kill(os.getpid(), signal.SIGINT)\n"
+                  "        sys.exit(130)\n"
+                  "c.main = main\n"
+                  "c.entry()\n")
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert (done.returncode, done.stderr) == (130, "unlearn: interrupted\n")

@@ -1,3 +1,3 @@
-from unlearn.cli import entry
+from unlearn.command import entry
 
 entry()

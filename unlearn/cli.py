@@ -493,8 +493,14 @@ def entry() -> None:
         code = 0
     except SystemExit as exc:
         code = exc.code
+    except KeyboardInterrupt:  # a second Ctrl-C landing in main's own handler of the first
+        log("unlearn: interrupted")
+        code = 130
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun's processes
         sys.exit(code)
+    # The code is decided: a Ctrl-C from here on (a second press after a checkpoint was saved) turned exit
+    # 130 into a traceback and exit 1. What is left takes a moment: flush and end.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not isinstance(code, int):  # sys.exit's rule: None is success, any other object is printed, 1
         if code is not None:
             print(code, file=sys.stderr)
