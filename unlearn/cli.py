@@ -266,6 +266,10 @@ def run_command(**o):
         leaked_rows=o["leaked_rows"], retain_follows_margin=o["retain_follows_margin"])
     lora = LoraSettings(o["lora_rank"], o["lora_alpha"], o["lora_dropout"], layers=o["lora_layers"],
                         **({"targets": _split_targets(o["lora_targets"])} if o["lora_targets"] else {}))
+    if o["output"] == "":  # `-o "$OUT"` with OUT unset: not the same as leaving -o out
+        from unlearn.errors import UsageError
+
+        raise UsageError("-o '': an empty output path; name a directory (or leave -o out for runs/<date-time>)")
     opts = RunOptions(
         forget=Path(o["forget"]), normal=Path(o["normal"]), model=o["model"],
         output=Path(o["output"]) if o["output"] else None, force=o["force"], train=train, lr=o["lr"],

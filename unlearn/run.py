@@ -74,12 +74,14 @@ def run(opts: RunOptions, log=default_log) -> dict:
                 log(f"method: {opts.train.method}, because {opts.method_reason}")
             data = prepare(opts, created, forget)
             job = load(opts, data, log)
+            record_model_content(job, data)
             probed = make_probes(opts, job, data, log) if opts.probes else {}
             before = measure_before(job, data.sets, probed)
             unanswered = unanswered_forget_rows(before, data.sets[0])
             if unanswered and world.is_main:
-                log(unanswered_message(unanswered, data.sets[0], opts.max_new_tokens))
+                log(unanswered_message(unanswered, data.sets[0], opts.max_new_tokens, rows=len(data.forget)))
             result = train_model(opts, job, data, log, before)
+            roles_as_checked(data.sets, result)
             averager, selection = choose_alpha(opts, job, data.sets, before, log)
             after = measure_after(job, data.sets, before, selection)
             note = over_refusal_note(opts, data, after)
@@ -118,21 +120,26 @@ def prepare(opts: RunOptions, created: list, forget: list) -> Prepared:
         from unlearn.augment import check_request
 
         check_request(forget, opts.rewrites, opts.forget)
-    normal, normal_heldout = hold_out(refuse_forget_prompts(read_examples(opts.normal), opts.normal, forget,
-                                                            Path(opts.forget)),
-                                      opts.normal_holdout, opts.train.seed)
+    normal_rows = refuse_forget_prompts(read_examples(opts.normal), opts.normal, forget, Path(opts.forget))
     augmented = read_examples(opts.augmented) if opts.augmented else None
     retain = read_retain(opts.retain, forget, Path(opts.forget))
+    normal, normal_heldout = hold_out(normal_rows, opts.normal_holdout, opts.train.seed,
+                                      untrained_elsewhere(normal_rows, retain) or None)
     limit = opts.eval_limit
-    # Roles say which rows were trained on and which figures decide something (selection_sets).
+    # Roles say which rows were trained on and which figures decide something (selection_sets). The forget
+    # set's "stop rule" goes once training shows that no check ran (roles_as_checked).
     chooses = ", α choice" if opts.alpha == "auto" else ""
     sets = [EvalSet("forget", "forget", forget[:limit], Path(opts.forget),
                     ("trained, stop rule" if opts.train.check_every else "trained") + chooses),
             EvalSet("normal", "retain", normal[:limit], Path(opts.normal),
                     "trained" + (chooses if not normal_heldout else ""))]
     if normal_heldout:
-        sets.append(EvalSet("normal-heldout", "retain", normal_heldout[:limit], Path(opts.normal),
-                            "held out" + chooses))
+        # Held back from rows whose prompt nothing else trains on, when there are any (hold_out); when none are,
+        # the draw's rows are trained elsewhere too, and the set says so as an --eval-* file would.
+        (heldout_set,) = label_trained_rows([EvalSet("normal-heldout", "retain", normal_heldout[:limit],
+                                                     Path(opts.normal), "held out")], normal + retain)
+        heldout_set.role += chooses
+        sets.append(heldout_set)
     if retain:
         sets.append(EvalSet("retain", "retain", retain[:limit], Path(opts.retain[0]), "trained"))
     sets += label_trained_rows(read_eval_sets(opts.eval_forget, opts.eval_retain, taken={s.name for s in sets},
@@ -142,6 +149,11 @@ def prepare(opts: RunOptions, created: list, forget: list) -> Prepared:
         raise UsageError(f"--method {opts.train.method} runs in one process: launch it without torchrun")
     if opts.output:
         output = Path(opts.output)
+        if output.is_symlink():
+            # A link to a directory is written through to its target, as eval's and augment's outputs are: the
+            # result, run.json, the printed paths and the last-run record then all name that target (the
+            # finished output renamed onto the link itself would replace the link, its target left as it was).
+            output = output.resolve()
     elif opts.resume:
         raise UsageError("--resume needs -o OUT, the directory of the run to continue")
     else:  # made on rank 0 and its name sent to every rank, whose clocks may cross a second apart
@@ -194,17 +206,32 @@ def label_trained_rows(sets: list[EvalSet], trained: list) -> list[EvalSet]:
     return sets
 
 
-def hold_out(rows: list, share: float, seed: int) -> tuple[list, list]:
+def hold_out(rows: list, share: float, seed: int, eligible: list[int] | None = None) -> tuple[list, list]:
     """(kept, held back): round(SHARE·n) rows drawn with SEED, both in file order.
 
     Nothing is held back from fewer than 4 rows, and at least one row is always kept: the KL needs
     rows to train on (a high share, 0.9 of 4 rows, would otherwise hold back every one).
+    ELIGIBLE (indices into ROWS, in order): draw only from these (`untrained_elsewhere`), at most all of
+    them. With every index eligible the draw is the same as without (same SEED, same rows): the quality
+    benchmark's stored results depend on which rows were held back.
     """
     import random
 
     n = min(round(share * len(rows)), len(rows) - 1) if len(rows) >= 4 else 0
-    held = set(random.Random(seed).sample(range(len(rows)), n))
+    pool = range(len(rows)) if eligible is None else eligible
+    held = set(random.Random(seed).sample(pool, min(n, len(pool))))
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def untrained_elsewhere(normal: list, retain: list) -> list[int]:
+    """The indices of the NORMAL rows that could be held back unseen: their prompt occurs once in NORMAL and in
+    no --retain row. A duplicated row (scraped data often has them) or one a --retain file repeats would be
+    trained on through its copy while its figures read as held out."""
+    from collections import Counter
+
+    keys = [prompt_key(e.prompt) for e in normal]
+    counts, retained = Counter(keys), {prompt_key(e.prompt) for e in retain}
+    return [i for i, key in enumerate(keys) if counts[key] == 1 and key not in retained]
 
 
 def _run_args(opts: RunOptions) -> dict:
@@ -352,6 +379,7 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     # Under FSDP each rank moves only its shard to the device (distributed.wrap), never the whole model.
     model, tokenizer = (loaded.model if world.fsdp else loaded.model.to(device)), loaded.tokenizer
     _refuse_rows_past_context(opts, data, model, tokenizer, f"--model {loaded.name}")
+    _refuse_forget_rows_cut_off(opts, data, tokenizer)
     log(f"model {loaded.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) on "
         f"{system.device_name(device)}")
 
@@ -400,6 +428,57 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     return Loaded(loaded, model, tokenizer, reference_model, device, forward_model, after, before,
                   train_rows, augment_stats, load_seconds=time.perf_counter() - started - augment_seconds,
                   augment_seconds=augment_seconds)
+
+
+def _refuse_forget_rows_cut_off(opts: RunOptions, data: Prepared, tokenizer) -> None:
+    """Refuse, with FILE:LINE and before anything is measured, a forget row whose every scored token
+    --max-length cuts off (an answer far into a long response): alone in a batch the forget loss has no
+    token to train on and the run failed after loading and measuring; beside other rows it silently
+    trained nothing. Encoded as `train.Unlearner` encodes its forget rows (a row scored whole always
+    keeps tokens: the response keeps at least half of --max-length)."""
+    from unlearn.data import IGNORE_INDEX, encode_pair, encode_prompt, loss_pair
+
+    config = opts.train
+    if config.method == "edit":  # no training loop: the edit reads no labels
+        return
+    by_answers = config.forget_tokens in ("answers", "names") and config.method != "ulmr"  # (as Unlearner)
+    names = config.forget_tokens == "names"
+    for ex in data.forget:
+        pair = loss_pair(ex, config.whole_passage)
+        focus = row_answers(ex)[0] if by_answers else None
+        if any(t != IGNORE_INDEX for t in encode_pair(tokenizer, *pair, config.max_length, focus, names)["labels"]):
+            continue
+        uncut = encode_pair(tokenizer, *pair, 1 << 30, focus, names)["labels"]
+        prompt = len(encode_prompt(tokenizer, pair[0]))
+        first = next(i for i, t in enumerate(uncut) if t != IGNORE_INDEX)  # the first scored token, prompt included
+        length = config.max_length  # the least --max-length that keeps it (encode_pair's cut)
+        while length - min(prompt, length // 2) <= first - prompt:
+            length += 1
+        kept = config.max_length - min(prompt, config.max_length // 2)
+        what = f"its answer ({', '.join(map(repr, focus))})" if focus else "its first scored token"
+        raise UnlearnError(f"{opts.forget}:{ex.line}: {what} starts at token {first - prompt + 1} of the response "
+                           f"({first + 1} with the prompt), but --max-length {config.max_length} keeps only the "
+                           f"response's first {kept} tokens, so the forget loss has nothing to train on; use "
+                           f"--max-length {length} or more, or shorten the response")
+
+
+def record_model_content(job: Loaded, data: Prepared) -> None:
+    """The loaded model's content (`measure_cache.weights_fingerprint`: weights, config, tokenizer, as the
+    measurement cache keys it) joins what checkpoints record, and a --resume whose model changed is refused:
+    the same path (or hub id, whose revision may move) can hold other weights, and the checkpoint's adapters
+    and optimiser state were trained on the old ones. A checkpoint written before this was recorded holds no
+    content: its model is compared by its path alone, as then (`_prepare_output`)."""
+    from unlearn.measure_cache import weights_fingerprint
+
+    content = distributed.on_main(lambda: weights_fingerprint(job.loaded.path))  # one hashing, every rank's answer
+    data.run_args["model_content"] = content
+    if data.resume_from is None:
+        return
+    saved = read_state(data.resume_from).get("args", {}).get("model_content")
+    if saved is not None and saved != content:
+        raise UsageError(f"--resume: the arguments differ from the checkpointed run's (model: the content of "
+                         f"{job.loaded.path} (weights, config or tokenizer) is not the checkpointed run's); give the "
+                         f"same model, or start afresh with --force")
 
 
 def _fingerprint(path, dtype: str, device) -> str:
@@ -454,12 +533,18 @@ def unanswered_forget_rows(before: Measurement, forget: EvalSet) -> list[int]:
     return [ex.line for ex, row in zip(forget.examples, before.sets[forget.name].rows) if not row["scores"]["leak"]]
 
 
-def unanswered_message(lines: list[int], forget: EvalSet, budget: int, shown: int = 10) -> str:
+def unanswered_message(lines: list[int], forget: EvalSet, budget: int, shown: int = 10,
+                       rows: int | None = None) -> str:
     """One line naming LINES (`unanswered_forget_rows`), the first SHOWN of them, for the user to check;
-    BUDGET is the answers' --max-new-tokens (a short budget can cut an answer off before it comes)."""
+    BUDGET is the answers' --max-new-tokens (a short budget can cut an answer off before it comes).
+    ROWS: how many forget rows there are; when --eval-limit measured fewer, the line says it looked at
+    the first ones only (the others are not known to be answered)."""
     listed = ", ".join(map(str, lines[:shown])) + (f" and {len(lines) - shown} more" if len(lines) > shown else "")
-    rows, verb = (f"line {listed}", "is") if len(lines) == 1 else (f"lines {listed}", "are")
-    return (f"{forget.path}: {len(lines)} of {len(forget.examples)} forget rows ({rows}) {verb} not answered by the "
+    where, verb = (f"line {listed}", "is") if len(lines) == 1 else (f"lines {listed}", "are")
+    measured = len(forget.examples)
+    of = (f"the first {measured} forget rows measured (--eval-limit; {rows} in all)" if rows and rows > measured
+          else f"{measured} forget rows")
+    return (f"{forget.path}: {len(lines)} of {of} ({where}) {verb} not answered by the "
             f"original model (its greedy answer of at most {budget} token{'s' * (budget != 1)} is no leak before "
             f"training): nothing there to forget, and the forget leak counts them as forgotten from the start")
 
@@ -655,6 +740,20 @@ def measure_after(job: Loaded, sets: list[EvalSet], before: Measurement, selecti
             job.probe_seconds += time.perf_counter() - t_probes
     return Measurement({s.name: measured[s.name] for s in sets}, time.perf_counter() - t + grid_seconds,
                        reused=job.measurer.reused - reused_before)
+
+
+def roles_as_checked(sets: list[EvalSet], result) -> None:
+    """The roles given in `prepare`, before training, corrected once it is known that no stop-rule check measured
+    the forget prompts (--check-every past the steps run, or no loop: edit): a set labelled "stop rule" then
+    decided nothing, so the forget set is only "trained" and the probes "held out" (what a run without checks
+    labels them)."""
+    if any(r.get("forget_leak") is not None for r in result.history):
+        return
+    for s in sets:
+        if s.role.startswith("trained, stop rule"):
+            s.role = "trained" + s.role[len("trained, stop rule"):]  # ", α choice" stays
+        elif s.role == "stop rule":
+            s.role = "held out"
 
 
 def _outputs(measurement: Measurement) -> dict[str, list[str]]:
@@ -989,6 +1088,8 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         if opts.train.method == "ulmr" else None,
         # The measured forget rows the original model does not answer (lines): nothing to forget there.
         "forget_rows_unanswered_before": unanswered_forget_rows(before, data.sets[0]),
+        # ... among the first this many forget rows (--eval-limit: fewer than "data.forget.rows"; the rest unknown)
+        "forget_rows_measured_before": len(data.sets[0].examples),
         # What the forget loss and the leak judge look for in each forget row (spans.py).
         "forget_answers": describe_spans(data.forget, whole_passage=opts.train.whole_passage),
         # Which rows were trained on, and which figures are a stop condition (never a result).
