@@ -368,3 +368,15 @@ def test_sigterm_during_a_sweep_leaves_no_partial_models(cli, tmp_path, pair, mo
     assert code == 143 and err.strip().splitlines()[-1] == "unlearn: terminated (SIGTERM); nothing half-written is left"
     assert_nothing_written(tmp_path / "o")
     assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is gone again
+
+
+def test_merge_into_a_symbolic_link_writes_into_its_target(cli, tmp_path, pair):
+    # the finished output was renamed onto the link itself, replacing it, while the printed path named the target
+    base_dir, tuned_dir, _, _ = pair
+    target, link = tmp_path / "target", tmp_path / "link"
+    target.mkdir()
+    link.symlink_to(target)
+    code, out, err = cli("merge", "--alpha", "0.3", base_dir, tuned_dir, "-o", link, "--json")
+    assert code == 0, err
+    assert link.is_symlink() and (target / "model.safetensors").is_file()
+    assert json.loads(out)["output"] == str(target.resolve())

@@ -38,8 +38,14 @@ def check_output_dir(path: Path, force: bool) -> None:
 
 @contextlib.contextmanager
 def atomic_output_dir(path: Path, force: bool = False):
-    """Yield a temporary directory; on success move it to PATH, on failure delete it."""
+    """Yield a temporary directory; on success move it to PATH, on failure delete it.
+
+    A PATH that is a symbolic link is written through to its target, as the output files are: renamed
+    onto the link itself, the result replaced the link while the paths printed (resolved) named the
+    target, left as it was."""
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     check_output_dir(path, force)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
