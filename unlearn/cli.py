@@ -21,7 +21,7 @@ import threading
 import click
 
 from unlearn.config import FORGET_LOSSES, GEN_BATCH_SIZE
-from unlearn.errors import Terminated, UnlearnError
+from unlearn.errors import Terminated, UnlearnError, UsageError
 from unlearn.log import log
 from unlearn.repair import AUTO_CAP
 
@@ -267,8 +267,6 @@ def run_command(**o):
     lora = LoraSettings(o["lora_rank"], o["lora_alpha"], o["lora_dropout"], layers=o["lora_layers"],
                         **({"targets": _split_targets(o["lora_targets"])} if o["lora_targets"] else {}))
     if o["output"] == "":  # `-o "$OUT"` with OUT unset: not the same as leaving -o out
-        from unlearn.errors import UsageError
-
         raise UsageError("-o '': an empty output path; name a directory (or leave -o out for runs/<date-time>)")
     opts = RunOptions(
         forget=Path(o["forget"]), normal=Path(o["normal"]), model=o["model"],
