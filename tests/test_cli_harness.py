@@ -141,7 +141,10 @@ def test_a_ctrl_c_outside_main_is_one_line_and_exit_130(tmp_path, where):
                   "sys.meta_path.insert(0, Interrupting())\n"
                   "from unlearn.command import entry; entry()\n")
     else:  # main has decided 130 for a first Ctrl-C when the second lands
+        # (Python's own SIGINT handler set explicitly: a process started in the background by a shell
+        # without job control inherits SIGINT ignored, and then gets no KeyboardInterrupt at all)
         script = ("import os, signal, sys, unlearn.cli as c\n"
+                  "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
                   "def main():\n"
                   "    try:\n"
                   "        raise KeyboardInterrupt\n"
