@@ -30,7 +30,7 @@ def llama_pair(tmp_path_factory, llama_dir):
     return llama_dir, tiny_models.build_llama(tmp_path_factory.mktemp("tiny-llama-tuned"), seed=2)
 
 
-# --- item 3: α labels -------------------------------------------------------------------------
+# --- α labels -------------------------------------------------------------------------
 
 
 def test_alpha_label_keeps_short_labels_and_is_exact_otherwise():
@@ -84,7 +84,7 @@ def test_default_output_names_the_exact_alpha(cli, tmp_path, llama_pair, alpha, 
     assert f"tuned-{name}" in result.err
 
 
-# --- item 5: augment, a forget row too long for ULMR's requests -------------------------------
+# --- augment, a forget row too long for ULMR's requests -------------------------------
 
 
 def test_augment_names_the_row_too_long_for_its_requests_before_generating(cli, tmp_path, opt_dir, monkeypatch):
@@ -132,7 +132,7 @@ def test_a_model_rewrite_too_long_for_its_own_request_is_replaced(opt_dir, monke
     assert aug.NEGATIVE_PROMPT.format(instruction=long) not in prompts
 
 
-# --- item 7: a malformed adapter_config.json ---------------------------------------------------
+# --- a malformed adapter_config.json ---------------------------------------------------
 
 
 def _adapter(directory: Path, config) -> Path:
@@ -173,7 +173,7 @@ def test_a_malformed_adapter_config_is_one_line_naming_the_file_and_field(cli, t
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
 
 
-# --- items 8 and 9: `unlearn merge` with no paths ----------------------------------------------
+# --- `unlearn merge` with no paths ----------------------------------------------
 
 
 def _last_run(tmp_path, record) -> Path:

@@ -28,7 +28,7 @@ def lines(err: str) -> list[str]:
     return [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
 
 
-# --- item 1: a forget row whose answer --max-length cuts off -----------------------------------
+# --- a forget row whose answer --max-length cuts off -----------------------------------
 
 
 @pytest.mark.parametrize("rows", [[LATE], FORGET + [LATE]], ids=["alone", "beside-other-rows"])
@@ -64,7 +64,7 @@ def test_rows_scored_whole_are_not_refused_for_their_length(cli, tmp_path, llama
     assert result.code == 0, result.err
 
 
-# --- item 2: -o a symbolic link to a directory -------------------------------------------------
+# --- -o a symbolic link to a directory -------------------------------------------------
 
 
 def test_output_through_a_symbolic_link_writes_into_its_target(cli, tmp_path, llama_dir, monkeypatch):
@@ -87,7 +87,7 @@ def test_output_through_a_symbolic_link_writes_into_its_target(cli, tmp_path, ll
     assert (cache / "last_run").read_text().strip() == str(target.resolve())
 
 
-# --- item 3: --resume with a model whose content changed ---------------------------------------
+# --- --resume with a model whose content changed ---------------------------------------
 
 
 def _checkpointed(cli, tmp_path, llama_dir):
@@ -136,7 +136,7 @@ def test_a_checkpoint_without_a_recorded_model_content_compares_the_path_only(cl
     assert "resuming from" in result.err and "--resume: the arguments differ" not in result.err, result.err
 
 
-# --- item 4: held-back normal rows that are trained elsewhere ----------------------------------
+# --- held-back normal rows that are trained elsewhere ----------------------------------
 
 
 def test_hold_out_draws_the_same_rows_as_before_when_nothing_is_duplicated():
@@ -198,7 +198,7 @@ def test_duplicated_normal_rows_are_not_held_back(tmp_path, llama_dir):
     assert {s.name: s.role for s in data.sets}["normal-heldout"] == "held out"
 
 
-# --- item 6: the unanswered forget rows under --eval-limit --------------------------------------
+# --- the unanswered forget rows under --eval-limit --------------------------------------
 
 
 def test_unanswered_forget_rows_say_how_many_rows_were_looked_at(cli, tmp_path, llama_dir):
@@ -224,7 +224,7 @@ def test_unanswered_forget_rows_say_how_many_rows_were_looked_at(cli, tmp_path, 
     assert (said in result.err) == bool(unanswered)
 
 
-# --- item 7: -o '' ------------------------------------------------------------------------------
+# --- -o '' ------------------------------------------------------------------------------
 
 
 def test_an_empty_output_path_is_refused(cli, tmp_path, llama_dir):
@@ -239,7 +239,7 @@ def test_an_empty_output_path_is_refused(cli, tmp_path, llama_dir):
     assert list(work.iterdir()) == []
 
 
-# --- item 10: "stop rule" only when a check ran --------------------------------------------------
+# --- "stop rule" only when a check ran --------------------------------------------------
 
 
 def test_the_forget_set_is_not_labelled_stop_rule_when_no_check_ran(cli, tmp_path, llama_dir):
