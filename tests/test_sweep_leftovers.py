@@ -519,3 +519,24 @@ def test_a_blank_refusal_template_is_refused(template):
 
     with pytest.raises(UsageError, match="--template is blank"):
         RunOptions(Path("f"), Path("n"), train=TrainConfig(method="ga+template", template=template)).resolved()
+
+
+def test_full_with_fsdp_is_refused_before_anything_loads():
+    # under torchrun its first step ended in "internal error: KeyError" after loading and measuring
+    from pathlib import Path
+
+    from unlearn.config import RunOptions
+    from unlearn.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^--full with --fsdp is not supported"):
+        RunOptions(Path("f"), Path("n"), full=True, fsdp=True).resolved()
+
+
+@pytest.mark.parametrize("rank, said", [("0", True), ("1", False)])
+def test_under_torchrun_a_usage_error_is_said_by_rank_0_only(tmp_path, data, llama_dir, cli, monkeypatch, rank, said):
+    # every rank checks the options before the process group exists: each printed the same line
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    result = cli("run", *data, "--model", llama_dir, "-o", tmp_path / "o", "--lr", "-1")
+    assert result.code == 2
+    assert result.err.strip().splitlines() == (["unlearn: --lr -1.0: must be positive and finite"] if said else [])

@@ -560,7 +560,12 @@ def main(argv=None) -> None:
     except UnlearnError as exc:
         if debug:
             raise
-        log(f"unlearn: {_first_line(exc)}")
+        # Under torchrun every rank checks the same options before the process group exists (which silences
+        # the others later on: distributed.session), so a usage error was said once per rank: rank 0 says it.
+        # Other errors (a data file missing on one node) are still said by every rank that meets them.
+        if not (isinstance(exc, UsageError) and int(os.environ.get("WORLD_SIZE", "1")) > 1
+                and os.environ.get("RANK", "0") != "0"):
+            log(f"unlearn: {_first_line(exc)}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         log("unlearn: interrupted")

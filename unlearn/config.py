@@ -416,6 +416,11 @@ class RunOptions:
         if self.train.protect and (self.full or self.fsdp):
             raise UsageError("--protect projects the forget loss's LoRA gradient in one process: it takes no "
                              "--full or --fsdp")
+        if self.full and self.fsdp:
+            # Measured: the first step ended in an internal error (the trained weights the optimiser holds are
+            # not the shards FSDP puts in their place); until that is built, a clear refusal before loading.
+            raise UsageError("--full with --fsdp is not supported: fine-tune every weight under DDP (no --fsdp), "
+                             "or shard a LoRA run with --fsdp")
         if self.augmented is not None and not ulmr:
             raise UsageError("--augmented is ULMR's training data: use it with --method ulmr")
         # Settings that act only through the stop rule's checks or the probes would otherwise do nothing, silently.
