@@ -152,6 +152,8 @@ def test_rmu_run_through_the_cli(request, tmp_path, files, cli, which, extra):
     (["--rmu-layer", "-1"], "--rmu-layer -1: must be a layer index"),
     (["--rmu-scale", "0"], "--rmu-scale 0.0: must be positive"),
     (["--gradient-checkpointing"], "takes no --gradient-checkpointing"),
+    # c² past float32's range: the loss was inf at step 1, and the run blamed --lr
+    (["--rmu-scale", "1e20"], "squared is past float32's range, so the loss is inf; use at most"),
 ])
 def test_rmu_bad_settings_are_one_line(tmp_path, files, cli, llama_dir, flags, message):
     forget, normal = files

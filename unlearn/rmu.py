@@ -169,6 +169,16 @@ class Misdirection:
         if norms.numel() == 0:
             raise UsageError("RMU: the normal rows have no response tokens to measure the activations on")
         self.norm = float(norms.mean())
+        from unlearn.config import FLOAT32_MAX
+
+        # The loss sums squared distances to c·u over a batch's positions: with c² near float32's range it is
+        # inf from the first step, whatever --lr, and the run ended saying "try a lower --lr". The bound leaves
+        # room for a sum over 2^16 positions.
+        most_c = (FLOAT32_MAX / 2**16) ** 0.5
+        if self.scale * self.norm > most_c:
+            raise UsageError(f"--rmu-scale {self.scale:g}: the target norm c = {self.scale:g} × {self.norm:.3g} "
+                             f"(mean norm of h_{self.layer}) squared is past float32's range, so the loss is inf; "
+                             f"use at most {most_c / self.norm:.2g}")
         u = random_direction(original_hidden[0][0].shape[-1], self.seed)
         self.target = u * (self.scale * self.norm)
 
