@@ -540,3 +540,16 @@ def test_under_torchrun_a_usage_error_is_said_by_rank_0_only(tmp_path, data, lla
     result = cli("run", *data, "--model", llama_dir, "-o", tmp_path / "o", "--lr", "-1")
     assert result.code == 2
     assert result.err.strip().splitlines() == (["unlearn: --lr -1.0: must be positive and finite"] if said else [])
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--lr", "1e-4"], "--lr"), (["--max-steps", "3"], "--max-steps"), (["--lora-rank", "4"], "the --lora-* settings"),
+    (["--gradient-checkpointing"], "--gradient-checkpointing"), (["--template", "No."], "--template"),
+    (["--stop-margin", "0.1"], "--stop-margin"), (["--rmu-layer", "1"], "--rmu-layer"),
+])
+def test_edit_refuses_the_settings_of_a_training_loop(tmp_path, data, llama_dir, cli, flags, named):
+    # each was taken and did nothing: the same edit, exit 0
+    result = cli("run", *data, "--model", llama_dir, "--method", "edit", "-o", tmp_path / "o", *flags)
+    assert result.code == 2 and one_line(result) == (
+        f"unlearn: --method edit is one least-squares edit, not a training run: it takes no {named}")
+    assert not (tmp_path / "o").exists()

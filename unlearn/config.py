@@ -410,6 +410,17 @@ class RunOptions:
                                             or train.repair_steps != 0):
             raise UsageError("--method edit is one least-squares edit, not a training run: it takes no "
                              "--alpha, --resume, --save-every, --repair-steps or --full")
+        if self.train.method == "edit":  # settings of the gradient loop: given to the edit, they did nothing, silently
+            unused = [flag for flag, given in (
+                ("--lr", self.lr is not None), ("--max-steps", self.train.max_steps != TrainConfig.max_steps),
+                ("--forget-loss", self.forget_loss is not None), ("--stop-margin", self.stop_margin is not None),
+                ("the --lora-* settings", self.lora != LoraSettings()),
+                ("--gradient-checkpointing", self.gradient_checkpointing),
+                ("--template", self.train.template != DEFAULT_TEMPLATE),
+                ("--rmu-layer", self.train.rmu_layer is not None)) if given]
+            if unused:
+                raise UsageError(f"--method edit is one least-squares edit, not a training run: it takes no "
+                                 f"{', '.join(unused)}")
         if self.train.method == "rmu" and self.gradient_checkpointing:
             raise UsageError("--method rmu stops each forward pass at its layer (little memory to save): "
                              "it takes no --gradient-checkpointing")
