@@ -553,3 +553,31 @@ def test_edit_refuses_the_settings_of_a_training_loop(tmp_path, data, llama_dir,
     assert result.code == 2 and one_line(result) == (
         f"unlearn: --method edit is one least-squares edit, not a training run: it takes no {named}")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"alpha_grid": (0.2, 0.4)}, "--alpha-grid choose α under --alpha auto; with no --alpha they do nothing"),
+    ({"alpha": "0.5", "max_leak": 0.2}, "--max-leak choose α under --alpha auto; with --alpha 0.5 they do nothing"),
+])
+def test_settings_that_choose_alpha_are_refused_without_alpha_auto(fields, message):
+    # taken and ignored before: a fixed α (or none) is never chosen
+    from pathlib import Path
+
+    from unlearn.config import RunOptions
+    from unlearn.errors import UsageError
+
+    with pytest.raises(UsageError) as refused:
+        RunOptions(Path("f"), Path("n"), **fields).resolved()
+    assert str(refused.value) == message
+    RunOptions(Path("f"), Path("n"), alpha="auto", **{k: v for k, v in fields.items() if k != "alpha"}).resolved()
+
+
+def test_rmu_settings_are_refused_with_another_method():
+    from pathlib import Path
+
+    from unlearn.config import RunOptions, TrainConfig
+    from unlearn.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^--rmu-layer and --rmu-scale set rmu's target: use them with --method rmu"):
+        RunOptions(Path("f"), Path("n"), train=TrainConfig(rmu_layer=1)).resolved()
+    RunOptions(Path("f"), Path("n"), train=TrainConfig(method="rmu", rmu_layer=1)).resolved()

@@ -443,10 +443,18 @@ class RunOptions:
                 raise UsageError(f"{', '.join(given)} act at the stop rule's checks, which --check-every 0 turns off")
         if train.stop_probes and not self.probes:
             raise UsageError("--stop-probes waits for the automatic probes, which --no-probes turns off")
+        if train.method != "rmu" and (train.rmu_layer is not None or train.rmu_scale != RMU_SCALE):
+            raise UsageError("--rmu-layer and --rmu-scale set rmu's target: use them with --method rmu")
+        alpha = self._alpha(ulmr, parse_alphas)
+        if alpha != "auto":  # they choose α under --alpha auto; with a fixed α (or none) they would do nothing
+            given = [flag for flag, on in (("--alpha-grid", bool(self.alpha_grid)),
+                                           ("--max-leak", self.max_leak != RunOptions.max_leak)) if on]
+            if given:
+                fixed = f"--alpha {alpha:g}" if alpha is not None else "no --alpha"
+                raise UsageError(f"{' and '.join(given)} choose α under --alpha auto; with {fixed} they do nothing")
         return replace(self, train=train, retain_probes=retain_probes, retain_weight=train.retain_weight,
                        normal_weight=train.normal_weight, forget_loss=train.forget_loss,
-                       stop_margin=train.stop_margin, alpha=self._alpha(ulmr, parse_alphas),
-                       alpha_grid=self.alpha_grid or AUTO_GRID)
+                       stop_margin=train.stop_margin, alpha=alpha, alpha_grid=self.alpha_grid or AUTO_GRID)
 
     @property
     def adapters(self) -> bool:
