@@ -434,28 +434,26 @@ def _refuse_forget_rows_cut_off(opts: RunOptions, data: Prepared, tokenizer) -> 
     """Refuse, with FILE:LINE and before anything is measured, a forget row whose every scored token
     --max-length cuts off (an answer far into a long response): alone in a batch the forget loss has no
     token to train on and the run failed after loading and measuring; beside other rows it silently
-    trained nothing. Encoded as `train.Unlearner` encodes its forget rows (a row scored whole always
+    trained nothing. Encoded as training encodes it (`train.encode_forget_row`; a row scored whole always
     keeps tokens: the response keeps at least half of --max-length)."""
-    from unlearn.data import IGNORE_INDEX, encode_pair, encode_prompt, loss_pair
+    from unlearn.data import IGNORE_INDEX, encode_prompt, loss_pair
+    from unlearn.train import encode_forget_row
 
     config = opts.train
     if config.method == "edit":  # no training loop: the edit reads no labels
         return
-    by_answers = config.forget_tokens in ("answers", "names") and config.method != "ulmr"  # (as Unlearner)
-    names = config.forget_tokens == "names"
     for ex in data.forget:
-        pair = loss_pair(ex, config.whole_passage)
-        focus = row_answers(ex)[0] if by_answers else None
-        if any(t != IGNORE_INDEX for t in encode_pair(tokenizer, *pair, config.max_length, focus, names)["labels"]):
+        if any(t != IGNORE_INDEX for t in encode_forget_row(tokenizer, ex, config)["labels"]):
             continue
-        uncut = encode_pair(tokenizer, *pair, 1 << 30, focus, names)["labels"]
-        prompt = len(encode_prompt(tokenizer, pair[0]))
-        first = next(i for i, t in enumerate(uncut) if t != IGNORE_INDEX)  # the first scored token, prompt included
+        uncut = encode_forget_row(tokenizer, ex, config, max_length=1 << 30)
+        prompt = len(encode_prompt(tokenizer, loss_pair(ex, config.whole_passage)[0]))
+        first = next(i for i, t in enumerate(uncut["labels"]) if t != IGNORE_INDEX)  # prompt included
         length = config.max_length  # the least --max-length that keeps it (encode_pair's cut)
         while length - min(prompt, length // 2) <= first - prompt:
             length += 1
         kept = config.max_length - min(prompt, config.max_length // 2)
-        what = f"its answer ({', '.join(map(repr, focus))})" if focus else "its first scored token"
+        what = (f"its answer ({', '.join(map(repr, row_answers(ex)[0]))})" if uncut["focused"]
+                else "its first scored token")
         raise UnlearnError(f"{opts.forget}:{ex.line}: {what} starts at token {first - prompt + 1} of the response "
                            f"({first + 1} with the prompt), but --max-length {config.max_length} keeps only the "
                            f"response's first {kept} tokens, so the forget loss has nothing to train on; use "

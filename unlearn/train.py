@@ -217,6 +217,17 @@ def train_without_dropout(model) -> None:
                 setattr(module, name, 0.0)
 
 
+def encode_forget_row(tokenizer, example, config: TrainConfig, max_length: int | None = None) -> dict:
+    """A forget row as training reads it: the loss pair (`data.loss_pair`), labels on its answers (given, or
+    derived by spans.row_answers) unless every response token is pushed down (--forget-tokens response, ULMR's
+    negative responses, a passage or a long response), cut at MAX_LENGTH (default --max-length)."""
+    # ULMR's forget rows carry negative responses to learn whole, never an answer span to push down.
+    by_answers = config.forget_tokens in ("answers", "names") and config.method != "ulmr"
+    return encode_pair(tokenizer, *loss_pair(example, config.whole_passage),
+                       config.max_length if max_length is None else max_length,
+                       row_answers(example)[0] if by_answers else None, names=config.forget_tokens == "names")
+
+
 def learning_rate(config: TrainConfig, step: int) -> float:
     """Linear warmup to `lr`, then constant or linear decay to zero at `max_steps`."""
     if config.warmup_steps and step < config.warmup_steps:
@@ -239,14 +250,8 @@ class Unlearner:
         self.pad_id = tokenizer.pad_token_id
         self.rng = random.Random(config.seed)
         encode = lambda p, r: encode_pair(tokenizer, p, r, config.max_length)  # noqa: E731
-        # ULMR's forget rows carry negative responses to learn whole, never an answer span to push down.
-        by_answers = config.forget_tokens in ("answers", "names") and config.method != "ulmr"
         self._names = config.forget_tokens == "names"
-        # Rows without `answers` get the ones derived from their response (spans.py), unless a
-        # passage or a long response: then every response token is pushed down.
-        focus = (lambda e: row_answers(e)[0]) if by_answers else (lambda e: None)
-        self.forget = [encode_pair(tokenizer, *loss_pair(e, config.whole_passage), config.max_length, focus(e),
-                                   names=self._names) for e in forget]
+        self.forget = [encode_forget_row(tokenizer, e, config) for e in forget]
         self._redirect_index = None  # redirect.PrefixIndex, built for the first focused row (`_ban`)
         for row in self.forget:
             self._ban(row)
