@@ -265,14 +265,19 @@ def test_safetensors_own_validation_is_reported_as_one_line(cli, tmp_path, pair)
 # -- LoRA adapters ---------------------------------------------------------------
 
 
+def rank2_adapter(directory: Path, module: str, a: torch.Tensor, b: torch.Tensor) -> Path:
+    """A PEFT LoRA adapter (r 2, lora_alpha 2) on one MODULE of the base, with factors A and B."""
+    directory.mkdir()
+    (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    save_file({f"base_model.model.{module}.lora_A.weight": a, f"base_model.model.{module}.lora_B.weight": b},
+              directory / "adapter_model.safetensors")
+    return directory
+
+
 def test_adapter_needs_a_base_tensor_it_names(cli, tmp_path, pair):
     base_dir, *_ = pair
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
-    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 4),
-               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(4, 2)},
-              adapter / "adapter_model.safetensors")
+    adapter = rank2_adapter(tmp_path / "adapter", "model.layers.0.self_attn.q_proj", torch.zeros(2, 4),
+                            torch.zeros(4, 2))
     code, _, err = cli("merge", "--adapter", adapter, base_dir, "-o", tmp_path / "o")
     assert code == 1 and "has no tensor model.layers.0.self_attn.q_proj.weight" in err
     assert_nothing_written(tmp_path / "o")

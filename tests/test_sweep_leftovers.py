@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_merge_cli import model_dir, weights
+from test_merge_cli import model_dir, rank2_adapter, weights
 from test_run_cli import FORGET, NORMAL, write_jsonl
 
 
@@ -331,15 +331,8 @@ def test_merge_says_when_an_input_brought_the_inf(tmp_path, cli):
 
 
 def test_folding_an_adapter_at_an_alpha_that_overflows_is_refused(tmp_path, cli):
-    from safetensors.torch import save_file
-
     base = model_dir(tmp_path / "base", weights(1))
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
-    save_file({"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.ones(2, 4),
-               "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": torch.ones(6, 2)},
-              adapter / "adapter_model.safetensors")
+    adapter = rank2_adapter(tmp_path / "adapter", "model.layers.0.mlp.up_proj", torch.ones(2, 4), torch.ones(6, 2))
     out = tmp_path / "out"
     # 1−α = 2e38 is finite in float32; times B·A (all 2) it is not
     result = cli("merge", "--adapter", adapter, "--alpha", "-2e38", "--allow-extrapolation", base, "-o", out)
