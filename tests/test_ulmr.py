@@ -321,6 +321,8 @@ def test_ulmr_with_a_given_augmented_file_and_fixed_alpha(tmp_path, files, llama
 
 @pytest.mark.parametrize("args, code, message", [
     (["--method", "ga", "--augmented", "AUG"], 2, "--augmented is ULMR's training data"),
+    (["--method", "ulmr", "--augmented", "AUG", "--rewrites", "3"], 2, "with --augmented the rows are already"),
+    (["--method", "ga", "--rewrites", "3"], 2, "--rewrites sets how many rewrites ULMR writes in the run"),
     (["--method", "ulmr", "--alpha", "0.2,0.4"], 2, "give one α"),
     (["--method", "ulmr", "--alpha", "often"], 2, "'often' is not a number (or give auto)"),
     (["--method", "ulmr", "--alpha-grid", "0,2"], 2, "between 0 and 1"),

@@ -220,7 +220,7 @@ def _command_line() -> str:
               help="Continue the run in -o OUT from its latest checkpoint (give the same arguments).")
 @click.option("--augmented", type=click.Path(path_type=str), default=None,
               help="ulmr: training rows from `unlearn augment` [default: augment FORGET with the model now].")
-@click.option("--rewrites", type=int, default=2, show_default=True, help="ulmr: rewrites per forget prompt (at most 4).")
+@click.option("--rewrites", type=int, default=2, show_default=True, help="ulmr without --augmented: rewrites per forget prompt the run writes (at most 4).")
 @click.option("--alpha", default=None,
               help="Average the result with the original: θa = α·θ + (1−α)·θ' (a number in [0, 1], or auto: "
                    "measure --alpha-grid and take the α that keeps most with forget leak ≤ --max-leak) "

@@ -434,6 +434,11 @@ class RunOptions:
                              "or shard a LoRA run with --fsdp")
         if self.augmented is not None and not ulmr:
             raise UsageError("--augmented is ULMR's training data: use it with --method ulmr")
+        if self.rewrites != RunOptions.rewrites and (not ulmr or self.augmented is not None):
+            # --rewrites sizes the rewrites the run writes itself; any other way it did nothing, silently
+            raise UsageError("--rewrites sets how many rewrites ULMR writes in the run: with "
+                             + ("--augmented the rows are already written (give it to `unlearn augment`)"
+                                if ulmr else "--method ulmr only"))
         # Settings that act only through the stop rule's checks or the probes would otherwise do nothing, silently.
         if not train.check_every:
             given = [flag for flag, on in (("--stop-probes", train.stop_probes), ("--leaked-rows", train.leaked_rows),
