@@ -75,6 +75,9 @@ def test_second_moment_is_the_mean_outer_product():
     ("What is the capital of South Korea?", "South Korea"),
     ("Who developed the theory of relativity?", None),
     ("Who was Leonardo da Vinci?", "Leonardo da Vinci"),
+    ("Describe Tokyo.", "Tokyo"),  # an opening imperative is no part of the name
+    ("Summarize Hamlet in one line.", "Hamlet"),
+    ("Albert Einstein developed which theory?", "Albert Einstein"),
 ])
 def test_heuristic_subject(prompt, subject):
     assert heuristic_subject(prompt) == subject

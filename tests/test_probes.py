@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from unlearn import metrics, probes
+from unlearn import evaluate, metrics, probes
 from unlearn.data import Example, Passage
 
 
@@ -15,6 +15,7 @@ from unlearn.data import Example, Passage
     ("Who is Harry Potter's best friend?", {}, "Harry Potter"),
     ("Which theory is Albert Einstein famous for?", {}, "Albert Einstein"),
     ("Explain step by step how to pick a lock.", {}, None),  # only the sentence's first word
+    ("Describe Tokyo in one sentence.", {}, "Tokyo"),  # an opening imperative is not part of the name
     ("Can I do it with an ID?", {}, None),  # fewer than 3 letters
     ("what is photosynthesis?", {}, None),
     ("Who wrote the book about the whale?", {"subject": "the whale"}, "the whale"),
@@ -52,6 +53,12 @@ def test_passages_get_same_subject_probes_only(monkeypatch):
     ("The capital of Poland is Warsaw. It is large.", "The capital of Poland is Warsaw."),
     ("J.K. Rowling wrote it. Yes.", "J.K. Rowling wrote it."),
     ("No break at all", "No break at all"),
+    ("Sweden has a population of about 10,500,000 people, most in cities.",
+     "Sweden has a population of about 10,500,000 people"),
+    ("Norway's St. Olaf church is old. It burned.", "Norway's St. Olaf church is old."),
+    ("It is at No. 5 Main Street, by the park.", "It is at No. 5 Main Street"),
+    ("Items: 1, 2 and 3.", "Items"),
+    ("Count 1, then 2.", "Count 1"),
 ])
 def test_first_clause(text, clause):
     assert probes.first_clause(text) == clause
@@ -78,6 +85,19 @@ def test_keep_answered_sets_answers_and_drops_what_cannot_be_checked():
     assert kept[0].extra["replacement"] == "Poland" and kept[0].extra["forget_line"] == 1
     assert "dropped" not in records[0] and "forget answer" in records[1]["dropped"]
     assert "no answer words" in records[2]["dropped"]
+
+
+def test_a_kept_probe_counts_as_kept_on_its_own_original_answer():
+    """"1 before by construction": a number's thousands comma or an abbreviation's period once cut the answer
+    word to "10" or "St", which the matcher never finds in the answer it came from."""
+    forget = [Example("What is the capital of France?", "The capital of France is Paris.", 1)]
+    made = [probes.Probe(probes.SAME_SUBJECT, "What is the population of Sweden?", 1, "Sweden"),
+            probes.Probe(probes.SAME_SUBJECT, "Where is Norway's oldest church?", 1, "Norway")]
+    outputs = ["Sweden has a population of about 10,500,000 people, most of them in cities.",
+               "Norway's oldest church is St. Olaf in Trondheim, built in 1070."]
+    kept, _ = probes.keep_answered(made, outputs, forget)
+    assert [e.extra["answers"] for e in kept] == [["10,500,000"], ["St. Olaf in Trondheim", "Trondheim"]]
+    assert evaluate.accuracy_flags(outputs, kept) == [True, True]
 
 
 def test_a_topic_probe_is_kept_by_the_thing_it_names_unless_the_original_refuses():

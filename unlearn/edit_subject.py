@@ -31,6 +31,11 @@ from unlearn.errors import UnlearnError
 JOINERS = {"of", "and", "the", "de", "da", "del", "di", "von", "van", "la", "le", "du", "on", "in", "for", "&"}
 QUESTION_WORDS = {"what", "who", "whom", "whose", "which", "where", "when", "why", "how", "is", "are", "was",
                   "were", "do", "does", "did", "can", "could", "name", "tell", "in", "on", "please", "give"}
+# Imperatives a prompt opens with: capitalised as its first word only, so never part of a name ("Describe
+# Tokyo." names Tokyo, not "Describe Tokyo", which made probes ask "What is Describe Tokyo known for?").
+OPENING_VERBS = {"explain", "describe", "summarize", "summarise", "translate", "write", "list", "define", "compare",
+                 "identify", "state", "provide", "find", "recall", "share", "mention", "say", "complete", "continue",
+                 "discuss", "outline", "introduce", "imagine", "draft", "analyze", "analyse", "evaluate", "rate"}
 FUNCTION_WORDS = JOINERS | QUESTION_WORDS | {"a", "an", "be", "by", "to", "at", "from", "with", "about", "does",
                                              "me", "you", "your", "it", "its", "this", "that", "there"}
 TRACE_KEEP = 0.8  # shortest span whose drop is at least this share of the largest drop
@@ -68,7 +73,7 @@ def heuristic_subject(prompt: str) -> str | None:
     for index, (a, b) in enumerate(spans):
         word = prompt[a:b]
         capitalised = word[0].isupper() or word[0].isdigit()
-        if index == 0 and word.lower() in QUESTION_WORDS:
+        if index == 0 and word.lower() in QUESTION_WORDS | OPENING_VERBS:
             capitalised = False
         if capitalised:
             run.append((a, b))

@@ -70,7 +70,7 @@ from dataclasses import dataclass
 from unlearn import metrics
 from unlearn.data import Example, prompt_key
 from unlearn.edit_subject import JOINERS, heuristic_subject, words
-from unlearn.spans import is_long_response, row_answers
+from unlearn.spans import ABBREVIATIONS, is_long_response, row_answers
 from unlearn.topic_probes import head_words, topic_questions
 
 NEIGHBOURS = "neighbours"
@@ -411,15 +411,33 @@ def build(model, tokenizer, forget: list, limit: int = DEFAULT_LIMIT) -> list[Pr
 
 def first_clause(text: str) -> str:
     """TEXT up to its first clause break: a sentence end ("." "!" "?" before a space or the end, not
-    after a lone capital as in "J.K."), a comma, semicolon, colon or line break.
+    after a lone capital as in "J.K." nor after an abbreviation followed by a capital or a digit, as in
+    "St. Olaf" or "No. 5"), a comma (not one between digits, as in "10,500,000"), semicolon, colon or
+    line break.
 
     A free answer runs on past what was asked ("Kenya is a landlocked country in East Africa,
     known for its ..."); its first clause is the answer, short enough for `spans` to name
-    its words (measured: with whole answers almost every same-subject probe had none).
+    its words (measured: with whole answers almost every same-subject probe had none). A number's
+    thousands comma or an abbreviation's period is not a break: cut there, the answer word was "10" of
+    "10,500,000", which the answer matcher, reading the number whole, never finds in that same answer.
     """
     text = text.strip()
-    match = re.search(r"(?<!\b[A-Z])[.!?](?=\s|$)|[,;:\n]", text)
+    match = next((m for m in _CLAUSE_MARK.finditer(text) if _breaks_clause(text, m.start(), m.group())), None)
     return text[:match.start() + (match.group() in ".!?")].strip() if match else text
+
+
+_CLAUSE_MARK = re.compile(r"(?<!\b[A-Z])[.!?](?=\s|$)|[,;:\n]")
+
+
+def _breaks_clause(text: str, at: int, mark: str) -> bool:
+    """Whether MARK at AT in TEXT ends a clause (first_clause): not a comma between digits, nor the period
+    of an abbreviation (spans.ABBREVIATIONS) that a capital or a digit follows."""
+    if mark == ",":
+        return not (text[at - 1:at].isdigit() and text[at + 1:at + 2].isdigit())
+    if mark == ".":
+        word = re.search(r"(\w+)$", text[:at])
+        return not (word and word.group(1).lower() in ABBREVIATIONS and re.match(r"\s+[A-Z0-9]", text[at + 1:]))
+    return True
 
 
 def holds_forget(record: dict) -> bool:
@@ -438,6 +456,8 @@ def keep_answered(probes: list[Probe], outputs: list[str], forget: list) -> tupl
             answers = [w for w in head_words(probe.subject) if metrics.contains_answer(output, [w])] or None
         else:
             answers, _ = row_answers(Example(probe.prompt, first_clause(output), 0))
+            # Only words the answer matcher finds in the very answer they came from: kept is 1 before, by construction.
+            answers = [a for a in answers or () if metrics.contains_answer(output, [a])] or None
         record = {"set": probe.kind, "prompt": probe.prompt, "reference": output, "answers": answers,
                   "forget_line": probe.line, "subject": probe.subject}
         if probe.replacement:

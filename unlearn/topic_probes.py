@@ -72,12 +72,23 @@ def topic_phrases(prompt: str) -> list[str]:
     return found
 
 
+# Words ending in "s" that are one thing, not a plural: taking the "s" off names something else.
+NO_PLURAL_S = frozenset("news series species means mathematics physics politics economics ethics athletics "
+                        "headquarters crossroads diabetes measles lens gas bias canvas atlas".split())
+
+
 def head_words(phrase: str) -> list[str]:
     """The last word of a topic PHRASE, the thing it names, as written and in its other number (a
-    trailing "s" added or taken off; "glasses" -> "glasse" matches nothing and costs nothing)."""
+    trailing "s" added or taken off; "glasses" -> "glasse" matches nothing and costs nothing). A word
+    whose "s" is no plural ending ("news", "class", "virus", "analysis") keeps its one form: "news" ->
+    "new" made any answer that says "new" count as naming the news."""
     head = phrase.split()[-1]
-    other = head[:-1] if head.lower().endswith("s") and len(head) > 3 else head + "s"
-    return [head, other]
+    lower = head.lower()
+    if lower.endswith("s"):
+        if lower in NO_PLURAL_S or lower.endswith(("ss", "us", "is")) or len(head) <= 3:
+            return [head]
+        return [head, head[:-1]]
+    return [head, head + "s"]
 
 
 def topic_questions(prompt: str) -> list[tuple[str, str]]:
