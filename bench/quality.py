@@ -411,6 +411,11 @@ def make_table(rows: list[dict], scenarios: list[str], methods: list[str], seeds
         complete = [s for s in seeds if {r["scenario"] for r in mine if r["seed"] == s} >= set(scenarios)]
         cells = [f"`{method}`" + ("" if complete == seeds else
                                   f" (seed{'s' if len(complete) != 1 else ''} {','.join(map(str, complete)) or 'none'})")]
+        # A failed run leaves its scenario out of that seed's mean: the cell says which, since those means
+        # are over fewer scenarios than the other methods' (ulmr refuses passages at every seed).
+        failed = sorted({r["scenario"] for r in mine if r.get("exit_code") != 0 and r["seed"] in complete})
+        if failed:
+            cells[0] += f" (without {', '.join(failed)}: failed)"
         per_seed = {s: [r for r in ok if r["seed"] == s] for s in complete}
         for _, key in COLUMNS[:5]:
             cells.append(_cell([_mean([r.get(key) for r in rs]) for rs in per_seed.values() if rs]))
@@ -471,11 +476,17 @@ def main(argv=None) -> None:
             raise SystemExit(f"bench/quality.py: {', '.join(unknown)} not in the {args.split} split ({', '.join(scenarios)})")
         scenarios = wanted
     methods = args.methods.split(",") if args.methods else discover_methods()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"bench/quality.py: --seeds {args.seeds}: give whole numbers, comma-separated") from None
+    out = Path(args.out)
+    if args.no_run and not out.is_file():
+        raise SystemExit(f"bench/quality.py: {out}: no results file to make the table from (--no-run runs nothing; "
+                         f"give the --out of the runs, as in the table's first line)")
     import tempfile
     import torch
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = done_keys(out)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="quality-"))
