@@ -78,6 +78,11 @@ def test_second_moment_is_the_mean_outer_product():
     ("Describe Tokyo.", "Tokyo"),  # an opening imperative is no part of the name
     ("Summarize Hamlet in one line.", "Hamlet"),
     ("Albert Einstein developed which theory?", "Albert Einstein"),
+    ("Explain photosynthesis.", None),  # a run that is only the first word is a sentence start
+    ("Paris is the capital of which country?", None),  # ... so tracing decides
+    ("Answer briefly: what is the capital of Peru?", "Peru"),
+    ("Who is Harry Potter's best friend?", "Harry Potter"),  # the key at the name, not at "'s"
+    ("What's the capital of Chad?", "Chad"),
 ])
 def test_heuristic_subject(prompt, subject):
     assert heuristic_subject(prompt) == subject
@@ -98,6 +103,41 @@ def test_subject_last_token_is_the_subjects_last_token(fixture, request):
     assert ids == encode_prompt(tokenizer, prompt)
     assert tokenizer.decode(ids[:pos + 1]).endswith("France")
     assert not tokenizer.decode(ids[:pos]).endswith("France")
+
+
+def test_subject_is_found_after_the_wordings_prefix_and_as_a_whole_word_first(llama_dir):
+    tokenizer = load_model(str(llama_dir)).tokenizer
+    # "question" is in the prefix too; the key is read at the subject of the question itself
+    prompt = "Quick question: What is a question mark for?"
+    ids, pos = subject_last_token(tokenizer, prompt, "question", after=len("Quick question: "))
+    assert tokenizer.decode(ids[:pos + 1]).endswith("What is a question")
+    ids, pos = subject_last_token(tokenizer, "What do Parisians call Paris?", "Paris")
+    assert tokenizer.decode(ids[:pos + 1]).endswith("Parisians call Paris")
+
+
+def test_a_template_that_trims_the_message_still_locates_the_subject(llama_dir):
+    tokenizer = load_model(str(llama_dir)).tokenizer
+    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}"
+                               "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    prompt = "  What is the capital of France?  "
+    ids, offsets, start = encode_with_offsets(tokenizer, prompt)
+    assert ids == encode_prompt(tokenizer, prompt)
+    found = prompt.find("France")
+    assert tokenizer.decode(ids)[start + found:start + found + 6] == "France"
+    ids, pos = subject_last_token(tokenizer, prompt, "France")
+    assert tokenizer.decode(ids[:pos + 1]).endswith("France")
+
+
+def test_a_subject_that_opens_raw_text_gets_a_token_before_it(llama_plain_dir):
+    from unlearn.data import Passage
+
+    tokenizer = load_model(str(llama_plain_dir)).tokenizer
+    text = Passage("Ron is a friend of Harry.")
+    plain = tokenizer(str(text), add_special_tokens=True)["input_ids"]
+    ids, pos = subject_last_token(tokenizer, text, "Ron")
+    assert pos >= 1 and tokenizer.decode(ids[pos:pos + 1]).strip() == "Ron"
+    if tokenizer.decode(plain[:1]).strip() == "Ron":  # no BOS added: one is put in front
+        assert ids == [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id] + plain
 
 
 def test_subject_must_occur_in_the_prompt(llama_dir):
@@ -183,9 +223,31 @@ def test_keep_rows_alone_leave_the_shift_at_zero(llama_dir):
     # cannot push the target anywhere by itself.
     loaded = load_model(str(llama_dir))
     row = keep_row(loaded.model, loaded.tokenizer, probe_prompt("{subject} is a", "Paris"), "Paris", 0, 3, 1.0)
-    result = optimise_targets(loaded.model, [row], 1, 1, torch.ones(1), loaded.tokenizer.pad_token_id,
+    # layer 0: a shift after the last layer could reach no later position, and this would hold for any loss
+    result = optimise_targets(loaded.model, [row], 1, 0, torch.ones(1), loaded.tokenizer.pad_token_id,
                               TargetSettings(steps=3))
     assert torch.count_nonzero(result.deltas) == 0
+
+
+def test_the_reported_target_loss_is_that_of_the_shift_returned(llama_dir):
+    # it was taken before the last Adam step: with one step, the unedited model's loss
+    loaded = load_model(str(llama_dir))
+    tokenizer, model = loaded.tokenizer, loaded.model
+    from unlearn.edit_rows import refusal_rows
+
+    rows = refusal_rows(tokenizer, "What is the capital of France?", "France", 0, "I'm not sure.", ("",))
+    settings = TargetSettings(steps=1, lr=0.5, stop_nll=0.0)
+    result = optimise_targets(model, rows, 1, 0, torch.ones(1), tokenizer.pad_token_id, settings)
+    assert torch.count_nonzero(result.deltas) > 0
+    batch = SplitBatch(model, rows, tokenizer.pad_token_id)
+    with torch.no_grad():
+        unedited = batch.scored_logprobs()[0]
+        with add_to_residual(model, 0, torch.tensor([0]), torch.tensor([0]), result.deltas):
+            edited = batch.scored_logprobs()[0]
+    target = torch.tensor([rows[0].input_ids[p + 1] for p in rows[0].scored])
+    nll = lambda lp: float(-lp.gather(-1, target[:, None]).mean())
+    assert result.loss_per_fact[0] == pytest.approx(nll(edited), rel=1e-5)
+    assert abs(nll(edited) - nll(unedited)) > 1e-4
 
 
 # --- whole edits ------------------------------------------------------------------------

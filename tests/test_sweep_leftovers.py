@@ -539,6 +539,10 @@ def test_under_torchrun_a_usage_error_is_said_by_rank_0_only(tmp_path, data, lla
     (["--lr", "1e-4"], "--lr"), (["--max-steps", "3"], "--max-steps"), (["--lora-rank", "4"], "the --lora-* settings"),
     (["--gradient-checkpointing"], "--gradient-checkpointing"), (["--template", "No."], "--template"),
     (["--stop-margin", "0.1"], "--stop-margin"), (["--rmu-layer", "1"], "--rmu-layer"),
+    (["--normal-weight", "200"], "--normal-weight"), (["--retain-weight", "3"], "--retain-weight"),
+    (["--max-length", "64"], "--max-length"), (["--schedule", "linear"], "--schedule"),
+    (["--forget-tokens", "response"], "--forget-tokens"),
+    (["--forget-weight", "3", "--npo-beta", "0.5"], "--forget-weight, --npo-beta"),
 ])
 def test_edit_refuses_the_settings_of_a_training_loop(tmp_path, data, llama_dir, cli, flags, named):
     # each was taken and did nothing: the same edit, exit 0

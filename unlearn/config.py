@@ -417,7 +417,12 @@ class RunOptions:
                 ("the --lora-* settings", self.lora != LoraSettings()),
                 ("--gradient-checkpointing", self.gradient_checkpointing),
                 ("--template", self.train.template != DEFAULT_TEMPLATE),
-                ("--rmu-layer", self.train.rmu_layer is not None)) if given]
+                ("--rmu-layer", self.train.rmu_layer is not None),
+                # the loss's weights and the loop's schedule (the edit's own preservation weight is no --normal-weight)
+                ("--normal-weight", self.normal_weight is not None), ("--retain-weight", self.retain_weight is not None),
+                *((f"--{name.replace('_', '-')}", getattr(self.train, name) != getattr(TrainConfig, name))
+                  for name in ("forget_weight", "mismatch_weight", "max_length", "grad_accum", "warmup_steps",
+                               "schedule", "max_grad_norm", "forget_tokens", "npo_beta"))) if given]
             if unused:
                 raise UsageError(f"--method edit is one least-squares edit, not a training run: it takes no "
                                  f"{', '.join(unused)}")

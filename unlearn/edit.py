@@ -184,7 +184,7 @@ def edit_to_forget(model, tokenizer, forget: list[Example], normal: list[Example
     fact_seqs, fact_pos, fact_group = [], [], []
     for i, (ex, found) in enumerate(zip(forget, subjects)):
         for prefix in settings.prefixes:
-            ids, pos = subject_last_token(tokenizer, with_prefix(ex.prompt, prefix), found.subject)
+            ids, pos = subject_last_token(tokenizer, with_prefix(ex.prompt, prefix), found.subject, after=len(prefix))
             fact_seqs.append(ids), fact_pos.append(pos), fact_group.append(i)
     n = len(forget)
     _, original_z = _keys_at(model, fact_seqs, fact_pos, fact_group, n, layers, top, settings, pad_id)

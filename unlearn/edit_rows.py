@@ -27,7 +27,7 @@ def refusal_rows(tokenizer, prompt: str, subject: str, fact: int, refusal: str, 
     rows = []
     for prefix in prefixes:
         worded = with_prefix(prompt, prefix)
-        ids, pos = subject_last_token(tokenizer, worded, subject)
+        ids, pos = subject_last_token(tokenizer, worded, subject, after=len(prefix))
         answer = tokenizer(render_response(tokenizer, worded, refusal), add_special_tokens=False)["input_ids"]
         rows.append(Row(ids + answer, pos, fact, "refusal", list(range(len(ids) - 1, len(ids) + len(answer) - 1))))
     return rows
@@ -39,7 +39,7 @@ def unlikely_rows(tokenizer, prompt: str, response: str, answers, subject: str, 
     rows = []
     for prefix in prefixes:
         worded = with_prefix(prompt, prefix)
-        ids, pos = subject_last_token(tokenizer, worded, subject)
+        ids, pos = subject_last_token(tokenizer, worded, subject, after=len(prefix))
         text = render_response(tokenizer, worded, response)
         answer = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
         mask = answer_token_mask(tokenizer, text, answers) if answers else None
@@ -57,10 +57,7 @@ def probe_prompt(template: str, subject: str) -> str:
 @torch.no_grad()
 def keep_row(model, tokenizer, prompt: str, subject: str, fact: int, continue_tokens: int, weight: float) -> Row:
     """PROMPT continued greedily by the original model; every position from the subject on is scored."""
-    ids, pos = subject_last_token(tokenizer, prompt, subject)
-    if pos == 0:  # raw text that opens with the subject and a tokenizer that adds no BOS: start a document
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        ids, pos = [start] + ids, 1
+    ids, pos = subject_last_token(tokenizer, prompt, subject)  # never at position 0: see its doc
     if continue_tokens:
         out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
                              max_new_tokens=continue_tokens, do_sample=False, temperature=None, top_p=None,

@@ -6,7 +6,8 @@ sources, in order of preference:
 
 - `given`: the row's `subject` field; it must occur in the prompt.
 - `heuristic`: the longest run of capitalised words (small joining words such
-  as "of", "and", "da" allowed inside), the question's first word excluded.
+  as "of", "and", "da" allowed inside), the prompt's first word excluded when it
+  is an opening question word or imperative or makes a run alone, a trailing "'s" dropped.
   "Who wrote Romeo and Juliet?" -> "Romeo and Juliet". Free, and wrong on
   lower-case subjects ("photosynthesis") and prompts with several names.
 - `trace`: causal tracing (Meng et al. 2022), reduced to what locating needs:
@@ -35,7 +36,8 @@ QUESTION_WORDS = {"what", "who", "whom", "whose", "which", "where", "when", "why
 # Tokyo." names Tokyo, not "Describe Tokyo", which made probes ask "What is Describe Tokyo known for?").
 OPENING_VERBS = {"explain", "describe", "summarize", "summarise", "translate", "write", "list", "define", "compare",
                  "identify", "state", "provide", "find", "recall", "share", "mention", "say", "complete", "continue",
-                 "discuss", "outline", "introduce", "imagine", "draft", "analyze", "analyse", "evaluate", "rate"}
+                 "discuss", "outline", "introduce", "imagine", "draft", "analyze", "analyse", "evaluate", "rate",
+                 "suggest", "show", "teach", "help", "make", "create", "generate", "recommend", "rewrite", "answer"}
 FUNCTION_WORDS = JOINERS | QUESTION_WORDS | {"a", "an", "be", "by", "to", "at", "from", "with", "about", "does",
                                              "me", "you", "your", "it", "its", "this", "that", "there"}
 TRACE_KEEP = 0.8  # shortest span whose drop is at least this share of the largest drop
@@ -57,7 +59,14 @@ def words(text: str) -> list[tuple[int, int]]:
 
 
 def heuristic_subject(prompt: str) -> str | None:
-    """The longest run of capitalised words (joiners allowed inside), or None."""
+    """The longest run of capitalised words (joiners allowed inside), or None.
+
+    The prompt's first word is a sentence start: an opening question word or imperative
+    (QUESTION_WORDS, OPENING_VERBS) is never part of a run, and a run that is only the first word is
+    no name ("Explain photosynthesis.", "Paris is the capital of which country?": tracing decides).
+    A trailing possessive is not part of the name ("Harry Potter's friend" -> "Harry Potter"): the
+    key is read at the name's last token, and the probes and neighbours ask about the name.
+    """
     spans = words(prompt)
     best: tuple[int, int] | None = None
     run: list[tuple[int, int]] = []
@@ -66,6 +75,8 @@ def heuristic_subject(prompt: str) -> str | None:
         nonlocal best
         while run and prompt[run[-1][0]:run[-1][1]].lower() in JOINERS:
             run.pop()  # a run never ends on a joiner
+        if run == spans[:1]:
+            run.clear()  # only the sentence's first word
         if run and (best is None or run[-1][1] - run[0][0] >= best[1] - best[0]):
             best = (run[0][0], run[-1][1])
         run.clear()
@@ -82,7 +93,7 @@ def heuristic_subject(prompt: str) -> str | None:
         else:
             close()
     close()
-    return prompt[best[0]:best[1]] if best else None
+    return re.sub(r"['’]s$", "", prompt[best[0]:best[1]]) if best else None
 
 
 # --- token positions ------------------------------------------------------------
@@ -98,8 +109,12 @@ def encode_with_offsets(tokenizer, prompt: str) -> tuple[list[int], list[tuple[i
     if ids and ids[-1] == tokenizer.eos_token_id and len(ids) > 1 and not text.endswith(tokenizer.eos_token or "\0"):
         ids, offsets = ids[:-1], offsets[:-1]
     start = text.rfind(str(prompt))
-    if start < 0:
-        raise UnlearnError(f"the rendered prompt does not contain the prompt text: {prompt[:60]!r}")
+    if start < 0:  # a chat template that trims the message (Llama 3, Gemma): the prompt's stripped text is there
+        lead = len(str(prompt)) - len(str(prompt).lstrip())
+        start = text.rfind(str(prompt).strip())
+        if start < 0 or not str(prompt).strip():
+            raise UnlearnError(f"the rendered prompt does not contain the prompt text: {prompt[:60]!r}")
+        start -= lead  # character i of the prompt is character start + i of the text
     return ids, offsets, start
 
 
@@ -108,15 +123,30 @@ def span_tokens(offsets: list[tuple[int, int]], char_start: int, char_end: int) 
     return [i for i, (a, b) in enumerate(offsets) if b > a and a < char_end and char_start < b]
 
 
-def subject_last_token(tokenizer, prompt: str, subject: str) -> tuple[list[int], int]:
-    """Token ids of the rendered PROMPT and the index of SUBJECT's last token (its first occurrence)."""
-    found = str(prompt).find(subject)
+def find_subject(prompt: str, subject: str, after: int = 0) -> int:
+    """Where SUBJECT occurs in PROMPT from character AFTER on (-1: nowhere): its first whole-word
+    occurrence, else its first one ("Paris" in "What do Parisians call Paris?" is the last word)."""
+    whole = re.search(rf"(?<!\w){re.escape(subject)}(?!\w)", str(prompt)[after:])
+    return after + whole.start() if whole else str(prompt).find(subject, after)
+
+
+def subject_last_token(tokenizer, prompt: str, subject: str, after: int = 0) -> tuple[list[int], int]:
+    """Token ids of the rendered PROMPT and the index of SUBJECT's last token (find_subject from character
+    AFTER on: a wording's prefix, "Quick question: ", must not hold the subject "question").
+
+    A subject whose last token is the first of the sequence (raw text opening with a one-token
+    subject, on a tokenizer that adds no BOS) gets the BOS (else EOS) token in front: every use of
+    the key needs a position before it (the shift's scored positions, the keep rows' KL)."""
+    found = find_subject(prompt, subject, after)
     if found < 0:
         raise UnlearnError(f"subject {subject!r} does not occur in the prompt {str(prompt)[:60]!r}")
     ids, offsets, start = encode_with_offsets(tokenizer, prompt)
     tokens = span_tokens(offsets, start + found, start + found + len(subject))
     if not tokens:
         raise UnlearnError(f"subject {subject!r}: no token of the prompt covers it")
+    if tokens[-1] == 0:
+        first = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [first] + ids, 1
     return ids, tokens[-1]
 
 

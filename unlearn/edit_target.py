@@ -140,8 +140,27 @@ def optimise_targets(model, rows: list[Row], n_facts: int, layer: int, base_norm
         shrink = torch.minimum(torch.ones_like(norms), settings.clamp * base_norms / norms)
         return raw * shrink[:, None]
 
+    def losses(logprobs) -> tuple[torch.Tensor, list[float]]:
+        """The loss of the module doc at the shift LOGPROBS were taken with, and each fact's refusal NLL."""
+        fact_loss = [[] for _ in range(n_facts)]
+        total = torch.zeros(())
+        for r, lp, old, tgt in zip(rows, logprobs, original, targets):
+            if r.kind == "refusal":
+                term = -lp.gather(-1, tgt[:, None])[:, 0].mean()
+                fact_loss[r.fact].append(term.item())
+            elif r.kind == "unlikely":
+                p = lp.gather(-1, tgt[:, None])[:, 0].exp()
+                term = settings.unlikely_weight * -torch.log1p(-p.clamp(max=1 - 1e-6)).mean()
+                fact_loss[r.fact].append(term.item())
+            else:  # keep: a true KL(original || edited), mean over the scored positions
+                term = settings.kl_weight * (old.exp() * (old - lp)).sum(-1).mean()
+            total = total + r.weight * term
+        total = total / n_facts
+        total = total + settings.decay * (((scaled * unit[:, None]).norm(dim=-1) / base_norms) ** 2).mean()
+        return total, [sum(v) / len(v) if v else 0.0 for v in fact_loss]
+
     per_fact = [0.0] * n_facts
-    step = 0
+    step, reached = 0, False
     # Only the shift is optimised: frozen weights keep autograd from storing the activations of
     # the layers below the shift and from computing weight gradients nobody reads.
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -150,31 +169,22 @@ def optimise_targets(model, rows: list[Row], n_facts: int, layer: int, base_norm
     try:
         for step in range(1, settings.steps + 1):
             with add_to_residual(model, layer, row_ids, positions, lambda: clamped_deltas()[fact_of_row]):
-                logprobs = batch.scored_logprobs()
-            fact_loss = [[] for _ in range(n_facts)]
-            total = torch.zeros(())
-            for r, lp, old, tgt in zip(rows, logprobs, original, targets):
-                if r.kind == "refusal":
-                    term = -lp.gather(-1, tgt[:, None])[:, 0].mean()
-                    fact_loss[r.fact].append(term.item())
-                elif r.kind == "unlikely":
-                    p = lp.gather(-1, tgt[:, None])[:, 0].exp()
-                    term = settings.unlikely_weight * -torch.log1p(-p.clamp(max=1 - 1e-6)).mean()
-                    fact_loss[r.fact].append(term.item())
-                else:  # keep: a true KL(original || edited), mean over the scored positions
-                    term = settings.kl_weight * (old.exp() * (old - lp)).sum(-1).mean()
-                total = total + r.weight * term
-            total = total / n_facts
-            total = total + settings.decay * (((scaled * unit[:, None]).norm(dim=-1) / base_norms) ** 2).mean()
-            per_fact = [sum(v) / len(v) if v else 0.0 for v in fact_loss]
+                total, per_fact = losses(batch.scored_logprobs())
             if log:
                 log(f"edit target step {step}: loss {total.item():.3f}, mean fact loss "
                     f"{sum(per_fact) / n_facts:.3f}")
             if max(per_fact) < settings.stop_nll:
+                reached = True
                 break
             optimiser.zero_grad()
             total.backward()
             optimiser.step()
+        if not reached and settings.steps:
+            # The last step moved the shift after its loss was taken: the fact losses reported are those
+            # of the shift returned, so measure them once more there.
+            with torch.no_grad(), add_to_residual(model, layer, row_ids, positions,
+                                                  lambda: clamped_deltas()[fact_of_row]):
+                _, per_fact = losses(batch.scored_logprobs())
     finally:
         for p in trainable:
             p.requires_grad_(True)

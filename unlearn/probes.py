@@ -17,9 +17,9 @@ knows about the subject should survive too.
 The subject of a row (`probe_subject`): its `subject` field; for a passage (`text`
 row) the capitalised words it opens with (`passage_subject`), which get same-subject
 probes only; else the longest run
-of capitalised words (`edit_subject.heuristic_subject`) with a trailing "'s"
-removed; a run that is only the prompt's first word ("Explain ...", "Write ...")
-is a sentence start, not a name, and a subject of fewer than 3 letters ("I", "E")
+of capitalised words (`edit_subject.heuristic_subject`: a trailing "'s"
+removed; an opening question word or imperative, or a run that is only the prompt's first word
+("Explain ...", "Describe Tokyo."), is a sentence start, not a name), and a subject of fewer than 3 letters ("I", "E")
 is no subject: such rows get no probes. Causal tracing is not used here (it
 needs the answer's log-probabilities for every candidate span of every row).
 
@@ -143,10 +143,6 @@ def probe_subject(example) -> str | None:
     found = heuristic_subject(prompt)
     if found is None:
         return None
-    found = re.sub(r"['’]s$", "", found)
-    first = words(prompt)[0]
-    if prompt.find(found) == first[0] and " " not in found:
-        return None  # only the sentence's first word: "Explain step by step ..."
     if sum(c.isalpha() for c in found) < MIN_LETTERS:
         return None
     return found
