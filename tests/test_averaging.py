@@ -389,6 +389,37 @@ def test_fold_lora_transposed_layers_and_patterns(tmp_path):
     assert torch.equal(merged["model.norm.weight"], torch.ones(5))
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 1.0])
+def test_fold_lora_averages_whole_tensors_too_and_reads_peft_base_layer_names(tmp_path, alpha):
+    """A tensor the adapter trained whole is θ' there: α·θ + (1−α)·θ' like every weight (it was θ' at any α, so
+    --alpha 1 did not give BASE back). peft saves a trained bias of an adapted layer, and its copy of an adapted
+    embedding's weight, as "<module>.base_layer.<name>" (merge refused those as tensors BASE lacks)."""
+    base = tensors(1)
+    base[f"{Q}.bias"] = torch.randn(5, generator=torch.Generator().manual_seed(8))
+    g = torch.Generator().manual_seed(4)
+    weights = {
+        "base_model.model.model.embed_tokens.lora_embedding_A": torch.randn(3, 6, generator=g),
+        "base_model.model.model.embed_tokens.lora_embedding_B": torch.randn(5, 3, generator=g),
+        "base_model.model.model.embed_tokens.base_layer.weight": base["model.embed_tokens.weight"].clone(),
+        f"base_model.model.{Q}.lora_A.weight": torch.randn(2, 5, generator=g),
+        f"base_model.model.{Q}.lora_B.weight": torch.randn(5, 2, generator=g),
+        f"base_model.model.{Q}.base_layer.bias": torch.full((5,), 3.0),  # bias="lora_only"
+        "base_model.model.model.norm.modules_to_save.default.weight": torch.ones(5),
+    }
+    write_adapter(tmp_path / "a", weights, rank_pattern={"embed_tokens": 3}, alpha_pattern={"embed_tokens": 6})
+    fold_lora(write_model(tmp_path / "b", base), tmp_path / "a", tmp_path / "o", alpha=alpha)
+    merged = load_dir(tmp_path / "o")
+    emb_a, emb_b, _, q_a, q_b, _, _ = weights.values()
+    torch.testing.assert_close(merged["model.embed_tokens.weight"],
+                               base["model.embed_tokens.weight"] + (1 - alpha) * (emb_b @ emb_a).T * 2)
+    torch.testing.assert_close(merged[f"{Q}.weight"], base[f"{Q}.weight"] + (1 - alpha) * (q_b @ q_a) * 2)
+    assert torch.equal(merged[f"{Q}.bias"], alpha * base[f"{Q}.bias"] + (1 - alpha) * torch.full((5,), 3.0))
+    assert torch.equal(merged["model.norm.weight"], alpha * base["model.norm.weight"] + (1 - alpha) * torch.ones(5))
+    if alpha == 1.0:
+        assert all(torch.equal(merged[k], base[k]) for k in base)
+    assert json.loads((tmp_path / "o" / "merge.json").read_text())["replaced_tensors"] == 2
+
+
 @pytest.mark.parametrize("weights,config,message", [
     ({"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(2, 5),
       "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight": torch.zeros(5, 2)}, {},

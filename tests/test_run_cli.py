@@ -215,6 +215,7 @@ def test_model_errors_are_one_line(tmp_path, data, cli, model, message):
     (["--method", "rlhf"], "Invalid value for '--method'"),
     (["--stop-leak", "1.5"], "--stop-leak 1.5"),
     (["--lora-targets", "nope"], "no module of this model has that name"),
+    (["--lora-targets", "down_proj,lm_head"], "lm_head is the output head"),  # was an internal error
     (["--repair-steps", "some"], "--repair-steps some: expected auto or a number of steps"),
     (["--repair-steps", "2", "--extra-steps", "1"], "give one"),
     (["--method", "npo", "--forget-loss", "unlikelihood"], "--forget-loss unlikelihood: only the methods"),

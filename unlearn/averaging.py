@@ -361,11 +361,15 @@ def plan_lora(config: dict, adapter: Checkpoint, base: Checkpoint) -> tuple[dict
         elif "lora_" in rest:
             raise UnlearnError(f"adapter tensor {key}: not a plain LoRA weight (unsupported)")
         else:
-            replacements[rest.replace(".modules_to_save.default.", ".")] = info
+            # peft names a trained bias of an adapted layer, and the copy of an adapted embedding's weight it
+            # saves by default, under the wrapped layer: "fc1.base_layer.bias" is BASE's "fc1.bias"
+            replacements[rest.replace(".modules_to_save.default.", ".").replace(".base_layer.", ".")] = info
     pairs = {}
     for module, found in parts.items():
         pair = _lora_pair(module, found, config, base)
         pairs[pair.target] = pair
+    # a LoRA pair's own base weight saved beside it (an embedding's "base_layer.weight") is BASE's, unchanged
+    replacements = {target: info for target, info in replacements.items() if target not in pairs}
     for target, info in replacements.items():
         _check_target(base, target, info.name, info.shape)
     return pairs, replacements
@@ -458,6 +462,8 @@ def fold_lora(base_path: Path, adapter_path: Path, out: Path, *, alpha: float = 
     for name, info in base.tensors.items():
         if name in pairs:
             jobs.append(fold_job(base, info, adapter, pairs[name], 1.0 - alpha, buffers, alpha or None))
+        elif name in replacements and alpha:  # θ' holds the adapter's tensor: α·θ + (1−α)·θ' as for a weight
+            jobs.append(average_job(name, base, info, adapter, replacements[name], alpha, buffers))
         elif name in replacements:
             jobs.append(replace_job(info, adapter, replacements[name]))
         else:

@@ -232,6 +232,11 @@ def attach_lora(model: nn.Module, settings: LoraSettings, seed: int | None = Non
             module = getattr(parent, child)
             if not isinstance(module, nn.Linear):
                 raise UsageError(f"--lora-targets: {name} is a {type(module).__name__}, not a Linear layer")
+            if module is model.get_output_embeddings():
+                # The training reads the head's weight (the vocabulary's size, the fused losses), and on a model
+                # whose head is the input embedding, folding an update into it would move the embedding too.
+                raise UsageError(f"--lora-targets: {name} is the output head, which LoRA here does not train "
+                                 f"(name the decoder layers' modules)")
             wrapped[name] = LoRALinear(module, settings.rank, settings.alpha, settings.dropout, settings.rslora)
             setattr(parent, child, wrapped[name])
     finally:
