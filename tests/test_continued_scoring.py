@@ -140,3 +140,22 @@ def test_answers_scored_without_their_ends_take_no_step_more(llama_dir):
     assert [own.ids for own in without] == [own.ids for own in with_ends]
     for a, b in zip(without, with_ends):
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+
+
+def test_a_row_resumed_near_the_position_table_beside_a_long_run_scores(opt_dir):
+    # OPT's learned positions end at 512: padding columns were given positions past them (an IndexError)
+    loaded = load_model(str(opt_dir), log=lambda m: None)
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    long_prompt = " ".join(["Paris is a city in France."] * 80)
+    while len(encode_prompt(tokenizer, long_prompt)) > 470:
+        long_prompt = long_prompt.rsplit(" ", 1)[0]
+    prompts = ["Who?", long_prompt]
+    owns = []
+    generate(model, tokenizer, prompts, max_new_tokens=8, scored=owns, keep_kv=2**30)
+    pairs = [(prompts[0], " ".join(["Hermione and Ron are his friends."] * 12)), (prompts[1], "Paris.")]
+    scorer = ShardedScorer(model, tokenizer, batch_size=16)
+    got = scorer.logprobs(pairs, dict(zip(pairs, owns)))
+    want = scorer.logprobs(pairs)
+    assert [len(g) for g in got] == [len(w) for w in want]
+    for g, w in zip(got, want):
+        assert torch.allclose(torch.tensor(g), torch.tensor(w), atol=1e-4)

@@ -112,3 +112,18 @@ def test_the_preallocated_cache_grows_past_its_capacity(llama_dir):
                        **{kv_cache.cache_argument(model): cache}).logits for lo, hi in ((0, 2), (2, 5), (5, 10))]
     assert cache.get_seq_length() == 10
     assert torch.allclose(torch.cat(parts, 1), whole, atol=1e-5)
+
+
+def test_a_row_without_a_draft_at_the_position_tables_end_beside_a_drafting_row(opt_dir):
+    # its padded guess columns were given positions past OPT's 512 learned ones (an IndexError)
+    from unlearn.data import encode_prompt
+
+    model, tokenizer = load(opt_dir)
+    long_prompt = " ".join(["Paris is a city in France."] * 80)
+    while len(encode_prompt(tokenizer, long_prompt)) > 506:
+        long_prompt = long_prompt.rsplit(" ", 1)[0]
+    prompts = ["Who?", long_prompt]
+    budgets = [16, 512 - len(encode_prompt(tokenizer, long_prompt))]
+    ids = []
+    plain = generate(model, tokenizer, prompts, max_new_tokens=budgets, token_ids=ids, desc=False)
+    assert generate(model, tokenizer, prompts, max_new_tokens=budgets, drafts=[ids[0], None], desc=False) == plain

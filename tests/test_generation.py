@@ -138,6 +138,21 @@ def test_stop_row_ends_a_row_with_the_text_it_has(llama_dir, fn):
     assert 2 * STOP_CHECK_EVERY in lengths and full[2].startswith(outputs[2]) and outputs[2] != full[2]
 
 
+def test_sampling_cuts_no_tokens_unless_asked(llama_dir, monkeypatch):
+    # left out, transformers' own default top_k=50 sampled from the 50 likeliest tokens, which no option says
+    model, tokenizer = load(llama_dir)
+    seen = []
+    real = model.generate
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("top_k", "not given"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(model, "generate", spy)
+    generate(model, tokenizer, PROMPTS[:1], max_new_tokens=2, do_sample=True, top_p=1.0, desc=False)
+    generate(model, tokenizer, PROMPTS[:1], max_new_tokens=2, do_sample=True, top_k=50, desc=False)
+    assert seen == [0, 50]
+
+
 def test_sampling_is_reproducible_per_seed_and_leaves_the_global_rng(llama_dir):
     model, tokenizer = load(llama_dir)
     torch.manual_seed(123)

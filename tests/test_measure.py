@@ -50,6 +50,9 @@ def test_cache_key_depends_on_every_input():
     assert k != measure_cache.key(**{**base, "weights": "w2"})
     assert k != measure_cache.key(**{**base, "rows": [Example("p", "r2", 1)]})
     assert k != measure_cache.key(**{**base, "generation": [32, 16]})
+    # a passage (continued as raw text) is not the chat prompt of the same characters: it hit the same entry
+    from unlearn.data import Passage
+    assert measure_cache.key(**{**base, "rows": [Example(Passage("p"), "r", 1)]}) != k
 
 
 def test_weights_fingerprint_follows_content_not_names(tmp_path):

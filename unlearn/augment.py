@@ -60,6 +60,9 @@ MAX_REWRITES = len(TEMPLATE_REWRITES)
 # about half the time, and a second candidate costs one more row in the same batch.
 OVERSAMPLE = 2
 REWRITE_TOKENS = 48
+# Rewrites are sampled from the 50 likeliest tokens within top-p 0.95: what every ULMR figure was measured with
+# (transformers' default top-k, once taken silently; `generate` now cuts nothing unless asked).
+REWRITE_TOP_K = 50
 RESPONSE_TOKENS = 64
 
 # How an instruction starts: a question word, an auxiliary verb, or an imperative.
@@ -309,7 +312,7 @@ def augment(model, tokenizer, forget, *, rewrites: int = 2, seed: int = 0, batch
     candidates_per_source = rewrites * OVERSAMPLE
     prompts = [REWRITE_PROMPT.format(instruction=ex.prompt) for ex in forget for _ in range(candidates_per_source)]
     generated = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=REWRITE_TOKENS,
-                         do_sample=True, temperature=1.0, top_p=0.95, seed=seed,
+                         do_sample=True, temperature=1.0, top_p=0.95, top_k=REWRITE_TOP_K, seed=seed,
                          desc=False if log is None else "augment: rewrites") if prompts else []
     stats.rewrite_candidates = len(generated)
     instructions: list[tuple[object, str, str, str]] = []  # (source, instruction, kind, prompt_from)

@@ -114,7 +114,10 @@ def _batch(items: list, model, pad_id: int) -> list[list[float]]:
         for row, (run, f) in enumerate(zip(runs, starts)):
             ids[row, :len(run)] = torch.tensor(run, dtype=torch.long)
             mask[row, kept - f:kept + len(run)] = 1
-        positions = torch.tensor(starts)[:, None] + torch.arange(width)[None]
+        # A padding column sits at its row's last real position, not past it: masked out either way, but past a
+        # learned position table (OPT's) a short-resumed row beside a long run was an IndexError.
+        last = torch.tensor([max(len(run) - 1, 0) for run in runs])[:, None]
+        positions = torch.tensor(starts)[:, None] + torch.minimum(torch.arange(width)[None], last)
         with torch.no_grad():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                            use_cache=True, **{cache_argument(model): cache}).logits

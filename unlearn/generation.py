@@ -377,6 +377,9 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
                 guess[i, :len(d)] = torch.tensor(d, dtype=torch.long)
                 real[i, :len(d)] = 1
             after = head_positions[:, -1:] + torch.arange(1, width + 1, device=device)
+            # a row that offers fewer tokens pads at its head's position (masked out), never past the position
+            # table of a learned-position model when its prompt and budget reach the context's end
+            after = torch.where(real.bool(), after, head_positions[:, -1:])
             inputs = torch.cat([head, guess], 1)
             new_mask = torch.cat([new_mask, real], 1)
             new_positions = torch.cat([head_positions, after], 1)
@@ -542,7 +545,7 @@ def _picked_logprobs(logits, token):
 
 
 def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_new_tokens: int | list[int] = 64,
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
              desc: str | None = None, stop_row: Callable[[int, str], bool] | None = None,
              record: list | None = None, scored: list | None = None, drafts: list | None = None,
              token_ids: list | None = None, keep_kv: int = 0, keep_rows: list[bool] | None = None,
@@ -633,7 +636,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
                 else:
                     new = _hf_batch(model, input_ids, attention, stop_ids=stop_ids, pad_id=pad_id,
                                     max_new_tokens=max(mine), do_sample=do_sample, temperature=temperature,
-                                    top_p=top_p, should_stop=should_stop)
+                                    top_p=top_p, top_k=top_k, should_stop=should_stop)
                     new = [ids[:b] for ids, b in zip(new, mine)]
             for row, i in enumerate(batch):
                 outputs[i] = text(new[row])
@@ -664,14 +667,16 @@ def generate_hf(model, tokenizer, prompts: list[str], **kwargs) -> list[str]:
 
 
 def _hf_batch(model, input_ids, attention, *, stop_ids, pad_id, max_new_tokens, do_sample, temperature, top_p,
-              should_stop) -> list[list[int]]:
+              top_k=0, should_stop) -> list[list[int]]:
     """New tokens of each row from `model.generate` (EOS included; the pads after it removed)."""
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     width = input_ids.shape[1]
     device = next(model.parameters()).device
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {
+    # top_k given always: left out, transformers samples from the 50 likeliest tokens only (its default), which
+    # no option here says; 0 is no cut, so --temperature and --top-p are the whole rule
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {
         "do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     stopped: dict[int, int] = {}  # row -> its length when SHOULD_STOP ended it
 

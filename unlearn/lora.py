@@ -232,7 +232,7 @@ def attach_lora(model: nn.Module, settings: LoraSettings, seed: int | None = Non
             module = getattr(parent, child)
             if not isinstance(module, nn.Linear):
                 raise UsageError(f"--lora-targets: {name} is a {type(module).__name__}, not a Linear layer")
-            if module is model.get_output_embeddings():
+            if module is getattr(model, "get_output_embeddings", lambda: None)():
                 # The training reads the head's weight (the vocabulary's size, the fused losses), and on a model
                 # whose head is the input embedding, folding an update into it would move the embedding too.
                 raise UsageError(f"--lora-targets: {name} is the output head, which LoRA here does not train "

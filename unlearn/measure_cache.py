@@ -25,11 +25,14 @@ import os
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
+from unlearn.data import Passage
 from unlearn.paths import cache_dir
 
 # Bump when what a measurement contains changes (2: generation drops rows that have ended; 3: similarity 1
-# for an empty answer against an empty original answer, `evaluate.answer_similarity`).
-VERSION = 3
+# for an empty answer against an empty original answer, `evaluate.answer_similarity`; 4: a passage's prefix is
+# keyed as a passage, not as the same string as a chat prompt, and `--do-sample` samples without transformers'
+# hidden top-50 cut).
+VERSION = 4
 
 
 # Files of a model directory that cannot change what `unlearn` measures, left out of `weights_fingerprint`:
@@ -138,6 +141,8 @@ def _plain(value):
         return _plain(asdict(value))
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Passage):  # continued as raw text: not the chat prompt of the same characters
+        return {"passage": str(value)}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None:
