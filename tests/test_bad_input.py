@@ -55,6 +55,19 @@ def _no_weights(c: Case) -> Path:
     return model
 
 
+def _config_edited(c: Case, name: str, **changes) -> Path:
+    model = c.model_copy(name)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **changes}))
+    return model
+
+
+def _listed_config(c: Case) -> Path:
+    model = c.model_copy("listed")
+    (model / "config.json").write_text("[1]")
+    return model
+
+
 def _pickle_only(c: Case) -> Path:
     model = c.model_copy("pickled")
     (model / "model.safetensors").rename(model / "pytorch_model.bin")  # name is enough: refused before reading
@@ -157,6 +170,10 @@ CASES = {
     "model without weights": (lambda c: c.run("--model", _no_weights(c)), 1, "no model weights"),
     "pickle weights refused": (lambda c: c.run("--model", _pickle_only(c)), 1, "pass --allow-pickle if you trust"),
     "truncated safetensors": (lambda c: c.run("--model", _truncated(c)), 1, "could not load the model"),
+    # a layer the weights lack was drawn at random, and the run trained and wrote that model with exit 0
+    "config naming more layers than the weights": (
+        lambda c: c.run("--model", _config_edited(c, "deeper", num_hidden_layers=3)), 1,
+        "the checkpoint has no weight for 9 tensors its config.json names"),
     "missing model with --save-every": (lambda c: c.run("--save-every", "1", "--model", c.root / "nope"), 1,
                                         "no such model directory"),
     "missing model, no -o": (lambda c: ["run", c.forget, c.normal, "--model", c.root / "no-model"], 1,
@@ -211,6 +228,9 @@ CASES = {
                                      "in BASE but not in TUNED"),
     "merge truncated checkpoint": (lambda c: ["merge", "--alpha", "0.5", c.llama, _truncated(c), "-o", c.root / "m"],
                                    1, "truncated or corrupt safetensors file"),
+    "merge config not an object": (
+        lambda c: ["merge", "--alpha", "0.5", _listed_config(c), c.llama, "-o", c.root / "m"], 1,
+        "config.json: not a JSON object"),
     "merge missing model": (lambda c: ["merge", "--alpha", "0.5", c.llama, c.root / "gone", "-o", c.root / "m"], 1,
                             "gone"),
     "merge alpha out of range": (lambda c: ["merge", "--alpha", "1.5", c.llama, c.llama, "-o", c.root / "m"], 2,

@@ -249,10 +249,11 @@ def load_model(spec: str | None, *, dtype: str = "float32", trust_remote_code: b
     try:
         # .bin pickles only with --allow-pickle, and then never executing code: weights_only=True
         # makes torch.load refuse anything but tensors and plain containers.
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code,
-            use_safetensors=not allow_pickle or None, weights_only=True,
-        )
+        with _load_report_muted():  # its many-line table of missing weights: _refuse_partial_weights says it in one
+            model, loading = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code,
+                use_safetensors=not allow_pickle or None, weights_only=True, output_loading_info=True,
+            )
     except UnlearnError:
         raise
     except pickle.UnpicklingError:
@@ -261,10 +262,41 @@ def load_model(spec: str | None, *, dtype: str = "float32", trust_remote_code: b
     except Exception as exc:
         first_line = (str(exc).strip().splitlines() or [""])[0]
         raise UnlearnError(f"{path}: could not load the model ({type(exc).__name__}: {first_line})") from None
+    _refuse_partial_weights(path, loading)
+    unused = list(loading.get("unexpected_keys") or ())
+    if unused:
+        log(f"{path}: {len(unused)} tensor{'s' if len(unused) != 1 else ''} of the checkpoint that config.json "
+            f"does not name left unused ({unused[0]}{', ...' if len(unused) > 1 else ''})")
     model.eval()
     tune_allocator(model)
     _say_if_low_precision_is_slow(model, log)
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, name=spec or DEFAULT_MODEL_NAME)
+
+
+@contextlib.contextmanager
+def _load_report_muted():
+    """transformers' warnings off while it loads (its LOAD REPORT table goes to stderr as a warning)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _refuse_partial_weights(path: Path, loading: dict) -> None:
+    """A checkpoint that does not hold every weight its config.json names (a partial download, a config
+    edited by hand) loads with those weights drawn at random, and transformers only warns: everything
+    measured, trained and written would then be of a model nobody trained. Refused in one line."""
+    missing = list(loading.get("missing_keys") or ())
+    mismatched = [str(m[0]) if isinstance(m, (tuple, list)) else str(m) for m in loading.get("mismatched_keys") or ()]
+    if missing or mismatched:
+        what, names = ("has no weight for", missing) if missing else ("has weights of another shape for", mismatched)
+        raise UnlearnError(f"{path}: the checkpoint {what} {len(names)} tensor{'s' if len(names) != 1 else ''} "
+                           f"its config.json names ({names[0]}{', ...' if len(names) > 1 else ''}): "
+                           f"a partial download, or a config that is not this checkpoint's")
 
 
 def _say_if_low_precision_is_slow(model, log) -> None:

@@ -241,13 +241,15 @@ def _read_index(index_path: Path) -> tuple[dict[str, TensorInfo], list[Path]]:
 
 def _read_config(path: Path) -> dict:
     config_path = path / "config.json"
-    if not config_path.is_file():
+    if not config_path.exists():
         return {}
     try:
         config = json.loads(config_path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         raise UnlearnError(f"{config_path}: not valid JSON") from None
-    return config if isinstance(config, dict) else {}
+    if not isinstance(config, dict):  # it is copied into the output, which no loader could then read
+        raise UnlearnError(f"{config_path}: not a JSON object (a model's config is one)")
+    return config
 
 
 # --------------------------------------------------------------------------
