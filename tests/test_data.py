@@ -6,6 +6,7 @@ import pytest
 
 from unlearn.data import (IGNORE_INDEX, check_answers_spelled, collate, encode_pair, encode_prompt, read_examples,
                           render_prompt, split_passage)
+from unlearn.data import forget_pair
 from unlearn.errors import UnlearnError
 from unlearn.models import load_tokenizer
 
@@ -70,6 +71,15 @@ def test_text_passages_split_into_prefix_and_continuation(tmp_path):
     long = " ".join(f"w{i}" for i in range(300))
     prefix, rest = split_passage(long)
     assert len(prefix.split()) == 64 and len(rest.split()) == 236  # prefix capped at 64 words
+
+
+def test_a_passage_without_spaces_is_cut_at_its_line_breaks(tmp_path):
+    # the space rule made it one word: prefix everything, continuation " ", trained on nothing, never leaking
+    rows = read_examples(write(tmp_path, [{"text": "Alpha\nBeta\nGamma\tDelta"}]))
+    assert (rows[0].prompt, rows[0].response) == ("Alpha\nBeta", "\nGamma\tDelta")
+    assert forget_pair(rows[0]) == ("Alpha", "\nBeta\nGamma\tDelta")
+    # with spaces, the rule is the spaces' (every committed passage is cut as before)
+    assert split_passage("one\n\ntwo three four") == ("one\n\ntwo", " three four")
 
 
 @pytest.mark.parametrize("line, message", [

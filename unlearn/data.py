@@ -20,6 +20,7 @@ the model learn the format instead of the behaviour.
 from __future__ import annotations
 
 import json
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,15 +66,34 @@ class Example:
         return isinstance(self.prompt, Passage)
 
 
+def passage_words(text: str) -> tuple[list[str], list[str]]:
+    """A passage's words and the gaps between them (len(gaps) == len(words) - 1).
+
+    Words are what single spaces separate; a passage with no space at all (one word per line,
+    tab-separated, CJK sentences across lines) is cut at its runs of any whitespace instead,
+    where the space rule would make the whole passage one word: prefix everything, continuation
+    nothing, so that the forget loss trained on nothing and no answer could ever leak it.
+    """
+    if " " in text:
+        words = text.split(" ")
+        return words, [" "] * (len(words) - 1)
+    parts = re.split(r"(\s+)", text)
+    return parts[0::2], parts[1::2]
+
+
+def join_words(words: list[str], gaps: list[str]) -> str:
+    return "".join(w + g for w, g in zip(words, gaps)) + (words[-1] if len(words) > len(gaps) else "")
+
+
 def split_passage(text: str) -> tuple[str, str]:
     """Split a raw passage at a word boundary: the first half of its words is the prefix.
 
     Half, capped at 64 words of prefix, so that long passages still leave a long
     continuation to test extraction against.
     """
-    words = text.split(" ")
+    words, gaps = passage_words(text)
     cut = max(1, min(len(words) // 2, 64))
-    return " ".join(words[:cut]), " " + " ".join(words[cut:])
+    return join_words(words[:cut], gaps[:cut - 1]), gaps[cut - 1] + join_words(words[cut:], gaps[cut:])
 
 
 # Where the forget loss starts on a passage with --whole-passage: after its first word, not at the leak test's cut
@@ -98,9 +118,9 @@ def forget_pair(example: Example) -> tuple[str, str]:
     """
     if not example.is_passage:
         return example.prompt, example.response
-    words = (example.prompt + example.response).split(" ")  # the passage as read: split_passage's inverse
-    cut = min(PASSAGE_CONTEXT_WORDS, len(example.prompt.split(" ")))
-    return Passage(" ".join(words[:cut])), " " + " ".join(words[cut:])
+    words, gaps = passage_words(example.prompt + example.response)  # the passage as read: split_passage's inverse
+    cut = min(PASSAGE_CONTEXT_WORDS, len(passage_words(example.prompt)[0]))
+    return Passage(join_words(words[:cut], gaps[:cut - 1])), gaps[cut - 1] + join_words(words[cut:], gaps[cut:])
 
 
 def loss_pair(example: Example, whole_passage: bool) -> tuple[str, str]:
@@ -173,7 +193,7 @@ def _parse_passage(obj: dict, where: str, line: int) -> Example:
     prefix, continuation = split_passage(text.strip())
     _check_extra(obj, where)
     # The model is prompted with the prefix only, so that is where a subject must be.
-    _check_subject(obj, prefix, where, f"passage's prefix (its first {len(prefix.split(' '))} words)")
+    _check_subject(obj, prefix, where, f"passage's prefix (its first {len(passage_words(prefix)[0])} words)")
     extra = {k: v for k, v in obj.items() if k != "text"}
     return Example(Passage(prefix), continuation, line, extra)
 
