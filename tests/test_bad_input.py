@@ -8,6 +8,7 @@ compares the directory's files before and after. One case also goes through a re
 """
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -119,6 +120,26 @@ def _run_into_its_model(c: Case) -> list:
     return ["run", c.forget, c.normal, "--model", model, "-o", model, "--force"]
 
 
+def _broken_template(c: Case) -> Path:
+    model = c.model_copy("bad-template")
+    (model / "chat_template.jinja").write_text("{% for %}")
+    return model
+
+
+def _fifo_judge(c: Case) -> list:
+    os.mkfifo(c.root / "kw.fifo")
+    return c.run("--judge", f"keywords:{c.root / 'kw.fifo'}")
+
+
+def _device_as_forget(c: Case) -> list:
+    (c.root / "z.jsonl").symlink_to("/dev/zero")  # read whole, it never ended: the process was killed
+    return c.run(forget=c.root / "z.jsonl")
+
+
+# A run short enough that a refusal the tool missed ends in seconds, not minutes.
+SHORT = ("--max-steps", "1", "--check-every", "0", "--no-probes", "--eval-limit", "1", "--max-new-tokens", "2")
+
+
 def _run_into_its_data_directory(c: Case) -> list:
     data = c.root / "data"
     data.mkdir()
@@ -164,6 +185,21 @@ CASES = {
                          1, "su.jsonl:1: holds a lone surrogate escape"),
     "one-word passage": (lambda c: c.run(forget=c.rows("p.jsonl", '{"text": "word"}')), 1, "needs at least two words"),
     "eval file missing": (lambda c: c.run("--eval-retain", c.root / "held.jsonl"), 1, "held.jsonl: no such file"),
+    "JSON nested past Python's parser": (
+        lambda c: c.run(forget=c.rows("deep.jsonl", '{"prompt": "a b?", "response": "c d", "x": '
+                                      + "[" * 100000 + "]" * 100000 + "}")),
+        1, "deep.jsonl:1: not valid JSON (nested too deeply)"),
+    "a number past Python's digit limit": (
+        lambda c: ["eval", c.rows("big.jsonl", '{"prompt": "a b?", "response": "c d", "id": ' + "9" * 5000 + "}"),
+                   "--model", c.llama], 1, "big.jsonl:1: not valid JSON (Exceeds the limit (4300 digits)"),
+    "a file name with a newline": (lambda c: c.run(forget=c.rows("bad\nname.jsonl", '{"prompt": 5}')), 1,
+                                   "bad\\nname.jsonl:1: 'prompt' must be a string, got int"),
+    "a character device that never ends": (_device_as_forget, 1, "z.jsonl: is a device, not a file"),
+    # a `replacement` (a saved neighbour probe's field) let it through to the edit, after the model loaded
+    "a subject not a string beside a replacement": (
+        lambda c: c.run("--method", "edit", "--no-probes", "--eval-limit", "1", "--max-new-tokens", "2",
+                        forget=c.rows("subj.jsonl", json.dumps({**FORGET[0], "subject": 3, "replacement": "x"}))),
+        1, "subj.jsonl:1: 'subject' must be a non-empty string that occurs in the prompt, got int"),
     # --- models ---
     "model path missing": (lambda c: c.run("--model", c.root / "no-model"), 1, "no such model directory"),
     "directory is not a model": (lambda c: c.run("--model", c.root), 1, "not a model directory (no config.json)"),
@@ -185,6 +221,11 @@ CASES = {
     "--max-length past OPT's positions": (lambda c: c.run("--model", c.opt, "--max-length", "1024"), 2,
                                           "--max-length 1024: past the context of --model"),
     "gguf missing": (lambda c: c.run("--model", c.root / "m.gguf"), 1, "no such GGUF file"),
+    "a chat template that does not render": (lambda c: c.run("--model", _broken_template(c)), 1,
+                                             "bad-template: chat_template.jinja: the chat template does not render"),
+    "eval with a chat template that does not render": (
+        lambda c: ["eval", c.forget, "--model", _broken_template(c)], 1,
+        "bad-template: chat_template.jinja: the chat template does not render"),
     # --- impossible options ---
     "negative lr": (lambda c: c.run("--lr", "-1"), 2, "--lr -1.0: must be positive"),
     "a setting the stop rule's checks would apply, with the checks off": (
@@ -194,6 +235,16 @@ CASES = {
                                      "--stop-probes waits for the automatic probes, which --no-probes turns off"),
     "a keywords judge that is a directory": (lambda c: c.run("--judge", f"keywords:{c.root}"), 2,
                                              "is a directory, expected a file of keywords"),
+    "a keywords judge that is a pipe": (_fifo_judge, 2, "kw.fifo: is a pipe, not a regular file"),  # not "no such file"
+    "a keywords judge that is /dev/null": (lambda c: c.run("--judge", "keywords:/dev/null"), 2,
+                                           "keywords:/dev/null: is a device, not a regular file"),
+    "seed past torch's range": (lambda c: c.run("--seed", str(2**64), *SHORT), 2, "Invalid value for '--seed'"),
+    "eval seed past torch's range": (
+        lambda c: ["eval", c.forget, "--model", c.llama, "--do-sample", "--seed", str(2**64), "--max-new-tokens", "2"],
+        2, "Invalid value for '--seed'"),
+    "augment seed past torch's range": (
+        lambda c: ["augment", c.forget, "-o", c.root / "aug.jsonl", "--model", c.llama, "--seed", str(-2**63 - 1)],
+        2, "Invalid value for '--seed'"),
     "zero batch size": (lambda c: c.run("--batch-size", "0"), 2, "--batch-size 0: must be positive"),
     "stop leak above 1": (lambda c: c.run("--stop-leak", "2"), 2, "--stop-leak 2.0: must be in [0, 1]"),
     "nan weight": (lambda c: c.run("--normal-weight", "nan"), 2, "--normal-weight nan"),
@@ -254,6 +305,9 @@ CASES = {
     "eval temperature nan": (lambda c: ["eval", c.forget, "--model", c.llama, "--do-sample", "--temperature", "nan"],
                              2, "--temperature must be a finite number"),
     "ulmr max leak nan": (lambda c: c.run("--method", "ulmr", "--max-leak", "nan"), 2, "--max-leak nan"),
+    "an empty alpha grid": (lambda c: c.run("--alpha", "auto", "--alpha-grid", "", *SHORT), 2,
+                            "--alpha-grid '': an empty list of α"),  # `--alpha-grid "$GRID"` with GRID unset
+    "an empty alpha grid without --alpha auto": (lambda c: c.run("--alpha-grid", "", *SHORT), 2, "--alpha-grid ''"),
     "alpha grid not a number": (lambda c: c.run("--alpha", "auto", "--alpha-grid", "0.2,abc"), 2,
                                 "--alpha-grid 0.2,abc: 'abc' is not a number"),
     "eval malformed prompts": (lambda c: ["eval", c.rows("q.jsonl", "{oops"), "--model", c.llama], 1,

@@ -247,15 +247,18 @@ def test_disk_full_while_saving_leaves_no_output(tmp_path, data, llama_dir, monk
     assert captured.out == ""
 
 
-def test_disk_full_while_checkpointing_keeps_earlier_checkpoints(tmp_path, data, llama_dir, monkeypatch, cli):
+@pytest.mark.parametrize("raised", ["os", "safetensors"])
+def test_disk_full_while_checkpointing_keeps_earlier_checkpoints(tmp_path, data, llama_dir, monkeypatch, cli, raised):
     import safetensors.torch
+    from safetensors import SafetensorError
 
     real, calls = safetensors.torch.save_file, []
 
     def fails_on_the_third_checkpoint(tensors, filename, *args, **kwargs):
         calls.append(filename)
-        if "step-3" in filename:
-            raise OSError(28, "No space left on device")
+        if "step-3" in filename:  # safetensors reports a full disk with its own error (was an internal error)
+            raise OSError(28, "No space left on device") if raised == "os" else SafetensorError(
+                "No space left on device")
         return real(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(safetensors.torch, "save_file", fails_on_the_third_checkpoint)

@@ -212,3 +212,27 @@ def test_a_judge_or_reward_model_changed_at_the_same_path_is_not_read_from_the_c
     assert figure("--reward-model", str(reward), key="reward") == pytest.approx(2.0)
     build_tiny_classifier(reward, [3.0], {0: "reward"})
     assert figure("--reward-model", str(reward), key="reward") == pytest.approx(3.0)
+
+
+def test_generations_and_report_are_written_both_or_neither(tmp_path, cli, tiny_dirs, monkeypatch):
+    """A report that cannot be written (a full disk) leaves no new generations, and with --force keeps the old."""
+    import errno
+    import tempfile
+
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p, "response": "no idea"} for p in PROMPTS[:2]])
+    gens, report = tmp_path / "g.jsonl", tmp_path / "r.md"
+    gens.write_text("OLD GENERATIONS FROM AN EARLIER RUN\n")
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp(*args, prefix=None, **kwargs):
+        if prefix and prefix.startswith(".r.md.tmp-"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_mkstemp(*args, prefix=prefix, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    code, out, err = cli("eval", str(data), "--model", tiny_dirs[0], "--max-new-tokens", "4", "--no-cache",
+                         "--save-generations", str(gens), "--report", str(report), "--force")
+    assert code == 1 and err.strip().splitlines() == [
+        f"unlearn: {report}: could not write (No space left on device); nothing was written"], err
+    assert gens.read_text() == "OLD GENERATIONS FROM AN EARLIER RUN\n" and not report.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.jsonl", "p.jsonl"]  # no temporary left

@@ -149,3 +149,29 @@ def test_eval_and_augment_never_write_over_what_they_read(tmp_path, llama_dir, c
         assert "is an input" in result.err or "is inside an input directory" in result.err, result.err
         assert len(result.err.strip().splitlines()) == 1 and "Traceback" not in result.err
     assert (prompts.read_text(), words.read_text(), (Path(llama_dir) / "config.json").read_text()) == before
+
+
+def test_files_a_library_makes_private_inside_an_output_directory_get_the_umasks_permissions(tmp_path, umask_022):
+    # safetensors writes its files 0600: the run's model and adapter were unreadable to anyone else
+    with outputs.atomic_output_dir(tmp_path / "run") as tmp:
+        (tmp / "model").mkdir()
+        os.close(os.open(tmp / "model" / "model.safetensors", os.O_CREAT | os.O_WRONLY, 0o600))
+        (tmp / "run.json").write_text("{}")
+    assert mode(tmp_path / "run" / "model" / "model.safetensors") == 0o644
+    assert mode(tmp_path / "run" / "model") == 0o755 and mode(tmp_path / "run" / "run.json") == 0o644
+
+
+def test_several_files_are_renamed_into_place_only_once_all_are_written(tmp_path, monkeypatch):
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.md"
+    first.write_text("old\n")
+    real_mkstemp = outputs.tempfile.mkstemp
+
+    def mkstemp(*args, prefix=None, **kwargs):  # the second file's temporary cannot be made: a full disk
+        if prefix.startswith(".b.md.tmp-"):
+            raise OSError(28, "No space left on device")
+        return real_mkstemp(*args, prefix=prefix, **kwargs)
+
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", mkstemp)
+    with pytest.raises(UnlearnError, match=r"b\.md: could not write \(No space left on device\); nothing was written"):
+        outputs.write_texts_atomic({first: "new\n", second: "report"})
+    assert first.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]

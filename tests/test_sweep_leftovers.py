@@ -578,3 +578,38 @@ def test_rmu_settings_are_refused_with_another_method():
     with pytest.raises(UsageError, match=r"^--rmu-layer and --rmu-scale set rmu's target: use them with --method rmu"):
         RunOptions(Path("f"), Path("n"), train=TrainConfig(rmu_layer=1)).resolved()
     RunOptions(Path("f"), Path("n"), train=TrainConfig(method="rmu", rmu_layer=1)).resolved()
+
+
+# --- a full disk while the run writes its result ---------------------------------------------------
+
+
+def _full_disk(kind):
+    import errno
+
+    from safetensors import SafetensorError
+
+    if kind == "safetensors":  # what safetensors raises for ENOSPC: no OSError, no strerror
+        return SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    return OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "os"])
+def test_a_failed_save_of_the_runs_model_is_one_line_and_leaves_nothing(tmp_path, data, llama_dir, cli,
+                                                                         monkeypatch, kind):
+    import unlearn.models
+
+    def save_model(model, tokenizer, directory):
+        directory.mkdir()
+        (directory / "model.safetensors").write_bytes(b"half a file")
+        raise _full_disk(kind)
+
+    monkeypatch.setattr(unlearn.models, "save_model", save_model)
+    out = tmp_path / "out"
+    result = cli("run", *data, "--model", llama_dir, "-o", out, "--max-steps", "1", "--check-every", "0",
+                 "--no-probes", "--eval-limit", "1", "--max-new-tokens", "2")
+    assert result.code == 1, result.err
+    last = result.err.strip().splitlines()[-1]
+    assert last.startswith(f"unlearn: {out}: could not write the output (") and "No space left on device" in last
+    assert last.endswith("; nothing was written"), last
+    assert "Traceback" not in result.err and "internal error" not in result.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["forget.jsonl", "normal.jsonl"]  # no out, no .out.tmp-*

@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 import safetensors.torch
+from safetensors import SafetensorError
 
 
 from unlearn import distributed
@@ -100,8 +101,8 @@ def _write_checkpoint(output: Path, state: dict, loop: dict, run_args: dict) -> 
         os.replace(tmp, final)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise UnlearnError(f"{final}: could not write the checkpoint ({exc.strerror or exc}); "
+        if isinstance(exc, (OSError, SafetensorError)):  # safetensors says a full disk with its own error
+            raise UnlearnError(f"{final}: could not write the checkpoint ({getattr(exc, 'strerror', None) or exc}); "
                                f"earlier checkpoints are intact") from None
         raise
     for _, old in list_checkpoints(output)[:-KEEP]:

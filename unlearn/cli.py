@@ -47,6 +47,10 @@ def cli():
     """Make a language model forget specific outputs with a short fine-tune."""
 
 
+# What torch.manual_seed takes (any other value was "internal error: Overflow when unpacking long long").
+SEED = click.IntRange(-2**63, 2**64 - 1)
+
+
 def _split_targets(value: str) -> tuple[str, ...]:
     targets = tuple(t.strip() for t in value.split(",") if t.strip())
     if not targets:
@@ -182,7 +186,7 @@ def _command_line() -> str:
                    f"check after them that finds nothing leaking. auto: as many as forgetting took, at most {AUTO_CAP} "
                    "[default: 0 (off); docs/quality.md, \"Repair steps\"]. Not with --extra-steps.")
 @click.option("--max-length", type=int, default=256, show_default=True, help="Tokens per training row (prompt+response).")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("--seed", type=SEED, default=0, show_default=True,
               help="Seed of the row order, LoRA's initialisation and the held-back normal rows.")
 @click.option("--full", is_flag=True, help="Fine-tune every weight instead of LoRA (keeps a frozen reference copy).")
 @click.option("--gradient-checkpointing", is_flag=True,
@@ -268,6 +272,8 @@ def run_command(**o):
                         **({"targets": _split_targets(o["lora_targets"])} if o["lora_targets"] else {}))
     if o["output"] == "":  # `-o "$OUT"` with OUT unset: not the same as leaving -o out
         raise UsageError("-o '': an empty output path; name a directory (or leave -o out for runs/<date-time>)")
+    if o["alpha_grid"] is not None and not o["alpha_grid"].strip():  # the same for `--alpha-grid "$GRID"`
+        raise UsageError("--alpha-grid '': an empty list of α; give some (or leave --alpha-grid out)")
     opts = RunOptions(
         forget=Path(o["forget"]), normal=Path(o["normal"]), model=o["model"],
         output=Path(o["output"]) if o["output"] else None, force=o["force"], train=train, lr=o["lr"],
@@ -281,7 +287,8 @@ def run_command(**o):
         trust_remote_code=o["trust_remote_code"], allow_pickle=o["allow_pickle"], save_every=o["save_every"],
         resume=o["resume"], command=_command_line(), augmented=Path(o["augmented"]) if o["augmented"] else None,
         rewrites=o["rewrites"], alpha=o["alpha"],
-        alpha_grid=tuple(parse_alphas(o["alpha_grid"], flag="--alpha-grid")) if o["alpha_grid"] else (), max_leak=o["max_leak"],
+        alpha_grid=tuple(parse_alphas(o["alpha_grid"], flag="--alpha-grid")) if o["alpha_grid"] is not None else (),
+        max_leak=o["max_leak"],
         normal_holdout=o["normal_holdout"], no_cache=o["no_cache"], retain=tuple(Path(p) for p in o["retain"]),
         probes=not o["no_probes"], probe_limit=o["probe_limit"], retain_probes=o["retain_probes"],
         retain_weight=o["retain_weight"], normal_weight=o["normal_weight"], auto_method=o["method"] is None)
@@ -303,7 +310,7 @@ def run_command(**o):
 @click.option("--generator", default=None,
               help="Write the rewrites and negative responses with this model instead of --model.")
 @click.option("--rewrites", type=int, default=2, show_default=True, help="Rewrites per forget prompt (at most 4).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled rewrites.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the sampled rewrites.")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Generation batch size.")
 @click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")
 @click.option("--force", is_flag=True, help="Replace an existing OUTPUT.")
@@ -346,7 +353,7 @@ def augment_command(as_json, **o):
 @click.option("--do-sample", is_flag=True, help="Sample instead of greedy decoding.")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Sampling temperature (with --do-sample).")
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling's p (with --do-sample).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of sampled answers (with --do-sample).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of sampled answers (with --do-sample).")
 @click.option("--min-k", type=float, default=20.0, show_default=True, help="k (percent) of the min-k probability attack.")
 @click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")
 @click.option("--save-generations", type=click.Path(path_type=str), default=None,
@@ -366,7 +373,7 @@ def eval_command(save_generations, report, force, as_json, **o):
 
     from unlearn import evaluate, tables
     from unlearn.config import EvalOptions
-    from unlearn.outputs import check_writable, judge_input, refuse_output_over_inputs, write_jsonl
+    from unlearn.outputs import check_writable, jsonl_text, judge_input, refuse_output_over_inputs, write_texts_atomic
     from unlearn.paths import model_input
 
     check_writable(save_generations, report, force=force)
@@ -378,11 +385,14 @@ def eval_command(save_generations, report, force, as_json, **o):
         if out:
             refuse_output_over_inputs(out, inputs, inside_too=True, flag=flag)
     result = evaluate.run_eval(EvalOptions(**{**o, **paths}), log=log)
+    # Both or neither: a report that could not be written must not leave (or replace) the generations.
+    texts = {save_generations: jsonl_text(result["rows"])} if save_generations else {}
+    if report:
+        texts[report] = tables.format_report(result)
+    write_texts_atomic(texts)
     if save_generations:
-        write_jsonl(save_generations, result["rows"])
         log(f"unlearn: wrote {len(result['rows'])} generations to {save_generations}")
     if report:
-        tables.write_report(report, result)
         log(f"unlearn: wrote the report to {report}")
     if as_json:
         print_json(tables.result_json(result))

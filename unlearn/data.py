@@ -20,8 +20,10 @@ the model learn the format instead of the behaviour.
 from __future__ import annotations
 
 import json
+import os
 import re
 import stat
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,8 +175,9 @@ def _check_subject(obj: dict, prompt: str, where: str, part: str) -> None:
     """
     subject = obj.get("subject")
     # A neighbour probe as `unlearn run` saves it (probes.jsonl) names the subject its `replacement` took the
-    # place of: that file read back as rows (unlearn eval OUT/probes.jsonl) is not a typo to refuse.
-    if subject is None or "replacement" in obj:
+    # place of: that file read back as rows (unlearn eval OUT/probes.jsonl) is not a typo to refuse. Its
+    # subject is a name, though: any other `subject` is refused whatever else the row holds.
+    if subject is None or ("replacement" in obj and isinstance(subject, str) and subject.strip()):
         return
     if not isinstance(subject, str) or not subject.strip():
         got = "an empty string" if isinstance(subject, str) else type(subject).__name__
@@ -216,33 +219,43 @@ def parse_line(obj, where: str, need_response: bool) -> Example:
     return Example(prompt, response, line, extra)
 
 
+def shown(path) -> str:
+    """PATH as a message shows it: control characters and line breaks escaped (a newline in a file's name
+    cut `name:LINE: what is wrong` to the text before it, since errors are printed as their first line)."""
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in ("Cc", "Zl", "Zp")
+                   else ch for ch in str(path))
+
+
 def _refuse_pipe(path: Path) -> None:
-    """Refuse a FIFO or socket (bash's `<(cat rows.jsonl)` is a pipe at /dev/fd/N).
+    """Refuse a FIFO or socket (bash's `<(cat rows.jsonl)` is a pipe at /dev/fd/N), and a device.
 
     An input file is read more than once (its rows, then its SHA-256 for run.json and --resume, then a
     row count), and a pipe is empty after the first read: the run would fail at its very end, or record
-    the empty input's hash. Character devices pass: /dev/null stays an empty file.
+    the empty input's hash. /dev/null passes, an empty file; any other device may never end (/dev/zero
+    was read until the process was killed for its memory).
     """
-    mode = path.stat().st_mode
-    if stat.S_ISFIFO(mode):
-        raise UnlearnError(f"{path}: is a pipe, which can be read only once; write it to a file first")
-    if stat.S_ISSOCK(mode):
-        raise UnlearnError(f"{path}: is a socket, not a file; write its rows to a file first")
+    st = path.stat()
+    if stat.S_ISFIFO(st.st_mode):
+        raise UnlearnError(f"{shown(path)}: is a pipe, which can be read only once; write it to a file first")
+    if stat.S_ISSOCK(st.st_mode):
+        raise UnlearnError(f"{shown(path)}: is a socket, not a file; write its rows to a file first")
+    if (stat.S_ISCHR(st.st_mode) and st.st_rdev != os.stat(os.devnull).st_rdev) or stat.S_ISBLK(st.st_mode):
+        raise UnlearnError(f"{shown(path)}: is a device, not a file; write its rows to a file first")
 
 
 def read_examples(path, *, need_response: bool = True) -> list[Example]:
     """Read and validate a JSONL file; blank lines are skipped; any bad line is one clear error."""
     path = Path(path)
     if not path.exists():
-        raise UnlearnError(f"{path}: no such file")
+        raise UnlearnError(f"{shown(path)}: no such file")
     if path.is_dir():
-        raise UnlearnError(f"{path}: is a directory, expected a JSONL file")
+        raise UnlearnError(f"{shown(path)}: is a directory, expected a JSONL file")
     _refuse_pipe(path)
     # A UTF-8 byte-order mark, which Windows editors and spreadsheet exports write first, is no text.
     raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
     examples = []
     for number, line_bytes in enumerate(raw.split(b"\n"), start=1):
-        where = f"{path}:{number}"
+        where = f"{shown(path)}:{number}"
         try:
             line = line_bytes.decode("utf-8")
         except UnicodeDecodeError:
@@ -255,6 +268,10 @@ def read_examples(path, *, need_response: bool = True) -> list[Example]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UnlearnError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:  # Python's parser recurses once per bracket
+            raise UnlearnError(f"{where}: not valid JSON (nested too deeply)") from None
+        except ValueError as exc:  # a number past Python's digit limit (its advice is for programmers: cut)
+            raise UnlearnError(f"{where}: not valid JSON ({str(exc).split(';')[0]})") from None
         try:  # JSON may escape half of a character ("\ud800"); no tokenizer or file can take it later
             json.dumps(obj, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
@@ -262,7 +279,7 @@ def read_examples(path, *, need_response: bool = True) -> list[Example]:
                                f"write the character itself") from None
         examples.append(parse_line(obj, where, need_response))
     if not examples:
-        raise UnlearnError(f"{path}: no examples (the file is empty)")
+        raise UnlearnError(f"{shown(path)}: no examples (the file is empty)")
     return examples
 
 
@@ -285,7 +302,7 @@ def check_answers_spelled(examples: list[Example], path) -> None:
         answers = ex.extra.get("answers")
         if answers and not ex.is_passage and not answer_spans(ex.response, answers):
             listed = ", ".join(json.dumps(a, ensure_ascii=False) for a in answers)
-            raise UnlearnError(f"{path}:{ex.line}: none of its answers ({listed}) occurs in its response; "
+            raise UnlearnError(f"{shown(path)}:{ex.line}: none of its answers ({listed}) occurs in its response; "
                                f"write each answer as the response spells it")
 
 

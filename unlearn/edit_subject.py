@@ -221,13 +221,15 @@ def locate_subject(model, tokenizer, example, how: str = "auto", seed: int = 0) 
     given = example.extra.get("subject")
     if given is not None:
         if not isinstance(given, str) or given not in str(example.prompt):
-            raise UnlearnError(f"line {example.line}: 'subject' must be a string that occurs in the prompt")
+            # Only FORGET's rows come here (edit.py), which the edit reads without their file's name.
+            raise UnlearnError(f"FORGET line {example.line}: 'subject' must be a string that occurs in the prompt, "
+                               f"got {given!r}")
         return Located(example.prompt, given, "given")
     if how in ("auto", "heuristic"):
         guess = heuristic_subject(str(example.prompt))
         if guess is not None or how == "heuristic":
             if guess is None:
-                raise UnlearnError(f"line {example.line}: no capitalised subject in the prompt; "
+                raise UnlearnError(f"FORGET line {example.line}: no capitalised subject in the prompt; "
                                    f"give a 'subject' field or trace it")
             return Located(example.prompt, guess, "heuristic")
     subject, drop = trace_subject(model, tokenizer, example.prompt, example.response,

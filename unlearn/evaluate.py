@@ -89,8 +89,11 @@ class KeywordJudge:
         path = Path(path)
         if path.is_dir():
             raise UsageError(f"--judge keywords:{path}: is a directory, expected a file of keywords")
-        if not path.is_file():
+        if not path.exists():
             raise UsageError(f"--judge keywords:{path}: no such file")
+        if not path.is_file():  # /dev/null or a FIFO: it is there, and not what a judge can read
+            kind = "a pipe" if path.is_fifo() else "a socket" if path.is_socket() else "a device"
+            raise UsageError(f"--judge keywords:{path}: is {kind}, not a regular file; expected a file of keywords")
         try:
             lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: a Windows editor's byte-order mark
         except UnicodeDecodeError:

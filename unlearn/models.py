@@ -229,6 +229,16 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise UnlearnError(f"{path}: could not load the tokenizer ({type(exc).__name__}: {exc})") from None
+    if getattr(tokenizer, "chat_template", None):
+        # A broken template fails only when first rendered, deep in a run, as an "internal error": tried here.
+        try:
+            tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
+                                          tokenize=False)
+        except Exception as exc:
+            where = next((name for name in ("chat_template.jinja", "chat_template.json")
+                          if (Path(path) / name).is_file()), "tokenizer_config.json")
+            raise UnlearnError(f"{path}: {where}: the chat template does not render "
+                               f"({type(exc).__name__}: {exc})") from None
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of every loss and attention, so any real token
         # works; the tokenizer's own EOS is the conventional choice.

@@ -57,6 +57,9 @@ def atomic_output_dir(path: Path, force: bool = False):
     old = None
     try:
         _usual_mode(tmp, directory=True)
+        for inside in tmp.rglob("*"):  # what libraries made in it too: safetensors writes its files 0600
+            if not inside.is_symlink():
+                _usual_mode(inside, directory=inside.is_dir())
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "x")
@@ -158,23 +161,41 @@ def write_text_atomic(path, text: str) -> None:
 
     A symbolic link is written through (its target gets the text; renaming over the link would replace
     the link with a file and leave the file it points to as it was)."""
-    path = Path(path)
-    if path.is_symlink():
-        path = path.resolve()
-    tmp = None
+    write_texts_atomic({path: text})
+
+
+def write_texts_atomic(texts: dict) -> None:
+    """Write each text of TEXTS ({path: text}) as `write_text_atomic` does, all or none: every file is
+    renamed into place only once all of them are complete (one output written while the next failed
+    left the command's first result, or replaced an earlier one with --force, under "nothing was written")."""
+    done = {}  # final path -> its complete temporary file
+    path = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        _usual_mode(Path(tmp), directory=False)
-        os.replace(tmp, path)
+        for path, text in texts.items():
+            path = Path(path)
+            if path.is_symlink():
+                path = path.resolve()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+            done[path] = tmp
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            _usual_mode(Path(tmp), directory=False)
+        for path, tmp in list(done.items()):
+            os.replace(tmp, path)
+            del done[path]
     except OSError as exc:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp in done.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         raise UnlearnError(f"{path}: could not write ({exc.strerror}); nothing was written") from None
 
 
+def jsonl_text(rows) -> str:
+    """One JSON object a line (UTF-8, not escaped)."""
+    return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
 def write_jsonl(path, rows) -> None:
-    """One JSON object a line (UTF-8, not escaped), written atomically."""
-    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    """`jsonl_text` of ROWS, written atomically."""
+    write_text_atomic(path, jsonl_text(rows))

@@ -995,6 +995,8 @@ def write(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, af
     trained = _gather_trained(job.model, averager)  # FSDP: the weights, whole, on rank 0 (every rank takes part)
 
     def write_on_main() -> dict:
+        from safetensors import SafetensorError
+
         from unlearn.paths import remember_last_run
 
         model, model_averager = job.model, averager
@@ -1005,10 +1007,11 @@ def write(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, af
                            job.device, averager=model_averager,
                            augmented=job.train_rows if job.augment_stats else None, update=result.update,
                            probe_rows=data.probes["rows"] if data.probes is not None else None, log=log)
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:  # safetensors says a full disk with its own error
             root = checkpoint_root(data.output)
             kept = f"; the checkpoints in {root} are kept" if root.is_dir() else ""
-            raise UnlearnError(f"{data.output}: could not write the output ({exc.strerror or exc}); "
+            why = getattr(exc, "strerror", None) or exc
+            raise UnlearnError(f"{data.output}: could not write the output ({why}); "
                                f"nothing was written{kept}") from None
         unrecorded = remember_last_run(data.output)
         if unrecorded:

@@ -14,7 +14,6 @@ from pathlib import Path
 from unlearn import metrics
 from unlearn.averaging import AlphaScore, alpha_label
 from unlearn.evaluate import METRIC_KEYS
-from unlearn.outputs import write_text_atomic
 
 
 def cell(value, digits: int = 2) -> str:
@@ -277,8 +276,3 @@ def result_json(result: dict) -> dict:
 
 def _round(value, digits: int = 1):
     return None if value is None else round(value, digits)
-
-
-def write_report(path, result: dict) -> None:
-    """The markdown report of `format_report` to PATH."""
-    write_text_atomic(path, format_report(result))
