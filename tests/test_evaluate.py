@@ -538,10 +538,22 @@ def test_own_logprobs_refuses_a_pair_the_scoring_pass_could_cut(tiny, monkeypatc
     pair = encode_pair(tiny.tokenizer, "one", "two three", 1024)
     scored = [t for t, label in zip(pair["input_ids"], pair["labels"]) if label != IGNORE_INDEX]
     own = Scored(scored, [-0.5, -1.0, -2.0])
-    monkeypatch.setattr(ev, "SCORE_MAX_LENGTH", len(pair["input_ids"]))  # it fits, but could have been cut
-    assert ev.own_logprobs(tiny.tokenizer, "one", "two three", own) is None
-    monkeypatch.setattr(ev, "SCORE_MAX_LENGTH", len(pair["input_ids"]) + 1)
-    assert ev.own_logprobs(tiny.tokenizer, "one", "two three", own) == own.logprobs
+    n = len(pair["input_ids"])
+    assert ev.own_logprobs(tiny.tokenizer, "one", "two three", own, max_length=n) is None  # fits, could be cut
+    assert ev.own_logprobs(tiny.tokenizer, "one", "two three", own, max_length=n + 1) == own.logprobs
+
+
+def test_the_cut_own_logprobs_checks_is_the_scoring_models(opt_dir, llama_dir):
+    # a model with a 512-position table cuts pairs at 512, not at SCORE_MAX_LENGTH: fluency from generation and
+    # from a forward pass then disagreed for one answer (284 against 68)
+    from unlearn.measure import ShardedScorer
+    from unlearn.models import load_model
+
+    opt, llama = load_model(str(opt_dir)), load_model(str(llama_dir))
+    scorer = ShardedScorer(opt.model, opt.tokenizer)
+    assert ev.scorer_max_length(scorer) == 512 == ev.scorer_max_length(ev.RememberedScorer(scorer, []))
+    assert ev.scorer_max_length(ShardedScorer(llama.model, llama.tokenizer)) == ev.SCORE_MAX_LENGTH
+    assert ev.scorer_max_length(None) == ev.SCORE_MAX_LENGTH
 
 
 def test_fluency_from_generation_equals_a_scoring_pass(tiny, monkeypatch):

@@ -407,6 +407,13 @@ def similarity_to_reference(outputs: Sequence[str], reference_outputs: Sequence[
 SCORE_MAX_LENGTH = 1024
 
 
+def scorer_max_length(scorer) -> int:
+    """`score_max_length` of the model a scorer (or a `RememberedScorer` around one) scores with."""
+    while scorer is not None and not hasattr(scorer, "model"):
+        scorer = getattr(scorer, "scorer", None)
+    return SCORE_MAX_LENGTH if scorer is None else score_max_length(scorer.model)
+
+
 def score_max_length(model) -> int:
     """The longest pair `response_logprobs` scores on MODEL whole: SCORE_MAX_LENGTH, or the model's context
     where a learned position table makes it shorter (`generation.position_limit`: tests' tiny OPT has 512,
@@ -613,13 +620,14 @@ def _likelihood_scores(scorer: Scorer, examples: Sequence, members: Sequence, ho
     return {"probability": prob, "truth_ratio": ratios, "mia_loss_auc": loss_auc, "mia_min_k_auc": mink_auc}
 
 
-def own_logprobs(tokenizer, prompt: str, output: str, own) -> list[float] | None:
+def own_logprobs(tokenizer, prompt: str, output: str, own, max_length: int = SCORE_MAX_LENGTH) -> list[float] | None:
     """The log-probabilities `response_logprobs` would compute for (PROMPT, OUTPUT), taken from OWN
     (a `generation.Scored`: the answer's generation by the scoring model itself), or None.
 
     Exact in what is scored: only when the pair `response_logprobs` encodes is the prompt its
     generation saw (`encode_prompt`, as `encode_pair` encodes it, uncut: shorter than
-    SCORE_MAX_LENGTH) followed by the generated tokens (the end-of-turn marker included:
+    MAX_LENGTH, the scorer's `score_max_length`: a model with a shorter position table cuts a pair that
+    generation, stopping at that table's end, did not) followed by the generated tokens (the end-of-turn marker included:
     generated, or the stop token `Scored.end` has after a budget cut). An answer whose text
     tokenises otherwise, or whose pair could be truncated, returns None and is scored by a
     forward pass.
@@ -630,8 +638,8 @@ def own_logprobs(tokenizer, prompt: str, output: str, own) -> list[float] | None
 
     if own is None:
         return None
-    pair = encode_pair(tokenizer, prompt, output, SCORE_MAX_LENGTH)
-    if len(pair["input_ids"]) >= SCORE_MAX_LENGTH:  # a cut pair lost prompt tokens: not what generation saw
+    pair = encode_pair(tokenizer, prompt, output, max_length)
+    if len(pair["input_ids"]) >= max_length:  # a cut pair lost prompt tokens: not what generation saw
         return None
     scored = [t for t, label in zip(pair["input_ids"], pair["labels"]) if label != IGNORE_INDEX]
     if scored == own.ids:
@@ -641,7 +649,7 @@ def own_logprobs(tokenizer, prompt: str, output: str, own) -> list[float] | None
     return None
 
 
-def _fluency_plan(examples, outputs, tokenizer, own_scores, scored: bool):
+def _fluency_plan(examples, outputs, tokenizer, own_scores, scored: bool, max_length: int = SCORE_MAX_LENGTH):
     """Per output its diversity and whether it is degenerate; the rows whose fluency counts (KEPT: not
     degenerate, when SCORED); of those, the log-probabilities OWN_SCORES give (KNOWN, row -> list) and the
     rows left for a forward pass (TODO)."""
@@ -651,18 +659,18 @@ def _fluency_plan(examples, outputs, tokenizer, own_scores, scored: bool):
     kept = [i for i, bad in enumerate(degenerate) if not bad] if scored else []
     known = {}
     for i in kept if own_scores is not None else ():
-        lp = own_logprobs(tokenizer, examples[i].prompt, outputs[i], own_scores[i])
+        lp = own_logprobs(tokenizer, examples[i].prompt, outputs[i], own_scores[i], max_length)
         if lp is not None:
             known[i] = lp
     return div, degenerate, kept, known, [i for i in kept if i not in known]
 
 
-def fluency_pairs(examples, outputs, tokenizer, own_scores=None, contexts: dict | None = None
-                  ) -> list[tuple[str, str]]:
+def fluency_pairs(examples, outputs, tokenizer, own_scores=None, contexts: dict | None = None,
+                  max_length: int = SCORE_MAX_LENGTH) -> list[tuple[str, str]]:
     """The (prompt, output) pairs `_fluency` sends to its scorer. CONTEXTS, a dict, receives pair -> the
     scorer's own answer to that prompt (OWN_SCORES') where generation kept its keys and values
     (continued_scoring.py)."""
-    todo = _fluency_plan(examples, outputs, tokenizer, own_scores, scored=True)[-1]
+    todo = _fluency_plan(examples, outputs, tokenizer, own_scores, scored=True, max_length=max_length)[-1]
     pairs = [(examples[i].prompt, outputs[i]) for i in todo]
     if contexts is not None and own_scores is not None:
         contexts.update((pair, own_scores[i]) for pair, i in zip(pairs, todo)
@@ -678,7 +686,8 @@ def _fluency(fluency_scorer: Scorer, examples, outputs, tokenizer, own_scores=No
     (`own_logprobs`) instead of a second forward pass over prompt and answer.
     """
     div, degenerate, kept, known, todo = _fluency_plan(examples, outputs, tokenizer, own_scores,
-                                                       scored=fluency_scorer is not None)
+                                                       scored=fluency_scorer is not None,
+                                                       max_length=scorer_max_length(fluency_scorer))
     scored = fluency_scorer.logprobs([(examples[i].prompt, outputs[i]) for i in todo]) if todo else []
     known.update(zip(todo, scored))
     nll, count = [None] * len(outputs), [0] * len(outputs)

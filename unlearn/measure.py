@@ -411,6 +411,12 @@ class Measurer:
         """S's answers' `generation.Scored` that spare fluency a forward pass (`evaluate.own_logprobs`)."""
         return self.own_scores.get(s.name) if self.own_fluency else self.fluency_hints.get(s.name)
 
+    def _fluency_cap(self) -> int:
+        """The longest pair the fluency scorer scores whole (`evaluate.scorer_max_length`)."""
+        from unlearn.evaluate import scorer_max_length
+
+        return scorer_max_length(self.fluency_scorer or self.scorer)
+
     def _scorers(self, sets: list[EvalSet], answers: dict[str, list[str]],
                  pool: list[tuple["Measurer", list[EvalSet]]] = ()) -> tuple:
         """(scorer, fluency scorer) for `score` of SETS' ANSWERS, each with every pair the sets need from it
@@ -436,7 +442,7 @@ class Measurer:
                                 if own and kind in ROW_PAIR_KINDS and getattr(own[i], "kv", None) is not None)
         contexts: dict = {}  # ... and the fluency of another model's answers, by the original's answers
         fluent = [p for s in sets for p in fluency_pairs(self.references(s), answers[s.name], self.tokenizer,
-                                                          self._fluency_own(s), contexts)]
+                                                          self._fluency_own(s), contexts, self._fluency_cap())]
         if self.fluency_scorer is None or self.fluency_scorer is self.scorer:  # one model: one call for both
             both = RememberedScorer(self.scorer, likely + fluent, own_contexts)
             return both, both
@@ -448,7 +454,7 @@ class Measurer:
                        if theirs and m is not self and m.settings.likelihood and m.fluency_scorer is self.fluency_scorer]
             theirs = [p for m, ss in sharing for s in ss
                       for p in fluency_pairs(m.references(s), m.ahead[s.name], m.tokenizer, m._fluency_own(s),
-                                             contexts)]
+                                             contexts, m._fluency_cap())]
             fluency = RememberedScorer(self.fluency_scorer, fluent + theirs, contexts)
             for m, ss in sharing:
                 if ss:
