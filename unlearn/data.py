@@ -84,6 +84,7 @@ def passage_words(text: str) -> tuple[list[str], list[str]]:
 
 
 def join_words(words: list[str], gaps: list[str]) -> str:
+    """WORDS with GAPS between them, `passage_words`' inverse."""
     return "".join(w + g for w, g in zip(words, gaps)) + (words[-1] if len(words) > len(gaps) else "")
 
 
@@ -95,7 +96,8 @@ def split_passage(text: str) -> tuple[str, str]:
     """
     words, gaps = passage_words(text)
     cut = max(1, min(len(words) // 2, 64))
-    return join_words(words[:cut], gaps[:cut - 1]), gaps[cut - 1] + join_words(words[cut:], gaps[cut:])
+    gap = gaps[cut - 1] if gaps else " "  # one word (read_examples refuses it): all prefix, as before
+    return join_words(words[:cut], gaps[:cut - 1]), gap + join_words(words[cut:], gaps[cut:])
 
 
 # Where the forget loss starts on a passage with --whole-passage: after its first word, not at the leak test's cut
@@ -122,7 +124,8 @@ def forget_pair(example: Example) -> tuple[str, str]:
         return example.prompt, example.response
     words, gaps = passage_words(example.prompt + example.response)  # the passage as read: split_passage's inverse
     cut = min(PASSAGE_CONTEXT_WORDS, len(passage_words(example.prompt)[0]))
-    return Passage(join_words(words[:cut], gaps[:cut - 1])), gaps[cut - 1] + join_words(words[cut:], gaps[cut:])
+    gap = gaps[cut - 1] if gaps else " "
+    return Passage(join_words(words[:cut], gaps[:cut - 1])), gap + join_words(words[cut:], gaps[cut:])
 
 
 def loss_pair(example: Example, whole_passage: bool) -> tuple[str, str]:
