@@ -87,8 +87,11 @@ def test_a_run_that_leaks_at_max_steps_says_so(llama_dir):
 
 def test_no_repair_without_keep_terms(llama_dir):
     u = unlearner(llama_dir, max_steps=10, check_every=1, repair_steps=3, normal_weight=0.0)
-    result = train(u, forgotten=verdicts(0.0))
+    said = []
+    result = train(u, forgotten=verdicts(0.0), log=said.append)
     assert result.steps == 1 and result.repair is None
+    # the --repair-steps the user gave is not dropped without a word
+    assert any("no repair: nothing to keep" in line and "--repair-steps" in line for line in said), said
 
 
 def test_a_run_resumed_in_its_repair_phase_ends_as_one_never_stopped(tmp_path, llama_dir):

@@ -62,13 +62,25 @@ def row_gradients(model, params: list[torch.nn.Parameter], rows: list[dict], pad
         raise ValueError("row_gradients: every trained parameter must be a LoRA adapter's A or B")
     inputs, per_row, hooks = {}, {}, []
 
-    def keep_input(module, args, output):
-        inputs[module] = args[0].detach()
-        if output.requires_grad:
-            output.register_hook(lambda grad, m=module: per_row.__setitem__(m, _adapter_gradients(m, inputs[m], grad)))
+    def by_row(t: torch.Tensor) -> torch.Tensor:
+        # OPT runs fc1/fc2 on (rows x positions, width): the einsums need each row's positions apart
+        return t if t.dim() == 3 else t.reshape(len(rows), -1, t.shape[-1])
 
-    for m in {module for module, _ in owner.values()}:
+    def keep_input(module, args, output):
+        inputs[module] = by_row(args[0].detach())
+        if output.requires_grad:
+            output.register_hook(lambda grad, m=module: per_row.__setitem__(
+                m, _adapter_gradients(m, inputs[m], by_row(grad))))
+
+    modules = {module for module, _ in owner.values()}
+    for m in modules:
         hooks.append(m.register_forward_hook(keep_input))
+    # g_i is the gradient at the current weights: the hooks' formula has no dropout mask in it, so the
+    # adapters' dropout (--lora-dropout) is off for this pass (on, the rows' gradients summed missed the
+    # pass's own gradient by 69 %).
+    dropouts = [(m.dropout, m.dropout.training) for m in modules]
+    for d, _ in dropouts:
+        d.eval()
     device = params[0].device
     try:
         batch = {k: v.to(device) for k, v in collate(rows, pad_id).items()}
@@ -85,6 +97,8 @@ def row_gradients(model, params: list[torch.nn.Parameter], rows: list[dict], pad
     finally:
         for h in hooks:
             h.remove()
+        for d, was in dropouts:
+            d.train(was)
     columns = []
     for p in params:
         module, which = owner[id(p)]

@@ -1023,6 +1023,9 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                                     f"leaks (--repair-steps)")
                         else:
                             stop_at = min(config.max_steps, step + config.extra_steps)
+                            if config.repair_steps and not unlearner.has_keep_terms:  # asked for, not silently dropped
+                                note = ("; no repair: nothing to keep (--normal-weight 0, no retain rows or probes), "
+                                        "so --repair-steps has no terms to train")
                     unlearner.keep_terms_only = repair.next_step_keeps_only(phase)
                     if log and leak is not None:  # a check that is not done ended at its verdict: a lower bound
                         log(f"step {step}: forget leak rate {'≥ ' if not done and leak < 1 else ''}{leak:.2f}{note}")
