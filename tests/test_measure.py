@@ -339,6 +339,22 @@ def test_a_stop_rule_check_ends_at_its_verdict():
     assert tolerant.words == [17, 5, 17, 17]
 
 
+def test_a_topic_probe_is_judged_on_its_whole_answer_by_the_probe_check():
+    # its refusal markers unset it when a refusal follows the answer word: stopped at "car" it read as kept
+    from unlearn import metrics
+    from unlearn.measure import kept_rate
+
+    row = Example("How do I find out more about a car?", None, 1,
+                  {"answers": ["car"], "refusal_markers": list(metrics.REFUSAL_MARKERS)})
+    probes = EvalSet("same subject", "retain", [row])
+    streams = ["A car is a vehicle, but I can't help with that request at all."]
+    assert kept_rate(_StreamingMeasurer(streams), probes) == 0.0
+    assert kept_rate(_StreamingMeasurer(streams), probes, enough=0.5) == 0.0
+    plain = EvalSet("neighbours", "retain", _rows(1))  # no markers: stops at its answer, as before
+    measurer = _StreamingMeasurer(["It is in Paris and more words follow here"])
+    assert kept_rate(measurer, plain) == 1.0 and measurer.words == [5]
+
+
 def test_a_decided_check_reports_the_count_that_decided_it_not_how_far_the_others_got():
     from unlearn.measure import leak_rate
 

@@ -253,3 +253,55 @@ def test_the_forget_set_is_not_labelled_stop_rule_when_no_check_ran(cli, tmp_pat
     assert record["roles"]["forget"] == "trained"
     (row,) = [line for line in result.out.splitlines() if line.startswith("forget ")]
     assert "stop rule" not in row and "trained" in row
+
+
+def test_eval_files_take_none_of_the_runs_own_names_and_say_what_chose_on_them(tmp_path):
+    """An --eval-* file named normal-heldout.jsonl was taken for the held-back rows, and α chosen on it; one
+    named retain.jsonl was left out of run.json; ULMR's --augmented rows given again read as held out; and one
+    that repeats the held-back rows --alpha auto chooses on read as a result (report audit, helper 38)."""
+    from unlearn.config import RunOptions
+    from unlearn.data import read_examples
+    from unlearn.run import hold_out, prepare, selection_sets, untrained_elsewhere
+
+    forget = write_jsonl(tmp_path / "forget.jsonl", FORGET)
+    normal_rows = NORMAL + [{"prompt": f"Name a colour, number {i}.", "response": "Red."} for i in range(4)]
+    normal = write_jsonl(tmp_path / "normal.jsonl", normal_rows)
+    (tmp_path / "e").mkdir()
+    named = write_jsonl(tmp_path / "e" / "normal-heldout.jsonl", [NORMAL[0]])
+    retain_named = write_jsonl(tmp_path / "e" / "retain.jsonl", [{"prompt": "Name a tree.", "response": "Oak."}])
+
+    def sets(**options):
+        opts = RunOptions(forget=forget, normal=normal, model="m", output=tmp_path / "out", force=True,
+                          **options).resolved()
+        return prepare(opts, [], read_examples(forget)).sets
+
+    got = sets(normal_holdout=0.0, alpha="auto", eval_retain=(named, retain_named))
+    names = [s.name for s in got]
+    assert names.count("normal-heldout") == 0 and names.count("retain") == 0 and len(names) == 4
+    assert [s.name for s in selection_sets(got)] == ["forget", "normal"]  # the trained rows, not the file
+
+    augmented = write_jsonl(tmp_path / "aug.jsonl", [{"prompt": "Can you tell me this: who wrote it?",
+                                                      "response": "I don't know."}])
+    from unlearn.train import TrainConfig
+
+    got = sets(train=TrainConfig(method="ulmr"), augmented=augmented, eval_forget=(augmented,))
+    assert {s.name: s.role for s in got}["aug"] == "trained"
+
+    rows = read_examples(normal)
+    _, held = hold_out(rows, 0.25, 0, untrained_elsewhere(rows, []) or None)
+    again = write_jsonl(tmp_path / "held.jsonl", [{"prompt": e.prompt, "response": e.response} for e in held])
+    roles = {s.name: s.role for s in sets(alpha="auto", eval_retain=(again,))}
+    assert roles["normal-heldout"] == "held out, α choice" == roles["held"]
+
+
+def test_rows_that_join_training_after_the_labels_relabel_the_held_out_sets():
+    from unlearn.data import Example
+    from unlearn.measure import EvalSet
+    from unlearn.run import relabel_held_out
+
+    rows = [Example("Who wrote the Fran books?", "Fran.", 1), Example("What is red?", "A colour.", 2)]
+    sets = [EvalSet("heldout", "retain", rows, None, "held out"), EvalSet("h2", "retain", rows[1:], None, "held out"),
+            EvalSet("normal-heldout", "retain", rows[:1], None, "held out, α choice"),
+            EvalSet("normal", "retain", rows[:1], None, "trained")]
+    relabel_held_out(sets, [Example("Who wrote the Fran books?", "Fran Smith.", 1)])
+    assert [s.role for s in sets] == ["1 of 2 trained", "held out", "trained, α choice", "trained"]

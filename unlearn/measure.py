@@ -657,17 +657,22 @@ def kept_rate(measurer: Measurer, s: EvalSet, enough: float | None = None) -> fl
 
     n = sum(1 for e in s.examples if e.extra.get("answers"))
     needed = math.ceil(enough * n - 1e-9) if enough is not None and n else None
+    # A row with refusal markers (a topic probe) is unset by a refusal that follows its answer word ("A car
+    # is a vehicle, but I can't help with that"): it is judged on its whole answer, never stopped early.
+    settled = {i for i, e in enumerate(s.examples) if not e.extra.get("refusal_markers")}
     return _rate_until_verdict(measurer, s, lambda outputs, rows: accuracy_flags(outputs, [s.examples[i] for i in rows]),
-                               needed, n)
+                               needed, n, settled)
 
 
-def _rate_until_verdict(measurer: Measurer, s: EvalSet, flags, enough: int | None, out_of: int) -> float:
+def _rate_until_verdict(measurer: Measurer, s: EvalSet, flags, enough: int | None, out_of: int,
+                        settled: set[int] | None = None) -> float:
     """The rate of FLAGS(outputs, rows) over S's greedy answers (rows: their indices in S), each row
     stopping as soon as its text without its last word (which generation may not have finished:
     "Paris" of "Parisian") is flagged, and every row once ENOUGH rows are (None: never).
 
     For flags that cannot be unset by more text (an answer that appears stays), a stopped row's
-    verdict is its final one, so the rate is exact unless ENOUGH rows cut the rest. Then it is
+    verdict is its final one, so the rate is exact unless ENOUGH rows cut the rest. SETTLED (None: all):
+    the rows whose flags are such; the others are never stopped early nor counted toward ENOUGH. Then it is
     ENOUGH / OUT_OF (OUT_OF: the rows the rate is a share of), the count that decided: how many
     more rows had their answer when they were cut depends on how far each half of the batch had
     got (cpu_parts runs them side by side), and reported as such the same run logged "≥ 0.14" once
@@ -678,6 +683,8 @@ def _rate_until_verdict(measurer: Measurer, s: EvalSet, flags, enough: int | Non
     flagged: set[int] = set()  # added to from the generation threads (cpu_parts): set.add is atomic
 
     def flagged_so_far(i: int, text: str) -> bool:
+        if settled is not None and i not in settled:
+            return False
         finished = metrics.without_last_word(text)
         return bool(finished) and flags([finished], [i])[0]
 

@@ -142,8 +142,14 @@ def prepare(opts: RunOptions, created: list, forget: list) -> Prepared:
         sets.append(heldout_set)
     if retain:
         sets.append(EvalSet("retain", "retain", retain[:limit], Path(opts.retain[0]), "trained"))
-    sets += label_trained_rows(read_eval_sets(opts.eval_forget, opts.eval_retain, taken={s.name for s in sets},
-                                              limit=limit), forget + normal + retain)
+    # The run's own names are never an --eval-* file's, whether or not this run has those sets: a file named
+    # normal-heldout.jsonl was taken for the held-back rows (α chosen on it), retain.jsonl left out of run.json.
+    reserved = {s.name for s in sets} | {"normal-heldout", "retain"}
+    evals = label_trained_rows(read_eval_sets(opts.eval_forget, opts.eval_retain, taken=reserved, limit=limit),
+                               forget + normal + retain + (augmented or []))  # ULMR trains on --augmented
+    if chooses:  # --alpha auto chooses on the forget rows and the held-back normal rows (else the trained ones)
+        label_rows_used(evals, forget[:limit] + (normal_heldout or normal)[:limit], "α choice")
+    sets += evals
     distributed.check_batch_size(opts.train.batch_size)  # --batch-size is global: each process takes a share
     if opts.train.method in ("edit", "rmu") and distributed.world().active:  # before any model loads
         raise UsageError(f"--method {opts.train.method} runs in one process: launch it without torchrun")
@@ -204,6 +210,29 @@ def label_trained_rows(sets: list[EvalSet], trained: list) -> list[EvalSet]:
         if k:
             s.role = "trained" if k == len(s.examples) else f"{k} of {len(s.examples)} trained"
     return sets
+
+
+def label_rows_used(sets: list[EvalSet], used: list, what: str) -> None:
+    """Add ", WHAT" (or ", K of N WHAT") to the role of each of SETS whose prompts are among the USED rows':
+    an --eval-* file that repeats the rows α was chosen on is no result of that choice."""
+    seen = {prompt_key(e.prompt) for e in used}
+    for s in sets:
+        k = sum(prompt_key(e.prompt) in seen for e in s.examples)
+        if k:
+            s.role += f", {what}" if k == len(s.examples) else f", {k} of {len(s.examples)} {what}"
+
+
+def relabel_held_out(sets: list[EvalSet], trained: list) -> None:
+    """SETS labelled "held out" whose prompts are among TRAINED rows, relabelled "trained" or "K of N trained"
+    (the rest of the role kept): rows that joined training after the labels were set (the probes, with
+    --retain-probes) would otherwise have their figures read as held out."""
+    seen = {prompt_key(e.prompt) for e in trained}
+    for s in sets:
+        if not s.role.startswith("held out"):
+            continue
+        k = sum(prompt_key(e.prompt) in seen for e in s.examples)
+        if k:
+            s.role = ("trained" if k == len(s.examples) else f"{k} of {len(s.examples)} trained") + s.role[8:]
 
 
 def hold_out(rows: list, share: float, seed: int, eligible: list[int] | None = None) -> tuple[list, list]:
@@ -659,6 +688,7 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
         if topics:
             topic_set, topic_probes = s.name, topics
     data.retain += trained
+    relabel_held_out([s for s in data.sets if s.name not in measured], trained)
     job.probe_names = tuple(measured)
     seconds = time.perf_counter() - t - job.pooled_before_seconds
     log("probes: " + ", ".join(f"{k} {c['kept']}/{c['made']}" for k, c in counts.items())
