@@ -305,3 +305,27 @@ def test_rows_that_join_training_after_the_labels_relabel_the_held_out_sets():
             EvalSet("normal", "retain", rows[:1], None, "trained")]
     relabel_held_out(sets, [Example("Who wrote the Fran books?", "Fran Smith.", 1)])
     assert [s.role for s in sets] == ["1 of 2 trained", "held out", "trained, α choice", "trained"]
+
+
+def test_probes_are_labelled_stop_rule_only_when_their_check_ran():
+    # the probe check runs only at a check where nothing leaks: a run leaking at every check never asked them
+    from types import SimpleNamespace
+
+    from unlearn.data import Example
+    from unlearn.measure import EvalSet
+    from unlearn.run import roles_as_checked
+    from unlearn.tables import _probe_lines
+
+    def labelled(*leaks):
+        sets = [EvalSet("forget", "forget", [], None, "trained, stop rule"),
+                EvalSet("neighbours", "retain", [Example("q", "a", 1)], None, "stop rule"),
+                EvalSet("same subject", "retain", [Example("q", "a", 1)], None, "trained, stop rule")]
+        roles_as_checked(sets, SimpleNamespace(history=[{"step": i + 1, "forget_leak": x} for i, x in enumerate(leaks)]),
+                         0.0, ("neighbours", "same subject"))
+        return [s.role for s in sets]
+    assert labelled(0.5, 0.2) == ["trained, stop rule", "held out", "trained"]
+    assert labelled(0.5, 0.0) == ["trained, stop rule", "stop rule", "trained, stop rule"]
+    assert labelled() == ["trained", "held out", "trained"]
+    record = {"probes": {"sets": {"neighbours": {"made": 1, "kept": 1}}, "retained": None, "file": None},
+              "roles": {"neighbours": "stop rule"}}
+    assert "held out, and checked by the stop rule (--stop-probes)" in _probe_lines(record)[0]

@@ -81,7 +81,7 @@ def run(opts: RunOptions, log=default_log) -> dict:
             if unanswered and world.is_main:
                 log(unanswered_message(unanswered, data.sets[0], opts.max_new_tokens, rows=len(data.forget)))
             result = train_model(opts, job, data, log, before)
-            roles_as_checked(data.sets, result)
+            roles_as_checked(data.sets, result, opts.train.stop_leak, job.probe_names)
             averager, selection = choose_alpha(opts, job, data.sets, before, log)
             after = measure_after(job, data.sets, before, selection)
             note = over_refusal_note(opts, data, after)
@@ -770,12 +770,16 @@ def measure_after(job: Loaded, sets: list[EvalSet], before: Measurement, selecti
                        reused=job.measurer.reused - reused_before)
 
 
-def roles_as_checked(sets: list[EvalSet], result) -> None:
+def roles_as_checked(sets: list[EvalSet], result, stop_leak: float = 0.0, probe_names=()) -> None:
     """The roles given in `prepare`, before training, corrected once it is known that no stop-rule check measured
     the forget prompts (--check-every past the steps run, or no loop: edit): a set labelled "stop rule" then
     decided nothing, so the forget set is only "trained" and the probes "held out" (what a run without checks
-    labels them)."""
-    if any(r.get("forget_leak") is not None for r in result.history):
+    labels them). The probes (PROBE_NAMES) are checked (--stop-probes) only at a check whose forget leak is
+    at most STOP_LEAK: without one they decided nothing either, however many forget checks ran."""
+    checked = [r["forget_leak"] for r in result.history if r.get("forget_leak") is not None]
+    if checked and not any(leak <= stop_leak for leak in checked):
+        sets = [s for s in sets if s.name in probe_names]
+    elif checked:
         return
     for s in sets:
         if s.role.startswith("trained, stop rule"):

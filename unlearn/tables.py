@@ -105,6 +105,9 @@ def _probe_lines(record: dict) -> list[str]:
         return []
     counts = ", ".join(f"{name} {c['kept']} of {c['made']} made" for name, c in probes["sets"].items())
     role = "trained on (--retain-probes)" if probes.get("retained") is not None else "held out"
+    roles = record.get("roles") or {}
+    if any("stop rule" in role_ for name, role_ in roles.items() if name.rstrip("'") in probes["sets"]):
+        role += ", and checked by the stop rule (--stop-probes)"
     if probes.get("edit_preserves") and probes.get("retained") is None:
         role = f"{probes['edit_preserves']} trained: the edit preserved their prompts; the others held out"
     topics = ", and no refusal (a harmful request's topic probes)" if probes.get("topic_probes") else ""
