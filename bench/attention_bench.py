@@ -5,8 +5,10 @@
 
 Why one process: between processes the same step's time moves by about +-8 % on the 2-core
 machines here (bench/train_bench.py's MFU over five runs: 0.539-0.646), more than the difference
-measured. So one process builds the step as bench/train_bench.py does (the embedded model, the
-example rows, default TrainConfig, LoRA), draws one step's rows once and keeps them (every step
+measured. So one process builds a step like bench/train_bench.py's (the embedded model, the
+example rows, LoRA, TrainConfig's own defaults: its forget loss is plain ascent, where train_bench and
+`unlearn run`'s `ga` now train `spellings`; both arms train the same loss, and every figure this
+bench gave in docs/speed.md was measured so), draws one step's rows once and keeps them (every step
 then does the same work), and times N pairs of steps, in alternating order: one with transformers'
 eager attention (`eager_attention` below: measured, not used) and one with what `unlearn run` runs
 (`attention.training_attention`: in bf16 SDPA's math kernel, in float32 torch's own kernel choice).

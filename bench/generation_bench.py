@@ -96,6 +96,8 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, default=2, help="2: old, new, new, old; 1: old, new [default: 2]")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.max_new_tokens < 1 or args.rounds not in (1, 2):  # 0 tokens: the decode loop never reached its budget
+        parser.error("--max-new-tokens must be at least 1 and --rounds 1 or 2")
     if args.batch_size is None:
         from unlearn.config import GEN_BATCH_SIZE
 

@@ -58,7 +58,7 @@ peak RSS is per process; each subprocess sets the same thread count):
    so that load-time transients do not count; the resident weights, Python and
    torch do count (what the machine must have free while training).
    `rss_over_weights` = peak RSS / (the model's parameter count x 4 bytes), the
-   fp32 size of its weights (LoRA's not counted: they are <0.5% of them).
+   fp32 size of its weights (LoRA's not counted: about 1% of them on the embedded model, less at the OPT sizes).
    Where the peak is (`memory`, see `MemoryProbe`): the high-water mark is also
    reset around each backward pass, so the peak of the forward passes and losses and
    the peak of the backward passes and optimiser step are read apart; with them the
@@ -132,6 +132,8 @@ def parse_args(argv=None):
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one variant
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:  # no timed step: no median to report (a traceback at the end)
+        parser.error("--steps must be at least 1 and --warmup 0 or more")
     if args.model and args.shape != "default":
         parser.error("--model and --shape opt-*: pick one")
     if args.rows is None:
@@ -475,6 +477,9 @@ class MemoryProbe:
 
         torch.autograd.backward = backward  # Tensor.backward looks it up on the module at each call
         model.register_forward_hook(self._logits)
+        reference = getattr(unlearner, "reference_model", None)
+        if reference is not None and reference is not model:  # the naive two-copy step's reference forward too
+            reference.register_forward_hook(self._logits)
 
     def _peak(self, key: str) -> None:
         """Fold the high-water mark since the last reset into KEY, and reset it."""
