@@ -671,12 +671,14 @@ def _rate_until_verdict(measurer: Measurer, s: EvalSet, flags, enough: int | Non
     "Paris" of "Parisian") is flagged, and every row once ENOUGH rows are (None: never).
 
     For flags that cannot be unset by more text (an answer that appears stays), a stopped row's
-    verdict is its final one, so the rate is exact unless ENOUGH rows cut the rest. SETTLED (None: all):
-    the rows whose flags are such; the others are never stopped early nor counted toward ENOUGH. Then it is
+    verdict is its final one, so the rate is exact unless ENOUGH rows cut the rest. Then it is
     ENOUGH / OUT_OF (OUT_OF: the rows the rate is a share of), the count that decided: how many
     more rows had their answer when they were cut depends on how far each half of the batch had
     got (cpu_parts runs them side by side), and reported as such the same run logged "≥ 0.14" once
     and 0.50 another time.
+
+    SETTLED (None: all) are the rows whose flags are such; the others are never stopped early nor
+    counted toward ENOUGH, and are judged on their whole answers.
     """
     from unlearn.evaluate import rate
 
