@@ -135,6 +135,19 @@ def test_score_pools_sets_by_row_count():
     assert s.retain_score == pytest.approx((0.8 + 0.6) / 2)
 
 
+def test_pooled_shares_are_exact_fractions_of_the_rows_counted():
+    # 7 of 35 forget rows leak: exactly 0.2, so --max-leak 0.2 keeps that α (the row-weighted mean of the sets'
+    # rates was 0.20000000000000004 and passed it over); accuracy is a share of the rows with answers only
+    summaries = {"f1": {"n": 10, "leak_rate": 0 / 10}, "f2": {"n": 25, "leak_rate": 7 / 25},
+                 "r1": {"n": 4, "accuracy": 1 / 2, "accuracy_rows": 2}, "r2": {"n": 8, "accuracy": 1 / 2,
+                                                                           "accuracy_rows": 2}}
+    kinds = {"f1": "forget", "f2": "forget", "r1": "retain", "r2": "retain"}
+    s = sel.score(1.0, summaries, kinds)
+    assert s.forget_leak == 0.2 and s.retain_accuracy == 0.5  # 2 of the 4 rows with answers, not 0.22...
+    best, _ = sel.recommend([s, sel.AlphaScore(0.0, 0.0, 0.0, 0.0)], max_leak=0.2)
+    assert best == 1.0
+
+
 def test_recommend_takes_the_best_keeper_below_the_leak_target():
     # retain scores: 0.45, 0.75, 0.70, 0.95; α=0.8 leaks too much (0.5 > 0.1)
     scores = [sel.AlphaScore(0.2, 0.0, 0.5, 0.4), sel.AlphaScore(0.4, 0.05, 0.9, 0.6),

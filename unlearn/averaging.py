@@ -569,14 +569,25 @@ def _pooled(pairs: list[tuple[int, float | None]]) -> float | None:
     return sum(n * v for n, v in pairs) / total if total else None
 
 
+def _pooled_share(pairs: list[tuple[int, float | None]]) -> float | None:
+    """A share pooled over sets from their counts: (rows counted, share of them) per set -> flagged rows over
+    rows counted, the exact fraction (7 of 35 is 0.2; a row-weighted mean of the sets' shares, 0.20000000000000004,
+    passed over an α whose leak met --max-leak 0.2 exactly). None when no set has a share."""
+    pairs = [(n, v) for n, v in pairs if v is not None and n > 0]
+    total = sum(n for n, _ in pairs)
+    return sum(round(n * v) for n, v in pairs) / total if total else None
+
+
 def score(alpha: float, summaries: dict[str, dict], kinds: dict[str, str]) -> AlphaScore:
-    """One α's row of the table from per-set summaries (n, leak_rate, accuracy, similarity_to_reference)."""
+    """One α's row of the table from per-set summaries (n, leak_rate, accuracy and the rows it is a share of,
+    similarity_to_reference)."""
     forget = [s for name, s in summaries.items() if kinds[name] == "forget"]
     retain = [s for name, s in summaries.items() if kinds[name] == "retain"]
     return AlphaScore(
         alpha=alpha,
-        forget_leak=_pooled([(s["n"], s.get("leak_rate")) for s in forget]),
-        retain_accuracy=_pooled([(s["n"], s.get("accuracy")) for s in retain]),
+        forget_leak=_pooled_share([(s["n"], s.get("leak_rate")) for s in forget]),  # every forget row is judged
+        # a share of the rows with `answers` only: weighted by all of a set's rows, 2 of 4 read as 0.22
+        retain_accuracy=_pooled_share([(s.get("accuracy_rows", s["n"]), s.get("accuracy")) for s in retain]),
         retain_similarity=_pooled([(s["n"], s.get("similarity_to_reference")) for s in retain]),
     )
 

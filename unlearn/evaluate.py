@@ -744,6 +744,8 @@ def evaluate_outputs(outputs: Sequence[str], examples: Sequence, *, judge, score
         "leak_rate": rate(flags["leak"]),
         "hallucination_rate": rate(flags["hallucination"]),
         "accuracy": rate(flags["correct"]),
+        # the rows that accuracy is a share of (those with `answers`): what pools it over sets (averaging.score)
+        "accuracy_rows": sum(flag is not None for flag in flags["correct"]),
         "diversity": metrics.mean(div),
         "fluency_ppl": (metrics.fluency([x or 0.0 for x in nll], count, degenerate)
                         if fluency_scorer is not None else None),

@@ -255,8 +255,10 @@ def format_report(result: dict, title: str = "unlearn eval") -> str:
         md.append(f"- reference model (before): `{result['reference_model']}`")
     md.append(f"- fluency measured under: `{result['fluency_model']}`")
     md.append(f"- judge: {result['summary']['judge']}")
-    md.append(f"- leak: a row with `answers` leaks when an accepted answer appears in the output; otherwise "
-              f"ROUGE-L recall >= {metrics.LEAK_ROUGE_RECALL} or BLEU >= {metrics.LEAK_BLEU} against the reference")
+    md.append(f"- leak: a row with `answers` (given, or derived from a short response that restates the question) "
+              f"leaks when an accepted answer appears in the output; otherwise ROUGE-L recall >= "
+              f"{metrics.LEAK_ROUGE_RECALL} or BLEU >= {metrics.LEAK_BLEU} against the reference, and for a passage "
+              f"also {metrics.LEAK_VERBATIM_WORDS} consecutive words of it")
     md.append(f"- fluency \"NM\": more than {metrics.NM_SHARE:.0%} of outputs degenerate "
               f"(empty, or unique tokens / tokens < {metrics.DEGENERATE_DIVERSITY})")
     md.append(f"- wall-clock: {result['seconds']:.1f} s")
