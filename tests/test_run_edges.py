@@ -297,13 +297,13 @@ def test_eval_files_take_none_of_the_runs_own_names_and_say_what_chose_on_them(t
 def test_rows_that_join_training_after_the_labels_relabel_the_held_out_sets():
     from unlearn.data import Example
     from unlearn.measure import EvalSet
-    from unlearn.run import relabel_held_out
+    from unlearn.run import label_trained_rows
 
     rows = [Example("Who wrote the Fran books?", "Fran.", 1), Example("What is red?", "A colour.", 2)]
     sets = [EvalSet("heldout", "retain", rows, None, "held out"), EvalSet("h2", "retain", rows[1:], None, "held out"),
             EvalSet("normal-heldout", "retain", rows[:1], None, "held out, α choice"),
             EvalSet("normal", "retain", rows[:1], None, "trained")]
-    relabel_held_out(sets, [Example("Who wrote the Fran books?", "Fran Smith.", 1)])
+    label_trained_rows(sets, [Example("Who wrote the Fran books?", "Fran Smith.", 1)])
     assert [s.role for s in sets] == ["1 of 2 trained", "held out", "trained, α choice", "trained"]
 
 

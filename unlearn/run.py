@@ -198,41 +198,34 @@ def refuse_forget_prompts(rows: list, path, forget: list, forget_path: Path) -> 
     return rows
 
 
+def _repeated(s: EvalSet, rows: list) -> str | None:
+    """How much of S repeats ROWS' prompts: "all", "K of N" or None (none of it)."""
+    seen = {prompt_key(e.prompt) for e in rows}
+    k = sum(prompt_key(e.prompt) in seen for e in s.examples)
+    return None if not k else "all" if k == len(s.examples) else f"{k} of {len(s.examples)}"
+
+
 def label_trained_rows(sets: list[EvalSet], trained: list) -> list[EvalSet]:
-    """SETS (the --eval-* files), each labelled "held out" unless its prompts are among the TRAINED rows'.
+    """SETS, each labelled "held out" relabelled "trained" ("K of N trained") where its prompts are among the
+    TRAINED rows', the rest of its role kept.
 
     A file that repeats training prompts (the forget file given again as --eval-forget, or normal rows in
-    --eval-retain) would otherwise print training figures as results: it is labelled "trained", or
-    "K of N trained" when only some of its rows are."""
-    seen = {prompt_key(e.prompt) for e in trained}
+    --eval-retain) would otherwise print training figures as results; so would rows that joined training after
+    the labels were set (the probes, with --retain-probes: `make_probes` calls this again)."""
     for s in sets:
-        k = sum(prompt_key(e.prompt) in seen for e in s.examples)
-        if k:
-            s.role = "trained" if k == len(s.examples) else f"{k} of {len(s.examples)} trained"
+        part = _repeated(s, trained) if s.role.startswith("held out") else None
+        if part:
+            s.role = ("trained" if part == "all" else f"{part} trained") + s.role[len("held out"):]
     return sets
 
 
 def label_rows_used(sets: list[EvalSet], used: list, what: str) -> None:
     """Add ", WHAT" (or ", K of N WHAT") to the role of each of SETS whose prompts are among the USED rows':
     an --eval-* file that repeats the rows α was chosen on is no result of that choice."""
-    seen = {prompt_key(e.prompt) for e in used}
     for s in sets:
-        k = sum(prompt_key(e.prompt) in seen for e in s.examples)
-        if k:
-            s.role += f", {what}" if k == len(s.examples) else f", {k} of {len(s.examples)} {what}"
-
-
-def relabel_held_out(sets: list[EvalSet], trained: list) -> None:
-    """SETS labelled "held out" whose prompts are among TRAINED rows, relabelled "trained" or "K of N trained"
-    (the rest of the role kept): rows that joined training after the labels were set (the probes, with
-    --retain-probes) would otherwise have their figures read as held out."""
-    seen = {prompt_key(e.prompt) for e in trained}
-    for s in sets:
-        if not s.role.startswith("held out"):
-            continue
-        k = sum(prompt_key(e.prompt) in seen for e in s.examples)
-        if k:
-            s.role = ("trained" if k == len(s.examples) else f"{k} of {len(s.examples)} trained") + s.role[8:]
+        part = _repeated(s, used)
+        if part:
+            s.role += f", {what}" if part == "all" else f", {part} {what}"
 
 
 def hold_out(rows: list, share: float, seed: int, eligible: list[int] | None = None) -> tuple[list, list]:
@@ -592,7 +585,7 @@ def over_refusal_note(opts: RunOptions, data: Prepared, after: Measurement) -> s
     measured = after.sets.get(data.probes["topic_set"]) if data.probes["topic_set"] else None  # (make_probes)
     if measured is None or measured.summary.get("accuracy") is None:
         return None
-    kept, n = measured.summary["accuracy"], measured.summary["n"]
+    kept, n = measured.summary["accuracy"], measured.summary.get("accuracy_rows", measured.summary["n"])
     if kept >= OVER_REFUSAL_KEPT:
         return None
     return (f"unlearn: the refusal also refuses benign questions about the same things: {round(kept * n)} of {n} "
@@ -688,7 +681,7 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
         if topics:
             topic_set, topic_probes = s.name, topics
     data.retain += trained
-    relabel_held_out([s for s in data.sets if s.name not in measured], trained)
+    label_trained_rows([s for s in data.sets if s.name not in measured], trained)
     job.probe_names = tuple(measured)
     seconds = time.perf_counter() - t - job.pooled_before_seconds
     log("probes: " + ", ".join(f"{k} {c['kept']}/{c['made']}" for k, c in counts.items())
