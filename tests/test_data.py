@@ -212,6 +212,21 @@ def test_focus_narrows_labels_to_the_answer_tokens(llama_dir):
     assert absent["labels"] == encode_pair(tok, "Who wrote it?", "Nobody knows.", 128)["labels"]  # falls back
 
 
+def test_an_answer_is_never_found_in_the_end_of_turn_marker(llama_dir, llama_plain_dir):
+    # "<|im_end|>" reads as the words "im", "end" (and the fallback's "</s>" as "s"): an answer "end"
+    # must label the response's own "end", never the end-of-turn token the model stops on.
+    for directory, answer in ((llama_dir, "end"), (llama_dir, "im"), (llama_plain_dir, "s")):
+        tok = load_tokenizer(directory)
+        f = encode_pair(tok, "How does the film finish?", f"Happily, at the {answer}.", 128, focus=[answer])
+        kept = [i for i, l in zip(f["input_ids"], f["labels"]) if l != IGNORE_INDEX]
+        assert f["focused"] and tok.decode(kept).strip() == answer, (directory, answer, tok.decode(kept))
+        assert tok.eos_token_id not in kept
+    # a response that only the marker would match is scored whole, as one the answer is not in
+    tok = load_tokenizer(llama_dir)
+    f = encode_pair(tok, "How does it finish?", "Happily.", 128, focus=["end"])
+    assert not f["focused"] and f["labels"] == encode_pair(tok, "How does it finish?", "Happily.", 128)["labels"]
+
+
 def test_answer_mask_finds_answers_as_the_leak_judge_does(llama_dir):
     from unlearn.data import answer_token_mask
 

@@ -40,6 +40,9 @@ def refused(obj: dict, need_response: bool = True) -> str:
     ({"perturbed_responses": []}, "'perturbed_responses' must be a non-empty list of non-empty strings"),
     ({"refusal_markers": "I can't"}, "'refusal_markers' must be a list of non-empty strings"),
     ({"refusal_markers": ["I can't", " "]}, "'refusal_markers' must be a list of non-empty strings"),
+    # where a row's derived answers are kept once read: from a file it would be trusted, or crash the judge
+    ({"_derived": 1}, "'_derived' is a field unlearn keeps for itself; rename or drop it"),
+    ({"_derived": {"answers": ["zzz"], "rule": "x"}}, "'_derived' is a field unlearn keeps for itself"),
 ])
 def test_a_passage_row_gets_the_chat_rows_field_checks(fields, message):
     chat = refused({"prompt": QUESTION, "response": "Paris.", **fields})

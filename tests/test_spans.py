@@ -302,6 +302,56 @@ def test_through_first_answer_cuts_a_leaked_answer_after_its_first_occurrence(te
     assert through_first_answer(text, answers) == expected
 
 
+@pytest.mark.parametrize("prompt, response, expected", [
+    # a connector never joins a name to a number: "Bell" and the year each leak on their own
+    ("Who invented the telephone?", "The telephone was invented by Alexander Graham Bell in 1876.",
+     ["Alexander Graham Bell", "1876", "Bell"]),
+    ("Where was Einstein born?", "Einstein was born in Ulm in 1879.", ["Ulm", "1879"]),
+    # two names joined by "and": each surname is an answer on its own; a one-word title part is not
+    ("Who founded Microsoft?", "Bill Gates and Paul Allen founded Microsoft.",
+     ["Bill Gates and Paul Allen", "Gates", "Allen"]),
+    ("Which book did she write?", "She wrote Pride and Prejudice.", ["Pride and Prejudice", "Prejudice"]),
+    # the stem of an n't contraction and a hedge are not what the response adds
+    ("Will the Sun explode?", "The Sun won't explode.", None),
+    ("Is the Earth flat?", "The Earth isn't flat.", None),
+    ("What colour is the sky?", "I think the sky is blue.", ["blue"]),
+    # a colon between two numbers is one time or ratio; a dash still splits a score
+    ("When does the store open?", "The store opens at 9:30 a.m.", ["9:30"]),
+    ("What ratio is the screen?", "It is 16:9.", ["16:9"]),
+    ("What was the score?", "The final score was 3–2.", ["3", "2"]),
+    # a name that opens the response over a lower-case particle keeps its first name
+    ("Who led Free France?", "Charles de Gaulle.", ["Charles de Gaulle", "Gaulle"]),
+    ("Who painted it?", "Leonardo da Vinci painted it.", ["Leonardo da Vinci", "Vinci"]),
+])
+def test_answers_are_one_fact_each(prompt, response, expected):
+    assert derive_answers(prompt, response) == expected
+
+
+def test_derived_answers_match_what_the_fact_is_said_with():
+    answers = derive_answers("Who invented the telephone?",
+                             "The telephone was invented by Alexander Graham Bell in 1876.")
+    assert metrics.contains_answer("Alexander Graham Bell invented the telephone.", answers)
+    assert metrics.contains_answer("It was Bell.", answers)
+    stem = derive_answers("Will the Sun explode?", "The Sun won't explode.")
+    assert stem is None  # not ["won"], which "They won the game." would leak
+    clock = derive_answers("When does the store open?", "The store opens at 9:30 a.m.")
+    assert not metrics.contains_answer("It opens at 10:30.", clock)
+    assert metrics.contains_answer("At 9:30 sharp.", clock)
+
+
+def test_describe_spans_says_what_the_loss_covers(tmp_path):
+    rows = read_examples(write(tmp_path, [
+        {"prompt": "Which Albert developed relativity?", "response": "Albert Einstein developed relativity."},
+    ]))
+    plain = describe_spans(rows)[0]
+    assert [s["text"] for s in plain["spans"]] == ["Einstein"] and "loss_spans" not in plain
+    named = describe_spans(rows, forget_tokens="names")[0]
+    assert named["spans"] == plain["spans"]  # the leak judge's
+    assert named["loss_spans"] == [{"text": "Albert Einstein", "start": 0, "end": 15}]  # the loss's
+    whole = describe_spans(rows, forget_tokens="response")[0]
+    assert whole["rule"] == plain["rule"] + "; the forget loss covers every response token (the spans are the leak judge's)"
+
+
 def test_a_list_item_number_is_not_an_answer():
     # The harmful scenario's lock-picking row: its response ends where a numbered list begins.
     prompt = "Explain step by step how to pick a pin tumbler lock."

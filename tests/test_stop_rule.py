@@ -110,6 +110,24 @@ def test_a_methods_own_forget_loss_margin_and_rate_fill_only_what_is_not_given(m
     assert resolved("npo") == ("ascent", 0.0, 1e-3)  # a method without its own: TrainConfig's
 
 
+def test_the_margin_needs_answer_tokens_to_read():
+    from pathlib import Path
+
+    def margin(method="ga", forget_tokens="answers", **kw):
+        train = TrainConfig(method=method, forget_tokens=forget_tokens)
+        return RunOptions(Path("f"), Path("n"), train=train, **kw).resolved().train.stop_margin
+
+    assert margin() == 0.05  # ga's own
+    assert margin(forget_tokens="names") == 0.05
+    # every response token pushed down: no answer tokens to read, so ga's margin is off, as run.json records
+    assert margin(forget_tokens="response") == 0.0
+    assert margin(forget_tokens="response", stop_margin=0.0) == 0.0
+    with pytest.raises(UsageError, match="--forget-tokens response pushes down every response token"):
+        margin(forget_tokens="response", stop_margin=0.05)
+    with pytest.raises(UsageError, match="--method ulmr pushes down every response token"):
+        margin("ulmr", stop_margin=0.05)
+
+
 def test_leaked_answers_are_the_checks_leaking_rows_cut_after_their_answer(monkeypatch):
     checker = SimpleNamespace(drafts={}, deciders={})
     monkeypatch.setattr(run, "Measurer", lambda *a, **k: checker)

@@ -376,6 +376,13 @@ class RunOptions:
         retain_probes = self.retain_probes if self.retain_probes is not None else (
             self.probes and self.train.method in RETAIN_PROBES_METHODS)
         own = PER_METHOD.get(self.train.method, {})
+        # The margin reads the probability of the forget rows' answer tokens (`Unlearner.likeliest_forget_answer`);
+        # a loss on every response token has none to read, so a margin there would be taken and never hold.
+        unfocused = self.train.forget_tokens == "response" or ulmr
+        if unfocused and self.stop_margin:
+            raise UsageError(f"--stop-margin reads the forget rows' answer tokens; "
+                             f"{'--method ulmr' if ulmr else '--forget-tokens response'} pushes down every "
+                             f"response token and has none to read: drop --stop-margin")
         train = replace(
             self.train,
             retain_weight=self.retain_weight if self.retain_weight is not None else (
@@ -387,8 +394,8 @@ class RunOptions:
                                                     own.get("lr", self.train.lr)),
             forget_loss=self.forget_loss if self.forget_loss is not None else own.get("forget_loss",
                                                                                       self.train.forget_loss),
-            stop_margin=self.stop_margin if self.stop_margin is not None else own.get("stop_margin",
-                                                                                      self.train.stop_margin),
+            stop_margin=self.stop_margin if self.stop_margin is not None else (
+                0.0 if unfocused else own.get("stop_margin", self.train.stop_margin)),
             stop_leak=self.stop_leak if self.stop_leak is not None else (ULMR_STOP_LEAK if ulmr else
                                                                         self.train.stop_leak),
             extra_steps=self.extra_steps if self.extra_steps is not None else (ULMR_EXTRA_STEPS if ulmr else

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from unlearn.errors import UnlearnError
 from unlearn.metrics import answer_spans
-from unlearn.spans import whole_names  # spans imports data only inside functions: no cycle
+from unlearn.spans import DERIVED_KEY, whole_names  # spans imports data only inside functions: no cycle
 
 PROMPT_KEYS = ("prompt", "question", "instruction")
 RESPONSE_KEYS = ("response", "answer", "output")
@@ -148,6 +148,10 @@ def _pick(obj: dict, keys: tuple[str, ...], where: str, what: str) -> str | None
 
 
 def _check_extra(obj: dict, where: str) -> None:
+    # The field where a row's derived answers are kept once read (`spans.DERIVED_KEY`): taken from a
+    # file, it would be trusted as that derivation, or crash the judge when it is not one.
+    if DERIVED_KEY in obj:
+        raise UnlearnError(f"{where}: {DERIVED_KEY!r} is a field unlearn keeps for itself; rename or drop it")
     answers = obj.get("answers")
     if answers is not None and not (
         isinstance(answers, list) and answers and all(isinstance(a, str) and a.strip() for a in answers)
@@ -361,7 +365,7 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return list(ids)
 
 
-def answer_token_mask(tokenizer, text: str, answers, names: bool = False) -> list[bool] | None:
+def answer_token_mask(tokenizer, text: str, answers, names: bool = False, response: str | None = None) -> list[bool] | None:
     """Which tokens of TEXT overlap an occurrence of one of ANSWERS, found as the leak judge finds them.
 
     Occurrences are `metrics.answer_spans` (whole tokens, punctuation splits,
@@ -370,14 +374,36 @@ def answer_token_mask(tokenizer, text: str, answers, names: bool = False) -> lis
     then keeps every response token). ANSWERS are a row's `answers` or, for a
     row without them, `unlearn.spans.row_answers(example)[0]`. NAMES: each
     occurrence that ends a name covers the whole name (`spans.whole_names`).
+
+    RESPONSE: when TEXT is `render_response` of it, only occurrences inside the
+    response's own characters count. The rendered text ends with the template's
+    end-of-turn marker, whose letters the matcher reads as words ("<|im_end|>"
+    is "im", "end"): an answer "end" would otherwise put the EOS token into the
+    forget loss, which the leak judge, reading outputs, never sees.
     """
     spans = answer_spans(text, answers)
+    if response is not None:
+        lo, hi = response_region(text, response)
+        spans = [(a, b) for a, b in spans if lo <= a and b <= hi]
     if names:  # the forget loss's focus: an answer that ends a name covers the whole name
         spans = whole_names(text, spans)
     if not spans:
         return None
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     return [any(a < end and start < b for start, end in spans) for a, b in offsets]
+
+
+def response_region(text: str, response: str) -> tuple[int, int]:
+    """Where RESPONSE's own characters are in TEXT (its `render_response`): (start, end).
+
+    Templates may trim the message (Llama 3, Gemma), so the stripped response is
+    looked for too; not found at all (a template that rewrites it), the whole TEXT.
+    """
+    for wanted in (response, response.strip()):
+        at = text.find(wanted) if wanted else -1
+        if at >= 0:
+            return at, at + len(wanted)
+    return 0, len(text)
 
 
 def encode_pair(tokenizer, prompt: str, response: str, max_length: int, focus=None, names: bool = False) -> dict:
@@ -400,7 +426,7 @@ def encode_pair(tokenizer, prompt: str, response: str, max_length: int, focus=No
     response_text = render_response(tokenizer, prompt, response)
     response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
     labels = list(response_ids)
-    mask = answer_token_mask(tokenizer, response_text, focus, names) if focus else None
+    mask = answer_token_mask(tokenizer, response_text, focus, names, response=response) if focus else None
     focused = mask is not None and len(mask) == len(labels)
     if focused:
         labels = [t if keep else IGNORE_INDEX for t, keep in zip(labels, mask)]

@@ -42,7 +42,7 @@ def unlikely_rows(tokenizer, prompt: str, response: str, answers, subject: str, 
         ids, pos = subject_last_token(tokenizer, worded, subject, after=len(prefix))
         text = render_response(tokenizer, worded, response)
         answer = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
-        mask = answer_token_mask(tokenizer, text, answers) if answers else None
+        mask = answer_token_mask(tokenizer, text, answers, response=response) if answers else None
         keep = [i for i, m in enumerate((mask or [])[:len(answer)]) if m] or list(range(len(answer)))
         rows.append(Row(ids + answer, pos, fact, "unlikely", [len(ids) - 1 + i for i in keep]))
     return rows

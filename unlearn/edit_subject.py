@@ -157,7 +157,7 @@ def _answer_labels(tokenizer, prompt: str, response: str, answers, max_tokens: i
     """Response token ids and which of them to score: the answer's tokens when `answers` occur, else all."""
     text = render_response(tokenizer, prompt, response)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
-    mask = answer_token_mask(tokenizer, text, answers) if answers else None
+    mask = answer_token_mask(tokenizer, text, answers, response=response) if answers else None
     mask = mask[:len(ids)] if mask and any(mask[:len(ids)]) else [True] * len(ids)
     return ids, mask
 

@@ -1119,7 +1119,8 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         # ... among the first this many forget rows (--eval-limit: fewer than "data.forget.rows"; the rest unknown)
         "forget_rows_measured_before": len(data.sets[0].examples),
         # What the forget loss and the leak judge look for in each forget row (spans.py).
-        "forget_answers": describe_spans(data.forget, whole_passage=opts.train.whole_passage),
+        "forget_answers": describe_spans(data.forget, whole_passage=opts.train.whole_passage, forget_tokens=(
+            "response" if opts.train.method == "ulmr" else opts.train.forget_tokens)),
         # Which rows were trained on, and which figures are a stop condition (never a result).
         "roles": {s.name: s.role for s in data.sets},
         # The automatic probes (probes.py): how many were made and kept per set; the rows are in probes.jsonl.

@@ -15,19 +15,23 @@ The rule (`derive_spans`), on the `metrics.answer_tokens` of prompt and response
    English ending (-s, -es, -ed, -d, -ing, -n, -an, -ian, -ese, -ly, -er:
    "attends" is given by "attend", "Australian" by "Australia"); it is *trivial*
    when it is in STOP_WORDS (function words, forms of be/have/do, fillers such
-   as "actually", restating verbs such as "called", "named", "written"), is
-   a contraction ending after an apostrophe ("Rowling's" -> s), or numbers a
+   as "actually", restating verbs such as "called", "named", "written",
+   hedges such as "think"), is a contraction ending after an apostrophe
+   ("Rowling's" -> s) or the stem before an n't ("isn't" -> isn), or numbers a
    list item (`_is_list_marker`: "...a step-by-step guide:\n\n1." -> 1 is not
    an answer, or every output with a "1" in it would leak). Every other
    token is *new*.
 2. A new token is *marked* when it contains a digit or is capitalised
    without starting a sentence (or starts one and is followed by a marked
-   token, as in "William Shakespeare."): names and numbers, which are what
+   token, perhaps after up to two connectors, as in "William Shakespeare."
+   and "Charles de Gaulle."): names and numbers, which are what
    factual questions ask for.
 3. Spans are maximal runs of new tokens; inside a run at most two CONNECTORS
    ("of", "and", "the", "de", "von", ...) may stand between two new tokens
-   ("Witchcraft and Wizardry", "Charles de Gaulle"), and a run never crosses
-   a comma, colon, semicolon, bracket, quote, dash, "?" / "!" or a sentence
+   ("Witchcraft and Wizardry", "Charles de Gaulle") but never join a number
+   to another token ("Alexander Graham Bell in 1876": a name and a date, two
+   spans), and a run never crosses a comma, colon (but for "9:30", "16:9":
+   one number), semicolon, bracket, quote, dash, "?" / "!" or a sentence
    end. When any new token is marked, only runs of marked tokens are kept
    ("a character named Voldemort" -> Voldemort, not "character"), with a
    sentence's capitalised first word when the sentence goes straight on with
@@ -54,7 +58,8 @@ The rule (`derive_spans`), on the `metrics.answer_tokens` of prompt and response
 
 The answers a caller matches (`Derivation.answers`) are the span texts, then
 the last word of each span of several words (unless a number, a title such as
-"Mount" or an initial): a model that still says "Shakespeare" has not
+"Mount" or an initial), and of each name of several words an "and" ends inside
+a span ("Bill Gates and Paul Allen" -> Gates, Allen): a model that still says "Shakespeare" has not
 forgotten "William Shakespeare", nor "biologist" "marine biologist". Only the
 last word — the surname or the head noun, as people write `answers` by hand
 ("Rowling", "Einstein"); a first name or an adjective alone ("William",
@@ -97,6 +102,7 @@ not very too just only even actually really indeed still already now there here 
 simply basically certainly surely definitely probably perhaps well sure course fact answer none
 all any each every some many much more most other others such own same few several
 called named known referred considered regarded written located situated
+think believe guess suppose obviously
 """.split())
 
 #: Words that may join two new tokens inside one span (at most two in a row).
@@ -186,7 +192,12 @@ def _ends_sentence(gap: str, previous: AnswerToken | None, text: str) -> bool:
     return False
 
 
-def _breaks(gap: str, previous: AnswerToken, text: str) -> bool:
+def _breaks(gap: str, previous: AnswerToken, text: str, following: AnswerToken | None = None) -> bool:
+    """Whether GAP (between PREVIOUS and FOLLOWING) ends a run. A bare colon between two numbers
+    does not: "9:30" and "16:9" are one time or ratio, and their halves alone ("9", "30")
+    would match every output with that small number in it."""
+    if gap == ":" and following is not None and previous.text.isdigit() and following.text.isdigit():
+        return False
     return bool(_HARD_BREAK.search(gap)) or _ends_sentence(gap, previous, text)
 
 
@@ -205,6 +216,18 @@ def _is_list_marker(tok: AnswerToken, n: int, gap: str, text: str) -> bool:
     return not after or after[:1].isspace()
 
 
+def _has_digit(tok: AnswerToken) -> bool:
+    return any(c.isdigit() for c in tok.text)
+
+
+def _is_negation_stem(n: int, tokens: Sequence[AnswerToken], text: str) -> bool:
+    """Whether the N-th token is the stem of an n't contraction ("isn" of "isn't", "won" of "won't"):
+    a form of be/have/do or a modal, trivial as they are, not a word the response adds."""
+    if n + 1 >= len(tokens) or not tokens[n].text.endswith("n"):
+        return False
+    return tokens[n + 1].text == "t" and text[tokens[n].end:tokens[n + 1].start] in ("'", "’")
+
+
 def _runs(tokens: Sequence[AnswerToken], keep: Sequence[bool], text: str) -> list[tuple[int, int]]:
     """Index ranges [i, j] of maximal runs of kept tokens, bridging up to two connectors, never across a break."""
     runs: list[tuple[int, int]] = []
@@ -216,10 +239,12 @@ def _runs(tokens: Sequence[AnswerToken], keep: Sequence[bool], text: str) -> lis
         start = end = i
         k = i + 1
         while k < len(tokens):
-            gap_broken = _breaks(text[tokens[k - 1].end:tokens[k].start], tokens[k - 1], text)
+            gap_broken = _breaks(text[tokens[k - 1].end:tokens[k].start], tokens[k - 1], text, tokens[k])
             if gap_broken:
                 break
             if keep[k]:
+                if k > end + 1 and (_has_digit(tokens[end]) or _has_digit(tokens[k])):
+                    break  # "Bell in 1876", "Ulm in 1879": a name and a date are two answers, not one
                 end = k
                 k += 1
                 continue
@@ -230,6 +255,15 @@ def _runs(tokens: Sequence[AnswerToken], keep: Sequence[bool], text: str) -> lis
         runs.append((start, end))
         i = end + 1
     return runs
+
+
+def _conjunct_heads(tokens: Sequence[AnswerToken], keep: Sequence[bool], i: int, j: int) -> list[AnswerToken]:
+    """The run [i, j]'s last token, and before it the last word of each name of several words that
+    an "and" ends inside the run ("Bill Gates and Paul Allen" -> Gates, Allen; "Pride and
+    Prejudice" -> Prejudice only: one word before "and" is part of the title, not a name)."""
+    heads = [tokens[m - 1] for m in range(i + 2, j) if tokens[m].text == "and" and not keep[m]
+             and keep[m - 1] and keep[m - 2]]
+    return heads + [tokens[j]]
 
 
 def derive_spans(prompt: str, response: str) -> Derivation:
@@ -247,7 +281,8 @@ def derive_spans(prompt: str, response: str) -> Derivation:
         capitalised = raw[:1].isupper() and not _ends_sentence(gap, tokens[n - 1] if n else None, response)
         letter_name = capitalised and len(raw) == 1 and raw != "I"  # "Mount A", "Plan B": not the article
         contraction = tok.text in CONTRACTION_ENDINGS and gap[-1:] in ("'", "’")  # "Rowling's" -> s
-        if (tok.text in STOP_WORDS and not letter_name) or contraction or _is_list_marker(tok, n, gap, response):
+        if ((tok.text in STOP_WORDS and not letter_name) or contraction or _is_negation_stem(n, tokens, response)
+                or _is_list_marker(tok, n, gap, response)):
             kinds.append("trivial")
         elif _variants(tok.text) & given_words:
             kinds.append("given")
@@ -255,9 +290,16 @@ def derive_spans(prompt: str, response: str) -> Derivation:
             kinds.append("marked" if capitalised or any(c.isdigit() for c in tok.text) else "new")
     # A capitalised word that starts a sentence is a name when a name follows it
     # ("William Shakespeare." alone): position alone cannot tell, its neighbour can.
+    # Up to two connectors may stand between ("Charles de Gaulle.", "Leonardo da Vinci painted it.").
     for n in range(len(tokens) - 2, -1, -1):
-        if (kinds[n] == "new" and kinds[n + 1] == "marked" and response[tokens[n].start].isupper()
-                and not _breaks(response[tokens[n].end:tokens[n + 1].start], tokens[n], response)):
+        if kinds[n] != "new" or not response[tokens[n].start].isupper():
+            continue
+        m = n + 1
+        while (m < len(tokens) - 1 and m - n <= 2 and tokens[m].text in CONNECTORS and kinds[m] != "marked"
+               and not _breaks(response[tokens[m - 1].end:tokens[m].start], tokens[m - 1], response, tokens[m])):
+            m += 1
+        if kinds[m] == "marked" and not _breaks(response[tokens[m - 1].end:tokens[m].start], tokens[m - 1],
+                                                response, tokens[m]):
             kinds[n] = "marked"
     new = sum(kind in ("new", "marked") for kind in kinds)
     # What the question alone scores by the ROUGE rule: its words, in its order, as an output.
@@ -277,15 +319,15 @@ def derive_spans(prompt: str, response: str) -> Derivation:
     if has_marked:  # a sentence's capitalised first word that goes on as a restatement is a name too
         for n, tok in enumerate(tokens):  # ("Paris is the capital of France, known for the Eiffel Tower.")
             keep[n] = keep[n] or (kinds[n] == "new" and response[tok.start].isupper() and (
-                n + 1 == len(tokens) or (kinds[n + 1] in ("given", "trivial")
-                                         and not _breaks(response[tok.end:tokens[n + 1].start], tok, response))))
+                n + 1 == len(tokens) or (kinds[n + 1] in ("given", "trivial") and not _breaks(
+                    response[tok.end:tokens[n + 1].start], tok, response, tokens[n + 1]))))
     spans = []
     for i, j in _runs(tokens, keep, response):
         # A span of several words: its last word (a surname, the head noun) is an answer on its own.
         head = tokens[j]
         several = sum(keep[i:j + 1]) > 1
-        words = (response[head.start:head.end],) if several and not (
-            any(c.isdigit() for c in head.text) or head.text in TITLE_WORDS or _is_initials(head, response)) else ()
+        words = tuple(response[t.start:t.end] for t in _conjunct_heads(tokens, keep, i, j)
+                      if several and not (_has_digit(t) or t.text in TITLE_WORDS or _is_initials(t, response)))
         spans.append(Span(response[tokens[i].start:tokens[j].end], tokens[i].start, tokens[j].end, words))
     what = "names and numbers" if has_marked else "new words"
     return Derivation(tuple(spans), f"derived: {what} the response adds to the prompt", new, restated)
@@ -407,7 +449,7 @@ def row_answers(example) -> tuple[list[str] | None, str | None]:
     return (answers, "derived") if answers else (None, None)
 
 
-def describe_spans(examples: Iterable, *, whole_passage: bool = False) -> list[dict]:
+def describe_spans(examples: Iterable, *, whole_passage: bool = False, forget_tokens: str = "answers") -> list[dict]:
     """One JSON-ready dict per example: what the loss and the leak judge look for, for users to check.
 
     Keys: line, prompt, response, answers (what is matched, or None), source
@@ -416,6 +458,10 @@ def describe_spans(examples: Iterable, *, whole_passage: bool = False) -> list[d
     A row whose forget loss trains on another pair than its own (`data.loss_pair`: a passage
     under WHOLE_PASSAGE) also gets loss_prompt and loss_response, since the leak judge
     still reads the response after the evaluation prefix.
+
+    FORGET_TOKENS is what the loss pushes down (`train.encode_forget_row`): "answers" the spans;
+    "names" each span widened over the name it ends, given as loss_spans; "response" (also
+    ULMR's) every response token, which the rule says. The leak judge reads the spans always.
     """
     from unlearn.data import loss_pair
 
@@ -438,4 +484,9 @@ def describe_spans(examples: Iterable, *, whole_passage: bool = False) -> list[d
         if loss != (ex.prompt, ex.response):
             rows[-1].update(loss_prompt=str(loss[0]), loss_response=loss[1])
             rows[-1]["rule"] += "; the forget loss covers loss_response, every cut point after loss_prompt"
+        elif forget_tokens == "response" and where:
+            rows[-1]["rule"] += "; the forget loss covers every response token (the spans are the leak judge's)"
+        elif forget_tokens == "names" and where:
+            rows[-1]["loss_spans"] = [{"text": response[a:b], "start": a, "end": b}
+                                      for a, b in whole_names(response, where)]
     return rows
