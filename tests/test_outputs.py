@@ -175,3 +175,22 @@ def test_several_files_are_renamed_into_place_only_once_all_are_written(tmp_path
     with pytest.raises(UnlearnError, match=r"b\.md: could not write \(No space left on device\); nothing was written"):
         outputs.write_texts_atomic({first: "new\n", second: "report"})
     assert first.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
+
+
+def test_without_force_a_file_that_appeared_meanwhile_is_never_replaced(tmp_path, monkeypatch):
+    # check_writable ran before the work; another program wrote the path while this one was working.
+    first, second = tmp_path / "gen.jsonl", tmp_path / "report.md"
+    second.write_text("theirs")
+    with pytest.raises(UsageError, match="report.md: exists now .*nothing was written .*--force"):
+        outputs.write_texts_atomic({first: "ours 1", second: "ours 2"}, replace=False)
+    assert second.read_text() == "theirs" and not first.exists()  # the one already put in place is taken back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]  # no temporary file left
+    # where hard links are refused, the path is checked again just before the rename
+    monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(PermissionError(1, "no links here")))
+    with pytest.raises(UsageError, match="report.md: exists now"):
+        outputs.write_texts_atomic({second: "ours"}, replace=False)
+    assert second.read_text() == "theirs"
+    outputs.write_texts_atomic({first: "ours"}, replace=False)
+    assert first.read_text() == "ours"
+    outputs.write_texts_atomic({second: "ours"})  # --force: replaced
+    assert second.read_text() == "ours"

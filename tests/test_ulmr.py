@@ -330,6 +330,70 @@ def test_ulmr_with_a_given_augmented_file_and_fixed_alpha(tmp_path, files, llama
     assert record["alpha"] == 0.5 and record["alpha_selection"] is None
     assert record["augment"] == {"file": str(augmented.resolve()), "rows": 2}
     assert not (out / "augmented.jsonl").exists() and (out / "tuned-adapter").is_dir()
+    # the file trains the first forget prompt only: the forget set is labelled as what it is
+    assert json.loads((out / "run.json").read_text())["roles"]["forget"] == "1 of 2 trained"
+
+
+@pytest.mark.parametrize("rows, message", [
+    # a passage: ULMR would learn its continuation, the very text to forget
+    ([{"prompt": "Who wrote it?", "response": "I can't say."}, {"text": "J.K. Rowling wrote the books in Edinburgh."}],
+     "aug.jsonl:2: a `text` passage"),
+    # the forget file itself: every response is the answer it keeps in `answers`
+    (FORGET, "aug.jsonl:1: the response gives its own answer away"),
+    # no `answers` of its own, but a forget row's answer in its response (given, then derived: Hogwarts)
+    ([{"prompt": "Name the Harry Potter author.", "response": "It was Rowling, I believe."}],
+     "aug.jsonl:1: the response gives away the answer of"),
+    ([{"prompt": "Where is Harry's school?", "response": "I think it is Hogwarts."}],
+     "forget.jsonl:2; ULMR would teach it"),
+])
+def test_augmented_rows_that_would_teach_the_answer_are_refused(tmp_path, files, llama_dir, cli, rows, message):
+    forget, normal, _ = files
+    augmented = _jsonl(tmp_path / "aug.jsonl", rows)
+    result = cli("run", forget, normal, "--model", llama_dir, "--method", "ulmr", "--augmented", augmented,
+                 "-o", tmp_path / "o", *FAST)
+    assert result.code in (1, 2) and message in result.err and result.err.count("\n") == 1, result.err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_kept_row_with_an_augmented_prompt_is_refused(tmp_path, files, llama_dir, cli):
+    forget, normal, _ = files
+    augmented = _jsonl(tmp_path / "aug.jsonl", [
+        {"prompt": "Who wrote the Harry Potter books?", "response": "I don't know that."},
+        {"prompt": "Tell me who wrote Harry Potter.", "response": "That is not in my knowledge base."}])
+    clash = _jsonl(tmp_path / "keep.jsonl", NORMAL + [{"prompt": "Tell me who wrote Harry Potter.",
+                                                        "response": "Rowling did."}])
+    for args in ([clash], [normal, "--retain", clash]):
+        result = cli("run", forget, *args, "--model", llama_dir, "--method", "ulmr", "--augmented", augmented,
+                     "-o", tmp_path / "o", *FAST)
+        assert result.code == 1 and f"keep.jsonl:3: the same prompt as {augmented}:2" in result.err, result.err
+
+
+def test_rewrites_that_are_kept_prompts_are_dropped_and_repeated_eval_rows_read_trained(tmp_path, files, llama_dir,
+                                                                                         cli):
+    forget, normal, _ = files
+    # A random model writes no usable rewrite: each falls back to a templated rewording of the prompt.
+    worded = [t.format(instruction=FORGET[0]["prompt"]) for t in aug.TEMPLATE_REWRITES]
+    kept = _jsonl(tmp_path / "normal.jsonl", NORMAL + [{"prompt": w, "response": "Rowling."} for w in worded[:2]])
+    probe = _jsonl(tmp_path / "probe.jsonl", [{"prompt": w, "answers": ["Rowling"]} for w in worded[2:]]
+                   + [{"prompt": "Who drew the Harry Potter covers?", "answers": ["Thomas"]}])
+    out = tmp_path / "run"
+    result = cli("run", forget, kept, "--model", llama_dir, "--method", "ulmr", "--rewrites", "4", "--alpha", "0.5",
+                 "--eval-forget", probe, "-o", out, "--json", *FAST)
+    assert result.code == 0, result.err
+    rows = [json.loads(line) for line in (out / "augmented.jsonl").read_text().splitlines()]
+    assert not {r["prompt"] for r in rows} & set(worded[:2])  # never taught to decline what the KL keeps
+    assert "2 rewrite(s) dropped: the prompt of a normal or --retain row" in result.err
+    # the two rewordings the run trained on are no result
+    assert json.loads((out / "run.json").read_text())["roles"]["probe"] == "2 of 3 trained"
+
+
+def test_a_set_whose_weight_is_zero_is_labelled_held_out(tmp_path, files, llama_dir, cli):
+    forget, normal, _ = files
+    out = tmp_path / "run"
+    result = cli("run", forget, normal, "--model", llama_dir, "--method", "ulmr", "--alpha", "0.5",
+                 "--normal-weight", "0", "-o", out, *FAST)
+    assert result.code == 0, result.err
+    assert json.loads((out / "run.json").read_text())["roles"]["normal"] == "held out"
 
 
 @pytest.mark.parametrize("args, code, message", [
@@ -339,6 +403,10 @@ def test_ulmr_with_a_given_augmented_file_and_fixed_alpha(tmp_path, files, llama
     (["--method", "ulmr", "--alpha", "0.2,0.4"], 2, "give one α"),
     (["--method", "ulmr", "--alpha", "often"], 2, "'often' is not a number (or give auto)"),
     (["--method", "ulmr", "--alpha-grid", "0,2"], 2, "between 0 and 1"),
+    # ULMR's term is a plain NLL on whole responses at weight 1: these would be recorded and do nothing
+    (["--method", "ulmr", "--forget-weight", "7"], 2, "it takes no --forget-weight"),
+    (["--method", "ulmr", "--forget-tokens", "names"], 2, "it takes no --forget-tokens"),
+    (["--method", "ulmr", "--stop-margin", "0.05"], 2, "--method ulmr pushes down every response token"),
 ])
 def test_ulmr_usage_errors(tmp_path, files, llama_dir, cli, args, code, message):
     forget, normal, _ = files
@@ -361,3 +429,19 @@ def test_merge_sweep_usage_errors(tmp_path, files, llama_dir, cli):
         result = cli("merge", llama_dir, llama_dir, "-o", tmp_path / "o", *args)
         assert result.code in (1, 2) and message in result.err, (args, result.err)
         assert not (tmp_path / "o").exists()
+
+
+def test_a_resumed_run_that_augments_must_sample_in_the_same_batches():
+    from pathlib import Path
+
+    from unlearn.config import RunOptions, TrainConfig
+    from unlearn.run import _run_args
+
+    def args(method, **kw):
+        return _run_args(RunOptions(Path(__file__), Path(__file__), train=TrainConfig(method=method), **kw))
+
+    # the rewrites are drawn batch by batch: another --gen-batch-size draws other training rows
+    assert args("ulmr", gen_batch_size=16)["augment_batch_size"] == 16
+    assert args("ulmr", gen_batch_size=16) != args("ulmr", gen_batch_size=4)
+    assert "augment_batch_size" not in args("ulmr", augmented=Path(__file__))  # the rows are in the file
+    assert "augment_batch_size" not in args("ga")  # nothing sampled: checkpoints of other methods unchanged

@@ -243,6 +243,31 @@ def check_request(forget, rewrites: int, path=None) -> None:
                              f"ULMR needs prompt/response rows (use --method ga for passages)")
 
 
+def check_augmented(rows, path, forget, forget_path) -> list:
+    """ROWS, read from PATH (`--augmented`), when ULMR may train on them, else one `FILE:LINE` refusal.
+
+    ULMR raises the likelihood of each row's response, so a row is refused when that would teach what
+    is to be forgotten: a `text` passage (its continuation), or a response that gives away a forget
+    answer, judged as `augment` judges the rows it writes (`_leaks_source`: the row's own `answers`,
+    which augment copies into each row, and those of every FORGET row, given or derived, or its
+    response by ROUGE-L/BLEU when it has none). The forget file itself, given as --augmented, is the
+    plainest case: every response is the answer."""
+    for ex in rows:
+        where = f"{path}:{ex.line}"
+        if ex.is_passage:
+            raise UsageError(f"{where}: a `text` passage; ULMR learns each row's response, and a passage's is "
+                             f"its continuation (use --method ga for passages)")
+        own = ex.extra.get("answers")
+        if own and contains_answer(ex.response, own):
+            raise UsageError(f"{where}: the response gives its own answer away; ULMR would teach it "
+                             f"(its rows' responses must decline: `unlearn augment` writes such rows)")
+        for source in forget:
+            if _leaks_source(ex.response, source):
+                raise UsageError(f"{where}: the response gives away the answer of {forget_path}:{source.line}; "
+                                 f"ULMR would teach it (its rows' responses must decline)")
+    return rows
+
+
 def _requests(ex, rewrites: int) -> list[tuple[str, str, int]]:
     """What generation will be asked for forget row EX, as far as it is known before anything is generated:
     (what, prompt, new tokens) for the rewrite request around its prompt, and for the negative-response
@@ -386,6 +411,6 @@ def augment_file(opts, log=None) -> tuple[dict, AugmentStats]:
                                trust_remote_code=opts.trust_remote_code, log=log)
     rows, stats = augment(loaded.model, loaded.tokenizer, examples, rewrites=opts.rewrites, seed=opts.seed,
                           batch_size=opts.batch_size, log=log, path=opts.forget, whose=loaded.name)
-    write_jsonl(opts.output, rows)
+    write_jsonl(opts.output, rows, replace=opts.force)
     return {"output": os.path.abspath(opts.output), "generator": loaded.name, **stats.as_dict(),
             "seconds": round(time.perf_counter() - started, 1)}, stats

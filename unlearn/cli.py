@@ -389,7 +389,7 @@ def eval_command(save_generations, report, force, as_json, **o):
     texts = {save_generations: jsonl_text(result["rows"])} if save_generations else {}
     if report:
         texts[report] = tables.format_report(result)
-    write_texts_atomic(texts)
+    write_texts_atomic(texts, replace=force)
     if save_generations:
         log(f"unlearn: wrote {len(result['rows'])} generations to {save_generations}")
     if report:

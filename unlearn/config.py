@@ -451,6 +451,13 @@ class RunOptions:
             raise UsageError("--rewrites sets how many rewrites ULMR writes in the run: with "
                              + ("--augmented the rows are already written (give it to `unlearn augment`)"
                                 if ulmr else "--method ulmr only"))
+        if ulmr:  # ULMR's term is a plain NLL on its rows' whole responses at weight 1 (train.py): these did nothing
+            unused = [flag for flag, given in (
+                ("--forget-weight", self.train.forget_weight != TrainConfig.forget_weight),
+                ("--forget-tokens", self.train.forget_tokens != TrainConfig.forget_tokens)) if given]
+            if unused:
+                raise UsageError(f"--method ulmr learns its rows' whole negative responses at weight 1: it takes "
+                                 f"no {' or '.join(unused)}")
         # Settings that act only through the stop rule's checks or the probes would otherwise do nothing, silently.
         if not train.check_every:
             given = [flag for flag, on in (("--stop-probes", train.stop_probes), ("--leaked-rows", train.leaked_rows),

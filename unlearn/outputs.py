@@ -164,11 +164,35 @@ def write_text_atomic(path, text: str) -> None:
     write_texts_atomic({path: text})
 
 
-def write_texts_atomic(texts: dict) -> None:
+def _put_in_place(tmp: str, path: Path, replace: bool) -> None:
+    """Move the complete temporary file TMP to PATH. Without REPLACE, never over a file that is there now:
+    a hard link fails when PATH exists, so a result another program wrote while this one was working
+    (checked absent minutes before) is kept. Where hard links are refused, the check is made again
+    just before the rename, which narrows the window without closing it."""
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        if os.path.lexists(path):
+            raise FileExistsError(path) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def write_texts_atomic(texts: dict, replace: bool = True) -> None:
     """Write each text of TEXTS ({path: text}) as `write_text_atomic` does, all or none: every file is
     renamed into place only once all of them are complete (one output written while the next failed
-    left the command's first result, or replaced an earlier one with --force, under "nothing was written")."""
+    left the command's first result, or replaced an earlier one with --force, under "nothing was written").
+
+    REPLACE False (no --force): a path that exists by then is refused, and the files already put in place
+    are taken back (`check_writable` ran before the work, which may take minutes)."""
     done = {}  # final path -> its complete temporary file
+    placed = []
     path = None
     try:
         for path, text in texts.items():
@@ -182,8 +206,17 @@ def write_texts_atomic(texts: dict) -> None:
                 handle.write(text)
             _usual_mode(Path(tmp), directory=False)
         for path, tmp in list(done.items()):
-            os.replace(tmp, path)
+            _put_in_place(tmp, path, replace)
+            placed.append(path)
             del done[path]
+    except FileExistsError:
+        for tmp in done.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        for earlier in placed:
+            os.unlink(earlier)
+        raise UsageError(f"{path}: exists now (written while unlearn was working); nothing was written "
+                         f"(use --force to replace it)") from None
     except OSError as exc:
         for tmp in done.values():
             if os.path.exists(tmp):
@@ -196,6 +229,6 @@ def jsonl_text(rows) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def write_jsonl(path, rows) -> None:
-    """`jsonl_text` of ROWS, written atomically."""
-    write_text_atomic(path, jsonl_text(rows))
+def write_jsonl(path, rows, replace: bool = True) -> None:
+    """`jsonl_text` of ROWS, written atomically (REPLACE: as `write_texts_atomic`)."""
+    write_texts_atomic({path: jsonl_text(rows)}, replace=replace)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import re
 import shlex
 import shutil
 import time
@@ -120,19 +121,34 @@ def prepare(opts: RunOptions, created: list, forget: list) -> Prepared:
         from unlearn.augment import check_request
 
         check_request(forget, opts.rewrites, opts.forget)
+    augmented = None
+    if opts.augmented:  # ULMR's training rows: what it learns must decline, never give the answer
+        from unlearn.augment import check_augmented
+
+        augmented = check_augmented(read_examples(opts.augmented), opts.augmented, forget, Path(opts.forget))
     normal_rows = refuse_forget_prompts(read_examples(opts.normal), opts.normal, forget, Path(opts.forget))
-    augmented = read_examples(opts.augmented) if opts.augmented else None
     retain = read_retain(opts.retain, forget, Path(opts.forget))
+    if augmented:  # ULMR's forgotten prompts are the augmented rows': kept rows clash with them as with FORGET's
+        refuse_forget_prompts(normal_rows, opts.normal, augmented, Path(opts.augmented))
+        for path in opts.retain:
+            refuse_forget_prompts([e for e in retain if e.extra[SOURCE_FILE] == str(path)], path, augmented,
+                                  Path(opts.augmented))
     normal, normal_heldout = hold_out(normal_rows, opts.normal_holdout, opts.train.seed,
                                       untrained_elsewhere(normal_rows, retain) or None)
     limit = opts.eval_limit
     # Roles say which rows were trained on and which figures decide something (selection_sets). The forget
     # set's "stop rule" goes once training shows that no check ran (roles_as_checked).
     chooses = ", α choice" if opts.alpha == "auto" else ""
-    sets = [EvalSet("forget", "forget", forget[:limit], Path(opts.forget),
-                    ("trained, stop rule" if opts.train.check_every else "trained") + chooses),
+    forget_set = EvalSet("forget", "forget", forget[:limit], Path(opts.forget), "trained")
+    if augmented:  # ULMR trains the --augmented rows: FORGET's own prompts only where the file has them
+        part = _repeated(forget_set, augmented)
+        forget_set.role = "trained" if part == "all" else f"{part} trained" if part else "held out"
+    forget_set.role += (", stop rule" if opts.train.check_every else "") + chooses
+    # A set whose term has weight 0 is never drawn (train.py): its rows are measured, not trained.
+    normal_role = "trained" if opts.train.normal_weight else "held out"
+    sets = [forget_set,
             EvalSet("normal", "retain", normal[:limit], Path(opts.normal),
-                    "trained" + (chooses if not normal_heldout else ""))]
+                    normal_role + (chooses if not normal_heldout else ""))]
     if normal_heldout:
         # Held back from rows whose prompt nothing else trains on, when there are any (hold_out); when none are,
         # the draw's rows are trained elsewhere too, and the set says so as an --eval-* file would.
@@ -141,12 +157,13 @@ def prepare(opts: RunOptions, created: list, forget: list) -> Prepared:
         heldout_set.role += chooses
         sets.append(heldout_set)
     if retain:
-        sets.append(EvalSet("retain", "retain", retain[:limit], Path(opts.retain[0]), "trained"))
+        sets.append(EvalSet("retain", "retain", retain[:limit], Path(opts.retain[0]),
+                            "trained" if opts.train.retain_weight else "held out"))
     # The run's own names are never an --eval-* file's, whether or not this run has those sets: a file named
     # normal-heldout.jsonl was taken for the held-back rows (α chosen on it), retain.jsonl left out of run.json.
     reserved = {s.name for s in sets} | {"normal-heldout", "retain"}
     evals = label_trained_rows(read_eval_sets(opts.eval_forget, opts.eval_retain, taken=reserved, limit=limit),
-                               forget + normal + retain + (augmented or []))  # ULMR trains on --augmented
+                               trained_rows(opts, forget, normal, retain, augmented))
     if chooses:  # --alpha auto chooses on the forget rows and the held-back normal rows (else the trained ones)
         label_rows_used(evals, forget[:limit] + (normal_heldout or normal)[:limit], "α choice")
     sets += evals
@@ -206,17 +223,35 @@ def _repeated(s: EvalSet, rows: list) -> str | None:
 
 
 def label_trained_rows(sets: list[EvalSet], trained: list) -> list[EvalSet]:
-    """SETS, each labelled "held out" relabelled "trained" ("K of N trained") where its prompts are among the
-    TRAINED rows', the rest of its role kept.
+    """SETS, each labelled "held out" (or "K of N trained") relabelled "trained" ("K of N trained") where its
+    prompts are among the TRAINED rows' (every row trained on: a partial label is counted again), the rest
+    of its role kept.
 
     A file that repeats training prompts (the forget file given again as --eval-forget, or normal rows in
     --eval-retain) would otherwise print training figures as results; so would rows that joined training after
-    the labels were set (the probes, with --retain-probes: `make_probes` calls this again)."""
+    the labels were set (ULMR's rewrites made in the run, `load`; the probes, with --retain-probes:
+    `make_probes`; both call this again)."""
     for s in sets:
-        part = _repeated(s, trained) if s.role.startswith("held out") else None
+        labelled = _RELABELLED.match(s.role)
+        part = _repeated(s, trained) if labelled else None
         if part:
-            s.role = ("trained" if part == "all" else f"{part} trained") + s.role[len("held out"):]
+            s.role = ("trained" if part == "all" else f"{part} trained") + s.role[labelled.end():]
     return sets
+
+
+_RELABELLED = re.compile(r"held out|\d+ of \d+ trained")
+
+
+def trained_rows(opts: RunOptions, forget: list, normal: list, retain: list, ulmr_rows: list | None) -> list:
+    """Every row a term of the loss trains on: FORGET (ULMR: its ULMR_ROWS, which hold FORGET's own prompts
+    when the run makes them, so None there means FORGET), and NORMAL and RETAIN unless their weight is 0
+    (a term of weight 0 never draws a row, train.py)."""
+    rows = list(ulmr_rows if opts.train.method == "ulmr" and ulmr_rows is not None else forget)
+    if opts.train.normal_weight:
+        rows += normal
+    if opts.train.retain_weight:
+        rows += retain
+    return rows
 
 
 def label_rows_used(sets: list[EvalSet], used: list, what: str) -> None:
@@ -272,6 +307,9 @@ def _run_args(opts: RunOptions) -> dict:
         "save_every": opts.save_every, "normal_holdout": opts.normal_holdout,
         # --retain-probes trains on the probes, so how many there may be changes the training rows.
         "retain_probes": opts.probe_limit if opts.retain_probes else None,
+        # ULMR's rewrites made in the run are sampled batch by batch: another batch size draws other rows,
+        # and a resumed run makes them again.
+        **({"augment_batch_size": opts.gen_batch_size} if opts.train.method == "ulmr" and not opts.augmented else {}),
     }
 
 
@@ -411,6 +449,9 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
         if train_rows is None:  # every rank trains on rank 0's rows (sampling may differ between devices)
             t = time.perf_counter()
             train_rows, augment_stats = distributed.main_decides(_augment)(opts, model, tokenizer, data.forget, log)
+            train_rows = _drop_kept_prompts(train_rows, data.normal + data.normal_heldout + data.retain, log)
+            # an --eval-* row that a rewrite repeats is trained, not a result
+            label_trained_rows(data.sets, trained_rows(opts, data.forget, data.normal, data.retain, train_rows))
             augment_seconds = time.perf_counter() - t
 
     reference_model = None
@@ -505,6 +546,17 @@ def _fingerprint(path, dtype: str, device) -> str:
     from unlearn.measure_cache import weights_fingerprint
 
     return f"{weights_fingerprint(path)}|{dtype}|{getattr(device, 'type', device)}"
+
+
+def _drop_kept_prompts(rows: list, kept: list, log) -> list:
+    """ROWS (ULMR's, made in the run) without a rewrite whose prompt is a normal or --retain row's: ULMR
+    would teach it to decline while the KL holds its answer (an --augmented file's such rows are refused
+    in `prepare`). Only a rewrite can be one: FORGET's own prompts are refused in kept files."""
+    taken = {prompt_key(e.prompt) for e in kept}
+    result = [r for r in rows if prompt_key(r.prompt) not in taken]
+    if len(result) < len(rows):
+        log(f"augment: {len(rows) - len(result)} rewrite(s) dropped: the prompt of a normal or --retain row")
+    return result
 
 
 def _augment(opts: RunOptions, model, tokenizer, forget, log):
@@ -681,7 +733,8 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
         if topics:
             topic_set, topic_probes = s.name, topics
     data.retain += trained
-    label_trained_rows([s for s in data.sets if s.name not in measured], trained)
+    label_trained_rows([s for s in data.sets if s.name not in measured],  # data.retain holds TRAINED now
+                       trained_rows(opts, data.forget, data.normal, data.retain, job.train_rows))
     job.probe_names = tuple(measured)
     seconds = time.perf_counter() - t - job.pooled_before_seconds
     log("probes: " + ", ".join(f"{k} {c['kept']}/{c['made']}" for k, c in counts.items())
@@ -775,10 +828,9 @@ def roles_as_checked(sets: list[EvalSet], result, stop_leak: float = 0.0, probe_
     elif checked:
         return
     for s in sets:
-        if s.role.startswith("trained, stop rule"):
-            s.role = "trained" + s.role[len("trained, stop rule"):]  # ", α choice" stays
-        elif s.role == "stop rule":
-            s.role = "held out"
+        parts = s.role.split(", ")
+        if "stop rule" in parts:  # "trained, stop rule, α choice" -> "trained, α choice"; "stop rule" -> "held out"
+            s.role = ", ".join(p for p in parts if p != "stop rule") or "held out"
 
 
 def _outputs(measurement: Measurement) -> dict[str, list[str]]:
