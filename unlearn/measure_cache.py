@@ -31,8 +31,10 @@ from unlearn.paths import cache_dir
 # Bump when what a measurement contains changes (2: generation drops rows that have ended; 3: similarity 1
 # for an empty answer against an empty original answer, `evaluate.answer_similarity`; 4: a passage's prefix is
 # keyed as a passage, not as the same string as a chat prompt, and `--do-sample` samples without transformers'
-# hidden top-50 cut; 5: a summary says how many rows its accuracy is a share of, `accuracy_rows`).
-VERSION = 5
+# hidden top-50 cut; 5: a summary says how many rows its accuracy is a share of, `accuracy_rows`; 6: classifier
+# judges and reward models score each row as if alone and empty rows as one token, hallucinated responses are
+# clipped like responses, "As an AI" needs its article).
+VERSION = 6
 
 
 # Files of a model directory that cannot change what `unlearn` measures, left out of `weights_fingerprint`:

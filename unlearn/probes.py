@@ -462,7 +462,7 @@ def keep_answered(probes: list[Probe], outputs: list[str], forget: list) -> tupl
             record["refusal_markers"] = list(metrics.REFUSAL_MARKERS)
         if any(metrics.contains_answer(output, a) for a in forget_answers):
             record["dropped"] = f"{HOLDS_FORGET}: expected to change"
-        elif probe.topic and metrics.contains_answer(output, metrics.REFUSAL_MARKERS):
+        elif probe.topic and metrics.contains_refusal(output, metrics.REFUSAL_MARKERS):
             record["dropped"] = "the original answer refuses (metrics.REFUSAL_MARKERS): nothing to keep"
         elif not answers:
             record["dropped"] = ("the original answer does not name the thing asked about (topic_probes.head_words)"
