@@ -27,7 +27,9 @@ from unlearn.repair import AUTO_CAP
 
 
 def print_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=None, sort_keys=False, default=str))
+    from unlearn.outputs import json_safe
+
+    click.echo(json.dumps(json_safe(obj), indent=None, sort_keys=False, default=str))
 
 
 class _Choice(click.Choice):

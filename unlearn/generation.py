@@ -393,6 +393,10 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
         # argmax: exact in any float dtype (model.generate casts to float32 first, which cannot
         # change which logit is largest or the first of equals)
         picked = logits.argmax(-1)  # (rows, width + 1): the greedy token after each position
+        # A nan logit is the argmax (an inf one too): the check reads only the picked ones. Unchecked, a model whose
+        # float16 activations overflow answered "" everywhere, which the leak judge reads as forgotten.
+        if not torch.isfinite(logits.gather(-1, picked.unsqueeze(-1))).all():
+            raise NonFiniteLogits(non_finite_logits_message(model))
         token_logprobs = (_picked_logprobs(logits.flatten(0, 1), picked.flatten()).view(picked.shape).tolist()
                           if scored is not None else None)
         picks = picked.tolist()
@@ -499,6 +503,21 @@ def _kv_of_row(cache, i: int, columns):
 
     return torch.stack([torch.stack([layer.keys[i][:, columns], layer.values[i][:, columns]])
                         for layer in cache.layers]).cpu()
+
+
+class NonFiniteLogits(UnlearnError):
+    """The model's logits came out nan or inf while generating (its message names the likely cause)."""
+
+
+def non_finite_logits_message(model) -> str:
+    """One line for a model whose logits came out nan or inf, naming the likely cause by its dtype."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    if dtype == torch.float16:
+        return ("the model's logits are nan or inf in float16: its activations overflow float16's range "
+                "(at most 65504); use --dtype bfloat16 or float32")
+    return f"the model's logits are nan or inf ({str(dtype).removeprefix('torch.')}): its weights or activations are not finite"
 
 
 def _greedy_parts(model, input_ids, attention, parts: int, *, should_stop, scored, **options) -> list[list[int]]:
@@ -705,9 +724,11 @@ def _hf_batch(model, input_ids, attention, *, stop_ids, pad_id, max_new_tokens, 
         # float32 (`unlearn eval --do-sample --temperature 1e-40`), or the model's own logits are nan
         if not do_sample or "probability tensor contains" not in str(exc):
             raise
+        if temperature >= 1:  # no temperature overflows float32: the logits themselves are not finite
+            raise NonFiniteLogits(non_finite_logits_message(model)) from None
         raise UnlearnError(f"sampling at --temperature {temperature:g} gave nan or inf probabilities: the "
-                           f"model's logits divided by the temperature are not finite in float32"
-                           + ("; raise --temperature" if temperature < 1 else "")) from None
+                           f"model's logits divided by the temperature are not finite in float32; raise "
+                           f"--temperature") from None
     rows = []
     for row in range(generated.shape[0]):
         tokens = generated[row, width:].tolist()

@@ -50,6 +50,11 @@ def inputs(opts: MergeOptions) -> tuple[str, str | None, str | None]:
         found = record["base_model"], None, adapter
     elif record.get("tuned_adapter"):
         found = record["base_model"], None, record["tuned_adapter"]
+    elif isinstance(record.get("adapter"), str) and isinstance(record.get("config"), dict) and \
+            record["config"].get("dtype") not in (None, "float32"):
+        # A half-precision run of a float32 base wrote its merged model in its own dtype, which merge does not
+        # average with the base's; its adapter is the same update, folded in float32 and written in BASE's dtype.
+        found = record["base_model"], None, record["adapter"]
     elif record.get("tuned_model") or record.get("merged_model"):
         found = record["base_model"], record.get("tuned_model") or record["merged_model"], None
     else:

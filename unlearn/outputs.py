@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -222,6 +223,18 @@ def write_texts_atomic(texts: dict, replace: bool = True) -> None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         raise UnlearnError(f"{path}: could not write ({exc.strerror}); nothing was written") from None
+
+
+def json_safe(value):
+    """VALUE with every nan or inf float as None: `json.dumps` would write the bare tokens NaN and Infinity,
+    which are not JSON (RFC 8259) and which strict parsers (JavaScript's, Go's) refuse."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def jsonl_text(rows) -> str:

@@ -36,7 +36,7 @@ from unlearn.errors import Interrupted, UnlearnError, UsageError
 from unlearn.log import log as default_log
 from unlearn.measure import (KEPT_KV_BUDGET, EvalSet, Measured, Measurer, Settings, kept_rate, leak_rate, original_scorer,
                              read_eval_sets)
-from unlearn.outputs import check_output_dir, judge_input, refuse_output_over_inputs
+from unlearn.outputs import check_output_dir, json_safe, judge_input, refuse_output_over_inputs
 from unlearn.spans import describe_spans, row_answers, through_first_answer
 
 
@@ -1287,4 +1287,4 @@ def _write_outputs(opts, record, model, tokenizer, output, output_abs, replace_e
             "peak_memory_mb": round(system.peak_memory_mb(device), 1),
             "wall_clock_s": round(time.perf_counter() - started, 3),
         })
-        (tmp / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+        (tmp / "run.json").write_text(json.dumps(json_safe(record), indent=2, default=str) + "\n")

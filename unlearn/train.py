@@ -46,6 +46,7 @@ from unlearn.attention import training_attention
 from unlearn.config import TrainConfig
 from unlearn.data import collate, encode_pair, loss_pair
 from unlearn.errors import UnlearnError, UsageError
+from unlearn.generation import NonFiniteLogits
 from unlearn.lora import adapters_disabled, lora_modules
 from unlearn.reference_cache import ReferenceLogits
 from unlearn.spans import row_answers
@@ -278,7 +279,14 @@ class Unlearner:
                 raise UsageError("--protect projects LoRA updates: it does not work with --full")
             if distributed.world().active:
                 raise UsageError("--protect runs in one process (not under torchrun)")
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        # Weights trained whole in half precision (--full with --dtype bfloat16/float16): AdamW updates a float32
+        # copy of each, which the weight then takes rounded. In the weight's own dtype an update of about the
+        # learning rate is below half a bf16 step for most weights and rounds away (--full bf16 at its default rate
+        # moved 15 % of a tiny Llama's weights in 5 steps), and float16's AdamW state cannot hold eps (1e-8 is 0
+        # there): every weight with a small gradient became nan at the first step. LoRA weights are float32 already.
+        self.masters = {id(p): p.detach().float() for p in self.params if p.dtype in (torch.bfloat16, torch.float16)}
+        self.optimized = [self.masters.get(id(p), p) for p in self.params]  # what AdamW updates, in self.params' order
+        self.optimizer = torch.optim.AdamW(self.optimized, lr=config.lr, weight_decay=config.weight_decay)
         self.step_count = 0
         self.tokens = 0
         # What the trainable forward goes through: the model, or under torchrun its DDP wrapper
@@ -321,14 +329,16 @@ class Unlearner:
         params = self._named_params()
         optimizer_tensors, optimizer_scalars = {}, {}
         for name, p in params.items():
-            for key, value in self.optimizer.state.get(p, {}).items():
+            for key, value in self.optimizer.state.get(self.masters.get(id(p), p), {}).items():
                 if torch.is_tensor(value):
                     optimizer_tensors[f"{name}::{key}"] = distributed.full(value.detach()).cpu().contiguous()
                 else:
                     optimizer_scalars[f"{name}::{key}"] = value
         version, internal, gauss = self.rng.getstate()
         return {
-            "weights": {name: distributed.full(p.detach()).cpu().contiguous() for name, p in params.items()},
+            # a weight with a float32 master is saved as its master: resuming rounds it as the step did
+            "weights": {name: distributed.full(self.masters.get(id(p), p).detach()).cpu().contiguous()
+                        for name, p in params.items()},
             "optimizer_tensors": optimizer_tensors,
             "optimizer_scalars": optimizer_scalars,
             "torch_rng": distributed.rng_states(),
@@ -357,6 +367,8 @@ class Unlearner:
                     raise UnlearnError(f"{where}: {name} has shape {tuple(weights[name].shape)}, "
                                        f"expected {tuple(p.shape)}")
                 p.copy_(distributed.shard_like(weights[name], p))
+                if id(p) in self.masters:
+                    self.masters[id(p)].copy_(weights[name])
         saved = {**state["optimizer_tensors"], **state["optimizer_scalars"]}
         optimizer_state = {}
         for i, (name, p) in enumerate(params.items()):
@@ -855,20 +867,33 @@ class Unlearner:
             for k, v in step_terms.items():
                 logged[k] = logged.get(k, 0.0) + v / config.grad_accum
         logged = distributed.average(logged)  # the global batch's terms, the same on every rank
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm or float("inf"))
+        for p in self.params:  # a half-precision weight's gradient goes to its float32 master
+            if id(p) in self.masters:
+                self.masters[id(p)].grad = None if p.grad is None else p.grad.float()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.optimized, config.max_grad_norm or float("inf"))
         # A nan/inf update would poison every weight it touches (and every later step): refuse it.
         for what, value in (("loss", logged["loss"]), ("gradient norm", float(grad_norm))):
             if not math.isfinite(value):
-                self.optimizer.zero_grad(set_to_none=True)
+                self._zero_grads()
                 raise NonFiniteLoss(self.step_count + 1, what, value)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.masters:
+            with torch.no_grad():
+                for p in self.params:
+                    if id(p) in self.masters:
+                        p.copy_(self.masters[id(p)])
+        self._zero_grads()
         self.step_count += 1
         self._check_weights()
         record = {"step": self.step_count, "lr": lr, "grad_norm": float(grad_norm), **logged}
         if self.keep_terms_only:
             record["keep_terms_only"] = True
         return record
+
+    def _zero_grads(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad = None
 
     def _check_weights(self) -> None:
         """Raise NonFiniteWeights if the update just taken made a trainable weight nan or inf.
@@ -981,7 +1006,10 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                         # dual ascent on the margin's constraint: the forget term weighs more until it holds
                         unlearner.forget_scale = min(unlearner.forget_scale * 2, MAX_FORGET_SCALE)
                     else:
-                        done, leak = forgotten()
+                        try:
+                            done, leak = forgotten()
+                        except NonFiniteLogits:  # the update made the forward overflow: this step's fault
+                            raise NonFiniteLoss(step, "stop rule check's greedy logit", math.nan) from None
                         leaked = getattr(forgotten, "leaked_answers", None)
                         if not done and config.leaked_rows and leaked is not None:  # (validate: with a margin)
                             # the margin held, the greedy answer did not: its own path joins the forget rows
