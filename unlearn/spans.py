@@ -323,8 +323,8 @@ def derive_spans(prompt: str, response: str) -> Derivation:
                     response[tok.end:tokens[n + 1].start], tok, response, tokens[n + 1]))))
     spans = []
     for i, j in _runs(tokens, keep, response):
-        # A span of several words: its last word (a surname, the head noun) is an answer on its own.
-        head = tokens[j]
+        # A span of several words: its last word (a surname, the head noun) is an answer on its own, and so is
+        # that of each name of several words an "and" ends inside it.
         several = sum(keep[i:j + 1]) > 1
         words = tuple(response[t.start:t.end] for t in _conjunct_heads(tokens, keep, i, j)
                       if several and not (_has_digit(t) or t.text in TITLE_WORDS or _is_initials(t, response)))
