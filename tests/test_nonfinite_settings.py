@@ -145,8 +145,11 @@ def data(tmp_path):
 @pytest.mark.parametrize("args, message", [
     # ga's margin reads the overflowing model first (it used to count nan as met: "forgotten", exit 0)
     ([], "step 1: the likeliest forget answer's probability is nan"),
-    # no margin, and the last step's model is the broken one: the greedy check found no leak in nan logits
-    (["--method", "npo", "--max-steps", "1"], "step 1: the trained model's log-probability of a forget answer is nan"),
+    # no margin: the stop rule's greedy check meets the nan logits (it used to find no leak in them)
+    (["--method", "npo", "--max-steps", "1"], "step 1: the stop rule check's greedy logit is nan"),
+    # no check either, and the last step's model is the broken one: read before it is written
+    (["--method", "npo", "--max-steps", "1", "--check-every", "0"],
+     "step 1: the trained model's log-probability of a forget answer is nan"),
 ])
 def test_a_run_that_breaks_the_model_exits_1_with_one_line_and_writes_no_model(tmp_path, data, llama_dir, cli,
                                                                                  args, message):
