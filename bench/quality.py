@@ -504,11 +504,13 @@ def main(argv=None) -> None:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
+    # The scenarios as resolved, and the results file, always: a command that named only its split made another
+    # table once the split grew (docs/quality.md's older tables printed "(seeds none) n/a" rows).
     command = "python bench/quality.py " + " ".join(
-        (["--quick"] if args.quick else [f"--split {args.split}"] + ([f"--scenarios {args.scenarios}"] if args.scenarios else [])
-         + [f"--methods {','.join(methods)}", f"--seeds {args.seeds}"])
+        (["--quick"] if args.quick else [f"--split {args.split}", f"--scenarios {','.join(scenarios)}",
+                                         f"--methods {','.join(methods)}", f"--seeds {args.seeds}"])
         + ([f"--run-args={shlex.quote(args.run_args)}"] if args.run_args else [])
-        + ([f"--out {args.out}"] if args.out != parser.get_default("out") else []))
+        + [f"--out {args.out}"])
     table = make_table(read_jsonl(out), scenarios, methods, seeds, args.run_args, command, args.split)
     print(table)
     if args.table:

@@ -172,3 +172,14 @@ def test_readme_block_is_replaced_between_its_markers_only():
     assert out == "intro\n<!-- quality-table:test -->\n| new |\n<!-- /quality-table:test -->\nrest\n"
     with pytest.raises(SystemExit, match="quality-table:dev"):
         quality.replace_block(text, "dev", "| new |")
+
+
+def test_the_printed_command_names_its_scenarios_and_results_file(tmp_path, capsys):
+    # "--split dev" alone made another table once the split grew: the command names what it read
+    out = tmp_path / "rows.jsonl"
+    out.write_text(json.dumps({"scenario": "capitals", "method": "ga", "seed": 0, "run_args": "", "exit_code": 0,
+                               "forget_leak": 0.0}) + "\n")
+    quality.main(["--split", "dev", "--methods", "ga", "--seeds", "0", "--out", str(out), "--no-run"])
+    first = capsys.readouterr().out.splitlines()[0]
+    dev = quality.load_split("dev")
+    assert f"--split dev --scenarios {','.join(dev)} --methods ga --seeds 0 --out {out}`" in first
