@@ -196,6 +196,20 @@ def test_edit_refuses_torchrun_with_one_line(tmp_path, llama_dir):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", [["eval", "PROMPTS"], ["merge", "--alpha", "0.5"], ["augment", "PROMPTS", "-o", "OUT"]])
+def test_commands_that_share_nothing_out_refuse_torchrun(tmp_path, llama_dir, cli, command):
+    # Every process did all of it and raced to write: eval ended in exit 1 saying "nothing was written"
+    # over a complete file, or printed two JSON documents. torchrun's environment, rank 0's process:
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", FORGET)
+    argv = [prompts if a == "PROMPTS" else tmp_path / "out.jsonl" if a == "OUT" else a for a in command]
+    result = cli(*argv, "--model", llama_dir, env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}) \
+        if command[0] != "merge" else cli(*argv, env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
+    assert result.code == 2 and result.err == (f"unlearn: unlearn {command[0]} runs in one process: launch it "
+                                               f"without torchrun (only `unlearn run` shares its work over "
+                                               f"torchrun's processes)\n"), result.err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 # --- one rank fails alone ----------------------------------------------------------------------
 
 

@@ -366,6 +366,27 @@ def test_a_decided_check_reports_the_count_that_decided_it_not_how_far_the_other
     assert leak_rate(_StreamingMeasurer(streams), EvalSet("forget", "forget", _rows(4))) == 0.5  # undecided: exact
 
 
+class _ShareMeasurer(_StreamingMeasurer):
+    """Rank 0 of two: it generates rows 2 and 3 (its share; STOP_ROW asked only for them) and gets every
+    row's answer back, rank 1's rows 0 and 1 complete, as `distributed.sharded` gathers them."""
+
+    def answer(self, s, desc=False, stop_row=None, rows=None):
+        rows = list(range(len(self.streams))) if rows is None else list(rows)
+        mine = super().answer(s, desc, stop_row, [i for i in rows if i >= 2])
+        return [" ".join(self.streams[i]) if i < 2 and i in rows else mine[i] for i in range(len(self.streams))]
+
+
+def test_two_processes_log_the_count_that_decided_as_one_does(monkeypatch):
+    from unlearn import distributed
+    from unlearn.measure import leak_rate
+
+    # rank 1 generated rows 0 and 1 and cut row 0 at its leak: one flagged row, there, none here
+    monkeypatch.setattr(distributed, "total", lambda count: count + 1)
+    streams = ["So Paris it is then", "Well Paris it is then", QUIET, QUIET]
+    assert leak_rate(_ShareMeasurer(streams), EvalSet("forget", "forget", _rows(4)), decided_above=0.0) == 0.25
+    # (rank 0 alone counted none and logged the gathered answers' rate: 0.50 where one process logs 0.25)
+
+
 class _PieceMeasurer:
     """A Measurer stand-in whose rows "generate" the given text pieces, asking STOP_ROW after each
     (a piece may hold any whitespace, where `_StreamingMeasurer` streams blank-separated words)."""

@@ -26,6 +26,14 @@ from unlearn.log import log
 from unlearn.repair import AUTO_CAP
 
 
+def _one_process(command: str) -> None:
+    """Refuse torchrun for a command that shares nothing out: every process would do all of it and race
+    to write the same outputs (eval's ended in exit 1 and "nothing was written" over a complete file)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError(f"unlearn {command} runs in one process: launch it without torchrun "
+                         f"(only `unlearn run` shares its work over torchrun's processes)")
+
+
 def print_json(obj) -> None:
     from unlearn.outputs import json_safe
 
@@ -320,6 +328,7 @@ def run_command(**o):
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as one JSON object.")
 def augment_command(as_json, **o):
     """ULMR's data: rewrite each FORGET prompt and write a negative response for each (paper's prompts)."""
+    _one_process("augment")
     from unlearn.augment import augment_file
     from unlearn.config import AugmentOptions
 
@@ -371,6 +380,7 @@ def eval_command(save_generations, report, force, as_json, **o):
     References for leak and harmful rates are the PROMPTS rows' responses, or
     the --forget rows with the same prompt. Metric definitions: docs/eval.md.
     """
+    _one_process("eval")
     from pathlib import Path
 
     from unlearn import evaluate, tables
@@ -433,6 +443,7 @@ def merge(alpha, as_json, **o):
     With no paths, BASE and TUNED are the base model and the fine-tuned model of
     the most recent `unlearn run`. Works tensor by tensor: memory stays flat.
     """
+    _one_process("merge")
     from pathlib import Path
 
     from unlearn import merge as job

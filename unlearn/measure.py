@@ -728,7 +728,9 @@ def _rate_until_verdict(measurer: Measurer, s: EvalSet, flags, enough: int | Non
         outputs[i] = got[i]
     found = flags(outputs, range(n))
     measurer.deciders[s.name] = [i for i in range(n) if found[i]]
-    if enough is not None and len(flagged) >= enough:
+    # FLAGGED holds the rows this rank generated (`distributed.sharded` shares them out, each row to one
+    # rank): summed over the ranks it is one process's count, so two processes log what one does.
+    if enough is not None and distributed.total(len(flagged)) >= enough:
         return enough / out_of
     return rate(found) or 0.0
 

@@ -1284,7 +1284,7 @@ def _write_outputs(opts, record, model, tokenizer, output, output_abs, replace_e
             "output": str(output_abs),
             "adapter": str(output_abs / "adapter") if opts.adapters or update else None,
             "merged_model": str(output_abs / "model"),
-            "peak_memory_mb": round(system.peak_memory_mb(device), 1),
+            "peak_memory_mb": round(system.peak_memory_mb(device), 1),  # this process's (rank 0's under torchrun)
             "wall_clock_s": round(time.perf_counter() - started, 3),
         })
         (tmp / "run.json").write_text(json.dumps(json_safe(record), indent=2, default=str) + "\n")
