@@ -375,6 +375,28 @@ def test_sigterm_during_a_sweep_leaves_no_partial_models(cli, tmp_path, pair, mo
     assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is gone again
 
 
+def test_sighup_is_cleaned_up_as_sigterm_is(cli, tmp_path, pair, monkeypatch):
+    # the terminal or ssh session gone: the hidden .o.tmp-* directory of a partial model stayed behind
+    import os
+    import signal
+
+    from unlearn import merge
+
+    base_dir, tuned_dir, _, _ = pair
+    written = merge._write
+
+    def write_then_hung_up(*args, **kw):
+        written(*args, **kw)
+        os.kill(os.getpid(), signal.SIGHUP)
+
+    monkeypatch.setattr(merge, "_write", write_then_hung_up)
+    before = signal.getsignal(signal.SIGHUP)
+    code, out, err = cli("merge", "--alpha", "0.2,0.4", base_dir, tuned_dir, "-o", tmp_path / "o")
+    assert code == 129 and err.strip().splitlines()[-1] == "unlearn: terminated (SIGHUP); nothing half-written is left"
+    assert_nothing_written(tmp_path / "o")
+    assert signal.getsignal(signal.SIGHUP) is before
+
+
 def test_merge_into_a_symbolic_link_writes_into_its_target(cli, tmp_path, pair):
     # the finished output was renamed onto the link itself, replacing it, while the printed path named the target
     base_dir, tuned_dir, _, _ = pair

@@ -194,3 +194,25 @@ def test_without_force_a_file_that_appeared_meanwhile_is_never_replaced(tmp_path
     assert first.read_text() == "ours"
     outputs.write_texts_atomic({second: "ours"})  # --force: replaced
     assert second.read_text() == "ours"
+
+
+def test_an_output_directory_written_meanwhile_is_kept(tmp_path):
+    # two commands on one -o, both found it empty at their start: the second moved the first's finished
+    # result aside and deleted it, and both exited 0
+    out = tmp_path / "o"
+    with pytest.raises(UsageError, match=r"o: exists now and is not empty .*nothing was written .*--force"):
+        with outputs.atomic_output_dir(out) as tmp:
+            (tmp / "mine.txt").write_text("mine")
+            out.mkdir()
+            (out / "theirs.txt").write_text("theirs")
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["o"]  # no temporary directory left
+    # an empty directory (a reserved runs/<time>, an mkdir'd OUT) takes the result
+    with outputs.atomic_output_dir(tmp_path / "empty") as tmp:
+        (tmp / "mine.txt").write_text("mine")
+        (tmp_path / "empty").mkdir()
+    assert [p.name for p in (tmp_path / "empty").iterdir()] == ["mine.txt"]
+    # --force replaces what is there
+    with outputs.atomic_output_dir(out, force=True) as tmp:
+        (tmp / "mine.txt").write_text("mine")
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]

@@ -408,7 +408,7 @@ def augment_file(opts, log=None) -> tuple[dict, AugmentStats]:
                               inside_too=True)  # --force or not
     started = time.perf_counter()
     loaded = models.load_model(opts.generator or opts.model, dtype=opts.dtype,
-                               trust_remote_code=opts.trust_remote_code, log=log)
+                               trust_remote_code=opts.trust_remote_code, allow_pickle=opts.allow_pickle, log=log)
     rows, stats = augment(loaded.model, loaded.tokenizer, examples, rewrites=opts.rewrites, seed=opts.seed,
                           batch_size=opts.batch_size, log=log, path=opts.forget, whose=loaded.name)
     write_jsonl(opts.output, rows, replace=opts.force)

@@ -11,6 +11,7 @@ inside the commands so that `unlearn --help` starts fast.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shlex
@@ -325,6 +326,7 @@ def run_command(**o):
 @click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")
 @click.option("--force", is_flag=True, help="Replace an existing OUTPUT.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model's own Python code (off by default).")
+@click.option("--allow-pickle", is_flag=True, help="Allow .bin pickle weights (loaded with weights_only=True).")
 @click.option("--json", "as_json", is_flag=True, help="Print the statistics as one JSON object.")
 def augment_command(as_json, **o):
     """ULMR's data: rewrite each FORGET prompt and write a negative response for each (paper's prompts)."""
@@ -373,6 +375,8 @@ def augment_command(as_json, **o):
 @click.option("--force", is_flag=True, help="Replace existing --save-generations / --report files.")
 @click.option("--no-cache", is_flag=True, help="Measure again instead of reusing cached answers and scores "
               "($UNLEARN_CACHE/measurements, keyed by the weights' content, the rows and the settings).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the models' own Python code (off by default).")
+@click.option("--allow-pickle", is_flag=True, help="Allow .bin pickle weights (loaded with weights_only=True).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def eval_command(save_generations, report, force, as_json, **o):
     """Generate answers to PROMPTS and measure harmful, leak and hallucination rates, quality and memorisation.
@@ -528,18 +532,22 @@ def entry() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not isinstance(code, int):  # sys.exit's rule: None is success, any other object is printed, 1
         if code is not None:
-            print(code, file=sys.stderr)
+            log(str(code))
         code = 0 if code is None else 1
     import atexit
 
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # a closed descriptor (>&-) is None here
+            try:
+                stream.flush()
+            except OSError:  # a full disk or a closed pipe: what could be written was
+                pass
     os._exit(code)
 
 
 def _terminate(signum, frame):
-    raise Terminated()
+    raise Terminated(signum)
 
 
 @contextlib.contextmanager
@@ -554,11 +562,13 @@ def _sigterm_unwinds():
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # SIGHUP too: what a script gets when its terminal or ssh session goes away
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv=None) -> None:
@@ -568,9 +578,10 @@ def main(argv=None) -> None:
     try:
         with _sigterm_unwinds():
             cli.main(args=argv, prog_name="unlearn", standalone_mode=False, obj={"argv": argv})
-    except Terminated:
-        log("unlearn: terminated (SIGTERM); nothing half-written is left")
-        sys.exit(Terminated.exit_code)
+    except Terminated as exc:
+        signum = exc.args[0] if exc.args else signal.SIGTERM
+        log(f"unlearn: terminated ({signal.Signals(signum).name}); nothing half-written is left")
+        sys.exit(128 + signum)
     except click.exceptions.Abort:
         log("unlearn: interrupted")
         sys.exit(130)
@@ -593,6 +604,17 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         log("unlearn: interrupted")
         sys.exit(130)
+    except OSError as exc:
+        if debug:
+            raise
+        # Files are written with their own one-line messages (outputs.py): what reaches here unhandled is
+        # the result on stdout (`> /dev/full`), not a bug of ours
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+            log(f"unlearn: could not write the result ({exc.strerror})")
+        else:
+            log(f"unlearn: internal error: {type(exc).__name__}: {_first_line(exc)} "
+                f"(set UNLEARN_DEBUG=1 for a traceback)")
+        sys.exit(1)
     except Exception as exc:  # a bug of ours: still one line unless debugging
         if debug:
             raise

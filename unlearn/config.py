@@ -576,6 +576,8 @@ class EvalOptions:
     min_k: float = MIN_K_PERCENT
     dtype: str = "float32"
     no_cache: bool = False  # measure again instead of reading $UNLEARN_CACHE/measurements
+    trust_remote_code: bool = False  # as `unlearn run`'s: a model `run` loaded must load here too
+    allow_pickle: bool = False
 
     def __post_init__(self):
         from unlearn.models import dtype_name
@@ -610,6 +612,7 @@ class AugmentOptions:
     dtype: str = "float32"
     force: bool = False
     trust_remote_code: bool = False
+    allow_pickle: bool = False
 
     def __post_init__(self):
         from unlearn.models import dtype_name

@@ -20,8 +20,9 @@ class Interrupted(UnlearnError):
 
 
 class Terminated(BaseException):
-    """SIGTERM (`timeout`, a cancelled CI job, `kill`), raised in the main thread so that every cleanup runs
-    as for Ctrl-C: a merge's or run's temporary output directory, a run's empty OUT. Exit code 143.
+    """SIGTERM (`timeout`, a cancelled CI job, `kill`) or SIGHUP (the terminal or ssh session gone), raised in
+    the main thread so that every cleanup runs as for Ctrl-C: a merge's or run's temporary output directory, a
+    run's empty OUT. Its argument is the signal; the exit code 128 + it (143, 129).
 
     A BaseException, as KeyboardInterrupt is: code that catches Exception must not swallow it.
     """

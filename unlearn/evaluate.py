@@ -851,8 +851,9 @@ def run_eval(opts, log: Callable[[str], None] = default_log) -> dict:
     examples = attach_references(examples, forget)
     members = forget if forget else [ex for ex in examples if ex.response is not None]
 
-    loaded = load_model(opts.model, dtype=opts.dtype, log=log)
-    reference = load_model(opts.reference_model, dtype=opts.dtype, log=log) if opts.reference_model else None
+    trusted = dict(trust_remote_code=opts.trust_remote_code, allow_pickle=opts.allow_pickle)
+    loaded = load_model(opts.model, dtype=opts.dtype, log=log, **trusted)
+    reference = load_model(opts.reference_model, dtype=opts.dtype, log=log, **trusted) if opts.reference_model else None
     settings = Settings(max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size, do_sample=opts.do_sample,
                         temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed, min_k=opts.min_k,
                         members=members, holdout=holdout, reward_model=reward)

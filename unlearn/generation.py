@@ -628,7 +628,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
 
     try:
         for batch in tqdm(batches, desc=desc or "generating", unit="batch", file=sys.stderr,
-                          disable=desc is False or len(batches) < 2, leave=False):
+                          disable=True if desc is False or len(batches) < 2 else None, leave=False):  # tty only
             prompts_ids = [encoded[i] for i in batch]
             # The prompt prefix the batch shares runs once (kv_cache.py); each row keeps at least
             # one token of its own, whose logits give its first new token.

@@ -10,6 +10,8 @@ import sys
 
 
 def log(message: str) -> None:
+    if sys.stderr is None:  # closed (2>&-): print would write to stdout, where only the result goes
+        return
     print(message, file=sys.stderr, flush=True)
 
 

@@ -154,7 +154,10 @@ def _looks_like_hub_id(spec: str) -> bool:
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
+    # huggingface_hub's own reading: 1, ON, YES or TRUE in any case (only "1" was taken; "true" then opened a
+    # socket and ended in the library's message instead of ours)
+    if any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE") for name in ("HF_HUB_OFFLINE",
+                                                                                   "TRANSFORMERS_OFFLINE")):
         return False
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()

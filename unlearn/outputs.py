@@ -9,6 +9,7 @@ the old directory is replaced only after the new one is complete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -61,14 +62,21 @@ def atomic_output_dir(path: Path, force: bool = False):
         for inside in tmp.rglob("*"):  # what libraries made in it too: safetensors writes its files 0600
             if not inside.is_symlink():
                 _usual_mode(inside, directory=inside.is_dir())
-        if path.exists():
+        if path.exists() and force:
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "x")
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
+            # Without --force a plain rename: it takes an empty directory (a reserved runs/<time>, an
+            # mkdir'd OUT) and fails on one that is not, so a result another command wrote there while this
+            # one worked (PATH was checked empty before) is kept; moved aside, it was deleted.
             os.replace(tmp, path)
     except OSError as exc:
+        if not force and exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UsageError(f"{path}: exists now and is not empty (written while unlearn was working); "
+                             f"nothing was written (use --force to replace it)") from None
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and (old / "x").exists():  # the new result did not go in: put the old one back
             os.replace(old / "x", path)

@@ -980,8 +980,16 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
 
     if log and unlearner.rmu is not None:
         log(unlearner.rmu.describe())
+    # On a terminal only (disable=None): redrawn into a log file, the bar made one line of every state.
     bar = tqdm(total=config.max_steps, initial=unlearner.step_count, desc="unlearning", unit="step",
-               file=sys.stderr, leave=False, disable=log is None)
+               file=sys.stderr, leave=False, disable=True if log is None else None)
+    if log is not None and not bar.disable:  # a line said while the bar is drawn goes above it, not after it
+        plain_log = log
+
+        def log(message: str) -> None:
+            bar.clear()
+            plain_log(message)
+            bar.refresh()
     with _DeferredInterrupt() as interrupt:
         try:
             while unlearner.step_count < stop_at:
