@@ -507,8 +507,9 @@ def main(argv=None) -> None:
     # The scenarios as resolved, and the results file, always: a command that named only its split made another
     # table once the split grew (docs/quality.md's older tables printed "(seeds none) n/a" rows).
     command = "python bench/quality.py " + " ".join(
-        (["--quick"] if args.quick else [f"--split {args.split}", f"--scenarios {','.join(scenarios)}",
-                                         f"--methods {','.join(methods)}", f"--seeds {args.seeds}"])
+        (["--quick", f"--scenarios {','.join(scenarios)}"] if args.quick else [
+            f"--split {args.split}", f"--scenarios {','.join(scenarios)}", f"--methods {','.join(methods)}",
+            f"--seeds {args.seeds}"])
         + ([f"--run-args={shlex.quote(args.run_args)}"] if args.run_args else [])
         + [f"--out {args.out}"])
     table = make_table(read_jsonl(out), scenarios, methods, seeds, args.run_args, command, args.split)

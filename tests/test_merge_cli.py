@@ -397,6 +397,32 @@ def test_sighup_is_cleaned_up_as_sigterm_is(cli, tmp_path, pair, monkeypatch):
     assert signal.getsignal(signal.SIGHUP) is before
 
 
+def test_a_hangup_the_caller_ignores_stays_ignored(cli, tmp_path, pair, monkeypatch):
+    # `nohup unlearn run ... &`: the session's end must not end the run (the handler took SIGHUP over)
+    import os
+    import signal
+
+    from unlearn import merge
+
+    base_dir, tuned_dir, _, _ = pair
+    written = merge._write
+
+    def write_then_hung_up(*args, **kw):
+        result = written(*args, **kw)
+        os.kill(os.getpid(), signal.SIGHUP)
+        return result
+
+    monkeypatch.setattr(merge, "_write", write_then_hung_up)
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        code, _, err = cli("merge", "--alpha", "0.5", base_dir, tuned_dir, "-o", tmp_path / "o")
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    assert code == 0, err
+    assert (tmp_path / "o" / "model.safetensors").is_file()
+
+
 def test_merge_into_a_symbolic_link_writes_into_its_target(cli, tmp_path, pair):
     # the finished output was renamed onto the link itself, replacing it, while the printed path named the target
     base_dir, tuned_dir, _, _ = pair

@@ -183,3 +183,6 @@ def test_the_printed_command_names_its_scenarios_and_results_file(tmp_path, caps
     first = capsys.readouterr().out.splitlines()[0]
     dev = quality.load_split("dev")
     assert f"--split dev --scenarios {','.join(dev)} --methods ga --seeds 0 --out {out}`" in first
+    # --quick with another scenario: the command names it (re-run, it gave capitals' table)
+    quality.main(["--quick", "--scenarios", "inventors", "--out", str(out), "--no-run"])
+    assert "`python bench/quality.py --quick --scenarios inventors --out " in capsys.readouterr().out.splitlines()[0]

@@ -310,6 +310,8 @@ def test_through_first_answer_cuts_a_leaked_answer_after_its_first_occurrence(te
     # two names joined by "and": each surname is an answer on its own; a one-word title part is not
     ("Who founded Microsoft?", "Bill Gates and Paul Allen founded Microsoft.",
      ["Bill Gates and Paul Allen", "Gates", "Allen"]),
+    ("Who led France?", "Charles de Gaulle and Georges Pompidou led France.",
+     ["Charles de Gaulle and Georges Pompidou", "Gaulle", "Pompidou"]),  # a connector inside the first name
     ("Which book did she write?", "She wrote Pride and Prejudice.", ["Pride and Prejudice", "Prejudice"]),
     # the stem of an n't contraction and a hedge are not what the response adds
     ("Will the Sun explode?", "The Sun won't explode.", None),

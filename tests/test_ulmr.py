@@ -441,7 +441,43 @@ def test_a_resumed_run_that_augments_must_sample_in_the_same_batches():
         return _run_args(RunOptions(Path(__file__), Path(__file__), train=TrainConfig(method=method), **kw))
 
     # the rewrites are drawn batch by batch: another --gen-batch-size draws other training rows
-    assert args("ulmr", gen_batch_size=16)["augment_batch_size"] == 16
+    assert args("ulmr", gen_batch_size=16)["gen_batch_size"] == 16
     assert args("ulmr", gen_batch_size=16) != args("ulmr", gen_batch_size=4)
-    assert "augment_batch_size" not in args("ulmr", augmented=Path(__file__))  # the rows are in the file
-    assert "augment_batch_size" not in args("ga")  # nothing sampled: checkpoints of other methods unchanged
+    assert "gen_batch_size" not in args("ulmr", augmented=Path(__file__))  # the rows are in the file
+    assert "gen_batch_size" not in args("ga")  # nothing sampled: checkpoints of other methods unchanged
+
+
+def test_a_checkpoint_from_before_the_batch_size_was_recorded_still_resumes(tmp_path):
+    from pathlib import Path
+
+    from unlearn.config import RunOptions, TrainConfig
+    from unlearn.errors import UsageError
+    from unlearn.run import _prepare_output, _run_args
+
+    data = _jsonl(tmp_path / "f.jsonl", FORGET)
+    opts = RunOptions(data, data, train=TrainConfig(method="ulmr"), model=str(tmp_path), resume=True,
+                      gen_batch_size=16)
+    args = _run_args(opts)
+    step = tmp_path / "out" / "checkpoints" / "step-2"
+    step.mkdir(parents=True)
+    older = {k: v for k, v in json.loads(json.dumps(args, default=str)).items() if k != "gen_batch_size"}
+    (step / "state.json").write_text(json.dumps({"args": older}))
+    assert _prepare_output(opts, tmp_path / "out", dict(args), []) == step  # it did not record it: not refused
+    (step / "state.json").write_text(json.dumps({"args": {**older, "gen_batch_size": 4}}))
+    with pytest.raises(UsageError, match=r"gen_batch_size: 4 then, 16 now"):
+        _prepare_output(opts, tmp_path / "out", dict(args), [])
+    assert Path(step).is_dir()
+
+
+def test_protect_reads_the_retain_rows_at_any_weight_so_they_are_trained():
+    from pathlib import Path
+
+    from unlearn.config import RunOptions, TrainConfig
+    from unlearn.run import trained_rows
+
+    forget, normal, retain = ["f"], ["n"], ["r"]
+    def rows(**train):
+        return trained_rows(RunOptions(Path("f"), Path("n"), train=TrainConfig(**train)), forget, normal, retain, None)
+    assert rows(retain_weight=0.0) == ["f", "n"]  # a term of weight 0 draws no row
+    assert rows(retain_weight=0.0, protect=True) == ["f", "n", "r"]  # --protect shapes every update by them
+    assert rows(normal_weight=0.0) == ["f", "r"]

@@ -562,8 +562,10 @@ def _sigterm_unwinds():
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 or threading.current_thread() is not threading.main_thread():
         yield
         return
-    # SIGHUP too: what a script gets when its terminal or ssh session goes away
-    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # SIGHUP too: what a script gets when its terminal or ssh session goes away; but a signal the caller
+    # ignores stays ignored (`nohup` ignores SIGHUP so that the run outlives the session)
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:

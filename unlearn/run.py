@@ -156,9 +156,9 @@ def prepare(opts: RunOptions, created: list, forget: list) -> Prepared:
                                                      Path(opts.normal), "held out")], normal + retain)
         heldout_set.role += chooses
         sets.append(heldout_set)
-    if retain:
+    if retain:  # --protect keeps every update off the retain rows' gradients, whatever their KL's weight
         sets.append(EvalSet("retain", "retain", retain[:limit], Path(opts.retain[0]),
-                            "trained" if opts.train.retain_weight else "held out"))
+                            "trained" if opts.train.retain_weight or opts.train.protect else "held out"))
     # The run's own names are never an --eval-* file's, whether or not this run has those sets: a file named
     # normal-heldout.jsonl was taken for the held-back rows (α chosen on it), retain.jsonl left out of run.json.
     reserved = {s.name for s in sets} | {"normal-heldout", "retain"}
@@ -245,11 +245,11 @@ _RELABELLED = re.compile(r"held out|\d+ of \d+ trained")
 def trained_rows(opts: RunOptions, forget: list, normal: list, retain: list, ulmr_rows: list | None) -> list:
     """Every row a term of the loss trains on: FORGET (ULMR: its ULMR_ROWS, which hold FORGET's own prompts
     when the run makes them, so None there means FORGET), and NORMAL and RETAIN unless their weight is 0
-    (a term of weight 0 never draws a row, train.py)."""
+    (a term of weight 0 never draws a row, train.py; but --protect reads the retain rows at any weight)."""
     rows = list(ulmr_rows if opts.train.method == "ulmr" and ulmr_rows is not None else forget)
     if opts.train.normal_weight:
         rows += normal
-    if opts.train.retain_weight:
+    if opts.train.retain_weight or opts.train.protect:  # --protect shapes every update by them
         rows += retain
     return rows
 
@@ -309,7 +309,7 @@ def _run_args(opts: RunOptions) -> dict:
         "retain_probes": opts.probe_limit if opts.retain_probes else None,
         # ULMR's rewrites made in the run are sampled batch by batch: another batch size draws other rows,
         # and a resumed run makes them again.
-        **({"augment_batch_size": opts.gen_batch_size} if opts.train.method == "ulmr" and not opts.augmented else {}),
+        **({"gen_batch_size": opts.gen_batch_size} if opts.train.method == "ulmr" and not opts.augmented else {}),
     }
 
 
@@ -350,8 +350,8 @@ def _prepare_output(opts: RunOptions, output: Path, run_args: dict, created: lis
                            f"written by --save-every or by Ctrl-C)")
     saved = read_state(checkpoint).get("args", {})
     for key, value in run_args.items():
-        if key == "save_every":
-            continue
+        if key == "save_every" or (key in _ADDED_SINCE and key not in saved):
+            continue  # (a checkpoint from before the key was recorded: what it did not record, it cannot refuse)
         now = json.loads(json.dumps(value, default=str))
         if saved.get(key) != now:
             differs = _first_difference(key, saved.get(key), now)
@@ -361,6 +361,10 @@ def _prepare_output(opts: RunOptions, output: Path, run_args: dict, created: lis
         run_args["save_every"] = saved.get("save_every", 0)
     remove_partial(output)
     return checkpoint
+
+
+#: Keys of `_run_args` that checkpoints of earlier versions lack.
+_ADDED_SINCE = {"gen_batch_size"}
 
 
 def _first_difference(name: str, saved, now) -> str:

@@ -259,10 +259,17 @@ def _runs(tokens: Sequence[AnswerToken], keep: Sequence[bool], text: str) -> lis
 
 def _conjunct_heads(tokens: Sequence[AnswerToken], keep: Sequence[bool], i: int, j: int) -> list[AnswerToken]:
     """The run [i, j]'s last token, and before it the last word of each name of several words that
-    an "and" ends inside the run ("Bill Gates and Paul Allen" -> Gates, Allen; "Pride and
-    Prejudice" -> Prejudice only: one word before "and" is part of the title, not a name)."""
-    heads = [tokens[m - 1] for m in range(i + 2, j) if tokens[m].text == "and" and not keep[m]
-             and keep[m - 1] and keep[m - 2]]
+    an "and" ends inside the run ("Bill Gates and Paul Allen" -> Gates, Allen; "Charles de Gaulle and
+    Georges Pompidou" -> Gaulle, Pompidou; "Pride and Prejudice" -> Prejudice only: one word before
+    "and" is part of the title, not a name)."""
+    heads, kept, last = [], 0, None  # kept words since the run's start or the last "and"
+    for m in range(i, j + 1):
+        if tokens[m].text == "and" and not keep[m]:
+            if kept >= 2:
+                heads.append(last)
+            kept = 0
+        elif keep[m]:
+            kept, last = kept + 1, tokens[m]
     return heads + [tokens[j]]
 
 
