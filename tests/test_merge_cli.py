@@ -352,9 +352,10 @@ def test_subprocess_success_and_failure(tmp_path, pair):
     assert_nothing_written(tmp_path / "o2")
 
 
-def test_sigterm_during_a_sweep_leaves_no_partial_models(cli, tmp_path, pair, monkeypatch):
-    # as `timeout` or a cancelled CI job sends it: the process died where it stood, and its hidden
-    # .o.tmp-* directory of written models stayed behind
+@pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_a_signal_during_a_sweep_leaves_no_partial_models(cli, tmp_path, pair, monkeypatch, name, code):
+    # SIGTERM as `timeout` or a cancelled CI job sends it, SIGHUP when the terminal or ssh session goes: the
+    # process died where it stood, and its hidden .o.tmp-* directory of written models stayed behind
     import os
     import signal
 
@@ -362,39 +363,19 @@ def test_sigterm_during_a_sweep_leaves_no_partial_models(cli, tmp_path, pair, mo
 
     base_dir, tuned_dir, _, _ = pair
     written = merge._write
+    signum = getattr(signal, name)
 
-    def write_then_terminated(*args, **kw):
+    def write_then_signalled(*args, **kw):
         written(*args, **kw)
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signum)
 
-    monkeypatch.setattr(merge, "_write", write_then_terminated)
-    before = signal.getsignal(signal.SIGTERM)
-    code, out, err = cli("merge", "--alpha", "0.2,0.4", base_dir, tuned_dir, "-o", tmp_path / "o")
-    assert code == 143 and err.strip().splitlines()[-1] == "unlearn: terminated (SIGTERM); nothing half-written is left"
+    monkeypatch.setattr(merge, "_write", write_then_signalled)
+    before = signal.getsignal(signum)
+    result = cli("merge", "--alpha", "0.2,0.4", base_dir, tuned_dir, "-o", tmp_path / "o")
+    assert result[0] == code
+    assert result[2].strip().splitlines()[-1] == f"unlearn: terminated ({name}); nothing half-written is left"
     assert_nothing_written(tmp_path / "o")
-    assert signal.getsignal(signal.SIGTERM) is before  # the command's handler is gone again
-
-
-def test_sighup_is_cleaned_up_as_sigterm_is(cli, tmp_path, pair, monkeypatch):
-    # the terminal or ssh session gone: the hidden .o.tmp-* directory of a partial model stayed behind
-    import os
-    import signal
-
-    from unlearn import merge
-
-    base_dir, tuned_dir, _, _ = pair
-    written = merge._write
-
-    def write_then_hung_up(*args, **kw):
-        written(*args, **kw)
-        os.kill(os.getpid(), signal.SIGHUP)
-
-    monkeypatch.setattr(merge, "_write", write_then_hung_up)
-    before = signal.getsignal(signal.SIGHUP)
-    code, out, err = cli("merge", "--alpha", "0.2,0.4", base_dir, tuned_dir, "-o", tmp_path / "o")
-    assert code == 129 and err.strip().splitlines()[-1] == "unlearn: terminated (SIGHUP); nothing half-written is left"
-    assert_nothing_written(tmp_path / "o")
-    assert signal.getsignal(signal.SIGHUP) is before
+    assert signal.getsignal(signum) is before  # the command's handler is gone again
 
 
 def test_a_hangup_the_caller_ignores_stays_ignored(cli, tmp_path, pair, monkeypatch):
