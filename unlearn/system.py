@@ -69,7 +69,7 @@ def cpu_matmul_rate(dtype_name: str) -> float:
 
     One product takes about 0.2 ms where the dtype is native, less than one stall of a thread waiting for a
     busy core (10-20 ms): with the best of 3, float16 read 2.8-30 GFLOP/s against float32's 155-173 in 3 of
-    20 loads on a loaded machine where it runs as fast. A slow dtype stops early: its first run is enough."""
+    20 loads on a loaded machine where it runs as fast. A slow dtype stops at the time budget (about 4 runs)."""
     import torch
 
     dtype = getattr(torch, dtype_name)
