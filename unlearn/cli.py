@@ -27,10 +27,16 @@ from unlearn.log import log
 from unlearn.repair import AUTO_CAP
 
 
+def _under_torchrun() -> bool:
+    """Whether this process is one of torchrun's (read from its environment: `distributed` imports torch,
+    which `unlearn --help` should not wait for)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _one_process(command: str) -> None:
     """Refuse torchrun for a command that shares nothing out: every process would do all of it and race
     to write the same outputs (eval's ended in exit 1 and "nothing was written" over a complete file)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if _under_torchrun():
         raise UsageError(f"unlearn {command} runs in one process: launch it without torchrun "
                          f"(only `unlearn run` shares its work over torchrun's processes)")
 
@@ -525,7 +531,7 @@ def entry() -> None:
     except KeyboardInterrupt:  # a second Ctrl-C landing in main's own handler of the first
         log("unlearn: interrupted")
         code = 130
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun's processes
+    if _under_torchrun():  # torchrun's processes
         sys.exit(code)
     # The code is decided: a Ctrl-C from here on (a second press after a checkpoint was saved) turned exit
     # 130 into a traceback and exit 1. What is left takes a moment: flush and end.
@@ -559,7 +565,7 @@ def _sigterm_unwinds():
     would keep it alive past the launcher's SIGTERM; there the default (ending at once) stays. The
     previous handler comes back afterwards (the tests call `main` in their own process).
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or threading.current_thread() is not threading.main_thread():
+    if _under_torchrun() or threading.current_thread() is not threading.main_thread():
         yield
         return
     # SIGHUP too: what a script gets when its terminal or ssh session goes away; but a signal the caller
@@ -599,7 +605,7 @@ def main(argv=None) -> None:
         # Under torchrun every rank checks the same options before the process group exists (which silences
         # the others later on: distributed.session), so a usage error was said once per rank: rank 0 says it.
         # Other errors (a data file missing on one node) are still said by every rank that meets them.
-        if not (isinstance(exc, UsageError) and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if not (isinstance(exc, UsageError) and _under_torchrun()
                 and os.environ.get("RANK", "0") != "0"):
             log(f"unlearn: {_first_line(exc)}")
         sys.exit(exc.exit_code)

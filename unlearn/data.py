@@ -88,6 +88,13 @@ def join_words(words: list[str], gaps: list[str]) -> str:
     return "".join(w + g for w, g in zip(words, gaps)) + (words[-1] if len(words) > len(gaps) else "")
 
 
+def cut_words(words: list[str], gaps: list[str], cut: int) -> tuple[str, str]:
+    """The text of WORDS and GAPS cut after its first CUT words: (prefix, the rest with the gap it starts with).
+    One word (read_examples refuses it as a passage) is all prefix, the rest " "."""
+    gap = gaps[cut - 1] if gaps else " "
+    return join_words(words[:cut], gaps[:cut - 1]), gap + join_words(words[cut:], gaps[cut:])
+
+
 def split_passage(text: str) -> tuple[str, str]:
     """Split a raw passage at a word boundary: the first half of its words is the prefix.
 
@@ -95,9 +102,7 @@ def split_passage(text: str) -> tuple[str, str]:
     continuation to test extraction against.
     """
     words, gaps = passage_words(text)
-    cut = max(1, min(len(words) // 2, 64))
-    gap = gaps[cut - 1] if gaps else " "  # one word (read_examples refuses it): all prefix, as before
-    return join_words(words[:cut], gaps[:cut - 1]), gap + join_words(words[cut:], gaps[cut:])
+    return cut_words(words, gaps, max(1, min(len(words) // 2, 64)))
 
 
 # Where the forget loss starts on a passage with --whole-passage: after its first word, not at the leak test's cut
@@ -123,9 +128,8 @@ def forget_pair(example: Example) -> tuple[str, str]:
     if not example.is_passage:
         return example.prompt, example.response
     words, gaps = passage_words(example.prompt + example.response)  # the passage as read: split_passage's inverse
-    cut = min(PASSAGE_CONTEXT_WORDS, len(passage_words(example.prompt)[0]))
-    gap = gaps[cut - 1] if gaps else " "
-    return Passage(join_words(words[:cut], gaps[:cut - 1])), gap + join_words(words[cut:], gaps[cut:])
+    prefix, rest = cut_words(words, gaps, min(PASSAGE_CONTEXT_WORDS, len(passage_words(example.prompt)[0])))
+    return Passage(prefix), rest
 
 
 def loss_pair(example: Example, whole_passage: bool) -> tuple[str, str]:

@@ -194,10 +194,13 @@ class SequenceClassifier:
         if self._model is None:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+            from unlearn.models import load_report_muted
+
             try:
                 tokenizer = AutoTokenizer.from_pretrained(str(self.path))
-                model, info = AutoModelForSequenceClassification.from_pretrained(str(self.path),
-                                                                                 output_loading_info=True)
+                with load_report_muted():  # its table of missing weights: the refusal below says it in one line
+                    model, info = AutoModelForSequenceClassification.from_pretrained(str(self.path),
+                                                                                     output_loading_info=True)
             except Exception as exc:
                 raise UnlearnError(f"{self.flag} {self.path}: could not load ({type(exc).__name__}: {exc})") from None
             # Weights missing from the directory (a causal LM's lacks the head) are drawn at random on each load.
@@ -371,17 +374,18 @@ def clip_references(examples: Sequence, tokenizer, max_new_tokens: int) -> list:
     had room for is what makes a verbatim continuation read as leaked. Both
     references are cut alike, so neither wins `hallucination_flags` by its length.
     """
-    def clip(text):
+    def cut(text):  # None when TEXT fits: the example stays the very one given
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        return text if len(ids) <= max_new_tokens else tokenizer.decode(ids[:max_new_tokens], skip_special_tokens=True)
+        return None if len(ids) <= max_new_tokens else tokenizer.decode(ids[:max_new_tokens], skip_special_tokens=True)
 
     clipped = []
     for ex in examples:
-        if ex.response is not None and clip(ex.response) != ex.response:
-            ex = replace(ex, response=clip(ex.response))
-        hallucinated = ex.extra.get("hallucinated_response")
-        if hallucinated and clip(hallucinated) != hallucinated:
-            ex = replace(ex, extra={**ex.extra, "hallucinated_response": clip(hallucinated)})
+        response = cut(ex.response) if ex.response is not None else None
+        if response is not None:
+            ex = replace(ex, response=response)
+        hallucinated = cut(ex.extra["hallucinated_response"]) if ex.extra.get("hallucinated_response") else None
+        if hallucinated is not None:
+            ex = replace(ex, extra={**ex.extra, "hallucinated_response": hallucinated})
         clipped.append(ex)
     return clipped
 

@@ -262,7 +262,7 @@ def load_model(spec: str | None, *, dtype: str = "float32", trust_remote_code: b
     try:
         # .bin pickles only with --allow-pickle, and then never executing code: weights_only=True
         # makes torch.load refuse anything but tensors and plain containers.
-        with _load_report_muted():  # its many-line table of missing weights: _refuse_partial_weights says it in one
+        with load_report_muted():  # its many-line table of missing weights: _refuse_partial_weights says it in one
             model, loading = AutoModelForCausalLM.from_pretrained(
                 str(path), dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code,
                 use_safetensors=not allow_pickle or None, weights_only=True, output_loading_info=True,
@@ -287,7 +287,7 @@ def load_model(spec: str | None, *, dtype: str = "float32", trust_remote_code: b
 
 
 @contextlib.contextmanager
-def _load_report_muted():
+def load_report_muted():
     """transformers' warnings off while it loads (its LOAD REPORT table goes to stderr as a warning)."""
     from transformers.utils import logging as hf_logging
 

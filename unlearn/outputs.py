@@ -219,18 +219,16 @@ def write_texts_atomic(texts: dict, replace: bool = True) -> None:
             placed.append(path)
             del done[path]
     except FileExistsError:
-        for tmp in done.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
         for earlier in placed:
             os.unlink(earlier)
         raise UsageError(f"{path}: exists now (written while unlearn was working); nothing was written "
                          f"(use --force to replace it)") from None
     except OSError as exc:
+        raise UnlearnError(f"{path}: could not write ({exc.strerror}); nothing was written") from None
+    finally:  # the temporary files not put in place (none when every one was)
         for tmp in done.values():
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        raise UnlearnError(f"{path}: could not write ({exc.strerror}); nothing was written") from None
 
 
 def json_safe(value):
