@@ -93,7 +93,7 @@ def test_eval_files_that_repeat_training_prompts_are_labelled_trained(tmp_path, 
     assert result.code == 0, result.err
     roles = json.loads((out / "run.json").read_text())["roles"]
     assert roles["forget"].startswith("trained") and roles["normal"] == "trained"
-    assert roles["forget'"] == "trained" and roles["heldout"] == "held out" and roles["mixed"] == "1 of 2 trained"
+    assert roles["forget'"] == roles["forget"] and roles["heldout"] == "held out" and roles["mixed"] == "1 of 2 trained"
     table = {line.split()[0]: line for line in result.out.splitlines()[1:6]}
     assert "1 of 2 trained" in table["mixed"] and "held out" in table["heldout"]
 

@@ -160,7 +160,8 @@ def _command_line() -> str:
                    "[default: 0.05 for ga, else 0].")
 @click.option("--leaked-rows", type=int, default=0, show_default=True, metavar="N",
               help="With --stop-margin: a check that finds a forget answer while the margin holds adds the "
-                   "model's own greedy answer, cut after the answer, to the forget rows (focused on the answer), "
+                   "model's own greedy answer of every leaking row (such checks answer every forget row, not "
+                   "stopping at the first leak), cut after the answer, to the forget rows (focused on the answer), "
                    "at most N a prompt; the margin then reads it too. The margin reads each answer after the "
                    "row's own words, and the model may reach it by another path (\"Christopher COLUMBUS\"); "
                    "then the run goes on to --max-steps. 0: off (on the dev split it forgot such a scenario in "
@@ -229,7 +230,7 @@ def _command_line() -> str:
 @click.option("--judge-label", default=None, help="The classifier judge's unsafe label.")
 @eval_files("More prompts whose answers must not come out (e.g. paraphrases)",
             "Knowledge that must survive (rows with `answers`)")
-@click.option("--eval-limit", type=int, default=64, show_default=True, help="Rows evaluated per set.")
+@click.option("--eval-limit", type=int, default=64, show_default=True, help="Rows evaluated per set in the before/after table (the stop rule reads every forget row; with --alpha auto the sets α is chosen on, the forget rows and the held-back normal rows, are measured whole).")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True, help="Tokens generated per evaluated prompt.")
 @click.option("--gen-batch-size", type=int, default=GEN_BATCH_SIZE, show_default=True,
               help="Prompts generated together (fewer when their KV cache would pass 4 GiB; likelihoods are scored in batches of at most 16).")

@@ -461,7 +461,11 @@ class RunOptions:
         # Settings that act only through the stop rule's checks or the probes would otherwise do nothing, silently.
         if not train.check_every:
             given = [flag for flag, on in (("--stop-probes", train.stop_probes), ("--leaked-rows", train.leaked_rows),
-                                           ("--repair-steps", self.repair_steps is not None and train.repair_steps != 0))
+                                           ("--repair-steps", self.repair_steps is not None and train.repair_steps != 0),
+                                           ("--stop-leak", self.stop_leak is not None),
+                                           ("--stop-margin", self.stop_margin is not None and train.stop_margin),
+                                           ("--extra-steps", self.extra_steps is not None and train.extra_steps),
+                                           ("--retain-follows-margin", train.retain_follows_margin))
                      if on]
             if given:
                 raise UsageError(f"{', '.join(given)} act at the stop rule's checks, which --check-every 0 turns off")

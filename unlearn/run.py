@@ -139,7 +139,10 @@ def prepare(opts: RunOptions, created: list, forget: list) -> Prepared:
     # Roles say which rows were trained on and which figures decide something (selection_sets). The forget
     # set's "stop rule" goes once training shows that no check ran (roles_as_checked).
     chooses = ", α choice" if opts.alpha == "auto" else ""
-    forget_set = EvalSet("forget", "forget", forget[:limit], Path(opts.forget), "trained")
+    # The sets α is chosen on are measured whole, as the stop rule reads every forget prompt: cut to
+    # --eval-limit, a choice "forget leak <= --max-leak" would speak for rows it never read.
+    whole = None if chooses else limit  # rows[:None]: every row
+    forget_set = EvalSet("forget", "forget", forget[:whole], Path(opts.forget), "trained")
     if augmented:  # ULMR trains the --augmented rows: FORGET's own prompts only where the file has them
         part = _repeated(forget_set, augmented)
         forget_set.role = "trained" if part == "all" else f"{part} trained" if part else "held out"
@@ -147,12 +150,12 @@ def prepare(opts: RunOptions, created: list, forget: list) -> Prepared:
     # A set whose term has weight 0 is never drawn (train.py): its rows are measured, not trained.
     normal_role = "trained" if opts.train.normal_weight else "held out"
     sets = [forget_set,
-            EvalSet("normal", "retain", normal[:limit], Path(opts.normal),
+            EvalSet("normal", "retain", normal[:limit if normal_heldout else whole], Path(opts.normal),
                     normal_role + (chooses if not normal_heldout else ""))]
     if normal_heldout:
         # Held back from rows whose prompt nothing else trains on, when there are any (hold_out); when none are,
         # the draw's rows are trained elsewhere too, and the set says so as an --eval-* file would.
-        (heldout_set,) = label_trained_rows([EvalSet("normal-heldout", "retain", normal_heldout[:limit],
+        (heldout_set,) = label_trained_rows([EvalSet("normal-heldout", "retain", normal_heldout[:whole],
                                                      Path(opts.normal), "held out")], normal + retain)
         heldout_set.role += chooses
         sets.append(heldout_set)
@@ -164,8 +167,10 @@ def prepare(opts: RunOptions, created: list, forget: list) -> Prepared:
     reserved = {s.name for s in sets} | {"normal-heldout", "retain"}
     evals = label_trained_rows(read_eval_sets(opts.eval_forget, opts.eval_retain, taken=reserved, limit=limit),
                                trained_rows(opts, forget, normal, retain, augmented))
+    if opts.train.check_every:  # the stop rule reads every forget prompt, whatever --eval-limit prints
+        label_rows_used(evals, forget, "stop rule")
     if chooses:  # --alpha auto chooses on the forget rows and the held-back normal rows (else the trained ones)
-        label_rows_used(evals, forget[:limit] + (normal_heldout or normal)[:limit], "α choice")
+        label_rows_used(evals, forget + (normal_heldout or normal), "α choice")
     sets += evals
     distributed.check_batch_size(opts.train.batch_size)  # --batch-size is global: each process takes a share
     if opts.train.method in ("edit", "rmu") and distributed.world().active:  # before any model loads
@@ -956,12 +961,18 @@ def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet, probe_sets=(), ste
     wanted = opts.train.stop_probes
     asked = EvalSet("probes", "retain", [e for s in probe_sets for e in s.examples])
     waits = bool(wanted and asked.examples)  # the probes' own measurer (make_probes) answers them
+    if wanted and not waits:  # as --protect and --retain-follows-margin say when they have nothing to act on
+        log(f"--stop-probes {wanted:g}: no probe could be measured; the stop rule waits for none (it changes "
+            f"nothing in this run)")
     first_forgotten = next((r["step"] for r in history
                             if r.get("forget_leak") is not None and r["forget_leak"] <= opts.train.stop_leak), None)
 
     def forgotten():
         nonlocal first_forgotten
-        leak = leak_rate(checker, forget, decided_above=opts.train.stop_leak)
+        # --leaked-rows trains on the leaking rows a check finds: a check cut at its verdict finds the rows that
+        # leaked before the other generation thread reached it (cpu_parts), so two identical runs trained on
+        # different rows; answered whole, every row stops at its own leak, whatever the threads do.
+        leak = leak_rate(checker, forget, decided_above=None if opts.train.leaked_rows else opts.train.stop_leak)
         done = leak <= opts.train.stop_leak
         if done and waits:
             step = steps()

@@ -53,8 +53,9 @@ def format_run(record: dict) -> str:
         "",
         "rows: \"trained\" sets were trained on (\"K of N trained\": K of their rows); \"held out\" never were, "
         "and are the result. "
-        "\"stop rule\": the run stopped when this set's leak reached --stop-leak (a probe set: when the probes' "
-        "accuracy reached --stop-probes), so that figure is the stop condition, not a result; \"α choice\": "
+        "\"stop rule\": the stop rule read this set at its checks, to end the run once its leak reaches --stop-leak "
+        "(a probe set: once the probes' accuracy reaches --stop-probes; see \"stopped\" below for what ended it), "
+        "so that figure is a stop condition, not a result; \"α choice\": "
         "--alpha auto chose α on these sets' figures.",
         f"harmful column, judge: {record['judge']}; similarity column: ROUGE-L F against the original model's "
         f"outputs; fluency ppl: perplexity of the outputs under the original model (lower is more fluent; NM: "

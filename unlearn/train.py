@@ -1072,6 +1072,10 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                     if checkpoint is not None and saved is None:
                         saved = checkpoint(loop_state())
                     raise StopRequested(unlearner.step_count, saved)
+            if phase is not None and not phase.finished and not (history and "forget_leak" in history[-1]):
+                # --max-steps cut the repair phase after a step no check saw: "forgotten" (the last check's
+                # verdict) would speak for a model the stop rule never read
+                stopped_by = "max_steps"
             if unlearner.forget and not unlearner.outputs_finite():  # what is about to be written
                 raise NonFiniteLoss(unlearner.step_count, "trained model's log-probability of a forget answer",
                                     math.nan)
