@@ -168,12 +168,13 @@ def test_cli_retain_follows_margin_is_recorded_and_says_when_it_has_nothing_to_w
     forget, normal = write_jsonl(tmp_path / "f.jsonl", CLI_FORGET), write_jsonl(tmp_path / "n.jsonl", CLI_NORMAL)
     retain = write_jsonl(tmp_path / "keep.jsonl", CLI_RETAIN)
     note = "--retain-follows-margin: no retain rows or probes to weigh"
+    fast = FAST + ["--check-every", "1"]  # it acts at the checks (refused without them)
     result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "a", "--retain", retain,
-                 "--retain-follows-margin", *FAST)
+                 "--retain-follows-margin", *fast)
     assert result.code == 0, result.err
     assert note not in result.err
     assert json.loads((tmp_path / "a" / "run.json").read_text())["config"]["retain_follows_margin"] is True
-    result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "b", "--retain-follows-margin", *FAST)
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "b", "--retain-follows-margin", *fast)
     assert result.code == 0 and note in result.err
 
 

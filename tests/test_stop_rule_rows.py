@@ -82,7 +82,7 @@ def test_stop_rule_settings_without_checks_are_refused(cli, llama_dir, tmp_path,
     result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "out", "--max-steps", "1",
                  "--check-every", "0", *flags, *FAST)
     assert result.code == 2
-    assert "act at the stop rule's checks, which --check-every 0 turns off" in result.err
+    assert "at the stop rule's checks, which --check-every 0 turns off" in result.err
     assert flags[0] in result.err
     assert not (tmp_path / "out").exists()
 

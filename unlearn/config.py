@@ -315,6 +315,9 @@ class RunOptions:
     probe_limit: int = 12  # probes of each kind at most (each costs a generation before and after)
     retain_probes: bool | None = None  # train on the probes too (None: on for RETAIN_PROBES_METHODS)
     retain_weight: float | None = None  # None: RETAIN_WEIGHT_WITH_PROBES when training on probes, else RETAIN_WEIGHT
+    # resolved: the weight above is the default for a run that trains on probes (run.make_probes falls back to
+    # RETAIN_WEIGHT when no probe joins the retain rows after all)
+    retain_weight_defaulted: bool = False
     normal_weight: float | None = None  # None: NORMAL_WEIGHT, or the method's (PER_METHOD); copied into train
     eval_forget: tuple[Path, ...] = ()  # more prompts that must not leak (paraphrases, unseen attempts)
     eval_retain: tuple[Path, ...] = ()  # knowledge that must survive (held-out questions)
@@ -468,7 +471,8 @@ class RunOptions:
                                            ("--retain-follows-margin", train.retain_follows_margin))
                      if on]
             if given:
-                raise UsageError(f"{', '.join(given)} act at the stop rule's checks, which --check-every 0 turns off")
+                raise UsageError(f"{', '.join(given)} act{'s' * (len(given) == 1)} at the stop rule's checks, which "
+                                 f"--check-every 0 turns off")
         if train.stop_probes and not self.probes:
             raise UsageError("--stop-probes waits for the automatic probes, which --no-probes turns off")
         if train.method != "rmu" and (train.rmu_layer is not None or train.rmu_scale != RMU_SCALE):
@@ -481,6 +485,7 @@ class RunOptions:
                 fixed = f"--alpha {alpha:g}" if alpha is not None else "no --alpha"
                 raise UsageError(f"{' and '.join(given)} choose α under --alpha auto; with {fixed} they do nothing")
         return replace(self, train=train, retain_probes=retain_probes, retain_weight=train.retain_weight,
+                       retain_weight_defaulted=self.retain_weight is None and retain_probes,
                        normal_weight=train.normal_weight, forget_loss=train.forget_loss,
                        stop_margin=train.stop_margin, alpha=alpha, alpha_grid=self.alpha_grid or AUTO_GRID)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from unlearn import distributed, models, system
 from unlearn.checkpoints import checkpoint_root, latest_checkpoint, load_checkpoint, read_state, remove_partial
 from unlearn.checkpoints import save_checkpoint
-from unlearn.config import RunOptions
+from unlearn.config import RETAIN_WEIGHT, RunOptions
 from unlearn.data import SOURCE_FILE, Example, check_answers_spelled, prompt_key, read_examples
 from unlearn.errors import Interrupted, UnlearnError, UsageError
 from unlearn.log import log as default_log
@@ -164,7 +164,9 @@ def prepare(opts: RunOptions, created: list, forget: list) -> Prepared:
                             "trained" if opts.train.retain_weight or opts.train.protect else "held out"))
     # The run's own names are never an --eval-* file's, whether or not this run has those sets: a file named
     # normal-heldout.jsonl was taken for the held-back rows (α chosen on it), retain.jsonl left out of run.json.
-    reserved = {s.name for s in sets} | {"normal-heldout", "retain"}
+    from unlearn.probes import NEIGHBOURS, SAME_SUBJECT
+
+    reserved = {s.name for s in sets} | {"normal-heldout", "retain", NEIGHBOURS, SAME_SUBJECT}
     evals = label_trained_rows(read_eval_sets(opts.eval_forget, opts.eval_retain, taken=reserved, limit=limit),
                                trained_rows(opts, forget, normal, retain, augmented))
     if opts.train.check_every:  # the stop rule reads every forget prompt, whatever --eval-limit prints
@@ -719,14 +721,20 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
     # --method edit preserves the neighbour probes' prompts in its update (probe_neighbours): that line
     # then shows what the edit was asked to keep, not held-out evidence.
     edit_keeps = probes.NEIGHBOURS if opts.train.method == "edit" else None
+    # ULMR's rows are what it forgets: a probe asking one of their prompts (an --augmented row's, which the
+    # probes' own check against the forget prompts does not see) would be trained both ways, as a --retain row
+    # with that prompt would (refused in prepare).
+    forgotten = {prompt_key(e.prompt) for e in job.train_rows}
     for kind in (probes.NEIGHBOURS, probes.SAME_SUBJECT):
         mine = [i for i, p in enumerate(made) if p.kind == kind]
         kept, kind_records = probes.keep_answered([made[i] for i in mine], [outputs[i] for i in mine], data.forget)
         records += kind_records
         counts[kind] = {"made": len(mine), "kept": len(kept)}
-        if opts.retain_probes:
-            trained += [Example(r["prompt"], r["reference"], len(trained) + 1, {"probe": kind}) for r in kind_records
-                        if r["reference"].strip() and not probes.holds_forget(r)]
+        for r in kind_records:  # probes.jsonl says which probes the retain KL trains on, measured or not
+            r["trained"] = bool(opts.retain_probes and r["reference"].strip() and not probes.holds_forget(r)
+                                and prompt_key(r["prompt"]) not in forgotten)
+        trained += [Example(r["prompt"], r["reference"], len(trained) + 1, {"probe": kind})
+                    for r in kind_records if r["trained"]]
         if not kept:
             log(no_probe_message(kind, len(mine)))
             continue
@@ -741,9 +749,16 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
         topics = sum(1 for e in kept if e.extra.get("refusal_markers"))  # (probes.keep_answered gives only those)
         if topics:
             topic_set, topic_probes = s.name, topics
+    if opts.retain_probes and not trained and data.retain and opts.retain_weight_defaulted:
+        # the default weight of the retain KL was the one for a run that trains on probes; with none trained,
+        # the user's rows get the weight a run without probes gives them
+        opts.train.retain_weight = opts.retain_weight = RETAIN_WEIGHT
+        log(f"--retain-weight: no probe joins the retain rows, so the --retain rows weigh {RETAIN_WEIGHT:g}, the "
+            f"default without probes")
     data.retain += trained
-    label_trained_rows([s for s in data.sets if s.name not in measured],  # data.retain holds TRAINED now
-                       trained_rows(opts, data.forget, data.normal, data.retain, job.train_rows))
+    # data.retain holds TRAINED now. A held-out probe set whose prompts a --retain or normal row trains is no
+    # result either (its role "trained" with --retain-probes is not relabelled: label_trained_rows' _RELABELLED).
+    label_trained_rows(data.sets, trained_rows(opts, data.forget, data.normal, data.retain, job.train_rows))
     job.probe_names = tuple(measured)
     seconds = time.perf_counter() - t - job.pooled_before_seconds
     log("probes: " + ", ".join(f"{k} {c['kept']}/{c['made']}" for k, c in counts.items())
