@@ -158,3 +158,28 @@ def test_row_gradients_on_opt_and_with_adapter_dropout_are_each_rows_own(fixture
         loss = losses.mean_nll(forward_logits(u.model, batch, start), batch["labels"][:, start:])
         own = protect.flat(torch.autograd.grad(loss, u.params))
         assert torch.allclose(batched[i], own, rtol=1e-4, atol=1e-6)
+
+
+def test_row_gradients_in_passes_of_a_few_rows_are_the_one_pass_gradients(llama_dir):
+    # memory is bounded by the pass, not the retain file; each row's gradient is its own, so the passes change
+    # nothing (float32; the rows have different lengths, so each pass pads to its own longest)
+    u = retainer(llama_dir)
+    for m in lora_modules(u.model).values():
+        m.lora_B.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+    assert len(u.retain) >= 2
+    whole = protect.row_gradients(u.model, u.params, u.retain, u.pad_id, forward_logits, low_precision=False)
+    one_by_one = protect.row_gradients(u.model, u.params, u.retain, u.pad_id, forward_logits, low_precision=False,
+                                       rows_per_pass=1)
+    assert one_by_one.shape == whole.shape and torch.allclose(one_by_one, whole, rtol=1e-5, atol=1e-7)
+
+
+def test_a_repair_step_computes_no_retain_gradients(llama_dir, monkeypatch):
+    calls = []
+    real = protect.row_gradients
+    monkeypatch.setattr(protect, "row_gradients", lambda *a, **k: calls.append(1) or real(*a, **k))
+    u = retainer(llama_dir, protect=True)
+    u.step()
+    assert len(calls) == 1
+    u.keep_terms_only = True  # nothing to project: the forget side is not trained
+    record = u.step()
+    assert len(calls) == 1 and record["keep_terms_only"] and "forget" not in record

@@ -34,6 +34,9 @@ def test_the_phase_follows_the_last_check_and_ends_at_a_check_without_leak():
     assert not phase.keep_terms_only and not phase.finished  # a leak at the end: the whole loss until none
     phase.checked(5, True)
     assert phase.finished
+    waiting = repair.Repair.start(2, 2)
+    waiting.checked(4, False, clean=True)  # nothing leaks, --stop-probes not met yet: keep terms, not the end
+    assert waiting.keep_terms_only and not waiting.finished
     assert repair.Repair.from_state(phase.state()) == phase and repair.Repair.from_state(None) is None
 
 
@@ -52,9 +55,33 @@ def test_repair_steps_train_the_keep_terms_alone_while_nothing_leaks(llama_dir):
     assert "step 2: forget leak rate 0.00; repair: up to 2 more steps" in "\n".join(lines)
     assert [line.split("; ", 1)[1] for line in lines if line.startswith(("step 3:", "step 4:", "step 5:"))] == [
         "next step trains the keep terms alone (nothing leaks); repair until step 4",
-        "next step trains the whole loss again (a leak); repair over, stopping at the first check that finds no leak",
+        "next step trains the whole loss again (a leak, or the margin failed); repair over, stopping at the first "
+        "check that finds no leak",
         "repair over: stop"]
     assert not u.keep_terms_only  # off again once training is over
+
+
+def test_probes_not_yet_kept_are_no_leak_in_the_repair_phase(llama_dir):
+    """--stop-probes makes a check not done while its forget prompts leak nothing: the repair phase then goes
+    on with the keep terms alone (the ascent again would push on what damaged the probes), and the log says
+    the exact leak, not a lower bound."""
+    u = unlearner(llama_dir, max_steps=20, check_every=1, repair_steps=2)
+    checks = iter([(False, 0.5), (True, 0.0), (False, 0.0), (False, 0.0), (True, 0.0)])
+    lines = []
+    result = train(u, forgotten=lambda: next(checks), log=lines.append)
+    assert result.steps == 5 and result.stopped_by == "forgotten"
+    assert [bool(r.get("keep_terms_only")) for r in result.history] == [False, False, True, True, True]
+    assert all("forget" not in r for r in result.history[2:])  # before: steps 4 and 5 trained the ascent again
+    assert "step 3: forget leak rate 0.00; next step trains the keep terms alone (nothing leaks)" in "\n".join(lines)
+    assert "≥ 0.00" not in "\n".join(lines)
+
+
+def test_the_repair_log_names_stop_leak_when_it_allows_a_leak():
+    phase = repair.Repair.start(2, 2)
+    assert phase.describe(2, 0.5) == "next step trains the keep terms alone (leak at most --stop-leak 0.5); " \
+                                     "repair until step 4"
+    phase.checked(3, False)
+    assert phase.describe(3, 0.5).startswith("next step trains the whole loss again (a leak past --stop-leak 0.5")
 
 
 def test_a_repair_step_moves_the_weights_by_the_keep_terms_only(llama_dir):

@@ -154,6 +154,9 @@ def test_rmu_run_through_the_cli(request, tmp_path, files, cli, which, extra):
     (["--gradient-checkpointing"], "takes no --gradient-checkpointing"),
     # c² past float32's range: the loss was inf at step 1, and the run blamed --lr
     (["--rmu-scale", "1e20"], "squared is past float32's range, so the loss is inf; use at most"),
+    # adapters only on layer 1, the window 0-0: it said "the model has no trainable parameters"
+    (["--lora-layers", "1-1"], "--method rmu trains layers 0-0 (layer 0, --rmu-layer, and the two below it), where "
+                               "this model has nothing to train: give --lora-layers that include them"),
 ])
 def test_rmu_bad_settings_are_one_line(tmp_path, files, cli, llama_dir, flags, message):
     forget, normal = files
@@ -161,6 +164,28 @@ def test_rmu_bad_settings_are_one_line(tmp_path, files, cli, llama_dir, flags, m
                  "--max-steps", "1", "--no-probes", *flags)
     assert result.code == 2, result.err
     assert message in result.err and "Traceback" not in result.err
+    if "--rmu-layer" in flags or "--lora-layers" in flags:  # known once the model loads: before any measuring
+        assert "forget rows" not in result.err and "before" not in result.err
+
+
+def test_the_rmu_scale_bound_it_suggests_is_accepted(tmp_path, files, cli, llama_dir):
+    import re
+
+    forget, normal = files
+    args = ["run", forget, normal, "--model", llama_dir, "--method", "rmu", "--max-steps", "1", "--no-probes",
+            "--check-every", "0", "--eval-limit", "1", "--max-new-tokens", "2"]
+    result = cli(*args, "-o", tmp_path / "a", "--rmu-scale", "1e30")
+    suggested = re.search(r"use at most (\S+)", result.err).group(1)
+    again = cli(*args, "-o", tmp_path / "b", "--rmu-scale", suggested)
+    assert again.code == 0, again.err  # rounded to nearest, the bound itself was refused on some models
+
+
+def test_the_bound_is_cut_to_two_digits_never_rounded_up():
+    from unlearn.rmu import _two_digits_down
+
+    assert _two_digits_down(6.449e17) == pytest.approx(6.4e17) and _two_digits_down(4.46e17) == pytest.approx(4.4e17)
+    assert _two_digits_down(9.99) == pytest.approx(9.9) and _two_digits_down(0.0123) == pytest.approx(0.012)
+    assert float(f"{_two_digits_down(6.449e17):.2g}") <= 6.449e17
 
 
 def test_rmu_learning_rate_default_and_explicit_lr():

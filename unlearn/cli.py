@@ -194,10 +194,10 @@ def _command_line() -> str:
                    "Not a default: measured on the dev split only (docs/quality.md).")
 @click.option("--protect", is_flag=True,
               help="Project the forget loss's gradient off the span of the retain rows' gradients (--retain and the "
-                   "automatic probes trained on), recomputed every step in bf16. LoRA, one process; about 2 s more a "
-                   "step on the embedded model. Not a default: it leaks more passages on the dev split (docs/quality.md).")
+                   "automatic probes trained on), recomputed every step in bf16 (a forward and backward over every retain row, 32 at a time; none at "
+                   "repair steps). LoRA, one process; about 2 s more a step on the embedded model with its probes. Not a default: it leaks more passages on the dev split (docs/quality.md).")
 @click.option("--extra-steps", type=int, default=None,
-              help="Steps to keep going after the stop rule fires [default: 0; ulmr: 4].")
+              help="Steps to keep going after the stop rule fires [default: 0; ulmr: 4, or 0 with --repair-steps].")
 @click.option("--repair-steps", default=None, metavar="N|auto",
               help="Once the stop rule first fires: up to N more steps that train only the terms that keep (normal, "
                    "retain and probe KL) while nothing leaks, the whole loss after a leak; the run ends at the first "

@@ -382,6 +382,10 @@ class RunOptions:
         # The margin reads the probability of the forget rows' answer tokens (`Unlearner.likeliest_forget_answer`);
         # a loss on every response token has none to read, so a margin there would be taken and never hold.
         unfocused = self.train.forget_tokens == "response" or ulmr
+        if self.train.forget_tokens == "response" and self.forget_loss in ("redirect", "spellings"):
+            # both act at the answer's positions; a row scored whole has none, and takes unlikelihood (README)
+            raise UsageError(f"--forget-loss {self.forget_loss} acts where the answer is, and --forget-tokens response "
+                             f"scores every response token (unlikelihood): drop one of them")
         if unfocused and self.stop_margin:
             raise UsageError(f"--stop-margin reads the forget rows' answer tokens; "
                              f"{'--method ulmr' if ulmr else '--forget-tokens response'} pushes down every "
@@ -401,8 +405,11 @@ class RunOptions:
                 0.0 if unfocused else own.get("stop_margin", self.train.stop_margin)),
             stop_leak=self.stop_leak if self.stop_leak is not None else (ULMR_STOP_LEAK if ulmr else
                                                                         self.train.stop_leak),
-            extra_steps=self.extra_steps if self.extra_steps is not None else (ULMR_EXTRA_STEPS if ulmr else
-                                                                               self.train.extra_steps))
+            # an explicit --repair-steps takes the place of ulmr's extra steps, as an explicit --extra-steps
+            # takes the repair's (`_repair_steps`)
+            extra_steps=self.extra_steps if self.extra_steps is not None else (
+                ULMR_EXTRA_STEPS if ulmr and (self.repair_steps is None or str(self.repair_steps).strip() == "0") else
+                self.train.extra_steps))
         train = replace(train, repair_steps=self._repair_steps(train))
         train.validate()
         if self.adapters:

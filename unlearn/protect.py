@@ -36,10 +36,25 @@ def flat(tensors) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1).float() for t in tensors])
 
 
+# Rows per batched pass of `row_gradients`. One pass holds every row's logits (positions x vocabulary, in
+# float32 for the NLL) and its inputs at every adapter: measured on the tiny test model, 1,000 retain rows in one
+# pass peaked at 1,879 MiB and 3,000 at 4,296 MiB, against 532 MiB in passes of 50 rows, with bit-identical
+# float32 gradients (each row's gradient is its own). 32 keeps the default run's probes (at most 24) in one pass.
+ROWS_PER_PASS = 32
+
+
 def row_gradients(model, params: list[torch.nn.Parameter], rows: list[dict], pad_id: int, forward,
-                  low_precision: bool = True) -> torch.Tensor:
+                  low_precision: bool = True, rows_per_pass: int = ROWS_PER_PASS) -> torch.Tensor:
     """(k, P): per row of ROWS, the gradient of its mean response-token NLL w.r.t. PARAMS, flattened in
-    PARAMS' order (`flat`). PARAMS must be LoRA adapters' A and B (lora.LoRALinear).
+    PARAMS' order (`flat`), computed ROWS_PER_PASS rows at a time (`_pass_gradients`), so that memory does
+    not grow with the retain file."""
+    return torch.cat([_pass_gradients(model, params, rows[i:i + rows_per_pass], pad_id, forward, low_precision)
+                      for i in range(0, len(rows), rows_per_pass)])
+
+
+def _pass_gradients(model, params: list[torch.nn.Parameter], rows: list[dict], pad_id: int, forward,
+                    low_precision: bool) -> torch.Tensor:
+    """(k, P): `row_gradients` of ROWS in one pass. PARAMS must be LoRA adapters' A and B (lora.LoRALinear).
 
     One batched forward and backward, not one per row: a LoRA update y += s·(x Aᵀ) Bᵀ has, for row
     i with inputs x_it and output gradients δ_it (the loss is the sum of the rows' NLLs, so each

@@ -51,16 +51,24 @@ class Repair:
     def start(cls, step: int, steps: int) -> "Repair":
         return cls(first_forgotten=step, end=step + steps)
 
-    def checked(self, step: int, done: bool) -> None:
-        """The check after STEP found nothing leaking (DONE) or a leak: decide the next step, or the end."""
-        self.keep_terms_only = done
+    def checked(self, step: int, done: bool, clean: bool | None = None) -> None:
+        """The check after STEP: CLEAN, its forget prompts leak at most --stop-leak (default: DONE), decides the
+        next step's kind; DONE, the whole stop rule holds (--stop-probes too), may end the phase. Probes that are
+        not yet kept are no leak: training the ascent again for them would push on what damaged them."""
+        self.keep_terms_only = done if clean is None else clean
         self.finished = done and step >= self.end
 
-    def describe(self, step: int) -> str:
-        """What the next step does, for the log line of the check after STEP."""
+    def describe(self, step: int, stop_leak: float = 0.0) -> str:
+        """What the next step does, for the log line of the check after STEP (STOP_LEAK: the leak the stop rule
+        allows, which the keep-terms steps then allow too)."""
         if self.finished:
             return "repair over: stop"
-        what = "the keep terms alone (nothing leaks)" if self.keep_terms_only else "the whole loss again (a leak)"
+        if stop_leak:
+            what = (f"the keep terms alone (leak at most --stop-leak {stop_leak:g})" if self.keep_terms_only
+                    else f"the whole loss again (a leak past --stop-leak {stop_leak:g}, or the margin failed)")
+        else:
+            what = ("the keep terms alone (nothing leaks)" if self.keep_terms_only
+                    else "the whole loss again (a leak, or the margin failed)")
         until = (f"repair until step {self.end}" if step < self.end
                  else "repair over, stopping at the first check that finds no leak")
         return f"next step trains {what}; {until}"

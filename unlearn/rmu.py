@@ -36,6 +36,8 @@ How this project applies it (train.Unlearner._rmu_loss):
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from unlearn import layer_names
@@ -132,6 +134,23 @@ def trained_layers(layer: int) -> list[int]:
     return list(range(max(0, layer - TRAINED_LAYERS + 1), layer + 1))
 
 
+def checked_window(model, layer: int | None) -> list[int]:
+    """The layers of the window ℓ−2..ℓ (ℓ: LAYER, resolved) that have trainable parameters, refusing an ℓ
+    the model lacks or a window where nothing trains (--lora-layers elsewhere), each in one line. Called
+    right after the adapters are attached (run.load), before anything is measured."""
+    layers = decoder_layers(model)
+    resolved = resolved_layer(model, layer)
+    if resolved not in layers:
+        raise UsageError(f"--rmu-layer {resolved}: the model has layers 0..{max(layers)}")
+    window = trained_layers(resolved)
+    trained = [i for i in window if any(p.requires_grad for p in layers[i].parameters())]
+    if not trained:
+        raise UsageError(f"--method rmu trains layers {window[0]}-{window[-1]} (layer {resolved}, --rmu-layer, and "
+                         f"the two below it), where this model has nothing to train: give --lora-layers that "
+                         f"include them, or an --rmu-layer among the adapted layers")
+    return trained
+
+
 def restrict_training(model, layer: int) -> None:
     """Turn off the gradient of every trainable parameter outside layers ℓ−2..ℓ.
 
@@ -146,6 +165,13 @@ def restrict_training(model, layer: int) -> None:
             p.requires_grad_(False)
 
 
+def _two_digits_down(x: float) -> float:
+    """X cut, not rounded, to two significant digits: a bound quoted back to the user must pass it (6.44e17,
+    rounded, read 6.4e17 there and 6.5e17 elsewhere, which the same check then refused)."""
+    step = 10.0 ** (math.floor(math.log10(x)) - 1)
+    return math.floor(x / step) * step
+
+
 class Misdirection:
     """The fixed parts of RMU for one model: the layer ℓ, its module, the target c·u."""
 
@@ -153,8 +179,8 @@ class Misdirection:
         """ORIGINAL: the frozen copy under --full (its layer ℓ is its own module); None: MODEL with adapters off."""
         layers = decoder_layers(model)
         self.layer = resolved_layer(model, layer)
-        if self.layer not in layers:
-            raise UsageError(f"--rmu-layer {self.layer}: the model has layers 0..{max(layers)}")
+        # the window's layers with trainable parameters: what `describe` names (--lora-layers may leave some out)
+        self.trained = checked_window(model, layer)
         self.module = layers[self.layer]
         self.original_module = self.module if original is None else decoder_layers(original)[self.layer]
         self.scale = scale
@@ -178,10 +204,13 @@ class Misdirection:
         if self.scale * self.norm > most_c:
             raise UsageError(f"--rmu-scale {self.scale:g}: the target norm c = {self.scale:g} × {self.norm:.3g} "
                              f"(mean norm of h_{self.layer}) squared is past float32's range, so the loss is inf; "
-                             f"use at most {most_c / self.norm:.2g}")
+                             f"use at most {_two_digits_down(most_c / self.norm):.2g}")
         u = random_direction(original_hidden[0][0].shape[-1], self.seed)
         self.target = u * (self.scale * self.norm)
 
     def describe(self) -> str:
-        return (f"rmu: layer {self.layer}, trained layers {self.window[0]}-{self.window[-1]}, target norm "
+        trained = (f"{self.trained[0]}-{self.trained[-1]}" if self.trained == list(range(self.trained[0],
+                                                                                        self.trained[-1] + 1))
+                   else ", ".join(map(str, self.trained)))
+        return (f"rmu: layer {self.layer}, trained layers {trained}, target norm "
                 f"c = {self.scale:g} × {self.norm:.3g} (mean norm of h_{self.layer} on the normal rows)")

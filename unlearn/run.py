@@ -473,6 +473,10 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
             p.requires_grad_(opts.full)
     else:
         attach_lora(model, opts.lora, seed=opts.train.seed)
+    if opts.train.method == "rmu":  # a bad --rmu-layer, or adapters outside its window: said before any measuring
+        from unlearn.rmu import checked_window
+
+        checked_window(model, opts.train.rmu_layer)
     if opts.gradient_checkpointing:
         models.enable_gradient_checkpointing(model)
     # Under torchrun: DDP's wrapper (the training forward goes through it), or FSDP2 sharding in place.

@@ -840,10 +840,11 @@ class Unlearner:
         lr = learning_rate(config, self.step_count)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        # --protect: the span of the retain rows' gradients at the weights this update starts from.
+        # --protect: the span of the retain rows' gradients at the weights this update starts from (a repair
+        # step trains no forget term, so there is nothing to project: `_protected_backward`).
         protected = (protect.basis(protect.row_gradients(self.model, self.params, self.retain, self.pad_id,
                                                          forward_logits))
-                     if config.protect and self.retain else None)
+                     if config.protect and self.retain and not self.keep_terms_only else None)
         logged: dict[str, float] = {}
         for _ in range(config.grad_accum):
             # Every rank draws the same global micro-batch (same RNG draws) and keeps its share.
@@ -1044,11 +1045,14 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                                 f"(a stop condition: --stop-margin {config.stop_margin:g})"
                                 + ('' if leak is not None else f"; not generated; forget weight ×{unlearner.forget_scale:g}"))
                     note = ""
+                    # the forget prompts alone: the margin held and the greedy check found at most --stop-leak
+                    # (DONE may still be False while --stop-probes waits for the probes)
+                    clean = leak is not None and leak <= config.stop_leak
                     if repairing:
-                        phase.checked(step, done)
+                        phase.checked(step, done, clean)
                         stopped_by = "forgotten" if done else "max_steps"  # what the last check found
                         stop_at = step if phase.finished else config.max_steps
-                        note = f"; {phase.describe(step)}"
+                        note = f"; {phase.describe(step, config.stop_leak)}"
                     elif done:
                         stopped_by = "forgotten"
                         steps = repair.budget(config.repair_steps, step) if unlearner.has_keep_terms else 0
@@ -1063,8 +1067,13 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                                 note = ("; no repair: nothing to keep (--normal-weight 0, no retain rows or probes), "
                                         "so --repair-steps has no terms to train")
                     unlearner.keep_terms_only = repair.next_step_keeps_only(phase)
-                    if log and leak is not None:  # a check that is not done ended at its verdict: a lower bound
-                        log(f"step {step}: forget leak rate {'≥ ' if not done and leak < 1 else ''}{leak:.2f}{note}")
+                    if log and leak is not None:
+                        # a check whose leak passed --stop-leak ended at its verdict: a lower bound (--leaked-rows
+                        # checks answer every row)
+                        cut = config.stop_leak < leak < 1 and not config.leaked_rows
+                        log(f"step {step}: forget leak rate {'≥ ' if cut else ''}{leak:.2f}{note}")
+                    elif log and note:  # the margin failed, so no greedy check: the repair phase's next step still changed
+                        log(f"step {step}: {note[2:]}")
                 saved = None
                 if checkpoint is not None and save_every and unlearner.step_count % save_every == 0:
                     saved = checkpoint(loop_state())
