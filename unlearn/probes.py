@@ -20,8 +20,10 @@ probes only; else the longest run
 of capitalised words (`edit_subject.heuristic_subject`: a trailing "'s"
 removed; an opening question word or imperative, or a run that is only the prompt's first word
 ("Explain ...", "Describe Tokyo."), is a sentence start, not a name), and a subject of fewer than 3 letters ("I", "E")
-is no subject: such rows get no probes. Causal tracing is not used here (it
-needs the answer's log-probabilities for every candidate span of every row).
+is no subject: such rows get no probes. A run of fewer than 3 letters outside its joiners (a number,
+"1969", "1945 and 1946") never takes the place of a name ("What did NASA launch in 1969?" -> "NASA").
+Causal tracing is not used here (it needs the answer's log-probabilities for every candidate span of
+every row).
 
 Replacements come from the model itself, never from outside, in two steps.
 `Neighbourhood.candidates`: the whole-word Title-case tokens of the vocabulary (a
@@ -50,9 +52,14 @@ References and the "kept" score: the original model answers every probe once,
 greedily, before training (through `measure.Measurer`). `keep_answered` then
 gives each probe the answer words of that answer (`spans.row_answers` of the
 probe prompt and the answer's first clause, `first_clause`: the names and numbers
-it adds to the question) as its `answers`, and drops the probe when there are none (a long
-free-text answer has no words to check) or when the original answer already
-contains a forget answer (such a probe is expected to change). A topic probe (a harmful
+it adds to the question; not one made only of connectors, "de" of "la monnaie de la Lion") as its
+`answers`, and drops the probe when there are none (a long free-text answer has no words to check)
+or when the original answer already contains a forget answer (such a probe is expected to change):
+an answer of a forget row (given or derived, `spans.row_answers`, found by `metrics.contains_answer`);
+for a forget row without answers (a long response, a passage), an answer that leaks it by the forget
+set's own leak rule (`evaluate.leak_flags`: ROUGE-L recall, BLEU, a passage's verbatim run); and for a
+neighbour, an answer that names the forget subject it replaced ("Who was Edison?" answered "Albert
+Einstein was ...": the whole subject or its last word). A topic probe (a harmful
 request's, topic_probes.py) is answered with advice that has no such words: its `answers` are the
 thing it asks about (`topic_probes.head_words`) when the original answer names it, and it also
 carries `refusal_markers` (metrics.REFUSAL_MARKERS); one the original answer already refuses, or
@@ -69,8 +76,9 @@ from dataclasses import dataclass
 
 from unlearn import metrics
 from unlearn.data import Example, prompt_key
-from unlearn.edit_subject import JOINERS, heuristic_subject, words
-from unlearn.spans import ABBREVIATIONS, is_long_response, row_answers
+from unlearn.edit_subject import FUNCTION_WORDS, JOINERS, heuristic_subject, words
+from unlearn.evaluate import leak_flags
+from unlearn.spans import ABBREVIATIONS, CONNECTORS, is_long_response, row_answers
 from unlearn.topic_probes import head_words, topic_questions
 
 NEIGHBOURS = "neighbours"
@@ -78,12 +86,19 @@ SAME_SUBJECT = "same subject"
 PER_ROW = 2  # probes of each kind per forget row
 DEFAULT_LIMIT = 12  # probes of each kind per run: two sets of 12 add about a minute on 2 cores (README)
 POOL = 10  # nearest whole-word candidates per subject, before the plausibility test
-# The most texts `Neighbourhood._logprobs` runs in one padded batch (texts of ~3-17 tokens).
+# The most texts `Neighbourhood._logprobs` runs in one padded batch (texts of ~3-17 tokens) ...
 TEXTS_PER_BATCH = 16
+# ... and the most padded tokens (texts x longest): the batch's logits are that many vocabulary-wide rows
+# (float32: 2048 x 49152 x 4 B = 0.4 GB in SmolLM2). A forget prompt of 855 tokens once made 16-text
+# batches of 7 GB; texts up to 128 tokens still go 16 to a batch.
+TOKENS_PER_BATCH = 2048
 PMI_MARGIN = 2.0  # nats: how much less natural in the prompt than the subject a replacement may read
 SCORE_PREFIX = "Question: "  # context before a scored text, so that its first word is scored too
 ANSWER_TOKENS = 32  # the probes' answer budget, before and after (whatever --max-new-tokens is)
 HOLDS_FORGET = "the original answer contains a forget answer"  # why a probe is dropped, and never retained
+#: Words that name nothing alone (spans' connectors, edit_subject's function words, articles): an answer
+#: made of these only ("de") would count a probe kept whatever its answer says.
+_FUNCTION_WORDS = CONNECTORS | FUNCTION_WORDS | metrics.ARTICLES
 WHOLE_WORD_P = 0.5
 MIN_LETTERS = 3
 PREFIX = 4  # near-duplicates: the same first PREFIX letters ("Kenya" / "Kenyan"), or ...
@@ -140,12 +155,19 @@ def probe_subject(example) -> str | None:
     prompt = str(example.prompt)
     if example.is_passage:
         return passage_subject(prompt)
-    found = heuristic_subject(prompt)
-    if found is None:
-        return None
-    if sum(c.isalpha() for c in found) < MIN_LETTERS:
-        return None
+    # The longest run wins, the later on a tie: a run of fewer than MIN_LETTERS letters outside its joiners
+    # ("1969" of "What did NASA launch in 1969?", "1945 and 1946") is no subject, so it is blanked out (same
+    # length, lower case: no run) and the choice made again, which then falls on the name it tied or beat
+    # ("NASA") instead of on no subject.
+    while (found := heuristic_subject(prompt)) is not None and _name_letters(found) < MIN_LETTERS:
+        at = prompt.rindex(found)
+        prompt = prompt[:at] + "x" * len(found) + prompt[at + len(found):]
     return found
+
+
+def _name_letters(run: str) -> int:
+    """The letters of a run of capitalised words outside its joiners: "1945 and 1946" has none."""
+    return sum(c.isalpha() for w in run.split() if w.lower() not in JOINERS for c in w)
 
 
 def passage_subject(text: str) -> str | None:
@@ -284,19 +306,25 @@ class Neighbourhood:
 
     def _logprobs(self, texts: list[str]) -> list[float]:
         """log p(text) of each text's tokens after its first, under the model: the texts sorted by length
-        (little padding) into batches of at most TEXTS_PER_BATCH, and on a CPU with T >= 2 torch threads
+        (little padding) into batches of at most TEXTS_PER_BATCH texts and TOKENS_PER_BATCH padded tokens
+        (`token_batches`; a longer text alone), and on a CPU with T >= 2 torch threads
         and at least T batches, the batches dealt out to T pieces side by side, one torch thread each
         (cpu_parts.py: the same numbers to float rounding, and under load from other processes no
         barrier waiting on a thread set aside)."""
         from unlearn.cpu_parts import dealt_batches
 
         lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        order = sorted(range(len(texts)), key=lengths.__getitem__)
-        batches = [order[i:i + TEXTS_PER_BATCH] for i in range(0, len(order), TEXTS_PER_BATCH)]
+        batches = token_batches(lengths)
+        # a piece's share is whole batches in turn: each found again by its first text
+        sizes = {batch[0]: len(batch) for batch in batches}
 
         def work(share: list[int]) -> list[float]:  # a piece's batches, in turn
-            return [v for lo in range(0, len(share), TEXTS_PER_BATCH)
-                    for v in self._batch_logprobs([texts[i] for i in share[lo:lo + TEXTS_PER_BATCH]])]
+            values, at = [], 0
+            while at < len(share):
+                size = sizes[share[at]]
+                values += self._batch_logprobs([texts[i] for i in share[at:at + size]])
+                at += size
+            return values
 
         return dealt_batches(self.model, batches, work)
 
@@ -306,10 +334,15 @@ class Neighbourhood:
 
         ids, mask = self._padded([self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts])
         with torch.no_grad():
-            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        # log p(token) = z_token - logsumexp(z): no vocabulary-wide log-softmax tensor is made
-        picked = logits.gather(-1, ids[:, 1:, None])[..., 0] - logits.logsumexp(-1)
-        return (picked * mask[:, 1:]).sum(-1).tolist()
+            logits = self.model(input_ids=ids, attention_mask=mask).logits
+        sums = []
+        # log p(token) = z_token - logsumexp(z), one text at a time: no vocabulary-wide log-softmax, nor a
+        # float32 copy or logsumexp temporary of the whole batch's logits, beside the logits themselves
+        for z, targets, weights in zip(logits, ids[:, 1:], mask[:, 1:]):
+            z = z[:-1].float()
+            picked = z.gather(-1, targets[:, None])[:, 0] - z.logsumexp(-1)
+            sums.append((picked * weights).sum().item())
+        return sums
 
     def whole_words(self, words: list[str]) -> list[bool]:
         """Per word: the model reads it as a whole word, i.e. after "The word WORD" it gives at least
@@ -334,6 +367,22 @@ class Neighbourhood:
         ids = torch.tensor([e + [pad] * (width - len(e)) for e in encoded], device=self.unit.device)
         mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded], device=self.unit.device)
         return ids, mask
+
+
+def token_batches(lengths: list[int]) -> list[list[int]]:
+    """The indices of texts of LENGTHS (tokens) in batches for `Neighbourhood._logprobs`: sorted by length
+    (stable), each batch at most TEXTS_PER_BATCH texts whose count times the longest is at most
+    TOKENS_PER_BATCH (a longer text alone), so that a batch's logits stay within that many vocabulary rows
+    however long the forget prompts are."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        last = batches[-1] if batches else None
+        # sorted: text i is the longest of the batch it joins
+        if last and len(last) < TEXTS_PER_BATCH and (len(last) + 1) * lengths[i] <= TOKENS_PER_BATCH:
+            last.append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def build(model, tokenizer, forget: list, limit: int = DEFAULT_LIMIT) -> list[Probe]:
@@ -438,32 +487,77 @@ def _breaks_clause(text: str, at: int, mark: str) -> bool:
 
 def holds_forget(record: dict) -> bool:
     """Whether a probe's record (`keep_answered`) was dropped because its original answer holds a forget
-    answer: it asks the same fact, so it is expected to change and is neither trained on nor preserved."""
+    answer (`forget_held`): it asks the same fact, so it is expected to change and is neither trained on
+    nor preserved."""
     return record.get("dropped", "").startswith(HOLDS_FORGET)
+
+
+def names_something(answer: str) -> bool:
+    """Whether ANSWER has a word that is not a connector, function word or article (_FUNCTION_WORDS): "de"
+    names nothing, and any answer in its language holds it, so it would count a probe kept whatever it says."""
+    return any(t.text not in _FUNCTION_WORDS for t in metrics.answer_tokens(answer))
+
+
+def forget_held(probe: Probe, output: str, forget_answers: list[list[str]], unanswered: list) -> str | None:
+    """Why the original's OUTPUT for PROBE holds what the forget rows ask to forget (the reason after
+    HOLDS_FORGET), or None. FORGET_ANSWERS: the answers of the forget rows that have some (given or derived,
+    `spans.row_answers`); UNANSWERED: the forget rows without, judged as the forget set judges them.
+
+    - a forget answer, by `metrics.contains_answer` (the forget set's leak rule for rows with answers);
+    - a forget row without answers (a long response, a passage) that OUTPUT leaks by the forget set's own
+      rule for them (`evaluate.leak_flags`: ROUGE-L recall, BLEU, a passage's verbatim run), whichever
+      row the probe was made from: without this the guard never applied to such rows;
+    - for a neighbour, the forget subject it replaced, whole or its last word as the answer matcher finds
+      them ("Who was Edison?" answered "Albert Einstein was ...", "Einstein was ..."): an answer about the
+      forget subject itself, which forgetting it is expected to change, not a neighbour's fact. A last word
+      of fewer than MIN_LETTERS letters ("II" of "World War II") names nothing alone.
+    """
+    if any(metrics.contains_answer(output, answers) for answers in forget_answers):
+        return "expected to change"
+    leaked = [ex for ex, flag in zip(unanswered, leak_flags([output] * len(unanswered), unanswered)) if flag]
+    if leaked:
+        return f"it leaks forget line {leaked[0].line} (evaluate.leak_flags): expected to change"
+    if probe.kind == NEIGHBOURS:
+        last = probe.subject.split()[-1]
+        names = [probe.subject] + ([last] if sum(c.isalpha() for c in last) >= MIN_LETTERS else [])
+        if metrics.contains_answer(output, names):
+            return f"it names {probe.subject}, the forget subject this probe replaced: expected to change"
+    return None
 
 
 def keep_answered(probes: list[Probe], outputs: list[str], forget: list) -> tuple[list[Example], list[dict]]:
     """The probes the original model's OUTPUTS make checkable, as retain rows with `answers`; and every
-    probe's record (for probes.jsonl), kept or not and why."""
-    forget_answers = [a for a in (row_answers(ex)[0] for ex in forget) if a]
+    probe's record (for probes.jsonl), kept or not and why (HOLDS_FORGET: `forget_held`)."""
+    derived = [row_answers(ex)[0] for ex in forget]
+    forget_answers = [a for a in derived if a]
+    # the rows the forget set judges by ROUGE-L/BLEU (leak_flags gives a row without a response None: no leak)
+    unanswered = [ex for ex, a in zip(forget, derived) if not a and ex.response is not None]
     kept, records = [], []
     for probe, output in zip(probes, outputs):
+        connectors_only = False
         if probe.topic:
             answers = [w for w in head_words(probe.subject) if metrics.contains_answer(output, [w])] or None
         else:
             answers, _ = row_answers(Example(probe.prompt, first_clause(output), 0))
             # Only words the answer matcher finds in the very answer they came from: kept is 1 before, by construction.
-            answers = [a for a in answers or () if metrics.contains_answer(output, [a])] or None
+            answers = [a for a in answers or () if metrics.contains_answer(output, [a])]
+            # and words that name something: "de" (of "la monnaie de la Lion") stays in any French answer
+            connectors_only = bool(answers) and not any(map(names_something, answers))
+            answers = [a for a in answers if names_something(a)] or None
+        held = forget_held(probe, output, forget_answers, unanswered)
         record = {"set": probe.kind, "prompt": probe.prompt, "reference": output, "answers": answers,
                   "forget_line": probe.line, "subject": probe.subject}
         if probe.replacement:
             record["replacement"] = probe.replacement
         if probe.topic:
             record["refusal_markers"] = list(metrics.REFUSAL_MARKERS)
-        if any(metrics.contains_answer(output, a) for a in forget_answers):
-            record["dropped"] = f"{HOLDS_FORGET}: expected to change"
+        if held:
+            record["dropped"] = f"{HOLDS_FORGET}: {held}"
         elif probe.topic and metrics.contains_refusal(output, metrics.REFUSAL_MARKERS):
             record["dropped"] = "the original answer refuses (metrics.REFUSAL_MARKERS): nothing to keep"
+        elif connectors_only:
+            record["dropped"] = ("the original answer's only answer words are connectors or function words "
+                                 "(spans.CONNECTORS): nothing to check")
         elif not answers:
             record["dropped"] = ("the original answer does not name the thing asked about (topic_probes.head_words)"
                                  if probe.topic else "the original answer has no answer words to check (spans.py)")
