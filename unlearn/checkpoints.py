@@ -65,9 +65,12 @@ def latest_checkpoint(output: Path) -> Path | None:
 def read_state(directory: Path) -> dict:
     path = Path(directory) / "state.json"
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: cut JSON, or a stray byte (UnicodeDecodeError)
         raise UnlearnError(f"{path}: not a readable checkpoint state ({exc})") from None
+    if not isinstance(state, dict):
+        raise UnlearnError(f"{path}: not a readable checkpoint state (a JSON {type(state).__name__}, not an object)")
+    return state
 
 
 TENSOR_FILES = {"weights": "trainable.safetensors", "optimizer_tensors": "optimizer.safetensors",
@@ -132,5 +135,14 @@ def load_checkpoint(directory: Path, unlearner) -> dict:
     for key, name in TENSOR_FILES.items():
         state[key] = _load(directory / name)
     state.setdefault("optimizer_scalars", {})
-    unlearner.load_state_dict(state, where=str(directory))
-    return state["loop"]
+    try:
+        unlearner.load_state_dict(state, where=str(directory))
+        loop = state["loop"]
+        for batches in (unlearner.forget_batches, unlearner.normal_batches, unlearner.retain_batches):
+            # a row order naming rows the run does not have would fail steps later, with no file named
+            if not set(batches.order) <= set(range(batches.n)) or len(set(batches.order)) != len(batches.order):
+                raise ValueError("a row order is not one of the run's rows")
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:  # an edited or foreign state
+        raise UnlearnError(f"{directory / 'state.json'}: not a readable checkpoint state "
+                           f"({type(exc).__name__}: {exc})") from None
+    return loop

@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from unlearn import distributed, metrics
+from unlearn import data, distributed, metrics
 from unlearn.errors import UnlearnError
 from unlearn.evaluate import Scorer
 from unlearn.metrics import MIN_K_PERCENT
@@ -500,12 +500,17 @@ class Measurer:
         st = self.settings
         return measure_cache.key(
             weights=self.fingerprint, judge=self.judge.identity(), kind=s.kind, rows=s.examples,
+            # The rows are keyed as written; a chat template may also render the date or time (Llama 3.2's
+            # strftime_now), which the weights' files do not show: one rendered prompt keys what it adds.
+            rendering=data.render_prompt(self.tokenizer, "?"),
             against=self.against, baseline=baseline, own_baseline=own_baseline,
             generation=[st.max_new_tokens, st.batch_size, st.do_sample, st.temperature, st.top_p, st.seed],
             scores=[st.likelihood, st.min_k, st.members, st.holdout,
                     st.reward_model.fingerprint() if st.reward_model is not None else None])
 
-    def _cached(self, key: str | None) -> dict | None:
+    def _cached(self, key: str | None, rows: int) -> dict | None:
+        """The measurement stored under KEY for a set of ROWS rows, or None (none, or not what `measure`
+        stores: an edited or foreign file is measured again, not crashed on)."""
         # Rank 0 reads the cache and every rank takes its answer: ranks on other machines (another
         # cache, or none) must still measure, or skip, together.
         from unlearn import measure_cache
@@ -514,7 +519,10 @@ class Measurer:
             return None
         if key not in self._hits:
             hit = distributed.on_main(lambda: measure_cache.load(key))
-            if hit is None:
+            if not (isinstance(hit, dict) and set(hit) == {"summary", "outputs", "rows"}
+                    and isinstance(hit["summary"], dict) and isinstance(hit["outputs"], list)
+                    and isinstance(hit["rows"], list) and len(hit["outputs"]) == len(hit["rows"]) == rows
+                    and all(isinstance(o, str) for o in hit["outputs"])):
                 return None
             self._hits[key] = hit
         return self._hits[key]
@@ -523,7 +531,8 @@ class Measurer:
                  own_baseline: bool = False) -> list[EvalSet]:
         """The SETS `measure` (with the same arguments) would generate answers for: those the cache does not hold."""
         baseline = baseline or {}
-        return [s for s in sets if self._cached(self._cache_key(s, baseline.get(s.name), own_baseline)) is None]
+        return [s for s in sets
+                if self._cached(self._cache_key(s, baseline.get(s.name), own_baseline), len(s.examples)) is None]
 
     def measure(self, sets: list[EvalSet], baseline: dict[str, list[str]] | None = None,
                 label: str | None = None, *, own_baseline: bool = False,
@@ -539,7 +548,7 @@ class Measurer:
         keys, measured = {}, {}
         for s in sets:
             keys[s.name] = self._cache_key(s, baseline.get(s.name), own_baseline)
-            hit = self._cached(keys[s.name])
+            hit = self._cached(keys[s.name], len(s.examples))
             if hit is not None:
                 self.reused += 1
                 measured[s.name] = Measured(**hit)

@@ -13,8 +13,8 @@ settings, and users run many settings in a row. A measurement is a pure function
 
 so it is stored under `$UNLEARN_CACHE/measurements/<sha256 of all that>.json` and read
 back when the same key comes again. `--no-cache` bypasses it (neither read nor written).
-A file's hash is itself remembered by (path, size, mtime), so a second run does not
-read 500 MB to find its key.
+A file's hash is itself remembered by (path, size, mtime, inode, ctime), so a second run does
+not read 500 MB to find its key.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def weights_fingerprint(model_dir: Path) -> str:
 
     The name is older than its scope: it keys every measurement of the model in that directory, and
     the rows are in the key as written, not as rendered, so a changed chat template or tokenizer must
-    change it. Each file's hash is remembered by (resolved path, size, mtime) in the cache's
+    change it. Each file's hash is remembered by (resolved path, size, mtime, inode, ctime) in the cache's
     weight_hashes.json: the weights are read once, not at every run.
     """
     from unlearn.system import file_sha256
@@ -93,14 +93,17 @@ def weights_fingerprint(model_dir: Path) -> str:
     index_path = cache_dir() / "weight_hashes.json"
     try:
         known = json.loads(index_path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # absent, cut, or a stray byte (UnicodeDecodeError): hash again
         known = {}
     if not isinstance(known, dict):
         known = {}
     parts, changed = [], False
     for path in fingerprinted_files(model_dir):
         stat = path.stat()
-        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        # The inode and the change time too: a file rewritten with the same size and its mtime put back (cp -p,
+        # rsync -a, an unpacked archive) kept its old hash, and the run printed the old weights' figures.
+        # ctime cannot be set back, and an untouched file keeps it, so the read is still saved.
+        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_ctime_ns}"
         if key not in known:
             known[key] = file_sha256(path)
             changed = True
@@ -162,11 +165,13 @@ def _path(k: str) -> Path:
     return cache_dir() / "measurements" / f"{k}.json"
 
 
-def load(k: str) -> dict | None:
+def load(k: str):
+    """The value stored under K, or None: absent, a half-written file from a killed run, or a damaged one
+    (a stray byte is a UnicodeDecodeError, a ValueError): measure again. Callers check its shape."""
     try:
         return json.loads(_path(k).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None  # absent, or a half-written file from a killed run: measure again
+    except (OSError, ValueError):
+        return None
 
 
 def store(k: str, value: dict) -> None:

@@ -9,9 +9,11 @@ converted once into `$UNLEARN_CACHE/models/` (the embedded model's conversion ta
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import pickle
 import shutil
@@ -83,10 +85,48 @@ def default_gguf_path() -> Path:
 
 
 def _gguf_cache_path(gguf: Path) -> Path:
-    # Keyed on the file's identity so that a different file never reuses a stale conversion.
+    # Named by the file's path, size and mtime; what was converted is checked by `_converted_from` (a file
+    # rewritten in place with the same size and second kept its name and reused the old conversion).
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{int(stat.st_mtime)}".encode()).hexdigest()[:12]
     return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+# In a converted directory: the GGUF it was made from. Hidden, so that measure_cache's fingerprint of the
+# directory (which skips hidden files) stays the weights' and the tokenizer's.
+SOURCE_RECORD = ".unlearn-source.json"
+
+
+def _file_identity(path: Path) -> list[int]:
+    """Size, mtime, inode and change time: a file rewritten in place changes its ctime, which cannot be set back."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
+
+
+def _converted_from(target: Path, gguf: Path) -> bool:
+    """Whether TARGET holds a conversion of GGUF as it is now: its record names the same file identity, or,
+    when the identity moved (a copy, a restored backup), the same SHA-256, which the record then takes.
+    A conversion without a record (made before it was written) is made again."""
+    from unlearn.system import file_sha256
+
+    try:
+        record = json.loads((target / SOURCE_RECORD).read_text())
+        known, digest = record["identity"], record["sha256"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    if known == _file_identity(gguf):
+        return True
+    if digest != file_sha256(gguf):
+        return False
+    _write_source_record(target, gguf, digest)
+    return True
+
+
+def _write_source_record(directory: Path, gguf: Path, digest: str) -> None:
+    try:
+        (directory / SOURCE_RECORD).write_text(json.dumps({"identity": _file_identity(gguf), "sha256": digest}))
+    except OSError:
+        pass  # a read-only cache: checked by its hash again next time
 
 
 @contextlib.contextmanager
@@ -103,26 +143,36 @@ def _gguf_parsed_once():
     import functools
 
     import gguf
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
     names = [name for name in ("GGUFReader", "get_tensor_name_map") if hasattr(gguf, name)]
     originals = {name: getattr(gguf, name) for name in names}
+    # its tensor loop draws a progress bar: on a terminal only (disable=None), as every bar of ours
+    bar = getattr(gguf_utils, "tqdm", None)
     try:
         for name in names:
             setattr(gguf, name, functools.lru_cache(maxsize=None)(originals[name]))
+        if bar is not None:
+            gguf_utils.tqdm = functools.partial(bar, disable=None)
         yield
     finally:
         for name in names:
             setattr(gguf, name, originals[name])
+        if bar is not None:
+            gguf_utils.tqdm = bar
 
 
 def convert_gguf(gguf: Path, log=log) -> Path:
     """De-quantise a GGUF file once into a cached safetensors directory; return that directory."""
+    from unlearn.system import file_sha256
+
     target = _gguf_cache_path(gguf)
-    if (target / "config.json").is_file():
+    if (target / "config.json").is_file() and _converted_from(target, gguf):
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    digest = file_sha256(gguf)  # before reading it: a file changed during the conversion is converted again
     log(f"converting {gguf.name} to safetensors in {target} (once; 10-20 s)")
     try:
         with _gguf_parsed_once():
@@ -135,17 +185,34 @@ def convert_gguf(gguf: Path, log=log) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         delattr(model.config, "quantization_config")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:  # a cache that cannot be written costs the conversion again next time, not the run
+        tmp = Path(tempfile.mkdtemp(prefix=f"unlearn-{target.name}-"))
+        atexit.register(shutil.rmtree, tmp, True)
+        log(f"{target.parent}: cannot keep the converted model ({exc.strerror or exc}); it is used from {tmp} "
+            f"for this run only (set UNLEARN_CACHE to a writable directory)")
+        _save_converted(model, tokenizer, tmp, gguf, digest)
+        return tmp
+    try:
+        _save_converted(model, tokenizer, tmp, gguf, digest)
+        if target.exists():  # a stale conversion (`_converted_from`): set aside, then removed
+            stale = target.with_name(f".{target.name}.stale-{os.getpid()}")
+            os.replace(target, stale)
+            shutil.rmtree(stale, ignore_errors=True)
         os.replace(tmp, target)
-    except OSError:
+    except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "config.json").is_file():  # another process may have won the race
-            raise
+            raise UnlearnError(f"{target}: could not write the converted model ({exc.strerror or exc})") from None
     return target
+
+
+def _save_converted(model, tokenizer, directory: Path, gguf: Path, digest: str) -> None:
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    _write_source_record(directory, gguf, digest)
 
 
 def _looks_like_hub_id(spec: str) -> bool:

@@ -31,7 +31,7 @@ from unlearn import distributed, models, system
 from unlearn.checkpoints import checkpoint_root, latest_checkpoint, load_checkpoint, read_state, remove_partial
 from unlearn.checkpoints import save_checkpoint
 from unlearn.config import RETAIN_WEIGHT, RunOptions
-from unlearn.data import SOURCE_FILE, Example, check_answers_spelled, prompt_key, read_examples
+from unlearn.data import SOURCE_FILE, Example, check_answers_spelled, prompt_key, read_examples, render_prompt
 from unlearn.errors import Interrupted, UnlearnError, UsageError
 from unlearn.log import log as default_log
 from unlearn.measure import (KEPT_KV_BUDGET, EvalSet, Measured, Measurer, Settings, kept_rate, leak_rate, original_scorer,
@@ -706,6 +706,7 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
     # cache (measure_cache.py) when a run with the same ones made them, as every run of a settings sweep does.
     key = None if job.before.fingerprint is None else measure_cache.key(
         weights=job.before.fingerprint, what="probes", rules=probes.rules_fingerprint(), forget=data.forget,
+        rendering=render_prompt(job.tokenizer, "?"),  # a template's date or time (Measurer._cache_key)
         limit=opts.probe_limit, generation=[settings.max_new_tokens, settings.batch_size, settings.do_sample,
                                             settings.temperature, settings.top_p, settings.seed])
     hit = distributed.on_main(lambda: _cached_probes(key)) if key is not None else None  # every rank: the same

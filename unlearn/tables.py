@@ -241,8 +241,14 @@ def format_table(result: dict) -> str:
     if "seconds" in result:
         speed = result.get("generation_tokens_per_second")
         lines.append(f"time: {result['seconds']:.1f} s on {result.get('device', '?')}"
-                     + (f", generation {speed:.1f} tokens/s" if speed else ""))
+                     + (f", generation {speed:.1f} tokens/s" if speed else "") + _reuse_note(result))
     return "\n".join(lines)
+
+
+def _reuse_note(result: dict) -> str:
+    """Which models' figures were read back from the measurement cache (measure_cache.py; --no-cache: none)."""
+    reused = [who for who, back in (result.get("reused") or {}).items() if back]
+    return f"; {' and '.join(reused)} read back from the cache (--no-cache measures again)" if reused else ""
 
 
 def format_report(result: dict, title: str = "unlearn eval") -> str:
@@ -274,7 +280,8 @@ def result_json(result: dict) -> dict:
     obj.update(model=result["model"], reference_model=result["reference_model"],
                fluency_model=result["fluency_model"], seconds=round(result["seconds"], 3),
                device=result.get("device"),
-               generation_tokens_per_second=_round(result.get("generation_tokens_per_second")))
+               generation_tokens_per_second=_round(result.get("generation_tokens_per_second")),
+               reused=result.get("reused"))  # {model, reference}: read back from the measurement cache
     if result.get("before"):
         obj["before"] = {k: result["before"][k] for k in ("n", *METRIC_KEYS)}
     return obj

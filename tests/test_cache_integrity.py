@@ -1,0 +1,151 @@
+"""What is kept on disk between runs (file hashes, measurements, GGUF conversions, checkpoints) is never
+trusted past a change, and a damaged entry is measured again or named in one line, never a crash."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+import tiny_models
+from unlearn import measure_cache, models
+from unlearn.checkpoints import read_state
+from unlearn.errors import UnlearnError
+
+
+def rewrite_keeping_size_and_mtime(path, content: bytes):
+    stat = path.stat()
+    assert len(content) == stat.st_size
+    path.write_bytes(content)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as cp -p, rsync -a or an unpacked archive leave it
+
+
+def test_a_weights_file_rewritten_with_the_same_size_and_mtime_is_hashed_again(tmp_path):
+    a = tiny_models.build_opt(tmp_path / "a", seed=0)
+    b = tiny_models.build_opt(tmp_path / "b", seed=1)
+    before = measure_cache.weights_fingerprint(a)
+    rewrite_keeping_size_and_mtime(a / "model.safetensors", (b / "model.safetensors").read_bytes())
+    # before: the memo, keyed by (path, size, mtime), gave the old hash and the old model's cached figures
+    assert measure_cache.weights_fingerprint(a) == measure_cache.weights_fingerprint(b) != before
+
+
+def test_damaged_cache_files_are_measured_again_not_crashed_on(tmp_path, llama_dir):
+    from unlearn.data import Example
+    from unlearn.measure import EvalSet, Measurer, Settings
+    from unlearn.models import load_model
+
+    (measure_cache.cache_dir()).mkdir(parents=True, exist_ok=True)
+    (measure_cache.cache_dir() / "weight_hashes.json").write_bytes(b"\xff\xfe")
+    assert measure_cache.weights_fingerprint(llama_dir)  # the memo is rebuilt (it was a UnicodeDecodeError)
+    lm = load_model(str(llama_dir), log=lambda m: None)
+    measurer = Measurer(lm.model, lm.tokenizer, Settings(max_new_tokens=2), fingerprint="f")
+    s = EvalSet("forget", "forget", [Example("Who?", "Him.", 1)])
+    key = measurer._cache_key(s, None, False)
+    path = measure_cache.cache_dir() / "measurements" / f"{key}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for damaged in (b"\xff", b"[]", b"{}", json.dumps({"summary": {}, "outputs": ["a", "b"], "rows": [{}, {}]}).encode()):
+        path.write_bytes(damaged)  # a stray byte, another shape, a set of another length
+        measurer._hits.clear()
+        assert measurer._cached(key, 1) is None
+    measured = measurer.measure([s])  # and a run over it measures again
+    assert len(measured["forget"].outputs) == 1 and measurer.reused == 0
+
+
+def test_a_template_that_renders_the_date_keys_the_measurement(llama_dir):
+    from unlearn.measure import EvalSet, Measurer, Settings
+    from unlearn.data import Example
+    from unlearn.models import load_model
+
+    lm = load_model(str(llama_dir), log=lambda m: None)
+    s = EvalSet("forget", "forget", [Example("Who?", "Him.", 1)])
+    keys = []
+    for day in ("1 Dec 2026", "2 Dec 2026"):  # what strftime_now gives on two days; the files do not change
+        lm.tokenizer.chat_template = ("{% for m in messages %}Today: " + day + "\n{{ m['content'] }}\n{% endfor %}"
+                                      "{% if add_generation_prompt %}Answer:{% endif %}")
+        keys.append(Measurer(lm.model, lm.tokenizer, Settings(max_new_tokens=2), fingerprint="f")._cache_key(s, None, False))
+    assert keys[0] != keys[1]
+
+
+@pytest.fixture
+def fake_gguf_conversion(monkeypatch, llama_dir):
+    """convert_gguf on a stand-in file, transformers' GGUF reading replaced by the tiny Llama's loading."""
+    import transformers
+
+    loads = []
+    real_model, real_tokenizer = transformers.AutoModelForCausalLM.from_pretrained, transformers.AutoTokenizer.from_pretrained
+
+    def model_from(folder, gguf_file=None, **kw):
+        loads.append(gguf_file)
+        return real_model(str(llama_dir))
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", model_from)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda folder, gguf_file=None, **kw:
+                        real_tokenizer(str(llama_dir)))
+    return loads
+
+
+def test_a_gguf_rewritten_in_place_is_converted_again(tmp_path, fake_gguf_conversion):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"A" * 64)
+    lines = []
+    first = models.convert_gguf(gguf, log=lines.append)
+    assert models.convert_gguf(gguf, log=lines.append) == first and len(fake_gguf_conversion) == 1  # kept
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)
+    rewrite_keeping_size_and_mtime(gguf, b"B" * 64)  # same size, same mtime: before, the old conversion
+    assert models.convert_gguf(gguf, log=lines.append) == first and len(fake_gguf_conversion) == 2
+    # the same bytes under a new identity (a restored copy) are recognised by their hash, not converted again
+    restored = tmp_path / "restored.gguf"
+    os.replace(gguf, restored)
+    restored.rename(gguf)
+    assert models.convert_gguf(gguf, log=lines.append) == first and len(fake_gguf_conversion) == 2
+
+
+def test_an_unwritable_cache_converts_for_the_run_only(tmp_path, monkeypatch, fake_gguf_conversion):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("UNLEARN_CACHE", str(blocker / "cache"))  # under a file: nothing can be made there
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"A" * 64)
+    lines = []
+    used = models.convert_gguf(gguf, log=lines.append)  # before: "internal error: NotADirectoryError"
+    assert (used / "config.json").is_file() and not str(used).startswith(str(blocker))
+    assert any("cannot keep the converted model" in line and "for this run only" in line for line in lines)
+
+
+@pytest.mark.parametrize("content, why", [(b"\xff", "can't decode"), (b"[]", "a JSON list, not an object")])
+def test_a_damaged_checkpoint_state_is_one_line(tmp_path, content, why):
+    (tmp_path / "state.json").write_bytes(content)
+    with pytest.raises(UnlearnError, match=f"state.json: not a readable checkpoint state .*{why}"):
+        read_state(tmp_path)
+
+
+def test_resume_from_a_state_missing_a_key_is_one_line(tmp_path, llama_dir, cli):
+    forget = tmp_path / "f.jsonl"
+    forget.write_text(json.dumps({"prompt": "Who wrote it?", "response": "Rowling wrote it.", "answers": ["Rowling"]})
+                      + "\n")
+    normal = tmp_path / "n.jsonl"
+    normal.write_text("".join(json.dumps({"prompt": f"Q{i}?", "response": f"A{i}."}) + "\n" for i in range(4)))
+    out = tmp_path / "out"
+    # lr 1e30: step 1 is finite, step 2 overflows: the run ends keeping the checkpoint of step 1
+    args = ["run", forget, normal, "--model", llama_dir, "-o", out, "--check-every", "0", "--max-steps", "4",
+            "--batch-size", "1", "--lr", "1e30", "--save-every", "1", "--no-probes"]
+    assert cli(*args).code == 1
+    state_path = out / "checkpoints" / "step-1" / "state.json"
+    state = json.loads(state_path.read_text())
+    del state["python_rng"]
+    state_path.write_text(json.dumps(state))
+    result = cli(*args, "--resume")
+    assert result.code == 1
+    assert result.err.strip().splitlines()[-1] == (f"unlearn: {state_path}: not a readable checkpoint state "
+                                                   f"(KeyError: 'python_rng')")
+
+
+def test_eval_says_what_it_read_back_from_the_cache(tmp_path, llama_dir, cli):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "Who?", "response": "Him."}) + "\n")
+    args = ["eval", rows, "--model", llama_dir, "--max-new-tokens", "2"]
+    first, second = cli(*args, "--json"), cli(*args, "--json")
+    assert json.loads(first.out)["reused"] == {"model": False, "reference": False}
+    assert json.loads(second.out)["reused"] == {"model": True, "reference": False}
+    assert "model read back from the cache (--no-cache measures again)" in cli(*args).out
