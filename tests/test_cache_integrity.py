@@ -149,3 +149,18 @@ def test_eval_says_what_it_read_back_from_the_cache(tmp_path, llama_dir, cli):
     assert json.loads(first.out)["reused"] == {"model": False, "reference": False}
     assert json.loads(second.out)["reused"] == {"model": True, "reference": False}
     assert "model read back from the cache (--no-cache measures again)" in cli(*args).out
+
+
+def test_resume_with_another_generation_batch_size_is_refused_when_checks_answer_in_it(tmp_path, llama_dir, cli):
+    forget = tmp_path / "f.jsonl"
+    forget.write_text(json.dumps({"prompt": "Who wrote it?", "response": "Rowling wrote it.", "answers": ["Rowling"]})
+                      + "\n")
+    normal = tmp_path / "n.jsonl"
+    normal.write_text("".join(json.dumps({"prompt": f"Q{i}?", "response": f"A{i}."}) + "\n" for i in range(4)))
+    out = tmp_path / "out"
+    args = ["run", forget, normal, "--model", llama_dir, "-o", out, "--check-every", "2", "--max-steps", "4",
+            "--batch-size", "1", "--lr", "1e30", "--save-every", "1", "--no-probes", "--max-new-tokens", "2"]
+    assert cli(*args).code == 1  # step 2 overflows before its check: the checkpoint of step 1 stays
+    result = cli(*args, "--gen-batch-size", "3", "--resume")
+    assert result.code == 2
+    assert "(gen_batch_size: 128 then, 3 now)" in result.err  # the default, GEN_BATCH_SIZE

@@ -315,8 +315,10 @@ def _run_args(opts: RunOptions) -> dict:
         # --retain-probes trains on the probes, so how many there may be changes the training rows.
         "retain_probes": opts.probe_limit if opts.retain_probes else None,
         # ULMR's rewrites made in the run are sampled batch by batch: another batch size draws other rows,
-        # and a resumed run makes them again.
-        **({"gen_batch_size": opts.gen_batch_size} if opts.train.method == "ulmr" and not opts.augmented else {}),
+        # and a resumed run makes them again; and the stop rule's checks answer in batches of it, whose
+        # padding can move a greedy answer, so another size could reach another verdict.
+        **({"gen_batch_size": opts.gen_batch_size}
+           if (opts.train.method == "ulmr" and not opts.augmented) or opts.train.check_every else {}),
     }
 
 
