@@ -414,3 +414,13 @@ def test_merge_into_a_symbolic_link_writes_into_its_target(cli, tmp_path, pair):
     assert code == 0, err
     assert link.is_symlink() and (target / "model.safetensors").is_file()
     assert json.loads(out)["output"] == str(target.resolve())
+
+
+def test_MG8_an_adapter_folded_without_alpha_reports_alpha_0(cli, llama_and_adapter, tmp_path):
+    import json
+
+    root, *_ = llama_and_adapter
+    code, out, err = cli("merge", "--adapter", root / "adapter", root / "base", "-o", tmp_path / "folded", "--json")
+    assert code == 0, err
+    # folded whole (scaled by 1 - α with α = 0): the JSON says α 0 (the mutant: 1, as if nothing were folded)
+    assert json.loads(out)["alpha"] == 0.0
