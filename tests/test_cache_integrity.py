@@ -120,12 +120,18 @@ def test_a_damaged_checkpoint_state_is_one_line(tmp_path, content, why):
         read_state(tmp_path)
 
 
-def test_resume_from_a_state_missing_a_key_is_one_line(tmp_path, llama_dir, cli):
+def fact_files(tmp_path):
+    """A forget file of one fact and a normal file of four rows."""
     forget = tmp_path / "f.jsonl"
     forget.write_text(json.dumps({"prompt": "Who wrote it?", "response": "Rowling wrote it.", "answers": ["Rowling"]})
                       + "\n")
     normal = tmp_path / "n.jsonl"
     normal.write_text("".join(json.dumps({"prompt": f"Q{i}?", "response": f"A{i}."}) + "\n" for i in range(4)))
+    return forget, normal
+
+
+def test_resume_from_a_state_missing_a_key_is_one_line(tmp_path, llama_dir, cli):
+    forget, normal = fact_files(tmp_path)
     out = tmp_path / "out"
     # lr 1e30: step 1 is finite, step 2 overflows: the run ends keeping the checkpoint of step 1
     args = ["run", forget, normal, "--model", llama_dir, "-o", out, "--check-every", "0", "--max-steps", "4",
@@ -152,11 +158,7 @@ def test_eval_says_what_it_read_back_from_the_cache(tmp_path, llama_dir, cli):
 
 
 def test_resume_with_another_generation_batch_size_is_refused_when_checks_answer_in_it(tmp_path, llama_dir, cli):
-    forget = tmp_path / "f.jsonl"
-    forget.write_text(json.dumps({"prompt": "Who wrote it?", "response": "Rowling wrote it.", "answers": ["Rowling"]})
-                      + "\n")
-    normal = tmp_path / "n.jsonl"
-    normal.write_text("".join(json.dumps({"prompt": f"Q{i}?", "response": f"A{i}."}) + "\n" for i in range(4)))
+    forget, normal = fact_files(tmp_path)
     out = tmp_path / "out"
     args = ["run", forget, normal, "--model", llama_dir, "-o", out, "--check-every", "2", "--max-steps", "4",
             "--batch-size", "1", "--lr", "1e30", "--save-every", "1", "--no-probes", "--max-new-tokens", "2"]

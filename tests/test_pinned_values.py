@@ -418,29 +418,6 @@ def test_MG5_MG6_MG7_MG10_a_measured_sweep_scores_the_original_as_alpha_1_with_s
     assert by_alpha[0.5]["retain_similarity"] is not None
 
 
-def test_G14_the_kept_key_value_bytes_are_bounded_over_the_whole_call(llama_dir):
-    from unlearn.generation import generate
-    from unlearn.models import load_model
-
-    loaded = load_model(str(llama_dir), log=lambda m: None)
-    model, tok = loaded.model.eval(), loaded.tokenizer
-    prompts = ["the capital of France is", "one two three four five six", "a", "the capital of Spain"]
-
-    def kept_bytes(scored):
-        tensors = {id(t): t for s in scored if s is not None for t in (s.kv, s.kv_prefix) if t is not None}
-        return sum(t.numel() * t.element_size() for t in tensors.values())
-
-    everything = []
-    generate(model, tok, prompts, batch_size=2, max_new_tokens=4, scored=everything, keep_kv=2**30)
-    whole = kept_bytes(everything)
-    # KEEP_KV bounds the whole call ("up to this many bytes of the answers' keys and values (the whole call)"):
-    # with half of what every row takes, at most half is kept, over both batches of 2 (the mutant gave each batch
-    # the whole budget again)
-    half = []
-    generate(model, tok, prompts, batch_size=2, max_new_tokens=4, scored=half, keep_kv=whole // 2)
-    assert 0 < kept_bytes(half) <= whole // 2
-
-
 def test_G17_a_row_whose_keys_and_values_pass_the_budget_by_one_byte_is_not_kept(llama_dir):
     from unlearn.generation import generate, kv_bytes_per_position
     from unlearn.models import load_model
