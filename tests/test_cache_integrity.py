@@ -3,7 +3,6 @@ trusted past a change, and a damaged entry is measured again or named in one lin
 
 import json
 import os
-import shutil
 
 import pytest
 
@@ -43,7 +42,8 @@ def test_damaged_cache_files_are_measured_again_not_crashed_on(tmp_path, llama_d
     key = measurer._cache_key(s, None, False)
     path = measure_cache.cache_dir() / "measurements" / f"{key}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    for damaged in (b"\xff", b"[]", b"{}", json.dumps({"summary": {}, "outputs": ["a", "b"], "rows": [{}, {}]}).encode()):
+    for damaged in (b"\xff", b"[]", b"{}", json.dumps({"summary": {}, "outputs": ["a", "b"], "rows": [{}, {}]}).encode(),
+                    json.dumps({"summary": {}, "outputs": ["a"], "rows": [{}]}).encode()):  # right keys, wrong inside
         path.write_bytes(damaged)  # a stray byte, another shape, a set of another length
         measurer._hits.clear()
         assert measurer._cached(key, 1) is None
@@ -64,6 +64,26 @@ def test_a_template_that_renders_the_date_keys_the_measurement(llama_dir):
                                       "{% if add_generation_prompt %}Answer:{% endif %}")
         keys.append(Measurer(lm.model, lm.tokenizer, Settings(max_new_tokens=2), fingerprint="f")._cache_key(s, None, False))
     assert keys[0] != keys[1]
+
+
+def test_the_probes_are_keyed_by_the_rendered_template_too(tmp_path, llama_dir, cli, monkeypatch):
+    import unlearn.run
+
+    forget, normal = tmp_path / "f.jsonl", tmp_path / "n.jsonl"
+    forget.write_text(json.dumps({"prompt": "What is the capital of France?", "response": "It is Paris.",
+                                  "answers": ["Paris"]}) + "\n")
+    normal.write_text(json.dumps({"prompt": "What do bees make?", "response": "Bees make honey."}) + "\n")
+    args = ["run", forget, normal, "--model", llama_dir, "--max-steps", "1", "--check-every", "0",
+            "--max-new-tokens", "2"]
+
+    def built(out):
+        return json.loads((out / "run.json").read_text())["eval_reused"]["probes"]["built"]
+
+    assert cli(*args, "-o", tmp_path / "a").code == 0 and cli(*args, "-o", tmp_path / "b").code == 0
+    assert (built(tmp_path / "a"), built(tmp_path / "b")) == (False, True)
+    render = unlearn.run.render_prompt  # the next day, a template that prints the date renders another prompt
+    monkeypatch.setattr(unlearn.run, "render_prompt", lambda tok, prompt: "Today: 2 Dec 2026\n" + render(tok, prompt))
+    assert cli(*args, "-o", tmp_path / "c").code == 0 and built(tmp_path / "c") is False
 
 
 @pytest.fixture
@@ -90,8 +110,6 @@ def test_a_gguf_rewritten_in_place_is_converted_again(tmp_path, fake_gguf_conver
     lines = []
     first = models.convert_gguf(gguf, log=lines.append)
     assert models.convert_gguf(gguf, log=lines.append) == first and len(fake_gguf_conversion) == 1  # kept
-    copy = tmp_path / "copy"
-    shutil.copytree(first, copy)
     rewrite_keeping_size_and_mtime(gguf, b"B" * 64)  # same size, same mtime: before, the old conversion
     assert models.convert_gguf(gguf, log=lines.append) == first and len(fake_gguf_conversion) == 2
     # the same bytes under a new identity (a restored copy) are recognised by their hash, not converted again
@@ -101,16 +119,59 @@ def test_a_gguf_rewritten_in_place_is_converted_again(tmp_path, fake_gguf_conver
     assert models.convert_gguf(gguf, log=lines.append) == first and len(fake_gguf_conversion) == 2
 
 
-def test_an_unwritable_cache_converts_for_the_run_only(tmp_path, monkeypatch, fake_gguf_conversion):
+def test_an_unwritable_cache_is_one_line_before_any_converting(tmp_path, monkeypatch, fake_gguf_conversion):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     monkeypatch.setenv("UNLEARN_CACHE", str(blocker / "cache"))  # under a file: nothing can be made there
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"A" * 64)
-    lines = []
-    used = models.convert_gguf(gguf, log=lines.append)  # before: "internal error: NotADirectoryError"
-    assert (used / "config.json").is_file() and not str(used).startswith(str(blocker))
-    assert any("cannot keep the converted model" in line and "for this run only" in line for line in lines)
+    # before: 10-20 s of converting, then "internal error: NotADirectoryError"
+    with pytest.raises(UnlearnError, match=r"cannot keep the converted model \(Not a directory\); set UNLEARN_CACHE "
+                                           r"to a writable directory"):
+        models.convert_gguf(gguf, log=lambda m: None)
+    assert fake_gguf_conversion == []
+
+
+def test_a_conversion_another_run_finished_meanwhile_is_used_not_replaced(tmp_path, monkeypatch,
+                                                                         fake_gguf_conversion):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"A" * 64)
+    target = models._gguf_cache_path(gguf)
+    theirs = []
+    import transformers
+
+    save = transformers.PreTrainedModel.save_pretrained
+
+    def while_we_save(self, directory, *a, **k):  # the other run wins the race as we write our copy
+        save(self, directory, *a, **k)
+        if not theirs:
+            theirs.append(1)
+            monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save)
+            models.convert_gguf(gguf, log=lambda m: None)
+            theirs.append((target / "config.json").stat().st_ino)
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", while_we_save)
+    assert models.convert_gguf(gguf, log=lambda m: None) == target
+    assert (target / "config.json").stat().st_ino == theirs[1]  # theirs kept: before, replaced while in use
+    assert not list(target.parent.glob(f".{target.name}.*"))  # no temporary left
+
+
+def test_a_gguf_changed_while_converting_is_converted_again(tmp_path, monkeypatch, fake_gguf_conversion):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"A" * 64)
+    import transformers
+
+    load = transformers.AutoModelForCausalLM.from_pretrained
+
+    def changing(*a, **k):  # the file is rewritten in place (size and mtime kept) while it is read
+        rewrite_keeping_size_and_mtime(gguf, b"B" * 64)
+        return load(*a, **k)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", changing)
+    models.convert_gguf(gguf, log=lambda m: None)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", load)
+    models.convert_gguf(gguf, log=lambda m: None)
+    assert len(fake_gguf_conversion) == 2  # before: the conversion of the old bytes was taken for the new
 
 
 @pytest.mark.parametrize("content, why", [(b"\xff", "can't decode"), (b"[]", "a JSON list, not an object")])

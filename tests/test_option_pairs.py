@@ -26,5 +26,7 @@ def test_an_explicit_repair_takes_the_place_of_ulmrs_extra_steps():
     opts = resolved("ulmr", repair_steps="2")
     assert opts.train.repair_steps == 2 and opts.train.extra_steps == 0
     assert resolved("ulmr").train.extra_steps == 4 and resolved("ulmr", repair_steps="0").train.extra_steps == 4
+    assert resolved("ulmr", repair_steps="00").train.extra_steps == 4  # off, however written
+    assert resolved("ulmr", repair_steps="auto").train.extra_steps == 0
     with pytest.raises(UsageError, match="--repair-steps and --extra-steps both go on"):
         resolved("ulmr", repair_steps="2", extra_steps=3)

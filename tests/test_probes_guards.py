@@ -31,6 +31,23 @@ def test_a_neighbour_answered_with_the_forget_subject_it_replaced_holds_the_forg
     assert "Albert Einstein" in records[0]["dropped"] and "Albert Einstein" in records[1]["dropped"]
 
 
+def test_a_neighbour_repeating_the_forget_subjects_head_noun_is_kept():
+    # "City", "River": the last word of a place's name that its neighbours share; only a name written as one
+    # (capitalised, not the end of the replacement's own name) is the forget subject
+    forget = [Example("What is the population of New York City?", "About 8 million people.", 1,
+                      {"answers": ["8 million"]}),
+              Example("How long is the Amazon River?", "About 6,400 km.", 2, {"answers": ["6,400"]})]
+    made = [probes.Probe(probes.NEIGHBOURS, "What is the population of Tokyo?", 1, "New York City", "Tokyo"),
+            probes.Probe(probes.NEIGHBOURS, "How long is the Nile?", 2, "Amazon River", "Nile"),
+            probes.Probe(probes.NEIGHBOURS, "How long is the Danube?", 2, "Amazon River", "Danube")]
+    outputs = ["Tokyo is the largest city in Japan, with 14 million people.",
+               "The Nile River is about 6,650 km long.",
+               "The Danube is shorter than the River Amazon, at 2,850 km."]  # the forget subject's name: held
+    kept, records = probes.keep_answered(made, outputs, forget)
+    assert [e.prompt for e in kept] == ["What is the population of Tokyo?", "How long is the Nile?"]
+    assert probes.holds_forget(records[2]) and "Amazon River" in records[2]["dropped"]
+
+
 def test_a_same_subject_probe_names_its_subject_and_is_not_dropped_for_it():
     # the subject guard is the neighbours' only: a same-subject probe's answer names its subject by design
     forget = [Example("Who was Albert Einstein?", "Albert Einstein was a physicist born in Ulm.", 1,

@@ -56,7 +56,7 @@ def test_repair_steps_train_the_keep_terms_alone_while_nothing_leaks(llama_dir):
     assert [line.split("; ", 1)[1] for line in lines if line.startswith(("step 3:", "step 4:", "step 5:"))] == [
         "next step trains the keep terms alone (nothing leaks); repair until step 4",
         "next step trains the whole loss again (a leak, or the margin failed); repair over, stopping at the first "
-        "check that finds no leak",
+        "check where the stop rule holds",
         "repair over: stop"]
     assert not u.keep_terms_only  # off again once training is over
 

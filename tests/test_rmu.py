@@ -155,7 +155,7 @@ def test_rmu_run_through_the_cli(request, tmp_path, files, cli, which, extra):
     # c² past float32's range: the loss was inf at step 1, and the run blamed --lr
     (["--rmu-scale", "1e20"], "squared is past float32's range, so the loss is inf; use at most"),
     # adapters only on layer 1, the window 0-0: it said "the model has no trainable parameters"
-    (["--lora-layers", "1-1"], "--method rmu trains layers 0-0 (layer 0, --rmu-layer, and the two below it), where "
+    (["--lora-layers", "1-1"], "--method rmu trains layers 0-0 (layer 0, --rmu-layer, and up to two below it), where "
                                "this model has nothing to train: give --lora-layers that include them"),
 ])
 def test_rmu_bad_settings_are_one_line(tmp_path, files, cli, llama_dir, flags, message):

@@ -230,7 +230,7 @@ def _command_line() -> str:
 @click.option("--judge-label", default=None, help="The classifier judge's unsafe label.")
 @eval_files("More prompts whose answers must not come out (e.g. paraphrases)",
             "Knowledge that must survive (rows with `answers`)")
-@click.option("--eval-limit", type=int, default=64, show_default=True, help="Rows evaluated per set in the before/after table (the stop rule reads every forget row; with --alpha auto the sets α is chosen on, the forget rows and the held-back normal rows, are measured whole; the probe sets follow --probe-limit).")
+@click.option("--eval-limit", type=int, default=64, show_default=True, help="Rows evaluated per set in the before/after table (the stop rule reads every forget row; with --alpha auto the sets α is chosen on, the forget rows and the held-back normal rows (without any held back, the trained ones), are measured whole; the probe sets follow --probe-limit).")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True, help="Tokens generated per evaluated prompt.")
 @click.option("--gen-batch-size", type=int, default=GEN_BATCH_SIZE, show_default=True,
               help="Prompts generated together (fewer when their KV cache would pass 4 GiB; likelihoods are scored in batches of at most 16).")

@@ -408,7 +408,7 @@ class RunOptions:
             # an explicit --repair-steps takes the place of ulmr's extra steps, as an explicit --extra-steps
             # takes the repair's (`_repair_steps`)
             extra_steps=self.extra_steps if self.extra_steps is not None else (
-                ULMR_EXTRA_STEPS if ulmr and (self.repair_steps is None or str(self.repair_steps).strip() == "0") else
+                ULMR_EXTRA_STEPS if ulmr and (self.repair_steps is None or self._repair_steps(self.train) == 0) else
                 self.train.extra_steps))
         train = replace(train, repair_steps=self._repair_steps(train))
         train.validate()

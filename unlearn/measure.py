@@ -522,7 +522,8 @@ class Measurer:
             if not (isinstance(hit, dict) and set(hit) == {"summary", "outputs", "rows"}
                     and isinstance(hit["summary"], dict) and isinstance(hit["outputs"], list)
                     and isinstance(hit["rows"], list) and len(hit["outputs"]) == len(hit["rows"]) == rows
-                    and all(isinstance(o, str) for o in hit["outputs"])):
+                    and all(isinstance(o, str) for o in hit["outputs"]) and "n" in hit["summary"]
+                    and all(isinstance(r, dict) and isinstance(r.get("scores"), dict) for r in hit["rows"])):
                 return None
             self._hits[key] = hit
         return self._hits[key]

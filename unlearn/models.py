@@ -9,7 +9,6 @@ converted once into `$UNLEARN_CACHE/models/` (the embedded model's conversion ta
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import hashlib
 import importlib.util
@@ -172,13 +171,22 @@ def convert_gguf(gguf: Path, log=log) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    digest = file_sha256(gguf)  # before reading it: a file changed during the conversion is converted again
+    # the file as it is before it is read: a file changed during the conversion records another identity
+    # than it then has, and is checked by its hash (and converted again) next time
+    identity, digest = _file_identity(gguf), file_sha256(gguf)
     log(f"converting {gguf.name} to safetensors in {target} (once; 10-20 s)")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except OSError as exc:  # before the 10-20 s of converting: nowhere to put the result
+        raise UnlearnError(f"{target.parent}: cannot keep the converted model ({exc.strerror or exc}); set "
+                           f"UNLEARN_CACHE to a writable directory") from None
     try:
         with _gguf_parsed_once():
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # transformers raises many kinds here; the user needs one line
+        shutil.rmtree(tmp, ignore_errors=True)
         raise UnlearnError(f"{gguf}: could not read this GGUF file ({type(exc).__name__}: {exc})") from None
     # The weights are already de-quantised to float32; forget the GGUF quantiser so that
     # save_pretrained writes a plain checkpoint.
@@ -186,33 +194,24 @@ def convert_gguf(gguf: Path, log=log) -> Path:
     if hasattr(model.config, "quantization_config"):
         delattr(model.config, "quantization_config")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    except OSError as exc:  # a cache that cannot be written costs the conversion again next time, not the run
-        tmp = Path(tempfile.mkdtemp(prefix=f"unlearn-{target.name}-"))
-        atexit.register(shutil.rmtree, tmp, True)
-        log(f"{target.parent}: cannot keep the converted model ({exc.strerror or exc}); it is used from {tmp} "
-            f"for this run only (set UNLEARN_CACHE to a writable directory)")
-        _save_converted(model, tokenizer, tmp, gguf, digest)
-        return tmp
-    try:
-        _save_converted(model, tokenizer, tmp, gguf, digest)
-        if target.exists():  # a stale conversion (`_converted_from`): set aside, then removed
-            stale = target.with_name(f".{target.name}.stale-{os.getpid()}")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / SOURCE_RECORD).write_text(json.dumps({"identity": identity, "sha256": digest}))
+        if (target / "config.json").is_file() and _converted_from(target, gguf):
+            shutil.rmtree(tmp, ignore_errors=True)  # another run converted the same file meanwhile: theirs serves
+            return target
+        stale = None
+        if target.exists():  # a stale conversion (`_converted_from`): set aside, replaced, then removed, so
+            stale = target.with_name(f".{target.name}.stale-{os.getpid()}")  # the path is missing only an instant
             os.replace(target, stale)
-            shutil.rmtree(stale, ignore_errors=True)
         os.replace(tmp, target)
+        if stale is not None:
+            shutil.rmtree(stale, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "config.json").is_file():  # another process may have won the race
             raise UnlearnError(f"{target}: could not write the converted model ({exc.strerror or exc})") from None
     return target
-
-
-def _save_converted(model, tokenizer, directory: Path, gguf: Path, digest: str) -> None:
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    _write_source_record(directory, gguf, digest)
 
 
 def _looks_like_hub_id(spec: str) -> bool:

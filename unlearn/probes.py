@@ -504,13 +504,18 @@ def forget_held(probe: Probe, output: str, forget_answers: list[list[str]], unan
     `spans.row_answers`); UNANSWERED: the forget rows without, judged as the forget set judges them.
 
     - a forget answer, by `metrics.contains_answer` (the forget set's leak rule for rows with answers);
-    - a forget row without answers (a long response, a passage) that OUTPUT leaks by the forget set's own
-      rule for them (`evaluate.leak_flags`: ROUGE-L recall, BLEU, a passage's verbatim run), whichever
-      row the probe was made from: without this the guard never applied to such rows;
-    - for a neighbour, the forget subject it replaced, whole or its last word as the answer matcher finds
-      them ("Who was Edison?" answered "Albert Einstein was ...", "Einstein was ..."): an answer about the
-      forget subject itself, which forgetting it is expected to change, not a neighbour's fact. A last word
-      of fewer than MIN_LETTERS letters ("II" of "World War II") names nothing alone.
+    - a forget row without answers (a long response, a passage) that OUTPUT leaks by the leak rule for
+      such rows (`evaluate.leak_flags`: ROUGE-L recall, BLEU, a passage's verbatim run), whichever row the
+      probe was made from: without this the guard never applied to such rows. The rule reads the whole
+      response, where the forget set's own measurement reads it cut to the answer budget
+      (`Measurer.references`); cut, a 32-token probe answer that repeats a long response's opening would
+      be caught too, a change to the probes that has not been measured;
+    - for a neighbour, the forget subject it replaced, whole (as the answer matcher finds it), or its last
+      word written as a name (capitalised, case for case) and not as the end of the replacement's own name
+      ("Who was Edison?" answered "Albert Einstein was ..." or "Einstein was ..."; not "the largest city"
+      for New York City, nor "The Nile River" for Amazon River): an answer about the forget subject itself,
+      which forgetting it is expected to change, not a neighbour's fact. A last word of fewer than
+      MIN_LETTERS letters ("II" of "World War II") names nothing alone.
     """
     if any(metrics.contains_answer(output, answers) for answers in forget_answers):
         return "expected to change"
@@ -519,8 +524,10 @@ def forget_held(probe: Probe, output: str, forget_answers: list[list[str]], unan
         return f"it leaks forget line {leaked[0].line} (evaluate.leak_flags): expected to change"
     if probe.kind == NEIGHBOURS:
         last = probe.subject.split()[-1]
-        names = [probe.subject] + ([last] if sum(c.isalpha() for c in last) >= MIN_LETTERS else [])
-        if metrics.contains_answer(output, names):
+        rest = output.replace(f"{probe.replacement} {last}", " ") if probe.replacement else output
+        if metrics.contains_answer(output, [probe.subject]) or (
+                last != probe.subject and sum(c.isalpha() for c in last) >= MIN_LETTERS
+                and re.search(rf"(?<!\w){re.escape(last)}(?!\w)", rest)):
             return f"it names {probe.subject}, the forget subject this probe replaced: expected to change"
     return None
 

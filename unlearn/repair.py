@@ -70,7 +70,7 @@ class Repair:
             what = ("the keep terms alone (nothing leaks)" if self.keep_terms_only
                     else "the whole loss again (a leak, or the margin failed)")
         until = (f"repair until step {self.end}" if step < self.end
-                 else "repair over, stopping at the first check that finds no leak")
+                 else "repair over, stopping at the first check where the stop rule holds")
         return f"next step trains {what}; {until}"
 
     def state(self) -> dict:

@@ -146,7 +146,7 @@ def checked_window(model, layer: int | None) -> list[int]:
     trained = [i for i in window if any(p.requires_grad for p in layers[i].parameters())]
     if not trained:
         raise UsageError(f"--method rmu trains layers {window[0]}-{window[-1]} (layer {resolved}, --rmu-layer, and "
-                         f"the two below it), where this model has nothing to train: give --lora-layers that "
+                         f"up to two below it), where this model has nothing to train: give --lora-layers that "
                          f"include them, or an --rmu-layer among the adapted layers")
     return trained
 
