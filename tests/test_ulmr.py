@@ -443,8 +443,13 @@ def test_a_resumed_run_that_augments_must_sample_in_the_same_batches():
     # the rewrites are drawn batch by batch: another --gen-batch-size draws other training rows
     assert args("ulmr", gen_batch_size=16)["gen_batch_size"] == 16
     assert args("ulmr", gen_batch_size=16) != args("ulmr", gen_batch_size=4)
-    assert "gen_batch_size" not in args("ulmr", augmented=Path(__file__))  # the rows are in the file
-    assert "gen_batch_size" not in args("ga")  # nothing sampled: checkpoints of other methods unchanged
+    def unchecked(method, **kw):  # without the stop rule's checks, whose answers are batched by it too
+        return _run_args(RunOptions(Path(__file__), Path(__file__), train=TrainConfig(method=method, check_every=0),
+                                    **kw))
+
+    assert "gen_batch_size" not in unchecked("ulmr", augmented=Path(__file__))  # the rows are in the file
+    assert "gen_batch_size" not in unchecked("ga")  # nothing sampled, nothing checked
+    assert args("ga")["gen_batch_size"] == args("ulmr", augmented=Path(__file__))["gen_batch_size"] == 128
 
 
 def test_a_checkpoint_from_before_the_batch_size_was_recorded_still_resumes(tmp_path):
