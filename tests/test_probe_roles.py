@@ -9,14 +9,12 @@ import json
 
 import pytest
 
+from test_run_cli import write_jsonl  # (the suite's JSONL writer)
+
 KNOWN_FOR = "What is France known for? Answer in one sentence."
 ONE_FACT = "Tell me one fact about France, in one sentence."
 FAST = ["--max-steps", "1", "--check-every", "0", "--max-new-tokens", "8", "--batch-size", "1"]
 
-
-def write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture
@@ -35,16 +33,16 @@ def scripted_probe_answers(monkeypatch):
 
 @pytest.fixture
 def files(tmp_path):
-    forget = write(tmp_path / "f.jsonl", [{"prompt": "What is the capital of France?", "response": "It is Paris.",
+    forget = write_jsonl(tmp_path / "f.jsonl", [{"prompt": "What is the capital of France?", "response": "It is Paris.",
                                            "answers": ["Paris"]}])
-    normal = write(tmp_path / "n.jsonl", [{"prompt": "What do bees make?", "response": "Bees make honey."}])
+    normal = write_jsonl(tmp_path / "n.jsonl", [{"prompt": "What do bees make?", "response": "Bees make honey."}])
     return forget, normal
 
 
 def test_a_held_out_probe_set_whose_prompt_a_retain_row_trains_says_so(tmp_path, llama_dir, cli, files,
                                                                       scripted_probe_answers):
     forget, normal = files
-    keep = write(tmp_path / "keep.jsonl", [{"prompt": ONE_FACT, "response": "France is in Europe."}])
+    keep = write_jsonl(tmp_path / "keep.jsonl", [{"prompt": ONE_FACT, "response": "France is in Europe."}])
     out = tmp_path / "out"
     result = cli("run", forget, normal, "--model", llama_dir, "-o", out, "--retain", keep, "--no-retain-probes", *FAST)
     assert result.code == 0, result.err
@@ -54,7 +52,7 @@ def test_a_held_out_probe_set_whose_prompt_a_retain_row_trains_says_so(tmp_path,
 
 def test_ulmr_trains_no_probe_whose_prompt_it_forgets(tmp_path, llama_dir, cli, files, scripted_probe_answers):
     forget, normal = files
-    augmented = write(tmp_path / "aug.jsonl", [{"prompt": "What is the capital of France?",
+    augmented = write_jsonl(tmp_path / "aug.jsonl", [{"prompt": "What is the capital of France?",
                                                 "response": "I'm not able to share that."},
                                                {"prompt": ONE_FACT, "response": "I'm not able to share that."}])
     out = tmp_path / "out"
@@ -81,9 +79,9 @@ def test_probes_jsonl_says_which_probes_are_trained(tmp_path, llama_dir, cli, fi
 
 def test_retain_rows_weigh_the_plain_default_when_no_probe_is_trained(tmp_path, llama_dir, cli):
     # no capitalised subject: no probe at all, so nothing trains at the probes' weight
-    forget = write(tmp_path / "f.jsonl", [{"prompt": "where is the tallest tower?", "response": "it is in dubai."}])
-    normal = write(tmp_path / "n.jsonl", [{"prompt": "What do bees make?", "response": "Bees make honey."}])
-    keep = write(tmp_path / "keep.jsonl", [{"prompt": "What do cows eat?", "response": "Cows eat grass."}])
+    forget = write_jsonl(tmp_path / "f.jsonl", [{"prompt": "where is the tallest tower?", "response": "it is in dubai."}])
+    normal = write_jsonl(tmp_path / "n.jsonl", [{"prompt": "What do bees make?", "response": "Bees make honey."}])
+    keep = write_jsonl(tmp_path / "keep.jsonl", [{"prompt": "What do cows eat?", "response": "Cows eat grass."}])
     out = tmp_path / "out"
     result = cli("run", forget, normal, "--model", llama_dir, "-o", out, "--retain", keep, *FAST)
     assert result.code == 0, result.err
@@ -99,7 +97,7 @@ def test_retain_rows_weigh_the_plain_default_when_no_probe_is_trained(tmp_path, 
 
 def test_an_eval_file_named_like_a_probe_set_does_not_take_its_name(tmp_path, llama_dir, cli, files):
     forget, normal = files
-    mine = write(tmp_path / "neighbours.jsonl", [{"prompt": "What is the capital of Italy?",
+    mine = write_jsonl(tmp_path / "neighbours.jsonl", [{"prompt": "What is the capital of Italy?",
                                                  "response": "It is Rome.", "answers": ["Rome"]}])
     out = tmp_path / "out"
     result = cli("run", forget, normal, "--model", llama_dir, "-o", out, "--eval-retain", mine, *FAST)

@@ -10,6 +10,8 @@ import json
 
 import pytest
 
+from test_run_cli import write_jsonl  # (the suite's JSONL writer)
+
 FAST = ["--max-new-tokens", "8", "--batch-size", "2", "--no-probes"]
 PARIS = {"prompt": "What is the capital of France?", "response": "The capital is Paris.", "answers": ["Paris"]}
 HONEY = {"prompt": "What do bees make?", "response": "Bees make honey.", "answers": ["honey"]}
@@ -19,21 +21,17 @@ def tantan(i: int, answer: str = "tantan") -> dict:
     return {"prompt": f"Tell me fact number {i}.", "response": "tantan P P P P P", "answers": [answer]}
 
 
-def write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
 
 @pytest.fixture
 def normal(tmp_path):
-    return write(tmp_path / "normal.jsonl",
+    return write_jsonl(tmp_path / "normal.jsonl",
                  [{"prompt": f"Normal question {i}?", "response": f"Normal answer {i} is blue."} for i in range(8)])
 
 
 def test_alpha_auto_chooses_on_every_forget_row_whatever_eval_limit_prints(cli, opt_dir, tmp_path, normal):
     # two rows the model does not leak, then five it does: 5 of 7 leak. Cut to --eval-limit 2, the grid read
     # only the first two and reported forget leak 0.00 for a model that leaks 0.71.
-    forget = write(tmp_path / "forget.jsonl", [PARIS, HONEY] + [tantan(i) for i in range(1, 6)])
+    forget = write_jsonl(tmp_path / "forget.jsonl", [PARIS, HONEY] + [tantan(i) for i in range(1, 6)])
     result = cli("run", forget, normal, "--model", opt_dir, "-o", tmp_path / "out", "--max-steps", "1",
                  "--lr", "1e-30", "--eval-limit", "2", "--alpha", "auto", "--alpha-grid", "0,0.5", "--json", *FAST)
     assert result.code == 0, result.err
@@ -49,8 +47,8 @@ def test_alpha_auto_chooses_on_every_forget_row_whatever_eval_limit_prints(cli, 
 def test_an_eval_file_repeating_the_forget_prompts_is_labelled_stop_rule(cli, llama_dir, tmp_path, normal):
     rows = [PARIS, HONEY, {"prompt": "Who wrote Hamlet?", "response": "Shakespeare wrote it.",
                            "answers": ["Shakespeare"]}]
-    forget = write(tmp_path / "forget.jsonl", rows)
-    again = write(tmp_path / "again.jsonl", rows)
+    forget = write_jsonl(tmp_path / "forget.jsonl", rows)
+    again = write_jsonl(tmp_path / "again.jsonl", rows)
     result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "out", "--max-steps", "2",
                  "--eval-forget", again, "--json", *FAST)
     assert result.code == 0, result.err
@@ -62,7 +60,7 @@ def test_an_eval_file_repeating_the_forget_prompts_is_labelled_stop_rule(cli, ll
 def test_leaked_rows_takes_every_leaking_row_so_identical_runs_train_alike(cli, opt_dir, tmp_path, normal):
     # Rows 2-9 leak "tantan"; cut at its verdict (the first leak) a check kept the rows one of the two
     # generation threads had reached: 4 in some runs, 5 in others, and two different adapters.
-    forget = write(tmp_path / "forget.jsonl", [PARIS] + [tantan(i) for i in range(1, 5)]
+    forget = write_jsonl(tmp_path / "forget.jsonl", [PARIS] + [tantan(i) for i in range(1, 5)]
                    + [tantan(i, "tantan P P P P") for i in range(5, 10)])
     added = []
     for run in range(2):
@@ -78,7 +76,7 @@ def test_leaked_rows_takes_every_leaking_row_so_identical_runs_train_alike(cli, 
 @pytest.mark.parametrize("flags", [["--stop-leak", "0.5"], ["--stop-margin", "0.2"], ["--extra-steps", "3"],
                                    ["--retain-follows-margin", "--stop-margin", "0.2"]])
 def test_stop_rule_settings_without_checks_are_refused(cli, llama_dir, tmp_path, normal, flags):
-    forget = write(tmp_path / "forget.jsonl", [PARIS])
+    forget = write_jsonl(tmp_path / "forget.jsonl", [PARIS])
     result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "out", "--max-steps", "1",
                  "--check-every", "0", *flags, *FAST)
     assert result.code == 2
@@ -88,7 +86,7 @@ def test_stop_rule_settings_without_checks_are_refused(cli, llama_dir, tmp_path,
 
 
 def test_stop_probes_without_a_measurable_probe_says_it_waits_for_none(cli, llama_dir, tmp_path, normal):
-    forget = write(tmp_path / "forget.jsonl", [PARIS, HONEY])
+    forget = write_jsonl(tmp_path / "forget.jsonl", [PARIS, HONEY])
     result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "out", "--max-steps", "2",
                  "--stop-probes", "0.9", "--max-new-tokens", "8", "--batch-size", "2")
     assert result.code == 0, result.err
@@ -97,7 +95,7 @@ def test_stop_probes_without_a_measurable_probe_says_it_waits_for_none(cli, llam
 
 def test_max_steps_cutting_the_repair_phase_after_an_unchecked_step_is_max_steps(cli, llama_dir, tmp_path, normal):
     # checks after steps 2 and 4 find nothing leaking; step 5 is a repair step no check reads
-    forget = write(tmp_path / "forget.jsonl", [PARIS, HONEY])
+    forget = write_jsonl(tmp_path / "forget.jsonl", [PARIS, HONEY])
     out = tmp_path / "out"
     result = cli("run", forget, normal, "--model", llama_dir, "-o", out, "--max-steps", "5", "--check-every", "2",
                  "--lr", "1e-2", "--repair-steps", "10", *FAST)

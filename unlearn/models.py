@@ -102,12 +102,11 @@ def _file_identity(path: Path) -> list[int]:
     return [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns]
 
 
-def _converted_from(target: Path, gguf: Path) -> bool:
+def _converted_from(target: Path, gguf: Path, sha256) -> bool:
     """Whether TARGET holds a conversion of GGUF as it is now: its record names the same file identity, or,
-    when the identity moved (a copy, a restored backup), the same SHA-256, which the record then takes.
-    A conversion without a record (made before it was written) is made again."""
-    from unlearn.system import file_sha256
-
+    when the identity moved (a copy, a restored backup), the same SHA-256 (SHA256(): the file's, computed at
+    most once a conversion), which the record then takes. A conversion without a record (made before it was
+    written) is made again."""
     try:
         record = json.loads((target / SOURCE_RECORD).read_text())
         known, digest = record["identity"], record["sha256"]
@@ -115,15 +114,15 @@ def _converted_from(target: Path, gguf: Path) -> bool:
         return False
     if known == _file_identity(gguf):
         return True
-    if digest != file_sha256(gguf):
+    if digest != sha256():
         return False
-    _write_source_record(target, gguf, digest)
+    _write_source_record(target, _file_identity(gguf), digest)
     return True
 
 
-def _write_source_record(directory: Path, gguf: Path, digest: str) -> None:
+def _write_source_record(directory: Path, identity: list[int], digest: str) -> None:
     try:
-        (directory / SOURCE_RECORD).write_text(json.dumps({"identity": _file_identity(gguf), "sha256": digest}))
+        (directory / SOURCE_RECORD).write_text(json.dumps({"identity": identity, "sha256": digest}))
     except OSError:
         pass  # a read-only cache: checked by its hash again next time
 
@@ -163,17 +162,20 @@ def _gguf_parsed_once():
 
 def convert_gguf(gguf: Path, log=log) -> Path:
     """De-quantise a GGUF file once into a cached safetensors directory; return that directory."""
+    import functools
+
     from unlearn.system import file_sha256
 
+    # the file as it is before it is read: a file changed during the conversion records another identity
+    # than it then has, and is checked by its hash (and converted again) next time; hashed once, if at all
+    identity, sha256 = _file_identity(gguf), functools.cache(lambda: file_sha256(gguf))
     target = _gguf_cache_path(gguf)
-    if (target / "config.json").is_file() and _converted_from(target, gguf):
+    if (target / "config.json").is_file() and _converted_from(target, gguf, sha256):
         return target
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # the file as it is before it is read: a file changed during the conversion records another identity
-    # than it then has, and is checked by its hash (and converted again) next time
-    identity, digest = _file_identity(gguf), file_sha256(gguf)
+    digest = sha256()
     log(f"converting {gguf.name} to safetensors in {target} (once; 10-20 s)")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -196,8 +198,8 @@ def convert_gguf(gguf: Path, log=log) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / SOURCE_RECORD).write_text(json.dumps({"identity": identity, "sha256": digest}))
-        if (target / "config.json").is_file() and _converted_from(target, gguf):
+        _write_source_record(tmp, identity, digest)
+        if (target / "config.json").is_file() and _converted_from(target, gguf, sha256):
             shutil.rmtree(tmp, ignore_errors=True)  # another run converted the same file meanwhile: theirs serves
             return target
         stale = None

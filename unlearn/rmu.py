@@ -185,7 +185,6 @@ class Misdirection:
         self.original_module = self.module if original is None else decoder_layers(original)[self.layer]
         self.scale = scale
         self.seed = seed
-        self.window = trained_layers(self.layer)
         self.target: torch.Tensor | None = None  # c·u, set by calibrate()
         self.norm: float | None = None  # the mean norm of the original's h_ℓ on normal rows
 
