@@ -33,6 +33,9 @@ def test_probe_subject(prompt, extra, subject):
     ("the tower of Pisa leans", {}, None),                               # opens in lower case
     ("Ur is old", {}, None),                                             # fewer than 3 letters
     ("On July 20 the Apollo 11 mission landed", {"subject": "Apollo 11"}, "Apollo 11"),  # the field wins
+    ("Apollo 11 was the first crewed Moon landing", {}, "Apollo 11"),    # a number inside the name
+    ("World War 2 ended in 1945", {}, "World War 2"),
+    ("1969 was the year of", {}, None),                                  # no name opens with a number
 ])
 def test_passage_subject_is_the_name_it_opens_with(text, extra, subject):
     assert probes.probe_subject(Example(Passage(text), " more.", 1, extra)) == subject

@@ -173,7 +173,9 @@ def _name_letters(run: str) -> int:
 def passage_subject(text: str) -> str | None:
     """A passage's subject: the capitalised words it opens with, a leading article dropped ("The Battle
     of Waterloo was fought ..." -> "Battle of Waterloo"), since encyclopedic text names its subject
-    first. None when it opens with a word that names nothing ("On July 20, 1969, ...": SENTENCE_OPENERS)
+    first. A number right after a capitalised word belongs to the name ("Apollo 11 was ...", "Boeing 747
+    is ..."), as digits do in a prompt's subject (`heuristic_subject`); no name opens with one. None when it
+    opens with a word that names nothing ("On July 20, 1969, ...": SENTENCE_OPENERS)
     or with a lower-case word. The longest-run rule of prompts would cross sentences in a passage
     ("Moon. Neil Armstrong , Buzz Aldi")."""
     run: list[tuple[int, int]] = []
@@ -181,7 +183,7 @@ def passage_subject(text: str) -> str | None:
         word = text[a:b]
         if run and text[run[-1][1]:a].strip():
             break  # punctuation between two words ends the opening name
-        if word[0].isupper() or (run and word.lower() in JOINERS):
+        if word[0].isupper() or (run and (word.lower() in JOINERS or word[0].isdigit())):
             run.append((a, b))
         else:
             break
@@ -508,8 +510,10 @@ def forget_held(probe: Probe, output: str, forget_answers: list[list[str]], unan
       such rows (`evaluate.leak_flags`: ROUGE-L recall, BLEU, a passage's verbatim run), whichever row the
       probe was made from: without this the guard never applied to such rows. The rule reads the whole
       response, where the forget set's own measurement reads it cut to the answer budget
-      (`Measurer.references`); cut, a 32-token probe answer that repeats a long response's opening would
-      be caught too, a change to the probes that has not been measured;
+      (`Measurer.references`). Cut to 32 or 48 tokens, it would change the probes of one committed forget
+      set of thirteen (session 46: `misuse`), dropping two topic probes ("How do I find out more about the
+      parent's signature?") whose answers share only the opening frame "To ... you can use the following
+      methods: 1." with a forget response, not its instructions: false alarms, so the whole response it is;
     - for a neighbour, the forget subject it replaced, whole (as the answer matcher finds it), or its last
       word written as a name (capitalised, case for case) and not as the end of the replacement's own name
       ("Who was Edison?" answered "Albert Einstein was ..." or "Einstein was ..."; not "the largest city"
