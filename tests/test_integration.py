@@ -46,7 +46,7 @@ def test_run_and_merge_on_the_embedded_model(tmp_path, embedded_cache):
 
 def test_ulmr_on_the_embedded_model(tmp_path, embedded_cache):
     """Augmentation with the real model, SFT on negative responses, α chosen by measurement."""
-    rows = (EXAMPLES / "forget.jsonl").read_text().splitlines()[:2]  # two rows, one step: the path, not the result
+    rows = (EXAMPLES / "forget.jsonl").read_text().splitlines()[:1]  # one row, one step: the path, not the result
     forget = tmp_path / "forget.jsonl"
     forget.write_text("\n".join(rows) + "\n")
     out = tmp_path / "ulmr"
@@ -55,7 +55,7 @@ def test_ulmr_on_the_embedded_model(tmp_path, embedded_cache):
                  "--max-new-tokens", "8", "--alpha-grid", "0,0.5", "--no-probes", cache=embedded_cache)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["augment"]["sources"] == 2 and report["augment"]["rows"] == 4
+    assert report["augment"]["sources"] == 1 and report["augment"]["rows"] == 2
     augmented = [json.loads(line) for line in (out / "augmented.jsonl").read_text().splitlines()]
     # Whatever the model wrote, no training row gives the forget answer away.
     assert not any("rowling" in r["response"].lower() for r in augmented)

@@ -102,6 +102,24 @@ def test_the_written_out_float32_backward_gives_autograds_gradients(bias):
     assert layer.base.weight.grad is None  # the base stays frozen
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_written_out_output_may_be_added_to_in_place(bias):
+    # Falcon adds the attention output to its MLP's output in place (`mlp_output += attention_output`):
+    # a view returned from a custom Function refuses that, so the output must be a tensor of its own.
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(6, 5, bias=bias), rank=2, alpha=6.0, dropout=0.0)
+    layer.lora_B.data = torch.randn(5, 2)
+    x, weights, residual = torch.randn(2, 3, 6, requires_grad=True), torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "_LowRankLinearBackward"
+    out += residual
+    (out * weights).sum().backward()
+    expected, dx, da, db = _formula_and_gradients(layer, x, weights)
+    assert torch.allclose(out, expected + residual, atol=1e-6)
+    assert torch.allclose(x.grad, dx, atol=1e-5)
+    assert torch.allclose(layer.lora_A.grad, da, atol=1e-5) and torch.allclose(layer.lora_B.grad, db, atol=1e-5)
+
+
 def test_the_written_out_backward_is_skipped_where_it_was_not_measured():
     torch.manual_seed(0)
     layer = LoRALinear(torch.nn.Linear(6, 5), rank=2, alpha=6.0, dropout=0.0)

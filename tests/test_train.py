@@ -433,6 +433,22 @@ def test_model_dropout_is_off_in_the_trained_pass_so_the_first_kl_is_exactly_zer
     assert all(m.dropout.training for m in lora_modules(lm.model).values())
 
 
+def test_gpt2s_attention_dropout_is_off_in_the_trained_pass_too(tmp_path):
+    # GPT-2's attention passes its Dropout module's rate (`attn_dropout.p`) to the attention kernel whenever
+    # the attention module trains, whatever that Dropout module's own mode: the rate itself must be 0. With
+    # it on, two trained passes differed, and a resumed run (its reference run at another step, other masks)
+    # trained on other numbers than a run never stopped.
+    import tiny_models
+    from unlearn.train import train_without_dropout
+
+    lm = load_model(str(tiny_models.build_family(tmp_path / "gpt2", "gpt2")), log=lambda m: None)
+    assert lm.model.config.attn_pdrop == pytest.approx(0.1)
+    train_without_dropout(lm.model)
+    ids = torch.tensor([[5, 17, 42, 8, 99, 3]])
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids).logits, lm.model(ids).logits)
+
+
 # --- the step backpropagated piece by piece (big models) -----------------------------
 
 

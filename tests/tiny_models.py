@@ -89,3 +89,33 @@ def build_opt(path: Path, seed: int = 0) -> Path:
     OPTForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return Path(path)
+
+
+def build_family(path: Path, family: str, sliding_window: int | None = None, seed: int = 0) -> Path:
+    """A tiny random model of another family users bring (2 layers, hidden 32), with the llama tokenizer and
+    its chat template: FAMILY is one of gemma, gemma2, falcon, phi3, gptj, gpt2, mistral (SLIDING_WINDOW: the
+    attention window of gemma2 and mistral, in tokens)."""
+    import torch
+    import transformers as t
+
+    tok = llama_tokenizer(True)
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=None)  # Phi-3's default pad id (32000) lies past this vocabulary
+    llama_like = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=512, **ids)
+    make = {
+        "gemma": lambda: t.GemmaForCausalLM(t.GemmaConfig(head_dim=8, **llama_like)),
+        "gemma2": lambda: t.Gemma2ForCausalLM(t.Gemma2Config(head_dim=8, sliding_window=sliding_window, **llama_like)),
+        "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(head_dim=8, sliding_window=sliding_window,
+                                                                 **llama_like)),
+        "phi3": lambda: t.Phi3ForCausalLM(t.Phi3Config(original_max_position_embeddings=512, **llama_like)),
+        "falcon": lambda: t.FalconForCausalLM(t.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                             max_position_embeddings=512, **ids)),
+        "gptj": lambda: t.GPTJForCausalLM(t.GPTJConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=512,
+                                                       tie_word_embeddings=False, **ids)),
+        "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, **ids)),
+    }[family]
+    torch.manual_seed(seed)
+    make().save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)

@@ -219,8 +219,9 @@ def _command_line() -> str:
 @click.option("--lora-dropout", type=float, default=0.0, show_default=True, help="Dropout on the LoRA input.")
 @click.option("--lora-targets", default=None,
               help="Comma-separated module names; names absent from the model are skipped "
-                   "[default: the feed-forward layers: gate_proj,up_proj,down_proj (Llama, Mistral, Qwen), "
-                   "fc1,fc2 (OPT, Phi), dense_h_to_4h,dense_4h_to_h (GPT-NeoX, Falcon)].")
+                   "[default: the feed-forward layers: gate_proj,up_proj,down_proj (Llama, Mistral, Qwen, Gemma), "
+                   "gate_up_proj (Phi-3), fc1,fc2 (OPT, Phi), dense_h_to_4h,dense_4h_to_h (GPT-NeoX, Falcon, BLOOM), "
+                   "fc_in,fc_out (GPT-J), c_fc,mlp.c_proj (GPT-2, GPT-Neo)].")
 @click.option("--lora-layers", default="all", show_default=True,
               help="Which decoder layers get adapters: all, upper (the upper half: layers n/2 to n-1 of n) or "
                    "FIRST-LAST (0-based, e.g. 12-23).")

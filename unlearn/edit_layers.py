@@ -1,8 +1,8 @@
 """Where an edit happens: the feed-forward output projections, and hooks to read and steer them.
 
 A MEMIT-style edit writes into the matrix that maps a layer's MLP hidden units
-back into the residual stream (Llama/Mistral/Qwen/SmolLM: `mlp.down_proj`; OPT:
-`fc2`; GPT-NeoX/Falcon: `mlp.dense_4h_to_h`). Its input at a token is the
+back into the residual stream (Llama/Mistral/Qwen/Gemma/SmolLM: `mlp.down_proj`; OPT:
+`fc2`; GPT-NeoX/Falcon: `mlp.dense_4h_to_h`; Phi: `mlp.fc2`; GPT-J: `mlp.fc_out`). Its input at a token is the
 "key" of the key-value memory reading of Geva et al. (2021); its output is
 added to the residual stream, so a change of that output at layer l shifts the
 residual of every later layer at the same position by the same amount.
@@ -18,8 +18,10 @@ from torch import nn
 from unlearn.errors import UsageError
 from unlearn.layer_names import decoder_layer_names, decoder_layers
 
-# Paths of the MLP output projection inside a decoder layer, by family (Falcon and BLOOM: transformer.h.N.…).
-MLP_OUT_NAMES = ("mlp.down_proj", "fc2", "mlp.dense_4h_to_h")
+# Paths of the MLP output projection inside a decoder layer, by family (Falcon and BLOOM: transformer.h.N.…):
+# Llama/Mistral/Qwen/Gemma/Phi-3, OPT, GPT-NeoX/Falcon/BLOOM, Phi, GPT-J, MPT. GPT-2's `mlp.c_proj` is a
+# Conv1D, which the edit (an nn.Linear's weight) does not take.
+MLP_OUT_NAMES = ("mlp.down_proj", "fc2", "mlp.dense_4h_to_h", "mlp.fc2", "mlp.fc_out", "ffn.down_proj")
 
 
 def mlp_out_modules(model: nn.Module) -> dict[int, tuple[str, nn.Linear]]:

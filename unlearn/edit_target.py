@@ -89,9 +89,10 @@ class SplitBatch:
             out = self.base(input_ids=prefix_ids, attention_mask=prefix_mask,
                             position_ids=(prefix_mask.cumsum(-1) - 1).clamp_min(0), use_cache=True)
         self.cache = out.cache
-        # The prefix keys and values, put back after each step (cropping would keep views into the
-        # previous step's graph).
-        self.prefix_kv = [(layer.keys, layer.values) for layer in self.cache.layers]
+        # Each cache layer's state after the prefix, put back after each step (cropping would keep views into
+        # the previous step's graph): its keys and values, and whatever else it counts, such as the positions
+        # a sliding-window layer has seen (Mistral, Gemma 2/3), by which it builds the next step's mask.
+        self.prefix_state = [dict(vars(layer)) for layer in self.cache.layers]
         self.rows_index = torch.tensor([i for i, r in enumerate(rows) for _ in r.scored], dtype=torch.long)
         self.pos_index = torch.tensor([p - r.subject_pos for r in rows for p in r.scored], dtype=torch.long)
 
@@ -99,8 +100,8 @@ class SplitBatch:
         """Log-probabilities (float32) at each row's scored positions."""
         out = self.base(input_ids=self.suffix_ids, attention_mask=self.mask, position_ids=self.suffix_positions,
                         cache=self.cache, use_cache=True)
-        for layer, (keys, values) in zip(self.cache.layers, self.prefix_kv):
-            layer.keys, layer.values = keys, values
+        for layer, state in zip(self.cache.layers, self.prefix_state):
+            vars(layer).update(state)
         head = self.model.get_output_embeddings()
         logprobs = head(out.last_hidden_state[self.rows_index, self.pos_index]).float().log_softmax(-1)
         result, start = [], 0

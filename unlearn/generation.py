@@ -63,7 +63,8 @@ from dataclasses import dataclass
 from unlearn.cpu_parts import Cancelled, balanced_slices, parallel_pieces, run_pieces
 from unlearn.data import SOURCE_FILE, encode_prompt, prompt_key
 from unlearn.errors import UnlearnError
-from unlearn.kv_cache import cache_argument, last_positions, new_cache, prefix_applies, run_prefix, shared_length
+from unlearn.kv_cache import (cache_argument, keeps_every_position, last_positions, new_cache, prefix_applies,
+                              run_prefix, shared_length)
 
 # On a CPU with T >= 2 torch threads, a batch of at least T * MIN_ROWS_PER_WORKER rows is
 # decoded as T parts side by side, one thread each with one torch thread (`_greedy_parts`,
@@ -479,10 +480,7 @@ def kv_keepable(model) -> bool:
     """Whether a row's keys and values can be copied out of MODEL's decoding cache: every layer keeps every
     position (full attention: `kv_cache.new_cache`'s buffers, not a sliding window) and the config says
     how many bytes a position takes."""
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(new_cache(model), "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers) and bool(kv_bytes_per_position(model))
+    return keeps_every_position(model) and bool(kv_bytes_per_position(model))
 
 
 def _keep_row(cache, i: int, mask_row, shared: int, budget: int, per_position: int) -> tuple[object | None, int]:
@@ -615,6 +613,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     pad_id = tokenizer.pad_token_id
     stop_ids = _stop_ids(model, tokenizer)
     own_loop = not _model_generate and _own_loop_applies(model, do_sample)
+    share_prefix = own_loop and keeps_every_position(model)  # a sliding window would lose it (keeps_every_position)
     was_training = model.training
     model.eval()
     generator_state = torch.random.get_rng_state()
@@ -633,7 +632,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
             # The prompt prefix the batch shares runs once (kv_cache.py); each row keeps at least
             # one token of its own, whose logits give its first new token.
             shared = (shared_length(prompts_ids, min(map(len, prompts_ids)) - 1)
-                      if own_loop and len(batch) > 1 else 0)
+                      if share_prefix and len(batch) > 1 else 0)
             input_ids, attention = _left_padded([ids[shared:] for ids in prompts_ids], pad_id)
             should_stop = None if stop_row is None else (lambda row, ids, batch=batch: stop_row(batch[row], text(ids)))
             batch_scores = [] if scored is not None and stop_row is None else None

@@ -32,6 +32,17 @@ def prefix_applies(model) -> bool:
     return "position_ids" in inspect.signature(model.forward).parameters
 
 
+def keeps_every_position(model) -> bool:
+    """Whether every layer of MODEL's decoding cache keeps every position (full attention), not the last
+    `window` of them (a sliding window: Mistral, Gemma 2/3). A generation batch's shared prefix then stays
+    in view of its rows: in a sliding layer, a short row's left padding after the prefix would push the
+    prefix out of the window while the row's positions are still inside it (another answer than alone)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(new_cache(model), "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
 def shared_length(rows: list[list[int]], limit: int) -> int:
     """The length of the longest token prefix every row of ROWS starts with, at most LIMIT."""
     if not rows:

@@ -36,11 +36,14 @@ LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A
 
 
 # The feed-forward projections of the common families: Llama/Mistral/Qwen/Gemma (gate/up/down),
-# OPT/Phi (fc1/fc2), GPT-NeoX/Falcon/BLOOM (dense_h_to_4h/dense_4h_to_h). Facts are stored
+# Phi-3 (gate_up_proj, gate and up fused), OPT/Phi (fc1/fc2), GPT-NeoX/Falcon/BLOOM
+# (dense_h_to_4h/dense_4h_to_h), GPT-J (fc_in/fc_out), GPT-2 and GPT-Neo (c_fc and the MLP's c_proj:
+# a bare `c_proj` would take GPT-2's attention output too; GPT-2's are Conv1D, see LoRALinear). Facts are stored
 # there (Geva et al. 2021, "Feed-Forward Layers Are Key-Value Memories"; Meng et al. 2022,
 # ROME), so adapting them forgets a fact with less damage elsewhere than adapting attention.
 # Measured on examples/: see README, "How the defaults were chosen".
-MLP_TARGETS = ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "dense_h_to_4h", "dense_4h_to_h")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "dense_h_to_4h", "dense_4h_to_h",
+               "fc_in", "fc_out", "c_fc", "mlp.c_proj")
 
 
 @dataclass
@@ -108,11 +111,18 @@ class _LowRankLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
         flat = x.reshape(-1, x.shape[-1])
         low = flat @ lora_A.t()
-        out = torch.addmm(bias, flat, weight.t()) if bias is not None else flat @ weight.t()
-        out = torch.addmm(out, low, lora_B.t(), alpha=scaling)
+        # The output is allocated in its own shape and written through a flat view of it: a view returned
+        # from a custom Function may not be modified in place, and Falcon adds to its MLP's output in place.
+        result = flat.new_empty(*x.shape[:-1], weight.shape[0])
+        out = result.view(-1, weight.shape[0])
+        if bias is not None:
+            torch.addmm(bias, flat, weight.t(), out=out)
+        else:
+            torch.mm(flat, weight.t(), out=out)
+        torch.addmm(out, low, lora_B.t(), alpha=scaling, out=out)  # in place, as an op FLOP counters know
         ctx.save_for_backward(flat, weight, lora_A, lora_B, low)
         ctx.scaling, ctx.x_shape = scaling, x.shape
-        return out.view(*x.shape[:-1], weight.shape[0])
+        return result
 
     @staticmethod
     def backward(ctx, grad):
@@ -125,11 +135,44 @@ class _LowRankLinear(torch.autograd.Function):
         return d_x, None, None, d_A, d_B, None
 
 
-class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update that can be switched off."""
+def _conv1d_class():
+    """transformers' Conv1D (GPT-2's layers: y = x W + b, W of shape (in, out)), or None."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, rslora: bool = False):
+
+def _is_conv1d(module: nn.Module) -> bool:
+    conv1d = _conv1d_class()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def _conv1d_as_linear(conv: nn.Module) -> nn.Linear:
+    """GPT-2's Conv1D as the nn.Linear it computes: the weight is the Conv1D's, transposed as a view (the same
+    storage: no copy, and F.linear multiplies by the untransposed matrix without one)."""
+    linear = nn.Linear(1, 1, bias=False, device="meta")  # its parameters replaced just below
+    linear.in_features, linear.out_features = conv.weight.shape
+    linear.weight = nn.Parameter(conv.weight.detach().t(), requires_grad=False)
+    linear.bias = conv.bias
+    return linear
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update that can be switched off.
+
+    BASE may be GPT-2's Conv1D (peft's `fan_in_fan_out`): the wrapper then runs it as the Linear it is
+    (`_conv1d_as_linear`), and `merge_lora` puts back a Conv1D holding the merged weight, transposed, so the
+    saved model is a GPT-2 checkpoint again. lora_A and lora_B have the shapes peft gives them either way.
+    """
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, rslora: bool = False):
         super().__init__()
+        # kept outside the module tree (its weight is base's, and would be listed twice): merge_lora's way back
+        self._conv1d = [base] if _is_conv1d(base) else []
+        if self._conv1d:
+            base = _conv1d_as_linear(base)
         self.base = base
         base.weight.requires_grad_(False)
         if base.bias is not None:
@@ -212,6 +255,24 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def _nothing_to_adapt(model: nn.Module, targets: tuple[str, ...]) -> str:
+    """The one line for TARGETS naming no module of MODEL: what it has instead, so the user can choose.
+
+    A mixture of experts in transformers 5 (Mixtral, Qwen3-MoE) keeps its experts' projections as one 3-D
+    parameter (`mlp.experts.down_proj`), not Linear modules: the name is there, yet there is nothing to wrap."""
+    wanted = f"--lora-targets {','.join(targets)}"
+    fused = [n for n, p in model.named_parameters() if p.dim() > 2 and _matches(n, targets)]
+    if fused:
+        return (f"{wanted}: {fused[0]} is a fused parameter of the experts, not a Linear layer, which LoRA here "
+                f"adapts only: train every weight with --full, or name Linear layers with --lora-targets")
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    kinds = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                    if (isinstance(m, nn.Linear) or _is_conv1d(m)) and m is not head})
+    return (f"{wanted}: no module of this model has that name; its Linear layers are "
+            f"{', '.join(kinds) or 'none'} (name the feed-forward ones with --lora-targets, or train every weight "
+            f"with --full)")
+
+
 def attach_lora(model: nn.Module, settings: LoraSettings, seed: int | None = None) -> dict[str, LoRALinear]:
     """Freeze MODEL and wrap each targeted nn.Linear in a LoRALinear; return the wrappers by name."""
     settings.validate()
@@ -219,7 +280,7 @@ def attach_lora(model: nn.Module, settings: LoraSettings, seed: int | None = Non
         p.requires_grad_(False)
     names = [n for n, m in model.named_modules() if n and _matches(n, settings.targets)]
     if not names:
-        raise UsageError(f"--lora-targets {','.join(settings.targets)}: no module of this model has that name")
+        raise UsageError(_nothing_to_adapt(model, settings.targets))
     names = _in_layers(model, names, settings.layers)
     generator_state = torch.random.get_rng_state()
     if seed is not None:
@@ -230,8 +291,9 @@ def attach_lora(model: nn.Module, settings: LoraSettings, seed: int | None = Non
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             module = getattr(parent, child)
-            if not isinstance(module, nn.Linear):
-                raise UsageError(f"--lora-targets: {name} is a {type(module).__name__}, not a Linear layer")
+            if not isinstance(module, nn.Linear) and not _is_conv1d(module):
+                raise UsageError(f"--lora-targets: {name} is a {type(module).__name__}, not a Linear layer (nor "
+                                 f"GPT-2's Conv1D), which LoRA here adapts only: train every weight with --full")
             if module is getattr(model, "get_output_embeddings", lambda: None)():
                 # The training reads the head's weight (the vocabulary's size, the fused losses), and on a model
                 # whose head is the input embedding, folding an update into it would move the embedding too.
@@ -294,10 +356,16 @@ def merge_lora(model: nn.Module) -> nn.Module:
         # mapping of its safetensors file, and writing into them faults in a copy of every page
         # (~1.1 s for the default's 318 MB of MLP weights on the 2-core VMs), where the sum
         # comes from memory the allocator has already touched.
-        module.base.weight.data = _merged_weight(module)
+        merged = _merged_weight(module)
+        if module._conv1d:  # GPT-2: its own module back, W stored (in, out)
+            original = module._conv1d[0]
+            original.weight.data = merged.t().contiguous()
+        else:
+            module.base.weight.data = merged
+            original = module.base
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, module.base)
+        setattr(parent, child, original)
     return model
 
 
@@ -313,7 +381,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def adapter_config(settings: LoraSettings, base_model: str, targets: list[str]) -> dict:
+def adapter_config(settings: LoraSettings, base_model: str, targets: list[str], fan_in_fan_out: bool = False) -> dict:
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -323,7 +391,7 @@ def adapter_config(settings: LoraSettings, base_model: str, targets: list[str]) 
         "lora_dropout": settings.dropout,
         "target_modules": targets,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,  # peft's flag for Conv1D bases (GPT-2): W = (B A)ᵀ-shaped
         "use_rslora": settings.rslora,
         "use_dora": False,
         "inference_mode": True,
@@ -334,7 +402,9 @@ def adapter_config(settings: LoraSettings, base_model: str, targets: list[str]) 
 
 
 def save_adapter(model: nn.Module, settings: LoraSettings, directory: Path, base_model: str) -> None:
-    _write_adapter(adapter_state_dict(model), adapter_config(settings, base_model, adapter_targets(model)), directory)
+    conv1d = any(m._conv1d for m in lora_modules(model).values())
+    _write_adapter(adapter_state_dict(model), adapter_config(settings, base_model, adapter_targets(model), conv1d),
+                   directory)
 
 
 def adapter_targets(model: nn.Module) -> list[str]:
@@ -343,7 +413,8 @@ def adapter_targets(model: nn.Module) -> list[str]:
     layer's name in `--lora-targets`) the full names, so that peft and `load_adapter` attach exactly those."""
     adapted = sorted(lora_modules(model))
     kinds = tuple(sorted({name.rsplit(".", 1)[-1] for name in adapted}))
-    of_kind = [n for n, m in model.named_modules() if _matches(n, kinds) and isinstance(m, (nn.Linear, LoRALinear))]
+    of_kind = [n for n, m in model.named_modules()
+               if _matches(n, kinds) and (isinstance(m, (nn.Linear, LoRALinear)) or _is_conv1d(m))]
     return list(kinds) if sorted(of_kind) == adapted else adapted
 
 

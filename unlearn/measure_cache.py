@@ -33,8 +33,9 @@ from unlearn.paths import cache_dir
 # keyed as a passage, not as the same string as a chat prompt, and `--do-sample` samples without transformers'
 # hidden top-50 cut; 5: a summary says how many rows its accuracy is a share of, `accuracy_rows`; 6: classifier
 # judges and reward models score each row as if alone and empty rows as one token, hallucinated responses are
-# clipped like responses, "As an AI" needs its article).
-VERSION = 6
+# clipped like responses, "As an AI" needs its article; 7: under a sliding window (Mistral, Gemma 2/3) a
+# generation batch no longer shares its prompt prefix, which changed the answers of its shorter rows).
+VERSION = 7
 
 
 # Files of a model directory that cannot change what `unlearn` measures, left out of `weights_fingerprint`:
@@ -134,7 +135,8 @@ def state_fingerprint(model) -> str:
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
             data = tensor.detach().cpu().contiguous()
             digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}".encode())
-            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+            # flattened first: a 0-dim tensor (Gemma's `embed_scale` buffer) has no bytes view; the shape is hashed above
+            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     for name, module in sorted(lora_modules(model).items()):
         digest.update(f"{name}|{module.scaling}|{module.enabled}".encode())
     return digest.hexdigest()

@@ -344,6 +344,7 @@ def load_model(spec: str | None, *, dtype: str = "float32", trust_remote_code: b
         first_line = (str(exc).strip().splitlines() or [""])[0]
         raise UnlearnError(f"{path}: could not load the model ({type(exc).__name__}: {first_line})") from None
     _refuse_partial_weights(path, loading)
+    _refuse_special_tokens_past_embeddings(path, model, tokenizer)
     unused = list(loading.get("unexpected_keys") or ())
     if unused:
         log(f"{path}: {len(unused)} tensor{'s' if len(unused) != 1 else ''} of the checkpoint that config.json "
@@ -378,6 +379,22 @@ def _refuse_partial_weights(path: Path, loading: dict) -> None:
         raise UnlearnError(f"{path}: the checkpoint {what} {len(names)} tensor{'s' if len(names) != 1 else ''} "
                            f"its config.json names ({names[0]}{', ...' if len(names) > 1 else ''}): "
                            f"a partial download, or a config that is not this checkpoint's")
+
+
+def _refuse_special_tokens_past_embeddings(path: Path, model, tokenizer) -> None:
+    """Every batch is padded with the pad id and every answer ends at EOS: an id past the model's embedding
+    table (a tokenizer that added a pad token its model was never resized for, as some fine-tunes ship)
+    would end the first padded forward in an IndexError. Refused in one line after loading."""
+    embeddings = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    if embeddings is None:
+        return
+    for role in ("pad", "eos", "bos"):
+        token_id = getattr(tokenizer, f"{role}_token_id", None)
+        if isinstance(token_id, int) and token_id >= embeddings:
+            token = getattr(tokenizer, f"{role}_token", None)
+            raise UnlearnError(f"{path}: the tokenizer's {role} token {token!r} is id {token_id}, past the model's "
+                               f"{embeddings} embeddings: this tokenizer is not the model's (or the model was "
+                               f"never resized for a token added to it)")
 
 
 def _say_if_low_precision_is_slow(model, log) -> None:

@@ -206,13 +206,18 @@ def train_without_dropout(model) -> None:
     KL is not 0 at step 0 and the forget loss chases noise. Training mode itself stays on,
     because transformers' gradient checkpointing only runs in it. Dropout is switched off
     where it lives: nn.Dropout modules, and the float `*drop*` attributes (dropout,
-    attention_dropout, layerdrop, resid_pdrop...) that layers pass to functional dropout.
+    attention_dropout, layerdrop, resid_pdrop...) that layers pass to functional dropout. A
+    Dropout module's rate goes to 0 as well as its mode to eval: GPT-2's attention passes
+    `self.attn_dropout.p` to its attention kernel whenever the attention module itself trains,
+    so its attention dropped 10 % of its weights in the trained pass (the first KL was not 0, and
+    a reference computed at another step drew other masks: a resumed run trained on other numbers).
     """
     model.train()
     adapters = {id(m.dropout) for m in lora_modules(model).values()}
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout) and id(module) not in adapters:
             module.eval()
+            module.p = 0.0
         for name, value in vars(module).items():
             if "drop" in name and isinstance(value, float):
                 setattr(module, name, 0.0)

@@ -1,0 +1,121 @@
+"""Model families beyond Llama and OPT: what each needs from LoRA, the edit and generation.
+
+Tiny random models of the families (tiny_models.build_family), each run as a user would run it: the
+default method adapts the family's feed-forward layers, the edit runs under a sliding-window cache,
+batched answers equal one-at-a-time answers under a sliding window, and what cannot work says so in
+one line with the way forward.
+"""
+
+import json
+
+import pytest
+import torch
+
+import tiny_models
+from test_run_cli import FORGET, NORMAL, write_jsonl
+
+FAST = ["--max-steps", "2", "--check-every", "0", "--eval-limit", "2", "--max-new-tokens", "6", "--no-probes",
+        "--batch-size", "2"]
+
+
+@pytest.fixture
+def rows(tmp_path):
+    return write_jsonl(tmp_path / "forget.jsonl", FORGET), write_jsonl(tmp_path / "normal.jsonl", NORMAL)
+
+
+@pytest.mark.parametrize("family, kinds", [
+    ("gemma", ["down_proj", "gate_proj", "up_proj"]),  # its 0-dim embed_scale buffer ended the run when hashed
+    ("falcon", ["dense_4h_to_h", "dense_h_to_4h"]),     # it adds to its MLP's output in place
+    ("phi3", ["down_proj", "gate_up_proj"]),            # gate and up fused: two thirds of the MLP
+    ("gptj", ["fc_in", "fc_out"]),
+])
+def test_the_default_run_adapts_each_familys_feed_forward_layers(tmp_path, cli, rows, family, kinds):
+    model = tiny_models.build_family(tmp_path / family, family)
+    out = tmp_path / "out"
+    result = cli("run", *rows, "--model", model, "-o", out, *FAST)
+    assert result.code == 0, result.err
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["target_modules"] == kinds
+
+
+@pytest.mark.parametrize("family, window", [
+    # The edit's target optimisation puts the cache back after every step; a sliding-window layer also
+    # counts the positions it has seen, and the second step's mask was built for more keys than it held.
+    ("mistral", 4096),  # Mistral-7B-v0.1's window
+    ("gptj", None),     # its MLP output projection is mlp.fc_out (edit_layers.MLP_OUT_NAMES)
+])
+def test_the_edit_runs_on_other_families(tmp_path, cli, rows, family, window):
+    model = tiny_models.build_family(tmp_path / family, family, sliding_window=window)
+    result = cli("run", *rows, "--model", model, "-o", tmp_path / "out", "--method", "edit", "--eval-limit", "2",
+                 "--max-new-tokens", "6", "--no-probes")
+    assert result.code == 0, result.err
+
+
+def test_batched_answers_equal_single_ones_under_a_sliding_window(tmp_path):
+    from unlearn.generation import generate
+    from unlearn.models import load_model
+
+    loaded = load_model(str(tiny_models.build_family(tmp_path / "mistral", "mistral", sliding_window=16)),
+                        log=lambda m: None)
+    # The chat template's opening is the prefix every row shares; shorter rows get left padding after it,
+    # and the longest row with its answer passes the window.
+    prompts = ["Hi?", "What is two plus two, and why?", "Name one colour of the sky at dusk and at noon, please.",
+               "Tell me a long story about a dog and a cat and a bird who live together in a small house by the sea."]
+    batched = generate(loaded.model, loaded.tokenizer, prompts, max_new_tokens=8, batch_size=8, desc=False)
+    alone = [generate(loaded.model, loaded.tokenizer, [p], max_new_tokens=8, batch_size=1, desc=False)[0]
+             for p in prompts]
+    assert batched == alone
+
+
+def test_gpt2s_conv1d_layers_get_adapters_peft_loads_and_merges_to_the_saved_model(tmp_path, cli, rows):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_models.build_family(tmp_path / "gpt2", "gpt2")
+    out = tmp_path / "out"
+    result = cli("run", *rows, "--model", base, "-o", out, *FAST, "--lr", "1e-2")
+    assert result.code == 0, result.err
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    # The MLP's c_fc and c_proj, by full name: the kind `c_proj` would take the attention's output too.
+    assert config["target_modules"] == [f"transformer.h.{i}.mlp.{m}" for i in (0, 1) for m in ("c_fc", "c_proj")]
+    assert config["fan_in_fan_out"] is True
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out / "adapter").merge_and_unload()
+    saved = AutoModelForCausalLM.from_pretrained(out / "model")  # a GPT-2 checkpoint: Conv1D weights (in, out)
+    ours, theirs = saved.state_dict(), merged.state_dict()
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert not torch.equal(ours["transformer.h.0.mlp.c_fc.weight"],
+                           AutoModelForCausalLM.from_pretrained(base).state_dict()["transformer.h.0.mlp.c_fc.weight"])
+
+
+def test_a_target_that_is_neither_linear_nor_conv1d_is_one_line_that_points_to_full(tmp_path, cli, rows):
+    model = tiny_models.build_family(tmp_path / "gpt2", "gpt2")
+    result = cli("run", *rows, "--model", model, "-o", tmp_path / "out", *FAST, "--lora-targets", "wpe")
+    last = result.err.strip().splitlines()[-1]  # after the "model ..." line
+    assert result.code == 2 and last == ("unlearn: --lora-targets: transformer.wpe is a Embedding, not a Linear layer "
+                                         "(nor GPT-2's Conv1D), which LoRA here adapts only: train every weight "
+                                         "with --full"), result.err
+
+
+def test_targets_naming_nothing_list_the_linear_layers_the_model_has_or_its_fused_experts():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from unlearn.errors import UsageError
+    from unlearn.lora import LoraSettings, attach_lora
+
+    torch.manual_seed(0)
+    moe = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=2))
+    with pytest.raises(UsageError, match=r"mlp\.experts\..* is a fused parameter of the experts.*--full"):
+        attach_lora(moe, LoraSettings())
+    with pytest.raises(UsageError, match=r"no module of this model has that name; its Linear layers are "
+                                         r"k_proj, o_proj, q_proj, v_proj \("):
+        attach_lora(moe, LoraSettings(targets=("nope",)))
+
+
+def test_a_pad_token_past_the_embeddings_is_one_line(tmp_path, cli, rows):
+    model = tiny_models.build_llama(tmp_path / "llama")
+    tokenizer = tiny_models.llama_tokenizer(True)
+    tokenizer.add_special_tokens({"pad_token": "<newpad>"})  # a token the model was never resized for
+    tokenizer.save_pretrained(model)
+    result = cli("run", *rows, "--model", model, "-o", tmp_path / "out", *FAST)
+    assert result.code == 1 and "pad token '<newpad>' is id 400, past the model's 400 embeddings" in result.err, \
+        result.err
