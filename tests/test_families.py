@@ -86,6 +86,14 @@ def test_gpt2s_conv1d_layers_get_adapters_peft_loads_and_merges_to_the_saved_mod
                            AutoModelForCausalLM.from_pretrained(base).state_dict()["transformer.h.0.mlp.c_fc.weight"])
 
 
+def test_the_edit_on_gpt2_is_one_line_that_names_its_conv1d(tmp_path, cli, rows):
+    model = tiny_models.build_family(tmp_path / "gpt2", "gpt2")
+    result = cli("run", *rows, "--model", model, "-o", tmp_path / "out", "--method", "edit", "--no-probes")
+    assert result.code == 2 and result.err.strip().splitlines()[-1] == (
+        "unlearn: GPT2LMHeadModel: its MLP output projection (transformer.h.0.mlp.c_proj) is a Conv1D, which "
+        "--method edit does not take: use a fine-tuning method (the default)"), result.err
+
+
 def test_a_target_that_is_neither_linear_nor_conv1d_is_one_line_that_points_to_full(tmp_path, cli, rows):
     model = tiny_models.build_family(tmp_path / "gpt2", "gpt2")
     result = cli("run", *rows, "--model", model, "-o", tmp_path / "out", *FAST, "--lora-targets", "wpe")

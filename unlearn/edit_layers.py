@@ -34,6 +34,10 @@ def mlp_out_modules(model: nn.Module) -> dict[int, tuple[str, nn.Linear]]:
             if isinstance(modules.get(name), nn.Linear):
                 found[index] = (name, modules[name])
     if not found:
+        conv1d = [n for n, m in modules.items() if n.endswith(".mlp.c_proj") and type(m).__name__ == "Conv1D"]
+        if conv1d:  # GPT-2
+            raise UsageError(f"{type(model).__name__}: its MLP output projection ({conv1d[0]}) is a Conv1D, which "
+                             f"--method edit does not take: use a fine-tuning method (the default)")
         raise UsageError(f"{type(model).__name__}: no MLP output projection found "
                          f"(looked for {{layers,h,blocks}}.N.{{{', '.join(MLP_OUT_NAMES)}}})")
     return found
