@@ -127,3 +127,34 @@ def test_a_pad_token_past_the_embeddings_is_one_line(tmp_path, cli, rows):
     result = cli("run", *rows, "--model", model, "-o", tmp_path / "out", *FAST)
     assert result.code == 1 and "pad token '<newpad>' is id 400, past the model's 400 embeddings" in result.err, \
         result.err
+
+
+@pytest.mark.parametrize("family, window, keeps", [("gemma", None, True), ("mistral", 16, False),
+                                                   ("gemma2", 16, False), ("gptneo", 16, False)])
+def test_a_batch_shares_its_prompt_prefix_only_where_every_layer_sees_every_position(tmp_path, family, window, keeps):
+    # GPT-Neo's local layers keep every position in plain cache layers but mask by cache slot: its config says so.
+    from transformers import AutoModelForCausalLM
+
+    from unlearn.kv_cache import keeps_every_position
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models.build_family(tmp_path / family, family,
+                                                                          sliding_window=window))
+    assert keeps_every_position(model) is keeps
+
+
+def test_gpt2_trained_with_gradient_checkpointing_is_measured_with_its_cache(tmp_path, cli, rows):
+    # Scoring after training ran in training mode, where a checkpointed layer drops the KV cache.
+    model = tiny_models.build_family(tmp_path / "gpt2", "gpt2")
+    result = cli("run", *rows, "--model", model, "-o", tmp_path / "out", *FAST, "--lr", "1e-2",
+                 "--gradient-checkpointing", "--lora-dropout", "0.1", "--grad-accum", "2")
+    assert result.code == 0, result.err
+
+
+def test_a_model_that_does_not_say_where_its_embedding_is_is_not_checked():
+    from unlearn.models import _refuse_special_tokens_past_embeddings
+
+    class NoEmbedding:  # remote code without get_input_embeddings: transformers' default raises
+        def get_input_embeddings(self):
+            raise NotImplementedError("not auto-handled")
+
+    _refuse_special_tokens_past_embeddings("m", NoEmbedding(), tokenizer=None)  # nothing to check, no error

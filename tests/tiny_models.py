@@ -93,8 +93,8 @@ def build_opt(path: Path, seed: int = 0) -> Path:
 
 def build_family(path: Path, family: str, sliding_window: int | None = None, seed: int = 0) -> Path:
     """A tiny random model of another family users bring (2 layers, hidden 32), with the llama tokenizer and
-    its chat template: FAMILY is one of gemma, gemma2, falcon, phi3, gptj, gpt2, mistral (SLIDING_WINDOW: the
-    attention window of gemma2 and mistral, in tokens)."""
+    its chat template: FAMILY is one of gemma, gemma2, falcon, phi3, gptj, gpt2, gptneo, mistral (SLIDING_WINDOW:
+    the attention window of gemma2, mistral and GPT-Neo's local layers, in tokens)."""
     import torch
     import transformers as t
 
@@ -114,6 +114,10 @@ def build_family(path: Path, family: str, sliding_window: int | None = None, see
         "gptj": lambda: t.GPTJForCausalLM(t.GPTJConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=512,
                                                        tie_word_embeddings=False, **ids)),
         "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, **ids)),
+        "gptneo": lambda: t.GPTNeoForCausalLM(t.GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4,
+                                                             attention_types=[[["global", "local"], 1]],
+                                                             window_size=sliding_window or 256,
+                                                             max_position_embeddings=512, **ids)),
     }[family]
     torch.manual_seed(seed)
     make().save_pretrained(path)

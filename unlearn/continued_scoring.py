@@ -92,7 +92,7 @@ def _batch(items: list, model, pad_id: int) -> list[list[float]]:
     import torch
 
     from unlearn.data import IGNORE_INDEX
-    from unlearn.kv_cache import cache_argument, new_cache
+    from unlearn.kv_cache import cache_argument, evaluating, new_cache
 
     device = next(model.parameters()).device
     starts = [f for _, _, f in items]
@@ -118,7 +118,7 @@ def _batch(items: list, model, pad_id: int) -> list[list[float]]:
         # learned position table (OPT's) a short-resumed row beside a long run was an IndexError.
         last = torch.tensor([max(len(run) - 1, 0) for run in runs])[:, None]
         positions = torch.tensor(starts)[:, None] + torch.minimum(torch.arange(width)[None], last)
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                            use_cache=True, **{cache_argument(model): cache}).logits
     for row, (feature, own, f) in enumerate(items):

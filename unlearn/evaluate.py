@@ -514,7 +514,7 @@ def labelled_logprobs(model, tokenizer, features: Sequence[dict], *, batch_size:
 
     from unlearn.data import collate
     from unlearn.losses import token_logprobs
-    from unlearn.kv_cache import cache_argument, new_cache, prefix_applies, run_prefix, shared_length
+    from unlearn.kv_cache import cache_argument, evaluating, new_cache, prefix_applies, run_prefix, shared_length
     from unlearn.train import first_scored_position, forward_logits
 
     prefix_ok = prefix_applies(model)
@@ -529,7 +529,7 @@ def labelled_logprobs(model, tokenizer, features: Sequence[dict], *, batch_size:
         # (the vocabulary projection is a fifth of the embedded model's forward).
         start = first_scored_position(labels)
         inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
             rows = [features[i]["input_ids"] for i in chunk]
             shared = shared_length(rows, start) if prefix_ok and len(rows) > 1 else 0
             if shared:  # the prompt prefix the batch shares runs once (kv_cache.py)

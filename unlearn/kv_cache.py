@@ -16,6 +16,7 @@ gathers parameters), and whether a batch has a shared prefix depends on the batc
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 
@@ -32,13 +33,33 @@ def prefix_applies(model) -> bool:
     return "position_ids" in inspect.signature(model.forward).parameters
 
 
+@contextlib.contextmanager
+def evaluating(model):
+    """MODEL in eval mode inside, its own mode back after. A scoring forward that reads a KV cache must not
+    run in training mode: a model trained with --gradient-checkpointing then drops the cache in every layer
+    (transformers' GradientCheckpointingLayer), and GPT-2's mask, built for the kept and the new positions,
+    no longer fits its keys; LoRA's own dropout (--lora-dropout) would also draw masks into scores."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def keeps_every_position(model) -> bool:
     """Whether every layer of MODEL's decoding cache keeps every position (full attention), not the last
     `window` of them (a sliding window: Mistral, Gemma 2/3). A generation batch's shared prefix then stays
     in view of its rows: in a sliding layer, a short row's left padding after the prefix would push the
-    prefix out of the window while the row's positions are still inside it (another answer than alone)."""
+    prefix out of the window while the row's positions are still inside it (another answer than alone).
+    GPT-Neo's local layers keep every position in plain cache layers but mask by cache slot, which the
+    padding shifts the same way: its config's layer kinds say so."""
     from transformers.cache_utils import DynamicLayer
 
+    config = getattr(model, "config", None)
+    kinds = {*(getattr(config, "layer_types", None) or ()), *(getattr(config, "attention_layers", None) or ())}
+    if kinds - {"full_attention", "global"}:  # "sliding_attention", GPT-Neo's "local", ...
+        return False
     layers = getattr(new_cache(model), "layers", None)
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 

@@ -385,7 +385,10 @@ def _refuse_special_tokens_past_embeddings(path: Path, model, tokenizer) -> None
     """Every batch is padded with the pad id and every answer ends at EOS: an id past the model's embedding
     table (a tokenizer that added a pad token its model was never resized for, as some fine-tunes ship)
     would end the first padded forward in an IndexError. Refused in one line after loading."""
-    embeddings = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    try:
+        embeddings = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    except NotImplementedError:  # remote code that does not say where its embedding is: nothing to check
+        return
     if embeddings is None:
         return
     for role in ("pad", "eos", "bos"):
