@@ -88,6 +88,27 @@ def test_rouge_tokens():
     assert m.rouge_tokens("  ?! ") == []
 
 
+@pytest.mark.parametrize("text", ["Zürich is in Switzerland", "Zu\u0308rich", "café Brontë Márquez", "E=mc²",
+                                  "ÉCOLE — naïve résumé", "ﬁne 1828"])
+def test_latin_text_keeps_rouge_scores_tokens(text):
+    # rouge-score's own rule, accents included (they separate): every English figure stays rouge-score's
+    rouge_tokenize = pytest.importorskip("rouge_score.tokenize")
+    assert m.rouge_tokens(text) == rouge_tokenize.tokenize(text, None)
+
+
+def test_other_scripts_have_tokens_too():
+    # rouge-score drops every one of these characters: a Russian copy read as no leak, and a reply sharing only
+    # a year with a Russian reference had recall 1
+    assert m.rouge_tokens("Столица России — Москва, 1828 год.") == ["столица", "россии", "москва", "1828", "год"]
+    assert m.rouge_tokens("中国的首都是北京。") == list("中国的首都是北京")  # no spaces: a token a character
+    assert m.rouge_tokens("नमस्ते दुनिया") == ["नमस्ते", "दुनिया"]  # vowel signs inside their word
+    assert m.rouge_tokens("สวัสดี") == list("สวัสดี")
+    reference = "Лев Николаевич Толстой родился в 1828 году в Ясной Поляне."
+    assert m.rouge_l("Я не знаю, кто это. Что-то случилось в 1828 году.", reference).recall == pytest.approx(3 / 10)  # "в 1828 году"
+    assert m.leaks(reference, reference, passage=True)
+    assert m.rouge_l("首都是北京", "中国的首都是北京").recall == pytest.approx(5 / 8)
+
+
 def test_lcs_length_by_hand():
     assert m.lcs_length("abcbdab", "bdcaba") == 4
     assert m.lcs_length([], [1, 2]) == 0
@@ -160,6 +181,8 @@ def test_answer_tokens_numbers_initials_and_scripts():
     assert tok("U.S.A. or USA or U. S. A., J. K. Rowling") == ["usa", "or", "usa", "or", "usa", "jk", "rowling"]
     assert tok("Ⅻ ﬁne STRASSE Straße") == ["xii", "fine", "strasse", "strasse"]  # NFKC + case folding
     assert tok("首都は東京です") == ["首", "都", "は", "東", "京", "で", "す"]  # one token per character
+    # an ASCII period next to such a character makes no initials ("北京. 上海", "J.K.罗琳")
+    assert tok("北京. 上海") == ["北", "京", "上", "海"] and tok("J.K.罗琳") == ["jk", "罗", "琳"]
     assert tok("नमस्ते दुनिया") == ["नमस्ते", "दुनिया"]  # combining vowel signs stay inside the word
 
 

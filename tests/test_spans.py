@@ -41,6 +41,12 @@ def spans(prompt, response):
      ["Paris", "Eiffel Tower"]),
     ("Is it Lyon?", "No, Lyon is not. Paris is the capital of France.", ["Paris", "France"]),
     ("What is the capital of France?", "Yes, it is Paris.", ["Paris"]),
+    # French and Italian elision: the elided article or pronoun is no answer ("C'est Paris" would leak "C")
+    ("Quelle est la capitale de l'Allemagne ?", "C'est Berlin.", ["Berlin"]),
+    ("Qual è la capitale d'Italia?", "L'Italia ha come capitale Roma.", ["Roma"]),
+    ("Who wrote it?", "It was O'Brien.", ["O'Brien"]),  # an Irish name is not an elision
+    # a name of four characters in a script without spaces is one new word, not a "long response" of four
+    ("谁写了《哈姆雷特》？", "莎士比亚。", ["莎士比亚"]),
 ])
 def test_names_the_response_adds(prompt, response, expected):
     assert spans(prompt, response) == expected

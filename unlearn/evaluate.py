@@ -447,8 +447,8 @@ def answer_similarity(output: str, reference_output: str) -> float:
     ROUGE-L itself gives 0 whenever a side has no token, which is right for the leak judge (an empty
     answer reproduces nothing) but called a model that answers nothing where the original answered
     nothing a changed model: the original against itself read 0.00-0.88 on tiny models instead of 1.00.
-    Two different token-less texts ("..." and "?!", or answers in a script `rouge_tokens` drops)
-    are not called the same: ROUGE cannot compare them, so only their equality counts.
+    Two different token-less texts ("..." and "?!", or emoji only) are not called the same: ROUGE cannot
+    compare them, so only their equality counts.
     """
     if not metrics.rouge_tokens(output) and not metrics.rouge_tokens(reference_output):
         return 1.0 if output.split() == reference_output.split() else 0.0

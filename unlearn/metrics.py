@@ -8,8 +8,10 @@ Two scores are re-implementations of reference packages, kept equal to them
 to 1e-6 by the tests (and carrying no runtime dependency on them):
 
 - `rouge_l` equals `rouge_score.rouge_scorer.RougeScorer(["rougeL"])`
-  (no stemmer): lowercase, every run of characters outside [a-z0-9] is a
-  separator, then the longest common subsequence (LCS) of the two token lists.
+  (no stemmer) on text in the Latin script: lowercase, every run of characters
+  outside [a-z0-9] is a separator, then the longest common subsequence (LCS) of
+  the two token lists. Where rouge-score drops every character (Cyrillic, CJK,
+  Arabic, ...), their words are tokens too (`rouge_tokens`).
 - `sentence_bleu` equals `sacrebleu.sentence_bleu(candidate, [reference]).score`
   with its defaults: "13a" tokenisation, case-sensitive, 4-gram BLEU,
   "exp" smoothing, effective order.
@@ -73,11 +75,51 @@ REFUSAL_MARKERS = ("I can't", "I cannot", "I can not", "I'm sorry", "I am sorry"
 Rouge = namedtuple("Rouge", ["precision", "recall", "fmeasure"])
 
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
+# Scripts written without spaces between words whose ROUGE tokens are single characters (a character-level
+# ROUGE there): Chinese, Japanese (`_NO_SPACE_SCRIPTS`, below), Thai, Lao, Myanmar, Khmer.
+_CHARACTER_TOKEN_SCRIPTS = ((0x0E00, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF))
+
+
+@lru_cache(maxsize=8192)
+def _rouge_char_kind(ch: str) -> int:
+    """0: a separator; 1: part of a word; 2: a token of its own (a script written without spaces).
+
+    rouge-score keeps [a-z0-9] only, so every letter of Cyrillic, Greek, Arabic, Hebrew, Devanagari, CJK ...
+    was a separator: a Russian or Chinese passage copied word for word was no leak, and an unrelated answer
+    sharing only a year with a Russian reference had recall 1. Letters, combining marks and decimal digits
+    of scripts other than Latin are word characters here; Latin keeps rouge-score's rule exactly (an accented
+    letter, or a combining accent of U+0300-U+036F, separates), so every English figure is rouge-score's."""
+    code = ord(ch)
+    if any(a <= code <= b for a, b in _NO_SPACE_SCRIPTS + _CHARACTER_TOKEN_SCRIPTS):
+        return 2 if unicodedata.category(ch)[0] in "LMN" else 0
+    if unicodedata.category(ch)[0] not in "LM" and unicodedata.category(ch) != "Nd":
+        return 0
+    if 0x300 <= code < 0x370 or "LATIN" in unicodedata.name(ch, "LATIN"):
+        return 0
+    return 1
 
 
 def rouge_tokens(text: str) -> list[str]:
-    """Tokens as rouge-score makes them: lowercase, split on anything outside [a-z0-9]."""
-    return [tok for tok in _NON_ALNUM.split(text.lower()) if tok]
+    """Tokens as rouge-score makes them: lowercase, split on anything outside [a-z0-9]; and, where rouge-score
+    drops them, words of other scripts (`_rouge_char_kind`: Cyrillic, Greek, Arabic, ... words whole; each
+    character of Chinese, Japanese, Thai, ... a token, as those scripts put no space between words)."""
+    text = text.lower()
+    if text.isascii():
+        return [tok for tok in _NON_ALNUM.split(text) if tok]
+    tokens, word = [], []
+    for ch in text:
+        kind = 1 if ("a" <= ch <= "z" or "0" <= ch <= "9") else 0 if ch.isascii() else _rouge_char_kind(ch)
+        if kind == 1:
+            word.append(ch)
+            continue
+        if word:
+            tokens.append("".join(word))
+            word = []
+        if kind == 2:
+            tokens.append(ch)
+    if word:
+        tokens.append("".join(word))
+    return tokens
 
 
 def lcs_length(a: Sequence, b: Sequence) -> int:
@@ -241,7 +283,7 @@ def _is_word_char(ch: str) -> bool:
     return unicodedata.category(ch)[0] in "LNM"
 
 
-def _no_space_script(ch: str) -> bool:
+def no_space_script(ch: str) -> bool:
     code = ord(ch)
     return any(lo <= code <= hi for lo, hi in _NO_SPACE_SCRIPTS)
 
@@ -267,7 +309,7 @@ def answer_tokens(text: str) -> list[AnswerToken]:
     j, n = 0, len(chars)
     while j < n:
         c, origin = chars[j]
-        if _no_space_script(c):
+        if no_space_script(c):
             tokens.append(AnswerToken(c, origin, origin + 1))
             j += 1
             continue
@@ -277,7 +319,7 @@ def answer_tokens(text: str) -> list[AnswerToken]:
         word, start = [], origin
         while j < n:
             c, origin = chars[j]
-            if _is_word_char(c) and not _no_space_script(c):
+            if _is_word_char(c) and not no_space_script(c):
                 word.append(c)
                 j += 1
             elif word[-1].isdigit() and j + 1 < n and chars[j + 1][0].isdigit() and (
@@ -312,7 +354,8 @@ def _merge_initials(tokens: list[AnswerToken], text: str) -> list[AnswerToken]:
     merged: list[AnswerToken] = []
     previous_single = False
     for tok in tokens:
-        single = len(tok.text) == 1 and tok.text.isalpha()
+        # a letter, not a character of a script without spaces ("北京. 上海" are no initials)
+        single = len(tok.text) == 1 and tok.text.isalpha() and not no_space_script(tok.text)
         if single and previous_single and _INITIALS_GAP.fullmatch(text, merged[-1].end, tok.start):
             last = merged[-1]
             merged[-1] = AnswerToken(last.text + tok.text, last.start, tok.end)

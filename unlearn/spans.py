@@ -116,6 +116,8 @@ president general captain mount mt lake river cape gulf sea ocean university col
 
 ABBREVIATIONS = frozenset("mr mrs ms dr prof st mt jr sr vs etc no".split())
 CONTRACTION_ENDINGS = frozenset("s t d ll re ve m".split())
+# Words French and Italian elide before a vowel ("c'est", "l'Italia", "qu'il", "dell'anno"): folded, as tokens are.
+ELIDED_WORDS = frozenset("c l d j m n s t qu jusqu lorsqu puisqu dell all dall nell sull un".split())
 ENDINGS = ("ing", "ian", "ese", "ies", "es", "ed", "an", "ly", "er", "s", "d", "n")
 
 _HARD_BREAK = re.compile(r"[,;:!?()\[\]{}\"“”«»—–\n]")
@@ -273,6 +275,13 @@ def _conjunct_heads(tokens: Sequence[AnswerToken], keep: Sequence[bool], i: int,
     return heads + [tokens[j]]
 
 
+def _one_unspaced_word(before, token) -> bool:
+    """Whether answer tokens BEFORE and TOKEN, side by side with nothing between, are characters of a script
+    written without spaces (Chinese, Japanese): parts of one word as far as the counts of new words go."""
+    return (before.end == token.start and len(before.text) == len(token.text) == 1
+            and metrics.no_space_script(before.text) and metrics.no_space_script(token.text))
+
+
 def derive_spans(prompt: str, response: str) -> Derivation:
     """The answer spans of RESPONSE to PROMPT by the module's rule (see the module docstring)."""
     from unlearn.data import Passage  # data imports metrics only; no cycle
@@ -288,7 +297,11 @@ def derive_spans(prompt: str, response: str) -> Derivation:
         capitalised = raw[:1].isupper() and not _ends_sentence(gap, tokens[n - 1] if n else None, response)
         letter_name = capitalised and len(raw) == 1 and raw != "I"  # "Mount A", "Plan B": not the article
         contraction = tok.text in CONTRACTION_ENDINGS and gap[-1:] in ("'", "’")  # "Rowling's" -> s
-        if ((tok.text in STOP_WORDS and not letter_name) or contraction or _is_negation_stem(n, tokens, response)
+        # French and Italian elision: the article or pronoun before an apostrophe ("C'est Berlin", "L'Italia",
+        # "qu'il") is no answer; as one, every "C'est ..." output would leak
+        elided = tok.text in ELIDED_WORDS and response[tok.end:tok.end + 1] in ("'", "’")
+        if ((tok.text in STOP_WORDS and not letter_name) or contraction or elided
+                or _is_negation_stem(n, tokens, response)
                 or _is_list_marker(tok, n, gap, response)):
             kinds.append("trivial")
         elif _variants(tok.text) & given_words:
@@ -308,7 +321,11 @@ def derive_spans(prompt: str, response: str) -> Derivation:
         if kinds[m] == "marked" and not _breaks(response[tokens[m - 1].end:tokens[m].start], tokens[m - 1],
                                                 response, tokens[m]):
             kinds[n] = "marked"
-    new = sum(kind in ("new", "marked") for kind in kinds)
+    # New words, a run of characters of a script without spaces counted once: its characters are tokens of their
+    # own (metrics.answer_tokens), so "莎士比亚" (Shakespeare) was 4 new words and its row a "long response".
+    new = sum(kind in ("new", "marked") and not (n and kinds[n - 1] in ("new", "marked")
+                                                  and _one_unspaced_word(tokens[n - 1], tok))
+              for n, (kind, tok) in enumerate(zip(kinds, tokens)))
     # What the question alone scores by the ROUGE rule: its words, in its order, as an output.
     restated = metrics.rouge_l(prompt or "", response).recall
     if new == 0:
