@@ -34,9 +34,9 @@ from unlearn.paths import cache_dir
 # hidden top-50 cut; 5: a summary says how many rows its accuracy is a share of, `accuracy_rows`; 6: classifier
 # judges and reward models score each row as if alone and empty rows as one token, hallucinated responses are
 # clipped like responses, "As an AI" needs its article; 7: under a sliding window (Mistral, Gemma 2/3) a
-# generation batch no longer shares its prompt prefix, which changed the answers of its shorter rows; ROUGE
+# generation batch no longer shares its prompt prefix, which changed the answers of its shorter rows; 8: ROUGE
 # tokens include the words of scripts rouge-score drops, which changes similarity and leaks on such text).
-VERSION = 7
+VERSION = 8
 
 
 # Files of a model directory that cannot change what `unlearn` measures, left out of `weights_fingerprint`:
