@@ -382,3 +382,17 @@ def test_no_torch_at_import():
 ])
 def test_without_last_word(text, finished):
     assert m.without_last_word(text) == finished
+
+
+def test_marks_written_at_will_and_other_scripts_digits_fold_away():
+    assert m.contains_answer("عاصمة مصر هي القاهـــرة", ["القاهرة"])  # tatweel stretches a word
+    assert m.contains_answer("عاصمة مصر هي القَاهِرَة", ["القاهرة"])  # short vowels written out
+    assert m.contains_answer("عام ١٩٦٩", ["1969"]) and m.contains_answer("वर्ष १९६९", ["1969"])
+    assert m.contains_answer("Zü\u00adrich", ["Zürich"])  # a soft hyphen
+    assert not m.contains_answer("E=mc²", ["mc3"])
+
+
+def test_a_korean_answer_is_found_before_its_particle():
+    # Korean writes particles and the copula onto the noun: "서울입니다" is "(it) is Seoul"
+    assert m.contains_answer("한국의 수도는 서울입니다.", ["서울"]) and m.contains_answer("수도는 서울이에요.", ["서울"])
+    assert not m.contains_answer("수도는 부산입니다.", ["서울"])

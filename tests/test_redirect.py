@@ -120,3 +120,14 @@ def test_the_spellings_term_in_training_pushes_each_answer_position_s_banned_set
             # the set includes the label: never below the answer's own unlikelihood
             assert expected >= float(losses.unlikelihood_loss(logits, batch["labels"])) - 1e-6
         u.step()
+
+
+def test_a_position_inside_a_characters_bytes_bans_its_label_only():
+    # A byte-level BPE spells " Москва" from a lone lead byte on: decoded from there, the remainder opens with
+    # U+FFFD, the text of every lone byte token (~300 of them on SmolLM2), none of them a spelling of the answer.
+    texts = [" is", "\ufffd", "\ufffd", "осква", " Москва"]
+    index = PrefixIndex(Vocabulary(texts))
+    row = {"input_ids": [0, 1, 3], "labels": [IGN, 1, 3]}
+    banned = banned_tokens(index, row)
+    assert [t for j, t in banned if j == 1] == [1]  # its own label, not the other lone byte
+    assert [t for j, t in banned if j == 2] == [3]

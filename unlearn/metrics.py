@@ -244,7 +244,14 @@ _THOUSANDS_SEPARATORS = frozenset(",'\u2019\u00a0\u202f\u2009")
 _WORD_BREAK = re.compile(r"[^\S\u00a0\u202f\u2009]+")
 # Scripts written without spaces between words: each character is a token of its own,
 # so that "東京" is found inside "首都は東京です".
-_NO_SPACE_SCRIPTS = ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2FFFF))
+# Korean (Hangul syllables) puts spaces between words but writes particles and the copula onto the noun
+# ("서울입니다", "is Seoul"), so its syllables are tokens of their own too: "서울" is found there.
+_NO_SPACE_SCRIPTS = ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xAC00, 0xD7AF),
+                     (0x20000, 0x2FFFF))
+# Marks writers add or leave out at will, dropped by fold_char: the soft hyphen, Arabic's tatweel and short vowels
+# (harakat, superscript alef), Hebrew's cantillation and vowel points.
+_SILENT_MARKS = ((0x00AD, 0x00AD), (0x0640, 0x0640), (0x064B, 0x065F), (0x0670, 0x0670), (0x0591, 0x05BD),
+                 (0x05BF, 0x05BF), (0x05C1, 0x05C2), (0x05C4, 0x05C5), (0x05C7, 0x05C7))
 _INITIALS_GAP = re.compile(r"\.\s*")
 
 
@@ -273,10 +280,17 @@ def fold_char(ch: str) -> str:
 
     "É" -> "e", "ß" -> "ss", "ﬁ" -> "fi". Only the general combining accents
     (U+0300-U+036F) go, so "Zürich" matches "Zurich" while scripts whose vowel
-    signs are combining marks (Devanagari, ...) keep them.
+    signs are combining marks (Devanagari, ...) keep them; and marks that writing
+    adds or leaves out at will (`_SILENT_MARKS`: the soft hyphen, Arabic's tatweel and
+    short vowels, Hebrew's points). Other scripts' decimal digits are ASCII digits.
     """
     text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", ch).casefold())
-    return unicodedata.normalize("NFC", "".join(c for c in text if not 0x300 <= ord(c) < 0x370))
+    text = unicodedata.normalize("NFC", "".join(c for c in text if not 0x300 <= ord(c) < 0x370))
+    if len(text) == 1 and any(lo <= ord(text) <= hi for lo, hi in _SILENT_MARKS):
+        return ""  # inside a word as if absent: "القاهـــرة" is "القاهرة", "Zü\xadrich" is "Zürich"
+    if len(text) == 1 and text.isdecimal() and not text.isascii():
+        return str(unicodedata.decimal(text))  # Arabic-Indic, Devanagari, ... digits: "١٩٦٩" is 1969
+    return text
 
 
 def _is_word_char(ch: str) -> bool:

@@ -50,6 +50,6 @@ def last_run_record() -> tuple[Path, dict]:
     if not record_path.is_file():
         raise UnlearnError(f"{record_path}: the last run's record is missing (was the run directory moved?)")
     try:
-        return run_dir, json.loads(record_path.read_text())
+        return run_dir, json.loads(record_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise UnlearnError(f"{record_path}: not valid JSON ({exc.msg})") from None

@@ -14,12 +14,15 @@ Taking out the answer's own token is not enough: a byte-level BPE spells a word 
 and the original's second choice after "Albert" may well be " Ein" (then "stein"), which
 the leak judge reads as "Einstein" again. So a position's banned tokens are every token
 whose text, leading whitespace dropped, is a non-empty prefix of the answer's remaining
-text from that position (both NFKC-normalised and case-folded, as the leak judge compares):
+text from that position (both NFKC-normalised and case-folded, as the leak judge compares; the
+judge also drops accents, which `_fold` does not):
 " Ein", "Ein", " E", " einstein", ... at the first token of " Einstein". Tokens made of
 whitespace alone are not banned (they would be banned at every position; the original
 gives them next to nothing inside a word). The remaining text is the rest of the scored
 run (the answer span; rows scored whole are not redirected), at most REMAINDER_CHARS tokens
 decoded and cut at REMAINDER_CHARS characters: no token of these vocabularies is longer.
+A position inside a character's bytes (a byte-level BPE spells "М" or "北" in pieces) bans
+its label only: its remainder decodes to U+FFFD, the text of every lone byte token.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ REMAINDER_CHARS = 32
 
 
 def _fold(text: str) -> str:
+    # NFKC and case only: the leak judge also takes accents off (`metrics.fold_char`, so " Zur" reads as
+    # "Zürich"), but folding them here would ban every accented "e" token at an answer starting with "e", a
+    # change to the default loss (spellings) that has not been measured.
     return unicodedata.normalize("NFKC", text).casefold()
 
 
@@ -66,5 +72,8 @@ def banned_tokens(index: PrefixIndex, row: dict) -> list[tuple[int, int]]:
             end = j
             continue
         remainder = index.tokenizer.decode(ids[j:min(end, j + REMAINDER_CHARS)])
-        out.extend((j, t) for t in sorted(index.spelling(remainder) | {labels[j]}))
+        # Inside a character's bytes (a byte-level BPE spells "М" or "北" in pieces) the remainder decodes to
+        # U+FFFD first, which every lone byte token's text also is: ~300 tokens, none a spelling. The label only.
+        spelled = set() if remainder.lstrip().startswith("\ufffd") else index.spelling(remainder)
+        out.extend((j, t) for t in sorted(spelled | {labels[j]}))
     return sorted(out)

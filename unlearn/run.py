@@ -1324,4 +1324,6 @@ def _write_outputs(opts, record, model, tokenizer, output, output_abs, replace_e
             "peak_memory_mb": round(system.peak_memory_mb(device), 1),  # this process's (rank 0's under torchrun)
             "wall_clock_s": round(time.perf_counter() - started, 3),
         })
-        (tmp / "run.json").write_text(json.dumps(json_safe(record), indent=2, default=str) + "\n")
+        # the characters themselves, not \uXXXX escapes: a Chinese row's derived answers must be readable there
+        (tmp / "run.json").write_text(json.dumps(json_safe(record), indent=2, default=str, ensure_ascii=False) + "\n",
+                                      encoding="utf-8")
