@@ -76,7 +76,7 @@ Rouge = namedtuple("Rouge", ["precision", "recall", "fmeasure"])
 
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
 # Scripts written without spaces between words whose ROUGE tokens are single characters (a character-level
-# ROUGE there): Chinese, Japanese (`_NO_SPACE_SCRIPTS`, below), Thai, Lao, Myanmar, Khmer.
+# ROUGE there): Chinese, Japanese, Korean syllables (`_NO_SPACE_SCRIPTS`, below), Thai, Lao, Myanmar, Khmer.
 _CHARACTER_TOKEN_SCRIPTS = ((0x0E00, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF))
 
 
