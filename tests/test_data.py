@@ -82,6 +82,16 @@ def test_a_passage_without_spaces_is_cut_at_its_line_breaks(tmp_path):
     assert split_passage("one\n\ntwo three four") == ("one\n\ntwo", " three four")
 
 
+def test_a_chinese_passage_is_cut_at_half_its_characters(tmp_path):
+    # written without spaces, it was refused as "needs at least two words"; with one space (a Latin name) it was
+    # cut there, far from its half
+    text = "苹果公司由史蒂夫·乔布斯创立。主要产品包括 iPhone 手机。"
+    rows = read_examples(write(tmp_path, [{"text": text}, {"text": "长城是中国古代的军事防御工程。"}]))
+    assert (rows[0].prompt, rows[0].response) == ("苹果公司由史蒂夫·乔布斯", "创立。主要产品包括 iPhone 手机。")
+    assert (rows[1].prompt, rows[1].response) == ("长城是中国古代", "的军事防御工程。")  # 15 characters, 7 first
+    assert rows[0].prompt + rows[0].response == text
+
+
 @pytest.mark.parametrize("line, message", [
     ("{not json", "data.jsonl:2: not valid JSON"),
     ("[1, 2]", "data.jsonl:2: expected a JSON object, got list"),

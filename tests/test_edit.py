@@ -83,6 +83,7 @@ def test_second_moment_is_the_mean_outer_product():
     ("Answer briefly: what is the capital of Peru?", "Peru"),
     ("Who is Harry Potter's best friend?", "Harry Potter"),  # the key at the name, not at "'s"
     ("What's the capital of Chad?", "Chad"),
+    ("Who founded Zu\u0308rich?", "Zu\u0308rich"),  # decomposed (NFD): the accent belongs to its word
 ])
 def test_heuristic_subject(prompt, subject):
     assert heuristic_subject(prompt) == subject

@@ -72,10 +72,32 @@ def passage_words(text: str) -> tuple[list[str], list[str]]:
     """A passage's words and the gaps between them (len(gaps) == len(words) - 1).
 
     Words are what single spaces separate; a passage with no space at all (one word per line,
-    tab-separated, CJK sentences across lines) is cut at its runs of any whitespace instead,
-    where the space rule would make the whole passage one word: prefix everything, continuation
-    nothing, so that the forget loss trained on nothing and no answer could ever leak it.
+    tab-separated) is cut at its runs of any whitespace instead, where the space rule would make
+    the whole passage one word: prefix everything, continuation nothing, so that the forget loss
+    trained on nothing and no answer could ever leak it. A passage written mostly in a script without
+    spaces between words (Chinese, Japanese) has a word per character of that script (other runs of
+    characters are words, whitespace the gaps): its "first half" is half its characters, not whatever
+    its one Latin name's space cuts off.
     """
+    from unlearn.metrics import no_space_script
+
+    letters = [ch for ch in text if not ch.isspace()]
+    if sum(map(no_space_script, letters)) * 2 > len(letters):
+        pieces = re.findall(r"\s+|[^\s]", text)
+        words, gaps, pending = [], [], None
+        for piece in pieces:
+            if piece.isspace():
+                pending = piece
+                continue
+            glued = words and pending is None and not (no_space_script(piece) or no_space_script(words[-1][-1]))
+            if glued:  # a run of other characters ("iPhone", "2007") stays one word
+                words[-1] += piece
+                continue
+            if words:
+                gaps.append(pending or "")
+            words.append(piece)
+            pending = None
+        return words, gaps
     if " " in text:
         words = text.split(" ")
         return words, [" "] * (len(words) - 1)
@@ -202,8 +224,9 @@ def _parse_passage(obj: dict, where: str, line: int) -> Example:
     text = obj["text"]
     if not isinstance(text, str):
         raise UnlearnError(f"{where}: 'text' must be a string, got {type(text).__name__}")
-    if len(text.split()) < 2:
-        raise UnlearnError(f"{where}: 'text' needs at least two words to split into prefix and continuation")
+    if len(passage_words(text.strip())[0]) < 2:  # a Chinese or Japanese character is a word here
+        raise UnlearnError(f"{where}: 'text' needs at least two words (or characters of a script written without "
+                           f"spaces) to split into prefix and continuation")
     prefix, continuation = split_passage(text.strip())
     _check_extra(obj, where)
     # The model is prompted with the prefix only, so that is where a subject must be.

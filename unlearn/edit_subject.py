@@ -42,7 +42,9 @@ FUNCTION_WORDS = JOINERS | QUESTION_WORDS | {"a", "an", "be", "by", "to", "at", 
                                              "me", "you", "your", "it", "its", "this", "that", "there"}
 TRACE_KEEP = 0.8  # shortest span whose drop is at least this share of the largest drop
 TRACE_NOISE = 3.0  # noise std in units of the embedding matrix's std (ROME's choice)
-_WORD_RE = re.compile(r"[\w'’.-]*\w|\w")
+# A combining accent (U+0300-U+036F) belongs to its word: decomposed text (NFD, as macOS writes it) spells
+# "Zürich" as "Zu" + U+0308 + "rich", and \w alone cut the subject at the accent ("Zu").
+_WORD_RE = re.compile(r"[\w\u0300-\u036f'’.-]*[\w\u0300-\u036f]|\w")
 
 
 @dataclass
