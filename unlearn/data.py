@@ -19,6 +19,7 @@ the model learn the format instead of the behaviour.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from unlearn.errors import UnlearnError
-from unlearn.metrics import answer_spans
+from unlearn.metrics import answer_spans, no_space_script
 from unlearn.spans import DERIVED_KEY, whole_names  # spans imports data only inside functions: no cycle
 
 PROMPT_KEYS = ("prompt", "question", "instruction")
@@ -79,24 +80,21 @@ def passage_words(text: str) -> tuple[list[str], list[str]]:
     characters are words, whitespace the gaps): its "first half" is half its characters, not whatever
     its one Latin name's space cuts off.
     """
-    from unlearn.metrics import no_space_script
-
     letters = [ch for ch in text if not ch.isspace()]
     if sum(map(no_space_script, letters)) * 2 > len(letters):
-        pieces = re.findall(r"\s+|[^\s]", text)
-        words, gaps, pending = [], [], None
-        for piece in pieces:
-            if piece.isspace():
-                pending = piece
+        words, gaps, gap = [], [], ""
+        kind = lambda ch: "gap" if ch.isspace() else "unspaced" if no_space_script(ch) else "run"  # noqa: E731
+        for what, group in itertools.groupby(text, key=kind):
+            run = "".join(group)
+            if what == "gap":
+                gap = run
                 continue
-            glued = words and pending is None and not (no_space_script(piece) or no_space_script(words[-1][-1]))
-            if glued:  # a run of other characters ("iPhone", "2007") stays one word
-                words[-1] += piece
-                continue
-            if words:
-                gaps.append(pending or "")
-            words.append(piece)
-            pending = None
+            # a character of the script is a word; a run of other characters ("iPhone", "2007") is one
+            for word in (run if what == "unspaced" else [run]):
+                if words:
+                    gaps.append(gap)
+                words.append(word)
+                gap = ""
         return words, gaps
     if " " in text:
         words = text.split(" ")

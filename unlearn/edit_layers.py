@@ -17,6 +17,7 @@ from torch import nn
 
 from unlearn.errors import UsageError
 from unlearn.layer_names import decoder_layer_names, decoder_layers
+from unlearn.lora import is_conv1d
 
 # Paths of the MLP output projection inside a decoder layer, by family (Falcon and BLOOM: transformer.h.N.…):
 # Llama/Mistral/Qwen/Gemma/Phi-3, OPT, GPT-NeoX/Falcon/BLOOM, Phi, GPT-J, MPT. GPT-2's `mlp.c_proj` is a
@@ -34,7 +35,7 @@ def mlp_out_modules(model: nn.Module) -> dict[int, tuple[str, nn.Linear]]:
             if isinstance(modules.get(name), nn.Linear):
                 found[index] = (name, modules[name])
     if not found:
-        conv1d = [n for n, m in modules.items() if n.endswith(".mlp.c_proj") and type(m).__name__ == "Conv1D"]
+        conv1d = [n for n, m in modules.items() if n.endswith(".mlp.c_proj") and is_conv1d(m)]
         if conv1d:  # GPT-2
             raise UsageError(f"{type(model).__name__}: its MLP output projection ({conv1d[0]}) is a Conv1D, which "
                              f"--method edit does not take: use a fine-tuning method (the default)")

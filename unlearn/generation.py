@@ -63,8 +63,8 @@ from dataclasses import dataclass
 from unlearn.cpu_parts import Cancelled, balanced_slices, parallel_pieces, run_pieces
 from unlearn.data import SOURCE_FILE, encode_prompt, prompt_key
 from unlearn.errors import UnlearnError
-from unlearn.kv_cache import (cache_argument, keeps_every_position, last_positions, new_cache, prefix_applies,
-                              run_prefix, shared_length)
+from unlearn.kv_cache import (cache_argument, evaluating, keeps_every_position, last_positions, new_cache,
+                              prefix_applies, run_prefix, shared_length)
 
 # On a CPU with T >= 2 torch threads, a batch of at least T * MIN_ROWS_PER_WORKER rows is
 # decoded as T parts side by side, one thread each with one torch thread (`_greedy_parts`,
@@ -614,8 +614,6 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     stop_ids = _stop_ids(model, tokenizer)
     own_loop = not _model_generate and _own_loop_applies(model, do_sample)
     share_prefix = own_loop and keeps_every_position(model)  # a sliding window would lose it (keeps_every_position)
-    was_training = model.training
-    model.eval()
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     if encoded:
@@ -639,7 +637,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
             mine = [budgets[i] for i in batch]
             runs: list[int] = []
             kept_bytes: list[int] = []
-            with torch.inference_mode():
+            with torch.inference_mode(), evaluating(model):
                 if own_loop:
                     options = dict(stop_ids=stop_ids, pad_id=pad_id, budgets=mine, forwards=runs,
                                    prefix=prompts_ids[0][:shared], keep_kv=keep_kv if batch_scores is not None else 0,
@@ -671,7 +669,6 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
                                "forwards": sum(runs) if own_loop else None})
     finally:
         torch.random.set_rng_state(generator_state)
-        model.train(was_training)
     if scored is not None:
         scored.extend(own_scores)
     if token_ids is not None:

@@ -35,8 +35,8 @@ def prefix_applies(model) -> bool:
 
 @contextlib.contextmanager
 def evaluating(model):
-    """MODEL in eval mode inside, its own mode back after. A scoring forward that reads a KV cache must not
-    run in training mode: a model trained with --gradient-checkpointing then drops the cache in every layer
+    """MODEL in eval mode inside, its own mode back after (generation and scoring). A forward that reads a
+    KV cache must not run in training mode: a model trained with --gradient-checkpointing then drops the cache in every layer
     (transformers' GradientCheckpointingLayer), and GPT-2's mask, built for the kept and the new positions,
     no longer fits its keys; LoRA's own dropout (--lora-dropout) would also draw masks into scores."""
     was_training = model.training

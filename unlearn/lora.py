@@ -135,18 +135,13 @@ class _LowRankLinear(torch.autograd.Function):
         return d_x, None, None, d_A, d_B, None
 
 
-def _conv1d_class():
-    """transformers' Conv1D (GPT-2's layers: y = x W + b, W of shape (in, out)), or None."""
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether MODULE is transformers' Conv1D (GPT-2's layers: y = x W + b, W of shape (in, out))."""
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:
-        return None
-    return Conv1D
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    conv1d = _conv1d_class()
-    return conv1d is not None and isinstance(module, conv1d)
+        return False
+    return isinstance(module, Conv1D)
 
 
 def _conv1d_as_linear(conv: nn.Module) -> nn.Linear:
@@ -170,7 +165,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float, rslora: bool = False):
         super().__init__()
         # kept outside the module tree (its weight is base's, and would be listed twice): merge_lora's way back
-        self._conv1d = [base] if _is_conv1d(base) else []
+        self._conv1d = [base] if is_conv1d(base) else []
         if self._conv1d:
             base = _conv1d_as_linear(base)
         self.base = base
@@ -267,7 +262,7 @@ def _nothing_to_adapt(model: nn.Module, targets: tuple[str, ...]) -> str:
                 f"adapts only: train every weight with --full, or name Linear layers with --lora-targets")
     head = getattr(model, "get_output_embeddings", lambda: None)()
     kinds = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                    if (isinstance(m, nn.Linear) or _is_conv1d(m)) and m is not head})
+                    if (isinstance(m, nn.Linear) or is_conv1d(m)) and m is not head})
     return (f"{wanted}: no module of this model has that name; its Linear layers are "
             f"{', '.join(kinds) or 'none'} (name the feed-forward ones with --lora-targets, or train every weight "
             f"with --full)")
@@ -291,7 +286,7 @@ def attach_lora(model: nn.Module, settings: LoraSettings, seed: int | None = Non
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             module = getattr(parent, child)
-            if not isinstance(module, nn.Linear) and not _is_conv1d(module):
+            if not isinstance(module, nn.Linear) and not is_conv1d(module):
                 raise UsageError(f"--lora-targets: {name} is a {type(module).__name__}, not a Linear layer (nor "
                                  f"GPT-2's Conv1D), which LoRA here adapts only: train every weight with --full")
             if module is getattr(model, "get_output_embeddings", lambda: None)():
@@ -414,7 +409,7 @@ def adapter_targets(model: nn.Module) -> list[str]:
     adapted = sorted(lora_modules(model))
     kinds = tuple(sorted({name.rsplit(".", 1)[-1] for name in adapted}))
     of_kind = [n for n, m in model.named_modules()
-               if _matches(n, kinds) and (isinstance(m, (nn.Linear, LoRALinear)) or _is_conv1d(m))]
+               if _matches(n, kinds) and (isinstance(m, (nn.Linear, LoRALinear)) or is_conv1d(m))]
     return list(kinds) if sorted(of_kind) == adapted else adapted
 
 

@@ -89,12 +89,12 @@ def _rouge_char_kind(ch: str) -> int:
     sharing only a year with a Russian reference had recall 1. Letters, combining marks and decimal digits
     of scripts other than Latin are word characters here; Latin keeps rouge-score's rule exactly (an accented
     letter, or a combining accent of U+0300-U+036F, separates), so every English figure is rouge-score's."""
-    code = ord(ch)
-    if any(a <= code <= b for a, b in _NO_SPACE_SCRIPTS + _CHARACTER_TOKEN_SCRIPTS):
-        return 2 if unicodedata.category(ch)[0] in "LMN" else 0
-    if unicodedata.category(ch)[0] not in "LM" and unicodedata.category(ch) != "Nd":
+    category = unicodedata.category(ch)
+    if no_space_script(ch) or _within(ch, _CHARACTER_TOKEN_SCRIPTS):
+        return 2 if category[0] in "LMN" else 0
+    if category[0] not in "LM" and category != "Nd":
         return 0
-    if 0x300 <= code < 0x370 or "LATIN" in unicodedata.name(ch, "LATIN"):
+    if 0x300 <= ord(ch) < 0x370 or "LATIN" in unicodedata.name(ch, "LATIN"):
         return 0
     return 1
 
@@ -286,7 +286,7 @@ def fold_char(ch: str) -> str:
     """
     text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", ch).casefold())
     text = unicodedata.normalize("NFC", "".join(c for c in text if not 0x300 <= ord(c) < 0x370))
-    if len(text) == 1 and any(lo <= ord(text) <= hi for lo, hi in _SILENT_MARKS):
+    if len(text) == 1 and _within(text, _SILENT_MARKS):
         return ""  # inside a word as if absent: "القاهـــرة" is "القاهرة", "Zü\xadrich" is "Zürich"
     if len(text) == 1 and text.isdecimal() and not text.isascii():
         return str(unicodedata.decimal(text))  # Arabic-Indic, Devanagari, ... digits: "١٩٦٩" is 1969
@@ -297,9 +297,15 @@ def _is_word_char(ch: str) -> bool:
     return unicodedata.category(ch)[0] in "LNM"
 
 
-def no_space_script(ch: str) -> bool:
+def _within(ch: str, ranges) -> bool:
+    """Whether character CH's code point lies in one of RANGES, (first, last) pairs."""
     code = ord(ch)
-    return any(lo <= code <= hi for lo, hi in _NO_SPACE_SCRIPTS)
+    return any(lo <= code <= hi for lo, hi in ranges)
+
+
+def no_space_script(ch: str) -> bool:
+    """Whether CH is a character of a script written without spaces between words (`_NO_SPACE_SCRIPTS`)."""
+    return _within(ch, _NO_SPACE_SCRIPTS)
 
 
 def answer_tokens(text: str) -> list[AnswerToken]:
