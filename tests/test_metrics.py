@@ -392,6 +392,12 @@ def test_marks_written_at_will_and_other_scripts_digits_fold_away():
     assert not m.contains_answer("E=mc²", ["mc3"])
 
 
+def test_a_thai_answer_is_found_inside_its_sentence():
+    # Thai puts no space between words: the whole sentence was one token, and no answer was ever found in it
+    assert m.contains_answer("เมืองหลวงของไทยคือกรุงเทพ", ["กรุงเทพ"])
+    assert not m.contains_answer("เมืองหลวงของไทยคือเชียงใหม่", ["กรุงเทพ"])
+
+
 def test_a_korean_answer_is_found_before_its_particle():
     # Korean writes particles and the copula onto the noun: "서울입니다" is "(it) is Seoul"
     assert m.contains_answer("한국의 수도는 서울입니다.", ["서울"]) and m.contains_answer("수도는 서울이에요.", ["서울"])

@@ -36,8 +36,9 @@ from unlearn.paths import cache_dir
 # clipped like responses, "As an AI" needs its article; 7: under a sliding window (Mistral, Gemma 2/3) a
 # generation batch no longer shares its prompt prefix, which changed the answers of its shorter rows; 8: ROUGE
 # tokens include the words of scripts rouge-score drops, which changes similarity and leaks on such text; 9:
-# answers are found in Korean before a particle, across Arabic tatweel and short vowels, in other digits).
-VERSION = 9
+# answers are found in Korean before a particle, across Arabic tatweel and short vowels, in other digits; 10: and
+# inside Thai, Lao, Myanmar and Khmer sentences).
+VERSION = 10
 
 
 # Files of a model directory that cannot change what `unlearn` measures, left out of `weights_fingerprint`:

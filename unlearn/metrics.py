@@ -75,9 +75,6 @@ REFUSAL_MARKERS = ("I can't", "I cannot", "I can not", "I'm sorry", "I am sorry"
 Rouge = namedtuple("Rouge", ["precision", "recall", "fmeasure"])
 
 _NON_ALNUM = re.compile(r"[^a-z0-9]+")
-# Scripts written without spaces between words whose ROUGE tokens are single characters (a character-level
-# ROUGE there): Chinese, Japanese, Korean syllables (`_NO_SPACE_SCRIPTS`, below), Thai, Lao, Myanmar, Khmer.
-_CHARACTER_TOKEN_SCRIPTS = ((0x0E00, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF))
 
 
 @lru_cache(maxsize=8192)
@@ -90,7 +87,7 @@ def _rouge_char_kind(ch: str) -> int:
     of scripts other than Latin are word characters here; Latin keeps rouge-score's rule exactly (an accented
     letter, or a combining accent of U+0300-U+036F, separates), so every English figure is rouge-score's."""
     category = unicodedata.category(ch)
-    if no_space_script(ch) or _within(ch, _CHARACTER_TOKEN_SCRIPTS):
+    if no_space_script(ch):  # a character-level ROUGE there
         return 2 if category[0] in "LMN" else 0
     if category[0] not in "LM" and category != "Nd":
         return 0
@@ -243,11 +240,12 @@ _THOUSANDS_SEPARATORS = frozenset(",'\u2019\u00a0\u202f\u2009")
 # Whitespace that ends a word: any but the spaces above, which join a number's digit groups.
 _WORD_BREAK = re.compile(r"[^\S\u00a0\u202f\u2009]+")
 # Scripts written without spaces between words: each character is a token of its own,
-# so that "東京" is found inside "首都は東京です".
-# Korean (Hangul syllables) puts spaces between words but writes particles and the copula onto the noun
-# ("서울입니다", "is Seoul"), so its syllables are tokens of their own too: "서울" is found there.
-_NO_SPACE_SCRIPTS = ((0x3040, 0x30FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xAC00, 0xD7AF),
-                     (0x20000, 0x2FFFF))
+# so that "東京" is found inside "首都は東京です": kana and CJK ideographs, and Thai, Lao, Myanmar and Khmer (a Thai
+# sentence was one token, so no answer was ever found in it). Korean (Hangul syllables) puts spaces between
+# words but writes particles and the copula onto the noun ("서울입니다", "is Seoul"), so its syllables are
+# tokens of their own too: "서울" is found there.
+_NO_SPACE_SCRIPTS = ((0x0E00, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x3040, 0x30FF), (0x3400, 0x4DBF),
+                     (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0xAC00, 0xD7AF), (0x20000, 0x2FFFF))
 # Marks writers add or leave out at will, dropped by fold_char: the soft hyphen, Arabic's tatweel and short vowels
 # (harakat, superscript alef), Hebrew's cantillation and vowel points.
 _SILENT_MARKS = ((0x00AD, 0x00AD), (0x0640, 0x0640), (0x064B, 0x065F), (0x0670, 0x0670), (0x0591, 0x05BD),
