@@ -53,6 +53,28 @@ def llama_tokenizer(chat_template: bool):
     return fast
 
 
+def sentencepiece_tokenizer(eos_token: str = "<|im_end|>"):
+    """A Llama/Mistral-style fast tokenizer: BPE over a Metaspace pre-tokenizer that writes "▁" for a space and
+    before a text's first word (prepend_scheme "first", as transformers' LlamaTokenizer), `<s>` added in front,
+    and the ChatML template. EOS_TOKEN: the template's `<|im_end|>`, or `<|endoftext|>`
+    (a tokenizer whose EOS is not the token that ends a turn)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse(),
+                                     decoders.Strip(content=" ", left=1, right=0)])
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token=eos_token)
+    fast.chat_template = CHATML
+    return fast
+
+
 def opt_tokenizer():
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
@@ -63,11 +85,12 @@ def opt_tokenizer():
                                    unk_token="<unk>")
 
 
-def build_llama(path: Path, chat_template: bool = True, seed: int = 0) -> Path:
+def build_llama(path: Path, chat_template: bool = True, seed: int = 0, tokenizer=None) -> Path:
+    """TOKENIZER: another tokenizer for the model (e.g. `sentencepiece_tokenizer()`); default `llama_tokenizer`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = llama_tokenizer(chat_template)
+    tok = tokenizer or llama_tokenizer(chat_template)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

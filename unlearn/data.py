@@ -390,7 +390,31 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return list(ids)
 
 
-def answer_token_mask(tokenizer, text: str, answers, names: bool = False, response: str | None = None) -> list[bool] | None:
+def response_encoding(tokenizer, prompt, text: str, offsets: bool = False) -> tuple[list[int], list | None]:
+    """Token ids of TEXT (an answer turn, `render_response`, or an answer's text) as the model reads it after
+    PROMPT's rendering, and with OFFSETS each token's (start, end) in TEXT (else None).
+
+    TEXT is tokenised in one string with the rendered prompt, and the prompt's tokens are cut off: a
+    tokenizer that marks a text's first word (SentencePiece's "▁", which transformers' Llama, Mistral and
+    Gemma-style tokenizers put before it) would spell a response tokenised alone as no sequence the model
+    reads or writes there ("▁Rome" where, after "assistant\n", the model writes "Rome"), and every loss and
+    score would read those tokens. Where the prompt's tokens are not a prefix of the one string's (a merge
+    across the boundary), TEXT is tokenised alone. Byte-level tokenizers (GPT-2, OPT, SmolLM2) give the same
+    ids both ways.
+    """
+    prompt_text = render_prompt(tokenizer, prompt)
+    joint = tokenizer(prompt_text + text, add_special_tokens=False, return_offsets_mapping=offsets)
+    head = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    if joint["input_ids"][:len(head)] == head:
+        spans = [(a - len(prompt_text), b - len(prompt_text))
+                 for a, b in joint["offset_mapping"][len(head):]] if offsets else None
+        return joint["input_ids"][len(head):], spans
+    alone = tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets)
+    return alone["input_ids"], alone["offset_mapping"] if offsets else None
+
+
+def answer_token_mask(tokenizer, text: str, answers, names: bool = False, response: str | None = None,
+                      prompt=None) -> list[bool] | None:
     """Which tokens of TEXT overlap an occurrence of one of ANSWERS, found as the leak judge finds them.
 
     Occurrences are `metrics.answer_spans` (whole tokens, punctuation splits,
@@ -405,6 +429,8 @@ def answer_token_mask(tokenizer, text: str, answers, names: bool = False, respon
     end-of-turn marker, whose letters the matcher reads as words ("<|im_end|>"
     is "im", "end"): an answer "end" would otherwise put the EOS token into the
     forget loss, which the leak judge, reading outputs, never sees.
+
+    PROMPT: TEXT follows it, and the tokens are TEXT's as read there (`response_encoding`); else TEXT's alone.
     """
     spans = answer_spans(text, answers)
     if response is not None:
@@ -414,7 +440,10 @@ def answer_token_mask(tokenizer, text: str, answers, names: bool = False, respon
         spans = whole_names(text, spans)
     if not spans:
         return None
-    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    if prompt is None:
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    else:
+        offsets = response_encoding(tokenizer, prompt, text, offsets=True)[1]
     return [any(a < end and start < b for start, end in spans) for a, b in offsets]
 
 
@@ -434,8 +463,9 @@ def response_region(text: str, response: str) -> tuple[int, int]:
 def encode_pair(tokenizer, prompt: str, response: str, max_length: int, focus=None, names: bool = False) -> dict:
     """Input ids of prompt + response, and labels that count response tokens only.
 
-    Prompt and response are tokenised separately and concatenated so that the
-    boundary (and so the label mask) is exact. Too long for MAX_LENGTH: the prompt
+    The prompt's tokens are `encode_prompt`'s, the response's are read after them
+    (`response_encoding`), so that the boundary (and so the label mask) is exact
+    and the response's tokens are the ones the model writes there. Too long for MAX_LENGTH: the prompt
     keeps at least half of it (an answer without its question teaches nothing),
     the response keeps the rest from its start, and the prompt loses tokens from
     its left (the question itself sits at the end of the rendered prompt).
@@ -449,9 +479,9 @@ def encode_pair(tokenizer, prompt: str, response: str, max_length: int, focus=No
     """
     prompt_ids = encode_prompt(tokenizer, prompt)
     response_text = render_response(tokenizer, prompt, response)
-    response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
+    response_ids = response_encoding(tokenizer, prompt, response_text)[0]
     labels = list(response_ids)
-    mask = answer_token_mask(tokenizer, response_text, focus, names, response=response) if focus else None
+    mask = answer_token_mask(tokenizer, response_text, focus, names, response=response, prompt=prompt) if focus else None
     focused = mask is not None and len(mask) == len(labels)
     if focused:
         labels = [t if keep else IGNORE_INDEX for t, keep in zip(labels, mask)]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from unlearn.data import Passage, answer_token_mask, encode_prompt, render_response
+from unlearn.data import Passage, answer_token_mask, encode_prompt, render_response, response_encoding
 from unlearn.edit_subject import heuristic_subject, subject_last_token
 from unlearn.edit_target import Row
 
@@ -28,7 +28,7 @@ def refusal_rows(tokenizer, prompt: str, subject: str, fact: int, refusal: str, 
     for prefix in prefixes:
         worded = with_prefix(prompt, prefix)
         ids, pos = subject_last_token(tokenizer, worded, subject, after=len(prefix))
-        answer = tokenizer(render_response(tokenizer, worded, refusal), add_special_tokens=False)["input_ids"]
+        answer = response_encoding(tokenizer, worded, render_response(tokenizer, worded, refusal))[0]
         rows.append(Row(ids + answer, pos, fact, "refusal", list(range(len(ids) - 1, len(ids) + len(answer) - 1))))
     return rows
 
@@ -41,8 +41,8 @@ def unlikely_rows(tokenizer, prompt: str, response: str, answers, subject: str, 
         worded = with_prefix(prompt, prefix)
         ids, pos = subject_last_token(tokenizer, worded, subject, after=len(prefix))
         text = render_response(tokenizer, worded, response)
-        answer = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
-        mask = answer_token_mask(tokenizer, text, answers, response=response) if answers else None
+        answer = response_encoding(tokenizer, worded, text)[0][:max_tokens]
+        mask = answer_token_mask(tokenizer, text, answers, response=response, prompt=worded) if answers else None
         keep = [i for i, m in enumerate((mask or [])[:len(answer)]) if m] or list(range(len(answer)))
         rows.append(Row(ids + answer, pos, fact, "unlikely", [len(ids) - 1 + i for i in keep]))
     return rows
@@ -89,5 +89,5 @@ def text_ids(tokenizer, prompt: str, response: str | None, max_length: int = 256
     """A normal row as the model reads it: the rendered prompt and its response."""
     ids = encode_prompt(tokenizer, prompt)
     if response:
-        ids = ids + tokenizer(render_response(tokenizer, prompt, response), add_special_tokens=False)["input_ids"]
+        ids = ids + response_encoding(tokenizer, prompt, render_response(tokenizer, prompt, response))[0]
     return ids[:max_length]

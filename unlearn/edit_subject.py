@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unlearn.data import Passage, answer_token_mask, has_chat_template, render_prompt, render_response
+from unlearn.data import Passage, answer_token_mask, has_chat_template, render_prompt, render_response, response_encoding
 from unlearn.errors import UnlearnError
 
 JOINERS = {"of", "and", "the", "de", "da", "del", "di", "von", "van", "la", "le", "du", "on", "in", "for", "&"}
@@ -158,8 +158,8 @@ def subject_last_token(tokenizer, prompt: str, subject: str, after: int = 0) -> 
 def _answer_labels(tokenizer, prompt: str, response: str, answers, max_tokens: int = 16) -> tuple[list[int], list[bool]]:
     """Response token ids and which of them to score: the answer's tokens when `answers` occur, else all."""
     text = render_response(tokenizer, prompt, response)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
-    mask = answer_token_mask(tokenizer, text, answers, response=response) if answers else None
+    ids = response_encoding(tokenizer, prompt, text)[0][:max_tokens]
+    mask = answer_token_mask(tokenizer, text, answers, response=response, prompt=prompt) if answers else None
     mask = mask[:len(ids)] if mask and any(mask[:len(ids)]) else [True] * len(ids)
     return ids, mask
 

@@ -107,13 +107,38 @@ _GREEDY_PROCESSOR_DEFAULTS = {
 
 
 def _stop_ids(model, tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id}
+    """Where an answer ends: the tokenizer's EOS, the model's configured end-of-turn ids, and the special
+    token that ends an answer turn in the chat template (`end_of_turn_id`)."""
+    ids = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)}
     configured = getattr(model.generation_config, "eos_token_id", None)
     if isinstance(configured, int):
         ids.add(configured)
     elif configured:
         ids.update(configured)
     return sorted(i for i in ids if i is not None)
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The special token that closes an answer turn in the chat template (`data.render_response`), or None.
+
+    Training teaches every answer to end there. A tokenizer whose EOS is another token (ChatML's
+    "<|im_end|>" beside an EOS "<|endoftext|>", as some base checkpoints ship) with no generation config
+    naming it would otherwise never stop there, and write an invented next turn that every metric reads.
+    """
+    from unlearn.data import has_chat_template, render_response
+
+    if not has_chat_template(tokenizer):
+        return None
+    try:
+        text = render_response(tokenizer, "?", "x")
+    except Exception:  # a template that cannot render a plain turn: generation keeps its other stop ids
+        return None
+    at = text.find("x")
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    for token in tokenizer(text[at + 1:] if at >= 0 else text, add_special_tokens=False)["input_ids"]:
+        if token in special:
+            return token
+    return None
 
 
 def kv_bytes_per_position(model) -> int | None:

@@ -284,7 +284,7 @@ class Measurer:
         drafts = self.drafts.get(s.name)
         known = self.draft_ids.get(s.name) or [None] * n
         guesses = None if drafts is None else [known[i][1] if known[i] and known[i][0] == drafts[i]
-                                               else self._tokens(drafts[i]) for i in rows]
+                                               else self._tokens(s.examples[i].prompt, drafts[i]) for i in rows]
         new_ids: list = []
         texts = self._answer([s.examples[i].prompt for i in rows], desc, lambda j, text: stop_row(rows[j], text),
                              drafts=guesses, token_ids=new_ids)
@@ -299,8 +299,11 @@ class Measurer:
         self.drafts[s.name], self.draft_ids[s.name] = following, following_ids
         return outputs
 
-    def _tokens(self, draft: str) -> list[int] | None:
-        return self.tokenizer(draft, add_special_tokens=False)["input_ids"] if draft else None
+    def _tokens(self, prompt, draft: str) -> list[int] | None:
+        """DRAFT's token ids as the model would write them after PROMPT (`data.response_encoding`)."""
+        from unlearn.data import response_encoding
+
+        return response_encoding(self.tokenizer, prompt, draft)[0] if draft else None
 
     def answer_sets(self, sets: list[EvalSet], desc=False, pool: list[tuple["Measurer", list[EvalSet]]] = ()
                     ) -> dict[str, list[str]]:

@@ -1,0 +1,101 @@
+"""Tokenizers that are not byte-level BPE: what training and scoring read must be the tokens the model reads.
+
+A SentencePiece-style tokenizer (Llama, Mistral) writes "▁" before a text's first word. A response tokenised
+alone would start with "▁Paris", which the model never reads or writes after "assistant\\n" (there it is
+"P", "aris"); the ChatML template's "<|im_end|>" ends a turn even where the tokenizer's EOS is another token.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny_models  # noqa: E402
+
+from unlearn.data import IGNORE_INDEX, Passage, encode_pair, encode_prompt, render_prompt, render_response  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sp():
+    return tiny_models.sentencepiece_tokenizer()
+
+
+def one_string(tokenizer, prompt, response) -> list[int]:
+    """The text as the model reads it, tokenised in one piece (the chat's BOS, if any, aside)."""
+    text = render_prompt(tokenizer, prompt) + render_response(tokenizer, prompt, response)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def labelled(row) -> list[int]:
+    return [t for t in row["labels"] if t != IGNORE_INDEX]
+
+
+def test_a_response_is_the_tokens_the_model_reads_after_its_prompt(sp):
+    row = encode_pair(sp, "Capital of France?", "Paris is the capital.", 128)
+    assert row["input_ids"] == one_string(sp, "Capital of France?", "Paris is the capital.")
+    tokens = sp.convert_ids_to_tokens(labelled(row))
+    # after "assistant\n" the model writes "P" "aris"; alone, the response would open with "▁Paris"
+    assert tokens[:3] == ["P", "aris", "▁is"] and tokens[-1] == "<|im_end|>"
+    assert sp.decode(labelled(row), skip_special_tokens=True) == "Paris is the capital."
+    assert row["labels"][:len(encode_prompt(sp, "Capital of France?"))] == [IGNORE_INDEX] * len(
+        encode_prompt(sp, "Capital of France?"))
+
+
+def test_the_answer_tokens_are_found_among_the_tokens_the_model_reads(sp):
+    opening = encode_pair(sp, "Capital of France?", "Paris.", 128, focus=["Paris"])
+    later = encode_pair(sp, "Capital of France?", "It is Paris, I think.", 128, focus=["Paris"])
+    assert opening["focused"] and later["focused"]
+    assert sp.convert_ids_to_tokens(labelled(opening)) == ["P", "aris"]
+    assert sp.convert_ids_to_tokens(labelled(later)) == ["▁Paris"]
+    assert later["input_ids"] == one_string(sp, "Capital of France?", "It is Paris, I think.")
+
+
+def test_a_passage_continuation_after_a_newline_is_read_as_in_the_whole_text(sp):
+    prefix, rest = "The capital of France is Paris.\n", "Paris is a city in France."
+    row = encode_pair(sp, Passage(prefix), rest, 128)
+    whole = sp(prefix + rest)["input_ids"]  # with its <s>, as a raw passage is read
+    assert row["input_ids"] == whole
+    assert sp.convert_ids_to_tokens(labelled(row))[:2] == ["P", "aris"]
+
+
+def test_a_merge_across_the_boundary_keeps_the_prompt_as_generation_reads_it():
+    tok = tiny_models.llama_tokenizer(chat_template=False)
+    prompt, rest = Passage("The capital of France is Pa"), "ris."
+    assert tok(str(prompt) + rest, add_special_tokens=False)["input_ids"][:len(
+        tok(str(prompt), add_special_tokens=False)["input_ids"])] != tok(str(prompt), add_special_tokens=False)["input_ids"]
+    row = encode_pair(tok, prompt, rest, 128)
+    # the prompt's tokens are generation's (encode_prompt), the continuation's its own
+    assert row["input_ids"] == encode_prompt(tok, prompt) + tok(rest, add_special_tokens=False)["input_ids"]
+
+
+def test_generation_ends_at_the_templates_end_of_turn_where_eos_is_another_token(tmp_path):
+    from unlearn.generation import end_of_turn_id, generate
+    from unlearn.models import load_model
+
+    tok = tiny_models.sentencepiece_tokenizer(eos_token="<|endoftext|>")
+    loaded = load_model(str(tiny_models.build_llama(tmp_path / "m", tokenizer=tok)))
+    end = loaded.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn_id(loaded.tokenizer) == end != loaded.tokenizer.eos_token_id
+    assert loaded.model.generation_config.eos_token_id != end  # nothing but the template names it
+    # the model's every next token is <|im_end|>: the answer ends at once, as training taught it to
+    hook = loaded.model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: out.index_fill(-1, torch.tensor([end]), 1e4))
+    try:
+        ids: list = []
+        assert generate(loaded.model, loaded.tokenizer, ["Capital of France?"], max_new_tokens=6,
+                        token_ids=ids) == [""]
+    finally:
+        hook.remove()
+    assert ids == [[end]]
+
+
+def test_byte_level_templates_have_no_end_of_turn_beyond_their_eos():
+    from unlearn.generation import end_of_turn_id
+
+    chat = tiny_models.llama_tokenizer(chat_template=True)
+    assert end_of_turn_id(chat) == chat.convert_tokens_to_ids("<|im_end|>") == chat.eos_token_id
+    assert end_of_turn_id(tiny_models.llama_tokenizer(chat_template=False)) is None
