@@ -1,8 +1,10 @@
-"""Tokenizers that are not byte-level BPE: what training and scoring read must be the tokens the model reads.
+"""Tokenizers and chat templates beyond byte-level BPE and ChatML: what training and scoring read must be the
+tokens the model reads, and what cannot be read so is refused in one line.
 
 A SentencePiece-style tokenizer (Llama, Mistral) writes "▁" before a text's first word. A response tokenised
 alone would start with "▁Paris", which the model never reads or writes after "assistant\\n" (there it is
 "P", "aris"); the ChatML template's "<|im_end|>" ends a turn even where the tokenizer's EOS is another token.
+A reasoning template renders no text after its prompt for an answer; a slow tokenizer has no character offsets.
 """
 
 from __future__ import annotations
@@ -99,3 +101,42 @@ def test_byte_level_templates_have_no_end_of_turn_beyond_their_eos():
     chat = tiny_models.llama_tokenizer(chat_template=True)
     assert end_of_turn_id(chat) == chat.convert_tokens_to_ids("<|im_end|>") == chat.eos_token_id
     assert end_of_turn_id(tiny_models.llama_tokenizer(chat_template=False)) is None
+
+
+# QwQ / DeepSeek-R1-Distill: the generation prompt opens a thought, a past answer is rendered without it
+REASONING = ("{%- for message in messages %}{%- if message.role == 'assistant' %}{{- '<|im_start|>assistant\\n' + "
+             "message.content.split('</think>')[-1] + '<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>' + message.role + "
+             "'\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}{%- if add_generation_prompt %}"
+             "{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}")
+USER_ONLY = ("{%- for message in messages %}{%- if message.role == 'assistant' %}{{ raise_exception('Only user "
+             "roles are supported!') }}{%- endif %}{{- message.content + '\\n' }}{%- endfor %}")
+
+
+@pytest.mark.parametrize("template, says", [
+    (REASONING, "answer turn does not continue its generation prompt, which ends '<think>\\n'; a reasoning template"),
+    (USER_ONLY, "the chat template does not render (TemplateError: Only user roles are supported!)"),
+])
+def test_a_template_that_cannot_render_an_answer_after_its_prompt_is_refused_at_load(tmp_path, template, says):
+    from unlearn.errors import UnlearnError
+    from unlearn.models import load_tokenizer
+
+    tok = tiny_models.llama_tokenizer(chat_template=True)
+    tok.chat_template = template
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(UnlearnError) as refused:
+        load_tokenizer(tmp_path)
+    assert says in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_slow_tokenizer_is_refused_in_one_line_where_answer_tokens_are_needed():
+    from transformers import ByT5Tokenizer
+
+    from unlearn.errors import UnlearnError
+
+    slow = ByT5Tokenizer()
+    assert not slow.is_fast
+    with pytest.raises(UnlearnError, match=r"slow \(Python\) one, which gives no character offsets.*--forget-tokens "
+                                           r"response\)$"):
+        encode_pair(slow, "Capital of France?", "Paris.", 64, focus=["Paris"])
+    whole = encode_pair(slow, "Capital of France?", "Paris.", 64)  # every response token: no offsets needed
+    assert slow.decode(labelled(whole), skip_special_tokens=True) == " Paris."

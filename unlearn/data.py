@@ -390,6 +390,19 @@ def encode_prompt(tokenizer, prompt: str) -> list[int]:
     return list(ids)
 
 
+def with_offsets(tokenizer, text: str, **kwargs) -> dict:
+    """TOKENIZER's encoding of TEXT with each token's character span (`offset_mapping`), which finding an
+    answer's tokens and an edit's subject needs. Only fast tokenizers have it: a slow (Python) one, which
+    would leave the key out, is refused in one line."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise UnlearnError(
+            f"{getattr(tokenizer, 'name_or_path', '') or 'the model'}: its tokenizer is a slow (Python) one, which "
+            "gives no character offsets: finding an answer's tokens (--forget-tokens answers or names, the default) "
+            "and --method edit need them; give the model a fast tokenizer (tokenizer.json), or push down every "
+            "response token (--forget-tokens response)")
+    return tokenizer(text, return_offsets_mapping=True, **kwargs)
+
+
 def response_encoding(tokenizer, prompt, text: str, offsets: bool = False) -> tuple[list[int], list | None]:
     """Token ids of TEXT (an answer turn, `render_response`, or an answer's text) as the model reads it after
     PROMPT's rendering, and with OFFSETS each token's (start, end) in TEXT (else None).
@@ -403,13 +416,14 @@ def response_encoding(tokenizer, prompt, text: str, offsets: bool = False) -> tu
     ids both ways.
     """
     prompt_text = render_prompt(tokenizer, prompt)
-    joint = tokenizer(prompt_text + text, add_special_tokens=False, return_offsets_mapping=offsets)
+    encode = (lambda t, **kw: with_offsets(tokenizer, t, **kw)) if offsets else tokenizer
+    joint = encode(prompt_text + text, add_special_tokens=False)
     head = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     if joint["input_ids"][:len(head)] == head:
         spans = [(a - len(prompt_text), b - len(prompt_text))
                  for a, b in joint["offset_mapping"][len(head):]] if offsets else None
         return joint["input_ids"][len(head):], spans
-    alone = tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets)
+    alone = encode(text, add_special_tokens=False)
     return alone["input_ids"], alone["offset_mapping"] if offsets else None
 
 
@@ -441,7 +455,7 @@ def answer_token_mask(tokenizer, text: str, answers, names: bool = False, respon
     if not spans:
         return None
     if prompt is None:
-        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        offsets = with_offsets(tokenizer, text, add_special_tokens=False)["offset_mapping"]
     else:
         offsets = response_encoding(tokenizer, prompt, text, offsets=True)[1]
     return [any(a < end and start < b for start, end in spans) for a, b in offsets]

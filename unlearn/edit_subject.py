@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from unlearn.data import Passage, answer_token_mask, has_chat_template, render_prompt, render_response, response_encoding
+from unlearn.data import (Passage, answer_token_mask, has_chat_template, render_prompt, render_response,
+                          response_encoding, with_offsets)
 from unlearn.errors import UnlearnError
 
 JOINERS = {"of", "and", "the", "de", "da", "del", "di", "von", "van", "la", "le", "du", "on", "in", "for", "&"}
@@ -106,7 +107,7 @@ def encode_with_offsets(tokenizer, prompt: str) -> tuple[list[int], list[tuple[i
     rendered text, and where the raw prompt starts inside that text."""
     text = render_prompt(tokenizer, prompt)
     templated = has_chat_template(tokenizer) and not isinstance(prompt, Passage)
-    encoded = tokenizer(text, add_special_tokens=not templated, return_offsets_mapping=True)
+    encoded = with_offsets(tokenizer, text, add_special_tokens=not templated)
     ids, offsets = list(encoded["input_ids"]), [tuple(o) for o in encoded["offset_mapping"]]
     if ids and ids[-1] == tokenizer.eos_token_id and len(ids) > 1 and not text.endswith(tokenizer.eos_token or "\0"):
         ids, offsets = ids[:-1], offsets[:-1]

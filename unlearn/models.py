@@ -293,6 +293,21 @@ def resolve_model_dir(spec: str | None, log=log, allow_pickle: bool = False) -> 
 # --- loading and saving ----------------------------------------------------
 
 
+def _refuse_answer_turn(path, where: str, prompt: str, turn: str) -> None:
+    """Refuse a chat template whose answer turn does not continue its generation prompt, in one line.
+
+    An answer is trained and scored as the text that follows the rendered prompt (`data.render_response`).
+    A reasoning model's template (QwQ, DeepSeek-R1-Distill, Qwen3-Thinking) ends its generation prompt with
+    "<think>\n" and renders a past answer without the thought: no text follows the prompt there, and the old
+    fallback trained " answer<EOS>" inside the thought, a sequence the model never writes (a tiny model so
+    trained kept its forget loss at 0.002 and forgot nothing), while scores of its own answers read 0.01."""
+    tail = prompt[len(os.path.commonprefix([prompt, turn])):]
+    thought = "; a reasoning template, whose answer turn leaves out the thought" if "<think>" in tail else ""
+    raise UnlearnError(f"{path}: {where}: the chat template's answer turn does not continue its generation "
+                       f"prompt, which ends {tail!r}{thought}: an answer is trained and scored as the text after "
+                       "the prompt; give the model a chat template whose answer follows its generation prompt")
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -301,15 +316,19 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     except Exception as exc:
         raise UnlearnError(f"{path}: could not load the tokenizer ({type(exc).__name__}: {exc})") from None
     if getattr(tokenizer, "chat_template", None):
-        # A broken template fails only when first rendered, deep in a run, as an "internal error": tried here.
+        # A broken template fails only when first rendered, deep in a run, as an "internal error": tried here,
+        # on a question and on a question with its answer, which every run and score renders.
+        where = next((name for name in ("chat_template.jinja", "chat_template.json")
+                      if (Path(path) / name).is_file()), "tokenizer_config.json")
+        question = [{"role": "user", "content": "Hello"}]
         try:
-            tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
-                                          tokenize=False)
+            prompt = tokenizer.apply_chat_template(question, add_generation_prompt=True, tokenize=False)
+            turn = tokenizer.apply_chat_template(question + [{"role": "assistant", "content": "Hi"}], tokenize=False)
         except Exception as exc:
-            where = next((name for name in ("chat_template.jinja", "chat_template.json")
-                          if (Path(path) / name).is_file()), "tokenizer_config.json")
             raise UnlearnError(f"{path}: {where}: the chat template does not render "
                                f"({type(exc).__name__}: {exc})") from None
+        if not turn.startswith(prompt):
+            _refuse_answer_turn(path, where, prompt, turn)
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of every loss and attention, so any real token
         # works; the tokenizer's own EOS is the conventional choice.

@@ -520,7 +520,10 @@ def _refuse_forget_rows_cut_off(opts: RunOptions, data: Prepared, tokenizer) -> 
     from unlearn.train import encode_forget_row
 
     config = opts.train
-    if config.method == "edit":  # no training loop: the edit reads no labels
+    if config.method == "edit":  # no training loop: the edit reads no labels, but finds each subject's tokens
+        from unlearn.data import with_offsets
+
+        with_offsets(tokenizer, "?")  # a slow tokenizer, refused before the original is measured, not after
         return
     for ex in data.forget:
         if any(t != IGNORE_INDEX for t in encode_forget_row(tokenizer, ex, config)["labels"]):
