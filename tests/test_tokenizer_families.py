@@ -140,3 +140,15 @@ def test_a_slow_tokenizer_is_refused_in_one_line_where_answer_tokens_are_needed(
         encode_pair(slow, "Capital of France?", "Paris.", 64, focus=["Paris"])
     whole = encode_pair(slow, "Capital of France?", "Paris.", 64)  # every response token: no offsets needed
     assert slow.decode(labelled(whole), skip_special_tokens=True) == " Paris."
+
+
+def test_transformers_false_length_warning_does_not_reach_stderr(capfd):
+    """A fine-tune's small model_max_length made transformers say "will result in indexing errors" on every run
+    of a rotary model; what the model takes is checked from its config (generation.position_limit)."""
+    from unlearn.models import _quiet_transformers
+
+    _quiet_transformers()
+    tok = tiny_models.llama_tokenizer(chat_template=True)
+    tok.model_max_length = 8
+    assert len(tok("a b c d e f g h i j k l m n o p")["input_ids"]) > 8
+    assert "Token indices sequence length" not in capfd.readouterr().err

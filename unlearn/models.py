@@ -43,11 +43,33 @@ class LoadedModel:
     name: str  # what the user asked for (or the default's name)
 
 
+# transformers' messages that are false or idle here, dropped from stderr (`_quiet_transformers`): the length
+# warning reads a tokenizer's model_max_length (several fine-tunes ship a small one), while what the model can
+# take is checked from its own config (`generation.position_limit`), so "will result in indexing errors" is
+# wrong on a rotary model; the clean-up one is printed by every load of a Llama-3 tokenizer and changes nothing
+# (BPE decoding ignores the setting).
+TRANSFORMERS_NOISE = ("Token indices sequence length is longer than the specified maximum",
+                      "Ignoring clean_up_tokenization_spaces")
+
+
+class _DropNoise:
+    """A logging filter that drops the records of TRANSFORMERS_NOISE."""
+
+    @staticmethod
+    def filter(record) -> bool:
+        message = record.getMessage()
+        return not any(noise in message for noise in TRANSFORMERS_NOISE)
+
+
 def _quiet_transformers() -> None:
-    """Hide transformers' own per-file progress bars: stderr is for our progress and our one-line errors."""
+    """Hide transformers' own per-file progress bars and its TRANSFORMERS_NOISE: stderr is for our progress and
+    our one-line errors."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    for handler in hf_logging._get_library_root_logger().handlers:
+        if not any(isinstance(f, _DropNoise) for f in handler.filters):
+            handler.addFilter(_DropNoise())
 
 
 def dtype_name(name: str) -> str:
