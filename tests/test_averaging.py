@@ -368,7 +368,8 @@ def test_fold_lora_bf16_base_is_folded_in_float32(tmp_path):
 
 
 def test_fold_lora_transposed_layers_and_patterns(tmp_path):
-    """Embeddings (lora_embedding_A/B) and fan_in_fan_out layers fold as (B·A)ᵀ; rank/alpha patterns apply."""
+    """Embeddings (lora_embedding_A/B) fold as (B·A)ᵀ, a Linear layer as B·A whatever fan_in_fan_out says (peft
+    decides by the layer, and resets the flag); rank/alpha patterns apply."""
     base = tensors(1)
     g = torch.Generator().manual_seed(4)
     weights = {
@@ -385,8 +386,46 @@ def test_fold_lora_transposed_layers_and_patterns(tmp_path):
     emb_a, emb_b, q_a, q_b, _ = weights.values()
     torch.testing.assert_close(merged["model.embed_tokens.weight"],
                                base["model.embed_tokens.weight"] + (emb_b @ emb_a).T * 2)
-    torch.testing.assert_close(merged[f"{Q}.weight"], base[f"{Q}.weight"] + (q_b @ q_a).T * 2)
+    torch.testing.assert_close(merged[f"{Q}.weight"], base[f"{Q}.weight"] + (q_b @ q_a) * 2)  # square: not (B·A)ᵀ
     assert torch.equal(merged["model.norm.weight"], torch.ones(5))
+
+
+@pytest.mark.parametrize("config, flag, transposed", [
+    ({"model_type": "gpt2"}, False, True),  # a Conv1D ([in, out]): transposed, whatever the flag says
+    ({"model_type": "gpt2"}, True, True),
+    ({"model_type": "mystery", "auto_map": {"AutoModelForCausalLM": "m.M"}}, True, True),  # code unseen: the flag
+    ({"model_type": "mystery", "auto_map": {"AutoModelForCausalLM": "m.M"}}, False, False),
+])
+def test_a_square_conv1d_folds_by_its_layer_not_by_the_flag(tmp_path, config, flag, transposed):
+    name = "transformer.h.0.attn.c_proj"
+    base = {f"{name}.weight": torch.randn(5, 5, generator=torch.Generator().manual_seed(2))}
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(2, 5, generator=g), torch.randn(5, 2, generator=g)
+    write_adapter(tmp_path / "a", {f"base_model.model.{name}.lora_A.weight": a,
+                                   f"base_model.model.{name}.lora_B.weight": b}, fan_in_fan_out=flag)
+    fold_lora(write_model(tmp_path / "b", base, config=config), tmp_path / "a", tmp_path / "o")
+    delta = (b @ a).T if transposed else b @ a
+    torch.testing.assert_close(load_dir(tmp_path / "o")[f"{name}.weight"], base[f"{name}.weight"] + delta * 2)
+
+
+@pytest.mark.parametrize("trained", ["lora", "modules_to_save"])
+def test_an_adapter_on_a_tied_embedding_keeps_the_head_it_was_trained_with(tmp_path, trained):
+    """peft moves only the input embedding (a trained copy, or a LoRA on it): the output keeps BASE's embedding as
+    its own head, untied in its config; folded into the one shared tensor, the head moved too."""
+    base = tensors(1, lm_head=False)
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(3, 6, generator=g), torch.randn(5, 3, generator=g)
+    new = torch.randn(6, 5, generator=g)
+    weights = ({"base_model.model.model.embed_tokens.lora_embedding_A": a,
+                "base_model.model.model.embed_tokens.lora_embedding_B": b} if trained == "lora" else
+               {"base_model.model.model.embed_tokens.modules_to_save.default.weight": new})
+    write_adapter(tmp_path / "a", weights, r=3, lora_alpha=3)
+    fold_lora(write_model(tmp_path / "b", base), tmp_path / "a", tmp_path / "o")
+    merged = load_dir(tmp_path / "o")
+    assert torch.equal(merged["lm_head.weight"], base["model.embed_tokens.weight"])
+    expected = base["model.embed_tokens.weight"] + (b @ a).T if trained == "lora" else new
+    torch.testing.assert_close(merged["model.embed_tokens.weight"], expected)
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["tie_word_embeddings"] is False
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.25, 1.0])
@@ -428,6 +467,11 @@ def test_fold_lora_averages_whole_tensors_too_and_reads_peft_base_layer_names(tm
     ({f"{Q}.lora_A.weight": torch.zeros(2, 5)}, {}, "expected a name starting with"),
     (lora_weights(r=3), {}, "rank-2 update"),
     (lora_weights(), {"use_dora": True}, "DoRA"),
+    (lora_weights(), {"init_lora_weights": "pissa_niter_4"}, "init_lora_weights 'pissa_niter_4': the adapter updates"),
+    (lora_weights(), {"init_lora_weights": "olora"}, "path_initial_model_for_weight_conversion"),
+    (lora_weights(), {"alora_invocation_tokens": [3, 4]}, "activated LoRA"),
+    (lora_weights(), {"layer_replication": [[0, 1], [0, 1]]}, "layer_replication builds another stack"),
+    (lora_weights(), {"trainable_token_indices": [2]}, r"trainable tokens \(trainable_token_indices\)"),
     ({f"base_model.model.{Q}.lora_magnitude_vector": torch.zeros(5)}, {}, "not a plain LoRA weight"),
 ])
 def test_fold_lora_errors(tmp_path, weights, config, message):

@@ -375,6 +375,22 @@ def plan_lora(config: dict, adapter: Checkpoint, base: Checkpoint) -> tuple[dict
     return pairs, replacements
 
 
+# transformers' models whose layers include Conv1D (weights stored [in, out]), and those layers' names there
+CONV1D_MODEL_TYPES = ("gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp")
+CONV1D_LAYERS = ("c_attn", "q_attn", "c_proj", "c_fc")
+
+
+def _conv1d(base: Checkpoint, module: str, config: dict) -> bool:
+    """Whether MODULE of BASE is a Conv1D, whose update folds transposed. peft decides by the layer, and resets a
+    fan_in_fan_out flag that disagrees with it, so an adapter written by another tool or by hand can carry the
+    wrong one: on a square layer (GPT-2's attn.c_proj, Llama's q_proj) no shape check catches it, and the update
+    was folded transposed (0.5 logits off on a tiny model). The flag decides only for code this cannot see."""
+    model_type = base.config.get("model_type")
+    if not model_type or base.config.get("auto_map"):
+        return bool(config.get("fan_in_fan_out"))
+    return model_type in CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] in CONV1D_LAYERS
+
+
 def _lora_pair(module: str, found: dict[str, TensorInfo], config: dict, base: Checkpoint) -> LoraPair:
     embedding = "lora_embedding_A" in found or "lora_embedding_B" in found
     a = found.get("lora_embedding_A" if embedding else "lora_A")
@@ -386,7 +402,7 @@ def _lora_pair(module: str, found: dict[str, TensorInfo], config: dict, base: Ch
     if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != r or b.shape[1] != r:
         raise UnlearnError(f"adapter tensor {a.name}: shapes {list(a.shape)} and {list(b.shape)} "
                            f"do not form a rank-{r} update")
-    transposed = embedding or bool(config.get("fan_in_fan_out"))
+    transposed = embedding or _conv1d(base, module, config)
     delta_shape = (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])
     _check_target(base, target, a.name, delta_shape)
     return LoraPair(target, a, b, scale, transposed)
@@ -457,10 +473,21 @@ def fold_lora(base_path: Path, adapter_path: Path, out: Path, *, alpha: float = 
     refuse_output_over_inputs(out, [base.path, adapter.path], inside_too=True)
     pairs, replacements = plan_lora(config, adapter, base)
 
+    tensors, config_updates = dict(base.tensors), {}
+    embed = base.embedding_name()
+    if LM_HEAD not in tensors and base.tied() and embed is not None and (embed in pairs or embed in replacements):
+        # The adapter changes the input embedding of a tied BASE. peft keeps the head apart (a trained copy in
+        # modules_to_save, or a LoRA on the embedding, moves the input side only), so the adapter's model has
+        # BASE's embedding as its head: folded into the one shared tensor, the head would move too (11-24 logits
+        # on a tiny Llama). The output keeps BASE's as its own head, untied in its config, as `average` does.
+        tensors[LM_HEAD] = base.tensors[embed]
+        config_updates["tie_word_embeddings"] = False
     buffers = Buffers()
     jobs = []
-    for name, info in base.tensors.items():
-        if name in pairs:
+    for name, info in tensors.items():
+        if name == LM_HEAD and LM_HEAD not in base.tensors:
+            jobs.append(copy_job(base, info, LM_HEAD))
+        elif name in pairs:
             jobs.append(fold_job(base, info, adapter, pairs[name], 1.0 - alpha, buffers, alpha or None))
         elif name in replacements and alpha:  # θ' holds the adapter's tensor: α·θ + (1−α)·θ' as for a weight
             jobs.append(average_job(name, base, info, adapter, replacements[name], alpha, buffers))
@@ -471,7 +498,7 @@ def fold_lora(base_path: Path, adapter_path: Path, out: Path, *, alpha: float = 
     record = {"method": "lora-fold", "formula": "W + (1-alpha)*scale*B@A", "alpha": alpha,
               "base": str(base.path.resolve()), "adapter": str(adapter.path.resolve()),
               "lora_modules": len(pairs), "replaced_tensors": len(replacements)}
-    return _write_output(out, force, base, jobs, _layout(base.tensors), max_shard_size, {}, record,
+    return _write_output(out, force, base, jobs, _layout(tensors), max_shard_size, config_updates, record,
                          started, progress, on_start, closing=[base, adapter])
 
 

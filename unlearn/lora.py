@@ -456,6 +456,7 @@ def read_adapter_config(directory: Path) -> dict:
         raise UnlearnError(f"{path}: peft_type {config['peft_type']} is not LORA")
     if config.get("use_dora"):
         raise UnlearnError(f"{path}: DoRA adapters are not supported")
+    _refuse_unfoldable(path, config)
     r, lora_alpha = config.get("r"), config.get("lora_alpha")
     if not isinstance(r, int) or r <= 0 or not isinstance(lora_alpha, (int, float)):
         raise UnlearnError(f"{path}: needs a positive integer r and a numeric lora_alpha")
@@ -475,6 +476,30 @@ def read_adapter_config(directory: Path) -> dict:
             except re.error as exc:
                 raise UnlearnError(f"{path}: {field} key {key!r} is not a valid regular expression ({exc})") from None
     return config
+
+
+# init_lora_weights that move BASE's weights before training (peft's pissa_init, olora_init, corda_init,
+# loftq_init, lora_ga_init subtract the initial B₀A₀ from W): the adapter then updates that residual, which peft
+# rebuilds when it loads the adapter on BASE, and W + s·B·A of the original W is another model (0.015-0.030
+# logits off on a tiny Llama).
+RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def _refuse_unfoldable(path: Path, config: dict) -> None:
+    """Refuse, in one line, a LoRA whose model W + s·B·A of BASE's weights is not: each would merge silently
+    wrong (docs/merge.md promises peft's merge_and_unload(), or a refusal)."""
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(RESIDUAL_INITS):
+        raise UnlearnError(f"{path}: init_lora_weights {init!r}: the adapter updates weights its initialisation "
+                           "changed, not BASE's; save it with peft's path_initial_model_for_weight_conversion first")
+    if config.get("alora_invocation_tokens"):
+        raise UnlearnError(f"{path}: an activated LoRA (alora_invocation_tokens) acts only after its invocation "
+                           "tokens, which no merged weight can express")
+    if config.get("layer_replication"):
+        raise UnlearnError(f"{path}: layer_replication builds another stack of layers than BASE's, which its "
+                           "updates belong to")
+    if config.get("trainable_token_indices"):
+        raise UnlearnError(f"{path}: trainable tokens (trainable_token_indices) are not supported")
 
 
 def _pattern_regex(key: str) -> str:
