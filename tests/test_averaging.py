@@ -499,3 +499,43 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(UnlearnError, match="No space left on device"):
         average(write_model(tmp_path / "b", tensors(1)), write_model(tmp_path / "t", tensors(2)), tmp_path / "o", 0.5)
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
+
+
+def hub_gpt2(seed: int, prefix: str) -> dict[str, torch.Tensor]:
+    """A GPT-2 body stored with or without its base-model prefix (the hub's gpt2 files have none)."""
+    g = torch.Generator().manual_seed(seed)
+    return {f"{prefix}wte.weight": torch.randn(6, 4, generator=g),
+            f"{prefix}h.0.mlp.c_fc.weight": torch.randn(4, 8, generator=g),
+            f"{prefix}ln_f.weight": torch.randn(4, generator=g)}
+
+
+@pytest.mark.parametrize("base_prefix, tuned_prefix", [("", "transformer."), ("transformer.", "")])
+def test_checkpoints_saved_with_and_without_the_base_model_prefix_merge_by_tensor(tmp_path, base_prefix,
+                                                                                     tuned_prefix):
+    """A run on the hub's gpt2 writes model/ with "transformer." names; its BASE has none: every merge of the
+    run was refused as a tensor "in BASE but not in TUNED". The output keeps BASE's names."""
+    base, tuned = hub_gpt2(1, base_prefix), hub_gpt2(2, tuned_prefix)
+    tuned["lm_head.weight"] = tuned[f"{tuned_prefix}wte.weight"].clone()  # saved tied, as save_pretrained may
+    config = {"model_type": "gpt2", "tie_word_embeddings": True}
+    average(write_model(tmp_path / "b", base, config=config), write_model(tmp_path / "t", tuned, config=config),
+            tmp_path / "o", 0.25)
+    merged = load_dir(tmp_path / "o")
+    assert sorted(merged) == sorted(base)
+    for name in ("wte.weight", "h.0.mlp.c_fc.weight", "ln_f.weight"):
+        torch.testing.assert_close(merged[base_prefix + name],
+                                   0.25 * base[base_prefix + name] + 0.75 * tuned[tuned_prefix + name])
+
+
+def test_an_adapter_folds_into_a_base_stored_without_the_base_model_prefix(tmp_path):
+    base = hub_gpt2(1, "")
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(2, 4, generator=g), torch.randn(8, 2, generator=g)
+    write_adapter(tmp_path / "a", {"base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight": a,
+                                   "base_model.model.transformer.h.0.mlp.c_fc.lora_B.weight": b,
+                                   "base_model.model.transformer.ln_f.modules_to_save.default.weight": torch.ones(4)},
+                  target_modules=["c_fc"])
+    fold_lora(write_model(tmp_path / "b", base, config={"model_type": "gpt2"}), tmp_path / "a", tmp_path / "o")
+    merged = load_dir(tmp_path / "o")
+    assert sorted(merged) == sorted(base)
+    torch.testing.assert_close(merged["h.0.mlp.c_fc.weight"], base["h.0.mlp.c_fc.weight"] + (b @ a).T * 2)
+    assert torch.equal(merged["ln_f.weight"], torch.ones(4))

@@ -175,14 +175,44 @@ def check_alpha(alpha: float, allow_extrapolation: bool, flag: str = "--alpha", 
         raise UsageError(f"{flag} {given}: out of float32's range: |α| must be at most {FLOAT32_MAX:.2g}")
 
 
+def _prefix_map(longs, shorts: set) -> dict[str, str]:
+    """{name: name without its leading components} for the names of LONGS that are one prefix ("transformer.",
+    "model.") before a name of SHORTS; {} when there is no such prefix. The prefix is the first that maps a name."""
+    for long in longs:
+        for i, ch in enumerate(long):
+            if ch == "." and long[i + 1:] in shorts:
+                prefix = long[:i + 1]
+                return {n: n[len(prefix):] for n in longs if n.startswith(prefix) and n[len(prefix):] in shorts}
+    return {}
+
+
+def base_names(base_tensors, names) -> dict[str, str]:
+    """{name: BASE's name of that tensor} for the NAMES that BASE stores under another prefix; {} if none.
+
+    transformers loads a checkpoint saved from the base model alone, as the hub's GPT-2 ("h.0.attn.c_attn.weight")
+    and OPT ones were, and one saved with its head ("transformer.h.0.attn.c_attn.weight": a run's model/, peft's
+    adapter keys). Matched by name alone, every merge of such a pair was refused (a tensor "in BASE but not in
+    TUNED"); the output keeps BASE's names, which load as BASE does."""
+    stored = set(base_tensors)
+    lacking = [n for n in names if n not in stored]
+    if not lacking:
+        return {}
+    shorter = _prefix_map(lacking, stored)  # NAMES have a prefix BASE's lack
+    if shorter:
+        return shorter
+    longer = _prefix_map([n for n in stored if n not in set(names)], set(lacking))  # BASE's have one NAMES lack
+    return {short: long for long, short in longer.items()}
+
+
 def _pair_tensors(base: Checkpoint, tuned: Checkpoint) -> tuple[dict, dict, dict]:
     """Output name -> (BASE tensor, TUNED tensor), standing a tied embedding in for a missing lm_head.
 
     Returns both maps (BASE's order, which the output keeps) and the config
     changes the output needs.
     """
-    base_map, tuned_map = dict(base.tensors), dict(tuned.tensors)
-    updates: dict = {}
+    base_map, updates = dict(base.tensors), {}
+    renamed = base_names(base.tensors, list(tuned.tensors))
+    tuned_map = {renamed.get(name, name): info for name, info in tuned.tensors.items()}
     if (LM_HEAD in base_map) != (LM_HEAD in tuned_map):
         lacking = tuned if LM_HEAD in base_map else base
         embed = lacking.embedding_name()
@@ -364,12 +394,15 @@ def plan_lora(config: dict, adapter: Checkpoint, base: Checkpoint) -> tuple[dict
             # peft names a trained bias of an adapted layer, and the copy of an adapted embedding's weight it
             # saves by default, under the wrapped layer: "fc1.base_layer.bias" is BASE's "fc1.bias"
             replacements[rest.replace(".modules_to_save.default.", ".").replace(".base_layer.", ".")] = info
+    # the adapter names modules as the model with its head does: BASE may store them under another prefix
+    alias = base_names(base.tensors, [module + ".weight" for module in parts] + list(replacements))
     pairs = {}
     for module, found in parts.items():
-        pair = _lora_pair(module, found, config, base)
+        pair = _lora_pair(module, found, config, base, alias)
         pairs[pair.target] = pair
     # a LoRA pair's own base weight saved beside it (an embedding's "base_layer.weight") is BASE's, unchanged
-    replacements = {target: info for target, info in replacements.items() if target not in pairs}
+    replacements = {alias.get(target, target): info for target, info in replacements.items()
+                    if alias.get(target, target) not in pairs}
     for target, info in replacements.items():
         _check_target(base, target, info.name, info.shape)
     return pairs, replacements
@@ -391,13 +424,14 @@ def _conv1d(base: Checkpoint, module: str, config: dict) -> bool:
     return model_type in CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] in CONV1D_LAYERS
 
 
-def _lora_pair(module: str, found: dict[str, TensorInfo], config: dict, base: Checkpoint) -> LoraPair:
+def _lora_pair(module: str, found: dict[str, TensorInfo], config: dict, base: Checkpoint,
+               alias: dict[str, str]) -> LoraPair:
     embedding = "lora_embedding_A" in found or "lora_embedding_B" in found
     a = found.get("lora_embedding_A" if embedding else "lora_A")
     b = found.get("lora_embedding_B" if embedding else "lora_B")
     if a is None or b is None or len(found) != 2:
         raise UnlearnError(f"adapter module {module}: needs exactly one A and one B matrix, found {sorted(found)}")
-    target = module + ".weight"
+    target = alias.get(module + ".weight", module + ".weight")
     r, scale = lora_rank_and_scale(config, module)
     if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != r or b.shape[1] != r:
         raise UnlearnError(f"adapter tensor {a.name}: shapes {list(a.shape)} and {list(b.shape)} "
