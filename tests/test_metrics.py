@@ -402,3 +402,20 @@ def test_a_korean_answer_is_found_before_its_particle():
     # Korean writes particles and the copula onto the noun: "서울입니다" is "(it) is Seoul"
     assert m.contains_answer("한국의 수도는 서울입니다.", ["서울"]) and m.contains_answer("수도는 서울이에요.", ["서울"])
     assert not m.contains_answer("수도는 부산입니다.", ["서울"])
+
+
+def test_the_leak_judges_rouge_bound_decides_as_the_lcs_does():
+    """`metrics.leaks` skips the LCS where the tokens two texts share cannot reach the recall threshold: the
+    verdict must be rouge_l's on every pair, those at the threshold and the empty ones included."""
+    import random
+
+    from unlearn.metrics import LEAK_ROUGE_RECALL, _rouge_recall_reaches, rouge_l
+
+    rng = random.Random(0)
+    words = ["paris", "is", "the", "capital", "of", "france", "city", "a"]
+    texts = ["", "!!"] + [" ".join(rng.choice(words) for _ in range(rng.randint(1, 9))) for _ in range(300)]
+    pairs = [(rng.choice(texts), rng.choice(texts)) for _ in range(3000)]
+    verdicts = [_rouge_recall_reaches(o, r) for o, r in pairs]
+    assert verdicts == [rouge_l(o, r).recall >= LEAK_ROUGE_RECALL for o, r in pairs]
+    assert 0.2 < sum(verdicts) / len(verdicts) < 0.8  # both verdicts are exercised
+    assert any(rouge_l(o, r).recall == LEAK_ROUGE_RECALL for o, r in pairs)  # and the threshold itself

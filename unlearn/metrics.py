@@ -152,6 +152,24 @@ def f_measure(precision: float, recall: float) -> float:
     return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
 
 
+# A reference's tokens (and its BLEU n-grams), kept: the leak judge compares every output of a retain set with every
+# forget response, so a reference was tokenised once per pair (3.1M BLEU calls for 1,000 forget and 4,000 normal rows).
+@lru_cache(maxsize=4096)
+def _reference_rouge_tokens(reference: str) -> tuple[str, ...]:
+    return tuple(rouge_tokens(reference))
+
+
+@lru_cache(maxsize=4096)
+def _reference_counts(reference: str) -> Counter:
+    return Counter(_reference_rouge_tokens(reference))
+
+
+@lru_cache(maxsize=4096)
+def _reference_ngrams(reference: str, max_order: int) -> tuple[int, Counter]:
+    tokens = bleu_tokens(reference)
+    return len(tokens), ngram_counts(tokens, max_order)
+
+
 def rouge_l(candidate: str, reference: str) -> Rouge:
     """ROUGE-L of CANDIDATE against REFERENCE.
 
@@ -159,7 +177,7 @@ def rouge_l(candidate: str, reference: str) -> Rouge:
     length: precision = L/|c|, recall = L/|r|, fmeasure = 2PR/(P+R). All three
     are 0 when either side has no token.
     """
-    cand, ref = rouge_tokens(candidate), rouge_tokens(reference)
+    cand, ref = rouge_tokens(candidate), _reference_rouge_tokens(reference)
     if not cand or not ref:
         return Rouge(0.0, 0.0, 0.0)
     common = lcs_length(ref, cand)
@@ -206,15 +224,16 @@ def sentence_bleu(candidate: str, reference: str, max_order: int = 4) -> float:
     brevity penalty BP = exp(1 − |r|/|c|) when |c| < |r|, else 1. BLEU is 0
     when no unigram matches (or the candidate is empty).
     """
-    cand, ref = bleu_tokens(candidate), bleu_tokens(reference)
-    cand_ngrams, ref_ngrams = ngram_counts(cand, max_order), ngram_counts(ref, max_order)
+    cand = bleu_tokens(candidate)
+    ref_length, ref_ngrams = _reference_ngrams(reference, max_order)  # read only: shared between calls
+    cand_ngrams = ngram_counts(cand, max_order)
     correct, total = [0] * max_order, [0] * max_order
     for gram, count in cand_ngrams.items():
         total[len(gram) - 1] += count
         correct[len(gram) - 1] += min(count, ref_ngrams.get(gram, 0))
     if not any(correct):
         return 0.0
-    brevity = 1.0 if len(cand) >= len(ref) else math.exp(1 - len(ref) / len(cand))
+    brevity = 1.0 if len(cand) >= ref_length else math.exp(1 - ref_length / len(cand))
     log_sum, orders, smooth = 0.0, 0, 1.0
     for n in range(max_order):
         if total[n] == 0:
@@ -480,7 +499,21 @@ def leaks(output: str, reference: str, answers: Sequence[str] | None = None, *, 
         return contains_answer(output, answers)
     if passage and longest_common_run(rouge_tokens(output), rouge_tokens(reference)) >= LEAK_VERBATIM_WORDS:
         return True
-    return rouge_l(output, reference).recall >= LEAK_ROUGE_RECALL or sentence_bleu(output, reference) >= LEAK_BLEU
+    return _rouge_recall_reaches(output, reference) or sentence_bleu(output, reference) >= LEAK_BLEU
+
+
+def _rouge_recall_reaches(output: str, reference: str) -> bool:
+    """rouge_l(OUTPUT, REFERENCE).recall >= LEAK_ROUGE_RECALL, without the LCS where it cannot be: the LCS is at
+    most the tokens the two share (counted with repeats), so when those fall short of the threshold, so does the
+    recall. The quadratic LCS was most of the leak judge's time on long rows (each output against each forget
+    response)."""
+    out, ref = rouge_tokens(output), _reference_rouge_tokens(reference)
+    if not out or not ref:
+        return 0.0 >= LEAK_ROUGE_RECALL
+    shared = sum((Counter(out) & _reference_counts(reference)).values())
+    if shared / len(ref) < LEAK_ROUGE_RECALL:
+        return False
+    return lcs_length(ref, out) / len(ref) >= LEAK_ROUGE_RECALL
 
 
 def is_hallucination(output: str, response: str, hallucinated_response: str) -> bool:
