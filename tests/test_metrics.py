@@ -419,3 +419,19 @@ def test_the_leak_judges_rouge_bound_decides_as_the_lcs_does():
     assert verdicts == [rouge_l(o, r).recall >= LEAK_ROUGE_RECALL for o, r in pairs]
     assert 0.2 < sum(verdicts) / len(verdicts) < 0.8  # both verdicts are exercised
     assert any(rouge_l(o, r).recall == LEAK_ROUGE_RECALL for o, r in pairs)  # and the threshold itself
+
+
+def test_the_verbatim_run_test_decides_as_the_longest_common_run_does():
+    """A passage leaks on LEAK_VERBATIM_WORDS shared tokens in a row; read from the reference's runs, the verdict
+    must be the longest common run's on every pair."""
+    import random
+
+    from unlearn.metrics import LEAK_VERBATIM_WORDS, _shares_run, longest_common_run, rouge_tokens
+
+    rng = random.Random(1)
+    words = ["the", "tower"]
+    texts = ["", "!!"] + [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(300)]
+    pairs = [(rng.choice(texts), rng.choice(texts)) for _ in range(3000)]
+    verdicts = [_shares_run(o, r, LEAK_VERBATIM_WORDS) for o, r in pairs]
+    assert verdicts == [longest_common_run(rouge_tokens(o), rouge_tokens(r)) >= LEAK_VERBATIM_WORDS for o, r in pairs]
+    assert 0.05 < sum(verdicts) / len(verdicts) < 0.95

@@ -497,9 +497,24 @@ def leaks(output: str, reference: str, answers: Sequence[str] | None = None, *, 
     """
     if answers:
         return contains_answer(output, answers)
-    if passage and longest_common_run(rouge_tokens(output), rouge_tokens(reference)) >= LEAK_VERBATIM_WORDS:
+    if passage and _shares_run(output, reference, LEAK_VERBATIM_WORDS):
         return True
     return _rouge_recall_reaches(output, reference) or sentence_bleu(output, reference) >= LEAK_BLEU
+
+
+@lru_cache(maxsize=4096)
+def _reference_runs(reference: str, length: int) -> frozenset:
+    tokens = _reference_rouge_tokens(reference)
+    return frozenset(tokens[i:i + length] for i in range(len(tokens) - length + 1))
+
+
+def _shares_run(output: str, reference: str, length: int) -> bool:
+    """longest_common_run(rouge_tokens(OUTPUT), rouge_tokens(REFERENCE)) >= LENGTH, read as: some LENGTH tokens in a
+    row of the output are LENGTH tokens in a row of the reference (the reference's runs kept between outputs); the
+    quadratic longest run was most of the probe guard's time against passages of thousands of words."""
+    out = tuple(rouge_tokens(output))
+    runs = _reference_runs(reference, length)
+    return any(out[i:i + length] in runs for i in range(len(out) - length + 1))
 
 
 def _rouge_recall_reaches(output: str, reference: str) -> bool:
