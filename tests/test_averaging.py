@@ -539,3 +539,14 @@ def test_an_adapter_folds_into_a_base_stored_without_the_base_model_prefix(tmp_p
     assert sorted(merged) == sorted(base)
     torch.testing.assert_close(merged["h.0.mlp.c_fc.weight"], base["h.0.mlp.c_fc.weight"] + (b @ a).T * 2)
     assert torch.equal(merged["ln_f.weight"], torch.ones(4))
+
+
+def test_an_extra_tensor_named_like_a_prefixed_one_is_not_paired_in_its_place(tmp_path):
+    """TUNED's "mtp.lm_head.weight" beside its own "lm_head.weight" is another tensor (a draft head), not BASE's
+    head under a prefix: paired, the merged head was BASE's averaged with it, exit 0. It is named and refused."""
+    base = {"model.embed_tokens.weight": torch.zeros(4, 4), "lm_head.weight": torch.zeros(4, 4)}
+    tuned = {"model.embed_tokens.weight": torch.full((4, 4), 2.0), "lm_head.weight": torch.full((4, 4), 2.0),
+             "mtp.lm_head.weight": torch.full((4, 4), 100.0)}
+    with pytest.raises(UnlearnError, match="tensor mtp.lm_head.weight: in TUNED but not in BASE"):
+        average(write_model(tmp_path / "b", base), write_model(tmp_path / "t", tuned), tmp_path / "o", 0.5)
+    assert not (tmp_path / "o").exists()

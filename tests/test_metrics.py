@@ -435,3 +435,15 @@ def test_the_verbatim_run_test_decides_as_the_longest_common_run_does():
     verdicts = [_shares_run(o, r, LEAK_VERBATIM_WORDS) for o, r in pairs]
     assert verdicts == [longest_common_run(rouge_tokens(o), rouge_tokens(r)) >= LEAK_VERBATIM_WORDS for o, r in pairs]
     assert 0.05 < sum(verdicts) / len(verdicts) < 0.95
+
+
+def test_the_leak_judge_keeps_a_few_references_not_every_one():
+    """A long passage's n-grams take megabytes: kept for every reference of a run, a thousand passages held
+    gigabytes for the whole process."""
+    from unlearn import metrics
+
+    for i in range(3 * metrics.REFERENCES_KEPT):
+        metrics.leaks("the tower was tall", f"reference {i} " + "word " * 50, passage=True)
+    for cache in (metrics._reference_rouge_tokens, metrics._reference_counts, metrics._reference_ngrams,
+                  metrics._reference_runs):
+        assert cache.cache_info().currsize <= metrics.REFERENCES_KEPT

@@ -193,15 +193,17 @@ def base_names(base_tensors, names) -> dict[str, str]:
     and OPT ones were, and one saved with its head ("transformer.h.0.attn.c_attn.weight": a run's model/, peft's
     adapter keys). Matched by name alone, every merge of such a pair was refused (a tensor "in BASE but not in
     TUNED"); the output keeps BASE's names, which load as BASE does."""
-    stored = set(base_tensors)
+    stored, given = set(base_tensors), set(names)
     lacking = [n for n in names if n not in stored]
     if not lacking:
         return {}
     shorter = _prefix_map(lacking, stored)  # NAMES have a prefix BASE's lack
-    if shorter:
-        return shorter
-    longer = _prefix_map([n for n in stored if n not in set(names)], set(lacking))  # BASE's have one NAMES lack
-    return {short: long for long, short in longer.items()}
+    if not shorter:
+        longer = _prefix_map([n for n in stored if n not in given], set(lacking))  # BASE's have one NAMES lack
+        shorter = {short: long for long, short in longer.items()}
+    # a name the other side also has as it is ("mtp.lm_head.weight" beside "lm_head.weight") is another tensor,
+    # not the same one under a prefix: paired, it would stand in for that one and be averaged in its place
+    return {name: base for name, base in shorter.items() if base not in given}
 
 
 def _pair_tensors(base: Checkpoint, tuned: Checkpoint) -> tuple[dict, dict, dict]:

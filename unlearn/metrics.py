@@ -152,19 +152,24 @@ def f_measure(precision: float, recall: float) -> float:
     return 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
 
 
-# A reference's tokens (and its BLEU n-grams), kept: the leak judge compares every output of a retain set with every
-# forget response, so a reference was tokenised once per pair (3.1M BLEU calls for 1,000 forget and 4,000 normal rows).
-@lru_cache(maxsize=4096)
+# A reference's tokens (and its BLEU n-grams and runs), kept: the leak judge compares every output of a retain set
+# with one forget response after another, so a reference was tokenised once per pair (3.1M BLEU calls for 1,000
+# forget and 4,000 normal rows). A few references at a time: a 3,000-word passage's n-grams take about 2 MB, and
+# thousands of them kept for the whole process took gigabytes.
+REFERENCES_KEPT = 32
+
+
+@lru_cache(maxsize=REFERENCES_KEPT)
 def _reference_rouge_tokens(reference: str) -> tuple[str, ...]:
     return tuple(rouge_tokens(reference))
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=REFERENCES_KEPT)
 def _reference_counts(reference: str) -> Counter:
     return Counter(_reference_rouge_tokens(reference))
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=REFERENCES_KEPT)
 def _reference_ngrams(reference: str, max_order: int) -> tuple[int, Counter]:
     tokens = bleu_tokens(reference)
     return len(tokens), ngram_counts(tokens, max_order)
@@ -502,7 +507,7 @@ def leaks(output: str, reference: str, answers: Sequence[str] | None = None, *, 
     return _rouge_recall_reaches(output, reference) or sentence_bleu(output, reference) >= LEAK_BLEU
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=REFERENCES_KEPT)
 def _reference_runs(reference: str, length: int) -> frozenset:
     tokens = _reference_rouge_tokens(reference)
     return frozenset(tokens[i:i + length] for i in range(len(tokens) - length + 1))
