@@ -434,7 +434,7 @@ def response_encoding(tokenizer, prompt, text: str, offsets: bool = False) -> tu
 
 
 def answer_token_mask(tokenizer, text: str, answers, names: bool = False, response: str | None = None,
-                      prompt=None) -> list[bool] | None:
+                      offsets: list | None = None) -> list[bool] | None:
     """Which tokens of TEXT overlap an occurrence of one of ANSWERS, found as the leak judge finds them.
 
     Occurrences are `metrics.answer_spans` (whole tokens, punctuation splits,
@@ -450,7 +450,8 @@ def answer_token_mask(tokenizer, text: str, answers, names: bool = False, respon
     is "im", "end"): an answer "end" would otherwise put the EOS token into the
     forget loss, which the leak judge, reading outputs, never sees.
 
-    PROMPT: TEXT follows it, and the tokens are TEXT's as read there (`response_encoding`); else TEXT's alone.
+    OFFSETS: the character spans of TEXT's tokens as the model reads them after its prompt (`response_encoding`
+    with offsets, which the caller has already run for the ids); without them, TEXT is tokenised alone.
     """
     spans = answer_spans(text, answers)
     if response is not None:
@@ -460,10 +461,8 @@ def answer_token_mask(tokenizer, text: str, answers, names: bool = False, respon
         spans = whole_names(text, spans)
     if not spans:
         return None
-    if prompt is None:
+    if offsets is None:
         offsets = with_offsets(tokenizer, text, add_special_tokens=False)["offset_mapping"]
-    else:
-        offsets = response_encoding(tokenizer, prompt, text, offsets=True)[1]
     return [any(a < end and start < b for start, end in spans) for a, b in offsets]
 
 
@@ -499,9 +498,10 @@ def encode_pair(tokenizer, prompt: str, response: str, max_length: int, focus=No
     """
     prompt_ids = encode_prompt(tokenizer, prompt)
     response_text = render_response(tokenizer, prompt, response)
-    response_ids = response_encoding(tokenizer, prompt, response_text)[0]
+    response_ids, offsets = response_encoding(tokenizer, prompt, response_text, offsets=bool(focus))
     labels = list(response_ids)
-    mask = answer_token_mask(tokenizer, response_text, focus, names, response=response, prompt=prompt) if focus else None
+    mask = (answer_token_mask(tokenizer, response_text, focus, names, response=response, offsets=offsets)
+            if focus else None)
     focused = mask is not None and len(mask) == len(labels)
     if focused:
         labels = [t if keep else IGNORE_INDEX for t, keep in zip(labels, mask)]

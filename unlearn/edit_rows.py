@@ -41,8 +41,9 @@ def unlikely_rows(tokenizer, prompt: str, response: str, answers, subject: str, 
         worded = with_prefix(prompt, prefix)
         ids, pos = subject_last_token(tokenizer, worded, subject, after=len(prefix))
         text = render_response(tokenizer, worded, response)
-        answer = response_encoding(tokenizer, worded, text)[0][:max_tokens]
-        mask = answer_token_mask(tokenizer, text, answers, response=response, prompt=worded) if answers else None
+        answer, offsets = response_encoding(tokenizer, worded, text, offsets=bool(answers))
+        answer = answer[:max_tokens]
+        mask = answer_token_mask(tokenizer, text, answers, response=response, offsets=offsets) if answers else None
         keep = [i for i, m in enumerate((mask or [])[:len(answer)]) if m] or list(range(len(answer)))
         rows.append(Row(ids + answer, pos, fact, "unlikely", [len(ids) - 1 + i for i in keep]))
     return rows

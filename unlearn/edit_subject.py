@@ -159,8 +159,9 @@ def subject_last_token(tokenizer, prompt: str, subject: str, after: int = 0) -> 
 def _answer_labels(tokenizer, prompt: str, response: str, answers, max_tokens: int = 16) -> tuple[list[int], list[bool]]:
     """Response token ids and which of them to score: the answer's tokens when `answers` occur, else all."""
     text = render_response(tokenizer, prompt, response)
-    ids = response_encoding(tokenizer, prompt, text)[0][:max_tokens]
-    mask = answer_token_mask(tokenizer, text, answers, response=response, prompt=prompt) if answers else None
+    ids, offsets = response_encoding(tokenizer, prompt, text, offsets=bool(answers))
+    ids = ids[:max_tokens]
+    mask = answer_token_mask(tokenizer, text, answers, response=response, offsets=offsets) if answers else None
     mask = mask[:len(ids)] if mask and any(mask[:len(ids)]) else [True] * len(ids)
     return ids, mask
 

@@ -52,13 +52,10 @@ TRANSFORMERS_NOISE = ("Token indices sequence length is longer than the specifie
                       "Ignoring clean_up_tokenization_spaces")
 
 
-class _DropNoise:
-    """A logging filter that drops the records of TRANSFORMERS_NOISE."""
-
-    @staticmethod
-    def filter(record) -> bool:
-        message = record.getMessage()
-        return not any(noise in message for noise in TRANSFORMERS_NOISE)
+def _not_noise(record) -> bool:
+    """A logging filter: False for the records of TRANSFORMERS_NOISE."""
+    message = record.getMessage()
+    return not any(noise in message for noise in TRANSFORMERS_NOISE)
 
 
 def _quiet_transformers() -> None:
@@ -68,8 +65,7 @@ def _quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     for handler in hf_logging._get_library_root_logger().handlers:
-        if not any(isinstance(f, _DropNoise) for f in handler.filters):
-            handler.addFilter(_DropNoise())
+        handler.addFilter(_not_noise)  # added once: logging keeps a filter only once
 
 
 def dtype_name(name: str) -> str:
