@@ -8,7 +8,7 @@ import pytest
 
 from unlearn import augment as aug
 from unlearn.data import Example, Passage
-from unlearn.errors import UsageError
+from unlearn.errors import UnlearnError, UsageError
 
 SOURCE = Example("Who wrote the Harry Potter books?", "J.K. Rowling wrote them.", 1, {"answers": ["Rowling"]})
 PARIS = Example("What is the capital of France?", "Paris is the capital of France.", 2, {"answers": ["Paris"]})
@@ -109,7 +109,7 @@ def test_augment_replaces_a_response_that_leads_into_the_answer(monkeypatch):
 
 
 def test_a_passage_is_named_with_its_file():
-    with pytest.raises(UsageError, match=r"^forget\.jsonl:4: a `text` passage has no instruction"):
+    with pytest.raises(UnlearnError, match=r"^forget\.jsonl:4: a `text` passage has no instruction"):
         aug.augment(None, None, [SOURCE, Example(Passage("Once upon"), " a time", 4, {})], path="forget.jsonl")
 
 
@@ -118,17 +118,18 @@ def _write(path, rows):
     return path
 
 
-@pytest.mark.parametrize("rows, args, message", [
+@pytest.mark.parametrize("rows, args, message, code", [
+    # a bad row is a runtime error (exit 1) as everywhere else; a bad option a usage error (2)
     ([{"text": "Once upon a time there was a wizard called Harry who lived under the stairs."}], [],
-     "{forget}:1: a `text` passage has no instruction to rewrite; ULMR needs prompt/response rows"),
+     "{forget}:1: a `text` passage has no instruction to rewrite; ULMR needs prompt/response rows", 1),
     ([{"prompt": SOURCE.prompt, "response": SOURCE.response}], ["--rewrites", "5"],
-     "--rewrites 5: at most 4"),
+     "--rewrites 5: at most 4", 2),
 ])
-def test_bad_requests_fail_before_the_model_loads(tmp_path, cli, rows, args, message):
+def test_bad_requests_fail_before_the_model_loads(tmp_path, cli, rows, args, message, code):
     forget = _write(tmp_path / "forget.jsonl", rows)
     # No such model: an error about the request, not about the model, proves it came first.
     result = cli("augment", forget, "-o", tmp_path / "out.jsonl", "--model", tmp_path / "no-model", *args)
-    assert result.code == 2, result.err
+    assert result.code == code, result.err
     assert result.err.splitlines() == [result.err.strip()] and result.err.startswith("unlearn: ")
     assert message.format(forget=forget) in result.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["forget.jsonl"]

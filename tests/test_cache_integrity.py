@@ -126,10 +126,11 @@ def test_an_unwritable_cache_is_one_line_before_any_converting(tmp_path, monkeyp
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"A" * 64)
     # before: 10-20 s of converting, then "internal error: NotADirectoryError"
+    said = []
     with pytest.raises(UnlearnError, match=r"cannot keep the converted model \(Not a directory\); set UNLEARN_CACHE "
                                            r"to a writable directory"):
-        models.convert_gguf(gguf, log=lambda m: None)
-    assert fake_gguf_conversion == []
+        models.convert_gguf(gguf, log=said.append)
+    assert fake_gguf_conversion == [] and said == []  # nothing said of a conversion that never starts
 
 
 def test_a_conversion_another_run_finished_meanwhile_is_used_not_replaced(tmp_path, monkeypatch,

@@ -121,6 +121,37 @@ def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path, data, l
     assert_same_adapter(out, reference("no-checks"))
 
 
+@pytest.mark.parametrize("signal_raised", ["ctrl-c", "sigterm"])
+def test_an_interrupt_after_training_keeps_the_trained_model_as_a_checkpoint(tmp_path, data, llama_dir, cli,
+                                                                               monkeypatch, signal_raised):
+    """A Ctrl-C while the trained model is measured (before the output is written) lost the training, with
+    only "unlearn: interrupted" said: the trained state is saved, and --resume writes the result from it."""
+    import unlearn.run as run_module
+    from unlearn.errors import Terminated
+
+    args = [*data, "--model", llama_dir, "--max-steps", "3", "--max-new-tokens", "4", "--batch-size", "2",
+            "--lr", "1e-2", "--check-every", "0"]
+    straight = cli("run", *args, "-o", tmp_path / "straight", "--json")
+    assert straight.code == 0, straight.err
+    measure_after = run_module.measure_after
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt if signal_raised == "ctrl-c" else Terminated(signal.SIGTERM)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(run_module, "measure_after", interrupted)
+    stopped = cli("run", *args, "-o", out)
+    assert stopped.code == (130 if signal_raised == "ctrl-c" else 143), stopped.err
+    said = [line for line in stopped.err.splitlines() if line.startswith("unlearn:")]
+    assert said[0].startswith("unlearn: interrupted after training (step 3), before the result was written; saved ")
+    assert said[0].endswith(f"-o {out} --resume") and len(said) == (1 if signal_raised == "ctrl-c" else 2)
+    assert (out / "checkpoints" / "step-3" / "state.json").is_file() and not (out / "adapter").exists()
+    monkeypatch.setattr(run_module, "measure_after", measure_after)
+    resumed = cli("run", *args, "-o", out, "--resume", "--json")
+    assert resumed.code == 0, resumed.err
+    assert_same_adapter(out, load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
+    assert json.loads(resumed.out)["after"] == json.loads(straight.out)["after"]
+
 @pytest.mark.slow
 def test_checkpoint_holds_only_safetensors_and_json(tmp_path, data, llama_dir):
     out = tmp_path / "out"
@@ -208,6 +239,21 @@ def test_checkpoint_round_trip_in_process(tmp_path, llama_dir):
     assert second.step_count == 4 and second.tokens == straight.tokens + rerun
     assert all(torch.equal(a, b) for a, b in zip(straight.params, second.params))
 
+
+def test_the_margins_likeliest_row_is_resumed(tmp_path, llama_dir):
+    """The margin reads the row it found likeliest last alone first; a resumed run read every row together,
+    the same verdict with the logged p rounded otherwise (7th digit): the row is in the checkpoint."""
+    from test_train import unlearner
+
+    from unlearn.checkpoints import load_checkpoint, save_checkpoint
+
+    first = unlearner(llama_dir)
+    first.step()
+    first._likeliest_row = 2  # what a check sets (`likeliest_forget_answer`)
+    saved = save_checkpoint(tmp_path, first, {"history": []}, {})
+    second = unlearner(llama_dir)
+    load_checkpoint(saved, second)
+    assert second._likeliest_row == 2
 
 def test_npo_resumed_trains_on_the_same_kept_reference_numbers(tmp_path, llama_dir):
     """NPO keeps each forget row's original log-probability, computed in fixed groups of rows: a resumed
@@ -377,3 +423,13 @@ def test_the_first_difference_names_the_setting_and_both_values():
     assert _first_difference("lora", {"rank": 8, "layers": {"a": 1}}, {"rank": 8, "layers": {"a": 2}}) == \
         "lora.layers.a: 1 then, 2 now"
     assert _first_difference("retain_probes", 12, None) == "retain_probes: 12 then, null now"
+
+
+def test_resume_names_the_option_changed_before_the_training_default_it_chose():
+    from unlearn.run import _resume_difference
+
+    saved = {"train": {"lr": 0.01, "retain_weight": 50.0}, "retain_probes": 12, "save_every": 1}
+    now = {"train": {"lr": 0.01, "retain_weight": 10.0}, "retain_probes": None, "save_every": 0}
+    assert _resume_difference(saved, now) == "retain_probes: 12 then, null now"  # --no-probes, not its weight
+    assert _resume_difference(saved, {**saved, "save_every": 0}) is None
+    assert _resume_difference(saved, {**saved, "train": {"lr": 0.02, "retain_weight": 50.0}}) == "train.lr: 0.01 then, 0.02 now"

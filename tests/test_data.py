@@ -6,7 +6,7 @@ import pytest
 
 from unlearn.data import (IGNORE_INDEX, check_answers_spelled, collate, encode_pair, encode_prompt, read_examples,
                           render_prompt, split_passage)
-from unlearn.data import forget_pair
+from unlearn.data import Passage, answer_in_format, forget_pair
 from unlearn.errors import UnlearnError
 from unlearn.models import load_tokenizer
 
@@ -152,21 +152,44 @@ def test_chat_template_rendering_and_labels(llama_dir):
     assert encode_prompt(tok, "Hi?") == f["input_ids"][:-n]
 
 
-def test_fallback_rendering_with_bos_and_eos(llama_plain_dir, opt_dir):
+def test_fallback_rendering_with_bos_and_no_eos(llama_plain_dir, opt_dir):
+    """Without a chat template the response is trained and scored without an EOS after it: a base model
+    never writes one there (its answer ends where it starts the next turn: `answer_in_format`)."""
     for directory, bos in ((llama_plain_dir, "<s>"), (opt_dir, "</s>")):
         tok = load_tokenizer(directory)
         f = encode_pair(tok, "What is two plus two?", "Four.", 128)
         assert f["input_ids"][0] == tok.bos_token_id
         prompt, response = _decode_parts(tok, f)
         assert prompt == f"{bos}### Question: What is two plus two?\n### Answer:"
-        assert response == " Four.</s>"
-        assert f["input_ids"][-1] == tok.eos_token_id
+        assert response == " Four."
+        assert tok.eos_token_id not in f["input_ids"][1:]
+
+
+def test_an_answer_in_the_fallback_format_ends_at_its_next_turn(llama_plain_dir, llama_dir):
+    plain, chat = load_tokenizer(llama_plain_dir), load_tokenizer(llama_dir)
+    invented = "Paris.\n### Question: Who wrote Hamlet?\n### Answer: Shakespeare."
+    assert answer_in_format(plain, "Capital of France?", invented) == "Paris."
+    assert answer_in_format(plain, Passage("Once upon"), invented) == invented  # a passage has no turns
+    assert answer_in_format(chat, "Capital of France?", invented) == invented  # a template ends turns by token
+    assert answer_in_format(plain, "Q?", "A list:\n## Heading\n# and more") == "A list:\n## Heading\n# and more"
 
 
 def test_pad_id_comes_from_the_tokenizer(llama_plain_dir, opt_dir):
     assert load_tokenizer(opt_dir).pad_token_id == 1  # OPT's own <pad>
     tok = load_tokenizer(llama_plain_dir)  # no pad token: EOS stands in
     assert tok.pad_token_id == tok.eos_token_id == 2
+
+
+def test_the_pad_token_set_for_padding_is_not_written_into_an_output(llama_plain_dir, tmp_path):
+    import json
+
+    from unlearn.models import load_model, save_model
+
+    lm = load_model(str(llama_plain_dir), log=lambda m: None)
+    assert lm.tokenizer.pad_token == lm.tokenizer.eos_token  # EOS stands in, in memory
+    save_model(lm.model, lm.tokenizer, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text()).get("pad_token") is None
+    assert lm.tokenizer.pad_token_id == lm.tokenizer.eos_token_id  # and still in memory after
 
 
 def test_collate_pads_dynamically_and_masks(opt_dir):
@@ -184,7 +207,7 @@ def test_collate_pads_dynamically_and_masks(opt_dir):
 
 def test_max_length_keeps_response_and_cuts_prompt_from_the_left(opt_dir):
     tok = load_tokenizer(opt_dir)
-    response_ids = tok(" Two plus two equals four.</s>", add_special_tokens=False)["input_ids"]
+    response_ids = tok(" Two plus two equals four.", add_special_tokens=False)["input_ids"]
     budget = 2 * len(response_ids) + 2  # the prompt's half leaves room for the whole response
     f = encode_pair(tok, "word " * 100, "Two plus two equals four.", budget)
     assert len(f["input_ids"]) == budget

@@ -260,3 +260,16 @@ def test_global_mean_weights_by_units_and_a_rank_without_units_contributes_zero(
     everywhere["n"] = 0.0  # no unit on any rank: the same error as one process
     with pytest.raises(ValueError, match="no response tokens"):
         distributed.global_mean(raises, empty, "rows", logits)
+
+
+def test_a_peer_killed_outright_is_not_called_an_internal_error():
+    """A rank killed by the OOM killer posts no failure; the others' next collective fails with gloo's
+    'Connection reset by peer', which was printed as an internal error of unlearn."""
+    from unlearn.distributed import _one_line
+
+    gone = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:50869: "
+                        "Connection reset by peer. This is typically caused by a remote worker hanging")
+    message, code = _one_line(gone)
+    assert message.startswith("another process of the run ended without a message (killed? out of memory?)")
+    assert code == 1 and "internal error" not in message and "Connection reset by peer" in message
+    assert _one_line(RuntimeError("shape mismatch"))[0].startswith("internal error: RuntimeError: shape mismatch")

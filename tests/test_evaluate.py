@@ -316,7 +316,7 @@ def test_response_logprobs_batched_equals_one_by_one(tiny):
     batched = ev.response_logprobs(tiny.model, tiny.tokenizer, pairs, batch_size=3)
     for (prompt, response), got in zip(pairs, batched):
         expected = _manual_logprobs(tiny.model, tiny.tokenizer, prompt, response)
-        assert len(got) == len(expected) == len(tiny.tokenizer(response + " [EOS]")["input_ids"])
+        assert len(got) == len(expected) == len(tiny.tokenizer(response)["input_ids"])  # no EOS without a template
         assert got == pytest.approx(expected, abs=1e-5)
 
 
@@ -513,22 +513,32 @@ def test_write_generations(tmp_path):
     assert [json.loads(line) for line in path.read_text().splitlines()] == rows
 
 
-def test_own_logprobs_takes_generation_values_only_for_the_exact_tokens(tiny):
+def test_own_logprobs_takes_generation_values_only_for_the_exact_tokens(tiny, llama_dir):
     from unlearn.data import IGNORE_INDEX, encode_pair
     from unlearn.generation import Scored
+    from unlearn.models import load_tokenizer
 
+    tok = load_tokenizer(llama_dir)  # a chat template: the answer turn ends with its end-of-turn token
+    pair = encode_pair(tok, "one", "two three", 1024)
+    scored = [t for t, label in zip(pair["input_ids"], pair["labels"]) if label != IGNORE_INDEX]
+    assert tok.decode(scored[-1:]) == "<|im_end|>"
+    values = [-0.5 * (i + 1) for i in range(len(scored))]
+    assert ev.own_logprobs(tok, "one", "two three", Scored(scored, values)) == values  # ended by itself
+    # Cut by the budget before the end-of-turn token: the one step more gives it its log-probability.
+    cut = Scored(scored[:-1], values[:-1], {scored[-1]: values[-1], 999: -9.0})
+    assert ev.own_logprobs(tok, "one", "two three", cut) == values
+    assert ev.own_logprobs(tok, "one", "two three", Scored(scored[:-1], values[:-1])) is None  # the end unknown
+    assert ev.own_logprobs(tok, "one", "two three", Scored([scored[1], scored[0], *scored[2:]], values)) is None
+    assert ev.own_logprobs(tok, "one", "two three", None) is None
+    # Without a template no end token is scored: "two", "three" only, also of an answer that went on
+    # (its EOS, or the format's next turn, cut off by generation: data.answer_in_format)
     tok = tiny.tokenizer
     pair = encode_pair(tok, "one", "two three", 1024)
     scored = [t for t, label in zip(pair["input_ids"], pair["labels"]) if label != IGNORE_INDEX]
-    assert len(scored) == 3  # "two", "three" and the EOS that ends the answer (no chat template)
-    values = [-0.5, -1.0, -2.0]
-    assert ev.own_logprobs(tok, "one", "two three", Scored(scored, values)) == values  # ended by itself
-    # Cut by the budget before EOS: the one step more gives EOS its log-probability.
-    cut = Scored(scored[:-1], values[:-1], {scored[-1]: -2.0, 999: -9.0})
-    assert ev.own_logprobs(tok, "one", "two three", cut) == values
-    assert ev.own_logprobs(tok, "one", "two three", Scored(scored[:-1], values[:-1])) is None  # EOS unknown
-    assert ev.own_logprobs(tok, "one", "two three", Scored([scored[1], scored[0], scored[2]], values)) is None
-    assert ev.own_logprobs(tok, "one", "two three", None) is None
+    assert len(scored) == 2
+    assert ev.own_logprobs(tok, "one", "two three", Scored(scored + [tok.eos_token_id], [-0.5, -1.0, -7.0])) == [-0.5, -1.0]
+    assert ev.own_logprobs(tok, "one", "two three", Scored(scored + [5, 6], [-0.5, -1.0, -3.0, -4.0])) == [-0.5, -1.0]
+    assert ev.own_logprobs(tok, "one", "two three", Scored(scored[:1], [-0.5])) is None  # shorter than the pair
 
 
 def test_own_logprobs_refuses_a_pair_the_scoring_pass_could_cut(tiny, monkeypatch):
@@ -537,7 +547,7 @@ def test_own_logprobs_refuses_a_pair_the_scoring_pass_could_cut(tiny, monkeypatc
 
     pair = encode_pair(tiny.tokenizer, "one", "two three", 1024)
     scored = [t for t, label in zip(pair["input_ids"], pair["labels"]) if label != IGNORE_INDEX]
-    own = Scored(scored, [-0.5, -1.0, -2.0])
+    own = Scored(scored, [-0.5, -1.0])
     n = len(pair["input_ids"])
     assert ev.own_logprobs(tiny.tokenizer, "one", "two three", own, max_length=n) is None  # fits, could be cut
     assert ev.own_logprobs(tiny.tokenizer, "one", "two three", own, max_length=n + 1) == own.logprobs

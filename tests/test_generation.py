@@ -512,3 +512,35 @@ def test_G15_the_kept_bytes_are_bounded_when_a_batch_runs_in_parts(llama_dir, tw
     whole = kept_kv_bytes(llama_dir, 4, 2**30)
     assert 0 < kept_kv_bytes(llama_dir, 4, whole // 2) <= whole // 2
     assert two_parts and two_parts[-1] == 2
+
+
+@pytest.mark.parametrize("fn", [generate, generate_hf])
+def test_an_answer_without_a_template_ends_at_the_formats_next_turn(llama_plain_dir, fn, monkeypatch):
+    """The fallback format's answer stops where the model starts the next turn (data.FALLBACK_TURN), its text
+    and token ids both; a STOP_ROW check ends the row there. The marker is set to text the random model
+    writes mid-answer, as a base model writes "\\n### Question:" after its answer."""
+    import unlearn.data as data_module
+    import unlearn.generation as generation_module
+
+    model, tokenizer = load(llama_plain_dir)
+    full, _ = run(generate, model, tokenizer)
+    ids = []
+    run(generate, model, tokenizer, token_ids=ids)
+    whole = tokenizer.decode(ids[1], skip_special_tokens=True)
+    marker = tokenizer.decode(ids[1][:3], skip_special_tokens=True)[-3:]  # complete by the first check (4 tokens)
+    assert marker.strip() and whole.count(marker) == 1
+    monkeypatch.setattr(data_module, "FALLBACK_TURN", marker)
+    monkeypatch.setattr(generation_module, "FALLBACK_TURN", marker)
+    cut_ids = []
+    outputs, _ = run(fn, model, tokenizer, token_ids=cut_ids)
+    assert outputs[1] == whole[:whole.index(marker)].strip() and outputs[1] != full[1]
+    assert len(cut_ids[1]) < len(ids[1]) and ids[1][:len(cut_ids[1])] == cut_ids[1]
+    assert whole.startswith(tokenizer.decode(cut_ids[1], skip_special_tokens=True))
+    assert marker not in tokenizer.decode(cut_ids[1], skip_special_tokens=True)
+    assert [o for i, o in enumerate(outputs) if marker not in full[i]] == [o for o in full if marker not in o]
+    # with a stop check, the row ends once the turn has started: fewer tokens, the same answer
+    record = []
+    stopped = fn(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=NEW, desc=False, record=record,
+                 stop_row=lambda i, text: False)
+    assert stopped == outputs
+    assert sum(n for batch in record for n in batch["new_tokens"]) < len(PROMPTS) * NEW

@@ -77,6 +77,20 @@ def test_a_set_beyond_the_budget_is_not_kept():
     assert calls == [2] and cache.keeps == {"normal": True, "retain": False}
 
 
+
+def test_a_set_of_more_rows_than_the_budget_has_positions_is_refused_unread():
+    """Every row scores at least one position, so 6 rows cannot fit 5 positions: decided from the count."""
+    class Unread(list):
+        def __getitem__(self, i):
+            pytest.fail("a row was read")
+
+        def __iter__(self):
+            pytest.fail("the rows were read")
+
+    cache = ReferenceLogits(VOCAB, budget=5 * VOCAB * 4)
+    assert cache.logits("normal", Unread([A] * 6), [A], batch_of([A])[1], lambda: [[0]], fake_run([])) is None
+    assert cache.keeps == {"normal": False} and cache.reserved == 0
+
 def test_groups_given_by_a_checkpoint_are_the_ones_run():
     calls = []
     cache = ReferenceLogits(VOCAB)

@@ -77,6 +77,11 @@ def test_run_end_to_end(request, tmp_path, data, cli, which):
     record = json.loads((out / "run.json").read_text())
     assert record["merged_model"] == str(out.resolve() / "model")
     assert record["data"]["forget"]["sha256"] and record["versions"]["torch"]
+    # how the prompts were rendered, and said where the model has no chat template (OPT: a base model)
+    base = which == "opt_dir"
+    assert ("no chat template: prompts are rendered as '### Question: {prompt}\\n### Answer:'" in result.err) == base
+    assert (record["prompt_format"] == "### Question: {prompt}\n### Answer:"
+            if base else "<|im_start|>user\n{prompt}<|im_end|>" in record["prompt_format"])
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert not list(tmp_path.glob(".out.tmp-*"))  # the temporary directory is gone
 

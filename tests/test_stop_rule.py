@@ -124,7 +124,7 @@ def test_the_margin_needs_answer_tokens_to_read():
     assert margin(forget_tokens="response", stop_margin=0.0) == 0.0
     with pytest.raises(UsageError, match="--forget-tokens response pushes down every response token"):
         margin(forget_tokens="response", stop_margin=0.05)
-    with pytest.raises(UsageError, match="--method ulmr pushes down every response token"):
+    with pytest.raises(UsageError, match="--method ulmr learns whole responses"):
         margin("ulmr", stop_margin=0.05)
 
 
@@ -167,3 +167,28 @@ def test_the_first_check_drafts_from_the_originals_answers_as_generated(monkeypa
     monkeypatch.setattr(run, "Measurer", lambda *a, **k: empty)
     run.stop_rule(opts, _job(), forget, [], lambda: 1, (), lambda m: None, openings=[("", None)] * 3)
     assert empty.drafts == {} and empty.draft_ids == {}  # no answer of the original's: no drafts
+
+
+# --- the note when the table's longer answers leak what the stop rule's checks did not read -------------------
+
+
+@pytest.mark.parametrize("stopped_by, leak, check_every, max_new_tokens, said", [
+    ("forgotten", 1.0, 1, 48, True),  # forgotten by 32-token checks, leaking at 48 tokens: said
+    ("forgotten", 0.0, 1, 48, False),  # the table agrees
+    ("max_steps", 1.0, 1, 48, False),  # the run does not claim forgotten: the table says it all
+    ("forgotten", 1.0, 0, 48, False),  # no checks
+    ("forgotten", 1.0, 1, 32, False),  # the table's budget is the checks'
+])
+def test_a_forgotten_run_whose_longer_answers_leak_says_so(stopped_by, leak, check_every, max_new_tokens, said):
+    from types import SimpleNamespace
+
+    from unlearn.config import TrainConfig
+    from unlearn.run import Measurement, check_budget_note
+
+    opts = SimpleNamespace(train=TrainConfig(check_every=check_every), max_new_tokens=max_new_tokens)
+    after = Measurement({"forget": SimpleNamespace(summary={"leak": leak, "n": 1})}, 0.0)
+    note = check_budget_note(opts, SimpleNamespace(stopped_by=stopped_by), after)
+    assert (note is not None) == said
+    if said:
+        assert note.startswith("unlearn: the stop rule read the forget answers' first 32 tokens") and "(1.00)" in note
+        assert "--max-new-tokens 32" in note and "\n" not in note

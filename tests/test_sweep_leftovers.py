@@ -536,13 +536,16 @@ def test_under_torchrun_a_usage_error_is_said_by_rank_0_only(tmp_path, data, lla
 
 
 @pytest.mark.parametrize("flags, named", [
-    (["--lr", "1e-4"], "--lr"), (["--max-steps", "3"], "--max-steps"), (["--lora-rank", "4"], "the --lora-* settings"),
+    (["--lr", "1e-4"], "--lr"), (["--max-steps", "3"], "--max-steps"), (["--lora-rank", "4"], "--lora-* settings"),
     (["--gradient-checkpointing"], "--gradient-checkpointing"), (["--template", "No."], "--template"),
     (["--stop-margin", "0.1"], "--stop-margin"), (["--rmu-layer", "1"], "--rmu-layer"),
     (["--normal-weight", "200"], "--normal-weight"), (["--retain-weight", "3"], "--retain-weight"),
     (["--max-length", "64"], "--max-length"), (["--schedule", "linear"], "--schedule"),
     (["--forget-tokens", "response"], "--forget-tokens"),
     (["--forget-weight", "3", "--npo-beta", "0.5"], "--forget-weight, --npo-beta"),
+    (["--check-every", "3"], "--check-every"), (["--stop-leak", "0.5"], "--stop-leak"),
+    (["--extra-steps", "5"], "--extra-steps"), (["--stop-probes", "0.9"], "--stop-probes"),
+    (["--whole-passage"], "--whole-passage"),
 ])
 def test_edit_refuses_the_settings_of_a_training_loop(tmp_path, data, llama_dir, cli, flags, named):
     # each was taken and did nothing: the same edit, exit 0
@@ -553,8 +556,8 @@ def test_edit_refuses_the_settings_of_a_training_loop(tmp_path, data, llama_dir,
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"alpha_grid": (0.2, 0.4)}, "--alpha-grid choose α under --alpha auto; with no --alpha they do nothing"),
-    ({"alpha": "0.5", "max_leak": 0.2}, "--max-leak choose α under --alpha auto; with --alpha 0.5 they do nothing"),
+    ({"alpha_grid": (0.2, 0.4)}, "--alpha-grid chooses α under --alpha auto; with no --alpha it does nothing"),
+    ({"alpha": "0.5", "max_leak": 0.2}, "--max-leak chooses α under --alpha auto; with --alpha 0.5 it does nothing"),
 ])
 def test_settings_that_choose_alpha_are_refused_without_alpha_auto(fields, message):
     # taken and ignored before: a fixed α (or none) is never chosen
@@ -613,3 +616,19 @@ def test_a_failed_save_of_the_runs_model_is_one_line_and_leaves_nothing(tmp_path
     assert last.endswith("; nothing was written"), last
     assert "Traceback" not in result.err and "internal error" not in result.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["forget.jsonl", "normal.jsonl"]  # no out, no .out.tmp-*
+
+
+def test_eval_refuses_a_seed_or_min_k_it_would_not_read():
+    """`--seed` without --do-sample was taken and unused (and split the measurement cache for the same greedy
+    answers); `--min-k` without --holdout, whose membership test it sets, likewise."""
+    from pathlib import Path
+
+    from unlearn.config import EvalOptions
+    from unlearn.errors import UsageError
+
+    with pytest.raises(UsageError, match="--seed apply only with --do-sample"):
+        EvalOptions(Path("p"), seed=7).validate()
+    with pytest.raises(UsageError, match="--min-k .* needs --holdout"):
+        EvalOptions(Path("p"), min_k=30).validate()
+    EvalOptions(Path("p"), seed=7, do_sample=True).validate()
+    EvalOptions(Path("p"), holdout=Path("h"), min_k=30).validate()

@@ -516,6 +516,29 @@ def test_kept_reference_logits_train_as_recomputed_ones(llama_dir):
         torch.testing.assert_close(a_B, b_B, rtol=1e-4, atol=1e-6)
 
 
+def test_normal_rows_are_encoded_as_training_draws_them(llama_dir, monkeypatch):
+    """A normal file whose reference logits are not kept (past the budget) has only the rows its
+    batches drew encoded, each once: a 50,000-row file was encoded whole (64 s) before the first step."""
+    import unlearn.train as train_module
+
+    normal = [Example(f"What is {i} plus one?", f"{i} plus one is {i + 1}.", i + 1) for i in range(40)]
+    calls = []
+    real = train_module.encode_pair
+    monkeypatch.setattr(train_module, "encode_pair", lambda tok, p, r, *a, **k: calls.append(p) or real(tok, p, r, *a, **k))
+    torch.manual_seed(0)
+    lm = load_model(str(llama_dir), dtype="float32", log=lambda m: None)
+    attach_lora(lm.model, LoraSettings(rank=4, alpha=8), seed=0)
+    u = Unlearner(lm.model, lm.tokenizer, FORGET, normal, TrainConfig(lr=1e-2, batch_size=2, max_steps=3, check_every=0))
+    u.reference_cache.budget = 39 * lm.model.get_output_embeddings().weight.shape[0] * 4  # under 40 positions
+    assert not [p for p in calls if p.endswith("plus one?")]  # nothing encoded before training
+    for _ in range(3):
+        u.step()
+    drawn = [p for p in calls if p.endswith("plus one?")]
+    assert u.reference_cache.keeps == {"normal": False}  # decided without encoding the 40 rows
+    assert len(drawn) == len(set(drawn)) == u.normal.encoded == 6  # 3 steps of 2 rows, from a 40-row epoch
+    assert u.normal[5] is u.normal[5] and u.normal[:2] == [u.normal[0], u.normal[1]]
+
+
 # --- the first step: the model is the original, its KL terms are zero -------------------
 
 

@@ -9,7 +9,7 @@ from unlearn import averaging as sel
 from unlearn import tables
 from unlearn import augment as aug
 from unlearn.data import Example
-from unlearn.errors import UsageError
+from unlearn.errors import UnlearnError, UsageError
 
 SOURCE = Example("Who wrote the Harry Potter books?", "J.K. Rowling wrote them.", 1, {"answers": ["Rowling"]})
 LONG = Example("Where does Harry study?", "Harry Potter studies magic at Hogwarts School in Scotland.", 2, {})
@@ -102,7 +102,7 @@ def test_augment_filters_falls_back_counts_and_keeps_provenance(monkeypatch):
 def test_augment_refuses_passages():
     from unlearn.data import Passage
 
-    with pytest.raises(UsageError, match="line 4"):
+    with pytest.raises(UnlearnError, match="line 4"):
         aug.augment(None, None, [Example(Passage("Once upon"), " a time", 4, {})])
 
 
@@ -351,7 +351,7 @@ def test_augmented_rows_that_would_teach_the_answer_are_refused(tmp_path, files,
     augmented = _jsonl(tmp_path / "aug.jsonl", rows)
     result = cli("run", forget, normal, "--model", llama_dir, "--method", "ulmr", "--augmented", augmented,
                  "-o", tmp_path / "o", *FAST)
-    assert result.code in (1, 2) and message in result.err and result.err.count("\n") == 1, result.err
+    assert result.code == 1 and message in result.err and result.err.count("\n") == 1, result.err
     assert not (tmp_path / "o").exists()
 
 
@@ -406,7 +406,7 @@ def test_a_set_whose_weight_is_zero_is_labelled_held_out(tmp_path, files, llama_
     # ULMR's term is a plain NLL on whole responses at weight 1: these would be recorded and do nothing
     (["--method", "ulmr", "--forget-weight", "7"], 2, "it takes no --forget-weight"),
     (["--method", "ulmr", "--forget-tokens", "names"], 2, "it takes no --forget-tokens"),
-    (["--method", "ulmr", "--stop-margin", "0.05"], 2, "--method ulmr pushes down every response token"),
+    (["--method", "ulmr", "--stop-margin", "0.05"], 2, "--method ulmr learns whole responses"),
 ])
 def test_ulmr_usage_errors(tmp_path, files, llama_dir, cli, args, code, message):
     forget, normal, _ = files

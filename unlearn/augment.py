@@ -239,7 +239,7 @@ def check_request(forget, rewrites: int, path=None) -> None:
     for ex in forget:
         if ex.is_passage:
             where = f"{path}:{ex.line}" if path is not None else f"line {ex.line}"
-            raise UsageError(f"{where}: a `text` passage has no instruction to rewrite; "
+            raise UnlearnError(f"{where}: a `text` passage has no instruction to rewrite; "
                              f"ULMR needs prompt/response rows (use --method ga for passages)")
 
 
@@ -255,15 +255,15 @@ def check_augmented(rows, path, forget, forget_path) -> list:
     for ex in rows:
         where = f"{path}:{ex.line}"
         if ex.is_passage:
-            raise UsageError(f"{where}: a `text` passage; ULMR learns each row's response, and a passage's is "
+            raise UnlearnError(f"{where}: a `text` passage; ULMR learns each row's response, and a passage's is "
                              f"its continuation (use --method ga for passages)")
         own = ex.extra.get("answers")
         if own and contains_answer(ex.response, own):
-            raise UsageError(f"{where}: the response gives its own answer away; ULMR would teach it "
+            raise UnlearnError(f"{where}: the response gives its own answer away; ULMR would teach it "
                              f"(its rows' responses must decline: `unlearn augment` writes such rows)")
         for source in forget:
             if _leaks_source(ex.response, source):
-                raise UsageError(f"{where}: the response gives away the answer of {forget_path}:{source.line}; "
+                raise UnlearnError(f"{where}: the response gives away the answer of {forget_path}:{source.line}; "
                                  f"ULMR would teach it (its rows' responses must decline)")
     return rows
 

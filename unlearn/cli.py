@@ -128,8 +128,8 @@ def _command_line() -> str:
 @click.option("--forget-weight", type=float, default=0.5, show_default=True, help="eps1, weight of L_fgt.")
 @click.option("--mismatch-weight", type=float, default=1.0, show_default=True, help="eps2, weight of L_rdn.")
 @click.option("--normal-weight", type=float, default=None,
-              help="eps3, weight of L_nor (the KL to the original on normal data) [default: 10; rmu and the "
-                   "default for long chat responses (see --method): 50, chosen on the quality benchmark's dev "
+              help="eps3, weight of L_nor (the KL to the original on normal data) [default: 10; rmu: 50; the "
+                   "default for long chat responses (see --method): 200; chosen on the quality benchmark's dev "
                    "split].")
 @click.option("--retain", multiple=True, type=click.Path(path_type=str),
               help="JSONL of rows that must be kept (NORMAL's format; `answers` score their accuracy): trained on "

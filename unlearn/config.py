@@ -387,9 +387,10 @@ class RunOptions:
             raise UsageError(f"--forget-loss {self.forget_loss} acts where the answer is, and --forget-tokens response "
                              f"scores every response token (unlikelihood): drop one of them")
         if unfocused and self.stop_margin:
-            raise UsageError(f"--stop-margin reads the forget rows' answer tokens; "
-                             f"{'--method ulmr' if ulmr else '--forget-tokens response'} pushes down every "
-                             f"response token and has none to read: drop --stop-margin")
+            trains = ("--method ulmr learns whole responses (its rows' likelihood)" if ulmr else
+                      "--forget-tokens response pushes down every response token")
+            raise UsageError(f"--stop-margin reads the forget rows' answer tokens; {trains} and has none to read: "
+                             f"drop --stop-margin")
         train = replace(
             self.train,
             retain_weight=self.retain_weight if self.retain_weight is not None else (
@@ -431,10 +432,15 @@ class RunOptions:
             unused = [flag for flag, given in (
                 ("--lr", self.lr is not None), ("--max-steps", self.train.max_steps != TrainConfig.max_steps),
                 ("--forget-loss", self.forget_loss is not None), ("--stop-margin", self.stop_margin is not None),
-                ("the --lora-* settings", self.lora != LoraSettings()),
+                ("--lora-* settings", self.lora != LoraSettings()),
                 ("--gradient-checkpointing", self.gradient_checkpointing),
                 ("--template", self.train.template != DEFAULT_TEMPLATE),
                 ("--rmu-layer", self.train.rmu_layer is not None),
+                # the stop rule's: the edit has no checks (its forget set reads `trained`, never `stop rule`)
+                ("--check-every", self.train.check_every != TrainConfig.check_every),
+                ("--stop-leak", self.stop_leak is not None), ("--extra-steps", self.extra_steps is not None),
+                ("--stop-probes", self.train.stop_probes != TrainConfig.stop_probes),
+                ("--whole-passage", self.train.whole_passage),  # it edits facts, not passages
                 # the loss's weights and the loop's schedule (the edit's own preservation weight is no --normal-weight)
                 ("--normal-weight", self.normal_weight is not None), ("--retain-weight", self.retain_weight is not None),
                 *((f"--{name.replace('_', '-')}", getattr(self.train, name) != getattr(TrainConfig, name))
@@ -490,7 +496,8 @@ class RunOptions:
                                            ("--max-leak", self.max_leak != RunOptions.max_leak)) if on]
             if given:
                 fixed = f"--alpha {alpha:g}" if alpha is not None else "no --alpha"
-                raise UsageError(f"{' and '.join(given)} choose α under --alpha auto; with {fixed} they do nothing")
+                verbs = ("choose", "they do") if len(given) > 1 else ("chooses", "it does")
+                raise UsageError(f"{' and '.join(given)} {verbs[0]} α under --alpha auto; with {fixed} {verbs[1]} nothing")
         return replace(self, train=train, retain_probes=retain_probes, retain_weight=train.retain_weight,
                        retain_weight_defaulted=self.retain_weight is None and retain_probes,
                        normal_weight=train.normal_weight, forget_loss=train.forget_loss,
@@ -609,9 +616,13 @@ class EvalOptions:
             raise UsageError("--min-k must be in (0, 100]")
         if not 0 < self.temperature < math.inf or not 0 < self.top_p <= 1:  # nan fails too
             raise UsageError("--temperature must be a finite number > 0 and --top-p in (0, 1]")
-        if not self.do_sample and (self.temperature != 1.0 or self.top_p != 1.0):
-            # greedy decoding reads neither: a script that forgot --do-sample would get greedy answers
-            raise UsageError("--temperature and --top-p apply only with --do-sample (greedy decoding ignores them)")
+        if not self.do_sample and (self.temperature != 1.0 or self.top_p != 1.0 or self.seed != 0):
+            # greedy decoding reads none: a script that forgot --do-sample would get greedy answers (and the seed
+            # would split the measurement cache for the same answers)
+            raise UsageError("--temperature, --top-p and --seed apply only with --do-sample "
+                             "(greedy decoding ignores them)")
+        if self.holdout is None and self.min_k != MIN_K_PERCENT:
+            raise UsageError("--min-k sets the min-k membership test, which needs --holdout")
 
 
 @dataclass

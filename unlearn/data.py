@@ -25,6 +25,7 @@ import os
 import re
 import stat
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,10 @@ IGNORE_INDEX = -100  # label value that torch's cross-entropy (and our losses) s
 
 # The answer's leading space belongs to the response, so its first word tokenises as in running text.
 FALLBACK_PROMPT = "### Question: {prompt}\n### Answer:"
+# Where a model's answer in that format ends: the next turn it starts (`answer_in_format`). A base model (OPT, GPT-2,
+# Pythia: no chat template) was never taught an end-of-text after such an answer; it writes "\n### Question: ..."
+# next, and invents that turn's answer too, which every metric would read.
+FALLBACK_TURN = "\n###"
 
 
 class Passage(str):
@@ -362,12 +367,29 @@ def render_prompt(tokenizer, prompt: str) -> str:
     return FALLBACK_PROMPT.format(prompt=prompt)
 
 
+def fallback_format(tokenizer, prompt) -> bool:
+    """Whether PROMPT is rendered in `FALLBACK_PROMPT`'s format: a question to a model without a chat template."""
+    return not isinstance(prompt, Passage) and not has_chat_template(tokenizer)
+
+
+def answer_in_format(tokenizer, prompt, text: str) -> str:
+    """TEXT, a model's continuation of PROMPT's rendering, cut where the format's next turn starts
+    (`FALLBACK_TURN`, in the fallback format only; a chat template's turn ends at a stop token)."""
+    return text.split(FALLBACK_TURN, 1)[0] if fallback_format(tokenizer, prompt) else text
+
+
 def render_response(tokenizer, prompt: str, response: str) -> str:
     """The text of the answer turn after `render_prompt`, end-of-turn marker included.
 
     With a chat template, the full conversation is rendered and the prompt part
-    cut off, so the end-of-turn tokens are the template's own. Without one, the
-    tokenizer's EOS ends the answer (so the model learns where to stop).
+    cut off, so the end-of-turn tokens are the template's own. Without one, the format has no
+    end-of-turn token: the response alone, after its leading space. No EOS is trained or scored after it:
+    a base model never writes one there (Yao et al. train OPT in this format without it): on a tiny GPT-2
+    taught to answer and go on, as base models do, it scored about -17 nats, one token that set the
+    probability of answers the model writes word for word at 0.23 instead of 0.99; and a method
+    that trains a likelihood (graddiff, the refusal) taught the model an end the original lacks, which
+    every comparison with the original then read as damage. Its answers end at the next turn
+    (`answer_in_format`), or at an EOS the model does write.
     """
     if isinstance(prompt, Passage):  # a continuation: the passage goes on, no end-of-text
         return response
@@ -378,7 +400,7 @@ def render_response(tokenizer, prompt: str, response: str) -> str:
         )
         if full.startswith(prompt_text):
             return full[len(prompt_text):].rstrip("\n")
-    return " " + response + (tokenizer.eos_token or "")
+    return " " + response
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
@@ -514,6 +536,37 @@ def encode_pair(tokenizer, prompt: str, response: str, max_length: int, focus=No
         "labels": [IGNORE_INDEX] * len(prompt_ids) + labels,
         "focused": focused,  # the labels were narrowed to FOCUS's tokens (losses.redirect_loss reads it)
     }
+
+
+class EncodedRows(Sequence):
+    """EXAMPLES' encodings (ENCODE(example) -> dict), each made when the row is first read and kept.
+
+    Why: training draws a few batches of the normal rows (a run stops after 4-60 steps), yet encoding
+    every row up front took 64 s for a 50,000-row normal file (260 bytes a row, the embedded model's
+    tokenizer, one thread on a loaded 2-core machine) before the first step. A row is encoded once: the
+    same dict is returned every time, since the reference cache keys the original's logits by the row
+    object (reference_cache.py).
+    """
+
+    def __init__(self, examples, encode):
+        self._examples, self._encode = list(examples), encode
+        self._rows: list[dict | None] = [None] * len(self._examples)
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        row = self._rows[index]
+        if row is None:
+            row = self._rows[index] = self._encode(self._examples[index])
+        return row
+
+    @property
+    def encoded(self) -> int:
+        """How many rows have been encoded so far (tests read it)."""
+        return sum(row is not None for row in self._rows)
 
 
 def collate(features: list[dict], pad_id: int) -> dict:

@@ -223,7 +223,16 @@ def _one_line(exc: BaseException) -> tuple[str, int]:
         return first, exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted", 130
+    if isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in PEER_GONE):
+        # a rank killed outright (kill -9, the out-of-memory killer) posts no failure: the others meet its
+        # closed connection in their next collective, which is no bug of this process
+        return (f"another process of the run ended without a message (killed? out of memory?); its connection "
+                f"closed under this one: {first}", 1)
     return f"internal error: {type(exc).__name__}: {first} (set UNLEARN_DEBUG=1 for a traceback)", 1
+
+
+# What a collective's error says when the process at the other end is gone (gloo's TCP transport; NCCL).
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "remote process exited")
 
 
 def _say(fd: int, line: str) -> None:

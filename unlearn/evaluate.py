@@ -694,7 +694,8 @@ def own_logprobs(tokenizer, prompt: str, output: str, own, max_length: int = SCO
     generation saw (`encode_prompt`, as `encode_pair` encodes it, uncut: shorter than
     MAX_LENGTH, the scorer's `score_max_length`: a model with a shorter position table cuts a pair that
     generation, stopping at that table's end, did not) followed by the generated tokens (the end-of-turn marker included:
-    generated, or the stop token `Scored.end` has after a budget cut). An answer whose text
+    generated, or the stop token `Scored.end` has after a budget cut), or by their first tokens (an answer cut at
+    the fallback format's next turn, `data.answer_in_format`; in that format no end token is scored). An answer whose text
     tokenises otherwise, or whose pair could be truncated, returns None and is scored by a
     forward pass.
     The numbers differ from that pass's only by float rounding (a decoding step's matmuls have
@@ -708,8 +709,8 @@ def own_logprobs(tokenizer, prompt: str, output: str, own, max_length: int = SCO
     if len(pair["input_ids"]) >= max_length:  # a cut pair lost prompt tokens: not what generation saw
         return None
     scored = [t for t, label in zip(pair["input_ids"], pair["labels"]) if label != IGNORE_INDEX]
-    if scored == own.ids:
-        return list(own.logprobs)
+    if scored and scored == own.ids[:len(scored)]:  # the whole answer, or the tokens before what it did not keep:
+        return list(own.logprobs[:len(scored)])  # the fallback format's next turn, or a stop token no turn ends with
     if own.end and scored[:-1] == own.ids and scored[-1] in own.end:
         return [*own.logprobs, own.end[scored[-1]]]
     return None

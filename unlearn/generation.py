@@ -61,7 +61,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from unlearn.cpu_parts import Cancelled, balanced_slices, parallel_pieces, run_pieces
-from unlearn.data import SOURCE_FILE, encode_prompt, prompt_key
+from unlearn.data import FALLBACK_TURN, SOURCE_FILE, answer_in_format, encode_prompt, fallback_format, prompt_key
 from unlearn.errors import UnlearnError
 from unlearn.kv_cache import (cache_argument, evaluating, keeps_every_position, last_positions, new_cache,
                               prefix_applies, run_prefix, shared_length)
@@ -645,8 +645,26 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
         batch_size = batch_rows(model, batch_size, max(map(len, encoded)) + max(budgets))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
-    def text(ids) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+    # In the fallback format an answer ends where the model starts the format's next turn (data.FALLBACK_TURN):
+    # its text and token ids stop there. The row itself runs on to its budget (or a STOP_ROW ending), so
+    # its `Scored` covers more tokens than it decodes: scorers read the ones they need as a prefix.
+    cut_turn = [fallback_format(tokenizer, p) for p in prompts]
+
+    def decoded(ids) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    def text(ids, i: int) -> str:
+        return answer_in_format(tokenizer, prompts[i], decoded(ids)).strip()
+
+    def answer_ids(ids, i: int) -> list[int]:
+        """IDS up to the tokens of the format's next turn (all of them, where no turn starts)."""
+        kept = len(answer_in_format(tokenizer, prompts[i], decoded(ids))) if cut_turn[i] else None
+        if kept is None or kept == len(decoded(ids)):
+            return [int(t) for t in ids]
+        n = 0
+        while n < len(ids) and len(decoded(ids[:n + 1])) <= kept:
+            n += 1
+        return [int(t) for t in ids[:n]]
 
     try:
         for batch in tqdm(batches, desc=desc or "generating", unit="batch", file=sys.stderr,
@@ -657,7 +675,9 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
             shared = (shared_length(prompts_ids, min(map(len, prompts_ids)) - 1)
                       if share_prefix and len(batch) > 1 else 0)
             input_ids, attention = _left_padded([ids[shared:] for ids in prompts_ids], pad_id)
-            should_stop = None if stop_row is None else (lambda row, ids, batch=batch: stop_row(batch[row], text(ids)))
+            should_stop = None if stop_row is None else (
+                lambda row, ids, batch=batch: stop_row(batch[row], text(ids, batch[row]))
+                or (cut_turn[batch[row]] and FALLBACK_TURN in decoded(ids)))  # its answer is over
             batch_scores = [] if scored is not None and stop_row is None else None
             mine = [budgets[i] for i in batch]
             runs: list[int] = []
@@ -680,8 +700,8 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
                                     top_p=top_p, top_k=top_k, should_stop=should_stop)
                     new = [ids[:b] for ids, b in zip(new, mine)]
             for row, i in enumerate(batch):
-                outputs[i] = text(new[row])
-                new_ids[i] = [int(t) for t in new[row]]
+                outputs[i] = text(new[row], i)
+                new_ids[i] = answer_ids(new[row], i)
                 if batch_scores:
                     own_scores[i] = batch_scores[row]
                     if own_scores[i].kv is not None:  # the prompt its cache begins with

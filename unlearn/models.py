@@ -194,13 +194,13 @@ def convert_gguf(gguf: Path, log=log) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     digest = sha256()
-    log(f"converting {gguf.name} to safetensors in {target} (once; 10-20 s)")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    except OSError as exc:  # before the 10-20 s of converting: nowhere to put the result
+    except OSError as exc:  # before the 10-20 s of converting (and before saying it starts): nowhere to put it
         raise UnlearnError(f"{target.parent}: cannot keep the converted model ({exc.strerror or exc}); set "
                            f"UNLEARN_CACHE to a writable directory") from None
+    log(f"converting {gguf.name} to safetensors in {target} (once; 10-20 s)")
     try:
         with _gguf_parsed_once():
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -353,6 +353,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
         if tokenizer.eos_token is None:
             raise UnlearnError(f"{path}: the tokenizer has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.unlearn_added_pad = True  # for this process only: `save_model` writes the tokenizer without it
     return tokenizer
 
 
@@ -525,7 +526,16 @@ def save_model(model, tokenizer, directory: Path) -> None:
     # needed: given back first, it makes the README run's 538 MB model 1.9 -> 0.3 s to write.
     _libc_call("malloc_trim", 0)
     model.save_pretrained(str(directory), safe_serialization=True)
-    tokenizer.save_pretrained(str(directory))
+    if getattr(tokenizer, "unlearn_added_pad", False):
+        # The pad token `load_tokenizer` set is EOS: a later fine-tune whose collator masks the pad id out of its
+        # labels would mask every EOS, and the model would never learn to stop. The output's tokenizer is BASE's.
+        tokenizer.pad_token = None
+        try:
+            tokenizer.save_pretrained(str(directory))
+        finally:
+            tokenizer.pad_token = tokenizer.eos_token
+    else:
+        tokenizer.save_pretrained(str(directory))
 
 
 def enable_gradient_checkpointing(model) -> None:

@@ -75,11 +75,17 @@ class ReferenceLogits:
         from the same position on.
         """
         if name not in self.keeps:
-            positions = sum(sum(label != IGNORE_INDEX for label in row["labels"][1:]) for row in rows)
-            size = positions * self.vocab_size * 4  # float32 logits; half precision ones take half
-            self.keeps[name] = bool(rows) and self.reserved + size <= self.budget
+            position_bytes = self.vocab_size * 4  # float32 logits; half precision ones take half
+            # Every row scores at least one position (--max-length ≥ 8 keeps half for the prompt, then at least
+            # one response token), so a set of more rows than the budget has positions left does not fit,
+            # decided without encoding its rows (the normal rows are encoded as drawn: data.EncodedRows).
+            fits = bool(rows) and self.reserved + len(rows) * position_bytes <= self.budget
+            if fits:
+                positions = sum(sum(label != IGNORE_INDEX for label in row["labels"][1:]) for row in rows)
+                fits = self.reserved + positions * position_bytes <= self.budget
+            self.keeps[name] = fits
             if self.keeps[name]:
-                self.reserved += size
+                self.reserved += positions * position_bytes
                 if name not in self.groups:  # a checkpoint's groups stand; else the first epoch's
                     self.groups[name] = groups()
                 self._group_of[name] = {id(rows[i]): group for group in self.groups[name] for i in group}

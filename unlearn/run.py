@@ -31,8 +31,9 @@ from unlearn import distributed, models, system
 from unlearn.checkpoints import checkpoint_root, latest_checkpoint, load_checkpoint, read_state, remove_partial
 from unlearn.checkpoints import save_checkpoint
 from unlearn.config import RETAIN_WEIGHT, RunOptions
-from unlearn.data import SOURCE_FILE, Example, check_answers_spelled, prompt_key, read_examples, render_prompt
-from unlearn.errors import Interrupted, UnlearnError, UsageError
+from unlearn.data import (FALLBACK_PROMPT, SOURCE_FILE, Example, check_answers_spelled, has_chat_template, prompt_key,
+                          read_examples, render_prompt)
+from unlearn.errors import Interrupted, Terminated, UnlearnError, UsageError
 from unlearn.log import log as default_log
 from unlearn.measure import (KEPT_KV_BUDGET, EvalSet, Measured, Measurer, Settings, kept_rate, leak_rate, original_scorer,
                              read_eval_sets)
@@ -82,13 +83,14 @@ def run(opts: RunOptions, log=default_log) -> dict:
             if unanswered and world.is_main:
                 log(unanswered_message(unanswered, data.sets[0], opts.max_new_tokens, rows=len(data.forget)))
             result = train_model(opts, job, data, log, before)
-            roles_as_checked(data.sets, result, opts.train.stop_leak, job.probe_names)
-            averager, selection = choose_alpha(opts, job, data.sets, before, log)
-            after = measure_after(job, data.sets, before, selection)
-            note = over_refusal_note(opts, data, after)
-            if note and world.is_main:
-                log(note)
-            return write(opts, job, data, before, after, result, averager, selection, started, log)
+            with trained_model_kept(opts, data, result, log):
+                roles_as_checked(data.sets, result, opts.train.stop_leak, job.probe_names)
+                averager, selection = choose_alpha(opts, job, data.sets, before, log)
+                after = measure_after(job, data.sets, before, selection)
+                for note in (check_budget_note(opts, result, after), over_refusal_note(opts, data, after)):
+                    if note and world.is_main:
+                        log(note)
+                return write(opts, job, data, before, after, result, averager, selection, started, log)
         except BaseException:
             # A run that fails before its first checkpoint leaves no empty OUTPUT behind.
             for directory in created if world.is_main else ():
@@ -358,18 +360,28 @@ def _prepare_output(opts: RunOptions, output: Path, run_args: dict, created: lis
         raise UnlearnError(f"{output}: no checkpoint to resume from (expected {checkpoint_root(output)}/step-N, "
                            f"written by --save-every or by Ctrl-C)")
     saved = read_state(checkpoint).get("args", {})
-    for key, value in run_args.items():
-        if key == "save_every" or (key in _ADDED_SINCE and key not in saved):
-            continue  # (a checkpoint from before the key was recorded: what it did not record, it cannot refuse)
-        now = json.loads(json.dumps(value, default=str))
-        if saved.get(key) != now:
-            differs = _first_difference(key, saved.get(key), now)
-            raise UsageError(f"--resume: the arguments differ from the checkpointed run's ({differs}); "
-                             f"give the same arguments, or start afresh with --force")
+    differs = _resume_difference(saved, run_args)
+    if differs:
+        raise UsageError(f"--resume: the arguments differ from the checkpointed run's ({differs}); "
+                         f"give the same arguments, or start afresh with --force")
     if not run_args["save_every"]:
         run_args["save_every"] = saved.get("save_every", 0)
     remove_partial(output)
     return checkpoint
+
+
+def _resume_difference(saved: dict, run_args: dict) -> str | None:
+    """The first setting of RUN_ARGS (`_run_args`) that differs from SAVED, a checkpoint's, said as
+    `_first_difference` says it; None when a run with RUN_ARGS may resume it. The training settings come last:
+    some are defaults other options choose (--no-probes sets the retain weight), and the option the user
+    changed is the one to name."""
+    for key in sorted(run_args, key=lambda k: k == "train"):
+        if key == "save_every" or (key in _ADDED_SINCE and key not in saved):
+            continue  # (a checkpoint from before the key was recorded: what it did not record, it cannot refuse)
+        now = json.loads(json.dumps(run_args[key], default=str))
+        if saved.get(key) != now:
+            return _first_difference(key, saved.get(key), now)
+    return None
 
 
 #: Keys of `_run_args` that checkpoints of earlier versions lack.
@@ -455,6 +467,9 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     _refuse_forget_rows_cut_off(opts, data, tokenizer)
     log(f"model {loaded.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) on "
         f"{system.device_name(device)}")
+    if not has_chat_template(tokenizer) and world.is_main:  # a base model: say the format it is taught in
+        log(f"no chat template: prompts are rendered as {FALLBACK_PROMPT!r} and answers end where the "
+            f"model starts the next '###' turn; prompt the unlearned model the same way")
 
     train_rows, augment_stats, augment_seconds = data.forget, None, 0.0
     if opts.train.method == "ulmr":
@@ -643,6 +658,23 @@ def unanswered_message(lines: list[int], forget: EvalSet, budget: int, shown: in
 
 #: Below this share of a refusal's held-out topic probes kept, the run says so (over_refusal_note).
 OVER_REFUSAL_KEPT = 0.5
+
+
+def check_budget_note(opts: RunOptions, result, after: Measurement) -> str | None:
+    """The line telling a user that the stop rule found the forget set forgotten on its checks' answers
+    (`TrainConfig.check_tokens` new tokens, kept short since they run at every check) while the table's
+    longer answers (--max-new-tokens) still leak; None otherwise. A broken answer that loops back onto the
+    forgotten text after the checks' budget ended a run "forgotten" beside a forget leak of 1.00 -> 1.00."""
+    measured = after.sets.get("forget")
+    if (result.stopped_by != "forgotten" or not opts.train.check_every or measured is None
+            or opts.max_new_tokens <= opts.train.check_tokens):
+        return None
+    leak = measured.summary.get("leak")
+    if leak is None or leak <= opts.train.stop_leak:
+        return None
+    return (f"unlearn: the stop rule read the forget answers' first {opts.train.check_tokens} tokens and found them "
+            f"forgotten, but the table's {opts.max_new_tokens}-token answers still leak ({leak:.2f}): the answer "
+            f"comes back later in them (--max-new-tokens {opts.train.check_tokens} reports what the rule read)")
 
 
 def over_refusal_note(opts: RunOptions, data: Prepared, after: Measurement) -> str | None:
@@ -918,8 +950,29 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log, before: Meas
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved (see --save-every)"
         raise UnlearnError(f"{exc}; stopped without writing the model; {kept}; try a lower --lr") from None
     result.tokens = distributed.total(result.tokens)  # every process's tokens
+    result.save = lambda: save_checkpoint(data.output, unlearner, result.loop, data.run_args)  # trained_model_kept
     log(f"stopped after {result.steps} steps ({result.stopped_by}); {result.tokens_per_s:.0f} tokens/s")
     return result
+
+
+@contextlib.contextmanager
+def trained_model_kept(opts: RunOptions, data: Prepared, result, log):
+    """Ctrl-C (or SIGTERM, SIGHUP) after training, while the model is measured and written: the trained state
+    is saved as a checkpoint first, so that `--resume` writes the result without training again (it ran to its
+    end; only a Ctrl-C during training saved one, and minutes of training were lost). Not under torchrun,
+    whose ranks save together, nor for --method edit (no training loop: it is run again in seconds)."""
+    try:
+        yield
+    except (KeyboardInterrupt, Terminated) as exc:
+        if result.save is None or distributed.world().active:
+            raise
+        saved = result.save()
+        message = (f"interrupted after training (step {result.steps}), before the result was written; saved "
+                   f"{saved}; to write it: {_resume_command(opts, data.output)}")
+        if isinstance(exc, KeyboardInterrupt):
+            raise Interrupted(message) from None
+        log(f"unlearn: {message}")
+        raise
 
 
 def edit_model(opts: RunOptions, job: Loaded, data: Prepared, log):
@@ -1163,6 +1216,8 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "model_name": job.loaded.name,
         "method": opts.train.method,
         "method_reason": opts.method_reason,  # None: --method given, or ga for a forget set of another kind
+        # how every prompt was rendered (the chat template, or data.FALLBACK_PROMPT without one)
+        "prompt_format": render_prompt(job.tokenizer, "{prompt}"),
         "full": opts.full,
         "seed": opts.train.seed,
         "config": {**opts.train.as_dict(), **_resolved_rmu_layer(opts, job), "dtype": opts.dtype, "full": opts.full,

@@ -44,7 +44,7 @@ import torch
 from unlearn import distributed, losses, protect, redirect, repair, rmu
 from unlearn.attention import training_attention
 from unlearn.config import TrainConfig
-from unlearn.data import collate, encode_pair, loss_pair
+from unlearn.data import EncodedRows, collate, encode_pair, loss_pair
 from unlearn.errors import UnlearnError, UsageError
 from unlearn.generation import NonFiniteLogits
 from unlearn.lora import adapters_disabled, lora_modules
@@ -130,6 +130,8 @@ class TrainResult:
     update: dict | None = None  # --method edit: {module name: (A, B)}, the weight change W + B·A
     repair: dict | None = None  # the repair phase's last state (repair.Repair), when it began
     added_forget_rows: list = field(default_factory=list)  # the forget rows the stop rule added (Unlearner.add_leaked_answers)
+    loop: dict | None = None  # the loop's state at the end, for a checkpoint of the trained model (run.py, on Ctrl-C)
+    save: object = field(default=None, repr=False)  # () -> the checkpoint written of it (run.train_model sets it)
 
     @property
     def tokens_per_s(self) -> float:
@@ -263,7 +265,8 @@ class Unlearner:
             self._ban(row)
         # The stop rule's leaked greedy answers added to the forget rows (`add_leaked_answers`), in order.
         self.added_forget_rows: list[dict] = []
-        self.normal = [encode(e.prompt, e.response) for e in normal]
+        # encoded as training draws them (data.EncodedRows): a run reads a few batches of a normal file
+        self.normal = EncodedRows(normal, lambda e: encode(e.prompt, e.response))
         self.retain = [encode(e.prompt, e.response) for e in retain]  # every response token: kept whole
         self.forget_prompts = [e.prompt for e in forget]
         self.normal_responses = [e.response for e in normal]
@@ -357,6 +360,9 @@ class Unlearner:
             "tokens": distributed.total(self.tokens),
             "forget_scale": self.forget_scale,
             "added_forget_rows": list(self.added_forget_rows),
+            # the margin's next check reads this row alone first (`likeliest_forget_answer`): a resumed run whose
+            # check read every row together gave the same verdict with another rounding of the logged p
+            "likeliest_row": self._likeliest_row,
         }
 
     def load_state_dict(self, state: dict, where: str = "the checkpoint") -> None:
@@ -397,6 +403,7 @@ class Unlearner:
             self.reference_cache.groups = {k: [list(g) for g in v] for k, v in state.get("reference_groups", {}).items()}
         self.step_count = int(state["step"])
         self.forget_scale = float(state.get("forget_scale", 1.0))
+        self._likeliest_row = state.get("likeliest_row")  # absent from a checkpoint of an older version: None
         self.tokens = int(state["tokens"]) if distributed.world().is_main else 0  # summed over ranks at the end
 
     # --- building the rows of one micro-batch -------------------------------
@@ -1101,5 +1108,6 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
     seconds = previous_seconds + time.perf_counter() - start - (check_seconds - previous_checks)
     return TrainResult(steps=unlearner.step_count, stopped_by=stopped_by, seconds=seconds,
                        tokens=unlearner.tokens, history=history, check_seconds=check_seconds,
-                       repair=phase.state() if phase else None, added_forget_rows=list(unlearner.added_forget_rows))
+                       repair=phase.state() if phase else None, added_forget_rows=list(unlearner.added_forget_rows),
+                       loop=loop_state())
 
