@@ -632,3 +632,15 @@ def test_eval_refuses_a_seed_or_min_k_it_would_not_read():
         EvalOptions(Path("p"), min_k=30).validate()
     EvalOptions(Path("p"), seed=7, do_sample=True).validate()
     EvalOptions(Path("p"), holdout=Path("h"), min_k=30).validate()
+
+
+def test_full_refuses_the_lora_settings_it_would_ignore():
+    from pathlib import Path
+
+    from unlearn.config import RunOptions
+    from unlearn.errors import UsageError
+    from unlearn.lora import LoraSettings
+
+    with pytest.raises(UsageError, match="--full fine-tunes every weight, without adapters: it takes no --lora-"):
+        RunOptions(Path("f"), Path("n"), full=True, lora=LoraSettings(rank=4)).resolved()
+    RunOptions(Path("f"), Path("n"), full=True).resolved()

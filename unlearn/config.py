@@ -455,6 +455,8 @@ class RunOptions:
         if self.train.protect and (self.full or self.fsdp):
             raise UsageError("--protect projects the forget loss's LoRA gradient in one process: it takes no "
                              "--full or --fsdp")
+        if self.full and self.lora != LoraSettings():  # taken and ignored before: --full trains every weight
+            raise UsageError("--full fine-tunes every weight, without adapters: it takes no --lora-* settings")
         if self.full and self.fsdp:
             # Measured: the first step ended in an internal error (the trained weights the optimiser holds are
             # not the shards FSDP puts in their place); until that is built, a clear refusal before loading.
