@@ -121,36 +121,44 @@ def test_ctrl_c_finishes_the_step_saves_and_says_how_to_resume(tmp_path, data, l
     assert_same_adapter(out, reference("no-checks"))
 
 
-@pytest.mark.parametrize("signal_raised", ["ctrl-c", "sigterm"])
+@pytest.mark.parametrize("signal_raised, where, extra", [
+    ("ctrl-c", "measure_after", []), ("sigterm", "measure_after", []),
+    # α averaging scales the adapters in place, and writing folds them into the model: the state saved is the
+    # trained one, taken when training ended (saved after averaging, a resumed run averaged it twice: ×0.25)
+    ("ctrl-c", "measure_after", ["--alpha", "0.5"]), ("ctrl-c", "save_model", []),
+])
 def test_an_interrupt_after_training_keeps_the_trained_model_as_a_checkpoint(tmp_path, data, llama_dir, cli,
-                                                                               monkeypatch, signal_raised):
-    """A Ctrl-C while the trained model is measured (before the output is written) lost the training, with
-    only "unlearn: interrupted" said: the trained state is saved, and --resume writes the result from it."""
+                                                                               monkeypatch, signal_raised, where,
+                                                                               extra):
+    """A Ctrl-C while the trained model is measured or written lost the training, with only "unlearn:
+    interrupted" said: the trained state is saved, and --resume writes the result from it."""
     import unlearn.run as run_module
     from unlearn.errors import Terminated
 
     args = [*data, "--model", llama_dir, "--max-steps", "3", "--max-new-tokens", "4", "--batch-size", "2",
-            "--lr", "1e-2", "--check-every", "0"]
+            "--lr", "1e-2", "--check-every", "0", *extra]
     straight = cli("run", *args, "-o", tmp_path / "straight", "--json")
     assert straight.code == 0, straight.err
-    measure_after = run_module.measure_after
+    owner = run_module if where == "measure_after" else run_module.models
+    real = getattr(owner, where)
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt if signal_raised == "ctrl-c" else Terminated(signal.SIGTERM)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(run_module, "measure_after", interrupted)
+    monkeypatch.setattr(owner, where, interrupted)
     stopped = cli("run", *args, "-o", out)
     assert stopped.code == (130 if signal_raised == "ctrl-c" else 143), stopped.err
     said = [line for line in stopped.err.splitlines() if line.startswith("unlearn:")]
     assert said[0].startswith("unlearn: interrupted after training (step 3), before the result was written; saved ")
     assert said[0].endswith(f"-o {out} --resume") and len(said) == (1 if signal_raised == "ctrl-c" else 2)
     assert (out / "checkpoints" / "step-3" / "state.json").is_file() and not (out / "adapter").exists()
-    monkeypatch.setattr(run_module, "measure_after", measure_after)
+    monkeypatch.setattr(owner, where, real)
     resumed = cli("run", *args, "-o", out, "--resume", "--json")
     assert resumed.code == 0, resumed.err
     assert_same_adapter(out, load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors"))
     assert json.loads(resumed.out)["after"] == json.loads(straight.out)["after"]
+
 
 @pytest.mark.slow
 def test_checkpoint_holds_only_safetensors_and_json(tmp_path, data, llama_dir):
@@ -433,3 +441,18 @@ def test_resume_names_the_option_changed_before_the_training_default_it_chose():
     assert _resume_difference(saved, now) == "retain_probes: 12 then, null now"  # --no-probes, not its weight
     assert _resume_difference(saved, {**saved, "save_every": 0}) is None
     assert _resume_difference(saved, {**saved, "train": {"lr": 0.02, "retain_weight": 50.0}}) == "train.lr: 0.01 then, 0.02 now"
+
+
+def test_a_state_write_cut_short_leaves_no_empty_checkpoints_directory(tmp_path, monkeypatch):
+    """A second Ctrl-C during the save after training left OUT/checkpoints/ empty, which held OUT against a new
+    run without --force."""
+    import unlearn.checkpoints as checkpoints
+
+    def cut(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints.safetensors.torch, "save_file", cut)
+    state = {"weights": {}, "optimizer_tensors": {}, "torch_rng": {}, "step": 3}
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.write_state(tmp_path, state, {"history": []}, {})
+    assert not (tmp_path / "checkpoints").exists()

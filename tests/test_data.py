@@ -171,7 +171,8 @@ def test_an_answer_in_the_fallback_format_ends_at_its_next_turn(llama_plain_dir,
     assert answer_in_format(plain, "Capital of France?", invented) == "Paris."
     assert answer_in_format(plain, Passage("Once upon"), invented) == invented  # a passage has no turns
     assert answer_in_format(chat, "Capital of France?", invented) == invented  # a template ends turns by token
-    assert answer_in_format(plain, "Q?", "A list:\n## Heading\n# and more") == "A list:\n## Heading\n# and more"
+    headed = "Shakespeare.\n### Author\nWilliam Shakespeare wrote it.\n### Answer: yes"  # Markdown, not a turn
+    assert answer_in_format(plain, "Who wrote Hamlet?", headed) == headed
 
 
 def test_pad_id_comes_from_the_tokenizer(llama_plain_dir, opt_dir):

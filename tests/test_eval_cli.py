@@ -47,6 +47,10 @@ def test_eval_json_own_answers_leak(tmp_path, cli, tiny_dirs, own_outputs):
                 "probability", "truth_ratio", "mia_loss_auc", "mia_min_k_auc"):
         assert key in obj
     assert obj["accuracy"] is None and obj["similarity_to_reference"] is None and "before" not in obj
+    # a model without a chat template: the format said, as run says it, and recorded
+    assert obj["prompt_format"] == "### Question: {prompt}\n### Answer:"
+    assert "no chat template: prompts are rendered as '### Question: {prompt}\\n### Answer:' and answers end " \
+           "where the model starts the next '### Question:' turn" in err
 
 
 def test_eval_reference_model_report_and_generations(tmp_path, cli, tiny_dirs, own_outputs):
@@ -232,7 +236,8 @@ def test_generations_and_report_are_written_both_or_neither(tmp_path, cli, tiny_
     monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
     code, out, err = cli("eval", str(data), "--model", tiny_dirs[0], "--max-new-tokens", "4", "--no-cache",
                          "--save-generations", str(gens), "--report", str(report), "--force")
-    assert code == 1 and err.strip().splitlines() == [
-        f"unlearn: {report}: could not write (No space left on device); nothing was written"], err
+    said = [line for line in err.strip().splitlines() if not line.startswith("no chat template: ")]  # (the format)
+    assert code == 1, err
+    assert said == [f"unlearn: {report}: could not write (No space left on device); nothing was written"], err
     assert gens.read_text() == "OLD GENERATIONS FROM AN EARLIER RUN\n" and not report.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.jsonl", "p.jsonl"]  # no temporary left

@@ -172,21 +172,24 @@ def test_the_first_check_drafts_from_the_originals_answers_as_generated(monkeypa
 # --- the note when the table's longer answers leak what the stop rule's checks did not read -------------------
 
 
-@pytest.mark.parametrize("stopped_by, leak, check_every, max_new_tokens, said", [
-    ("forgotten", 1.0, 1, 48, True),  # forgotten by 32-token checks, leaking at 48 tokens: said
-    ("forgotten", 0.0, 1, 48, False),  # the table agrees
-    ("max_steps", 1.0, 1, 48, False),  # the run does not claim forgotten: the table says it all
-    ("forgotten", 1.0, 0, 48, False),  # no checks
-    ("forgotten", 1.0, 1, 32, False),  # the table's budget is the checks'
+@pytest.mark.parametrize("stopped_by, leak, check_every, max_new_tokens, alpha, said", [
+    ("forgotten", 1.0, 1, 48, None, True),  # forgotten by 32-token checks, leaking at 48 tokens: said
+    ("forgotten", 0.0, 1, 48, None, False),  # the table agrees
+    ("max_steps", 1.0, 1, 48, None, False),  # the run does not claim forgotten: the table says it all
+    ("forgotten", 1.0, 0, 48, None, False),  # no checks
+    ("forgotten", 1.0, 1, 32, None, False),  # the table's budget is the checks'
+    ("forgotten", 1.0, 1, 48, 0.5, False),  # the table reads the averaged model, which no check read
 ])
-def test_a_forgotten_run_whose_longer_answers_leak_says_so(stopped_by, leak, check_every, max_new_tokens, said):
+def test_a_forgotten_run_whose_longer_answers_leak_says_so(stopped_by, leak, check_every, max_new_tokens, alpha,
+                                                           said):
     from types import SimpleNamespace
 
     from unlearn.config import TrainConfig
     from unlearn.run import Measurement, check_budget_note
 
-    opts = SimpleNamespace(train=TrainConfig(check_every=check_every), max_new_tokens=max_new_tokens)
-    after = Measurement({"forget": SimpleNamespace(summary={"leak": leak, "n": 1})}, 0.0)
+    opts = SimpleNamespace(train=TrainConfig(check_every=check_every), max_new_tokens=max_new_tokens, alpha=alpha)
+    # the summary's key as measure.py writes it (`leak_rate`; test_run_cli reads it from a real run too)
+    after = Measurement({"forget": SimpleNamespace(summary={"leak_rate": leak, "n": 1})}, 0.0)
     note = check_budget_note(opts, SimpleNamespace(stopped_by=stopped_by), after)
     assert (note is not None) == said
     if said:

@@ -88,6 +88,19 @@ def save_checkpoint(output: Path, unlearner, loop: dict, run_args: dict) -> Path
     return distributed.on_main(lambda: _write_checkpoint(output, state, loop, run_args))
 
 
+def write_state(output: Path, state: dict, loop: dict, run_args: dict) -> Path:
+    """Write STATE (an `Unlearner.state_dict()` taken earlier) as a checkpoint, in this process; return its
+    directory. A write that does not finish (a second Ctrl-C) leaves no empty checkpoints directory behind,
+    which would hold OUT against a new run without --force."""
+    try:
+        return _write_checkpoint(output, state, loop, run_args)
+    except BaseException:
+        root = checkpoint_root(output)
+        if root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
+        raise
+
+
 def _write_checkpoint(output: Path, state: dict, loop: dict, run_args: dict) -> Path:
     root = checkpoint_root(output)
     root.mkdir(parents=True, exist_ok=True)

@@ -41,8 +41,9 @@ IGNORE_INDEX = -100  # label value that torch's cross-entropy (and our losses) s
 FALLBACK_PROMPT = "### Question: {prompt}\n### Answer:"
 # Where a model's answer in that format ends: the next turn it starts (`answer_in_format`). A base model (OPT, GPT-2,
 # Pythia: no chat template) was never taught an end-of-text after such an answer; it writes "\n### Question: ..."
-# next, and invents that turn's answer too, which every metric would read.
-FALLBACK_TURN = "\n###"
+# next, and invents that turn's answer too, which every metric would read. The whole marker, not "\n###": an answer
+# may hold a Markdown heading ("### Author"), which cut there read as no leak.
+FALLBACK_TURN = "\n### Question:"
 
 
 class Passage(str):
@@ -370,6 +371,17 @@ def render_prompt(tokenizer, prompt: str) -> str:
 def fallback_format(tokenizer, prompt) -> bool:
     """Whether PROMPT is rendered in `FALLBACK_PROMPT`'s format: a question to a model without a chat template."""
     return not isinstance(prompt, Passage) and not has_chat_template(tokenizer)
+
+
+def fallback_note(tokenizer, examples) -> str | None:
+    """The line saying that EXAMPLES' questions are rendered in the fallback format (the model has no chat
+    template), how its answers end, and how to prompt the model; None when no row is rendered so (a chat
+    template, or passages only). `run` and `eval` say it: a user who prompts a base model otherwise, or compares
+    its raw `generate` output, would not know why the answers read shorter."""
+    if has_chat_template(tokenizer) or all(isinstance(e.prompt, Passage) for e in examples):
+        return None
+    return (f"no chat template: prompts are rendered as {FALLBACK_PROMPT!r} and answers end where the model starts "
+            f"the next {FALLBACK_TURN.strip()!r} turn; prompt the unlearned model the same way")
 
 
 def answer_in_format(tokenizer, prompt, text: str) -> str:

@@ -840,7 +840,7 @@ def run_eval(opts, log: Callable[[str], None] = default_log) -> dict:
     """
     import time
 
-    from unlearn.data import read_examples
+    from unlearn.data import fallback_note, read_examples, render_prompt
     from unlearn.generation import check_sets_fit
     from unlearn.measure import EvalSet, Measurer, Settings
     from unlearn.measure_cache import weights_fingerprint
@@ -870,9 +870,10 @@ def run_eval(opts, log: Callable[[str], None] = default_log) -> dict:
             check_sets_fit(lm.model, lm.tokenizer, [prompts], opts.max_new_tokens, "--max-new-tokens",
                            whose=f"{flag} {lm.name}")
     # Once nothing is left to refuse (a refusal stays the one line on stderr): the rows left without a reference
-    note = unreferenced_note(examples, opts.prompts, forget_given=bool(forget))
-    if note:
-        log(note)
+    for note in (unreferenced_note(examples, opts.prompts, forget_given=bool(forget)),
+                 fallback_note(loaded.tokenizer, examples)):
+        if note:
+            log(note)
     # Answers and scores of weights already measured with the same rows and settings are read back
     # from the cache (measure_cache.py); the evaluated model's fluency is scored by the reference.
     fingerprint = (lambda lm: None) if opts.no_cache else (
@@ -902,6 +903,7 @@ def run_eval(opts, log: Callable[[str], None] = default_log) -> dict:
         "fluency_model": (reference or loaded).name,
         "seconds": time.perf_counter() - start,
         "device": str(next(loaded.model.parameters()).device),
+        "prompt_format": render_prompt(loaded.tokenizer, "{prompt}"),  # the chat template, or data.FALLBACK_PROMPT
         # None when the answers were read back from the cache (nothing was generated).
         "generation_tokens_per_second": new_tokens / gen_seconds if gen_seconds > 0 and not measurer.reused else None,
         "reused": {"model": bool(measurer.reused), "reference": bool(ref_measurer and ref_measurer.reused)},

@@ -657,13 +657,12 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
         return answer_in_format(tokenizer, prompts[i], decoded(ids)).strip()
 
     def answer_ids(ids, i: int) -> list[int]:
-        """IDS up to the tokens of the format's next turn (all of them, where no turn starts)."""
-        kept = len(answer_in_format(tokenizer, prompts[i], decoded(ids))) if cut_turn[i] else None
-        if kept is None or kept == len(decoded(ids)):
-            return [int(t) for t in ids]
-        n = 0
-        while n < len(ids) and len(decoded(ids[:n + 1])) <= kept:
-            n += 1
+        """IDS up to the tokens of the format's next turn (all of them, where no turn starts): the most tokens
+        whose text begins the kept answer. (Scanned down: a byte-fallback decoder spells an unfinished
+        character as one "�" a byte, so a prefix's text is not always a prefix of the whole's.)"""
+        whole = decoded(ids)
+        kept = answer_in_format(tokenizer, prompts[i], whole) if cut_turn[i] else whole
+        n = len(ids) if kept == whole else next(n for n in range(len(ids), -1, -1) if kept.startswith(decoded(ids[:n])))
         return [int(t) for t in ids[:n]]
 
     try:

@@ -29,10 +29,10 @@ from pathlib import Path
 
 from unlearn import distributed, models, system
 from unlearn.checkpoints import checkpoint_root, latest_checkpoint, load_checkpoint, read_state, remove_partial
-from unlearn.checkpoints import save_checkpoint
+from unlearn.checkpoints import save_checkpoint, write_state
 from unlearn.config import RETAIN_WEIGHT, RunOptions
-from unlearn.data import (FALLBACK_PROMPT, SOURCE_FILE, Example, check_answers_spelled, has_chat_template, prompt_key,
-                          read_examples, render_prompt)
+from unlearn.data import (SOURCE_FILE, Example, check_answers_spelled, fallback_note, prompt_key, read_examples,
+                          render_prompt)
 from unlearn.errors import Interrupted, Terminated, UnlearnError, UsageError
 from unlearn.log import log as default_log
 from unlearn.measure import (KEPT_KV_BUDGET, EvalSet, Measured, Measurer, Settings, kept_rate, leak_rate, original_scorer,
@@ -467,9 +467,9 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     _refuse_forget_rows_cut_off(opts, data, tokenizer)
     log(f"model {loaded.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) on "
         f"{system.device_name(device)}")
-    if not has_chat_template(tokenizer) and world.is_main:  # a base model: say the format it is taught in
-        log(f"no chat template: prompts are rendered as {FALLBACK_PROMPT!r} and answers end where the "
-            f"model starts the next '###' turn; prompt the unlearned model the same way")
+    note = fallback_note(tokenizer, [*data.forget, *data.normal, *data.retain])  # a base model: the format it learns
+    if note and world.is_main:
+        log(note)
 
     train_rows, augment_stats, augment_seconds = data.forget, None, 0.0
     if opts.train.method == "ulmr":
@@ -667,9 +667,9 @@ def check_budget_note(opts: RunOptions, result, after: Measurement) -> str | Non
     forgotten text after the checks' budget ended a run "forgotten" beside a forget leak of 1.00 -> 1.00."""
     measured = after.sets.get("forget")
     if (result.stopped_by != "forgotten" or not opts.train.check_every or measured is None
-            or opts.max_new_tokens <= opts.train.check_tokens):
-        return None
-    leak = measured.summary.get("leak")
+            or opts.max_new_tokens <= opts.train.check_tokens or opts.alpha is not None):
+        return None  # (with --alpha the table reads the averaged model, which the checks never read)
+    leak = measured.summary.get("leak_rate")
     if leak is None or leak <= opts.train.stop_leak:
         return None
     return (f"unlearn: the stop rule read the forget answers' first {opts.train.check_tokens} tokens and found them "
@@ -950,23 +950,35 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log, before: Meas
         kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved (see --save-every)"
         raise UnlearnError(f"{exc}; stopped without writing the model; {kept}; try a lower --lr") from None
     result.tokens = distributed.total(result.tokens)  # every process's tokens
-    result.save = lambda: save_checkpoint(data.output, unlearner, result.loop, data.run_args)  # trained_model_kept
+    if not opts.full and not distributed.world().active:  # (trained_model_kept)
+        # The trained state as it is now: α averaging then scales the adapters in place, and writing folds them
+        # into the model. The LoRA weights alone, copied (a few MB): the optimiser's state is left out, since a
+        # run resumed from the last step trains no step more, and it and the Unlearner are freed as before.
+        state = unlearner.state_dict()
+        state = {**state, "weights": {name: w.clone() for name, w in state["weights"].items()},
+                 "optimizer_tensors": {}, "optimizer_scalars": {}}
+        result.save = lambda: write_state(data.output, state, result.loop, data.run_args)
     log(f"stopped after {result.steps} steps ({result.stopped_by}); {result.tokens_per_s:.0f} tokens/s")
     return result
 
 
 @contextlib.contextmanager
 def trained_model_kept(opts: RunOptions, data: Prepared, result, log):
-    """Ctrl-C (or SIGTERM, SIGHUP) after training, while the model is measured and written: the trained state
-    is saved as a checkpoint first, so that `--resume` writes the result without training again (it ran to its
-    end; only a Ctrl-C during training saved one, and minutes of training were lost). Not under torchrun,
-    whose ranks save together, nor for --method edit (no training loop: it is run again in seconds)."""
+    """Ctrl-C (or SIGTERM, SIGHUP) after training, while α is chosen and the model measured and written: the
+    trained state, taken when training ended (`train_model`), is saved as a checkpoint first, so that `--resume`
+    writes the result without training again (only a Ctrl-C during training saved one, and minutes of training
+    were lost). A LoRA run in one process only: not --full (its checkpoint is the whole model, and keeping a copy
+    of it costs as much memory), not under torchrun, whose ranks save together, nor --method edit (no training
+    loop: it runs again in seconds). A save that fails, or a second Ctrl-C during it, ends as before."""
     try:
         yield
     except (KeyboardInterrupt, Terminated) as exc:
-        if result.save is None or distributed.world().active:
+        if result.save is None:
             raise
-        saved = result.save()
+        try:
+            saved = result.save()
+        except BaseException:
+            raise exc from None
         message = (f"interrupted after training (step {result.steps}), before the result was written; saved "
                    f"{saved}; to write it: {_resume_command(opts, data.output)}")
         if isinstance(exc, KeyboardInterrupt):

@@ -281,7 +281,8 @@ def result_json(result: dict) -> dict:
                fluency_model=result["fluency_model"], seconds=round(result["seconds"], 3),
                device=result.get("device"),
                generation_tokens_per_second=_round(result.get("generation_tokens_per_second")),
-               reused=result.get("reused"))  # {model, reference}: read back from the measurement cache
+               reused=result.get("reused"),  # {model, reference}: read back from the measurement cache
+               prompt_format=result.get("prompt_format"))  # how every prompt was rendered
     if result.get("before"):
         obj["before"] = {k: result["before"][k] for k in ("n", *METRIC_KEYS)}
     return obj
