@@ -165,14 +165,30 @@ def test_fallback_rendering_with_bos_and_no_eos(llama_plain_dir, opt_dir):
         assert tok.eos_token_id not in f["input_ids"][1:]
 
 
+def test_the_fallback_format_is_said_where_questions_are_rendered_in_it(llama_plain_dir, llama_dir):
+    from unlearn.data import Example, fallback_note
+
+    plain, chat = load_tokenizer(llama_plain_dir), load_tokenizer(llama_dir)
+    passage, question = Example(Passage("Once upon"), " a time", 1), Example("Capital of France?", "Paris.", 2)
+    assert fallback_note(plain, [passage, question]).startswith("no chat template: prompts are rendered as ")
+    assert fallback_note(plain, [passage]) is None  # raw text: no format
+    assert fallback_note(plain, [passage], questions=True) is not None  # the automatic probes are questions
+    assert fallback_note(chat, [question], questions=True) is None
+
+
 def test_an_answer_in_the_fallback_format_ends_at_its_next_turn(llama_plain_dir, llama_dir):
     plain, chat = load_tokenizer(llama_plain_dir), load_tokenizer(llama_dir)
     invented = "Paris.\n### Question: Who wrote Hamlet?\n### Answer: Shakespeare."
     assert answer_in_format(plain, "Capital of France?", invented) == "Paris."
     assert answer_in_format(plain, Passage("Once upon"), invented) == invented  # a passage has no turns
     assert answer_in_format(chat, "Capital of France?", invented) == invented  # a template ends turns by token
-    headed = "Shakespeare.\n### Author\nWilliam Shakespeare wrote it.\n### Answer: yes"  # Markdown, not a turn
+    headed = "Shakespeare.\n### Author\nWilliam Shakespeare wrote it."  # a Markdown heading, not a turn
     assert answer_in_format(plain, "Who wrote Hamlet?", headed) == headed
+    # a turn of the model's own, and one the token budget cut while it was written
+    assert answer_in_format(plain, "Q?", "Paris.\n#### Answer: Rome.") == "Paris."
+    assert answer_in_format(plain, "Q?", "Paris.\n### Qu") == "Paris."
+    assert answer_in_format(plain, "Q?", "Paris.\n### An") == "Paris."
+    assert answer_in_format(plain, "Q?", "Paris.\n### Author") == "Paris.\n### Author"  # a heading, cut or not
 
 
 def test_pad_id_comes_from_the_tokenizer(llama_plain_dir, opt_dir):

@@ -212,3 +212,34 @@ def test_rmu_normal_weight_default_and_explicit_weight():
 
     assert weight("rmu") == 50.0 and weight("ga") == weight("npo") == 10.0  # rmu's dev choice (setting G)
     assert weight("rmu", normal_weight=3.0) == 3.0 and weight("ga", normal_weight=0.0) == 0.0
+
+
+def test_calibration_reads_at_most_its_rows_a_batch_at_a_time(llama_dir, monkeypatch):
+    """c's mean norm came from every normal row's hidden states, held at once (gigabytes for a large normal file)
+    after a forward over every row: the first CALIBRATION_ROWS rows now, a batch at a time; on fewer rows the
+    same mean as over every row."""
+    import unlearn.rmu as rmu_module
+    from unlearn.data import Example
+    from unlearn.lora import LoraSettings, attach_lora
+    from unlearn.models import load_model
+    from unlearn.train import TrainConfig, Unlearner
+
+    normal = [Example(f"What is {i} plus one?", f"{i} plus one is {i + 1}.", i + 1) for i in range(12)]
+    forget = [Example("What is the capital of France?", "The capital of France is Paris.", 1, {"answers": ["Paris"]})]
+
+    def unlearner():
+        lm = load_model(str(llama_dir), log=lambda m: None)
+        attach_lora(lm.model, LoraSettings(rank=4, alpha=8), seed=0)
+        return Unlearner(lm.model, lm.tokenizer, forget, normal,
+                         TrainConfig(method="rmu", rmu_layer=1, batch_size=4, max_steps=1, check_every=0))
+
+    whole = unlearner()
+    assert whole.normal.encoded == 12
+    monkeypatch.setattr(rmu_module, "CALIBRATION_ROWS", 5)
+    cut = unlearner()
+    assert cut.normal.encoded == 5  # rows 0-4, in two batches (4, then 1)
+    hidden = list(cut._original_hidden_on_normal())
+    assert [h.shape[0] for h, _ in hidden] == [4, 1]
+    assert cut.rmu.norm != whole.rmu.norm  # the mean over 5 rows, not 12
+    monkeypatch.setattr(rmu_module, "CALIBRATION_ROWS", 12)
+    assert unlearner().rmu.norm == pytest.approx(whole.rmu.norm, rel=1e-6)

@@ -728,6 +728,18 @@ def test_a_margin_that_holds_while_the_answer_leaks_is_named_once_without_leaked
     assert result.added_forget_rows == [] and len(u.forget) == 3 and result.steps == HINT_AFTER_CHECKS + 5
 
 
+def test_the_hint_count_is_in_the_loop_state_a_resumed_run_continues(llama_dir, monkeypatch):
+    """The count of held-but-leaking checks started again at 0 in a resumed run, which gave its hint later."""
+    from unlearn.train import HINT_AFTER_CHECKS
+
+    u = unlearner(llama_dir, max_steps=3, check_every=1, stop_margin=0.05)
+    monkeypatch.setattr(u, "likeliest_forget_answer", lambda above: (0.01, True))
+    lines, states = [], []
+    train(u, forgotten=_scripted_checks([(False, 0.1)] * 3, [LEAK]), log=lines.append,
+          resume={"held_leaks": HINT_AFTER_CHECKS - 1}, save_every=1, checkpoint=lambda loop: states.append(loop))
+    assert [line[:7] for line in lines if "--leaked-rows 4 adds such answers" in line] == ["step 1:"]
+    assert [s["held_leaks"] for s in states] == [HINT_AFTER_CHECKS, HINT_AFTER_CHECKS + 1, HINT_AFTER_CHECKS + 2]
+
 def test_a_leaked_answer_added_under_redirect_gets_its_banned_tokens_even_as_the_first_focused_row(llama_dir):
     lm = load_model(str(llama_dir), log=lambda m: None)
     attach_lora(lm.model, LoraSettings(rank=4, alpha=8), seed=0)

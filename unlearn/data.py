@@ -41,9 +41,11 @@ IGNORE_INDEX = -100  # label value that torch's cross-entropy (and our losses) s
 FALLBACK_PROMPT = "### Question: {prompt}\n### Answer:"
 # Where a model's answer in that format ends: the next turn it starts (`answer_in_format`). A base model (OPT, GPT-2,
 # Pythia: no chat template) was never taught an end-of-text after such an answer; it writes "\n### Question: ..."
-# next, and invents that turn's answer too, which every metric would read. The whole marker, not "\n###": an answer
-# may hold a Markdown heading ("### Author"), which cut there read as no leak.
-FALLBACK_TURN = "\n### Question:"
+# next (or a turn of its own, "\n#### Answer:"), and invents that turn's answer too, which every metric would read.
+# A whole marker, not "\n###": an answer may hold a Markdown heading ("### Author"), which cut there read as no leak.
+FALLBACK_TURN = re.compile(r"\n#{3,} ?(?:Question|Answer):")
+# The start of such a marker that the token budget cut while it was written, at the end of an answer ("\n### Qu").
+_CUT_TURN = re.compile(r"\n#{2,} ?(\w*):?$")
 
 
 class Passage(str):
@@ -373,21 +375,36 @@ def fallback_format(tokenizer, prompt) -> bool:
     return not isinstance(prompt, Passage) and not has_chat_template(tokenizer)
 
 
-def fallback_note(tokenizer, examples) -> str | None:
-    """The line saying that EXAMPLES' questions are rendered in the fallback format (the model has no chat
-    template), how its answers end, and how to prompt the model; None when no row is rendered so (a chat
-    template, or passages only). `run` and `eval` say it: a user who prompts a base model otherwise, or compares
-    its raw `generate` output, would not know why the answers read shorter."""
-    if has_chat_template(tokenizer) or all(isinstance(e.prompt, Passage) for e in examples):
+def fallback_note(tokenizer, examples, questions: bool = False) -> str | None:
+    """The line saying that EXAMPLES' questions (and with QUESTIONS, others asked beside them: `run`'s automatic
+    probes) are rendered in the fallback format (the model has no chat template), how its answers end, and how
+    to prompt the model; None when nothing is rendered so (a chat template, or passages only). `run` and `eval`
+    say it: a user who prompts a base model otherwise, or compares its raw `generate` output, would not know why
+    the answers read shorter."""
+    if has_chat_template(tokenizer) or not (questions or any(not isinstance(e.prompt, Passage) for e in examples)):
         return None
     return (f"no chat template: prompts are rendered as {FALLBACK_PROMPT!r} and answers end where the model starts "
-            f"the next {FALLBACK_TURN.strip()!r} turn; prompt the unlearned model the same way")
+            f"the next '### Question:' turn; prompt the unlearned model the same way")
+
+
+def turn_started(text: str) -> bool:
+    """Whether TEXT, an answer in the fallback format, holds the start of the format's next turn."""
+    return FALLBACK_TURN.search(text) is not None
 
 
 def answer_in_format(tokenizer, prompt, text: str) -> str:
     """TEXT, a model's continuation of PROMPT's rendering, cut where the format's next turn starts
-    (`FALLBACK_TURN`, in the fallback format only; a chat template's turn ends at a stop token)."""
-    return text.split(FALLBACK_TURN, 1)[0] if fallback_format(tokenizer, prompt) else text
+    (`FALLBACK_TURN`, or the start of one the budget cut at the end; in the fallback format only: a chat
+    template's turn ends at a stop token)."""
+    if not fallback_format(tokenizer, prompt):
+        return text
+    turn = FALLBACK_TURN.search(text)
+    if turn is not None:
+        return text[:turn.start()]
+    cut = _CUT_TURN.search(text)
+    if cut is not None and any(word.startswith(cut.group(1)) for word in ("Question", "Answer")):
+        return text[:cut.start()]
+    return text
 
 
 def render_response(tokenizer, prompt: str, response: str) -> str:

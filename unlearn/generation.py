@@ -61,7 +61,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from unlearn.cpu_parts import Cancelled, balanced_slices, parallel_pieces, run_pieces
-from unlearn.data import FALLBACK_TURN, SOURCE_FILE, answer_in_format, encode_prompt, fallback_format, prompt_key
+from unlearn.data import SOURCE_FILE, answer_in_format, encode_prompt, fallback_format, prompt_key, turn_started
 from unlearn.errors import UnlearnError
 from unlearn.kv_cache import (cache_argument, evaluating, keeps_every_position, last_positions, new_cache,
                               prefix_applies, run_prefix, shared_length)
@@ -676,7 +676,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
             input_ids, attention = _left_padded([ids[shared:] for ids in prompts_ids], pad_id)
             should_stop = None if stop_row is None else (
                 lambda row, ids, batch=batch: stop_row(batch[row], text(ids, batch[row]))
-                or (cut_turn[batch[row]] and FALLBACK_TURN in decoded(ids)))  # its answer is over
+                or (cut_turn[batch[row]] and turn_started(decoded(ids))))  # its answer is over
             batch_scores = [] if scored is not None and stop_row is None else None
             mine = [budgets[i] for i in batch]
             runs: list[int] = []

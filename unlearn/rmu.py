@@ -49,6 +49,10 @@ TRAINED_LAYERS = 3  # layers ℓ−2..ℓ are trained, as in the paper
 # c = 2 × the mean norm of h_ℓ: a target well off the activations' own scale, as in the paper. On the dev
 # split 1 and 0.5 were tried too (docs/quality.md, "RMU on the dev split"): no better, and slower to forget.
 DEFAULT_SCALE = 2.0
+# The normal rows whose h_ℓ norms set c (file order): a mean over thousands of positions, which more rows would
+# move little, while each row costs a forward of the original. Every normal file of the quality benchmark and
+# examples/ has fewer (16 and 34 rows), so c there is the mean over every row, as before this cut.
+CALIBRATION_ROWS = 512
 
 
 def decoder_layers(model) -> dict[int, torch.nn.Module]:
@@ -188,9 +192,14 @@ class Misdirection:
         self.target: torch.Tensor | None = None  # c·u, set by calibrate()
         self.norm: float | None = None  # the mean norm of the original's h_ℓ on normal rows
 
-    def calibrate(self, original_hidden: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """c = scale × mean ||h_ℓ|| over the scored positions of ORIGINAL_HIDDEN ((hidden, mask) pairs)."""
-        norms = torch.cat([h[mask].float().norm(dim=-1) for h, mask in original_hidden])
+    def calibrate(self, original_hidden) -> None:
+        """c = scale × mean ||h_ℓ|| over the scored positions of ORIGINAL_HIDDEN ((hidden, mask) pairs, any
+        iterable: a batch's hidden states are dropped once their norms are taken)."""
+        norms, width = [], None
+        for h, mask in original_hidden:
+            norms.append(h[mask].float().norm(dim=-1))
+            width = h.shape[-1]
+        norms = torch.cat(norms) if norms else torch.zeros(0)
         if norms.numel() == 0:
             raise UsageError("RMU: the normal rows have no response tokens to measure the activations on")
         self.norm = float(norms.mean())
@@ -204,7 +213,7 @@ class Misdirection:
             raise UsageError(f"--rmu-scale {self.scale:g}: the target norm c = {self.scale:g} × {self.norm:.3g} "
                              f"(mean norm of h_{self.layer}) squared is past float32's range, so the loss is inf; "
                              f"use at most {_two_digits_down(most_c / self.norm):.2g}")
-        u = random_direction(original_hidden[0][0].shape[-1], self.seed)
+        u = random_direction(width, self.seed)
         self.target = u * (self.scale * self.norm)
 
     def describe(self) -> str:

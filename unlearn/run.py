@@ -467,7 +467,8 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     _refuse_forget_rows_cut_off(opts, data, tokenizer)
     log(f"model {loaded.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) on "
         f"{system.device_name(device)}")
-    note = fallback_note(tokenizer, [*data.forget, *data.normal, *data.retain])  # a base model: the format it learns
+    rows = [*data.forget, *data.normal, *data.retain, *(e for s in data.sets for e in s.examples)]
+    note = fallback_note(tokenizer, rows, questions=opts.probes)  # a base model: the format it learns and answers in
     if note and world.is_main:
         log(note)
 

@@ -607,14 +607,15 @@ class Unlearner:
             with adapters_disabled(self.model):
                 return rmu.hidden_at(self.model, self.rmu.module, batch)
 
-    def _original_hidden_on_normal(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """RMU's calibration: the original's h_ℓ and scored positions on every normal row."""
-        out = []
-        for i in range(0, len(self.normal), self.config.batch_size):
-            batch = {k: v.to(self.device) for k, v in collate(self.normal[i:i + self.config.batch_size],
+    def _original_hidden_on_normal(self):
+        """RMU's calibration: the original's h_ℓ and scored positions on the first `rmu.CALIBRATION_ROWS` normal
+        rows, a batch at a time (yielded, so that one batch's hidden states are held at once: every row's at
+        once took rows × positions × hidden floats, gigabytes for a large normal file)."""
+        rows = min(len(self.normal), rmu.CALIBRATION_ROWS)
+        for i in range(0, rows, self.config.batch_size):
+            batch = {k: v.to(self.device) for k, v in collate(self.normal[i:min(i + self.config.batch_size, rows)],
                                                                self.pad_id).items()}
-            out.append((self._original_hidden(batch), rmu.scored_positions(batch["labels"])))
-        return out
+            yield self._original_hidden(batch), rmu.scored_positions(batch["labels"])
 
     def _rmu_loss(self, rows: dict[str, list[dict]]) -> tuple[torch.Tensor, dict]:
         """RMU: forget rows' h_ℓ pulled onto c·u, normal and retain rows' h_ℓ held at the original's.
@@ -983,13 +984,15 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
     check_seconds = resume.get("check_seconds", 0.0)
     previous_checks = check_seconds
     phase = repair.Repair.from_state(resume.get("repair"))  # the repair phase, once it has begun (repair.py)
-    held_leaks = 0  # consecutive checks where the margin held and the greedy answer leaked (HINT_AFTER_CHECKS)
+    # consecutive checks where the margin held and the greedy answer leaked (HINT_AFTER_CHECKS); in the loop's
+    # state, so that a resumed run gives its hint at the same step
+    held_leaks = int(resume.get("held_leaks", 0))
     unlearner.keep_terms_only = repair.next_step_keeps_only(phase)
 
     def loop_state() -> dict:
         return {"history": history, "stopped_by": stopped_by, "stop_at": stop_at,
                 "seconds": previous_seconds + time.perf_counter() - start - (check_seconds - previous_checks),
-                "check_seconds": check_seconds, "repair": phase.state() if phase else None}
+                "check_seconds": check_seconds, "repair": phase.state() if phase else None, "held_leaks": held_leaks}
 
     if log and unlearner.rmu is not None:
         log(unlearner.rmu.describe())
