@@ -189,6 +189,11 @@ def test_an_answer_in_the_fallback_format_ends_at_its_next_turn(llama_plain_dir,
     assert answer_in_format(plain, "Q?", "Paris.\n### Qu") == "Paris."
     assert answer_in_format(plain, "Q?", "Paris.\n### An") == "Paris."
     assert answer_in_format(plain, "Q?", "Paris.\n### Author") == "Paris.\n### Author"  # a heading, cut or not
+    assert answer_in_format(plain, "Q?", "Paris.\n## Answer") == "Paris.\n## Answer"  # a finished two-# heading
+    assert answer_in_format(plain, "Q?", "Paris.\n##") == "Paris."  # perhaps a third '#' to come
+    # an answer that restates its own turn first is the answer, up to the next turn
+    restated = "\n### Answer: Shakespeare wrote it.\n### Question: Who painted it?"
+    assert answer_in_format(plain, "Who wrote Hamlet?", restated) == "\n### Answer: Shakespeare wrote it."
 
 
 def test_pad_id_comes_from_the_tokenizer(llama_plain_dir, opt_dir):

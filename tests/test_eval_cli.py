@@ -50,7 +50,7 @@ def test_eval_json_own_answers_leak(tmp_path, cli, tiny_dirs, own_outputs):
     # a model without a chat template: the format said, as run says it, and recorded
     assert obj["prompt_format"] == "### Question: {prompt}\n### Answer:"
     assert "no chat template: prompts are rendered as '### Question: {prompt}\\n### Answer:' and answers end " \
-           "where the model starts the next '### Question:' turn" in err
+           "where the model starts the next '### Question:' or '### Answer:' turn" in err
 
 
 def test_eval_reference_model_report_and_generations(tmp_path, cli, tiny_dirs, own_outputs):

@@ -740,6 +740,7 @@ def test_the_hint_count_is_in_the_loop_state_a_resumed_run_continues(llama_dir, 
     assert [line[:7] for line in lines if "--leaked-rows 4 adds such answers" in line] == ["step 1:"]
     assert [s["held_leaks"] for s in states] == [HINT_AFTER_CHECKS, HINT_AFTER_CHECKS + 1, HINT_AFTER_CHECKS + 2]
 
+
 def test_a_leaked_answer_added_under_redirect_gets_its_banned_tokens_even_as_the_first_focused_row(llama_dir):
     lm = load_model(str(llama_dir), log=lambda m: None)
     attach_lora(lm.model, LoraSettings(rank=4, alpha=8), seed=0)

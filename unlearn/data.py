@@ -44,8 +44,9 @@ FALLBACK_PROMPT = "### Question: {prompt}\n### Answer:"
 # next (or a turn of its own, "\n#### Answer:"), and invents that turn's answer too, which every metric would read.
 # A whole marker, not "\n###": an answer may hold a Markdown heading ("### Author"), which cut there read as no leak.
 FALLBACK_TURN = re.compile(r"\n#{3,} ?(?:Question|Answer):")
-# The start of such a marker that the token budget cut while it was written, at the end of an answer ("\n### Qu").
-_CUT_TURN = re.compile(r"\n#{2,} ?(\w*):?$")
+# The start of such a marker that the token budget cut while it was written, at the end of an answer ("\n### Qu",
+# "\n##"; a finished two-# line is a heading).
+_CUT_TURN = re.compile(r"\n(?:##|#{3,} ?(\w*):?)$")
 
 
 class Passage(str):
@@ -384,12 +385,19 @@ def fallback_note(tokenizer, examples, questions: bool = False) -> str | None:
     if has_chat_template(tokenizer) or not (questions or any(not isinstance(e.prompt, Passage) for e in examples)):
         return None
     return (f"no chat template: prompts are rendered as {FALLBACK_PROMPT!r} and answers end where the model starts "
-            f"the next '### Question:' turn; prompt the unlearned model the same way")
+            f"the next '### Question:' or '### Answer:' turn; prompt the unlearned model the same way")
+
+
+def _next_turn(text: str):
+    """The first FALLBACK_TURN marker in TEXT with answer text before it, or None. A marker with only blanks
+    before it is the answer restating its own turn ("\n### Answer: Paris."): cut there, a model that still
+    answers word for word read as forgotten."""
+    return next((m for m in FALLBACK_TURN.finditer(text) if text[:m.start()].strip()), None)
 
 
 def turn_started(text: str) -> bool:
     """Whether TEXT, an answer in the fallback format, holds the start of the format's next turn."""
-    return FALLBACK_TURN.search(text) is not None
+    return _next_turn(text) is not None
 
 
 def answer_in_format(tokenizer, prompt, text: str) -> str:
@@ -398,11 +406,12 @@ def answer_in_format(tokenizer, prompt, text: str) -> str:
     template's turn ends at a stop token)."""
     if not fallback_format(tokenizer, prompt):
         return text
-    turn = FALLBACK_TURN.search(text)
+    turn = _next_turn(text)
     if turn is not None:
         return text[:turn.start()]
     cut = _CUT_TURN.search(text)
-    if cut is not None and any(word.startswith(cut.group(1)) for word in ("Question", "Answer")):
+    if cut is not None and text[:cut.start()].strip() and any(
+            word.startswith(cut.group(1) or "") for word in ("Question", "Answer")):
         return text[:cut.start()]
     return text
 

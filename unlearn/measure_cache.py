@@ -40,8 +40,9 @@ from unlearn.paths import cache_dir
 # inside Thai, Lao, Myanmar and Khmer sentences; 11: a response is scored as the tokens the model reads after its
 # prompt, not as tokenised alone (SentencePiece's "▁"), and generation ends at the template's end-of-turn token;
 # 12: without a chat template an answer ends at the format's next turn and no EOS is scored after it; 13: that
-# turn is a whole "### Question:" or "### Answer:" marker, not any "###", which cut Markdown headings).
-VERSION = 13
+# turn is a whole "### Question:" or "### Answer:" marker, not any "###", which cut Markdown headings; 14: and
+# not one that opens the answer, restating its own turn).
+VERSION = 14
 
 
 # Files of a model directory that cannot change what `unlearn` measures, left out of `weights_fingerprint`:
