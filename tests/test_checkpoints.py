@@ -456,3 +456,32 @@ def test_a_state_write_cut_short_leaves_no_empty_checkpoints_directory(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         checkpoints.write_state(tmp_path, state, {"history": []}, {})
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_an_interrupt_after_a_full_run_names_the_last_checkpoint(tmp_path, data, llama_dir, cli, monkeypatch):
+    """--full keeps no copy of its trained weights (the whole model): an interrupt after training said only
+    "interrupted" though --save-every had written the last step's checkpoint, from which --resume writes the
+    result."""
+    import unlearn.run as run_module
+
+    args = [*data, "--model", llama_dir, "--full", "--max-steps", "3", "--max-new-tokens", "4", "--batch-size", "2",
+            "--check-every", "0", "--save-every", "1"]
+    straight = cli("run", *args, "-o", tmp_path / "straight", "--json")
+    assert straight.code == 0, straight.err
+    measure_after = run_module.measure_after
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(run_module, "measure_after", interrupted)
+    stopped = cli("run", *args, "-o", out)
+    assert stopped.code == 130, stopped.err
+    said = [line for line in stopped.err.splitlines() if line.startswith("unlearn:")]
+    assert said == [f"unlearn: interrupted after training (step 3), before the result was written; the last "
+                    f"checkpoint is {out / 'checkpoints' / 'step-3'}; to continue from it: "
+                    + said[0].split("to continue from it: ")[1]] and said[0].endswith(f"-o {out} --resume")
+    monkeypatch.setattr(run_module, "measure_after", measure_after)
+    resumed = cli("run", *args, "-o", out, "--resume", "--json")
+    assert resumed.code == 0, resumed.err
+    assert json.loads(resumed.out)["after"] == json.loads(straight.out)["after"]

@@ -970,18 +970,26 @@ def trained_model_kept(opts: RunOptions, data: Prepared, result, log):
     writes the result without training again (only a Ctrl-C during training saved one, and minutes of training
     were lost). A LoRA run in one process only: not --full (its checkpoint is the whole model, and keeping a copy
     of it costs as much memory), not under torchrun, whose ranks save together, nor --method edit (no training
-    loop: it runs again in seconds). A save that fails, or a second Ctrl-C during it, ends as before."""
+    loop: it runs again in seconds). Where none is saved (those, or a save that fails: a full disk, a second
+    Ctrl-C), the line names the last checkpoint --save-every wrote, if any, to continue from."""
     try:
         yield
     except (KeyboardInterrupt, Terminated) as exc:
-        if result.save is None:
-            raise
-        try:
-            saved = result.save()
-        except BaseException:
-            raise exc from None
-        message = (f"interrupted after training (step {result.steps}), before the result was written; saved "
-                   f"{saved}; to write it: {_resume_command(opts, data.output)}")
+        saved = None
+        if result.save is not None:
+            try:
+                saved = result.save()
+            except BaseException:
+                saved = None
+        if saved is not None:
+            message = (f"interrupted after training (step {result.steps}), before the result was written; saved "
+                       f"{saved}; to write it: {_resume_command(opts, data.output)}")
+        else:
+            last = None if distributed.world().active else latest_checkpoint(data.output)
+            if last is None:
+                raise exc from None
+            message = (f"interrupted after training (step {result.steps}), before the result was written; the last "
+                       f"checkpoint is {last}; to continue from it: {_resume_command(opts, data.output)}")
         if isinstance(exc, KeyboardInterrupt):
             raise Interrupted(message) from None
         log(f"unlearn: {message}")
