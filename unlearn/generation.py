@@ -653,17 +653,24 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     def decoded(ids) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
-    def text(ids, i: int) -> str:
-        return answer_in_format(tokenizer, prompts[i], decoded(ids)).strip()
-
-    def answer_ids(ids, i: int) -> list[int]:
-        """IDS up to the tokens of the format's next turn (all of them, where no turn starts): the most tokens
-        whose text begins the kept answer. (Scanned down: a byte-fallback decoder spells an unfinished
-        character as one "�" a byte, so a prefix's text is not always a prefix of the whole's.)"""
+    def answer(ids, i: int) -> tuple[str, list[int]]:
+        """Prompt I's answer from its new token IDS: the text, cut at the format's next turn, and the most
+        tokens whose text begins it (all of them where no turn starts; scanned down, since a byte-fallback
+        decoder spells an unfinished character as one "�" a byte, so a prefix's text is not always a prefix
+        of the whole's)."""
         whole = decoded(ids)
-        kept = answer_in_format(tokenizer, prompts[i], whole) if cut_turn[i] else whole
+        kept = answer_in_format(tokenizer, prompts[i], whole)
         n = len(ids) if kept == whole else next(n for n in range(len(ids), -1, -1) if kept.startswith(decoded(ids[:n])))
-        return [int(t) for t in ids[:n]]
+        return kept.strip(), [int(t) for t in ids[:n]]
+
+    def stop_check(batch):
+        """SHOULD_STOP for a batch's rows: STOP_ROW on the text as the final output reads, or the format's next
+        turn begun (the answer is over)."""
+        def should_stop(row, ids) -> bool:
+            whole, i = decoded(ids), batch[row]
+            return stop_row(i, answer_in_format(tokenizer, prompts[i], whole).strip()) or (
+                cut_turn[i] and turn_started(whole))
+        return should_stop
 
     try:
         for batch in tqdm(batches, desc=desc or "generating", unit="batch", file=sys.stderr,
@@ -674,9 +681,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
             shared = (shared_length(prompts_ids, min(map(len, prompts_ids)) - 1)
                       if share_prefix and len(batch) > 1 else 0)
             input_ids, attention = _left_padded([ids[shared:] for ids in prompts_ids], pad_id)
-            should_stop = None if stop_row is None else (
-                lambda row, ids, batch=batch: stop_row(batch[row], text(ids, batch[row]))
-                or (cut_turn[batch[row]] and turn_started(decoded(ids))))  # its answer is over
+            should_stop = None if stop_row is None else stop_check(batch)
             batch_scores = [] if scored is not None and stop_row is None else None
             mine = [budgets[i] for i in batch]
             runs: list[int] = []
@@ -699,8 +704,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
                                     top_p=top_p, top_k=top_k, should_stop=should_stop)
                     new = [ids[:b] for ids, b in zip(new, mine)]
             for row, i in enumerate(batch):
-                outputs[i] = text(new[row], i)
-                new_ids[i] = answer_ids(new[row], i)
+                outputs[i], new_ids[i] = answer(new[row], i)
                 if batch_scores:
                     own_scores[i] = batch_scores[row]
                     if own_scores[i].kv is not None:  # the prompt its cache begins with
