@@ -524,7 +524,8 @@ def test_an_answer_without_a_template_ends_at_the_formats_next_turn(llama_plain_
     import unlearn.data as data_module
 
     model, tokenizer = load(llama_plain_dir)
-    full, _ = run(generate, model, tokenizer)
+    full_scored = []
+    full, full_counts = run(generate, model, tokenizer, scored=full_scored)
     ids = []
     run(generate, model, tokenizer, token_ids=ids)
     whole = tokenizer.decode(ids[1], skip_special_tokens=True)
@@ -532,9 +533,15 @@ def test_an_answer_without_a_template_ends_at_the_formats_next_turn(llama_plain_
     marker = next(m for m in (tokenizer.decode(ids[1][:k], skip_special_tokens=True)[-3:] for k in (3, 4))
                   if m.strip() and whole.count(m) == 1 and whole[:whole.index(m)].strip())
     monkeypatch.setattr(data_module, "FALLBACK_TURN", re.compile(re.escape(marker)))
-    cut_ids = []
-    outputs, _ = run(fn, model, tokenizer, token_ids=cut_ids)
+    cut_ids, scored = [], []
+    outputs, counts = run(fn, model, tokenizer, token_ids=cut_ids, scored=scored)
     assert outputs[1] == whole[:whole.index(marker)].strip() and outputs[1] != full[1]
+    # the row ends at the first check that finds the turn begun (4 tokens), not at its budget: its answer's
+    # log-probabilities are those of the longer run's first tokens
+    assert sum(counts) < sum(full_counts) and NEW in full_counts
+    if fn is generate:
+        assert len(scored[1].ids) == 4 and scored[1].ids == full_scored[1].ids[:4]
+        assert scored[1].logprobs == pytest.approx(full_scored[1].logprobs[:4], abs=1e-5)
     assert len(cut_ids[1]) < len(ids[1]) and ids[1][:len(cut_ids[1])] == cut_ids[1]
     assert whole.startswith(tokenizer.decode(cut_ids[1], skip_special_tokens=True))
     assert marker not in tokenizer.decode(cut_ids[1], skip_special_tokens=True)

@@ -646,8 +646,10 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
     # In the fallback format an answer ends where the model starts the format's next turn (data.FALLBACK_TURN):
-    # its text and token ids stop there. The row itself runs on to its budget (or a STOP_ROW ending), so
-    # its `Scored` covers more tokens than it decodes: scorers read the ones they need as a prefix.
+    # its text and token ids stop there. The row itself ends at the first check (every STOP_CHECK_EVERY tokens)
+    # that finds the turn begun, so its `Scored` may cover a few tokens more than it decodes: scorers read the
+    # ones they need as a prefix. (It ran on to its budget before: a base model writes its next turn after a
+    # short answer, so most of a 48-token budget was spent on text nothing reads.)
     cut_turn = [fallback_format(tokenizer, p) for p in prompts]
 
     def decoded(ids) -> str:
@@ -664,11 +666,14 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
         return kept.strip(), [int(t) for t in ids[:n]]
 
     def stop_check(batch):
-        """SHOULD_STOP for a batch's rows: STOP_ROW on the text as the final output reads, or the format's next
-        turn begun (the answer is over)."""
+        """SHOULD_STOP for a batch's rows: STOP_ROW (if given) on the text as the final output reads, or the
+        format's next turn begun (the answer is over); None when neither can end a row of BATCH."""
+        if stop_row is None and not any(cut_turn[i] for i in batch):
+            return None
+
         def should_stop(row, ids) -> bool:
             whole, i = decoded(ids), batch[row]
-            return stop_row(i, answer_in_format(tokenizer, prompts[i], whole).strip()) or (
+            return (stop_row is not None and stop_row(i, answer_in_format(tokenizer, prompts[i], whole).strip())) or (
                 cut_turn[i] and turn_started(whole))
         return should_stop
 
@@ -681,7 +686,7 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
             shared = (shared_length(prompts_ids, min(map(len, prompts_ids)) - 1)
                       if share_prefix and len(batch) > 1 else 0)
             input_ids, attention = _left_padded([ids[shared:] for ids in prompts_ids], pad_id)
-            should_stop = None if stop_row is None else stop_check(batch)
+            should_stop = stop_check(batch)
             batch_scores = [] if scored is not None and stop_row is None else None
             mine = [budgets[i] for i in batch]
             runs: list[int] = []

@@ -41,8 +41,10 @@ from unlearn.paths import cache_dir
 # prompt, not as tokenised alone (SentencePiece's "▁"), and generation ends at the template's end-of-turn token;
 # 12: without a chat template an answer ends at the format's next turn and no EOS is scored after it; 13: that
 # turn is a whole "### Question:" or "### Answer:" marker, not any "###", which cut Markdown headings; 14: and
-# not one that opens the answer, restating its own turn).
-VERSION = 14
+# not one that opens the answer, restating its own turn; 15: such a row stops generating once its next turn has
+# begun, so it leaves its batch sooner, which changes the later steps' shapes and so the float rounding of
+# the rows still generating).
+VERSION = 15
 
 
 # Files of a model directory that cannot change what `unlearn` measures, left out of `weights_fingerprint`:
