@@ -11,7 +11,7 @@ one-process reference: the same functions, the same data.
   counts the prompts each rank generated, to show the work was shared out.
 - cache_all (under torchrun only): the measurement cache with a cache per rank: rank 0
   alone writes, and decides for every rank whether a measurement is read back.
-- train_all: N steps of every trainable method on the same global batch.
+- train_all: N steps of every trainable method on the same global batch (and of ga in two micro-batches).
 """
 
 from __future__ import annotations
@@ -50,7 +50,11 @@ NORMAL = [
 # ranks, a short last batch in the normal set.
 GEN_BATCH = 2
 TRAIN_MAX_LENGTH = 64
-METHODS = ("ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr")
+# The training runs: every trainable method in one micro-batch of 4, and ga in two of 2 (--grad-accum: each
+# term weighed by its share of the update's units, over both ranks and both micro-batches).
+RUNS = {**{m: (m, 4, 1) for m in ("ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr")},
+        "ga --grad-accum 2": ("ga", 2, 2)}
+METHODS = tuple(RUNS)
 STEPS = 3
 
 
@@ -133,16 +137,16 @@ def train_all(model_dir) -> dict:
     from unlearn.train import Unlearner
 
     results = {}
-    for method in METHODS:
+    for run, (method, batch_size, grad_accum) in RUNS.items():
         model, tokenizer = _model(model_dir)
         forward = distributed.wrap(model)
-        config = TrainConfig(method=method, batch_size=4, lr=1e-2, max_steps=STEPS, check_every=0,
-                             max_length=TRAIN_MAX_LENGTH)
+        config = TrainConfig(method=method, batch_size=batch_size, grad_accum=grad_accum, lr=1e-2, max_steps=STEPS,
+                             check_every=0, max_length=TRAIN_MAX_LENGTH)
         unlearner = Unlearner(model, tokenizer, FORGET, NORMAL, config, forward_model=forward)
         history = [unlearner.step() for _ in range(STEPS)]
         weights = {name: distributed.full(p.detach()).clone() for name, p in model.named_parameters()
                    if p.requires_grad}
-        results[method] = {"history": history, "weights": weights}
+        results[run] = {"history": history, "weights": weights}
     return results
 
 

@@ -143,6 +143,39 @@ def test_grad_accum_averages_micro_batches(llama_dir):
         0.5 * record["forget"] + record["mismatch"] + record["kl"], rel=1e-4)
 
 
+def update_gradient(directory, batch_size, grad_accum, method):
+    """The gradient one `step()` hands the optimiser, on 4 forget rows and 4 normal rows of 5 and ~30 tokens,
+    drawn short, short, long, long (so micro-batches of 2 split them by length), adapters off the identity
+    (at B = 0 the first step skips the KL: it is 0 there)."""
+    forget = [*FORGET, Example("Who wrote Hamlet?", "Hamlet was written by William Shakespeare.", 4)]
+    long = " and a great deal of wax that they build the hive from, cell by cell, all summer long"
+    normal = [Example("What is two plus two?", "Four.", 1), Example("What do bees make?", "Bees make honey" + long, 2),
+              Example("What colour is the sky?", "Blue.", 3), Example("Why?", "Because the water boils" + long, 4)]
+    torch.manual_seed(0)
+    lm = load_model(str(directory), log=lambda m: None)
+    attach_lora(lm.model, LoraSettings(rank=4, alpha=8), seed=0)
+    for m in lora_modules(lm.model).values():
+        m.lora_B.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    u = Unlearner(lm.model, lm.tokenizer, forget, normal, TrainConfig(
+        lr=1e-2, batch_size=batch_size, grad_accum=grad_accum, check_every=0, method=method, normal_weight=1.0))
+    u.normal_batches.order = [3, 1, 2, 0]  # popped from the end: rows 0 and 2 (short), then 1 and 3 (long)
+    grads = []
+    u.optimizer.step = lambda: grads.append(torch.cat([p.grad.flatten() for p in u.params]).clone())
+    logged = u.step()
+    return grads[0], logged
+
+
+@pytest.mark.parametrize("method", ["ga", "npo", "rmu"])
+def test_grad_accum_gives_the_update_of_one_batch_of_the_same_rows(llama_dir, method):
+    # Each term is a mean over its units (rows, or tokens for the KL and rmu's terms): two micro-batches of 2
+    # must weigh every unit as one batch of 4 does, not average the two micro-batches' means (which gave a KL
+    # token of a short row 1/(2 x 10) of the term instead of 1/(10 + 2 x 28): the KL's gradient 69 % off)
+    whole, whole_logged = update_gradient(llama_dir, 4, 1, method)
+    accumulated, logged = update_gradient(llama_dir, 2, 2, method)
+    assert (accumulated - whole).norm() <= 1e-5 * whole.norm()
+    assert logged == pytest.approx(whole_logged, rel=1e-5)
+
+
 def test_stop_rule_stops_after_extra_steps(llama_dir):
     u = unlearner(llama_dir, max_steps=50, check_every=2, extra_steps=3)
     calls = []

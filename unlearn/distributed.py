@@ -459,9 +459,14 @@ def any_rank(flag: bool) -> bool:
 
 def total(count: int) -> int:
     """COUNT summed over the ranks."""
+    return totals([count])[0]
+
+
+def totals(counts: list[int]) -> list[int]:
+    """Each of COUNTS summed over the ranks (one all-reduce for all of them)."""
     if not _WORLD.active:
-        return count
-    return int(round(_all_reduce([float(count)])[0]))
+        return list(counts)
+    return [int(round(v)) for v in _all_reduce([float(c) for c in counts])] if counts else []
 
 
 def average(logged: dict[str, float]) -> dict[str, float]:

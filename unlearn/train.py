@@ -617,11 +617,12 @@ class Unlearner:
                                                                self.pad_id).items()}
             yield self._original_hidden(batch), rmu.scored_positions(batch["labels"])
 
-    def _rmu_loss(self, rows: dict[str, list[dict]]) -> tuple[torch.Tensor, dict]:
+    def _rmu_loss(self, rows: dict[str, list[dict]], shares: dict | None = None) -> tuple[torch.Tensor, dict]:
         """RMU: forget rows' h_ℓ pulled onto c·u, normal and retain rows' h_ℓ held at the original's.
 
         One forward per group, each stopping at layer ℓ. Runs in one process only (run.prepare
-        refuses rmu under torchrun), so these means are the batch's own.
+        refuses rmu under torchrun), so these means are the batch's own; each is a mean over its group's
+        scored positions, the "tokens" of SHARES (see `loss`).
         """
         config = self.config
         weights = {"forget": self.forget_weight, "normal": config.normal_weight, "retain": self.retain_weight}
@@ -636,6 +637,7 @@ class Unlearner:
             else:
                 self.tokens += int(batch["attention_mask"].sum())
                 term = rmu.retain_loss(hidden, mask, self._original_hidden(batch))
+            term = term if shares is None else term * shares[name]["tokens"]
             terms[f"rmu_{name}"] = term
             total = weights[name] * term if total is None else total + weights[name] * term
         return total, {k: float(v.detach()) for k, v in terms.items()}
@@ -712,10 +714,14 @@ class Unlearner:
         logits = forward_logits(self.forward_model, batch, start)
         return logits, batch["labels"][:, start:], batch, start
 
-    def loss(self, rows: dict[str, list[dict]]) -> tuple[torch.Tensor, dict]:
-        """The weighted loss of one micro-batch and its terms (floats, for logging)."""
+    def loss(self, rows: dict[str, list[dict]], shares: dict | None = None) -> tuple[torch.Tensor, dict]:
+        """The weighted loss of one micro-batch and its terms (floats, for logging).
+
+        SHARES (`_accumulation_shares`), under --grad-accum: each term is multiplied by its group's share of
+        the step's units, so that the micro-batches' losses sum to the step's; None: the micro-batch's own means.
+        """
         if self.config.method == "rmu":
-            return self._rmu_loss(rows)
+            return self._rmu_loss(rows, shares)
         names = list(rows)
         # One forward per group, each padded to its own longest row and scored from its own first
         # response position: forget rows are shorter than normal rows, and in a joint batch their
@@ -733,7 +739,8 @@ class Unlearner:
                 row += n
         terms, total = {}, None
         for name in names:  # forget, mismatch, normal, retain: the order of the sum
-            for term, weight, _, value in self._group_terms(name, *parts[name]):
+            for term, weight, unit, value in self._group_terms(name, *parts[name]):
+                value = value if shares is None else value * shares[name][unit]
                 terms[term] = value
                 total = weight * value if total is None else total + weight * value
         return total, {k: float(v.detach()) for k, v in terms.items()}
@@ -766,9 +773,10 @@ class Unlearner:
             width = wider
         return pieces + [piece]
 
-    def _backward_in_pieces(self, plan: dict[str, list[list[dict]]], scale: float) -> dict | None:
+    def _backward_in_pieces(self, plan: dict[str, list[list[dict]]], scale: float,
+                            shares: dict | None = None) -> dict | None:
         """Backpropagate SCALE x the loss of a micro-batch group by group, and big groups piece by piece
-        (PLAN: each group's rows cut by `_pieces`).
+        (PLAN: each group's rows cut by `_pieces`; SHARES as `loss`'s).
 
         The same gradient as `loss(rows)` then one backward (to float32 rounding): the loss is a
         weighted sum of terms, each a mean over its group's units (rows or response tokens), so
@@ -791,7 +799,8 @@ class Unlearner:
             for piece, piece_counts in zip(pieces, per_piece):
                 total = None
                 for term, weight, unit, value in self._group_terms(name, *self._group_forward(piece)):
-                    share = piece_counts[unit] / whole[unit] if len(pieces) > 1 else 1.0
+                    share = (piece_counts[unit] / whole[unit] if len(pieces) > 1 else 1.0) * (
+                        1.0 if shares is None else shares[name][unit])
                     logged[term] = logged.get(term, 0.0) + float(value.detach()) * share
                     weights[term] = weight
                     part = weight * value * share
@@ -800,6 +809,29 @@ class Unlearner:
                 del total  # this piece's graph, activations and logits go before the next forward
         logged["loss"] = sum(weights[term] * value for term, value in logged.items())
         return logged
+
+    def _accumulation_shares(self, drawn: list[dict[str, list[dict]]]) -> list[dict | None]:
+        """Per micro-batch of DRAWN (one update's), each group's share of the update's units: {group: {unit: share}}.
+
+        Each term is a mean over its group's units (rows, or response tokens: `_group_terms`). Averaging the
+        micro-batches' means weighed a KL token by 1 / (--grad-accum x its micro-batch's tokens), so a normal row
+        counted for more beside short rows than beside long ones, and `--batch-size 2 --grad-accum 2` was not
+        `--batch-size 4` (the KL's gradient differed by 69 % on rows of 5 and 70 tokens). A micro-batch's
+        mean times count_m / N, N the update's units (over every rank: `global_mean` has already made each
+        rank's term a share of the micro-batch's), sums to the mean over all N, as one batch gives it.
+        With one micro-batch: [None], its means as they are.
+        """
+        if len(drawn) == 1:
+            return [None]
+        units = ("rows", "tokens")
+        keys = sorted({(name, unit) for rows in drawn for name in rows for unit in units})
+        counts = [{(name, unit): distributed.scored_count(labels, unit) for name, group in rows.items()
+                   for labels in [collate(group, self.pad_id)["labels"]] for unit in units} for rows in drawn]
+        flat = distributed.totals([c.get(key, 0) for c in counts for key in keys])
+        per_micro = [dict(zip(keys, flat[i * len(keys):(i + 1) * len(keys)])) for i in range(len(drawn))]
+        whole = {key: sum(m[key] for m in per_micro) for key in keys}
+        return [{name: {unit: m[(name, unit)] / whole[(name, unit)] if whole[(name, unit)] else 0.0 for unit in units}
+                 for name in rows} for rows, m in zip(drawn, per_micro)]
 
     def _terms_zero_at_the_original(self, rows: dict[str, list[dict]]) -> dict[str, float]:
         """Before the first update, take the KL groups out of ROWS and return their terms' values (0.0).
@@ -827,9 +859,10 @@ class Unlearner:
                 zero[term] = 0.0
         return zero
 
-    def _protected_backward(self, rows: dict[str, list[dict]], basis: torch.Tensor, scale: float) -> dict[str, float]:
+    def _protected_backward(self, rows: dict[str, list[dict]], basis: torch.Tensor, scale: float,
+                            shares: dict | None = None) -> dict[str, float]:
         """Take the forget side (forget, mismatch) out of ROWS and add SCALE x its loss's gradient to the
-        parameters' .grad, projected off BASIS (protect.py); return its logged terms and "loss".
+        parameters' .grad, projected off BASIS (protect.py); return its logged terms and "loss" (SHARES as `loss`'s).
 
         Only that side is projected: the KL terms' gradients are added whole by the usual backward, so
         they still pull the model back wherever it drifted. (Projecting Adam's whole update instead
@@ -839,7 +872,7 @@ class Unlearner:
         side = {name: rows.pop(name) for name in ("forget", "mismatch") if name in rows}
         if not side:  # a repair step: nothing to project
             return {}
-        total, terms = self.loss(side)
+        total, terms = self.loss(side, shares)
         grads = torch.autograd.grad(total * scale, self.params, allow_unused=True)
         projected = protect.project_out(protect.flat(g if g is not None else torch.zeros_like(p)
                                                      for g, p in zip(grads, self.params)), basis)
@@ -859,27 +892,29 @@ class Unlearner:
                                                          forward_logits))
                      if config.protect and self.retain and not self.keep_terms_only else None)
         logged: dict[str, float] = {}
-        for _ in range(config.grad_accum):
-            # Every rank draws the same global micro-batch (same RNG draws) and keeps its share.
-            rows = distributed.shard_rows(self._rows())
+        # Every rank draws the same global micro-batches (same RNG draws, in the order one at a time gave)
+        # and keeps its share of each.
+        drawn = [distributed.shard_rows(self._rows()) for _ in range(config.grad_accum)]
+        for rows, shares in zip(drawn, self._accumulation_shares(drawn)):
+            scale = 1 / config.grad_accum if shares is None else 1.0  # shares weigh each term themselves
             at_zero = self._terms_zero_at_the_original(rows)
             # --protect: the forget side's gradient goes in first, projected (`_protected_backward`).
-            step_terms = {} if protected is None else self._protected_backward(rows, protected, 1 / config.grad_accum)
+            step_terms = {} if protected is None else self._protected_backward(rows, protected, scale, shares)
             if rows:  # (a protected run's first step has nothing left: its KL rows are out)
                 # One process and a group too big for one forward (`_pieces`): backward piece by piece.
                 # Otherwise one backward of the whole loss (DDP/FSDP need one forward per backward).
                 plan = ({name: self._pieces(group) for name, group in rows.items()} if config.method != "rmu"
                         and self.forward_model is self.model and not distributed.world().active else {})
                 split = any(len(pieces) > 1 for pieces in plan.values())
-                rest = self._backward_in_pieces(plan, 1 / config.grad_accum) if split else None
+                rest = self._backward_in_pieces(plan, scale, shares) if split else None
                 if rest is None:
-                    total, terms = self.loss(rows)
-                    (total / config.grad_accum).backward()
+                    total, terms = self.loss(rows, shares)
+                    (total * scale).backward()
                     rest = {"loss": float(total.detach()), **terms}
                 step_terms = {**rest, **step_terms, "loss": step_terms.get("loss", 0.0) + rest["loss"]}
             step_terms.update(at_zero)
             for k, v in step_terms.items():
-                logged[k] = logged.get(k, 0.0) + v / config.grad_accum
+                logged[k] = logged.get(k, 0.0) + v * scale
         logged = distributed.average(logged)  # the global batch's terms, the same on every rank
         for p in self.params:  # a half-precision weight's gradient goes to its float32 master
             if id(p) in self.masters:
