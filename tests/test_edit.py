@@ -13,7 +13,7 @@ from unlearn.edit_rows import keep_row, neighbour_prompts, probe_prompt
 from unlearn.edit_solve import SecondMoment, least_squares_update
 from unlearn.edit_subject import (choose_span, encode_with_offsets, heuristic_subject, locate_subject,
                                   subject_last_token, trace_subject)
-from unlearn.edit_target import Row, SplitBatch, TargetSettings, optimise_targets
+from unlearn.edit_target import Row, SplitBatch, TargetSettings, optimise_targets, unlikelihood
 from unlearn.errors import UnlearnError
 from unlearn.models import load_model
 
@@ -373,3 +373,14 @@ def test_probe_neighbours_per_forget_row():
     data = SimpleNamespace(forget=FORGET, probes={"rows": rows})
     assert probe_neighbours(data) == [["Spain", "Peru"], []]
     assert probe_neighbours(SimpleNamespace(forget=FORGET, probes=None)) is None
+
+
+def test_the_lower_targets_unlikelihood_is_exact_where_the_answer_is_sure():
+    # -log(1 - p): uniform over 3 tokens, -log(2/3) = 0.405465; a logit 16 above two others,
+    # log(e^16 + 2) - log 2 = 15.306853 (a clamp of p at 1 - 1e-6 gave 13.8155 and no gradient); the mean
+    # over the two positions, and d/dz of the sure position's answer logit: p / 2 = 0.5 (to 1e-6)
+    logits = torch.tensor([[0.0, 0.0, 0.0], [16.0, 0.0, 0.0]], requires_grad=True)
+    term = unlikelihood(logits.log_softmax(-1), torch.tensor([1, 0]))
+    assert term.item() == pytest.approx((0.405465 + 15.306853) / 2, abs=1e-5)
+    term.backward()
+    assert logits.grad[1, 0].item() == pytest.approx(0.5, abs=1e-6)

@@ -38,6 +38,14 @@ class Row:
     weight: float = 1.0
 
 
+def unlikelihood(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """mean_t -log(1 - p(targets_t)) from (positions, vocab) log-probabilities: log(1 - p) is the logsumexp of the
+    other tokens' log-probabilities, exact and with its gradient where p rounds to 1 in float32 (a clamp of p at
+    1 - 1e-6 made a memorised name's later tokens a constant with no gradient; losses._unlikelihood_per_token)."""
+    others = logprobs.scatter(-1, targets[:, None], float("-inf"))
+    return -torch.logsumexp(others, dim=-1).mean()
+
+
 @dataclass
 class TargetSettings:
     steps: int = 12
@@ -150,8 +158,7 @@ def optimise_targets(model, rows: list[Row], n_facts: int, layer: int, base_norm
                 term = -lp.gather(-1, tgt[:, None])[:, 0].mean()
                 fact_loss[r.fact].append(term.item())
             elif r.kind == "unlikely":
-                p = lp.gather(-1, tgt[:, None])[:, 0].exp()
-                term = settings.unlikely_weight * -torch.log1p(-p.clamp(max=1 - 1e-6)).mean()
+                term = settings.unlikely_weight * unlikelihood(lp, tgt)
                 fact_loss[r.fact].append(term.item())
             else:  # keep: a true KL(original || edited), mean over the scored positions
                 term = settings.kl_weight * (old.exp() * (old - lp)).sum(-1).mean()

@@ -256,8 +256,10 @@ def npo_loss(logprob: torch.Tensor, reference_logprob: torch.Tensor, beta: float
 
     L = -(2/beta) log sigmoid(-beta (log p_theta(y|x) - log p_orig(y|x))), with sequence
     log-probabilities (sums over response tokens). At the start (theta = orig) it equals
-    (2/beta) log 2 and its gradient is that of gradient ascent scaled by 1; it flattens as
-    p_theta(y|x) drops below p_orig(y|x), which is what keeps NPO from collapsing.
+    (2/beta) log 2 and its gradient is that of ascent on the sequence log-probability log p(y|x):
+    |y| times `forget_loss`'s on that row, whose ascent is a per-token mean, so a long response pulls
+    harder here than under ga; it flattens as p_theta(y|x) drops below p_orig(y|x), which is what keeps
+    NPO from collapsing.
 
     SCORED (`scored_rows`; default every row): the rows that have a response token. One without
     (its answer cut off by --max-length) has log-probabilities 0 on both sides, so it would add the
