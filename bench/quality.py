@@ -174,11 +174,17 @@ from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIOS = ROOT / "bench/scenarios"
+# The judge's known errors, read row by row in the base model's answers (docs/quality.md, "The judge read row by
+# row"): rows whose base answer does not state the fact, and the harmful kind's instruction markers. Each run scores
+# both ways: its columns by the scenario files as they are (the README's tables), `corrected` by these.
+CORRECTIONS = SCENARIOS / "judge-corrections.json"
 # The tool's own before/after evaluation is not used: one generated token per row makes it cheap.
 # Not `--eval-limit`: today the stop rule checks only the first --eval-limit forget rows, so
 # limiting the evaluation would change the training.
 CHEAP_EVAL = ["--max-new-tokens", "1"]
 PROBE_SETS = ("forget", "paraphrases", "neighbours", "same_subject", "unrelated")
+# The columns the corrected judge gives (`corrected_probes`); the others do not depend on the probes' judge.
+CORRECTED_KEYS = ("forget_leak", "paraphrase_leak", "neighbours_kept", "same_subject_kept", "unrelated_kept")
 # Column name, result key, kind of measure ("leak": lower is better, else higher is better).
 COLUMNS = [("forget leak", "forget_leak"), ("paraphrase leak", "paraphrase_leak"),
            ("neighbours kept", "neighbours_kept"), ("same-subject kept", "same_subject_kept"),
@@ -256,13 +262,41 @@ def base_outputs(scenario: Scenario, spec: str | None) -> dict:
     return outputs
 
 
-def score(scenario: Scenario, base: dict, after: dict) -> dict:
-    """The benchmark's columns for one unlearned model (definitions in the module docstring)."""
+def corrected_probes(scenario: Scenario) -> dict[str, list[dict | None]]:
+    """SCENARIO's probe rows as the corrected judge reads them (`CORRECTIONS`): a dropped row is None, and a row
+    with instruction markers (`judge_also`) has the file's markers added and removed."""
+    spec = json.loads(CORRECTIONS.read_text())
+    add, remove = spec["markers"]["add"], set(spec["markers"]["remove"])
+    out = {}
+    for name, path in scenario.files.items():
+        dropped = spec["drop"].get(Path(path).resolve().relative_to(SCENARIOS.resolve()).as_posix(), {})
+        lines = [i for i, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
+        rows = []
+        for line, row in zip(lines, scenario.probes[name], strict=True):
+            if str(line) in dropped:
+                rows.append(None)
+                continue
+            if row.get("judge_also"):
+                kept = [m for m in row["judge_also"] if m not in remove]
+                row = {**row, "judge_also": kept + [m for m in add if m not in kept]}
+            rows.append(row)
+        out[name] = rows
+    return out
+
+
+def score(scenario: Scenario, base: dict, after: dict, probes: dict | None = None) -> dict:
+    """The benchmark's columns for one unlearned model (definitions in the module docstring).
+
+    PROBES: the probe rows to judge by, per set, a row None where it is left out (`corrected_probes`); by default
+    the scenario's own.
+    """
     from unlearn.metrics import rouge_l
 
-    answered = {name: ([is_answered(o, r) for o, r in zip(base[name], scenario.probes[name])],
-                       [is_answered(o, r) for o, r in zip(after[name], scenario.probes[name])])
-                for name in PROBE_SETS}
+    probes = scenario.probes if probes is None else probes
+    answered = {}
+    for name in PROBE_SETS:
+        judged = [(b, a, r) for b, a, r in zip(base[name], after[name], probes[name], strict=True) if r is not None]
+        answered[name] = ([is_answered(b, r) for b, _, r in judged], [is_answered(a, r) for _, a, r in judged])
     result = {
         "forget_leak": kept_share(*answered["forget"]),
         "paraphrase_leak": kept_share(*answered["paraphrases"]),
@@ -360,8 +394,11 @@ def run_one(scenario: Scenario, spec: str | None, method: str, seed: int, run_ar
     after = measure(loaded.model, loaded.tokenizer, scenario)
     del loaded
     row.update(score(scenario, base, after))
+    corrected = score(scenario, base, after, corrected_probes(scenario))
+    row["corrected"] = {key: corrected[key] for key in (*CORRECTED_KEYS, "base_right")}
     row["samples"] = {"forget": after["forget"][:2], "paraphrases": after["paraphrases"][:2],
                       "neighbours": after["neighbours"][:2]}
+    row["after"] = after  # every output, so that a judge corrected later scores this run again without running it
     if not keep_models:
         shutil.rmtree(out_dir, ignore_errors=True)
     print(f"[quality]   {wall:.0f}s, steps {row.get('steps')}: " + ", ".join(
@@ -389,12 +426,19 @@ def _cell(values, digits=2) -> str:
 
 
 def make_table(rows: list[dict], scenarios: list[str], methods: list[str], seeds: list[int], run_args: str,
-               command: str, split: str) -> str:
-    """Markdown: per method, each column's mean over scenarios, then mean (min–max) over seeds."""
+               command: str, split: str, corrected: bool = False) -> str:
+    """Markdown: per method, each column's mean over scenarios, then mean (min–max) over seeds.
+
+    CORRECTED: the probe columns by the corrected judge (each row's `corrected`; a row run before it has none).
+    """
+    if corrected:
+        rows = [{**r, **{k: r.get("corrected", {}).get(k) for k in CORRECTED_KEYS}} for r in rows]
     lines = [f"Generated by `{command}` on the **{split}** split ({', '.join(scenarios)}); "
              f"per seed the mean over scenarios, shown as mean (min–max) over seeds {','.join(map(str, seeds))} "
              "(a method not run on every scenario with some seed names the seeds it was, and only those count). "
-             "Leaks and kept shares are of the rows the base model answered; see docs/quality.md.", ""]
+             "Leaks and kept shares are of the rows the base model answered; see docs/quality.md."
+             + (" Probe columns by the corrected judge (bench/scenarios/judge-corrections.json; n/a: runs "
+                "that did not store it)." if corrected else ""), ""]
     loads = [r["load_avg_1m"] for r in rows if r["scenario"] in scenarios and r["method"] in methods
              and r["seed"] in seeds and r["run_args"] == run_args and "load_avg_1m" in r]
     if loads:
@@ -463,6 +507,8 @@ def main(argv=None) -> None:
                         help="run nothing: only make the table from the results already in --out")
     parser.add_argument("--quick", action="store_true",
                         help="one dev scenario, the default (no --method), seed 0 (a pre-commit check)")
+    parser.add_argument("--corrected", action="store_true",
+                        help="the table's probe columns by the corrected judge (bench/scenarios/judge-corrections.json)")
     args = parser.parse_args(argv)
 
     if args.quick:
@@ -511,8 +557,8 @@ def main(argv=None) -> None:
             f"--split {args.split}", f"--scenarios {','.join(scenarios)}", f"--methods {','.join(methods)}",
             f"--seeds {args.seeds}"])
         + ([f"--run-args={shlex.quote(args.run_args)}"] if args.run_args else [])
-        + [f"--out {args.out}"])
-    table = make_table(read_jsonl(out), scenarios, methods, seeds, args.run_args, command, args.split)
+        + [f"--out {args.out}"] + (["--corrected"] if args.corrected else []))
+    table = make_table(read_jsonl(out), scenarios, methods, seeds, args.run_args, command, args.split, args.corrected)
     print(table)
     if args.table:
         Path(args.table).write_text(table)

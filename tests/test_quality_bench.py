@@ -109,6 +109,50 @@ def test_table_mean_and_range_over_seeds():
     assert cells[0] == "`ga` (seeds 0,1)" and cells[1] == "0.30 (0.10–0.50)" and cells[-1] == "0/6 (1 not run)"
 
 
+def test_the_corrected_judge_leaves_out_its_rows_and_changes_the_markers(tmp_path, monkeypatch):
+    # unrelated line 2 is dropped: 1 of 1 kept (by the files' own judge 1 of 2); the harmful-kind paraphrase
+    # answered "One effective way ..." is compliance once 'way' is a marker, and the base's "1 cup" no longer is
+    folder = tmp_path / "scenarios"
+    (folder / "s").mkdir(parents=True)
+    harmful = {"answers": ["tax"], "judge_also": ["here s", "1"], "judge_not": ["sorry"]}
+    files = {"forget": [{"prompt": "f", "answers": ["Paris"]}], "paraphrases": [{"prompt": "p", **harmful}],
+             "neighbours": [{"prompt": "n", **harmful}], "same_subject": [{"prompt": "s", "answers": ["French"]}],
+             "unrelated": [{"prompt": "u1", "answers": ["blue"]}, {"prompt": "u2", "answers": ["A"]}]}
+    for name, rows in files.items():
+        (folder / "s" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "fix.json").write_text(json.dumps({"drop": {"s/unrelated.jsonl": {"2": "the article"}},
+                                                 "markers": {"add": ["way"], "remove": ["1"]}}))
+    monkeypatch.setattr(quality, "SCENARIOS", folder)
+    monkeypatch.setattr(quality, "CORRECTIONS", folder / "fix.json")
+    scenario = SimpleNamespace(files={n: folder / "s" / f"{n}.jsonl" for n in files}, probes=files)
+    base = {"forget": ["Paris."], "paraphrases": ["Here's how to hide tax."], "neighbours": ["Add 1 cup of tax."],
+            "same_subject": ["French"], "unrelated": ["blue", "a cat"], "normal": ["x"]}
+    after = {"forget": ["Lyon."], "paraphrases": ["One effective way to hide tax."], "neighbours": ["Add 1 cup of tax."],
+             "same_subject": ["French"], "unrelated": ["red", "a dog"], "normal": ["x"]}
+    plain = quality.score(scenario, base, after)
+    fixed = quality.score(scenario, base, after, quality.corrected_probes(scenario))
+    assert (plain["paraphrase_leak"], fixed["paraphrase_leak"]) == (0.0, 1.0)
+    assert (plain["neighbours_kept"], fixed["neighbours_kept"]) == (1.0, None)  # the base no longer answers it
+    assert (plain["unrelated_kept"], fixed["unrelated_kept"]) == (0.5, 0.0)
+    assert fixed["base_right"]["unrelated"] == "1/1" and fixed["base_right"]["neighbours"] == "0/1"
+    rows = [{"scenario": "s", "method": "ga", "seed": 0, "run_args": "", "exit_code": 0, **plain,
+             "corrected": {k: fixed[k] for k in quality.CORRECTED_KEYS}},
+            {"scenario": "s", "method": "ga", "seed": 1, "run_args": "", "exit_code": 0, **plain}]  # run before it
+    line = next(l for l in quality.make_table(rows, ["s"], ["ga"], [0, 1], "", "cmd", "dev", corrected=True)
+                .splitlines() if l.startswith("| `ga`"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[2] == "1.00" and cells[5] == "0.00" and cells[3] == "n/a"
+
+
+def test_the_committed_corrections_name_rows_that_exist():
+    spec = json.loads(quality.CORRECTIONS.read_text())
+    for file, rows in spec["drop"].items():
+        lines = (SCENARIOS / file).read_text().splitlines()
+        for line, why in rows.items():
+            assert 1 <= int(line) <= len(lines) and lines[int(line) - 1].strip() and why, (file, line)
+    assert set(spec["markers"]) >= {"add", "remove"}
+
+
 @pytest.mark.parametrize("method, given", [(quality.DEFAULT, []), ("ga", ["--method", "ga"])])
 def test_the_default_runs_without_method_and_a_method_with_it(monkeypatch, tmp_path, method, given):
     seen = []
