@@ -179,6 +179,7 @@ def test_the_first_check_drafts_from_the_originals_answers_as_generated(monkeypa
     ("forgotten", 1.0, 0, 48, None, False),  # no checks
     ("forgotten", 1.0, 1, 32, None, False),  # the table's budget is the checks'
     ("forgotten", 1.0, 1, 48, 0.5, False),  # the table reads the averaged model, which no check read
+    ("forgotten", 1.0, 1, 48, 0.0, True),  # averaged at α 0 (--alpha 0, or auto's choice): the trained model
 ])
 def test_a_forgotten_run_whose_longer_answers_leak_says_so(stopped_by, leak, check_every, max_new_tokens, alpha,
                                                            said):
@@ -187,10 +188,10 @@ def test_a_forgotten_run_whose_longer_answers_leak_says_so(stopped_by, leak, che
     from unlearn.config import TrainConfig
     from unlearn.run import Measurement, check_budget_note
 
-    opts = SimpleNamespace(train=TrainConfig(check_every=check_every), max_new_tokens=max_new_tokens, alpha=alpha)
+    opts = SimpleNamespace(train=TrainConfig(check_every=check_every), max_new_tokens=max_new_tokens)
     # the summary's key as measure.py writes it (`leak_rate`; test_run_cli reads it from a real run too)
     after = Measurement({"forget": SimpleNamespace(summary={"leak_rate": leak, "n": 1})}, 0.0)
-    note = check_budget_note(opts, SimpleNamespace(stopped_by=stopped_by), after)
+    note = check_budget_note(opts, SimpleNamespace(stopped_by=stopped_by), after, alpha)
     assert (note is not None) == said
     if said:
         assert note.startswith("unlearn: the stop rule read the forget answers' first 32 tokens") and "(1.00)" in note

@@ -87,7 +87,8 @@ def run(opts: RunOptions, log=default_log) -> dict:
                 roles_as_checked(data.sets, result, opts.train.stop_leak, job.probe_names)
                 averager, selection = choose_alpha(opts, job, data.sets, before, log)
                 after = measure_after(job, data.sets, before, selection)
-                for note in (check_budget_note(opts, result, after), over_refusal_note(opts, data, after)):
+                applied = averager.alpha if averager is not None else None
+                for note in (check_budget_note(opts, result, after, applied), over_refusal_note(opts, data, after)):
                     if note and world.is_main:
                         log(note)
                 return write(opts, job, data, before, after, result, averager, selection, started, log)
@@ -661,15 +662,16 @@ def unanswered_message(lines: list[int], forget: EvalSet, budget: int, shown: in
 OVER_REFUSAL_KEPT = 0.5
 
 
-def check_budget_note(opts: RunOptions, result, after: Measurement) -> str | None:
+def check_budget_note(opts: RunOptions, result, after: Measurement, alpha: float | None = None) -> str | None:
     """The line telling a user that the stop rule found the forget set forgotten on its checks' answers
     (`TrainConfig.check_tokens` new tokens, kept short since they run at every check) while the table's
     longer answers (--max-new-tokens) still leak; None otherwise. A broken answer that loops back onto the
-    forgotten text after the checks' budget ended a run "forgotten" beside a forget leak of 1.00 -> 1.00."""
+    forgotten text after the checks' budget ended a run "forgotten" beside a forget leak of 1.00 -> 1.00.
+    ALPHA: the α the table's model was averaged at (None: not averaged; at 0 it is the trained model itself)."""
     measured = after.sets.get("forget")
     if (result.stopped_by != "forgotten" or not opts.train.check_every or measured is None
-            or opts.max_new_tokens <= opts.train.check_tokens or opts.alpha is not None):
-        return None  # (with --alpha the table reads the averaged model, which the checks never read)
+            or opts.max_new_tokens <= opts.train.check_tokens or (alpha is not None and alpha != 0)):
+        return None  # (averaged, the table reads a model the checks never read)
     leak = measured.summary.get("leak_rate")
     if leak is None or leak <= opts.train.stop_leak:
         return None
