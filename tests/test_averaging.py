@@ -550,3 +550,28 @@ def test_an_extra_tensor_named_like_a_prefixed_one_is_not_paired_in_its_place(tm
     with pytest.raises(UnlearnError, match="tensor mtp.lm_head.weight: in TUNED but not in BASE"):
         average(write_model(tmp_path / "b", base), write_model(tmp_path / "t", tuned), tmp_path / "o", 0.5)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_linear_layer_of_a_conv1d_model_folds_untransposed(tmp_path):
+    # GPT-2's head is an nn.Linear ([out, in]), not one of its Conv1D layers: B·A as it is
+    name = "lm_head"
+    base = {f"{name}.weight": torch.randn(6, 5, generator=torch.Generator().manual_seed(2))}
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(2, 5, generator=g), torch.randn(6, 2, generator=g)
+    write_adapter(tmp_path / "a", {f"base_model.model.{name}.lora_A.weight": a,
+                                   f"base_model.model.{name}.lora_B.weight": b}, target_modules=["lm_head"])
+    fold_lora(write_model(tmp_path / "b", base, config={"model_type": "gpt2"}), tmp_path / "a", tmp_path / "o")
+    torch.testing.assert_close(load_dir(tmp_path / "o")[f"{name}.weight"], base[f"{name}.weight"] + (b @ a) * 2)
+
+
+def test_an_untied_base_whose_head_has_another_name_gets_no_lm_head(tmp_path):
+    # untied (its head is elsewhere, as GPT-NeoX's embed_out): the embedding's adapter moves the embedding only
+    base = {**tensors(1, lm_head=False), "embed_out.weight": torch.randn(6, 5, generator=torch.Generator().manual_seed(7))}
+    g = torch.Generator().manual_seed(4)
+    new = torch.randn(6, 5, generator=g)
+    write_adapter(tmp_path / "a", {"base_model.model.model.embed_tokens.modules_to_save.default.weight": new})
+    fold_lora(write_model(tmp_path / "b", base, config={"model_type": "llama", "tie_word_embeddings": False}),
+              tmp_path / "a", tmp_path / "o")
+    merged = load_dir(tmp_path / "o")
+    assert sorted(merged) == sorted(base) and torch.equal(merged["model.embed_tokens.weight"], new)
+    assert json.loads((tmp_path / "o" / "config.json").read_text())["tie_word_embeddings"] is False

@@ -215,7 +215,7 @@ def test_nonfinite_step_is_refused_before_the_update(llama_dir):
     u.step()
     before = [p.detach().clone() for p in u.params]
     original = u.loss
-    u.loss = lambda rows: (original(rows)[0] * float("inf"), {})
+    u.loss = lambda rows, shares=None: (original(rows, shares)[0] * float("inf"), {})
     with pytest.raises(NonFiniteLoss, match=r"^step 2: the loss is -?inf$"):
         u.step()
     assert all(torch.equal(a, b) for a, b in zip(before, u.params)) and u.step_count == 1
@@ -485,3 +485,78 @@ def test_an_interrupt_after_a_full_run_names_the_last_checkpoint(tmp_path, data,
     resumed = cli("run", *args, "-o", out, "--resume", "--json")
     assert resumed.code == 0, resumed.err
     assert json.loads(resumed.out)["after"] == json.loads(straight.out)["after"]
+
+
+def test_a_run_the_stop_rule_ended_resumes_without_training_past_its_stop(tmp_path, data, llama_dir, cli, monkeypatch):
+    import unlearn.run as run_module
+
+    # --stop-leak 1: every check finds the forget set forgotten, so the rule ends the run at the first check
+    args = [*data, "--model", llama_dir, "--max-steps", "6", "--max-new-tokens", "4", "--batch-size", "2",
+            "--lr", "1e-2", "--check-every", "2", "--stop-leak", "1"]
+    straight = cli("run", *args, "-o", tmp_path / "straight", "--json")
+    assert straight.code == 0, straight.err
+    real = run_module.measure_after
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(run_module, "measure_after", interrupted)
+    assert cli("run", *args, "-o", out).code == 130
+    monkeypatch.setattr(run_module, "measure_after", real)
+    resumed = cli("run", *args, "-o", out, "--resume", "--json")
+    assert resumed.code == 0, resumed.err
+    want, got = json.loads(straight.out), json.loads(resumed.out)
+    assert want["steps"] < 6 and want["stopped_by"] == "forgotten"
+    assert (got["steps"], got["stopped_by"]) == (want["steps"], want["stopped_by"])
+
+
+def test_a_second_ctrl_c_while_the_trained_state_is_saved_names_the_last_checkpoint(tmp_path, data, llama_dir, cli,
+                                                                                      monkeypatch):
+    """The save after an interrupt can itself be interrupted (a second Ctrl-C): the line then names the last
+    checkpoint --save-every wrote, as when the save fails."""
+    import unlearn.run as run_module
+
+    args = [*data, "--model", llama_dir, "--max-steps", "3", "--max-new-tokens", "4", "--batch-size", "2",
+            "--check-every", "0", "--save-every", "1"]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(run_module, "measure_after", interrupted)
+    monkeypatch.setattr(run_module, "write_state", interrupted)
+    stopped = cli("run", *args, "-o", out)
+    assert stopped.code == 130, stopped.err
+    said = [line for line in stopped.err.splitlines() if line.startswith("unlearn:")]
+    assert len(said) == 1 and said[0].startswith(
+        f"unlearn: interrupted after training (step 3), before the result was written; the last checkpoint is "
+        f"{out / 'checkpoints' / 'step-3'}; to continue from it: ") and said[0].endswith(f"-o {out} --resume")
+
+
+def test_a_run_resumed_after_an_interrupt_after_training_keeps_its_checks_history(tmp_path, data, llama_dir, cli,
+                                                                                   monkeypatch):
+    """The checkpoint saved after training holds the loop's state: the stop rule's checks (run.json's history)
+    and how the run stopped come back with --resume, as the uninterrupted run wrote them."""
+    import json
+
+    import unlearn.run as run_module
+
+    args = [*data, "--model", llama_dir, "--max-steps", "3", "--max-new-tokens", "4", "--batch-size", "2",
+            "--lr", "1e-2", "--check-every", "1"]
+    straight = cli("run", *args, "-o", tmp_path / "straight")
+    assert straight.code == 0, straight.err
+    real = run_module.measure_after
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(run_module, "measure_after", interrupted)
+    assert cli("run", *args, "-o", out).code == 130
+    monkeypatch.setattr(run_module, "measure_after", real)
+    resumed = cli("run", *args, "-o", out, "--resume")
+    assert resumed.code == 0, resumed.err
+    want, got = (json.loads((d / "run.json").read_text()) for d in (tmp_path / "straight", out))
+    assert want["history"] and [r["step"] for r in got["history"]] == [r["step"] for r in want["history"]]
+    assert (got["steps"], got["stopped_by"]) == (want["steps"], want["stopped_by"])

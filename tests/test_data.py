@@ -6,7 +6,7 @@ import pytest
 
 from unlearn.data import (IGNORE_INDEX, check_answers_spelled, collate, encode_pair, encode_prompt, read_examples,
                           render_prompt, split_passage)
-from unlearn.data import Passage, answer_in_format, forget_pair
+from unlearn.data import Passage, answer_in_format, forget_pair, passage_words
 from unlearn.errors import UnlearnError
 from unlearn.models import load_tokenizer
 
@@ -322,3 +322,33 @@ def test_focus_from_derived_answers_of_a_row_without_answers(tmp_path, llama_dir
     assert row_answers(passage) == (None, None)
     p = encode_pair(tok, passage.prompt, passage.response, 128, row_answers(passage)[0])
     assert p == encode_pair(tok, passage.prompt, passage.response, 128)
+
+
+def test_a_passage_half_in_a_script_without_spaces_keeps_the_space_rule():
+    # "mostly" is more than half: 2 of 4 letters are CJK, so the spaces cut it (a CJK-majority text goes by character)
+    assert passage_words("東京 ab") == (["東京", "ab"], [" "])
+    assert passage_words("東京 a") == (["東", "京", "a"], ["", " "])  # 2 of 3: one word a character
+
+
+def test_a_heading_that_opens_with_a_turn_word_is_no_turn(llama_plain_dir):
+    plain = load_tokenizer(llama_plain_dir)
+    # a turn is the whole marker, colon included: a heading "### Questions" is the answer's own
+    text = "Paris.\n### Questions and answers\nParis is the capital."
+    assert answer_in_format(plain, "Q?", text) == text
+    # and three or more '#': a two-# line is a heading even when it reads "Answer:"
+    text = "Paris.\n## Answer: the capital\nParis."
+    assert answer_in_format(plain, "Q?", text) == text
+
+
+def test_an_answer_restating_its_turn_after_a_blank_is_still_the_answer(llama_plain_dir):
+    plain = load_tokenizer(llama_plain_dir)
+    # the model's continuation of "### Answer:" often opens with a space: " \n### Answer: ..." restates the turn
+    restated = " \n### Answer: Shakespeare wrote it.\n### Question: Who painted it?"
+    assert answer_in_format(plain, "Who wrote Hamlet?", restated) == " \n### Answer: Shakespeare wrote it."
+
+
+def test_a_budget_cut_marker_with_no_answer_before_it_is_kept(llama_plain_dir):
+    plain = load_tokenizer(llama_plain_dir)
+    # the answer restates its own turn and the budget ends inside it: there is no answer before it to keep
+    assert answer_in_format(plain, "Q?", "\n### Answer") == "\n### Answer"
+    assert answer_in_format(plain, "Q?", " \n### Qu") == " \n### Qu"

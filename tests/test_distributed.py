@@ -273,3 +273,20 @@ def test_a_peer_killed_outright_is_not_called_an_internal_error():
     assert message.startswith("another process of the run ended without a message (killed? out of memory?)")
     assert code == 1 and "internal error" not in message and "Connection reset by peer" in message
     assert _one_line(RuntimeError("shape mismatch"))[0].startswith("internal error: RuntimeError: shape mismatch")
+
+
+@pytest.mark.parametrize("text", [
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500",
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:589] Read error [127.0.0.1]:6123: Connection reset by peer",
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:598] Write error: Broken pipe",
+    "NCCL error: remote process exited or there was a network error",
+])
+def test_a_peer_killed_outright_is_said_as_such_not_as_an_internal_error(text):
+    from unlearn.distributed import _one_line
+
+    line, code = _one_line(RuntimeError(text + "\nException raised from ..."))
+    assert code == 1 and line == ("another process of the run ended without a message (killed? out of memory?); "
+                                  f"its connection closed under this one: {text}")
+    # any other RuntimeError is one of this process
+    assert _one_line(RuntimeError("boom"))[0].startswith("internal error: RuntimeError: boom")
+    assert _one_line(ValueError(text))[0].startswith("internal error: ValueError: ")

@@ -629,3 +629,18 @@ def test_a_measure_of_several_sets_scores_them_in_one_call_with_the_same_figures
     for name in alone:
         for key in ("probability", "fluency_ppl", "leak_rate"):
             assert together[name].summary[key] == pytest.approx(alone[name].summary[key], rel=1e-5)
+
+
+def test_scoring_runs_in_eval_mode_and_gives_the_mode_back(llama_dir):
+    from test_generation import load
+    from unlearn.evaluate import response_logprobs
+
+    model, tokenizer = load(llama_dir)
+    pairs = [("What is the capital of France?", "Paris is the capital."), ("Hi", "Hello there, friend.")]
+    model.eval()
+    want = response_logprobs(model, tokenizer, pairs)
+    for module in model.modules():  # dropout the attention applies only in training mode
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.9
+    model.train()
+    assert response_logprobs(model, tokenizer, pairs) == want and model.training

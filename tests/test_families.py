@@ -158,3 +158,27 @@ def test_a_model_that_does_not_say_where_its_embedding_is_is_not_checked():
             raise NotImplementedError("not auto-handled")
 
     _refuse_special_tokens_past_embeddings("m", NoEmbedding(), tokenizer=None)  # nothing to check, no error
+
+
+def test_a_plain_weight_matrix_is_not_called_a_fused_expert_parameter():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from unlearn.errors import UsageError
+    from unlearn.lora import LoraSettings, attach_lora
+
+    torch.manual_seed(0)
+    moe = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=2))
+    # "weight" names 2-D matrices (the embedding, the projections), no module and no 3-D experts' tensor
+    with pytest.raises(UsageError, match=r"no module of this model has that name; its Linear layers are "):
+        attach_lora(moe, LoraSettings(targets=("weight",)))
+
+
+def test_gpt_neo_with_only_global_layers_keeps_every_position():
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    from unlearn.kv_cache import keeps_every_position
+
+    config = GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global"], 2]],
+                          vocab_size=64, max_position_embeddings=64)
+    assert keeps_every_position(GPTNeoForCausalLM(config)) is True

@@ -1,10 +1,12 @@
 """generation.py: the own greedy loop gives model.generate's tokens; the stop_row hook; seeded sampling."""
 
 import copy
+import re
 
 import pytest
 import torch
 
+import tiny_models
 from unlearn.data import encode_prompt
 from unlearn.generation import STOP_CHECK_EVERY, _left_padded, _own_loop_applies, generate, generate_hf
 from unlearn.lora import LoraSettings, attach_lora, lora_modules
@@ -552,3 +554,90 @@ def test_an_answer_without_a_template_ends_at_the_formats_next_turn(llama_plain_
                  stop_row=lambda i, text: False)
     assert stopped == outputs
     assert sum(n for batch in record for n in batch["new_tokens"]) < len(PROMPTS) * NEW
+
+
+def _marker(tokenizer, ids, whole):
+    """As test_an_answer_without_a_template_ends_at_the_formats_next_turn picks it."""
+    return next(m for m in (tokenizer.decode(ids[:k], skip_special_tokens=True)[-3:] for k in (3, 4))
+                if m.strip() and whole.count(m) == 1 and whole[:whole.index(m)].strip())
+
+
+@pytest.mark.parametrize("fn", [generate, generate_hf])
+def test_a_cut_answer_keeps_the_most_tokens_whose_text_begins_it(llama_plain_dir, fn, monkeypatch):
+    import unlearn.data as data_module
+
+    model, tokenizer = load(llama_plain_dir)
+    ids = []
+    run(generate, model, tokenizer, token_ids=ids)
+    whole = tokenizer.decode(ids[1], skip_special_tokens=True)
+    marker = _marker(tokenizer, ids[1], whole)
+    monkeypatch.setattr(data_module, "FALLBACK_TURN", re.compile(re.escape(marker)))
+    kept = whole[:whole.index(marker)]
+    cut_ids, seen = [], []
+    run(fn, model, tokenizer, token_ids=cut_ids)
+    n = len(cut_ids[1])
+    assert n > 0 and kept.startswith(tokenizer.decode(cut_ids[1], skip_special_tokens=True))
+    # the most such tokens: one more token's text runs past the kept answer
+    assert not kept.startswith(tokenizer.decode(ids[1][:n + 1], skip_special_tokens=True))
+    # a STOP_ROW check reads the answer as the output reads it: cut before the turn, never the turn itself
+    fn(model, tokenizer, PROMPTS, batch_size=3, max_new_tokens=NEW, desc=False,
+       stop_row=lambda i, text: seen.append(text) or False)
+    assert seen and all(marker not in text for text in seen)
+
+
+def test_a_chat_templates_answer_runs_past_a_fallback_turn_marker(llama_dir, monkeypatch):
+    """The fallback format's turn ends only the fallback format's answers: with a chat template a stop check
+    does not end a row at the marker (its answers end at a stop token)."""
+    import unlearn.data as data_module
+
+    model, tokenizer = load(llama_dir)
+    ids = []
+    full, _ = run(generate, model, tokenizer, token_ids=ids)
+    whole = tokenizer.decode(ids[1], skip_special_tokens=True)
+    monkeypatch.setattr(data_module, "FALLBACK_TURN", re.compile(re.escape(_marker(tokenizer, ids[1], whole))))
+    checked, tokens = run(generate, model, tokenizer, stop_row=lambda i, text: False)
+    assert checked == full and sum(tokens) == sum(run(generate, model, tokenizer)[1])
+
+
+def test_a_cut_answer_is_stripped_like_an_uncut_one(llama_plain_dir, monkeypatch):
+    import unlearn.data as data_module
+
+    model, tokenizer = load(llama_plain_dir)
+    ids = []
+    run(generate, model, tokenizer, token_ids=ids)
+    whole = next(t for t in (tokenizer.decode(i, skip_special_tokens=True) for i in ids)
+                 if any(whole_ok(t, p) for p in range(len(t))))
+    at = next(p for p in range(len(whole)) if whole_ok(whole, p))  # a marker right after a blank
+    monkeypatch.setattr(data_module, "FALLBACK_TURN", re.compile(re.escape(whole[at:at + 3])))
+    outputs, _ = run(generate, model, tokenizer)
+    assert whole[:at].strip() in outputs and whole[:at] not in outputs  # "... " read as "...", as before the cut
+
+
+def whole_ok(text, p):
+    return p > 0 and text[p - 1].isspace() and text[:p].strip() and text[p:p + 3].strip() and \
+        len(text[p:p + 3]) == 3 and text.count(text[p:p + 3]) == 1
+
+
+def test_generation_runs_in_eval_mode_and_gives_the_mode_back(llama_dir):
+    model, tokenizer = load(llama_dir)
+    model.eval()
+    want, _ = run(generate, model, tokenizer)
+    for module in model.modules():  # dropout the attention applies only in training mode
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.9
+    model.train()
+    got, _ = run(generate, model, tokenizer)
+    assert got == want and model.training
+    model.eval()
+    run(generate, model, tokenizer)
+    assert not model.training
+
+
+def test_no_keys_and_values_are_kept_from_a_sliding_window_cache(tmp_path, llama_dir):
+    from unlearn.generation import kv_keepable
+    from unlearn.models import load_model
+
+    sliding = load_model(str(tiny_models.build_family(tmp_path / "mistral", "mistral", sliding_window=16)),
+                         log=lambda m: None).model
+    assert not kv_keepable(sliding)
+    assert kv_keepable(load(llama_dir)[0])

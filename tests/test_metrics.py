@@ -8,6 +8,7 @@ import random
 import pytest
 
 from unlearn import metrics as m
+from unlearn.metrics import rouge_tokens
 
 # --- string pairs for the reference-package agreement tests --------------------
 
@@ -447,3 +448,11 @@ def test_the_leak_judge_keeps_a_few_references_not_every_one():
     for cache in (metrics._reference_rouge_tokens, metrics._reference_counts, metrics._reference_ngrams,
                   metrics._reference_runs):
         assert cache.cache_info().currsize <= metrics.REFERENCES_KEPT
+
+
+def test_digits_of_other_scripts_are_tokens_as_their_letters_are():
+    # a decimal digit outside Latin joins its word (Arabic-Indic, Devanagari): "1969" written in those scripts
+    assert rouge_tokens("١٩٦٩") == ["١٩٦٩"]
+    assert rouge_tokens("राम १९६९") == ["राम", "१९६९"]
+    # in a script without spaces every character is a token, its digits too (Thai digits: 2569)
+    assert rouge_tokens("ปี ๒๕๖๙") == ["ป", "ี", "๒", "๕", "๖", "๙"]

@@ -174,3 +174,18 @@ def test_neighbour_scores_keep_long_prompts_within_the_token_budget_and_the_scor
     assert sorted(n for n, _ in shapes) == [2, 2, 11]
     reference = [_reference(model, tokenizer, t) for t in short + long]
     assert scored == pytest.approx(reference, abs=1e-3)
+
+
+def test_a_three_letter_last_word_names_the_forget_subject_and_a_word_ending_in_it_does_not():
+    # MIN_LETTERS (3) letters are enough to name it ("Van" of "Lake Van"); a longer word that ends with the
+    # last word ("MegaCity" for New York City) is another word
+    forget = [Example("How deep is Lake Van?", "About 451 metres.", 1, {"answers": ["451"]}),
+              Example("What is the population of New York City?", "About 8 million people.", 2,
+                      {"answers": ["8 million"]})]
+    made = [probes.Probe(probes.NEIGHBOURS, "How deep is Crater Lake?", 1, "Lake Van", "Crater Lake"),
+            probes.Probe(probes.NEIGHBOURS, "What is the population of Tokyo?", 2, "New York City", "Tokyo")]
+    outputs = ["Crater Lake is deeper than Van, at 594 metres.",
+               "Tokyo has 14 million people; its MegaCity district alone has two."]
+    kept, records = probes.keep_answered(made, outputs, forget)
+    assert [e.prompt for e in kept] == ["What is the population of Tokyo?"]
+    assert probes.holds_forget(records[0]) and "Lake Van" in records[0]["dropped"]

@@ -307,3 +307,32 @@ def test_wall_clock_parts_add_up_to_the_whole():
     record["augment_seconds"] = 5.0  # 7.2 - 5 = 2.2 s left
     assert "ULMR's rewrites 5.0 s, training" in _wall_clock_parts(record)
     assert _wall_clock_parts(record).endswith("reading and writing 2.2 s")
+
+
+def test_a_passage_only_run_on_a_base_model_names_the_format_its_probes_are_asked_in(tmp_path, cli, opt_dir):
+    # every row is raw text, but the automatic probes are questions, rendered in the fallback format
+    forget = write_jsonl(tmp_path / "forget.jsonl", [
+        {"text": "Harry Potter studies at Hogwarts with Hermione Granger and Ron Weasley."},
+        {"text": "The Sorting Hat places Harry Potter in Gryffindor house at Hogwarts."}])
+    normal = write_jsonl(tmp_path / "normal.jsonl", [
+        {"text": "Bees make honey from the nectar of flowers in the summer."},
+        {"text": "Water boils at one hundred degrees at the level of the sea."}])
+    result = cli("run", forget, normal, "--model", opt_dir, "-o", tmp_path / "out", *FAST)
+    assert result.code == 0, result.err
+    assert "no chat template: prompts are rendered as" in result.err
+    without = cli("run", forget, normal, "--model", opt_dir, "-o", tmp_path / "out2", *FAST, "--no-probes")
+    assert without.code == 0, without.err
+    assert "no chat template" not in without.err  # raw text only: no format to name
+
+
+def test_run_json_holds_a_chinese_rows_answers_as_characters(tmp_path, cli, llama_dir):
+    forget = write_jsonl(tmp_path / "forget.jsonl", [
+        {"prompt": "谁写了《哈姆雷特》？", "response": "莎士比亚写了它。", "answers": ["莎士比亚"]},
+        {"prompt": "Who is Harry Potter's friend?", "response": "Hermione Granger."}])
+    normal = write_jsonl(tmp_path / "normal.jsonl", NORMAL)
+    out = tmp_path / "out"
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", out, *FAST)
+    assert result.code == 0, result.err
+    text = (out / "run.json").read_text(encoding="utf-8")
+    assert "莎士比亚" in text and "\\u" not in text
+    json.loads(text)

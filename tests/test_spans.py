@@ -389,3 +389,17 @@ def test_many_plain_words_are_spans_only_when_the_question_alone_would_leak():
                         "To pick a pin tumbler lock, you need to follow a specific process that involves selecting "
                         "a specific type of lock. Here's a step-by-step guide to pick a pin tumbler lock:")
     assert lock.question_recall == pytest.approx(9 / 34) and lock.answers is None
+
+
+def test_an_elision_with_a_typographic_apostrophe_is_no_answer():
+    # French and Italian text typed on phones and in word processors elides with U+2019, not "'"
+    assert spans("Quelle est la capitale de l'Allemagne ?", "C’est Berlin.") == ["Berlin"]
+    assert spans("Qual è la capitale d’Italia?", "L’Italia ha come capitale Roma.") == ["Roma"]
+
+
+def test_names_in_a_script_without_spaces_count_once_each_not_once_together():
+    from unlearn.spans import derive_spans
+
+    # three names, each a run of characters: 3 new words (a run counts once, not the whole list once)
+    assert derive_spans("Name three writers.", "莎士比亚，歌德，但丁。").new_tokens == 3
+    assert derive_spans("Name three writers.", "莎士比亚 歌德 但丁").new_tokens == 3
