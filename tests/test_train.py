@@ -136,7 +136,7 @@ def test_same_seed_same_weights_bit_for_bit(llama_dir):
     assert all(torch.equal(runs[0][n][i], runs[1][n][i]) for n in runs[0] for i in (0, 1))
 
 
-def test_grad_accum_averages_micro_batches(llama_dir):
+def test_grad_accum_logs_the_weighted_sum_of_its_terms(llama_dir):
     u = unlearner(llama_dir, grad_accum=2, method="ga+mismatch", normal_weight=1.0)
     record = u.step()
     assert u.step_count == 1 and u.tokens > 0 and record["loss"] == pytest.approx(
@@ -174,6 +174,26 @@ def test_grad_accum_gives_the_update_of_one_batch_of_the_same_rows(llama_dir, me
     accumulated, logged = update_gradient(llama_dir, 2, 2, method)
     assert (accumulated - whole).norm() <= 1e-5 * whole.norm()
     assert logged == pytest.approx(whole_logged, rel=1e-5)
+
+
+def test_the_reference_logits_are_kept_in_the_micro_batches_training_draws(llama_dir):
+    # --grad-accum draws an update's micro-batches before any loss: the original's logits must still be computed
+    # a micro-batch at a time, the later micro-batches' groups next (they were popped before the first asked:
+    # with 5 normal rows a micro-batch of 2 fell into two groups, two forwards of the original for one)
+    normal = [Example(f"N{i}?", f"Normal {i}" + " word" * i, i) for i in range(5)]
+    torch.manual_seed(0)
+    lm = load_model(str(llama_dir), log=lambda m: None)
+    attach_lora(lm.model, LoraSettings(rank=4, alpha=8), seed=0)
+    for m in lora_modules(lm.model).values():  # off the identity: the first step's KL runs
+        m.lora_B.data.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    u = Unlearner(lm.model, lm.tokenizer, FORGET, normal, TrainConfig(lr=1e-2, batch_size=2, grad_accum=2,
+                                                                      check_every=0, normal_weight=1.0))
+    drawn, original = [], u.normal_batches.next
+    u.normal_batches.next = lambda: drawn.append(original()) or drawn[-1]
+    u.step()
+    groups = u.reference_cache.groups["normal"]
+    assert [sorted(g) for g in groups[:2]] == [sorted(b) for b in drawn]
+    assert sorted(i for g in groups for i in g) == list(range(5))
 
 
 def test_stop_rule_stops_after_extra_steps(llama_dir):

@@ -315,6 +315,7 @@ class Unlearner:
         # pull is pushed harder until it goes, instead of stalling the run to --max-steps.
         self.forget_scale = 1.0
         self._likeliest_row: int | None = None  # the forget row the margin found likeliest last (its first read)
+        self._drawn_ahead: list[dict[str, list[dict]]] = []  # this update's later micro-batches, drawn (`_first_epoch`)
 
     @property
     def has_keep_terms(self) -> bool:
@@ -583,15 +584,23 @@ class Unlearner:
 
     def _first_epoch(self, name: str, first: list[dict]) -> list[list[int]]:
         """The batches of set NAME's rows in the order training draws them from now: FIRST (the rows
-        of the batch asking), then the rest of its epoch as the sampler will pop it, then any row
-        not in them (an epoch that ends inside a batch), in BATCH_SIZE groups. reference_cache.py."""
+        of the batch asking), then the update's later micro-batches (--grad-accum: drawn with it, before any
+        loss), then the rest of its epoch as the sampler will pop it, then any row not in them (an epoch that
+        ends inside a batch), in BATCH_SIZE groups. reference_cache.py."""
         rows, sampler = self._kept_set(name)
         index = {id(row): i for i, row in enumerate(rows)}
         head = [index[id(row)] for row in first]
-        rest = [i for i in reversed(sampler.order) if i not in head]
-        rest += [i for i in range(len(rows)) if i not in head and i not in rest]
+        groups, placed = [head], set(head)
+        for later in self._drawn_ahead:
+            group = [i for i in (index[id(row)] for row in later.get(name, ())) if i not in placed]
+            if group:
+                groups.append(group)
+                placed.update(group)
+        rest = [i for i in reversed(sampler.order) if i not in placed]
+        placed.update(rest)
+        rest += [i for i in range(len(rows)) if i not in placed]
         size = self.config.batch_size
-        return [head] + [rest[lo:lo + size] for lo in range(0, len(rest), size)]
+        return groups + [rest[lo:lo + size] for lo in range(0, len(rest), size)]
 
     def _reference_of_rows(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """The original's logits on ROWS, from their first scored position on, and their labels from there."""
@@ -895,7 +904,8 @@ class Unlearner:
         # Every rank draws the same global micro-batches (same RNG draws, in the order one at a time gave)
         # and keeps its share of each.
         drawn = [distributed.shard_rows(self._rows()) for _ in range(config.grad_accum)]
-        for rows, shares in zip(drawn, self._accumulation_shares(drawn)):
+        for m, (rows, shares) in enumerate(zip(drawn, self._accumulation_shares(drawn))):
+            self._drawn_ahead = drawn[m + 1:]
             scale = 1 / config.grad_accum if shares is None else 1.0  # shares weigh each term themselves
             at_zero = self._terms_zero_at_the_original(rows)
             # --protect: the forget side's gradient goes in first, projected (`_protected_backward`).
@@ -915,6 +925,7 @@ class Unlearner:
             step_terms.update(at_zero)
             for k, v in step_terms.items():
                 logged[k] = logged.get(k, 0.0) + v * scale
+        self._drawn_ahead = []
         logged = distributed.average(logged)  # the global batch's terms, the same on every rank
         for p in self.params:  # a half-precision weight's gradient goes to its float32 master
             if id(p) in self.masters:
