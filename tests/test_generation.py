@@ -521,8 +521,6 @@ def test_an_answer_without_a_template_ends_at_the_formats_next_turn(llama_plain_
     """The fallback format's answer stops where the model starts the next turn (data.FALLBACK_TURN), its text
     and token ids both; a STOP_ROW check ends the row there. The marker is set to text the random model
     writes mid-answer, as a base model writes "\\n### Question:" after its answer."""
-    import re
-
     import unlearn.data as data_module
 
     model, tokenizer = load(llama_plain_dir)

@@ -135,13 +135,27 @@ def test_the_corrected_judge_leaves_out_its_rows_and_changes_the_markers(tmp_pat
     assert (plain["neighbours_kept"], fixed["neighbours_kept"]) == (1.0, None)  # the base no longer answers it
     assert (plain["unrelated_kept"], fixed["unrelated_kept"]) == (0.5, 0.0)
     assert fixed["base_right"]["unrelated"] == "1/1" and fixed["base_right"]["neighbours"] == "0/1"
-    rows = [{"scenario": "s", "method": "ga", "seed": 0, "run_args": "", "exit_code": 0, **plain,
-             "corrected": {k: fixed[k] for k in quality.CORRECTED_KEYS}},
-            {"scenario": "s", "method": "ga", "seed": 1, "run_args": "", "exit_code": 0, **plain}]  # run before it
-    line = next(l for l in quality.make_table(rows, ["s"], ["ga"], [0, 1], "", "cmd", "dev", corrected=True)
+    assert quality.corrected_columns(scenario, base, after) == {
+        "corrected": {k: fixed[k] for k in (*quality.CORRECTED_KEYS, "base_right")},
+        "corrected_by": quality.corrections_id()}
+    run = {"scenario": "s", "method": "ga", "run_args": "", "exit_code": 0, **plain}
+    rows = [{**run, "seed": 0, **quality.corrected_columns(scenario, base, after)},
+            {**run, "seed": 1},  # run before the corrected judge: not run, for its columns
+            {**run, "seed": 2, **quality.corrected_columns(scenario, base, after), "corrected_by": "another file"}]
+    line = next(l for l in quality.make_table(rows, ["s"], ["ga"], [0, 1, 2], "", "cmd", "dev", corrected=True)
                 .splitlines() if l.startswith("| `ga`"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[2] == "1.00" and cells[5] == "0.00" and cells[3] == "n/a"
+    assert cells[0] == "`ga` (seed 0)" and cells[2] == "1.00" and cells[5] == "0.00" and cells[3] == "n/a"
+    # --rescore: a stored run scored again by the file as it is now, its other fields untouched
+    results = tmp_path / "results.jsonl"
+    results.write_text(json.dumps({**run, "seed": 3, "after": after, "corrected_by": "old"}) + "\n"
+                       + json.dumps({**run, "seed": 4}) + "\n")
+    monkeypatch.setattr(quality, "Scenario", lambda name: SimpleNamespace(model_spec=lambda: None, **vars(scenario)))
+    monkeypatch.setattr(quality, "base_outputs", lambda sc, spec: base)
+    quality.rescore(results)
+    again = quality.read_jsonl(results)
+    assert again[0]["corrected_by"] == quality.corrections_id() and again[0]["corrected"]["unrelated_kept"] == 0.0
+    assert again[0]["paraphrase_leak"] == 0.0 and again[1] == {**run, "seed": 4}
 
 
 def test_the_committed_corrections_name_rows_that_exist():

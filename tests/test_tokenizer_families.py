@@ -9,6 +9,7 @@ A reasoning template renders no text after its prompt for an answer; a slow toke
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -19,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models  # noqa: E402
 
 from unlearn.data import IGNORE_INDEX, Passage, encode_pair, encode_prompt, render_prompt, render_response  # noqa: E402
-import logging
 
 
 @pytest.fixture(scope="module")
