@@ -141,21 +141,29 @@ def test_the_corrected_judge_leaves_out_its_rows_and_changes_the_markers(tmp_pat
     run = {"scenario": "s", "method": "ga", "run_args": "", "exit_code": 0, **plain}
     rows = [{**run, "seed": 0, **quality.corrected_columns(scenario, base, after)},
             {**run, "seed": 1},  # run before the corrected judge: not run, for its columns
-            {**run, "seed": 2, **quality.corrected_columns(scenario, base, after), "corrected_by": "another file"}]
-    line = next(l for l in quality.make_table(rows, ["s"], ["ga"], [0, 1, 2], "", "cmd", "dev", corrected=True)
+            {**run, "seed": 2, **quality.corrected_columns(scenario, base, after), "corrected_by": "another file"},
+            {**run, "seed": 0, "scenario": "t", "exit_code": 1}]  # a failed run has no outputs: it counts as failed
+    line = next(l for l in quality.make_table(rows, ["s", "t"], ["ga"], [0, 1, 2], "", "cmd", "dev", corrected=True)
                 .splitlines() if l.startswith("| `ga`"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert cells[0] == "`ga` (seed 0)" and cells[2] == "1.00" and cells[5] == "0.00" and cells[3] == "n/a"
+    assert cells[0] == "`ga` (seed 0) (without t: failed)" and cells[2] == "1.00" and cells[5] == "0.00"
+    assert cells[3] == "n/a" and cells[-1] == "1/6 (4 not run)"
     # --rescore: a stored run scored again by the file as it is now, its other fields untouched
     results = tmp_path / "results.jsonl"
     results.write_text(json.dumps({**run, "seed": 3, "after": after, "corrected_by": "old"}) + "\n"
                        + json.dumps({**run, "seed": 4}) + "\n")
     monkeypatch.setattr(quality, "Scenario", lambda name: SimpleNamespace(model_spec=lambda: None, **vars(scenario)))
-    monkeypatch.setattr(quality, "base_outputs", lambda sc, spec: base)
+
+    def base_while_a_run_appends(sc, spec):  # a benchmark still running appends a line while the base is made
+        with results.open("a") as f:
+            f.write(json.dumps({**run, "seed": 5}) + "\n")
+        return base
+
+    monkeypatch.setattr(quality, "base_outputs", base_while_a_run_appends)
     quality.rescore(results)
     again = quality.read_jsonl(results)
     assert again[0]["corrected_by"] == quality.corrections_id() and again[0]["corrected"]["unrelated_kept"] == 0.0
-    assert again[0]["paraphrase_leak"] == 0.0 and again[1] == {**run, "seed": 4}
+    assert again[0]["paraphrase_leak"] == 0.0 and again[1:] == [{**run, "seed": 4}, {**run, "seed": 5}]
 
 
 def test_the_committed_corrections_name_rows_that_exist():
