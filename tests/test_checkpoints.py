@@ -462,38 +462,25 @@ def test_an_interrupt_after_a_full_run_names_the_last_checkpoint(tmp_path, data,
     """--full keeps no copy of its trained weights (the whole model): an interrupt after training said only
     "interrupted" though --save-every had written the last step's checkpoint, from which --resume writes the
     result."""
+    def said_the_last_checkpoint(stopped, out):
+        said = [line for line in stopped.err.splitlines() if line.startswith("unlearn:")]
+        assert said == [f"unlearn: interrupted after training (step 3), before the result was written; the last "
+                        f"checkpoint is {out / 'checkpoints' / 'step-3'}; to continue from it: "
+                        + said[0].split("to continue from it: ")[1]] and said[0].endswith(f"-o {out} --resume")
+
+    want, got = straight_and_resumed(cli, [*data, "--model", llama_dir, "--full", "--max-steps", "3",
+                                           "--max-new-tokens", "4", "--batch-size", "2", "--check-every", "0",
+                                           "--save-every", "1"], tmp_path, monkeypatch, said_the_last_checkpoint)
+    assert got["after"] == want["after"]
+
+
+def straight_and_resumed(cli, args, tmp_path, monkeypatch, on_stop=None) -> tuple[dict, dict]:
+    """run.json of ARGS run straight, and of the same run interrupted after training (Ctrl-C before the result is
+    measured: the trained state saved as a checkpoint) and continued with --resume; ON_STOP(result, output
+    directory) reads the interrupted run's result."""
     import unlearn.run as run_module
 
-    args = [*data, "--model", llama_dir, "--full", "--max-steps", "3", "--max-new-tokens", "4", "--batch-size", "2",
-            "--check-every", "0", "--save-every", "1"]
-    straight = cli("run", *args, "-o", tmp_path / "straight", "--json")
-    assert straight.code == 0, straight.err
-    measure_after = run_module.measure_after
-
-    def interrupted(*a, **k):
-        raise KeyboardInterrupt
-
-    out = tmp_path / "out"
-    monkeypatch.setattr(run_module, "measure_after", interrupted)
-    stopped = cli("run", *args, "-o", out)
-    assert stopped.code == 130, stopped.err
-    said = [line for line in stopped.err.splitlines() if line.startswith("unlearn:")]
-    assert said == [f"unlearn: interrupted after training (step 3), before the result was written; the last "
-                    f"checkpoint is {out / 'checkpoints' / 'step-3'}; to continue from it: "
-                    + said[0].split("to continue from it: ")[1]] and said[0].endswith(f"-o {out} --resume")
-    monkeypatch.setattr(run_module, "measure_after", measure_after)
-    resumed = cli("run", *args, "-o", out, "--resume", "--json")
-    assert resumed.code == 0, resumed.err
-    assert json.loads(resumed.out)["after"] == json.loads(straight.out)["after"]
-
-
-def test_a_run_the_stop_rule_ended_resumes_without_training_past_its_stop(tmp_path, data, llama_dir, cli, monkeypatch):
-    import unlearn.run as run_module
-
-    # --stop-leak 1: every check finds the forget set forgotten, so the rule ends the run at the first check
-    args = [*data, "--model", llama_dir, "--max-steps", "6", "--max-new-tokens", "4", "--batch-size", "2",
-            "--lr", "1e-2", "--check-every", "2", "--stop-leak", "1"]
-    straight = cli("run", *args, "-o", tmp_path / "straight", "--json")
+    straight = cli("run", *args, "-o", tmp_path / "straight")
     assert straight.code == 0, straight.err
     real = run_module.measure_after
 
@@ -502,11 +489,21 @@ def test_a_run_the_stop_rule_ended_resumes_without_training_past_its_stop(tmp_pa
 
     out = tmp_path / "out"
     monkeypatch.setattr(run_module, "measure_after", interrupted)
-    assert cli("run", *args, "-o", out).code == 130
+    stopped = cli("run", *args, "-o", out)
+    assert stopped.code == 130, stopped.err
+    if on_stop is not None:
+        on_stop(stopped, out)
     monkeypatch.setattr(run_module, "measure_after", real)
-    resumed = cli("run", *args, "-o", out, "--resume", "--json")
+    resumed = cli("run", *args, "-o", out, "--resume")
     assert resumed.code == 0, resumed.err
-    want, got = json.loads(straight.out), json.loads(resumed.out)
+    return tuple(json.loads((d / "run.json").read_text()) for d in (tmp_path / "straight", out))
+
+
+def test_a_run_the_stop_rule_ended_resumes_without_training_past_its_stop(tmp_path, data, llama_dir, cli, monkeypatch):
+    # --stop-leak 1: every check finds the forget set forgotten, so the rule ends the run at the first check
+    want, got = straight_and_resumed(cli, [*data, "--model", llama_dir, "--max-steps", "6", "--max-new-tokens", "4",
+                                           "--batch-size", "2", "--lr", "1e-2", "--check-every", "2", "--stop-leak", "1"],
+                                     tmp_path, monkeypatch)
     assert want["steps"] < 6 and want["stopped_by"] == "forgotten"
     assert (got["steps"], got["stopped_by"]) == (want["steps"], want["stopped_by"])
 
@@ -538,25 +535,8 @@ def test_a_run_resumed_after_an_interrupt_after_training_keeps_its_checks_histor
                                                                                    monkeypatch):
     """The checkpoint saved after training holds the loop's state: the stop rule's checks (run.json's history)
     and how the run stopped come back with --resume, as the uninterrupted run wrote them."""
-    import json
-
-    import unlearn.run as run_module
-
-    args = [*data, "--model", llama_dir, "--max-steps", "3", "--max-new-tokens", "4", "--batch-size", "2",
-            "--lr", "1e-2", "--check-every", "1"]
-    straight = cli("run", *args, "-o", tmp_path / "straight")
-    assert straight.code == 0, straight.err
-    real = run_module.measure_after
-
-    def interrupted(*a, **k):
-        raise KeyboardInterrupt
-
-    out = tmp_path / "out"
-    monkeypatch.setattr(run_module, "measure_after", interrupted)
-    assert cli("run", *args, "-o", out).code == 130
-    monkeypatch.setattr(run_module, "measure_after", real)
-    resumed = cli("run", *args, "-o", out, "--resume")
-    assert resumed.code == 0, resumed.err
-    want, got = (json.loads((d / "run.json").read_text()) for d in (tmp_path / "straight", out))
+    want, got = straight_and_resumed(cli, [*data, "--model", llama_dir, "--max-steps", "3", "--max-new-tokens", "4",
+                                           "--batch-size", "2", "--lr", "1e-2", "--check-every", "1"],
+                                     tmp_path, monkeypatch)
     assert want["history"] and [r["step"] for r in got["history"]] == [r["step"] for r in want["history"]]
     assert (got["steps"], got["stopped_by"]) == (want["steps"], want["stopped_by"])
