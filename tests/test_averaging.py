@@ -566,7 +566,8 @@ def test_a_linear_layer_of_a_conv1d_model_folds_untransposed(tmp_path):
 
 def test_an_untied_base_whose_head_has_another_name_gets_no_lm_head(tmp_path):
     # untied (its head is elsewhere, as GPT-NeoX's embed_out): the embedding's adapter moves the embedding only
-    base = {**tensors(1, lm_head=False), "embed_out.weight": torch.randn(6, 5, generator=torch.Generator().manual_seed(7))}
+    head = torch.randn(6, 5, generator=torch.Generator().manual_seed(7))
+    base = {**tensors(1, lm_head=False), "embed_out.weight": head}
     g = torch.Generator().manual_seed(4)
     new = torch.randn(6, 5, generator=g)
     write_adapter(tmp_path / "a", {"base_model.model.model.embed_tokens.modules_to_save.default.weight": new})

@@ -502,8 +502,8 @@ def straight_and_resumed(cli, args, tmp_path, monkeypatch, on_stop=None) -> tupl
 def test_a_run_the_stop_rule_ended_resumes_without_training_past_its_stop(tmp_path, data, llama_dir, cli, monkeypatch):
     # --stop-leak 1: every check finds the forget set forgotten, so the rule ends the run at the first check
     want, got = straight_and_resumed(cli, [*data, "--model", llama_dir, "--max-steps", "6", "--max-new-tokens", "4",
-                                           "--batch-size", "2", "--lr", "1e-2", "--check-every", "2", "--stop-leak", "1"],
-                                     tmp_path, monkeypatch)
+                                           "--batch-size", "2", "--lr", "1e-2", "--check-every", "2",
+                                           "--stop-leak", "1"], tmp_path, monkeypatch)
     assert want["steps"] < 6 and want["stopped_by"] == "forgotten"
     assert (got["steps"], got["stopped_by"]) == (want["steps"], want["stopped_by"])
 

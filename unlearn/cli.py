@@ -118,7 +118,8 @@ def _command_line() -> str:
               help="Learning rate [default: 1e-3 with LoRA (ga: 2e-3, rmu: 5e-3), 1e-5 with --full].")
 @click.option("--batch-size", type=int, default=4, show_default=True,
               help="Forget (and normal) rows per micro-batch; under torchrun, in all (each process takes a share).")
-@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimiser step (the update of one batch of all their rows).")
+@click.option("--grad-accum", type=int, default=1, show_default=True,
+              help="Micro-batches per optimiser step (the update of one batch of all their rows).")
 @click.option("--max-steps", type=int, default=150, show_default=True, help="Cap on optimiser steps.")
 @click.option("--warmup-steps", type=int, default=0, show_default=True,
               help="Steps over which the learning rate rises linearly from 0 to --lr.")
