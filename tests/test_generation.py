@@ -604,16 +604,17 @@ def test_a_cut_answer_is_stripped_like_an_uncut_one(llama_plain_dir, monkeypatch
     ids = []
     run(generate, model, tokenizer, token_ids=ids)
     whole = next(t for t in (tokenizer.decode(i, skip_special_tokens=True) for i in ids)
-                 if any(whole_ok(t, p) for p in range(len(t))))
-    at = next(p for p in range(len(whole)) if whole_ok(whole, p))  # a marker right after a blank
+                 if any(marker_after_a_blank(t, p) for p in range(len(t))))
+    at = next(p for p in range(len(whole)) if marker_after_a_blank(whole, p))  # a marker right after a blank
     monkeypatch.setattr(data_module, "FALLBACK_TURN", re.compile(re.escape(whole[at:at + 3])))
     outputs, _ = run(generate, model, tokenizer)
     assert whole[:at].strip() in outputs and whole[:at] not in outputs  # "... " read as "...", as before the cut
 
 
-def whole_ok(text, p):
-    return p > 0 and text[p - 1].isspace() and text[:p].strip() and text[p:p + 3].strip() and \
-        len(text[p:p + 3]) == 3 and text.count(text[p:p + 3]) == 1
+def marker_after_a_blank(text, p):
+    """Whether TEXT's three characters at P can be a marker that follows a blank, after some answer text."""
+    return (p > 0 and text[p - 1].isspace() and text[:p].strip() and text[p:p + 3].strip()
+            and len(text[p:p + 3]) == 3 and text.count(text[p:p + 3]) == 1)
 
 
 def test_generation_runs_in_eval_mode_and_gives_the_mode_back(llama_dir):
