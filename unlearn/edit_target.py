@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from unlearn.edit_layers import add_to_residual
+from unlearn.losses import unlikelihood_per_token
 
 
 @dataclass
@@ -39,11 +40,10 @@ class Row:
 
 
 def unlikelihood(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """mean_t -log(1 - p(targets_t)) from (positions, vocab) log-probabilities: log(1 - p) is the logsumexp of the
-    other tokens' log-probabilities, exact and with its gradient where p rounds to 1 in float32 (a clamp of p at
-    1 - 1e-6 made a memorised name's later tokens a constant with no gradient; losses._unlikelihood_per_token)."""
-    others = logprobs.scatter(-1, targets[:, None], float("-inf"))
-    return -torch.logsumexp(others, dim=-1).mean()
+    """mean_t -log(1 - p(targets_t)) from (positions, vocab) log-probabilities, by the forget loss's exact form
+    (`losses.unlikelihood_per_token`: it has its gradient where p rounds to 1 in float32; a clamp of p at
+    1 - 1e-6 made a memorised name's later tokens a constant with no gradient)."""
+    return unlikelihood_per_token(logprobs, targets).mean()
 
 
 @dataclass

@@ -119,7 +119,7 @@ def unlikelihood_loss(logits: torch.Tensor, labels: torch.Tensor, banned: torch.
         rows = _scored_rows(mask)[banned[:, 0], banned[:, 1] - 1]  # label position j is predicted at j - 1
         also = (rows[rows >= 0], banned[rows >= 0, 2])
     per_position = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
-    per_position[mask] = _unlikelihood_per_token(logits[mask].float(), targets[mask], also)
+    per_position[mask] = unlikelihood_per_token(logits[mask].float(), targets[mask], also)
     return _mean_of_row_means(per_position, mask)
 
 
@@ -130,7 +130,7 @@ def _scored_rows(mask: torch.Tensor) -> torch.Tensor:
     return position
 
 
-def _unlikelihood_per_token(scored: torch.Tensor, targets: torch.Tensor,
+def unlikelihood_per_token(scored: torch.Tensor, targets: torch.Tensor,
                             also: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """-log(1 - p(target)) of each row of SCORED (tokens, vocab) logits; with ALSO, (rows, tokens),
     those tokens count with their row's target."""
@@ -176,7 +176,7 @@ def redirect_loss(reference_logits: torch.Tensor, logits: torch.Tensor, labels: 
     scored = logits[b, t].float()
     per_token = (torch.special.xlogy(q, q) - q * torch.log_softmax(scored, dim=-1)).sum(dim=-1)
     if redirected is not None:
-        per_token = torch.where(redirected[b], per_token, _unlikelihood_per_token(scored, targets[mask]))
+        per_token = torch.where(redirected[b], per_token, unlikelihood_per_token(scored, targets[mask]))
     per_position = per_token.new_zeros(mask.shape)
     per_position[mask] = per_token
     return _mean_of_row_means(per_position, mask)
