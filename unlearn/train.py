@@ -797,8 +797,7 @@ class Unlearner:
         """
         counts = {}  # per group: the units of each kind in the whole group and in each piece
         for name, pieces in plan.items():
-            labels = [collate(piece, self.pad_id)["labels"] for piece in pieces]
-            per_piece = [{unit: distributed.scored_count(l, unit) for unit in ("rows", "tokens")} for l in labels]
+            per_piece = [self._units(piece) for piece in pieces]
             if len(pieces) > 1 and any(c[unit] == 0 for c in per_piece for unit in c):
                 return None
             counts[name] = ({unit: sum(c[unit] for c in per_piece) for unit in per_piece[0]}, per_piece)
@@ -819,6 +818,11 @@ class Unlearner:
         logged["loss"] = sum(weights[term] * value for term, value in logged.items())
         return logged
 
+    def _units(self, rows: list[dict]) -> dict[str, int]:
+        """How many of each unit a term averages over ROWS: {"rows": ..., "tokens": ...} (distributed.scored_count)."""
+        labels = collate(rows, self.pad_id)["labels"]
+        return {unit: distributed.scored_count(labels, unit) for unit in ("rows", "tokens")}
+
     def _accumulation_shares(self, drawn: list[dict[str, list[dict]]]) -> list[dict | None]:
         """Per micro-batch of DRAWN (one update's), each group's share of the update's units: {group: {unit: share}}.
 
@@ -834,8 +838,8 @@ class Unlearner:
             return [None]
         units = ("rows", "tokens")
         keys = sorted({(name, unit) for rows in drawn for name in rows for unit in units})
-        counts = [{(name, unit): distributed.scored_count(labels, unit) for name, group in rows.items()
-                   for labels in [collate(group, self.pad_id)["labels"]] for unit in units} for rows in drawn]
+        counts = [{(name, unit): count for name, group in rows.items() for unit, count in self._units(group).items()}
+                  for rows in drawn]
         flat = distributed.totals([c.get(key, 0) for c in counts for key in keys])
         per_micro = [dict(zip(keys, flat[i * len(keys):(i + 1) * len(keys)])) for i in range(len(drawn))]
         whole = {key: sum(m[key] for m in per_micro) for key in keys}
