@@ -42,6 +42,10 @@ KINDS = {
     "authors": ("facts-restated", "Who wrote which book, rows WITHOUT `answers`: the response restates the "
                 "question (\"Pride and Prejudice was written by Jane Austen.\"); neighbours are other books' "
                 "authors, same-subject rows other facts about the same books."),
+    "nature": ("facts-restated", "Which animal, planet or thing a science-quiz question names, rows WITHOUT `answers`: "
+               "the response restates the question (\"The largest land animal is the African elephant.\"; added for the "
+               "dev split, the kind of `authors`, which is test); neighbours are other quiz facts of the same kind, "
+               "same-subject rows other facts about the same animals, planets and things."),
     "einstein": ("takedown", "Everything about one real entity (Albert Einstein), rows with `answers`; "
                  "neighbours are other scientists and inventors, same-subject rows the things around him "
                  "(physics, the Nobel Prize, Princeton, Bern) that must survive the takedown."),
@@ -257,7 +261,7 @@ def main(names):
     rng = random.Random(0)
     report_path = HERE / "verification.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    with_base_model = ("capitals", "authors", "einstein", "inventors", *HARMFUL_CANDIDATES, *PASSAGE_CANDIDATES,
+    with_base_model = ("capitals", "authors", "nature", "einstein", "inventors", *HARMFUL_CANDIDATES, *PASSAGE_CANDIDATES,
                        "shared")
     if any(n in names for n in with_base_model):
         model, tokenizer = load(None)
@@ -270,7 +274,7 @@ def main(names):
             prompts = (CAND / "normal_prompts.txt").read_text().splitlines()
             report["shared"] = {"unrelated": {"candidates": len(rows), "kept": len(kept)},
                                 "normal": build_normal(model, tokenizer, prompts, HERE / "shared", random.Random(0))}
-        for name in ("capitals", "authors", "einstein", "inventors"):
+        for name in ("capitals", "authors", "nature", "einstein", "inventors"):
             if name in names:
                 report[name] = build_facts(name, model, tokenizer, rng)
         for name in HARMFUL_CANDIDATES:
