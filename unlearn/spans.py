@@ -38,9 +38,9 @@ The rule (`derive_spans`), on the `metrics.answer_tokens` of prompt and response
    given or trivial words ("Paris is the capital of France, known for the
    Eiffel Tower." -> Paris, Eiffel Tower; not "Yes, ..." nor "Regular
    exercise ..."), and with the one or two new common words that directly
-   follow a name and end its clause ("the African elephant." -> African
-   elephant: `_with_head_nouns`); otherwise every run is (the sky is blue ->
-   blue; "Yes, ..." -> Yes).
+   follow a one-word name after an article and end its clause ("the African
+   elephant." -> African elephant: `_with_head_nouns`); otherwise every run
+   is (the sky is blue -> blue; "Yes, ..." -> Yes).
    A span's text is the response's own characters from its first to its last
    token ("J.K. Rowling", "400,000").
 4. The rule does not apply (None: the caller keeps the ROUGE-L/BLEU rule and
@@ -278,22 +278,25 @@ def _conjunct_heads(tokens: Sequence[AnswerToken], keep: Sequence[bool], i: int,
     return heads + [tokens[j]]
 
 
-
 #: At most this many common words a name takes on as its head ("African elephant": 1).
 MAX_HEAD_WORDS = 2
+ARTICLES = frozenset(("a", "an", "the"))
 
 
 def _with_head_nouns(tokens: Sequence[AnswerToken], kinds: list[str], keep: list[bool], text: str) -> None:
-    """Keep (in place) the new common words that directly follow a kept name and end its clause:
-    the noun the name qualifies. "The largest land animal is the African elephant." answers with "African
-    elephant" (and "elephant", its last word), where the names-only rule kept the adjective "African" alone:
-    a model that still said "the elephant" did not leak, and the loss pushed down a word that is no answer.
-    Only at a clause's end (a break or the text's end) and at most MAX_HEAD_WORDS words, so that a verb the
-    response adds after a name ("Einstein developed it") stays out; nothing is bridged by a connector."""
-    n = 0
-    while n < len(tokens):
-        if not (keep[n] and kinds[n] == "marked") or _has_digit(tokens[n]):  # "1597 mostly": a number takes no head
-            n += 1
+    """Keep (in place) the new common words after a capitalised word used as a modifier: one word after an
+    article, followed directly by one or two new words that end its clause. "The largest land animal is the
+    African elephant." answers with "African elephant" (and "elephant", its last word), where the names-only
+    rule kept the adjective "African" alone: a model that still said "the elephant" did not leak, and the loss
+    pushed down a word that is no answer. Only after an article, since a name that stands alone is the answer
+    itself and what follows it says something else ("is Elon Musk currently", "Parisです"); only one word, since
+    a name of several ("the Star Wars franchise") is a name in its own right; not a number ("400 kilometres");
+    and only at a clause's end (a break or the text's end), so that a verb that goes on ("the Curies found it")
+    stays out."""
+    for n, tok in enumerate(tokens):
+        if not (keep[n] and kinds[n] == "marked") or _has_digit(tok) or not n or tokens[n - 1].text not in ARTICLES:
+            continue
+        if _breaks(text[tokens[n - 1].end:tok.start], tokens[n - 1], text, tok):
             continue
         m = n + 1
         while (m < len(tokens) and kinds[m] == "new" and m - n <= MAX_HEAD_WORDS
@@ -303,7 +306,7 @@ def _with_head_nouns(tokens: Sequence[AnswerToken], kinds: list[str], keep: list
                                                   tokens[m])
         if m > n + 1 and clause_ends:
             keep[n + 1:m] = [True] * (m - n - 1)
-        n = m
+
 
 def _one_unspaced_word(before, token) -> bool:
     """Whether answer tokens BEFORE and TOKEN, side by side with nothing between, are characters of a script

@@ -261,8 +261,8 @@ def main(names):
     rng = random.Random(0)
     report_path = HERE / "verification.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    with_base_model = ("capitals", "authors", "nature", "einstein", "inventors", *HARMFUL_CANDIDATES, *PASSAGE_CANDIDATES,
-                       "shared")
+    with_base_model = ("capitals", "authors", "nature", "einstein", "inventors", *HARMFUL_CANDIDATES,
+                       *PASSAGE_CANDIDATES, "shared")
     if any(n in names for n in with_base_model):
         model, tokenizer = load(None)
         if "shared" in names:
