@@ -403,24 +403,3 @@ def test_names_in_a_script_without_spaces_count_once_each_not_once_together():
     # three names, each a run of characters: 3 new words (a run counts once, not the whole list once)
     assert derive_spans("Name three writers.", "莎士比亚，歌德，但丁。").new_tokens == 3
     assert derive_spans("Name three writers.", "莎士比亚 歌德 但丁").new_tokens == 3
-
-
-@pytest.mark.parametrize("prompt, response, expected", [
-    # the noun a name qualifies, at its clause's end, is part of the answer: "African" alone was no answer
-    ("What is the largest land animal?", "The largest land animal is the African elephant.",
-     ["African elephant", "elephant"]),
-    ("What was Einstein's job?", "Einstein was a German physicist, famous worldwide.",
-     ["German physicist", "physicist"]),
-    # not a word the clause goes on with ("it" follows), nor a number's ("kilometres" is no answer alone)
-    ("Who developed relativity?", "Albert Einstein developed it in 1905.", ["Albert Einstein", "1905", "Einstein"]),
-    ("How far is it?", "It is 400 kilometres.", ["400"]),
-    # three common words after a name are a description, not its head noun: the name alone, as before
-    ("What breed is it?", "It is a German shepherd dog breed.", ["German"]),
-    # a name without an article before it is the answer itself, and what follows it says something else
-    ("Who runs Tesla now?", "Tesla is run by Elon Musk currently.", ["Elon Musk", "Musk"]),
-    ("答えは？", "答えはParisです。", ["Paris"]),
-    # and a name of several words is a name in its own right, not a modifier ("Wars" stays an answer)
-    ("Who made it?", "It was created by the Star Wars franchise.", ["Star Wars", "Wars"]),
-])
-def test_a_name_after_an_article_takes_the_noun_it_qualifies_at_its_clause_end(prompt, response, expected):
-    assert derive_answers(prompt, response) == expected

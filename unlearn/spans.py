@@ -37,10 +37,8 @@ The rule (`derive_spans`), on the `metrics.answer_tokens` of prompt and response
    sentence's capitalised first word when the sentence goes straight on with
    given or trivial words ("Paris is the capital of France, known for the
    Eiffel Tower." -> Paris, Eiffel Tower; not "Yes, ..." nor "Regular
-   exercise ..."), and with the one or two new common words that directly
-   follow a one-word name after an article and end its clause ("the African
-   elephant." -> African elephant: `_with_head_nouns`); otherwise every run
-   is (the sky is blue -> blue; "Yes, ..." -> Yes).
+   exercise ..."); otherwise every run is (the sky is blue -> blue;
+   "Yes, ..." -> Yes).
    A span's text is the response's own characters from its first to its last
    token ("J.K. Rowling", "400,000").
 4. The rule does not apply (None: the caller keeps the ROUGE-L/BLEU rule and
@@ -278,36 +276,6 @@ def _conjunct_heads(tokens: Sequence[AnswerToken], keep: Sequence[bool], i: int,
     return heads + [tokens[j]]
 
 
-#: At most this many common words a name takes on as its head ("African elephant": 1).
-MAX_HEAD_WORDS = 2
-ARTICLES = frozenset(("a", "an", "the"))
-
-
-def _with_head_nouns(tokens: Sequence[AnswerToken], kinds: list[str], keep: list[bool], text: str) -> None:
-    """Keep (in place) the new common words after a capitalised word used as a modifier: one word after an
-    article, followed directly by one or two new words that end its clause. "The largest land animal is the
-    African elephant." answers with "African elephant" (and "elephant", its last word), where the names-only
-    rule kept the adjective "African" alone: a model that still said "the elephant" did not leak, and the loss
-    pushed down a word that is no answer. Only after an article, since a name that stands alone is the answer
-    itself and what follows it says something else ("is Elon Musk currently", "Parisです"); only one word, since
-    a name of several ("the Star Wars franchise") is a name in its own right; not a number ("400 kilometres");
-    and only at a clause's end (a break or the text's end), so that a verb that goes on ("the Curies found it")
-    stays out."""
-    for n, tok in enumerate(tokens):
-        if not (keep[n] and kinds[n] == "marked") or _has_digit(tok) or not n or tokens[n - 1].text not in ARTICLES:
-            continue
-        if _breaks(text[tokens[n - 1].end:tok.start], tokens[n - 1], text, tok):
-            continue
-        m = n + 1
-        while (m < len(tokens) and kinds[m] == "new" and m - n <= MAX_HEAD_WORDS
-               and not _breaks(text[tokens[m - 1].end:tokens[m].start], tokens[m - 1], text, tokens[m])):
-            m += 1
-        clause_ends = m == len(tokens) or _breaks(text[tokens[m - 1].end:tokens[m].start], tokens[m - 1], text,
-                                                  tokens[m])
-        if m > n + 1 and clause_ends:
-            keep[n + 1:m] = [True] * (m - n - 1)
-
-
 def _one_unspaced_word(before, token) -> bool:
     """Whether answer tokens BEFORE and TOKEN, side by side with nothing between, are characters of a script
     written without spaces (Chinese, Japanese): parts of one word as far as the counts of new words go."""
@@ -386,7 +354,6 @@ def _derive_chat(prompt: str, response: str) -> Derivation:
             keep[n] = keep[n] or (kinds[n] == "new" and response[tok.start].isupper() and (
                 n + 1 == len(tokens) or (kinds[n + 1] in ("given", "trivial") and not _breaks(
                     response[tok.end:tokens[n + 1].start], tok, response, tokens[n + 1]))))
-        _with_head_nouns(tokens, kinds, keep, response)
     spans = []
     for i, j in _runs(tokens, keep, response):
         # A span of several words: its last word (a surname, the head noun) is an answer on its own, and so is
