@@ -45,8 +45,9 @@ from unlearn.paths import cache_dir
 # begun, so it leaves its batch sooner, which changes the later steps' shapes and so the float rounding of
 # the rows still generating; 16: a derived answer took the noun its name qualifies, "African elephant" for the
 # adjective "African" alone; 17: that rule is withdrawn (it took verbs and adverbs too: "The Titanic sank."
-# answered "sank"), so entries written under 16 hold answers no code derives now).
-VERSION = 17
+# answered "sank"), so entries written under 16 hold answers no code derives now; 18: a demonym after an article
+# takes the one word it qualifies at its clause's end, "African elephant", `spans._with_head_noun`).
+VERSION = 18
 
 
 # Files of a model directory that cannot change what `unlearn` measures, left out of `weights_fingerprint`:
