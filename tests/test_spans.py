@@ -403,23 +403,3 @@ def test_names_in_a_script_without_spaces_count_once_each_not_once_together():
     # three names, each a run of characters: 3 new words (a run counts once, not the whole list once)
     assert derive_spans("Name three writers.", "莎士比亚，歌德，但丁。").new_tokens == 3
     assert derive_spans("Name three writers.", "莎士比亚 歌德 但丁").new_tokens == 3
-
-
-@pytest.mark.parametrize("prompt, response, expected", [
-    # a demonym after an article qualifies the one word that ends its clause: that word is the answer
-    ("What is the largest land animal?", "The largest land animal is the African elephant.",
-     ["African elephant", "elephant"]),
-    ("What was Einstein's job?", "Einstein was a German physicist.", ["German physicist", "physicist"]),
-    # what the reviews of a wider rule found it took: adverbs, verbs, a longer name's last word, a possessive
-    ("Who runs Tesla now?", "Tesla is run by Elon Musk currently.", ["Elon Musk", "Musk"]),
-    ("What happened in April 1912?", "The Titanic sank.", ["Titanic"]),
-    ("Who invented paper?", "It was invented by the Chinese centuries ago.", ["Chinese"]),
-    ("Who directed it?", "He directed the Lord of the Rings films.", ["Lord of the Rings", "Rings"]),
-    ("Which album was it?", "It was the Beatles' eleventh album.", ["Beatles"]),
-    ("Who made it?", "It was created by the Star Wars franchise.", ["Star Wars", "Wars"]),
-    ("答えは？", "答えはParisです。", ["Paris"]),
-    # more than one word after it is a description: the demonym alone, as before
-    ("What breed is it?", "It is a German shepherd dog breed.", ["German"]),
-])
-def test_a_demonym_after_an_article_gives_the_word_it_qualifies_at_its_clause_end(prompt, response, expected):
-    assert derive_answers(prompt, response) == expected

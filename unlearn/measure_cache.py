@@ -43,11 +43,8 @@ from unlearn.paths import cache_dir
 # turn is a whole "### Question:" or "### Answer:" marker, not any "###", which cut Markdown headings; 14: and
 # not one that opens the answer, restating its own turn; 15: such a row stops generating once its next turn has
 # begun, so it leaves its batch sooner, which changes the later steps' shapes and so the float rounding of
-# the rows still generating; 16: a derived answer took the noun its name qualifies, "African elephant" for the
-# adjective "African" alone; 17: that rule is withdrawn (it took verbs and adverbs too: "The Titanic sank."
-# answered "sank"), so entries written under 16 hold answers no code derives now; 18: a demonym after an article
-# takes the one word it qualifies at its clause's end, "African elephant", `spans._with_head_noun`).
-VERSION = 18
+# the rows still generating).
+VERSION = 15
 
 
 # Files of a model directory that cannot change what `unlearn` measures, left out of `weights_fingerprint`:

@@ -37,10 +37,8 @@ The rule (`derive_spans`), on the `metrics.answer_tokens` of prompt and response
    sentence's capitalised first word when the sentence goes straight on with
    given or trivial words ("Paris is the capital of France, known for the
    Eiffel Tower." -> Paris, Eiffel Tower; not "Yes, ..." nor "Regular
-   exercise ..."), and with the one common word a demonym after an article
-   qualifies at its clause's end ("the African elephant." -> African
-   elephant: `_with_head_noun`); otherwise every run is (the sky is blue ->
-   blue; "Yes, ..." -> Yes).
+   exercise ..."); otherwise every run is (the sky is blue -> blue;
+   "Yes, ..." -> Yes).
    A span's text is the response's own characters from its first to its last
    token ("J.K. Rowling", "400,000").
 4. The rule does not apply (None: the caller keeps the ROUGE-L/BLEU rule and
@@ -117,21 +115,11 @@ lord lady sir dame king queen prince princess emperor empress duke pope saint st
 president general captain mount mt lake river cape gulf sea ocean university college school city
 """.split())
 
-ARTICLES = frozenset(("a", "an", "the"))
 ABBREVIATIONS = frozenset("mr mrs ms dr prof st mt jr sr vs etc no".split())
 CONTRACTION_ENDINGS = frozenset("s t d ll re ve m".split())
 # Words French and Italian elide before a vowel ("c'est", "l'Italia", "qu'il", "dell'anno"): folded, as tokens are.
 ELIDED_WORDS = frozenset("c l d j m n s t qu jusqu lorsqu puisqu dell all dall nell sull un".split())
 ENDINGS = ("ing", "ian", "ese", "ies", "es", "ed", "an", "ly", "er", "s", "d", "n")
-# Names of peoples and places used as adjectives ("the African elephant", "a German physicist"): before one common
-# word that ends its clause, such a name qualifies that word, which is the answer (`_with_head_noun`). A closed list,
-# since a capitalised word before a clause's last word is as often a subject before its verb ("The Titanic sank.").
-DEMONYMS = frozenset("""
-african american asian european australian antarctic arctic indian chinese japanese korean german french english
-british irish scottish welsh spanish italian greek roman russian egyptian persian arabian mexican canadian
-brazilian dutch swiss swedish norwegian danish polish turkish thai vietnamese portuguese austrian hungarian
-siberian bengal himalayan amazonian mediterranean caribbean atlantic pacific tibetan mongolian
-""".split())
 
 _HARD_BREAK = re.compile(r"[,;:!?()\[\]{}\"“”«»—–\n]")
 
@@ -288,24 +276,6 @@ def _conjunct_heads(tokens: Sequence[AnswerToken], keep: Sequence[bool], i: int,
     return heads + [tokens[j]]
 
 
-def _with_head_noun(tokens: Sequence[AnswerToken], kinds: list[str], keep: list[bool], text: str) -> None:
-    """Keep (in place) the one new common word that follows a kept demonym after an article and ends its clause:
-    "The largest land animal is the African elephant." answers "African elephant" and "elephant", where the
-    names-only rule kept the adjective "African" alone, so the forget loss pushed down a word that is no answer
-    and a model that said "the elephant" did not leak (on the dev scenario `nature` that one row cost about 0.04
-    of its selection score: docs/quality.md). Only a word of DEMONYMS, after "a", "an" or "the", before exactly
-    one word at a clause's end: a name that stands alone is the answer itself ("is Elon Musk currently"), and a
-    capitalised word before a clause's last word is as often a subject before its verb ("The Titanic sank.")."""
-    def joined(m: int) -> bool:  # tokens m - 1 and m stand in one run
-        return not _breaks(text[tokens[m - 1].end:tokens[m].start], tokens[m - 1], text, tokens[m])
-
-    for n in range(1, len(tokens) - 1):
-        m = n + 1
-        if (keep[n] and kinds[n] == "marked" and tokens[n].text in DEMONYMS and tokens[n - 1].text in ARTICLES
-                and joined(n) and kinds[m] == "new" and joined(m) and (m + 1 == len(tokens) or not joined(m + 1))):
-            keep[m] = True
-
-
 def _one_unspaced_word(before, token) -> bool:
     """Whether answer tokens BEFORE and TOKEN, side by side with nothing between, are characters of a script
     written without spaces (Chinese, Japanese): parts of one word as far as the counts of new words go."""
@@ -384,7 +354,6 @@ def _derive_chat(prompt: str, response: str) -> Derivation:
             keep[n] = keep[n] or (kinds[n] == "new" and response[tok.start].isupper() and (
                 n + 1 == len(tokens) or (kinds[n + 1] in ("given", "trivial") and not _breaks(
                     response[tok.end:tokens[n + 1].start], tok, response, tokens[n + 1]))))
-        _with_head_noun(tokens, kinds, keep, response)
     spans = []
     for i, j in _runs(tokens, keep, response):
         # A span of several words: its last word (a surname, the head noun) is an answer on its own, and so is
