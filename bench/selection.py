@@ -1,0 +1,182 @@
+"""The rule that chooses defaults (docs/quality.md, "How the default is chosen"), computed from results files.
+
+    python bench/selection.py CANDIDATE.jsonl --run-args="ARGS" [--method default] [--scenarios a,b,...] [--json]
+
+Every figure it prints is a selection criterion, never a result: the test split's table is the result.
+
+- **Selection score of a run** (`run_score`) = mean(1 − forget leak, 1 − paraphrase leak, neighbours kept,
+  same-subject kept, unrelated kept, normal similarity), the benchmark's own columns; of a scenario, the mean over
+  seeds 0–2; of the split (`split_score`), the mean over its scenarios.
+- **The default's rows** are named once, per dev scenario, in `bench/results/dev-default.json` (a file, the method and
+  the run arguments its rows carry). A candidate's rows take their place in each scenario where it ran every seed;
+  elsewhere the candidate trains as the default does, and the default's rows stand for it.
+- **Adopted** when (1) its split score beats the default's by at least `MARGIN` (0.02), (2) its mean forget leak
+  over the split is at most `MAX_FORGET_LEAK` (0.05), and (3) the README command's wall clock is no worse, which
+  is measured side by side and not here. A score within `MARGIN` that passes (2) is a tie, broken by the targets
+  read per scenario (the thirty-ninth session's amendment, `TARGETS`): the candidate wins when it meets at least one
+  the default misses and misses none the default meets.
+- A scenario with a failed run (non-zero exit code) or a seed missing has no score: the candidate cannot win there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import operator
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench/results"
+DEFAULT_ROWS = RESULTS / "dev-default.json"
+SEEDS = (0, 1, 2)
+MARGIN = 0.02
+MAX_FORGET_LEAK = 0.05
+# The issues' targets read per scenario (mean of seeds), as the thirty-ninth session's amendment lists them;
+# `longest_run_s` is the slowest seed's wall clock, which a loaded machine inflates (rows carry their load).
+TARGETS = (("forget_leak", operator.le, 0.05), ("paraphrase_leak", operator.le, 0.10),
+           ("neighbours_kept", operator.ge, 0.90), ("same_subject_kept", operator.ge, 0.90),
+           ("unrelated_kept", operator.ge, 0.90), ("normal_similarity", operator.ge, 0.70),
+           ("longest_run_s", operator.le, 300.0))
+COLUMNS = ("forget_leak", "paraphrase_leak", "neighbours_kept", "same_subject_kept", "unrelated_kept",
+           "normal_similarity")
+
+
+def run_score(row: dict) -> float:
+    """One run's selection score: its six columns, each oriented so that higher is better, averaged."""
+    return (2 - row["forget_leak"] - row["paraphrase_leak"] + row["neighbours_kept"] + row["same_subject_kept"]
+            + row["unrelated_kept"] + row["normal_similarity"]) / 6
+
+
+def read_rows(path: Path) -> list[dict]:
+    """A results file's rows; an unreadable file or line is one line naming it (FILE:LINE), not a traceback."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise SystemExit(f"{path}:{number}: not a JSON row ({exc.msg})") from None
+    return rows
+
+
+def seed_rows(rows: list[dict], scenario: str, method: str, run_args: str, source: str) -> list[dict] | None:
+    """The rows of SCENARIO run by METHOD with RUN_ARGS, one per seed of SEEDS, or None when a seed is missing.
+    Two rows for one seed are refused: which one the rule reads must not depend on a file's order."""
+    by_seed: dict[int, dict] = {}
+    for row in rows:
+        if (row["scenario"], row["method"], row["run_args"]) == (scenario, method, run_args):
+            if row["seed"] in by_seed:
+                raise SystemExit(f"{source}: two rows of {scenario} seed {row['seed']} ({method}, {run_args!r}): "
+                                 f"keep one")
+            by_seed[row["seed"]] = row
+    if not all(seed in by_seed for seed in SEEDS):
+        return None
+    return [by_seed[seed] for seed in SEEDS]
+
+
+def summary(rows: list[dict]) -> dict:
+    """A scenario's figures over its seeds: the score, each column's mean, the longest run; None where a run failed."""
+    if any(row.get("exit_code", 0) != 0 or row.get(column) is None for row in rows for column in COLUMNS):
+        return {"score": None}
+    means = {column: sum(row[column] for row in rows) / len(rows) for column in COLUMNS}
+    return {"score": sum(map(run_score, rows)) / len(rows), **means,
+            "longest_run_s": max(row["wall_clock_s"] for row in rows)}
+
+
+def targets_met(figures: dict) -> set[str]:
+    """The targets FIGURES meet, read at 9 decimals: a mean of three 0.10s is 0.10000000000000002 in floats."""
+    return {name for name, within, bound in TARGETS
+            if figures.get(name) is not None and within(round(figures[name], 9), bound)}
+
+
+def split_score(summaries: dict[str, dict]) -> float | None:
+    scores = [s["score"] for s in summaries.values()]
+    return None if any(score is None for score in scores) else sum(scores) / len(scores)
+
+
+def judge(default: dict[str, dict], candidate: dict[str, dict]) -> dict:
+    """The rule's verdict on CANDIDATE's scenario summaries (the default's where it did not run) against DEFAULT's."""
+    base, new = split_score(default), split_score(candidate)
+    forget_leak = (None if new is None
+                   else sum(s["forget_leak"] for s in candidate.values()) / len(candidate))
+    gained = {name: sorted(targets_met(candidate[name]) - targets_met(default[name])) for name in default}
+    lost = {name: sorted(targets_met(default[name]) - targets_met(candidate[name])) for name in default}
+    if base is None or new is None:
+        verdict = "no verdict: a scenario has a failed run"
+    elif forget_leak > MAX_FORGET_LEAK:
+        verdict = "not adopted: the mean forget leak is over the gate"
+    elif round(new - base, 9) >= MARGIN:  # as targets_met: float sums are not a real shortfall
+        verdict = "adopted by the score (if the README command is no slower)"
+    elif abs(round(new - base, 9)) < MARGIN and any(gained.values()) and not any(lost.values()):
+        verdict = "a tie, adopted by the targets (if the README command is no slower)"
+    else:
+        verdict = "not adopted"
+    return {"default_score": base, "candidate_score": new, "bar": None if base is None else base + MARGIN,
+            "forget_leak": forget_leak, "targets_gained": gained, "targets_lost": lost, "verdict": verdict}
+
+
+def default_summaries(scenarios: list[str], spec_path: Path = DEFAULT_ROWS) -> dict[str, dict]:
+    spec = json.loads(Path(spec_path).read_text())["scenarios"]
+    out = {}
+    for name in scenarios:
+        if name not in spec:
+            raise SystemExit(f"{spec_path}: no default rows named for {name}")
+        entry = spec[name]
+        path = RESULTS / entry["file"]
+        rows = seed_rows(read_rows(path), name, entry["method"], entry["run_args"], str(path))
+        if rows is None:
+            raise SystemExit(f"{path}: the default's rows of {name} lack a seed of {list(SEEDS)}")
+        out[name] = summary(rows)
+    return out
+
+
+def _fmt(value, digits=4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def report(default: dict, candidate: dict, ran: set[str], verdict: dict) -> str:
+    lines = ["| scenario | default's score | candidate's score | targets gained | targets lost |",
+             "|---|---|---|---|---|"]
+    for name in default:
+        mine = _fmt(candidate[name]["score"]) if name in ran else "(trains as the default)"
+        gained, lost = (", ".join(verdict[key][name]) or "-" for key in ("targets_gained", "targets_lost"))
+        lines.append(f"| {name} | {_fmt(default[name]['score'])} | {mine} | {gained} | {lost} |")
+    lines += ["", f"selection score over {len(default)} scenarios (a selection criterion, not a result): default "
+              f"{_fmt(verdict['default_score'])}, candidate {_fmt(verdict['candidate_score'])}, the rule's bar "
+              f"{_fmt(verdict['bar'])}",
+              f"mean forget leak of the candidate: {_fmt(verdict['forget_leak'], 3)} (gate {MAX_FORGET_LEAK})",
+              f"verdict: {verdict['verdict']}"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("candidate", type=Path, help="results file (JSONL) holding the candidate's rows")
+    parser.add_argument("--method", default="default", help="the candidate rows' method [default: default]")
+    parser.add_argument("--run-args", default="", help='the candidate rows\' run arguments; write --run-args="..."')
+    parser.add_argument("--scenarios", help="comma-separated [default: the dev split, bench/scenarios/split.json]")
+    parser.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
+    args = parser.parse_args(argv)
+    scenarios = (args.scenarios.split(",") if args.scenarios else
+                 json.loads((ROOT / "bench/scenarios/split.json").read_text())["splits"]["dev"])
+    default = default_summaries(scenarios)
+    rows = read_rows(args.candidate)
+    candidate, ran = dict(default), set()
+    for name in scenarios:
+        mine = seed_rows(rows, name, args.method, args.run_args, str(args.candidate))
+        if mine is not None:
+            candidate[name], ran = summary(mine), ran | {name}
+    if not ran:
+        raise SystemExit(f"{args.candidate}: no scenario with every seed of {list(SEEDS)} for {args.method} "
+                         f"{args.run_args!r}")
+    verdict = judge(default, candidate)
+    print(json.dumps({**verdict, "ran": sorted(ran)}) if args.json else report(default, candidate, ran, verdict))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""bench/selection.py: the rule that chooses defaults, on hand-computed rows and on the committed results files."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("selection", ROOT / "bench/selection.py")
+selection = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(selection)
+
+
+def row(scenario="s", seed=0, method="default", run_args="", forget=0.0, paraphrase=0.0, neighbours=1.0,
+        same=1.0, unrelated=1.0, normal=1.0, wall=60.0, exit_code=0):
+    return {"scenario": scenario, "seed": seed, "method": method, "run_args": run_args, "exit_code": exit_code,
+            "forget_leak": forget, "paraphrase_leak": paraphrase, "neighbours_kept": neighbours,
+            "same_subject_kept": same, "unrelated_kept": unrelated, "normal_similarity": normal,
+            "wall_clock_s": wall}
+
+
+def figures(score, forget=0.0, paraphrase=0.0, neighbours=1.0, same=1.0, unrelated=1.0, normal=1.0, longest=60.0):
+    return {"score": score, "forget_leak": forget, "paraphrase_leak": paraphrase, "neighbours_kept": neighbours,
+            "same_subject_kept": same, "unrelated_kept": unrelated, "normal_similarity": normal,
+            "longest_run_s": longest}
+
+
+def test_a_runs_score_is_the_mean_of_its_six_columns_oriented_upwards():
+    # (1 - 0.1) + (1 - 0.2) + 0.5 + 0.6 + 0.9 + 0.7 = 4.4; / 6
+    r = row(forget=0.1, paraphrase=0.2, neighbours=0.5, same=0.6, unrelated=0.9, normal=0.7)
+    assert selection.run_score(r) == pytest.approx(4.4 / 6)
+
+
+def test_a_scenarios_figures_are_means_over_its_seeds_and_a_failed_run_has_none():
+    rows = [row(seed=0, paraphrase=0.0, wall=50), row(seed=1, paraphrase=0.3, wall=70), row(seed=2, paraphrase=0.3)]
+    s = selection.summary(rows)
+    assert s["paraphrase_leak"] == pytest.approx(0.2) and s["longest_run_s"] == 70
+    assert s["score"] == pytest.approx(((6 - 0) + (6 - 0.3) * 2) / 6 / 3)  # every other column at its best
+    assert selection.summary(rows[:2] + [row(seed=2, exit_code=1)])["score"] is None
+
+
+def test_seed_rows_need_every_seed_and_refuse_two_rows_for_one():
+    rows = [row(seed=0), row(seed=1), row(seed=2), row(seed=2, run_args="--other")]
+    assert [r["seed"] for r in selection.seed_rows(rows, "s", "default", "", "f")] == [0, 1, 2]
+    assert selection.seed_rows(rows[:2], "s", "default", "", "f") is None
+    with pytest.raises(SystemExit, match="f: two rows of s seed 2"):
+        selection.seed_rows(rows + [row(seed=2)], "s", "default", "", "f")
+
+
+def test_a_mean_of_three_tenths_meets_the_paraphrase_target():
+    assert (0.1 + 0.1 + 0.1) / 3 > 0.10  # the float that would miss it
+    assert "paraphrase_leak" in selection.targets_met(figures(0.9, paraphrase=(0.1 + 0.1 + 0.1) / 3))
+    assert "paraphrase_leak" not in selection.targets_met(figures(0.9, paraphrase=0.11))
+
+
+@pytest.mark.parametrize("candidate_a, verdict", [
+    (figures(0.84), "adopted by the score (if the README command is no slower)"),  # mean +0.02 exactly
+    (figures(0.8399, paraphrase=0.12), "not adopted"),  # +0.01995: a tie that meets no new target
+    (figures(0.8399, paraphrase=0.05), "a tie, adopted by the targets (if the README command is no slower)"),
+    (figures(0.8399, paraphrase=0.05, longest=400), "not adopted"),  # it also misses one the default meets
+    (figures(0.95, forget=0.2), "not adopted: the mean forget leak is over the gate"),  # (0.2 + 0) / 2 > 0.05
+    (figures(None), "no verdict: a scenario has a failed run"),
+])
+def test_the_verdict_follows_the_declared_rule(candidate_a, verdict):
+    default = {"a": figures(0.80, paraphrase=0.12), "b": figures(0.80)}
+    got = selection.judge(default, {"a": candidate_a, "b": default["b"]})
+    assert got["verdict"] == verdict
+    if candidate_a["score"] is not None:
+        assert got["default_score"] == pytest.approx(0.80) and got["bar"] == pytest.approx(0.82)
+        assert got["candidate_score"] == pytest.approx((candidate_a["score"] + 0.80) / 2)
+
+
+def test_the_committed_rows_give_the_documented_decisions(capsys):
+    """The fortieth and fiftieth sessions' refusal candidates against the six dev scenarios of their declared test
+    (docs/quality.md): 0.8393 and 0.8427 against the default's 0.8231, where the rule asks 0.8431."""
+    six = "capitals,tofu,harmful,openings,inventors,mischief"
+    for path, args, score in (("quality-dev-s40-topic-probes.jsonl", "--retain-probes", 0.83927),
+                              ("quality-dev-s50-topic-probes-200.jsonl", "--retain-probes --retain-weight 200",
+                               0.84267)):
+        selection.main([str(ROOT / "bench/results" / path), f"--run-args={args}", "--scenarios", six, "--json"])
+        got = json.loads(capsys.readouterr().out)
+        assert got["default_score"] == pytest.approx(0.82306, abs=5e-6)
+        assert got["candidate_score"] == pytest.approx(score, abs=5e-6)
+        assert got["ran"] == ["harmful", "mischief"] and got["verdict"] == "not adopted"
+        assert got["forget_leak"] == pytest.approx(0.0667 / 6, abs=1e-4)  # openings' default rows: 0.10, 0, 0.10
+
+
+def test_a_missing_file_or_a_bad_line_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="nothing.jsonl: No such file"):
+        selection.read_rows(tmp_path / "nothing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(row()) + "\n\n{oops\n")
+    with pytest.raises(SystemExit, match=r"bad.jsonl:3: not a JSON row"):
+        selection.read_rows(bad)
+
+
+def test_every_dev_scenario_has_the_defaults_rows_named():
+    split = json.loads((ROOT / "bench/scenarios/split.json").read_text())["splits"]["dev"]
+    summaries = selection.default_summaries(split)
+    assert set(summaries) == set(split) and all(s["score"] is not None for s in summaries.values())
+    # the fiftieth session's figure for the seven dev scenarios: (6 x 0.8231 + 0.709) / 7
+    assert selection.split_score(summaries) == pytest.approx(0.8068, abs=5e-5)
