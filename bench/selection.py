@@ -15,7 +15,8 @@ Every figure it prints is a selection criterion, never a result: the test split'
   is measured side by side and not here. A score within `MARGIN` that passes (2) is a tie, broken by the targets
   read per scenario (the thirty-ninth session's amendment, `TARGETS`): the candidate wins when it meets at least one
   the default misses and misses none the default meets.
-- A scenario with a failed run (non-zero exit code) or a seed missing has no score: the candidate cannot win there.
+- A scenario with a failed run (non-zero exit code, or a figure missing) has no score and the rule no verdict; a
+  candidate with some seeds of a scenario but not all is refused, not judged on the default's rows there.
 """
 
 from __future__ import annotations
@@ -58,15 +59,39 @@ def read_rows(path: Path) -> list[dict]:
     for number, line in enumerate(lines, 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise SystemExit(f"{path}:{number}: not a JSON row ({exc.msg})") from None
+            problem = _row_problem(row)
+            if problem:
+                raise SystemExit(f"{path}:{number}: {problem}")
+            rows.append(row)
     return rows
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _row_problem(row) -> str | None:
+    """What makes ROW unreadable by the rule, or None. A figure may be null or absent (a failed run's)."""
+    if not isinstance(row, dict):
+        return "a row is a JSON object"
+    for key in ("scenario", "method", "run_args"):
+        if not isinstance(row.get(key), str):
+            return f"no {key} (a string)"
+    if not isinstance(row.get("seed"), int) or isinstance(row["seed"], bool):
+        return "no seed (an integer)"
+    for key in (*COLUMNS, "wall_clock_s", "exit_code"):
+        if row.get(key) is not None and not _is_number(row[key]):
+            return f"{key} is not a number: {row[key]!r}"
+    return None
+
+
 def seed_rows(rows: list[dict], scenario: str, method: str, run_args: str, source: str) -> list[dict] | None:
-    """The rows of SCENARIO run by METHOD with RUN_ARGS, one per seed of SEEDS, or None when a seed is missing.
-    Two rows for one seed are refused: which one the rule reads must not depend on a file's order."""
+    """The rows of SCENARIO run by METHOD with RUN_ARGS, one per seed of SEEDS, or None when there are none. Some
+    seeds without the others are refused, and so are two rows for one seed: which one the rule reads must not
+    depend on a file's order."""
     by_seed: dict[int, dict] = {}
     for row in rows:
         if (row["scenario"], row["method"], row["run_args"]) == (scenario, method, run_args):
@@ -74,18 +99,25 @@ def seed_rows(rows: list[dict], scenario: str, method: str, run_args: str, sourc
                 raise SystemExit(f"{source}: two rows of {scenario} seed {row['seed']} ({method}, {run_args!r}): "
                                  f"keep one")
             by_seed[row["seed"]] = row
-    if not all(seed in by_seed for seed in SEEDS):
+    if not by_seed:
         return None
+    missing = [seed for seed in SEEDS if seed not in by_seed]
+    if missing:  # judged on the default's rows instead, a candidate could win on seeds it never ran
+        raise SystemExit(f"{source}: {scenario} ({method}, {run_args!r}) lacks seed(s) {missing}: run them, or "
+                         f"leave {scenario} out of --scenarios")
     return [by_seed[seed] for seed in SEEDS]
 
 
 def summary(rows: list[dict]) -> dict:
     """A scenario's figures over its seeds: the score, each column's mean, the longest run; None where a run failed."""
-    if any(row.get("exit_code", 0) != 0 or row.get(column) is None for row in rows for column in COLUMNS):
-        return {"score": None}
+    failed = [row["seed"] for row in rows
+              if row.get("exit_code", 0) != 0 or any(row.get(column) is None for column in COLUMNS)]
+    if failed:
+        return {"score": None, "failed_seeds": failed}
     means = {column: sum(row[column] for row in rows) / len(rows) for column in COLUMNS}
+    walls = [row.get("wall_clock_s") for row in rows]
     return {"score": sum(map(run_score, rows)) / len(rows), **means,
-            "longest_run_s": max(row["wall_clock_s"] for row in rows)}
+            "longest_run_s": None if None in walls else max(walls)}
 
 
 def targets_met(figures: dict) -> set[str]:
@@ -107,8 +139,11 @@ def judge(default: dict[str, dict], candidate: dict[str, dict]) -> dict:
     gained = {name: sorted(targets_met(candidate[name]) - targets_met(default[name])) for name in default}
     lost = {name: sorted(targets_met(default[name]) - targets_met(candidate[name])) for name in default}
     if base is None or new is None:
-        verdict = "no verdict: a scenario has a failed run"
-    elif forget_leak > MAX_FORGET_LEAK:
+        failed = [f"{who}'s {name} (seeds {summary.get('failed_seeds')})" for who, summaries in
+                  (("the default", default), ("the candidate", candidate)) for name, summary in summaries.items()
+                  if summary["score"] is None]
+        verdict = "no verdict: a failed run or a missing figure in " + ", ".join(failed)
+    elif round(forget_leak, 9) > MAX_FORGET_LEAK:
         verdict = "not adopted: the mean forget leak is over the gate"
     elif round(new - base, 9) >= MARGIN:  # as targets_met: float sums are not a real shortfall
         verdict = "adopted by the score (if the README command is no slower)"
@@ -150,6 +185,7 @@ def report(default: dict, candidate: dict, ran: set[str], verdict: dict) -> str:
               f"{_fmt(verdict['default_score'])}, candidate {_fmt(verdict['candidate_score'])}, the rule's bar "
               f"{_fmt(verdict['bar'])}",
               f"mean forget leak of the candidate: {_fmt(verdict['forget_leak'], 3)} (gate {MAX_FORGET_LEAK})",
+              "longest_run_s reads the rows' wall clocks as measured: a run beside other jobs reads slower than alone",
               f"verdict: {verdict['verdict']}"]
     return "\n".join(lines)
 
@@ -162,7 +198,7 @@ def main(argv=None) -> None:
     parser.add_argument("--scenarios", help="comma-separated [default: the dev split, bench/scenarios/split.json]")
     parser.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
     args = parser.parse_args(argv)
-    scenarios = (args.scenarios.split(",") if args.scenarios else
+    scenarios = ([name.strip() for name in args.scenarios.split(",")] if args.scenarios else
                  json.loads((ROOT / "bench/scenarios/split.json").read_text())["splits"]["dev"])
     default = default_summaries(scenarios)
     rows = read_rows(args.candidate)

@@ -42,7 +42,9 @@ def test_a_scenarios_figures_are_means_over_its_seeds_and_a_failed_run_has_none(
 def test_seed_rows_need_every_seed_and_refuse_two_rows_for_one():
     rows = [row(seed=0), row(seed=1), row(seed=2), row(seed=2, run_args="--other")]
     assert [r["seed"] for r in selection.seed_rows(rows, "s", "default", "", "f")] == [0, 1, 2]
-    assert selection.seed_rows(rows[:2], "s", "default", "", "f") is None
+    assert selection.seed_rows(rows, "s", "ga", "", "f") is None  # never ran there: trains as the default
+    with pytest.raises(SystemExit, match=r"f: s \(default, ''\) lacks seed\(s\) \[2\]"):
+        selection.seed_rows(rows[:2], "s", "default", "", "f")  # not judged on the default's seed 2
     with pytest.raises(SystemExit, match="f: two rows of s seed 2"):
         selection.seed_rows(rows + [row(seed=2)], "s", "default", "", "f")
 
@@ -59,7 +61,10 @@ def test_a_mean_of_three_tenths_meets_the_paraphrase_target():
     (figures(0.8399, paraphrase=0.05), "a tie, adopted by the targets (if the README command is no slower)"),
     (figures(0.8399, paraphrase=0.05, longest=400), "not adopted"),  # it also misses one the default meets
     (figures(0.95, forget=0.2), "not adopted: the mean forget leak is over the gate"),  # (0.2 + 0) / 2 > 0.05
-    (figures(None), "no verdict: a scenario has a failed run"),
+    (figures(0.7901, paraphrase=0.05), "a tie, adopted by the targets (if the README command is no slower)"),  # -0.005
+    (figures(0.7599, paraphrase=0.05), "not adopted"),  # -0.02005: worse than a tie
+    (figures(0.95, forget=0.1), "adopted by the score (if the README command is no slower)"),  # (0.1 + 0) / 2 = 0.05
+    (figures(None), "no verdict: a failed run or a missing figure in the candidate's a (seeds None)"),
 ])
 def test_the_verdict_follows_the_declared_rule(candidate_a, verdict):
     default = {"a": figures(0.80, paraphrase=0.12), "b": figures(0.80)}
@@ -83,6 +88,56 @@ def test_the_committed_rows_give_the_documented_decisions(capsys):
         assert got["candidate_score"] == pytest.approx(score, abs=5e-6)
         assert got["ran"] == ["harmful", "mischief"] and got["verdict"] == "not adopted"
         assert got["forget_leak"] == pytest.approx(0.0667 / 6, abs=1e-4)  # openings' default rows: 0.10, 0, 0.10
+
+
+# The issues' targets as the thirty-ninth session's amendment reads them per scenario: a value that meets each, and
+# the nearest that misses it.
+TARGET_EDGES = {"forget_leak": (0.05, 0.06), "paraphrase_leak": (0.10, 0.11), "neighbours_kept": (0.90, 0.89),
+                "same_subject_kept": (0.90, 0.89), "unrelated_kept": (0.90, 0.89), "normal_similarity": (0.70, 0.69),
+                "longest_run_s": (300.0, 301.0)}
+
+
+def test_each_target_is_met_at_its_bound_and_missed_past_it():
+    assert {name for name, _, _ in selection.TARGETS} == set(TARGET_EDGES)
+    for name, (met, missed) in TARGET_EDGES.items():
+        assert name in selection.targets_met({name: met}), name
+        assert name not in selection.targets_met({name: missed}), name
+
+
+def test_the_thirty_ninth_sessions_tie_is_adopted_by_its_targets(tmp_path):
+    """The one decision the tie-break made: spellings, 0.8231 against the default of the time's 0.8233 (worse by
+    0.0002), meeting four targets that default missed and missing none (docs/quality.md, thirty-ninth session)."""
+    margin = {"file": "quality-dev-s24-margin-lr2e-3.jsonl", "method": "ga",
+              "run_args": "--forget-loss unlikelihood --stop-margin 0.05 --lr 2e-3"}
+    refusal = {"method": "ga+template", "run_args": "--normal-weight 200"}
+    spec = tmp_path / "before-39.json"
+    spec.write_text(json.dumps({"scenarios": {
+        "capitals": margin, "tofu": margin, "openings": margin,
+        "inventors": {"file": "quality-dev-s26-inventors.jsonl", "method": "ga", "run_args": ""},
+        "harmful": {"file": "quality-dev-s34-refusal-normal-weight.jsonl", **refusal},
+        "mischief": {"file": "quality-dev-s35-mischief.jsonl", **refusal}}}))
+    six = ["capitals", "tofu", "harmful", "openings", "inventors", "mischief"]
+    default = selection.default_summaries(six, spec)
+    rows = selection.read_rows(selection.RESULTS / "quality-dev-s37-spellings.jsonl")
+    candidate = {name: (selection.summary(mine) if (mine := selection.seed_rows(
+        rows, name, "ga", "--forget-loss spellings", "s37")) else default[name]) for name in six}
+    got = selection.judge(default, candidate)
+    assert round(got["default_score"], 4) == 0.8233 and round(got["candidate_score"], 4) == 0.8231
+    assert got["targets_gained"]["inventors"] == ["forget_leak", "longest_run_s", "paraphrase_leak"]
+    assert got["targets_gained"]["capitals"] == ["unrelated_kept"] and not any(got["targets_lost"].values())
+    assert got["verdict"] == "a tie, adopted by the targets (if the README command is no slower)"
+
+
+@pytest.mark.parametrize("line, message", [
+    ("[1, 2]", "bad.jsonl:1: a row is a JSON object"),
+    ('{"scenario": "s", "method": "default", "run_args": "", "seed": "0"}', "bad.jsonl:1: no seed"),
+    (json.dumps({**row(), "forget_leak": "0.1"}), "bad.jsonl:1: forget_leak is not a number: '0.1'"),
+    (json.dumps({k: v for k, v in row().items() if k != "method"}), "bad.jsonl:1: no method"),
+])
+def test_a_row_the_rule_cannot_read_is_one_line(tmp_path, line, message):
+    (tmp_path / "bad.jsonl").write_text(line + "\n")
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
+        selection.read_rows(tmp_path / "bad.jsonl")
 
 
 def test_a_missing_file_or_a_bad_line_is_one_line(tmp_path):
