@@ -165,7 +165,8 @@ def default_summaries(scenarios: list[str], spec_path: Path = DEFAULT_ROWS) -> d
         path = RESULTS / entry["file"]
         rows = seed_rows(read_rows(path), name, entry["method"], entry["run_args"], str(path))
         if rows is None:
-            raise SystemExit(f"{path}: the default's rows of {name} lack a seed of {list(SEEDS)}")
+            raise SystemExit(f"{path}: no rows of {name} ({entry['method']}, {entry['run_args']!r}), which "
+                             f"{spec_path} names as the default's")
         out[name] = summary(rows)
     return out
 
@@ -208,8 +209,8 @@ def main(argv=None) -> None:
         if mine is not None:
             candidate[name], ran = summary(mine), ran | {name}
     if not ran:
-        raise SystemExit(f"{args.candidate}: no scenario with every seed of {list(SEEDS)} for {args.method} "
-                         f"{args.run_args!r}")
+        raise SystemExit(f"{args.candidate}: no rows of {args.method} with run arguments {args.run_args!r} in "
+                         f"{', '.join(scenarios)}")
     verdict = judge(default, candidate)
     print(json.dumps({**verdict, "ran": sorted(ran)}) if args.json else report(default, candidate, ran, verdict))
 
