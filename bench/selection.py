@@ -136,12 +136,16 @@ def judge(default: dict[str, dict], candidate: dict[str, dict]) -> dict:
     base, new = split_score(default), split_score(candidate)
     forget_leak = (None if new is None
                    else sum(s["forget_leak"] for s in candidate.values()) / len(candidate))
-    gained = {name: sorted(targets_met(candidate[name]) - targets_met(default[name])) for name in default}
-    lost = {name: sorted(targets_met(default[name]) - targets_met(candidate[name])) for name in default}
+    # a target is compared only where both sides have its figure (a row without a wall clock reads neither way)
+    both = {name: {t for t, _, _ in TARGETS if default[name].get(t) is not None and candidate[name].get(t) is not None}
+            for name in default}
+    gained = {name: sorted(both[name] & (targets_met(candidate[name]) - targets_met(default[name]))) for name in default}
+    lost = {name: sorted(both[name] & (targets_met(default[name]) - targets_met(candidate[name]))) for name in default}
     if base is None or new is None:
+        # a scenario the candidate never ran holds the default's own summary: its failure is named once
         failed = [f"{who}'s {name} (seeds {summary.get('failed_seeds')})" for who, summaries in
                   (("the default", default), ("the candidate", candidate)) for name, summary in summaries.items()
-                  if summary["score"] is None]
+                  if summary["score"] is None and (who == "the default" or summary is not default[name])]
         verdict = "no verdict: a failed run or a missing figure in " + ", ".join(failed)
     elif round(forget_leak, 9) > MAX_FORGET_LEAK:
         verdict = "not adopted: the mean forget leak is over the gate"

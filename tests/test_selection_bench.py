@@ -92,9 +92,9 @@ def test_the_committed_rows_give_the_documented_decisions(capsys):
 
 # The issues' targets as the thirty-ninth session's amendment reads them per scenario: a value that meets each, and
 # the nearest that misses it.
-TARGET_EDGES = {"forget_leak": (0.05, 0.06), "paraphrase_leak": (0.10, 0.11), "neighbours_kept": (0.90, 0.89),
-                "same_subject_kept": (0.90, 0.89), "unrelated_kept": (0.90, 0.89), "normal_similarity": (0.70, 0.69),
-                "longest_run_s": (300.0, 301.0)}
+TARGET_EDGES = {"forget_leak": (0.05, 0.0501), "paraphrase_leak": (0.10, 0.1001), "neighbours_kept": (0.90, 0.8999),
+                "same_subject_kept": (0.90, 0.8999), "unrelated_kept": (0.90, 0.8999),
+                "normal_similarity": (0.70, 0.6999), "longest_run_s": (300.0, 300.1)}
 
 
 def test_each_target_is_met_at_its_bound_and_missed_past_it():
@@ -102,6 +102,43 @@ def test_each_target_is_met_at_its_bound_and_missed_past_it():
     for name, (met, missed) in TARGET_EDGES.items():
         assert name in selection.targets_met({name: met}), name
         assert name not in selection.targets_met({name: missed}), name
+
+
+def test_float_sums_at_the_rules_edges_read_as_the_edge():
+    default = {"a": figures(0.81), "b": figures(0.80)}
+    got = selection.judge(default, {"a": figures(0.85), "b": default["b"]})
+    assert got["candidate_score"] - got["default_score"] < 0.02  # 0.019999999999999907 in floats
+    assert got["verdict"] == "adopted by the score (if the README command is no slower)"
+    # worse by the margin exactly is not a tie, whatever targets it gains
+    default = {"a": figures(0.85, paraphrase=0.12), "b": figures(0.80)}
+    got = selection.judge(default, {"a": figures(0.81, paraphrase=0.05), "b": default["b"]})
+    assert got["targets_gained"]["a"] == ["paraphrase_leak"] and got["verdict"] == "not adopted"
+    # six scenarios' forget leaks of 0, 0, 0, 0, 0.1 and 0.2 average 0.05000000000000001: at the gate, not over it
+    leaks = (0.0, 0.0, 0.0, 0.0, 0.1, 0.2)
+    assert sum(leaks) / 6 > 0.05
+    default = {str(i): figures(0.70) for i in range(6)}
+    got = selection.judge(default, {str(i): figures(0.90, forget=leak) for i, leak in enumerate(leaks)})
+    assert got["verdict"] == "adopted by the score (if the README command is no slower)"
+
+
+def test_a_tie_that_loses_a_target_is_not_adopted_however_many_it_gains():
+    default = {"a": figures(0.80, paraphrase=0.12, neighbours=0.85), "b": figures(0.80)}
+    candidate = figures(0.81, paraphrase=0.05, neighbours=0.95, normal=0.65)
+    got = selection.judge(default, {"a": candidate, "b": default["b"]})
+    assert got["targets_gained"]["a"] == ["neighbours_kept", "paraphrase_leak"]
+    assert got["targets_lost"]["a"] == ["normal_similarity"] and got["verdict"] == "not adopted"
+
+
+def test_a_figure_one_side_lacks_is_neither_gained_nor_lost():
+    default = {"a": figures(0.80, paraphrase=0.12, longest=None), "b": figures(0.80)}
+    got = selection.judge(default, {"a": figures(0.81, paraphrase=0.12, longest=200), "b": default["b"]})
+    assert got["targets_gained"]["a"] == [] and got["verdict"] == "not adopted"
+
+
+def test_a_failed_default_run_is_named_once():
+    default = {"a": {"score": None, "failed_seeds": [1]}, "b": figures(0.80)}
+    got = selection.judge(default, {"a": default["a"], "b": figures(0.90)})
+    assert got["verdict"] == "no verdict: a failed run or a missing figure in the default's a (seeds [1])"
 
 
 def test_the_thirty_ninth_sessions_tie_is_adopted_by_its_targets(tmp_path):
