@@ -27,8 +27,10 @@ import operator
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench/results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality  # noqa: E402  (bench/quality.py: the splits; no model is loaded by importing it)
+
+RESULTS = quality.ROOT / "bench/results"
 DEFAULT_ROWS = RESULTS / "dev-default.json"
 SEEDS = (0, 1, 2)
 MARGIN = 0.02
@@ -161,13 +163,15 @@ def judge(default: dict[str, dict], candidate: dict[str, dict]) -> dict:
 
 def default_summaries(scenarios: list[str], spec_path: Path = DEFAULT_ROWS) -> dict[str, dict]:
     spec = json.loads(Path(spec_path).read_text())["scenarios"]
-    out = {}
+    out, files = {}, {}  # several scenarios' rows share a file: each is read once
     for name in scenarios:
         if name not in spec:
             raise SystemExit(f"{spec_path}: no default rows named for {name}")
         entry = spec[name]
         path = RESULTS / entry["file"]
-        rows = seed_rows(read_rows(path), name, entry["method"], entry["run_args"], str(path))
+        if path not in files:
+            files[path] = read_rows(path)
+        rows = seed_rows(files[path], name, entry["method"], entry["run_args"], str(path))
         if rows is None:
             raise SystemExit(f"{path}: no rows of {name} ({entry['method']}, {entry['run_args']!r}), which "
                              f"{spec_path} names as the default's")
@@ -203,8 +207,7 @@ def main(argv=None) -> None:
     parser.add_argument("--scenarios", help="comma-separated [default: the dev split, bench/scenarios/split.json]")
     parser.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
     args = parser.parse_args(argv)
-    scenarios = ([name.strip() for name in args.scenarios.split(",")] if args.scenarios else
-                 json.loads((ROOT / "bench/scenarios/split.json").read_text())["splits"]["dev"])
+    scenarios = [name.strip() for name in args.scenarios.split(",")] if args.scenarios else quality.load_split("dev")
     default = default_summaries(scenarios)
     rows = read_rows(args.candidate)
     candidate, ran = dict(default), set()
