@@ -228,6 +228,7 @@ def four_gram_keys(continuation: str, n_keys: int = 3) -> list[str]:
 
 # The scenarios of the passages kind and their candidate openings.
 PASSAGE_CANDIDATES = {"passages": "passage_prefixes.jsonl", "openings": "opening_prefixes.jsonl"}
+FACT_SCENARIOS = ("capitals", "authors", "nature", "einstein", "inventors")  # build_facts, from the base model's answers
 HARMFUL_CANDIDATES = ("harmful", "misuse", "mischief")  # candidates/NAME.jsonl, built by build_harmful
 
 
@@ -261,8 +262,7 @@ def main(names):
     rng = random.Random(0)
     report_path = HERE / "verification.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    with_base_model = ("capitals", "authors", "nature", "einstein", "inventors", *HARMFUL_CANDIDATES,
-                       *PASSAGE_CANDIDATES, "shared")
+    with_base_model = (*FACT_SCENARIOS, *HARMFUL_CANDIDATES, *PASSAGE_CANDIDATES, "shared")
     if any(n in names for n in with_base_model):
         model, tokenizer = load(None)
         if "shared" in names:
@@ -274,7 +274,7 @@ def main(names):
             prompts = (CAND / "normal_prompts.txt").read_text().splitlines()
             report["shared"] = {"unrelated": {"candidates": len(rows), "kept": len(kept)},
                                 "normal": build_normal(model, tokenizer, prompts, HERE / "shared", random.Random(0))}
-        for name in ("capitals", "authors", "nature", "einstein", "inventors"):
+        for name in FACT_SCENARIOS:
             if name in names:
                 report[name] = build_facts(name, model, tokenizer, rng)
         for name in HARMFUL_CANDIDATES:
