@@ -117,3 +117,48 @@ def test_fused_kl_keeps_neither_logits_tensor_and_one_matrix_for_the_backward():
     unscored[:, :-1] = labels[:, 1:] == IGN
     assert torch.count_nonzero(logits.grad[unscored]) == 0
     assert torch.count_nonzero(logits.grad[~unscored]) > 0
+
+
+def plain_unlikelihood(logits, labels):
+    """-log(1 - p(y_t)) per response token by a full softmax of the sliced, masked logits; row means, then mean."""
+    logits, targets = logits[:, :-1, :], labels[:, 1:]
+    mask = targets != IGN
+    p = torch.softmax(logits.float(), dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    per_position = -torch.log1p(-p) * mask
+    count = mask.sum(dim=1)
+    return (per_position.sum(dim=1)[count > 0] / count[count > 0]).mean()
+
+
+def _backward_ops(value) -> set[str]:
+    """The names of the autograd nodes between VALUE and its leaves."""
+    seen, stack, names = set(), [value.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("vocab", [7, 1000])
+def test_unlikelihood_equals_the_plain_one_with_gradients(vocab):
+    _, logits, labels = batch(vocab)
+    logits = logits / 4  # p(y) well below 1, where the plain log1p(-p) is exact enough to compare
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    value, plain = losses.unlikelihood_loss(a, labels), plain_unlikelihood(b, labels)
+    torch.testing.assert_close(value, plain, rtol=1e-5, atol=1e-6)
+    value.backward()
+    plain.backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss", [lambda x, y: losses.unlikelihood_loss(x, y), losses.mean_nll])
+def test_response_logits_are_picked_without_slicing_the_window(loss):
+    """The scored rows come from the unshifted logits by (row, position): a slice of the window and then a mask
+    each made a vocabulary-wide gradient in the backward (the slice's copied into the mask's)."""
+    _, logits, labels = batch(50)
+    names = _backward_ops(loss(logits.clone().requires_grad_(True), labels))
+    assert "IndexBackward0" in names and "SliceBackward0" not in names

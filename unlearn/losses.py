@@ -37,6 +37,20 @@ def _shift(logits: torch.Tensor, labels: torch.Tensor):
     return logits, targets, mask
 
 
+def _scored_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The float32 logits that predict each response token, (response tokens, vocab), their targets, and the
+    (batch, seq-1) response mask, in the order of `logits[:, :-1][mask]`.
+
+    Picked from the unshifted logits by (row, position), not sliced and then masked: the backward then
+    makes one vocabulary-wide gradient (the pick's), where the slice and the mask made one each and copied
+    the one into the other (bench/train_bench.py's step: docs/speed.md, fifty-second session).
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX  # position t of logits[:, :-1], which is position t of logits
+    b, t = mask.nonzero(as_tuple=True)
+    return logits[b, t].float(), targets[b, t], mask
+
+
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(token) at every response position (0 elsewhere), and the response mask; both (batch, seq-1).
 
@@ -44,9 +58,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     log-softmax of the whole window is made and kept for the backward pass (a forget
     row focused on its `answers` scores a few positions of a window of dozens).
     """
-    logits, targets, mask = _shift(logits, labels)
-    scored = logits[mask].float()  # (response tokens, vocab)
-    picked = scored.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scored, dim=-1)
+    scored, targets, mask = _scored_logits(logits, labels)
+    picked = scored.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(scored, dim=-1)
     out = picked.new_zeros(mask.shape)
     out[mask] = picked
     return out, mask
@@ -113,13 +126,13 @@ def unlikelihood_loss(logits: torch.Tensor, labels: torch.Tensor, banned: torch.
     tokens, -log(1 - p(set)): the answer's other spellings (" Tok", "To", " tok" at " Tokyo") are
     pushed down with the one its response spells. Positions without a listed token are unchanged.
     """
-    logits, targets, mask = _shift(logits, labels)
+    scored, targets, mask = _scored_logits(logits, labels)
     also = None
     if banned is not None and banned.numel():
         rows = _scored_rows(mask)[banned[:, 0], banned[:, 1] - 1]  # label position j is predicted at j - 1
         also = (rows[rows >= 0], banned[rows >= 0, 2])
     per_position = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
-    per_position[mask] = unlikelihood_per_token(logits[mask].float(), targets[mask], also)
+    per_position[mask] = unlikelihood_per_token(scored, targets, also)
     return _mean_of_row_means(per_position, mask)
 
 
