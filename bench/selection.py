@@ -1,6 +1,7 @@
 """The rule that chooses defaults (docs/quality.md, "How the default is chosen"), computed from results files.
 
-    python bench/selection.py CANDIDATE.jsonl --run-args="ARGS" [--method default] [--scenarios a,b,...] [--json]
+    python bench/selection.py CANDIDATE.jsonl --run-args="ARGS" [--method default] [--scenarios a,b,...] [--scoped]
+                              [--json]
 
 Every figure it prints is a selection criterion, never a result: the test split's table is the result.
 
@@ -17,12 +18,16 @@ Every figure it prints is a selection criterion, never a result: the test split'
   the default misses and misses none the default meets.
 - A scenario with a failed run (non-zero exit code, or a figure missing) has no score and the rule no verdict; a
   candidate with some seeds of a scenario but not all is refused, not judged on the default's rows there.
+- **A scoped candidate** (`--scoped`; the fifty-second session's amendment, declared before any candidate's runs)
+  is one declared before its runs to train exactly as the default everywhere but the scenarios it runs: its
+  margin is `MARGIN` · √(reached / scenarios) (`margin_for`), for the gate and the tie alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import operator
 import sys
 from pathlib import Path
@@ -133,8 +138,26 @@ def split_score(summaries: dict[str, dict]) -> float | None:
     return None if any(score is None for score in scores) else sum(scores) / len(scores)
 
 
-def judge(default: dict[str, dict], candidate: dict[str, dict]) -> dict:
-    """The rule's verdict on CANDIDATE's scenario summaries (the default's where it did not run) against DEFAULT's."""
+def margin_for(reached: int, scenarios: int) -> float:
+    """The margin over the split's score that a scoped candidate, reaching REACHED of the split's SCENARIOS, must beat.
+
+    A candidate that trains exactly as the default on every scenario but the ones it reaches moves the split's mean
+    by its change there times reached / scenarios, and its noise moves the mean by √reached / scenarios times one
+    scenario's (each scenario's score difference taken as independent noise of one size), where a change to every
+    scenario moves it by √scenarios / scenarios. So `MARGIN` · √(reached / scenarios) asks the same of a scoped
+    change's signal against its noise as `MARGIN` asks of a change to every scenario: a change that does nothing
+    passes as rarely whatever its reach. (`MARGIN` itself, over every scenario, would ask a change reaching 2 of 7
+    scenarios for 0.07 there, and one reaching all 7 for 0.02: the fifty-first session's flaw.)
+    """
+    if not 0 < reached <= scenarios:
+        raise ValueError(f"reached {reached} of {scenarios} scenarios")
+    return MARGIN * math.sqrt(reached / scenarios)
+
+
+def judge(default: dict[str, dict], candidate: dict[str, dict], margin: float = MARGIN) -> dict:
+    """The rule's verdict on CANDIDATE's scenario summaries (the default's where it did not run) against DEFAULT's.
+
+    MARGIN is the rule's `MARGIN`, or a scoped candidate's `margin_for`."""
     base, new = split_score(default), split_score(candidate)
     forget_leak = (None if new is None
                    else sum(s["forget_leak"] for s in candidate.values()) / len(candidate))
@@ -151,13 +174,14 @@ def judge(default: dict[str, dict], candidate: dict[str, dict]) -> dict:
         verdict = "no verdict: a failed run or a missing figure in " + ", ".join(failed)
     elif round(forget_leak, 9) > MAX_FORGET_LEAK:
         verdict = "not adopted: the mean forget leak is over the gate"
-    elif round(new - base, 9) >= MARGIN:  # as targets_met: float sums are not a real shortfall
+    elif round(new - base, 9) >= round(margin, 9):  # as targets_met: float sums are not a real shortfall
         verdict = "adopted by the score (if the README command is no slower)"
-    elif abs(round(new - base, 9)) < MARGIN and any(gained.values()) and not any(lost.values()):
+    elif abs(round(new - base, 9)) < round(margin, 9) and any(gained.values()) and not any(lost.values()):
         verdict = "a tie, adopted by the targets (if the README command is no slower)"
     else:
         verdict = "not adopted"
-    return {"default_score": base, "candidate_score": new, "bar": None if base is None else base + MARGIN,
+    return {"default_score": base, "candidate_score": new, "margin": margin,
+            "bar": None if base is None else base + margin,
             "forget_leak": forget_leak, "targets_gained": gained, "targets_lost": lost, "verdict": verdict}
 
 
@@ -192,7 +216,9 @@ def report(default: dict, candidate: dict, ran: set[str], verdict: dict) -> str:
         lines.append(f"| {name} | {_fmt(default[name]['score'])} | {mine} | {gained} | {lost} |")
     lines += ["", f"selection score over {len(default)} scenarios (a selection criterion, not a result): default "
               f"{_fmt(verdict['default_score'])}, candidate {_fmt(verdict['candidate_score'])}, the rule's bar "
-              f"{_fmt(verdict['bar'])}",
+              f"{_fmt(verdict['bar'])} (margin {_fmt(verdict['margin'])}"
+              + (f", scoped: {len(ran)} of {len(default)} scenarios reached, {MARGIN} x sqrt({len(ran)}/{len(default)}))"
+                 if verdict["margin"] != MARGIN else ")"),
               f"mean forget leak of the candidate: {_fmt(verdict['forget_leak'], 3)} (gate {MAX_FORGET_LEAK})",
               "longest_run_s reads the rows' wall clocks as measured: a run beside other jobs reads slower than alone",
               f"verdict: {verdict['verdict']}"]
@@ -205,6 +231,8 @@ def main(argv=None) -> None:
     parser.add_argument("--method", default="default", help="the candidate rows' method [default: default]")
     parser.add_argument("--run-args", default="", help='the candidate rows\' run arguments; write --run-args="..."')
     parser.add_argument("--scenarios", help="comma-separated [default: the dev split, bench/scenarios/split.json]")
+    parser.add_argument("--scoped", action="store_true", help="the candidate was declared, before its runs, to train "
+                        "exactly as the default on every scenario it has no rows for: margin_for's margin")
     parser.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
     args = parser.parse_args(argv)
     scenarios = [name.strip() for name in args.scenarios.split(",")] if args.scenarios else quality.load_split("dev")
@@ -218,7 +246,7 @@ def main(argv=None) -> None:
     if not ran:
         raise SystemExit(f"{args.candidate}: no rows of {args.method} with run arguments {args.run_args!r} in "
                          f"{', '.join(scenarios)}")
-    verdict = judge(default, candidate)
+    verdict = judge(default, candidate, margin_for(len(ran), len(scenarios)) if args.scoped else MARGIN)
     print(json.dumps({**verdict, "ran": sorted(ran)}) if args.json else report(default, candidate, ran, verdict))
 
 
