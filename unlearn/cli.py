@@ -93,6 +93,15 @@ def _command_line() -> str:
     return shlex.join(["unlearn", *argv])
 
 
+def given_options() -> frozenset[str]:
+    """The current command's parameters the user gave, by name ("max_steps"): on the command line or through an
+    environment variable (--model's UNLEARN_MODEL). The options classes refuse an option that another makes do
+    nothing also when it was given at its default value, which comparing the value with the default cannot see."""
+    ctx = click.get_current_context()
+    sources = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    return frozenset(name for name in ctx.params if ctx.get_parameter_source(name) in sources)
+
+
 # === run (run.py) ===
 
 
@@ -311,7 +320,8 @@ def run_command(**o):
         max_leak=o["max_leak"],
         normal_holdout=o["normal_holdout"], no_cache=o["no_cache"], retain=tuple(Path(p) for p in o["retain"]),
         probes=not o["no_probes"], probe_limit=o["probe_limit"], retain_probes=o["retain_probes"],
-        retain_weight=o["retain_weight"], normal_weight=o["normal_weight"], auto_method=o["method"] is None)
+        retain_weight=o["retain_weight"], normal_weight=o["normal_weight"], auto_method=o["method"] is None,
+        given=given_options())
     record = run(opts, log=log)
     if o["as_json"]:
         print_json({k: v for k, v in record.items() if k != "history"})
@@ -409,7 +419,7 @@ def eval_command(save_generations, report, force, as_json, **o):
     for flag, out in (("--save-generations", save_generations), ("--report", report)):
         if out:
             refuse_output_over_inputs(out, inputs, inside_too=True, flag=flag)
-    result = evaluate.run_eval(EvalOptions(**{**o, **paths}), log=log)
+    result = evaluate.run_eval(EvalOptions(**{**o, **paths}, given=given_options()), log=log)
     # Both or neither: a report that could not be written must not leave (or replace) the generations.
     texts = {save_generations: jsonl_text(result["rows"])} if save_generations else {}
     if report:

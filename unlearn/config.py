@@ -139,6 +139,18 @@ def check_positive_finite(flag: str, value: float, limit: float = FLOAT32_MAX, w
     check_float32(flag, value, limit, why)
 
 
+def was_given(given: frozenset[str], name: str, differs: bool) -> bool:
+    """Whether the option NAME (click's parameter name, "max_steps") was given: the command line says so in GIVEN,
+    or its value DIFFERS from the default. The comparison alone missed an option given at its default value
+    (`--method edit --max-steps 150` was taken and did nothing); it stays for options built in code, whose
+    GIVEN is empty."""
+    return name in given or differs
+
+
+# `unlearn run`'s options that set the LoRA adapters (LoraSettings)
+LORA_OPTIONS = frozenset({"lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_layers"})
+
+
 @dataclass
 class TrainConfig:
     """The training loop's settings (`train.Unlearner`, `train.train`); see README for the measurements behind them."""
@@ -346,6 +358,9 @@ class RunOptions:
     # (`for_forget_rows`, once they are read); method_reason then says why, for the report.
     auto_method: bool = False
     method_reason: str | None = None
+    # The options the user gave, by click's parameter name ("max_steps"), from the command line or the environment
+    # (cli.given_options): the refusals of an option that does nothing fire for one given at its default value too.
+    given: frozenset[str] = frozenset()
 
     def __post_init__(self):
         from unlearn.models import dtype_name
@@ -430,20 +445,20 @@ class RunOptions:
                              "--alpha, --resume, --save-every, --repair-steps or --full")
         if self.train.method == "edit":  # settings of the gradient loop: given to the edit, they did nothing, silently
             unused = [flag for flag, given in (
-                ("--lr", self.lr is not None), ("--max-steps", self.train.max_steps != TrainConfig.max_steps),
+                ("--lr", self.lr is not None), ("--max-steps", self._given("max_steps")),
                 ("--forget-loss", self.forget_loss is not None), ("--stop-margin", self.stop_margin is not None),
-                ("--lora-* settings", self.lora != LoraSettings()),
+                ("--lora-* settings", self._lora_given()),
                 ("--gradient-checkpointing", self.gradient_checkpointing),
-                ("--template", self.train.template != DEFAULT_TEMPLATE),
+                ("--template", self._given("template")),
                 ("--rmu-layer", self.train.rmu_layer is not None),
                 # the stop rule's: the edit has no checks (its forget set reads `trained`, never `stop rule`)
-                ("--check-every", self.train.check_every != TrainConfig.check_every),
+                ("--check-every", self._given("check_every")),
                 ("--stop-leak", self.stop_leak is not None), ("--extra-steps", self.extra_steps is not None),
-                ("--stop-probes", self.train.stop_probes != TrainConfig.stop_probes),
+                ("--stop-probes", self._given("stop_probes")),
                 ("--whole-passage", self.train.whole_passage),  # it edits facts, not passages
                 # the loss's weights and the loop's schedule (the edit's own preservation weight is no --normal-weight)
                 ("--normal-weight", self.normal_weight is not None), ("--retain-weight", self.retain_weight is not None),
-                *((f"--{name.replace('_', '-')}", getattr(self.train, name) != getattr(TrainConfig, name))
+                *((f"--{name.replace('_', '-')}", self._given(name))
                   for name in ("forget_weight", "mismatch_weight", "max_length", "grad_accum", "warmup_steps",
                                "schedule", "max_grad_norm", "forget_tokens", "npo_beta"))) if given]
             if unused:
@@ -455,7 +470,7 @@ class RunOptions:
         if self.train.protect and (self.full or self.fsdp):
             raise UsageError("--protect projects the forget loss's LoRA gradient in one process: it takes no "
                              "--full or --fsdp")
-        if self.full and self.lora != LoraSettings():  # taken and ignored before: --full trains every weight
+        if self.full and self._lora_given():  # taken and ignored before: --full trains every weight
             raise UsageError("--full fine-tunes every weight, without adapters: it takes no --lora-* settings")
         if self.full and self.fsdp:
             # Measured: the first step ended in an internal error (the trained weights the optimiser holds are
@@ -464,15 +479,15 @@ class RunOptions:
                              "or shard a LoRA run with --fsdp")
         if self.augmented is not None and not ulmr:
             raise UsageError("--augmented is ULMR's training data: use it with --method ulmr")
-        if self.rewrites != RunOptions.rewrites and (not ulmr or self.augmented is not None):
+        if self._given("rewrites") and (not ulmr or self.augmented is not None):
             # --rewrites sizes the rewrites the run writes itself; any other way it did nothing, silently
             raise UsageError("--rewrites sets how many rewrites ULMR writes in the run: with "
                              + ("--augmented the rows are already written (give it to `unlearn augment`)"
                                 if ulmr else "--method ulmr only"))
         if ulmr:  # ULMR's term is a plain NLL on its rows' whole responses at weight 1 (train.py): these did nothing
             unused = [flag for flag, given in (
-                ("--forget-weight", self.train.forget_weight != TrainConfig.forget_weight),
-                ("--forget-tokens", self.train.forget_tokens != TrainConfig.forget_tokens)) if given]
+                ("--forget-weight", self._given("forget_weight")),
+                ("--forget-tokens", self._given("forget_tokens"))) if given]
             if unused:
                 raise UsageError(f"--method ulmr learns its rows' whole negative responses at weight 1: it takes "
                                  f"no {' or '.join(unused)}")
@@ -490,12 +505,12 @@ class RunOptions:
                                  f"--check-every 0 turns off")
         if train.stop_probes and not self.probes:
             raise UsageError("--stop-probes waits for the automatic probes, which --no-probes turns off")
-        if train.method != "rmu" and (train.rmu_layer is not None or train.rmu_scale != RMU_SCALE):
+        if train.method != "rmu" and (train.rmu_layer is not None or self._given("rmu_scale")):
             raise UsageError("--rmu-layer and --rmu-scale set rmu's target: use them with --method rmu")
         alpha = self._alpha(ulmr, parse_alphas)
         if alpha != "auto":  # they choose α under --alpha auto; with a fixed α (or none) they would do nothing
             given = [flag for flag, on in (("--alpha-grid", bool(self.alpha_grid)),
-                                           ("--max-leak", self.max_leak != RunOptions.max_leak)) if on]
+                                           ("--max-leak", self._given("max_leak"))) if on]
             if given:
                 fixed = f"--alpha {alpha:g}" if alpha is not None else "no --alpha"
                 verbs = ("choose", "they do") if len(given) > 1 else ("chooses", "it does")
@@ -504,6 +519,16 @@ class RunOptions:
                        retain_weight_defaulted=self.retain_weight is None and retain_probes,
                        normal_weight=train.normal_weight, forget_loss=train.forget_loss,
                        stop_margin=train.stop_margin, alpha=alpha, alpha_grid=self.alpha_grid or AUTO_GRID)
+
+    def _given(self, name: str) -> bool:
+        """Whether the option NAME was given: on the command line, or (options built in code) away from its default.
+        NAME is a field of these options, else of the training loop's (self.train as given, not resolved)."""
+        holder, defaults = (self, RunOptions) if name in RunOptions.__dataclass_fields__ else (self.train, TrainConfig)
+        return was_given(self.given, name, getattr(holder, name) != getattr(defaults, name))
+
+    def _lora_given(self) -> bool:
+        """Whether any --lora-* option was given (LORA_OPTIONS), or the LoRA settings differ from the defaults."""
+        return bool(self.given & LORA_OPTIONS) or self.lora != LoraSettings()
 
     @property
     def adapters(self) -> bool:
@@ -603,6 +628,7 @@ class EvalOptions:
     no_cache: bool = False  # measure again instead of reading $UNLEARN_CACHE/measurements
     trust_remote_code: bool = False  # as `unlearn run`'s: a model `run` loaded must load here too
     allow_pickle: bool = False
+    given: frozenset[str] = frozenset()  # the options the user gave, as RunOptions.given
 
     def __post_init__(self):
         from unlearn.models import dtype_name
@@ -618,13 +644,17 @@ class EvalOptions:
             raise UsageError("--min-k must be in (0, 100]")
         if not 0 < self.temperature < math.inf or not 0 < self.top_p <= 1:  # nan fails too
             raise UsageError("--temperature must be a finite number > 0 and --top-p in (0, 1]")
-        if not self.do_sample and (self.temperature != 1.0 or self.top_p != 1.0 or self.seed != 0):
+        if not self.do_sample and any(self._given(name) for name in ("temperature", "top_p", "seed")):
             # greedy decoding reads none: a script that forgot --do-sample would get greedy answers (and the seed
             # would split the measurement cache for the same answers)
             raise UsageError("--temperature, --top-p and --seed apply only with --do-sample "
                              "(greedy decoding ignores them)")
-        if self.holdout is None and self.min_k != MIN_K_PERCENT:
+        if self.holdout is None and self._given("min_k"):
             raise UsageError("--min-k sets the min-k membership test, which needs --holdout")
+
+    def _given(self, name: str) -> bool:
+        """Whether the option NAME was given: on the command line, or (options built in code) away from its default."""
+        return was_given(self.given, name, getattr(self, name) != getattr(EvalOptions, name))
 
 
 @dataclass
