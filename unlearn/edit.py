@@ -24,6 +24,7 @@ of facts), ready to be saved as a LoRA adapter with scaling 1 (B = U, A = V^T).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -35,10 +36,11 @@ from unlearn.edit_rows import (keep_row, neighbour_prompts, probe_prompt, refusa
                                unlikely_rows, with_prefix)
 from unlearn.edit_solve import LowRankDelta, SecondMoment, least_squares_update
 from unlearn.edit_subject import Located, locate_subject, subject_last_token
-from unlearn.edit_target import TargetResult, TargetSettings, optimise_targets
+from unlearn.edit_target import MISSED_FACTOR, TargetResult, TargetSettings, optimise_targets
 from unlearn.errors import UsageError
 
 TARGETS = ("refusal", "lower", "both")
+MISSED_SHOWN = 5  # rows named in the missed-target line; the rest counted
 
 
 @dataclass
@@ -88,6 +90,8 @@ class EditResult:
     neighbours: list[str]  # the neighbour prompts whose keys were preserved
     target_shift: torch.Tensor  # (facts, hidden): the residual shift each fact's subject was to get
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    target_missed: list[int] = field(default_factory=list)  # forget lines whose target loss stayed far above its aim
+    target_missed_above: float | None = None  # the loss above which a row missed (edit_target.MISSED_FACTOR x aim)
 
     def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """module name -> (lora_A (r x in), lora_B (out x r)) with scaling 1: W' = W + B A."""
@@ -96,8 +100,29 @@ class EditResult:
     def summary(self) -> dict:
         return {"layers": self.layers, "subjects": [asdict(s) for s in self.subjects],
                 "target_loss": self.target_loss, "target_steps": self.target_steps,
+                "target_missed": self.target_missed, "target_missed_above": self.target_missed_above,
                 "neighbours": self.neighbours, "timings": self.timings,
                 "rank": {name: d.rank for name, d in self.deltas.items()}}
+
+
+def missed_target_line(forget: list[Example], targets: TargetResult, settings: EditSettings,
+                       vocab_size: int) -> str | None:
+    """One line naming the rows whose target optimisation ended far from its aim (`edit_target.MISSED_FACTOR`),
+    and what can be done; None when every row got there (or no optimisation ran). A uniform guess's loss,
+    ln(vocab), is shown beside it: a row near it is one the model barely moved toward (tiny random models).
+
+    Why: the edit writes whatever shift the optimisation reached, and a row whose refusal stayed unlikely may
+    keep its answer; the run said nothing of it (on a tiny random model nothing was forgotten, silently)."""
+    missed = targets.missed
+    if not missed:
+        return None
+    named = ", ".join(f"{forget[i].line} ({targets.loss_per_fact[i]:.2f})" for i in missed[:MISSED_SHOWN])
+    more = f" and {len(missed) - MISSED_SHOWN} more" if len(missed) > MISSED_SHOWN else ""
+    return (f"edit: {len(missed)} of {len(forget)} forget rows missed their {settings.target} target, so the edit may "
+            f"not forget them: loss per token still above {MISSED_FACTOR * targets.aim:g} ({MISSED_FACTOR:g}x "
+            f"the aim {targets.aim:g}; a uniform guess: {math.log(vocab_size):.2f}) at lines {named}{more}; give the "
+            f"target more steps or a larger rate (EditSettings steps={settings.steps}, lr={settings.lr:g} in the "
+            f"Python API, docs/edit.md; `unlearn run` has no option for them) or use another --method")
 
 
 def _batched(model, sequences: list[list[int]], batch_size: int, pad_id: int, layers: list[int], residual: int | None):
@@ -201,6 +226,9 @@ def edit_to_forget(model, tokenizer, forget: list[Example], normal: list[Example
             seed=settings.seed, log=log)
     target_z = original_z + targets.deltas
     timings["targets"] = time.perf_counter() - clock
+    warning = missed_target_line(forget, targets, settings, model.get_output_embeddings().weight.shape[0])
+    if warning:
+        say(warning)
 
     # Preserved keys: normal text (every token), neighbours and same-subject prompts (the subject's token).
     clock = time.perf_counter()
@@ -261,4 +289,4 @@ def edit_to_forget(model, tokenizer, forget: list[Example], normal: list[Example
             f"update norm {delta.matrix().norm():.3f}")
     timings["update"] = time.perf_counter() - clock
     return EditResult(deltas, layers, subjects, targets.loss_per_fact, targets.steps, neighbours, targets.deltas,
-                      timings)
+                      timings, [forget[i].line for i in targets.missed], MISSED_FACTOR * targets.aim)
