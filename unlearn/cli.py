@@ -136,7 +136,8 @@ def given_options() -> frozenset[str]:
               help="Learning rate after warm-up: constant, or linear decay to 0 at --max-steps.")
 @click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping (0: off).")
 @click.option("--forget-weight", type=float, default=0.5, show_default=True, help="eps1, weight of L_fgt.")
-@click.option("--mismatch-weight", type=float, default=1.0, show_default=True, help="eps2, weight of L_rdn.")
+@click.option("--mismatch-weight", type=float, default=1.0, show_default=True,
+              help="eps2, weight of L_rdn (ga+mismatch, ga+template).")
 @click.option("--normal-weight", type=float, default=None,
               help="eps3, weight of L_nor (the KL to the original on normal data) [default: 10; rmu: 50; the "
                    "default for long chat responses (see --method): 200; chosen on the quality benchmark's dev "
@@ -411,6 +412,8 @@ def eval_command(save_generations, report, force, as_json, **o):
     from unlearn.outputs import check_writable, jsonl_text, judge_input, refuse_output_over_inputs, write_texts_atomic
     from unlearn.paths import model_input
 
+    if force and not (save_generations or report):  # taken and ignored before: eval writes no other file
+        raise UsageError("--force replaces the --save-generations / --report files: without either it does nothing")
     check_writable(save_generations, report, force=force)
     paths = {k: Path(o[k]) if o[k] else None for k in ("prompts", "forget", "holdout", "reward_model")}
     # An output file must not replace what the command reads (--force or not): the prompts, the model's
@@ -454,9 +457,11 @@ def eval_command(save_generations, report, force, as_json, **o):
 @eval_files("Prompts whose answers must not come out (rows with a response or `answers`)",
             "Knowledge that must survive (rows with `answers`; similarity to BASE's outputs)")
 @click.option("--max-leak", type=float, default=0.1, show_default=True,
-              help="α selection: the forget leak rate an α must reach to be recommended.")
-@click.option("--max-new-tokens", type=int, default=48, show_default=True, help="α selection: tokens per answer.")
-@click.option("--batch-size", type=int, default=GEN_BATCH_SIZE, show_default=True, help="α selection: generation batch size.")
+              help="α selection (with --eval-forget): the forget leak rate an α must reach to be recommended.")
+@click.option("--max-new-tokens", type=int, default=48, show_default=True,
+              help="α selection (with --eval-forget): tokens per answer.")
+@click.option("--batch-size", type=int, default=GEN_BATCH_SIZE, show_default=True,
+              help="α selection (with --eval-forget): generation batch size.")
 @click.option("--no-cache", is_flag=True, help="Measure again instead of reusing cached answers and scores "
               "($UNLEARN_CACHE/measurements, keyed by the weights' content, the rows and the settings).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
@@ -474,7 +479,7 @@ def merge(alpha, as_json, **o):
     from unlearn.config import MergeOptions
 
     alphas = parse_alphas(alpha, allow_extrapolation=o["allow_extrapolation"]) if alpha is not None else None
-    opts = MergeOptions(alphas=alphas, **o)
+    opts = MergeOptions(alphas=alphas, **o, given=given_options())
     opts.validate()
     if not opts.is_sweep:
         summary = job.merge_one(opts, progress=_ByteProgress())

@@ -89,6 +89,9 @@ LONG_RESPONSE_DEFAULT = {"method": "ga+template", "normal_weight": 200.0}
 REPAIR_METHODS: tuple[str, ...] = ()
 FORGET_LOSSES = ("ascent", "unlikelihood", "redirect", "spellings")
 ASCENT_METHODS = ("ga", "ga+mismatch", "ga+template", "graddiff")  # their forget term is `losses.forget_loss`
+# Settings of one method's own loss term (TrainConfig fields), and the methods that read them (train.Unlearner: _rows,
+# _mismatch_row, _group_terms). Given to any other method, each was taken and did nothing.
+METHOD_TERMS = {"template": ("ga+template",), "mismatch_weight": ("ga+mismatch", "ga+template"), "npo_beta": ("npo",)}
 
 
 # The largest float32 (torch.finfo(torch.float32).max; written out so that this module imports no torch).
@@ -372,6 +375,9 @@ class RunOptions:
         from unlearn.spans import is_long_response
 
         if not self.auto_method or not rows or not all(is_long_response(row) for row in rows):
+            if self.auto_method:  # resolved() left the refusal's settings to these rows: they keep the method
+                self._refuse_other_methods_terms({self.train.method}, " (not given: not every forget row is a long "
+                                                                      "chat response)")
             return self
         own = LONG_RESPONSE_DEFAULT
         return replace(self, train=replace(self.train, method=own["method"]), auto_method=False,
@@ -505,6 +511,17 @@ class RunOptions:
                                  f"--check-every 0 turns off")
         if train.stop_probes and not self.probes:
             raise UsageError("--stop-probes waits for the automatic probes, which --no-probes turns off")
+        if not self.probes and self._given("probe_limit"):
+            raise UsageError("--probe-limit sets how many automatic probes are made, which --no-probes turns off")
+        if self.retain_weight is not None and not self.retain and not retain_probes:  # the retain term has no rows
+            raise UsageError("--retain-weight weighs the KL on the retain rows: with no --retain and no probes trained "
+                             "on (--retain-probes) there are none")
+        # Without --method the forget rows may yet call for the refusal (for_forget_rows): its settings wait for them.
+        self._refuse_other_methods_terms({train.method, LONG_RESPONSE_DEFAULT["method"]} if self.auto_method
+                                         else {train.method})
+        if self.forget_loss is not None and train.method not in ASCENT_METHODS:  # given at any value (ascent too)
+            raise UsageError(f"--forget-loss {self.forget_loss}: only the methods that push the forget tokens down "
+                             f"({', '.join(ASCENT_METHODS)}) have that term, not {train.method}")
         if train.method != "rmu" and (train.rmu_layer is not None or self._given("rmu_scale")):
             raise UsageError("--rmu-layer and --rmu-scale set rmu's target: use them with --method rmu")
         alpha = self._alpha(ulmr, parse_alphas)
@@ -525,6 +542,20 @@ class RunOptions:
         NAME is a field of these options, else of the training loop's (self.train as given, not resolved)."""
         holder, defaults = (self, RunOptions) if name in RunOptions.__dataclass_fields__ else (self.train, TrainConfig)
         return was_given(self.given, name, getattr(holder, name) != getattr(defaults, name))
+
+    def _refuse_other_methods_terms(self, methods: set[str], why: str = "") -> None:
+        """Refuse a setting of another method's loss term (METHOD_TERMS), given at any value, when none of METHODS
+        (the method, or those it may yet become) reads it. WHY follows the method's name in the message."""
+        unused = [name for name, readers in METHOD_TERMS.items() if not methods & set(readers) and self._given(name)]
+        if not unused:
+            return
+        method = f"--method {self.train.method}{why}"
+        if len(unused) == 1:
+            readers = " and ".join(METHOD_TERMS[unused[0]])
+            raise UsageError(f"--{unused[0].replace('_', '-')} is a setting of --method {readers}: {method} does not "
+                             f"read it")
+        named = " and ".join(f"--{name.replace('_', '-')} ({' and '.join(METHOD_TERMS[name])})" for name in unused)
+        raise UsageError(f"{named} are settings of other methods: {method} reads none of them")
 
     def _lora_given(self) -> bool:
         """Whether any --lora-* option was given (LORA_OPTIONS), or the LoRA settings differ from the defaults."""
@@ -578,6 +609,7 @@ class MergeOptions:
     max_new_tokens: int = 48
     batch_size: int = GEN_BATCH_SIZE
     no_cache: bool = False  # measure the original again instead of reading $UNLEARN_CACHE/measurements
+    given: frozenset[str] = frozenset()  # the options the user gave, as RunOptions.given
 
     @property
     def max_shard_bytes(self) -> int | None:
@@ -597,12 +629,33 @@ class MergeOptions:
             raise UsageError(f"--max-leak {self.max_leak}: must be in [0, 1]")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise UsageError("--max-new-tokens and --batch-size must be at least 1")
+        self._refuse_unused()
         if not self.is_sweep:
             return
         if not self.alphas:
             raise UsageError("--eval-forget/--eval-retain need --alpha, e.g. --alpha 0.2,0.4,0.6,0.8")
         if self.eval_retain and not self.eval_forget:
             raise UsageError("choosing α needs --eval-forget (the prompts whose answers must not come out)")
+
+    def _refuse_unused(self) -> None:
+        """Refuse an option these settings make do nothing (given at any value): a merge without evaluation sets
+        measures nothing (merge.sweep reads them only to measure each α's model), and one without --alpha
+        (an adapter folded whole) has no α to extrapolate."""
+        if not (self.eval_forget or self.eval_retain):
+            unused = [f"--{name.replace('_', '-')}" for name in ("max_leak", "max_new_tokens", "batch_size", "no_cache")
+                      if self._given(name)]
+            if unused:
+                named = " and ".join([", ".join(unused[:-1]), unused[-1]] if len(unused) > 1 else unused)
+                raise UsageError(f"{named} act{'s' * (len(unused) == 1)} only in α selection (each α's model measured "
+                                 f"on --eval-forget/--eval-retain): without those files nothing is measured")
+        if self.adapter is not None and self.alphas is None and self._given("allow_extrapolation"):
+            # (without --adapter, the missing --alpha is the error: merge_one says so)
+            raise UsageError("--allow-extrapolation accepts an --alpha outside [0, 1]: without --alpha the adapter is "
+                             "folded whole and it does nothing")
+
+    def _given(self, name: str) -> bool:
+        """Whether the option NAME was given: on the command line, or (options built in code) away from its default."""
+        return was_given(self.given, name, getattr(self, name) != getattr(MergeOptions, name))
 
 
 @dataclass
