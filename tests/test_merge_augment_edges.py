@@ -102,7 +102,8 @@ def test_augment_names_the_row_too_long_for_its_requests_before_generating(cli, 
     assert result.code == 1, result.err
     line = one_line(result.err)
     assert line.startswith(f"unlearn: {forget}:2: the "), line
-    assert "request around" in line and "past the 512 of" in line and "shorten the prompt by about" in line
+    assert "request around" in line and "past the context of" in line and "(512 positions: learned position " \
+        "embeddings" in line and "shorten the prompt by about" in line
     assert "prompt 1 of" not in line and "Please rewrite" not in line
     assert not out.exists()
 

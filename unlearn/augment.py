@@ -285,36 +285,39 @@ def _requests(ex, rewrites: int) -> list[tuple[str, str, int]]:
 
 def check_fits(model, tokenizer, forget, rewrites: int, path=None, whose: str | None = None) -> None:
     """Refuse, before anything is generated, a FORGET row (read from PATH) whose requests (`_requests`) with
-    their new tokens pass MODEL's learned position table (`generation.position_limit`: OPT's). `generate`
-    would refuse the request itself, as "prompt 5 of 8 ('Please rewrite ...')": a text the user never wrote,
-    in no file. Here the line names the row (FILE:LINE), the request, and by how much it is too long."""
-    from unlearn.data import encode_prompt
-    from unlearn.generation import position_limit
+    their new tokens pass MODEL's context (`generation.context_limit`: a learned position table's size, OPT's,
+    or far past a rotary model's declared context; a long request measured on an opening, `data.prompt_length`).
+    `generate` would refuse the request itself, as "prompt 5 of 8 ('Please rewrite ...')": a text the user
+    never wrote, in no file. Here the line names the row (FILE:LINE), the request, and by how much it is too long."""
+    from unlearn.data import prompt_length
+    from unlearn.generation import context_limit, context_words
 
-    limit = position_limit(model) if model is not None else None  # no model: generation is scripted (tests)
-    if limit is None:
+    if model is None:  # no model: generation is scripted (tests)
         return
-    over = []  # (row, prompt tokens, new tokens, what) of the longest request of each row that does not fit
+    limit = context_limit(model)
+    over = []  # (row, prompt tokens, exact, new tokens, what) of the longest request of each row that does not fit
     for ex in forget:
-        n, budget, what = max(((len(encode_prompt(tokenizer, prompt)), budget, what)
-                               for what, prompt, budget in _requests(ex, rewrites)), key=lambda r: r[0] + r[1])
+        n, exact, budget, what = max(((*prompt_length(tokenizer, prompt, limit), budget, what)
+                                      for what, prompt, budget in _requests(ex, rewrites)),
+                                     key=lambda r: r[0] + r[2])
         if n + budget > limit:
-            over.append((ex, n, budget, what))
+            over.append((ex, n, exact, budget, what))
     if not over:
         return
 
     def where(ex) -> str:
         return f"{path}:{ex.line}" if path is not None else f"line {ex.line}"
 
-    ex, n, budget, what = over[0]
-    excess = n + budget - limit
+    ex, n, exact, budget, what = over[0]
+    excess, at_least = n + budget - limit, "" if exact else "at least "
     more = ""
     if len(over) > 1:
         shown = ", ".join(where(row[0]) for row in over[1:4]) + (", ..." if len(over) > 4 else "")
         more = f" ({len(over) - 1} more row{'s' if len(over) > 2 else ''} too: {shown})"
-    raise UnlearnError(f"{where(ex)}: {what} is {n} tokens; with its {budget} new tokens that is {n + budget} "
-                       f"positions, {excess} past the {limit} of {whose or 'the model'} (learned position "
-                       f"embeddings); shorten the prompt by about {excess} tokens{more}")
+    raise UnlearnError(f"{where(ex)}: {what} is {at_least}{n} tokens; with its {budget} new tokens that is "
+                       f"{at_least}{n + budget} positions, {at_least}{excess} past "
+                       f"{context_words(model, limit, whose)}; shorten the prompt by {at_least or 'about '}{excess} "
+                       f"tokens{more}")
 
 
 def augment(model, tokenizer, forget, *, rewrites: int = 2, seed: int = 0, batch_size: int = 16,

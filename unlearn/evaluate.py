@@ -863,8 +863,9 @@ def run_eval(opts, log: Callable[[str], None] = default_log) -> dict:
                         temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed, min_k=opts.min_k,
                         members=members, holdout=holdout, reward_model=reward)
     prompts = EvalSet(Path(opts.prompts).stem, "forget", examples, Path(opts.prompts))
-    # A prompt that with its answer would pass a learned position table (OPT's) is refused with its
-    # FILE:LINE before anything is generated, instead of an IndexError from inside the forward pass.
+    # A prompt that with its answer would pass the model's context is refused with its FILE:LINE before anything
+    # is generated, instead of an IndexError from inside the forward pass (a learned position table, OPT's) or a
+    # failed allocation (far past a rotary model's context: `generation.context_limit`).
     for lm, flag in ((loaded, "--model"), (reference, "--reference-model")):
         if lm is not None:
             check_sets_fit(lm.model, lm.tokenizer, [prompts], opts.max_new_tokens, "--max-new-tokens",

@@ -61,7 +61,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from unlearn.cpu_parts import Cancelled, balanced_slices, parallel_pieces, run_pieces
-from unlearn.data import SOURCE_FILE, answer_in_format, encode_prompt, fallback_format, prompt_key, turn_started
+from unlearn.data import (SOURCE_FILE, answer_in_format, encode_prompt, fallback_format, prompt_key, prompt_length,
+                          turn_started)
 from unlearn.errors import UnlearnError
 from unlearn.kv_cache import (cache_argument, evaluating, keeps_every_position, last_positions, new_cache,
                               prefix_applies, run_prefix, shared_length)
@@ -91,6 +92,13 @@ DRAFT_BLOCK = 8
 # 110 positions are 0.65 GB on the embedded model, 5.5 GB at OPT-1.3B and 9.2 GB at OPT-2.7B
 # in float32, which the cap brings to 99 and 59 rows (at most 4 GiB beside the weights).
 KV_CACHE_BUDGET = 4 * 2**30
+
+# A batch whose rows are padded runs its prefill with an attention mask, and SDPA then computes every
+# head's scores as rows x heads x width x width floats: five 9,551-token probes of one forget row asked
+# 7.3 GB on the tests' 4-head Llama ("internal error"). Batches are cut to keep them within this many
+# bytes too (`batch_rows`); one row alone has no padding, no mask and no score matrix (a causal kernel).
+ATTENTION_SCORES_BUDGET = 4 * 2**30
+ATTENTION_SCORE_BYTES = 4  # float32 scores (the math kernel upcasts bf16/fp16 ones on a CPU)
 
 # Generation-config fields that make `model.generate` alter greedy logits, with their
 # inactive values. Any other value sends greedy decoding to `generate_hf`.
@@ -156,11 +164,16 @@ def kv_bytes_per_position(model) -> int | None:
 
 
 def batch_rows(model, batch_size: int, positions: int) -> int:
-    """BATCH_SIZE, lowered so that a batch's KV cache of POSITIONS per row stays within KV_CACHE_BUDGET."""
+    """BATCH_SIZE, lowered so that a batch's KV cache of POSITIONS per row stays within KV_CACHE_BUDGET and a
+    padded prefill's attention scores within ATTENTION_SCORES_BUDGET; at least one row."""
+    positions = max(1, positions)
     per_position = kv_bytes_per_position(model)
-    if not per_position:
-        return batch_size
-    return max(1, min(batch_size, KV_CACHE_BUDGET // (per_position * max(1, positions))))
+    if per_position:
+        batch_size = min(batch_size, KV_CACHE_BUDGET // (per_position * positions))
+    heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
+    if heads:
+        batch_size = min(batch_size, ATTENTION_SCORES_BUDGET // (heads * positions**2 * ATTENTION_SCORE_BYTES))
+    return max(1, batch_size)
 
 
 # --- the model's context ------------------------------------------------------------------------
@@ -175,6 +188,14 @@ POSITION_TABLE_NAMES = ("embed_positions", "wpe", "position_embeddings")
 # Config fields that state the size of that table, named in the error for the user to recognise.
 _CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx")
 
+# A model without a table (rotary, ALiBi) runs past the context its config declares (its answers there are its
+# own affair), but not without end: a prompt of N tokens is N x N attention work in every layer, and memory
+# the allocator refuses long before a learned table would end: a 400,000-word prompt (1.28 M tokens) asked
+# 1.6 TB for its mask and ended as "internal error". Past both its declared context and this many positions a
+# row is refused as one past a table is. One 65,536-token row's prefill took 68 s on the tests' 2-layer,
+# 32-wide Llama (16,384: 4.6 s), at 0.5 GB; a real model's is hours.
+ATTENDED_POSITIONS = 65536
+
 
 def position_limit(model) -> int | None:
     """How many positions MODEL can embed: the rows of its learned position table (`POSITION_TABLE_NAMES`,
@@ -188,18 +209,43 @@ def position_limit(model) -> int | None:
     return min(limits) if limits else None
 
 
-def _context_words(model, limit: int, whose: str | None) -> str:
-    """The model's context as the error states it: whose, the limit and the config field that sets it."""
+def _declared_context(model) -> tuple[str, int] | None:
+    """The config field that states MODEL's context (`_CONTEXT_FIELDS`) and its value, or None."""
     config = getattr(model, "config", None)
-    field = next((f for f in _CONTEXT_FIELDS if getattr(config, f, None) == limit), None)
-    return f"the context of {whose or 'the model'} ({limit} positions: learned position embeddings" + (
-        f", {field} {limit})" if field else ")")
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return next(((f, v) for f in _CONTEXT_FIELDS if isinstance(v := getattr(config, f, None), int) and v > 0),
+                None)
+
+
+def context_limit(model) -> int:
+    """The most positions generation takes on MODEL: its learned table's (`position_limit`), or for a model
+    without one the larger of its declared context and ATTENDED_POSITIONS."""
+    limit = position_limit(model)
+    if limit is not None:
+        return limit
+    declared = _declared_context(model)
+    return max(declared[1] if declared else 0, ATTENDED_POSITIONS)
+
+
+def context_words(model, limit: int, whose: str | None) -> str:
+    """MODEL's context as the errors state it: whose, LIMIT (`context_limit`) and what sets it."""
+    head = f"the context of {whose or 'the model'} ({limit} positions"
+    if position_limit(model) is not None:
+        config = getattr(model, "config", None)
+        field = next((f for f in _CONTEXT_FIELDS if getattr(config, f, None) == limit), None)
+        return head + ": learned position embeddings" + (f", {field} {limit})" if field else ")")
+    declared = _declared_context(model)
+    if declared and declared[1] == limit:
+        return f"{head}: {declared[0]} {limit})"
+    return head + (f": past {declared[0]} {declared[1]}, " if declared else ": ") + \
+        "the most a row takes on a model without a learned position table)"
 
 
 def refuse_past_context(model, lengths: list[int], budgets: list[int], where: Callable[[int], str],
-                        budget_name: str | None = None, whose: str | None = None) -> None:
+                        budget_name: str | None = None, whose: str | None = None,
+                        exact: list[bool] | None = None) -> None:
     """Raise UnlearnError, naming the first row, when a prompt of LENGTHS[i] tokens and BUDGETS[i] new tokens
-    does not fit in MODEL's `position_limit`; nothing for a model without one.
+    does not fit in MODEL's `context_limit`. EXACT[i] False: LENGTHS[i] is a lower bound (`data.prompt_length`).
 
     A row needs prompt tokens + new tokens positions: generation feeds back every new token but the
     last (the position the last one would take is where a budget-cut answer's end-token scores and a
@@ -208,9 +254,7 @@ def refuse_past_context(model, lengths: list[int], budgets: list[int], where: Ca
     BUDGET_NAME the option that sets the budget (None: "a budget of N new tokens"); WHOSE names the model
     (None: "the model").
     """
-    limit = position_limit(model)
-    if limit is None:
-        return
+    limit = context_limit(model)
     over = [i for i, (n, b) in enumerate(zip(lengths, budgets)) if n + b > limit]
     if not over:
         return
@@ -223,20 +267,25 @@ def refuse_past_context(model, lengths: list[int], budgets: list[int], where: Ca
     if len(over) > 1:
         shown = ", ".join(where(j) for j in over[1:4]) + (", ..." if len(over) > 4 else "")
         more = f" ({len(over) - 1} more row{'s' if len(over) > 2 else ''} too: {shown})"
-    raise UnlearnError(f"{where(i)}: the rendered prompt is {n} tokens; with {asked} that is {n + b} positions, "
-                       f"past {_context_words(model, limit, whose)}; {fix}{more}")
+    at_least = "" if exact is None or exact[i] else "at least "
+    raise UnlearnError(f"{where(i)}: the rendered prompt is {at_least}{n} tokens; with {asked} that is {at_least}"
+                       f"{n + b} positions, past {context_words(model, limit, whose)}; {fix}{more}")
 
 
 def check_prompts_fit(model, tokenizer, rows, budget: int, budget_name: str | None = None,
                       whose: str | None = None) -> None:
     """Refuse, before anything is generated, ROWS (pairs of where, prompt: FILE:LINE and the row's prompt)
     whose rendered prompt (`data.encode_prompt`, as generation encodes it) and BUDGET new tokens pass
-    MODEL's context (`refuse_past_context`). `generate` refuses them too, but knows no file or line."""
+    MODEL's context (`refuse_past_context`). `generate` refuses them too, but knows no file or line, and
+    only once every prompt is tokenised whole: a prompt far past the context is measured here on an opening
+    of it (`data.prompt_length`: 0.3 s, not 3.7 s, for a 400,000-word one on the tests' Llama tokenizer)."""
     rows = list(rows)
-    if position_limit(model) is None or not rows:
+    if not rows:
         return
-    lengths = [len(encode_prompt(tokenizer, prompt)) for _, prompt in rows]
-    refuse_past_context(model, lengths, [budget] * len(rows), lambda i: rows[i][0], budget_name, whose)
+    limit = context_limit(model)
+    measured = [prompt_length(tokenizer, prompt, limit) for _, prompt in rows]
+    refuse_past_context(model, [n for n, _ in measured], [budget] * len(rows), lambda i: rows[i][0], budget_name,
+                        whose, exact=[whole for _, whole in measured])
 
 
 def check_sets_fit(model, tokenizer, sets, budget: int, budget_name: str | None = None,
@@ -628,7 +677,8 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != len(prompts):
         raise ValueError(f"{len(budgets)} token budgets for {len(prompts)} prompts")
-    # A row past a learned position table would end in an IndexError mid-forward: one line instead.
+    # A row past a learned position table would end in an IndexError mid-forward, one far past a rotary model's
+    # context in a failed allocation: one line instead.
     # (Callers that know the rows' files check first, with FILE:LINE: `check_prompts_fit`.)
     refuse_past_context(model, [len(ids) for ids in encoded], budgets, lambda i: _prompt_label(prompts, i))
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))

@@ -429,17 +429,16 @@ class Loaded:
 
 
 def _refuse_rows_past_context(opts: RunOptions, data: Prepared, model, tokenizer, whose: str) -> None:
-    """On a model with a learned position table (OPT's), refuse with FILE:LINE, before any training, a
-    training length or a row whose answer budget would pass it: an IndexError inside the forward pass
-    otherwise (`generation.position_limit`; rotary models have no such limit and pass)."""
-    from unlearn.generation import check_sets_fit, position_limit
+    """Refuse with FILE:LINE, before any training, a training length or a row whose answer budget would pass
+    MODEL's context (`generation.context_limit`): on a learned position table (OPT's) an IndexError inside
+    the forward pass otherwise; far past a rotary model's context, a failed allocation ("internal error":
+    a 400,000-word prompt's mask was 1.6 TB)."""
+    from unlearn.generation import check_sets_fit, context_limit, context_words
 
-    limit = position_limit(model)
-    if limit is None:
-        return
+    limit = context_limit(model)
     if opts.train.max_length > limit:
-        raise UsageError(f"--max-length {opts.train.max_length}: past the context of {whose} ({limit} positions: "
-                         f"learned position embeddings); use --max-length {limit} or less")
+        raise UsageError(f"--max-length {opts.train.max_length}: past {context_words(model, limit, whose)}; "
+                         f"use --max-length {limit} or less")
     check_sets_fit(model, tokenizer, data.sets, opts.max_new_tokens, "--max-new-tokens", whose=whose)
     forget = EvalSet("forget", "forget", data.forget, Path(opts.forget))
     check_sets_fit(model, tokenizer, [forget], opts.train.check_tokens, whose=whose)  # the stop rule's answers
