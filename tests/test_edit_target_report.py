@@ -91,3 +91,13 @@ def test_many_missed_rows_are_counted_past_the_first_few():
     assert "8 of 8 forget rows" in line and "lines 10 (6.00)" in line and "14 (6.00) and 3 more;" in line
     assert "15 (" not in line
     assert edit.missed_target_line(rows, TargetResult(torch.zeros(8, 4), [0.1] * 8, 12), EditSettings(), 400) is None
+
+
+@pytest.mark.parametrize("target, named", [("refusal", "refusal target"), ("lower", "target (the answer lowered)"),
+                                           ("both", "targets (a refusal and the answer lowered)")])
+def test_the_line_names_the_target_and_gives_a_uniform_guess_for_the_refusal_only(target, named):
+    """A uniform guess scores ln(vocab) on the refusal's NLL, but about 0 on the lowered answer's unlikelihood."""
+    line = edit.missed_target_line(FORGET, TargetResult(torch.zeros(2, 3), [0.03, 2.5], 12),
+                                   EditSettings(target=target), vocab_size=400)
+    assert f"missed their {named}, so" in line
+    assert ("a uniform guess: 5.99" in line) == (target == "refusal")

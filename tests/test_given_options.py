@@ -56,6 +56,7 @@ def only_line(result) -> str:
 AT_DEFAULT = [
     (["--method", "edit"], ["--max-steps", "150"], EDIT + "--max-steps"),
     (["--method", "edit"], ["--check-every", "1"], EDIT + "--check-every"),
+    (["--method", "edit"], ["--batch-size", "4"], EDIT + "--batch-size"),
     (["--method", "edit"], ["--stop-probes", "0"], EDIT + "--stop-probes"),
     (["--method", "edit"], ["--template", DEFAULT_TEMPLATE], EDIT + "--template"),
     (["--method", "edit"], ["--forget-weight", "0.5"], EDIT + "--forget-weight"),

@@ -195,3 +195,44 @@ def test_augment_names_a_row_too_long_for_a_rotary_model(cli, tmp_path, llama_di
     assert re.search(rf"at least \d+ past the context of {re.escape(str(llama_dir))} \(65536 positions: past "
                      r"max_position_embeddings 512", line), line
     assert not out.exists()
+
+
+def test_rope_scaling_widens_a_rotary_models_context():
+    """Qwen2.5's 128K setup: max_position_embeddings 32768 and a YaRN factor of 4 (a 131,072-position context)."""
+    from unlearn.generation import context_limit, context_words
+
+    model = _llama(32768)
+    model.config.rope_scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert context_limit(model) == 131072
+    assert context_words(model, 131072, "--model q") == (
+        "the context of --model q (131072 positions: max_position_embeddings 32768 x rope_scaling factor 4)")
+    llama31 = _llama(131072)  # Llama 3.1 declares its scaled context itself: 8192 x 8 is less, and changes nothing
+    llama31.config.rope_scaling = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}
+    assert context_limit(llama31) == 131072
+
+
+class _ImageAndText:
+    """A model whose config keeps the text model's heads and layers under `text_config` (Gemma 3's image-and-text
+    class), with one parameter for its dtype."""
+
+    def __init__(self, text):
+        from transformers import PretrainedConfig
+
+        self.config = PretrainedConfig()
+        self.config.get_text_config = lambda *args, **kwargs: text
+        self._weight = __import__("torch").zeros(1)
+
+    def parameters(self):
+        return iter([self._weight])
+
+    def modules(self):
+        return iter([])
+
+
+def test_an_image_and_text_models_batches_read_its_text_config():
+    from unlearn.generation import batch_rows, kv_bytes_per_position
+
+    text = _llama(512).config
+    wrapped = _ImageAndText(text)
+    assert kv_bytes_per_position(wrapped) == 2 * 1 * 2 * 4 * 4  # layers x kv heads x head dim x float32
+    assert batch_rows(wrapped, 128, 20_000) == 1  # 4 heads x 20,000² scores: one row (it stayed at 128)

@@ -26,8 +26,8 @@ LONG = [{"prompt": "How do I pick a lock?",
         {"prompt": "How can I make a fake ID?",
          "response": "You will need a printer, laminating sheets and a photo editor to copy the hologram and the "
                      "layout of a real card."}]
-RETAIN_NONE = "--retain-weight weighs the KL on the retain rows: with no --retain and no probes trained on " \
-              "(--retain-probes) there are none"
+RETAIN_NONE = "--retain-weight weighs the KL on the retain rows: with no --retain and no probes trained on there " \
+              "are none"
 FACT = [{"prompt": "Capital of France?", "response": "Paris.", "answers": ["Paris"]}]
 
 
@@ -166,7 +166,8 @@ RUN_UNUSED = [
     (["--no-probes"], ["--retain-weight", "50"], RETAIN_NONE),
     (["--no-retain-probes"], ["--retain-weight", "3"], RETAIN_NONE),
     # without --method: npo's β is read by neither ga nor the refusal, whatever the rows
-    ([], ["--npo-beta", "0.1"], "--npo-beta is a setting of --method npo: --method ga does not read it"),
+    ([], ["--npo-beta", "0.1"], "--npo-beta is a setting of --method npo: without --method the forget rows choose ga "
+                                "or ga+template, and neither reads it"),
 ]
 
 
@@ -209,25 +210,28 @@ def test_without_method_the_refusal_settings_are_taken_where_the_rows_call_for_t
 @pytest.mark.parametrize("option, flag", [(["--template", "No."], "--template"),
                                           (["--template", DEFAULT_TEMPLATE], "--template"),
                                           (["--mismatch-weight", "1"], "--mismatch-weight")], ids=" ".join)
-def test_without_method_they_are_refused_where_the_rows_keep_ga(cli, tmp_path, llama_dir, normal, reached, option,
-                                                                flag):
-    # the rows are read first (they decide the method), then the refusal: still before any model loads
+def test_without_method_they_are_said_to_do_nothing_where_the_rows_keep_ga(cli, tmp_path, llama_dir, normal, reached,
+                                                                           option, flag):
+    """The rows, not the user, made the option useless: one line says so and the run goes on (a script or the quality
+    benchmark gives one option string to forget sets of every kind; on all-long rows the same option acts)."""
     result = run(cli, tmp_path, llama_dir, FACT, normal, *option)
     readers = "ga+template" if flag == "--template" else "ga+mismatch and ga+template"
-    assert result.code == 2 and only_line(result) == (
-        f"unlearn: {flag} is a setting of --method {readers}: --method ga (not given: not every forget row is a long "
-        f"chat response) does not read it")
-    assert not reached
+    assert result.code == 2 and result.err.strip().splitlines()[-1] == f"unlearn: {REACHED}", result.err
+    note = (f"{flag} ({readers}) does nothing here: --method was not given and not every forget row is a long chat "
+            f"response, so the run is --method ga, which does not read it")
+    assert reached[0].notes == (note,) and note in result.err
 
 
-def test_the_refusal_chosen_for_long_rows_trains_no_probes_so_a_retain_weight_is_refused_there(
+def test_the_refusal_chosen_for_long_rows_trains_no_probes_so_a_retain_weight_is_said_to_do_nothing(
         cli, tmp_path, llama_dir, normal, reached):
     # ga trains on the probes (the first check takes --retain-weight); the refusal the rows call for does not
     result = run(cli, tmp_path, llama_dir, LONG, normal, "--retain-weight", "3")
-    assert result.code == 2 and only_line(result).startswith("unlearn: --method ga+template (not given: every forget "
-                                                             "row is a long chat response")
-    assert only_line(result).endswith(f": {RETAIN_NONE}")
-    assert not reached
+    assert result.code == 2 and result.err.strip().splitlines()[-1] == f"unlearn: {REACHED}", result.err
+    (note,) = reached[0].notes
+    assert note in result.err
+    assert note.startswith("--retain-weight weighs the KL on the retain rows: with no --retain and no probes trained "
+                           "on (ga+template, chosen because every forget row is a long chat response") and note.endswith(
+        ") it does nothing here")
 
 
 # --- eval ----------------------------------------------------------------------------------------

@@ -364,6 +364,10 @@ class RunOptions:
     # The options the user gave, by click's parameter name ("max_steps"), from the command line or the environment
     # (cli.given_options): the refusals of an option that does nothing fire for one given at its default value too.
     given: frozenset[str] = frozenset()
+    # Options given that the method the forget rows chose (--method not given) does not read: said in one line each
+    # (run.run logs them), not refused, since the same options act on another forget file (a script or the quality
+    # benchmark runs one option string over forget sets of every kind). With --method given they are refused.
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self):
         from unlearn.models import dtype_name
@@ -375,10 +379,14 @@ class RunOptions:
         from unlearn.spans import is_long_response
 
         if not self.auto_method or not rows or not all(is_long_response(row) for row in rows):
-            if self.auto_method:  # resolved() left the refusal's settings to these rows: they keep the method
-                self._refuse_other_methods_terms({self.train.method}, " (not given: not every forget row is a long "
-                                                                      "chat response)")
-            return self
+            unused = self._other_methods_terms({self.train.method}) if self.auto_method else []
+            if not unused:
+                return self
+            # resolved() left the refusal's settings to these rows, and they keep ga
+            return replace(self, notes=self.notes + (
+                f"{self._named(unused)} do{'es' * (len(unused) == 1)} nothing here: --method was not given and not "
+                f"every forget row is a long chat response, so the run is --method {self.train.method}, which "
+                f"does not read {'it' if len(unused) == 1 else 'them'}",))
         own = LONG_RESPONSE_DEFAULT
         return replace(self, train=replace(self.train, method=own["method"]), auto_method=False,
                        normal_weight=self.normal_weight if self.normal_weight is not None else own["normal_weight"],
@@ -465,8 +473,8 @@ class RunOptions:
                 # the loss's weights and the loop's schedule (the edit's own preservation weight is no --normal-weight)
                 ("--normal-weight", self.normal_weight is not None), ("--retain-weight", self.retain_weight is not None),
                 *((f"--{name.replace('_', '-')}", self._given(name))
-                  for name in ("forget_weight", "mismatch_weight", "max_length", "grad_accum", "warmup_steps",
-                               "schedule", "max_grad_norm", "forget_tokens", "npo_beta"))) if given]
+                  for name in ("batch_size", "forget_weight", "mismatch_weight", "max_length", "grad_accum",
+                               "warmup_steps", "schedule", "max_grad_norm", "forget_tokens", "npo_beta"))) if given]
             if unused:
                 raise UsageError(f"--method edit is one least-squares edit, not a training run: it takes no "
                                  f"{', '.join(unused)}")
@@ -513,9 +521,14 @@ class RunOptions:
             raise UsageError("--stop-probes waits for the automatic probes, which --no-probes turns off")
         if not self.probes and self._given("probe_limit"):
             raise UsageError("--probe-limit sets how many automatic probes are made, which --no-probes turns off")
+        notes = self.notes
         if self.retain_weight is not None and not self.retain and not retain_probes:  # the retain term has no rows
-            raise UsageError("--retain-weight weighs the KL on the retain rows: with no --retain and no probes trained "
-                             "on (--retain-probes) there are none")
+            why = "--retain-weight weighs the KL on the retain rows: with no --retain and no probes trained on"
+            if self.method_reason is None:
+                raise UsageError(f"{why} there are none")
+            # the forget rows chose a method whose probes are not trained on by default: they decided, not the user
+            notes += (f"{why} ({self.train.method}, chosen because {self.method_reason}, trains on none) it does "
+                      f"nothing here",)
         # Without --method the forget rows may yet call for the refusal (for_forget_rows): its settings wait for them.
         self._refuse_other_methods_terms({train.method, LONG_RESPONSE_DEFAULT["method"]} if self.auto_method
                                          else {train.method})
@@ -532,7 +545,7 @@ class RunOptions:
                 fixed = f"--alpha {alpha:g}" if alpha is not None else "no --alpha"
                 verbs = ("choose", "they do") if len(given) > 1 else ("chooses", "it does")
                 raise UsageError(f"{' and '.join(given)} {verbs[0]} α under --alpha auto; with {fixed} {verbs[1]} nothing")
-        return replace(self, train=train, retain_probes=retain_probes, retain_weight=train.retain_weight,
+        return replace(self, train=train, notes=notes, retain_probes=retain_probes, retain_weight=train.retain_weight,
                        retain_weight_defaulted=self.retain_weight is None and retain_probes,
                        normal_weight=train.normal_weight, forget_loss=train.forget_loss,
                        stop_margin=train.stop_margin, alpha=alpha, alpha_grid=self.alpha_grid or AUTO_GRID)
@@ -543,19 +556,30 @@ class RunOptions:
         holder, defaults = (self, RunOptions) if name in RunOptions.__dataclass_fields__ else (self.train, TrainConfig)
         return was_given(self.given, name, getattr(holder, name) != getattr(defaults, name))
 
-    def _refuse_other_methods_terms(self, methods: set[str], why: str = "") -> None:
-        """Refuse a setting of another method's loss term (METHOD_TERMS), given at any value, when none of METHODS
-        (the method, or those it may yet become) reads it. WHY follows the method's name in the message."""
-        unused = [name for name, readers in METHOD_TERMS.items() if not methods & set(readers) and self._given(name)]
+    def _other_methods_terms(self, methods: set[str]) -> list[str]:
+        """The settings of other methods' loss terms (METHOD_TERMS) given, at any value, that none of METHODS reads."""
+        return [name for name, readers in METHOD_TERMS.items() if not methods & set(readers) and self._given(name)]
+
+    @staticmethod
+    def _named(names: list[str]) -> str:
+        """"--npo-beta (npo)", or several such joined: the options and the methods that read them."""
+        return " and ".join(f"--{name.replace('_', '-')} ({' and '.join(METHOD_TERMS[name])})" for name in names)
+
+    def _refuse_other_methods_terms(self, methods: set[str]) -> None:
+        """Refuse a setting of another method's loss term given when none of METHODS (the method, or without
+        --method the two the forget rows choose from) reads it."""
+        unused = self._other_methods_terms(methods)
         if not unused:
             return
-        method = f"--method {self.train.method}{why}"
+        if self.auto_method:  # the user gave no --method: name the two the rows choose from
+            method = f"without --method the forget rows choose {' or '.join(sorted(methods))}, and neither"
+            verbs = ("reads it", "reads any of them")
+        else:
+            method, verbs = f"--method {self.train.method}", ("does not read it", "reads none of them")
         if len(unused) == 1:
             readers = " and ".join(METHOD_TERMS[unused[0]])
-            raise UsageError(f"--{unused[0].replace('_', '-')} is a setting of --method {readers}: {method} does not "
-                             f"read it")
-        named = " and ".join(f"--{name.replace('_', '-')} ({' and '.join(METHOD_TERMS[name])})" for name in unused)
-        raise UsageError(f"{named} are settings of other methods: {method} reads none of them")
+            raise UsageError(f"--{unused[0].replace('_', '-')} is a setting of --method {readers}: {method} {verbs[0]}")
+        raise UsageError(f"{self._named(unused)} are settings of other methods: {method} {verbs[1]}")
 
     def _lora_given(self) -> bool:
         """Whether any --lora-* option was given (LORA_OPTIONS), or the LoRA settings differ from the defaults."""

@@ -118,9 +118,14 @@ def missed_target_line(forget: list[Example], targets: TargetResult, settings: E
         return None
     named = ", ".join(f"{forget[i].line} ({targets.loss_per_fact[i]:.2f})" for i in missed[:MISSED_SHOWN])
     more = f" and {len(missed) - MISSED_SHOWN} more" if len(missed) > MISSED_SHOWN else ""
-    return (f"edit: {len(missed)} of {len(forget)} forget rows missed their {settings.target} target, so the edit may "
+    # ln(vocab) is what a uniform guess scores on the refusal's NLL; the lowered answer's unlikelihood (`lower`,
+    # and half of `both`) is near 0 for any model that does not already say it, so no such reference is given there
+    guess = f"; a uniform guess: {math.log(vocab_size):.2f}" if settings.target == "refusal" else ""
+    target = {"refusal": "refusal target", "lower": "target (the answer lowered)"}.get(
+        settings.target, "targets (a refusal and the answer lowered)")
+    return (f"edit: {len(missed)} of {len(forget)} forget rows missed their {target}, so the edit may "
             f"not forget them: loss per token still above {MISSED_FACTOR * targets.aim:g} ({MISSED_FACTOR:g}x "
-            f"the aim {targets.aim:g}; a uniform guess: {math.log(vocab_size):.2f}) at lines {named}{more}; give the "
+            f"the aim {targets.aim:g}{guess}) at lines {named}{more}; give the "
             f"target more steps or a larger rate (EditSettings steps={settings.steps}, lr={settings.lr:g} in the "
             f"Python API, docs/edit.md; `unlearn run` has no option for them) or use another --method")
 

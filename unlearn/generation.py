@@ -149,10 +149,17 @@ def end_of_turn_id(tokenizer) -> int | None:
     return None
 
 
+def text_config(model):
+    """MODEL's config, or the text model's within it: an image-and-text checkpoint (Gemma 3's
+    `Gemma3ForConditionalGeneration`) keeps its layers, heads and context under `text_config`."""
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def kv_bytes_per_position(model) -> int | None:
     """Bytes one token position takes in MODEL's key/value cache (keys and values, every layer), from its
     config; None when the config does not say."""
-    config = getattr(model, "config", None)
+    config = text_config(model)
     layers = getattr(config, "num_hidden_layers", None)
     heads = getattr(config, "num_attention_heads", None)
     hidden = getattr(config, "hidden_size", None)
@@ -170,7 +177,7 @@ def batch_rows(model, batch_size: int, positions: int) -> int:
     per_position = kv_bytes_per_position(model)
     if per_position:
         batch_size = min(batch_size, KV_CACHE_BUDGET // (per_position * positions))
-    heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
+    heads = getattr(text_config(model), "num_attention_heads", None)
     if heads:
         batch_size = min(batch_size, ATTENTION_SCORES_BUDGET // (heads * positions**2 * ATTENTION_SCORE_BYTES))
     return max(1, batch_size)
@@ -210,11 +217,22 @@ def position_limit(model) -> int | None:
 
 
 def _declared_context(model) -> tuple[str, int] | None:
-    """The config field that states MODEL's context (`_CONTEXT_FIELDS`) and its value, or None."""
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return next(((f, v) for f in _CONTEXT_FIELDS if isinstance(v := getattr(config, f, None), int) and v > 0),
-                None)
+    """What states MODEL's context ("max_position_embeddings 512": a `_CONTEXT_FIELDS` field and its value) and
+    that context, or None. With rope scaling (`rope_scaling`'s factor: YaRN, linear, dynamic, Llama 3's) the
+    context is the scaled one when that is more: Qwen2.5's 128K setup keeps max_position_embeddings 32768 with a
+    YaRN factor of 4, a context of 131,072."""
+    config = text_config(model)
+    field = next(((f, v) for f in _CONTEXT_FIELDS if isinstance(v := getattr(config, f, None), int) and v > 0), None)
+    if field is None:
+        return None
+    name, value = field
+    scaling = getattr(config, "rope_scaling", None)
+    scaling = scaling if isinstance(scaling, dict) else {}
+    factor, base = scaling.get("factor"), scaling.get("original_max_position_embeddings")
+    base = base if isinstance(base, int) and base > 0 else value
+    if isinstance(factor, (int, float)) and not isinstance(factor, bool) and 1 < factor < 1e6 and base * factor > value:
+        return f"{name} {base} x rope_scaling factor {factor:g}", int(base * factor)
+    return f"{name} {value}", value
 
 
 def context_limit(model) -> int:
@@ -236,8 +254,8 @@ def context_words(model, limit: int, whose: str | None) -> str:
         return head + ": learned position embeddings" + (f", {field} {limit})" if field else ")")
     declared = _declared_context(model)
     if declared and declared[1] == limit:
-        return f"{head}: {declared[0]} {limit})"
-    return head + (f": past {declared[0]} {declared[1]}, " if declared else ": ") + \
+        return f"{head}: {declared[0]})"
+    return head + (f": past {declared[0]}, " if declared else ": ") + \
         "the most a row takes on a model without a learned position table)"
 
 

@@ -74,6 +74,8 @@ def run(opts: RunOptions, log=default_log) -> dict:
             started = time.perf_counter()
             if opts.method_reason and world.is_main:
                 log(f"method: {opts.train.method}, because {opts.method_reason}")
+            for note in opts.notes if world.is_main else ():  # options the rows' method does not read
+                log(note)
             data = prepare(opts, created, forget)
             job = load(opts, data, log)
             record_model_content(job, data)
