@@ -188,7 +188,7 @@ def test_edit_refuses_torchrun_with_one_line(tmp_path, llama_dir):
     forget, normal = write_jsonl(tmp_path / "forget.jsonl", FORGET), write_jsonl(tmp_path / "normal.jsonl", NORMAL)
     out = tmp_path / "out"
     result = launch(torchrun_script("-m", "unlearn", "run", forget, normal, "--model", llama_dir, "--method", "edit",
-                                    "--batch-size", "2", "--max-new-tokens", "2", "--eval-limit", "2", "-o", out),
+                                    "--max-new-tokens", "2", "--eval-limit", "2", "-o", out),
                     _env(tmp_path))
     said = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.startswith("unlearn:")]
     assert result.returncode != 0

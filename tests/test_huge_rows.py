@@ -205,7 +205,11 @@ def test_rope_scaling_widens_a_rotary_models_context():
     model.config.rope_scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
     assert context_limit(model) == 131072
     assert context_words(model, 131072, "--model q") == (
-        "the context of --model q (131072 positions: max_position_embeddings 32768 x rope_scaling factor 4)")
+        "the context of --model q (131072 positions: original_max_position_embeddings 32768 x rope_scaling factor 4)")
+    for odd in ({"factor": 4.0}, {"factor": True, "original_max_position_embeddings": 32768},  # no size it scales
+                {"factor": 1e5, "original_max_position_embeddings": 32768}, {"factor": "4"}, {"factor": 0.5}, None):
+        model.config.rope_scaling = odd
+        assert context_limit(model) == 65536  # the declared 32768, under ATTENDED_POSITIONS
     llama31 = _llama(131072)  # Llama 3.1 declares its scaled context itself: 8192 x 8 is less, and changes nothing
     llama31.config.rope_scaling = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}
     assert context_limit(llama31) == 131072

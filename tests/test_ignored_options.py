@@ -229,9 +229,8 @@ def test_the_refusal_chosen_for_long_rows_trains_no_probes_so_a_retain_weight_is
     assert result.code == 2 and result.err.strip().splitlines()[-1] == f"unlearn: {REACHED}", result.err
     (note,) = reached[0].notes
     assert note in result.err
-    assert note.startswith("--retain-weight weighs the KL on the retain rows: with no --retain and no probes trained "
-                           "on (ga+template, chosen because every forget row is a long chat response") and note.endswith(
-        ") it does nothing here")
+    assert note == ("--retain-weight does nothing here: --method ga+template, which the forget rows chose, trains on no "
+                    "retain rows (no --retain, and it does not train on the probes)")
 
 
 # --- eval ----------------------------------------------------------------------------------------

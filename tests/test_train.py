@@ -550,6 +550,22 @@ def test_pieces_cut_rows_in_order_within_the_budget(llama_dir):
     assert [[len(r["input_ids"]) for r in p] for p in u._pieces(rows)] == [[10, 12], [30], [5, 5, 5]]
 
 
+def test_pieces_read_an_image_and_text_models_text_config(llama_dir):
+    """Gemma 3's image-and-text class keeps its layers and width under `text_config`: read at the top, it gave no
+    estimate and one forward for the whole group."""
+    from types import SimpleNamespace
+
+    from transformers import PretrainedConfig
+
+    u = unlearner(llama_dir)
+    text, outer = u.model.config, PretrainedConfig()
+    outer.get_text_config = lambda *args, **kwargs: text
+    u.model = SimpleNamespace(config=outer)
+    u.piece_values = 24 * text.hidden_size * text.num_hidden_layers
+    rows = [{"input_ids": [0] * n} for n in (10, 12, 30)]
+    assert [[len(r["input_ids"]) for r in p] for p in u._pieces(rows)] == [[10, 12], [30]]
+
+
 def test_kept_reference_logits_train_as_recomputed_ones(llama_dir):
     """The original's logits on the 4 normal rows, computed once, give the update that running it on
     each step's 2 rows gives (6 steps: 4 row forwards instead of 12)."""

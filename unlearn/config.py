@@ -527,8 +527,8 @@ class RunOptions:
             if self.method_reason is None:
                 raise UsageError(f"{why} there are none")
             # the forget rows chose a method whose probes are not trained on by default: they decided, not the user
-            notes += (f"{why} ({self.train.method}, chosen because {self.method_reason}, trains on none) it does "
-                      f"nothing here",)
+            notes += (f"--retain-weight does nothing here: --method {self.train.method}, which the forget rows chose, "
+                      f"trains on no retain rows (no --retain, and it does not train on the probes)",)
         # Without --method the forget rows may yet call for the refusal (for_forget_rows): its settings wait for them.
         self._refuse_other_methods_terms({train.method, LONG_RESPONSE_DEFAULT["method"]} if self.auto_method
                                          else {train.method})

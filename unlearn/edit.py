@@ -108,8 +108,9 @@ class EditResult:
 def missed_target_line(forget: list[Example], targets: TargetResult, settings: EditSettings,
                        vocab_size: int) -> str | None:
     """One line naming the rows whose target optimisation ended far from its aim (`edit_target.MISSED_FACTOR`),
-    and what can be done; None when every row got there (or no optimisation ran). A uniform guess's loss,
-    ln(vocab), is shown beside it: a row near it is one the model barely moved toward (tiny random models).
+    and what can be done; None when every row got there (or no optimisation ran). For the refusal target a
+    uniform guess's loss, ln(vocab), is shown beside it: a row near it is one the model barely moved toward
+    (tiny random models).
 
     Why: the edit writes whatever shift the optimisation reached, and a row whose refusal stayed unlikely may
     keep its answer; the run said nothing of it (on a tiny random model nothing was forgotten, silently)."""

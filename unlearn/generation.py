@@ -202,6 +202,7 @@ _CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx")
 # row is refused as one past a table is. One 65,536-token row's prefill took 68 s on the tests' 2-layer,
 # 32-wide Llama (16,384: 4.6 s), at 0.5 GB; a real model's is hours.
 ATTENDED_POSITIONS = 65536
+MAX_ROPE_FACTOR = 128  # `_declared_context`
 
 
 def position_limit(model) -> int | None:
@@ -218,9 +219,11 @@ def position_limit(model) -> int | None:
 
 def _declared_context(model) -> tuple[str, int] | None:
     """What states MODEL's context ("max_position_embeddings 512": a `_CONTEXT_FIELDS` field and its value) and
-    that context, or None. With rope scaling (`rope_scaling`'s factor: YaRN, linear, dynamic, Llama 3's) the
-    context is the scaled one when that is more: Qwen2.5's 128K setup keeps max_position_embeddings 32768 with a
-    YaRN factor of 4, a context of 131,072."""
+    that context, or None. With rope scaling that names the size it scales (`rope_scaling`'s factor and
+    original_max_position_embeddings: YaRN, Llama 3's) the context is the scaled one when that is more: Qwen2.5's
+    128K setup keeps max_position_embeddings 32768 with a YaRN factor of 4 over 32768, a context of 131,072. A
+    factor without that size is not applied (the declared size may be the scaled one already), nor one past
+    MAX_ROPE_FACTOR (the largest in published configs is 32-64: past it, a typo, not a context)."""
     config = text_config(model)
     field = next(((f, v) for f in _CONTEXT_FIELDS if isinstance(v := getattr(config, f, None), int) and v > 0), None)
     if field is None:
@@ -229,9 +232,9 @@ def _declared_context(model) -> tuple[str, int] | None:
     scaling = getattr(config, "rope_scaling", None)
     scaling = scaling if isinstance(scaling, dict) else {}
     factor, base = scaling.get("factor"), scaling.get("original_max_position_embeddings")
-    base = base if isinstance(base, int) and base > 0 else value
-    if isinstance(factor, (int, float)) and not isinstance(factor, bool) and 1 < factor < 1e6 and base * factor > value:
-        return f"{name} {base} x rope_scaling factor {factor:g}", int(base * factor)
+    if (isinstance(factor, (int, float)) and not isinstance(factor, bool) and 1 < factor <= MAX_ROPE_FACTOR
+            and isinstance(base, int) and not isinstance(base, bool) and base > 0 and base * factor > value):
+        return f"original_max_position_embeddings {base} x rope_scaling factor {factor:g}", int(base * factor)
     return f"{name} {value}", value
 
 

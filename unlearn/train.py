@@ -46,7 +46,7 @@ from unlearn.attention import training_attention
 from unlearn.config import TrainConfig
 from unlearn.data import EncodedRows, collate, encode_pair, loss_pair
 from unlearn.errors import UnlearnError, UsageError
-from unlearn.generation import NonFiniteLogits
+from unlearn.generation import NonFiniteLogits, text_config
 from unlearn.lora import adapters_disabled, lora_modules
 from unlearn.reference_cache import ReferenceLogits
 from unlearn.spans import row_answers
@@ -768,7 +768,7 @@ class Unlearner:
 
     def _pieces(self, rows: list[dict]) -> list[list[dict]]:
         """ROWS cut, in order, into runs whose padded forward stays within `piece_values` (one row at least)."""
-        config = getattr(self.model, "config", None)
+        config = text_config(self.model)  # an image-and-text model's layers are its text model's
         per_token = getattr(config, "hidden_size", 0) * getattr(config, "num_hidden_layers", 0)
         if not per_token:  # an unknown shape: no estimate, one forward for the group
             return [rows]
