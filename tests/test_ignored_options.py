@@ -248,3 +248,18 @@ def test_eval_refuses_force_without_a_file_to_replace(cli, tmp_path, llama_dir):
                  "--no-cache")
     assert result.code == 0, result.err
     assert report.read_text() != "old"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--force"], "--force replaces a non-empty -o directory: without -o the run writes a new runs/<date-time>"),
+    (["-o", "OUT", "--resume", "--force"], "--force starts afresh in OUTPUT and --resume continues its checkpointed "
+                                           "run: give one"),
+])
+def test_run_refuses_force_where_there_is_nothing_to_replace(cli, tmp_path, llama_dir, normal, reached, args, message):
+    """Without -o the run reserves a fresh runs/<date-time>; with --resume the checkpointed run goes on either way
+    (the interrupt hint even echoed --force into its "to continue" command)."""
+    forget = write_rows(tmp_path / "forget.jsonl", FACT)
+    args = [str(tmp_path / "o") if a == "OUT" else a for a in args]
+    result = cli("run", forget, normal, "--model", llama_dir, *args)
+    assert result.code == 2 and only_line(result) == f"unlearn: {message}", result.err
+    assert not reached and not (tmp_path / "o").exists() and not (tmp_path / "runs").exists()

@@ -491,6 +491,11 @@ class RunOptions:
             # not the shards FSDP puts in their place); until that is built, a clear refusal before loading.
             raise UsageError("--full with --fsdp is not supported: fine-tune every weight under DDP (no --fsdp), "
                              "or shard a LoRA run with --fsdp")
+        if self.force and self.resume:  # the checkpoint's run goes on either way: --force changed nothing
+            raise UsageError("--force starts afresh in OUTPUT and --resume continues its checkpointed run: give one")
+        if self.force and self.output is None:  # the run reserves a new runs/<date-time>: nothing to replace
+            raise UsageError("--force replaces a non-empty -o directory: without -o the run writes a new "
+                             "runs/<date-time>")
         if self.augmented is not None and not ulmr:
             raise UsageError("--augmented is ULMR's training data: use it with --method ulmr")
         if self._given("rewrites") and (not ulmr or self.augmented is not None):
