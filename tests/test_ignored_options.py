@@ -260,6 +260,6 @@ def test_run_refuses_force_where_there_is_nothing_to_replace(cli, tmp_path, llam
     (the interrupt hint even echoed --force into its "to continue" command)."""
     forget = write_rows(tmp_path / "forget.jsonl", FACT)
     args = [str(tmp_path / "o") if a == "OUT" else a for a in args]
-    result = cli("run", forget, normal, "--model", llama_dir, *args)
+    result = cli("run", forget, normal, "--model", llama_dir, *args, cwd=tmp_path)  # runs/ would be made here
     assert result.code == 2 and only_line(result) == f"unlearn: {message}", result.err
     assert not reached and not (tmp_path / "o").exists() and not (tmp_path / "runs").exists()

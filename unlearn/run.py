@@ -1239,8 +1239,8 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "base_model": str(Path(job.loaded.path).resolve()),
         "model_name": job.loaded.name,
         "method": opts.train.method,
-        "method_reason": opts.method_reason,
-        "notes": list(opts.notes),  # options given that the rows' method does not read (RunOptions.notes)  # None: --method given, or ga for a forget set of another kind
+        "method_reason": opts.method_reason,  # None: --method given, or ga for a forget set of another kind
+        "notes": list(opts.notes),  # options given that the rows' method does not read (RunOptions.notes)
         # how every prompt was rendered (the chat template, or data.FALLBACK_PROMPT without one)
         "prompt_format": render_prompt(job.tokenizer, "{prompt}"),
         "full": opts.full,
