@@ -277,6 +277,10 @@ def given_options() -> frozenset[str]:
               help="Also train on the probes: each probe whose original answer holds no forget answer joins the "
                    "retain rows with that answer as its response (their report lines are then `trained`) "
                    "[default: on for ga and rmu, off for the other methods].")
+@click.option("--no-anchors", is_flag=True,
+              help="With the probes trained on, leave out the general-knowledge anchors: questions whose original "
+                   "answers the retain KL holds for the forget rows that get no neighbour probe (rows naming no one, "
+                   "passages; unlearn/anchors.py).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def run_command(**o):
     """Unlearn the FORGET.jsonl answers while keeping NORMAL.jsonl behaviour; report before and after."""
@@ -321,6 +325,7 @@ def run_command(**o):
         max_leak=o["max_leak"],
         normal_holdout=o["normal_holdout"], no_cache=o["no_cache"], retain=tuple(Path(p) for p in o["retain"]),
         probes=not o["no_probes"], probe_limit=o["probe_limit"], retain_probes=o["retain_probes"],
+        anchors=not o["no_anchors"],
         retain_weight=o["retain_weight"], normal_weight=o["normal_weight"], auto_method=o["method"] is None,
         given=given_options())
     record = run(opts, log=log)

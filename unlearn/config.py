@@ -329,6 +329,9 @@ class RunOptions:
     probes: bool = True  # the automatic neighbour / same-subject probes (probes.py) in the report
     probe_limit: int = 12  # probes of each kind at most (each costs a generation before and after)
     retain_probes: bool | None = None  # train on the probes too (None: on for RETAIN_PROBES_METHODS)
+    # with the probes, the general-knowledge anchors (anchors.py) for the forget rows no neighbour probe stands for;
+    # --no-anchors: off (resolved: on only where the probes are trained on)
+    anchors: bool = True
     retain_weight: float | None = None  # None: RETAIN_WEIGHT_WITH_PROBES when training on probes, else RETAIN_WEIGHT
     # resolved: the weight above is the default for a run that trains on probes (run.make_probes falls back to
     # RETAIN_WEIGHT when no probe joins the retain rows after all)
@@ -527,6 +530,14 @@ class RunOptions:
         if not self.probes and self._given("probe_limit"):
             raise UsageError("--probe-limit sets how many automatic probes are made, which --no-probes turns off")
         notes = self.notes
+        if self._given("anchors") and not retain_probes:  # anchors are made only beside probes that are trained on
+            why = "--no-anchors turns off the anchors that join the probes trained on"
+            if self.method_reason is None:
+                off = ("--no-probes" if not self.probes else "--no-retain-probes" if self.retain_probes is False
+                       else f"--method {self.train.method}")
+                raise UsageError(f"{why}, and this run trains on no probes ({off}): drop --no-anchors")
+            notes += (f"--no-anchors does nothing here: --method {self.train.method}, which the forget rows chose, "
+                      f"trains on no probes",)
         if self.retain_weight is not None and not self.retain and not retain_probes:  # the retain term has no rows
             why = "--retain-weight weighs the KL on the retain rows: with no --retain and no probes trained on"
             if self.method_reason is None:
@@ -550,7 +561,8 @@ class RunOptions:
                 fixed = f"--alpha {alpha:g}" if alpha is not None else "no --alpha"
                 verbs = ("choose", "they do") if len(given) > 1 else ("chooses", "it does")
                 raise UsageError(f"{' and '.join(given)} {verbs[0]} α under --alpha auto; with {fixed} {verbs[1]} nothing")
-        return replace(self, train=train, notes=notes, retain_probes=retain_probes, retain_weight=train.retain_weight,
+        return replace(self, train=train, notes=notes, retain_probes=retain_probes,
+                       anchors=self.anchors and retain_probes, retain_weight=train.retain_weight,
                        retain_weight_defaulted=self.retain_weight is None and retain_probes,
                        normal_weight=train.normal_weight, forget_loss=train.forget_loss,
                        stop_margin=train.stop_margin, alpha=alpha, alpha_grid=self.alpha_grid or AUTO_GRID)

@@ -74,7 +74,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from unlearn import metrics
+from unlearn import anchors, metrics
 from unlearn.data import Example, prompt_key
 from unlearn.edit_subject import FUNCTION_WORDS, JOINERS, heuristic_subject, words
 from unlearn.evaluate import leak_flags
@@ -83,6 +83,7 @@ from unlearn.topic_probes import head_words, topic_questions
 
 NEIGHBOURS = "neighbours"
 SAME_SUBJECT = "same subject"
+ANCHORS = "anchors"  # general-knowledge questions (anchors.py): trained on, never measured
 PER_ROW = 2  # probes of each kind per forget row
 DEFAULT_LIMIT = 12  # probes of each kind per run: two sets of 12 add about a minute on 2 cores (README)
 POOL = 10  # nearest whole-word candidates per subject, before the plausibility test
@@ -126,16 +127,17 @@ def rules_fingerprint() -> str:
     from unlearn import edit_subject, spans, topic_probes
 
     digest = hashlib.sha256()
-    for module in (__file__, edit_subject.__file__, spans.__file__, metrics.__file__, topic_probes.__file__):
+    for module in (__file__, edit_subject.__file__, spans.__file__, metrics.__file__, topic_probes.__file__,
+                   anchors.__file__):
         digest.update(Path(module).read_bytes())
     return digest.hexdigest()
 
 
 @dataclass
 class Probe:
-    kind: str  # NEIGHBOURS or SAME_SUBJECT
+    kind: str  # NEIGHBOURS, SAME_SUBJECT or ANCHORS
     prompt: str
-    line: int  # the forget row it was made from
+    line: int  # the forget row it was made from (0 for an anchor: made from none)
     subject: str
     replacement: str | None = None  # neighbours: the entity put in place of the subject
     topic: bool = False  # same subject: a question about a harmful request's topic (SUBJECT is the phrase)
@@ -387,8 +389,9 @@ def token_batches(lengths: list[int]) -> list[list[int]]:
     return batches
 
 
-def build(model, tokenizer, forget: list, limit: int = DEFAULT_LIMIT) -> list[Probe]:
-    """The probe prompts (not yet answered): at most PER_ROW of each kind per forget row, LIMIT of each kind.
+def build(model, tokenizer, forget: list, limit: int = DEFAULT_LIMIT, with_anchors: bool = False) -> list[Probe]:
+    """The probe prompts (not yet answered): at most PER_ROW of each kind per forget row, LIMIT of each kind;
+    WITH_ANCHORS (a run that trains on its probes), then the general-knowledge anchors (anchors.questions).
 
     Rows take turns (the first probe of every row, then the second...), so a small LIMIT
     still spreads over the forget rows; rows about one subject start at different places in
@@ -453,7 +456,8 @@ def build(model, tokenizer, forget: list, limit: int = DEFAULT_LIMIT) -> list[Pr
             if len(same) < limit and turn < len(questions):
                 phrase, question = questions[turn]
                 add(Probe(SAME_SUBJECT, question, ex.line, phrase, topic=True), same)
-    return neighbours + same
+    held = [Probe(ANCHORS, q, 0, "") for q in anchors.questions(forget, subjects)] if with_anchors else []
+    return neighbours + same + held
 
 
 def first_clause(text: str) -> str:
@@ -536,13 +540,35 @@ def forget_held(probe: Probe, output: str, forget_answers: list[list[str]], unan
     return None
 
 
+def _forget_judges(forget: list) -> tuple[list[list[str]], list]:
+    """What `forget_held` judges an answer against: the answers of the FORGET rows that have some (given or
+    derived), and the rows without, which the forget set judges by ROUGE-L/BLEU (leak_flags gives a row
+    without a response None: no leak)."""
+    derived = [row_answers(ex)[0] for ex in forget]
+    return [a for a in derived if a], [ex for ex, a in zip(forget, derived) if not a and ex.response is not None]
+
+
+def anchor_records(made: list[Probe], outputs: list[str], forget: list) -> list[dict]:
+    """Each anchor's record for probes.jsonl: its question and the original's answer, which the retain KL
+    holds, or why it is dropped (HOLDS_FORGET: `forget_held`, as for a probe). Anchors have no answer words:
+    they are never measured."""
+    forget_answers, unanswered = _forget_judges(forget)
+    records = []
+    for probe, output in zip(made, outputs):
+        record = {"set": ANCHORS, "prompt": probe.prompt, "reference": output}
+        held = forget_held(probe, output, forget_answers, unanswered)
+        if held:
+            record["dropped"] = f"{HOLDS_FORGET}: {held}"
+        elif not output.strip():
+            record["dropped"] = "the original answer is empty: nothing to hold"
+        records.append(record)
+    return records
+
+
 def keep_answered(probes: list[Probe], outputs: list[str], forget: list) -> tuple[list[Example], list[dict]]:
     """The probes the original model's OUTPUTS make checkable, as retain rows with `answers`; and every
     probe's record (for probes.jsonl), kept or not and why (HOLDS_FORGET: `forget_held`)."""
-    derived = [row_answers(ex)[0] for ex in forget]
-    forget_answers = [a for a in derived if a]
-    # the rows the forget set judges by ROUGE-L/BLEU (leak_flags gives a row without a response None: no leak)
-    unanswered = [ex for ex, a in zip(forget, derived) if not a and ex.response is not None]
+    forget_answers, unanswered = _forget_judges(forget)
     kept, records = [], []
     for probe, output in zip(probes, outputs):
         connectors_only = False

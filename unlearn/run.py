@@ -319,6 +319,7 @@ def _run_args(opts: RunOptions) -> dict:
         "save_every": opts.save_every, "normal_holdout": opts.normal_holdout,
         # --retain-probes trains on the probes, so how many there may be changes the training rows.
         "retain_probes": opts.probe_limit if opts.retain_probes else None,
+        "anchors": opts.anchors,
         # ULMR's rewrites made in the run are sampled batch by batch: another batch size draws other rows,
         # and a resumed run makes them again; and the stop rule's checks answer in batches of it, whose
         # padding can move a greedy answer, so another size could reach another verdict.
@@ -730,7 +731,8 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
 
     def build():
         with adapters_disabled(job.model):
-            made = probes.build(original, job.tokenizer, data.forget, opts.probe_limit)
+            made = probes.build(original, job.tokenizer, data.forget, opts.probe_limit,
+                                with_anchors=opts.anchors)
             asked = EvalSet("probes", "retain", [p.example(i) for i, p in enumerate(made, start=1)])
             if not made:
                 return made, []
@@ -748,8 +750,9 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
     key = None if job.before.fingerprint is None else measure_cache.key(
         weights=job.before.fingerprint, what="probes", rules=probes.rules_fingerprint(), forget=data.forget,
         rendering=render_prompt(job.tokenizer, "?"),  # a template's date or time (Measurer._cache_key)
-        limit=opts.probe_limit, generation=[settings.max_new_tokens, settings.batch_size, settings.do_sample,
-                                            settings.temperature, settings.top_p, settings.seed])
+        limit=opts.probe_limit, anchors=opts.anchors,
+        generation=[settings.max_new_tokens, settings.batch_size, settings.do_sample, settings.temperature,
+                    settings.top_p, settings.seed])
     hit = distributed.on_main(lambda: _cached_probes(key)) if key is not None else None  # every rank: the same
     if hit is not None:
         made, outputs = hit
@@ -795,6 +798,16 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
         topics = sum(1 for e in kept if e.extra.get("refusal_markers"))  # (probes.keep_answered gives only those)
         if topics:
             topic_set, topic_probes = s.name, topics
+    # The general-knowledge anchors (anchors.py; made only when the run trains on its probes): trained, never
+    # measured, so they join the retain rows and probes.jsonl and no set.
+    mine = [i for i, p in enumerate(made) if p.kind == probes.ANCHORS]
+    anchor_records = probes.anchor_records([made[i] for i in mine], [outputs[i] for i in mine], data.forget)
+    for r in anchor_records:
+        r["trained"] = "dropped" not in r and prompt_key(r["prompt"]) not in forgotten
+    anchored = [Example(r["prompt"], r["reference"], len(trained) + n, {"probe": probes.ANCHORS})
+                for n, r in enumerate((r for r in anchor_records if r["trained"]), start=1)]
+    trained += anchored
+    records += anchor_records
     if opts.retain_probes and not trained and data.retain and opts.retain_weight_defaulted:
         # the default weight of the retain KL was the one for a run that trains on probes; with none trained,
         # the user's rows get the weight a run without probes gives them
@@ -809,11 +822,14 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
     seconds = time.perf_counter() - t - job.pooled_before_seconds
     log("probes: " + ", ".join(f"{k} {c['kept']}/{c['made']}" for k, c in counts.items())
         + f" kept for measurement ({seconds:.0f} s{', read back from the cache' if job.probes_reused else ''})"
-        + (f"; {len(trained)} join the retain rows" if trained else ""))
+        + (f"; {len(trained)} join the retain rows" if trained else "")
+        + (f", {len(anchored)} of them general-knowledge anchors for the forget rows no neighbour probe stands "
+           f"for (anchors.py)" if anchored else ""))
     job.probe_seconds += seconds
     data.probes = {"rows": records, "sets": counts, "before_seconds": seconds,
                    "retained": len(trained) if opts.retain_probes else None, "edit_preserves": edit_keeps,
-                   "topic_set": topic_set, "topic_probes": topic_probes}
+                   "topic_set": topic_set, "topic_probes": topic_probes,
+                   "anchors": {"made": len(mine), "trained": len(anchored)} if mine else None}
     return measured
 
 
@@ -1300,7 +1316,9 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
                     "max_per_set": opts.probe_limit, "answer_tokens": probes_answer_tokens(),
                     "retained": data.probes["retained"], "edit_preserves": data.probes["edit_preserves"],
                     # measured topic probes (a harmful request's: kept only without a refusal, probes.keep_answered)
-                    "topic_probes": data.probes["topic_probes"]}
+                    "topic_probes": data.probes["topic_probes"],
+                    # general-knowledge anchors (anchors.py): made, and trained on (the retain KL; never measured)
+                    "anchors": data.probes["anchors"]}
                    if data.probes is not None else None),
         "before": {name: m.summary for name, m in before.sets.items()},
         "after": {name: m.summary for name, m in after.sets.items()},

@@ -112,8 +112,14 @@ def _probe_lines(record: dict) -> list[str]:
     if probes.get("edit_preserves") and probes.get("retained") is None:
         role = f"{probes['edit_preserves']} trained: the edit preserved their prompts; the others held out"
     topics = ", and no refusal (a harmful request's topic probes)" if probes.get("topic_probes") else ""
-    return [f"probes ({role}, built from the forget prompts; accuracy = share whose original answer words "
-            f"still appear{topics}): {counts}; {probes['file'] or 'probes.jsonl'}"]
+    lines = [f"probes ({role}, built from the forget prompts; accuracy = share whose original answer words "
+             f"still appear{topics}): {counts}; {probes['file'] or 'probes.jsonl'}"]
+    anchors = probes.get("anchors")
+    if anchors:
+        lines.append(f"anchors (trained on, never measured: general-knowledge questions whose original answers the "
+                     f"retain KL holds, for the forget rows no neighbour probe stands for): {anchors['trained']} of "
+                     f"{anchors['made']} made; {probes['file'] or 'probes.jsonl'}")
+    return lines
 
 
 def _ulmr_lines(record: dict) -> list[str]:

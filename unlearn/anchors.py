@@ -1,0 +1,94 @@
+"""General-knowledge anchors: questions whose original answers a run holds in place where probes cannot.
+
+A run that trains on its probes (`--retain-probes`, `ga`'s and `rmu`'s default) holds the original's
+answers to neighbour prompts ("What is the capital of Spain?" beside "... of France?") with the retain
+KL, so that forgetting one fact does not take the kind of fact along. A forget row gets a neighbour probe
+only when it names a subject (probes.probe_subject) and is not a passage. Rows that name no one ("What is
+the largest land animal?", "Who invented the telephone?") and passages got nothing of the kind, and the
+ascent spread: on the dev scenario `nature` the default kept 0.54-0.62 of the shared unrelated facts
+("The largest mammal in the world is currently unknown.").
+
+For each such row the run adds PER_ROW of the questions below, in their order, at most all of them.
+They are answered by the original model itself in the probes' generation (greedy, probes.ANSWER_TOKENS),
+so what is held is the model's own behaviour, right or wrong, never a fact from outside; an answer that
+holds a forget answer (probes.forget_held) is dropped, as a probe's is. They join the retain rows and
+are never measured: they are training rows, not evidence.
+
+The questions: general knowledge of many kinds (places, history, art, science, food, language, numbers),
+short, in English. Each is written with the answer it asks for, which no code reads: the test
+(tests/test_anchors.py) checks with it that no anchor shares an answer or a question's wording with a
+row of the quality benchmark (bench/scenarios/, every scenario and candidate file) or examples/, so that
+the benchmark's figures never measure a row the run trained on. Candidates that did were left out.
+The order is a fixed shuffle (random.Random(0)), so that any first N spread over the kinds.
+Chosen on the dev split: docs/quality.md, "General-knowledge anchors".
+"""
+
+from __future__ import annotations
+
+from unlearn.data import prompt_key
+from unlearn.spans import is_long_response
+
+PER_ROW = 4  # anchors per forget row that can get no neighbour probe
+
+# (question, the answer it asks for: read by the disjointness test only)
+ANCHORS = (
+    ("Which instrument measures air pressure?", "barometer"),
+    ("Which empire was ruled by Genghis Khan?", "Mongol"),
+    ("What is a word that means the same as another word called?", "synonym"),
+    ("What is the capital of Hungary?", "Budapest"),
+    ("What is the plural of mouse?", "mice"),
+    ("Which spice gives curry its yellow colour?", "turmeric"),
+    ("Which city was buried by the eruption of Mount Vesuvius in 79 AD?", "Pompeii"),
+    ("Which planet is famous for its rings?", "Saturn"),
+    ("Which fruit is used to make wine?", "grapes"),
+    ("How many degrees are in a right angle?", "90"),
+    ("Which ancient civilisation built the pyramids of Teotihuacan?", "Aztec"),
+    ("In which country is the city of Marrakesh?", "Morocco"),
+    ("Which mountain range runs along the western side of South America?", "Andes"),
+    ("What is the capital of Finland?", "Helsinki"),
+    ("Which bird is known for mimicking human speech?", "parrot"),
+    ("Which Dutch artist painted The Night Watch?", "Rembrandt"),
+    ("Which ancient people built Machu Picchu?", "Inca"),
+    ("Which fruit is dried to make raisins?", "grapes"),
+    ("What is the tallest species of grass?", "bamboo"),
+    ("Who discovered radium with her husband Pierre?", "Marie Curie"),
+    ("What is the largest species of shark?", "whale shark"),
+    ("Which chess piece can only move diagonally?", "bishop"),
+    ("Which vitamin do we get from sunlight?", "D"),
+    ("How often are the Summer Olympic Games held?", "four years"),
+    ("What do you call molten rock that comes out of a volcano?", "lava"),
+    ("Which dance originated in Argentina?", "tango"),
+    ("What is the name of the galaxy we live in?", "Milky Way"),
+    ("What is the capital of Vietnam?", "Hanoi"),
+    ("What do bees collect from flowers?", "nectar"),
+    ("What is the capital of Chile?", "Santiago"),
+    ("At how many degrees Fahrenheit does water freeze?", "32"),
+    ("Which organ pumps blood around the body?", "heart"),
+    ("Who was the queen of ancient Egypt who allied with Mark Antony?", "Cleopatra"),
+    ("What is 7 times 8?", "56"),
+    ("Which insect makes honey?", "bee"),
+    ("What is tofu made from?", "soybeans"),
+    ("How many minutes are in an hour?", "60"),
+    ("Which currency is used in Switzerland?", "franc"),
+    ("Which mountain is the highest in Africa?", "Kilimanjaro"),
+    ("In which sport do players try to score a touchdown?", "American football"),
+    ("What is the capital of Turkey?", "Ankara"),
+    ("What does CPU stand for?", "central processing unit"),
+    ("How many days are in a leap year?", "366"),
+)
+
+
+def without_neighbours(example, subject: str | None) -> bool:
+    """Whether a forget row can get no neighbour probe (probes.build): a passage, or a chat row that names no
+    SUBJECT. A long chat response is not counted: it gets topic probes, and the refusal it gets by default
+    trains on no probes (config.LONG_RESPONSE_DEFAULT); anchors were not measured there."""
+    return example.is_passage or (subject is None and not is_long_response(example))
+
+
+def questions(forget: list, subjects: list) -> list[str]:
+    """The anchor questions a run with FORGET rows (SUBJECTS: probes.probe_subject of each) adds: PER_ROW for
+    each row `without_neighbours`, the first ones in ANCHORS' order, at most all; none that asks a forget
+    prompt (it would be trained both ways)."""
+    wanted = PER_ROW * sum(without_neighbours(ex, s) for ex, s in zip(forget, subjects))
+    asked = {prompt_key(ex.prompt) for ex in forget if ex.prompt is not None}
+    return [q for q, _ in ANCHORS if prompt_key(q) not in asked][:wanted]
