@@ -47,6 +47,27 @@ def test_an_anchor_that_asks_a_forget_prompt_is_skipped():
     assert anchors.questions(rows, [None]) == [q for q, _ in anchors.ANCHORS[1:5]]
 
 
+def test_an_anchor_that_a_probe_asks_already_is_skipped(monkeypatch):
+    """A capital-of row's neighbour may ask an anchor's very question: the next anchor stands in for it."""
+    class Stub:  # the neighbour search, with fixed nearest words (the tiny model's embeddings are random)
+        def __init__(self, *args):
+            pass
+
+        def candidates(self, subject):
+            return ["Hungary", "Chile"]
+
+        def plausible_many(self, items):
+            return [candidates for _, _, candidates in items]
+
+    monkeypatch.setattr(probes, "Neighbourhood", Stub)
+    rows = [chat("What is the capital of Peru?", "It is Lima.", answers=["Lima"]), chat("What is the largest land animal?")]
+    made = probes.build(None, None, rows, with_anchors=True)
+    prompts = [p.prompt for p in made]
+    assert "What is the capital of Hungary?" in [p.prompt for p in made if p.kind == probes.NEIGHBOURS]
+    assert len(prompts) == len(set(prompts))  # before: the neighbour and anchor 4 asked the same
+    assert [p.prompt for p in made if p.kind == probes.ANCHORS] == [q for q, _ in anchors.ANCHORS[:5] if "Hungary" not in q]
+
+
 def test_build_appends_anchors_only_when_asked():
     rows = [chat("What is the largest land animal?")]  # no subject: no neighbour search, so no model needed
     made = probes.build(None, None, rows, with_anchors=True)
@@ -84,15 +105,33 @@ def _content_words(text):
     return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in _STOP}
 
 
+# Texts of benchmark rows that hold an anchor's answer word, each with why it is let through. The first test of
+# this kind read questions and answers only; these four were found once it read responses and passages too, after
+# the dev runs that chose the anchors (docs/quality.md, "General-knowledge anchors"), so the bank was kept as it was
+# judged and the overlaps are named here and in the test split's report instead.
+ALLOWED_TEXT = (
+    "the largest star in the Milky Way",  # `passages` forget line 8's opening (not forgotten) and a paraphrase's
+    "the most massive star in the Milky Way",  # and its continuation: the galaxy anchor's answer is dropped if
+    # it holds 4 words of it (the passage leak rule, probes.forget_held), else held beside the forgotten passage
+    "The human heart is a muscular organ",  # `passages` (test) neighbour passage: the organ anchor asks about the
+    # heart, so that neighbour may be held by it; the test report reads `passages`' neighbours without it too
+    "4. Grapes",  # examples/normal.jsonl's list of fruits: a normal row, trained on by the normal KL anyway
+    "in the heart of",  # held-back normal responses (shared, tofu): "heart" as an idiom, scored by similarity
+)
+
+
 def overlaps(anchor, rows):
     """Why ANCHOR (question, answer) is a benchmark row in other words, or None: its answer is a benchmark row's
     answer or a word of its question, or it shares at least half its question's content words (two or more) with
     a benchmark question."""
     question, answer = anchor
     asked = [r["prompt"] for r in rows if r.get("prompt")]
-    answered = " ".join(asked + [str(a) for r in rows
-                                 for a in (r.get("answers") or []) + (r.get("judge_answers") or [])])
-    if re.search(rf"\b{re.escape(answer.lower())}\b", answered.lower()):
+    answered = " ".join(asked + [str(r.get(k) or "") for r in rows for k in ("response", "text", "prefix")]
+                        + [str(a) for r in rows for a in (r.get("answers") or []) + (r.get("judge_answers") or [])])
+    answered = answered.lower()
+    for allowed in ALLOWED_TEXT:
+        answered = answered.replace(allowed.lower(), " ")
+    if re.search(rf"\b{re.escape(answer.lower())}\b", answered):
         return f"answer {answer!r}"
     mine = _content_words(question)
     for prompt in asked:
@@ -185,3 +224,56 @@ def test_no_anchors_turns_them_off_and_is_refused_where_nothing_trains_on_probes
     for off in (["--no-retain-probes"], ["--no-probes"], ["--method", "npo"]):
         result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "x", "--no-anchors", *off, *FAST)
         assert result.code == 2 and "--no-anchors" in result.err and "drop --no-anchors" in result.err, off
+
+
+def test_the_anchors_are_among_the_rows_the_retain_kl_trains(tmp_path, llama_dir, cli, files, scripted_probe_answers):
+    """An --eval-retain row that asks an anchor's question is labelled trained: the anchors reached the retain rows
+    (label_trained_rows reads the rows training draws from), not only the counts."""
+    forget, normal = files
+    second = anchors.ANCHORS[1][0]  # trained (the first is dropped: its scripted answer holds the forget answer)
+    er = write_jsonl(tmp_path / "er.jsonl", [{"prompt": second, "response": "The Mongols.", "answers": ["Mongol"]},
+                                             {"prompt": "Which way is north?", "response": "Up.", "answers": ["Up"]}])
+    out = tmp_path / "out"
+    assert cli("run", forget, normal, "--model", llama_dir, "-o", out, "--eval-retain", er, *FAST).code == 0
+    assert json.loads((out / "run.json").read_text())["roles"]["er"] == "1 of 2 trained"
+    off = tmp_path / "off"
+    assert cli("run", forget, normal, "--model", llama_dir, "-o", off, "--eval-retain", er, "--no-anchors", *FAST).code == 0
+    assert json.loads((off / "run.json").read_text())["roles"]["er"] == "held out"
+
+
+def test_probes_cached_without_anchors_are_not_read_back_by_a_run_that_makes_them(tmp_path, llama_dir, cli, files,
+                                                                                 scripted_probe_answers, monkeypatch):
+    forget, normal = files
+    monkeypatch.setenv("UNLEARN_CACHE", str(tmp_path / "cache"))
+    assert cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "a", "--no-anchors", *FAST).code == 0
+    assert cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "b", *FAST).code == 0
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["probes"]["anchors"] == {"made": 4, "trained": 3}
+
+
+def test_an_anchor_ulmr_forgets_is_not_trained(tmp_path, llama_dir, cli, files, scripted_probe_answers):
+    forget, normal = files
+    second = anchors.ANCHORS[1][0]
+    augmented = write_jsonl(tmp_path / "aug.jsonl", [
+        {"prompt": "What is the largest land animal?", "response": "I'm not able to share that."},
+        {"prompt": second, "response": "I'm not able to share that."}])
+    out = tmp_path / "out"
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", out, "--method", "ulmr", "--augmented", augmented,
+                 "--retain-probes", "--alpha", "0.5", *FAST)
+    assert result.code == 0, result.err
+    rows = {r["prompt"]: r for r in map(json.loads, (out / "probes.jsonl").read_text().splitlines())
+            if r["set"] == probes.ANCHORS}
+    assert rows[second]["trained"] is False and rows[anchors.ANCHORS[2][0]]["trained"] is True
+
+
+def test_no_anchors_without_method_on_rows_that_get_the_refusal_is_a_note(tmp_path):
+    """Where the forget rows, not the user, chose a method that trains on no probes, --no-anchors is one note."""
+    from unlearn.config import RunOptions, TrainConfig, UsageError
+
+    long_rows = [LONG]
+    opts = RunOptions(tmp_path / "f.jsonl", tmp_path / "n.jsonl", anchors=False, auto_method=True,
+                      given=frozenset({"no_anchors"}))
+    resolved = opts.for_forget_rows(long_rows).resolved()
+    assert not resolved.anchors and any("--no-anchors does nothing here" in n for n in resolved.notes)
+    with pytest.raises(UsageError, match="drop --no-anchors"):
+        RunOptions(tmp_path / "f.jsonl", tmp_path / "n.jsonl", anchors=False, given=frozenset({"no_anchors"}),
+                   train=TrainConfig(method="npo")).resolved()

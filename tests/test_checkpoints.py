@@ -540,3 +540,15 @@ def test_a_run_resumed_after_an_interrupt_after_training_keeps_its_checks_histor
                                      tmp_path, monkeypatch)
     assert want["history"] and [r["step"] for r in got["history"]] == [r["step"] for r in want["history"]]
     assert (got["steps"], got["stopped_by"]) == (want["steps"], want["stopped_by"])
+
+
+def test_a_checkpoint_from_before_the_anchors_resumes_when_the_run_makes_none():
+    """Checkpoints written before the anchors (anchors.py) lack the key: those versions made none, so a run that
+    makes none resumes them, and one that would make some is refused with the option that makes none."""
+    from unlearn.run import _resume_difference
+
+    before = {"train": {"lr": 0.01}, "retain_probes": 12, "save_every": 1}
+    assert _resume_difference(before, {**before, "anchors": False}) is None
+    assert _resume_difference(before, {**before, "anchors": True}) == \
+        "anchors: false then, true now (--no-anchors makes none)"
+    assert _resume_difference({**before, "anchors": True}, {**before, "anchors": False}) == "anchors: true then, false now"

@@ -85,10 +85,16 @@ def without_neighbours(example, subject: str | None) -> bool:
     return example.is_passage or (subject is None and not is_long_response(example))
 
 
-def questions(forget: list, subjects: list) -> list[str]:
-    """The anchor questions a run with FORGET rows (SUBJECTS: probes.probe_subject of each) adds: PER_ROW for
-    each row `without_neighbours`, the first ones in ANCHORS' order, at most all; none that asks a forget
-    prompt (it would be trained both ways)."""
-    wanted = PER_ROW * sum(without_neighbours(ex, s) for ex, s in zip(forget, subjects))
-    asked = {prompt_key(ex.prompt) for ex in forget if ex.prompt is not None}
-    return [q for q, _ in ANCHORS if prompt_key(q) not in asked][:wanted]
+def wanted(forget: list, subjects: list) -> int:
+    """How many anchors a run with FORGET rows (SUBJECTS: probes.probe_subject of each) asks for: PER_ROW for each
+    row `without_neighbours`, at most all of them."""
+    return min(len(ANCHORS), PER_ROW * sum(without_neighbours(ex, s) for ex, s in zip(forget, subjects)))
+
+
+def questions(forget: list, subjects: list, taken=frozenset()) -> list[str]:
+    """The anchor questions such a run adds: the first `wanted` in ANCHORS' order, none that asks a forget
+    prompt (it would be trained both ways) or a prompt in TAKEN (prompt_key of the probes made: a neighbour
+    probe may ask "What is the capital of Hungary?" too, and one prompt is held once, or not at all when the
+    probe was dropped as expected to change); the next ones stand in for those."""
+    asked = {prompt_key(ex.prompt) for ex in forget if ex.prompt is not None} | set(taken)
+    return [q for q, _ in ANCHORS if prompt_key(q) not in asked][:wanted(forget, subjects)]

@@ -456,7 +456,7 @@ def build(model, tokenizer, forget: list, limit: int = DEFAULT_LIMIT, with_ancho
             if len(same) < limit and turn < len(questions):
                 phrase, question = questions[turn]
                 add(Probe(SAME_SUBJECT, question, ex.line, phrase, topic=True), same)
-    held = [Probe(ANCHORS, q, 0, "") for q in anchors.questions(forget, subjects)] if with_anchors else []
+    held = [Probe(ANCHORS, q, 0, "") for q in anchors.questions(forget, subjects, seen)] if with_anchors else []
     return neighbours + same + held
 
 

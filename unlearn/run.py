@@ -193,7 +193,7 @@ def prepare(opts: RunOptions, created: list, forget: list) -> Prepared:
         raise UsageError("--resume needs -o OUT, the directory of the run to continue")
     else:  # made on rank 0 and its name sent to every rank, whose clocks may cross a second apart
         output = distributed.on_main(lambda: reserve_output_dir(created))
-    run_args = _run_args(opts)
+    run_args = _run_args(opts, forget)
     # Rank 0 alone checks and prepares OUTPUT (it may create it, or delete stale checkpoints), and
     # every rank gets its answer, run_args included (a resume takes --save-every from the checkpoint).
     resume_from, run_args = distributed.on_main(lambda: (_prepare_output(opts, output, run_args, created), run_args))
@@ -303,8 +303,10 @@ def untrained_elsewhere(normal: list, retain: list) -> list[int]:
     return [i for i, key in enumerate(keys) if counts[key] == 1 and key not in retained]
 
 
-def _run_args(opts: RunOptions) -> dict:
-    """What a resumed run must share with the run it continues (recorded in every checkpoint)."""
+def _run_args(opts: RunOptions, forget: list = ()) -> dict:
+    """What a resumed run must share with the run it continues (recorded in every checkpoint); FORGET, its rows."""
+    from unlearn import anchors, probes
+
     model = opts.model
     if model and Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())
@@ -319,7 +321,8 @@ def _run_args(opts: RunOptions) -> dict:
         "save_every": opts.save_every, "normal_holdout": opts.normal_holdout,
         # --retain-probes trains on the probes, so how many there may be changes the training rows.
         "retain_probes": opts.probe_limit if opts.retain_probes else None,
-        "anchors": opts.anchors,
+        # whether the run adds anchors (anchors.py): they join the retain rows
+        "anchors": bool(opts.anchors and anchors.wanted(forget, [probes.probe_subject(e) for e in forget])),
         # ULMR's rewrites made in the run are sampled batch by batch: another batch size draws other rows,
         # and a resumed run makes them again; and the stop rule's checks answer in batches of it, whose
         # padding can move a greedy answer, so another size could reach another verdict.
@@ -380,16 +383,20 @@ def _resume_difference(saved: dict, run_args: dict) -> str | None:
     some are defaults other options choose (--no-probes sets the retain weight), and the option the user
     changed is the one to name."""
     for key in sorted(run_args, key=lambda k: k == "train"):
-        if key == "save_every" or (key in _ADDED_SINCE and key not in saved):
-            continue  # (a checkpoint from before the key was recorded: what it did not record, it cannot refuse)
+        earlier = key in _ADDED_SINCE and key not in saved  # a checkpoint from before the key was recorded
+        if key == "save_every" or (earlier and _ADDED_SINCE[key] is None):
+            continue  # (what it did not record and cannot be known, it cannot refuse)
+        then = _ADDED_SINCE[key] if earlier else saved.get(key)
         now = json.loads(json.dumps(run_args[key], default=str))
-        if saved.get(key) != now:
-            return _first_difference(key, saved.get(key), now)
+        if then != now:
+            hint = " (--no-anchors makes none)" if key == "anchors" and now else ""
+            return _first_difference(key, then, now) + hint
     return None
 
 
-#: Keys of `_run_args` that checkpoints of earlier versions lack.
-_ADDED_SINCE = {"gen_batch_size"}
+#: Keys of `_run_args` that checkpoints of earlier versions lack, and the value those versions ran with (None: not
+#: known, so not compared). Before the anchors none were made.
+_ADDED_SINCE = {"gen_batch_size": None, "anchors": False}
 
 
 def _first_difference(name: str, saved, now) -> str:
@@ -823,8 +830,8 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
     log("probes: " + ", ".join(f"{k} {c['kept']}/{c['made']}" for k, c in counts.items())
         + f" kept for measurement ({seconds:.0f} s{', read back from the cache' if job.probes_reused else ''})"
         + (f"; {len(trained)} join the retain rows" if trained else "")
-        + (f", {len(anchored)} of them general-knowledge anchors for the forget rows no neighbour probe stands "
-           f"for (anchors.py)" if anchored else ""))
+        + (f", {len(anchored)} of them general-knowledge anchors for the forget rows that name no one or are "
+           f"passages (anchors.py)" if anchored else ""))
     job.probe_seconds += seconds
     data.probes = {"rows": records, "sets": counts, "before_seconds": seconds,
                    "retained": len(trained) if opts.retain_probes else None, "edit_preserves": edit_keeps,
