@@ -1,7 +1,7 @@
 """The rule that chooses defaults (docs/quality.md, "How the default is chosen"), computed from results files.
 
     python bench/selection.py CANDIDATE.jsonl --run-args="ARGS" [--method default] [--scenarios a,b,...] [--scoped]
-                              [--json]
+                              [--defaults FILE] [--json]
 
 Every figure it prints is a selection criterion, never a result: the test split's table is the result.
 
@@ -236,10 +236,13 @@ def main(argv=None) -> None:
     parser.add_argument("--scenarios", help="comma-separated [default: the dev split, bench/scenarios/split.json]")
     parser.add_argument("--scoped", action="store_true", help="the candidate was declared, before its runs, to train "
                         "exactly as the default on every scenario it has no rows for: margin_for's margin")
+    parser.add_argument("--defaults", type=Path, default=DEFAULT_ROWS,
+                        help="the file naming the default's rows [default: bench/results/dev-default.json; an earlier "
+                             "default's, such as dev-default-s52.json, reads a decision judged against it again]")
     parser.add_argument("--json", action="store_true", help="print the verdict as one JSON object")
     args = parser.parse_args(argv)
     scenarios = [name.strip() for name in args.scenarios.split(",")] if args.scenarios else quality.load_split("dev")
-    default = default_summaries(scenarios)
+    default = default_summaries(scenarios, args.defaults)
     rows = read_rows(args.candidate)
     candidate, ran = dict(default), set()
     for name in scenarios:

@@ -60,12 +60,14 @@ def test_an_anchor_that_a_probe_asks_already_is_skipped(monkeypatch):
             return [candidates for _, _, candidates in items]
 
     monkeypatch.setattr(probes, "Neighbourhood", Stub)
-    rows = [chat("What is the capital of Peru?", "It is Lima.", answers=["Lima"]), chat("What is the largest land animal?")]
+    rows = [chat("What is the capital of Peru?", "It is Lima.", answers=["Lima"]),
+            chat("What is the largest land animal?")]
     made = probes.build(None, None, rows, with_anchors=True)
     prompts = [p.prompt for p in made]
     assert "What is the capital of Hungary?" in [p.prompt for p in made if p.kind == probes.NEIGHBOURS]
     assert len(prompts) == len(set(prompts))  # before: the neighbour and anchor 4 asked the same
-    assert [p.prompt for p in made if p.kind == probes.ANCHORS] == [q for q, _ in anchors.ANCHORS[:5] if "Hungary" not in q]
+    held = [p.prompt for p in made if p.kind == probes.ANCHORS]
+    assert held == [q for q, _ in anchors.ANCHORS[:5] if "Hungary" not in q]
 
 
 def test_build_appends_anchors_only_when_asked():
@@ -220,7 +222,8 @@ def test_no_anchors_turns_them_off_and_is_refused_where_nothing_trains_on_probes
     assert cli("run", forget, normal, "--model", llama_dir, "-o", out, "--no-anchors", *FAST).code == 0
     record = json.loads((out / "run.json").read_text())
     assert record["probes"]["anchors"] is None
-    assert not any(json.loads(line)["set"] == probes.ANCHORS for line in (out / "probes.jsonl").read_text().splitlines())
+    lines = (out / "probes.jsonl").read_text().splitlines()
+    assert not any(json.loads(line)["set"] == probes.ANCHORS for line in lines)
     for off in (["--no-retain-probes"], ["--no-probes"], ["--method", "npo"]):
         result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "x", "--no-anchors", *off, *FAST)
         assert result.code == 2 and "--no-anchors" in result.err and "drop --no-anchors" in result.err, off
@@ -237,7 +240,8 @@ def test_the_anchors_are_among_the_rows_the_retain_kl_trains(tmp_path, llama_dir
     assert cli("run", forget, normal, "--model", llama_dir, "-o", out, "--eval-retain", er, *FAST).code == 0
     assert json.loads((out / "run.json").read_text())["roles"]["er"] == "1 of 2 trained"
     off = tmp_path / "off"
-    assert cli("run", forget, normal, "--model", llama_dir, "-o", off, "--eval-retain", er, "--no-anchors", *FAST).code == 0
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", off, "--eval-retain", er, "--no-anchors", *FAST)
+    assert result.code == 0
     assert json.loads((off / "run.json").read_text())["roles"]["er"] == "held out"
 
 

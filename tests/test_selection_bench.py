@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The default's rows before the anchors (fifty-third session): the earlier decisions were judged against them.
+BEFORE_ANCHORS = ROOT / "bench/results/dev-default-s52.json"
 _spec = importlib.util.spec_from_file_location("selection", ROOT / "bench/selection.py")
 selection = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(selection)
@@ -82,7 +84,8 @@ def test_the_committed_rows_give_the_documented_decisions(capsys):
     for path, args, score in (("quality-dev-s40-topic-probes.jsonl", "--retain-probes", 0.83927),
                               ("quality-dev-s50-topic-probes-200.jsonl", "--retain-probes --retain-weight 200",
                                0.84267)):
-        selection.main([str(ROOT / "bench/results" / path), f"--run-args={args}", "--scenarios", six, "--json"])
+        selection.main([str(ROOT / "bench/results" / path), f"--run-args={args}", "--scenarios", six, "--json",
+                        "--defaults", str(BEFORE_ANCHORS)])
         got = json.loads(capsys.readouterr().out)
         assert got["default_score"] == pytest.approx(0.82306, abs=5e-6)
         assert got["candidate_score"] == pytest.approx(score, abs=5e-6)
@@ -190,8 +193,21 @@ def test_every_dev_scenario_has_the_defaults_rows_named():
     split = json.loads((ROOT / "bench/scenarios/split.json").read_text())["splits"]["dev"]
     summaries = selection.default_summaries(split)
     assert set(summaries) == set(split) and all(s["score"] is not None for s in summaries.values())
-    # the fiftieth session's figure for the seven dev scenarios: (6 x 0.8231 + 0.709) / 7
-    assert selection.split_score(summaries) == pytest.approx(0.8068, abs=5e-5)
+    # the fifty-third session's, with the anchors' rows on nature, inventors and openings (docs/quality.md)
+    assert selection.split_score(summaries) == pytest.approx(0.8300, abs=5e-5)
+    # and the fiftieth session's, before them: (6 x 0.8231 + 0.709) / 7
+    assert selection.split_score(selection.default_summaries(split, BEFORE_ANCHORS)) == pytest.approx(0.8068, abs=5e-5)
+
+
+def test_the_anchors_decision_reads_as_documented(capsys):
+    """The fifty-third session's scoped candidate against the default before it: 0.8300 against 0.8068, bar 0.8199."""
+    selection.main([str(ROOT / "bench/results/quality-dev-s53-anchors.jsonl"), "--run-args=", "--scoped", "--json",
+                    "--defaults", str(BEFORE_ANCHORS)])
+    got = json.loads(capsys.readouterr().out)
+    assert got["default_score"] == pytest.approx(0.8068, abs=5e-5)
+    assert got["candidate_score"] == pytest.approx(0.8300, abs=5e-5)
+    assert got["bar"] == pytest.approx(0.8068 + 0.0131, abs=1e-4) and got["ran"] == ["inventors", "nature", "openings"]
+    assert got["verdict"] == "adopted by the score (if the README command is no slower)"
 
 
 def test_a_scoped_candidates_margin_scales_with_the_root_of_its_reach():
@@ -224,7 +240,8 @@ def test_scoped_is_asked_for_and_printed_as_such(capsys):
     declared scoped before its runs, and its test rows were seen after, so this rule cannot adopt it)."""
     six = "capitals,tofu,harmful,openings,inventors,mischief"
     path = ROOT / "bench/results/quality-dev-s50-topic-probes-200.jsonl"
-    args = [str(path), "--run-args=--retain-probes --retain-weight 200", "--scenarios", six]
+    args = [str(path), "--run-args=--retain-probes --retain-weight 200", "--scenarios", six,
+            "--defaults", str(BEFORE_ANCHORS)]
     selection.main(args + ["--scoped", "--json"])
     got = json.loads(capsys.readouterr().out)
     assert got["margin"] == pytest.approx(0.02 * (2 / 6) ** 0.5) and got["bar"] == pytest.approx(0.82306 + 0.011547,
