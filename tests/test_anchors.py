@@ -107,16 +107,17 @@ def _content_words(text):
     return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in _STOP}
 
 
-# Texts of benchmark rows that hold an anchor's answer word, each with why it is let through. The first test of
-# this kind read questions and answers only; these four were found once it read responses and passages too, after
+# Texts of benchmark rows that hold an anchor's answer word, each with why it is let through. The first version of
+# this test read questions and answers only; these five were found once it read responses and passages too, after
 # the dev runs that chose the anchors (docs/quality.md, "General-knowledge anchors"), so the bank was kept as it was
 # judged and the overlaps are named here and in the test split's report instead.
 ALLOWED_TEXT = (
     "the largest star in the Milky Way",  # `passages` forget line 8's opening (not forgotten) and a paraphrase's
-    "the most massive star in the Milky Way",  # and its continuation: the galaxy anchor's answer is dropped if
-    # it holds 4 words of it (the passage leak rule, probes.forget_held), else held beside the forgotten passage
-    "The human heart is a muscular organ",  # `passages` (test) neighbour passage: the organ anchor asks about the
-    # heart, so that neighbour may be held by it; the test report reads `passages`' neighbours without it too
+    "the most massive star in the Milky Way",  # and its continuation: the galaxy anchor's answer is dropped if it
+    # leaks that passage by the passage leak rule (probes.forget_held, evaluate.leak_flags), else held beside it
+    "The human heart is a muscular organ",  # `passages` (test) neighbour passage, and the candidate file it was
+    # made from: the organ anchor asks about the heart, so that neighbour may be held by it; the test split's
+    # report reads `passages`' neighbours without it too
     "4. Grapes",  # examples/normal.jsonl's list of fruits: a normal row, trained on by the normal KL anyway
     "in the heart of",  # held-back normal responses (shared, tofu): "heart" as an idiom, scored by similarity
 )

@@ -279,8 +279,8 @@ def given_options() -> frozenset[str]:
                    "[default: on for ga and rmu, off for the other methods].")
 @click.option("--no-anchors", is_flag=True,
               help="With the probes trained on, leave out the general-knowledge anchors: questions whose original "
-                   "answers the retain KL holds for the forget rows that get no neighbour probe (rows naming no one, "
-                   "passages; unlearn/anchors.py).")
+                   "answers the retain KL holds for the forget rows that name no one or are passages, which get no "
+                   "neighbour probe (unlearn/anchors.py).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def run_command(**o):
     """Unlearn the FORGET.jsonl answers while keeping NORMAL.jsonl behaviour; report before and after."""
