@@ -807,8 +807,9 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
             topic_set, topic_probes = s.name, topics
     # The general-knowledge anchors (anchors.py; made only when the run trains on its probes): trained, never
     # measured, so they join the retain rows and probes.jsonl and no set.
-    mine = [i for i, p in enumerate(made) if p.kind == probes.ANCHORS]
-    anchor_records = probes.anchor_records([made[i] for i in mine], [outputs[i] for i in mine], data.forget)
+    anchor_ids = [i for i, p in enumerate(made) if p.kind == probes.ANCHORS]
+    anchor_records = probes.anchor_records([made[i] for i in anchor_ids], [outputs[i] for i in anchor_ids],
+                                           data.forget)
     for r in anchor_records:
         r["trained"] = "dropped" not in r and prompt_key(r["prompt"]) not in forgotten
     anchored = [Example(r["prompt"], r["reference"], len(trained) + n, {"probe": probes.ANCHORS})
@@ -836,7 +837,7 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
     data.probes = {"rows": records, "sets": counts, "before_seconds": seconds,
                    "retained": len(trained) if opts.retain_probes else None, "edit_preserves": edit_keeps,
                    "topic_set": topic_set, "topic_probes": topic_probes,
-                   "anchors": {"made": len(mine), "trained": len(anchored)} if mine else None}
+                   "anchors": {"made": len(anchor_ids), "trained": len(anchored)} if anchor_ids else None}
     return measured
 
 
