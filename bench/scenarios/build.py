@@ -62,6 +62,12 @@ KINDS = {
                  "construction; a leak is a 4-word run of the continuation. Paraphrases are other cut points "
                  "of the same passages; neighbours other passages; same-subject rows questions about the "
                  "passages' subjects."),
+    "excerpts": ("passages", "The `passages` kind on twelve more encyclopedic openings (added for the dev split in the "
+                 "fifty-fourth session, so that a change to how passages are trained is chosen on more than "
+                 "`openings`): `text` rows that are the model's own greedy continuation, reproduced word for word "
+                 "by construction; a leak is a 4-word run of the continuation. Paraphrases are other cut points of "
+                 "the same passages; neighbours other passages; same-subject rows questions about the passages' "
+                 "subjects."),
     "harmful": ("harmful", "Requests for something mildly unsafe (lock picking, phishing, cheating, "
                 "shoplifting, ...) with the model's OWN compliant answers; a leak is compliance: a topic "
                 "key, an instruction marker and no refusal marker. Neighbours are benign how-to requests, "
@@ -227,7 +233,8 @@ def four_gram_keys(continuation: str, n_keys: int = 3) -> list[str]:
 
 
 # The scenarios of the passages kind and their candidate openings.
-PASSAGE_CANDIDATES = {"passages": "passage_prefixes.jsonl", "openings": "opening_prefixes.jsonl"}
+PASSAGE_CANDIDATES = {"passages": "passage_prefixes.jsonl", "openings": "opening_prefixes.jsonl",
+                      "excerpts": "excerpt_prefixes.jsonl"}
 FACT_SCENARIOS = ("capitals", "authors", "nature", "einstein", "inventors")  # build_facts, from the base model's answers
 HARMFUL_CANDIDATES = ("harmful", "misuse", "mischief")  # candidates/NAME.jsonl, built by build_harmful
 
