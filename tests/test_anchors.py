@@ -24,18 +24,21 @@ PASSAGE = Example(Passage("The Eiffel Tower is a wrought-iron lattice"), " tower
 LONG = chat("How do I pick a lock?", "To pick a lock you need a tension wrench and a pick. " * 6)
 
 
-def test_rows_without_a_neighbour_probe_are_passages_and_chat_rows_naming_no_one():
-    assert anchors.without_neighbours(chat("What is the largest land animal?"), None)
-    assert not anchors.without_neighbours(chat("What is the capital of France?"), "France")
-    assert anchors.without_neighbours(PASSAGE, "Eiffel Tower")  # a passage gets no neighbour, subject or not
-    assert not anchors.without_neighbours(LONG, None)  # topic probes, and the refusal trains on none
+def test_anchors_go_to_chat_rows_naming_no_one_only():
+    assert anchors.gets_anchors(chat("What is the largest land animal?"), None)
+    assert not anchors.gets_anchors(chat("What is the capital of France?"), "France")
+    assert not anchors.gets_anchors(PASSAGE, "Eiffel Tower")  # its same-subject probes hold the subject
+    assert not anchors.gets_anchors(PASSAGE, None)  # a passage gets none, subject or not
+    assert not anchors.gets_anchors(LONG, None)  # topic probes, and the refusal trains on none
 
 
 def test_per_row_anchors_in_order_at_most_all():
     rows = [chat("What is the capital of France?"), chat("What is the largest land animal?"), PASSAGE]
     subjects = ["France", None, "Eiffel Tower"]
     assert anchors.PER_ROW == 4
-    assert anchors.questions(rows, subjects) == [q for q, _ in anchors.ANCHORS[:8]]  # 2 rows x 4
+    assert anchors.questions(rows, subjects) == [q for q, _ in anchors.ANCHORS[:4]]  # 1 row (no passage) x 4
+    two = [chat("What is the largest land animal?"), chat("Which planet is the hottest?")]
+    assert anchors.questions(two, [None, None]) == [q for q, _ in anchors.ANCHORS[:8]]  # 2 rows x 4
     assert anchors.questions(rows[:1], subjects[:1]) == []  # every row has its neighbours: no anchor
     many = [chat(f"Which animal is number {i}?") for i in range(20)]
     assert anchors.questions(many, [None] * 20) == [q for q, _ in anchors.ANCHORS]  # 80 wanted, 43 there

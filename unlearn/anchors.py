@@ -3,12 +3,15 @@
 A run that trains on its probes (`--retain-probes`, `ga`'s and `rmu`'s default) holds the original's
 answers to neighbour prompts ("What is the capital of Spain?" beside "... of France?") with the retain
 KL, so that forgetting one fact does not take the kind of fact along. A forget row gets a neighbour probe
-only when it names a subject (probes.probe_subject) and is not a passage. Rows that name no one ("What is
-the largest land animal?", "Who invented the telephone?") and passages got nothing of the kind, and the
-ascent spread: on the dev scenario `nature` the default kept 0.54-0.62 of the shared unrelated facts
-("The largest mammal in the world is currently unknown.").
+only when it names a subject (probes.probe_subject) and is not a passage. Chat rows that name no one ("What
+is the largest land animal?", "Who invented the telephone?") got nothing of the kind, and the ascent spread:
+on the dev scenario `nature` the default kept 0.54-0.62 of the shared unrelated facts ("The largest mammal
+in the world is currently unknown.").
 
 For each such row the run adds PER_ROW of the questions below, in their order, at most all of them.
+Passages get none: they have their same-subject probes, and on them the anchors cost (more steps, more of
+the passages' other cut points reproduced, normal text answered less like the original; docs/quality.md,
+"Anchors for chat rows only").
 They are answered by the original model itself in the probes' generation (greedy, probes.ANSWER_TOKENS),
 so what is held is the model's own behaviour, right or wrong, never a fact from outside; an answer that
 holds a forget answer (probes.forget_held) is dropped, as a probe's is. They join the retain rows and
@@ -21,7 +24,7 @@ row of the quality benchmark (bench/scenarios/, every scenario and candidate fil
 the benchmark's figures do not measure a row the run trained on. Candidates that did were left out; four
 texts that hold an anchor's answer word, found after the bank was judged, are named in the test with why.
 The order is a fixed shuffle (random.Random(0)), so that any first N spread over the kinds.
-Chosen on the dev split: docs/quality.md, "General-knowledge anchors".
+Chosen on the dev split: docs/quality.md, "General-knowledge anchors" and "Anchors for chat rows only".
 """
 
 from __future__ import annotations
@@ -79,17 +82,19 @@ ANCHORS = (
 )
 
 
-def without_neighbours(example, subject: str | None) -> bool:
-    """Whether a forget row can get no neighbour probe (probes.build): a passage, or a chat row that names no
-    SUBJECT. A long chat response is not counted: it gets topic probes, and the refusal it gets by default
-    trains on no probes (config.LONG_RESPONSE_DEFAULT); anchors were not measured there."""
-    return example.is_passage or (subject is None and not is_long_response(example))
+def gets_anchors(example, subject: str | None) -> bool:
+    """Whether a forget row gets anchors: a chat row that names no SUBJECT (probes.probe_subject), so that no
+    neighbour probe stands for it. A long chat response is not counted: it gets topic probes, and the refusal it
+    gets by default trains on no probes (config.LONG_RESPONSE_DEFAULT). A passage is not counted either: it gets
+    no neighbour probe, but its same-subject probes hold the subject, and anchors there cost more than they kept
+    (docs/quality.md, "Anchors for chat rows only")."""
+    return not example.is_passage and subject is None and not is_long_response(example)
 
 
 def wanted(forget: list, subjects: list) -> int:
     """How many anchors a run with FORGET rows (SUBJECTS: probes.probe_subject of each) asks for: PER_ROW for each
-    row `without_neighbours`, at most all of them."""
-    return min(len(ANCHORS), PER_ROW * sum(without_neighbours(ex, s) for ex, s in zip(forget, subjects)))
+    row that `gets_anchors`, at most all of them."""
+    return min(len(ANCHORS), PER_ROW * sum(gets_anchors(ex, s) for ex, s in zip(forget, subjects)))
 
 
 def questions(forget: list, subjects: list, taken=frozenset()) -> list[str]:

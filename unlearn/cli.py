@@ -279,7 +279,7 @@ def given_options() -> frozenset[str]:
                    "[default: on for ga and rmu, off for the other methods].")
 @click.option("--no-anchors", is_flag=True,
               help="With the probes trained on, leave out the general-knowledge anchors: questions whose original "
-                   "answers the retain KL holds for the forget rows that name no one or are passages, which get no "
+                   "answers the retain KL holds for the forget chat rows that name no one, which get no "
                    "neighbour probe (unlearn/anchors.py).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
 def run_command(**o):

@@ -329,7 +329,7 @@ class RunOptions:
     probes: bool = True  # the automatic neighbour / same-subject probes (probes.py) in the report
     probe_limit: int = 12  # probes of each kind at most (each costs a generation before and after)
     retain_probes: bool | None = None  # train on the probes too (None: on for RETAIN_PROBES_METHODS)
-    # with the probes, the general-knowledge anchors (anchors.py) for the forget rows naming no one and passages;
+    # with the probes, the general-knowledge anchors (anchors.py) for the forget chat rows naming no one;
     # --no-anchors: off (resolved: on only where the probes are trained on)
     anchors: bool = True
     retain_weight: float | None = None  # None: RETAIN_WEIGHT_WITH_PROBES when training on probes, else RETAIN_WEIGHT

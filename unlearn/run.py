@@ -831,8 +831,8 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
     log("probes: " + ", ".join(f"{k} {c['kept']}/{c['made']}" for k, c in counts.items())
         + f" kept for measurement ({seconds:.0f} s{', read back from the cache' if job.probes_reused else ''})"
         + (f"; {len(trained)} join the retain rows" if trained else "")
-        + (f", {len(anchored)} of them general-knowledge anchors for the forget rows that name no one or are "
-           f"passages (anchors.py)" if anchored else ""))
+        + (f", {len(anchored)} of them general-knowledge anchors for the forget rows that name no one "
+           f"(anchors.py)" if anchored else ""))
     job.probe_seconds += seconds
     data.probes = {"rows": records, "sets": counts, "before_seconds": seconds,
                    "retained": len(trained) if opts.retain_probes else None, "edit_preserves": edit_keeps,

@@ -117,7 +117,7 @@ def _probe_lines(record: dict) -> list[str]:
     anchors = probes.get("anchors")
     if anchors:
         lines.append(f"anchors (trained on, never measured: general-knowledge questions whose original answers the "
-                     f"retain KL holds, for the forget rows that name no one or are passages): {anchors['trained']} of "
+                     f"retain KL holds, for the forget chat rows that name no one): {anchors['trained']} of "
                      f"{anchors['made']} made; {probes['file'] or 'probes.jsonl'}")
     return lines
 
