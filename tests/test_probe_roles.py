@@ -93,6 +93,10 @@ def test_retain_rows_weigh_the_plain_default_when_no_probe_is_trained(tmp_path, 
     assert cli("run", forget, normal, "--model", llama_dir, "-o", given, "--retain", keep, "--retain-weight", "50",
                *FAST).code == 0
     assert json.loads((given / "run.json").read_text())["config"]["retain_weight"] == 50.0  # asked for: kept
+    alone = tmp_path / "alone"
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", alone, "--retain-weight", "50", *FAST)
+    assert result.code == 0, result.err
+    assert "--retain-weight 50 does nothing: no probe joins the retain rows and no --retain file is given" in result.err
 
 
 def test_an_eval_file_named_like_a_probe_set_does_not_take_its_name(tmp_path, llama_dir, cli, files):

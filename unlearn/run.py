@@ -822,6 +822,11 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
         opts.train.retain_weight = opts.retain_weight = RETAIN_WEIGHT
         log(f"--retain-weight: no probe joins the retain rows, so the --retain rows weigh {RETAIN_WEIGHT:g}, the "
             f"default without probes")
+    elif opts.retain_probes and not trained and not data.retain and not opts.retain_weight_defaulted:
+        # the weight was given (retain_weight_defaulted is False only then, with probes trained on), and the term
+        # it weighs has no row: say so, rather than let the user believe it held something
+        log(f"--retain-weight {opts.retain_weight:g} does nothing: no probe joins the retain rows and no --retain "
+            f"file is given")
     data.retain += trained
     # data.retain holds TRAINED now. A held-out probe set whose prompts a --retain or normal row trains is no
     # result either (its role "trained" with --retain-probes is not relabelled: label_trained_rows' _RELABELLED).
