@@ -118,9 +118,10 @@ ALLOWED_TEXT = (
     "the largest star in the Milky Way",  # `passages` forget line 8's opening (not forgotten) and a paraphrase's
     "the most massive star in the Milky Way",  # and its continuation: the galaxy anchor's answer is dropped if it
     # leaks that passage by the passage leak rule (probes.forget_held, evaluate.leak_flags), else held beside it
+    # (since the fifty-fourth session a passage makes no anchor, so neither of these is held in a `passages` run)
     "The human heart is a muscular organ",  # `passages` (test) neighbour passage, and the candidate file it was
-    # made from: the organ anchor asks about the heart, so that neighbour may be held by it; the test split's
-    # report reads `passages`' neighbours without it too
+    # made from: the organ anchor asks about the heart, so that neighbour was held by it while passages made
+    # anchors (the fifty-third session's test report reads `passages`' neighbours without it too)
     "4. Grapes",  # examples/normal.jsonl's list of fruits: a normal row, trained on by the normal KL anyway
     "in the heart of",  # held-back normal responses (shared, tofu): "heart" as an idiom, scored by similarity
 )

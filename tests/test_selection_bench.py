@@ -8,6 +8,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # The default's rows before the anchors (fifty-third session): the earlier decisions were judged against them.
 BEFORE_ANCHORS = ROOT / "bench/results/dev-default-s52.json"
+# The default's rows with the anchors on passages too (fifty-third session, and excerpts' first rows): the fifty-fourth
+# session's candidate, anchors for chat rows only, was judged against them.
+WITH_PASSAGE_ANCHORS = ROOT / "bench/results/dev-default-s53.json"
 # the dev split before the fifty-fourth session added excerpts: earlier decisions are read over these
 SEVEN = ["capitals", "tofu", "harmful", "openings", "inventors", "mischief", "nature"]
 _spec = importlib.util.spec_from_file_location("selection", ROOT / "bench/selection.py")
@@ -195,10 +198,13 @@ def test_every_dev_scenario_has_the_defaults_rows_named():
     split = json.loads((ROOT / "bench/scenarios/split.json").read_text())["splits"]["dev"]
     summaries = selection.default_summaries(split)
     assert set(summaries) == set(split) and all(s["score"] is not None for s in summaries.values())
-    # the fifty-fourth session's eight: the seven below and excerpts' 0.8346, (7 x 0.82996 + 0.8346) / 8
-    assert selection.split_score(summaries) == pytest.approx(0.8305, abs=5e-5)
+    # the fifty-fourth session's, passages without anchors: openings 0.8647 and excerpts 0.8427 in the eight
+    assert selection.split_score(summaries) == pytest.approx(0.8349, abs=5e-5)
+    before = selection.default_summaries(split, WITH_PASSAGE_ANCHORS)
+    # before it, over the eight: the seven below and excerpts' 0.8346, (7 x 0.82996 + 0.8346) / 8
+    assert selection.split_score(before) == pytest.approx(0.8305, abs=5e-5)
     # the fifty-third session's seven, with the anchors' rows on nature, inventors and openings (docs/quality.md)
-    assert selection.split_score({k: v for k, v in summaries.items() if k in SEVEN}) == pytest.approx(0.8300, abs=5e-5)
+    assert selection.split_score({k: v for k, v in before.items() if k in SEVEN}) == pytest.approx(0.8300, abs=5e-5)
     # and the fiftieth session's, before them: (6 x 0.8231 + 0.709) / 7
     assert selection.split_score(selection.default_summaries(SEVEN, BEFORE_ANCHORS)) == pytest.approx(0.8068, abs=5e-5)
 
@@ -213,6 +219,20 @@ def test_the_anchors_decision_reads_as_documented(capsys):
     assert got["candidate_score"] == pytest.approx(0.8300, abs=5e-5)
     assert got["bar"] == pytest.approx(0.8068 + 0.0131, abs=1e-4) and got["ran"] == ["inventors", "nature", "openings"]
     assert got["verdict"] == "adopted by the score (if the README command is no slower)"
+
+
+def test_the_chat_row_anchors_decision_reads_as_documented(capsys):
+    """The fifty-fourth session's scoped candidate: 0.8349 against 0.8305, under the bar 0.8405 but within the margin,
+    and adopted by the targets it gains (openings' paraphrase leak and unrelated facts, excerpts' longest run)."""
+    selection.main([str(ROOT / "bench/results/quality-dev-s54-chat-anchors.jsonl"), "--run-args=", "--scoped", "--json",
+                    "--defaults", str(WITH_PASSAGE_ANCHORS)])
+    got = json.loads(capsys.readouterr().out)
+    assert got["default_score"] == pytest.approx(0.8305, abs=5e-5)
+    assert got["candidate_score"] == pytest.approx(0.8349, abs=5e-5)
+    assert got["bar"] == pytest.approx(0.8305 + 0.0100, abs=1e-4) and got["ran"] == ["excerpts", "openings"]
+    assert got["targets_gained"]["openings"] == ["paraphrase_leak", "unrelated_kept"]
+    assert got["targets_gained"]["excerpts"] == ["longest_run_s"] and not any(got["targets_lost"].values())
+    assert got["verdict"] == "a tie, adopted by the targets (if the README command is no slower)"
 
 
 def test_a_scoped_candidates_margin_scales_with_the_root_of_its_reach():
