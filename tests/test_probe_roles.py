@@ -97,6 +97,10 @@ def test_retain_rows_weigh_the_plain_default_when_no_probe_is_trained(tmp_path, 
     result = cli("run", forget, normal, "--model", llama_dir, "-o", alone, "--retain-weight", "50", *FAST)
     assert result.code == 0, result.err
     assert "--retain-weight 50 does nothing: no probe joins the retain rows and no --retain file is given" in result.err
+    plain = tmp_path / "plain"  # no weight given: nothing to say
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", plain, *FAST)
+    assert result.code == 0, result.err
+    assert "does nothing" not in result.err, result.err
 
 
 def test_an_eval_file_named_like_a_probe_set_does_not_take_its_name(tmp_path, llama_dir, cli, files):

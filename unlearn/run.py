@@ -389,7 +389,12 @@ def _resume_difference(saved: dict, run_args: dict) -> str | None:
         then = _ADDED_SINCE[key] if earlier else saved.get(key)
         now = json.loads(json.dumps(run_args[key], default=str))
         if then != now:
-            hint = " (--no-anchors makes none)" if key == "anchors" and now else ""
+            hint = (" (--no-anchors makes none)" if key == "anchors" and now
+                    # made by the checkpoint's run, not by this one: --no-anchors, or a version that gives these rows
+                    # none (passages, since the one after fd1adf4), and no option of this version makes them
+                    else " (the checkpointed run trained on anchors this run does not make: with --no-anchors given, "
+                         "drop it; a forget set of passages gets none from this version on, so start afresh with "
+                         "--force)" if key == "anchors" else "")
             return _first_difference(key, then, now) + hint
     return None
 
