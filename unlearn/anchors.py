@@ -9,19 +9,18 @@ on the dev scenario `nature` the default kept 0.54-0.62 of the shared unrelated 
 in the world is currently unknown.").
 
 For each such row the run adds PER_ROW of the questions below, in their order, at most all of them.
-Passages get none: they have their same-subject probes, and on them the anchors cost (more steps, more of
-the passages' other cut points reproduced, normal text answered less like the original; docs/quality.md,
-"Anchors for chat rows only").
 They are answered by the original model itself in the probes' generation (greedy, probes.ANSWER_TOKENS),
 so what is held is the model's own behaviour, right or wrong, never a fact from outside; an answer that
 holds a forget answer (probes.forget_held) is dropped, as a probe's is. They join the retain rows and
-are never measured: they are training rows, not evidence.
+are never measured: they are training rows, not evidence. Passages get none: they have their same-subject
+probes, and on them the anchors cost (more steps, more of the passages' other cut points reproduced, normal
+text answered less like the original; docs/quality.md, "Anchors for chat rows only").
 
 The questions: general knowledge of many kinds (places, history, art, science, food, language, numbers),
 short, in English. Each is written with the answer it asks for, which no code reads: the test
 (tests/test_anchors.py) checks with it that no anchor shares an answer or half a question's words with a
 row of the quality benchmark (bench/scenarios/, every scenario and candidate file) or examples/, so that
-the benchmark's figures do not measure a row the run trained on. Candidates that did were left out; four
+the benchmark's figures do not measure a row the run trained on. Candidates that did were left out; five
 texts that hold an anchor's answer word, found after the bank was judged, are named in the test with why.
 The order is a fixed shuffle (random.Random(0)), so that any first N spread over the kinds.
 Chosen on the dev split: docs/quality.md, "General-knowledge anchors" and "Anchors for chat rows only".
