@@ -389,19 +389,21 @@ def _resume_difference(saved: dict, run_args: dict) -> str | None:
         then = _ADDED_SINCE[key] if earlier else saved.get(key)
         now = json.loads(json.dumps(run_args[key], default=str))
         if then != now:
-            hint = (" (--no-anchors makes none)" if key == "anchors" and now
-                    # made by the checkpoint's run, not by this one: --no-anchors, or a version that gives these rows
-                    # none (passages, since the one after fd1adf4), and no option of this version makes them
-                    else " (the checkpointed run trained on anchors this run does not make: with --no-anchors given, "
-                         "drop it; a forget set of passages gets none from this version on, so start afresh with "
-                         "--force)" if key == "anchors" else "")
-            return _first_difference(key, then, now) + hint
+            return _first_difference(key, then, now) + (_ANCHORS_HINT[bool(now)] if key == "anchors" else "")
     return None
 
 
 #: Keys of `_run_args` that checkpoints of earlier versions lack, and the value those versions ran with (None: not
 #: known, so not compared). Before the anchors none were made.
 _ADDED_SINCE = {"gen_batch_size": None, "anchors": False}
+
+#: What `_resume_difference` adds when the anchors differ, by whether this run makes them. A checkpointed run that
+#: made them, where this one does not, either had no --no-anchors or was written by a version that gave its rows
+#: anchors (passages, before the fifty-fourth session's change), and no option of this version makes those.
+_ANCHORS_HINT = {True: " (--no-anchors makes none)",
+                 False: " (the checkpointed run trained on anchors this run does not make: with --no-anchors given, "
+                        "drop it; a forget set of passages gets none from this version on, so start afresh with "
+                        "--force)"}
 
 
 def _first_difference(name: str, saved, now) -> str:
@@ -821,17 +823,18 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
                 for n, r in enumerate((r for r in anchor_records if r["trained"]), start=1)]
     trained += anchored
     records += anchor_records
-    if opts.retain_probes and not trained and data.retain and opts.retain_weight_defaulted:
-        # the default weight of the retain KL was the one for a run that trains on probes; with none trained,
-        # the user's rows get the weight a run without probes gives them
-        opts.train.retain_weight = opts.retain_weight = RETAIN_WEIGHT
-        log(f"--retain-weight: no probe joins the retain rows, so the --retain rows weigh {RETAIN_WEIGHT:g}, the "
-            f"default without probes")
-    elif opts.retain_probes and not trained and not data.retain and not opts.retain_weight_defaulted:
-        # the weight was given (retain_weight_defaulted is False only then, with probes trained on), and the term
-        # it weighs has no row: say so, rather than let the user believe it held something
-        log(f"--retain-weight {opts.retain_weight:g} does nothing: no probe joins the retain rows and no --retain "
-            f"file is given")
+    if opts.retain_probes and not trained:
+        if data.retain and opts.retain_weight_defaulted:
+            # the default weight of the retain KL was the one for a run that trains on probes; with none trained,
+            # the user's rows get the weight a run without probes gives them
+            opts.train.retain_weight = opts.retain_weight = RETAIN_WEIGHT
+            log(f"--retain-weight: no probe joins the retain rows, so the --retain rows weigh {RETAIN_WEIGHT:g}, "
+                f"the default without probes")
+        elif not data.retain and not opts.retain_weight_defaulted:
+            # the weight was given (retain_weight_defaulted is False only then, with probes trained on), and the
+            # term it weighs has no row: say so, rather than let the user believe it held something
+            log(f"--retain-weight {opts.retain_weight:g} does nothing: no probe joins the retain rows and no "
+                f"--retain file is given")
     data.retain += trained
     # data.retain holds TRAINED now. A held-out probe set whose prompts a --retain or normal row trains is no
     # result either (its role "trained" with --retain-probes is not relabelled: label_trained_rows' _RELABELLED).
