@@ -82,19 +82,11 @@ PER_METHOD = {"rmu": {"retain_weight_with_probes": 10.0, "normal_weight": 50.0},
 # 0.96 -> 0.79. Every other forget set (rows with answers, derived answers or passages) keeps ga: the same
 # run as before.
 LONG_RESPONSE_DEFAULT = {"method": "ga+template", "normal_weight": 200.0}
-# A forget set of passages only, under ga: the margin reads no row there (no answer), so each greedy check that
-# leaks multiplies the forget term's weight by this (train.py; the margin's dual ascent, on the one constraint
-# such rows have), and the repair phase runs (--repair-steps auto unless given). Judged on the dev split's two
-# passage scenarios (docs/quality.md, fifty-fifth session): with the weight fixed their runs took 41-98 steps,
-# one passage after another leaking for 6-10 checks; the growth alone cut that to 9-12 steps but kept 0.73-0.77
-# of the normal rows' similarity (0.94-0.96), which the repair's keep-only steps give back.
-PASSAGE_LEAK_SCALE = 2 ** 0.5
 # The methods whose runs repair by default (--repair-steps auto: repair.py). None: on the dev split the
 # repair won for `ga` (selection score 0.788 against 0.7515, forget leak 0.008 against 0.054) but made the
 # README command ~40 % slower (8 steps instead of 4), and a default must leave it no slower
 # (docs/quality.md, "Repair steps").
 REPAIR_METHODS: tuple[str, ...] = ()
-PASSAGE_METHODS = ("ga",)  # the methods that take the passages' defaults above (measured for ga alone)
 FORGET_LOSSES = ("ascent", "unlikelihood", "redirect", "spellings")
 ASCENT_METHODS = ("ga", "ga+mismatch", "ga+template", "graddiff")  # their forget term is `losses.forget_loss`
 # Settings of one method's own loss term (TrainConfig fields), and the methods that read them (train.Unlearner: _rows,
@@ -233,10 +225,6 @@ class TrainConfig:
     # score 0.8265 against 0.8004 and leak 0.013 over the five dev scenarios before `mischief`, both passing;
     # the README command still +9.6 % (5 steps).
     retain_follows_margin: bool = False
-    # With stop_margin, where the margin reads no row (none narrowed to an answer): each greedy check that leaks
-    # multiplies the forget term's weight by this (capped as the margin's doubling is). 1: off; PASSAGE_LEAK_SCALE
-    # for a forget set of passages under ga (RunOptions.passage_rows).
-    leak_scale: float = 1.0
     # Passages: the forget loss on every token after the first word (data.forget_pair), not only on
     # the leak test's continuation. Off: on the dev split it did not win (docs/quality.md, "Passages:
     # every cut point"; other cut points 0.15 -> 0.07 leaked, the leak test's own 0.10 -> 0.23).
@@ -331,9 +319,6 @@ class RunOptions:
     stop_leak: float | None = None  # None: 0, or ULMR_STOP_LEAK for ulmr
     extra_steps: int | None = None  # None: 0, or ULMR_EXTRA_STEPS for ulmr
     repair_steps: str | None = None  # "auto", a number, or None: auto for REPAIR_METHODS (without --extra-steps), else 0
-    # Every forget row is a passage (set by for_forget_rows): under PASSAGE_METHODS the forget weight grows at
-    # each leaking check (PASSAGE_LEAK_SCALE) and --repair-steps defaults to auto
-    passage_rows: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)
     full: bool = False
     dtype: str = "float32"
@@ -393,23 +378,7 @@ class RunOptions:
         self.dtype = dtype_name(self.dtype)  # " float32", "BFloat16": what the others take, --dtype takes too
 
     def for_forget_rows(self, rows) -> "RunOptions":
-        """These options, unresolved, with the method FORGET's ROWS call for when --method was not given, and
-        `passage_rows` set when every row is a passage."""
-        chosen = self._method_for_rows(rows)
-        if not rows or not all(row.is_passage for row in rows):
-            return chosen
-        passage = replace(chosen, passage_rows=True)
-        if passage.train.method not in PASSAGE_METHODS:
-            return passage
-        said = ([f"each check that finds one leaking multiplies the forget weight by {PASSAGE_LEAK_SCALE:.3g}"]
-                if self.stop_margin != 0 else [])  # (the margin's dual ascent: --stop-margin 0 turns both off)
-        if self.repair_steps is None and not self.extra_steps:
-            said.append("the repair phase runs (--repair-steps auto)")
-        return replace(passage, notes=passage.notes + (
-            f"every forget row is a passage: {' and '.join(said)}",)) if said else passage
-
-    def _method_for_rows(self, rows) -> "RunOptions":
-        """These options with the method FORGET's ROWS call for when --method was not given."""
+        """These options, unresolved, with the method FORGET's ROWS call for when --method was not given."""
         from unlearn.spans import is_long_response
 
         if not self.auto_method or not rows or not all(is_long_response(row) for row in rows):
@@ -474,8 +443,7 @@ class RunOptions:
             extra_steps=self.extra_steps if self.extra_steps is not None else (
                 ULMR_EXTRA_STEPS if ulmr and (self.repair_steps is None or self._repair_steps(self.train) == 0) else
                 self.train.extra_steps))
-        train = replace(train, repair_steps=self._repair_steps(train),
-                        leak_scale=PASSAGE_LEAK_SCALE if self.passage_rows and train.method in PASSAGE_METHODS else 1.0)
+        train = replace(train, repair_steps=self._repair_steps(train))
         train.validate()
         if self.adapters:
             self.lora.validate()
@@ -642,8 +610,7 @@ class RunOptions:
     def _repair_steps(self, train: TrainConfig) -> int | None:
         """--repair-steps as TrainConfig takes it: None for auto, else a number of steps (0: off)."""
         if self.repair_steps is None:  # the method's default; an explicit --extra-steps takes the repair's place
-            repairs = train.method in REPAIR_METHODS or (self.passage_rows and train.method in PASSAGE_METHODS)
-            return None if repairs and not train.extra_steps else 0
+            return None if train.method in REPAIR_METHODS and not train.extra_steps else 0
         if str(self.repair_steps).strip().lower() == "auto":
             return None
         try:
