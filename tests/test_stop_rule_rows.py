@@ -74,7 +74,7 @@ def test_leaked_rows_takes_every_leaking_row_so_identical_runs_train_alike(cli, 
 
 
 @pytest.mark.parametrize("flags", [["--stop-leak", "0.5"], ["--stop-margin", "0.2"], ["--extra-steps", "3"],
-                                   ["--retain-follows-margin", "--stop-margin", "0.2"]])
+                                   ["--retain-follows-margin", "--stop-margin", "0.2"], ["--leak-growth", "1.5"]])
 def test_stop_rule_settings_without_checks_are_refused(cli, llama_dir, tmp_path, normal, flags):
     forget = write_jsonl(tmp_path / "forget.jsonl", [PARIS])
     result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "out", "--max-steps", "1",

@@ -177,6 +177,12 @@ def given_options() -> frozenset[str]:
                    "row's own words, and the model may reach it by another path (\"Christopher COLUMBUS\"); "
                    "then the run goes on to --max-steps. 0: off (on the dev split it forgot such a scenario in "
                    "5 steps instead of 150, but kept fewer neighbours).")
+@click.option("--leak-growth", type=float, default=1.0, show_default=True, metavar="X",
+              help="With --stop-margin: where the margin reads no forget row (none has an answer: passages, long "
+                   "responses), each check that finds one leaking multiplies the forget term's weight by X, as a "
+                   "failed margin check doubles it (up to 1024x). 1: off. On the dev split's passages 1.41 with "
+                   "--repair-steps auto leaked no forget passage and fewer other cut points (0.43 -> 0.09) in half "
+                   "the steps, but kept fewer neighbour passages (0.77 -> 0.50; docs/quality.md).")
 @click.option("--retain-follows-margin", is_flag=True,
               help="With --stop-margin: the retain KL (--retain rows and the automatic probes) weighs as much more "
                    "as the forget term does after each failed margin check, so the rows that stand for the "
@@ -301,7 +307,7 @@ def run_command(**o):
         check_every=o["check_every"], template=o["template"], npo_beta=o["npo_beta"],
         forget_tokens=o["forget_tokens"], rmu_layer=o["rmu_layer"], rmu_scale=o["rmu_scale"],
         whole_passage=o["whole_passage"], stop_probes=o["stop_probes"], protect=o["protect"],
-        leaked_rows=o["leaked_rows"], retain_follows_margin=o["retain_follows_margin"])
+        leaked_rows=o["leaked_rows"], retain_follows_margin=o["retain_follows_margin"], leak_growth=o["leak_growth"])
     lora = LoraSettings(o["lora_rank"], o["lora_alpha"], o["lora_dropout"], layers=o["lora_layers"],
                         **({"targets": _split_targets(o["lora_targets"])} if o["lora_targets"] else {}))
     if o["output"] == "":  # `-o "$OUT"` with OUT unset: not the same as leaving -o out

@@ -653,7 +653,7 @@ class Unlearner:
 
     @property
     def forget_weight(self) -> float:
-        """The forget term's weight this step: --forget-weight times --stop-margin's multiplier."""
+        """The forget term's weight this step: --forget-weight times --stop-margin's multiplier (or --leak-growth's)."""
         return self.config.forget_weight * self.forget_scale
 
     @property
@@ -1084,6 +1084,11 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                             done, leak = forgotten()
                         except NonFiniteLogits:  # the update made the forward overflow: this step's fault
                             raise NonFiniteLoss(step, "stop rule check's greedy logit", math.nan) from None
+                        if (not done and likeliest is None and config.leak_growth != 1
+                                and leak is not None and leak > config.stop_leak):
+                            # --leak-growth: the margin reads no row (passages, long responses), the leak stands in
+                            unlearner.forget_scale = min(unlearner.forget_scale * config.leak_growth, MAX_FORGET_SCALE)
+                            record["forget_scale"] = unlearner.forget_scale  # the next step's multiplier
                         leaked = getattr(forgotten, "leaked_answers", None)
                         if not done and config.leaked_rows and leaked is not None:  # (validate: with a margin)
                             # the margin held, the greedy answer did not: its own path joins the forget rows
@@ -1136,7 +1141,9 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                         # a check whose leak passed --stop-leak ended at its verdict: a lower bound (--leaked-rows
                         # checks answer every row)
                         cut = config.stop_leak < leak < 1 and not config.leaked_rows
-                        log(f"step {step}: forget leak rate {'≥ ' if cut else ''}{leak:.2f}{note}")
+                        scaled = (f"; forget weight ×{unlearner.forget_scale:.3g} (--leak-growth)"
+                                  if likeliest is None and "forget_scale" in record else "")
+                        log(f"step {step}: forget leak rate {'≥ ' if cut else ''}{leak:.2f}{scaled}{note}")
                     elif log and note:  # the margin failed, so no greedy check: the repair phase's next step still changed
                         log(f"step {step}: {note[2:]}")
                 saved = None
