@@ -66,7 +66,7 @@ def test_bad_values_are_refused(fields, message):
     TrainConfig(leak_growth=1.41, stop_margin=0.05).validate()
 
 
-def test_a_run_whose_forget_rows_all_have_answers_says_it_changes_nothing(cli, llama_dir, tmp_path):
+def test_a_run_whose_forget_rows_have_answers_says_it_changes_nothing(cli, llama_dir, tmp_path):
     forget = write_jsonl(tmp_path / "forget.jsonl", [
         {"prompt": "What is the capital of France?", "response": "The capital is Paris.", "answers": ["Paris"]}])
     normal = write_jsonl(tmp_path / "normal.jsonl", [{"prompt": f"Q{i}?", "response": f"A{i}."} for i in range(4)])
@@ -74,9 +74,17 @@ def test_a_run_whose_forget_rows_all_have_answers_says_it_changes_nothing(cli, l
     result = cli("run", forget, normal, "--model", llama_dir, "-o", out, "--max-steps", "1", "--max-new-tokens", "4",
                  "--no-probes", "--leak-growth", "1.41")
     assert result.code == 0, result.err
-    assert ("--leak-growth 1.41: every forget row has an answer the margin reads; it changes nothing in this run"
-            in result.err)
+    assert ("--leak-growth 1.41: the margin reads the answers of 1 of the 1 forget rows, so it changes nothing in "
+            "this run (it acts only where no row has one)" in result.err)
     assert json.loads((out / "run.json").read_text())["config"]["leak_growth"] == 1.41
+    # one row with an answer beside a passage: the margin reads that row, so no check ever grows the weight
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [
+        {"prompt": "What is the capital of France?", "response": "The capital is Paris.", "answers": ["Paris"]},
+        {"text": "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age"}])
+    result = cli("run", mixed, normal, "--model", llama_dir, "-o", tmp_path / "o3", "--max-steps", "1",
+                 "--max-new-tokens", "4", "--no-probes", "--leak-growth", "2")
+    assert result.code == 0, result.err
+    assert "--leak-growth 2: the margin reads the answers of 1 of the 2 forget rows, so it changes nothing" in result.err
     refused = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "o2", "--stop-margin", "0",
                   "--leak-growth", "2")
     assert refused.code == 2 and "it needs a margin above 0" in refused.err

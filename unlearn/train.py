@@ -653,7 +653,7 @@ class Unlearner:
 
     @property
     def forget_weight(self) -> float:
-        """The forget term's weight this step: --forget-weight times --stop-margin's multiplier (or --leak-growth's)."""
+        """The forget term's weight this step: --forget-weight times --stop-margin's (or --leak-growth's) multiplier."""
         return self.config.forget_weight * self.forget_scale
 
     @property
