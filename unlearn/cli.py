@@ -180,9 +180,10 @@ def given_options() -> frozenset[str]:
 @click.option("--leak-growth", type=float, default=1.0, show_default=True, metavar="X",
               help="With --stop-margin: where the margin reads no forget row (none has an answer: passages, long "
                    "responses), each check that finds one leaking multiplies the forget term's weight by X, as a "
-                   "failed margin check doubles it (up to 1024x). 1: off. On the dev split's passages 1.41 with "
-                   "--repair-steps auto leaked no forget passage and fewer other cut points (0.43 -> 0.09) in half "
-                   "the steps, but kept fewer neighbour passages (0.77 -> 0.50; docs/quality.md).")
+                   "failed margin check doubles it (up to 1024x). 1: off. On the dev split's passages, sqrt 2 (1.41) "
+                   "with --repair-steps auto leaked no forget passage, and on one scenario fewer other cut points "
+                   "(0.43 -> 0.09), in under half the steps, but kept fewer neighbour passages (0.77 -> 0.50; means "
+                   "of three seeds, docs/quality.md).")
 @click.option("--retain-follows-margin", is_flag=True,
               help="With --stop-margin: the retain KL (--retain rows and the automatic probes) weighs as much more "
                    "as the forget term does after each failed margin check, so the rows that stand for the "

@@ -228,9 +228,9 @@ class TrainConfig:
     # With stop_margin, where the margin reads no forget row (none narrowed to an answer: a passage, a long
     # response): each greedy check that finds a leak multiplies the forget term's weight by this (the margin's dual
     # ascent, on the one constraint such rows have; the same cap). 1: off. Off by default: on the dev split's
-    # passage scenarios 1.41 with --repair-steps auto leaked no forget passage and far fewer other cut points, in
-    # half the steps, but kept fewer neighbour passages, and lost the rule on the seeds unseen when it was declared
-    # (docs/quality.md, fifty-fifth session).
+    # passage scenarios √2 with --repair-steps auto leaked no forget passage and, on `excerpts`, far fewer other cut
+    # points, in under half the steps, but kept fewer neighbour passages, and lost the rule on the seeds unseen when
+    # it was declared (docs/quality.md, fifty-fifth session).
     leak_growth: float = 1.0
     # Passages: the forget loss on every token after the first word (data.forget_pair), not only on
     # the leak test's continuation. Off: on the dev split it did not win (docs/quality.md, "Passages:
