@@ -24,13 +24,14 @@ def test_each_leaking_check_multiplies_the_forget_weight_where_the_margin_reads_
     monkeypatch.setattr(u, "likeliest_forget_answer", lambda above: (None, True))  # no row narrowed to an answer
     before = u.forget_weight
     lines = []
-    result = train_with(u, [(False, 0.5), (False, 0.5), (True, 0.0)], lines)
-    assert result.steps == 3 and u.forget_scale == pytest.approx(2.0)  # √2 twice; the clean check adds none
+    # the third check is clean but not done (--stop-probes waiting for the probes): no leak, no growth
+    result = train_with(u, [(False, 0.5), (False, 0.5), (False, 0.0), (True, 0.0)], lines)
+    assert result.steps == 4 and u.forget_scale == pytest.approx(2.0)  # √2 twice; the clean checks add none
     assert u.forget_weight == pytest.approx(2 * before)
-    assert [r.get("forget_scale") for r in result.history] == [pytest.approx(ROOT2), pytest.approx(2.0), None]
+    assert [r.get("forget_scale") for r in result.history] == [pytest.approx(ROOT2), pytest.approx(2.0), None, None]
     assert lines[:3] == ["step 1: forget leak rate ≥ 0.50; forget weight ×1.41 (--leak-growth)",
                          "step 2: forget leak rate ≥ 0.50; forget weight ×2 (--leak-growth)",
-                         "step 3: forget leak rate 0.00"]
+                         "step 3: forget leak rate 0.00"]  # (its probes' line is stop_rule's, not the loop's)
     # the margin's cap holds
     u = unlearner(llama_dir, max_steps=10, check_every=1, stop_margin=0.05, leak_growth=1e6)
     monkeypatch.setattr(u, "likeliest_forget_answer", lambda above: (None, True))
@@ -53,9 +54,9 @@ def test_the_weight_stays_where_it_does_not_apply(llama_dir, monkeypatch, growth
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"leak_growth": 0.5, "stop_margin": 0.05}, "--leak-growth 0.5: must be 1 (off) or more"),
-    ({"leak_growth": float("nan"), "stop_margin": 0.05}, "--leak-growth nan: must be 1 (off) or more"),
-    ({"leak_growth": float("inf"), "stop_margin": 0.05}, "--leak-growth inf: must be 1 (off) or more"),
+    ({"leak_growth": 0.5, "stop_margin": 0.05}, "--leak-growth 0.5: must be a finite number, 1 (off) or more"),
+    ({"leak_growth": float("nan"), "stop_margin": 0.05}, "--leak-growth nan: must be a finite number, 1 (off) or more"),
+    ({"leak_growth": float("inf"), "stop_margin": 0.05}, "--leak-growth inf: must be a finite number, 1 (off) or more"),
     ({"leak_growth": 2.0}, "--leak-growth 2 grows the forget weight as --stop-margin's failed checks do, where the "
                            "margin reads no row; it needs a margin above 0"),
 ])
@@ -89,3 +90,11 @@ def test_a_run_whose_forget_rows_have_answers_says_it_changes_nothing(cli, llama
                   "--leak-growth", "2")
     assert refused.code == 2 and "it needs a margin above 0" in refused.err
     assert not (tmp_path / "o2").exists()
+    # where no margin can be had, the refusal names the option to drop, not the margin it would need
+    for flags, trains in ((["--method", "ulmr"], "--method ulmr learns whole responses"),
+                          (["--forget-tokens", "response"], "--forget-tokens response pushes down every response")):
+        refused = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "o4", *flags, "--leak-growth", "2")
+        assert refused.code == 2 and refused.err.strip().splitlines() == [
+            f"unlearn: --leak-growth 2 grows the weight as --stop-margin's failed checks do, and {trains} "
+            + ("(its rows' likelihood)" if "ulmr" in trains else "token")
+            + ", which takes no margin: drop --leak-growth"]

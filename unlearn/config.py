@@ -288,7 +288,7 @@ class TrainConfig:
             raise UsageError(f"--leaked-rows {self.leaked_rows}: adds the answers that leak while --stop-margin "
                              f"holds; it needs a margin above 0")
         if not (self.leak_growth >= 1 and math.isfinite(self.leak_growth)):
-            raise UsageError(f"--leak-growth {self.leak_growth}: must be 1 (off) or more")
+            raise UsageError(f"--leak-growth {self.leak_growth}: must be a finite number, 1 (off) or more")
         check_float32("--leak-growth", self.leak_growth)
         if self.leak_growth != 1 and not self.stop_margin:
             raise UsageError(f"--leak-growth {self.leak_growth:g} grows the forget weight as --stop-margin's failed "
@@ -431,11 +431,15 @@ class RunOptions:
             # both act at the answer's positions; a row scored whole has none, and takes unlikelihood (README)
             raise UsageError(f"--forget-loss {self.forget_loss} acts where the answer is, and --forget-tokens response "
                              f"scores every response token (unlikelihood): drop one of them")
-        if unfocused and self.stop_margin:
+        if unfocused and (self.stop_margin or self.train.leak_growth != 1):
             trains = ("--method ulmr learns whole responses (its rows' likelihood)" if ulmr else
                       "--forget-tokens response pushes down every response token")
-            raise UsageError(f"--stop-margin reads the forget rows' answer tokens; {trains} and has none to read: "
-                             f"drop --stop-margin")
+            if self.stop_margin:
+                raise UsageError(f"--stop-margin reads the forget rows' answer tokens; {trains} and has none to "
+                                 f"read: drop --stop-margin")
+            # (refused here, not as "needs a margin": the margin it would need is refused in turn)
+            raise UsageError(f"--leak-growth {self.train.leak_growth:g} grows the weight as --stop-margin's failed "
+                             f"checks do, and {trains}, which takes no margin: drop --leak-growth")
         train = replace(
             self.train,
             retain_weight=self.retain_weight if self.retain_weight is not None else (
