@@ -90,6 +90,10 @@ def test_a_run_whose_forget_rows_have_answers_says_it_changes_nothing(cli, llama
                   "--leak-growth", "2")
     assert refused.code == 2 and "it needs a margin above 0" in refused.err
     assert not (tmp_path / "o2").exists()
+    refused = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "o5", "--method", "edit",
+                  "--leak-growth", "2")
+    assert refused.code == 2 and refused.err.strip().splitlines() == [
+        "unlearn: --method edit is one least-squares edit, not a training run: it takes no --leak-growth"]
     # where no margin can be had, the refusal names the option to drop, not the margin it would need
     for flags, trains in ((["--method", "ulmr"], "--method ulmr learns whole responses"),
                           (["--forget-tokens", "response"], "--forget-tokens response pushes down every response")):

@@ -182,11 +182,12 @@ def given_options() -> frozenset[str]:
                    "responses), each check that finds one leaking multiplies the forget term's weight by X, as a "
                    "failed margin check doubles it (up to 1024x). 1: off. On the dev split's passages, sqrt 2 (1.41) "
                    "with --repair-steps auto leaked no forget passage, and on one scenario fewer other cut points "
-                   "(0.43 -> 0.09), in under half the steps, but kept fewer neighbour passages (0.77 -> 0.50; means "
-                   "of three seeds, docs/quality.md).")
+                   "(0.43 -> 0.09), in under half the steps, but kept fewer neighbour passages there (0.77 -> 0.50; "
+                   "means of three seeds, docs/quality.md).")
 @click.option("--retain-follows-margin", is_flag=True,
               help="With --stop-margin: the retain KL (--retain rows and the automatic probes) weighs as much more "
-                   "as the forget term does after each failed margin check, so the rows that stand for the "
+                   "as the forget term does after each failed margin check (and each --leak-growth), so the rows that "
+                   "stand for the "
                    "neighbours keep their share of the update. Off by default: on the dev split it kept more "
                    "neighbours for more steps (docs/quality.md).")
 @click.option("--whole-passage", is_flag=True,

@@ -290,6 +290,8 @@ class TrainConfig:
         if not (self.leak_growth >= 1 and math.isfinite(self.leak_growth)):
             raise UsageError(f"--leak-growth {self.leak_growth}: must be a finite number, 1 (off) or more")
         check_float32("--leak-growth", self.leak_growth)
+        if self.leak_growth != 1 and self.method == "edit":  # before the margin's refusal, which edit refuses in turn
+            raise UsageError("--method edit is one least-squares edit, not a training run: it takes no --leak-growth")
         if self.leak_growth != 1 and not self.stop_margin:
             raise UsageError(f"--leak-growth {self.leak_growth:g} grows the forget weight as --stop-margin's failed "
                              f"checks do, where the margin reads no row; it needs a margin above 0")
