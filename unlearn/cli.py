@@ -187,9 +187,8 @@ def given_options() -> frozenset[str]:
 @click.option("--retain-follows-margin", is_flag=True,
               help="With --stop-margin: the retain KL (--retain rows and the automatic probes) weighs as much more "
                    "as the forget term does after each failed margin check (and each --leak-growth), so the rows that "
-                   "stand for the "
-                   "neighbours keep their share of the update. Off by default: on the dev split it kept more "
-                   "neighbours for more steps (docs/quality.md).")
+                   "stand for the neighbours keep their share of the update. Off by default: on the dev split it "
+                   "kept more neighbours for more steps (docs/quality.md).")
 @click.option("--whole-passage", is_flag=True,
               help="Passages (`text` rows): push down every token after the first word (extraction from any cut "
                    "point), not only the continuation the leak test compares with. On the quality benchmark it "
