@@ -290,8 +290,6 @@ class TrainConfig:
         if not (self.leak_growth >= 1 and math.isfinite(self.leak_growth)):
             raise UsageError(f"--leak-growth {self.leak_growth}: must be a finite number, 1 (off) or more")
         check_float32("--leak-growth", self.leak_growth)
-        if self.leak_growth != 1 and self.method == "edit":  # before the margin's refusal, which edit refuses in turn
-            raise UsageError("--method edit is one least-squares edit, not a training run: it takes no --leak-growth")
         if self.leak_growth != 1 and not self.stop_margin:
             raise UsageError(f"--leak-growth {self.leak_growth:g} grows the forget weight as --stop-margin's failed "
                              f"checks do, where the margin reads no row; it needs a margin above 0")
@@ -463,6 +461,29 @@ class RunOptions:
                 ULMR_EXTRA_STEPS if ulmr and (self.repair_steps is None or self._repair_steps(self.train) == 0) else
                 self.train.extra_steps))
         train = replace(train, repair_steps=self._repair_steps(train))
+        # settings of the gradient loop: given to the edit, they did nothing, silently. Before TrainConfig.validate,
+        # whose refusals of the loop's settings (a margin --leak-growth needs) would name what the edit takes no part in
+        if self.train.method == "edit":
+            unused = [flag for flag, given in (
+                ("--lr", self.lr is not None), ("--max-steps", self._given("max_steps")),
+                ("--forget-loss", self.forget_loss is not None), ("--stop-margin", self.stop_margin is not None),
+                ("--lora-* settings", self._lora_given()),
+                ("--gradient-checkpointing", self.gradient_checkpointing),
+                ("--template", self._given("template")),
+                ("--rmu-layer", self.train.rmu_layer is not None),
+                # the stop rule's: the edit has no checks (its forget set reads `trained`, never `stop rule`)
+                ("--check-every", self._given("check_every")),
+                ("--stop-leak", self.stop_leak is not None), ("--extra-steps", self.extra_steps is not None),
+                ("--stop-probes", self._given("stop_probes")), ("--leak-growth", self.train.leak_growth != 1),
+                ("--whole-passage", self.train.whole_passage),  # it edits facts, not passages
+                # the loss's weights and the loop's schedule (the edit's own preservation weight is no --normal-weight)
+                ("--normal-weight", self.normal_weight is not None), ("--retain-weight", self.retain_weight is not None),
+                *((f"--{name.replace('_', '-')}", self._given(name))
+                  for name in ("batch_size", "forget_weight", "mismatch_weight", "max_length", "grad_accum",
+                               "warmup_steps", "schedule", "max_grad_norm", "forget_tokens", "npo_beta"))) if given]
+            if unused:
+                raise UsageError(f"--method edit is one least-squares edit, not a training run: it takes no "
+                                 f"{', '.join(unused)}")
         train.validate()
         if self.adapters:
             self.lora.validate()
@@ -479,27 +500,6 @@ class RunOptions:
                                             or train.repair_steps != 0):
             raise UsageError("--method edit is one least-squares edit, not a training run: it takes no "
                              "--alpha, --resume, --save-every, --repair-steps or --full")
-        if self.train.method == "edit":  # settings of the gradient loop: given to the edit, they did nothing, silently
-            unused = [flag for flag, given in (
-                ("--lr", self.lr is not None), ("--max-steps", self._given("max_steps")),
-                ("--forget-loss", self.forget_loss is not None), ("--stop-margin", self.stop_margin is not None),
-                ("--lora-* settings", self._lora_given()),
-                ("--gradient-checkpointing", self.gradient_checkpointing),
-                ("--template", self._given("template")),
-                ("--rmu-layer", self.train.rmu_layer is not None),
-                # the stop rule's: the edit has no checks (its forget set reads `trained`, never `stop rule`)
-                ("--check-every", self._given("check_every")),
-                ("--stop-leak", self.stop_leak is not None), ("--extra-steps", self.extra_steps is not None),
-                ("--stop-probes", self._given("stop_probes")),
-                ("--whole-passage", self.train.whole_passage),  # it edits facts, not passages
-                # the loss's weights and the loop's schedule (the edit's own preservation weight is no --normal-weight)
-                ("--normal-weight", self.normal_weight is not None), ("--retain-weight", self.retain_weight is not None),
-                *((f"--{name.replace('_', '-')}", self._given(name))
-                  for name in ("batch_size", "forget_weight", "mismatch_weight", "max_length", "grad_accum",
-                               "warmup_steps", "schedule", "max_grad_norm", "forget_tokens", "npo_beta"))) if given]
-            if unused:
-                raise UsageError(f"--method edit is one least-squares edit, not a training run: it takes no "
-                                 f"{', '.join(unused)}")
         if self.train.method == "rmu" and self.gradient_checkpointing:
             raise UsageError("--method rmu stops each forward pass at its layer (little memory to save): "
                              "it takes no --gradient-checkpointing")
