@@ -961,8 +961,8 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log, before: Meas
             if data.retain else "--protect: no retain rows or probes to protect; the gradient is not projected")
     if opts.train.retain_follows_margin and not data.retain:
         log("--retain-follows-margin: no retain rows or probes to weigh; it changes nothing in this run")
-    read = sum(row["focused"] for row in unlearner.forget)
-    if opts.train.leak_growth != 1 and read:  # the margin reads these rows' answers: its own doubling acts instead
+    read = len(unlearner.margin_rows()) if opts.train.leak_growth != 1 else 0
+    if read:  # the margin reads these rows' answers: its own doubling acts instead of --leak-growth
         log(f"--leak-growth {opts.train.leak_growth:g}: the margin reads the answers of {read} of the "
             f"{len(unlearner.forget)} forget rows, so it changes nothing in this run (it acts only where no row "
             f"has one)")

@@ -427,6 +427,11 @@ class Unlearner:
             answer = self.normal_responses[self.rng.randrange(len(self.normal_responses))]
         return encode_pair(self.tokenizer, self.forget_prompts[forget_index], answer, self.config.max_length)
 
+    def margin_rows(self) -> list[int]:
+        """The forget rows --stop-margin reads: those narrowed to an answer (`likeliest_forget_answer`). Where
+        there is none, --leak-growth grows the forget weight at each leaking check instead."""
+        return [i for i, row in enumerate(self.forget) if row["focused"]]
+
     def likeliest_forget_answer(self, above: float | None = None) -> tuple[float | None, bool]:
         """The stop rule's margin (--stop-margin): the highest probability, over the forget rows focused on
         an answer, of the first run of each row's scored tokens (the answer's first occurrence) given the
@@ -446,7 +451,7 @@ class Unlearner:
         alone: if its p is above ABOVE, the verdict is known and the other rows are not read (p is
         then a lower bound, exact False). Most checks fail on that row, for a fourteenth of the forwards.
         """
-        focused = [i for i, row in enumerate(self.forget) if row["focused"]]
+        focused = self.margin_rows()
         if not focused:
             return None, True
         first = self._likeliest_row if above is not None and len(focused) > 1 else None
