@@ -244,6 +244,10 @@ def given_options() -> frozenset[str]:
               help="Which decoder layers get adapters: all, upper (the upper half: layers n/2 to n-1 of n) or "
                    "FIRST-LAST (0-based, e.g. 12-23).")
 @click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")
+@click.option("--autocast", default="off", show_default=True, metavar="auto|bf16|off",
+              help="Run a float32 model's training passes under bfloat16 autocast (weights, optimiser and losses stay "
+                   "float32; the stop rule's checks and every measurement run in float32): bf16, off, or auto (bf16 "
+                   "where the CPU has AVX512-BF16 or AMX instructions, or on a CUDA device that does bf16).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda when available].")
 @click.option("--judge", default=None, help="Harmful-rate judge: similarity (default), keywords:FILE, classifier:PATH.")
 @click.option("--judge-label", default=None, help="The classifier judge's unsafe label.")
@@ -308,7 +312,8 @@ def run_command(**o):
         check_every=o["check_every"], template=o["template"], npo_beta=o["npo_beta"],
         forget_tokens=o["forget_tokens"], rmu_layer=o["rmu_layer"], rmu_scale=o["rmu_scale"],
         whole_passage=o["whole_passage"], stop_probes=o["stop_probes"], protect=o["protect"],
-        leaked_rows=o["leaked_rows"], retain_follows_margin=o["retain_follows_margin"], leak_growth=o["leak_growth"])
+        leaked_rows=o["leaked_rows"], retain_follows_margin=o["retain_follows_margin"], leak_growth=o["leak_growth"],
+        autocast=o["autocast"].strip().lower())
     lora = LoraSettings(o["lora_rank"], o["lora_alpha"], o["lora_dropout"], layers=o["lora_layers"],
                         **({"targets": _split_targets(o["lora_targets"])} if o["lora_targets"] else {}))
     if o["output"] == "":  # `-o "$OUT"` with OUT unset: not the same as leaving -o out

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from unlearn import precision
 from unlearn.errors import UsageError
 from unlearn.lora import LoraSettings
 from unlearn.metrics import MIN_K_PERCENT
@@ -236,12 +237,17 @@ class TrainConfig:
     # the leak test's continuation. Off: on the dev split it did not win (docs/quality.md, "Passages:
     # every cut point"; other cut points 0.15 -> 0.07 leaked, the leak test's own 0.10 -> 0.23).
     whole_passage: bool = False
+    # bfloat16 autocast of a float32 model's forward passes inside a training step (precision.py): "auto" where
+    # the device has bf16 instructions, "bf16", "off". The checks and measurements run in float32 either way.
+    autocast: str = "off"
     rmu_layer: int | None = None  # rmu's layer ℓ (None: rmu.default_layer, a quarter of the depth)
     rmu_scale: float = RMU_SCALE  # rmu's target norm c, in mean norms of h_ℓ on the normal rows
 
     def validate(self) -> None:
         if self.method not in METHODS:
             raise UsageError(f"--method {self.method}: expected one of {', '.join(METHODS)}")
+        if self.autocast not in precision.SETTINGS:
+            raise UsageError(f"--autocast {self.autocast}: expected one of {', '.join(precision.SETTINGS)}")
         if not self.template.strip():  # the refusal would train toward the end-of-turn token alone
             raise UsageError("--template is blank: give the refusal text the forget prompts should get")
         positive = {"--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
@@ -476,6 +482,7 @@ class RunOptions:
                 ("--stop-leak", self.stop_leak is not None), ("--extra-steps", self.extra_steps is not None),
                 ("--stop-probes", self._given("stop_probes")), ("--leak-growth", self.train.leak_growth != 1),
                 ("--whole-passage", self.train.whole_passage),  # it edits facts, not passages
+                ("--autocast", self._given("autocast")),  # no training passes: the edit runs in the model's own dtype
                 # the loss's weights and the loop's schedule (the edit's own preservation weight is no --normal-weight)
                 ("--normal-weight", self.normal_weight is not None), ("--retain-weight", self.retain_weight is not None),
                 *((f"--{name.replace('_', '-')}", self._given(name))
@@ -488,6 +495,9 @@ class RunOptions:
         if self.adapters:
             self.lora.validate()
         models.torch_dtype(self.dtype)  # a typo in --dtype fails before anything is read or loaded
+        if self.dtype != "float32" and self._given("autocast"):  # (precision.resolve: off for such a model)
+            raise UsageError(f"--autocast {train.autocast}: the model is held in {self.dtype} (--dtype), whose "
+                             f"products run in it already: drop --autocast")
         if self.eval_limit < 1 or self.max_new_tokens < 1 or self.gen_batch_size < 1:
             raise UsageError("--eval-limit, --max-new-tokens and --gen-batch-size must be at least 1")
         if not 0 <= self.normal_holdout < 1:

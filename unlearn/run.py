@@ -438,6 +438,7 @@ class Loaded:
     # measurements' generations (pooled: Measurer.answer_sets), whose time counts there.
     probe_seconds: float = 0.0
     pooled_before_seconds: float = 0.0  # the original's answers generated while building the probes
+    autocast: str = "off"  # the training passes' precision, --autocast as resolved (precision.resolve)
     probes_reused: bool = False  # the probes and the original's answers to them came from the measurement cache
     # Loading the model (the embedded GGUF's one-time conversion included), hashing its weights for the
     # measurement cache, attaching LoRA or copying the reference; ULMR's rewrites are counted apart.
@@ -956,6 +957,10 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log, before: Meas
         return edit_model(opts, job, data, log)
     unlearner = Unlearner(job.model, job.tokenizer, job.train_rows, data.normal, opts.train,
                           reference_model=job.reference_model, forward_model=job.forward_model, retain=data.retain)
+    job.autocast = unlearner.autocast
+    if unlearner.autocast == "bf16":
+        log("training passes under bfloat16 autocast (--autocast"
+            + (" auto: this device has bf16 instructions)" if opts.train.autocast == "auto" else ")"))
     if opts.train.protect:
         log(f"--protect: the forget gradient is projected off {len(data.retain)} retain rows' gradients"
             if data.retain else "--protect: no retain rows or probes to protect; the gradient is not projected")
@@ -1295,6 +1300,7 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
                  for name, p, n in files},
         "versions": system.package_versions(),
         "device": system.device_name(job.device),
+        "autocast": job.autocast,  # the training passes' precision, --autocast resolved: "bf16" or "off"
         "distributed": distributed.world().describe(),
         "judge": job.measurer.judge.name,
         "steps": result.steps,

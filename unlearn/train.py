@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from unlearn import distributed, losses, protect, redirect, repair, rmu
+from unlearn import distributed, losses, precision, protect, redirect, repair, rmu
 from unlearn.attention import training_attention
 from unlearn.config import TrainConfig
 from unlearn.data import EncodedRows, collate, encode_pair, loss_pair
@@ -274,6 +274,8 @@ class Unlearner:
         self.normal_batches = Batches(len(normal), config.batch_size, self.rng)
         self.retain_batches = Batches(len(self.retain), config.batch_size, self.rng)
         self.device = next(model.parameters()).device
+        # --autocast made definite for this model and device ("bf16" or "off"): precision.py
+        self.autocast = precision.resolve(config.autocast, model)
         self.rmu = None
         if config.method == "rmu":  # before the trainable parameters are collected: it freezes layers
             self.rmu = rmu.Misdirection(model, config.rmu_layer, config.rmu_scale, config.seed, reference_model)
@@ -364,11 +366,18 @@ class Unlearner:
             # the margin's next check reads this row alone first (`likeliest_forget_answer`): a resumed run whose
             # check read every row together gave the same verdict with another rounding of the logged p
             "likeliest_row": self._likeliest_row,
+            "autocast": self.autocast,
         }
 
     def load_state_dict(self, state: dict, where: str = "the checkpoint") -> None:
         """Restore what `state_dict` returned (under FSDP each rank keeps its own shard)."""
         params = self._named_params()
+        # The steps so far ran at the checkpoint's precision; another (--autocast auto on another device) would
+        # continue them on other numbers. A checkpoint from before the setting trained in float32.
+        if state.get("autocast", "off") != self.autocast:
+            raise UnlearnError(f"{where}: its steps trained with --autocast {state.get('autocast', 'off')}, this "
+                               f"run's resolves to {self.autocast} (give --autocast "
+                               f"{state.get('autocast', 'off')}, or start afresh with --force)")
         weights = state["weights"]
         if set(weights) != set(params):
             missing = sorted(set(params) - set(weights)) or sorted(set(weights) - set(params))
@@ -897,22 +906,10 @@ class Unlearner:
         protect.accumulate(self.params, projected)
         return {"loss": float(total.detach()), **terms}
 
-    def step(self) -> dict:
-        """One optimiser update over `grad_accum` micro-batches; returns the logged terms."""
-        config = self.config
-        train_without_dropout(self.model)
-        lr = learning_rate(config, self.step_count)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        # --protect: the span of the retain rows' gradients at the weights this update starts from (a repair
-        # step trains no forget term, so there is nothing to project: `_protected_backward`).
-        protected = (protect.basis(protect.row_gradients(self.model, self.params, self.retain, self.pad_id,
-                                                         forward_logits))
-                     if config.protect and self.retain and not self.keep_terms_only else None)
-        logged: dict[str, float] = {}
-        # Every rank draws the same global micro-batches (same RNG draws, in the order one at a time gave)
-        # and keeps its share of each.
-        drawn = [distributed.shard_rows(self._rows()) for _ in range(config.grad_accum)]
+    def _micro_batches(self, drawn: list[dict[str, list[dict]]], protected: torch.Tensor | None) -> dict[str, float]:
+        """Forward and backward of an update's micro-batches DRAWN (their gradients summed into .grad); returns
+        the logged terms (PROTECTED: --protect's basis, or None)."""
+        config, logged = self.config, {}
         for m, (rows, shares) in enumerate(zip(drawn, self._accumulation_shares(drawn))):
             self._drawn_ahead = drawn[m + 1:]
             scale = 1 / config.grad_accum if shares is None else 1.0  # shares weigh each term themselves
@@ -934,6 +931,25 @@ class Unlearner:
             step_terms.update(at_zero)
             for k, v in step_terms.items():
                 logged[k] = logged.get(k, 0.0) + v * scale
+        return logged
+
+    def step(self) -> dict:
+        """One optimiser update over `grad_accum` micro-batches; returns the logged terms."""
+        config = self.config
+        train_without_dropout(self.model)
+        lr = learning_rate(config, self.step_count)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        # --protect: the span of the retain rows' gradients at the weights this update starts from (a repair
+        # step trains no forget term, so there is nothing to project: `_protected_backward`).
+        protected = (protect.basis(protect.row_gradients(self.model, self.params, self.retain, self.pad_id,
+                                                         forward_logits))
+                     if config.protect and self.retain and not self.keep_terms_only else None)
+        # Every rank draws the same global micro-batches (same RNG draws, in the order one at a time gave)
+        # and keeps its share of each.
+        drawn = [distributed.shard_rows(self._rows()) for _ in range(config.grad_accum)]
+        with precision.training_autocast(self.autocast, self.device):
+            logged = self._micro_batches(drawn, protected)
         self._drawn_ahead = []
         logged = distributed.average(logged)  # the global batch's terms, the same on every rank
         for p in self.params:  # a half-precision weight's gradient goes to its float32 master

@@ -1,0 +1,120 @@
+"""--autocast: a float32 model's training passes under bfloat16 autocast (precision.py); the checks and every
+measurement stay float32; the setting is resolved once per run, recorded, and a resume at another one refused."""
+
+import json
+
+import pytest
+import torch
+
+from unlearn import precision
+from unlearn.config import TrainConfig
+from unlearn.errors import UnlearnError, UsageError
+from unlearn.train import first_scored_position
+from unlearn.data import collate
+from unlearn import losses
+
+from test_run_cli import write_jsonl
+from test_train import unlearner
+
+
+def test_native_bf16_reads_the_cpu_s_declared_instructions(monkeypatch):
+    cpu = torch.device("cpu")
+    for capabilities, native in (({"avx512_bf16": True}, True), ({"amx_bf16": True, "avx512_bf16": False}, True),
+                                 ({"avx512_bf16": False, "avx2": True}, False), ({}, False)):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda c=capabilities: c)
+        assert precision.native_bf16(cpu) is native
+
+
+@pytest.mark.parametrize("setting, native, dtype, resolved", [
+    ("off", True, "float32", "off"),
+    ("bf16", False, "float32", "bf16"),  # asked for: taken even where it is slow
+    ("auto", True, "float32", "bf16"),
+    ("auto", False, "float32", "off"),
+    ("auto", True, "bfloat16", "off"),  # a model held in bf16 already runs its products so
+    ("bf16", True, "bfloat16", "off"),
+])
+def test_resolve(llama_dir, monkeypatch, setting, native, dtype, resolved):
+    monkeypatch.setattr(precision, "native_bf16", lambda device: native)
+    u = unlearner(llama_dir, dtype=dtype, autocast=setting)
+    assert u.autocast == resolved
+
+
+def test_the_training_passes_run_under_autocast_and_the_margin_check_does_not(llama_dir):
+    u = unlearner(llama_dir, autocast="bf16", stop_margin=0.05, forget_tokens="answers")
+    seen = []
+    u.model.register_forward_hook(lambda m, a, out: seen.append((torch.is_autocast_enabled("cpu"), out.logits.dtype)))
+    record = u.step()
+    assert seen and all(enabled and dtype == torch.bfloat16 for enabled, dtype in seen)
+    assert all(p.dtype == torch.float32 for p in u.params)  # the adapters and AdamW's state stay float32
+    assert all(torch.isfinite(torch.tensor(v)) for v in record.values() if isinstance(v, float))
+    seen.clear()
+    u.likeliest_forget_answer()  # the stop rule's margin: a measurement, float32
+    assert seen and not any(enabled for enabled, _ in seen)
+    assert not torch.is_autocast_enabled("cpu")  # nothing left switched on
+
+
+def test_the_kl_is_exactly_zero_at_the_original_under_autocast(llama_dir):
+    """The reference and the trainable forward round alike: with B = 0 the adapters add an exact 0, so the true KL
+    is 0.0, not bf16 noise (against the float32 reference it would not be: about 6e-4 a token on the embedded
+    model's normal rows)."""
+    u = unlearner(llama_dir, autocast="bf16")
+    batch = collate(u.normal[:4], u.pad_id)
+    batch["rows"] = u.normal[:4]
+    start = first_scored_position(batch["labels"])
+    with precision.training_autocast("bf16", u.device):
+        reference = u._reference_logits(batch, start)
+        logits, labels, _, _ = u._group_forward(u.normal[:4])
+        fp32 = u._reference_logits(batch, start).float()
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits, reference)
+    assert float(losses.kl_loss(reference, logits, labels).detach()) == 0.0
+    with torch.no_grad():
+        plain = u._reference_logits(batch, start)
+    assert plain.dtype == torch.float32 and not torch.equal(plain, fp32)  # outside autocast: float32, other numbers
+
+
+def test_a_checkpoint_remembers_its_precision(llama_dir):
+    u = unlearner(llama_dir, autocast="bf16")
+    u.step()
+    state = u.state_dict()
+    assert state["autocast"] == "bf16"
+    other = unlearner(llama_dir, autocast="off")
+    with pytest.raises(UnlearnError) as refused:
+        other.load_state_dict(state, where="ckpt/step-1")
+    assert str(refused.value) == ("ckpt/step-1: its steps trained with --autocast bf16, this run's resolves to off "
+                                  "(give --autocast bf16, or start afresh with --force)")
+    older = {k: v for k, v in state.items() if k != "autocast"}  # a checkpoint from before the setting: float32
+    with pytest.raises(UnlearnError, match="trained with --autocast off, this run's resolves to bf16"):
+        unlearner(llama_dir, autocast="bf16").load_state_dict(older)
+    unlearner(llama_dir, autocast="bf16").load_state_dict(state)
+
+
+def test_bad_setting_is_refused():
+    with pytest.raises(UsageError) as refused:
+        TrainConfig(autocast="fp16").validate()
+    assert str(refused.value) == "--autocast fp16: expected one of auto, bf16, off"
+
+
+def test_the_command_records_it_and_refuses_where_it_does_nothing(cli, llama_dir, tmp_path):
+    forget = write_jsonl(tmp_path / "forget.jsonl", [
+        {"prompt": "What is the capital of France?", "response": "The capital is Paris.", "answers": ["Paris"]}])
+    normal = write_jsonl(tmp_path / "normal.jsonl", [{"prompt": f"Q{i}?", "response": f"A{i}."} for i in range(4)])
+    common = ["--model", llama_dir, "--max-steps", "1", "--max-new-tokens", "4", "--no-probes"]
+    result = cli("run", forget, normal, "-o", tmp_path / "a", *common, "--autocast", " BF16")
+    assert result.code == 0, result.err
+    assert "training passes under bfloat16 autocast (--autocast)" in result.err
+    record = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert record["autocast"] == "bf16" and record["config"]["autocast"] == "bf16"
+    result = cli("run", forget, normal, "-o", tmp_path / "b", *common)
+    assert result.code == 0, result.err
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["autocast"] == "off"
+    assert "autocast" not in result.err
+    for flags, line in (
+            (["--autocast", "fp16"], "unlearn: --autocast fp16: expected one of auto, bf16, off"),
+            (["--autocast", "auto", "--dtype", "bfloat16"],
+             "unlearn: --autocast auto: the model is held in bfloat16 (--dtype), whose products run in it already: "
+             "drop --autocast"),
+            (["--autocast", "off", "--method", "edit"],
+             "unlearn: --method edit is one least-squares edit, not a training run: it takes no --autocast")):
+        refused = cli("run", forget, normal, "-o", tmp_path / "c", "--model", llama_dir, *flags)
+        assert refused.code == 2 and refused.err.strip().splitlines() == [line]
+        assert not (tmp_path / "c").exists()

@@ -1,0 +1,54 @@
+"""The precision of the training passes (`--autocast`): bfloat16 autocast of a float32 model's
+forward passes inside a training step, or none.
+
+Under autocast the matrix products of the trainable and reference forwards run in bfloat16; the
+weights, their gradients, AdamW's state and the loss terms stay float32 (log-softmax runs in float32
+under autocast; the logits come out bfloat16). Everything outside a training step (the stop rule's
+checks and margin, the before/after measurements, generation) runs as the model is, float32, so every
+printed figure is measured as before: only the training trajectory changes.
+
+Why: on a CPU with bfloat16 instructions the embedded model's default step took 2.1-2.8 s instead of
+3.3-3.6 s (docs/speed.md, fifty-sixth session). On a CPU without them torch takes a reference path
+about 40x slower than float32 (system.slow_low_precision_note), so `auto` never chooses it there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+SETTINGS = ("auto", "bf16", "off")
+
+
+def native_bf16(device) -> bool:
+    """Whether DEVICE runs bfloat16 matrix products natively, read from what the hardware declares, so that
+    the same machine always decides the same way (a timed product, as system.cpu_matmul_rate measures, can
+    read slow under load, and the choice changes the numbers a run trains on): a CPU with AVX512-BF16 or
+    AMX-BF16 instructions, or a CUDA device from Ampere on."""
+    import torch
+
+    if device.type == "cpu":
+        capabilities = getattr(torch.cpu, "get_capabilities", lambda: {})()
+        return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def resolve(setting: str, model) -> str:
+    """SETTING ("auto", "bf16", "off") made definite for MODEL: "bf16" or "off". Autocast only lowers a
+    float32 model's products; a model held in bfloat16 or float16 (--dtype) already runs them so."""
+    import torch
+
+    weight = next(model.parameters())
+    if setting == "off" or weight.dtype != torch.float32:
+        return "off"
+    if setting == "bf16":
+        return "bf16"
+    return "bf16" if native_bf16(weight.device) else "off"
+
+
+def training_autocast(resolved: str, device) -> contextlib.AbstractContextManager:
+    """The context a training step's forwards and backward run in for RESOLVED ("bf16" or "off")."""
+    import torch
+
+    if resolved == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
