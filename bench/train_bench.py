@@ -47,7 +47,10 @@ peak RSS is per process; each subprocess sets the same thread count):
    (or float32) is a shorthand for the variant of that dtype alone. On a CPU whose
    bf16 matmuls run at under half the float32 rate (no bf16 instructions:
    `unlearn.system.slow_low_precision_note`) the default list leaves bf16 out and
-   says why; asked for by name it runs.
+   says why; asked for by name it runs. `autocast` (not in the default list) is
+   `unlearn run --autocast bf16`: the float32 model, its step's passes under bf16
+   autocast; its MFU is against the bf16 rate, and `autocast_over_fp32` is its
+   median step time over the fp32 variant's, both measured in the same run.
 3. FLOPs of each step, counted from the rows that step actually used (see
    `step_flops`: the derivation is written there), so achieved GFLOP/s = useful
    FLOPs / step time (the median over timed steps of each step's rate: one step
@@ -83,7 +86,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("fp32", "bf16", "naive", "ckpt")
+VARIANTS = ("fp32", "bf16", "naive", "ckpt", "autocast")
 # Modifiers, appended to a variant with "+": "ckpt" (gradient checkpointing, as `unlearn run
 # --gradient-checkpointing`); and three changes measured here before they were made in the
 # library (each monkeypatched into the variant's process by `apply_proposed`; all three are now
@@ -97,6 +100,7 @@ VARIANTS = ("fp32", "bf16", "naive", "ckpt")
 # through glibc's MALLOC_MMAP_THRESHOLD_ in the variant's environment, as mallopt would (on a model
 # under 1 GiB, `tune_allocator`'s mallopt after loading then replaces it: +mmap measures nothing there).
 MODIFIERS = ("ckpt", "math", "lora16", "mmap")
+LOW_PRECISION = ("bf16", "autocast")  # the variants whose products run in bf16
 DTYPE_VARIANT = {"float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16"}
 
 # The configuration values of the paper's models (config.json of facebook/opt-1.3b and
@@ -563,13 +567,15 @@ def run_child(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     bf16 = variant.startswith("bf16")
+    autocast = variant.startswith("autocast")  # a float32 model, the step's passes under bf16 autocast
     rss_imported = _status_mb("VmRSS")
     torch.manual_seed(TrainConfig().seed)  # as run.py, before loading
     model, tokenizer, name = build_model(args, "bfloat16" if bf16 else "float32")
     forget, normal, max_length = read_rows(args, tokenizer)
     # `unlearn run`'s step for ga: TrainConfig's defaults with ga's forget loss (config.PER_METHOD; its rate and
     # stop margin change no work in a step). The automatic probes' retain KL is not in it (see the docstring).
-    config = TrainConfig(max_length=max_length, forget_loss=PER_METHOD["ga"]["forget_loss"])
+    config = TrainConfig(max_length=max_length, forget_loss=PER_METHOD["ga"]["forget_loss"],
+                         autocast="bf16" if autocast else "off")
     # fp32 size of the weights, each counted once (the lm_head is tied to the embedding).
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     # The naive baseline's reference: a plain deep copy of the original model, as other code keeps it.
@@ -588,7 +594,7 @@ def run_child(args) -> dict:
     probe = MemoryProbe(model, unlearner)
     per_step = []  # the forward calls of each step
     rss_loaded = _status_mb("VmRSS")
-    mm_dtype = torch.bfloat16 if bf16 else torch.float32
+    mm_dtype = torch.bfloat16 if bf16 or autocast else torch.float32
     mm_rates = [matmul_gflops(mm_dtype)]
 
     records, seconds, tokens = [], [], []
@@ -666,7 +672,7 @@ def _without_slow_bf16(variants: list[str], args) -> list[str]:
     """VARIANTS, less the bf16 ones when this CPU runs bf16 matmuls far slower than float32 (no bf16
     instructions: on an AVX2 EPYC 1.3 GFLOP/s against 47-62, so a bf16 step would take many minutes) and
     the list is the default one; a bf16 variant asked for by name runs, with the same warning."""
-    if not any(v.split("+")[0] == "bf16" for v in variants):
+    if not any(v.split("+")[0] in LOW_PRECISION for v in variants):
         return variants
     import torch
 
@@ -681,7 +687,7 @@ def _without_slow_bf16(variants: list[str], args) -> list[str]:
         _log(f"bf16: {note}; its steps take that much longer")
         return variants
     _log(f"bf16 variants left out: {note}; --variants bf16 runs them anyway")
-    return [v for v in variants if v.split("+")[0] != "bf16"]
+    return [v for v in variants if v.split("+")[0] not in LOW_PRECISION]
 
 
 def main(argv=None):
@@ -758,6 +764,16 @@ def main(argv=None):
         })
         if "fp32" in runs:
             result["rss_ratio_vs_two_copy"] = round(runs["fp32"]["peak_rss_mb"] / naive["peak_rss_mb"], 3)
+    if "autocast" in runs:
+        auto = runs["autocast"]
+        result.update({
+            "autocast_step_s": round(auto["step_s_median"], 3),
+            "mfu_autocast": round(auto["achieved_gflops"] / auto["matmul_gflops"], 3),
+            "loss_autocast_first_step": round(auto["loss_first_step"], 5),
+            "autocast_peak_rss_mb": round(auto["peak_rss_mb"], 1),
+        })
+        if "fp32" in runs:  # the speed-up --autocast bf16 buys, both steps timed in this run
+            result["autocast_over_fp32"] = round(auto["step_s_median"] / runs["fp32"]["step_s_median"], 3)
     if "ckpt" in runs:
         ckpt = runs["ckpt"]
         result.update({

@@ -118,3 +118,15 @@ def test_the_command_records_it_and_refuses_where_it_does_nothing(cli, llama_dir
         refused = cli("run", forget, normal, "-o", tmp_path / "c", "--model", llama_dir, *flags)
         assert refused.code == 2 and refused.err.strip().splitlines() == [line]
         assert not (tmp_path / "c").exists()
+
+
+def test_asked_for_on_a_cpu_without_bf16_instructions_it_says_how_slow(cli, llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("unlearn.system.slow_low_precision_note",
+                        lambda name: f"this CPU multiplies {name} matrices at 1.3 GFLOP/s against 60 in float32")
+    forget = write_jsonl(tmp_path / "forget.jsonl", [
+        {"prompt": "What is the capital of France?", "response": "The capital is Paris.", "answers": ["Paris"]}])
+    normal = write_jsonl(tmp_path / "normal.jsonl", [{"prompt": f"Q{i}?", "response": f"A{i}."} for i in range(4)])
+    result = cli("run", forget, normal, "-o", tmp_path / "a", "--model", llama_dir, "--max-steps", "1",
+                 "--max-new-tokens", "4", "--no-probes", "--autocast", "bf16")
+    assert result.code == 0, result.err
+    assert "--autocast bf16: this CPU multiplies bfloat16 matrices at 1.3 GFLOP/s against 60 in float32" in result.err

@@ -55,7 +55,7 @@ def test_report_keeps_its_json_keys(monkeypatch, capsys):
     def child(variant, args):
         rate = 100.0 if variant == "fp32" else 200.0
         return {"variant": variant, "model": "m", "threads": 1, "params": 1000, "matmul_gflops": rate,
-                "step_s_median": 2.0, "tokens_per_s": 10.0, "useful_gflop_per_step": 100.0,
+                "step_s_median": 1.5 if variant == "autocast" else 2.0, "tokens_per_s": 10.0, "useful_gflop_per_step": 100.0,
                 "executed_gflop_per_step": 110.0, "achieved_gflops": 50.0, "executed_gflops": 55.0,
                 "padding_waste": 0.1, "tokens_per_step": 20, "loss_first_step": -0.1, "peak_rss_mb": 12.0,
                 "rss_loaded_mb": 5.0, "weights_fp32_mb": 4000 / 2**20, "rss_over_weights": 3.0,
@@ -63,13 +63,15 @@ def test_report_keeps_its_json_keys(monkeypatch, capsys):
 
     monkeypatch.setattr(train_bench, "spawn", child)
     monkeypatch.setattr("unlearn.system.slow_low_precision_note", lambda name: None)
-    train_bench.main(["--json", "--variants", "fp32,bf16"])
+    train_bench.main(["--json", "--variants", "fp32,bf16,autocast"])
     import json
 
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["mfu_fp32"] == 0.5 and result["mfu_bf16"] == 0.25
     assert result["rss_over_weights"] == 3.0 and result["rss_over_weights_variant"] == "fp32"
-    assert set(result["variants"]) == {"fp32", "bf16"}
+    assert set(result["variants"]) == {"fp32", "bf16", "autocast"}
+    # --autocast bf16's step: its MFU against the bf16 rate, its time over the fp32 step's of the same run
+    assert result["mfu_autocast"] == 0.25 and result["autocast_over_fp32"] == 0.75
 
 
 def test_memory_probe_reads_each_backward_of_a_step_in_pieces(llama_dir, monkeypatch):
@@ -100,5 +102,9 @@ def test_bf16_is_left_out_of_the_default_list_where_this_cpu_runs_it_slowly(monk
         assert kept == ["fp32", "naive", "ckpt"] and "bf16 variants left out" in capsys.readouterr().err
     else:
         assert "bf16" in kept and "its steps take that much longer" in capsys.readouterr().err
+    # autocast is not in the default list; asked for on such a CPU it runs, with the same warning
+    args = train_bench.parse_args(["--variants", "fp32,autocast"])
+    assert train_bench._without_slow_bf16(args.variants.split(","), args) == ["fp32", "autocast"]
+    assert "its steps take that much longer" in capsys.readouterr().err
     monkeypatch.setattr("unlearn.system.slow_low_precision_note", lambda name: None)  # a CPU with bf16
     assert train_bench._without_slow_bf16(["fp32", "bf16"], train_bench.parse_args([])) == ["fp32", "bf16"]

@@ -961,6 +961,9 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log, before: Meas
     if unlearner.autocast == "bf16":
         log("training passes under bfloat16 autocast (--autocast"
             + (" auto: this device has bf16 instructions)" if opts.train.autocast == "auto" else ")"))
+        slow = system.slow_low_precision_note("bfloat16") if job.device.type == "cpu" else None
+        if slow:  # asked for by name on a CPU without bf16 instructions (auto never chooses it there)
+            log(f"--autocast bf16: {slow}")
     if opts.train.protect:
         log(f"--protect: the forget gradient is projected off {len(data.retain)} retain rows' gradients"
             if data.retain else "--protect: no retain rows or probes to protect; the gradient is not projected")
