@@ -126,7 +126,39 @@ def test_asked_for_on_a_cpu_without_bf16_instructions_it_says_how_slow(cli, llam
     forget = write_jsonl(tmp_path / "forget.jsonl", [
         {"prompt": "What is the capital of France?", "response": "The capital is Paris.", "answers": ["Paris"]}])
     normal = write_jsonl(tmp_path / "normal.jsonl", [{"prompt": f"Q{i}?", "response": f"A{i}."} for i in range(4)])
-    result = cli("run", forget, normal, "-o", tmp_path / "a", "--model", llama_dir, "--max-steps", "1",
-                 "--max-new-tokens", "4", "--no-probes", "--autocast", "bf16")
+    common = ["--model", llama_dir, "--max-steps", "1", "--max-new-tokens", "4", "--no-probes"]
+    result = cli("run", forget, normal, "-o", tmp_path / "a", *common, "--autocast", "bf16", "--dtype", "fp32")
     assert result.code == 0, result.err
     assert "--autocast bf16: this CPU multiplies bfloat16 matrices at 1.3 GFLOP/s against 60 in float32" in result.err
+    # auto decides from the CPU's declared instructions; a timed product that reads slow under load is no news then
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    result = cli("run", forget, normal, "-o", tmp_path / "b", *common, "--autocast", "auto")
+    assert result.code == 0, result.err
+    assert "(--autocast auto: this device has bf16 instructions)" in result.err and "GFLOP/s" not in result.err
+
+
+def test_auto_takes_cuda_from_ampere_on_only(monkeypatch):
+    for capability, native in (((7, 5), False), ((8, 0), True), ((9, 0), True)):  # a T4 emulates bf16 slowly
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert precision.native_bf16(torch.device("cuda")) is native
+
+
+def test_protect_s_projection_stays_float32_under_autocast():
+    from unlearn import protect
+
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(4096, 3))
+    vector = torch.randn(4096)
+    with precision.training_autocast("bf16", torch.device("cpu")):
+        projected = protect.project_out(vector, q)
+    assert projected.dtype == torch.float32
+    assert float((q.t() @ projected).abs().max()) < 1e-5  # in bf16 about 1e-2 of the component was left
+
+
+def test_a_checkpoint_from_before_the_setting_resumes_at_float32():
+    from unlearn.run import _resume_difference
+
+    saved = {"train": {"lr": 0.002}}  # written before --leak-growth and --autocast existed
+    assert _resume_difference(saved, {"train": {"lr": 0.002, "leak_growth": 1.0, "autocast": "off"}}) is None
+    assert _resume_difference(saved, {"train": {"lr": 0.002, "leak_growth": 1.0, "autocast": "bf16"}}) == (
+        'train.autocast: "off" then, "bf16" now')

@@ -247,7 +247,7 @@ def given_options() -> frozenset[str]:
 @click.option("--autocast", default="off", show_default=True, metavar="auto|bf16|off",
               help="Run a float32 model's training passes under bfloat16 autocast (weights, optimiser and losses stay "
                    "float32; the stop rule's checks and every measurement run in float32): bf16, off, or auto (bf16 "
-                   "where the CPU has AVX512-BF16 or AMX instructions, or on a CUDA device that does bf16).")
+                   "where the CPU has AVX512-BF16 or AMX instructions, or on a CUDA GPU from Ampere on).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda when available].")
 @click.option("--judge", default=None, help="Harmful-rate judge: similarity (default), keywords:FILE, classifier:PATH.")
 @click.option("--judge-label", default=None, help="The classifier judge's unsafe label.")

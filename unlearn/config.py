@@ -495,8 +495,9 @@ class RunOptions:
         if self.adapters:
             self.lora.validate()
         models.torch_dtype(self.dtype)  # a typo in --dtype fails before anything is read or loaded
-        if self.dtype != "float32" and self._given("autocast"):  # (precision.resolve: off for such a model)
-            raise UsageError(f"--autocast {train.autocast}: the model is held in {self.dtype} (--dtype), whose "
+        held = models.DTYPES[models.dtype_name(self.dtype)]  # what an alias (fp32) names
+        if held != "float32" and self._given("autocast"):  # (precision.resolve: off for such a model)
+            raise UsageError(f"--autocast {train.autocast}: the model is held in {held} (--dtype), whose "
                              f"products run in it already: drop --autocast")
         if self.eval_limit < 1 or self.max_new_tokens < 1 or self.gen_batch_size < 1:
             raise UsageError("--eval-limit, --max-new-tokens and --gen-batch-size must be at least 1")

@@ -29,7 +29,9 @@ def native_bf16(device) -> bool:
     if device.type == "cpu":
         capabilities = getattr(torch.cpu, "get_capabilities", lambda: {})()
         return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    # Ampere (compute capability 8) on: torch.cuda.is_bf16_supported() also answers True on a T4 or V100, which
+    # emulate bf16 slowly, and reads the current device, not DEVICE.
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def resolve(setting: str, model) -> str:

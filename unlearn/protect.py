@@ -125,12 +125,14 @@ def _pass_gradients(model, params: list[torch.nn.Parameter], rows: list[dict], p
 def _has_bf16(device: torch.device) -> bool:
     """Whether bf16 autocast runs natively on DEVICE: a CPU whose bf16 matrix products are not much slower
     than its float32 ones (system.slow_low_precision_note: on an AVX2 EPYC they ran about 40x slower),
-    CUDA from Ampere on."""
+    CUDA from Ampere on (precision.native_bf16)."""
     if device.type == "cpu":
         from unlearn.system import slow_low_precision_note
 
         return slow_low_precision_note("bfloat16") is None
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    from unlearn.precision import native_bf16
+
+    return device.type == "cuda" and native_bf16(device)
 
 
 def adapter_parameters(model) -> dict[int, tuple]:
@@ -169,8 +171,12 @@ def basis(gradients: torch.Tensor) -> torch.Tensor:
 
 
 def project_out(vector: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """VECTOR without its components along Q's (orthonormal) columns."""
-    return vector - q @ (q.t() @ vector) if q.shape[1] else vector
+    """VECTOR without its components along Q's (orthonormal) columns, in their own float32: under a training step's
+    --autocast bf16 the two products would round to bf16 and leave ~1e-3 of the protected component, not ~1e-7."""
+    if not q.shape[1]:
+        return vector
+    with torch.autocast(vector.device.type, enabled=False):
+        return vector - q @ (q.t() @ vector)
 
 
 def accumulate(params: list[torch.nn.Parameter], vector: torch.Tensor) -> None:

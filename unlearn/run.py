@@ -389,6 +389,10 @@ def _resume_difference(saved: dict, run_args: dict) -> str | None:
         then = _ADDED_SINCE[key] if earlier else saved.get(key)
         now = json.loads(json.dumps(run_args[key], default=str))
         if then != now:
+            if key == "train" and isinstance(then, dict):  # settings a checkpoint predates: at what they were then
+                then = {**{k: v for k, v in _TRAIN_ADDED_SINCE.items() if k not in then}, **then}
+                if then == now:
+                    continue
             return _first_difference(key, then, now) + (_ANCHORS_HINT[bool(now)] if key == "anchors" else "")
     return None
 
@@ -396,6 +400,10 @@ def _resume_difference(saved: dict, run_args: dict) -> str | None:
 #: Keys of `_run_args` that checkpoints of earlier versions lack, and the value those versions ran with (None: not
 #: known, so not compared). Before the anchors none were made.
 _ADDED_SINCE = {"gen_batch_size": None, "anchors": False}
+
+#: The same for settings of the training loop (`train`'s keys): what a checkpoint written before each existed trained
+#: with (--leak-growth's 1 and --autocast's off: the versions before them did neither).
+_TRAIN_ADDED_SINCE = {"leak_growth": 1.0, "autocast": "off"}
 
 #: What `_resume_difference` adds when the anchors differ, by whether this run makes them. A checkpointed run that
 #: made them, where this one does not, either had no --no-anchors or was written by a version that gave its rows
@@ -961,7 +969,8 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log, before: Meas
     if unlearner.autocast == "bf16":
         log("training passes under bfloat16 autocast (--autocast"
             + (" auto: this device has bf16 instructions)" if opts.train.autocast == "auto" else ")"))
-        slow = system.slow_low_precision_note("bfloat16") if job.device.type == "cpu" else None
+        slow = (system.slow_low_precision_note("bfloat16") if job.device.type == "cpu" and opts.train.autocast == "bf16"
+                else None)
         if slow:  # asked for by name on a CPU without bf16 instructions (auto never chooses it there)
             log(f"--autocast bf16: {slow}")
     if opts.train.protect:
