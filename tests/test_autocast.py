@@ -113,6 +113,9 @@ def test_the_command_records_it_and_refuses_where_it_does_nothing(cli, llama_dir
             (["--autocast", "auto", "--dtype", "bfloat16"],
              "unlearn: --autocast auto: the model is held in bfloat16 (--dtype), whose products run in it already: "
              "drop --autocast"),
+            (["--autocast", "bf16", "--dtype", "fp16"],  # the dtype an alias names
+             "unlearn: --autocast bf16: the model is held in float16 (--dtype), whose products run in it already: "
+             "drop --autocast"),
             (["--autocast", "off", "--method", "edit"],
              "unlearn: --method edit is one least-squares edit, not a training run: it takes no --autocast")):
         refused = cli("run", forget, normal, "-o", tmp_path / "c", "--model", llama_dir, *flags)
@@ -123,6 +126,7 @@ def test_the_command_records_it_and_refuses_where_it_does_nothing(cli, llama_dir
 def test_asked_for_on_a_cpu_without_bf16_instructions_it_says_how_slow(cli, llama_dir, tmp_path, monkeypatch):
     monkeypatch.setattr("unlearn.system.slow_low_precision_note",
                         lambda name: f"this CPU multiplies {name} matrices at 1.3 GFLOP/s against 60 in float32")
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
     forget = write_jsonl(tmp_path / "forget.jsonl", [
         {"prompt": "What is the capital of France?", "response": "The capital is Paris.", "answers": ["Paris"]}])
     normal = write_jsonl(tmp_path / "normal.jsonl", [{"prompt": f"Q{i}?", "response": f"A{i}."} for i in range(4)])
@@ -130,11 +134,19 @@ def test_asked_for_on_a_cpu_without_bf16_instructions_it_says_how_slow(cli, llam
     result = cli("run", forget, normal, "-o", tmp_path / "a", *common, "--autocast", "bf16", "--dtype", "fp32")
     assert result.code == 0, result.err
     assert "--autocast bf16: this CPU multiplies bfloat16 matrices at 1.3 GFLOP/s against 60 in float32" in result.err
-    # auto decides from the CPU's declared instructions; a timed product that reads slow under load is no news then
+    # where the CPU declares bf16 instructions a timed product that reads slow under load is no news; auto resolves
+    # there, and run.json records what it resolved to beside the setting given
     monkeypatch.setattr(precision, "native_bf16", lambda device: True)
-    result = cli("run", forget, normal, "-o", tmp_path / "b", *common, "--autocast", "auto")
-    assert result.code == 0, result.err
-    assert "(--autocast auto: this device has bf16 instructions)" in result.err and "GFLOP/s" not in result.err
+    for name, setting in (("b", "bf16"), ("c", "auto")):
+        result = cli("run", forget, normal, "-o", tmp_path / name, *common, "--autocast", setting)
+        assert result.code == 0, result.err and "GFLOP/s" not in result.err
+        record = json.loads((tmp_path / name / "run.json").read_text())
+        assert record["autocast"] == "bf16" and record["config"]["autocast"] == setting
+    assert "(--autocast auto: this device has bf16 instructions)" in result.err
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    result = cli("run", forget, normal, "-o", tmp_path / "d", *common, "--autocast", "auto")
+    assert result.code == 0 and "autocast" not in result.err
+    assert json.loads((tmp_path / "d" / "run.json").read_text())["autocast"] == "off"
 
 
 def test_auto_takes_cuda_from_ampere_on_only(monkeypatch):
@@ -152,13 +164,23 @@ def test_protect_s_projection_stays_float32_under_autocast():
     with precision.training_autocast("bf16", torch.device("cpu")):
         projected = protect.project_out(vector, q)
     assert projected.dtype == torch.float32
-    assert float((q.t() @ projected).abs().max()) < 1e-5  # in bf16 about 1e-2 of the component was left
+    assert float((q.t() @ projected).abs().max()) < 1e-5  # in bf16 about 5e-3 of the component was left
 
 
-def test_a_checkpoint_from_before_the_setting_resumes_at_float32():
+def test_resuming_compares_the_settings_a_checkpoint_predates_at_their_old_values_and_not_autocast():
     from unlearn.run import _resume_difference
 
     saved = {"train": {"lr": 0.002}}  # written before --leak-growth and --autocast existed
     assert _resume_difference(saved, {"train": {"lr": 0.002, "leak_growth": 1.0, "autocast": "off"}}) is None
-    assert _resume_difference(saved, {"train": {"lr": 0.002, "leak_growth": 1.0, "autocast": "bf16"}}) == (
-        'train.autocast: "off" then, "bf16" now')
+    assert _resume_difference(saved, {"train": {"lr": 0.002, "leak_growth": 2.0, "autocast": "off"}}) == (
+        "train.leak_growth: 1.0 then, 2.0 now")
+    # a recorded value is compared as recorded, never replaced by the old default
+    recorded = {"train": {"lr": 0.002, "leak_growth": 2.0}}
+    assert _resume_difference(recorded, {"train": {"lr": 0.002, "leak_growth": 1.0}}) == (
+        "train.leak_growth: 2.0 then, 1.0 now")
+    # --autocast as given is not compared (auto resolves by device): the checkpoint's resolved record decides
+    assert _resume_difference({"train": {"lr": 0.002, "leak_growth": 1.0, "autocast": "auto"}},
+                              {"train": {"lr": 0.002, "leak_growth": 1.0, "autocast": "bf16"}}) is None
+    assert _resume_difference({"train": {"lr": 0.002, "autocast": "auto"}},
+                              {"train": {"lr": 0.001, "leak_growth": 1.0, "autocast": "bf16"}}) == (
+        "train.lr: 0.002 then, 0.001 now")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from unlearn import losses, protect, system
+from unlearn import losses, precision, protect
 from unlearn.data import collate
 from unlearn.lora import lora_modules
 from unlearn.train import first_scored_position, forward_logits
@@ -42,7 +42,7 @@ def test_accumulate_adds_a_flat_vector_to_the_gradients_as_flat_lays_them_out():
 
 
 def test_row_gradients_from_one_batched_pass_equal_each_rows_own_backward(llama_dir, monkeypatch):
-    monkeypatch.setattr(protect, "_has_bf16", lambda device: True)  # bf16 as on a CPU with bf16 instructions
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)  # bf16 as on a CPU with bf16 instructions
     u = retainer(llama_dir)
     for m in lora_modules(u.model).values():  # off B = 0, where every A gradient vanishes
         m.lora_B.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
@@ -60,16 +60,16 @@ def test_row_gradients_from_one_batched_pass_equal_each_rows_own_backward(llama_
     assert cosines.min() > 0.99 and not torch.equal(rough, batched)  # (it did run in bf16)
 
 
-def test_a_cpu_whose_bf16_is_slow_gets_the_float32_pass(llama_dir, monkeypatch):
+def test_a_cpu_without_bf16_instructions_gets_the_float32_pass(llama_dir, monkeypatch):
     u = retainer(llama_dir)
     for m in lora_modules(u.model).values():
         m.lora_B.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
     exact = protect.row_gradients(u.model, u.params, u.retain, u.pad_id, forward_logits, low_precision=False)
-    monkeypatch.setattr(system, "slow_low_precision_note", lambda name: "40x slower")
-    assert not protect._has_bf16(torch.device("cpu"))
+    # decided from the instructions the CPU declares (precision.native_bf16), not from a timed product
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "avx512_bf16": False})
     assert torch.equal(protect.row_gradients(u.model, u.params, u.retain, u.pad_id, forward_logits), exact)
-    monkeypatch.setattr(system, "slow_low_precision_note", lambda name: None)
-    assert protect._has_bf16(torch.device("cpu"))
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
+    assert not torch.equal(protect.row_gradients(u.model, u.params, u.retain, u.pad_id, forward_logits), exact)
 
 
 def test_the_forget_sides_gradient_is_projected_off_every_retain_rows_gradient_and_the_kl_is_not(llama_dir):

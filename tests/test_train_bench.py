@@ -103,6 +103,7 @@ def test_bf16_is_left_out_of_the_default_list_where_this_cpu_runs_it_slowly(monk
     else:
         assert "bf16" in kept and "its steps take that much longer" in capsys.readouterr().err
     # autocast is not in the default list; asked for on such a CPU it runs, with the same warning
+    assert "autocast" not in train_bench.parse_args([]).variants.split(",")
     args = train_bench.parse_args(["--variants", "fp32,autocast"])
     assert train_bench._without_slow_bf16(args.variants.split(","), args) == ["fp32", "autocast"]
     assert "its steps take that much longer" in capsys.readouterr().err

@@ -23,7 +23,7 @@ import contextlib
 
 import torch
 
-from unlearn import losses
+from unlearn import losses, precision
 from unlearn.data import collate
 
 # Singular values below this share of the largest are rounding: their directions are not in the
@@ -103,7 +103,7 @@ def _pass_gradients(model, params: list[torch.nn.Parameter], rows: list[dict], p
         # The base weights' dtype decides (the adapters are float32 on every base: lora.LoRALinear).
         base_dtype = next(iter(owner.values()))[0].base.weight.dtype
         autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
-                    if low_precision and base_dtype == torch.float32 and _has_bf16(device)
+                    if low_precision and base_dtype == torch.float32 and precision.native_bf16(device)
                     else contextlib.nullcontext())
         with autocast:
             logits = forward(model, batch, start)
@@ -120,19 +120,6 @@ def _pass_gradients(model, params: list[torch.nn.Parameter], rows: list[dict], p
         got = per_row.get(module)
         columns.append(got[which].reshape(len(rows), -1) if got is not None else p.new_zeros(len(rows), p.numel()))
     return torch.cat(columns, dim=1).float()
-
-
-def _has_bf16(device: torch.device) -> bool:
-    """Whether bf16 autocast runs natively on DEVICE: a CPU whose bf16 matrix products are not much slower
-    than its float32 ones (system.slow_low_precision_note: on an AVX2 EPYC they ran about 40x slower),
-    CUDA from Ampere on (precision.native_bf16)."""
-    if device.type == "cpu":
-        from unlearn.system import slow_low_precision_note
-
-        return slow_low_precision_note("bfloat16") is None
-    from unlearn.precision import native_bf16
-
-    return device.type == "cuda" and native_bf16(device)
 
 
 def adapter_parameters(model) -> dict[int, tuple]:
@@ -172,7 +159,7 @@ def basis(gradients: torch.Tensor) -> torch.Tensor:
 
 def project_out(vector: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """VECTOR without its components along Q's (orthonormal) columns, in their own float32: under a training step's
-    --autocast bf16 the two products would round to bf16 and leave ~1e-3 of the protected component, not ~1e-7."""
+    --autocast bf16 the two products would round to bf16 and leave ~5e-3 of the protected component, not ~3e-7."""
     if not q.shape[1]:
         return vector
     with torch.autocast(vector.device.type, enabled=False):

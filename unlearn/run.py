@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from unlearn import distributed, models, system
+from unlearn import distributed, models, precision, system
 from unlearn.checkpoints import checkpoint_root, latest_checkpoint, load_checkpoint, read_state, remove_partial
 from unlearn.checkpoints import save_checkpoint, write_state
 from unlearn.config import RETAIN_WEIGHT, RunOptions
@@ -389,8 +389,12 @@ def _resume_difference(saved: dict, run_args: dict) -> str | None:
         then = _ADDED_SINCE[key] if earlier else saved.get(key)
         now = json.loads(json.dumps(run_args[key], default=str))
         if then != now:
-            if key == "train" and isinstance(then, dict):  # settings a checkpoint predates: at what they were then
+            if key == "train" and isinstance(then, dict):
+                # settings a checkpoint predates, at what they were then; --autocast as given is not compared: `auto`
+                # resolves by device, and the checkpoint's own record of what its steps ran at decides
+                # (Unlearner.load_state_dict)
                 then = {**{k: v for k, v in _TRAIN_ADDED_SINCE.items() if k not in then}, **then}
+                then, now = ({k: v for k, v in d.items() if k != "autocast"} for d in (then, now))
                 if then == now:
                     continue
             return _first_difference(key, then, now) + (_ANCHORS_HINT[bool(now)] if key == "anchors" else "")
@@ -402,8 +406,8 @@ def _resume_difference(saved: dict, run_args: dict) -> str | None:
 _ADDED_SINCE = {"gen_batch_size": None, "anchors": False}
 
 #: The same for settings of the training loop (`train`'s keys): what a checkpoint written before each existed trained
-#: with (--leak-growth's 1 and --autocast's off: the versions before them did neither).
-_TRAIN_ADDED_SINCE = {"leak_growth": 1.0, "autocast": "off"}
+#: with (--leak-growth's 1: the versions before it did not grow the weight).
+_TRAIN_ADDED_SINCE = {"leak_growth": 1.0}
 
 #: What `_resume_difference` adds when the anchors differ, by whether this run makes them. A checkpointed run that
 #: made them, where this one does not, either had no --no-anchors or was written by a version that gave its rows
@@ -970,7 +974,7 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log, before: Meas
         log("training passes under bfloat16 autocast (--autocast"
             + (" auto: this device has bf16 instructions)" if opts.train.autocast == "auto" else ")"))
         slow = (system.slow_low_precision_note("bfloat16") if job.device.type == "cpu" and opts.train.autocast == "bf16"
-                else None)
+                and not precision.native_bf16(job.device) else None)
         if slow:  # asked for by name on a CPU without bf16 instructions (auto never chooses it there)
             log(f"--autocast bf16: {slow}")
     if opts.train.protect:
