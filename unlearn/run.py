@@ -393,7 +393,7 @@ def _resume_difference(saved: dict, run_args: dict) -> str | None:
                 # settings a checkpoint predates, at what they were then; --autocast as given is not compared: `auto`
                 # resolves by device, and the checkpoint's own record of what its steps ran at decides
                 # (Unlearner.load_state_dict)
-                then = {**{k: v for k, v in _TRAIN_ADDED_SINCE.items() if k not in then}, **then}
+                then = {**{k: v for k, v in _TRAIN_ADDED_SINCE.items() if k not in then and k in now}, **then}
                 then, now = ({k: v for k, v in d.items() if k != "autocast"} for d in (then, now))
                 if then == now:
                     continue
