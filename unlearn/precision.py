@@ -7,8 +7,10 @@ under autocast; the logits come out bfloat16). Everything outside a training ste
 checks and margin, the before/after measurements, generation) runs as the model is, float32, so every
 printed figure is measured as before: only the training trajectory changes.
 
-Why: on a CPU with bfloat16 instructions the embedded model's default step took 2.1-2.8 s instead of
-3.3-3.6 s (docs/speed.md, fifty-sixth session). On a CPU without them torch takes a reference path
+Why: on a CPU with bfloat16 instructions (an AMD EPYC with AVX512-BF16, two threads) the embedded model's default
+step took 0.59-0.73 of the float32 step's time, 2.3-2.6 s against 3.1-4.2 s (bench/train_bench.py's
+`autocast_over_fp32`, docs/speed.md, fifty-sixth session). It is not the default: the README command took one step
+more with it, and the dev split scored lower (docs/quality.md). On a CPU without them torch takes a reference path
 about 40x slower than float32 (system.slow_low_precision_note), so `auto` never chooses it there.
 """
 
