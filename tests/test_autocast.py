@@ -184,3 +184,21 @@ def test_resuming_compares_the_settings_a_checkpoint_predates_at_their_old_value
     assert _resume_difference({"train": {"lr": 0.002, "autocast": "auto"}},
                               {"train": {"lr": 0.001, "leak_growth": 1.0, "autocast": "bf16"}}) == (
         "train.lr: 0.002 then, 0.001 now")
+
+
+def test_an_adapter_update_too_small_for_bf16_still_counts_under_autocast():
+    """base(x) comes out of autocast in bf16; the adapter's delta is added in float32, so an update below bf16's
+    resolution of the output (here ~3e-5 of it) changes what the training pass sees, as it changes the float32 checks."""
+    from unlearn.lora import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(16, 16), rank=2, alpha=4, dropout=0.0)
+    x = torch.randn(3, 16)
+    with precision.training_autocast("bf16", torch.device("cpu")):
+        before = layer(x)
+        with torch.no_grad():
+            layer.lora_B.fill_(1e-3)
+        after = layer(x)
+    assert after.dtype == torch.float32 and not torch.equal(after, before)
+    expected = (x @ layer.lora_A.t()) @ layer.lora_B.t() * layer.scaling  # the delta, in float32
+    assert torch.allclose(after - before, expected, rtol=0.1, atol=1e-9)  # (its low-rank products in bf16)

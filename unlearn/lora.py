@@ -187,8 +187,8 @@ class LoRALinear(nn.Module):
         if self.enabled and _LowRankLinear.applies(self, x):
             return _LowRankLinear.apply(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scaling)
         out = self.base(x)
-        if not self.enabled:
-            return out
+        if not self.enabled:  # (under autocast in float32, as the sum below: the reference then equals B = 0's pass)
+            return out.float() if torch.is_autocast_enabled(x.device.type) else out
         # The two small matmuls run in the activations' dtype: the rank-r weights are cast
         # (r x d values), not every activation (tokens x d, forward and backward). On a bf16
         # model the float32 copies of the activations were most of the step's casting time,
@@ -201,6 +201,12 @@ class LoRALinear(nn.Module):
         # between, each an activation-sized tensor. At the default step's gate/up shape (352
         # tokens, 1536 outputs) 132 -> 66 µs in bf16, 218 -> 137 µs in float32 (two threads); the
         # whole step's gain was within the machine's noise. Under autocast it runs in bf16.
+        if torch.is_autocast_enabled(x.device.type):
+            # Under --autocast the sum is taken in float32: base(x) comes out in bf16, whose 8-bit mantissa rounds away
+            # an update under ~0.4 % of it, so the training passes saw less of the adapter than the float32 checks do
+            # (dev `capitals` stopped after 2 steps at every seed, with the damage of an overshoot: docs/quality.md).
+            delta = torch.mm(low.reshape(-1, low.shape[-1]), b.t()).float()
+            return (out.reshape(-1, out.shape[-1]).float() + self.scaling * delta).view(out.shape)
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), low.reshape(-1, low.shape[-1]), b.t(), alpha=self.scaling)
         return flat.view(out.shape)
 
