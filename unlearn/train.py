@@ -374,10 +374,10 @@ class Unlearner:
         params = self._named_params()
         # The steps so far ran at the checkpoint's precision; another (--autocast auto on another device) would
         # continue them on other numbers. A checkpoint from before the setting trained in float32.
-        if state.get("autocast", "off") != self.autocast:
-            raise UnlearnError(f"{where}: its steps trained with --autocast {state.get('autocast', 'off')}, this "
-                               f"run's resolves to {self.autocast} (give --autocast "
-                               f"{state.get('autocast', 'off')}, or start afresh with --force)")
+        trained_at = state.get("autocast", "off")
+        if trained_at != self.autocast:
+            raise UnlearnError(f"{where}: its steps trained with --autocast {trained_at}, this run's resolves to "
+                               f"{self.autocast} (give --autocast {trained_at}, or start afresh with --force)")
         weights = state["weights"]
         if set(weights) != set(params):
             missing = sorted(set(params) - set(weights)) or sorted(set(weights) - set(params))
