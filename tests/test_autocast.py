@@ -139,7 +139,7 @@ def test_asked_for_on_a_cpu_without_bf16_instructions_it_says_how_slow(cli, llam
     monkeypatch.setattr(precision, "native_bf16", lambda device: True)
     for name, setting in (("b", "bf16"), ("c", "auto")):
         result = cli("run", forget, normal, "-o", tmp_path / name, *common, "--autocast", setting)
-        assert result.code == 0, result.err and "GFLOP/s" not in result.err
+        assert result.code == 0 and "GFLOP/s" not in result.err, result.err
         record = json.loads((tmp_path / name / "run.json").read_text())
         assert record["autocast"] == "bf16" and record["config"]["autocast"] == setting
     assert "(--autocast auto: this device has bf16 instructions)" in result.err
