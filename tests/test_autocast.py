@@ -72,6 +72,19 @@ def test_the_kl_is_exactly_zero_at_the_original_under_autocast(llama_dir):
     assert plain.dtype == torch.float32 and not torch.equal(plain, fp32)  # outside autocast: float32, other numbers
 
 
+@pytest.mark.parametrize("dtype, setting, size", [("float32", "off", 4), ("float32", "bf16", 2), ("bfloat16", "off", 2)])
+def test_the_reference_cache_counts_its_budget_in_the_logits_own_size(llama_dir, dtype, setting, size):
+    """The budget is reserved before the original runs, at the size its logits will have: bf16 ones counted as 4
+    bytes would leave a set between half and all of the budget recomputed at every step."""
+    u = unlearner(llama_dir, dtype=dtype, autocast=setting)
+    for _ in range(4):  # two epochs of the 4 normal rows: each has run through the original once
+        u.step()
+    cache = u.reference_cache
+    assert cache.element_bytes == size and len(cache.kept) == 4
+    assert {t.element_size() for t in cache.kept.values()} == {size}
+    assert cache.bytes == cache.reserved > 0
+
+
 def test_a_checkpoint_remembers_its_precision(llama_dir):
     u = unlearner(llama_dir, autocast="bf16")
     u.step()

@@ -56,3 +56,13 @@ def training_autocast(resolved: str, device) -> contextlib.AbstractContextManage
     if resolved == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def output_bytes(resolved: str, model) -> int:
+    """Bytes of one element of what MODEL's training forwards return under RESOLVED: 2 under bf16 autocast
+    (its linear layers, the vocabulary projection included, return bfloat16) or for a model held in 16 bits,
+    else 4. The reference cache counts its budget in it (reference_cache.py)."""
+    import torch
+
+    dtype = torch.bfloat16 if resolved == "bf16" else next(model.parameters()).dtype
+    return dtype.itemsize if dtype.is_floating_point else 4

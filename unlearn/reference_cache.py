@@ -21,9 +21,10 @@ the checkpoint for a resumed run to run them the same way. Kept are the logits, 
 log-softmax, so the loss computes from them exactly as from a fresh forward
 (`losses.kl_loss` reads only the kept positions; the rest of a rebuilt tensor is zeros).
 
-Memory: a position holds the vocabulary's width of logits (49152 floats, 192 KiB, on the
-embedded model). A set of rows whose logits would pass `BUDGET_BYTES` is not kept at all and
-runs through the original at every step, as before: counted before anything runs.
+Memory: a position holds the vocabulary's width of logits (49152 floats, 192 KiB in float32 on
+the embedded model; half that in bfloat16, a 16-bit model's or --autocast's). A set of rows whose
+logits would pass `BUDGET_BYTES` is not kept at all and runs through the original at every step,
+as before: counted before anything runs, at the logits' element size the caller names.
 
 One process only: under torchrun a forward of an FSDP-sharded model is a collective that every
 rank must join, and ranks hold different rows, so there each rank runs its reference as before.
@@ -54,8 +55,10 @@ class ReferenceLogits:
     """Per set of rows (normal, retain): the original's logits of each row, keyed by the row
     object (which lives as long as the run), at the positions its loss reads."""
 
-    def __init__(self, vocab_size: int, budget: int = BUDGET_BYTES):
-        self.vocab_size, self.budget = vocab_size, budget
+    def __init__(self, vocab_size: int, element_bytes: int = 4, budget: int = BUDGET_BYTES):
+        # ELEMENT_BYTES: the size of one of the original's logits as its forward returns them (4 in float32, 2 in
+        # bfloat16): the budget is counted in it before anything runs, and `bytes` then reaches `reserved`.
+        self.vocab_size, self.element_bytes, self.budget = vocab_size, element_bytes, budget
         self.kept: dict[int, torch.Tensor] = {}
         self.groups: dict[str, list[list[int]]] = {}  # set name -> the row indices run together
         self.keeps: dict[str, bool] = {}  # set name -> whether its rows are kept (within the budget)
@@ -75,7 +78,7 @@ class ReferenceLogits:
         from the same position on.
         """
         if name not in self.keeps:
-            position_bytes = self.vocab_size * 4  # float32 logits; half precision ones take half
+            position_bytes = self.vocab_size * self.element_bytes
             # Every row scores at least one position (--max-length ≥ 8 keeps half for the prompt, then at least
             # one response token), so a set of more rows than the budget has positions left does not fit,
             # decided without encoding its rows (the normal rows are encoded as drawn: data.EncodedRows).

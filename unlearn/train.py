@@ -305,7 +305,8 @@ class Unlearner:
         # The original's logits on the normal and retain rows, computed once (reference_cache.py),
         # keyed by the row objects of self.normal and self.retain, which live as long as this object.
         self.reference_cache = (None if distributed.world().active else
-                                ReferenceLogits(model.get_output_embeddings().weight.shape[0]))
+                                ReferenceLogits(model.get_output_embeddings().weight.shape[0],
+                                                precision.output_bytes(self.autocast, model)))
         # NPO's reference on the forget rows, one number a row (`_original_sequence_logprobs`)
         self._forget_index = {id(row): i for i, row in enumerate(self.forget)}
         self._forget_reference: dict[int, float] = {}
