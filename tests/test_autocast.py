@@ -14,7 +14,7 @@ from unlearn.data import collate
 from unlearn import losses
 
 from test_run_cli import write_jsonl
-from test_train import unlearner
+from test_train import lora_state, unlearner
 
 
 def test_native_bf16_reads_the_cpu_s_declared_instructions(monkeypatch):
@@ -83,6 +83,47 @@ def test_the_reference_cache_counts_its_budget_in_the_logits_own_size(llama_dir,
     assert cache.element_bytes == size and len(cache.kept) == 4
     assert {t.element_size() for t in cache.kept.values()} == {size}
     assert cache.bytes == cache.reserved > 0
+
+
+def test_kept_bf16_copies_of_the_frozen_weights_train_bit_for_bit_as_autocast_s_own_casts(llama_dir):
+    """precision.FrozenCasts: the products see the same bfloat16 values autocast makes at each call, so the adapters
+    after 4 steps are equal bit for bit; and autograd keeps the one copy for the backward, not one per forward."""
+    kept, cast = unlearner(llama_dir, autocast="bf16"), unlearner(llama_dir, autocast="bf16")
+    cast.frozen_casts = None  # autocast casts every frozen weight at every call, as before
+    assert kept.frozen_casts is not None
+    for _ in range(4):
+        assert kept.step()["loss"] == cast.step()["loss"]
+    for (a_A, a_B), (b_A, b_B) in zip(lora_state(kept.model).values(), lora_state(cast.model).values()):
+        assert torch.equal(a_A, b_A) and torch.equal(a_B, b_B)
+    frozen = [m.weight for m in kept.model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+    copies = {t.data_ptr(): t for _, _, t in kept.frozen_casts.copies.values()}
+    assert len(frozen) > 4 and all(id(w) in kept.frozen_casts.copies for w in frozen)
+    assert all(t.dtype == torch.bfloat16 for t in copies.values())
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with precision.training_autocast("bf16", kept.device, kept.frozen_casts):
+            kept.loss(kept._rows())
+    # a saved tensor holding a frozen weight's bf16 values, or their transpose, is a weight (an activation's 2-D view
+    # may share a shape)
+    flat = [t for t in saved if t.dtype == torch.bfloat16 and t.dim() == 2]
+    weights = [t for t in flat for w in frozen for view in (t, t.t())
+               if view.shape == w.shape and torch.equal(view, w.to(torch.bfloat16))]
+    assert len(weights) >= len(frozen)  # each layer keeps its weight for the input's gradient
+    assert all(t.data_ptr() in copies for t in weights)  # the kept copies, not a cast per call
+
+
+def test_frozen_casts_recast_a_weight_written_since_and_pass_others_through():
+    casts = precision.FrozenCasts()
+    frozen = torch.nn.Parameter(torch.tensor([1.0, 1 + 2 ** -10]), requires_grad=False)
+    first = casts.cast(frozen)
+    assert first.dtype == torch.bfloat16 and casts.cast(frozen) is first  # kept
+    with torch.no_grad():
+        frozen.mul_(3)  # written in place: its version moves, so the copy is made again
+    assert casts.cast(frozen).tolist() == [3.0, 3.0]
+    trained, plain = torch.nn.Parameter(torch.ones(2)), torch.ones(2)
+    assert casts.cast(trained) is trained and casts.cast(plain) is plain  # autocast's own handling for those
+    casts.release()
+    assert not casts.copies
 
 
 def test_a_checkpoint_remembers_its_precision(llama_dir):

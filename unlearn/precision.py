@@ -9,9 +9,10 @@ printed figure is measured as before: only the training trajectory changes.
 
 Why: on a CPU with bfloat16 instructions (an AMD EPYC with AVX512-BF16, two threads) the embedded model's default
 step took 0.59-0.73 of the float32 step's time, 2.3-2.6 s against 3.1-4.2 s (bench/train_bench.py's
-`autocast_over_fp32`, docs/speed.md, fifty-sixth session). It is not the default: the README command took one step
-more with it, and the dev split scored lower (docs/quality.md). On a CPU without them torch takes a reference path
-about 40x slower than float32 (system.slow_low_precision_note), so `auto` never chooses it there.
+`autocast_over_fp32`, docs/speed.md, fifty-sixth session). It is not the default: on the dev split it scored lower
+and lost a target the default meets (`openings`' paraphrase leak; docs/quality.md, fifty-seventh session). On a
+CPU without them torch takes a reference path about 40x slower than float32 (system.slow_low_precision_note), so
+`auto` never chooses it there.
 """
 
 from __future__ import annotations
@@ -49,13 +50,74 @@ def resolve(setting: str, model) -> str:
     return "bf16" if native_bf16(weight.device) else "off"
 
 
-def training_autocast(resolved: str, device) -> contextlib.AbstractContextManager:
-    """The context a training step's forwards and backward run in for RESOLVED ("bf16" or "off")."""
+def training_autocast(resolved: str, device, casts: "FrozenCasts | None" = None) -> contextlib.AbstractContextManager:
+    """The context a training step's forwards and backward run in for RESOLVED ("bf16" or "off"); with CASTS,
+    the linear layers' frozen weights are multiplied in their kept bf16 copies (`FrozenCasts`)."""
     import torch
 
-    if resolved == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    if resolved != "bf16":
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+    if casts is not None:
+        stack.enter_context(casts.mode())
+    return stack
+
+
+class FrozenCasts:
+    """bf16 copies of a float32 model's frozen linear weights (and biases), made once and kept while training runs.
+
+    Why: autocast keeps a bf16 cast only of a leaf that requires a gradient, so it cast every frozen weight again at
+    every call, and autograd kept that call's copy for the backward. A step's forget, normal and retain forwards run
+    before its one backward, so about three copies of the weights were alive at once: 754 MiB on the embedded model
+    (a reviewer's count, session 57), most of the opt-in's extra peak memory. Here F.linear gets the kept copy: the
+    same bfloat16 values autocast would make (a cast is exact to reproduce), so the same products, bit for bit, with
+    one copy (the embedded model's 256 MiB) for the whole run, and no cast per call.
+
+    Only in one process: a sharded (FSDP) weight is a different view at each forward. Only frozen float32
+    Parameters (the LoRA bases, the attention projections, the vocabulary projection); a copy is made again if its
+    weight was written in place since (its version counter moved).
+    """
+
+    def __init__(self):
+        self.copies: dict[int, tuple] = {}  # id(tensor) -> (tensor, its version then, its bf16 copy)
+
+    def cast(self, tensor):
+        """TENSOR's kept bf16 copy, or TENSOR itself when it is not a frozen float32 Parameter."""
+        import torch
+
+        if not (isinstance(tensor, torch.nn.Parameter) and tensor.dtype == torch.float32 and not tensor.requires_grad):
+            return tensor
+        kept = self.copies.get(id(tensor))
+        if kept is None or kept[0] is not tensor or kept[1] != tensor._version:
+            with torch.no_grad():
+                kept = self.copies[id(tensor)] = (tensor, tensor._version, tensor.to(torch.bfloat16))
+        return kept[2]
+
+    def mode(self):
+        """A torch function mode in which F.linear multiplies by the kept copies."""
+        import torch
+        from torch.overrides import TorchFunctionMode
+
+        casts = self
+
+        class _KeptCasts(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is torch.nn.functional.linear:
+                    args = list(args)
+                    for i, name in ((1, "weight"), (2, "bias")):
+                        if i < len(args):
+                            args[i] = casts.cast(args[i])
+                        elif kwargs.get(name) is not None:
+                            kwargs[name] = casts.cast(kwargs[name])
+                return func(*args, **kwargs)
+
+        return _KeptCasts()
+
+    def release(self) -> None:
+        """Free the copies (training is over); a later step makes them again."""
+        self.copies.clear()
 
 
 def output_bytes(resolved: str, model) -> int:

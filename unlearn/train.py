@@ -307,6 +307,10 @@ class Unlearner:
         self.reference_cache = (None if distributed.world().active else
                                 ReferenceLogits(model.get_output_embeddings().weight.shape[0],
                                                 precision.output_bytes(self.autocast, model)))
+        # Under --autocast, the frozen weights' bf16 copies, kept for the run instead of cast at every call (one
+        # process only, as the reference cache: precision.FrozenCasts)
+        self.frozen_casts = (precision.FrozenCasts() if self.autocast == "bf16" and not distributed.world().active
+                             else None)
         # NPO's reference on the forget rows, one number a row (`_original_sequence_logprobs`)
         self._forget_index = {id(row): i for i, row in enumerate(self.forget)}
         self._forget_reference: dict[int, float] = {}
@@ -949,7 +953,7 @@ class Unlearner:
         # Every rank draws the same global micro-batches (same RNG draws, in the order one at a time gave)
         # and keeps its share of each.
         drawn = [distributed.shard_rows(self._rows()) for _ in range(config.grad_accum)]
-        with precision.training_autocast(self.autocast, self.device):
+        with precision.training_autocast(self.autocast, self.device, self.frozen_casts):
             logged = self._micro_batches(drawn, protected)
         self._drawn_ahead = []
         logged = distributed.average(logged)  # the global batch's terms, the same on every rank
@@ -1187,6 +1191,8 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
             unlearner.keep_terms_only = False
             if unlearner.reference_cache is not None:
                 unlearner.reference_cache.release()
+            if unlearner.frozen_casts is not None:
+                unlearner.frozen_casts.release()
     seconds = previous_seconds + time.perf_counter() - start - (check_seconds - previous_checks)
     return TrainResult(steps=unlearner.step_count, stopped_by=stopped_by, seconds=seconds,
                        tokens=unlearner.tokens, history=history, check_seconds=check_seconds,
