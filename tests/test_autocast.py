@@ -9,7 +9,7 @@ import torch
 from unlearn import precision
 from unlearn.config import TrainConfig
 from unlearn.errors import UnlearnError, UsageError
-from unlearn.train import first_scored_position
+from unlearn.train import first_scored_position, train
 from unlearn.data import collate
 from unlearn import losses
 
@@ -85,10 +85,12 @@ def test_the_reference_cache_counts_its_budget_in_the_logits_own_size(llama_dir,
     assert cache.bytes == cache.reserved > 0
 
 
-def test_kept_bf16_copies_of_the_frozen_weights_train_bit_for_bit_as_autocast_s_own_casts(llama_dir):
+@pytest.mark.parametrize("model", ["llama_dir", "opt_dir"])  # OPT's linear layers have biases
+def test_kept_bf16_copies_of_the_frozen_weights_train_bit_for_bit_as_autocast_s_own_casts(request, model):
     """precision.FrozenCasts: the products see the same bfloat16 values autocast makes at each call, so the adapters
     after 4 steps are equal bit for bit; and autograd keeps the one copy for the backward, not one per forward."""
-    kept, cast = unlearner(llama_dir, autocast="bf16"), unlearner(llama_dir, autocast="bf16")
+    directory = request.getfixturevalue(model)
+    kept, cast = unlearner(directory, autocast="bf16"), unlearner(directory, autocast="bf16")
     cast.frozen_casts = None  # autocast casts every frozen weight at every call, as before
     assert kept.frozen_casts is not None
     for _ in range(4):
@@ -98,6 +100,9 @@ def test_kept_bf16_copies_of_the_frozen_weights_train_bit_for_bit_as_autocast_s_
     frozen = [m.weight for m in kept.model.modules() if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
     copies = {t.data_ptr(): t for _, _, t in kept.frozen_casts.copies.values()}
     assert len(frozen) > 4 and all(id(w) in kept.frozen_casts.copies for w in frozen)
+    biases = [m.bias for m in kept.model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None
+              and not m.bias.requires_grad]
+    assert all(id(b) in kept.frozen_casts.copies for b in biases) and (biases or model == "llama_dir")
     assert all(t.dtype == torch.bfloat16 for t in copies.values())
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -110,6 +115,30 @@ def test_kept_bf16_copies_of_the_frozen_weights_train_bit_for_bit_as_autocast_s_
                if view.shape == w.shape and torch.equal(view, w.to(torch.bfloat16))]
     assert len(weights) >= len(frozen)  # each layer keeps its weight for the input's gradient
     assert all(t.data_ptr() in copies for t in weights)  # the kept copies, not a cast per call
+
+
+def test_frozen_casts_leave_a_product_autocast_does_not_cast_alone():
+    """A model that switches autocast off for a float32 product (Ernie-4.5-MoE's router) gets its float32 weight
+    there, as without the kept copies (the bf16 copy beside a float32 input was a dtype error at the first step)."""
+    casts = precision.FrozenCasts()
+    w = torch.nn.Parameter(torch.randn(3, 4), requires_grad=False)
+    x = torch.randn(2, 4)
+    built = precision.training_autocast("bf16", torch.device("cpu"), casts)
+    assert not torch.is_autocast_enabled("cpu")  # nothing is switched on before the `with`
+    with built:
+        with torch.autocast("cpu", enabled=False):
+            alone = torch.nn.functional.linear(x, w)
+        assert not casts.copies
+        inside = torch.nn.functional.linear(x, w)
+    assert alone.dtype == torch.float32 and torch.equal(alone, torch.nn.functional.linear(x, w))
+    assert inside.dtype == torch.bfloat16 and id(w) in casts.copies
+    assert torch.equal(inside, torch.nn.functional.linear(x.bfloat16(), w.bfloat16()))
+
+
+def test_training_frees_the_kept_copies_before_anything_is_measured(llama_dir):
+    u = unlearner(llama_dir, autocast="bf16", max_steps=2)
+    train(u)
+    assert u.step_count == 2 and not u.frozen_casts.copies
 
 
 def test_frozen_casts_recast_a_weight_written_since_and_pass_others_through():

@@ -50,18 +50,18 @@ def resolve(setting: str, model) -> str:
     return "bf16" if native_bf16(weight.device) else "off"
 
 
-def training_autocast(resolved: str, device, casts: "FrozenCasts | None" = None) -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def training_autocast(resolved: str, device, casts: "FrozenCasts | None" = None):
     """The context a training step's forwards and backward run in for RESOLVED ("bf16" or "off"); with CASTS,
-    the linear layers' frozen weights are multiplied in their kept bf16 copies (`FrozenCasts`)."""
+    the linear layers' frozen weights are multiplied in their kept bf16 copies (`FrozenCasts`). Nothing is
+    switched on before the `with` enters it."""
     import torch
 
     if resolved != "bf16":
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
-    if casts is not None:
-        stack.enter_context(casts.mode())
-    return stack
+        yield
+        return
+    with torch.autocast(device.type, dtype=torch.bfloat16), (casts.mode() if casts else contextlib.nullcontext()):
+        yield
 
 
 class FrozenCasts:
@@ -75,8 +75,13 @@ class FrozenCasts:
     one copy (the embedded model's 256 MiB) for the whole run, and no cast per call.
 
     Only in one process: a sharded (FSDP) weight is a different view at each forward. Only frozen float32
-    Parameters (the LoRA bases, the attention projections, the vocabulary projection); a copy is made again if its
-    weight was written in place since (its version counter moved).
+    Parameters (the LoRA bases, the attention projections, the vocabulary projection), and only in a call that bf16
+    autocast would cast: a model that switches autocast off for a float32 product (Ernie-4.5-MoE's router) keeps its
+    float32 weight there. A copy is made again if its weight was written in place since (its version counter moved).
+
+    Cost: a torch function mode sends every torch call inside the step through Python, about 12-15 µs each (a
+    reviewer's count: ~9,300 calls, ~0.1 s, a step of a 30-layer model at the embedded model's width); the casts it
+    saves cost more (docs/speed.md, fifty-seventh session: the step 2.29-2.65 s against 3.10-3.11 s).
     """
 
     def __init__(self):
@@ -104,7 +109,9 @@ class FrozenCasts:
         class _KeptCasts(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
-                if func is torch.nn.functional.linear:
+                if (func is torch.nn.functional.linear and args and isinstance(args[0], torch.Tensor)
+                        and torch.is_autocast_enabled(args[0].device.type)  # a call autocast would cast
+                        and torch.get_autocast_dtype(args[0].device.type) == torch.bfloat16):
                     args = list(args)
                     for i, name in ((1, "weight"), (2, "bias")):
                         if i < len(args):
