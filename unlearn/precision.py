@@ -70,7 +70,7 @@ class FrozenCasts:
     Why: autocast keeps a bf16 cast only of a leaf that requires a gradient, so it cast every frozen weight again at
     every call, and autograd kept that call's copy for the backward. A step's forget, normal and retain forwards run
     before its one backward, so about three copies of the weights were alive at once: 754 MiB on the embedded model
-    (a reviewer's count, session 57), most of the opt-in's extra peak memory. Here F.linear gets the kept copy: the
+    (a reviewer's count on one step, session 57). Here F.linear gets the kept copy: the
     same bfloat16 values autocast would make (a cast is exact to reproduce), so the same products, bit for bit, with
     one copy (the embedded model's 256 MiB) for the whole run, and no cast per call.
 
