@@ -85,7 +85,8 @@ class FrozenCasts:
     """
 
     def __init__(self):
-        self.copies: dict[int, tuple] = {}  # id(tensor) -> (tensor, its version then, its bf16 copy)
+        # id(tensor) -> (tensor, its version then, its bf16 copy); holding the tensor keeps its id from being reused
+        self.copies: dict[int, tuple] = {}
 
     def cast(self, tensor):
         """TENSOR's kept bf16 copy, or TENSOR itself when it is not a frozen float32 Parameter."""
@@ -94,7 +95,7 @@ class FrozenCasts:
         if not (isinstance(tensor, torch.nn.Parameter) and tensor.dtype == torch.float32 and not tensor.requires_grad):
             return tensor
         kept = self.copies.get(id(tensor))
-        if kept is None or kept[0] is not tensor or kept[1] != tensor._version:
+        if kept is None or kept[1] != tensor._version:
             with torch.no_grad():
                 kept = self.copies[id(tensor)] = (tensor, tensor._version, tensor.to(torch.bfloat16))
         return kept[2]
