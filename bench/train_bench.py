@@ -55,7 +55,12 @@ peak RSS is per process; each subprocess sets the same thread count):
    `step_flops`: the derivation is written there), so achieved GFLOP/s = useful
    FLOPs / step time (the median over timed steps of each step's rate: one step
    slowed by another job on a shared machine does not drag it down), MFU =
-   achieved / matmul rate of the same dtype.
+   achieved / matmul rate of the same dtype. `mfu_*_beside`: each timed step's
+   useful FLOP/s over the mean of two rates measured just before and just after
+   it (best of 2 `torch.mm`, the same size), median over the steps: a machine
+   whose speed drifts during a run (other jobs, a neighbour's phases) moves both
+   sides of that ratio together, where the best rate of the run is a ceiling the
+   step may never have been offered.
 4. Peak RSS (VmHWM) of each variant's process, with the high-water mark reset
    (`/proc/self/clear_refs` = 5) once the model is loaded and the Unlearner built,
    so that load-time transients do not count; the resident weights, Python and
@@ -172,6 +177,16 @@ def matmul_gflops(dtype, n: int = 4096, reps: int = 3) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
+
+
+def mfu_beside(useful_flops: list[float], seconds: list[float], beside_gflops: list[float]) -> float:
+    """The median over steps of step i's useful GFLOP/s over the mean of the matmul rates measured just
+    before it (BESIDE_GFLOPS[i]) and just after it ([i + 1]): one more rate than steps."""
+    if len(beside_gflops) != len(seconds) + 1 or len(useful_flops) != len(seconds):
+        raise ValueError(f"{len(useful_flops)} steps' FLOPs, {len(seconds)} times and {len(beside_gflops)} rates "
+                         f"around them: expected n, n and n + 1")
+    return statistics.median(flops / 1e9 / s / ((before + after) / 2) for flops, s, before, after
+                             in zip(useful_flops, seconds, beside_gflops, beside_gflops[1:]))
 
 
 # -- FLOPs of one step ----------------------------------------------------------------
@@ -596,11 +611,18 @@ def run_child(args) -> dict:
     rss_loaded = _status_mb("VmRSS")
     mm_dtype = torch.bfloat16 if bf16 or autocast else torch.float32
     mm_rates = [matmul_gflops(mm_dtype)]
+    # The rate beside each timed step: measured just before its first timed step and after each, so step i sits
+    # between beside[i] and beside[i + 1]. A shared machine's speed drifts within a run (three runs of one session
+    # gave mfu_fp32 0.73, 0.52 and 0.49 against the run's best rate); the step's rate over the mean of the two
+    # rates around it compares the step with what the machine gave at that time.
+    beside = []
 
     records, seconds, tokens = [], [], []
     for i in range(args.warmup + args.steps):
         before_tokens = unlearner.tokens
         calls.clear()
+        if i == args.warmup:
+            beside.append(matmul_gflops(mm_dtype, reps=2))
         start = time.perf_counter()
         records.append(probe.step(unlearner))
         elapsed = time.perf_counter() - start
@@ -608,6 +630,7 @@ def run_child(args) -> dict:
         if i >= args.warmup:
             seconds.append(elapsed)
             tokens.append(unlearner.tokens - before_tokens)
+            beside.append(matmul_gflops(mm_dtype, reps=2))
         _log(f"{variant}: step {i + 1} {elapsed:.2f} s loss {records[-1]['loss']:.4f}"
              + (" (warm-up)" if i < args.warmup else "") + f" load {os.getloadavg()[0]:.1f}")
     # The steps' peak (the probe resets the high-water mark inside each step; the matmul
@@ -633,6 +656,8 @@ def run_child(args) -> dict:
         "useful_gflop_per_step": useful / len(counts) / 1e9,
         "executed_gflop_per_step": executed / len(counts) / 1e9,
         "achieved_gflops": statistics.median(c["useful"] / s for c, s in zip(counts, seconds)) / 1e9,
+        "mfu_beside": mfu_beside([c["useful"] for c in counts], seconds, beside),
+        "matmul_beside_gflops": beside,
         "executed_gflops": statistics.median(c["executed"] / s for c, s in zip(counts, seconds)) / 1e9,
         "padding_waste": 1 - sum(c["real_tokens"] for c in counts) / sum(c["computed_tokens"] for c in counts),
         "tokens_per_step": sum(c["real_tokens"] for c in counts) / len(counts),
@@ -738,6 +763,7 @@ def main(argv=None):
             "padding_waste": round(fp32["padding_waste"], 3),
             "achieved_gflops": round(fp32["achieved_gflops"], 1),
             "mfu_fp32": round(fp32["achieved_gflops"] / fp32_rate, 3),
+            "mfu_fp32_beside": round(fp32["mfu_beside"], 3),
             "mfu_fp32_executed": round(fp32["executed_gflops"] / fp32_rate, 3),
             "loss_fp32_first_step": round(fp32["loss_first_step"], 5),
             "peak_rss_mb": round(fp32["peak_rss_mb"], 1),
@@ -752,6 +778,7 @@ def main(argv=None):
             "bf16_tokens_per_s": round(bf16["tokens_per_s"], 1),
             "bf16_achieved_gflops": round(bf16["achieved_gflops"], 1),
             "mfu_bf16": round(bf16["achieved_gflops"] / bf16_rate, 3),
+            "mfu_bf16_beside": round(bf16["mfu_beside"], 3),
             "loss_bf16_first_step": round(bf16["loss_first_step"], 5),
             "bf16_peak_rss_mb": round(bf16["peak_rss_mb"], 1),
             "bf16_rss_over_weights": round(bf16["rss_over_weights"], 3),
@@ -769,6 +796,7 @@ def main(argv=None):
         result.update({
             "autocast_step_s": round(auto["step_s_median"], 3),
             "mfu_autocast": round(auto["achieved_gflops"] / auto["matmul_gflops"], 3),
+            "mfu_autocast_beside": round(auto["mfu_beside"], 3),
             "loss_autocast_first_step": round(auto["loss_first_step"], 5),
             "autocast_peak_rss_mb": round(auto["peak_rss_mb"], 1),
         })
@@ -785,6 +813,7 @@ def main(argv=None):
     # Every variant, the ones above included, under its own name.
     result["variants"] = {v: {
         "step_s": round(r["step_s_median"], 3), "mfu": round(r["achieved_gflops"] / r["matmul_gflops"], 3),
+        "mfu_beside": round(r["mfu_beside"], 3),
         "matmul_gflops": round(r["matmul_gflops"], 1), "loss_first_step": round(r["loss_first_step"], 5),
         "peak_rss_mb": round(r["peak_rss_mb"], 1), "rss_over_weights": round(r["rss_over_weights"], 3),
         "load_average_1min": round(r["load_average_1min"], 2)} for v, r in runs.items()}

@@ -59,7 +59,8 @@ def test_report_keeps_its_json_keys(monkeypatch, capsys):
                 "executed_gflop_per_step": 110.0, "achieved_gflops": 50.0, "executed_gflops": 55.0,
                 "padding_waste": 0.1, "tokens_per_step": 20, "loss_first_step": -0.1, "peak_rss_mb": 12.0,
                 "rss_loaded_mb": 5.0, "weights_fp32_mb": 4000 / 2**20, "rss_over_weights": 3.0,
-                "memory": {}, "load_average_1min": 1.0}
+                "memory": {}, "load_average_1min": 1.0,
+                "mfu_beside": 0.5 if variant == "fp32" else 0.3, "matmul_beside_gflops": [rate, rate]}
 
     monkeypatch.setattr(train_bench, "spawn", child)
     monkeypatch.setattr("unlearn.system.slow_low_precision_note", lambda name: None)
@@ -68,10 +69,21 @@ def test_report_keeps_its_json_keys(monkeypatch, capsys):
 
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["mfu_fp32"] == 0.5 and result["mfu_bf16"] == 0.25
+    assert result["mfu_fp32_beside"] == 0.5 and result["mfu_bf16_beside"] == 0.3
     assert result["rss_over_weights"] == 3.0 and result["rss_over_weights_variant"] == "fp32"
     assert set(result["variants"]) == {"fp32", "bf16", "autocast"}
     # --autocast bf16's step: its MFU against the bf16 rate, its time over the fp32 step's of the same run
     assert result["mfu_autocast"] == 0.25 and result["autocast_over_fp32"] == 0.75
+
+
+def test_mfu_beside_pairs_each_step_with_the_rates_around_it():
+    """Step 1: 100 GFLOP in 2 s = 50 GFLOP/s over (100 + 60) / 2 = 80: 0.625; step 2: 60 GFLOP in 1 s over
+    (60 + 140) / 2 = 100: 0.6; step 3: 90 GFLOP in 1 s over (140 + 160) / 2 = 150: 0.6. The median is 0.6;
+    against the best rate (160) the same steps read 0.31, 0.375 and 0.5625."""
+    assert train_bench.mfu_beside([100e9, 60e9, 90e9], [2.0, 1.0, 1.0], [100.0, 60.0, 140.0, 160.0]) \
+        == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="n and n \\+ 1"):
+        train_bench.mfu_beside([1e9], [1.0], [100.0])
 
 
 def test_memory_probe_reads_each_backward_of_a_step_in_pieces(llama_dir, monkeypatch):
