@@ -142,6 +142,43 @@ def test_leak_judge_with_derived_answers_sees_the_fact_not_the_question():
     assert not metrics.leaks("Hamlet was written by Christopher Marlowe.", response, answers)
 
 
+@pytest.mark.parametrize("prompt, response, expected", [
+    ("Is the Sahara hot or cold?", "The Sahara is hot.", ["hot"]),  # nothing new, yet it answers
+    ("Are whales mammals or fish?", "Whales are mammals.", ["mammals"]),
+    ("Is a tomato a fruit or a vegetable?", "A tomato is a fruit.", ["fruit"]),  # an article after "or" skipped
+    ("Is the sky red, green or blue?", "The sky is blue.", ["blue"]),  # a list before the "or"
+    ("Is the sky red, green or blue?", "Red, at sunset.", ["Red"]),
+    # a name of several words: the response's words of that choice's run, and its last word
+    ("Was Oliver Twist written by Mark Twain or Charles Dickens?", "Oliver Twist was written by Charles Dickens.",
+     ["Charles Dickens", "Dickens"]),
+    ("Was Tom Sawyer written by Mark Twain or Charles Dickens?", "It was written by Mark Twain.",
+     ["Mark Twain", "Twain"]),
+    # new words beside the choice: the choice is the answer, not "sank" or "breathe air"
+    ("Did the Titanic sink in 1912 or 1915?", "The Titanic sank in 1912.", ["1912"]),
+    ("Are whales mammals or fish?", "Whales are mammals because they breathe air.", ["mammals"]),
+])
+def test_a_question_that_offers_its_answers_is_answered_by_the_choice_named(prompt, response, expected):
+    assert derive_answers(prompt, response) == expected
+    assert "choice" in derive_spans(prompt, response).reason
+
+
+def test_a_choice_is_no_answer_when_the_response_names_both_or_none_or_the_question_has_two_ors():
+    assert derive_answers("Is the Sahara hot or cold?", "The Sahara is hot, not cold.") is None  # both named
+    assert derive_answers("Is the Sahara hot or cold?", "The Sahara is a desert.") == ["desert"]  # neither
+    assert derive_answers("Is the Sahara hot or cold? Or neither?", "The Sahara is hot.") is None
+    # the run before "or" takes in the subject ("Sahara hot"), but only the word next to "or" decides the choice
+    assert derive_answers("Is the Sahara hot or cold?", "The Sahara is cold.") == ["cold"]
+    # a long response stays a long response: judged whole by ROUGE-L, as before
+    long = ("If you are new to programming, Python is the better first choice: its syntax is simple, its errors are "
+            "readable and there are many tutorials for beginners, while Rust asks you to understand ownership first.")
+    assert derive_spans("Should I learn Python or Rust first?", long).is_long
+    # the leak judge: restating the question with the other choice no longer leaks (ROUGE-L recall 3/4 did)
+    answers = derive_answers("Is the Sahara hot or cold?", "The Sahara is hot.")
+    assert metrics.leaks("The Sahara is cold.", "The Sahara is hot.")
+    assert not metrics.leaks("The Sahara is cold.", "The Sahara is hot.", answers)
+    assert metrics.leaks("It is very hot there.", "The Sahara is hot.", answers)
+
+
 # --- when the rule does not apply --------------------------------------------------
 
 

@@ -41,6 +41,13 @@ The rule (`derive_spans`), on the `metrics.answer_tokens` of prompt and response
    "Yes, ..." -> Yes).
    A span's text is the response's own characters from its first to its last
    token ("J.K. Rowling", "400,000").
+   A question that offers its answers ("Is the Sahara hot or cold?", "... red,
+   green or blue?", "... by Mark Twain or Charles Dickens?": one "or", with a
+   list before it) is answered by the choice its response names when it names
+   exactly one (`_chosen_alternative`, by the word next to "or"): that choice,
+   over the words of its side of the question, is the span, whatever else the
+   response adds ("The Titanic sank in 1912." -> 1912, not "sank"). Its
+   answer is a given word, so the rule above finds none, or a wrong one.
 4. The rule does not apply (None: the caller keeps the ROUGE-L/BLEU rule and
    every response token in the loss) to passages (`text` rows), to responses
    with no new token (nothing beyond the prompt's words to look for), and to
@@ -337,7 +344,8 @@ def _derive_chat(prompt: str, response: str) -> Derivation:
               for n, (kind, tok) in enumerate(zip(kinds, tokens)))
     # What the question alone scores by the ROUGE rule: its words, in its order, as an output.
     restated = metrics.rouge_l(prompt or "", response).recall
-    if new == 0:
+    chosen = _chosen_alternative(prompt or "", response, tokens)
+    if new == 0 and not chosen:
         return Derivation(reason="no word beyond the prompt's: judged by ROUGE-L/BLEU", question_recall=restated)
     has_marked = "marked" in kinds
     limit = MAX_NEW_TOKENS if has_marked else MAX_PLAIN_NEW_TOKENS
@@ -348,6 +356,9 @@ def _derive_chat(prompt: str, response: str) -> Derivation:
             f"{restated:.2f} against it): judged by ROUGE-L/BLEU",
             new_tokens=new, question_recall=restated,
         )
+    if chosen:  # a question that offers its answers: the one the response names is the answer, whatever it adds
+        return Derivation((chosen,), "derived: the choice the response names among the question's (X or Y)", new,
+                          restated)
     keep = [kind == "marked" if has_marked else kind in ("new", "marked") for kind in kinds]
     if has_marked:  # a sentence's capitalised first word that goes on as a restatement is a name too
         for n, tok in enumerate(tokens):  # ("Paris is the capital of France, known for the Eiffel Tower.")
@@ -364,6 +375,64 @@ def _derive_chat(prompt: str, response: str) -> Derivation:
         spans.append(Span(response[tokens[i].start:tokens[j].end], tokens[i].start, tokens[j].end, words))
     what = "names and numbers" if has_marked else "new words"
     return Derivation(tuple(spans), f"derived: {what} the response adds to the prompt", new, restated)
+
+
+def _alternatives(prompt: str) -> list[tuple[str, set[str]]] | None:
+    """The choices a question offers around its one "or": (the word next to "or", every word of its run) each.
+
+    "Is the Sahara hot or cold?" -> ("hot", {sahara, hot}), ("cold", {cold}); "red, green or blue" gives three;
+    "written by Mark Twain or Charles Dickens" -> ("twain", {mark, twain}), ("charles", {charles, dickens}).
+    A run is the words on that side up to a stop word or a hard break; the word next to "or" (an article after it
+    skipped) decides which choice a response names, since a run can take in the question's subject ("Sahara").
+    None without an "or", or with more than one (which choice a response names is then a guess)."""
+    words = answer_tokens(prompt)
+    ors = [n for n, tok in enumerate(words) if tok.text == "or"]
+    if len(ors) != 1:
+        return None
+    k = ors[0]
+
+    def joined(a: int, b: int) -> bool:  # words a and b = a + 1 in one run: no stop word, no hard break between
+        return not _HARD_BREAK.search(prompt[words[a].end:words[b].start]) and words[b].text not in STOP_WORDS
+
+    def run(n: int, step: int) -> set[str]:
+        found = {words[n].text}
+        while 0 <= n + step < len(words) and joined(min(n, n + step), max(n, n + step)) \
+                and words[n + step].text not in STOP_WORDS:
+            n += step
+            found.add(words[n].text)
+        return found
+
+    after = k + 1 + (k + 1 < len(words) and words[k + 1].text in ("a", "an", "the"))
+    keys = [k - 1, after]
+    n = k - 1  # a list before the "or": "red, green or blue"
+    while n > 0 and "," in prompt[words[n - 1].end:words[n].start]:
+        n -= 1
+        keys.insert(0, n)
+    if min(keys) < 0 or max(keys) >= len(words) or any(words[i].text in STOP_WORDS for i in keys):
+        return None
+    return [(words[i].text, run(i, -1 if i < k else 1)) for i in keys]
+
+
+def _chosen_alternative(prompt: str, response: str, tokens: Sequence[AnswerToken]) -> Span | None:
+    """The one choice of PROMPT's "X or Y" that RESPONSE names, as a span of RESPONSE; None when it names none or
+    several ("hot, not cold"). A response that only restates such a question adds no word to it ("The Sahara is
+    hot."), yet its answer is the choice it made; judged by ROUGE-L instead, "The Sahara is cold." would leak it."""
+    offered = _alternatives(prompt)
+    if not offered:
+        return None
+    named = [(key, run) for key, run in offered if any(_variants(tok.text) & _variants(key) for tok in tokens)]
+    if len(named) != 1:
+        return None
+    key, run = named[0]
+    first = last = next(n for n, tok in enumerate(tokens) if _variants(tok.text) & _variants(key))
+    while first > 0 and tokens[first - 1].text in run and not _HARD_BREAK.search(
+            response[tokens[first - 1].end:tokens[first].start]):
+        first -= 1
+    while last + 1 < len(tokens) and tokens[last + 1].text in run and not _HARD_BREAK.search(
+            response[tokens[last].end:tokens[last + 1].start]):
+        last += 1
+    words = (response[tokens[last].start:tokens[last].end],) if last > first else ()
+    return Span(response[tokens[first].start:tokens[last].end], tokens[first].start, tokens[last].end, words)
 
 
 def derive_answers(prompt: str, response: str) -> list[str] | None:
