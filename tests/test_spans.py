@@ -179,27 +179,6 @@ def test_a_choice_is_no_answer_when_the_response_names_both_or_none_or_the_quest
     assert metrics.leaks("It is very hot there.", "The Sahara is hot.", answers)
 
 
-@pytest.mark.parametrize("prompt, response, expected", [
-    # a name qualifying the noun that ends the phrase: the two, and the noun, are the answer
-    ("What is the largest land animal?", "The largest land animal is the African elephant.",
-     ["African elephant", "elephant"]),
-    ("What is the largest land animal?", "The African elephant is the largest land animal.",
-     ["African elephant", "elephant"]),
-    ("What is the largest cat?", "The largest cat is the Siberian tiger.", ["Siberian tiger", "tiger"]),
-    # not at a phrase's end: before a connector the phrase goes on, and the name after it is the answer
-    ("Where was he born?", "He was born in the Bavarian town of Ulm.", ["Bavarian", "Ulm"]),
-    ("What is the largest cat?", "The largest cat is the Siberian tiger of Russia.", ["Siberian", "Russia"]),
-    # no article before the name: a name before a verb, not an adjective
-    ("Who is the author of Pride and Prejudice?", "Jane Austen wrote Pride and Prejudice.",
-     ["Jane Austen", "Austen"]),
-    ("Who wrote Emma?", "Emma was written by Austen alone.", ["Austen"]),
-    # the noun is the question's own word: nothing to add
-    ("What is the largest desert?", "The Antarctic desert is the largest.", ["Antarctic"]),
-])
-def test_a_name_qualifying_the_noun_that_ends_its_phrase_takes_the_noun(prompt, response, expected):
-    assert derive_answers(prompt, response) == expected
-
-
 # --- when the rule does not apply --------------------------------------------------
 
 

@@ -38,10 +38,7 @@ The rule (`derive_spans`), on the `metrics.answer_tokens` of prompt and response
    given or trivial words ("Paris is the capital of France, known for the
    Eiffel Tower." -> Paris, Eiffel Tower; not "Yes, ..." nor "Regular
    exercise ..."); otherwise every run is (the sky is blue -> blue;
-   "Yes, ..." -> Yes). A kept name after an article that qualifies one
-   lowercase word ending its noun phrase takes that word in
-   (`_qualified_noun`: "the African elephant." -> African elephant, and
-   elephant; not "the Bavarian town of Ulm", whose phrase goes on).
+   "Yes, ..." -> Yes).
    A span's text is the response's own characters from its first to its last
    token ("J.K. Rowling", "400,000").
    A question that offers its answers ("Is the Sahara hot or cold?", "... red,
@@ -286,26 +283,6 @@ def _conjunct_heads(tokens: Sequence[AnswerToken], keep: Sequence[bool], i: int,
     return heads + [tokens[j]]
 
 
-def _qualified_noun(n: int, tokens: Sequence[AnswerToken], kinds: Sequence[str], keep: Sequence[bool],
-                    text: str) -> bool:
-    """Whether token N + 1 is the noun that kept token N qualifies at the end of a noun phrase: after an article,
-    a capitalised word, then one lowercase word that ends the sentence or clause or goes on with a given or
-    trivial word other than a connector ("the African elephant.", "The African elephant is ..."). The answer
-    is the two ("African elephant", and its head "elephant"): kept alone, "African" leaks wherever the word comes
-    up, and "the elephant" leaks nothing. A name with no article before it ("Jane Austen wrote ...") is not
-    qualifying a noun, and one before a connector ("the Bavarian town of Ulm") heads a longer phrase whose
-    answer is the name after it."""
-    start = n
-    while start > 0 and keep[start - 1] and text[tokens[start - 1].end:tokens[start].start].isspace():
-        start -= 1
-    noun = tokens[n + 1]
-    return (start > 0 and tokens[start - 1].text in ("the", "a", "an")
-            and text[tokens[start - 1].end:tokens[start].start].isspace()
-            and not _has_digit(tokens[n]) and text[tokens[n].end:noun.start] == " " and text[noun.start].islower()
-            and (n + 2 == len(tokens) or _breaks(text[noun.end:tokens[n + 2].start], noun, text, tokens[n + 2])
-                 or (kinds[n + 2] in ("given", "trivial") and tokens[n + 2].text not in CONNECTORS)))
-
-
 def _one_unspaced_word(before, token) -> bool:
     """Whether answer tokens BEFORE and TOKEN, side by side with nothing between, are characters of a script
     written without spaces (Chinese, Japanese): parts of one word as far as the counts of new words go."""
@@ -388,9 +365,6 @@ def _derive_chat(prompt: str, response: str) -> Derivation:
             keep[n] = keep[n] or (kinds[n] == "new" and response[tok.start].isupper() and (
                 n + 1 == len(tokens) or (kinds[n + 1] in ("given", "trivial") and not _breaks(
                     response[tok.end:tokens[n + 1].start], tok, response, tokens[n + 1]))))
-        for n in range(len(tokens) - 1):  # "the African elephant.": the noun a name qualifies ends the answer
-            keep[n + 1] = keep[n + 1] or (keep[n] and kinds[n + 1] == "new"
-                                          and _qualified_noun(n, tokens, kinds, keep, response))
     spans = []
     for i, j in _runs(tokens, keep, response):
         # A span of several words: its last word (a surname, the head noun) is an answer on its own, and so is
