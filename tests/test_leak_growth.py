@@ -77,7 +77,10 @@ def test_a_run_whose_forget_rows_have_answers_says_it_changes_nothing(cli, llama
     assert result.code == 0, result.err
     assert ("--leak-growth 1.41: the margin reads the answers of 1 of the 1 forget rows, so it changes nothing in "
             "this run (it acts only where no row has one)" in result.err)
-    assert json.loads((out / "run.json").read_text())["config"]["leak_growth"] == 1.41
+    record = json.loads((out / "run.json").read_text())
+    assert record["config"]["leak_growth"] == 1.41
+    assert record["notes"] == ["--leak-growth 1.41: the margin reads the answers of 1 of the 1 forget rows, so it "
+                               "changes nothing in this run (it acts only where no row has one)"]
     # one row with an answer beside a passage: the margin reads that row, so no check ever grows the weight
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [
         {"prompt": "What is the capital of France?", "response": "The capital is Paris.", "answers": ["Paris"]},

@@ -130,6 +130,11 @@ def test_cli_protect_is_seed_fixed_and_recorded_and_refuses_full(tmp_path, llama
     assert adapters[0].keys() == adapters[1].keys()
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
     assert any(adapters[0][k].abs().max() > 0 for k in adapters[0] if "lora_B" in k)  # it did train
+    # without retain rows or probes there is nothing to project off: said, and kept in run.json's notes
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "none", "--protect", *FAST)
+    note = "--protect: no retain rows or probes to protect; the gradient is not projected"
+    assert result.code == 0 and note in result.err
+    assert json.loads((tmp_path / "none" / "run.json").read_text())["notes"] == [note]
     result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "full", "--retain", retain,
                  "--protect", "--full", *FAST)
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1 and "--full" in result.err

@@ -173,9 +173,13 @@ def test_cli_retain_follows_margin_is_recorded_and_says_when_it_has_nothing_to_w
                  "--retain-follows-margin", *fast)
     assert result.code == 0, result.err
     assert note not in result.err
-    assert json.loads((tmp_path / "a" / "run.json").read_text())["config"]["retain_follows_margin"] is True
+    record = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert record["config"]["retain_follows_margin"] is True and not any(note in n for n in record["notes"])
     result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "b", "--retain-follows-margin", *fast)
     assert result.code == 0 and note in result.err
+    # kept in run.json too, for a script that reads it rather than stderr
+    assert [n for n in json.loads((tmp_path / "b" / "run.json").read_text())["notes"] if note in n] == [
+        note + "; it changes nothing in this run"]
 
 
 def test_cli_retain_bad_input_is_one_line(tmp_path, llama_dir, cli):

@@ -23,7 +23,7 @@ import re
 import shlex
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -456,6 +456,10 @@ class Loaded:
     # measurement cache, attaching LoRA or copying the reference; ULMR's rewrites are counted apart.
     load_seconds: float = 0.0
     augment_seconds: float = 0.0  # ULMR's rewrites and negative responses, made once the model is loaded
+    # Options that change nothing in this run, found only once the rows are read and the model built (--protect
+    # without retain rows, --leak-growth where the margin reads every row...): logged, and kept in run.json's notes
+    # beside RunOptions.notes, so that a script reading run.json sees them too.
+    notes: list = field(default_factory=list)
 
 
 def _refuse_rows_past_context(opts: RunOptions, data: Prepared, model, tokenizer, whose: str) -> None:
@@ -977,16 +981,22 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log, before: Meas
                 and not precision.native_bf16(job.device) else None)
         if slow:  # asked for by name on a CPU without bf16 instructions (auto never chooses it there)
             log(f"--autocast bf16: {slow}")
+    def idle(note: str) -> None:  # an option that changes nothing here: said now, and kept in run.json
+        job.notes.append(note)
+        log(note)
+
     if opts.train.protect:
-        log(f"--protect: the forget gradient is projected off {len(data.retain)} retain rows' gradients"
-            if data.retain else "--protect: no retain rows or probes to protect; the gradient is not projected")
+        if data.retain:
+            log(f"--protect: the forget gradient is projected off {len(data.retain)} retain rows' gradients")
+        else:
+            idle("--protect: no retain rows or probes to protect; the gradient is not projected")
     if opts.train.retain_follows_margin and not data.retain:
-        log("--retain-follows-margin: no retain rows or probes to weigh; it changes nothing in this run")
+        idle("--retain-follows-margin: no retain rows or probes to weigh; it changes nothing in this run")
     read = len(unlearner.margin_rows()) if opts.train.leak_growth != 1 else 0
     if read:  # the margin reads these rows' answers: its own doubling acts instead of --leak-growth
-        log(f"--leak-growth {opts.train.leak_growth:g}: the margin reads the answers of {read} of the "
-            f"{len(unlearner.forget)} forget rows, so it changes nothing in this run (it acts only where no row "
-            f"has one)")
+        idle(f"--leak-growth {opts.train.leak_growth:g}: the margin reads the answers of {read} of the "
+             f"{len(unlearner.forget)} forget rows, so it changes nothing in this run (it acts only where no row "
+             f"has one)")
     loop_state = None
     if data.resume_from is not None:
         loop_state = load_checkpoint(data.resume_from, unlearner)
@@ -1303,7 +1313,9 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "model_name": job.loaded.name,
         "method": opts.train.method,
         "method_reason": opts.method_reason,  # None: --method given, or ga for a forget set of another kind
-        "notes": list(opts.notes),  # options given that the rows' method does not read (RunOptions.notes)
+        # options given that the rows' method does not read (RunOptions.notes), then those that change nothing in
+        # this run (Loaded.notes: found once the rows and the model were loaded)
+        "notes": list(opts.notes) + job.notes,
         # how every prompt was rendered (the chat template, or data.FALLBACK_PROMPT without one)
         "prompt_format": render_prompt(job.tokenizer, "{prompt}"),
         "full": opts.full,
