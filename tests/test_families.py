@@ -50,6 +50,18 @@ def test_the_edit_runs_on_other_families(tmp_path, cli, rows, family, window):
     assert result.code == 0, result.err
 
 
+def test_the_edit_and_the_default_run_on_an_image_and_text_gemma3(tmp_path, cli, rows):
+    """Gemma 3's image-and-text class keeps its text model's width under `text_config`: the edit's target read
+    `config.hidden_size` at the top and ended in an internal error (AttributeError) before it edited anything."""
+    model = tiny_models.build_gemma3_image_text(tmp_path / "gemma3")
+    result = cli("run", *rows, "--model", model, "-o", tmp_path / "edit", "--method", "edit", "--eval-limit", "2",
+                 "--max-new-tokens", "6", "--no-probes")
+    assert result.code == 0, result.err
+    assert (tmp_path / "edit" / "model").is_dir()
+    result = cli("run", *rows, "--model", model, "-o", tmp_path / "ga", *FAST)
+    assert result.code == 0, result.err
+
+
 def test_batched_answers_equal_single_ones_under_a_sliding_window(tmp_path):
     from unlearn.generation import generate
     from unlearn.models import load_model

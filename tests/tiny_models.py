@@ -146,3 +146,23 @@ def build_family(path: Path, family: str, sliding_window: int | None = None, see
     make().save_pretrained(path)
     tok.save_pretrained(path)
     return Path(path)
+
+
+def build_gemma3_image_text(path: Path, seed: int = 0) -> Path:
+    """A tiny random Gemma 3 image-and-text checkpoint (`Gemma3ForConditionalGeneration`: 2 text layers, hidden 32, a
+    one-layer vision tower), with the llama tokenizer: its text model's width and depth sit under `text_config`."""
+    import torch
+    import transformers as t
+
+    tok = llama_tokenizer(True)
+    text = t.Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=8, max_position_embeddings=512, sliding_window=64,
+                              vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                              pad_token_id=0)
+    vision = t.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=28, patch_size=14)
+    torch.manual_seed(seed)
+    t.Gemma3ForConditionalGeneration(t.Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                                    mm_tokens_per_image=4)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)

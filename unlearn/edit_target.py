@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from unlearn.edit_layers import add_to_residual
+from unlearn.generation import text_config
 from unlearn.losses import unlikelihood_per_token
 
 
@@ -147,7 +148,7 @@ def optimise_targets(model, rows: list[Row], n_facts: int, layer: int, base_norm
     if min(r.subject_pos for r in rows) < 1 or any(p < r.subject_pos for r in rows for p in r.scored):
         raise ValueError("every row needs a token before its subject and scored positions from the subject on")
     batch = SplitBatch(model, rows, pad_id)
-    width = model.config.hidden_size
+    width = text_config(model).hidden_size  # an image-and-text checkpoint (Gemma 3) keeps it in its text config
     with torch.no_grad():  # the original distributions of the keep rows, and the scored targets
         original = batch.scored_logprobs()
     targets = []
