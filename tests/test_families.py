@@ -62,6 +62,24 @@ def test_the_edit_and_the_default_run_on_an_image_and_text_gemma3(tmp_path, cli,
     assert result.code == 0, result.err
 
 
+def test_a_mixture_of_experts_gets_adapters_on_its_attention_unless_targets_are_given(tmp_path, cli, rows):
+    """Mixtral's experts are fused 3-D parameters that LoRA here cannot wrap: without --lora-targets the default run
+    adapts the attention projections and says so (it stopped with an error before); with the feed-forward names
+    given, it still refuses in one line."""
+    model = tiny_models.build_family(tmp_path / "mixtral", "mixtral")
+    out = tmp_path / "out"
+    result = cli("run", *rows, "--model", model, "-o", out, *FAST)
+    assert result.code == 0, result.err
+    assert "so the adapters are on the attention projections (k_proj, o_proj, q_proj, v_proj)" in result.err
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["target_modules"] == [
+        "k_proj", "o_proj", "q_proj", "v_proj"]
+    for targets in ("down_proj", "gate_proj,up_proj,down_proj,gate_up_proj,fc1,fc2,dense_h_to_4h,dense_4h_to_h,"
+                                 "fc_in,fc_out,c_fc,mlp.c_proj"):  # given at the default's value: given all the same
+        result = cli("run", *rows, "--model", model, "-o", tmp_path / "refused", "--lora-targets", targets, *FAST)
+        assert result.code == 2 and "fused parameter" in result.err.strip().splitlines()[-1]
+    assert not (tmp_path / "refused").exists()
+
+
 def test_batched_answers_equal_single_ones_under_a_sliding_window(tmp_path):
     from unlearn.generation import generate
     from unlearn.models import load_model

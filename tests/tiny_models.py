@@ -116,7 +116,7 @@ def build_opt(path: Path, seed: int = 0) -> Path:
 
 def build_family(path: Path, family: str, sliding_window: int | None = None, seed: int = 0) -> Path:
     """A tiny random model of another family users bring (2 layers, hidden 32), with the llama tokenizer and
-    its chat template: FAMILY is one of gemma, gemma2, falcon, phi3, gptj, gpt2, gptneo, mistral (SLIDING_WINDOW:
+    its chat template: FAMILY is one of gemma, gemma2, falcon, phi3, gptj, gpt2, gptneo, mistral, mixtral (SLIDING_WINDOW:
     the attention window of gemma2, mistral and GPT-Neo's local layers, in tokens)."""
     import torch
     import transformers as t
@@ -132,6 +132,9 @@ def build_family(path: Path, family: str, sliding_window: int | None = None, see
         "mistral": lambda: t.MistralForCausalLM(t.MistralConfig(head_dim=8, sliding_window=sliding_window,
                                                                  **llama_like)),
         "phi3": lambda: t.Phi3ForCausalLM(t.Phi3Config(original_max_position_embeddings=512, **llama_like)),
+        # a mixture of experts: transformers 5 keeps the experts' projections as fused 3-D parameters
+        "mixtral": lambda: t.MixtralForCausalLM(t.MixtralConfig(num_local_experts=4, num_experts_per_tok=2,
+                                                                **llama_like)),
         "falcon": lambda: t.FalconForCausalLM(t.FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                                              max_position_embeddings=512, **ids)),
         "gptj": lambda: t.GPTJForCausalLM(t.GPTJConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=512,

@@ -629,6 +629,12 @@ class RunOptions:
             raise UsageError(f"--{unused[0].replace('_', '-')} is a setting of --method {readers}: {method} {verbs[0]}")
         raise UsageError(f"{self._named(unused)} are settings of other methods: {method} {verbs[1]}")
 
+    def lora_targets_given(self) -> bool:
+        """Whether --lora-targets was given (at its default value too), or the targets differ from the default."""
+        from unlearn.lora import MLP_TARGETS
+
+        return was_given(self.given, "lora_targets", self.lora.targets != MLP_TARGETS)
+
     def _lora_given(self) -> bool:
         """Whether any --lora-* option was given (LORA_OPTIONS), or the LoRA settings differ from the defaults."""
         return bool(self.given & LORA_OPTIONS) or self.lora != LoraSettings()

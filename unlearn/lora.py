@@ -44,6 +44,11 @@ LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A
 # Measured on examples/: see README, "How the defaults were chosen".
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj", "fc1", "fc2", "dense_h_to_4h", "dense_4h_to_h",
                "fc_in", "fc_out", "c_fc", "mlp.c_proj")
+# Where those names are a mixture of experts held as fused 3-D parameters (transformers 5's Mixtral, Qwen3-MoE,
+# OLMoE), which LoRA here cannot wrap, and --lora-targets was not given: the attention projections instead, as
+# most LoRA recipes for such models do, so that the default run trains rather than stops (`--full` trains the
+# experts themselves).
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass
@@ -256,13 +261,19 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def _fused_experts(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
+    """The names of MODEL's parameters of more than two dimensions that TARGETS name: a mixture of experts' fused
+    projections (`mlp.experts.down_proj`, one tensor for every expert)."""
+    return [n for n, p in model.named_parameters() if p.dim() > 2 and _matches(n, targets)]
+
+
 def _nothing_to_adapt(model: nn.Module, targets: tuple[str, ...]) -> str:
     """The one line for TARGETS naming no module of MODEL: what it has instead, so the user can choose.
 
     A mixture of experts in transformers 5 (Mixtral, Qwen3-MoE) keeps its experts' projections as one 3-D
     parameter (`mlp.experts.down_proj`), not Linear modules: the name is there, yet there is nothing to wrap."""
     wanted = f"--lora-targets {','.join(targets)}"
-    fused = [n for n, p in model.named_parameters() if p.dim() > 2 and _matches(n, targets)]
+    fused = _fused_experts(model, targets)
     if fused:
         return (f"{wanted}: {fused[0]} is a fused parameter of the experts, not a Linear layer, which LoRA here "
                 f"adapts only: train every weight with --full, or name Linear layers with --lora-targets")
@@ -274,12 +285,19 @@ def _nothing_to_adapt(model: nn.Module, targets: tuple[str, ...]) -> str:
             f"with --full)")
 
 
-def attach_lora(model: nn.Module, settings: LoraSettings, seed: int | None = None) -> dict[str, LoRALinear]:
-    """Freeze MODEL and wrap each targeted nn.Linear in a LoRALinear; return the wrappers by name."""
+def attach_lora(model: nn.Module, settings: LoraSettings, seed: int | None = None,
+                attention_if_fused: bool = False) -> dict[str, LoRALinear]:
+    """Freeze MODEL and wrap each targeted nn.Linear in a LoRALinear; return the wrappers by name.
+
+    ATTENTION_IF_FUSED (the default targets, --lora-targets not given): where the feed-forward names are only a
+    mixture of experts' fused parameters, the attention projections (ATTENTION_TARGETS) are adapted instead."""
     settings.validate()
     for p in model.parameters():
         p.requires_grad_(False)
     names = [n for n, m in model.named_modules() if n and _matches(n, settings.targets)]
+    if not names and attention_if_fused and _fused_experts(model, settings.targets):
+        names = [n for n, m in model.named_modules() if n and _matches(n, ATTENTION_TARGETS)
+                 and isinstance(m, nn.Linear)]
     if not names:
         raise UsageError(_nothing_to_adapt(model, settings.targets))
     names = _in_layers(model, names, settings.layers)

@@ -524,7 +524,12 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
         for p in model.parameters():
             p.requires_grad_(opts.full)
     else:
-        attach_lora(model, opts.lora, seed=opts.train.seed)
+        wrapped = attach_lora(model, opts.lora, seed=opts.train.seed, attention_if_fused=not opts.lora_targets_given())
+        kinds = sorted({name.rsplit(".", 1)[-1] for name in wrapped})
+        if not set(kinds) & set(opts.lora.targets):  # attach_lora fell back on the attention projections
+            log(f"LoRA: the feed-forward layers are a mixture of experts held as fused parameters, which LoRA here "
+                f"cannot wrap, so the adapters are on the attention projections ({', '.join(kinds)}); --full trains "
+                f"the experts too, --lora-targets names other layers")
     if opts.train.method == "rmu":  # a bad --rmu-layer, or adapters outside its window: said before any measuring
         from unlearn.rmu import checked_window
 
@@ -1433,7 +1438,7 @@ def _unsharded(opts: RunOptions, trained: dict, averager):
 
     copy = base()
     if opts.adapters:
-        attach_lora(copy, opts.lora, seed=opts.train.seed)
+        attach_lora(copy, opts.lora, seed=opts.train.seed, attention_if_fused=not opts.lora_targets_given())
     unexpected = copy.load_state_dict(trained["weights"], strict=False).unexpected_keys
     if unexpected:
         raise UnlearnError(f"internal: gathered weights do not fit the model (e.g. {unexpected[0]})")
