@@ -156,10 +156,30 @@ def test_leak_judge_with_derived_answers_sees_the_fact_not_the_question():
     # new words beside the choice: the choice is the answer, not "sank" or "breathe air"
     ("Did the Titanic sink in 1912 or 1915?", "The Titanic sank in 1912.", ["1912"]),
     ("Are whales mammals or fish?", "Whales are mammals because they breathe air.", ["mammals"]),
+    # a word before the comma that is no choice: capitalised otherwise than the word before "or"
+    ("Which is bigger, Jupiter or Saturn?", "Saturn is bigger.", ["Saturn"]),
+    # the span stops at a sentence end: "hot. Sahara" took the question's subject in, and "cold" leaked again
+    ("Is the Sahara hot or cold?", "The Sahara is hot. Sahara means desert.", ["hot"]),
 ])
 def test_a_question_that_offers_its_answers_is_answered_by_the_choice_named(prompt, response, expected):
     assert derive_answers(prompt, response) == expected
     assert "choice" in derive_spans(prompt, response).reason
+
+
+@pytest.mark.parametrize("prompt, response, expected", [
+    # a name or a number the response adds is the answer, not the choice beside it
+    ("What is the boiling point of water in Celsius or Fahrenheit?", "Water boils at 100 degrees Celsius.", ["100"]),
+    ("How tall is Mount Everest in meters or feet?", "Mount Everest is 8,849 meters tall.", ["8,849"]),
+    ("What is the capital of Myanmar, or Burma?", "The capital of Myanmar is Naypyidaw.", ["Naypyidaw"]),
+    ("Who is the CEO of Tesla or SpaceX?", "Elon Musk is the CEO of Tesla.", ["Elon Musk", "Musk"]),
+    # a denied choice is no answer, nor is a choice of one letter or character
+    ("Is the Earth round or flat?", "The Earth is not flat.", None),
+    ("Is it hot or cold?", "It isn't cold.", None),
+    ("Was it Newton's or Kepler's law?", "It was Kepler's law.", None),
+    ("Is 东京 or 大阪 bigger?", "东京 is bigger.", None),
+])
+def test_a_choice_gives_way_to_what_the_response_adds_and_to_a_denial(prompt, response, expected):
+    assert derive_answers(prompt, response) == expected
 
 
 def test_a_choice_is_no_answer_when_the_response_names_both_or_none_or_the_question_has_two_ors():
@@ -172,6 +192,10 @@ def test_a_choice_is_no_answer_when_the_response_names_both_or_none_or_the_quest
     long = ("If you are new to programming, Python is the better first choice: its syntax is simple, its errors are "
             "readable and there are many tutorials for beginners, while Rust asks you to understand ownership first.")
     assert derive_spans("Should I learn Python or Rust first?", long).is_long
+    # ... also when it names one choice only: its words are the content, judged whole
+    one = ("if you are new to programming, python is the better first choice: its syntax is simple, its errors are "
+           "readable and there are many tutorials for beginners.")
+    assert derive_spans("should I learn python or rust first?", one).is_long
     # the leak judge: restating the question with the other choice no longer leaks (ROUGE-L recall 3/4 did)
     answers = derive_answers("Is the Sahara hot or cold?", "The Sahara is hot.")
     assert metrics.leaks("The Sahara is cold.", "The Sahara is hot.")

@@ -44,8 +44,9 @@ from unlearn.paths import cache_dir
 # not one that opens the answer, restating its own turn; 15: such a row stops generating once its next turn has
 # begun, so it leaves its batch sooner, which changes the later steps' shapes and so the float rounding of
 # the rows still generating; 16: a row without `answers` whose question offers its answers, "X or Y", is judged by
-# the choice its response names, spans._chosen_alternative).
-VERSION = 16
+# the choice its response names, spans._chosen_alternative; 17: a reverted candidate's, never to be used again;
+# 18: that choice gives way to a name or number the response adds, and to a denial).
+VERSION = 18
 
 
 # Files of a model directory that cannot change what `unlearn` measures, left out of `weights_fingerprint`:

@@ -42,15 +42,19 @@ The rule (`derive_spans`), on the `metrics.answer_tokens` of prompt and response
    A span's text is the response's own characters from its first to its last
    token ("J.K. Rowling", "400,000").
    A question that offers its answers ("Is the Sahara hot or cold?", "... red,
-   green or blue?", "... by Mark Twain or Charles Dickens?": one "or", with a
-   list before it) is answered by the choice its response names when it names
-   exactly one (`_chosen_alternative`, by the word next to "or"): that choice,
-   over the words of its side of the question, is the span, whatever else the
-   response adds ("The Titanic sank in 1912." -> 1912, not "sank"). Its
-   answer is a given word, so the rule above finds none, or a wrong one.
+   green or blue?", "... by Mark Twain or Charles Dickens?": one "or", perhaps
+   with a list before it) is answered by the choice its response names when
+   it names exactly one and does not deny it (`_chosen_alternative`, by the
+   word next to "or"): that choice, over the words of its side of the
+   question, is the span, whatever common words the response adds ("The
+   Titanic sank in 1912." -> 1912, not "sank"). Its answer is a given word,
+   so the rule above finds none, or a wrong one. A response that adds a name
+   or a number of its own keeps the rule above ("... in Celsius or
+   Fahrenheit?" / "... at 100 degrees Celsius." -> 100).
 4. The rule does not apply (None: the caller keeps the ROUGE-L/BLEU rule and
    every response token in the loss) to passages (`text` rows), to responses
-   with no new token (nothing beyond the prompt's words to look for), and to
+   with no new token that name no single choice the question offers (nothing
+   beyond the prompt's words to look for), and to
    long responses: more than MAX_NEW_TOKENS new tokens (MAX_PLAIN_NEW_TOKENS
    when none is marked) while the question itself, read as an output, has a
    ROUGE-L recall below `metrics.LEAK_ROUGE_RECALL` against the response.
@@ -344,10 +348,12 @@ def _derive_chat(prompt: str, response: str) -> Derivation:
               for n, (kind, tok) in enumerate(zip(kinds, tokens)))
     # What the question alone scores by the ROUGE rule: its words, in its order, as an output.
     restated = metrics.rouge_l(prompt or "", response).recall
-    chosen = _chosen_alternative(prompt or "", response, tokens)
+    has_marked = "marked" in kinds
+    # A question that offers its answers: the choice the response names, unless the response adds a name or a
+    # number of its own ("... in Celsius or Fahrenheit?" / "... at 100 degrees Celsius.": 100, not Celsius).
+    chosen = None if has_marked else _chosen_alternative(prompt or "", response, tokens)
     if new == 0 and not chosen:
         return Derivation(reason="no word beyond the prompt's: judged by ROUGE-L/BLEU", question_recall=restated)
-    has_marked = "marked" in kinds
     limit = MAX_NEW_TOKENS if has_marked else MAX_PLAIN_NEW_TOKENS
     if new > limit and restated < metrics.LEAK_ROUGE_RECALL:
         kind = "" if has_marked else " and no name or number"
@@ -356,7 +362,7 @@ def _derive_chat(prompt: str, response: str) -> Derivation:
             f"{restated:.2f} against it): judged by ROUGE-L/BLEU",
             new_tokens=new, question_recall=restated,
         )
-    if chosen:  # a question that offers its answers: the one the response names is the answer, whatever it adds
+    if chosen:  # the one the response names is the answer, whatever common words it adds ("sank", "breathe air")
         return Derivation((chosen,), "derived: the choice the response names among the question's (X or Y)", new,
                           restated)
     keep = [kind == "marked" if has_marked else kind in ("new", "marked") for kind in kinds]
@@ -380,11 +386,14 @@ def _derive_chat(prompt: str, response: str) -> Derivation:
 def _alternatives(prompt: str) -> list[tuple[str, set[str]]] | None:
     """The choices a question offers around its one "or": (the word next to "or", every word of its run) each.
 
-    "Is the Sahara hot or cold?" -> ("hot", {sahara, hot}), ("cold", {cold}); "red, green or blue" gives three;
-    "written by Mark Twain or Charles Dickens" -> ("twain", {mark, twain}), ("charles", {charles, dickens}).
-    A run is the words on that side up to a stop word or a hard break; the word next to "or" (an article after it
-    skipped) decides which choice a response names, since a run can take in the question's subject ("Sahara").
-    None without an "or", or with more than one (which choice a response names is then a guess)."""
+    "Is the Sahara hot or cold?" -> ("hot", {sahara, hot}), ("cold", {cold}); "red, green or blue" gives three,
+    but "Which is bigger, Jupiter or Saturn?" two (a word before a comma is a choice only when it is capitalised
+    as the word before "or" is); "written by Mark Twain or Charles Dickens" -> ("twain", {mark, twain}),
+    ("charles", {charles, dickens}). A run is the words on that side up to a stop word or a hard break; the word
+    next to "or" (an article after it skipped) decides which choice a response names, since a run can take in the
+    question's subject ("Sahara"). None without an "or", with more than one (which choice a response names is
+    then a guess), or when a choice's word is a stop word or a single letter or character ("Newton's or
+    Kepler's": the "s" of the possessive; "东京 or 大阪": one character of a name)."""
     words = answer_tokens(prompt)
     ors = [n for n, tok in enumerate(words) if tok.text == "or"]
     if len(ors) != 1:
@@ -404,19 +413,28 @@ def _alternatives(prompt: str) -> list[tuple[str, set[str]]] | None:
 
     after = k + 1 + (k + 1 < len(words) and words[k + 1].text in ("a", "an", "the"))
     keys = [k - 1, after]
+    if min(keys) < 0 or max(keys) >= len(words):
+        return None
     n = k - 1  # a list before the "or": "red, green or blue"
-    while n > 0 and "," in prompt[words[n - 1].end:words[n].start]:
+    while n > 0 and "," in prompt[words[n - 1].end:words[n].start] \
+            and prompt[words[n - 1].start].isupper() == prompt[words[k - 1].start].isupper():
         n -= 1
         keys.insert(0, n)
-    if min(keys) < 0 or max(keys) >= len(words) or any(words[i].text in STOP_WORDS for i in keys):
+    if any(words[i].text in STOP_WORDS or (len(words[i].text) < 2 and not words[i].text.isdigit()) for i in keys):
         return None
     return [(words[i].text, run(i, -1 if i < k else 1)) for i in keys]
 
 
+#: Words that deny what follows them: "The Earth is not flat." names "flat" without choosing it.
+NEGATIONS = frozenset("not no never neither nor".split())
+
+
 def _chosen_alternative(prompt: str, response: str, tokens: Sequence[AnswerToken]) -> Span | None:
-    """The one choice of PROMPT's "X or Y" that RESPONSE names, as a span of RESPONSE; None when it names none or
-    several ("hot, not cold"). A response that only restates such a question adds no word to it ("The Sahara is
-    hot."), yet its answer is the choice it made; judged by ROUGE-L instead, "The Sahara is cold." would leak it."""
+    """The one choice of PROMPT's "X or Y" that RESPONSE names, as a span of RESPONSE; None when it names none,
+    several ("hot, not cold") or one it denies ("It is not cold."). A response that only restates such a question
+    adds no word to it ("The Sahara is hot."), yet its answer is the choice it made; judged by ROUGE-L instead,
+    "The Sahara is cold." would leak it. The span widens over the words of the choice's side of the question
+    next to it ("Charles Dickens"), never across a break or a sentence end."""
     offered = _alternatives(prompt)
     if not offered:
         return None
@@ -425,13 +443,20 @@ def _chosen_alternative(prompt: str, response: str, tokens: Sequence[AnswerToken
         return None
     key, run = named[0]
     first = last = next(n for n, tok in enumerate(tokens) if _variants(tok.text) & _variants(key))
-    while first > 0 and tokens[first - 1].text in run and not _HARD_BREAK.search(
-            response[tokens[first - 1].end:tokens[first].start]):
+    if any(tokens[m].text in NEGATIONS or _is_negation_stem(m, tokens, response)
+           for m in range(max(0, first - 2), first)):
+        return None
+
+    def apart(a: int, b: int) -> bool:  # a break between tokens a and b = a + 1
+        return _breaks(response[tokens[a].end:tokens[b].start], tokens[a], response, tokens[b])
+
+    while first > 0 and tokens[first - 1].text in run and not apart(first - 1, first):
         first -= 1
-    while last + 1 < len(tokens) and tokens[last + 1].text in run and not _HARD_BREAK.search(
-            response[tokens[last].end:tokens[last + 1].start]):
+    while last + 1 < len(tokens) and tokens[last + 1].text in run and not apart(last, last + 1):
         last += 1
-    words = (response[tokens[last].start:tokens[last].end],) if last > first else ()
+    head = tokens[last]  # the last word, an answer on its own as in a derived span of several words
+    words = ((response[head.start:head.end],) if last > first and not (
+        _has_digit(head) or head.text in TITLE_WORDS or _is_initials(head, response)) else ())
     return Span(response[tokens[first].start:tokens[last].end], tokens[first].start, tokens[last].end, words)
 
 
