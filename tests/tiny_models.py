@@ -116,8 +116,8 @@ def build_opt(path: Path, seed: int = 0) -> Path:
 
 def build_family(path: Path, family: str, sliding_window: int | None = None, seed: int = 0) -> Path:
     """A tiny random model of another family users bring (2 layers, hidden 32), with the llama tokenizer and
-    its chat template: FAMILY is one of gemma, gemma2, falcon, phi3, gptj, gpt2, gptneo, mistral, mixtral (SLIDING_WINDOW:
-    the attention window of gemma2, mistral and GPT-Neo's local layers, in tokens)."""
+    its chat template: FAMILY is one of gemma, gemma2, falcon, phi3, gptj, gpt2, gptneo, mistral, mixtral
+    (SLIDING_WINDOW: the attention window of gemma2, mistral and GPT-Neo's local layers, in tokens)."""
     import torch
     import transformers as t
 
