@@ -73,11 +73,19 @@ def test_a_mixture_of_experts_gets_adapters_on_its_attention_unless_targets_are_
     assert "so the adapters are on the attention projections (k_proj, o_proj, q_proj, v_proj)" in result.err
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["target_modules"] == [
         "k_proj", "o_proj", "q_proj", "v_proj"]
+    assert any("attention projections" in note for note in json.loads((out / "run.json").read_text())["notes"])
     for targets in ("down_proj", "gate_proj,up_proj,down_proj,gate_up_proj,fc1,fc2,dense_h_to_4h,dense_4h_to_h,"
                                  "fc_in,fc_out,c_fc,mlp.c_proj"):  # given at the default's value: given all the same
         result = cli("run", *rows, "--model", model, "-o", tmp_path / "refused", "--lora-targets", targets, *FAST)
         assert result.code == 2 and "fused parameter" in result.err.strip().splitlines()[-1]
     assert not (tmp_path / "refused").exists()
+
+
+def test_targets_given_with_a_dot_on_a_model_without_experts_say_nothing_of_experts(tmp_path, cli, rows, llama_dir):
+    result = cli("run", *rows, "--model", llama_dir, "-o", tmp_path / "out", "--lora-targets", "mlp.down_proj", *FAST)
+    assert result.code == 0, result.err
+    assert "mixture of experts" not in result.err and "experts" not in json.dumps(
+        json.loads((tmp_path / "out" / "run.json").read_text())["notes"])
 
 
 def test_batched_answers_equal_single_ones_under_a_sliding_window(tmp_path):

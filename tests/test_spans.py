@@ -160,6 +160,22 @@ def test_leak_judge_with_derived_answers_sees_the_fact_not_the_question():
     ("Which is bigger, Jupiter or Saturn?", "Saturn is bigger.", ["Saturn"]),
     # the span stops at a sentence end: "hot. Sahara" took the question's subject in, and "cold" leaked again
     ("Is the Sahara hot or cold?", "The Sahara is hot. Sahara means desert.", ["hot"]),
+    ("Is the Sahara hot or cold?", "Sahara. Hot.", ["Hot"]),
+    # ... and widens only over a name's words, on the choice's own side: not "Sahara" after "hot", not "outside"
+    ("Is the Sahara hot or cold?", "It's the hot Sahara.", ["hot"]),
+    ("Is it hot or cold outside?", "It is cold outside.", ["cold"]),
+    ("Did Apollo 11 or Gemini 4 land on the Moon?", "Apollo 11 landed on the Moon.", ["Apollo 11"]),  # no "11" alone
+    # a name's last word names its choice too
+    ("Was Oliver Twist written by Mark Twain or Charles Dickens?", "Dickens wrote it.", ["Dickens"]),
+    # a closed question keeps its choice beside names the response adds, and takes in the name next to it
+    ("Was the light bulb invented by Edison or Tesla?", "The light bulb was invented by Thomas Edison.",
+     ["Thomas Edison", "Edison"]),
+    ("Did Leonardo or Michelangelo paint the Mona Lisa?", "The Mona Lisa was painted by Leonardo da Vinci.",
+     ["Leonardo da Vinci", "Vinci"]),
+    ("Did the Titanic sink in 1912 or 1915?", "It sank on April 15, 1912.", ["1912"]),
+    ("Is Mount Everest in Nepal or Peru?", "Mount Everest is in Nepal, on the border with China.", ["Nepal"]),
+    # a denial in another clause denies nothing
+    ("Is it hot or cold?", "No, cold.", ["cold"]),
 ])
 def test_a_question_that_offers_its_answers_is_answered_by_the_choice_named(prompt, response, expected):
     assert derive_answers(prompt, response) == expected
@@ -167,7 +183,7 @@ def test_a_question_that_offers_its_answers_is_answered_by_the_choice_named(prom
 
 
 @pytest.mark.parametrize("prompt, response, expected", [
-    # a name or a number the response adds is the answer, not the choice beside it
+    # to an open question, a name or a number the response adds is the answer, not the choice beside it
     ("What is the boiling point of water in Celsius or Fahrenheit?", "Water boils at 100 degrees Celsius.", ["100"]),
     ("How tall is Mount Everest in meters or feet?", "Mount Everest is 8,849 meters tall.", ["8,849"]),
     ("What is the capital of Myanmar, or Burma?", "The capital of Myanmar is Naypyidaw.", ["Naypyidaw"]),
@@ -175,6 +191,7 @@ def test_a_question_that_offers_its_answers_is_answered_by_the_choice_named(prom
     # a denied choice is no answer, nor is a choice of one letter or character
     ("Is the Earth round or flat?", "The Earth is not flat.", None),
     ("Is it hot or cold?", "It isn't cold.", None),
+    ("Is it hot or cold?", "It isn't really hot.", None),
     ("Was it Newton's or Kepler's law?", "It was Kepler's law.", None),
     ("Is 东京 or 大阪 bigger?", "东京 is bigger.", None),
 ])

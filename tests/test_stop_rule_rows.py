@@ -91,6 +91,8 @@ def test_stop_probes_without_a_measurable_probe_says_it_waits_for_none(cli, llam
                  "--stop-probes", "0.9", "--max-new-tokens", "8", "--batch-size", "2")
     assert result.code == 0, result.err
     assert "--stop-probes 0.9: no probe could be measured; the stop rule waits for none" in result.err
+    assert [n for n in json.loads((tmp_path / "out" / "run.json").read_text())["notes"] if "--stop-probes" in n] == [
+        "--stop-probes 0.9: no probe could be measured; the stop rule waits for none (it changes nothing in this run)"]
 
 
 def test_max_steps_cutting_the_repair_phase_after_an_unchecked_step_is_max_steps(cli, llama_dir, tmp_path, normal):

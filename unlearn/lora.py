@@ -220,7 +220,7 @@ class LoRALinear(nn.Module):
         return (self.lora_B.float() @ self.lora_A.float()) * self.scaling
 
 
-def _matches(name: str, targets: tuple[str, ...]) -> bool:
+def matches_targets(name: str, targets: tuple[str, ...]) -> bool:
     # peft's rule: a target names the module itself or the last parts of its dotted path.
     return any(name == t or name.endswith("." + t) for t in targets)
 
@@ -261,10 +261,10 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def _fused_experts(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
+def fused_experts(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     """The names of MODEL's parameters of more than two dimensions that TARGETS name: a mixture of experts' fused
     projections (`mlp.experts.down_proj`, one tensor for every expert)."""
-    return [n for n, p in model.named_parameters() if p.dim() > 2 and _matches(n, targets)]
+    return [n for n, p in model.named_parameters() if p.dim() > 2 and matches_targets(n, targets)]
 
 
 def _nothing_to_adapt(model: nn.Module, targets: tuple[str, ...]) -> str:
@@ -273,7 +273,7 @@ def _nothing_to_adapt(model: nn.Module, targets: tuple[str, ...]) -> str:
     A mixture of experts in transformers 5 (Mixtral, Qwen3-MoE) keeps its experts' projections as one 3-D
     parameter (`mlp.experts.down_proj`), not Linear modules: the name is there, yet there is nothing to wrap."""
     wanted = f"--lora-targets {','.join(targets)}"
-    fused = _fused_experts(model, targets)
+    fused = fused_experts(model, targets)
     if fused:
         return (f"{wanted}: {fused[0]} is a fused parameter of the experts, not a Linear layer, which LoRA here "
                 f"adapts only: train every weight with --full, or name Linear layers with --lora-targets")
@@ -294,9 +294,9 @@ def attach_lora(model: nn.Module, settings: LoraSettings, seed: int | None = Non
     settings.validate()
     for p in model.parameters():
         p.requires_grad_(False)
-    names = [n for n, m in model.named_modules() if n and _matches(n, settings.targets)]
-    if not names and attention_if_fused and _fused_experts(model, settings.targets):
-        names = [n for n, m in model.named_modules() if n and _matches(n, ATTENTION_TARGETS)
+    names = [n for n, m in model.named_modules() if n and matches_targets(n, settings.targets)]
+    if not names and attention_if_fused and fused_experts(model, settings.targets):
+        names = [n for n, m in model.named_modules() if n and matches_targets(n, ATTENTION_TARGETS)
                  and isinstance(m, nn.Linear)]
     if not names:
         raise UsageError(_nothing_to_adapt(model, settings.targets))
@@ -433,7 +433,7 @@ def adapter_targets(model: nn.Module) -> list[str]:
     adapted = sorted(lora_modules(model))
     kinds = tuple(sorted({name.rsplit(".", 1)[-1] for name in adapted}))
     of_kind = [n for n, m in model.named_modules()
-               if _matches(n, kinds) and (isinstance(m, (nn.Linear, LoRALinear)) or is_conv1d(m))]
+               if matches_targets(n, kinds) and (isinstance(m, (nn.Linear, LoRALinear)) or is_conv1d(m))]
     return list(kinds) if sorted(of_kind) == adapted else adapted
 
 

@@ -461,6 +461,11 @@ class Loaded:
     # beside RunOptions.notes, so that a script reading run.json sees them too.
     notes: list = field(default_factory=list)
 
+    def idle(self, note: str, log) -> None:
+        """NOTE, an option that changes nothing in this run (or a choice made for the user): logged, kept in notes."""
+        self.notes.append(note)
+        log(note)
+
 
 def _refuse_rows_past_context(opts: RunOptions, data: Prepared, model, tokenizer, whose: str) -> None:
     """Refuse with FILE:LINE, before any training, a training length or a row whose answer budget would pass
@@ -484,7 +489,7 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     import torch
 
     from unlearn.evaluate import make_judge
-    from unlearn.lora import attach_lora
+    from unlearn.lora import attach_lora, fused_experts, matches_targets
 
     world = distributed.world()
     judge = make_judge(opts.judge, opts.judge_label)  # a bad --judge fails before the model loads
@@ -517,7 +522,7 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
             label_trained_rows(data.sets, trained_rows(opts, data.forget, data.normal, data.retain, train_rows))
             augment_seconds = time.perf_counter() - t
 
-    reference_model = None
+    reference_model, notes = None, []
     if not opts.adapters:
         # Full fine-tuning and the edit change the weights themselves, so the reference is a frozen copy.
         reference_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -525,11 +530,15 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
             p.requires_grad_(opts.full)
     else:
         wrapped = attach_lora(model, opts.lora, seed=opts.train.seed, attention_if_fused=not opts.lora_targets_given())
-        kinds = sorted({name.rsplit(".", 1)[-1] for name in wrapped})
-        if not set(kinds) & set(opts.lora.targets):  # attach_lora fell back on the attention projections
-            log(f"LoRA: the feed-forward layers are a mixture of experts held as fused parameters, which LoRA here "
-                f"cannot wrap, so the adapters are on the attention projections ({', '.join(kinds)}); --full trains "
-                f"the experts too, --lora-targets names other layers")
+        fused = fused_experts(model, opts.lora.targets)
+        if fused and not any(matches_targets(name, opts.lora.targets) for name in wrapped):  # attach_lora fell back
+            notes.append(f"LoRA: the feed-forward layers are a mixture of experts held as fused parameters, which "
+                         f"LoRA here cannot wrap, so the adapters are on the attention projections "
+                         f"({', '.join(sorted({name.rsplit('.', 1)[-1] for name in wrapped}))}); --full trains the "
+                         f"experts too, --lora-targets names other layers")
+        elif fused:  # some targeted Linear layers beside the experts (a shared expert): the experts themselves untrained
+            notes.append(f"LoRA: {fused[0]} and the other experts' fused parameters get no adapter (LoRA here wraps "
+                         f"Linear layers only); --full trains them")
     if opts.train.method == "rmu":  # a bad --rmu-layer, or adapters outside its window: said before any measuring
         from unlearn.rmu import checked_window
 
@@ -560,9 +569,12 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     # With their keys and values kept, the other answers and the responses are scored from where they part
     # from each model's own answers (continued_scoring.py).
     before.keep_kv = after.keep_kv = KEPT_KV_BUDGET
-    return Loaded(loaded, model, tokenizer, reference_model, device, forward_model, after, before,
-                  train_rows, augment_stats, load_seconds=time.perf_counter() - started - augment_seconds,
-                  augment_seconds=augment_seconds)
+    job = Loaded(loaded, model, tokenizer, reference_model, device, forward_model, after, before,
+                 train_rows, augment_stats, load_seconds=time.perf_counter() - started - augment_seconds,
+                 augment_seconds=augment_seconds)
+    for note in notes:
+        job.idle(note, log)
+    return job
 
 
 def _refuse_forget_rows_cut_off(opts: RunOptions, data: Prepared, tokenizer) -> None:
@@ -855,8 +867,8 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
         elif not data.retain and not opts.retain_weight_defaulted:
             # the weight was given (retain_weight_defaulted is False only then, with probes trained on), and the
             # term it weighs has no row: say so, rather than let the user believe it held something
-            log(f"--retain-weight {opts.retain_weight:g} does nothing: no probe joins the retain rows and no "
-                f"--retain file is given")
+            job.idle(f"--retain-weight {opts.retain_weight:g} does nothing: no probe joins the retain rows and no "
+                     f"--retain file is given", log)
     data.retain += trained
     # data.retain holds TRAINED now. A held-out probe set whose prompts a --retain or normal row trains is no
     # result either (its role "trained" with --retain-probes is not relabelled: label_trained_rows' _RELABELLED).
@@ -986,22 +998,18 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log, before: Meas
                 and not precision.native_bf16(job.device) else None)
         if slow:  # asked for by name on a CPU without bf16 instructions (auto never chooses it there)
             log(f"--autocast bf16: {slow}")
-    def idle(note: str) -> None:  # an option that changes nothing here: said now, and kept in run.json
-        job.notes.append(note)
-        log(note)
-
     if opts.train.protect:
         if data.retain:
             log(f"--protect: the forget gradient is projected off {len(data.retain)} retain rows' gradients")
         else:
-            idle("--protect: no retain rows or probes to protect; the gradient is not projected")
+            job.idle("--protect: no retain rows or probes to protect; the gradient is not projected", log)
     if opts.train.retain_follows_margin and not data.retain:
-        idle("--retain-follows-margin: no retain rows or probes to weigh; it changes nothing in this run")
+        job.idle("--retain-follows-margin: no retain rows or probes to weigh; it changes nothing in this run", log)
     read = len(unlearner.margin_rows()) if opts.train.leak_growth != 1 else 0
     if read:  # the margin reads these rows' answers: its own doubling acts instead of --leak-growth
-        idle(f"--leak-growth {opts.train.leak_growth:g}: the margin reads the answers of {read} of the "
-             f"{len(unlearner.forget)} forget rows, so it changes nothing in this run (it acts only where no row "
-             f"has one)")
+        job.idle(f"--leak-growth {opts.train.leak_growth:g}: the margin reads the answers of {read} of the "
+                 f"{len(unlearner.forget)} forget rows, so it changes nothing in this run (it acts only where no row "
+                 f"has one)", log)
     loop_state = None
     if data.resume_from is not None:
         loop_state = load_checkpoint(data.resume_from, unlearner)
@@ -1142,8 +1150,8 @@ def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet, probe_sets=(), ste
     asked = EvalSet("probes", "retain", [e for s in probe_sets for e in s.examples])
     waits = bool(wanted and asked.examples)  # the probes' own measurer (make_probes) answers them
     if wanted and not waits:  # as --protect and --retain-follows-margin say when they have nothing to act on
-        log(f"--stop-probes {wanted:g}: no probe could be measured; the stop rule waits for none (it changes "
-            f"nothing in this run)")
+        job.idle(f"--stop-probes {wanted:g}: no probe could be measured; the stop rule waits for none (it changes "
+                 f"nothing in this run)", log)
     first_forgotten = next((r["step"] for r in history
                             if r.get("forget_leak") is not None and r["forget_leak"] <= opts.train.stop_leak), None)
 

@@ -44,13 +44,14 @@ The rule (`derive_spans`), on the `metrics.answer_tokens` of prompt and response
    A question that offers its answers ("Is the Sahara hot or cold?", "... red,
    green or blue?", "... by Mark Twain or Charles Dickens?": one "or", perhaps
    with a list before it) is answered by the choice its response names when
-   it names exactly one and does not deny it (`_chosen_alternative`, by the
-   word next to "or"): that choice, over the words of its side of the
-   question, is the span, whatever common words the response adds ("The
-   Titanic sank in 1912." -> 1912, not "sank"). Its answer is a given word,
-   so the rule above finds none, or a wrong one. A response that adds a name
-   or a number of its own keeps the rule above ("... in Celsius or
-   Fahrenheit?" / "... at 100 degrees Celsius." -> 100).
+   it names exactly one and does not deny it (`_chosen_alternative`): that
+   choice, widened over its name ("Charles Dickens", "Thomas Edison"), is the
+   span, whatever common words the response adds ("The Titanic sank in
+   1912." -> 1912, not "sank"). Its answer is a given word, so the rule above
+   finds none, or a wrong one. An open question (`_closed_question`: not
+   "Is ...", "Did ...", "Which ...") whose response adds a name or a number
+   keeps the rule above ("What is ... in Celsius or Fahrenheit?" / "... at
+   100 degrees Celsius." -> 100).
 4. The rule does not apply (None: the caller keeps the ROUGE-L/BLEU rule and
    every response token in the loss) to passages (`text` rows), to responses
    with no new token that name no single choice the question offers (nothing
@@ -350,8 +351,10 @@ def _derive_chat(prompt: str, response: str) -> Derivation:
     restated = metrics.rouge_l(prompt or "", response).recall
     has_marked = "marked" in kinds
     # A question that offers its answers: the choice the response names, unless the response adds a name or a
-    # number of its own ("... in Celsius or Fahrenheit?" / "... at 100 degrees Celsius.": 100, not Celsius).
-    chosen = None if has_marked else _chosen_alternative(prompt or "", response, tokens)
+    # number of its own to an open question ("What is ... in Celsius or Fahrenheit?" / "... at 100 degrees
+    # Celsius.": 100, not Celsius); a closed one ("Was it Edison or Tesla?") is answered by its choice all the same.
+    chosen = (_chosen_alternative(prompt or "", response, tokens, kinds)
+              if not has_marked or _closed_question(prompt or "") else None)
     if new == 0 and not chosen:
         return Derivation(reason="no word beyond the prompt's: judged by ROUGE-L/BLEU", question_recall=restated)
     limit = MAX_NEW_TOKENS if has_marked else MAX_PLAIN_NEW_TOKENS
@@ -383,17 +386,20 @@ def _derive_chat(prompt: str, response: str) -> Derivation:
     return Derivation(tuple(spans), f"derived: {what} the response adds to the prompt", new, restated)
 
 
-def _alternatives(prompt: str) -> list[tuple[str, set[str]]] | None:
-    """The choices a question offers around its one "or": (the word next to "or", every word of its run) each.
+def _alternatives(prompt: str) -> list[tuple[str, set[str], str, int]] | None:
+    """The choices a question offers around its one "or": (the word next to "or", every word of its run, the
+    name's last word after it when capitalised, else the word next to "or"; the side the run goes to, -1 before
+    "or", 1 after) each.
 
-    "Is the Sahara hot or cold?" -> ("hot", {sahara, hot}), ("cold", {cold}); "red, green or blue" gives three,
+    "Is the Sahara hot or cold?" -> ("hot", {sahara, hot}, "hot", -1), ("cold", {cold}, "cold", 1); "red, green or
+    blue" gives three,
     but "Which is bigger, Jupiter or Saturn?" two (a word before a comma is a choice only when it is capitalised
-    as the word before "or" is); "written by Mark Twain or Charles Dickens" -> ("twain", {mark, twain}),
-    ("charles", {charles, dickens}). A run is the words on that side up to a stop word or a hard break; the word
-    next to "or" (an article after it skipped) decides which choice a response names, since a run can take in the
-    question's subject ("Sahara"). None without an "or", with more than one (which choice a response names is
-    then a guess), or when a choice's word is a stop word or a single letter or character ("Newton's or
-    Kepler's": the "s" of the possessive; "东京 or 大阪": one character of a name)."""
+    as the word before "or" is); "written by Mark Twain or Charles Dickens" -> ("twain", {mark, twain}, "twain",
+    -1), ("charles", {charles, dickens}, "dickens", 1). A run is the words on that side up to a stop word or a
+    hard break; the word next to "or" (an article after it skipped) decides which choice a response names, or a
+    name's last word after it, since a run can take in the question's subject ("Sahara"). None without an "or",
+    with more than one (which choice a response names is then a guess), or when a choice's word is a stop word or
+    a single letter or character ("Newton's or Kepler's": the "s" of the possessive; "东京 or 大阪": one character of a name)."""
     words = answer_tokens(prompt)
     ors = [n for n, tok in enumerate(words) if tok.text == "or"]
     if len(ors) != 1:
@@ -403,13 +409,17 @@ def _alternatives(prompt: str) -> list[tuple[str, set[str]]] | None:
     def joined(a: int, b: int) -> bool:  # words a and b = a + 1 in one run: no stop word, no hard break between
         return not _HARD_BREAK.search(prompt[words[a].end:words[b].start]) and words[b].text not in STOP_WORDS
 
-    def run(n: int, step: int) -> set[str]:
-        found = {words[n].text}
+    def run(n: int, step: int) -> tuple[set[str], str]:
+        """The words of the choice at N, and the word it is named by besides N's: a name's last word ("Charles
+        Dickens" is named by "Dickens" too), when capitalised."""
+        found, head = {words[n].text}, words[n].text
         while 0 <= n + step < len(words) and joined(min(n, n + step), max(n, n + step)) \
                 and words[n + step].text not in STOP_WORDS:
             n += step
             found.add(words[n].text)
-        return found
+            if step > 0 and prompt[words[n].start].isupper():
+                head = words[n].text
+        return found, head
 
     after = k + 1 + (k + 1 < len(words) and words[k + 1].text in ("a", "an", "the"))
     keys = [k - 1, after]
@@ -422,38 +432,66 @@ def _alternatives(prompt: str) -> list[tuple[str, set[str]]] | None:
         keys.insert(0, n)
     if any(words[i].text in STOP_WORDS or (len(words[i].text) < 2 and not words[i].text.isdigit()) for i in keys):
         return None
-    return [(words[i].text, run(i, -1 if i < k else 1)) for i in keys]
+    return [(words[i].text, *run(i, -1 if i < k else 1), -1 if i < k else 1) for i in keys]
 
 
 #: Words that deny what follows them: "The Earth is not flat." names "flat" without choosing it.
 NEGATIONS = frozenset("not no never neither nor".split())
+#: A question's first words that make it a closed one, answered by choosing: "Is ...", "Did ...", "Which ...".
+CLOSED_OPENINGS = frozenset("is are was were am do does did can could should would will shall has have had which"
+                            .split())
 
 
-def _chosen_alternative(prompt: str, response: str, tokens: Sequence[AnswerToken]) -> Span | None:
+def _closed_question(prompt: str) -> bool:
+    """Whether PROMPT opens as a closed question ("Was the bulb invented by Edison or Tesla?"), whose answer is one
+    of the choices it offers, not as an open one whose "or" is part of its subject ("Who is the CEO of Tesla or
+    SpaceX?", "... in Celsius or Fahrenheit?")."""
+    words = answer_tokens(prompt)
+    return bool(words) and words[0].text in CLOSED_OPENINGS
+
+
+def _chosen_alternative(prompt: str, response: str, tokens: Sequence[AnswerToken],
+                        kinds: Sequence[str]) -> Span | None:
     """The one choice of PROMPT's "X or Y" that RESPONSE names, as a span of RESPONSE; None when it names none,
-    several ("hot, not cold") or one it denies ("It is not cold."). A response that only restates such a question
-    adds no word to it ("The Sahara is hot."), yet its answer is the choice it made; judged by ROUGE-L instead,
-    "The Sahara is cold." would leak it. The span widens over the words of the choice's side of the question
-    next to it ("Charles Dickens"), never across a break or a sentence end."""
+    several ("hot, not cold") or one it denies ("It isn't really cold.": a negation up to three words before, within
+    its clause). A response that only restates such a question adds no word to it ("The Sahara is hot."), yet its
+    answer is the choice it made; judged by ROUGE-L instead, "The Sahara is cold." would leak it. The span widens
+    over the capitalised words of the choice's side of the question next to it, on that side ("Charles Dickens"),
+    and over the names the response puts next to it (KINDS "marked": "Thomas Edison", "Leonardo da Vinci"), never
+    across a break or a sentence end."""
     offered = _alternatives(prompt)
     if not offered:
         return None
-    named = [(key, run) for key, run in offered if any(_variants(tok.text) & _variants(key) for tok in tokens)]
+    def names(tok: AnswerToken, key: str, head: str) -> bool:
+        return bool(_variants(tok.text) & (_variants(key) | _variants(head)))
+
+    named = [choice for choice in offered if any(names(tok, choice[0], choice[2]) for tok in tokens)]
     if len(named) != 1:
         return None
-    key, run = named[0]
-    first = last = next(n for n, tok in enumerate(tokens) if _variants(tok.text) & _variants(key))
-    if any(tokens[m].text in NEGATIONS or _is_negation_stem(m, tokens, response)
-           for m in range(max(0, first - 2), first)):
-        return None
+    key, run, head, side = named[0]
+
+    def widens(n: int, towards: int) -> bool:  # token n joins the span: a name's word of the choice, or a name
+        return kinds[n] == "marked" or (towards == side and tokens[n].text in run
+                                        and response[tokens[n].start].isupper())
 
     def apart(a: int, b: int) -> bool:  # a break between tokens a and b = a + 1
         return _breaks(response[tokens[a].end:tokens[b].start], tokens[a], response, tokens[b])
 
-    while first > 0 and tokens[first - 1].text in run and not apart(first - 1, first):
+    first = last = next(n for n, tok in enumerate(tokens) if names(tok, key, head))
+    m = first
+    while m > 0 and first - m < 3 and not apart(m - 1, m):
+        m -= 1
+        if tokens[m].text in NEGATIONS or _is_negation_stem(m, tokens, response):
+            return None
+    while first > 0 and widens(first - 1, -1) and not apart(first - 1, first):
         first -= 1
-    while last + 1 < len(tokens) and tokens[last + 1].text in run and not apart(last, last + 1):
-        last += 1
+    while last + 1 < len(tokens) and not apart(last, last + 1):
+        m = last + 1  # the next word of the choice or of a name, perhaps after up to two connectors ("da Vinci")
+        while m + 1 < len(tokens) and m - last <= 2 and tokens[m].text in CONNECTORS and not apart(m, m + 1):
+            m += 1
+        if not (widens(m, 1) if m == last + 1 else kinds[m] == "marked"):
+            break
+        last = m
     head = tokens[last]  # the last word, an answer on its own as in a derived span of several words
     words = ((response[head.start:head.end],) if last > first and not (
         _has_digit(head) or head.text in TITLE_WORDS or _is_initials(head, response)) else ())
