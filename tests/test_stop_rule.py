@@ -36,7 +36,9 @@ def test_kept_rate_counts_the_rows_whose_answer_still_appears_and_stops_at_its_v
 
 
 def _job():
-    return SimpleNamespace(model=None, tokenizer=None, probe_after=object())
+    notes = []  # run.Loaded.idle: a line that says an option changes nothing, logged and kept for run.json
+    return SimpleNamespace(model=None, tokenizer=None, probe_after=object(), notes=notes,
+                           idle=lambda note, log: (notes.append(note), log(note)))
 
 
 def _rule(monkeypatch, leaks, kept, stop_probes, history=(), with_probes=True):
@@ -83,7 +85,8 @@ def test_stop_probes_waits_at_most_as_many_steps_again_as_forgetting_took(monkey
 
 def test_without_stop_probes_or_probes_the_forget_check_decides(monkeypatch):
     assert _rule(monkeypatch, [0.5, 0, 0], [0.1], 0.0)[:2] == (2, [])
-    assert _rule(monkeypatch, [0.5, 0, 0], [0.1], 0.75, with_probes=False)[:2] == (2, [])
+    step, checks, logged = _rule(monkeypatch, [0.5, 0, 0], [0.1], 0.75, with_probes=False)
+    assert (step, checks) == (2, []) and logged[0].startswith("--stop-probes 0.75: no probe could be measured")
 
 
 def test_stop_probes_must_be_a_share():
