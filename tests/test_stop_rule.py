@@ -36,9 +36,9 @@ def test_kept_rate_counts_the_rows_whose_answer_still_appears_and_stops_at_its_v
 
 
 def _job():
-    notes = []  # run.Loaded.idle: a line that says an option changes nothing, logged and kept for run.json
+    notes = []  # run.Loaded.note: a line that says an option changes nothing, logged and kept for run.json
     return SimpleNamespace(model=None, tokenizer=None, probe_after=object(), notes=notes,
-                           idle=lambda note, log: (notes.append(note), log(note)))
+                           note=lambda line, log: (notes.append(line), log(line)))
 
 
 def _rule(monkeypatch, leaks, kept, stop_probes, history=(), with_probes=True):

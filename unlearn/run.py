@@ -457,14 +457,15 @@ class Loaded:
     load_seconds: float = 0.0
     augment_seconds: float = 0.0  # ULMR's rewrites and negative responses, made once the model is loaded
     # Options that change nothing in this run, found only once the rows are read and the model built (--protect
-    # without retain rows, --leak-growth where the margin reads every row...): logged, and kept in run.json's notes
-    # beside RunOptions.notes, so that a script reading run.json sees them too.
+    # without retain rows, --leak-growth where the margin reads every row...), and choices made for the user there
+    # (a mixture of experts' adapters on its attention): logged, and kept in run.json's notes beside
+    # RunOptions.notes, so that a script reading run.json sees them too.
     notes: list = field(default_factory=list)
 
-    def idle(self, note: str, log) -> None:
-        """NOTE, an option that changes nothing in this run (or a choice made for the user): logged, kept in notes."""
-        self.notes.append(note)
-        log(note)
+    def note(self, line: str, log) -> None:
+        """LINE (see `notes`): logged, and kept for run.json."""
+        self.notes.append(line)
+        log(line)
 
 
 def _refuse_rows_past_context(opts: RunOptions, data: Prepared, model, tokenizer, whose: str) -> None:
@@ -572,8 +573,8 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     job = Loaded(loaded, model, tokenizer, reference_model, device, forward_model, after, before,
                  train_rows, augment_stats, load_seconds=time.perf_counter() - started - augment_seconds,
                  augment_seconds=augment_seconds)
-    for note in notes:
-        job.idle(note, log)
+    for line in notes:
+        job.note(line, log)
     return job
 
 
@@ -867,7 +868,7 @@ def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str,
         elif not data.retain and not opts.retain_weight_defaulted:
             # the weight was given (retain_weight_defaulted is False only then, with probes trained on), and the
             # term it weighs has no row: say so, rather than let the user believe it held something
-            job.idle(f"--retain-weight {opts.retain_weight:g} does nothing: no probe joins the retain rows and no "
+            job.note(f"--retain-weight {opts.retain_weight:g} does nothing: no probe joins the retain rows and no "
                      f"--retain file is given", log)
     data.retain += trained
     # data.retain holds TRAINED now. A held-out probe set whose prompts a --retain or normal row trains is no
@@ -1002,12 +1003,12 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log, before: Meas
         if data.retain:
             log(f"--protect: the forget gradient is projected off {len(data.retain)} retain rows' gradients")
         else:
-            job.idle("--protect: no retain rows or probes to protect; the gradient is not projected", log)
+            job.note("--protect: no retain rows or probes to protect; the gradient is not projected", log)
     if opts.train.retain_follows_margin and not data.retain:
-        job.idle("--retain-follows-margin: no retain rows or probes to weigh; it changes nothing in this run", log)
+        job.note("--retain-follows-margin: no retain rows or probes to weigh; it changes nothing in this run", log)
     read = len(unlearner.margin_rows()) if opts.train.leak_growth != 1 else 0
     if read:  # the margin reads these rows' answers: its own doubling acts instead of --leak-growth
-        job.idle(f"--leak-growth {opts.train.leak_growth:g}: the margin reads the answers of {read} of the "
+        job.note(f"--leak-growth {opts.train.leak_growth:g}: the margin reads the answers of {read} of the "
                  f"{len(unlearner.forget)} forget rows, so it changes nothing in this run (it acts only where no row "
                  f"has one)", log)
     loop_state = None
@@ -1150,7 +1151,7 @@ def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet, probe_sets=(), ste
     asked = EvalSet("probes", "retain", [e for s in probe_sets for e in s.examples])
     waits = bool(wanted and asked.examples)  # the probes' own measurer (make_probes) answers them
     if wanted and not waits:  # as --protect and --retain-follows-margin say when they have nothing to act on
-        job.idle(f"--stop-probes {wanted:g}: no probe could be measured; the stop rule waits for none (it changes "
+        job.note(f"--stop-probes {wanted:g}: no probe could be measured; the stop rule waits for none (it changes "
                  f"nothing in this run)", log)
     first_forgotten = next((r["step"] for r in history
                             if r.get("forget_leak") is not None and r["forget_leak"] <= opts.train.stop_leak), None)

@@ -48,7 +48,7 @@ The rule (`derive_spans`), on the `metrics.answer_tokens` of prompt and response
    choice, widened over its name ("Charles Dickens", "Thomas Edison"), is the
    span, whatever common words the response adds ("The Titanic sank in
    1912." -> 1912, not "sank"). Its answer is a given word, so the rule above
-   finds none, or a wrong one. An open question (`_closed_question`: not
+   finds none, or a wrong one. An open question (`CLOSED_OPENINGS`: not
    "Is ...", "Did ...", "Which ...") whose response adds a name or a number
    keeps the rule above ("What is ... in Celsius or Fahrenheit?" / "... at
    100 degrees Celsius." -> 100).
@@ -310,7 +310,8 @@ def derive_spans(prompt: str, response: str) -> Derivation:
 @functools.lru_cache(maxsize=8192)
 def _derive_chat(prompt: str, response: str) -> Derivation:
     tokens = answer_tokens(response)
-    given_words = set().union(*(_variants(t.text) for t in answer_tokens(prompt))) if prompt else set()
+    prompt_words = answer_tokens(prompt) if prompt else []
+    given_words = set().union(*(_variants(t.text) for t in prompt_words))
     kinds = []
     for n, tok in enumerate(tokens):
         gap = response[tokens[n - 1].end:tok.start] if n else response[:tok.start]
@@ -353,8 +354,8 @@ def _derive_chat(prompt: str, response: str) -> Derivation:
     # A question that offers its answers: the choice the response names, unless the response adds a name or a
     # number of its own to an open question ("What is ... in Celsius or Fahrenheit?" / "... at 100 degrees
     # Celsius.": 100, not Celsius); a closed one ("Was it Edison or Tesla?") is answered by its choice all the same.
-    chosen = (_chosen_alternative(prompt or "", response, tokens, kinds)
-              if not has_marked or _closed_question(prompt or "") else None)
+    closed = bool(prompt_words) and prompt_words[0].text in CLOSED_OPENINGS
+    chosen = _chosen_alternative(prompt, prompt_words, response, tokens, kinds) if not has_marked or closed else None
     if new == 0 and not chosen:
         return Derivation(reason="no word beyond the prompt's: judged by ROUGE-L/BLEU", question_recall=restated)
     limit = MAX_NEW_TOKENS if has_marked else MAX_PLAIN_NEW_TOKENS
@@ -386,35 +387,31 @@ def _derive_chat(prompt: str, response: str) -> Derivation:
     return Derivation(tuple(spans), f"derived: {what} the response adds to the prompt", new, restated)
 
 
-def _alternatives(prompt: str) -> list[tuple[str, set[str], str, int]] | None:
-    """The choices a question offers around its one "or": (the word next to "or", every word of its run, the
-    name's last word after it when capitalised, else the word next to "or"; the side the run goes to, -1 before
-    "or", 1 after) each.
+def _alternatives(prompt: str, words: Sequence[AnswerToken]) -> list[tuple[str, set[str], str, int]] | None:
+    """The choices a question (PROMPT, its answer tokens WORDS) offers around its one "or": (the word next to
+    "or", every word of its run, the name's last word after it when capitalised, else the word next to "or"; the
+    side the run goes to, -1 before "or", 1 after) each.
 
     "Is the Sahara hot or cold?" -> ("hot", {sahara, hot}, "hot", -1), ("cold", {cold}, "cold", 1); "red, green or
-    blue" gives three,
-    but "Which is bigger, Jupiter or Saturn?" two (a word before a comma is a choice only when it is capitalised
-    as the word before "or" is); "written by Mark Twain or Charles Dickens" -> ("twain", {mark, twain}, "twain",
-    -1), ("charles", {charles, dickens}, "dickens", 1). A run is the words on that side up to a stop word or a
-    hard break; the word next to "or" (an article after it skipped) decides which choice a response names, or a
-    name's last word after it, since a run can take in the question's subject ("Sahara"). None without an "or",
-    with more than one (which choice a response names is then a guess), or when a choice's word is a stop word or
-    a single letter or character ("Newton's or Kepler's": the "s" of the possessive; "东京 or 大阪": one character of a name)."""
-    words = answer_tokens(prompt)
+    blue" gives three, but "Which is bigger, Jupiter or Saturn?" two (a word before a comma is a choice only when
+    it is capitalised as the word before "or" is); "written by Mark Twain or Charles Dickens" -> ("twain", {mark,
+    twain}, "twain", -1), ("charles", {charles, dickens}, "dickens", 1). A run is the words on that side up to a
+    stop word or a hard break; the word next to "or" (an article after it skipped) decides which choice a response
+    names, or a name's last word after it, since a run can take in the question's subject ("Sahara"). None
+    without an "or", with more than one (which choice a response names is then a guess), or when a choice's word
+    is a stop word or a single letter or character ("Newton's or Kepler's": the "s" of the possessive; "东京 or
+    大阪": one character of a name)."""
     ors = [n for n, tok in enumerate(words) if tok.text == "or"]
     if len(ors) != 1:
         return None
     k = ors[0]
 
-    def joined(a: int, b: int) -> bool:  # words a and b = a + 1 in one run: no stop word, no hard break between
-        return not _HARD_BREAK.search(prompt[words[a].end:words[b].start]) and words[b].text not in STOP_WORDS
-
     def run(n: int, step: int) -> tuple[set[str], str]:
         """The words of the choice at N, and the word it is named by besides N's: a name's last word ("Charles
-        Dickens" is named by "Dickens" too), when capitalised."""
+        Dickens" is named by "Dickens" too), when capitalised. The run ends at a stop word or a hard break."""
         found, head = {words[n].text}, words[n].text
-        while 0 <= n + step < len(words) and joined(min(n, n + step), max(n, n + step)) \
-                and words[n + step].text not in STOP_WORDS:
+        while 0 <= n + step < len(words) and words[n + step].text not in STOP_WORDS \
+                and not _HARD_BREAK.search(prompt[words[min(n, n + step)].end:words[max(n, n + step)].start]):
             n += step
             found.add(words[n].text)
             if step > 0 and prompt[words[n].start].isupper():
@@ -437,35 +434,31 @@ def _alternatives(prompt: str) -> list[tuple[str, set[str], str, int]] | None:
 
 #: Words that deny what follows them: "The Earth is not flat." names "flat" without choosing it.
 NEGATIONS = frozenset("not no never neither nor".split())
-#: A question's first words that make it a closed one, answered by choosing: "Is ...", "Did ...", "Which ...".
+#: A question's first words that make it a closed one, answered by one of the choices it offers ("Was the bulb
+#: invented by Edison or Tesla?"), not an open one whose "or" is part of what it asks about ("Who is the CEO of
+#: Tesla or SpaceX?", "What is ... in Celsius or Fahrenheit?").
 CLOSED_OPENINGS = frozenset("is are was were am do does did can could should would will shall has have had which"
                             .split())
 
 
-def _closed_question(prompt: str) -> bool:
-    """Whether PROMPT opens as a closed question ("Was the bulb invented by Edison or Tesla?"), whose answer is one
-    of the choices it offers, not as an open one whose "or" is part of its subject ("Who is the CEO of Tesla or
-    SpaceX?", "... in Celsius or Fahrenheit?")."""
-    words = answer_tokens(prompt)
-    return bool(words) and words[0].text in CLOSED_OPENINGS
-
-
-def _chosen_alternative(prompt: str, response: str, tokens: Sequence[AnswerToken],
-                        kinds: Sequence[str]) -> Span | None:
-    """The one choice of PROMPT's "X or Y" that RESPONSE names, as a span of RESPONSE; None when it names none,
-    several ("hot, not cold") or one it denies ("It isn't really cold.": a negation up to three words before, within
-    its clause). A response that only restates such a question adds no word to it ("The Sahara is hot."), yet its
-    answer is the choice it made; judged by ROUGE-L instead, "The Sahara is cold." would leak it. The span widens
-    over the capitalised words of the choice's side of the question next to it, on that side ("Charles Dickens"),
-    and over the names the response puts next to it (KINDS "marked": "Thomas Edison", "Leonardo da Vinci"), never
-    across a break or a sentence end."""
-    offered = _alternatives(prompt)
+def _chosen_alternative(prompt: str, prompt_words: Sequence[AnswerToken], response: str,
+                        tokens: Sequence[AnswerToken], kinds: Sequence[str]) -> Span | None:
+    """The one choice of PROMPT's "X or Y" (its answer tokens PROMPT_WORDS) that RESPONSE (TOKENS) names, as a span of
+    RESPONSE; None when it names none, several ("hot, not cold") or one it denies ("It isn't really cold.": a negation
+    up to three words before, within its clause). A response that only restates such a question adds no word to it ("The
+    Sahara is hot."), yet its answer is the choice it made; judged by ROUGE-L instead, "The Sahara is cold." would leak
+    it. The span widens over the capitalised words of the choice's side of the question next to it, on that side
+    ("Charles Dickens"), and over the names the response puts next to it (KINDS "marked": "Thomas Edison", "Leonardo da
+    Vinci"), never across a break or a sentence end."""
+    offered = _alternatives(prompt, prompt_words)
     if not offered:
         return None
+
     def names(tok: AnswerToken, key: str, head: str) -> bool:
         return bool(_variants(tok.text) & (_variants(key) | _variants(head)))
 
-    named = [choice for choice in offered if any(names(tok, choice[0], choice[2]) for tok in tokens)]
+    named = [(key, run, head, side) for key, run, head, side in offered
+             if any(names(tok, key, head) for tok in tokens)]
     if len(named) != 1:
         return None
     key, run, head, side = named[0]
@@ -492,9 +485,9 @@ def _chosen_alternative(prompt: str, response: str, tokens: Sequence[AnswerToken
         if not (widens(m, 1) if m == last + 1 else kinds[m] == "marked"):
             break
         last = m
-    head = tokens[last]  # the last word, an answer on its own as in a derived span of several words
-    words = ((response[head.start:head.end],) if last > first and not (
-        _has_digit(head) or head.text in TITLE_WORDS or _is_initials(head, response)) else ())
+    end = tokens[last]  # the last word, an answer on its own as in a derived span of several words
+    words = ((response[end.start:end.end],) if last > first and not (
+        _has_digit(end) or end.text in TITLE_WORDS or _is_initials(end, response)) else ())
     return Span(response[tokens[first].start:tokens[last].end], tokens[first].start, tokens[last].end, words)
 
 
