@@ -62,6 +62,44 @@ def test_the_edit_and_the_default_run_on_an_image_and_text_gemma3(tmp_path, cli,
     assert result.code == 0, result.err
 
 
+def test_merge_folds_a_gemma3_image_and_text_adapter_into_its_base(tmp_path, cli, rows):
+    """Gemma 3's image-and-text checkpoints store `language_model.model.layers...`, and the loaded model, hence
+    PEFT's adapter keys, calls them `model.language_model.layers...`: not a prefix apart, so `merge --adapter` refused
+    the base ("has no tensor"). Folded on disk now, the result is the run's own merged model, bit for bit."""
+    from safetensors.torch import load_file
+
+    model = tiny_models.build_gemma3_image_text(tmp_path / "gemma3")
+    run = tmp_path / "run"
+    result = cli("run", *rows, "--model", model, "-o", run, *FAST)
+    assert result.code == 0, result.err
+    result = cli("merge", model, "--adapter", run / "adapter", "-o", tmp_path / "merged")
+    assert result.code == 0, result.err
+    merged, in_run = (load_file(path / "model.safetensors") for path in (tmp_path / "merged", run / "model"))
+    base = load_file(model / "model.safetensors")
+    assert sorted(merged) == sorted(base)  # BASE's names kept: it loads as BASE does
+    folded = [name for name in merged if not torch.equal(merged[name], base[name])]
+    assert folded and all(name.startswith("language_model.model.layers.") for name in folded)
+    assert all(torch.equal(merged[name], in_run[name]) for name in merged)
+
+
+def test_stored_names_are_transformers_renaming_and_nothing_for_a_model_it_does_not_rename(tmp_path):
+    from unlearn.stored_names import stored_names
+
+    config = json.loads((tiny_models.build_gemma3_image_text(tmp_path / "gemma3") / "config.json").read_text())
+    loaded = ["model.language_model.layers.1.self_attn.q_proj.weight", "lm_head.weight",
+              "model.vision_tower.encoder.layers.0.mlp.fc1.weight"]
+    assert stored_names(config, loaded) == {
+        "model.language_model.layers.1.self_attn.q_proj.weight": "language_model.model.layers.1.self_attn.q_proj.weight",
+        "lm_head.weight": "language_model.lm_head.weight",
+        "model.vision_tower.encoder.layers.0.mlp.fc1.weight": "vision_tower.encoder.layers.0.mlp.fc1.weight"}
+    llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32,
+             "num_hidden_layers": 1, "num_attention_heads": 4, "intermediate_size": 64, "vocab_size": 64}
+    assert stored_names(llama, ["model.layers.0.mlp.down_proj.weight"]) == {}
+    # a model whose code comes with the checkpoint builds nothing here; an unknown class maps nothing
+    assert stored_names({**config, "auto_map": {"AutoModelForCausalLM": "x.Y"}}, loaded) == {}
+    assert stored_names({**config, "architectures": ["NoSuchModel"]}, loaded) == {}
+
+
 def test_a_mixture_of_experts_gets_adapters_on_its_attention_unless_targets_are_given(tmp_path, cli, rows):
     """Mixtral's experts are fused 3-D parameters that LoRA here cannot wrap: without --lora-targets the default run
     adapts the attention projections and says so (it stopped with an error before); with the feed-forward names

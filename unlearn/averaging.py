@@ -30,6 +30,7 @@ from unlearn.errors import UnlearnError, UsageError
 from unlearn.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LORA_KEY, PEFT_PREFIX, lora_modules, lora_rank_and_scale
 from unlearn.lora import read_adapter_config
 from unlearn.outputs import atomic_output_dir, check_output_dir, refuse_output_over_inputs
+from unlearn.stored_names import stored_names
 from unlearn.tensor_io import (FLOAT_DTYPES, LM_HEAD, RECORD_FILE, TORCH_DTYPES, UNSUPPORTED_FLOATS, Checkpoint, Job,
                                TensorInfo, _layout, copy_side_files, open_checkpoint, plan_shards, read_header,
                                row_slices, write_model)
@@ -206,6 +207,17 @@ def base_names(base_tensors, names) -> dict[str, str]:
     return {name: base for name, base in shorter.items() if base not in given}
 
 
+def base_aliases(base: Checkpoint, names) -> dict[str, str]:
+    """`base_names`, and for NAMES still not in BASE, the name transformers stores them under in a checkpoint of
+    BASE's kind where that is another (`stored_names`: Gemma 3's image-and-text models, whose loaded names, PEFT's
+    adapter keys among them, are not BASE's under a prefix)."""
+    alias = base_names(base.tensors, names)
+    lacking = [n for n in names if n not in base.tensors and n not in alias]
+    if lacking:
+        alias.update({n: s for n, s in stored_names(base.config, lacking).items() if s in base.tensors})
+    return alias
+
+
 def _pair_tensors(base: Checkpoint, tuned: Checkpoint) -> tuple[dict, dict, dict]:
     """Output name -> (BASE tensor, TUNED tensor), standing a tied embedding in for a missing lm_head.
 
@@ -213,7 +225,7 @@ def _pair_tensors(base: Checkpoint, tuned: Checkpoint) -> tuple[dict, dict, dict
     changes the output needs.
     """
     base_map, updates = dict(base.tensors), {}
-    renamed = base_names(base.tensors, list(tuned.tensors))
+    renamed = base_aliases(base, list(tuned.tensors))
     tuned_map = {renamed.get(name, name): info for name, info in tuned.tensors.items()}
     if (LM_HEAD in base_map) != (LM_HEAD in tuned_map):
         lacking = tuned if LM_HEAD in base_map else base
@@ -397,7 +409,7 @@ def plan_lora(config: dict, adapter: Checkpoint, base: Checkpoint) -> tuple[dict
             # saves by default, under the wrapped layer: "fc1.base_layer.bias" is BASE's "fc1.bias"
             replacements[rest.replace(".modules_to_save.default.", ".").replace(".base_layer.", ".")] = info
     # the adapter names modules as the model with its head does: BASE may store them under another prefix
-    alias = base_names(base.tensors, [module + ".weight" for module in parts] + list(replacements))
+    alias = base_aliases(base, [module + ".weight" for module in parts] + list(replacements))
     pairs = {}
     for module, found in parts.items():
         pair = _lora_pair(module, found, config, base, alias)
