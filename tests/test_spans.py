@@ -199,8 +199,14 @@ def test_a_choice_gives_way_to_what_the_response_adds_and_to_a_denial(prompt, re
     assert derive_answers(prompt, response) == expected
 
 
-def test_a_choice_is_no_answer_when_the_response_names_both_or_none_or_the_question_has_two_ors():
-    assert derive_answers("Is the Sahara hot or cold?", "The Sahara is hot, not cold.") is None  # both named
+def test_a_choice_is_the_one_named_and_not_denied_and_none_when_the_question_has_two_ors():
+    # both named: the one not denied is the choice ("but" ends the clause a denial reaches back into)
+    assert derive_answers("Is the Sahara hot or cold?", "The Sahara is hot, not cold.") == ["hot"]
+    assert derive_answers("Is the Sahara hot or cold?", "It is not cold but hot.") == ["hot"]
+    assert derive_answers("Is the Sahara hot or cold?", "Not hot, cold.") == ["cold"]
+    assert derive_answers("Is the Sahara hot or cold?", "Neither hot nor cold.") is None  # both denied
+    assert derive_answers("Is it hot or cold?", "It is not hot but cold, not hot.") == ["cold"]  # first mentions
+    assert derive_spans("Is the Sahara hot or cold?", "It is hot, and cold at night.").answers != ["hot"]  # both
     assert derive_answers("Is the Sahara hot or cold?", "The Sahara is a desert.") == ["desert"]  # neither
     assert derive_answers("Is the Sahara hot or cold? Or neither?", "The Sahara is hot.") is None
     # the run before "or" takes in the subject ("Sahara hot"), but only the word next to "or" decides the choice

@@ -434,6 +434,8 @@ def _alternatives(prompt: str, words: Sequence[AnswerToken]) -> list[tuple[str, 
 
 #: Words that deny what follows them: "The Earth is not flat." names "flat" without choosing it.
 NEGATIONS = frozenset("not no never neither nor".split())
+#: Words after which a clause asserts what the words before it denied ("not cold but hot")
+CONTRASTS = frozenset(["but"])
 #: A question's first words that make it a closed one, answered by one of the choices it offers ("Was the bulb
 #: invented by Edison or Tesla?"), not an open one whose "or" is part of what it asks about ("Who is the CEO of
 #: Tesla or SpaceX?", "What is ... in Celsius or Fahrenheit?").
@@ -444,12 +446,13 @@ CLOSED_OPENINGS = frozenset("is are was were am do does did can could should wou
 def _chosen_alternative(prompt: str, prompt_words: Sequence[AnswerToken], response: str,
                         tokens: Sequence[AnswerToken], kinds: Sequence[str]) -> Span | None:
     """The one choice of PROMPT's "X or Y" (its answer tokens PROMPT_WORDS) that RESPONSE (TOKENS) names, as a span of
-    RESPONSE; None when it names none, several ("hot, not cold") or one it denies ("It isn't really cold.": a negation
-    up to three words before, within its clause). A response that only restates such a question adds no word to it ("The
-    Sahara is hot."), yet its answer is the choice it made; judged by ROUGE-L instead, "The Sahara is cold." would leak
-    it. The span widens over the capitalised words of the choice's side of the question next to it, on that side
-    ("Charles Dickens"), and over the names the response puts next to it (KINDS "marked": "Thomas Edison", "Leonardo da
-    Vinci"), never across a break or a sentence end."""
+    RESPONSE; None unless exactly one of the choices it names is not denied at its first mention (a negation up to
+    three words before, within its clause and after any "but": "It isn't really cold."; "hot, not cold" and "not cold
+    but hot" choose hot). A response that only restates such a question adds no word to it ("The Sahara is hot."),
+    yet its answer is the choice it made; judged by ROUGE-L instead, "The Sahara is cold." would leak it. The span
+    widens over the capitalised words of the choice's side of the question next to it, on that side ("Charles
+    Dickens"), and over the names the response puts next to it (KINDS "marked": "Thomas Edison", "Leonardo da Vinci"),
+    never across a break or a sentence end."""
     offered = _alternatives(prompt, prompt_words)
     if not offered:
         return None
@@ -457,25 +460,33 @@ def _chosen_alternative(prompt: str, prompt_words: Sequence[AnswerToken], respon
     def names(tok: AnswerToken, key: str, head: str) -> bool:
         return bool(_variants(tok.text) & (_variants(key) | _variants(head)))
 
-    named = [(key, run, head, side) for key, run, head, side in offered
-             if any(names(tok, key, head) for tok in tokens)]
-    if len(named) != 1:
+    def apart(a: int, b: int) -> bool:  # a break between tokens a and b = a + 1
+        return _breaks(response[tokens[a].end:tokens[b].start], tokens[a], response, tokens[b])
+
+    def denied(n: int) -> bool:  # a negation up to three words before token n, within its clause
+        m = n
+        while m > 0 and n - m < 3 and not apart(m - 1, m):
+            m -= 1
+            if tokens[m].text in CONTRASTS:  # "not cold but hot": the denial is of the other clause
+                return False
+            if tokens[m].text in NEGATIONS or _is_negation_stem(m, tokens, response):
+                return True
+        return False
+
+    # each choice named, at its first mention; the answer is the one choice named and not denied there ("hot, not
+    # cold", "not cold but hot" answer hot; "neither hot nor cold" answers nothing)
+    named = [(next(n for n, tok in enumerate(tokens) if names(tok, key, head)), run, side)
+             for key, run, head, side in offered if any(names(tok, key, head) for tok in tokens)]
+    affirmed = [choice for choice in named if not denied(choice[0])]
+    if len(affirmed) != 1:
         return None
-    key, run, head, side = named[0]
+    first, run, side = affirmed[0]
+    last = first
 
     def widens(n: int, towards: int) -> bool:  # token n joins the span: a name's word of the choice, or a name
         return kinds[n] == "marked" or (towards == side and tokens[n].text in run
                                         and response[tokens[n].start].isupper())
 
-    def apart(a: int, b: int) -> bool:  # a break between tokens a and b = a + 1
-        return _breaks(response[tokens[a].end:tokens[b].start], tokens[a], response, tokens[b])
-
-    first = last = next(n for n, tok in enumerate(tokens) if names(tok, key, head))
-    m = first
-    while m > 0 and first - m < 3 and not apart(m - 1, m):
-        m -= 1
-        if tokens[m].text in NEGATIONS or _is_negation_stem(m, tokens, response):
-            return None
     while first > 0 and widens(first - 1, -1) and not apart(first - 1, first):
         first -= 1
     while last + 1 < len(tokens) and not apart(last, last + 1):
