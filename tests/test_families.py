@@ -193,6 +193,30 @@ def test_targets_naming_nothing_list_the_linear_layers_the_model_has_or_its_fuse
     with pytest.raises(UsageError, match=r"no module of this model has that name; its Linear layers are "
                                          r"k_proj, o_proj, q_proj, v_proj \("):
         attach_lora(moe, LoraSettings(targets=("nope",)))
+    # the default targets (--lora-targets not given) on experts whose attention has no q_proj-style names: the line
+    # says the default found nothing, not "--lora-targets down_proj,..." as if the user had typed them
+    for layer in moe.model.layers:
+        attention = layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(attention, "w" + name[0], getattr(attention, name))
+            delattr(attention, name)
+    with pytest.raises(UsageError) as refused:
+        attach_lora(moe, LoraSettings(), attention_if_fused=True)
+    assert str(refused.value).startswith("the default LoRA targets name only the experts' fused parameters (model.")
+    assert "no q_proj, k_proj, v_proj, o_proj to adapt instead; its Linear layers are wk, wo, wq, wv" in str(
+        refused.value) and "--lora-targets" in str(refused.value) and "--full" in str(refused.value)
+    # ... and on a dense model whose feed-forward layers the default does not name
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dense = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    for layer in dense.model.layers:
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(layer.mlp, name.replace("_proj", ""), getattr(layer.mlp, name))
+            delattr(layer.mlp, name)
+    with pytest.raises(UsageError, match=r"^the default --lora-targets \(gate_proj,up_proj,down_proj,.*\): no module "
+                                         r"of this model has that name; its Linear layers are down, gate, k_proj, "):
+        attach_lora(dense, LoraSettings(), attention_if_fused=True)
 
 
 def test_a_pad_token_past_the_embeddings_is_one_line(tmp_path, cli, rows):

@@ -267,22 +267,27 @@ def fused_experts(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     return [n for n, p in model.named_parameters() if p.dim() > 2 and matches_targets(n, targets)]
 
 
-def _nothing_to_adapt(model: nn.Module, targets: tuple[str, ...]) -> str:
+def _nothing_to_adapt(model: nn.Module, targets: tuple[str, ...], given: bool = True) -> str:
     """The one line for TARGETS naming no module of MODEL: what it has instead, so the user can choose.
 
     A mixture of experts in transformers 5 (Mixtral, Qwen3-MoE) keeps its experts' projections as one 3-D
-    parameter (`mlp.experts.down_proj`), not Linear modules: the name is there, yet there is nothing to wrap."""
-    wanted = f"--lora-targets {','.join(targets)}"
-    fused = fused_experts(model, targets)
-    if fused:
-        return (f"{wanted}: {fused[0]} is a fused parameter of the experts, not a Linear layer, which LoRA here "
-                f"adapts only: train every weight with --full, or name Linear layers with --lora-targets")
+    parameter (`mlp.experts.down_proj`), not Linear modules: the name is there, yet there is nothing to wrap.
+    GIVEN False: TARGETS are the default's, which the user never typed, so the line does not quote them as theirs."""
     head = getattr(model, "get_output_embeddings", lambda: None)()
     kinds = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                     if (isinstance(m, nn.Linear) or is_conv1d(m)) and m is not head})
-    return (f"{wanted}: no module of this model has that name; its Linear layers are "
-            f"{', '.join(kinds) or 'none'} (name the feed-forward ones with --lora-targets, or train every weight "
-            f"with --full)")
+    linears = f"its Linear layers are {', '.join(kinds) or 'none'}"
+    fused = fused_experts(model, targets)
+    if fused and not given:  # the attention fallback found no q_proj-style layer either
+        return (f"the default LoRA targets name only the experts' fused parameters ({fused[0]}, not Linear layers, "
+                f"which LoRA here adapts only) and this model has no {', '.join(ATTENTION_TARGETS)} to adapt "
+                f"instead; {linears}: name some with --lora-targets, or train every weight with --full")
+    wanted = f"--lora-targets {','.join(targets)}" if given else f"the default --lora-targets ({','.join(targets)})"
+    if fused:
+        return (f"{wanted}: {fused[0]} is a fused parameter of the experts, not a Linear layer, which LoRA here "
+                f"adapts only: train every weight with --full, or name Linear layers with --lora-targets")
+    return (f"{wanted}: no module of this model has that name; {linears} (name the feed-forward ones with "
+            f"--lora-targets, or train every weight with --full)")
 
 
 def attach_lora(model: nn.Module, settings: LoraSettings, seed: int | None = None,
@@ -299,7 +304,7 @@ def attach_lora(model: nn.Module, settings: LoraSettings, seed: int | None = Non
         names = [n for n, m in model.named_modules() if n and matches_targets(n, ATTENTION_TARGETS)
                  and isinstance(m, nn.Linear)]
     if not names:
-        raise UsageError(_nothing_to_adapt(model, settings.targets))
+        raise UsageError(_nothing_to_adapt(model, settings.targets, given=not attention_if_fused))
     names = _in_layers(model, names, settings.layers)
     generator_state = torch.random.get_rng_state()
     if seed is not None:
