@@ -1348,6 +1348,8 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "steps": result.steps,
         "stopped_by": result.stopped_by,
         "repair": repair_record(result),
+        # --extra-steps once the stop rule fired: {"asked", "run"}, "run" fewer where --max-steps came first
+        "extra_steps": result.extra_steps,
         # The stop rule's leaked greedy answers that joined the forget rows (train.Unlearner.add_leaked_answers)
         "forget_rows_added": result.added_forget_rows,
         # Loading (Loaded.load_seconds says what it covers); with training, the stop rule's checks,

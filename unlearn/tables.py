@@ -61,7 +61,8 @@ def format_run(record: dict) -> str:
         f"outputs; fluency ppl: perplexity of the outputs under the original model (lower is more fluent; NM: "
         f"most outputs degenerate), so forgotten answers should be wrong or refused in fluent text, not garbage",
         *_probe_lines(record),
-        f"steps: {record['steps']} (stopped: {record['stopped_by']}{_repair_note(record)}); method: {record['method']}"
+        f"steps: {record['steps']} (stopped: {record['stopped_by']}{_repair_note(record)}{_extra_note(record)}); "
+        f"method: {record['method']}"
         + (f" ({record['method_reason']})" if record.get("method_reason") else ""),
         *_ulmr_lines(record),
         f"wall clock: {record['wall_clock_s']:.1f} s ({_wall_clock_parts(record)}); "
@@ -81,6 +82,14 @@ def _repair_note(record: dict) -> str:
         return ""
     return (f"; first forgotten after step {repair['first_forgotten']}, then {repair['keep_terms_only_steps']} "
             f"repair steps of the keep terms alone and {repair['whole_loss_steps']} of the whole loss")
+
+
+def _extra_note(record: dict) -> str:
+    """The --extra-steps run after the stop rule fired, where --max-steps cut them short (said, not silent)."""
+    extra = record.get("extra_steps")
+    if not extra or extra["run"] >= extra["asked"]:
+        return ""
+    return f"; {extra['run']} of {extra['asked']} --extra-steps after it: --max-steps came first"
 
 
 def _wall_clock_parts(record: dict) -> str:

@@ -129,6 +129,7 @@ class TrainResult:
     check_seconds: float = 0.0  # the stop rule's checks (generation), not in SECONDS
     update: dict | None = None  # --method edit: {module name: (A, B)}, the weight change W + B·A
     repair: dict | None = None  # the repair phase's last state (repair.Repair), when it began
+    extra_steps: dict | None = None  # {"asked": --extra-steps, "run": how many --max-steps left} once the rule fired
     added_forget_rows: list = field(default_factory=list)  # the forget rows the stop rule added (Unlearner.add_leaked_answers)
     loop: dict | None = None  # the loop's state at the end, for a checkpoint of the trained model (run.py, on Ctrl-C)
     save: object = field(default=None, repr=False)  # () -> the checkpoint written of it (run.train_model sets it)
@@ -1063,12 +1064,15 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
     # consecutive checks where the margin held and the greedy answer leaked (HINT_AFTER_CHECKS); in the loop's
     # state, so that a resumed run gives its hint at the same step
     held_leaks = int(resume.get("held_leaks", 0))
+    # the step the stop rule fired at, where --extra-steps follow it (None before, or with a repair phase)
+    forgotten_at = resume.get("forgotten_at")
     unlearner.keep_terms_only = repair.next_step_keeps_only(phase)
 
     def loop_state() -> dict:
         return {"history": history, "stopped_by": stopped_by, "stop_at": stop_at,
                 "seconds": previous_seconds + time.perf_counter() - start - (check_seconds - previous_checks),
-                "check_seconds": check_seconds, "repair": phase.state() if phase else None, "held_leaks": held_leaks}
+                "check_seconds": check_seconds, "repair": phase.state() if phase else None, "held_leaks": held_leaks,
+                "forgotten_at": forgotten_at}
 
     if log and unlearner.rmu is not None:
         log(unlearner.rmu.describe())
@@ -1158,10 +1162,14 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                             note = (f"; repair: up to {steps} more steps train the keep terms alone while nothing "
                                     f"leaks (--repair-steps)")
                         else:
+                            forgotten_at = step
                             stop_at = min(config.max_steps, step + config.extra_steps)
                             if config.repair_steps and not unlearner.has_keep_terms:  # asked for, not silently dropped
                                 note = ("; no repair: nothing to keep (--normal-weight 0, no retain rows or probes), "
                                         "so --repair-steps has no terms to train")
+                            elif stop_at - step < config.extra_steps:  # said, not silently cut
+                                note = (f"; --max-steps {config.max_steps} leaves {stop_at - step} of the "
+                                        f"{config.extra_steps} --extra-steps")
                     unlearner.keep_terms_only = repair.next_step_keeps_only(phase)
                     if log and leak is not None:
                         # a check whose leak passed --stop-leak ended at its verdict: a lower bound (--leaked-rows
@@ -1194,8 +1202,10 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
             if unlearner.frozen_casts is not None:
                 unlearner.frozen_casts.release()
     seconds = previous_seconds + time.perf_counter() - start - (check_seconds - previous_checks)
+    extra = ({"asked": config.extra_steps, "run": unlearner.step_count - forgotten_at}
+             if forgotten_at is not None and config.extra_steps else None)
     return TrainResult(steps=unlearner.step_count, stopped_by=stopped_by, seconds=seconds,
                        tokens=unlearner.tokens, history=history, check_seconds=check_seconds,
                        repair=phase.state() if phase else None, added_forget_rows=list(unlearner.added_forget_rows),
-                       loop=loop_state())
+                       loop=loop_state(), extra_steps=extra)
 
