@@ -153,7 +153,8 @@ CASES = {
     "forget missing": (lambda c: c.run(forget=c.root / "nope.jsonl"), 1, "nope.jsonl: no such file"),
     "forget is a directory": (lambda c: c.run(forget=c.root), 1, "is a directory, expected a JSONL file"),
     "empty file": (lambda c: c.run(forget=c.file("e.jsonl", "")), 1, "e.jsonl: no examples (the file is empty)"),
-    "blank lines only": (lambda c: c.run(forget=c.file("b.jsonl", "\n  \n\n")), 1, "no examples"),
+    "blank lines only": (lambda c: c.run(forget=c.file("b.jsonl", "\n  \n\t\n")), 1,
+                         "b.jsonl: no examples (every line is blank)"),  # not "the file is empty": it is not
     "malformed JSON": (lambda c: c.run(forget=c.rows("m.jsonl", json.dumps(FORGET[0]), '{"prompt": "x",')), 1,
                        "m.jsonl:2: not valid JSON"),
     "binary file": (lambda c: c.run(forget=c.file("bin.jsonl", bytes(range(128, 256)) * 4)), 1,

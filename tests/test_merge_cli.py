@@ -114,6 +114,10 @@ def test_no_paths_and_no_recorded_run_is_an_error(cli, tmp_path, monkeypatch):
     code, out, err = cli("merge", "--alpha", "0.5", "-o", tmp_path / "o")
     assert code == 1 and out == ""
     assert err.startswith("unlearn: no previous `unlearn run`") and err.count("\n") == 1
+    assert err.rstrip().endswith("give BASE and TUNED paths")
+    # with --adapter, TUNED is no argument: the line asks for BASE alone
+    code, out, err = cli("merge", "--adapter", tmp_path / "adapter", "-o", tmp_path / "o")
+    assert code == 1 and err.rstrip().endswith("; give BASE (with --adapter)") and err.count("\n") == 1
 
 
 def test_existing_output_is_refused_then_replaced_with_force(cli, tmp_path, pair):

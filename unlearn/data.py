@@ -296,7 +296,8 @@ def read_examples(path, *, need_response: bool = True) -> list[Example]:
         examples = [e for number, line_bytes in enumerate(lines, start=1)
                     if (e := _read_line(path, number, line_bytes, need_response)) is not None]
     if not examples:
-        raise UnlearnError(f"{shown(path)}: no examples (the file is empty)")
+        empty = not path.is_file() or path.stat().st_size == 0  # (/dev/null is no file, and empty)
+        raise UnlearnError(f"{shown(path)}: no examples ({'the file is empty' if empty else 'every line is blank'})")
     return examples
 
 

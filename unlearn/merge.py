@@ -36,7 +36,7 @@ def inputs(opts: MergeOptions) -> tuple[str, str | None, str | None]:
         raise UsageError(f"merge takes {shape}; got {len(paths)} path(s)")
     from unlearn.paths import last_run_record
 
-    run_dir, record = last_run_record()
+    run_dir, record = last_run_record("BASE (with --adapter)" if adapter else "BASE and TUNED paths")
     # the record is a file anyone can edit: a field that is not a path would fail later as an internal error
     if not isinstance(record, dict):
         raise UnlearnError(f"{run_dir / 'run.json'}: not a JSON object (the record of an `unlearn run`)")

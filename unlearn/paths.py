@@ -40,11 +40,12 @@ def remember_last_run(run_dir: Path) -> str | None:
     return None
 
 
-def last_run_record() -> tuple[Path, dict]:
-    """The directory and parsed run.json of the most recent `unlearn run`."""
+def last_run_record(paths_needed: str = "BASE and TUNED paths") -> tuple[Path, dict]:
+    """The directory and parsed run.json of the most recent `unlearn run`; PATHS_NEEDED says what to give instead
+    when there is none."""
     pointer = _last_run_pointer()
     if not pointer.is_file():
-        raise UnlearnError(f"no previous `unlearn run` recorded in {cache_dir()}; give BASE and TUNED paths")
+        raise UnlearnError(f"no previous `unlearn run` recorded in {cache_dir()}; give {paths_needed}")
     run_dir = Path(pointer.read_text().strip())
     record_path = run_dir / "run.json"
     if not record_path.is_file():
