@@ -56,8 +56,11 @@ def reference(tmp_path_factory, data, llama_dir, cli):
 
 def start_and_stop(args, out: Path, sig) -> subprocess.CompletedProcess:
     """Start `unlearn run ARGS -o OUT`, send SIG once a checkpoint of step 3 or later exists; wait for it."""
+    # SIGINT at its default in the child, as from a terminal: started from a shell's background job, the suite's
+    # processes inherit it ignored, and a run keeps an ignored SIGINT ignored
     process = subprocess.Popen([sys.executable, "-m", "unlearn", "run", *map(str, args), "-o", str(out)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV})
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     def reached_step_3():
         return any(int(p.name.split("-")[1]) >= 3 for p in (out / "checkpoints").glob("step-*"))
@@ -556,3 +559,26 @@ def test_a_checkpoint_from_before_the_anchors_resumes_when_the_run_makes_none():
         "anchors: true then, false now (the checkpointed run trained on anchors this run does not make: with "
         "--no-anchors given, drop it; a forget set of passages gets none from this version on, so start afresh with "
         "--force)")
+
+
+def test_a_sigint_the_caller_ignores_stays_ignored_through_training():
+    """A shell without job control starts background jobs with SIGINT ignored; Python keeps it so, and the
+    training overrode it: Ctrl-C at the terminal stopped the script's background run in training, not after."""
+    from unlearn.train import _DeferredInterrupt
+
+    saved = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with _DeferredInterrupt() as interrupt:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            assert not interrupt.requested
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with _DeferredInterrupt() as interrupt:  # from a terminal: the step finishes, then the run stops
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            assert interrupt.requested
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, saved)

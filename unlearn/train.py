@@ -1014,7 +1014,10 @@ class _DeferredInterrupt:
     """While active, Ctrl-C sets a flag instead of raising, so the current step can finish.
 
     A second Ctrl-C raises KeyboardInterrupt at once. Only the main thread can own signals;
-    elsewhere this does nothing.
+    elsewhere this does nothing. Nor does it where the caller ignores SIGINT: a shell without job control starts
+    its background jobs so, to keep a Ctrl-C at the terminal from reaching them. Python leaves it ignored, so
+    the rest of the run did not stop on it, while the training did; now neither does, as SIGHUP stays
+    ignored under nohup (cli._sigterm_unwinds). SIGTERM ends such a run (exit 143).
     """
 
     def __init__(self):
@@ -1022,7 +1025,8 @@ class _DeferredInterrupt:
         self.previous = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self.previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
