@@ -324,15 +324,16 @@ def make_judge(spec: str | None, label: str | None = None):
 # --- references -------------------------------------------------------------------------
 
 
-def unreferenced_note(examples: Sequence, path, forget_given: bool) -> str | None:
+def unreferenced_note(examples: Sequence, path, forget_given: bool, forget_label: str = "--forget") -> str | None:
     """The one stderr line naming the rows of PATH (references attached) that nothing scores a leak or
     accuracy on, with or without --forget: no response and no `answers` (`leak_flags`, `accuracy_flags`);
     None when there are none. A different wording, the wrong file or a row that was meant to carry its
-    response: said, rather than a "-" printed silently."""
+    response: said, rather than a "-" printed silently. FORGET_LABEL names the forget file (`unlearn run`'s
+    FORGET)."""
     unmatched = [ex for ex in examples if ex.response is None and not row_answers(ex)[0]]
     if not unmatched:
         return None
-    why = ("have no response and match no --forget prompt" if forget_given else
+    why = (f"have no response and match no {forget_label} prompt" if forget_given else
            "have neither a response nor answers")
     hint = "" if forget_given else " (give each a response, or --forget a file with their prompts)"
     return (f"unlearn: {len(unmatched)} of {len(examples)} rows of {path} {why} (first: line "

@@ -34,6 +34,7 @@ from unlearn.config import RETAIN_WEIGHT, RunOptions
 from unlearn.data import (SOURCE_FILE, Example, check_answers_spelled, fallback_note, prompt_key, read_examples,
                           render_prompt)
 from unlearn.errors import Interrupted, Terminated, UnlearnError, UsageError
+from unlearn.evaluate import attach_references, unreferenced_note
 from unlearn.log import log as default_log
 from unlearn.measure import (KEPT_KV_BUDGET, EvalSet, Measured, Measurer, Settings, kept_rate, leak_rate, original_scorer,
                              read_eval_sets)
@@ -172,8 +173,11 @@ def prepare(opts: RunOptions, created: list, forget: list) -> Prepared:
     from unlearn.probes import NEIGHBOURS, SAME_SUBJECT
 
     reserved = {s.name for s in sets} | {"normal-heldout", "retain", NEIGHBOURS, SAME_SUBJECT}
-    evals = label_trained_rows(read_eval_sets(opts.eval_forget, opts.eval_retain, taken=reserved, limit=limit),
-                               trained_rows(opts, forget, normal, retain, augmented))
+    evals = read_eval_sets(opts.eval_forget, opts.eval_retain, taken=reserved, limit=limit)
+    for eval_set in evals:  # a row without a response is judged by the forget row with its prompt, as `unlearn eval`
+        if eval_set.kind == "forget":  # judges it with --forget: its leak was "-", said nowhere
+            eval_set.examples = attach_references(eval_set.examples, forget)
+    evals = label_trained_rows(evals, trained_rows(opts, forget, normal, retain, augmented))
     if opts.train.check_every:  # the stop rule reads every forget prompt, whatever --eval-limit prints
         label_rows_used(evals, forget, "stop rule")
     if chooses:  # --alpha auto chooses on the forget rows and the held-back normal rows (else the trained ones)
@@ -511,6 +515,12 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     note = fallback_note(tokenizer, rows, questions=opts.probes)  # a base model: the format it learns and answers in
     if note and world.is_main:
         log(note)
+    reference_model, notes = None, []
+    for eval_set in data.sets:  # once nothing is left to refuse: the --eval-forget rows nothing judges a leak on
+        if eval_set.kind == "forget":
+            line = unreferenced_note(eval_set.examples, eval_set.path, forget_given=True, forget_label="FORGET")
+            if line and world.is_main:
+                notes.append(line.removeprefix("unlearn: "))
 
     train_rows, augment_stats, augment_seconds = data.forget, None, 0.0
     if opts.train.method == "ulmr":
@@ -523,7 +533,6 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
             label_trained_rows(data.sets, trained_rows(opts, data.forget, data.normal, data.retain, train_rows))
             augment_seconds = time.perf_counter() - t
 
-    reference_model, notes = None, []
     if not opts.adapters:
         # Full fine-tuning and the edit change the weights themselves, so the reference is a frozen copy.
         reference_model = copy.deepcopy(model).eval().requires_grad_(False)
