@@ -81,9 +81,9 @@ def _non_empty_out(c: Case) -> list:
     return c.run()
 
 
-def _out_is_a_file(c: Case) -> list:
+def _out_is_a_file(c: Case, *args) -> list:
     (c.root / "out").write_text("not a directory")
-    return c.run()
+    return c.run(*args)
 
 
 def _resume_empty(c: Case) -> list:
@@ -263,7 +263,8 @@ CASES = {
     "eval limit 0": (lambda c: c.run("--eval-limit", "0"), 2, "--eval-limit"),
     # --- output directories and resume ---
     "output exists": (_non_empty_out, 2, "output directory exists and is not empty (use --force to replace it)"),
-    "output is a file": (_out_is_a_file, 2, "exists and is not a directory"),
+    "output is a file": (_out_is_a_file, 2, "exists and is not a directory (--force replaces output directories only"),
+    "output is a file, --force": (lambda c: _out_is_a_file(c, "--force"), 2, "out: exists and is not a directory"),
     "output is the current directory": (lambda c: c.run("-o", ".", "--force")[:-3] + ["-o", ".", "--force"], 2,
                                         "-o .: is the current directory"),
     "output under a file": (lambda c: c.run()[:-2] + ["-o", c.forget / "sub"], 2, "forget.jsonl is not a directory"),

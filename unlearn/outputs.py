@@ -31,8 +31,9 @@ def check_output_dir(path: Path, force: bool) -> None:
     if force and (target == home or target in home.parents):
         raise UsageError(f"-o {path}: is the home directory (or holds it), which --force would replace whole; "
                          f"name a new directory")
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{path}: exists and is not a directory")
+    if path.exists() and not path.is_dir():  # never replaced, --force or not: a file is no earlier output
+        raise UsageError(f"{path}: exists and is not a directory (--force replaces output directories only; "
+                         f"remove it or name another)")
     if path.is_dir() and any(path.iterdir()) and not force:
         raise UsageError(f"{path}: output directory exists and is not empty (use --force to replace it)")
     check_parent_writable(path)  # the result is made beside PATH, then renamed into place
