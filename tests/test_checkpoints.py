@@ -200,13 +200,21 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_pat
                  "--batch-size", "2", "--lr", "1e30", "--save-every", "1")
     assert result.code == 1
     last = result.err.replace("\r", "\n").strip().splitlines()[-1]
+    # the checkpoint resumes with these settings only (which end here again): a lower --lr starts afresh
     assert last == (f"unlearn: step 2: the loss is nan; stopped without writing the model; "
-                    f"the last good checkpoint is {out / 'checkpoints' / 'step-1'}; try a lower --lr")
+                    f"the last good checkpoint is {out / 'checkpoints' / 'step-1'} (--resume takes it with these "
+                    f"settings only); start again with a lower --lr and --force")
     assert "Traceback" not in result.err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]  # no model, no adapter, no run.json
     weights = load_file(out / "checkpoints" / "step-1" / "trainable.safetensors")
     assert all(torch.isfinite(t).all() for t in weights.values())
+    # --save-every given, but the loss broke before its first save: not "(see --save-every)"
+    result = cli("run", *data, "--model", llama_dir, "-o", tmp_path / "early", "--check-every", "0", "--max-steps",
+                 "10", "--batch-size", "2", "--lr", "1e30", "--save-every", "5")
+    assert result.code == 1 and result.err.strip().splitlines()[-1] == (
+        "unlearn: step 2: the loss is nan; stopped without writing the model; no checkpoint was saved before it "
+        "(--save-every 5); try a lower --lr")
 
 
 def test_nonfinite_step_is_refused_before_the_update(llama_dir):

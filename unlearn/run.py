@@ -1046,9 +1046,14 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log, before: Meas
         raise Interrupted(f"interrupted after step {stop.step}; saved {stop.checkpoint}; "
                           f"to continue: {_resume_command(opts, data.output)}") from None
     except NonFiniteLoss as exc:
-        last = latest_checkpoint(data.output)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved (see --save-every)"
-        raise UnlearnError(f"{exc}; stopped without writing the model; {kept}; try a lower --lr") from None
+        last, every = latest_checkpoint(data.output), data.run_args["save_every"]
+        if last:  # kept for a look at the weights before it: --resume takes the same settings only, and ends here
+            kept = (f"the last good checkpoint is {last} (--resume takes it with these settings only); start again "
+                    f"with a lower --lr and --force")
+        else:
+            kept = (f"no checkpoint was saved before it (--save-every {every})" if every else
+                    "no checkpoint was saved (see --save-every)") + "; try a lower --lr"
+        raise UnlearnError(f"{exc}; stopped without writing the model; {kept}") from None
     result.tokens = distributed.total(result.tokens)  # every process's tokens
     if not opts.full and not distributed.world().active:  # (trained_model_kept)
         # The trained state as it is now: α averaging then scales the adapters in place, and writing folds them
