@@ -52,7 +52,8 @@ References and the "kept" score: the original model answers every probe once,
 greedily, before training (through `measure.Measurer`). `keep_answered` then
 gives each probe the answer words of that answer (`spans.row_answers` of the
 probe prompt and the answer's first clause, `first_clause`: the names and numbers
-it adds to the question; not one made only of connectors, "de" of "la monnaie de la Lion") as its
+it adds to the question, else its other new words, common ones too ("franchise", "work"); not one made only
+of connectors, "de" of "la monnaie de la Lion") as its
 `answers`, and drops the probe when there are none (a long free-text answer has no words to check)
 or when the original answer already contains a forget answer (such a probe is expected to change):
 an answer of a forget row (given or derived, `spans.row_answers`, found by `metrics.contains_answer`);
