@@ -75,12 +75,16 @@ def test_stop_probes_waits_for_the_probes_once_forgotten(monkeypatch):
 
 def test_stop_probes_waits_at_most_as_many_steps_again_as_forgetting_took(monkeypatch):
     # forgotten first at step 2: from step 4 on, the forget check alone decides
-    step, checks, _ = _rule(monkeypatch, [0.5, 0, 0, 0, 0], [0.1, 0.1, 0.1], 0.75)
+    step, checks, logged = _rule(monkeypatch, [0.5, 0, 0, 0, 0], [0.1, 0.2, 0.1], 0.75)
     assert step == 4 and checks == [2, 3]
+    # ... and says so: it stopped on the forget check alone, with the probes below the share asked
+    assert logged[-1] == ("step 4: the probes did not reach --stop-probes 0.75 by step 4 (twice the 2 steps "
+                          "forgetting took; 0.20 at their last check): the forget check alone decides")
     # a resumed run takes the step first forgotten from its history: here 1, so step 2 decides alone
     history = [{"step": 1, "forget_leak": 0.0}]
-    step, checks, _ = _rule(monkeypatch, [0.0, 0.0], [0.1], 0.75, history=history)
-    assert step == 2 and checks == []
+    step, checks, logged = _rule(monkeypatch, [0.0, 0.0], [0.1], 0.75, history=history)
+    assert step == 2 and checks == [] and logged[-1].endswith("by step 2 (twice the 1 step forgetting took): "
+                                                              "the forget check alone decides")
 
 
 def test_without_stop_probes_or_probes_the_forget_check_decides(monkeypatch):

@@ -1169,9 +1169,10 @@ def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet, probe_sets=(), ste
                  f"nothing in this run)", log)
     first_forgotten = next((r["step"] for r in history
                             if r.get("forget_leak") is not None and r["forget_leak"] <= opts.train.stop_leak), None)
+    last_kept, expired = None, False  # the probes' share at their last check; whether their wait ran out
 
     def forgotten():
-        nonlocal first_forgotten
+        nonlocal first_forgotten, last_kept, expired
         # --leaked-rows trains on the leaking rows a check finds: a check cut at its verdict finds the rows that
         # leaked before the other generation thread reached it (cpu_parts), so two identical runs trained on
         # different rows; answered whole, every row stops at its own leak, whatever the threads do.
@@ -1181,10 +1182,17 @@ def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet, probe_sets=(), ste
             step = steps()
             first_forgotten = first_forgotten or step
             if step < 2 * first_forgotten:
-                kept = kept_rate(job.probe_after, asked, enough=wanted)
+                kept = last_kept = kept_rate(job.probe_after, asked, enough=wanted)
                 done = kept >= wanted
                 log(f"step {step}: the probes keep {'≥ ' if done and kept < 1 else ''}{kept:.2f} of their answers "
                     f"(a stop condition: --stop-probes {wanted:g}; waiting at most until step {2 * first_forgotten})")
+            elif not expired:  # the probes were read at step first_forgotten at least, and never reached it
+                expired = True
+                last = f"; {last_kept:.2f} at their last check" if last_kept is not None else ""
+                took = f"{first_forgotten} step{'s' * (first_forgotten != 1)}"
+                job.note(f"step {step}: the probes did not reach --stop-probes {wanted:g} by step "
+                         f"{2 * first_forgotten} (twice the {took} forgetting took{last}): the forget check alone "
+                         f"decides", log)
         return done, leak
 
     def leaked_answers() -> list[dict]:
