@@ -258,7 +258,11 @@ CASES = {
     "negative save-every": (lambda c: c.run("--save-every", "-2"), 2, "--save-every -2"),
     "unknown method": (lambda c: c.run("--method", "rlhf"), 2, "Invalid value for '--method'"),
     "not a number": (lambda c: c.run("--max-steps", "ten"), 2, "'ten' is not a valid integer"),
-    "unknown option": (lambda c: c.run("--learning-rate", "1"), 2, "No such option '--learning-rate'"),
+    "unknown option": (lambda c: c.run("--learning-rate", "1"), 2,
+                       "No such option '--learning-rate'. (see unlearn run --help)"),
+    # click gives no command for an option missing its value: the help named was the top level's
+    "an option missing its value": (lambda c: c.run("--lr"), 2,
+                                    "Option '--lr' requires an argument. (see unlearn run --help)"),
     "missing argument": (lambda c: ["run"], 2, "Missing argument 'FORGET'"),
     "eval limit 0": (lambda c: c.run("--eval-limit", "0"), 2, "--eval-limit"),
     # --- output directories and resume ---

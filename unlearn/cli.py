@@ -630,7 +630,9 @@ def main(argv=None) -> None:
         sys.exit(130)
     except click.ClickException as exc:  # usage errors found by click: one line, like ours
         ctx = getattr(exc, "ctx", None)
-        command = ctx.command_path if ctx is not None else "unlearn"
+        # an option missing its value ("run --lr") comes without the command's context: named from ARGV
+        named = argv[0] if argv and argv[0] in getattr(cli, "commands", {}) else None
+        command = ctx.command_path if ctx is not None else f"unlearn {named}" if named else "unlearn"
         hint = f" (see {command} --help)" if isinstance(exc, click.UsageError) else ""
         log(f"unlearn: {_first_line(exc.format_message())}{hint}")
         sys.exit(2)
