@@ -263,3 +263,27 @@ def test_run_refuses_force_where_there_is_nothing_to_replace(cli, tmp_path, llam
     result = cli("run", forget, normal, "--model", llama_dir, *args, cwd=tmp_path)  # runs/ would be made here
     assert result.code == 2 and only_line(result) == f"unlearn: {message}", result.err
     assert not reached and not (tmp_path / "o").exists() and not (tmp_path / "runs").exists()
+
+
+def test_options_for_a_kind_of_forget_row_this_file_lacks_are_said_to_do_nothing(cli, tmp_path, llama_dir, normal):
+    """--whole-passage without a passage, --forget-tokens names and --leaked-rows without a row that has answers:
+    once the rows are read, one line each (and run.json's notes), as --leak-growth where the margin reads every
+    row; they ran silently."""
+    passage = [{"text": "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat."}]
+    quick = ["--max-steps", "1", "--max-new-tokens", "4", "--no-probes", "--eval-limit", "1"]
+    for rows, option, note in (
+            (FACT, ["--whole-passage"], "--whole-passage: no forget row is a passage (`text`), so it changes nothing "
+                                        "in this run"),
+            (passage, ["--forget-tokens", "names"], "--forget-tokens names: no forget row has answers (given or "
+                                                    "derived) to widen over a name, so it changes nothing in this run"),
+            (passage, ["--leaked-rows", "2"], "--leaked-rows 2: no forget row has answers (given or derived) to cut "
+                                              "a leaked answer after, so it changes nothing in this run")):
+        forget = write_rows(tmp_path / "forget.jsonl", rows)
+        out = tmp_path / option[0].strip("-")
+        result = cli("run", forget, normal, "--model", llama_dir, "-o", out, *option, *quick)
+        assert result.code == 0, result.err
+        assert note in result.err and note in json.loads((out / "run.json").read_text())["notes"]
+    # where the rows have what the option acts on, nothing is said
+    result = cli("run", write_rows(tmp_path / "facts.jsonl", FACT), normal, "--model", llama_dir, "-o",
+                 tmp_path / "acts", "--forget-tokens", "names", "--leaked-rows", "2", *quick)
+    assert result.code == 0 and "changes nothing" not in result.err, result.err

@@ -1020,6 +1020,16 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log, before: Meas
         job.note(f"--leak-growth {opts.train.leak_growth:g}: the margin reads the answers of {read} of the "
                  f"{len(unlearner.forget)} forget rows, so it changes nothing in this run (it acts only where no row "
                  f"has one)", log)
+    # options that act on a kind of forget row this FORGET has none of (as --leak-growth above)
+    answered = any(row_answers(ex)[0] for ex in data.forget)
+    if opts.train.whole_passage and not any(ex.is_passage for ex in data.forget):
+        job.note("--whole-passage: no forget row is a passage (`text`), so it changes nothing in this run", log)
+    if opts.train.forget_tokens == "names" and not answered:
+        job.note("--forget-tokens names: no forget row has answers (given or derived) to widen over a name, so it "
+                 "changes nothing in this run", log)
+    if opts.train.leaked_rows and not answered:
+        job.note(f"--leaked-rows {opts.train.leaked_rows}: no forget row has answers (given or derived) to cut a "
+                 f"leaked answer after, so it changes nothing in this run", log)
     loop_state = None
     if data.resume_from is not None:
         loop_state = load_checkpoint(data.resume_from, unlearner)
