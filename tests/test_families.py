@@ -98,6 +98,15 @@ def test_stored_names_are_transformers_renaming_and_nothing_for_a_model_it_does_
     # a model whose code comes with the checkpoint builds nothing here; an unknown class maps nothing
     assert stored_names({**config, "auto_map": {"AutoModelForCausalLM": "x.Y"}}, loaded) == {}
     assert stored_names({**config, "architectures": ["NoSuchModel"]}, loaded) == {}
+    # a config without `architectures`: the causal LM class of its model_type, as `unlearn run` loads it
+    assert stored_names({k: v for k, v in config.items() if k != "architectures"}, loaded[:1]) == {
+        "model.language_model.layers.1.self_attn.q_proj.weight": "language_model.model.layers.1.self_attn.q_proj.weight"}
+    # a fused experts' tensor is split on saving: no one stored tensor is it
+    mixtral = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 16,
+               "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+               "num_local_experts": 2, "vocab_size": 64}
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in stored_names(mixtral, [
+        "model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.gate.weight"])
 
 
 def test_a_mixture_of_experts_gets_adapters_on_its_attention_unless_targets_are_given(tmp_path, cli, rows):

@@ -205,8 +205,13 @@ def test_a_choice_is_the_one_named_and_not_denied_and_none_when_the_question_has
     assert derive_answers("Is the Sahara hot or cold?", "It is not cold but hot.") == ["hot"]
     assert derive_answers("Is the Sahara hot or cold?", "Not hot, cold.") == ["cold"]
     assert derive_answers("Is the Sahara hot or cold?", "Neither hot nor cold.") is None  # both denied
-    assert derive_answers("Is it hot or cold?", "It is not hot but cold, not hot.") == ["cold"]  # first mentions
-    assert derive_spans("Is the Sahara hot or cold?", "It is hot, and cold at night.").answers != ["hot"]  # both
+    # each choice judged where it is first named: the later "hot" is affirmed, the first denied
+    assert derive_answers("Is it hot or cold?", "It is cold, not hot, but hot at noon.") == ["cold"]
+    # both affirmed: the rule gives way to the words the response adds
+    assert derive_spans("Is the Sahara hot or cold?", "It is hot, and cold at night.").answers == ["night"]
+    # "not only ... but also" affirms both
+    assert derive_answers("Is it hot or cold?", "Not only hot but also cold.") is None
+    assert derive_answers("Is it hot or cold?", "It is not just hot but also cold.") is None
     assert derive_answers("Is the Sahara hot or cold?", "The Sahara is a desert.") == ["desert"]  # neither
     assert derive_answers("Is the Sahara hot or cold? Or neither?", "The Sahara is hot.") is None
     # the run before "or" takes in the subject ("Sahara hot"), but only the word next to "or" decides the choice

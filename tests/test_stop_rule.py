@@ -41,9 +41,11 @@ def _job():
                            note=lambda line, log: (notes.append(line), log(line)))
 
 
-def _rule(monkeypatch, leaks, kept, stop_probes, history=(), with_probes=True):
+def _rule(monkeypatch, leaks, kept, stop_probes, history=(), with_probes=True, repairing=False, fired=False):
     """run.stop_rule over scripted checks: LEAKS per step, KEPT per probe check; returns the
-    step the run stops at, the probe checks made, and the log."""
+    step the run stops at, the probe checks made, and the log. REPAIRING: the checks go on after the rule
+    fires, as a repair phase's do (the step returned is still the first that fired); FIRED: a resumed run's
+    rule had fired before."""
     monkeypatch.setattr(run, "leak_rate", lambda checker, s, decided_above=None: leaks[state["step"] - 1])
     checks = []
 
@@ -56,13 +58,16 @@ def _rule(monkeypatch, leaks, kept, stop_probes, history=(), with_probes=True):
     state, logged = {"step": len(history)}, []
     probes = [_probes(3)] if with_probes else []
     forgotten = run.stop_rule(opts, _job(), EvalSet("forget", "forget", []), probes, lambda: state["step"],
-                              history, logged.append)
+                              history, logged.append, fired=fired)
+    first = None
     while state["step"] < len(leaks):
         state["step"] += 1
         done, _ = forgotten()
-        if done:
-            return state["step"], checks, logged
-    return None, checks, logged
+        if done and first is None:
+            first = state["step"]
+            if not repairing:
+                break
+    return first, checks, logged
 
 
 def test_stop_probes_waits_for_the_probes_once_forgotten(monkeypatch):
@@ -85,6 +90,19 @@ def test_stop_probes_waits_at_most_as_many_steps_again_as_forgetting_took(monkey
     step, checks, logged = _rule(monkeypatch, [0.0, 0.0], [0.1], 0.75, history=history)
     assert step == 2 and checks == [] and logged[-1].endswith("by step 2 (twice the 1 step forgetting took): "
                                                               "the forget check alone decides")
+
+
+def test_the_wait_is_said_to_run_out_only_where_the_probes_never_reached_the_share(monkeypatch):
+    # the probes reach it at step 3 (forgotten first at 2), the rule fires, and a repair phase checks on
+    step, checks, logged = _rule(monkeypatch, [0.5, 0, 0, 0, 0, 0], [0.1, 0.9], 0.75, repairing=True)
+    assert step == 3 and not any("did not reach" in line for line in logged)
+    # they never do: said once, at the step the forget check decided alone, not at each repair check after it
+    step, checks, logged = _rule(monkeypatch, [0.5, 0, 0, 0, 0, 0], [0.1, 0.2], 0.75, repairing=True)
+    assert step == 4 and sum("did not reach" in line for line in logged) == 1
+    # a run resumed after its rule fired says nothing of the wait
+    history = [{"step": 1, "forget_leak": 0.0}]
+    step, checks, logged = _rule(monkeypatch, [0.0, 0.0, 0.0], [], 0.75, history=history, repairing=True, fired=True)
+    assert step == 2 and logged == []
 
 
 def test_without_stop_probes_or_probes_the_forget_check_decides(monkeypatch):

@@ -1029,7 +1029,8 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log, before: Meas
                  "changes nothing in this run", log)
     if opts.train.leaked_rows and not answered:
         job.note(f"--leaked-rows {opts.train.leaked_rows}: no forget row has answers (given or derived) to cut a "
-                 f"leaked answer after, so it changes nothing in this run", log)
+                 f"leaked answer after, so it adds no row in this run (its checks still answer every forget row "
+                 f"whole)", log)
     loop_state = None
     if data.resume_from is not None:
         loop_state = load_checkpoint(data.resume_from, unlearner)
@@ -1046,7 +1047,8 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log, before: Meas
     scored = job.before.own_scores.get("forget") if before is not None and shown is not None else None
     generated = {e.prompt: own.ids for e, own in zip(shown.examples, scored or ()) if own is not None}
     forgotten = (stop_rule(opts, job, forget, probe_sets, lambda: unlearner.step_count, history, log,
-                           openings=[(original.get(e.prompt, ""), generated.get(e.prompt)) for e in forget.examples])
+                           openings=[(original.get(e.prompt, ""), generated.get(e.prompt)) for e in forget.examples],
+                           fired=(loop_state or {}).get("stopped_by") == "forgotten")
                  if opts.train.check_every else None)
     try:
         result = train(unlearner, forgotten=forgotten, log=log, save_every=data.run_args["save_every"],
@@ -1059,7 +1061,7 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log, before: Meas
         last, every = latest_checkpoint(data.output), data.run_args["save_every"]
         if last:  # kept for a look at the weights before it: --resume takes the same settings only, and ends here
             kept = (f"the last good checkpoint is {last} (--resume takes it with these settings only); start again "
-                    f"with a lower --lr and --force")
+                    f"with a lower --lr (under another -o to keep it; --force here replaces it)")
         else:
             kept = (f"no checkpoint was saved before it (--save-every {every})" if every else
                     "no checkpoint was saved (see --save-every)") + "; try a lower --lr"
@@ -1148,7 +1150,7 @@ def probe_neighbours(data: Prepared) -> list[list[str]] | None:
 
 
 def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet, probe_sets=(), steps=lambda: 0, history=(),
-              log=default_log, openings: list[tuple[str, list[int] | None]] | None = None):
+              log=default_log, openings: list[tuple[str, list[int] | None]] | None = None, fired: bool = False):
     """forgotten() -> (done, leak): the forget prompts answered greedily in a short budget.
 
     The check ends as soon as its verdict is reached (`leak_rate`'s DECIDED_ABOVE), so a leak
@@ -1163,7 +1165,8 @@ def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet, probe_sets=(), ste
     have not yet pulled the neighbours back (docs/quality.md). It waits at most as many steps again
     as the forget set took (first forgotten at step s: from step 2s on the forget check alone
     decides), so a neighbourhood that does not come back cannot keep the ascent going. STEPS() is
-    the step just taken; HISTORY, a resumed run's records, gives the step first forgotten.
+    the step just taken; HISTORY, a resumed run's records, gives the step first forgotten; FIRED, that the
+    resumed run's rule had already said done (the checks of its repair phase then say nothing of the wait).
     """
     checker = Measurer(job.model, job.tokenizer, Settings(max_new_tokens=opts.train.check_tokens,
                                                           batch_size=opts.gen_batch_size, likelihood=False))
@@ -1179,10 +1182,10 @@ def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet, probe_sets=(), ste
                  f"nothing in this run)", log)
     first_forgotten = next((r["step"] for r in history
                             if r.get("forget_leak") is not None and r["forget_leak"] <= opts.train.stop_leak), None)
-    last_kept, expired = None, False  # the probes' share at their last check; whether their wait ran out
+    last_kept = None  # the probes' share at their last check
 
     def forgotten():
-        nonlocal first_forgotten, last_kept, expired
+        nonlocal first_forgotten, last_kept, fired
         # --leaked-rows trains on the leaking rows a check finds: a check cut at its verdict finds the rows that
         # leaked before the other generation thread reached it (cpu_parts), so two identical runs trained on
         # different rows; answered whole, every row stops at its own leak, whatever the threads do.
@@ -1196,13 +1199,14 @@ def stop_rule(opts: RunOptions, job: Loaded, forget: EvalSet, probe_sets=(), ste
                 done = kept >= wanted
                 log(f"step {step}: the probes keep {'≥ ' if done and kept < 1 else ''}{kept:.2f} of their answers "
                     f"(a stop condition: --stop-probes {wanted:g}; waiting at most until step {2 * first_forgotten})")
-            elif not expired:  # the probes were read at step first_forgotten at least, and never reached it
-                expired = True
+            elif not fired:  # the probes were read at step first_forgotten at least, and never reached it (the
+                # rule would have fired then); once it has, a repair phase's checks come here too, and say nothing
                 last = f"; {last_kept:.2f} at their last check" if last_kept is not None else ""
                 took = f"{first_forgotten} step{'s' * (first_forgotten != 1)}"
                 job.note(f"step {step}: the probes did not reach --stop-probes {wanted:g} by step "
                          f"{2 * first_forgotten} (twice the {took} forgetting took{last}): the forget check alone "
                          f"decides", log)
+        fired = fired or done
         return done, leak
 
     def leaked_answers() -> list[dict]:

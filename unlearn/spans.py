@@ -436,6 +436,8 @@ def _alternatives(prompt: str, words: Sequence[AnswerToken]) -> list[tuple[str, 
 NEGATIONS = frozenset("not no never neither nor".split())
 #: Words after which a clause asserts what the words before it denied ("not cold but hot")
 CONTRASTS = frozenset(["but"])
+#: Words after a negation that make it add rather than deny ("not only hot but also cold")
+NOT_ONLY = frozenset("only just merely simply".split())
 #: A question's first words that make it a closed one, answered by one of the choices it offers ("Was the bulb
 #: invented by Edison or Tesla?"), not an open one whose "or" is part of what it asks about ("Who is the CEO of
 #: Tesla or SpaceX?", "What is ... in Celsius or Fahrenheit?").
@@ -470,7 +472,8 @@ def _chosen_alternative(prompt: str, prompt_words: Sequence[AnswerToken], respon
             if tokens[m].text in CONTRASTS:  # "not cold but hot": the denial is of the other clause
                 return False
             if tokens[m].text in NEGATIONS or _is_negation_stem(m, tokens, response):
-                return True
+                # "not only hot but also cold" affirms both: "not only/just/merely" adds, it does not deny
+                return not (m + 1 < n and tokens[m + 1].text in NOT_ONLY)
         return False
 
     # each choice named, at its first mention; the answer is the one choice named and not denied there ("hot, not

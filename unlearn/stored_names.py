@@ -23,11 +23,10 @@ def stored_names(config: dict, names: list[str]) -> dict[str, str]:
     """{name: the name it is stored under} for those of NAMES (a loaded model's tensor names) that the model CONFIG
     describes saves under another name; names it would save under their own are left out, and {} when the model
     class is not transformers' own or has no renaming."""
-    architectures = config.get("architectures") or []
-    if not names or not architectures or config.get("auto_map"):
+    if not names or config.get("auto_map"):
         return {}
     try:
-        renamings = _save_renamings(config, architectures[0])
+        renamings = _save_renamings(config, _architecture(config))
     except Exception:  # noqa: BLE001 - transformers' internals moved or the class cannot be built: map nothing
         return {}
     if renamings is None:
@@ -45,7 +44,17 @@ def stored_names(config: dict, names: list[str]) -> dict[str, str]:
     return found
 
 
-def _save_renamings(config: dict, architecture: str):
+def _architecture(config: dict) -> str | None:
+    """The class CONFIG's checkpoint is a model of: its `architectures`, else the causal LM class transformers
+    loads for its `model_type` (what `unlearn run` loads it as: `AutoModelForCausalLM`)."""
+    if config.get("architectures"):
+        return config["architectures"][0]
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
+
+
+def _save_renamings(config: dict, architecture: str | None):
     """(renamings, converters) that `save_pretrained` applies, in its order, for a model of ARCHITECTURE; None when
     the class is not transformers' or renames nothing."""
     import torch
@@ -53,7 +62,7 @@ def _save_renamings(config: dict, architecture: str):
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import PrefixChange, WeightConverter, WeightRenaming
 
-    model_class = getattr(transformers, architecture, None)
+    model_class = getattr(transformers, architecture, None) if architecture else None
     if model_class is None or not hasattr(model_class, "config_class"):
         return None
     model_config = model_class.config_class.from_dict(dict(config))

@@ -129,7 +129,7 @@ class TrainResult:
     check_seconds: float = 0.0  # the stop rule's checks (generation), not in SECONDS
     update: dict | None = None  # --method edit: {module name: (A, B)}, the weight change W + B·A
     repair: dict | None = None  # the repair phase's last state (repair.Repair), when it began
-    extra_steps: dict | None = None  # {"asked": --extra-steps, "run": how many --max-steps left} once the rule fired
+    extra_steps: dict | None = None  # {"asked": --extra-steps, "run": how many ran (--max-steps may cut them)}
     added_forget_rows: list = field(default_factory=list)  # the forget rows the stop rule added (Unlearner.add_leaked_answers)
     loop: dict | None = None  # the loop's state at the end, for a checkpoint of the trained model (run.py, on Ctrl-C)
     save: object = field(default=None, repr=False)  # () -> the checkpoint written of it (run.train_model sets it)
