@@ -203,7 +203,7 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_pat
     # the checkpoint resumes with these settings only (which end here again): a lower --lr starts afresh
     assert last == (f"unlearn: step 2: the loss is nan; stopped without writing the model; "
                     f"the last good checkpoint is {out / 'checkpoints' / 'step-1'} (--resume takes it with these "
-                    f"settings only); start again with a lower --lr and --force")
+                    f"settings only); start again with a lower --lr (under another -o to keep it; --force here replaces it)")
     assert "Traceback" not in result.err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints"]  # no model, no adapter, no run.json
