@@ -45,6 +45,25 @@ def _private_cache(tmp_path_factory, monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads(request):
+    """Each test runs on one torch thread (the CLI runs of `cli` already did; subprocess tests pass
+    OMP_NUM_THREADS=1), or on two where it is marked `two_torch_threads`; the count is put back after.
+
+    Why: torch's default is one thread per core, so on a 2-core machine every operator of the
+    tiny models ended in a barrier between 2 threads; when other work shares the cores, the
+    barrier waits for a thread the OS has set aside (a 512-token decode of the tiny OPT: 11 s on
+    2 threads, 0.9 s on 1). Tests that need 2 threads (cpu_parts' side-by-side pieces) set them
+    themselves or carry the mark, so they take that path on any machine, as on 2 cores before.
+    """
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2 if request.node.get_closest_marker("two_torch_threads") else 1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory):
     return tiny_models.build_llama(tmp_path_factory.mktemp("tiny-llama"), chat_template=True)

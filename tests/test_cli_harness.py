@@ -76,6 +76,7 @@ def test_warnings_reach_stderr_every_call_as_in_a_fresh_process(monkeypatch, cli
 def test_process_state_is_fresh_inside_and_restored_after(monkeypatch, tmp_path, cli):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
+    torch.set_num_threads(3)  # not the call's 1 (conftest.py runs tests on 1): the checks below see it set and put back
     threads, cwd = torch.get_num_threads(), os.getcwd()
     torch.manual_seed(0)
     expected_next = torch.rand(3, generator=torch.Generator().manual_seed(0))

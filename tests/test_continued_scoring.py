@@ -79,6 +79,7 @@ def test_resume_point_by_hand():
     assert resume_point({"input_ids": [1, 2, 3, 4], "labels": ignore + [4]}, Scored([4], [-1.0])) == 0
 
 
+@pytest.mark.two_torch_threads  # its batches dealt to 2 pieces (cpu_parts), as on 2 cores before
 @pytest.mark.parametrize("which", ["llama_dir", "opt_dir"])
 def test_continued_log_probabilities_are_the_whole_pass(request, which):
     model, tokenizer = _tiny(request, which)

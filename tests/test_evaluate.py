@@ -609,6 +609,7 @@ def test_remembered_scorer_scores_ahead_once_and_passes_the_rest_on():
     assert RememberedScorer(Counting(), []).logprobs([]) == [] and len(calls) == 2
 
 
+@pytest.mark.two_torch_threads  # its scoring batches dealt to 2 pieces (cpu_parts), as on 2 cores before
 def test_a_measure_of_several_sets_scores_them_in_one_call_with_the_same_figures(tmp_path, monkeypatch):
     from unlearn.data import Example
     from unlearn.measure import EvalSet, Measurer, Settings, ShardedScorer

@@ -643,6 +643,7 @@ def test_the_unlearned_models_answers_are_scored_from_where_they_part_from_the_o
     assert measured[2**30].summary["fluency_ppl"] == pytest.approx(measured[0].summary["fluency_ppl"], rel=1e-4)
 
 
+@pytest.mark.two_torch_threads  # its scoring batches dealt to 2 pieces (cpu_parts), as on 2 cores before
 @pytest.mark.parametrize("own_fluency", [True, False])
 def test_a_sets_likelihoods_of_the_responses_run_from_the_measurers_own_kept_answers(tmp_path, own_fluency):
     """A measurer with keep_kv scores a forget set's responses from where they part from its own answers to
