@@ -7,6 +7,7 @@ compare the adapter with an uninterrupted run's: the weights must be bit-identic
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,12 +55,14 @@ def reference(tmp_path_factory, data, llama_dir, cli):
     return get
 
 
-def start_and_stop(args, out: Path, sig) -> subprocess.CompletedProcess:
-    """Start `unlearn run ARGS -o OUT`, send SIG once a checkpoint of step 3 or later exists; wait for it."""
+def start_and_stop(args, out: Path, sig, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Start `unlearn run ARGS -o OUT`, send SIG once a checkpoint of step 3 or later exists; wait for it.
+    ENV: more variables for the process."""
     # SIGINT at its default in the child, as from a terminal: started from a shell's background job, the suite's
     # processes inherit it ignored, and a run keeps an ignored SIGINT ignored
     process = subprocess.Popen([sys.executable, "-m", "unlearn", "run", *map(str, args), "-o", str(out)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, **ENV, **(env or {})},
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     def reached_step_3():
@@ -74,6 +77,29 @@ def start_and_stop(args, out: Path, sig) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory, data, llama_dir):
+    """`killed(setting, out)`: OUT holds a copy of what a run of SETTING SIGKILLed at step 3 or later left, and the
+    test's UNLEARN_CACHE a copy of what it left there; its CompletedProcess is returned. Shared: the three tests
+    of "no-checks" each killed an identical process, then read or resumed what it left; each now has its own
+    copies, so none sees another's changes (a resume's result, a refused resume's)."""
+    runs = {}
+
+    def get(setting, out: Path) -> subprocess.CompletedProcess:
+        if setting not in runs:
+            left = tmp_path_factory.mktemp(f"killed-{setting}")
+            args = [*data, "--model", llama_dir, *BASE, *SETTINGS[setting]]
+            runs[setting] = left, start_and_stop(args, left / "out", signal.SIGKILL,
+                                                 env={"UNLEARN_CACHE": str(left / "cache")})
+        left, process = runs[setting]
+        shutil.copytree(left / "out", out, symlinks=True)
+        if (left / "cache").exists():
+            shutil.copytree(left / "cache", os.environ["UNLEARN_CACHE"], symlinks=True, dirs_exist_ok=True)
+        return process
+
+    return get
+
+
 def assert_same_adapter(out: Path, expected: dict) -> None:
     got = load_file(out / "adapter" / "adapter_model.safetensors")
     assert set(got) == set(expected)
@@ -83,11 +109,10 @@ def assert_same_adapter(out: Path, expected: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_killed_run_resumes_to_identical_weights(tmp_path, data, llama_dir, reference, cli, setting):
+def test_killed_run_resumes_to_identical_weights(tmp_path, data, llama_dir, reference, killed, cli, setting):
     args = [*data, "--model", llama_dir, *BASE, *SETTINGS[setting]]
     out = tmp_path / "out"
-    killed = start_and_stop(args, out, signal.SIGKILL)
-    assert killed.returncode == -signal.SIGKILL
+    assert killed(setting, out).returncode == -signal.SIGKILL
     assert not (out / "adapter").exists() and not (out / "run.json").exists()
     steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
     assert steps and steps[-1] < 40
@@ -164,10 +189,9 @@ def test_an_interrupt_after_training_keeps_the_trained_model_as_a_checkpoint(tmp
 
 
 @pytest.mark.slow
-def test_checkpoint_holds_only_safetensors_and_json(tmp_path, data, llama_dir):
+def test_checkpoint_holds_only_safetensors_and_json(tmp_path, killed):
     out = tmp_path / "out"
-    killed = start_and_stop([*data, "--model", llama_dir, *BASE, *SETTINGS["no-checks"]], out, signal.SIGKILL)
-    assert killed.returncode == -signal.SIGKILL
+    assert killed("no-checks", out).returncode == -signal.SIGKILL
     step = sorted((out / "checkpoints").glob("step-*"))[-1]
     assert sorted(p.name for p in step.iterdir()) == ["optimizer.safetensors", "rng.safetensors", "state.json",
                                                       "trainable.safetensors"]
@@ -180,10 +204,10 @@ def test_checkpoint_holds_only_safetensors_and_json(tmp_path, data, llama_dir):
 
 
 @pytest.mark.slow
-def test_resume_refuses_other_arguments(tmp_path, data, llama_dir, cli):
+def test_resume_refuses_other_arguments(tmp_path, data, llama_dir, killed, cli):
     out = tmp_path / "out"
     args = [*data, "--model", llama_dir, *BASE, *SETTINGS["no-checks"]]
-    assert start_and_stop(args, out, signal.SIGKILL).returncode == -signal.SIGKILL
+    assert killed("no-checks", out).returncode == -signal.SIGKILL
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
     result = cli("run", *args, "--lr", "5e-3", "-o", out, "--resume")
     assert result.code == 2
