@@ -26,14 +26,14 @@ def stored_names(config: dict, names: list[str]) -> dict[str, str]:
     if not names or config.get("auto_map"):
         return {}
     try:
-        renamings = _save_renamings(config, _architecture(config))
+        transforms = _save_renamings(config, _architecture(config))
     except Exception:  # noqa: BLE001 - transformers' internals moved or the class cannot be built: map nothing
         return {}
-    if renamings is None:
+    if transforms is None:
         return {}
     from transformers.core_model_loading import apply_converters, apply_renamings
 
-    renamings, converters = renamings
+    renamings, converters = transforms
     found = {}
     for name in names:
         if apply_converters(name, converters)[1] is not None:
