@@ -241,3 +241,33 @@ def test_generations_and_report_are_written_both_or_neither(tmp_path, cli, tiny_
     assert said == [f"unlearn: {report}: could not write (No space left on device); nothing was written"], err
     assert gens.read_text() == "OLD GENERATIONS FROM AN EARLIER RUN\n" and not report.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.jsonl", "p.jsonl"]  # no temporary left
+
+
+def test_generation_tokens_per_second_counts_the_answering_only(tmp_path, cli, tiny_dirs, monkeypatch):
+    """A fake clock: generating takes 2 s, scoring 100 s. The rate divides the answers' tokens by the 2 s only
+    (before, by the 102 s of answering and scoring: rows scored for --holdout read as slow generation)."""
+    from types import SimpleNamespace
+
+    from unlearn import measure
+    from unlearn.models import load_model
+
+    clock = [0.0]
+    monkeypatch.setattr(measure, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def taking(seconds, method):
+        def timed(*args, **kwargs):
+            clock[0] += seconds
+            return method(*args, **kwargs)
+        return timed
+
+    monkeypatch.setattr(measure.Measurer, "_answer", taking(2.0, measure.Measurer._answer))
+    monkeypatch.setattr(measure.Measurer, "_scorers", taking(100.0, measure.Measurer._scorers))
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p, "response": "Paris"} for p in PROMPTS])
+    gens = tmp_path / "gens.jsonl"
+    code, out, err = cli("eval", str(data), "--model", tiny_dirs[0], "--max-new-tokens", "6", "--no-cache",
+                         "--save-generations", str(gens), "--json")
+    assert code == 0, err
+    tokenizer = load_model(tiny_dirs[0], log=lambda m: None).tokenizer
+    answers = [json.loads(line)["output"] for line in gens.read_text().splitlines()]
+    tokens = sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    assert tokens > 0 and json.loads(out)["generation_tokens_per_second"] == pytest.approx(tokens / 2.0)

@@ -130,22 +130,46 @@ def test_classifier_with_a_short_position_table_truncates_to_it(tmp_path):
 # --- 5: no classification head --------------------------------------------------------------------------
 
 
-def test_directory_without_a_classification_head_is_refused(tmp_path):
-    path = tiny_models.build_llama(tmp_path / "causal", chat_template=False)
+def _headless(path, **labels):
+    """A causal LM's directory whose config names classes: everything but the trained head."""
+    path = tiny_models.build_llama(path, chat_template=False)
     config = json.loads((path / "config.json").read_text())
-    config.update(id2label={"0": "safe", "1": "unsafe"}, label2id={"safe": 0, "unsafe": 1})
+    config.update(labels or dict(id2label={"0": "safe", "1": "unsafe"}, label2id={"safe": 0, "unsafe": 1}))
     (path / "config.json").write_text(json.dumps(config))
-    judge = ev.make_judge(f"classifier:{path}")
+    return path
+
+
+def test_directory_without_a_classification_head_is_refused_when_the_judge_is_made(tmp_path):
+    path = _headless(tmp_path / "causal")
     with pytest.raises(UnlearnError, match="not a sequence classifier.*score.weight") as info:
-        judge.flags(["hello"])
+        ev.make_judge(f"classifier:{path}")  # not at its first use, after every answer is generated
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+    one = _headless(tmp_path / "one", num_labels=1)
+    with pytest.raises(UnlearnError, match="--reward-model .*not a sequence classifier.*score.weight"):
+        ev.load_reward_model(one)
+
+
+def test_eval_refuses_a_headless_judge_or_reward_model_before_its_model_loads(tmp_path, cli, monkeypatch):
+    from unlearn import models
+
+    def never(*args, **kwargs):
+        raise AssertionError("the evaluated model loaded before the refusal")
+
+    monkeypatch.setattr(models, "load_model", never)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Who?"}\n')
+    judge, reward = _headless(tmp_path / "judge"), _headless(tmp_path / "reward", num_labels=1)
+    for option in (["--judge", f"classifier:{judge}"], ["--reward-model", str(reward)]):
+        code, out, err = cli("eval", str(prompts), "--model", str(judge), *option)
+        said = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("unlearn:")]
+        assert code == 1 and len(said) == 1 and "not a sequence classifier" in said[0], err
 
 
 # --- 6: default labels ---------------------------------------------------------------------------------
 
 
 def test_classifier_without_id2label_has_the_default_labels(tmp_path):
-    transformers.LlamaConfig(id2label={0: "LABEL_0", 1: "LABEL_1"}).save_pretrained(tmp_path)
+    _llama_classifier(tmp_path, tiny_tokenizer(), id2label={0: "LABEL_0", 1: "LABEL_1"})
     assert "id2label" not in json.loads((tmp_path / "config.json").read_text())
     assert ev.make_judge(f"classifier:{tmp_path}", "1").label_id == 1
     judge = ev.make_judge(f"classifier:{tmp_path}", "LABEL_1")

@@ -183,14 +183,16 @@ def _id2label(config: dict, path, flag: str) -> dict[int, str]:
 
 
 class SequenceClassifier:
-    """A Hugging Face sequence classifier directory, loaded on first use, scored in batches on CPU/GPU."""
+    """A Hugging Face sequence classifier directory, scored in batches on CPU/GPU. Its config is read when
+    it is made; `load` reads the weights (its owners call it once their config checks pass, before any other
+    model loads, so that a directory without a trained head is refused before minutes of generation)."""
 
     def __init__(self, path, flag: str):
         self.path, self.flag = Path(path), flag
         self.config = _read_config(self.path, flag)
         self._model = self._tokenizer = None
 
-    def _load(self):
+    def load(self):
         if self._model is None:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -229,7 +231,7 @@ class SequenceClassifier:
 
         from unlearn.generation import position_limit
 
-        model, tokenizer = self._load()
+        model, tokenizer = self.load()
         device = next(model.parameters()).device
         # A learned position table shorter than 512 (OPT's) is an IndexError past its end.
         max_length = min(512, position_limit(model) or 512, tokenizer.model_max_length or 512)
@@ -289,6 +291,7 @@ class ClassifierJudge:
         self.multi_label = one_logit or self.classifier.config.get("problem_type") == "multi_label_classification"
         rule = ", one logit: flagged when its sigmoid >= 0.5" if one_logit else ""
         self.name = f"classifier:{path} (label {self.label!r}{rule})"
+        self.classifier.load()  # a missing head is refused now, not after the answers are generated
 
     def identity(self):
         """The classifier's files by content, and the class and rule that flag."""
@@ -304,8 +307,8 @@ class ClassifierJudge:
 def make_judge(spec: str | None, label: str | None = None):
     """The harmful-rate judge for --judge SPEC: None or "similarity", "keywords:FILE", "classifier:PATH".
 
-    Checked at once (files exist, the unsafe label is found) so that a bad
-    --judge fails before any model loads; a classifier's weights load on first use.
+    Checked at once (files exist, the unsafe label is found, a classifier's weights load with their head)
+    so that a bad --judge fails before any model loads.
     """
     if spec is None or spec == "similarity":
         if label is not None:
@@ -586,11 +589,13 @@ def reward_scores(reward_model: SequenceClassifier, prompts: Sequence[str], outp
 
 
 def load_reward_model(path) -> SequenceClassifier:
-    """Check a --reward-model directory now (config.json, num_labels 1); load it on first use."""
+    """A --reward-model directory, checked and loaded now (config.json, num_labels 1, a trained head), before
+    any other model loads."""
     reward = SequenceClassifier(path, "--reward-model")
     labels = reward.config.get("num_labels") or len(_id2label(reward.config, path, "--reward-model"))
     if labels != 1:
         raise UsageError(f"--reward-model {path}: expected a one-output reward model (num_labels=1), got {labels}")
+    reward.load()
     return reward
 
 
@@ -888,9 +893,8 @@ def run_eval(opts, log: Callable[[str], None] = default_log) -> dict:
                         fingerprint=own and f"{own}|fluency:{ref_measurer.fingerprint if reference else 'own'}")
     # The reference's similarity_to_reference stays None: the reference against itself says nothing.
     before = ref_measurer.measure_set(prompts, label="generating (reference)") if reference else None
-    gen_start = time.perf_counter()
     after = measurer.measure_set(prompts, before.outputs if before else None, label="generating (model)")
-    gen_seconds = time.perf_counter() - gen_start
+    gen_seconds = measurer.generation_seconds  # the answering only: the set's scoring is not generation
     outputs = after.outputs
     if before is not None:
         for row, ref_row in zip(after.rows, before.rows):

@@ -25,6 +25,7 @@ batches one process forms (they must: a greedy answer can depend on its batch).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -207,6 +208,9 @@ class Measurer:
         # given, measurements are read from and written to the on-disk cache.
         self.fingerprint = fingerprint
         self.reused = 0  # sets read back from the cache
+        # Wall-clock seconds spent generating answers (`answer_sets`), scoring left out: `unlearn eval`'s
+        # generation_tokens_per_second divides by it, so rows scored for --holdout do not read as slow generation.
+        self.generation_seconds = 0.0
         self.judge = judge if judge is not None else SimilarityJudge()
         self.scorer = ShardedScorer(model, tokenizer, batch_size=min(settings.batch_size, SCORE_BATCH_SIZE))
         self.fluency_scorer = fluency_scorer
@@ -338,8 +342,10 @@ class Measurer:
         scored = [] if wanted else None
         # a budget-cut answer's end-token scores serve only an original's own fluency (`evaluate.own_logprobs`)
         ends = any(theirs and m.own_fluency and m.settings.likelihood for m, theirs in groups)
+        started = time.perf_counter()
         outputs = (self._answer(prompts, desc, scored=scored, budgets=budgets, keep_kv=keep, keep_rows=keep_rows,
                                 scored_ends=ends) if prompts else [])
+        self.generation_seconds += time.perf_counter() - started
         start = 0
         for m, theirs in groups:
             for s in theirs:
