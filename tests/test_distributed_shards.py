@@ -204,7 +204,7 @@ def test_commands_that_share_nothing_out_refuse_torchrun(tmp_path, llama_dir, cl
     argv = [prompts if a == "PROMPTS" else tmp_path / "out.jsonl" if a == "OUT" else a for a in command]
     result = cli(*argv, "--model", llama_dir, env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}) \
         if command[0] != "merge" else cli(*argv, env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
-    assert result.code == 2 and result.err == (f"unlearn: unlearn {command[0]} runs in one process: launch it "
+    assert result.code == 2 and result.err == (f"unlearn: {command[0]} runs in one process: launch it "
                                                f"without torchrun (only `unlearn run` shares its work over "
                                                f"torchrun's processes)\n"), result.err
     assert not (tmp_path / "out.jsonl").exists()
@@ -254,3 +254,17 @@ def test_rank_0_failing_alone_says_its_own_message_once(tmp_path, llama_dir):
     # Not followed by rank 1's consequence ("internal error: ... Connection closed by peer").
     assert said == ["unlearn: forget.jsonl:3: a deliberate failure on one rank"], result.stderr[-3000:]
     assert seconds < PROMPT_SECONDS
+
+
+@pytest.mark.parametrize("rank,local_rank,says", [("0", "0", True), ("1", "1", False), ("2", "0", True)])
+def test_bad_data_under_torchrun_is_said_once_a_node(tmp_path, llama_dir, cli, rank, local_rank, says):
+    """Every process reads the files before the process group exists: only each node's first process says what
+    is wrong with them (2 lines from 2 processes before; 8 from the README's 8)."""
+    forget = tmp_path / "forget.jsonl"
+    forget.write_text('{"prompt": "Who?", "response": "Him."}\n{"prompt": 5, "response": "x"}\n')
+    normal = write_jsonl(tmp_path / "normal.jsonl", NORMAL)
+    env = {"WORLD_SIZE": "2", "RANK": rank, "LOCAL_RANK": local_rank}
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "out", env=env)
+    said = [line for line in result.err.splitlines() if line.startswith("unlearn:")]
+    assert result.code == 1
+    assert said == ([f"unlearn: {forget}:2: 'prompt' must be a string, got int"] if says else []), result.err

@@ -37,7 +37,7 @@ def _one_process(command: str) -> None:
     """Refuse torchrun for a command that shares nothing out: every process would do all of it and race
     to write the same outputs (eval's ended in exit 1 and "nothing was written" over a complete file)."""
     if _under_torchrun():
-        raise UsageError(f"unlearn {command} runs in one process: launch it without torchrun "
+        raise UsageError(f"{command} runs in one process: launch it without torchrun "
                          f"(only `unlearn run` shares its work over torchrun's processes)")
 
 
@@ -639,11 +639,12 @@ def main(argv=None) -> None:
     except UnlearnError as exc:
         if debug:
             raise
-        # Under torchrun every rank checks the same options before the process group exists (which silences
-        # the others later on: distributed.session), so a usage error was said once per rank: rank 0 says it.
-        # Other errors (a data file missing on one node) are still said by every rank that meets them.
-        if not (isinstance(exc, UsageError) and _under_torchrun()
-                and os.environ.get("RANK", "0") != "0"):
+        # Under torchrun every rank checks the same options and reads the same files before the process group
+        # exists (which silences the others later on: distributed.session), so each such error was said once
+        # per rank. A usage error is said by rank 0; another (a data file bad or missing, perhaps on one node
+        # only) by each node's first process, LOCAL_RANK 0.
+        said_by = "RANK" if isinstance(exc, UsageError) else "LOCAL_RANK"
+        if not (_under_torchrun() and os.environ.get(said_by, "0") != "0"):
             log(f"unlearn: {_first_line(exc)}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
