@@ -318,6 +318,25 @@ CASES = {
                                 "--alpha-grid 0.2,abc: 'abc' is not a number"),
     "eval malformed prompts": (lambda c: ["eval", c.rows("q.jsonl", "{oops"), "--model", c.llama], 1,
                                "q.jsonl:1: not valid JSON"),
+    # `--lora-targets "$T"` with T unset trained the default layers, silently
+    "empty lora targets": (lambda c: c.run("--lora-targets", "", *SHORT), 2, "--lora-targets '': no module name"),
+    "lora targets of commas only": (lambda c: c.run("--lora-targets", ",", *SHORT), 2, "--lora-targets ',':"),
+    # an empty output path is '.' to every later check, which spoke of a '.' the user never typed
+    "merge into an empty path": (lambda c: ["merge", "--alpha", "0.5", c.llama, c.llama, "-o", ""], 2,
+                                 "-o '': an empty output path; name a directory"),
+    "eval generations to an empty path": (
+        lambda c: ["eval", c.forget, "--model", c.llama, "--save-generations", ""], 2,
+        "--save-generations '': an empty output path; name a file"),
+    "eval report to an empty path": (lambda c: ["eval", c.forget, "--model", c.llama, "--report", ""], 2,
+                                     "--report '': an empty output path"),
+    "augment into an empty path": (lambda c: ["augment", c.forget, "--model", c.llama, "-o", ""], 2,
+                                   "-o '': an empty output path; name a file"),
+    # idle options are refused at any value given, 0 too (README)
+    "ulmr with a stop margin of 0": (lambda c: c.run("--method", "ulmr", "--stop-margin", "0", *SHORT), 2,
+                                     "--method ulmr learns whole responses"),
+    "every response token with a stop margin of 0": (
+        lambda c: c.run("--forget-tokens", "response", "--stop-margin", "0", *SHORT), 2,
+        "--forget-tokens response pushes down every response token"),
 }
 
 

@@ -235,7 +235,7 @@ def test_an_empty_output_path_is_refused(cli, tmp_path, llama_dir):
     result = cli("run", forget, normal, "--model", llama_dir, "-o", "", *QUICK, cwd=work)
     assert result.code == 2
     assert lines(result.err) == [
-        "unlearn: -o '': an empty output path; name a directory (or leave -o out for runs/<date-time>)"]
+        "unlearn: -o '': an empty output path; name a directory (or leave -o out)"]
     assert list(work.iterdir()) == []
 
 

@@ -146,11 +146,12 @@ def test_the_margin_needs_answer_tokens_to_read():
     assert margin(forget_tokens="names") == 0.05
     # every response token pushed down: no answer tokens to read, so ga's margin is off, as run.json records
     assert margin(forget_tokens="response") == 0.0
-    assert margin(forget_tokens="response", stop_margin=0.0) == 0.0
-    with pytest.raises(UsageError, match="--forget-tokens response pushes down every response token"):
-        margin(forget_tokens="response", stop_margin=0.05)
-    with pytest.raises(UsageError, match="--method ulmr learns whole responses"):
-        margin("ulmr", stop_margin=0.05)
+    # given, it is refused at any value, 0 (off) too: it does nothing there (README: idle options are refused)
+    for value in (0.0, 0.05):
+        with pytest.raises(UsageError, match="--forget-tokens response pushes down every response token"):
+            margin(forget_tokens="response", stop_margin=value)
+        with pytest.raises(UsageError, match="--method ulmr learns whole responses"):
+            margin("ulmr", stop_margin=value)
 
 
 def test_leaked_answers_are_the_checks_leaking_rows_cut_after_their_answer(monkeypatch):

@@ -68,10 +68,19 @@ def cli():
 SEED = click.IntRange(-2**63, 2**64 - 1)
 
 
+def _refuse_empty_outputs(what: str, *flags_and_values) -> None:
+    """An output path given as '' (`-o "$OUT"` with OUT unset) is refused in its own words: Path('') is '.', so
+    the checks after this one spoke of a '.' the user never typed. WHAT: "a directory" or "a file"."""
+    for flag, value in zip(flags_and_values[::2], flags_and_values[1::2]):
+        if value == "":
+            raise UsageError(f"{flag} '': an empty output path; name {what} (or leave {flag} out)")
+
+
 def _split_targets(value: str) -> tuple[str, ...]:
     targets = tuple(t.strip() for t in value.split(",") if t.strip())
-    if not targets:
-        raise click.BadParameter("give at least one module name, e.g. q_proj,v_proj")
+    if not targets:  # `--lora-targets "$T"` with T unset too: not the same as leaving the option out
+        raise UsageError(f"--lora-targets {value!r}: no module name; give some, e.g. q_proj,v_proj (or leave "
+                         f"--lora-targets out for the default)")
     return targets
 
 
@@ -315,9 +324,8 @@ def run_command(**o):
         leaked_rows=o["leaked_rows"], retain_follows_margin=o["retain_follows_margin"], leak_growth=o["leak_growth"],
         autocast=o["autocast"].strip().lower())
     lora = LoraSettings(o["lora_rank"], o["lora_alpha"], o["lora_dropout"], layers=o["lora_layers"],
-                        **({"targets": _split_targets(o["lora_targets"])} if o["lora_targets"] else {}))
-    if o["output"] == "":  # `-o "$OUT"` with OUT unset: not the same as leaving -o out
-        raise UsageError("-o '': an empty output path; name a directory (or leave -o out for runs/<date-time>)")
+                        **({"targets": _split_targets(o["lora_targets"])} if o["lora_targets"] is not None else {}))
+    _refuse_empty_outputs("a directory", "-o", o["output"])
     if o["alpha_grid"] is not None and not o["alpha_grid"].strip():  # the same for `--alpha-grid "$GRID"`
         raise UsageError("--alpha-grid '': an empty list of α; give some (or leave --alpha-grid out)")
     opts = RunOptions(
@@ -368,6 +376,7 @@ def run_command(**o):
 def augment_command(as_json, **o):
     """ULMR's data: rewrite each FORGET prompt and write a negative response for each (paper's prompts)."""
     _one_process("augment")
+    _refuse_empty_outputs("a file", "-o", o["output"])
     from unlearn.augment import augment_file
     from unlearn.config import AugmentOptions
 
@@ -422,6 +431,7 @@ def eval_command(save_generations, report, force, as_json, **o):
     the --forget rows with the same prompt. Metric definitions: docs/eval.md.
     """
     _one_process("eval")
+    _refuse_empty_outputs("a file", "--save-generations", save_generations, "--report", report)
     from pathlib import Path
 
     from unlearn import evaluate, tables
@@ -489,6 +499,7 @@ def merge(alpha, as_json, **o):
     the most recent `unlearn run`. Works tensor by tensor: memory stays flat.
     """
     _one_process("merge")
+    _refuse_empty_outputs("a directory", "-o", o["output"])
     from pathlib import Path
 
     from unlearn import merge as job

@@ -437,10 +437,11 @@ class RunOptions:
             # both act at the answer's positions; a row scored whole has none, and takes unlikelihood (README)
             raise UsageError(f"--forget-loss {self.forget_loss} acts where the answer is, and --forget-tokens response "
                              f"scores every response token (unlikelihood): drop one of them")
-        if unfocused and (self.stop_margin or self.train.leak_growth != 1):
+        # given at all, 0 too: an option the other settings make idle is refused at any value (README)
+        if unfocused and (self.stop_margin is not None or self.train.leak_growth != 1):
             trains = ("--method ulmr learns whole responses (its rows' likelihood)" if ulmr else
                       "--forget-tokens response pushes down every response token")
-            if self.stop_margin:
+            if self.stop_margin is not None:
                 raise UsageError(f"--stop-margin reads the forget rows' answer tokens; {trains} and has none to "
                                  f"read: drop --stop-margin")
             # (refused here, not as "needs a margin": the margin it would need is refused in turn)
