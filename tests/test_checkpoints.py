@@ -201,6 +201,11 @@ def test_checkpoint_holds_only_safetensors_and_json(tmp_path, killed):
     optimizer = load_file(step / "optimizer.safetensors")
     assert {k.split("::")[1] for k in optimizer} == {"step", "exp_avg", "exp_avg_sq"}
     assert len(list((out / "checkpoints").glob("step-*"))) <= 3  # old ones are pruned (2 kept, +1 mid-prune)
+    # the umask's permissions, as the rest of OUT (they were 0700 and 0600); the run inherited this umask
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in (step, *step.iterdir())} == {
+        p.name: (0o777 if p.is_dir() else 0o666) & ~mask for p in (step, *step.iterdir())}
 
 
 @pytest.mark.slow
@@ -214,6 +219,13 @@ def test_resume_refuses_other_arguments(tmp_path, data, llama_dir, killed, cli):
     assert result.err.strip().splitlines() == [
         "unlearn: --resume: the arguments differ from the checkpointed run's (train.lr: 0.01 then, 0.005 now); "
         "give the same arguments, or start afresh with --force"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    # without --resume: the hint names --resume, not only the --force that would delete the checkpoints
+    result = cli("run", *args, "-o", out)
+    latest = max((n for n in before if n.startswith("step-")), key=lambda name: int(name.split("-")[1]))
+    assert result.code == 2 and result.err.strip().splitlines() == [
+        f"unlearn: {out}: holds an interrupted run's checkpoint ({latest}): add --resume to continue it, or --force "
+        f"to start afresh (deleting its checkpoints)"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 

@@ -59,10 +59,10 @@ def atomic_output_dir(path: Path, force: bool = False):
         raise
     old = None
     try:
-        _usual_mode(tmp, directory=True)
+        usual_mode(tmp, directory=True)
         for inside in tmp.rglob("*"):  # what libraries made in it too: safetensors writes its files 0600
             if not inside.is_symlink():
-                _usual_mode(inside, directory=inside.is_dir())
+                usual_mode(inside, directory=inside.is_dir())
         if path.exists() and force:
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "x")
@@ -85,7 +85,7 @@ def atomic_output_dir(path: Path, force: bool = False):
         raise UnlearnError(f"{path}: could not move the finished output into place ({exc.strerror})") from None
 
 
-def _usual_mode(path: Path, directory: bool) -> None:
+def usual_mode(path: Path, directory: bool) -> None:
     """Give PATH the permissions a plain mkdir or open would have (the umask's): mkdtemp and mkstemp make
     their results private (0700, 0600), and a result others should read would stay so after the rename."""
     mask = os.umask(0)
@@ -214,7 +214,7 @@ def write_texts_atomic(texts: dict, replace: bool = True) -> None:
             done[path] = tmp
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(text)
-            _usual_mode(Path(tmp), directory=False)
+            usual_mode(Path(tmp), directory=False)
         for path, tmp in list(done.items()):
             _put_in_place(tmp, path, replace)
             placed.append(path)

@@ -354,6 +354,11 @@ def _prepare_output(opts: RunOptions, output: Path, run_args: dict, created: lis
     # file: an OUTPUT that is or holds one would be deleted by --force when the result replaces it.
     model = model_input(opts.model)
     if not opts.resume:
+        interrupted = latest_checkpoint(output) if output.is_dir() and not opts.force else None
+        if interrupted is not None and not (output / "run.json").exists():
+            # the one hint "use --force" would delete what --resume continues from
+            raise UsageError(f"{output}: holds an interrupted run's checkpoint ({interrupted.name}): add --resume "
+                             f"to continue it, or --force to start afresh (deleting its checkpoints)")
         check_output_dir(output, opts.force)
     refuse_output_over_inputs(output, [model, opts.forget, opts.normal, *opts.retain, *opts.eval_forget,
                                        *opts.eval_retain, opts.augmented, judge_input(opts.judge)])
