@@ -204,6 +204,18 @@ def test_merge_refuses_a_default_output_that_is_its_input_first(tmp_path, cli):
     assert "writing" not in result.err and (base / "model.safetensors").is_file()
 
 
+def test_a_measured_sweep_refuses_a_row_past_the_context_without_saying_it_writes(tmp_path, opt_dir, cli):
+    import shutil
+
+    base, tuned = (shutil.copytree(opt_dir, tmp_path / name) for name in ("base", "tuned"))
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "Who wrote it? " + " ".join(["word"] * 700),
+                                                  "response": "Rowling wrote it.", "answers": ["Rowling"]}])
+    result = cli("merge", "--alpha", "0.3,0.6", base, tuned, "--eval-forget", long)
+    assert result.code == 1, result.err
+    assert "long.jsonl:1: " in result.err and "writing to" not in result.err  # it said "writing to" first
+    assert not (tmp_path / "tuned-alphas").exists()
+
+
 def test_merge_still_names_the_default_output_it_writes(tmp_path, pair, cli):
     base, tuned = pair
     result = cli("merge", "--alpha", "0.5", base, tuned)

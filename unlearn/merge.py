@@ -133,8 +133,6 @@ def sweep(opts: MergeOptions) -> dict:
     refuse_output_over_inputs(out, [base, tuned, adapter], inside_too=True)
     refuse_output_over_inputs(out, [*opts.eval_forget, *opts.eval_retain])
     averaging.check_mergeable(Path(base), Path(tuned) if tuned else None, Path(adapter) if adapter else None)
-    if opts.output is None:  # named once every refusal is behind: nothing claims to write what it then refuses
-        log(f"unlearn: writing to {out}")
     kinds = {s.name: s.kind for s in sets}
     settings = Settings(max_new_tokens=opts.max_new_tokens, batch_size=opts.batch_size, likelihood=False)
 
@@ -164,6 +162,10 @@ def sweep(opts: MergeOptions) -> dict:
                 if s.kind == "retain":
                     summaries[s.name]["similarity_to_reference"] = 1.0
             base_score = averaging.score(1.0, summaries, kinds)
+        # A default output is named once every refusal is behind, the rows' fit in BASE's context too (read as
+        # BASE loads, in `measured`): nothing claims to write what it then refuses.
+        if opts.output is None:
+            log(f"unlearn: writing to {out}")
         for alpha in opts.alphas:
             label = averaging.alpha_label(alpha)
             target = tmp / f"alpha-{label}"
