@@ -31,6 +31,7 @@ from unlearn import distributed, models, precision, system
 from unlearn.checkpoints import checkpoint_root, latest_checkpoint, load_checkpoint, read_state, remove_partial
 from unlearn.checkpoints import save_checkpoint, write_state
 from unlearn.config import RETAIN_WEIGHT, RunOptions
+from unlearn.cpu_load import OtherWork, contention_note
 from unlearn.data import (SOURCE_FILE, Example, check_answers_spelled, fallback_note, prompt_key, read_examples,
                           render_prompt)
 from unlearn.errors import Interrupted, Terminated, UnlearnError, UsageError
@@ -504,6 +505,7 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     world = distributed.world()
     judge = make_judge(opts.judge, opts.judge_label)  # a bad --judge fails before the model loads
     started = time.perf_counter()
+    other_work = OtherWork()  # what else runs on these cores while the model loads (cpu_load.py)
     torch.manual_seed(opts.train.seed)
     device = world.device if world.active else system.pick_device(opts.device)
     # A GGUF conversion or a download into the cache happens once, on rank 0, before every rank loads.
@@ -516,11 +518,15 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     _refuse_forget_rows_cut_off(opts, data, tokenizer)
     log(f"model {loaded.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) on "
         f"{system.device_name(device)}")
+    reference_model, notes = None, []
+    if device.type == "cpu" and world.is_main:
+        crowded = contention_note(other_work.busy_cores(), torch.get_num_threads(), len(other_work.cpus))
+        if crowded:
+            notes.append(crowded)
     rows = [*data.forget, *data.normal, *data.retain, *(e for s in data.sets for e in s.examples)]
     note = fallback_note(tokenizer, rows, questions=opts.probes)  # a base model: the format it learns and answers in
     if note and world.is_main:
         log(note)
-    reference_model, notes = None, []
     for eval_set in data.sets:  # once nothing is left to refuse: the --eval-forget rows nothing judges a leak on
         if eval_set.kind == "forget":
             line = unreferenced_note(eval_set.examples, eval_set.path, forget_given=True, forget_label="FORGET")

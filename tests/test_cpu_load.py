@@ -1,0 +1,75 @@
+"""cpu_load.py: other processes' use of the run's cores while the model loads, and the line that says it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_run_cli import FORGET, NORMAL, write_jsonl
+from unlearn.cpu_load import OtherWork, busy_ticks, contention_note
+
+# /proc/stat's layout: the total line, then one line a CPU (user nice system idle iowait irq softirq steal guest
+# guest_nice), in ticks.
+STAT = ("cpu  150 10 30 900 5 1 2 3 0 0\n"
+        "cpu0 100 10 20 500 5 1 2 3 7 0\n"
+        "cpu1 50 0 10 400 0 0 0 0 0 0\n"
+        "intr 12345 0 0\n")
+
+
+def test_busy_ticks_count_user_nice_system_irq_softirq_and_steal_of_the_cpus_asked():
+    assert busy_ticks(STAT, {0}) == 100 + 10 + 20 + 1 + 2 + 3  # idle 500 and iowait 5 are not busy; guest is in user
+    assert busy_ticks(STAT, {1}) == 60
+    assert busy_ticks(STAT, {0, 1}) == 196  # the total line is not counted again
+    assert busy_ticks(STAT, {0, 2}) is None  # a CPU without its line: nothing to say
+
+
+def fake(stats, times, own):
+    """An OtherWork reading STATS, TIMES and OWN (CPU seconds of this process) in turn, on CPUs 0-1 at 100 Hz."""
+    stats, times, own = iter(stats), iter(times), iter(own)
+    return OtherWork(lambda: next(stats), lambda: next(times), lambda: next(own), cpus={0, 1}, hz=100)
+
+
+def test_other_work_is_the_busy_time_less_this_processs_own_over_the_window():
+    later = STAT.replace("cpu1 50 0 10 400", "cpu1 300 0 10 400")  # 250 more ticks: 2.5 CPU seconds
+    # 2.5 s busy, of which 1.0 s this process's, over 2.0 s: 0.75 cores kept busy by others
+    assert fake([STAT, later], [10.0, 12.0], [3.0, 4.0]).busy_cores() == pytest.approx(0.75)
+    # this process alone: nothing from others (and never below 0 from rounding to ticks)
+    assert fake([STAT, later], [10.0, 12.0], [3.0, 5.6]).busy_cores() == 0.0
+    assert fake([STAT, later], [10.0, 10.3], [3.0, 3.0]).busy_cores() is None  # 0.3 s: too few ticks to read
+    assert fake(["no cpu lines\n", later], [10.0, 12.0], [3.0, 4.0]).busy_cores() is None
+
+
+def test_the_note_names_the_threads_that_fit_on_the_cores_left():
+    note = contention_note(1.0, threads=2, cores=2)
+    assert note.startswith("cpu: other processes kept 1.0 of this run's 2 cores busy while the model loaded; ")
+    assert note.endswith("OMP_NUM_THREADS=1 runs on the core left")
+    assert contention_note(2.6, threads=4, cores=4).endswith("OMP_NUM_THREADS=1 runs on the core left")
+    assert contention_note(1.2, threads=4, cores=4).endswith("OMP_NUM_THREADS=3 runs on the cores left")
+    assert contention_note(0.4, threads=2, cores=2) is None  # under BUSY_CORES_SAID: a quiet machine's ticks
+    assert contention_note(1.0, threads=1, cores=2) is None  # one thread waits for no other
+    assert contention_note(1.0, threads=2, cores=4) is None  # three cores left for two threads
+    assert contention_note(None, threads=2, cores=2) is None  # not measured (not Linux)
+
+
+def test_a_run_on_crowded_cores_says_so_and_keeps_it_in_run_json(tmp_path, llama_dir, cli, monkeypatch):
+    import torch
+
+    from unlearn import run
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the CLI's in-process runs set one thread
+
+    class Crowded:
+        cpus = {0, 1}
+
+        def busy_cores(self):
+            return 1.0
+
+    monkeypatch.setattr(run, "OtherWork", Crowded)
+    forget, normal = write_jsonl(tmp_path / "f.jsonl", FORGET), write_jsonl(tmp_path / "n.jsonl", NORMAL)
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "out", "--max-steps", "1",
+                 "--check-every", "0", "--max-new-tokens", "2", "--eval-limit", "1", "--no-probes")
+    assert result.code == 0, result.err
+    said = [line for line in result.err.splitlines() if line.startswith("cpu: ")]
+    assert said == [contention_note(1.0, threads=2, cores=2)]
+    assert said[0] in json.loads((tmp_path / "out" / "run.json").read_text())["notes"]

@@ -1,0 +1,85 @@
+"""Other processes' use of this process's CPUs while a run loads its model, and the line that says what it costs.
+
+torch splits every operation over its threads and waits for the last one. When other work keeps a core busy,
+the OS sets one of those threads aside for a time slice now and then, and the others wait for it: thousands of
+times a training step. Measured (2-core Intel Xeon, torch 2.13, the sixtieth session; `unlearn run` on the
+embedded model, 4 steps after the first, one busy Python loop beside it): 39-71 s a step on torch's 2 threads,
+3.6-13 s on 1 thread (alone: 1-4 s on 2). The tool does not change the thread count itself: the count changes
+float rounding, so a run's exact weights (and a resume's) would depend on what else ran when it started. It says
+so, and names the setting that does (OMP_NUM_THREADS).
+
+The measure: over a window (the model's loading), the busy time /proc/stat counts on this process's CPUs
+(`os.sched_getaffinity`), less this process's own CPU time, over the window's wall clock: how many of those
+cores other processes kept busy. Linux only; elsewhere nothing is measured and nothing said.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+# Other work below this many cores goes unsaid: /proc/stat counts in ticks (10 ms at 100 Hz), and a window of
+# a few seconds reads a quiet machine as a few hundredths of a core.
+BUSY_CORES_SAID = 0.5
+# A window shorter than this reads too few ticks to say anything.
+MIN_WINDOW_S = 0.5
+
+
+def busy_ticks(stat_text: str, cpus: set[int]) -> int | None:
+    """The busy ticks /proc/stat's text STAT_TEXT counts on CPUS, summed: user, nice, system, irq, softirq and
+    steal (a hypervisor's other guests), not idle or iowait; guest time is inside user already. None when a
+    CPU's line is missing."""
+    found = {}
+    for line in stat_text.splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            values = [int(v) for v in fields[:8]] + [0] * (8 - len(fields[:8]))
+            user, nice, system, _idle, _iowait, irq, softirq, steal = values
+            found[int(name[3:])] = user + nice + system + irq + softirq + steal
+    return sum(found.values()) if set(found) == set(cpus) else None
+
+
+class OtherWork:
+    """Started at the window's opening; `busy_cores()` at its end says how many cores other processes used."""
+
+    def __init__(self, read_stat=lambda: Path("/proc/stat").read_text(), clock=time.perf_counter,
+                 own_cpu=time.process_time, cpus: set[int] | None = None, hz: int | None = None):
+        """The defaults read this machine; a test gives its own /proc/stat text, clocks, CPUs and tick rate."""
+        self._read, self._clock, self._own = read_stat, clock, own_cpu
+        self.cpus: set[int] = set()
+        try:
+            self.cpus = set(cpus if cpus is not None else os.sched_getaffinity(0))
+            self.hz = hz or os.sysconf("SC_CLK_TCK")
+            self._start = (busy_ticks(self._read(), self.cpus), self._clock(), self._own())
+        except (OSError, AttributeError, ValueError):  # not Linux: no /proc/stat, no affinity
+            self._start = None
+
+    def busy_cores(self) -> float | None:
+        """Cores of this process's CPUs other processes kept busy since the start, on average; None when it
+        cannot be measured (not Linux, a window under MIN_WINDOW_S)."""
+        if self._start is None or self._start[0] is None:
+            return None
+        try:
+            ticks = busy_ticks(self._read(), self.cpus)
+        except OSError:
+            return None
+        ticks0, wall0, own0 = self._start
+        wall = self._clock() - wall0
+        if ticks is None or wall < MIN_WINDOW_S:
+            return None
+        return max(0.0, ((ticks - ticks0) / self.hz - (self._own() - own0)) / wall)
+
+
+def contention_note(busy: float | None, threads: int, cores: int) -> str | None:
+    """The line a run logs when BUSY cores of its CORES were kept busy by other processes and torch's THREADS
+    are more than the cores left (at least one); None otherwise."""
+    if busy is None or busy < BUSY_CORES_SAID or threads <= 1:
+        return None
+    free = max(1, round(cores - busy))
+    if threads <= free:
+        return None
+    return (f"cpu: other processes kept {busy:.1f} of this run's {cores} cores busy while the model loaded; torch's "
+            f"{threads} threads wait for each other at every operation, so a step can take several times longer "
+            f"(docs/speed.md: beside one busy process, 39-71 s a step on 2 threads, 4-13 s on 1); "
+            f"OMP_NUM_THREADS={free} runs on the {'core' if free == 1 else 'cores'} left")
