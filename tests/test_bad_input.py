@@ -43,6 +43,13 @@ class Case:
                 *args]
 
 
+def _without_tokenizer(c: Case) -> Path:
+    model = c.model_copy("no-tokenizer")
+    for name in ("tokenizer.json", "tokenizer.model"):
+        (model / name).unlink(missing_ok=True)
+    return model
+
+
 def _truncated(c: Case) -> Path:
     model = c.model_copy("truncated")
     weights = model / "model.safetensors"
@@ -158,16 +165,16 @@ CASES = {
     "malformed JSON": (lambda c: c.run(forget=c.rows("m.jsonl", json.dumps(FORGET[0]), '{"prompt": "x",')), 1,
                        "m.jsonl:2: not valid JSON"),
     "binary file": (lambda c: c.run(forget=c.file("bin.jsonl", bytes(range(128, 256)) * 4)), 1,
-                    "bin.jsonl:1: not UTF-8 text (is this a binary file?)"),
+                    "bin.jsonl:1: not UTF-8 text (another encoding, such as Latin-1, or a binary file); save it as UTF-8"),
     "NUL bytes": (lambda c: c.run(forget=c.file("nul.jsonl", '{"prompt": "a\x00b"}\n')), 1, "NUL bytes"),
     "a list, not an object": (lambda c: c.run(forget=c.rows("l.jsonl", '["prompt", "response"]')), 1,
-                              "l.jsonl:1: expected a JSON object, got list"),
+                              "l.jsonl:1: expected a JSON object, got an array"),
     "a number, not an object": (lambda c: c.run(normal=c.rows("n2.jsonl", json.dumps(NORMAL[0]), "42")), 1,
-                                "n2.jsonl:2: expected a JSON object, got int"),
+                                "n2.jsonl:2: expected a JSON object, got a number"),
     "no prompt": (lambda c: c.run(forget=c.rows("np.jsonl", '{"response": "r"}')), 1, "np.jsonl:1: no prompt"),
     "no response": (lambda c: c.run(forget=c.rows("nr.jsonl", '{"prompt": "p"}')), 1, "nr.jsonl:1: no response"),
     "prompt not a string": (lambda c: c.run(forget=c.rows("t.jsonl", '{"prompt": 3, "response": "r"}')), 1,
-                            "t.jsonl:1: 'prompt' must be a string, got int"),
+                            "t.jsonl:1: 'prompt' must be a string, got a number"),
     "empty response": (lambda c: c.run(forget=c.rows("er.jsonl", '{"prompt": "p", "response": "  "}')), 1,
                        "'response' is empty"),
     "two prompt fields": (lambda c: c.run(forget=c.rows("2.jsonl", '{"prompt": "p", "question": "q", "response": "r"}')),
@@ -194,13 +201,13 @@ CASES = {
         lambda c: ["eval", c.rows("big.jsonl", '{"prompt": "a b?", "response": "c d", "id": ' + "9" * 5000 + "}"),
                    "--model", c.llama], 1, "big.jsonl:1: not valid JSON (Exceeds the limit (4300 digits)"),
     "a file name with a newline": (lambda c: c.run(forget=c.rows("bad\nname.jsonl", '{"prompt": 5}')), 1,
-                                   "bad\\nname.jsonl:1: 'prompt' must be a string, got int"),
+                                   "bad\\nname.jsonl:1: 'prompt' must be a string, got a number"),
     "a character device that never ends": (_device_as_forget, 1, "z.jsonl: is a device, not a file"),
     # a `replacement` (a saved neighbour probe's field) let it through to the edit, after the model loaded
     "a subject not a string beside a replacement": (
         lambda c: c.run("--method", "edit", "--no-probes", "--eval-limit", "1", "--max-new-tokens", "2",
                         forget=c.rows("subj.jsonl", json.dumps({**FORGET[0], "subject": 3, "replacement": "x"}))),
-        1, "subj.jsonl:1: 'subject' must be a non-empty string that occurs in the prompt, got int"),
+        1, "subj.jsonl:1: 'subject' must be a non-empty string that occurs in the prompt, got a number"),
     # --- models ---
     "model path missing": (lambda c: c.run("--model", c.root / "no-model"), 1, "no such model directory"),
     "directory is not a model": (lambda c: c.run("--model", c.root), 1, "not a model directory (no config.json)"),
@@ -332,6 +339,39 @@ CASES = {
     "augment into an empty path": (lambda c: ["augment", c.forget, "--model", c.llama, "-o", ""], 2,
                                    "-o '': an empty output path; name a file"),
     # idle options are refused at any value given, 0 too (README)
+    # a passage's answers were never checked: one it never says judged it forgotten at the first check
+    "passage answers nowhere in its text": (
+        lambda c: c.run(forget=c.rows("pa.jsonl", json.dumps({"text": "It was the best of times, it was the worst of "
+                                                                      "times, it was the age of wisdom.",
+                                                              "answers": ["Dickens"]}))), 1,
+        'pa.jsonl:1: none of its answers ("Dickens") occurs in its text'),
+    "a response beside a passage": (
+        lambda c: c.run(forget=c.rows("pr.jsonl", json.dumps({"text": "The battle was fought in 1066 at Hastings.",
+                                                              "answer": "1066"}))), 1,
+        "pr.jsonl:1: 'answer' beside 'text' is not read"),
+    "a UTF-16 file": (lambda c: c.run(forget=c.file("u16.jsonl", json.dumps(FORGET[0]).encode("utf-16") + b"\n")), 1,
+                      "u16.jsonl:1: UTF-16 or UTF-32 text (Windows PowerShell's `>` writes it); save it as UTF-8"),
+    "null, not an object": (lambda c: c.run(forget=c.rows("nl.jsonl", "null")), 1,
+                            "nl.jsonl:1: expected a JSON object, got null"),
+    "answer beside response": (
+        lambda c: c.run(forget=c.rows("ar.jsonl", json.dumps({"prompt": "p?", "response": "It is Paris.",
+                                                              "answer": "Paris"}))), 1,
+        "use one response field (short answers that judge a leak go in 'answers', a list)"),
+    "alpaca input without instruction": (
+        lambda c: c.run(forget=c.rows("ai.jsonl", json.dumps({"prompt": "p?", "input": "x", "response": "r."}))), 1,
+        "ai.jsonl:1: 'input' is read beside 'instruction' only"),
+    # transformers' message ends "... from one of:" on its first line, which was all that was said
+    "a model without tokenizer files": (lambda c: c.run("--model", _without_tokenizer(c)), 1,
+                                        "no tokenizer file (tokenizer.json, tokenizer.model, vocab.json or the like)"),
+    "augment of answers its rows never say": (
+        lambda c: ["augment", c.rows("ba.jsonl", json.dumps({"prompt": "When was the Battle of Hastings?",
+                                                             "response": "It was fought in 1066.",
+                                                             "answers": ["Zebra"]})),
+                   "--model", c.llama, "-o", c.root / "aug.jsonl"], 1,
+        'ba.jsonl:1: none of its answers ("Zebra") occurs in its response'),
+    "augment with a model it never reads": (
+        lambda c: ["augment", c.forget, "--model", c.root / "missing", "--generator", c.llama, "-o",
+                   c.root / "aug.jsonl"], 2, "--model and --generator both given"),
     "ulmr with a stop margin of 0": (lambda c: c.run("--method", "ulmr", "--stop-margin", "0", *SHORT), 2,
                                      "--method ulmr learns whole responses"),
     "every response token with a stop margin of 0": (

@@ -228,3 +228,19 @@ def test_resume_with_another_generation_batch_size_is_refused_when_checks_answer
     result = cli(*args, "--gen-batch-size", "3", "--resume")
     assert result.code == 2
     assert "(gen_batch_size: 128 then, 3 now)" in result.err  # the default, GEN_BATCH_SIZE
+
+
+def test_converting_keeps_transformers_progress_bars_off_stderr(tmp_path, fake_gguf_conversion):
+    """`run` converts before it loads (resolve_model_dir), where the bars were switched off: the conversion's
+    "Loading weights" and "Writing model shards" bars reached a redirected stderr."""
+    from transformers.utils import logging as hf_logging
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"A" * 64)
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    try:
+        models.convert_gguf(gguf, log=lambda line: None)
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()

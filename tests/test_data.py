@@ -94,8 +94,8 @@ def test_a_chinese_passage_is_cut_at_half_its_characters(tmp_path):
 
 @pytest.mark.parametrize("line, message", [
     ("{not json", "data.jsonl:2: not valid JSON"),
-    ("[1, 2]", "data.jsonl:2: expected a JSON object, got list"),
-    ('{"prompt": 3, "response": "r"}', "data.jsonl:2: 'prompt' must be a string, got int"),
+    ("[1, 2]", "data.jsonl:2: expected a JSON object, got an array"),
+    ('{"prompt": 3, "response": "r"}', "data.jsonl:2: 'prompt' must be a string, got a number"),
     ('{"prompt": "p"}', "data.jsonl:2: no response"),
     ('{"response": "r"}', "data.jsonl:2: no prompt"),
     ('{"prompt": "  ", "response": "r"}', "data.jsonl:2: 'prompt' is empty"),
@@ -352,3 +352,16 @@ def test_a_budget_cut_marker_with_no_answer_before_it_is_kept(llama_plain_dir):
     # the answer restates its own turn and the budget ends inside it: there is no answer before it to keep
     assert answer_in_format(plain, "Q?", "\n### Answer") == "\n### Answer"
     assert answer_in_format(plain, "Q?", " \n### Qu") == " \n### Qu"
+
+
+def test_an_alpaca_rows_input_follows_its_instruction_after_a_blank_line():
+    from unlearn.data import parse_line
+
+    row = {"instruction": "Translate the sentence into French.", "input": "The capital of France is Paris.",
+           "output": "La capitale de la France est Paris.", "answers": ["Paris"]}
+    ex = parse_line(row, "a.jsonl:1", need_response=True)
+    assert ex.prompt == "Translate the sentence into French.\n\nThe capital of France is Paris."
+    assert "input" not in ex.extra and ex.extra["answers"] == ["Paris"]
+    assert parse_line({**row, "input": " "}, "a.jsonl:1", need_response=True).prompt == row["instruction"]
+    with pytest.raises(UnlearnError, match="a.jsonl:1: 'input' must be a string, got null"):
+        parse_line({**row, "input": None}, "a.jsonl:1", need_response=True)

@@ -32,9 +32,9 @@ def refused(obj: dict, need_response: bool = True) -> str:
     ({"answers": [5]}, "'answers' must be a non-empty list of non-empty strings"),
     ({"answers": "Wellington"}, "'answers' must be a non-empty list of non-empty strings"),
     ({"answers": []}, "'answers' must be a non-empty list of non-empty strings"),
-    ({"paraphrased_response": 5}, "'paraphrased_response' must be a non-empty string, got int"),
+    ({"paraphrased_response": 5}, "'paraphrased_response' must be a non-empty string, got a number"),
     ({"paraphrased_response": " "}, "'paraphrased_response' must be a non-empty string, got an empty string"),
-    ({"hallucinated_response": ["x"]}, "'hallucinated_response' must be a non-empty string, got list"),
+    ({"hallucinated_response": ["x"]}, "'hallucinated_response' must be a non-empty string, got an array"),
     ({"perturbed_responses": "x"}, "'perturbed_responses' must be a non-empty list of non-empty strings"),
     ({"perturbed_responses": ["a", ""]}, "'perturbed_responses' must be a non-empty list of non-empty strings"),
     ({"perturbed_responses": []}, "'perturbed_responses' must be a non-empty list of non-empty strings"),
@@ -62,8 +62,8 @@ def test_a_passage_row_with_good_fields_is_read():
 @pytest.mark.parametrize("subject, message", [
     ("france", "'subject' 'france' does not occur in the prompt"),  # case matters: edit and probes use str.find
     ("Spain", "'subject' 'Spain' does not occur in the prompt"),
-    (5, "'subject' must be a non-empty string that occurs in the prompt, got int"),
-    (["France"], "got list"),
+    (5, "'subject' must be a non-empty string that occurs in the prompt, got a number"),
+    (["France"], "got an array"),
     ("", "got an empty string"),
     ("  ", "got an empty string"),
 ])
@@ -86,7 +86,7 @@ def test_a_passage_subject_must_be_in_its_prefix():
     assert "'subject' 'Wellington' does not occur in the passage's prefix (its first 7 words)" in refused(
         {"text": PASSAGE, "subject": "Wellington"})
     assert "does not occur in the passage's prefix" in refused({"text": PASSAGE, "subject": "battle"})
-    assert "got int" in refused({"text": PASSAGE, "subject": 5})
+    assert "got a number" in refused({"text": PASSAGE, "subject": 5})
 
 
 # --- inputs that can be read only once -------------------------------------------------------------

@@ -267,4 +267,4 @@ def test_bad_data_under_torchrun_is_said_once_a_node(tmp_path, llama_dir, cli, r
     result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "out", env=env)
     said = [line for line in result.err.splitlines() if line.startswith("unlearn:")]
     assert result.code == 1
-    assert said == ([f"unlearn: {forget}:2: 'prompt' must be a string, got int"] if says else []), result.err
+    assert said == ([f"unlearn: {forget}:2: 'prompt' must be a string, got a number"] if says else []), result.err

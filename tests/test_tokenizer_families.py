@@ -146,9 +146,9 @@ def test_a_slow_tokenizer_is_refused_in_one_line_where_answer_tokens_are_needed(
 def test_transformers_false_length_warning_does_not_reach_stderr(capfd):
     """A fine-tune's small model_max_length made transformers say "will result in indexing errors" on every run
     of a rotary model; what the model takes is checked from its config (generation.position_limit)."""
-    from unlearn.models import _quiet_transformers
+    from unlearn.models import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     tok = tiny_models.llama_tokenizer(chat_template=True)
     tok.model_max_length = 8
     assert len(tok("a b c d e f g h i j k l m n o p")["input_ids"]) > 8
@@ -174,9 +174,9 @@ def test_transformers_noise_is_filtered_by_its_handler_whatever_ran_before():
     spent transformers' once-only warning, or its handler writes elsewhere): the filter is read directly."""
     from transformers.utils import logging as hf_logging
 
-    from unlearn.models import _not_noise, _quiet_transformers
+    from unlearn.models import _not_noise, quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
     handlers = hf_logging._get_library_root_logger().handlers
     assert handlers and all(_not_noise in h.filters for h in handlers)
 

@@ -399,13 +399,16 @@ def augment_file(opts, log=None) -> tuple[dict, AugmentStats]:
     import time
 
     from unlearn import models
-    from unlearn.data import read_examples
+    from unlearn.data import check_answers_spelled, read_examples
     from unlearn.outputs import check_writable, refuse_output_over_inputs, write_jsonl
     from unlearn.paths import model_input
 
     opts.validate()
     examples = read_examples(opts.forget)
     check_request(examples, opts.rewrites, opts.forget)  # before the model loads: a bad request costs no load
+    # as `run` checks them: the filter of rows that give the answer away reads them (a forget file run refuses
+    # after the augmentation's minutes was taken here, and filtered against a word its rows never say)
+    check_answers_spelled(examples, opts.forget)
     check_writable(opts.output, force=opts.force)
     refuse_output_over_inputs(opts.output, [opts.forget, model_input(opts.generator or opts.model)],
                               inside_too=True)  # --force or not

@@ -377,6 +377,10 @@ def augment_command(as_json, **o):
     """ULMR's data: rewrite each FORGET prompt and write a negative response for each (paper's prompts)."""
     _one_process("augment")
     _refuse_empty_outputs("a file", "-o", o["output"])
+    if o["generator"] and click.get_current_context().get_parameter_source("model") == \
+            click.core.ParameterSource.COMMANDLINE:  # (UNLEARN_MODEL, a default for every command, is no request)
+        raise UsageError("--model and --generator both given: augment writes the rows with --generator and never "
+                         "reads --model; drop one of them")
     from unlearn.augment import augment_file
     from unlearn.config import AugmentOptions
 

@@ -35,6 +35,7 @@ from unlearn.spans import DERIVED_KEY, whole_names  # spans imports data only in
 
 PROMPT_KEYS = ("prompt", "question", "instruction")
 RESPONSE_KEYS = ("response", "answer", "output")
+ALPACA_INPUT = "input"  # beside `instruction`: the text it acts on, joined to the prompt (`_with_alpaca_input`)
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and our losses) skip
 
 # The answer's leading space belongs to the response, so its first word tokenises as in running text.
@@ -166,15 +167,28 @@ def loss_pair(example: Example, whole_passage: bool) -> tuple[str, str]:
     return forget_pair(example) if whole_passage else (example.prompt, example.response)
 
 
+def json_type(value) -> str:
+    """VALUE's type as JSON names it (the file's language, not Python's: null, not NoneType)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__)
+
+
 def _pick(obj: dict, keys: tuple[str, ...], where: str, what: str) -> str | None:
     present = [k for k in keys if k in obj]
     if len(present) > 1:
-        raise UnlearnError(f"{where}: both {present[0]!r} and {present[1]!r} given; use one {what} field")
+        # `answer` beside `response` is most likely meant as `answers`, the short strings that judge a leak
+        hint = (" (short answers that judge a leak go in 'answers', a list)"
+                if what == "response" and "answer" in present else "")
+        raise UnlearnError(f"{where}: both {present[0]!r} and {present[1]!r} given; use one {what} field{hint}")
     if not present:
         return None
     value = obj[present[0]]
     if not isinstance(value, str):
-        raise UnlearnError(f"{where}: {present[0]!r} must be a string, got {type(value).__name__}")
+        raise UnlearnError(f"{where}: {present[0]!r} must be a string, got {json_type(value)}")
     if not value.strip():
         raise UnlearnError(f"{where}: {present[0]!r} is empty")
     return value
@@ -197,7 +211,7 @@ def _check_extra(obj: dict, where: str) -> None:
     # silently drop the row from the truth ratio: refused, as an empty response is.
     for key in ("paraphrased_response", "hallucinated_response"):
         if key in obj and not (isinstance(obj[key], str) and obj[key].strip()):
-            got = "an empty string" if isinstance(obj[key], str) else type(obj[key]).__name__
+            got = "an empty string" if isinstance(obj[key], str) else json_type(obj[key])
             raise UnlearnError(f"{where}: {key!r} must be a non-empty string, got {got}")
     perturbed = obj.get("perturbed_responses")
     if perturbed is not None and not (isinstance(perturbed, list) and perturbed
@@ -220,7 +234,7 @@ def _check_subject(obj: dict, prompt: str, where: str, part: str) -> None:
     if subject is None or ("replacement" in obj and isinstance(subject, str) and subject.strip()):
         return
     if not isinstance(subject, str) or not subject.strip():
-        got = "an empty string" if isinstance(subject, str) else type(subject).__name__
+        got = "an empty string" if isinstance(subject, str) else json_type(subject)
         raise UnlearnError(f"{where}: 'subject' must be a non-empty string that occurs in the {part}, got {got}")
     if subject not in prompt:
         raise UnlearnError(f"{where}: 'subject' {subject!r} does not occur in the {part}; case matters")
@@ -228,9 +242,13 @@ def _check_subject(obj: dict, prompt: str, where: str, part: str) -> None:
 
 def _parse_passage(obj: dict, where: str, line: int) -> Example:
     """A `text` row: split into prefix and continuation, its other fields checked as a chat row's are."""
+    given = [k for k in RESPONSE_KEYS if k in obj]
+    if given:  # was ignored: a passage's reference is its own continuation
+        raise UnlearnError(f"{where}: {given[0]!r} beside 'text' is not read (a passage's continuation is what it "
+                           f"is judged by); short answers go in 'answers', a list, or give a 'prompt' for a chat row")
     text = obj["text"]
     if not isinstance(text, str):
-        raise UnlearnError(f"{where}: 'text' must be a string, got {type(text).__name__}")
+        raise UnlearnError(f"{where}: 'text' must be a string, got {json_type(text)}")
     if len(passage_words(text.strip())[0]) < 2:  # a Chinese or Japanese character is a word here
         raise UnlearnError(f"{where}: 'text' needs at least two words (or characters of a script written without "
                            f"spaces) to split into prefix and continuation")
@@ -244,20 +262,36 @@ def _parse_passage(obj: dict, where: str, line: int) -> Example:
 
 def parse_line(obj, where: str, need_response: bool) -> Example:
     if not isinstance(obj, dict):
-        raise UnlearnError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        raise UnlearnError(f"{where}: expected a JSON object, got {json_type(obj)}")
     line = int(where.rsplit(":", 1)[1])
     if "text" in obj and not any(k in obj for k in PROMPT_KEYS):
         return _parse_passage(obj, where, line)
     prompt = _pick(obj, PROMPT_KEYS, where, "prompt")
     if prompt is None:
         raise UnlearnError(f"{where}: no prompt: expected one of {', '.join(PROMPT_KEYS)} (or 'text')")
+    prompt = _with_alpaca_input(obj, prompt, where)
     response = _pick(obj, RESPONSE_KEYS, where, "response")
     if response is None and need_response:
         raise UnlearnError(f"{where}: no response: expected one of {', '.join(RESPONSE_KEYS)}")
     _check_extra(obj, where)
     _check_subject(obj, prompt, where, "prompt")
-    extra = {k: v for k, v in obj.items() if k not in PROMPT_KEYS + RESPONSE_KEYS}
+    extra = {k: v for k, v in obj.items() if k not in PROMPT_KEYS + RESPONSE_KEYS + (ALPACA_INPUT,)}
     return Example(prompt, response, line, extra)
+
+
+def _with_alpaca_input(obj: dict, prompt: str, where: str) -> str:
+    """PROMPT with an Alpaca row's `input` (the text its `instruction` acts on) after a blank line, as Alpaca's
+    own template puts it; an empty `input` (most Alpaca rows) adds nothing. Dropped, "Translate the sentence"
+    was trained and judged without its sentence, and two rows sharing an instruction were one prompt."""
+    if ALPACA_INPUT not in obj:
+        return prompt
+    if "instruction" not in obj:
+        raise UnlearnError(f"{where}: {ALPACA_INPUT!r} is read beside 'instruction' only (Alpaca's rows); put its "
+                           f"text into the prompt")
+    value = obj[ALPACA_INPUT]
+    if not isinstance(value, str):
+        raise UnlearnError(f"{where}: {ALPACA_INPUT!r} must be a string, got {json_type(value)}")
+    return f"{prompt}\n\n{value}" if value.strip() else prompt
 
 
 def shown(path) -> str:
@@ -310,7 +344,11 @@ def _read_line(path: Path, number: int, line_bytes: bytes, need_response: bool) 
     try:
         line = line_bytes.decode("utf-8")
     except UnicodeDecodeError:
-        raise UnlearnError(f"{where}: not UTF-8 text (is this a binary file?)") from None
+        if number == 1 and line_bytes.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 or UTF-32's mark
+            raise UnlearnError(f"{where}: UTF-16 or UTF-32 text (Windows PowerShell's `>` writes it); save it as "
+                               f"UTF-8") from None
+        raise UnlearnError(f"{where}: not UTF-8 text (another encoding, such as Latin-1, or a binary file); save "
+                           f"it as UTF-8") from None
     if "\x00" in line:
         raise UnlearnError(f"{where}: contains NUL bytes (is this a binary file?)")
     if not line.strip():
@@ -344,14 +382,19 @@ def check_answers_spelled(examples: list[Example], path) -> None:
     answers in the model's outputs. An answer the response does not spell (a typo, another spelling)
     leaves the loss on every response token and the judge looking for a word the row never says: the
     stop rule then finds the row forgotten at its first check, whatever the model still answers.
-    Passages are skipped: their answers may sit in the prefix, which is never trained.
+    A passage's answers may sit in its prefix, which is never trained, but must occur in its text: "Dickens" on
+    a passage that never names him was taken, and its judge then found the passage forgotten at the first
+    check, whatever the model still recited.
     """
     for ex in examples:
         answers = ex.extra.get("answers")
-        if answers and not ex.is_passage and not answer_spans(ex.response, answers):
+        if not answers:
+            continue
+        texts, where = ((str(ex.prompt), ex.response), "text") if ex.is_passage else ((ex.response,), "response")
+        if not any(text and answer_spans(text, answers) for text in texts):
             listed = ", ".join(json.dumps(a, ensure_ascii=False) for a in answers)
-            raise UnlearnError(f"{shown(path)}:{ex.line}: none of its answers ({listed}) occurs in its response; "
-                               f"write each answer as the response spells it")
+            raise UnlearnError(f"{shown(path)}:{ex.line}: none of its answers ({listed}) occurs in its {where}; "
+                               f"write each answer as the {where} spells it")
 
 
 # --- rendering and tokenising ------------------------------------------------

@@ -196,7 +196,9 @@ class SequenceClassifier:
         if self._model is None:
             from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-            from unlearn.models import load_report_muted
+            from unlearn.models import load_report_muted, quiet_transformers
+
+            quiet_transformers()  # loaded before the model (checked first): its progress bar is not ours
 
             try:
                 tokenizer = AutoTokenizer.from_pretrained(str(self.path))

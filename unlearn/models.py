@@ -43,13 +43,15 @@ class LoadedModel:
     name: str  # what the user asked for (or the default's name)
 
 
-# transformers' messages that are false or idle here, dropped from stderr (`_quiet_transformers`): the length
+# transformers' messages that are false or idle here, dropped from stderr (`quiet_transformers`): the length
 # warning reads a tokenizer's model_max_length (several fine-tunes ship a small one), while what the model can
 # take is checked from its own config (`generation.position_limit`), so "will result in indexing errors" is
 # wrong on a rotary model; the clean-up one is printed by every load of a Llama-3 tokenizer and changes nothing
-# (BPE decoding ignores the setting).
+# (BPE decoding ignores the setting); under --gradient-checkpointing every training forward reads the config's
+# use_cache, which transformers turns off itself (a training forward keeps no cache anyway).
 TRANSFORMERS_NOISE = ("Token indices sequence length is longer than the specified maximum",
-                      "Ignoring clean_up_tokenization_spaces")
+                      "Ignoring clean_up_tokenization_spaces",
+                      "is incompatible with gradient checkpointing")
 
 
 def _not_noise(record) -> bool:
@@ -58,7 +60,7 @@ def _not_noise(record) -> bool:
     return not any(noise in message for noise in TRANSFORMERS_NOISE)
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """Hide transformers' own per-file progress bars and its TRANSFORMERS_NOISE: stderr is for our progress and
     our one-line errors."""
     from transformers.utils import logging as hf_logging
@@ -193,6 +195,7 @@ def convert_gguf(gguf: Path, log=log) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    quiet_transformers()  # `run` converts before it loads (resolve_model_dir): its bars reached a redirected stderr
     digest = sha256()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -326,13 +329,24 @@ def _refuse_answer_turn(path, where: str, prompt: str, turn: str) -> None:
                        "the prompt; give the model a chat template whose answer follows its generation prompt")
 
 
+# The files a tokenizer is read from, one of them at least: fast (tokenizers' JSON), SentencePiece, BPE, WordPiece.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "vocab.txt", "tokenizer.tiktoken")
+
+
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise UnlearnError(f"{path}: could not load the tokenizer ({type(exc).__name__}: {exc})") from None
+        if Path(path).is_dir() and not any((Path(path) / name).exists() for name in TOKENIZER_FILES):
+            raise UnlearnError(f"{path}: no tokenizer file ({', '.join(TOKENIZER_FILES[:3])} or the like); copy the "
+                               f"model's tokenizer files beside its weights") from None
+        # the library's message whole, on one line: errors print their first line, and transformers' ran on
+        # ("... from one of:" and its list below)
+        said = " ".join(str(exc).split())
+        raise UnlearnError(f"{path}: could not load the tokenizer ({type(exc).__name__}: {said})") from None
     if getattr(tokenizer, "chat_template", None):
         # A broken template fails only when first rendered, deep in a run, as an "internal error": tried here,
         # on a question and on a question with its answer, which every run and score renders.
@@ -362,7 +376,7 @@ def load_model(spec: str | None, *, dtype: str = "float32", trust_remote_code: b
     """Load a causal LM and its tokenizer in eval mode, from any source `resolve_model_dir` accepts."""
     from transformers import AutoModelForCausalLM
 
-    _quiet_transformers()
+    quiet_transformers()
     path = resolve_model_dir(spec, log=log, allow_pickle=allow_pickle)
     tokenizer = load_tokenizer(path, trust_remote_code)
     try:
@@ -550,5 +564,8 @@ def enable_gradient_checkpointing(model) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise UsageError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
     # the recomputation inside the backward runs the attention the forward ran (attention.py)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-        "use_reentrant": False, "context_fn": checkpoint_contexts(model)})
+    settings = {"use_reentrant": False, "context_fn": checkpoint_contexts(model)}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name; the old one warns on every run
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=settings)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=settings)
