@@ -2,9 +2,9 @@
 
 torch splits every operation over its threads and waits for the last one. When other work keeps a core busy,
 the OS sets one of those threads aside for a time slice now and then, and the others wait for it: thousands of
-times a training step. Measured (2-core Intel Xeon, torch 2.13, the sixtieth session; `unlearn run` on the
-embedded model, 4 steps after the first, one busy Python loop beside it): 39-71 s a step on torch's 2 threads,
-3.6-13 s on 1 thread (alone: 1-4 s on 2). The tool does not change the thread count itself: the count changes
+times a training step. Measured (2-core Intel Xeon, torch 2.13, the sixtieth session, `/work/s60/contention.sh`:
+`unlearn run` on the embedded model, steps 2-4, one busy Python loop beside it): 23-28 s a step on torch's 2
+threads, 6.8-7.8 s on 1 thread, against 3.7-4.4 s alone on 2. The tool does not change the thread count itself: the count changes
 float rounding, so a run's exact weights (and a resume's) would depend on what else ran when it started. It says
 so, and names the setting that does (OMP_NUM_THREADS).
 
@@ -81,5 +81,5 @@ def contention_note(busy: float | None, threads: int, cores: int) -> str | None:
         return None
     return (f"cpu: other processes kept {busy:.1f} of this run's {cores} cores busy while the model loaded; torch's "
             f"{threads} threads wait for each other at every operation, so a step can take several times longer "
-            f"(docs/speed.md: beside one busy process, 39-71 s a step on 2 threads, 4-13 s on 1); "
+            f"(docs/speed.md: beside one busy process, 23-28 s a step on 2 threads, 7-8 s on 1, 4 s alone); "
             f"OMP_NUM_THREADS={free} runs on the {'core' if free == 1 else 'cores'} left")
