@@ -31,11 +31,12 @@ def test_run_and_merge_on_the_embedded_model(tmp_path, embedded_cache):
     # them (with 3 probes: the same accuracies, the likelihoods equal to float rounding). 3 probes joined the
     # retain rows as 3 more rows to train on (one measurement on the 2-core machine: the run 68 s -> 37 s).
     result = cli("run", EXAMPLES / "forget.jsonl", EXAMPLES / "normal.jsonl", "-o", out, "--json",
-                 "--eval-retain", EXAMPLES / "heldout.jsonl", "--max-steps", "2", "--check-every", "0",
+                 "--eval-retain", EXAMPLES / "heldout.jsonl", "--max-steps", "1", "--check-every", "0",
                  "--eval-limit", "3", "--max-new-tokens", "24", "--probe-limit", "1", cache=embedded_cache)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["steps"] == 2 and report["model_name"] == "SmolLM2-135M-Instruct"
+    # one step: the path (a trained adapter, folded and saved) is the same at every step count; a second cost 4 s
+    assert report["steps"] == 1 and report["model_name"] == "SmolLM2-135M-Instruct"
     # Before unlearning the model knows the forget facts (that is why they are examples).
     assert report["before"]["forget"]["accuracy"] == 1.0
     assert report["before"]["heldout"]["accuracy"] > 0.5
