@@ -337,14 +337,37 @@ CASES = {
     "eval report to an empty path": (lambda c: ["eval", c.forget, "--model", c.llama, "--report", ""], 2,
                                      "--report '': an empty output path"),
     "augment into an empty path": (lambda c: ["augment", c.forget, "--model", c.llama, "-o", ""], 2,
-                                   "-o '': an empty output path; name a file"),
+                                   "-o '': an empty output path; name a file"),  # (-o is required: no "leave out")
+    # empty inputs were taken as the option left out (no reference column, no holdout rows), or spoke of a '.'
+    "eval with an empty reference model": (
+        lambda c: ["eval", c.forget, "--model", c.llama, "--reference-model", ""], 2,
+        "--reference-model '': an empty path; name a model (or leave --reference-model out)"),
+    "eval with an empty forget file": (lambda c: ["eval", c.forget, "--model", c.llama, "--forget", ""], 2,
+                                       "--forget '': an empty path; name a file"),
+    "eval with an empty holdout file": (lambda c: ["eval", c.forget, "--model", c.llama, "--holdout", ""], 2,
+                                        "--holdout '': an empty path"),
+    "eval with an empty model": (lambda c: ["eval", c.forget, "--model", ""], 2, "--model '': an empty path"),
+    "run with an empty eval file": (lambda c: c.run("--eval-forget", "", *SHORT), 2, "--eval-forget '': an empty path"),
+    "augment with an empty generator": (
+        lambda c: ["augment", c.forget, "--generator", "", "-o", c.root / "aug.jsonl"], 2,
+        "--generator '': an empty path; name a model"),
+    "merge with an empty eval file": (
+        lambda c: ["merge", "--alpha", "0.2,0.4", c.llama, c.llama, "-o", c.root / "m", "--eval-forget", ""], 2,
+        "--eval-forget '': an empty path"),
     # idle options are refused at any value given, 0 too (README)
     # a passage's answers were never checked: one it never says judged it forgotten at the first check
     "passage answers nowhere in its text": (
         lambda c: c.run(forget=c.rows("pa.jsonl", json.dumps({"text": "It was the best of times, it was the worst of "
                                                                       "times, it was the age of wisdom.",
                                                               "answers": ["Dickens"]}))), 1,
-        'pa.jsonl:1: none of its answers ("Dickens") occurs in its text'),
+        'pa.jsonl:1: none of its answers ("Dickens") occurs in its continuation (the text after its first'),
+    # named in the prefix only: the judge, which reads the continuation, could never find it
+    "passage answers in its prefix only": (
+        lambda c: c.run(forget=c.rows("pp.jsonl", json.dumps({"text": "Dickens opened his novel so: it was the best of "
+                                                                      "times, it was the worst of times, it was the age "
+                                                                      "of wisdom, it was the age of foolishness.",
+                                                              "answers": ["Dickens"]}))), 1,
+        'pp.jsonl:1: none of its answers ("Dickens") occurs in its continuation'),
     "a response beside a passage": (
         lambda c: c.run(forget=c.rows("pr.jsonl", json.dumps({"text": "The battle was fought in 1066 at Hastings.",
                                                               "answer": "1066"}))), 1,
@@ -372,6 +395,10 @@ CASES = {
     "augment with a model it never reads": (
         lambda c: ["augment", c.forget, "--model", c.root / "missing", "--generator", c.llama, "-o",
                    c.root / "aug.jsonl"], 2, "--model and --generator both given"),
+    "no checks with a stop margin of 0": (lambda c: c.run("--check-every", "0", "--stop-margin", "0", *SHORT[:2]), 2,
+                                          "--stop-margin acts at the stop rule's checks"),
+    "no checks with no extra steps": (lambda c: c.run("--check-every", "0", "--extra-steps", "0", *SHORT[:2]), 2,
+                                      "--extra-steps acts at the stop rule's checks"),
     "ulmr with a stop margin of 0": (lambda c: c.run("--method", "ulmr", "--stop-margin", "0", *SHORT), 2,
                                      "--method ulmr learns whole responses"),
     "every response token with a stop margin of 0": (
@@ -421,3 +448,9 @@ def test_bad_input_through_a_real_process(tmp_path, llama_dir, opt_dir, name):
 
 def test_there_are_at_least_25_cases():
     assert len(CASES) >= 25
+
+
+def test_a_required_options_empty_path_is_not_told_to_be_left_out(tmp_path, llama_dir, opt_dir, cli):
+    case = Case(tmp_path, llama_dir, opt_dir)
+    result = cli("augment", case.forget, "--model", llama_dir, "-o", "", cwd=tmp_path)
+    assert result.code == 2 and result.err.strip() == "unlearn: -o '': an empty output path; name a file"

@@ -59,11 +59,15 @@ def start_and_stop(args, out: Path, sig, env: dict | None = None) -> subprocess.
     """Start `unlearn run ARGS -o OUT`, send SIG once a checkpoint of step 3 or later exists; wait for it.
     ENV: more variables for the process."""
     # SIGINT at its default in the child, as from a terminal: started from a shell's background job, the suite's
-    # processes inherit it ignored, and a run keeps an ignored SIGINT ignored
+    # processes inherit it ignored, and a run keeps an ignored SIGINT ignored. The usual umask (022), so that the
+    # checkpoint's modes read the same whatever the suite's own umask (under 077 they equal mkdtemp's anyway).
+    def as_from_a_terminal():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.umask(0o022)
+
     process = subprocess.Popen([sys.executable, "-m", "unlearn", "run", *map(str, args), "-o", str(out)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, **ENV, **(env or {})},
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                               env={**os.environ, **ENV, **(env or {})}, preexec_fn=as_from_a_terminal)
     deadline = time.monotonic() + 120
     def reached_step_3():
         return any(int(p.name.split("-")[1]) >= 3 for p in (out / "checkpoints").glob("step-*"))
@@ -201,11 +205,10 @@ def test_checkpoint_holds_only_safetensors_and_json(tmp_path, killed):
     optimizer = load_file(step / "optimizer.safetensors")
     assert {k.split("::")[1] for k in optimizer} == {"step", "exp_avg", "exp_avg_sq"}
     assert len(list((out / "checkpoints").glob("step-*"))) <= 3  # old ones are pruned (2 kept, +1 mid-prune)
-    # the umask's permissions, as the rest of OUT (they were 0700 and 0600); the run inherited this umask
-    mask = os.umask(0)
-    os.umask(mask)
+    # the umask's permissions (start_and_stop's 022), as the rest of OUT (they were 0700 and 0600)
     assert {p.name: p.stat().st_mode & 0o777 for p in (step, *step.iterdir())} == {
-        p.name: (0o777 if p.is_dir() else 0o666) & ~mask for p in (step, *step.iterdir())}
+        step.name: 0o755, **{name: 0o644 for name in ("optimizer.safetensors", "rng.safetensors", "state.json",
+                                                      "trainable.safetensors")}}
 
 
 @pytest.mark.slow

@@ -73,3 +73,24 @@ def test_a_run_on_crowded_cores_says_so_and_keeps_it_in_run_json(tmp_path, llama
     said = [line for line in result.err.splitlines() if line.startswith("cpu: ")]
     assert said == [contention_note(1.0, threads=2, cores=2)]
     assert said[0] in json.loads((tmp_path / "out" / "run.json").read_text())["notes"]
+
+
+def test_the_note_is_for_a_cpu_run_in_one_process(monkeypatch):
+    """Under torchrun the busy cores are the run's own other ranks; on a GPU the step is not on torch's CPU
+    threads: no note either way."""
+    import torch
+
+    from unlearn.distributed import World
+    from unlearn.run import _crowded_cores_note
+
+    class Crowded:
+        cpus = {0, 1}
+
+        def busy_cores(self):
+            return 1.0
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    cpu = torch.device("cpu")
+    assert _crowded_cores_note(cpu, World(), Crowded()) == contention_note(1.0, threads=2, cores=2)
+    assert _crowded_cores_note(cpu, World(rank=0, size=2), Crowded()) is None
+    assert _crowded_cores_note(torch.device("cuda"), World(), Crowded()) is None

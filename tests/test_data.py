@@ -48,7 +48,8 @@ def test_answers_must_be_spelled_in_their_response(tmp_path):
         {"prompt": "Who?", "response": "It was J.K.Rowling's work.", "answers": ["rowling"]},  # punctuation splits
         {"prompt": "Who?", "response": "Nobody knows.", "answers": ["Marlowe", "nobody"]},  # one of them is enough
         {"prompt": "What?", "response": "No answers field here."},
-        {"text": "Marlowe wrote plays in London before Shakespeare", "answers": ["Marlowe"]},  # a passage: skipped
+        # a passage: looked for in its continuation, which the judge reads (its prefix names Marlowe)
+        {"text": "Marlowe wrote plays in London before Shakespeare", "answers": ["Shakespeare"]},
     ], "ok.jsonl"))
     check_answers_spelled(ok, tmp_path / "ok.jsonl")
     bad = read_examples(write(tmp_path, [
@@ -59,7 +60,7 @@ def test_answers_must_be_spelled_in_their_response(tmp_path):
     with pytest.raises(UnlearnError) as err:
         check_answers_spelled(bad, tmp_path / "bad.jsonl")
     assert str(err.value) == (f"{tmp_path / 'bad.jsonl'}:2: none of its answers (\"Marlowe\", \"Kit\") occurs in its "
-                              f"response; write each answer as the response spells it")
+                              f"response; write each answer as it is spelled there")
     with pytest.raises(UnlearnError, match="bad.jsonl:3: none of its answers"):
         check_answers_spelled(bad[2:], tmp_path / "bad.jsonl")
 

@@ -840,3 +840,28 @@ def test_a_leaked_answer_added_under_redirect_after_the_forget_rows_reference_wa
     u.reference_cache = None  # the original's logits on the added row, from a fresh forward alone
     fresh, labels = u._reference_of_rows([added])
     assert torch.equal(kept, fresh[0][scored_positions(labels)[0]])
+
+
+def test_a_class_overriding_the_old_checkpointing_call_is_called_through_it_without_a_warning(llama_dir):
+    """transformers 5's activation_checkpointing_enable calls an override of gradient_checkpointing_enable with
+    every_n_layers=, which a 4.x signature (remote code) refuses: such a class is called as before, quietly."""
+    import warnings
+
+    from transformers import LlamaForCausalLM
+
+    from unlearn.models import enable_gradient_checkpointing
+
+    class OldStyle(LlamaForCausalLM):
+        calls = []
+
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):
+            OldStyle.calls.append(gradient_checkpointing_kwargs["use_reentrant"])
+            super().gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for model in (OldStyle.from_pretrained(llama_dir), LlamaForCausalLM.from_pretrained(llama_dir)):
+            enable_gradient_checkpointing(model)
+            assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    assert OldStyle.calls == [False]
+    assert not [w for w in caught if "checkpointing" in str(w.message)], [str(w.message) for w in caught]

@@ -68,12 +68,16 @@ def cli():
 SEED = click.IntRange(-2**63, 2**64 - 1)
 
 
-def _refuse_empty_outputs(what: str, *flags_and_values) -> None:
-    """An output path given as '' (`-o "$OUT"` with OUT unset) is refused in its own words: Path('') is '.', so
-    the checks after this one spoke of a '.' the user never typed. WHAT: "a directory" or "a file"."""
+def _refuse_empty(what: str, *flags_and_values, output: bool = False, required: bool = False) -> None:
+    """A path given as '' (`-o "$OUT"`, `--forget "$F"` with the variable unset) is refused in its own words:
+    Path('') is '.', so the checks after this one spoke of a '.' the user never typed, and an empty input was
+    taken as the option left out (no --reference-model column, no --holdout rows), silently. WHAT: "a file",
+    "a directory", "a model"; a value may be a tuple (a repeatable option); REQUIRED: the option cannot be left
+    out, so the message does not suggest it."""
     for flag, value in zip(flags_and_values[::2], flags_and_values[1::2]):
-        if value == "":
-            raise UsageError(f"{flag} '': an empty output path; name {what} (or leave {flag} out)")
+        if value == "" or (isinstance(value, tuple) and "" in value):
+            leave = "" if required else f" (or leave {flag} out)"
+            raise UsageError(f"{flag} '': an empty {'output ' if output else ''}path; name {what}{leave}")
 
 
 def _split_targets(value: str) -> tuple[str, ...]:
@@ -325,7 +329,10 @@ def run_command(**o):
         autocast=o["autocast"].strip().lower())
     lora = LoraSettings(o["lora_rank"], o["lora_alpha"], o["lora_dropout"], layers=o["lora_layers"],
                         **({"targets": _split_targets(o["lora_targets"])} if o["lora_targets"] is not None else {}))
-    _refuse_empty_outputs("a directory", "-o", o["output"])
+    _refuse_empty("a directory", "-o", o["output"], output=True)
+    _refuse_empty("a model", "--model", o["model"])
+    _refuse_empty("a file", "--eval-forget", o["eval_forget"], "--eval-retain", o["eval_retain"], "--retain", o["retain"],
+                  "--augmented", o["augmented"])
     if o["alpha_grid"] is not None and not o["alpha_grid"].strip():  # the same for `--alpha-grid "$GRID"`
         raise UsageError("--alpha-grid '': an empty list of α; give some (or leave --alpha-grid out)")
     opts = RunOptions(
@@ -376,7 +383,8 @@ def run_command(**o):
 def augment_command(as_json, **o):
     """ULMR's data: rewrite each FORGET prompt and write a negative response for each (paper's prompts)."""
     _one_process("augment")
-    _refuse_empty_outputs("a file", "-o", o["output"])
+    _refuse_empty("a file", "-o", o["output"], output=True, required=True)
+    _refuse_empty("a model", "--model", o["model"], "--generator", o["generator"])
     if o["generator"] and click.get_current_context().get_parameter_source("model") == \
             click.core.ParameterSource.COMMANDLINE:  # (UNLEARN_MODEL, a default for every command, is no request)
         raise UsageError("--model and --generator both given: augment writes the rows with --generator and never "
@@ -435,7 +443,10 @@ def eval_command(save_generations, report, force, as_json, **o):
     the --forget rows with the same prompt. Metric definitions: docs/eval.md.
     """
     _one_process("eval")
-    _refuse_empty_outputs("a file", "--save-generations", save_generations, "--report", report)
+    _refuse_empty("a file", "--save-generations", save_generations, "--report", report, output=True)
+    _refuse_empty("a model", "--model", o["model"], "--reference-model", o["reference_model"], "--reward-model",
+                  o["reward_model"])
+    _refuse_empty("a file", "--forget", o["forget"], "--holdout", o["holdout"])
     from pathlib import Path
 
     from unlearn import evaluate, tables
@@ -503,7 +514,9 @@ def merge(alpha, as_json, **o):
     the most recent `unlearn run`. Works tensor by tensor: memory stays flat.
     """
     _one_process("merge")
-    _refuse_empty_outputs("a directory", "-o", o["output"])
+    _refuse_empty("a directory", "-o", o["output"], output=True)
+    _refuse_empty("a file", "--eval-forget", o["eval_forget"], "--eval-retain", o["eval_retain"])
+    _refuse_empty("an adapter directory", "--adapter", o["adapter"])
     from pathlib import Path
 
     from unlearn import merge as job

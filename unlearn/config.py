@@ -546,14 +546,10 @@ class RunOptions:
                                  f"no {' or '.join(unused)}")
         # Settings that act only through the stop rule's checks or the probes would otherwise do nothing, silently.
         if not train.check_every:
-            given = [flag for flag, on in (("--stop-probes", train.stop_probes), ("--leaked-rows", train.leaked_rows),
-                                           ("--repair-steps", self.repair_steps is not None and train.repair_steps != 0),
-                                           ("--stop-leak", self.stop_leak is not None),
-                                           ("--stop-margin", self.stop_margin is not None and train.stop_margin),
-                                           ("--extra-steps", self.extra_steps is not None and train.extra_steps),
-                                           ("--retain-follows-margin", train.retain_follows_margin),
-                                           ("--leak-growth", train.leak_growth != 1))
-                     if on]
+            # given at all, at 0 or its default too: idle options are refused at any value (README)
+            given = [f"--{name.replace('_', '-')}" for name in (
+                "stop_probes", "leaked_rows", "repair_steps", "stop_leak", "stop_margin", "extra_steps",
+                "retain_follows_margin", "leak_growth") if self._given(name)]
             if given:
                 raise UsageError(f"{', '.join(given)} act{'s' * (len(given) == 1)} at the stop rule's checks, which "
                                  f"--check-every 0 turns off")

@@ -382,19 +382,18 @@ def check_answers_spelled(examples: list[Example], path) -> None:
     answers in the model's outputs. An answer the response does not spell (a typo, another spelling)
     leaves the loss on every response token and the judge looking for a word the row never says: the
     stop rule then finds the row forgotten at its first check, whatever the model still answers.
-    A passage's answers may sit in its prefix, which is never trained, but must occur in its text: "Dickens" on
-    a passage that never names him was taken, and its judge then found the passage forgotten at the first
-    check, whatever the model still recited.
+    A passage's response is its continuation, which is what the judge reads too: its answers must occur there.
+    Passages were skipped: "Dickens" on a passage that never names him (or names him in its prefix only) was
+    taken, and the judge then found the passage forgotten at the first check, whatever the model still recited.
     """
     for ex in examples:
         answers = ex.extra.get("answers")
-        if not answers:
-            continue
-        texts, where = ((str(ex.prompt), ex.response), "text") if ex.is_passage else ((ex.response,), "response")
-        if not any(text and answer_spans(text, answers) for text in texts):
+        if answers and not answer_spans(ex.response, answers):
             listed = ", ".join(json.dumps(a, ensure_ascii=False) for a in answers)
+            where = (f"continuation (the text after its first {len(passage_words(str(ex.prompt))[0])} words, which "
+                     f"the model is asked to write)") if ex.is_passage else "response"
             raise UnlearnError(f"{shown(path)}:{ex.line}: none of its answers ({listed}) occurs in its {where}; "
-                               f"write each answer as the {where} spells it")
+                               f"write each answer as it is spelled there")
 
 
 # --- rendering and tokenising ------------------------------------------------

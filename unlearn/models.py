@@ -564,8 +564,19 @@ def enable_gradient_checkpointing(model) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise UsageError(f"--gradient-checkpointing: {type(model).__name__} does not support it")
     # the recomputation inside the backward runs the attention the forward ran (attention.py)
+    import warnings
+
+    from transformers import PreTrainedModel
+
     settings = {"use_reentrant": False, "context_fn": checkpoint_contexts(model)}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5's name; the old one warns on every run
+    # transformers 5's name for it; the old one warns (FutureWarning) on every run. A class that overrides the old
+    # one (remote code written for 4.x) is called through it as before: transformers 5's new one calls such an
+    # override with arguments (every_n_layers=) that its 4.x signature refuses.
+    overridden = type(model).gradient_checkpointing_enable is not PreTrainedModel.gradient_checkpointing_enable
+    if hasattr(model, "activation_checkpointing_enable") and not overridden:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=settings)
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=settings)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*gradient_checkpointing_enable.* is deprecated",
+                                    category=FutureWarning)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=settings)

@@ -519,10 +519,9 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     log(f"model {loaded.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) on "
         f"{system.device_name(device)}")
     reference_model, notes = None, []
-    if device.type == "cpu" and world.is_main:
-        crowded = contention_note(other_work.busy_cores(), torch.get_num_threads(), len(other_work.cpus))
-        if crowded:
-            notes.append(crowded)
+    crowded = _crowded_cores_note(device, world, other_work)
+    if crowded:
+        notes.append(crowded)
     rows = [*data.forget, *data.normal, *data.retain, *(e for s in data.sets for e in s.examples)]
     note = fallback_note(tokenizer, rows, questions=opts.probes)  # a base model: the format it learns and answers in
     if note and world.is_main:
@@ -596,6 +595,17 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     for line in notes:
         job.note(line, log)
     return job
+
+
+def _crowded_cores_note(device, world, other_work) -> str | None:
+    """`cpu_load.contention_note` for a run on the CPU in one process. Under torchrun the busy cores are its own
+    other ranks, loading the same model (torchrun gives each one thread unless OMP_NUM_THREADS says otherwise),
+    which the note would call other processes; on a GPU torch's CPU threads are not the step's."""
+    import torch
+
+    if device.type != "cpu" or world.active:
+        return None
+    return contention_note(other_work.busy_cores(), torch.get_num_threads(), len(other_work.cpus))
 
 
 def _refuse_forget_rows_cut_off(opts: RunOptions, data: Prepared, tokenizer) -> None:
