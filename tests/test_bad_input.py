@@ -38,6 +38,9 @@ class Case:
     def model_copy(self, name: str, source: Path | None = None) -> Path:
         return Path(shutil.copytree(source or self.llama, self.root / name))
 
+    def eval(self, *args):
+        return ["eval", self.forget, "--model", self.llama, *args]
+
     def run(self, *args, forget=None, normal=None):
         return ["run", forget or self.forget, normal or self.normal, "--model", self.llama, "-o", self.root / "out",
                 *args]
@@ -331,21 +334,17 @@ CASES = {
     # an empty output path is '.' to every later check, which spoke of a '.' the user never typed
     "merge into an empty path": (lambda c: ["merge", "--alpha", "0.5", c.llama, c.llama, "-o", ""], 2,
                                  "-o '': an empty output path; name a directory"),
-    "eval generations to an empty path": (
-        lambda c: ["eval", c.forget, "--model", c.llama, "--save-generations", ""], 2,
-        "--save-generations '': an empty output path; name a file"),
-    "eval report to an empty path": (lambda c: ["eval", c.forget, "--model", c.llama, "--report", ""], 2,
-                                     "--report '': an empty output path"),
+    "eval generations to an empty path": (lambda c: c.eval("--save-generations", ""), 2,
+                                          "--save-generations '': an empty output path; name a file"),
+    "eval report to an empty path": (lambda c: c.eval("--report", ""), 2, "--report '': an empty output path"),
     "augment into an empty path": (lambda c: ["augment", c.forget, "--model", c.llama, "-o", ""], 2,
                                    "-o '': an empty output path; name a file"),  # (-o is required: no "leave out")
     # empty inputs were taken as the option left out (no reference column, no holdout rows), or spoke of a '.'
     "eval with an empty reference model": (
-        lambda c: ["eval", c.forget, "--model", c.llama, "--reference-model", ""], 2,
+        lambda c: c.eval("--reference-model", ""), 2,
         "--reference-model '': an empty path; name a model (or leave --reference-model out)"),
-    "eval with an empty forget file": (lambda c: ["eval", c.forget, "--model", c.llama, "--forget", ""], 2,
-                                       "--forget '': an empty path; name a file"),
-    "eval with an empty holdout file": (lambda c: ["eval", c.forget, "--model", c.llama, "--holdout", ""], 2,
-                                        "--holdout '': an empty path"),
+    "eval with an empty forget file": (lambda c: c.eval("--forget", ""), 2, "--forget '': an empty path; name a file"),
+    "eval with an empty holdout file": (lambda c: c.eval("--holdout", ""), 2, "--holdout '': an empty path"),
     "eval with an empty model": (lambda c: ["eval", c.forget, "--model", ""], 2, "--model '': an empty path"),
     "run with an empty eval file": (lambda c: c.run("--eval-forget", "", *SHORT), 2, "--eval-forget '': an empty path"),
     "augment with an empty generator": (
