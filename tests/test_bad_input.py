@@ -168,7 +168,8 @@ CASES = {
     "malformed JSON": (lambda c: c.run(forget=c.rows("m.jsonl", json.dumps(FORGET[0]), '{"prompt": "x",')), 1,
                        "m.jsonl:2: not valid JSON"),
     "binary file": (lambda c: c.run(forget=c.file("bin.jsonl", bytes(range(128, 256)) * 4)), 1,
-                    "bin.jsonl:1: not UTF-8 text (another encoding, such as Latin-1, or a binary file); save it as UTF-8"),
+                    "bin.jsonl:1: not UTF-8 text (another encoding, such as Latin-1, or a binary file); save it as "
+                    "UTF-8"),
     "NUL bytes": (lambda c: c.run(forget=c.file("nul.jsonl", '{"prompt": "a\x00b"}\n')), 1, "NUL bytes"),
     "a list, not an object": (lambda c: c.run(forget=c.rows("l.jsonl", '["prompt", "response"]')), 1,
                               "l.jsonl:1: expected a JSON object, got an array"),

@@ -331,8 +331,8 @@ def run_command(**o):
                         **({"targets": _split_targets(o["lora_targets"])} if o["lora_targets"] is not None else {}))
     _refuse_empty("a directory", "-o", o["output"], output=True)
     _refuse_empty("a model", "--model", o["model"])
-    _refuse_empty("a file", "--eval-forget", o["eval_forget"], "--eval-retain", o["eval_retain"], "--retain", o["retain"],
-                  "--augmented", o["augmented"])
+    _refuse_empty("a file", "--eval-forget", o["eval_forget"], "--eval-retain", o["eval_retain"],
+                  "--retain", o["retain"], "--augmented", o["augmented"])
     if o["alpha_grid"] is not None and not o["alpha_grid"].strip():  # the same for `--alpha-grid "$GRID"`
         raise UsageError("--alpha-grid '': an empty list of α; give some (or leave --alpha-grid out)")
     opts = RunOptions(

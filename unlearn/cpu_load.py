@@ -4,9 +4,9 @@ torch splits every operation over its threads and waits for the last one. When o
 the OS sets one of those threads aside for a time slice now and then, and the others wait for it: thousands of
 times a training step. Measured (2-core Intel Xeon, torch 2.13, the sixtieth session, `/work/s60/contention.sh`:
 `unlearn run` on the embedded model, steps 2-4, one busy Python loop beside it): 23-28 s a step on torch's 2
-threads, 6.8-7.8 s on 1 thread, against 3.7-4.4 s alone on 2. The tool does not change the thread count itself: the count changes
-float rounding, so a run's exact weights (and a resume's) would depend on what else ran when it started. It says
-so, and names the setting that does (OMP_NUM_THREADS).
+threads, 6.8-7.8 s on 1 thread, against 3.7-4.4 s alone on 2. The tool does not change the thread count itself:
+the count changes float rounding, so a run's exact weights (and a resume's) would depend on what else ran when it
+started. It says so, and names the setting that does (OMP_NUM_THREADS).
 
 The measure: over a window (the model's loading), the busy time /proc/stat counts on this process's CPUs
 (`os.sched_getaffinity`), less this process's own CPU time, over the window's wall clock: how many of those
