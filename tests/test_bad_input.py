@@ -42,8 +42,8 @@ class Case:
         return ["eval", self.forget, "--model", self.llama, *args]
 
     def run(self, *args, forget=None, normal=None):
-        return ["run", forget or self.forget, normal or self.normal, "--model", self.llama, "-o", self.root / "out",
-                *args]
+        return ["run", self.forget if forget is None else forget, self.normal if normal is None else normal,
+                "--model", self.llama, "-o", self.root / "out", *args]
 
 
 def _without_tokenizer(c: Case) -> Path:
@@ -348,6 +348,25 @@ CASES = {
     "eval with an empty holdout file": (lambda c: c.eval("--holdout", ""), 2, "--holdout '': an empty path"),
     "eval with an empty model": (lambda c: ["eval", c.forget, "--model", ""], 2, "--model '': an empty path"),
     "run with an empty eval file": (lambda c: c.run("--eval-forget", "", *SHORT), 2, "--eval-forget '': an empty path"),
+    "run with an empty retained eval file": (lambda c: c.run("--eval-retain", "", *SHORT), 2,
+                                             "--eval-retain '': an empty path"),
+    "run with an empty retain file": (lambda c: c.run("--retain", "", *SHORT), 2, "--retain '': an empty path"),
+    "run with an empty augmented file": (lambda c: c.run("--augmented", "", *SHORT), 2,
+                                         "--augmented '': an empty path"),
+    "run with an empty model": (lambda c: ["run", c.forget, c.normal, "--model", "", "-o", c.root / "out"], 2,
+                                "--model '': an empty path; name a model"),
+    "run with an empty forget file": (lambda c: ["run", "", c.normal, "--model", c.llama, "-o", c.root / "out"], 2,
+                                      "FORGET '': an empty path; name a file"),  # (required: no "leave out")
+    "run with an empty normal file": (lambda c: c.run(normal=""), 2, "NORMAL '': an empty path; name a file"),
+    "eval of an empty prompts path": (lambda c: ["eval", "", "--model", c.llama], 2,
+                                      "PROMPTS '': an empty path; name a file"),  # an internal error before
+    "eval with an empty reward model": (lambda c: c.eval("--reward-model", ""), 2, "--reward-model '': an empty path"),
+    "augment of an empty forget path": (lambda c: ["augment", "", "--model", c.llama, "-o", c.root / "aug.jsonl"], 2,
+                                        "FORGET '': an empty path; name a file"),
+    "merge of an empty base path": (lambda c: ["merge", "--alpha", "0.5", "", c.llama, "-o", c.root / "m"], 2,
+                                    "BASE or TUNED '': an empty path; name a model directory"),
+    "merge with an empty adapter": (lambda c: ["merge", "--adapter", "", c.llama, "-o", c.root / "m"], 2,
+                                    "--adapter '': an empty path"),
     "augment with an empty generator": (
         lambda c: ["augment", c.forget, "--generator", "", "-o", c.root / "aug.jsonl"], 2,
         "--generator '': an empty path; name a model"),

@@ -330,6 +330,7 @@ def run_command(**o):
     lora = LoraSettings(o["lora_rank"], o["lora_alpha"], o["lora_dropout"], layers=o["lora_layers"],
                         **({"targets": _split_targets(o["lora_targets"])} if o["lora_targets"] is not None else {}))
     _refuse_empty("a directory", "-o", o["output"], output=True)
+    _refuse_empty("a file", "FORGET", o["forget"], "NORMAL", o["normal"], required=True)
     _refuse_empty("a model", "--model", o["model"])
     _refuse_empty("a file", "--eval-forget", o["eval_forget"], "--eval-retain", o["eval_retain"],
                   "--retain", o["retain"], "--augmented", o["augmented"])
@@ -384,6 +385,7 @@ def augment_command(as_json, **o):
     """ULMR's data: rewrite each FORGET prompt and write a negative response for each (paper's prompts)."""
     _one_process("augment")
     _refuse_empty("a file", "-o", o["output"], output=True, required=True)
+    _refuse_empty("a file", "FORGET", o["forget"], required=True)
     _refuse_empty("a model", "--model", o["model"], "--generator", o["generator"])
     if o["generator"] and click.get_current_context().get_parameter_source("model") == \
             click.core.ParameterSource.COMMANDLINE:  # (UNLEARN_MODEL, a default for every command, is no request)
@@ -444,6 +446,7 @@ def eval_command(save_generations, report, force, as_json, **o):
     """
     _one_process("eval")
     _refuse_empty("a file", "--save-generations", save_generations, "--report", report, output=True)
+    _refuse_empty("a file", "PROMPTS", o["prompts"], required=True)
     _refuse_empty("a model", "--model", o["model"], "--reference-model", o["reference_model"], "--reward-model",
                   o["reward_model"])
     _refuse_empty("a file", "--forget", o["forget"], "--holdout", o["holdout"])
@@ -517,6 +520,7 @@ def merge(alpha, as_json, **o):
     _refuse_empty("a directory", "-o", o["output"], output=True)
     _refuse_empty("a file", "--eval-forget", o["eval_forget"], "--eval-retain", o["eval_retain"])
     _refuse_empty("an adapter directory", "--adapter", o["adapter"])
+    _refuse_empty("a model directory", "BASE or TUNED", o["paths"], required=True)
     from pathlib import Path
 
     from unlearn import merge as job
