@@ -68,16 +68,31 @@ def cli():
 SEED = click.IntRange(-2**63, 2**64 - 1)
 
 
-def _refuse_empty(what: str, *flags_and_values, output: bool = False, required: bool = False) -> None:
-    """A path given as '' (`-o "$OUT"`, `--forget "$F"` with the variable unset) is refused in its own words:
-    Path('') is '.', so the checks after this one spoke of a '.' the user never typed, and an empty input was
-    taken as the option left out (no --reference-model column, no --holdout rows), silently. WHAT: "a file",
-    "a directory", "a model"; a value may be a tuple (a repeatable option); REQUIRED: the option cannot be left
-    out, so the message does not suggest it."""
-    for flag, value in zip(flags_and_values[::2], flags_and_values[1::2]):
-        if value == "" or (isinstance(value, tuple) and "" in value):
+class PathParam(click.Path):
+    """A path option or argument, refused when given as '' (`-o "$OUT"`, `--forget "$F"` with the variable unset):
+    Path('') is '.', so the checks after this one spoke of a '.' the user never typed, and an empty input was taken
+    as the option left out (no --reference-model column, no --holdout rows), silently. WHAT: "a file", "a
+    directory", "a model"; OUTPUT: it names something written; CALLED: the name said instead of the parameter's
+    (merge's BASE and TUNED); NAME: what --help calls the value ("text" for a model, which may be a hub id). A
+    required one (an argument, augment's -o) is not told to be left out."""
+
+    def __init__(self, what: str, output: bool = False, called: str | None = None, required: bool = False,
+                 name: str = "path"):
+        super().__init__(path_type=str)
+        self.what, self.output, self.called, self.required, self.name = what, output, called, required, name
+
+    def convert(self, value, param, ctx):
+        if value == "":
+            flag = self.called or (param.opts[0] if isinstance(param, click.Option) else
+                                   param.human_readable_name if param is not None else "a path")
+            required = self.required or param is None or param.required or isinstance(param, click.Argument)
             leave = "" if required else f" (or leave {flag} out)"
-            raise UsageError(f"{flag} '': an empty {'output ' if output else ''}path; name {what}{leave}")
+            raise UsageError(f"{flag} '': an empty {'output ' if self.output else ''}path; name {self.what}{leave}")
+        return super().convert(value, param, ctx)
+
+
+IN_FILE, OUT_FILE = PathParam("a file"), PathParam("a file", output=True)
+OUT_DIR, MODEL = PathParam("a directory", output=True), PathParam("a model", name="text")
 
 
 def _split_targets(value: str) -> tuple[str, ...]:
@@ -92,7 +107,7 @@ def eval_files(forget_help: str, retain_help: str):
     """The --eval-forget / --eval-retain pair (`measure.read_eval_sets` reads them), with each command's help."""
     def add(command):
         for flag, text in (("--eval-retain", retain_help), ("--eval-forget", forget_help)):
-            command = click.option(flag, multiple=True, type=click.Path(path_type=str),
+            command = click.option(flag, multiple=True, type=IN_FILE,
                                    help=f"{text}; repeatable.")(command)
         return command
 
@@ -119,9 +134,9 @@ def given_options() -> frozenset[str]:
 
 
 @cli.command("run")
-@click.argument("forget", type=click.Path(path_type=str))
-@click.argument("normal", type=click.Path(path_type=str))
-@click.option("--model", default=None, envvar="UNLEARN_MODEL",
+@click.argument("forget", type=IN_FILE)
+@click.argument("normal", type=IN_FILE)
+@click.option("--model", default=None, envvar="UNLEARN_MODEL", type=MODEL,
               help="HF directory, hub id or .gguf file [default: embedded SmolLM2-135M-Instruct; env UNLEARN_MODEL].")
 @click.option("--method", default=None,
               type=_Choice(["ga", "ga+mismatch", "ga+template", "graddiff", "npo", "ulmr", "edit", "rmu"]),
@@ -134,7 +149,8 @@ def given_options() -> frozenset[str]:
                    "edit: a MEMIT-style edit of a few MLP layers so that the facts are refused (docs/edit.md); "
                    "rmu: representation misdirection (WMDP): the forget answers' hidden states at one layer "
                    "pulled onto a random vector, the other rows' held at the original's.")
-@click.option("-o", "--output", default=None, help="Output directory [default: runs/<timestamp>, or <timestamp>-2 ... when taken].")
+@click.option("-o", "--output", default=None, type=OUT_DIR,
+              help="Output directory [default: runs/<timestamp>, or <timestamp>-2 ... when taken].")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--lr", type=float, default=None,
               help="Learning rate [default: 1e-3 with LoRA (ga: 2e-3, rmu: 5e-3), 1e-5 with --full].")
@@ -155,7 +171,7 @@ def given_options() -> frozenset[str]:
               help="eps3, weight of L_nor (the KL to the original on normal data) [default: 10; rmu: 50; the "
                    "default for long chat responses (see --method): 200; chosen on the quality benchmark's dev "
                    "split].")
-@click.option("--retain", multiple=True, type=click.Path(path_type=str),
+@click.option("--retain", multiple=True, type=IN_FILE,
               help="JSONL of rows that must be kept (NORMAL's format; `answers` score their accuracy): trained on "
                    "with their own KL to the original (--retain-weight), a micro-batch every step, and reported "
                    "as the `retain` line; repeatable.")
@@ -276,7 +292,7 @@ def given_options() -> frozenset[str]:
               help="Write a checkpoint to OUT/checkpoints every N steps (0: only on Ctrl-C); OUT is created at once.")
 @click.option("--resume", is_flag=True,
               help="Continue the run in -o OUT from its latest checkpoint (give the same arguments).")
-@click.option("--augmented", type=click.Path(path_type=str), default=None,
+@click.option("--augmented", type=IN_FILE, default=None,
               help="ulmr: training rows from `unlearn augment` [default: augment FORGET with the model now].")
 @click.option("--rewrites", type=int, default=2, show_default=True, help="ulmr without --augmented: rewrites per forget prompt the run writes (at most 4).")
 @click.option("--alpha", default=None,
@@ -329,11 +345,6 @@ def run_command(**o):
         autocast=o["autocast"].strip().lower())
     lora = LoraSettings(o["lora_rank"], o["lora_alpha"], o["lora_dropout"], layers=o["lora_layers"],
                         **({"targets": _split_targets(o["lora_targets"])} if o["lora_targets"] is not None else {}))
-    _refuse_empty("a directory", "-o", o["output"], output=True)
-    _refuse_empty("a file", "FORGET", o["forget"], "NORMAL", o["normal"], required=True)
-    _refuse_empty("a model", "--model", o["model"])
-    _refuse_empty("a file", "--eval-forget", o["eval_forget"], "--eval-retain", o["eval_retain"],
-                  "--retain", o["retain"], "--augmented", o["augmented"])
     if o["alpha_grid"] is not None and not o["alpha_grid"].strip():  # the same for `--alpha-grid "$GRID"`
         raise UsageError("--alpha-grid '': an empty list of α; give some (or leave --alpha-grid out)")
     opts = RunOptions(
@@ -367,11 +378,11 @@ def run_command(**o):
 
 
 @cli.command("augment")
-@click.argument("forget", type=click.Path(path_type=str))
-@click.option("-o", "--output", required=True, type=click.Path(path_type=str), help="The augmented JSONL to write.")
-@click.option("--model", default=None, envvar="UNLEARN_MODEL",
+@click.argument("forget", type=IN_FILE)
+@click.option("-o", "--output", required=True, type=OUT_FILE, help="The augmented JSONL to write.")
+@click.option("--model", default=None, envvar="UNLEARN_MODEL", type=MODEL,
               help="The model to be unlearned [default: embedded SmolLM2-135M-Instruct; env UNLEARN_MODEL].")
-@click.option("--generator", default=None,
+@click.option("--generator", default=None, type=MODEL,
               help="Write the rewrites and negative responses with this model instead of --model.")
 @click.option("--rewrites", type=int, default=2, show_default=True, help="Rewrites per forget prompt (at most 4).")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the sampled rewrites.")
@@ -384,9 +395,6 @@ def run_command(**o):
 def augment_command(as_json, **o):
     """ULMR's data: rewrite each FORGET prompt and write a negative response for each (paper's prompts)."""
     _one_process("augment")
-    _refuse_empty("a file", "-o", o["output"], output=True, required=True)
-    _refuse_empty("a file", "FORGET", o["forget"], required=True)
-    _refuse_empty("a model", "--model", o["model"], "--generator", o["generator"])
     if o["generator"] and click.get_current_context().get_parameter_source("model") == \
             click.core.ParameterSource.COMMANDLINE:  # (UNLEARN_MODEL, a default for every command, is no request)
         raise UsageError("--model and --generator both given: augment writes the rows with --generator and never "
@@ -407,18 +415,18 @@ def augment_command(as_json, **o):
 
 
 @cli.command("eval")
-@click.argument("prompts", type=click.Path(path_type=str))
-@click.option("--model", default=None, envvar="UNLEARN_MODEL",
+@click.argument("prompts", type=IN_FILE)
+@click.option("--model", default=None, envvar="UNLEARN_MODEL", type=MODEL,
               help="Model to evaluate: HF directory, hub id or .gguf [default: embedded SmolLM2; env UNLEARN_MODEL].")
-@click.option("--reference-model", default=None,
+@click.option("--reference-model", default=None, type=MODEL,
               help="Original model: its outputs are the 'before' column, its perplexity measures fluency.")
-@click.option("--forget", type=click.Path(path_type=str), default=None,
+@click.option("--forget", type=IN_FILE, default=None,
               help="JSONL of forget rows: references for PROMPTS rows without a response (matched by prompt).")
 @click.option("--judge", default=None, help="similarity (default), keywords:FILE or classifier:PATH.")
 @click.option("--judge-label", default=None, help="The classifier's unsafe label (name or index).")
-@click.option("--holdout", type=click.Path(path_type=str), default=None,
+@click.option("--holdout", type=IN_FILE, default=None,
               help="JSONL of unseen rows: membership-inference AUCs of the forget rows against these.")
-@click.option("--reward-model", type=click.Path(path_type=str), default=None,
+@click.option("--reward-model", type=PathParam("a model"), default=None,
               help="A one-output HF sequence classifier: mean reward of (prompt, output).")
 @click.option("--batch-size", type=int, default=GEN_BATCH_SIZE, show_default=True,
               help="Prompts generated together (fewer when their KV cache would pass 4 GiB; likelihoods are scored in batches of at most 16).")
@@ -429,9 +437,9 @@ def augment_command(as_json, **o):
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of sampled answers (with --do-sample).")
 @click.option("--min-k", type=float, default=20.0, show_default=True, help="k (percent) of the min-k probability attack.")
 @click.option("--dtype", default="float32", show_default=True, help="float32, bfloat16 or float16.")
-@click.option("--save-generations", type=click.Path(path_type=str), default=None,
+@click.option("--save-generations", type=OUT_FILE, default=None,
               help="Write one JSON line per prompt: prompt, output, reference, scores.")
-@click.option("--report", type=click.Path(path_type=str), default=None, help="Write a markdown report.")
+@click.option("--report", type=OUT_FILE, default=None, help="Write a markdown report.")
 @click.option("--force", is_flag=True, help="Replace existing --save-generations / --report files.")
 @click.option("--no-cache", is_flag=True, help="Measure again instead of reusing cached answers and scores "
               "($UNLEARN_CACHE/measurements, keyed by the weights' content, the rows and the settings).")
@@ -445,11 +453,6 @@ def eval_command(save_generations, report, force, as_json, **o):
     the --forget rows with the same prompt. Metric definitions: docs/eval.md.
     """
     _one_process("eval")
-    _refuse_empty("a file", "--save-generations", save_generations, "--report", report, output=True)
-    _refuse_empty("a file", "PROMPTS", o["prompts"], required=True)
-    _refuse_empty("a model", "--model", o["model"], "--reference-model", o["reference_model"], "--reward-model",
-                  o["reward_model"])
-    _refuse_empty("a file", "--forget", o["forget"], "--holdout", o["holdout"])
     from pathlib import Path
 
     from unlearn import evaluate, tables
@@ -487,14 +490,15 @@ def eval_command(save_generations, report, force, as_json, **o):
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, metavar="[BASE [TUNED]]", type=click.Path(path_type=str))
+@click.argument("paths", nargs=-1, metavar="[BASE [TUNED]]",
+                type=PathParam("a model directory", called="BASE or TUNED", required=True))
 @click.option("--alpha", default=None,
               help="Weight of BASE: θa = α·BASE + (1−α)·TUNED (1 gives BASE back). Several, comma-separated "
                    "(0.2,0.4,0.6,0.8), write one model each and, with --eval-forget/--eval-retain, a trade-off "
                    "table and a recommended α. Required unless --adapter.")
-@click.option("--adapter", "adapter", type=click.Path(path_type=str), default=None,
+@click.option("--adapter", "adapter", type=PathParam("an adapter directory"), default=None,
               help="Fold this PEFT LoRA adapter into BASE instead (W + s·B·A, scaled by 1−α when --alpha is given).")
-@click.option("-o", "--output", type=click.Path(path_type=str), default=None,
+@click.option("-o", "--output", type=OUT_DIR, default=None,
               help="Output directory [default: TUNED-avgALPHA, ADAPTER-merged, or TUNED-alphas for several α].")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--max-shard-size", default=None, help="Re-shard the output, e.g. 2GB or 500MB [default: like BASE].")
@@ -517,10 +521,6 @@ def merge(alpha, as_json, **o):
     the most recent `unlearn run`. Works tensor by tensor: memory stays flat.
     """
     _one_process("merge")
-    _refuse_empty("a directory", "-o", o["output"], output=True)
-    _refuse_empty("a file", "--eval-forget", o["eval_forget"], "--eval-retain", o["eval_retain"])
-    _refuse_empty("an adapter directory", "--adapter", o["adapter"])
-    _refuse_empty("a model directory", "BASE or TUNED", o["paths"], required=True)
     from pathlib import Path
 
     from unlearn import merge as job
