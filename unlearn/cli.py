@@ -76,16 +76,15 @@ class PathParam(click.Path):
     (merge's BASE and TUNED); NAME: what --help calls the value ("text" for a model, which may be a hub id). A
     required one (an argument, augment's -o) is not told to be left out."""
 
-    def __init__(self, what: str, output: bool = False, called: str | None = None, required: bool = False,
-                 name: str = "path"):
+    def __init__(self, what: str, output: bool = False, called: str | None = None, name: str = "path"):
         super().__init__(path_type=str)
-        self.what, self.output, self.called, self.required, self.name = what, output, called, required, name
+        self.what, self.output, self.called, self.name = what, output, called, name
 
     def convert(self, value, param, ctx):
         if value == "":
             flag = self.called or (param.opts[0] if isinstance(param, click.Option) else
                                    param.human_readable_name if param is not None else "a path")
-            required = self.required or param is None or param.required or isinstance(param, click.Argument)
+            required = param is None or param.required or isinstance(param, click.Argument)
             leave = "" if required else f" (or leave {flag} out)"
             raise UsageError(f"{flag} '': an empty {'output ' if self.output else ''}path; name {self.what}{leave}")
         return super().convert(value, param, ctx)
@@ -491,7 +490,7 @@ def eval_command(save_generations, report, force, as_json, **o):
 
 @cli.command()
 @click.argument("paths", nargs=-1, metavar="[BASE [TUNED]]",
-                type=PathParam("a model directory", called="BASE or TUNED", required=True))
+                type=PathParam("a model directory", called="BASE or TUNED"))
 @click.option("--alpha", default=None,
               help="Weight of BASE: θa = α·BASE + (1−α)·TUNED (1 gives BASE back). Several, comma-separated "
                    "(0.2,0.4,0.6,0.8), write one model each and, with --eval-forget/--eval-retain, a trade-off "
