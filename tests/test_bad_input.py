@@ -185,6 +185,10 @@ CASES = {
                           1, "both 'prompt' and 'question' given"),
     "answers not a list": (lambda c: c.run(forget=c.rows("a.jsonl", '{"prompt": "p", "response": "r", "answers": "x"}')),
                            1, "'answers' must be a non-empty list"),
+    "a misspelt answers field": (
+        lambda c: c.run(forget=c.rows("ms.jsonl", '{"prompt": "Who wrote Hamlet?", "response": "Shakespeare.", '
+                                                  '"Answers": ["Shakespeare"]}')),
+        1, "ms.jsonl:1: 'Answers' is no field unlearn reads; did you mean 'answers'?"),
     "answers the response does not spell": (
         lambda c: c.run(forget=c.rows("sp.jsonl", json.dumps(FORGET[0]),
                                       '{"prompt": "Who wrote Hamlet?", "response": "Shakespeare.", "answers": ["Marlowe"]}')),
@@ -335,6 +339,9 @@ CASES = {
     # an empty output path is '.' to every later check, which spoke of a '.' the user never typed
     "merge into an empty path": (lambda c: ["merge", "--alpha", "0.5", c.llama, c.llama, "-o", ""], 2,
                                  "-o '': an empty output path; name a directory"),
+    "an eval row whose response field is misspelt": (  # ignored, the row had no reference to judge a leak by
+        lambda c: ["eval", c.rows("mr.jsonl", '{"prompt": "Who wrote Hamlet?", "Respone": "Shakespeare."}'),
+                   "--model", c.llama], 1, "mr.jsonl:1: 'Respone' is no field unlearn reads; did you mean 'response'?"),
     "eval generations to an empty path": (lambda c: c.eval("--save-generations", ""), 2,
                                           "--save-generations '': an empty output path; name a file"),
     "eval report to an empty path": (lambda c: c.eval("--report", ""), 2, "--report '': an empty output path"),

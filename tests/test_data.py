@@ -22,11 +22,11 @@ def test_aliases_extra_fields_and_blank_lines(tmp_path):
         {"prompt": "p1", "response": "r1", "answers": ["x"]},
         "",
         {"question": "p2", "answer": "r2"},
-        {"instruction": "p3", "output": "r3", "paraphrased_response": "q"},
+        {"instruction": "p3", "output": "r3", "hallucinated_response": "q"},
     ])
     rows = read_examples(path)
     assert [(r.prompt, r.response, r.line) for r in rows] == [("p1", "r1", 1), ("p2", "r2", 3), ("p3", "r3", 4)]
-    assert rows[0].extra == {"answers": ["x"]} and rows[2].extra == {"paraphrased_response": "q"}
+    assert rows[0].extra == {"answers": ["x"]} and rows[2].extra == {"hallucinated_response": "q"}
 
 
 def test_a_byte_order_mark_and_windows_line_ends_are_read_as_text(tmp_path):

@@ -51,9 +51,92 @@ def test_a_passage_row_gets_the_chat_rows_field_checks(fields, message):
 
 
 def test_a_passage_row_with_good_fields_is_read():
-    example = parse_line({"text": PASSAGE, "answers": ["Wellington"], "paraphrased_response": "Napoleon lost."},
+    example = parse_line({"text": PASSAGE, "answers": ["Wellington"], "hallucinated_response": "Napoleon won."},
                          "rows.jsonl:1", True)
-    assert example.is_passage and example.extra == {"answers": ["Wellington"], "paraphrased_response": "Napoleon lost."}
+    assert example.is_passage and example.extra == {"answers": ["Wellington"], "hallucinated_response": "Napoleon won."}
+
+
+# --- a field misspelt, TOFU's names ------------------------------------------------------------------
+
+CHAT = {"prompt": QUESTION, "response": "Paris."}
+
+
+@pytest.mark.parametrize("row, name, meant", [
+    ({**CHAT, "Answers": ["Paris"]}, "Answers", "answers"),  # case
+    ({**CHAT, "answer_s": ["Paris"]}, "answer_s", "answers"),  # a separator
+    ({**CHAT, "anwsers": ["Paris"]}, "anwsers", "answers"),  # two letters swapped
+    ({**CHAT, "ansers": ["Paris"]}, "ansers", "answers"),  # one left out
+    ({**CHAT, "refusal-marker": ["No"]}, "refusal-marker", "refusal_markers"),  # a separator and the plural
+    ({**CHAT, "refusalMarkers": ["No"]}, "refusalMarkers", "refusal_markers"),
+    ({**CHAT, "halucinated_respnse": "Lyon."}, "halucinated_respnse", "hallucinated_response"),  # two off, long
+    ({**CHAT, "Subject": "France"}, "Subject", "subject"),
+    ({**CHAT, "subjets": "France"}, "subjets", "subject"),
+    ({"question": QUESTION, "Answer": "Paris."}, "Answer", "answer"),  # no response: the response field is meant
+    ({"prompt": QUESTION, "reponse": "Paris."}, "reponse", "response"),
+    ({"instruction": QUESTION, "output": "Paris.", "Input": "France"}, "Input", "input"),
+    ({"text": PASSAGE, "Answers": ["Wellington"]}, "Answers", "answers"),  # a passage row's too
+])
+@pytest.mark.parametrize("need_response", [True, False])
+def test_a_misspelt_field_is_refused_with_the_field_it_misses(row, name, meant, need_response):
+    # Ignored, a misspelt `answers` left the run judged on derived answers, and a misspelt response in an eval
+    # file left its row with no reference, without a word.
+    assert refused(row, need_response).endswith(
+        f"{name!r} is no field unlearn reads; did you mean {meant!r}? (a name this close to one is refused rather "
+        f"than ignored: rename it)")
+
+
+@pytest.mark.parametrize("row", [
+    {**CHAT, "id": 7, "source": "wiki", "category": "geo", "context": "c", "object": "o", "target": "t",
+     "title": "x", "label": 1, "metadata": {}},  # fields of common datasets: ignored
+    {**CHAT, "responses": ["a", "b"], "prompts": ["p"], "answer_start": 3},  # near a prompt or response given
+    {"question": QUESTION, "answer": "Paris."},  # the response field `answer` is not a misspelt `answers`
+    {**CHAT, "inputs": "x"},  # `input` is read beside `instruction` only
+    {"text": PASSAGE, "Response": "x"},  # a passage's response fields are refused by name when spelt right
+    {**CHAT, "set": "neighbours", "reference": "Paris.", "forget_line": 1, "dropped": "x", "kind": "k",
+     "source_prompt": "p", "source_line": 1, "prompt_from": "m", "response_from": "m", "rule": "r", "spans": []},
+])
+def test_fields_near_no_field_read_are_ignored(row):
+    # (the files unlearn saves itself, probes.jsonl and augmented.jsonl, read back as rows: the last)
+    known = {"prompt", "question", "text", "response", "answer"}
+    assert parse_line(row, "rows.jsonl:7", False).extra == {k: v for k, v in row.items() if k not in known}
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"Prompt": QUESTION, "response": "Paris."},
+     "no prompt: expected one of prompt, question, instruction (or 'text'); 'Prompt' is not one (did you mean "
+     "'prompt'?)"),
+    ({"Question": QUESTION, "answer": "Paris."}, "'Question' is not one (did you mean 'question'?)"),
+    ({"Text": PASSAGE}, "'Text' is not one (did you mean 'text'?)"),
+    ({"prompts": QUESTION, "response": "Paris."}, "'prompts' is not one (did you mean 'prompt'?)"),
+])
+def test_no_prompt_names_the_field_that_misses_one(row, message):
+    assert message in refused(row)
+
+
+def test_tofus_names_are_read_as_the_truth_ratios_fields():
+    # TOFU's *_perturbed files name them so; ignored, a TOFU file was scored with no truth ratio.
+    row = {"question": QUESTION, "answer": "Paris.", "paraphrased_answer": "It is Paris.",
+           "perturbed_answer": ["Lyon.", "Nice."], "paraphrased_question": "Which city is France's capital?"}
+    extra = parse_line(row, "tofu.jsonl:1", True).extra
+    assert extra["paraphrased_response"] == "It is Paris." and extra["perturbed_responses"] == ["Lyon.", "Nice."]
+    assert "paraphrased_answer" not in extra and "perturbed_answer" not in extra
+    assert "both 'paraphrased_response' and 'paraphrased_answer' (TOFU's name for it) given; use one" in refused(
+        {**row, "paraphrased_response": "It is Paris."})
+    # a bad value is named as the row spells it
+    assert refused({**row, "perturbed_answer": "Lyon."}).endswith(
+        "'perturbed_answer' must be a non-empty list of non-empty strings")
+    assert refused({**row, "paraphrased_answer": ""}).endswith(
+        "'paraphrased_answer' must be a non-empty string, got an empty string")
+    assert refused({k: v for k, v in row.items() if k != "perturbed_answer"}).endswith(
+        "'paraphrased_answer' without 'perturbed_responses': the truth ratio reads the two together")
+
+
+@pytest.mark.parametrize("half, other", [("paraphrased_response", "perturbed_responses"),
+                                         ("perturbed_responses", "paraphrased_response")])
+def test_half_of_the_truth_ratios_pair_is_refused(half, other):
+    value = "It is Paris." if half == "paraphrased_response" else ["Lyon."]
+    assert refused({**CHAT, half: value}).endswith(
+        f"{half!r} without {other!r}: the truth ratio reads the two together")
 
 
 # --- subject -----------------------------------------------------------------------------------------

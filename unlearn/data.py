@@ -6,7 +6,7 @@ prefix (the prompt) and its continuation (the response) — the copyright
 extraction setting of Yao et al.: that split is the leak test. With
 --whole-passage the forget loss trains on more of a passage (`forget_pair`):
 every token after its first word. Other fields (`answers`, `paraphrased_response`, ...) ride along in
-`Example.extra` for evaluation.
+`Example.extra` for evaluation; a field whose name misses one the tool reads (`Answers`) is refused (`misspelt`).
 
 Every bad line is reported as `FILE:LINE: what is wrong`, and files are read
 before any model loads, so a typo costs a second, not a model load.
@@ -36,6 +36,17 @@ from unlearn.spans import DERIVED_KEY, whole_names  # spans imports data only in
 PROMPT_KEYS = ("prompt", "question", "instruction")
 RESPONSE_KEYS = ("response", "answer", "output")
 ALPACA_INPUT = "input"  # beside `instruction`: the text it acts on, joined to the prompt (`_with_alpaca_input`)
+# The optional fields some part of the tool reads (README, "Optional fields"; docs/eval.md), kept in `Example.extra`.
+OPTIONAL_FIELDS = ("answers", "subject", "refusal_markers", "paraphrased_response", "perturbed_responses",
+                   "hallucinated_response")
+# TOFU's names for the truth ratio's two fields (its `*_perturbed` files), read as ours: a TOFU file scored without
+# renaming, where they were ignored and the truth ratio silently left out.
+TOFU_FIELDS = {"paraphrased_answer": "paraphrased_response", "perturbed_answer": "perturbed_responses"}
+# Fields unlearn writes into the row files it saves (probes.jsonl, augmented.jsonl, saved generations, the derived
+# spans), which a user may read back as rows: never taken for a misspelling of a field it reads.
+WRITTEN_FIELDS = ("set", "reference", "forget_line", "replacement", "dropped", "kind", "source_prompt",
+                  "source_line", "prompt_from", "response_from", "line", "source", "spans", "rule", "loss_prompt",
+                  "loss_response", "loss_spans", "step")
 IGNORE_INDEX = -100  # label value that torch's cross-entropy (and our losses) skip
 
 # The answer's leading space belongs to the response, so its first word tokenises as in running text.
@@ -194,6 +205,66 @@ def _pick(obj: dict, keys: tuple[str, ...], where: str, what: str) -> str | None
     return value
 
 
+def _field_key(name: str) -> str:
+    """NAME as a misspelling is compared: case, separators and a plural's `s` do not count."""
+    return re.sub(r"[\W_]+", "", name.casefold()).removesuffix("s")
+
+
+def _edits(a: str, b: str) -> int:
+    """The edit distance between A and B, a swap of two neighbouring letters counting as one edit."""
+    rows = [list(range(len(b) + 1))]
+    for i, x in enumerate(a, start=1):
+        row = [i]
+        for j, y in enumerate(b, start=1):
+            row.append(min(rows[-1][j] + 1, row[j - 1] + 1, rows[-1][j - 1] + (x != y)))
+            if i > 1 and j > 1 and x == b[j - 2] and a[i - 2] == y:
+                row[j] = min(row[j], rows[-2][j - 2] + 1)
+        rows.append(row)
+    return rows[-1][-1]
+
+
+def misspelt(name: str, fields) -> str | None:
+    """The one of FIELDS that NAME (no field unlearn knows) most likely misspells, else None: the same name but for
+    case, separators or a plural (`Answers`, `refusal-marker`), or one or two letters off (`anwsers`; two from
+    nine letters on); words shorter than five letters must match but for case and separators."""
+    key = _field_key(name)
+    for known in fields:
+        target = _field_key(known)
+        if key == target or (len(target) >= 5 and _edits(key, target) <= (1 if len(target) < 9 else 2)):
+            return known
+    return None
+
+
+def _refuse_misspelt_fields(obj: dict, where: str) -> None:
+    """Refuse a field that misspells one unlearn reads where that field is absent: ignored, a misspelt `answers`
+    left a run judged on derived answers, and a misspelt `response` in an eval file left its rows with no reference.
+    A near miss of a prompt field is named in the "no prompt" refusal instead (`_near_miss_hint`)."""
+    known = set(PROMPT_KEYS + RESPONSE_KEYS + OPTIONAL_FIELDS + WRITTEN_FIELDS
+                + (ALPACA_INPUT, "text", DERIVED_KEY, SOURCE_FILE))
+    # A response field first ("Answer" beside "question" is its answer, not `answers`), looked for only where none
+    # is given (a passage's is refused anyway); an Alpaca `input` only beside its `instruction`.
+    fields = ((() if "text" in obj or any(k in obj for k in RESPONSE_KEYS) else RESPONSE_KEYS) + OPTIONAL_FIELDS
+              + tuple(TOFU_FIELDS) + ((ALPACA_INPUT,) if "instruction" in obj else ()))
+    for name in obj:
+        if name in known or name in TOFU_FIELDS:
+            continue
+        meant = misspelt(name, fields)
+        if meant is not None and meant not in obj:
+            raise UnlearnError(f"{where}: {name!r} is no field unlearn reads; did you mean {meant!r}? (a name this "
+                               f"close to one is refused rather than ignored: rename it)")
+
+
+def _near_miss_hint(obj: dict, keys: tuple[str, ...]) -> str:
+    """The hint the "no prompt" refusal ends with: the given field that misspells one of KEYS."""
+    near = [(name, meant) for name in obj if name not in keys and (meant := misspelt(name, keys))]
+    return f"; {near[0][0]!r} is not one (did you mean {near[0][1]!r}?)" if near else ""
+
+
+def _ours(extra: dict) -> dict:
+    """EXTRA with TOFU's names for the truth ratio's fields (`TOFU_FIELDS`) replaced by ours."""
+    return {TOFU_FIELDS.get(k, k): v for k, v in extra.items()}
+
+
 def _check_extra(obj: dict, where: str) -> None:
     # The field where a row's derived answers are kept once read (`spans.DERIVED_KEY`): taken from a
     # file, it would be trusted as that derivation, or crash the judge when it is not one.
@@ -209,14 +280,24 @@ def _check_extra(obj: dict, where: str) -> None:
         raise UnlearnError(f"{where}: 'refusal_markers' must be a list of non-empty strings")
     # An empty answer here would be scored as the end-of-turn token alone (a "probability" of one token) or
     # silently drop the row from the truth ratio: refused, as an empty response is.
-    for key in ("paraphrased_response", "hallucinated_response"):
+    # (each named as the row spells it, ours or TOFU's)
+    for key in ("paraphrased_response", "paraphrased_answer", "hallucinated_response"):
         if key in obj and not (isinstance(obj[key], str) and obj[key].strip()):
             got = "an empty string" if isinstance(obj[key], str) else json_type(obj[key])
             raise UnlearnError(f"{where}: {key!r} must be a non-empty string, got {got}")
-    perturbed = obj.get("perturbed_responses")
-    if perturbed is not None and not (isinstance(perturbed, list) and perturbed
-                                      and all(isinstance(p, str) and p.strip() for p in perturbed)):
-        raise UnlearnError(f"{where}: 'perturbed_responses' must be a non-empty list of non-empty strings")
+    for key in ("perturbed_responses", "perturbed_answer"):
+        if key in obj and not (isinstance(obj[key], list) and obj[key]
+                               and all(isinstance(p, str) and p.strip() for p in obj[key])):
+            raise UnlearnError(f"{where}: {key!r} must be a non-empty list of non-empty strings")
+    for theirs, ours in TOFU_FIELDS.items():
+        if theirs in obj and ours in obj:
+            raise UnlearnError(f"{where}: both {ours!r} and {theirs!r} (TOFU's name for it) given; use one")
+    # The truth ratio compares the paraphrase with the perturbed answers: one without the other was read by nothing.
+    pair = [k for k in ("paraphrased_response", "paraphrased_answer", "perturbed_responses", "perturbed_answer")
+            if k in obj]
+    if len(pair) == 1:
+        other = "perturbed_responses" if pair[0].startswith("paraphrased") else "paraphrased_response"
+        raise UnlearnError(f"{where}: {pair[0]!r} without {other!r}: the truth ratio reads the two together")
 
 
 def _check_subject(obj: dict, prompt: str, where: str, part: str) -> None:
@@ -256,7 +337,7 @@ def _parse_passage(obj: dict, where: str, line: int) -> Example:
     _check_extra(obj, where)
     # The model is prompted with the prefix only, so that is where a subject must be.
     _check_subject(obj, prefix, where, f"passage's prefix (its first {len(passage_words(prefix)[0])} words)")
-    extra = {k: v for k, v in obj.items() if k != "text"}
+    extra = _ours({k: v for k, v in obj.items() if k != "text"})
     return Example(Passage(prefix), continuation, line, extra)
 
 
@@ -264,18 +345,20 @@ def parse_line(obj, where: str, need_response: bool) -> Example:
     if not isinstance(obj, dict):
         raise UnlearnError(f"{where}: expected a JSON object, got {json_type(obj)}")
     line = int(where.rsplit(":", 1)[1])
+    _refuse_misspelt_fields(obj, where)
     if "text" in obj and not any(k in obj for k in PROMPT_KEYS):
         return _parse_passage(obj, where, line)
     prompt = _pick(obj, PROMPT_KEYS, where, "prompt")
     if prompt is None:
-        raise UnlearnError(f"{where}: no prompt: expected one of {', '.join(PROMPT_KEYS)} (or 'text')")
+        raise UnlearnError(f"{where}: no prompt: expected one of {', '.join(PROMPT_KEYS)} (or 'text')"
+                           f"{_near_miss_hint(obj, PROMPT_KEYS + ('text',))}")
     prompt = _with_alpaca_input(obj, prompt, where)
     response = _pick(obj, RESPONSE_KEYS, where, "response")
     if response is None and need_response:
         raise UnlearnError(f"{where}: no response: expected one of {', '.join(RESPONSE_KEYS)}")
     _check_extra(obj, where)
     _check_subject(obj, prompt, where, "prompt")
-    extra = {k: v for k, v in obj.items() if k not in PROMPT_KEYS + RESPONSE_KEYS + (ALPACA_INPUT,)}
+    extra = _ours({k: v for k, v in obj.items() if k not in PROMPT_KEYS + RESPONSE_KEYS + (ALPACA_INPUT,)})
     return Example(prompt, response, line, extra)
 
 
