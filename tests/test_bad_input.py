@@ -171,6 +171,12 @@ CASES = {
                     "bin.jsonl:1: not UTF-8 text (another encoding, such as Latin-1, or a binary file); save it as "
                     "UTF-8"),
     "NUL bytes": (lambda c: c.run(forget=c.file("nul.jsonl", '{"prompt": "a\x00b"}\n')), 1, "NUL bytes"),
+    "UTF-16 without a byte-order mark": (
+        lambda c: c.run(forget=c.file("u16.jsonl", '{"prompt": "p", "response": "r"}\n'.encode("utf-16-le"))), 1,
+        "u16.jsonl:1: UTF-16 or UTF-32 text without a byte-order mark, by its NUL bytes; save it as UTF-8"),
+    "UTF-16 big-endian without a byte-order mark": (
+        lambda c: c.run(forget=c.file("u16be.jsonl", '{"prompt": "p", "response": "r"}\n'.encode("utf-16-be"))), 1,
+        "u16be.jsonl:1: UTF-16 or UTF-32 text without a byte-order mark"),
     "a list, not an object": (lambda c: c.run(forget=c.rows("l.jsonl", '["prompt", "response"]')), 1,
                               "l.jsonl:1: expected a JSON object, got an array"),
     "a number, not an object": (lambda c: c.run(normal=c.rows("n2.jsonl", json.dumps(NORMAL[0]), "42")), 1,

@@ -433,6 +433,10 @@ def _read_line(path: Path, number: int, line_bytes: bytes, need_response: bool) 
         raise UnlearnError(f"{where}: not UTF-8 text (another encoding, such as Latin-1, or a binary file); save "
                            f"it as UTF-8") from None
     if "\x00" in line:
+        # Without a byte-order mark, UTF-16 text reads as valid UTF-8 with a NUL beside every ASCII character.
+        if line_bytes.count(0) * 3 >= len(line_bytes):
+            raise UnlearnError(f"{where}: UTF-16 or UTF-32 text without a byte-order mark, by its NUL bytes; save it "
+                               f"as UTF-8")
         raise UnlearnError(f"{where}: contains NUL bytes (is this a binary file?)")
     if not line.strip():
         return None
