@@ -7,7 +7,7 @@ import json
 import pytest
 
 from test_run_cli import FORGET, NORMAL, write_jsonl
-from unlearn.cpu_load import OtherWork, busy_ticks, contention_note
+from unlearn.cpu_load import CrowdWatch, OtherWork, busy_ticks, contention_note
 
 # /proc/stat's layout: the total line, then one line a CPU (user nice system idle iowait irq softirq steal guest
 # guest_nice), in ticks.
@@ -81,7 +81,7 @@ def test_the_note_is_for_a_cpu_run_in_one_process(monkeypatch):
     import torch
 
     from unlearn.distributed import World
-    from unlearn.run import _crowded_cores_note
+    from unlearn.run import _crowded_cores
 
     class Crowded:
         cpus = {0, 1}
@@ -89,8 +89,72 @@ def test_the_note_is_for_a_cpu_run_in_one_process(monkeypatch):
         def busy_cores(self):
             return 1.0
 
+    class Quiet(Crowded):
+        def busy_cores(self):
+            return 0.0
+
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     cpu = torch.device("cpu")
-    assert _crowded_cores_note(cpu, World(), Crowded()) == contention_note(1.0, threads=2, cores=2)
-    assert _crowded_cores_note(cpu, World(rank=0, size=2), Crowded()) is None
-    assert _crowded_cores_note(torch.device("cuda"), World(), Crowded()) is None
+    assert _crowded_cores(cpu, World(), Crowded()) == (contention_note(1.0, threads=2, cores=2), None)  # said once
+    assert _crowded_cores(cpu, World(rank=0, size=2), Crowded()) == (None, None)
+    assert _crowded_cores(torch.device("cuda"), World(), Crowded()) == (None, None)
+    note, watch = _crowded_cores(cpu, World(), Quiet())
+    assert note is None and isinstance(watch, CrowdWatch) and (watch.threads, watch.cores) == (2, 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert _crowded_cores(cpu, World(), Quiet()) == (None, None)  # one thread waits for no other
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_training_reads_other_work_over_windows_of_twenty_seconds_that_end_with_a_step():
+    clock, busy = Clock(), iter([0.2, 1.3])
+
+    class Window:  # each window reads the next figure of BUSY
+        def busy_cores(self):
+            return next(busy)
+
+    watch = CrowdWatch(threads=2, cores=2, watch=Window, clock=clock)
+    clock.now += 8.0
+    assert watch.after_step(1) is None  # 8 s: the window is not over
+    clock.now += 12.5
+    assert watch.after_step(2) is None  # 20.5 s, steps 1-2: 0.2 cores busy, under BUSY_CORES_SAID
+    clock.now += 19.0
+    assert watch.after_step(3) is None  # a new window, 19 s old
+    clock.now += 4.0
+    assert watch.after_step(4) == contention_note(1.3, threads=2, cores=2, when="during steps 3-4")
+    assert "busy during steps 3-4; torch's 2 threads" in contention_note(1.3, 2, 2, when="during steps 3-4")
+
+
+def test_a_run_whose_cores_are_crowded_once_it_trains_says_so_once_and_keeps_it(tmp_path, llama_dir, cli,
+                                                                                 monkeypatch):
+    import torch
+
+    from unlearn import cpu_load, run
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the CLI's in-process runs set one thread
+    windows = []
+
+    class Window:  # quiet while the model loads (the first window), then one busy core
+        def __init__(self):
+            windows.append(self)
+            self.cpus = {0, 1}
+
+        def busy_cores(self):
+            return 0.0 if self is windows[0] else 1.0
+
+    monkeypatch.setattr(run, "OtherWork", Window)
+    monkeypatch.setattr(cpu_load, "OtherWork", Window)
+    monkeypatch.setattr(cpu_load, "TRAINING_WINDOW_S", 0.0)  # every step ends a window
+    forget, normal = write_jsonl(tmp_path / "f.jsonl", FORGET), write_jsonl(tmp_path / "n.jsonl", NORMAL)
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "out", "--max-steps", "3",
+                 "--check-every", "0", "--max-new-tokens", "2", "--eval-limit", "1", "--no-probes")
+    assert result.code == 0, result.err
+    said = [line for line in result.err.splitlines() if line.startswith("cpu: ")]
+    assert said == [contention_note(1.0, threads=2, cores=2, when="during step 1")]  # once, though 3 steps were
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["notes"] == said

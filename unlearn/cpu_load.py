@@ -8,9 +8,10 @@ threads, 6.8-7.8 s on 1 thread, against 3.7-4.4 s alone on 2. The tool does not 
 the count changes float rounding, so a run's exact weights (and a resume's) would depend on what else ran when it
 started. It says so, and names the setting that does (OMP_NUM_THREADS).
 
-The measure: over a window (the model's loading), the busy time /proc/stat counts on this process's CPUs
+The measure: over a window (the model's loading; then, while it trains, windows of TRAINING_WINDOW_S or more, up
+to the end of a step: `CrowdWatch`), the busy time /proc/stat counts on this process's CPUs
 (`os.sched_getaffinity`), less this process's own CPU time, over the window's wall clock: how many of those
-cores other processes kept busy. Linux only; elsewhere nothing is measured and nothing said.
+cores other processes kept busy. Linux only; elsewhere nothing is measured and nothing said. Said once a run.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from pathlib import Path
 BUSY_CORES_SAID = 0.5
 # A window shorter than this reads too few ticks to say anything.
 MIN_WINDOW_S = 0.5
+# Training's windows: long enough that a burst of other work (a shell command, an editor's save) averages out to
+# under BUSY_CORES_SAID, short enough that a run of a few minutes says it in its first quarter.
+TRAINING_WINDOW_S = 20.0
 
 
 def busy_ticks(stat_text: str, cpus: set[int]) -> int | None:
@@ -71,15 +75,36 @@ class OtherWork:
         return max(0.0, ((ticks - ticks0) / self.hz - (self._own() - own0)) / wall)
 
 
-def contention_note(busy: float | None, threads: int, cores: int) -> str | None:
-    """The line a run logs when BUSY cores of its CORES were kept busy by other processes and torch's THREADS
-    are more than the cores left (at least one); None otherwise."""
+def contention_note(busy: float | None, threads: int, cores: int, when: str = "while the model loaded") -> str | None:
+    """The line a run logs when BUSY cores of its CORES were kept busy by other processes (WHEN says over which
+    window) and torch's THREADS are more than the cores left (at least one); None otherwise."""
     if busy is None or busy < BUSY_CORES_SAID or threads <= 1:
         return None
     free = max(1, round(cores - busy))
     if threads <= free:
         return None
-    return (f"cpu: other processes kept {busy:.1f} of this run's {cores} cores busy while the model loaded; torch's "
+    return (f"cpu: other processes kept {busy:.1f} of this run's {cores} cores busy {when}; torch's "
             f"{threads} threads wait for each other at every operation, so a step can take several times longer "
             f"(docs/speed.md: beside one busy process, 23-28 s a step on 2 threads, 7-8 s on 1, 4 s alone); "
             f"OMP_NUM_THREADS={free} runs on the {'core' if free == 1 else 'cores'} left")
+
+
+class CrowdWatch:
+    """Other work on the run's cores while it trains, read over windows of TRAINING_WINDOW_S or more that end with
+    a step (`after_step`): work that began once the model had loaded, which the load's window cannot see."""
+
+    def __init__(self, threads: int, cores: int, watch=None, clock=time.perf_counter):
+        """WATCH starts a window (OtherWork unless a test gives its own); CLOCK times the windows."""
+        self.threads, self.cores, self._watch, self._clock = threads, cores, watch or OtherWork, clock
+        self._window, self._opened, self._first_step = self._watch(), clock(), None
+
+    def after_step(self, step: int) -> str | None:
+        """The note for the window that ends with STEP once it is TRAINING_WINDOW_S long (the next window then
+        starts), else None."""
+        self._first_step = self._first_step or step
+        if self._clock() - self._opened < TRAINING_WINDOW_S:
+            return None
+        steps = f"step {step}" if step == self._first_step else f"steps {self._first_step}-{step}"
+        note = contention_note(self._window.busy_cores(), self.threads, self.cores, when=f"during {steps}")
+        self._window, self._opened, self._first_step = self._watch(), self._clock(), None
+        return note

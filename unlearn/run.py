@@ -31,7 +31,7 @@ from unlearn import distributed, models, precision, system
 from unlearn.checkpoints import checkpoint_root, latest_checkpoint, load_checkpoint, read_state, remove_partial
 from unlearn.checkpoints import save_checkpoint, write_state
 from unlearn.config import RETAIN_WEIGHT, RunOptions
-from unlearn.cpu_load import OtherWork, contention_note
+from unlearn.cpu_load import CrowdWatch, OtherWork, contention_note
 from unlearn.data import (SOURCE_FILE, Example, check_answers_spelled, fallback_note, prompt_key, read_examples,
                           render_prompt)
 from unlearn.errors import Interrupted, Terminated, UnlearnError, UsageError
@@ -466,6 +466,7 @@ class Loaded:
     # measurement cache, attaching LoRA or copying the reference; ULMR's rewrites are counted apart.
     load_seconds: float = 0.0
     augment_seconds: float = 0.0  # ULMR's rewrites and negative responses, made once the model is loaded
+    crowd_watch: CrowdWatch | None = None  # other work on the cores while training (cpu_load.py), when loading saw none
     # Options that change nothing in this run, found only once the rows are read and the model built (--protect
     # without retain rows, --leak-growth where the margin reads every row...), and choices made for the user there
     # (a mixture of experts' adapters on its attention): logged, and kept in run.json's notes beside
@@ -519,7 +520,7 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     log(f"model {loaded.name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) on "
         f"{system.device_name(device)}")
     reference_model, notes = None, []
-    crowded = _crowded_cores_note(device, world, other_work)
+    crowded, crowd_watch = _crowded_cores(device, world, other_work)
     if crowded:
         notes.append(crowded)
     rows = [*data.forget, *data.normal, *data.retain, *(e for s in data.sets for e in s.examples)]
@@ -591,21 +592,39 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     before.keep_kv = after.keep_kv = KEPT_KV_BUDGET
     job = Loaded(loaded, model, tokenizer, reference_model, device, forward_model, after, before,
                  train_rows, augment_stats, load_seconds=time.perf_counter() - started - augment_seconds,
-                 augment_seconds=augment_seconds)
+                 augment_seconds=augment_seconds, crowd_watch=crowd_watch)
     for line in notes:
         job.note(line, log)
     return job
 
 
-def _crowded_cores_note(device, world, other_work) -> str | None:
-    """`cpu_load.contention_note` for a run on the CPU in one process. Under torchrun the busy cores are its own
-    other ranks, loading the same model (torchrun gives each one thread unless OMP_NUM_THREADS says otherwise),
-    which the note would call other processes; on a GPU torch's CPU threads are not the step's."""
+def _crowded_cores(device, world, other_work) -> tuple[str | None, CrowdWatch | None]:
+    """`cpu_load.contention_note` for the model's loading, and the `CrowdWatch` for training when that said
+    nothing (the note is said once a run), for a run on the CPU in one process. Under torchrun the busy cores are
+    its own other ranks, loading the same model (torchrun gives each one thread unless OMP_NUM_THREADS says
+    otherwise), which the note would call other processes; on a GPU torch's CPU threads are not the step's."""
     import torch
 
     if device.type != "cpu" or world.active:
+        return None, None
+    threads, cores = torch.get_num_threads(), len(other_work.cpus)
+    note = contention_note(other_work.busy_cores(), threads, cores)
+    return note, (CrowdWatch(threads, cores) if note is None and threads > 1 else None)
+
+
+def _crowd_noter(job: Loaded):
+    """What training calls after each step: JOB's `CrowdWatch` read, and its note, once a run, kept in JOB's notes
+    and returned for training to log (above its progress bar); None without a watch."""
+    if job.crowd_watch is None:
         return None
-    return contention_note(other_work.busy_cores(), torch.get_num_threads(), len(other_work.cpus))
+
+    def after_step(step: int) -> str | None:
+        note = job.crowd_watch.after_step(step) if job.crowd_watch is not None else None
+        if note:
+            job.crowd_watch = None  # said once a run
+            job.notes.append(note)
+        return note
+    return after_step
 
 
 def _refuse_forget_rows_cut_off(opts: RunOptions, data: Prepared, tokenizer) -> None:
@@ -1074,7 +1093,7 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log, before: Meas
     try:
         result = train(unlearner, forgotten=forgotten, log=log, save_every=data.run_args["save_every"],
                        checkpoint=lambda loop: save_checkpoint(data.output, unlearner, loop, data.run_args),
-                       resume=loop_state)
+                       resume=loop_state, after_step=_crowd_noter(job))
     except StopRequested as stop:
         raise Interrupted(f"interrupted after step {stop.step}; saved {stop.checkpoint}; "
                           f"to continue: {_resume_command(opts, data.output)}") from None

@@ -1042,7 +1042,7 @@ class _DeferredInterrupt:
 
 
 def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0, checkpoint=None,
-          resume: dict | None = None) -> TrainResult:
+          resume: dict | None = None, after_step=None) -> TrainResult:
     """Run steps until FORGOTTEN() says the forget set is forgotten, or max_steps.
 
     FORGOTTEN is a callable returning (done: bool, leak_rate: float), the rate a lower bound
@@ -1051,7 +1051,9 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
     `leaked_answers()` lists the leaking rows of the check just made (run.stop_rule), which
     join the forget rows (`Unlearner.add_leaked_answers`). CHECKPOINT(loop_state) saves the
     unlearner and the loop state every SAVE_EVERY steps (and on Ctrl-C, after which
-    StopRequested is raised); RESUME is a loop state saved that way, to continue from.
+    StopRequested is raised); RESUME is a loop state saved that way, to continue from. AFTER_STEP(step), when
+    given, is called after each step's update and returns a line to log or None (run.py: other work on the
+    cores, cpu_load.CrowdWatch).
     """
     from tqdm import tqdm
 
@@ -1095,6 +1097,9 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
             while unlearner.step_count < stop_at:
                 record = unlearner.step()
                 history.append(record)
+                said = after_step(unlearner.step_count) if after_step is not None else None
+                if said and log:
+                    log(said)
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k not in ("step", "lr")})
                 due = config.check_every and unlearner.step_count % config.check_every == 0
