@@ -348,6 +348,13 @@ def test_an_answer_restating_its_turn_after_a_blank_is_still_the_answer(llama_pl
     assert answer_in_format(plain, "Who wrote Hamlet?", restated) == " \n### Answer: Shakespeare wrote it."
 
 
+def test_an_answer_that_opens_with_the_next_question_is_empty(llama_plain_dir):
+    # (review 112) it was kept, so the leak judge and fluency read the model's invented next question as its answer
+    plain = load_tokenizer(llama_plain_dir)
+    assert answer_in_format(plain, "Say nothing.", "\n### Question: What?") == ""
+    assert answer_in_format(plain, "Say nothing.", " \n#### Question: Who is?\n### Answer: Me.") == " "
+
+
 def test_a_budget_cut_marker_with_no_answer_before_it_is_kept(llama_plain_dir):
     plain = load_tokenizer(llama_plain_dir)
     # the answer restates its own turn and the budget ends inside it: there is no answer before it to keep

@@ -127,3 +127,36 @@ def test_a_row_without_a_draft_at_the_position_tables_end_beside_a_drafting_row(
     ids = []
     plain = generate(model, tokenizer, prompts, max_new_tokens=budgets, token_ids=ids, desc=False)
     assert generate(model, tokenizer, prompts, max_new_tokens=budgets, drafts=[ids[0], None], desc=False) == plain
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gptneo"])
+def test_no_draft_under_a_sliding_window(tmp_path, family):
+    """(review 112) A rejected draft token stays in the cache as a masked column; a sliding-window layer counts its
+    window in cache slots, so each one pushed a real token out of view: past the window, the answer was another than
+    one-token-at-a-time decoding gives. Such a model's rows decode without drafts."""
+    import tiny_models
+
+    from unlearn.data import encode_prompt
+
+    loaded = load_model(str(tiny_models.build_family(tmp_path / family, family, sliding_window=6)), log=lambda m: None)
+    model, tokenizer = loaded.model.eval(), loaded.tokenizer
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # varied answers, not one token repeated
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.15)
+    model.generation_config.eos_token_id = None
+    prompts = ["Who is Harry?", "The sky is blue and grass is green. " * 4 + "Why?"]
+    assert all(len(encode_prompt(tokenizer, p)) > 6 for p in prompts[1:])
+    plain, drafted = [], []
+    generate(model, tokenizer, prompts, max_new_tokens=24, token_ids=plain, desc=False)
+    wrong = [ids[:3] + [(t + 7) % 300 + 10 for t in ids[3:]] for ids in plain]  # right opening, then wrong
+    generate(model, tokenizer, prompts, max_new_tokens=24, token_ids=drafted, drafts=wrong, desc=False)
+    assert drafted == plain
+    assert not kv_cache.keeps_every_position(model)
+
+
+def test_a_budget_of_no_token_is_refused(llama_dir):
+    # (review 112) a row's first token is appended before its budget is tested: a budget of 0 never ended
+    model, tokenizer = load(llama_dir)
+    with pytest.raises(ValueError, match="generate: a budget of 0 new tokens; each must be at least 1"):
+        generate(model, tokenizer, PROMPTS[:2], max_new_tokens=[0, 6], desc=False)

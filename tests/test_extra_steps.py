@@ -1,5 +1,6 @@
 """--extra-steps after the stop rule fires, and --max-steps cutting them short: said in the log, the table's steps
-line and run.json, not silently (the run said "stopped: forgotten" after 1 of the 3 steps asked)."""
+line and run.json, not silently (the run said "stopped: forgotten" after 1 of the 3 steps asked, and after all of
+them as if a check had read the model they made)."""
 
 import json
 
@@ -24,7 +25,9 @@ def test_extra_steps_run_after_the_rule_fires_and_a_cut_is_said(tmp_path, cli, l
     assert result.code == 0, result.err
     record = json.loads((tmp_path / "whole" / "run.json").read_text())
     assert record["steps"] == 3 and record["extra_steps"] == {"asked": 2, "run": 2}
-    assert "--extra-steps" not in result.out and "leaves" not in result.err
+    # all of them ran: said too, since no check read the model they made (review 111)
+    assert "(stopped: forgotten; then 2 --extra-steps, which no check read)" in result.out
+    assert "step 1: forget leak rate 0.00; 2 --extra-steps follow" in result.err and "leaves" not in result.err
     # none asked: nothing recorded
     result = cli("run", *rows, "--model", llama_dir, "-o", tmp_path / "none", *QUICK)
     assert result.code == 0, result.err

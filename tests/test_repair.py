@@ -114,11 +114,29 @@ def test_a_run_that_leaks_at_max_steps_says_so(llama_dir):
 
 def test_no_repair_without_keep_terms(llama_dir):
     u = unlearner(llama_dir, max_steps=10, check_every=1, repair_steps=3, normal_weight=0.0)
-    said = []
-    result = train(u, forgotten=verdicts(0.0), log=said.append)
-    assert result.steps == 1 and result.repair is None
-    # the --repair-steps the user gave is not dropped without a word
-    assert any("no repair: nothing to keep" in line and "--repair-steps" in line for line in said), said
+    result = train(u, forgotten=verdicts(0.0))
+    assert result.steps == 1 and result.repair is None and not u.has_keep_terms
+
+
+@pytest.mark.parametrize("steps", ["3", "auto"])
+def test_a_repair_with_nothing_to_keep_is_said_and_kept_in_run_json(cli, tmp_path, llama_dir, steps):
+    # the --repair-steps the user gave is not dropped without a word: auto was, and a number only in a log line
+    # at the step the stop rule fired (review 111)
+    import json
+
+    from test_run_cli import FORGET, NORMAL, write_jsonl
+
+    forget, normal = write_jsonl(tmp_path / "f.jsonl", FORGET), write_jsonl(tmp_path / "n.jsonl", NORMAL)
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "out", "--max-steps", "1",
+                 "--max-new-tokens", "2", "--eval-limit", "1", "--normal-weight", "0", "--no-probes",
+                 "--repair-steps", steps)
+    assert result.code == 0, result.err
+    line = (f"--repair-steps {steps}: nothing to keep (--normal-weight 0, no retain rows or probes trained on), so a "
+            f"repair has no terms to train; it changes nothing in this run")
+    assert line in result.err.splitlines()
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert line in record["notes"]
+    assert record["config"]["repair_steps"] == (3 if steps == "3" else "auto")  # auto was written null ("not set")
 
 
 def test_a_run_resumed_in_its_repair_phase_ends_as_one_never_stopped(tmp_path, llama_dir):

@@ -290,7 +290,8 @@ def test_repair_steps_are_recorded_and_printed(tmp_path, data, llama_dir, cli):
     assert result.code == 0, result.err
     record = json.loads((out / "run.json").read_text())
     assert record["steps"] == 3 and record["stopped_by"] == "forgotten"
-    assert record["repair"] == {"first_forgotten": 1, "end": 3, "keep_terms_only_steps": 2, "whole_loss_steps": 0}
+    assert record["repair"] == {"first_forgotten": 1, "end": 3, "keep_terms_only_steps": 2, "whole_loss_steps": 0,
+                                "finished": True}
     assert [bool(h.get("keep_terms_only")) for h in record["history"]] == [False, True, True]
     assert "first forgotten after step 1, then 2 repair steps of the keep terms alone and 0 of the whole loss" in result.out
     assert "step 1: forget leak rate 0.00; repair: up to 2 more steps" in result.err

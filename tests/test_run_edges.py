@@ -171,15 +171,17 @@ def test_hold_out_holds_back_only_rows_not_trained_elsewhere():
         assert all(r.prompt not in ("question 0?", "question 5?") for r in hold_out(rows, 0.5, seed, eligible)[1])
 
 
-def test_normal_rows_all_repeated_by_retain_are_labelled_trained(cli, tmp_path, llama_dir):
+@pytest.mark.parametrize("weight, role", [((), "trained"), (("--retain-weight", "0"), "held out")])
+def test_normal_rows_all_repeated_by_retain_are_labelled_trained(cli, tmp_path, llama_dir, weight, role):
+    # (at --retain-weight 0 the retain rows train nothing: review 111 found them labelling the held-back row trained)
     forget = write_jsonl(tmp_path / "forget.jsonl", FORGET)
     normal = write_jsonl(tmp_path / "normal.jsonl", NORMAL + [{"prompt": "Name a fruit.", "response": "Apple."}])
     result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "out", *QUICK, "--retain", normal,
-                 "--json")
+                 "--json", *weight)
     assert result.code == 0, result.err
     record = json.loads(result.out)
     assert record["before"]["normal-heldout"]["n"] == 1
-    assert record["roles"]["normal-heldout"] == "trained"
+    assert record["roles"]["normal-heldout"] == role
 
 
 def test_duplicated_normal_rows_are_not_held_back(tmp_path, llama_dir):
@@ -329,3 +331,83 @@ def test_probes_are_labelled_stop_rule_only_when_their_check_ran():
     record = {"probes": {"sets": {"neighbours": {"made": 1, "kept": 1}}, "retained": None, "file": None},
               "roles": {"neighbours": "stop rule"}}
     assert "held out, and checked by the stop rule (--stop-probes)" in _probe_lines(record)[0]
+
+
+def test_an_eval_file_repeating_some_forget_prompts_loses_its_stop_rule_part_when_no_check_ran():
+    # (review 111) "1 of 2 stop rule" survived a run whose stop rule never checked (--check-every past the steps
+    # run, every edit run), while the forget line became "trained"
+    from types import SimpleNamespace
+
+    from unlearn.measure import EvalSet
+    from unlearn.run import roles_as_checked
+
+    sets = [EvalSet("forget", "forget", [], None, "trained, stop rule"),
+            EvalSet("para", "forget", [], None, "1 of 2 trained, 1 of 2 stop rule"),
+            EvalSet("both", "forget", [], None, "1 of 3 trained, 1 of 3 stop rule, α choice")]
+    roles_as_checked(sets, SimpleNamespace(history=[{"step": 1}]))
+    assert [s.role for s in sets] == ["trained", "1 of 2 trained", "1 of 3 trained, α choice"]
+
+
+def test_the_stop_rules_budget_is_checked_only_where_the_stop_rule_runs(cli, tmp_path, opt_dir):
+    # (review 111) a forget prompt with room for --max-new-tokens but not for the check's 32 tokens was refused with
+    # --check-every 0, where no check generates, and told to "lower the budget", which no option sets
+    from unlearn.data import encode_prompt
+    from unlearn.models import load_model
+
+    tokenizer = load_model(str(opt_dir), log=lambda m: None).tokenizer
+    prompt = "Who wrote it? " + "word " * 40
+    while len(encode_prompt(tokenizer, prompt)) < 512 - 20:
+        prompt += "word "
+    n = len(encode_prompt(tokenizer, prompt))
+    forget = write_jsonl(tmp_path / "forget.jsonl", [{"prompt": prompt, "response": "Jane Austen.",
+                                                     "answers": ["Austen"]}])
+    normal = write_jsonl(tmp_path / "normal.jsonl", NORMAL)
+    common = ["--model", opt_dir, "--max-new-tokens", "4", "--max-length", "512", "--no-probes", "--max-steps", "1"]
+    refused = cli("run", forget, normal, *common, "-o", tmp_path / "checked")
+    assert refused.code == 1 and refused.err.splitlines() == [
+        f"unlearn: {forget}:1: the rendered prompt is {n} tokens; with the stop rule's check budget 32 that is "
+        f"{n + 32} positions, past the context of --model {opt_dir} (512 positions: learned position embeddings, "
+        f"max_position_embeddings 512); shorten the prompt, or run without the stop rule (--check-every 0)"]
+    result = cli("run", forget, normal, *common, "--check-every", "0", "-o", tmp_path / "unchecked")
+    assert result.code == 0, result.err
+
+
+
+@pytest.mark.parametrize("rows, share, why", [(3, "0.25", "fewer than 4 rows"), (4, "0.1", "0.1 of 4 rows rounds to none")])
+def test_no_row_held_back_is_said(cli, tmp_path, llama_dir, rows, share, why):
+    # (review 111) the normal-heldout line was left out without a word
+    forget = write_jsonl(tmp_path / "forget.jsonl", FORGET)
+    normal = write_jsonl(tmp_path / "normal.jsonl", [{"prompt": f"Name a colour, {i}.", "response": "Red."}
+                                                     for i in range(rows)])
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "out", *QUICK, "--normal-holdout", share)
+    assert result.code == 0, result.err
+    line = (f"--normal-holdout {share}: no NORMAL row held back ({why}), so there is no normal-heldout line and the "
+            f"normal similarity is of rows trained on")
+    assert line in result.err.splitlines()
+    assert line in json.loads((tmp_path / "out" / "run.json").read_text())["notes"]
+
+
+def test_the_probe_line_says_when_none_was_trained_on_or_made():
+    # (review 111) it said "trained on (--retain-probes)" with no probe trained on, and named a probes.jsonl that
+    # was empty (unlearn eval refuses it), now not written
+    from unlearn.tables import _probe_lines
+
+    def line(retained, made, file=None):
+        return _probe_lines({"probes": {"sets": {"neighbours": {"made": made, "kept": 0}}, "retained": retained,
+                                        "file": file}, "roles": {}})[0]
+    assert line(0, 0).startswith("probes (held out: --retain-probes, but none could be trained on, built from")
+    assert line(0, 0).endswith("neighbours 0 of 0 made; none made, so no probes.jsonl")
+    assert line(3, 4, "out/probes.jsonl").startswith("probes (trained on (--retain-probes), built")
+    assert line(3, 4, "out/probes.jsonl").endswith("; out/probes.jsonl")
+    assert line(None, 4).startswith("probes (held out, built")
+
+
+def test_the_steps_line_says_when_max_steps_cut_the_repair():
+    # (review 111) a repair cut by --max-steps read as a finished one; and "1 repair steps"
+    from unlearn.tables import _repair_note
+
+    repair = {"first_forgotten": 1, "end": 3, "keep_terms_only_steps": 1, "whole_loss_steps": 0}
+    assert _repair_note({"repair": {**repair, "finished": True}}) == (
+        "; first forgotten after step 1, then 1 repair step of the keep terms alone and 0 of the whole loss")
+    assert _repair_note({"repair": {**repair, "finished": False}}).endswith(
+        "0 of the whole loss; --max-steps came first, before the repair could end (at a check from step 3 on)")

@@ -425,10 +425,20 @@ class RunOptions:
         from unlearn.averaging import AUTO_GRID, parse_alphas
 
         ulmr = self.train.method == "ulmr"
-        if self.retain_probes and not self.probes:
-            raise UsageError("--retain-probes trains on the automatic probes: it cannot go with --no-probes")
-        retain_probes = self.retain_probes if self.retain_probes is not None else (
-            self.probes and self.train.method in RETAIN_PROBES_METHODS)
+        if self.retain_probes is not None and not self.probes:  # either way: --no-probes makes none (at any value)
+            raise UsageError(f"--{'' if self.retain_probes else 'no-'}retain-probes says whether to train on the "
+                             f"automatic probes, which --no-probes turns off: drop one of them")
+        # The retain KL at weight 0 trains no row (a term of weight 0 is never drawn, train.py), unless --protect
+        # reads the rows: probes trained "through" it were labelled trained and said to join the retain rows.
+        retain_off = self.retain_weight == 0 and not self.train.protect
+        if retain_off and self.retain_probes:
+            raise UsageError("--retain-probes trains on the probes through the retain KL, which --retain-weight 0 "
+                             "turns off: drop one of them")
+        if self.retain_weight == 0 and self.train.retain_follows_margin:  # (with --protect too: 0 times any multiplier)
+            raise UsageError("--retain-follows-margin multiplies the retain KL's weight, which --retain-weight 0 "
+                             "makes 0: drop one of them")
+        by_default = self.retain_probes is None and self.probes and self.train.method in RETAIN_PROBES_METHODS
+        retain_probes = self.retain_probes if self.retain_probes is not None else by_default and not retain_off
         own = PER_METHOD.get(self.train.method, {})
         # The margin reads the probability of the forget rows' answer tokens (`Unlearner.likeliest_forget_answer`);
         # a loss on every response token has none to read, so a margin there would be taken and never hold.
@@ -438,7 +448,7 @@ class RunOptions:
             raise UsageError(f"--forget-loss {self.forget_loss} acts where the answer is, and --forget-tokens response "
                              f"scores every response token (unlikelihood): drop one of them")
         # given at all, 0 too: an option the other settings make idle is refused at any value (README)
-        if unfocused and (self.stop_margin is not None or self.train.leak_growth != 1):
+        if unfocused and (self.stop_margin is not None or self._given("leak_growth")):
             trains = ("--method ulmr learns whole responses (its rows' likelihood)" if ulmr else
                       "--forget-tokens response pushes down every response token")
             if self.stop_margin is not None:
@@ -481,7 +491,8 @@ class RunOptions:
                 # the stop rule's: the edit has no checks (its forget set reads `trained`, never `stop rule`)
                 ("--check-every", self._given("check_every")),
                 ("--stop-leak", self.stop_leak is not None), ("--extra-steps", self.extra_steps is not None),
-                ("--stop-probes", self._given("stop_probes")), ("--leak-growth", self.train.leak_growth != 1),
+                ("--stop-probes", self._given("stop_probes")), ("--leak-growth", self._given("leak_growth")),
+                ("--retain-follows-margin", self.train.retain_follows_margin),
                 ("--whole-passage", self.train.whole_passage),  # it edits facts, not passages
                 ("--autocast", self._given("autocast")),  # no training passes: the edit runs in the model's own dtype
                 # the loss's weights and the loop's schedule (the edit's own preservation weight is no --normal-weight)
@@ -506,10 +517,16 @@ class RunOptions:
             raise UsageError(f"--normal-holdout {self.normal_holdout}: must be in [0, 1)")
         if self.probe_limit < 1:
             raise UsageError(f"--probe-limit {self.probe_limit}: must be at least 1 (--no-probes turns them off)")
+        for flag, paths in (("--retain", self.retain), ("--eval-forget", self.eval_forget),
+                            ("--eval-retain", self.eval_retain)):
+            twice = next((p for i, p in enumerate(paths) if Path(p).resolve() in
+                          {Path(q).resolve() for q in paths[:i]}), None)
+            if twice is not None:  # --retain's rows were trained and measured twice, an --eval-* set printed twice
+                raise UsageError(f"{flag} {twice}: given twice; give each file once")
         if self.save_every < 0:
             raise UsageError(f"--save-every {self.save_every}: must be 0 (off) or a number of steps")
         if self.train.method == "edit" and (self.alpha is not None or self.resume or self.save_every or self.full
-                                            or train.repair_steps != 0):
+                                            or self.repair_steps is not None):  # (given at any value, 0 too)
             raise UsageError("--method edit is one least-squares edit, not a training run: it takes no "
                              "--alpha, --resume, --save-every, --repair-steps or --full")
         if self.train.method == "rmu" and self.gradient_checkpointing:
@@ -553,7 +570,10 @@ class RunOptions:
             if given:
                 raise UsageError(f"{', '.join(given)} act{'s' * (len(given) == 1)} at the stop rule's checks, which "
                                  f"--check-every 0 turns off")
-        if train.stop_probes and not self.probes:
+        if self._given("leak_growth") and not train.stop_margin:  # 1 too (TrainConfig.validate sees values only)
+            raise UsageError(f"--leak-growth {train.leak_growth:g} grows the forget weight as --stop-margin's failed "
+                             f"checks do, where the margin reads no row; it needs a margin above 0")
+        if self._given("stop_probes") and not self.probes:  # at any value, 0 too
             raise UsageError("--stop-probes waits for the automatic probes, which --no-probes turns off")
         if not self.probes and self._given("probe_limit"):
             raise UsageError("--probe-limit sets how many automatic probes are made, which --no-probes turns off")
@@ -562,11 +582,12 @@ class RunOptions:
             why = "--no-anchors turns off the anchors that join the probes trained on"
             if self.method_reason is None:
                 off = ("--no-probes" if not self.probes else "--no-retain-probes" if self.retain_probes is False
-                       else f"--method {self.train.method}")
+                       else "--retain-weight 0" if by_default and retain_off else f"--method {self.train.method}")
                 raise UsageError(f"{why}, and this run trains on no probes ({off}): drop --no-anchors")
             notes += (f"--no-anchors does nothing here: --method {self.train.method}, which the forget rows chose, "
                       f"trains on no probes",)
-        if self.retain_weight is not None and not self.retain and not retain_probes:  # the retain term has no rows
+        # the retain term has no rows (but for the probes its weight 0 kept out of training: that did something)
+        if self.retain_weight is not None and not self.retain and not retain_probes and not (by_default and retain_off):
             why = "--retain-weight weighs the KL on the retain rows: with no --retain and no probes trained on"
             if self.method_reason is None:
                 raise UsageError(f"{why} there are none")

@@ -519,10 +519,12 @@ def fallback_note(tokenizer, examples, questions: bool = False) -> str | None:
 
 
 def _next_turn(text: str):
-    """The first FALLBACK_TURN marker in TEXT with answer text before it, or None. A marker with only blanks
-    before it is the answer restating its own turn ("\n### Answer: Paris."): cut there, a model that still
-    answers word for word read as forgotten."""
-    return next((m for m in FALLBACK_TURN.finditer(text) if text[:m.start()].strip()), None)
+    """The first FALLBACK_TURN marker in TEXT with answer text before it, or None. An Answer marker with only
+    blanks before it is the answer restating its own turn ("\n### Answer: Paris."): cut there, a model that still
+    answers word for word read as forgotten. A Question marker there is the next turn begun at once: the answer
+    is empty (kept, the invented question was read as the answer: review 112)."""
+    return next((m for m in FALLBACK_TURN.finditer(text) if text[:m.start()].strip() or "Question" in m.group()),
+                None)
 
 
 def turn_started(text: str) -> bool:

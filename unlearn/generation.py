@@ -35,7 +35,8 @@ Drafts (`generate`'s DRAFTS): a row may come with a guess of its answer's openin
 then runs, for every drafting row, its last token and up to DRAFT_BLOCK draft tokens after it:
 the logits at each position give the greedy token there, the draft is kept as far as it agrees,
 the first disagreeing position gives the next token, and the rejected draft positions are masked
-out of the cache for good (their columns stay, with attention mask 0). The answers are the ones
+out of the cache for good (their columns stay, with attention mask 0; so a model with a sliding window,
+which counts its window in columns, gets no drafts: `kv_cache.keeps_every_position`). The answers are the ones
 decoding one token per forward gives, up to float rounding at near-ties (the shapes differ, as
 with the thread count); tests/test_drafts.py compares them, their `Scored`, budget cuts and stop
 checks. A forward costs its positions for every row of the batch, so drafts are offered only
@@ -264,7 +265,7 @@ def context_words(model, limit: int, whose: str | None) -> str:
 
 def refuse_past_context(model, lengths: list[int], budgets: list[int], where: Callable[[int], str],
                         budget_name: str | None = None, whose: str | None = None,
-                        exact: list[bool] | None = None) -> None:
+                        exact: list[bool] | None = None, remedy: str | None = None) -> None:
     """Raise UnlearnError, naming the first row, when a prompt of LENGTHS[i] tokens and BUDGETS[i] new tokens
     does not fit in MODEL's `context_limit`. EXACT[i] False: LENGTHS[i] is a lower bound (`data.prompt_length`).
 
@@ -273,7 +274,8 @@ def refuse_past_context(model, lengths: list[int], budgets: list[int], where: Ca
     draft's last token are computed: `_greedy_batch`), so this is exactly what the own loop runs and one
     more than `model.generate` does. WHERE(i) names row i (FILE:LINE where the caller knows it);
     BUDGET_NAME the option that sets the budget (None: "a budget of N new tokens"); WHOSE names the model
-    (None: "the model").
+    (None: "the model"). REMEDY, when given, is what the message advises instead of lowering the budget (a budget
+    no option sets).
     """
     limit = context_limit(model)
     over = [i for i, (n, b) in enumerate(zip(lengths, budgets)) if n + b > limit]
@@ -282,7 +284,7 @@ def refuse_past_context(model, lengths: list[int], budgets: list[int], where: Ca
     i = over[0]
     n, b = lengths[i], budgets[i]
     asked = f"{budget_name} {b}" if budget_name else f"a budget of {b} new tokens"
-    fix = ("shorten the prompt" if n >= limit else
+    fix = ("shorten the prompt" if n >= limit else remedy or
            f"lower {budget_name or 'the budget'} to {limit - n} or shorten the prompt")
     more = ""
     if len(over) > 1:
@@ -294,7 +296,7 @@ def refuse_past_context(model, lengths: list[int], budgets: list[int], where: Ca
 
 
 def check_prompts_fit(model, tokenizer, rows, budget: int, budget_name: str | None = None,
-                      whose: str | None = None) -> None:
+                      whose: str | None = None, remedy: str | None = None) -> None:
     """Refuse, before anything is generated, ROWS (pairs of where, prompt: FILE:LINE and the row's prompt)
     whose rendered prompt (`data.encode_prompt`, as generation encodes it) and BUDGET new tokens pass
     MODEL's context (`refuse_past_context`). `generate` refuses them too, but knows no file or line, and
@@ -306,17 +308,17 @@ def check_prompts_fit(model, tokenizer, rows, budget: int, budget_name: str | No
     limit = context_limit(model)
     measured = [prompt_length(tokenizer, prompt, limit) for _, prompt in rows]
     refuse_past_context(model, [n for n, _ in measured], [budget] * len(rows), lambda i: rows[i][0], budget_name,
-                        whose, exact=[whole for _, whole in measured])
+                        whose, exact=[whole for _, whole in measured], remedy=remedy)
 
 
 def check_sets_fit(model, tokenizer, sets, budget: int, budget_name: str | None = None,
-                   whose: str | None = None) -> None:
+                   whose: str | None = None, remedy: str | None = None) -> None:
     """`check_prompts_fit` over the rows of SETS (`measure.EvalSet`s: each row named FILE:LINE by its own
     file (`SOURCE_FILE`, for a set made of several files) or its set's path, and its `Example.line`; by the
     set's name without a path)."""
     rows = [(f"{ex.extra.get(SOURCE_FILE) or s.path or s.name}:{ex.line}", ex.prompt)
             for s in sets for ex in s.examples]
-    check_prompts_fit(model, tokenizer, rows, budget, budget_name, whose)
+    check_prompts_fit(model, tokenizer, rows, budget, budget_name, whose, remedy)
 
 
 def _prompt_label(prompts: list[str], i: int, width: int = 40) -> str:
@@ -433,6 +435,10 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
     max_new_tokens = max(budgets)  # the batch's new tokens at most
     device = next(model.parameters()).device
     cache_name = cache_argument(model)
+    # Not under a sliding window: a rejected draft token stays as a masked cache column, and such a layer counts
+    # its window in columns, so each one pushed a real token out of view (another answer: review 112).
+    if not keeps_every_position(model):
+        drafts = None
     drafts = [list(d or ())[:b] for d, b in zip(drafts or [None] * rows, budgets)]
     block = DRAFT_BLOCK if any(drafts) else 0
     shared = len(prefix)
@@ -696,6 +702,8 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
 
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if budgets and min(budgets) < 1:  # the own loop appends a row's first token before testing its budget
+        raise ValueError(f"generate: a budget of {min(budgets)} new tokens; each must be at least 1")
     if len(budgets) != len(prompts):
         raise ValueError(f"{len(budgets)} token budgets for {len(prompts)} prompts")
     # A row past a learned position table would end in an IndexError mid-forward, one far past a rotary model's

@@ -46,8 +46,9 @@ from unlearn.paths import cache_dir
 # the rows still generating; 16: a row without `answers` whose question offers its answers, "X or Y", is judged by
 # the choice its response names, spans._chosen_alternative; 17: a reverted candidate's, never to be used again;
 # 18: that choice gives way to a name or number the response adds, and to a denial; 19: a response naming
-# both choices answers by the one it does not deny, "hot, not cold").
-VERSION = 19
+# both choices answers by the one it does not deny, "hot, not cold"; 20: without a chat template, an answer that
+# opens with the next "### Question:" is empty, not that question).
+VERSION = 20
 
 
 # Files of a model directory that cannot change what `unlearn` measures, left out of `weights_fingerprint`:

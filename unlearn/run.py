@@ -163,7 +163,8 @@ def prepare(opts: RunOptions, created: list, forget: list) -> Prepared:
         # Held back from rows whose prompt nothing else trains on, when there are any (hold_out); when none are,
         # the draw's rows are trained elsewhere too, and the set says so as an --eval-* file would.
         (heldout_set,) = label_trained_rows([EvalSet("normal-heldout", "retain", normal_heldout[:whole],
-                                                     Path(opts.normal), "held out")], normal + retain)
+                                                     Path(opts.normal), "held out")],
+                                            trained_rows(opts, forget, normal, retain, None))
         heldout_set.role += chooses
         sets.append(heldout_set)
     if retain:  # --protect keeps every update off the retain rows' gradients, whatever their KL's weight
@@ -491,8 +492,10 @@ def _refuse_rows_past_context(opts: RunOptions, data: Prepared, model, tokenizer
         raise UsageError(f"--max-length {opts.train.max_length}: past {context_words(model, limit, whose)}; "
                          f"use --max-length {limit} or less")
     check_sets_fit(model, tokenizer, data.sets, opts.max_new_tokens, "--max-new-tokens", whose=whose)
-    forget = EvalSet("forget", "forget", data.forget, Path(opts.forget))
-    check_sets_fit(model, tokenizer, [forget], opts.train.check_tokens, whose=whose)  # the stop rule's answers
+    if opts.train.check_every and opts.train.method != "edit":  # the stop rule's answers, where it runs
+        forget = EvalSet("forget", "forget", data.forget, Path(opts.forget))
+        check_sets_fit(model, tokenizer, [forget], opts.train.check_tokens, "the stop rule's check budget", whose,
+                       remedy="shorten the prompt, or run without the stop rule (--check-every 0)")
 
 
 def load(opts: RunOptions, data: Prepared, log) -> Loaded:
@@ -523,6 +526,11 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     crowded, crowd_watch = _crowded_cores(device, world, other_work)
     if crowded:
         notes.append(crowded)
+    if opts.normal_holdout and not data.normal_heldout:  # (hold_out) the report's honest normal line is missing
+        n = len(data.normal)
+        why = "fewer than 4 rows" if n < 4 else f"{opts.normal_holdout:g} of {n} rows rounds to none"
+        notes.append(f"--normal-holdout {opts.normal_holdout:g}: no NORMAL row held back ({why}), so there is no "
+                     f"normal-heldout line and the normal similarity is of rows trained on")
     rows = [*data.forget, *data.normal, *data.retain, *(e for s in data.sets for e in s.examples)]
     note = fallback_note(tokenizer, rows, questions=opts.probes)  # a base model: the format it learns and answers in
     if note and world.is_main:
@@ -1020,8 +1028,11 @@ def roles_as_checked(sets: list[EvalSet], result, stop_leak: float = 0.0, probe_
         return
     for s in sets:
         parts = s.role.split(", ")
-        if "stop rule" in parts:  # "trained, stop rule, α choice" -> "trained, α choice"; "stop rule" -> "held out"
-            s.role = ", ".join(p for p in parts if p != "stop rule") or "held out"
+        # "trained, stop rule, α choice" -> "trained, α choice"; "stop rule" -> "held out"; an --eval-* file's
+        # "1 of 2 trained, 1 of 2 stop rule" -> "1 of 2 trained"
+        kept = [p for p in parts if p != "stop rule" and not re.fullmatch(r"\d+ of \d+ stop rule", p)]
+        if kept != parts:
+            s.role = ", ".join(kept) or "held out"
 
 
 def _outputs(measurement: Measurement) -> dict[str, list[str]]:
@@ -1055,6 +1066,9 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log, before: Meas
             job.note("--protect: no retain rows or probes to protect; the gradient is not projected", log)
     if opts.train.retain_follows_margin and not data.retain:
         job.note("--retain-follows-margin: no retain rows or probes to weigh; it changes nothing in this run", log)
+    if opts.train.repair_steps != 0 and not unlearner.has_keep_terms:  # (given: no method repairs by default)
+        job.note(f"--repair-steps {opts.repair_steps}: nothing to keep (--normal-weight 0, no retain rows or probes "
+                 f"trained on), so a repair has no terms to train; it changes nothing in this run", log)
     read = len(unlearner.margin_rows()) if opts.train.leak_growth != 1 else 0
     if read:  # the margin reads these rows' answers: its own doubling acts instead of --leak-growth
         job.note(f"--leak-growth {opts.train.leak_growth:g}: the margin reads the answers of {read} of the "
@@ -1390,13 +1404,15 @@ def _resolved_rmu_layer(opts: RunOptions, job: Loaded) -> dict:
 def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, after: Measurement, result,
             averager, selection) -> dict:
     """What run.json holds: the resolved configuration, data hashes, versions, metrics and timings."""
-    files = [("forget", opts.forget, len(data.forget)), ("normal", opts.normal, len(data.normal))]
-    files += [("retain" if len(opts.retain) == 1 else f"retain[{i}]", p, n)
+    files = [("forget", opts.forget, len(data.forget), {}), ("normal", opts.normal, len(data.normal), {})]
+    files += [("retain" if len(opts.retain) == 1 else f"retain[{i}]", p, n, {})
               for i, (p, n) in enumerate(zip(opts.retain, _rows_per_file(opts.retain)), start=1)]
-    files += [(s.name, s.path, len(s.examples)) for s in data.sets
+    # an --eval-* file's set by the option that gave it: two of the same name are X and X' (read_eval_sets)
+    flag = {"forget": "--eval-forget", "retain": "--eval-retain"}
+    files += [(s.name, s.path, len(s.examples), {"option": flag[s.kind]}) for s in data.sets
               if s.name not in ("forget", "normal", "retain") and s.path is not None]
     if opts.augmented:
-        files.append(("augmented", opts.augmented, len(job.train_rows)))
+        files.append(("augmented", opts.augmented, len(job.train_rows), {}))
     return {
         "command": "run",
         "base_model": str(Path(job.loaded.path).resolve()),
@@ -1410,12 +1426,16 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "prompt_format": render_prompt(job.tokenizer, "{prompt}"),
         "full": opts.full,
         "seed": opts.train.seed,
+        # (repair_steps: None is auto in the training config, which read as "not set" here: review 111)
         "config": {**opts.train.as_dict(), **_resolved_rmu_layer(opts, job), "dtype": opts.dtype, "full": opts.full,
+                   "repair_steps": "auto" if opts.train.repair_steps is None else opts.train.repair_steps,
                    "lora": _lora_record(opts) if opts.adapters else None,
                    "judge": job.measurer.judge.name, "max_new_tokens": opts.max_new_tokens,
                    "eval_limit": opts.eval_limit},
-        "data": {name: {"path": str(Path(p).resolve()), "sha256": system.file_sha256(p), "rows": n}
-                 for name, p, n in files},
+        # rows: FORGET's, each --retain file's and --augmented's rows; NORMAL's rows trained on (the held-back ones
+        # are the normal-heldout set's n); an --eval-* file's rows measured (--eval-limit may cut them)
+        "data": {name: {"path": str(Path(p).resolve()), "sha256": system.file_sha256(p), "rows": n, **more}
+                 for name, p, n, more in files},
         "versions": system.package_versions(),
         "device": system.device_name(job.device),
         "autocast": job.autocast,  # the training passes' precision, --autocast resolved: "bf16" or "off"
@@ -1487,7 +1507,8 @@ def repair_record(result) -> dict | None:
     steps = [r for r in result.history if r["step"] > result.repair["first_forgotten"]]
     kept = sum(1 for r in steps if r.get("keep_terms_only"))
     return {"first_forgotten": result.repair["first_forgotten"], "end": result.repair["end"],
-            "keep_terms_only_steps": kept, "whole_loss_steps": len(steps) - kept}
+            "keep_terms_only_steps": kept, "whole_loss_steps": len(steps) - kept,
+            "finished": result.repair["finished"]}  # False: --max-steps came first
 
 
 def probes_answer_tokens() -> int:
@@ -1557,7 +1578,7 @@ def _write_outputs(opts, record, model, tokenizer, output, output_abs, replace_e
             write_jsonl(tmp / "augmented.jsonl", [{"prompt": e.prompt, "response": e.response, **e.extra}
                                                   for e in augmented])
             record["augmented"] = str(output_abs / "augmented.jsonl")
-        if probe_rows is not None:  # every probe with the original's answer, its answer words, or why it was dropped
+        if probe_rows:  # every probe with the original's answer, its answer words, or why it was dropped
             write_jsonl(tmp / "probes.jsonl", probe_rows)
             record["probes"]["file"] = str(output_abs / "probes.jsonl")
         if record["alpha_selection"] is not None:  # --alpha auto

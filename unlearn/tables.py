@@ -80,15 +80,21 @@ def _repair_note(record: dict) -> str:
     repair = record.get("repair")
     if not repair:
         return ""
-    return (f"; first forgotten after step {repair['first_forgotten']}, then {repair['keep_terms_only_steps']} "
-            f"repair steps of the keep terms alone and {repair['whole_loss_steps']} of the whole loss")
+    kept = repair["keep_terms_only_steps"]
+    cut = ("; --max-steps came first, before the repair could end (at a check from step "
+           f"{repair['end']} on)" if repair.get("finished") is False else "")
+    return (f"; first forgotten after step {repair['first_forgotten']}, then {kept} repair step{'s' * (kept != 1)} "
+            f"of the keep terms alone and {repair['whole_loss_steps']} of the whole loss{cut}")
 
 
 def _extra_note(record: dict) -> str:
-    """The --extra-steps run after the stop rule fired, where --max-steps cut them short (said, not silent)."""
+    """The --extra-steps run after the stop rule fired, which no check read ("stopped: forgotten" alone spoke for a
+    model the rule never saw), and where --max-steps cut them short."""
     extra = record.get("extra_steps")
-    if not extra or extra["run"] >= extra["asked"]:
+    if not extra:
         return ""
+    if extra["run"] >= extra["asked"]:
+        return f"; then {extra['run']} --extra-steps, which no check read"
     return f"; {extra['run']} of {extra['asked']} --extra-steps after it: --max-steps came first"
 
 
@@ -114,15 +120,20 @@ def _probe_lines(record: dict) -> list[str]:
     if not probes:
         return []
     counts = ", ".join(f"{name} {c['kept']} of {c['made']} made" for name, c in probes["sets"].items())
-    role = "trained on (--retain-probes)" if probes.get("retained") is not None else "held out"
+    retained = probes.get("retained")  # None: not trained on; 0: --retain-probes, but no probe could join
+    role = ("trained on (--retain-probes)" if retained else
+            "held out: --retain-probes, but none could be trained on" if retained == 0 else "held out")
     roles = record.get("roles") or {}
     if any("stop rule" in role_ for name, role_ in roles.items() if name.rstrip("'") in probes["sets"]):
         role += ", and checked by the stop rule (--stop-probes)"
-    if probes.get("edit_preserves") and probes.get("retained") is None:
+    if probes.get("edit_preserves") and retained is None:
         role = f"{probes['edit_preserves']} trained: the edit preserved their prompts; the others held out"
     topics = ", and no refusal (a harmful request's topic probes)" if probes.get("topic_probes") else ""
+    # (no file is written when no probe was made at all: an empty one that `unlearn eval` refuses)
+    where = probes["file"] or ("probes.jsonl" if any(c["made"] for c in probes["sets"].values()) else
+                               "none made, so no probes.jsonl")
     lines = [f"probes ({role}, built from the forget prompts; accuracy = share whose original answer words "
-             f"still appear{topics}): {counts}; {probes['file'] or 'probes.jsonl'}"]
+             f"still appear{topics}): {counts}; {where}"]
     anchors = probes.get("anchors")
     if anchors:
         lines.append(f"anchors (trained on, never measured: general-knowledge questions whose original answers the "

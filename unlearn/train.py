@@ -1173,12 +1173,11 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                         else:
                             forgotten_at = step
                             stop_at = min(config.max_steps, step + config.extra_steps)
-                            if config.repair_steps and not unlearner.has_keep_terms:  # asked for, not silently dropped
-                                note = ("; no repair: nothing to keep (--normal-weight 0, no retain rows or probes), "
-                                        "so --repair-steps has no terms to train")
-                            elif stop_at - step < config.extra_steps:  # said, not silently cut
+                            if stop_at - step < config.extra_steps:  # said, not silently cut
                                 note = (f"; --max-steps {config.max_steps} leaves {stop_at - step} of the "
                                         f"{config.extra_steps} --extra-steps")
+                            elif config.extra_steps:
+                                note = f"; {config.extra_steps} --extra-steps follow"
                     unlearner.keep_terms_only = repair.next_step_keeps_only(phase)
                     if log and leak is not None:
                         # a check whose leak passed --stop-leak ended at its verdict: a lower bound (--leaked-rows
