@@ -113,13 +113,18 @@ class Clock:
 
 
 def test_training_reads_other_work_over_windows_of_twenty_seconds_that_end_with_a_step():
-    clock, busy = Clock(), iter([0.2, 1.3])
+    clock, busy, windows = Clock(), iter([0.2, 1.3]), []
 
     class Window:  # each window reads the next figure of BUSY
+        def __init__(self):
+            windows.append(self)
+
         def busy_cores(self):
             return next(busy)
 
     watch = CrowdWatch(threads=2, cores=2, watch=Window, clock=clock)
+    clock.now += 30.0  # the original measured: not training's
+    watch.restart()
     clock.now += 8.0
     assert watch.after_step(1) is None  # 8 s: the window is not over
     clock.now += 12.5
@@ -128,6 +133,7 @@ def test_training_reads_other_work_over_windows_of_twenty_seconds_that_end_with_
     assert watch.after_step(3) is None  # a new window, 19 s old
     clock.now += 4.0
     assert watch.after_step(4) == contention_note(1.3, threads=2, cores=2, when="during steps 3-4")
+    assert len(windows) == 4  # the one made with the watch, training's first, and one after each window
     assert "busy during steps 3-4; torch's 2 threads" in contention_note(1.3, 2, 2, when="during steps 3-4")
 
 

@@ -96,7 +96,12 @@ class CrowdWatch:
     def __init__(self, threads: int, cores: int, watch=None, clock=time.perf_counter):
         """WATCH starts a window (OtherWork unless a test gives its own); CLOCK times the windows."""
         self.threads, self.cores, self._watch, self._clock = threads, cores, watch or OtherWork, clock
-        self._window, self._opened, self._first_step = self._watch(), clock(), None
+        self.restart()
+
+    def restart(self) -> None:
+        """A new window from now: training's first opens as training starts, not at the watch's making (the
+        original's measurement between would be counted as the first steps')."""
+        self._window, self._opened, self._first_step = self._watch(), self._clock(), None
 
     def after_step(self, step: int) -> str | None:
         """The note for the window that ends with STEP once it is TRAINING_WINDOW_S long (the next window then
@@ -106,5 +111,5 @@ class CrowdWatch:
             return None
         steps = f"step {step}" if step == self._first_step else f"steps {self._first_step}-{step}"
         note = contention_note(self._window.busy_cores(), self.threads, self.cores, when=f"during {steps}")
-        self._window, self._opened, self._first_step = self._watch(), self._clock(), None
+        self.restart()
         return note

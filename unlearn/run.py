@@ -625,6 +625,7 @@ def _crowd_noter(job: Loaded):
     and returned for training to log (above its progress bar); None without a watch."""
     if job.crowd_watch is None:
         return None
+    job.crowd_watch.restart()
 
     def after_step(step: int) -> str | None:
         note = job.crowd_watch.after_step(step) if job.crowd_watch is not None else None
