@@ -315,8 +315,9 @@ def score(scenario: Scenario, base: dict, after: dict, probes: dict | None = Non
         "neighbours_kept": kept_share(*answered["neighbours"]),
         "same_subject_kept": kept_share(*answered["same_subject"]),
         "unrelated_kept": kept_share(*answered["unrelated"]),
-        "normal_similarity": sum(rouge_l(a, b).fmeasure for a, b in zip(after["normal"], base["normal"]))
-        / max(1, len(base["normal"])),
+        # (None, as the kept shares, when there is no normal row: an empty set scored 0.0)
+        "normal_similarity": (sum(rouge_l(a, b).fmeasure for a, b in zip(after["normal"], base["normal"]))
+                              / len(base["normal"]) if base["normal"] else None),
         "paraphrase_fluency": share([is_fluent(o) for o in after["paraphrases"]]),
         "base_right": {name: f"{sum(answered[name][0])}/{len(answered[name][0])}" for name in PROBE_SETS},
     }
@@ -464,6 +465,12 @@ def make_table(rows: list[dict], scenarios: list[str], methods: list[str], seeds
     for method in methods:
         mine = [r for r in rows if r["method"] == method and r["scenario"] in scenarios and r["seed"] in seeds
                 and r["run_args"] == run_args]
+        # One run per scenario and seed, as the header says (selection.py refuses the same): a hand-merged file's
+        # two rows of one were both averaged in, and "not run" went negative.
+        keys = [(r["scenario"], r["seed"]) for r in mine]
+        twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+        if twice is not None:
+            raise SystemExit(f"two rows of {twice[0]} seed {twice[1]} ({method}, {run_args!r}): keep one")
         ok = [r for r in mine if r.get("exit_code") == 0]
         # Only seeds run on every scenario (a run that failed counts as run): a seed's mean over
         # fewer scenarios would not be comparable with the others'. The cell names the seeds used.

@@ -87,6 +87,8 @@ def test_score_on_hand_made_outputs():
     assert got["normal_similarity"] == pytest.approx((1.0 + 0.0) / 2)
     assert got["paraphrase_fluency"] == 0.0  # 1 unique token / 5
     assert got["base_right"]["neighbours"] == "1/2"
+    # no normal row: no figure, as for a probe set the base model answered nowhere (it read 0.0)
+    assert quality.score(scenario, {**base, "normal": []}, {**after, "normal": []})["normal_similarity"] is None
 
 
 def test_table_mean_and_range_over_seeds():
@@ -107,6 +109,10 @@ def test_table_mean_and_range_over_seeds():
                 if l.startswith("| `ga`"))
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[0] == "`ga` (seeds 0,1)" and cells[1] == "0.30 (0.10–0.50)" and cells[-1] == "0/6 (1 not run)"
+    # Two rows of one scenario and seed (a hand-merged file): refused, as selection.py refuses them; both were
+    # averaged in and "not run" went negative (review 114)
+    with pytest.raises(SystemExit, match=r"^two rows of a seed 0 \(ga, ''\): keep one$"):
+        quality.make_table(rows + [{**rows[0], "forget_leak": 1.0}], ["a", "b"], ["ga"], [0, 1], "", "cmd", "dev")
 
 
 def test_the_corrected_judge_leaves_out_its_rows_and_changes_the_markers(tmp_path, monkeypatch):
