@@ -174,6 +174,10 @@ CASES = {
     "UTF-16 without a byte-order mark": (
         lambda c: c.run(forget=c.file("u16.jsonl", '{"prompt": "p", "response": "r"}\n'.encode("utf-16-le"))), 1,
         "u16.jsonl:1: UTF-16 or UTF-32 text without a byte-order mark, by its NUL bytes; save it as UTF-8"),
+    "UTF-16 without a byte-order mark, not all ASCII": (
+        lambda c: c.run(forget=c.file("u16e.jsonl",
+                                      '{"prompt": "Où est le café?", "response": "r"}\n'.encode("utf-16-le"))),
+        1, "u16e.jsonl:1: UTF-16 or UTF-32 text without a byte-order mark"),
     "UTF-16 big-endian without a byte-order mark": (
         lambda c: c.run(forget=c.file("u16be.jsonl", '{"prompt": "p", "response": "r"}\n'.encode("utf-16-be"))), 1,
         "u16be.jsonl:1: UTF-16 or UTF-32 text without a byte-order mark"),
@@ -194,7 +198,7 @@ CASES = {
     "a misspelt answers field": (
         lambda c: c.run(forget=c.rows("ms.jsonl", '{"prompt": "Who wrote Hamlet?", "response": "Shakespeare.", '
                                                   '"Answers": ["Shakespeare"]}')),
-        1, "ms.jsonl:1: 'Answers' is no field unlearn reads; did you mean 'answers'?"),
+        1, "ms.jsonl:1: unknown field 'Answers' (did you mean 'answers'?)"),
     "answers the response does not spell": (
         lambda c: c.run(forget=c.rows("sp.jsonl", json.dumps(FORGET[0]),
                                       '{"prompt": "Who wrote Hamlet?", "response": "Shakespeare.", "answers": ["Marlowe"]}')),
@@ -347,7 +351,7 @@ CASES = {
                                  "-o '': an empty output path; name a directory"),
     "an eval row whose response field is misspelt": (  # ignored, the row had no reference to judge a leak by
         lambda c: ["eval", c.rows("mr.jsonl", '{"prompt": "Who wrote Hamlet?", "Respone": "Shakespeare."}'),
-                   "--model", c.llama], 1, "mr.jsonl:1: 'Respone' is no field unlearn reads; did you mean 'response'?"),
+                   "--model", c.llama], 1, "mr.jsonl:1: unknown field 'Respone' (did you mean 'response'?)"),
     "eval generations to an empty path": (lambda c: c.eval("--save-generations", ""), 2,
                                           "--save-generations '': an empty output path; name a file"),
     "eval report to an empty path": (lambda c: c.eval("--report", ""), 2, "--report '': an empty output path"),

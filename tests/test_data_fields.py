@@ -64,6 +64,7 @@ CHAT = {"prompt": QUESTION, "response": "Paris."}
 @pytest.mark.parametrize("row, name, meant", [
     ({**CHAT, "Answers": ["Paris"]}, "Answers", "answers"),  # case
     ({**CHAT, "answer_s": ["Paris"]}, "answer_s", "answers"),  # a separator
+    ({**CHAT, "subjects": "France"}, "subjects", "subject"),  # a plural, for a field naming a list or a subject
     ({**CHAT, "anwsers": ["Paris"]}, "anwsers", "answers"),  # two letters swapped
     ({**CHAT, "ansers": ["Paris"]}, "ansers", "answers"),  # one left out
     ({**CHAT, "refusal-marker": ["No"]}, "refusal-marker", "refusal_markers"),  # a separator and the plural
@@ -81,8 +82,14 @@ def test_a_misspelt_field_is_refused_with_the_field_it_misses(row, name, meant, 
     # Ignored, a misspelt `answers` left the run judged on derived answers, and a misspelt response in an eval
     # file left its row with no reference, without a word.
     assert refused(row, need_response).endswith(
-        f"{name!r} is no field unlearn reads; did you mean {meant!r}? (a name this close to one is refused rather "
-        f"than ignored: rename it)")
+        f"unknown field {name!r} (did you mean {meant!r}?): a name this close to one unlearn reads is refused rather "
+        f"than ignored; rename it, or drop it if it is another field")
+
+
+def test_every_misspelt_field_of_a_row_is_named_at_once():
+    # (review 113) capitalised headers were refused one field a run
+    assert "unknown fields 'Question' (did you mean 'question'?), 'Answer' (did you mean 'answer'?): " in refused(
+        {"Question": QUESTION, "Answer": "Paris."})
 
 
 @pytest.mark.parametrize("row", [
@@ -90,6 +97,12 @@ def test_a_misspelt_field_is_refused_with_the_field_it_misses(row, name, meant, 
      "title": "x", "label": 1, "metadata": {}},  # fields of common datasets: ignored
     {**CHAT, "responses": ["a", "b"], "prompts": ["p"], "answer_start": 3},  # near a prompt or response given
     {"question": QUESTION, "answer": "Paris."},  # the response field `answer` is not a misspelt `answers`
+    # (review 113) columns of real datasets that extend a field's name are other columns, not typos, even where
+    # the field itself is absent (a prompt-only eval file): PKU-SafeRLHF, AlpacaFarm, Social-IQa, several answers
+    {"prompt": QUESTION, "response_0": "a", "response_1": "b", "better_response_id": 0},
+    {"prompt": QUESTION, "response_a": "a", "output_1": "b", "answerA": "c", "answer1": "d", "outputs": ["e"],
+     "responses": ["f"]},
+    {**CHAT, "answers_list": ["x"], "subject_id": 3},
     {**CHAT, "inputs": "x"},  # `input` is read beside `instruction` only
     {"text": PASSAGE, "Response": "x"},  # a passage's response fields are refused by name when spelt right
     {**CHAT, "set": "neighbours", "reference": "Paris.", "forget_line": 1, "dropped": "x", "kind": "k",
@@ -102,15 +115,17 @@ def test_fields_near_no_field_read_are_ignored(row):
 
 
 @pytest.mark.parametrize("row, message", [
-    ({"Prompt": QUESTION, "response": "Paris."},
-     "no prompt: expected one of prompt, question, instruction (or 'text'); 'Prompt' is not one (did you mean "
-     "'prompt'?)"),
-    ({"Question": QUESTION, "answer": "Paris."}, "'Question' is not one (did you mean 'question'?)"),
-    ({"Text": PASSAGE}, "'Text' is not one (did you mean 'text'?)"),
-    ({"prompts": QUESTION, "response": "Paris."}, "'prompts' is not one (did you mean 'prompt'?)"),
+    ({"Prompt": QUESTION, "response": "Paris."}, "unknown field 'Prompt' (did you mean 'prompt'?)"),
+    ({"Question": QUESTION, "answer": "Paris."}, "unknown field 'Question' (did you mean 'question'?)"),
+    ({"Text": PASSAGE}, "unknown field 'Text' (did you mean 'text'?)"),
+    # a row without its prompt field is refused anyway: a plural or an extension is named too
+    ({"prompts": QUESTION, "response": "Paris."}, "unknown field 'prompts' (did you mean 'prompt'?)"),
+    ({"question_1": QUESTION, "response": "Paris."}, "unknown field 'question_1' (did you mean 'question'?)"),
 ])
-def test_no_prompt_names_the_field_that_misses_one(row, message):
+def test_a_row_without_its_prompt_names_the_field_that_misses_one(row, message):
     assert message in refused(row)
+    assert refused({"query": QUESTION, "response": "Paris."}).endswith(
+        "no prompt: expected one of prompt, question, instruction (or 'text')")
 
 
 def test_tofus_names_are_read_as_the_truth_ratios_fields():
@@ -128,15 +143,16 @@ def test_tofus_names_are_read_as_the_truth_ratios_fields():
     assert refused({**row, "paraphrased_answer": ""}).endswith(
         "'paraphrased_answer' must be a non-empty string, got an empty string")
     assert refused({k: v for k, v in row.items() if k != "perturbed_answer"}).endswith(
-        "'paraphrased_answer' without 'perturbed_responses': the truth ratio reads the two together")
+        "'paraphrased_answer' without 'perturbed_responses': the truth ratio compares the two")
+    # TOFU's real_authors_perturbed and world_facts_perturbed: perturbed answers, no paraphrase (review 113)
+    world = {"question": QUESTION, "answer": "Paris.", "perturbed_answer": ["Lyon.", "Nice."]}
+    assert parse_line(world, "tofu.jsonl:2", True).extra == {"perturbed_responses": ["Lyon.", "Nice."]}
 
 
-@pytest.mark.parametrize("half, other", [("paraphrased_response", "perturbed_responses"),
-                                         ("perturbed_responses", "paraphrased_response")])
-def test_half_of_the_truth_ratios_pair_is_refused(half, other):
-    value = "It is Paris." if half == "paraphrased_response" else ["Lyon."]
-    assert refused({**CHAT, half: value}).endswith(
-        f"{half!r} without {other!r}: the truth ratio reads the two together")
+def test_a_paraphrase_without_perturbed_answers_is_refused():
+    assert refused({**CHAT, "paraphrased_response": "It is Paris."}).endswith(
+        "'paraphrased_response' without 'perturbed_responses': the truth ratio compares the two")
+    assert parse_line({**CHAT, "perturbed_responses": ["Lyon."]}, "rows.jsonl:1", True).extra  # the response stands in
 
 
 # --- subject -----------------------------------------------------------------------------------------

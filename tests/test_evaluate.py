@@ -452,6 +452,19 @@ def test_likelihood_metrics_and_fluency_equal_hand_values_through_evaluate_outpu
     assert s["mia_min_k_auc"] == pytest.approx(by_k[k])
 
 
+def test_a_row_with_perturbed_answers_and_no_paraphrase_compares_them_with_its_response(tiny):
+    # TOFU's real_authors and world_facts files carry perturbed answers and no paraphrase; TOFU's truth ratio there
+    # reads the answer itself (review 113: the rows were refused, then skipped)
+    lp = lambda prompt, text: _manual_logprobs(tiny.model, tiny.tokenizer, prompt, text)  # noqa: E731
+    norm = lambda values: math.exp(sum(values) / len(values))  # noqa: E731
+    row = ex("who wrote Hamlet ?", "Shakespeare wrote it", 1, perturbed_responses=["Marlowe wrote it", "red green"])
+    s = ev.evaluate_outputs(["Shakespeare"], [row], judge=ev.make_judge(None),
+                            scorer=ev.Scorer(tiny.model, tiny.tokenizer, 2)).summary
+    ratio = (norm(lp(row.prompt, "Marlowe wrote it")) + norm(lp(row.prompt, "red green"))) / 2 / norm(
+        lp(row.prompt, "Shakespeare wrote it"))
+    assert s["truth_ratio"] == pytest.approx(ratio, rel=1e-5)
+
+
 def test_probability_matches_manual_logprobs(tiny):
     examples = [ex("one", "two three four")]
     scorer = ev.Scorer(tiny.model, tiny.tokenizer)

@@ -96,9 +96,13 @@ def test_eval_files_that_repeat_training_prompts_are_labelled_trained(tmp_path, 
     result = cli("run", forget, normal, "--model", llama_dir, "-o", out, "--normal-holdout", "0",
                  "--eval-forget", forget, "--eval-retain", heldout, "--eval-retain", mixed, *FAST)
     assert result.code == 0, result.err
-    roles = json.loads((out / "run.json").read_text())["roles"]
+    record = json.loads((out / "run.json").read_text())
+    roles = record["roles"]
     assert roles["forget"].startswith("trained") and roles["normal"] == "trained"
     assert roles["forget'"] == roles["forget"] and roles["heldout"] == "held out" and roles["mixed"] == "1 of 2 trained"
+    # which option gave each file's set (two of one name are X and X': review 111)
+    assert [record["data"][name].get("option") for name in ("forget", "forget'", "heldout", "mixed")] == [
+        None, "--eval-forget", "--eval-retain", "--eval-retain"]
     table = {line.split()[0]: line for line in result.out.splitlines()[1:6]}
     assert "1 of 2 trained" in table["mixed"] and "held out" in table["heldout"]
 

@@ -182,6 +182,7 @@ def test_normal_rows_all_repeated_by_retain_are_labelled_trained(cli, tmp_path, 
     record = json.loads(result.out)
     assert record["before"]["normal-heldout"]["n"] == 1
     assert record["roles"]["normal-heldout"] == role
+    assert "option" not in record["data"]["normal-heldout"]  # NORMAL's share, no --eval-* file (review 113)
 
 
 def test_duplicated_normal_rows_are_not_held_back(tmp_path, llama_dir):
@@ -373,7 +374,8 @@ def test_the_stop_rules_budget_is_checked_only_where_the_stop_rule_runs(cli, tmp
 
 
 
-@pytest.mark.parametrize("rows, share, why", [(3, "0.25", "fewer than 4 rows"), (4, "0.1", "0.1 of 4 rows rounds to none")])
+@pytest.mark.parametrize("rows, share, why", [(3, "0.25", "fewer than 4 rows"),
+                                              (4, "0.1", "0.1 of 4 rows rounds to none")])
 def test_no_row_held_back_is_said(cli, tmp_path, llama_dir, rows, share, why):
     # (review 111) the normal-heldout line was left out without a word
     forget = write_jsonl(tmp_path / "forget.jsonl", FORGET)

@@ -315,7 +315,8 @@ def given_options() -> frozenset[str]:
 @click.option("--retain-probes/--no-retain-probes", default=None,
               help="Also train on the probes: each probe whose original answer holds no forget answer joins the "
                    "retain rows with that answer as its response (their report lines are then `trained`) "
-                   "[default: on for ga and rmu, off for the other methods].")
+                   "[default: on for ga and rmu, off for the other methods and with --retain-weight 0 (without "
+                   "--protect), which turns off the KL they train through].")
 @click.option("--no-anchors", is_flag=True,
               help="With the probes trained on, leave out the general-knowledge anchors: questions whose original "
                    "answers the retain KL holds for the forget chat rows that name no one, which get no "

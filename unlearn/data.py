@@ -19,6 +19,7 @@ the model learn the format instead of the behaviour.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -206,8 +207,8 @@ def _pick(obj: dict, keys: tuple[str, ...], where: str, what: str) -> str | None
 
 
 def _field_key(name: str) -> str:
-    """NAME as a misspelling is compared: case, separators and a plural's `s` do not count."""
-    return re.sub(r"[\W_]+", "", name.casefold()).removesuffix("s")
+    """NAME as a misspelling is compared: case and separators do not count."""
+    return re.sub(r"[\W_]+", "", name.casefold())
 
 
 def _edits(a: str, b: str) -> int:
@@ -223,41 +224,51 @@ def _edits(a: str, b: str) -> int:
     return rows[-1][-1]
 
 
-def misspelt(name: str, fields) -> str | None:
+@functools.lru_cache(maxsize=4096)  # per field name, not per row: a file's rows share their columns
+def misspelt(name: str, fields: tuple[str, ...], loose: bool = False) -> str | None:
     """The one of FIELDS that NAME (no field unlearn knows) most likely misspells, else None: the same name but for
-    case, separators or a plural (`Answers`, `refusal-marker`), or one or two letters off (`anwsers`; two from
-    nine letters on); words shorter than five letters must match but for case and separators."""
-    key = _field_key(name)
+    case or separators (`Answers`, `refusal-markers`), or for a plural's `s` where the field names a list or a
+    subject (`refusal_marker`, `subjects`: OPTIONAL_FIELDS, TOFU_FIELDS), or one or two letters off inside it
+    (`anwsers`, `reponse`; two from nine letters on; fields of five letters or more). A name that only extends or
+    cuts the field's is another column of the dataset, not a typo (`response_0`, `answerA`, `output_1`), unless
+    LOOSE: a prompt field, whose absence refuses the row anyway, takes plurals and extensions too (`prompts`)."""
     for known in fields:
-        target = _field_key(known)
-        if key == target or (len(target) >= 5 and _edits(key, target) <= (1 if len(target) < 9 else 2)):
+        key, target = _field_key(name), _field_key(known)
+        if loose or known in OPTIONAL_FIELDS or known in TOFU_FIELDS:  # compared without a plural's s
+            key, target = key.removesuffix("s"), target.removesuffix("s")
+        if key == target:
+            return known
+        if key.startswith(target) or target.startswith(key):
+            if loose:
+                return known
+            continue
+        if len(target) >= 5 and _edits(key, target) <= (1 if len(target) < 9 else 2):
             return known
     return None
 
 
 def _refuse_misspelt_fields(obj: dict, where: str) -> None:
-    """Refuse a field that misspells one unlearn reads where that field is absent: ignored, a misspelt `answers`
-    left a run judged on derived answers, and a misspelt `response` in an eval file left its rows with no reference.
-    A near miss of a prompt field is named in the "no prompt" refusal instead (`_near_miss_hint`)."""
+    """Refuse, all in one line, the fields that misspell one unlearn reads where that field is absent: ignored, a
+    misspelt `answers` left a run judged on derived answers, and a misspelt `response` in an eval file left its
+    rows with no reference; a row without its prompt field is refused anyway, and this names what it missed."""
     known = set(PROMPT_KEYS + RESPONSE_KEYS + OPTIONAL_FIELDS + WRITTEN_FIELDS
                 + (ALPACA_INPUT, "text", DERIVED_KEY, SOURCE_FILE))
+    no_prompt = "text" not in obj and not any(k in obj for k in PROMPT_KEYS)
     # A response field first ("Answer" beside "question" is its answer, not `answers`), looked for only where none
     # is given (a passage's is refused anyway); an Alpaca `input` only beside its `instruction`.
     fields = ((() if "text" in obj or any(k in obj for k in RESPONSE_KEYS) else RESPONSE_KEYS) + OPTIONAL_FIELDS
               + tuple(TOFU_FIELDS) + ((ALPACA_INPUT,) if "instruction" in obj else ()))
+    misses = []
     for name in obj:
         if name in known or name in TOFU_FIELDS:
             continue
-        meant = misspelt(name, fields)
-        if meant is not None and meant not in obj:
-            raise UnlearnError(f"{where}: {name!r} is no field unlearn reads; did you mean {meant!r}? (a name this "
-                               f"close to one is refused rather than ignored: rename it)")
-
-
-def _near_miss_hint(obj: dict, keys: tuple[str, ...]) -> str:
-    """The hint the "no prompt" refusal ends with: the given field that misspells one of KEYS."""
-    near = [(name, meant) for name in obj if name not in keys and (meant := misspelt(name, keys))]
-    return f"; {near[0][0]!r} is not one (did you mean {near[0][1]!r}?)" if near else ""
+        meant = (no_prompt and misspelt(name, PROMPT_KEYS + ("text",), True)) or misspelt(name, fields)
+        if meant and meant not in obj:
+            misses.append(f"{name!r} (did you mean {meant!r}?)")
+    if misses:
+        raise UnlearnError(f"{where}: unknown field{'s' * (len(misses) > 1)} {', '.join(misses)}: a name this close "
+                           f"to one unlearn reads is refused rather than ignored; rename it, or drop it if it is "
+                           f"another field")
 
 
 def _ours(extra: dict) -> dict:
@@ -292,12 +303,11 @@ def _check_extra(obj: dict, where: str) -> None:
     for theirs, ours in TOFU_FIELDS.items():
         if theirs in obj and ours in obj:
             raise UnlearnError(f"{where}: both {ours!r} and {theirs!r} (TOFU's name for it) given; use one")
-    # The truth ratio compares the paraphrase with the perturbed answers: one without the other was read by nothing.
-    pair = [k for k in ("paraphrased_response", "paraphrased_answer", "perturbed_responses", "perturbed_answer")
-            if k in obj]
-    if len(pair) == 1:
-        other = "perturbed_responses" if pair[0].startswith("paraphrased") else "paraphrased_response"
-        raise UnlearnError(f"{where}: {pair[0]!r} without {other!r}: the truth ratio reads the two together")
+    # The truth ratio compares the paraphrase (else the response: TOFU's real_authors and world_facts files have
+    # none) with the perturbed answers: a paraphrase without them was read by nothing.
+    para = next((k for k in ("paraphrased_response", "paraphrased_answer") if k in obj), None)
+    if para and not any(k in obj for k in ("perturbed_responses", "perturbed_answer")):
+        raise UnlearnError(f"{where}: {para!r} without 'perturbed_responses': the truth ratio compares the two")
 
 
 def _check_subject(obj: dict, prompt: str, where: str, part: str) -> None:
@@ -350,8 +360,7 @@ def parse_line(obj, where: str, need_response: bool) -> Example:
         return _parse_passage(obj, where, line)
     prompt = _pick(obj, PROMPT_KEYS, where, "prompt")
     if prompt is None:
-        raise UnlearnError(f"{where}: no prompt: expected one of {', '.join(PROMPT_KEYS)} (or 'text')"
-                           f"{_near_miss_hint(obj, PROMPT_KEYS + ('text',))}")
+        raise UnlearnError(f"{where}: no prompt: expected one of {', '.join(PROMPT_KEYS)} (or 'text')")
     prompt = _with_alpaca_input(obj, prompt, where)
     response = _pick(obj, RESPONSE_KEYS, where, "response")
     if response is None and need_response:
@@ -424,17 +433,22 @@ def _read_line(path: Path, number: int, line_bytes: bytes, need_response: bool) 
         line_bytes = line_bytes.removeprefix(b"\xef\xbb\xbf")
     line_bytes = line_bytes.removesuffix(b"\n")
     where = f"{shown(path)}:{number}"
+    # Without a byte-order mark, UTF-16 text has a NUL beside every ASCII character (a JSON line's keys and
+    # punctuation at least): valid UTF-8 when the rest is ASCII too, not when it holds "é" or "東".
+    bom_less = line_bytes.count(0) * 3 >= len(line_bytes) > 0
     try:
         line = line_bytes.decode("utf-8")
     except UnicodeDecodeError:
         if number == 1 and line_bytes.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 or UTF-32's mark
             raise UnlearnError(f"{where}: UTF-16 or UTF-32 text (Windows PowerShell's `>` writes it); save it as "
                                f"UTF-8") from None
+        if bom_less:
+            raise UnlearnError(f"{where}: UTF-16 or UTF-32 text without a byte-order mark, by its NUL bytes; save it "
+                               f"as UTF-8") from None
         raise UnlearnError(f"{where}: not UTF-8 text (another encoding, such as Latin-1, or a binary file); save "
                            f"it as UTF-8") from None
     if "\x00" in line:
-        # Without a byte-order mark, UTF-16 text reads as valid UTF-8 with a NUL beside every ASCII character.
-        if line_bytes.count(0) * 3 >= len(line_bytes):
+        if bom_less:
             raise UnlearnError(f"{where}: UTF-16 or UTF-32 text without a byte-order mark, by its NUL bytes; save it "
                                f"as UTF-8")
         raise UnlearnError(f"{where}: contains NUL bytes (is this a binary file?)")

@@ -47,7 +47,8 @@ from unlearn.paths import cache_dir
 # the choice its response names, spans._chosen_alternative; 17: a reverted candidate's, never to be used again;
 # 18: that choice gives way to a name or number the response adds, and to a denial; 19: a response naming
 # both choices answers by the one it does not deny, "hot, not cold"; 20: without a chat template, an answer that
-# opens with the next "### Question:" is empty, not that question).
+# opens with the next "### Question:" is empty, not that question, and a row with perturbed answers and no
+# paraphrase has a truth ratio against its response).
 VERSION = 20
 
 

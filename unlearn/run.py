@@ -529,8 +529,9 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     if opts.normal_holdout and not data.normal_heldout:  # (hold_out) the report's honest normal line is missing
         n = len(data.normal)
         why = "fewer than 4 rows" if n < 4 else f"{opts.normal_holdout:g} of {n} rows rounds to none"
+        trained = " and the normal similarity is of rows trained on" if opts.train.normal_weight else ""
         notes.append(f"--normal-holdout {opts.normal_holdout:g}: no NORMAL row held back ({why}), so there is no "
-                     f"normal-heldout line and the normal similarity is of rows trained on")
+                     f"normal-heldout line{trained}")
     rows = [*data.forget, *data.normal, *data.retain, *(e for s in data.sets for e in s.examples)]
     note = fallback_note(tokenizer, rows, questions=opts.probes)  # a base model: the format it learns and answers in
     if note and world.is_main:
@@ -804,9 +805,11 @@ def over_refusal_note(opts: RunOptions, data: Prepared, after: Measurement) -> s
     kept, n = measured.summary["accuracy"], measured.summary.get("accuracy_rows", measured.summary["n"])
     if kept >= OVER_REFUSAL_KEPT:
         return None
+    # (--retain-probes is refused beside --retain-weight 0, which turns off the KL it trains them through)
+    weight = " with a --retain-weight above 0" if opts.train.retain_weight == 0 else ""
     return (f"unlearn: the refusal also refuses benign questions about the same things: {round(kept * n)} of {n} "
-            f"same-subject probes kept ({data.output / 'probes.jsonl'}); --retain-probes trains on them (on the quality "
-            f"benchmark's dev scenarios it kept more such questions, for more steps: docs/quality.md)")
+            f"same-subject probes kept ({data.output / 'probes.jsonl'}); --retain-probes{weight} trains on them (on "
+            f"the quality benchmark's dev scenarios it kept more such questions, for more steps: docs/quality.md)")
 
 
 def make_probes(opts: RunOptions, job: Loaded, data: Prepared, log) -> dict[str, Measured]:
@@ -1410,8 +1413,8 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
               for i, (p, n) in enumerate(zip(opts.retain, _rows_per_file(opts.retain)), start=1)]
     # an --eval-* file's set by the option that gave it: two of the same name are X and X' (read_eval_sets)
     flag = {"forget": "--eval-forget", "retain": "--eval-retain"}
-    files += [(s.name, s.path, len(s.examples), {"option": flag[s.kind]}) for s in data.sets
-              if s.name not in ("forget", "normal", "retain") and s.path is not None]
+    files += [(s.name, s.path, len(s.examples), {} if s.name == "normal-heldout" else {"option": flag[s.kind]})
+              for s in data.sets if s.name not in ("forget", "normal", "retain") and s.path is not None]
     if opts.augmented:
         files.append(("augmented", opts.augmented, len(job.train_rows), {}))
     return {
