@@ -438,7 +438,7 @@ def _cell(values, digits=2) -> str:
 
 
 def make_table(rows: list[dict], scenarios: list[str], methods: list[str], seeds: list[int], run_args: str,
-               command: str, split: str, corrected: bool = False) -> str:
+               command: str, split: str, corrected: bool = False, source: str = "") -> str:
     """Markdown: per method, each column's mean over scenarios, then mean (min–max) over seeds.
 
     CORRECTED: the probe columns by the corrected judge as the file is now (each row's `corrected`); a run without
@@ -470,7 +470,8 @@ def make_table(rows: list[dict], scenarios: list[str], methods: list[str], seeds
         keys = [(r["scenario"], r["seed"]) for r in mine]
         twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
         if twice is not None:
-            raise SystemExit(f"two rows of {twice[0]} seed {twice[1]} ({method}, {run_args!r}): keep one")
+            raise SystemExit(f"{source or 'the results'}: two rows of {twice[0]} seed {twice[1]} ({method}, "
+                             f"{run_args!r}): keep one")
         ok = [r for r in mine if r.get("exit_code") == 0]
         # Only seeds run on every scenario (a run that failed counts as run): a seed's mean over
         # fewer scenarios would not be comparable with the others'. The cell names the seeds used.
@@ -608,7 +609,8 @@ def main(argv=None) -> None:
             f"--seeds {args.seeds}"])
         + ([f"--run-args={shlex.quote(args.run_args)}"] if args.run_args else [])
         + [f"--out {args.out}"] + (["--corrected"] if args.corrected else []))
-    table = make_table(read_jsonl(out), scenarios, methods, seeds, args.run_args, command, args.split, args.corrected)
+    table = make_table(read_jsonl(out), scenarios, methods, seeds, args.run_args, command, args.split, args.corrected,
+                       source=str(out))
     print(table)
     if args.table:
         Path(args.table).write_text(table)

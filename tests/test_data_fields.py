@@ -72,6 +72,12 @@ CHAT = {"prompt": QUESTION, "response": "Paris."}
     ({**CHAT, "halucinated_respnse": "Lyon."}, "halucinated_respnse", "hallucinated_response"),  # two off, long
     ({**CHAT, "Subject": "France"}, "Subject", "subject"),
     ({**CHAT, "subjets": "France"}, "subjets", "subject"),
+    # (review 115) a letter cut off, or one typed on, is a typo, not another column
+    ({**CHAT, "answes": ["Paris"]}, "answes", "answers"),
+    ({**CHAT, "subjec": "France"}, "subjec", "subject"),
+    ({**CHAT, "refusal_markes": ["No"]}, "refusal_markes", "refusal_markers"),
+    ({"prompt": QUESTION, "respons": "Paris."}, "respons", "response"),
+    ({"prompt": QUESTION, "responsee": "Paris."}, "responsee", "response"),
     ({"question": QUESTION, "Answer": "Paris."}, "Answer", "answer"),  # no response: the response field is meant
     ({"prompt": QUESTION, "reponse": "Paris."}, "reponse", "response"),
     ({"instruction": QUESTION, "output": "Paris.", "Input": "France"}, "Input", "input"),
@@ -114,18 +120,20 @@ def test_fields_near_no_field_read_are_ignored(row):
     assert parse_line(row, "rows.jsonl:7", False).extra == {k: v for k, v in row.items() if k not in known}
 
 
+NO_PROMPT = "no prompt: expected one of prompt, question, instruction (or 'text')"
+
+
 @pytest.mark.parametrize("row, message", [
     ({"Prompt": QUESTION, "response": "Paris."}, "unknown field 'Prompt' (did you mean 'prompt'?)"),
     ({"Question": QUESTION, "answer": "Paris."}, "unknown field 'Question' (did you mean 'question'?)"),
     ({"Text": PASSAGE}, "unknown field 'Text' (did you mean 'text'?)"),
-    # a row without its prompt field is refused anyway: a plural or an extension is named too
     ({"prompts": QUESTION, "response": "Paris."}, "unknown field 'prompts' (did you mean 'prompt'?)"),
-    ({"question_1": QUESTION, "response": "Paris."}, "unknown field 'question_1' (did you mean 'question'?)"),
 ])
 def test_a_row_without_its_prompt_names_the_field_that_misses_one(row, message):
-    assert message in refused(row)
-    assert refused({"query": QUESTION, "response": "Paris."}).endswith(
-        "no prompt: expected one of prompt, question, instruction (or 'text')")
+    assert refused(row).startswith(f"rows.jsonl:7: {NO_PROMPT}; {message}: ")
+    # another column is no hint (review 115: SORRY-bench's question_id, whose prompt is in `turns`)
+    for other in ({"question_id": 3, "turns": [QUESTION]}, {"q": QUESTION}, {"": QUESTION}, {"tex": QUESTION}):
+        assert refused({**other, "response": "Paris."}) == f"rows.jsonl:7: {NO_PROMPT}"
 
 
 def test_tofus_names_are_read_as_the_truth_ratios_fields():
@@ -146,7 +154,8 @@ def test_tofus_names_are_read_as_the_truth_ratios_fields():
         "'paraphrased_answer' without 'perturbed_responses': the truth ratio compares the two")
     # TOFU's real_authors_perturbed and world_facts_perturbed: perturbed answers, no paraphrase (review 113)
     world = {"question": QUESTION, "answer": "Paris.", "perturbed_answer": ["Lyon.", "Nice."]}
-    assert parse_line(world, "tofu.jsonl:2", True).extra == {"perturbed_responses": ["Lyon.", "Nice."]}
+    assert parse_line(world, "tofu.jsonl:2", True).extra == {"perturbed_responses": ["Lyon.", "Nice."],
+                                                            "paraphrased_response": "Paris."}  # the response stands in
 
 
 def test_a_paraphrase_without_perturbed_answers_is_refused():

@@ -457,12 +457,19 @@ def test_a_row_with_perturbed_answers_and_no_paraphrase_compares_them_with_its_r
     # reads the answer itself (review 113: the rows were refused, then skipped)
     lp = lambda prompt, text: _manual_logprobs(tiny.model, tiny.tokenizer, prompt, text)  # noqa: E731
     norm = lambda values: math.exp(sum(values) / len(values))  # noqa: E731
-    row = ex("who wrote Hamlet ?", "Shakespeare wrote it", 1, perturbed_responses=["Marlowe wrote it", "red green"])
-    s = ev.evaluate_outputs(["Shakespeare"], [row], judge=ev.make_judge(None),
-                            scorer=ev.Scorer(tiny.model, tiny.tokenizer, 2)).summary
+    from dataclasses import replace
+
+    from unlearn.data import parse_line
+
+    row = parse_line({"question": "who wrote Hamlet ?", "answer": "Shakespeare wrote it",
+                      "perturbed_answer": ["Marlowe wrote it", "red green"]}, "tofu.jsonl:1", True)
     ratio = (norm(lp(row.prompt, "Marlowe wrote it")) + norm(lp(row.prompt, "red green"))) / 2 / norm(
         lp(row.prompt, "Shakespeare wrote it"))
-    assert s["truth_ratio"] == pytest.approx(ratio, rel=1e-5)
+    # and as an --eval-retain row, whose reference is blanked (measure.references; review 115)
+    for given in (row, replace(row, response=None)):
+        s = ev.evaluate_outputs(["Shakespeare"], [given], judge=ev.make_judge(None),
+                                scorer=ev.Scorer(tiny.model, tiny.tokenizer, 2)).summary
+        assert s["truth_ratio"] == pytest.approx(ratio, rel=1e-5)
 
 
 def test_probability_matches_manual_logprobs(tiny):

@@ -171,3 +171,19 @@ def test_a_run_records_its_topic_probes_and_says_when_the_refusal_takes_them(tmp
     assert record["method"] == "ga+template" and record["probes"]["topic_probes"] == 1
     assert record["before"]["same subject"]["accuracy"] == 1.0 and record["after"]["same subject"]["accuracy"] == 0.0
     assert f"0 of 1 same-subject probes kept ({out / 'probes.jsonl'})" in result.err
+
+
+@pytest.mark.parametrize("weight, advice", [(50.0, "; --retain-probes trains on them"),
+                                            (0.0, "; --retain-probes with a --retain-weight above 0 trains on them")])
+def test_the_over_refusal_note_names_what_can_be_given(weight, advice):
+    # (review 113) it named --retain-probes alone, which --retain-weight 0 now refuses beside it
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from unlearn.run import over_refusal_note
+
+    opts = SimpleNamespace(train=SimpleNamespace(method="ga+template", retain_weight=weight), retain_probes=False)
+    data = SimpleNamespace(probes={"topic_set": "same subject"}, output=Path("out"))
+    after = SimpleNamespace(sets={"same subject": SimpleNamespace(summary={"accuracy": 0.0, "n": 2})})
+    note = over_refusal_note(opts, data, after)
+    assert f"0 of 2 same-subject probes kept (out/probes.jsonl){advice} (on the quality" in note

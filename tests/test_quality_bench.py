@@ -111,8 +111,9 @@ def test_table_mean_and_range_over_seeds():
     assert cells[0] == "`ga` (seeds 0,1)" and cells[1] == "0.30 (0.10–0.50)" and cells[-1] == "0/6 (1 not run)"
     # Two rows of one scenario and seed (a hand-merged file): refused, as selection.py refuses them; both were
     # averaged in and "not run" went negative (review 114)
-    with pytest.raises(SystemExit, match=r"^two rows of a seed 0 \(ga, ''\): keep one$"):
-        quality.make_table(rows + [{**rows[0], "forget_leak": 1.0}], ["a", "b"], ["ga"], [0, 1], "", "cmd", "dev")
+    with pytest.raises(SystemExit, match=r"^r.jsonl: two rows of a seed 0 \(ga, ''\): keep one$"):
+        quality.make_table(rows + [{**rows[0], "forget_leak": 1.0}], ["a", "b"], ["ga"], [0, 1], "", "cmd", "dev",
+                           source="r.jsonl")
 
 
 def test_the_corrected_judge_leaves_out_its_rows_and_changes_the_markers(tmp_path, monkeypatch):

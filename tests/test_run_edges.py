@@ -374,17 +374,20 @@ def test_the_stop_rules_budget_is_checked_only_where_the_stop_rule_runs(cli, tmp
 
 
 
-@pytest.mark.parametrize("rows, share, why", [(3, "0.25", "fewer than 4 rows"),
-                                              (4, "0.1", "0.1 of 4 rows rounds to none")])
-def test_no_row_held_back_is_said(cli, tmp_path, llama_dir, rows, share, why):
-    # (review 111) the normal-heldout line was left out without a word
+@pytest.mark.parametrize("rows, share, why, weight", [(3, "0.25", "fewer than 4 rows", "50"),
+                                                      (4, "0.1", "0.1 of 4 rows rounds to none", "50"),
+                                                      (3, "0.25", "fewer than 4 rows", "0")])
+def test_no_row_held_back_is_said(cli, tmp_path, llama_dir, rows, share, why, weight):
+    # (review 111) the normal-heldout line was left out without a word; at --normal-weight 0 the normal rows are
+    # not trained on either (review 113)
     forget = write_jsonl(tmp_path / "forget.jsonl", FORGET)
     normal = write_jsonl(tmp_path / "normal.jsonl", [{"prompt": f"Name a colour, {i}.", "response": "Red."}
                                                      for i in range(rows)])
-    result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "out", *QUICK, "--normal-holdout", share)
+    result = cli("run", forget, normal, "--model", llama_dir, "-o", tmp_path / "out", *QUICK, "--normal-holdout", share,
+                 "--normal-weight", weight)
     assert result.code == 0, result.err
-    line = (f"--normal-holdout {share}: no NORMAL row held back ({why}), so there is no normal-heldout line and the "
-            f"normal similarity is of rows trained on")
+    line = (f"--normal-holdout {share}: no NORMAL row held back ({why}), so there is no normal-heldout line"
+            + (" and the normal similarity is of rows trained on" if weight != "0" else ""))
     assert line in result.err.splitlines()
     assert line in json.loads((tmp_path / "out" / "run.json").read_text())["notes"]
 

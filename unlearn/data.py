@@ -43,6 +43,9 @@ OPTIONAL_FIELDS = ("answers", "subject", "refusal_markers", "paraphrased_respons
 # TOFU's names for the truth ratio's two fields (its `*_perturbed` files), read as ours: a TOFU file scored without
 # renaming, where they were ignored and the truth ratio silently left out.
 TOFU_FIELDS = {"paraphrased_answer": "paraphrased_response", "perturbed_answer": "perturbed_responses"}
+# The fields a plural's `s` does not make another (`data.misspelt`): they name a list, a subject or a prompt. A
+# response's plural is a column of its own in many datasets (`responses`, several answers to rank).
+PLURAL_READY = frozenset(OPTIONAL_FIELDS + tuple(TOFU_FIELDS) + PROMPT_KEYS + ("text",))
 # Fields unlearn writes into the row files it saves (probes.jsonl, augmented.jsonl, saved generations, the derived
 # spans), which a user may read back as rows: never taken for a misspelling of a field it reads.
 WRITTEN_FIELDS = ("set", "reference", "forget_line", "replacement", "dropped", "kind", "source_prompt",
@@ -225,22 +228,23 @@ def _edits(a: str, b: str) -> int:
 
 
 @functools.lru_cache(maxsize=4096)  # per field name, not per row: a file's rows share their columns
-def misspelt(name: str, fields: tuple[str, ...], loose: bool = False) -> str | None:
+def misspelt(name: str, fields: tuple[str, ...]) -> str | None:
     """The one of FIELDS that NAME (no field unlearn knows) most likely misspells, else None: the same name but for
-    case or separators (`Answers`, `refusal-markers`), or for a plural's `s` where the field names a list or a
-    subject (`refusal_marker`, `subjects`: OPTIONAL_FIELDS, TOFU_FIELDS), or one or two letters off inside it
-    (`anwsers`, `reponse`; two from nine letters on; fields of five letters or more). A name that only extends or
-    cuts the field's is another column of the dataset, not a typo (`response_0`, `answerA`, `output_1`), unless
-    LOOSE: a prompt field, whose absence refuses the row anyway, takes plurals and extensions too (`prompts`)."""
+    case or separators (`Answers`, `refusal-markers`), or for a plural's `s` where the field names a list, a subject
+    or a prompt (`refusal_marker`, `subjects`, `prompts`: PLURAL_READY), or one or two edits (`anwsers`, `reponse`,
+    `subjec`, `responsee`; two from nine letters on; fields of five letters or more). A name that extends a field's
+    by a digit, a separator, a capital, a plural's `s` or more than one letter is another column of the dataset, not
+    a typo (`response_0`, `answerA`, `output_1`, `responses`, `answers_list`, `question_id`)."""
     for known in fields:
         key, target = _field_key(name), _field_key(known)
-        if loose or known in OPTIONAL_FIELDS or known in TOFU_FIELDS:  # compared without a plural's s
+        if known in PLURAL_READY:  # compared without a plural's s
             key, target = key.removesuffix("s"), target.removesuffix("s")
         if key == target:
             return known
-        if key.startswith(target) or target.startswith(key):
-            if loose:
-                return known
+        added = key[len(target):] if key.startswith(target) else ""
+        # one lowercase letter typed on after the name (`responsee`) is a typo; anything else it adds is a column
+        if added and not (len(added) == 1 and added.isalpha() and added != "s" and name[-1:] == added
+                          and name[-2:-1].isalnum()):
             continue
         if len(target) >= 5 and _edits(key, target) <= (1 if len(target) < 9 else 2):
             return known
@@ -250,30 +254,33 @@ def misspelt(name: str, fields: tuple[str, ...], loose: bool = False) -> str | N
 def _refuse_misspelt_fields(obj: dict, where: str) -> None:
     """Refuse, all in one line, the fields that misspell one unlearn reads where that field is absent: ignored, a
     misspelt `answers` left a run judged on derived answers, and a misspelt `response` in an eval file left its
-    rows with no reference; a row without its prompt field is refused anyway, and this names what it missed."""
+    rows with no reference. A row without its prompt field is refused as such, naming what it missed."""
     known = set(PROMPT_KEYS + RESPONSE_KEYS + OPTIONAL_FIELDS + WRITTEN_FIELDS
                 + (ALPACA_INPUT, "text", DERIVED_KEY, SOURCE_FILE))
     no_prompt = "text" not in obj and not any(k in obj for k in PROMPT_KEYS)
-    # A response field first ("Answer" beside "question" is its answer, not `answers`), looked for only where none
-    # is given (a passage's is refused anyway); an Alpaca `input` only beside its `instruction`.
-    fields = ((() if "text" in obj or any(k in obj for k in RESPONSE_KEYS) else RESPONSE_KEYS) + OPTIONAL_FIELDS
+    # A prompt field where none is given; a response field ("Answer" beside "question" is its answer, not
+    # `answers`) where none is given (a passage's is refused anyway); an Alpaca `input` only beside its `instruction`.
+    fields = ((PROMPT_KEYS + ("text",) if no_prompt else ())
+              + (() if "text" in obj or any(k in obj for k in RESPONSE_KEYS) else RESPONSE_KEYS) + OPTIONAL_FIELDS
               + tuple(TOFU_FIELDS) + ((ALPACA_INPUT,) if "instruction" in obj else ()))
-    misses = []
-    for name in obj:
-        if name in known or name in TOFU_FIELDS:
-            continue
-        meant = (no_prompt and misspelt(name, PROMPT_KEYS + ("text",), True)) or misspelt(name, fields)
-        if meant and meant not in obj:
-            misses.append(f"{name!r} (did you mean {meant!r}?)")
+    misses = [f"{name!r} (did you mean {meant!r}?)" for name in obj if name not in known and name not in TOFU_FIELDS
+              and (meant := misspelt(name, fields)) and meant not in obj]
     if misses:
-        raise UnlearnError(f"{where}: unknown field{'s' * (len(misses) > 1)} {', '.join(misses)}: a name this close "
-                           f"to one unlearn reads is refused rather than ignored; rename it, or drop it if it is "
-                           f"another field")
+        head = f"no prompt: expected one of {', '.join(PROMPT_KEYS)} (or 'text'); " if no_prompt else ""
+        raise UnlearnError(f"{where}: {head}unknown field{'s' * (len(misses) > 1)} {', '.join(misses)}: a name this "
+                           f"close to one unlearn reads is refused rather than ignored; rename it, or drop it if it "
+                           f"is another field")
 
 
-def _ours(extra: dict) -> dict:
-    """EXTRA with TOFU's names for the truth ratio's fields (`TOFU_FIELDS`) replaced by ours."""
-    return {TOFU_FIELDS.get(k, k): v for k, v in extra.items()}
+def _ours(extra: dict, response: str | None) -> dict:
+    """EXTRA with TOFU's names for the truth ratio's fields (`TOFU_FIELDS`) replaced by ours, and RESPONSE as the
+    paraphrase of a row with perturbed answers and none (TOFU's real_authors and world_facts files: its truth ratio
+    reads the answer there). Set here, the response still stands in where a set's references are blanked
+    (`--eval-retain`: measure.references)."""
+    extra = {TOFU_FIELDS.get(k, k): v for k, v in extra.items()}
+    if "perturbed_responses" in extra and "paraphrased_response" not in extra and response is not None:
+        extra["paraphrased_response"] = response
+    return extra
 
 
 def _check_extra(obj: dict, where: str) -> None:
@@ -347,7 +354,7 @@ def _parse_passage(obj: dict, where: str, line: int) -> Example:
     _check_extra(obj, where)
     # The model is prompted with the prefix only, so that is where a subject must be.
     _check_subject(obj, prefix, where, f"passage's prefix (its first {len(passage_words(prefix)[0])} words)")
-    extra = _ours({k: v for k, v in obj.items() if k != "text"})
+    extra = _ours({k: v for k, v in obj.items() if k != "text"}, continuation)
     return Example(Passage(prefix), continuation, line, extra)
 
 
@@ -367,7 +374,7 @@ def parse_line(obj, where: str, need_response: bool) -> Example:
         raise UnlearnError(f"{where}: no response: expected one of {', '.join(RESPONSE_KEYS)}")
     _check_extra(obj, where)
     _check_subject(obj, prompt, where, "prompt")
-    extra = _ours({k: v for k, v in obj.items() if k not in PROMPT_KEYS + RESPONSE_KEYS + (ALPACA_INPUT,)})
+    extra = _ours({k: v for k, v in obj.items() if k not in PROMPT_KEYS + RESPONSE_KEYS + (ALPACA_INPUT,)}, response)
     return Example(prompt, response, line, extra)
 
 

@@ -660,9 +660,8 @@ def likelihood_pairs(examples: Sequence, members: Sequence, holdout: Sequence | 
     for i, ex in enumerate(examples):
         if ex.response is not None:
             add(ex.prompt, ex.response, ("ref", i))
-        perturbed = ex.extra.get("perturbed_responses")
-        # the paraphrase, else the response (TOFU's truth ratio on its real_authors and world_facts sets)
-        para = ex.extra.get("paraphrased_response") or (ex.response if perturbed else None)
+        # (a row with perturbed answers and no paraphrase has its response as one: data._ours)
+        para, perturbed = ex.extra.get("paraphrased_response"), ex.extra.get("perturbed_responses")
         if para and perturbed:
             add(ex.prompt, para, ("para", i))
             for p in perturbed:
