@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 
 from unlearn import distributed
 from unlearn.errors import UnlearnError
-from unlearn.outputs import usual_mode
+from unlearn.outputs import usual_modes
 
 CHECKPOINTS = "checkpoints"
 KEEP = 2
@@ -113,10 +113,9 @@ def _write_checkpoint(output: Path, state: dict, loop: dict, run_args: dict) -> 
             safetensors.torch.save_file(state[key], str(tmp / name))
         scalars = {k: v for k, v in state.items() if k not in TENSOR_FILES}
         (tmp / "state.json").write_text(json.dumps({**scalars, "loop": loop, "args": run_args}, default=str) + "\n")
-        # A checkpoint lives in OUT, whose files get the umask's permissions (README, outputs.usual_mode);
+        # A checkpoint lives in OUT, whose files get the umask's permissions (README, outputs.usual_modes);
         # mkdtemp's 0700 and safetensors' 0600 had kept it private from the users who may read the rest of OUT.
-        for made in (tmp, *tmp.iterdir()):
-            usual_mode(made, directory=made.is_dir())
+        usual_modes(tmp)
         if final.exists():  # a stale copy of this very step (e.g. from before a resume)
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -251,19 +251,22 @@ def misspelt(name: str, fields: tuple[str, ...]) -> str | None:
     return None
 
 
+# Every field name unlearn reads or writes: never taken for a misspelling.
+KNOWN_FIELDS = frozenset(PROMPT_KEYS + RESPONSE_KEYS + OPTIONAL_FIELDS + WRITTEN_FIELDS + tuple(TOFU_FIELDS)
+                         + (ALPACA_INPUT, "text", DERIVED_KEY, SOURCE_FILE))
+
+
 def _refuse_misspelt_fields(obj: dict, where: str) -> None:
     """Refuse, all in one line, the fields that misspell one unlearn reads where that field is absent: ignored, a
     misspelt `answers` left a run judged on derived answers, and a misspelt `response` in an eval file left its
     rows with no reference. A row without its prompt field is refused as such, naming what it missed."""
-    known = set(PROMPT_KEYS + RESPONSE_KEYS + OPTIONAL_FIELDS + WRITTEN_FIELDS
-                + (ALPACA_INPUT, "text", DERIVED_KEY, SOURCE_FILE))
     no_prompt = "text" not in obj and not any(k in obj for k in PROMPT_KEYS)
     # A prompt field where none is given; a response field ("Answer" beside "question" is its answer, not
     # `answers`) where none is given (a passage's is refused anyway); an Alpaca `input` only beside its `instruction`.
     fields = ((PROMPT_KEYS + ("text",) if no_prompt else ())
               + (() if "text" in obj or any(k in obj for k in RESPONSE_KEYS) else RESPONSE_KEYS) + OPTIONAL_FIELDS
               + tuple(TOFU_FIELDS) + ((ALPACA_INPUT,) if "instruction" in obj else ()))
-    misses = [f"{name!r} (did you mean {meant!r}?)" for name in obj if name not in known and name not in TOFU_FIELDS
+    misses = [f"{name!r} (did you mean {meant!r}?)" for name in obj if name not in KNOWN_FIELDS
               and (meant := misspelt(name, fields)) and meant not in obj]
     if misses:
         head = f"no prompt: expected one of {', '.join(PROMPT_KEYS)} (or 'text'); " if no_prompt else ""

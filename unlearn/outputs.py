@@ -59,10 +59,7 @@ def atomic_output_dir(path: Path, force: bool = False):
         raise
     old = None
     try:
-        usual_mode(tmp, directory=True)
-        for inside in tmp.rglob("*"):  # what libraries made in it too: safetensors writes its files 0600
-            if not inside.is_symlink():
-                usual_mode(inside, directory=inside.is_dir())
+        usual_modes(tmp)
         if path.exists() and force:
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "x")
@@ -83,6 +80,15 @@ def atomic_output_dir(path: Path, force: bool = False):
             os.replace(old / "x", path)
             shutil.rmtree(old, ignore_errors=True)
         raise UnlearnError(f"{path}: could not move the finished output into place ({exc.strerror})") from None
+
+
+def usual_modes(root: Path) -> None:
+    """`usual_mode` for the directory ROOT and everything in it, what libraries made there too (safetensors writes
+    its files 0600); links are left alone."""
+    usual_mode(root, directory=True)
+    for inside in root.rglob("*"):
+        if not inside.is_symlink():
+            usual_mode(inside, directory=inside.is_dir())
 
 
 def usual_mode(path: Path, directory: bool) -> None:
