@@ -248,17 +248,29 @@ def measure(model, tokenizer, scenario: Scenario) -> dict:
     return out
 
 
+def base_key(spec: str | None) -> str:
+    """What the base model's outputs depend on besides the probe files: the model's content (every file the tool's own
+    measurement cache fingerprints: weights, tokenizer, chat template, generation config), not the name it was given,
+    so a taught model made again under the same directory is measured again; and the tool's measurement version
+    (`measure_cache.VERSION`, raised whenever the same model and rows give other answers), so outputs of an older
+    generation or rendering are not compared with a run's made by the new one."""
+    from unlearn.measure_cache import VERSION, weights_fingerprint
+    from unlearn.models import resolve_model_dir
+    return hashlib.sha256(f"{weights_fingerprint(resolve_model_dir(spec))}|{VERSION}".encode()).hexdigest()[:12]
+
+
 def base_outputs(scenario: Scenario, spec: str | None) -> dict:
-    """The base model's outputs, computed once per (model, probe files) and cached."""
-    model_key = hashlib.sha256(str(spec or "embedded").encode()).hexdigest()[:8]
-    path = cache_root() / "base" / f"{scenario.name}-{model_key}-{scenario.probe_hash()}.json"
+    """The base model's outputs, computed once per (model, probe files) and cached (`base_key`); written whole or not
+    at all, since two benches may share the cache."""
+    from unlearn.outputs import write_text_atomic
+    path = cache_root() / "base" / f"{scenario.name}-{base_key(spec)}-{scenario.probe_hash()}.json"
     if path.exists():
         return json.loads(path.read_text())
     from unlearn.models import load_model
     loaded = load_model(spec)
     outputs = measure(loaded.model, loaded.tokenizer, scenario)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(outputs))
+    write_text_atomic(path, json.dumps(outputs))
     return outputs
 
 

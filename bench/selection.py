@@ -20,7 +20,9 @@ Every figure it prints is a selection criterion, never a result: the test split'
   candidate with some seeds of a scenario but not all is refused, not judged on the default's rows there.
 - **A scoped candidate** (`--scoped`; the fifty-second session's amendment, declared before any candidate's runs)
   is one declared before its runs to train exactly as the default everywhere but the scenarios it runs: its
-  margin is `MARGIN` · √(reached / scenarios) (`margin_for`), for the gate and the tie alike.
+  margin is `MARGIN` · √(reached / scenarios) (`margin_for`), for the gate and the tie alike. `--scoped` counts
+  as reached the scenarios the results file has rows for; `--reaches a,b,...` names them as declared, and refuses a
+  file without rows for one of them (a run left out would otherwise lower the margin) or with rows for another.
 """
 
 from __future__ import annotations
@@ -236,6 +238,8 @@ def main(argv=None) -> None:
     parser.add_argument("--scenarios", help="comma-separated [default: the dev split, bench/scenarios/split.json]")
     parser.add_argument("--scoped", action="store_true", help="the candidate was declared, before its runs, to train "
                         "exactly as the default on every scenario it has no rows for: margin_for's margin")
+    parser.add_argument("--reaches", help="comma-separated: the scenarios a scoped candidate was declared to reach; "
+                        "--scoped's margin for that many, every one of them run and no other")
     parser.add_argument("--defaults", type=Path, default=DEFAULT_ROWS,
                         help="the file naming the default's rows [default: bench/results/dev-default.json; an earlier "
                              "default's, such as dev-default-s52.json, reads a decision judged against it again]")
@@ -252,7 +256,16 @@ def main(argv=None) -> None:
     if not ran:
         raise SystemExit(f"{args.candidate}: no rows of {args.method} with run arguments {args.run_args!r} in "
                          f"{', '.join(scenarios)}")
-    verdict = judge(default, candidate, margin_for(len(ran), len(scenarios)) if args.scoped else MARGIN)
+    if args.reaches is not None:
+        declared = {name.strip() for name in args.reaches.split(",") if name.strip()}
+        unknown, missing, extra = declared - set(scenarios), declared - ran, ran - declared
+        if unknown or missing or extra:
+            raise SystemExit(f"{args.candidate}: --reaches {args.reaches}: " + "; ".join(
+                f"{what}: {', '.join(sorted(names))}" for what, names in (
+                    ("not in the split", unknown), ("declared but without rows", missing - unknown),
+                    ("rows but not declared", extra)) if names))
+    scoped = args.scoped or args.reaches is not None
+    verdict = judge(default, candidate, margin_for(len(ran), len(scenarios)) if scoped else MARGIN)
     print(json.dumps({**verdict, "ran": sorted(ran)}) if args.json else report(default, candidate, ran, verdict))
 
 

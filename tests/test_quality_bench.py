@@ -259,3 +259,23 @@ def test_the_printed_command_names_its_scenarios_and_results_file(tmp_path, caps
     # --quick with another scenario: the command names it (re-run, it gave capitals' table)
     quality.main(["--quick", "--scenarios", "inventors", "--out", str(out), "--no-run"])
     assert "`python bench/quality.py --quick --scenarios inventors --out " in capsys.readouterr().out.splitlines()[0]
+
+
+def test_base_outputs_keyed_by_model_content_and_measurement_version(llama_dir, tmp_path, monkeypatch):
+    # The base outputs are compared with a run's made by today's code: a model made again under the same directory
+    # (bench/teach.py's taught model) or a new measurement version must not read the old ones.
+    import shutil
+
+    from unlearn import measure_cache
+    model = tmp_path / "model"
+    shutil.copytree(llama_dir, model)
+    first = quality.base_key(str(model))
+    assert quality.base_key(str(model)) == first
+    version = measure_cache.VERSION
+    monkeypatch.setattr(measure_cache, "VERSION", version + 1)
+    assert quality.base_key(str(model)) != first
+    monkeypatch.setattr(measure_cache, "VERSION", version)
+    config = json.loads((model / "config.json").read_text())
+    config["rms_norm_eps"] = config.get("rms_norm_eps", 1e-6) * 2
+    (model / "config.json").write_text(json.dumps(config))
+    assert quality.base_key(str(model)) != first

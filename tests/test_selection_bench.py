@@ -275,3 +275,20 @@ def test_scoped_is_asked_for_and_printed_as_such(capsys):
     assert "margin 0.0115, scoped: 2 of 6 scenarios reached, 0.02 x sqrt(2/6))" in capsys.readouterr().out
     selection.main(args)
     assert "(margin 0.0200)" in capsys.readouterr().out
+
+
+def test_reaches_takes_the_margin_from_the_declaration_and_refuses_a_run_left_out(capsys):
+    """--scoped reads the reach from the rows, so a candidate declared to reach two scenarios whose file held rows of
+    one would have been judged by the smaller margin of one; --reaches names the declared ones."""
+    six = "capitals,tofu,harmful,openings,inventors,mischief"
+    path = ROOT / "bench/results/quality-dev-s50-topic-probes-200.jsonl"
+    args = [str(path), "--run-args=--retain-probes --retain-weight 200", "--scenarios", six,
+            "--defaults", str(BEFORE_ANCHORS), "--json"]
+    selection.main(args + ["--reaches", "harmful, mischief"])
+    assert json.loads(capsys.readouterr().out)["margin"] == pytest.approx(0.02 * (2 / 6) ** 0.5)
+    with pytest.raises(SystemExit, match=r"--reaches harmful,mischief,capitals: declared but without rows: capitals$"):
+        selection.main(args + ["--reaches", "harmful,mischief,capitals"])
+    with pytest.raises(SystemExit, match=r"--reaches harmful: rows but not declared: mischief$"):
+        selection.main(args + ["--reaches", "harmful"])
+    with pytest.raises(SystemExit, match=r"--reaches harmful,mischief,nowhere: not in the split: nowhere$"):
+        selection.main(args + ["--reaches", "harmful,mischief,nowhere"])
