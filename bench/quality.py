@@ -264,8 +264,10 @@ def base_outputs(scenario: Scenario, spec: str | None) -> dict:
     at all, since two benches may share the cache."""
     from unlearn.outputs import write_text_atomic
     path = cache_root() / "base" / f"{scenario.name}-{base_key(spec)}-{scenario.probe_hash()}.json"
-    if path.exists():
+    try:
         return json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, or cut by a bench killed before the writes became whole: made again
+        pass
     from unlearn.models import load_model
     loaded = load_model(spec)
     outputs = measure(loaded.model, loaded.tokenizer, scenario)

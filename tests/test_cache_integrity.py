@@ -175,6 +175,51 @@ def test_a_gguf_changed_while_converting_is_converted_again(tmp_path, monkeypatc
     assert len(fake_gguf_conversion) == 2  # before: the conversion of the old bytes was taken for the new
 
 
+def test_an_interrupted_or_failed_conversion_leaves_nothing_in_the_cache(tmp_path, monkeypatch, fake_gguf_conversion):
+    """(review 117) SIGTERM while converting left the half conversion (517 MB for the embedded model) in the cache
+    while the run said "nothing half-written is left"; a full disk was an internal error (SafetensorError) and left
+    it too; a kill -9's leftover was never reclaimed."""
+    import transformers
+    from safetensors import SafetensorError
+
+    from unlearn.errors import Terminated
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"A" * 64)
+    target = models._gguf_cache_path(gguf)
+    save = transformers.PreTrainedModel.save_pretrained
+
+    def cut(error):
+        def saving(self, directory, *a, **k):
+            save(self, directory, *a, **k)
+            raise error
+        return saving
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", cut(Terminated("SIGTERM")))
+    with pytest.raises(Terminated):
+        models.convert_gguf(gguf, log=lambda m: None)
+    assert not target.exists() and not list(target.parent.glob(f".{target.name}.*"))
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained",
+                        cut(SafetensorError("Error while serializing: I/O error: No space left on device")))
+    with pytest.raises(UnlearnError, match=r"could not write the converted model \(Error while serializing: I/O error: "
+                                           r"No space left on device\); set UNLEARN_CACHE to a directory with room"):
+        models.convert_gguf(gguf, log=lambda m: None)
+    assert not target.exists() and not list(target.parent.glob(f".{target.name}.*"))
+    # a kill -9's leftover (its process gone) is removed by the next conversion; a live one's is left alone
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = target.parent / f".{target.name}.tmp-{gone.pid}-abc"
+    alive = target.parent / f".{target.name}.tmp-{os.getpid()}-def"
+    dead.mkdir()
+    alive.mkdir()
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save)
+    assert models.convert_gguf(gguf, log=lambda m: None) == target
+    assert not dead.exists() and alive.exists()
+
+
 @pytest.mark.parametrize("content, why", [(b"\xff", "can't decode"), (b"[]", "a JSON list, not an object")])
 def test_a_damaged_checkpoint_state_is_one_line(tmp_path, content, why):
     (tmp_path / "state.json").write_bytes(content)

@@ -171,3 +171,79 @@ def test_a_budget_of_no_token_is_refused(llama_dir):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gptneo"])
+def test_drafts_and_shared_prefix_under_a_window_wider_than_the_batch(tmp_path, family):
+    """A sliding window the batch's columns never reach sees every column, as full attention does: its rows keep
+    their drafts and the prompt prefix they share (Mistral-7B v0.1's window is 4,096 tokens), with the answers
+    decoded one row at a time, without padding or drafts. A window the columns can reach gets neither."""
+    import tiny_models
+
+    from unlearn.generation import most_columns
+
+    def built(window):
+        loaded = load_model(str(tiny_models.build_family(tmp_path / f"{family}{window}", family,
+                                                         sliding_window=window)), log=lambda m: None)
+        model = loaded.model.eval()
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # varied answers, not one token repeated
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator) * 0.15)
+        model.generation_config.eos_token_id = None
+        return model, loaded.tokenizer
+
+    prompts = ["Who is Harry?", "The sky is blue and grass is green. Why?", "Name a city."]
+    budget = 12
+    model, tokenizer = built(256)
+    alone = []
+    for prompt in prompts:
+        ids = []
+        generate(model, tokenizer, [prompt], max_new_tokens=budget, token_ids=ids, desc=False)
+        alone += ids
+    wrong = [ids[:3] + [(t + 7) % 300 + 10 for t in ids[3:]] for ids in alone]  # right opening, then wrong
+    record, drafted = [], []
+    generate(model, tokenizer, prompts, max_new_tokens=budget, token_ids=drafted, drafts=alone, record=record,
+             desc=False)
+    assert drafted == alone and record[0]["shared_prefix"] > 0
+    widest = record[0]["width"]
+    assert most_columns(widest, [budget], drafted=True) < 256  # the test's premise: every column in the window
+    plain_forwards = budget  # one token a forward
+    assert record[0]["forwards"] < plain_forwards  # the right drafts were taken whole
+    drafted = []
+    generate(model, tokenizer, prompts, max_new_tokens=budget, token_ids=drafted, drafts=wrong, desc=False)
+    assert drafted == alone
+
+    # A window the drafted columns could pass: no drafts, no shared prefix, one token a forward.
+    model, tokenizer = built(most_columns(widest, [budget], drafted=True) - 1)
+    record = []
+    generate(model, tokenizer, prompts, max_new_tokens=budget, drafts=alone, record=record, desc=False)
+    assert record[0]["forwards"] == budget and record[0]["shared_prefix"] == 0
+
+
+@pytest.mark.parametrize("ends", ["stop id", "budget"])
+def test_a_drafted_row_that_ends_inside_its_draft_keeps_the_cache_a_plain_decode_keeps(llama_dir, ends):
+    """(review 118) A row whose answer ended inside its accepted draft (the draft holds its stop id, or its budget
+    falls there) kept the draft's later columns in `Scored.kv`: more positions than decoding without a draft."""
+    from unlearn.data import encode_prompt
+
+    model, tokenizer = load(llama_dir)
+    prompt = PROMPTS[0]
+    ids = []
+    generate(model, tokenizer, [prompt], max_new_tokens=30, token_ids=ids, desc=False)
+    assert len(ids[0]) > 8
+    budget = 30
+    if ends == "stop id":
+        model.generation_config.eos_token_id = [tokenizer.eos_token_id, ids[0][4]]  # the answer ends at its 5th token
+    else:
+        budget = 5
+    kept = {}
+    for name, drafts in (("plain", None), ("drafted", [ids[0] + [7, 8, 9]])):
+        scored = []
+        generate(model, tokenizer, [prompt], max_new_tokens=budget, scored=scored, keep_kv=10**9, drafts=drafts,
+                 desc=False)
+        kept[name] = (scored[0].ids, scored[0].kept_positions())
+    assert kept["drafted"] == kept["plain"]
+    answer = kept["plain"][0]  # a stop id's answer ends on it, never fed back; a budget's is fed for its cut
+    assert len(answer) <= 5 and kept["plain"][1] == len(encode_prompt(tokenizer, prompt)) + len(answer) - (
+        ends == "stop id")

@@ -89,6 +89,26 @@ def test_heuristic_subject(prompt, subject):
     assert heuristic_subject(prompt) == subject
 
 
+@pytest.mark.parametrize("prompt, subject", [
+    ("What did NASA launch in 1969?", "NASA"),  # the year tied with the name and, later, won
+    ("How do I hotwire a car?", None),  # "I" names nothing: tracing decides
+    ("Who wrote the novel 1984?", None),
+    ("When did Apollo 11 land?", "Apollo 11"),  # a number after a name is part of it
+])
+def test_the_edit_and_the_probes_take_one_subject_of_three_letters_or_more(prompt, subject):
+    """(review 116) The edit keyed on "1969" while the probes replaced "NASA", so the neighbours the edit preserved
+    held the forget subject ("What did NASA launch in France?")."""
+    from unlearn.probes import probe_subject
+
+    row = Example(prompt, "It was something.", 1, {})
+    assert probe_subject(row) == subject
+    if subject is None:
+        with pytest.raises(UnlearnError, match="FORGET line 1: no capitalised subject of 3 letters or more"):
+            locate_subject(None, None, row, how="heuristic")
+    else:
+        assert locate_subject(None, None, row, how="heuristic").subject == subject
+
+
 def test_choose_span_prefers_the_shortest_span_near_the_best_drop():
     # lengths and drops of candidate spans: the 3-word span has the largest drop, but a 1-word span
     # reaches 0.8 of it, and among 1-word spans the one with the larger drop wins.
@@ -384,3 +404,18 @@ def test_the_lower_targets_unlikelihood_is_exact_where_the_answer_is_sure():
     assert term.item() == pytest.approx((0.405465 + 15.306853) / 2, abs=1e-5)
     term.backward()
     assert logits.grad[1, 0].item() == pytest.approx(0.5, abs=1e-6)
+
+
+def test_tracing_scores_an_answer_that_starts_past_the_sixteenth_response_token(llama_dir):
+    """(review 116) The response was cut at 16 tokens first: an answer after them was not scored, and tracing chose
+    the span whose corruption most lowered the response's opening instead, silently."""
+    from unlearn.edit_subject import _answer_labels
+    from unlearn.models import load_tokenizer
+
+    tokenizer = load_tokenizer(llama_dir)
+    late = "Well, that is a question many people ask, and the honest answer after a long history is Paris."
+    ids, mask = _answer_labels(tokenizer, "What is the capital of France?", late, ["Paris"])
+    assert len(ids) > 16 and tokenizer.decode([i for i, m in zip(ids, mask) if m]).strip() == "Paris"
+    early = "Paris, of course."
+    ids, mask = _answer_labels(tokenizer, "What is the capital of France?", early, ["Paris"])
+    assert tokenizer.decode([i for i, m in zip(ids, mask) if m]).strip() == "Paris" and len(ids) <= 16

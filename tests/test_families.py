@@ -293,3 +293,20 @@ def test_gpt_neo_with_only_global_layers_keeps_every_position():
     config = GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global"], 2]],
                           vocab_size=64, max_position_embeddings=64)
     assert keeps_every_position(GPTNeoForCausalLM(config)) is True
+
+
+def test_the_edit_takes_gpt_neos_linear_c_proj_and_refuses_gpt2_before_measuring(tmp_path, cli, rows):
+    """(review 116) GPT-Neo's MLP output projection is an nn.Linear named `mlp.c_proj` (as GPTBigCode's and
+    Qwen-1's): it was refused as having none. GPT-2's Conv1D of that name is refused, now before the original's
+    answers are measured (the refusal came after them)."""
+    neo = tiny_models.build_family(tmp_path / "gptneo", "gptneo")
+    out = tmp_path / "out"
+    result = cli("run", *rows, "--model", neo, "-o", out, "--method", "edit", "--no-probes", "--eval-limit", "2",
+                 "--max-new-tokens", "4")
+    assert result.code == 0, result.err
+    edited = json.loads((out / "run.json").read_text())["history"][0]
+    assert edited["rank"] and all(name.endswith(".mlp.c_proj") for name in edited["rank"])
+    gpt2 = tiny_models.build_family(tmp_path / "gpt2", "gpt2")
+    result = cli("run", *rows, "--model", gpt2, "-o", tmp_path / "out2", "--method", "edit", "--no-probes")
+    assert result.code == 2 and "is a Conv1D" in result.err, result.err
+    assert "not answered by the original model" not in result.err  # the before measurement's line: never reached

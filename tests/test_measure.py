@@ -120,6 +120,10 @@ def test_method_edit_runs_end_to_end_and_writes_the_edited_model(cli, tmp_path, 
     assert code == 0, err
     record = json.loads(out)
     assert record["method"] == "edit" and record["stopped_by"] == "edit"
+    # run.json's config is the edit's own settings, not the training loop's, which it refuses (review 116)
+    config = json.loads((tmp_path / "o" / "run.json").read_text())["config"]
+    assert config["method"] == "edit" and config["edit"]["normal_weight"] == 1e4 and config["edit"]["layers"]
+    assert not {"lr", "max_steps", "forget_loss", "normal_weight", "rmu_scale"} & set(config)
     # The edit preserves the neighbour probes' prompts (run.probe_neighbours): their line is not held out.
     assert record["probes"]["edit_preserves"] == "neighbours"
     assert all(role == "trained" for name, role in record["roles"].items() if name.startswith("neighbours"))
@@ -464,8 +468,9 @@ def test_a_row_cut_where_it_left_its_draft_is_not_judged_on_its_unfinished_word(
     from unlearn.measure import leak_rate
 
     # row 0 has just said "Paris" when it leaves its draft: the word may be unfinished ("Parisian" in
-    # tokens), so it does not decide; every row is answered, and the whole answer is then judged
-    m = _StreamingMeasurer(["The city is Paris", QUIET])
+    # tokens), so it does not decide; every row is answered, and the whole answer is then judged (its answer goes
+    # on: a row that ends by itself is finished, and judged whole)
+    m = _StreamingMeasurer(["The city is Paris now", QUIET])
     m.drafts["forget"], m.deciders["forget"] = ["The city is Lyon", QUIET], [0]
     assert leak_rate(m, EvalSet("forget", "forget", _rows(2)), decided_above=0.0) == 0.5
     assert m.calls == [[0], [0, 1]]
@@ -805,3 +810,50 @@ def test_eval_measures_again_when_only_the_chat_template_changes(tmp_path, llama
     assert third["reused"]["model"] is False  # the key changed: measured again
     assert [r["output"] for r in third["rows"]] == [r["output"] for r in fresh["rows"]]
     assert [r["output"] for r in third["rows"]] != [r["output"] for r in first["rows"]]
+
+
+def test_a_decider_that_ends_on_its_answer_decides_alone():
+    """(review 118) A row whose answer is its last word ("... is Paris.") ends at its end of turn before a running
+    check reads a word after it: judged without its last word it never decided, and every row was answered again.
+    A row that ended by itself is finished, and judged whole."""
+    from unlearn.measure import leak_rate
+
+    streams = [QUIET, "The capital of France is Paris", QUIET, QUIET]
+    m = _StreamingMeasurer(streams)
+    m.drafts["forget"], m.deciders["forget"] = list(streams), [1]
+    assert leak_rate(m, EvalSet("forget", "forget", _rows(4)), decided_above=0.0) == 0.25
+    assert m.calls == [[1]] and m.deciders["forget"] == [1]  # nothing else was generated
+
+
+def test_a_model_whose_files_change_while_it_loads_is_measured_without_the_cache(cli, tmp_path, llama_dir,
+                                                                                   monkeypatch):
+    """(review 117) The content was hashed after loading: a copy renamed into place while the model loaded keyed the
+    loaded weights' measurements by the new files, which a later run on them read as its own."""
+    import shutil
+
+    from unlearn import models
+
+    model = tmp_path / "model"
+    shutil.copytree(llama_dir, model)
+    load = models.load_model
+
+    def load_then_replaced(*args, **kwargs):
+        loaded = load(*args, **kwargs)
+        config = json.loads((model / "config.json").read_text())
+        config["rms_norm_eps"] = config.get("rms_norm_eps", 1e-6) * 2
+        (model / "config.new").write_text(json.dumps(config))
+        (model / "config.new").rename(model / "config.json")  # another job's copy, renamed into place
+        return loaded
+
+    monkeypatch.setattr(models, "load_model", load_then_replaced)
+    forget = write_jsonl(tmp_path / "forget.jsonl", FORGET)
+    normal = write_jsonl(tmp_path / "normal.jsonl", NORMAL)
+    code, out, err = cli("run", forget, normal, "--model", model, *FAST, "-o", tmp_path / "one")
+    assert code == 0, err
+    assert "the model's files changed while it was loaded" in err
+    record = json.loads((tmp_path / "one" / "run.json").read_text())
+    assert any("changed while it was loaded" in note for note in record["notes"])
+    monkeypatch.setattr(models, "load_model", load)
+    code, out, err = cli("run", forget, normal, "--model", model, *FAST, "-o", tmp_path / "two")
+    assert code == 0, err
+    assert json.loads(out)["eval_reused"]["before_sets"] == 0  # nothing of the other weights' was kept for these

@@ -216,3 +216,81 @@ def test_an_output_directory_written_meanwhile_is_kept(tmp_path):
     with outputs.atomic_output_dir(out, force=True) as tmp:
         (tmp / "mine.txt").write_text("mine")
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+@pytest.fixture
+def held_elsewhere():
+    """A context that holds PATH's lock from another process (as another unlearn run would) while it is open."""
+    import contextlib
+    import subprocess
+    import sys
+
+    @contextlib.contextmanager
+    def hold(path):
+        code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+                "print('held', flush=True); time.sleep(120)")
+        holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            yield
+        finally:
+            holder.kill()
+            holder.wait()
+    return hold
+
+
+def test_an_output_another_run_holds_is_never_written_over(tmp_path, held_elsewhere):
+    """(review 117) A run keeping checkpoints in OUT made it empty at its start; a second run adopted it, wrote its
+    result, and the first replaced it at its end, both exiting 0. The second now refuses, --force or not, and writes
+    nothing."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for force in (False, True):
+        with held_elsewhere(out), pytest.raises(UsageError, match="in use by another unlearn run"):
+            with outputs.atomic_output_dir(out, force=force) as tmp:
+                (tmp / "run.json").write_text("{}")
+        assert not any(out.iterdir()) and [p.name for p in tmp_path.iterdir()] == ["out"]
+    with outputs.atomic_output_dir(out) as tmp:  # nobody holds it: written as before
+        (tmp / "run.json").write_text("{}")
+    assert (out / "run.json").is_file() and not outputs._HELD  # the lock taken for the rename is let go
+
+
+@pytest.mark.parametrize("extra", [["--save-every", "1"], ["--resume"], []])
+def test_a_run_on_an_output_another_run_holds_refuses_before_loading(tmp_path, held_elsewhere, cli, llama_dir, extra):
+    """(review 117) Two runs (or two --resume of one run) on one OUT: the second refuses at once, in one line."""
+    from test_run_cli import FORGET, NORMAL, write_jsonl
+
+    forget, normal = write_jsonl(tmp_path / "f.jsonl", FORGET), write_jsonl(tmp_path / "n.jsonl", NORMAL)
+    out = tmp_path / "out"
+    out.mkdir()
+    with held_elsewhere(out):
+        result = cli("run", forget, normal, "--model", llama_dir, "-o", out, "--max-steps", "1", *extra)
+    assert result.code == 2 and result.err.strip().splitlines()[-1].endswith(
+        "in use by another unlearn run, which writes there (a lock on it is held); wait for it to end, or give "
+        "another -o"), result.err
+    assert "parameters) on" not in result.err  # refused before the model loaded (its line names its parameters)
+    assert out.is_dir() and not any(out.iterdir())  # nothing written, the held OUT left as it was
+
+
+def test_runs_ending_together_never_tear_the_last_run_pointer(tmp_path, monkeypatch):
+    """(review 117) Every run wrote one temporary file, `last_run.tmp`: two ending together left a torn path
+    ("…010632", newline, "2", newline), which `unlearn merge` then could not read; one warned that none was written."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("UNLEARN_CACHE", str(tmp_path / "cache"))
+    code = """
+import sys
+from unlearn.paths import remember_last_run, _last_run_pointer
+for _ in range(300):
+    said = remember_last_run(sys.argv[1])
+    assert said is None, said
+    got = _last_run_pointer().read_text()
+    assert got in (sys.argv[1] + chr(10), sys.argv[2] + chr(10)), repr(got)
+"""
+    short, long = str(tmp_path / "runs" / "20261208-010632"), str(tmp_path / "runs" / "20261208-010632-2")
+    writers = [subprocess.Popen([sys.executable, "-c", code, mine, other], stderr=subprocess.PIPE, text=True)
+               for mine, other in ((short, long), (long, short))]
+    for writer in writers:
+        assert writer.wait() == 0, writer.stderr.read()
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["last_run"]  # no temporary file left

@@ -140,6 +140,10 @@ def test_rmu_run_through_the_cli(request, tmp_path, files, cli, which, extra):
     assert "rmu: layer 0, trained layers 0-0, target norm c = 2 ×" in result.err
     record = json.loads((out / "run.json").read_text())
     assert record["config"]["rmu_layer"] == 0  # the default layer as trained, not null
+    # what it resolved, which only the log said (review 116): c, the norm it scales, the layers trained
+    config = record["config"]
+    assert config["rmu_trained_layers"] == [0] and config["rmu_mean_norm"] > 0
+    assert config["rmu_target_norm"] == pytest.approx(2 * config["rmu_mean_norm"], rel=1e-5)
     history = record["history"]
     assert len(history) == 6
     assert history[-1]["rmu_forget"] < history[0]["rmu_forget"]   # pulled onto c·u
@@ -243,3 +247,27 @@ def test_calibration_reads_at_most_its_rows_a_batch_at_a_time(llama_dir, monkeyp
     assert cut.rmu.norm != whole.rmu.norm  # the mean over 5 rows, not 12
     monkeypatch.setattr(rmu_module, "CALIBRATION_ROWS", 12)
     assert unlearner().rmu.norm == pytest.approx(whole.rmu.norm, rel=1e-6)
+
+
+def test_full_trains_the_windows_feed_forward_weights_only(opt_dir, llama_dir):
+    """(review 116) Under --full every tensor of layers ℓ−2..ℓ trained, attention and norms too; the paper trains
+    the MLPs (the WMDP code, their output projections), as the LoRA default adapts the feed-forward layers."""
+    from transformers import AutoModelForCausalLM
+
+    for directory, kinds in ((llama_dir, {"gate_proj", "up_proj", "down_proj"}), (opt_dir, {"fc1", "fc2"})):
+        model = AutoModelForCausalLM.from_pretrained(directory)
+        rmu.restrict_training(model, 1, full=True)
+        trained = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert trained and {n.split(".")[-2] for n in trained} == kinds, trained
+        assert all(any(f".layers.{i}." in n for i in (0, 1)) for n in trained)
+
+
+@pytest.mark.parametrize("scale", ["1e-50", "1e-40"])
+def test_a_target_norm_float32_cannot_hold_is_one_line(tmp_path, files, cli, llama_dir, scale):
+    """(review 116) --rmu-scale 1e-50 made c·u the zero vector in float32: the run pulled h_ℓ to 0 and logged a
+    misdirection."""
+    forget, normal = files
+    result = cli("run", forget, normal, "--model", llama_dir, "--method", "rmu", "-o", tmp_path / "o",
+                 "--max-steps", "1", "--no-probes", "--rmu-scale", scale)
+    assert result.code == 2 and "underflows float32, so the target is the zero vector; use at least" in result.err, \
+        result.err

@@ -136,6 +136,26 @@ def test_a_run_without_o_writes_runs_date_time(tmp_path, data, llama_dir, cli):
     assert (run_dir / "run.json").is_file() and (run_dir / "model").is_dir()
 
 
+def test_a_default_output_nothing_can_be_made_in_is_one_line(tmp_path, data, llama_dir, cli):
+    """(review 117) `runs` a file, or in a read-only place: an internal error (FileExistsError, OSError), where -o
+    in the same place is refused in one line."""
+    forget, normal, _ = data
+    (tmp_path / "runs").write_text("not a directory")
+    result = cli("run", forget, normal, "--model", llama_dir, *FAST, cwd=tmp_path)
+    assert result.code == 2 and result.err.strip().splitlines()[-1].startswith("unlearn: runs/"), result.err
+    assert result.err.strip().endswith("the default output (no -o given): cannot write in runs (exists and is not a "
+                                       "directory); give -o OUT")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        result = cli("run", forget, normal, "--model", llama_dir, *FAST, cwd=read_only)
+    finally:
+        read_only.chmod(0o755)
+    if os.geteuid() != 0:  # root writes anywhere
+        assert result.code == 2 and "cannot write in runs (Permission denied); give -o OUT" in result.err, result.err
+
+
 def test_forget_rows_the_original_does_not_answer_are_named():
     """The before measurement's own leak flags decide; lines are the file's, the message says what follows."""
     from unlearn.data import Example

@@ -92,6 +92,7 @@ class EditResult:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
     target_missed: list[int] = field(default_factory=list)  # forget lines whose target loss stayed far above its aim
     target_missed_above: float | None = None  # the loss above which a row missed (edit_target.MISSED_FACTOR x aim)
+    settings: dict = field(default_factory=dict)  # the EditSettings that made it, its layers resolved (run.json)
 
     def lora_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """module name -> (lora_A (r x in), lora_B (out x r)) with scaling 1: W' = W + B A."""
@@ -101,7 +102,7 @@ class EditResult:
         return {"layers": self.layers, "subjects": [asdict(s) for s in self.subjects],
                 "target_loss": self.target_loss, "target_steps": self.target_steps,
                 "target_missed": self.target_missed, "target_missed_above": self.target_missed_above,
-                "neighbours": self.neighbours, "timings": self.timings,
+                "neighbours": self.neighbours, "timings": self.timings, "settings": self.settings,
                 "rank": {name: d.rank for name, d in self.deltas.items()}}
 
 
@@ -295,4 +296,5 @@ def edit_to_forget(model, tokenizer, forget: list[Example], normal: list[Example
             f"update norm {delta.matrix().norm():.3f}")
     timings["update"] = time.perf_counter() - clock
     return EditResult(deltas, layers, subjects, targets.loss_per_fact, targets.steps, neighbours, targets.deltas,
-                      timings, [forget[i].line for i in targets.missed], MISSED_FACTOR * targets.aim)
+                      timings, [forget[i].line for i in targets.missed], MISSED_FACTOR * targets.aim,
+                      {**asdict(settings), "layers": layers})

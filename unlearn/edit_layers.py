@@ -2,7 +2,7 @@
 
 A MEMIT-style edit writes into the matrix that maps a layer's MLP hidden units
 back into the residual stream (Llama/Mistral/Qwen/Gemma/SmolLM: `mlp.down_proj`; OPT:
-`fc2`; GPT-NeoX/Falcon: `mlp.dense_4h_to_h`; Phi: `mlp.fc2`; GPT-J: `mlp.fc_out`). Its input at a token is the
+`fc2`; GPT-NeoX/Falcon: `mlp.dense_4h_to_h`; Phi: `mlp.fc2`; GPT-J: `mlp.fc_out`; GPT-Neo: `mlp.c_proj`). Its input at a token is the
 "key" of the key-value memory reading of Geva et al. (2021); its output is
 added to the residual stream, so a change of that output at layer l shifts the
 residual of every later layer at the same position by the same amount.
@@ -20,9 +20,10 @@ from unlearn.layer_names import decoder_layer_names, decoder_layers
 from unlearn.lora import is_conv1d
 
 # Paths of the MLP output projection inside a decoder layer, by family (Falcon and BLOOM: transformer.h.N.…):
-# Llama/Mistral/Qwen/Gemma/Phi-3, OPT, GPT-NeoX/Falcon/BLOOM, Phi, GPT-J, MPT. GPT-2's `mlp.c_proj` is a
-# Conv1D, which the edit (an nn.Linear's weight) does not take.
-MLP_OUT_NAMES = ("mlp.down_proj", "fc2", "mlp.dense_4h_to_h", "mlp.fc2", "mlp.fc_out", "ffn.down_proj")
+# Llama/Mistral/Qwen/Gemma/Phi-3, OPT, GPT-NeoX/Falcon/BLOOM, Phi, GPT-J, MPT, and GPT-Neo, GPTBigCode (StarCoder)
+# and Qwen-1, whose `mlp.c_proj` is an nn.Linear. GPT-2's `mlp.c_proj` is a Conv1D, which the edit (an nn.Linear's
+# weight) does not take: only a Linear of these names counts.
+MLP_OUT_NAMES = ("mlp.down_proj", "fc2", "mlp.dense_4h_to_h", "mlp.fc2", "mlp.fc_out", "ffn.down_proj", "mlp.c_proj")
 
 
 def mlp_out_modules(model: nn.Module) -> dict[int, tuple[str, nn.Linear]]:

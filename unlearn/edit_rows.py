@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from unlearn.data import Passage, answer_token_mask, encode_prompt, render_response, response_encoding
-from unlearn.edit_subject import heuristic_subject, subject_last_token
+from unlearn.edit_subject import named_subject, subject_last_token
 from unlearn.edit_target import Row
 
 
@@ -77,10 +77,10 @@ def neighbour_prompts(prompt: str, subject: str, others: list[str], limit: int) 
 
 
 def subjects_of(prompts) -> list[str]:
-    """Distinct heuristic subjects of PROMPTS, in order (cheap: no model call)."""
+    """Distinct subjects of PROMPTS by the heuristic (`named_subject`), in order (cheap: no model call)."""
     seen: dict[str, None] = {}
     for prompt in prompts:
-        found = heuristic_subject(str(prompt))
+        found = named_subject(str(prompt))
         if found:
             seen.setdefault(found, None)
     return list(seen)

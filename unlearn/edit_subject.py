@@ -7,7 +7,8 @@ sources, in order of preference:
 - `given`: the row's `subject` field; it must occur in the prompt.
 - `heuristic`: the longest run of capitalised words (small joining words such
   as "of", "and", "da" allowed inside), the prompt's first word excluded when it
-  is an opening question word or imperative or makes a run alone, a trailing "'s" dropped.
+  is an opening question word or imperative or makes a run alone, a trailing "'s" dropped,
+  a run of fewer than MIN_LETTERS letters ("1969", "I") passed over (`named_subject`, the probes' rule too).
   "Who wrote Romeo and Juliet?" -> "Romeo and Juliet". Free, and wrong on
   lower-case subjects ("photosynthesis") and prompts with several names.
 - `trace`: causal tracing (Meng et al. 2022), reduced to what locating needs:
@@ -41,6 +42,7 @@ OPENING_VERBS = {"explain", "describe", "summarize", "summarise", "translate", "
                  "suggest", "show", "teach", "help", "make", "create", "generate", "recommend", "rewrite", "answer"}
 FUNCTION_WORDS = JOINERS | QUESTION_WORDS | {"a", "an", "be", "by", "to", "at", "from", "with", "about", "does",
                                              "me", "you", "your", "it", "its", "this", "that", "there"}
+MIN_LETTERS = 3  # a subject's letters at least (`named_subject`): "1969", "I" and "II" name nothing alone
 TRACE_KEEP = 0.8  # shortest span whose drop is at least this share of the largest drop
 TRACE_NOISE = 3.0  # noise std in units of the embedding matrix's std (ROME's choice)
 # A combining accent (U+0300-U+036F) belongs to its word: decomposed text (NFD, as macOS writes it) spells
@@ -97,6 +99,25 @@ def heuristic_subject(prompt: str) -> str | None:
             close()
     close()
     return re.sub(r"['’]s$", "", prompt[best[0]:best[1]]) if best else None
+
+
+def named_subject(prompt: str) -> str | None:
+    """`heuristic_subject`'s run, if it names something: one of MIN_LETTERS letters or more outside its joiners.
+
+    The longest run wins, the later on a tie, so "What did NASA launch in 1969?" gave "1969", "How do I hotwire a
+    car?" "I". Such a run ("1969", "I", "1945 and 1946") is blanked out (same length, lower case: no run) and the
+    choice made again, which then falls on the name it tied or beat ("NASA"), or on none. The edit keys on this
+    subject and the probes replace it (probes.probe_subject), so the neighbours the edit preserves are the probes'
+    own prompts: with different rules it preserved "What did NASA launch in France?" (review 116)."""
+    while (found := heuristic_subject(prompt)) is not None and _name_letters(found) < MIN_LETTERS:
+        at = prompt.rindex(found)
+        prompt = prompt[:at] + "x" * len(found) + prompt[at + len(found):]
+    return found
+
+
+def _name_letters(run: str) -> int:
+    """The letters of a run of capitalised words outside its joiners: "1945 and 1946" has none."""
+    return sum(c.isalpha() for w in run.split() if w.lower() not in JOINERS for c in w)
 
 
 # --- token positions ------------------------------------------------------------
@@ -157,13 +178,21 @@ def subject_last_token(tokenizer, prompt: str, subject: str, after: int = 0) -> 
 
 
 def _answer_labels(tokenizer, prompt: str, response: str, answers, max_tokens: int = 16) -> tuple[list[int], list[bool]]:
-    """Response token ids and which of them to score: the answer's tokens when `answers` occur, else all."""
+    """Response token ids and which of them to score: the answer's tokens when `answers` occur, else all.
+
+    MAX_TOKENS tokens of the response, or through the answer's first occurrence where it ends later: cut at 16
+    first, an answer after "Well, that is a question many ..." fell outside, and the span was chosen by how its
+    corruption lowered that opening (review 116)."""
     text = render_response(tokenizer, prompt, response)
     ids, offsets = response_encoding(tokenizer, prompt, text, offsets=bool(answers))
-    ids = ids[:max_tokens]
     mask = answer_token_mask(tokenizer, text, answers, response=response, offsets=offsets) if answers else None
-    mask = mask[:len(ids)] if mask and any(mask[:len(ids)]) else [True] * len(ids)
-    return ids, mask
+    if mask and any(mask):
+        first = mask.index(True)
+        end = next((i for i in range(first, len(mask)) if not mask[i]), len(mask))  # the first occurrence's end
+        ids, mask = ids[:max(max_tokens, end)], mask[:max(max_tokens, end)]
+        return ids, mask
+    ids = ids[:max_tokens]
+    return ids, [True] * len(ids)
 
 
 @torch.no_grad()
@@ -230,11 +259,11 @@ def locate_subject(model, tokenizer, example, how: str = "auto", seed: int = 0) 
                                f"got {given!r}")
         return Located(example.prompt, given, "given")
     if how in ("auto", "heuristic"):
-        guess = heuristic_subject(str(example.prompt))
+        guess = named_subject(str(example.prompt))
         if guess is not None or how == "heuristic":
             if guess is None:
-                raise UnlearnError(f"FORGET line {example.line}: no capitalised subject in the prompt; "
-                                   f"give a 'subject' field or trace it")
+                raise UnlearnError(f"FORGET line {example.line}: no capitalised subject of {MIN_LETTERS} letters or "
+                                   f"more in the prompt; give a 'subject' field or trace it")
             return Located(example.prompt, guess, "heuristic")
     subject, drop = trace_subject(model, tokenizer, example.prompt, example.response,
                                   example.extra.get("answers"), seed=seed)

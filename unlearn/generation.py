@@ -36,7 +36,8 @@ then runs, for every drafting row, its last token and up to DRAFT_BLOCK draft to
 the logits at each position give the greedy token there, the draft is kept as far as it agrees,
 the first disagreeing position gives the next token, and the rejected draft positions are masked
 out of the cache for good (their columns stay, with attention mask 0; so a model with a sliding window,
-which counts its window in columns, gets no drafts: `kv_cache.keeps_every_position`). The answers are the ones
+which counts its window in columns, gets drafts only for a batch whose columns all stay in the window:
+`kv_cache.sees_every_column`). The answers are the ones
 decoding one token per forward gives, up to float rounding at near-ties (the shapes differ, as
 with the thread count); tests/test_drafts.py compares them, their `Scored`, budget cuts and stop
 checks. A forward costs its positions for every row of the batch, so drafts are offered only
@@ -66,7 +67,7 @@ from unlearn.data import (SOURCE_FILE, answer_in_format, encode_prompt, fallback
                           turn_started)
 from unlearn.errors import UnlearnError
 from unlearn.kv_cache import (cache_argument, evaluating, keeps_every_position, last_positions, new_cache,
-                              prefix_applies, run_prefix, shared_length)
+                              prefix_applies, run_prefix, sees_every_column, shared_length)
 
 # On a CPU with T >= 2 torch threads, a batch of at least T * MIN_ROWS_PER_WORKER rows is
 # decoded as T parts side by side, one thread each with one torch thread (`_greedy_parts`,
@@ -435,9 +436,11 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
     max_new_tokens = max(budgets)  # the batch's new tokens at most
     device = next(model.parameters()).device
     cache_name = cache_argument(model)
-    # Not under a sliding window: a rejected draft token stays as a masked cache column, and such a layer counts
-    # its window in columns, so each one pushed a real token out of view (another answer: review 112).
-    if not keeps_every_position(model):
+    # Under a sliding window only while every column stays in view: a rejected draft token stays as a masked cache
+    # column, and such a layer counts its window in columns, so past the window each one pushed a real token out of
+    # view (another answer: review 112).
+    if drafts is not None and not sees_every_column(model, most_columns(input_ids.shape[1] + len(prefix), budgets,
+                                                                         drafted=True)):
         drafts = None
     drafts = [list(d or ())[:b] for d, b in zip(drafts or [None] * rows, budgets)]
     block = DRAFT_BLOCK if any(drafts) else 0
@@ -515,6 +518,7 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
                 accepted += 1
             mask[i, columns + accepted:] = 0  # the rest of its draft (and padding) is no context
             ended = False
+            fed = 0  # draft tokens this row's answer holds as context: an ended row's last one is never fed back
             for j in range(accepted + 1):
                 token = picks[i][j]
                 tokens[row].append(token)
@@ -528,7 +532,7 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
                         ended = True
                     elif j < accepted:  # the next position's logits follow this token
                         cut[row] = dict(zip(stop_ids, logits[i, j + 1].float().log_softmax(-1)[stop_tensor].tolist()))
-                        ended = True
+                        ended, fed = True, 1  # as the one step more a row without a draft runs for its cut
                     else:
                         pending.add(row)
                 elif (should_stop is not None and n % STOP_CHECK_EVERY == 0 and n < max_new_tokens
@@ -537,6 +541,9 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
                 if ended or row in pending:
                     break
             if ended:
+                # Ended inside its accepted draft: the draft tokens after its last one fed back are no context, as
+                # decoding without a draft never computes them (the keys and values `keep_kv` copies out: review 118).
+                mask[i, columns + j + fed:] = 0
                 continue
             # still the draft's opening (the accepted tokens are; the last one may not be), with more to offer
             n = len(tokens[row])
@@ -575,6 +582,13 @@ def _greedy_batch(model, input_ids, attention, *, stop_ids: list[int], pad_id: i
         scored.extend(Scored(tokens[row], logprobs[row], cut.get(row), kv=kept.get(row),
                              kv_prefix=kv_prefix if row in kept else None) for row in range(rows))
     return tokens
+
+
+def most_columns(prompt_width: int, budgets: list[int], drafted: bool) -> int:
+    """The most columns a batch's decoding cache can reach (`kv_cache.sees_every_column`): its prompts' width, then
+    per forward one token and, drafting, up to DRAFT_BLOCK draft tokens, for at most the largest budget's tokens and
+    the one step more a row cut by its budget runs for its `Scored.cut`."""
+    return prompt_width + (max(budgets) + 1) * (1 + (DRAFT_BLOCK if drafted else 0))
 
 
 def kv_keepable(model) -> bool:
@@ -717,7 +731,6 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
     pad_id = tokenizer.pad_token_id
     stop_ids = _stop_ids(model, tokenizer)
     own_loop = not _model_generate and _own_loop_applies(model, do_sample)
-    share_prefix = own_loop and keeps_every_position(model)  # a sliding window would lose it (keeps_every_position)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     if encoded:
@@ -762,8 +775,11 @@ def generate(model, tokenizer, prompts: list[str], *, batch_size: int = 16, max_
             prompts_ids = [encoded[i] for i in batch]
             # The prompt prefix the batch shares runs once (kv_cache.py); each row keeps at least
             # one token of its own, whose logits give its first new token.
-            shared = (shared_length(prompts_ids, min(map(len, prompts_ids)) - 1)
-                      if share_prefix and len(batch) > 1 else 0)
+            # Not where a sliding window could lose it: a short row's left padding after the prefix would push the
+            # prefix out of view while the row's own positions are still inside the window.
+            share_prefix = own_loop and len(batch) > 1 and sees_every_column(
+                model, most_columns(max(map(len, prompts_ids)), [budgets[i] for i in batch], drafted=drafts is not None))
+            shared = shared_length(prompts_ids, min(map(len, prompts_ids)) - 1) if share_prefix else 0
             input_ids, attention = _left_padded([ids[shared:] for ids in prompts_ids], pad_id)
             should_stop = stop_check(batch)
             batch_scores = [] if scored is not None and stop_row is None else None

@@ -64,6 +64,32 @@ def keeps_every_position(model) -> bool:
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
+# The layer kinds a sliding window bounds: every position within the window's columns is seen as full attention sees it.
+WINDOWED_KINDS = frozenset({"sliding_attention", "local"})
+
+
+def sees_every_column(model, columns: int) -> bool:
+    """Whether every layer of MODEL sees all of a decoding cache's first COLUMNS columns, as full attention does.
+
+    Always where every layer keeps every position (`keeps_every_position`). Under a sliding window (Mistral v0.1's
+    and Gemma 2/3's `sliding_window`, GPT-Neo's local layers' `window_size`) while the columns stay fewer than the
+    window: such a layer keeps its last window - 1 columns and a query sees at most the window, counted in columns,
+    so until then nothing leaves its view, and a column that holds no token (padding after a shared prompt prefix,
+    a rejected draft token) pushes nothing out of it. A window 4,096 wide (Mistral-7B v0.1) or 512 (Gemma 3 1B) is
+    far wider than the stop rule's checks (a prompt and 32 tokens), which then keep their drafts and shared prefix.
+    Layer kinds other than full and sliding (chunked attention) count as not seen."""
+    if keeps_every_position(model):
+        return True
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kinds = {*(getattr(config, "layer_types", None) or ()), *(getattr(config, "attention_layers", None) or ())}
+    if kinds - {"full_attention", "global"} - WINDOWED_KINDS:
+        return False
+    windows = [w for w in (getattr(config, "sliding_window", None), getattr(config, "window_size", None))
+               if isinstance(w, int) and not isinstance(w, bool) and w > 0]
+    return bool(windows) and columns < min(windows)
+
+
 def shared_length(rows: list[list[int]], limit: int) -> int:
     """The length of the longest token prefix every row of ROWS starts with, at most LIMIT."""
     if not rows:

@@ -728,14 +728,24 @@ def _rate_until_verdict(measurer: Measurer, s: EvalSet, flags, enough: int | Non
     first = [i for i in answered_first(measurer.deciders.get(s.name, []), enough, n) if drafts[i]]
     outputs = [""] * n
     if first:
+        cut: set[int] = set()  # the rows STOP_FIRST ended (flagged, off their draft, the verdict reached)
+
         def stop_first(i: int, text: str) -> bool:
-            return stop(i, text) or not drafts[i].startswith(text)
+            if stop(i, text) or not drafts[i].startswith(text):
+                cut.add(i)
+                return True
+            return False
 
         got = measurer.answer(s, stop_row=stop_first, rows=first)
         # judged on the answers, which every rank has (`distributed.sharded` gathers them), not on
-        # FLAGGED, which holds the rows this rank generated: all ranks go on alike; and without their
-        # last word, as STOP judges, since a row that left its draft was cut mid-answer
-        hits = [i for i in first if flagged_so_far(i, got[i])]
+        # FLAGGED, which holds the rows this rank generated: all ranks go on alike (each rank cut only its
+        # own rows, so the counts summed over ranks say which were cut); a row that was cut without its last
+        # word, as STOP judges, since it may have stopped mid-answer; a row that ended by itself (its end of
+        # turn, its budget) whole, as the table judges it: an answer that is its last word ("... is Paris.")
+        # is seen by no running check, and such a decider answered every row again (review 118)
+        was_cut = distributed.totals([int(i in cut) for i in first])
+        hits = [i for i, c in zip(first, was_cut) if flagged_so_far(i, got[i]) or (
+            not c and (settled is None or i in settled) and flags([got[i]], [i])[0])]
         if len(hits) >= enough:
             measurer.deciders[s.name] = hits
             return enough / out_of

@@ -19,6 +19,7 @@ not read 500 MB to find its key.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -48,8 +49,9 @@ from unlearn.paths import cache_dir
 # 18: that choice gives way to a name or number the response adds, and to a denial; 19: a response naming
 # both choices answers by the one it does not deny, "hot, not cold"; 20: without a chat template, an answer that
 # opens with the next "### Question:" is empty, not that question, and a row with perturbed answers and no
-# paraphrase has a truth ratio against its response).
-VERSION = 20
+# paraphrase has a truth ratio against its response; 21: a single letter that ends a sentence is no initial of the
+# next one's, "vitamin C. I think" holds "vitamin C": metrics._merge_initials).
+VERSION = 21
 
 
 # Files of a model directory that cannot change what `unlearn` measures, left out of `weights_fingerprint`:
@@ -91,6 +93,18 @@ def fingerprinted_files(model_dir: Path) -> list[Path]:
     if templates.is_dir():
         files += [p for p in templates.iterdir() if counts(p)]
     return sorted(files, key=lambda p: p.relative_to(model_dir).as_posix())
+
+
+def file_identities(model_dir: Path) -> tuple | None:
+    """What `weights_fingerprint` knows each file by (its path within MODEL_DIR, size, mtime, inode and change time),
+    for every fingerprinted file: equal before a model loads and once its content is hashed when no file of it
+    changed in between (a copy renamed into place, a file rewritten). None where the directory cannot be read."""
+    try:
+        model_dir = Path(model_dir)
+        return tuple((p.relative_to(model_dir).as_posix(), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+                     for p in fingerprinted_files(model_dir) for st in (p.stat(),))
+    except OSError:
+        return None
 
 
 def weights_fingerprint(model_dir: Path) -> str:
@@ -200,5 +214,10 @@ def store(k: str, value: dict) -> None:
 def _write_json(path: Path, value) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(value))
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # a full cache: no empty temporary file left behind (review 117)
+        raise

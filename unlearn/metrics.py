@@ -274,7 +274,13 @@ _NO_SPACE_SCRIPTS = ((0x0E00, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x30
 # (harakat, superscript alef), Hebrew's cantillation and vowel points.
 _SILENT_MARKS = ((0x00AD, 0x00AD), (0x0640, 0x0640), (0x064B, 0x065F), (0x0670, 0x0670), (0x0591, 0x05BD),
                  (0x05BF, 0x05BF), (0x05C1, 0x05C2), (0x05C4, 0x05C5), (0x05C7, 0x05C7))
+# What joins two initials: a period, then spaces only where the second letter has its own period too ("J. K."):
+# "vitamin C. I think so." is a sentence end and a new sentence, not the initials "ci" (review 118: the answer
+# "vitamin C" was not found there).
 _INITIALS_GAP = re.compile(r"\.\s*")
+_INITIALS_SPACED = re.compile(r"\.\s+")
+# A trailing single letter with its period ("... vitamin C."), which an initial after it could still join.
+_LONE_INITIAL_END = re.compile(r"(?<![^\W\d_])[^\W\d_]\.$")
 
 
 def without_last_word(text: str) -> str:
@@ -284,10 +290,21 @@ def without_last_word(text: str) -> str:
     mid-way ("Par" of "Parisian") is not read as an answer. The no-break and thin spaces do not
     end a word here, as they do not for `answer_tokens` ("2\u00a0000" is the number 2000, so
     "It is about 2" is not judged before the "000" has come).
+
+    What follows may still change how the kept part reads, and the check must judge as the whole answer will
+    (an answer found stays found: `measure.leak_rate`), so two more things wait (review 118): a single letter with
+    its period at the end ("vitamin C.": "J. K." would join it into initials), and a text of articles only
+    ("A.", which matches the answer "A" alone; in "A. Sarin" the article is dropped): "" then.
     """
     text = text.strip()
     breaks = [m.start() for m in _WORD_BREAK.finditer(text)]
-    return text[:breaks[-1]] if breaks else ""
+    kept = text[:breaks[-1]] if breaks else ""
+    while _LONE_INITIAL_END.search(kept):
+        breaks = [m.start() for m in _WORD_BREAK.finditer(kept)]
+        kept = kept[:breaks[-1]] if breaks else ""
+    if all(tok.text in ARTICLES for tok in answer_tokens(kept)):
+        return ""
+    return kept
 
 
 class AnswerToken(namedtuple("AnswerToken", ["text", "start", "end"])):
@@ -344,7 +361,8 @@ def answer_tokens(text: str) -> list[AnswerToken]:
     kept (trailing decimal zeros dropped), so "1,969" -> 1969, "3.14" -> 3.14,
     "100.0" -> 100, and "3" is not found in "3.14" nor "2" in "2,000". Initials: single letters joined by a period (and
     optional spaces) are one token, so "U.S.A." and "USA" are both usa, and
-    "J.K. Rowling", "J. K. Rowling" and "JK Rowling" are all jk rowling.
+    "J.K. Rowling", "J. K. Rowling" and "JK Rowling" are all jk rowling; across spaces only when the second
+    letter has its own period, so "vitamin C. I think" is vitamin c i think.
     Characters of scripts written without spaces (kana, CJK ideographs) are one
     token each.
     """
@@ -400,7 +418,8 @@ def _merge_initials(tokens: list[AnswerToken], text: str) -> list[AnswerToken]:
     for tok in tokens:
         # a letter, not a character of a script without spaces ("北京. 上海" are no initials)
         single = len(tok.text) == 1 and tok.text.isalpha() and not no_space_script(tok.text)
-        if single and previous_single and _INITIALS_GAP.fullmatch(text, merged[-1].end, tok.start):
+        if single and previous_single and _INITIALS_GAP.fullmatch(text, merged[-1].end, tok.start) and (
+                text.startswith(".", tok.end) or not _INITIALS_SPACED.fullmatch(text, merged[-1].end, tok.start)):
             last = merged[-1]
             merged[-1] = AnswerToken(last.text + tok.text, last.start, tok.end)
         else:

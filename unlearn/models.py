@@ -192,24 +192,51 @@ def convert_gguf(gguf: Path, log=log) -> Path:
     target = _gguf_cache_path(gguf)
     if (target / "config.json").is_file() and _converted_from(target, gguf, sha256):
         return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     quiet_transformers()  # `run` converts before it loads (resolve_model_dir): its bars reached a redirected stderr
     digest = sha256()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        _remove_dead_conversions(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     except OSError as exc:  # before the 10-20 s of converting (and before saying it starts): nowhere to put it
         raise UnlearnError(f"{target.parent}: cannot keep the converted model ({exc.strerror or exc}); set "
                            f"UNLEARN_CACHE to a writable directory") from None
     log(f"converting {gguf.name} to safetensors in {target} (once; 10-20 s)")
     try:
+        return _convert_into(gguf, tmp, target, identity, digest, sha256)
+    except BaseException:  # Ctrl-C, SIGTERM, a full disk: no half conversion left in the cache (review 117)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _remove_dead_conversions(target: Path) -> None:
+    """Remove the temporary conversions into TARGET's name that a killed process left (kill -9, a power cut: the
+    signals are cleaned up by `convert_gguf` itself), each as big as the model in float32. Their names hold the
+    pid that made them; one whose process still runs is another conversion under way, and is left alone."""
+    prefix = f".{target.name}.tmp-"
+    for leftover in target.parent.glob(prefix + "*"):
+        pid = leftover.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue  # made before the pid was in the name: its maker cannot be told apart from a live one
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            pass  # alive, another user's: left alone
+
+
+def _convert_into(gguf: Path, tmp: Path, target: Path, identity, digest, sha256) -> Path:
+    """`convert_gguf`'s conversion into TMP, renamed to TARGET when whole."""
+    import torch
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
         with _gguf_parsed_once():
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:  # transformers raises many kinds here; the user needs one line
-        shutil.rmtree(tmp, ignore_errors=True)
         raise UnlearnError(f"{gguf}: could not read this GGUF file ({type(exc).__name__}: {exc})") from None
     # The weights are already de-quantised to float32; forget the GGUF quantiser so that
     # save_pretrained writes a plain checkpoint.
@@ -230,10 +257,11 @@ def convert_gguf(gguf: Path, log=log) -> Path:
         os.replace(tmp, target)
         if stale is not None:
             shutil.rmtree(stale, ignore_errors=True)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # safetensors says a full disk with its own error
         shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "config.json").is_file():  # another process may have won the race
-            raise UnlearnError(f"{target}: could not write the converted model ({exc.strerror or exc})") from None
+            raise UnlearnError(f"{target}: could not write the converted model ({getattr(exc, 'strerror', None) or exc})"
+                               f"; set UNLEARN_CACHE to a directory with room for it") from None
     return target
 
 

@@ -39,6 +39,55 @@ def check_output_dir(path: Path, force: bool) -> None:
     check_parent_writable(path)  # the result is made beside PATH, then renamed into place
 
 
+# Output directories this process holds a lock on (`hold_output`): their path -> the open directory's descriptor.
+_HELD: dict[str, int] = {}
+
+
+def hold_output(path: Path) -> bool:
+    """Take, for as long as this command runs (`release_outputs`), an exclusive lock on the directory PATH, refusing
+    in one line when another unlearn process holds it.
+
+    A run that keeps checkpoints in OUT (--save-every, --resume) owns OUT from its start: a second run given that
+    OUT adopted it while it was empty and wrote its result there, which the first then replaced at its end, both
+    exiting 0; and two resumes of one run pruned each other's checkpoints (review 117). flock(2) on the directory
+    itself: nothing is added inside OUT, and the lock ends with the process, however it ends. Where the file system
+    takes no locks (some network mounts) it is skipped: the run goes on as before. True when it took the lock now
+    (False: held already, or nothing to hold)."""
+    import fcntl
+
+    key = str(Path(path).resolve())
+    if key in _HELD:
+        return False
+    try:
+        fd = os.open(key, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False  # not a directory (yet): nothing to hold; the checks that follow say what is wrong
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"{path}: in use by another unlearn run, which writes there (a lock on it is held); wait "
+                         f"for it to end, or give another -o") from None
+    except OSError:
+        os.close(fd)
+        return False
+    _HELD[key] = fd
+    return True
+
+
+def release_output(path: Path) -> None:
+    """Close `hold_output`'s lock on PATH, if held."""
+    fd = _HELD.pop(str(Path(path).resolve()), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def release_outputs() -> None:
+    """Close every lock `hold_output` took (the command is over)."""
+    while _HELD:
+        os.close(_HELD.popitem()[1])
+
+
 @contextlib.contextmanager
 def atomic_output_dir(path: Path, force: bool = False):
     """Yield a temporary directory; on success move it to PATH, on failure delete it.
@@ -57,9 +106,13 @@ def atomic_output_dir(path: Path, force: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
+    old, took = None, False
     try:
         usual_modes(tmp)
+        if path.is_dir():
+            # an OUT another run holds (it keeps checkpoints there) is never replaced, --force or not: it was empty
+            # when checked, and that run will write its own result there (held only for this rename)
+            took = hold_output(path)
         if path.exists() and force:
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "x")
@@ -70,6 +123,9 @@ def atomic_output_dir(path: Path, force: bool = False):
             # mkdir'd OUT) and fails on one that is not, so a result another command wrote there while this
             # one worked (PATH was checked empty before) is kept; moved aside, it was deleted.
             os.replace(tmp, path)
+    except UsageError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except OSError as exc:
         if not force and exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -80,6 +136,9 @@ def atomic_output_dir(path: Path, force: bool = False):
             os.replace(old / "x", path)
             shutil.rmtree(old, ignore_errors=True)
         raise UnlearnError(f"{path}: could not move the finished output into place ({exc.strerror})") from None
+    finally:
+        if took:
+            release_output(path)
 
 
 def usual_modes(root: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -27,14 +28,20 @@ def _last_run_pointer() -> Path:
 def remember_last_run(run_dir: Path) -> str | None:
     """Record RUN_DIR as the most recent run (what `unlearn merge` with no paths reads); None when recorded,
     else why not. The run's result is already written when this runs: a cache that cannot be written
-    ($UNLEARN_CACHE a file, a read-only $HOME) costs only the pointer, never the run's exit status."""
+    ($UNLEARN_CACHE a file, a read-only $HOME) costs only the pointer, never the run's exit status.
+
+    "Most recent" is the run whose result was written last. Each run writes its own temporary file (named by its
+    pid), renamed over the pointer: with one name for all, two runs ending together wrote it at once, leaving a
+    torn path, and one warned of a failure when the other had renamed the file (review 117)."""
     pointer = _last_run_pointer()
-    tmp = pointer.with_suffix(".tmp")
+    tmp = pointer.with_name(f".{pointer.name}.{os.getpid()}.tmp")
     try:
         pointer.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(str(Path(run_dir).resolve()) + "\n")
         os.replace(tmp, pointer)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # a full cache: no empty temporary file left behind
         return (f"could not record this run as the last one in {pointer.parent} ({exc.strerror or exc}); "
                 f"`unlearn merge` will need its paths")
     return None

@@ -17,7 +17,7 @@ knows about the subject should survive too.
 The subject of a row (`probe_subject`): its `subject` field; for a passage (`text`
 row) the capitalised words it opens with (`passage_subject`), which get same-subject
 probes only; else the longest run
-of capitalised words (`edit_subject.heuristic_subject`: a trailing "'s"
+of capitalised words (`edit_subject.named_subject`: a trailing "'s"
 removed; an opening question word or imperative, or a run that is only the prompt's first word
 ("Explain ...", "Describe Tokyo."), is a sentence start, not a name), and a subject of fewer than 3 letters ("I", "E")
 is no subject: such rows get no probes. A run of fewer than 3 letters outside its joiners (a number,
@@ -77,7 +77,7 @@ from dataclasses import dataclass
 
 from unlearn import anchors, metrics
 from unlearn.data import Example, prompt_key
-from unlearn.edit_subject import FUNCTION_WORDS, JOINERS, heuristic_subject, words
+from unlearn.edit_subject import FUNCTION_WORDS, JOINERS, MIN_LETTERS, named_subject, words
 from unlearn.evaluate import leak_flags
 from unlearn.spans import ABBREVIATIONS, CONNECTORS, is_long_response, row_answers
 from unlearn.topic_probes import head_words, topic_questions
@@ -102,7 +102,6 @@ HOLDS_FORGET = "the original answer contains a forget answer"  # why a probe is 
 #: made of these only ("de") would count a probe kept whatever its answer says.
 _FUNCTION_WORDS = CONNECTORS | FUNCTION_WORDS | metrics.ARTICLES
 WHOLE_WORD_P = 0.5
-MIN_LETTERS = 3
 PREFIX = 4  # near-duplicates: the same first PREFIX letters ("Kenya" / "Kenyan"), or ...
 NEAR_RATIO = 0.65  # ... the same first two letters and this similarity ("France" / "French": 0.67)
 #: Capitalised only because they start the sentence: a passage opening with one names no subject first.
@@ -158,19 +157,7 @@ def probe_subject(example) -> str | None:
     prompt = str(example.prompt)
     if example.is_passage:
         return passage_subject(prompt)
-    # The longest run wins, the later on a tie: a run of fewer than MIN_LETTERS letters outside its joiners
-    # ("1969" of "What did NASA launch in 1969?", "1945 and 1946") is no subject, so it is blanked out (same
-    # length, lower case: no run) and the choice made again, which then falls on the name it tied or beat
-    # ("NASA") instead of on no subject.
-    while (found := heuristic_subject(prompt)) is not None and _name_letters(found) < MIN_LETTERS:
-        at = prompt.rindex(found)
-        prompt = prompt[:at] + "x" * len(found) + prompt[at + len(found):]
-    return found
-
-
-def _name_letters(run: str) -> int:
-    """The letters of a run of capitalised words outside its joiners: "1945 and 1946" has none."""
-    return sum(c.isalpha() for w in run.split() if w.lower() not in JOINERS for c in w)
+    return named_subject(prompt)  # the edit's rule too: its neighbours are these probes' prompts
 
 
 def passage_subject(text: str) -> str | None:

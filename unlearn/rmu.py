@@ -102,7 +102,9 @@ def retain_loss(hidden: torch.Tensor, mask: torch.Tensor, original: torch.Tensor
 
 
 def random_direction(size: int, seed: int) -> torch.Tensor:
-    """A unit vector of SIZE floats in a uniformly random direction, the same for the same seed."""
+    """A unit vector of SIZE floats in a uniformly random direction (normal entries, normalised), the same for the
+    same seed. Not the WMDP code's: it draws the entries uniform in [0, 1), a direction in the positive orthant
+    about 0.87 from the all-ones vector in cosine; rmu's defaults were chosen with this one (docs/quality.md)."""
     u = torch.randn(size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return (u / u.norm()).float()
 
@@ -155,15 +157,21 @@ def checked_window(model, layer: int | None) -> list[int]:
     return trained
 
 
-def restrict_training(model, layer: int) -> None:
+def restrict_training(model, layer: int, full: bool = False) -> None:
     """Turn off the gradient of every trainable parameter outside layers ℓ−2..ℓ.
 
     With LoRA the adapters elsewhere stay attached with B = 0 (the saved adapter keeps PEFT's
-    shape); with --full every weight outside the window is frozen.
+    shape). With --full (FULL) only the window's feed-forward weights train, the modules LoRA adapts by default
+    (`lora.MLP_TARGETS`): the paper trains the MLPs (the WMDP code, their output projections alone), and every
+    tensor of the window, attention and norms too, trained under --full before (review 116).
     """
+    from unlearn.lora import MLP_TARGETS, matches_targets
+
     layers = decoder_layers(model)
     window = trained_layers(layer)
-    keep = {id(p) for i in window for p in layers[i].parameters()}
+    # a weight of such a module, or a mixture of experts' fused parameter of such a name (`mlp.experts.down_proj`)
+    keep = {id(p) for i in window for name, p in layers[i].named_parameters()
+            if not full or matches_targets(name.rsplit(".", 1)[0], MLP_TARGETS) or matches_targets(name, MLP_TARGETS)}
     for p in model.parameters():
         if p.requires_grad and id(p) not in keep:
             p.requires_grad_(False)
@@ -215,6 +223,13 @@ class Misdirection:
                              f"use at most {_two_digits_down(most_c / self.norm):.2g}")
         u = random_direction(width, self.seed)
         self.target = u * (self.scale * self.norm)
+        # A c so small that c·u underflows float32 pulls h_ℓ to 0, not onto a random direction (--rmu-scale 1e-50
+        # ran and logged a misdirection: review 116): its entries must stay normal floats, about c / √d each.
+        least_c = torch.finfo(torch.float32).tiny * width
+        if self.scale * self.norm < least_c:
+            raise UsageError(f"--rmu-scale {self.scale:g}: the target norm c = {self.scale:g} × {self.norm:.3g} "
+                             f"(mean norm of h_{self.layer}) underflows float32, so the target is the zero vector; "
+                             f"use at least {least_c / self.norm:.2g}")
 
     def describe(self) -> str:
         trained = (f"{self.trained[0]}-{self.trained[-1]}" if self.trained == list(range(self.trained[0],

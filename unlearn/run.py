@@ -17,11 +17,13 @@ must agree (the augmented rows, the stop rule, α) are rank 0's, and only rank 0
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import re
 import shlex
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -39,7 +41,9 @@ from unlearn.evaluate import attach_references, unreferenced_note
 from unlearn.log import log as default_log
 from unlearn.measure import (KEPT_KV_BUDGET, EvalSet, Measured, Measurer, Settings, kept_rate, leak_rate, original_scorer,
                              read_eval_sets)
-from unlearn.outputs import check_output_dir, json_safe, judge_input, refuse_output_over_inputs
+from unlearn.measure_cache import file_identities
+from unlearn.outputs import (check_output_dir, hold_output, json_safe, judge_input, refuse_output_over_inputs,
+                             release_outputs)
 from unlearn.spans import describe_spans, row_answers, through_first_answer
 
 
@@ -48,16 +52,21 @@ def reserve_output_dir(created: list, root: Path = Path("runs")) -> Path:
     (a shell loop's background jobs) takes ROOT/<date-time>-2, and so on. CREATED gets every directory
     made here, the run's before its parent, so that a run that fails leaves none of them behind."""
     made_root = not root.exists()
-    root.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for n in itertools.count(1):
-        path = root / (stamp if n == 1 else f"{stamp}-{n}")
-        try:
-            path.mkdir()  # atomic: of two runs racing for a name, one gets it
-        except FileExistsError:
-            continue
-        created += [path] + ([root] if made_root else [])
-        return path
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for n in itertools.count(1):
+            path = root / (stamp if n == 1 else f"{stamp}-{n}")
+            try:
+                path.mkdir()  # atomic: of two runs racing for a name, one gets it
+            except FileExistsError:
+                continue
+            created += [path] + ([root] if made_root else [])
+            return path
+    except OSError as exc:  # `runs` a file, a read-only checkout: one line, as for -o (review 117)
+        why = "exists and is not a directory" if exc.errno in (errno.EEXIST, errno.ENOTDIR) else exc.strerror or exc
+        raise UsageError(f"{root / stamp}: the default output (no -o given): cannot write in {root} ({why}); "
+                         f"give -o OUT") from None
 
 
 def run(opts: RunOptions, log=default_log) -> dict:
@@ -102,6 +111,8 @@ def run(opts: RunOptions, log=default_log) -> dict:
                 if directory.is_dir() and not any(directory.iterdir()):
                     directory.rmdir()
             raise
+        finally:
+            release_outputs()
 
 
 # --- prepare: every file read and checked, before any model loads -----------------------------
@@ -355,6 +366,7 @@ def _prepare_output(opts: RunOptions, output: Path, run_args: dict, created: lis
     # The model read (a local directory or file; the embedded one lives in the cache) and every data
     # file: an OUTPUT that is or holds one would be deleted by --force when the result replaces it.
     model = model_input(opts.model)
+    hold_output(output)  # another run writing there (its checkpoints, its result) refuses this one: outputs.py
     if not opts.resume:
         interrupted = latest_checkpoint(output) if output.is_dir() and not opts.force else None
         if interrupted is not None and not (output / "run.json").exists():
@@ -370,6 +382,7 @@ def _prepare_output(opts: RunOptions, output: Path, run_args: dict, created: lis
         if opts.save_every and not output.exists():
             output.mkdir(parents=True)
             created.append(output)
+            hold_output(output)
         return None
     if output.exists() and not output.is_dir():
         raise UsageError(f"{output}: exists and is not a directory")
@@ -468,6 +481,8 @@ class Loaded:
     load_seconds: float = 0.0
     augment_seconds: float = 0.0  # ULMR's rewrites and negative responses, made once the model is loaded
     crowd_watch: CrowdWatch | None = None  # other work on the cores while training (cpu_load.py), when loading saw none
+    rmu: dict | None = None  # --method rmu as trained (`_rmu_record`): its layer, target norm and trained layers
+    content_known: bool = True  # False: the model's files changed while it loaded (`_files_changed`)
     # Options that change nothing in this run, found only once the rows are read and the model built (--protect
     # without retain rows, --leak-growth where the margin reads every row...), and choices made for the user there
     # (a mixture of experts' adapters on its attention): logged, and kept in run.json's notes beside
@@ -513,7 +528,8 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     torch.manual_seed(opts.train.seed)
     device = world.device if world.active else system.pick_device(opts.device)
     # A GGUF conversion or a download into the cache happens once, on rank 0, before every rank loads.
-    distributed.on_main(lambda: models.resolve_model_dir(opts.model, log=log, allow_pickle=opts.allow_pickle))
+    resolved = distributed.on_main(lambda: models.resolve_model_dir(opts.model, log=log, allow_pickle=opts.allow_pickle))
+    files_before = file_identities(resolved)  # the files as they are when loading starts (`_files_changed`)
     loaded = models.load_model(opts.model, dtype=opts.dtype, trust_remote_code=opts.trust_remote_code,
                                allow_pickle=opts.allow_pickle, log=log)
     # Under FSDP each rank moves only its shard to the device (distributed.wrap), never the whole model.
@@ -573,6 +589,10 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
         from unlearn.rmu import checked_window
 
         checked_window(model, opts.train.rmu_layer)
+    if opts.train.method == "edit":  # a model whose MLP output projection the edit cannot take: said before measuring
+        from unlearn.edit_layers import mlp_out_modules
+
+        mlp_out_modules(model)
     if opts.gradient_checkpointing:
         models.enable_gradient_checkpointing(model)
     # Under torchrun: DDP's wrapper (the training forward goes through it), or FSDP2 sharding in place.
@@ -590,6 +610,10 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     common = dict(judge=judge, fluency_scorer=fluency, against=data.forget)
     # The original model's measurements are cached on disk by its weights' content (measure_cache.py).
     original = None if opts.no_cache else _fingerprint(loaded.path, opts.dtype, device)
+    changed = _files_changed(files_before, loaded.path)
+    if changed:
+        original = None
+        notes.append(changed)
     before = Measurer(reference_model if reference_model is not None else model, tokenizer, settings,
                       fingerprint=original, own_fluency=True, **common)  # the original: fluency from its generation
     after = Measurer(model, tokenizer, settings, **common)
@@ -601,7 +625,7 @@ def load(opts: RunOptions, data: Prepared, log) -> Loaded:
     before.keep_kv = after.keep_kv = KEPT_KV_BUDGET
     job = Loaded(loaded, model, tokenizer, reference_model, device, forward_model, after, before,
                  train_rows, augment_stats, load_seconds=time.perf_counter() - started - augment_seconds,
-                 augment_seconds=augment_seconds, crowd_watch=crowd_watch)
+                 augment_seconds=augment_seconds, crowd_watch=crowd_watch, content_known=not changed)
     for line in notes:
         job.note(line, log)
     return job
@@ -678,7 +702,8 @@ def record_model_content(job: Loaded, data: Prepared) -> None:
     content: its model is compared by its path alone, as then (`_prepare_output`)."""
     from unlearn.measure_cache import weights_fingerprint
 
-    content = distributed.on_main(lambda: weights_fingerprint(job.loaded.path))  # one hashing, every rank's answer
+    # one hashing, every rank's answer; none where the files changed while the model loaded: it is not theirs
+    content = distributed.on_main(lambda: weights_fingerprint(job.loaded.path)) if job.content_known else None
     data.run_args["model_content"] = content
     if data.resume_from is None:
         return
@@ -687,6 +712,20 @@ def record_model_content(job: Loaded, data: Prepared) -> None:
         raise UsageError(f"--resume: the arguments differ from the checkpointed run's (model: the content of "
                          f"{job.loaded.path} (weights, config or tokenizer) is not the checkpointed run's); give the "
                          f"same model, or start afresh with --force")
+
+
+def _files_changed(before: tuple | None, path) -> str | None:
+    """The note for a model whose files changed between the start of its loading (BEFORE: `file_identities`) and
+    the hashing of its content (a copy renamed into place by another job), else None. Hashed after loading, the
+    new files' content keyed the loaded weights' measurements, which every later run on the new model then read
+    as its own (review 117): such a run's measurements are neither read from nor written to the cache."""
+    def on_main() -> str | None:  # rank 0's files, as rank 0 hashes them (every rank gets its answer)
+        after = file_identities(path)
+        if before is None or after is None or before == after:
+            return None
+        return (f"{path}: the model's files changed while it was loaded (another job writing there?): this run "
+                f"uses what it loaded, and its measurements are neither read from the cache nor kept in it")
+    return distributed.on_main(on_main)
 
 
 def _fingerprint(path, dtype: str, device) -> str:
@@ -1056,6 +1095,7 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log, before: Meas
     unlearner = Unlearner(job.model, job.tokenizer, job.train_rows, data.normal, opts.train,
                           reference_model=job.reference_model, forward_model=job.forward_model, retain=data.retain)
     job.autocast = unlearner.autocast
+    job.rmu = _rmu_record(unlearner.rmu) if unlearner.rmu is not None else None
     if unlearner.autocast == "bf16":
         log("training passes under bfloat16 autocast (--autocast"
             + (" auto: this device has bf16 instructions)" if opts.train.autocast == "auto" else ")"))
@@ -1113,8 +1153,11 @@ def train_model(opts: RunOptions, job: Loaded, data: Prepared, log, before: Meas
                        checkpoint=lambda loop: save_checkpoint(data.output, unlearner, loop, data.run_args),
                        resume=loop_state, after_step=_crowd_noter(job))
     except StopRequested as stop:
-        raise Interrupted(f"interrupted after step {stop.step}; saved {stop.checkpoint}; "
-                          f"to continue: {_resume_command(opts, data.output)}") from None
+        how = "interrupted" if stop.signum == signal.SIGINT else f"terminated ({signal.Signals(stop.signum).name})"
+        stopped = Interrupted(f"{how} after step {stop.step}; saved {stop.checkpoint}; "
+                              f"to continue: {_resume_command(opts, data.output)}")
+        stopped.exit_code = 128 + stop.signum  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
+        raise stopped from None
     except NonFiniteLoss as exc:
         last, every = latest_checkpoint(data.output), data.run_args["save_every"]
         if last:  # kept for a look at the weights before it: --resume takes the same settings only, and ends here
@@ -1398,11 +1441,22 @@ def write(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, af
     return distributed.on_main(write_on_main)  # every rank returns rank 0's completed record
 
 
-def _resolved_rmu_layer(opts: RunOptions, job: Loaded) -> dict:
-    """rmu's layer as trained: --rmu-layer, or the default `rmu.Misdirection` picked (not null in run.json)."""
-    from unlearn import rmu
+def _method_config(opts: RunOptions, job: Loaded, result) -> dict:
+    """run.json's settings of the method that ran. An edit runs no training loop, so it records its own
+    (`EditSettings`, its layers resolved), not the loop's defaults, which it refuses at any value (review 116: it
+    read lr 0.001 and normal_weight 10 where the edit weighed the normal text by 1e4). rmu adds what it resolved
+    (`_rmu_record`)."""
+    if opts.train.method == "edit":
+        return {"method": "edit", "seed": opts.train.seed, "edit": result.history[0]["settings"]}
+    return {**opts.train.as_dict(), **(job.rmu or {}),
+            "repair_steps": "auto" if opts.train.repair_steps is None else opts.train.repair_steps}
 
-    return {"rmu_layer": rmu.resolved_layer(job.model, opts.train.rmu_layer)} if opts.train.method == "rmu" else {}
+
+def _rmu_record(misdirection) -> dict:
+    """rmu as trained: its layer (--rmu-layer, or the default `rmu.Misdirection` picked: not null in run.json), the
+    target's norm c = --rmu-scale x the original's mean norm of h_l on the normal rows, and the layers trained."""
+    return {"rmu_layer": misdirection.layer, "rmu_target_norm": float(misdirection.target.norm()),
+            "rmu_mean_norm": misdirection.norm, "rmu_trained_layers": misdirection.trained}
 
 
 def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, after: Measurement, result,
@@ -1431,8 +1485,7 @@ def _record(opts: RunOptions, job: Loaded, data: Prepared, before: Measurement, 
         "full": opts.full,
         "seed": opts.train.seed,
         # (repair_steps: None is auto in the training config, which read as "not set" here: review 111)
-        "config": {**opts.train.as_dict(), **_resolved_rmu_layer(opts, job), "dtype": opts.dtype, "full": opts.full,
-                   "repair_steps": "auto" if opts.train.repair_steps is None else opts.train.repair_steps,
+        "config": {**_method_config(opts, job, result), "dtype": opts.dtype, "full": opts.full,
                    "lora": _lora_record(opts) if opts.adapters else None,
                    "judge": job.measurer.judge.name, "max_new_tokens": opts.max_new_tokens,
                    "eval_limit": opts.eval_limit},

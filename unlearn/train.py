@@ -112,11 +112,12 @@ def margin_holds(likeliest: float | None, margin: float) -> bool:
 
 
 class StopRequested(Exception):
-    """Ctrl-C arrived during training: the current step finished and the state was saved."""
+    """Ctrl-C (or SIGTERM, SIGHUP: SIGNUM) arrived during training: the current step finished and the state was
+    saved."""
 
-    def __init__(self, step: int, checkpoint):
+    def __init__(self, step: int, checkpoint, signum: int = signal.SIGINT):
         super().__init__(f"interrupted after step {step}")
-        self.step, self.checkpoint = step, checkpoint
+        self.step, self.checkpoint, self.signum = step, checkpoint, signum
 
 
 @dataclass
@@ -280,7 +281,7 @@ class Unlearner:
         self.rmu = None
         if config.method == "rmu":  # before the trainable parameters are collected: it freezes layers
             self.rmu = rmu.Misdirection(model, config.rmu_layer, config.rmu_scale, config.seed, reference_model)
-            rmu.restrict_training(model, self.rmu.layer)
+            rmu.restrict_training(model, self.rmu.layer, full=reference_model is not None)
             self.rmu.calibrate(self._original_hidden_on_normal())
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
@@ -1011,33 +1012,41 @@ class Unlearner:
 
 
 class _DeferredInterrupt:
-    """While active, Ctrl-C sets a flag instead of raising, so the current step can finish.
+    """While active, Ctrl-C sets a flag instead of raising, so the current step can finish and be saved.
 
-    A second Ctrl-C raises KeyboardInterrupt at once. Only the main thread can own signals;
-    elsewhere this does nothing. Nor does it where the caller ignores SIGINT: a shell without job control starts
-    its background jobs so, to keep a Ctrl-C at the terminal from reaching them. Python leaves it ignored, so
-    the rest of the run did not stop on it, while the training did; now neither does, as SIGHUP stays
-    ignored under nohup (cli._sigterm_unwinds). SIGTERM ends such a run (exit 143).
+    So do SIGTERM and SIGHUP where the command turns them into an unwinding (`cli._sigterm_unwinds`: not under
+    torchrun, not where ignored): what `timeout`, a cancelled CI job or a lost ssh session sends a script's run,
+    which lost all its training to them while a Ctrl-C kept it (review 117). A second signal acts at once
+    (KeyboardInterrupt, or cli's `Terminated`). Only the main thread can own signals; elsewhere this does nothing.
+    Nor does it where the caller ignores SIGINT: a shell without job control starts its background jobs so, to
+    keep a Ctrl-C at the terminal from reaching them. Python leaves it ignored, so the rest of the run did not
+    stop on it, while the training did; now neither does, as SIGHUP stays ignored under nohup.
     """
 
     def __init__(self):
         self.requested = False
-        self.previous = None
+        self.signum = signal.SIGINT  # the signal that asked
+        self.previous: dict = {}
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                handler = signal.getsignal(sig)
+                # SIGINT unless ignored; the others only where the command catches them (a Python handler)
+                if handler is not signal.SIG_IGN and (sig == signal.SIGINT or callable(handler)):
+                    self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.previous[signum](signum, frame)  # the command's own handler: it unwinds at once
+        self.requested, self.signum = True, signum
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
         return False
 
 
@@ -1194,7 +1203,7 @@ def train(unlearner: Unlearner, forgotten=None, log=None, *, save_every: int = 0
                 if distributed.any_rank(interrupt.requested):  # all ranks stop at the same step
                     if checkpoint is not None and saved is None:
                         saved = checkpoint(loop_state())
-                    raise StopRequested(unlearner.step_count, saved)
+                    raise StopRequested(unlearner.step_count, saved, interrupt.signum)
             if phase is not None and not phase.finished and not (history and "forget_leak" in history[-1]):
                 # --max-steps cut the repair phase after a step no check saw: "forgotten" (the last check's
                 # verdict) would speak for a model the stop rule never read
