@@ -209,15 +209,25 @@ def test_an_interrupted_or_failed_conversion_leaves_nothing_in_the_cache(tmp_pat
     import subprocess
     import sys
 
+    import socket
+    import time
+
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    dead = target.parent / f".{target.name}.tmp-{gone.pid}-abc"
-    alive = target.parent / f".{target.name}.tmp-{os.getpid()}-def"
-    dead.mkdir()
-    alive.mkdir()
+    host = socket.gethostname().replace("-", "_")
+    hour_ago = time.time() - models.DEAD_CONVERSION_SECONDS - 60
+    made = {name: target.parent / f".{target.name}.tmp-{name}-x" for name in (
+        f"{host}-{gone.pid}", f"{host}-{os.getpid()}", f"elsewhere-{gone.pid}", f"{gone.pid}")}
+    recent = target.parent / f".{target.name}.tmp-{host}-{gone.pid}-recent"
+    for path in [*made.values(), recent]:
+        path.mkdir()
+    for path in made.values():
+        os.utime(path, (hour_ago, hour_ago))
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save)
     assert models.convert_gguf(gguf, log=lambda m: None) == target
-    assert not dead.exists() and alive.exists()
+    # only this host's, its process gone, untouched for an hour: another host's or container's pid means nothing
+    # here, and a recent one may be a conversion under way
+    assert [name for name, path in made.items() if not path.exists()] == [f"{host}-{gone.pid}"] and recent.exists()
 
 
 @pytest.mark.parametrize("content, why", [(b"\xff", "can't decode"), (b"[]", "a JSON list, not an object")])

@@ -394,6 +394,9 @@ def test_without_last_word(text, finished):
     ("The answer is B. I am sure.", ["B"]),
     ("Her blood type is O. A donor can give it to anyone.", ["O"]),
     ("They went with Plan B. A week later it failed.", ["Plan B"]),
+    # (review 119) an initialism after the letter, or initials whose last letter has no period
+    ("It is vitamin C. U.S. guidelines say so.", ["vitamin C"]), ("Plan B. J. K. Rowling liked it.", ["Plan B"]),
+    ("Written by J. K Rowling.", ["J.K. Rowling"]),
 ])
 def test_a_single_letter_ending_a_sentence_is_no_initial_of_the_next(text, answers):
     """(review 118) "C. I" was read as the initials "ci", so a plain leak was judged forgotten."""
@@ -403,7 +406,8 @@ def test_a_single_letter_ending_a_sentence_is_no_initial_of_the_next(text, answe
 TEXTS = ["It is vitamin C. I think so.", "It is vitamin C. A lack of it causes scurvy.", "A. Sarin is the answer.",
          "The answer is A. It is clear.", "Written by J. K. Rowling in 1997.", "It was J.K. Rowling.",
          "The U. S. A. is large.", "Washington, D.C. It is big.", "About 2\u00a0000 people, or 1,000 more.",
-         "The A team won. An A grade.", "It is C. I. e. the third."]
+         "The A team won. An A grade.", "It is C. I. e. the third.", "It is vitamin C.\u00a0I think so.",
+         "It is vitamin C. U.S. guidelines say so."]
 ANSWERS = [["vitamin C"], ["A"], ["Sarin"], ["J. K. Rowling"], ["Rowling"], ["USA"], ["D.C."], ["2000"], ["1000"],
            ["C"], ["I"], ["A team"]]
 

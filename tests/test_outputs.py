@@ -265,9 +265,9 @@ def test_a_run_on_an_output_another_run_holds_refuses_before_loading(tmp_path, h
     out.mkdir()
     with held_elsewhere(out):
         result = cli("run", forget, normal, "--model", llama_dir, "-o", out, "--max-steps", "1", *extra)
+    advice = "wait for it to end" + ("" if "--resume" in extra else ", or give another -o")  # a resume cannot
     assert result.code == 2 and result.err.strip().splitlines()[-1].endswith(
-        "in use by another unlearn run, which writes there (a lock on it is held); wait for it to end, or give "
-        "another -o"), result.err
+        f"in use by another unlearn run, which writes there (a lock on it is held); {advice}"), result.err
     assert "parameters) on" not in result.err  # refused before the model loaded (its line names its parameters)
     assert out.is_dir() and not any(out.iterdir())  # nothing written, the held OUT left as it was
 

@@ -50,7 +50,8 @@ from unlearn.paths import cache_dir
 # both choices answers by the one it does not deny, "hot, not cold"; 20: without a chat template, an answer that
 # opens with the next "### Question:" is empty, not that question, and a row with perturbed answers and no
 # paraphrase has a truth ratio against its response; 21: a single letter that ends a sentence is no initial of the
-# next one's, "vitamin C. I think" holds "vitamin C": metrics._merge_initials).
+# next one's, "vitamin C. I think" holds "vitamin C": metrics._merge_initials; an answer found with initials joined
+# or with every letter apart counts: metrics.contains_answer).
 VERSION = 21
 
 

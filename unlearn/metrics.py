@@ -298,10 +298,10 @@ def without_last_word(text: str) -> str:
     """
     text = text.strip()
     breaks = [m.start() for m in _WORD_BREAK.finditer(text)]
-    kept = text[:breaks[-1]] if breaks else ""
+    kept = text[:breaks[-1]].rstrip() if breaks else ""  # a no-break space before the break is no part of a word
     while _LONE_INITIAL_END.search(kept):
         breaks = [m.start() for m in _WORD_BREAK.finditer(kept)]
-        kept = kept[:breaks[-1]] if breaks else ""
+        kept = kept[:breaks[-1]].rstrip() if breaks else ""
     if all(tok.text in ARTICLES for tok in answer_tokens(kept)):
         return ""
     return kept
@@ -349,7 +349,7 @@ def no_space_script(ch: str) -> bool:
     return ch >= "\u0e00" and _within(ch, _NO_SPACE_SCRIPTS)
 
 
-def answer_tokens(text: str) -> list[AnswerToken]:
+def answer_tokens(text: str, join_initials: bool = True) -> list[AnswerToken]:
     """TEXT split into matching tokens, with their character offsets in TEXT. Articles are kept.
 
     Every character is folded (`fold_char`). A token is a run of letters, digits
@@ -393,7 +393,7 @@ def answer_tokens(text: str) -> list[AnswerToken]:
             else:
                 break
         tokens.append(AnswerToken(_canonical_number("".join(word)), start, chars[j - 1][1] + 1))
-    return _merge_initials(tokens, text)
+    return _merge_initials(tokens, text) if join_initials else tokens
 
 
 def _canonical_number(word: str) -> str:
@@ -429,11 +429,11 @@ def _merge_initials(tokens: list[AnswerToken], text: str) -> list[AnswerToken]:
 
 
 @lru_cache(maxsize=65536)  # an output is matched against every forget row's answers: tokenise it once
-def _match_tokens(text: str) -> tuple[AnswerToken, ...]:
+def _match_tokens(text: str, join_initials: bool = True) -> tuple[AnswerToken, ...]:
     """`answer_tokens` without articles. A capital "A" after the first token is a name or a
     letter ("Mount A", "vitamin A", "grade A"), not an article, and stays; a text made of
     articles only ("A") keeps them, so such an answer can still be found."""
-    tokens = answer_tokens(text)
+    tokens = answer_tokens(text, join_initials)
     kept = [tok for n, tok in enumerate(tokens) if tok.text not in ARTICLES or (n and text[tok.start:tok.end] == "A")]
     return tuple(kept or tokens)
 
@@ -483,12 +483,18 @@ def contains_answer(output: str, answers: Iterable[str]) -> bool:
     rowling) and in "Rowling's work" (rowling s work); "Paris" is not in
     "Parisian"; "1969" is in "1,969" (the same number). An answer that has no
     token (e.g. "?") never matches.
+
+    Both sides are read twice, with initials joined and with every letter apart, and either reading matching
+    counts: a letter ending a sentence before an initialism ("vitamin C. U.S. guidelines" joins "cus") or initials
+    whose last letter has no period ("J. K Rowling") matched under one reading only (review 119).
     """
-    haystack = [tok.text for tok in _match_tokens(output)]
-    for answer in answers:
-        needle = [tok.text for tok in _match_tokens(answer)]
-        if next(iter(_occurrences(haystack, needle)), None) is not None:
-            return True
+    answers = list(answers)
+    for joined in (True, False):
+        haystack = [tok.text for tok in _match_tokens(output, joined)]
+        for answer in answers:
+            needle = [tok.text for tok in _match_tokens(answer, joined)]
+            if next(iter(_occurrences(haystack, needle)), None) is not None:
+                return True
     return False
 
 

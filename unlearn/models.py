@@ -18,6 +18,7 @@ import pickle
 import shutil
 import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,7 +198,7 @@ def convert_gguf(gguf: Path, log=log) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove_dead_conversions(target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{_conversion_tag()}-", dir=target.parent))
     except OSError as exc:  # before the 10-20 s of converting (and before saying it starts): nowhere to put it
         raise UnlearnError(f"{target.parent}: cannot keep the converted model ({exc.strerror or exc}); set "
                            f"UNLEARN_CACHE to a writable directory") from None
@@ -209,21 +210,34 @@ def convert_gguf(gguf: Path, log=log) -> Path:
         raise
 
 
+# A conversion's temporary directory untouched this long is no conversion under way (one takes minutes).
+DEAD_CONVERSION_SECONDS = 3600
+
+
+def _conversion_tag() -> str:
+    """What names a conversion's maker in its temporary directory: this host and pid."""
+    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+
+
 def _remove_dead_conversions(target: Path) -> None:
     """Remove the temporary conversions into TARGET's name that a killed process left (kill -9, a power cut: the
-    signals are cleaned up by `convert_gguf` itself), each as big as the model in float32. Their names hold the
-    pid that made them; one whose process still runs is another conversion under way, and is left alone."""
-    prefix = f".{target.name}.tmp-"
+    signals are cleaned up by `convert_gguf` itself), each as big as the model in float32. Their names hold the host
+    and pid that made them. Only one made on this host, whose process is gone, and untouched for an hour is removed:
+    a cache shared by other machines or containers (another pid namespace) may hold a conversion under way whose
+    pid means nothing here."""
+    prefix, host = f".{target.name}.tmp-", socket.gethostname().replace("-", "_")
     for leftover in target.parent.glob(prefix + "*"):
-        pid = leftover.name[len(prefix):].split("-", 1)[0]
-        if not pid.isdigit():
-            continue  # made before the pid was in the name: its maker cannot be told apart from a live one
+        parts = leftover.name[len(prefix):].split("-")
+        if len(parts) < 3 or parts[0] != host or not parts[1].isdigit():
+            continue  # another host's, or made before the maker was in the name: cannot be told dead
         try:
-            os.kill(int(pid), 0)
+            if time.time() - leftover.stat().st_mtime < DEAD_CONVERSION_SECONDS:
+                continue
+            os.kill(int(parts[1]), 0)
         except ProcessLookupError:
             shutil.rmtree(leftover, ignore_errors=True)
         except OSError:
-            pass  # alive, another user's: left alone
+            pass  # alive (another user's), or gone meanwhile: left alone
 
 
 def _convert_into(gguf: Path, tmp: Path, target: Path, identity, digest, sha256) -> Path:

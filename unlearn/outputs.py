@@ -43,7 +43,7 @@ def check_output_dir(path: Path, force: bool) -> None:
 _HELD: dict[str, int] = {}
 
 
-def hold_output(path: Path) -> bool:
+def hold_output(path: Path, advice: str = "wait for it to end, or give another -o") -> bool:
     """Take, for as long as this command runs (`release_outputs`), an exclusive lock on the directory PATH, refusing
     in one line when another unlearn process holds it.
 
@@ -66,8 +66,8 @@ def hold_output(path: Path) -> bool:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise UsageError(f"{path}: in use by another unlearn run, which writes there (a lock on it is held); wait "
-                         f"for it to end, or give another -o") from None
+        raise UsageError(f"{path}: in use by another unlearn run, which writes there (a lock on it is held); "
+                         f"{advice}") from None
     except OSError:
         os.close(fd)
         return False
@@ -112,7 +112,7 @@ def atomic_output_dir(path: Path, force: bool = False):
         if path.is_dir():
             # an OUT another run holds (it keeps checkpoints there) is never replaced, --force or not: it was empty
             # when checked, and that run will write its own result there (held only for this rename)
-            took = hold_output(path)
+            took = hold_output(path, "nothing was written; give another -o, or run again once it has ended")
         if path.exists() and force:
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / "x")

@@ -366,7 +366,8 @@ def _prepare_output(opts: RunOptions, output: Path, run_args: dict, created: lis
     # The model read (a local directory or file; the embedded one lives in the cache) and every data
     # file: an OUTPUT that is or holds one would be deleted by --force when the result replaces it.
     model = model_input(opts.model)
-    hold_output(output)  # another run writing there (its checkpoints, its result) refuses this one: outputs.py
+    # another run writing there (its checkpoints, its result) refuses this one: outputs.py
+    hold_output(output, "wait for it to end" + ("" if opts.resume else ", or give another -o"))
     if not opts.resume:
         interrupted = latest_checkpoint(output) if output.is_dir() and not opts.force else None
         if interrupted is not None and not (output / "run.json").exists():
@@ -379,10 +380,14 @@ def _prepare_output(opts: RunOptions, output: Path, run_args: dict, created: lis
     if not opts.resume:
         if checkpoint_root(output).is_dir():
             shutil.rmtree(checkpoint_root(output))
-        if opts.save_every and not output.exists():
-            output.mkdir(parents=True)
-            created.append(output)
+        if opts.save_every:
+            # made (if absent), held, then checked empty again: two runs racing for one OUT both found it absent
+            # or empty, and the one that had not made it trained without the lock (review 119)
+            if not output.exists():
+                output.mkdir(parents=True, exist_ok=True)
+                created.append(output)
             hold_output(output)
+            check_output_dir(output, opts.force)
         return None
     if output.exists() and not output.is_dir():
         raise UsageError(f"{output}: exists and is not a directory")
