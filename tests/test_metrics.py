@@ -399,8 +399,17 @@ def test_without_last_word(text, finished):
     ("Written by J. K Rowling.", ["J.K. Rowling"]),
 ])
 def test_a_single_letter_ending_a_sentence_is_no_initial_of_the_next(text, answers):
-    """(review 118) "C. I" was read as the initials "ci", so a plain leak was judged forgotten."""
+    """(review 118) "C. I" was read as the initials "ci", so a plain leak was judged forgotten. The spans the forget
+    loss trains on (`answer_spans`) find what the judge finds."""
     assert m.contains_answer(text, answers)
+    assert m.answer_spans(text, answers)
+
+
+def test_the_judge_and_the_trained_spans_read_initials_alike():
+    # the judge took "J. K Rowling" for the answer while the spans found none there, so a row whose response spells
+    # its answer so was refused as not spelling it
+    assert m.answer_spans("Written by J. K Rowling.", ["J.K. Rowling"]) == [(11, 23)]
+    assert m.answer_spans("by J.K. Rowling.", ["J.K. Rowling"]) == [(3, 15)]  # one span under both readings
 
 
 TEXTS = ["It is vitamin C. I think so.", "It is vitamin C. A lack of it causes scurvy.", "A. Sarin is the answer.",

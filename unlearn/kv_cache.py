@@ -47,6 +47,16 @@ def evaluating(model):
         model.train(was_training)
 
 
+# The layer kinds a config names (`layer_types`; GPT-Neo's `attention_layers`) that attend to every position, and
+# those a sliding window bounds: every position within the window's columns is seen as full attention sees it.
+FULL_KINDS = frozenset({"full_attention", "global"})
+WINDOWED_KINDS = frozenset({"sliding_attention", "local"})
+
+
+def _layer_kinds(config) -> set:
+    return {*(getattr(config, "layer_types", None) or ()), *(getattr(config, "attention_layers", None) or ())}
+
+
 def keeps_every_position(model) -> bool:
     """Whether every layer of MODEL's decoding cache keeps every position (full attention), not the last
     `window` of them (a sliding window: Mistral, Gemma 2/3). A generation batch's shared prefix then stays
@@ -56,16 +66,10 @@ def keeps_every_position(model) -> bool:
     padding shifts the same way: its config's layer kinds say so."""
     from transformers.cache_utils import DynamicLayer
 
-    config = getattr(model, "config", None)
-    kinds = {*(getattr(config, "layer_types", None) or ()), *(getattr(config, "attention_layers", None) or ())}
-    if kinds - {"full_attention", "global"}:  # "sliding_attention", GPT-Neo's "local", ...
+    if _layer_kinds(getattr(model, "config", None)) - FULL_KINDS:  # "sliding_attention", GPT-Neo's "local", ...
         return False
     layers = getattr(new_cache(model), "layers", None)
     return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
-
-
-# The layer kinds a sliding window bounds: every position within the window's columns is seen as full attention sees it.
-WINDOWED_KINDS = frozenset({"sliding_attention", "local"})
 
 
 def sees_every_column(model, columns: int) -> bool:
@@ -82,8 +86,7 @@ def sees_every_column(model, columns: int) -> bool:
         return True
     config = getattr(model, "config", None)
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    kinds = {*(getattr(config, "layer_types", None) or ()), *(getattr(config, "attention_layers", None) or ())}
-    if kinds - {"full_attention", "global"} - WINDOWED_KINDS:
+    if _layer_kinds(config) - FULL_KINDS - WINDOWED_KINDS:
         return False
     windows = [w for w in (getattr(config, "sliding_window", None), getattr(config, "window_size", None))
                if isinstance(w, int) and not isinstance(w, bool) and w > 0]

@@ -458,6 +458,21 @@ def _occurrences(haystack: Sequence[str], needle: Sequence[str]) -> Iterable[int
                 yield i
 
 
+def _found(text: str, answers: Iterable[str]) -> Iterable[tuple[tuple[AnswerToken, ...], int, int]]:
+    """Each occurrence of one of ANSWERS in TEXT as (TEXT's tokens, the first one's index, how many), under both
+    readings of initials: joined ("J. K. Rowling" is jk rowling), then every letter apart. A letter ending a
+    sentence before an initialism ("vitamin C. U.S. guidelines" joins "cus") or initials whose last letter has no
+    period ("J. K Rowling") match under one reading only (review 119); an answer that has no token never matches."""
+    answers = list(answers)
+    for joined in (True, False):
+        tokens = _match_tokens(text, joined)
+        haystack = [tok.text for tok in tokens]
+        for answer in answers:
+            needle = [tok.text for tok in _match_tokens(answer, joined)]
+            for i in _occurrences(haystack, needle):
+                yield tokens, i, len(needle)
+
+
 def answer_spans(text: str, answers: Iterable[str]) -> list[tuple[int, int]]:
     """Character spans [start, end) of TEXT where one of ANSWERS occurs, by the `contains_answer` rule.
 
@@ -465,37 +480,19 @@ def answer_spans(text: str, answers: Iterable[str]) -> list[tuple[int, int]]:
     last of its last token ("J.K. Rowling" in "by J.K. Rowling." -> (3, 15)).
     Sorted, overlaps kept as found.
     """
-    tokens = _match_tokens(text)
-    words = [tok.text for tok in tokens]
-    spans = set()
-    for answer in answers:
-        needle = [tok.text for tok in _match_tokens(answer)]
-        for i in _occurrences(words, needle):
-            spans.add((tokens[i].start, tokens[i + len(needle) - 1].end))
-    return sorted(spans)
+    return sorted({(tokens[i].start, tokens[i + width - 1].end) for tokens, i, width in _found(text, answers)})
 
 
 def contains_answer(output: str, answers: Iterable[str]) -> bool:
     """True when one of ANSWERS occurs in OUTPUT as a contiguous sequence of whole tokens.
 
     Both sides are split by `answer_tokens` (punctuation splits, it is never
-    deleted) and stripped of articles. "Rowling" is in "J.K.Rowling" (jk
+    deleted) and stripped of articles, initials read joined and apart (`_found`). "Rowling" is in "J.K.Rowling" (jk
     rowling) and in "Rowling's work" (rowling s work); "Paris" is not in
     "Parisian"; "1969" is in "1,969" (the same number). An answer that has no
     token (e.g. "?") never matches.
-
-    Both sides are read twice, with initials joined and with every letter apart, and either reading matching
-    counts: a letter ending a sentence before an initialism ("vitamin C. U.S. guidelines" joins "cus") or initials
-    whose last letter has no period ("J. K Rowling") matched under one reading only (review 119).
     """
-    answers = list(answers)
-    for joined in (True, False):
-        haystack = [tok.text for tok in _match_tokens(output, joined)]
-        for answer in answers:
-            needle = [tok.text for tok in _match_tokens(answer, joined)]
-            if next(iter(_occurrences(haystack, needle)), None) is not None:
-                return True
-    return False
+    return next(iter(_found(output, answers)), None) is not None
 
 
 def contains_refusal(output: str, markers: Iterable[str]) -> bool:
